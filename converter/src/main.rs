@@ -1,0 +1,370 @@
+//! The `acorn` command-line tool: convert, run, inspect and bench `.acorn` models.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use acorn::{Model, OpenOptions, Tensor};
+use acorn_converter::{convert, npy, ConvertOptions};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "acorn", version, about = "Acorn: convert ONNX models to .acorn and run them on the device")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert an ONNX model to a .acorn file.
+    Convert {
+        /// The ONNX model to convert.
+        input: PathBuf,
+        /// Where to write the .acorn file (written atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Do not fold constant subgraphs.
+        #[arg(long)]
+        no_fold: bool,
+    },
+    /// Run a model on .npy inputs and write each output to DIR/<output>.npy.
+    Run {
+        model: PathBuf,
+        /// An input as NAME=FILE.npy (repeat for each input).
+        #[arg(short, long = "input", value_name = "NAME=FILE.npy")]
+        inputs: Vec<String>,
+        /// Directory for the outputs (created if missing).
+        #[arg(long, value_name = "DIR")]
+        output_dir: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show a model's graph, tensors, inputs/outputs and provenance; verifies every checksum.
+    Inspect {
+        model: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure open time, latency (median, p90) and peak memory.
+    Bench {
+        model: PathBuf,
+        /// An input as NAME=FILE.npy (repeat for each input).
+        #[arg(short, long = "input", value_name = "NAME=FILE.npy")]
+        inputs: Vec<String>,
+        /// Timed runs.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Untimed warm-up runs.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Print one JSON object: {"open_ms", "median_ms", "p90_ms", "peak_rss_mb"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Verify every tensor checksum when opening the model.
+    #[arg(long)]
+    verify: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match dispatch(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Convert { input, output, no_fold } => cmd_convert(&input, &output, no_fold),
+        Cmd::Run { model, inputs, output_dir, common } => cmd_run(&model, &inputs, &output_dir, &common),
+        Cmd::Inspect { model, json } => cmd_inspect(&model, json),
+        Cmd::Bench { model, inputs, runs, warmup, json, common } => {
+            cmd_bench(&model, &inputs, runs, warmup, json, &common)
+        }
+    }
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"));
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+fn cmd_convert(input: &Path, output: &Path, no_fold: bool) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    let pb = spinner(&format!("converting {}", input.display()));
+    let res = convert(input, output, &ConvertOptions { no_fold });
+    pb.finish_and_clear();
+    let r = res?;
+    println!(
+        "wrote {} ({:.2} MB): {} nodes, {} tensors, {:.2} MB of weights, in {:.2} s",
+        output.display(),
+        mb(r.file_bytes),
+        r.nodes,
+        r.tensors,
+        mb(r.weight_bytes),
+        t0.elapsed().as_secs_f64()
+    );
+    for p in &r.passes {
+        let rep: Vec<String> = p.report.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  pass {:<16} {}", p.name, rep.join(" "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open(model: &Path, verify: bool) -> Result<Model> {
+    Model::open_with(model, &OpenOptions { verify_checksums: verify })
+        .with_context(|| format!("opening {}", model.display()))
+}
+
+fn parse_inputs(specs: &[String]) -> Result<Vec<(String, Tensor)>> {
+    specs
+        .iter()
+        .map(|s| {
+            let (name, file) = s.split_once('=').ok_or_else(|| anyhow!("--input '{s}' must be NAME=FILE.npy"))?;
+            Ok((name.to_string(), npy::read_npy(Path::new(file))?))
+        })
+        .collect()
+}
+
+fn file_name_for(output: &str) -> String {
+    let s: String = output.chars().map(|c| if c == '/' || c == '\\' || c == '\0' { '_' } else { c }).collect();
+    if s.starts_with('.') || s.is_empty() {
+        format!("_{s}")
+    } else {
+        s
+    }
+}
+
+fn cmd_run(model: &Path, inputs: &[String], out_dir: &Path, common: &Common) -> Result<ExitCode> {
+    let m = open(model, common.verify)?;
+    let ins = parse_inputs(inputs)?;
+    let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut s = m.session().with_threads(common.threads).commit()?;
+    let t0 = Instant::now();
+    let outs = s.run(&refs)?;
+    let dt = t0.elapsed();
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    for (spec, t) in m.outputs().iter().zip(&outs) {
+        let path = out_dir.join(format!("{}.npy", file_name_for(&spec.name)));
+        npy::write_npy(&path, t)?;
+        println!("{} {} {:?} -> {}", spec.name, t.dtype(), t.shape(), path.display());
+    }
+    println!("ran in {:.3} ms", dt.as_secs_f64() * 1e3);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    let m = open(model, false)?;
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let meta = m.metadata();
+    let checks = m.file().check_tensors();
+    let damaged: Vec<&acorn::format::TensorCheck> = checks.iter().filter(|c| !c.ok).collect();
+    let section_ok = damaged.is_empty() && m.file().verify_data().is_ok();
+    let mut hist: Vec<(String, usize)> = Vec::new();
+    for n in meta.graph.all_nodes() {
+        let name = n.op.name();
+        match hist.iter_mut().find(|(k, _)| *k == name) {
+            Some((_, c)) => *c += 1,
+            None => hist.push((name, 1)),
+        }
+    }
+    hist.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let io = |v: &[acorn::IoSpec]| -> Vec<serde_json::Value> {
+        v.iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "dtype": s.dtype.name(),
+                    "shape": s.dims.as_ref().map(|d| d.iter().map(|x| x.to_string()).collect::<Vec<_>>()),
+                })
+            })
+            .collect()
+    };
+    let weight_bytes: u64 = meta.tensors.iter().map(|t| t.len).sum();
+    if json {
+        let v = serde_json::json!({
+            "format_version": acorn::format::VERSION,
+            "file_bytes": m.file().file_len(),
+            "open_ms": open_ms,
+            "checksums_ok": section_ok,
+            "damaged_tensors": damaged.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+            "nodes": meta.graph.all_nodes().count(),
+            "ops": hist.iter().map(|(k, c)| serde_json::json!({"op": k, "count": c})).collect::<Vec<_>>(),
+            "inputs": io(&meta.graph.inputs),
+            "outputs": io(&meta.graph.outputs),
+            "weight_bytes": weight_bytes,
+            "tensors": meta.tensors.iter().map(|t| serde_json::json!({
+                "name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "format": format!("{:?}", t.encoding).to_lowercase(), "bytes": t.len
+            })).collect::<Vec<_>>(),
+            "provenance": {
+                "source": meta.provenance.source_name,
+                "source_sha256": meta.provenance.source_sha256,
+                "converter": meta.provenance.converter,
+                "passes": meta.provenance.passes.iter().map(|p| serde_json::json!({
+                    "name": p.name,
+                    "params": p.params.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                    "report": p.report.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                })).collect::<Vec<_>>(),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: .acorn v{}, {:.2} MB, opened in {:.2} ms",
+            model.display(),
+            acorn::format::VERSION,
+            mb(m.file().file_len() as u64),
+            open_ms
+        );
+        println!("source: {} (sha256 {})", meta.provenance.source_name, meta.provenance.source_sha256);
+        println!("converter: {}", meta.provenance.converter);
+        for p in &meta.provenance.passes {
+            let rep: Vec<String> = p.report.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let par: Vec<String> = p.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("  pass {:<16} {} {}", p.name, par.join(" "), rep.join(" "));
+        }
+        for (label, specs) in [("input ", &meta.graph.inputs), ("output", &meta.graph.outputs)] {
+            for s in specs.iter() {
+                println!(
+                    "{label} {} {} {}",
+                    s.name,
+                    s.dtype,
+                    s.dims
+                        .as_ref()
+                        .map(|d| format!("[{}]", d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")))
+                        .unwrap_or("[?]".into())
+                );
+            }
+        }
+        println!(
+            "graph: {} nodes: {}",
+            meta.graph.all_nodes().count(),
+            hist.iter().map(|(k, c)| format!("{k}×{c}")).collect::<Vec<_>>().join(" ")
+        );
+        println!("tensors: {} ({:.2} MB)", meta.tensors.len(), mb(weight_bytes));
+        let mut order: Vec<usize> = (0..meta.tensors.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(meta.tensors[i].len));
+        let show = if order.len() > 25 { 20 } else { order.len() };
+        for &i in &order[..show] {
+            let t = &meta.tensors[i];
+            println!(
+                "  {:<48} {:<4} {:<18} {:<6} {:>10} B",
+                t.name,
+                t.dtype.name(),
+                format!("{:?}", t.shape),
+                format!("{:?}", t.encoding).to_lowercase(),
+                t.len
+            );
+        }
+        if show < order.len() {
+            println!("  … {} smaller tensors (use --json for all)", order.len() - show);
+        }
+        if section_ok {
+            println!("checksums: ok ({} tensors verified)", checks.len());
+        }
+    }
+    if !section_ok {
+        for c in &damaged {
+            eprintln!(
+                "error: checksum mismatch in tensor '{}' (stored {:#010x}, computed {:#010x})",
+                c.name, c.stored, c.computed
+            );
+        }
+        if damaged.is_empty() {
+            if let Err(e) = m.file().verify_data() {
+                eprintln!("error: {e}");
+            }
+        }
+        bail!("{} is damaged: {} tensor checksum(s) failed", model.display(), damaged.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Peak resident set size of this process in MB (Linux `VmHWM`), if known.
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx]
+}
+
+fn cmd_bench(
+    model: &Path,
+    inputs: &[String],
+    runs: usize,
+    warmup: usize,
+    json: bool,
+    common: &Common,
+) -> Result<ExitCode> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let ins = parse_inputs(inputs)?;
+    let t0 = Instant::now();
+    let m = open(model, common.verify)?;
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut s = m.session().with_threads(common.threads).commit()?;
+    for _ in 0..warmup.max(1) {
+        s.run(&refs)?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        std::hint::black_box(s.run(&refs)?);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = percentile(&times, 0.5);
+    let p90 = percentile(&times, 0.9);
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    if json {
+        println!("{}", serde_json::json!({"open_ms": open_ms, "median_ms": median, "p90_ms": p90, "peak_rss_mb": rss}));
+    } else {
+        println!(
+            "{}: open {:.2} ms, median {:.3} ms, p90 {:.3} ms over {runs} runs ({} thread(s), kernels: {}), peak RSS {:.1} MB",
+            model.display(),
+            open_ms,
+            median,
+            p90,
+            common.threads,
+            acorn::kernels::selected().name(),
+            rss
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

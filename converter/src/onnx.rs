@@ -1,0 +1,596 @@
+//! ONNX import: parse the protobuf with tract-onnx's generated types, then lower every node to
+//! the runtime's op set. Opset differences (attribute-form inputs, legacy Softmax…) are resolved
+//! here so each runtime op has one meaning. Every unsupported op is collected and reported
+//! together.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use acorn::graph::{
+    Activation, AutoPad, BinaryOp, ConstBinding, ConvAttrs, Dim, Graph, IoSpec, LstmAttrs, Node, Op, PadMode, ReduceOp,
+    RnnDirection, Scalar, SubGraph, UnaryOp, ValueId, ValueInfo,
+};
+use acorn::tensor::{DType, Tensor, TensorData};
+use anyhow::{anyhow, bail, Context, Result};
+use tract_onnx::pb;
+use tract_onnx::prelude::Framework;
+
+/// A graph being built: the runtime IR plus the constant tensors it refers to.
+pub struct Imported {
+    pub graph: Graph,
+    pub tensors: Vec<(String, Tensor)>,
+    pub opset: i64,
+}
+
+/// Parses an ONNX file with tract-onnx's protobuf reader.
+pub fn read_model(path: &Path) -> Result<pb::ModelProto> {
+    tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .map_err(|e| anyhow!("{}: not a readable ONNX model: {e}", path.display()))
+}
+
+/// Imports an ONNX model into the runtime IR.
+pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
+    let g = model.graph.as_ref().ok_or_else(|| anyhow!("the ONNX file has no graph"))?;
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(1);
+    let mut im = Importer {
+        graph: Graph::default(),
+        tensors: Vec::new(),
+        scopes: vec![HashMap::new()],
+        opset,
+        unsupported: Vec::new(),
+        base_dir: base_dir.to_path_buf(),
+    };
+    // Initializers first (older exporters also list them as graph inputs: those are not inputs).
+    let init_names: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    for vi in &g.input {
+        if init_names.contains(vi.name.as_str()) {
+            continue;
+        }
+        let (dtype, dims) = value_type(vi).with_context(|| format!("graph input '{}'", vi.name))?;
+        let v = im.define(&vi.name);
+        im.graph.inputs.push(IoSpec { name: vi.name.clone(), value: v, dtype, dims });
+    }
+    let nodes = im.import_body(g)?;
+    im.graph.nodes = nodes;
+    if !im.unsupported.is_empty() {
+        let mut by_op: Vec<(String, Vec<String>)> = Vec::new();
+        for (op, node) in &im.unsupported {
+            match by_op.iter_mut().find(|(o, _)| o == op) {
+                Some((_, v)) => v.push(node.clone()),
+                None => by_op.push((op.clone(), vec![node.clone()])),
+            }
+        }
+        let list: Vec<String> = by_op.iter().map(|(op, nodes)| format!("{op} (nodes: {})", nodes.join(", "))).collect();
+        bail!("unsupported ONNX ops: {}", list.join("; "));
+    }
+    for vi in &g.output {
+        let v = im.lookup(&vi.name).ok_or_else(|| anyhow!("graph output '{}' is never computed", vi.name))?;
+        let (dtype, dims) = value_type(vi).unwrap_or((DType::F32, None));
+        im.graph.outputs.push(IoSpec { name: vi.name.clone(), value: v, dtype, dims });
+    }
+    Ok(Imported { graph: im.graph, tensors: im.tensors, opset })
+}
+
+fn onnx_dtype(t: i32) -> Result<DType> {
+    Ok(match t {
+        1 => DType::F32,
+        2 => DType::U8,
+        3 => DType::I8,
+        6 => DType::I32,
+        7 => DType::I64,
+        9 => DType::Bool,
+        10 => DType::F16,
+        other => bail!("ONNX data type {other} ({}) is not supported", dtype_name(other)),
+    })
+}
+
+fn dtype_name(t: i32) -> &'static str {
+    pb::tensor_proto::DataType::try_from(t).map(|d| d.as_str_name()).unwrap_or("unknown")
+}
+
+fn value_type(vi: &pb::ValueInfoProto) -> Result<(DType, Option<Vec<Dim>>)> {
+    let Some(pb::type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        bail!("'{}' is not a tensor", vi.name);
+    };
+    let dtype = onnx_dtype(t.elem_type)?;
+    let dims = t.shape.as_ref().map(|s| {
+        s.dim
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match &d.value {
+                Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if *n >= 0 => Dim::Fixed(*n as u64),
+                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => Dim::Sym(p.clone()),
+                _ => Dim::Sym(format!("{}:{i}", vi.name)),
+            })
+            .collect()
+    });
+    Ok((dtype, dims))
+}
+
+/// Decodes a TensorProto into an owned tensor (raw, typed or external data).
+pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor> {
+    let dtype = onnx_dtype(t.data_type).with_context(|| format!("tensor '{}'", t.name))?;
+    if t.dims.iter().any(|&d| d < 0) {
+        bail!("tensor '{}' has a negative dim {:?}", t.name, t.dims);
+    }
+    let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    let n: usize = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| anyhow!("tensor '{}' too large", t.name))?;
+    let external = t.data_location == Some(1);
+    let raw: Option<Vec<u8>> = if external {
+        let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+        let loc = get("location").ok_or_else(|| anyhow!("tensor '{}': external data without location", t.name))?;
+        let offset: u64 = get("offset").map(|s| s.parse()).transpose()?.unwrap_or(0);
+        let path = base_dir.join(&loc);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading external data {}", path.display()))?;
+        let len = n * if dtype == DType::F16 { 2 } else { dtype.size() };
+        let start = offset as usize;
+        Some(
+            bytes
+                .get(start..start + len)
+                .ok_or_else(|| anyhow!("tensor '{}': external data out of range", t.name))?
+                .to_vec(),
+        )
+    } else if !t.raw_data.is_empty() {
+        Some(t.raw_data.clone())
+    } else {
+        None
+    };
+    let data = match (dtype, raw) {
+        (DType::F16, Some(r)) => {
+            // f16 weights are widened to f32 (f16 execution arrives with the kernels work).
+            TensorData::F32(r.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect())
+        }
+        (DType::F16, None) => TensorData::F32(t.int32_data.iter().map(|&v| f16_to_f32(v as u16)).collect()),
+        (d, Some(r)) => return Tensor::from_bytes(d, shape, &r).map_err(|e| anyhow!("tensor '{}': {e}", t.name)),
+        (DType::F32, None) => TensorData::F32(if !t.float_data.is_empty() {
+            t.float_data.clone()
+        } else {
+            t.double_data.iter().map(|&v| v as f32).collect()
+        }),
+        (DType::I64, None) => TensorData::I64(t.int64_data.clone()),
+        (DType::I32, None) => TensorData::I32(t.int32_data.clone()),
+        (DType::I8, None) => TensorData::I8(t.int32_data.iter().map(|&v| v as i8).collect()),
+        (DType::U8, None) => TensorData::U8(t.int32_data.iter().map(|&v| v as u8).collect()),
+        (DType::Bool, None) => TensorData::Bool(t.int32_data.iter().map(|&v| (v != 0) as u8).collect()),
+    };
+    Tensor::new(shape, data).map_err(|e| anyhow!("tensor '{}': {e}", t.name))
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // subnormal: renormalise
+            let mut e = 127 - 15 + 1;
+            let mut m = m;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | ((e as u32) << 23) | ((m & 0x3ff) << 13)
+        }
+        (31, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+struct Importer {
+    graph: Graph,
+    tensors: Vec<(String, Tensor)>,
+    scopes: Vec<HashMap<String, ValueId>>,
+    opset: i64,
+    unsupported: Vec<(String, String)>,
+    base_dir: PathBuf,
+}
+
+/// Attribute access for one node.
+struct Attrs<'a>(&'a [pb::AttributeProto]);
+
+impl<'a> Attrs<'a> {
+    fn get(&self, n: &str) -> Option<&'a pb::AttributeProto> {
+        self.0.iter().find(|a| a.name == n)
+    }
+    fn i(&self, n: &str, d: i64) -> i64 {
+        self.get(n).map(|a| a.i).unwrap_or(d)
+    }
+    fn f(&self, n: &str, d: f32) -> f32 {
+        self.get(n).map(|a| a.f).unwrap_or(d)
+    }
+    fn ints(&self, n: &str) -> Option<Vec<i64>> {
+        self.get(n).map(|a| a.ints.clone())
+    }
+    fn s(&self, n: &str) -> Option<String> {
+        self.get(n).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+    }
+}
+
+impl Importer {
+    fn define(&mut self, name: &str) -> ValueId {
+        let v = self.graph.values.len() as ValueId;
+        self.graph.values.push(ValueInfo { name: name.to_string() });
+        if !name.is_empty() {
+            self.scopes.last_mut().expect("scope").insert(name.to_string(), v);
+        }
+        v
+    }
+
+    fn lookup(&self, name: &str) -> Option<ValueId> {
+        self.scopes.iter().rev().find_map(|s| s.get(name).copied())
+    }
+
+    fn add_const(&mut self, name: &str, t: Tensor) -> ValueId {
+        let v = self.define(name);
+        self.graph.constants.push(ConstBinding { value: v, tensor: self.tensors.len() as u32 });
+        self.tensors.push((name.to_string(), t));
+        v
+    }
+
+    fn const_i64(&mut self, name: &str, vals: Vec<i64>) -> ValueId {
+        let n = vals.len();
+        self.add_const(name, Tensor::from_i64(vec![n], vals))
+    }
+
+    /// Imports a (sub)graph body in the current scope: initializers, then nodes.
+    fn import_body(&mut self, g: &pb::GraphProto) -> Result<Vec<Node>> {
+        for t in &g.initializer {
+            let tensor = tensor_from_proto(t, &self.base_dir)?;
+            self.add_const(&t.name, tensor);
+        }
+        if !g.sparse_initializer.is_empty() {
+            self.unsupported.push(("sparse_initializer".into(), g.name.clone()));
+        }
+        let mut nodes = Vec::with_capacity(g.node.len());
+        for n in &g.node {
+            if let Some(node) = self.import_node(n)? {
+                nodes.push(node);
+            }
+        }
+        Ok(nodes)
+    }
+
+    fn import_node(&mut self, n: &pb::NodeProto) -> Result<Option<Node>> {
+        let name = if n.name.is_empty() {
+            format!("{}_{}", n.op_type, n.output.first().cloned().unwrap_or_default())
+        } else {
+            n.name.clone()
+        };
+        let a = Attrs(&n.attribute);
+        if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+            self.unsupported.push((format!("{}:{}", n.domain, n.op_type), name));
+            self.define_outputs_placeholder(n);
+            return Ok(None);
+        }
+        if n.op_type == "Constant" {
+            let t = constant_value(&a, &self.base_dir).with_context(|| format!("Constant node '{name}'"))?;
+            self.add_const(n.output.first().map(String::as_str).unwrap_or(""), t);
+            return Ok(None);
+        }
+        let mut inputs: Vec<Option<ValueId>> = Vec::with_capacity(n.input.len());
+        for i in &n.input {
+            if i.is_empty() {
+                inputs.push(None);
+            } else {
+                let v = self.lookup(i).ok_or_else(|| {
+                    anyhow!("node '{name}' ({}) reads '{i}', which is not defined before it", n.op_type)
+                })?;
+                inputs.push(Some(v));
+            }
+        }
+        let op = match self.lower(n, &a, &name, &mut inputs)? {
+            Some(op) => op,
+            None => {
+                self.unsupported.push((n.op_type.clone(), name));
+                self.define_outputs_placeholder(n);
+                return Ok(None);
+            }
+        };
+        let outputs: Vec<ValueId> = n.output.iter().map(|o| self.define(o)).collect();
+        Ok(Some(Node { name, op, inputs, outputs }))
+    }
+
+    /// Keeps names resolvable after an unsupported node so the rest still gets checked.
+    fn define_outputs_placeholder(&mut self, n: &pb::NodeProto) {
+        for o in &n.output {
+            self.define(o);
+        }
+    }
+
+    fn lower(
+        &mut self,
+        n: &pb::NodeProto,
+        a: &Attrs<'_>,
+        name: &str,
+        inputs: &mut Vec<Option<ValueId>>,
+    ) -> Result<Option<Op>> {
+        use BinaryOp as B;
+        use UnaryOp as U;
+        let opset = self.opset;
+        let un = |u| Some(Op::Unary(u));
+        let bin = |b| Some(Op::Binary(b));
+        let op = match n.op_type.as_str() {
+            "Identity" | "Dropout" => {
+                inputs.truncate(1);
+                Some(Op::Identity)
+            }
+            "Relu" => un(U::Relu),
+            "Sigmoid" => un(U::Sigmoid),
+            "Tanh" => un(U::Tanh),
+            "Erf" => un(U::Erf),
+            "Sqrt" => un(U::Sqrt),
+            "Exp" => un(U::Exp),
+            "Log" => un(U::Log),
+            "Neg" => un(U::Neg),
+            "Abs" => un(U::Abs),
+            "Reciprocal" => un(U::Reciprocal),
+            "Floor" => un(U::Floor),
+            "Ceil" => un(U::Ceil),
+            "Round" => un(U::Round),
+            "Sin" => un(U::Sin),
+            "Cos" => un(U::Cos),
+            "Softplus" => un(U::Softplus),
+            "Softsign" => un(U::Softsign),
+            "Not" => un(U::Not),
+            "Sign" => un(U::Sign),
+            "HardSwish" => un(U::HardSwish),
+            "Mish" => un(U::Mish),
+            "LeakyRelu" => Some(Op::Activation(Activation::LeakyRelu { alpha: a.f("alpha", 0.01) })),
+            "Elu" => Some(Op::Activation(Activation::Elu { alpha: a.f("alpha", 1.0) })),
+            "Selu" => Some(Op::Activation(Activation::Selu {
+                alpha: a.f("alpha", 1.673_263_2),
+                gamma: a.f("gamma", 1.050_701),
+            })),
+            "HardSigmoid" => {
+                Some(Op::Activation(Activation::HardSigmoid { alpha: a.f("alpha", 0.2), beta: a.f("beta", 0.5) }))
+            }
+            "Celu" => Some(Op::Activation(Activation::Celu { alpha: a.f("alpha", 1.0) })),
+            "ThresholdedRelu" => Some(Op::Activation(Activation::ThresholdedRelu { alpha: a.f("alpha", 1.0) })),
+            "Gelu" => Some(Op::Activation(Activation::Gelu { tanh: a.s("approximate").as_deref() == Some("tanh") })),
+            "Clip" => {
+                if opset < 11 {
+                    let lo =
+                        self.add_const(&format!("{name}/min"), Tensor::from_f32(vec![], vec![a.f("min", f32::MIN)]));
+                    let hi =
+                        self.add_const(&format!("{name}/max"), Tensor::from_f32(vec![], vec![a.f("max", f32::MAX)]));
+                    inputs.truncate(1);
+                    inputs.push(Some(lo));
+                    inputs.push(Some(hi));
+                }
+                Some(Op::Clip)
+            }
+            "Add" | "Sum" if inputs.len() == 2 => bin(B::Add),
+            "Sub" => bin(B::Sub),
+            "Mul" => bin(B::Mul),
+            "Div" => bin(B::Div),
+            "Pow" => bin(B::Pow),
+            "Max" if inputs.len() == 2 => bin(B::Max),
+            "Min" if inputs.len() == 2 => bin(B::Min),
+            "Mod" => bin(if a.i("fmod", 0) == 1 { B::Fmod } else { B::Mod }),
+            "Equal" => bin(B::Equal),
+            "Less" => bin(B::Less),
+            "LessOrEqual" => bin(B::LessOrEqual),
+            "Greater" => bin(B::Greater),
+            "GreaterOrEqual" => bin(B::GreaterOrEqual),
+            "And" => bin(B::And),
+            "Or" => bin(B::Or),
+            "Xor" => bin(B::Xor),
+            "PRelu" => bin(B::PRelu),
+            "Where" => Some(Op::Where),
+            "Cast" => Some(Op::Cast { to: onnx_dtype(a.i("to", 1) as i32)? }),
+            "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
+            | "ReduceSumSquare" | "ReduceLogSum" | "ReduceLogSumExp" => {
+                let op = match n.op_type.as_str() {
+                    "ReduceSum" => ReduceOp::Sum,
+                    "ReduceMean" => ReduceOp::Mean,
+                    "ReduceMax" => ReduceOp::Max,
+                    "ReduceMin" => ReduceOp::Min,
+                    "ReduceProd" => ReduceOp::Prod,
+                    "ReduceL1" => ReduceOp::L1,
+                    "ReduceL2" => ReduceOp::L2,
+                    "ReduceSumSquare" => ReduceOp::SumSquare,
+                    "ReduceLogSum" => ReduceOp::LogSum,
+                    _ => ReduceOp::LogSumExp,
+                };
+                let axes_are_input = if op == ReduceOp::Sum { opset >= 13 } else { opset >= 18 };
+                let axes = if axes_are_input { None } else { Some(a.ints("axes").unwrap_or_default()) };
+                Some(Op::Reduce {
+                    op,
+                    axes,
+                    keepdims: a.i("keepdims", 1) != 0,
+                    noop_with_empty_axes: a.i("noop_with_empty_axes", 0) != 0,
+                })
+            }
+            "ArgMax" | "ArgMin" => Some(Op::ArgExtreme {
+                max: n.op_type == "ArgMax",
+                axis: a.i("axis", 0),
+                keepdims: a.i("keepdims", 1) != 0,
+                select_last_index: a.i("select_last_index", 0) != 0,
+            }),
+            "MatMul" => Some(Op::MatMul),
+            "Gemm" => Some(Op::Gemm {
+                alpha: a.f("alpha", 1.0),
+                beta: a.f("beta", 1.0),
+                trans_a: a.i("transA", 0) != 0,
+                trans_b: a.i("transB", 0) != 0,
+            }),
+            "LayerNormalization" => {
+                if a.i("stash_type", 1) != 1 {
+                    return Ok(None);
+                }
+                Some(Op::LayerNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) })
+            }
+            "BatchNormalization" => {
+                if n.output.len() > 1 && a.i("training_mode", 0) != 0 {
+                    return Ok(None);
+                }
+                Some(Op::BatchNorm { epsilon: a.f("epsilon", 1e-5) })
+            }
+            "Softmax" | "LogSoftmax" => {
+                let legacy = opset < 13;
+                Some(Op::Softmax {
+                    axis: a.i("axis", if legacy { 1 } else { -1 }),
+                    log: n.op_type == "LogSoftmax",
+                    legacy,
+                })
+            }
+            "Shape" => Some(Op::Shape { start: a.i("start", 0), end: a.get("end").map(|x| x.i) }),
+            "Size" => Some(Op::Size),
+            "Reshape" => Some(Op::Reshape { allowzero: a.i("allowzero", 0) != 0 }),
+            "Squeeze" => Some(Op::Squeeze { axes: if opset < 13 { a.ints("axes") } else { None } }),
+            "Unsqueeze" => {
+                Some(Op::Unsqueeze { axes: if opset < 13 { Some(a.ints("axes").unwrap_or_default()) } else { None } })
+            }
+            "Flatten" => Some(Op::Flatten { axis: a.i("axis", 1) }),
+            "Transpose" => Some(Op::Transpose { perm: a.ints("perm") }),
+            "Expand" => Some(Op::Expand),
+            "Concat" => Some(Op::Concat { axis: a.i("axis", 0) }),
+            "Split" => {
+                let split = if opset < 13 { a.ints("split") } else { None };
+                Some(Op::Split { axis: a.i("axis", 0), split })
+            }
+            "Slice" => {
+                if opset < 10 {
+                    let s = self.const_i64(&format!("{name}/starts"), a.ints("starts").unwrap_or_default());
+                    let e = self.const_i64(&format!("{name}/ends"), a.ints("ends").unwrap_or_default());
+                    inputs.push(Some(s));
+                    inputs.push(Some(e));
+                    if let Some(ax) = a.ints("axes") {
+                        let ax = self.const_i64(&format!("{name}/axes"), ax);
+                        inputs.push(Some(ax));
+                    }
+                }
+                Some(Op::Slice)
+            }
+            "Gather" => Some(Op::Gather { axis: a.i("axis", 0) }),
+            "Pad" => {
+                let mode = match a.s("mode").as_deref().unwrap_or("constant") {
+                    "constant" => PadMode::Constant,
+                    "reflect" => PadMode::Reflect,
+                    "edge" => PadMode::Edge,
+                    "wrap" => PadMode::Wrap,
+                    m => bail!("node '{name}': unknown Pad mode '{m}'"),
+                };
+                if opset < 11 {
+                    let p = self.const_i64(&format!("{name}/pads"), a.ints("pads").unwrap_or_default());
+                    let v = self.add_const(&format!("{name}/value"), Tensor::from_f32(vec![], vec![a.f("value", 0.0)]));
+                    inputs.push(Some(p));
+                    inputs.push(Some(v));
+                }
+                Some(Op::Pad { mode })
+            }
+            "ConstantOfShape" => {
+                let value = match a.get("value").and_then(|v| v.t.as_ref()) {
+                    None => Scalar::F32(0.0),
+                    Some(t) => {
+                        let t = tensor_from_proto(t, &self.base_dir)?;
+                        match t.data() {
+                            TensorData::F32(v) => Scalar::F32(*v.first().unwrap_or(&0.0)),
+                            TensorData::I64(v) => Scalar::I64(*v.first().unwrap_or(&0)),
+                            TensorData::I32(v) => Scalar::I32(*v.first().unwrap_or(&0)),
+                            TensorData::Bool(v) => Scalar::Bool(v.first().is_some_and(|&b| b != 0)),
+                            _ => return Ok(None),
+                        }
+                    }
+                };
+                Some(Op::ConstantOfShape { value })
+            }
+            "Range" => Some(Op::Range),
+            "Tile" => Some(Op::Tile),
+            "Conv" => {
+                let auto_pad = match a.s("auto_pad").as_deref().unwrap_or("NOTSET") {
+                    "NOTSET" | "" => AutoPad::NotSet,
+                    "SAME_UPPER" => AutoPad::SameUpper,
+                    "SAME_LOWER" => AutoPad::SameLower,
+                    "VALID" => AutoPad::Valid,
+                    m => bail!("node '{name}': unknown auto_pad '{m}'"),
+                };
+                Some(Op::Conv(ConvAttrs {
+                    kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
+                    strides: a.ints("strides").unwrap_or_default(),
+                    pads: a.ints("pads").unwrap_or_default(),
+                    dilations: a.ints("dilations").unwrap_or_default(),
+                    group: a.i("group", 1),
+                    auto_pad,
+                }))
+            }
+            "LSTM" => {
+                let direction = match a.s("direction").as_deref().unwrap_or("forward") {
+                    "forward" => RnnDirection::Forward,
+                    "reverse" => RnnDirection::Reverse,
+                    "bidirectional" => RnnDirection::Bidirectional,
+                    d => bail!("node '{name}': unknown LSTM direction '{d}'"),
+                };
+                let default_acts = a.get("activations").is_none_or(|x| {
+                    let names: Vec<String> =
+                        x.strings.iter().map(|s| String::from_utf8_lossy(s).to_lowercase()).collect();
+                    names.chunks(3).all(|c| c == ["sigmoid", "tanh", "tanh"])
+                });
+                if !default_acts {
+                    return Ok(None);
+                }
+                Some(Op::Lstm(LstmAttrs {
+                    hidden_size: a.i("hidden_size", 0),
+                    direction,
+                    layout: a.i("layout", 0),
+                    clip: a.get("clip").map(|c| c.f),
+                    input_forget: a.i("input_forget", 0) != 0,
+                }))
+            }
+            "If" => {
+                let mut branch = |key: &str| -> Result<u32> {
+                    let g = a.get(key).and_then(|x| x.g.as_ref()).ok_or_else(|| anyhow!("If '{name}' lacks {key}"))?;
+                    self.scopes.push(HashMap::new());
+                    let nodes = self.import_body(g);
+                    let outputs: Result<Vec<ValueId>> = g
+                        .output
+                        .iter()
+                        .map(|o| {
+                            self.lookup(&o.name)
+                                .ok_or_else(|| anyhow!("If '{name}': branch output '{}' undefined", o.name))
+                        })
+                        .collect();
+                    self.scopes.pop();
+                    let sub = SubGraph { nodes: nodes?, outputs: outputs? };
+                    self.graph.subgraphs.push(sub);
+                    Ok((self.graph.subgraphs.len() - 1) as u32)
+                };
+                let then_branch = branch("then_branch")?;
+                let else_branch = branch("else_branch")?;
+                Some(Op::If { then_branch, else_branch })
+            }
+            _ => None,
+        };
+        Ok(op)
+    }
+}
+
+fn constant_value(a: &Attrs<'_>, base: &Path) -> Result<Tensor> {
+    if let Some(t) = a.get("value").and_then(|v| v.t.as_ref()) {
+        return tensor_from_proto(t, base);
+    }
+    if let Some(v) = a.get("value_float") {
+        return Ok(Tensor::from_f32(vec![], vec![v.f]));
+    }
+    if let Some(v) = a.get("value_floats") {
+        return Ok(Tensor::from_f32(vec![v.floats.len()], v.floats.clone()));
+    }
+    if let Some(v) = a.get("value_int") {
+        return Ok(Tensor::from_i64(vec![], vec![v.i]));
+    }
+    if let Some(v) = a.get("value_ints") {
+        return Ok(Tensor::from_i64(vec![v.ints.len()], v.ints.clone()));
+    }
+    bail!("unsupported Constant form (sparse or string)")
+}

@@ -1,0 +1,108 @@
+//! Graph passes run by the converter. Each returns a [`PassRecord`] saying what it did.
+//!
+//! - `fold_constants`: evaluates every node whose inputs are all constants (with the runtime's
+//!   own ops, so folding and execution agree bit for bit) and replaces it by its result.
+//! - `eliminate_dead`: drops nodes and constants that no output depends on.
+
+use std::collections::{HashMap, HashSet};
+
+use acorn::format::PassRecord;
+use acorn::graph::{ConstBinding, Graph, Node, Op, ValueId};
+use acorn::tensor::{Tensor, View};
+use anyhow::Result;
+
+use crate::onnx::Imported;
+
+/// Results larger than this (elements) stay as runtime nodes rather than being stored.
+const FOLD_MAX_ELEMENTS: usize = 1 << 26;
+
+pub fn fold_constants(m: &mut Imported) -> Result<PassRecord> {
+    let mut const_of: HashMap<ValueId, usize> =
+        m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
+    let before = m.graph.nodes.len();
+    let mut kept = Vec::with_capacity(before);
+    let mut folded = 0usize;
+    for node in std::mem::take(&mut m.graph.nodes) {
+        let foldable = !matches!(node.op, Op::If { .. })
+            && !node.inputs.is_empty()
+            && node.inputs.iter().all(|i| i.is_none_or(|v| const_of.contains_key(&v)));
+        if foldable {
+            let views: Vec<Option<View<'_>>> =
+                node.inputs.iter().map(|i| i.map(|v| m.tensors[const_of[&v]].1.view())).collect();
+            if let Ok(outs) = acorn::ops::eval(&node.op, &views, node.outputs.len(), 1) {
+                if outs.iter().all(|t| t.len() <= FOLD_MAX_ELEMENTS) {
+                    for (&o, t) in node.outputs.iter().zip(outs) {
+                        let name = m.graph.values[o as usize].name.clone();
+                        m.graph.constants.push(ConstBinding { value: o, tensor: m.tensors.len() as u32 });
+                        const_of.insert(o, m.tensors.len());
+                        m.tensors.push((name, t));
+                    }
+                    folded += 1;
+                    continue;
+                }
+            }
+            // Evaluation errors are left for the runtime to report with full context.
+        }
+        kept.push(node);
+    }
+    m.graph.nodes = kept;
+    Ok(PassRecord {
+        name: "fold_constants".into(),
+        params: vec![],
+        report: vec![("nodes_before".into(), before as f64), ("nodes_folded".into(), folded as f64)],
+    })
+}
+
+fn mark_inputs(graph: &Graph, node: &Node, live: &mut HashSet<ValueId>) {
+    live.extend(node.inputs.iter().flatten().copied());
+    if let Op::If { then_branch, else_branch } = node.op {
+        for b in [then_branch, else_branch] {
+            let sub = &graph.subgraphs[b as usize];
+            live.extend(sub.outputs.iter().copied());
+            for n in sub.nodes.iter().rev() {
+                mark_inputs(graph, n, live);
+            }
+        }
+    }
+}
+
+pub fn eliminate_dead(m: &mut Imported) -> Result<PassRecord> {
+    let g = &mut m.graph;
+    let mut live: HashSet<ValueId> = g.outputs.iter().map(|o| o.value).collect();
+    let before_nodes = g.nodes.len();
+    let mut keep = vec![false; g.nodes.len()];
+    for (i, node) in g.nodes.iter().enumerate().rev() {
+        if node.outputs.iter().any(|o| live.contains(o)) {
+            keep[i] = true;
+            mark_inputs(g, node, &mut live);
+        }
+    }
+    let mut it = keep.iter();
+    g.nodes.retain(|_| *it.next().expect("same length"));
+    // Keep only constants still read; renumber the tensor table densely.
+    let before_tensors = m.tensors.len();
+    let mut new_tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut remap: HashMap<u32, u32> = HashMap::new();
+    let mut consts = Vec::new();
+    let mut old: Vec<Option<(String, Tensor)>> = std::mem::take(&mut m.tensors).into_iter().map(Some).collect();
+    for c in &g.constants {
+        if !live.contains(&c.value) {
+            continue;
+        }
+        let idx = *remap.entry(c.tensor).or_insert_with(|| {
+            new_tensors.push(old[c.tensor as usize].take().expect("each tensor moved once"));
+            (new_tensors.len() - 1) as u32
+        });
+        consts.push(ConstBinding { value: c.value, tensor: idx });
+    }
+    g.constants = consts;
+    m.tensors = new_tensors;
+    Ok(PassRecord {
+        name: "eliminate_dead".into(),
+        params: vec![],
+        report: vec![
+            ("nodes_removed".into(), (before_nodes - g.nodes.len()) as f64),
+            ("tensors_removed".into(), (before_tensors - m.tensors.len()) as f64),
+        ],
+    })
+}

@@ -1,0 +1,95 @@
+//! The runtime's error type. Every failure a user can cause (bad file, bad input, unsupported
+//! graph) is one of these variants; nothing in the runtime panics on user data.
+
+use std::fmt;
+
+/// Result alias used throughout the runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when opening or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file is not a well-formed `.acorn` file. `offset` is the byte offset of the field that
+    /// failed validation.
+    #[error("malformed .acorn file at byte offset {offset}: {reason}")]
+    Format { offset: u64, reason: String },
+    /// A checksum did not match: the file is damaged. `what` names the section or tensor.
+    #[error("checksum mismatch in {what}: stored {stored:#010x}, computed {computed:#010x} (file is damaged)")]
+    Checksum { what: String, stored: u32, computed: u32 },
+    /// The file was written for a newer (or unknown) format version.
+    #[error("unsupported .acorn format version {found}: this runtime reads version {supported}; use a newer runtime")]
+    Version { found: u32, supported: u32 },
+    /// The graph inside the file is inconsistent (dangling value, bad attribute...).
+    #[error("invalid model graph: {0}")]
+    Graph(String),
+    /// A caller-supplied input is missing, extra, or has the wrong dtype/shape.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// Shape inference or execution failed at a node.
+    #[error("node '{node}' ({op}): {reason}")]
+    Node { node: String, op: String, reason: String },
+    /// Something valid that this runtime does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A configured resource limit would be exceeded.
+    #[error("resource limit exceeded: {0}")]
+    Limit(String),
+    /// An operating-system I/O error.
+    #[error("I/O error on '{path}': {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// A stable numeric code for each error kind (used by the C ABI as its status codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum ErrorCode {
+    Format = 1,
+    Checksum = 2,
+    Version = 3,
+    Graph = 4,
+    Input = 5,
+    Node = 6,
+    Unsupported = 7,
+    Limit = 8,
+    Io = 9,
+}
+
+impl Error {
+    /// The stable code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Format { .. } => ErrorCode::Format,
+            Error::Checksum { .. } => ErrorCode::Checksum,
+            Error::Version { .. } => ErrorCode::Version,
+            Error::Graph(_) => ErrorCode::Graph,
+            Error::Input(_) => ErrorCode::Input,
+            Error::Node { .. } => ErrorCode::Node,
+            Error::Unsupported(_) => ErrorCode::Unsupported,
+            Error::Limit(_) => ErrorCode::Limit,
+            Error::Io { .. } => ErrorCode::Io,
+        }
+    }
+
+    pub(crate) fn format(offset: u64, reason: impl fmt::Display) -> Error {
+        Error::Format { offset, reason: reason.to_string() }
+    }
+}
+
+/// Shorthand for a node-level error without node context; the executor adds the node name.
+#[derive(Debug)]
+pub struct OpError(pub String);
+
+impl<T: fmt::Display> From<T> for OpError {
+    fn from(t: T) -> Self {
+        OpError(t.to_string())
+    }
+}
+
+/// Result type of op shape inference and kernels; the executor attaches the node name.
+pub type OpResult<T> = std::result::Result<T, OpError>;
+
+/// Early-return with an [`OpError`] built from a format string.
+#[macro_export]
+macro_rules! op_bail {
+    ($($t:tt)*) => { return Err($crate::error::OpError(format!($($t)*))) };
+}

@@ -1,0 +1,419 @@
+//! The planner: for one set of concrete input shapes, infer every value's type and shape,
+//! fold everything computable from constants and shapes (including `If` conditions), and lay
+//! out the remaining steps over a small pool of buffers reused by tensor lifetime.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::format::ModelFile;
+use crate::graph::{Dim, Node, Op, ValueId};
+use crate::ops::{self, Fact};
+use crate::tensor::{DType, Tensor, View};
+
+use super::Model;
+
+/// Largest result (elements) computed at plan time rather than at run time.
+const FOLD_LIMIT: usize = 1 << 16;
+
+/// Where a value lives at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// Caller input `i`.
+    Input(usize),
+    /// Tensor `i` of the file (zero-copy from the mapping).
+    Const(u32),
+    /// A value computed while planning.
+    Folded(usize),
+    /// A pooled buffer.
+    Buf(usize),
+}
+
+#[derive(Clone, Debug)]
+struct Loc {
+    dtype: DType,
+    shape: Vec<usize>,
+    slot: Slot,
+}
+
+/// One scheduled op.
+#[derive(Debug)]
+pub(crate) struct Step {
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<Option<ValueId>>,
+    pub outputs: Vec<ValueId>,
+}
+
+/// An execution plan for one input-shape signature.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    steps: Vec<Step>,
+    locs: Vec<Option<Loc>>,
+    folded: Vec<Tensor>,
+    buffer_words: Vec<usize>,
+    scratch_len: usize,
+    outputs: Vec<ValueId>,
+}
+
+pub(crate) fn dims_str(dims: &Option<Vec<Dim>>) -> String {
+    match dims {
+        None => "[?]".into(),
+        Some(d) => format!("[{}]", d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+struct Builder<'m> {
+    file: &'m ModelFile,
+    inputs: &'m [&'m Tensor],
+    locs: Vec<Option<Loc>>,
+    folded: Vec<Tensor>,
+    steps: Vec<Step>,
+    n_virtual: usize,
+    virtual_bytes: Vec<usize>,
+    scratch_len: usize,
+    threads: usize,
+}
+
+impl<'m> Builder<'m> {
+    fn view(&self, v: ValueId) -> Option<View<'_>> {
+        let loc = self.locs[v as usize].as_ref()?;
+        let bytes = match loc.slot {
+            Slot::Input(i) => self.inputs[i].bytes(),
+            Slot::Const(t) => self.file.tensor_bytes(t as usize),
+            Slot::Folded(i) => self.folded[i].bytes(),
+            Slot::Buf(_) => return None,
+        };
+        Some(View { dtype: loc.dtype, shape: &loc.shape, bytes })
+    }
+
+    fn is_known(&self, v: ValueId) -> bool {
+        matches!(self.locs[v as usize].as_ref().map(|l| l.slot), Some(Slot::Const(_) | Slot::Folded(_)))
+    }
+
+    fn node_err(node: &Node, reason: impl std::fmt::Display) -> Error {
+        Error::Node { node: node.name.clone(), op: node.op.name(), reason: reason.to_string() }
+    }
+
+    fn plan_nodes(&mut self, graph: &crate::graph::Graph, nodes: &[Node]) -> Result<()> {
+        for node in nodes {
+            // Every input must have been planned (validated graphs guarantee it for the main
+            // graph; branch bodies may reach outer values defined later).
+            for inp in node.inputs.iter().flatten() {
+                if self.locs[*inp as usize].is_none() {
+                    return Err(Self::node_err(
+                        node,
+                        format!("input '{}' is not available here", graph.value_name(*inp)),
+                    ));
+                }
+            }
+            if let Op::If { then_branch, else_branch } = &node.op {
+                let c = node.inputs[0].expect("validated: If has a condition");
+                let cond = match self.view(c) {
+                    Some(v) if self.is_known(c) => {
+                        let b = v.bool().map_err(|e| Self::node_err(node, e.0))?;
+                        *b.first().ok_or_else(|| Self::node_err(node, "empty condition"))? != 0
+                    }
+                    _ => {
+                        return Err(Self::node_err(
+                            node,
+                            "condition depends on input data; only conditions computable from shapes and constants are supported",
+                        ))
+                    }
+                };
+                let sub = &graph.subgraphs[if cond { *then_branch } else { *else_branch } as usize];
+                self.plan_nodes(graph, &sub.nodes)?;
+                for (o, so) in node.outputs.iter().zip(&sub.outputs) {
+                    let loc =
+                        self.locs[*so as usize].clone().ok_or_else(|| Self::node_err(node, "branch output missing"))?;
+                    self.locs[*o as usize] = Some(loc);
+                }
+                continue;
+            }
+            let facts: Vec<Option<Fact<'_>>> = node
+                .inputs
+                .iter()
+                .map(|i| {
+                    i.map(|v| {
+                        let l = self.locs[v as usize].as_ref().expect("checked above");
+                        Fact {
+                            dtype: l.dtype,
+                            shape: &l.shape,
+                            value: if self.is_known(v) { self.view(v) } else { None },
+                        }
+                    })
+                })
+                .collect();
+            let outs = ops::infer(&node.op, &facts, node.outputs.len()).map_err(|e| Self::node_err(node, e.0))?;
+            if outs.len() != node.outputs.len() {
+                return Err(Self::node_err(
+                    node,
+                    format!("produces {} outputs, node declares {}", outs.len(), node.outputs.len()),
+                ));
+            }
+            let scratch = ops::scratch_len(&node.op, &facts, &outs);
+            let shape_only = matches!(node.op, Op::Shape { .. } | Op::Size);
+            let all_known = node.inputs.iter().flatten().all(|&v| self.is_known(v));
+            let small = outs.iter().all(|(_, s)| s.iter().product::<usize>() <= FOLD_LIMIT);
+            drop(facts);
+            if ops::is_alias(&node.op) {
+                let src = node.inputs[0].expect("alias ops have an input");
+                let slot = self.locs[src as usize].as_ref().expect("checked").slot;
+                let (dtype, shape) = outs.into_iter().next().expect("one output");
+                self.locs[node.outputs[0] as usize] = Some(Loc { dtype, shape, slot });
+            } else if shape_only || (all_known && small) {
+                self.fold(node)?;
+            } else {
+                self.scratch_len = self.scratch_len.max(scratch);
+                for (&o, (dtype, shape)) in node.outputs.iter().zip(outs) {
+                    let bytes = shape
+                        .iter()
+                        .product::<usize>()
+                        .checked_mul(dtype.size())
+                        .ok_or_else(|| Self::node_err(node, "output too large"))?;
+                    self.virtual_bytes.push(bytes);
+                    self.locs[o as usize] = Some(Loc { dtype, shape, slot: Slot::Buf(self.n_virtual) });
+                    self.n_virtual += 1;
+                }
+                self.steps.push(Step {
+                    name: node.name.clone(),
+                    op: node.op.clone(),
+                    inputs: node.inputs.clone(),
+                    outputs: node.outputs.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Computes a node now; its outputs become plan-time constants.
+    fn fold(&mut self, node: &Node) -> Result<()> {
+        let tensors = {
+            let shape_only = matches!(node.op, Op::Shape { .. } | Op::Size);
+            let ins: Vec<Option<View<'_>>> = node
+                .inputs
+                .iter()
+                .map(|i| {
+                    i.map(|v| {
+                        let l = self.locs[v as usize].as_ref().expect("checked");
+                        if shape_only {
+                            View { dtype: l.dtype, shape: &l.shape, bytes: &[] }
+                        } else {
+                            self.view(v).expect("known")
+                        }
+                    })
+                })
+                .collect();
+            ops::eval(&node.op, &ins, node.outputs.len(), self.threads).map_err(|e| Self::node_err(node, e.0))?
+        };
+        for (&o, t) in node.outputs.iter().zip(tensors) {
+            let idx = self.folded.len();
+            self.locs[o as usize] = Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Folded(idx) });
+            self.folded.push(t);
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    /// Plans the model for the given inputs (in the model's input order).
+    pub(crate) fn build(model: &Model, inputs: &[&Tensor], threads: usize) -> Result<Plan> {
+        let file: &ModelFile = &model.file;
+        let meta = file.metadata();
+        let graph = &meta.graph;
+        let mut locs: Vec<Option<Loc>> = vec![None; graph.values.len()];
+        let mut syms: HashMap<&str, (usize, &str)> = HashMap::new();
+        for (i, (spec, t)) in graph.inputs.iter().zip(inputs).enumerate() {
+            if t.dtype() != spec.dtype {
+                return Err(Error::Input(format!("input '{}' must be {}, got {}", spec.name, spec.dtype, t.dtype())));
+            }
+            if let Some(dims) = &spec.dims {
+                if dims.len() != t.shape().len() {
+                    return Err(Error::Input(format!(
+                        "input '{}' must have rank {} {}, got shape {:?}",
+                        spec.name,
+                        dims.len(),
+                        dims_str(&spec.dims),
+                        t.shape()
+                    )));
+                }
+                for (k, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
+                    match d {
+                        Dim::Fixed(f) if *f as usize != n => {
+                            return Err(Error::Input(format!(
+                                "input '{}' dim {k} must be {f} {}, got shape {:?}",
+                                spec.name,
+                                dims_str(&spec.dims),
+                                t.shape()
+                            )))
+                        }
+                        Dim::Sym(s) => match syms.get(s.as_str()) {
+                            Some(&(prev, who)) if prev != n => {
+                                return Err(Error::Input(format!(
+                                    "dim '{s}' is {prev} in input '{who}' but {n} in input '{}'",
+                                    spec.name
+                                )))
+                            }
+                            _ => {
+                                syms.insert(s, (n, &spec.name));
+                            }
+                        },
+                        _ => {}
+                    }
+                }
+            }
+            locs[spec.value as usize] = Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Input(i) });
+        }
+        for c in &graph.constants {
+            let e = &meta.tensors[c.tensor as usize];
+            let shape = e.shape.iter().map(|&d| d as usize).collect();
+            locs[c.value as usize] = Some(Loc { dtype: e.dtype, shape, slot: Slot::Const(c.tensor) });
+        }
+        let mut b = Builder {
+            file,
+            inputs,
+            locs,
+            folded: Vec::new(),
+            steps: Vec::new(),
+            n_virtual: 0,
+            virtual_bytes: Vec::new(),
+            scratch_len: 0,
+            threads,
+        };
+        b.plan_nodes(graph, &graph.nodes)?;
+        let outputs: Vec<ValueId> = graph.outputs.iter().map(|o| o.value).collect();
+        for (o, spec) in outputs.iter().zip(&graph.outputs) {
+            if b.locs[*o as usize].is_none() {
+                return Err(Error::Graph(format!("output '{}' was not computed", spec.name)));
+            }
+        }
+        let Builder { locs, folded, steps, n_virtual, virtual_bytes, scratch_len, .. } = b;
+        let mut plan = Plan { steps, locs, folded, buffer_words: Vec::new(), scratch_len, outputs };
+        plan.assign_buffers(n_virtual, &virtual_bytes);
+        Ok(plan)
+    }
+
+    /// Maps virtual buffers (one per step output) onto a pool of physical buffers by lifetime:
+    /// a buffer is free again after the last step that reads any value stored in it.
+    fn assign_buffers(&mut self, n_virtual: usize, bytes: &[usize]) {
+        const NEVER: usize = usize::MAX;
+        let vb = |locs: &[Option<Loc>], v: ValueId| match locs[v as usize].as_ref().map(|l| l.slot) {
+            Some(Slot::Buf(b)) => Some(b),
+            _ => None,
+        };
+        let mut last_use = vec![0usize; n_virtual];
+        let mut def = vec![0usize; n_virtual];
+        for (i, s) in self.steps.iter().enumerate() {
+            for o in &s.outputs {
+                if let Some(b) = vb(&self.locs, *o) {
+                    def[b] = i;
+                    last_use[b] = last_use[b].max(i);
+                }
+            }
+            for v in s.inputs.iter().flatten() {
+                if let Some(b) = vb(&self.locs, *v) {
+                    last_use[b] = last_use[b].max(i);
+                }
+            }
+        }
+        for o in &self.outputs {
+            if let Some(b) = vb(&self.locs, *o) {
+                last_use[b] = NEVER;
+            }
+        }
+        let mut phys_words: Vec<usize> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        let mut map = vec![0usize; n_virtual];
+        let mut release_at: Vec<Vec<usize>> = vec![Vec::new(); self.steps.len()];
+        for (v, &lu) in last_use.iter().enumerate() {
+            if lu != NEVER {
+                release_at[lu.max(def[v])].push(v);
+            }
+        }
+        for i in 0..self.steps.len() {
+            for o in self.steps[i].outputs.clone() {
+                let Some(v) = vb(&self.locs, o) else { continue };
+                let words = bytes[v].div_ceil(8);
+                // Best fit among free buffers; else grow the largest free one; else a new one.
+                let best = free
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &p)| phys_words[p] >= words)
+                    .min_by_key(|(_, &p)| phys_words[p])
+                    .map(|(k, _)| k);
+                let pick = best.or_else(|| free.iter().enumerate().max_by_key(|(_, &p)| phys_words[p]).map(|(k, _)| k));
+                let p = match pick {
+                    Some(k) => free.swap_remove(k),
+                    None => {
+                        phys_words.push(0);
+                        phys_words.len() - 1
+                    }
+                };
+                phys_words[p] = phys_words[p].max(words);
+                map[v] = p;
+            }
+            for &v in &release_at[i] {
+                free.push(map[v]);
+            }
+        }
+        for l in self.locs.iter_mut().flatten() {
+            if let Slot::Buf(v) = l.slot {
+                l.slot = Slot::Buf(map[v]);
+            }
+        }
+        self.buffer_words = phys_words;
+    }
+
+    pub(crate) fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    pub(crate) fn outputs(&self) -> &[ValueId] {
+        &self.outputs
+    }
+
+    pub(crate) fn buffer_words(&self) -> &[usize] {
+        &self.buffer_words
+    }
+
+    pub(crate) fn scratch_len(&self) -> usize {
+        self.scratch_len
+    }
+
+    /// Bytes of activation memory: pooled buffers plus scratch plus plan-time constants.
+    pub(crate) fn arena_bytes(&self) -> usize {
+        self.buffer_words.iter().sum::<usize>() * 8
+            + self.scratch_len * 4
+            + self.folded.iter().map(|t| t.bytes().len()).sum::<usize>()
+    }
+
+    pub(crate) fn slot(&self, v: ValueId) -> Slot {
+        self.locs[v as usize].as_ref().expect("planned value").slot
+    }
+
+    pub(crate) fn fact(&self, v: ValueId) -> (DType, &[usize]) {
+        let l = self.locs[v as usize].as_ref().expect("planned value");
+        (l.dtype, &l.shape)
+    }
+
+    /// A view of value `v` during a run.
+    pub(crate) fn view<'a>(
+        &'a self,
+        v: ValueId,
+        file: &'a ModelFile,
+        inputs: &[&'a Tensor],
+        buffers: &'a [Vec<u64>],
+    ) -> Result<View<'a>> {
+        let l = self.locs[v as usize].as_ref().ok_or_else(|| Error::Graph(format!("value {v} was not planned")))?;
+        let n = l.shape.iter().product::<usize>() * l.dtype.size();
+        let bytes: &[u8] = match l.slot {
+            Slot::Input(i) => inputs[i].bytes(),
+            Slot::Const(t) => file.tensor_bytes(t as usize),
+            Slot::Folded(i) => self.folded[i].bytes(),
+            Slot::Buf(b) => bytemuck::cast_slice(&buffers[b]),
+        };
+        let bytes = bytes
+            .get(..n)
+            .ok_or_else(|| Error::Graph(format!("internal: value {v} storage is {} bytes, needs {n}", bytes.len())))?;
+        Ok(View { dtype: l.dtype, shape: &l.shape, bytes })
+    }
+}

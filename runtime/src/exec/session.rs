@@ -1,0 +1,178 @@
+//! Sessions: build → commit → run. A session owns its plans (one per input-shape signature)
+//! and their buffers, so running allocates only the returned output tensors.
+
+use std::collections::HashMap;
+
+use smallvec::SmallVec;
+
+use super::plan::{Plan, Slot};
+use super::Model;
+use crate::error::{Error, Result};
+use crate::ops::{self, Ctx};
+use crate::tensor::{Tensor, View, ViewMut};
+
+/// Configures a [`Session`].
+///
+/// ```no_run
+/// # fn main() -> Result<(), acorn::Error> {
+/// let model = acorn::Model::open("model.acorn")?;
+/// let session = model.session().with_threads(2).with_memory_limit(256 << 20).commit()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SessionBuilder {
+    model: Model,
+    threads: usize,
+    memory_limit: Option<usize>,
+}
+
+impl SessionBuilder {
+    pub(super) fn new(model: Model) -> Self {
+        SessionBuilder { model, threads: 1, memory_limit: None }
+    }
+
+    /// Worker threads for large matmuls (default 1).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// Refuse to plan an input shape whose activations need more than `bytes`.
+    pub fn with_memory_limit(mut self, bytes: usize) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Creates the session.
+    pub fn commit(self) -> Result<Session> {
+        Ok(Session { model: self.model, threads: self.threads, memory_limit: self.memory_limit, plans: HashMap::new() })
+    }
+}
+
+struct PlanState {
+    plan: Plan,
+    buffers: Vec<Vec<u64>>,
+    scratch: Vec<f32>,
+}
+
+/// Runs a model. Plans are built on first use of each input-shape signature and reused.
+pub struct Session {
+    model: Model,
+    threads: usize,
+    memory_limit: Option<usize>,
+    plans: HashMap<Vec<Vec<usize>>, PlanState>,
+}
+
+impl Session {
+    /// The model this session runs.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Builds (or reuses) the plan for these input shapes without running; returns the bytes of
+    /// activation memory the plan uses.
+    pub fn prepare(&mut self, inputs: &[(&str, &Tensor)]) -> Result<usize> {
+        let ordered = self.order_inputs(inputs)?;
+        let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+        let st = self.plan_for(key, &ordered)?;
+        Ok(st.plan.arena_bytes())
+    }
+
+    fn order_inputs<'t>(&self, inputs: &[(&str, &'t Tensor)]) -> Result<Vec<&'t Tensor>> {
+        let specs = self.model.inputs();
+        for (name, _) in inputs {
+            if !specs.iter().any(|s| s.name == *name) {
+                let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+                return Err(Error::Input(format!("unknown input '{name}'; the model's inputs are {names:?}")));
+            }
+        }
+        let mut out = Vec::with_capacity(specs.len());
+        for s in specs {
+            let mut found = inputs.iter().filter(|(n, _)| *n == s.name);
+            let Some((_, t)) = found.next() else {
+                return Err(Error::Input(format!(
+                    "missing input '{}' ({} {})",
+                    s.name,
+                    s.dtype,
+                    super::plan::dims_str(&s.dims)
+                )));
+            };
+            if found.next().is_some() {
+                return Err(Error::Input(format!("input '{}' given twice", s.name)));
+            }
+            out.push(*t);
+        }
+        Ok(out)
+    }
+
+    fn plan_for(&mut self, key: Vec<Vec<usize>>, ordered: &[&Tensor]) -> Result<&mut PlanState> {
+        if !self.plans.contains_key(&key) {
+            let plan = Plan::build(&self.model, ordered, self.threads)?;
+            let bytes = plan.arena_bytes();
+            if let Some(limit) = self.memory_limit {
+                if bytes > limit {
+                    return Err(Error::Limit(format!(
+                        "activations for input shapes {key:?} need {bytes} bytes, above the session's limit of {limit}"
+                    )));
+                }
+            }
+            let buffers = plan.buffer_words().iter().map(|&w| vec![0u64; w]).collect();
+            let scratch = vec![0.0f32; plan.scratch_len()];
+            if self.plans.len() >= 16 {
+                // Bound memory for callers that cycle through many shapes.
+                self.plans.clear();
+            }
+            self.plans.insert(key.clone(), PlanState { plan, buffers, scratch });
+        }
+        Ok(self.plans.get_mut(&key).expect("inserted above"))
+    }
+
+    /// Runs the model on named inputs; returns the outputs in the model's output order.
+    pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+        let ordered = self.order_inputs(inputs)?;
+        let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+        let model = self.model.clone();
+        let threads = self.threads;
+        let st = self.plan_for(key, &ordered)?;
+        let PlanState { plan, buffers, scratch } = st;
+        let file = &model.file;
+        for step in plan.steps() {
+            // Take the output buffers out of the pool (no allocation: Vec moves).
+            let mut taken: SmallVec<[(usize, Vec<u64>); 4]> = SmallVec::new();
+            for &o in &step.outputs {
+                let Slot::Buf(b) = plan.slot(o) else { unreachable!("step outputs live in buffers") };
+                taken.push((b, std::mem::take(&mut buffers[b])));
+            }
+            let mut in_views: SmallVec<[Option<View<'_>>; 8]> = SmallVec::new();
+            for inp in &step.inputs {
+                in_views.push(match inp {
+                    Some(v) => Some(plan.view(*v, file, &ordered, buffers)?),
+                    None => None,
+                });
+            }
+            let mut out_views: SmallVec<[ViewMut<'_>; 4]> = SmallVec::new();
+            for ((_, buf), &o) in taken.iter_mut().zip(&step.outputs) {
+                let (dtype, shape) = plan.fact(o);
+                let nbytes = dtype.size() * shape.iter().product::<usize>();
+                out_views.push(ViewMut {
+                    dtype,
+                    shape,
+                    bytes: &mut bytemuck::cast_slice_mut::<u64, u8>(buf)[..nbytes],
+                });
+            }
+            let mut ctx = Ctx { threads, scratch };
+            let res = ops::run(&step.op, &in_views, &mut out_views, &mut ctx);
+            drop(out_views);
+            drop(in_views);
+            for (b, buf) in taken {
+                buffers[b] = buf;
+            }
+            res.map_err(|e| Error::Node { node: step.name.clone(), op: step.op.name(), reason: e.0 })?;
+        }
+        let mut outs = Vec::with_capacity(plan.outputs().len());
+        for &o in plan.outputs() {
+            outs.push(plan.view(o, file, &ordered, buffers)?.to_tensor()?);
+        }
+        Ok(outs)
+    }
+}

@@ -1,0 +1,289 @@
+//! Reading `.acorn` files: memory-map, then validate every field before use. Any byte string
+//! yields `Ok` or an [`Error`] naming the offset and the reason. The only `unsafe` is the mmap.
+
+use std::path::Path;
+
+use super::*;
+use crate::error::{Error, Result};
+use crate::graph::MAX_RANK;
+
+/// The bytes of a model: a read-only memory map, or an owned 8-byte-aligned copy.
+enum Storage {
+    Mmap(memmap2::Mmap),
+    Owned { words: Vec<u64>, len: usize },
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mmap(m) => m,
+            Storage::Owned { words, len } => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+}
+
+/// Outcome of checking one tensor's checksum.
+#[derive(Clone, Debug)]
+pub struct TensorCheck {
+    pub name: String,
+    pub ok: bool,
+    pub stored: u32,
+    pub computed: u32,
+}
+
+/// A validated `.acorn` file. Weights are borrowed from the mapping with zero copies.
+pub struct ModelFile {
+    storage: Storage,
+    meta: Metadata,
+    data_offset: usize,
+    data_len: usize,
+    data_crc32: u32,
+}
+
+impl std::fmt::Debug for ModelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFile")
+            .field("tensors", &self.meta.tensors.len())
+            .field("nodes", &self.meta.graph.nodes.len())
+            .finish()
+    }
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(x)
+}
+
+impl ModelFile {
+    /// Maps and validates the file at `path`. With `verify_data`, also checks every tensor's
+    /// checksum (reads all weights; otherwise open touches only header and metadata).
+    pub fn open(path: impl AsRef<Path>, verify_data: bool) -> Result<ModelFile> {
+        let path = path.as_ref();
+        let io = |e| Error::Io { path: path.display().to_string(), source: e };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len < HEADER_SIZE as u64 {
+            return Err(Error::format(0, format!("file is {len} bytes, shorter than the {HEADER_SIZE}-byte header")));
+        }
+        // SAFETY: the mapping is read-only and private to this process. Another process
+        // truncating or rewriting the file while it is mapped is outside what the runtime can
+        // defend against (as for every mmap-based loader); our writer never rewrites in place
+        // (it renames a new file over the old one), so files produced by Acorn are safe.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::from_storage(Storage::Mmap(map), verify_data)
+    }
+
+    /// Validates a model held in memory (copied once into an aligned buffer).
+    pub fn from_bytes(bytes: &[u8], verify_data: bool) -> Result<ModelFile> {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Self::from_storage(Storage::Owned { words, len: bytes.len() }, verify_data)
+    }
+
+    fn from_storage(storage: Storage, verify_data: bool) -> Result<ModelFile> {
+        let b = storage.bytes();
+        let flen = b.len() as u64;
+        if b.len() < HEADER_SIZE {
+            return Err(Error::format(0, format!("file is {flen} bytes, shorter than the {HEADER_SIZE}-byte header")));
+        }
+        if b[0..8] != MAGIC {
+            return Err(Error::format(0, "bad magic: not an .acorn file"));
+        }
+        let version = u32_at(b, 8);
+        if version != VERSION {
+            return Err(Error::Version { found: version, supported: VERSION });
+        }
+        let stored = u32_at(b, 60);
+        let computed = crc32fast::hash(&b[0..60]);
+        if stored != computed {
+            return Err(Error::Checksum { what: "header (bytes 0..64)".into(), stored, computed });
+        }
+        let header_size = u32_at(b, 16) as usize;
+        if header_size != HEADER_SIZE {
+            return Err(Error::format(16, format!("header size {header_size}, expected {HEADER_SIZE}")));
+        }
+        let n_sections = u32_at(b, 20) as usize;
+        if n_sections > MAX_SECTIONS {
+            return Err(Error::format(20, format!("{n_sections} sections exceeds the limit of {MAX_SECTIONS}")));
+        }
+        let table_off = u64_at(b, 24);
+        let declared_len = u64_at(b, 32);
+        if declared_len != flen {
+            return Err(Error::format(
+                32,
+                format!("header says the file is {declared_len} bytes but it is {flen} (truncated or extended?)"),
+            ));
+        }
+        let table_len = (n_sections * SECTION_ENTRY_SIZE) as u64;
+        let table_end = table_off.checked_add(table_len).filter(|&e| e <= flen).ok_or_else(|| {
+            Error::format(24, format!("section table at {table_off} (+{table_len} bytes) lies outside the file"))
+        })?;
+        let table = &b[table_off as usize..table_end as usize];
+        let stored = u32_at(b, 40);
+        let computed = crc32fast::hash(table);
+        if stored != computed {
+            return Err(Error::Checksum { what: "section table".into(), stored, computed });
+        }
+
+        let mut meta_range = None;
+        let mut data_range = None;
+        for i in 0..n_sections {
+            let e = &table[i * SECTION_ENTRY_SIZE..(i + 1) * SECTION_ENTRY_SIZE];
+            let at = table_off + (i * SECTION_ENTRY_SIZE) as u64;
+            let (kind, flags, off, size, crc) =
+                (u32_at(e, 0), u32_at(e, 4), u64_at(e, 8), u64_at(e, 16), u32_at(e, 24));
+            let end = off.checked_add(size).filter(|&x| x <= flen).ok_or_else(|| {
+                Error::format(at + 8, format!("section {i} (kind {kind}) at {off}+{size} lies outside the file"))
+            })?;
+            let range = (off as usize, end as usize, crc, at);
+            match kind {
+                SECTION_METADATA if meta_range.is_none() => meta_range = Some(range),
+                SECTION_TENSOR_DATA if data_range.is_none() => {
+                    if off % ALIGN as u64 != 0 {
+                        return Err(Error::format(
+                            at + 8,
+                            format!("tensor data section offset {off} is not {ALIGN}-byte aligned"),
+                        ));
+                    }
+                    data_range = Some(range)
+                }
+                SECTION_METADATA | SECTION_TENSOR_DATA => {
+                    return Err(Error::format(at, format!("duplicate section of kind {kind}")))
+                }
+                _ if flags & SECTION_REQUIRED != 0 => {
+                    return Err(Error::Unsupported(format!(
+                        "file needs section kind {kind}, which this runtime does not know; use a newer runtime"
+                    )))
+                }
+                _ => log::debug!("skipping unknown optional section kind {kind}"),
+            }
+        }
+        let (m0, m1, mcrc, mat) = meta_range.ok_or_else(|| Error::format(table_off, "no metadata section"))?;
+        let (d0, d1, dcrc, dat) = data_range.ok_or_else(|| Error::format(table_off, "no tensor data section"))?;
+        let computed = crc32fast::hash(&b[m0..m1]);
+        if computed != mcrc {
+            return Err(Error::Checksum { what: format!("metadata section (offset {m0})"), stored: mcrc, computed });
+        }
+        let meta: Metadata = postcard::from_bytes(&b[m0..m1]).map_err(|e| {
+            Error::format(
+                m0 as u64,
+                format!("metadata section does not decode ({e}); was it written by a newer converter? (record table entry at {mat})"),
+            )
+        })?;
+        let data_len = d1 - d0;
+        validate_tensors(&meta, data_len as u64, d0 as u64, dat)?;
+        for ext in &meta.extensions {
+            if ext.required && !KNOWN_EXTENSIONS.contains(&ext.name.as_str()) {
+                return Err(Error::Unsupported(format!(
+                    "file needs extension '{}', which this runtime does not know; use a newer runtime",
+                    ext.name
+                )));
+            }
+        }
+        meta.graph.validate(meta.tensors.len())?;
+        for c in &meta.graph.constants {
+            let t = &meta.tensors[c.tensor as usize];
+            if t.encoding != TensorEncoding::Dense {
+                return Err(Error::Unsupported(format!("tensor '{}' uses encoding {:?}", t.name, t.encoding)));
+            }
+        }
+        let file = ModelFile { storage, meta, data_offset: d0, data_len, data_crc32: dcrc };
+        if verify_data {
+            file.verify_data()?;
+        }
+        Ok(file)
+    }
+
+    /// The decoded metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// Total file size in bytes.
+    pub fn file_len(&self) -> usize {
+        self.storage.bytes().len()
+    }
+
+    /// The bytes of tensor `i` (validated at open; zero-copy from the mapping).
+    pub fn tensor_bytes(&self, i: usize) -> &[u8] {
+        let t = &self.meta.tensors[i];
+        let start = self.data_offset + t.offset as usize;
+        &self.storage.bytes()[start..start + t.len as usize]
+    }
+
+    /// Checks every tensor's CRC-32; returns one entry per tensor.
+    pub fn check_tensors(&self) -> Vec<TensorCheck> {
+        (0..self.meta.tensors.len())
+            .map(|i| {
+                let t = &self.meta.tensors[i];
+                let computed = crc32fast::hash(self.tensor_bytes(i));
+                TensorCheck { name: t.name.clone(), ok: computed == t.crc32, stored: t.crc32, computed }
+            })
+            .collect()
+    }
+
+    /// Verifies all tensor checksums and the data section checksum; the error names the first
+    /// damaged tensor.
+    pub fn verify_data(&self) -> Result<()> {
+        for c in self.check_tensors() {
+            if !c.ok {
+                return Err(Error::Checksum {
+                    what: format!("tensor '{}'", c.name),
+                    stored: c.stored,
+                    computed: c.computed,
+                });
+            }
+        }
+        let b = self.storage.bytes();
+        let computed = crc32fast::hash(&b[self.data_offset..self.data_offset + self.data_len]);
+        if computed != self.data_crc32 {
+            return Err(Error::Checksum {
+                what: format!("tensor data section (offset {}, padding)", self.data_offset),
+                stored: self.data_crc32,
+                computed,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn validate_tensors(meta: &Metadata, data_len: u64, data_off: u64, at: u64) -> Result<()> {
+    for (i, t) in meta.tensors.iter().enumerate() {
+        let bad = |reason: String| {
+            Error::format(data_off + t.offset.min(data_len), format!("tensor {i} '{}': {reason}", t.name))
+        };
+        if t.shape.len() > MAX_RANK {
+            return Err(bad(format!("rank {} exceeds {MAX_RANK}", t.shape.len())));
+        }
+        if t.offset % ALIGN as u64 != 0 {
+            return Err(bad(format!("offset {} is not {ALIGN}-byte aligned", t.offset)));
+        }
+        let end = t.offset.checked_add(t.len).filter(|&e| e <= data_len);
+        if end.is_none() {
+            return Err(bad(format!(
+                "bytes {}+{} lie outside the {data_len}-byte data section (table at {at})",
+                t.offset, t.len
+            )));
+        }
+        let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        let expect = numel.and_then(|n| n.checked_mul(t.dtype.size() as u64));
+        match t.encoding {
+            TensorEncoding::Dense if expect != Some(t.len) => {
+                return Err(bad(format!(
+                    "{} bytes stored but shape {:?} of {} needs {:?}",
+                    t.len, t.shape, t.dtype, expect
+                )))
+            }
+            TensorEncoding::Dense => {}
+        }
+        if usize::try_from(t.len).is_err() {
+            return Err(bad("too large for this platform".into()));
+        }
+    }
+    Ok(())
+}

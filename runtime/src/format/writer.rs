@@ -1,0 +1,133 @@
+//! Writing `.acorn` files atomically: the file is built in a temporary file next to the target,
+//! flushed, synced and renamed over it, so a crash or error never leaves a partial model.
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::path::Path;
+
+use super::*;
+use crate::error::{Error, Result};
+
+/// A tensor to store: its table entry fields and its bytes.
+pub struct TensorPayload<'a> {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub encoding: TensorEncoding,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+const ZEROS: [u8; ALIGN] = [0; ALIGN];
+
+/// Lays out and writes a model. `graph.constants[*].tensor` index into `tensors`.
+/// Returns the number of bytes written.
+pub fn write_model(
+    path: &Path,
+    graph: Graph,
+    provenance: Provenance,
+    extensions: Vec<Extension>,
+    tensors: &[TensorPayload<'_>],
+) -> Result<u64> {
+    graph.validate(tensors.len())?;
+    // Tensor table and data-section checksum, computed before anything is written.
+    let mut entries = Vec::with_capacity(tensors.len());
+    let mut data_hasher = crc32fast::Hasher::new();
+    let mut offset = 0u64;
+    for t in tensors {
+        let len = t.bytes.len() as u64;
+        entries.push(TensorEntry {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            encoding: t.encoding.clone(),
+            offset,
+            len,
+            crc32: crc32fast::hash(&t.bytes),
+        });
+        data_hasher.update(&t.bytes);
+        let end = offset + len;
+        let next = align_up(end).ok_or_else(|| Error::Limit("tensor data exceeds 2^64 bytes".into()))?;
+        data_hasher.update(&ZEROS[..(next - end) as usize]);
+        offset = next;
+    }
+    let data_len = offset;
+    let data_crc = data_hasher.finalize();
+    let meta = Metadata { graph, tensors: entries, provenance, extensions };
+    let meta_bytes = postcard::to_allocvec(&meta).map_err(|e| Error::Graph(format!("cannot encode metadata: {e}")))?;
+
+    let n_sections = 2usize;
+    let table_off = HEADER_SIZE as u64;
+    let meta_off = table_off + (n_sections * SECTION_ENTRY_SIZE) as u64;
+    let meta_end = meta_off + meta_bytes.len() as u64;
+    let data_off = align_up(meta_end).ok_or_else(|| Error::Limit("metadata too large".into()))?;
+    let file_len = data_off + data_len;
+
+    let mut table = Vec::with_capacity(n_sections * SECTION_ENTRY_SIZE);
+    let mut entry = |kind: u32, flags: u32, off: u64, size: u64, crc: u32| {
+        table.extend_from_slice(&kind.to_le_bytes());
+        table.extend_from_slice(&flags.to_le_bytes());
+        table.extend_from_slice(&off.to_le_bytes());
+        table.extend_from_slice(&size.to_le_bytes());
+        table.extend_from_slice(&crc.to_le_bytes());
+        table.extend_from_slice(&0u32.to_le_bytes());
+    };
+    entry(SECTION_METADATA, SECTION_REQUIRED, meta_off, meta_bytes.len() as u64, crc32fast::hash(&meta_bytes));
+    entry(SECTION_TENSOR_DATA, SECTION_REQUIRED, data_off, data_len, data_crc);
+
+    let mut header = [0u8; HEADER_SIZE];
+    header[0..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    header[12..16].copy_from_slice(&0u32.to_le_bytes());
+    header[16..20].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
+    header[20..24].copy_from_slice(&(n_sections as u32).to_le_bytes());
+    header[24..32].copy_from_slice(&table_off.to_le_bytes());
+    header[32..40].copy_from_slice(&file_len.to_le_bytes());
+    header[40..44].copy_from_slice(&crc32fast::hash(&table).to_le_bytes());
+    let hcrc = crc32fast::hash(&header[0..60]);
+    header[60..64].copy_from_slice(&hcrc.to_le_bytes());
+
+    atomic_write(path, |w| {
+        w.write_all(&header)?;
+        w.write_all(&table)?;
+        w.write_all(&meta_bytes)?;
+        w.write_all(&ZEROS[..(data_off - meta_end) as usize])?;
+        for t in tensors {
+            w.write_all(&t.bytes)?;
+            let end = t.bytes.len() as u64;
+            let pad = align_up(end).unwrap_or(end) - end;
+            w.write_all(&ZEROS[..pad as usize])?;
+        }
+        Ok(())
+    })?;
+    Ok(file_len)
+}
+
+/// Writes through `f` into a temporary file beside `path`, then renames it into place.
+/// On any error the temporary file is removed and `path` is untouched.
+pub fn atomic_write(
+    path: &Path,
+    f: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let io = |e| Error::Io { path: path.display().to_string(), source: e };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+            f(&mut w)?;
+            w.flush()?;
+        }
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! The op set, grouped into families. Attributes are normalised by the converter (e.g. opset
+//! differences resolved, attribute-form inputs turned into constant inputs) so each op has one
+//! meaning here. Variant order is part of the file format: append new ops at the end.
+
+use serde::{Deserialize, Serialize};
+
+use super::MAX_RANK;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// Unary elementwise functions without parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnaryOp {
+    Relu,
+    Sigmoid,
+    Tanh,
+    Erf,
+    Sqrt,
+    Exp,
+    Log,
+    Neg,
+    Abs,
+    Reciprocal,
+    Floor,
+    Ceil,
+    Round,
+    Sin,
+    Cos,
+    Softplus,
+    Softsign,
+    Not,
+    Sign,
+    HardSwish,
+    Mish,
+    Silu,
+}
+
+/// Elementwise activations with parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Activation {
+    LeakyRelu {
+        alpha: f32,
+    },
+    Elu {
+        alpha: f32,
+    },
+    Selu {
+        alpha: f32,
+        gamma: f32,
+    },
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    /// GELU; `tanh` selects the tanh approximation.
+    Gelu {
+        tanh: bool,
+    },
+    Celu {
+        alpha: f32,
+    },
+    ThresholdedRelu {
+        alpha: f32,
+    },
+}
+
+/// Binary elementwise ops with NumPy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Max,
+    Min,
+    /// Integer modulo with the sign of the divisor (ONNX `Mod`, fmod=0).
+    Mod,
+    /// C `fmod` (ONNX `Mod`, fmod=1).
+    Fmod,
+    Equal,
+    Less,
+    LessOrEqual,
+    Greater,
+    GreaterOrEqual,
+    And,
+    Or,
+    Xor,
+    PRelu,
+}
+
+impl BinaryOp {
+    /// True for ops whose output is boolean.
+    pub fn is_comparison(self) -> bool {
+        matches!(
+            self,
+            BinaryOp::Equal | BinaryOp::Less | BinaryOp::LessOrEqual | BinaryOp::Greater | BinaryOp::GreaterOrEqual
+        )
+    }
+    pub fn is_logical(self) -> bool {
+        matches!(self, BinaryOp::And | BinaryOp::Or | BinaryOp::Xor)
+    }
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+    Prod,
+    L1,
+    L2,
+    SumSquare,
+    LogSum,
+    LogSumExp,
+}
+
+/// A scalar attribute value (ConstantOfShape).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Scalar {
+    F32(f32),
+    I64(i64),
+    I32(i32),
+    Bool(bool),
+}
+
+impl Scalar {
+    pub fn dtype(self) -> DType {
+        match self {
+            Scalar::F32(_) => DType::F32,
+            Scalar::I64(_) => DType::I64,
+            Scalar::I32(_) => DType::I32,
+            Scalar::Bool(_) => DType::Bool,
+        }
+    }
+}
+
+/// Padding mode of `Pad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PadMode {
+    Constant,
+    Reflect,
+    Edge,
+    Wrap,
+}
+
+/// How `Conv` pads when `auto_pad` is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AutoPad {
+    NotSet,
+    SameUpper,
+    SameLower,
+    Valid,
+}
+
+/// N-d convolution attributes (N = 1 or 2 today). Empty vectors mean "ONNX default".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConvAttrs {
+    pub kernel_shape: Vec<i64>,
+    pub strides: Vec<i64>,
+    /// begin pads for each spatial axis, then end pads (ONNX order).
+    pub pads: Vec<i64>,
+    pub dilations: Vec<i64>,
+    pub group: i64,
+    pub auto_pad: AutoPad,
+}
+
+/// Direction of a recurrent layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RnnDirection {
+    Forward,
+    Reverse,
+    Bidirectional,
+}
+
+/// LSTM attributes (ONNX semantics, default activations sigmoid/tanh/tanh, gate order i, o, f, c).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LstmAttrs {
+    pub hidden_size: i64,
+    pub direction: RnnDirection,
+    /// 0: [seq, batch, feature]; 1: [batch, seq, feature].
+    pub layout: i64,
+    pub clip: Option<f32>,
+    pub input_forget: bool,
+}
+
+/// Every operation the runtime executes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    Identity,
+    Unary(UnaryOp),
+    Activation(Activation),
+    /// inputs: x, min (optional), max (optional)
+    Clip,
+    Binary(BinaryOp),
+    /// inputs: condition, x, y
+    Where,
+    Cast {
+        to: DType,
+    },
+    /// `axes`: from the attribute; when `None` the optional second input holds them.
+    Reduce {
+        op: ReduceOp,
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+        noop_with_empty_axes: bool,
+    },
+    ArgExtreme {
+        max: bool,
+        axis: i64,
+        keepdims: bool,
+        select_last_index: bool,
+    },
+    /// Batched matmul with NumPy broadcasting of the batch dims.
+    MatMul,
+    /// inputs: A, B, C (optional)
+    Gemm {
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+    },
+    /// inputs: X, scale, bias (optional); normalises over axes `axis..rank`.
+    LayerNorm {
+        axis: i64,
+        epsilon: f32,
+    },
+    /// inference-mode BatchNormalization; inputs: X, scale, B, mean, var
+    BatchNorm {
+        epsilon: f32,
+    },
+    /// `legacy`: opset < 13 semantics (input coerced to 2-D at `axis`).
+    Softmax {
+        axis: i64,
+        log: bool,
+        legacy: bool,
+    },
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
+    Size,
+    /// inputs: data, shape
+    Reshape {
+        allowzero: bool,
+    },
+    /// axes from attribute, or from the optional second input when `None`
+    Squeeze {
+        axes: Option<Vec<i64>>,
+    },
+    Unsqueeze {
+        axes: Option<Vec<i64>>,
+    },
+    Flatten {
+        axis: i64,
+    },
+    Transpose {
+        perm: Option<Vec<i64>>,
+    },
+    /// inputs: data, shape
+    Expand,
+    Concat {
+        axis: i64,
+    },
+    /// `split`: sizes from attribute, else optional second input, else equal parts.
+    Split {
+        axis: i64,
+        split: Option<Vec<i64>>,
+    },
+    /// inputs: data, starts, ends, axes (optional), steps (optional)
+    Slice,
+    /// inputs: data, indices
+    Gather {
+        axis: i64,
+    },
+    /// inputs: data, pads, constant_value (optional), axes (optional)
+    Pad {
+        mode: PadMode,
+    },
+    /// input: shape
+    ConstantOfShape {
+        value: Scalar,
+    },
+    /// inputs: start, limit, delta
+    Range,
+    /// inputs: data, repeats
+    Tile,
+    /// inputs: X, W, B (optional)
+    Conv(ConvAttrs),
+    /// inputs: X, W, R, B, sequence_lens, initial_h, initial_c, P (all but X, W, R optional)
+    Lstm(LstmAttrs),
+    /// Condition input, two branches (indices into [`super::Graph::subgraphs`]).
+    If {
+        then_branch: u32,
+        else_branch: u32,
+    },
+}
+
+impl Op {
+    /// The op's short name, as in ONNX where there is one.
+    pub fn name(&self) -> String {
+        match self {
+            Op::Unary(u) => format!("{u:?}"),
+            Op::Activation(a) => format!("{a:?}").split([' ', '{']).next().unwrap_or("Activation").to_string(),
+            Op::Binary(b) => format!("{b:?}"),
+            Op::Reduce { op, .. } => format!("Reduce{op:?}"),
+            Op::ArgExtreme { max: true, .. } => "ArgMax".into(),
+            Op::ArgExtreme { max: false, .. } => "ArgMin".into(),
+            Op::Conv(_) => "Conv".into(),
+            Op::Lstm(_) => "LSTM".into(),
+            Op::Softmax { log: true, .. } => "LogSoftmax".into(),
+            Op::LayerNorm { .. } => "LayerNormalization".into(),
+            Op::BatchNorm { .. } => "BatchNormalization".into(),
+            other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
+        }
+    }
+
+    /// Structural checks: input/output counts and attribute sizes.
+    pub fn validate(&self, node: &str, n_in: usize, n_out: usize) -> Result<()> {
+        let (min_in, max_in, min_out, max_out) = match self {
+            Op::Identity | Op::Unary(_) | Op::Activation(_) | Op::Cast { .. } | Op::Size => (1, 1, 1, 1),
+            Op::Shape { .. } | Op::Flatten { .. } | Op::Transpose { .. } => (1, 1, 1, 1),
+            Op::ArgExtreme { .. } | Op::ConstantOfShape { .. } | Op::Softmax { .. } => (1, 1, 1, 1),
+            Op::Clip => (1, 3, 1, 1),
+            Op::Binary(_) | Op::MatMul | Op::Expand | Op::Tile => (2, 2, 1, 1),
+            Op::Reshape { .. } | Op::Gather { .. } => (2, 2, 1, 1),
+            Op::Where | Op::Range => (3, 3, 1, 1),
+            Op::Reduce { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => (1, 2, 1, 1),
+            Op::Gemm { .. } => (2, 3, 1, 1),
+            Op::LayerNorm { .. } => (2, 3, 1, 3),
+            Op::BatchNorm { .. } => (5, 5, 1, 1),
+            Op::Concat { .. } => (1, usize::MAX, 1, 1),
+            Op::Split { .. } => (1, 2, 1, usize::MAX),
+            Op::Slice => (3, 5, 1, 1),
+            Op::Pad { .. } => (2, 4, 1, 1),
+            Op::Conv(_) => (2, 3, 1, 1),
+            Op::Lstm(_) => (3, 8, 0, 3),
+            Op::If { .. } => (1, 1, 1, usize::MAX),
+        };
+        if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
+            return Err(Error::Graph(format!(
+                "node '{node}' ({}) has {n_in} inputs and {n_out} outputs; expected {min_in}..={} inputs and {min_out}..={} outputs",
+                self.name(),
+                if max_in == usize::MAX { "∞".to_string() } else { max_in.to_string() },
+                if max_out == usize::MAX { "∞".to_string() } else { max_out.to_string() },
+            )));
+        }
+        let too_long = |v: &Option<Vec<i64>>| v.as_ref().is_some_and(|v| v.len() > MAX_RANK);
+        let bad = match self {
+            Op::Reduce { axes, .. } | Op::Squeeze { axes } | Op::Unsqueeze { axes } => too_long(axes),
+            Op::Transpose { perm } => too_long(perm),
+            Op::Split { split, .. } => split.as_ref().is_some_and(|s| s.len() != n_out),
+            Op::Conv(c) => {
+                c.kernel_shape.len() > MAX_RANK
+                    || c.strides.len() > MAX_RANK
+                    || c.pads.len() > 2 * MAX_RANK
+                    || c.dilations.len() > MAX_RANK
+                    || c.group < 1
+            }
+            Op::Lstm(l) => l.hidden_size < 1 || l.hidden_size > (1 << 20) || !(0..=1).contains(&l.layout),
+            _ => false,
+        };
+        if bad {
+            return Err(Error::Graph(format!("node '{node}' ({}) has invalid attributes", self.name())));
+        }
+        Ok(())
+    }
+}

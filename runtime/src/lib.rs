@@ -1,0 +1,33 @@
+//! # Acorn runtime
+//!
+//! The on-device half of Acorn: it memory-maps a `.acorn` file, validates it, plans execution once
+//! per input-shape signature and runs the graph with the kernels in [`kernels`].
+//!
+//! ```no_run
+//! use acorn::{Model, Tensor};
+//! # fn main() -> Result<(), acorn::Error> {
+//! let model = Model::open("model.acorn")?;
+//! let mut session = model.session().with_threads(1).commit()?;
+//! let ids = Tensor::from_i64(vec![1, 4], vec![101, 7592, 2088, 102]);
+//! let mask = Tensor::from_i64(vec![1, 4], vec![1, 1, 1, 1]);
+//! let outputs = session.run(&[("input_ids", &ids), ("attention_mask", &mask)])?;
+//! println!("{:?}", outputs[0].shape());
+//! # Ok(()) }
+//! ```
+//!
+//! Layering: `format` (bytes ↔ metadata) → `graph` (the IR) → `exec` (plans, sessions) → `ops`
+//! (shape logic per op family) → `kernels` (numeric inner loops). The runtime never depends on the
+//! converter.
+
+pub mod error;
+pub mod exec;
+pub mod format;
+pub mod graph;
+pub mod kernels;
+pub mod ops;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use exec::{Model, OpenOptions, Session, SessionBuilder};
+pub use graph::{Dim, Graph, IoSpec};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,252 @@
+//! Op semantics: shape inference (`infer`) and execution (`run`), one file per op family.
+//! Ops see typed views and never allocate tensors themselves; the executor owns all memory.
+
+use crate::error::{OpError, OpResult};
+use crate::graph::{Op, MAX_RANK};
+use crate::op_bail;
+use crate::tensor::{DType, View, ViewMut};
+
+mod conv;
+mod elementwise;
+mod matmul;
+mod norm;
+mod recurrent;
+mod reduce;
+mod shape;
+
+/// What the planner knows about a value: type, concrete shape, and (for constants and
+/// plan-time-folded values) its contents.
+#[derive(Clone, Copy, Debug)]
+pub struct Fact<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub value: Option<View<'a>>,
+}
+
+impl<'a> Fact<'a> {
+    /// The value as integers, required at plan time (shape-like inputs).
+    pub fn known_ints(&self, what: &str) -> OpResult<Vec<i64>> {
+        match &self.value {
+            Some(v) => v.to_i64_vec(),
+            None => Err(OpError(format!(
+                "input '{what}' must be known when planning (a constant or computed from shapes); data-dependent shapes are not supported"
+            ))),
+        }
+    }
+}
+
+/// Per-run context handed to kernels.
+pub struct Ctx<'a> {
+    pub threads: usize,
+    /// Reusable scratch memory (grown at plan time to the largest need).
+    pub scratch: &'a mut Vec<f32>,
+}
+
+/// Output type and shape of one op output.
+pub type OutFact = (DType, Vec<usize>);
+
+/// True for ops whose output is the input's bytes with another shape (run as a no-op).
+pub fn is_alias(op: &Op) -> bool {
+    matches!(op, Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. })
+}
+
+fn req<'x, T>(inputs: &'x [Option<T>], i: usize, what: &str) -> OpResult<&'x T> {
+    match inputs.get(i) {
+        Some(Some(x)) => Ok(x),
+        _ => Err(OpError(format!("missing required input {i} ({what})"))),
+    }
+}
+
+/// Normalises a possibly negative axis against `rank`.
+pub(crate) fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r {
+        op_bail!("axis {axis} out of range for rank {rank}");
+    }
+    Ok(a as usize)
+}
+
+pub(crate) fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+pub(crate) fn check_rank(shape: &[usize]) -> OpResult<()> {
+    if shape.len() > MAX_RANK {
+        op_bail!("rank {} exceeds the limit of {MAX_RANK}", shape.len());
+    }
+    Ok(())
+}
+
+/// Extra f32 scratch an op needs at run time (the planner reserves the maximum).
+pub fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) -> usize {
+    match op {
+        Op::Conv(_) => conv::scratch_len(inputs, outputs),
+        Op::Lstm(_) => recurrent::scratch_len(op, inputs),
+        _ => 0,
+    }
+}
+
+/// Shape and type inference for one node.
+pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
+    let outs = match op {
+        Op::Identity => {
+            let x = req(inputs, 0, "input")?;
+            vec![(x.dtype, x.shape.to_vec())]
+        }
+        Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => {
+            elementwise::infer(op, inputs)?
+        }
+        Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => reduce::infer(op, inputs)?,
+        Op::MatMul | Op::Gemm { .. } => matmul::infer(op, inputs)?,
+        Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::infer(op, inputs, n_out)?,
+        Op::Conv(a) => conv::infer(a, inputs)?,
+        Op::Lstm(a) => recurrent::infer(a, inputs, n_out)?,
+        Op::If { .. } => op_bail!("If is resolved by the planner"),
+        _ => shape::infer(op, inputs, n_out)?,
+    };
+    for (_, s) in &outs {
+        check_rank(s)?;
+    }
+    Ok(outs)
+}
+
+/// Executes one node. `outputs` have the shapes `infer` returned.
+pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ctx: &mut Ctx<'_>) -> OpResult<()> {
+    match op {
+        Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => {
+            elementwise::run(op, inputs, outputs)
+        }
+        Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => reduce::run(op, inputs, outputs),
+        Op::MatMul | Op::Gemm { .. } => matmul::run(op, inputs, outputs, ctx),
+        Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::run(op, inputs, outputs),
+        Op::Conv(a) => conv::run(a, inputs, outputs, ctx),
+        Op::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
+        Op::If { .. } => op_bail!("If is resolved by the planner"),
+        Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => {
+            // Aliases: the executor shares the input's storage; copy only if asked to run.
+            let x = req(inputs, 0, "input")?;
+            outputs[0].bytes.copy_from_slice(x.bytes);
+            Ok(())
+        }
+        _ => shape::run(op, inputs, outputs),
+    }
+}
+
+/// Evaluates one op on concrete inputs into owned tensors (constant folding at conversion
+/// and plan time). Inputs given with empty `bytes` are treated as shape-only (for `Shape`/`Size`).
+pub fn eval(
+    op: &Op,
+    inputs: &[Option<View<'_>>],
+    n_out: usize,
+    threads: usize,
+) -> OpResult<Vec<crate::tensor::Tensor>> {
+    let facts: Vec<Option<Fact<'_>>> = inputs
+        .iter()
+        .map(|v| {
+            v.map(|v| Fact {
+                dtype: v.dtype,
+                shape: v.shape,
+                value: if v.bytes.is_empty() && !v.is_empty() { None } else { Some(v) },
+            })
+        })
+        .collect();
+    let outs = infer(op, &facts, n_out)?;
+    let mut tensors = Vec::with_capacity(outs.len());
+    for (d, s) in &outs {
+        tensors.push(crate::tensor::Tensor::zeros(*d, s.clone()).map_err(|e| OpError(e.to_string()))?);
+    }
+    let mut outv: Vec<ViewMut<'_>> = tensors
+        .iter_mut()
+        .zip(&outs)
+        .map(|(t, (d, s))| ViewMut { dtype: *d, shape: s, bytes: t.bytes_mut() })
+        .collect();
+    let mut scratch = vec![0.0f32; scratch_len(op, &facts, &outs)];
+    let mut ctx = Ctx { threads, scratch: &mut scratch };
+    run(op, inputs, &mut outv, &mut ctx)?;
+    drop(outv);
+    Ok(tensors)
+}
+
+/// NumPy broadcasting of two shapes.
+pub(crate) fn broadcast_shapes(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            op_bail!("shapes {a:?} and {b:?} do not broadcast (dim {i}: {da} vs {db})");
+        };
+    }
+    Ok(out)
+}
+
+/// Element strides of `shape` broadcast to `out` (0 on broadcast dims), right-aligned.
+pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> [isize; MAX_RANK] {
+    let mut st = [0isize; MAX_RANK];
+    let off = out.len() - shape.len();
+    let mut acc = 1isize;
+    for i in (0..shape.len()).rev() {
+        st[off + i] = if shape[i] == 1 { 0 } else { acc };
+        acc *= shape[i] as isize;
+    }
+    st
+}
+
+/// Visits every row (all dims but the last) of `out_shape`, passing the row's output offset
+/// and each input's base offset; `strides[k]` are input k's element strides per output dim.
+pub(crate) fn for_each_row<const N: usize>(
+    out_shape: &[usize],
+    strides: [&[isize; MAX_RANK]; N],
+    base: [isize; N],
+    mut f: impl FnMut(usize, [isize; N]),
+) {
+    let rank = out_shape.len();
+    if numel(out_shape) == 0 {
+        return;
+    }
+    if rank <= 1 {
+        f(0, base);
+        return;
+    }
+    let inner = out_shape[rank - 1];
+    let outer = rank - 1;
+    let mut idx = [0usize; MAX_RANK];
+    let mut offs = base;
+    let rows = numel(&out_shape[..outer]);
+    for row in 0..rows {
+        f(row * inner, offs);
+        // odometer increment over dims [0, outer)
+        let mut d = outer;
+        while d > 0 {
+            d -= 1;
+            idx[d] += 1;
+            for k in 0..N {
+                offs[k] += strides[k][d];
+            }
+            if idx[d] < out_shape[d] {
+                break;
+            }
+            for k in 0..N {
+                offs[k] -= strides[k][d] * out_shape[d] as isize;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+/// Row-major contiguous strides.
+pub(crate) fn contiguous_strides(shape: &[usize]) -> [isize; MAX_RANK] {
+    let mut st = [0isize; MAX_RANK];
+    let mut acc = 1isize;
+    for i in (0..shape.len()).rev() {
+        st[i] = acc;
+        acc *= shape[i] as isize;
+    }
+    st
+}

@@ -1,0 +1,220 @@
+//! Recurrent family: LSTM (ONNX semantics; forward, reverse, bidirectional; layouts 0 and 1;
+//! optional peepholes, clip and coupled input-forget). The input projection for all time steps
+//! is one matmul; each step adds `H_{t-1}·Rᵀ` with the same kernel.
+
+use super::{req, Ctx, Fact, OutFact};
+use crate::error::OpResult;
+use crate::graph::{LstmAttrs, Op, RnnDirection};
+use crate::kernels::{self, MatRef};
+use crate::op_bail;
+use crate::tensor::{DType, View, ViewMut};
+
+struct Dims {
+    seq: usize,
+    batch: usize,
+    input: usize,
+    hidden: usize,
+    dirs: usize,
+}
+
+fn dims(a: &LstmAttrs, x: &[usize], w: &[usize], r: &[usize]) -> OpResult<Dims> {
+    if x.len() != 3 {
+        op_bail!("LSTM X must be rank 3, got {x:?}");
+    }
+    let (seq, batch) = if a.layout == 0 { (x[0], x[1]) } else { (x[1], x[0]) };
+    let hidden = a.hidden_size as usize;
+    let dirs = if a.direction == RnnDirection::Bidirectional { 2 } else { 1 };
+    if w != [dirs, 4 * hidden, x[2]] || r != [dirs, 4 * hidden, hidden] {
+        op_bail!("LSTM weights W {w:?} / R {r:?} do not match X {x:?}, hidden {hidden}, {dirs} direction(s)");
+    }
+    Ok(Dims { seq, batch, input: x[2], hidden, dirs })
+}
+
+pub(super) fn infer(a: &LstmAttrs, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
+    let x = req(inputs, 0, "X")?;
+    let w = req(inputs, 1, "W")?;
+    let r = req(inputs, 2, "R")?;
+    for f in inputs.iter().enumerate().filter(|(i, _)| *i != 4).filter_map(|(_, f)| f.as_ref()) {
+        if f.dtype != DType::F32 {
+            op_bail!("LSTM tensors must be f32");
+        }
+    }
+    let d = dims(a, x.shape, w.shape, r.shape)?;
+    let (h, b, s, nd) = (d.hidden, d.batch, d.seq, d.dirs);
+    let check = |i: usize, want: &[usize], what: &str| -> OpResult<()> {
+        if let Some(Some(f)) = inputs.get(i) {
+            if f.shape != want {
+                op_bail!("LSTM {what} has shape {:?}, expected {want:?}", f.shape);
+            }
+        }
+        Ok(())
+    };
+    check(3, &[nd, 8 * h], "B")?;
+    let state = if a.layout == 0 { vec![nd, b, h] } else { vec![b, nd, h] };
+    check(5, &state, "initial_h")?;
+    check(6, &state, "initial_c")?;
+    check(7, &[nd, 3 * h], "P")?;
+    if let Some(Some(sl)) = inputs.get(4) {
+        if sl.shape != [b] {
+            op_bail!("LSTM sequence_lens has shape {:?}, expected [{b}]", sl.shape);
+        }
+        if let Some(v) = sl.value {
+            if v.to_i64_vec()?.iter().any(|&l| l != s as i64) {
+                op_bail!("LSTM with per-batch sequence lengths shorter than the input is not supported");
+            }
+        }
+    }
+    let y = if a.layout == 0 { vec![s, nd, b, h] } else { vec![b, s, nd, h] };
+    let mut outs = vec![(DType::F32, y), (DType::F32, state.clone()), (DType::F32, state)];
+    outs.truncate(n_out.max(1));
+    Ok(outs)
+}
+
+pub(super) fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>]) -> usize {
+    let Op::Lstm(a) = op else { return 0 };
+    let (Some(Some(x)), Some(Some(w)), Some(Some(r))) = (inputs.first(), inputs.get(1), inputs.get(2)) else {
+        return 0;
+    };
+    match dims(a, x.shape, w.shape, r.shape) {
+        Ok(d) => d.seq * d.batch * 4 * d.hidden + d.batch * 4 * d.hidden + 2 * d.batch * d.hidden,
+        Err(_) => 0,
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub(super) fn run(
+    a: &LstmAttrs,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    let x = *req(inputs, 0, "X")?;
+    let w = *req(inputs, 1, "W")?;
+    let r = *req(inputs, 2, "R")?;
+    let d = dims(a, x.shape, w.shape, r.shape)?;
+    if let Some(Some(sl)) = inputs.get(4) {
+        if sl.to_i64_vec()?.iter().any(|&l| l != d.seq as i64) {
+            op_bail!("LSTM with per-batch sequence lengths shorter than the input is not supported");
+        }
+    }
+    let opt = |i: usize| -> OpResult<Option<&[f32]>> {
+        match inputs.get(i) {
+            Some(Some(v)) => Ok(Some(v.f32()?)),
+            _ => Ok(None),
+        }
+    };
+    let (bias, h0, c0, peep) = (opt(3)?, opt(5)?, opt(6)?, opt(7)?);
+    let (xd, wd, rd) = (x.f32()?, w.f32()?, r.f32()?);
+    let (s, b, ni, h, nd) = (d.seq, d.batch, d.input, d.hidden, d.dirs);
+    let g4 = 4 * h;
+    let need = s * b * g4 + b * g4 + 2 * b * h;
+    if ctx.scratch.len() < need {
+        ctx.scratch.resize(need, 0.0);
+    }
+    let (xw, rest) = ctx.scratch[..need].split_at_mut(s * b * g4);
+    let (gates, rest) = rest.split_at_mut(b * g4);
+    let (hs, cs) = rest.split_at_mut(b * h);
+    let layout1 = a.layout == 1;
+    // Offsets of (time t, batch i) in X rows and of state (dir, batch) rows.
+    let xrow = |t: usize, i: usize| if layout1 { i * s + t } else { t * b + i };
+    let srow = |dir: usize, i: usize| if layout1 { i * nd + dir } else { dir * b + i };
+    let yrow = |t: usize, dir: usize, i: usize| if layout1 { (i * s + t) * nd + dir } else { (t * nd + dir) * b + i };
+    let n_out = outputs.len();
+    let mut outs: Vec<Option<&mut [f32]>> = Vec::with_capacity(3);
+    for o in outputs.iter_mut() {
+        outs.push(if o.is_empty() { None } else { Some(o.f32()?) });
+    }
+    for dir in 0..nd {
+        let reverse = a.direction == RnnDirection::Reverse || dir == 1;
+        // XW[rows of X in memory order] = X · W_dirᵀ (+ Wb + Rb)
+        let wdir = &wd[dir * g4 * ni..(dir + 1) * g4 * ni];
+        kernels::sgemm(
+            s * b,
+            g4,
+            ni,
+            MatRef { data: xd, rs: ni, cs: 1 },
+            MatRef { data: wdir, rs: 1, cs: ni },
+            xw,
+            g4,
+            false,
+            ctx.threads,
+        );
+        if let Some(bv) = bias {
+            let bb = &bv[dir * 8 * h..(dir + 1) * 8 * h];
+            for row in xw.chunks_exact_mut(g4) {
+                for j in 0..g4 {
+                    row[j] += bb[j] + bb[g4 + j];
+                }
+            }
+        }
+        for i in 0..b {
+            let so = srow(dir, i) * h;
+            let hrow = &mut hs[i * h..(i + 1) * h];
+            match h0 {
+                Some(v) => hrow.copy_from_slice(&v[so..so + h]),
+                None => hrow.fill(0.0),
+            }
+            let crow = &mut cs[i * h..(i + 1) * h];
+            match c0 {
+                Some(v) => crow.copy_from_slice(&v[so..so + h]),
+                None => crow.fill(0.0),
+            }
+        }
+        let rdir = &rd[dir * g4 * h..(dir + 1) * g4 * h];
+        let p = peep.map(|p| &p[dir * 3 * h..(dir + 1) * 3 * h]);
+        for step in 0..s {
+            let t = if reverse { s - 1 - step } else { step };
+            for i in 0..b {
+                gates[i * g4..(i + 1) * g4].copy_from_slice(&xw[xrow(t, i) * g4..(xrow(t, i) + 1) * g4]);
+            }
+            kernels::sgemm(
+                b,
+                g4,
+                h,
+                MatRef { data: hs, rs: h, cs: 1 },
+                MatRef { data: rdir, rs: 1, cs: h },
+                gates,
+                g4,
+                true,
+                ctx.threads,
+            );
+            for i in 0..b {
+                let gr = &mut gates[i * g4..(i + 1) * g4];
+                let hr = &mut hs[i * h..(i + 1) * h];
+                let cr = &mut cs[i * h..(i + 1) * h];
+                for j in 0..h {
+                    let clip = |v: f32| a.clip.map(|c| v.clamp(-c, c)).unwrap_or(v);
+                    let (pi, po, pf) = p.map(|p| (p[j], p[h + j], p[2 * h + j])).unwrap_or((0.0, 0.0, 0.0));
+                    let ig = sigmoid(clip(gr[j] + pi * cr[j]));
+                    let fg = if a.input_forget { 1.0 - ig } else { sigmoid(clip(gr[2 * h + j] + pf * cr[j])) };
+                    let cc = clip(gr[3 * h + j]).tanh();
+                    let c = fg * cr[j] + ig * cc;
+                    let og = sigmoid(clip(gr[h + j] + po * c));
+                    cr[j] = c;
+                    hr[j] = og * c.tanh();
+                }
+                if let Some(Some(y)) = outs.first_mut() {
+                    let yo = yrow(t, dir, i) * h;
+                    y[yo..yo + h].copy_from_slice(hr);
+                }
+            }
+        }
+        for i in 0..b {
+            let so = srow(dir, i) * h;
+            if n_out > 1 {
+                if let Some(Some(yh)) = outs.get_mut(1) {
+                    yh[so..so + h].copy_from_slice(&hs[i * h..(i + 1) * h]);
+                }
+            }
+            if n_out > 2 {
+                if let Some(Some(yc)) = outs.get_mut(2) {
+                    yc[so..so + h].copy_from_slice(&cs[i * h..(i + 1) * h]);
+                }
+            }
+        }
+    }
+    Ok(())
+}

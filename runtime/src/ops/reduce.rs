@@ -1,0 +1,268 @@
+//! Reduction family: Reduce* over axes, ArgMax/ArgMin, Softmax/LogSoftmax.
+
+use super::{contiguous_strides, for_each_row, norm_axis, numel, req, Fact, OutFact};
+use crate::error::OpResult;
+use crate::graph::{Op, ReduceOp, MAX_RANK};
+use crate::op_bail;
+use crate::tensor::{DType, View, ViewMut};
+
+/// Resolves the reduced axes as a mask over the input dims; `None` = identity (noop).
+fn axes_mask(op: &Op, rank: usize, axes_input: Option<Vec<i64>>) -> OpResult<Option<[bool; MAX_RANK]>> {
+    let Op::Reduce { axes, noop_with_empty_axes, .. } = op else { op_bail!("not a reduction") };
+    let axes = axes.clone().or(axes_input).unwrap_or_default();
+    let mut mask = [false; MAX_RANK];
+    if axes.is_empty() {
+        if *noop_with_empty_axes {
+            return Ok(None);
+        }
+        mask[..rank].fill(true);
+    }
+    for a in axes {
+        mask[norm_axis(a, rank)?] = true;
+    }
+    Ok(Some(mask))
+}
+
+fn reduce_axes_input(inputs: &[Option<Fact<'_>>]) -> OpResult<Option<Vec<i64>>> {
+    match inputs.get(1) {
+        Some(Some(f)) => Ok(Some(f.known_ints("axes")?)),
+        _ => Ok(None),
+    }
+}
+
+pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
+    let x = req(inputs, 0, "data")?;
+    match op {
+        Op::Reduce { keepdims, op: r, .. } => {
+            let ok = x.dtype == DType::F32
+                || (x.dtype == DType::I64
+                    && matches!(r, ReduceOp::Sum | ReduceOp::Max | ReduceOp::Min | ReduceOp::Prod));
+            if !ok {
+                op_bail!("Reduce{r:?} is not supported for {} tensors", x.dtype);
+            }
+            let mask = axes_mask(op, x.shape.len(), reduce_axes_input(inputs)?)?;
+            let Some(mask) = mask else { return Ok(vec![(x.dtype, x.shape.to_vec())]) };
+            let mut shape = Vec::new();
+            for (i, &d) in x.shape.iter().enumerate() {
+                if !mask[i] {
+                    shape.push(d);
+                } else if *keepdims {
+                    shape.push(1);
+                }
+            }
+            if !matches!(r, ReduceOp::Sum | ReduceOp::Prod | ReduceOp::SumSquare | ReduceOp::L1 | ReduceOp::L2)
+                && x.shape.iter().enumerate().any(|(i, &d)| mask[i] && d == 0)
+            {
+                op_bail!("Reduce{r:?} over an empty axis");
+            }
+            Ok(vec![(x.dtype, shape)])
+        }
+        Op::ArgExtreme { axis, keepdims, .. } => {
+            if !matches!(x.dtype, DType::F32 | DType::I64) {
+                op_bail!("ArgMax/ArgMin on {}", x.dtype);
+            }
+            let a = norm_axis(*axis, x.shape.len())?;
+            if x.shape[a] == 0 {
+                op_bail!("ArgMax/ArgMin over an empty axis");
+            }
+            let mut shape = x.shape.to_vec();
+            if *keepdims {
+                shape[a] = 1;
+            } else {
+                shape.remove(a);
+            }
+            Ok(vec![(DType::I64, shape)])
+        }
+        Op::Softmax { axis, .. } => {
+            if x.dtype != DType::F32 {
+                op_bail!("Softmax on {}", x.dtype);
+            }
+            norm_axis(*axis, x.shape.len())?;
+            Ok(vec![(DType::F32, x.shape.to_vec())])
+        }
+        _ => op_bail!("not a reduction"),
+    }
+}
+
+pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+    let x = *req(inputs, 0, "data")?;
+    let out = &mut outputs[0];
+    match op {
+        Op::Reduce { op: r, .. } => {
+            let axes_in = match inputs.get(1) {
+                Some(Some(v)) => Some(v.to_i64_vec()?),
+                _ => None,
+            };
+            let Some(mask) = axes_mask(op, x.shape.len(), axes_in)? else {
+                out.bytes.copy_from_slice(x.bytes);
+                return Ok(());
+            };
+            // Output strides over the input's dims (0 on reduced dims).
+            let mut kept = Vec::with_capacity(x.shape.len());
+            for (i, &d) in x.shape.iter().enumerate() {
+                kept.push(if mask[i] { 1 } else { d });
+            }
+            let ost0 = contiguous_strides(&kept);
+            let mut ost = [0isize; MAX_RANK];
+            for i in 0..x.shape.len() {
+                ost[i] = if mask[i] { 0 } else { ost0[i] };
+            }
+            let count: usize = x.shape.iter().enumerate().filter(|(i, _)| mask[*i]).map(|(_, d)| d).product();
+            match x.dtype {
+                DType::F32 => reduce_f32(*r, x.f32()?, x.shape, &ost, out.f32()?, count),
+                DType::I64 => {
+                    let (init, f): (i64, fn(i64, i64) -> i64) = match r {
+                        ReduceOp::Sum => (0, i64::wrapping_add),
+                        ReduceOp::Prod => (1, i64::wrapping_mul),
+                        ReduceOp::Max => (i64::MIN, i64::max),
+                        ReduceOp::Min => (i64::MAX, i64::min),
+                        _ => op_bail!("Reduce{r:?} on i64"),
+                    };
+                    fold(x.i64()?, x.shape, &ost, out.i64()?, init, |a, b| f(a, b));
+                }
+                d => op_bail!("reduction on {d}"),
+            }
+            Ok(())
+        }
+        Op::ArgExtreme { max, axis, select_last_index, .. } => {
+            let a = norm_axis(*axis, x.shape.len())?;
+            let outer = numel(&x.shape[..a]);
+            let n = x.shape[a];
+            let inner = numel(&x.shape[a + 1..]);
+            let o = out.i64()?;
+            let vals: Vec<f64>;
+            let data: &[f64] = match x.dtype {
+                DType::F32 => {
+                    vals = x.f32()?.iter().map(|&v| v as f64).collect();
+                    &vals
+                }
+                _ => {
+                    vals = x.i64()?.iter().map(|&v| v as f64).collect();
+                    &vals
+                }
+            };
+            for oi in 0..outer {
+                for ii in 0..inner {
+                    let mut best = 0usize;
+                    let mut bv = data[oi * n * inner + ii];
+                    for k in 1..n {
+                        let v = data[(oi * n + k) * inner + ii];
+                        let better = if *max {
+                            v > bv || (*select_last_index && v == bv)
+                        } else {
+                            v < bv || (*select_last_index && v == bv)
+                        };
+                        if better {
+                            best = k;
+                            bv = v;
+                        }
+                    }
+                    o[oi * inner + ii] = best as i64;
+                }
+            }
+            Ok(())
+        }
+        Op::Softmax { axis, log, legacy } => {
+            let a = norm_axis(*axis, x.shape.len())?;
+            let (outer, n, inner) = if *legacy {
+                (numel(&x.shape[..a]), numel(&x.shape[a..]), 1)
+            } else {
+                (numel(&x.shape[..a]), x.shape[a], numel(&x.shape[a + 1..]))
+            };
+            softmax(x.f32()?, out.f32()?, outer, n, inner, *log);
+            Ok(())
+        }
+        _ => op_bail!("not a reduction"),
+    }
+}
+
+fn fold<T: Copy>(x: &[T], shape: &[usize], ost: &[isize; MAX_RANK], out: &mut [T], init: T, f: impl Fn(T, T) -> T) {
+    out.fill(init);
+    let ist = contiguous_strides(shape);
+    let r = shape.len();
+    if r == 0 {
+        out[0] = f(out[0], x[0]);
+        return;
+    }
+    let inner = shape[r - 1];
+    let oi = ost[r - 1] as usize;
+    for_each_row(shape, [&ist, ost], [0, 0], |i0, [_, o0]| {
+        let row = &x[i0..i0 + inner];
+        let o0 = o0 as usize;
+        if oi == 0 {
+            let mut acc = out[o0];
+            for &v in row {
+                acc = f(acc, v);
+            }
+            out[o0] = acc;
+        } else {
+            for (j, &v) in row.iter().enumerate() {
+                out[o0 + j] = f(out[o0 + j], v);
+            }
+        }
+    });
+}
+
+fn reduce_f32(r: ReduceOp, x: &[f32], shape: &[usize], ost: &[isize; MAX_RANK], out: &mut [f32], count: usize) {
+    match r {
+        ReduceOp::Sum | ReduceOp::Mean => {
+            fold(x, shape, ost, out, 0.0, |a, b| a + b);
+            if r == ReduceOp::Mean {
+                let inv = 1.0 / count as f32;
+                out.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+        ReduceOp::Max => fold(x, shape, ost, out, f32::NEG_INFINITY, f32::max),
+        ReduceOp::Min => fold(x, shape, ost, out, f32::INFINITY, f32::min),
+        ReduceOp::Prod => fold(x, shape, ost, out, 1.0, |a, b| a * b),
+        ReduceOp::L1 => fold(x, shape, ost, out, 0.0, |a, b| a + b.abs()),
+        ReduceOp::L2 => {
+            fold(x, shape, ost, out, 0.0, |a, b| a + b * b);
+            out.iter_mut().for_each(|v| *v = v.sqrt());
+        }
+        ReduceOp::SumSquare => fold(x, shape, ost, out, 0.0, |a, b| a + b * b),
+        ReduceOp::LogSum => {
+            fold(x, shape, ost, out, 0.0, |a, b| a + b);
+            out.iter_mut().for_each(|v| *v = v.ln());
+        }
+        ReduceOp::LogSumExp => {
+            fold(x, shape, ost, out, 0.0, |a, b| a + b.exp());
+            out.iter_mut().for_each(|v| *v = v.ln());
+        }
+    }
+}
+
+/// Softmax over the middle axis of `[outer, n, inner]`.
+pub(crate) fn softmax(x: &[f32], out: &mut [f32], outer: usize, n: usize, inner: usize, log: bool) {
+    if inner == 1 {
+        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).take(outer) {
+            let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut s = 0.0f32;
+            for (o, &v) in or.iter_mut().zip(xr) {
+                let e = (v - m).exp();
+                *o = e;
+                s += e;
+            }
+            if log {
+                let ls = s.ln();
+                for (o, &v) in or.iter_mut().zip(xr) {
+                    *o = v - m - ls;
+                }
+            } else {
+                let inv = 1.0 / s;
+                or.iter_mut().for_each(|o| *o *= inv);
+            }
+        }
+        return;
+    }
+    for oi in 0..outer {
+        for ii in 0..inner {
+            let at = |k: usize| (oi * n + k) * inner + ii;
+            let m = (0..n).map(|k| x[at(k)]).fold(f32::NEG_INFINITY, f32::max);
+            let s: f32 = (0..n).map(|k| (x[at(k)] - m).exp()).sum();
+            for k in 0..n {
+                out[at(k)] = if log { x[at(k)] - m - s.ln() } else { (x[at(k)] - m).exp() / s };
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Element types and owned tensors: what callers pass in and get back, and the typed views the
+//! kernels work on. Views are plain slices; no `unsafe` here (bytemuck checks alignment).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{OpError, OpResult};
+
+/// Element type of a tensor.
+///
+/// The discriminants are part of the `.acorn` format (see FORMAT.md): append, never reorder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    F16,
+    I8,
+    U8,
+    I32,
+    I64,
+    Bool,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+            DType::I64 => 8,
+        }
+    }
+
+    /// Lower-case name as NumPy and users know it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::I8 => "i8",
+            DType::U8 => "u8",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Typed storage of an owned tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+    I32(Vec<i32>),
+    I8(Vec<i8>),
+    U8(Vec<u8>),
+    /// Booleans as bytes (0 or 1), the ONNX and NumPy layout.
+    Bool(Vec<u8>),
+}
+
+/// An owned, dense, row-major tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: TensorData,
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    /// Builds a tensor, checking that the element count matches the shape.
+    pub fn new(shape: Vec<usize>, data: TensorData) -> crate::Result<Tensor> {
+        let t = Tensor { shape, data };
+        if t.len() != numel(&t.shape) {
+            return Err(crate::Error::Input(format!(
+                "tensor data has {} elements but shape {:?} needs {}",
+                t.len(),
+                t.shape,
+                numel(&t.shape)
+            )));
+        }
+        Ok(t)
+    }
+
+    /// An f32 tensor. Panics if `data.len()` does not match `shape` (use [`Tensor::new`] for a
+    /// fallible constructor).
+    pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        Tensor::new(shape, TensorData::F32(data)).expect("data length must match shape")
+    }
+
+    /// An i64 tensor. Panics if `data.len()` does not match `shape`.
+    pub fn from_i64(shape: Vec<usize>, data: Vec<i64>) -> Tensor {
+        Tensor::new(shape, TensorData::I64(data)).expect("data length must match shape")
+    }
+
+    /// A zero-filled tensor of the given type.
+    pub fn zeros(dtype: DType, shape: Vec<usize>) -> crate::Result<Tensor> {
+        let n = numel(&shape);
+        let data = match dtype {
+            DType::F32 => TensorData::F32(vec![0.0; n]),
+            DType::I64 => TensorData::I64(vec![0; n]),
+            DType::I32 => TensorData::I32(vec![0; n]),
+            DType::I8 => TensorData::I8(vec![0; n]),
+            DType::U8 => TensorData::U8(vec![0; n]),
+            DType::Bool => TensorData::Bool(vec![0; n]),
+            DType::F16 => return Err(crate::Error::Unsupported("f16 tensors as runtime values".into())),
+        };
+        Ok(Tensor { shape, data })
+    }
+
+    /// Builds a tensor from little-endian bytes (as stored in files).
+    pub fn from_bytes(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> crate::Result<Tensor> {
+        let n = numel(&shape);
+        if bytes.len() != n * dtype.size() {
+            return Err(crate::Error::Input(format!(
+                "{} bytes given for a {dtype} tensor of shape {shape:?}",
+                bytes.len()
+            )));
+        }
+        let mut t = Tensor::zeros(dtype, shape)?;
+        t.bytes_mut().copy_from_slice(bytes);
+        Ok(t)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn data(&self) -> &TensorData {
+        &self.data
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            TensorData::F32(_) => DType::F32,
+            TensorData::I64(_) => DType::I64,
+            TensorData::I32(_) => DType::I32,
+            TensorData::I8(_) => DType::I8,
+            TensorData::U8(_) => DType::U8,
+            TensorData::Bool(_) => DType::Bool,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match &self.data {
+            TensorData::F32(v) => v.len(),
+            TensorData::I64(v) => v.len(),
+            TensorData::I32(v) => v.len(),
+            TensorData::I8(v) => v.len(),
+            TensorData::U8(v) | TensorData::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The f32 elements, or `None` for another dtype.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            TensorData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The i64 elements, or `None` for another dtype.
+    pub fn as_i64(&self) -> Option<&[i64]> {
+        match &self.data {
+            TensorData::I64(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Raw little-endian bytes of the elements.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            TensorData::F32(v) => bytemuck::cast_slice(v),
+            TensorData::I64(v) => bytemuck::cast_slice(v),
+            TensorData::I32(v) => bytemuck::cast_slice(v),
+            TensorData::I8(v) => bytemuck::cast_slice(v),
+            TensorData::U8(v) | TensorData::Bool(v) => v,
+        }
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        match &mut self.data {
+            TensorData::F32(v) => bytemuck::cast_slice_mut(v),
+            TensorData::I64(v) => bytemuck::cast_slice_mut(v),
+            TensorData::I32(v) => bytemuck::cast_slice_mut(v),
+            TensorData::I8(v) => bytemuck::cast_slice_mut(v),
+            TensorData::U8(v) | TensorData::Bool(v) => v,
+        }
+    }
+
+    /// A borrowed view of this tensor.
+    pub fn view(&self) -> View<'_> {
+        View { dtype: self.dtype(), shape: &self.shape, bytes: self.bytes() }
+    }
+}
+
+/// A borrowed, typed, dense tensor: what kernels read.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+/// A mutable view: what kernels write.
+#[derive(Debug)]
+pub struct ViewMut<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bytes: &'a mut [u8],
+}
+
+fn cast<'a, T: bytemuck::Pod>(b: &'a [u8], want: DType, have: DType) -> OpResult<&'a [T]> {
+    if want != have {
+        return Err(OpError(format!("expected a {want} tensor, got {have}")));
+    }
+    bytemuck::try_cast_slice(b).map_err(|e| OpError(format!("misaligned {want} data: {e}")))
+}
+
+fn cast_mut<'a, T: bytemuck::Pod>(b: &'a mut [u8], want: DType, have: DType) -> OpResult<&'a mut [T]> {
+    if want != have {
+        return Err(OpError(format!("expected a {want} output, got {have}")));
+    }
+    bytemuck::try_cast_slice_mut(b).map_err(|e| OpError(format!("misaligned {want} data: {e}")))
+}
+
+impl<'a> View<'a> {
+    pub fn len(&self) -> usize {
+        numel(self.shape)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    pub fn f32(&self) -> OpResult<&'a [f32]> {
+        cast(self.bytes, DType::F32, self.dtype)
+    }
+    pub fn i64(&self) -> OpResult<&'a [i64]> {
+        cast(self.bytes, DType::I64, self.dtype)
+    }
+    pub fn i32(&self) -> OpResult<&'a [i32]> {
+        cast(self.bytes, DType::I32, self.dtype)
+    }
+    pub fn bool(&self) -> OpResult<&'a [u8]> {
+        cast(self.bytes, DType::Bool, self.dtype)
+    }
+    /// Integer elements (i64 or i32) widened to i64: for index-like inputs (shapes, axes, indices).
+    pub fn to_i64_vec(&self) -> OpResult<Vec<i64>> {
+        match self.dtype {
+            DType::I64 => Ok(self.i64()?.to_vec()),
+            DType::I32 => Ok(self.i32()?.iter().map(|&x| x as i64).collect()),
+            d => Err(OpError(format!("expected an integer tensor, got {d}"))),
+        }
+    }
+    /// Copies into an owned tensor.
+    pub fn to_tensor(&self) -> crate::Result<Tensor> {
+        Tensor::from_bytes(self.dtype, self.shape.to_vec(), self.bytes)
+    }
+}
+
+impl<'a> ViewMut<'a> {
+    pub fn len(&self) -> usize {
+        numel(self.shape)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn f32(&mut self) -> OpResult<&mut [f32]> {
+        cast_mut(self.bytes, DType::F32, self.dtype)
+    }
+    pub fn i64(&mut self) -> OpResult<&mut [i64]> {
+        cast_mut(self.bytes, DType::I64, self.dtype)
+    }
+    pub fn i32(&mut self) -> OpResult<&mut [i32]> {
+        cast_mut(self.bytes, DType::I32, self.dtype)
+    }
+    pub fn bool(&mut self) -> OpResult<&mut [u8]> {
+        cast_mut(self.bytes, DType::Bool, self.dtype)
+    }
+}
