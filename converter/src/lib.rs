@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 pub mod npy;
 pub mod onnx;
+pub mod onnx_build;
 pub mod passes;
 
 /// Conversion settings.

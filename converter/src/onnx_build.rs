@@ -1,0 +1,154 @@
+//! A small builder for ONNX models (protobuf, no Python needed): used by the tests to make
+//! graphs with exactly the features under test, and handy for reproducing importer bugs.
+//!
+//! ```
+//! use acorn_converter::onnx_build::OnnxBuilder;
+//! let mut b = OnnxBuilder::new(17);
+//! b.input_f32("x", &["batch", "3"]);
+//! b.init_f32("w", &[3, 2], vec![1.0; 6]);
+//! b.node("MatMul", "mm", &["x", "w"], &["y"], vec![]);
+//! b.output_f32("y");
+//! let bytes = b.to_bytes();
+//! assert!(!bytes.is_empty());
+//! ```
+
+use prost::Message;
+use tract_onnx::pb;
+
+/// Builds an ONNX `ModelProto`.
+pub struct OnnxBuilder {
+    graph: pb::GraphProto,
+    opset: i64,
+}
+
+fn tensor_type(elem: i32, dims: &[&str]) -> pb::TypeProto {
+    use pb::tensor_shape_proto::dimension::Value;
+    let dim = dims
+        .iter()
+        .map(|d| pb::tensor_shape_proto::Dimension {
+            value: Some(match d.parse::<i64>() {
+                Ok(n) => Value::DimValue(n),
+                Err(_) => Value::DimParam(d.to_string()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    pb::TypeProto {
+        value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+            elem_type: elem,
+            shape: Some(pb::TensorShapeProto { dim }),
+        })),
+        ..Default::default()
+    }
+}
+
+impl OnnxBuilder {
+    pub fn new(opset: i64) -> Self {
+        OnnxBuilder { graph: pb::GraphProto { name: "g".into(), ..Default::default() }, opset }
+    }
+
+    fn input(&mut self, name: &str, elem: i32, dims: &[&str]) -> &mut Self {
+        self.graph.input.push(pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(tensor_type(elem, dims)),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// An f32 graph input; dims are numbers or symbol names.
+    pub fn input_f32(&mut self, name: &str, dims: &[&str]) -> &mut Self {
+        self.input(name, 1, dims)
+    }
+
+    /// An i64 graph input.
+    pub fn input_i64(&mut self, name: &str, dims: &[&str]) -> &mut Self {
+        self.input(name, 7, dims)
+    }
+
+    /// An f32 graph output (shape left unspecified).
+    pub fn output_f32(&mut self, name: &str) -> &mut Self {
+        self.graph.output.push(pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(tensor_type(1, &[])),
+            ..Default::default()
+        });
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            self.graph.output.last_mut().and_then(|o| o.r#type.as_mut()).and_then(|t| t.value.as_mut())
+        {
+            t.shape = None;
+        }
+        self
+    }
+
+    /// An f32 initializer.
+    pub fn init_f32(&mut self, name: &str, dims: &[i64], data: Vec<f32>) -> &mut Self {
+        self.graph.initializer.push(pb::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: 1,
+            float_data: data,
+            ..Default::default()
+        });
+        self
+    }
+
+    /// An i64 initializer.
+    pub fn init_i64(&mut self, name: &str, dims: &[i64], data: Vec<i64>) -> &mut Self {
+        self.graph.initializer.push(pb::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: 7,
+            int64_data: data,
+            ..Default::default()
+        });
+        self
+    }
+
+    /// A node with attributes.
+    pub fn node(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attrs: Vec<pb::AttributeProto>,
+    ) -> &mut Self {
+        self.graph.node.push(pb::NodeProto {
+            op_type: op.into(),
+            name: name.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        self
+    }
+
+    /// An integer attribute.
+    pub fn attr_i(name: &str, v: i64) -> pb::AttributeProto {
+        pb::AttributeProto { name: name.into(), r#type: 2, i: v, ..Default::default() }
+    }
+
+    /// An integer-list attribute.
+    pub fn attr_ints(name: &str, v: &[i64]) -> pb::AttributeProto {
+        pb::AttributeProto { name: name.into(), r#type: 7, ints: v.to_vec(), ..Default::default() }
+    }
+
+    /// A float attribute.
+    pub fn attr_f(name: &str, v: f32) -> pb::AttributeProto {
+        pb::AttributeProto { name: name.into(), r#type: 1, f: v, ..Default::default() }
+    }
+
+    /// The serialized model.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let m = pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: self.opset }],
+            producer_name: "acorn-tests".into(),
+            graph: Some(self.graph.clone()),
+            ..Default::default()
+        };
+        m.encode_to_vec()
+    }
+}
