@@ -83,3 +83,115 @@ pub fn sgemm(
         Isa::Generic => generic::sgemm(m, n, k, a, b, c, ldc, accumulate, threads),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random f32s in [-1, 1).
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Compares generic against reference; reports the first differing cell.
+    fn check(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool, threads: usize) {
+        let a = data(m * k + 3, (m * 31 + k) as u64);
+        let b = data(k * n + 5, (n * 17 + k) as u64);
+        let am = if trans_a { MatRef { data: &a, rs: 1, cs: m } } else { MatRef { data: &a, rs: k, cs: 1 } };
+        let bm = if trans_b { MatRef { data: &b, rs: 1, cs: k } } else { MatRef { data: &b, rs: n, cs: 1 } };
+        assert!(fits(&am, m, k) && fits(&bm, k, n));
+        let ldc = n + 2; // odd leading dimension: rows are not contiguous
+        let init = data(m * ldc, 99);
+        let mut want = init.clone();
+        let mut got = init.clone();
+        reference::sgemm(m, n, k, am, bm, &mut want, ldc, accumulate);
+        generic::sgemm(m, n, k, am, bm, &mut got, ldc, accumulate, threads);
+        // f32 accumulation in a different order: error grows with k.
+        let tol = 1e-5 * (k as f32).sqrt().max(1.0) * 4.0;
+        for i in 0..m {
+            for j in 0..ldc {
+                let (g, w) = (got[i * ldc + j], want[i * ldc + j]);
+                if j >= n {
+                    assert_eq!(g, init[i * ldc + j], "padding column ({i}, {j}) was written");
+                    continue;
+                }
+                assert!(
+                    (g - w).abs() <= tol * (1.0 + w.abs()),
+                    "sgemm m={m} n={n} k={k} ta={trans_a} tb={trans_b} acc={accumulate} threads={threads}: C[{i}][{j}] = {g}, reference {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn generic_sgemm_matches_reference_on_awkward_shapes() {
+        let dims = [1usize, 2, 3, 4, 5, 7, 15, 16, 17, 33, 64, 65, 130];
+        for &m in &dims {
+            for &n in &[1usize, 3, 15, 16, 17, 31, 33] {
+                for &k in &[1usize, 2, 7, 16, 255, 257] {
+                    check(m, n, k, false, false, false, 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn generic_sgemm_strided_and_accumulating() {
+        for &(m, n, k) in &[(1, 1, 1), (5, 17, 3), (33, 9, 300), (70, 40, 20), (4, 1030, 9)] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    check(m, n, k, ta, tb, true, 1);
+                    check(m, n, k, ta, tb, false, 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn generic_sgemm_threads_split_rows() {
+        for &(m, n, k) in &[(64, 128, 300), (129, 100, 200), (9, 2000, 130)] {
+            for t in [2, 3, 8] {
+                check(m, n, k, false, false, false, t);
+                check(m, n, k, false, true, true, t);
+            }
+        }
+    }
+
+    #[test]
+    fn k_zero_clears_or_keeps() {
+        let mut c = vec![5.0f32; 6];
+        let e: [f32; 0] = [];
+        generic::sgemm(
+            2,
+            3,
+            0,
+            MatRef { data: &e, rs: 0, cs: 1 },
+            MatRef { data: &e, rs: 3, cs: 1 },
+            &mut c,
+            3,
+            true,
+            1,
+        );
+        assert_eq!(c, vec![5.0; 6]);
+        generic::sgemm(
+            2,
+            3,
+            0,
+            MatRef { data: &e, rs: 0, cs: 1 },
+            MatRef { data: &e, rs: 3, cs: 1 },
+            &mut c,
+            3,
+            false,
+            1,
+        );
+        assert_eq!(c, vec![0.0; 6]);
+    }
+}

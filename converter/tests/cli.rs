@@ -1,0 +1,169 @@
+//! The `acorn` command line end to end on a small ONNX model built in the test.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use acorn::Tensor;
+use acorn_converter::npy::{read_npy, write_npy};
+use acorn_converter::onnx_build::OnnxBuilder;
+
+fn acorn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_acorn")).args(args).output().expect("run acorn")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// y = softmax(x · W + b) over the last axis; z = reduce-mean of x over axis 1.
+fn write_model(dir: &Path) -> std::path::PathBuf {
+    let mut b = OnnxBuilder::new(17);
+    b.input_f32("x", &["batch", "4"]);
+    b.init_f32("W", &[4, 3], (0..12).map(|i| i as f32 * 0.1 - 0.5).collect());
+    b.init_f32("b", &[3], vec![0.1, 0.2, 0.3]);
+    b.init_i64("axes", &[1], vec![1]);
+    b.node("MatMul", "mm", &["x", "W"], &["h"], vec![]);
+    b.node("Add", "add", &["h", "b"], &["logits"], vec![]);
+    b.node("Softmax", "sm", &["logits"], &["y"], vec![OnnxBuilder::attr_i("axis", -1)]);
+    b.node(
+        "ReduceMean",
+        "mean",
+        &["x"],
+        &["z"],
+        vec![OnnxBuilder::attr_i("keepdims", 0), OnnxBuilder::attr_ints("axes", &[1])],
+    );
+    b.output_f32("y");
+    b.output_f32("z");
+    let p = dir.join("small.onnx");
+    std::fs::write(&p, b.to_bytes()).unwrap();
+    p
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        vec!["--help"],
+        vec!["convert", "--help"],
+        vec!["run", "--help"],
+        vec!["inspect", "--help"],
+        vec!["bench", "--help"],
+    ] {
+        let o = acorn(&cmd);
+        assert!(o.status.success(), "{cmd:?}");
+        assert!(text(&o).0.contains("Usage"), "{cmd:?}");
+    }
+}
+
+#[test]
+fn convert_run_inspect_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = write_model(dir.path());
+    let model = dir.path().join("small.acorn");
+    let o = acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("wrote") && out.contains("nodes"), "{out}");
+
+    let x = Tensor::from_f32(vec![2, 4], vec![1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 0.5]);
+    let xin = dir.path().join("x.npy");
+    write_npy(&xin, &x).unwrap();
+    let outdir = dir.path().join("out");
+    let inp = format!("x={}", xin.display());
+    let o = acorn(&[
+        "run",
+        model.to_str().unwrap(),
+        "--input",
+        &inp,
+        "--output-dir",
+        outdir.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--verify",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    let y = read_npy(&outdir.join("y.npy")).unwrap();
+    let z = read_npy(&outdir.join("z.npy")).unwrap();
+    assert_eq!(y.shape(), &[2, 3]);
+    for row in y.as_f32().unwrap().chunks(3) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "softmax rows sum to 1: {row:?}");
+    }
+    assert_eq!(z.as_f32().unwrap(), &[2.5, 0.125]);
+
+    let o = acorn(&["inspect", model.to_str().unwrap(), "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["checksums_ok"], true);
+    assert_eq!(v["inputs"][0]["shape"], serde_json::json!(["batch", "4"]));
+    assert!(v["provenance"]["source_sha256"].as_str().unwrap().len() == 64);
+    assert!(v["tensors"].as_array().unwrap().iter().any(|t| t["name"] == "W" && t["bytes"] == 48));
+    let o = acorn(&["inspect", model.to_str().unwrap()]);
+    assert!(o.status.success() && text(&o).0.contains("checksums: ok"));
+
+    let o = acorn(&["bench", model.to_str().unwrap(), "--input", &inp, "--runs", "5", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in ["open_ms", "median_ms", "p90_ms", "peak_rss_mb"] {
+        assert!(v[k].as_f64().is_some_and(|x| x >= 0.0), "{k} in {out}");
+    }
+}
+
+#[test]
+fn inspect_names_a_damaged_tensor_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = write_model(dir.path());
+    let model = dir.path().join("small.acorn");
+    assert!(acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap()]).status.success());
+    let m = acorn::Model::open(&model).unwrap();
+    let w = m.metadata().tensors.iter().find(|t| t.name == "W").unwrap().offset as usize;
+    let data_start =
+        m.file().file_len() - m.metadata().tensors.iter().map(|t| t.len.div_ceil(64) * 64).sum::<u64>() as usize;
+    drop(m);
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes[data_start + w + 5] ^= 0x20;
+    std::fs::write(&model, &bytes).unwrap();
+    let o = acorn(&["inspect", model.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("tensor 'W'"), "{err}");
+    // run --verify refuses it too; plain run does not read checksums.
+    let x = dir.path().join("x.npy");
+    write_npy(&x, &Tensor::from_f32(vec![1, 4], vec![0.0; 4])).unwrap();
+    let inp = format!("x={}", x.display());
+    let od = dir.path().join("o");
+    let o = acorn(&["run", model.to_str().unwrap(), "--verify", "--input", &inp, "--output-dir", od.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("checksum mismatch in tensor 'W'"));
+}
+
+#[test]
+fn errors_are_one_line_and_nonzero() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.acorn");
+    let o = acorn(&["inspect", missing.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: ") && err.contains("nope.acorn"), "{err}");
+
+    let onnx = write_model(dir.path());
+    let model = dir.path().join("small.acorn");
+    assert!(acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap()]).status.success());
+    let o = acorn(&["run", model.to_str().unwrap(), "--input", "x", "--output-dir", "o"]);
+    assert!(!o.status.success() && text(&o).1.contains("NAME=FILE.npy"));
+    let bad = dir.path().join("x.npy");
+    write_npy(&bad, &Tensor::from_f32(vec![1, 5], vec![0.0; 5])).unwrap();
+    let inp = format!("x={}", bad.display());
+    let o = acorn(&[
+        "run",
+        model.to_str().unwrap(),
+        "--input",
+        &inp,
+        "--output-dir",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("dim 1 must be 4"), "{err}");
+}
