@@ -221,14 +221,14 @@ pub struct ViewMut<'a> {
     pub bytes: &'a mut [u8],
 }
 
-fn cast<'a, T: bytemuck::Pod>(b: &'a [u8], want: DType, have: DType) -> OpResult<&'a [T]> {
+fn cast<T: bytemuck::Pod>(b: &[u8], want: DType, have: DType) -> OpResult<&[T]> {
     if want != have {
         return Err(OpError(format!("expected a {want} tensor, got {have}")));
     }
     bytemuck::try_cast_slice(b).map_err(|e| OpError(format!("misaligned {want} data: {e}")))
 }
 
-fn cast_mut<'a, T: bytemuck::Pod>(b: &'a mut [u8], want: DType, have: DType) -> OpResult<&'a mut [T]> {
+fn cast_mut<T: bytemuck::Pod>(b: &mut [u8], want: DType, have: DType) -> OpResult<&mut [T]> {
     if want != have {
         return Err(OpError(format!("expected a {want} output, got {have}")));
     }

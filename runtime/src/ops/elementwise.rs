@@ -44,10 +44,10 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             if b.is_logical() && x.dtype != DType::Bool {
                 op_bail!("{b:?} needs bool operands, got {}", x.dtype);
             }
-            if !b.is_logical() && !matches!(x.dtype, DType::F32 | DType::I64 | DType::I32) {
-                if !(*b == BinaryOp::Equal && x.dtype == DType::Bool) {
-                    op_bail!("{b:?} is not supported for {} tensors", x.dtype);
-                }
+            let numeric = matches!(x.dtype, DType::F32 | DType::I64 | DType::I32);
+            let bool_eq = *b == BinaryOp::Equal && x.dtype == DType::Bool;
+            if !(b.is_logical() || numeric || bool_eq) {
+                op_bail!("{b:?} is not supported for {} tensors", x.dtype);
             }
             (out_t, shape)
         }

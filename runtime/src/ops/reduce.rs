@@ -118,7 +118,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                         ReduceOp::Min => (i64::MAX, i64::min),
                         _ => op_bail!("Reduce{r:?} on i64"),
                     };
-                    fold(x.i64()?, x.shape, &ost, out.i64()?, init, |a, b| f(a, b));
+                    fold(x.i64()?, x.shape, &ost, out.i64()?, init, f);
                 }
                 d => op_bail!("reduction on {d}"),
             }
