@@ -50,11 +50,15 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let proto = onnx::read_model(input)?;
     let base = input.parent().unwrap_or(Path::new("."));
     let mut m = onnx::import(&proto, base).with_context(|| format!("importing {}", input.display()))?;
+    let analysed = onnx::annotate_output_shapes(&proto, &mut m);
     drop(proto);
     let mut records = vec![PassRecord {
         name: "import_onnx".into(),
         params: vec![("opset".into(), m.opset.to_string())],
-        report: vec![("nodes".into(), m.graph.all_nodes().count() as f64)],
+        report: vec![
+            ("nodes".into(), m.graph.all_nodes().count() as f64),
+            ("tract_shape_analysis".into(), if analysed { 1.0 } else { 0.0 }),
+        ],
     }];
     if !opts.no_fold {
         records.push(passes::fold_constants(&mut m)?);

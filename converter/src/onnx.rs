@@ -594,3 +594,42 @@ fn constant_value(a: &Attrs<'_>, base: &Path) -> Result<Tensor> {
     }
     bail!("unsupported Constant form (sparse or string)")
 }
+
+/// Uses tract's type and shape analysis (symbolic dims kept symbolic) to express each graph
+/// output's shape in terms of the input symbols, e.g. `[batch_size, 384]` instead of the
+/// exporter's placeholder names. Returns false (and leaves the declared shapes) when tract
+/// cannot analyse the graph, e.g. for data-dependent `If`.
+pub fn annotate_output_shapes(proto: &pb::ModelProto, m: &mut Imported) -> bool {
+    let analysed = (|| -> tract_onnx::prelude::TractResult<Vec<Vec<Dim>>> {
+        use tract_onnx::prelude::InferenceModelExt;
+        let model = tract_onnx::onnx().model_for_proto_model(proto)?;
+        let typed = model.into_typed()?;
+        let mut shapes = Vec::new();
+        for outlet in typed.output_outlets()? {
+            let fact = typed.outlet_fact(*outlet)?;
+            shapes.push(
+                fact.shape
+                    .iter()
+                    .map(|d| match d.to_i64() {
+                        Ok(n) if n >= 0 => Dim::Fixed(n as u64),
+                        _ => Dim::Sym(d.to_string()),
+                    })
+                    .collect(),
+            );
+        }
+        Ok(shapes)
+    })();
+    match analysed {
+        Ok(shapes) if shapes.len() == m.graph.outputs.len() => {
+            for (o, s) in m.graph.outputs.iter_mut().zip(shapes) {
+                o.dims = Some(s);
+            }
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            log::info!("tract could not analyse the graph ({e}); keeping declared output shapes");
+            false
+        }
+    }
+}

@@ -70,3 +70,11 @@ impl Model {
         SessionBuilder::new(self.clone())
     }
 }
+
+// A model is shared across threads; each thread runs its own session.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    fn movable<T: Send>() {}
+    shareable::<Model>();
+    movable::<Session>();
+};

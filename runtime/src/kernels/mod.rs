@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn generic_sgemm_strided_and_accumulating() {
-        for &(m, n, k) in &[(1, 1, 1), (5, 17, 3), (33, 9, 300), (70, 40, 20), (4, 1030, 9)] {
+        for &(m, n, k) in &[(1, 1, 1), (2, 33, 77), (3, 9, 300), (5, 17, 3), (33, 9, 300), (70, 40, 20), (4, 1030, 9)] {
             for ta in [false, true] {
                 for tb in [false, true] {
                     check(m, n, k, ta, tb, true, 1);

@@ -13,6 +13,8 @@ mod norm;
 mod recurrent;
 mod reduce;
 mod shape;
+#[cfg(test)]
+mod tests;
 
 /// What the planner knows about a value: type, concrete shape, and (for constants and
 /// plan-time-folded values) its contents.

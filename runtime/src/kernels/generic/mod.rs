@@ -77,6 +77,18 @@ fn sgemm_single(
     ldc: usize,
     accumulate: bool,
 ) {
+    if m < MR && b.rs == 1 && a.cs == 1 {
+        // Skinny A against a transposed B (columns contiguous): one dot product per output.
+        for i in 0..m {
+            let arow = &a.data[i * a.rs..i * a.rs + k];
+            for j in 0..n {
+                let v = dot(arow, &b.data[j * b.cs..j * b.cs + k]);
+                let o = &mut c[i * ldc + j];
+                *o = if accumulate { *o + v } else { v };
+            }
+        }
+        return;
+    }
     if m < MR && b.cs == 1 {
         // Skinny A (GEMV-like): stream B rows directly, no packing.
         for i in 0..m {
@@ -132,6 +144,24 @@ fn sgemm_single(
             }
         }
     });
+}
+
+/// Dot product with 8 independent accumulators (vectorises; fixed summation order).
+#[inline(always)]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut xc = x.chunks_exact(8);
+    let mut yc = y.chunks_exact(8);
+    for (a, b) in (&mut xc).zip(&mut yc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (a, b) in xc.remainder().iter().zip(yc.remainder()) {
+        s += a * b;
+    }
+    s
 }
 
 /// Packs `B[pc..pc+kc, jc..jc+nc]` as `n_panels` panels of `kc × NR`, zero-padded.

@@ -1,0 +1,183 @@
+//! Op semantics on small cases with known answers, and Conv against a direct loop.
+
+use super::eval;
+use crate::graph::{AutoPad, BinaryOp, ConvAttrs, Op, PadMode};
+use crate::tensor::Tensor;
+
+fn f32t(shape: &[usize], v: &[f32]) -> Tensor {
+    Tensor::from_f32(shape.to_vec(), v.to_vec())
+}
+
+fn i64t(shape: &[usize], v: &[i64]) -> Tensor {
+    Tensor::from_i64(shape.to_vec(), v.to_vec())
+}
+
+fn run(op: Op, ins: &[Option<&Tensor>]) -> Vec<Tensor> {
+    let views: Vec<_> = ins.iter().map(|t| t.map(|t| t.view())).collect();
+    eval(&op, &views, 1, 1).unwrap_or_else(|e| panic!("{op:?}: {}", e.0))
+}
+
+#[test]
+fn broadcast_binary_ops() {
+    let a = f32t(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+    let b = f32t(&[3], &[10., 20., 30.]);
+    let c = f32t(&[2, 1], &[100., 200.]);
+    assert_eq!(
+        run(Op::Binary(BinaryOp::Add), &[Some(&a), Some(&b)])[0].as_f32().unwrap(),
+        &[11., 22., 33., 14., 25., 36.]
+    );
+    assert_eq!(
+        run(Op::Binary(BinaryOp::Sub), &[Some(&c), Some(&a)])[0].as_f32().unwrap(),
+        &[99., 98., 97., 196., 195., 194.]
+    );
+    let big = f32t(&[2, 1, 3], &[1., 2., 3., 4., 5., 6.]);
+    let col = f32t(&[1, 2, 1], &[0., 1.]);
+    let out = &run(Op::Binary(BinaryOp::Mul), &[Some(&big), Some(&col)])[0];
+    assert_eq!(out.shape(), &[2, 2, 3]);
+    assert_eq!(out.as_f32().unwrap(), &[0., 0., 0., 1., 2., 3., 0., 0., 0., 4., 5., 6.]);
+    let bad = f32t(&[4], &[0.; 4]);
+    let views = [Some(a.view()), Some(bad.view())];
+    assert!(eval(&Op::Binary(BinaryOp::Add), &views, 1, 1).is_err());
+}
+
+#[test]
+fn slice_with_negative_steps_and_clamping() {
+    let x = f32t(&[2, 5], &[0., 1., 2., 3., 4., 5., 6., 7., 8., 9.]);
+    let out = &run(
+        Op::Slice,
+        &[
+            Some(&x),
+            Some(&i64t(&[1], &[-1])),
+            Some(&i64t(&[1], &[i64::MIN])),
+            Some(&i64t(&[1], &[1])),
+            Some(&i64t(&[1], &[-2])),
+        ],
+    )[0];
+    assert_eq!(out.shape(), &[2, 3]);
+    assert_eq!(out.as_f32().unwrap(), &[4., 2., 0., 9., 7., 5.]);
+    let out = &run(Op::Slice, &[Some(&x), Some(&i64t(&[2], &[1, 1])), Some(&i64t(&[2], &[100, 3]))])[0];
+    assert_eq!(out.as_f32().unwrap(), &[6., 7.]);
+}
+
+#[test]
+fn pad_modes() {
+    let x = f32t(&[1, 4], &[1., 2., 3., 4.]);
+    let pads = i64t(&[4], &[0, 2, 0, 2]);
+    let r = |m| run(Op::Pad { mode: m }, &[Some(&x), Some(&pads)]).swap_remove(0);
+    assert_eq!(r(PadMode::Reflect).as_f32().unwrap(), &[3., 2., 1., 2., 3., 4., 3., 2.]);
+    assert_eq!(r(PadMode::Edge).as_f32().unwrap(), &[1., 1., 1., 2., 3., 4., 4., 4.]);
+    assert_eq!(r(PadMode::Wrap).as_f32().unwrap(), &[3., 4., 1., 2., 3., 4., 1., 2.]);
+    let v = f32t(&[], &[9.]);
+    let c = run(Op::Pad { mode: PadMode::Constant }, &[Some(&x), Some(&pads), Some(&v)]).swap_remove(0);
+    assert_eq!(c.as_f32().unwrap(), &[9., 9., 1., 2., 3., 4., 9., 9.]);
+}
+
+#[test]
+fn gather_negative_and_out_of_range() {
+    let x = f32t(&[3, 2], &[1., 2., 3., 4., 5., 6.]);
+    let out = &run(Op::Gather { axis: 0 }, &[Some(&x), Some(&i64t(&[2], &[-1, 0]))])[0];
+    assert_eq!(out.as_f32().unwrap(), &[5., 6., 1., 2.]);
+    let idx = i64t(&[1], &[3]);
+    let e = eval(&Op::Gather { axis: 0 }, &[Some(x.view()), Some(idx.view())], 1, 1).unwrap_err();
+    assert!(e.0.contains("out of range"), "{}", e.0);
+}
+
+#[test]
+fn softmax_axis_and_legacy() {
+    let x = f32t(&[2, 2], &[0., 0., 1., 3.]);
+    let m = &run(Op::Softmax { axis: 0, log: false, legacy: false }, &[Some(&x)])[0];
+    let e = 1.0 / (1.0 + 1f32.exp());
+    let e3 = 1.0 / (1.0 + 3f32.exp());
+    let want = [e, e3, 1. - e, 1. - e3];
+    for (g, w) in m.as_f32().unwrap().iter().zip(want) {
+        assert!((g - w).abs() < 1e-6);
+    }
+    // legacy (opset < 13) with axis 0 normalises over everything.
+    let l = &run(Op::Softmax { axis: 0, log: false, legacy: true }, &[Some(&x)])[0];
+    assert!((l.as_f32().unwrap().iter().sum::<f32>() - 1.0).abs() < 1e-6);
+}
+
+/// Direct-loop 2-D convolution, the reference for im2col + GEMM.
+#[allow(clippy::too_many_arguments)]
+fn conv_direct(
+    x: &[f32],
+    xs: [usize; 4],
+    w: &[f32],
+    ws: [usize; 4],
+    b: &[f32],
+    stride: [usize; 2],
+    pad: [usize; 4],
+    dil: [usize; 2],
+    group: usize,
+) -> (Vec<f32>, [usize; 4]) {
+    let [n, c, h, wd] = xs;
+    let [m, cg, kh, kw] = ws;
+    let oh = (h + pad[0] + pad[2] - dil[0] * (kh - 1) - 1) / stride[0] + 1;
+    let ow = (wd + pad[1] + pad[3] - dil[1] * (kw - 1) - 1) / stride[1] + 1;
+    let mg = m / group;
+    let mut out = vec![0.0; n * m * oh * ow];
+    for bn in 0..n {
+        for oc in 0..m {
+            let g = oc / mg;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = b[oc];
+                    for ic in 0..cg {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * stride[0] + ky * dil[0]) as isize - pad[0] as isize;
+                                let ix = (ox * stride[1] + kx * dil[1]) as isize - pad[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                let xc = g * cg + ic;
+                                s += x[((bn * c + xc) * h + iy as usize) * wd + ix as usize]
+                                    * w[((oc * cg + ic) * kh + ky) * kw + kx];
+                            }
+                        }
+                    }
+                    out[((bn * m + oc) * oh + oy) * ow + ox] = s;
+                }
+            }
+        }
+    }
+    let _ = c;
+    (out, [n, m, oh, ow])
+}
+
+#[test]
+fn conv_matches_direct_loop() {
+    let gen = |n: usize, seed: usize| {
+        (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0) - 1.0).collect::<Vec<f32>>()
+    };
+    // (N, C, H, W, M, kh, kw, stride, pads [t, l, b, r], dilation, group)
+    let cases = [
+        (1, 3, 7, 9, 4, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 1),
+        (2, 4, 8, 8, 6, 3, 2, [2, 1], [0, 1, 2, 0], [1, 2], 2),
+        (1, 4, 5, 11, 4, 1, 3, [1, 3], [0, 0, 0, 0], [1, 1], 4),
+        (1, 2, 1, 40, 3, 1, 5, [1, 2], [0, 2, 0, 2], [1, 3], 1),
+        (1, 8, 6, 6, 8, 1, 1, [1, 1], [0, 0, 0, 0], [1, 1], 1),
+    ];
+    for (i, &(n, c, h, w, m, kh, kw, st, pd, dl, g)) in cases.iter().enumerate() {
+        let x = gen(n * c * h * w, i);
+        let wt = gen(m * (c / g) * kh * kw, i + 10);
+        let b = gen(m, i + 20);
+        let (want, oshape) = conv_direct(&x, [n, c, h, w], &wt, [m, c / g, kh, kw], &b, st, pd, dl, g);
+        let attrs = ConvAttrs {
+            kernel_shape: vec![kh as i64, kw as i64],
+            strides: st.iter().map(|&v| v as i64).collect(),
+            pads: vec![pd[0] as i64, pd[1] as i64, pd[2] as i64, pd[3] as i64],
+            dilations: dl.iter().map(|&v| v as i64).collect(),
+            group: g as i64,
+            auto_pad: AutoPad::NotSet,
+        };
+        let xt = f32t(&[n, c, h, w], &x);
+        let wt_t = f32t(&[m, c / g, kh, kw], &wt);
+        let bt = f32t(&[m], &b);
+        let got = run(Op::Conv(attrs), &[Some(&xt), Some(&wt_t), Some(&bt)]).swap_remove(0);
+        assert_eq!(got.shape(), &oshape, "case {i}");
+        for (j, (a, e)) in got.as_f32().unwrap().iter().zip(&want).enumerate() {
+            assert!((a - e).abs() < 1e-4, "case {i} cell {j}: {a} vs {e}");
+        }
+    }
+}
