@@ -265,6 +265,15 @@ impl<'a> View<'a> {
             d => Err(OpError(format!("expected an integer tensor, got {d}"))),
         }
     }
+    /// Like [`View::to_i64_vec`] but inline for up to 16 values (no heap allocation for the
+    /// shape-like inputs read at run time).
+    pub fn to_i64_small(&self) -> OpResult<smallvec::SmallVec<[i64; 16]>> {
+        match self.dtype {
+            DType::I64 => Ok(self.i64()?.iter().copied().collect()),
+            DType::I32 => Ok(self.i32()?.iter().map(|&x| x as i64).collect()),
+            d => Err(OpError(format!("expected an integer tensor, got {d}"))),
+        }
+    }
     /// Copies into an owned tensor.
     pub fn to_tensor(&self) -> crate::Result<Tensor> {
         Tensor::from_bytes(self.dtype, self.shape.to_vec(), self.bytes)

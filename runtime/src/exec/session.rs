@@ -45,7 +45,13 @@ impl SessionBuilder {
 
     /// Creates the session.
     pub fn commit(self) -> Result<Session> {
-        Ok(Session { model: self.model, threads: self.threads, memory_limit: self.memory_limit, plans: HashMap::new() })
+        Ok(Session {
+            model: self.model,
+            threads: self.threads,
+            memory_limit: self.memory_limit,
+            plans: HashMap::new(),
+            last: None,
+        })
     }
 }
 
@@ -61,6 +67,8 @@ pub struct Session {
     threads: usize,
     memory_limit: Option<usize>,
     plans: HashMap<Vec<Vec<usize>>, PlanState>,
+    /// Key of the plan used last: repeated shapes find their plan without allocating.
+    last: Option<Vec<Vec<usize>>>,
 }
 
 impl Session {
@@ -78,7 +86,7 @@ impl Session {
         Ok(st.plan.arena_bytes())
     }
 
-    fn order_inputs<'t>(&self, inputs: &[(&str, &'t Tensor)]) -> Result<Vec<&'t Tensor>> {
+    fn order_inputs<'t>(&self, inputs: &[(&str, &'t Tensor)]) -> Result<SmallVec<[&'t Tensor; 8]>> {
         let specs = self.model.inputs();
         for (name, _) in inputs {
             if !specs.iter().any(|s| s.name == *name) {
@@ -86,7 +94,7 @@ impl Session {
                 return Err(Error::Input(format!("unknown input '{name}'; the model's inputs are {names:?}")));
             }
         }
-        let mut out = Vec::with_capacity(specs.len());
+        let mut out = SmallVec::new();
         for s in specs {
             let mut found = inputs.iter().filter(|(n, _)| *n == s.name);
             let Some((_, t)) = found.next() else {
@@ -121,6 +129,7 @@ impl Session {
             if self.plans.len() >= 16 {
                 // Bound memory for callers that cycle through many shapes.
                 self.plans.clear();
+                self.last = None;
             }
             self.plans.insert(key.clone(), PlanState { plan, buffers, scratch });
         }
@@ -130,10 +139,17 @@ impl Session {
     /// Runs the model on named inputs; returns the outputs in the model's output order.
     pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
         let ordered = self.order_inputs(inputs)?;
-        let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+        let same_as_last = self.last.as_ref().is_some_and(|k| {
+            k.len() == ordered.len() && k.iter().zip(&ordered).all(|(s, t)| s.as_slice() == t.shape())
+        });
+        if !same_as_last {
+            let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+            self.plan_for(key.clone(), &ordered)?;
+            self.last = Some(key);
+        }
         let model = self.model.clone();
         let threads = self.threads;
-        let st = self.plan_for(key, &ordered)?;
+        let st = self.plans.get_mut(self.last.as_ref().expect("set above")).expect("planned above");
         let PlanState { plan, buffers, scratch } = st;
         let file = &model.file;
         for step in plan.steps() {

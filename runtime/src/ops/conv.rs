@@ -38,8 +38,10 @@ fn geometry(a: &ConvAttrs, x: &[usize], wt: &[usize]) -> OpResult<Geo> {
     if g == 0 || c % g != 0 || m % g != 0 || wt[1] * g != c {
         op_bail!("Conv channels do not match: X {x:?}, W {wt:?}, group {g}");
     }
-    let ks: Vec<usize> = wt[2..].to_vec();
-    if !a.kernel_shape.is_empty() && a.kernel_shape.iter().map(|&v| v as usize).collect::<Vec<_>>() != ks {
+    let ks = &wt[2..];
+    if !a.kernel_shape.is_empty()
+        && (a.kernel_shape.len() != ks.len() || a.kernel_shape.iter().zip(ks).any(|(&k, &w)| k != w as i64))
+    {
         op_bail!("Conv kernel_shape {:?} disagrees with W {wt:?}", a.kernel_shape);
     }
     let get = |v: &[i64], i: usize, d: i64| -> OpResult<usize> {

@@ -7,16 +7,8 @@ use crate::kernels::{self, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
-/// (batch shape, m, k, n) of a MatMul, with NumPy's 1-D promotion rules.
-struct MatMulDims {
-    batch: Vec<usize>,
-    m: usize,
-    k: usize,
-    n: usize,
-    out: Vec<usize>,
-}
-
-fn matmul_dims(a: &[usize], b: &[usize]) -> OpResult<MatMulDims> {
+/// Output shape of a MatMul, with NumPy's 1-D promotion rules.
+fn matmul_out_shape(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
     if a.is_empty() || b.is_empty() {
         op_bail!("MatMul operands must have rank >= 1, got {a:?} and {b:?}");
     }
@@ -27,15 +19,14 @@ fn matmul_dims(a: &[usize], b: &[usize]) -> OpResult<MatMulDims> {
     }
     let ab = if a.len() > 2 { &a[..a.len() - 2] } else { &[][..] };
     let bb = if b.len() > 2 { &b[..b.len() - 2] } else { &[][..] };
-    let batch = broadcast_shapes(ab, bb)?;
-    let mut out = batch.clone();
+    let mut out = broadcast_shapes(ab, bb)?;
     if a.len() > 1 {
         out.push(m);
     }
     if b.len() > 1 {
         out.push(n);
     }
-    Ok(MatMulDims { batch, m, k: ka, n, out })
+    Ok(out)
 }
 
 pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
@@ -45,7 +36,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
         op_bail!("{} needs f32 operands, got {} and {}", op.name(), a.dtype, b.dtype);
     }
     match op {
-        Op::MatMul => Ok(vec![(DType::F32, matmul_dims(a.shape, b.shape)?.out)]),
+        Op::MatMul => Ok(vec![(DType::F32, matmul_out_shape(a.shape, b.shape)?)]),
         Op::Gemm { trans_a, trans_b, .. } => {
             if a.shape.len() != 2 || b.shape.len() != 2 {
                 op_bail!("Gemm needs 2-D operands, got {:?} and {:?}", a.shape, b.shape);
@@ -82,29 +73,32 @@ pub(super) fn run(
     let (ad, bd) = (a.f32()?, b.f32()?);
     match op {
         Op::MatMul => {
-            let d = matmul_dims(a.shape, b.shape)?;
+            // Dimensions from the planned shapes, without building vectors (hot path).
+            let (ar, br) = (a.shape.len(), b.shape.len());
+            let m = if ar == 1 { 1 } else { a.shape[ar - 2] };
+            let k = a.shape[ar - 1];
+            let n = if br == 1 { 1 } else { b.shape[br - 1] };
+            let batch_rank = out.shape.len() - usize::from(ar > 1) - usize::from(br > 1);
+            let batch = &out.shape[..batch_rank];
             let o = out.f32()?;
-            let nb = numel(&d.batch);
-            let (m, k, n) = (d.m, d.k, d.n);
-            // Batch strides (in matrices) of each operand, broadcast over the batch shape.
-            let abatch = if a.shape.len() > 2 { &a.shape[..a.shape.len() - 2] } else { &[][..] };
-            let bbatch = if b.shape.len() > 2 { &b.shape[..b.shape.len() - 2] } else { &[][..] };
-            let sa = broadcast_strides(abatch, &d.batch);
-            let sb = broadcast_strides(bbatch, &d.batch);
-            let mut idx_buf = [0usize; crate::graph::MAX_RANK];
-            let idx = &mut idx_buf[..d.batch.len()];
+            let nb = numel(batch);
+            let abatch = &a.shape[..ar.saturating_sub(2)];
+            let bbatch = &b.shape[..br.saturating_sub(2)];
+            let sa = broadcast_strides(abatch, batch);
+            let sb = broadcast_strides(bbatch, batch);
+            let mut idx = [0usize; crate::graph::MAX_RANK];
             for bi in 0..nb {
                 let (mut ia, mut ib) = (0isize, 0isize);
-                for (j, &x) in idx.iter().enumerate() {
-                    ia += sa[j] * x as isize;
-                    ib += sb[j] * x as isize;
+                for j in 0..batch_rank {
+                    ia += sa[j] * idx[j] as isize;
+                    ib += sb[j] * idx[j] as isize;
                 }
                 let am = MatRef { data: &ad[ia as usize * m * k..], rs: k, cs: 1 };
                 let bm = MatRef { data: &bd[ib as usize * k * n..], rs: n, cs: 1 };
                 kernels::sgemm(m, n, k, am, bm, &mut o[bi * m * n..(bi + 1) * m * n], n, false, ctx.threads);
-                for j in (0..idx.len()).rev() {
+                for j in (0..batch_rank).rev() {
                     idx[j] += 1;
-                    if idx[j] < d.batch[j] {
+                    if idx[j] < batch[j] {
                         break;
                     }
                     idx[j] = 0;

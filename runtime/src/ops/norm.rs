@@ -69,7 +69,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             };
             let (first, rest) = outputs.split_at_mut(1);
             let y = first[0].f32()?;
-            let mut stats: Vec<&mut [f32]> = Vec::new();
+            let mut stats: smallvec::SmallVec<[&mut [f32]; 2]> = smallvec::SmallVec::new();
             for o in rest.iter_mut() {
                 stats.push(o.f32()?);
             }
@@ -110,8 +110,12 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let c = x.shape[1];
             let per = numel(&x.shape[2..]);
             let nb = x.shape[0];
-            let p: Vec<&[f32]> =
-                (1..5).map(|i| req(inputs, i, "parameter").and_then(|v| v.f32())).collect::<OpResult<_>>()?;
+            let p = [
+                req(inputs, 1, "scale")?.f32()?,
+                req(inputs, 2, "B")?.f32()?,
+                req(inputs, 3, "mean")?.f32()?,
+                req(inputs, 4, "var")?.f32()?,
+            ];
             let y = outputs[0].f32()?;
             for b in 0..nb {
                 for ch in 0..c {

@@ -96,7 +96,7 @@ pub(super) fn run(
     let r = *req(inputs, 2, "R")?;
     let d = dims(a, x.shape, w.shape, r.shape)?;
     if let Some(Some(sl)) = inputs.get(4) {
-        if sl.to_i64_vec()?.iter().any(|&l| l != d.seq as i64) {
+        if sl.to_i64_small()?.iter().any(|&l| l != d.seq as i64) {
             op_bail!("LSTM with per-batch sequence lengths shorter than the input is not supported");
         }
     }
@@ -123,7 +123,7 @@ pub(super) fn run(
     let srow = |dir: usize, i: usize| if layout1 { i * nd + dir } else { dir * b + i };
     let yrow = |t: usize, dir: usize, i: usize| if layout1 { (i * s + t) * nd + dir } else { (t * nd + dir) * b + i };
     let n_out = outputs.len();
-    let mut outs: Vec<Option<&mut [f32]>> = Vec::with_capacity(3);
+    let mut outs: smallvec::SmallVec<[Option<&mut [f32]>; 3]> = smallvec::SmallVec::new();
     for o in outputs.iter_mut() {
         outs.push(if o.is_empty() { None } else { Some(o.f32()?) });
     }

@@ -7,9 +7,9 @@ use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
 /// Resolves the reduced axes as a mask over the input dims; `None` = identity (noop).
-fn axes_mask(op: &Op, rank: usize, axes_input: Option<Vec<i64>>) -> OpResult<Option<[bool; MAX_RANK]>> {
+fn axes_mask(op: &Op, rank: usize, axes_input: Option<&[i64]>) -> OpResult<Option<[bool; MAX_RANK]>> {
     let Op::Reduce { axes, noop_with_empty_axes, .. } = op else { op_bail!("not a reduction") };
-    let axes = axes.clone().or(axes_input).unwrap_or_default();
+    let axes: &[i64] = axes.as_deref().or(axes_input).unwrap_or(&[]);
     let mut mask = [false; MAX_RANK];
     if axes.is_empty() {
         if *noop_with_empty_axes {
@@ -17,7 +17,7 @@ fn axes_mask(op: &Op, rank: usize, axes_input: Option<Vec<i64>>) -> OpResult<Opt
         }
         mask[..rank].fill(true);
     }
-    for a in axes {
+    for &a in axes {
         mask[norm_axis(a, rank)?] = true;
     }
     Ok(Some(mask))
@@ -40,7 +40,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             if !ok {
                 op_bail!("Reduce{r:?} is not supported for {} tensors", x.dtype);
             }
-            let mask = axes_mask(op, x.shape.len(), reduce_axes_input(inputs)?)?;
+            let mask = axes_mask(op, x.shape.len(), reduce_axes_input(inputs)?.as_deref())?;
             let Some(mask) = mask else { return Ok(vec![(x.dtype, x.shape.to_vec())]) };
             let mut shape = Vec::new();
             for (i, &d) in x.shape.iter().enumerate() {
@@ -90,19 +90,19 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
     match op {
         Op::Reduce { op: r, .. } => {
             let axes_in = match inputs.get(1) {
-                Some(Some(v)) => Some(v.to_i64_vec()?),
+                Some(Some(v)) => Some(v.to_i64_small()?),
                 _ => None,
             };
-            let Some(mask) = axes_mask(op, x.shape.len(), axes_in)? else {
+            let Some(mask) = axes_mask(op, x.shape.len(), axes_in.as_deref())? else {
                 out.bytes.copy_from_slice(x.bytes);
                 return Ok(());
             };
             // Output strides over the input's dims (0 on reduced dims).
-            let mut kept = Vec::with_capacity(x.shape.len());
+            let mut kept = [1usize; MAX_RANK];
             for (i, &d) in x.shape.iter().enumerate() {
-                kept.push(if mask[i] { 1 } else { d });
+                kept[i] = if mask[i] { 1 } else { d };
             }
-            let ost0 = contiguous_strides(&kept);
+            let ost0 = contiguous_strides(&kept[..x.shape.len()]);
             let mut ost = [0isize; MAX_RANK];
             for i in 0..x.shape.len() {
                 ost[i] = if mask[i] { 0 } else { ost0[i] };

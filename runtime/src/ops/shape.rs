@@ -98,9 +98,9 @@ fn slice_params(
     Ok(p)
 }
 
-fn pads_full(pads: &[i64], axes: Option<Vec<i64>>, r: usize) -> OpResult<Vec<(i64, i64)>> {
-    let mut out = vec![(0i64, 0i64); r];
-    let axes: Vec<usize> = match axes {
+fn pads_full(pads: &[i64], axes: Option<&[i64]>, r: usize) -> OpResult<[(i64, i64); MAX_RANK]> {
+    let mut out = [(0i64, 0i64); MAX_RANK];
+    let axes: smallvec::SmallVec<[usize; MAX_RANK]> = match axes {
         Some(a) => a.iter().map(|&x| norm_axis(x, r)).collect::<OpResult<_>>()?,
         None => (0..r).collect(),
     };
@@ -264,7 +264,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
         }
         Op::Pad { .. } => {
             let pads = req(inputs, 1, "pads")?.known_ints("pads")?;
-            let p = pads_full(&pads, opt_ints(inputs, 3, "axes")?, r)?;
+            let p = pads_full(&pads, opt_ints(inputs, 3, "axes")?.as_deref(), r)?;
             let mut s = Vec::with_capacity(r);
             for i in 0..r {
                 let d = x.shape[i] as i64 + p[i].0 + p[i].1;
@@ -330,8 +330,8 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
     }
 }
 
-fn perm_of(perm: &Option<Vec<i64>>, r: usize) -> OpResult<Vec<usize>> {
-    let p: Vec<usize> = match perm {
+fn perm_of(perm: &Option<Vec<i64>>, r: usize) -> OpResult<smallvec::SmallVec<[usize; MAX_RANK]>> {
+    let p: smallvec::SmallVec<[usize; MAX_RANK]> = match perm {
         Some(p) => p.iter().map(|&a| norm_axis(a, r)).collect::<OpResult<_>>()?,
         None => (0..r).rev().collect(),
     };
@@ -384,9 +384,9 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
     let x = *req(inputs, 0, "input")?;
     let es = x.dtype.size();
     let r = x.shape.len();
-    let ints = |i: usize| -> OpResult<Option<Vec<i64>>> {
+    let ints = |i: usize| -> OpResult<Option<smallvec::SmallVec<[i64; 16]>>> {
         match inputs.get(i) {
-            Some(Some(v)) => Ok(Some(v.to_i64_vec()?)),
+            Some(Some(v)) => Ok(Some(v.to_i64_small()?)),
             _ => Ok(None),
         }
     };
@@ -475,17 +475,23 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         Op::Gather { axis } => {
             let a = norm_axis(*axis, r)?;
-            let idx = req(inputs, 1, "indices")?.to_i64_vec()?;
+            let iv = req(inputs, 1, "indices")?;
+            let (i64s, i32s) = match iv.dtype {
+                DType::I64 => (iv.i64()?, &[][..]),
+                _ => (&[][..], iv.i32()?),
+            };
+            let ni = iv.len();
+            let index = |j: usize| if iv.dtype == DType::I64 { i64s[j] } else { i32s[j] as i64 };
             let outer = numel(&x.shape[..a]);
             let d = x.shape[a] as i64;
             let inner = numel(&x.shape[a + 1..]) * es;
             let out = &mut outputs[0];
-            let ni = idx.len();
             for o in 0..outer {
-                for (j, &k) in idx.iter().enumerate() {
-                    let k = if k < 0 { k + d } else { k };
+                for j in 0..ni {
+                    let k0 = index(j);
+                    let k = if k0 < 0 { k0 + d } else { k0 };
                     if k < 0 || k >= d {
-                        op_bail!("Gather index {} out of range for axis of size {d}", idx[j]);
+                        op_bail!("Gather index {k0} out of range for axis of size {d}");
                     }
                     let src = (o * d as usize + k as usize) * inner;
                     let dst = (o * ni + j) * inner;
@@ -495,15 +501,16 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         Op::Pad { mode } => {
             let pads = ints(1)?.unwrap_or_default();
-            let p = pads_full(&pads, ints(3)?, r)?;
+            let p = pads_full(&pads, ints(3)?.as_deref(), r)?;
             let out = &mut outputs[0];
             // Constant value (first element of input 2), as bytes of x's dtype.
-            let mut cval = vec![0u8; es];
+            let mut cbuf = [0u8; 8];
             if let Some(Some(c)) = inputs.get(2) {
-                if c.bytes.len() >= es {
-                    cval.copy_from_slice(&c.bytes[..es]);
+                if c.bytes.len() >= es && es <= 8 {
+                    cbuf[..es].copy_from_slice(&c.bytes[..es]);
                 }
             }
+            let cval = &cbuf[..es];
             let ist = contiguous_strides(x.shape);
             let ost = contiguous_strides(out.shape);
             let n = numel(out.shape);
@@ -542,7 +549,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 if inside {
                     dst.copy_from_slice(&x.bytes[off as usize * es..(off as usize + 1) * es]);
                 } else {
-                    dst.copy_from_slice(&cval);
+                    dst.copy_from_slice(cval);
                 }
             }
         }
