@@ -49,9 +49,9 @@ fn slice_params(
     ends: &[i64],
     axes: Option<&[i64]>,
     steps: Option<&[i64]>,
-) -> OpResult<Vec<(i64, i64, usize)>> {
+) -> OpResult<smallvec::SmallVec<[(i64, i64, usize); MAX_RANK]>> {
     let r = shape.len();
-    let mut p: Vec<(i64, i64, usize)> = shape.iter().map(|&d| (0, 1, d)).collect();
+    let mut p: smallvec::SmallVec<[(i64, i64, usize); MAX_RANK]> = shape.iter().map(|&d| (0, 1, d)).collect();
     if starts.len() != ends.len() {
         op_bail!("Slice starts and ends differ in length");
     }
