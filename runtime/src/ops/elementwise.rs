@@ -296,6 +296,61 @@ fn bcast2<A: Copy, B: Copy, O>(
     });
 }
 
+/// The comparison `op` as a function returning 0/1 (ONNX bool bytes).
+fn cmp_fn<T: PartialOrd>(op: BinaryOp) -> fn(T, T) -> u8 {
+    match op {
+        BinaryOp::Equal => |a, b| (a == b) as u8,
+        BinaryOp::Less => |a, b| (a < b) as u8,
+        BinaryOp::LessOrEqual => |a, b| (a <= b) as u8,
+        BinaryOp::Greater => |a, b| (a > b) as u8,
+        _ => |a, b| (a >= b) as u8,
+    }
+}
+
+/// Integer arithmetic for one integer type: wrapping, ONNX `Mod` sign rules, and a clean
+/// error (not a panic) on division by zero.
+macro_rules! int_binary {
+    ($name:ident, $t:ty) => {
+        fn $name(
+            op: BinaryOp,
+            a: &[$t],
+            ash: &[usize],
+            b: &[$t],
+            bsh: &[usize],
+            out: &mut ViewMut<'_>,
+        ) -> OpResult<()> {
+            use BinaryOp::*;
+            let osh = out.shape;
+            if op.is_comparison() {
+                bcast2(a, ash, b, bsh, out.bool()?, osh, cmp_fn::<$t>(op));
+                return Ok(());
+            }
+            if matches!(op, Div | Mod | Fmod) && b.contains(&0) {
+                op_bail!("integer division by zero");
+            }
+            let f: fn($t, $t) -> $t = match op {
+                Add => <$t>::wrapping_add,
+                Sub => <$t>::wrapping_sub,
+                Mul => <$t>::wrapping_mul,
+                Div => <$t>::wrapping_div,
+                Max => |a: $t, b: $t| a.max(b),
+                Min => |a: $t, b: $t| a.min(b),
+                Mod => |a: $t, b: $t| a.wrapping_rem(b).wrapping_add(b).wrapping_rem(b),
+                Fmod => <$t>::wrapping_rem,
+                Pow => |a: $t, b: $t| if b < 0 { 0 } else { a.wrapping_pow(b.min(u32::MAX as $t) as u32) },
+                _ => op_bail!("{op:?} on {}", stringify!($t)),
+            };
+            let o: &mut [$t] =
+                bytemuck::try_cast_slice_mut(out.bytes).map_err(|e| crate::error::OpError(e.to_string()))?;
+            bcast2(a, ash, b, bsh, o, osh, f);
+            Ok(())
+        }
+    };
+}
+
+int_binary!(binary_i64, i64);
+int_binary!(binary_i32, i32);
+
 fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
     let osh = out.shape;
     use BinaryOp::*;
@@ -303,17 +358,8 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
         DType::F32 => {
             let (a, b) = (x.f32()?, y.f32()?);
             if op.is_comparison() {
-                let o = out.bool()?;
-                let f: fn(f32, f32) -> u8 = match op {
-                    Equal => |a, b| (a == b) as u8,
-                    Less => |a, b| (a < b) as u8,
-                    LessOrEqual => |a, b| (a <= b) as u8,
-                    Greater => |a, b| (a > b) as u8,
-                    _ => |a, b| (a >= b) as u8,
-                };
-                bcast2(a, x.shape, b, y.shape, o, osh, f);
+                bcast2(a, x.shape, b, y.shape, out.bool()?, osh, cmp_fn::<f32>(op));
             } else {
-                let o = out.f32()?;
                 let f: fn(f32, f32) -> f32 = match op {
                     Add => |a, b| a + b,
                     Sub => |a, b| a - b,
@@ -334,48 +380,13 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
                     PRelu => |x, s| if x < 0.0 { x * s } else { x },
                     _ => op_bail!("{op:?} on f32"),
                 };
-                bcast2(a, x.shape, b, y.shape, o, osh, f);
+                bcast2(a, x.shape, b, y.shape, out.f32()?, osh, f);
             }
         }
-        DType::I64 | DType::I32 => {
-            // i32 is widened through i64 arithmetic where it matters; both share this path.
-            if x.dtype == DType::I32 {
-                return binary_i32(op, x, y, out);
-            }
-            let (a, b) = (x.i64()?, y.i64()?);
-            if op.is_comparison() {
-                let o = out.bool()?;
-                let f: fn(i64, i64) -> u8 = match op {
-                    Equal => |a, b| (a == b) as u8,
-                    Less => |a, b| (a < b) as u8,
-                    LessOrEqual => |a, b| (a <= b) as u8,
-                    Greater => |a, b| (a > b) as u8,
-                    _ => |a, b| (a >= b) as u8,
-                };
-                bcast2(a, x.shape, b, y.shape, o, osh, f);
-            } else {
-                if matches!(op, Div | Mod | Fmod) && b.contains(&0) {
-                    op_bail!("integer division by zero");
-                }
-                let o = out.i64()?;
-                let f: fn(i64, i64) -> i64 = match op {
-                    Add => i64::wrapping_add,
-                    Sub => i64::wrapping_sub,
-                    Mul => i64::wrapping_mul,
-                    Div => |a: i64, b: i64| a.wrapping_div(b),
-                    Max => |a: i64, b: i64| a.max(b),
-                    Min => |a: i64, b: i64| a.min(b),
-                    Mod => |a: i64, b: i64| a.wrapping_rem(b).wrapping_add(b).wrapping_rem(b),
-                    Fmod => |a: i64, b: i64| a.wrapping_rem(b),
-                    Pow => |a: i64, b: i64| if b < 0 { 0 } else { a.wrapping_pow(b.min(u32::MAX as i64) as u32) },
-                    _ => op_bail!("{op:?} on i64"),
-                };
-                bcast2(a, x.shape, b, y.shape, o, osh, f);
-            }
-        }
+        DType::I64 => binary_i64(op, x.i64()?, x.shape, y.i64()?, y.shape, out)?,
+        DType::I32 => binary_i32(op, x.i32()?, x.shape, y.i32()?, y.shape, out)?,
         DType::Bool => {
             let (a, b) = (x.bool()?, y.bool()?);
-            let o = out.bool()?;
             let f: fn(u8, u8) -> u8 = match op {
                 And => |a, b| ((a != 0) && (b != 0)) as u8,
                 Or => |a, b| ((a != 0) || (b != 0)) as u8,
@@ -383,43 +394,10 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
                 Equal => |a, b| ((a != 0) == (b != 0)) as u8,
                 _ => op_bail!("{op:?} on bool"),
             };
-            bcast2(a, x.shape, b, y.shape, o, osh, f);
+            bcast2(a, x.shape, b, y.shape, out.bool()?, osh, f);
         }
         d => op_bail!("{op:?} on {d}"),
     }
-    Ok(())
-}
-
-fn binary_i32(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
-    use BinaryOp::*;
-    let (a, b) = (x.i32()?, y.i32()?);
-    let osh = out.shape;
-    if op.is_comparison() {
-        let f: fn(i32, i32) -> u8 = match op {
-            Equal => |a, b| (a == b) as u8,
-            Less => |a, b| (a < b) as u8,
-            LessOrEqual => |a, b| (a <= b) as u8,
-            Greater => |a, b| (a > b) as u8,
-            _ => |a, b| (a >= b) as u8,
-        };
-        bcast2(a, x.shape, b, y.shape, out.bool()?, osh, f);
-        return Ok(());
-    }
-    if matches!(op, Div | Mod | Fmod) && b.contains(&0) {
-        op_bail!("integer division by zero");
-    }
-    let f: fn(i32, i32) -> i32 = match op {
-        Add => i32::wrapping_add,
-        Sub => i32::wrapping_sub,
-        Mul => i32::wrapping_mul,
-        Div => |a: i32, b: i32| a.wrapping_div(b),
-        Max => |a: i32, b: i32| a.max(b),
-        Min => |a: i32, b: i32| a.min(b),
-        Mod => |a: i32, b: i32| a.wrapping_rem(b).wrapping_add(b).wrapping_rem(b),
-        Fmod => |a: i32, b: i32| a.wrapping_rem(b),
-        _ => op_bail!("{op:?} on i32"),
-    };
-    bcast2(a, x.shape, b, y.shape, out.i32()?, osh, f);
     Ok(())
 }
 

@@ -181,3 +181,23 @@ fn conv_matches_direct_loop() {
         }
     }
 }
+
+#[test]
+fn integer_arithmetic_follows_onnx() {
+    let a = i64t(&[4], &[7, -7, 7, -7]);
+    let b = i64t(&[4], &[3, 3, -3, -3]);
+    let r = |op| run(Op::Binary(op), &[Some(&a), Some(&b)]).swap_remove(0);
+    assert_eq!(r(BinaryOp::Mod).as_i64().unwrap(), &[1, 2, -2, -1]);
+    assert_eq!(r(BinaryOp::Fmod).as_i64().unwrap(), &[1, -1, 1, -1]);
+    assert_eq!(r(BinaryOp::Div).as_i64().unwrap(), &[2, -2, -2, 2]);
+    assert_eq!(r(BinaryOp::Max).as_i64().unwrap(), &[7, 3, 7, -3]);
+    let lt = r(BinaryOp::Less);
+    assert_eq!(lt.bytes(), &[0, 1, 0, 1]);
+    let z = i64t(&[1], &[0]);
+    let e = eval(&Op::Binary(BinaryOp::Div), &[Some(a.view()), Some(z.view())], 1, 1).unwrap_err();
+    assert!(e.0.contains("division by zero"));
+    let ai = Tensor::new(vec![2], crate::tensor::TensorData::I32(vec![5, -5])).unwrap();
+    let bi = Tensor::new(vec![1], crate::tensor::TensorData::I32(vec![3])).unwrap();
+    let m = run(Op::Binary(BinaryOp::Mod), &[Some(&ai), Some(&bi)]).swap_remove(0);
+    assert_eq!(m.bytes(), bytemuck::cast_slice::<i32, u8>(&[2, 1]));
+}
