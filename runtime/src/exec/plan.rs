@@ -107,7 +107,9 @@ impl<'m> Builder<'m> {
                 }
             }
             if let Op::If { then_branch, else_branch } = &node.op {
-                let c = node.inputs[0].expect("validated: If has a condition");
+                let Some(c) = node.inputs[0] else {
+                    return Err(Self::node_err(node, "If without a condition input"));
+                };
                 let cond = match self.view(c) {
                     Some(v) if self.is_known(c) => {
                         let b = v.bool().map_err(|e| Self::node_err(node, e.0))?;

@@ -124,8 +124,20 @@ impl Session {
                     )));
                 }
             }
-            let buffers = plan.buffer_words().iter().map(|&w| vec![0u64; w]).collect();
-            let scratch = vec![0.0f32; plan.scratch_len()];
+            // Fallible allocation: an input shape too large for this device is an error, not an abort.
+            let too_big = |what: &str, n: usize| {
+                Error::Limit(format!("cannot allocate {what} of {n} bytes for input shapes {key:?}"))
+            };
+            let mut buffers = Vec::with_capacity(plan.buffer_words().len());
+            for &w in plan.buffer_words() {
+                let mut b: Vec<u64> = Vec::new();
+                b.try_reserve_exact(w).map_err(|_| too_big("an activation buffer", w * 8))?;
+                b.resize(w, 0);
+                buffers.push(b);
+            }
+            let mut scratch: Vec<f32> = Vec::new();
+            scratch.try_reserve_exact(plan.scratch_len()).map_err(|_| too_big("scratch", plan.scratch_len() * 4))?;
+            scratch.resize(plan.scratch_len(), 0.0);
             if self.plans.len() >= 16 {
                 // Bound memory for callers that cycle through many shapes.
                 self.plans.clear();
