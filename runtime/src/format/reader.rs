@@ -185,7 +185,10 @@ impl ModelFile {
                 )));
             }
         }
-        meta.graph.validate(meta.tensors.len())?;
+        meta.graph.validate(meta.tensors.len()).map_err(|e| match e {
+            Error::Graph(reason) => Error::format(m0 as u64, format!("metadata section: invalid graph: {reason}")),
+            other => other,
+        })?;
         for c in &meta.graph.constants {
             let t = &meta.tensors[c.tensor as usize];
             if t.encoding != TensorEncoding::Dense {
