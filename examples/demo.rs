@@ -17,17 +17,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up (plans the shape)
-    let mut v = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(median(v))
-}
-
 fn ensure_assets() -> Result<()> {
     let needed = [MINILM_L3, MINILM_TOKENIZER, ORT_LIB, SILERO_OP15];
     if needed.iter().all(|a| assets_dir().join(a).exists()) {
@@ -112,8 +101,8 @@ fn main() -> Result<()> {
     for len in [16, 128] {
         let (ids, mask) = tokenize(&[SENTENCES[7]], len)?;
         let ins = [("input_ids", &ids), ("attention_mask", &mask)];
-        let ours = time_ms(20, || session.run(&ins).map(|_| ()).map_err(Into::into))?;
-        let ort = time_ms(20, || reference.run(&ins, &[MINILM_EMBEDDING]).map(|_| ()))?;
+        let (ours, _) = time_ms(1, 20, || session.run(&ins).map(|_| ()).map_err(Into::into))?;
+        let (ort, _) = time_ms(1, 20, || reference.run(&ins, &[MINILM_EMBEDDING]).map(|_| ()))?;
         println!("latency    batch 1, {len:>3} tokens, 1 thread: Acorn {ours:.2} ms | ONNX Runtime {ort:.2} ms (median of 20)");
     }
 

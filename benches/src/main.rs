@@ -97,34 +97,6 @@ struct Measured {
     peak_rss_mb: f64,
 }
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-fn stats(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[((v.len() - 1) as f64 * 0.9).round() as usize])
-}
-
-fn timed(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
-    for _ in 0..3 {
-        f()?;
-    }
-    let mut v = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(stats(v))
-}
-
 fn run_acorn(case: Case, runs: usize, threads: usize) -> Result<Measured> {
     let inputs = case.inputs()?;
     let t = Instant::now();
@@ -132,7 +104,7 @@ fn run_acorn(case: Case, runs: usize, threads: usize) -> Result<Measured> {
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut s = model.session().with_threads(threads).commit()?;
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let (median_ms, p90_ms) = timed(runs, || s.run(&refs).map(|_| ()).map_err(Into::into))?;
+    let (median_ms, p90_ms) = time_ms(3, runs, || s.run(&refs).map(|_| ()).map_err(Into::into))?;
     Ok(Measured { open_ms, median_ms, p90_ms, peak_rss_mb: peak_rss_mb() })
 }
 
@@ -144,7 +116,7 @@ fn run_ort(case: Case, runs: usize, threads: usize) -> Result<Measured> {
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let outs = case.outputs();
-    let (median_ms, p90_ms) = timed(runs, || m.run(&refs, outs).map(|_| ()))?;
+    let (median_ms, p90_ms) = time_ms(3, runs, || m.run(&refs, outs).map(|_| ()))?;
     Ok(Measured { open_ms, median_ms, p90_ms, peak_rss_mb: peak_rss_mb() })
 }
 
@@ -175,7 +147,7 @@ fn run_tract(case: Case, runs: usize) -> Result<Measured> {
         })
         .collect::<TractResult<_>>()
         .map_err(|e| anyhow!("{e}"))?;
-    let (median_ms, p90_ms) = timed(runs, || {
+    let (median_ms, p90_ms) = time_ms(3, runs, || {
         let tv: TVec<TValue> = values.iter().cloned().map(|t| t.into()).collect();
         plan.run(tv).map(|_| ()).map_err(|e| anyhow!("tract run: {e}"))
     })?;

@@ -44,10 +44,11 @@ pub struct ConvertReport {
 
 /// Converts `input` (ONNX) to `output` (.acorn). On error nothing is written.
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    // Read once: the same bytes are hashed for provenance and decoded.
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
+    let proto = onnx::parse_model(&bytes, input)?;
     drop(bytes);
-    let proto = onnx::read_model(input)?;
     let base = input.parent().unwrap_or(Path::new("."));
     let mut m = onnx::import(&proto, base).with_context(|| format!("importing {}", input.display()))?;
     let analysed = onnx::annotate_output_shapes(&proto, &mut m);

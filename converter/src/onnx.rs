@@ -22,11 +22,10 @@ pub struct Imported {
     pub opset: i64,
 }
 
-/// Parses an ONNX file with tract-onnx's protobuf reader.
-pub fn read_model(path: &Path) -> Result<pb::ModelProto> {
-    tract_onnx::onnx()
-        .proto_model_for_path(path)
-        .map_err(|e| anyhow!("{}: not a readable ONNX model: {e}", path.display()))
+/// Decodes ONNX bytes into tract-onnx's protobuf types (`path` names the file in errors).
+pub fn parse_model(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {
+    use prost::Message;
+    pb::ModelProto::decode(bytes).map_err(|e| anyhow!("{}: not a readable ONNX model: {e}", path.display()))
 }
 
 /// Imports an ONNX model into the runtime IR.

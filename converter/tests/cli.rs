@@ -39,6 +39,23 @@ fn write_model(dir: &Path) -> std::path::PathBuf {
     p
 }
 
+/// Converts the small model with the CLI; returns the .acorn path.
+fn convert_small(dir: &Path) -> std::path::PathBuf {
+    let onnx = write_model(dir);
+    let model = dir.join("small.acorn");
+    let o = acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    model
+}
+
+/// Writes `t` as `dir/x.npy`; returns the `--input` argument `x=PATH`.
+fn x_input(dir: &Path, t: &Tensor) -> String {
+    let p = dir.join("x.npy");
+    write_npy(&p, t).unwrap();
+    format!("x={}", p.display())
+}
+
 #[test]
 fn every_command_has_help() {
     for cmd in [
@@ -65,10 +82,8 @@ fn convert_run_inspect_bench() {
     assert!(out.contains("wrote") && out.contains("nodes"), "{out}");
 
     let x = Tensor::from_f32(vec![2, 4], vec![1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 0.5]);
-    let xin = dir.path().join("x.npy");
-    write_npy(&xin, &x).unwrap();
     let outdir = dir.path().join("out");
-    let inp = format!("x={}", xin.display());
+    let inp = x_input(dir.path(), &x);
     let o = acorn(&[
         "run",
         model.to_str().unwrap(),
@@ -113,9 +128,7 @@ fn convert_run_inspect_bench() {
 #[test]
 fn inspect_names_a_damaged_tensor_and_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let onnx = write_model(dir.path());
-    let model = dir.path().join("small.acorn");
-    assert!(acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap()]).status.success());
+    let model = convert_small(dir.path());
     let m = acorn::Model::open(&model).unwrap();
     let w = m.metadata().tensors.iter().find(|t| t.name == "W").unwrap().offset as usize;
     let data_start =
@@ -129,9 +142,7 @@ fn inspect_names_a_damaged_tensor_and_fails() {
     assert!(!o.status.success());
     assert!(err.contains("tensor 'W'"), "{err}");
     // run --verify refuses it too; plain run does not read checksums.
-    let x = dir.path().join("x.npy");
-    write_npy(&x, &Tensor::from_f32(vec![1, 4], vec![0.0; 4])).unwrap();
-    let inp = format!("x={}", x.display());
+    let inp = x_input(dir.path(), &Tensor::from_f32(vec![1, 4], vec![0.0; 4]));
     let od = dir.path().join("o");
     let o = acorn(&["run", model.to_str().unwrap(), "--verify", "--input", &inp, "--output-dir", od.to_str().unwrap()]);
     assert!(!o.status.success());
@@ -148,14 +159,10 @@ fn errors_are_one_line_and_nonzero() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.starts_with("error: ") && err.contains("nope.acorn"), "{err}");
 
-    let onnx = write_model(dir.path());
-    let model = dir.path().join("small.acorn");
-    assert!(acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap()]).status.success());
+    let model = convert_small(dir.path());
     let o = acorn(&["run", model.to_str().unwrap(), "--input", "x", "--output-dir", "o"]);
     assert!(!o.status.success() && text(&o).1.contains("NAME=FILE.npy"));
-    let bad = dir.path().join("x.npy");
-    write_npy(&bad, &Tensor::from_f32(vec![1, 5], vec![0.0; 5])).unwrap();
-    let inp = format!("x={}", bad.display());
+    let inp = x_input(dir.path(), &Tensor::from_f32(vec![1, 5], vec![0.0; 5]));
     let o = acorn(&[
         "run",
         model.to_str().unwrap(),

@@ -259,3 +259,29 @@ pub fn tiny_model_expected(x: &[f32], scale: &[f32]) -> Vec<f32> {
     }
     y
 }
+
+/// Median and p90 in milliseconds of `runs` timed calls of `f`, after `warmup` untimed ones.
+pub fn time_ms(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut v = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let t = std::time::Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok((v[v.len() / 2], v[((v.len() - 1) as f64 * 0.9).round() as usize]))
+}
+
+/// Peak resident set size of this process in MB (Linux `VmHWM`); NaN where unknown.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}

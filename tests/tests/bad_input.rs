@@ -4,7 +4,7 @@
 use acorn::format::Metadata;
 use acorn::{Error, Model, OpenOptions, Tensor};
 use acorn_converter::onnx_build::OnnxBuilder;
-use acorn_tests::{data, write_tiny_model};
+use acorn_tests::data;
 
 fn golden() -> Vec<u8> {
     std::fs::read(data("golden/tiny.acorn")).unwrap()
@@ -206,10 +206,7 @@ fn random_corruption_never_panics() {
 
 #[test]
 fn wrong_inputs_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tiny.acorn");
-    write_tiny_model(&p).unwrap();
-    let m = Model::open(&p).unwrap();
+    let m = open(&golden()).unwrap();
     let mut s = m.session().commit().unwrap();
     let x = Tensor::from_f32(vec![2, 3], vec![0.0; 6]);
     let sc = Tensor::from_f32(vec![2, 1], vec![1.0; 2]);
@@ -245,10 +242,7 @@ fn s_run(m: &Model, inputs: &[(&str, &Tensor)]) -> acorn::Result<Vec<Tensor>> {
 
 #[test]
 fn memory_limit_fails_at_plan_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tiny.acorn");
-    write_tiny_model(&p).unwrap();
-    let m = Model::open(&p).unwrap();
+    let m = open(&golden()).unwrap();
     let mut s = m.session().with_memory_limit(1024).commit().unwrap();
     let x = Tensor::from_f32(vec![1000, 3], vec![0.0; 3000]);
     let sc = Tensor::from_f32(vec![1000, 1], vec![1.0; 1000]);

@@ -156,14 +156,33 @@ impl<'m> Builder<'m> {
             let shape_only = matches!(node.op, Op::Shape { .. } | Op::Size);
             let all_known = node.inputs.iter().flatten().all(|&v| self.is_known(v));
             let small = outs.iter().all(|(_, s)| s.iter().product::<usize>() <= FOLD_LIMIT);
+            let alias = ops::is_alias(&node.op);
+            // Fold now what constants and shapes determine (Shape/Size read only the shape).
+            let folded = if !alias && (shape_only || (all_known && small)) {
+                let ins: Vec<Option<View<'_>>> = facts
+                    .iter()
+                    .map(|f| f.map(|f| f.value.unwrap_or(View { dtype: f.dtype, shape: f.shape, bytes: &[] })))
+                    .collect();
+                Some(
+                    ops::eval_into(&node.op, &ins, &facts, &outs, self.threads)
+                        .map_err(|e| Self::node_err(node, e.0))?,
+                )
+            } else {
+                None
+            };
             drop(facts);
-            if ops::is_alias(&node.op) {
+            if let Some(tensors) = folded {
+                for (&o, t) in node.outputs.iter().zip(tensors) {
+                    let idx = self.folded.len();
+                    self.locs[o as usize] =
+                        Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Folded(idx) });
+                    self.folded.push(t);
+                }
+            } else if alias {
                 let src = node.inputs[0].expect("alias ops have an input");
                 let slot = self.locs[src as usize].as_ref().expect("checked").slot;
                 let (dtype, shape) = outs.into_iter().next().expect("one output");
                 self.locs[node.outputs[0] as usize] = Some(Loc { dtype, shape, slot });
-            } else if shape_only || (all_known && small) {
-                self.fold(node)?;
             } else {
                 self.scratch_len = self.scratch_len.max(scratch);
                 for (&o, (dtype, shape)) in node.outputs.iter().zip(outs) {
@@ -183,34 +202,6 @@ impl<'m> Builder<'m> {
                     outputs: node.outputs.clone(),
                 });
             }
-        }
-        Ok(())
-    }
-
-    /// Computes a node now; its outputs become plan-time constants.
-    fn fold(&mut self, node: &Node) -> Result<()> {
-        let tensors = {
-            let shape_only = matches!(node.op, Op::Shape { .. } | Op::Size);
-            let ins: Vec<Option<View<'_>>> = node
-                .inputs
-                .iter()
-                .map(|i| {
-                    i.map(|v| {
-                        let l = self.locs[v as usize].as_ref().expect("checked");
-                        if shape_only {
-                            View { dtype: l.dtype, shape: &l.shape, bytes: &[] }
-                        } else {
-                            self.view(v).expect("known")
-                        }
-                    })
-                })
-                .collect();
-            ops::eval(&node.op, &ins, node.outputs.len(), self.threads).map_err(|e| Self::node_err(node, e.0))?
-        };
-        for (&o, t) in node.outputs.iter().zip(tensors) {
-            let idx = self.folded.len();
-            self.locs[o as usize] = Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Folded(idx) });
-            self.folded.push(t);
         }
         Ok(())
     }

@@ -1,8 +1,6 @@
 //! Sessions: build → commit → run. A session owns its plans (one per input-shape signature)
 //! and their buffers, so running allocates only the returned output tensors.
 
-use std::collections::HashMap;
-
 use smallvec::SmallVec;
 
 use super::plan::{Plan, Slot};
@@ -45,13 +43,7 @@ impl SessionBuilder {
 
     /// Creates the session.
     pub fn commit(self) -> Result<Session> {
-        Ok(Session {
-            model: self.model,
-            threads: self.threads,
-            memory_limit: self.memory_limit,
-            plans: HashMap::new(),
-            last: None,
-        })
+        Ok(Session { model: self.model, threads: self.threads, memory_limit: self.memory_limit, plans: Vec::new() })
     }
 }
 
@@ -66,10 +58,12 @@ pub struct Session {
     model: Model,
     threads: usize,
     memory_limit: Option<usize>,
-    plans: HashMap<Vec<Vec<usize>>, PlanState>,
-    /// Key of the plan used last: repeated shapes find their plan without allocating.
-    last: Option<Vec<Vec<usize>>>,
+    /// Plans by input shapes (few per session: found by comparing shapes, no key allocation).
+    plans: Vec<(Vec<Vec<usize>>, PlanState)>,
 }
+
+/// Most plans a session keeps; callers cycling through more shapes re-plan the oldest.
+const MAX_PLANS: usize = 16;
 
 impl Session {
     /// The model this session runs.
@@ -81,9 +75,8 @@ impl Session {
     /// activation memory the plan uses.
     pub fn prepare(&mut self, inputs: &[(&str, &Tensor)]) -> Result<usize> {
         let ordered = self.order_inputs(inputs)?;
-        let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
-        let st = self.plan_for(key, &ordered)?;
-        Ok(st.plan.arena_bytes())
+        let i = self.plan_index(&ordered)?;
+        Ok(self.plans[i].1.plan.arena_bytes())
     }
 
     fn order_inputs<'t>(&self, inputs: &[(&str, &'t Tensor)]) -> Result<SmallVec<[&'t Tensor; 8]>> {
@@ -113,56 +106,50 @@ impl Session {
         Ok(out)
     }
 
-    fn plan_for(&mut self, key: Vec<Vec<usize>>, ordered: &[&Tensor]) -> Result<&mut PlanState> {
-        if !self.plans.contains_key(&key) {
-            let plan = Plan::build(&self.model, ordered, self.threads)?;
-            let bytes = plan.arena_bytes();
-            if let Some(limit) = self.memory_limit {
-                if bytes > limit {
-                    return Err(Error::Limit(format!(
-                        "activations for input shapes {key:?} need {bytes} bytes, above the session's limit of {limit}"
-                    )));
-                }
-            }
-            // Fallible allocation: an input shape too large for this device is an error, not an abort.
-            let too_big = |what: &str, n: usize| {
-                Error::Limit(format!("cannot allocate {what} of {n} bytes for input shapes {key:?}"))
-            };
-            let mut buffers = Vec::with_capacity(plan.buffer_words().len());
-            for &w in plan.buffer_words() {
-                let mut b: Vec<u64> = Vec::new();
-                b.try_reserve_exact(w).map_err(|_| too_big("an activation buffer", w * 8))?;
-                b.resize(w, 0);
-                buffers.push(b);
-            }
-            let mut scratch: Vec<f32> = Vec::new();
-            scratch.try_reserve_exact(plan.scratch_len()).map_err(|_| too_big("scratch", plan.scratch_len() * 4))?;
-            scratch.resize(plan.scratch_len(), 0.0);
-            if self.plans.len() >= 16 {
-                // Bound memory for callers that cycle through many shapes.
-                self.plans.clear();
-                self.last = None;
-            }
-            self.plans.insert(key.clone(), PlanState { plan, buffers, scratch });
+    /// Index of the plan for these inputs' shapes, building it on first use.
+    fn plan_index(&mut self, ordered: &[&Tensor]) -> Result<usize> {
+        let same = |key: &[Vec<usize>]| key.iter().zip(ordered).all(|(s, t)| s.as_slice() == t.shape());
+        if let Some(i) = self.plans.iter().position(|(key, _)| same(key)) {
+            return Ok(i);
         }
-        Ok(self.plans.get_mut(&key).expect("inserted above"))
+        let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = Plan::build(&self.model, ordered, self.threads)?;
+        let bytes = plan.arena_bytes();
+        if let Some(limit) = self.memory_limit {
+            if bytes > limit {
+                return Err(Error::Limit(format!(
+                    "activations for input shapes {key:?} need {bytes} bytes, above the session's limit of {limit}"
+                )));
+            }
+        }
+        // Fallible allocation: an input shape too large for this device is an error, not an abort.
+        let too_big = |what: &str, n: usize| {
+            Error::Limit(format!("cannot allocate {what} of {n} bytes for input shapes {key:?}"))
+        };
+        let mut buffers = Vec::with_capacity(plan.buffer_words().len());
+        for &w in plan.buffer_words() {
+            let mut b: Vec<u64> = Vec::new();
+            b.try_reserve_exact(w).map_err(|_| too_big("an activation buffer", w * 8))?;
+            b.resize(w, 0);
+            buffers.push(b);
+        }
+        let mut scratch: Vec<f32> = Vec::new();
+        scratch.try_reserve_exact(plan.scratch_len()).map_err(|_| too_big("scratch", plan.scratch_len() * 4))?;
+        scratch.resize(plan.scratch_len(), 0.0);
+        if self.plans.len() >= MAX_PLANS {
+            self.plans.remove(0);
+        }
+        self.plans.push((key, PlanState { plan, buffers, scratch }));
+        Ok(self.plans.len() - 1)
     }
 
     /// Runs the model on named inputs; returns the outputs in the model's output order.
     pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
         let ordered = self.order_inputs(inputs)?;
-        let same_as_last = self.last.as_ref().is_some_and(|k| {
-            k.len() == ordered.len() && k.iter().zip(&ordered).all(|(s, t)| s.as_slice() == t.shape())
-        });
-        if !same_as_last {
-            let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
-            self.plan_for(key.clone(), &ordered)?;
-            self.last = Some(key);
-        }
-        let model = self.model.clone();
-        let threads = self.threads;
-        let st = self.plans.get_mut(self.last.as_ref().expect("set above")).expect("planned above");
-        let PlanState { plan, buffers, scratch } = st;
+        let i = self.plan_index(&ordered)?;
+        let Session { model, threads, plans, .. } = self;
+        let threads = *threads;
+        let PlanState { plan, buffers, scratch } = &mut plans[i].1;
         let file = &model.file;
         for step in plan.steps() {
             // Take the output buffers out of the pool (no allocation: Vec moves).

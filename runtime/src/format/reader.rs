@@ -233,15 +233,21 @@ impl ModelFile {
     /// Verifies all tensor checksums and the data section checksum; the error names the first
     /// damaged tensor.
     pub fn verify_data(&self) -> Result<()> {
-        for c in self.check_tensors() {
+        for (i, c) in self.check_tensors().into_iter().enumerate() {
             if !c.ok {
+                let at = self.data_offset as u64 + self.meta.tensors[i].offset;
                 return Err(Error::Checksum {
-                    what: format!("tensor '{}'", c.name),
+                    what: format!("tensor '{}' (bytes at offset {at})", c.name),
                     stored: c.stored,
                     computed: c.computed,
                 });
             }
         }
+        self.check_data_section()
+    }
+
+    /// Checks the CRC of the whole tensor-data section (tensors and the padding between them).
+    pub fn check_data_section(&self) -> Result<()> {
         let b = self.storage.bytes();
         let computed = crc32fast::hash(&b[self.data_offset..self.data_offset + self.data_len]);
         if computed != self.data_crc32 {

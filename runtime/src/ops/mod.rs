@@ -154,16 +154,24 @@ pub fn eval(
         })
         .collect();
     let outs = infer(op, &facts, n_out)?;
+    eval_into(op, inputs, &facts, &outs, threads)
+}
+
+/// Runs `op` into new tensors of the already inferred `outs` (the planner infers first).
+pub fn eval_into(
+    op: &Op,
+    inputs: &[Option<View<'_>>],
+    facts: &[Option<Fact<'_>>],
+    outs: &[OutFact],
+    threads: usize,
+) -> OpResult<Vec<crate::tensor::Tensor>> {
     let mut tensors = Vec::with_capacity(outs.len());
-    for (d, s) in &outs {
+    for (d, s) in outs {
         tensors.push(crate::tensor::Tensor::zeros(*d, s.clone()).map_err(|e| OpError(e.to_string()))?);
     }
-    let mut outv: Vec<ViewMut<'_>> = tensors
-        .iter_mut()
-        .zip(&outs)
-        .map(|(t, (d, s))| ViewMut { dtype: *d, shape: s, bytes: t.bytes_mut() })
-        .collect();
-    let mut scratch = vec![0.0f32; scratch_len(op, &facts, &outs)];
+    let mut outv: Vec<ViewMut<'_>> =
+        tensors.iter_mut().zip(outs).map(|(t, (d, s))| ViewMut { dtype: *d, shape: s, bytes: t.bytes_mut() }).collect();
+    let mut scratch = vec![0.0f32; scratch_len(op, facts, outs)];
     let mut ctx = Ctx { threads, scratch: &mut scratch };
     run(op, inputs, &mut outv, &mut ctx)?;
     drop(outv);

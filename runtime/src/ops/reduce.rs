@@ -130,35 +130,10 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let n = x.shape[a];
             let inner = numel(&x.shape[a + 1..]);
             let o = out.i64()?;
-            let vals: Vec<f64>;
-            let data: &[f64] = match x.dtype {
-                DType::F32 => {
-                    vals = x.f32()?.iter().map(|&v| v as f64).collect();
-                    &vals
-                }
-                _ => {
-                    vals = x.i64()?.iter().map(|&v| v as f64).collect();
-                    &vals
-                }
-            };
-            for oi in 0..outer {
-                for ii in 0..inner {
-                    let mut best = 0usize;
-                    let mut bv = data[oi * n * inner + ii];
-                    for k in 1..n {
-                        let v = data[(oi * n + k) * inner + ii];
-                        let better = if *max {
-                            v > bv || (*select_last_index && v == bv)
-                        } else {
-                            v < bv || (*select_last_index && v == bv)
-                        };
-                        if better {
-                            best = k;
-                            bv = v;
-                        }
-                    }
-                    o[oi * inner + ii] = best as i64;
-                }
+            let dims = (outer, n, inner);
+            match x.dtype {
+                DType::F32 => arg_extreme(x.f32()?, dims, *max, *select_last_index, o),
+                _ => arg_extreme(x.i64()?, dims, *max, *select_last_index, o),
             }
             Ok(())
         }
@@ -173,6 +148,32 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             Ok(())
         }
         _ => op_bail!("not a reduction"),
+    }
+}
+
+/// Index of the largest (`max`) or smallest value along the middle axis of `[outer, n, inner]`;
+/// ties go to the first index unless `last`.
+fn arg_extreme<T: PartialOrd + Copy>(
+    data: &[T],
+    (outer, n, inner): (usize, usize, usize),
+    max: bool,
+    last: bool,
+    o: &mut [i64],
+) {
+    for oi in 0..outer {
+        for ii in 0..inner {
+            let mut best = 0usize;
+            let mut bv = data[oi * n * inner + ii];
+            for k in 1..n {
+                let v = data[(oi * n + k) * inner + ii];
+                let better = if max { v > bv } else { v < bv } || (last && v == bv);
+                if better {
+                    best = k;
+                    bv = v;
+                }
+            }
+            o[oi * inner + ii] = best as i64;
+        }
     }
 }
 

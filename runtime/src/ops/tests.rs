@@ -201,3 +201,19 @@ fn integer_arithmetic_follows_onnx() {
     let m = run(Op::Binary(BinaryOp::Mod), &[Some(&ai), Some(&bi)]).swap_remove(0);
     assert_eq!(m.bytes(), bytemuck::cast_slice::<i32, u8>(&[2, 1]));
 }
+
+#[test]
+fn arg_max_and_min_with_ties() {
+    let x = f32t(&[2, 3], &[1., 5., 5., 2., 0., 0.]);
+    let r = |max, last| {
+        run(Op::ArgExtreme { max, axis: 1, keepdims: false, select_last_index: last }, &[Some(&x)]).swap_remove(0)
+    };
+    assert_eq!(r(true, false).as_i64().unwrap(), &[1, 0]);
+    assert_eq!(r(true, true).as_i64().unwrap(), &[2, 0]);
+    assert_eq!(r(false, false).as_i64().unwrap(), &[0, 1]);
+    assert_eq!(r(false, true).as_i64().unwrap(), &[0, 2]);
+    let xi = i64t(&[3], &[4, 9, 9]);
+    let m = run(Op::ArgExtreme { max: true, axis: 0, keepdims: true, select_last_index: false }, &[Some(&xi)]);
+    assert_eq!(m[0].shape(), &[1]);
+    assert_eq!(m[0].as_i64().unwrap(), &[1]);
+}
