@@ -20,6 +20,7 @@ use acorn::format::{write_model, PassRecord, Provenance, TensorEncoding, TensorP
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+pub mod conformance;
 pub mod npy;
 pub mod onnx;
 pub mod onnx_build;
@@ -30,6 +31,8 @@ pub mod passes;
 pub struct ConvertOptions {
     /// Skip constant folding (for debugging the importer).
     pub no_fold: bool,
+    /// Skip tract's symbolic shape analysis of the outputs (they keep their declared shapes).
+    pub no_shape_analysis: bool,
 }
 
 /// What a conversion produced.
@@ -42,16 +45,18 @@ pub struct ConvertReport {
     pub passes: Vec<PassRecord>,
 }
 
-/// Converts `input` (ONNX) to `output` (.acorn). On error nothing is written.
-pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
-    // Read once: the same bytes are hashed for provenance and decoded.
-    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    let sha = hex(&Sha256::digest(&bytes));
-    let proto = onnx::parse_model(&bytes, input)?;
-    drop(bytes);
-    let base = input.parent().unwrap_or(Path::new("."));
-    let mut m = onnx::import(&proto, base).with_context(|| format!("importing {}", input.display()))?;
-    let analysed = onnx::annotate_output_shapes(&proto, &mut m);
+/// Imports ONNX bytes and runs the graph passes: everything [`convert`] does except writing.
+/// `base_dir` is where external tensor data is looked up. Returns the lowered model and the pass
+/// records; the graph has been validated.
+pub fn lower(
+    bytes: &[u8],
+    name: &Path,
+    base_dir: &Path,
+    opts: &ConvertOptions,
+) -> Result<(onnx::Imported, Vec<PassRecord>)> {
+    let proto = onnx::parse_model(bytes, name)?;
+    let mut m = onnx::import(&proto, base_dir).with_context(|| format!("importing {}", name.display()))?;
+    let analysed = !opts.no_shape_analysis && onnx::annotate_output_shapes(&proto, &mut m);
     drop(proto);
     let mut records = vec![PassRecord {
         name: "import_onnx".into(),
@@ -65,6 +70,26 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         records.push(passes::fold_constants(&mut m)?);
     }
     records.push(passes::eliminate_dead(&mut m)?);
+    m.graph.validate(m.tensors.len()).with_context(|| format!("importing {}", name.display()))?;
+    Ok((m, records))
+}
+
+/// [`lower`] for bytes with no file behind them (external tensor data is not found), without
+/// tract's shape analysis (third-party code): what the ONNX-import fuzz target drives.
+pub fn import_bytes(bytes: &[u8]) -> Result<onnx::Imported> {
+    let nowhere = Path::new("/nonexistent-acorn-external-data");
+    let opts = ConvertOptions { no_shape_analysis: true, ..ConvertOptions::default() };
+    Ok(lower(bytes, Path::new("<memory>"), nowhere, &opts)?.0)
+}
+
+/// Converts `input` (ONNX) to `output` (.acorn). On error nothing is written.
+pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    // Read once: the same bytes are hashed for provenance and decoded.
+    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let sha = hex(&Sha256::digest(&bytes));
+    let base = input.parent().unwrap_or(Path::new("."));
+    let (m, records) = lower(&bytes, input, base, opts)?;
+    drop(bytes);
     let provenance = Provenance {
         source_name: input.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         source_sha256: sha,

@@ -128,7 +128,16 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
         let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
         let loc = get("location").ok_or_else(|| anyhow!("tensor '{}': external data without location", t.name))?;
         let offset: u64 = get("offset").map(|s| s.parse()).transpose()?.unwrap_or(0);
-        let path = base_dir.join(&loc);
+        // The ONNX rule: a location is relative to the model's folder. Refuse anything that
+        // could read elsewhere (absolute paths, `..`).
+        let rel = Path::new(&loc);
+        if !rel.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+            bail!(
+                "tensor '{}': external data location '{loc}' must be a relative path inside the model's folder",
+                t.name
+            );
+        }
+        let path = base_dir.join(rel);
         let bytes = std::fs::read(&path).with_context(|| format!("reading external data {}", path.display()))?;
         let len = n * if dtype == DType::F16 { 2 } else { dtype.size() };
         let start = offset as usize;
@@ -599,34 +608,41 @@ fn constant_value(a: &Attrs<'_>, base: &Path) -> Result<Tensor> {
 /// exporter's placeholder names. Returns false (and leaves the declared shapes) when tract
 /// cannot analyse the graph, e.g. for data-dependent `If`.
 pub fn annotate_output_shapes(proto: &pb::ModelProto, m: &mut Imported) -> bool {
-    let analysed = (|| -> tract_onnx::prelude::TractResult<Vec<Vec<Dim>>> {
-        use tract_onnx::prelude::InferenceModelExt;
-        let model = tract_onnx::onnx().model_for_proto_model(proto)?;
-        let typed = model.into_typed()?;
-        let mut shapes = Vec::new();
-        for outlet in typed.output_outlets()? {
-            let fact = typed.outlet_fact(*outlet)?;
-            shapes.push(
-                fact.shape
-                    .iter()
-                    .map(|d| match d.to_i64() {
-                        Ok(n) if n >= 0 => Dim::Fixed(n as u64),
-                        _ => Dim::Sym(d.to_string()),
-                    })
-                    .collect(),
-            );
-        }
-        Ok(shapes)
-    })();
+    // tract is third-party code: a panic in its analysis of an odd graph costs only the annotation.
+    let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        || -> tract_onnx::prelude::TractResult<Vec<Vec<Dim>>> {
+            use tract_onnx::prelude::InferenceModelExt;
+            let model = tract_onnx::onnx().model_for_proto_model(proto)?;
+            let typed = model.into_typed()?;
+            let mut shapes = Vec::new();
+            for outlet in typed.output_outlets()? {
+                let fact = typed.outlet_fact(*outlet)?;
+                shapes.push(
+                    fact.shape
+                        .iter()
+                        .map(|d| match d.to_i64() {
+                            Ok(n) if n >= 0 => Dim::Fixed(n as u64),
+                            _ => Dim::Sym(d.to_string()),
+                        })
+                        .collect(),
+                );
+            }
+            Ok(shapes)
+        },
+    ));
     match analysed {
-        Ok(shapes) if shapes.len() == m.graph.outputs.len() => {
+        Err(_) => {
+            log::info!("tract panicked analysing the graph; keeping declared output shapes");
+            false
+        }
+        Ok(Ok(shapes)) if shapes.len() == m.graph.outputs.len() => {
             for (o, s) in m.graph.outputs.iter_mut().zip(shapes) {
                 o.dims = Some(s);
             }
             true
         }
-        Ok(_) => false,
-        Err(e) => {
+        Ok(Ok(_)) => false,
+        Ok(Err(e)) => {
             log::info!("tract could not analyse the graph ({e}); keeping declared output shapes");
             false
         }

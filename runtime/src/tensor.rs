@@ -69,8 +69,9 @@ pub struct Tensor {
     data: TensorData,
 }
 
-fn numel(shape: &[usize]) -> usize {
-    shape.iter().product()
+/// Element count; saturates at `usize::MAX` (a shape that large is refused on allocation).
+pub(crate) fn numel(shape: &[usize]) -> usize {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX)
 }
 
 impl Tensor {
@@ -102,13 +103,21 @@ impl Tensor {
     /// A zero-filled tensor of the given type.
     pub fn zeros(dtype: DType, shape: Vec<usize>) -> crate::Result<Tensor> {
         let n = numel(&shape);
+        // Fallible: a shape too large for this device is an error, not an abort.
+        fn zeroed<T: Clone + Default>(n: usize) -> crate::Result<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n)
+                .map_err(|_| crate::Error::Limit(format!("cannot allocate a tensor of {n} elements")))?;
+            v.resize(n, T::default());
+            Ok(v)
+        }
         let data = match dtype {
-            DType::F32 => TensorData::F32(vec![0.0; n]),
-            DType::I64 => TensorData::I64(vec![0; n]),
-            DType::I32 => TensorData::I32(vec![0; n]),
-            DType::I8 => TensorData::I8(vec![0; n]),
-            DType::U8 => TensorData::U8(vec![0; n]),
-            DType::Bool => TensorData::Bool(vec![0; n]),
+            DType::F32 => TensorData::F32(zeroed(n)?),
+            DType::I64 => TensorData::I64(zeroed(n)?),
+            DType::I32 => TensorData::I32(zeroed(n)?),
+            DType::I8 => TensorData::I8(zeroed(n)?),
+            DType::U8 => TensorData::U8(zeroed(n)?),
+            DType::Bool => TensorData::Bool(zeroed(n)?),
             DType::F16 => return Err(crate::Error::Unsupported("f16 tensors as runtime values".into())),
         };
         Ok(Tensor { shape, data })

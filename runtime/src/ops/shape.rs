@@ -284,8 +284,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             let n = match x.dtype {
                 DType::F32 => {
                     let g = |f: &Fact<'_>| -> OpResult<f32> {
-                        f.value
-                            .ok_or_else(|| crate::error::OpError("Range inputs must be known when planning".into()))?
+                        f.known("Range bounds")?
                             .f32()?
                             .first()
                             .copied()

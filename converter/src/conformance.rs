@@ -1,0 +1,340 @@
+//! The ONNX backend node-test runner: converts each `model.onnx` of the official suite
+//! (`onnx/backend/test/data/node/<test>/`), runs it on every `test_data_set_*` and compares each
+//! output with the expected one (dtype, shape, and values within rtol 1e-3 / atol 1e-5, the ONNX
+//! backend tests' tolerance). Results feed `acorn conformance` and `docs/CONFORMANCE.md`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use acorn::tensor::TensorData;
+use acorn::{Model, OpenOptions, Tensor};
+use anyhow::{anyhow, bail, Context, Result};
+use tract_onnx::pb;
+
+use crate::onnx::tensor_from_proto;
+
+/// Relative tolerance of the comparison.
+pub const RTOL: f64 = 1e-3;
+/// Absolute tolerance of the comparison.
+pub const ATOL: f64 = 1e-5;
+
+/// How one test ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    Passed,
+    /// Converted and ran, but an output differs (or the runtime returned an error / panicked).
+    Failed,
+    /// The converter or runtime declined with a clear "unsupported" error (op, dtype, input kind).
+    Unsupported,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Passed => "passed",
+            Outcome::Failed => "failed",
+            Outcome::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// One test's result.
+#[derive(Clone, Debug)]
+pub struct CaseResult {
+    /// Test directory name (`test_add_bcast`).
+    pub name: String,
+    /// The ONNX op the test is about (see [`test_op`]).
+    pub op: String,
+    pub outcome: Outcome,
+    /// Why it did not pass (empty when it passed).
+    pub reason: String,
+}
+
+/// Lists the test directories (those holding a `model.onnx`) in name order.
+pub fn list_tests(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.join("model.onnx").is_file() {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Runs one test directory. Never panics: a panic inside the converter or runtime is caught and
+/// reported as a failure naming it (it is a bug to fix, not a test to skip).
+pub fn run_case(dir: &Path, scratch: &Path) -> CaseResult {
+    let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let bytes = std::fs::read(dir.join("model.onnx")).unwrap_or_default();
+    let proto = crate::onnx::parse_model(&bytes, &dir.join("model.onnx")).ok();
+    let op = proto.as_ref().map(|m| test_op(&name, m)).unwrap_or_else(|| "?".into());
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case_inner(dir, scratch)));
+    let (outcome, reason) = match res {
+        Ok(Ok(())) => (Outcome::Passed, String::new()),
+        Ok(Err(e)) => {
+            let msg = format!("{e:#}");
+            (classify(&msg), msg)
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            (Outcome::Failed, format!("PANIC: {what}"))
+        }
+    };
+    CaseResult { name, op, outcome, reason: one_line(&reason) }
+}
+
+fn one_line(s: &str) -> String {
+    let s = s.replace('\n', " ");
+    if s.chars().count() > 240 {
+        s.chars().take(240).collect::<String>() + "…"
+    } else {
+        s
+    }
+}
+
+fn classify(msg: &str) -> Outcome {
+    let unsupported = ["unsupported ONNX ops", "is not supported", "unsupported:", "not a tensor", "sequence input"];
+    if unsupported.iter().any(|u| msg.contains(u)) {
+        Outcome::Unsupported
+    } else {
+        Outcome::Failed
+    }
+}
+
+fn run_case_inner(dir: &Path, scratch: &Path) -> Result<()> {
+    let out = scratch.join("case.acorn");
+    crate::convert(&dir.join("model.onnx"), &out, &crate::ConvertOptions::default())?;
+    let model = Model::open_with(&out, &OpenOptions::default())?;
+    let mut session = model.session().commit()?;
+    let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_")))
+        .collect();
+    sets.sort();
+    if sets.is_empty() {
+        bail!("no test_data_set_* folder");
+    }
+    let input_names: Vec<String> = model.inputs().iter().map(|i| i.name.clone()).collect();
+    let output_names: Vec<String> = model.outputs().iter().map(|o| o.name.clone()).collect();
+    for set in sets {
+        let inputs = read_pbs(&set, "input_")?;
+        let expected = read_pbs(&set, "output_")?;
+        if inputs.len() != input_names.len() {
+            bail!("test data has {} inputs, the model {}", inputs.len(), input_names.len());
+        }
+        if expected.len() != output_names.len() {
+            bail!("test data has {} outputs, the model {}", expected.len(), output_names.len());
+        }
+        let feed: Vec<(&str, &Tensor)> = input_names.iter().map(|s| s.as_str()).zip(inputs.iter()).collect();
+        let got = session.run(&feed)?;
+        for ((name, g), want) in output_names.iter().zip(&got).zip(&expected) {
+            compare(g, want).map_err(|e| anyhow!("output '{name}': {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn read_pbs(set: &Path, prefix: &str) -> Result<Vec<Tensor>> {
+    use prost::Message;
+    let mut files: Vec<(usize, PathBuf)> = std::fs::read_dir(set)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let n = p.file_name()?.to_string_lossy().into_owned();
+            let idx = n.strip_prefix(prefix)?.strip_suffix(".pb")?.parse().ok()?;
+            Some((idx, p))
+        })
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|(_, p)| {
+            let bytes = std::fs::read(p)?;
+            let t = pb::TensorProto::decode(bytes.as_slice())
+                .map_err(|_| anyhow!("{}: sequence input or not a TensorProto", p.display()))?;
+            if t.data_type == 0 {
+                bail!("{}: sequence input or optional input (not a tensor)", p.display());
+            }
+            tensor_from_proto(&t, set)
+        })
+        .collect()
+}
+
+/// Compares one output with the expected tensor: dtype, shape, then values
+/// (`|got − want| ≤ atol + rtol·|want|`, NaN equal to NaN, exact for integers and booleans).
+pub fn compare(got: &Tensor, want: &Tensor) -> Result<()> {
+    if got.dtype() != want.dtype() {
+        bail!("dtype {} != expected {}", got.dtype().name(), want.dtype().name());
+    }
+    if got.shape() != want.shape() {
+        bail!("shape {:?} != expected {:?}", got.shape(), want.shape());
+    }
+    let close = |g: f64, w: f64| (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= ATOL + RTOL * w.abs();
+    let check = |i: usize, g: f64, w: f64| -> Result<()> {
+        if close(g, w) {
+            Ok(())
+        } else {
+            bail!("value {i}: {g} != expected {w}")
+        }
+    };
+    match (got.data(), want.data()) {
+        (TensorData::F32(a), TensorData::F32(b)) => {
+            a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| check(i, g as f64, w as f64))
+        }
+        _ if got.bytes() == want.bytes() => Ok(()),
+        _ => {
+            let (a, b) = (got.view().to_i64_vec(), want.view().to_i64_vec());
+            match (a, b) {
+                (Ok(a), Ok(b)) => match a.iter().zip(&b).position(|(x, y)| x != y) {
+                    Some(i) => bail!("value {i}: {} != expected {}", a[i], b[i]),
+                    None => Ok(()),
+                },
+                _ => bail!("values differ"),
+            }
+        }
+    }
+}
+
+/// The op a test is about: the graph's op whose snake-case name starts the test name
+/// (`test_layer_normalization_2d_expanded` → LayerNormalization), else the first node's op.
+pub fn test_op(test_name: &str, model: &pb::ModelProto) -> String {
+    let Some(g) = model.graph.as_ref() else { return "?".into() };
+    let stem = test_name.strip_prefix("test_").unwrap_or(test_name);
+    let mut best: Option<(&str, usize)> = None;
+    // Test names spell ops either snake_case (`layer_normalization`) or flat (`argmax`).
+    for n in &g.node {
+        let (snake, flat) = (snake_case(&n.op_type), n.op_type.to_ascii_lowercase());
+        let len = if stem.starts_with(&snake) {
+            snake.len()
+        } else if stem.starts_with(&flat) {
+            flat.len()
+        } else {
+            continue;
+        };
+        if best.is_none_or(|(_, l)| len > l) {
+            best = Some((&n.op_type, len));
+        }
+    }
+    let best = best.map(|(op, _)| op);
+    best.or(g.node.first().map(|n| n.op_type.as_str())).unwrap_or("?").to_string()
+}
+
+fn snake_case(s: &str) -> String {
+    let mut out = String::new();
+    let chars: Vec<char> = s.chars().collect();
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_ascii_uppercase() {
+            let prev_lower = i > 0 && (chars[i - 1].is_ascii_lowercase() || chars[i - 1].is_ascii_digit());
+            let next_lower = chars.get(i + 1).is_some_and(|n| n.is_ascii_lowercase());
+            let prev_upper = i > 0 && chars[i - 1].is_ascii_uppercase();
+            if i > 0 && (prev_lower || (prev_upper && next_lower)) {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Totals of a run.
+pub fn totals(results: &[CaseResult]) -> (usize, usize, usize) {
+    let count = |o| results.iter().filter(|r| r.outcome == o).count();
+    (count(Outcome::Passed), count(Outcome::Failed), count(Outcome::Unsupported))
+}
+
+/// Renders the Markdown report: totals, then a per-op table with the reasons for non-passing tests.
+pub fn markdown(results: &[CaseResult], header: &str) -> String {
+    let (p, f, u) = totals(results);
+    let mut s = String::new();
+    let _ = writeln!(s, "# ONNX conformance\n\n{header}\n");
+    let _ = writeln!(
+        s,
+        "**{p} of {} node tests pass** ({f} failed, {u} unsupported). Tolerance: rtol {RTOL}, atol {ATOL}; \
+         dtype and shape must match exactly.\n",
+        results.len()
+    );
+    let mut by_op: BTreeMap<&str, Vec<&CaseResult>> = BTreeMap::new();
+    for r in results {
+        by_op.entry(r.op.as_str()).or_default().push(r);
+    }
+    let _ = writeln!(
+        s,
+        "## Per op\n\n| op | passed | failed | unsupported | why not (first reasons) |\n|---|---|---|---|---|"
+    );
+    for (op, rs) in &by_op {
+        let c = |o| rs.iter().filter(|r| r.outcome == o).count();
+        let mut why: Vec<String> = Vec::new();
+        for r in rs.iter().filter(|r| r.outcome != Outcome::Passed) {
+            let w = short_reason(&r.reason);
+            if !why.contains(&w) && why.len() < 3 {
+                why.push(w);
+            }
+        }
+        let _ = writeln!(
+            s,
+            "| {op} | {} | {} | {} | {} |",
+            c(Outcome::Passed),
+            c(Outcome::Failed),
+            c(Outcome::Unsupported),
+            why.join("; ").replace('|', "\\|")
+        );
+    }
+    let _ = writeln!(s, "\n## Every test that does not pass\n\n| test | outcome | reason |\n|---|---|---|");
+    for r in results.iter().filter(|r| r.outcome != Outcome::Passed) {
+        let _ = writeln!(s, "| {} | {} | {} |", r.name, r.outcome.name(), short_reason(&r.reason).replace('|', "\\|"));
+    }
+    s
+}
+
+/// Strips file paths from a reason so the report is stable across machines.
+fn short_reason(r: &str) -> String {
+    let r = r.split(": importing ").last().unwrap_or(r);
+    let mut out = String::new();
+    for word in r.split(' ') {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if word.contains('/') && (word.contains(".onnx") || word.contains(".pb") || word.contains(".acorn")) {
+            out.push_str("<file>");
+        } else {
+            out.push_str(word);
+        }
+    }
+    if out.chars().count() > 160 {
+        out = out.chars().take(160).collect::<String>() + "…";
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snake_case_matches_onnx_test_names() {
+        assert_eq!(snake_case("LayerNormalization"), "layer_normalization");
+        assert_eq!(snake_case("GRU"), "gru");
+        assert_eq!(snake_case("QLinearMatMul"), "q_linear_mat_mul");
+        assert_eq!(snake_case("ArgMax"), "arg_max");
+        assert_eq!(snake_case("HardSwish"), "hard_swish");
+    }
+
+    #[test]
+    fn compare_checks_dtype_shape_and_tolerance() {
+        let a = Tensor::from_f32(vec![2], vec![1.0, 2.0]);
+        assert!(compare(&a, &Tensor::from_f32(vec![2], vec![1.0, 2.01])).is_err());
+        assert!(compare(&a, &Tensor::from_f32(vec![2], vec![1.0, 2.001])).is_ok());
+        assert!(compare(&a, &Tensor::from_f32(vec![1, 2], vec![1.0, 2.0])).is_err());
+        assert!(compare(&a, &Tensor::from_i64(vec![2], vec![1, 2])).is_err());
+        let nan = Tensor::from_f32(vec![1], vec![f32::NAN]);
+        assert!(compare(&nan, &nan.clone()).is_ok());
+    }
+}

@@ -1,0 +1,34 @@
+//! The ONNX backend node test suite (onnx==1.22.0): every test listed in
+//! `tests/data/conformance_passing.txt` must still pass, so the pass count never drops below the
+//! committed baseline. Regenerate the baseline and `docs/CONFORMANCE.md` with
+//! `acorn conformance <suite> --passing tests/data/conformance_passing.txt --markdown docs/CONFORMANCE.md`.
+
+use acorn_converter::conformance::{self, Outcome};
+use acorn_tests::{asset, repo_root, ONNX_NODE_TESTS};
+
+#[test]
+fn node_suite_keeps_its_baseline() {
+    let suite = asset(ONNX_NODE_TESTS);
+    let baseline_path = repo_root().join("tests/data/conformance_passing.txt");
+    let baseline = std::fs::read_to_string(&baseline_path).expect("baseline file");
+    let expected: Vec<&str> = baseline.lines().filter(|l| !l.is_empty()).collect();
+    let scratch = tempfile::tempdir().unwrap();
+    let tests = conformance::list_tests(&suite).unwrap();
+    assert_eq!(tests.len(), 1765, "the onnx 1.22.0 node suite has 1765 tests");
+    let results: Vec<_> = tests.iter().map(|t| conformance::run_case(t, scratch.path())).collect();
+    let (passed, failed, unsupported) = conformance::totals(&results);
+    println!("conformance: {passed} passed, {failed} failed, {unsupported} unsupported of {}", results.len());
+    let regressions: Vec<String> = expected
+        .iter()
+        .filter_map(|name| match results.iter().find(|r| r.name == *name) {
+            Some(r) if r.outcome == Outcome::Passed => None,
+            Some(r) => Some(format!("{name}: {} ({})", r.outcome.name(), r.reason)),
+            None => Some(format!("{name}: missing from the suite")),
+        })
+        .collect();
+    assert!(regressions.is_empty(), "{} baseline tests no longer pass:\n{}", regressions.len(), regressions.join("\n"));
+    assert!(passed >= expected.len(), "{passed} passed, baseline {}", expected.len());
+    // No test may crash the converter or runtime: panics are bugs even in unsupported corners.
+    let panics: Vec<&str> = results.iter().filter(|r| r.reason.starts_with("PANIC")).map(|r| r.name.as_str()).collect();
+    assert!(panics.is_empty(), "panics in: {panics:?}");
+}
