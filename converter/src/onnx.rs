@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use acorn::graph::{
-    Activation, AutoPad, BinaryOp, ConstBinding, ConvAttrs, Dim, Graph, IoSpec, LstmAttrs, Node, Op, PadMode, ReduceOp,
-    RnnDirection, Scalar, SubGraph, UnaryOp, ValueId, ValueInfo,
+    Activation, AutoPad, BinaryOp, ConstBinding, ConvAttrs, Dim, Graph, IoSpec, LossReduction, LstmAttrs, Node, Op,
+    PadMode, ReduceOp, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId, ValueInfo,
 };
 use acorn::tensor::{DType, Tensor, TensorData};
 use anyhow::{anyhow, bail, Context, Result};
@@ -44,6 +44,7 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
         opset,
         unsupported: Vec::new(),
         base_dir: base_dir.to_path_buf(),
+        extra_nodes: Vec::new(),
     };
     // Initializers first (older exporters also list them as graph inputs: those are not inputs).
     let init_names: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -202,6 +203,8 @@ struct Importer {
     opset: i64,
     unsupported: Vec<(String, String)>,
     base_dir: PathBuf,
+    /// Nodes a lowering emitted that must run before the node being lowered.
+    extra_nodes: Vec<Node>,
 }
 
 /// Attribute access for one node.
@@ -262,7 +265,9 @@ impl Importer {
         }
         let mut nodes = Vec::with_capacity(g.node.len());
         for n in &g.node {
-            if let Some(node) = self.import_node(n)? {
+            let node = self.import_node(n)?;
+            nodes.append(&mut self.extra_nodes);
+            if let Some(node) = node {
                 nodes.push(node);
             }
         }
@@ -316,6 +321,26 @@ impl Importer {
         }
     }
 
+    /// Emits `op(inputs)` as an extra node before the current one; returns its output value.
+    fn emit(&mut self, name: &str, op: Op, inputs: Vec<Option<ValueId>>) -> ValueId {
+        let out = self.define("");
+        self.extra_nodes.push(Node { name: name.to_string(), op, inputs, outputs: vec![out] });
+        out
+    }
+
+    /// Variadic Sum/Max/Min/Mean as a chain of binary ops (the last one is the node itself).
+    fn variadic(&mut self, name: &str, b: BinaryOp, inputs: &mut Vec<Option<ValueId>>) -> Option<Op> {
+        if inputs.len() == 1 {
+            return Some(Op::Identity);
+        }
+        while inputs.len() > 2 {
+            let (x, y) = (inputs.remove(0), inputs.remove(0));
+            let t = self.emit(&format!("{name}/{}", inputs.len()), Op::Binary(b), vec![x, y]);
+            inputs.insert(0, Some(t));
+        }
+        Some(Op::Binary(b))
+    }
+
     fn lower(
         &mut self,
         n: &pb::NodeProto,
@@ -329,7 +354,10 @@ impl Importer {
         let un = |u| Some(Op::Unary(u));
         let bin = |b| Some(Op::Binary(b));
         let op = match n.op_type.as_str() {
-            "Identity" | "Dropout" => {
+            "Identity" => Some(Op::Identity),
+            // Inference-mode Dropout is the identity; training mode is random, and the mask output
+            // would need a second node.
+            "Dropout" if n.output.len() == 1 && inputs.get(2).copied().flatten().is_none() => {
                 inputs.truncate(1);
                 Some(Op::Identity)
             }
@@ -378,7 +406,89 @@ impl Importer {
                 }
                 Some(Op::Clip)
             }
-            "Add" | "Sum" if inputs.len() == 2 => bin(B::Add),
+            "Add" => bin(B::Add),
+            "Sum" if !inputs.is_empty() => self.variadic(name, B::Add, inputs),
+            "Max" | "Min" if inputs.len() != 2 && !inputs.is_empty() => {
+                self.variadic(name, if n.op_type == "Max" { B::Max } else { B::Min }, inputs)
+            }
+            "Mean" if !inputs.is_empty() => {
+                let count = inputs.len();
+                if count > 1 {
+                    self.variadic(name, B::Add, inputs);
+                    let (x, y) = (inputs[0], inputs[1]);
+                    let sum = self.emit(&format!("{name}/sum"), Op::Binary(B::Add), vec![x, y]);
+                    let c = self.add_const(&format!("{name}/count"), Tensor::from_f32(vec![], vec![count as f32]));
+                    *inputs = vec![Some(sum), Some(c)];
+                    bin(B::Div)
+                } else {
+                    Some(Op::Identity)
+                }
+            }
+            "Tan" => un(U::Tan),
+            "Asin" => un(U::Asin),
+            "Acos" => un(U::Acos),
+            "Atan" => un(U::Atan),
+            "Sinh" => un(U::Sinh),
+            "Cosh" => un(U::Cosh),
+            "Asinh" => un(U::Asinh),
+            "Acosh" => un(U::Acosh),
+            "Atanh" => un(U::Atanh),
+            "IsNaN" => un(U::IsNaN),
+            "IsInf" => un(match (a.i("detect_positive", 1) != 0, a.i("detect_negative", 1) != 0) {
+                (true, true) => U::IsInf,
+                (true, false) => U::IsPosInf,
+                (false, true) => U::IsNegInf,
+                (false, false) => return Ok(None),
+            }),
+            "BitwiseNot" => un(U::BitNot),
+            "BitwiseAnd" => bin(B::BitAnd),
+            "BitwiseOr" => bin(B::BitOr),
+            "BitwiseXor" => bin(B::BitXor),
+            "BitShift" => bin(if a.s("direction").as_deref() == Some("LEFT") { B::ShiftLeft } else { B::ShiftRight }),
+            "Shrink" => Some(Op::Activation(Activation::Shrink { lambd: a.f("lambd", 0.5), bias: a.f("bias", 0.0) })),
+            "Swish" => Some(Op::Activation(Activation::Swish { alpha: a.f("alpha", 1.0) })),
+            "CastLike" => Some(Op::CastLike),
+            "GatherElements" => Some(Op::GatherElements { axis: a.i("axis", 0) }),
+            "ScatterElements" | "Scatter" => Some(Op::ScatterElements {
+                axis: a.i("axis", 0),
+                reduction: scatter_reduction(a.s("reduction").as_deref())?,
+            }),
+            "GatherND" => Some(Op::GatherNd { batch_dims: a.i("batch_dims", 0) }),
+            "ScatterND" => Some(Op::ScatterNd { reduction: scatter_reduction(a.s("reduction").as_deref())? }),
+            "OneHot" => Some(Op::OneHot { axis: a.i("axis", -1) }),
+            "Trilu" => Some(Op::Trilu { upper: a.i("upper", 1) != 0 }),
+            "EyeLike" => {
+                Some(Op::EyeLike { dtype: a.get("dtype").map(|d| onnx_dtype(d.i as i32)).transpose()?, k: a.i("k", 0) })
+            }
+            "TopK" => {
+                if opset < 10 {
+                    let k = self.const_i64(&format!("{name}/k"), vec![a.i("k", 0)]);
+                    inputs.push(Some(k));
+                }
+                Some(Op::TopK { axis: a.i("axis", -1), largest: a.i("largest", 1) != 0, sorted: a.i("sorted", 1) != 0 })
+            }
+            "CumSum" => Some(Op::CumSum { exclusive: a.i("exclusive", 0) != 0, reverse: a.i("reverse", 0) != 0 }),
+            "NonZero" => Some(Op::NonZero),
+            "Compress" => Some(Op::Compress { axis: a.get("axis").map(|x| x.i) }),
+            "DepthToSpace" => Some(Op::DepthToSpace {
+                block: a.i("blocksize", 0),
+                dcr: a.s("mode").as_deref().unwrap_or("DCR") == "DCR",
+            }),
+            "SpaceToDepth" => Some(Op::SpaceToDepth { block: a.i("blocksize", 0) }),
+            "NegativeLogLikelihoodLoss" | "SoftmaxCrossEntropyLoss" => {
+                let reduction = match a.s("reduction").as_deref().unwrap_or("mean") {
+                    "none" => LossReduction::None,
+                    "sum" => LossReduction::Sum,
+                    "mean" => LossReduction::Mean,
+                    r => bail!("node '{name}': unknown reduction '{r}'"),
+                };
+                let ignore_index = a.get("ignore_index").map(|x| x.i);
+                Some(if n.op_type == "NegativeLogLikelihoodLoss" {
+                    Op::NllLoss { reduction, ignore_index }
+                } else {
+                    Op::SoftmaxCrossEntropy { reduction, ignore_index }
+                })
+            }
             "Sub" => bin(B::Sub),
             "Mul" => bin(B::Mul),
             "Div" => bin(B::Div),
@@ -582,6 +692,17 @@ impl Importer {
         };
         Ok(op)
     }
+}
+
+fn scatter_reduction(r: Option<&str>) -> Result<ScatterReduction> {
+    Ok(match r.unwrap_or("none") {
+        "none" => ScatterReduction::None,
+        "add" => ScatterReduction::Add,
+        "mul" => ScatterReduction::Mul,
+        "max" => ScatterReduction::Max,
+        "min" => ScatterReduction::Min,
+        other => bail!("unknown scatter reduction '{other}'"),
+    })
 }
 
 fn constant_value(a: &Attrs<'_>, base: &Path) -> Result<Tensor> {

@@ -33,6 +33,23 @@ pub enum UnaryOp {
     HardSwish,
     Mish,
     Silu,
+    Tan,
+    Asin,
+    Acos,
+    Atan,
+    Sinh,
+    Cosh,
+    Asinh,
+    Acosh,
+    Atanh,
+    /// Output bool.
+    IsNaN,
+    /// Output bool: ±inf.
+    IsInf,
+    IsPosInf,
+    IsNegInf,
+    /// Integer bitwise not.
+    BitNot,
 }
 
 /// Elementwise activations with parameters.
@@ -62,6 +79,13 @@ pub enum Activation {
     ThresholdedRelu {
         alpha: f32,
     },
+    Shrink {
+        lambd: f32,
+        bias: f32,
+    },
+    Swish {
+        alpha: f32,
+    },
 }
 
 /// Binary elementwise ops with NumPy broadcasting.
@@ -87,6 +111,11 @@ pub enum BinaryOp {
     Or,
     Xor,
     PRelu,
+    BitAnd,
+    BitOr,
+    BitXor,
+    ShiftLeft,
+    ShiftRight,
 }
 
 impl BinaryOp {
@@ -296,6 +325,88 @@ pub enum Op {
         then_branch: u32,
         else_branch: u32,
     },
+    /// inputs: x, target_type (only its dtype is read)
+    CastLike,
+    /// inputs: data, indices
+    GatherElements {
+        axis: i64,
+    },
+    /// inputs: data, indices, updates
+    ScatterElements {
+        axis: i64,
+        reduction: ScatterReduction,
+    },
+    /// inputs: data, indices
+    GatherNd {
+        batch_dims: i64,
+    },
+    /// inputs: data, indices, updates
+    ScatterNd {
+        reduction: ScatterReduction,
+    },
+    /// inputs: indices, depth, values
+    OneHot {
+        axis: i64,
+    },
+    /// inputs: x, k (optional)
+    Trilu {
+        upper: bool,
+    },
+    EyeLike {
+        dtype: Option<DType>,
+        k: i64,
+    },
+    /// inputs: x, K; outputs: values, indices
+    TopK {
+        axis: i64,
+        largest: bool,
+        sorted: bool,
+    },
+    /// inputs: x, axis
+    CumSum {
+        exclusive: bool,
+        reverse: bool,
+    },
+    NonZero,
+    /// inputs: x, condition
+    Compress {
+        axis: Option<i64>,
+    },
+    DepthToSpace {
+        block: i64,
+        dcr: bool,
+    },
+    SpaceToDepth {
+        block: i64,
+    },
+    /// inputs: log-probabilities [N, C, d…], target [N, d…], weight [C] (optional)
+    NllLoss {
+        reduction: LossReduction,
+        ignore_index: Option<i64>,
+    },
+    /// inputs: scores, labels, weights (optional); outputs: loss, log_prob (optional)
+    SoftmaxCrossEntropy {
+        reduction: LossReduction,
+        ignore_index: Option<i64>,
+    },
+}
+
+/// How a loss is reduced over its elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LossReduction {
+    None,
+    Sum,
+    Mean,
+}
+
+/// How Scatter* combine an update with the existing element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScatterReduction {
+    None,
+    Add,
+    Mul,
+    Max,
+    Min,
 }
 
 impl Op {
@@ -338,6 +449,14 @@ impl Op {
             Op::Conv(_) => (2, 3, 1, 1),
             Op::Lstm(_) => (3, 8, 0, 3),
             Op::If { .. } => (1, 1, 1, usize::MAX),
+            Op::CastLike | Op::GatherElements { .. } | Op::GatherNd { .. } | Op::Compress { .. } => (2, 2, 1, 1),
+            Op::ScatterElements { .. } | Op::ScatterNd { .. } | Op::OneHot { .. } => (3, 3, 1, 1),
+            Op::Trilu { .. } => (1, 2, 1, 1),
+            Op::EyeLike { .. } | Op::NonZero | Op::DepthToSpace { .. } | Op::SpaceToDepth { .. } => (1, 1, 1, 1),
+            Op::TopK { .. } => (2, 2, 2, 2),
+            Op::CumSum { .. } => (2, 2, 1, 1),
+            Op::NllLoss { .. } => (2, 3, 1, 1),
+            Op::SoftmaxCrossEntropy { .. } => (2, 3, 1, 2),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(
@@ -360,6 +479,8 @@ impl Op {
                     || c.group < 1
             }
             Op::Lstm(l) => l.hidden_size < 1 || l.hidden_size > (1 << 20) || !(0..=1).contains(&l.layout),
+            Op::DepthToSpace { block, .. } | Op::SpaceToDepth { block } => !(1..=1 << 16).contains(block),
+            Op::GatherNd { batch_dims } => !(0..MAX_RANK as i64).contains(batch_dims),
             _ => false,
         };
         if bad {

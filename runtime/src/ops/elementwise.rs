@@ -1,11 +1,15 @@
 //! Elementwise family: unary functions, parameterised activations, Clip, binary arithmetic /
 //! comparison / logic with NumPy broadcasting, Where, Cast.
 
-use super::{broadcast_shapes, broadcast_strides, for_each_row, req, Fact, OutFact};
+use super::{broadcast_shapes, broadcast_strides, for_each_row, numel, req, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{Activation, BinaryOp, Op, UnaryOp, MAX_RANK};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
+
+fn is_int(d: DType) -> bool {
+    matches!(d, DType::I64 | DType::I32 | DType::I8 | DType::U8)
+}
 
 pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
     let x = req(inputs, 0, "X")?;
@@ -16,16 +20,27 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             }
             (DType::Bool, x.shape.to_vec())
         }
+        Op::Unary(UnaryOp::BitNot) => {
+            if !is_int(x.dtype) {
+                op_bail!("BitwiseNot needs an integer input, got {}", x.dtype);
+            }
+            (x.dtype, x.shape.to_vec())
+        }
+        Op::Unary(u @ (UnaryOp::IsNaN | UnaryOp::IsInf | UnaryOp::IsPosInf | UnaryOp::IsNegInf)) => {
+            if x.dtype != DType::F32 {
+                op_bail!("{u:?} is not supported for {} tensors", x.dtype);
+            }
+            (DType::Bool, x.shape.to_vec())
+        }
         Op::Unary(u) => {
-            let ok = x.dtype == DType::F32
-                || (matches!(u, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sign | UnaryOp::Relu) && x.dtype == DType::I64);
-            if !ok {
+            let int_ok = matches!(u, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sign | UnaryOp::Relu) && is_int(x.dtype);
+            if !(x.dtype == DType::F32 || int_ok) {
                 op_bail!("{u:?} is not supported for {} tensors", x.dtype);
             }
             (x.dtype, x.shape.to_vec())
         }
         Op::Activation(_) | Op::Clip => {
-            if x.dtype != DType::F32 && !(matches!(op, Op::Clip) && x.dtype == DType::I64) {
+            if x.dtype != DType::F32 && !(matches!(op, Op::Clip) && is_int(x.dtype)) {
                 op_bail!("{} is not supported for {} tensors", op.name(), x.dtype);
             }
             (x.dtype, x.shape.to_vec())
@@ -33,7 +48,10 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
         Op::Binary(b) => {
             let y = req(inputs, 1, "B")?;
             let prelu_ok = *b == BinaryOp::PRelu;
-            if x.dtype != y.dtype {
+            let mixed_pow = *b == BinaryOp::Pow
+                && (x.dtype == DType::F32 || is_int(x.dtype))
+                && (y.dtype == DType::F32 || is_int(y.dtype));
+            if x.dtype != y.dtype && !mixed_pow {
                 op_bail!("operand types differ: {} and {}", x.dtype, y.dtype);
             }
             let shape = broadcast_shapes(x.shape, y.shape)?;
@@ -44,9 +62,13 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             if b.is_logical() && x.dtype != DType::Bool {
                 op_bail!("{b:?} needs bool operands, got {}", x.dtype);
             }
-            let numeric = matches!(x.dtype, DType::F32 | DType::I64 | DType::I32);
+            let numeric = x.dtype == DType::F32 || is_int(x.dtype);
             let bool_eq = *b == BinaryOp::Equal && x.dtype == DType::Bool;
-            if !(b.is_logical() || numeric || bool_eq) {
+            let bitwise = matches!(
+                b,
+                BinaryOp::BitAnd | BinaryOp::BitOr | BinaryOp::BitXor | BinaryOp::ShiftLeft | BinaryOp::ShiftRight
+            );
+            if !(b.is_logical() || numeric || bool_eq) || (bitwise && !is_int(x.dtype)) {
                 op_bail!("{b:?} is not supported for {} tensors", x.dtype);
             }
             (out_t, shape)
@@ -78,6 +100,17 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
     let x = *req(inputs, 0, "X")?;
     let out = &mut outputs[0];
     match op {
+        Op::Unary(u @ (UnaryOp::IsNaN | UnaryOp::IsInf | UnaryOp::IsPosInf | UnaryOp::IsNegInf)) => {
+            let f: fn(f32) -> bool = match u {
+                UnaryOp::IsNaN => f32::is_nan,
+                UnaryOp::IsInf => f32::is_infinite,
+                UnaryOp::IsPosInf => |v| v == f32::INFINITY,
+                _ => |v| v == f32::NEG_INFINITY,
+            };
+            for (o, &v) in out.bool()?.iter_mut().zip(x.f32()?) {
+                *o = f(v) as u8;
+            }
+        }
         Op::Unary(u) => match x.dtype {
             DType::F32 => {
                 let f = unary_fn(*u);
@@ -85,18 +118,10 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                     *o = f(v);
                 }
             }
-            DType::I64 => {
-                let f: fn(i64) -> i64 = match u {
-                    UnaryOp::Neg => |v: i64| v.wrapping_neg(),
-                    UnaryOp::Abs => |v: i64| v.wrapping_abs(),
-                    UnaryOp::Sign => |v: i64| v.signum(),
-                    UnaryOp::Relu => |v: i64| v.max(0),
-                    _ => op_bail!("{u:?} on i64"),
-                };
-                for (o, &v) in out.i64()?.iter_mut().zip(x.i64()?) {
-                    *o = f(v);
-                }
-            }
+            DType::I64 => int_unary::<i64>(*u, x, out)?,
+            DType::I32 => int_unary::<i32>(*u, x, out)?,
+            DType::I8 => int_unary::<i8>(*u, x, out)?,
+            DType::U8 => int_unary::<u8>(*u, x, out)?,
             DType::Bool => {
                 for (o, &v) in out.bool()?.iter_mut().zip(x.bool()?) {
                     *o = (v == 0) as u8;
@@ -122,6 +147,129 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         Op::Cast { to } => cast(x, *to, out)?,
         _ => op_bail!("not an elementwise op"),
+    }
+    Ok(())
+}
+
+/// Integer element types: the arithmetic ONNX defines on them (wrapping, as C does).
+pub(crate) trait Int: bytemuck::Pod + Ord + Default + std::fmt::Debug {
+    const ZERO: Self;
+    const MIN: Self;
+    const MAX: Self;
+    fn neg(self) -> Self;
+    fn abs(self) -> Self;
+    fn signum(self) -> Self;
+    fn not(self) -> Self;
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+    fn rem(self, o: Self) -> Self;
+    fn pow(self, o: Self) -> Self;
+    fn and(self, o: Self) -> Self;
+    fn or(self, o: Self) -> Self;
+    fn xor(self, o: Self) -> Self;
+    fn shl(self, o: Self) -> Self;
+    fn shr(self, o: Self) -> Self;
+    fn is_neg(self) -> bool;
+}
+
+macro_rules! impl_int {
+    ($t:ty, $signed:expr) => {
+        impl Int for $t {
+            const ZERO: Self = 0;
+            const MIN: Self = <$t>::MIN;
+            const MAX: Self = <$t>::MAX;
+            fn neg(self) -> Self {
+                (0 as $t).wrapping_sub(self)
+            }
+            fn abs(self) -> Self {
+                if self.is_neg() {
+                    self.neg()
+                } else {
+                    self
+                }
+            }
+            fn signum(self) -> Self {
+                if self.is_neg() {
+                    (0 as $t).wrapping_sub(1)
+                } else if self == 0 {
+                    0
+                } else {
+                    1
+                }
+            }
+            fn not(self) -> Self {
+                !self
+            }
+            fn add(self, o: Self) -> Self {
+                self.wrapping_add(o)
+            }
+            fn sub(self, o: Self) -> Self {
+                self.wrapping_sub(o)
+            }
+            fn mul(self, o: Self) -> Self {
+                self.wrapping_mul(o)
+            }
+            fn div(self, o: Self) -> Self {
+                self.wrapping_div(o)
+            }
+            fn rem(self, o: Self) -> Self {
+                self.wrapping_rem(o)
+            }
+            fn pow(self, o: Self) -> Self {
+                if o.is_neg() {
+                    0
+                } else {
+                    self.wrapping_pow(u32::try_from(o).unwrap_or(u32::MAX))
+                }
+            }
+            fn and(self, o: Self) -> Self {
+                self & o
+            }
+            fn or(self, o: Self) -> Self {
+                self | o
+            }
+            fn xor(self, o: Self) -> Self {
+                self ^ o
+            }
+            fn shl(self, o: Self) -> Self {
+                u32::try_from(o).ok().and_then(|s| self.checked_shl(s)).unwrap_or(0)
+            }
+            fn shr(self, o: Self) -> Self {
+                u32::try_from(o).ok().and_then(|s| self.checked_shr(s)).unwrap_or(0)
+            }
+            #[allow(unused_comparisons)]
+            fn is_neg(self) -> bool {
+                $signed && self < 0
+            }
+        }
+    };
+}
+impl_int!(i64, true);
+impl_int!(i32, true);
+impl_int!(i8, true);
+impl_int!(u8, false);
+
+fn int_slice<'a, T: Int>(v: &View<'a>) -> OpResult<&'a [T]> {
+    bytemuck::try_cast_slice(v.bytes).map_err(|e| crate::error::OpError(e.to_string()))
+}
+
+fn int_slice_mut<'b, T: Int>(v: &'b mut ViewMut<'_>) -> OpResult<&'b mut [T]> {
+    bytemuck::try_cast_slice_mut(v.bytes).map_err(|e| crate::error::OpError(e.to_string()))
+}
+
+fn int_unary<T: Int>(u: UnaryOp, x: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
+    let f: fn(T) -> T = match u {
+        UnaryOp::Neg => T::neg,
+        UnaryOp::Abs => T::abs,
+        UnaryOp::Sign => T::signum,
+        UnaryOp::Relu => |v: T| v.max(T::ZERO),
+        UnaryOp::BitNot => T::not,
+        _ => op_bail!("{u:?} on {}", x.dtype),
+    };
+    for (o, &v) in int_slice_mut::<T>(out)?.iter_mut().zip(int_slice::<T>(&x)?) {
+        *o = f(v);
     }
     Ok(())
 }
@@ -173,7 +321,19 @@ fn unary_fn(u: UnaryOp) -> fn(f32) -> f32 {
         UnaryOp::HardSwish => |x| x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
         UnaryOp::Mish => |x| x * softplus(x).tanh(),
         UnaryOp::Silu => |x| x * sigmoid(x),
-        UnaryOp::Not => |x| if x == 0.0 { 1.0 } else { 0.0 },
+        UnaryOp::Tan => f32::tan,
+        UnaryOp::Asin => f32::asin,
+        UnaryOp::Acos => f32::acos,
+        UnaryOp::Atan => f32::atan,
+        UnaryOp::Sinh => f32::sinh,
+        UnaryOp::Cosh => f32::cosh,
+        UnaryOp::Asinh => f32::asinh,
+        UnaryOp::Acosh => f32::acosh,
+        UnaryOp::Atanh => f32::atanh,
+        // Handled before dispatch (bool output / integer only); never reached for f32.
+        UnaryOp::Not | UnaryOp::IsNaN | UnaryOp::IsInf | UnaryOp::IsPosInf | UnaryOp::IsNegInf | UnaryOp::BitNot => {
+            |x| if x == 0.0 { 1.0 } else { 0.0 }
+        }
     }
 }
 
@@ -208,6 +368,16 @@ fn activation(a: Activation, x: f32) -> f32 {
                 0.0
             }
         }
+        Activation::Shrink { lambd, bias } => {
+            if x < -lambd {
+                x + bias
+            } else if x > lambd {
+                x - bias
+            } else {
+                0.0
+            }
+        }
+        Activation::Swish { alpha } => x * sigmoid(alpha * x),
     }
 }
 
@@ -227,20 +397,26 @@ fn clip(x: View<'_>, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_>) -> OpRe
                 *o = v.max(lo).min(hi);
             }
         }
-        DType::I64 => {
-            let lo = match bound(1) {
-                Some(v) => *v.i64()?.first().unwrap_or(&i64::MIN),
-                None => i64::MIN,
-            };
-            let hi = match bound(2) {
-                Some(v) => *v.i64()?.first().unwrap_or(&i64::MAX),
-                None => i64::MAX,
-            };
-            for (o, &v) in out.i64()?.iter_mut().zip(x.i64()?) {
-                *o = v.max(lo).min(hi);
-            }
-        }
+        DType::I64 => clip_int::<i64>(x, bound(1), bound(2), out)?,
+        DType::I32 => clip_int::<i32>(x, bound(1), bound(2), out)?,
+        DType::I8 => clip_int::<i8>(x, bound(1), bound(2), out)?,
+        DType::U8 => clip_int::<u8>(x, bound(1), bound(2), out)?,
         d => op_bail!("Clip on {d}"),
+    }
+    Ok(())
+}
+
+fn clip_int<T: Int>(x: View<'_>, lo: Option<View<'_>>, hi: Option<View<'_>>, out: &mut ViewMut<'_>) -> OpResult<()> {
+    let lo = match lo {
+        Some(v) => int_slice::<T>(&v)?.first().copied().unwrap_or(T::MIN),
+        None => T::MIN,
+    };
+    let hi = match hi {
+        Some(v) => int_slice::<T>(&v)?.first().copied().unwrap_or(T::MAX),
+        None => T::MAX,
+    };
+    for (o, &v) in int_slice_mut::<T>(out)?.iter_mut().zip(int_slice::<T>(&x)?) {
+        *o = v.max(lo).min(hi);
     }
     Ok(())
 }
@@ -307,53 +483,88 @@ fn cmp_fn<T: PartialOrd>(op: BinaryOp) -> fn(T, T) -> u8 {
     }
 }
 
-/// Integer arithmetic for one integer type: wrapping, ONNX `Mod` sign rules, and a clean
-/// error (not a panic) on division by zero.
-macro_rules! int_binary {
-    ($name:ident, $t:ty) => {
-        fn $name(
-            op: BinaryOp,
-            a: &[$t],
-            ash: &[usize],
-            b: &[$t],
-            bsh: &[usize],
-            out: &mut ViewMut<'_>,
-        ) -> OpResult<()> {
-            use BinaryOp::*;
-            let osh = out.shape;
-            if op.is_comparison() {
-                bcast2(a, ash, b, bsh, out.bool()?, osh, cmp_fn::<$t>(op));
-                return Ok(());
+/// Integer arithmetic: wrapping, ONNX `Mod` sign rules, and a clean error (not a panic) on
+/// division by zero.
+fn binary_int<T: Int>(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
+    use BinaryOp::*;
+    let (a, b) = (int_slice::<T>(&x)?, int_slice::<T>(&y)?);
+    let osh = out.shape;
+    if op.is_comparison() {
+        bcast2(a, x.shape, b, y.shape, out.bool()?, osh, cmp_fn::<T>(op));
+        return Ok(());
+    }
+    if matches!(op, Div | Mod | Fmod) && b.contains(&T::ZERO) {
+        op_bail!("integer division by zero");
+    }
+    let f: fn(T, T) -> T = match op {
+        Add => T::add,
+        Sub => T::sub,
+        Mul => T::mul,
+        Div => T::div,
+        Max => |a: T, b: T| a.max(b),
+        Min => |a: T, b: T| a.min(b),
+        Mod => |a: T, b: T| {
+            let r = a.rem(b);
+            if r != T::ZERO && (r.is_neg() != b.is_neg()) {
+                r.add(b)
+            } else {
+                r
             }
-            if matches!(op, Div | Mod | Fmod) && b.contains(&0) {
-                op_bail!("integer division by zero");
-            }
-            let f: fn($t, $t) -> $t = match op {
-                Add => <$t>::wrapping_add,
-                Sub => <$t>::wrapping_sub,
-                Mul => <$t>::wrapping_mul,
-                Div => <$t>::wrapping_div,
-                Max => |a: $t, b: $t| a.max(b),
-                Min => |a: $t, b: $t| a.min(b),
-                Mod => |a: $t, b: $t| a.wrapping_rem(b).wrapping_add(b).wrapping_rem(b),
-                Fmod => <$t>::wrapping_rem,
-                Pow => |a: $t, b: $t| if b < 0 { 0 } else { a.wrapping_pow(b.min(u32::MAX as $t) as u32) },
-                _ => op_bail!("{op:?} on {}", stringify!($t)),
-            };
-            let o: &mut [$t] =
-                bytemuck::try_cast_slice_mut(out.bytes).map_err(|e| crate::error::OpError(e.to_string()))?;
-            bcast2(a, ash, b, bsh, o, osh, f);
-            Ok(())
-        }
+        },
+        Fmod => T::rem,
+        Pow => T::pow,
+        BitAnd => T::and,
+        BitOr => T::or,
+        BitXor => T::xor,
+        ShiftLeft => T::shl,
+        ShiftRight => T::shr,
+        _ => op_bail!("{op:?} on {}", x.dtype),
     };
+    bcast2(a, x.shape, b, y.shape, int_slice_mut::<T>(out)?, osh, f);
+    Ok(())
 }
 
-int_binary!(binary_i64, i64);
-int_binary!(binary_i32, i32);
+/// Element `i` of a numeric view as f64.
+fn num_at(v: &View<'_>, i: usize) -> OpResult<f64> {
+    Ok(match v.dtype {
+        DType::F32 => v.f32()?[i] as f64,
+        DType::I64 => v.i64()?[i] as f64,
+        DType::I32 => v.i32()?[i] as f64,
+        DType::I8 => v.bytes[i] as i8 as f64,
+        DType::U8 => v.bytes[i] as f64,
+        d => op_bail!("not numeric: {d}"),
+    })
+}
+
+/// `Pow` with a base and exponent of different types: computed in f64, result in the base type.
+fn mixed_pow(x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
+    let osh = out.shape;
+    let n = numel(osh);
+    let mut vals = Vec::with_capacity(n);
+    let xi: Vec<usize> = (0..x.len()).collect();
+    let yi: Vec<usize> = (0..y.len()).collect();
+    let mut pairs = vec![(0usize, 0usize); n];
+    bcast2(&xi, x.shape, &yi, y.shape, &mut pairs, osh, |a, b| (a, b));
+    for (a, b) in pairs {
+        vals.push(num_at(&x, a)?.powf(num_at(&y, b)?));
+    }
+    match out.dtype {
+        DType::F32 => out.f32()?.iter_mut().zip(&vals).for_each(|(o, &v)| *o = v as f32),
+        DType::I64 => out.i64()?.iter_mut().zip(&vals).for_each(|(o, &v)| *o = v as i64),
+        DType::I32 => out.i32()?.iter_mut().zip(&vals).for_each(|(o, &v)| *o = v as i32),
+        DType::I8 => out.bytes.iter_mut().zip(&vals).for_each(|(o, &v)| *o = (v as i8) as u8),
+        DType::U8 => out.bytes.iter_mut().zip(&vals).for_each(|(o, &v)| *o = v as u8),
+        d => op_bail!("Pow into {d}"),
+    }
+    Ok(())
+}
 
 fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
     let osh = out.shape;
     use BinaryOp::*;
+    if x.dtype != y.dtype {
+        return mixed_pow(x, y, out);
+    }
     match x.dtype {
         DType::F32 => {
             let (a, b) = (x.f32()?, y.f32()?);
@@ -383,8 +594,10 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
                 bcast2(a, x.shape, b, y.shape, out.f32()?, osh, f);
             }
         }
-        DType::I64 => binary_i64(op, x.i64()?, x.shape, y.i64()?, y.shape, out)?,
-        DType::I32 => binary_i32(op, x.i32()?, x.shape, y.i32()?, y.shape, out)?,
+        DType::I64 => binary_int::<i64>(op, x, y, out)?,
+        DType::I32 => binary_int::<i32>(op, x, y, out)?,
+        DType::I8 => binary_int::<i8>(op, x, y, out)?,
+        DType::U8 => binary_int::<u8>(op, x, y, out)?,
         DType::Bool => {
             let (a, b) = (x.bool()?, y.bool()?);
             let f: fn(u8, u8) -> u8 = match op {

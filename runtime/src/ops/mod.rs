@@ -8,6 +8,8 @@ use crate::tensor::{DType, View, ViewMut};
 
 mod conv;
 mod elementwise;
+mod index;
+mod loss;
 mod matmul;
 mod norm;
 mod recurrent;
@@ -72,6 +74,26 @@ pub fn is_alias(op: &Op) -> bool {
     matches!(op, Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. })
 }
 
+fn is_index_op(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::CastLike
+            | Op::GatherElements { .. }
+            | Op::ScatterElements { .. }
+            | Op::GatherNd { .. }
+            | Op::ScatterNd { .. }
+            | Op::OneHot { .. }
+            | Op::Trilu { .. }
+            | Op::EyeLike { .. }
+            | Op::TopK { .. }
+            | Op::CumSum { .. }
+            | Op::NonZero
+            | Op::Compress { .. }
+            | Op::DepthToSpace { .. }
+            | Op::SpaceToDepth { .. }
+    )
+}
+
 fn req<'x, T>(inputs: &'x [Option<T>], i: usize, what: &str) -> OpResult<&'x T> {
     match inputs.get(i) {
         Some(Some(x)) => Ok(x),
@@ -125,6 +147,8 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
         Op::Conv(a) => conv::infer(a, inputs)?,
         Op::Lstm(a) => recurrent::infer(a, inputs, n_out)?,
         Op::If { .. } => op_bail!("If is resolved by the planner"),
+        op if is_index_op(op) => index::infer(op, inputs, n_out)?,
+        Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::infer(op, inputs, n_out)?,
         _ => shape::infer(op, inputs, n_out)?,
     };
     for (_, s) in &outs {
@@ -145,6 +169,8 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
         Op::Conv(a) => conv::run(a, inputs, outputs, ctx),
         Op::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
         Op::If { .. } => op_bail!("If is resolved by the planner"),
+        op if is_index_op(op) => index::run(op, inputs, outputs),
+        Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::run(op, inputs, outputs),
         Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => {
             // Aliases: the executor shares the input's storage; copy only if asked to run.
             let x = req(inputs, 0, "input")?;

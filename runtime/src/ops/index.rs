@@ -1,0 +1,579 @@
+//! Indexing family: GatherElements, ScatterElements, GatherND, ScatterND, OneHot, Trilu, EyeLike,
+//! TopK, CumSum, NonZero, Compress, DepthToSpace / SpaceToDepth, CastLike. Data movement is
+//! dtype-agnostic (elements are copied as bytes); only reductions look at values.
+
+use super::{contiguous_strides, norm_axis, numel, req, Fact, OutFact};
+use crate::error::{OpError, OpResult};
+use crate::graph::{Op, ScatterReduction, MAX_RANK};
+use crate::op_bail;
+use crate::tensor::{DType, View, ViewMut};
+
+/// Element `i` of an integer (i64/i32) index tensor.
+fn index_at(v: &View<'_>, i: usize) -> OpResult<i64> {
+    match v.dtype {
+        DType::I64 => Ok(v.i64()?[i]),
+        DType::I32 => Ok(v.i32()?[i] as i64),
+        d => op_bail!("indices must be int64 or int32, got {d}"),
+    }
+}
+
+/// Normalises a possibly negative index against `dim`.
+fn norm_index(ix: i64, dim: usize) -> OpResult<usize> {
+    let j = if ix < 0 { ix + dim as i64 } else { ix };
+    if j < 0 || j >= dim as i64 {
+        op_bail!("index {ix} out of range for a dimension of {dim}");
+    }
+    Ok(j as usize)
+}
+
+/// Multi-index of flat position `flat` in `shape`.
+fn unravel(mut flat: usize, shape: &[usize], out: &mut [usize; MAX_RANK]) {
+    for d in (0..shape.len()).rev() {
+        let n = shape[d].max(1);
+        out[d] = flat % n;
+        flat /= n;
+    }
+}
+
+fn scalar_known(f: &Fact<'_>, what: &str) -> OpResult<i64> {
+    f.known_ints(what)?.first().copied().ok_or_else(|| OpError(format!("{what} is empty")))
+}
+
+pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
+    let x = req(inputs, 0, "data")?;
+    let rank = x.shape.len();
+    Ok(match op {
+        Op::CastLike => {
+            let like = req(inputs, 1, "target_type")?;
+            super::elementwise::infer(&Op::Cast { to: like.dtype }, &inputs[..1])?
+        }
+        Op::GatherElements { axis } => {
+            let ind = req(inputs, 1, "indices")?;
+            norm_axis(*axis, rank)?;
+            if ind.shape.len() != rank {
+                op_bail!("indices rank {} differs from data rank {rank}", ind.shape.len());
+            }
+            vec![(x.dtype, ind.shape.to_vec())]
+        }
+        Op::ScatterElements { axis, .. } => {
+            let ind = req(inputs, 1, "indices")?;
+            let upd = req(inputs, 2, "updates")?;
+            norm_axis(*axis, rank)?;
+            if ind.shape != upd.shape || ind.shape.len() != rank || upd.dtype != x.dtype {
+                op_bail!("indices {:?} and updates {:?} must match and have data's rank {rank}", ind.shape, upd.shape);
+            }
+            vec![(x.dtype, x.shape.to_vec())]
+        }
+        Op::GatherNd { batch_dims } => {
+            let ind = req(inputs, 1, "indices")?;
+            let b = *batch_dims as usize;
+            let q = ind.shape.len();
+            let k = *ind.shape.last().ok_or_else(|| OpError("indices must have rank ≥ 1".into()))?;
+            if q < 1 || b >= q || b + k > rank || x.shape[..b] != ind.shape[..b] {
+                op_bail!("GatherND: indices {:?} do not fit data {:?} with batch_dims {b}", ind.shape, x.shape);
+            }
+            let mut s = ind.shape[..q - 1].to_vec();
+            s.extend_from_slice(&x.shape[b + k..]);
+            vec![(x.dtype, s)]
+        }
+        Op::ScatterNd { .. } => {
+            let ind = req(inputs, 1, "indices")?;
+            let upd = req(inputs, 2, "updates")?;
+            let q = ind.shape.len();
+            let k = *ind.shape.last().ok_or_else(|| OpError("indices must have rank ≥ 1".into()))?;
+            let mut want = ind.shape[..q - 1].to_vec();
+            if k > rank {
+                op_bail!("ScatterND: index depth {k} exceeds data rank {rank}");
+            }
+            want.extend_from_slice(&x.shape[k..]);
+            if upd.shape != want.as_slice() || upd.dtype != x.dtype {
+                op_bail!("ScatterND: updates {:?} should be {want:?}", upd.shape);
+            }
+            vec![(x.dtype, x.shape.to_vec())]
+        }
+        Op::OneHot { axis } => {
+            let depth = req(inputs, 1, "depth")?;
+            let values = req(inputs, 2, "values")?;
+            let d = match depth.dtype {
+                DType::F32 => depth.known("depth")?.f32()?.first().copied().unwrap_or(0.0) as i64,
+                _ => scalar_known(depth, "depth")?,
+            };
+            if !(1..=(1 << 24)).contains(&d) {
+                op_bail!("OneHot depth {d} out of range");
+            }
+            if values.shape.iter().product::<usize>() != 2 {
+                op_bail!("OneHot values must hold [off, on]");
+            }
+            let ax = if *axis < 0 { *axis + rank as i64 + 1 } else { *axis };
+            if ax < 0 || ax > rank as i64 {
+                op_bail!("OneHot axis {axis} out of range");
+            }
+            let mut s = x.shape.to_vec();
+            s.insert(ax as usize, d as usize);
+            vec![(values.dtype, s)]
+        }
+        Op::Trilu { .. } => {
+            if rank < 2 {
+                op_bail!("Trilu needs rank ≥ 2");
+            }
+            if let Some(Some(k)) = inputs.get(1) {
+                scalar_known(k, "k")?;
+            }
+            vec![(x.dtype, x.shape.to_vec())]
+        }
+        Op::EyeLike { dtype, .. } => {
+            if rank != 2 {
+                op_bail!("EyeLike needs a 2-D input");
+            }
+            vec![(dtype.unwrap_or(x.dtype), x.shape.to_vec())]
+        }
+        Op::TopK { axis, .. } => {
+            let a = norm_axis(*axis, rank)?;
+            let k = scalar_known(req(inputs, 1, "K")?, "K")?;
+            if k < 0 || k as usize > x.shape[a] {
+                op_bail!("TopK k={k} out of range for a dimension of {}", x.shape[a]);
+            }
+            if x.dtype != DType::F32 && x.dtype != DType::I64 && x.dtype != DType::I32 {
+                op_bail!("TopK is not supported for {} tensors", x.dtype);
+            }
+            let mut s = x.shape.to_vec();
+            s[a] = k as usize;
+            vec![(x.dtype, s.clone()), (DType::I64, s)]
+        }
+        Op::CumSum { .. } => {
+            let a = scalar_known(req(inputs, 1, "axis")?, "axis")?;
+            norm_axis(a, rank)?;
+            if !matches!(x.dtype, DType::F32 | DType::I64 | DType::I32) {
+                op_bail!("CumSum is not supported for {} tensors", x.dtype);
+            }
+            vec![(x.dtype, x.shape.to_vec())]
+        }
+        Op::NonZero => {
+            let v = x.known("X")?;
+            let n = count_nonzero(&v)?;
+            vec![(DType::I64, vec![rank, n])]
+        }
+        Op::Compress { axis } => {
+            let c = req(inputs, 1, "condition")?.known("condition")?;
+            let keep = c.bool()?.iter().filter(|&&b| b != 0).count();
+            match axis {
+                None => {
+                    if c.len() > numel(x.shape) {
+                        op_bail!("condition longer than the input");
+                    }
+                    vec![(x.dtype, vec![keep])]
+                }
+                Some(a) => {
+                    let a = norm_axis(*a, rank)?;
+                    if c.len() > x.shape[a] {
+                        op_bail!("condition longer than axis {a}");
+                    }
+                    let mut s = x.shape.to_vec();
+                    s[a] = keep;
+                    vec![(x.dtype, s)]
+                }
+            }
+        }
+        Op::DepthToSpace { block, .. } => {
+            let b = *block as usize;
+            if rank != 4 || b == 0 || x.shape[1] % (b * b) != 0 {
+                op_bail!("DepthToSpace needs [N, C, H, W] with C divisible by blocksize²");
+            }
+            vec![(x.dtype, vec![x.shape[0], x.shape[1] / (b * b), x.shape[2] * b, x.shape[3] * b])]
+        }
+        Op::SpaceToDepth { block } => {
+            let b = *block as usize;
+            if rank != 4 || b == 0 || x.shape[2] % b != 0 || x.shape[3] % b != 0 {
+                op_bail!("SpaceToDepth needs [N, C, H, W] with H and W divisible by blocksize");
+            }
+            vec![(x.dtype, vec![x.shape[0], x.shape[1] * b * b, x.shape[2] / b, x.shape[3] / b])]
+        }
+        _ => op_bail!("not an indexing op ({n_out} outputs)"),
+    })
+}
+
+fn count_nonzero(v: &View<'_>) -> OpResult<usize> {
+    let es = v.dtype.size();
+    Ok(match v.dtype {
+        DType::F32 => v.f32()?.iter().filter(|&&x| x != 0.0).count(),
+        _ => v.bytes.chunks_exact(es).filter(|c| c.iter().any(|&b| b != 0)).count(),
+    })
+}
+
+pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+    let x = *req(inputs, 0, "data")?;
+    let es = x.dtype.size();
+    let rank = x.shape.len();
+    match op {
+        Op::CastLike => {
+            let to = outputs[0].dtype;
+            super::elementwise::run(&Op::Cast { to }, &inputs[..1], outputs)
+        }
+        Op::GatherElements { axis } => {
+            let a = norm_axis(*axis, rank)?;
+            let ind = *req(inputs, 1, "indices")?;
+            let xs = contiguous_strides(x.shape);
+            let mut idx = [0usize; MAX_RANK];
+            let out = &mut *outputs[0].bytes;
+            for i in 0..ind.len() {
+                unravel(i, ind.shape, &mut idx);
+                let mut off = 0usize;
+                for d in 0..rank {
+                    let c = if d == a { norm_index(index_at(&ind, i)?, x.shape[a])? } else { idx[d] };
+                    if c >= x.shape[d] {
+                        op_bail!("index out of range on axis {d}");
+                    }
+                    off += c * xs[d] as usize;
+                }
+                out[i * es..(i + 1) * es].copy_from_slice(&x.bytes[off * es..(off + 1) * es]);
+            }
+            Ok(())
+        }
+        Op::ScatterElements { axis, reduction } => {
+            let a = norm_axis(*axis, rank)?;
+            let ind = *req(inputs, 1, "indices")?;
+            let upd = *req(inputs, 2, "updates")?;
+            let out = &mut outputs[0];
+            out.bytes.copy_from_slice(x.bytes);
+            let xs = contiguous_strides(x.shape);
+            let mut idx = [0usize; MAX_RANK];
+            for i in 0..ind.len() {
+                unravel(i, ind.shape, &mut idx);
+                let mut off = 0usize;
+                for d in 0..rank {
+                    let c = if d == a { norm_index(index_at(&ind, i)?, x.shape[a])? } else { idx[d] };
+                    if c >= x.shape[d] {
+                        op_bail!("index out of range on axis {d}");
+                    }
+                    off += c * xs[d] as usize;
+                }
+                scatter_one(out, off, &upd, i, *reduction)?;
+            }
+            Ok(())
+        }
+        Op::GatherNd { batch_dims } => {
+            let ind = *req(inputs, 1, "indices")?;
+            let b = *batch_dims as usize;
+            let q = ind.shape.len();
+            let k = ind.shape[q - 1];
+            let xs = contiguous_strides(x.shape);
+            let slice: usize = numel(&x.shape[b + k..]);
+            let batch: usize = numel(&x.shape[..b]);
+            let per_batch = numel(&ind.shape[b..q - 1]);
+            let xbatch = numel(&x.shape[b..]);
+            let out = &mut *outputs[0].bytes;
+            for bi in 0..batch {
+                for j in 0..per_batch {
+                    let row = bi * per_batch + j;
+                    let mut off = bi * xbatch;
+                    for t in 0..k {
+                        let c = norm_index(index_at(&ind, row * k + t)?, x.shape[b + t])?;
+                        off += c * xs[b + t] as usize;
+                    }
+                    out[row * slice * es..(row + 1) * slice * es]
+                        .copy_from_slice(&x.bytes[off * es..(off + slice) * es]);
+                }
+            }
+            Ok(())
+        }
+        Op::ScatterNd { reduction } => {
+            let ind = *req(inputs, 1, "indices")?;
+            let upd = *req(inputs, 2, "updates")?;
+            let q = ind.shape.len();
+            let k = ind.shape[q - 1];
+            let xs = contiguous_strides(x.shape);
+            let slice = numel(&x.shape[k..]);
+            let rows = numel(&ind.shape[..q - 1]);
+            let out = &mut outputs[0];
+            out.bytes.copy_from_slice(x.bytes);
+            for r in 0..rows {
+                let mut off = 0usize;
+                for t in 0..k {
+                    let c = norm_index(index_at(&ind, r * k + t)?, x.shape[t])?;
+                    off += c * xs[t] as usize;
+                }
+                for e in 0..slice {
+                    scatter_one(out, off + e, &upd, r * slice + e, *reduction)?;
+                }
+            }
+            Ok(())
+        }
+        Op::OneHot { axis } => {
+            let values = *req(inputs, 2, "values")?;
+            let out = &mut outputs[0];
+            let ax = if *axis < 0 { *axis + rank as i64 + 1 } else { *axis } as usize;
+            let depth = out.shape[ax];
+            let outer = numel(&x.shape[..ax]);
+            let inner = numel(&x.shape[ax..]);
+            let oes = values.dtype.size();
+            let (off, on) = (&values.bytes[..oes], &values.bytes[oes..2 * oes]);
+            for c in out.bytes.chunks_exact_mut(oes) {
+                c.copy_from_slice(off);
+            }
+            for o in 0..outer {
+                for i in 0..inner {
+                    let raw = match x.dtype {
+                        DType::F32 => x.f32()?[o * inner + i] as i64,
+                        _ => index_at(&x, o * inner + i)?,
+                    };
+                    let j = if raw < 0 { raw + depth as i64 } else { raw };
+                    if j < 0 || j >= depth as i64 {
+                        continue; // ONNX: out-of-range indices give an all-off row
+                    }
+                    let p = (o * depth + j as usize) * inner + i;
+                    out.bytes[p * oes..(p + 1) * oes].copy_from_slice(on);
+                }
+            }
+            Ok(())
+        }
+        Op::Trilu { upper } => {
+            let k = match inputs.get(1).copied().flatten() {
+                Some(v) => index_at(&v, 0)?,
+                None => 0,
+            };
+            let (h, w) = (x.shape[rank - 2], x.shape[rank - 1]);
+            let out = &mut *outputs[0].bytes;
+            out.copy_from_slice(x.bytes);
+            for m in 0..numel(&x.shape[..rank - 2]) {
+                for i in 0..h {
+                    for j in 0..w {
+                        let d = j as i64 - i as i64;
+                        let keep = if *upper { d >= k } else { d <= k };
+                        if !keep {
+                            let p = (m * h + i) * w + j;
+                            out[p * es..(p + 1) * es].fill(0);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Op::EyeLike { k, .. } => {
+            let out = &mut outputs[0];
+            let oes = out.dtype.size();
+            let (h, w) = (x.shape[0], x.shape[1]);
+            out.bytes.fill(0);
+            let one: [u8; 8] = match out.dtype {
+                DType::F32 => {
+                    let mut b = [0u8; 8];
+                    b[..4].copy_from_slice(&1f32.to_le_bytes());
+                    b
+                }
+                _ => 1u64.to_le_bytes(),
+            };
+            for i in 0..h {
+                let j = i as i64 + k;
+                if j >= 0 && (j as usize) < w {
+                    let p = i * w + j as usize;
+                    out.bytes[p * oes..(p + 1) * oes].copy_from_slice(&one[..oes]);
+                }
+            }
+            Ok(())
+        }
+        Op::TopK { axis, largest, sorted: _ } => {
+            let a = norm_axis(*axis, rank)?;
+            let (vals, rest) = outputs.split_at_mut(1);
+            let k = vals[0].shape[a];
+            let n = x.shape[a];
+            let outer = numel(&x.shape[..a]);
+            let inner = numel(&x.shape[a + 1..]);
+            let key = |i: usize| -> OpResult<f64> {
+                Ok(match x.dtype {
+                    DType::F32 => x.f32()?[i] as f64,
+                    _ => index_at(&x, i)? as f64,
+                })
+            };
+            let mut order: Vec<usize> = Vec::with_capacity(n);
+            let mut keys: Vec<f64> = vec![0.0; n];
+            for o in 0..outer {
+                for i in 0..inner {
+                    for (t, kk) in keys.iter_mut().enumerate() {
+                        *kk = key((o * n + t) * inner + i)?;
+                    }
+                    order.clear();
+                    order.extend(0..n);
+                    // Stable: equal values keep the lower index first, as ONNX requires.
+                    if *largest {
+                        order.sort_by(|&p, &q| keys[q].partial_cmp(&keys[p]).unwrap_or(std::cmp::Ordering::Equal));
+                    } else {
+                        order.sort_by(|&p, &q| keys[p].partial_cmp(&keys[q]).unwrap_or(std::cmp::Ordering::Equal));
+                    }
+                    for (t, &src) in order.iter().take(k).enumerate() {
+                        let dst = (o * k + t) * inner + i;
+                        let s = (o * n + src) * inner + i;
+                        vals[0].bytes[dst * es..(dst + 1) * es].copy_from_slice(&x.bytes[s * es..(s + 1) * es]);
+                        rest[0].i64()?[dst] = src as i64;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Op::CumSum { exclusive, reverse } => {
+            let a = norm_axis(index_at(req(inputs, 1, "axis")?, 0)?, rank)?;
+            let n = x.shape[a];
+            let outer = numel(&x.shape[..a]);
+            let inner = numel(&x.shape[a + 1..]);
+            macro_rules! cum {
+                ($src:expr, $dst:expr, $zero:expr) => {{
+                    let (src, dst) = ($src, $dst);
+                    for o in 0..outer {
+                        for i in 0..inner {
+                            let mut acc = $zero;
+                            for t in 0..n {
+                                let t = if *reverse { n - 1 - t } else { t };
+                                let p = (o * n + t) * inner + i;
+                                if *exclusive {
+                                    dst[p] = acc;
+                                    acc += src[p];
+                                } else {
+                                    acc += src[p];
+                                    dst[p] = acc;
+                                }
+                            }
+                        }
+                    }
+                }};
+            }
+            match x.dtype {
+                DType::F32 => cum!(x.f32()?, outputs[0].f32()?, 0f32),
+                DType::I64 => cum!(x.i64()?, outputs[0].i64()?, 0i64),
+                DType::I32 => cum!(x.i32()?, outputs[0].i32()?, 0i32),
+                d => op_bail!("CumSum on {d}"),
+            }
+            Ok(())
+        }
+        Op::NonZero => {
+            let out = outputs[0].i64()?;
+            let n = out.len() / rank.max(1);
+            let mut idx = [0usize; MAX_RANK];
+            let mut col = 0;
+            for i in 0..x.len() {
+                let nz = match x.dtype {
+                    DType::F32 => x.f32()?[i] != 0.0,
+                    _ => x.bytes[i * es..(i + 1) * es].iter().any(|&b| b != 0),
+                };
+                if nz {
+                    unravel(i, x.shape, &mut idx);
+                    for d in 0..rank {
+                        out[d * n + col] = idx[d] as i64;
+                    }
+                    col += 1;
+                }
+            }
+            Ok(())
+        }
+        Op::Compress { axis } => {
+            let c = req(inputs, 1, "condition")?.bool()?;
+            let out = &mut *outputs[0].bytes;
+            match axis {
+                None => {
+                    let mut w = 0;
+                    for (i, &keep) in c.iter().enumerate() {
+                        if keep != 0 {
+                            out[w * es..(w + 1) * es].copy_from_slice(&x.bytes[i * es..(i + 1) * es]);
+                            w += 1;
+                        }
+                    }
+                }
+                Some(ax) => {
+                    let a = norm_axis(*ax, rank)?;
+                    let n = x.shape[a];
+                    let outer = numel(&x.shape[..a]);
+                    let inner = numel(&x.shape[a + 1..]) * es;
+                    let mut w = 0;
+                    for o in 0..outer {
+                        for (t, &keep) in c.iter().enumerate().take(n) {
+                            if keep != 0 {
+                                let s = (o * n + t) * inner;
+                                out[w..w + inner].copy_from_slice(&x.bytes[s..s + inner]);
+                                w += inner;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Op::DepthToSpace { block, dcr } => {
+            let b = *block as usize;
+            let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+            let oc = c / (b * b);
+            let out = &mut *outputs[0].bytes;
+            for ni in 0..n {
+                for ci in 0..oc {
+                    for y in 0..h * b {
+                        for xx in 0..w * b {
+                            let (bh, bw) = (y % b, xx % b);
+                            let src_c = if *dcr { (bh * b + bw) * oc + ci } else { (ci * b + bh) * b + bw };
+                            let s = ((ni * c + src_c) * h + y / b) * w + xx / b;
+                            let d = ((ni * oc + ci) * h * b + y) * w * b + xx;
+                            out[d * es..(d + 1) * es].copy_from_slice(&x.bytes[s * es..(s + 1) * es]);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Op::SpaceToDepth { block } => {
+            let b = *block as usize;
+            let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+            let (oh, ow) = (h / b, w / b);
+            let out = &mut *outputs[0].bytes;
+            for ni in 0..n {
+                for ci in 0..c {
+                    for y in 0..h {
+                        for xx in 0..w {
+                            let (bh, bw) = (y % b, xx % b);
+                            let dc = (bh * b + bw) * c + ci;
+                            let d = ((ni * c * b * b + dc) * oh + y / b) * ow + xx / b;
+                            let s = ((ni * c + ci) * h + y) * w + xx;
+                            out[d * es..(d + 1) * es].copy_from_slice(&x.bytes[s * es..(s + 1) * es]);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => op_bail!("not an indexing op"),
+    }
+}
+
+/// `out[off] = upd[i]`, or combined with the existing value by `reduction`.
+fn scatter_one(out: &mut ViewMut<'_>, off: usize, upd: &View<'_>, i: usize, r: ScatterReduction) -> OpResult<()> {
+    let es = upd.dtype.size();
+    if r == ScatterReduction::None {
+        out.bytes[off * es..(off + 1) * es].copy_from_slice(&upd.bytes[i * es..(i + 1) * es]);
+        return Ok(());
+    }
+    macro_rules! red {
+        ($o:expr, $u:expr) => {{
+            let (o, u) = ($o, $u[i]);
+            o[off] = match r {
+                ScatterReduction::Add => o[off] + u,
+                ScatterReduction::Mul => o[off] * u,
+                ScatterReduction::Max => {
+                    if u > o[off] {
+                        u
+                    } else {
+                        o[off]
+                    }
+                }
+                ScatterReduction::Min => {
+                    if u < o[off] {
+                        u
+                    } else {
+                        o[off]
+                    }
+                }
+                ScatterReduction::None => u,
+            };
+        }};
+    }
+    match upd.dtype {
+        DType::F32 => red!(out.f32()?, upd.f32()?),
+        DType::I64 => red!(out.i64()?, upd.i64()?),
+        DType::I32 => red!(out.i32()?, upd.i32()?),
+        d => op_bail!("scatter reduction on {d}"),
+    }
+    Ok(())
+}
