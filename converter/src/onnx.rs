@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use acorn::graph::{
     Activation, AutoPad, BinaryOp, ConstBinding, ConvAttrs, Dim, Graph, IoSpec, LossReduction, LstmAttrs, Node, Op,
-    PadMode, ReduceOp, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId, ValueInfo,
+    PadMode, PoolAttrs, PoolKind, ReduceOp, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId,
+    ValueInfo,
 };
 use acorn::tensor::{DType, Tensor, TensorData};
 use anyhow::{anyhow, bail, Context, Result};
@@ -475,6 +476,50 @@ impl Importer {
                 dcr: a.s("mode").as_deref().unwrap_or("DCR") == "DCR",
             }),
             "SpaceToDepth" => Some(Op::SpaceToDepth { block: a.i("blocksize", 0) }),
+            "MaxPool" | "AveragePool" | "LpPool" | "GlobalMaxPool" | "GlobalAveragePool" | "GlobalLpPool" => {
+                let kind = match n.op_type.trim_start_matches("Global") {
+                    "MaxPool" => PoolKind::Max,
+                    "AveragePool" => PoolKind::Avg,
+                    _ => PoolKind::Lp(a.i("p", 2) as f32),
+                };
+                Some(Op::Pool(PoolAttrs {
+                    kind,
+                    global: n.op_type.starts_with("Global"),
+                    kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
+                    strides: a.ints("strides").unwrap_or_default(),
+                    pads: a.ints("pads").unwrap_or_default(),
+                    dilations: a.ints("dilations").unwrap_or_default(),
+                    auto_pad: auto_pad(a, name)?,
+                    ceil_mode: a.i("ceil_mode", 0) != 0,
+                    count_include_pad: a.i("count_include_pad", 0) != 0,
+                    storage_order: a.i("storage_order", 0),
+                }))
+            }
+            "QuantizeLinear" => Some(Op::QuantizeLinear {
+                axis: a.i("axis", 1),
+                block: a.i("block_size", 0),
+                output_dtype: a.get("output_dtype").filter(|d| d.i != 0).map(|d| onnx_dtype(d.i as i32)).transpose()?,
+            }),
+            "DequantizeLinear" => Some(Op::DequantizeLinear { axis: a.i("axis", 1), block: a.i("block_size", 0) }),
+            "DynamicQuantizeLinear" => Some(Op::DynamicQuantizeLinear),
+            "MatMulInteger" => Some(Op::MatMulInteger),
+            "QLinearMatMul" => Some(Op::QLinearMatMul),
+            "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
+            "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),
+            "GroupNormalization" if opset >= 21 => {
+                Some(Op::GroupNorm { groups: a.i("num_groups", 1), epsilon: a.f("epsilon", 1e-5) })
+            }
+            "LpNormalization" => Some(Op::LpNorm { axis: a.i("axis", -1), p: a.i("p", 2) }),
+            "Hardmax" => Some(Op::Hardmax { axis: a.i("axis", if opset < 13 { 1 } else { -1 }), legacy: opset < 13 }),
+            "LRN" => Some(Op::Lrn {
+                alpha: a.f("alpha", 1e-4),
+                beta: a.f("beta", 0.75),
+                bias: a.f("bias", 1.0),
+                size: a.i("size", 0),
+            }),
+            "MeanVarianceNormalization" => {
+                Some(Op::MeanVarianceNorm { axes: a.ints("axes").unwrap_or_else(|| vec![0, 2, 3]) })
+            }
             "NegativeLogLikelihoodLoss" | "SoftmaxCrossEntropyLoss" => {
                 let reduction = match a.s("reduction").as_deref().unwrap_or("mean") {
                     "none" => LossReduction::None,
@@ -627,13 +672,7 @@ impl Importer {
             "Range" => Some(Op::Range),
             "Tile" => Some(Op::Tile),
             "Conv" => {
-                let auto_pad = match a.s("auto_pad").as_deref().unwrap_or("NOTSET") {
-                    "NOTSET" | "" => AutoPad::NotSet,
-                    "SAME_UPPER" => AutoPad::SameUpper,
-                    "SAME_LOWER" => AutoPad::SameLower,
-                    "VALID" => AutoPad::Valid,
-                    m => bail!("node '{name}': unknown auto_pad '{m}'"),
-                };
+                let auto_pad = auto_pad(a, name)?;
                 Some(Op::Conv(ConvAttrs {
                     kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
                     strides: a.ints("strides").unwrap_or_default(),
@@ -692,6 +731,16 @@ impl Importer {
         };
         Ok(op)
     }
+}
+
+fn auto_pad(a: &Attrs<'_>, name: &str) -> Result<AutoPad> {
+    Ok(match a.s("auto_pad").as_deref().unwrap_or("NOTSET") {
+        "NOTSET" | "" => AutoPad::NotSet,
+        "SAME_UPPER" => AutoPad::SameUpper,
+        "SAME_LOWER" => AutoPad::SameLower,
+        "VALID" => AutoPad::Valid,
+        m => bail!("node '{name}': unknown auto_pad '{m}'"),
+    })
 }
 
 fn scatter_reduction(r: Option<&str>) -> Result<ScatterReduction> {

@@ -389,6 +389,81 @@ pub enum Op {
         reduction: LossReduction,
         ignore_index: Option<i64>,
     },
+    /// inputs: X; outputs: Y, Indices (MaxPool only, optional)
+    Pool(PoolAttrs),
+    /// inputs: X, scale; normalises over axes `axis..rank`
+    RmsNorm {
+        axis: i64,
+        epsilon: f32,
+    },
+    /// inputs: X, scale [C], B [C]
+    InstanceNorm {
+        epsilon: f32,
+    },
+    /// inputs: X, scale [C], bias [C]
+    GroupNorm {
+        groups: i64,
+        epsilon: f32,
+    },
+    LpNorm {
+        axis: i64,
+        p: i64,
+    },
+    Hardmax {
+        axis: i64,
+        legacy: bool,
+    },
+    Lrn {
+        alpha: f32,
+        beta: f32,
+        bias: f32,
+        size: i64,
+    },
+    MeanVarianceNorm {
+        axes: Vec<i64>,
+    },
+    /// inputs: x, y_scale, y_zero_point (optional)
+    QuantizeLinear {
+        axis: i64,
+        block: i64,
+        output_dtype: Option<DType>,
+    },
+    /// inputs: x, x_scale, x_zero_point (optional)
+    DequantizeLinear {
+        axis: i64,
+        block: i64,
+    },
+    /// outputs: y (u8), y_scale, y_zero_point
+    DynamicQuantizeLinear,
+    /// inputs: A, B, a_zero_point (optional), b_zero_point (optional) → int32
+    MatMulInteger,
+    /// inputs: a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point
+    QLinearMatMul,
+}
+
+/// What a pool computes over its window.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PoolKind {
+    Max,
+    Avg,
+    /// LpPool with exponent p.
+    Lp(f32),
+}
+
+/// Pooling attributes (ONNX semantics). `global`: the window is the whole spatial extent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolAttrs {
+    pub kind: PoolKind,
+    pub global: bool,
+    pub kernel_shape: Vec<i64>,
+    pub strides: Vec<i64>,
+    pub pads: Vec<i64>,
+    pub dilations: Vec<i64>,
+    pub auto_pad: AutoPad,
+    pub ceil_mode: bool,
+    pub count_include_pad: bool,
+    /// MaxPool Indices: 0 row-major, 1 column-major.
+    pub storage_order: i64,
 }
 
 /// How a loss is reduced over its elements.
@@ -420,6 +495,14 @@ impl Op {
             Op::ArgExtreme { max: true, .. } => "ArgMax".into(),
             Op::ArgExtreme { max: false, .. } => "ArgMin".into(),
             Op::Conv(_) => "Conv".into(),
+            Op::Pool(p) => match (p.kind, p.global) {
+                (PoolKind::Max, false) => "MaxPool".into(),
+                (PoolKind::Avg, false) => "AveragePool".into(),
+                (PoolKind::Lp(_), false) => "LpPool".into(),
+                (PoolKind::Max, true) => "GlobalMaxPool".into(),
+                (PoolKind::Avg, true) => "GlobalAveragePool".into(),
+                (PoolKind::Lp(_), true) => "GlobalLpPool".into(),
+            },
             Op::Lstm(_) => "LSTM".into(),
             Op::Softmax { log: true, .. } => "LogSoftmax".into(),
             Op::LayerNorm { .. } => "LayerNormalization".into(),
@@ -457,6 +540,14 @@ impl Op {
             Op::CumSum { .. } => (2, 2, 1, 1),
             Op::NllLoss { .. } => (2, 3, 1, 1),
             Op::SoftmaxCrossEntropy { .. } => (2, 3, 1, 2),
+            Op::Pool(_) => (1, 1, 1, 2),
+            Op::RmsNorm { .. } => (2, 2, 1, 1),
+            Op::InstanceNorm { .. } | Op::GroupNorm { .. } => (3, 3, 1, 1),
+            Op::LpNorm { .. } | Op::Hardmax { .. } | Op::Lrn { .. } | Op::MeanVarianceNorm { .. } => (1, 1, 1, 1),
+            Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. } => (2, 3, 1, 1),
+            Op::DynamicQuantizeLinear => (1, 1, 3, 3),
+            Op::MatMulInteger => (2, 4, 1, 1),
+            Op::QLinearMatMul => (8, 8, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(
@@ -481,6 +572,15 @@ impl Op {
             Op::Lstm(l) => l.hidden_size < 1 || l.hidden_size > (1 << 20) || !(0..=1).contains(&l.layout),
             Op::DepthToSpace { block, .. } | Op::SpaceToDepth { block } => !(1..=1 << 16).contains(block),
             Op::GatherNd { batch_dims } => !(0..MAX_RANK as i64).contains(batch_dims),
+            Op::Pool(p) => {
+                p.kernel_shape.len() > MAX_RANK
+                    || p.strides.len() > MAX_RANK
+                    || p.pads.len() > 2 * MAX_RANK
+                    || p.dilations.len() > MAX_RANK
+            }
+            Op::MeanVarianceNorm { axes } => axes.len() > MAX_RANK,
+            Op::Lrn { size, .. } => !(1..=1 << 16).contains(size),
+            Op::QuantizeLinear { block, .. } | Op::DequantizeLinear { block, .. } => *block < 0,
             _ => false,
         };
         if bad {

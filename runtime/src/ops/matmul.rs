@@ -29,6 +29,16 @@ fn matmul_out_shape(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
     Ok(out)
 }
 
+/// Output shape of an integer matmul (both operands rank ≥ 2; batches equal, or one side
+/// unbatched).
+pub(super) fn matmul_shape(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
+    let (ab, bb) = (numel(&a[..a.len().saturating_sub(2)]), numel(&b[..b.len().saturating_sub(2)]));
+    if a.len() < 2 || b.len() < 2 || (ab != bb && ab != 1 && bb != 1) {
+        op_bail!("integer MatMul supports rank ≥ 2 operands with matching batches, got {a:?} and {b:?}");
+    }
+    matmul_out_shape(a, b)
+}
+
 pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
     let a = req(inputs, 0, "A")?;
     let b = req(inputs, 1, "B")?;

@@ -12,6 +12,8 @@ mod index;
 mod loss;
 mod matmul;
 mod norm;
+mod pool;
+mod quant;
 mod recurrent;
 mod reduce;
 mod shape;
@@ -94,6 +96,30 @@ fn is_index_op(op: &Op) -> bool {
     )
 }
 
+fn is_norm_op(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::RmsNorm { .. }
+            | Op::InstanceNorm { .. }
+            | Op::GroupNorm { .. }
+            | Op::LpNorm { .. }
+            | Op::Hardmax { .. }
+            | Op::Lrn { .. }
+            | Op::MeanVarianceNorm { .. }
+    )
+}
+
+fn is_quant_op(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::QuantizeLinear { .. }
+            | Op::DequantizeLinear { .. }
+            | Op::DynamicQuantizeLinear
+            | Op::MatMulInteger
+            | Op::QLinearMatMul
+    )
+}
+
 fn req<'x, T>(inputs: &'x [Option<T>], i: usize, what: &str) -> OpResult<&'x T> {
     match inputs.get(i) {
         Some(Some(x)) => Ok(x),
@@ -149,6 +175,9 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
         Op::If { .. } => op_bail!("If is resolved by the planner"),
         op if is_index_op(op) => index::infer(op, inputs, n_out)?,
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::infer(op, inputs, n_out)?,
+        Op::Pool(_) => pool::infer(op, inputs, n_out)?,
+        op if is_quant_op(op) => quant::infer(op, inputs)?,
+        op if is_norm_op(op) => norm::infer_more(op, inputs)?,
         _ => shape::infer(op, inputs, n_out)?,
     };
     for (_, s) in &outs {
@@ -171,6 +200,9 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
         Op::If { .. } => op_bail!("If is resolved by the planner"),
         op if is_index_op(op) => index::run(op, inputs, outputs),
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::run(op, inputs, outputs),
+        Op::Pool(_) => pool::run(op, inputs, outputs),
+        op if is_quant_op(op) => quant::run(op, inputs, outputs),
+        op if is_norm_op(op) => norm::run_more(op, inputs, outputs),
         Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => {
             // Aliases: the executor shares the input's storage; copy only if asked to run.
             let x = req(inputs, 0, "input")?;

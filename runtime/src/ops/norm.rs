@@ -132,3 +132,225 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         _ => op_bail!("not a normalisation"),
     }
 }
+
+/// For each position of a block of shape `block`, the index of the broadcast parameter of shape
+/// `p` (right-aligned NumPy broadcasting).
+fn param_index(p: &[usize], block: &[usize]) -> OpResult<Vec<usize>> {
+    if p.len() > block.len() || p.iter().rev().zip(block.iter().rev()).any(|(&a, &b)| a != 1 && a != b) {
+        op_bail!("parameter {p:?} does not broadcast to {block:?}");
+    }
+    let st = super::broadcast_strides(p, block);
+    let n = numel(block);
+    let mut out = Vec::with_capacity(n);
+    let mut idx = [0usize; crate::graph::MAX_RANK];
+    for _ in 0..n {
+        out.push(idx.iter().zip(&st).take(block.len()).map(|(&i, &s)| i * s as usize).sum());
+        for d in (0..block.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < block[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    Ok(out)
+}
+
+/// Shape inference for the normalisations added with the conformance work.
+pub(super) fn infer_more(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
+    let x = req(inputs, 0, "X")?;
+    if x.dtype != DType::F32 {
+        op_bail!("{} is not supported for {} tensors", op.name(), x.dtype);
+    }
+    let rank = x.shape.len();
+    match op {
+        Op::RmsNorm { axis, .. } => {
+            let a = norm_axis(*axis, rank)?;
+            param_index(req(inputs, 1, "scale")?.shape, &x.shape[a..])?;
+        }
+        Op::InstanceNorm { .. } | Op::GroupNorm { .. } => {
+            if rank < 2 {
+                op_bail!("{} needs [N, C, …]", op.name());
+            }
+            let c = x.shape[1];
+            if let Op::GroupNorm { groups, .. } = op {
+                if *groups < 1 || c % *groups as usize != 0 {
+                    op_bail!("{c} channels do not split into {groups} groups");
+                }
+            }
+            for i in 1..3 {
+                let p = req(inputs, i, "parameter")?;
+                if numel(p.shape) != c {
+                    op_bail!("parameter {i} has shape {:?}, expected [{c}]", p.shape);
+                }
+            }
+        }
+        Op::LpNorm { axis, p } => {
+            norm_axis(*axis, rank)?;
+            if *p != 1 && *p != 2 {
+                op_bail!("LpNormalization p must be 1 or 2, got {p}");
+            }
+        }
+        Op::Hardmax { axis, .. } => {
+            norm_axis(*axis, rank)?;
+        }
+        Op::Lrn { size, .. } => {
+            if rank < 3 || *size < 1 {
+                op_bail!("LRN needs [N, C, …] and size ≥ 1");
+            }
+        }
+        Op::MeanVarianceNorm { axes } => {
+            for &a in axes {
+                norm_axis(a, rank)?;
+            }
+        }
+        _ => op_bail!("not a normalisation"),
+    }
+    Ok(vec![(DType::F32, x.shape.to_vec())])
+}
+
+pub(super) fn run_more(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+    let x = *req(inputs, 0, "X")?;
+    let xd = x.f32()?;
+    let y = outputs[0].f32()?;
+    let rank = x.shape.len();
+    match op {
+        Op::RmsNorm { axis, epsilon } => {
+            let a = norm_axis(*axis, rank)?;
+            let sv = req(inputs, 1, "scale")?;
+            let s = sv.f32()?;
+            let si = param_index(sv.shape, &x.shape[a..])?;
+            let n = numel(&x.shape[a..]);
+            if n == 0 {
+                return Ok(());
+            }
+            for (xr, yr) in xd.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+                let ms = xr.iter().map(|&v| v * v).sum::<f32>() / n as f32;
+                let inv = 1.0 / (ms + epsilon).sqrt();
+                for j in 0..n {
+                    yr[j] = xr[j] * inv * s[si[j]];
+                }
+            }
+        }
+        Op::InstanceNorm { epsilon } | Op::GroupNorm { epsilon, .. } => {
+            let (nb, c) = (x.shape[0], x.shape[1]);
+            let per = numel(&x.shape[2..]);
+            let g = if let Op::GroupNorm { groups, .. } = op { *groups as usize } else { c };
+            let cg = c / g;
+            let (s, b) = (req(inputs, 1, "scale")?.f32()?, req(inputs, 2, "B")?.f32()?);
+            for bi in 0..nb {
+                for gi in 0..g {
+                    let o = (bi * c + gi * cg) * per;
+                    let blk = &xd[o..o + cg * per];
+                    let cnt = (cg * per).max(1) as f32;
+                    let mean = blk.iter().sum::<f32>() / cnt;
+                    let var = blk.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / cnt;
+                    let inv = 1.0 / (var + epsilon).sqrt();
+                    for ci in 0..cg {
+                        let ch = gi * cg + ci;
+                        for j in 0..per {
+                            let p = o + ci * per + j;
+                            y[p] = (xd[p] - mean) * inv * s[ch] + b[ch];
+                        }
+                    }
+                }
+            }
+        }
+        Op::LpNorm { axis, p } => {
+            let a = norm_axis(*axis, rank)?;
+            let (outer, n, inner) = (numel(&x.shape[..a]), x.shape[a], numel(&x.shape[a + 1..]));
+            for o in 0..outer {
+                for i in 0..inner {
+                    let at = |k: usize| (o * n + k) * inner + i;
+                    let norm = if *p == 1 {
+                        (0..n).map(|k| xd[at(k)].abs()).sum::<f32>()
+                    } else {
+                        (0..n).map(|k| xd[at(k)] * xd[at(k)]).sum::<f32>().sqrt()
+                    };
+                    for k in 0..n {
+                        y[at(k)] = if norm == 0.0 { 0.0 } else { xd[at(k)] / norm };
+                    }
+                }
+            }
+        }
+        Op::Hardmax { axis, legacy } => {
+            let a = norm_axis(*axis, rank)?;
+            let (outer, n, inner) = if *legacy {
+                (numel(&x.shape[..a]), numel(&x.shape[a..]), 1)
+            } else {
+                (numel(&x.shape[..a]), x.shape[a], numel(&x.shape[a + 1..]))
+            };
+            y.fill(0.0);
+            for o in 0..outer {
+                for i in 0..inner {
+                    let at = |k: usize| (o * n + k) * inner + i;
+                    if n == 0 {
+                        continue;
+                    }
+                    let mut best = 0;
+                    for k in 1..n {
+                        if xd[at(k)] > xd[at(best)] {
+                            best = k;
+                        }
+                    }
+                    y[at(best)] = 1.0;
+                }
+            }
+        }
+        Op::Lrn { alpha, beta, bias, size } => {
+            let (nb, c) = (x.shape[0], x.shape[1]);
+            let per = numel(&x.shape[2..]);
+            let size = *size as usize;
+            let (lo, hi) = ((size - 1) / 2, (size - 1).div_ceil(2));
+            for bi in 0..nb {
+                for ch in 0..c {
+                    let c0 = ch.saturating_sub(lo);
+                    let c1 = (ch + hi).min(c - 1);
+                    for j in 0..per {
+                        let sq: f32 = (c0..=c1).map(|k| xd[(bi * c + k) * per + j].powi(2)).sum();
+                        let p = (bi * c + ch) * per + j;
+                        y[p] = xd[p] / (bias + alpha / size as f32 * sq).powf(*beta);
+                    }
+                }
+            }
+        }
+        Op::MeanVarianceNorm { axes } => {
+            let mut mask = [false; crate::graph::MAX_RANK];
+            for &a in axes {
+                mask[norm_axis(a, rank)?] = true;
+            }
+            // Group elements by their position on the kept axes.
+            let kept: Vec<usize> = (0..rank).map(|i| if mask[i] { 1 } else { x.shape[i] }).collect();
+            let groups = numel(&kept);
+            let st = super::contiguous_strides(&kept);
+            let mut idx = [0usize; crate::graph::MAX_RANK];
+            let mut key = vec![0usize; xd.len()];
+            for k in key.iter_mut() {
+                *k = (0..rank).filter(|&d| !mask[d]).map(|d| idx[d] * st[d] as usize).sum();
+                for d in (0..rank).rev() {
+                    idx[d] += 1;
+                    if idx[d] < x.shape[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                }
+            }
+            let mut sum = vec![0.0f64; groups];
+            let mut sq = vec![0.0f64; groups];
+            let mut cnt = vec![0usize; groups];
+            for (k, &v) in key.iter().zip(xd) {
+                sum[*k] += v as f64;
+                sq[*k] += (v as f64) * (v as f64);
+                cnt[*k] += 1;
+            }
+            for ((o, k), &v) in y.iter_mut().zip(&key).zip(xd) {
+                let n = cnt[*k].max(1) as f64;
+                let mean = sum[*k] / n;
+                let var = (sq[*k] / n - mean * mean).max(0.0);
+                *o = ((v as f64 - mean) / (var.sqrt() + 1e-9)) as f32;
+            }
+        }
+        _ => op_bail!("not a normalisation"),
+    }
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! Quantization family (imports of models other tools quantized): QuantizeLinear,
+//! DequantizeLinear (per-tensor, per-axis and blocked scales), DynamicQuantizeLinear,
+//! MatMulInteger and QLinearMatMul (exact int32 accumulation).
+
+use super::{contiguous_strides, norm_axis, numel, req, Fact, OutFact};
+use crate::error::{OpError, OpResult};
+use crate::graph::{Op, MAX_RANK};
+use crate::op_bail;
+use crate::tensor::{DType, View, ViewMut};
+
+/// How a scale / zero-point tensor maps onto the elements of `x`.
+#[derive(Clone, Copy)]
+enum ParamMap {
+    Scalar,
+    /// One value per index along `axis`, or per `block` indices when `block > 0`.
+    Axis {
+        axis: usize,
+        block: usize,
+    },
+}
+
+fn param_map(x: &[usize], p: &[usize], axis: i64, block: i64) -> OpResult<ParamMap> {
+    if numel(p) == 1 && (p.len() <= 1 || block == 0) {
+        return Ok(ParamMap::Scalar);
+    }
+    let a = norm_axis(axis, x.len())?;
+    if block > 0 {
+        let b = block as usize;
+        let ok =
+            p.len() == x.len() && (0..x.len()).all(|d| if d == a { p[d] == x[d].div_ceil(b) } else { p[d] == x[d] });
+        if !ok {
+            op_bail!("blocked scale {p:?} does not fit input {x:?} (axis {a}, block {b})");
+        }
+        return Ok(ParamMap::Axis { axis: a, block: b });
+    }
+    if p.len() != 1 || p[0] != x[a] {
+        op_bail!("per-axis scale {p:?} does not match input {x:?} on axis {a}");
+    }
+    Ok(ParamMap::Axis { axis: a, block: 0 })
+}
+
+/// Index into the parameter tensor for element `i` of `x`.
+fn param_at(m: ParamMap, i: usize, x: &[usize], xs: &[isize; MAX_RANK]) -> usize {
+    match m {
+        ParamMap::Scalar => 0,
+        ParamMap::Axis { axis, block: 0 } => (i / xs[axis] as usize) % x[axis],
+        ParamMap::Axis { axis, block } => {
+            // Blocked: the parameter has x's shape with dim `axis` divided by `block`.
+            let mut rem = i;
+            let mut idx = 0usize;
+            let mut pstride = 1usize;
+            let mut coords = [0usize; MAX_RANK];
+            for d in (0..x.len()).rev() {
+                coords[d] = rem % x[d];
+                rem /= x[d];
+            }
+            for d in (0..x.len()).rev() {
+                let (c, n) = if d == axis { (coords[d] / block, x[d].div_ceil(block)) } else { (coords[d], x[d]) };
+                idx += c * pstride;
+                pstride *= n;
+            }
+            idx
+        }
+    }
+}
+
+fn int_at(v: &View<'_>, i: usize) -> OpResult<i32> {
+    Ok(match v.dtype {
+        DType::U8 => v.bytes[i] as i32,
+        DType::I8 => v.bytes[i] as i8 as i32,
+        DType::I32 => v.i32()?[i],
+        d => op_bail!("expected an 8-bit or int32 tensor, got {d}"),
+    })
+}
+
+fn saturate(v: f32, to: DType) -> u8 {
+    match to {
+        DType::U8 => v.clamp(0.0, 255.0) as u8,
+        _ => (v.clamp(-128.0, 127.0) as i8) as u8,
+    }
+}
+
+pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
+    let x = req(inputs, 0, "x")?;
+    Ok(match op {
+        Op::QuantizeLinear { axis, block, output_dtype } => {
+            let s = req(inputs, 1, "y_scale")?;
+            if x.dtype != DType::F32 || s.dtype != DType::F32 {
+                op_bail!("QuantizeLinear needs f32 input and scale, got {} and {}", x.dtype, s.dtype);
+            }
+            param_map(x.shape, s.shape, *axis, *block)?;
+            let to = match inputs.get(2) {
+                Some(Some(z)) => z.dtype,
+                _ => output_dtype.unwrap_or(DType::U8),
+            };
+            if !matches!(to, DType::U8 | DType::I8) {
+                op_bail!("QuantizeLinear to {to} is not supported (u8 and i8 are)");
+            }
+            vec![(to, x.shape.to_vec())]
+        }
+        Op::DequantizeLinear { axis, block } => {
+            let s = req(inputs, 1, "x_scale")?;
+            if !matches!(x.dtype, DType::U8 | DType::I8 | DType::I32) || s.dtype != DType::F32 {
+                op_bail!("DequantizeLinear from {} with {} scale is not supported", x.dtype, s.dtype);
+            }
+            param_map(x.shape, s.shape, *axis, *block)?;
+            vec![(DType::F32, x.shape.to_vec())]
+        }
+        Op::DynamicQuantizeLinear => {
+            if x.dtype != DType::F32 {
+                op_bail!("DynamicQuantizeLinear needs f32 input");
+            }
+            vec![(DType::U8, x.shape.to_vec()), (DType::F32, vec![]), (DType::U8, vec![])]
+        }
+        Op::MatMulInteger | Op::QLinearMatMul => {
+            let bi = if matches!(op, Op::MatMulInteger) { 1 } else { 3 };
+            let b = req(inputs, bi, "B")?;
+            if !matches!(x.dtype, DType::U8 | DType::I8) || !matches!(b.dtype, DType::U8 | DType::I8) {
+                op_bail!("{} needs 8-bit operands, got {} and {}", op.name(), x.dtype, b.dtype);
+            }
+            let shapes = super::matmul::matmul_shape(x.shape, b.shape)?;
+            let to = if matches!(op, Op::MatMulInteger) {
+                DType::I32
+            } else {
+                let s = [1, 4, 6].map(|i| inputs.get(i).copied().flatten().map(|f| f.dtype));
+                if s.iter().any(|d| *d != Some(DType::F32)) {
+                    op_bail!("QLinearMatMul scales must be f32");
+                }
+                req(inputs, 7, "y_zero_point")?.dtype
+            };
+            vec![(to, shapes)]
+        }
+        _ => op_bail!("not a quantization op"),
+    })
+}
+
+pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+    let x = *req(inputs, 0, "x")?;
+    let xs = contiguous_strides(x.shape);
+    match op {
+        Op::QuantizeLinear { axis, block, .. } => {
+            let s = *req(inputs, 1, "y_scale")?;
+            let z = inputs.get(2).copied().flatten();
+            let m = param_map(x.shape, s.shape, *axis, *block)?;
+            let (sd, xd) = (s.f32()?, x.f32()?);
+            let out = &mut outputs[0];
+            let to = out.dtype;
+            for (i, o) in out.bytes.iter_mut().enumerate() {
+                let p = param_at(m, i, x.shape, &xs);
+                let zp = match &z {
+                    Some(z) => int_at(z, p)? as f32,
+                    None => 0.0,
+                };
+                *o = saturate((xd[i] / sd[p]).round_ties_even() + zp, to);
+            }
+            Ok(())
+        }
+        Op::DequantizeLinear { axis, block } => {
+            let s = *req(inputs, 1, "x_scale")?;
+            let z = inputs.get(2).copied().flatten();
+            let m = param_map(x.shape, s.shape, *axis, *block)?;
+            let sd = s.f32()?;
+            let y = outputs[0].f32()?;
+            for (i, o) in y.iter_mut().enumerate() {
+                let p = param_at(m, i, x.shape, &xs);
+                let zp = match &z {
+                    Some(z) => int_at(z, p)?,
+                    None => 0,
+                };
+                *o = (int_at(&x, i)? - zp) as f32 * sd[p];
+            }
+            Ok(())
+        }
+        Op::DynamicQuantizeLinear => {
+            let xd = x.f32()?;
+            let lo = xd.iter().copied().fold(0.0f32, f32::min);
+            let hi = xd.iter().copied().fold(0.0f32, f32::max);
+            let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+            let zp = (-lo / scale).round_ties_even().clamp(0.0, 255.0);
+            let (q, rest) = outputs.split_at_mut(1);
+            for (o, &v) in q[0].bytes.iter_mut().zip(xd) {
+                *o = ((v / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8;
+            }
+            rest[0].f32()?[0] = scale;
+            rest[1].bytes[0] = zp as u8;
+            Ok(())
+        }
+        Op::MatMulInteger | Op::QLinearMatMul => {
+            let qlinear = matches!(op, Op::QLinearMatMul);
+            let (bi, azi, bzi) = if qlinear { (3, 2, 5) } else { (1, 2, 3) };
+            let b = *req(inputs, bi, "B")?;
+            let az = inputs.get(azi).copied().flatten();
+            let bz = inputs.get(bzi).copied().flatten();
+            let out = &mut outputs[0];
+            let osh = out.shape.to_vec();
+            let r = osh.len();
+            let (m, n) = (osh[r - 2], osh[r - 1]);
+            let k = x.shape[x.rank() - 1];
+            let batch = numel(&osh[..r - 2]);
+            let abatch = if x.rank() > 2 { numel(&x.shape[..x.rank() - 2]) } else { 1 };
+            let bbatch = if b.rank() > 2 { numel(&b.shape[..b.rank() - 2]) } else { 1 };
+            let zp_at = |z: &Option<View<'_>>, i: usize| -> OpResult<i32> {
+                match z {
+                    None => Ok(0),
+                    Some(z) => int_at(z, if z.len() == 1 { 0 } else { i }),
+                }
+            };
+            let (scale, ys, yz) = if qlinear {
+                let f = |i: usize| -> OpResult<&[f32]> { req(inputs, i, "scale")?.f32() };
+                (Some((f(1)?, f(4)?)), Some(f(6)?), Some(*req(inputs, 7, "y_zero_point")?))
+            } else {
+                (None, None, None)
+            };
+            for bt in 0..batch {
+                let (ab, bb) = (if abatch == 1 { 0 } else { bt }, if bbatch == 1 { 0 } else { bt });
+                for i in 0..m {
+                    let za = zp_at(&az, i)?;
+                    for j in 0..n {
+                        let zb = zp_at(&bz, j)?;
+                        let mut acc = 0i32;
+                        for t in 0..k {
+                            let a = int_at(&x, (ab * m + i) * k + t)? - za;
+                            let bv = int_at(&b, (bb * k + t) * n + j)? - zb;
+                            acc = acc.wrapping_add(a * bv);
+                        }
+                        let dst = (bt * m + i) * n + j;
+                        match (&scale, &ys, &yz) {
+                            (Some((sa, sb)), Some(ys), Some(yz)) => {
+                                let pick = |s: &[f32], idx: usize| if s.len() == 1 { s[0] } else { s[idx] };
+                                let real = acc as f32 * (pick(sa, i) * pick(sb, j) / pick(ys, j));
+                                let zy = int_at(yz, if yz.len() == 1 { 0 } else { j })? as f32;
+                                out.bytes[dst] = saturate(real.round_ties_even() + zy, out.dtype);
+                            }
+                            _ => out.i32()?[dst] = acc,
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Err(OpError("not a quantization op".into())),
+    }
+}
