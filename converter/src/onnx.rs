@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use acorn::graph::{
-    Activation, AutoPad, BinaryOp, ConstBinding, ConvAttrs, Dim, Graph, IoSpec, LossReduction, LstmAttrs, Node, Op,
-    PadMode, PoolAttrs, PoolKind, ReduceOp, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId,
-    ValueInfo,
+    Activation, AspectPolicy, AutoPad, BinaryOp, ConstBinding, ConvAttrs, CoordMode, Dim, Graph, IoSpec, LossReduction,
+    LstmAttrs, NearestMode, Node, Op, PadMode, PoolAttrs, PoolKind, ReduceOp, ResizeAttrs, ResizeMode, RnnDirection,
+    Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId, ValueInfo,
 };
 use acorn::tensor::{DType, Tensor, TensorData};
 use anyhow::{anyhow, bail, Context, Result};
@@ -504,6 +504,68 @@ impl Importer {
             "DynamicQuantizeLinear" => Some(Op::DynamicQuantizeLinear),
             "MatMulInteger" => Some(Op::MatMulInteger),
             "QLinearMatMul" => Some(Op::QLinearMatMul),
+            "Resize" | "Upsample" => {
+                let legacy = opset < 11 || n.op_type == "Upsample";
+                if n.op_type == "Upsample" || opset < 11 {
+                    // opset ≤ 10: inputs X, scales → X, roi (none), scales
+                    if inputs.len() == 2 {
+                        inputs.insert(1, None);
+                    } else if let Some(sc) = a.get("scales") {
+                        let c = self.add_const(
+                            &format!("{name}/scales"),
+                            Tensor::from_f32(vec![sc.floats.len()], sc.floats.clone()),
+                        );
+                        *inputs = vec![inputs[0], None, Some(c)];
+                    }
+                }
+                let mode = match a.s("mode").as_deref().unwrap_or("nearest") {
+                    "nearest" => ResizeMode::Nearest,
+                    "linear" | "bilinear" => ResizeMode::Linear,
+                    "cubic" => ResizeMode::Cubic,
+                    m => bail!("node '{name}': unknown Resize mode '{m}'"),
+                };
+                let coord = if legacy {
+                    CoordMode::Asymmetric
+                } else {
+                    match a.s("coordinate_transformation_mode").as_deref().unwrap_or("half_pixel") {
+                        "half_pixel" => CoordMode::HalfPixel,
+                        "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
+                        "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
+                        "align_corners" => CoordMode::AlignCorners,
+                        "asymmetric" => CoordMode::Asymmetric,
+                        "tf_crop_and_resize" => CoordMode::TfCropAndResize,
+                        m => bail!("node '{name}': unknown coordinate_transformation_mode '{m}'"),
+                    }
+                };
+                let nearest = if legacy {
+                    NearestMode::Floor
+                } else {
+                    match a.s("nearest_mode").as_deref().unwrap_or("round_prefer_floor") {
+                        "round_prefer_floor" => NearestMode::RoundPreferFloor,
+                        "round_prefer_ceil" => NearestMode::RoundPreferCeil,
+                        "floor" => NearestMode::Floor,
+                        "ceil" => NearestMode::Ceil,
+                        m => bail!("node '{name}': unknown nearest_mode '{m}'"),
+                    }
+                };
+                let aspect = match a.s("keep_aspect_ratio_policy").as_deref().unwrap_or("stretch") {
+                    "stretch" => AspectPolicy::Stretch,
+                    "not_larger" => AspectPolicy::NotLarger,
+                    "not_smaller" => AspectPolicy::NotSmaller,
+                    m => bail!("node '{name}': unknown keep_aspect_ratio_policy '{m}'"),
+                };
+                Some(Op::Resize(ResizeAttrs {
+                    mode,
+                    coord,
+                    nearest,
+                    cubic_coeff_a: a.f("cubic_coeff_a", -0.75),
+                    exclude_outside: a.i("exclude_outside", 0) != 0,
+                    extrapolation_value: a.f("extrapolation_value", 0.0),
+                    antialias: a.i("antialias", 0) != 0,
+                    axes: a.ints("axes").unwrap_or_default(),
+                    aspect,
+                }))
+            }
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),
             "GroupNormalization" if opset >= 21 => {

@@ -439,6 +439,54 @@ pub enum Op {
     MatMulInteger,
     /// inputs: a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point
     QLinearMatMul,
+    /// inputs: X, roi (optional), scales (optional), sizes (optional)
+    Resize(ResizeAttrs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResizeMode {
+    Nearest,
+    Linear,
+    Cubic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordMode {
+    HalfPixel,
+    HalfPixelSymmetric,
+    PytorchHalfPixel,
+    AlignCorners,
+    Asymmetric,
+    TfCropAndResize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NearestMode {
+    RoundPreferFloor,
+    RoundPreferCeil,
+    Floor,
+    Ceil,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AspectPolicy {
+    Stretch,
+    NotLarger,
+    NotSmaller,
+}
+
+/// Resize attributes (ONNX semantics; opset-10 defaults resolved by the converter).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResizeAttrs {
+    pub mode: ResizeMode,
+    pub coord: CoordMode,
+    pub nearest: NearestMode,
+    pub cubic_coeff_a: f32,
+    pub exclude_outside: bool,
+    pub extrapolation_value: f32,
+    pub antialias: bool,
+    pub axes: Vec<i64>,
+    pub aspect: AspectPolicy,
 }
 
 /// What a pool computes over its window.
@@ -548,6 +596,7 @@ impl Op {
             Op::DynamicQuantizeLinear => (1, 1, 3, 3),
             Op::MatMulInteger => (2, 4, 1, 1),
             Op::QLinearMatMul => (8, 8, 1, 1),
+            Op::Resize(_) => (1, 4, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(
@@ -579,6 +628,7 @@ impl Op {
                     || p.dilations.len() > MAX_RANK
             }
             Op::MeanVarianceNorm { axes } => axes.len() > MAX_RANK,
+            Op::Resize(r) => r.axes.len() > MAX_RANK,
             Op::Lrn { size, .. } => !(1..=1 << 16).contains(size),
             Op::QuantizeLinear { block, .. } | Op::DequantizeLinear { block, .. } => *block < 0,
             _ => false,

@@ -16,6 +16,7 @@ mod pool;
 mod quant;
 mod recurrent;
 mod reduce;
+mod resize;
 mod shape;
 #[cfg(test)]
 mod tests;
@@ -176,6 +177,7 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
         op if is_index_op(op) => index::infer(op, inputs, n_out)?,
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::infer(op, inputs, n_out)?,
         Op::Pool(_) => pool::infer(op, inputs, n_out)?,
+        Op::Resize(_) => resize::infer(op, inputs)?,
         op if is_quant_op(op) => quant::infer(op, inputs)?,
         op if is_norm_op(op) => norm::infer_more(op, inputs)?,
         _ => shape::infer(op, inputs, n_out)?,
@@ -201,6 +203,7 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
         op if is_index_op(op) => index::run(op, inputs, outputs),
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::run(op, inputs, outputs),
         Op::Pool(_) => pool::run(op, inputs, outputs),
+        Op::Resize(_) => resize::run(op, inputs, outputs),
         op if is_quant_op(op) => quant::run(op, inputs, outputs),
         op if is_norm_op(op) => norm::run_more(op, inputs, outputs),
         Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => {
