@@ -9,6 +9,9 @@ use crate::graph::{AspectPolicy, CoordMode, NearestMode, Op, ResizeAttrs, Resize
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
+/// (input index, weight) pairs for one output coordinate on one axis.
+type Taps = Vec<(usize, f32)>;
+
 /// Output shape and the per-axis scale used for coordinates.
 fn plan(
     a: &ResizeAttrs,
@@ -199,7 +202,7 @@ fn taps(a: &ResizeAttrs, x: f32, len_in: usize, scale: f32, out: &mut Vec<(usize
             let (start, end) = if aa {
                 let r = if cubic_mode { 2.0 } else { 1.0 };
                 let s = (-r / scale).floor() as isize + 1;
-                (s, if cubic_mode { 2 - s } else { 2 - s })
+                (s, 2 - s)
             } else if cubic_mode {
                 (-1, 3)
             } else {
@@ -261,7 +264,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
     };
     // Per axis, per output coordinate: taps (or None = extrapolate).
-    let mut axis_taps: Vec<Vec<Option<Vec<(usize, f32)>>>> = Vec::with_capacity(r);
+    let mut axis_taps: Vec<Vec<Option<Taps>>> = Vec::with_capacity(r);
     let mut buf = Vec::new();
     for d in 0..r {
         let mut v = Vec::with_capacity(oshape[d]);
