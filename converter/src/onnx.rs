@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use acorn::graph::{
-    Activation, AspectPolicy, AutoPad, BinaryOp, ConstBinding, ConvAttrs, CoordMode, Dim, Graph, IoSpec, LossReduction,
-    LstmAttrs, NearestMode, Node, Op, PadMode, PoolAttrs, PoolKind, ReduceOp, ResizeAttrs, ResizeMode, RnnDirection,
-    Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId, ValueInfo,
+    Activation, AspectPolicy, AutoPad, BinaryOp, ConstBinding, ConvAttrs, ConvTransposeAttrs, CoordMode, Dim, Graph,
+    IoSpec, LossReduction, LstmAttrs, NearestMode, Node, Op, PadMode, PoolAttrs, PoolKind, ReduceOp, ResizeAttrs,
+    ResizeMode, RnnAttrs, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId, ValueInfo,
 };
 use acorn::tensor::{DType, Tensor, TensorData};
 use anyhow::{anyhow, bail, Context, Result};
@@ -565,6 +565,41 @@ impl Importer {
                     axes: a.ints("axes").unwrap_or_default(),
                     aspect,
                 }))
+            }
+            "ConvTranspose" => Some(Op::ConvTranspose(ConvTransposeAttrs {
+                kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
+                strides: a.ints("strides").unwrap_or_default(),
+                pads: a.ints("pads").unwrap_or_default(),
+                dilations: a.ints("dilations").unwrap_or_default(),
+                output_padding: a.ints("output_padding").unwrap_or_default(),
+                output_shape: a.ints("output_shape"),
+                group: a.i("group", 1),
+                auto_pad: auto_pad(a, name)?,
+            })),
+            "GRU" | "RNN" => {
+                let direction = match a.s("direction").as_deref().unwrap_or("forward") {
+                    "forward" => RnnDirection::Forward,
+                    "reverse" => RnnDirection::Reverse,
+                    "bidirectional" => RnnDirection::Bidirectional,
+                    d => bail!("node '{name}': unknown direction '{d}'"),
+                };
+                let want: &[&str] = if n.op_type == "GRU" { &["sigmoid", "tanh"] } else { &["tanh"] };
+                let default_acts = a.get("activations").is_none_or(|x| {
+                    let names: Vec<String> =
+                        x.strings.iter().map(|s| String::from_utf8_lossy(s).to_lowercase()).collect();
+                    names.chunks(want.len()).all(|c| c == want)
+                });
+                if !default_acts {
+                    return Ok(None);
+                }
+                let attrs = RnnAttrs {
+                    hidden_size: a.i("hidden_size", 0),
+                    direction,
+                    layout: a.i("layout", 0),
+                    clip: a.get("clip").map(|c| c.f),
+                    linear_before_reset: a.i("linear_before_reset", 0) != 0,
+                };
+                Some(if n.op_type == "GRU" { Op::Gru(attrs) } else { Op::Rnn(attrs) })
             }
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),

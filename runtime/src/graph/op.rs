@@ -441,6 +441,36 @@ pub enum Op {
     QLinearMatMul,
     /// inputs: X, roi (optional), scales (optional), sizes (optional)
     Resize(ResizeAttrs),
+    /// inputs: X, W [C, M/group, k…], B (optional)
+    ConvTranspose(ConvTransposeAttrs),
+    /// inputs: X, W, R, B, sequence_lens, initial_h (all but X, W, R optional); gates z, r, h
+    Gru(RnnAttrs),
+    /// Simple RNN with tanh; inputs as GRU.
+    Rnn(RnnAttrs),
+}
+
+/// GRU / simple RNN attributes (ONNX semantics, default activations).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RnnAttrs {
+    pub hidden_size: i64,
+    pub direction: RnnDirection,
+    pub layout: i64,
+    pub clip: Option<f32>,
+    /// GRU only.
+    pub linear_before_reset: bool,
+}
+
+/// ConvTranspose attributes (ONNX semantics). Empty vectors mean "ONNX default".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConvTransposeAttrs {
+    pub kernel_shape: Vec<i64>,
+    pub strides: Vec<i64>,
+    pub pads: Vec<i64>,
+    pub dilations: Vec<i64>,
+    pub output_padding: Vec<i64>,
+    pub output_shape: Option<Vec<i64>>,
+    pub group: i64,
+    pub auto_pad: AutoPad,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -543,6 +573,7 @@ impl Op {
             Op::ArgExtreme { max: true, .. } => "ArgMax".into(),
             Op::ArgExtreme { max: false, .. } => "ArgMin".into(),
             Op::Conv(_) => "Conv".into(),
+            Op::ConvTranspose(_) => "ConvTranspose".into(),
             Op::Pool(p) => match (p.kind, p.global) {
                 (PoolKind::Max, false) => "MaxPool".into(),
                 (PoolKind::Avg, false) => "AveragePool".into(),
@@ -552,6 +583,8 @@ impl Op {
                 (PoolKind::Lp(_), true) => "GlobalLpPool".into(),
             },
             Op::Lstm(_) => "LSTM".into(),
+            Op::Gru(_) => "GRU".into(),
+            Op::Rnn(_) => "RNN".into(),
             Op::Softmax { log: true, .. } => "LogSoftmax".into(),
             Op::LayerNorm { .. } => "LayerNormalization".into(),
             Op::BatchNorm { .. } => "BatchNormalization".into(),
@@ -597,6 +630,8 @@ impl Op {
             Op::MatMulInteger => (2, 4, 1, 1),
             Op::QLinearMatMul => (8, 8, 1, 1),
             Op::Resize(_) => (1, 4, 1, 1),
+            Op::ConvTranspose(_) => (2, 3, 1, 1),
+            Op::Gru(_) | Op::Rnn(_) => (3, 6, 0, 2),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(
@@ -629,6 +664,16 @@ impl Op {
             }
             Op::MeanVarianceNorm { axes } => axes.len() > MAX_RANK,
             Op::Resize(r) => r.axes.len() > MAX_RANK,
+            Op::Gru(r) | Op::Rnn(r) => r.hidden_size < 1 || r.hidden_size > (1 << 20) || !(0..=1).contains(&r.layout),
+            Op::ConvTranspose(c) => {
+                c.kernel_shape.len() > MAX_RANK
+                    || c.strides.len() > MAX_RANK
+                    || c.pads.len() > 2 * MAX_RANK
+                    || c.dilations.len() > MAX_RANK
+                    || c.output_padding.len() > MAX_RANK
+                    || c.output_shape.as_ref().is_some_and(|o| o.len() > MAX_RANK)
+                    || c.group < 1
+            }
             Op::Lrn { size, .. } => !(1..=1 << 16).contains(size),
             Op::QuantizeLinear { block, .. } | Op::DequantizeLinear { block, .. } => *block < 0,
             _ => false,

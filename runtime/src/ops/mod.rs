@@ -7,6 +7,7 @@ use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
 mod conv;
+mod convt;
 mod elementwise;
 mod index;
 mod loss;
@@ -178,6 +179,9 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::infer(op, inputs, n_out)?,
         Op::Pool(_) => pool::infer(op, inputs, n_out)?,
         Op::Resize(_) => resize::infer(op, inputs)?,
+        Op::ConvTranspose(a) => convt::infer(a, inputs)?,
+        Op::Gru(a) => recurrent::infer_gru(a, true, inputs, n_out)?,
+        Op::Rnn(a) => recurrent::infer_gru(a, false, inputs, n_out)?,
         op if is_quant_op(op) => quant::infer(op, inputs)?,
         op if is_norm_op(op) => norm::infer_more(op, inputs)?,
         _ => shape::infer(op, inputs, n_out)?,
@@ -204,6 +208,9 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::run(op, inputs, outputs),
         Op::Pool(_) => pool::run(op, inputs, outputs),
         Op::Resize(_) => resize::run(op, inputs, outputs),
+        Op::ConvTranspose(a) => convt::run(a, inputs, outputs),
+        Op::Gru(a) => recurrent::run_gru(a, true, inputs, outputs),
+        Op::Rnn(a) => recurrent::run_gru(a, false, inputs, outputs),
         op if is_quant_op(op) => quant::run(op, inputs, outputs),
         op if is_norm_op(op) => norm::run_more(op, inputs, outputs),
         Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => {

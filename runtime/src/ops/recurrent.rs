@@ -4,7 +4,7 @@
 
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
-use crate::graph::{LstmAttrs, Op, RnnDirection};
+use crate::graph::{LstmAttrs, Op, RnnAttrs, RnnDirection};
 use crate::kernels::{self, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
@@ -213,6 +213,159 @@ pub(super) fn run(
                 if let Some(Some(yc)) = outs.get_mut(2) {
                     yc[so..so + h].copy_from_slice(&cs[i * h..(i + 1) * h]);
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gates per step: GRU has 3 (z, r, h), a simple RNN 1.
+fn gates_of(gru: bool) -> usize {
+    if gru {
+        3
+    } else {
+        1
+    }
+}
+
+/// Shape inference for GRU (`gru`) and the simple RNN.
+pub(super) fn infer_gru(a: &RnnAttrs, gru: bool, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
+    let x = req(inputs, 0, "X")?;
+    let w = req(inputs, 1, "W")?;
+    let r = req(inputs, 2, "R")?;
+    if x.shape.len() != 3 {
+        op_bail!("X must be rank 3, got {:?}", x.shape);
+    }
+    for f in inputs.iter().enumerate().filter(|(i, _)| *i != 4).filter_map(|(_, f)| f.as_ref()) {
+        if f.dtype != DType::F32 {
+            op_bail!("recurrent tensors must be f32");
+        }
+    }
+    let g = gates_of(gru);
+    let (s, b) = if a.layout == 0 { (x.shape[0], x.shape[1]) } else { (x.shape[1], x.shape[0]) };
+    let h = a.hidden_size as usize;
+    let nd = if a.direction == RnnDirection::Bidirectional { 2 } else { 1 };
+    if w.shape != [nd, g * h, x.shape[2]] || r.shape != [nd, g * h, h] {
+        op_bail!("weights W {:?} / R {:?} do not match X {:?}, hidden {h}", w.shape, r.shape, x.shape);
+    }
+    let state = if a.layout == 0 { vec![nd, b, h] } else { vec![b, nd, h] };
+    if let Some(Some(bias)) = inputs.get(3) {
+        if bias.shape != [nd, 2 * g * h] {
+            op_bail!("B has shape {:?}, expected [{nd}, {}]", bias.shape, 2 * g * h);
+        }
+    }
+    if let Some(Some(h0)) = inputs.get(5) {
+        if h0.shape != state.as_slice() {
+            op_bail!("initial_h has shape {:?}, expected {state:?}", h0.shape);
+        }
+    }
+    if let Some(Some(sl)) = inputs.get(4) {
+        if let Some(v) = sl.value {
+            if v.to_i64_vec()?.iter().any(|&l| l != s as i64) {
+                op_bail!("per-batch sequence lengths shorter than the input are not supported");
+            }
+        }
+    }
+    let y = if a.layout == 0 { vec![s, nd, b, h] } else { vec![b, s, nd, h] };
+    let mut outs = vec![(DType::F32, y), (DType::F32, state)];
+    outs.truncate(n_out.max(1));
+    Ok(outs)
+}
+
+/// GRU (gates z, r, h; `linear_before_reset`) or simple RNN (tanh), all directions and layouts.
+pub(super) fn run_gru(
+    a: &RnnAttrs,
+    gru: bool,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+) -> OpResult<()> {
+    let x = *req(inputs, 0, "X")?;
+    let (xd, wd, rd) = (x.f32()?, req(inputs, 1, "W")?.f32()?, req(inputs, 2, "R")?.f32()?);
+    let opt = |i: usize| -> OpResult<Option<&[f32]>> {
+        match inputs.get(i) {
+            Some(Some(v)) => Ok(Some(v.f32()?)),
+            _ => Ok(None),
+        }
+    };
+    let (bias, h0) = (opt(3)?, opt(5)?);
+    let g = gates_of(gru);
+    let layout1 = a.layout == 1;
+    let (s, b) = if layout1 { (x.shape[1], x.shape[0]) } else { (x.shape[0], x.shape[1]) };
+    let ni = x.shape[2];
+    let h = a.hidden_size as usize;
+    let nd = if a.direction == RnnDirection::Bidirectional { 2 } else { 1 };
+    let xrow = |t: usize, i: usize| if layout1 { i * s + t } else { t * b + i };
+    let srow = |dir: usize, i: usize| if layout1 { i * nd + dir } else { dir * b + i };
+    let yrow = |t: usize, dir: usize, i: usize| if layout1 { (i * s + t) * nd + dir } else { (t * nd + dir) * b + i };
+    let clip = |v: f32| a.clip.map(|c| v.clamp(-c, c)).unwrap_or(v);
+    let dot = |u: &[f32], v: &[f32]| u.iter().zip(v).map(|(p, q)| p * q).sum::<f32>();
+    let mut hs = vec![0.0f32; b * h];
+    let mut next = vec![0.0f32; b * h];
+    let (mut z, mut rg, mut rh_prev) = (vec![0.0f32; h], vec![0.0f32; h], vec![0.0f32; h]);
+    let (first, rest) = outputs.split_at_mut(1);
+    let mut y = if first[0].is_empty() { None } else { Some(first[0].f32()?) };
+    let mut yh = match rest.first_mut() {
+        Some(o) => Some(o.f32()?),
+        None => None,
+    };
+    for dir in 0..nd {
+        let reverse = a.direction == RnnDirection::Reverse || dir == 1;
+        let wdir = &wd[dir * g * h * ni..(dir + 1) * g * h * ni];
+        let rdir = &rd[dir * g * h * h..(dir + 1) * g * h * h];
+        let bw = |j: usize| bias.map_or(0.0, |bv| bv[dir * 2 * g * h + j]);
+        let br = |j: usize| bias.map_or(0.0, |bv| bv[dir * 2 * g * h + g * h + j]);
+        for i in 0..b {
+            let so = srow(dir, i) * h;
+            match h0 {
+                Some(v) => hs[i * h..(i + 1) * h].copy_from_slice(&v[so..so + h]),
+                None => hs[i * h..(i + 1) * h].fill(0.0),
+            }
+        }
+        for step in 0..s {
+            let t = if reverse { s - 1 - step } else { step };
+            for i in 0..b {
+                let xt = &xd[xrow(t, i) * ni..(xrow(t, i) + 1) * ni];
+                let hp = &hs[i * h..(i + 1) * h];
+                let xw = |gate: usize, j: usize| {
+                    dot(xt, &wdir[(gate * h + j) * ni..(gate * h + j + 1) * ni]) + bw(gate * h + j)
+                };
+                let hr = |gate: usize, j: usize| {
+                    dot(hp, &rdir[(gate * h + j) * h..(gate * h + j + 1) * h]) + br(gate * h + j)
+                };
+                if !gru {
+                    for j in 0..h {
+                        next[i * h + j] = clip(xw(0, j) + hr(0, j)).tanh();
+                    }
+                    continue;
+                }
+                for j in 0..h {
+                    z[j] = sigmoid(clip(xw(0, j) + hr(0, j)));
+                    rg[j] = sigmoid(clip(xw(1, j) + hr(1, j)));
+                    rh_prev[j] = rg[j] * hp[j];
+                }
+                for j in 0..h {
+                    let cand = if a.linear_before_reset {
+                        clip(xw(2, j) + rg[j] * hr(2, j)).tanh()
+                    } else {
+                        // (r ⊙ H_{t-1}) · Rhᵀ + Rbh
+                        let rrow = &rdir[(2 * h + j) * h..(2 * h + j + 1) * h];
+                        clip(xw(2, j) + dot(&rh_prev, rrow) + br(2 * h + j)).tanh()
+                    };
+                    next[i * h + j] = (1.0 - z[j]) * cand + z[j] * hp[j];
+                }
+            }
+            hs.copy_from_slice(&next);
+            if let Some(y) = y.as_deref_mut() {
+                for i in 0..b {
+                    let yo = yrow(t, dir, i) * h;
+                    y[yo..yo + h].copy_from_slice(&hs[i * h..(i + 1) * h]);
+                }
+            }
+        }
+        if let Some(yh) = yh.as_deref_mut() {
+            for i in 0..b {
+                let so = srow(dir, i) * h;
+                yh[so..so + h].copy_from_slice(&hs[i * h..(i + 1) * h]);
             }
         }
     }

@@ -1,0 +1,164 @@
+//! ConvTranspose (any spatial rank, groups, strides, dilations, pads, output_padding,
+//! output_shape, auto_pad) as a direct scatter-accumulate: each input element adds its
+//! kernel-weighted contribution to the output window it maps to.
+
+use super::{numel, req, Fact, OutFact};
+use crate::error::OpResult;
+use crate::graph::{AutoPad, ConvTransposeAttrs, MAX_RANK};
+use crate::op_bail;
+use crate::tensor::{DType, View, ViewMut};
+
+struct Geo {
+    sp: usize,
+    k: [usize; MAX_RANK],
+    s: [usize; MAX_RANK],
+    d: [usize; MAX_RANK],
+    pb: [usize; MAX_RANK],
+    out: [usize; MAX_RANK],
+}
+
+fn geometry(a: &ConvTransposeAttrs, x: &[usize], w: &[usize]) -> OpResult<Geo> {
+    if x.len() < 3 || w.len() != x.len() {
+        op_bail!("ConvTranspose needs X [N, C, …] and W [C, M/group, k…] of the same rank; got {x:?}, {w:?}");
+    }
+    let sp = x.len() - 2;
+    let g = a.group as usize;
+    if g == 0 || x[1] != w[0] || x[1] % g != 0 {
+        op_bail!("ConvTranspose channels do not match: X {x:?}, W {w:?}, group {g}");
+    }
+    let get = |v: &[i64], i: usize, dflt: i64, what: &str| -> OpResult<usize> {
+        let x = *v.get(i).unwrap_or(&dflt);
+        if x < 0 || (dflt == 1 && x == 0) {
+            op_bail!("ConvTranspose {what} {x} is invalid");
+        }
+        Ok(x as usize)
+    };
+    let mut geo =
+        Geo { sp, k: [1; MAX_RANK], s: [1; MAX_RANK], d: [1; MAX_RANK], pb: [0; MAX_RANK], out: [1; MAX_RANK] };
+    for i in 0..sp {
+        geo.k[i] = w[2 + i];
+        if !a.kernel_shape.is_empty() && a.kernel_shape.get(i) != Some(&(w[2 + i] as i64)) {
+            op_bail!("kernel_shape {:?} disagrees with W {w:?}", a.kernel_shape);
+        }
+        geo.s[i] = get(&a.strides, i, 1, "stride")?;
+        geo.d[i] = get(&a.dilations, i, 1, "dilation")?;
+        let op = get(&a.output_padding, i, 0, "output_padding")?;
+        let eff = geo.d[i] * (geo.k[i].max(1) - 1) + 1;
+        let full = geo.s[i] * (x[2 + i].max(1) - 1) + op + eff;
+        let target = if let Some(os) = a.output_shape.as_ref().filter(|o| !o.is_empty()) {
+            // output_shape may list all dims or only the spatial ones
+            let v = if os.len() == sp { os[i] } else { *os.get(2 + i).unwrap_or(&0) };
+            Some(v.max(0) as usize)
+        } else if matches!(a.auto_pad, AutoPad::SameUpper | AutoPad::SameLower) {
+            Some(x[2 + i] * geo.s[i])
+        } else {
+            None
+        };
+        match target {
+            Some(t) => {
+                let total = full.saturating_sub(t);
+                geo.pb[i] = if a.auto_pad == AutoPad::SameLower { total - total / 2 } else { total / 2 };
+                geo.out[i] = t;
+            }
+            None => {
+                let (pb, pe) = if a.auto_pad == AutoPad::Valid {
+                    (0, 0)
+                } else {
+                    (get(&a.pads, i, 0, "pad")?, get(&a.pads, i + sp, 0, "pad")?)
+                };
+                if full < pb + pe {
+                    op_bail!("ConvTranspose pads exceed the output");
+                }
+                geo.pb[i] = pb;
+                geo.out[i] = full - pb - pe;
+            }
+        }
+    }
+    Ok(geo)
+}
+
+pub(super) fn infer(a: &ConvTransposeAttrs, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
+    let x = req(inputs, 0, "X")?;
+    let w = req(inputs, 1, "W")?;
+    if x.dtype != DType::F32 || w.dtype != DType::F32 {
+        op_bail!("ConvTranspose needs f32 operands");
+    }
+    let geo = geometry(a, x.shape, w.shape)?;
+    let m = w.shape[1] * a.group as usize;
+    if let Some(Some(b)) = inputs.get(2) {
+        if numel(b.shape) != m {
+            op_bail!("ConvTranspose bias {:?} should have {m} elements", b.shape);
+        }
+    }
+    let mut s = vec![x.shape[0], m];
+    s.extend_from_slice(&geo.out[..geo.sp]);
+    Ok(vec![(DType::F32, s)])
+}
+
+pub(super) fn run(a: &ConvTransposeAttrs, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+    let x = *req(inputs, 0, "X")?;
+    let w = *req(inputs, 1, "W")?;
+    let geo = geometry(a, x.shape, w.shape)?;
+    let (xd, wd) = (x.f32()?, w.f32()?);
+    let y = outputs[0].f32()?;
+    let sp = geo.sp;
+    let (n, c) = (x.shape[0], x.shape[1]);
+    let g = a.group as usize;
+    let (cg, mg) = (c / g, w.shape[1]);
+    let m = mg * g;
+    let in_sp = &x.shape[2..];
+    let in_plane = numel(in_sp);
+    let out_plane = numel(&geo.out[..sp]);
+    let kn = numel(&geo.k[..sp]);
+    match inputs.get(2).copied().flatten() {
+        Some(b) => {
+            let b = b.f32()?;
+            for (i, o) in y.iter_mut().enumerate() {
+                *o = b[(i / out_plane) % m];
+            }
+        }
+        None => y.fill(0.0),
+    }
+    let mut ip = [0usize; MAX_RANK];
+    let mut kp = [0usize; MAX_RANK];
+    for ni in 0..n {
+        for ci in 0..c {
+            let gi = ci / cg;
+            for p in 0..in_plane {
+                let v = xd[(ni * c + ci) * in_plane + p];
+                if v == 0.0 {
+                    continue;
+                }
+                unravel(p, in_sp, &mut ip);
+                for kf in 0..kn {
+                    unravel(kf, &geo.k[..sp], &mut kp);
+                    let mut off = 0usize;
+                    let mut inside = true;
+                    for i in 0..sp {
+                        let o = (ip[i] * geo.s[i] + kp[i] * geo.d[i]) as isize - geo.pb[i] as isize;
+                        if o < 0 || o as usize >= geo.out[i] {
+                            inside = false;
+                            break;
+                        }
+                        off = off * geo.out[i] + o as usize;
+                    }
+                    if !inside {
+                        continue;
+                    }
+                    for mi in 0..mg {
+                        let wv = wd[(ci * mg + mi) * kn + kf];
+                        y[(ni * m + gi * mg + mi) * out_plane + off] += v * wv;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unravel(mut flat: usize, shape: &[usize], out: &mut [usize; MAX_RANK]) {
+    for d in (0..shape.len()).rev() {
+        out[d] = flat % shape[d].max(1);
+        flat /= shape[d].max(1);
+    }
+}
