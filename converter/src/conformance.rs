@@ -187,7 +187,17 @@ pub fn compare(got: &Tensor, want: &Tensor) -> Result<()> {
         (TensorData::F32(a), TensorData::F32(b)) => {
             a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| check(i, g as f64, w as f64))
         }
+        (TensorData::F64(a), TensorData::F64(b)) => {
+            a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| check(i, g, w))
+        }
+        (TensorData::F16(a), TensorData::F16(b)) => a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| {
+            check(i, acorn::tensor::f16_to_f32(g) as f64, acorn::tensor::f16_to_f32(w) as f64)
+        }),
         _ if got.bytes() == want.bytes() => Ok(()),
+        (TensorData::U64(a), TensorData::U64(b)) => match a.iter().zip(b).position(|(x, y)| x != y) {
+            Some(i) => bail!("value {i}: {} != expected {}", a[i], b[i]),
+            None => Ok(()),
+        },
         _ => {
             let (a, b) = (got.view().to_i64_vec(), want.view().to_i64_vec());
             match (a, b) {

@@ -87,6 +87,11 @@ fn onnx_dtype(t: i32) -> Result<DType> {
         7 => DType::I64,
         9 => DType::Bool,
         10 => DType::F16,
+        11 => DType::F64,
+        5 => DType::I16,
+        4 => DType::U16,
+        12 => DType::U32,
+        13 => DType::U64,
         other => bail!("ONNX data type {other} ({}) is not supported", dtype_name(other)),
     })
 }
@@ -141,7 +146,7 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
         }
         let path = base_dir.join(rel);
         let bytes = std::fs::read(&path).with_context(|| format!("reading external data {}", path.display()))?;
-        let len = n * if dtype == DType::F16 { 2 } else { dtype.size() };
+        let len = n.checked_mul(dtype.size()).ok_or_else(|| anyhow!("tensor '{}' too large", t.name))?;
         let start = offset as usize;
         Some(
             bytes
@@ -155,46 +160,25 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
         None
     };
     let data = match (dtype, raw) {
-        (DType::F16, Some(r)) => {
-            // f16 weights are widened to f32 (f16 execution arrives with the kernels work).
-            TensorData::F32(r.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect())
-        }
-        (DType::F16, None) => TensorData::F32(t.int32_data.iter().map(|&v| f16_to_f32(v as u16)).collect()),
         (d, Some(r)) => return Tensor::from_bytes(d, shape, &r).map_err(|e| anyhow!("tensor '{}': {e}", t.name)),
         (DType::F32, None) => TensorData::F32(if !t.float_data.is_empty() {
             t.float_data.clone()
         } else {
             t.double_data.iter().map(|&v| v as f32).collect()
         }),
+        (DType::F64, None) => TensorData::F64(t.double_data.clone()),
+        (DType::F16, None) => TensorData::F16(t.int32_data.iter().map(|&v| v as u16).collect()),
         (DType::I64, None) => TensorData::I64(t.int64_data.clone()),
         (DType::I32, None) => TensorData::I32(t.int32_data.clone()),
+        (DType::I16, None) => TensorData::I16(t.int32_data.iter().map(|&v| v as i16).collect()),
+        (DType::U16, None) => TensorData::U16(t.int32_data.iter().map(|&v| v as u16).collect()),
+        (DType::U32, None) => TensorData::U32(t.uint64_data.iter().map(|&v| v as u32).collect()),
+        (DType::U64, None) => TensorData::U64(t.uint64_data.clone()),
         (DType::I8, None) => TensorData::I8(t.int32_data.iter().map(|&v| v as i8).collect()),
         (DType::U8, None) => TensorData::U8(t.int32_data.iter().map(|&v| v as u8).collect()),
         (DType::Bool, None) => TensorData::Bool(t.int32_data.iter().map(|&v| (v != 0) as u8).collect()),
     };
     Tensor::new(shape, data).map_err(|e| anyhow!("tensor '{}': {e}", t.name))
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let man = (h & 0x3ff) as u32;
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        (0, m) => {
-            // subnormal: renormalise
-            let mut e = 127 - 15 + 1;
-            let mut m = m;
-            while m & 0x400 == 0 {
-                m <<= 1;
-                e -= 1;
-            }
-            sign | ((e as u32) << 23) | ((m & 0x3ff) << 13)
-        }
-        (31, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
 }
 
 struct Importer {

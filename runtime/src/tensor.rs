@@ -17,16 +17,21 @@ pub enum DType {
     I32,
     I64,
     Bool,
+    F64,
+    I16,
+    U16,
+    U32,
+    U64,
 }
 
 impl DType {
     /// Size of one element in bytes.
     pub fn size(self) -> usize {
         match self {
-            DType::F32 | DType::I32 => 4,
-            DType::F16 => 2,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::I16 | DType::U16 => 2,
             DType::I8 | DType::U8 | DType::Bool => 1,
-            DType::I64 => 8,
+            DType::I64 | DType::F64 | DType::U64 => 8,
         }
     }
 
@@ -40,8 +45,76 @@ impl DType {
             DType::I32 => "i32",
             DType::I64 => "i64",
             DType::Bool => "bool",
+            DType::F64 => "f64",
+            DType::I16 => "i16",
+            DType::U16 => "u16",
+            DType::U32 => "u32",
+            DType::U64 => "u64",
         }
     }
+
+    /// True for the floating-point types.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::F64)
+    }
+}
+
+/// IEEE half (bits) to f32, exact.
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // subnormal: renormalise
+            let mut e: i32 = 127 - 15 + 1;
+            let mut m = m;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | ((e as u32) << 23) | ((m & 0x3ff) << 13)
+        }
+        (31, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// f32 to IEEE half (bits), rounding to nearest even; overflow gives ±inf, NaN stays NaN.
+pub fn f32_to_f16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32;
+    let man = b & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if man != 0 { 0x200 | (man >> 13) as u16 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 31 {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rest = m & ((1 << shift) - 1);
+        let mut r = m >> shift;
+        if rest > half || (rest == half && r & 1 == 1) {
+            r += 1;
+        }
+        return sign | r as u16;
+    }
+    let mut r = ((e as u32) << 10) | (man >> 13);
+    let rest = man & 0x1fff;
+    if rest > 0x1000 || (rest == 0x1000 && r & 1 == 1) {
+        r += 1; // may carry into the exponent, which is the correct rounding
+    }
+    sign | r as u16
 }
 
 impl std::fmt::Display for DType {
@@ -60,6 +133,13 @@ pub enum TensorData {
     U8(Vec<u8>),
     /// Booleans as bytes (0 or 1), the ONNX and NumPy layout.
     Bool(Vec<u8>),
+    /// IEEE half-precision bits.
+    F16(Vec<u16>),
+    F64(Vec<f64>),
+    I16(Vec<i16>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+    U64(Vec<u64>),
 }
 
 /// An owned, dense, row-major tensor.
@@ -118,7 +198,12 @@ impl Tensor {
             DType::I8 => TensorData::I8(zeroed(n)?),
             DType::U8 => TensorData::U8(zeroed(n)?),
             DType::Bool => TensorData::Bool(zeroed(n)?),
-            DType::F16 => return Err(crate::Error::Unsupported("f16 tensors as runtime values".into())),
+            DType::F16 => TensorData::F16(zeroed(n)?),
+            DType::F64 => TensorData::F64(zeroed(n)?),
+            DType::I16 => TensorData::I16(zeroed(n)?),
+            DType::U16 => TensorData::U16(zeroed(n)?),
+            DType::U32 => TensorData::U32(zeroed(n)?),
+            DType::U64 => TensorData::U64(zeroed(n)?),
         };
         Ok(Tensor { shape, data })
     }
@@ -153,6 +238,12 @@ impl Tensor {
             TensorData::I8(_) => DType::I8,
             TensorData::U8(_) => DType::U8,
             TensorData::Bool(_) => DType::Bool,
+            TensorData::F16(_) => DType::F16,
+            TensorData::F64(_) => DType::F64,
+            TensorData::I16(_) => DType::I16,
+            TensorData::U16(_) => DType::U16,
+            TensorData::U32(_) => DType::U32,
+            TensorData::U64(_) => DType::U64,
         }
     }
 
@@ -164,6 +255,11 @@ impl Tensor {
             TensorData::I32(v) => v.len(),
             TensorData::I8(v) => v.len(),
             TensorData::U8(v) | TensorData::Bool(v) => v.len(),
+            TensorData::F16(v) | TensorData::U16(v) => v.len(),
+            TensorData::F64(v) => v.len(),
+            TensorData::I16(v) => v.len(),
+            TensorData::U32(v) => v.len(),
+            TensorData::U64(v) => v.len(),
         }
     }
 
@@ -195,6 +291,11 @@ impl Tensor {
             TensorData::I32(v) => bytemuck::cast_slice(v),
             TensorData::I8(v) => bytemuck::cast_slice(v),
             TensorData::U8(v) | TensorData::Bool(v) => v,
+            TensorData::F16(v) | TensorData::U16(v) => bytemuck::cast_slice(v),
+            TensorData::F64(v) => bytemuck::cast_slice(v),
+            TensorData::I16(v) => bytemuck::cast_slice(v),
+            TensorData::U32(v) => bytemuck::cast_slice(v),
+            TensorData::U64(v) => bytemuck::cast_slice(v),
         }
     }
 
@@ -205,6 +306,11 @@ impl Tensor {
             TensorData::I32(v) => bytemuck::cast_slice_mut(v),
             TensorData::I8(v) => bytemuck::cast_slice_mut(v),
             TensorData::U8(v) | TensorData::Bool(v) => v,
+            TensorData::F16(v) | TensorData::U16(v) => bytemuck::cast_slice_mut(v),
+            TensorData::F64(v) => bytemuck::cast_slice_mut(v),
+            TensorData::I16(v) => bytemuck::cast_slice_mut(v),
+            TensorData::U32(v) => bytemuck::cast_slice_mut(v),
+            TensorData::U64(v) => bytemuck::cast_slice_mut(v),
         }
     }
 

@@ -8,7 +8,24 @@ use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
 fn is_int(d: DType) -> bool {
-    matches!(d, DType::I64 | DType::I32 | DType::I8 | DType::U8)
+    matches!(d, DType::I64 | DType::I32 | DType::I8 | DType::U8 | DType::I16 | DType::U16 | DType::U32 | DType::U64)
+}
+
+/// Runs `$f::<T>` for the integer type of `$d`.
+macro_rules! int_dispatch {
+    ($d:expr, $f:ident ( $($arg:expr),* )) => {
+        match $d {
+            DType::I64 => $f::<i64>($($arg),*),
+            DType::I32 => $f::<i32>($($arg),*),
+            DType::I16 => $f::<i16>($($arg),*),
+            DType::I8 => $f::<i8>($($arg),*),
+            DType::U64 => $f::<u64>($($arg),*),
+            DType::U32 => $f::<u32>($($arg),*),
+            DType::U16 => $f::<u16>($($arg),*),
+            DType::U8 => $f::<u8>($($arg),*),
+            d => Err(crate::error::OpError(format!("not an integer type: {d}"))),
+        }
+    };
 }
 
 pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
@@ -85,13 +102,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             let s = broadcast_shapes(&broadcast_shapes(x.shape, a.shape)?, b.shape)?;
             (a.dtype, s)
         }
-        Op::Cast { to } => {
-            let supported = [DType::F32, DType::I64, DType::I32, DType::Bool, DType::U8, DType::I8];
-            if !supported.contains(to) || !supported.contains(&x.dtype) {
-                op_bail!("Cast from {} to {to} is not supported", x.dtype);
-            }
-            (*to, x.shape.to_vec())
-        }
+        Op::Cast { to } => (*to, x.shape.to_vec()),
         _ => op_bail!("not an elementwise op"),
     }])
 }
@@ -118,10 +129,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                     *o = f(v);
                 }
             }
-            DType::I64 => int_unary::<i64>(*u, x, out)?,
-            DType::I32 => int_unary::<i32>(*u, x, out)?,
-            DType::I8 => int_unary::<i8>(*u, x, out)?,
-            DType::U8 => int_unary::<u8>(*u, x, out)?,
+            d if is_int(d) => int_dispatch!(d, int_unary(*u, x, out))?,
             DType::Bool => {
                 for (o, &v) in out.bool()?.iter_mut().zip(x.bool()?) {
                     *o = (v == 0) as u8;
@@ -248,7 +256,11 @@ macro_rules! impl_int {
 }
 impl_int!(i64, true);
 impl_int!(i32, true);
+impl_int!(i16, true);
 impl_int!(i8, true);
+impl_int!(u64, false);
+impl_int!(u32, false);
+impl_int!(u16, false);
 impl_int!(u8, false);
 
 fn int_slice<'a, T: Int>(v: &View<'a>) -> OpResult<&'a [T]> {
@@ -397,10 +409,7 @@ fn clip(x: View<'_>, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_>) -> OpRe
                 *o = v.max(lo).min(hi);
             }
         }
-        DType::I64 => clip_int::<i64>(x, bound(1), bound(2), out)?,
-        DType::I32 => clip_int::<i32>(x, bound(1), bound(2), out)?,
-        DType::I8 => clip_int::<i8>(x, bound(1), bound(2), out)?,
-        DType::U8 => clip_int::<u8>(x, bound(1), bound(2), out)?,
+        d if is_int(d) => int_dispatch!(d, clip_int(x, bound(1), bound(2), out))?,
         d => op_bail!("Clip on {d}"),
     }
     Ok(())
@@ -526,14 +535,69 @@ fn binary_int<T: Int>(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<
 
 /// Element `i` of a numeric view as f64.
 fn num_at(v: &View<'_>, i: usize) -> OpResult<f64> {
-    Ok(match v.dtype {
-        DType::F32 => v.f32()?[i] as f64,
-        DType::I64 => v.i64()?[i] as f64,
-        DType::I32 => v.i32()?[i] as f64,
-        DType::I8 => v.bytes[i] as i8 as f64,
-        DType::U8 => v.bytes[i] as f64,
-        d => op_bail!("not numeric: {d}"),
+    Ok(match read(v.dtype, v.bytes, i) {
+        Num::I(x) => x as f64,
+        Num::F(x) => x,
     })
+}
+
+/// One element, widened without loss: integers to i128, floats to f64.
+#[derive(Clone, Copy)]
+pub(crate) enum Num {
+    I(i128),
+    F(f64),
+}
+
+/// Reads element `i` of little-endian `bytes` of type `d`.
+pub(crate) fn read(d: DType, bytes: &[u8], i: usize) -> Num {
+    let es = d.size();
+    let b = &bytes[i * es..(i + 1) * es];
+    let mut w = [0u8; 8];
+    w[..es].copy_from_slice(b);
+    let u = u64::from_le_bytes(w);
+    match d {
+        DType::F32 => Num::F(f32::from_bits(u as u32) as f64),
+        DType::F64 => Num::F(f64::from_bits(u)),
+        DType::F16 => Num::F(crate::tensor::f16_to_f32(u as u16) as f64),
+        DType::I8 => Num::I(u as u8 as i8 as i128),
+        DType::I16 => Num::I(u as u16 as i16 as i128),
+        DType::I32 => Num::I(u as u32 as i32 as i128),
+        DType::I64 => Num::I(u as i64 as i128),
+        DType::U8 | DType::U16 | DType::U32 | DType::U64 => Num::I(u as i128),
+        DType::Bool => Num::I((u != 0) as i128),
+    }
+}
+
+/// Writes `v` as element `i` of type `d` (C-style conversion: floats truncate toward zero and
+/// saturate, integers wrap).
+pub(crate) fn write(d: DType, bytes: &mut [u8], i: usize, v: Num) {
+    let es = d.size();
+    let u: u64 = match (d, v) {
+        (DType::F32, Num::F(x)) => (x as f32).to_bits() as u64,
+        (DType::F32, Num::I(x)) => (x as f32).to_bits() as u64,
+        (DType::F64, Num::F(x)) => x.to_bits(),
+        (DType::F64, Num::I(x)) => (x as f64).to_bits(),
+        (DType::F16, Num::F(x)) => crate::tensor::f32_to_f16(x as f32) as u64,
+        (DType::F16, Num::I(x)) => crate::tensor::f32_to_f16(x as f32) as u64,
+        (DType::Bool, Num::F(x)) => (x != 0.0) as u64,
+        (DType::Bool, Num::I(x)) => (x != 0) as u64,
+        (DType::I8 | DType::I16 | DType::I32 | DType::I64, Num::F(x)) => {
+            if x.is_nan() {
+                0
+            } else {
+                (x as i64) as u64
+            }
+        }
+        (_, Num::F(x)) => {
+            if x.is_nan() {
+                0
+            } else {
+                x as u64
+            }
+        }
+        (_, Num::I(x)) => x as u64,
+    };
+    bytes[i * es..(i + 1) * es].copy_from_slice(&u.to_le_bytes()[..es]);
 }
 
 /// `Pow` with a base and exponent of different types: computed in f64, result in the base type.
@@ -594,10 +658,7 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
                 bcast2(a, x.shape, b, y.shape, out.f32()?, osh, f);
             }
         }
-        DType::I64 => binary_int::<i64>(op, x, y, out)?,
-        DType::I32 => binary_int::<i32>(op, x, y, out)?,
-        DType::I8 => binary_int::<i8>(op, x, y, out)?,
-        DType::U8 => binary_int::<u8>(op, x, y, out)?,
+        d if is_int(d) => int_dispatch!(d, binary_int(op, x, y, out))?,
         DType::Bool => {
             let (a, b) = (x.bool()?, y.bool()?);
             let f: fn(u8, u8) -> u8 = match op {
@@ -651,51 +712,18 @@ fn where_(c: View<'_>, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRes
 }
 
 fn cast(x: View<'_>, to: DType, out: &mut ViewMut<'_>) -> OpResult<()> {
-    macro_rules! conv {
-        ($src:expr, $f:expr) => {{
-            let src = $src;
-            match to {
-                DType::F32 => {
-                    for (o, &v) in out.f32()?.iter_mut().zip(src) {
-                        *o = $f(v) as f32
-                    }
-                }
-                DType::I64 => {
-                    for (o, &v) in out.i64()?.iter_mut().zip(src) {
-                        *o = $f(v) as i64
-                    }
-                }
-                DType::I32 => {
-                    for (o, &v) in out.i32()?.iter_mut().zip(src) {
-                        *o = $f(v) as i32
-                    }
-                }
-                DType::Bool => {
-                    for (o, &v) in out.bool()?.iter_mut().zip(src) {
-                        *o = ($f(v) != 0.0) as u8
-                    }
-                }
-                DType::U8 => {
-                    for (o, &v) in out.bytes.iter_mut().zip(src) {
-                        *o = $f(v) as u8
-                    }
-                }
-                DType::I8 => {
-                    for (o, &v) in out.bytes.iter_mut().zip(src) {
-                        *o = ($f(v) as i8) as u8
-                    }
-                }
-                d => op_bail!("Cast to {d}"),
+    // Fast paths for the common conversions; everything else element by element.
+    match (x.dtype, to) {
+        (a, b) if a == b => out.bytes.copy_from_slice(x.bytes),
+        (DType::F32, DType::I64) => out.i64()?.iter_mut().zip(x.f32()?).for_each(|(o, &v)| *o = v as i64),
+        (DType::I64, DType::F32) => out.f32()?.iter_mut().zip(x.i64()?).for_each(|(o, &v)| *o = v as f32),
+        (DType::I32, DType::I64) => out.i64()?.iter_mut().zip(x.i32()?).for_each(|(o, &v)| *o = v as i64),
+        (DType::I64, DType::I32) => out.i32()?.iter_mut().zip(x.i64()?).for_each(|(o, &v)| *o = v as i32),
+        _ => {
+            for i in 0..x.len() {
+                write(to, out.bytes, i, read(x.dtype, x.bytes, i));
             }
-        }};
-    }
-    match x.dtype {
-        DType::F32 => conv!(x.f32()?, |v: f32| v as f64),
-        DType::I64 => conv!(x.i64()?, |v: i64| v as f64),
-        DType::I32 => conv!(x.i32()?, |v: i32| v as f64),
-        DType::Bool | DType::U8 => conv!(x.bytes, |v: u8| v as f64),
-        DType::I8 => conv!(x.bytes, |v: u8| (v as i8) as f64),
-        d => op_bail!("Cast from {d}"),
+        }
     }
     Ok(())
 }

@@ -350,22 +350,13 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         Op::EyeLike { k, .. } => {
             let out = &mut outputs[0];
-            let oes = out.dtype.size();
             let (h, w) = (x.shape[0], x.shape[1]);
             out.bytes.fill(0);
-            let one: [u8; 8] = match out.dtype {
-                DType::F32 => {
-                    let mut b = [0u8; 8];
-                    b[..4].copy_from_slice(&1f32.to_le_bytes());
-                    b
-                }
-                _ => 1u64.to_le_bytes(),
-            };
             for i in 0..h {
                 let j = i as i64 + k;
                 if j >= 0 && (j as usize) < w {
                     let p = i * w + j as usize;
-                    out.bytes[p * oes..(p + 1) * oes].copy_from_slice(&one[..oes]);
+                    super::elementwise::write(out.dtype, out.bytes, p, super::elementwise::Num::I(1));
                 }
             }
             Ok(())

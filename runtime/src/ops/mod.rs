@@ -159,8 +159,101 @@ pub fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) ->
     }
 }
 
+/// Ops that move, select or convert elements without computing on float values: they run on
+/// every dtype as they are.
+fn dtype_generic(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Identity
+            | Op::Reshape { .. }
+            | Op::Squeeze { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Flatten { .. }
+            | Op::Transpose { .. }
+            | Op::Expand
+            | Op::Concat { .. }
+            | Op::Split { .. }
+            | Op::Slice
+            | Op::Gather { .. }
+            | Op::Pad { .. }
+            | Op::Tile
+            | Op::Shape { .. }
+            | Op::Size
+            | Op::Where
+            | Op::Cast { .. }
+            | Op::CastLike
+            | Op::GatherElements { .. }
+            | Op::GatherNd { .. }
+            | Op::Trilu { .. }
+            | Op::Compress { .. }
+            | Op::DepthToSpace { .. }
+            | Op::SpaceToDepth { .. }
+            | Op::ConstantOfShape { .. }
+            | Op::EyeLike { .. }
+            | Op::OneHot { .. }
+            | Op::If { .. }
+    ) || matches!(
+        op,
+        Op::ScatterElements { reduction: crate::graph::ScatterReduction::None, .. }
+            | Op::ScatterNd { reduction: crate::graph::ScatterReduction::None }
+    )
+}
+
+/// The f16/f64 type an op computes in f32 for: kernels are f32 (f16 and f64 graphs are run at
+/// f32 precision, converting at the op's boundary); `None` when the op runs natively.
+fn promoted_float(op: &Op, dtypes: impl Iterator<Item = DType>) -> Option<DType> {
+    if dtype_generic(op) {
+        return None;
+    }
+    let mut found = None;
+    for d in dtypes {
+        if matches!(d, DType::F16 | DType::F64) {
+            found = Some(d);
+        }
+    }
+    found
+}
+
 /// Shape and type inference for one node.
 pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
+    let Some(ft) = promoted_float(op, inputs.iter().flatten().map(|f| f.dtype)) else {
+        return infer_native(op, inputs, n_out);
+    };
+    // Infer as f32 (values of small known inputs converted), then map f32 outputs back.
+    let converted: Vec<Option<crate::tensor::Tensor>> = inputs
+        .iter()
+        .map(|f| match f {
+            Some(f) if matches!(f.dtype, DType::F16 | DType::F64) => f.value.map(|v| to_f32(&v)).transpose(),
+            _ => Ok(None),
+        })
+        .collect::<OpResult<_>>()?;
+    let facts: Vec<Option<Fact<'_>>> = inputs
+        .iter()
+        .zip(&converted)
+        .map(|(f, c)| {
+            f.map(|f| {
+                if matches!(f.dtype, DType::F16 | DType::F64) {
+                    Fact { dtype: DType::F32, shape: f.shape, value: c.as_ref().map(|t| t.view()) }
+                } else {
+                    f
+                }
+            })
+        })
+        .collect();
+    let outs = infer_native(op, &facts, n_out)?;
+    Ok(outs.into_iter().map(|(d, s)| (if d == DType::F32 { ft } else { d }, s)).collect())
+}
+
+/// An f16/f64 view converted to an owned f32 tensor.
+fn to_f32(v: &View<'_>) -> OpResult<crate::tensor::Tensor> {
+    let mut t = crate::tensor::Tensor::zeros(DType::F32, v.shape.to_vec()).map_err(|e| OpError(e.to_string()))?;
+    let vt = ViewMut { dtype: DType::F32, shape: v.shape, bytes: t.bytes_mut() };
+    let mut outs = [vt];
+    elementwise::run(&Op::Cast { to: DType::F32 }, &[Some(*v)], &mut outs)?;
+    Ok(t)
+}
+
+fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
     let outs = match op {
         Op::Identity => {
             let x = req(inputs, 0, "input")?;
@@ -194,6 +287,48 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
 
 /// Executes one node. `outputs` have the shapes `infer` returned.
 pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ctx: &mut Ctx<'_>) -> OpResult<()> {
+    if promoted_float(op, inputs.iter().flatten().map(|v| v.dtype)).is_none() {
+        return run_native(op, inputs, outputs, ctx);
+    }
+    // f16/f64: convert inputs to f32, run, convert outputs back (allocates; f32 is the fast path).
+    let conv: Vec<Option<crate::tensor::Tensor>> = inputs
+        .iter()
+        .map(|v| match v {
+            Some(v) if matches!(v.dtype, DType::F16 | DType::F64) => to_f32(v).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<OpResult<_>>()?;
+    let ins: Vec<Option<View<'_>>> =
+        inputs.iter().zip(&conv).map(|(v, c)| c.as_ref().map(|t| t.view()).or(*v)).collect();
+    let mut tmp: Vec<Option<crate::tensor::Tensor>> = Vec::with_capacity(outputs.len());
+    for o in outputs.iter() {
+        tmp.push(if matches!(o.dtype, DType::F16 | DType::F64) {
+            Some(crate::tensor::Tensor::zeros(DType::F32, o.shape.to_vec()).map_err(|e| OpError(e.to_string()))?)
+        } else {
+            None
+        });
+    }
+    {
+        let mut outs: Vec<ViewMut<'_>> = Vec::with_capacity(outputs.len());
+        let mut tmp_iter = tmp.iter_mut();
+        for o in outputs.iter_mut() {
+            match tmp_iter.next().and_then(|t| t.as_mut()) {
+                Some(t) => outs.push(ViewMut { dtype: DType::F32, shape: o.shape, bytes: t.bytes_mut() }),
+                None => outs.push(ViewMut { dtype: o.dtype, shape: o.shape, bytes: &mut *o.bytes }),
+            }
+        }
+        run_native(op, &ins, &mut outs, ctx)?;
+    }
+    for (o, t) in outputs.iter_mut().zip(&tmp) {
+        if let Some(t) = t {
+            let to = o.dtype;
+            elementwise::run(&Op::Cast { to }, &[Some(t.view())], std::slice::from_mut(o))?;
+        }
+    }
+    Ok(())
+}
+
+fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ctx: &mut Ctx<'_>) -> OpResult<()> {
     match op {
         Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => {
             elementwise::run(op, inputs, outputs)
