@@ -585,6 +585,7 @@ impl Importer {
                 };
                 Some(if n.op_type == "GRU" { Op::Gru(attrs) } else { Op::Rnn(attrs) })
             }
+            "Einsum" => Some(Op::Einsum { equation: a.s("equation").unwrap_or_default() }),
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),
             "GroupNormalization" if opset >= 21 => {

@@ -481,9 +481,9 @@ impl Plan {
 
     /// Bytes of activation memory: pooled buffers plus scratch plus plan-time constants.
     pub(crate) fn arena_bytes(&self) -> usize {
-        self.buffer_words.iter().sum::<usize>() * 8
-            + self.scratch_len * 4
-            + self.folded.iter().map(|t| t.bytes().len()).sum::<usize>()
+        let words = self.buffer_words.iter().fold(0usize, |a, &w| a.saturating_add(w));
+        let folded = self.folded.iter().fold(0usize, |a, t| a.saturating_add(t.bytes().len()));
+        words.saturating_mul(8).saturating_add(self.scratch_len.saturating_mul(4)).saturating_add(folded)
     }
 
     pub(crate) fn slot(&self, v: ValueId) -> Slot {

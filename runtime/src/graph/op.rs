@@ -447,6 +447,9 @@ pub enum Op {
     Gru(RnnAttrs),
     /// Simple RNN with tanh; inputs as GRU.
     Rnn(RnnAttrs),
+    Einsum {
+        equation: String,
+    },
 }
 
 /// GRU / simple RNN attributes (ONNX semantics, default activations).
@@ -632,6 +635,7 @@ impl Op {
             Op::Resize(_) => (1, 4, 1, 1),
             Op::ConvTranspose(_) => (2, 3, 1, 1),
             Op::Gru(_) | Op::Rnn(_) => (3, 6, 0, 2),
+            Op::Einsum { .. } => (1, usize::MAX, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(
@@ -664,6 +668,7 @@ impl Op {
             }
             Op::MeanVarianceNorm { axes } => axes.len() > MAX_RANK,
             Op::Resize(r) => r.axes.len() > MAX_RANK,
+            Op::Einsum { equation } => equation.len() > 256,
             Op::Gru(r) | Op::Rnn(r) => r.hidden_size < 1 || r.hidden_size > (1 << 20) || !(0..=1).contains(&r.layout),
             Op::ConvTranspose(c) => {
                 c.kernel_shape.len() > MAX_RANK

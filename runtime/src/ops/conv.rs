@@ -135,7 +135,7 @@ pub(super) fn scratch_len(inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) -> u
     if w.shape.len() < 3 || o.len() < 3 {
         return 0;
     }
-    w.shape[1..].iter().product::<usize>() * o[2..].iter().product::<usize>()
+    super::numel(&w.shape[1..]).saturating_mul(super::numel(&o[2..]))
 }
 
 pub(super) fn run(

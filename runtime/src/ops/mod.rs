@@ -8,6 +8,7 @@ use crate::tensor::{DType, View, ViewMut};
 
 mod conv;
 mod convt;
+mod einsum;
 mod elementwise;
 mod index;
 mod loss;
@@ -273,6 +274,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         Op::Pool(_) => pool::infer(op, inputs, n_out)?,
         Op::Resize(_) => resize::infer(op, inputs)?,
         Op::ConvTranspose(a) => convt::infer(a, inputs)?,
+        Op::Einsum { equation } => einsum::infer(equation, inputs)?,
         Op::Gru(a) => recurrent::infer_gru(a, true, inputs, n_out)?,
         Op::Rnn(a) => recurrent::infer_gru(a, false, inputs, n_out)?,
         op if is_quant_op(op) => quant::infer(op, inputs)?,
@@ -344,6 +346,7 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         Op::Pool(_) => pool::run(op, inputs, outputs),
         Op::Resize(_) => resize::run(op, inputs, outputs),
         Op::ConvTranspose(a) => convt::run(a, inputs, outputs),
+        Op::Einsum { equation } => einsum::run(equation, inputs, outputs),
         Op::Gru(a) => recurrent::run_gru(a, true, inputs, outputs),
         Op::Rnn(a) => recurrent::run_gru(a, false, inputs, outputs),
         op if is_quant_op(op) => quant::run(op, inputs, outputs),

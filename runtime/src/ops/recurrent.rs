@@ -76,7 +76,7 @@ pub(super) fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>]) -> usize {
         return 0;
     };
     match dims(a, x.shape, w.shape, r.shape) {
-        Ok(d) => d.seq * d.batch * 4 * d.hidden + d.batch * 4 * d.hidden + 2 * d.batch * d.hidden,
+        Ok(d) => super::numel(&[d.seq + 2, d.batch, 4, d.hidden]),
         Err(_) => 0,
     }
 }
