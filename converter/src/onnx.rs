@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use acorn::graph::{
-    Activation, AspectPolicy, AutoPad, BinaryOp, ConstBinding, ConvAttrs, ConvTransposeAttrs, CoordMode, Dim, Graph,
-    IoSpec, LossReduction, LstmAttrs, NearestMode, Node, Op, PadMode, PoolAttrs, PoolKind, ReduceOp, ResizeAttrs,
-    ResizeMode, RnnAttrs, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId, ValueInfo,
+    Activation, AspectPolicy, AttentionAttrs, AutoPad, BinaryOp, ConstBinding, ConvAttrs, ConvTransposeAttrs,
+    CoordMode, Dim, Graph, IoSpec, LossReduction, LstmAttrs, NearestMode, Node, Op, PadMode, PoolAttrs, PoolKind,
+    ReduceOp, ResizeAttrs, ResizeMode, RnnAttrs, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId,
+    ValueInfo,
 };
 use acorn::tensor::{DType, Tensor, TensorData};
 use anyhow::{anyhow, bail, Context, Result};
@@ -585,6 +586,14 @@ impl Importer {
                 };
                 Some(if n.op_type == "GRU" { Op::Gru(attrs) } else { Op::Rnn(attrs) })
             }
+            "Attention" => Some(Op::Attention(AttentionAttrs {
+                is_causal: a.i("is_causal", 0) != 0,
+                q_num_heads: a.get("q_num_heads").map(|x| x.i),
+                kv_num_heads: a.get("kv_num_heads").map(|x| x.i),
+                qk_mode: a.i("qk_matmul_output_mode", 0),
+                scale: a.get("scale").map(|x| x.f),
+                softcap: a.f("softcap", 0.0),
+            })),
             "Einsum" => Some(Op::Einsum { equation: a.s("equation").unwrap_or_default() }),
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),

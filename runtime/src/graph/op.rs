@@ -450,6 +450,21 @@ pub enum Op {
     Einsum {
         equation: String,
     },
+    /// inputs: Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen (all but Q, K, V
+    /// optional); outputs: Y, present_key, present_value, qk_matmul_output
+    Attention(AttentionAttrs),
+}
+
+/// ONNX Attention attributes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttentionAttrs {
+    pub is_causal: bool,
+    pub q_num_heads: Option<i64>,
+    pub kv_num_heads: Option<i64>,
+    /// 0: Q·Kᵀ (scaled, softcapped), 1: same, 2: with the mask added, 3: after softmax.
+    pub qk_mode: i64,
+    pub scale: Option<f32>,
+    pub softcap: f32,
 }
 
 /// GRU / simple RNN attributes (ONNX semantics, default activations).
@@ -636,6 +651,7 @@ impl Op {
             Op::ConvTranspose(_) => (2, 3, 1, 1),
             Op::Gru(_) | Op::Rnn(_) => (3, 6, 0, 2),
             Op::Einsum { .. } => (1, usize::MAX, 1, 1),
+            Op::Attention(_) => (3, 7, 1, 4),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(

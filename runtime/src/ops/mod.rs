@@ -6,6 +6,7 @@ use crate::graph::{Op, MAX_RANK};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
+mod attention;
 mod conv;
 mod convt;
 mod einsum;
@@ -275,6 +276,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         Op::Resize(_) => resize::infer(op, inputs)?,
         Op::ConvTranspose(a) => convt::infer(a, inputs)?,
         Op::Einsum { equation } => einsum::infer(equation, inputs)?,
+        Op::Attention(a) => attention::infer(a, inputs, n_out)?,
         Op::Gru(a) => recurrent::infer_gru(a, true, inputs, n_out)?,
         Op::Rnn(a) => recurrent::infer_gru(a, false, inputs, n_out)?,
         op if is_quant_op(op) => quant::infer(op, inputs)?,
@@ -347,6 +349,7 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         Op::Resize(_) => resize::run(op, inputs, outputs),
         Op::ConvTranspose(a) => convt::run(a, inputs, outputs),
         Op::Einsum { equation } => einsum::run(equation, inputs, outputs),
+        Op::Attention(a) => attention::run(a, inputs, outputs),
         Op::Gru(a) => recurrent::run_gru(a, true, inputs, outputs),
         Op::Rnn(a) => recurrent::run_gru(a, false, inputs, outputs),
         op if is_quant_op(op) => quant::run(op, inputs, outputs),
