@@ -4,7 +4,7 @@
 use acorn::format::Metadata;
 use acorn::{Error, Model, OpenOptions, Tensor};
 use acorn_converter::onnx_build::OnnxBuilder;
-use acorn_tests::data;
+use acorn_tests::{asset, convert_temp, data, tokenize, MINILM_L3, SENTENCES};
 
 fn golden() -> Vec<u8> {
     std::fs::read(data("golden/tiny.acorn")).unwrap()
@@ -290,4 +290,43 @@ fn unsupported_ops_are_all_listed() {
     let e = format!("{:#}", acorn_converter::convert(&src, &out, &Default::default()).unwrap_err());
     assert!(e.contains("unsupported ONNX ops: NonMaxSuppression (nodes: nms_a, nms_b); Unique (nodes: uniq)"), "{e}");
     assert!(!out.exists());
+}
+
+#[test]
+fn memory_limit_on_a_real_model_is_a_plan_time_error_and_the_session_survives() {
+    let (_dir, path) = convert_temp(&asset(MINILM_L3)).unwrap();
+    let m = Model::open(&path).unwrap();
+    // 8 MB is enough for a short sentence but not for a batch of 32 × 128 tokens.
+    let mut s = m.session().with_memory_limit(8 << 20).commit().unwrap();
+    let big = Tensor::from_i64(vec![32, 128], vec![101; 32 * 128]);
+    let big_mask = Tensor::from_i64(vec![32, 128], vec![1; 32 * 128]);
+    let e = s.prepare(&[("input_ids", &big), ("attention_mask", &big_mask)]).unwrap_err();
+    assert!(matches!(e, Error::Limit(_)), "{e}");
+    assert!(e.to_string().contains("limit"), "{e}");
+    let (ids, mask) = tokenize(&[SENTENCES[1]], 16).unwrap();
+    let out = s.run(&[("input_ids", &ids), ("attention_mask", &mask)]).unwrap();
+    assert_eq!(out.len(), m.outputs().len());
+}
+
+#[test]
+fn value_dependent_shapes_respect_the_memory_limit() {
+    // Expand to a shape read from input data: the plan is keyed on that input's value, and the
+    // 400 MB result is refused by the limit at plan time instead of being allocated.
+    let mut b = OnnxBuilder::new(17);
+    b.input_f32("x", &["1"]);
+    b.input_i64("shape", &["2"]);
+    b.node("Expand", "grow", &["x", "shape"], &["y"], vec![]);
+    b.output_f32("y");
+    let dir = tempfile::tempdir().unwrap();
+    let (src, out) = (dir.path().join("m.onnx"), dir.path().join("m.acorn"));
+    std::fs::write(&src, b.to_bytes()).unwrap();
+    acorn_converter::convert(&src, &out, &Default::default()).unwrap();
+    let m = Model::open(&out).unwrap();
+    let mut s = m.session().with_memory_limit(1 << 20).commit().unwrap();
+    let x = Tensor::from_f32(vec![1], vec![1.0]);
+    let small = Tensor::from_i64(vec![2], vec![4, 4]);
+    assert_eq!(s.run(&[("x", &x), ("shape", &small)]).unwrap()[0].shape(), &[4, 4]);
+    let huge = Tensor::from_i64(vec![2], vec![10_000, 10_000]);
+    let e = s.run(&[("x", &x), ("shape", &huge)]).unwrap_err();
+    assert!(matches!(e, Error::Limit(_)), "{e}");
 }

@@ -162,6 +162,9 @@ struct Builder<'m> {
     virtual_bytes: Vec<usize>,
     scratch_len: usize,
     threads: usize,
+    /// The session's memory limit, enforced on plan-time results as they are computed.
+    limit: Option<usize>,
+    folded_bytes: usize,
 }
 
 impl<'m> Builder<'m> {
@@ -274,6 +277,13 @@ impl<'m> Builder<'m> {
             };
             drop(facts);
             if let Some(tensors) = folded {
+                self.folded_bytes = tensors.iter().fold(self.folded_bytes, |a, t| a.saturating_add(t.bytes().len()));
+                if let Some(limit) = self.limit.filter(|&l| self.folded_bytes > l) {
+                    return Err(PlanFail::Error(Error::Limit(format!(
+                        "values computed while planning reach {} bytes at node '{}', above the session's limit of {limit}",
+                        self.folded_bytes, node.name
+                    ))));
+                }
                 for (&o, t) in node.outputs.iter().zip(tensors) {
                     let idx = self.folded.len();
                     self.locs[o as usize] =
@@ -310,7 +320,13 @@ impl<'m> Builder<'m> {
 impl Plan {
     /// Plans the model for the given inputs (in the model's input order), with the input values
     /// `dep` says the plan may depend on.
-    pub(crate) fn build(model: &Model, inputs: &[&Tensor], threads: usize, dep: &Dependence) -> Result<Plan, PlanFail> {
+    pub(crate) fn build(
+        model: &Model,
+        inputs: &[&Tensor],
+        threads: usize,
+        dep: &Dependence,
+        limit: Option<usize>,
+    ) -> Result<Plan, PlanFail> {
         let file: &ModelFile = &model.file;
         let meta = file.metadata();
         let graph = &meta.graph;
@@ -378,6 +394,8 @@ impl Plan {
             virtual_bytes: Vec::new(),
             scratch_len: 0,
             threads,
+            limit,
+            folded_bytes: 0,
         };
         b.plan_nodes(graph, &graph.nodes)?;
         let outputs: Vec<ValueId> = graph.outputs.iter().map(|o| o.value).collect();

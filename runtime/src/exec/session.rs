@@ -136,7 +136,7 @@ impl Session {
             }
         }
         let plan = loop {
-            match Plan::build(&self.model, ordered, self.threads, &self.dep) {
+            match Plan::build(&self.model, ordered, self.threads, &self.dep, self.memory_limit) {
                 Ok(p) => break p,
                 Err(fail) => self.dep.widen(&self.model.metadata().graph, ordered, fail)?,
             }
