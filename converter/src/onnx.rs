@@ -686,10 +686,15 @@ impl Importer {
                 Some(Op::LayerNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) })
             }
             "BatchNormalization" => {
-                if n.output.len() > 1 && a.i("training_mode", 0) != 0 {
-                    return Ok(None);
+                let training = a.i("training_mode", 0) != 0 || (opset < 14 && n.output.len() > 1);
+                if training {
+                    if n.output.len() > 3 {
+                        return Ok(None); // opset < 14 saved_mean / saved_var outputs
+                    }
+                    Some(Op::BatchNormTraining { epsilon: a.f("epsilon", 1e-5), momentum: a.f("momentum", 0.9) })
+                } else {
+                    Some(Op::BatchNorm { epsilon: a.f("epsilon", 1e-5) })
                 }
-                Some(Op::BatchNorm { epsilon: a.f("epsilon", 1e-5) })
             }
             "Softmax" | "LogSoftmax" => {
                 let legacy = opset < 13;

@@ -453,6 +453,12 @@ pub enum Op {
     /// inputs: Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen (all but Q, K, V
     /// optional); outputs: Y, present_key, present_value, qk_matmul_output
     Attention(AttentionAttrs),
+    /// BatchNormalization with training_mode=1: normalises with the batch statistics; outputs
+    /// Y, running_mean, running_var.
+    BatchNormTraining {
+        epsilon: f32,
+        momentum: f32,
+    },
 }
 
 /// ONNX Attention attributes.
@@ -605,7 +611,7 @@ impl Op {
             Op::Rnn(_) => "RNN".into(),
             Op::Softmax { log: true, .. } => "LogSoftmax".into(),
             Op::LayerNorm { .. } => "LayerNormalization".into(),
-            Op::BatchNorm { .. } => "BatchNormalization".into(),
+            Op::BatchNorm { .. } | Op::BatchNormTraining { .. } => "BatchNormalization".into(),
             other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
         }
     }
@@ -652,6 +658,7 @@ impl Op {
             Op::Gru(_) | Op::Rnn(_) => (3, 6, 0, 2),
             Op::Einsum { .. } => (1, usize::MAX, 1, 1),
             Op::Attention(_) => (3, 7, 1, 4),
+            Op::BatchNormTraining { .. } => (5, 5, 1, 3),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(

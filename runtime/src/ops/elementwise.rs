@@ -162,6 +162,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
 /// Integer element types: the arithmetic ONNX defines on them (wrapping, as C does).
 pub(crate) trait Int: bytemuck::Pod + Ord + Default + std::fmt::Debug {
     const ZERO: Self;
+    const ONE: Self;
     const MIN: Self;
     const MAX: Self;
     fn neg(self) -> Self;
@@ -186,6 +187,7 @@ macro_rules! impl_int {
     ($t:ty, $signed:expr) => {
         impl Int for $t {
             const ZERO: Self = 0;
+            const ONE: Self = 1;
             const MIN: Self = <$t>::MIN;
             const MAX: Self = <$t>::MAX;
             fn neg(self) -> Self {

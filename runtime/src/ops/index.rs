@@ -133,7 +133,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             if k < 0 || k as usize > x.shape[a] {
                 op_bail!("TopK k={k} out of range for a dimension of {}", x.shape[a]);
             }
-            if x.dtype != DType::F32 && x.dtype != DType::I64 && x.dtype != DType::I32 {
+            if x.dtype == DType::Bool {
                 op_bail!("TopK is not supported for {} tensors", x.dtype);
             }
             let mut s = x.shape.to_vec();
@@ -368,10 +368,11 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let n = x.shape[a];
             let outer = numel(&x.shape[..a]);
             let inner = numel(&x.shape[a + 1..]);
+            // Keys as f64 (exact for every integer up to 2^53 and all floats of ≤ 32 bits).
             let key = |i: usize| -> OpResult<f64> {
-                Ok(match x.dtype {
-                    DType::F32 => x.f32()?[i] as f64,
-                    _ => index_at(&x, i)? as f64,
+                Ok(match super::elementwise::read(x.dtype, x.bytes, i) {
+                    super::elementwise::Num::F(v) => v,
+                    super::elementwise::Num::I(v) => v as f64,
                 })
             };
             let mut order: Vec<usize> = Vec::with_capacity(n);

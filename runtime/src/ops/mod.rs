@@ -110,6 +110,7 @@ fn is_norm_op(op: &Op) -> bool {
             | Op::Hardmax { .. }
             | Op::Lrn { .. }
             | Op::MeanVarianceNorm { .. }
+            | Op::BatchNormTraining { .. }
     )
 }
 

@@ -204,6 +204,19 @@ pub(super) fn infer_more(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<O
                 norm_axis(a, rank)?;
             }
         }
+        Op::BatchNormTraining { .. } => {
+            if rank < 2 {
+                op_bail!("BatchNormalization needs rank >= 2, got {:?}", x.shape);
+            }
+            let c = x.shape[1];
+            for i in 1..5 {
+                let p = req(inputs, i, "parameter")?;
+                if p.dtype != DType::F32 || numel(p.shape) != c {
+                    op_bail!("BatchNormalization parameter {i} has shape {:?}, expected [{c}]", p.shape);
+                }
+            }
+            return Ok(vec![(DType::F32, x.shape.to_vec()), (DType::F32, vec![c]), (DType::F32, vec![c])]);
+        }
         _ => op_bail!("not a normalisation"),
     }
     Ok(vec![(DType::F32, x.shape.to_vec())])
@@ -212,6 +225,38 @@ pub(super) fn infer_more(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<O
 pub(super) fn run_more(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
     let x = *req(inputs, 0, "X")?;
     let xd = x.f32()?;
+    if let Op::BatchNormTraining { epsilon, momentum } = op {
+        let (nb, c) = (x.shape[0], x.shape[1]);
+        let per = numel(&x.shape[2..]);
+        let p: Vec<&[f32]> =
+            (1..5).map(|i| req(inputs, i, "parameter").and_then(|v| v.f32())).collect::<OpResult<_>>()?;
+        let cnt = (nb * per).max(1) as f64;
+        let (mut mean, mut var) = (vec![0.0f32; c], vec![0.0f32; c]);
+        for ch in 0..c {
+            let vals = (0..nb).flat_map(|b| xd[(b * c + ch) * per..(b * c + ch + 1) * per].iter());
+            let m = vals.clone().map(|&v| v as f64).sum::<f64>() / cnt;
+            let v = vals.map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / cnt;
+            (mean[ch], var[ch]) = (m as f32, v as f32);
+        }
+        let (first, rest) = outputs.split_at_mut(1);
+        let y = first[0].f32()?;
+        for b in 0..nb {
+            for ch in 0..c {
+                let inv = 1.0 / (var[ch] + epsilon).sqrt();
+                let o = (b * c + ch) * per;
+                for j in o..o + per {
+                    y[j] = (xd[j] - mean[ch]) * inv * p[0][ch] + p[1][ch];
+                }
+            }
+        }
+        for (k, out) in rest.iter_mut().enumerate() {
+            let (run, cur) = if k == 0 { (p[2], &mean) } else { (p[3], &var) };
+            for (o, (&r, &m)) in out.f32()?.iter_mut().zip(run.iter().zip(cur)) {
+                *o = r * momentum + m * (1.0 - momentum);
+            }
+        }
+        return Ok(());
+    }
     let y = outputs[0].f32()?;
     let rank = x.shape.len();
     match op {

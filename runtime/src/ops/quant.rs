@@ -68,16 +68,24 @@ fn int_at(v: &View<'_>, i: usize) -> OpResult<i32> {
     Ok(match v.dtype {
         DType::U8 => v.bytes[i] as i32,
         DType::I8 => v.bytes[i] as i8 as i32,
+        DType::U16 => u16::from_le_bytes([v.bytes[2 * i], v.bytes[2 * i + 1]]) as i32,
+        DType::I16 => i16::from_le_bytes([v.bytes[2 * i], v.bytes[2 * i + 1]]) as i32,
         DType::I32 => v.i32()?[i],
-        d => op_bail!("expected an 8-bit or int32 tensor, got {d}"),
+        d => op_bail!("expected an 8-, 16- or 32-bit integer tensor, got {d}"),
     })
 }
 
-fn saturate(v: f32, to: DType) -> u8 {
-    match to {
-        DType::U8 => v.clamp(0.0, 255.0) as u8,
-        _ => (v.clamp(-128.0, 127.0) as i8) as u8,
-    }
+/// Writes `v` (already rounded) saturated to the range of `to` as element `i`.
+fn store_sat(out: &mut [u8], i: usize, v: f32, to: DType) {
+    let (lo, hi) = match to {
+        DType::U8 => (0.0, 255.0),
+        DType::I8 => (-128.0, 127.0),
+        DType::U16 => (0.0, 65535.0),
+        _ => (-32768.0, 32767.0),
+    };
+    let q = v.clamp(lo, hi) as i64;
+    let es = to.size();
+    out[i * es..(i + 1) * es].copy_from_slice(&q.to_le_bytes()[..es]);
 }
 
 pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
@@ -93,14 +101,15 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
                 Some(Some(z)) => z.dtype,
                 _ => output_dtype.unwrap_or(DType::U8),
             };
-            if !matches!(to, DType::U8 | DType::I8) {
-                op_bail!("QuantizeLinear to {to} is not supported (u8 and i8 are)");
+            if !matches!(to, DType::U8 | DType::I8 | DType::U16 | DType::I16) {
+                op_bail!("QuantizeLinear to {to} is not supported (u8, i8, u16 and i16 are)");
             }
             vec![(to, x.shape.to_vec())]
         }
         Op::DequantizeLinear { axis, block } => {
             let s = req(inputs, 1, "x_scale")?;
-            if !matches!(x.dtype, DType::U8 | DType::I8 | DType::I32) || s.dtype != DType::F32 {
+            if !matches!(x.dtype, DType::U8 | DType::I8 | DType::U16 | DType::I16 | DType::I32) || s.dtype != DType::F32
+            {
                 op_bail!("DequantizeLinear from {} with {} scale is not supported", x.dtype, s.dtype);
             }
             param_map(x.shape, s.shape, *axis, *block)?;
@@ -145,13 +154,13 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let (sd, xd) = (s.f32()?, x.f32()?);
             let out = &mut outputs[0];
             let to = out.dtype;
-            for (i, o) in out.bytes.iter_mut().enumerate() {
+            for i in 0..xd.len() {
                 let p = param_at(m, i, x.shape, &xs);
                 let zp = match &z {
                     Some(z) => int_at(z, p)? as f32,
                     None => 0.0,
                 };
-                *o = saturate((xd[i] / sd[p]).round_ties_even() + zp, to);
+                store_sat(out.bytes, i, (xd[i] / sd[p]).round_ties_even() + zp, to);
             }
             Ok(())
         }
@@ -229,7 +238,8 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                                 let pick = |s: &[f32], idx: usize| if s.len() == 1 { s[0] } else { s[idx] };
                                 let real = acc as f32 * (pick(sa, i) * pick(sb, j) / pick(ys, j));
                                 let zy = int_at(yz, if yz.len() == 1 { 0 } else { j })? as f32;
-                                out.bytes[dst] = saturate(real.round_ties_even() + zy, out.dtype);
+                                let to = out.dtype;
+                                store_sat(out.bytes, dst, real.round_ties_even() + zy, to);
                             }
                             _ => out.i32()?[dst] = acc,
                         }

@@ -34,9 +34,10 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
     let x = req(inputs, 0, "data")?;
     match op {
         Op::Reduce { keepdims, op: r, .. } => {
+            let int = !x.dtype.is_float() && x.dtype != DType::Bool;
             let ok = x.dtype == DType::F32
-                || (x.dtype == DType::I64
-                    && matches!(r, ReduceOp::Sum | ReduceOp::Max | ReduceOp::Min | ReduceOp::Prod));
+                || (int && matches!(r, ReduceOp::Sum | ReduceOp::Max | ReduceOp::Min | ReduceOp::Prod))
+                || (x.dtype == DType::Bool && matches!(r, ReduceOp::Max | ReduceOp::Min));
             if !ok {
                 op_bail!("Reduce{r:?} is not supported for {} tensors", x.dtype);
             }
@@ -106,16 +107,14 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let count: usize = x.shape.iter().enumerate().filter(|(i, _)| mask[*i]).map(|(_, d)| d).product();
             match x.dtype {
                 DType::F32 => reduce_f32(*r, x.f32()?, x.shape, &ost, out.f32()?, count),
-                DType::I64 => {
-                    let (init, f): (i64, fn(i64, i64) -> i64) = match r {
-                        ReduceOp::Sum => (0, i64::wrapping_add),
-                        ReduceOp::Prod => (1, i64::wrapping_mul),
-                        ReduceOp::Max => (i64::MIN, i64::max),
-                        ReduceOp::Min => (i64::MAX, i64::min),
-                        _ => op_bail!("Reduce{r:?} on i64"),
-                    };
-                    fold(x.i64()?, x.shape, &ost, out.i64()?, init, f);
-                }
+                DType::I64 => reduce_int::<i64>(*r, x, &ost, out)?,
+                DType::I32 => reduce_int::<i32>(*r, x, &ost, out)?,
+                DType::I16 => reduce_int::<i16>(*r, x, &ost, out)?,
+                DType::I8 => reduce_int::<i8>(*r, x, &ost, out)?,
+                DType::U64 => reduce_int::<u64>(*r, x, &ost, out)?,
+                DType::U32 => reduce_int::<u32>(*r, x, &ost, out)?,
+                DType::U16 => reduce_int::<u16>(*r, x, &ost, out)?,
+                DType::U8 | DType::Bool => reduce_int::<u8>(*r, x, &ost, out)?,
                 d => op_bail!("reduction on {d}"),
             }
             Ok(())
@@ -145,6 +144,26 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         _ => op_bail!("not a reduction"),
     }
+}
+
+/// Integer (and, for Max/Min, boolean) reductions: wrapping Sum/Prod as ONNX integer math.
+fn reduce_int<T: super::elementwise::Int>(
+    r: ReduceOp,
+    x: View<'_>,
+    ost: &[isize; MAX_RANK],
+    out: &mut ViewMut<'_>,
+) -> OpResult<()> {
+    let xs: &[T] = bytemuck::try_cast_slice(x.bytes).map_err(|e| crate::error::OpError(e.to_string()))?;
+    let o: &mut [T] = bytemuck::try_cast_slice_mut(out.bytes).map_err(|e| crate::error::OpError(e.to_string()))?;
+    let (init, f): (T, fn(T, T) -> T) = match r {
+        ReduceOp::Sum => (T::ZERO, T::add),
+        ReduceOp::Prod => (T::ONE, T::mul),
+        ReduceOp::Max => (T::MIN, |a: T, b: T| a.max(b)),
+        ReduceOp::Min => (if x.dtype == DType::Bool { T::ONE } else { T::MAX }, |a: T, b: T| a.min(b)),
+        _ => op_bail!("Reduce{r:?} on {}", x.dtype),
+    };
+    fold(xs, x.shape, ost, o, init, f);
+    Ok(())
 }
 
 /// Index of the largest (`max`) or smallest value along the middle axis of `[outer, n, inner]`;
