@@ -254,6 +254,36 @@ fn snake_case(s: &str) -> String {
     out
 }
 
+/// What the runtime deliberately does not support, and how f16/f64 are computed: printed at the
+/// top of the report so every "unsupported" row has its reason.
+pub const POLICY: &str = "\
+## What is deliberately not supported, and why
+
+- **Element types without a deployable edge use**: `string`, `bfloat16`, the float8 family
+  (`e4m3fn`, `e4m3fnuz`, `e5m2`, `e5m2fnuz`, `e8m0`), `float4e2m1` and the packed 2-/4-bit integers
+  (`int4`, `uint4`, `int2`, `uint2`) as tensor types. Acorn's own int4/int8 weight formats are
+  produced by the converter's quantization passes, not carried as ONNX tensor types; models already
+  quantized by other tools import through `DequantizeLinear`/`QuantizeLinear` of 8- and 16-bit
+  integers, `MatMulInteger` and `QLinearMatMul`.
+- **Sequence, optional and map values** (`SequenceConstruct`, `SplitToSequence`, `Optional*`, tests
+  whose inputs are sequences): a runtime value is a dense tensor.
+- **Training-only and random ops**: `Adam`, `Adagrad`, `Momentum`, random `Dropout` (training
+  mode), `Bernoulli`, `RandomUniformLike`…: not inference, or not reproducible.
+- **`ai.onnx.ml`, `ai.onnx.preview` domains and media decoding** (`ImageDecoder`, string ops).
+- Ops not yet implemented are listed by name in the table below (the converter names every one
+  of them in its error).
+
+**f16 and f64**: tensors of these types load, convert and move as themselves (Cast, Reshape, Gather,
+Concat… run natively); ops that compute on their values run in f32 with conversion at the op's
+boundary, the same precision contract as the rest of the runtime (f64 graphs are computed at f32
+precision; results are compared with the ONNX tolerance, rtol 1e-3 / atol 1e-5).
+
+**Data-dependent shapes and `If` conditions**: plans depend on input shapes; when a shape or an `If`
+condition is computed from the *values* of small inputs (axes, a sample rate), those inputs' values
+join the plan key; when it depends on large data (NonZero, Compress on activations) the model is
+evaluated dynamically, planning each run with every value known.
+";
+
 /// Totals of a run.
 pub fn totals(results: &[CaseResult]) -> (usize, usize, usize) {
     let count = |o| results.iter().filter(|r| r.outcome == o).count();
@@ -271,6 +301,7 @@ pub fn markdown(results: &[CaseResult], header: &str) -> String {
          dtype and shape must match exactly.\n",
         results.len()
     );
+    let _ = writeln!(s, "{POLICY}");
     let mut by_op: BTreeMap<&str, Vec<&CaseResult>> = BTreeMap::new();
     for r in results {
         by_op.entry(r.op.as_str()).or_default().push(r);

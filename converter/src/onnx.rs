@@ -594,6 +594,11 @@ impl Importer {
                 scale: a.get("scale").map(|x| x.f),
                 softcap: a.f("softcap", 0.0),
             })),
+            "RotaryEmbedding" => Some(Op::RotaryEmbedding {
+                interleaved: a.i("interleaved", 0) != 0,
+                rotary_dim: a.i("rotary_embedding_dim", 0),
+                num_heads: a.i("num_heads", 0),
+            }),
             "Einsum" => Some(Op::Einsum { equation: a.s("equation").unwrap_or_default() }),
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),

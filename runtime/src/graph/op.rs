@@ -459,6 +459,12 @@ pub enum Op {
         epsilon: f32,
         momentum: f32,
     },
+    /// inputs: X, cos_cache, sin_cache, position_ids (optional)
+    RotaryEmbedding {
+        interleaved: bool,
+        rotary_dim: i64,
+        num_heads: i64,
+    },
 }
 
 /// ONNX Attention attributes.
@@ -659,6 +665,7 @@ impl Op {
             Op::Einsum { .. } => (1, usize::MAX, 1, 1),
             Op::Attention(_) => (3, 7, 1, 4),
             Op::BatchNormTraining { .. } => (5, 5, 1, 3),
+            Op::RotaryEmbedding { .. } => (3, 4, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(

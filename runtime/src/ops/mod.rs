@@ -20,6 +20,7 @@ mod quant;
 mod recurrent;
 mod reduce;
 mod resize;
+mod rotary;
 mod shape;
 #[cfg(test)]
 mod tests;
@@ -278,6 +279,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         Op::ConvTranspose(a) => convt::infer(a, inputs)?,
         Op::Einsum { equation } => einsum::infer(equation, inputs)?,
         Op::Attention(a) => attention::infer(a, inputs, n_out)?,
+        Op::RotaryEmbedding { .. } => rotary::infer(op, inputs)?,
         Op::Gru(a) => recurrent::infer_gru(a, true, inputs, n_out)?,
         Op::Rnn(a) => recurrent::infer_gru(a, false, inputs, n_out)?,
         op if is_quant_op(op) => quant::infer(op, inputs)?,
@@ -351,6 +353,7 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         Op::ConvTranspose(a) => convt::run(a, inputs, outputs),
         Op::Einsum { equation } => einsum::run(equation, inputs, outputs),
         Op::Attention(a) => attention::run(a, inputs, outputs),
+        Op::RotaryEmbedding { .. } => rotary::run(op, inputs, outputs),
         Op::Gru(a) => recurrent::run_gru(a, true, inputs, outputs),
         Op::Rnn(a) => recurrent::run_gru(a, false, inputs, outputs),
         op if is_quant_op(op) => quant::run(op, inputs, outputs),
