@@ -454,6 +454,7 @@ impl Importer {
                 Some(Op::TopK { axis: a.i("axis", -1), largest: a.i("largest", 1) != 0, sorted: a.i("sorted", 1) != 0 })
             }
             "CumSum" => Some(Op::CumSum { exclusive: a.i("exclusive", 0) != 0, reverse: a.i("reverse", 0) != 0 }),
+            "CumProd" => Some(Op::CumProd { exclusive: a.i("exclusive", 0) != 0, reverse: a.i("reverse", 0) != 0 }),
             "NonZero" => Some(Op::NonZero),
             "Compress" => Some(Op::Compress { axis: a.get("axis").map(|x| x.i) }),
             "DepthToSpace" => Some(Op::DepthToSpace {

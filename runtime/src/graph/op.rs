@@ -465,6 +465,11 @@ pub enum Op {
         rotary_dim: i64,
         num_heads: i64,
     },
+    /// inputs: x, axis
+    CumProd {
+        exclusive: bool,
+        reverse: bool,
+    },
 }
 
 /// ONNX Attention attributes.
@@ -648,7 +653,7 @@ impl Op {
             Op::Trilu { .. } => (1, 2, 1, 1),
             Op::EyeLike { .. } | Op::NonZero | Op::DepthToSpace { .. } | Op::SpaceToDepth { .. } => (1, 1, 1, 1),
             Op::TopK { .. } => (2, 2, 2, 2),
-            Op::CumSum { .. } => (2, 2, 1, 1),
+            Op::CumSum { .. } | Op::CumProd { .. } => (2, 2, 1, 1),
             Op::NllLoss { .. } => (2, 3, 1, 1),
             Op::SoftmaxCrossEntropy { .. } => (2, 3, 1, 2),
             Op::Pool(_) => (1, 1, 1, 2),

@@ -140,11 +140,11 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             s[a] = k as usize;
             vec![(x.dtype, s.clone()), (DType::I64, s)]
         }
-        Op::CumSum { .. } => {
+        Op::CumSum { .. } | Op::CumProd { .. } => {
             let a = scalar_known(req(inputs, 1, "axis")?, "axis")?;
             norm_axis(a, rank)?;
             if !matches!(x.dtype, DType::F32 | DType::I64 | DType::I32) {
-                op_bail!("CumSum is not supported for {} tensors", x.dtype);
+                op_bail!("{} is not supported for {} tensors", op.name(), x.dtype);
             }
             vec![(x.dtype, x.shape.to_vec())]
         }
@@ -400,25 +400,27 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             }
             Ok(())
         }
-        Op::CumSum { exclusive, reverse } => {
+        Op::CumSum { exclusive, reverse } | Op::CumProd { exclusive, reverse } => {
+            let prod = matches!(op, Op::CumProd { .. });
             let a = norm_axis(index_at(req(inputs, 1, "axis")?, 0)?, rank)?;
             let n = x.shape[a];
             let outer = numel(&x.shape[..a]);
             let inner = numel(&x.shape[a + 1..]);
             macro_rules! cum {
-                ($src:expr, $dst:expr, $zero:expr) => {{
+                ($src:expr, $dst:expr, $zero:expr, $one:expr) => {{
                     let (src, dst) = ($src, $dst);
+                    let step = |acc, v| if prod { acc * v } else { acc + v };
                     for o in 0..outer {
                         for i in 0..inner {
-                            let mut acc = $zero;
+                            let mut acc = if prod { $one } else { $zero };
                             for t in 0..n {
                                 let t = if *reverse { n - 1 - t } else { t };
                                 let p = (o * n + t) * inner + i;
                                 if *exclusive {
                                     dst[p] = acc;
-                                    acc += src[p];
+                                    acc = step(acc, src[p]);
                                 } else {
-                                    acc += src[p];
+                                    acc = step(acc, src[p]);
                                     dst[p] = acc;
                                 }
                             }
@@ -427,10 +429,10 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 }};
             }
             match x.dtype {
-                DType::F32 => cum!(x.f32()?, outputs[0].f32()?, 0f32),
-                DType::I64 => cum!(x.i64()?, outputs[0].i64()?, 0i64),
-                DType::I32 => cum!(x.i32()?, outputs[0].i32()?, 0i32),
-                d => op_bail!("CumSum on {d}"),
+                DType::F32 => cum!(x.f32()?, outputs[0].f32()?, 0f32, 1f32),
+                DType::I64 => cum!(x.i64()?, outputs[0].i64()?, 0i64, 1i64),
+                DType::I32 => cum!(x.i32()?, outputs[0].i32()?, 0i32, 1i32),
+                d => op_bail!("{} on {d}", op.name()),
             }
             Ok(())
         }

@@ -94,6 +94,7 @@ fn is_index_op(op: &Op) -> bool {
             | Op::EyeLike { .. }
             | Op::TopK { .. }
             | Op::CumSum { .. }
+            | Op::CumProd { .. }
             | Op::NonZero
             | Op::Compress { .. }
             | Op::DepthToSpace { .. }
