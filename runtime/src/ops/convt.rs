@@ -2,7 +2,7 @@
 //! output_shape, auto_pad) as a direct scatter-accumulate: each input element adds its
 //! kernel-weighted contribution to the output window it maps to.
 
-use super::{numel, req, Fact, OutFact};
+use super::{numel, req, unravel, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{AutoPad, ConvTransposeAttrs, MAX_RANK};
 use crate::op_bail;
@@ -154,11 +154,4 @@ pub(super) fn run(a: &ConvTransposeAttrs, inputs: &[Option<View<'_>>], outputs: 
         }
     }
     Ok(())
-}
-
-fn unravel(mut flat: usize, shape: &[usize], out: &mut [usize; MAX_RANK]) {
-    for d in (0..shape.len()).rev() {
-        out[d] = flat % shape[d].max(1);
-        flat /= shape[d].max(1);
-    }
 }

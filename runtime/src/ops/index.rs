@@ -2,7 +2,7 @@
 //! TopK, CumSum, NonZero, Compress, DepthToSpace / SpaceToDepth, CastLike. Data movement is
 //! dtype-agnostic (elements are copied as bytes); only reductions look at values.
 
-use super::{contiguous_strides, norm_axis, numel, req, Fact, OutFact};
+use super::{contiguous_strides, norm_axis, numel, req, unravel, Fact, OutFact};
 use crate::error::{OpError, OpResult};
 use crate::graph::{Op, ScatterReduction, MAX_RANK};
 use crate::op_bail;
@@ -26,13 +26,26 @@ fn norm_index(ix: i64, dim: usize) -> OpResult<usize> {
     Ok(j as usize)
 }
 
-/// Multi-index of flat position `flat` in `shape`.
-fn unravel(mut flat: usize, shape: &[usize], out: &mut [usize; MAX_RANK]) {
-    for d in (0..shape.len()).rev() {
-        let n = shape[d].max(1);
-        out[d] = flat % n;
-        flat /= n;
+/// GatherElements/ScatterElements addressing: the offset in data (shape `x`, strides `xs`) of
+/// element `i` of `ind`, whose coordinate on `axis` is replaced by the index stored there.
+fn element_offset(
+    x: &[usize],
+    xs: &[isize; MAX_RANK],
+    ind: &View<'_>,
+    i: usize,
+    axis: usize,
+    idx: &mut [usize; MAX_RANK],
+) -> OpResult<usize> {
+    unravel(i, ind.shape, idx);
+    let mut off = 0usize;
+    for d in 0..x.len() {
+        let c = if d == axis { norm_index(index_at(ind, i)?, x[axis])? } else { idx[d] };
+        if c >= x[d] {
+            op_bail!("index out of range on axis {d}");
+        }
+        off += c * xs[d] as usize;
     }
+    Ok(off)
 }
 
 fn scalar_known(f: &Fact<'_>, what: &str) -> OpResult<i64> {
@@ -216,15 +229,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let mut idx = [0usize; MAX_RANK];
             let out = &mut *outputs[0].bytes;
             for i in 0..ind.len() {
-                unravel(i, ind.shape, &mut idx);
-                let mut off = 0usize;
-                for d in 0..rank {
-                    let c = if d == a { norm_index(index_at(&ind, i)?, x.shape[a])? } else { idx[d] };
-                    if c >= x.shape[d] {
-                        op_bail!("index out of range on axis {d}");
-                    }
-                    off += c * xs[d] as usize;
-                }
+                let off = element_offset(x.shape, &xs, &ind, i, a, &mut idx)?;
                 out[i * es..(i + 1) * es].copy_from_slice(&x.bytes[off * es..(off + 1) * es]);
             }
             Ok(())
@@ -238,15 +243,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let xs = contiguous_strides(x.shape);
             let mut idx = [0usize; MAX_RANK];
             for i in 0..ind.len() {
-                unravel(i, ind.shape, &mut idx);
-                let mut off = 0usize;
-                for d in 0..rank {
-                    let c = if d == a { norm_index(index_at(&ind, i)?, x.shape[a])? } else { idx[d] };
-                    if c >= x.shape[d] {
-                        op_bail!("index out of range on axis {d}");
-                    }
-                    off += c * xs[d] as usize;
-                }
+                let off = element_offset(x.shape, &xs, &ind, i, a, &mut idx)?;
                 scatter_one(out, off, &upd, i, *reduction)?;
             }
             Ok(())

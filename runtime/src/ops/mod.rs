@@ -484,6 +484,15 @@ pub(crate) fn for_each_row<const N: usize>(
     }
 }
 
+/// Multi-index of flat position `flat` in row-major `shape` (zero-sized dims count as 1).
+pub(crate) fn unravel(mut flat: usize, shape: &[usize], out: &mut [usize; MAX_RANK]) {
+    for d in (0..shape.len()).rev() {
+        let n = shape[d].max(1);
+        out[d] = flat % n;
+        flat /= n;
+    }
+}
+
 /// Row-major contiguous strides.
 pub(crate) fn contiguous_strides(shape: &[usize]) -> [isize; MAX_RANK] {
     let mut st = [0isize; MAX_RANK];

@@ -6,6 +6,21 @@ use crate::graph::Op;
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
+/// BatchNormalization's X is [N, C, …] and its four parameters are [C]; returns C.
+fn check_batchnorm(x: &[usize], inputs: &[Option<Fact<'_>>]) -> OpResult<usize> {
+    if x.len() < 2 {
+        op_bail!("BatchNormalization needs rank >= 2, got {x:?}");
+    }
+    let c = x[1];
+    for i in 1..5 {
+        let p = req(inputs, i, "parameter")?;
+        if p.dtype != DType::F32 || numel(p.shape) != c {
+            op_bail!("BatchNormalization parameter {i} has shape {:?}, expected [{c}]", p.shape);
+        }
+    }
+    Ok(c)
+}
+
 pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
     let x = req(inputs, 0, "X")?;
     if x.dtype != DType::F32 {
@@ -35,16 +50,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             Ok(outs)
         }
         Op::BatchNorm { .. } => {
-            if x.shape.len() < 2 {
-                op_bail!("BatchNormalization needs rank >= 2, got {:?}", x.shape);
-            }
-            let c = x.shape[1];
-            for i in 1..5 {
-                let p = req(inputs, i, "parameter")?;
-                if p.dtype != DType::F32 || numel(p.shape) != c {
-                    op_bail!("BatchNormalization parameter {i} has shape {:?}, expected [{c}]", p.shape);
-                }
-            }
+            check_batchnorm(x.shape, inputs)?;
             Ok(vec![(DType::F32, x.shape.to_vec())])
         }
         _ => op_bail!("not a normalisation"),
@@ -205,16 +211,7 @@ pub(super) fn infer_more(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<O
             }
         }
         Op::BatchNormTraining { .. } => {
-            if rank < 2 {
-                op_bail!("BatchNormalization needs rank >= 2, got {:?}", x.shape);
-            }
-            let c = x.shape[1];
-            for i in 1..5 {
-                let p = req(inputs, i, "parameter")?;
-                if p.dtype != DType::F32 || numel(p.shape) != c {
-                    op_bail!("BatchNormalization parameter {i} has shape {:?}, expected [{c}]", p.shape);
-                }
-            }
+            let c = check_batchnorm(x.shape, inputs)?;
             return Ok(vec![(DType::F32, x.shape.to_vec()), (DType::F32, vec![c]), (DType::F32, vec![c])]);
         }
         _ => op_bail!("not a normalisation"),

@@ -1,7 +1,7 @@
 //! Pooling family: MaxPool (with Indices), AveragePool, LpPool and their Global* forms, over any
 //! number of spatial dims (NC…), with strides, dilations, pads, auto_pad and ceil_mode.
 
-use super::{numel, req, Fact, OutFact};
+use super::{numel, req, unravel, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{AutoPad, Op, PoolAttrs, PoolKind, MAX_RANK};
 use crate::op_bail;
@@ -215,11 +215,4 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
     }
     Ok(())
-}
-
-fn unravel(mut flat: usize, shape: &[usize], out: &mut [usize; MAX_RANK]) {
-    for d in (0..shape.len()).rev() {
-        out[d] = flat % shape[d].max(1);
-        flat /= shape[d].max(1);
-    }
 }
