@@ -18,7 +18,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn ensure_assets() -> Result<()> {
-    let needed = [MINILM_L3, MINILM_TOKENIZER, ORT_LIB, SILERO_OP15];
+    let needed = [MINILM_L3, MINILM_TOKENIZER, ORT_LIB, SILERO_IF];
     if needed.iter().all(|a| assets_dir().join(a).exists()) {
         return Ok(());
     }
@@ -106,8 +106,10 @@ fn main() -> Result<()> {
         println!("latency    batch 1, {len:>3} tokens, 1 thread: Acorn {ours:.2} ms | ONNX Runtime {ort:.2} ms (median of 20)");
     }
 
-    println!("\n== silero VAD v5 (16 kHz, op15) on a speech clip, 32 ms chunks ==");
-    let vad_onnx = asset(SILERO_OP15);
+    println!(
+        "\n== silero VAD 6.2.3 (silero_vad.onnx: 16/8 kHz chosen by If on `sr`) on a speech clip, 32 ms chunks =="
+    );
+    let vad_onnx = asset(SILERO_IF);
     let (vpath, _, vrep) = convert(&vad_onnx, "silero-vad.acorn")?;
     println!("converted  {} ({:.2} MB, {} nodes)", vpath.display(), mb(vrep.file_bytes), vrep.nodes);
     let vad = Model::open(&vpath)?;

@@ -166,6 +166,8 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// Packs `B[pc..pc+kc, jc..jc+nc]` as `n_panels` panels of `kc × NR`, zero-padded.
+// Called once per block: kept out of line so the micro-kernel loop's register use stays small.
+#[inline(never)]
 fn pack_b(buf: &mut Vec<f32>, b: &MatRef<'_>, pc: usize, kc: usize, jc: usize, nc: usize, n_panels: usize) {
     buf.clear();
     buf.resize(n_panels * kc * NR, 0.0);
@@ -188,6 +190,7 @@ fn pack_b(buf: &mut Vec<f32>, b: &MatRef<'_>, pc: usize, kc: usize, jc: usize, n
 }
 
 /// Packs `A[ic..ic+mc, pc..pc+kc]` as `m_panels` panels of `kc × MR` (column-interleaved).
+#[inline(never)]
 fn pack_a(buf: &mut Vec<f32>, a: &MatRef<'_>, ic: usize, mc: usize, pc: usize, kc: usize, m_panels: usize) {
     buf.clear();
     buf.resize(m_panels * kc * MR, 0.0);
