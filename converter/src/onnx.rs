@@ -807,6 +807,26 @@ impl Importer {
                     input_forget: a.i("input_forget", 0) != 0,
                 }))
             }
+            "Loop" => {
+                let g =
+                    a.get("body").and_then(|x| x.g.as_ref()).ok_or_else(|| anyhow!("Loop '{name}' lacks a body"))?;
+                if inputs.len() < 2 || g.input.len() != inputs.len() {
+                    bail!("Loop '{name}': {} inputs but the body takes {}", inputs.len(), g.input.len());
+                }
+                self.scopes.push(HashMap::new());
+                let body_inputs: Vec<ValueId> = g.input.iter().map(|vi| self.define(&vi.name)).collect();
+                let nodes = self.import_body(g);
+                let outputs: Result<Vec<ValueId>> = g
+                    .output
+                    .iter()
+                    .map(|o| {
+                        self.lookup(&o.name).ok_or_else(|| anyhow!("Loop '{name}': body output '{}' undefined", o.name))
+                    })
+                    .collect();
+                self.scopes.pop();
+                self.graph.subgraphs.push(SubGraph { nodes: nodes?, outputs: outputs? });
+                Some(Op::Loop { body: (self.graph.subgraphs.len() - 1) as u32, body_inputs })
+            }
             "If" => {
                 let mut branch = |key: &str| -> Result<u32> {
                     let g = a.get(key).and_then(|x| x.g.as_ref()).ok_or_else(|| anyhow!("If '{name}' lacks {key}"))?;

@@ -23,7 +23,7 @@ pub fn fold_constants(m: &mut Imported) -> Result<PassRecord> {
     let mut kept = Vec::with_capacity(before);
     let mut folded = 0usize;
     for node in std::mem::take(&mut m.graph.nodes) {
-        let foldable = !matches!(node.op, Op::If { .. })
+        let foldable = !matches!(node.op, Op::If { .. } | Op::Loop { .. })
             && !node.inputs.is_empty()
             && node.inputs.iter().all(|i| i.is_none_or(|v| const_of.contains_key(&v)));
         if foldable {
@@ -55,8 +55,13 @@ pub fn fold_constants(m: &mut Imported) -> Result<PassRecord> {
 
 fn mark_inputs(graph: &Graph, node: &Node, live: &mut HashSet<ValueId>) {
     live.extend(node.inputs.iter().flatten().copied());
-    if let Op::If { then_branch, else_branch } = node.op {
-        for b in [then_branch, else_branch] {
+    let subs: Vec<u32> = match &node.op {
+        Op::If { then_branch, else_branch } => vec![*then_branch, *else_branch],
+        Op::Loop { body, .. } => vec![*body],
+        _ => Vec::new(),
+    };
+    {
+        for b in subs {
             let sub = &graph.subgraphs[b as usize];
             live.extend(sub.outputs.iter().copied());
             for n in sub.nodes.iter().rev() {

@@ -146,6 +146,9 @@ fn input_dependencies(graph: &crate::graph::Graph, values: &[ValueId]) -> Vec<us
                 stack.extend(&sub.outputs);
             }
         }
+        if let Op::Loop { body, .. } = &n.op {
+            stack.extend(&graph.subgraphs[*body as usize].outputs);
+        }
     }
     out.sort_unstable();
     out
@@ -202,6 +205,10 @@ impl<'m> Builder<'m> {
                         format!("input '{}' is not available here", graph.value_name(*inp)),
                     )));
                 }
+            }
+            if let Op::Loop { body, body_inputs } = &node.op {
+                self.run_loop(graph, node, *body, body_inputs)?;
+                continue;
             }
             if let Op::If { then_branch, else_branch } = &node.op {
                 let Some(c) = node.inputs[0] else {
@@ -312,6 +319,108 @@ impl<'m> Builder<'m> {
                     outputs: node.outputs.clone(),
                 });
             }
+        }
+        Ok(())
+    }
+}
+
+/// Most iterations a `Loop` may run (a loop without a trip count whose condition never turns
+/// false must end in an error, not hang the caller).
+const MAX_LOOP_ITERATIONS: usize = 1 << 20;
+
+impl<'m> Builder<'m> {
+    fn fold_value(&mut self, v: ValueId, t: Tensor) {
+        let idx = self.folded.len();
+        self.locs[v as usize] = Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Folded(idx) });
+        self.folded.push(t);
+    }
+
+    fn owned(&self, v: ValueId, node: &Node) -> Result<Tensor, PlanFail> {
+        let view = self.view(v).filter(|_| self.is_known(v));
+        let view = view.ok_or_else(|| PlanFail::Error(Self::node_err(node, "loop value is not available")))?;
+        Ok(view.to_tensor()?)
+    }
+
+    /// Evaluates an ONNX `Loop` while planning: loops run only in dynamic mode (every value
+    /// known), iterating the body with the carried values bound to its inputs.
+    fn run_loop(
+        &mut self,
+        graph: &crate::graph::Graph,
+        node: &Node,
+        body: u32,
+        body_inputs: &[u32],
+    ) -> Result<(), PlanFail> {
+        if !self.dep.dynamic {
+            let err = Self::node_err(node, "Loop runs its body per iteration");
+            return Err(PlanFail::NeedsData(Vec::new(), err));
+        }
+        let sub = &graph.subgraphs[body as usize];
+        let trip = match node.inputs[0] {
+            Some(m) => {
+                let t = self.owned(m, node)?;
+                let n = *t.view().to_i64_small().map_err(|e| Self::node_err(node, e.0))?.first().unwrap_or(&0);
+                usize::try_from(n.max(0)).unwrap_or(usize::MAX)
+            }
+            None => usize::MAX,
+        };
+        let mut cond = match node.inputs[1] {
+            Some(c) => self.owned(c, node)?.bytes().first().copied().unwrap_or(0) != 0,
+            None => true,
+        };
+        let n_carried = node.inputs.len() - 2;
+        let mut carried: Vec<Tensor> = Vec::with_capacity(n_carried);
+        for v in &node.inputs[2..] {
+            let v = v.ok_or_else(|| PlanFail::Error(Self::node_err(node, "missing loop-carried input")))?;
+            carried.push(self.owned(v, node)?);
+        }
+        let n_scan = node.outputs.len() - n_carried;
+        let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan];
+        let mut i = 0usize;
+        while i < trip && cond {
+            if i >= MAX_LOOP_ITERATIONS {
+                return Err(PlanFail::Error(Error::Limit(format!(
+                    "Loop '{}' ran {MAX_LOOP_ITERATIONS} iterations without stopping",
+                    node.name
+                ))));
+            }
+            self.fold_value(body_inputs[0], Tensor::from_i64(vec![], vec![i as i64]));
+            let c = Tensor::new(vec![], crate::tensor::TensorData::Bool(vec![cond as u8]))?;
+            self.fold_value(body_inputs[1], c);
+            for (k, t) in carried.drain(..).enumerate() {
+                self.fold_value(body_inputs[2 + k], t);
+            }
+            self.plan_nodes(graph, &sub.nodes)?;
+            let c = self.owned(sub.outputs[0], node)?;
+            cond = c.bytes().first().copied().unwrap_or(0) != 0;
+            for k in 0..n_carried {
+                carried.push(self.owned(sub.outputs[1 + k], node)?);
+            }
+            for (k, s) in scans.iter_mut().enumerate() {
+                s.push(self.owned(sub.outputs[1 + n_carried + k], node)?);
+            }
+            i += 1;
+        }
+        for (&o, t) in node.outputs.iter().zip(carried) {
+            self.fold_value(o, t);
+        }
+        for (k, parts) in scans.into_iter().enumerate() {
+            let o = node.outputs[n_carried + k];
+            let t = match parts.first() {
+                None => Tensor::zeros(crate::tensor::DType::F32, vec![0])?,
+                Some(first) => {
+                    if parts.iter().any(|p| p.shape() != first.shape() || p.dtype() != first.dtype()) {
+                        return Err(PlanFail::Error(Self::node_err(
+                            node,
+                            "scan output changes shape across iterations",
+                        )));
+                    }
+                    let mut shape = vec![parts.len()];
+                    shape.extend_from_slice(first.shape());
+                    let bytes: Vec<u8> = parts.iter().flat_map(|p| p.bytes().iter().copied()).collect();
+                    Tensor::from_bytes(first.dtype(), shape, &bytes)?
+                }
+            };
+            self.fold_value(o, t);
         }
         Ok(())
     }

@@ -166,6 +166,47 @@ impl Graph {
                 }
             }
             node.op.validate(&node.name, node.inputs.len(), node.outputs.len())?;
+            if let Op::Loop { body, body_inputs } = &node.op {
+                if depth + 1 > MAX_SUBGRAPH_DEPTH {
+                    return Err(Error::Graph(format!("subgraph nesting deeper than {MAX_SUBGRAPH_DEPTH}")));
+                }
+                let bi = *body as usize;
+                if bi >= self.subgraphs.len() || sub_seen[bi] {
+                    return Err(Error::Graph(format!(
+                        "node '{}' refers to subgraph {body}, which is missing or already used",
+                        node.name
+                    )));
+                }
+                sub_seen[bi] = true;
+                let sub = &self.subgraphs[bi];
+                // body outputs: cond, carried (inputs − 2), scan outputs (node outputs − carried)
+                if sub.outputs.len() != 1 + node.outputs.len() {
+                    return Err(Error::Graph(format!(
+                        "Loop '{}' has {} outputs but its body yields {} (expected cond + {})",
+                        node.name,
+                        node.outputs.len(),
+                        sub.outputs.len(),
+                        node.outputs.len()
+                    )));
+                }
+                for &v in body_inputs {
+                    let i = check(v, node)?;
+                    if defined[i] {
+                        return Err(Error::Graph(format!("Loop '{}' body input defined twice", node.name)));
+                    }
+                    defined[i] = true;
+                }
+                self.validate_nodes(&sub.nodes, depth + 1, defined, sub_seen)?;
+                for &o in &sub.outputs {
+                    let i = check(o, node)?;
+                    if !defined[i] {
+                        return Err(Error::Graph(format!(
+                            "body output '{}' of Loop '{}' is never defined",
+                            self.values[i].name, node.name
+                        )));
+                    }
+                }
+            }
             if let Op::If { then_branch, else_branch } = &node.op {
                 if depth + 1 > MAX_SUBGRAPH_DEPTH {
                     return Err(Error::Graph(format!("If nesting deeper than {MAX_SUBGRAPH_DEPTH}")));

@@ -470,6 +470,14 @@ pub enum Op {
         exclusive: bool,
         reverse: bool,
     },
+    /// ONNX Loop. inputs: M (optional), cond (optional), initial loop-carried values; outputs:
+    /// final carried values, then stacked scan outputs. `body` is a subgraph whose outputs are
+    /// [cond, carried…, scan…]; `body_inputs` are the values it reads as
+    /// [iteration number, cond, carried…].
+    Loop {
+        body: u32,
+        body_inputs: Vec<u32>,
+    },
 }
 
 /// ONNX Attention attributes.
@@ -648,6 +656,7 @@ impl Op {
             Op::Conv(_) => (2, 3, 1, 1),
             Op::Lstm(_) => (3, 8, 0, 3),
             Op::If { .. } => (1, 1, 1, usize::MAX),
+            Op::Loop { .. } => (2, usize::MAX, 0, usize::MAX),
             Op::CastLike | Op::GatherElements { .. } | Op::GatherNd { .. } | Op::Compress { .. } => (2, 2, 1, 1),
             Op::ScatterElements { .. } | Op::ScatterNd { .. } | Op::OneHot { .. } => (3, 3, 1, 1),
             Op::Trilu { .. } => (1, 2, 1, 1),
@@ -704,6 +713,7 @@ impl Op {
             Op::MeanVarianceNorm { axes } => axes.len() > MAX_RANK,
             Op::Resize(r) => r.axes.len() > MAX_RANK,
             Op::Einsum { equation } => equation.len() > 256,
+            Op::Loop { body_inputs, .. } => body_inputs.len() != n_in || n_out + 2 < n_in,
             Op::Gru(r) | Op::Rnn(r) => r.hidden_size < 1 || r.hidden_size > (1 << 20) || !(0..=1).contains(&r.layout),
             Op::ConvTranspose(c) => {
                 c.kernel_shape.len() > MAX_RANK

@@ -197,6 +197,7 @@ fn dtype_generic(op: &Op) -> bool {
             | Op::EyeLike { .. }
             | Op::OneHot { .. }
             | Op::If { .. }
+            | Op::Loop { .. }
     ) || matches!(
         op,
         Op::ScatterElements { reduction: crate::graph::ScatterReduction::None, .. }
@@ -272,7 +273,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::infer(op, inputs, n_out)?,
         Op::Conv(a) => conv::infer(a, inputs)?,
         Op::Lstm(a) => recurrent::infer(a, inputs, n_out)?,
-        Op::If { .. } => op_bail!("If is resolved by the planner"),
+        Op::If { .. } | Op::Loop { .. } => op_bail!("{} is resolved by the planner", op.name()),
         op if is_index_op(op) => index::infer(op, inputs, n_out)?,
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::infer(op, inputs, n_out)?,
         Op::Pool(_) => pool::infer(op, inputs, n_out)?,
@@ -346,7 +347,7 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::run(op, inputs, outputs),
         Op::Conv(a) => conv::run(a, inputs, outputs, ctx),
         Op::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
-        Op::If { .. } => op_bail!("If is resolved by the planner"),
+        Op::If { .. } | Op::Loop { .. } => op_bail!("{} is resolved by the planner", op.name()),
         op if is_index_op(op) => index::run(op, inputs, outputs),
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::run(op, inputs, outputs),
         Op::Pool(_) => pool::run(op, inputs, outputs),
