@@ -64,7 +64,7 @@ fn geometry(a: &ConvAttrs, x: &[usize], wt: &[usize]) -> OpResult<Geo> {
         dil[j] = get(&a.dilations, i, 1)?;
         kk[j] = ks[i];
         ins[j] = x[2 + i];
-        let eff = dil[j] * (kk[j].max(1) - 1) + 1;
+        let eff = super::mul_add(dil[j], kk[j].max(1) - 1, 1)?;
         match a.auto_pad {
             AutoPad::NotSet => {
                 pb[j] = get(&a.pads, i, 0)?;
@@ -73,7 +73,7 @@ fn geometry(a: &ConvAttrs, x: &[usize], wt: &[usize]) -> OpResult<Geo> {
             AutoPad::Valid => {}
             AutoPad::SameUpper | AutoPad::SameLower => {
                 let o = ins[j].div_ceil(strides[j]);
-                let total = ((o - 1) * strides[j] + eff).saturating_sub(ins[j]);
+                let total = super::mul_add(o.saturating_sub(1), strides[j], eff)?.saturating_sub(ins[j]);
                 let (lo, hi) = if a.auto_pad == AutoPad::SameUpper {
                     (total / 2, total - total / 2)
                 } else {
@@ -83,7 +83,7 @@ fn geometry(a: &ConvAttrs, x: &[usize], wt: &[usize]) -> OpResult<Geo> {
                 pe[j] = hi;
             }
         }
-        let padded = ins[j] + pb[j] + pe[j];
+        let padded = super::mul_add(1, ins[j], pb[j]).and_then(|p| super::mul_add(1, p, pe[j]))?;
         if padded < eff {
             op_bail!("Conv kernel (effective size {eff}) larger than padded input {padded}");
         }

@@ -43,14 +43,14 @@ fn geometry(a: &ConvTransposeAttrs, x: &[usize], w: &[usize]) -> OpResult<Geo> {
         geo.s[i] = get(&a.strides, i, 1, "stride")?;
         geo.d[i] = get(&a.dilations, i, 1, "dilation")?;
         let op = get(&a.output_padding, i, 0, "output_padding")?;
-        let eff = geo.d[i] * (geo.k[i].max(1) - 1) + 1;
-        let full = geo.s[i] * (x[2 + i].max(1) - 1) + op + eff;
+        let eff = super::mul_add(geo.d[i], geo.k[i].max(1) - 1, 1)?;
+        let full = super::mul_add(geo.s[i], x[2 + i].max(1) - 1, op).and_then(|f| super::mul_add(1, f, eff))?;
         let target = if let Some(os) = a.output_shape.as_ref().filter(|o| !o.is_empty()) {
             // output_shape may list all dims or only the spatial ones
             let v = if os.len() == sp { os[i] } else { *os.get(2 + i).unwrap_or(&0) };
             Some(v.max(0) as usize)
         } else if matches!(a.auto_pad, AutoPad::SameUpper | AutoPad::SameLower) {
-            Some(x[2 + i] * geo.s[i])
+            Some(super::mul_add(x[2 + i], geo.s[i], 0)?)
         } else {
             None
         };
@@ -66,7 +66,7 @@ fn geometry(a: &ConvTransposeAttrs, x: &[usize], w: &[usize]) -> OpResult<Geo> {
                 } else {
                     (get(&a.pads, i, 0, "pad")?, get(&a.pads, i + sp, 0, "pad")?)
                 };
-                if full < pb + pe {
+                if full < pb.saturating_add(pe) {
                     op_bail!("ConvTranspose pads exceed the output");
                 }
                 geo.pb[i] = pb;

@@ -485,6 +485,11 @@ pub(crate) fn for_each_row<const N: usize>(
     }
 }
 
+/// Checked `a · b + c` for window geometry (sizes from files may be huge): an error, not a wrap.
+pub(crate) fn mul_add(a: usize, b: usize, c: usize) -> OpResult<usize> {
+    a.checked_mul(b).and_then(|x| x.checked_add(c)).ok_or_else(|| OpError("window geometry overflows".into()))
+}
+
 /// Multi-index of flat position `flat` in row-major `shape` (zero-sized dims count as 1).
 pub(crate) fn unravel(mut flat: usize, shape: &[usize], out: &mut [usize; MAX_RANK]) {
     for d in (0..shape.len()).rev() {

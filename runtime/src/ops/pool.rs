@@ -54,7 +54,7 @@ fn geometry(a: &PoolAttrs, x: &[usize]) -> OpResult<Geo> {
         g.k[i] = pos(&a.kernel_shape, i, 1, "kernel")?;
         g.s[i] = pos(&a.strides, i, 1, "stride")?;
         g.d[i] = pos(&a.dilations, i, 1, "dilation")?;
-        let eff = g.d[i] * (g.k[i] - 1) + 1;
+        let eff = super::mul_add(g.d[i], g.k[i] - 1, 1)?;
         match a.auto_pad {
             AutoPad::NotSet => {
                 g.pb[i] = pos(&a.pads, i, 0, "pad")?;
@@ -63,7 +63,7 @@ fn geometry(a: &PoolAttrs, x: &[usize]) -> OpResult<Geo> {
             AutoPad::Valid => {}
             AutoPad::SameUpper | AutoPad::SameLower => {
                 let o = g.ins[i].div_ceil(g.s[i]);
-                let total = ((o.max(1) - 1) * g.s[i] + eff).saturating_sub(g.ins[i]);
+                let total = super::mul_add(o.max(1) - 1, g.s[i], eff)?.saturating_sub(g.ins[i]);
                 let (lo, hi) = if a.auto_pad == AutoPad::SameUpper {
                     (total / 2, total - total / 2)
                 } else {
@@ -73,14 +73,14 @@ fn geometry(a: &PoolAttrs, x: &[usize]) -> OpResult<Geo> {
                 g.pe[i] = hi;
             }
         }
-        let padded = g.ins[i] + g.pb[i] + g.pe[i];
+        let padded = super::mul_add(1, g.ins[i], g.pb[i]).and_then(|p| super::mul_add(1, p, g.pe[i]))?;
         if padded < eff {
             op_bail!("pool window {eff} larger than the padded input {padded}");
         }
         let span = padded - eff;
         let mut o = if a.ceil_mode { span.div_ceil(g.s[i]) + 1 } else { span / g.s[i] + 1 };
         // With ceil_mode the last window must start inside the input or its begin padding.
-        if a.ceil_mode && (o - 1) * g.s[i] >= g.ins[i] + g.pb[i] {
+        if a.ceil_mode && super::mul_add(o - 1, g.s[i], 0)? >= g.ins[i] + g.pb[i] {
             o -= 1;
         }
         g.out[i] = o;
