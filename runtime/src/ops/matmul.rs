@@ -33,7 +33,8 @@ fn matmul_out_shape(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
 /// unbatched).
 pub(super) fn matmul_shape(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
     let (ab, bb) = (numel(&a[..a.len().saturating_sub(2)]), numel(&b[..b.len().saturating_sub(2)]));
-    if a.len() < 2 || b.len() < 2 || (ab != bb && ab != 1 && bb != 1) {
+    let same_batch = a.len() >= 2 && b.len() >= 2 && a[..a.len() - 2] == b[..b.len() - 2];
+    if a.len() < 2 || b.len() < 2 || !(same_batch || ab == 1 || bb == 1) {
         op_bail!("integer MatMul supports rank ≥ 2 operands with matching batches, got {a:?} and {b:?}");
     }
     matmul_out_shape(a, b)

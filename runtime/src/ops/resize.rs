@@ -105,6 +105,9 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
         }
     }
     let (out, _) = plan(a, x.shape, scales.as_deref(), sizes.as_deref())?;
+    if x.shape.iter().zip(&out).any(|(&i, &o)| i == 0 && o != 0) {
+        op_bail!("Resize cannot produce {out:?} from an empty input {:?}", x.shape);
+    }
     Ok(vec![(x.dtype, out)])
 }
 

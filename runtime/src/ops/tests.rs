@@ -217,3 +217,43 @@ fn arg_max_and_min_with_ties() {
     assert_eq!(m[0].shape(), &[1]);
     assert_eq!(m[0].as_i64().unwrap(), &[1]);
 }
+
+#[test]
+fn malformed_shapes_are_errors_not_panics() {
+    use crate::graph::{AspectPolicy, CoordMode, NearestMode, ResizeAttrs, ResizeMode};
+    use crate::tensor::{DType, TensorData};
+    // Integer matmul whose batch dims only broadcast to a larger batch than either side has.
+    let a = Tensor::new(vec![2, 1, 1, 1], TensorData::U8(vec![1; 2])).unwrap();
+    let b = Tensor::new(vec![1, 2, 1, 1], TensorData::U8(vec![1; 2])).unwrap();
+    assert!(eval(&Op::MatMulInteger, &[Some(a.view()), Some(b.view())], 1, 1).is_err());
+    // Resize asked to produce elements from an empty input.
+    let x = Tensor::zeros(DType::F32, vec![1, 0]).unwrap();
+    let sizes = i64t(&[2], &[1, 5]);
+    let attrs = ResizeAttrs {
+        mode: ResizeMode::Linear,
+        coord: CoordMode::HalfPixel,
+        nearest: NearestMode::RoundPreferFloor,
+        cubic_coeff_a: -0.75,
+        exclude_outside: false,
+        extrapolation_value: 0.0,
+        antialias: false,
+        axes: vec![],
+        aspect: AspectPolicy::Stretch,
+    };
+    assert!(eval(&Op::Resize(attrs), &[Some(x.view()), None, None, Some(sizes.view())], 1, 1).is_err());
+    // A pool window with an absurd dilation overflows usize: an error.
+    let x = f32t(&[1, 1, 4], &[1.0; 4]);
+    let pool = crate::graph::PoolAttrs {
+        kind: crate::graph::PoolKind::Max,
+        global: false,
+        kernel_shape: vec![3],
+        strides: vec![],
+        pads: vec![],
+        dilations: vec![i64::MAX / 2],
+        auto_pad: AutoPad::NotSet,
+        ceil_mode: false,
+        count_include_pad: false,
+        storage_order: 0,
+    };
+    assert!(eval(&Op::Pool(pool), &[Some(x.view())], 1, 1).is_err());
+}
