@@ -47,7 +47,7 @@ pub struct ConvertReport {
 
 /// Imports ONNX bytes and runs the graph passes: everything [`convert`] does except writing.
 /// `base_dir` is where external tensor data is looked up. Returns the lowered model and the pass
-/// records; the graph has been validated.
+/// records (the graph is validated when written).
 pub fn lower(
     bytes: &[u8],
     name: &Path,
@@ -70,7 +70,6 @@ pub fn lower(
         records.push(passes::fold_constants(&mut m)?);
     }
     records.push(passes::eliminate_dead(&mut m)?);
-    m.graph.validate(m.tensors.len()).with_context(|| format!("importing {}", name.display()))?;
     Ok((m, records))
 }
 
@@ -79,7 +78,9 @@ pub fn lower(
 pub fn import_bytes(bytes: &[u8]) -> Result<onnx::Imported> {
     let nowhere = Path::new("/nonexistent-acorn-external-data");
     let opts = ConvertOptions { no_shape_analysis: true, ..ConvertOptions::default() };
-    Ok(lower(bytes, Path::new("<memory>"), nowhere, &opts)?.0)
+    let (m, _) = lower(bytes, Path::new("<memory>"), nowhere, &opts)?;
+    m.graph.validate(m.tensors.len())?;
+    Ok(m)
 }
 
 /// Converts `input` (ONNX) to `output` (.acorn). On error nothing is written.

@@ -7,7 +7,7 @@
 
 use super::{broadcast_strides, req, Fact, OutFact};
 use crate::error::OpResult;
-use crate::graph::{AttentionAttrs, MAX_RANK};
+use crate::graph::AttentionAttrs;
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -122,47 +122,40 @@ pub(super) fn run(a: &AttentionAttrs, inputs: &[Option<View<'_>>], outputs: &mut
             ((b * g.kvh + h) * g.skv + j) * width
         }
     };
-    // present K/V: past rows, then the new ones (always 4-D).
-    let mut present_k = vec![0.0f32; g.b * g.kvh * total * g.hd];
-    let mut present_v = vec![0.0f32; g.b * g.kvh * total * g.hv];
-    for b in 0..g.b {
-        for h in 0..g.kvh {
-            for j in 0..total {
-                let dk = ((b * g.kvh + h) * total + j) * g.hd;
-                let dv = ((b * g.kvh + h) * total + j) * g.hv;
-                if j < g.past {
-                    let (pk, pv) = (past_k.expect("past").f32()?, past_v.expect("past").f32()?);
-                    let sk = ((b * g.kvh + h) * g.past + j) * g.hd;
-                    let sv = ((b * g.kvh + h) * g.past + j) * g.hv;
-                    present_k[dk..dk + g.hd].copy_from_slice(&pk[sk..sk + g.hd]);
-                    present_v[dv..dv + g.hv].copy_from_slice(&pv[sv..sv + g.hv]);
-                } else {
-                    let jn = j - g.past;
-                    let sk = kv_at(b, h, jn, g.hd);
-                    let sv = kv_at(b, h, jn, g.hv);
-                    present_k[dk..dk + g.hd].copy_from_slice(&kd[sk..sk + g.hd]);
-                    present_v[dv..dv + g.hv].copy_from_slice(&vd[sv..sv + g.hv]);
-                }
-            }
+    // Row j of the present K/V (past rows, then the new ones), read in place.
+    let (pk, pv) = match (past_k, past_v) {
+        (Some(k), Some(v)) => (k.f32()?, v.f32()?),
+        _ => (&[][..], &[][..]),
+    };
+    let k_row = |b: usize, h: usize, j: usize| -> &[f32] {
+        if j < g.past {
+            let o = ((b * g.kvh + h) * g.past + j) * g.hd;
+            &pk[o..o + g.hd]
+        } else {
+            let o = kv_at(b, h, j - g.past, g.hd);
+            &kd[o..o + g.hd]
         }
-    }
+    };
+    let v_row = |b: usize, h: usize, j: usize| -> &[f32] {
+        if j < g.past {
+            let o = ((b * g.kvh + h) * g.past + j) * g.hv;
+            &pv[o..o + g.hv]
+        } else {
+            let o = kv_at(b, h, j - g.past, g.hv);
+            &vd[o..o + g.hv]
+        }
+    };
     let mask_info = match mask {
         Some(m) => {
             let mw = *m.shape.last().unwrap_or(&0);
-            let mut full = [1usize; MAX_RANK];
-            let off = 4 - m.shape.len();
-            full[..4].copy_from_slice(&[g.b, g.qh, g.sq, mw]);
-            let st = broadcast_strides(m.shape, &full[..4]);
-            let _ = off;
+            let st = broadcast_strides(m.shape, &[g.b, g.qh, g.sq, mw]);
             Some((m, mw, st))
         }
         None => None,
     };
-    let nonpad_len = |b: usize| -> OpResult<Option<i64>> {
-        match &nonpad {
-            Some(n) => Ok(Some(n.to_i64_small()?.get(b).copied().unwrap_or(total as i64))),
-            None => Ok(None),
-        }
+    let nonpad_lens = match &nonpad {
+        Some(n) => Some(n.to_i64_vec()?),
+        None => None,
     };
     let reps = g.qh / g.kvh;
     let mut scores = vec![0.0f32; total];
@@ -170,23 +163,34 @@ pub(super) fn run(a: &AttentionAttrs, inputs: &[Option<View<'_>>], outputs: &mut
     let (head, rest) = outputs.split_at_mut(1);
     let y = head[0].f32()?;
     let mut qk_out: Option<&mut [f32]> = None;
+    // present_key / present_value, if asked for: [B, kv_heads, total, width].
+    fn fill<'r>(dst: &mut [f32], rows: impl Fn(usize, usize, usize) -> &'r [f32], g: &Geo, width: usize) {
+        let total = g.past + g.skv;
+        for b in 0..g.b {
+            for h in 0..g.kvh {
+                for j in 0..total {
+                    let at = ((b * g.kvh + h) * total + j) * width;
+                    dst[at..at + width].copy_from_slice(rows(b, h, j));
+                }
+            }
+        }
+    }
     for (idx, o) in rest.iter_mut().enumerate() {
         match idx {
-            0 => o.f32()?.copy_from_slice(&present_k),
-            1 => o.f32()?.copy_from_slice(&present_v),
+            0 => fill(o.f32()?, k_row, &g, g.hd),
+            1 => fill(o.f32()?, v_row, &g, g.hv),
             _ => qk_out = Some(o.f32()?),
         }
     }
     for b in 0..g.b {
-        let np = nonpad_len(b)?;
+        let np = nonpad_lens.as_ref().map(|l| l.get(b).copied().unwrap_or(total as i64));
         for h in 0..g.qh {
             let kh = h / reps;
             for i in 0..g.sq {
                 let qo = q_at(b, h, i);
                 let qrow = &qd[qo..qo + g.hd];
                 for j in 0..total {
-                    let ko = ((b * g.kvh + kh) * total + j) * g.hd;
-                    let krow = &present_k[ko..ko + g.hd];
+                    let krow = k_row(b, kh, j);
                     let mut s = 0.0f32;
                     for d in 0..g.hd {
                         s += (qrow[d] * s2) * (krow[d] * s2);
@@ -257,8 +261,7 @@ pub(super) fn run(a: &AttentionAttrs, inputs: &[Option<View<'_>>], outputs: &mut
                 let yrow = &mut y[yo..yo + g.hv];
                 yrow.fill(0.0);
                 for (j, &p) in scores.iter().enumerate() {
-                    let vo = ((b * g.kvh + kh) * total + j) * g.hv;
-                    for (acc, &vv) in yrow.iter_mut().zip(&present_v[vo..vo + g.hv]) {
+                    for (acc, &vv) in yrow.iter_mut().zip(v_row(b, kh, j)) {
                         *acc += p * vv;
                     }
                 }

@@ -72,15 +72,7 @@ fn geometry(a: &ConvAttrs, x: &[usize], wt: &[usize]) -> OpResult<Geo> {
             }
             AutoPad::Valid => {}
             AutoPad::SameUpper | AutoPad::SameLower => {
-                let o = ins[j].div_ceil(strides[j]);
-                let total = super::mul_add(o.saturating_sub(1), strides[j], eff)?.saturating_sub(ins[j]);
-                let (lo, hi) = if a.auto_pad == AutoPad::SameUpper {
-                    (total / 2, total - total / 2)
-                } else {
-                    (total - total / 2, total / 2)
-                };
-                pb[j] = lo;
-                pe[j] = hi;
+                (pb[j], pe[j]) = super::same_pads(ins[j], strides[j], eff, a.auto_pad == AutoPad::SameUpper)?;
             }
         }
         let padded = super::mul_add(1, ins[j], pb[j]).and_then(|p| super::mul_add(1, p, pe[j]))?;

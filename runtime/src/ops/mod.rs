@@ -1,5 +1,8 @@
 //! Op semantics: shape inference (`infer`) and execution (`run`), one file per op family.
-//! Ops see typed views and never allocate tensors themselves; the executor owns all memory.
+//! Ops see typed views and never allocate tensors themselves; the executor owns all memory. The
+//! hot ops (matmul, conv, LSTM, elementwise, norms, softmax, shape ops) also take their
+//! temporaries from the plan's scratch; the rarer ones added for ONNX coverage (TopK, Einsum,
+//! Resize, Attention, GRU, …) and the f16/f64 conversions use small per-run vectors.
 
 use crate::error::{OpError, OpResult};
 use crate::graph::{Op, MAX_RANK};
@@ -488,6 +491,14 @@ pub(crate) fn for_each_row<const N: usize>(
 /// Checked `a · b + c` for window geometry (sizes from files may be huge): an error, not a wrap.
 pub(crate) fn mul_add(a: usize, b: usize, c: usize) -> OpResult<usize> {
     a.checked_mul(b).and_then(|x| x.checked_add(c)).ok_or_else(|| OpError("window geometry overflows".into()))
+}
+
+/// ONNX SAME_UPPER / SAME_LOWER padding of one spatial axis: (begin, end) so that the output
+/// has ceil(len / stride) positions for a window of effective size `eff`.
+pub(crate) fn same_pads(len: usize, stride: usize, eff: usize, upper: bool) -> OpResult<(usize, usize)> {
+    let out = len.div_ceil(stride);
+    let total = mul_add(out.saturating_sub(1), stride, eff)?.saturating_sub(len);
+    Ok(if upper { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) })
 }
 
 /// Multi-index of flat position `flat` in row-major `shape` (zero-sized dims count as 1).

@@ -62,15 +62,7 @@ fn geometry(a: &PoolAttrs, x: &[usize]) -> OpResult<Geo> {
             }
             AutoPad::Valid => {}
             AutoPad::SameUpper | AutoPad::SameLower => {
-                let o = g.ins[i].div_ceil(g.s[i]);
-                let total = super::mul_add(o.max(1) - 1, g.s[i], eff)?.saturating_sub(g.ins[i]);
-                let (lo, hi) = if a.auto_pad == AutoPad::SameUpper {
-                    (total / 2, total - total / 2)
-                } else {
-                    (total - total / 2, total / 2)
-                };
-                g.pb[i] = lo;
-                g.pe[i] = hi;
+                (g.pb[i], g.pe[i]) = super::same_pads(g.ins[i], g.s[i], eff, a.auto_pad == AutoPad::SameUpper)?;
             }
         }
         let padded = super::mul_add(1, g.ins[i], g.pb[i]).and_then(|p| super::mul_add(1, p, g.pe[i]))?;

@@ -72,12 +72,15 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
     y.copy_from_slice(xd);
     let half = g.rot / 2;
     let max_pos = cos_v.shape[0];
+    let ids = match &pos {
+        Some(p) => Some(p.to_i64_vec()?),
+        None => None,
+    };
     for b in 0..g.b {
         for s in 0..g.s {
-            let row = match &pos {
-                Some(p) => {
-                    let id = p.to_i64_small().map(|v| v.get(b * g.s + s).copied())?;
-                    let id = id.unwrap_or(-1);
+            let row = match &ids {
+                Some(ids) => {
+                    let id = ids.get(b * g.s + s).copied().unwrap_or(-1);
                     if id < 0 || id as usize >= max_pos {
                         op_bail!("position id {id} outside the cache of {max_pos} positions");
                     }
