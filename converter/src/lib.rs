@@ -33,6 +33,65 @@ pub struct ConvertOptions {
     pub no_fold: bool,
     /// Skip tract's symbolic shape analysis of the outputs (they keep their declared shapes).
     pub no_shape_analysis: bool,
+    /// The CPU family whose weight layout the file stores.
+    pub target: Target,
+}
+
+/// The CPU family a file is converted for (`acorn convert --target`): decides the layout of
+/// MatMul weights. A file runs on every CPU; on another family its weights are repacked once at
+/// open (logged).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Target {
+    /// The CPU doing the conversion.
+    #[default]
+    Host,
+    /// A named kernel set (`x86_64-avx512`, `x86_64-avx2`, `aarch64`, `generic`).
+    Isa(acorn::kernels::Isa),
+    /// Plain row-major weights, packed at run time (`none`).
+    Dense,
+}
+
+impl Target {
+    /// Names accepted by `--target`.
+    pub const NAMES: [&'static str; 6] = ["host", "x86_64-avx512", "x86_64-avx2", "aarch64", "generic", "none"];
+
+    pub fn parse(s: &str) -> Result<Target> {
+        use acorn::kernels::Isa;
+        Ok(match s {
+            "host" => Target::Host,
+            "x86_64-avx512" => Target::Isa(Isa::Avx512),
+            "x86_64-avx2" => Target::Isa(Isa::Avx2),
+            "aarch64" => Target::Isa(Isa::Neon),
+            "generic" => Target::Isa(Isa::Generic),
+            "none" => Target::Dense,
+            other => anyhow::bail!("unknown --target '{other}' (one of: {})", Target::NAMES.join(", ")),
+        })
+    }
+
+    /// The name recorded in provenance (`host` resolved to the kernel set it means).
+    pub fn name(self) -> String {
+        match self {
+            Target::Host => format!("host ({})", Self::host_isa().name()),
+            Target::Isa(i) => i.name().into(),
+            Target::Dense => "none".into(),
+        }
+    }
+
+    fn host_isa() -> acorn::kernels::Isa {
+        match acorn::kernels::selected() {
+            acorn::kernels::Isa::Reference => acorn::kernels::Isa::detect(),
+            i => i,
+        }
+    }
+
+    /// GEMM panel width for MatMul weights (`None`: dense).
+    pub fn panel_width(self) -> Option<usize> {
+        match self {
+            Target::Host => Self::host_isa().f32_panel(),
+            Target::Isa(i) => i.f32_panel(),
+            Target::Dense => None,
+        }
+    }
 }
 
 /// What a conversion produced.
@@ -89,8 +148,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
     let base = input.parent().unwrap_or(Path::new("."));
-    let (m, records) = lower(&bytes, input, base, opts)?;
+    let (m, mut records) = lower(&bytes, input, base, opts)?;
     drop(bytes);
+    let nr = opts.target.panel_width();
+    let (pack, rec) = passes::plan_panel_weights(&m, &opts.target.name(), nr);
+    records.push(rec);
     let provenance = Provenance {
         source_name: input.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         source_sha256: sha,
@@ -100,12 +162,22 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let payloads: Vec<TensorPayload<'_>> = m
         .tensors
         .iter()
-        .map(|(name, t)| TensorPayload {
-            name: name.clone(),
-            dtype: t.dtype(),
-            shape: t.shape().iter().map(|&d| d as u64).collect(),
-            encoding: TensorEncoding::Dense,
-            bytes: Cow::Borrowed(t.bytes()),
+        .zip(&pack)
+        .map(|((name, t), &packed)| match nr.filter(|_| packed) {
+            Some(nr) => TensorPayload {
+                name: name.clone(),
+                dtype: t.dtype(),
+                shape: t.shape().iter().map(|&d| d as u64).collect(),
+                encoding: TensorEncoding::PanelF32 { nr: nr as u32 },
+                bytes: Cow::Owned(passes::panel_bytes(t, nr)),
+            },
+            None => TensorPayload {
+                name: name.clone(),
+                dtype: t.dtype(),
+                shape: t.shape().iter().map(|&d| d as u64).collect(),
+                encoding: TensorEncoding::Dense,
+                bytes: Cow::Borrowed(t.bytes()),
+            },
         })
         .collect();
     let weight_bytes = payloads.iter().map(|p| p.bytes.len() as u64).sum();

@@ -29,6 +29,10 @@ enum Cmd {
         /// Do not fold constant subgraphs.
         #[arg(long)]
         no_fold: bool,
+        /// CPU family whose weight layout to store: host, x86_64-avx512, x86_64-avx2, aarch64,
+        /// generic, none (the file runs everywhere; elsewhere its weights are repacked at open).
+        #[arg(long, default_value = "host")]
+        target: String,
     },
     /// Run a model on .npy inputs and write each output to DIR/<output>.npy.
     Run {
@@ -64,6 +68,9 @@ enum Cmd {
         /// Print one JSON object: {"open_ms", "median_ms", "p90_ms", "peak_rss_mb"}.
         #[arg(long)]
         json: bool,
+        /// Also print the time spent per op type over the timed runs.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -113,11 +120,11 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Convert { input, output, no_fold } => cmd_convert(&input, &output, no_fold),
+        Cmd::Convert { input, output, no_fold, target } => cmd_convert(&input, &output, no_fold, &target),
         Cmd::Run { model, inputs, output_dir, common } => cmd_run(&model, &inputs, &output_dir, &common),
         Cmd::Inspect { model, json } => cmd_inspect(&model, json),
-        Cmd::Bench { model, inputs, runs, warmup, json, common } => {
-            cmd_bench(&model, &inputs, runs, warmup, json, &common)
+        Cmd::Bench { model, inputs, runs, warmup, json, profile, common } => {
+            cmd_bench(&model, &inputs, runs, warmup, json, profile, &common)
         }
         Cmd::Conformance { dir, filter, markdown, passing, verbose, note } => {
             cmd_conformance(&dir, filter.as_deref(), markdown.as_deref(), passing.as_deref(), verbose, note.as_deref())
@@ -137,10 +144,11 @@ fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
 
-fn cmd_convert(input: &Path, output: &Path, no_fold: bool) -> Result<ExitCode> {
+fn cmd_convert(input: &Path, output: &Path, no_fold: bool, target: &str) -> Result<ExitCode> {
     let t0 = Instant::now();
+    let target = acorn_converter::Target::parse(target)?;
     let pb = spinner(&format!("converting {}", input.display()));
-    let res = convert(input, output, &ConvertOptions { no_fold, ..ConvertOptions::default() });
+    let res = convert(input, output, &ConvertOptions { no_fold, target, ..ConvertOptions::default() });
     pb.finish_and_clear();
     let r = res?;
     println!(
@@ -354,6 +362,7 @@ fn cmd_bench(
     runs: usize,
     warmup: usize,
     json: bool,
+    profile: bool,
     common: &Common,
 ) -> Result<ExitCode> {
     if runs == 0 {
@@ -364,10 +373,11 @@ fn cmd_bench(
     let m = open(model, common.verify)?;
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
     let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut s = m.session().with_threads(common.threads).commit()?;
+    let mut s = m.session().with_threads(common.threads).with_profiling(profile).commit()?;
     for _ in 0..warmup.max(1) {
         s.run(&refs)?;
     }
+    s.reset_profile();
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
@@ -388,9 +398,23 @@ fn cmd_bench(
             median,
             p90,
             common.threads,
-            acorn::kernels::selected().name(),
+            acorn::kernels::describe(),
             rss
         );
+    }
+    if profile {
+        let total: f64 = s.profile().iter().map(|p| p.seconds).sum();
+        println!("| op | calls/run | ms/run | share |");
+        println!("|---|---:|---:|---:|");
+        for p in s.profile() {
+            println!(
+                "| {} | {} | {:.4} | {:.1}% |",
+                p.op,
+                p.calls / runs as u64,
+                p.seconds * 1e3 / runs as f64,
+                100.0 * p.seconds / total.max(f64::MIN_POSITIVE)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

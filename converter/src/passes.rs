@@ -3,12 +3,13 @@
 //! - `fold_constants`: evaluates every node whose inputs are all constants (with the runtime's
 //!   own ops, so folding and execution agree bit for bit) and replaces it by its result.
 //! - `eliminate_dead`: drops nodes and constants that no output depends on.
+//! - `pack_weights`: stores MatMul weights in the target CPU's GEMM panel layout.
 
 use std::collections::{HashMap, HashSet};
 
-use acorn::format::PassRecord;
+use acorn::format::{PassRecord, TensorEncoding};
 use acorn::graph::{ConstBinding, Graph, Node, Op, ValueId};
-use acorn::tensor::{Tensor, View};
+use acorn::tensor::{DType, Tensor, View};
 use anyhow::Result;
 
 use crate::onnx::Imported;
@@ -110,4 +111,79 @@ pub fn eliminate_dead(m: &mut Imported) -> Result<PassRecord> {
             ("tensors_removed".into(), (before_tensors - m.tensors.len()) as f64),
         ],
     })
+}
+
+/// Stores f32 weights that only feed `MatMul` as its B input in the GEMM panel layout of width
+/// `nr` (`TensorEncoding::PanelF32`), so the runtime reads them without packing. Returns the
+/// tensor indices to pack and the pass record.
+pub fn plan_panel_weights(m: &Imported, target: &str, nr: Option<usize>) -> (Vec<bool>, PassRecord) {
+    let mut pack = vec![false; m.tensors.len()];
+    let mut record = PassRecord {
+        name: "pack_weights".into(),
+        params: vec![("target".into(), target.into()), ("panel".into(), nr.map_or("none".into(), |n| n.to_string()))],
+        report: vec![],
+    };
+    let Some(nr) = nr else {
+        record.report.push(("tensors".into(), 0.0));
+        return (pack, record);
+    };
+    let g = &m.graph;
+    let mut by_value: HashMap<ValueId, usize> = HashMap::new();
+    for c in &g.constants {
+        let t = &m.tensors[c.tensor as usize].1;
+        if t.dtype() == DType::F32 && t.shape().len() >= 2 && t.shape().iter().all(|&d| d > 0) {
+            by_value.insert(c.value, c.tensor as usize);
+        }
+    }
+    // A candidate must be read only as MatMul's B (anywhere, branches included), never be an
+    // output, and its tensor must back no other value.
+    let mut ok: HashMap<ValueId, bool> = by_value.keys().map(|&v| (v, true)).collect();
+    for node in g.all_nodes() {
+        for (i, inp) in node.inputs.iter().enumerate() {
+            if let Some(v) = inp {
+                if let Some(flag) = ok.get_mut(v) {
+                    *flag &= matches!(node.op, Op::MatMul) && i == 1;
+                }
+            }
+        }
+    }
+    for o in &g.outputs {
+        ok.insert(o.value, false);
+    }
+    let mut uses: HashMap<usize, usize> = HashMap::new();
+    for c in &g.constants {
+        *uses.entry(c.tensor as usize).or_default() += 1;
+    }
+    let (mut count, mut dense, mut packed) = (0usize, 0u64, 0u64);
+    for (v, t) in by_value {
+        if ok.get(&v) == Some(&true) && uses.get(&t) == Some(&1) {
+            let shape: Vec<u64> = m.tensors[t].1.shape().iter().map(|&d| d as u64).collect();
+            let d = m.tensors[t].1.bytes().len() as u64;
+            let p = TensorEncoding::PanelF32 { nr: nr as u32 }.byte_len(DType::F32, &shape).unwrap_or(u64::MAX);
+            // Narrow matrices would grow by their padding; packing them per call is cheap anyway.
+            if p > d + d / 8 {
+                continue;
+            }
+            pack[t] = true;
+            count += 1;
+            dense += d;
+            packed += p;
+        }
+    }
+    record.report.push(("tensors".into(), count as f64));
+    record.report.push(("padding_bytes".into(), packed.saturating_sub(dense) as f64));
+    (pack, record)
+}
+
+/// The panel-encoded bytes of a `[…, k, n]` f32 tensor.
+pub fn panel_bytes(t: &acorn::Tensor, nr: usize) -> Vec<u8> {
+    let shape = t.shape();
+    let (k, n) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+    let data: Vec<f32> = bytemuck::pod_collect_to_vec(t.bytes());
+    let mut out: Vec<f32> = Vec::new();
+    for mat in data.chunks_exact(k * n) {
+        let b = acorn::kernels::BMat::Strided(acorn::kernels::MatRef { data: mat, rs: n, cs: 1 });
+        out.extend(acorn::kernels::pack_panels(b, k, n, nr));
+    }
+    bytemuck::cast_slice(&out).to_vec()
 }

@@ -31,6 +31,6 @@ pub mod ops;
 pub mod tensor;
 
 pub use error::{Error, Result};
-pub use exec::{Model, OpenOptions, Session, SessionBuilder};
+pub use exec::{Model, OpTime, OpenOptions, Session, SessionBuilder};
 pub use graph::{Dim, Graph, IoSpec};
 pub use tensor::{DType, Tensor};

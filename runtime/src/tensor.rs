@@ -316,7 +316,7 @@ impl Tensor {
 
     /// A borrowed view of this tensor.
     pub fn view(&self) -> View<'_> {
-        View { dtype: self.dtype(), shape: &self.shape, bytes: self.bytes() }
+        View { dtype: self.dtype(), shape: &self.shape, bytes: self.bytes(), panels: None }
     }
 }
 
@@ -326,6 +326,9 @@ pub struct View<'a> {
     pub dtype: DType,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
+    /// How `bytes` hold the values: dense row-major, or GEMM panels of this width (weights
+    /// packed at conversion, read only by MatMul).
+    pub panels: Option<u32>,
 }
 
 /// A mutable view: what kernels write.
@@ -361,6 +364,16 @@ impl<'a> View<'a> {
         self.shape.len()
     }
     pub fn f32(&self) -> OpResult<&'a [f32]> {
+        if let Some(nr) = self.panels {
+            return Err(OpError(format!(
+                "this f32 tensor is stored as GEMM panels of width {nr}, which only MatMul reads"
+            )));
+        }
+        cast(self.bytes, DType::F32, self.dtype)
+    }
+
+    /// The f32 data whatever its layout (for MatMul, which reads panels too).
+    pub fn f32_any_layout(&self) -> OpResult<&'a [f32]> {
         cast(self.bytes, DType::F32, self.dtype)
     }
     pub fn i64(&self) -> OpResult<&'a [i64]> {
@@ -391,6 +404,9 @@ impl<'a> View<'a> {
     }
     /// Copies into an owned tensor.
     pub fn to_tensor(&self) -> crate::Result<Tensor> {
+        if self.panels.is_some() {
+            return Err(crate::Error::Graph("a weight stored as GEMM panels cannot be a model output".into()));
+        }
         Tensor::from_bytes(self.dtype, self.shape.to_vec(), self.bytes)
     }
 }

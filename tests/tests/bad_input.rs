@@ -53,7 +53,7 @@ fn with_metadata(orig: &[u8], f: impl FnOnce(&mut Metadata)) -> Vec<u8> {
     let mb = postcard::to_allocvec(&meta).unwrap();
     let mut out = orig[..m0].to_vec();
     out.extend_from_slice(&mb);
-    while out.len() % 64 != 0 {
+    while !out.len().is_multiple_of(64) {
         out.push(0);
     }
     let new_d0 = out.len();

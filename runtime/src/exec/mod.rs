@@ -12,7 +12,7 @@ use crate::graph::IoSpec;
 mod plan;
 mod session;
 
-pub use session::{Session, SessionBuilder};
+pub use session::{OpTime, Session, SessionBuilder};
 
 /// Options for opening a model.
 #[derive(Clone, Debug, Default)]

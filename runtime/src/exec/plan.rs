@@ -173,13 +173,13 @@ struct Builder<'m> {
 impl<'m> Builder<'m> {
     fn view(&self, v: ValueId) -> Option<View<'_>> {
         let loc = self.locs[v as usize].as_ref()?;
-        let bytes = match loc.slot {
-            Slot::Input(i) => self.inputs[i].bytes(),
-            Slot::Const(t) => self.file.tensor_bytes(t as usize),
-            Slot::Folded(i) => self.folded[i].bytes(),
+        let (bytes, panels) = match loc.slot {
+            Slot::Input(i) => (self.inputs[i].bytes(), None),
+            Slot::Const(t) => (self.file.tensor_bytes(t as usize), self.file.panel_width(t as usize)),
+            Slot::Folded(i) => (self.folded[i].bytes(), None),
             Slot::Buf(_) => return None,
         };
-        Some(View { dtype: loc.dtype, shape: &loc.shape, bytes })
+        Some(View { dtype: loc.dtype, shape: &loc.shape, bytes, panels })
     }
 
     fn is_known(&self, v: ValueId) -> bool {
@@ -204,6 +204,17 @@ impl<'m> Builder<'m> {
                         node,
                         format!("input '{}' is not available here", graph.value_name(*inp)),
                     )));
+                }
+            }
+            // Weights stored as GEMM panels feed only MatMul's B input (what the converter packs).
+            for (i, inp) in node.inputs.iter().enumerate() {
+                if let Some(Loc { slot: Slot::Const(t), .. }) = inp.and_then(|v| self.locs[v as usize].as_ref()) {
+                    if self.file.panel_width(*t as usize).is_some() && !(matches!(node.op, Op::MatMul) && i == 1) {
+                        return Err(PlanFail::Error(Self::node_err(
+                            node,
+                            format!("input {i} is a weight stored as GEMM panels, which only MatMul's B input reads"),
+                        )));
+                    }
                 }
             }
             if let Op::Loop { body, body_inputs } = &node.op {
@@ -273,7 +284,9 @@ impl<'m> Builder<'m> {
             let folded = if !alias && (shape_only || (all_known && small)) {
                 let ins: Vec<Option<View<'_>>> = facts
                     .iter()
-                    .map(|f| f.map(|f| f.value.unwrap_or(View { dtype: f.dtype, shape: f.shape, bytes: &[] })))
+                    .map(|f| {
+                        f.map(|f| f.value.unwrap_or(View { dtype: f.dtype, shape: f.shape, bytes: &[], panels: None }))
+                    })
                     .collect();
                 Some(
                     ops::eval_into(&node.op, &ins, &facts, &outs, self.threads)
@@ -632,15 +645,26 @@ impl Plan {
     ) -> Result<View<'a>> {
         let l = self.locs[v as usize].as_ref().ok_or_else(|| Error::Graph(format!("value {v} was not planned")))?;
         let n = crate::tensor::numel(&l.shape).saturating_mul(l.dtype.size());
-        let bytes: &[u8] = match l.slot {
-            Slot::Input(i) => inputs[i].bytes(),
-            Slot::Const(t) => file.tensor_bytes(t as usize),
-            Slot::Folded(i) => self.folded[i].bytes(),
-            Slot::Buf(b) => bytemuck::cast_slice(&buffers[b]),
+        let (bytes, panels): (&[u8], _) = match l.slot {
+            Slot::Input(i) => (inputs[i].bytes(), None),
+            // A panel-encoded weight keeps its whole (padded) storage.
+            Slot::Const(t) => match file.panel_width(t as usize) {
+                Some(nr) => {
+                    return Ok(View {
+                        dtype: l.dtype,
+                        shape: &l.shape,
+                        bytes: file.tensor_bytes(t as usize),
+                        panels: Some(nr),
+                    })
+                }
+                None => (file.tensor_bytes(t as usize), None),
+            },
+            Slot::Folded(i) => (self.folded[i].bytes(), None),
+            Slot::Buf(b) => (bytemuck::cast_slice(&buffers[b]), None),
         };
         let bytes = bytes
             .get(..n)
             .ok_or_else(|| Error::Graph(format!("internal: value {v} storage is {} bytes, needs {n}", bytes.len())))?;
-        Ok(View { dtype: l.dtype, shape: &l.shape, bytes })
+        Ok(View { dtype: l.dtype, shape: &l.shape, bytes, panels })
     }
 }

@@ -22,11 +22,19 @@ pub struct SessionBuilder {
     model: Model,
     threads: usize,
     memory_limit: Option<usize>,
+    profile: bool,
 }
 
 impl SessionBuilder {
     pub(super) fn new(model: Model) -> Self {
-        SessionBuilder { model, threads: 1, memory_limit: None }
+        SessionBuilder { model, threads: 1, memory_limit: None, profile: false }
+    }
+
+    /// Time every op while running ([`Session::profile`] reports totals per op type). Costs a
+    /// clock read per step and allocates on the first run; leave off in production.
+    pub fn with_profiling(mut self, on: bool) -> Self {
+        self.profile = on;
+        self
     }
 
     /// Worker threads for large matmuls (default 1).
@@ -49,6 +57,7 @@ impl SessionBuilder {
             memory_limit: self.memory_limit,
             dep: Dependence::default(),
             plans: Vec::new(),
+            profile: self.profile.then(Vec::new),
         })
     }
 }
@@ -68,6 +77,16 @@ pub struct Session {
     dep: Dependence,
     /// Plans by key (few per session: found by comparing, no key allocation per run).
     plans: Vec<(PlanKey, PlanState)>,
+    /// Per op type: (name, steps run, seconds), when profiling.
+    profile: Option<Vec<OpTime>>,
+}
+
+/// Time spent in one op type ([`Session::profile`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpTime {
+    pub op: String,
+    pub calls: u64,
+    pub seconds: f64,
 }
 
 /// What a plan was built for: every input's shape, and the bytes of the inputs whose values the
@@ -179,11 +198,26 @@ impl Session {
         Ok(self.plans.len() - 1)
     }
 
+    /// Time per op type over every run since the session was made (or [`Session::reset_profile`]),
+    /// slowest first; empty unless built [`with_profiling`](SessionBuilder::with_profiling).
+    pub fn profile(&self) -> Vec<OpTime> {
+        let mut p = self.profile.clone().unwrap_or_default();
+        p.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        p
+    }
+
+    /// Clears the profile (e.g. after warm-up runs).
+    pub fn reset_profile(&mut self) {
+        if let Some(p) = self.profile.as_mut() {
+            p.clear();
+        }
+    }
+
     /// Runs the model on named inputs; returns the outputs in the model's output order.
     pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
         let ordered = self.order_inputs(inputs)?;
         let i = self.plan_index(&ordered)?;
-        let Session { model, threads, plans, .. } = self;
+        let Session { model, threads, plans, profile, .. } = self;
         let threads = *threads;
         let PlanState { plan, buffers, scratch } = &mut plans[i].1;
         let file = &model.file;
@@ -212,7 +246,19 @@ impl Session {
                 });
             }
             let mut ctx = Ctx { threads, scratch };
+            let t0 = profile.is_some().then(std::time::Instant::now);
             let res = ops::run(&step.op, &in_views, &mut out_views, &mut ctx);
+            if let (Some(prof), Some(t0)) = (profile.as_mut(), t0) {
+                let dt = t0.elapsed().as_secs_f64();
+                let name = step.op.name();
+                match prof.iter_mut().find(|p| p.op == name) {
+                    Some(p) => {
+                        p.calls += 1;
+                        p.seconds += dt;
+                    }
+                    None => prof.push(OpTime { op: name, calls: 1, seconds: dt }),
+                }
+            }
             drop(out_views);
             drop(in_views);
             for (b, buf) in taken {

@@ -38,6 +38,34 @@ pub const SECTION_REQUIRED: u32 = 1;
 pub enum TensorEncoding {
     /// Row-major little-endian elements of `dtype`.
     Dense,
+    /// f32 matrices `[…, k, n]` as the GEMM reads them: each of the `Π(batch)` matrices is
+    /// `ceil(n / nr)` panels of `k` rows × `nr` columns, zero-padded (see
+    /// [`crate::kernels::Panels`]). Written by `acorn convert --target` for weights that only feed
+    /// `MatMul` as its B input; `nr` is the target CPU's GEMM panel width.
+    PanelF32 { nr: u32 },
+}
+
+/// Largest panel width a file may declare.
+pub const MAX_PANEL: u32 = 64;
+
+impl TensorEncoding {
+    /// Bytes a tensor of `shape` and `dtype` takes in this encoding (`None` on overflow or an
+    /// encoding that does not apply to the type or rank).
+    pub fn byte_len(&self, dtype: DType, shape: &[u64]) -> Option<u64> {
+        let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+        match *self {
+            TensorEncoding::Dense => numel.checked_mul(dtype.size() as u64),
+            TensorEncoding::PanelF32 { nr } => {
+                if dtype != DType::F32 || shape.len() < 2 || nr == 0 || nr > MAX_PANEL {
+                    return None;
+                }
+                let (k, n) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+                let batch = shape[..shape.len() - 2].iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+                let per = n.div_ceil(nr as u64).checked_mul(k)?.checked_mul(nr as u64)?;
+                batch.checked_mul(per)?.checked_mul(4)
+            }
+        }
+    }
 }
 
 /// One entry of the tensor table.

@@ -38,6 +38,9 @@ pub struct ModelFile {
     data_offset: usize,
     data_len: usize,
     data_crc32: u32,
+    /// Panel-encoded weights repacked at open for this CPU's GEMM (by tensor index), when the
+    /// file was converted for another panel width. Empty when nothing needed repacking.
+    repacked: Vec<Option<(u32, Vec<f32>)>>,
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -189,16 +192,11 @@ impl ModelFile {
             Error::Graph(reason) => Error::format(m0 as u64, format!("metadata section: invalid graph: {reason}")),
             other => other,
         })?;
-        for c in &meta.graph.constants {
-            let t = &meta.tensors[c.tensor as usize];
-            if t.encoding != TensorEncoding::Dense {
-                return Err(Error::Unsupported(format!("tensor '{}' uses encoding {:?}", t.name, t.encoding)));
-            }
-        }
-        let file = ModelFile { storage, meta, data_offset: d0, data_len, data_crc32: dcrc };
+        let mut file = ModelFile { storage, meta, data_offset: d0, data_len, data_crc32: dcrc, repacked: Vec::new() };
         if verify_data {
             file.verify_data()?;
         }
+        file.adapt_layouts(crate::kernels::selected());
         Ok(file)
     }
 
@@ -212,11 +210,73 @@ impl ModelFile {
         self.storage.bytes().len()
     }
 
-    /// The bytes of tensor `i` (validated at open; zero-copy from the mapping).
+    /// The bytes of tensor `i` as execution reads them: zero-copy from the mapping, or the
+    /// open-time repack of a panel-encoded weight (see [`ModelFile::panel_width`]).
     pub fn tensor_bytes(&self, i: usize) -> &[u8] {
+        match self.repacked.get(i) {
+            Some(Some((_, v))) => bytemuck::cast_slice(v),
+            _ => self.stored_bytes(i),
+        }
+    }
+
+    /// The bytes of tensor `i` as stored in the file (what the checksums cover).
+    pub fn stored_bytes(&self, i: usize) -> &[u8] {
         let t = &self.meta.tensors[i];
         let start = self.data_offset + t.offset as usize;
         &self.storage.bytes()[start..start + t.len as usize]
+    }
+
+    /// The panel width of tensor `i` as [`ModelFile::tensor_bytes`] returns it (`None`: dense).
+    pub fn panel_width(&self, i: usize) -> Option<u32> {
+        if let Some(Some((nr, _))) = self.repacked.get(i) {
+            return Some(*nr);
+        }
+        match self.meta.tensors[i].encoding {
+            TensorEncoding::PanelF32 { nr } => Some(nr),
+            TensorEncoding::Dense => None,
+        }
+    }
+
+    /// Repacks panel-encoded weights whose width is not the one `isa`'s GEMM reads (a file
+    /// converted with `--target` for another CPU), once, logging it. `reference` reads any width.
+    fn adapt_layouts(&mut self, isa: crate::kernels::Isa) {
+        let Some(want) = isa.f32_panel() else { return };
+        let mut done = (0usize, 0usize, 0u32);
+        for i in 0..self.meta.tensors.len() {
+            let t = &self.meta.tensors[i];
+            let TensorEncoding::PanelF32 { nr } = t.encoding else { continue };
+            if nr as usize == want {
+                continue;
+            }
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            let (k, n) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+            let batch: usize = shape[..shape.len() - 2].iter().product();
+            let src: &[f32] = match bytemuck::try_cast_slice(self.stored_bytes(i)) {
+                Ok(s) => s,
+                Err(_) => continue, // offsets are 64-aligned: unreachable for a validated file
+            };
+            let per = crate::kernels::Panels::len(k, n, nr as usize);
+            let mut out = Vec::with_capacity(batch * crate::kernels::Panels::len(k, n, want));
+            for b in 0..batch {
+                let p = crate::kernels::Panels { data: &src[b * per..(b + 1) * per], k, n, nr: nr as usize };
+                out.extend(crate::kernels::pack_panels(crate::kernels::BMat::Panels(p), k, n, want));
+            }
+            done = (done.0 + 1, done.1 + out.len() * 4, nr);
+            if self.repacked.is_empty() {
+                self.repacked.resize_with(self.meta.tensors.len(), || None);
+            }
+            self.repacked[i] = Some((want as u32, out));
+        }
+        if done.0 > 0 {
+            log::warn!(
+                "repacked {} weight tensor(s) ({:.1} MB) from panel width {} to {} for the {} kernels: the file was converted for another CPU (convert with --target host to open without repacking)",
+                done.0,
+                done.1 as f64 / 1e6,
+                done.2,
+                want,
+                isa.name()
+            );
+        }
     }
 
     /// Checks every tensor's CRC-32; returns one entry per tensor.
@@ -224,7 +284,7 @@ impl ModelFile {
         (0..self.meta.tensors.len())
             .map(|i| {
                 let t = &self.meta.tensors[i];
-                let computed = crc32fast::hash(self.tensor_bytes(i));
+                let computed = crc32fast::hash(self.stored_bytes(i));
                 TensorCheck { name: t.name.clone(), ok: computed == t.crc32, stored: t.crc32, computed }
             })
             .collect()
@@ -279,16 +339,12 @@ fn validate_tensors(meta: &Metadata, data_len: u64, data_off: u64, at: u64) -> R
                 t.offset, t.len
             )));
         }
-        let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-        let expect = numel.and_then(|n| n.checked_mul(t.dtype.size() as u64));
-        match t.encoding {
-            TensorEncoding::Dense if expect != Some(t.len) => {
-                return Err(bad(format!(
-                    "{} bytes stored but shape {:?} of {} needs {:?}",
-                    t.len, t.shape, t.dtype, expect
-                )))
-            }
-            TensorEncoding::Dense => {}
+        let expect = t.encoding.byte_len(t.dtype, &t.shape);
+        if expect != Some(t.len) {
+            return Err(bad(format!(
+                "{} bytes stored but shape {:?} of {} in encoding {:?} needs {:?}",
+                t.len, t.shape, t.dtype, t.encoding, expect
+            )));
         }
         if usize::try_from(t.len).is_err() {
             return Err(bad("too large for this platform".into()));

@@ -1,27 +1,149 @@
 //! Numeric kernels behind one seam. Ops call the functions here; which implementation runs is
-//! chosen once per process ([`selected`]): `reference` (scalar ground truth) or `generic`
-//! (portable, cache-blocked). The SIMD families (AVX2/AVX-512/NEON…) plug in here as further
-//! [`Isa`] variants without touching the ops. `ACORN_KERNELS=reference|generic` forces one.
+//! chosen once per process ([`selected`]) from the CPU's features: AVX-512 (+VNNI) or AVX2+FMA
+//! on x86_64, NEON (+dotprod, +i8mm) on aarch64, a portable `generic` path elsewhere, and the
+//! scalar `reference` path that is the ground truth for tests. `ACORN_KERNELS=<name>` forces one
+//! (a set the CPU cannot run is refused with a warning and the best supported set is used).
+//!
+//! Every native kernel sits behind a safe driver that packs operands, handles edges and checks
+//! bounds (`gemm.rs`); the `unsafe` micro-kernels only see full tiles.
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "aarch64")]
+pub mod arm;
+#[cfg(target_arch = "aarch64")]
+mod armq;
+mod gemm;
 pub mod generic;
+pub mod math;
+pub mod pool;
+pub mod quant;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86q;
 
-/// A kernel family implementation.
+pub use gemm::F32Tile;
+
+/// A kernel family implementation (instruction-set level).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     /// Plain scalar loops: slow, obviously correct, the ground truth for tests.
     Reference,
-    /// Portable cache-blocked code that the compiler vectorises for the baseline target.
+    /// Portable code that the compiler vectorises for the baseline target.
     Generic,
+    /// x86_64 AVX2 + FMA (+F16C).
+    Avx2,
+    /// x86_64 AVX-512 F/BW/VL.
+    Avx512,
+    /// AVX-512 with VNNI (`vpdpbusd`) for int8 dot products.
+    Avx512Vnni,
+    /// aarch64 Advanced SIMD (every aarch64 CPU).
+    Neon,
+    /// NEON with the dot-product extension (`sdot`).
+    NeonDot,
+    /// NEON with dotprod and the int8 matrix-multiply extension (`smmla`).
+    NeonI8mm,
 }
+
+/// Every kernel set, in the order `ACORN_KERNELS` documents them.
+pub const ALL_ISAS: [Isa; 8] =
+    [Isa::Reference, Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDot, Isa::NeonI8mm];
 
 impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Reference => "reference",
             Isa::Generic => "generic",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "neondot",
+            Isa::NeonI8mm => "i8mm",
+        }
+    }
+
+    /// Parses a name as printed by [`Isa::name`].
+    pub fn from_name(s: &str) -> Option<Isa> {
+        ALL_ISAS.into_iter().find(|i| i.name() == s)
+    }
+
+    /// Whether this CPU can run the set (checked at run time, never assumed from build flags).
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Reference | Isa::Generic => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => Isa::Avx512.supported() && is_x86_feature_detected!("avx512vnni"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => Isa::Neon.supported() && std::arch::is_aarch64_feature_detected!("dotprod"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonI8mm => Isa::NeonDot.supported() && std::arch::is_aarch64_feature_detected!("i8mm"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The best set this CPU supports.
+    pub fn detect() -> Isa {
+        [Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2, Isa::NeonI8mm, Isa::NeonDot, Isa::Neon]
+            .into_iter()
+            .find(|i| i.supported())
+            .unwrap_or(Isa::Generic)
+    }
+
+    /// The f32 GEMM micro-kernel of this set (`None` for `reference`, which has no tiles).
+    pub fn f32_tile(self) -> Option<F32Tile> {
+        match self {
+            Isa::Reference => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                Some(F32Tile { name: "sgemm_6x16_avx2", mr: x86::AVX2_MR, nr: x86::AVX2_NR, run: x86::sgemm_6x16_avx2 })
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Vnni => Some(F32Tile {
+                name: "sgemm_12x32_avx512",
+                mr: x86::AVX512_MR,
+                nr: x86::AVX512_NR,
+                run: x86::sgemm_12x32_avx512,
+            }),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => {
+                Some(F32Tile { name: "sgemm_8x12_neon", mr: arm::NEON_MR, nr: arm::NEON_NR, run: arm::sgemm_8x12_neon })
+            }
+            _ => Some(F32Tile {
+                name: "sgemm_6x8_generic",
+                mr: generic::MR,
+                nr: generic::NR,
+                run: generic::sgemm_6x8_generic,
+            }),
+        }
+    }
+
+    /// Panel width (columns) of this set's f32 GEMM: the weight layout it reads without
+    /// repacking. Known for every set on every architecture, so a converter on one CPU can write
+    /// files for another (`acorn convert --target`). `None` for `reference`, which reads any.
+    pub const fn f32_panel(self) -> Option<usize> {
+        match self {
+            Isa::Reference => None,
+            Isa::Generic => Some(8),
+            Isa::Avx2 => Some(16),
+            Isa::Avx512 | Isa::Avx512Vnni => Some(32),
+            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Some(12),
         }
     }
 }
@@ -29,14 +151,32 @@ impl Isa {
 /// The implementation used by this process (detected once; `ACORN_KERNELS` overrides).
 pub fn selected() -> Isa {
     static SEL: OnceLock<Isa> = OnceLock::new();
-    *SEL.get_or_init(|| match std::env::var("ACORN_KERNELS").as_deref() {
-        Ok("reference") => Isa::Reference,
-        Ok("generic") | Err(_) => Isa::Generic,
-        Ok(other) => {
-            log::warn!("ACORN_KERNELS={other} is not a known kernel set (reference, generic); using generic");
-            Isa::Generic
-        }
+    *SEL.get_or_init(|| match std::env::var("ACORN_KERNELS") {
+        Err(_) => Isa::detect(),
+        Ok(name) => match Isa::from_name(&name) {
+            Some(i) if i.supported() => i,
+            Some(i) => {
+                let best = Isa::detect();
+                log::warn!("ACORN_KERNELS={name}: this CPU cannot run {}; using {}", i.name(), best.name());
+                best
+            }
+            None => {
+                let best = Isa::detect();
+                let names: Vec<&str> = ALL_ISAS.iter().map(|i| i.name()).collect();
+                log::warn!("ACORN_KERNELS={name} is not a kernel set ({}); using {}", names.join(", "), best.name());
+                best
+            }
+        },
     })
+}
+
+/// Names of the kernels the selected set runs, for `acorn inspect` / `bench`.
+pub fn describe() -> String {
+    let isa = selected();
+    match isa.f32_tile() {
+        Some(t) => format!("{} (f32 GEMM {})", isa.name(), t.name),
+        None => format!("{} (scalar loops)", isa.name()),
+    }
 }
 
 /// A strided f32 matrix operand: element (i, j) is at `data[i * rs + j * cs]`.
@@ -54,6 +194,53 @@ impl MatRef<'_> {
     }
 }
 
+/// A `k × n` matrix stored as `ceil(n / nr)` panels of `k` rows × `nr` columns (zero-padded):
+/// element (p, j) is at `data[(j / nr)·k·nr + p·nr + j % nr]`. Weights are stored this way
+/// (`TensorEncoding::PanelF32`) so the GEMM reads them without packing.
+#[derive(Clone, Copy, Debug)]
+pub struct Panels<'a> {
+    pub data: &'a [f32],
+    pub k: usize,
+    pub n: usize,
+    pub nr: usize,
+}
+
+impl Panels<'_> {
+    /// Floats needed for a `k × n` matrix in panels of `nr`.
+    pub fn len(k: usize, n: usize, nr: usize) -> usize {
+        n.div_ceil(nr) * k * nr
+    }
+
+    #[inline(always)]
+    pub fn at(&self, p: usize, j: usize) -> f32 {
+        self.data[(j / self.nr) * self.k * self.nr + p * self.nr + j % self.nr]
+    }
+}
+
+/// The B operand of a GEMM: any strided matrix, or pre-packed panels.
+#[derive(Clone, Copy, Debug)]
+pub enum BMat<'a> {
+    Strided(MatRef<'a>),
+    Panels(Panels<'a>),
+}
+
+impl BMat<'_> {
+    #[inline(always)]
+    pub fn at(&self, p: usize, j: usize) -> f32 {
+        match self {
+            BMat::Strided(m) => m.at(p, j),
+            BMat::Panels(m) => m.at(p, j),
+        }
+    }
+
+    fn fits(&self, k: usize, n: usize) -> bool {
+        match self {
+            BMat::Strided(m) => fits(m, k, n),
+            BMat::Panels(p) => p.k == k && p.n == n && p.nr > 0 && p.data.len() >= Panels::len(k, n, p.nr),
+        }
+    }
+}
+
 /// Checks that an `rows × cols` strided matrix fits in its slice.
 pub fn fits(m: &MatRef<'_>, rows: usize, cols: usize) -> bool {
     if rows == 0 || cols == 0 {
@@ -61,6 +248,62 @@ pub fn fits(m: &MatRef<'_>, rows: usize, cols: usize) -> bool {
     }
     let last = (rows - 1).checked_mul(m.rs).and_then(|a| (cols - 1).checked_mul(m.cs).and_then(|b| a.checked_add(b)));
     last.is_some_and(|l| l < m.data.len())
+}
+
+/// Packs a whole `k × n` matrix into panels of `nr` columns (what the converter stores and what
+/// a model opened on a CPU with another panel width is repacked to).
+pub fn pack_panels(b: BMat<'_>, k: usize, n: usize, nr: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    pack_b(&mut out, &b, 0, k, 0, n, nr);
+    out
+}
+
+/// Packs `B[pc..pc+kc, jc..jc+nc]` as panels of `kc × nr`, zero-padded.
+// Called once per block: kept out of line so the micro-kernel loop's register use stays small.
+#[inline(never)]
+fn pack_b(buf: &mut Vec<f32>, b: &BMat<'_>, pc: usize, kc: usize, jc: usize, nc: usize, nr: usize) {
+    let n_panels = nc.div_ceil(nr);
+    buf.clear();
+    buf.resize(n_panels * kc * nr, 0.0);
+    for jp in 0..n_panels {
+        let panel = &mut buf[jp * kc * nr..(jp + 1) * kc * nr];
+        let j0 = jc + jp * nr;
+        let w = nr.min(jc + nc - j0);
+        for p in 0..kc {
+            let dst = &mut panel[p * nr..p * nr + w];
+            match b {
+                BMat::Strided(m) if m.cs == 1 => {
+                    let row = (pc + p) * m.rs;
+                    dst.copy_from_slice(&m.data[row + j0..row + j0 + w]);
+                }
+                _ => dst.iter_mut().enumerate().for_each(|(j, d)| *d = b.at(pc + p, j0 + j)),
+            }
+        }
+    }
+}
+
+/// Packs `A[ic..ic+mc, pc..pc+kc]` as panels of `kc × mr` (row-interleaved), zero-padded.
+#[inline(never)]
+fn pack_a(buf: &mut Vec<f32>, a: &MatRef<'_>, ic: usize, mc: usize, pc: usize, kc: usize, mr: usize) {
+    let m_panels = mc.div_ceil(mr);
+    buf.clear();
+    buf.resize(m_panels * kc * mr, 0.0);
+    for ip in 0..m_panels {
+        let panel = &mut buf[ip * kc * mr..(ip + 1) * kc * mr];
+        for r in 0..mr.min(mc - ip * mr) {
+            let row = (ic + ip * mr + r) * a.rs;
+            if a.cs == 1 {
+                let src = &a.data[row + pc..row + pc + kc];
+                for (p, &v) in src.iter().enumerate() {
+                    panel[p * mr + r] = v;
+                }
+            } else {
+                for p in 0..kc {
+                    panel[p * mr + r] = a.data[row + (pc + p) * a.cs];
+                }
+            }
+        }
+    }
 }
 
 /// `C[m×n] (+)= A[m×k] · B[k×n]`, C row-major with leading dimension `ldc`.
@@ -71,16 +314,36 @@ pub fn sgemm(
     n: usize,
     k: usize,
     a: MatRef<'_>,
-    b: MatRef<'_>,
+    b: BMat<'_>,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
     threads: usize,
 ) {
-    debug_assert!(fits(&a, m, k) && fits(&b, k, n));
-    match selected() {
-        Isa::Reference => reference::sgemm(m, n, k, a, b, c, ldc, accumulate),
-        Isa::Generic => generic::sgemm(m, n, k, a, b, c, ldc, accumulate, threads),
+    assert!(fits(&a, m, k) && b.fits(k, n), "sgemm: operands do not hold {m}×{k} and {k}×{n}");
+    sgemm_with(selected(), m, n, k, a, b, c, ldc, accumulate, threads)
+}
+
+/// [`sgemm`] with an explicit kernel set (tests and benchmarks compare sets side by side).
+/// A set this CPU cannot run falls back to the best supported one.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_with(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: BMat<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(fits(&a, m, k) && b.fits(k, n), "sgemm: operands do not hold {m}×{k} and {k}×{n}");
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    match isa.f32_tile() {
+        None => reference::sgemm(m, n, k, a, b, c, ldc, accumulate),
+        Some(t) => gemm::sgemm(&t, m, n, k, a, b, c, ldc, accumulate, threads),
     }
 }
 
@@ -89,7 +352,7 @@ mod tests {
     use super::*;
 
     /// Deterministic pseudo-random f32s in [-1, 1).
-    fn data(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
         (0..n)
             .map(|_| {
@@ -101,108 +364,171 @@ mod tests {
             .collect()
     }
 
-    /// Compares generic against reference; reports the first differing cell.
-    fn check(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool, threads: usize) {
+    /// The sets this CPU runs besides `reference` (each is compared against it).
+    fn native_sets() -> Vec<Isa> {
+        ALL_ISAS.into_iter().filter(|i| *i != Isa::Reference && i.supported()).collect()
+    }
+
+    /// How B is presented to the kernel.
+    #[derive(Clone, Copy, Debug)]
+    enum BForm {
+        Strided,
+        Panels(usize),
+    }
+
+    /// Compares `isa` against reference; reports the first differing cell.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        isa: Isa,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        bform: BForm,
+        accumulate: bool,
+        threads: usize,
+    ) {
         let a = data(m * k + 3, (m * 31 + k) as u64);
         let b = data(k * n + 5, (n * 17 + k) as u64);
         let am = if trans_a { MatRef { data: &a, rs: 1, cs: m } } else { MatRef { data: &a, rs: k, cs: 1 } };
         let bm = if trans_b { MatRef { data: &b, rs: 1, cs: k } } else { MatRef { data: &b, rs: n, cs: 1 } };
         assert!(fits(&am, m, k) && fits(&bm, k, n));
+        let packed;
+        let bop = match bform {
+            BForm::Strided => BMat::Strided(bm),
+            BForm::Panels(nr) => {
+                packed = pack_panels(BMat::Strided(bm), k, n, nr);
+                BMat::Panels(Panels { data: &packed, k, n, nr })
+            }
+        };
         let ldc = n + 2; // odd leading dimension: rows are not contiguous
         let init = data(m * ldc, 99);
         let mut want = init.clone();
         let mut got = init.clone();
-        reference::sgemm(m, n, k, am, bm, &mut want, ldc, accumulate);
-        generic::sgemm(m, n, k, am, bm, &mut got, ldc, accumulate, threads);
-        // f32 accumulation in a different order: error grows with k.
+        reference::sgemm(m, n, k, am, BMat::Strided(bm), &mut want, ldc, accumulate);
+        sgemm_with(isa, m, n, k, am, bop, &mut got, ldc, accumulate, threads);
+        // Error bound (f32, any summation order): 4·1e-5·√k relative to 1 + |reference|.
         let tol = 1e-5 * (k as f32).sqrt().max(1.0) * 4.0;
         for i in 0..m {
             for j in 0..ldc {
                 let (g, w) = (got[i * ldc + j], want[i * ldc + j]);
                 if j >= n {
-                    assert_eq!(g, init[i * ldc + j], "padding column ({i}, {j}) was written");
+                    assert_eq!(g, init[i * ldc + j], "{}: padding column ({i}, {j}) was written", isa.name());
                     continue;
                 }
                 assert!(
                     (g - w).abs() <= tol * (1.0 + w.abs()),
-                    "sgemm m={m} n={n} k={k} ta={trans_a} tb={trans_b} acc={accumulate} threads={threads}: C[{i}][{j}] = {g}, reference {w}"
+                    "sgemm {} m={m} n={n} k={k} ta={trans_a} tb={trans_b} b={bform:?} acc={accumulate} threads={threads}: C[{i}][{j}] = {g}, reference {w}",
+                    isa.name()
                 );
             }
         }
     }
 
     #[test]
-    fn generic_sgemm_matches_reference_on_awkward_shapes() {
+    fn every_set_matches_reference_on_awkward_shapes() {
         // Miri interprets every instruction: a smaller (still awkward) set of shapes there.
         let (dims, ns, ks): (&[usize], &[usize], &[usize]) = if cfg!(miri) {
             (&[1, 5, 7, 17], &[1, 9, 17], &[1, 7, 257])
         } else {
-            (&[1, 2, 3, 4, 5, 7, 15, 16, 17, 33, 64, 65, 130], &[1, 3, 15, 16, 17, 31, 33], &[1, 2, 7, 16, 255, 257])
+            (
+                &[1, 2, 3, 4, 5, 7, 8, 12, 13, 15, 16, 17, 33, 65, 130],
+                &[1, 3, 12, 15, 16, 17, 31, 33, 65],
+                &[1, 2, 7, 16, 255, 257],
+            )
         };
-        for &m in dims {
-            for &n in ns {
-                for &k in ks {
-                    check(m, n, k, false, false, false, 1);
+        for isa in native_sets() {
+            for &m in dims {
+                for &n in ns {
+                    for &k in ks {
+                        check(isa, m, n, k, false, false, BForm::Strided, false, 1);
+                    }
                 }
             }
         }
     }
 
     #[test]
-    fn generic_sgemm_strided_and_accumulating() {
+    fn every_set_reads_packed_panels_of_any_width() {
+        let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
+            &[(1, 9, 3), (7, 33, 5)]
+        } else {
+            &[(1, 1, 1), (1, 100, 300), (7, 33, 5), (16, 384, 384), (13, 70, 513)]
+        };
+        for isa in native_sets() {
+            for &(m, n, k) in shapes {
+                for nr in [8, 12, 16, 32, 5] {
+                    check(isa, m, n, k, false, false, BForm::Panels(nr), false, 1);
+                    check(isa, m, n, k, true, true, BForm::Panels(nr), true, 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_set_strided_and_accumulating() {
         let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
             &[(1, 1, 1), (2, 33, 7), (5, 17, 3)]
         } else {
             &[(1, 1, 1), (2, 33, 77), (3, 9, 300), (5, 17, 3), (33, 9, 300), (70, 40, 20), (4, 1030, 9)]
         };
-        for &(m, n, k) in shapes {
-            for ta in [false, true] {
-                for tb in [false, true] {
-                    check(m, n, k, ta, tb, true, 1);
-                    check(m, n, k, ta, tb, false, 1);
+        for isa in native_sets() {
+            for &(m, n, k) in shapes {
+                for ta in [false, true] {
+                    for tb in [false, true] {
+                        check(isa, m, n, k, ta, tb, BForm::Strided, true, 1);
+                        check(isa, m, n, k, ta, tb, BForm::Strided, false, 1);
+                    }
                 }
             }
         }
     }
 
     #[test]
-    #[cfg_attr(miri, ignore = "the split starts above 2^21 multiply-adds: hours under Miri")]
-    fn generic_sgemm_threads_split_rows() {
-        for &(m, n, k) in &[(64, 128, 300), (129, 100, 200), (9, 2000, 130)] {
-            for t in [2, 3, 8] {
-                check(m, n, k, false, false, false, t);
-                check(m, n, k, false, true, true, t);
+    #[cfg_attr(miri, ignore = "the split starts above 2^20 multiply-adds: hours under Miri")]
+    fn threads_split_rows_and_columns() {
+        for isa in native_sets() {
+            for &(m, n, k) in &[(64, 128, 300), (129, 100, 200), (9, 2000, 130), (1, 4000, 300), (200, 33, 400)] {
+                for t in [2, 3, 8] {
+                    check(isa, m, n, k, false, false, BForm::Strided, false, t);
+                    check(isa, m, n, k, false, true, BForm::Panels(16), true, t);
+                }
             }
         }
     }
 
     #[test]
     fn k_zero_clears_or_keeps() {
-        let mut c = vec![5.0f32; 6];
-        let e: [f32; 0] = [];
-        generic::sgemm(
-            2,
-            3,
-            0,
-            MatRef { data: &e, rs: 0, cs: 1 },
-            MatRef { data: &e, rs: 3, cs: 1 },
-            &mut c,
-            3,
-            true,
-            1,
-        );
-        assert_eq!(c, vec![5.0; 6]);
-        generic::sgemm(
-            2,
-            3,
-            0,
-            MatRef { data: &e, rs: 0, cs: 1 },
-            MatRef { data: &e, rs: 3, cs: 1 },
-            &mut c,
-            3,
-            false,
-            1,
-        );
-        assert_eq!(c, vec![0.0; 6]);
+        for isa in native_sets() {
+            let mut c = vec![5.0f32; 6];
+            let e: [f32; 0] = [];
+            let a = MatRef { data: &e, rs: 0, cs: 1 };
+            let b = BMat::Strided(MatRef { data: &e, rs: 3, cs: 1 });
+            sgemm_with(isa, 2, 3, 0, a, b, &mut c, 3, true, 1);
+            assert_eq!(c, vec![5.0; 6]);
+            sgemm_with(isa, 2, 3, 0, a, b, &mut c, 3, false, 1);
+            assert_eq!(c, vec![0.0; 6]);
+        }
+    }
+
+    #[test]
+    fn panel_widths_match_the_compiled_tiles() {
+        for isa in ALL_ISAS.into_iter().filter(|i| i.supported()) {
+            assert_eq!(isa.f32_panel(), isa.f32_tile().map(|t| t.nr), "{}", isa.name());
+        }
+    }
+
+    #[test]
+    fn names_round_trip_and_detection_is_supported() {
+        for i in ALL_ISAS {
+            assert_eq!(Isa::from_name(i.name()), Some(i));
+        }
+        assert!(Isa::detect().supported());
+        assert!(selected().supported());
+        // CI runs the aarch64 tests under two emulated CPUs and says which set each must pick.
+        if let Ok(want) = std::env::var("ACORN_EXPECT_KERNELS") {
+            assert_eq!(Isa::detect().name(), want, "kernel set detected on this CPU");
+        }
     }
 }

@@ -37,7 +37,13 @@ fn geometry(a: &AttentionAttrs, q: &[usize], k: &[usize], v: &[usize], past: Opt
             op_bail!("3-D Attention needs q_num_heads and kv_num_heads");
         };
         let (qn, kn) = (qn as usize, kn as usize);
-        if qn == 0 || kn == 0 || q[2] % qn != 0 || k[2] % kn != 0 || v[2] % kn != 0 || q[2] / qn != k[2] / kn {
+        if qn == 0
+            || kn == 0
+            || !q[2].is_multiple_of(qn)
+            || !k[2].is_multiple_of(kn)
+            || !v[2].is_multiple_of(kn)
+            || q[2] / qn != k[2] / kn
+        {
             op_bail!("Attention hidden sizes do not split into heads: Q {q:?}, K {k:?}, V {v:?}");
         }
         if k[1] != v[1] || k[0] != q[0] || v[0] != q[0] {

@@ -4,7 +4,7 @@
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{AutoPad, ConvAttrs};
-use crate::kernels::{self, MatRef};
+use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -185,7 +185,7 @@ pub(super) fn run(
             let o = &mut out[(b * g.m + gi * mg) * ospat..(b * g.m + (gi + 1) * mg) * ospat];
             let wm = MatRef { data: &wd[gi * mg * kvol..(gi + 1) * mg * kvol], rs: kvol, cs: 1 };
             let cm = MatRef { data: cols, rs: ospat, cs: 1 };
-            kernels::sgemm(mg, ospat, kvol, wm, cm, o, ospat, false, ctx.threads);
+            kernels::sgemm(mg, ospat, kvol, wm, BMat::Strided(cm), o, ospat, false, ctx.threads);
             if let Some(bv) = bias {
                 for (mi, row) in o.chunks_exact_mut(ospat).enumerate() {
                     let bb = bv[gi * mg + mi];

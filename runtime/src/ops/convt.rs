@@ -23,7 +23,7 @@ fn geometry(a: &ConvTransposeAttrs, x: &[usize], w: &[usize]) -> OpResult<Geo> {
     }
     let sp = x.len() - 2;
     let g = a.group as usize;
-    if g == 0 || x[1] != w[0] || x[1] % g != 0 {
+    if g == 0 || x[1] != w[0] || !x[1].is_multiple_of(g) {
         op_bail!("ConvTranspose channels do not match: X {x:?}, W {w:?}, group {g}");
     }
     let get = |v: &[i64], i: usize, dflt: i64, what: &str| -> OpResult<usize> {

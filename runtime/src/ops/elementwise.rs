@@ -4,6 +4,7 @@
 use super::{broadcast_shapes, broadcast_strides, for_each_row, numel, req, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{Activation, BinaryOp, Op, UnaryOp, MAX_RANK};
+use crate::kernels::math;
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -124,9 +125,25 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         Op::Unary(u) => match x.dtype {
             DType::F32 => {
-                let f = unary_fn(*u);
-                for (o, &v) in out.f32()?.iter_mut().zip(x.f32()?) {
-                    *o = f(v);
+                let (xs, os) = (x.f32()?, out.f32()?);
+                // The hot functions get their own vectorised loop; the rest go through a pointer.
+                match u {
+                    UnaryOp::Relu => math::map(xs, os, |v| v.max(0.0)),
+                    UnaryOp::Exp => math::map(xs, os, math::exp),
+                    UnaryOp::Erf => math::map(xs, os, math::erf),
+                    UnaryOp::Sigmoid => math::map(xs, os, math::sigmoid),
+                    UnaryOp::Tanh => math::map(xs, os, math::tanh),
+                    UnaryOp::Silu => math::map(xs, os, |v| v * math::sigmoid(v)),
+                    UnaryOp::Sqrt => math::map(xs, os, f32::sqrt),
+                    UnaryOp::Neg => math::map(xs, os, |v| -v),
+                    UnaryOp::Abs => math::map(xs, os, f32::abs),
+                    UnaryOp::Reciprocal => math::map(xs, os, |v| 1.0 / v),
+                    _ => {
+                        let f = unary_fn(*u);
+                        for (o, &v) in os.iter_mut().zip(xs) {
+                            *o = f(v);
+                        }
+                    }
                 }
             }
             d if is_int(d) => int_dispatch!(d, int_unary(*u, x, out))?,
@@ -138,9 +155,16 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             d => op_bail!("{u:?} on {d}"),
         },
         Op::Activation(a) => {
-            let a = *a;
-            for (o, &v) in out.f32()?.iter_mut().zip(x.f32()?) {
-                *o = activation(a, v);
+            let (xs, os) = (x.f32()?, out.f32()?);
+            match *a {
+                Activation::Gelu { tanh: false } => math::map(xs, os, math::gelu),
+                Activation::Gelu { tanh: true } => math::map(xs, os, gelu_tanh),
+                Activation::Swish { alpha } => math::map(xs, os, |v| v * math::sigmoid(alpha * v)),
+                a => {
+                    for (o, &v) in os.iter_mut().zip(xs) {
+                        *o = activation(a, v);
+                    }
+                }
             }
         }
         Op::Clip => clip(x, inputs, out)?,
@@ -289,11 +313,18 @@ fn int_unary<T: Int>(u: UnaryOp, x: View<'_>, out: &mut ViewMut<'_>) -> OpResult
 }
 
 fn erf(x: f32) -> f32 {
-    libm::erff(x)
+    math::erf(x)
 }
 
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    math::sigmoid(x)
+}
+
+/// GELU, tanh approximation.
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    0.5 * x * (1.0 + math::tanh(C * (x + 0.044715 * x * x * x)))
 }
 
 fn softplus(x: f32) -> f32 {
@@ -308,10 +339,10 @@ fn unary_fn(u: UnaryOp) -> fn(f32) -> f32 {
     match u {
         UnaryOp::Relu => |x| x.max(0.0),
         UnaryOp::Sigmoid => sigmoid,
-        UnaryOp::Tanh => f32::tanh,
+        UnaryOp::Tanh => math::tanh,
         UnaryOp::Erf => erf,
         UnaryOp::Sqrt => f32::sqrt,
-        UnaryOp::Exp => f32::exp,
+        UnaryOp::Exp => math::exp,
         UnaryOp::Log => f32::ln,
         UnaryOp::Neg => |x| -x,
         UnaryOp::Abs => f32::abs,
@@ -369,11 +400,8 @@ fn activation(a: Activation, x: f32) -> f32 {
         }
         Activation::Selu { alpha, gamma } => gamma * if x > 0.0 { x } else { alpha * (x.exp() - 1.0) },
         Activation::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
-        Activation::Gelu { tanh: false } => 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2)),
-        Activation::Gelu { tanh: true } => {
-            let c = (2.0f32 / std::f32::consts::PI).sqrt();
-            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-        }
+        Activation::Gelu { tanh: false } => math::gelu(x),
+        Activation::Gelu { tanh: true } => gelu_tanh(x),
         Activation::Celu { alpha } => x.max(0.0) + (alpha * ((x / alpha).exp() - 1.0)).min(0.0),
         Activation::ThresholdedRelu { alpha } => {
             if x > alpha {
@@ -391,7 +419,7 @@ fn activation(a: Activation, x: f32) -> f32 {
                 0.0
             }
         }
-        Activation::Swish { alpha } => x * sigmoid(alpha * x),
+        Activation::Swish { alpha } => x * math::sigmoid(alpha * x),
     }
 }
 
@@ -433,6 +461,8 @@ fn clip_int<T: Int>(x: View<'_>, lo: Option<View<'_>>, hi: Option<View<'_>>, out
 }
 
 /// Broadcasting driver: `out[i] = f(a[ia], b[ib])` with per-row inner-loop specialisation.
+// Inlined so that a caller compiled for a wider vector set (`math::with_width`) vectorises it.
+#[inline(always)]
 fn bcast2<A: Copy, B: Copy, O>(
     a: &[A],
     ash: &[usize],
@@ -637,11 +667,37 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
             if op.is_comparison() {
                 bcast2(a, x.shape, b, y.shape, out.bool()?, osh, cmp_fn::<f32>(op));
             } else {
+                let o = out.f32()?;
+                let (xs, ys) = (x.shape, y.shape);
+                // Arithmetic: one vectorised instantiation each, at the CPU's vector width.
+                match op {
+                    Add => {
+                        return {
+                            let _: () = math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a + b));
+                            Ok(())
+                        }
+                    }
+                    Sub => {
+                        return {
+                            let _: () = math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a - b));
+                            Ok(())
+                        }
+                    }
+                    Mul => {
+                        return {
+                            let _: () = math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a * b));
+                            Ok(())
+                        }
+                    }
+                    Div => {
+                        return {
+                            let _: () = math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a / b));
+                            Ok(())
+                        }
+                    }
+                    _ => {}
+                }
                 let f: fn(f32, f32) -> f32 = match op {
-                    Add => |a, b| a + b,
-                    Sub => |a, b| a - b,
-                    Mul => |a, b| a * b,
-                    Div => |a, b| a / b,
                     Pow => pow,
                     Max => |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) },
                     Min => |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.min(b) },
@@ -657,7 +713,7 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
                     PRelu => |x, s| if x < 0.0 { x * s } else { x },
                     _ => op_bail!("{op:?} on f32"),
                 };
-                bcast2(a, x.shape, b, y.shape, out.f32()?, osh, f);
+                bcast2(a, xs, b, ys, o, osh, f);
             }
         }
         d if is_int(d) => int_dispatch!(d, binary_int(op, x, y, out))?,

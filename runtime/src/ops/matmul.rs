@@ -3,7 +3,7 @@
 use super::{broadcast_shapes, broadcast_strides, numel, req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::Op;
-use crate::kernels::{self, MatRef};
+use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -81,7 +81,10 @@ pub(super) fn run(
     let a = *req(inputs, 0, "A")?;
     let b = *req(inputs, 1, "B")?;
     let out = &mut outputs[0];
-    let (ad, bd) = (a.f32()?, b.f32()?);
+    if b.panels.is_some() && !matches!(op, Op::MatMul) {
+        op_bail!("{} cannot read a weight stored as GEMM panels", op.name());
+    }
+    let (ad, bd) = (a.f32()?, b.f32_any_layout()?);
     match op {
         Op::MatMul => {
             // Dimensions from the planned shapes, without building vectors (hot path).
@@ -97,6 +100,19 @@ pub(super) fn run(
             let bbatch = &b.shape[..br.saturating_sub(2)];
             let sa = broadcast_strides(abatch, batch);
             let sb = broadcast_strides(bbatch, batch);
+            // Floats per B matrix: dense, or panels (padded to whole panels; checked against the
+            // storage so a malformed file is an error, not a bad read).
+            let bmat = match b.panels {
+                Some(nr) => {
+                    let per = kernels::Panels::len(k, n, nr as usize);
+                    let mats = numel(bbatch);
+                    if br < 2 || nr == 0 || mats.checked_mul(per).is_none_or(|need| bd.len() < need) {
+                        op_bail!("panel-encoded B {:?} (width {nr}) holds {} floats", b.shape, bd.len());
+                    }
+                    per
+                }
+                None => k * n,
+            };
             let mut idx = [0usize; crate::graph::MAX_RANK];
             for bi in 0..nb {
                 let (mut ia, mut ib) = (0isize, 0isize);
@@ -105,7 +121,11 @@ pub(super) fn run(
                     ib += sb[j] * idx[j] as isize;
                 }
                 let am = MatRef { data: &ad[ia as usize * m * k..], rs: k, cs: 1 };
-                let bm = MatRef { data: &bd[ib as usize * k * n..], rs: n, cs: 1 };
+                let bsl = &bd[ib as usize * bmat..];
+                let bm = match b.panels {
+                    Some(nr) => BMat::Panels(kernels::Panels { data: bsl, k, n, nr: nr as usize }),
+                    None => BMat::Strided(MatRef { data: bsl, rs: n, cs: 1 }),
+                };
                 kernels::sgemm(m, n, k, am, bm, &mut o[bi * m * n..(bi + 1) * m * n], n, false, ctx.threads);
                 for j in (0..batch_rank).rev() {
                     idx[j] += 1;
@@ -123,7 +143,7 @@ pub(super) fn run(
             let am = if *trans_a { MatRef { data: ad, rs: 1, cs: m } } else { MatRef { data: ad, rs: k, cs: 1 } };
             let bm = if *trans_b { MatRef { data: bd, rs: 1, cs: k } } else { MatRef { data: bd, rs: n, cs: 1 } };
             let o = out.f32()?;
-            kernels::sgemm(m, n, k, am, bm, o, n, false, ctx.threads);
+            kernels::sgemm(m, n, k, am, BMat::Strided(bm), o, n, false, ctx.threads);
             if *alpha != 1.0 {
                 o.iter_mut().for_each(|v| *v *= alpha);
             }

@@ -448,6 +448,7 @@ pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> [isize; MAX_R
 
 /// Visits every row (all dims but the last) of `out_shape`, passing the row's output offset
 /// and each input's base offset; `strides[k]` are input k's element strides per output dim.
+#[inline(always)]
 pub(crate) fn for_each_row<const N: usize>(
     out_shape: &[usize],
     strides: [&[isize; MAX_RANK]; N],

@@ -5,7 +5,7 @@
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{LstmAttrs, Op, RnnAttrs, RnnDirection};
-use crate::kernels::{self, MatRef};
+use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -136,7 +136,7 @@ pub(super) fn run(
             g4,
             ni,
             MatRef { data: xd, rs: ni, cs: 1 },
-            MatRef { data: wdir, rs: 1, cs: ni },
+            BMat::Strided(MatRef { data: wdir, rs: 1, cs: ni }),
             xw,
             g4,
             false,
@@ -175,7 +175,7 @@ pub(super) fn run(
                 g4,
                 h,
                 MatRef { data: hs, rs: h, cs: 1 },
-                MatRef { data: rdir, rs: 1, cs: h },
+                BMat::Strided(MatRef { data: rdir, rs: 1, cs: h }),
                 gates,
                 g4,
                 true,

@@ -251,23 +251,9 @@ fn reduce_f32(r: ReduceOp, x: &[f32], shape: &[usize], ost: &[isize; MAX_RANK], 
 /// Softmax over the middle axis of `[outer, n, inner]`.
 pub(crate) fn softmax(x: &[f32], out: &mut [f32], outer: usize, n: usize, inner: usize, log: bool) {
     if inner == 1 {
-        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).take(outer) {
-            let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut s = 0.0f32;
-            for (o, &v) in or.iter_mut().zip(xr) {
-                let e = (v - m).exp();
-                *o = e;
-                s += e;
-            }
-            if log {
-                let ls = s.ln();
-                for (o, &v) in or.iter_mut().zip(xr) {
-                    *o = v - m - ls;
-                }
-            } else {
-                let inv = 1.0 / s;
-                or.iter_mut().for_each(|o| *o *= inv);
-            }
+        if n > 0 {
+            let len = outer * n;
+            crate::kernels::math::softmax_rows(&x[..len], &mut out[..len], n, log);
         }
         return;
     }
@@ -275,9 +261,9 @@ pub(crate) fn softmax(x: &[f32], out: &mut [f32], outer: usize, n: usize, inner:
         for ii in 0..inner {
             let at = |k: usize| (oi * n + k) * inner + ii;
             let m = (0..n).map(|k| x[at(k)]).fold(f32::NEG_INFINITY, f32::max);
-            let s: f32 = (0..n).map(|k| (x[at(k)] - m).exp()).sum();
+            let s: f32 = (0..n).map(|k| crate::kernels::math::exp(x[at(k)] - m)).sum();
             for k in 0..n {
-                out[at(k)] = if log { x[at(k)] - m - s.ln() } else { (x[at(k)] - m).exp() / s };
+                out[at(k)] = if log { x[at(k)] - m - s.ln() } else { crate::kernels::math::exp(x[at(k)] - m) / s };
             }
         }
     }

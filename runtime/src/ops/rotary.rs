@@ -24,7 +24,7 @@ fn geometry(op: &Op, x: &[usize], cos: &[usize], pos: Option<&[usize]>) -> OpRes
         4 => Geo { b: x[0], heads: x[1], s: x[2], d: x[3], rot: 0, four_d: true },
         3 => {
             let h = *num_heads as usize;
-            if h == 0 || x[2] % h != 0 {
+            if h == 0 || !x[2].is_multiple_of(h) {
                 op_bail!("RotaryEmbedding: hidden size {} does not split into num_heads={num_heads}", x[2]);
             }
             Geo { b: x[0], s: x[1], heads: h, d: x[2] / h, rot: 0, four_d: false }

@@ -147,7 +147,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             let total = numel(x.shape);
             if let Some(i) = infer_at {
                 let rest = numel(&out);
-                if rest == 0 || total % rest != 0 {
+                if rest == 0 || !total.is_multiple_of(rest) {
                     op_bail!("cannot reshape {:?} to {spec:?}", x.shape);
                 }
                 out[i] = total / rest;

@@ -1,0 +1,87 @@
+//! aarch64 f32 GEMM micro-kernel (NEON, present on every aarch64 CPU). Computes one register
+//! tile `C[R × 12] (+)= A[R × kc] · B[kc × 12]` from packed panels; the driver in `gemm.rs`
+//! does packing, edges and bounds.
+//!
+//! Registers: 8 rows × 3 q-registers = 24 accumulators, 3 for the B row, 2 holding the 8 A values
+//! of one k step (used lane by lane with `fmla v.4s, v.4s, v.s[i]`), 29 of 32.
+
+use std::arch::aarch64::*;
+
+pub const NEON_MR: usize = 8;
+pub const NEON_NR: usize = 12;
+
+/// # Safety
+/// `a` holds `kc * NEON_MR` floats, `b` holds `kc * NEON_NR` floats, and `c` is valid for reads
+/// and writes of rows `0..R` × columns `0..NEON_NR` at row stride `ldc`. `R ≤ NEON_MR`.
+#[target_feature(enable = "neon")]
+unsafe fn tile_neon<const R: usize>(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+    let z = vdupq_n_f32(0.0);
+    let mut c0 = [z; R];
+    let mut c1 = [z; R];
+    let mut c2 = [z; R];
+    for p in 0..kc {
+        // SAFETY: p < kc: the B row and the A group are inside the panels (caller contract).
+        let (b0, b1, b2, a0, a1) = unsafe {
+            let bp = b.add(p * NEON_NR);
+            let ap = a.add(p * NEON_MR);
+            (vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)), vld1q_f32(ap), vld1q_f32(ap.add(4)))
+        };
+        for r in 0..R {
+            let av = match r {
+                0 => vgetq_lane_f32::<0>(a0),
+                1 => vgetq_lane_f32::<1>(a0),
+                2 => vgetq_lane_f32::<2>(a0),
+                3 => vgetq_lane_f32::<3>(a0),
+                4 => vgetq_lane_f32::<0>(a1),
+                5 => vgetq_lane_f32::<1>(a1),
+                6 => vgetq_lane_f32::<2>(a1),
+                _ => vgetq_lane_f32::<3>(a1),
+            };
+            c0[r] = vfmaq_n_f32(c0[r], b0, av);
+            c1[r] = vfmaq_n_f32(c1[r], b1, av);
+            c2[r] = vfmaq_n_f32(c2[r], b2, av);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: row r < R, columns 0..12 of the tile are valid (caller contract).
+        unsafe {
+            let d = c.add(r * ldc);
+            if acc {
+                c0[r] = vaddq_f32(c0[r], vld1q_f32(d));
+                c1[r] = vaddq_f32(c1[r], vld1q_f32(d.add(4)));
+                c2[r] = vaddq_f32(c2[r], vld1q_f32(d.add(8)));
+            }
+            vst1q_f32(d, c0[r]);
+            vst1q_f32(d.add(4), c1[r]);
+            vst1q_f32(d.add(8), c2[r]);
+        }
+    }
+}
+
+/// Row-count dispatch for the NEON tile.
+///
+/// # Safety
+/// As [`tile_neon`] with `R = rows`, `1 ≤ rows ≤ NEON_MR`.
+pub unsafe fn sgemm_8x12_neon(
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    // SAFETY: forwarded caller contract; each arm's R equals `rows`.
+    unsafe {
+        match rows {
+            1 => tile_neon::<1>(kc, a, b, c, ldc, acc),
+            2 => tile_neon::<2>(kc, a, b, c, ldc, acc),
+            3 => tile_neon::<3>(kc, a, b, c, ldc, acc),
+            4 => tile_neon::<4>(kc, a, b, c, ldc, acc),
+            5 => tile_neon::<5>(kc, a, b, c, ldc, acc),
+            6 => tile_neon::<6>(kc, a, b, c, ldc, acc),
+            7 => tile_neon::<7>(kc, a, b, c, ldc, acc),
+            _ => tile_neon::<8>(kc, a, b, c, ldc, acc),
+        }
+    }
+}

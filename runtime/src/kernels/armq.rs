@@ -1,0 +1,125 @@
+//! aarch64 quantized row kernels (see `quant.rs` for the formats): one weight row's dot product
+//! with one int8 activation row, 32 values per step. Plain NEON widens with `smull`/`smlal` and
+//! pairwise-adds; with the dot-product extension one `sdot` multiplies 16 byte pairs and adds
+//! them in groups of four (emitted with `asm!`: the intrinsic is not stable yet).
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::quant::QK;
+use crate::tensor::f16_to_f32;
+
+/// Products of 16 signed byte pairs, summed into 4 i32 lanes (plain NEON).
+#[inline]
+#[target_feature(enable = "neon")]
+fn dot16_neon(a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // |a·b| ≤ 128·127 and two are summed per i16 lane: no overflow.
+    let p = vmlal_high_s8(vmull_s8(vget_low_s8(a), vget_low_s8(b)), a, b);
+    vpaddlq_s16(p)
+}
+
+/// `acc + ` the products of 16 signed byte pairs, four per lane (`sdot`).
+///
+/// # Safety
+/// The CPU has the dot-product extension.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut r = acc;
+    // SAFETY: register-only instruction; the caller guarantees the CPU supports it.
+    unsafe {
+        asm!("sdot {r:v}.4s, {a:v}.16b, {b:v}.16b", r = inout(vreg) r, a = in(vreg) a, b = in(vreg) b,
+             options(pure, nomem, nostack, preserves_flags));
+    }
+    r
+}
+
+macro_rules! q8_row {
+    ($name:ident, $feat:literal, $dot:ident) => {
+        /// # Safety
+        /// The CPU has the listed features; `w` and `x` hold `nb·32` values, `xs` `nb` scales.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(w: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32 {
+            let mut acc = vdupq_n_f32(0.0);
+            for b in 0..nb {
+                // SAFETY: block b of every operand is in bounds (caller contract); the feature
+                // set of `$dot` is enabled on this function.
+                unsafe {
+                    let (w0, w1) = (vld1q_s8(w.add(b * QK)), vld1q_s8(w.add(b * QK + 16)));
+                    let (x0, x1) = (vld1q_s8(x.add(b * QK)), vld1q_s8(x.add(b * QK + 16)));
+                    let d = $dot(w0, x0, w1, x1);
+                    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(d), *xs.add(b));
+                }
+            }
+            vaddvq_f32(acc)
+        }
+    };
+}
+
+macro_rules! q4_row {
+    ($name:ident, $feat:literal, $dot:ident) => {
+        /// # Safety
+        /// The CPU has the listed features; `nib` holds `nb·16` bytes, `d` (and `mins` unless
+        /// null) `nb / sub` f16 values, `x` `nb·32` values, `xs` and `sums` `nb` values.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(
+            nib: *const u8,
+            d: *const u16,
+            mins: *const u16,
+            x: *const i8,
+            xs: *const f32,
+            sums: *const i32,
+            nb: usize,
+            sub: usize,
+        ) -> f32 {
+            let mut acc = vdupq_n_f32(0.0);
+            let mut off = 0.0f32;
+            let m = vdupq_n_u8(15);
+            for g in 0..nb / sub {
+                // SAFETY: group g's scale (and minimum) are in bounds (caller contract).
+                let (db, c) = unsafe {
+                    let db = f16_to_f32(*d.add(g));
+                    (db, if mins.is_null() { -8.0 * db } else { f16_to_f32(*mins.add(g)) })
+                };
+                for b in g * sub..(g + 1) * sub {
+                    // SAFETY: block b of every operand is in bounds (caller contract).
+                    unsafe {
+                        let bytes = vld1q_u8(nib.add(b * QK / 2));
+                        let lo = vreinterpretq_s8_u8(vandq_u8(bytes, m));
+                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bytes));
+                        let (x0, x1) = (vld1q_s8(x.add(b * QK)), vld1q_s8(x.add(b * QK + 16)));
+                        let s = *xs.add(b);
+                        let dv = $dot(lo, x0, hi, x1);
+                        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dv), s * db);
+                        off += s * c * *sums.add(b) as f32;
+                    }
+                }
+            }
+            vaddvq_f32(acc) + off
+        }
+    };
+}
+
+/// Two 16-byte dot products, plain NEON.
+#[inline]
+#[target_feature(enable = "neon")]
+fn dot32_neon(a0: int8x16_t, b0: int8x16_t, a1: int8x16_t, b1: int8x16_t) -> int32x4_t {
+    vaddq_s32(dot16_neon(a0, b0), dot16_neon(a1, b1))
+}
+
+/// Two 16-byte dot products with `sdot`.
+///
+/// # Safety
+/// The CPU has the dot-product extension.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn dot32_sdot(a0: int8x16_t, b0: int8x16_t, a1: int8x16_t, b1: int8x16_t) -> int32x4_t {
+    // SAFETY: forwarded caller contract.
+    unsafe { sdot(sdot(vdupq_n_s32(0), a0, b0), a1, b1) }
+}
+
+q8_row!(q8_row_neon, "neon", dot32_neon);
+q4_row!(q4_row_neon, "neon", dot32_neon);
+q8_row!(q8_row_dot, "neon,dotprod", dot32_sdot);
+q4_row!(q4_row_dot, "neon,dotprod", dot32_sdot);

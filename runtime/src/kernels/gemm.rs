@@ -1,0 +1,188 @@
+//! The f32 GEMM driver shared by every native micro-kernel (Goto/BLIS loop nest): blocks of
+//! `KC` depth, A packed into row-interleaved `MR` panels, B either read from weights already
+//! packed into `NR`-column panels (the layout `acorn convert --target` stores) or packed per
+//! call. Edges are handled here — partial row tiles by the kernel's row count, partial column
+//! tiles through a small local tile — so the `unsafe` micro-kernel only sees full tiles that the
+//! driver has bounds-checked. Threads split rows (large m) or whole column panels (small m).
+
+use std::cell::RefCell;
+
+use super::{pool, BMat, MatRef};
+
+/// A native f32 micro-kernel: `run(rows, kc, a_panel, b_panel, c, ldc, accumulate)` computes
+/// `C[rows × nr] (+)= A·B` for `1 ≤ rows ≤ mr`.
+#[derive(Clone, Copy)]
+pub struct F32Tile {
+    pub name: &'static str,
+    pub mr: usize,
+    pub nr: usize,
+    /// # Safety
+    /// The CPU has the kernel's features; `a` holds `kc·mr` floats, `b` holds `kc·nr` floats,
+    /// `c` is valid for `rows` rows of `nr` floats at stride `ldc`, and no other thread touches them.
+    pub run: unsafe fn(usize, usize, *const f32, *const f32, *mut f32, usize, bool),
+}
+
+const KC: usize = 256;
+/// Largest register tile of any kernel (floats).
+const TILE_MAX: usize = 16 * 32;
+/// Rows of A packed at a time (a multiple of every kernel's MR: 6, 8, 12).
+const MC: usize = 96;
+/// Columns of B packed per call at a time, rounded down to the kernel's NR.
+const NC: usize = 1024;
+/// Work (m·n·k) from which a product is split across threads.
+const PARALLEL_WORK: usize = 1 << 20;
+
+thread_local! {
+    /// Packing buffers, grown once per thread and reused.
+    static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Raw C pointer shared by the threads of one product; each writes a disjoint block.
+#[derive(Clone, Copy)]
+struct CPtr {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: the driver gives every thread a disjoint block of C (rows or whole column panels).
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+
+/// `C[m×n] (+)= A·B` with micro-kernel `t`; `c` row-major with leading dimension `ldc`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    t: &F32Tile,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: BMat<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && (m - 1) * ldc + n <= c.len(), "sgemm: C is {} floats, needs {m}×{n} at stride {ldc}", c.len());
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let cp = CPtr { ptr: c.as_mut_ptr(), len: c.len() };
+    let threads = if m * n * k >= PARALLEL_WORK { threads.max(1) } else { 1 };
+    let n_panels = n.div_ceil(t.nr);
+    if threads > 1 && m >= 4 * t.mr * threads {
+        let rows = m.div_ceil(threads).next_multiple_of(t.mr);
+        let parts = m.div_ceil(rows);
+        pool::for_each(threads, parts, &|i| {
+            let (i0, i1) = (i * rows, ((i + 1) * rows).min(m));
+            // SAFETY: parts own disjoint row bands of C.
+            unsafe { band(t, i0, i1, 0, n, k, a, b, cp, ldc, accumulate) }
+        });
+    } else if threads > 1 && n_panels >= 2 {
+        let per = n_panels.div_ceil(threads.min(n_panels));
+        let parts = n_panels.div_ceil(per);
+        pool::for_each(threads, parts, &|i| {
+            let (j0, j1) = (i * per * t.nr, ((i + 1) * per * t.nr).min(n));
+            // SAFETY: parts own disjoint column bands of C (whole panels).
+            unsafe { band(t, 0, m, j0, j1, k, a, b, cp, ldc, accumulate) }
+        });
+    } else {
+        // SAFETY: one thread, the whole of C.
+        unsafe { band(t, 0, m, 0, n, k, a, b, cp, ldc, accumulate) }
+    }
+}
+
+/// Computes rows `i0..i1`, columns `j0..j1` of C (`j0` a multiple of `t.nr`).
+///
+/// # Safety
+/// `c` points to a live buffer of `c.len` floats that no other thread reads or writes inside
+/// this block for the duration of the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn band(
+    t: &F32Tile,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: BMat<'_>,
+    c: CPtr,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (mr, nr) = (t.mr, t.nr);
+    let nc_max = (NC / nr).max(1) * nr;
+    let direct = match b {
+        BMat::Panels(p) => p.nr == nr,
+        BMat::Strided(_) => false,
+    };
+    PACK.with(|cell| {
+        let mut bufs = cell.borrow_mut();
+        let (apack, bpack) = &mut *bufs;
+        let mut tile = [0.0f32; TILE_MAX];
+        assert!(mr * nr <= TILE_MAX, "kernel {} tile exceeds the local edge tile", t.name);
+        for jc in (j0..j1).step_by(nc_max) {
+            let nc = nc_max.min(j1 - jc);
+            let np = nc.div_ceil(nr);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                // Panel jp of this block starts at `bbase + jp * bstride`, kc rows of nr.
+                let (bsrc, bbase, bstride): (&[f32], usize, usize) = match b {
+                    BMat::Panels(p) if direct => (p.data, (jc / nr) * p.k * nr + pc * nr, p.k * nr),
+                    _ => {
+                        super::pack_b(bpack, &b, pc, kc, jc, nc, nr);
+                        (&bpack[..], 0, kc * nr)
+                    }
+                };
+                let first = pc == 0 && !accumulate;
+                for ic in (i0..i1).step_by(MC) {
+                    let mc = MC.min(i1 - ic);
+                    let mp = mc.div_ceil(mr);
+                    super::pack_a(apack, &a, ic, mc, pc, kc, mr);
+                    for jp in 0..np {
+                        let boff = bbase + jp * bstride;
+                        let bp = &bsrc[boff..boff + kc * nr];
+                        let col = jc + jp * nr;
+                        let cols = nr.min(j1 - col);
+                        for ip in 0..mp {
+                            let ap = &apack[ip * kc * mr..(ip + 1) * kc * mr];
+                            let row = ic + ip * mr;
+                            let rows = mr.min(i1 - row);
+                            let off = row * ldc + col;
+                            if cols == nr && (rows - 1) * ldc + off + nr <= c.len {
+                                // SAFETY: the tile rows×nr at `off` lies inside C (checked just
+                                // above) and inside this thread's block; the panels hold kc·mr
+                                // and kc·nr floats (slices above); the kernel was selected for
+                                // this CPU.
+                                unsafe { (t.run)(rows, kc, ap.as_ptr(), bp.as_ptr(), c.ptr.add(off), ldc, !first) };
+                            } else {
+                                // Partial columns: compute a full tile locally, copy the valid part.
+                                // SAFETY: the local tile has rows·nr ≤ TILE_MAX floats at stride nr.
+                                unsafe { (t.run)(rows, kc, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
+                                for r in 0..rows {
+                                    let o = (row + r) * ldc + col;
+                                    assert!(o + cols <= c.len);
+                                    // SAFETY: in bounds (asserted) and inside this thread's block.
+                                    let dst = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(o), cols) };
+                                    let src = &tile[r * nr..r * nr + cols];
+                                    if first {
+                                        dst.copy_from_slice(src);
+                                    } else {
+                                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,566 @@
+//! Quantized matrix products: `Y[m × n] = X[m × k] · Wᵀ` with W stored one output row at a time
+//! in a block format, X quantized on the fly to int8 in blocks of 32 with an f32 scale each
+//! (and the block's sum, for formats with an offset), integer dot products per block, f32
+//! accumulation across blocks.
+//!
+//! Formats (one weight row = `k` values, `k` a multiple of 32 and of the block):
+//! - **q8**: int8 values in [-127, 127], one f32 scale per row: `w = q · s`.
+//! - **q4**: 4-bit values in blocks of 32, 64 or 128 with an f16 scale `d` per block and
+//!   optionally an f16 minimum `m`: `w = (q − 8) · d` (symmetric) or `w = q · d + m`.
+//!   Each 32 values take 16 bytes; byte `i` holds value `i` in its low nibble and value `i + 16`
+//!   in its high nibble (so one 16-byte load unpacks to 32 values in order with two masks).
+//!
+//! Per ISA the inner loop is a function computing one row's dot product over all blocks; the
+//! driver here (safe) checks every length once, then splits output rows across threads.
+//! `reference` is plain integer arithmetic in Rust; native kernels compute the same integer
+//! dot products, so they differ from it only by f32 summation order.
+
+use super::{pool, Isa};
+use crate::tensor::{f16_to_f32, f32_to_f16};
+
+/// Activation block: values per int8 scale.
+pub const QK: usize = 32;
+
+/// q8 weights: `n` rows of `k` int8 values and one scale per row.
+#[derive(Clone, Copy, Debug)]
+pub struct Q8Weights<'a> {
+    pub n: usize,
+    pub k: usize,
+    pub q: &'a [i8],
+    pub scales: &'a [f32],
+}
+
+/// q4 weights: `n` rows of `k` 4-bit values (`k / 2` bytes per row), an f16 scale (and
+/// optionally an f16 minimum) per block of `block` values.
+#[derive(Clone, Copy, Debug)]
+pub struct Q4Weights<'a> {
+    pub n: usize,
+    pub k: usize,
+    pub block: usize,
+    pub nibbles: &'a [u8],
+    pub scales: &'a [u16],
+    pub mins: Option<&'a [u16]>,
+}
+
+/// Activations quantized per block of 32: values, scales, and per-block sums of the values.
+#[derive(Clone, Debug, Default)]
+pub struct QActs {
+    pub m: usize,
+    pub k: usize,
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub sums: Vec<i32>,
+}
+
+/// Owned q8 weights (what [`quantize_q8`] returns).
+#[derive(Clone, Debug)]
+pub struct Q8Owned {
+    pub n: usize,
+    pub k: usize,
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+}
+
+impl Q8Owned {
+    pub fn view(&self) -> Q8Weights<'_> {
+        Q8Weights { n: self.n, k: self.k, q: &self.q, scales: &self.scales }
+    }
+}
+
+/// Owned q4 weights (what [`quantize_q4`] returns).
+#[derive(Clone, Debug)]
+pub struct Q4Owned {
+    pub n: usize,
+    pub k: usize,
+    pub block: usize,
+    pub nibbles: Vec<u8>,
+    pub scales: Vec<u16>,
+    pub mins: Option<Vec<u16>>,
+}
+
+impl Q4Owned {
+    pub fn view(&self) -> Q4Weights<'_> {
+        Q4Weights {
+            n: self.n,
+            k: self.k,
+            block: self.block,
+            nibbles: &self.nibbles,
+            scales: &self.scales,
+            mins: self.mins.as_deref(),
+        }
+    }
+}
+
+/// Why a quantized product cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantError(pub String);
+
+impl std::fmt::Display for QuantError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), QuantError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(QuantError(what()))
+    }
+}
+
+/// Quantizes `w` (`n × k`, row-major) to q8, symmetric per row (round to nearest).
+pub fn quantize_q8(w: &[f32], n: usize, k: usize) -> Q8Owned {
+    let mut q = vec![0i8; n * k];
+    let mut scales = vec![0.0f32; n];
+    for j in 0..n {
+        let row = &w[j * k..(j + 1) * k];
+        let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+        let s = amax / 127.0;
+        scales[j] = s;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        for (o, &v) in q[j * k..(j + 1) * k].iter_mut().zip(row) {
+            *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    Q8Owned { n, k, q, scales }
+}
+
+/// Quantizes `w` (`n × k`) to q4 with round-to-nearest per block: symmetric (`d = amax / 8`
+/// with the sign of the extreme value, as ggml's q4_0) or with a minimum (`d = (max − min) / 15`).
+pub fn quantize_q4(w: &[f32], n: usize, k: usize, block: usize, with_min: bool) -> Q4Owned {
+    let nb = k / block;
+    let mut nibbles = vec![0u8; n * k / 2];
+    let mut scales = vec![0u16; n * nb];
+    let mut mins = with_min.then(|| vec![0u16; n * nb]);
+    let mut vals = vec![0u8; block];
+    for j in 0..n {
+        for b in 0..nb {
+            let x = &w[j * k + b * block..j * k + (b + 1) * block];
+            let (d, m) = if with_min {
+                let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                ((hi - lo) / 15.0, lo)
+            } else {
+                let ext = x.iter().copied().fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+                (ext / -8.0, 0.0)
+            };
+            // Quantize against the stored (f16-rounded) scale so rounding sees the real grid.
+            let (dh, mh) = (f32_to_f16(d), f32_to_f16(m));
+            let (d, m) = (f16_to_f32(dh), f16_to_f32(mh));
+            let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (o, &v) in vals.iter_mut().zip(x) {
+                let q = if with_min { ((v - m) * inv).round() } else { (v * inv).round() + 8.0 };
+                *o = q.clamp(0.0, 15.0) as u8;
+            }
+            scales[j * nb + b] = dh;
+            if let Some(mins) = mins.as_mut() {
+                mins[j * nb + b] = mh;
+            }
+            for s in 0..block / QK {
+                let dst = &mut nibbles[(j * k + b * block + s * QK) / 2..][..QK / 2];
+                let v = &vals[s * QK..(s + 1) * QK];
+                for i in 0..QK / 2 {
+                    dst[i] = v[i] | (v[i + QK / 2] << 4);
+                }
+            }
+        }
+    }
+    Q4Owned { n, k, block, nibbles, scales, mins }
+}
+
+/// Dequantizes q4 weights (tests, and the float fallback of later passes).
+pub fn dequantize_q4(w: &Q4Weights<'_>) -> Vec<f32> {
+    let nb = w.k / w.block;
+    let mut out = vec![0.0f32; w.n * w.k];
+    for j in 0..w.n {
+        for p in 0..w.k {
+            let byte = w.nibbles[(j * w.k + p - p % QK) / 2 + (p % QK) % (QK / 2)];
+            let q = if p % QK < QK / 2 { byte & 15 } else { byte >> 4 } as f32;
+            let b = j * nb + p / w.block;
+            let d = f16_to_f32(w.scales[b]);
+            out[j * w.k + p] = match w.mins {
+                Some(m) => q * d + f16_to_f32(m[b]),
+                None => (q - 8.0) * d,
+            };
+        }
+    }
+    out
+}
+
+/// Quantizes activations `x` (`m × k`) to int8 per block of 32 (symmetric, round to nearest).
+pub fn quantize_acts(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(), QuantError> {
+    check(k.is_multiple_of(QK), || format!("k = {k} is not a multiple of {QK}"))?;
+    check(x.len() >= m * k, || format!("activations hold {} values, need {m}×{k}", x.len()))?;
+    let nb = m * k / QK;
+    out.m = m;
+    out.k = k;
+    out.q.resize(m * k, 0);
+    out.scales.resize(nb, 0.0);
+    out.sums.resize(nb, 0);
+    for (b, (xb, qb)) in x[..m * k].chunks_exact(QK).zip(out.q.chunks_exact_mut(QK)).enumerate() {
+        let amax = xb.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+        let s = amax / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        let mut sum = 0i32;
+        for (o, &v) in qb.iter_mut().zip(xb) {
+            let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            *o = q;
+            sum += q as i32;
+        }
+        out.scales[b] = s;
+        out.sums[b] = sum;
+    }
+    Ok(())
+}
+
+/// One row's q8 dot product over `nb` blocks of 32: `Σ_b xs[b] · Σ_i w[i] · x[i]`.
+type Q8Row = unsafe fn(w: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32;
+
+/// One row's q4 dot product: `Σ_b xs[b] · (d_b · Σ_i q_i · x_i + c_b · sum_b)`, where `c_b` is
+/// `−8·d_b` (symmetric) or the block minimum, per 32-value block (`sub` blocks share one scale).
+type Q4Row = unsafe fn(
+    nib: *const u8,
+    d: *const u16,
+    mins: *const u16,
+    x: *const i8,
+    xs: *const f32,
+    sums: *const i32,
+    nb: usize,
+    sub: usize,
+) -> f32;
+
+/// # Safety
+/// `w` and `x` hold `nb·32` values, `xs` holds `nb` scales.
+unsafe fn q8_row_ref(w: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32 {
+    // SAFETY: lengths are the caller's contract.
+    let (w, x, xs) = unsafe {
+        (
+            std::slice::from_raw_parts(w, nb * QK),
+            std::slice::from_raw_parts(x, nb * QK),
+            std::slice::from_raw_parts(xs, nb),
+        )
+    };
+    let mut acc = 0.0f32;
+    for b in 0..nb {
+        let d: i32 = (0..QK).map(|i| w[b * QK + i] as i32 * x[b * QK + i] as i32).sum();
+        acc += xs[b] * d as f32;
+    }
+    acc
+}
+
+/// # Safety
+/// `nib` holds `nb·16` bytes, `d` (and `mins` unless null) `nb / sub` f16 values, `x` `nb·32`
+/// values, `xs` and `sums` `nb` values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_row_ref(
+    nib: *const u8,
+    d: *const u16,
+    mins: *const u16,
+    x: *const i8,
+    xs: *const f32,
+    sums: *const i32,
+    nb: usize,
+    sub: usize,
+) -> f32 {
+    // SAFETY: lengths are the caller's contract.
+    let (nib, d, x, xs, sums) = unsafe {
+        (
+            std::slice::from_raw_parts(nib, nb * QK / 2),
+            std::slice::from_raw_parts(d, nb / sub),
+            std::slice::from_raw_parts(x, nb * QK),
+            std::slice::from_raw_parts(xs, nb),
+            std::slice::from_raw_parts(sums, nb),
+        )
+    };
+    // SAFETY: as above, when present.
+    let mins = (!mins.is_null()).then(|| unsafe { std::slice::from_raw_parts(mins, nb / sub) });
+    let mut acc = 0.0f32;
+    for b in 0..nb {
+        let mut dot = 0i32;
+        for i in 0..QK / 2 {
+            let byte = nib[b * QK / 2 + i];
+            dot += (byte & 15) as i32 * x[b * QK + i] as i32 + (byte >> 4) as i32 * x[b * QK + i + QK / 2] as i32;
+        }
+        let db = f16_to_f32(d[b / sub]);
+        let c = match mins {
+            Some(m) => f16_to_f32(m[b / sub]),
+            None => -8.0 * db,
+        };
+        acc += xs[b] * (db * dot as f32 + c * sums[b] as f32);
+    }
+    acc
+}
+
+/// The row kernels of a set, with their names (for `describe` and the benches).
+#[derive(Clone, Copy)]
+pub struct QRows {
+    pub q8_name: &'static str,
+    pub q8: Q8Row,
+    pub q4_name: &'static str,
+    pub q4: Q4Row,
+}
+
+impl Isa {
+    /// The quantized row kernels of this set (a set without native ones uses the portable code).
+    pub fn q_rows(self) -> QRows {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => QRows {
+                q8_name: "gemv_q8i8_avx2",
+                q8: super::x86q::q8_row_avx2,
+                q4_name: "gemv_q4i8_avx2",
+                q4: super::x86q::q4_row_avx2,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => QRows {
+                q8_name: "gemv_q8i8_avx512vnni",
+                q8: super::x86q::q8_row_vnni,
+                q4_name: "gemv_q4i8_avx512vnni",
+                q4: super::x86q::q4_row_vnni,
+            },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => QRows {
+                q8_name: "gemv_q8i8_neon",
+                q8: super::armq::q8_row_neon,
+                q4_name: "gemv_q4i8_neon",
+                q4: super::armq::q4_row_neon,
+            },
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot | Isa::NeonI8mm => QRows {
+                q8_name: "gemv_q8i8_neondot",
+                q8: super::armq::q8_row_dot,
+                q4_name: "gemv_q4i8_neondot",
+                q4: super::armq::q4_row_dot,
+            },
+            _ => QRows { q8_name: "gemv_q8i8_ref", q8: q8_row_ref, q4_name: "gemv_q4i8_ref", q4: q4_row_ref },
+        }
+    }
+}
+
+/// Output rows per thread task: enough to amortise the hand-off.
+const ROWS_PER_TASK: usize = 64;
+
+/// Raw output pointer shared by the row bands of one product (each band writes its own columns).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: bands write disjoint output columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs `row(i, j)` for every activation row `i` and weight row `j`, writing `out[i·n + j]`;
+/// weight rows are split across threads (each weight row is read once per call, then reused
+/// from cache for every activation row).
+fn drive(m: usize, n: usize, out: &mut [f32], threads: usize, row: &(dyn Fn(usize, usize) -> f32 + Sync)) {
+    let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
+    let per = n.div_ceil(parts.max(1));
+    let op = OutPtr(out.as_mut_ptr());
+    pool::for_each(threads, parts, &|t| {
+        for j in t * per..((t + 1) * per).min(n) {
+            for i in 0..m {
+                let v = row(i, j);
+                // SAFETY: `out` holds m·n values (checked by the callers) and this band alone
+                // writes column j.
+                unsafe { *op.get().add(i * n + j) = v };
+            }
+        }
+    });
+}
+
+/// `out[m × n] = X · Wᵀ` for q8 weights, with the kernels of `isa` (a set this CPU cannot run
+/// falls back to the best supported one).
+pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads: usize) -> Result<(), QuantError> {
+    let (m, n, k) = (x.m, w.n, w.k);
+    check(x.k == k, || format!("activations have k = {}, weights {k}", x.k))?;
+    check(k % QK == 0, || format!("k = {k} is not a multiple of {QK}"))?;
+    check(w.q.len() >= n * k && w.scales.len() >= n, || format!("q8 weights do not hold {n}×{k}"))?;
+    check(x.q.len() >= m * k && x.scales.len() >= m * k / QK, || {
+        "activations are not quantized for this shape".into()
+    })?;
+    check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))?;
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    let f = isa.q_rows().q8;
+    let nb = k / QK;
+    drive(m, n, out, threads, &|i, j| {
+        // SAFETY: row j of W and row i of X (k values, nb scales) are in bounds (checked above);
+        // the kernel belongs to a set this CPU supports.
+        let d = unsafe { f(w.q.as_ptr().add(j * k), x.q.as_ptr().add(i * k), x.scales.as_ptr().add(i * nb), nb) };
+        d * w.scales[j]
+    });
+    Ok(())
+}
+
+/// `out[m × n] = X · Wᵀ` for q4 weights.
+pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads: usize) -> Result<(), QuantError> {
+    let (m, n, k) = (x.m, w.n, w.k);
+    check(x.k == k, || format!("activations have k = {}, weights {k}", x.k))?;
+    check(matches!(w.block, 32 | 64 | 128) && k % w.block == 0, || {
+        format!("q4 block {} does not divide k = {k}", w.block)
+    })?;
+    let wb = n * (k / w.block);
+    check(w.nibbles.len() >= n * k / 2 && w.scales.len() >= wb && w.mins.is_none_or(|m| m.len() >= wb), || {
+        format!("q4 weights do not hold {n}×{k} in blocks of {}", w.block)
+    })?;
+    check(x.q.len() >= m * k && x.scales.len() >= m * k / QK && x.sums.len() >= m * k / QK, || {
+        "activations are not quantized for this shape".into()
+    })?;
+    check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))?;
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    let f = isa.q_rows().q4;
+    let (nb, sub) = (k / QK, w.block / QK);
+    drive(m, n, out, threads, &|i, j| {
+        let wb0 = j * (k / w.block);
+        let mins = w.mins.map_or(std::ptr::null(), |m| m[wb0..].as_ptr());
+        // SAFETY: row j's nibbles/scales/mins and row i's activations are in bounds (checked
+        // above); the kernel belongs to a set this CPU supports.
+        unsafe {
+            f(
+                w.nibbles.as_ptr().add(j * k / 2),
+                w.scales.as_ptr().add(wb0),
+                mins,
+                x.q.as_ptr().add(i * k),
+                x.scales.as_ptr().add(i * nb),
+                x.sums.as_ptr().add(i * nb),
+                nb,
+                sub,
+            )
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::data;
+    use crate::kernels::ALL_ISAS;
+
+    fn sets() -> Vec<Isa> {
+        ALL_ISAS.into_iter().filter(|i| i.supported()).collect()
+    }
+
+    /// Float product of X and Wᵀ.
+    fn float_gemm(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    /// f32 summation-order bound: partial sums reach about √k·|x|·|w| while the result may be
+    /// small, so the bound grows with k, not with the result alone.
+    fn sum_tol(r: f32, k: usize) -> f32 {
+        1e-5 * (1.0 + r.abs()) + 5e-8 * k as f32
+    }
+
+    /// Native sets match the integer reference to f32 summation order; the reference matches
+    /// the float product within the format's quantization error.
+    #[test]
+    fn q8_every_set_matches_reference_and_float() {
+        for &(m, n, k) in &[(1, 1, 32), (1, 7, 64), (3, 33, 96), (5, 130, 256), (1, 300, 1024), (8, 65, 4096)] {
+            let w = data(n * k, (n + k) as u64);
+            let x = data(m * k, (m * 7 + k) as u64);
+            let qw = quantize_q8(&w, n, k);
+            let mut qa = QActs::default();
+            quantize_acts(&x, m, k, &mut qa).unwrap();
+            let mut want = vec![0.0; m * n];
+            gemm_q8(Isa::Reference, &qa, &qw.view(), &mut want, 1).unwrap();
+            let exact = float_gemm(&x, &w, m, n, k);
+            // q8 error bound for values in [-1, 1): each term errs by about 0.0019 (std) from
+            // rounding weights and activations; 6σ over k terms.
+            let bound = 0.012 * (k as f32).sqrt();
+            for (a, b) in want.iter().zip(&exact) {
+                assert!((a - b).abs() <= bound, "q8 {m}×{n}×{k}: {a} vs float {b}");
+            }
+            for isa in sets() {
+                for threads in [1, 3] {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_q8(isa, &qa, &qw.view(), &mut got, threads).unwrap();
+                    for (c, (g, r)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - r).abs() <= sum_tol(*r, k),
+                            "{} q8 m={m} n={n} k={k} threads={threads}: out[{}][{}] = {g}, reference {r}",
+                            isa.q_rows().q8_name,
+                            c / n,
+                            c % n
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_every_set_matches_reference_and_float() {
+        for &(m, n, k, block) in &[
+            (1, 1, 32, 32),
+            (2, 9, 64, 64),
+            (3, 33, 128, 128),
+            (1, 130, 256, 32),
+            (4, 65, 512, 64),
+            (1, 17, 2048, 128),
+        ] {
+            for with_min in [false, true] {
+                let w = data(n * k, (n * 3 + k) as u64);
+                let x = data(m * k, (m + k * 5) as u64);
+                let qw = quantize_q4(&w, n, k, block, with_min);
+                let deq = dequantize_q4(&qw.view());
+                // Dequantized weights are within half a step of the originals (with a minimum),
+                // or one step (symmetric: the grid is [-8d, 7d], so the far extreme clips).
+                let steps = if with_min { 0.52 } else { 1.01 };
+                for (j, (a, b)) in deq.iter().zip(&w).enumerate() {
+                    let d = f16_to_f32(qw.scales[j / block]).abs();
+                    assert!((a - b).abs() <= steps * d + 1e-3, "q4 dequant [{j}]: {a} vs {b} (step {d})");
+                }
+                let mut qa = QActs::default();
+                quantize_acts(&x, m, k, &mut qa).unwrap();
+                let mut want = vec![0.0; m * n];
+                gemm_q4(Isa::Reference, &qa, &qw.view(), &mut want, 1).unwrap();
+                // Against the dequantized weights, only activation rounding remains (≤ 1% here).
+                let exact = float_gemm(&x, &deq, m, n, k);
+                for (a, b) in want.iter().zip(&exact) {
+                    assert!((a - b).abs() <= 0.01 * (k as f32).sqrt(), "q4 {m}×{n}×{k}/{block}: {a} vs float {b}");
+                }
+                for isa in sets() {
+                    for threads in [1, 2] {
+                        let mut got = vec![f32::NAN; m * n];
+                        gemm_q4(isa, &qa, &qw.view(), &mut got, threads).unwrap();
+                        for (c, (g, r)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - r).abs() <= sum_tol(*r, k),
+                                "{} q4 m={m} n={n} k={k} block={block} min={with_min} threads={threads}: out[{}][{}] = {g}, reference {r}",
+                                isa.q_rows().q4_name,
+                                c / n,
+                                c % n
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let qw = quantize_q8(&data(64, 1), 2, 32);
+        let mut qa = QActs::default();
+        assert!(quantize_acts(&data(30, 2), 1, 30, &mut qa).is_err());
+        quantize_acts(&data(64, 2), 1, 64, &mut qa).unwrap();
+        let mut out = vec![0.0; 2];
+        assert!(gemm_q8(Isa::detect(), &qa, &qw.view(), &mut out, 1).is_err(), "k mismatch");
+        let q4 = quantize_q4(&data(64, 3), 1, 64, 64, false);
+        let mut short = q4.view();
+        short.scales = &[];
+        assert!(gemm_q4(Isa::detect(), &qa, &short, &mut out, 1).is_err(), "missing scales");
+    }
+}
