@@ -22,9 +22,20 @@ enum Case {
     MiniLm128,
     VadOp15,
     VadOpenvino,
+    MiniLm16B8,
+    MiniLm128B8,
+    VadOp15B8,
 }
 
-const CASES: [Case; 4] = [Case::MiniLm16, Case::MiniLm128, Case::VadOp15, Case::VadOpenvino];
+const CASES: [Case; 7] = [
+    Case::MiniLm16,
+    Case::MiniLm128,
+    Case::VadOp15,
+    Case::VadOpenvino,
+    Case::MiniLm16B8,
+    Case::MiniLm128B8,
+    Case::VadOp15B8,
+];
 const RUNTIMES: [&str; 3] = ["acorn", "onnxruntime", "tract"];
 
 impl Case {
@@ -34,6 +45,9 @@ impl Case {
             Case::MiniLm128 => "minilm-l3-128",
             Case::VadOp15 => "silero-vad-op15",
             Case::VadOpenvino => "silero-vad-openvino",
+            Case::MiniLm16B8 => "minilm-l3-16-b8",
+            Case::MiniLm128B8 => "minilm-l3-128-b8",
+            Case::VadOp15B8 => "silero-vad-op15-b8",
         }
     }
     fn describe(self) -> &'static str {
@@ -42,6 +56,9 @@ impl Case {
             Case::MiniLm128 => "paraphrase-MiniLM-L3-v2, batch 1, 128 tokens",
             Case::VadOp15 => "silero_vad_16k_op15, one 32 ms chunk (576 samples + state)",
             Case::VadOpenvino => "silero_vad_openvino_16k, one 32 ms chunk (static shapes)",
+            Case::MiniLm16B8 => "paraphrase-MiniLM-L3-v2, batch 8, 16 tokens",
+            Case::MiniLm128B8 => "paraphrase-MiniLM-L3-v2, batch 8, 128 tokens",
+            Case::VadOp15B8 => "silero_vad_16k_op15, 8 streams × one 32 ms chunk",
         }
     }
     fn from_name(s: &str) -> Result<Case> {
@@ -49,15 +66,15 @@ impl Case {
     }
     fn onnx(self) -> PathBuf {
         asset(match self {
-            Case::MiniLm16 | Case::MiniLm128 => MINILM_L3,
-            Case::VadOp15 => SILERO_OP15,
+            Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => MINILM_L3,
+            Case::VadOp15 | Case::VadOp15B8 => SILERO_OP15,
             Case::VadOpenvino => SILERO_OPENVINO,
         })
     }
     fn acorn_path(self) -> PathBuf {
         let stem = match self {
-            Case::MiniLm16 | Case::MiniLm128 => "minilm-l3",
-            Case::VadOp15 => "vad-op15",
+            Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => "minilm-l3",
+            Case::VadOp15 | Case::VadOp15B8 => "vad-op15",
             Case::VadOpenvino => "vad-openvino",
         };
         repo_root().join(".cache/acorn-bench").join(format!("{stem}.acorn"))
@@ -65,10 +82,24 @@ impl Case {
     /// Named inputs (the same tensors for every runtime).
     fn inputs(self) -> Result<Vec<(String, Tensor)>> {
         Ok(match self {
-            Case::MiniLm16 | Case::MiniLm128 => {
-                let len = if self == Case::MiniLm16 { 16 } else { 128 };
-                let (ids, mask) = tokenize(&[SENTENCES[7]], len)?;
+            Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => {
+                let len = if matches!(self, Case::MiniLm16 | Case::MiniLm16B8) { 16 } else { 128 };
+                let batch: &[&str] = if matches!(self, Case::MiniLm16B8 | Case::MiniLm128B8) {
+                    &SENTENCES[..8]
+                } else {
+                    &SENTENCES[7..8]
+                };
+                let (ids, mask) = tokenize(batch, len)?;
                 vec![("input_ids".into(), ids), ("attention_mask".into(), mask)]
+            }
+            Case::VadOp15B8 => {
+                let audio = read_wav(&data("speech_16k.wav"), 16000)?;
+                let x: Vec<f32> = (0..8).flat_map(|i| audio[16000 + i * 576..16000 + (i + 1) * 576].to_vec()).collect();
+                vec![
+                    ("input".into(), Tensor::from_f32(vec![8, 576], x)),
+                    ("state".into(), Tensor::from_f32(vec![2, 8, 128], vec![0.0; 2 * 8 * 128])),
+                    ("sr".into(), Tensor::from_i64(vec![], vec![16000])),
+                ]
             }
             Case::VadOp15 | Case::VadOpenvino => {
                 let audio = read_wav(&data("speech_16k.wav"), 16000)?;
@@ -84,8 +115,8 @@ impl Case {
     }
     fn outputs(self) -> &'static [&'static str] {
         match self {
-            Case::MiniLm16 | Case::MiniLm128 => &[MINILM_EMBEDDING],
-            Case::VadOp15 | Case::VadOpenvino => &["output", "stateN"],
+            Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => &[MINILM_EMBEDDING],
+            Case::VadOp15 | Case::VadOpenvino | Case::VadOp15B8 => &["output", "stateN"],
         }
     }
 }
@@ -205,7 +236,7 @@ fn main() -> Result<()> {
     println!(
         "model-bench: {runs} runs, {threads} thread(s), {cpu}, {} cores, kernels: {}",
         num_cpus(),
-        acorn::kernels::selected().name()
+        acorn::kernels::describe()
     );
     println!();
     println!("| case | runtime | open ms | median ms | p90 ms | peak RSS MB | median vs Acorn |");

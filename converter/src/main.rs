@@ -228,6 +228,11 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
         }
     }
     hist.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    // (tensors stored as GEMM panels, of which repacked at open for this CPU's kernels)
+    let panels = meta.tensors.iter().enumerate().fold((0usize, 0usize), |(n, r), (i, t)| match t.encoding {
+        acorn::format::TensorEncoding::PanelF32 { nr } => (n + 1, r + usize::from(m.file().panel_width(i) != Some(nr))),
+        _ => (n, r),
+    });
     let io = |v: &[acorn::IoSpec]| -> Vec<serde_json::Value> {
         v.iter()
             .map(|s| {
@@ -243,6 +248,9 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
     if json {
         let v = serde_json::json!({
             "format_version": acorn::format::VERSION,
+            "kernels": acorn::kernels::describe(),
+            "panel_tensors": panels.0,
+            "repacked_at_open": panels.1,
             "file_bytes": m.file().file_len(),
             "open_ms": open_ms,
             "checksums_ok": section_ok,
@@ -276,6 +284,12 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
             open_ms
         );
         println!("source: {} (sha256 {})", meta.provenance.source_name, meta.provenance.source_sha256);
+        println!(
+            "kernels: {}; {} weight tensor(s) stored as GEMM panels, {} repacked at open for this CPU",
+            acorn::kernels::describe(),
+            panels.0,
+            panels.1
+        );
         println!("converter: {}", meta.provenance.converter);
         for p in &meta.provenance.passes {
             let rep: Vec<String> = p.report.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -10,32 +10,55 @@ use std::arch::aarch64::*;
 pub const NEON_MR: usize = 8;
 pub const NEON_NR: usize = 12;
 
+/// `RM = false`: A is a packed panel (`kc` groups of 8); `RM = true`: A is `R` row-major rows of
+/// `kc` values at stride `lda`, read in place.
+///
 /// # Safety
-/// `a` holds `kc * NEON_MR` floats, `b` holds `kc * NEON_NR` floats, and `c` is valid for reads
+/// `a` holds the A operand as described, `b` holds `kc * NEON_NR` floats, and `c` is valid for reads
 /// and writes of rows `0..R` × columns `0..NEON_NR` at row stride `ldc`. `R ≤ NEON_MR`.
 #[target_feature(enable = "neon")]
-unsafe fn tile_neon<const R: usize>(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_neon<const R: usize, const RM: bool>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
     let z = vdupq_n_f32(0.0);
     let mut c0 = [z; R];
     let mut c1 = [z; R];
     let mut c2 = [z; R];
     for p in 0..kc {
         // SAFETY: p < kc: the B row and the A group are inside the panels (caller contract).
-        let (b0, b1, b2, a0, a1) = unsafe {
+        let (b0, b1, b2) = unsafe {
             let bp = b.add(p * NEON_NR);
-            let ap = a.add(p * NEON_MR);
-            (vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)), vld1q_f32(ap), vld1q_f32(ap.add(4)))
+            (vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)))
+        };
+        // Packed A: the 8 values of this k step in two registers (unused when RM).
+        let (a0, a1) = if RM {
+            (vdupq_n_f32(0.0), vdupq_n_f32(0.0))
+        } else {
+            // SAFETY: group p of the packed panel is in bounds (caller contract).
+            unsafe { (vld1q_f32(a.add(p * NEON_MR)), vld1q_f32(a.add(p * NEON_MR + 4))) }
         };
         for r in 0..R {
-            let av = match r {
-                0 => vgetq_lane_f32::<0>(a0),
-                1 => vgetq_lane_f32::<1>(a0),
-                2 => vgetq_lane_f32::<2>(a0),
-                3 => vgetq_lane_f32::<3>(a0),
-                4 => vgetq_lane_f32::<0>(a1),
-                5 => vgetq_lane_f32::<1>(a1),
-                6 => vgetq_lane_f32::<2>(a1),
-                _ => vgetq_lane_f32::<3>(a1),
+            let av = if RM {
+                // SAFETY: row r < R, column p < kc of row-major A (caller contract).
+                unsafe { *a.add(r * lda + p) }
+            } else {
+                match r {
+                    0 => vgetq_lane_f32::<0>(a0),
+                    1 => vgetq_lane_f32::<1>(a0),
+                    2 => vgetq_lane_f32::<2>(a0),
+                    3 => vgetq_lane_f32::<3>(a0),
+                    4 => vgetq_lane_f32::<0>(a1),
+                    5 => vgetq_lane_f32::<1>(a1),
+                    6 => vgetq_lane_f32::<2>(a1),
+                    _ => vgetq_lane_f32::<3>(a1),
+                }
             };
             c0[r] = vfmaq_n_f32(c0[r], b0, av);
             c1[r] = vfmaq_n_f32(c1[r], b1, av);
@@ -58,10 +81,10 @@ unsafe fn tile_neon<const R: usize>(kc: usize, a: *const f32, b: *const f32, c: 
     }
 }
 
-/// Row-count dispatch for the NEON tile.
+/// Row-count dispatch for the NEON tile, A packed.
 ///
 /// # Safety
-/// As [`tile_neon`] with `R = rows`, `1 ≤ rows ≤ NEON_MR`.
+/// As [`tile_neon`] with `R = rows`, `RM = false`, `1 ≤ rows ≤ NEON_MR`.
 pub unsafe fn sgemm_8x12_neon(
     rows: usize,
     kc: usize,
@@ -71,17 +94,48 @@ pub unsafe fn sgemm_8x12_neon(
     ldc: usize,
     acc: bool,
 ) {
+    let lda = 0;
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
     unsafe {
         match rows {
-            1 => tile_neon::<1>(kc, a, b, c, ldc, acc),
-            2 => tile_neon::<2>(kc, a, b, c, ldc, acc),
-            3 => tile_neon::<3>(kc, a, b, c, ldc, acc),
-            4 => tile_neon::<4>(kc, a, b, c, ldc, acc),
-            5 => tile_neon::<5>(kc, a, b, c, ldc, acc),
-            6 => tile_neon::<6>(kc, a, b, c, ldc, acc),
-            7 => tile_neon::<7>(kc, a, b, c, ldc, acc),
-            _ => tile_neon::<8>(kc, a, b, c, ldc, acc),
+            1 => tile_neon::<1, false>(kc, a, lda, b, c, ldc, acc),
+            2 => tile_neon::<2, false>(kc, a, lda, b, c, ldc, acc),
+            3 => tile_neon::<3, false>(kc, a, lda, b, c, ldc, acc),
+            4 => tile_neon::<4, false>(kc, a, lda, b, c, ldc, acc),
+            5 => tile_neon::<5, false>(kc, a, lda, b, c, ldc, acc),
+            6 => tile_neon::<6, false>(kc, a, lda, b, c, ldc, acc),
+            7 => tile_neon::<7, false>(kc, a, lda, b, c, ldc, acc),
+            _ => tile_neon::<8, false>(kc, a, lda, b, c, ldc, acc),
+        }
+    }
+}
+
+/// Row-count dispatch for the NEON tile, A read in place (`rows` rows at stride `lda`).
+///
+/// # Safety
+/// As [`tile_neon`] with `R = rows`, `RM = true`, `1 ≤ rows ≤ NEON_MR`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_8x12_neon_rm(
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    // SAFETY: forwarded caller contract; each arm's R equals `rows`.
+    unsafe {
+        match rows {
+            1 => tile_neon::<1, true>(kc, a, lda, b, c, ldc, acc),
+            2 => tile_neon::<2, true>(kc, a, lda, b, c, ldc, acc),
+            3 => tile_neon::<3, true>(kc, a, lda, b, c, ldc, acc),
+            4 => tile_neon::<4, true>(kc, a, lda, b, c, ldc, acc),
+            5 => tile_neon::<5, true>(kc, a, lda, b, c, ldc, acc),
+            6 => tile_neon::<6, true>(kc, a, lda, b, c, ldc, acc),
+            7 => tile_neon::<7, true>(kc, a, lda, b, c, ldc, acc),
+            _ => tile_neon::<8, true>(kc, a, lda, b, c, ldc, acc),
         }
     }
 }

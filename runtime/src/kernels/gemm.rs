@@ -9,6 +9,9 @@ use std::cell::RefCell;
 
 use super::{pool, BMat, MatRef};
 
+/// A tile reading A in place: `(rows, kc, a, lda, b, c, ldc, accumulate)`.
+pub type RowMajorTile = unsafe fn(usize, usize, *const f32, usize, *const f32, *mut f32, usize, bool);
+
 /// A native f32 micro-kernel: `run(rows, kc, a_panel, b_panel, c, ldc, accumulate)` computes
 /// `C[rows × nr] (+)= A·B` for `1 ≤ rows ≤ mr`.
 #[derive(Clone, Copy)]
@@ -20,15 +23,24 @@ pub struct F32Tile {
     /// The CPU has the kernel's features; `a` holds `kc·mr` floats, `b` holds `kc·nr` floats,
     /// `c` is valid for `rows` rows of `nr` floats at stride `ldc`, and no other thread touches them.
     pub run: unsafe fn(usize, usize, *const f32, *const f32, *mut f32, usize, bool),
+    /// The same tile reading A in place: `run_rm(rows, kc, a, lda, b, c, ldc, accumulate)` with
+    /// A's `rows` rows of `kc` values at stride `lda` (no packing of A).
+    ///
+    /// # Safety
+    /// As `run`, with `a` valid for `rows` rows of `kc` floats at stride `lda`.
+    pub run_rm: Option<RowMajorTile>,
 }
 
-const KC: usize = 256;
+const KC: usize = 128;
 /// Largest register tile of any kernel (floats).
 const TILE_MAX: usize = 16 * 32;
 /// Rows of A packed at a time (a multiple of every kernel's MR: 6, 8, 12).
 const MC: usize = 96;
 /// Columns of B packed per call at a time, rounded down to the kernel's NR.
 const NC: usize = 1024;
+/// Products with at most this many columns (and depth ≤ `THIN_K`) run as dot products.
+const THIN_N: usize = 4;
+const THIN_K: usize = 1024;
 /// Work (m·n·k) from which a product is split across threads.
 const PARALLEL_WORK: usize = 1 << 20;
 
@@ -46,6 +58,13 @@ struct CPtr {
 // SAFETY: the driver gives every thread a disjoint block of C (rows or whole column panels).
 unsafe impl Send for CPtr {}
 unsafe impl Sync for CPtr {}
+
+impl CPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.ptr
+    }
+}
 
 /// `C[m×n] (+)= A·B` with micro-kernel `t`; `c` row-major with leading dimension `ldc`.
 #[allow(clippy::too_many_arguments)]
@@ -73,8 +92,41 @@ pub fn sgemm(
         }
         return;
     }
-    let cp = CPtr { ptr: c.as_mut_ptr(), len: c.len() };
     let threads = if m * n * k >= PARALLEL_WORK { threads.max(1) } else { 1 };
+    // Thin products: dot products over contiguous rows, no packing (packing would copy a whole
+    // operand to use it once).
+    if let (true, BMat::Strided(bm)) = (a.cs == 1, b) {
+        if m < t.mr && bm.rs == 1 {
+            // A few rows of A against B's contiguous columns (a vector-matrix product).
+            let per = n.div_ceil(threads).max(1);
+            let cp = CPtr { ptr: c.as_mut_ptr(), len: c.len() };
+            pool::for_each(threads, n.div_ceil(per), &|p| {
+                let (j0, j1) = (p * per, ((p + 1) * per).min(n));
+                let bs = &bm.data[j0 * bm.cs..];
+                for i in 0..m {
+                    // SAFETY: row i's columns j0..j1 lie inside C (asserted above) and belong to
+                    // this part alone.
+                    let row = unsafe { std::slice::from_raw_parts_mut(cp.get().add(i * ldc + j0), j1 - j0) };
+                    super::math::dot_products(&a.data[i * a.rs..], 0, 1, bs, bm.cs, j1 - j0, k, row, 0, accumulate);
+                }
+            });
+            return;
+        }
+        if n <= THIN_N {
+            // Few columns of B (a convolution with a tiny output): gather them once.
+            let mut bt = [0.0f32; THIN_N * THIN_K];
+            if k <= THIN_K {
+                for j in 0..n {
+                    for p in 0..k {
+                        bt[j * k + p] = bm.data[p * bm.rs + j * bm.cs];
+                    }
+                }
+                super::math::dot_products(a.data, a.rs, m, &bt, k, n, k, c, ldc, accumulate);
+                return;
+            }
+        }
+    }
+    let cp = CPtr { ptr: c.as_mut_ptr(), len: c.len() };
     let n_panels = n.div_ceil(t.nr);
     if threads > 1 && m >= 4 * t.mr * threads {
         let rows = m.div_ceil(threads).next_multiple_of(t.mr);
@@ -118,11 +170,12 @@ unsafe fn band(
     accumulate: bool,
 ) {
     let (mr, nr) = (t.mr, t.nr);
-    let nc_max = (NC / nr).max(1) * nr;
     let direct = match b {
         BMat::Panels(p) => p.nr == nr,
         BMat::Strided(_) => false,
     };
+    // Pre-packed B needs no packing buffer: one column block, so A is packed once per depth block.
+    let nc_max = if direct { (j1 - j0).max(1) } else { (NC / nr).max(1) * nr };
     PACK.with(|cell| {
         let mut bufs = cell.borrow_mut();
         let (apack, bpack) = &mut *bufs;
@@ -145,17 +198,37 @@ unsafe fn band(
                 for ic in (i0..i1).step_by(MC) {
                     let mc = MC.min(i1 - ic);
                     let mp = mc.div_ceil(mr);
-                    super::pack_a(apack, &a, ic, mc, pc, kc, mr);
+                    // Row-major A is read in place by kernels that can (no packing).
+                    let in_place = t.run_rm.filter(|_| a.cs == 1);
+                    if in_place.is_none() {
+                        super::pack_a(apack, &a, ic, mc, pc, kc, mr);
+                    }
                     for jp in 0..np {
                         let boff = bbase + jp * bstride;
                         let bp = &bsrc[boff..boff + kc * nr];
                         let col = jc + jp * nr;
                         let cols = nr.min(j1 - col);
                         for ip in 0..mp {
-                            let ap = &apack[ip * kc * mr..(ip + 1) * kc * mr];
                             let row = ic + ip * mr;
                             let rows = mr.min(i1 - row);
                             let off = row * ldc + col;
+                            if let Some(rm) = in_place {
+                                // A rows row..row+rows, columns pc..pc+kc, in place.
+                                let a0 = row * a.rs + pc;
+                                assert!(a0 + (rows - 1) * a.rs + kc <= a.data.len());
+                                let ap = a.data[a0..].as_ptr();
+                                if cols == nr && (rows - 1) * ldc + off + nr <= c.len {
+                                    // SAFETY: A's rows (asserted), the B panel (slice above) and
+                                    // the C tile (checked) are in bounds and this thread's.
+                                    unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), c.ptr.add(off), ldc, !first) };
+                                } else {
+                                    // SAFETY: as above, into the local tile (rows·nr ≤ TILE_MAX).
+                                    unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
+                                    edge_store(&tile, nr, rows, cols, c, (row, col), ldc, first);
+                                }
+                                continue;
+                            }
+                            let ap = &apack[ip * kc * mr..(ip + 1) * kc * mr];
                             if cols == nr && (rows - 1) * ldc + off + nr <= c.len {
                                 // SAFETY: the tile rows×nr at `off` lies inside C (checked just
                                 // above) and inside this thread's block; the panels hold kc·mr
@@ -166,18 +239,7 @@ unsafe fn band(
                                 // Partial columns: compute a full tile locally, copy the valid part.
                                 // SAFETY: the local tile has rows·nr ≤ TILE_MAX floats at stride nr.
                                 unsafe { (t.run)(rows, kc, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
-                                for r in 0..rows {
-                                    let o = (row + r) * ldc + col;
-                                    assert!(o + cols <= c.len);
-                                    // SAFETY: in bounds (asserted) and inside this thread's block.
-                                    let dst = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(o), cols) };
-                                    let src = &tile[r * nr..r * nr + cols];
-                                    if first {
-                                        dst.copy_from_slice(src);
-                                    } else {
-                                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                                    }
-                                }
+                                edge_store(&tile, nr, rows, cols, c, (row, col), ldc, first);
                             }
                         }
                     }
@@ -185,4 +247,31 @@ unsafe fn band(
             }
         }
     });
+}
+
+/// Copies (or adds, unless `first`) the valid `rows × cols` part of a local tile into C at
+/// `(row, col)`.
+#[allow(clippy::too_many_arguments)]
+fn edge_store(
+    tile: &[f32],
+    nr: usize,
+    rows: usize,
+    cols: usize,
+    c: CPtr,
+    (row, col): (usize, usize),
+    ldc: usize,
+    first: bool,
+) {
+    for r in 0..rows {
+        let o = (row + r) * ldc + col;
+        assert!(o + cols <= c.len);
+        // SAFETY: in bounds (asserted); the caller's block of C belongs to this thread.
+        let dst = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(o), cols) };
+        let src = &tile[r * nr..r * nr + cols];
+        if first {
+            dst.copy_from_slice(src);
+        } else {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        }
+    }
 }

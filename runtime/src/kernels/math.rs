@@ -120,14 +120,18 @@ fn width() -> Width {
 macro_rules! multiversion {
     ($(#[$m:meta])* fn $name:ident$(<$($g:ident: $b:path),*>)?($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
         pub fn $name$(<$($g: $b),*>)?($($arg: $ty),*) {
             #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
             fn body$(<$($g: $b),*>)?($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
             unsafe fn avx2$(<$($g: $b),*>)?($($arg: $ty),*) { body($($arg),*) }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
             unsafe fn avx512$(<$($g: $b),*>)?($($arg: $ty),*) { body($($arg),*) }
             match width() {
                 Width::Base => body($($arg),*),
@@ -171,6 +175,20 @@ multiversion! {
 
 /// Lanes of the partial reductions below (a multiple of every vector width).
 const LANES: usize = 16;
+
+/// Sum of `f(x[i])` in 16 lanes (a fixed summation order; vectorises inside [`with_width`]).
+#[inline(always)]
+pub fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    let tail: f32 = it.remainder().iter().map(|&v| f(v)).sum();
+    acc.iter().sum::<f32>() + tail
+}
 
 /// Maximum of a row (NaN-ignoring like `f32::max`; −inf for an empty row), in lanes.
 #[inline(always)]
@@ -222,6 +240,83 @@ multiversion! {
             } else {
                 let inv = 1.0 / s;
                 or.iter_mut().for_each(|o| *o *= inv);
+            }
+        }
+    }
+}
+
+/// Dot product with 32 independent lanes (fixed summation order per length).
+#[inline(always)]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 32];
+    let mut xc = x.chunks_exact(32);
+    let mut yc = y.chunks_exact(32);
+    for (a, b) in (&mut xc).zip(&mut yc) {
+        for l in 0..32 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let mut s = 0.0f32;
+    for (a, b) in xc.remainder().iter().zip(yc.remainder()) {
+        s += a * b;
+    }
+    let mut w = 32;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + s
+}
+
+/// Four dot products of `x` with `ys` (each as long as `x`), 16 lanes each.
+#[inline(always)]
+fn dot4(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] {
+    let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
+    let it = x
+        .chunks_exact(16)
+        .zip(ys[0].chunks_exact(16))
+        .zip(ys[1].chunks_exact(16))
+        .zip(ys[2].chunks_exact(16))
+        .zip(ys[3].chunks_exact(16));
+    for ((((xa, y0), y1), y2), y3) in it {
+        for l in 0..16 {
+            a0[l] += xa[l] * y0[l];
+            a1[l] += xa[l] * y1[l];
+            a2[l] += xa[l] * y2[l];
+            a3[l] += xa[l] * y3[l];
+        }
+    }
+    let k16 = x.len() / 16 * 16;
+    let mut out = [0.0f32; 4];
+    for (o, (acc, y)) in out.iter_mut().zip([a0, a1, a2, a3].iter().zip(&ys)) {
+        let tail: f32 = x[k16..].iter().zip(&y[k16..]).map(|(a, b)| a * b).sum();
+        *o = acc.iter().sum::<f32>() + tail;
+    }
+    out
+}
+
+multiversion! {
+    /// `C[i][j] (+)= A_i · B_j` for `rows` rows of A (each `k` contiguous values at stride `lda`)
+    /// and `n` contiguous B vectors of `k` values at stride `ldb`: GEMM as dot products, for
+    /// products too thin to pack (one or a few rows of A, or a few columns of B).
+    fn dot_products(a: &[f32], lda: usize, rows: usize, b: &[f32], ldb: usize, n: usize, k: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+        for i in 0..rows {
+            let ar = &a[i * lda..i * lda + k];
+            let cr = &mut c[i * ldc..i * ldc + n];
+            let mut j = 0;
+            // Four B vectors per pass over the A row (loaded once for all four).
+            while j + 4 <= n {
+                let v = dot4(ar, [&b[j * ldb..][..k], &b[(j + 1) * ldb..][..k], &b[(j + 2) * ldb..][..k], &b[(j + 3) * ldb..][..k]]);
+                for (o, v) in cr[j..j + 4].iter_mut().zip(v) {
+                    *o = if accumulate { *o + v } else { v };
+                }
+                j += 4;
+            }
+            for (jj, o) in cr.iter_mut().enumerate().skip(j) {
+                let v = dot(ar, &b[jj * ldb..jj * ldb + k]);
+                *o = if accumulate { *o + v } else { v };
             }
         }
     }

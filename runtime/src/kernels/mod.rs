@@ -111,25 +111,35 @@ impl Isa {
         match self {
             Isa::Reference => None,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                Some(F32Tile { name: "sgemm_6x16_avx2", mr: x86::AVX2_MR, nr: x86::AVX2_NR, run: x86::sgemm_6x16_avx2 })
-            }
+            Isa::Avx2 => Some(F32Tile {
+                name: "sgemm_6x16_avx2",
+                mr: x86::AVX2_MR,
+                nr: x86::AVX2_NR,
+                run: x86::sgemm_6x16_avx2,
+                run_rm: Some(x86::sgemm_6x16_avx2_rm),
+            }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 | Isa::Avx512Vnni => Some(F32Tile {
                 name: "sgemm_12x32_avx512",
                 mr: x86::AVX512_MR,
                 nr: x86::AVX512_NR,
                 run: x86::sgemm_12x32_avx512,
+                run_rm: Some(x86::sgemm_12x32_avx512_rm),
             }),
             #[cfg(target_arch = "aarch64")]
-            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => {
-                Some(F32Tile { name: "sgemm_8x12_neon", mr: arm::NEON_MR, nr: arm::NEON_NR, run: arm::sgemm_8x12_neon })
-            }
+            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Some(F32Tile {
+                name: "sgemm_8x12_neon",
+                mr: arm::NEON_MR,
+                nr: arm::NEON_NR,
+                run: arm::sgemm_8x12_neon,
+                run_rm: Some(arm::sgemm_8x12_neon_rm),
+            }),
             _ => Some(F32Tile {
                 name: "sgemm_6x8_generic",
                 mr: generic::MR,
                 nr: generic::NR,
                 run: generic::sgemm_6x8_generic,
+                run_rm: None,
             }),
         }
     }
@@ -173,8 +183,9 @@ pub fn selected() -> Isa {
 /// Names of the kernels the selected set runs, for `acorn inspect` / `bench`.
 pub fn describe() -> String {
     let isa = selected();
+    let q = isa.q_rows();
     match isa.f32_tile() {
-        Some(t) => format!("{} (f32 GEMM {})", isa.name(), t.name),
+        Some(t) => format!("{} (f32 GEMM {}, {}, {})", isa.name(), t.name, q.q8_name, q.q4_name),
         None => format!("{} (scalar loops)", isa.name()),
     }
 }
@@ -290,7 +301,18 @@ fn pack_a(buf: &mut Vec<f32>, a: &MatRef<'_>, ic: usize, mc: usize, pc: usize, k
     buf.resize(m_panels * kc * mr, 0.0);
     for ip in 0..m_panels {
         let panel = &mut buf[ip * kc * mr..(ip + 1) * kc * mr];
-        for r in 0..mr.min(mc - ip * mr) {
+        let rows = mr.min(mc - ip * mr);
+        if a.cs == 1 && rows == mr {
+            // Full panel of contiguous rows: write the panel in order, reading `mr` streams.
+            let base = (ic + ip * mr) * a.rs + pc;
+            for (p, group) in panel.chunks_exact_mut(mr).enumerate() {
+                for (r, g) in group.iter_mut().enumerate() {
+                    *g = a.data[base + r * a.rs + p];
+                }
+            }
+            continue;
+        }
+        for r in 0..rows {
             let row = (ic + ip * mr + r) * a.rs;
             if a.cs == 1 {
                 let src = &a.data[row + pc..row + pc + kc];

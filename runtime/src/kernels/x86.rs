@@ -15,20 +15,31 @@ pub const AVX2_NR: usize = 16;
 pub const AVX512_MR: usize = 12;
 pub const AVX512_NR: usize = 32;
 
+/// `RM = false`: A is a packed panel (`kc` groups of `MR`); `RM = true`: A is `R` row-major rows
+/// of `kc` values at stride `lda`, read in place (no packing).
+///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `a` holds `kc * AVX2_MR` floats, `b` holds `kc * AVX2_NR`
-/// floats, and `c` is valid for reads and writes of rows `0..R` × columns `0..AVX2_NR` at row
-/// stride `ldc`. `R ≤ AVX2_MR`.
+/// The CPU supports AVX2 and FMA; `a` holds the A operand as described, `b` holds
+/// `kc * AVX2_NR` floats, and `c` is valid for reads and writes of rows `0..R` × columns
+/// `0..AVX2_NR` at row stride `ldc`. `R ≤ AVX2_MR`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const R: usize>(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+unsafe fn tile_avx2<const R: usize, const RM: bool>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
     let mut c0 = [_mm256_setzero_ps(); R];
     let mut c1 = [_mm256_setzero_ps(); R];
     for p in 0..kc {
         // SAFETY: p < kc, so the B row p and A group p are inside the panels (caller contract).
         let (b0, b1) = unsafe { (_mm256_loadu_ps(b.add(p * AVX2_NR)), _mm256_loadu_ps(b.add(p * AVX2_NR + 8))) };
         for r in 0..R {
-            // SAFETY: r < R ≤ MR: inside the A group.
-            let av = unsafe { _mm256_broadcast_ss(&*a.add(p * AVX2_MR + r)) };
+            // SAFETY: r < R ≤ MR, p < kc: inside the A panel, or row r of row-major A.
+            let av = unsafe { _mm256_broadcast_ss(&*a.add(if RM { r * lda + p } else { p * AVX2_MR + r })) };
             c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
             c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
         }
@@ -50,15 +61,23 @@ unsafe fn tile_avx2<const R: usize>(kc: usize, a: *const f32, b: *const f32, c: 
 /// # Safety
 /// As [`tile_avx2`], with AVX-512F and the AVX-512 tile sizes.
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512<const R: usize>(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+unsafe fn tile_avx512<const R: usize, const RM: bool>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
     let mut c0 = [_mm512_setzero_ps(); R];
     let mut c1 = [_mm512_setzero_ps(); R];
     for p in 0..kc {
         // SAFETY: p < kc: inside the panels (caller contract).
         let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(p * AVX512_NR)), _mm512_loadu_ps(b.add(p * AVX512_NR + 16))) };
         for r in 0..R {
-            // SAFETY: r < R ≤ MR: inside the A group.
-            let av = _mm512_set1_ps(unsafe { *a.add(p * AVX512_MR + r) });
+            // SAFETY: r < R ≤ MR, p < kc: inside the A panel, or row r of row-major A.
+            let av = _mm512_set1_ps(unsafe { *a.add(if RM { r * lda + p } else { p * AVX512_MR + r }) });
             c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
             c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
         }
@@ -77,10 +96,10 @@ unsafe fn tile_avx512<const R: usize>(kc: usize, a: *const f32, b: *const f32, c
     }
 }
 
-/// Row-count dispatch for the AVX2 tile.
+/// Row-count dispatch for the AVX2 tile, A packed.
 ///
 /// # Safety
-/// As [`tile_avx2`] with `R = rows`, `1 ≤ rows ≤ AVX2_MR`.
+/// As [`tile_avx2`] with `R = rows`, `RM = false`, `1 ≤ rows ≤ MR`.
 pub unsafe fn sgemm_6x16_avx2(
     rows: usize,
     kc: usize,
@@ -90,23 +109,52 @@ pub unsafe fn sgemm_6x16_avx2(
     ldc: usize,
     acc: bool,
 ) {
+    let lda = 0;
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
     unsafe {
         match rows {
-            1 => tile_avx2::<1>(kc, a, b, c, ldc, acc),
-            2 => tile_avx2::<2>(kc, a, b, c, ldc, acc),
-            3 => tile_avx2::<3>(kc, a, b, c, ldc, acc),
-            4 => tile_avx2::<4>(kc, a, b, c, ldc, acc),
-            5 => tile_avx2::<5>(kc, a, b, c, ldc, acc),
-            _ => tile_avx2::<6>(kc, a, b, c, ldc, acc),
+            1 => tile_avx2::<1, false>(kc, a, lda, b, c, ldc, acc),
+            2 => tile_avx2::<2, false>(kc, a, lda, b, c, ldc, acc),
+            3 => tile_avx2::<3, false>(kc, a, lda, b, c, ldc, acc),
+            4 => tile_avx2::<4, false>(kc, a, lda, b, c, ldc, acc),
+            5 => tile_avx2::<5, false>(kc, a, lda, b, c, ldc, acc),
+            _ => tile_avx2::<6, false>(kc, a, lda, b, c, ldc, acc),
         }
     }
 }
 
-/// Row-count dispatch for the AVX-512 tile.
+/// Row-count dispatch for the AVX2 tile, A read in place (`rows` rows at stride `lda`).
 ///
 /// # Safety
-/// As [`tile_avx512`] with `R = rows`, `1 ≤ rows ≤ AVX512_MR`.
+/// As [`tile_avx2`] with `R = rows`, `RM = true`, `1 ≤ rows ≤ MR`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_6x16_avx2_rm(
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    // SAFETY: forwarded caller contract; each arm's R equals `rows`.
+    unsafe {
+        match rows {
+            1 => tile_avx2::<1, true>(kc, a, lda, b, c, ldc, acc),
+            2 => tile_avx2::<2, true>(kc, a, lda, b, c, ldc, acc),
+            3 => tile_avx2::<3, true>(kc, a, lda, b, c, ldc, acc),
+            4 => tile_avx2::<4, true>(kc, a, lda, b, c, ldc, acc),
+            5 => tile_avx2::<5, true>(kc, a, lda, b, c, ldc, acc),
+            _ => tile_avx2::<6, true>(kc, a, lda, b, c, ldc, acc),
+        }
+    }
+}
+
+/// Row-count dispatch for the AVX-512 tile, A packed.
+///
+/// # Safety
+/// As [`tile_avx512`] with `R = rows`, `RM = false`, `1 ≤ rows ≤ MR`.
 pub unsafe fn sgemm_12x32_avx512(
     rows: usize,
     kc: usize,
@@ -116,21 +164,56 @@ pub unsafe fn sgemm_12x32_avx512(
     ldc: usize,
     acc: bool,
 ) {
+    let lda = 0;
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
     unsafe {
         match rows {
-            1 => tile_avx512::<1>(kc, a, b, c, ldc, acc),
-            2 => tile_avx512::<2>(kc, a, b, c, ldc, acc),
-            3 => tile_avx512::<3>(kc, a, b, c, ldc, acc),
-            4 => tile_avx512::<4>(kc, a, b, c, ldc, acc),
-            5 => tile_avx512::<5>(kc, a, b, c, ldc, acc),
-            6 => tile_avx512::<6>(kc, a, b, c, ldc, acc),
-            7 => tile_avx512::<7>(kc, a, b, c, ldc, acc),
-            8 => tile_avx512::<8>(kc, a, b, c, ldc, acc),
-            9 => tile_avx512::<9>(kc, a, b, c, ldc, acc),
-            10 => tile_avx512::<10>(kc, a, b, c, ldc, acc),
-            11 => tile_avx512::<11>(kc, a, b, c, ldc, acc),
-            _ => tile_avx512::<12>(kc, a, b, c, ldc, acc),
+            1 => tile_avx512::<1, false>(kc, a, lda, b, c, ldc, acc),
+            2 => tile_avx512::<2, false>(kc, a, lda, b, c, ldc, acc),
+            3 => tile_avx512::<3, false>(kc, a, lda, b, c, ldc, acc),
+            4 => tile_avx512::<4, false>(kc, a, lda, b, c, ldc, acc),
+            5 => tile_avx512::<5, false>(kc, a, lda, b, c, ldc, acc),
+            6 => tile_avx512::<6, false>(kc, a, lda, b, c, ldc, acc),
+            7 => tile_avx512::<7, false>(kc, a, lda, b, c, ldc, acc),
+            8 => tile_avx512::<8, false>(kc, a, lda, b, c, ldc, acc),
+            9 => tile_avx512::<9, false>(kc, a, lda, b, c, ldc, acc),
+            10 => tile_avx512::<10, false>(kc, a, lda, b, c, ldc, acc),
+            11 => tile_avx512::<11, false>(kc, a, lda, b, c, ldc, acc),
+            _ => tile_avx512::<12, false>(kc, a, lda, b, c, ldc, acc),
+        }
+    }
+}
+
+/// Row-count dispatch for the AVX-512 tile, A read in place (`rows` rows at stride `lda`).
+///
+/// # Safety
+/// As [`tile_avx512`] with `R = rows`, `RM = true`, `1 ≤ rows ≤ MR`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_12x32_avx512_rm(
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    // SAFETY: forwarded caller contract; each arm's R equals `rows`.
+    unsafe {
+        match rows {
+            1 => tile_avx512::<1, true>(kc, a, lda, b, c, ldc, acc),
+            2 => tile_avx512::<2, true>(kc, a, lda, b, c, ldc, acc),
+            3 => tile_avx512::<3, true>(kc, a, lda, b, c, ldc, acc),
+            4 => tile_avx512::<4, true>(kc, a, lda, b, c, ldc, acc),
+            5 => tile_avx512::<5, true>(kc, a, lda, b, c, ldc, acc),
+            6 => tile_avx512::<6, true>(kc, a, lda, b, c, ldc, acc),
+            7 => tile_avx512::<7, true>(kc, a, lda, b, c, ldc, acc),
+            8 => tile_avx512::<8, true>(kc, a, lda, b, c, ldc, acc),
+            9 => tile_avx512::<9, true>(kc, a, lda, b, c, ldc, acc),
+            10 => tile_avx512::<10, true>(kc, a, lda, b, c, ldc, acc),
+            11 => tile_avx512::<11, true>(kc, a, lda, b, c, ldc, acc),
+            _ => tile_avx512::<12, true>(kc, a, lda, b, c, ldc, acc),
         }
     }
 }

@@ -38,12 +38,11 @@ fn dot_us_avx2(u: __m256i, s: __m256i) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    // The 16 bytes in both halves, the upper half shifted right by 4, then the low nibbles.
     // SAFETY: 16 readable bytes (caller contract).
-    let b = unsafe { _mm_loadu_si128(p as *const __m128i) };
-    let m = _mm_set1_epi8(15);
-    let lo = _mm_and_si128(b, m);
-    let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), m);
-    _mm256_set_m128i(hi, lo)
+    let b = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i)) };
+    let shifted = _mm256_srlv_epi64(b, _mm256_set_epi64x(4, 4, 0, 0));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(15))
 }
 
 macro_rules! q8_row {
@@ -52,30 +51,45 @@ macro_rules! q8_row {
         /// The CPU has the listed features; `w` and `x` hold `nb·32` values, `xs` `nb` scales.
         #[target_feature(enable = $feat)]
         pub unsafe fn $name(w: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32 {
-            let mut acc = _mm256_setzero_ps();
-            for b in 0..nb {
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            // One block: (activation scale, integer dot products as f32).
+            let block = |b: usize| -> (__m256, __m256) {
                 // SAFETY: block b of w, x and xs is in bounds (caller contract).
-                let (wv, xv, s) = unsafe {
-                    (
-                        _mm256_loadu_si256(w.add(b * QK) as *const __m256i),
-                        _mm256_loadu_si256(x.add(b * QK) as *const __m256i),
-                        *xs.add(b),
-                    )
-                };
-                // |w| · (x · sign(w)) = w · x, with the unsigned operand first.
-                let d: __m256i = $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(d), acc);
+                unsafe {
+                    let wv = _mm256_loadu_si256(w.add(b * QK) as *const __m256i);
+                    let xv = _mm256_loadu_si256(x.add(b * QK) as *const __m256i);
+                    // |w| · (x · sign(w)) = w · x, with the unsigned operand first.
+                    let d: __m256i = $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                    (_mm256_set1_ps(*xs.add(b)), _mm256_cvtepi32_ps(d))
+                }
+            };
+            let mut b = 0;
+            while b + 1 < nb {
+                let (s0, d0) = block(b);
+                let (s1, d1) = block(b + 1);
+                acc0 = _mm256_fmadd_ps(s0, d0, acc0);
+                acc1 = _mm256_fmadd_ps(s1, d1, acc1);
+                b += 2;
             }
-            hsum(acc)
+            if b < nb {
+                let (s0, d0) = block(b);
+                acc0 = _mm256_fmadd_ps(s0, d0, acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
         }
     };
 }
 
 macro_rules! q4_row {
     ($name:ident, $feat:literal, $dot:ident) => {
+        /// Symmetric blocks subtract 8 from the nibbles and use the signed product (no offset
+        /// term); blocks with a minimum multiply unsigned nibbles and add `min · Σx` per block.
+        /// Two blocks per step into two accumulators.
+        ///
         /// # Safety
         /// The CPU has the listed features; `nib` holds `nb·16` bytes, `d` (and `mins` unless
-        /// null) `nb / sub` f16 values, `x` `nb·32` values, `xs` and `sums` `nb` values.
+        /// null) `nb / sub` f16 values, `x` `nb·32` values, `xs` and `sums` `nb` values; `sub`
+        /// is a power of two.
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn $name(
@@ -88,30 +102,40 @@ macro_rules! q4_row {
             nb: usize,
             sub: usize,
         ) -> f32 {
-            let mut acc = _mm256_setzero_ps();
+            let shift = sub.trailing_zeros();
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut off = 0.0f32;
-            for g in 0..nb / sub {
-                // SAFETY: group g's scale (and minimum) are in bounds (caller contract).
-                let (db, c) = unsafe {
-                    let db = h2f(*d.add(g));
-                    (db, if mins.is_null() { -8.0 * db } else { h2f(*mins.add(g)) })
-                };
-                for b in g * sub..(g + 1) * sub {
-                    // SAFETY: block b of every operand is in bounds (caller contract).
-                    let (wv, xv, s, sum) = unsafe {
-                        (
-                            unpack_nibbles(nib.add(b * QK / 2)),
-                            _mm256_loadu_si256(x.add(b * QK) as *const __m256i),
-                            *xs.add(b),
-                            *sums.add(b),
-                        )
+            // One block's contribution: (combined scale, integer dot products).
+            let block = |b: usize, off: &mut f32| -> (__m256, __m256) {
+                // SAFETY: block b of every operand and its group's scale (and minimum) are in
+                // bounds (caller contract).
+                unsafe {
+                    let wv = unpack_nibbles(nib.add(b * QK / 2));
+                    let xv = _mm256_loadu_si256(x.add(b * QK) as *const __m256i);
+                    let scale = *xs.add(b) * h2f(*d.add(b >> shift));
+                    let dv: __m256i = if mins.is_null() {
+                        // Σ (q − 8)·x = Σ q·x − 8·Σx: each of the 8 lanes takes −Σx.
+                        _mm256_sub_epi32($dot(wv, xv), _mm256_set1_epi32(*sums.add(b)))
+                    } else {
+                        *off += *xs.add(b) * h2f(*mins.add(b >> shift)) * *sums.add(b) as f32;
+                        $dot(wv, xv)
                     };
-                    let dv: __m256i = $dot(wv, xv);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(s * db), _mm256_cvtepi32_ps(dv), acc);
-                    off += s * c * sum as f32;
+                    (_mm256_set1_ps(scale), _mm256_cvtepi32_ps(dv))
                 }
+            };
+            let mut b = 0;
+            while b + 1 < nb {
+                let (s0, d0) = block(b, &mut off);
+                let (s1, d1) = block(b + 1, &mut off);
+                acc0 = _mm256_fmadd_ps(s0, d0, acc0);
+                acc1 = _mm256_fmadd_ps(s1, d1, acc1);
+                b += 2;
             }
-            hsum(acc) + off
+            if b < nb {
+                let (s0, d0) = block(b, &mut off);
+                acc0 = _mm256_fmadd_ps(s0, d0, acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1)) + off
         }
     };
 }

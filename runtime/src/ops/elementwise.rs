@@ -669,51 +669,39 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
             } else {
                 let o = out.f32()?;
                 let (xs, ys) = (x.shape, y.shape);
-                // Arithmetic: one vectorised instantiation each, at the CPU's vector width.
+                // Arithmetic: one vectorised instantiation each, at the CPU's vector width; Pow
+                // by a scalar 2 or 0.5 (squares and roots in feature extractors) as such.
+                let scalar = (b.len() == 1 && xs == osh).then(|| b[0]);
                 match op {
-                    Add => {
-                        return {
-                            let _: () = math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a + b));
-                            Ok(())
-                        }
+                    Add => math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a + b)),
+                    Sub => math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a - b)),
+                    Mul => math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a * b)),
+                    Div => math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a / b)),
+                    Pow if scalar == Some(2.0) => math::map(a, o, |v| v * v),
+                    // pow(x, 0.5) differs from sqrt at −0 (+0) and −inf (+inf).
+                    Pow if scalar == Some(0.5) => {
+                        math::map(a, o, |v| if v == f32::NEG_INFINITY { f32::INFINITY } else { v.sqrt() + 0.0 })
                     }
-                    Sub => {
-                        return {
-                            let _: () = math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a - b));
-                            Ok(())
-                        }
+                    _ => {
+                        let f: fn(f32, f32) -> f32 = match op {
+                            Pow => pow,
+                            Max => |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) },
+                            Min => |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.min(b) },
+                            Fmod => |a: f32, b: f32| a % b,
+                            Mod => |a: f32, b: f32| {
+                                let r = a % b;
+                                if r != 0.0 && ((r < 0.0) != (b < 0.0)) {
+                                    r + b
+                                } else {
+                                    r
+                                }
+                            },
+                            PRelu => |x, s| if x < 0.0 { x * s } else { x },
+                            _ => op_bail!("{op:?} on f32"),
+                        };
+                        bcast2(a, xs, b, ys, o, osh, f);
                     }
-                    Mul => {
-                        return {
-                            let _: () = math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a * b));
-                            Ok(())
-                        }
-                    }
-                    Div => {
-                        return {
-                            let _: () = math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a / b));
-                            Ok(())
-                        }
-                    }
-                    _ => {}
                 }
-                let f: fn(f32, f32) -> f32 = match op {
-                    Pow => pow,
-                    Max => |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) },
-                    Min => |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.min(b) },
-                    Fmod => |a: f32, b: f32| a % b,
-                    Mod => |a: f32, b: f32| {
-                        let r = a % b;
-                        if r != 0.0 && ((r < 0.0) != (b < 0.0)) {
-                            r + b
-                        } else {
-                            r
-                        }
-                    },
-                    PRelu => |x, s| if x < 0.0 { x * s } else { x },
-                    _ => op_bail!("{op:?} on f32"),
-                };
-                bcast2(a, xs, b, ys, o, osh, f);
             }
         }
         d if is_int(d) => int_dispatch!(d, binary_int(op, x, y, out))?,

@@ -85,31 +85,33 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let pick = |p: Option<&[f32]>, j: usize, dflt: f32| {
                 p.map(|s| if s.len() == 1 { s[0] } else { s[j] }).unwrap_or(dflt)
             };
-            for r in 0..rows {
-                let xr = &xd[r * n..(r + 1) * n];
-                let yr = &mut y[r * n..(r + 1) * n];
-                let mean = xr.iter().sum::<f32>() / n as f32;
-                let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
-                let inv = 1.0 / (var + epsilon).sqrt();
-                match (scale, bias) {
-                    (Some(s), Some(b)) if s.len() == n && b.len() == n => {
-                        for j in 0..n {
-                            yr[j] = (xr[j] - mean) * inv * s[j] + b[j];
+            crate::kernels::math::with_width(|| {
+                for r in 0..rows {
+                    let xr = &xd[r * n..(r + 1) * n];
+                    let yr = &mut y[r * n..(r + 1) * n];
+                    let mean = crate::kernels::math::lane_sum(xr, |v| v) / n as f32;
+                    let var = crate::kernels::math::lane_sum(xr, |v| (v - mean) * (v - mean)) / n as f32;
+                    let inv = 1.0 / (var + epsilon).sqrt();
+                    match (scale, bias) {
+                        (Some(s), Some(b)) if s.len() == n && b.len() == n => {
+                            for j in 0..n {
+                                yr[j] = (xr[j] - mean) * inv * s[j] + b[j];
+                            }
+                        }
+                        _ => {
+                            for j in 0..n {
+                                yr[j] = (xr[j] - mean) * inv * pick(scale, j, 1.0) + pick(bias, j, 0.0);
+                            }
                         }
                     }
-                    _ => {
-                        for j in 0..n {
-                            yr[j] = (xr[j] - mean) * inv * pick(scale, j, 1.0) + pick(bias, j, 0.0);
-                        }
+                    if let Some(m) = stats.get_mut(0) {
+                        m[r] = mean;
+                    }
+                    if let Some(s) = stats.get_mut(1) {
+                        s[r] = inv;
                     }
                 }
-                if let Some(m) = stats.get_mut(0) {
-                    m[r] = mean;
-                }
-                if let Some(s) = stats.get_mut(1) {
-                    s[r] = inv;
-                }
-            }
+            });
             Ok(())
         }
         Op::BatchNorm { epsilon } => {

@@ -511,44 +511,64 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             }
             let cval = &cbuf[..es];
             let ist = contiguous_strides(x.shape);
-            let ost = contiguous_strides(out.shape);
             let n = numel(out.shape);
-            for o in 0..n {
-                let mut off = 0isize;
-                let mut inside = true;
-                for d in 0..r {
-                    let oi = (o as isize / ost[d]) % out.shape[d] as isize;
-                    let dim = x.shape[d] as isize;
-                    let mut i = oi - p[d].0 as isize;
-                    if i < 0 || i >= dim {
-                        match mode {
-                            PadMode::Constant => inside = false,
-                            PadMode::Edge => i = i.clamp(0, dim - 1),
-                            PadMode::Wrap => i = i.rem_euclid(dim.max(1)),
-                            PadMode::Reflect => {
-                                if dim == 1 {
-                                    i = 0;
-                                } else {
-                                    let period = 2 * (dim - 1);
-                                    i = i.rem_euclid(period);
-                                    if i >= dim {
-                                        i = period - i;
-                                    }
-                                }
+            // Maps an output index along a dim to the input index it reads (None: the constant).
+            let map = |o: isize, d: usize| -> Option<isize> {
+                let dim = x.shape[d] as isize;
+                let i = o - p[d].0 as isize;
+                if (0..dim).contains(&i) {
+                    return Some(i);
+                }
+                if dim == 0 {
+                    return None;
+                }
+                match mode {
+                    PadMode::Constant => None,
+                    PadMode::Edge => Some(i.clamp(0, dim - 1)),
+                    PadMode::Wrap => Some(i.rem_euclid(dim)),
+                    PadMode::Reflect if dim == 1 => Some(0),
+                    PadMode::Reflect => {
+                        let period = 2 * (dim - 1);
+                        let i = i.rem_euclid(period);
+                        Some(if i >= dim { period - i } else { i })
+                    }
+                }
+            };
+            if r == 0 {
+                out.bytes[..es].copy_from_slice(&x.bytes[..es]);
+            } else if n > 0 {
+                // Row by row: outer dims mapped once per row, the inner dim's interior copied
+                // in one piece and only its borders element by element.
+                let (inner, dim) = (out.shape[r - 1], x.shape[r - 1] as isize);
+                let lo = p[r - 1].0 as isize;
+                let (c0, c1) = (lo.clamp(0, inner as isize) as usize, (lo + dim).clamp(0, inner as isize) as usize);
+                for row in 0..n / inner {
+                    let mut rem = row;
+                    let mut base = Some(0isize);
+                    for d in (0..r - 1).rev() {
+                        let oi = (rem % out.shape[d]) as isize;
+                        rem /= out.shape[d];
+                        base = base.and_then(|b| map(oi, d).map(|i| b + i * ist[d]));
+                    }
+                    let dst = &mut out.bytes[row * inner * es..(row + 1) * inner * es];
+                    let Some(base) = base else {
+                        dst.chunks_exact_mut(es).for_each(|c| c.copy_from_slice(cval));
+                        continue;
+                    };
+                    if c1 > c0 {
+                        let s0 = (base + c0 as isize - lo) as usize * es;
+                        dst[c0 * es..c1 * es].copy_from_slice(&x.bytes[s0..s0 + (c1 - c0) * es]);
+                    }
+                    for o in (0..c0).chain(c1..inner) {
+                        let d = &mut dst[o * es..(o + 1) * es];
+                        match map(o as isize, r - 1) {
+                            Some(i) => {
+                                let s0 = (base + i) as usize * es;
+                                d.copy_from_slice(&x.bytes[s0..s0 + es]);
                             }
+                            None => d.copy_from_slice(cval),
                         }
                     }
-                    if !inside || dim == 0 {
-                        inside = false;
-                        break;
-                    }
-                    off += i * ist[d];
-                }
-                let dst = &mut out.bytes[o * es..(o + 1) * es];
-                if inside {
-                    dst.copy_from_slice(&x.bytes[off as usize * es..(off as usize + 1) * es]);
-                } else {
-                    dst.copy_from_slice(cval);
                 }
             }
         }
