@@ -2,7 +2,7 @@
 //!
 //! - `bandwidth`: memory read bandwidth of this machine (sum of a 256 MiB buffer, 1 and 2
 //!   threads) — the physical limit for GEMV.
-//! - `gemv_q8` / `gemv_q4`: quantized GEMV on weight matrices larger than L2; throughput is the
+//! - `gemv_f16` / `gemv_q8` / `gemv_q4`: f16-weight and quantized GEMV on weight matrices larger than L2; throughput is the
 //!   weight bytes streamed (compare with `bandwidth` at the same thread count).
 //! - `sgemm`: f32 GEMM at 512³ and MiniLM's shapes: Acorn's native kernel and the portable
 //!   (`generic`) kernel called directly, and Acorn vs ONNX Runtime each running the same
@@ -16,6 +16,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use acorn::kernels::half::{self, F16Weights};
 use acorn::kernels::quant::{self, QActs};
 use acorn::kernels::{self, BMat, Isa, MatRef, Panels};
 use acorn::Tensor;
@@ -86,7 +87,22 @@ fn gemv(c: &mut Criterion) {
         // DRAM streaming, comparable with `bandwidth`.
         let q8 = quant::quantize_q8(&w, n, k);
         let q4 = quant::quantize_q4(&w, n, k, 32, false);
+        let f16: Vec<u16> = w.iter().map(|&v| acorn::tensor::f32_to_f16(v)).collect();
         drop(w);
+        let f16s: Vec<Vec<u16>> = (0..(2 * ROTATE_BYTES / (2 * n * k)).max(1)).map(|_| f16.clone()).collect();
+        let mut g = c.benchmark_group(format!("gemv_f16/{n}x{k}"));
+        g.throughput(Throughput::Bytes((2 * n * k) as u64)).sample_size(20).measurement_time(Duration::from_secs(2));
+        let mut turn16 = 0usize;
+        for threads in [1, 2] {
+            g.bench_function(format!("{}/{threads}t", isa.f16_row().0), |b| {
+                b.iter(|| {
+                    turn16 += 1;
+                    let w = F16Weights { n, k, data: &f16s[turn16 % f16s.len()] };
+                    half::gemm_f16(isa, &x, 1, &w, &mut out, threads).unwrap()
+                })
+            });
+        }
+        g.finish();
         let copies = (ROTATE_BYTES / (n * k / 2)).max(1);
         let q8s: Vec<_> = (0..copies).map(|_| q8.clone()).collect();
         let q4s: Vec<_> = (0..copies).map(|_| q4.clone()).collect();

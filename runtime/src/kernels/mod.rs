@@ -15,6 +15,7 @@ pub mod arm;
 mod armq;
 mod gemm;
 pub mod generic;
+pub mod half;
 pub mod math;
 pub mod pool;
 pub mod quant;
@@ -185,7 +186,7 @@ pub fn describe() -> String {
     let isa = selected();
     let q = isa.q_rows();
     match isa.f32_tile() {
-        Some(t) => format!("{} (f32 GEMM {}, {}, {})", isa.name(), t.name, q.q8_name, q.q4_name),
+        Some(t) => format!("{} (f32 GEMM {}, {}, {}, {})", isa.name(), t.name, isa.f16_row().0, q.q8_name, q.q4_name),
         None => format!("{} (scalar loops)", isa.name()),
     }
 }

@@ -1,0 +1,244 @@
+//! Matrix products with f16 weights and f32 compute: `Y[m × n] = X[m × k] · Wᵀ`, W stored as
+//! `n` rows of `k` IEEE half-precision values (the layout of an f16 weight matrix as output rows,
+//! like the quantized formats in `quant.rs`).
+//!
+//! - Few activation rows (GEMV, decode): each weight row is converted on the fly and dotted
+//!   with every activation row — half the bytes of f32 streamed, which is what bounds GEMV.
+//!   Row kernels: F16C on AVX2 / AVX-512 (`vcvtph2ps`), `fcvtl` on aarch64 (base AdvSIMD,
+//!   emitted with `asm!` because Rust's f16 vector types are unstable), scalar reference.
+//! - More rows (prefill, batches): the weights are converted into the f32 GEMM's panels once
+//!   per call and the f32 kernels run (conversion is `1/m` of the work).
+
+use super::{pool, BMat, Isa, MatRef, Panels};
+use crate::tensor::f16_to_f32;
+
+/// f16 weights: `n` rows of `k` values (`u16` bit patterns).
+#[derive(Clone, Copy, Debug)]
+pub struct F16Weights<'a> {
+    pub n: usize,
+    pub k: usize,
+    pub data: &'a [u16],
+}
+
+/// Activation rows up to which the row kernels run (above: convert to panels, f32 GEMM).
+pub const ROW_KERNEL_MAX_M: usize = 4;
+
+/// One weight row (f16) dotted with one activation row (f32), `k` values.
+type F16Row = unsafe fn(w: *const u16, x: *const f32, k: usize) -> f32;
+
+/// # Safety
+/// `w` and `x` hold `k` values.
+unsafe fn f16_row_ref(w: *const u16, x: *const f32, k: usize) -> f32 {
+    // SAFETY: lengths are the caller's contract.
+    let (w, x) = unsafe { (std::slice::from_raw_parts(w, k), std::slice::from_raw_parts(x, k)) };
+    w.iter().zip(x).map(|(&h, &v)| f16_to_f32(h) * v).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2, FMA and F16C are present; `w` and `x` hold `k` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn f16_row_avx2(w: *const u16, x: *const f32, k: usize) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let k32 = k / 32 * 32;
+        for p in (0..k32).step_by(32) {
+            for (u, a) in acc.iter_mut().enumerate() {
+                // SAFETY: p + 8u + 8 ≤ k32 ≤ k.
+                unsafe {
+                    let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(p + 8 * u) as *const __m128i));
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(p + 8 * u)), *a);
+                }
+            }
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: 8 floats of stack.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
+        let mut t: f32 = lanes.iter().sum();
+        for p in k32..k {
+            // SAFETY: p < k.
+            unsafe { t += _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*w.add(p) as i32))) * *x.add(p) };
+        }
+        t
+    }
+
+    /// # Safety
+    /// AVX-512F (and F16C) are present; `w` and `x` hold `k` values.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn f16_row_avx512(w: *const u16, x: *const f32, k: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let k64 = k / 64 * 64;
+        for p in (0..k64).step_by(64) {
+            for (u, a) in acc.iter_mut().enumerate() {
+                // SAFETY: p + 16u + 16 ≤ k64 ≤ k.
+                unsafe {
+                    let wv = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(p + 16 * u) as *const __m256i));
+                    *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(p + 16 * u)), *a);
+                }
+            }
+        }
+        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+        for p in k64..k {
+            // SAFETY: p < k.
+            unsafe { t += _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*w.add(p) as i32))) * *x.add(p) };
+        }
+        t
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// Four f16 bit patterns to f32 (`fcvtl`, base AdvSIMD).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn cvt4(h: uint16x4_t) -> float32x4_t {
+        let out: float32x4_t;
+        // SAFETY: register-only conversion present on every aarch64 CPU.
+        unsafe {
+            asm!("fcvtl {o:v}.4s, {i:v}.4h", o = lateout(vreg) out, i = in(vreg) h, options(pure, nomem, nostack, preserves_flags))
+        };
+        out
+    }
+
+    /// # Safety
+    /// `w` and `x` hold `k` values.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn f16_row_neon(w: *const u16, x: *const f32, k: usize) -> f32 {
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let k16 = k / 16 * 16;
+        for p in (0..k16).step_by(16) {
+            for (u, a) in acc.iter_mut().enumerate() {
+                // SAFETY: p + 4u + 4 ≤ k16 ≤ k.
+                unsafe {
+                    let wv = cvt4(vld1_u16(w.add(p + 4 * u)));
+                    *a = vfmaq_f32(*a, wv, vld1q_f32(x.add(p + 4 * u)));
+                }
+            }
+        }
+        let mut t = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+        for p in k16..k {
+            // SAFETY: p < k.
+            unsafe { t += crate::tensor::f16_to_f32(*w.add(p)) * *x.add(p) };
+        }
+        t
+    }
+}
+
+impl Isa {
+    /// The f16-weight row kernel of this set and its name.
+    pub fn f16_row(self) -> (&'static str, F16Row) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => ("gemv_f16f32_avx2", x86::f16_row_avx2),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Vnni => ("gemv_f16f32_avx512", x86::f16_row_avx512),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => ("gemv_f16f32_neon", arm::f16_row_neon),
+            _ => ("gemv_f16f32_ref", f16_row_ref),
+        }
+    }
+}
+
+/// Raw output pointer shared by the column bands of one product.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: bands write disjoint output columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[m × n] = X[m × k] · Wᵀ` with f16 weights, using the kernels of `isa` (a set this CPU
+/// cannot run falls back to the best supported one). Errors on inconsistent lengths.
+pub fn gemm_f16(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &F16Weights<'_>,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), String> {
+    let (n, k) = (w.n, w.k);
+    if w.data.len() < n * k || x.len() < m * k || out.len() < m * n {
+        return Err(format!("f16 GEMM: operands do not hold X {m}×{k}, W {n}×{k}, Y {m}×{n}"));
+    }
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    if m > ROW_KERNEL_MAX_M {
+        if let Some(nr) = isa.f32_panel() {
+            // Bᵀ = W (n × k rows) as f32 panels of the kernel's width, then the f32 GEMM.
+            let wf: Vec<f32> = w.data[..n * k].iter().map(|&h| f16_to_f32(h)).collect();
+            let packed = super::pack_panels(BMat::Strided(MatRef { data: &wf, rs: 1, cs: k }), k, n, nr);
+            let b = BMat::Panels(Panels { data: &packed, k, n, nr });
+            super::sgemm_with(isa, m, n, k, MatRef { data: x, rs: k, cs: 1 }, b, out, n, false, threads);
+            return Ok(());
+        }
+    }
+    let (_, f) = isa.f16_row();
+    let threads = if n * k >= 1 << 18 { threads.max(1) } else { 1 };
+    let parts = threads.min(n.div_ceil(64)).max(1);
+    let per = n.div_ceil(parts);
+    let op = OutPtr(out.as_mut_ptr());
+    pool::for_each(threads, parts, &|t| {
+        for j in t * per..((t + 1) * per).min(n) {
+            for i in 0..m {
+                // SAFETY: row j of W and row i of X hold k values (checked above); the kernel
+                // belongs to a supported set.
+                let v = unsafe { f(w.data.as_ptr().add(j * k), x.as_ptr().add(i * k), k) };
+                // SAFETY: out holds m·n values (checked) and column j belongs to this band.
+                unsafe { *op.get().add(i * n + j) = v };
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::data;
+    use crate::kernels::ALL_ISAS;
+    use crate::tensor::f32_to_f16;
+
+    #[test]
+    fn f16_weights_every_set_matches_reference() {
+        for &(m, n, k) in &[(1, 1, 1), (1, 7, 7), (2, 33, 33), (1, 70, 1000), (3, 17, 64), (5, 40, 130), (16, 65, 257)]
+        {
+            let w: Vec<u16> = data(n * k, (n + 3 * k) as u64).iter().map(|&v| f32_to_f16(v)).collect();
+            let x = data(m * k, (m + k) as u64);
+            let wv = F16Weights { n, k, data: &w };
+            // Ground truth in f64 from the exact f16 values.
+            let want: Vec<f64> = (0..m * n)
+                .map(|c| (0..k).map(|p| f16_to_f32(w[(c % n) * k + p]) as f64 * x[(c / n) * k + p] as f64).sum())
+                .collect();
+            for isa in ALL_ISAS.into_iter().filter(|i| i.supported()) {
+                for threads in [1, 2] {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_f16(isa, &x, m, &wv, &mut got, threads).unwrap();
+                    for (c, (g, r)) in got.iter().zip(&want).enumerate() {
+                        // f32 accumulation of k products of values in [-1, 1).
+                        let tol = 1e-6 * k as f64 + 1e-6;
+                        assert!(
+                            (*g as f64 - r).abs() <= tol,
+                            "{} f16 m={m} n={n} k={k} threads={threads}: out[{}][{}] = {g}, exact {r}",
+                            isa.f16_row().0,
+                            c / n,
+                            c % n
+                        );
+                    }
+                }
+            }
+        }
+        let mut out = [0.0f32; 2];
+        assert!(gemm_f16(Isa::detect(), &[0.0; 4], 1, &F16Weights { n: 2, k: 4, data: &[0; 7] }, &mut out, 1).is_err());
+    }
+}
