@@ -136,8 +136,9 @@ fn gemv(c: &mut Criterion) {
     }
 }
 
-/// (m, k, n): MiniLM-L3's projections at 16 and 128 tokens, and 512³.
-const GEMM_SHAPES: [(usize, usize, usize); 7] = [
+/// (m, k, n): 512³, MiniLM-L3's projections at 16 and 128 tokens, and one head of its
+/// attention at 128 tokens (scores Q·Kᵀ, then scores·V).
+const GEMM_SHAPES: [(usize, usize, usize); 9] = [
     (512, 512, 512),
     (16, 384, 384),
     (16, 384, 1536),
@@ -145,6 +146,8 @@ const GEMM_SHAPES: [(usize, usize, usize); 7] = [
     (128, 384, 384),
     (128, 384, 1536),
     (128, 1536, 384),
+    (128, 32, 128),
+    (128, 128, 32),
 ];
 
 fn sgemm(c: &mut Criterion) {

@@ -127,6 +127,7 @@ pub fn lower(
     }];
     if !opts.no_fold {
         records.push(passes::fold_constants(&mut m)?);
+        records.push(passes::fuse_gelu(&mut m)?);
     }
     records.push(passes::eliminate_dead(&mut m)?);
     Ok((m, records))

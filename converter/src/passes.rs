@@ -187,3 +187,105 @@ pub fn panel_bytes(t: &acorn::Tensor, nr: usize) -> Vec<u8> {
     }
     bytemuck::cast_slice(&out).to_vec()
 }
+
+/// Replaces the exact-GELU subgraph exporters emit —
+/// `x · ½ · (1 + erf(x / √2))` in any of its usual arrangements (`Div` by √2 or `Mul` by 1/√2,
+/// the ½ applied first or last, operands in either order) — by one `Gelu` activation: one pass
+/// over the data instead of five. Intermediate values must have no other reader. Run
+/// `eliminate_dead` after it to drop the replaced nodes.
+pub fn fuse_gelu(m: &mut Imported) -> Result<PassRecord> {
+    use acorn::graph::{Activation, BinaryOp, UnaryOp};
+    let g = &m.graph;
+    let scalar: HashMap<ValueId, f32> = g
+        .constants
+        .iter()
+        .filter_map(|c| {
+            let t = &m.tensors[c.tensor as usize].1;
+            (t.dtype() == DType::F32 && t.len() == 1)
+                .then(|| (c.value, bytemuck::pod_read_unaligned::<f32>(&t.bytes()[..4])))
+        })
+        .collect();
+    let near = |v: Option<ValueId>, want: f32| {
+        v.and_then(|v| scalar.get(&v)).is_some_and(|&s| (s - want).abs() <= 1e-3 * want.abs())
+    };
+    // Readers of each value anywhere (branches included; graph outputs count as readers).
+    let mut readers: HashMap<ValueId, usize> = HashMap::new();
+    for n in g.all_nodes() {
+        for v in n.inputs.iter().flatten() {
+            *readers.entry(*v).or_default() += 1;
+        }
+    }
+    for o in &g.outputs {
+        *readers.entry(o.value).or_default() += 1;
+    }
+    let producer: HashMap<ValueId, usize> =
+        g.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect();
+    let consumer = |v: ValueId| -> Option<usize> {
+        if readers.get(&v) != Some(&1) {
+            return None;
+        }
+        g.nodes.iter().position(|n| n.inputs.contains(&Some(v)))
+    };
+    let bin = |i: usize, op: BinaryOp| -> Option<(Option<ValueId>, Option<ValueId>)> {
+        let n = &g.nodes[i];
+        (n.op == Op::Binary(op) && n.inputs.len() == 2).then(|| (n.inputs[0], n.inputs[1]))
+    };
+    // The other operand of a binary node, given one of them.
+    let other = |(a, b): (Option<ValueId>, Option<ValueId>), v: ValueId| if a == Some(v) { b } else { a };
+    let mut rewrites: Vec<(usize, ValueId)> = Vec::new();
+    for erf in &g.nodes {
+        let (Op::Unary(UnaryOp::Erf), [Some(t)]) = (&erf.op, erf.inputs.as_slice()) else { continue };
+        let Some(&si) = producer.get(t) else { continue };
+        if readers.get(t) != Some(&1) {
+            continue;
+        }
+        // t = x / √2 or x · (1/√2)
+        let x = match (bin(si, BinaryOp::Div), bin(si, BinaryOp::Mul)) {
+            (Some((x, c)), _) if near(c, std::f32::consts::SQRT_2) => x,
+            (_, Some((a, b))) if near(b, std::f32::consts::FRAC_1_SQRT_2) => a,
+            (_, Some((a, b))) if near(a, std::f32::consts::FRAC_1_SQRT_2) => b,
+            _ => continue,
+        };
+        let Some(x) = x else { continue };
+        // u = erf + 1
+        let e = erf.outputs[0];
+        let Some(ai) = consumer(e) else { continue };
+        let Some(add) = bin(ai, BinaryOp::Add) else { continue };
+        if !near(other(add, e), 1.0) {
+            continue;
+        }
+        let u = g.nodes[ai].outputs[0];
+        let Some(mi) = consumer(u) else { continue };
+        let Some(mul) = bin(mi, BinaryOp::Mul) else { continue };
+        let w = other(mul, u);
+        let last = if w == Some(x) {
+            // (x · u) · ½
+            let v = g.nodes[mi].outputs[0];
+            match consumer(v).and_then(|hi| bin(hi, BinaryOp::Mul).map(|h| (hi, h))) {
+                Some((hi, h)) if near(other(h, v), 0.5) => hi,
+                _ => continue,
+            }
+        } else {
+            // (x · ½) · u
+            match w.and_then(|w| producer.get(&w).map(|&p| (w, p))) {
+                Some((w, p)) if readers.get(&w) == Some(&1) => match bin(p, BinaryOp::Mul) {
+                    Some(h)
+                        if other(h, x) != Some(x) && (h.0 == Some(x) || h.1 == Some(x)) && near(other(h, x), 0.5) =>
+                    {
+                        mi
+                    }
+                    _ => continue,
+                },
+                _ => continue,
+            }
+        };
+        rewrites.push((last, x));
+    }
+    let fused = rewrites.len();
+    for (i, x) in rewrites {
+        let n = &mut m.graph.nodes[i];
+        n.op = Op::Activation(Activation::Gelu { tanh: false });
+        n.inputs = vec![Some(x)];
+    }
+    Ok(PassRecord { name: "fuse_gelu".into(), params: vec![], report: vec![("fused".into(), fused as f64)] })
+}

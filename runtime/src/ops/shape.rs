@@ -370,10 +370,27 @@ fn strided_copy(src: &[u8], es: usize, out_shape: &[usize], strides: &[isize; MA
         let dst = &mut out[o0 * es..(o0 + inner) * es];
         if is == 1 {
             dst.copy_from_slice(&src[i0 as usize * es..(i0 as usize + inner) * es]);
-        } else {
-            for j in 0..inner {
-                let s = (i0 + j as isize * is) as usize * es;
-                dst[j * es..(j + 1) * es].copy_from_slice(&src[s..s + es]);
+            return;
+        }
+        // Strided rows: typed element moves for the common sizes (a byte-slice copy per
+        // element would be a library call each).
+        fn gather<const E: usize>(dst: &mut [u8], src: &[u8], i0: isize, is: isize) {
+            for (j, d) in dst.chunks_exact_mut(E).enumerate() {
+                let s = (i0 + j as isize * is) as usize * E;
+                let v: [u8; E] = src[s..s + E].try_into().expect("E bytes");
+                d.copy_from_slice(&v);
+            }
+        }
+        match es {
+            4 => gather::<4>(dst, src, i0, is),
+            8 => gather::<8>(dst, src, i0, is),
+            2 => gather::<2>(dst, src, i0, is),
+            1 => gather::<1>(dst, src, i0, is),
+            _ => {
+                for j in 0..inner {
+                    let s = (i0 + j as isize * is) as usize * es;
+                    dst[j * es..(j + 1) * es].copy_from_slice(&src[s..s + es]);
+                }
             }
         }
     });

@@ -1,0 +1,162 @@
+//! Weight layouts chosen at conversion (`acorn convert --target`) and the fusions the converter
+//! applies for the kernels: every target's file runs on this CPU with the same results (a
+//! foreign layout is repacked once at open), malformed panel data is an error, and the GELU
+//! subgraph becomes one activation without changing the outputs.
+
+use std::borrow::Cow;
+
+use acorn::format::{write_model, Provenance, TensorEncoding, TensorPayload};
+use acorn::graph::{ConstBinding, Graph, IoSpec, Node, Op, ValueInfo};
+use acorn::{DType, Model, Tensor};
+use acorn_converter::onnx_build::OnnxBuilder;
+use acorn_converter::{convert, ConvertOptions, Target};
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// y = x · W with W [k, n] an initializer, x [batch, m, k].
+fn matmul_model(k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
+    let w = data(k * n, 7);
+    let mut b = OnnxBuilder::new(17);
+    b.input_f32("x", &["batch", "m", &k.to_string()]);
+    b.init_f32("w", &[k as i64, n as i64], w.clone());
+    b.node("MatMul", "mm", &["x", "w"], &["y"], vec![]);
+    b.output_f32("y");
+    (b.to_bytes(), w)
+}
+
+#[test]
+fn every_target_layout_runs_here_with_the_same_results() {
+    // n = 96 is a whole number of panels for every width (narrower padding is not packed).
+    let (k, n) = (70, 96);
+    let (onnx, w) = matmul_model(k, n);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("mm.onnx");
+    std::fs::write(&src, onnx).unwrap();
+    let x = Tensor::from_f32(vec![2, 13, k], data(2 * 13 * k, 3));
+    let xs = x.as_f32().unwrap();
+    let want: Vec<f32> = (0..2 * 13 * n)
+        .map(|c| (0..k).map(|p| xs[(c / n) * k + p] as f64 * w[p * n + c % n] as f64).sum::<f64>() as f32)
+        .collect();
+    for name in Target::NAMES {
+        let target = Target::parse(name).unwrap();
+        let out = dir.path().join(format!("mm-{name}.acorn"));
+        convert(&src, &out, &ConvertOptions { target, ..Default::default() }).unwrap();
+        let m = Model::open(&out).unwrap();
+        let enc = &m.metadata().tensors[0].encoding;
+        match target.panel_width() {
+            Some(nr) => assert_eq!(*enc, TensorEncoding::PanelF32 { nr: nr as u32 }, "--target {name}"),
+            None => assert_eq!(*enc, TensorEncoding::Dense, "--target {name}"),
+        }
+        // Whatever the stored width, execution reads the width of this CPU's kernels.
+        let here = acorn::kernels::selected().f32_panel().map(|w| w as u32);
+        if target.panel_width().is_some() && here.is_some() {
+            assert_eq!(m.file().panel_width(0), here, "--target {name} repacked for this CPU");
+        }
+        let got = m.session().commit().unwrap().run(&[("x", &x)]).unwrap();
+        let got = got[0].as_f32().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+            assert!((g - r).abs() <= 1e-4, "--target {name}: y[{i}] = {g}, exact {r}");
+        }
+    }
+}
+
+/// A one-node model whose weight is stored as panels; `op` reads it.
+fn panel_model(path: &std::path::Path, op: Op, len_floats: usize) {
+    let graph = Graph {
+        values: ["x", "w", "y"].iter().map(|n| ValueInfo { name: n.to_string() }).collect(),
+        nodes: vec![Node { name: "n".into(), op, inputs: vec![Some(0), Some(1)], outputs: vec![2] }],
+        subgraphs: vec![],
+        inputs: vec![IoSpec { name: "x".into(), value: 0, dtype: DType::F32, dims: None }],
+        outputs: vec![IoSpec { name: "y".into(), value: 2, dtype: DType::F32, dims: None }],
+        constants: vec![ConstBinding { value: 1, tensor: 0 }],
+    };
+    let bytes: Vec<u8> = bytemuck::cast_slice(&vec![0.5f32; len_floats]).to_vec();
+    let t = TensorPayload {
+        name: "w".into(),
+        dtype: DType::F32,
+        shape: vec![4, 3],
+        encoding: TensorEncoding::PanelF32 { nr: 8 },
+        bytes: Cow::Owned(bytes),
+    };
+    write_model(path, graph, Provenance::default(), vec![], &[t]).unwrap();
+}
+
+#[test]
+fn malformed_panel_weights_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // Wrong length for [4, 3] in panels of 8 (needs 4·8 floats).
+    let p = dir.path().join("short.acorn");
+    panel_model(&p, Op::MatMul, 12);
+    let e = Model::open(&p).unwrap_err().to_string();
+    assert!(e.contains("PanelF32"), "{e}");
+    // Right length, but read by an op other than MatMul.
+    let p = dir.path().join("add.acorn");
+    panel_model(&p, Op::Binary(acorn::graph::BinaryOp::Add), 32);
+    let m = Model::open(&p).unwrap();
+    let x = Tensor::from_f32(vec![4, 3], vec![1.0; 12]);
+    let e = m.session().commit().unwrap().run(&[("x", &x)]).unwrap_err().to_string();
+    assert!(e.contains("GEMM panels"), "{e}");
+    // MatMul reads it: x [2, 4] · w [4, 3] = 4 · 0.5 · 1 each.
+    let p = dir.path().join("ok.acorn");
+    panel_model(&p, Op::MatMul, 32);
+    let m = Model::open(&p).unwrap();
+    let x = Tensor::from_f32(vec![2, 4], vec![1.0; 8]);
+    let y = m.session().commit().unwrap().run(&[("x", &x)]).unwrap();
+    assert_eq!(y[0].shape(), &[2, 3]);
+    assert!(y[0].as_f32().unwrap().iter().all(|&v| v == 2.0));
+}
+
+#[test]
+fn gelu_subgraph_becomes_one_activation() {
+    let erf = |x: f32| libm::erff(x);
+    // Both arrangements exporters emit: (x·u)·½ with x/√2, and (x·½)·u with x·(1/√2).
+    for variant in 0..2 {
+        let mut b = OnnxBuilder::new(17);
+        b.input_f32("x", &["n"]);
+        b.init_f32("half", &[], vec![0.5]);
+        b.init_f32("one", &[], vec![1.0]);
+        if variant == 0 {
+            b.init_f32("sqrt2", &[], vec![std::f32::consts::SQRT_2]);
+            b.node("Div", "d", &["x", "sqrt2"], &["t"], vec![]);
+        } else {
+            b.init_f32("rsqrt2", &[], vec![std::f32::consts::FRAC_1_SQRT_2]);
+            b.node("Mul", "d", &["rsqrt2", "x"], &["t"], vec![]);
+        }
+        b.node("Erf", "e", &["t"], &["e"], vec![]);
+        b.node("Add", "a", &["one", "e"], &["u"], vec![]);
+        if variant == 0 {
+            b.node("Mul", "m1", &["x", "u"], &["v"], vec![]);
+            b.node("Mul", "m2", &["v", "half"], &["y"], vec![]);
+        } else {
+            b.node("Mul", "m1", &["x", "half"], &["h"], vec![]);
+            b.node("Mul", "m2", &["u", "h"], &["y"], vec![]);
+        }
+        b.output_f32("y");
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("gelu.onnx");
+        std::fs::write(&src, b.to_bytes()).unwrap();
+        let out = dir.path().join("gelu.acorn");
+        let rep = convert(&src, &out, &Default::default()).unwrap();
+        let fused = rep.passes.iter().find(|p| p.name == "fuse_gelu").unwrap().report[0].1;
+        assert_eq!(fused, 1.0, "variant {variant}");
+        assert_eq!(rep.nodes, 1, "variant {variant}: only the activation is left");
+        let m = Model::open(&out).unwrap();
+        let xs: Vec<f32> = (0..200).map(|i| (i as f32 - 100.0) * 0.07).collect();
+        let y = m.session().commit().unwrap().run(&[("x", &Tensor::from_f32(vec![200], xs.clone()))]).unwrap();
+        for (g, &x) in y[0].as_f32().unwrap().iter().zip(&xs) {
+            let want = 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2));
+            assert!((g - want).abs() <= 1e-6 * (1.0 + want.abs()), "gelu({x}) = {g}, want {want}");
+        }
+    }
+}
