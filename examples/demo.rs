@@ -59,6 +59,11 @@ fn main() -> Result<()> {
         rep.tensors,
         conv_s
     );
+    let packed =
+        rep.passes.iter().find(|p| p.name == "pack_weights").and_then(|p| p.report.first()).map_or(0.0, |r| r.1);
+    let gelu = rep.passes.iter().find(|p| p.name == "fuse_gelu").and_then(|p| p.report.first()).map_or(0.0, |r| r.1);
+    println!("kernels    {}", acorn::kernels::describe());
+    println!("passes     {packed} MatMul weights stored in this CPU's GEMM layout, {gelu} GELU subgraphs fused");
     let open_ms = median(
         (0..5)
             .map(|_| {

@@ -123,3 +123,59 @@ q8_row!(q8_row_neon, "neon", dot32_neon);
 q4_row!(q4_row_neon, "neon", dot32_neon);
 q8_row!(q8_row_dot, "neon,dotprod", dot32_sdot);
 q4_row!(q4_row_dot, "neon,dotprod", dot32_sdot);
+
+/// `acc +` the 2×2 int32 product of two 8-byte rows of `a` (lanes 0–7, 8–15) with two 8-byte
+/// rows of `b`: lanes `[a0·b0, a0·b1, a1·b0, a1·b1]` (`smmla`, the int8 matrix-multiply
+/// extension).
+///
+/// # Safety
+/// The CPU has the i8mm extension.
+#[inline]
+#[target_feature(enable = "neon,i8mm")]
+unsafe fn smmla(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut r = acc;
+    // SAFETY: register-only instruction; the caller guarantees the CPU supports it.
+    unsafe {
+        asm!("smmla {r:v}.4s, {a:v}.16b, {b:v}.16b", r = inout(vreg) r, a = in(vreg) a, b = in(vreg) b,
+             options(pure, nomem, nostack, preserves_flags));
+    }
+    r
+}
+
+/// Two activation rows × two q8 weight rows at once with `smmla` (each instruction does 32
+/// multiply-adds, twice `sdot`): returns `[x0·w0, x0·w1, x1·w0, x1·w1]`, each
+/// `Σ_b xs[b] · Σ_i w[i]·x[i]` (weight scales are applied by the caller).
+///
+/// # Safety
+/// The CPU has i8mm; `w0`, `w1`, `x0`, `x1` hold `nb·32` values; `xs0`, `xs1` hold `nb` scales.
+#[target_feature(enable = "neon,i8mm")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_2x2_i8mm(
+    w0: *const i8,
+    w1: *const i8,
+    x0: *const i8,
+    x1: *const i8,
+    xs0: *const f32,
+    xs1: *const f32,
+    nb: usize,
+) -> [f32; 4] {
+    let mut accf = vdupq_n_f32(0.0);
+    for b in 0..nb {
+        // SAFETY: block b of every operand is in bounds (caller contract); i8mm is enabled.
+        unsafe {
+            let mut acc = vdupq_n_s32(0);
+            for s in 0..QK / 8 {
+                let p = b * QK + s * 8;
+                let a = vcombine_s8(vld1_s8(x0.add(p)), vld1_s8(x1.add(p)));
+                let w = vcombine_s8(vld1_s8(w0.add(p)), vld1_s8(w1.add(p)));
+                acc = smmla(acc, a, w);
+            }
+            let sc = vcombine_f32(vdup_n_f32(*xs0.add(b)), vdup_n_f32(*xs1.add(b)));
+            accf = vfmaq_f32(accf, vcvtq_f32_s32(acc), sc);
+        }
+    }
+    let mut out = [0.0f32; 4];
+    // SAFETY: four floats of stack.
+    unsafe { vst1q_f32(out.as_mut_ptr(), accf) };
+    out
+}

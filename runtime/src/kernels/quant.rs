@@ -299,7 +299,12 @@ pub struct QRows {
     pub q8: Q8Row,
     pub q4_name: &'static str,
     pub q4: Q4Row,
+    /// Two activation rows × two q8 weight rows at once, for products with m ≥ 2 (i8mm).
+    pub q8_2x2: Option<(&'static str, Q8Tile2x2)>,
 }
+
+/// `[x0·w0, x0·w1, x1·w0, x1·w1]` over `nb` blocks: `(w0, w1, x0, x1, xs0, xs1, nb)`.
+pub type Q8Tile2x2 = unsafe fn(*const i8, *const i8, *const i8, *const i8, *const f32, *const f32, usize) -> [f32; 4];
 
 impl Isa {
     /// The quantized row kernels of this set (a set without native ones uses the portable code).
@@ -311,6 +316,7 @@ impl Isa {
                 q8: super::x86q::q8_row_avx2,
                 q4_name: "gemv_q4i8_avx2",
                 q4: super::x86q::q4_row_avx2,
+                q8_2x2: None,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => QRows {
@@ -318,6 +324,7 @@ impl Isa {
                 q8: super::x86q::q8_row_vnni,
                 q4_name: "gemv_q4i8_avx512vnni",
                 q4: super::x86q::q4_row_vnni,
+                q8_2x2: None,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => QRows {
@@ -325,6 +332,7 @@ impl Isa {
                 q8: super::armq::q8_row_neon,
                 q4_name: "gemv_q4i8_neon",
                 q4: super::armq::q4_row_neon,
+                q8_2x2: None,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::NeonDot | Isa::NeonI8mm => QRows {
@@ -332,8 +340,16 @@ impl Isa {
                 q8: super::armq::q8_row_dot,
                 q4_name: "gemv_q4i8_neondot",
                 q4: super::armq::q4_row_dot,
+                q8_2x2: (self == Isa::NeonI8mm)
+                    .then_some(("gemm_q8i8_2x2_i8mm", super::armq::q8_2x2_i8mm as Q8Tile2x2)),
             },
-            _ => QRows { q8_name: "gemv_q8i8_ref", q8: q8_row_ref, q4_name: "gemv_q4i8_ref", q4: q4_row_ref },
+            _ => QRows {
+                q8_name: "gemv_q8i8_ref",
+                q8: q8_row_ref,
+                q4_name: "gemv_q4i8_ref",
+                q4: q4_row_ref,
+                q8_2x2: None,
+            },
         }
     }
 }
@@ -388,6 +404,54 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let f = isa.q_rows().q8;
     let nb = k / QK;
+    if let (Some((_, tile)), true) = (isa.q_rows().q8_2x2, m >= 2) {
+        // Pairs of weight rows × pairs of activation rows; an odd row or column by the row kernel.
+        let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
+        let per = n.div_ceil(parts.max(1)).next_multiple_of(2);
+        let op = OutPtr(out.as_mut_ptr());
+        pool::for_each(threads, n.div_ceil(per), &|t| {
+            let (j0, j1) = (t * per, ((t + 1) * per).min(n));
+            let put = |i: usize, j: usize, v: f32| {
+                // SAFETY: out holds m·n values (checked above) and column j belongs to this band.
+                unsafe { *op.get().add(i * n + j) = v * w.scales[j] };
+            };
+            let mut j = j0;
+            while j < j1 {
+                let mut i = 0;
+                while j + 1 < j1 && i + 1 < m {
+                    // SAFETY: rows j, j+1 of W and i, i+1 of X (k values, nb scales) are in bounds.
+                    let v = unsafe {
+                        tile(
+                            w.q.as_ptr().add(j * k),
+                            w.q.as_ptr().add((j + 1) * k),
+                            x.q.as_ptr().add(i * k),
+                            x.q.as_ptr().add((i + 1) * k),
+                            x.scales.as_ptr().add(i * nb),
+                            x.scales.as_ptr().add((i + 1) * nb),
+                            nb,
+                        )
+                    };
+                    put(i, j, v[0]);
+                    put(i, j + 1, v[1]);
+                    put(i + 1, j, v[2]);
+                    put(i + 1, j + 1, v[3]);
+                    i += 2;
+                }
+                let cols = if j + 1 < j1 { 2 } else { 1 };
+                for ii in i..m {
+                    for jj in j..j + cols {
+                        // SAFETY: as in the row path below.
+                        let d = unsafe {
+                            f(w.q.as_ptr().add(jj * k), x.q.as_ptr().add(ii * k), x.scales.as_ptr().add(ii * nb), nb)
+                        };
+                        put(ii, jj, d);
+                    }
+                }
+                j += cols;
+            }
+        });
+        return Ok(());
+    }
     drive(m, n, out, threads, &|i, j| {
         // SAFETY: row j of W and row i of X (k values, nb scales) are in bounds (checked above);
         // the kernel belongs to a set this CPU supports.
@@ -467,7 +531,16 @@ mod tests {
     /// the float product within the format's quantization error.
     #[test]
     fn q8_every_set_matches_reference_and_float() {
-        for &(m, n, k) in &[(1, 1, 32), (1, 7, 64), (3, 33, 96), (5, 130, 256), (1, 300, 1024), (8, 65, 4096)] {
+        for &(m, n, k) in &[
+            (1, 1, 32),
+            (1, 7, 64),
+            (2, 2, 32),
+            (3, 33, 96),
+            (5, 130, 256),
+            (1, 300, 1024),
+            (8, 65, 4096),
+            (4, 128, 128),
+        ] {
             let w = data(n * k, (n + k) as u64);
             let x = data(m * k, (m * 7 + k) as u64);
             let qw = quantize_q8(&w, n, k);
@@ -486,11 +559,11 @@ mod tests {
                 for threads in [1, 3] {
                     let mut got = vec![f32::NAN; m * n];
                     gemm_q8(isa, &qa, &qw.view(), &mut got, threads).unwrap();
+                    let name = isa.q_rows().q8_2x2.filter(|_| m >= 2).map_or(isa.q_rows().q8_name, |t| t.0);
                     for (c, (g, r)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - r).abs() <= sum_tol(*r, k),
-                            "{} q8 m={m} n={n} k={k} threads={threads}: out[{}][{}] = {g}, reference {r}",
-                            isa.q_rows().q8_name,
+                            "{name} q8 m={m} n={n} k={k} threads={threads}: out[{}][{}] = {g}, reference {r}",
                             c / n,
                             c % n
                         );
