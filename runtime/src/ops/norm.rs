@@ -268,13 +268,23 @@ pub(super) fn run_more(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [View
             if n == 0 {
                 return Ok(());
             }
-            for (xr, yr) in xd.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-                let ms = xr.iter().map(|&v| v * v).sum::<f32>() / n as f32;
-                let inv = 1.0 / (ms + epsilon).sqrt();
-                for j in 0..n {
-                    yr[j] = xr[j] * inv * s[si[j]];
+            let dense = si.iter().enumerate().all(|(j, &i)| i == j) && s.len() >= n;
+            crate::kernels::math::with_width(|| {
+                for (xr, yr) in xd.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+                    let ms = crate::kernels::math::lane_sum(xr, |v| v * v) / n as f32;
+                    let inv = 1.0 / (ms + epsilon).sqrt();
+                    if dense {
+                        // One scale per element (the usual case): a straight vector loop.
+                        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(&s[..n]) {
+                            *o = v * inv * g;
+                        }
+                    } else {
+                        for j in 0..n {
+                            yr[j] = xr[j] * inv * s[si[j]];
+                        }
+                    }
                 }
-            }
+            });
         }
         Op::InstanceNorm { epsilon } | Op::GroupNorm { epsilon, .. } => {
             let (nb, c) = (x.shape[0], x.shape[1]);
