@@ -96,18 +96,7 @@ pub unsafe fn sgemm_8x12_neon(
 ) {
     let lda = 0;
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
-    unsafe {
-        match rows {
-            1 => tile_neon::<1, false>(kc, a, lda, b, c, ldc, acc),
-            2 => tile_neon::<2, false>(kc, a, lda, b, c, ldc, acc),
-            3 => tile_neon::<3, false>(kc, a, lda, b, c, ldc, acc),
-            4 => tile_neon::<4, false>(kc, a, lda, b, c, ldc, acc),
-            5 => tile_neon::<5, false>(kc, a, lda, b, c, ldc, acc),
-            6 => tile_neon::<6, false>(kc, a, lda, b, c, ldc, acc),
-            7 => tile_neon::<7, false>(kc, a, lda, b, c, ldc, acc),
-            _ => tile_neon::<8, false>(kc, a, lda, b, c, ldc, acc),
-        }
-    }
+    unsafe { dispatch_rows!(rows, tile_neon, false, [1, 2, 3, 4, 5, 6, 7], 8, (kc, a, lda, b, c, ldc, acc)) }
 }
 
 /// Row-count dispatch for the NEON tile, A read in place (`rows` rows at stride `lda`).
@@ -126,16 +115,5 @@ pub unsafe fn sgemm_8x12_neon_rm(
     acc: bool,
 ) {
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
-    unsafe {
-        match rows {
-            1 => tile_neon::<1, true>(kc, a, lda, b, c, ldc, acc),
-            2 => tile_neon::<2, true>(kc, a, lda, b, c, ldc, acc),
-            3 => tile_neon::<3, true>(kc, a, lda, b, c, ldc, acc),
-            4 => tile_neon::<4, true>(kc, a, lda, b, c, ldc, acc),
-            5 => tile_neon::<5, true>(kc, a, lda, b, c, ldc, acc),
-            6 => tile_neon::<6, true>(kc, a, lda, b, c, ldc, acc),
-            7 => tile_neon::<7, true>(kc, a, lda, b, c, ldc, acc),
-            _ => tile_neon::<8, true>(kc, a, lda, b, c, ldc, acc),
-        }
-    }
+    unsafe { dispatch_rows!(rows, tile_neon, true, [1, 2, 3, 4, 5, 6, 7], 8, (kc, a, lda, b, c, ldc, acc)) }
 }

@@ -7,7 +7,8 @@
 
 use std::cell::RefCell;
 
-use super::{pool, BMat, MatRef};
+use super::pool::{self, SharedOut};
+use super::{BMat, MatRef};
 
 /// A tile reading A in place: `(rows, kc, a, lda, b, c, ldc, accumulate)`.
 pub type RowMajorTile = unsafe fn(usize, usize, *const f32, usize, *const f32, *mut f32, usize, bool);
@@ -49,23 +50,6 @@ thread_local! {
     static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Raw C pointer shared by the threads of one product; each writes a disjoint block.
-#[derive(Clone, Copy)]
-struct CPtr {
-    ptr: *mut f32,
-    len: usize,
-}
-// SAFETY: the driver gives every thread a disjoint block of C (rows or whole column panels).
-unsafe impl Send for CPtr {}
-unsafe impl Sync for CPtr {}
-
-impl CPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
-        self.ptr
-    }
-}
-
 /// `C[m×n] (+)= A·B` with micro-kernel `t`; `c` row-major with leading dimension `ldc`.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
@@ -99,14 +83,14 @@ pub fn sgemm(
         if m < t.mr && bm.rs == 1 {
             // A few rows of A against B's contiguous columns (a vector-matrix product).
             let per = n.div_ceil(threads).max(1);
-            let cp = CPtr { ptr: c.as_mut_ptr(), len: c.len() };
+            let cp = SharedOut::new(c);
             pool::for_each(threads, n.div_ceil(per), &|p| {
                 let (j0, j1) = (p * per, ((p + 1) * per).min(n));
                 let bs = &bm.data[j0 * bm.cs..];
                 for i in 0..m {
                     // SAFETY: row i's columns j0..j1 lie inside C (asserted above) and belong to
                     // this part alone.
-                    let row = unsafe { std::slice::from_raw_parts_mut(cp.get().add(i * ldc + j0), j1 - j0) };
+                    let row = unsafe { std::slice::from_raw_parts_mut(cp.ptr().add(i * ldc + j0), j1 - j0) };
                     super::math::dot_products(&a.data[i * a.rs..], 0, 1, bs, bm.cs, j1 - j0, k, row, 0, accumulate);
                 }
             });
@@ -126,7 +110,7 @@ pub fn sgemm(
             }
         }
     }
-    let cp = CPtr { ptr: c.as_mut_ptr(), len: c.len() };
+    let cp = SharedOut::new(c);
     let n_panels = n.div_ceil(t.nr);
     if threads > 1 && m >= 4 * t.mr * threads {
         let rows = m.div_ceil(threads).next_multiple_of(t.mr);
@@ -153,7 +137,7 @@ pub fn sgemm(
 /// Computes rows `i0..i1`, columns `j0..j1` of C (`j0` a multiple of `t.nr`).
 ///
 /// # Safety
-/// `c` points to a live buffer of `c.len` floats that no other thread reads or writes inside
+/// `c` points to a live buffer of `c.len()` floats that no other thread reads or writes inside
 /// this block for the duration of the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn band(
@@ -165,7 +149,7 @@ unsafe fn band(
     k: usize,
     a: MatRef<'_>,
     b: BMat<'_>,
-    c: CPtr,
+    c: SharedOut,
     ldc: usize,
     accumulate: bool,
 ) {
@@ -217,10 +201,10 @@ unsafe fn band(
                                 let a0 = row * a.rs + pc;
                                 assert!(a0 + (rows - 1) * a.rs + kc <= a.data.len());
                                 let ap = a.data[a0..].as_ptr();
-                                if cols == nr && (rows - 1) * ldc + off + nr <= c.len {
+                                if cols == nr && (rows - 1) * ldc + off + nr <= c.len() {
                                     // SAFETY: A's rows (asserted), the B panel (slice above) and
                                     // the C tile (checked) are in bounds and this thread's.
-                                    unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), c.ptr.add(off), ldc, !first) };
+                                    unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), c.ptr().add(off), ldc, !first) };
                                 } else {
                                     // SAFETY: as above, into the local tile (rows·nr ≤ TILE_MAX).
                                     unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
@@ -229,12 +213,12 @@ unsafe fn band(
                                 continue;
                             }
                             let ap = &apack[ip * kc * mr..(ip + 1) * kc * mr];
-                            if cols == nr && (rows - 1) * ldc + off + nr <= c.len {
+                            if cols == nr && (rows - 1) * ldc + off + nr <= c.len() {
                                 // SAFETY: the tile rows×nr at `off` lies inside C (checked just
                                 // above) and inside this thread's block; the panels hold kc·mr
                                 // and kc·nr floats (slices above); the kernel was selected for
                                 // this CPU.
-                                unsafe { (t.run)(rows, kc, ap.as_ptr(), bp.as_ptr(), c.ptr.add(off), ldc, !first) };
+                                unsafe { (t.run)(rows, kc, ap.as_ptr(), bp.as_ptr(), c.ptr().add(off), ldc, !first) };
                             } else {
                                 // Partial columns: compute a full tile locally, copy the valid part.
                                 // SAFETY: the local tile has rows·nr ≤ TILE_MAX floats at stride nr.
@@ -257,16 +241,16 @@ fn edge_store(
     nr: usize,
     rows: usize,
     cols: usize,
-    c: CPtr,
+    c: SharedOut,
     (row, col): (usize, usize),
     ldc: usize,
     first: bool,
 ) {
     for r in 0..rows {
         let o = (row + r) * ldc + col;
-        assert!(o + cols <= c.len);
+        assert!(o + cols <= c.len());
         // SAFETY: in bounds (asserted); the caller's block of C belongs to this thread.
-        let dst = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(o), cols) };
+        let dst = unsafe { std::slice::from_raw_parts_mut(c.ptr().add(o), cols) };
         let src = &tile[r * nr..r * nr + cols];
         if first {
             dst.copy_from_slice(src);

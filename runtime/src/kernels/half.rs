@@ -9,7 +9,8 @@
 //! - More rows (prefill, batches): the weights are converted into the f32 GEMM's panels once
 //!   per call and the f32 kernels run (conversion is `1/m` of the work).
 
-use super::{pool, BMat, Isa, MatRef, Panels};
+use super::pool::{self, SharedOut};
+use super::{BMat, Isa, MatRef, Panels};
 use crate::tensor::f16_to_f32;
 
 /// f16 weights: `n` rows of `k` values (`u16` bit patterns).
@@ -145,19 +146,6 @@ impl Isa {
     }
 }
 
-/// Raw output pointer shared by the column bands of one product.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: bands write disjoint output columns.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `out[m × n] = X[m × k] · Wᵀ` with f16 weights, using the kernels of `isa` (a set this CPU
 /// cannot run falls back to the best supported one). Errors on inconsistent lengths.
 pub fn gemm_f16(
@@ -187,7 +175,7 @@ pub fn gemm_f16(
     let threads = if n * k >= 1 << 18 { threads.max(1) } else { 1 };
     let parts = threads.min(n.div_ceil(64)).max(1);
     let per = n.div_ceil(parts);
-    let op = OutPtr(out.as_mut_ptr());
+    let op = SharedOut::new(out);
     pool::for_each(threads, parts, &|t| {
         for j in t * per..((t + 1) * per).min(n) {
             for i in 0..m {
@@ -195,7 +183,7 @@ pub fn gemm_f16(
                 // belongs to a supported set.
                 let v = unsafe { f(w.data.as_ptr().add(j * k), x.as_ptr().add(i * k), k) };
                 // SAFETY: out holds m·n values (checked) and column j belongs to this band.
-                unsafe { *op.get().add(i * n + j) = v };
+                unsafe { *op.ptr().add(i * n + j) = v };
             }
         }
     });

@@ -9,6 +9,18 @@
 
 use std::sync::OnceLock;
 
+/// Calls `$tile::<R, $rm>(args…)` with the const row count `R` equal to the run-time `$rows`
+/// (the listed counts, else `$last`): one instantiation per partial-tile height.
+#[allow(unused_macros)]
+macro_rules! dispatch_rows {
+    ($rows:expr, $tile:ident, $rm:expr, [$($r:literal),*], $last:literal, $args:tt) => {
+        match $rows {
+            $($r => $tile::<$r, $rm> $args,)*
+            _ => $tile::<$last, $rm> $args,
+        }
+    };
+}
+
 #[cfg(target_arch = "aarch64")]
 pub mod arm;
 #[cfg(target_arch = "aarch64")]

@@ -40,3 +40,32 @@ pub fn for_each(threads: usize, parts: usize, task: &(dyn Fn(usize) + Sync)) {
         }),
     }
 }
+
+/// An output buffer shared by the parts of one kernel call: each part writes only its own
+/// disjoint region (rows or columns), which the caller's split guarantees.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: parts write disjoint regions of a buffer that outlives the call (`for_each` returns
+// only when every part is done).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        SharedOut { ptr: out.as_mut_ptr(), len: out.len() }
+    }
+
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.ptr
+    }
+
+    /// Floats in the buffer.
+    pub(crate) fn len(self) -> usize {
+        self.len
+    }
+}

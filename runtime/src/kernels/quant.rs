@@ -15,7 +15,8 @@
 //! `reference` is plain integer arithmetic in Rust; native kernels compute the same integer
 //! dot products, so they differ from it only by f32 summation order.
 
-use super::{pool, Isa};
+use super::pool::{self, SharedOut};
+use super::Isa;
 use crate::tensor::{f16_to_f32, f32_to_f16};
 
 /// Activation block: values per int8 scale.
@@ -357,34 +358,20 @@ impl Isa {
 /// Output rows per thread task: enough to amortise the hand-off.
 const ROWS_PER_TASK: usize = 64;
 
-/// Raw output pointer shared by the row bands of one product (each band writes its own columns).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: bands write disjoint output columns.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Runs `row(i, j)` for every activation row `i` and weight row `j`, writing `out[i·n + j]`;
 /// weight rows are split across threads (each weight row is read once per call, then reused
 /// from cache for every activation row).
 fn drive(m: usize, n: usize, out: &mut [f32], threads: usize, row: &(dyn Fn(usize, usize) -> f32 + Sync)) {
     let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
     let per = n.div_ceil(parts.max(1));
-    let op = OutPtr(out.as_mut_ptr());
+    let op = SharedOut::new(out);
     pool::for_each(threads, parts, &|t| {
         for j in t * per..((t + 1) * per).min(n) {
             for i in 0..m {
                 let v = row(i, j);
                 // SAFETY: `out` holds m·n values (checked by the callers) and this band alone
                 // writes column j.
-                unsafe { *op.get().add(i * n + j) = v };
+                unsafe { *op.ptr().add(i * n + j) = v };
             }
         }
     });
@@ -408,12 +395,12 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
         // Pairs of weight rows × pairs of activation rows; an odd row or column by the row kernel.
         let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
         let per = n.div_ceil(parts.max(1)).next_multiple_of(2);
-        let op = OutPtr(out.as_mut_ptr());
+        let op = SharedOut::new(out);
         pool::for_each(threads, n.div_ceil(per), &|t| {
             let (j0, j1) = (t * per, ((t + 1) * per).min(n));
             let put = |i: usize, j: usize, v: f32| {
                 // SAFETY: out holds m·n values (checked above) and column j belongs to this band.
-                unsafe { *op.get().add(i * n + j) = v * w.scales[j] };
+                unsafe { *op.ptr().add(i * n + j) = v * w.scales[j] };
             };
             let mut j = j0;
             while j < j1 {

@@ -111,16 +111,7 @@ pub unsafe fn sgemm_6x16_avx2(
 ) {
     let lda = 0;
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
-    unsafe {
-        match rows {
-            1 => tile_avx2::<1, false>(kc, a, lda, b, c, ldc, acc),
-            2 => tile_avx2::<2, false>(kc, a, lda, b, c, ldc, acc),
-            3 => tile_avx2::<3, false>(kc, a, lda, b, c, ldc, acc),
-            4 => tile_avx2::<4, false>(kc, a, lda, b, c, ldc, acc),
-            5 => tile_avx2::<5, false>(kc, a, lda, b, c, ldc, acc),
-            _ => tile_avx2::<6, false>(kc, a, lda, b, c, ldc, acc),
-        }
-    }
+    unsafe { dispatch_rows!(rows, tile_avx2, false, [1, 2, 3, 4, 5], 6, (kc, a, lda, b, c, ldc, acc)) }
 }
 
 /// Row-count dispatch for the AVX2 tile, A read in place (`rows` rows at stride `lda`).
@@ -139,16 +130,7 @@ pub unsafe fn sgemm_6x16_avx2_rm(
     acc: bool,
 ) {
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
-    unsafe {
-        match rows {
-            1 => tile_avx2::<1, true>(kc, a, lda, b, c, ldc, acc),
-            2 => tile_avx2::<2, true>(kc, a, lda, b, c, ldc, acc),
-            3 => tile_avx2::<3, true>(kc, a, lda, b, c, ldc, acc),
-            4 => tile_avx2::<4, true>(kc, a, lda, b, c, ldc, acc),
-            5 => tile_avx2::<5, true>(kc, a, lda, b, c, ldc, acc),
-            _ => tile_avx2::<6, true>(kc, a, lda, b, c, ldc, acc),
-        }
-    }
+    unsafe { dispatch_rows!(rows, tile_avx2, true, [1, 2, 3, 4, 5], 6, (kc, a, lda, b, c, ldc, acc)) }
 }
 
 /// Row-count dispatch for the AVX-512 tile, A packed.
@@ -167,20 +149,7 @@ pub unsafe fn sgemm_12x32_avx512(
     let lda = 0;
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
     unsafe {
-        match rows {
-            1 => tile_avx512::<1, false>(kc, a, lda, b, c, ldc, acc),
-            2 => tile_avx512::<2, false>(kc, a, lda, b, c, ldc, acc),
-            3 => tile_avx512::<3, false>(kc, a, lda, b, c, ldc, acc),
-            4 => tile_avx512::<4, false>(kc, a, lda, b, c, ldc, acc),
-            5 => tile_avx512::<5, false>(kc, a, lda, b, c, ldc, acc),
-            6 => tile_avx512::<6, false>(kc, a, lda, b, c, ldc, acc),
-            7 => tile_avx512::<7, false>(kc, a, lda, b, c, ldc, acc),
-            8 => tile_avx512::<8, false>(kc, a, lda, b, c, ldc, acc),
-            9 => tile_avx512::<9, false>(kc, a, lda, b, c, ldc, acc),
-            10 => tile_avx512::<10, false>(kc, a, lda, b, c, ldc, acc),
-            11 => tile_avx512::<11, false>(kc, a, lda, b, c, ldc, acc),
-            _ => tile_avx512::<12, false>(kc, a, lda, b, c, ldc, acc),
-        }
+        dispatch_rows!(rows, tile_avx512, false, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 12, (kc, a, lda, b, c, ldc, acc))
     }
 }
 
@@ -201,19 +170,6 @@ pub unsafe fn sgemm_12x32_avx512_rm(
 ) {
     // SAFETY: forwarded caller contract; each arm's R equals `rows`.
     unsafe {
-        match rows {
-            1 => tile_avx512::<1, true>(kc, a, lda, b, c, ldc, acc),
-            2 => tile_avx512::<2, true>(kc, a, lda, b, c, ldc, acc),
-            3 => tile_avx512::<3, true>(kc, a, lda, b, c, ldc, acc),
-            4 => tile_avx512::<4, true>(kc, a, lda, b, c, ldc, acc),
-            5 => tile_avx512::<5, true>(kc, a, lda, b, c, ldc, acc),
-            6 => tile_avx512::<6, true>(kc, a, lda, b, c, ldc, acc),
-            7 => tile_avx512::<7, true>(kc, a, lda, b, c, ldc, acc),
-            8 => tile_avx512::<8, true>(kc, a, lda, b, c, ldc, acc),
-            9 => tile_avx512::<9, true>(kc, a, lda, b, c, ldc, acc),
-            10 => tile_avx512::<10, true>(kc, a, lda, b, c, ldc, acc),
-            11 => tile_avx512::<11, true>(kc, a, lda, b, c, ldc, acc),
-            _ => tile_avx512::<12, true>(kc, a, lda, b, c, ldc, acc),
-        }
+        dispatch_rows!(rows, tile_avx512, true, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 12, (kc, a, lda, b, c, ldc, acc))
     }
 }
