@@ -43,7 +43,7 @@ const NC: usize = 1024;
 const THIN_N: usize = 4;
 const THIN_K: usize = 1024;
 /// Work (m·n·k) from which a product is split across threads.
-const PARALLEL_WORK: usize = 1 << 20;
+const PARALLEL_WORK: usize = 1 << 22;
 
 thread_local! {
     /// Packing buffers, grown once per thread and reused.

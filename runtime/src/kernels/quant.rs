@@ -324,7 +324,7 @@ impl Isa {
                 q8_name: "gemv_q8i8_avx512vnni",
                 q8: super::x86q::q8_row_vnni,
                 q4_name: "gemv_q4i8_avx512vnni",
-                q4: super::x86q::q4_row_vnni,
+                q4: super::x86q::q4_row_vnni512,
                 q8_2x2: None,
             },
             #[cfg(target_arch = "aarch64")]
@@ -564,6 +564,8 @@ mod tests {
     fn q4_every_set_matches_reference_and_float() {
         for &(m, n, k, block) in &[
             (1, 1, 32, 32),
+            (2, 33, 1024, 32),
+            (1, 9, 544, 32),
             (2, 9, 64, 64),
             (3, 33, 128, 128),
             (1, 130, 256, 32),

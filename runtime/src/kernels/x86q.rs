@@ -151,3 +151,107 @@ fn dot_us_vnni(u: __m256i, s: __m256i) -> __m256i {
 
 q8_row!(q8_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 q4_row!(q4_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
+
+/// q4 with AVX-512 VNNI on full-width registers, for the common format (symmetric blocks of 32):
+/// two blocks per `vpdpbusd` on unsigned nibbles, block scales `d·s` computed 16 at a time and
+/// spread with `vpermps`, and the `−8·Σx` offset summed in a separate vector (`Σ d·s·Σx`), so
+/// the loop carries no scalar work; a row's last blocks use masked loads. Other q4 variants
+/// (with a minimum, or blocks of 64/128) use the 256-bit kernel.
+///
+/// # Safety
+/// As [`q4_row_vnni`]; the CPU also has AVX-512BW.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_row_vnni512(
+    nib: *const u8,
+    d: *const u16,
+    mins: *const u16,
+    x: *const i8,
+    xs: *const f32,
+    sums: *const i32,
+    nb: usize,
+    sub: usize,
+) -> f32 {
+    if !mins.is_null() || sub != 1 {
+        // SAFETY: forwarded caller contract.
+        return unsafe { q4_row_vnni(nib, d, mins, x, xs, sums, nb, sub) };
+    }
+    let (mut acc0, mut acc1, mut off) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+    let low4 = _mm512_set1_epi8(15);
+    // Per 64-bit lane: 0 for the low nibbles, 4 for the high ones: [lo0, hi0, lo1, hi1].
+    let shifts = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+    let two = _mm512_set1_epi32(2);
+    let b16 = nb / 16 * 16;
+    let mut b = 0;
+    // Whole groups of 16 blocks: plain loads, eight pairs unrolled.
+    while b < b16 {
+        // SAFETY: blocks b..b+16 of every operand are in bounds (b + 16 ≤ nb).
+        unsafe {
+            let c = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b) as *const __m256i)),
+                _mm512_loadu_ps(xs.add(b)),
+            );
+            off = _mm512_fmadd_ps(c, _mm512_cvtepi32_ps(_mm512_loadu_si512(sums.add(b) as *const __m512i)), off);
+            let mut idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+            for pair in 0..8 {
+                let bb = b + 2 * pair;
+                let raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(nib.add(bb * QK / 2) as *const __m256i));
+                let z = _mm512_shuffle_i64x2::<0b01_01_00_00>(raw, raw);
+                let w = _mm512_and_si512(_mm512_srlv_epi64(z, shifts), low4);
+                let xv = _mm512_loadu_si512(x.add(bb * QK) as *const __m512i);
+                let dv = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv));
+                let sc = _mm512_permutexvar_ps(idx, c);
+                if pair % 2 == 0 {
+                    acc0 = _mm512_fmadd_ps(sc, dv, acc0);
+                } else {
+                    acc1 = _mm512_fmadd_ps(sc, dv, acc1);
+                }
+                idx = _mm512_add_epi32(idx, two);
+            }
+        }
+        b += 16;
+    }
+    // The last nb mod 16 blocks with masked loads.
+    while b < nb {
+        // Up to 16 blocks: their scales d·s at once (masked past the row's end, so they are 0).
+        let cnt = (nb - b).min(16);
+        let m16: __mmask16 = ((1u32 << cnt) - 1) as u16;
+        // SAFETY: the masked loads touch only blocks b..b+cnt, which are in bounds.
+        let c = unsafe {
+            let c = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, d.add(b) as *const i16)),
+                _mm512_maskz_loadu_ps(m16, xs.add(b)),
+            );
+            off = _mm512_fmadd_ps(c, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m16, sums.add(b))), off);
+            c
+        };
+        let mut idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        for pair in 0..cnt.div_ceil(2) {
+            let bb = b + 2 * pair;
+            // A lone last block loads only its own bytes; the missing one reads as zeros.
+            let full = bb + 1 < b + cnt;
+            // SAFETY: block bb (and bb + 1 when `full`) is in bounds; the masks stop at it.
+            let (raw, xv) = unsafe {
+                let nm: __mmask32 = if full { u32::MAX } else { 0xFFFF };
+                let xm: __mmask64 = if full { u64::MAX } else { u32::MAX as u64 };
+                (
+                    _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(nm, nib.add(bb * QK / 2) as *const i8)),
+                    _mm512_maskz_loadu_epi8(xm, x.add(bb * QK)),
+                )
+            };
+            let z = _mm512_shuffle_i64x2::<0b01_01_00_00>(raw, raw);
+            let w = _mm512_and_si512(_mm512_srlv_epi64(z, shifts), low4);
+            let dv = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv));
+            let sc = _mm512_permutexvar_ps(idx, c);
+            if pair % 2 == 0 {
+                acc0 = _mm512_fmadd_ps(sc, dv, acc0);
+            } else {
+                acc1 = _mm512_fmadd_ps(sc, dv, acc1);
+            }
+            idx = _mm512_add_epi32(idx, two);
+        }
+        b += cnt;
+    }
+    // Σ d·s·(Σ q·x) − 8 · Σ d·s·Σx, in one reduction.
+    _mm512_reduce_add_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0), off, _mm512_add_ps(acc0, acc1)))
+}
