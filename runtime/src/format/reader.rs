@@ -196,7 +196,7 @@ impl ModelFile {
         if verify_data {
             file.verify_data()?;
         }
-        file.adapt_layouts(crate::kernels::selected());
+        file.adapt_layouts(crate::kernels::selected())?;
         Ok(file)
     }
 
@@ -239,8 +239,8 @@ impl ModelFile {
 
     /// Repacks panel-encoded weights whose width is not the one `isa`'s GEMM reads (a file
     /// converted with `--target` for another CPU), once, logging it. `reference` reads any width.
-    fn adapt_layouts(&mut self, isa: crate::kernels::Isa) {
-        let Some(want) = isa.f32_panel() else { return };
+    fn adapt_layouts(&mut self, isa: crate::kernels::Isa) -> Result<()> {
+        let Some(want) = isa.f32_panel() else { return Ok(()) };
         let mut done = (0usize, 0usize, 0u32);
         for i in 0..self.meta.tensors.len() {
             let t = &self.meta.tensors[i];
@@ -256,10 +256,19 @@ impl ModelFile {
                 Err(_) => continue, // offsets are 64-aligned: unreachable for a validated file
             };
             let per = crate::kernels::Panels::len(k, n, nr as usize);
-            let mut out = Vec::with_capacity(batch * crate::kernels::Panels::len(k, n, want));
+            // Narrow panels repacked wider grow by their padding (up to 64× for width 1): the
+            // allocation is fallible, so a hostile file is an error, not an abort.
+            let need = crate::kernels::Panels::len(k, n, want).checked_mul(batch);
+            let mut out: Vec<f32> = Vec::new();
+            if need.is_none_or(|need| out.try_reserve_exact(need).is_err()) {
+                return Err(Error::Limit(format!(
+                    "tensor '{}': cannot allocate {need:?} floats to repack its panels from width {nr} to {want}",
+                    t.name
+                )));
+            }
             for b in 0..batch {
                 let p = crate::kernels::Panels { data: &src[b * per..(b + 1) * per], k, n, nr: nr as usize };
-                out.extend(crate::kernels::pack_panels(crate::kernels::BMat::Panels(p), k, n, want));
+                crate::kernels::pack_panels_append(&mut out, crate::kernels::BMat::Panels(p), k, n, want);
             }
             done = (done.0 + 1, done.1 + out.len() * 4, nr);
             if self.repacked.is_empty() {
@@ -277,6 +286,7 @@ impl ModelFile {
                 isa.name()
             );
         }
+        Ok(())
     }
 
     /// Checks every tensor's CRC-32; returns one entry per tensor.

@@ -278,17 +278,29 @@ pub fn fits(m: &MatRef<'_>, rows: usize, cols: usize) -> bool {
 /// a model opened on a CPU with another panel width is repacked to).
 pub fn pack_panels(b: BMat<'_>, k: usize, n: usize, nr: usize) -> Vec<f32> {
     let mut out = Vec::new();
-    pack_b(&mut out, &b, 0, k, 0, n, nr);
+    pack_panels_append(&mut out, b, k, n, nr);
     out
+}
+
+/// [`pack_panels`] appending to `out` (no allocation when `out` has the capacity).
+pub fn pack_panels_append(out: &mut Vec<f32>, b: BMat<'_>, k: usize, n: usize, nr: usize) {
+    let start = out.len();
+    out.resize(start + Panels::len(k, n, nr), 0.0);
+    fill_b(&mut out[start..], &b, 0, k, 0, n, nr);
 }
 
 /// Packs `B[pc..pc+kc, jc..jc+nc]` as panels of `kc × nr`, zero-padded.
 // Called once per block: kept out of line so the micro-kernel loop's register use stays small.
 #[inline(never)]
 fn pack_b(buf: &mut Vec<f32>, b: &BMat<'_>, pc: usize, kc: usize, jc: usize, nc: usize, nr: usize) {
-    let n_panels = nc.div_ceil(nr);
     buf.clear();
-    buf.resize(n_panels * kc * nr, 0.0);
+    buf.resize(nc.div_ceil(nr) * kc * nr, 0.0);
+    fill_b(buf, b, pc, kc, jc, nc, nr);
+}
+
+/// Writes the panels of `B[pc..pc+kc, jc..jc+nc]` into `buf` (zeroed, `ceil(nc/nr)·kc·nr` long).
+fn fill_b(buf: &mut [f32], b: &BMat<'_>, pc: usize, kc: usize, jc: usize, nc: usize, nr: usize) {
+    let n_panels = nc.div_ceil(nr);
     for jp in 0..n_panels {
         let panel = &mut buf[jp * kc * nr..(jp + 1) * kc * nr];
         let j0 = jc + jp * nr;
