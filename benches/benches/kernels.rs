@@ -7,6 +7,7 @@
 //! - `sgemm`: f32 GEMM at 512³ and MiniLM's shapes: Acorn's native kernel and the portable
 //!   (`generic`) kernel called directly, and Acorn vs ONNX Runtime each running the same
 //!   one-MatMul ONNX model (weights as an initializer); throughput in FLOP (2·m·n·k).
+//! - `pool`: the cost of splitting a call over 2 threads (worker already awake, or asleep).
 //!
 //! ```text
 //! python3 tests/assets/fetch.py        # ONNX Runtime for the sgemm peer
@@ -21,19 +22,8 @@ use acorn::kernels::quant::{self, QActs};
 use acorn::kernels::{self, BMat, Isa, MatRef, Panels};
 use acorn::Tensor;
 use acorn_converter::onnx_build::OnnxBuilder;
+use acorn_tests::pseudo_random;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
 
 /// Sums `buf` with 64 independent lanes (four vector accumulators at the widest width, so the
 /// add latency never limits the read rate).
@@ -50,7 +40,7 @@ fn sum(buf: &[f32]) -> f32 {
 }
 
 fn bandwidth(c: &mut Criterion) {
-    let buf = data(64 << 20, 1); // 256 MiB
+    let buf = pseudo_random(64 << 20, 1); // 256 MiB
     let mut g = c.benchmark_group("bandwidth");
     g.throughput(Throughput::Bytes((buf.len() * 4) as u64)).sample_size(10).measurement_time(Duration::from_secs(4));
     for threads in [1, 2] {
@@ -69,70 +59,72 @@ fn bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
-/// Bytes of q4 weights cycled through per GEMV benchmark (q8: twice that): well above L3.
-const ROTATE_BYTES: usize = 128 << 20;
+/// Weight bytes cycled through per GEMV benchmark: copies of the matrix well above the 32 MiB
+/// L3, so the figure is DRAM streaming, comparable with `bandwidth`.
+const ROTATE_BYTES: usize = 256 << 20;
 
 /// (n, k): output rows × inner dimension of the weight matrix.
 const GEMV_SHAPES: [(usize, usize); 4] = [(4096, 4096), (1536, 576), (576, 1536), (49152, 576)];
 
+/// Enough copies of `w` (of `bytes` bytes) to stream `ROTATE_BYTES`.
+fn copies<T: Clone>(w: &T, bytes: usize) -> Vec<T> {
+    (0..(ROTATE_BYTES / bytes).max(1)).map(|_| w.clone()).collect()
+}
+
+/// One GEMV group at 1 and 2 threads; `run(threads, turn)` multiplies by copy `turn` (mod the
+/// number of copies) of the weights. Throughput is the weight bytes streamed per call.
+fn gemv_group(
+    c: &mut Criterion,
+    fmt: &str,
+    kernel: &str,
+    (n, k): (usize, usize),
+    bytes: usize,
+    mut run: impl FnMut(usize, usize),
+) {
+    let mut g = c.benchmark_group(format!("gemv_{fmt}/{n}x{k}"));
+    g.throughput(Throughput::Bytes(bytes as u64)).sample_size(20).measurement_time(Duration::from_secs(2));
+    let mut turn = 0usize;
+    for threads in [1, 2] {
+        g.bench_function(format!("{kernel}/{threads}t"), |b| {
+            b.iter(|| {
+                turn += 1;
+                run(threads, turn)
+            })
+        });
+    }
+    g.finish();
+}
+
 fn gemv(c: &mut Criterion) {
     let isa = kernels::selected();
     for (n, k) in GEMV_SHAPES {
-        let w = data(n * k, (n + k) as u64);
-        let x = data(k, 7);
+        let w = pseudo_random(n * k, (n + k) as u64);
+        let x = pseudo_random(k, 7);
         let mut qa = QActs::default();
         quant::quantize_acts(&x, 1, k, &mut qa).unwrap();
         let mut out = vec![0.0f32; n];
-        // Copies cycled through so the weights streamed exceed the 32 MiB L3: the figure is
-        // DRAM streaming, comparable with `bandwidth`.
-        let q8 = quant::quantize_q8(&w, n, k);
-        let q4 = quant::quantize_q4(&w, n, k, 32, false);
+
         let f16: Vec<u16> = w.iter().map(|&v| acorn::tensor::f32_to_f16(v)).collect();
-        drop(w);
-        let f16s: Vec<Vec<u16>> = (0..(2 * ROTATE_BYTES / (2 * n * k)).max(1)).map(|_| f16.clone()).collect();
-        let mut g = c.benchmark_group(format!("gemv_f16/{n}x{k}"));
-        g.throughput(Throughput::Bytes((2 * n * k) as u64)).sample_size(20).measurement_time(Duration::from_secs(2));
-        let mut turn16 = 0usize;
-        for threads in [1, 2] {
-            g.bench_function(format!("{}/{threads}t", isa.f16_row().0), |b| {
-                b.iter(|| {
-                    turn16 += 1;
-                    let w = F16Weights { n, k, data: &f16s[turn16 % f16s.len()] };
-                    half::gemm_f16(isa, &x, 1, &w, &mut out, threads).unwrap()
-                })
-            });
-        }
-        g.finish();
-        let copies = (ROTATE_BYTES / (n * k / 2)).max(1);
-        let q8s: Vec<_> = (0..copies).map(|_| q8.clone()).collect();
-        let q4s: Vec<_> = (0..copies).map(|_| q4.clone()).collect();
-        let mut turn = 0usize;
-        let mut g = c.benchmark_group(format!("gemv_q8/{n}x{k}"));
-        g.throughput(Throughput::Bytes((n * k + 4 * n) as u64))
-            .sample_size(20)
-            .measurement_time(Duration::from_secs(2));
-        for threads in [1, 2] {
-            g.bench_function(format!("{}/{threads}t", isa.q_rows().q8_name), |b| {
-                b.iter(|| {
-                    turn += 1;
-                    quant::gemm_q8(isa, &qa, &q8s[turn % copies].view(), &mut out, threads).unwrap()
-                })
-            });
-        }
-        g.finish();
-        let mut g = c.benchmark_group(format!("gemv_q4/{n}x{k}"));
-        g.throughput(Throughput::Bytes((n * k / 2 + 2 * n * k / 32) as u64))
-            .sample_size(20)
-            .measurement_time(Duration::from_secs(2));
-        for threads in [1, 2] {
-            g.bench_function(format!("{}/{threads}t", isa.q_rows().q4_name), |b| {
-                b.iter(|| {
-                    turn += 1;
-                    quant::gemm_q4(isa, &qa, &q4s[turn % copies].view(), &mut out, threads).unwrap()
-                })
-            });
-        }
-        g.finish();
+        let bytes = 2 * n * k;
+        let f16s = copies(&f16, bytes);
+        gemv_group(c, "f16", isa.f16_row().0, (n, k), bytes, |threads, turn| {
+            let w = F16Weights { n, k, data: &f16s[turn % f16s.len()] };
+            half::gemm_f16(isa, &x, 1, &w, &mut out, threads).unwrap()
+        });
+        drop(f16s);
+
+        let bytes = n * k + 4 * n;
+        let q8s = copies(&quant::quantize_q8(&w, n, k), bytes);
+        gemv_group(c, "q8", isa.q_rows().q8_name, (n, k), bytes, |threads, turn| {
+            quant::gemm_q8(isa, &qa, &q8s[turn % q8s.len()].view(), &mut out, threads).unwrap()
+        });
+        drop(q8s);
+
+        let bytes = n * k / 2 + 2 * n * k / 32;
+        let q4s = copies(&quant::quantize_q4(&w, n, k, 32, false), bytes);
+        gemv_group(c, "q4", isa.q_rows().q4_name, (n, k), bytes, |threads, turn| {
+            quant::gemm_q4(isa, &qa, &q4s[turn % q4s.len()].view(), &mut out, threads).unwrap()
+        });
     }
 }
 
@@ -154,8 +146,8 @@ fn sgemm(c: &mut Criterion) {
     let onnx_dir = tempfile::tempdir().unwrap();
     let native = kernels::selected();
     for (m, k, n) in GEMM_SHAPES {
-        let a = data(m * k, 3);
-        let b = data(k * n, 4);
+        let a = pseudo_random(m * k, 3);
+        let b = pseudo_random(k * n, 4);
         let mut out = vec![0.0f32; m * n];
         let mut g = c.benchmark_group(format!("sgemm/{m}x{k}x{n}"));
         g.throughput(Throughput::Elements((2 * m * n * k) as u64))
@@ -201,5 +193,35 @@ fn sgemm(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bandwidth, gemv, sgemm);
+/// What splitting a call over 2 threads costs before any work: handing an empty task to the
+/// pool's worker and waiting for it, with the worker busy-idle (`hot`, calls back to back) and
+/// after it went to sleep (`after_1ms_idle`, as between two matmuls of a model).
+fn pool_overhead(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pool");
+    g.sample_size(30).measurement_time(Duration::from_secs(2));
+    g.bench_function("hot", |b| {
+        b.iter(|| {
+            kernels::pool::for_each(2, 2, &|i| {
+                black_box(i);
+            })
+        })
+    });
+    g.bench_function("after_1ms_idle", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                std::thread::sleep(Duration::from_millis(1));
+                let t = std::time::Instant::now();
+                kernels::pool::for_each(2, 2, &|i| {
+                    black_box(i);
+                });
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bandwidth, gemv, sgemm, pool_overhead);
 criterion_main!(benches);

@@ -148,7 +148,9 @@ pub fn plan_panel_weights(m: &Imported, target: &str, nr: Option<usize>) -> (Vec
         }
     }
     for o in &g.outputs {
-        ok.insert(o.value, false);
+        if let Some(flag) = ok.get_mut(&o.value) {
+            *flag = false;
+        }
     }
     let mut uses: HashMap<usize, usize> = HashMap::new();
     for c in &g.constants {
@@ -183,7 +185,7 @@ pub fn panel_bytes(t: &acorn::Tensor, nr: usize) -> Vec<u8> {
     let mut out: Vec<f32> = Vec::new();
     for mat in data.chunks_exact(k * n) {
         let b = acorn::kernels::BMat::Strided(acorn::kernels::MatRef { data: mat, rs: n, cs: 1 });
-        out.extend(acorn::kernels::pack_panels(b, k, n, nr));
+        acorn::kernels::pack_panels_append(&mut out, b, k, n, nr);
     }
     bytemuck::cast_slice(&out).to_vec()
 }
@@ -220,11 +222,19 @@ pub fn fuse_gelu(m: &mut Imported) -> Result<PassRecord> {
     }
     let producer: HashMap<ValueId, usize> =
         g.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect();
+    // First main-graph node reading each value.
+    let mut first_reader: HashMap<ValueId, usize> = HashMap::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        for v in n.inputs.iter().flatten() {
+            first_reader.entry(*v).or_insert(i);
+        }
+    }
+    // The node reading `v`, when it is `v`'s only reader (and in the main graph).
     let consumer = |v: ValueId| -> Option<usize> {
         if readers.get(&v) != Some(&1) {
             return None;
         }
-        g.nodes.iter().position(|n| n.inputs.contains(&Some(v)))
+        first_reader.get(&v).copied()
     };
     let bin = |i: usize, op: BinaryOp| -> Option<(Option<ValueId>, Option<ValueId>)> {
         let n = &g.nodes[i];

@@ -10,22 +10,11 @@ use acorn::graph::{ConstBinding, Graph, IoSpec, Node, Op, ValueInfo};
 use acorn::{DType, Model, Tensor};
 use acorn_converter::onnx_build::OnnxBuilder;
 use acorn_converter::{convert, ConvertOptions, Target};
-
-fn data(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2654435761) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+use acorn_tests::pseudo_random;
 
 /// y = x · W with W [k, n] an initializer, x [batch, m, k].
 fn matmul_model(k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
-    let w = data(k * n, 7);
+    let w = pseudo_random(k * n, 7);
     let mut b = OnnxBuilder::new(17);
     b.input_f32("x", &["batch", "m", &k.to_string()]);
     b.init_f32("w", &[k as i64, n as i64], w.clone());
@@ -42,7 +31,7 @@ fn every_target_layout_runs_here_with_the_same_results() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("mm.onnx");
     std::fs::write(&src, onnx).unwrap();
-    let x = Tensor::from_f32(vec![2, 13, k], data(2 * 13 * k, 3));
+    let x = Tensor::from_f32(vec![2, 13, k], pseudo_random(2 * 13 * k, 3));
     let xs = x.as_f32().unwrap();
     let want: Vec<f32> = (0..2 * 13 * n)
         .map(|c| (0..k).map(|p| xs[(c / n) * k + p] as f64 * w[p * n + c % n] as f64).sum::<f64>() as f32)

@@ -81,39 +81,4 @@ unsafe fn tile_neon<const R: usize, const RM: bool>(
     }
 }
 
-/// Row-count dispatch for the NEON tile, A packed.
-///
-/// # Safety
-/// As [`tile_neon`] with `R = rows`, `RM = false`, `1 ≤ rows ≤ NEON_MR`.
-pub unsafe fn sgemm_8x12_neon(
-    rows: usize,
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-) {
-    let lda = 0;
-    // SAFETY: forwarded caller contract; each arm's R equals `rows`.
-    unsafe { dispatch_rows!(rows, tile_neon, false, [1, 2, 3, 4, 5, 6, 7], 8, (kc, a, lda, b, c, ldc, acc)) }
-}
-
-/// Row-count dispatch for the NEON tile, A read in place (`rows` rows at stride `lda`).
-///
-/// # Safety
-/// As [`tile_neon`] with `R = rows`, `RM = true`, `1 ≤ rows ≤ NEON_MR`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm_8x12_neon_rm(
-    rows: usize,
-    kc: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-) {
-    // SAFETY: forwarded caller contract; each arm's R equals `rows`.
-    unsafe { dispatch_rows!(rows, tile_neon, true, [1, 2, 3, 4, 5, 6, 7], 8, (kc, a, lda, b, c, ldc, acc)) }
-}
+tile_entries!(tile_neon, sgemm_8x12_neon, sgemm_8x12_neon_rm, [1, 2, 3, 4, 5, 6, 7], 8);

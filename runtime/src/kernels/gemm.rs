@@ -10,26 +10,25 @@ use std::cell::RefCell;
 use super::pool::{self, SharedOut};
 use super::{BMat, MatRef};
 
-/// A tile reading A in place: `(rows, kc, a, lda, b, c, ldc, accumulate)`.
-pub type RowMajorTile = unsafe fn(usize, usize, *const f32, usize, *const f32, *mut f32, usize, bool);
+/// A register tile: `(rows, kc, a, lda, b, c, ldc, accumulate)` computes `C[rows × nr] (+)= A·B`
+/// for `1 ≤ rows ≤ mr` from a B panel of `kc × nr` floats.
+///
+/// # Safety
+/// The CPU has the kernel's features; `a` is a packed panel of `kc·mr` floats (for `run`) or
+/// `rows` rows of `kc` floats at stride `lda` (for `run_in_place`); `b` holds `kc·nr` floats; `c`
+/// is valid for `rows` rows of `nr` floats at stride `ldc`, and no other thread touches them.
+pub type TileFn = unsafe fn(usize, usize, *const f32, usize, *const f32, *mut f32, usize, bool);
 
-/// A native f32 micro-kernel: `run(rows, kc, a_panel, b_panel, c, ldc, accumulate)` computes
-/// `C[rows × nr] (+)= A·B` for `1 ≤ rows ≤ mr`.
+/// An f32 micro-kernel and its tile size.
 #[derive(Clone, Copy)]
 pub struct F32Tile {
     pub name: &'static str,
     pub mr: usize,
     pub nr: usize,
-    /// # Safety
-    /// The CPU has the kernel's features; `a` holds `kc·mr` floats, `b` holds `kc·nr` floats,
-    /// `c` is valid for `rows` rows of `nr` floats at stride `ldc`, and no other thread touches them.
-    pub run: unsafe fn(usize, usize, *const f32, *const f32, *mut f32, usize, bool),
-    /// The same tile reading A in place: `run_rm(rows, kc, a, lda, b, c, ldc, accumulate)` with
-    /// A's `rows` rows of `kc` values at stride `lda` (no packing of A).
-    ///
-    /// # Safety
-    /// As `run`, with `a` valid for `rows` rows of `kc` floats at stride `lda`.
-    pub run_rm: Option<RowMajorTile>,
+    /// The tile reading a packed A panel.
+    pub run: TileFn,
+    /// The same tile reading row-major A in place (no packing of A), if the kernel has one.
+    pub run_in_place: Option<TileFn>,
 }
 
 const KC: usize = 128;
@@ -39,9 +38,8 @@ const TILE_MAX: usize = 16 * 32;
 const MC: usize = 96;
 /// Columns of B packed per call at a time, rounded down to the kernel's NR.
 const NC: usize = 1024;
-/// Products with at most this many columns (and depth ≤ `THIN_K`) run as dot products.
+/// Products with at most this many columns run as dot products.
 const THIN_N: usize = 4;
-const THIN_K: usize = 1024;
 /// Work (m·n·k) from which a product is split across threads.
 const PARALLEL_WORK: usize = 1 << 22;
 
@@ -97,17 +95,15 @@ pub fn sgemm(
             return;
         }
         if n <= THIN_N {
-            // Few columns of B (a convolution with a tiny output): gather them once.
-            let mut bt = [0.0f32; THIN_N * THIN_K];
-            if k <= THIN_K {
-                for j in 0..n {
-                    for p in 0..k {
-                        bt[j * k + p] = bm.data[p * bm.rs + j * bm.cs];
-                    }
-                }
-                super::math::dot_products(a.data, a.rs, m, &bt, k, n, k, c, ldc, accumulate);
-                return;
-            }
+            // Few columns of B (a convolution with a tiny output): gather them once, into this
+            // thread's B packing buffer, then one dot product per output.
+            PACK.with(|cell| {
+                let bt = &mut cell.borrow_mut().1;
+                bt.clear();
+                bt.extend((0..n).flat_map(|j| (0..k).map(move |p| bm.data[p * bm.rs + j * bm.cs])));
+                super::math::dot_products(a.data, a.rs, m, bt, k, n, k, c, ldc, accumulate);
+            });
+            return;
         }
     }
     let cp = SharedOut::new(c);
@@ -158,6 +154,8 @@ unsafe fn band(
         BMat::Panels(p) => p.nr == nr,
         BMat::Strided(_) => false,
     };
+    // Row-major A is read in place by kernels that can (no packing of A).
+    let in_place = t.run_in_place.filter(|_| a.cs == 1);
     // Pre-packed B needs no packing buffer: one column block, so A is packed once per depth block.
     let nc_max = if direct { (j1 - j0).max(1) } else { (NC / nr).max(1) * nr };
     PACK.with(|cell| {
@@ -182,8 +180,6 @@ unsafe fn band(
                 for ic in (i0..i1).step_by(MC) {
                     let mc = MC.min(i1 - ic);
                     let mp = mc.div_ceil(mr);
-                    // Row-major A is read in place by kernels that can (no packing).
-                    let in_place = t.run_rm.filter(|_| a.cs == 1);
                     if in_place.is_none() {
                         super::pack_a(apack, &a, ic, mc, pc, kc, mr);
                     }
@@ -218,11 +214,13 @@ unsafe fn band(
                                 // above) and inside this thread's block; the panels hold kc·mr
                                 // and kc·nr floats (slices above); the kernel was selected for
                                 // this CPU.
-                                unsafe { (t.run)(rows, kc, ap.as_ptr(), bp.as_ptr(), c.ptr().add(off), ldc, !first) };
+                                unsafe {
+                                    (t.run)(rows, kc, ap.as_ptr(), 0, bp.as_ptr(), c.ptr().add(off), ldc, !first)
+                                };
                             } else {
                                 // Partial columns: compute a full tile locally, copy the valid part.
                                 // SAFETY: the local tile has rows·nr ≤ TILE_MAX floats at stride nr.
-                                unsafe { (t.run)(rows, kc, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
+                                unsafe { (t.run)(rows, kc, ap.as_ptr(), 0, bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
                                 edge_store(&tile, nr, rows, cols, c, (row, col), ldc, first);
                             }
                         }

@@ -161,11 +161,23 @@ pub fn gemm_f16(
         return Err(format!("f16 GEMM: operands do not hold X {m}×{k}, W {n}×{k}, Y {m}×{n}"));
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return Ok(());
+    }
     if m > ROW_KERNEL_MAX_M {
         if let Some(nr) = isa.f32_panel() {
-            // Bᵀ = W (n × k rows) as f32 panels of the kernel's width, then the f32 GEMM.
-            let wf: Vec<f32> = w.data[..n * k].iter().map(|&h| f16_to_f32(h)).collect();
-            let packed = super::pack_panels(BMat::Strided(MatRef { data: &wf, rs: 1, cs: k }), k, n, nr);
+            // Bᵀ = W (n × k rows), converted straight into f32 panels of the kernel's width
+            // (element (p, j) of B is W[j][p]), then the f32 GEMM.
+            let mut packed = vec![0.0f32; Panels::len(k, n, nr)];
+            for (jp, panel) in packed.chunks_exact_mut(k * nr).enumerate() {
+                for jj in 0..nr.min(n - jp * nr) {
+                    let row = &w.data[(jp * nr + jj) * k..][..k];
+                    for (p, &h) in row.iter().enumerate() {
+                        panel[p * nr + jj] = f16_to_f32(h);
+                    }
+                }
+            }
             let b = BMat::Panels(Panels { data: &packed, k, n, nr });
             super::sgemm_with(isa, m, n, k, MatRef { data: x, rs: k, cs: 1 }, b, out, n, false, threads);
             return Ok(());
@@ -199,7 +211,8 @@ mod tests {
 
     #[test]
     fn f16_weights_every_set_matches_reference() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 7, 7), (2, 33, 33), (1, 70, 1000), (3, 17, 64), (5, 40, 130), (16, 65, 257)]
+        for &(m, n, k) in
+            &[(1, 1, 1), (1, 7, 7), (2, 33, 33), (1, 70, 1000), (3, 17, 64), (5, 40, 130), (16, 65, 257), (6, 3, 0)]
         {
             let w: Vec<u16> = data(n * k, (n + 3 * k) as u64).iter().map(|&v| f32_to_f16(v)).collect();
             let x = data(m * k, (m + k) as u64);

@@ -14,8 +14,8 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
-/// `e^x` with ≤ 2 ulp error on [-87.3, 88.7]; `+inf` above, 0 below (no subnormal results), NaN
-/// for NaN.
+/// `e^x`, relative error below 2.5e-7 on [-87.3, 88.7] (tested against f64); `+inf` above, 0
+/// below (no subnormal results), NaN for NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.336_55, 88.722_83);
@@ -48,8 +48,8 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// The error function, rational approximation on [-4, 4] (±1 outside, as in f32): max error
-/// about 2e-7 (measured against libm in the tests).
+/// The error function, rational approximation on [-4, 4] (±1 outside, as in f32): within 1e-6
+/// of libm's `erff` (tested over [-100, 100]).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
@@ -152,15 +152,6 @@ multiversion! {
     fn map<F: Fn(f32) -> f32>(x: &[f32], out: &mut [f32], f: F) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = f(v);
-        }
-    }
-}
-
-multiversion! {
-    /// `x[i] = f(x[i])` in place.
-    fn map_inplace<F: Fn(f32) -> f32>(x: &mut [f32], f: F) {
-        for v in x.iter_mut() {
-            *v = f(*v);
         }
     }
 }
@@ -376,8 +367,8 @@ mod tests {
         for (o, &v) in out.iter().zip(&x) {
             assert_eq!(*o, gelu(v));
         }
-        let mut y = x.clone();
-        map_inplace(&mut y, exp);
+        let mut y = vec![0.0; x.len()];
+        map(&x, &mut y, exp);
         for (o, &v) in y.iter().zip(&x) {
             assert!((o - v.exp()).abs() <= 2.5e-7 * v.exp());
         }

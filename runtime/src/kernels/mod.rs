@@ -9,14 +9,30 @@
 
 use std::sync::OnceLock;
 
-/// Calls `$tile::<R, $rm>(args…)` with the const row count `R` equal to the run-time `$rows`
-/// (the listed counts, else `$last`): one instantiation per partial-tile height.
+/// Defines a native f32 tile's two entry points, both of type [`gemm::TileFn`]: `$packed` (A is a
+/// packed panel; `lda` unused) and `$in_place` (A's rows read in place at stride `lda`). Each maps
+/// the run-time row count to the const-generic instantiation `$tile::<R, RM>`, one per
+/// partial-tile height `1..=MR`.
 #[allow(unused_macros)]
-macro_rules! dispatch_rows {
-    ($rows:expr, $tile:ident, $rm:expr, [$($r:literal),*], $last:literal, $args:tt) => {
-        match $rows {
-            $($r => $tile::<$r, $rm> $args,)*
-            _ => $tile::<$last, $rm> $args,
+macro_rules! tile_entries {
+    ($tile:ident, $packed:ident, $in_place:ident, [$($r:literal),*], $mr:literal) => {
+        tile_entries!(@one $tile, $packed, false, [$($r),*], $mr, "packed panel (`lda` unused)");
+        tile_entries!(@one $tile, $in_place, true, [$($r),*], $mr, "`rows` rows read in place at stride `lda`");
+    };
+    (@one $tile:ident, $name:ident, $rm:literal, [$($r:literal),*], $mr:literal, $a:literal) => {
+        #[doc = concat!("Row-count dispatch of [`", stringify!($tile), "`], A a ", $a, ".")]
+        ///
+        /// # Safety
+        #[doc = concat!("As [`", stringify!($tile), "`] with `R = rows` (`1 ≤ rows ≤ ", stringify!($mr), "`) and `RM = ", stringify!($rm), "`.")]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(rows: usize, kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+            // SAFETY: forwarded caller contract; each arm's R equals `rows`.
+            unsafe {
+                match rows {
+                    $($r => $tile::<$r, $rm>(kc, a, lda, b, c, ldc, acc),)*
+                    _ => $tile::<$mr, $rm>(kc, a, lda, b, c, ldc, acc),
+                }
+            }
         }
     };
 }
@@ -37,7 +53,7 @@ pub mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86q;
 
-pub use gemm::F32Tile;
+pub use gemm::{F32Tile, TileFn};
 
 /// A kernel family implementation (instruction-set level).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,7 +145,7 @@ impl Isa {
                 mr: x86::AVX2_MR,
                 nr: x86::AVX2_NR,
                 run: x86::sgemm_6x16_avx2,
-                run_rm: Some(x86::sgemm_6x16_avx2_rm),
+                run_in_place: Some(x86::sgemm_6x16_avx2_rm),
             }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 | Isa::Avx512Vnni => Some(F32Tile {
@@ -137,7 +153,7 @@ impl Isa {
                 mr: x86::AVX512_MR,
                 nr: x86::AVX512_NR,
                 run: x86::sgemm_12x32_avx512,
-                run_rm: Some(x86::sgemm_12x32_avx512_rm),
+                run_in_place: Some(x86::sgemm_12x32_avx512_rm),
             }),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Some(F32Tile {
@@ -145,14 +161,14 @@ impl Isa {
                 mr: arm::NEON_MR,
                 nr: arm::NEON_NR,
                 run: arm::sgemm_8x12_neon,
-                run_rm: Some(arm::sgemm_8x12_neon_rm),
+                run_in_place: Some(arm::sgemm_8x12_neon_rm),
             }),
             _ => Some(F32Tile {
                 name: "sgemm_6x8_generic",
                 mr: generic::MR,
                 nr: generic::NR,
                 run: generic::sgemm_6x8_generic,
-                run_rm: None,
+                run_in_place: None,
             }),
         }
     }
@@ -367,7 +383,6 @@ pub fn sgemm(
     accumulate: bool,
     threads: usize,
 ) {
-    assert!(fits(&a, m, k) && b.fits(k, n), "sgemm: operands do not hold {m}×{k} and {k}×{n}");
     sgemm_with(selected(), m, n, k, a, b, c, ldc, accumulate, threads)
 }
 

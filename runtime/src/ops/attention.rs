@@ -133,23 +133,21 @@ pub(super) fn run(a: &AttentionAttrs, inputs: &[Option<View<'_>>], outputs: &mut
         (Some(k), Some(v)) => (k.f32()?, v.f32()?),
         _ => (&[][..], &[][..]),
     };
-    let k_row = |b: usize, h: usize, j: usize| -> &[f32] {
+    // Where row j of a present tensor of row width `w` lives: (in the past, offset).
+    let locate = |b: usize, h: usize, j: usize, w: usize| {
         if j < g.past {
-            let o = ((b * g.kvh + h) * g.past + j) * g.hd;
-            &pk[o..o + g.hd]
+            (true, ((b * g.kvh + h) * g.past + j) * w)
         } else {
-            let o = kv_at(b, h, j - g.past, g.hd);
-            &kd[o..o + g.hd]
+            (false, kv_at(b, h, j - g.past, w))
         }
     };
+    let k_row = |b: usize, h: usize, j: usize| -> &[f32] {
+        let (past, o) = locate(b, h, j, g.hd);
+        &(if past { pk } else { kd })[o..o + g.hd]
+    };
     let v_row = |b: usize, h: usize, j: usize| -> &[f32] {
-        if j < g.past {
-            let o = ((b * g.kvh + h) * g.past + j) * g.hv;
-            &pv[o..o + g.hv]
-        } else {
-            let o = kv_at(b, h, j - g.past, g.hv);
-            &vd[o..o + g.hv]
-        }
+        let (past, o) = locate(b, h, j, g.hv);
+        &(if past { pv } else { vd })[o..o + g.hv]
     };
     let mask_info = match mask {
         Some(m) => {

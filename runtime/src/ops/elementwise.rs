@@ -312,14 +312,6 @@ fn int_unary<T: Int>(u: UnaryOp, x: View<'_>, out: &mut ViewMut<'_>) -> OpResult
     Ok(())
 }
 
-fn erf(x: f32) -> f32 {
-    math::erf(x)
-}
-
-fn sigmoid(x: f32) -> f32 {
-    math::sigmoid(x)
-}
-
 /// GELU, tanh approximation.
 #[inline(always)]
 fn gelu_tanh(x: f32) -> f32 {
@@ -338,9 +330,9 @@ fn softplus(x: f32) -> f32 {
 fn unary_fn(u: UnaryOp) -> fn(f32) -> f32 {
     match u {
         UnaryOp::Relu => |x| x.max(0.0),
-        UnaryOp::Sigmoid => sigmoid,
+        UnaryOp::Sigmoid => math::sigmoid,
         UnaryOp::Tanh => math::tanh,
-        UnaryOp::Erf => erf,
+        UnaryOp::Erf => math::erf,
         UnaryOp::Sqrt => f32::sqrt,
         UnaryOp::Exp => math::exp,
         UnaryOp::Log => f32::ln,
@@ -365,7 +357,7 @@ fn unary_fn(u: UnaryOp) -> fn(f32) -> f32 {
         },
         UnaryOp::HardSwish => |x| x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
         UnaryOp::Mish => |x| x * softplus(x).tanh(),
-        UnaryOp::Silu => |x| x * sigmoid(x),
+        UnaryOp::Silu => |x| x * math::sigmoid(x),
         UnaryOp::Tan => f32::tan,
         UnaryOp::Asin => f32::asin,
         UnaryOp::Acos => f32::acos,

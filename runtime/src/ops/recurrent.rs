@@ -5,6 +5,7 @@
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{LstmAttrs, Op, RnnAttrs, RnnDirection};
+use crate::kernels::math::sigmoid;
 use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
@@ -79,10 +80,6 @@ pub(super) fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>]) -> usize {
         Ok(d) => super::numel(&[d.seq + 2, d.batch, 4, d.hidden]),
         Err(_) => 0,
     }
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 pub(super) fn run(

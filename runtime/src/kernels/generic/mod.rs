@@ -23,11 +23,13 @@ fn tile<const R: usize>(kc: usize, a: &[f32], b: &[f32], c: &mut [[f32; NR]; MR]
 ///
 /// # Safety
 /// `a` holds `kc·MR` floats, `b` holds `kc·NR` floats, and `c` is valid for reads and writes of
-/// `rows ≤ MR` rows of `NR` floats at stride `ldc`.
+/// `rows ≤ MR` rows of `NR` floats at stride `ldc`. (`_lda`: A is always packed here.)
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm_6x8_generic(
     rows: usize,
     kc: usize,
     a: *const f32,
+    _lda: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
