@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! python3 tests/assets/fetch.py
-//! cargo run --release -p acorn-benches --bin model-bench -- [--runs 50] [--threads 1]
+//! cargo run --release -p acorn-benches --bin model-bench -- [--runs 50] [--threads 1] [--cases minilm-l3-16,…]
 //! ```
 //!
 //! Each (runtime, case) runs in its own child process so peak RSS is that runtime's alone.
@@ -241,7 +241,13 @@ fn main() -> Result<()> {
     println!();
     println!("| case | runtime | open ms | median ms | p90 ms | peak RSS MB | median vs Acorn |");
     println!("|---|---|---:|---:|---:|---:|---:|");
-    for case in CASES {
+    let cases: Vec<Case> = match args.iter().position(|a| a == "--cases") {
+        Some(i) => {
+            args.get(i + 1).context("--cases NAME,NAME")?.split(',').map(Case::from_name).collect::<Result<_>>()?
+        }
+        None => CASES.to_vec(),
+    };
+    for &case in &cases {
         let mut acorn_median = None;
         for rt in RUNTIMES {
             if rt == "tract" && threads != 1 {
@@ -275,7 +281,7 @@ fn main() -> Result<()> {
         }
     }
     println!();
-    for case in CASES {
+    for case in cases {
         println!("- `{}`: {}", case.name(), case.describe());
     }
     Ok(())

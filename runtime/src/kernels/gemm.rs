@@ -29,6 +29,8 @@ pub struct F32Tile {
     pub run: TileFn,
     /// The same tile reading row-major A in place (no packing of A), if the kernel has one.
     pub run_in_place: Option<TileFn>,
+    /// The kernel for products too thin to tile (dot products over contiguous rows).
+    pub dots: super::math::DotKernel,
 }
 
 const KC: usize = 128;
@@ -40,6 +42,8 @@ const MC: usize = 96;
 const NC: usize = 1024;
 /// Products with at most this many columns run as dot products.
 const THIN_N: usize = 4;
+/// Row bands up to this height walk pre-packed weight panels one at a time (see `band`).
+const DIRECT_ROWS: usize = 256;
 /// Work (m·n·k) from which a product is split across threads.
 const PARALLEL_WORK: usize = 1 << 22;
 
@@ -89,7 +93,19 @@ pub fn sgemm(
                     // SAFETY: row i's columns j0..j1 lie inside C (asserted above) and belong to
                     // this part alone.
                     let row = unsafe { std::slice::from_raw_parts_mut(cp.ptr().add(i * ldc + j0), j1 - j0) };
-                    super::math::dot_products(&a.data[i * a.rs..], 0, 1, bs, bm.cs, j1 - j0, k, row, 0, accumulate);
+                    super::math::dot_products(
+                        t.dots,
+                        &a.data[i * a.rs..],
+                        0,
+                        1,
+                        bs,
+                        bm.cs,
+                        j1 - j0,
+                        k,
+                        row,
+                        0,
+                        accumulate,
+                    );
                 }
             });
             return;
@@ -100,8 +116,13 @@ pub fn sgemm(
             PACK.with(|cell| {
                 let bt = &mut cell.borrow_mut().1;
                 bt.clear();
-                bt.extend((0..n).flat_map(|j| (0..k).map(move |p| bm.data[p * bm.rs + j * bm.cs])));
-                super::math::dot_products(a.data, a.rs, m, bt, k, n, k, c, ldc, accumulate);
+                bt.resize(n * k, 0.0);
+                for (j, col) in bt.chunks_exact_mut(k).enumerate() {
+                    for (p, v) in col.iter_mut().enumerate() {
+                        *v = bm.data[p * bm.rs + j * bm.cs];
+                    }
+                }
+                super::math::dot_products(t.dots, a.data, a.rs, m, bt, k, n, k, c, ldc, accumulate);
             });
             return;
         }
@@ -156,6 +177,40 @@ unsafe fn band(
     };
     // Row-major A is read in place by kernels that can (no packing of A).
     let in_place = t.run_in_place.filter(|_| a.cs == 1);
+    if let (true, Some(rm), true) = (direct, in_place, i1 - i0 <= DIRECT_ROWS) {
+        // Nothing to pack: walk each weight panel once, front to back (one sequential stream per
+        // panel, the best case for prefetching), every row tile at each depth block (the
+        // `rows × KC` slice of A stays in L1/L2 across panels).
+        let BMat::Panels(p) = b else { unreachable!("direct implies panels") };
+        let mut tile = [0.0f32; TILE_MAX];
+        assert!(mr * nr <= TILE_MAX, "kernel {} tile exceeds the local edge tile", t.name);
+        for col in (j0..j1).step_by(nr) {
+            let cols = nr.min(j1 - col);
+            let panel = &p.data[(col / nr) * p.k * nr..][..p.k * nr];
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                let bp = &panel[pc * nr..(pc + kc) * nr];
+                let first = pc == 0 && !accumulate;
+                for row in (i0..i1).step_by(mr) {
+                    let rows = mr.min(i1 - row);
+                    let off = row * ldc + col;
+                    let a0 = row * a.rs + pc;
+                    assert!(a0 + (rows - 1) * a.rs + kc <= a.data.len());
+                    let ap = a.data[a0..].as_ptr();
+                    if cols == nr && (rows - 1) * ldc + off + nr <= c.len() {
+                        // SAFETY: A's rows (asserted), the B panel (slice above) and the C tile
+                        // (checked) are in bounds and this thread's.
+                        unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), c.ptr().add(off), ldc, !first) };
+                    } else {
+                        // SAFETY: as above, into the local tile (rows·nr ≤ TILE_MAX).
+                        unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
+                        edge_store(&tile, nr, rows, cols, c, (row, col), ldc, first);
+                    }
+                }
+            }
+        }
+        return;
+    }
     // Pre-packed B needs no packing buffer: one column block, so A is packed once per depth block.
     let nc_max = if direct { (j1 - j0).max(1) } else { (NC / nr).max(1) * nr };
     PACK.with(|cell| {

@@ -251,14 +251,21 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
     for (a, b) in xc.remainder().iter().zip(yc.remainder()) {
         s += a * b;
     }
-    let mut w = 32;
+    tree_sum(acc) + s
+}
+
+/// Sum of the lanes by halving (vector adds of the upper half onto the lower: log₂ N steps,
+/// not N dependent scalar adds — which would cost more than the whole loop on short rows).
+#[inline(always)]
+fn tree_sum<const N: usize>(mut acc: [f32; N]) -> f32 {
+    let mut w = N;
     while w > 1 {
         w /= 2;
         for l in 0..w {
             acc[l] += acc[l + w];
         }
     }
-    acc[0] + s
+    acc[0]
 }
 
 /// Four dot products of `x` with `ys` (each as long as `x`), 16 lanes each.
@@ -283,16 +290,52 @@ fn dot4(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] {
     let mut out = [0.0f32; 4];
     for (o, (acc, y)) in out.iter_mut().zip([a0, a1, a2, a3].iter().zip(&ys)) {
         let tail: f32 = x[k16..].iter().zip(&y[k16..]).map(|(a, b)| a * b).sum();
-        *o = acc.iter().sum::<f32>() + tail;
+        *o = tree_sum(*acc) + tail;
     }
     out
 }
 
+/// `C[i][j] (+)= A_i · B_j` for `rows` rows of A (each `k` contiguous values at stride `lda`)
+/// and `n` contiguous B vectors of `k` values at stride `ldb`: GEMM as dot products, for
+/// products too thin to pack (one or a few rows of A, or a few columns of B). FMA kernels on
+/// x86_64 (compilers neither fuse the multiply-adds nor keep full-width lanes on their own here).
+#[allow(clippy::too_many_arguments)]
+pub fn dot_products(
+    kernel: DotKernel,
+    a: &[f32],
+    lda: usize,
+    rows: usize,
+    b: &[f32],
+    ldb: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        DotKernel::Avx512 => super::x86::dot_products(true, a, lda, rows, b, ldb, n, k, c, ldc, accumulate),
+        #[cfg(target_arch = "x86_64")]
+        DotKernel::Avx2 => super::x86::dot_products(false, a, lda, rows, b, ldb, n, k, c, ldc, accumulate),
+        DotKernel::Portable => dot_products_portable(a, lda, rows, b, ldb, n, k, c, ldc, accumulate),
+    }
+}
+
+/// Which code computes [`dot_products`] (part of a kernel set's f32 tile).
+#[derive(Clone, Copy, Debug)]
+pub enum DotKernel {
+    /// Compiler-vectorised Rust (at the selected set's width).
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
 multiversion! {
-    /// `C[i][j] (+)= A_i · B_j` for `rows` rows of A (each `k` contiguous values at stride `lda`)
-    /// and `n` contiguous B vectors of `k` values at stride `ldb`: GEMM as dot products, for
-    /// products too thin to pack (one or a few rows of A, or a few columns of B).
-    fn dot_products(a: &[f32], lda: usize, rows: usize, b: &[f32], ldb: usize, n: usize, k: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    /// [`dot_products`] in portable code (NEON on aarch64, the baseline elsewhere).
+    fn dot_products_portable(a: &[f32], lda: usize, rows: usize, b: &[f32], ldb: usize, n: usize, k: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
         for i in 0..rows {
             let ar = &a[i * lda..i * lda + k];
             let cr = &mut c[i * ldc..i * ldc + n];

@@ -146,6 +146,7 @@ impl Isa {
                 nr: x86::AVX2_NR,
                 run: x86::sgemm_6x16_avx2,
                 run_in_place: Some(x86::sgemm_6x16_avx2_rm),
+                dots: math::DotKernel::Avx2,
             }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 | Isa::Avx512Vnni => Some(F32Tile {
@@ -154,6 +155,7 @@ impl Isa {
                 nr: x86::AVX512_NR,
                 run: x86::sgemm_12x32_avx512,
                 run_in_place: Some(x86::sgemm_12x32_avx512_rm),
+                dots: math::DotKernel::Avx512,
             }),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Some(F32Tile {
@@ -162,6 +164,7 @@ impl Isa {
                 nr: arm::NEON_NR,
                 run: arm::sgemm_8x12_neon,
                 run_in_place: Some(arm::sgemm_8x12_neon_rm),
+                dots: math::DotKernel::Portable,
             }),
             _ => Some(F32Tile {
                 name: "sgemm_6x8_generic",
@@ -169,6 +172,7 @@ impl Isa {
                 nr: generic::NR,
                 run: generic::sgemm_6x8_generic,
                 run_in_place: None,
+                dots: math::DotKernel::Portable,
             }),
         }
     }
@@ -516,7 +520,7 @@ mod tests {
         let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
             &[(1, 9, 3), (7, 33, 5)]
         } else {
-            &[(1, 1, 1), (1, 100, 300), (7, 33, 5), (16, 384, 384), (13, 70, 513)]
+            &[(1, 1, 1), (1, 100, 300), (7, 33, 5), (16, 384, 384), (13, 70, 513), (300, 70, 200)]
         };
         for isa in native_sets() {
             for &(m, n, k) in shapes {

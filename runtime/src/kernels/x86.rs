@@ -14,6 +14,9 @@ pub const AVX2_NR: usize = 16;
 /// folded into the FMAs' memory operands.
 pub const AVX512_MR: usize = 12;
 pub const AVX512_NR: usize = 32;
+/// B rows ahead of the current one that the tiles prefetch: weights larger than L2 come from
+/// L3 or DRAM, and the hardware prefetcher stops at page boundaries inside a panel.
+const PREFETCH_ROWS: usize = 16;
 
 /// `RM = false`: A is a packed panel (`kc` groups of `MR`); `RM = true`: A is `R` row-major rows
 /// of `kc` values at stride `lda`, read in place (no packing).
@@ -37,6 +40,8 @@ unsafe fn tile_avx2<const R: usize, const RM: bool>(
     for p in 0..kc {
         // SAFETY: p < kc, so the B row p and A group p are inside the panels (caller contract).
         let (b0, b1) = unsafe { (_mm256_loadu_ps(b.add(p * AVX2_NR)), _mm256_loadu_ps(b.add(p * AVX2_NR + 8))) };
+        // One 64-byte line per B row: prefetch the row PREFETCH_ROWS ahead (never faults).
+        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH_ROWS) * AVX2_NR) as *const i8);
         for r in 0..R {
             // SAFETY: r < R ≤ MR, p < kc: inside the A panel, or row r of row-major A.
             let av = unsafe { _mm256_broadcast_ss(&*a.add(if RM { r * lda + p } else { p * AVX2_MR + r })) };
@@ -75,6 +80,11 @@ unsafe fn tile_avx512<const R: usize, const RM: bool>(
     for p in 0..kc {
         // SAFETY: p < kc: inside the panels (caller contract).
         let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(p * AVX512_NR)), _mm512_loadu_ps(b.add(p * AVX512_NR + 16))) };
+        // Weights stream from L3/DRAM: ask for the row PREFETCH_ROWS ahead (two cache lines).
+        // A prefetch never faults, and `wrapping_add` keeps the address arithmetic defined.
+        let ahead = b.wrapping_add((p + PREFETCH_ROWS) * AVX512_NR);
+        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16) as *const i8);
         for r in 0..R {
             // SAFETY: r < R ≤ MR, p < kc: inside the A panel, or row r of row-major A.
             let av = _mm512_set1_ps(unsafe { *a.add(if RM { r * lda + p } else { p * AVX512_MR + r }) });
@@ -98,3 +108,199 @@ unsafe fn tile_avx512<const R: usize, const RM: bool>(
 
 tile_entries!(tile_avx2, sgemm_6x16_avx2, sgemm_6x16_avx2_rm, [1, 2, 3, 4, 5], 6);
 tile_entries!(tile_avx512, sgemm_12x32_avx512, sgemm_12x32_avx512_rm, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 12);
+
+/// Sums of four vectors' lanes, `[Σa, Σb, Σc, Σd]`: halves, then pairwise horizontal adds
+/// (13 instructions for four sums instead of four separate reductions).
+#[inline(always)]
+fn hsum4_256(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+    // SAFETY: (target features) only called from functions enabling AVX2, which these need.
+    unsafe {
+        let ab = _mm256_hadd_ps(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67
+        let cd = _mm256_hadd_ps(c, d);
+        let abcd = _mm256_hadd_ps(ab, cd); // a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7
+        _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps::<1>(abcd))
+    }
+}
+
+/// `R × N` dot products: rows `xs` of A against vectors `ys` of B, all `k` floats. Each A and
+/// B chunk is loaded once per tile, so a 2 × 4 tile needs 12 loads per 16 FMAs (a 1 × 4 pass
+/// would need 10 per 8 — load-bound on CPUs with one 512-bit load per cycle). Two 16-lane
+/// chunks per step (independent accumulators); the tail through masked loads.
+///
+/// # Safety
+/// The CPU supports AVX-512F; every `xs[r]` and `ys[j]` is valid for reads of `k` floats.
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn dots_avx512<const R: usize, const N: usize>(
+    xs: [*const f32; R],
+    ys: [*const f32; N],
+    k: usize,
+) -> [[f32; N]; R] {
+    let mut acc0 = [[_mm512_setzero_ps(); N]; R];
+    let mut acc1 = [[_mm512_setzero_ps(); N]; R];
+    let mut p = 0;
+    while p + 32 <= k {
+        // SAFETY: p + 32 ≤ k: inside every row and vector.
+        unsafe {
+            let b0: [__m512; N] = std::array::from_fn(|j| _mm512_loadu_ps(ys[j].add(p)));
+            let b1: [__m512; N] = std::array::from_fn(|j| _mm512_loadu_ps(ys[j].add(p + 16)));
+            for r in 0..R {
+                let (x0, x1) = (_mm512_loadu_ps(xs[r].add(p)), _mm512_loadu_ps(xs[r].add(p + 16)));
+                for j in 0..N {
+                    acc0[r][j] = _mm512_fmadd_ps(x0, b0[j], acc0[r][j]);
+                    acc1[r][j] = _mm512_fmadd_ps(x1, b1[j], acc1[r][j]);
+                }
+            }
+        }
+        p += 32;
+    }
+    while p < k {
+        let rem = (k - p).min(16);
+        let mask = ((1u32 << rem) - 1) as __mmask16;
+        // SAFETY: p < k, and the mask limits the lanes read to p..p + rem ≤ k.
+        unsafe {
+            let b0: [__m512; N] = std::array::from_fn(|j| _mm512_maskz_loadu_ps(mask, ys[j].add(p)));
+            for r in 0..R {
+                let x0 = _mm512_maskz_loadu_ps(mask, xs[r].add(p));
+                for j in 0..N {
+                    acc0[r][j] = _mm512_fmadd_ps(x0, b0[j], acc0[r][j]);
+                }
+            }
+        }
+        p += rem;
+    }
+    let mut out = [[0.0f32; N]; R];
+    for r in 0..R {
+        // 512 → 256 bits per accumulator, then four at a time through horizontal adds.
+        let half: [__m256; N] = std::array::from_fn(|j| {
+            let v = _mm512_add_ps(acc0[r][j], acc1[r][j]);
+            _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))))
+        });
+        let mut j = 0;
+        while j + 4 <= N {
+            let s = hsum4_256(half[j], half[j + 1], half[j + 2], half[j + 3]);
+            // SAFETY: j + 4 ≤ N: four floats inside the row of `out`.
+            unsafe { _mm_storeu_ps(out[r].as_mut_ptr().add(j), s) };
+            j += 4;
+        }
+        for jj in j..N {
+            let s = hsum4_256(half[jj], half[jj], half[jj], half[jj]);
+            out[r][jj] = _mm_cvtss_f32(s);
+        }
+    }
+    out
+}
+
+/// As [`dots_avx512`] with one 8-lane AVX2 chunk per step (R·N ≤ 8 accumulators fit the 16
+/// registers); the last `k mod 8` products are scalar.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; every `xs[r]` and `ys[j]` is valid for reads of `k` floats.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<const R: usize, const N: usize>(
+    xs: [*const f32; R],
+    ys: [*const f32; N],
+    k: usize,
+) -> [[f32; N]; R] {
+    let mut acc = [[_mm256_setzero_ps(); N]; R];
+    let mut p = 0;
+    while p + 8 <= k {
+        // SAFETY: p + 8 ≤ k: inside every row and vector.
+        unsafe {
+            let b: [__m256; N] = std::array::from_fn(|j| _mm256_loadu_ps(ys[j].add(p)));
+            for r in 0..R {
+                let x = _mm256_loadu_ps(xs[r].add(p));
+                for j in 0..N {
+                    acc[r][j] = _mm256_fmadd_ps(x, b[j], acc[r][j]);
+                }
+            }
+        }
+        p += 8;
+    }
+    let mut out = [[0.0f32; N]; R];
+    for r in 0..R {
+        for j in 0..N {
+            let s = hsum4_256(acc[r][j], acc[r][j], acc[r][j], acc[r][j]);
+            let mut v = _mm_cvtss_f32(s);
+            for q in p..k {
+                // SAFETY: q < k.
+                v += unsafe { *xs[r].add(q) * *ys[j].add(q) };
+            }
+            out[r][j] = v;
+        }
+    }
+    out
+}
+
+/// `C[i][j] (+)= A_i · B_j` (`rows` rows of A at stride `lda`, `n` vectors of B at stride `ldb`,
+/// all `k` long) with the AVX-512 (`wide`) or AVX2 dot kernels: tiles of up to 2 rows × 4
+/// vectors.
+///
+/// # Panics
+/// If an operand is shorter than the shapes say (checked once, before any kernel runs).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_products(
+    wide: bool,
+    a: &[f32],
+    lda: usize,
+    rows: usize,
+    b: &[f32],
+    ldb: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (rows - 1) * lda + k <= a.len() && (n - 1) * ldb + k <= b.len() && (rows - 1) * ldc + n <= c.len(),
+        "dot_products: operands shorter than {rows}×{k} · ({n}×{k})ᵀ"
+    );
+    if wide {
+        assert!(is_x86_feature_detected!("avx512f"), "AVX-512 dot kernel on a CPU without it");
+    } else {
+        assert!(
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            "AVX2 dot kernel on a CPU without it"
+        );
+    }
+    // One tile: rows i.., vectors j.. (the pointers are clamped to valid rows/vectors; the
+    // shapes passed to the kernel decide which are used).
+    macro_rules! tile {
+        ($r:literal, $n:literal, $i:expr, $j:expr) => {{
+            let xs: [*const f32; $r] = std::array::from_fn(|t| a[($i + t) * lda..].as_ptr());
+            let ys: [*const f32; $n] = std::array::from_fn(|t| b[($j + t) * ldb..].as_ptr());
+            // SAFETY: the CPU feature is asserted above; every row and vector used holds k
+            // floats (the bounds assertion above covers rows < `rows`, vectors < `n`).
+            let v = unsafe { if wide { dots_avx512::<$r, $n>(xs, ys, k) } else { dots_avx2::<$r, $n>(xs, ys, k) } };
+            for (t, vr) in v.iter().enumerate() {
+                let cr = &mut c[($i + t) * ldc + $j..($i + t) * ldc + $j + $n];
+                for (o, &v) in cr.iter_mut().zip(vr) {
+                    *o = if accumulate { *o + v } else { v };
+                }
+            }
+        }};
+    }
+    let mut i = 0;
+    while i < rows {
+        let two = rows - i >= 2;
+        let mut j = 0;
+        while j < n {
+            let w = (n - j).min(4);
+            match (two, w) {
+                (true, 4) => tile!(2, 4, i, j),
+                (true, 3) => tile!(2, 3, i, j),
+                (true, 2) => tile!(2, 2, i, j),
+                (true, _) => tile!(2, 1, i, j),
+                (false, 4) => tile!(1, 4, i, j),
+                (false, 3) => tile!(1, 3, i, j),
+                (false, 2) => tile!(1, 2, i, j),
+                (false, _) => tile!(1, 1, i, j),
+            }
+            j += w;
+        }
+        i += if two { 2 } else { 1 };
+    }
+}

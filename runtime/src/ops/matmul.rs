@@ -113,6 +113,17 @@ pub(super) fn run(
                 }
                 None => k * n,
             };
+            let bmat_at = |bsl| match b.panels {
+                Some(nr) => BMat::Panels(kernels::Panels { data: bsl, k, n, nr: nr as usize }),
+                None => BMat::Strided(MatRef { data: bsl, rs: n, cs: 1 }),
+            };
+            if ar > 1 && numel(bbatch) == 1 && abatch == batch && nb > 1 {
+                // One weight matrix for every batch, and A's batches are contiguous rows: a
+                // single product with nb·m rows (better tiles and thread splits than nb calls).
+                let am = MatRef { data: ad, rs: k, cs: 1 };
+                kernels::sgemm(nb * m, n, k, am, bmat_at(bd), &mut o[..nb * m * n], n, false, ctx.threads);
+                return Ok(());
+            }
             let mut idx = [0usize; crate::graph::MAX_RANK];
             for bi in 0..nb {
                 let (mut ia, mut ib) = (0isize, 0isize);
@@ -121,11 +132,7 @@ pub(super) fn run(
                     ib += sb[j] * idx[j] as isize;
                 }
                 let am = MatRef { data: &ad[ia as usize * m * k..], rs: k, cs: 1 };
-                let bsl = &bd[ib as usize * bmat..];
-                let bm = match b.panels {
-                    Some(nr) => BMat::Panels(kernels::Panels { data: bsl, k, n, nr: nr as usize }),
-                    None => BMat::Strided(MatRef { data: bsl, rs: n, cs: 1 }),
-                };
+                let bm = bmat_at(&bd[ib as usize * bmat..]);
                 kernels::sgemm(m, n, k, am, bm, &mut o[bi * m * n..(bi + 1) * m * n], n, false, ctx.threads);
                 for j in (0..batch_rank).rev() {
                     idx[j] += 1;

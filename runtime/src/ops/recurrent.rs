@@ -5,7 +5,7 @@
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{LstmAttrs, Op, RnnAttrs, RnnDirection};
-use crate::kernels::math::sigmoid;
+use crate::kernels::math::{sigmoid, tanh};
 use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
@@ -182,17 +182,21 @@ pub(super) fn run(
                 let gr = &mut gates[i * g4..(i + 1) * g4];
                 let hr = &mut hs[i * h..(i + 1) * h];
                 let cr = &mut cs[i * h..(i + 1) * h];
-                for j in 0..h {
-                    let clip = |v: f32| a.clip.map(|c| v.clamp(-c, c)).unwrap_or(v);
-                    let (pi, po, pf) = p.map(|p| (p[j], p[h + j], p[2 * h + j])).unwrap_or((0.0, 0.0, 0.0));
-                    let ig = sigmoid(clip(gr[j] + pi * cr[j]));
-                    let fg = if a.input_forget { 1.0 - ig } else { sigmoid(clip(gr[2 * h + j] + pf * cr[j])) };
-                    let cc = clip(gr[3 * h + j]).tanh();
-                    let c = fg * cr[j] + ig * cc;
-                    let og = sigmoid(clip(gr[h + j] + po * c));
-                    cr[j] = c;
-                    hr[j] = og * c.tanh();
-                }
+                // Vectorised gate math (branch-free polynomials; the options are loop-invariant).
+                let lim = a.clip.unwrap_or(f32::INFINITY);
+                let clip = |v: f32| v.clamp(-lim, lim);
+                kernels::math::with_width(|| {
+                    for j in 0..h {
+                        let (pi, po, pf) = p.map(|p| (p[j], p[h + j], p[2 * h + j])).unwrap_or((0.0, 0.0, 0.0));
+                        let ig = sigmoid(clip(gr[j] + pi * cr[j]));
+                        let fg = if a.input_forget { 1.0 - ig } else { sigmoid(clip(gr[2 * h + j] + pf * cr[j])) };
+                        let cc = tanh(clip(gr[3 * h + j]));
+                        let c = fg * cr[j] + ig * cc;
+                        let og = sigmoid(clip(gr[h + j] + po * c));
+                        cr[j] = c;
+                        hr[j] = og * tanh(c);
+                    }
+                });
                 if let Some(Some(y)) = outs.first_mut() {
                     let yo = yrow(t, dir, i) * h;
                     y[yo..yo + h].copy_from_slice(hr);

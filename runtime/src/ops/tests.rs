@@ -257,3 +257,26 @@ fn malformed_shapes_are_errors_not_panics() {
     };
     assert!(eval(&Op::Pool(pool), &[Some(x.view())], 1, 1).is_err());
 }
+
+#[test]
+fn matmul_batches_against_one_weight_matrix() {
+    // A [2, 3, 5, 4] · B [4, 7]: every batch shares B (one product of 30 rows), and B [2, 1, 4, 7]
+    // broadcast over the middle dimension (one product per batch) — both against a direct loop.
+    let a: Vec<f32> = (0..2 * 3 * 5 * 4).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+    let b: Vec<f32> = (0..2 * 4 * 7).map(|i| ((i * 5) % 13) as f32 * 0.5 - 3.0).collect();
+    for bshape in [&[4, 7][..], &[2, 1, 4, 7][..]] {
+        let bt = f32t(bshape, &b[..bshape.iter().product::<usize>()]);
+        let out = &run(Op::MatMul, &[Some(&f32t(&[2, 3, 5, 4], &a)), Some(&bt)])[0];
+        assert_eq!(out.shape(), &[2, 3, 5, 7]);
+        let got = out.as_f32().unwrap();
+        for (bi, mi) in (0..2).flat_map(|x| (0..3).map(move |y| (x, y))) {
+            let boff = if bshape.len() == 2 { 0 } else { bi * 28 };
+            for i in 0..5 {
+                for j in 0..7 {
+                    let want: f32 = (0..4).map(|p| a[((bi * 3 + mi) * 5 + i) * 4 + p] * b[boff + p * 7 + j]).sum();
+                    assert_eq!(got[((bi * 3 + mi) * 5 + i) * 7 + j], want, "B {bshape:?} at ({bi},{mi},{i},{j})");
+                }
+            }
+        }
+    }
+}
