@@ -45,7 +45,7 @@ const THIN_N: usize = 4;
 /// Row bands up to this height walk pre-packed weight panels one at a time (see `band`).
 const DIRECT_ROWS: usize = 256;
 /// Work (m·n·k) from which a product is split across threads.
-const PARALLEL_WORK: usize = 1 << 22;
+const PARALLEL_WORK: usize = 1 << 19;
 
 thread_local! {
     /// Packing buffers, grown once per thread and reused.

@@ -51,6 +51,10 @@ pub struct QActs {
     pub q: Vec<i8>,
     pub scales: Vec<f32>,
     pub sums: Vec<i32>,
+    /// The values again, arranged for 4-bit kernels: per group of four blocks (128 values), each
+    /// block's first 16 values, then each block's last 16 — the order of a q4 block's low and
+    /// high nibbles. Rows are `k` rounded up to 128, zero padded.
+    pub q4x: Vec<i8>,
 }
 
 /// Owned q8 weights (what [`quantize_q8`] returns).
@@ -212,6 +216,16 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(
         out.scales[b] = s;
         out.sums[b] = sum;
     }
+    let kp = k.next_multiple_of(4 * QK);
+    out.q4x.clear();
+    out.q4x.resize(m * kp, 0);
+    for (row, arranged) in out.q.chunks_exact(k.max(1)).zip(out.q4x.chunks_exact_mut(kp.max(1))) {
+        for (b, blk) in row.chunks_exact(QK).enumerate() {
+            let (g, r) = (b / 4, b % 4);
+            arranged[g * 128 + r * 16..][..16].copy_from_slice(&blk[..16]);
+            arranged[g * 128 + 64 + r * 16..][..16].copy_from_slice(&blk[16..]);
+        }
+    }
     Ok(())
 }
 
@@ -302,7 +316,13 @@ pub struct QRows {
     pub q4: Q4Row,
     /// Two activation rows × two q8 weight rows at once, for products with m ≥ 2 (i8mm).
     pub q8_2x2: Option<(&'static str, Q8Tile2x2)>,
+    /// A row kernel for the common q4 format (symmetric blocks of 32) reading the activations
+    /// in their 4-bit arrangement ([`QActs::q4x`]), where the set has one.
+    pub q4_sym32: Option<Q4Sym32Row>,
 }
+
+/// One row of symmetric q4 blocks of 32: `(nibbles, scales, arranged x, xs, sums, nb)`.
+pub type Q4Sym32Row = unsafe fn(*const u8, *const u16, *const i8, *const f32, *const i32, usize) -> f32;
 
 /// `[x0·w0, x0·w1, x1·w0, x1·w1]` over `nb` blocks: `(w0, w1, x0, x1, xs0, xs1, nb)`.
 pub type Q8Tile2x2 = unsafe fn(*const i8, *const i8, *const i8, *const i8, *const f32, *const f32, usize) -> [f32; 4];
@@ -318,14 +338,16 @@ impl Isa {
                 q4_name: "gemv_q4i8_avx2",
                 q4: super::x86q::q4_row_avx2,
                 q8_2x2: None,
+                q4_sym32: None,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => QRows {
                 q8_name: "gemv_q8i8_avx512vnni",
                 q8: super::x86q::q8_row_vnni,
                 q4_name: "gemv_q4i8_avx512vnni",
-                q4: super::x86q::q4_row_vnni512,
+                q4: super::x86q::q4_row_vnni,
                 q8_2x2: None,
+                q4_sym32: Some(super::x86q::q4_sym32_vnni512),
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => QRows {
@@ -334,6 +356,7 @@ impl Isa {
                 q4_name: "gemv_q4i8_neon",
                 q4: super::armq::q4_row_neon,
                 q8_2x2: None,
+                q4_sym32: None,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::NeonDot | Isa::NeonI8mm => QRows {
@@ -343,6 +366,7 @@ impl Isa {
                 q4: super::armq::q4_row_dot,
                 q8_2x2: (self == Isa::NeonI8mm)
                     .then_some(("gemm_q8i8_2x2_i8mm", super::armq::q8_2x2_i8mm as Q8Tile2x2)),
+                q4_sym32: None,
             },
             _ => QRows {
                 q8_name: "gemv_q8i8_ref",
@@ -350,6 +374,7 @@ impl Isa {
                 q4_name: "gemv_q4i8_ref",
                 q4: q4_row_ref,
                 q8_2x2: None,
+                q4_sym32: None,
             },
         }
     }
@@ -361,7 +386,7 @@ const ROWS_PER_TASK: usize = 64;
 /// Runs `row(i, j)` for every activation row `i` and weight row `j`, writing `out[i·n + j]`;
 /// weight rows are split across threads (each weight row is read once per call, then reused
 /// from cache for every activation row).
-fn drive(m: usize, n: usize, out: &mut [f32], threads: usize, row: &(dyn Fn(usize, usize) -> f32 + Sync)) {
+fn drive<F: Fn(usize, usize) -> f32 + Sync>(m: usize, n: usize, out: &mut [f32], threads: usize, row: &F) {
     let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
     let per = n.div_ceil(parts.max(1));
     let op = SharedOut::new(out);
@@ -466,6 +491,25 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let f = isa.q_rows().q4;
     let (nb, sub) = (k / QK, w.block / QK);
+    if let (Some(sym), None, 32) = (isa.q_rows().q4_sym32, w.mins, w.block) {
+        let kp = k.next_multiple_of(4 * QK);
+        check(x.q4x.len() >= m * kp, || "activations lack the 4-bit arrangement".into())?;
+        drive(m, n, out, threads, &|i, j| {
+            // SAFETY: row j's nibbles/scales and row i's arranged activations (kp bytes), scales
+            // and sums are in bounds (checked above); the kernel belongs to a supported set.
+            unsafe {
+                sym(
+                    w.nibbles.as_ptr().add(j * k / 2),
+                    w.scales.as_ptr().add(j * nb),
+                    x.q4x.as_ptr().add(i * kp),
+                    x.scales.as_ptr().add(i * nb),
+                    x.sums.as_ptr().add(i * nb),
+                    nb,
+                )
+            }
+        });
+        return Ok(());
+    }
     drive(m, n, out, threads, &|i, j| {
         let wb0 = j * (k / w.block);
         let mins = w.mins.map_or(std::ptr::null(), |m| m[wb0..].as_ptr());
@@ -566,6 +610,7 @@ mod tests {
             (1, 1, 32, 32),
             (2, 33, 1024, 32),
             (1, 9, 544, 32),
+            (2, 7, 576, 32),
             (2, 9, 64, 64),
             (3, 33, 128, 128),
             (1, 130, 256, 32),

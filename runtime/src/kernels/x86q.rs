@@ -152,105 +152,96 @@ fn dot_us_vnni(u: __m256i, s: __m256i) -> __m256i {
 q8_row!(q8_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 q4_row!(q4_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 
-/// q4 with AVX-512 VNNI on full-width registers, for the common format (symmetric blocks of 32):
-/// two blocks per `vpdpbusd` on unsigned nibbles, block scales `d·s` computed 16 at a time and
-/// spread with `vpermps`, and the `−8·Σx` offset summed in a separate vector (`Σ d·s·Σx`), so
-/// the loop carries no scalar work; a row's last blocks use masked loads. Other q4 variants
-/// (with a minimum, or blocks of 64/128) use the 256-bit kernel.
+/// How far ahead of the current nibbles the q4 kernel prefetches (scales: an eighth of it,
+/// their share of the stream).
+const PREFETCH_BYTES: usize = 2048;
+
+/// q4 with AVX-512 VNNI on full-width registers, for the common format (symmetric blocks of 32),
+/// four blocks per step: 64 nibble bytes split into low and high halves (two `and`s and a shift)
+/// meet the activations pre-arranged to match ([`super::quant::QActs::q4x`]: per four blocks,
+/// each block's first 16 values, then each block's last 16), two `vpdpbusd` give one i32 lane
+/// group per block, block scales `d·s` (computed 16 at a time) are spread with `vpermps`, and the
+/// `−8·Σx` offset goes into a separate vector (`Σ d·s·Σx`). A row's last blocks load through
+/// masks. 11 vector instructions per 128 weights (the two-block form needed 18).
 ///
 /// # Safety
-/// As [`q4_row_vnni`]; the CPU also has AVX-512BW.
+/// The CPU has AVX-512 F/BW/VL/VNNI and F16C; `nib` holds `nb·16` bytes and `d` `nb` f16
+/// scales; `xa` holds `nb.div_ceil(4)·128` arranged activation bytes (zero past the row's end);
+/// `xs` and `sums` hold `nb` entries.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_row_vnni512(
+pub unsafe fn q4_sym32_vnni512(
     nib: *const u8,
     d: *const u16,
-    mins: *const u16,
-    x: *const i8,
+    xa: *const i8,
     xs: *const f32,
     sums: *const i32,
     nb: usize,
-    sub: usize,
 ) -> f32 {
-    if !mins.is_null() || sub != 1 {
-        // SAFETY: forwarded caller contract.
-        return unsafe { q4_row_vnni(nib, d, mins, x, xs, sums, nb, sub) };
-    }
     let (mut acc0, mut acc1, mut off) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
     let low4 = _mm512_set1_epi8(15);
-    // Per 64-bit lane: 0 for the low nibbles, 4 for the high ones: [lo0, hi0, lo1, hi1].
-    let shifts = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
-    let two = _mm512_set1_epi32(2);
-    let b16 = nb / 16 * 16;
-    let mut b = 0;
-    // Whole groups of 16 blocks: plain loads, eight pairs unrolled.
-    while b < b16 {
-        // SAFETY: blocks b..b+16 of every operand are in bounds (b + 16 ≤ nb).
-        unsafe {
-            let c = _mm512_mul_ps(
-                _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b) as *const __m256i)),
-                _mm512_loadu_ps(xs.add(b)),
-            );
-            off = _mm512_fmadd_ps(c, _mm512_cvtepi32_ps(_mm512_loadu_si512(sums.add(b) as *const __m512i)), off);
-            let mut idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-            for pair in 0..8 {
-                let bb = b + 2 * pair;
-                let raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(nib.add(bb * QK / 2) as *const __m256i));
-                let z = _mm512_shuffle_i64x2::<0b01_01_00_00>(raw, raw);
-                let w = _mm512_and_si512(_mm512_srlv_epi64(z, shifts), low4);
-                let xv = _mm512_loadu_si512(x.add(bb * QK) as *const __m512i);
-                let dv = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv));
-                let sc = _mm512_permutexvar_ps(idx, c);
-                if pair % 2 == 0 {
-                    acc0 = _mm512_fmadd_ps(sc, dv, acc0);
-                } else {
-                    acc1 = _mm512_fmadd_ps(sc, dv, acc1);
-                }
-                idx = _mm512_add_epi32(idx, two);
+    // i32 lane l of a step belongs to block l / 4 of its four.
+    let first = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let four = _mm512_set1_epi32(4);
+    // Scales d·s of up to 16 blocks from b (lanes outside `m16` are 0), and their offset term.
+    macro_rules! scales {
+        ($b:expr, $m16:expr) => {{
+            // SAFETY: the masked loads touch only blocks b.. inside the mask, all in bounds.
+            unsafe {
+                let c = _mm512_mul_ps(
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16($m16, d.add($b) as *const i16)),
+                    _mm512_maskz_loadu_ps($m16, xs.add($b)),
+                );
+                off = _mm512_fmadd_ps(c, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32($m16, sums.add($b))), off);
+                c
             }
-        }
-        b += 16;
+        }};
     }
-    // The last nb mod 16 blocks with masked loads.
-    while b < nb {
-        // Up to 16 blocks: their scales d·s at once (masked past the row's end, so they are 0).
-        let cnt = (nb - b).min(16);
-        let m16: __mmask16 = ((1u32 << cnt) - 1) as u16;
-        // SAFETY: the masked loads touch only blocks b..b+cnt, which are in bounds.
-        let c = unsafe {
-            let c = _mm512_mul_ps(
-                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, d.add(b) as *const i16)),
-                _mm512_maskz_loadu_ps(m16, xs.add(b)),
-            );
-            off = _mm512_fmadd_ps(c, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m16, sums.add(b))), off);
-            c
-        };
-        let mut idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        for pair in 0..cnt.div_ceil(2) {
-            let bb = b + 2 * pair;
-            // A lone last block loads only its own bytes; the missing one reads as zeros.
-            let full = bb + 1 < b + cnt;
-            // SAFETY: block bb (and bb + 1 when `full`) is in bounds; the masks stop at it.
-            let (raw, xv) = unsafe {
-                let nm: __mmask32 = if full { u32::MAX } else { 0xFFFF };
-                let xm: __mmask64 = if full { u64::MAX } else { u32::MAX as u64 };
+    // Four blocks from bb into `$acc`; `$nm` masks the nibble bytes of blocks past the row's end
+    // (the arranged activations are padded to whole groups of four blocks).
+    macro_rules! step {
+        ($acc:ident, $bb:expr, $c:expr, $idx:expr, $nm:expr) => {{
+            // Rows are contiguous: keep the DRAM stream ahead of the kernel (rows of a few
+            // hundred bytes end before the hardware prefetcher ramps up). Never faults.
+            _mm_prefetch::<_MM_HINT_T0>(nib.wrapping_add($bb * QK / 2 + PREFETCH_BYTES) as *const i8);
+            // SAFETY: the nibble load stops at the row's last block (mask); xa holds whole groups.
+            let (raw, xl, xh) = unsafe {
                 (
-                    _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(nm, nib.add(bb * QK / 2) as *const i8)),
-                    _mm512_maskz_loadu_epi8(xm, x.add(bb * QK)),
+                    _mm512_maskz_loadu_epi8($nm, nib.add($bb * QK / 2) as *const i8),
+                    _mm512_loadu_si512(xa.add($bb * QK) as *const __m512i),
+                    _mm512_loadu_si512(xa.add($bb * QK + 64) as *const __m512i),
                 )
             };
-            let z = _mm512_shuffle_i64x2::<0b01_01_00_00>(raw, raw);
-            let w = _mm512_and_si512(_mm512_srlv_epi64(z, shifts), low4);
-            let dv = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv));
-            let sc = _mm512_permutexvar_ps(idx, c);
-            if pair % 2 == 0 {
-                acc0 = _mm512_fmadd_ps(sc, dv, acc0);
-            } else {
-                acc1 = _mm512_fmadd_ps(sc, dv, acc1);
-            }
-            idx = _mm512_add_epi32(idx, two);
+            let lo = _mm512_and_si512(raw, low4);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4);
+            let di = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+            $acc = _mm512_fmadd_ps(_mm512_permutexvar_ps($idx, $c), _mm512_cvtepi32_ps(di), $acc);
+        }};
+    }
+    let b16 = nb / 16 * 16;
+    let mut b = 0;
+    // Whole groups of 16 blocks: four steps, unrolled, alternating accumulators.
+    while b < b16 {
+        _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(b + PREFETCH_BYTES / 8) as *const i8);
+        let c = scales!(b, u16::MAX);
+        let idx1 = _mm512_add_epi32(first, four);
+        let (idx2, idx3) = (_mm512_add_epi32(idx1, four), _mm512_add_epi32(idx1, _mm512_add_epi32(four, four)));
+        step!(acc0, b, c, first, u64::MAX);
+        step!(acc1, b + 4, c, idx1, u64::MAX);
+        step!(acc0, b + 8, c, idx2, u64::MAX);
+        step!(acc1, b + 12, c, idx3, u64::MAX);
+        b += 16;
+    }
+    // The last nb mod 16 blocks.
+    if b < nb {
+        let cnt = nb - b;
+        let c = scales!(b, ((1u32 << cnt) - 1) as __mmask16);
+        let mut idx = first;
+        for g in 0..cnt.div_ceil(4) {
+            let blocks = (cnt - 4 * g).min(4);
+            let nm: __mmask64 = if blocks == 4 { u64::MAX } else { (1u64 << (16 * blocks)) - 1 };
+            step!(acc0, b + 4 * g, c, idx, nm);
+            idx = _mm512_add_epi32(idx, four);
         }
-        b += cnt;
     }
     // Σ d·s·(Σ q·x) − 8 · Σ d·s·Σx, in one reduction.
     _mm512_reduce_add_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0), off, _mm512_add_ps(acc0, acc1)))
