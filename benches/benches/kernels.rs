@@ -107,7 +107,7 @@ fn gemv(c: &mut Criterion) {
         let f16: Vec<u16> = w.iter().map(|&v| acorn::tensor::f32_to_f16(v)).collect();
         let bytes = 2 * n * k;
         let f16s = copies(&f16, bytes);
-        gemv_group(c, "f16", isa.f16_row().0, (n, k), bytes, |threads, turn| {
+        gemv_group(c, "f16", isa.f16_kernel_name(), (n, k), bytes, |threads, turn| {
             let w = F16Weights { n, k, data: &f16s[turn % f16s.len()] };
             half::gemm_f16(isa, &x, 1, &w, &mut out, threads).unwrap()
         });

@@ -5,7 +5,9 @@
 //! - Few activation rows (GEMV, decode): each weight row is converted on the fly and dotted
 //!   with every activation row — half the bytes of f32 streamed, which is what bounds GEMV.
 //!   Row kernels: F16C on AVX2 / AVX-512 (`vcvtph2ps`), `fcvtl` on aarch64 (base AdvSIMD,
-//!   emitted with `asm!` because Rust's f16 vector types are unstable), scalar reference.
+//!   emitted with `asm!` because Rust's f16 vector types are unstable), scalar reference; on
+//!   aarch64 CPUs with FEAT_FHM (at the `neondot`/`i8mm` levels) `fmlal`/`fmlal2` multiply f16
+//!   weights by activations rounded to f16 and accumulate in f32.
 //! - More rows (prefill, batches): the weights are converted into the f32 GEMM's panels once
 //!   per call and the f32 kernels run (conversion is `1/m` of the work).
 
@@ -107,6 +109,47 @@ mod arm {
         out
     }
 
+    /// f16 weights × f16 activations with f32 accumulation: `fmlal`/`fmlal2` (FEAT_FHM) multiply
+    /// half-precision pairs and add the exact products to f32 lanes — 8 multiply-adds per two
+    /// instructions, no conversion of the weights. Emitted with `asm!` (Rust's f16 vector types
+    /// are unstable).
+    ///
+    /// # Safety
+    /// The CPU has FEAT_FHM; `w` and `xh` hold `k` values (f16 bit patterns).
+    #[target_feature(enable = "neon,fp16,fhm")]
+    pub unsafe fn f16_row_fhm(w: *const u16, xh: *const u16, k: usize) -> f32 {
+        let (mut a0, mut a1, mut a2, mut a3) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0), vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        let k16 = k / 16 * 16;
+        for p in (0..k16).step_by(16) {
+            // SAFETY: p + 16 ≤ k: inside both rows; the asm only touches registers.
+            unsafe {
+                let (w0, w1) = (vld1q_u16(w.add(p)), vld1q_u16(w.add(p + 8)));
+                let (x0, x1) = (vld1q_u16(xh.add(p)), vld1q_u16(xh.add(p + 8)));
+                asm!(
+                    "fmlal {a0:v}.4s, {w0:v}.4h, {x0:v}.4h",
+                    "fmlal2 {a1:v}.4s, {w0:v}.4h, {x0:v}.4h",
+                    "fmlal {a2:v}.4s, {w1:v}.4h, {x1:v}.4h",
+                    "fmlal2 {a3:v}.4s, {w1:v}.4h, {x1:v}.4h",
+                    a0 = inout(vreg) a0,
+                    a1 = inout(vreg) a1,
+                    a2 = inout(vreg) a2,
+                    a3 = inout(vreg) a3,
+                    w0 = in(vreg) w0,
+                    w1 = in(vreg) w1,
+                    x0 = in(vreg) x0,
+                    x1 = in(vreg) x1,
+                    options(pure, nomem, nostack, preserves_flags)
+                );
+            }
+        }
+        let mut t = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+        for p in k16..k {
+            // SAFETY: p < k.
+            unsafe { t += crate::tensor::f16_to_f32(*w.add(p)) * crate::tensor::f16_to_f32(*xh.add(p)) };
+        }
+        t
+    }
+
     /// # Safety
     /// `w` and `x` hold `k` values.
     #[target_feature(enable = "neon")]
@@ -131,7 +174,31 @@ mod arm {
     }
 }
 
+/// One weight row (f16) dotted with one activation row rounded to f16, `k` values, accumulated
+/// in f32.
+type F16RowH = unsafe fn(w: *const u16, xh: *const u16, k: usize) -> f32;
+
 impl Isa {
+    /// The half-precision-arithmetic row kernel of this set, where the CPU has one: aarch64 with
+    /// FEAT_FHM (FP16 multiply, f32 accumulate; optional from ARMv8.2, standard from 8.4) at the
+    /// `neondot`/`i8mm` levels. Activations are rounded to f16 once per call, so results differ
+    /// from the f32-compute kernels by at most 2⁻¹¹·Σ|w·x| (the tested bound); `neon` keeps the
+    /// f32-compute kernel.
+    pub fn f16_row_half(self) -> Option<(&'static str, F16RowH)> {
+        match self {
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot | Isa::NeonI8mm if std::arch::is_aarch64_feature_detected!("fhm") => {
+                Some(("gemv_f16f16_neonfhm", arm::f16_row_fhm))
+            }
+            _ => None,
+        }
+    }
+
+    /// Name of the f16-weight GEMV kernel this set runs.
+    pub fn f16_kernel_name(self) -> &'static str {
+        self.f16_row_half().map_or(self.f16_row().0, |(name, _)| name)
+    }
+
     /// The f16-weight row kernel of this set and its name.
     pub fn f16_row(self) -> (&'static str, F16Row) {
         match self {
@@ -184,6 +251,12 @@ pub fn gemm_f16(
         }
     }
     let (_, f) = isa.f16_row();
+    let half = isa.f16_row_half();
+    // Activations in f16 for the half-precision kernel (m·k values, once per call).
+    let xh: Vec<u16> = match half {
+        Some(_) => x[..m * k].iter().map(|&v| crate::tensor::f32_to_f16(v)).collect(),
+        None => Vec::new(),
+    };
     let threads = if n * k >= 1 << 18 { threads.max(1) } else { 1 };
     let parts = threads.min(n.div_ceil(64)).max(1);
     let per = n.div_ceil(parts);
@@ -191,9 +264,15 @@ pub fn gemm_f16(
     pool::for_each(threads, parts, &|t| {
         for j in t * per..((t + 1) * per).min(n) {
             for i in 0..m {
-                // SAFETY: row j of W and row i of X hold k values (checked above); the kernel
-                // belongs to a supported set.
-                let v = unsafe { f(w.data.as_ptr().add(j * k), x.as_ptr().add(i * k), k) };
+                let wr = w.data[j * k..].as_ptr();
+                // SAFETY: row j of W and row i of X (and of its f16 copy) hold k values (checked
+                // above); the kernel belongs to a supported set.
+                let v = unsafe {
+                    match half {
+                        Some((_, fh)) => fh(wr, xh.as_ptr().add(i * k), k),
+                        None => f(wr, x.as_ptr().add(i * k), k),
+                    }
+                };
                 // SAFETY: out holds m·n values (checked) and column j belongs to this band.
                 unsafe { *op.ptr().add(i * n + j) = v };
             }
@@ -226,12 +305,18 @@ mod tests {
                     let mut got = vec![f32::NAN; m * n];
                     gemm_f16(isa, &x, m, &wv, &mut got, threads).unwrap();
                     for (c, (g, r)) in got.iter().zip(&want).enumerate() {
-                        // f32 accumulation of k products of values in [-1, 1).
-                        let tol = 1e-6 * k as f64 + 1e-6;
+                        // f32 accumulation of k products of values in [-1, 1); the half-precision
+                        // kernel also rounds each activation to f16 (relative error ≤ 2⁻¹¹).
+                        let mut tol = 1e-6 * k as f64 + 1e-6;
+                        if isa.f16_row_half().is_some() && m <= ROW_KERNEL_MAX_M {
+                            let (i, j) = (c / n, c % n);
+                            let mag: f64 = (0..k).map(|p| (f16_to_f32(w[j * k + p]) * x[i * k + p]).abs() as f64).sum();
+                            tol += mag / 2048.0;
+                        }
                         assert!(
                             (*g as f64 - r).abs() <= tol,
                             "{} f16 m={m} n={n} k={k} threads={threads}: out[{}][{}] = {g}, exact {r}",
-                            isa.f16_row().0,
+                            isa.f16_kernel_name(),
                             c / n,
                             c % n
                         );

@@ -218,7 +218,9 @@ pub fn describe() -> String {
     let isa = selected();
     let q = isa.q_rows();
     match isa.f32_tile() {
-        Some(t) => format!("{} (f32 GEMM {}, {}, {}, {})", isa.name(), t.name, isa.f16_row().0, q.q8_name, q.q4_name),
+        Some(t) => {
+            format!("{} (f32 GEMM {}, {}, {}, {})", isa.name(), t.name, isa.f16_kernel_name(), q.q8_name, q.q4_name)
+        }
         None => format!("{} (scalar loops)", isa.name()),
     }
 }
