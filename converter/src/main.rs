@@ -106,6 +106,21 @@ struct Common {
     verify: bool,
 }
 
+/// `println!` for the CLI's output: a reader that goes away (`acorn inspect m.acorn | head`) ends
+/// the program quietly instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: writing output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -151,7 +166,7 @@ fn cmd_convert(input: &Path, output: &Path, no_fold: bool, target: &str) -> Resu
     let res = convert(input, output, &ConvertOptions { no_fold, target, ..ConvertOptions::default() });
     pb.finish_and_clear();
     let r = res?;
-    println!(
+    out!(
         "wrote {} ({:.2} MB): {} nodes, {} tensors, {:.2} MB of weights, in {:.2} s",
         output.display(),
         mb(r.file_bytes),
@@ -162,7 +177,7 @@ fn cmd_convert(input: &Path, output: &Path, no_fold: bool, target: &str) -> Resu
     );
     for p in &r.passes {
         let rep: Vec<String> = p.report.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("  pass {:<16} {}", p.name, rep.join(" "));
+        out!("  pass {:<16} {}", p.name, rep.join(" "));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -203,9 +218,9 @@ fn cmd_run(model: &Path, inputs: &[String], out_dir: &Path, common: &Common) -> 
     for (spec, t) in m.outputs().iter().zip(&outs) {
         let path = out_dir.join(format!("{}.npy", file_name_for(&spec.name)));
         npy::write_npy(&path, t)?;
-        println!("{} {} {:?} -> {}", spec.name, t.dtype(), t.shape(), path.display());
+        out!("{} {} {:?} -> {}", spec.name, t.dtype(), t.shape(), path.display());
     }
-    println!("ran in {:.3} ms", dt.as_secs_f64() * 1e3);
+    out!("ran in {:.3} ms", dt.as_secs_f64() * 1e3);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -274,31 +289,31 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
                 })).collect::<Vec<_>>(),
             },
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
+        out!(
             "{}: .acorn v{}, {:.2} MB, opened in {:.2} ms",
             model.display(),
             acorn::format::VERSION,
             mb(m.file().file_len() as u64),
             open_ms
         );
-        println!("source: {} (sha256 {})", meta.provenance.source_name, meta.provenance.source_sha256);
-        println!(
+        out!("source: {} (sha256 {})", meta.provenance.source_name, meta.provenance.source_sha256);
+        out!(
             "kernels: {}; {} weight tensor(s) stored as GEMM panels, {} repacked at open for this CPU",
             acorn::kernels::describe(),
             panels.0,
             panels.1
         );
-        println!("converter: {}", meta.provenance.converter);
+        out!("converter: {}", meta.provenance.converter);
         for p in &meta.provenance.passes {
             let rep: Vec<String> = p.report.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let par: Vec<String> = p.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!("  pass {:<16} {} {}", p.name, par.join(" "), rep.join(" "));
+            out!("  pass {:<16} {} {}", p.name, par.join(" "), rep.join(" "));
         }
         for (label, specs) in [("input ", &meta.graph.inputs), ("output", &meta.graph.outputs)] {
             for s in specs.iter() {
-                println!(
+                out!(
                     "{label} {} {} {}",
                     s.name,
                     s.dtype,
@@ -309,18 +324,18 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
                 );
             }
         }
-        println!(
+        out!(
             "graph: {} nodes: {}",
             meta.graph.all_nodes().count(),
             hist.iter().map(|(k, c)| format!("{k}×{c}")).collect::<Vec<_>>().join(" ")
         );
-        println!("tensors: {} ({:.2} MB)", meta.tensors.len(), mb(weight_bytes));
+        out!("tensors: {} ({:.2} MB)", meta.tensors.len(), mb(weight_bytes));
         let mut order: Vec<usize> = (0..meta.tensors.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(meta.tensors[i].len));
         let show = if order.len() > 25 { 20 } else { order.len() };
         for &i in &order[..show] {
             let t = &meta.tensors[i];
-            println!(
+            out!(
                 "  {:<48} {:<4} {:<18} {:<6} {:>10} B",
                 t.name,
                 t.dtype.name(),
@@ -330,10 +345,10 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
             );
         }
         if show < order.len() {
-            println!("  … {} smaller tensors (use --json for all)", order.len() - show);
+            out!("  … {} smaller tensors (use --json for all)", order.len() - show);
         }
         if section_ok {
-            println!("checksums: ok ({} tensors verified)", checks.len());
+            out!("checksums: ok ({} tensors verified)", checks.len());
         }
     }
     if !section_ok {
@@ -403,9 +418,9 @@ fn cmd_bench(
     let p90 = percentile(&times, 0.9);
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
     if json {
-        println!("{}", serde_json::json!({"open_ms": open_ms, "median_ms": median, "p90_ms": p90, "peak_rss_mb": rss}));
+        out!("{}", serde_json::json!({"open_ms": open_ms, "median_ms": median, "p90_ms": p90, "peak_rss_mb": rss}));
     } else {
-        println!(
+        out!(
             "{}: open {:.2} ms, median {:.3} ms, p90 {:.3} ms over {runs} runs ({} thread(s), kernels: {}), peak RSS {:.1} MB",
             model.display(),
             open_ms,
@@ -418,10 +433,10 @@ fn cmd_bench(
     }
     if profile {
         let total: f64 = s.profile().iter().map(|p| p.seconds).sum();
-        println!("| op | calls/run | ms/run | share |");
-        println!("|---|---:|---:|---:|");
+        out!("| op | calls/run | ms/run | share |");
+        out!("|---|---:|---:|---:|");
         for p in s.profile() {
-            println!(
+            out!(
                 "| {} | {} | {:.4} | {:.1}% |",
                 p.op,
                 p.calls / runs as u64,
@@ -462,14 +477,14 @@ fn cmd_conformance(
         pb.set_message(r.name.clone());
         pb.inc(1);
         if verbose {
-            pb.suspend(|| println!("{:<11} {} {}", r.outcome.name(), r.name, r.reason));
+            pb.suspend(|| out!("{:<11} {} {}", r.outcome.name(), r.name, r.reason));
         }
         results.push(r);
     }
     std::panic::set_hook(hook);
     pb.finish_and_clear();
     let (p, f, u) = conf::totals(&results);
-    println!("{p} passed, {f} failed, {u} unsupported, of {}", results.len());
+    out!("{p} passed, {f} failed, {u} unsupported, of {}", results.len());
     if let Some(md) = markdown {
         let mut header = format!(
             "Generated by `acorn conformance` on the `onnx==1.22.0` wheel's `onnx/backend/test/data/node` \
@@ -483,7 +498,7 @@ fn cmd_conformance(
         }
         let text = conf::markdown(&results, &header);
         acorn::format::atomic_write(md, |w| w.write_all(text.as_bytes()))?;
-        println!("wrote {}", md.display());
+        out!("wrote {}", md.display());
     }
     if let Some(path) = passing {
         let mut names: Vec<&str> =
@@ -491,7 +506,7 @@ fn cmd_conformance(
         names.sort();
         let text = names.join("\n") + "\n";
         acorn::format::atomic_write(path, |w| w.write_all(text.as_bytes()))?;
-        println!("wrote {}", path.display());
+        out!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

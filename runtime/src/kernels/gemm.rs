@@ -193,19 +193,7 @@ unsafe fn band(
                 let first = pc == 0 && !accumulate;
                 for row in (i0..i1).step_by(mr) {
                     let rows = mr.min(i1 - row);
-                    let off = row * ldc + col;
-                    let a0 = row * a.rs + pc;
-                    assert!(a0 + (rows - 1) * a.rs + kc <= a.data.len());
-                    let ap = a.data[a0..].as_ptr();
-                    if cols == nr && (rows - 1) * ldc + off + nr <= c.len() {
-                        // SAFETY: A's rows (asserted), the B panel (slice above) and the C tile
-                        // (checked) are in bounds and this thread's.
-                        unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), c.ptr().add(off), ldc, !first) };
-                    } else {
-                        // SAFETY: as above, into the local tile (rows·nr ≤ TILE_MAX).
-                        unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
-                        edge_store(&tile, nr, rows, cols, c, (row, col), ldc, first);
-                    }
+                    tile_in_place(rm, a, (row, rows), (pc, kc), bp, (col, cols, nr), c, ldc, first, &mut tile);
                 }
             }
         }
@@ -248,19 +236,18 @@ unsafe fn band(
                             let rows = mr.min(i1 - row);
                             let off = row * ldc + col;
                             if let Some(rm) = in_place {
-                                // A rows row..row+rows, columns pc..pc+kc, in place.
-                                let a0 = row * a.rs + pc;
-                                assert!(a0 + (rows - 1) * a.rs + kc <= a.data.len());
-                                let ap = a.data[a0..].as_ptr();
-                                if cols == nr && (rows - 1) * ldc + off + nr <= c.len() {
-                                    // SAFETY: A's rows (asserted), the B panel (slice above) and
-                                    // the C tile (checked) are in bounds and this thread's.
-                                    unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), c.ptr().add(off), ldc, !first) };
-                                } else {
-                                    // SAFETY: as above, into the local tile (rows·nr ≤ TILE_MAX).
-                                    unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
-                                    edge_store(&tile, nr, rows, cols, c, (row, col), ldc, first);
-                                }
+                                tile_in_place(
+                                    rm,
+                                    a,
+                                    (row, rows),
+                                    (pc, kc),
+                                    bp,
+                                    (col, cols, nr),
+                                    c,
+                                    ldc,
+                                    first,
+                                    &mut tile,
+                                );
                                 continue;
                             }
                             let ap = &apack[ip * kc * mr..(ip + 1) * kc * mr];
@@ -284,6 +271,37 @@ unsafe fn band(
             }
         }
     });
+}
+
+/// One tile reading A in place: rows `row..row + rows` of A at depth `pc..pc + kc` times the B
+/// panel `bp` (`kc × nr`) into C at `(row, col)` — directly when all `nr` columns are inside C,
+/// else through the local `tile` and [`edge_store`]. `first`: overwrite C instead of adding.
+#[allow(clippy::too_many_arguments)]
+fn tile_in_place(
+    rm: TileFn,
+    a: MatRef<'_>,
+    (row, rows): (usize, usize),
+    (pc, kc): (usize, usize),
+    bp: &[f32],
+    (col, cols, nr): (usize, usize, usize),
+    c: SharedOut,
+    ldc: usize,
+    first: bool,
+    tile: &mut [f32; TILE_MAX],
+) {
+    let a0 = row * a.rs + pc;
+    assert!(a0 + (rows - 1) * a.rs + kc <= a.data.len() && bp.len() >= kc * nr && rows * nr <= TILE_MAX);
+    let ap = a.data[a0..].as_ptr();
+    let off = row * ldc + col;
+    if cols == nr && (rows - 1) * ldc + off + nr <= c.len() {
+        // SAFETY: A's rows and the B panel are in bounds (asserted), the C tile too (checked),
+        // and the caller's block of C belongs to this thread; the kernel suits this CPU.
+        unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), c.ptr().add(off), ldc, !first) };
+    } else {
+        // SAFETY: as above, into the local tile (rows·nr ≤ TILE_MAX, asserted).
+        unsafe { rm(rows, kc, ap, a.rs, bp.as_ptr(), tile.as_mut_ptr(), nr, false) };
+        edge_store(tile, nr, rows, cols, c, (row, col), ldc, first);
+    }
 }
 
 /// Copies (or adds, unless `first`) the valid `rows × cols` part of a local tile into C at
