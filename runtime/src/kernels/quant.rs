@@ -321,8 +321,9 @@ pub struct QRows {
     pub q4_sym32: Option<Q4Sym32Row>,
 }
 
-/// One row of symmetric q4 blocks of 32: `(nibbles, scales, arranged x, xs, sums, nb)`.
-pub type Q4Sym32Row = unsafe fn(*const u8, *const u16, *const i8, *const f32, *const i32, usize) -> f32;
+/// A band of rows of symmetric q4 blocks of 32 against one activation row:
+/// `(nibbles, scales, arranged x, xs, sums, nb, rows, out)`, writing `out[0..rows]`.
+pub type Q4Sym32Row = unsafe fn(*const u8, *const u16, *const i8, *const f32, *const i32, usize, usize, *mut f32);
 
 /// `[x0·w0, x0·w1, x1·w0, x1·w1]` over `nb` blocks: `(w0, w1, x0, x1, xs0, xs1, nb)`.
 pub type Q8Tile2x2 = unsafe fn(*const i8, *const i8, *const i8, *const i8, *const f32, *const f32, usize) -> [f32; 4];
@@ -494,18 +495,28 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
     if let (Some(sym), None, 32) = (isa.q_rows().q4_sym32, w.mins, w.block) {
         let kp = k.next_multiple_of(4 * QK);
         check(x.q4x.len() >= m * kp, || "activations lack the 4-bit arrangement".into())?;
-        drive(m, n, out, threads, &|i, j| {
-            // SAFETY: row j's nibbles/scales and row i's arranged activations (kp bytes), scales
-            // and sums are in bounds (checked above); the kernel belongs to a supported set.
-            unsafe {
-                sym(
-                    w.nibbles.as_ptr().add(j * k / 2),
-                    w.scales.as_ptr().add(j * nb),
-                    x.q4x.as_ptr().add(i * kp),
-                    x.scales.as_ptr().add(i * nb),
-                    x.sums.as_ptr().add(i * nb),
-                    nb,
-                )
+        let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
+        let per = n.div_ceil(parts.max(1));
+        let op = SharedOut::new(out);
+        pool::for_each(threads, n.div_ceil(per), &|t| {
+            let (j0, j1) = (t * per, ((t + 1) * per).min(n));
+            for i in 0..m {
+                // SAFETY: rows j0..j1 of W (k/2 nibble bytes and nb scales each), row i's arranged
+                // activations (kp bytes), scales and sums are in bounds, and out[i·n + j0..j1]
+                // lies inside `out` (all checked above) and belongs to this band alone; the
+                // kernel belongs to a set this CPU supports.
+                unsafe {
+                    sym(
+                        w.nibbles.as_ptr().add(j0 * k / 2),
+                        w.scales.as_ptr().add(j0 * nb),
+                        x.q4x.as_ptr().add(i * kp),
+                        x.scales.as_ptr().add(i * nb),
+                        x.sums.as_ptr().add(i * nb),
+                        nb,
+                        j1 - j0,
+                        op.ptr().add(i * n + j0),
+                    )
+                }
             }
         });
         return Ok(());
@@ -611,6 +622,7 @@ mod tests {
             (2, 33, 1024, 32),
             (1, 9, 544, 32),
             (2, 7, 576, 32),
+            (1, 3, 33 * 1024, 32),
             (2, 9, 64, 64),
             (3, 33, 128, 128),
             (1, 130, 256, 32),

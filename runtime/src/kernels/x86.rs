@@ -112,7 +112,7 @@ tile_entries!(tile_avx512, sgemm_12x32_avx512, sgemm_12x32_avx512_rm, [1, 2, 3, 
 /// Sums of four vectors' lanes, `[Σa, Σb, Σc, Σd]`: halves, then pairwise horizontal adds
 /// (13 instructions for four sums instead of four separate reductions).
 #[inline(always)]
-fn hsum4_256(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+pub(crate) fn hsum4_256(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
     // SAFETY: (target features) only called from functions enabling AVX2, which these need.
     unsafe {
         let ab = _mm256_hadd_ps(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67

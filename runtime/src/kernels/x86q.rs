@@ -157,18 +157,20 @@ q4_row!(q4_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 const PREFETCH_BYTES: usize = 2048;
 
 /// q4 with AVX-512 VNNI on full-width registers, for the common format (symmetric blocks of 32),
-/// four blocks per step: 64 nibble bytes split into low and high halves (two `and`s and a shift)
-/// meet the activations pre-arranged to match ([`super::quant::QActs::q4x`]: per four blocks,
-/// each block's first 16 values, then each block's last 16), two `vpdpbusd` give one i32 lane
-/// group per block, block scales `d·s` (computed 16 at a time) are spread with `vpermps`, and the
-/// `−8·Σx` offset goes into a separate vector (`Σ d·s·Σx`). A row's last blocks load through
-/// masks. 11 vector instructions per 128 weights (the two-block form needed 18).
+/// over a band of `rows` consecutive weight rows (one sequential read stream), four blocks per
+/// step: 64 nibble bytes split into low and high halves (two `and`s and a shift) meet the
+/// activations pre-arranged to match ([`super::quant::QActs::q4x`]: per four blocks, each
+/// block's first 16 values, then each block's last 16); two `vpdpbusd` give one i32 lane group
+/// per block; block scales `d·s` (16 at a time) are spread with `vpermps`; the `−8·Σx` offset is
+/// `Σ d·(s·Σx)` with `s` and `s·Σx` computed once per call, not per row; rows are reduced four
+/// at a time. A row's last blocks load through masks. Writes `out[0..rows]`.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL/VNNI and F16C; `nib` holds `nb·16` bytes and `d` `nb` f16
-/// scales; `xa` holds `nb.div_ceil(4)·128` arranged activation bytes (zero past the row's end);
-/// `xs` and `sums` hold `nb` entries.
+/// The CPU has AVX-512 F/BW/VL/VNNI and F16C; `nib` holds `rows·nb·16` bytes and `d` `rows·nb`
+/// f16 scales (row-major); `xa` holds `nb.div_ceil(4)·128` arranged activation bytes (zero past
+/// the row's end); `xs` and `sums` hold `nb` entries; `out` is valid for `rows` writes.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn q4_sym32_vnni512(
     nib: *const u8,
     d: *const u16,
@@ -176,37 +178,46 @@ pub unsafe fn q4_sym32_vnni512(
     xs: *const f32,
     sums: *const i32,
     nb: usize,
-) -> f32 {
-    let (mut acc0, mut acc1, mut off) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+    rows: usize,
+    out: *mut f32,
+) {
     let low4 = _mm512_set1_epi8(15);
     // i32 lane l of a step belongs to block l / 4 of its four.
     let first = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     let four = _mm512_set1_epi32(4);
-    // Scales d·s of up to 16 blocks from b (lanes outside `m16` are 0), and their offset term.
-    macro_rules! scales {
-        ($b:expr, $m16:expr) => {{
-            // SAFETY: the masked loads touch only blocks b.. inside the mask, all in bounds.
-            unsafe {
-                let c = _mm512_mul_ps(
-                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16($m16, d.add($b) as *const i16)),
-                    _mm512_maskz_loadu_ps($m16, xs.add($b)),
-                );
-                off = _mm512_fmadd_ps(c, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32($m16, sums.add($b))), off);
-                c
-            }
-        }};
+    let idx = [first, _mm512_add_epi32(first, four), _mm512_add_epi32(first, _mm512_add_epi32(four, four)), {
+        let f2 = _mm512_add_epi32(four, four);
+        _mm512_add_epi32(first, _mm512_add_epi32(f2, four))
+    }];
+    // Per group of 16 blocks: the activation scales s and s·Σx (lanes past nb are 0), computed
+    // once for the band (rows up to 1024 groups; longer rows recompute them per row).
+    const MAX_GROUPS: usize = 64;
+    let groups = nb.div_ceil(16);
+    let mask_of = |g: usize| -> __mmask16 { ((1u32 << (nb - 16 * g).min(16)) - 1) as __mmask16 };
+    let act = |g: usize| -> (__m512, __m512) {
+        let m = mask_of(g);
+        // SAFETY: masked to blocks 16g.. < nb.
+        unsafe {
+            let s = _mm512_maskz_loadu_ps(m, xs.add(16 * g));
+            (s, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, sums.add(16 * g)))))
+        }
+    };
+    let mut pre = [(_mm512_setzero_ps(), _mm512_setzero_ps()); MAX_GROUPS];
+    let cached = groups <= MAX_GROUPS;
+    if cached {
+        for (g, p) in pre.iter_mut().enumerate().take(groups) {
+            *p = act(g);
+        }
     }
-    // Four blocks from bb into `$acc`; `$nm` masks the nibble bytes of blocks past the row's end
-    // (the arranged activations are padded to whole groups of four blocks).
+    // Four blocks from bb of the row into `$acc`; `$nm` masks the nibble bytes past the row's end.
     macro_rules! step {
-        ($acc:ident, $bb:expr, $c:expr, $idx:expr, $nm:expr) => {{
-            // Rows are contiguous: keep the DRAM stream ahead of the kernel (rows of a few
-            // hundred bytes end before the hardware prefetcher ramps up). Never faults.
-            _mm_prefetch::<_MM_HINT_T0>(nib.wrapping_add($bb * QK / 2 + PREFETCH_BYTES) as *const i8);
+        ($acc:ident, $nr:expr, $bb:expr, $c:expr, $idx:expr, $nm:expr) => {{
+            // The band is one contiguous stream: keep DRAM ahead of the kernel. Never faults.
+            _mm_prefetch::<_MM_HINT_T0>($nr.wrapping_add($bb * QK / 2 + PREFETCH_BYTES) as *const i8);
             // SAFETY: the nibble load stops at the row's last block (mask); xa holds whole groups.
             let (raw, xl, xh) = unsafe {
                 (
-                    _mm512_maskz_loadu_epi8($nm, nib.add($bb * QK / 2) as *const i8),
+                    _mm512_maskz_loadu_epi8($nm, $nr.add($bb * QK / 2) as *const i8),
                     _mm512_loadu_si512(xa.add($bb * QK) as *const __m512i),
                     _mm512_loadu_si512(xa.add($bb * QK + 64) as *const __m512i),
                 )
@@ -217,32 +228,50 @@ pub unsafe fn q4_sym32_vnni512(
             $acc = _mm512_fmadd_ps(_mm512_permutexvar_ps($idx, $c), _mm512_cvtepi32_ps(di), $acc);
         }};
     }
-    let b16 = nb / 16 * 16;
-    let mut b = 0;
-    // Whole groups of 16 blocks: four steps, unrolled, alternating accumulators.
-    while b < b16 {
-        _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(b + PREFETCH_BYTES / 8) as *const i8);
-        let c = scales!(b, u16::MAX);
-        let idx1 = _mm512_add_epi32(first, four);
-        let (idx2, idx3) = (_mm512_add_epi32(idx1, four), _mm512_add_epi32(idx1, _mm512_add_epi32(four, four)));
-        step!(acc0, b, c, first, u64::MAX);
-        step!(acc1, b + 4, c, idx1, u64::MAX);
-        step!(acc0, b + 8, c, idx2, u64::MAX);
-        step!(acc1, b + 12, c, idx3, u64::MAX);
-        b += 16;
-    }
-    // The last nb mod 16 blocks.
-    if b < nb {
-        let cnt = nb - b;
-        let c = scales!(b, ((1u32 << cnt) - 1) as __mmask16);
-        let mut idx = first;
-        for g in 0..cnt.div_ceil(4) {
-            let blocks = (cnt - 4 * g).min(4);
-            let nm: __mmask64 = if blocks == 4 { u64::MAX } else { (1u64 << (16 * blocks)) - 1 };
-            step!(acc0, b + 4 * g, c, idx, nm);
-            idx = _mm512_add_epi32(idx, four);
+    let eight = _mm512_set1_ps(8.0);
+    let mut pending = [_mm256_setzero_ps(); 4];
+    for r in 0..rows {
+        let (nr, dr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb));
+        let (mut acc0, mut acc1, mut off) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+        for g in 0..groups {
+            let (s, ssx) = if cached { pre[g] } else { act(g) };
+            let b = 16 * g;
+            let m16 = mask_of(g);
+            // SAFETY: the scale load is masked to this row's blocks b.. < nb.
+            let dv = unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, dr.add(b) as *const i16)) };
+            off = _mm512_fmadd_ps(dv, ssx, off);
+            let c = _mm512_mul_ps(dv, s);
+            if nb - b >= 16 {
+                _mm_prefetch::<_MM_HINT_T0>(dr.wrapping_add(b + PREFETCH_BYTES / 8) as *const i8);
+                step!(acc0, nr, b, c, idx[0], u64::MAX);
+                step!(acc1, nr, b + 4, c, idx[1], u64::MAX);
+                step!(acc0, nr, b + 8, c, idx[2], u64::MAX);
+                step!(acc1, nr, b + 12, c, idx[3], u64::MAX);
+            } else {
+                let cnt = nb - b;
+                for (q, &ix) in idx.iter().enumerate().take(cnt.div_ceil(4)) {
+                    let blocks = (cnt - 4 * q).min(4);
+                    let nm: __mmask64 = if blocks == 4 { u64::MAX } else { (1u64 << (16 * blocks)) - 1 };
+                    step!(acc0, nr, b + 4 * q, c, ix, nm);
+                }
+            }
+        }
+        // Σ d·s·(Σ q·x) − 8 · Σ d·s·Σx, halved to 256 bits; four rows reduce together.
+        let v = _mm512_fnmadd_ps(eight, off, _mm512_add_ps(acc0, acc1));
+        pending[r % 4] = _mm256_add_ps(
+            _mm512_castps512_ps256(v),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+        );
+        if r % 4 == 3 || r + 1 == rows {
+            let sums4 = super::x86::hsum4_256(pending[0], pending[1], pending[2], pending[3]);
+            let mut four_out = [0.0f32; 4];
+            // SAFETY: a local array of four floats.
+            unsafe { _mm_storeu_ps(four_out.as_mut_ptr(), sums4) };
+            let base = r - r % 4;
+            for (q, &v) in four_out.iter().enumerate().take(r % 4 + 1) {
+                // SAFETY: base + q ≤ r < rows: inside `out`.
+                unsafe { *out.add(base + q) = v };
+            }
         }
     }
-    // Σ d·s·(Σ q·x) − 8 · Σ d·s·Σx, in one reduction.
-    _mm512_reduce_add_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0), off, _mm512_add_ps(acc0, acc1)))
 }
