@@ -1,0 +1,136 @@
+//! `gemv-bandwidth`: GEMV weight streaming as a fraction of the machine's read bandwidth, with
+//! the two measured in alternation (round by round), so both see the same moment of a shared,
+//! noisy machine; prints the median of the per-round ratios.
+//!
+//! ```text
+//! cargo run --release -p acorn-benches --bin gemv-bandwidth -- [--rounds 15]
+//! ```
+//!
+//! Each round: one pass summing a 256 MiB buffer (the read-bandwidth reference, as in the
+//! `bandwidth` criterion group), then GEMV calls on rotating copies of the weights until 256 MiB
+//! of weights were read (so they come from DRAM, not the 32 MiB L3), at 1 and 2 threads.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use acorn::kernels;
+use acorn::kernels::half::{self, F16Weights};
+use acorn::kernels::quant::{self, QActs};
+use acorn_tests::pseudo_random;
+
+const STREAM: usize = 256 << 20;
+
+/// One GEMV call: `(copy turn, threads, output)`.
+type Gemv<'a> = Box<dyn Fn(usize, usize, &mut [f32]) + 'a>;
+const SHAPES: [(usize, usize); 4] = [(4096, 4096), (1536, 576), (576, 1536), (49152, 576)];
+
+/// GiB/s of one pass summing `buf` over `threads` threads (64 lanes per thread).
+fn bandwidth(buf: &[f32], threads: usize) -> f64 {
+    let per = buf.len().div_ceil(threads);
+    let parts: Vec<std::sync::Mutex<f32>> = (0..threads).map(|_| std::sync::Mutex::new(0.0)).collect();
+    let t = Instant::now();
+    kernels::pool::for_each(threads, threads, &|p| {
+        let mut acc = [0.0f32; 64];
+        kernels::math::with_width(|| {
+            for c in buf[p * per..((p + 1) * per).min(buf.len())].chunks_exact(64) {
+                for l in 0..64 {
+                    acc[l] += c[l];
+                }
+            }
+        });
+        *parts[p].lock().unwrap_or_else(|e| e.into_inner()) = acc.iter().sum();
+    });
+    let dt = t.elapsed().as_secs_f64();
+    black_box(parts.iter().map(|p| *p.lock().unwrap_or_else(|e| e.into_inner())).sum::<f32>());
+    (buf.len() * 4) as f64 / dt / (1u64 << 30) as f64
+}
+
+/// GiB/s of `calls` GEMV calls of `bytes` weight bytes each (`run(turn)` uses copy `turn`).
+fn stream(bytes: usize, mut run: impl FnMut(usize)) -> f64 {
+    let calls = STREAM.div_ceil(bytes);
+    run(0); // warm the code path; copy 0 is read again only after every other copy
+    let t = Instant::now();
+    for turn in 1..=calls {
+        run(turn);
+    }
+    (calls * bytes) as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds: usize =
+        args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(15);
+    let isa = kernels::selected();
+    let buf = pseudo_random(STREAM / 4, 1);
+    println!("gemv-bandwidth: {rounds} rounds, kernels: {}", kernels::describe());
+    println!();
+    println!("| n × k | format (kernel) | threads | GiB/s (median) | bandwidth GiB/s (median) | median of per-round ratios |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (n, k) in SHAPES {
+        let w = pseudo_random(n * k, (n + k) as u64);
+        let x = pseudo_random(k, 7);
+        let mut qa = QActs::default();
+        quant::quantize_acts(&x, 1, k, &mut qa).expect("k is a multiple of 32");
+        let mut out = vec![0.0f32; n];
+        let q4b = n * k / 2 + 2 * n * k / 32;
+        for (fmt, bytes) in [("f16", 2 * n * k), ("q8", n * k + 4 * n), ("q4", q4b)] {
+            // Copies of the weights totalling ≥ 256 MiB, built per format (≈ 256 MiB live).
+            let copies = (STREAM / bytes).max(2);
+            let (kernel, run): (&str, Gemv<'_>) = match fmt {
+                "f16" => {
+                    let f16: Vec<u16> = w.iter().map(|&v| acorn::tensor::f32_to_f16(v)).collect();
+                    let all: Vec<Vec<u16>> = vec![f16; copies];
+                    let x = &x;
+                    (
+                        isa.f16_kernel_name(),
+                        Box::new(move |t, th, o| {
+                            let w = F16Weights { n, k, data: &all[t % all.len()] };
+                            half::gemm_f16(isa, x, 1, &w, o, th).expect("shapes match")
+                        }),
+                    )
+                }
+                "q8" => {
+                    let all = vec![quant::quantize_q8(&w, n, k); copies];
+                    let qa = &qa;
+                    (
+                        isa.q_rows().q8_name,
+                        Box::new(move |t, th, o| {
+                            quant::gemm_q8(isa, qa, &all[t % all.len()].view(), o, th).expect("shapes match")
+                        }),
+                    )
+                }
+                _ => {
+                    let all = vec![quant::quantize_q4(&w, n, k, 32, false); copies];
+                    let qa = &qa;
+                    (
+                        isa.q_rows().q4_name,
+                        Box::new(move |t, th, o| {
+                            quant::gemm_q4(isa, qa, &all[t % all.len()].view(), o, th).expect("shapes match")
+                        }),
+                    )
+                }
+            };
+            for threads in [1, 2] {
+                let (mut g, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..rounds {
+                    let bw = bandwidth(&buf, threads);
+                    let gv = stream(bytes, |t| run(t, threads, &mut out));
+                    g.push(gv);
+                    b.push(bw);
+                    r.push(gv / bw);
+                }
+                println!(
+                    "| {n} × {k} | {fmt} (`{kernel}`) | {threads} | {:.1} | {:.1} | {:.0}% |",
+                    median(g),
+                    median(b),
+                    100.0 * median(r)
+                );
+            }
+        }
+    }
+}
