@@ -146,7 +146,7 @@ pub fn for_each(threads: usize, parts: usize, task: &(dyn Fn(usize) + Sync)) {
         return;
     };
     // Busy (another session's call, or a part calling back in): run inline.
-    let Ok(_turn) = pool.submit.try_lock() else {
+    let Ok(turn) = pool.submit.try_lock() else {
         (0..parts).for_each(task);
         return;
     };
@@ -168,6 +168,9 @@ pub fn for_each(threads: usize, parts: usize, task: &(dyn Fn(usize) + Sync)) {
         std::hint::spin_loop();
     }
     if pool.panicked.swap(false, Ordering::AcqRel) {
+        // Release the pool first: unwinding with the guard held would poison it, and every later
+        // call would run single-threaded.
+        drop(turn);
         panic!("a kernel part panicked on a worker thread");
     }
 }
@@ -251,10 +254,16 @@ mod tests {
             })
         });
         assert!(r.is_err());
-        let n = AtomicUsize::new(0);
-        for_each(2, 4, &|_| {
+        // Still a pool: with parts that take a while, the worker claims some of them.
+        let (n, on_worker) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        for_each(2, 16, &|_| {
+            std::thread::sleep(Duration::from_millis(2));
             n.fetch_add(1, Ordering::Relaxed);
+            if std::thread::current().name().is_some_and(|t| t.starts_with("acorn-worker")) {
+                on_worker.fetch_add(1, Ordering::Relaxed);
+            }
         });
-        assert_eq!(n.load(Ordering::Relaxed), 4);
+        assert_eq!(n.load(Ordering::Relaxed), 16);
+        assert!(on_worker.load(Ordering::Relaxed) > 0, "after a panic the pool ran everything inline");
     }
 }
