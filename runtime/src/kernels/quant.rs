@@ -414,6 +414,9 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
         "activations are not quantized for this shape".into()
     })?;
     check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let f = isa.q_rows().q8;
     let nb = k / QK;
@@ -489,6 +492,9 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
         "activations are not quantized for this shape".into()
     })?;
     check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let f = isa.q_rows().q4;
     let (nb, sub) = (k / QK, w.block / QK);
@@ -681,5 +687,14 @@ mod tests {
         let mut short = q4.view();
         short.scales = &[];
         assert!(gemm_q4(Isa::detect(), &qa, &short, &mut out, 1).is_err(), "missing scales");
+        // Empty products are fine on every set and thread count (no division by a zero band).
+        let (q8e, q4e) = (quantize_q8(&[], 0, 64), quantize_q4(&[], 0, 64, 32, false));
+        let mut none: [f32; 0] = [];
+        for isa in ALL_ISAS.into_iter().filter(|i| i.supported()) {
+            for threads in [1, 2] {
+                assert!(gemm_q8(isa, &qa, &q8e.view(), &mut none, threads).is_ok());
+                assert!(gemm_q4(isa, &qa, &q4e.view(), &mut none, threads).is_ok());
+            }
+        }
     }
 }
