@@ -22,22 +22,8 @@ use acorn::kernels::quant::{self, QActs};
 use acorn::kernels::{self, BMat, Isa, MatRef, Panels};
 use acorn::Tensor;
 use acorn_converter::onnx_build::OnnxBuilder;
-use acorn_tests::pseudo_random;
+use acorn_tests::{pseudo_random, read_pass};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-
-/// Sums `buf` with 64 independent lanes (four vector accumulators at the widest width, so the
-/// add latency never limits the read rate).
-fn sum(buf: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 64];
-    kernels::math::with_width(|| {
-        for c in buf.chunks_exact(64) {
-            for l in 0..64 {
-                acc[l] += c[l];
-            }
-        }
-    });
-    acc.iter().sum()
-}
 
 fn bandwidth(c: &mut Criterion) {
     let buf = pseudo_random(64 << 20, 1); // 256 MiB
@@ -45,15 +31,7 @@ fn bandwidth(c: &mut Criterion) {
     g.throughput(Throughput::Bytes((buf.len() * 4) as u64)).sample_size(10).measurement_time(Duration::from_secs(4));
     for threads in [1, 2] {
         g.bench_function(BenchmarkId::new("read", format!("{threads}t")), |b| {
-            b.iter(|| {
-                let parts: Vec<std::sync::Mutex<f32>> = (0..threads).map(|_| std::sync::Mutex::new(0.0)).collect();
-                let per = buf.len().div_ceil(threads);
-                kernels::pool::for_each(threads, threads, &|t| {
-                    let s = sum(&buf[t * per..((t + 1) * per).min(buf.len())]);
-                    *parts[t].lock().unwrap() = s;
-                });
-                black_box(parts.iter().map(|p| *p.lock().unwrap()).sum::<f32>())
-            })
+            b.iter(|| black_box(read_pass(&buf, threads)))
         });
     }
     g.finish();

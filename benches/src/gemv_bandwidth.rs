@@ -16,7 +16,7 @@ use std::time::Instant;
 use acorn::kernels;
 use acorn::kernels::half::{self, F16Weights};
 use acorn::kernels::quant::{self, QActs};
-use acorn_tests::pseudo_random;
+use acorn_tests::{pseudo_random, read_pass};
 
 const STREAM: usize = 256 << 20;
 
@@ -24,25 +24,11 @@ const STREAM: usize = 256 << 20;
 type Gemv<'a> = Box<dyn Fn(usize, usize, &mut [f32]) + 'a>;
 const SHAPES: [(usize, usize); 4] = [(4096, 4096), (1536, 576), (576, 1536), (49152, 576)];
 
-/// GiB/s of one pass summing `buf` over `threads` threads (64 lanes per thread).
+/// GiB/s of one read pass over `buf` on `threads` threads.
 fn bandwidth(buf: &[f32], threads: usize) -> f64 {
-    let per = buf.len().div_ceil(threads);
-    let parts: Vec<std::sync::Mutex<f32>> = (0..threads).map(|_| std::sync::Mutex::new(0.0)).collect();
     let t = Instant::now();
-    kernels::pool::for_each(threads, threads, &|p| {
-        let mut acc = [0.0f32; 64];
-        kernels::math::with_width(|| {
-            for c in buf[p * per..((p + 1) * per).min(buf.len())].chunks_exact(64) {
-                for l in 0..64 {
-                    acc[l] += c[l];
-                }
-            }
-        });
-        *parts[p].lock().unwrap_or_else(|e| e.into_inner()) = acc.iter().sum();
-    });
-    let dt = t.elapsed().as_secs_f64();
-    black_box(parts.iter().map(|p| *p.lock().unwrap_or_else(|e| e.into_inner())).sum::<f32>());
-    (buf.len() * 4) as f64 / dt / (1u64 << 30) as f64
+    black_box(read_pass(buf, threads));
+    (buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64
 }
 
 /// GiB/s of `calls` GEMV calls of `bytes` weight bytes each (`run(turn)` uses copy `turn`).

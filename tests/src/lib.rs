@@ -293,15 +293,27 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Deterministic pseudo-random f32s in [-1, 1) (xorshift), for benchmark and test operands.
-pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+/// Deterministic pseudo-random f32s in [-1, 1): the runtime's generator, shared with its kernel
+/// tests.
+pub use acorn::kernels::pseudo_random;
+
+/// Reads every float of `buf` once, split over `threads` threads (the caller's included), and
+/// returns their sum: the read-bandwidth reference of the benchmarks. 64 independent lanes per
+/// thread (four vector accumulators at the widest width), so add latency never limits the rate.
+pub fn read_pass(buf: &[f32], threads: usize) -> f32 {
+    let threads = threads.max(1);
+    let per = buf.len().div_ceil(threads);
+    let parts: Vec<std::sync::Mutex<f32>> = (0..threads).map(|_| std::sync::Mutex::new(0.0)).collect();
+    acorn::kernels::pool::for_each(threads, threads, &|t| {
+        let mut acc = [0.0f32; 64];
+        acorn::kernels::math::with_width(|| {
+            for c in buf[(t * per).min(buf.len())..((t + 1) * per).min(buf.len())].chunks_exact(64) {
+                for l in 0..64 {
+                    acc[l] += c[l];
+                }
+            }
+        });
+        *parts[t].lock().unwrap_or_else(|e| e.into_inner()) = acc.iter().sum();
+    });
+    parts.iter().map(|p| *p.lock().unwrap_or_else(|e| e.into_inner())).sum()
 }

@@ -23,6 +23,11 @@ pub struct F16Weights<'a> {
     pub data: &'a [u16],
 }
 
+thread_local! {
+    /// Activations rounded to f16 for the half-precision row kernel, grown once per thread.
+    static XH: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Activation rows up to which the row kernels run (above: convert to panels, f32 GEMM).
 pub const ROW_KERNEL_MAX_M: usize = 4;
 
@@ -252,32 +257,40 @@ pub fn gemm_f16(
     }
     let (_, f) = isa.f16_row();
     let half = isa.f16_row_half();
-    // Activations in f16 for the half-precision kernel (m·k values, once per call).
-    let xh: Vec<u16> = match half {
-        Some(_) => x[..m * k].iter().map(|&v| crate::tensor::f32_to_f16(v)).collect(),
-        None => Vec::new(),
-    };
     let threads = if n * k >= 1 << 18 { threads.max(1) } else { 1 };
     let parts = threads.min(n.div_ceil(64)).max(1);
     let per = n.div_ceil(parts);
     let op = SharedOut::new(out);
-    pool::for_each(threads, parts, &|t| {
-        for j in t * per..((t + 1) * per).min(n) {
-            for i in 0..m {
-                let wr = w.data[j * k..].as_ptr();
-                // SAFETY: row j of W and row i of X (and of its f16 copy) hold k values (checked
-                // above); the kernel belongs to a supported set.
-                let v = unsafe {
-                    match half {
-                        Some((_, fh)) => fh(wr, xh.as_ptr().add(i * k), k),
-                        None => f(wr, x.as_ptr().add(i * k), k),
-                    }
-                };
-                // SAFETY: out holds m·n values (checked) and column j belongs to this band.
-                unsafe { *op.ptr().add(i * n + j) = v };
+    // `xh`: the activations in f16 for the half-precision kernel (empty otherwise).
+    let run = |xh: &[u16]| {
+        pool::for_each(threads, parts, &|t| {
+            for j in t * per..((t + 1) * per).min(n) {
+                for i in 0..m {
+                    let wr = w.data[j * k..].as_ptr();
+                    // SAFETY: row j of W and row i of X (and of its f16 copy) hold k values
+                    // (checked above); the kernel belongs to a supported set.
+                    let v = unsafe {
+                        match half {
+                            Some((_, fh)) => fh(wr, xh.as_ptr().add(i * k), k),
+                            None => f(wr, x.as_ptr().add(i * k), k),
+                        }
+                    };
+                    // SAFETY: out holds m·n values (checked) and column j belongs to this band.
+                    unsafe { *op.ptr().add(i * n + j) = v };
+                }
             }
-        }
-    });
+        })
+    };
+    match half {
+        // Converted once per call into this thread's buffer (no allocation per decode step).
+        Some(_) => XH.with(|cell| {
+            let mut xh = cell.borrow_mut();
+            xh.clear();
+            xh.extend(x[..m * k].iter().map(|&v| crate::tensor::f32_to_f16(v)));
+            run(&xh)
+        }),
+        None => run(&[]),
+    }
     Ok(())
 }
 

@@ -415,22 +415,27 @@ pub fn sgemm_with(
     }
 }
 
+/// Deterministic pseudo-random f32s in [-1, 1) (xorshift): the operands of the kernel tests, the
+/// workspace's integration tests and the benchmarks (one generator, so a shape means the same
+/// data everywhere). Not for anything that needs real randomness.
+#[doc(hidden)]
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random f32s in [-1, 1).
-    pub(crate) fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    pub(crate) use super::pseudo_random as data;
 
     /// The sets this CPU runs besides `reference` (each is compared against it).
     fn native_sets() -> Vec<Isa> {

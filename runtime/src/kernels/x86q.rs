@@ -153,8 +153,10 @@ q8_row!(q8_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 q4_row!(q4_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 
 /// How far ahead of the current nibbles the q4 kernel prefetches, into L2 (scales: an eighth of
-/// it, their share of the stream, into L1). Chosen by alternating runs on the bench VM: 8 KiB to
-/// L2 streamed 4096-wide rows at 16.5–17.3 GB/s against 13.3–17.2 for 2 KiB to L1.
+/// it, their share of the stream, into L1). Chosen by alternating `gemv-bandwidth` runs on the
+/// bench VM (docs/BENCHMARKS.md): 8 KiB into L2 streamed 4096 × 4096 at 1 thread at 102–118% of
+/// the read bandwidth measured beside it, 2 KiB into L1 at 82–87%; no clear difference on
+/// 576-wide rows.
 const PREFETCH_BYTES: usize = 8192;
 
 /// q4 with AVX-512 VNNI on full-width registers, for the common format (symmetric blocks of 32),
@@ -186,12 +188,13 @@ pub unsafe fn q4_sym32_vnni512(
     // i32 lane l of a step belongs to block l / 4 of its four.
     let first = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     let four = _mm512_set1_epi32(4);
-    let idx = [first, _mm512_add_epi32(first, four), _mm512_add_epi32(first, _mm512_add_epi32(four, four)), {
-        let f2 = _mm512_add_epi32(four, four);
-        _mm512_add_epi32(first, _mm512_add_epi32(f2, four))
-    }];
+    // The scale lanes of steps 0..4 of a 16-block group: blocks 4q..4q+4.
+    let mut idx = [first; 4];
+    for q in 1..4 {
+        idx[q] = _mm512_add_epi32(idx[q - 1], four);
+    }
     // Per group of 16 blocks: the activation scales s and s·Σx (lanes past nb are 0), computed
-    // once for the band (rows up to 1024 groups; longer rows recompute them per row).
+    // once for the band (rows up to 64 groups = 32768 values; longer rows recompute them).
     const MAX_GROUPS: usize = 64;
     let groups = nb.div_ceil(16);
     let mask_of = |g: usize| -> __mmask16 { ((1u32 << (nb - 16 * g).min(16)) - 1) as __mmask16 };
