@@ -16,15 +16,17 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use acorn::format::{write_model, PassRecord, Provenance, TensorEncoding, TensorPayload};
+use acorn::format::{write_model, Extension, PassRecord, Provenance, TensorEncoding, TensorPayload};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 pub mod conformance;
+pub mod llm;
 pub mod npy;
 pub mod onnx;
 pub mod onnx_build;
 pub mod passes;
+pub mod text;
 
 /// Conversion settings.
 #[derive(Clone, Debug, Default)]
@@ -35,6 +37,8 @@ pub struct ConvertOptions {
     pub no_shape_analysis: bool,
     /// The CPU family whose weight layout the file stores.
     pub target: Target,
+    /// A tokenizer.json to embed (with the generation settings found beside it).
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 /// The CPU family a file is converted for (`acorn convert --target`): decides the layout of
@@ -126,8 +130,12 @@ pub fn lower(
         ],
     }];
     if !opts.no_fold {
+        records.push(llm::fuse_tied_weights(&mut m)?);
         records.push(passes::fold_constants(&mut m)?);
         records.push(passes::fuse_gelu(&mut m)?);
+        records.push(llm::fuse_rms_norm(&mut m)?);
+        records.push(llm::fuse_rotary(&mut m)?);
+        records.push(llm::fuse_attention(&mut m)?);
     }
     records.push(passes::eliminate_dead(&mut m)?);
     Ok((m, records))
@@ -146,6 +154,14 @@ pub fn import_bytes(bytes: &[u8]) -> Result<onnx::Imported> {
 /// Converts `input` (ONNX) to `output` (.acorn). On error nothing is written.
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     // Read once: the same bytes are hashed for provenance and decoded.
+    // The tokenizer first: a bad one fails before minutes of conversion.
+    let extensions: Vec<Extension> = match &opts.tokenizer {
+        Some(p) => text::tokenizer_extensions(p)?
+            .into_iter()
+            .map(|(name, data)| Extension { name, required: false, data })
+            .collect(),
+        None => Vec::new(),
+    };
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
     let base = input.parent().unwrap_or(Path::new("."));
@@ -184,7 +200,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let weight_bytes = payloads.iter().map(|p| p.bytes.len() as u64).sum();
     let nodes = m.graph.all_nodes().count();
     let tensors = payloads.len();
-    let file_bytes = write_model(output, m.graph, provenance, vec![], &payloads)
+    let file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
         .with_context(|| format!("writing {}", output.display()))?;
     Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records })
 }

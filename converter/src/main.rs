@@ -33,6 +33,68 @@ enum Cmd {
         /// generic, none (the file runs everywhere; elsewhere its weights are repacked at open).
         #[arg(long, default_value = "host")]
         target: String,
+        /// Embed this tokenizer.json (and the generation settings beside it: end-of-sequence
+        /// ids, chat template) so `generate` and `perplexity` need nothing else.
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Generate text with a decoder model (greedy unless a temperature is given), streaming
+    /// tokens as they come; prints prefill and decode tokens/s at the end.
+    Generate {
+        model: PathBuf,
+        /// The prompt (with --chat: the user's message).
+        #[arg(long)]
+        prompt: String,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sample among the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sample among the most likely tokens whose probabilities sum to p.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Random seed for sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the model's chat template (as a user message).
+        #[arg(long)]
+        chat: bool,
+        /// Print one JSON object at the end instead of streaming text.
+        #[arg(long)]
+        json: bool,
+        /// Use this tokenizer.json instead of the embedded one.
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
+        /// Most positions (prompt + generated) the KV cache holds.
+        #[arg(long, default_value_t = 2048)]
+        max_context: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Perplexity of a decoder model over the first windows of a text file.
+    Perplexity {
+        model: PathBuf,
+        /// A UTF-8 text file (tokenized whole, without special tokens).
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per window (each scored from an empty cache, predicting tokens 2..N).
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        /// Windows to score, from the start of the text.
+        #[arg(long, default_value_t = 4)]
+        windows: usize,
+        /// Print {"perplexity", "tokens"} as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Use this tokenizer.json instead of the embedded one.
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
     },
     /// Run a model on .npy inputs and write each output to DIR/<output>.npy.
     Run {
@@ -135,7 +197,30 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Convert { input, output, no_fold, target } => cmd_convert(&input, &output, no_fold, &target),
+        Cmd::Convert { input, output, no_fold, target, tokenizer } => {
+            cmd_convert(&input, &output, no_fold, &target, tokenizer)
+        }
+        Cmd::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            chat,
+            json,
+            tokenizer,
+            max_context,
+            common,
+        } => {
+            let sampling = acorn::llm::Sampling { temperature, top_k, top_p, seed };
+            let g = GenerateArgs { prompt, max_tokens, sampling, chat, json, tokenizer, max_context };
+            cmd_generate(&model, &g, &common)
+        }
+        Cmd::Perplexity { model, text, window, windows, json, tokenizer, common } => {
+            cmd_perplexity(&model, &text, window, windows, json, tokenizer.as_deref(), &common)
+        }
         Cmd::Run { model, inputs, output_dir, common } => cmd_run(&model, &inputs, &output_dir, &common),
         Cmd::Inspect { model, json } => cmd_inspect(&model, json),
         Cmd::Bench { model, inputs, runs, warmup, json, profile, common } => {
@@ -159,11 +244,17 @@ fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
 
-fn cmd_convert(input: &Path, output: &Path, no_fold: bool, target: &str) -> Result<ExitCode> {
+fn cmd_convert(
+    input: &Path,
+    output: &Path,
+    no_fold: bool,
+    target: &str,
+    tokenizer: Option<PathBuf>,
+) -> Result<ExitCode> {
     let t0 = Instant::now();
     let target = acorn_converter::Target::parse(target)?;
     let pb = spinner(&format!("converting {}", input.display()));
-    let res = convert(input, output, &ConvertOptions { no_fold, target, ..ConvertOptions::default() });
+    let res = convert(input, output, &ConvertOptions { no_fold, target, tokenizer, ..ConvertOptions::default() });
     pb.finish_and_clear();
     let r = res?;
     out!(
@@ -507,6 +598,113 @@ fn cmd_conformance(
         let text = names.join("\n") + "\n";
         acorn::format::atomic_write(path, |w| w.write_all(text.as_bytes()))?;
         out!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct GenerateArgs {
+    prompt: String,
+    max_tokens: usize,
+    sampling: acorn::llm::Sampling,
+    chat: bool,
+    json: bool,
+    tokenizer: Option<PathBuf>,
+    max_context: usize,
+}
+
+fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<ExitCode> {
+    use acorn::llm::{GenerationConfig, Generator, GeneratorOptions};
+    use acorn_converter::text;
+    a.sampling.validate()?;
+    let model = open(model_path, common.verify)?;
+    let tok = text::load_tokenizer(&model, a.tokenizer.as_deref())?;
+    let cfg = GenerationConfig::of(&model)?;
+    let prompt = if a.chat {
+        let tpl = cfg.chat_template.as_deref().ok_or_else(|| anyhow!("--chat: the model has no chat template"))?;
+        text::chat_prompt(tpl, &[("user", &a.prompt)])?
+    } else {
+        a.prompt.clone()
+    };
+    let ids = text::encode(&tok, &prompt)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty: it has no tokens");
+    }
+    let opts = GeneratorOptions { threads: common.threads, max_context: a.max_context };
+    let mut gen = Generator::new(&model, &opts)?;
+    let mut det = text::Detokenizer::new(&tok);
+    let mut generated = Vec::new();
+    let mut tokens = gen.generate(&ids, a.max_tokens, &a.sampling, &cfg.eos_token_ids)?;
+    let mut stdout = std::io::stdout();
+    for t in &mut tokens {
+        let t = t?;
+        generated.push(t);
+        let piece = det.push(t)?;
+        if !a.json {
+            use std::io::Write as _;
+            if write!(stdout, "{piece}").and_then(|_| stdout.flush()).is_err() {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    let stats = tokens.stats().clone();
+    let text = det.text()?;
+    if a.json {
+        let o = serde_json::json!({
+            "token_ids": generated,
+            "text": text,
+            "prompt_tokens": ids.len(),
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
+            "decode_tokens_per_s": stats.decode_tokens_per_s(),
+        });
+        out!("{o}");
+    } else {
+        out!("");
+        eprintln!(
+            "[{} prompt tokens, prefill {:.1} tokens/s; {} new tokens, decode {:.1} tokens/s; KV cache {}]",
+            ids.len(),
+            stats.prefill_tokens_per_s(),
+            generated.len(),
+            stats.decode_tokens_per_s(),
+            if gen.cache_is_bound() { "in the runtime" } else { "through the graph" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_perplexity(
+    model_path: &Path,
+    text_path: &Path,
+    window: usize,
+    windows: usize,
+    json: bool,
+    tokenizer: Option<&Path>,
+    common: &Common,
+) -> Result<ExitCode> {
+    use acorn::llm::{Generator, GeneratorOptions};
+    use acorn_converter::text;
+    if windows == 0 {
+        bail!("--windows must be at least 1");
+    }
+    let model = open(model_path, common.verify)?;
+    let tok = text::load_tokenizer(&model, tokenizer)?;
+    let body = std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
+    let ids = text::encode(&tok, &body)?;
+    let opts = GeneratorOptions { threads: common.threads, max_context: window.max(1) };
+    let mut gen = Generator::new(&model, &opts)?;
+    let n = windows.min(ids.len() / window.max(1));
+    let pb = if json { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
+    pb.set_style(ProgressStyle::with_template("scoring {bar:30} {pos}/{len} windows {elapsed}").expect("static"));
+    let t0 = Instant::now();
+    let (ppl, count) = text::perplexity(&mut gen, &ids, window, windows, |w| pb.set_position(w as u64))?;
+    pb.finish_and_clear();
+    if json {
+        out!("{}", serde_json::json!({ "perplexity": ppl, "tokens": count }));
+    } else {
+        out!(
+            "perplexity {ppl:.4} over {count} tokens ({} windows of {window}) in {:.1} s",
+            count / (window - 1),
+            t0.elapsed().as_secs_f64()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

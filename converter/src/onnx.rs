@@ -146,15 +146,25 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
             );
         }
         let path = base_dir.join(rel);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading external data {}", path.display()))?;
         let len = n.checked_mul(dtype.size()).ok_or_else(|| anyhow!("tensor '{}' too large", t.name))?;
-        let start = offset as usize;
-        Some(
-            bytes
-                .get(start..start + len)
-                .ok_or_else(|| anyhow!("tensor '{}': external data out of range", t.name))?
-                .to_vec(),
-        )
+        if let Some(l) = get("length").map(|s| s.parse::<u64>()).transpose()? {
+            if l != len as u64 {
+                bail!("tensor '{}': external data length {l} but the shape needs {len} bytes", t.name);
+            }
+        }
+        // Read only this tensor's range (the data file may hold every weight of the model).
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&path).with_context(|| format!("opening external data {}", path.display()))?;
+        let size = f.metadata()?.len();
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            bail!("tensor '{}': external data out of range ({} bytes at {offset}, file is {size})", t.name, len);
+        }
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| anyhow!("tensor '{}': cannot allocate {len} bytes", t.name))?;
+        buf.resize(len, 0);
+        f.read_exact(&mut buf).with_context(|| format!("reading external data {}", path.display()))?;
+        Some(buf)
     } else if !t.raw_data.is_empty() {
         Some(t.raw_data.clone())
     } else {

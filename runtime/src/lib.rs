@@ -27,6 +27,7 @@ pub mod exec;
 pub mod format;
 pub mod graph;
 pub mod kernels;
+pub mod llm;
 pub mod ops;
 pub mod tensor;
 

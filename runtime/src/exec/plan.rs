@@ -26,6 +26,27 @@ pub(crate) enum Slot {
     Folded(usize),
     /// A pooled buffer.
     Buf(usize),
+    /// Held by the session's KV cache (a cache-bound input or a present output): not readable
+    /// as a tensor.
+    Cache,
+}
+
+/// How a plan is specialised beyond input shapes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct PlanMode {
+    /// Generating with the runtime's KV cache: per model input, the layer whose cache it binds.
+    pub cache: Option<CacheBinding>,
+    /// Compute only the last sequence position of this output (a rank-3 MatMul result, e.g.
+    /// the logits when only the next token is wanted).
+    pub last_row: Option<ValueId>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct CacheBinding {
+    /// Per model input: `Some(layer)` for a past key/value input held by the cache.
+    pub inputs: Vec<Option<u32>>,
+    /// Positions the cache holds (sizes the attention scratch).
+    pub capacity: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -168,6 +189,7 @@ struct Builder<'m> {
     /// The session's memory limit, enforced on plan-time results as they are computed.
     limit: Option<usize>,
     folded_bytes: usize,
+    mode: &'m PlanMode,
 }
 
 impl<'m> Builder<'m> {
@@ -177,7 +199,7 @@ impl<'m> Builder<'m> {
             Slot::Input(i) => (self.inputs[i].bytes(), None),
             Slot::Const(t) => (self.file.tensor_bytes(t as usize), self.file.panel_width(t as usize)),
             Slot::Folded(i) => (self.folded[i].bytes(), None),
-            Slot::Buf(_) => return None,
+            Slot::Buf(_) | Slot::Cache => return None,
         };
         Some(View { dtype: loc.dtype, shape: &loc.shape, bytes, panels })
     }
@@ -194,8 +216,116 @@ impl<'m> Builder<'m> {
         Error::Node { node: node.name.clone(), op: node.op.name(), reason: reason.to_string() }
     }
 
+    /// Whether `v` is held by the KV cache (a cache-bound input or a present output).
+    fn in_cache(&self, v: ValueId) -> bool {
+        match self.locs[v as usize].as_ref().map(|l| l.slot) {
+            Some(Slot::Cache) => true,
+            Some(Slot::Input(i)) => {
+                self.mode.cache.as_ref().is_some_and(|c| c.inputs.get(i).copied().flatten().is_some())
+            }
+            _ => false,
+        }
+    }
+
+    /// In cache mode, an `Attention` whose past inputs are cache-bound becomes a
+    /// `CachedAttention` step; its present outputs stay in the cache. Returns whether it did.
+    fn plan_cached_attention(&mut self, node: &Node) -> Result<bool, PlanFail> {
+        let (Some(cb), Op::Attention(attrs)) = (self.mode.cache.as_ref(), &node.op) else { return Ok(false) };
+        let layer_of =
+            |v: Option<&Option<ValueId>>| match v.copied().flatten().and_then(|v| self.locs[v as usize].as_ref()) {
+                Some(Loc { slot: Slot::Input(i), .. }) => cb.inputs.get(*i).copied().flatten(),
+                _ => None,
+            };
+        let (Some(lk), Some(lv)) = (layer_of(node.inputs.get(4)), layer_of(node.inputs.get(5))) else {
+            return Ok(false);
+        };
+        if lk != lv || node.inputs.len() > 6 {
+            return Err(Self::node_err(node, "past key and value of different layers, or a nonpad input").into());
+        }
+        let op = Op::CachedAttention { attrs: attrs.clone(), layer: lk };
+        let inputs: Vec<Option<ValueId>> = node.inputs[..4.min(node.inputs.len())].to_vec();
+        let facts: Vec<Option<Fact<'_>>> = inputs
+            .iter()
+            .map(|i| {
+                i.map(|v| {
+                    let l = self.locs[v as usize].as_ref().expect("checked");
+                    Fact { dtype: l.dtype, shape: &l.shape, value: None }
+                })
+            })
+            .collect();
+        let outs = ops::infer(&op, &facts, 1).map_err(|e| Self::node_err(node, e.0))?;
+        let scratch = crate::ops::cached_attention_scratch(attrs, &facts, cb.capacity);
+        drop(facts);
+        self.scratch_len = self.scratch_len.max(scratch);
+        let (dtype, shape) = outs.into_iter().next().expect("one output");
+        let bytes = crate::tensor::numel(&shape).saturating_mul(dtype.size());
+        self.virtual_bytes.push(bytes);
+        self.locs[node.outputs[0] as usize] = Some(Loc { dtype, shape, slot: Slot::Buf(self.n_virtual) });
+        self.n_virtual += 1;
+        for &o in &node.outputs[1..] {
+            self.locs[o as usize] = Some(Loc { dtype: DType::F32, shape: vec![], slot: Slot::Cache });
+        }
+        self.steps.push(Step { name: node.name.clone(), op, inputs, outputs: vec![node.outputs[0]] });
+        Ok(true)
+    }
+
+    /// For [`PlanMode::last_row`]: a Slice step taking the last position of a [B, S, K] value;
+    /// returns the new value.
+    fn last_position(&mut self, v: ValueId) -> Result<ValueId, PlanFail> {
+        let l = self.locs[v as usize].clone().expect("planned");
+        let s = l.shape[1];
+        let fold = |t: Tensor, locs: &mut Vec<Option<Loc>>, folded: &mut Vec<Tensor>| {
+            locs.push(Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Folded(folded.len()) }));
+            folded.push(t);
+            (locs.len() - 1) as ValueId
+        };
+        let starts = fold(Tensor::from_i64(vec![1], vec![s as i64 - 1]), &mut self.locs, &mut self.folded);
+        let ends = fold(Tensor::from_i64(vec![1], vec![s as i64]), &mut self.locs, &mut self.folded);
+        let axes = fold(Tensor::from_i64(vec![1], vec![1]), &mut self.locs, &mut self.folded);
+        let shape = vec![l.shape[0], 1, l.shape[2]];
+        let bytes = crate::tensor::numel(&shape) * l.dtype.size();
+        self.virtual_bytes.push(bytes);
+        self.locs.push(Some(Loc { dtype: l.dtype, shape, slot: Slot::Buf(self.n_virtual) }));
+        self.n_virtual += 1;
+        let out = (self.locs.len() - 1) as ValueId;
+        self.steps.push(Step {
+            name: "last_position".into(),
+            op: Op::Slice,
+            inputs: vec![Some(v), Some(starts), Some(ends), Some(axes)],
+            outputs: vec![out],
+        });
+        Ok(out)
+    }
+
     fn plan_nodes(&mut self, graph: &crate::graph::Graph, nodes: &[Node]) -> Result<(), PlanFail> {
         for node in nodes {
+            let rewritten: Node;
+            let node = match self.mode.last_row {
+                Some(want)
+                    if node.outputs.first() == Some(&want)
+                        && matches!(node.op, Op::MatMul | Op::MatMulTransB)
+                        && node.inputs[0]
+                            .and_then(|a| self.locs[a as usize].as_ref())
+                            .is_some_and(|l| l.shape.len() == 3 && l.shape[1] > 1) =>
+                {
+                    let a = self.last_position(node.inputs[0].expect("checked"))?;
+                    rewritten = Node { inputs: vec![Some(a), node.inputs[1]], ..node.clone() };
+                    &rewritten
+                }
+                _ => node,
+            };
+            if self.mode.cache.is_some() {
+                if self.plan_cached_attention(node)? {
+                    continue;
+                }
+                if let Some(v) = node.inputs.iter().flatten().find(|&&v| self.in_cache(v)) {
+                    return Err(Self::node_err(
+                        node,
+                        format!("reads '{}', which the KV cache holds, outside attention", graph.value_name(*v)),
+                    )
+                    .into());
+                }
+            }
             // Every input must have been planned (validated graphs guarantee it for the main
             // graph; branch bodies may reach outer values defined later).
             for inp in node.inputs.iter().flatten() {
@@ -448,6 +578,7 @@ impl Plan {
         threads: usize,
         dep: &Dependence,
         limit: Option<usize>,
+        mode: &PlanMode,
     ) -> Result<Plan, PlanFail> {
         let file: &ModelFile = &model.file;
         let meta = file.metadata();
@@ -518,12 +649,17 @@ impl Plan {
             threads,
             limit,
             folded_bytes: 0,
+            mode,
         };
         b.plan_nodes(graph, &graph.nodes)?;
-        let outputs: Vec<ValueId> = graph.outputs.iter().map(|o| o.value).collect();
-        for (o, spec) in outputs.iter().zip(&graph.outputs) {
-            if b.locs[*o as usize].is_none() {
-                return Err(Error::Graph(format!("output '{}' was not computed", spec.name)).into());
+        let mut outputs: Vec<ValueId> = Vec::with_capacity(graph.outputs.len());
+        for spec in &graph.outputs {
+            match b.locs[spec.value as usize].as_ref().map(|l| l.slot) {
+                None => return Err(Error::Graph(format!("output '{}' was not computed", spec.name)).into()),
+                // Present outputs stay in the KV cache.
+                Some(Slot::Cache) => {}
+                Some(_) if b.in_cache(spec.value) => {}
+                Some(_) => outputs.push(spec.value),
             }
         }
         let Builder { locs, folded, steps, n_virtual, virtual_bytes, scratch_len, .. } = b;
@@ -661,6 +797,7 @@ impl Plan {
             },
             Slot::Folded(i) => (self.folded[i].bytes(), None),
             Slot::Buf(b) => (bytemuck::cast_slice(&buffers[b]), None),
+            Slot::Cache => return Err(Error::Graph(format!("internal: value {v} is held by the KV cache"))),
         };
         let bytes = bytes
             .get(..n)

@@ -3,10 +3,10 @@
 
 use smallvec::SmallVec;
 
-use super::plan::{Dependence, Plan, Slot};
+use super::plan::{Dependence, Plan, PlanMode, Slot};
 use super::Model;
 use crate::error::{Error, Result};
-use crate::ops::{self, Ctx};
+use crate::ops::{self, Ctx, KvCache};
 use crate::tensor::{Tensor, View, ViewMut};
 
 /// Configures a [`Session`].
@@ -58,6 +58,7 @@ impl SessionBuilder {
             dep: Dependence::default(),
             plans: Vec::new(),
             profile: self.profile.then(Vec::new),
+            mode: PlanMode::default(),
         })
     }
 }
@@ -79,6 +80,8 @@ pub struct Session {
     plans: Vec<(PlanKey, PlanState)>,
     /// Per op type: (name, steps run, seconds), when profiling.
     profile: Option<Vec<OpTime>>,
+    /// How plans are specialised (KV-cache binding, last position only).
+    mode: PlanMode,
 }
 
 /// Time spent in one op type ([`Session::profile`]).
@@ -155,7 +158,7 @@ impl Session {
             }
         }
         let plan = loop {
-            match Plan::build(&self.model, ordered, self.threads, &self.dep, self.memory_limit) {
+            match Plan::build(&self.model, ordered, self.threads, &self.dep, self.memory_limit, &self.mode) {
                 Ok(p) => break p,
                 Err(fail) => self.dep.widen(&self.model.metadata().graph, ordered, fail)?,
             }
@@ -215,6 +218,28 @@ impl Session {
 
     /// Runs the model on named inputs; returns the outputs in the model's output order.
     pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+        if self.mode.cache.is_some() {
+            return Err(Error::Input("this session generates with a KV cache: run it through its generator".into()));
+        }
+        self.run_inner(inputs, None)
+    }
+
+    /// Switches how plans are made (drops the plans made so far).
+    pub(crate) fn set_mode(&mut self, mode: PlanMode) {
+        if self.mode != mode {
+            self.mode = mode;
+            self.plans.clear();
+            self.dep = Dependence::default();
+        }
+    }
+
+    /// Runs with `kv` bound to the cache-mode plans' attention steps; returns the outputs that
+    /// are not held by the cache, in the model's order.
+    pub(crate) fn run_kv(&mut self, inputs: &[(&str, &Tensor)], kv: &mut KvCache) -> Result<Vec<Tensor>> {
+        self.run_inner(inputs, Some(kv))
+    }
+
+    fn run_inner(&mut self, inputs: &[(&str, &Tensor)], mut kv: Option<&mut KvCache>) -> Result<Vec<Tensor>> {
         let ordered = self.order_inputs(inputs)?;
         let i = self.plan_index(&ordered)?;
         let Session { model, threads, plans, profile, .. } = self;
@@ -245,7 +270,7 @@ impl Session {
                     bytes: &mut bytemuck::cast_slice_mut::<u64, u8>(buf)[..nbytes],
                 });
             }
-            let mut ctx = Ctx { threads, scratch };
+            let mut ctx = Ctx { threads, scratch, kv: kv.as_deref_mut() };
             let t0 = profile.is_some().then(std::time::Instant::now);
             let res = ops::run(&step.op, &in_views, &mut out_views, &mut ctx);
             if let (Some(prof), Some(t0)) = (profile.as_mut(), t0) {

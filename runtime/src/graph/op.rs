@@ -459,6 +459,16 @@ pub enum Op {
         epsilon: f32,
         momentum: f32,
     },
+    /// Attention against the session's KV cache (made by the planner when a session generates;
+    /// never stored in a file). inputs: Q, K, V, attn_mask (optional); output: Y. `layer` picks
+    /// the cache.
+    CachedAttention {
+        attrs: AttentionAttrs,
+        layer: u32,
+    },
+    /// inputs: A [..., K], B [N, K] (2-D); Y = A·Bᵀ [..., N]. A product against a transposed
+    /// weight stored once (an LM head tied to its embedding table); made by the converter.
+    MatMulTransB,
     /// inputs: X, cos_cache, sin_cache, position_ids (optional)
     RotaryEmbedding {
         interleaved: bool,
@@ -642,7 +652,7 @@ impl Op {
             Op::Shape { .. } | Op::Flatten { .. } | Op::Transpose { .. } => (1, 1, 1, 1),
             Op::ArgExtreme { .. } | Op::ConstantOfShape { .. } | Op::Softmax { .. } => (1, 1, 1, 1),
             Op::Clip => (1, 3, 1, 1),
-            Op::Binary(_) | Op::MatMul | Op::Expand | Op::Tile => (2, 2, 1, 1),
+            Op::Binary(_) | Op::MatMul | Op::MatMulTransB | Op::Expand | Op::Tile => (2, 2, 1, 1),
             Op::Reshape { .. } | Op::Gather { .. } => (2, 2, 1, 1),
             Op::Where | Op::Range => (3, 3, 1, 1),
             Op::Reduce { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => (1, 2, 1, 1),
@@ -678,6 +688,7 @@ impl Op {
             Op::Gru(_) | Op::Rnn(_) => (3, 6, 0, 2),
             Op::Einsum { .. } => (1, usize::MAX, 1, 1),
             Op::Attention(_) => (3, 7, 1, 4),
+            Op::CachedAttention { .. } => (3, 4, 1, 1),
             Op::BatchNormTraining { .. } => (5, 5, 1, 3),
             Op::RotaryEmbedding { .. } => (3, 4, 1, 1),
         };

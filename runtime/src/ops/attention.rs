@@ -5,9 +5,10 @@
 //! Scores are computed one query row at a time: no [heads, S, S] tensor is materialised
 //! unless the QK output is asked for.
 
-use super::{broadcast_strides, req, Fact, OutFact};
+use super::{broadcast_strides, req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::AttentionAttrs;
+use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -103,12 +104,317 @@ pub(super) fn infer(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out: usiz
     Ok(outs)
 }
 
-pub(super) fn run(a: &AttentionAttrs, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+/// Whether the grouped kernel ([`attend_group`]) computes this node: 4-D, no softcap, no QK
+/// output, no `nonpad_kv_seqlen`, an f32 or bool mask (or none).
+fn fast_path(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out: usize) -> bool {
+    let q4 = inputs.first().copied().flatten().is_some_and(|q| q.shape.len() == 4);
+    let mask_ok = inputs.get(3).copied().flatten().is_none_or(|m| matches!(m.dtype, DType::F32 | DType::Bool));
+    q4 && a.softcap == 0.0 && n_out <= 3 && inputs.get(6).copied().flatten().is_none() && mask_ok
+}
+
+/// Scratch floats for the grouped kernel: scores and probabilities of one group of query heads.
+pub(super) fn scratch_len(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out: usize) -> usize {
+    let (Some(q), Some(k), Some(v)) = (inputs[0], inputs.get(1).copied().flatten(), inputs.get(2).copied().flatten())
+    else {
+        return 0;
+    };
+    let past = inputs.get(4).copied().flatten().map(|p| p.shape);
+    match geometry(a, q.shape, k.shape, v.shape, past) {
+        Ok(g) if fast_path(a, inputs, n_out) => 2 * (g.qh / g.kvh.max(1)) * g.sq * (g.past + g.skv),
+        _ => 0,
+    }
+}
+
+/// Up to two contiguous pieces of one K/V head's rows (the past, then the new rows), `width`
+/// floats per row.
+struct Rows<'a> {
+    pieces: [&'a [f32]; 2],
+    width: usize,
+}
+
+impl Rows<'_> {
+    fn total(&self) -> usize {
+        (self.pieces[0].len() + self.pieces[1].len()) / self.width.max(1)
+    }
+}
+
+/// How the mask reaches one group: the mask view, its width, broadcast strides over
+/// [B, heads, S, width].
+type MaskRef<'a> = Option<(View<'a>, usize, [isize; crate::graph::MAX_RANK])>;
+
+/// Attention for the `reps` query heads `h0..h0 + reps` that share one K/V head, as two small
+/// GEMMs (Q·Kᵀ, then P·V) over the group's `reps·S` query rows: `q` and `y` are the group's
+/// contiguous rows ([reps, S, hd] and [reps, S, hv]), `scratch` holds 2·reps·S·T floats.
+#[allow(clippy::too_many_arguments)]
+fn attend_group(
+    q: &[f32],
+    k: &Rows<'_>,
+    v: &Rows<'_>,
+    (b, h0, reps, sq): (usize, usize, usize, usize),
+    scale: f32,
+    mask: &MaskRef<'_>,
+    causal_past: Option<usize>,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+    threads: usize,
+) -> OpResult<()> {
+    let (hd, hv, total) = (k.width, v.width, k.total());
+    let rows = reps * sq;
+    if total == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+    if scratch.len() < 2 * rows * total {
+        // Planned sessions reserve this up front; other callers (plan-time evaluation of
+        // converted f16 inputs) grow it here.
+        scratch.resize(2 * rows * total, 0.0);
+    }
+    let (scores, probs) = scratch[..2 * rows * total].split_at_mut(rows * total);
+    let mut col = 0;
+    for piece in k.pieces {
+        let n = piece.len() / hd.max(1);
+        if n > 0 {
+            let am = MatRef { data: q, rs: hd, cs: 1 };
+            let bm = MatRef { data: piece, rs: 1, cs: hd };
+            kernels::sgemm(rows, n, hd, am, BMat::Strided(bm), &mut scores[col..], total, false, threads);
+        }
+        col += n;
+    }
+    let mask_f32 = match mask {
+        Some((m, _, _)) if m.dtype == DType::F32 => Some(m.f32()?),
+        _ => None,
+    };
+    for (r, row) in scores.chunks_exact_mut(total).enumerate() {
+        let (h, i) = (h0 + r / sq, r % sq);
+        match mask {
+            None => row.iter_mut().for_each(|s| *s *= scale),
+            Some((m, mw, st)) => {
+                let base = b as isize * st[0] + h as isize * st[1] + i as isize * st[2];
+                let (mw, sj) = (*mw, st[3]);
+                for (j, s) in row.iter_mut().enumerate() {
+                    let bias = if j >= mw {
+                        f32::NEG_INFINITY
+                    } else {
+                        let off = (base + j as isize * sj) as usize;
+                        match mask_f32 {
+                            Some(mf) => mf[off],
+                            None if m.bytes[off] != 0 => 0.0,
+                            None => f32::NEG_INFINITY,
+                        }
+                    };
+                    *s = *s * scale + bias;
+                }
+            }
+        }
+        // Causal: query i (at position past + i) sees keys up to its own position.
+        if let Some(past) = causal_past {
+            row.iter_mut().skip(past + i + 1).for_each(|s| *s = f32::NEG_INFINITY);
+        }
+    }
+    kernels::math::softmax_rows(scores, probs, total, false);
+    let mut row0 = 0;
+    for (p, piece) in v.pieces.iter().enumerate() {
+        let n = piece.len() / hv.max(1);
+        if n > 0 {
+            let am = MatRef { data: &probs[row0..], rs: total, cs: 1 };
+            let bm = MatRef { data: piece, rs: hv, cs: 1 };
+            let acc = p > 0 && row0 > 0;
+            kernels::sgemm(rows, hv, n, am, BMat::Strided(bm), y, hv, acc, threads);
+        }
+        row0 += n;
+    }
+    Ok(())
+}
+
+fn mask_ref<'a>(mask: Option<View<'a>>, g: &Geo) -> MaskRef<'a> {
+    mask.map(|m| {
+        let mw = *m.shape.last().unwrap_or(&0);
+        let st = broadcast_strides(m.shape, &[g.b, g.qh, g.sq, mw]);
+        (m, mw, st)
+    })
+}
+
+/// The KV cache a generating session keeps per layer: K and V rows of every K/V head,
+/// preallocated for `capacity` positions ([layer][kv_head][capacity][width]); `len` positions are
+/// filled. A step's attention writes its new rows at `len..len + S` and reads `0..len + S`; the
+/// caller advances `len` once the whole step has run.
+#[derive(Debug)]
+pub struct KvCache {
+    pub(crate) layers: Vec<(Vec<f32>, Vec<f32>)>,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) value_dim: usize,
+    pub(crate) capacity: usize,
+    pub(crate) len: usize,
+}
+
+impl KvCache {
+    /// Allocates the cache (zeroed pages are only touched as positions fill). Errors when the
+    /// memory cannot be had.
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        value_dim: usize,
+        capacity: usize,
+    ) -> crate::Result<Self> {
+        let alloc = |w: usize| -> crate::Result<Vec<f32>> {
+            let n = kv_heads.checked_mul(capacity).and_then(|x| x.checked_mul(w)).ok_or_else(|| {
+                crate::Error::Limit(format!("a KV cache of {capacity} positions does not fit in memory"))
+            })?;
+            let mut v: Vec<f32> = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| {
+                crate::Error::Limit(format!(
+                    "cannot allocate a KV cache of {capacity} positions ({} bytes per layer)",
+                    n * 4
+                ))
+            })?;
+            v.resize(n, 0.0);
+            Ok(v)
+        };
+        let mut l = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            l.push((alloc(head_dim)?, alloc(value_dim)?));
+        }
+        Ok(KvCache { layers: l, kv_heads, head_dim, value_dim, capacity, len: 0 })
+    }
+
+    /// Positions filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No position filled.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Most positions the cache holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every position (the memory is kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Keeps the first `n` positions (e.g. to drop a rejected continuation).
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+}
+
+pub(super) fn infer_cached(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFact>> {
+    let (q, k, v) = (req(inputs, 0, "Q")?, req(inputs, 1, "K")?, req(inputs, 2, "V")?);
+    if q.shape.len() != 4 || q.shape[0] != 1 {
+        op_bail!("cached attention runs 4-D inputs of batch 1, got Q {:?}", q.shape);
+    }
+    let g = geometry(a, q.shape, k.shape, v.shape, None)?;
+    Ok(vec![(DType::F32, vec![g.b, g.qh, g.sq, g.hv])])
+}
+
+/// Scratch for cached attention at most `capacity` positions long.
+pub(super) fn scratch_len_cached(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], capacity: usize) -> usize {
+    let (Some(q), Some(k), Some(v)) = (inputs[0], inputs.get(1).copied().flatten(), inputs.get(2).copied().flatten())
+    else {
+        return 0;
+    };
+    match geometry(a, q.shape, k.shape, v.shape, None) {
+        Ok(g) => 2 * (g.qh / g.kvh.max(1)) * g.sq * capacity,
+        Err(_) => 0,
+    }
+}
+
+/// Attention of layer `layer` against the session's KV cache: appends the new K/V rows at the
+/// cache's current length, then attends over everything cached (the mask, if any, must span
+/// it all).
+pub(super) fn run_cached(
+    a: &AttentionAttrs,
+    layer: usize,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    let (q, k, v) = (*req(inputs, 0, "Q")?, *req(inputs, 1, "K")?, *req(inputs, 2, "V")?);
+    let g = geometry(a, q.shape, k.shape, v.shape, None)?;
+    let Some(cache) = ctx.kv.as_deref_mut() else { op_bail!("this plan needs a KV cache") };
+    let Some((ck, cv)) = cache.layers.get_mut(layer) else { op_bail!("no KV cache for layer {layer}") };
+    if g.b != 1 || g.kvh != cache.kv_heads || g.hd != cache.head_dim || g.hv != cache.value_dim {
+        op_bail!(
+            "K/V [{}, {}, {}, {}] do not match the KV cache [1, {}, _, {}]",
+            g.b,
+            g.kvh,
+            g.skv,
+            g.hd,
+            cache.kv_heads,
+            cache.head_dim
+        );
+    }
+    let (p, cap) = (cache.len, cache.capacity);
+    let total = p + g.skv;
+    if total > cap {
+        op_bail!("the context is full: {p} positions cached + {} new > {cap}", g.skv);
+    }
+    let mask = inputs.get(3).copied().flatten();
+    if let Some(m) = mask {
+        if m.shape.last().copied() != Some(total) {
+            op_bail!("attn_mask {:?} must span the {total} cached positions", m.shape);
+        }
+    }
+    let (kd, vd) = (k.f32()?, v.f32()?);
+    for h in 0..g.kvh {
+        let at = (h * cap + p) * g.hd;
+        ck[at..at + g.skv * g.hd].copy_from_slice(&kd[h * g.skv * g.hd..(h + 1) * g.skv * g.hd]);
+        let at = (h * cap + p) * g.hv;
+        cv[at..at + g.skv * g.hv].copy_from_slice(&vd[h * g.skv * g.hv..(h + 1) * g.skv * g.hv]);
+    }
+    let g = Geo { past: p, ..g };
+    let mref = mask_ref(mask, &g);
+    let reps = g.qh / g.kvh;
+    let scale = a.scale.unwrap_or(1.0 / (g.hd as f32).sqrt());
+    let qd = q.f32()?;
+    let y = outputs[0].f32()?;
+    let grp = reps * g.sq;
+    let (ck, cv) = (&cache.layers[layer].0, &cache.layers[layer].1);
+    for h in 0..g.kvh {
+        let kr = Rows { pieces: [&ck[h * cap * g.hd..(h * cap + total) * g.hd], &[]], width: g.hd };
+        let vr = Rows { pieces: [&cv[h * cap * g.hv..(h * cap + total) * g.hv], &[]], width: g.hv };
+        let qrows = &qd[h * grp * g.hd..(h + 1) * grp * g.hd];
+        let yrows = &mut y[h * grp * g.hv..(h + 1) * grp * g.hv];
+        let causal = a.is_causal.then_some(p);
+        attend_group(
+            qrows,
+            &kr,
+            &vr,
+            (0, h * reps, reps, g.sq),
+            scale,
+            &mref,
+            causal,
+            yrows,
+            ctx.scratch,
+            ctx.threads,
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn run(
+    a: &AttentionAttrs,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
     let (q, k, v) = (*req(inputs, 0, "Q")?, *req(inputs, 1, "K")?, *req(inputs, 2, "V")?);
     let mask = inputs.get(3).copied().flatten();
     let (past_k, past_v) = (inputs.get(4).copied().flatten(), inputs.get(5).copied().flatten());
     let nonpad = inputs.get(6).copied().flatten();
     let g = geometry(a, q.shape, k.shape, v.shape, past_k.map(|p| p.shape))?;
+    let facts: Vec<Option<Fact<'_>>> =
+        inputs.iter().map(|i| i.map(|v| Fact { dtype: v.dtype, shape: v.shape, value: None })).collect();
+    if fast_path(a, &facts, outputs.len()) {
+        return run_grouped(a, &g, inputs, outputs, ctx);
+    }
     let (qd, kd, vd) = (q.f32()?, k.f32()?, v.f32()?);
     let total = g.past + g.skv;
     let scale = a.scale.unwrap_or(1.0 / (g.hd as f32).sqrt());
@@ -270,6 +576,74 @@ pub(super) fn run(a: &AttentionAttrs, inputs: &[Option<View<'_>>], outputs: &mut
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// The grouped kernel on a whole node: per batch and K/V head, the (past, new) row pieces read
+/// in place; present outputs filled if asked for.
+fn run_grouped(
+    a: &AttentionAttrs,
+    g: &Geo,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    let (q, k, v) = (inputs[0].expect("Q"), inputs[1].expect("K"), inputs[2].expect("V"));
+    let (qd, kd, vd) = (q.f32()?, k.f32()?, v.f32()?);
+    let (pk, pv) = match (inputs.get(4).copied().flatten(), inputs.get(5).copied().flatten()) {
+        (Some(k), Some(v)) => (k.f32()?, v.f32()?),
+        _ => (&[][..], &[][..]),
+    };
+    let total = g.past + g.skv;
+    let (head, rest) = outputs.split_at_mut(1);
+    // present = past ‖ new, per batch and head.
+    for (o, (past, new, w)) in rest.iter_mut().zip([(pk, kd, g.hd), (pv, vd, g.hv)]) {
+        let dst = o.f32()?;
+        for bh in 0..g.b * g.kvh {
+            let at = bh * total * w;
+            dst[at..at + g.past * w].copy_from_slice(&past[bh * g.past * w..(bh + 1) * g.past * w]);
+            dst[at + g.past * w..at + total * w].copy_from_slice(&new[bh * g.skv * w..(bh + 1) * g.skv * w]);
+        }
+    }
+    let y = head[0].f32()?;
+    let mref = mask_ref(inputs.get(3).copied().flatten(), g);
+    let reps = g.qh / g.kvh;
+    let scale = a.scale.unwrap_or(1.0 / (g.hd as f32).sqrt());
+    let grp = reps * g.sq;
+    for b in 0..g.b {
+        for h in 0..g.kvh {
+            let bh = b * g.kvh + h;
+            let kr = Rows {
+                pieces: [
+                    &pk[bh * g.past * g.hd..(bh + 1) * g.past * g.hd],
+                    &kd[bh * g.skv * g.hd..(bh + 1) * g.skv * g.hd],
+                ],
+                width: g.hd,
+            };
+            let vr = Rows {
+                pieces: [
+                    &pv[bh * g.past * g.hv..(bh + 1) * g.past * g.hv],
+                    &vd[bh * g.skv * g.hv..(bh + 1) * g.skv * g.hv],
+                ],
+                width: g.hv,
+            };
+            let qrows = &qd[bh * grp * g.hd..(bh + 1) * grp * g.hd];
+            let yrows = &mut y[bh * grp * g.hv..(bh + 1) * grp * g.hv];
+            let causal = a.is_causal.then_some(g.past);
+            attend_group(
+                qrows,
+                &kr,
+                &vr,
+                (b, h * reps, reps, g.sq),
+                scale,
+                &mref,
+                causal,
+                yrows,
+                ctx.scratch,
+                ctx.threads,
+            )?;
         }
     }
     Ok(())

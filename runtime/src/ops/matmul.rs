@@ -48,6 +48,14 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
     }
     match op {
         Op::MatMul => Ok(vec![(DType::F32, matmul_out_shape(a.shape, b.shape)?)]),
+        Op::MatMulTransB => {
+            if a.shape.is_empty() || b.shape.len() != 2 || a.shape[a.shape.len() - 1] != b.shape[1] {
+                op_bail!("MatMulTransB needs A [..., K] and B [N, K], got {:?} and {:?}", a.shape, b.shape);
+            }
+            let mut out = a.shape.to_vec();
+            *out.last_mut().expect("rank >= 1") = b.shape[0];
+            Ok(vec![(DType::F32, out)])
+        }
         Op::Gemm { trans_a, trans_b, .. } => {
             if a.shape.len() != 2 || b.shape.len() != 2 {
                 op_bail!("Gemm needs 2-D operands, got {:?} and {:?}", a.shape, b.shape);
@@ -142,6 +150,14 @@ pub(super) fn run(
                     idx[j] = 0;
                 }
             }
+            Ok(())
+        }
+        Op::MatMulTransB => {
+            let (n, k) = (b.shape[0], b.shape[1]);
+            let m = numel(&a.shape[..a.shape.len() - 1]);
+            let am = MatRef { data: ad, rs: k, cs: 1 };
+            let bm = MatRef { data: bd, rs: 1, cs: k };
+            kernels::sgemm(m, n, k, am, BMat::Strided(bm), out.f32()?, n, false, ctx.threads);
             Ok(())
         }
         Op::Gemm { alpha, beta, trans_a, trans_b } => {

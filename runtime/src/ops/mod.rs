@@ -10,6 +10,7 @@ use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
 mod attention;
+pub use attention::KvCache;
 mod conv;
 mod convt;
 mod einsum;
@@ -74,6 +75,8 @@ pub struct Ctx<'a> {
     pub threads: usize,
     /// Reusable scratch memory (grown at plan time to the largest need).
     pub scratch: &'a mut Vec<f32>,
+    /// The KV cache of a generating session (read by `CachedAttention`).
+    pub kv: Option<&'a mut attention::KvCache>,
 }
 
 /// Output type and shape of one op output.
@@ -163,8 +166,18 @@ pub fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) ->
     match op {
         Op::Conv(_) => conv::scratch_len(inputs, outputs),
         Op::Lstm(_) => recurrent::scratch_len(op, inputs),
+        Op::Attention(a) => attention::scratch_len(a, inputs, outputs.len()),
         _ => 0,
     }
+}
+
+/// Scratch floats a `CachedAttention` needs with a cache of `capacity` positions.
+pub(crate) fn cached_attention_scratch(
+    a: &crate::graph::AttentionAttrs,
+    inputs: &[Option<Fact<'_>>],
+    capacity: usize,
+) -> usize {
+    attention::scratch_len_cached(a, inputs, capacity)
 }
 
 /// Ops that move, select or convert elements without computing on float values: they run on
@@ -272,7 +285,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
             elementwise::infer(op, inputs)?
         }
         Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => reduce::infer(op, inputs)?,
-        Op::MatMul | Op::Gemm { .. } => matmul::infer(op, inputs)?,
+        Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => matmul::infer(op, inputs)?,
         Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::infer(op, inputs, n_out)?,
         Op::Conv(a) => conv::infer(a, inputs)?,
         Op::Lstm(a) => recurrent::infer(a, inputs, n_out)?,
@@ -284,6 +297,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         Op::ConvTranspose(a) => convt::infer(a, inputs)?,
         Op::Einsum { equation } => einsum::infer(equation, inputs)?,
         Op::Attention(a) => attention::infer(a, inputs, n_out)?,
+        Op::CachedAttention { attrs, .. } => attention::infer_cached(attrs, inputs)?,
         Op::RotaryEmbedding { .. } => rotary::infer(op, inputs)?,
         Op::Gru(a) => recurrent::infer_gru(a, true, inputs, n_out)?,
         Op::Rnn(a) => recurrent::infer_gru(a, false, inputs, n_out)?,
@@ -346,7 +360,7 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
             elementwise::run(op, inputs, outputs)
         }
         Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => reduce::run(op, inputs, outputs),
-        Op::MatMul | Op::Gemm { .. } => matmul::run(op, inputs, outputs, ctx),
+        Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => matmul::run(op, inputs, outputs, ctx),
         Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::run(op, inputs, outputs),
         Op::Conv(a) => conv::run(a, inputs, outputs, ctx),
         Op::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
@@ -357,7 +371,8 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         Op::Resize(_) => resize::run(op, inputs, outputs),
         Op::ConvTranspose(a) => convt::run(a, inputs, outputs),
         Op::Einsum { equation } => einsum::run(equation, inputs, outputs),
-        Op::Attention(a) => attention::run(a, inputs, outputs),
+        Op::Attention(a) => attention::run(a, inputs, outputs, ctx),
+        Op::CachedAttention { attrs, layer } => attention::run_cached(attrs, *layer as usize, inputs, outputs, ctx),
         Op::RotaryEmbedding { .. } => rotary::run(op, inputs, outputs),
         Op::Gru(a) => recurrent::run_gru(a, true, inputs, outputs),
         Op::Rnn(a) => recurrent::run_gru(a, false, inputs, outputs),
@@ -410,7 +425,7 @@ pub fn eval_into(
     let mut outv: Vec<ViewMut<'_>> =
         tensors.iter_mut().zip(outs).map(|(t, (d, s))| ViewMut { dtype: *d, shape: s, bytes: t.bytes_mut() }).collect();
     let mut scratch = vec![0.0f32; scratch_len(op, facts, outs)];
-    let mut ctx = Ctx { threads, scratch: &mut scratch };
+    let mut ctx = Ctx { threads, scratch: &mut scratch, kv: None };
     run(op, inputs, &mut outv, &mut ctx)?;
     drop(outv);
     Ok(tensors)

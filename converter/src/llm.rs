@@ -1,0 +1,507 @@
+//! Passes for decoder language models: recognise what exporters write for a Llama-style block
+//! (RMSNorm, rotary embeddings, grouped-query attention over a KV cache, an LM head tied to the
+//! embedding table) and lower each to one fused op. Each pass matches a pattern exactly — every
+//! constant checked, every intermediate read only inside the pattern — and leaves anything else
+//! alone. Run `eliminate_dead` afterwards to drop the replaced nodes.
+
+use std::collections::HashMap;
+
+use acorn::format::PassRecord;
+use acorn::graph::{AttentionAttrs, BinaryOp, ConstBinding, Graph, Node, Op, ReduceOp, UnaryOp, ValueId, ValueInfo};
+use acorn::tensor::{DType, Tensor};
+use anyhow::Result;
+
+use crate::onnx::Imported;
+
+/// Who produces and who reads each value of the main graph.
+struct Index<'a> {
+    g: &'a Graph,
+    tensors: &'a [(String, Tensor)],
+    producer: HashMap<ValueId, usize>,
+    /// Readers anywhere (branches included); a graph output counts as a reader.
+    readers: HashMap<ValueId, usize>,
+    const_of: HashMap<ValueId, usize>,
+}
+
+impl<'a> Index<'a> {
+    fn new(m: &'a Imported) -> Self {
+        let g = &m.graph;
+        let mut readers: HashMap<ValueId, usize> = HashMap::new();
+        for n in g.all_nodes() {
+            for v in n.inputs.iter().flatten() {
+                *readers.entry(*v).or_default() += 1;
+            }
+        }
+        for o in &g.outputs {
+            *readers.entry(o.value).or_default() += 1;
+        }
+        Index {
+            g,
+            tensors: &m.tensors,
+            producer: g.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect(),
+            readers,
+            const_of: g.constants.iter().map(|c| (c.value, c.tensor as usize)).collect(),
+        }
+    }
+
+    /// The node producing `v`, when its op satisfies `want`.
+    fn prod(&self, v: Option<ValueId>, want: impl Fn(&Op) -> bool) -> Option<(usize, &'a Node)> {
+        let i = *self.producer.get(&v?)?;
+        let n = &self.g.nodes[i];
+        want(&n.op).then_some((i, n))
+    }
+
+    fn only_reader(&self, v: ValueId) -> bool {
+        self.readers.get(&v) == Some(&1)
+    }
+
+    fn tensor(&self, v: Option<ValueId>) -> Option<&'a Tensor> {
+        self.const_of.get(&v?).map(|&t| &self.tensors[t].1)
+    }
+
+    fn scalar(&self, v: Option<ValueId>) -> Option<f32> {
+        let t = self.tensor(v)?;
+        (t.len() == 1).then(|| t.view().f32().ok().map(|s| s[0])).flatten()
+    }
+
+    fn ints(&self, v: Option<ValueId>) -> Option<Vec<i64>> {
+        let t = self.tensor(v)?;
+        matches!(t.dtype(), DType::I64 | DType::I32).then(|| t.view().to_i64_small().ok().map(|v| v.to_vec())).flatten()
+    }
+
+    /// The two inputs of binary node `n` when it is `op`.
+    fn bin(n: &Node, op: BinaryOp) -> Option<(Option<ValueId>, Option<ValueId>)> {
+        (n.op == Op::Binary(op) && n.inputs.len() == 2).then(|| (n.inputs[0], n.inputs[1]))
+    }
+}
+
+fn record(name: &str, report: Vec<(&str, f64)>) -> PassRecord {
+    PassRecord {
+        name: name.into(),
+        params: vec![],
+        report: report.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    }
+}
+
+/// `MatMul(A, Transpose(W))` with `W` a 2-D constant that something else also reads (an LM head
+/// tied to the embedding table) → `MatMulTransB(A, W)`: the weight stays stored once instead of
+/// a transposed copy being folded into the file. Run before `fold_constants`.
+pub fn fuse_tied_weights(m: &mut Imported) -> Result<PassRecord> {
+    let ix = Index::new(m);
+    let mut rewrites = Vec::new();
+    for (i, n) in m.graph.nodes.iter().enumerate() {
+        if n.op != Op::MatMul || n.inputs.len() != 2 {
+            continue;
+        }
+        let Some((_, t)) = ix.prod(n.inputs[1], |op| matches!(op, Op::Transpose { .. })) else { continue };
+        let Op::Transpose { perm } = &t.op else { continue };
+        let w = t.inputs[0];
+        let Some(wt) = ix.tensor(w) else { continue };
+        let swap = perm.as_deref().is_none_or(|p| p == [1, 0]);
+        // Shared: read by the Transpose and by at least one other node.
+        if wt.shape().len() == 2
+            && wt.dtype() == DType::F32
+            && swap
+            && w.and_then(|w| ix.readers.get(&w)).is_some_and(|&r| r > 1)
+        {
+            rewrites.push((i, w));
+        }
+    }
+    let fused = rewrites.len();
+    for (i, w) in rewrites {
+        let n = &mut m.graph.nodes[i];
+        n.op = Op::MatMulTransB;
+        n.inputs[1] = w;
+    }
+    Ok(record("fuse_tied_weights", vec![("fused", fused as f64)]))
+}
+
+/// RMSNorm as exporters write it — `w · (x · 1/√(mean(x²) + ε))` with `x²` as `Pow(x, 2)` or
+/// `x·x`, the reciprocal as `Reciprocal`, `Div(1, ·)` or a `Div` of x, operands in either order,
+/// the mean over the last axis — → one `RmsNorm` (ONNX RMSNormalization semantics).
+pub fn fuse_rms_norm(m: &mut Imported) -> Result<PassRecord> {
+    let ix = Index::new(m);
+    let mut rewrites: Vec<(usize, ValueId, ValueId, f32)> = Vec::new();
+    for (i, n) in m.graph.nodes.iter().enumerate() {
+        let Some((a, b)) = Index::bin(n, BinaryOp::Mul) else { continue };
+        // One operand a constant weight, the other the normalised x.
+        for (w, y) in [(a, b), (b, a)] {
+            let Some(wt) = ix.tensor(w) else { continue };
+            if wt.dtype() != DType::F32 || wt.shape().len() != 1 {
+                continue;
+            }
+            if let Some((x, eps)) = match_normalised(&ix, y) {
+                rewrites.push((i, x, w.expect("constant"), eps));
+                break;
+            }
+        }
+    }
+    let fused = rewrites.len();
+    for (i, x, w, epsilon) in rewrites {
+        let n = &mut m.graph.nodes[i];
+        n.op = Op::RmsNorm { axis: -1, epsilon };
+        n.inputs = vec![Some(x), Some(w)];
+    }
+    Ok(record("fuse_rms_norm", vec![("fused", fused as f64)]))
+}
+
+/// `y = x / √(mean(x²) + ε)` (in its usual spellings) → (x, ε).
+fn match_normalised(ix: &Index<'_>, y: Option<ValueId>) -> Option<(ValueId, f32)> {
+    let yv = y?;
+    if !ix.only_reader(yv) {
+        return None;
+    }
+    let (_, yn) = ix.prod(y, |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div)))?;
+    // Candidates: (x, the value holding √(…)) with whether it is inverted already.
+    let mut cands: Vec<(Option<ValueId>, Option<ValueId>, bool)> = Vec::new();
+    if let Some((a, b)) = Index::bin(yn, BinaryOp::Div) {
+        cands.push((a, b, false));
+    }
+    if let Some((a, b)) = Index::bin(yn, BinaryOp::Mul) {
+        cands.push((a, b, true));
+        cands.push((b, a, true));
+    }
+    for (x, r, inverted) in cands {
+        let Some(x) = x else { continue };
+        let s = if inverted {
+            // r = Reciprocal(s) or Div(1, s)
+            let Some(rv) = r.filter(|&v| ix.only_reader(v)) else { continue };
+            let Some((_, rn)) = ix.prod(Some(rv), |_| true) else { continue };
+            match (&rn.op, Index::bin(rn, BinaryOp::Div)) {
+                (Op::Unary(UnaryOp::Reciprocal), _) => rn.inputs[0],
+                (_, Some((one, s))) if ix.scalar(one) == Some(1.0) => s,
+                _ => continue,
+            }
+        } else {
+            r
+        };
+        let Some(sv) = s.filter(|&v| ix.only_reader(v)) else { continue };
+        let Some((_, sn)) = ix.prod(Some(sv), |op| *op == Op::Unary(UnaryOp::Sqrt)) else { continue };
+        let v = sn.inputs[0];
+        let Some(vv) = v.filter(|&v| ix.only_reader(v)) else { continue };
+        let Some((_, an)) = ix.prod(Some(vv), |op| *op == Op::Binary(BinaryOp::Add)) else { continue };
+        let (p, q) = (an.inputs[0], an.inputs[1]);
+        let (ms, eps) = match (ix.scalar(p), ix.scalar(q)) {
+            (None, Some(e)) => (p, e),
+            (Some(e), None) => (q, e),
+            _ => continue,
+        };
+        if !(eps >= 0.0 && eps.is_finite()) {
+            continue;
+        }
+        let Some(msv) = ms.filter(|&v| ix.only_reader(v)) else { continue };
+        let Some((_, mn)) = ix.prod(Some(msv), |op| matches!(op, Op::Reduce { op: ReduceOp::Mean, .. })) else {
+            continue;
+        };
+        let Op::Reduce { axes, keepdims: true, .. } = &mn.op else { continue };
+        let axes = match axes {
+            Some(a) => Some(a.clone()),
+            None => ix.ints(mn.inputs.get(1).copied().flatten()),
+        };
+        if axes.as_deref() != Some(&[-1]) {
+            continue;
+        }
+        let Some(sq) = mn.inputs[0].filter(|&v| ix.only_reader(v)) else { continue };
+        let Some((_, qn)) = ix.prod(Some(sq), |_| true) else { continue };
+        let squares_x = match (Index::bin(qn, BinaryOp::Pow), Index::bin(qn, BinaryOp::Mul)) {
+            (Some((b, e)), _) => b == Some(x) && ix.scalar(e) == Some(2.0),
+            (_, Some((a, b))) => a == Some(x) && b == Some(x),
+            _ => false,
+        };
+        if squares_x {
+            return Some((x, eps));
+        }
+    }
+    None
+}
+
+/// Rotary embeddings as exporters write them — `x·cos + rotate_half(x)·sin` with
+/// `rotate_half(x) = Concat(−x[…, D/2:], x[…, :D/2])` and cos/sin gathered from constant
+/// [positions, D] tables by `position_ids` then unsqueezed at axis 1 — on 4-D [B, heads, S, D]
+/// values → one `RotaryEmbedding` (half-split pairing) reading half-width tables. The tables'
+/// two halves must be equal (as rotate-half tables are); the halves are added as new constants.
+pub fn fuse_rotary(m: &mut Imported) -> Result<PassRecord> {
+    let ix = Index::new(m);
+    struct Rw {
+        node: usize,
+        x: ValueId,
+        cos: ValueId,
+        sin: ValueId,
+        pos: ValueId,
+    }
+    let mut rewrites: Vec<Rw> = Vec::new();
+    // A gathered table: Unsqueeze(Gather(table, pos, axis 0), [1]) → (table, pos).
+    let table = |v: Option<ValueId>| -> Option<(ValueId, ValueId)> {
+        let (_, un) = ix.prod(v, |op| matches!(op, Op::Unsqueeze { .. }))?;
+        let Op::Unsqueeze { axes } = &un.op else { return None };
+        let axes = axes.clone().or_else(|| ix.ints(un.inputs.get(1).copied().flatten()))?;
+        if axes != [1] {
+            return None;
+        }
+        let (_, gn) = ix.prod(un.inputs[0], |op| *op == Op::Gather { axis: 0 })?;
+        let t = ix.tensor(gn.inputs[0])?;
+        (t.dtype() == DType::F32 && t.shape().len() == 2 && t.shape()[1] % 2 == 0)
+            .then(|| Some((gn.inputs[0]?, gn.inputs[1]?)))
+            .flatten()
+    };
+    // x[…, a:b] on the last axis → (x, a, b).
+    let slice = |v: Option<ValueId>| -> Option<(ValueId, i64, i64)> {
+        let (_, sn) = ix.prod(v, |op| *op == Op::Slice)?;
+        if !ix.only_reader(v?) {
+            return None;
+        }
+        let starts = ix.ints(sn.inputs.get(1).copied().flatten())?;
+        let ends = ix.ints(sn.inputs.get(2).copied().flatten())?;
+        let axes = ix.ints(sn.inputs.get(3).copied().flatten())?;
+        if let Some(steps) = sn.inputs.get(4).copied().flatten() {
+            if ix.ints(Some(steps))? != [1] {
+                return None;
+            }
+        }
+        (starts.len() == 1 && ends.len() == 1 && (axes == [-1] || axes == [3]))
+            .then(|| Some((sn.inputs[0]?, starts[0], ends[0])))
+            .flatten()
+    };
+    for (i, n) in m.graph.nodes.iter().enumerate() {
+        let Some((a, b)) = Index::bin(n, BinaryOp::Add) else { continue };
+        'order: for (p, q) in [(a, b), (b, a)] {
+            // p = x·cos, q = rot·sin (each product in either order).
+            let (Some(pv), Some(qv)) = (p, q) else { continue };
+            if !ix.only_reader(pv) || !ix.only_reader(qv) {
+                continue;
+            }
+            let Some((pa, pb)) = ix.prod(p, |_| true).and_then(|(_, n)| Index::bin(n, BinaryOp::Mul)) else { continue };
+            let Some((qa, qb)) = ix.prod(q, |_| true).and_then(|(_, n)| Index::bin(n, BinaryOp::Mul)) else { continue };
+            for (x, c) in [(pa, pb), (pb, pa)] {
+                let Some((cos_t, pos)) = table(c) else { continue };
+                for (rot, s) in [(qa, qb), (qb, qa)] {
+                    let Some((sin_t, pos2)) = table(s) else { continue };
+                    let d = ix.tensor(Some(cos_t)).expect("table").shape()[1] as i64;
+                    let st = ix.tensor(Some(sin_t)).expect("table");
+                    if pos2 != pos || st.shape() != ix.tensor(Some(cos_t)).expect("table").shape() {
+                        continue;
+                    }
+                    // rot = Concat(Neg(x[h:]), x[:h]) on the last axis.
+                    let Some((_, cn)) = ix.prod(rot, |op| matches!(op, Op::Concat { axis: -1 | 3 })) else { continue };
+                    if cn.inputs.len() != 2 || !ix.only_reader(rot.expect("matched")) {
+                        continue;
+                    }
+                    let Some((_, neg)) = ix.prod(cn.inputs[0], |op| *op == Op::Unary(UnaryOp::Neg)) else { continue };
+                    if !ix.only_reader(cn.inputs[0].expect("matched")) {
+                        continue;
+                    }
+                    let h = d / 2;
+                    let second = slice(neg.inputs[0]);
+                    let first = slice(cn.inputs[1]);
+                    let ok_second = second.is_some_and(|(xs, a, b)| Some(xs) == x && a == h && b >= d);
+                    let ok_first = first.is_some_and(|(xs, a, b)| Some(xs) == x && a == 0 && b == h);
+                    if ok_first && ok_second {
+                        rewrites.push(Rw { node: i, x: x.expect("matched"), cos: cos_t, sin: sin_t, pos });
+                        break 'order;
+                    }
+                }
+            }
+        }
+    }
+    drop(ix);
+    // Half-width tables, one per source table; a table whose halves differ is not rotate-half.
+    let mut halves: HashMap<ValueId, Option<ValueId>> = HashMap::new();
+    let mut fused = 0usize;
+    for rw in rewrites {
+        let mut half_of =
+            |v: ValueId, m: &mut Imported| -> Option<ValueId> { *halves.entry(v).or_insert_with(|| half_table(m, v)) };
+        let (Some(c), Some(s)) = (half_of(rw.cos, m), half_of(rw.sin, m)) else { continue };
+        let n = &mut m.graph.nodes[rw.node];
+        n.op = Op::RotaryEmbedding { interleaved: false, rotary_dim: 0, num_heads: 0 };
+        n.inputs = vec![Some(rw.x), Some(c), Some(s), Some(rw.pos)];
+        fused += 1;
+    }
+    Ok(record("fuse_rotary", vec![("fused", fused as f64)]))
+}
+
+/// A new constant holding the first half of the columns of table `v` [P, D], if both halves are
+/// equal.
+fn half_table(m: &mut Imported, v: ValueId) -> Option<ValueId> {
+    let t = m.graph.constants.iter().find(|c| c.value == v).map(|c| c.tensor as usize)?;
+    let (name, tab) = &m.tensors[t];
+    let (p, d) = (tab.shape()[0], tab.shape()[1]);
+    let data = tab.view().f32().ok()?;
+    let h = d / 2;
+    let mut out = Vec::with_capacity(p * h);
+    for r in data.chunks_exact(d) {
+        if r[..h] != r[h..] {
+            return None;
+        }
+        out.extend_from_slice(&r[..h]);
+    }
+    let name = format!("{name}.half");
+    let tensor = Tensor::from_f32(vec![p, h], out);
+    let value = m.graph.values.len() as ValueId;
+    m.graph.values.push(ValueInfo { name: name.clone() });
+    m.graph.constants.push(ConstBinding { value, tensor: m.tensors.len() as u32 });
+    m.tensors.push((name, tensor));
+    Some(value)
+}
+
+/// Scaled dot-product attention as exporters write it for a decoder with grouped-query heads and
+/// a KV cache:
+///
+/// ```text
+/// present_k = Concat(past_k, k, axis 2)             (optional: no cache)
+/// k_rep = Reshape(Expand(Unsqueeze(present_k, 2), [1, 1, r, 1, 1]), [0, H, -1, D])   (optional: r = 1)
+/// p = Softmax(MatMul(q, Transpose(k_rep, [0, 1, 3, 2])) · scale + mask)
+/// y = MatMul(p, v_rep)                              (v alike)
+/// ```
+///
+/// → one `Attention` (ONNX opset-23 semantics: 4-D, grouped heads, additive mask, past/present),
+/// whose kernel never materialises the score matrix and which the runtime can bind to its own
+/// KV cache when generating.
+pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
+    let ix = Index::new(m);
+    struct Rw {
+        last: usize,
+        inputs: Vec<Option<ValueId>>,
+        outputs: Vec<ValueId>,
+        remove: Vec<usize>,
+        scale: f32,
+    }
+    let mut rewrites: Vec<Rw> = Vec::new();
+    // Repeated heads: (source, r), or (v, 1) when not repeated.
+    let repeat = |v: Option<ValueId>| -> Option<(ValueId, i64)> {
+        let vv = v?;
+        let Some((_, rn)) = ix.prod(v, |op| matches!(op, Op::Reshape { allowzero: false })) else {
+            return Some((vv, 1));
+        };
+        if !ix.only_reader(vv) {
+            return None;
+        }
+        let target = ix.ints(rn.inputs[1])?;
+        let (_, en) = ix.prod(rn.inputs[0], |op| *op == Op::Expand)?;
+        let shape = ix.ints(en.inputs[1])?;
+        let (_, un) = ix.prod(en.inputs[0], |op| matches!(op, Op::Unsqueeze { .. }))?;
+        let Op::Unsqueeze { axes } = &un.op else { return None };
+        let axes = axes.clone().or_else(|| ix.ints(un.inputs.get(1).copied().flatten()))?;
+        let r = *shape.get(2)?;
+        let merges = target.len() == 4
+            && target[0] == 0
+            && target[1] > 0
+            && target[1] % r == 0
+            && target[2] == -1
+            && target[3] > 0;
+        let ok = axes == [2]
+            && shape.len() == 5
+            && shape.iter().enumerate().all(|(i, &s)| s == 1 || i == 2)
+            && r >= 1
+            && merges
+            && ix.only_reader(rn.inputs[0]?)
+            && ix.only_reader(en.inputs[0]?);
+        ok.then(|| Some((un.inputs[0]?, r))).flatten()
+    };
+    // A cache concatenation: (past, new, the Concat node).
+    let cache = |v: ValueId| -> Option<(ValueId, ValueId, usize)> {
+        let (ci, cn) = ix.prod(Some(v), |op| matches!(op, Op::Concat { axis: 2 | -2 }))?;
+        (cn.inputs.len() == 2).then(|| Some((cn.inputs[0]?, cn.inputs[1]?, ci))).flatten()
+    };
+    for sm in &m.graph.nodes {
+        let Op::Softmax { axis: -1 | 3, log: false, legacy: false } = sm.op else { continue };
+        let Some(smo) = sm.outputs.first().copied().filter(|&v| ix.only_reader(v)) else { continue };
+        // s = t + mask (either order), or t.
+        let (t, mask) = match ix.prod(sm.inputs[0], |op| *op == Op::Binary(BinaryOp::Add)) {
+            Some((_, an)) if ix.only_reader(sm.inputs[0].expect("input")) => {
+                let (a, b) = (an.inputs[0], an.inputs[1]);
+                let from_mul =
+                    |v: Option<ValueId>| ix.prod(v, |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div)));
+                if from_mul(a).is_some() {
+                    (a, b)
+                } else {
+                    (b, a)
+                }
+            }
+            _ => (sm.inputs[0], None),
+        };
+        // t = qk · c, c · qk, qk / c, or qk.
+        let Some(tv) = t.filter(|&v| ix.only_reader(v)) else { continue };
+        let (qk, scale) = match ix.prod(Some(tv), |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div))) {
+            Some((_, n)) => match (&n.op, ix.scalar(n.inputs[0]), ix.scalar(n.inputs[1])) {
+                (Op::Binary(BinaryOp::Mul), None, Some(c)) => (n.inputs[0], c),
+                (Op::Binary(BinaryOp::Mul), Some(c), None) => (n.inputs[1], c),
+                (Op::Binary(BinaryOp::Div), None, Some(c)) if c != 0.0 => (n.inputs[0], 1.0 / c),
+                _ => continue,
+            },
+            None => (Some(tv), 1.0),
+        };
+        if !scale.is_finite() || !qk.is_some_and(|v| ix.only_reader(v)) {
+            continue;
+        }
+        let Some((_, mq)) = ix.prod(qk, |op| *op == Op::MatMul) else { continue };
+        let q = mq.inputs[0];
+        let Some((_, tk)) =
+            ix.prod(mq.inputs[1], |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))
+        else {
+            continue;
+        };
+        if !ix.only_reader(mq.inputs[1].expect("input")) {
+            continue;
+        }
+        // y = MatMul(p, v_rep): the Softmax's only reader.
+        let Some((li, mv)) = m.graph.nodes.iter().enumerate().find(|(_, n)| n.inputs.first() == Some(&Some(smo)))
+        else {
+            continue;
+        };
+        if mv.op != Op::MatMul || mv.inputs.len() != 2 {
+            continue;
+        }
+        let (Some((k_all, rk)), Some((v_all, rv))) = (repeat(tk.inputs[0]), repeat(mv.inputs[1])) else { continue };
+        if rk != rv {
+            continue;
+        }
+        let mut rw = Rw { last: li, inputs: Vec::new(), outputs: vec![mv.outputs[0]], remove: Vec::new(), scale };
+        match (cache(k_all), cache(v_all)) {
+            (Some((pk, k, ck)), Some((pv, v, cv))) => {
+                // The present values may be read only by this pattern and as graph outputs.
+                let outside = |v: ValueId| {
+                    m.graph.all_nodes().filter(|n| n.inputs.contains(&Some(v))).count()
+                        + m.graph.outputs.iter().filter(|o| o.value == v).count()
+                };
+                let chain_reads = |v: ValueId| outside(v) - m.graph.outputs.iter().filter(|o| o.value == v).count();
+                if chain_reads(k_all) != 1 || chain_reads(v_all) != 1 {
+                    continue;
+                }
+                rw.inputs = vec![q, Some(k), Some(v), mask, Some(pk), Some(pv)];
+                rw.outputs.extend([k_all, v_all]);
+                rw.remove = vec![ck, cv];
+            }
+            (None, None) => rw.inputs = vec![q, Some(k_all), Some(v_all), mask],
+            _ => continue,
+        }
+        while rw.inputs.last() == Some(&None) {
+            rw.inputs.pop();
+        }
+        rewrites.push(rw);
+    }
+    drop(ix);
+    let fused = rewrites.len();
+    let mut remove = vec![false; m.graph.nodes.len()];
+    for rw in rewrites {
+        let n = &mut m.graph.nodes[rw.last];
+        n.op = Op::Attention(AttentionAttrs {
+            is_causal: false,
+            q_num_heads: None,
+            kv_num_heads: None,
+            qk_mode: 0,
+            scale: Some(rw.scale),
+            softcap: 0.0,
+        });
+        n.inputs = rw.inputs;
+        n.outputs = rw.outputs;
+        for r in rw.remove {
+            remove[r] = true;
+        }
+    }
+    let mut i = 0;
+    m.graph.nodes.retain(|_| {
+        i += 1;
+        !remove[i - 1]
+    });
+    Ok(record("fuse_attention", vec![("fused", fused as f64)]))
+}

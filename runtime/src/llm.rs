@@ -1,0 +1,626 @@
+//! Text generation with decoder language models.
+//!
+//! A model qualifies when it has the input/output signature of Hugging Face Optimum's decoder
+//! exports: inputs `input_ids` (+ optional `attention_mask`, `position_ids`) and
+//! `past_key_values.N.key` / `.value` [B, kv_heads, past, head_dim] for every layer N; outputs
+//! `logits` [B, S, vocab] and `present.N.key` / `.value`.
+//!
+//! [`Generator`] keeps the KV cache inside the runtime: preallocated for `max_context`
+//! positions, each step appends its new keys and values in place (no copy of the cache per
+//! token), and prefill (many tokens, GEMM path) and decode (one token, GEMV path) run separate
+//! plans. This needs the model's attention as `Attention` nodes reading the past inputs (what
+//! `acorn convert` makes of exporters' attention subgraphs); any other model with the signature
+//! still runs, with the cache passed through the graph's inputs and outputs (a copy per token).
+//!
+//! ```no_run
+//! use acorn::llm::{Generator, GeneratorOptions, Sampling};
+//! # fn main() -> Result<(), acorn::Error> {
+//! let model = acorn::Model::open("smollm2.acorn")?;
+//! let mut generator = Generator::new(&model, &GeneratorOptions::default())?;
+//! let prompt = [504, 3575, 282, 4649, 314]; // "The capital of France is"
+//! let mut tokens = generator.generate(&prompt, 32, &Sampling::greedy(), &[2])?;
+//! for token in &mut tokens {
+//!     print!("{} ", token?);
+//! }
+//! println!("\n{:.1} tokens/s", tokens.stats().decode_tokens_per_s());
+//! # Ok(()) }
+//! ```
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::exec::plan::{CacheBinding, PlanMode};
+use crate::exec::{Model, Session};
+use crate::graph::Dim;
+use crate::ops::KvCache;
+use crate::tensor::{DType, Tensor};
+
+/// Name of the file extension holding the tokenizer (Hugging Face `tokenizer.json` bytes).
+pub const TOKENIZER_EXTENSION: &str = "tokenizer.json";
+/// Name of the file extension holding generation settings ([`GenerationConfig`] as JSON-free
+/// `key=value` lines: `eos_token_id`, `bos_token_id`, `chat_template` …).
+pub const GENERATION_EXTENSION: &str = "generation";
+
+/// The tokenizer embedded in a model by `acorn convert --tokenizer`, if any.
+pub fn embedded_tokenizer(model: &Model) -> Option<&[u8]> {
+    model.metadata().extensions.iter().find(|e| e.name == TOKENIZER_EXTENSION).map(|e| e.data.as_slice())
+}
+
+/// Generation settings stored in the model (`acorn convert --tokenizer` reads them from the
+/// tokenizer's folder): end-of-sequence ids and the chat template.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub chat_template: Option<String>,
+}
+
+impl GenerationConfig {
+    /// Serialises as the extension's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(&(&self.eos_token_ids, &self.bos_token_id, &self.chat_template)).unwrap_or_default()
+    }
+
+    /// Reads a model's settings (default when it has none; an error when they are damaged).
+    pub fn of(model: &Model) -> Result<Self> {
+        let Some(e) = model.metadata().extensions.iter().find(|e| e.name == GENERATION_EXTENSION) else {
+            return Ok(Self::default());
+        };
+        let (eos_token_ids, bos_token_id, chat_template): (Vec<u32>, Option<u32>, Option<String>) =
+            postcard::from_bytes(&e.data).map_err(|err| Error::Graph(format!("damaged generation settings: {err}")))?;
+        Ok(GenerationConfig { eos_token_ids, bos_token_id, chat_template })
+    }
+}
+
+/// Where a decoder's inputs and outputs are (indices into the model's inputs/outputs).
+#[derive(Clone, Debug)]
+pub struct DecoderSignature {
+    pub input_ids: usize,
+    pub attention_mask: Option<usize>,
+    pub position_ids: Option<usize>,
+    /// Per layer: (past key input, past value input).
+    pub past: Vec<(usize, usize)>,
+    pub logits: usize,
+    /// Per layer: (present key output, present value output).
+    pub present: Vec<(usize, usize)>,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub value_dim: usize,
+}
+
+impl DecoderSignature {
+    /// Recognises the Optimum decoder signature, or says what is missing.
+    pub fn detect(model: &Model) -> Result<Self> {
+        let ins = model.inputs();
+        let outs = model.outputs();
+        let find_in = |n: &str| ins.iter().position(|s| s.name == n);
+        let find_out = |n: &str| outs.iter().position(|s| s.name == n);
+        let not_decoder = |what: String| {
+            Error::Input(format!(
+                "not a decoder with a KV cache ({what}); generation needs the Optimum signature: inputs input_ids, \
+                 attention_mask, position_ids, past_key_values.N.key/.value; outputs logits, present.N.key/.value"
+            ))
+        };
+        let input_ids = find_in("input_ids").ok_or_else(|| not_decoder("no input 'input_ids'".into()))?;
+        let logits = find_out("logits").ok_or_else(|| not_decoder("no output 'logits'".into()))?;
+        let mut past = Vec::new();
+        let mut present = Vec::new();
+        loop {
+            let n = past.len();
+            let (Some(k), Some(v)) =
+                (find_in(&format!("past_key_values.{n}.key")), find_in(&format!("past_key_values.{n}.value")))
+            else {
+                break;
+            };
+            let (Some(pk), Some(pv)) = (find_out(&format!("present.{n}.key")), find_out(&format!("present.{n}.value")))
+            else {
+                return Err(not_decoder(format!("input past_key_values.{n}.key has no output present.{n}.key/.value")));
+            };
+            past.push((k, v));
+            present.push((pk, pv));
+        }
+        if past.is_empty() {
+            return Err(not_decoder("no past_key_values.N.key/.value inputs".into()));
+        }
+        let stray = ins.iter().filter(|s| s.name.starts_with("past_key_values.")).count();
+        if stray != 2 * past.len() {
+            return Err(not_decoder(format!("past inputs are not numbered 0..{} without gaps", past.len())));
+        }
+        let dims = |i: usize| -> Result<(usize, usize)> {
+            let s = &ins[i];
+            let fixed = |d: &Dim| match d {
+                Dim::Fixed(f) => Some(*f as usize),
+                Dim::Sym(_) => None,
+            };
+            match s.dims.as_deref() {
+                Some([_, h, _, d]) if s.dtype == DType::F32 => match (fixed(h), fixed(d)) {
+                    (Some(h), Some(d)) if h > 0 && d > 0 => Ok((h, d)),
+                    _ => Err(not_decoder(format!("'{}' needs fixed head count and head size", s.name))),
+                },
+                _ => Err(not_decoder(format!("'{}' must be f32 [batch, kv_heads, past, head_dim]", s.name))),
+            }
+        };
+        let (kv_heads, head_dim) = dims(past[0].0)?;
+        let (kv2, value_dim) = dims(past[0].1)?;
+        for &(k, v) in &past {
+            if dims(k)? != (kv_heads, head_dim) || dims(v)? != (kv2, value_dim) || kv2 != kv_heads {
+                return Err(not_decoder("layers differ in KV-cache shape".into()));
+            }
+        }
+        if ins[input_ids].dtype != DType::I64 {
+            return Err(not_decoder("input_ids must be int64".into()));
+        }
+        Ok(DecoderSignature {
+            input_ids,
+            attention_mask: find_in("attention_mask"),
+            position_ids: find_in("position_ids"),
+            past,
+            logits,
+            present,
+            kv_heads,
+            head_dim,
+            value_dim,
+        })
+    }
+
+    /// Layers (pairs of past/present).
+    pub fn layers(&self) -> usize {
+        self.past.len()
+    }
+}
+
+/// Options for a [`Generator`].
+#[derive(Clone, Debug)]
+pub struct GeneratorOptions {
+    pub threads: usize,
+    /// Most positions (prompt + generated) the KV cache holds.
+    pub max_context: usize,
+}
+
+impl Default for GeneratorOptions {
+    fn default() -> Self {
+        GeneratorOptions { threads: 1, max_context: 2048 }
+    }
+}
+
+/// How the KV cache travels.
+enum Cache {
+    /// In the runtime, bound to the fused attention steps.
+    Bound(KvCache),
+    /// Through the graph: the past tensors fed back as inputs each step.
+    Explicit { past: Vec<Tensor>, len: usize, capacity: usize },
+}
+
+/// Runs a decoder step by step with a KV cache. See the [module docs](self).
+pub struct Generator {
+    session: Session,
+    sig: DecoderSignature,
+    cache: Cache,
+    /// Input names, in model order.
+    names: Vec<String>,
+    /// Empty past tensors standing in for the cache-bound inputs.
+    placeholders: Vec<Tensor>,
+    all_logits: bool,
+    vocab: Option<usize>,
+}
+
+impl Generator {
+    /// Prepares generation: recognises the signature, allocates the KV cache for
+    /// `max_context` positions, and binds it to the model's attention when the graph allows
+    /// (otherwise passes it through the graph).
+    pub fn new(model: &Model, opts: &GeneratorOptions) -> Result<Self> {
+        let sig = DecoderSignature::detect(model)?;
+        if opts.max_context == 0 {
+            return Err(Error::Input("max_context must be at least 1".into()));
+        }
+        let session = model.session().with_threads(opts.threads).commit()?;
+        let names = model.inputs().iter().map(|s| s.name.clone()).collect();
+        let placeholder = Tensor::zeros(DType::F32, vec![1, sig.kv_heads, 0, sig.head_dim])?;
+        let placeholder_v = Tensor::zeros(DType::F32, vec![1, sig.kv_heads, 0, sig.value_dim])?;
+        let placeholders = sig.past.iter().flat_map(|_| [placeholder.clone(), placeholder_v.clone()]).collect();
+        let mut g = Generator {
+            session,
+            sig,
+            cache: Cache::Explicit { past: Vec::new(), len: 0, capacity: opts.max_context },
+            names,
+            placeholders,
+            all_logits: false,
+            vocab: None,
+        };
+        let kv = KvCache::new(g.sig.layers(), g.sig.kv_heads, g.sig.head_dim, g.sig.value_dim, opts.max_context)?;
+        g.cache = Cache::Bound(kv);
+        g.apply_mode();
+        // Plan one token to see whether the cache binds to the graph's attention.
+        let probe = g.step_inputs(&[0], 0);
+        let named: Vec<(&str, &Tensor)> = g.names.iter().map(|s| s.as_str()).zip(probe.iter()).collect();
+        if let Err(e) = g.session.prepare(&named) {
+            log::info!("KV cache passed through the graph (attention not bindable: {e})");
+            g.cache = Cache::Explicit { past: g.placeholders.clone(), len: 0, capacity: opts.max_context };
+            g.apply_mode();
+            let probe = g.step_inputs(&[0], 0);
+            let named: Vec<(&str, &Tensor)> = g.names.iter().map(|s| s.as_str()).zip(probe.iter()).collect();
+            g.session.prepare(&named)?;
+        }
+        Ok(g)
+    }
+
+    fn apply_mode(&mut self) {
+        let logits_value = self.session.model().outputs()[self.sig.logits].value;
+        let cache = match &self.cache {
+            Cache::Bound(kv) => {
+                let mut inputs = vec![None; self.names.len()];
+                for (layer, &(k, v)) in self.sig.past.iter().enumerate() {
+                    inputs[k] = Some(layer as u32);
+                    inputs[v] = Some(layer as u32);
+                }
+                Some(CacheBinding { inputs, capacity: kv.capacity() })
+            }
+            Cache::Explicit { .. } => None,
+        };
+        let last_row = (!self.all_logits).then_some(logits_value);
+        self.session.set_mode(PlanMode { cache, last_row });
+    }
+
+    /// Whether the KV cache lives in the runtime (bound to fused attention) rather than being
+    /// passed through the graph.
+    pub fn cache_is_bound(&self) -> bool {
+        matches!(self.cache, Cache::Bound(_))
+    }
+
+    /// The recognised signature.
+    pub fn signature(&self) -> &DecoderSignature {
+        &self.sig
+    }
+
+    /// Positions in the KV cache.
+    pub fn context_len(&self) -> usize {
+        match &self.cache {
+            Cache::Bound(kv) => kv.len(),
+            Cache::Explicit { len, .. } => *len,
+        }
+    }
+
+    /// Most positions the KV cache holds.
+    pub fn max_context(&self) -> usize {
+        match &self.cache {
+            Cache::Bound(kv) => kv.capacity(),
+            Cache::Explicit { capacity, .. } => *capacity,
+        }
+    }
+
+    /// Forgets the context (the cache's memory is kept).
+    pub fn reset(&mut self) {
+        match &mut self.cache {
+            Cache::Bound(kv) => kv.clear(),
+            Cache::Explicit { past, len, .. } => {
+                *past = self.placeholders.clone();
+                *len = 0;
+            }
+        }
+    }
+
+    /// Inputs for a step of `tokens` after `past` cached positions, in model order (the past
+    /// inputs hold placeholders; explicit mode substitutes its tensors).
+    fn step_inputs(&self, tokens: &[u32], past: usize) -> Vec<Tensor> {
+        let s = tokens.len();
+        let mut v: Vec<Tensor> = Vec::with_capacity(self.names.len());
+        let mut k = 0;
+        let past_of: std::collections::HashMap<usize, usize> =
+            self.sig.past.iter().flat_map(|&(a, b)| [a, b]).enumerate().map(|(i, idx)| (idx, i)).collect();
+        for i in 0..self.names.len() {
+            let t = if i == self.sig.input_ids {
+                Tensor::from_i64(vec![1, s], tokens.iter().map(|&t| t as i64).collect())
+            } else if Some(i) == self.sig.attention_mask {
+                Tensor::from_i64(vec![1, past + s], vec![1; past + s])
+            } else if Some(i) == self.sig.position_ids {
+                Tensor::from_i64(vec![1, s], (past..past + s).map(|p| p as i64).collect())
+            } else if let Some(&j) = past_of.get(&i) {
+                k += 1;
+                match &self.cache {
+                    Cache::Explicit { past, .. } if !past.is_empty() => past[j].clone(),
+                    _ => self.placeholders[j].clone(),
+                }
+            } else {
+                // An input outside the signature: the model cannot be driven by generation.
+                Tensor::from_i64(vec![0], vec![])
+            };
+            v.push(t);
+        }
+        debug_assert_eq!(k, 2 * self.sig.layers());
+        v
+    }
+
+    /// Runs `tokens` after the cached context and returns the logits: of the last position,
+    /// or of every position with `all` (for scoring text). The context grows by `tokens`.
+    fn run(&mut self, tokens: &[u32], all: bool) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(Error::Input("no tokens to run (the prompt is empty)".into()));
+        }
+        let past = self.context_len();
+        if past + tokens.len() > self.max_context() {
+            return Err(Error::Input(format!(
+                "{} tokens after {past} in context exceed the maximum context of {} positions",
+                tokens.len(),
+                self.max_context()
+            )));
+        }
+        if let Some(v) = self.vocab {
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+                return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {v}")));
+            }
+        }
+        if all != self.all_logits {
+            self.all_logits = all;
+            self.apply_mode();
+        }
+        let inputs = self.step_inputs(tokens, past);
+        let named: Vec<(&str, &Tensor)> = self.names.iter().map(|s| s.as_str()).zip(inputs.iter()).collect();
+        let logits_at = |outs: &[usize]| outs.iter().position(|&o| o == self.sig.logits);
+        let logits = match &mut self.cache {
+            Cache::Bound(kv) => {
+                let outs = self.session.run_kv(&named, kv)?;
+                kv.len = past + tokens.len();
+                // Outputs not held by the cache, in model order: logits is among them.
+                let kept: Vec<usize> = (0..self.session.model().outputs().len())
+                    .filter(|o| !self.sig.present.iter().any(|&(k, v)| k == *o || v == *o))
+                    .collect();
+                let i = logits_at(&kept).ok_or_else(|| Error::Graph("logits not computed".into()))?;
+                outs.into_iter().nth(i).expect("index from the same list")
+            }
+            Cache::Explicit { past: p, len, .. } => {
+                let mut outs = self.session.run(&named)?;
+                let mut next = Vec::with_capacity(p.len());
+                for &(k, v) in &self.sig.present {
+                    next.push(std::mem::replace(&mut outs[k], Tensor::from_i64(vec![0], vec![])));
+                    next.push(std::mem::replace(&mut outs[v], Tensor::from_i64(vec![0], vec![])));
+                }
+                *p = next;
+                *len = past + tokens.len();
+                std::mem::replace(&mut outs[self.sig.logits], Tensor::from_i64(vec![0], vec![]))
+            }
+        };
+        let sh = logits.shape();
+        if logits.dtype() != DType::F32 || sh.len() != 3 || sh[0] != 1 {
+            return Err(Error::Graph(format!("logits must be f32 [1, S, vocab], got {} {:?}", logits.dtype(), sh)));
+        }
+        self.vocab = Some(sh[2]);
+        Ok(logits)
+    }
+
+    /// Feeds `tokens` after the context; returns the next-token logits (of the last position).
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let t = self.run(tokens, false)?;
+        let v = *t.shape().last().expect("rank 3");
+        let d = t.view().f32().map_err(|e| Error::Graph(e.0))?;
+        Ok(d[d.len() - v..].to_vec())
+    }
+
+    /// Feeds `tokens` after the context; returns the logits of every position [1, S, vocab].
+    pub fn feed_all(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        self.run(tokens, true)
+    }
+
+    /// Starts generating after `prompt` (which is run now, from the current context): an
+    /// iterator over at most `max_tokens` new tokens, ending early at any of `stop` (not
+    /// yielded).
+    pub fn generate<'g>(
+        &'g mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: &Sampling,
+        stop: &[u32],
+    ) -> Result<Tokens<'g>> {
+        sampling.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::Input("the prompt is empty: give at least one token".into()));
+        }
+        if self.context_len() + prompt.len() > self.max_context() {
+            return Err(Error::Input(format!(
+                "the prompt ({} tokens) is longer than the context of {} positions",
+                self.context_len() + prompt.len(),
+                self.max_context()
+            )));
+        }
+        let t0 = Instant::now();
+        let logits = self.feed(prompt)?;
+        let stats =
+            Stats { prefill_tokens: prompt.len(), prefill_seconds: t0.elapsed().as_secs_f64(), ..Stats::default() };
+        Ok(Tokens {
+            generator: self,
+            sampler: Sampler::new(sampling.clone()),
+            logits,
+            pending: None,
+            remaining: max_tokens,
+            stop: stop.to_vec(),
+            stats,
+        })
+    }
+}
+
+/// Token choice: greedy (temperature 0) or sampling with temperature, top-k and top-p.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy (argmax).
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1 = all).
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Always the most likely token.
+    pub fn greedy() -> Self {
+        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+
+    /// Checks the parameters: temperature finite and ≥ 0, top-p in (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::Input(format!("temperature must be a finite number ≥ 0, got {}", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Input(format!("top-p must be in (0, 1], got {}", self.top_p)));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+/// Draws tokens from logits.
+pub struct Sampler {
+    p: Sampling,
+    state: u64,
+    order: Vec<u32>,
+    probs: Vec<f32>,
+}
+
+impl Sampler {
+    pub fn new(p: Sampling) -> Self {
+        let state = p.seed ^ 0x9E37_79B9_7F4A_7C15;
+        Sampler { p, state, order: Vec::new(), probs: Vec::new() }
+    }
+
+    /// A uniform number in [0, 1) (SplitMix64).
+    fn uniform(&mut self) -> f32 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// The next token for these logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            let mut best = 0usize;
+            for (i, &v) in logits.iter().enumerate() {
+                if v > logits[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        if self.p.temperature == 0.0 || logits.len() <= 1 {
+            return argmax();
+        }
+        // Candidates by descending logit (top-k first, then top-p over their softmax).
+        self.order.clear();
+        self.order.extend(0..logits.len() as u32);
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        let k = if self.p.top_k == 0 { logits.len() } else { self.p.top_k.min(logits.len()) };
+        if k < logits.len() {
+            self.order.select_nth_unstable_by(k - 1, by_logit);
+            self.order.truncate(k);
+        }
+        self.order.sort_unstable_by(by_logit);
+        let m = logits[self.order[0] as usize];
+        let t = self.p.temperature;
+        self.probs.clear();
+        self.probs.extend(self.order.iter().map(|&i| ((logits[i as usize] - m) / t).exp()));
+        let sum: f32 = self.probs.iter().sum();
+        let mut keep = self.probs.len();
+        if self.p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, p) in self.probs.iter().enumerate() {
+                acc += p / sum;
+                if acc >= self.p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let total: f32 = self.probs[..keep].iter().sum();
+        let mut r = self.uniform() * total;
+        for i in 0..keep {
+            r -= self.probs[i];
+            if r < 0.0 {
+                return self.order[i];
+            }
+        }
+        self.order[keep - 1]
+    }
+}
+
+/// Timing of one generation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    pub prefill_tokens: usize,
+    pub prefill_seconds: f64,
+    /// Tokens run through the model one at a time (every generated token but the last).
+    pub decode_tokens: usize,
+    pub decode_seconds: f64,
+}
+
+impl Stats {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prefill_tokens as f64 / self.prefill_seconds.max(1e-12)
+    }
+
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        if self.decode_tokens == 0 {
+            return 0.0;
+        }
+        self.decode_tokens as f64 / self.decode_seconds.max(1e-12)
+    }
+}
+
+/// The tokens of one generation, as they come ([`Generator::generate`]).
+pub struct Tokens<'g> {
+    generator: &'g mut Generator,
+    sampler: Sampler,
+    logits: Vec<f32>,
+    /// The last token yielded, run through the model when the next one is asked for.
+    pending: Option<u32>,
+    remaining: usize,
+    stop: Vec<u32>,
+    stats: Stats,
+}
+
+impl Tokens<'_> {
+    /// Timing so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+impl Iterator for Tokens<'_> {
+    type Item = Result<u32>;
+
+    fn next(&mut self) -> Option<Result<u32>> {
+        if self.remaining == 0 {
+            return None;
+        }
+        if let Some(t) = self.pending.take() {
+            if self.generator.context_len() >= self.generator.max_context() {
+                self.remaining = 0;
+                return None;
+            }
+            let t0 = Instant::now();
+            match self.generator.feed(&[t]) {
+                Ok(l) => self.logits = l,
+                Err(e) => {
+                    self.remaining = 0;
+                    return Some(Err(e));
+                }
+            }
+            self.stats.decode_tokens += 1;
+            self.stats.decode_seconds += t0.elapsed().as_secs_f64();
+        }
+        let t = self.sampler.sample(&self.logits);
+        if self.stop.contains(&t) {
+            self.remaining = 0;
+            return None;
+        }
+        self.remaining -= 1;
+        self.pending = Some(t);
+        Some(Ok(t))
+    }
+}
