@@ -18,7 +18,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn ensure_assets() -> Result<()> {
-    let needed = [MINILM_L3, MINILM_TOKENIZER, ORT_LIB, SILERO_IF];
+    let needed = [MINILM_L3, MINILM_TOKENIZER, ORT_LIB, SILERO_IF, SMOLLM2_ONNX, SHAKESPEARE_DIR];
     if needed.iter().all(|a| assets_dir().join(a).exists()) {
         return Ok(());
     }
@@ -142,5 +142,87 @@ fn main() -> Result<()> {
     println!("outputs    speech per 32 ms chunk: {speech}");
     println!("latency    {:.3} ms per chunk (median, 1 thread)", median(times));
     println!("agreement  vs ONNX Runtime: max |Δ| speech probability = {worst:.2e}");
+    llm()
+}
+
+/// SmolLM2-135M-Instruct: convert with its tokenizer, generate with the KV cache, compare with
+/// ONNX Runtime (greedy tokens, perplexity).
+fn llm() -> Result<()> {
+    use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampling};
+    use acorn_converter::text;
+    println!("\n== SmolLM2-135M-Instruct (Llama decoder, fp32) exported from its GGUF; KV cache in the runtime ==");
+    let onnx = asset(SMOLLM2_ONNX);
+    let dir = repo_root().join(".cache/acorn-demo");
+    let path = dir.join("smollm2.acorn");
+    let t = Instant::now();
+    let opts = acorn_converter::ConvertOptions { tokenizer: Some(asset(SMOLLM2_TOKENIZER)), ..Default::default() };
+    let rep = acorn_converter::convert(&onnx, &path, &opts)?;
+    let fused: Vec<String> = rep
+        .passes
+        .iter()
+        .filter(|p| p.name.starts_with("fuse_") && p.report.first().is_some_and(|r| r.1 > 0.0))
+        .map(|p| format!("{} {}", p.report[0].1, p.name.trim_start_matches("fuse_")))
+        .collect();
+    println!(
+        "converted  {} ({:.1} MB, tokenizer embedded) in {:.1} s; fused: {}",
+        path.display(),
+        mb(rep.file_bytes),
+        t.elapsed().as_secs_f64(),
+        fused.join(", ")
+    );
+    let t = Instant::now();
+    let model = Model::open(&path)?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let tok = text::load_tokenizer(&model, None)?;
+    let cfg = GenerationConfig::of(&model)?;
+    println!("open       {open_ms:.2} ms (weights memory-mapped, not read)");
+    let prompt_text = "The capital of France is";
+    let prompt = text::encode(&tok, prompt_text)?;
+    let mut gen = Generator::new(&model, &GeneratorOptions { threads: 1, max_context: 512 })?;
+    let mut tokens = gen.generate(&prompt, 32, &Sampling::greedy(), &[])?;
+    let mut det = text::Detokenizer::new(&tok);
+    let mut ours = Vec::new();
+    print!("generate   \"{prompt_text}\" →");
+    for t in &mut tokens {
+        let t = t?;
+        ours.push(t);
+        print!("{}", det.push(t)?.replace('\n', "⏎"));
+        std::io::Write::flush(&mut std::io::stdout())?;
+    }
+    let stats = tokens.stats().clone();
+    println!();
+    println!(
+        "speed      prefill {:.0} tokens/s, decode {:.1} tokens/s (1 thread, greedy)",
+        stats.prefill_tokens_per_s(),
+        stats.decode_tokens_per_s()
+    );
+    let mut ort = OrtDecoder::load(&onnx, 1, 30, 3, 64)?;
+    let mut want = Vec::new();
+    let mut logits = ort.feed(&prompt)?;
+    for _ in 0..32 {
+        let d = logits.as_f32().context("f32")?;
+        let t = argmax(&d[d.len() - logits.shape()[2]..]) as u32;
+        want.push(t);
+        logits = ort.feed(&[t])?;
+    }
+    let same = ours.iter().zip(&want).take_while(|(a, b)| a == b).count();
+    println!("agreement  greedy tokens equal to ONNX Runtime's: {same} of 32");
+    let ids = text::encode(&tok, &std::fs::read_to_string(asset(&format!("{SHAKESPEARE_DIR}/hamlet_gut.txt")))?)?;
+    let (ppl, n) = text::perplexity(&mut gen, &ids, 512, 1, |_| {})?;
+    ort.reset();
+    let l = ort.feed(&ids[..512])?;
+    let vocab = l.shape()[2];
+    let want_ppl = (nll(&l.as_f32().context("f32")?[..511 * vocab], vocab, &ids[1..512]) / 511.0).exp();
+    println!("perplexity Hamlet, first 512 tokens ({n} scored): Acorn {ppl:.3} | ONNX Runtime {want_ppl:.3}");
+    if let Some(tpl) = cfg.chat_template.as_deref() {
+        let chat = text::encode(&tok, &text::chat_prompt(tpl, &[("user", "What is the capital of Germany?")])?)?;
+        gen.reset();
+        let reply: Vec<u32> =
+            gen.generate(&chat, 24, &Sampling::greedy(), &cfg.eos_token_ids)?.collect::<acorn::Result<_>>()?;
+        println!(
+            "chat       \"What is the capital of Germany?\" → {:?}",
+            tok.decode(&reply, true).map_err(|e| anyhow::anyhow!("{e}"))?
+        );
+    }
     Ok(())
 }

@@ -4,8 +4,8 @@ with KV cache, in the signature of Hugging Face Optimum's decoder exports, plus 
 
     python3 export_llama.py MODEL.gguf OUT_DIR [--verify]
 
-Writes OUT_DIR/model.onnx (+ model.onnx.data, the weights as external data), tokenizer.json and
-config.json. Needs numpy, onnx and gguf (no torch).
+Writes OUT_DIR/model.onnx (one file with its weights, as Optimum exports models under 2 GB),
+tokenizer.json and config.json. Needs numpy, onnx and gguf (no torch).
 
 Graph (opset 17), dynamic batch, sequence and past lengths:
   inputs  input_ids int64 [B, S], attention_mask int64 [B, P+S], position_ids int64 [B, S],
@@ -372,8 +372,7 @@ def main():
     cfg["_tokens"] = tok["tokens"]
     tmp = out / ".model.onnx.partial"
     model = build_onnx(cfg, w)
-    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+    onnx.save_model(model, str(tmp))
     os.replace(tmp, out / "model.onnx")
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(tok), ensure_ascii=False))
     conf = {k: v for k, v in cfg.items() if not k.startswith("_")}

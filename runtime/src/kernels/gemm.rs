@@ -46,6 +46,9 @@ const THIN_N: usize = 4;
 const DIRECT_ROWS: usize = 256;
 /// Work (m·n·k) from which a product is split across threads.
 const PARALLEL_WORK: usize = 1 << 19;
+/// Weight elements from which a product with fewer rows than a tile (a GEMV: memory-bound,
+/// reading B once) is split across threads: 1 MiB of f32, about what one L2 holds.
+const PARALLEL_WEIGHTS: usize = 1 << 18;
 
 thread_local! {
     /// Packing buffers, grown once per thread and reused.
@@ -78,7 +81,8 @@ pub fn sgemm(
         }
         return;
     }
-    let threads = if m * n * k >= PARALLEL_WORK { threads.max(1) } else { 1 };
+    let split = m * n * k >= PARALLEL_WORK || (m < t.mr && n * k >= PARALLEL_WEIGHTS);
+    let threads = if split { threads.max(1) } else { 1 };
     // Thin products: dot products over contiguous rows, no packing (packing would copy a whole
     // operand to use it once).
     if let (true, BMat::Strided(bm)) = (a.cs == 1, b) {

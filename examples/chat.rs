@@ -1,0 +1,98 @@
+//! A chat loop on the device: SmolLM2-135M-Instruct from a `.acorn` file, the conversation kept
+//! in the runtime's KV cache between turns (each turn runs only its new tokens), replies
+//! streamed as they are generated.
+//!
+//! ```text
+//! cargo run --release -p acorn-examples --example chat                 # converts the fetched model once
+//! cargo run --release -p acorn-examples --example chat -- model.acorn  # any .acorn decoder with a tokenizer
+//! echo "What is the capital of France?" | cargo run --release -p acorn-examples --example chat
+//! ```
+//!
+//! Type a message and press Enter; an empty line or end of input quits.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampling};
+use acorn::Model;
+use acorn_converter::text::{self, Detokenizer};
+use acorn_tests::*;
+use anyhow::{anyhow, Result};
+
+fn model_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::args().nth(1) {
+        return Ok(PathBuf::from(p));
+    }
+    let out = repo_root().join(".cache/acorn-demo/smollm2.acorn");
+    if !out.exists() {
+        let onnx = assets_dir().join(SMOLLM2_ONNX);
+        if !onnx.exists() {
+            return Err(anyhow!("missing {}: run `{FETCH}` first", onnx.display()));
+        }
+        std::fs::create_dir_all(out.parent().expect("has a parent"))?;
+        eprintln!("converting {} (once) …", onnx.display());
+        let opts = acorn_converter::ConvertOptions { tokenizer: Some(asset(SMOLLM2_TOKENIZER)), ..Default::default() };
+        acorn_converter::convert(&onnx, &out, &opts)?;
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let model = Model::open(model_path()?)?;
+    let tok = text::load_tokenizer(&model, None)?;
+    let cfg = GenerationConfig::of(&model)?;
+    let template = cfg.chat_template.clone().ok_or_else(|| anyhow!("the model has no chat template"))?;
+    let mut gen = Generator::new(&model, &GeneratorOptions { threads: 2, max_context: 2048 })?;
+    let mut history: Vec<(String, String)> = Vec::new();
+    // The tokens the KV cache holds, in order.
+    let mut cached: Vec<u32> = Vec::new();
+    let sampling = Sampling { temperature: 0.6, top_k: 40, top_p: 0.95, seed: 1 };
+    let stdin = std::io::stdin();
+    eprint!("> ");
+    for line in stdin.lock().lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            break;
+        }
+        history.push(("user".into(), line.trim().to_string()));
+        let msgs: Vec<(&str, &str)> = history.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+        let ids = text::encode(&tok, &text::chat_prompt(&template, &msgs)?)?;
+        // Reuse the cached prefix the new rendering shares; run only the rest.
+        let keep = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
+        gen.truncate(keep)?;
+        cached.truncate(keep);
+        let room = gen.max_context().saturating_sub(ids.len());
+        if room == 0 {
+            eprintln!("(the conversation fills the context; starting over)");
+            history.clear();
+            gen.reset();
+            cached.clear();
+            eprint!("> ");
+            continue;
+        }
+        let mut det = Detokenizer::new(&tok);
+        let mut reply = Vec::new();
+        let mut tokens = gen.generate(&ids[keep..], room.min(256), &sampling, &cfg.eos_token_ids)?;
+        for t in &mut tokens {
+            let t = t?;
+            reply.push(t);
+            print!("{}", det.push(t)?);
+            std::io::stdout().flush()?;
+        }
+        let stats = tokens.stats().clone();
+        println!();
+        eprintln!(
+            "[{} new prompt tokens at {:.0} tokens/s, {} reply tokens at {:.1} tokens/s]",
+            ids.len() - keep,
+            stats.prefill_tokens_per_s(),
+            reply.len(),
+            stats.decode_tokens_per_s()
+        );
+        // The cache holds the prompt and every reply token but the last.
+        cached.extend_from_slice(&ids[keep..]);
+        cached.extend_from_slice(&reply[..reply.len().saturating_sub(1)]);
+        history.push(("assistant".into(), det.text()?));
+        eprint!("> ");
+    }
+    Ok(())
+}
