@@ -192,7 +192,7 @@ fn llm() -> Result<()> {
     let stats = tokens.stats().clone();
     println!();
     println!(
-        "speed      prefill {:.0} tokens/s, decode {:.1} tokens/s (1 thread, greedy)",
+        "speed      prefill {:.0} tokens/s (first call: the mapped weights are paged in), decode {:.1} tokens/s (1 thread, greedy)",
         stats.prefill_tokens_per_s(),
         stats.decode_tokens_per_s()
     );

@@ -49,13 +49,13 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
         /// Sampling temperature (0 = greedy).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f32,
         /// Sample among the k most likely tokens (0 = all).
         #[arg(long, default_value_t = 0)]
         top_k: usize,
         /// Sample among the most likely tokens whose probabilities sum to p.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         top_p: f32,
         /// Random seed for sampling.
         #[arg(long, default_value_t = 0)]

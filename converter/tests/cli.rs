@@ -174,3 +174,54 @@ fn errors_are_one_line_and_nonzero() {
     let (_, err) = text(&o);
     assert!(!o.status.success() && err.contains("dim 1 must be 4"), "{err}");
 }
+
+#[test]
+fn generate_and_perplexity_refuse_what_they_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert_small(dir.path());
+    let m = model.to_str().unwrap();
+    // A model that is not a decoder with a KV cache (and has no tokenizer).
+    let tok = dir.path().join("tokenizer.json");
+    std::fs::write(
+        &tok,
+        r#"{"version":"1.0","model":{"type":"WordLevel","vocab":{"a":0,"[UNK]":1},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let o = acorn(&["generate", m, "--prompt", "a", "--tokenizer", tok.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("not a decoder with a KV cache"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let o = acorn(&["generate", m, "--prompt", "a"]);
+    assert!(!o.status.success() && text(&o).1.contains("has no tokenizer"), "{}", text(&o).1);
+    for (flag, value, what) in
+        [("--temperature", "-1", "temperature"), ("--top-p", "0", "top-p"), ("--top-p", "2", "top-p")]
+    {
+        let o = acorn(&["generate", m, "--prompt", "a", flag, value]);
+        let (_, err) = text(&o);
+        assert!(!o.status.success() && err.contains(what), "{flag} {value}: {err}");
+    }
+    let o = acorn(&["generate", m, "--prompt", "", "--tokenizer", tok.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).1.contains("empty"), "{}", text(&o).1);
+    let t = dir.path().join("t.txt");
+    std::fs::write(&t, "a a a").unwrap();
+    let o = acorn(&[
+        "perplexity",
+        m,
+        "--text",
+        t.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--windows",
+        "0",
+    ]);
+    assert!(!o.status.success() && text(&o).1.contains("--windows"), "{}", text(&o).1);
+    // A tokenizer that does not parse is refused at conversion, before anything is written.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{").unwrap();
+    let out = dir.path().join("t.acorn");
+    let src = write_model(dir.path());
+    let o =
+        acorn(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--tokenizer", bad.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).1.contains("tokenizer"), "{}", text(&o).1);
+    assert!(!out.exists());
+}
