@@ -234,13 +234,15 @@ fn mask_ref<'a>(mask: Option<View<'a>>, g: &Geo) -> MaskRef<'a> {
     })
 }
 
-/// The KV cache a generating session keeps per layer: K and V rows of every K/V head,
-/// preallocated for `capacity` positions ([layer][kv_head][capacity][width]); `len` positions are
-/// filled. A step's attention writes its new rows at `len..len + S` and reads `0..len + S`; the
-/// caller advances `len` once the whole step has run.
+/// The KV cache a generating session keeps: per layer and K/V head, the K and V rows of every
+/// cached position, one contiguous vector each, reserved for `capacity` positions up front (so
+/// appending never reallocates or copies, and memory is only touched as positions fill). `len`
+/// positions are valid; a step's attention appends its rows after them and reads `0..len + S`;
+/// the caller advances `len` once the whole step has run.
 #[derive(Debug)]
 pub struct KvCache {
-    pub(crate) layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// [layer][kv_head] → (K rows, V rows).
+    pub(crate) layers: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
     pub(crate) value_dim: usize,
@@ -249,8 +251,7 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Allocates the cache (zeroed pages are only touched as positions fill). Errors when the
-    /// memory cannot be had.
+    /// Reserves the cache. Errors when the memory cannot be had.
     pub fn new(
         layers: usize,
         kv_heads: usize,
@@ -258,23 +259,20 @@ impl KvCache {
         value_dim: usize,
         capacity: usize,
     ) -> crate::Result<Self> {
-        let alloc = |w: usize| -> crate::Result<Vec<f32>> {
-            let n = kv_heads.checked_mul(capacity).and_then(|x| x.checked_mul(w)).ok_or_else(|| {
-                crate::Error::Limit(format!("a KV cache of {capacity} positions does not fit in memory"))
-            })?;
+        let too_big = || crate::Error::Limit(format!("cannot allocate a KV cache of {capacity} positions"));
+        let reserve = |w: usize| -> crate::Result<Vec<f32>> {
+            let n = capacity.checked_mul(w).ok_or_else(too_big)?;
             let mut v: Vec<f32> = Vec::new();
-            v.try_reserve_exact(n).map_err(|_| {
-                crate::Error::Limit(format!(
-                    "cannot allocate a KV cache of {capacity} positions ({} bytes per layer)",
-                    n * 4
-                ))
-            })?;
-            v.resize(n, 0.0);
+            v.try_reserve_exact(n).map_err(|_| too_big())?;
             Ok(v)
         };
         let mut l = Vec::with_capacity(layers);
         for _ in 0..layers {
-            l.push((alloc(head_dim)?, alloc(value_dim)?));
+            let mut heads = Vec::with_capacity(kv_heads);
+            for _ in 0..kv_heads {
+                heads.push((reserve(head_dim)?, reserve(value_dim)?));
+            }
+            l.push(heads);
         }
         Ok(KvCache { layers: l, kv_heads, head_dim, value_dim, capacity, len: 0 })
     }
@@ -339,7 +337,7 @@ pub(super) fn run_cached(
     let (q, k, v) = (*req(inputs, 0, "Q")?, *req(inputs, 1, "K")?, *req(inputs, 2, "V")?);
     let g = geometry(a, q.shape, k.shape, v.shape, None)?;
     let Some(cache) = ctx.kv.as_deref_mut() else { op_bail!("this plan needs a KV cache") };
-    let Some((ck, cv)) = cache.layers.get_mut(layer) else { op_bail!("no KV cache for layer {layer}") };
+    let Some(heads) = cache.layers.get_mut(layer) else { op_bail!("no KV cache for layer {layer}") };
     if g.b != 1 || g.kvh != cache.kv_heads || g.hd != cache.head_dim || g.hv != cache.value_dim {
         op_bail!(
             "K/V [{}, {}, {}, {}] do not match the KV cache [1, {}, _, {}]",
@@ -365,38 +363,49 @@ pub(super) fn run_cached(
         }
     }
     let (kd, vd) = (k.f32()?, v.f32()?);
-    for h in 0..g.kvh {
-        let at = (h * cap + p) * g.hd;
-        ck[at..at + g.skv * g.hd].copy_from_slice(&kd[h * g.skv * g.hd..(h + 1) * g.skv * g.hd]);
-        let at = (h * cap + p) * g.hv;
-        cv[at..at + g.skv * g.hv].copy_from_slice(&vd[h * g.skv * g.hv..(h + 1) * g.skv * g.hv]);
+    let (skv, hd, hv) = (g.skv, g.hd, g.hv);
+    for (h, (ck, cv)) in heads.iter_mut().enumerate() {
+        // Rows past `len` are from a step that did not complete (or a truncated context).
+        ck.truncate(p * hd);
+        cv.truncate(p * hv);
+        if ck.len() != p * hd || cv.len() != p * hv {
+            op_bail!("the KV cache of layer {layer} holds {} positions, expected {p}", ck.len() / hd.max(1));
+        }
+        ck.extend_from_slice(&kd[h * skv * hd..(h + 1) * skv * hd]);
+        cv.extend_from_slice(&vd[h * skv * hv..(h + 1) * skv * hv]);
     }
     let g = Geo { past: p, ..g };
-    let mref = mask_ref(mask, &g);
+    let heads = &cache.layers[layer];
+    attend_heads(a, &g, q.f32()?, outputs[0].f32()?, mask, (&mut *ctx.scratch, ctx.threads), |_, h| {
+        (Rows { pieces: [&heads[h].0, &[]], width: g.hd }, Rows { pieces: [&heads[h].1, &[]], width: g.hv })
+    })
+}
+
+/// [`attend_group`] for every batch and K/V head: `rows(b, h)` gives that head's K and V rows;
+/// Q and Y are 4-D [B, heads, S, ·], so a group's query heads are contiguous.
+fn attend_heads<'r>(
+    a: &AttentionAttrs,
+    g: &Geo,
+    qd: &[f32],
+    y: &mut [f32],
+    mask: Option<View<'_>>,
+    (scratch, threads): (&mut Vec<f32>, usize),
+    rows: impl Fn(usize, usize) -> (Rows<'r>, Rows<'r>),
+) -> OpResult<()> {
+    let mref = mask_ref(mask, g);
     let reps = g.qh / g.kvh;
     let scale = a.scale.unwrap_or(1.0 / (g.hd as f32).sqrt());
-    let qd = q.f32()?;
-    let y = outputs[0].f32()?;
     let grp = reps * g.sq;
-    let (ck, cv) = (&cache.layers[layer].0, &cache.layers[layer].1);
-    for h in 0..g.kvh {
-        let kr = Rows { pieces: [&ck[h * cap * g.hd..(h * cap + total) * g.hd], &[]], width: g.hd };
-        let vr = Rows { pieces: [&cv[h * cap * g.hv..(h * cap + total) * g.hv], &[]], width: g.hv };
-        let qrows = &qd[h * grp * g.hd..(h + 1) * grp * g.hd];
-        let yrows = &mut y[h * grp * g.hv..(h + 1) * grp * g.hv];
-        let causal = a.is_causal.then_some(p);
-        attend_group(
-            qrows,
-            &kr,
-            &vr,
-            (0, h * reps, reps, g.sq),
-            scale,
-            &mref,
-            causal,
-            yrows,
-            ctx.scratch,
-            ctx.threads,
-        )?;
+    let causal = a.is_causal.then_some(g.past);
+    for b in 0..g.b {
+        for h in 0..g.kvh {
+            let bh = b * g.kvh + h;
+            let (kr, vr) = rows(b, h);
+            let qrows = &qd[bh * grp * g.hd..(bh + 1) * grp * g.hd];
+            let yrows = &mut y[bh * grp * g.hv..(bh + 1) * grp * g.hv];
+            let at = (b, h * reps, reps, g.sq);
+            attend_group(qrows, &kr, &vr, at, scale, &mref, causal, yrows, scratch, threads)?;
+        }
     }
     Ok(())
 }
@@ -585,10 +594,10 @@ pub(super) fn run(
 
 /// The grouped kernel on a whole node: per batch and K/V head, the (past, new) row pieces read
 /// in place; present outputs filled if asked for.
-fn run_grouped(
+fn run_grouped<'a>(
     a: &AttentionAttrs,
     g: &Geo,
-    inputs: &[Option<View<'_>>],
+    inputs: &[Option<View<'a>>],
     outputs: &mut [ViewMut<'_>],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
@@ -609,44 +618,13 @@ fn run_grouped(
             dst[at + g.past * w..at + total * w].copy_from_slice(&new[bh * g.skv * w..(bh + 1) * g.skv * w]);
         }
     }
-    let y = head[0].f32()?;
-    let mref = mask_ref(inputs.get(3).copied().flatten(), g);
-    let reps = g.qh / g.kvh;
-    let scale = a.scale.unwrap_or(1.0 / (g.hd as f32).sqrt());
-    let grp = reps * g.sq;
-    for b in 0..g.b {
-        for h in 0..g.kvh {
-            let bh = b * g.kvh + h;
-            let kr = Rows {
-                pieces: [
-                    &pk[bh * g.past * g.hd..(bh + 1) * g.past * g.hd],
-                    &kd[bh * g.skv * g.hd..(bh + 1) * g.skv * g.hd],
-                ],
-                width: g.hd,
-            };
-            let vr = Rows {
-                pieces: [
-                    &pv[bh * g.past * g.hv..(bh + 1) * g.past * g.hv],
-                    &vd[bh * g.skv * g.hv..(bh + 1) * g.skv * g.hv],
-                ],
-                width: g.hv,
-            };
-            let qrows = &qd[bh * grp * g.hd..(bh + 1) * grp * g.hd];
-            let yrows = &mut y[bh * grp * g.hv..(bh + 1) * grp * g.hv];
-            let causal = a.is_causal.then_some(g.past);
-            attend_group(
-                qrows,
-                &kr,
-                &vr,
-                (b, h * reps, reps, g.sq),
-                scale,
-                &mref,
-                causal,
-                yrows,
-                ctx.scratch,
-                ctx.threads,
-            )?;
-        }
-    }
-    Ok(())
+    let mask = inputs.get(3).copied().flatten();
+    attend_heads(a, g, qd, head[0].f32()?, mask, (&mut *ctx.scratch, ctx.threads), |b, h| {
+        let bh = b * g.kvh + h;
+        let piece = |past: &'a [f32], new: &'a [f32], w: usize| Rows {
+            pieces: [&past[bh * g.past * w..(bh + 1) * g.past * w], &new[bh * g.skv * w..(bh + 1) * g.skv * w]],
+            width: w,
+        };
+        (piece(pk, kd, g.hd), piece(pv, vd, g.hv))
+    })
 }
