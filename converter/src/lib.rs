@@ -136,6 +136,7 @@ pub fn lower(
         records.push(llm::fuse_rms_norm(&mut m)?);
         records.push(llm::fuse_rotary(&mut m)?);
         records.push(llm::fuse_attention(&mut m)?);
+        records.push(llm::merge_parallel_matmuls(&mut m)?);
     }
     records.push(passes::eliminate_dead(&mut m)?);
     Ok((m, records))

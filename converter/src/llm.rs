@@ -505,3 +505,82 @@ pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
     });
     Ok(record("fuse_attention", vec![("fused", fused as f64)]))
 }
+
+/// MatMuls that read the same activation against different 2-D constant weights of the same
+/// depth (a block's Q/K/V projections, an MLP's gate and up) → one MatMul against the weights
+/// side by side, then a `Split` of its columns. One pass over the activation, one thread
+/// hand-off instead of several, and products large enough to split across threads (a decode
+/// step's K/V projections alone are too small). Each weight must be read by its MatMul only.
+pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
+    let ix = Index::new(m);
+    // (activation, depth) → MatMul node indices, in graph order.
+    let mut groups: Vec<((ValueId, usize), Vec<usize>)> = Vec::new();
+    for (i, n) in m.graph.nodes.iter().enumerate() {
+        let (Op::MatMul, [Some(a), Some(w)]) = (&n.op, n.inputs.as_slice()) else { continue };
+        let Some(t) = ix.tensor(Some(*w)) else { continue };
+        if t.dtype() != DType::F32 || t.shape().len() != 2 || !ix.only_reader(*w) {
+            continue;
+        }
+        let key = (*a, t.shape()[0]);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    drop(ix);
+    groups.retain(|(_, v)| v.len() > 1);
+    let merged = groups.len();
+    let mut remove = vec![false; m.graph.nodes.len()];
+    // New nodes to insert before node index `at` (the group's first MatMul).
+    let mut inserts: Vec<(usize, Node, Node)> = Vec::new();
+    for ((a, k), members) in groups {
+        let weights: Vec<&Tensor> = members
+            .iter()
+            .map(|&i| {
+                let w = m.graph.nodes[i].inputs[1].expect("matched");
+                let t = m.graph.constants.iter().find(|c| c.value == w).expect("constant").tensor;
+                &m.tensors[t as usize].1
+            })
+            .collect();
+        let widths: Vec<usize> = weights.iter().map(|t| t.shape()[1]).collect();
+        let n: usize = widths.iter().sum();
+        let mut data = Vec::with_capacity(k * n);
+        let cols: Vec<&[f32]> = weights.iter().map(|t| t.view().f32().expect("f32 weight")).collect();
+        for r in 0..k {
+            for (c, &w) in cols.iter().zip(&widths) {
+                data.extend_from_slice(&c[r * w..(r + 1) * w]);
+            }
+        }
+        let first = &m.graph.nodes[members[0]];
+        let name = format!("{}.merged", first.name);
+        let wv = m.graph.values.len() as ValueId;
+        m.graph.values.push(ValueInfo { name: format!("{name}.weight") });
+        m.graph.constants.push(ConstBinding { value: wv, tensor: m.tensors.len() as u32 });
+        m.tensors.push((format!("{name}.weight"), Tensor::from_f32(vec![k, n], data)));
+        let yv = m.graph.values.len() as ValueId;
+        m.graph.values.push(ValueInfo { name: format!("{name}.out") });
+        let matmul = Node { name: name.clone(), op: Op::MatMul, inputs: vec![Some(a), Some(wv)], outputs: vec![yv] };
+        let outputs: Vec<ValueId> = members.iter().map(|&i| m.graph.nodes[i].outputs[0]).collect();
+        let split = Node {
+            name: format!("{name}.split"),
+            op: Op::Split { axis: -1, split: Some(widths.iter().map(|&w| w as i64).collect()) },
+            inputs: vec![Some(yv)],
+            outputs,
+        };
+        for &i in &members {
+            remove[i] = true;
+        }
+        inserts.push((members[0], matmul, split));
+    }
+    let old = std::mem::take(&mut m.graph.nodes);
+    for (i, node) in old.into_iter().enumerate() {
+        for (_, mm, sp) in inserts.iter().filter(|(at, _, _)| *at == i) {
+            m.graph.nodes.push(mm.clone());
+            m.graph.nodes.push(sp.clone());
+        }
+        if !remove[i] {
+            m.graph.nodes.push(node);
+        }
+    }
+    Ok(record("merge_parallel_matmuls", vec![("merged_groups", merged as f64)]))
+}
