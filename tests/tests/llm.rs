@@ -161,6 +161,16 @@ fn any_model_with_the_signature_generates() {
     }
     assert!(tokens[0].0 && !tokens[1].0, "fused: cache bound; plain: through the graph");
     assert_eq!(tokens[0].1, tokens[1].1);
+    // Keeping a prefix and running the rest again gives the same next token, both ways.
+    for path in [smollm2(), &plain] {
+        let model = Model::open(path).unwrap();
+        let mut gen = generator(&model, 1, 64);
+        let whole = argmax(&gen.feed(&prompt).unwrap());
+        gen.feed(&[tokens[0].1[0], tokens[0].1[1]]).unwrap();
+        gen.truncate(3).unwrap();
+        assert_eq!(gen.context_len(), 3);
+        assert_eq!(argmax(&gen.feed(&prompt[3..]).unwrap()), whole, "{}", path.display());
+    }
 }
 
 #[test]
