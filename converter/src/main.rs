@@ -369,6 +369,9 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
             "tensors": meta.tensors.iter().map(|t| serde_json::json!({
                 "name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "format": format!("{:?}", t.encoding).to_lowercase(), "bytes": t.len
             })).collect::<Vec<_>>(),
+            "extensions": meta.extensions.iter().map(|e| serde_json::json!({
+                "name": e.name, "required": e.required, "bytes": e.data.len()
+            })).collect::<Vec<_>>(),
             "provenance": {
                 "source": meta.provenance.source_name,
                 "source_sha256": meta.provenance.source_sha256,
@@ -396,6 +399,21 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
             panels.0,
             panels.1
         );
+        for e in &meta.extensions {
+            let what = if e.name == acorn::llm::GENERATION_EXTENSION {
+                match acorn::llm::GenerationConfig::of(&m) {
+                    Ok(c) => format!(
+                        "eos ids {:?}, {}",
+                        c.eos_token_ids,
+                        if c.chat_template.is_some() { "chat template" } else { "no chat template" }
+                    ),
+                    Err(err) => format!("damaged: {err}"),
+                }
+            } else {
+                format!("{} bytes", e.data.len())
+            };
+            out!("extension: {}{} — {what}", e.name, if e.required { " (required)" } else { "" });
+        }
         out!("converter: {}", meta.provenance.converter);
         for p in &meta.provenance.passes {
             let rep: Vec<String> = p.report.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -224,4 +224,10 @@ fn generate_and_perplexity_refuse_what_they_cannot_run() {
         acorn(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--tokenizer", bad.to_str().unwrap()]);
     assert!(!o.status.success() && text(&o).1.contains("tokenizer"), "{}", text(&o).1);
     assert!(!out.exists());
+    // A good one is embedded, and `inspect` lists it.
+    let o =
+        acorn(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o = acorn(&["inspect", out.to_str().unwrap()]);
+    assert!(text(&o).0.contains("extension: tokenizer.json"), "{}", text(&o).0);
 }
