@@ -47,6 +47,34 @@ fn streamed_bytes(model: &Model) -> u64 {
     model.metadata().tensors.iter().filter(|t| !t.name.ends_with(".half")).map(|t| t.len).sum()
 }
 
+/// What planning one decode step costs: `Session::prepare` for a one-token step after
+/// 100..100 + steps cached positions (every past length is a new input shape), median in ms. This
+/// is what the generator avoids by sharing a decode plan per 32 positions.
+fn decode_plan_ms(model: &Model, steps: usize) -> Result<f64> {
+    let mut session = model.session().commit()?;
+    let mut times = Vec::new();
+    for p in 100..100 + steps {
+        let tensors: Vec<(String, acorn::Tensor)> = model
+            .inputs()
+            .iter()
+            .map(|i| {
+                let t = match i.name.as_str() {
+                    "input_ids" => acorn::Tensor::from_i64(vec![1, 1], vec![5]),
+                    "position_ids" => acorn::Tensor::from_i64(vec![1, 1], vec![p as i64]),
+                    "attention_mask" => acorn::Tensor::from_i64(vec![1, p + 1], vec![1; p + 1]),
+                    _ => acorn::Tensor::from_f32(vec![1, 3, p, 64], vec![0.0; 3 * p * 64]),
+                };
+                (i.name.clone(), t)
+            })
+            .collect();
+        let named: Vec<(&str, &acorn::Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let t = Instant::now();
+        session.prepare(&named)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
 fn child_acorn(path: &Path, threads: usize, decode: usize) -> Result<Value> {
     let ids = prompt_ids()?;
     let t0 = Instant::now();
@@ -94,102 +122,41 @@ fn child_acorn(path: &Path, threads: usize, decode: usize) -> Result<Value> {
         bw.push(buf.len() as f64 * 4.0 / t.elapsed().as_secs_f64() / 1e9);
     }))?);
     let weights = streamed_bytes(&model) as f64;
+    let plan_ms = decode_plan_ms(&model, 40)?;
     Ok(json!({
         "open_ms": open_ms, "ttft_ms": ttft_ms, "prefill32_tps": p32, "prefill128_tps": p128,
         "decode_tps": 1.0 / step, "weights_gb_per_s": weights / paired / 1e9, "read_gb_per_s": median(bw),
         "weights_mb": weights / 1e6, "peak_rss_mb": rss, "kv_cache": gen.cache_is_bound(),
+        "decode_plan_ms": plan_ms,
     }))
-}
-
-/// ONNX Runtime with the present outputs fed back as the next step's past inputs (no copies
-/// through Rust tensors).
-struct OrtDec {
-    session: ort::session::Session,
-    layers: usize,
-}
-
-impl OrtDec {
-    fn step(&mut self, tokens: &[u32], past: usize, cache: &mut Vec<ort::value::DynValue>) -> Result<Vec<f32>> {
-        use ort::value::Tensor as T;
-        let s = tokens.len();
-        let e = |e: ort::Error| anyhow!("{e}");
-        let mut inputs: Vec<(String, ort::value::DynValue)> = vec![
-            (
-                "input_ids".into(),
-                T::from_array((vec![1i64, s as i64], tokens.iter().map(|&t| t as i64).collect::<Vec<_>>()))
-                    .map_err(e)?
-                    .into_dyn(),
-            ),
-            (
-                "attention_mask".into(),
-                T::from_array((vec![1i64, (past + s) as i64], vec![1i64; past + s])).map_err(e)?.into_dyn(),
-            ),
-            (
-                "position_ids".into(),
-                T::from_array((vec![1i64, s as i64], (past..past + s).map(|p| p as i64).collect::<Vec<_>>()))
-                    .map_err(e)?
-                    .into_dyn(),
-            ),
-        ];
-        if cache.is_empty() {
-            for _ in 0..2 * self.layers {
-                cache.push(T::from_array((vec![1i64, 3, 0, 64], Vec::<f32>::new())).map_err(e)?.into_dyn());
-            }
-        }
-        for (i, v) in std::mem::take(cache).into_iter().enumerate() {
-            let kind = if i % 2 == 0 { "key" } else { "value" };
-            inputs.push((format!("past_key_values.{}.{kind}", i / 2), v));
-        }
-        let mut out = self.session.run(inputs).map_err(e)?;
-        for i in 0..self.layers {
-            for kind in ["key", "value"] {
-                cache.push(out.remove(format!("present.{i}.{kind}")).ok_or_else(|| anyhow!("no present output"))?);
-            }
-        }
-        let logits = out.remove("logits").ok_or_else(|| anyhow!("no logits"))?;
-        let (shape, d) = logits.try_extract_tensor::<f32>().map_err(e)?;
-        let v = shape[2] as usize;
-        Ok(d[d.len() - v..].to_vec())
-    }
 }
 
 fn child_ort(onnx: &Path, threads: usize, decode: usize) -> Result<Value> {
     let ids = prompt_ids()?;
-    let env = ort_env()?;
-    let e = |e: ort::Error| anyhow!("{e}");
     let t0 = Instant::now();
-    let session = ort::session::Session::builder(env)
-        .map_err(e)?
-        .with_intra_threads(threads)
-        .map_err(|e| anyhow!("{e}"))?
-        .with_inter_threads(1)
-        .map_err(|e| anyhow!("{e}"))?
-        .commit_from_file(onnx)
-        .map_err(e)?;
+    let mut dec = OrtDecoder::load(onnx, threads, 30, 3, 64)?;
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mut dec = OrtDec { session, layers: 30 };
-    let mut cache = Vec::new();
-    dec.step(&ids[..32], 0, &mut cache)?;
+    dec.feed_last(&ids[..32])?;
     let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut prefill = |n: usize| -> Result<f64> {
         let mut times = Vec::new();
         for _ in 0..PREFILL_RUNS {
-            let mut c = Vec::new();
+            dec.reset();
             let t = Instant::now();
-            dec.step(&ids[..n], 0, &mut c)?;
+            dec.feed_last(&ids[..n])?;
             times.push(t.elapsed().as_secs_f64());
         }
         Ok(n as f64 / median(times))
     };
     let p32 = prefill(32)?;
     let p128 = prefill(128)?;
-    let mut cache = Vec::new();
-    let mut logits = dec.step(&ids, 0, &mut cache)?;
+    dec.reset();
+    let mut logits = dec.feed_last(&ids)?;
     let mut steps = Vec::new();
-    for k in 0..decode {
+    for _ in 0..decode {
         let next = argmax(&logits) as u32;
         let t = Instant::now();
-        logits = dec.step(&[next], ids.len() + k, &mut cache)?;
+        logits = dec.feed_last(&[next])?;
         steps.push(t.elapsed().as_secs_f64());
     }
     Ok(json!({
@@ -298,7 +265,8 @@ fn main() -> Result<()> {
         let r = |k: &str| a[k].as_f64().unwrap_or(f64::NAN) / o[k].as_f64().unwrap_or(f64::NAN);
         notes.push(format!(
             "{t} thread(s): Acorn/ORT decode {:.2}×, prefill-32 {:.2}×, prefill-128 {:.2}×, RSS {:.2}×; Acorn decode streams \
-             {:.1} GB/s of weights ({:.0} MB per token) vs {:.1} GB/s read bandwidth measured alongside = {:.0}%",
+             {:.1} GB/s of weights ({:.0} MB per token) vs {:.1} GB/s read bandwidth measured alongside = {:.0}%; \
+             planning a decode step would cost {:.2} ms",
             r("decode_tps"),
             r("prefill32_tps"),
             r("prefill128_tps"),
@@ -306,7 +274,8 @@ fn main() -> Result<()> {
             a["weights_gb_per_s"].as_f64().unwrap_or(f64::NAN),
             a["weights_mb"].as_f64().unwrap_or(f64::NAN),
             a["read_gb_per_s"].as_f64().unwrap_or(f64::NAN),
-            100.0 * a["weights_gb_per_s"].as_f64().unwrap_or(f64::NAN) / a["read_gb_per_s"].as_f64().unwrap_or(f64::NAN)
+            100.0 * a["weights_gb_per_s"].as_f64().unwrap_or(f64::NAN) / a["read_gb_per_s"].as_f64().unwrap_or(f64::NAN),
+            a["decode_plan_ms"].as_f64().unwrap_or(f64::NAN)
         ));
     }
     println!();

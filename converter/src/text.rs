@@ -150,25 +150,32 @@ pub fn perplexity(
         bail!("the text has {} tokens, fewer than one window of {window}", ids.len());
     }
     let n = windows.min(available);
-    let (mut nll, mut count) = (0.0f64, 0usize);
+    let (mut total, mut count) = (0.0f64, 0usize);
     for w in 0..n {
         let chunk = &ids[w * window..(w + 1) * window];
         gen.reset();
         let logits = gen.feed_all(chunk)?;
         let vocab = logits.shape()[2];
         let d = logits.view().f32().map_err(|e| anyhow!("{}", e.0))?;
-        for (i, &target) in chunk.iter().enumerate().skip(1) {
-            if target as usize >= vocab {
-                bail!("token id {target} is outside the model's vocabulary of {vocab}");
-            }
-            let row = &d[(i - 1) * vocab..i * vocab];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = m + row.iter().map(|&v| ((v as f64) - m).exp()).sum::<f64>().ln();
-            nll += lse - row[target as usize] as f64;
-            count += 1;
+        if let Some(&bad) = chunk.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
+        total += nll(&d[..(window - 1) * vocab], vocab, &chunk[1..]);
+        count += window - 1;
         progress(w + 1);
     }
     gen.reset();
-    Ok(((nll / count as f64).exp(), count))
+    Ok(((total / count as f64).exp(), count))
+}
+
+/// Σ over rows of −log softmax(row)[target] (in f64), for `logits` [rows, vocab] predicting
+/// `targets` (one per row; each < vocab).
+pub fn nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
+    let mut s = 0.0;
+    for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        s += lse - row[t as usize] as f64;
+    }
+    s
 }

@@ -126,6 +126,12 @@ impl DecoderSignature {
         if stray != 2 * past.len() {
             return Err(not_decoder(format!("past inputs are not numbered 0..{} without gaps", past.len())));
         }
+        let known = ["input_ids", "attention_mask", "position_ids"];
+        if let Some(other) =
+            ins.iter().find(|s| !known.contains(&s.name.as_str()) && !s.name.starts_with("past_key_values."))
+        {
+            return Err(not_decoder(format!("input '{}' is outside the signature", other.name)));
+        }
         let dims = |i: usize| -> Result<(usize, usize)> {
             let s = &ins[i];
             let fixed = |d: &Dim| match d {
@@ -203,10 +209,46 @@ pub struct Generator {
     cache: Cache,
     /// Input names, in model order.
     names: Vec<String>,
+    /// What each input (in model order) is.
+    roles: Vec<Role>,
     /// Empty past tensors standing in for the cache-bound inputs.
     placeholders: Vec<Tensor>,
+    /// Where `logits` is among the outputs a cache-bound run returns (presents stay in the cache).
+    logits_bound: usize,
     all_logits: bool,
     vocab: Option<usize>,
+}
+
+/// What a decoder input is: built per step, or the past K/V tensor `j` (layer j / 2).
+#[derive(Clone, Copy)]
+enum Role {
+    Ids,
+    Mask,
+    Positions,
+    Past(usize),
+}
+
+/// The named inputs of a step: the step's own tensors and the past tensors (placeholders when
+/// the cache is bound).
+fn bind<'a>(
+    names: &'a [String],
+    roles: &[Role],
+    own: &'a [Tensor; 3],
+    past: &'a [Tensor],
+) -> Vec<(&'a str, &'a Tensor)> {
+    names
+        .iter()
+        .zip(roles)
+        .map(|(n, r)| {
+            let t = match *r {
+                Role::Ids => &own[0],
+                Role::Mask => &own[1],
+                Role::Positions => &own[2],
+                Role::Past(j) => &past[j],
+            };
+            (n.as_str(), t)
+        })
+        .collect()
 }
 
 impl Generator {
@@ -219,32 +261,45 @@ impl Generator {
             return Err(Error::Input("max_context must be at least 1".into()));
         }
         let session = model.session().with_threads(opts.threads).commit()?;
-        let names = model.inputs().iter().map(|s| s.name.clone()).collect();
+        let names: Vec<String> = model.inputs().iter().map(|s| s.name.clone()).collect();
+        let mut roles = vec![Role::Ids; names.len()];
+        for (j, i) in sig.past.iter().flat_map(|&(k, v)| [k, v]).enumerate() {
+            roles[i] = Role::Past(j);
+        }
+        if let Some(i) = sig.attention_mask {
+            roles[i] = Role::Mask;
+        }
+        if let Some(i) = sig.position_ids {
+            roles[i] = Role::Positions;
+        }
         let placeholder = Tensor::zeros(DType::F32, vec![1, sig.kv_heads, 0, sig.head_dim])?;
         let placeholder_v = Tensor::zeros(DType::F32, vec![1, sig.kv_heads, 0, sig.value_dim])?;
-        let placeholders = sig.past.iter().flat_map(|_| [placeholder.clone(), placeholder_v.clone()]).collect();
+        let placeholders: Vec<Tensor> =
+            sig.past.iter().flat_map(|_| [placeholder.clone(), placeholder_v.clone()]).collect();
+        let presents: Vec<usize> = sig.present.iter().flat_map(|&(k, v)| [k, v]).collect();
+        let logits_bound = (0..sig.logits).filter(|o| !presents.contains(o)).count();
+        let kv = KvCache::new(sig.layers(), sig.kv_heads, sig.head_dim, sig.value_dim, opts.max_context)?;
         let mut g = Generator {
             session,
             sig,
-            cache: Cache::Explicit { past: Vec::new(), len: 0, capacity: opts.max_context },
+            cache: Cache::Bound(kv),
             names,
+            roles,
             placeholders,
+            logits_bound,
             all_logits: false,
             vocab: None,
         };
-        let kv = KvCache::new(g.sig.layers(), g.sig.kv_heads, g.sig.head_dim, g.sig.value_dim, opts.max_context)?;
-        g.cache = Cache::Bound(kv);
         g.apply_mode();
         // Plan one token to see whether the cache binds to the graph's attention.
-        let probe = g.step_inputs(&[0], 0);
-        let named: Vec<(&str, &Tensor)> = g.names.iter().map(|s| s.as_str()).zip(probe.iter()).collect();
-        if let Err(e) = g.session.prepare(&named) {
+        let probe = g.step_tensors(&[0], 0);
+        if let Err(e) = g.session.prepare(&bind(&g.names, &g.roles, &probe, &g.placeholders)) {
             log::info!("KV cache passed through the graph (attention not bindable: {e})");
             g.cache = Cache::Explicit { past: g.placeholders.clone(), len: 0, capacity: opts.max_context };
             g.apply_mode();
-            let probe = g.step_inputs(&[0], 0);
-            let named: Vec<(&str, &Tensor)> = g.names.iter().map(|s| s.as_str()).zip(probe.iter()).collect();
-            g.session.prepare(&named)?;
+            // The step's own inputs depend on the mode (only a bound cache pads the mask).
+            let probe = g.step_tensors(&[0], 0);
+            g.session.prepare(&bind(&g.names, &g.roles, &probe, &g.placeholders))?;
         }
         Ok(g)
     }
@@ -298,7 +353,7 @@ impl Generator {
         match &mut self.cache {
             Cache::Bound(kv) => kv.clear(),
             Cache::Explicit { past, len, .. } => {
-                *past = self.placeholders.clone();
+                past.clone_from(&self.placeholders);
                 *len = 0;
             }
         }
@@ -327,43 +382,22 @@ impl Generator {
         Ok(())
     }
 
-    /// Inputs for a step of `tokens` after `past` cached positions, in model order (the past
-    /// inputs hold placeholders; explicit mode substitutes its tensors).
-    fn step_inputs(&self, tokens: &[u32], past: usize) -> Vec<Tensor> {
+    /// A step's own inputs after `past` cached positions: token ids, attention mask, positions.
+    fn step_tensors(&self, tokens: &[u32], past: usize) -> [Tensor; 3] {
         let s = tokens.len();
-        let mut v: Vec<Tensor> = Vec::with_capacity(self.names.len());
-        let mut k = 0;
-        let past_of: std::collections::HashMap<usize, usize> =
-            self.sig.past.iter().flat_map(|&(a, b)| [a, b]).enumerate().map(|(i, idx)| (idx, i)).collect();
-        for i in 0..self.names.len() {
-            let t = if i == self.sig.input_ids {
-                Tensor::from_i64(vec![1, s], tokens.iter().map(|&t| t as i64).collect())
-            } else if Some(i) == self.sig.attention_mask {
-                // A decode step with the cache bound: the mask padded with zeros (keys that do not
-                // exist) to a multiple of DECODE_BUCKET, so one plan serves that many steps.
-                let width = match (&self.cache, s) {
-                    (Cache::Bound(_), 1) => (past + 1).next_multiple_of(DECODE_BUCKET),
-                    _ => past + s,
-                };
-                let mut m = vec![0i64; width];
-                m[..past + s].fill(1);
-                Tensor::from_i64(vec![1, width], m)
-            } else if Some(i) == self.sig.position_ids {
-                Tensor::from_i64(vec![1, s], (past..past + s).map(|p| p as i64).collect())
-            } else if let Some(&j) = past_of.get(&i) {
-                k += 1;
-                match &self.cache {
-                    Cache::Explicit { past, .. } if !past.is_empty() => past[j].clone(),
-                    _ => self.placeholders[j].clone(),
-                }
-            } else {
-                // An input outside the signature: the model cannot be driven by generation.
-                Tensor::from_i64(vec![0], vec![])
-            };
-            v.push(t);
-        }
-        debug_assert_eq!(k, 2 * self.sig.layers());
-        v
+        // A decode step with the cache bound: the mask padded with zeros (keys that do not
+        // exist) to a multiple of DECODE_BUCKET, so one plan serves that many steps.
+        let width = match (&self.cache, s) {
+            (Cache::Bound(_), 1) => (past + 1).next_multiple_of(DECODE_BUCKET),
+            _ => past + s,
+        };
+        let mut mask = vec![0i64; width];
+        mask[..past + s].fill(1);
+        [
+            Tensor::from_i64(vec![1, s], tokens.iter().map(|&t| t as i64).collect()),
+            Tensor::from_i64(vec![1, width], mask),
+            Tensor::from_i64(vec![1, s], (past..past + s).map(|p| p as i64).collect()),
+        ]
     }
 
     /// Runs `tokens` after the cached context and returns the logits: of the last position,
@@ -389,30 +423,20 @@ impl Generator {
             self.all_logits = all;
             self.apply_mode();
         }
-        let inputs = self.step_inputs(tokens, past);
-        let named: Vec<(&str, &Tensor)> = self.names.iter().map(|s| s.as_str()).zip(inputs.iter()).collect();
-        let logits_at = |outs: &[usize]| outs.iter().position(|&o| o == self.sig.logits);
+        let own = self.step_tensors(tokens, past);
+        let take =
+            |outs: &mut Vec<Tensor>, i: usize| std::mem::replace(&mut outs[i], Tensor::from_i64(vec![0], vec![]));
         let logits = match &mut self.cache {
             Cache::Bound(kv) => {
-                let outs = self.session.run_kv(&named, kv)?;
+                let mut outs = self.session.run_kv(&bind(&self.names, &self.roles, &own, &self.placeholders), kv)?;
                 kv.len = past + tokens.len();
-                // Outputs not held by the cache, in model order: logits is among them.
-                let kept: Vec<usize> = (0..self.session.model().outputs().len())
-                    .filter(|o| !self.sig.present.iter().any(|&(k, v)| k == *o || v == *o))
-                    .collect();
-                let i = logits_at(&kept).ok_or_else(|| Error::Graph("logits not computed".into()))?;
-                outs.into_iter().nth(i).expect("index from the same list")
+                take(&mut outs, self.logits_bound)
             }
             Cache::Explicit { past: p, len, .. } => {
-                let mut outs = self.session.run(&named)?;
-                let mut next = Vec::with_capacity(p.len());
-                for &(k, v) in &self.sig.present {
-                    next.push(std::mem::replace(&mut outs[k], Tensor::from_i64(vec![0], vec![])));
-                    next.push(std::mem::replace(&mut outs[v], Tensor::from_i64(vec![0], vec![])));
-                }
-                *p = next;
+                let mut outs = self.session.run(&bind(&self.names, &self.roles, &own, p))?;
+                *p = self.sig.present.iter().flat_map(|&(k, v)| [k, v]).map(|i| take(&mut outs, i)).collect();
                 *len = past + tokens.len();
-                std::mem::replace(&mut outs[self.sig.logits], Tensor::from_i64(vec![0], vec![]))
+                take(&mut outs, self.sig.logits)
             }
         };
         let sh = logits.shape();
@@ -427,8 +451,14 @@ impl Generator {
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let t = self.run(tokens, false)?;
         let v = *t.shape().last().expect("rank 3");
-        let d = t.view().f32().map_err(|e| Error::Graph(e.0))?;
-        Ok(d[d.len() - v..].to_vec())
+        match t.into_data() {
+            // One row when the plan computes the last position only; else keep the last row.
+            crate::tensor::TensorData::F32(mut d) => {
+                d.drain(..d.len() - v);
+                Ok(d)
+            }
+            _ => Err(Error::Graph("logits must be f32".into())),
+        }
     }
 
     /// Feeds `tokens` after the context; returns the logits of every position [1, S, vocab].
@@ -535,17 +565,8 @@ impl Sampler {
 
     /// The next token for these logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || {
-            let mut best = 0usize;
-            for (i, &v) in logits.iter().enumerate() {
-                if v > logits[best] {
-                    best = i;
-                }
-            }
-            best as u32
-        };
         if self.p.temperature == 0.0 || logits.len() <= 1 {
-            return argmax();
+            return argmax(logits) as u32;
         }
         // Candidates by descending logit (top-k first, then top-p over their softmax).
         self.order.clear();
@@ -583,6 +604,17 @@ impl Sampler {
         }
         self.order[keep - 1]
     }
+}
+
+/// Index of the largest value (the first of equals; 0 for an empty slice): the greedy token.
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 /// Timing of one generation.

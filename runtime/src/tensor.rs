@@ -230,6 +230,11 @@ impl Tensor {
         &self.data
     }
 
+    /// The elements, without copying.
+    pub fn into_data(self) -> TensorData {
+        self.data
+    }
+
     pub fn dtype(&self) -> DType {
         match self.data {
             TensorData::F32(_) => DType::F32,

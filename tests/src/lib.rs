@@ -141,6 +141,18 @@ pub fn ort_env() -> Result<&'static ort::environment::Environment> {
     r.as_ref().map_err(|e| anyhow!("loading ONNX Runtime: {e}"))
 }
 
+/// An ONNX Runtime session on `onnx` with `threads` intra-op threads (all graph optimisations on).
+pub fn ort_session(onnx: &Path, threads: usize) -> Result<ort::session::Session> {
+    ort::session::Session::builder(ort_env()?)
+        .map_err(|e| anyhow!("{e}"))?
+        .with_intra_threads(threads)
+        .map_err(|e| anyhow!("{e}"))?
+        .with_inter_threads(1)
+        .map_err(|e| anyhow!("{e}"))?
+        .commit_from_file(onnx)
+        .map_err(|e| anyhow!("ONNX Runtime loading {}: {e}", onnx.display()))
+}
+
 /// An ONNX Runtime session used as the reference implementation.
 pub struct OrtModel {
     session: ort::session::Session,
@@ -149,16 +161,7 @@ pub struct OrtModel {
 impl OrtModel {
     /// Loads `onnx` with `threads` intra-op threads (all graph optimisations on).
     pub fn load(onnx: &Path, threads: usize) -> Result<OrtModel> {
-        let env = ort_env()?;
-        let session = ort::session::Session::builder(env)
-            .map_err(|e| anyhow!("{e}"))?
-            .with_intra_threads(threads)
-            .map_err(|e| anyhow!("{e}"))?
-            .with_inter_threads(1)
-            .map_err(|e| anyhow!("{e}"))?
-            .commit_from_file(onnx)
-            .map_err(|e| anyhow!("ONNX Runtime loading {}: {e}", onnx.display()))?;
-        Ok(OrtModel { session })
+        Ok(OrtModel { session: ort_session(onnx, threads)? })
     }
 
     /// Runs with Acorn tensors in, Acorn tensors out (f32 / i64 outputs).
@@ -337,72 +340,84 @@ pub fn shakespeare(file: &str) -> Result<String> {
 }
 
 /// ONNX Runtime driving a decoder in the Optimum signature with an explicit KV cache (the
-/// reference for generation and perplexity).
+/// reference for generation and perplexity, and the peer in `llm-bench`): each step's present
+/// outputs go back in as the next step's past inputs as ONNX Runtime values, never copied.
 pub struct OrtDecoder {
-    model: OrtModel,
+    session: ort::session::Session,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
-    past: Vec<Tensor>,
+    past: Vec<ort::value::DynValue>,
     len: usize,
 }
 
 impl OrtDecoder {
     pub fn load(onnx: &Path, threads: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
-        let model = OrtModel::load(onnx, threads)?;
-        let mut d = OrtDecoder { model, layers, kv_heads, head_dim, past: Vec::new(), len: 0 };
-        d.reset();
-        Ok(d)
+        let session = ort_session(onnx, threads)?;
+        Ok(OrtDecoder { session, layers, kv_heads, head_dim, past: Vec::new(), len: 0 })
     }
 
     pub fn reset(&mut self) {
-        let empty = Tensor::from_f32(vec![1, self.kv_heads, 0, self.head_dim], vec![]);
-        self.past = vec![empty; 2 * self.layers];
+        self.past.clear();
         self.len = 0;
+    }
+
+    /// Runs `tokens` after the cached ones; returns the logits value [1, S, vocab].
+    fn step(&mut self, tokens: &[u32]) -> Result<ort::value::DynValue> {
+        use ort::value::Tensor as T;
+        let e = |e: ort::Error| anyhow!("{e}");
+        let (s, past) = (tokens.len(), self.len);
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let mut inputs: Vec<(String, ort::value::DynValue)> = vec![
+            ("input_ids".into(), T::from_array((vec![1i64, s as i64], ids)).map_err(e)?.into_dyn()),
+            (
+                "attention_mask".into(),
+                T::from_array((vec![1i64, (past + s) as i64], vec![1i64; past + s])).map_err(e)?.into_dyn(),
+            ),
+            (
+                "position_ids".into(),
+                T::from_array((vec![1i64, s as i64], (past..past + s).map(|p| p as i64).collect::<Vec<_>>()))
+                    .map_err(e)?
+                    .into_dyn(),
+            ),
+        ];
+        if self.past.is_empty() {
+            for _ in 0..2 * self.layers {
+                let empty =
+                    T::from_array((vec![1i64, self.kv_heads as i64, 0, self.head_dim as i64], Vec::<f32>::new()));
+                self.past.push(empty.map_err(e)?.into_dyn());
+            }
+        }
+        for (i, v) in std::mem::take(&mut self.past).into_iter().enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            inputs.push((format!("past_key_values.{}.{kind}", i / 2), v));
+        }
+        let mut out = self.session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run: {e}"))?;
+        for i in 0..self.layers {
+            for kind in ["key", "value"] {
+                let v = out.remove(format!("present.{i}.{kind}")).ok_or_else(|| anyhow!("no present.{i}.{kind}"))?;
+                self.past.push(v);
+            }
+        }
+        self.len += s;
+        out.remove("logits").ok_or_else(|| anyhow!("no logits output"))
     }
 
     /// Runs `tokens` after the cached ones; returns logits [1, S, vocab].
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        let s = tokens.len();
-        let ids = Tensor::from_i64(vec![1, s], tokens.iter().map(|&t| t as i64).collect());
-        let mask = Tensor::from_i64(vec![1, self.len + s], vec![1; self.len + s]);
-        let pos = Tensor::from_i64(vec![1, s], (self.len..self.len + s).map(|p| p as i64).collect());
-        let names: Vec<String> = (0..self.layers)
-            .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
-            .collect();
-        let outs: Vec<String> = std::iter::once("logits".to_string())
-            .chain((0..self.layers).flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")]))
-            .collect();
-        let mut inputs: Vec<(&str, &Tensor)> =
-            vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos)];
-        inputs.extend(names.iter().map(|n| n.as_str()).zip(self.past.iter()));
-        let out_names: Vec<&str> = outs.iter().map(|s| s.as_str()).collect();
-        let mut res = self.model.run(&inputs, &out_names)?;
-        self.past = res.split_off(1);
-        self.len += s;
-        Ok(res.swap_remove(0))
+        let v = self.step(tokens)?;
+        let (shape, d) = v.try_extract_tensor::<f32>().map_err(|e| anyhow!("{e}"))?;
+        Ok(Tensor::from_f32(shape.iter().map(|&x| x as usize).collect(), d.to_vec()))
+    }
+
+    /// Runs `tokens` after the cached ones; returns the last position's logits only.
+    pub fn feed_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let v = self.step(tokens)?;
+        let (shape, d) = v.try_extract_tensor::<f32>().map_err(|e| anyhow!("{e}"))?;
+        let vocab = shape[shape.len() - 1] as usize;
+        Ok(d[d.len() - vocab..].to_vec())
     }
 }
 
-/// Index of the largest value.
-pub fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// Sum over rows of −log softmax(row)[target] (f64), for logits [rows, vocab] predicting
-/// `targets`.
-pub fn nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
-    let mut s = 0.0;
-    for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-        s += lse - row[t as usize] as f64;
-    }
-    s
-}
+pub use acorn::llm::argmax;
+pub use acorn_converter::text::nll;

@@ -106,10 +106,9 @@ pub(super) fn infer(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out: usiz
 
 /// Whether the grouped kernel ([`attend_group`]) computes this node: 4-D, no softcap, no QK
 /// output, no `nonpad_kv_seqlen`, an f32 or bool mask (or none).
-fn fast_path(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out: usize) -> bool {
-    let q4 = inputs.first().copied().flatten().is_some_and(|q| q.shape.len() == 4);
-    let mask_ok = inputs.get(3).copied().flatten().is_none_or(|m| matches!(m.dtype, DType::F32 | DType::Bool));
-    q4 && a.softcap == 0.0 && n_out <= 3 && inputs.get(6).copied().flatten().is_none() && mask_ok
+fn fast_path(a: &AttentionAttrs, q_rank: usize, mask: Option<DType>, nonpad: bool, n_out: usize) -> bool {
+    let mask_ok = mask.is_none_or(|d| matches!(d, DType::F32 | DType::Bool));
+    q_rank == 4 && a.softcap == 0.0 && n_out <= 3 && !nonpad && mask_ok
 }
 
 /// Scratch floats for the grouped kernel: scores and probabilities of one group of query heads.
@@ -120,7 +119,17 @@ pub(super) fn scratch_len(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out
     };
     let past = inputs.get(4).copied().flatten().map(|p| p.shape);
     match geometry(a, q.shape, k.shape, v.shape, past) {
-        Ok(g) if fast_path(a, inputs, n_out) => 2 * (g.qh / g.kvh.max(1)) * g.sq * (g.past + g.skv),
+        Ok(g)
+            if fast_path(
+                a,
+                q.shape.len(),
+                inputs.get(3).copied().flatten().map(|m| m.dtype),
+                inputs.get(6).copied().flatten().is_some(),
+                n_out,
+            ) =>
+        {
+            2 * (g.qh / g.kvh.max(1)) * g.sq * (g.past + g.skv)
+        }
         _ => 0,
     }
 }
@@ -421,9 +430,7 @@ pub(super) fn run(
     let (past_k, past_v) = (inputs.get(4).copied().flatten(), inputs.get(5).copied().flatten());
     let nonpad = inputs.get(6).copied().flatten();
     let g = geometry(a, q.shape, k.shape, v.shape, past_k.map(|p| p.shape))?;
-    let facts: Vec<Option<Fact<'_>>> =
-        inputs.iter().map(|i| i.map(|v| Fact { dtype: v.dtype, shape: v.shape, value: None })).collect();
-    if fast_path(a, &facts, outputs.len()) {
+    if fast_path(a, q.shape.len(), mask.map(|m| m.dtype), nonpad.is_some(), outputs.len()) {
         return run_grouped(a, &g, inputs, outputs, ctx);
     }
     let (qd, kd, vd) = (q.f32()?, k.f32()?, v.f32()?);
