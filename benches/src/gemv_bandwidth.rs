@@ -8,7 +8,9 @@
 //!
 //! Each round: one pass summing a 256 MiB buffer (the read-bandwidth reference, as in the
 //! `bandwidth` criterion group), then GEMV calls on rotating copies of the weights until 256 MiB
-//! of weights were read (so they come from DRAM, not the 32 MiB L3), at 1 and 2 threads.
+//! of weights were read (so they come from DRAM, not the 32 MiB L3), at 1 and 2 threads. Formats:
+//! f32 in the panels `acorn convert` stores, f32 row-major `[n, k]` (a tied LM head, read by
+//! `MatMulTransB` as dot products), f16, q8 and q4.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -64,10 +66,40 @@ fn main() {
         quant::quantize_acts(&x, 1, k, &mut qa).expect("k is a multiple of 32");
         let mut out = vec![0.0f32; n];
         let q4b = n * k / 2 + 2 * n * k / 32;
-        for (fmt, bytes) in [("f16", 2 * n * k), ("q8", n * k + 4 * n), ("q4", q4b)] {
+        let formats =
+            [("f32", 4 * n * k), ("f32 rows", 4 * n * k), ("f16", 2 * n * k), ("q8", n * k + 4 * n), ("q4", q4b)];
+        for (fmt, bytes) in formats {
             // Copies of the weights totalling ≥ 256 MiB, built per format (≈ 256 MiB live).
             let copies = (STREAM / bytes).max(2);
             let (kernel, run): (&str, Gemv<'_>) = match fmt {
+                "f32" => {
+                    // Panels of the kernel's width, as `acorn convert` stores MatMul weights.
+                    let nr = isa.f32_tile().map_or(16, |t| t.nr);
+                    let b = kernels::BMat::Strided(kernels::MatRef { data: &w, rs: n, cs: 1 });
+                    let all: Vec<Vec<f32>> = vec![kernels::pack_panels(b, k, n, nr); copies];
+                    let x = &x;
+                    (
+                        isa.f32_tile().map_or("reference", |t| t.name),
+                        Box::new(move |t, th, o| {
+                            let p = kernels::Panels { data: &all[t % all.len()], k, n, nr };
+                            let a = kernels::MatRef { data: x, rs: k, cs: 1 };
+                            kernels::sgemm_with(isa, 1, n, k, a, kernels::BMat::Panels(p), o, n, false, th)
+                        }),
+                    )
+                }
+                "f32 rows" => {
+                    // Row-major [n, k] weights (a tied LM head: `MatMulTransB`).
+                    let all: Vec<Vec<f32>> = vec![w.clone(); copies];
+                    let x = &x;
+                    (
+                        "dot products",
+                        Box::new(move |t, th, o| {
+                            let b = kernels::MatRef { data: &all[t % all.len()], rs: 1, cs: k };
+                            let a = kernels::MatRef { data: x, rs: k, cs: 1 };
+                            kernels::sgemm_with(isa, 1, n, k, a, kernels::BMat::Strided(b), o, n, false, th)
+                        }),
+                    )
+                }
                 "f16" => {
                     let f16: Vec<u16> = w.iter().map(|&v| acorn::tensor::f32_to_f16(v)).collect();
                     let all: Vec<Vec<u16>> = vec![f16; copies];

@@ -288,7 +288,12 @@ pub(crate) fn dot_products(
         let two = rows - i >= 2;
         let mut j = 0;
         while j < n {
-            let w = (n - j).min(4);
+            // A single row of A (a GEMV against a row-major weight, such as a tied LM head) goes
+            // one vector at a time: the weight is then read as one sequential stream, which
+            // streams at 90–100% of read bandwidth where tiles of 4 vectors (four interleaved
+            // streams) reached about 50% (`gemv-bandwidth`, "f32 rows"). Two rows reuse each
+            // loaded vector twice, so tiles of 4 stay.
+            let w = if two { (n - j).min(4) } else { 1 };
             match (two, w) {
                 (true, 4) => tile!(2, 4, i, j),
                 (true, 3) => tile!(2, 3, i, j),
