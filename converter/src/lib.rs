@@ -26,6 +26,7 @@ pub mod npy;
 pub mod onnx;
 pub mod onnx_build;
 pub mod passes;
+pub mod quantize;
 pub mod text;
 
 /// Conversion settings.
@@ -39,6 +40,8 @@ pub struct ConvertOptions {
     pub target: Target,
     /// A tokenizer.json to embed (with the generation settings found beside it).
     pub tokenizer: Option<std::path::PathBuf>,
+    /// Store weight matrices in fewer bits (`--quantize`).
+    pub quantize: Option<quantize::QuantOptions>,
 }
 
 /// The CPU family a file is converted for (`acorn convert --target`): decides the layout of
@@ -168,8 +171,17 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let base = input.parent().unwrap_or(Path::new("."));
     let (m, mut records) = lower(&bytes, input, base, opts)?;
     drop(bytes);
+    let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
+        Some(q) => {
+            let (qs, rec) = quantize::quantize_weights(&m, q)?;
+            records.push(rec);
+            qs
+        }
+        None => Vec::new(),
+    };
+    quantized.resize_with(m.tensors.len(), || None);
     let nr = opts.target.panel_width();
-    let (pack, rec) = passes::plan_panel_weights(&m, &opts.target.name(), nr);
+    let (pack, rec) = passes::plan_panel_weights(&m, &opts.target.name(), nr, &|t| quantized[t].is_some());
     records.push(rec);
     let provenance = Provenance {
         source_name: input.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -181,15 +193,23 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         .tensors
         .iter()
         .zip(&pack)
-        .map(|((name, t), &packed)| match nr.filter(|_| packed) {
-            Some(nr) => TensorPayload {
+        .zip(quantized)
+        .map(|(((name, t), &packed), q)| match (q, nr.filter(|_| packed)) {
+            (Some(q), _) => TensorPayload {
+                name: name.clone(),
+                dtype: t.dtype(),
+                shape: t.shape().iter().map(|&d| d as u64).collect(),
+                encoding: q.encoding,
+                bytes: Cow::Owned(q.bytes),
+            },
+            (None, Some(nr)) => TensorPayload {
                 name: name.clone(),
                 dtype: t.dtype(),
                 shape: t.shape().iter().map(|&d| d as u64).collect(),
                 encoding: TensorEncoding::PanelF32 { nr: nr as u32 },
                 bytes: Cow::Owned(passes::panel_bytes(t, nr)),
             },
-            None => TensorPayload {
+            (None, None) => TensorPayload {
                 name: name.clone(),
                 dtype: t.dtype(),
                 shape: t.shape().iter().map(|&d| d as u64).collect(),

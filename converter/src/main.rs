@@ -37,6 +37,19 @@ enum Cmd {
         /// ids, chat template) so `generate` and `perplexity` need nothing else.
         #[arg(long, value_name = "FILE")]
         tokenizer: Option<PathBuf>,
+        /// Store weight matrices as q8 (int8 per output row), q4 (4-bit blocks of --group) or
+        /// f16: MatMul weights, embedding tables and tied LM heads.
+        #[arg(long, value_name = "FORMAT")]
+        quantize: Option<String>,
+        /// q4 block size along each row: 32, 64 or 128.
+        #[arg(long, default_value_t = 32)]
+        group: usize,
+        /// q4 blocks store an f16 minimum beside the scale (asymmetric, like ggml's q4_1).
+        #[arg(long)]
+        min: bool,
+        /// Keep weights whose name matches this regular expression in f32 (repeatable).
+        #[arg(long, value_name = "PATTERN", num_args = 1..)]
+        keep_float: Vec<String>,
     },
     /// Generate text with a decoder model (greedy unless a temperature is given), streaming
     /// tokens as they come; prints prefill and decode tokens/s at the end.
@@ -197,8 +210,21 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Convert { input, output, no_fold, target, tokenizer } => {
-            cmd_convert(&input, &output, no_fold, &target, tokenizer)
+        Cmd::Convert { input, output, no_fold, target, tokenizer, quantize, group, min, keep_float } => {
+            let quantize = match quantize {
+                Some(f) => Some(acorn_converter::quantize::QuantOptions {
+                    format: acorn_converter::quantize::QuantFormat::parse(&f, group, min)?,
+                    keep_float,
+                }),
+                None if !keep_float.is_empty() || min => bail!("--keep-float and --min need --quantize"),
+                None => None,
+            };
+            cmd_convert(
+                &input,
+                &output,
+                ConvertOptions { no_fold, tokenizer, quantize, ..ConvertOptions::default() },
+                &target,
+            )
         }
         Cmd::Generate {
             model,
@@ -244,17 +270,11 @@ fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
 
-fn cmd_convert(
-    input: &Path,
-    output: &Path,
-    no_fold: bool,
-    target: &str,
-    tokenizer: Option<PathBuf>,
-) -> Result<ExitCode> {
+fn cmd_convert(input: &Path, output: &Path, opts: ConvertOptions, target: &str) -> Result<ExitCode> {
     let t0 = Instant::now();
     let target = acorn_converter::Target::parse(target)?;
     let pb = spinner(&format!("converting {}", input.display()));
-    let res = convert(input, output, &ConvertOptions { no_fold, target, tokenizer, ..ConvertOptions::default() });
+    let res = convert(input, output, &ConvertOptions { target, ..opts });
     pb.finish_and_clear();
     let r = res?;
     out!(
@@ -367,7 +387,7 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
             "outputs": io(&meta.graph.outputs),
             "weight_bytes": weight_bytes,
             "tensors": meta.tensors.iter().map(|t| serde_json::json!({
-                "name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "format": format!("{:?}", t.encoding).to_lowercase(), "bytes": t.len
+                "name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "format": t.encoding.to_string(), "bytes": t.len
             })).collect::<Vec<_>>(),
             "extensions": meta.extensions.iter().map(|e| serde_json::json!({
                 "name": e.name, "required": e.required, "bytes": e.data.len()
@@ -449,7 +469,7 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
                 t.name,
                 t.dtype.name(),
                 format!("{:?}", t.shape),
-                format!("{:?}", t.encoding).to_lowercase(),
+                t.encoding.to_string(),
                 t.len
             );
         }

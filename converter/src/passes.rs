@@ -115,8 +115,14 @@ pub fn eliminate_dead(m: &mut Imported) -> Result<PassRecord> {
 
 /// Stores f32 weights that only feed `MatMul` as its B input in the GEMM panel layout of width
 /// `nr` (`TensorEncoding::PanelF32`), so the runtime reads them without packing. Returns the
-/// tensor indices to pack and the pass record.
-pub fn plan_panel_weights(m: &Imported, target: &str, nr: Option<usize>) -> (Vec<bool>, PassRecord) {
+/// tensor indices to pack and the pass record. Tensors for which `taken` is true (quantized)
+/// are left alone.
+pub fn plan_panel_weights(
+    m: &Imported,
+    target: &str,
+    nr: Option<usize>,
+    taken: &dyn Fn(usize) -> bool,
+) -> (Vec<bool>, PassRecord) {
     let mut pack = vec![false; m.tensors.len()];
     let mut record = PassRecord {
         name: "pack_weights".into(),
@@ -158,7 +164,7 @@ pub fn plan_panel_weights(m: &Imported, target: &str, nr: Option<usize>) -> (Vec
     }
     let (mut count, mut dense, mut packed) = (0usize, 0u64, 0u64);
     for (v, t) in by_value {
-        if ok.get(&v) == Some(&true) && uses.get(&t) == Some(&1) {
+        if ok.get(&v) == Some(&true) && uses.get(&t) == Some(&1) && !taken(t) {
             let shape: Vec<u64> = m.tensors[t].1.shape().iter().map(|&d| d as u64).collect();
             let d = m.tensors[t].1.bytes().len() as u64;
             let p = TensorEncoding::PanelF32 { nr: nr as u32 }.byte_len(DType::F32, &shape).unwrap_or(u64::MAX);

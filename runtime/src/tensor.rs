@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OpError, OpResult};
+use crate::format::TensorEncoding;
 
 /// Element type of a tensor.
 ///
@@ -321,7 +322,7 @@ impl Tensor {
 
     /// A borrowed view of this tensor.
     pub fn view(&self) -> View<'_> {
-        View { dtype: self.dtype(), shape: &self.shape, bytes: self.bytes(), panels: None }
+        View { dtype: self.dtype(), shape: &self.shape, bytes: self.bytes(), encoding: TensorEncoding::Dense }
     }
 }
 
@@ -331,9 +332,9 @@ pub struct View<'a> {
     pub dtype: DType,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
-    /// How `bytes` hold the values: dense row-major, or GEMM panels of this width (weights
-    /// packed at conversion, read only by MatMul).
-    pub panels: Option<u32>,
+    /// How `bytes` hold the values: dense row-major, or (weights only) GEMM panels read by
+    /// MatMul, or a quantized matrix read by the ops that have kernels for it.
+    pub encoding: TensorEncoding,
 }
 
 /// A mutable view: what kernels write.
@@ -369,17 +370,26 @@ impl<'a> View<'a> {
         self.shape.len()
     }
     pub fn f32(&self) -> OpResult<&'a [f32]> {
-        if let Some(nr) = self.panels {
+        if self.encoding != TensorEncoding::Dense {
             return Err(OpError(format!(
-                "this f32 tensor is stored as GEMM panels of width {nr}, which only MatMul reads"
+                "this f32 tensor is stored as {}, which this op does not read",
+                self.encoding
             )));
         }
         cast(self.bytes, DType::F32, self.dtype)
     }
 
-    /// The f32 data whatever its layout (for MatMul, which reads panels too).
+    /// The f32 data of a dense or panel-encoded tensor (for MatMul, which reads panels too).
     pub fn f32_any_layout(&self) -> OpResult<&'a [f32]> {
         cast(self.bytes, DType::F32, self.dtype)
+    }
+
+    /// The panel width of a weight stored as GEMM panels.
+    pub fn panels(&self) -> Option<u32> {
+        match self.encoding {
+            TensorEncoding::PanelF32 { nr } => Some(nr),
+            _ => None,
+        }
     }
     pub fn i64(&self) -> OpResult<&'a [i64]> {
         cast(self.bytes, DType::I64, self.dtype)
@@ -409,8 +419,8 @@ impl<'a> View<'a> {
     }
     /// Copies into an owned tensor.
     pub fn to_tensor(&self) -> crate::Result<Tensor> {
-        if self.panels.is_some() {
-            return Err(crate::Error::Graph("a weight stored as GEMM panels cannot be a model output".into()));
+        if self.encoding != TensorEncoding::Dense {
+            return Err(crate::Error::Graph(format!("a weight stored as {} cannot be a model output", self.encoding)));
         }
         Tensor::from_bytes(self.dtype, self.shape.to_vec(), self.bytes)
     }

@@ -339,6 +339,22 @@ pub fn shakespeare(file: &str) -> Result<String> {
     std::fs::read_to_string(&p).with_context(|| p.display().to_string())
 }
 
+/// `count` lines of a play's dialogue: after its first "ACT I", lines of at least six words
+/// (stage directions and speaker names are shorter), trimmed.
+pub fn shakespeare_lines(file: &str, count: usize) -> Result<Vec<String>> {
+    let text = shakespeare(file)?;
+    let start = text.find("ACT I").ok_or_else(|| anyhow!("{file}: no ACT I"))?;
+    let lines: Vec<String> = text[start..]
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.split_whitespace().count() >= 6)
+        .take(count)
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(lines.len() == count, "{file}: only {} lines of six words", lines.len());
+    Ok(lines)
+}
+
 /// ONNX Runtime driving a decoder in the Optimum signature with an explicit KV cache (the
 /// reference for generation and perplexity, and the peer in `llm-bench`): each step's present
 /// outputs go back in as the next step's past inputs as ONNX Runtime values, never copied.

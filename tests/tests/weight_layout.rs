@@ -95,7 +95,7 @@ fn malformed_panel_weights_are_errors() {
     let m = Model::open(&p).unwrap();
     let x = Tensor::from_f32(vec![4, 3], vec![1.0; 12]);
     let e = m.session().commit().unwrap().run(&[("x", &x)]).unwrap_err().to_string();
-    assert!(e.contains("GEMM panels"), "{e}");
+    assert!(e.contains("GEMM panels of width 32"), "{e}");
     // MatMul reads it: x [2, 4] · w [4, 3] = 4 · 0.5 · 1 each.
     let p = dir.path().join("ok.acorn");
     panel_model(&p, Op::MatMul, 32);

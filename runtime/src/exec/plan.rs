@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::format::ModelFile;
+use crate::format::{ModelFile, TensorEncoding};
 use crate::graph::{Dim, Node, Op, ValueId};
 use crate::ops::{self, Fact};
 use crate::tensor::{DType, Tensor, View};
@@ -195,13 +195,13 @@ struct Builder<'m> {
 impl<'m> Builder<'m> {
     fn view(&self, v: ValueId) -> Option<View<'_>> {
         let loc = self.locs[v as usize].as_ref()?;
-        let (bytes, panels) = match loc.slot {
-            Slot::Input(i) => (self.inputs[i].bytes(), None),
-            Slot::Const(t) => (self.file.tensor_bytes(t as usize), self.file.panel_width(t as usize)),
-            Slot::Folded(i) => (self.folded[i].bytes(), None),
+        let (bytes, encoding) = match loc.slot {
+            Slot::Input(i) => (self.inputs[i].bytes(), TensorEncoding::Dense),
+            Slot::Const(t) => (self.file.tensor_bytes(t as usize), self.file.encoding(t as usize)),
+            Slot::Folded(i) => (self.folded[i].bytes(), TensorEncoding::Dense),
             Slot::Buf(_) | Slot::Cache => return None,
         };
-        Some(View { dtype: loc.dtype, shape: &loc.shape, bytes, panels })
+        Some(View { dtype: loc.dtype, shape: &loc.shape, bytes, encoding })
     }
 
     fn is_known(&self, v: ValueId) -> bool {
@@ -336,13 +336,17 @@ impl<'m> Builder<'m> {
                     )));
                 }
             }
-            // Weights stored as GEMM panels feed only MatMul's B input (what the converter packs).
+            // Weights stored as GEMM panels or quantized feed only the inputs that read them.
             for (i, inp) in node.inputs.iter().enumerate() {
                 if let Some(Loc { slot: Slot::Const(t), .. }) = inp.and_then(|v| self.locs[v as usize].as_ref()) {
-                    if self.file.panel_width(*t as usize).is_some() && !(matches!(node.op, Op::MatMul) && i == 1) {
+                    let enc = self.file.encoding(*t as usize);
+                    if enc != TensorEncoding::Dense && !crate::ops::reads_encoded(&node.op, i, enc) {
                         return Err(PlanFail::Error(Self::node_err(
                             node,
-                            format!("input {i} is a weight stored as GEMM panels, which only MatMul's B input reads"),
+                            format!(
+                                "input {i} is a weight stored as {enc}, which {} does not read there",
+                                node.op.name()
+                            ),
                         )));
                     }
                 }
@@ -415,7 +419,14 @@ impl<'m> Builder<'m> {
                 let ins: Vec<Option<View<'_>>> = facts
                     .iter()
                     .map(|f| {
-                        f.map(|f| f.value.unwrap_or(View { dtype: f.dtype, shape: f.shape, bytes: &[], panels: None }))
+                        f.map(|f| {
+                            f.value.unwrap_or(View {
+                                dtype: f.dtype,
+                                shape: f.shape,
+                                bytes: &[],
+                                encoding: TensorEncoding::Dense,
+                            })
+                        })
                     })
                     .collect();
                 Some(
@@ -781,27 +792,23 @@ impl Plan {
     ) -> Result<View<'a>> {
         let l = self.locs[v as usize].as_ref().ok_or_else(|| Error::Graph(format!("value {v} was not planned")))?;
         let n = crate::tensor::numel(&l.shape).saturating_mul(l.dtype.size());
-        let (bytes, panels): (&[u8], _) = match l.slot {
-            Slot::Input(i) => (inputs[i].bytes(), None),
-            // A panel-encoded weight keeps its whole (padded) storage.
-            Slot::Const(t) => match file.panel_width(t as usize) {
-                Some(nr) => {
-                    return Ok(View {
-                        dtype: l.dtype,
-                        shape: &l.shape,
-                        bytes: file.tensor_bytes(t as usize),
-                        panels: Some(nr),
-                    })
+        let dense = TensorEncoding::Dense;
+        let (bytes, encoding): (&[u8], _) = match l.slot {
+            Slot::Input(i) => (inputs[i].bytes(), dense),
+            // A panel-encoded or quantized weight keeps its whole storage.
+            Slot::Const(t) => match file.encoding(t as usize) {
+                TensorEncoding::Dense => (file.tensor_bytes(t as usize), dense),
+                encoding => {
+                    return Ok(View { dtype: l.dtype, shape: &l.shape, bytes: file.tensor_bytes(t as usize), encoding })
                 }
-                None => (file.tensor_bytes(t as usize), None),
             },
-            Slot::Folded(i) => (self.folded[i].bytes(), None),
-            Slot::Buf(b) => (bytemuck::cast_slice(&buffers[b]), None),
+            Slot::Folded(i) => (self.folded[i].bytes(), dense),
+            Slot::Buf(b) => (bytemuck::cast_slice(&buffers[b]), dense),
             Slot::Cache => return Err(Error::Graph(format!("internal: value {v} is held by the KV cache"))),
         };
         let bytes = bytes
             .get(..n)
             .ok_or_else(|| Error::Graph(format!("internal: value {v} storage is {} bytes, needs {n}", bytes.len())))?;
-        Ok(View { dtype: l.dtype, shape: &l.shape, bytes, panels })
+        Ok(View { dtype: l.dtype, shape: &l.shape, bytes, encoding })
     }
 }

@@ -32,9 +32,9 @@ pub const SECTION_TENSOR_DATA: u32 = 2;
 /// Section flag: a reader that does not know this section kind must refuse the file.
 pub const SECTION_REQUIRED: u32 = 1;
 
-/// How a tensor's bytes encode its values. Tags are part of the format; later versions add
-/// block-quantized encodings (q8 per row, q4 blocks, f16) as new variants after `Dense`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// How a tensor's bytes encode its values. Tags are part of the format: new encodings are
+/// appended.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TensorEncoding {
     /// Row-major little-endian elements of `dtype`.
     Dense,
@@ -43,6 +43,47 @@ pub enum TensorEncoding {
     /// [`crate::kernels::Panels`]). Written by `acorn convert --target` for weights that only feed
     /// `MatMul` as its B input; `nr` is the target CPU's GEMM panel width.
     PanelF32 { nr: u32 },
+    /// A 2-D f32 matrix `[a, b]` quantized to int8 (q8), one f32 scale per row: `w = q · s`.
+    /// The rows are the matrix's rows (`transposed = false`: `a` rows of `b` values — embedding
+    /// tables, the `[n, k]` B of `MatMulTransB`) or its columns (`true`: `b` rows of `a` values —
+    /// MatMul's `[k, n]` B, stored as the `n` output rows the kernels read). Bytes: the
+    /// `rows · k` int8 values, zero-padded to a multiple of 64, then `rows` f32 scales. `k` is a
+    /// multiple of 32.
+    Q8 { transposed: bool },
+    /// As [`TensorEncoding::Q8`] with 4-bit values in blocks of `block` (32, 64 or 128; `k` a
+    /// multiple of it) along each row, an f16 scale per block and, with `mins`, an f16 minimum:
+    /// `w = (q − 8) · d` or `w = q · d + m`. Bytes: `rows · k / 2` nibble bytes (per 32 values,
+    /// byte `i` holds value `i` low and value `i + 16` high), padded to 64; the `rows · k / block`
+    /// scales (u16), padded to 64; then as many minimums if `mins`.
+    Q4 { transposed: bool, block: u32, mins: bool },
+    /// As [`TensorEncoding::Q8`] with IEEE half values (`rows · k` u16), no scales.
+    F16 { transposed: bool },
+}
+
+impl std::fmt::Display for TensorEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let by = |t: bool| if t { "by columns" } else { "by rows" };
+        match *self {
+            TensorEncoding::Dense => f.write_str("dense"),
+            TensorEncoding::PanelF32 { nr } => write!(f, "GEMM panels of width {nr}"),
+            TensorEncoding::Q8 { transposed } => write!(f, "q8 {}", by(transposed)),
+            TensorEncoding::Q4 { transposed, block, mins } => {
+                write!(f, "q4 blocks of {block}{} {}", if mins { " with minimums" } else { "" }, by(transposed))
+            }
+            TensorEncoding::F16 { transposed } => write!(f, "f16 {}", by(transposed)),
+        }
+    }
+}
+
+/// Where the parts of a quantized matrix lie inside its bytes (see [`TensorEncoding::Q8`]):
+/// `rows` rows of `k` values, then byte ranges of the values, the scales and the minimums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantLayout {
+    pub rows: usize,
+    pub k: usize,
+    pub values: (usize, usize),
+    pub scales: (usize, usize),
+    pub mins: (usize, usize),
 }
 
 /// Largest panel width a file may declare.
@@ -64,7 +105,64 @@ impl TensorEncoding {
                 let per = n.div_ceil(nr as u64).checked_mul(k)?.checked_mul(nr as u64)?;
                 batch.checked_mul(per)?.checked_mul(4)
             }
+            _ => {
+                let l = self.quant_layout(dtype, shape)?;
+                Some(l.mins.1.max(l.scales.1).max(l.values.1) as u64)
+            }
         }
+    }
+
+    /// True for the encodings that store a matrix in fewer bits (q8, q4, f16).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, TensorEncoding::Q8 { .. } | TensorEncoding::Q4 { .. } | TensorEncoding::F16 { .. })
+    }
+
+    /// Whether a quantized matrix is stored by columns (MatMul's B) rather than by rows.
+    pub fn transposed(&self) -> bool {
+        match *self {
+            TensorEncoding::Q8 { transposed }
+            | TensorEncoding::Q4 { transposed, .. }
+            | TensorEncoding::F16 { transposed } => transposed,
+            _ => false,
+        }
+    }
+
+    /// The layout of a quantized 2-D f32 matrix of `shape` (`None`: not a quantized encoding,
+    /// not a valid one for the shape, or too large for this platform).
+    pub fn quant_layout(&self, dtype: DType, shape: &[u64]) -> Option<QuantLayout> {
+        if dtype != DType::F32 || shape.len() != 2 || !self.is_quantized() {
+            return None;
+        }
+        let (a, b) = (usize::try_from(shape[0]).ok()?, usize::try_from(shape[1]).ok()?);
+        let (rows, k) = if self.transposed() { (b, a) } else { (a, b) };
+        let n = rows.checked_mul(k)?;
+        let pad = |x: usize| x.checked_add(ALIGN - 1).map(|v| v / ALIGN * ALIGN);
+        let l = match *self {
+            TensorEncoding::Q8 { .. } => {
+                if k % 32 != 0 {
+                    return None;
+                }
+                let v = pad(n)?;
+                QuantLayout { rows, k, values: (0, n), scales: (v, v.checked_add(rows.checked_mul(4)?)?), mins: (0, 0) }
+            }
+            TensorEncoding::Q4 { block, mins, .. } => {
+                let block = block as usize;
+                if !matches!(block, 32 | 64 | 128) || k % block != 0 {
+                    return None;
+                }
+                let nb = rows.checked_mul(k / block)?;
+                let v = pad(n / 2)?;
+                let s_end = v.checked_add(nb * 2)?;
+                let m0 = pad(s_end)?;
+                let m = if mins { (m0, m0.checked_add(nb * 2)?) } else { (0, 0) };
+                QuantLayout { rows, k, values: (0, n / 2), scales: (v, s_end), mins: m }
+            }
+            TensorEncoding::F16 { .. } => {
+                QuantLayout { rows, k, values: (0, n.checked_mul(2)?), scales: (0, 0), mins: (0, 0) }
+            }
+            _ => return None,
+        };
+        Some(l)
     }
 }
 

@@ -233,7 +233,16 @@ impl ModelFile {
         }
         match self.meta.tensors[i].encoding {
             TensorEncoding::PanelF32 { nr } => Some(nr),
-            TensorEncoding::Dense => None,
+            _ => None,
+        }
+    }
+
+    /// The encoding of tensor `i` as [`ModelFile::tensor_bytes`] returns it (a repacked panel
+    /// weight has the width it was repacked to).
+    pub fn encoding(&self, i: usize) -> TensorEncoding {
+        match self.repacked.get(i) {
+            Some(Some((nr, _))) => TensorEncoding::PanelF32 { nr: *nr },
+            _ => self.meta.tensors[i].encoding,
         }
     }
 

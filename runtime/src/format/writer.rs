@@ -39,7 +39,7 @@ pub fn write_model(
             name: t.name.clone(),
             dtype: t.dtype,
             shape: t.shape.clone(),
-            encoding: t.encoding.clone(),
+            encoding: t.encoding,
             offset,
             len,
             crc32: crc32fast::hash(&t.bytes),

@@ -176,21 +176,41 @@ pub fn quantize_q4(w: &[f32], n: usize, k: usize, block: usize, with_min: bool) 
 
 /// Dequantizes q4 weights (tests, and the float fallback of later passes).
 pub fn dequantize_q4(w: &Q4Weights<'_>) -> Vec<f32> {
-    let nb = w.k / w.block;
     let mut out = vec![0.0f32; w.n * w.k];
-    for j in 0..w.n {
-        for p in 0..w.k {
-            let byte = w.nibbles[(j * w.k + p - p % QK) / 2 + (p % QK) % (QK / 2)];
-            let q = if p % QK < QK / 2 { byte & 15 } else { byte >> 4 } as f32;
-            let b = j * nb + p / w.block;
-            let d = f16_to_f32(w.scales[b]);
-            out[j * w.k + p] = match w.mins {
-                Some(m) => q * d + f16_to_f32(m[b]),
-                None => (q - 8.0) * d,
-            };
-        }
+    for (j, row) in out.chunks_exact_mut(w.k.max(1)).enumerate().take(w.n) {
+        dequantize_q4_row(w, j, row);
     }
     out
+}
+
+/// Dequantizes row `j` of q4 weights into `out` (`k` values): a gathered embedding row.
+///
+/// # Panics
+/// If `j ≥ n`, `out` is shorter than `k` or the weights do not hold `n` rows (callers check).
+pub fn dequantize_q4_row(w: &Q4Weights<'_>, j: usize, out: &mut [f32]) {
+    let nb = w.k / w.block;
+    let nib = &w.nibbles[j * w.k / 2..(j + 1) * w.k / 2];
+    for (p, o) in out[..w.k].iter_mut().enumerate() {
+        let byte = nib[(p - p % QK) / 2 + (p % QK) % (QK / 2)];
+        let q = if p % QK < QK / 2 { byte & 15 } else { byte >> 4 } as f32;
+        let b = j * nb + p / w.block;
+        let d = f16_to_f32(w.scales[b]);
+        *o = match w.mins {
+            Some(m) => q * d + f16_to_f32(m[b]),
+            None => (q - 8.0) * d,
+        };
+    }
+}
+
+/// Dequantizes row `j` of q8 weights into `out` (`k` values).
+///
+/// # Panics
+/// If `j ≥ n`, `out` is shorter than `k` or the weights do not hold `n` rows (callers check).
+pub fn dequantize_q8_row(w: &Q8Weights<'_>, j: usize, out: &mut [f32]) {
+    let s = w.scales[j];
+    for (o, &q) in out[..w.k].iter_mut().zip(&w.q[j * w.k..(j + 1) * w.k]) {
+        *o = q as f32 * s;
+    }
 }
 
 /// Quantizes activations `x` (`m × k`) to int8 per block of 32 (symmetric, round to nearest).

@@ -89,7 +89,10 @@ pub(super) fn run(
     let a = *req(inputs, 0, "A")?;
     let b = *req(inputs, 1, "B")?;
     let out = &mut outputs[0];
-    if b.panels.is_some() && !matches!(op, Op::MatMul) {
+    if b.encoding.is_quantized() {
+        return super::qweights::product(op, inputs, out, ctx);
+    }
+    if b.panels().is_some() && !matches!(op, Op::MatMul) {
         op_bail!("{} cannot read a weight stored as GEMM panels", op.name());
     }
     let (ad, bd) = (a.f32()?, b.f32_any_layout()?);
@@ -110,7 +113,7 @@ pub(super) fn run(
             let sb = broadcast_strides(bbatch, batch);
             // Floats per B matrix: dense, or panels (padded to whole panels; checked against the
             // storage so a malformed file is an error, not a bad read).
-            let bmat = match b.panels {
+            let bmat = match b.panels() {
                 Some(nr) => {
                     let per = kernels::Panels::len(k, n, nr as usize);
                     let mats = numel(bbatch);
@@ -121,7 +124,7 @@ pub(super) fn run(
                 }
                 None => k * n,
             };
-            let bmat_at = |bsl| match b.panels {
+            let bmat_at = |bsl| match b.panels() {
                 Some(nr) => BMat::Panels(kernels::Panels { data: bsl, k, n, nr: nr as usize }),
                 None => BMat::Strided(MatRef { data: bsl, rs: n, cs: 1 }),
             };

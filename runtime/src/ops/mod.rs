@@ -21,6 +21,7 @@ mod matmul;
 mod norm;
 mod pool;
 mod quant;
+mod qweights;
 mod recurrent;
 mod reduce;
 mod resize;
@@ -28,6 +29,8 @@ mod rotary;
 mod shape;
 #[cfg(test)]
 mod tests;
+
+pub use qweights::reads_encoded;
 
 /// What the planner knows about a value: type, concrete shape, and (for constants and
 /// plan-time-folded values) its contents.

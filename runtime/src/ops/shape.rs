@@ -492,6 +492,12 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         Op::Gather { axis } => {
             let a = norm_axis(*axis, r)?;
             let iv = req(inputs, 1, "indices")?;
+            if x.encoding.is_quantized() {
+                if a != 0 {
+                    op_bail!("Gather reads a quantized table along axis 0 only, not {a}");
+                }
+                return super::qweights::gather_rows(&x, iv, &mut outputs[0]);
+            }
             let (i64s, i32s) = match iv.dtype {
                 DType::I64 => (iv.i64()?, &[][..]),
                 _ => (&[][..], iv.i32()?),

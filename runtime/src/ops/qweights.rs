@@ -1,0 +1,172 @@
+//! Weights stored in fewer bits (`TensorEncoding::Q8`, `Q4`, `F16`, written by
+//! `acorn convert --quantize`): the products that read them (MatMul's B stored by columns,
+//! MatMulTransB's B and embedding tables stored by rows) and the rows Gather takes from them.
+//! The kernels are in `kernels::quant` and `kernels::half`; this file only turns a tensor's
+//! bytes into their typed views (every length checked against the shape first).
+
+use std::cell::RefCell;
+
+use super::{numel, req, Ctx};
+use crate::error::{OpError, OpResult};
+use crate::format::TensorEncoding;
+use crate::graph::Op;
+use crate::kernels::half::{self, F16Weights};
+use crate::kernels::quant::{self, Q4Weights, Q8Weights, QActs};
+use crate::op_bail;
+use crate::tensor::{f16_to_f32, View, ViewMut};
+
+thread_local! {
+    /// Activations quantized for the int8 kernels, grown once per thread and reused.
+    static ACTS: RefCell<QActs> = RefCell::new(QActs::default());
+}
+
+/// A quantized weight matrix: `rows` rows of `k` values in one of the formats.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum QMat<'a> {
+    Q8(Q8Weights<'a>),
+    Q4(Q4Weights<'a>),
+    F16(F16Weights<'a>),
+}
+
+impl QMat<'_> {
+    /// Rows and row length.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        match self {
+            QMat::Q8(w) => (w.n, w.k),
+            QMat::Q4(w) => (w.n, w.k),
+            QMat::F16(w) => (w.n, w.k),
+        }
+    }
+
+    /// Writes row `j` as f32 into `out[..k]` (`j < rows`, checked by the caller).
+    pub(crate) fn row(&self, j: usize, out: &mut [f32]) {
+        match self {
+            QMat::Q8(w) => quant::dequantize_q8_row(w, j, out),
+            QMat::Q4(w) => quant::dequantize_q4_row(w, j, out),
+            QMat::F16(w) => {
+                for (o, &h) in out[..w.k].iter_mut().zip(&w.data[j * w.k..(j + 1) * w.k]) {
+                    *o = f16_to_f32(h);
+                }
+            }
+        }
+    }
+}
+
+fn cast<'a, T: bytemuck::Pod>(b: &'a [u8], what: &str) -> OpResult<&'a [T]> {
+    bytemuck::try_cast_slice(b).map_err(|e| OpError(format!("quantized weight {what} are misaligned: {e}")))
+}
+
+/// The typed view of a quantized 2-D weight.
+pub(crate) fn qmat<'a>(v: &View<'a>) -> OpResult<QMat<'a>> {
+    let shape: Vec<u64> = v.shape.iter().map(|&d| d as u64).collect();
+    let Some(l) = v.encoding.quant_layout(v.dtype, &shape) else {
+        op_bail!(
+            "a {:?} weight of shape {:?} and type {} is not a valid quantized matrix",
+            v.encoding,
+            v.shape,
+            v.dtype
+        );
+    };
+    let need = l.values.1.max(l.scales.1).max(l.mins.1);
+    if v.bytes.len() < need {
+        op_bail!("quantized weight {:?} holds {} bytes, its layout needs {need}", v.shape, v.bytes.len());
+    }
+    let part = |r: (usize, usize)| &v.bytes[r.0..r.1];
+    Ok(match v.encoding {
+        TensorEncoding::Q8 { .. } => QMat::Q8(Q8Weights {
+            n: l.rows,
+            k: l.k,
+            q: bytemuck::cast_slice(part(l.values)),
+            scales: cast(part(l.scales), "scales")?,
+        }),
+        TensorEncoding::Q4 { block, mins, .. } => QMat::Q4(Q4Weights {
+            n: l.rows,
+            k: l.k,
+            block: block as usize,
+            nibbles: part(l.values),
+            scales: cast(part(l.scales), "scales")?,
+            mins: if mins { Some(cast(part(l.mins), "minimums")?) } else { None },
+        }),
+        TensorEncoding::F16 { .. } => {
+            QMat::F16(F16Weights { n: l.rows, k: l.k, data: cast(part(l.values), "values")? })
+        }
+        e => op_bail!("{e} is not a quantized encoding"),
+    })
+}
+
+/// Whether input `i` of `op` reads a weight stored in `enc` (the planner refuses any other
+/// use of an encoded weight, so no op ever reads such bytes as dense values).
+pub fn reads_encoded(op: &Op, i: usize, enc: TensorEncoding) -> bool {
+    match enc {
+        TensorEncoding::Dense => true,
+        TensorEncoding::PanelF32 { .. } => matches!(op, Op::MatMul) && i == 1,
+        e if e.transposed() => matches!(op, Op::MatMul) && i == 1,
+        _ => (matches!(op, Op::MatMulTransB) && i == 1) || (matches!(op, Op::Gather { axis: 0 }) && i == 0),
+    }
+}
+
+/// `Y[m × n] = X[m × k] · Wᵀ` for a quantized W of `n` rows: MatMul with B `[k, n]` stored by
+/// columns, MatMulTransB with B `[n, k]` stored by rows. X's leading dimensions are rows.
+pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_>, ctx: &Ctx<'_>) -> OpResult<()> {
+    let a = *req(inputs, 0, "A")?;
+    let b = *req(inputs, 1, "B")?;
+    let stored_by_columns = b.encoding.transposed();
+    if stored_by_columns != matches!(op, Op::MatMul) || b.shape.len() != 2 || a.shape.is_empty() {
+        op_bail!(
+            "{} cannot read a weight stored as {} of shape {:?} with A {:?}",
+            op.name(),
+            b.encoding,
+            b.shape,
+            a.shape
+        );
+    }
+    let w = qmat(&b)?;
+    let (n, k) = w.dims();
+    let x = a.f32()?;
+    let m = numel(&a.shape[..a.shape.len() - 1]);
+    if a.shape[a.shape.len() - 1] != k || x.len() < m * k {
+        op_bail!("{}: A {:?} does not match the weight's {k} inputs", op.name(), a.shape);
+    }
+    let o = out.f32()?;
+    if o.len() < m * n {
+        op_bail!("{}: output holds {} values, needs {m}×{n}", op.name(), o.len());
+    }
+    let isa = crate::kernels::selected();
+    match w {
+        QMat::F16(w) => half::gemm_f16(isa, x, m, &w, o, ctx.threads).map_err(OpError),
+        QMat::Q8(_) | QMat::Q4(_) => ACTS.with(|cell| {
+            let qa = &mut *cell.borrow_mut();
+            quant::quantize_acts(x, m, k, qa).map_err(|e| OpError(e.0))?;
+            match w {
+                QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, ctx.threads),
+                QMat::Q4(w) => quant::gemm_q4(isa, qa, &w, o, ctx.threads),
+                QMat::F16(_) => unreachable!("handled above"),
+            }
+            .map_err(|e| OpError(e.0))
+        }),
+    }
+}
+
+/// Gather along axis 0 of a quantized table: each index's row, dequantized.
+pub(super) fn gather_rows(data: &View<'_>, indices: &View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
+    let w = qmat(data)?;
+    let (rows, k) = w.dims();
+    let (i64s, i32s) = match indices.dtype {
+        crate::tensor::DType::I64 => (indices.i64()?, &[][..]),
+        _ => (&[][..], indices.i32()?),
+    };
+    let count = i64s.len() + i32s.len();
+    let o = out.f32()?;
+    if o.len() < count * k {
+        op_bail!("Gather: output holds {} values, needs {count}×{k}", o.len());
+    }
+    let idx = i64s.iter().copied().chain(i32s.iter().map(|&i| i as i64));
+    for (j, i0) in idx.enumerate() {
+        let i = if i0 < 0 { i0 + rows as i64 } else { i0 };
+        if i < 0 || i >= rows as i64 {
+            op_bail!("Gather index {i0} out of range for axis of size {rows}");
+        }
+        w.row(i as usize, &mut o[j * k..(j + 1) * k]);
+    }
+    Ok(())
+}

