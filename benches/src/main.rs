@@ -3,7 +3,11 @@
 //! ```text
 //! python3 tests/assets/fetch.py
 //! cargo run --release -p acorn-benches --bin model-bench -- [--runs 50] [--procs 3] [--threads 1] [--cases minilm-l3-16,…]
+//!     [--quantized]
 //! ```
+//!
+//! `--quantized` adds, for the MiniLM cases, Acorn's `--quantize q8` conversion (`acorn-q8`) and
+//! ONNX Runtime on its own `quantize_dynamic` int8 model (`onnxruntime-int8`).
 //!
 //! Each (runtime, case) runs in its own child process so peak RSS is that runtime's alone.
 //! Prints a Markdown table (medians; the machine is shared and noisy, so compare ratios). Each
@@ -72,6 +76,20 @@ impl Case {
             Case::VadOpenvino => SILERO_OPENVINO,
         })
     }
+    /// ONNX Runtime's `quantize_dynamic` int8 model of a MiniLM case (made by `main`).
+    fn ort_int8(self) -> PathBuf {
+        repo_root().join(".cache/acorn-bench/minilm-l3-ort-int8.onnx")
+    }
+
+    /// Acorn's `--quantize q8` conversion of a MiniLM case (made by `main`).
+    fn acorn_q8(self) -> PathBuf {
+        repo_root().join(".cache/acorn-bench/minilm-l3-q8.acorn")
+    }
+
+    fn is_minilm(self) -> bool {
+        matches!(self, Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8)
+    }
+
     fn acorn_path(self) -> PathBuf {
         let stem = match self {
             Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => "minilm-l3",
@@ -129,10 +147,10 @@ struct Measured {
     peak_rss_mb: f64,
 }
 
-fn run_acorn(case: Case, runs: usize, threads: usize) -> Result<Measured> {
+fn run_acorn(case: Case, path: PathBuf, runs: usize, threads: usize) -> Result<Measured> {
     let inputs = case.inputs()?;
     let t = Instant::now();
-    let model = acorn::Model::open(case.acorn_path())?;
+    let model = acorn::Model::open(path)?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut s = model.session().with_threads(threads).commit()?;
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -140,11 +158,11 @@ fn run_acorn(case: Case, runs: usize, threads: usize) -> Result<Measured> {
     Ok(Measured { open_ms, median_ms, p90_ms, peak_rss_mb: peak_rss_mb() })
 }
 
-fn run_ort(case: Case, runs: usize, threads: usize) -> Result<Measured> {
+fn run_ort(case: Case, onnx: PathBuf, runs: usize, threads: usize) -> Result<Measured> {
     let inputs = case.inputs()?;
     ort_env()?;
     let t = Instant::now();
-    let mut m = OrtModel::load(&case.onnx(), threads)?;
+    let mut m = OrtModel::load(&onnx, threads)?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let outs = case.outputs();
@@ -188,8 +206,10 @@ fn run_tract(case: Case, runs: usize) -> Result<Measured> {
 
 fn child(runtime: &str, case: Case, runs: usize, threads: usize) -> Result<()> {
     let m = match runtime {
-        "acorn" => run_acorn(case, runs, threads)?,
-        "onnxruntime" => run_ort(case, runs, threads)?,
+        "acorn" => run_acorn(case, case.acorn_path(), runs, threads)?,
+        "onnxruntime" => run_ort(case, case.onnx(), runs, threads)?,
+        "acorn-q8" => run_acorn(case, case.acorn_q8(), runs, threads)?,
+        "onnxruntime-int8" => run_ort(case, case.ort_int8(), runs, threads)?,
         "tract" => {
             if threads != 1 {
                 bail!("tract runs single-threaded here");
@@ -226,6 +246,25 @@ fn main() -> Result<()> {
     for case in [Case::MiniLm16, Case::VadOp15, Case::VadOpenvino] {
         acorn_converter::convert(&case.onnx(), &case.acorn_path(), &Default::default())?;
     }
+    // `--quantized`: MiniLM cases also run Acorn's q8 conversion and ONNX Runtime's own
+    // `quantize_dynamic` int8 model (made with the pinned onnxruntime the assets script installs).
+    let quantized = args.iter().any(|a| a == "--quantized");
+    if quantized {
+        let q = acorn_converter::quantize::QuantOptions {
+            format: acorn_converter::quantize::QuantFormat::Q8,
+            keep_float: vec![],
+        };
+        let opts = acorn_converter::ConvertOptions { quantize: Some(q), ..Default::default() };
+        acorn_converter::convert(&Case::MiniLm16.onnx(), &Case::MiniLm16.acorn_q8(), &opts)?;
+        let st = Command::new("python3")
+            .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
+            .args([&Case::MiniLm16.onnx(), &Case::MiniLm16.ort_int8()])
+            .env("PYTHONPATH", assets_dir().join("pydeps"))
+            .output()?;
+        if !st.status.success() {
+            bail!("ONNX Runtime quantize_dynamic failed: {}", String::from_utf8_lossy(&st.stderr));
+        }
+    }
     let exe = std::env::current_exe()?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -251,7 +290,8 @@ fn main() -> Result<()> {
     };
     for &case in &cases {
         let mut acorn_median = None;
-        for rt in RUNTIMES {
+        let extra: &[&str] = if quantized && case.is_minilm() { &["acorn-q8", "onnxruntime-int8"] } else { &[] };
+        for &rt in RUNTIMES.iter().chain(extra) {
             if rt == "tract" && threads != 1 {
                 continue;
             }

@@ -164,6 +164,34 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// Symmetric int8 quantization per block of 32 (the activations of the int8 products):
+    /// `scale = max|x| / 127`, `q = round(x / scale)` to nearest even (by adding and subtracting
+    /// 1.5·2²³, exact for |x / scale| ≤ 127: no libm call, so the loop vectorises), and each
+    /// block's sum of `q`. `x.len()` is a multiple of 32; `q` as long, `scales` and `sums` one per
+    /// block.
+    fn quantize_blocks_i8(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+        const MAGIC: f32 = 12_582_912.0;
+        for ((xb, qb), (s, sum)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(scales.iter_mut().zip(sums.iter_mut())) {
+            let mut lanes = [0.0f32; 16];
+            for (i, &v) in xb.iter().enumerate() {
+                lanes[i % 16] = lanes[i % 16].max(v.abs());
+            }
+            let amax = lanes.iter().fold(0.0f32, |a, &v| a.max(v));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut acc = 0i32;
+            for (o, &v) in qb.iter_mut().zip(xb) {
+                let r = ((v * inv).clamp(-127.0, 127.0) + MAGIC) - MAGIC;
+                *o = r as i8;
+                acc += r as i32;
+            }
+            *s = scale;
+            *sum = acc;
+        }
+    }
+}
+
 /// Lanes of the partial reductions below (a multiple of every vector width).
 const LANES: usize = 16;
 

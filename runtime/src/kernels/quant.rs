@@ -213,8 +213,22 @@ pub fn dequantize_q8_row(w: &Q8Weights<'_>, j: usize, out: &mut [f32]) {
     }
 }
 
-/// Quantizes activations `x` (`m × k`) to int8 per block of 32 (symmetric, round to nearest).
+/// Quantizes activations `x` (`m × k`) to int8 per block of 32 (symmetric, round to nearest
+/// even; [`super::math::quantize_blocks_i8`]), with each block's sum, and the 4-bit kernels' arrangement ([`QActs::q4x`]).
 pub fn quantize_acts(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(), QuantError> {
+    quantize_blocks(x, m, k, out)?;
+    arrange_q4(out, m, k);
+    Ok(())
+}
+
+/// [`quantize_acts`] without the 4-bit arrangement (what the q8 kernels read).
+pub fn quantize_acts_q8(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(), QuantError> {
+    quantize_blocks(x, m, k, out)?;
+    out.q4x.clear();
+    Ok(())
+}
+
+fn quantize_blocks(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(), QuantError> {
     check(k.is_multiple_of(QK), || format!("k = {k} is not a multiple of {QK}"))?;
     check(x.len() >= m * k, || format!("activations hold {} values, need {m}×{k}", x.len()))?;
     let nb = m * k / QK;
@@ -223,19 +237,19 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(
     out.q.resize(m * k, 0);
     out.scales.resize(nb, 0.0);
     out.sums.resize(nb, 0);
-    for (b, (xb, qb)) in x[..m * k].chunks_exact(QK).zip(out.q.chunks_exact_mut(QK)).enumerate() {
-        let amax = xb.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-        let s = amax / 127.0;
-        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        let mut sum = 0i32;
-        for (o, &v) in qb.iter_mut().zip(xb) {
-            let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            *o = q;
-            sum += q as i32;
-        }
-        out.scales[b] = s;
-        out.sums[b] = sum;
+    #[cfg(target_arch = "x86_64")]
+    if matches!(super::selected(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the selected set's CPU features include AVX-512 F/BW/VL; the buffers were sized
+        // just above for m·k values.
+        unsafe { super::x86q::quantize_blocks_avx512(&x[..m * k], &mut out.q, &mut out.scales, &mut out.sums) };
+        return Ok(());
     }
+    super::math::quantize_blocks_i8(&x[..m * k], &mut out.q, &mut out.scales, &mut out.sums);
+    Ok(())
+}
+
+/// Fills [`QActs::q4x`] from the quantized values.
+fn arrange_q4(out: &mut QActs, m: usize, k: usize) {
     let kp = k.next_multiple_of(4 * QK);
     out.q4x.clear();
     out.q4x.resize(m * kp, 0);
@@ -246,7 +260,6 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(
             arranged[g * 128 + 64 + r * 16..][..16].copy_from_slice(&blk[16..]);
         }
     }
-    Ok(())
 }
 
 /// One row's q8 dot product over `nb` blocks of 32: `Σ_b xs[b] · Σ_i w[i] · x[i]`.
@@ -339,7 +352,20 @@ pub struct QRows {
     /// A row kernel for the common q4 format (symmetric blocks of 32) reading the activations
     /// in their 4-bit arrangement ([`QActs::q4x`]), where the set has one.
     pub q4_sym32: Option<Q4Sym32Row>,
+    /// A register-tiled q8 GEMM (up to 6 activation rows × 32 weight rows from packed panels),
+    /// for products with [`Q8_GEMM_MIN_ROWS`] rows or more.
+    pub q8_gemm: Option<(&'static str, Q8GemmTile)>,
 }
+
+/// `(rows, u, ldu, xs, ldxs, packed w, corrections, w scales, nb, out, ldo)`: see
+/// `x86q::q8_gemm_tile_vnni`.
+pub type Q8GemmTile =
+    unsafe fn(usize, *const u8, usize, *const f32, usize, *const i8, *const i32, *const f32, usize, *mut f32, usize);
+
+/// Activation rows from which q8 products run on the tiled GEMM (when the set has one): below,
+/// the row kernels read each weight row once per activation row straight from the weights,
+/// which beats packing them.
+pub const Q8_GEMM_MIN_ROWS: usize = 4;
 
 /// A band of rows of symmetric q4 blocks of 32 against one activation row:
 /// `(nibbles, scales, arranged x, xs, sums, nb, rows, out)`, writing `out[0..rows]`.
@@ -360,6 +386,7 @@ impl Isa {
                 q4: super::x86q::q4_row_avx2,
                 q8_2x2: None,
                 q4_sym32: None,
+                q8_gemm: None,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => QRows {
@@ -369,6 +396,7 @@ impl Isa {
                 q4: super::x86q::q4_row_vnni,
                 q8_2x2: None,
                 q4_sym32: Some(super::x86q::q4_sym32_vnni512),
+                q8_gemm: Some(("gemm_q8i8_6x32_avx512vnni", super::x86q::q8_gemm_tile_vnni as Q8GemmTile)),
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => QRows {
@@ -378,6 +406,7 @@ impl Isa {
                 q4: super::armq::q4_row_neon,
                 q8_2x2: None,
                 q4_sym32: None,
+                q8_gemm: None,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::NeonDot | Isa::NeonI8mm => QRows {
@@ -388,6 +417,7 @@ impl Isa {
                 q8_2x2: (self == Isa::NeonI8mm)
                     .then_some(("gemm_q8i8_2x2_i8mm", super::armq::q8_2x2_i8mm as Q8Tile2x2)),
                 q4_sym32: None,
+                q8_gemm: None,
             },
             _ => QRows {
                 q8_name: "gemv_q8i8_ref",
@@ -396,6 +426,7 @@ impl Isa {
                 q4: q4_row_ref,
                 q8_2x2: None,
                 q4_sym32: None,
+                q8_gemm: None,
             },
         }
     }
@@ -438,6 +469,10 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
+    if let (Some((_, tile)), true) = (isa.q_rows().q8_gemm, m >= Q8_GEMM_MIN_ROWS) {
+        gemm_q8_tiled(tile, x, w, out, threads);
+        return Ok(());
+    }
     let f = isa.q_rows().q8;
     let nb = k / QK;
     if let (Some((_, tile)), true) = (isa.q_rows().q8_2x2, m >= 2) {
@@ -495,6 +530,98 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
         d * w.scales[j]
     });
     Ok(())
+}
+
+/// Weight rows per panel and activation rows per tile of the tiled q8 GEMM.
+const Q8_PANEL: usize = 32;
+const Q8_TILE_ROWS: usize = 6;
+
+thread_local! {
+    /// The tiled q8 GEMM's buffers: packed weights, block corrections, weight scales, unsigned
+    /// activations; grown once per thread and reused.
+    #[allow(clippy::type_complexity)]
+    static Q8_PACK: std::cell::RefCell<(Vec<u32>, Vec<i32>, Vec<f32>, Vec<u8>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// The q8 product on a register-tiled kernel: the weights are packed per call into panels of
+/// 32 rows (per group of four values, each row's four bytes in turn), with each block's
+/// `−128·Σw` and the rows' scales beside them; the activations are made unsigned (`x ^ 0x80`
+/// = `x + 128`); threads split the panels. Shapes were checked by [`gemm_q8`].
+fn gemm_q8_tiled(tile: Q8GemmTile, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads: usize) {
+    let (m, n, k) = (x.m, w.n, w.k);
+    let (nb, panels) = (k / QK, n.div_ceil(Q8_PANEL));
+    Q8_PACK.with(|cell| {
+        let bufs = &mut *cell.borrow_mut();
+        let (pw, pc, ps, u) = (&mut bufs.0, &mut bufs.1, &mut bufs.2, &mut bufs.3);
+        // Groups of four bytes as u32: the packing is a gather of 32-bit words.
+        pw.clear();
+        pw.resize(panels * k / 4 * Q8_PANEL, 0);
+        pc.clear();
+        pc.resize(panels * nb * Q8_PANEL, 0);
+        ps.clear();
+        ps.resize(panels * Q8_PANEL, 0.0);
+        let src = w.q[..n * k].as_ptr();
+        for (p, panel) in pw.chunks_exact_mut(k / 4 * Q8_PANEL).enumerate() {
+            let cols = Q8_PANEL.min(n - p * Q8_PANEL);
+            // Written in order, read from the panel's rows side by side (each row's cache line
+            // serves 16 groups); rows past n stay zero.
+            for (g, out) in panel.chunks_exact_mut(Q8_PANEL).enumerate() {
+                for (c, o) in out.iter_mut().enumerate().take(cols) {
+                    // SAFETY: row p·32 + c < n and group g < k/4: the four bytes at
+                    // (p·32 + c)·k + 4g lie inside w.q[..n·k] (checked by gemm_q8).
+                    *o = unsafe { (src.add((p * Q8_PANEL + c) * k + 4 * g) as *const u32).read_unaligned() };
+                }
+            }
+            for c in 0..cols {
+                let row = &w.q[(p * Q8_PANEL + c) * k..(p * Q8_PANEL + c + 1) * k];
+                for (b, blk) in row.chunks_exact(QK).enumerate() {
+                    pc[(p * nb + b) * Q8_PANEL + c] = -128 * blk.iter().map(|&v| v as i32).sum::<i32>();
+                }
+                ps[p * Q8_PANEL + c] = w.scales[p * Q8_PANEL + c];
+            }
+        }
+        u.clear();
+        u.extend(x.q[..m * k].iter().map(|&v| (v as u8) ^ 0x80));
+        let (pw, pc, ps, u) = (&pw[..], &pc[..], &ps[..], &u[..]);
+        let per = panels.div_ceil(threads.clamp(1, panels));
+        let op = SharedOut::new(out);
+        pool::for_each(threads, panels.div_ceil(per), &|t| {
+            let mut buf = [0.0f32; Q8_TILE_ROWS * Q8_PANEL];
+            for p in t * per..((t + 1) * per).min(panels) {
+                let cols = Q8_PANEL.min(n - p * Q8_PANEL);
+                for i0 in (0..m).step_by(Q8_TILE_ROWS) {
+                    let rows = Q8_TILE_ROWS.min(m - i0);
+                    // SAFETY: rows i0..i0+rows of the unsigned activations (k bytes each) and of
+                    // the scales (nb each), panel p's k·32 packed bytes (k/4·32 words), nb·32 corrections and 32
+                    // scales are inside the buffers sized above; the tile writes rows × 32
+                    // floats into `buf`; the kernel belongs to a set this CPU supports.
+                    unsafe {
+                        tile(
+                            rows,
+                            u.as_ptr().add(i0 * k),
+                            k,
+                            x.scales.as_ptr().add(i0 * nb),
+                            nb,
+                            pw.as_ptr().add(p * k / 4 * Q8_PANEL) as *const i8,
+                            pc.as_ptr().add(p * nb * Q8_PANEL),
+                            ps.as_ptr().add(p * Q8_PANEL),
+                            nb,
+                            buf.as_mut_ptr(),
+                            Q8_PANEL,
+                        )
+                    };
+                    for r in 0..rows {
+                        let dst = (i0 + r) * n + p * Q8_PANEL;
+                        // SAFETY: out holds m·n values (checked by gemm_q8); columns of panel p
+                        // belong to this part alone.
+                        let o = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(dst), cols) };
+                        o.copy_from_slice(&buf[r * Q8_PANEL..r * Q8_PANEL + cols]);
+                    }
+                }
+            }
+        });
+    });
 }
 
 /// `out[m × n] = X · Wᵀ` for q4 weights.
@@ -608,6 +735,9 @@ mod tests {
             (1, 300, 1024),
             (8, 65, 4096),
             (4, 128, 128),
+            (7, 33, 64),
+            (13, 1, 32),
+            (6, 64, 384),
         ] {
             let w = data(n * k, (n + k) as u64);
             let x = data(m * k, (m * 7 + k) as u64);
@@ -627,7 +757,12 @@ mod tests {
                 for threads in [1, 3] {
                     let mut got = vec![f32::NAN; m * n];
                     gemm_q8(isa, &qa, &qw.view(), &mut got, threads).unwrap();
-                    let name = isa.q_rows().q8_2x2.filter(|_| m >= 2).map_or(isa.q_rows().q8_name, |t| t.0);
+                    let rows = isa.q_rows();
+                    let name = match (rows.q8_gemm, rows.q8_2x2) {
+                        (Some(g), _) if m >= Q8_GEMM_MIN_ROWS => g.0,
+                        (_, Some(t)) if m >= 2 => t.0,
+                        _ => rows.q8_name,
+                    };
                     for (c, (g, r)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - r).abs() <= sum_tol(*r, k),
@@ -692,6 +827,38 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn activation_quantizers_agree() {
+        // Values on the rounding boundaries (x.5 steps) and ordinary ones, blocks with a zero
+        // maximum, and one huge value.
+        let mut x = data(32 * 41, 9);
+        for (i, v) in x.iter_mut().enumerate().take(64) {
+            *v = (i as f32 - 32.0) * 0.5;
+        }
+        x[64..96].fill(0.0);
+        x[100] = 1e30;
+        let nb = x.len() / QK;
+        let (mut q, mut s, mut u) = (vec![0i8; x.len()], vec![0.0f32; nb], vec![0i32; nb]);
+        crate::kernels::math::quantize_blocks_i8(&x, &mut q, &mut s, &mut u);
+        for b in 0..nb {
+            let blk = &x[b * QK..(b + 1) * QK];
+            let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            assert_eq!(s[b], amax / 127.0);
+            for (i, &v) in blk.iter().enumerate() {
+                let want = if amax > 0.0 { (v * (127.0 / amax)).round_ties_even() } else { 0.0 };
+                assert!((q[b * QK + i] as f32 - want).abs() <= 1.0, "block {b}[{i}]: {} vs {want}", q[b * QK + i]);
+            }
+            assert_eq!(u[b], q[b * QK..(b + 1) * QK].iter().map(|&v| v as i32).sum::<i32>());
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            let (mut q2, mut s2, mut u2) = (vec![0i8; x.len()], vec![0.0f32; nb], vec![0i32; nb]);
+            // SAFETY: the features were just detected; the buffers hold nb blocks.
+            unsafe { crate::kernels::x86q::quantize_blocks_avx512(&x, &mut q2, &mut s2, &mut u2) };
+            assert_eq!((q, s, u), (q2, s2, u2));
         }
     }
 

@@ -280,3 +280,129 @@ pub unsafe fn q4_sym32_vnni512(
         }
     }
 }
+
+/// One tile of the q8 GEMM with AVX-512 VNNI: `R` activation rows × one panel of 32 weight
+/// rows, over `nb` blocks of 32 values. The weights are packed by [`super::quant`]'s GEMM driver
+/// as, per group of four values, the four bytes of each of the 32 rows in turn (128 bytes), so
+/// one `vpdpbusd` with a broadcast group of four activation bytes adds 64 products into 16
+/// outputs — no horizontal sums. Activations are unsigned (`x + 128`, stored as `x ^ 0x80`);
+/// each block's i32 sums start from `−128·Σw` over the block (`corr`), which cancels the offset
+/// exactly, then are scaled by the row's block scale into f32. The weights' row scales multiply
+/// at the end. Writes a full `R × 32` tile at `out` (stride `ldo`).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VNNI; `u` holds `R` rows of `nb·32` bytes at stride `ldu`; `xs`
+/// `R` rows of `nb` scales at stride `ldxs`; `w` `nb·32·32` packed bytes; `corr` `nb·32` i32;
+/// `ws` 32 f32; `out` is valid for `R` rows of 32 floats at stride `ldo`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_tile_vnni<const R: usize>(
+    u: *const u8,
+    ldu: usize,
+    xs: *const f32,
+    ldxs: usize,
+    w: *const i8,
+    corr: *const i32,
+    ws: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut f = [[_mm512_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // SAFETY: block b's corrections, packed weights, activations and scales are in bounds
+        // (caller contract); the 4-byte activation reads are unaligned loads.
+        unsafe {
+            let c0 = _mm512_loadu_si512(corr.add(b * 32) as *const __m512i);
+            let c1 = _mm512_loadu_si512(corr.add(b * 32 + 16) as *const __m512i);
+            let mut a = [[c0, c1]; R];
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128);
+                let (w0, w1) =
+                    (_mm512_loadu_si512(wp as *const __m512i), _mm512_loadu_si512(wp.add(64) as *const __m512i));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let x = _mm512_set1_epi32((u.add(r * ldu + b * QK + s * 4) as *const i32).read_unaligned());
+                    ar[0] = _mm512_dpbusd_epi32(ar[0], x, w0);
+                    ar[1] = _mm512_dpbusd_epi32(ar[1], x, w1);
+                }
+            }
+            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+                let sc = _mm512_set1_ps(*xs.add(r * ldxs + b));
+                fr[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[0]), sc, fr[0]);
+                fr[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[1]), sc, fr[1]);
+            }
+        }
+    }
+    // SAFETY: 32 column scales; R rows of 32 floats at `out` (caller contract).
+    unsafe {
+        let (s0, s1) = (_mm512_loadu_ps(ws), _mm512_loadu_ps(ws.add(16)));
+        for (r, fr) in f.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * ldo), _mm512_mul_ps(fr[0], s0));
+            _mm512_storeu_ps(out.add(r * ldo + 16), _mm512_mul_ps(fr[1], s1));
+        }
+    }
+}
+
+/// [`q8_tile_vnni`] for `rows` (1..=6) activation rows.
+///
+/// # Safety
+/// As [`q8_tile_vnni`] with `R = rows`; `1 ≤ rows ≤ 6`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_gemm_tile_vnni(
+    rows: usize,
+    u: *const u8,
+    ldu: usize,
+    xs: *const f32,
+    ldxs: usize,
+    w: *const i8,
+    corr: *const i32,
+    ws: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        match rows {
+            1 => q8_tile_vnni::<1>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
+            2 => q8_tile_vnni::<2>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
+            3 => q8_tile_vnni::<3>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
+            4 => q8_tile_vnni::<4>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
+            5 => q8_tile_vnni::<5>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
+            _ => q8_tile_vnni::<6>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
+        }
+    }
+}
+
+/// [`super::math::quantize_blocks_i8`] with AVX-512: per block of 32, the absolute maximum by
+/// a vector reduction, `vcvtps2dq` (round to nearest even under the default rounding mode) and
+/// saturating narrowing to bytes. Same results as the portable loop for finite inputs (values
+/// are clamped to ±127 first, so saturation never acts).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; `x.len()` is a multiple of 32, `q` as long, `scales` and `sums`
+/// hold one entry per block (callers check).
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    let nb = x.len() / QK;
+    assert!(q.len() >= nb * QK && scales.len() >= nb && sums.len() >= nb, "quantize_blocks: short outputs");
+    let (lim_hi, lim_lo) = (_mm512_set1_ps(127.0), _mm512_set1_ps(-127.0));
+    for b in 0..nb {
+        // SAFETY: block b's 32 floats and 32 bytes are in bounds (asserted above).
+        unsafe {
+            let v0 = _mm512_loadu_ps(x.as_ptr().add(b * QK));
+            let v1 = _mm512_loadu_ps(x.as_ptr().add(b * QK + 16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            let scale = amax / 127.0;
+            let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            // The scaled value first: `min`/`max` return their second operand for NaN, so a NaN
+            // input becomes 127, never the out-of-range −128 a NaN would convert to.
+            let clamp = |v: __m512| _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(v, inv), lim_hi), lim_lo);
+            let (q0, q1) = (_mm512_cvtps_epi32(clamp(v0)), _mm512_cvtps_epi32(clamp(v1)));
+            _mm_storeu_si128(q.as_mut_ptr().add(b * QK) as *mut __m128i, _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128(q.as_mut_ptr().add(b * QK + 16) as *mut __m128i, _mm512_cvtsepi32_epi8(q1));
+            *scales.get_unchecked_mut(b) = scale;
+            *sums.get_unchecked_mut(b) = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        }
+    }
+}

@@ -136,7 +136,11 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
         QMat::F16(w) => half::gemm_f16(isa, x, m, &w, o, ctx.threads).map_err(OpError),
         QMat::Q8(_) | QMat::Q4(_) => ACTS.with(|cell| {
             let qa = &mut *cell.borrow_mut();
-            quant::quantize_acts(x, m, k, qa).map_err(|e| OpError(e.0))?;
+            match w {
+                QMat::Q8(_) => quant::quantize_acts_q8(x, m, k, qa),
+                _ => quant::quantize_acts(x, m, k, qa),
+            }
+            .map_err(|e| OpError(e.0))?;
             match w {
                 QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, ctx.threads),
                 QMat::Q4(w) => quant::gemm_q4(isa, qa, &w, o, ctx.threads),
