@@ -42,7 +42,7 @@ fn convert(src: &Path, name: &str) -> Result<(PathBuf, f64, acorn_converter::Con
 
 /// `--quantize q8`, nothing kept float on purpose.
 fn q8_options() -> acorn_converter::quantize::QuantOptions {
-    acorn_converter::quantize::QuantOptions { format: acorn_converter::quantize::QuantFormat::Q8, keep_float: vec![] }
+    acorn_converter::quantize::QuantOptions { format: acorn_converter::quantize::QuantFormat::Q8, ..Default::default() }
 }
 
 fn mb(b: u64) -> f64 {

@@ -221,7 +221,7 @@ fn main() -> Result<()> {
             .map(|q| -> Result<_> {
                 Ok(acorn_converter::quantize::QuantOptions {
                     format: acorn_converter::quantize::QuantFormat::parse(q, 32, false)?,
-                    keep_float: vec![],
+                    ..Default::default()
                 })
             })
             .transpose()?,

@@ -252,7 +252,7 @@ fn main() -> Result<()> {
     if quantized {
         let q = acorn_converter::quantize::QuantOptions {
             format: acorn_converter::quantize::QuantFormat::Q8,
-            keep_float: vec![],
+            ..Default::default()
         };
         let opts = acorn_converter::ConvertOptions { quantize: Some(q), ..Default::default() };
         acorn_converter::convert(&Case::MiniLm16.onnx(), &Case::MiniLm16.acorn_q8(), &opts)?;

@@ -20,6 +20,7 @@ use acorn::format::{write_model, Extension, PassRecord, Provenance, TensorEncodi
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+pub mod calib;
 pub mod conformance;
 pub mod llm;
 pub mod npy;
@@ -173,7 +174,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     drop(bytes);
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
         Some(q) => {
-            let (qs, rec) = quantize::quantize_weights(&m, q)?;
+            let grams = match q.method {
+                quantize::Method::Gptq => Some(calibrate(&m, q, opts.tokenizer.as_deref(), &mut records)?),
+                quantize::Method::Rtn => None,
+            };
+            let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref())?;
             records.push(rec);
             qs
         }
@@ -195,27 +200,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         .zip(&pack)
         .zip(quantized)
         .map(|(((name, t), &packed), q)| match (q, nr.filter(|_| packed)) {
-            (Some(q), _) => TensorPayload {
-                name: name.clone(),
-                dtype: t.dtype(),
-                shape: t.shape().iter().map(|&d| d as u64).collect(),
-                encoding: q.encoding,
-                bytes: Cow::Owned(q.bytes),
-            },
-            (None, Some(nr)) => TensorPayload {
-                name: name.clone(),
-                dtype: t.dtype(),
-                shape: t.shape().iter().map(|&d| d as u64).collect(),
-                encoding: TensorEncoding::PanelF32 { nr: nr as u32 },
-                bytes: Cow::Owned(passes::panel_bytes(t, nr)),
-            },
-            (None, None) => TensorPayload {
-                name: name.clone(),
-                dtype: t.dtype(),
-                shape: t.shape().iter().map(|&d| d as u64).collect(),
-                encoding: TensorEncoding::Dense,
-                bytes: Cow::Borrowed(t.bytes()),
-            },
+            (Some(q), _) => payload(name, t, q.encoding, Cow::Owned(q.bytes)),
+            (None, Some(nr)) => {
+                payload(name, t, TensorEncoding::PanelF32 { nr: nr as u32 }, Cow::Owned(passes::panel_bytes(t, nr)))
+            }
+            (None, None) => payload(name, t, TensorEncoding::Dense, Cow::Borrowed(t.bytes())),
         })
         .collect();
     let weight_bytes = payloads.iter().map(|p| p.bytes.len() as u64).sum();
@@ -224,6 +213,62 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
         .with_context(|| format!("writing {}", output.display()))?;
     Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records })
+}
+
+/// Runs `--calib` through the fp32 model (a progress bar on a terminal) and returns the Gram
+/// matrices of every quantizable product's activations; records what it used.
+fn calibrate(
+    m: &onnx::Imported,
+    q: &quantize::QuantOptions,
+    tokenizer: Option<&Path>,
+    records: &mut Vec<PassRecord>,
+) -> Result<std::collections::HashMap<acorn::graph::ValueId, calib::Gram>> {
+    let path = q
+        .calib
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("--method gptq needs --calib FILE (text lines or a folder of .npy inputs)"))?;
+    let tok = tokenizer
+        .map(|p| tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+        .transpose()?;
+    let samples = calib::samples(&m.graph.inputs, path, tok.as_ref(), quantize::MAX_CALIB_SAMPLES)?;
+    let values = quantize::calibration_values(m);
+    let bar = indicatif::ProgressBar::new(samples.len() as u64).with_message("calibrating");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} samples {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let grams = calib::grams(m, &values, &samples, || bar.inc(1))?;
+    bar.finish_and_clear();
+    let rows = grams.values().map(|g| g.rows).max().unwrap_or(0);
+    records.push(PassRecord {
+        name: "calibrate".into(),
+        params: vec![("calib".into(), path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())],
+        report: vec![
+            ("samples".into(), samples.len() as f64),
+            ("rows".into(), rows as f64),
+            ("products".into(), grams.len() as f64),
+        ],
+    });
+    Ok(grams)
+}
+
+/// Writes `graph` with `tensors` stored dense and no provenance: a model the converter itself
+/// runs (calibration, accuracy measurements), never shipped.
+pub fn write_dense(path: &Path, graph: acorn::graph::Graph, tensors: &[(String, acorn::Tensor)]) -> Result<u64> {
+    let payloads: Vec<TensorPayload<'_>> =
+        tensors.iter().map(|(name, t)| payload(name, t, TensorEncoding::Dense, Cow::Borrowed(t.bytes()))).collect();
+    Ok(write_model(path, graph, Provenance::default(), Vec::new(), &payloads)?)
+}
+
+/// The payload of tensor `t` stored as `bytes` in `encoding`.
+fn payload<'a>(name: &str, t: &acorn::Tensor, encoding: TensorEncoding, bytes: Cow<'a, [u8]>) -> TensorPayload<'a> {
+    TensorPayload {
+        name: name.to_string(),
+        dtype: t.dtype(),
+        shape: t.shape().iter().map(|&d| d as u64).collect(),
+        encoding,
+        bytes,
+    }
 }
 
 /// Lower-case hex of bytes.

@@ -50,6 +50,13 @@ enum Cmd {
         /// Keep weights whose name matches this regular expression in f32 (repeatable).
         #[arg(long, value_name = "PATTERN", num_args = 1..)]
         keep_float: Vec<String>,
+        /// How weights are rounded: rtn (to nearest) or gptq (error-compensating, from --calib).
+        #[arg(long, default_value = "rtn")]
+        method: String,
+        /// Calibration data: a text file (one sample per line, through --tokenizer) or a folder
+        /// of .npy inputs (NAME.npy per input; subfolders: one sample each).
+        #[arg(long, value_name = "FILE")]
+        calib: Option<PathBuf>,
     },
     /// Generate text with a decoder model (greedy unless a temperature is given), streaming
     /// tokens as they come; prints prefill and decode tokens/s at the end.
@@ -210,13 +217,17 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Convert { input, output, no_fold, target, tokenizer, quantize, group, min, keep_float } => {
+        Cmd::Convert { input, output, no_fold, target, tokenizer, quantize, group, min, keep_float, method, calib } => {
             let quantize = match quantize {
                 Some(f) => Some(acorn_converter::quantize::QuantOptions {
                     format: acorn_converter::quantize::QuantFormat::parse(&f, group, min)?,
                     keep_float,
+                    method: acorn_converter::quantize::Method::parse(&method)?,
+                    calib,
                 }),
-                None if !keep_float.is_empty() || min => bail!("--keep-float and --min need --quantize"),
+                None if !keep_float.is_empty() || min || calib.is_some() || method != "rtn" => {
+                    bail!("--keep-float, --min, --method and --calib need --quantize")
+                }
                 None => None,
             };
             cmd_convert(

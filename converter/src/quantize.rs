@@ -28,8 +28,9 @@ use crate::onnx::Imported;
 pub const MIN_VALUES: usize = 4096;
 
 /// The number format of `--quantize`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QuantFormat {
+    #[default]
     Q8,
     /// 4-bit values in blocks of `group` (32, 64 or 128) along each row; with `min`, each
     /// block stores its minimum too (asymmetric: `w = q · d + m`).
@@ -77,12 +78,47 @@ impl QuantFormat {
     }
 }
 
+/// How weights are rounded (`--method`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Method {
+    /// Round to nearest.
+    #[default]
+    Rtn,
+    /// Error-compensating rounding from calibration activations ([`gptq`]).
+    Gptq,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Method> {
+        Ok(match s {
+            "rtn" => Method::Rtn,
+            "gptq" => Method::Gptq,
+            "awq" => bail!("--method awq is not available yet; use rtn or gptq"),
+            other => bail!("unknown --method '{other}' (rtn or gptq)"),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+        }
+    }
+}
+
+/// Calibration lines (or `.npy` samples) used at most.
+pub const MAX_CALIB_SAMPLES: usize = 128;
+
 /// What `--quantize` was asked to do.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct QuantOptions {
     pub format: QuantFormat,
     /// Regular expressions; a weight whose name matches any stays f32.
     pub keep_float: Vec<String>,
+    pub method: Method,
+    /// `--calib`: a text file (one sample per line, through the model's tokenizer) or a folder of
+    /// `.npy` inputs.
+    pub calib: Option<std::path::PathBuf>,
 }
 
 /// One tensor's quantized form.
@@ -105,7 +141,27 @@ enum Use {
 /// Chooses and quantizes the weights. Returns one entry per tensor (`None`: stays as it is)
 /// and the pass record: counts, bytes before and after, the weights' relative RMS error, and
 /// every 2-D weight left float with the reason.
-pub fn quantize_weights(m: &Imported, opts: &QuantOptions) -> Result<(Vec<Option<Quantized>>, PassRecord)> {
+/// The values whose `Σ xᵀx` the calibration-aware method needs: the activations of every
+/// MatMul / MatMulTransB that reads a 2-D f32 constant.
+pub fn calibration_values(m: &Imported) -> Vec<ValueId> {
+    let consts: std::collections::HashSet<ValueId> = m.graph.constants.iter().map(|c| c.value).collect();
+    let mut out: Vec<ValueId> = m
+        .graph
+        .all_nodes()
+        .filter(|n| matches!(n.op, Op::MatMul | Op::MatMulTransB))
+        .filter(|n| n.inputs.get(1).copied().flatten().is_some_and(|b| consts.contains(&b)))
+        .filter_map(|n| n.inputs.first().copied().flatten())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+pub fn quantize_weights(
+    m: &Imported,
+    opts: &QuantOptions,
+    grams: Option<&HashMap<ValueId, crate::calib::Gram>>,
+) -> Result<(Vec<Option<Quantized>>, PassRecord)> {
     let keep: Vec<regex::Regex> = opts
         .keep_float
         .iter()
@@ -117,7 +173,14 @@ pub fn quantize_weights(m: &Imported, opts: &QuantOptions) -> Result<(Vec<Option
         tensor_values.entry(c.tensor as usize).or_default().push(c.value);
     }
     let mut uses: HashMap<ValueId, Vec<Use>> = HashMap::new();
+    // The activations each weight value is multiplied with (for the calibration-aware method).
+    let mut acts: HashMap<ValueId, Vec<ValueId>> = HashMap::new();
     for node in g.all_nodes() {
+        if let (Op::MatMul | Op::MatMulTransB, Some(Some(a)), Some(Some(b))) =
+            (&node.op, node.inputs.first(), node.inputs.get(1))
+        {
+            acts.entry(*b).or_default().push(*a);
+        }
         for (i, inp) in node.inputs.iter().enumerate() {
             let Some(v) = inp else { continue };
             let u = match (&node.op, i) {
@@ -134,6 +197,7 @@ pub fn quantize_weights(m: &Imported, opts: &QuantOptions) -> Result<(Vec<Option
     let mut out: Vec<Option<Quantized>> = (0..m.tensors.len()).map(|_| None).collect();
     let mut kept: Vec<String> = Vec::new();
     let (mut count, mut before, mut after, mut err_sum, mut err_n) = (0usize, 0u64, 0u64, 0.0f64, 0usize);
+    let mut gptq_count = 0usize;
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
         let shape = tensor.shape();
         if tensor.dtype() != DType::F32 || shape.len() != 2 || shape.contains(&0) {
@@ -171,7 +235,25 @@ pub fn quantize_weights(m: &Imported, opts: &QuantOptions) -> Result<(Vec<Option
         }
         let w: Vec<f32> = tensor.as_f32().context("reading a weight")?.to_vec();
         let wt = if transposed { transpose(&w, shape[0], shape[1]) } else { w };
-        let (encoding, bytes, approx) = encode(opts.format, transposed, &wt, rows, k);
+        // GPTQ where calibration saw every product this weight takes part in.
+        let hessian = grams.filter(|_| opts.method == Method::Gptq && opts.format != QuantFormat::F16).and_then(|gr| {
+            let a: Vec<ValueId> = values.iter().flat_map(|v| acts.get(v).cloned().unwrap_or_default()).collect();
+            let parts: Option<Vec<&crate::calib::Gram>> = a.iter().map(|v| gr.get(v)).collect();
+            let parts = parts.filter(|p| !p.is_empty() && p.iter().all(|g| g.k == k))?;
+            let mut h = vec![0.0f64; k * k];
+            for p in parts {
+                h.iter_mut().zip(&p.h).for_each(|(a, b)| *a += b);
+            }
+            Some(h)
+        });
+        let done = hessian.as_deref().and_then(|h| gptq(opts.format, transposed, &wt, rows, k, h));
+        if done.is_some() {
+            gptq_count += 1;
+        }
+        let (encoding, bytes, approx) = match done {
+            Some(d) => d,
+            None => encode(opts.format, transposed, &wt, rows, k),
+        };
         err_sum += rel_rmse(&wt, &approx);
         err_n += 1;
         let want = encoding.byte_len(DType::F32, &[shape[0] as u64, shape[1] as u64]);
@@ -185,9 +267,10 @@ pub fn quantize_weights(m: &Imported, opts: &QuantOptions) -> Result<(Vec<Option
     }
     let mut record = PassRecord {
         name: "quantize".into(),
-        params: vec![("format".into(), opts.format.name()), ("method".into(), "rtn".into())],
+        params: vec![("format".into(), opts.format.name()), ("method".into(), opts.method.name().into())],
         report: vec![
             ("tensors".into(), count as f64),
+            ("tensors_gptq".into(), gptq_count as f64),
             ("bytes_before".into(), before as f64),
             ("bytes_after".into(), after as f64),
             ("weight_rel_rmse_mean".into(), if err_n > 0 { err_sum / err_n as f64 } else { 0.0 }),
@@ -271,6 +354,202 @@ fn encode(
             let h: Vec<u16> = w.iter().map(|&v| f32_to_f16(v)).collect();
             let approx = h.iter().map(|&v| acorn::tensor::f16_to_f32(v)).collect();
             (enc, bytemuck::cast_slice(&h).to_vec(), approx)
+        }
+    }
+}
+
+/// Error-compensating rounding (GPTQ: Frantar et al., 2022) of `rows × k` weights `w` (stored
+/// orientation: one output row of `k` inputs each) with `h = Σ xᵀx` of the inputs: columns are
+/// quantized in order and each one's rounding error, scaled by the inverse Hessian's Cholesky
+/// factor, is pushed onto the columns not yet quantized, so the product `x·wᵀ` — not the
+/// weights — stays close. q4 group scales are chosen when their group starts, from the
+/// weights as updated by then. Returns the encoding's bytes and the dequantized weights, or
+/// `None` when the Hessian cannot be factored even with extra damping (the caller rounds).
+pub fn gptq(
+    format: QuantFormat,
+    transposed: bool,
+    w: &[f32],
+    rows: usize,
+    k: usize,
+    h: &[f64],
+) -> Option<(TensorEncoding, Vec<u8>, Vec<f32>)> {
+    use faer::linalg::solvers::DenseSolveCore;
+    let mut w = w.to_vec();
+    // Inputs that never varied carry no information: their weights are zeroed (as GPTQ does).
+    let mut hm = faer::Mat::<f64>::from_fn(k, k, |i, j| h[i * k + j]);
+    for i in 0..k {
+        if hm[(i, i)] == 0.0 {
+            hm[(i, i)] = 1.0;
+            for r in 0..rows {
+                w[r * k + i] = 0.0;
+            }
+        }
+    }
+    let mean_diag = (0..k).map(|i| hm[(i, i)]).sum::<f64>() / k as f64;
+    let mut upper = None;
+    for damp in [0.01, 0.1, 1.0] {
+        let mut d = hm.clone();
+        for i in 0..k {
+            d[(i, i)] += damp * mean_diag;
+        }
+        let Ok(llt) = d.llt(faer::Side::Lower) else { continue };
+        let inv = llt.inverse();
+        let Ok(l2) = inv.llt(faer::Side::Lower) else { continue };
+        // H⁻¹ = L·Lᵀ, so U = Lᵀ (upper): row i of U is column i of L.
+        let l = l2.L();
+        let mut u = vec![0.0f32; k * k];
+        for i in 0..k {
+            for j in i..k {
+                u[i * k + j] = l[(j, i)] as f32;
+            }
+        }
+        upper = Some(u);
+        break;
+    }
+    let u = upper?;
+    let group = match format {
+        QuantFormat::Q4 { group, .. } => group,
+        _ => k,
+    };
+    let groups = k / group;
+    // Per row: the codes and the scales (q8: one per row, from the original row).
+    let mut codes = vec![0u8; rows * k];
+    let mut scales = vec![0.0f32; rows * groups];
+    let mut mins = vec![0.0f32; rows * groups];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (((wc, cc), sc), mc) in w
+            .chunks_mut(per * k)
+            .zip(codes.chunks_mut(per * k))
+            .zip(scales.chunks_mut(per * groups))
+            .zip(mins.chunks_mut(per * groups))
+        {
+            let u = &u;
+            s.spawn(move || {
+                for (((wr, cr), sr), mr) in
+                    wc.chunks_mut(k).zip(cc.chunks_mut(k)).zip(sc.chunks_mut(groups)).zip(mc.chunks_mut(groups))
+                {
+                    gptq_row(format, wr, cr, sr, mr, u, k, group);
+                }
+            });
+        }
+    });
+    Some(assemble(format, transposed, rows, k, &codes, &scales, &mins))
+}
+
+/// One row of [`gptq`]: `w` is updated in place to the dequantized values.
+#[allow(clippy::too_many_arguments)]
+fn gptq_row(
+    format: QuantFormat,
+    w: &mut [f32],
+    codes: &mut [u8],
+    scales: &mut [f32],
+    mins: &mut [f32],
+    u: &[f32],
+    k: usize,
+    group: usize,
+) {
+    let q8_scale = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) / 127.0;
+    let (mut d, mut m) = (0.0f32, 0.0f32);
+    for i in 0..k {
+        if i % group == 0 {
+            let g = &w[i..i + group];
+            (d, m) = match format {
+                QuantFormat::Q4 { min: false, .. } => {
+                    let ext = g.iter().copied().fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+                    (f16_round(ext / -8.0), 0.0)
+                }
+                QuantFormat::Q4 { min: true, .. } => {
+                    let lo = g.iter().copied().fold(f32::INFINITY, f32::min);
+                    let hi = g.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    (f16_round((hi - lo) / 15.0), f16_round(lo))
+                }
+                _ => (q8_scale, 0.0),
+            };
+            scales[i / group] = d;
+            mins[i / group] = m;
+        }
+        let x = w[i];
+        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let (code, dq) = match format {
+            QuantFormat::Q4 { min: false, .. } => {
+                let q = ((x * inv).round() + 8.0).clamp(0.0, 15.0);
+                (q as u8, (q - 8.0) * d)
+            }
+            QuantFormat::Q4 { min: true, .. } => {
+                let q = ((x - m) * inv).round().clamp(0.0, 15.0);
+                (q as u8, q * d + m)
+            }
+            _ => {
+                let q = (x * inv).round().clamp(-127.0, 127.0);
+                (q as i8 as u8, q * d)
+            }
+        };
+        codes[i] = code;
+        let err = (x - dq) / u[i * k + i];
+        w[i] = dq;
+        let ui = &u[i * k + i + 1..(i + 1) * k];
+        for (wj, &uj) in w[i + 1..].iter_mut().zip(ui) {
+            *wj -= err * uj;
+        }
+    }
+}
+
+fn f16_round(v: f32) -> f32 {
+    acorn::tensor::f16_to_f32(f32_to_f16(v))
+}
+
+/// The encoding and bytes of quantized codes (q8: i8 as u8; q4: 0..15) with their scales and
+/// minimums, and the dequantized values.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    format: QuantFormat,
+    transposed: bool,
+    rows: usize,
+    k: usize,
+    codes: &[u8],
+    scales: &[f32],
+    mins: &[f32],
+) -> (TensorEncoding, Vec<u8>, Vec<f32>) {
+    let enc = format.encoding(transposed);
+    let pad = |b: &mut Vec<u8>| b.resize(b.len().next_multiple_of(acorn::format::ALIGN), 0);
+    match format {
+        QuantFormat::Q4 { group, min } => {
+            let groups = k / group;
+            let mut bytes = vec![0u8; rows * k / 2];
+            let mut approx = vec![0.0f32; rows * k];
+            for r in 0..rows {
+                for s in 0..k / quant::QK {
+                    let v = &codes[r * k + s * quant::QK..][..quant::QK];
+                    let dst = &mut bytes[(r * k + s * quant::QK) / 2..][..quant::QK / 2];
+                    for i in 0..quant::QK / 2 {
+                        dst[i] = v[i] | (v[i + quant::QK / 2] << 4);
+                    }
+                }
+                for i in 0..k {
+                    let (d, m) = (scales[r * groups + i / group], mins[r * groups + i / group]);
+                    let q = codes[r * k + i] as f32;
+                    approx[r * k + i] = if min { q * d + m } else { (q - 8.0) * d };
+                }
+            }
+            pad(&mut bytes);
+            let sh: Vec<u16> = scales.iter().map(|&v| f32_to_f16(v)).collect();
+            bytes.extend_from_slice(bytemuck::cast_slice(&sh));
+            if min {
+                pad(&mut bytes);
+                let mh: Vec<u16> = mins.iter().map(|&v| f32_to_f16(v)).collect();
+                bytes.extend_from_slice(bytemuck::cast_slice(&mh));
+            }
+            (enc, bytes, approx)
+        }
+        _ => {
+            let mut bytes = codes.to_vec();
+            pad(&mut bytes);
+            let s: Vec<f32> = (0..rows).map(|r| scales[r * (scales.len() / rows.max(1))]).collect();
+            bytes.extend_from_slice(bytemuck::cast_slice(&s));
+            let approx = (0..rows * k).map(|i| codes[i] as i8 as f32 * s[i / k]).collect();
+            (enc, bytes, approx)
         }
     }
 }

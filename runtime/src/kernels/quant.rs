@@ -349,7 +349,7 @@ pub struct QRows {
     pub q4: Q4Row,
     /// Two activation rows × two q8 weight rows at once, for products with m ≥ 2 (i8mm).
     pub q8_2x2: Option<(&'static str, Q8Tile2x2)>,
-    /// A row kernel for the common q4 format (symmetric blocks of 32) reading the activations
+    /// A row kernel for q4 blocks of 32 (symmetric or with minimums) reading the activations
     /// in their 4-bit arrangement ([`QActs::q4x`]), where the set has one.
     pub q4_sym32: Option<Q4Sym32Row>,
     /// A register-tiled q8 GEMM (up to 6 activation rows × 32 weight rows from packed panels),
@@ -367,9 +367,11 @@ pub type Q8GemmTile =
 /// which beats packing them.
 pub const Q8_GEMM_MIN_ROWS: usize = 4;
 
-/// A band of rows of symmetric q4 blocks of 32 against one activation row:
-/// `(nibbles, scales, arranged x, xs, sums, nb, rows, out)`, writing `out[0..rows]`.
-pub type Q4Sym32Row = unsafe fn(*const u8, *const u16, *const i8, *const f32, *const i32, usize, usize, *mut f32);
+/// A band of rows of q4 blocks of 32 (symmetric, or with minimums when that pointer is not
+/// null) against one activation row: `(nibbles, scales, mins, arranged x, xs, sums, nb, rows,
+/// out)`, writing `out[0..rows]`.
+pub type Q4Sym32Row =
+    unsafe fn(*const u8, *const u16, *const u16, *const i8, *const f32, *const i32, usize, usize, *mut f32);
 
 /// `[x0·w0, x0·w1, x1·w0, x1·w1]` over `nb` blocks: `(w0, w1, x0, x1, xs0, xs1, nb)`.
 pub type Q8Tile2x2 = unsafe fn(*const i8, *const i8, *const i8, *const i8, *const f32, *const f32, usize) -> [f32; 4];
@@ -645,7 +647,7 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let f = isa.q_rows().q4;
     let (nb, sub) = (k / QK, w.block / QK);
-    if let (Some(sym), None, 32) = (isa.q_rows().q4_sym32, w.mins, w.block) {
+    if let (Some(sym), 32) = (isa.q_rows().q4_sym32, w.block) {
         let kp = k.next_multiple_of(4 * QK);
         check(x.q4x.len() >= m * kp, || "activations lack the 4-bit arrangement".into())?;
         let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
@@ -654,7 +656,9 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
         pool::for_each(threads, n.div_ceil(per), &|t| {
             let (j0, j1) = (t * per, ((t + 1) * per).min(n));
             for i in 0..m {
-                // SAFETY: rows j0..j1 of W (k/2 nibble bytes and nb scales each), row i's arranged
+                let mins = w.mins.map_or(std::ptr::null(), |m| m[j0 * nb..].as_ptr());
+                // SAFETY: rows j0..j1 of W (k/2 nibble bytes, nb scales and, if present, nb
+                // minimums each — checked above), row i's arranged
                 // activations (kp bytes), scales and sums are in bounds, and out[i·n + j0..j1]
                 // lies inside `out` (all checked above) and belongs to this band alone; the
                 // kernel belongs to a set this CPU supports.
@@ -662,6 +666,7 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
                     sym(
                         w.nibbles.as_ptr().add(j0 * k / 2),
                         w.scales.as_ptr().add(j0 * nb),
+                        mins,
                         x.q4x.as_ptr().add(i * kp),
                         x.scales.as_ptr().add(i * nb),
                         x.sums.as_ptr().add(i * nb),

@@ -159,24 +159,27 @@ q4_row!(q4_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 /// 576-wide rows.
 const PREFETCH_BYTES: usize = 8192;
 
-/// q4 with AVX-512 VNNI on full-width registers, for the common format (symmetric blocks of 32),
+/// q4 with AVX-512 VNNI on full-width registers, for blocks of 32 (symmetric, or with f16
+/// minimums when `mins` is not null),
 /// over a band of `rows` consecutive weight rows (one sequential read stream), four blocks per
 /// step: 64 nibble bytes split into low and high halves (two `and`s and a shift) meet the
 /// activations pre-arranged to match ([`super::quant::QActs::q4x`]: per four blocks, each
 /// block's first 16 values, then each block's last 16); two `vpdpbusd` give one i32 lane group
-/// per block; block scales `d·s` (16 at a time) are spread with `vpermps`; the `−8·Σx` offset is
-/// `Σ d·(s·Σx)` with `s` and `s·Σx` computed once per call, not per row; rows are reduced four
+/// per block; block scales `d·s` (16 at a time) are spread with `vpermps`; the offset is
+/// `−8·Σ d·(s·Σx)` (symmetric) or `Σ m·(s·Σx)` (minimums) with `s` and `s·Σx` computed once per
+/// call, not per row; rows are reduced four
 /// at a time. A row's last blocks load through masks. Writes `out[0..rows]`.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL/VNNI and F16C; `nib` holds `rows·nb·16` bytes and `d` `rows·nb`
-/// f16 scales (row-major); `xa` holds `nb.div_ceil(4)·128` arranged activation bytes (zero past
+/// The CPU has AVX-512 F/BW/VL/VNNI and F16C; `nib` holds `rows·nb·16` bytes, `d` `rows·nb`
+/// f16 scales (row-major) and `mins`, unless null, as many f16 minimums; `xa` holds `nb.div_ceil(4)·128` arranged activation bytes (zero past
 /// the row's end); `xs` and `sums` hold `nb` entries; `out` is valid for `rows` writes.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn q4_sym32_vnni512(
     nib: *const u8,
     d: *const u16,
+    mins: *const u16,
     xa: *const i8,
     xs: *const f32,
     sums: *const i32,
@@ -236,7 +239,7 @@ pub unsafe fn q4_sym32_vnni512(
     let eight = _mm512_set1_ps(8.0);
     let mut pending = [_mm256_setzero_ps(); 4];
     for r in 0..rows {
-        let (nr, dr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb));
+        let (nr, dr, mr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb), mins.wrapping_add(r * nb));
         let (mut acc0, mut acc1, mut off) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
         for g in 0..groups {
             let (s, ssx) = if cached { pre[g] } else { act(g) };
@@ -244,7 +247,14 @@ pub unsafe fn q4_sym32_vnni512(
             let m16 = mask_of(g);
             // SAFETY: the scale load is masked to this row's blocks b.. < nb.
             let dv = unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, dr.add(b) as *const i16)) };
-            off = _mm512_fmadd_ps(dv, ssx, off);
+            // The offset term per block: −8·d (symmetric) or the minimum, times s·Σx.
+            let ov = if mins.is_null() {
+                dv
+            } else {
+                // SAFETY: as the scale load, for this row's minimums.
+                unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, mr.add(b) as *const i16)) }
+            };
+            off = _mm512_fmadd_ps(ov, ssx, off);
             let c = _mm512_mul_ps(dv, s);
             if nb - b >= 16 {
                 _mm_prefetch::<_MM_HINT_T0>(dr.wrapping_add(b + PREFETCH_BYTES / 8) as *const i8);
@@ -262,7 +272,11 @@ pub unsafe fn q4_sym32_vnni512(
             }
         }
         // Σ d·s·(Σ q·x) − 8 · Σ d·s·Σx, halved to 256 bits; four rows reduce together.
-        let v = _mm512_fnmadd_ps(eight, off, _mm512_add_ps(acc0, acc1));
+        let v = if mins.is_null() {
+            _mm512_fnmadd_ps(eight, off, _mm512_add_ps(acc0, acc1))
+        } else {
+            _mm512_add_ps(off, _mm512_add_ps(acc0, acc1))
+        };
         pending[r % 4] = _mm256_add_ps(
             _mm512_castps512_ps256(v),
             _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),

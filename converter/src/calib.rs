@@ -1,0 +1,176 @@
+//! Calibration for `acorn convert --calib`: inputs from a text file (one sample per line,
+//! through the model's tokenizer) or a folder of `.npy` inputs, run through the fp32 model by
+//! Acorn's own runtime, and the statistics the calibration-aware quantizers need — for every
+//! value that feeds a quantized matrix product, `H = Σ xᵀx` over all calibration rows.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use acorn::graph::{Dim, IoSpec, ValueId};
+use acorn::tensor::TensorData;
+use acorn::{DType, Model, Tensor};
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::onnx::Imported;
+
+/// Calibration samples: each a list of named inputs.
+pub type Samples = Vec<Vec<(String, Tensor)>>;
+
+/// Most tokens of one text line used for calibration.
+pub const MAX_LINE_TOKENS: usize = 128;
+
+/// Reads calibration samples for the model whose inputs are `inputs`: a folder of `.npy` files
+/// (one sample: `<input name>.npy`; or subfolders, one sample each), or a text file whose
+/// non-empty lines are tokenized with `tokenizer` (first [`MAX_LINE_TOKENS`] tokens; at most
+/// `max_samples` lines).
+pub fn samples(
+    inputs: &[IoSpec],
+    calib: &Path,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    max_samples: usize,
+) -> Result<Samples> {
+    if calib.is_dir() {
+        return npy_samples(inputs, calib, max_samples);
+    }
+    let text = std::fs::read_to_string(calib).with_context(|| format!("reading --calib {}", calib.display()))?;
+    let tok = tokenizer.ok_or_else(|| {
+        anyhow!("--calib with a text file needs the model's tokenizer (--tokenizer tokenizer.json), or give a folder of .npy inputs")
+    })?;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()).take(max_samples) {
+        let enc = tok.encode(line, true).map_err(|e| anyhow!("tokenizing a calibration line: {e}"))?;
+        let ids: Vec<i64> = enc.get_ids().iter().take(MAX_LINE_TOKENS).map(|&i| i as i64).collect();
+        if !ids.is_empty() {
+            out.push(text_inputs(inputs, &ids)?);
+        }
+    }
+    if out.is_empty() {
+        bail!("--calib {}: no non-empty lines", calib.display());
+    }
+    Ok(out)
+}
+
+/// The inputs of one tokenized line for the usual input names of text models (BERT-style
+/// encoders, decoders in Hugging Face Optimum's signature with an empty KV cache).
+fn text_inputs(inputs: &[IoSpec], ids: &[i64]) -> Result<Vec<(String, Tensor)>> {
+    let l = ids.len();
+    let int = |spec: &IoSpec, v: Vec<i64>| -> Result<Tensor> {
+        match spec.dtype {
+            DType::I64 => Ok(Tensor::from_i64(vec![1, l], v)),
+            DType::I32 => Ok(Tensor::new(vec![1, l], TensorData::I32(v.into_iter().map(|x| x as i32).collect()))?),
+            d => bail!("input '{}' is {d}; text calibration feeds token ids as integers", spec.name),
+        }
+    };
+    inputs
+        .iter()
+        .map(|spec| {
+            let t = match spec.name.as_str() {
+                "input_ids" => int(spec, ids.to_vec())?,
+                "attention_mask" => int(spec, vec![1; l])?,
+                "position_ids" => int(spec, (0..l as i64).collect())?,
+                "token_type_ids" => int(spec, vec![0; l])?,
+                n if n.starts_with("past_key_values") => {
+                    // An empty cache: batch 1, no past positions.
+                    let dims = spec.dims.as_ref().ok_or_else(|| anyhow!("input '{n}' has no declared shape"))?;
+                    let shape: Vec<usize> = dims
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| match d {
+                            Dim::Fixed(v) => *v as usize,
+                            Dim::Sym(_) => usize::from(i == 0),
+                        })
+                        .collect();
+                    Tensor::zeros(DType::F32, shape)?
+                }
+                other => bail!(
+                    "text calibration does not know what to feed input '{other}'; give a folder of .npy inputs instead"
+                ),
+            };
+            Ok((spec.name.clone(), t))
+        })
+        .collect()
+}
+
+fn npy_samples(inputs: &[IoSpec], dir: &Path, max_samples: usize) -> Result<Samples> {
+    let read_sample = |d: &Path| -> Result<Vec<(String, Tensor)>> {
+        inputs
+            .iter()
+            .map(|spec| {
+                let p = d.join(format!("{}.npy", spec.name));
+                Ok((
+                    spec.name.clone(),
+                    crate::npy::read_npy(&p).with_context(|| format!("calibration input {}", p.display()))?,
+                ))
+            })
+            .collect()
+    };
+    let mut subdirs: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading --calib {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    subdirs.sort();
+    if subdirs.is_empty() {
+        return Ok(vec![read_sample(dir)?]);
+    }
+    subdirs.iter().take(max_samples).map(|d| read_sample(d)).collect()
+}
+
+/// `Σ xᵀx` (k × k, f64) over every row of the values a product reads, and the row count.
+pub struct Gram {
+    pub k: usize,
+    pub h: Vec<f64>,
+    pub rows: usize,
+}
+
+/// Runs the fp32 model `m` on `samples` with `values` added as outputs and accumulates each
+/// value's [`Gram`] (its last axis is `k`, every other axis counts rows). `progress` is told
+/// after every sample.
+pub fn grams(
+    m: &Imported,
+    values: &[ValueId],
+    samples: &Samples,
+    mut progress: impl FnMut(),
+) -> Result<HashMap<ValueId, Gram>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("calibration.acorn");
+    let mut graph = m.graph.clone();
+    let first_extra = graph.outputs.len();
+    for &v in values {
+        graph.outputs.push(IoSpec { name: format!("calib:{v}"), value: v, dtype: DType::F32, dims: None });
+    }
+    crate::write_dense(&path, graph, &m.tensors)?;
+    let model = Model::open(&path)?;
+    let mut session =
+        model.session().with_threads(std::thread::available_parallelism().map_or(1, |n| n.get())).commit()?;
+    let mut out: HashMap<ValueId, Gram> = HashMap::new();
+    for sample in samples {
+        let named: Vec<(&str, &Tensor)> = sample.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let res = session.run(&named).context("running a calibration sample")?;
+        for (i, &v) in values.iter().enumerate() {
+            let t = &res[first_extra + i];
+            let x = t.as_f32().ok_or_else(|| anyhow!("calibration value {v} is not f32"))?;
+            let k = *t.shape().last().unwrap_or(&1);
+            if k == 0 {
+                continue;
+            }
+            let rows = x.len() / k;
+            let g = out.entry(v).or_insert_with(|| Gram { k, h: vec![0.0; k * k], rows: 0 });
+            if g.k != k {
+                bail!("calibration value {v} changed width ({} → {k})", g.k);
+            }
+            // xᵀx with the f32 GEMM (rows of x are the products' activation rows), then summed
+            // in f64.
+            let mut part = vec![0.0f32; k * k];
+            let xt = acorn::kernels::MatRef { data: x, rs: 1, cs: k };
+            let xm = acorn::kernels::MatRef { data: x, rs: k, cs: 1 };
+            acorn::kernels::sgemm(k, k, rows, xt, acorn::kernels::BMat::Strided(xm), &mut part, k, false, 2);
+            for (h, p) in g.h.iter_mut().zip(&part) {
+                *h += *p as f64;
+            }
+            g.rows += rows;
+        }
+        progress();
+    }
+    Ok(out)
+}
