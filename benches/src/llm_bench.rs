@@ -5,10 +5,11 @@
 //! ```text
 //! python3 tests/assets/fetch.py
 //! cargo run --release -p acorn-benches --bin llm-bench -- [--threads 1,2] [--procs 3] [--decode 32]
-//!     [--llama-python /path/to/python] [--quantize q8|q4]
+//!     [--llama-python /path/to/python] [--quantize q8|q4|q4m]
 //! ```
 //!
-//! `--quantize`: Acorn runs its q8 / q4 (group 32) conversion and llama.cpp the GGUF requantized
+//! `--quantize`: Acorn runs its q8 / q4 (group 32; `q4m`: with minimums) conversion, rounded to
+//! nearest (speed does not depend on the rounding method), and llama.cpp the GGUF requantized
 //! to Q8_0 / Q4_0 by llama.cpp's own quantize API (`benches/scripts/requantize_gguf.py`);
 //! ONNX Runtime stays on the fp32 export.
 //!
@@ -213,14 +214,15 @@ fn main() -> Result<()> {
         None => ("fp32".to_string(), None),
         Some("q8") => ("q8".to_string(), Some("q8_0")),
         Some("q4") => ("q4 (group 32)".to_string(), Some("q4_0")),
-        Some(other) => bail!("--quantize {other}: q8 or q4"),
+        Some("q4m") => ("q4 (group 32, with minimums)".to_string(), Some("q4_0")),
+        Some(other) => bail!("--quantize {other}: q8, q4 or q4m"),
     };
     let opts = acorn_converter::ConvertOptions {
         quantize: quant
             .as_deref()
             .map(|q| -> Result<_> {
                 Ok(acorn_converter::quantize::QuantOptions {
-                    format: acorn_converter::quantize::QuantFormat::parse(q, 32, false)?,
+                    format: acorn_converter::quantize::QuantFormat::parse(q.trim_end_matches('m'), 32, q == "q4m")?,
                     ..Default::default()
                 })
             })

@@ -174,3 +174,49 @@ pub fn grams(
     }
     Ok(out)
 }
+
+/// How a converted model's first f32 output (logits, embeddings) compares with the fp32
+/// model's on held-out samples: mean cosine similarity per sample and, for outputs with rows
+/// (rank ≥ 2, last axis > 1), the share of rows whose largest entry is the same.
+pub struct Agreement {
+    pub output: String,
+    pub samples: usize,
+    pub cosine: f64,
+    pub top1: Option<f64>,
+}
+
+/// Runs `reference` and `candidate` on `samples` and measures their [`Agreement`].
+pub fn agreement(reference: &Path, candidate: &Path, samples: &[Vec<(String, Tensor)>]) -> Result<Agreement> {
+    let (a, b) = (Model::open(reference)?, Model::open(candidate)?);
+    let idx = a
+        .outputs()
+        .iter()
+        .position(|o| o.dtype == DType::F32)
+        .ok_or_else(|| anyhow!("the model has no f32 output to compare"))?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (mut sa, mut sb) = (a.session().with_threads(threads).commit()?, b.session().with_threads(threads).commit()?);
+    let (mut cos, mut same, mut rows) = (0.0f64, 0usize, 0usize);
+    for s in samples {
+        let named: Vec<(&str, &Tensor)> = s.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let (ra, rb) = (sa.run(&named)?, sb.run(&named)?);
+        let (x, y) = (ra[idx].as_f32().unwrap_or_default(), rb[idx].as_f32().unwrap_or_default());
+        let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let (nx, ny) =
+            (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>(), y.iter().map(|v| (*v as f64).powi(2)).sum::<f64>());
+        cos += dot / (nx * ny).sqrt().max(1e-30);
+        let shape = ra[idx].shape();
+        let last = *shape.last().unwrap_or(&1);
+        if shape.len() >= 2 && last > 1 {
+            for (rx, ry) in x.chunks_exact(last).zip(y.chunks_exact(last)) {
+                same += usize::from(acorn::llm::argmax(rx) == acorn::llm::argmax(ry));
+                rows += 1;
+            }
+        }
+    }
+    Ok(Agreement {
+        output: a.outputs()[idx].name.clone(),
+        samples: samples.len(),
+        cosine: cos / samples.len().max(1) as f64,
+        top1: (rows > 0).then(|| same as f64 / rows as f64),
+    })
+}

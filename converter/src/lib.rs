@@ -172,10 +172,25 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let base = input.parent().unwrap_or(Path::new("."));
     let (m, mut records) = lower(&bytes, input, base, opts)?;
     drop(bytes);
+    // Calibration samples: 7/8 fit the calibration-aware method, the last 1/8 are held out to
+    // measure what quantizing cost (both, when there is a single sample).
+    let (fit, held) = match opts.quantize.as_ref().and_then(|q| q.calib.as_deref()) {
+        Some(path) => {
+            let tok = opts
+                .tokenizer
+                .as_deref()
+                .map(|p| tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+                .transpose()?;
+            let mut all = calib::samples(&m.graph.inputs, path, tok.as_ref(), quantize::MAX_CALIB_SAMPLES)?;
+            let held = if all.len() >= 2 { all.split_off(all.len() - (all.len() / 8).max(1)) } else { all.clone() };
+            (all, held)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
         Some(q) => {
             let grams = match q.method {
-                quantize::Method::Gptq => Some(calibrate(&m, q, opts.tokenizer.as_deref(), &mut records)?),
+                quantize::Method::Gptq => Some(calibrate(&m, q, &fit, &mut records)?),
                 quantize::Method::Rtn => None,
             };
             let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref())?;
@@ -210,8 +225,27 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let weight_bytes = payloads.iter().map(|p| p.bytes.len() as u64).sum();
     let nodes = m.graph.all_nodes().count();
     let tensors = payloads.len();
-    let file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
+    let mut file_bytes = write_model(output, m.graph.clone(), provenance.clone(), extensions.clone(), &payloads)
         .with_context(|| format!("writing {}", output.display()))?;
+    if !held.is_empty() {
+        // What quantizing cost, on the held-out samples: the fp32 graph against the file just
+        // written; the numbers go into the quantize pass record, and the file is written again.
+        let dir = tempfile::tempdir()?;
+        let fp32 = dir.path().join("fp32.acorn");
+        write_dense(&fp32, m.graph.clone(), &m.tensors)?;
+        let a = calib::agreement(&fp32, output, &held).context("measuring the quantized model on held-out samples")?;
+        let mut provenance = provenance;
+        for rec in provenance.passes.iter_mut().chain(records.iter_mut()).filter(|r| r.name == "quantize") {
+            rec.params.push(("heldout_output".into(), a.output.clone()));
+            rec.report.push(("heldout_samples".into(), a.samples as f64));
+            rec.report.push(("heldout_cosine".into(), a.cosine));
+            if let Some(t) = a.top1 {
+                rec.report.push(("heldout_top1".into(), t));
+            }
+        }
+        file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
+            .with_context(|| format!("writing {}", output.display()))?;
+    }
     Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records })
 }
 
@@ -220,24 +254,20 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 fn calibrate(
     m: &onnx::Imported,
     q: &quantize::QuantOptions,
-    tokenizer: Option<&Path>,
+    samples: &calib::Samples,
     records: &mut Vec<PassRecord>,
 ) -> Result<std::collections::HashMap<acorn::graph::ValueId, calib::Gram>> {
     let path = q
         .calib
         .as_deref()
         .ok_or_else(|| anyhow::anyhow!("--method gptq needs --calib FILE (text lines or a folder of .npy inputs)"))?;
-    let tok = tokenizer
-        .map(|p| tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
-        .transpose()?;
-    let samples = calib::samples(&m.graph.inputs, path, tok.as_ref(), quantize::MAX_CALIB_SAMPLES)?;
     let values = quantize::calibration_values(m);
     let bar = indicatif::ProgressBar::new(samples.len() as u64).with_message("calibrating");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} samples {elapsed}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let grams = calib::grams(m, &values, &samples, || bar.inc(1))?;
+    let grams = calib::grams(m, &values, samples, || bar.inc(1))?;
     bar.finish_and_clear();
     let rows = grams.values().map(|g| g.rows).max().unwrap_or(0);
     records.push(PassRecord {

