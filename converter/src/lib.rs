@@ -189,9 +189,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     };
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
         Some(q) => {
-            let grams = match q.method {
-                quantize::Method::Gptq => Some(calibrate(&m, q, &fit, &mut records)?),
-                quantize::Method::Rtn => None,
+            // Calibration statistics whenever there is calibration data: GPTQ needs them, and
+            // every method reports each weight's sensitivity from them.
+            let grams = match (q.calib.is_some(), q.method) {
+                (true, _) | (false, quantize::Method::Gptq) => Some(calibrate(&m, q, &fit, &mut records)?),
+                (false, quantize::Method::Rtn) => None,
             };
             let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref())?;
             records.push(rec);

@@ -57,6 +57,11 @@ enum Cmd {
         /// of .npy inputs (NAME.npy per input; subfolders: one sample each).
         #[arg(long, value_name = "FILE")]
         calib: Option<PathBuf>,
+        /// Keep the N weights most sensitive to rounding (their product's output error on the
+        /// --calib activations) one step up: q4 → q8, q8/f16 → f32. Every weight's sensitivity
+        /// is in the pass record either way.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_sensitive: usize,
     },
     /// Generate text with a decoder model (greedy unless a temperature is given), streaming
     /// tokens as they come; prints prefill and decode tokens/s at the end.
@@ -217,16 +222,30 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Convert { input, output, no_fold, target, tokenizer, quantize, group, min, keep_float, method, calib } => {
+        Cmd::Convert {
+            input,
+            output,
+            no_fold,
+            target,
+            tokenizer,
+            quantize,
+            group,
+            min,
+            keep_float,
+            method,
+            calib,
+            keep_sensitive,
+        } => {
             let quantize = match quantize {
                 Some(f) => Some(acorn_converter::quantize::QuantOptions {
                     format: acorn_converter::quantize::QuantFormat::parse(&f, group, min)?,
                     keep_float,
                     method: acorn_converter::quantize::Method::parse(&method)?,
                     calib,
+                    keep_sensitive,
                 }),
-                None if !keep_float.is_empty() || min || calib.is_some() || method != "rtn" => {
-                    bail!("--keep-float, --min, --method and --calib need --quantize")
+                None if !keep_float.is_empty() || min || calib.is_some() || method != "rtn" || keep_sensitive > 0 => {
+                    bail!("--keep-float, --min, --method, --calib and --keep-sensitive need --quantize")
                 }
                 None => None,
             };

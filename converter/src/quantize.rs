@@ -119,6 +119,9 @@ pub struct QuantOptions {
     /// `--calib`: a text file (one sample per line, through the model's tokenizer) or a folder of
     /// `.npy` inputs.
     pub calib: Option<std::path::PathBuf>,
+    /// `--keep-sensitive N`: the N weights whose rounding changes their product's output most
+    /// (measured on the calibration activations) one step up in precision (q4 → q8, q8 → f32).
+    pub keep_sensitive: usize,
 }
 
 /// One tensor's quantized form.
@@ -196,8 +199,7 @@ pub fn quantize_weights(
     }
     let mut out: Vec<Option<Quantized>> = (0..m.tensors.len()).map(|_| None).collect();
     let mut kept: Vec<String> = Vec::new();
-    let (mut count, mut before, mut after, mut err_sum, mut err_n) = (0usize, 0u64, 0u64, 0.0f64, 0usize);
-    let mut gptq_count = 0usize;
+    let mut done: Vec<Done> = Vec::new();
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
         let shape = tensor.shape();
         if tensor.dtype() != DType::F32 || shape.len() != 2 || shape.contains(&0) {
@@ -224,19 +226,14 @@ pub fn quantize_weights(
         }
         let transposed = all[0] == Use::Columns;
         let (rows, k) = if transposed { (shape[1], shape[0]) } else { (shape[0], shape[1]) };
-        let fits = match opts.format {
-            QuantFormat::Q8 => k % quant::QK == 0,
-            QuantFormat::Q4 { group, .. } => k % group == 0,
-            QuantFormat::F16 => true,
-        };
-        if !fits {
+        if !fits(opts.format, k) {
             kept.push(format!("{name}: rows of {k} values do not fit {}", opts.format.name()));
             continue;
         }
         let w: Vec<f32> = tensor.as_f32().context("reading a weight")?.to_vec();
         let wt = if transposed { transpose(&w, shape[0], shape[1]) } else { w };
-        // GPTQ where calibration saw every product this weight takes part in.
-        let hessian = grams.filter(|_| opts.method == Method::Gptq && opts.format != QuantFormat::F16).and_then(|gr| {
+        // Σxᵀx of every product this weight takes part in, where calibration saw them all.
+        let hessian = grams.and_then(|gr| {
             let a: Vec<ValueId> = values.iter().flat_map(|v| acts.get(v).cloned().unwrap_or_default()).collect();
             let parts: Option<Vec<&crate::calib::Gram>> = a.iter().map(|v| gr.get(v)).collect();
             let parts = parts.filter(|p| !p.is_empty() && p.iter().all(|g| g.k == k))?;
@@ -246,25 +243,61 @@ pub fn quantize_weights(
             }
             Some(h)
         });
-        let done = hessian.as_deref().and_then(|h| gptq(opts.format, transposed, &wt, rows, k, h));
-        if done.is_some() {
-            gptq_count += 1;
+        let q = quantize_one(opts.format, opts.method, transposed, &wt, rows, k, hessian.as_deref());
+        let sensitivity = hessian.as_deref().map(|h| output_error(&wt, &q.approx, rows, k, h));
+        let enc_len = q.encoding.byte_len(DType::F32, &[shape[0] as u64, shape[1] as u64]);
+        if enc_len != Some(q.bytes.len() as u64) {
+            bail!("internal: {name} encoded to {} bytes, its layout says {enc_len:?}", q.bytes.len());
         }
-        let (encoding, bytes, approx) = match done {
-            Some(d) => d,
-            None => encode(opts.format, transposed, &wt, rows, k),
-        };
-        err_sum += rel_rmse(&wt, &approx);
-        err_n += 1;
-        let want = encoding.byte_len(DType::F32, &[shape[0] as u64, shape[1] as u64]);
-        if want != Some(bytes.len() as u64) {
-            bail!("internal: {name} encoded to {} bytes, its layout says {want:?}", bytes.len());
-        }
-        count += 1;
-        before += (w_len(shape) * 4) as u64;
-        after += bytes.len() as u64;
-        out[t] = Some(Quantized { encoding, bytes });
+        done.push(Done {
+            t,
+            rows,
+            k,
+            transposed,
+            rel_rmse: rel_rmse(&wt, &q.approx),
+            sensitivity,
+            gptq: q.gptq,
+            hessian,
+        });
+        out[t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes });
     }
+    // Mixed precision: the `keep_sensitive` weights whose rounding changes their product's output
+    // most (relative output error on the calibration activations) go one step up: q4 → q8,
+    // q8 / f16 → f32.
+    let mut ranked: Vec<&Done> = done.iter().filter(|d| d.sensitivity.is_some()).collect();
+    ranked.sort_by(|a, b| b.sensitivity.partial_cmp(&a.sensitivity).unwrap_or(std::cmp::Ordering::Equal));
+    if opts.keep_sensitive > 0 && ranked.is_empty() {
+        bail!("--keep-sensitive needs --calib (sensitivity is measured on calibration activations)");
+    }
+    let mut upgraded: Vec<(usize, String)> = Vec::new();
+    for d in ranked.iter().take(opts.keep_sensitive) {
+        let name = &m.tensors[d.t].0;
+        match opts.format {
+            QuantFormat::Q4 { .. } => {
+                let w: Vec<f32> = m.tensors[d.t].1.as_f32().context("reading a weight")?.to_vec();
+                let s = m.tensors[d.t].1.shape();
+                let wt = if d.transposed { transpose(&w, s[0], s[1]) } else { w };
+                let q =
+                    quantize_one(QuantFormat::Q8, opts.method, d.transposed, &wt, d.rows, d.k, d.hessian.as_deref());
+                out[d.t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes });
+                upgraded.push((d.t, format!("{name}: q8 (sensitivity {:.2e})", d.sensitivity.unwrap_or(0.0))));
+            }
+            _ => {
+                out[d.t] = None;
+                upgraded.push((d.t, format!("{name}: f32 (sensitivity {:.2e})", d.sensitivity.unwrap_or(0.0))));
+            }
+        }
+    }
+    let (mut count, mut before, mut after) = (0usize, 0u64, 0u64);
+    for d in &done {
+        if let Some(q) = &out[d.t] {
+            count += 1;
+            before += (d.rows * d.k * 4) as u64;
+            after += q.bytes.len() as u64;
+        }
+    }
+    let err_mean = done.iter().map(|d| d.rel_rmse).sum::<f64>() / done.len().max(1) as f64;
+    let gptq_count = done.iter().filter(|d| d.gptq).count();
     let mut record = PassRecord {
         name: "quantize".into(),
         params: vec![("format".into(), opts.format.name()), ("method".into(), opts.method.name().into())],
@@ -273,10 +306,18 @@ pub fn quantize_weights(
             ("tensors_gptq".into(), gptq_count as f64),
             ("bytes_before".into(), before as f64),
             ("bytes_after".into(), after as f64),
-            ("weight_rel_rmse_mean".into(), if err_n > 0 { err_sum / err_n as f64 } else { 0.0 }),
+            ("weight_rel_rmse_mean".into(), err_mean),
             ("matrices_kept_float".into(), kept.len() as f64),
+            ("upgraded_sensitive".into(), upgraded.len() as f64),
         ],
     };
+    // The sensitivity report: every measured weight, most sensitive first.
+    for d in &ranked {
+        record.report.push((format!("sensitivity:{}", m.tensors[d.t].0), d.sensitivity.unwrap_or(0.0)));
+    }
+    for (_, u) in upgraded {
+        record.params.push(("higher_precision".into(), u));
+    }
     for p in &opts.keep_float {
         record.params.push(("keep_float".into(), p.clone()));
     }
@@ -286,8 +327,78 @@ pub fn quantize_weights(
     Ok((out, record))
 }
 
-fn w_len(shape: &[usize]) -> usize {
-    shape.iter().product()
+/// One quantized weight's bookkeeping in [`quantize_weights`].
+struct Done {
+    t: usize,
+    rows: usize,
+    k: usize,
+    transposed: bool,
+    rel_rmse: f64,
+    sensitivity: Option<f64>,
+    gptq: bool,
+    hessian: Option<Vec<f64>>,
+}
+
+/// One weight in one format.
+struct One {
+    encoding: TensorEncoding,
+    bytes: Vec<u8>,
+    approx: Vec<f32>,
+    gptq: bool,
+}
+
+fn fits(format: QuantFormat, k: usize) -> bool {
+    match format {
+        QuantFormat::Q8 => k.is_multiple_of(quant::QK),
+        QuantFormat::Q4 { group, .. } => k.is_multiple_of(group),
+        QuantFormat::F16 => true,
+    }
+}
+
+/// Quantizes `rows × k` weights (stored orientation) in `format`: GPTQ when asked and a Hessian
+/// is known (and it factors), else round to nearest.
+fn quantize_one(
+    format: QuantFormat,
+    method: Method,
+    transposed: bool,
+    wt: &[f32],
+    rows: usize,
+    k: usize,
+    h: Option<&[f64]>,
+) -> One {
+    let g = h
+        .filter(|_| method == Method::Gptq && format != QuantFormat::F16)
+        .and_then(|h| gptq(format, transposed, wt, rows, k, h));
+    let gptq = g.is_some();
+    let (encoding, bytes, approx) = g.unwrap_or_else(|| encode(format, transposed, wt, rows, k));
+    One { encoding, bytes, approx, gptq }
+}
+
+/// The relative output error of a product when its weights `w` are replaced by `q`, over the
+/// calibration activations whose Gram matrix is `h`: `Σ_r e_r·H·e_rᵀ / Σ_r w_r·H·w_rᵀ` with
+/// `e = w − q`; the `·H` products run on the f32 GEMM, 1024 rows at a time.
+fn output_error(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> f64 {
+    use acorn::kernels::{sgemm, BMat, MatRef};
+    let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const CHUNK: usize = 1024;
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    let (mut e, mut prod) = (vec![0.0f32; CHUNK * k], vec![0.0f32; CHUNK * k]);
+    for r0 in (0..rows).step_by(CHUNK) {
+        let n = CHUNK.min(rows - r0);
+        let (wc, qc) = (&w[r0 * k..(r0 + n) * k], &q[r0 * k..(r0 + n) * k]);
+        e[..n * k].iter_mut().zip(wc.iter().zip(qc)).for_each(|(e, (a, b))| *e = a - b);
+        for (x, acc) in [(&e[..n * k], &mut num), (wc, &mut den)] {
+            let hm = BMat::Strided(MatRef { data: &hf, rs: k, cs: 1 });
+            sgemm(n, k, k, MatRef { data: x, rs: k, cs: 1 }, hm, &mut prod[..n * k], k, false, threads);
+            *acc += x.iter().zip(&prod[..n * k]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+        }
+    }
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
 }
 
 /// `[a, b]` row-major → `[b, a]`.

