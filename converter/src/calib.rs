@@ -123,15 +123,18 @@ pub struct Gram {
     pub rows: usize,
 }
 
-/// Runs the fp32 model `m` on `samples` with `values` added as outputs and accumulates each
-/// value's [`Gram`] (its last axis is `k`, every other axis counts rows). `progress` is told
-/// after every sample.
-pub fn grams(
-    m: &Imported,
-    values: &[ValueId],
-    samples: &Samples,
-    mut progress: impl FnMut(),
-) -> Result<HashMap<ValueId, Gram>> {
+/// The fp32 model written once for the converter's own runs: its graph's outputs, then the
+/// calibration values appended as extra outputs (so output `i` of the shipped model is output
+/// `i` here too). Lives in a temporary directory as long as this value.
+pub struct Reference {
+    _dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+    values: Vec<ValueId>,
+    first_extra: usize,
+}
+
+/// Writes the fp32 model `m` with `values` added as outputs.
+pub fn reference(m: &Imported, values: &[ValueId]) -> Result<Reference> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("calibration.acorn");
     let mut graph = m.graph.clone();
@@ -140,9 +143,19 @@ pub fn grams(
         graph.outputs.push(IoSpec { name: format!("calib:{v}"), value: v, dtype: DType::F32, dims: None });
     }
     crate::write_dense(&path, graph, &m.tensors)?;
-    let model = Model::open(&path)?;
-    let mut session =
-        model.session().with_threads(std::thread::available_parallelism().map_or(1, |n| n.get())).commit()?;
+    Ok(Reference { _dir: dir, path, values: values.to_vec(), first_extra })
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs the [`Reference`] model on `samples` and accumulates each extra value's [`Gram`] (its
+/// last axis is `k`, every other axis counts rows). `progress` is told after every sample.
+pub fn grams(reference: &Reference, samples: &Samples, mut progress: impl FnMut()) -> Result<HashMap<ValueId, Gram>> {
+    let (values, first_extra) = (&reference.values, reference.first_extra);
+    let model = Model::open(&reference.path)?;
+    let mut session = model.session().with_threads(threads()).commit()?;
     let mut out: HashMap<ValueId, Gram> = HashMap::new();
     for sample in samples {
         let named: Vec<(&str, &Tensor)> = sample.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -164,7 +177,7 @@ pub fn grams(
             let mut part = vec![0.0f32; k * k];
             let xt = acorn::kernels::MatRef { data: x, rs: 1, cs: k };
             let xm = acorn::kernels::MatRef { data: x, rs: k, cs: 1 };
-            acorn::kernels::sgemm(k, k, rows, xt, acorn::kernels::BMat::Strided(xm), &mut part, k, false, 2);
+            acorn::kernels::sgemm(k, k, rows, xt, acorn::kernels::BMat::Strided(xm), &mut part, k, false, threads());
             for (h, p) in g.h.iter_mut().zip(&part) {
                 *h += *p as f64;
             }
@@ -185,16 +198,17 @@ pub struct Agreement {
     pub top1: Option<f64>,
 }
 
-/// Runs `reference` and `candidate` on `samples` and measures their [`Agreement`].
-pub fn agreement(reference: &Path, candidate: &Path, samples: &[Vec<(String, Tensor)>]) -> Result<Agreement> {
-    let (a, b) = (Model::open(reference)?, Model::open(candidate)?);
-    let idx = a
+/// Runs the [`Reference`] and `candidate` on `samples` and measures their [`Agreement`] (on the
+/// candidate's first f32 output, the same output of the reference).
+pub fn agreement(reference: &Reference, candidate: &Path, samples: &[Vec<(String, Tensor)>]) -> Result<Agreement> {
+    let (a, b) = (Model::open(&reference.path)?, Model::open(candidate)?);
+    let idx = b
         .outputs()
         .iter()
         .position(|o| o.dtype == DType::F32)
         .ok_or_else(|| anyhow!("the model has no f32 output to compare"))?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (mut sa, mut sb) = (a.session().with_threads(threads).commit()?, b.session().with_threads(threads).commit()?);
+    let (mut sa, mut sb) =
+        (a.session().with_threads(threads()).commit()?, b.session().with_threads(threads()).commit()?);
     let (mut cos, mut same, mut rows) = (0.0f64, 0usize, 0usize);
     for s in samples {
         let named: Vec<(&str, &Tensor)> = s.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -214,7 +228,7 @@ pub fn agreement(reference: &Path, candidate: &Path, samples: &[Vec<(String, Ten
         }
     }
     Ok(Agreement {
-        output: a.outputs()[idx].name.clone(),
+        output: b.outputs()[idx].name.clone(),
         samples: samples.len(),
         cosine: cos / samples.len().max(1) as f64,
         top1: (rows > 0).then(|| same as f64 / rows as f64),

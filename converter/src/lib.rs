@@ -187,12 +187,18 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         }
         None => (Vec::new(), Vec::new()),
     };
+    // The fp32 model the calibration ran, kept for measuring the result on the held-out samples.
+    let mut reference: Option<calib::Reference> = None;
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
         Some(q) => {
             // Calibration statistics whenever there is calibration data: GPTQ needs them, and
             // every method reports each weight's sensitivity from them.
             let grams = match (q.calib.is_some(), q.method) {
-                (true, _) | (false, quantize::Method::Gptq) => Some(calibrate(&m, q, &fit, &mut records)?),
+                (true, _) | (false, quantize::Method::Gptq) => {
+                    let (g, r) = calibrate(&m, q, &fit, &mut records)?;
+                    reference = Some(r);
+                    Some(g)
+                }
                 (false, quantize::Method::Rtn) => None,
             };
             let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref())?;
@@ -229,13 +235,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let tensors = payloads.len();
     let mut file_bytes = write_model(output, m.graph.clone(), provenance.clone(), extensions.clone(), &payloads)
         .with_context(|| format!("writing {}", output.display()))?;
-    if !held.is_empty() {
-        // What quantizing cost, on the held-out samples: the fp32 graph against the file just
-        // written; the numbers go into the quantize pass record, and the file is written again.
-        let dir = tempfile::tempdir()?;
-        let fp32 = dir.path().join("fp32.acorn");
-        write_dense(&fp32, m.graph.clone(), &m.tensors)?;
-        let a = calib::agreement(&fp32, output, &held).context("measuring the quantized model on held-out samples")?;
+    if let (false, Some(fp32)) = (held.is_empty(), &reference) {
+        // What quantizing cost, on the held-out samples: the fp32 graph the calibration ran
+        // against the file just written; the numbers go into the quantize pass record, and the
+        // file is written again.
+        let a = calib::agreement(fp32, output, &held).context("measuring the quantized model on held-out samples")?;
         let mut provenance = provenance;
         for rec in provenance.passes.iter_mut().chain(records.iter_mut()).filter(|r| r.name == "quantize") {
             rec.params.push(("heldout_output".into(), a.output.clone()));
@@ -258,7 +262,7 @@ fn calibrate(
     q: &quantize::QuantOptions,
     samples: &calib::Samples,
     records: &mut Vec<PassRecord>,
-) -> Result<std::collections::HashMap<acorn::graph::ValueId, calib::Gram>> {
+) -> Result<(std::collections::HashMap<acorn::graph::ValueId, calib::Gram>, calib::Reference)> {
     let path = q
         .calib
         .as_deref()
@@ -269,7 +273,8 @@ fn calibrate(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} samples {elapsed}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let grams = calib::grams(m, &values, samples, || bar.inc(1))?;
+    let reference = calib::reference(m, &values)?;
+    let grams = calib::grams(&reference, samples, || bar.inc(1))?;
     bar.finish_and_clear();
     let rows = grams.values().map(|g| g.rows).max().unwrap_or(0);
     records.push(PassRecord {
@@ -281,7 +286,7 @@ fn calibrate(
             ("products".into(), grams.len() as f64),
         ],
     });
-    Ok(grams)
+    Ok((grams, reference))
 }
 
 /// Writes `graph` with `tensors` stored dense and no provenance: a model the converter itself

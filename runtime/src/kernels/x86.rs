@@ -289,9 +289,9 @@ pub(crate) fn dot_products(
         let mut j = 0;
         while j < n {
             // A single row of A (a GEMV against a row-major weight, such as a tied LM head) goes
-            // one vector at a time: the weight is then read as one sequential stream, which
-            // streams at 90–100% of read bandwidth where tiles of 4 vectors (four interleaved
-            // streams) reached about 50% (`gemv-bandwidth`, "f32 rows"). Two rows reuse each
+            // one vector at a time: the weight is then read as one sequential stream, at
+            // 104–122% of the read-pass reference where tiles of 4 vectors (four interleaved
+            // streams) reached 48–62% (`gemv-bandwidth`, "f32 rows", k = 576). Two rows reuse each
             // loaded vector twice, so tiles of 4 stay.
             let w = if two { (n - j).min(4) } else { 1 };
             match (two, w) {
