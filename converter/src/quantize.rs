@@ -371,7 +371,32 @@ fn quantize_one(
         .and_then(|h| gptq(format, transposed, wt, rows, k, h));
     let gptq = g.is_some();
     let (encoding, bytes, approx) = g.unwrap_or_else(|| encode(format, transposed, wt, rows, k));
+    let (encoding, bytes) = match encoding {
+        TensorEncoding::Q8 { transposed: true } => {
+            (TensorEncoding::Q8Panels { nr: Q8_PANEL as u32 }, to_panels(&bytes, rows, k))
+        }
+        e => (e, bytes),
+    };
     One { encoding, bytes, approx, gptq }
+}
+
+/// Panel width of the q8 MatMul weights the converter writes: the AVX-512 VNNI tile's and the
+/// Arm `sdot` kernel's (other sets read it with the portable panel kernel).
+const Q8_PANEL: usize = 32;
+
+/// q8 bytes by columns (`rows·k` values padded to 64, then `rows` scales) repacked as
+/// `TensorEncoding::Q8Panels` with panels of [`Q8_PANEL`], so the GEMM reads them as stored.
+fn to_panels(bytes: &[u8], rows: usize, k: usize) -> Vec<u8> {
+    let align = acorn::format::ALIGN;
+    let s0 = (rows * k).next_multiple_of(align);
+    let q: &[i8] = bytemuck::cast_slice(&bytes[..rows * k]);
+    let scales: Vec<f32> =
+        bytes[s0..s0 + rows * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let (pq, ps) = quant::pack_q8_panels(q, &scales, rows, k, Q8_PANEL);
+    let mut out: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
+    out.resize(out.len().next_multiple_of(align), 0);
+    out.extend_from_slice(bytemuck::cast_slice(&ps));
+    out
 }
 
 /// The relative output error of a product when its weights `w` are replaced by `q`, over the

@@ -90,6 +90,10 @@ fn minilm_q8_keeps_sentence_embeddings_and_shrinks_the_file() {
     let m = Model::open(&q8).unwrap();
     let table = m.metadata().tensors.iter().find(|t| t.name.ends_with("word_embeddings.weight")).unwrap();
     assert_eq!(table.encoding, acorn::format::TensorEncoding::Q8 { transposed: false });
+    // The 12 product weights are stored as the GEMM reads them (panels of 32 output columns).
+    let panels =
+        m.metadata().tensors.iter().filter(|t| t.encoding == acorn::format::TensorEncoding::Q8Panels { nr: 32 });
+    assert_eq!(panels.count(), 12);
 }
 
 fn hamlet_perplexity(path: &Path) -> f64 {
@@ -253,8 +257,17 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     let expect: Vec<f32> =
         (0..2 * n).map(|c| (0..k).map(|p| xq[(c / n) * k + p] * deq[(c % n) * k + p]).sum()).collect();
     let xt = acorn::Tensor::from_f32(vec![2, k], x.clone());
-    for (op, shape, transposed) in [(Op::MatMul, [k, n], true), (Op::MatMulTransB, [n, k], false)] {
-        let path = one_op_model(dir.path(), op.clone(), shape, TensorEncoding::Q8 { transposed }, q8_bytes(&q));
+    // And MatMul's B in GEMM panels (n = 40: a full panel of 32 and a padded one of 8).
+    let (pq, ps) = quant::pack_q8_panels(&q.q, &q.scales, n, k, 32);
+    let mut panels: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
+    panels.resize(panels.len().next_multiple_of(64), 0);
+    panels.extend_from_slice(bytemuck::cast_slice(&ps));
+    for (op, shape, enc, bytes) in [
+        (Op::MatMul, [k, n], TensorEncoding::Q8 { transposed: true }, q8_bytes(&q)),
+        (Op::MatMulTransB, [n, k], TensorEncoding::Q8 { transposed: false }, q8_bytes(&q)),
+        (Op::MatMul, [k, n], TensorEncoding::Q8Panels { nr: 32 }, panels.clone()),
+    ] {
+        let path = one_op_model(dir.path(), op.clone(), shape, enc, bytes);
         let model = Model::open(&path).unwrap();
         let y = model.session().commit().unwrap().run(&[("x", &xt)]).unwrap().swap_remove(0);
         assert_eq!(y.shape(), &[2, n]);
@@ -291,6 +304,12 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     let path = one_op_model(dir.path(), Op::Gather { axis: 0 }, [n, k], enc, b4[..b4.len() - 2].to_vec());
     let e = Model::open(&path).unwrap_err();
     assert!(e.to_string().contains("needs"), "{e}");
+    // Panels cut short, or of a width that is not a multiple of 4: refused at open.
+    let path =
+        one_op_model(dir.path(), Op::MatMul, [k, n], TensorEncoding::Q8Panels { nr: 32 }, panels[..64 * k].to_vec());
+    assert!(Model::open(&path).unwrap_err().to_string().contains("needs"));
+    let path = one_op_model(dir.path(), Op::MatMul, [k, n], TensorEncoding::Q8Panels { nr: 6 }, panels);
+    assert!(Model::open(&path).is_err());
     // A q4 block that does not divide the rows: no valid layout.
     let bad_block = TensorEncoding::Q4 { transposed: false, block: 64, mins: false };
     let path = one_op_model(dir.path(), Op::Gather { axis: 0 }, [n, k], bad_block, b4);

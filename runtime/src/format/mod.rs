@@ -58,6 +58,13 @@ pub enum TensorEncoding {
     Q4 { transposed: bool, block: u32, mins: bool },
     /// As [`TensorEncoding::Q8`] with IEEE half values (`rows · k` u16), no scales.
     F16 { transposed: bool },
+    /// MatMul's `[k, n]` B quantized as [`TensorEncoding::Q8`] by columns (one f32 scale per
+    /// output column), with the `n` output rows packed for the GEMM kernels: panels of `nr` rows
+    /// (a multiple of 4, at most [`MAX_PANEL`]); inside a panel, per group of four values along
+    /// `k`, the four int8 values of each of its rows in turn (`4 · nr` bytes). Rows past `n` are
+    /// zero. Bytes: `panels · nr · k` values, padded to a multiple of 64, then `panels · nr` f32
+    /// scales (zero past `n`). `k` is a multiple of 32.
+    Q8Panels { nr: u32 },
 }
 
 impl std::fmt::Display for TensorEncoding {
@@ -71,6 +78,7 @@ impl std::fmt::Display for TensorEncoding {
                 write!(f, "q4 blocks of {block}{} {}", if mins { " with minimums" } else { "" }, by(transposed))
             }
             TensorEncoding::F16 { transposed } => write!(f, "f16 {}", by(transposed)),
+            TensorEncoding::Q8Panels { nr } => write!(f, "q8 by columns in GEMM panels of {nr}"),
         }
     }
 }
@@ -114,7 +122,13 @@ impl TensorEncoding {
 
     /// True for the encodings that store a matrix in fewer bits (q8, q4, f16).
     pub fn is_quantized(&self) -> bool {
-        matches!(self, TensorEncoding::Q8 { .. } | TensorEncoding::Q4 { .. } | TensorEncoding::F16 { .. })
+        matches!(
+            self,
+            TensorEncoding::Q8 { .. }
+                | TensorEncoding::Q4 { .. }
+                | TensorEncoding::F16 { .. }
+                | TensorEncoding::Q8Panels { .. }
+        )
     }
 
     /// Whether a quantized matrix is stored by columns (MatMul's B) rather than by rows.
@@ -123,6 +137,7 @@ impl TensorEncoding {
             TensorEncoding::Q8 { transposed }
             | TensorEncoding::Q4 { transposed, .. }
             | TensorEncoding::F16 { transposed } => transposed,
+            TensorEncoding::Q8Panels { .. } => true,
             _ => false,
         }
     }
@@ -159,6 +174,16 @@ impl TensorEncoding {
             }
             TensorEncoding::F16 { .. } => {
                 QuantLayout { rows, k, values: (0, n.checked_mul(2)?), scales: (0, 0), mins: (0, 0) }
+            }
+            TensorEncoding::Q8Panels { nr } => {
+                if k % 32 != 0 || nr == 0 || nr % 4 != 0 || nr > MAX_PANEL {
+                    return None;
+                }
+                let padded = rows.div_ceil(nr as usize).checked_mul(nr as usize)?;
+                let v_end = padded.checked_mul(k)?;
+                let v = pad(v_end)?;
+                let s_end = v.checked_add(padded.checked_mul(4)?)?;
+                QuantLayout { rows, k, values: (0, v_end), scales: (v, s_end), mins: (0, 0) }
             }
             _ => return None,
         };

@@ -179,3 +179,87 @@ pub unsafe fn q8_2x2_i8mm(
     unsafe { vst1q_f32(out.as_mut_ptr(), accf) };
     out
 }
+
+/// `acc + ` the four-byte dot products of `a`'s four groups with group `L` of `b` (`sdot` by
+/// element).
+///
+/// # Safety
+/// The CPU has the dot-product extension.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn sdot_lane<const L: i32>(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut r = acc;
+    // SAFETY: register-only instruction; the caller guarantees the CPU supports it.
+    unsafe {
+        asm!("sdot {r:v}.4s, {a:v}.16b, {b:v}.4b[{l}]", r = inout(vreg) r, a = in(vreg) a, b = in(vreg) b,
+             l = const L, options(pure, nomem, nostack, preserves_flags));
+    }
+    r
+}
+
+/// `m` activation rows × one panel of 32 q8 weight rows (`TensorEncoding::Q8Panels`, 128
+/// bytes per group of four values: each row's four bytes in turn) with `sdot` by element: a
+/// 16-byte load holds four rows' groups, and one `sdot` adds their products with one group of
+/// four activations into four outputs. One activation row at a time (8 i32 and 8 f32
+/// accumulators); the signature is the x86 kernel's (`sums` and `scratch` unused: both operands
+/// are signed here).
+///
+/// # Safety
+/// The CPU has the dot-product extension; `x` holds `m` rows of `nb·32` bytes at stride `ldx`;
+/// `xs` `m` rows of `nb` scales at stride `ldxs`; `w` `nb·32·32` packed bytes; `ws` 32 f32;
+/// `out` is valid for `m` rows of `cols` (≤ 32) floats at stride `ldo`.
+#[target_feature(enable = "neon,dotprod")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_panel_dot(
+    rows: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    _sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    _scratch: *mut i32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    for r in 0..rows {
+        // SAFETY: row r's blocks, block b's 32·32 packed bytes, the 32 scales and row r of `out`
+        // are in bounds (caller contract); `sdot` is enabled on this function.
+        unsafe {
+            let mut f = [vdupq_n_f32(0.0); 8];
+            for b in 0..nb {
+                let xr = x.add(r * ldx + b * QK);
+                let (x0, x1) = (vld1q_s8(xr), vld1q_s8(xr.add(16)));
+                let wb = w.add(b * QK / 4 * 128);
+                let mut a = [vdupq_n_s32(0); 8];
+                macro_rules! group {
+                    ($g:expr, $xv:expr, $l:literal) => {
+                        for (c, ac) in a.iter_mut().enumerate() {
+                            *ac = sdot_lane::<$l>(*ac, vld1q_s8(wb.add($g * 128 + c * 16)), $xv);
+                        }
+                    };
+                }
+                group!(0, x0, 0);
+                group!(1, x0, 1);
+                group!(2, x0, 2);
+                group!(3, x0, 3);
+                group!(4, x1, 0);
+                group!(5, x1, 1);
+                group!(6, x1, 2);
+                group!(7, x1, 3);
+                let sc = *xs.add(r * ldxs + b);
+                for (fc, ac) in f.iter_mut().zip(&a) {
+                    *fc = vfmaq_n_f32(*fc, vcvtq_f32_s32(*ac), sc);
+                }
+            }
+            let mut row = [0.0f32; 32];
+            for (c, fc) in f.iter().enumerate() {
+                vst1q_f32(row.as_mut_ptr().add(c * 4), vmulq_f32(*fc, vld1q_f32(ws.add(c * 4))));
+            }
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
+        }
+    }
+}

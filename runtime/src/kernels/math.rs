@@ -192,6 +192,34 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// One activation row (`nb` blocks of 32 int8 values, `xs` their scales) × one panel of `nr`
+    /// q8 weight rows packed as `TensorEncoding::Q8Panels` (`nr ≤ 64`, a multiple of 4),
+    /// writing `out[c] = ws[c] · Σ_b xs[b] · Σ_{i in b} x[i]·w[c][i]` for `c < nr`. Exact i32
+    /// sums per block, then f32 — the portable twin of the native panel tiles.
+    fn q8_panel_row(x: &[i8], xs: &[f32], w: &[i8], ws: &[f32], nr: usize, out: &mut [f32]) {
+        let mut f = [0.0f32; 64];
+        for (b, (xb, &sc)) in x.chunks_exact(32).zip(xs).enumerate() {
+            let mut acc = [0i32; 64];
+            for (g, xg) in xb.chunks_exact(4).enumerate() {
+                let wg = &w[(b * 8 + g) * 4 * nr..][..4 * nr];
+                for (a, wc) in acc[..nr].iter_mut().zip(wg.chunks_exact(4)) {
+                    *a += wc[0] as i32 * xg[0] as i32
+                        + wc[1] as i32 * xg[1] as i32
+                        + wc[2] as i32 * xg[2] as i32
+                        + wc[3] as i32 * xg[3] as i32;
+                }
+            }
+            for (fc, &a) in f[..nr].iter_mut().zip(&acc[..nr]) {
+                *fc += a as f32 * sc;
+            }
+        }
+        for ((o, &fc), &s) in out[..nr].iter_mut().zip(&f[..nr]).zip(&ws[..nr]) {
+            *o = fc * s;
+        }
+    }
+}
+
 /// Lanes of the partial reductions below (a multiple of every vector width).
 const LANES: usize = 16;
 
@@ -245,9 +273,20 @@ fn exp_shifted(x: &[f32], out: &mut [f32], m: f32) -> f32 {
     s + acc.iter().sum::<f32>()
 }
 
+/// Softmax (or log-softmax) over each contiguous row of `n` values.
+pub fn softmax_rows(x: &[f32], out: &mut [f32], n: usize, log: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(width(), Width::Avx512) {
+        // SAFETY: `width()` reports AVX-512 only when `selected()` chose a set that requires it.
+        unsafe { super::x86::softmax_rows_avx512(x, out, n, log) };
+        return;
+    }
+    softmax_rows_portable(x, out, n, log)
+}
+
 multiversion! {
-    /// Softmax (or log-softmax) over each contiguous row of `n` values.
-    fn softmax_rows(x: &[f32], out: &mut [f32], n: usize, log: bool) {
+    /// [`softmax_rows`] in portable code (AVX2, baseline and NEON builds).
+    fn softmax_rows_portable(x: &[f32], out: &mut [f32], n: usize, log: bool) {
         for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
             let m = row_max(xr);
             let s = exp_shifted(xr, or, m);

@@ -96,6 +96,51 @@ impl Q4Owned {
     }
 }
 
+/// q8 weights packed for the GEMM (`TensorEncoding::Q8Panels`): `n` rows of `k` values in
+/// panels of `nr` rows; inside a panel, per group of four values along `k`, the four values of
+/// each of its rows in turn. Rows past `n` (and their scales) are zero.
+#[derive(Clone, Copy, Debug)]
+pub struct Q8Panels<'a> {
+    pub n: usize,
+    pub k: usize,
+    pub nr: usize,
+    pub q: &'a [i8],
+    pub scales: &'a [f32],
+}
+
+/// Largest panel width of [`Q8Panels`].
+pub const MAX_Q8_PANEL: usize = 64;
+
+/// Packs `n` rows of `k` q8 values (and their scales) into panels of `nr` rows: the bytes and
+/// scales of [`Q8Panels`] (`nr` a multiple of 4, at most [`MAX_Q8_PANEL`]).
+pub fn pack_q8_panels(q: &[i8], scales: &[f32], n: usize, k: usize, nr: usize) -> (Vec<i8>, Vec<f32>) {
+    let padded = n.div_ceil(nr) * nr;
+    let mut out = vec![0i8; padded * k];
+    pack_q8_panels_into(q, n, k, nr, &mut out);
+    let mut s = scales[..n].to_vec();
+    s.resize(padded, 0.0);
+    (out, s)
+}
+
+/// [`pack_q8_panels`]' values into `out` (`ceil(n / nr)·nr·k` bytes, zero-filled first).
+fn pack_q8_panels_into(q: &[i8], n: usize, k: usize, nr: usize, out: &mut [i8]) {
+    out.fill(0);
+    for (r, row) in q[..n * k].chunks_exact(k).enumerate() {
+        let panel = &mut out[(r / nr) * nr * k..][..nr * k];
+        for (g, four) in row.chunks_exact(4).enumerate() {
+            panel[g * 4 * nr + (r % nr) * 4..][..4].copy_from_slice(four);
+        }
+    }
+}
+
+/// Writes row `j` of panel-packed q8 weights as f32 into `out[..k]`.
+pub fn dequantize_q8_panel_row(w: &Q8Panels<'_>, j: usize, out: &mut [f32]) {
+    let (panel, c, s) = (&w.q[(j / w.nr) * w.nr * w.k..], j % w.nr, w.scales[j]);
+    for (i, o) in out[..w.k].iter_mut().enumerate() {
+        *o = panel[(i / 4) * 4 * w.nr + c * 4 + i % 4] as f32 * s;
+    }
+}
+
 /// Why a quantized product cannot run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuantError(pub String);
@@ -352,19 +397,47 @@ pub struct QRows {
     /// A row kernel for q4 blocks of 32 (symmetric or with minimums) reading the activations
     /// in their 4-bit arrangement ([`QActs::q4x`]), where the set has one.
     pub q4_sym32: Option<Q4Sym32Row>,
-    /// A register-tiled q8 GEMM (up to 6 activation rows × 32 weight rows from packed panels),
-    /// for products with [`Q8_GEMM_MIN_ROWS`] rows or more.
-    pub q8_gemm: Option<(&'static str, Q8GemmTile)>,
+    /// The set's kernel for q8 weights in GEMM panels ([`Q8Panels`]), where it has one.
+    pub q8_panel: Option<Q8PanelKernel>,
 }
 
-/// `(rows, u, ldu, xs, ldxs, packed w, corrections, w scales, nb, out, ldo)`: see
-/// `x86q::q8_gemm_tile_vnni`.
-pub type Q8GemmTile =
-    unsafe fn(usize, *const u8, usize, *const f32, usize, *const i8, *const i32, *const f32, usize, *mut f32, usize);
+/// A native kernel for [`Q8Panels`]: one panel of `nr` weight rows × all activation rows.
+#[derive(Clone, Copy)]
+pub struct Q8PanelKernel {
+    pub name: &'static str,
+    pub panel: Q8PanelFn,
+    pub nr: usize,
+    /// Reads the activations offset to unsigned (`x ^ 0x80`) from [`Q8_GEMM_MIN_ROWS`] rows, as
+    /// x86's `vpdpbusd` multiplies unsigned by signed bytes (signed below).
+    pub unsigned_acts: bool,
+    /// Worth packing weights stored by rows into panels per call (from [`Q8_GEMM_MIN_ROWS`]
+    /// activation rows): a multi-row register tile.
+    pub packs_rows: bool,
+}
 
-/// Activation rows from which q8 products run on the tiled GEMM (when the set has one): below,
-/// the row kernels read each weight row once per activation row straight from the weights,
-/// which beats packing them.
+/// `(m, x, ldx, xs, sums, ldxs, panel, panel scales, nb, scratch, out, ldo, cols)`: `m`
+/// activation rows (int8 values at stride `ldx`, block scales and block sums at stride `ldxs`)
+/// × one panel, writing `m × cols` floats at `out` (stride `ldo`); `scratch` holds `nb·nr` i32.
+/// See `x86q::q8_panel_vnni`.
+pub type Q8PanelFn = unsafe fn(
+    usize,
+    *const i8,
+    usize,
+    *const f32,
+    *const i32,
+    usize,
+    *const i8,
+    *const f32,
+    usize,
+    *mut i32,
+    *mut f32,
+    usize,
+    usize,
+);
+
+/// Activation rows from which q8 products on weights stored by rows are packed into panels
+/// per call for a multi-row panel tile (when the set has one): below, the row kernels read each
+/// weight row once per activation row straight from the weights, which beats packing them.
 pub const Q8_GEMM_MIN_ROWS: usize = 4;
 
 /// A band of rows of q4 blocks of 32 (symmetric, or with minimums when that pointer is not
@@ -388,7 +461,7 @@ impl Isa {
                 q4: super::x86q::q4_row_avx2,
                 q8_2x2: None,
                 q4_sym32: None,
-                q8_gemm: None,
+                q8_panel: None,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => QRows {
@@ -398,7 +471,13 @@ impl Isa {
                 q4: super::x86q::q4_row_vnni,
                 q8_2x2: None,
                 q4_sym32: Some(super::x86q::q4_sym32_vnni512),
-                q8_gemm: Some(("gemm_q8i8_6x32_avx512vnni", super::x86q::q8_gemm_tile_vnni as Q8GemmTile)),
+                q8_panel: Some(Q8PanelKernel {
+                    name: "gemm_q8i8_6x32_avx512vnni",
+                    panel: super::x86q::q8_panel_vnni,
+                    nr: 32,
+                    unsigned_acts: true,
+                    packs_rows: true,
+                }),
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => QRows {
@@ -408,7 +487,7 @@ impl Isa {
                 q4: super::armq::q4_row_neon,
                 q8_2x2: None,
                 q4_sym32: None,
-                q8_gemm: None,
+                q8_panel: None,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::NeonDot | Isa::NeonI8mm => QRows {
@@ -419,7 +498,13 @@ impl Isa {
                 q8_2x2: (self == Isa::NeonI8mm)
                     .then_some(("gemm_q8i8_2x2_i8mm", super::armq::q8_2x2_i8mm as Q8Tile2x2)),
                 q4_sym32: None,
-                q8_gemm: None,
+                q8_panel: Some(Q8PanelKernel {
+                    name: "gemm_q8i8_1x32_neondot",
+                    panel: super::armq::q8_panel_dot,
+                    nr: 32,
+                    unsigned_acts: false,
+                    packs_rows: false,
+                }),
             },
             _ => QRows {
                 q8_name: "gemv_q8i8_ref",
@@ -428,7 +513,7 @@ impl Isa {
                 q4: q4_row_ref,
                 q8_2x2: None,
                 q4_sym32: None,
-                q8_gemm: None,
+                q8_panel: None,
             },
         }
     }
@@ -471,9 +556,10 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    if let (Some((_, tile)), true) = (isa.q_rows().q8_gemm, m >= Q8_GEMM_MIN_ROWS) {
-        gemm_q8_tiled(tile, x, w, out, threads);
-        return Ok(());
+    if let (Some(kp), true) = (isa.q_rows().q8_panel, m >= Q8_GEMM_MIN_ROWS) {
+        if kp.packs_rows {
+            return gemm_q8_packing(isa, kp.nr, x, w, out, threads);
+        }
     }
     let f = isa.q_rows().q8;
     let nb = k / QK;
@@ -534,96 +620,135 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
     Ok(())
 }
 
-/// Weight rows per panel and activation rows per tile of the tiled q8 GEMM.
-const Q8_PANEL: usize = 32;
-const Q8_TILE_ROWS: usize = 6;
-
 thread_local! {
-    /// The tiled q8 GEMM's buffers: packed weights, block corrections, weight scales, unsigned
-    /// activations; grown once per thread and reused.
-    #[allow(clippy::type_complexity)]
-    static Q8_PACK: std::cell::RefCell<(Vec<u32>, Vec<i32>, Vec<f32>, Vec<u8>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+    /// Weights stored by rows, packed into panels per call by [`gemm_q8_packing`]: values and
+    /// scales, grown once per thread and reused.
+    static Q8_PACK: std::cell::RefCell<(Vec<i8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Activations offset to unsigned for the panel kernels that want them.
+    static Q8_UNSIGNED: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread scratch of the panel kernels (a panel's block corrections).
+    static Q8_SCRATCH: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The q8 product on a register-tiled kernel: the weights are packed per call into panels of
-/// 32 rows (per group of four values, each row's four bytes in turn), with each block's
-/// `−128·Σw` and the rows' scales beside them; the activations are made unsigned (`x ^ 0x80`
-/// = `x + 128`); threads split the panels. Shapes were checked by [`gemm_q8`].
-fn gemm_q8_tiled(tile: Q8GemmTile, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads: usize) {
-    let (m, n, k) = (x.m, w.n, w.k);
-    let (nb, panels) = (k / QK, n.div_ceil(Q8_PANEL));
+/// The q8 product on weights stored by rows with a multi-row panel kernel: the weights are
+/// packed into panels of `nr` for this call (files written by `acorn convert` store MatMul
+/// weights packed already; this serves MatMulTransB and older files). Shapes were checked by
+/// [`gemm_q8`].
+fn gemm_q8_packing(
+    isa: Isa,
+    nr: usize,
+    x: &QActs,
+    w: &Q8Weights<'_>,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), QuantError> {
+    let (n, k) = (w.n, w.k);
+    let padded = n.div_ceil(nr) * nr;
     Q8_PACK.with(|cell| {
-        let bufs = &mut *cell.borrow_mut();
-        let (pw, pc, ps, u) = (&mut bufs.0, &mut bufs.1, &mut bufs.2, &mut bufs.3);
-        // Groups of four bytes as u32: the packing is a gather of 32-bit words.
-        pw.clear();
-        pw.resize(panels * k / 4 * Q8_PANEL, 0);
-        pc.clear();
-        pc.resize(panels * nb * Q8_PANEL, 0);
+        let (pq, ps) = &mut *cell.borrow_mut();
+        pq.resize(padded * k, 0);
+        pack_q8_panels_into(w.q, n, k, nr, pq);
         ps.clear();
-        ps.resize(panels * Q8_PANEL, 0.0);
-        let src = w.q[..n * k].as_ptr();
-        for (p, panel) in pw.chunks_exact_mut(k / 4 * Q8_PANEL).enumerate() {
-            let cols = Q8_PANEL.min(n - p * Q8_PANEL);
-            // Written in order, read from the panel's rows side by side (each row's cache line
-            // serves 16 groups); rows past n stay zero.
-            for (g, out) in panel.chunks_exact_mut(Q8_PANEL).enumerate() {
-                for (c, o) in out.iter_mut().enumerate().take(cols) {
-                    // SAFETY: row p·32 + c < n and group g < k/4: the four bytes at
-                    // (p·32 + c)·k + 4g lie inside w.q[..n·k] (checked by gemm_q8).
-                    *o = unsafe { (src.add((p * Q8_PANEL + c) * k + 4 * g) as *const u32).read_unaligned() };
-                }
+        ps.extend_from_slice(&w.scales[..n]);
+        ps.resize(padded, 0.0);
+        gemm_q8_panels(isa, x, &Q8Panels { n, k, nr, q: pq, scales: ps }, out, threads)
+    })
+}
+
+/// `out[m × n] = X · Wᵀ` for q8 weights packed in GEMM panels: threads split the panels; each
+/// panel (a few KiB) stays in cache while every activation row passes over it, on the set's
+/// panel kernel when it has one for this panel width, else the portable one.
+pub fn gemm_q8_panels(
+    isa: Isa,
+    x: &QActs,
+    w: &Q8Panels<'_>,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), QuantError> {
+    let (m, n, k, nr) = (x.m, w.n, w.k, w.nr);
+    check(x.k == k, || format!("activations have k = {}, weights {k}", x.k))?;
+    check(k % QK == 0, || format!("k = {k} is not a multiple of {QK}"))?;
+    check(nr > 0 && nr % 4 == 0 && nr <= MAX_Q8_PANEL, || format!("q8 panel width {nr} is not 4…64 in steps of 4"))?;
+    let panels = n.div_ceil(nr);
+    check(w.q.len() >= panels * nr * k && w.scales.len() >= panels * nr, || {
+        format!("q8 panels do not hold {n}×{k} in panels of {nr}")
+    })?;
+    check(x.q.len() >= m * k && x.scales.len() >= m * k / QK && x.sums.len() >= m * k / QK, || {
+        "activations are not quantized for this shape".into()
+    })?;
+    check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    let native = isa.q_rows().q8_panel.filter(|kp| kp.nr == nr);
+    let nb = k / QK;
+    let per = panels.div_ceil(threads.clamp(1, panels));
+    Q8_UNSIGNED.with(|cell| {
+        let ub = &mut *cell.borrow_mut();
+        let acts: &[i8] = match native {
+            Some(kp) if kp.unsigned_acts && m >= Q8_GEMM_MIN_ROWS => {
+                ub.clear();
+                ub.extend(x.q[..m * k].iter().map(|&v| v ^ i8::MIN));
+                ub
             }
-            for c in 0..cols {
-                let row = &w.q[(p * Q8_PANEL + c) * k..(p * Q8_PANEL + c + 1) * k];
-                for (b, blk) in row.chunks_exact(QK).enumerate() {
-                    pc[(p * nb + b) * Q8_PANEL + c] = -128 * blk.iter().map(|&v| v as i32).sum::<i32>();
-                }
-                ps[p * Q8_PANEL + c] = w.scales[p * Q8_PANEL + c];
-            }
-        }
-        u.clear();
-        u.extend(x.q[..m * k].iter().map(|&v| (v as u8) ^ 0x80));
-        let (pw, pc, ps, u) = (&pw[..], &pc[..], &ps[..], &u[..]);
-        let per = panels.div_ceil(threads.clamp(1, panels));
+            _ => &x.q[..m * k],
+        };
         let op = SharedOut::new(out);
         pool::for_each(threads, panels.div_ceil(per), &|t| {
-            let mut buf = [0.0f32; Q8_TILE_ROWS * Q8_PANEL];
-            for p in t * per..((t + 1) * per).min(panels) {
-                let cols = Q8_PANEL.min(n - p * Q8_PANEL);
-                for i0 in (0..m).step_by(Q8_TILE_ROWS) {
-                    let rows = Q8_TILE_ROWS.min(m - i0);
-                    // SAFETY: rows i0..i0+rows of the unsigned activations (k bytes each) and of
-                    // the scales (nb each), panel p's k·32 packed bytes (k/4·32 words), nb·32 corrections and 32
-                    // scales are inside the buffers sized above; the tile writes rows × 32
-                    // floats into `buf`; the kernel belongs to a set this CPU supports.
-                    unsafe {
-                        tile(
-                            rows,
-                            u.as_ptr().add(i0 * k),
-                            k,
-                            x.scales.as_ptr().add(i0 * nb),
-                            nb,
-                            pw.as_ptr().add(p * k / 4 * Q8_PANEL) as *const i8,
-                            pc.as_ptr().add(p * nb * Q8_PANEL),
-                            ps.as_ptr().add(p * Q8_PANEL),
-                            nb,
-                            buf.as_mut_ptr(),
-                            Q8_PANEL,
-                        )
-                    };
-                    for r in 0..rows {
-                        let dst = (i0 + r) * n + p * Q8_PANEL;
-                        // SAFETY: out holds m·n values (checked by gemm_q8); columns of panel p
-                        // belong to this part alone.
-                        let o = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(dst), cols) };
-                        o.copy_from_slice(&buf[r * Q8_PANEL..r * Q8_PANEL + cols]);
+            Q8_SCRATCH.with(|sc| {
+                let scratch = &mut *sc.borrow_mut();
+                scratch.resize(nb * nr, 0);
+                let mut buf = [0.0f32; MAX_Q8_PANEL];
+                for p in t * per..((t + 1) * per).min(panels) {
+                    let cols = nr.min(n - p * nr);
+                    let (wp, sp) = (&w.q[p * nr * k..(p + 1) * nr * k], &w.scales[p * nr..(p + 1) * nr]);
+                    match native {
+                        // SAFETY: the m rows of activations (k bytes each), their scales and sums
+                        // (nb each), panel p's nr·k bytes and nr scales and nb·nr scratch values
+                        // are in bounds (checked above); the kernel writes m rows of `cols`
+                        // floats at out[i·n + p·nr..], inside `out` (m·n values) and in columns
+                        // that belong to this part alone; the kernel belongs to a set this CPU
+                        // supports.
+                        Some(kp) => unsafe {
+                            (kp.panel)(
+                                m,
+                                acts.as_ptr(),
+                                k,
+                                x.scales.as_ptr(),
+                                x.sums.as_ptr(),
+                                nb,
+                                wp.as_ptr(),
+                                sp.as_ptr(),
+                                nb,
+                                scratch.as_mut_ptr(),
+                                op.ptr().add(p * nr),
+                                n,
+                                cols,
+                            )
+                        },
+                        None => {
+                            for i in 0..m {
+                                super::math::q8_panel_row(
+                                    &acts[i * k..(i + 1) * k],
+                                    &x.scales[i * nb..(i + 1) * nb],
+                                    wp,
+                                    sp,
+                                    nr,
+                                    &mut buf[..nr],
+                                );
+                                // SAFETY: out holds m·n values (checked above); columns of
+                                // panel p belong to this part alone.
+                                let o = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(i * n + p * nr), cols) };
+                                o.copy_from_slice(&buf[..cols]);
+                            }
+                        }
                     }
                 }
-            }
+            })
         });
-    });
+        Ok(())
+    })
 }
 
 /// `out[m × n] = X · Wᵀ` for q4 weights.
@@ -763,8 +888,8 @@ mod tests {
                     let mut got = vec![f32::NAN; m * n];
                     gemm_q8(isa, &qa, &qw.view(), &mut got, threads).unwrap();
                     let rows = isa.q_rows();
-                    let name = match (rows.q8_gemm, rows.q8_2x2) {
-                        (Some(g), _) if m >= Q8_GEMM_MIN_ROWS => g.0,
+                    let name = match (rows.q8_panel, rows.q8_2x2) {
+                        (Some(g), _) if m >= Q8_GEMM_MIN_ROWS && g.packs_rows => g.name,
                         (_, Some(t)) if m >= 2 => t.0,
                         _ => rows.q8_name,
                     };
@@ -779,6 +904,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Weights packed in panels (the width the native tiles read and two others, which take the
+    /// portable path) give the row-major reference's results on every set, for awkward shapes:
+    /// n not a multiple of the panel, m not a multiple of the tile, one block.
+    #[test]
+    fn q8_panels_match_reference() {
+        for &(m, n, k) in &[
+            (1, 1, 32),
+            (1, 33, 64),
+            (2, 7, 32),
+            (5, 65, 96),
+            (6, 32, 384),
+            (7, 100, 128),
+            (13, 31, 256),
+            (1, 300, 1024),
+        ] {
+            let w = data(n * k, (n * 3 + k) as u64);
+            let x = data(m * k, (m * 5 + k) as u64);
+            let qw = quantize_q8(&w, n, k);
+            let mut qa = QActs::default();
+            quantize_acts_q8(&x, m, k, &mut qa).unwrap();
+            let mut want = vec![0.0; m * n];
+            gemm_q8(Isa::Reference, &qa, &qw.view(), &mut want, 1).unwrap();
+            for nr in [32, 16, 4] {
+                let (pq, ps) = pack_q8_panels(&qw.q, &qw.scales, n, k, nr);
+                let pw = Q8Panels { n, k, nr, q: &pq, scales: &ps };
+                let mut row = vec![0.0; k];
+                for j in [0, n / 2, n - 1] {
+                    dequantize_q8_panel_row(&pw, j, &mut row);
+                    let mut r0 = vec![0.0; k];
+                    dequantize_q8_row(&qw.view(), j, &mut r0);
+                    assert_eq!(row, r0, "panel row {j} of {n}×{k} in panels of {nr}");
+                }
+                for isa in sets() {
+                    let name = isa.q_rows().q8_panel.filter(|kp| kp.nr == nr).map_or("q8_panel_row", |kp| kp.name);
+                    for threads in [1, 3] {
+                        let mut got = vec![f32::NAN; m * n];
+                        gemm_q8_panels(isa, &qa, &pw, &mut got, threads).unwrap();
+                        for (c, (g, r)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - r).abs() <= sum_tol(*r, k),
+                                "{name} m={m} n={n} k={k} nr={nr} threads={threads}: out[{}][{}] = {g}, reference {r}",
+                                c / n,
+                                c % n
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let (pq, ps) = pack_q8_panels(&[1; 64], &[1.0; 2], 2, 32, 32);
+        let short = Q8Panels { n: 2, k: 32, nr: 32, q: &pq[..100], scales: &ps };
+        let mut qa = QActs::default();
+        quantize_acts_q8(&[0.5; 32], 1, 32, &mut qa).unwrap();
+        assert!(gemm_q8_panels(Isa::Reference, &qa, &short, &mut [0.0; 2], 1).is_err());
+        let odd = Q8Panels { nr: 6, ..short };
+        assert!(gemm_q8_panels(Isa::Reference, &qa, &odd, &mut [0.0; 2], 1).is_err());
     }
 
     #[test]

@@ -296,24 +296,34 @@ pub unsafe fn q4_sym32_vnni512(
 }
 
 /// One tile of the q8 GEMM with AVX-512 VNNI: `R` activation rows × one panel of 32 weight
-/// rows, over `nb` blocks of 32 values. The weights are packed by [`super::quant`]'s GEMM driver
-/// as, per group of four values, the four bytes of each of the 32 rows in turn (128 bytes), so
-/// one `vpdpbusd` with a broadcast group of four activation bytes adds 64 products into 16
-/// outputs — no horizontal sums. Activations are unsigned (`x + 128`, stored as `x ^ 0x80`);
-/// each block's i32 sums start from `−128·Σw` over the block (`corr`), which cancels the offset
-/// exactly, then are scaled by the row's block scale into f32. The weights' row scales multiply
-/// at the end. Writes a full `R × 32` tile at `out` (stride `ldo`).
+/// rows (`TensorEncoding::Q8Panels`: per group of four values along k, the four bytes of each
+/// of the 32 rows in turn, 128 bytes), over `nb` blocks of 32 values, so one `vpdpbusd` with a
+/// broadcast group of four activation bytes adds 64 products into 16 outputs — no horizontal
+/// sums. `vpdpbusd` multiplies unsigned by signed bytes, so one side is offset by 128 and each
+/// block's i32 sums start from the product of the offset with the other side's block sum, which
+/// cancels it exactly:
+/// - `SIGNED = false` (many rows): the activations come unsigned (`x ^ 0x80` = `x + 128`); the
+///   start is the panel's `−128·Σw` per block and column (`corr`, computed once per panel).
+/// - `SIGNED = true` (one row read once, decode): the activations stay signed and each weight
+///   vector is made unsigned as it is loaded (`w ^ 0x80`); the start is `−128·Σx` per block
+///   (`sums`) — one pass over the panel.
+///
+/// The block sums are then scaled by the activation block's scale into f32; the weights' row
+/// scales multiply at the end; `cols` (≤ 32) columns are stored (masked), at `out` with stride
+/// `ldo`.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL/VNNI; `u` holds `R` rows of `nb·32` bytes at stride `ldu`; `xs`
-/// `R` rows of `nb` scales at stride `ldxs`; `w` `nb·32·32` packed bytes; `corr` `nb·32` i32;
-/// `ws` 32 f32; `out` is valid for `R` rows of 32 floats at stride `ldo`.
+/// The CPU has AVX-512 F/BW/VL/VNNI; `x` holds `R` rows of `nb·32` bytes at stride `ldx`; `xs`
+/// and `sums` `R` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` packed bytes; `corr`
+/// `nb·32` i32 (read only when `SIGNED` is false); `ws` 32 f32; `out` is valid for `R` rows of
+/// `cols` floats at stride `ldo`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_tile_vnni<const R: usize>(
-    u: *const u8,
-    ldu: usize,
+unsafe fn q8_panel_tile_vnni<const R: usize, const SIGNED: bool>(
+    x: *const i8,
+    ldx: usize,
     xs: *const f32,
+    sums: *const i32,
     ldxs: usize,
     w: *const i8,
     corr: *const i32,
@@ -321,23 +331,42 @@ unsafe fn q8_tile_vnni<const R: usize>(
     nb: usize,
     out: *mut f32,
     ldo: usize,
+    cols: usize,
 ) {
+    let flip = _mm512_set1_epi8(-128);
     let mut f = [[_mm512_setzero_ps(); 2]; R];
     for b in 0..nb {
-        // SAFETY: block b's corrections, packed weights, activations and scales are in bounds
-        // (caller contract); the 4-byte activation reads are unaligned loads.
+        // SAFETY: block b's corrections, packed weights, activations, sums and scales are in
+        // bounds (caller contract); the 4-byte activation reads are unaligned loads.
         unsafe {
-            let c0 = _mm512_loadu_si512(corr.add(b * 32) as *const __m512i);
-            let c1 = _mm512_loadu_si512(corr.add(b * 32 + 16) as *const __m512i);
-            let mut a = [[c0, c1]; R];
+            let mut a = [[_mm512_setzero_si512(); 2]; R];
+            for (r, ar) in a.iter_mut().enumerate() {
+                *ar = if SIGNED {
+                    let c = _mm512_set1_epi32(-128 * *sums.add(r * ldxs + b));
+                    [c, c]
+                } else {
+                    [
+                        _mm512_loadu_si512(corr.add(b * 32) as *const __m512i),
+                        _mm512_loadu_si512(corr.add(b * 32 + 16) as *const __m512i),
+                    ]
+                };
+            }
             for s in 0..QK / 4 {
                 let wp = w.add((b * QK / 4 + s) * 128);
-                let (w0, w1) =
+                let (mut w0, mut w1) =
                     (_mm512_loadu_si512(wp as *const __m512i), _mm512_loadu_si512(wp.add(64) as *const __m512i));
+                if SIGNED {
+                    (w0, w1) = (_mm512_xor_si512(w0, flip), _mm512_xor_si512(w1, flip));
+                }
                 for (r, ar) in a.iter_mut().enumerate() {
-                    let x = _mm512_set1_epi32((u.add(r * ldu + b * QK + s * 4) as *const i32).read_unaligned());
-                    ar[0] = _mm512_dpbusd_epi32(ar[0], x, w0);
-                    ar[1] = _mm512_dpbusd_epi32(ar[1], x, w1);
+                    let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                    if SIGNED {
+                        ar[0] = _mm512_dpbusd_epi32(ar[0], w0, xv);
+                        ar[1] = _mm512_dpbusd_epi32(ar[1], w1, xv);
+                    } else {
+                        ar[0] = _mm512_dpbusd_epi32(ar[0], xv, w0);
+                        ar[1] = _mm512_dpbusd_epi32(ar[1], xv, w1);
+                    }
                 }
             }
             for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
@@ -347,44 +376,108 @@ unsafe fn q8_tile_vnni<const R: usize>(
             }
         }
     }
-    // SAFETY: 32 column scales; R rows of 32 floats at `out` (caller contract).
+    let m0 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+    let m1 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        (1u32 << (cols - 16)) as u16 - 1
+    } else {
+        0
+    };
+    // SAFETY: 32 column scales; R rows of `cols` floats at `out` (caller contract): the masked
+    // stores touch only those.
     unsafe {
         let (s0, s1) = (_mm512_loadu_ps(ws), _mm512_loadu_ps(ws.add(16)));
         for (r, fr) in f.iter().enumerate() {
-            _mm512_storeu_ps(out.add(r * ldo), _mm512_mul_ps(fr[0], s0));
-            _mm512_storeu_ps(out.add(r * ldo + 16), _mm512_mul_ps(fr[1], s1));
+            _mm512_mask_storeu_ps(out.add(r * ldo), m0, _mm512_mul_ps(fr[0], s0));
+            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, _mm512_mul_ps(fr[1], s1));
         }
     }
 }
 
-/// [`q8_tile_vnni`] for `rows` (1..=6) activation rows.
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 VNNI. From
+/// [`super::quant::Q8_GEMM_MIN_ROWS`] rows the activations come unsigned (`x ^ 0x80`): the
+/// panel's per-block corrections `−128·Σw` are computed first (one `vpdpbusd` of a vector of
+/// ones per 64 weight bytes, into `scratch`; once per panel rather than once per tile), then
+/// tiles of 6 rows ([`q8_panel_tile_vnni`]). Below, they come signed and each row reads the
+/// panel once (the tile's `SIGNED` form).
 ///
 /// # Safety
-/// As [`q8_tile_vnni`] with `R = rows`; `1 ≤ rows ≤ 6`.
+/// The CPU has AVX-512 F/BW/VL/VNNI; `x` holds `m` rows of `nb·32` bytes (unsigned from
+/// `Q8_GEMM_MIN_ROWS` rows, else signed) at stride `ldx`; `xs` and `sums` `m` rows of `nb`
+/// values at stride `ldxs`; `w` `nb·32·32` packed bytes; `ws` 32 f32; `scratch` `nb·32`
+/// writable i32; `out` is valid for `m` rows of `cols` (≤ 32) floats at stride `ldo`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_gemm_tile_vnni(
-    rows: usize,
-    u: *const u8,
-    ldu: usize,
+pub unsafe fn q8_panel_vnni(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
     xs: *const f32,
+    sums: *const i32,
     ldxs: usize,
     w: *const i8,
-    corr: *const i32,
     ws: *const f32,
     nb: usize,
+    scratch: *mut i32,
     out: *mut f32,
     ldo: usize,
+    cols: usize,
 ) {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        match rows {
-            1 => q8_tile_vnni::<1>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
-            2 => q8_tile_vnni::<2>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
-            3 => q8_tile_vnni::<3>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
-            4 => q8_tile_vnni::<4>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
-            5 => q8_tile_vnni::<5>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
-            _ => q8_tile_vnni::<6>(u, ldu, xs, ldxs, w, corr, ws, nb, out, ldo),
+    if m < super::quant::Q8_GEMM_MIN_ROWS {
+        for r in 0..m {
+            // SAFETY: row r of the caller's m rows; the rest is forwarded.
+            unsafe {
+                q8_panel_tile_vnni::<1, true>(
+                    x.add(r * ldx),
+                    ldx,
+                    xs.add(r * ldxs),
+                    sums.add(r * ldxs),
+                    ldxs,
+                    w,
+                    std::ptr::null(),
+                    ws,
+                    nb,
+                    out.add(r * ldo),
+                    ldo,
+                    cols,
+                )
+            };
         }
+        return;
+    }
+    let ones = _mm512_set1_epi8(1);
+    let m128 = _mm512_set1_epi32(-128);
+    for b in 0..nb {
+        // SAFETY: block b's 8 × 128 packed bytes and its 32 corrections are in bounds.
+        unsafe {
+            let (mut c0, mut c1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128);
+                c0 = _mm512_dpbusd_epi32(c0, ones, _mm512_loadu_si512(wp as *const __m512i));
+                c1 = _mm512_dpbusd_epi32(c1, ones, _mm512_loadu_si512(wp.add(64) as *const __m512i));
+            }
+            _mm512_storeu_si512(scratch.add(b * 32) as *mut __m512i, _mm512_mullo_epi32(c0, m128));
+            _mm512_storeu_si512(scratch.add(b * 32 + 16) as *mut __m512i, _mm512_mullo_epi32(c1, m128));
+        }
+    }
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = (m - i0).min(6);
+        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
+        unsafe {
+            let (u, xs, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), out.add(i0 * ldo));
+            let (sc, su) = (scratch as *const i32, sums);
+            match rows {
+                1 => q8_panel_tile_vnni::<1, false>(u, ldx, xs, su, ldxs, w, sc, ws, nb, o, ldo, cols),
+                2 => q8_panel_tile_vnni::<2, false>(u, ldx, xs, su, ldxs, w, sc, ws, nb, o, ldo, cols),
+                3 => q8_panel_tile_vnni::<3, false>(u, ldx, xs, su, ldxs, w, sc, ws, nb, o, ldo, cols),
+                4 => q8_panel_tile_vnni::<4, false>(u, ldx, xs, su, ldxs, w, sc, ws, nb, o, ldo, cols),
+                5 => q8_panel_tile_vnni::<5, false>(u, ldx, xs, su, ldxs, w, sc, ws, nb, o, ldo, cols),
+                _ => q8_panel_tile_vnni::<6, false>(u, ldx, xs, su, ldxs, w, sc, ws, nb, o, ldo, cols),
+            }
+        }
+        i0 += rows;
     }
 }
 

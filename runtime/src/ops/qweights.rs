@@ -1,4 +1,4 @@
-//! Weights stored in fewer bits (`TensorEncoding::Q8`, `Q4`, `F16`, written by
+//! Weights stored in fewer bits (`TensorEncoding::Q8`, `Q8Panels`, `Q4`, `F16`, written by
 //! `acorn convert --quantize`): the products that read them (MatMul's B stored by columns,
 //! MatMulTransB's B and embedding tables stored by rows) and the rows Gather takes from them.
 //! The kernels are in `kernels::quant` and `kernels::half`; this file only turns a tensor's
@@ -11,7 +11,7 @@ use crate::error::{OpError, OpResult};
 use crate::format::TensorEncoding;
 use crate::graph::Op;
 use crate::kernels::half::{self, F16Weights};
-use crate::kernels::quant::{self, Q4Weights, Q8Weights, QActs};
+use crate::kernels::quant::{self, Q4Weights, Q8Panels, Q8Weights, QActs};
 use crate::op_bail;
 use crate::tensor::{f16_to_f32, View, ViewMut};
 
@@ -24,6 +24,7 @@ thread_local! {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum QMat<'a> {
     Q8(Q8Weights<'a>),
+    Q8Panels(Q8Panels<'a>),
     Q4(Q4Weights<'a>),
     F16(F16Weights<'a>),
 }
@@ -33,6 +34,7 @@ impl QMat<'_> {
     pub(crate) fn dims(&self) -> (usize, usize) {
         match self {
             QMat::Q8(w) => (w.n, w.k),
+            QMat::Q8Panels(w) => (w.n, w.k),
             QMat::Q4(w) => (w.n, w.k),
             QMat::F16(w) => (w.n, w.k),
         }
@@ -42,6 +44,7 @@ impl QMat<'_> {
     pub(crate) fn row(&self, j: usize, out: &mut [f32]) {
         match self {
             QMat::Q8(w) => quant::dequantize_q8_row(w, j, out),
+            QMat::Q8Panels(w) => quant::dequantize_q8_panel_row(w, j, out),
             QMat::Q4(w) => quant::dequantize_q4_row(w, j, out),
             QMat::F16(w) => {
                 for (o, &h) in out[..w.k].iter_mut().zip(&w.data[j * w.k..(j + 1) * w.k]) {
@@ -76,6 +79,13 @@ pub(crate) fn qmat<'a>(v: &View<'a>) -> OpResult<QMat<'a>> {
         TensorEncoding::Q8 { .. } => QMat::Q8(Q8Weights {
             n: l.rows,
             k: l.k,
+            q: bytemuck::cast_slice(part(l.values)),
+            scales: cast(part(l.scales), "scales")?,
+        }),
+        TensorEncoding::Q8Panels { nr } => QMat::Q8Panels(Q8Panels {
+            n: l.rows,
+            k: l.k,
+            nr: nr as usize,
             q: bytemuck::cast_slice(part(l.values)),
             scales: cast(part(l.scales), "scales")?,
         }),
@@ -134,15 +144,16 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
     let isa = crate::kernels::selected();
     match w {
         QMat::F16(w) => half::gemm_f16(isa, x, m, &w, o, ctx.threads).map_err(OpError),
-        QMat::Q8(_) | QMat::Q4(_) => ACTS.with(|cell| {
+        QMat::Q8(_) | QMat::Q8Panels(_) | QMat::Q4(_) => ACTS.with(|cell| {
             let qa = &mut *cell.borrow_mut();
             match w {
-                QMat::Q8(_) => quant::quantize_acts_q8(x, m, k, qa),
-                _ => quant::quantize_acts(x, m, k, qa),
+                QMat::Q4(_) => quant::quantize_acts(x, m, k, qa),
+                _ => quant::quantize_acts_q8(x, m, k, qa),
             }
             .map_err(|e| OpError(e.0))?;
             match w {
                 QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, ctx.threads),
+                QMat::Q8Panels(w) => quant::gemm_q8_panels(isa, qa, &w, o, ctx.threads),
                 QMat::Q4(w) => quant::gemm_q4(isa, qa, &w, o, ctx.threads),
                 QMat::F16(_) => unreachable!("handled above"),
             }
