@@ -431,6 +431,59 @@ mod tests {
         (-200_000..=200_000).map(|i| i as f32 * 5e-4)
     }
 
+    /// The AVX-512 softmax (its own exponential) against the portable one and f64, on row
+    /// lengths around the vector width, wide score ranges, −inf (masked) entries and an
+    /// all-masked row (NaN, as in the portable code).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_softmax_matches_portable() {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+            return; // the kernel cannot run here; `sets()` coverage is the portable path
+        }
+        for n in [1, 2, 15, 16, 17, 33, 128, 131] {
+            for (spread, masked) in [(1.0f32, false), (40.0, false), (200.0, true)] {
+                let rows = 3;
+                let x: Vec<f32> = (0..rows * n)
+                    .map(|i| {
+                        let v = ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0 * spread - spread / 2.0;
+                        if masked && i % 5 == 1 {
+                            f32::NEG_INFINITY
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                for log in [false, true] {
+                    let (mut a, mut b) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+                    // SAFETY: AVX-512 F/BW detected above.
+                    unsafe { crate::kernels::x86::softmax_rows_avx512(&x, &mut a, n, log) };
+                    softmax_rows_portable(&x, &mut b, n, log);
+                    for (r, xr) in x.chunks_exact(n).enumerate() {
+                        let m = xr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                        let s: f64 = xr.iter().map(|&v| (v as f64 - m).exp()).sum();
+                        for j in 0..n {
+                            let want = if log { xr[j] as f64 - m - s.ln() } else { (xr[j] as f64 - m).exp() / s };
+                            let (g, p) = (a[r * n + j] as f64, b[r * n + j] as f64);
+                            let ok = |v: f64| {
+                                v == want
+                                    || (v - want).abs() <= 2e-6 * (1.0 + want.abs())
+                                    || (v.is_nan() && want.is_nan())
+                            };
+                            assert!(
+                                ok(g) && ok(p),
+                                "n={n} spread={spread} log={log} [{r}][{j}]: avx512 {g}, portable {p}, f64 {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let (x, mut out) = ([f32::NEG_INFINITY; 20], [0.0f32; 20]);
+        // SAFETY: as above.
+        unsafe { crate::kernels::x86::softmax_rows_avx512(&x, &mut out, 20, false) };
+        assert!(out.iter().all(|v| v.is_nan()));
+    }
+
     #[test]
     fn exp_within_two_ulp_and_edges() {
         let mut worst = 0.0f64;

@@ -377,11 +377,12 @@ pub unsafe fn softmax_rows_avx512(x: &[f32], out: &mut [f32], n: usize, log: boo
         }
         let s = _mm512_reduce_add_ps(acc);
         if log {
-            let sub = _mm512_set1_ps(m + s.ln());
+            let ls = _mm512_set1_ps(s.ln());
             for i in (0..n).step_by(16) {
                 let k = lanes16(n - i);
                 let v = unsafe { _mm512_maskz_loadu_ps(k, xr.as_ptr().add(i)) };
-                unsafe { _mm512_mask_storeu_ps(or.as_mut_ptr().add(i), k, _mm512_sub_ps(v, sub)) };
+                let y = _mm512_sub_ps(_mm512_sub_ps(v, mv), ls);
+                unsafe { _mm512_mask_storeu_ps(or.as_mut_ptr().add(i), k, y) };
             }
         } else {
             let inv = _mm512_set1_ps(1.0 / s);
