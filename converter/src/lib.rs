@@ -20,6 +20,7 @@ use acorn::format::{write_model, Extension, PassRecord, Provenance, TensorEncodi
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+pub mod awq;
 pub mod calib;
 pub mod conformance;
 pub mod llm;
@@ -170,7 +171,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
     let base = input.parent().unwrap_or(Path::new("."));
-    let (m, mut records) = lower(&bytes, input, base, opts)?;
+    let (mut m, mut records) = lower(&bytes, input, base, opts)?;
     drop(bytes);
     // Calibration samples: 7/8 fit the calibration-aware method, the last 1/8 are held out to
     // measure what quantizing cost (both, when there is a single sample).
@@ -193,14 +194,18 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         Some(q) => {
             // Calibration statistics whenever there is calibration data: GPTQ needs them, and
             // every method reports each weight's sensitivity from them.
-            let grams = match (q.calib.is_some(), q.method) {
-                (true, _) | (false, quantize::Method::Gptq) => {
+            let mut grams = match (q.calib.is_some(), q.method) {
+                (false, quantize::Method::Rtn) => None,
+                _ => {
                     let (g, r) = calibrate(&m, q, &fit, &mut records)?;
                     reference = Some(r);
                     Some(g)
                 }
-                (false, quantize::Method::Rtn) => None,
             };
+            // AWQ rescales weights (and the activations they read) in the graph before rounding.
+            if let (quantize::Method::Awq, Some(g)) = (q.method, grams.as_mut()) {
+                records.push(awq::apply(&mut m, q, g)?);
+            }
             let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref())?;
             records.push(rec);
             qs
@@ -263,10 +268,9 @@ fn calibrate(
     samples: &calib::Samples,
     records: &mut Vec<PassRecord>,
 ) -> Result<(std::collections::HashMap<acorn::graph::ValueId, calib::Gram>, calib::Reference)> {
-    let path = q
-        .calib
-        .as_deref()
-        .ok_or_else(|| anyhow::anyhow!("--method gptq needs --calib FILE (text lines or a folder of .npy inputs)"))?;
+    let path = q.calib.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("--method {} needs --calib FILE (text lines or a folder of .npy inputs)", q.method.name())
+    })?;
     let values = quantize::calibration_values(m);
     let bar = indicatif::ProgressBar::new(samples.len() as u64).with_message("calibrating");
     bar.set_style(

@@ -50,7 +50,8 @@ enum Cmd {
         /// Keep weights whose name matches this regular expression in f32 (repeatable).
         #[arg(long, value_name = "PATTERN", num_args = 1..)]
         keep_float: Vec<String>,
-        /// How weights are rounded: rtn (to nearest) or gptq (error-compensating, from --calib).
+        /// How weights are rounded: rtn (to nearest), awq (activation-aware channel scaling,
+        /// then to nearest; needs --calib) or gptq (error-compensating; needs --calib).
         #[arg(long, default_value = "rtn")]
         method: String,
         /// Calibration data: a text file (one sample per line, through --tokenizer) or a folder

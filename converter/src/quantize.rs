@@ -86,6 +86,8 @@ pub enum Method {
     Rtn,
     /// Error-compensating rounding from calibration activations ([`gptq`]).
     Gptq,
+    /// Activation-aware per-channel scaling, then rounding to nearest ([`crate::awq`]).
+    Awq,
 }
 
 impl Method {
@@ -93,15 +95,16 @@ impl Method {
         Ok(match s {
             "rtn" => Method::Rtn,
             "gptq" => Method::Gptq,
-            "awq" => bail!("--method awq is not available yet; use rtn or gptq"),
-            other => bail!("unknown --method '{other}' (rtn or gptq)"),
+            "awq" => Method::Awq,
+            other => bail!("unknown --method '{other}' (rtn, awq or gptq)"),
         })
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Method::Rtn => "rtn",
             Method::Gptq => "gptq",
+            Method::Awq => "awq",
         }
     }
 }
@@ -347,7 +350,7 @@ struct One {
     gptq: bool,
 }
 
-fn fits(format: QuantFormat, k: usize) -> bool {
+pub(crate) fn fits(format: QuantFormat, k: usize) -> bool {
     match format {
         QuantFormat::Q8 => k.is_multiple_of(quant::QK),
         QuantFormat::Q4 { group, .. } => k.is_multiple_of(group),
@@ -401,24 +404,9 @@ fn to_panels(bytes: &[u8], rows: usize, k: usize) -> Vec<u8> {
 
 /// The relative output error of a product when its weights `w` are replaced by `q`, over the
 /// calibration activations whose Gram matrix is `h`: `Σ_r e_r·H·e_rᵀ / Σ_r w_r·H·w_rᵀ` with
-/// `e = w − q`; the `·H` products run on the f32 GEMM, 1024 rows at a time.
+/// `e = w − q`.
 fn output_error(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> f64 {
-    use acorn::kernels::{sgemm, BMat, MatRef};
-    let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    const CHUNK: usize = 1024;
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    let (mut e, mut prod) = (vec![0.0f32; CHUNK * k], vec![0.0f32; CHUNK * k]);
-    for r0 in (0..rows).step_by(CHUNK) {
-        let n = CHUNK.min(rows - r0);
-        let (wc, qc) = (&w[r0 * k..(r0 + n) * k], &q[r0 * k..(r0 + n) * k]);
-        e[..n * k].iter_mut().zip(wc.iter().zip(qc)).for_each(|(e, (a, b))| *e = a - b);
-        for (x, acc) in [(&e[..n * k], &mut num), (wc, &mut den)] {
-            let hm = BMat::Strided(MatRef { data: &hf, rs: k, cs: 1 });
-            sgemm(n, k, k, MatRef { data: x, rs: k, cs: 1 }, hm, &mut prod[..n * k], k, false, threads);
-            *acc += x.iter().zip(&prod[..n * k]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
-        }
-    }
+    let (num, den) = output_error_parts(w, q, rows, k, h, true);
     if den > 0.0 {
         num / den
     } else {
@@ -426,8 +414,43 @@ fn output_error(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> f64 {
     }
 }
 
+/// `Σ_r e_r·H·e_rᵀ` alone (see [`output_error`]).
+pub(crate) fn output_error_abs(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> f64 {
+    output_error_parts(w, q, rows, k, h, false).0
+}
+
+/// `(Σ_r e_r·H·e_rᵀ, Σ_r w_r·H·w_rᵀ)` (the second only `with_den`); the `·H` products run on the
+/// f32 GEMM, 1024 rows at a time.
+fn output_error_parts(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64], with_den: bool) -> (f64, f64) {
+    use acorn::kernels::{sgemm, BMat, MatRef};
+    let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const CHUNK: usize = 1024;
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    let (mut e, mut prod) = (vec![0.0f32; CHUNK.min(rows) * k], vec![0.0f32; CHUNK.min(rows) * k]);
+    for r0 in (0..rows).step_by(CHUNK) {
+        let n = CHUNK.min(rows - r0);
+        let (wc, qc) = (&w[r0 * k..(r0 + n) * k], &q[r0 * k..(r0 + n) * k]);
+        e[..n * k].iter_mut().zip(wc.iter().zip(qc)).for_each(|(e, (a, b))| *e = a - b);
+        let parts: &mut [(&[f32], &mut f64)] =
+            if with_den { &mut [(&e[..n * k], &mut num), (wc, &mut den)] } else { &mut [(&e[..n * k], &mut num)] };
+        for (x, acc) in parts.iter_mut() {
+            let hm = BMat::Strided(MatRef { data: &hf, rs: k, cs: 1 });
+            sgemm(n, k, k, MatRef { data: x, rs: k, cs: 1 }, hm, &mut prod[..n * k], k, false, threads);
+            **acc += x.iter().zip(&prod[..n * k]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+        }
+    }
+    (num, den)
+}
+
+/// `rows × k` weights (stored orientation) rounded to nearest in `format`, as the runtime will
+/// see them.
+pub(crate) fn rounded(format: QuantFormat, transposed: bool, wt: &[f32], rows: usize, k: usize) -> Vec<f32> {
+    encode(format, transposed, wt, rows, k).2
+}
+
 /// `[a, b]` row-major → `[b, a]`.
-fn transpose(w: &[f32], a: usize, b: usize) -> Vec<f32> {
+pub(crate) fn transpose(w: &[f32], a: usize, b: usize) -> Vec<f32> {
     let mut t = vec![0.0f32; a * b];
     for i in 0..a {
         for j in 0..b {
