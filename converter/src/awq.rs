@@ -72,7 +72,11 @@ pub fn apply(m: &mut Imported, opts: &QuantOptions, grams: &mut HashMap<ValueId,
         if w.dtype() != DType::F32 || s.len() != 2 || s[0] * s[1] < quantize::MIN_VALUES {
             continue;
         }
-        if tensor_reads.get(&t) != Some(&1) || keep.iter().any(|r| r.is_match(name)) {
+        // (Weights imported quantized keep their own codes: scaling them would lose those.)
+        if tensor_reads.get(&t) != Some(&1)
+            || keep.iter().any(|r| r.is_match(name))
+            || m.prequantized.contains_key(name)
+        {
             continue;
         }
         let by_rows = matches!(n.op, Op::MatMul);

@@ -213,6 +213,9 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         None => Vec::new(),
     };
     quantized.resize_with(m.tensors.len(), || None);
+    if !m.prequantized.is_empty() || !m.dequantized.is_empty() {
+        records.push(keep_prequantized(&m, &mut quantized));
+    }
     let nr = opts.target.panel_width();
     let (pack, rec) = passes::plan_panel_weights(&m, &opts.target.name(), nr, &|t| quantized[t].is_some());
     records.push(rec);
@@ -258,6 +261,52 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             .with_context(|| format!("writing {}", output.display()))?;
     }
     Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records })
+}
+
+/// Weights that arrived quantized (`MatMulNBits`) keep their codes when they are still read only
+/// as MatMul's B and their f32 values still decode from them (no pass rewrote them): their
+/// encoding replaces whatever `--quantize` chose. Records how many, the largest difference
+/// between the imported values and what the file stores (the f16 rounding of the scales), and
+/// every quantized import that had to stay f32, with the reason.
+fn keep_prequantized(m: &onnx::Imported, quantized: &mut [Option<quantize::Quantized>]) -> PassRecord {
+    use acorn::graph::Op;
+    let mut kept = 0usize;
+    let mut worst = 0.0f64;
+    let mut params: Vec<(String, String)> = m.dequantized.iter().map(|d| ("float".to_string(), d.clone())).collect();
+    for (t, (name, tensor)) in m.tensors.iter().enumerate() {
+        let Some((enc, bytes)) = m.prequantized.get(name) else { continue };
+        let values: Vec<_> = m.graph.constants.iter().filter(|c| c.tensor as usize == t).map(|c| c.value).collect();
+        let only_matmul_b = m.graph.all_nodes().all(|n| {
+            n.inputs
+                .iter()
+                .enumerate()
+                .all(|(i, v)| v.is_none_or(|v| !values.contains(&v) || (i == 1 && matches!(n.op, Op::MatMul))))
+        }) && !m.graph.outputs.iter().any(|o| values.contains(&o.value));
+        let s = tensor.shape();
+        let decoded =
+            (only_matmul_b && s.len() == 2).then(|| quantize::decode_columns(*enc, bytes, s[0], s[1])).flatten();
+        let (Some(d), Some(w)) = (decoded, tensor.as_f32()) else {
+            params.push(("float".into(), format!("{name}: no longer read only as MatMul's B")));
+            continue;
+        };
+        let top = w.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(f32::MIN_POSITIVE) as f64;
+        let diff = w.iter().zip(&d).fold(0.0f64, |a, (x, y)| a.max((x - y).abs() as f64)) / top;
+        if diff > 1e-2 {
+            params.push((
+                "float".into(),
+                format!("{name}: its values changed after import (max relative difference {diff:.2e})"),
+            ));
+            continue;
+        }
+        worst = worst.max(diff);
+        quantized[t] = Some(quantize::Quantized { encoding: *enc, bytes: bytes.clone() });
+        kept += 1;
+    }
+    PassRecord {
+        name: "import_quantized".into(),
+        params,
+        report: vec![("tensors".into(), kept as f64), ("max_relative_difference".into(), worst)],
+    }
 }
 
 /// Runs `--calib` through the fp32 model (a progress bar on a terminal) and returns the Gram

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use acorn::format::PassRecord;
+use acorn::format::{PassRecord, TensorEncoding};
 use acorn::graph::{AttentionAttrs, BinaryOp, ConstBinding, Graph, Node, Op, ReduceOp, UnaryOp, ValueId, ValueInfo};
 use acorn::tensor::{DType, Tensor};
 use anyhow::Result;
@@ -553,6 +553,19 @@ pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
         }
         let first = &m.graph.nodes[members[0]];
         let name = format!("{}.merged", first.name);
+        // Weights imported quantized with one encoding merge their codes too (stored by columns:
+        // the merged matrix's rows are the members' rows in turn, part by part).
+        let names: Vec<String> = members
+            .iter()
+            .map(|&i| {
+                let w = m.graph.nodes[i].inputs[1].expect("matched");
+                let t = m.graph.constants.iter().find(|c| c.value == w).expect("constant").tensor;
+                m.tensors[t as usize].0.clone()
+            })
+            .collect();
+        if let Some(merged) = merge_prequantized(&m.prequantized, &names, k, &widths) {
+            m.prequantized.insert(format!("{name}.weight"), merged);
+        }
         let wv = m.graph.values.len() as ValueId;
         m.graph.values.push(ValueInfo { name: format!("{name}.weight") });
         m.graph.constants.push(ConstBinding { value: wv, tensor: m.tensors.len() as u32 });
@@ -583,4 +596,34 @@ pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
         }
     }
     Ok(record("merge_parallel_matmuls", vec![("merged_groups", merged as f64)]))
+}
+
+/// The encoding of `[k, Σ widths]` made of weights imported quantized (`names`, `[k, width]`
+/// each) when they all are, with one encoding stored by columns: each part (values, scales,
+/// minimums) of the members, concatenated, in the encoding's layout.
+fn merge_prequantized(
+    pre: &HashMap<String, (TensorEncoding, Vec<u8>)>,
+    names: &[String],
+    k: usize,
+    widths: &[usize],
+) -> Option<(TensorEncoding, Vec<u8>)> {
+    let members: Vec<&(TensorEncoding, Vec<u8>)> = names.iter().map(|n| pre.get(n)).collect::<Option<_>>()?;
+    let enc = members[0].0;
+    if !matches!(enc, TensorEncoding::Q4 { transposed: true, .. }) || members.iter().any(|(e, _)| *e != enc) {
+        return None;
+    }
+    let n: usize = widths.iter().sum();
+    let layout = |w: usize| enc.quant_layout(DType::F32, &[k as u64, w as u64]);
+    let out_l = layout(n)?;
+    let mut out = vec![0u8; out_l.values.1.max(out_l.scales.1).max(out_l.mins.1)];
+    let mut at = [out_l.values.0, out_l.scales.0, out_l.mins.0];
+    for ((_, bytes), &w) in members.iter().zip(widths) {
+        let l = layout(w)?;
+        for (dst, r) in at.iter_mut().zip([l.values, l.scales, l.mins]) {
+            let src = bytes.get(r.0..r.1)?;
+            out.get_mut(*dst..*dst + src.len())?.copy_from_slice(src);
+            *dst += src.len();
+        }
+    }
+    Some((enc, out))
 }

