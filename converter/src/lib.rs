@@ -28,6 +28,7 @@ pub mod npy;
 pub mod onnx;
 pub mod onnx_build;
 pub mod passes;
+pub mod qimport;
 pub mod quantize;
 pub mod text;
 
@@ -135,6 +136,7 @@ pub fn lower(
         ],
     }];
     if !opts.no_fold {
+        records.push(qimport::lift_int8_products(&mut m)?);
         records.push(llm::fuse_tied_weights(&mut m)?);
         records.push(passes::fold_constants(&mut m)?);
         records.push(passes::fuse_gelu(&mut m)?);

@@ -599,8 +599,9 @@ pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
 }
 
 /// The encoding of `[k, Σ widths]` made of weights imported quantized (`names`, `[k, width]`
-/// each) when they all are, with one encoding stored by columns: each part (values, scales,
-/// minimums) of the members, concatenated, in the encoding's layout.
+/// each) when they all are, with one encoding stored by columns (q4, or q8 panels none of which
+/// is padded): each part (values, scales, minimums) of the members, concatenated, in the
+/// encoding's layout.
 fn merge_prequantized(
     pre: &HashMap<String, (TensorEncoding, Vec<u8>)>,
     names: &[String],
@@ -609,7 +610,13 @@ fn merge_prequantized(
 ) -> Option<(TensorEncoding, Vec<u8>)> {
     let members: Vec<&(TensorEncoding, Vec<u8>)> = names.iter().map(|n| pre.get(n)).collect::<Option<_>>()?;
     let enc = members[0].0;
-    if !matches!(enc, TensorEncoding::Q4 { transposed: true, .. }) || members.iter().any(|(e, _)| *e != enc) {
+    // (Panels concatenate only when no member has a padded last panel.)
+    let ok = match enc {
+        TensorEncoding::Q4 { transposed: true, .. } => true,
+        TensorEncoding::Q8Panels { nr } => widths.iter().all(|w| w % nr as usize == 0),
+        _ => false,
+    };
+    if !ok || members.iter().any(|(e, _)| *e != enc) {
         return None;
     }
     let n: usize = widths.iter().sum();

@@ -385,7 +385,7 @@ fn quantize_one(
 
 /// Panel width of the q8 MatMul weights the converter writes: the AVX-512 VNNI tile's and the
 /// Arm `sdot` kernel's (other sets read it with the portable panel kernel).
-const Q8_PANEL: usize = 32;
+pub(crate) const Q8_PANEL: usize = 32;
 
 /// q8 bytes by columns (`rows·k` values padded to 64, then `rows` scales) repacked as
 /// `TensorEncoding::Q8Panels` with panels of [`Q8_PANEL`], so the GEMM reads them as stored.
@@ -465,11 +465,21 @@ pub fn decode_columns(enc: TensorEncoding, bytes: &[u8], k: usize, n: usize) -> 
             };
             quant::dequantize_q4(&w)
         }
-        TensorEncoding::Q8 { .. } => {
+        TensorEncoding::Q8 { .. } | TensorEncoding::Q8Panels { .. } => {
             let q: &[i8] = bytemuck::cast_slice(part(l.values));
             let s: Vec<f32> =
                 part(l.scales).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            (0..n * k).map(|i| q[i] as f32 * s[i / k]).collect()
+            match enc {
+                TensorEncoding::Q8Panels { nr } => {
+                    let w = quant::Q8Panels { n, k, nr: nr as usize, q, scales: &s };
+                    let mut rows = vec![0.0f32; n * k];
+                    for (j, row) in rows.chunks_exact_mut(k).enumerate() {
+                        quant::dequantize_q8_panel_row(&w, j, row);
+                    }
+                    rows
+                }
+                _ => (0..n * k).map(|i| q[i] as f32 * s[i / k]).collect(),
+            }
         }
         _ => return None,
     };

@@ -1,0 +1,224 @@
+//! Models other tools already quantized to int8, lifted into Acorn's q8 where exact: the int8
+//! weight codes and their scales become a q8 weight (stored as the GEMM reads it), the product a
+//! plain MatMul that the runtime runs with its own dynamic int8 activations.
+//!
+//! - **QDQ weights**: `MatMul(A, DequantizeLinear(W_q, scale, zero_point))` with `W_q` a 2-D
+//!   int8 constant `[K, N]`, a per-tensor or per-column (`axis = 1`) scale and zero points of 0.
+//! - **Dynamic quantization** (`onnxruntime.quantization.quantize_dynamic`):
+//!   `DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, x_zp, w_zp = 0) → Cast(float) →
+//!   Mul(·, x_scale · w_scale)` becomes `MatMul(x, W)`.
+//!
+//! The weight's f32 values `q · scale` go into the graph (so every later pass sees an ordinary
+//! MatMul) and its codes into [`Imported::prequantized`]; the quantize step writes them as they
+//! are. Anything else is left to run on the integer ops as imported.
+
+use acorn::format::{PassRecord, TensorEncoding};
+use acorn::graph::{BinaryOp, ConstBinding, Node, Op, ValueId, ValueInfo};
+use acorn::tensor::{DType, Tensor};
+use anyhow::Result;
+use std::collections::HashMap;
+
+use crate::onnx::Imported;
+
+/// Lifts the int8 products of `m` (see the module docs); returns the pass record.
+pub fn lift_int8_products(m: &mut Imported) -> Result<PassRecord> {
+    let mut qdq = 0usize;
+    let mut dynamic = 0usize;
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    // QDQ: DequantizeLinear nodes on constant int8 weights read only as MatMul's B.
+    let mut i = 0;
+    while i < m.graph.nodes.len() {
+        let n = &m.graph.nodes[i];
+        if matches!(n.op, Op::DequantizeLinear { block: 0, .. }) && n.outputs.len() == 1 {
+            let out = n.outputs[0];
+            let only_b =
+                readers(m, out).iter().all(|&(j, slot)| slot == 1 && matches!(m.graph.nodes[j].op, Op::MatMul))
+                    && !readers(m, out).is_empty()
+                    && !m.graph.outputs.iter().any(|o| o.value == out);
+            let axis = match n.op {
+                Op::DequantizeLinear { axis, .. } => axis,
+                _ => 1,
+            };
+            let inputs = n.inputs.clone();
+            let name = n.name.clone();
+            if only_b {
+                match weight_from(
+                    m,
+                    inputs.first().copied().flatten(),
+                    inputs.get(1).copied().flatten(),
+                    inputs.get(2).copied().flatten(),
+                    axis,
+                ) {
+                    Ok((w, enc, bytes)) => {
+                        let t = m.tensors.len();
+                        let tname = format!("{name}.weight");
+                        m.tensors.push((tname.clone(), w));
+                        m.graph.constants.push(ConstBinding { value: out, tensor: t as u32 });
+                        m.prequantized.insert(tname, (enc, bytes));
+                        m.graph.nodes.remove(i);
+                        qdq += 1;
+                        continue;
+                    }
+                    Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
+                }
+            }
+        }
+        i += 1;
+    }
+    // Dynamic quantization: match from each MatMulInteger, then rewrite.
+    let producers: HashMap<ValueId, usize> =
+        m.graph.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect();
+    let plans: Vec<(String, Dynamic)> = (0..m.graph.nodes.len())
+        .filter(|&i| matches!(m.graph.nodes[i].op, Op::MatMulInteger))
+        .filter_map(|i| match_dynamic(m, &producers, i).map(|d| (m.graph.nodes[i].name.clone(), d)))
+        .collect();
+    for (name, d) in plans {
+        match weight_from(m, Some(d.w), Some(d.w_scale), d.w_zp, 1) {
+            Ok((w, enc, bytes)) => {
+                let tname = format!("{name}.weight");
+                let wv = m.graph.values.len() as ValueId;
+                m.graph.values.push(ValueInfo { name: tname.clone() });
+                m.graph.constants.push(ConstBinding { value: wv, tensor: m.tensors.len() as u32 });
+                m.tensors.push((tname.clone(), w));
+                m.prequantized.insert(tname, (enc, bytes));
+                // The final Mul becomes the product; the integer chain before it is left unread
+                // (dead-node elimination removes it).
+                m.graph.nodes[d.final_mul] = Node {
+                    name: format!("{name}.lifted"),
+                    op: Op::MatMul,
+                    inputs: vec![Some(d.x), Some(wv)],
+                    outputs: vec![d.y],
+                };
+                dynamic += 1;
+            }
+            Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
+        }
+    }
+    let mut params = skipped;
+    params.truncate(64);
+    Ok(PassRecord {
+        name: "lift_int8_products".into(),
+        params,
+        report: vec![("qdq_weights".into(), qdq as f64), ("dynamic_products".into(), dynamic as f64)],
+    })
+}
+
+/// The nodes (and input slots) that read `v`.
+fn readers(m: &Imported, v: ValueId) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (j, n) in m.graph.nodes.iter().enumerate() {
+        for (s, inp) in n.inputs.iter().enumerate() {
+            if *inp == Some(v) {
+                out.push((j, s));
+            }
+        }
+    }
+    out
+}
+
+fn constant(m: &Imported, v: Option<ValueId>) -> Option<&Tensor> {
+    let v = v?;
+    let c = m.graph.constants.iter().find(|c| c.value == v)?;
+    m.tensors.get(c.tensor as usize).map(|(_, t)| t)
+}
+
+/// A matched dynamic-quantization product.
+struct Dynamic {
+    /// The f32 activation `DynamicQuantizeLinear` read.
+    x: ValueId,
+    w: ValueId,
+    w_zp: Option<ValueId>,
+    w_scale: ValueId,
+    /// The node computing `int32 product · (x_scale · w_scale)`, and its output.
+    final_mul: usize,
+    y: ValueId,
+}
+
+/// `MatMulInteger` node `i` in the dynamic-quantization pattern.
+fn match_dynamic(m: &Imported, producers: &HashMap<ValueId, usize>, i: usize) -> Option<Dynamic> {
+    let g = &m.graph;
+    let n = &g.nodes[i];
+    let (xq, b, xzp) = (n.inputs.first().copied()??, n.inputs.get(1).copied()??, n.inputs.get(2).copied()??);
+    let bzp = n.inputs.get(3).copied().flatten();
+    let dql = &g.nodes[*producers.get(&xq)?];
+    if !matches!(dql.op, Op::DynamicQuantizeLinear)
+        || dql.outputs.len() != 3
+        || dql.outputs[0] != xq
+        || dql.outputs[2] != xzp
+    {
+        return None;
+    }
+    let (x, xscale) = (dql.inputs.first().copied()??, dql.outputs[1]);
+    let one = |v: ValueId| -> Option<usize> {
+        let r = readers(m, v);
+        (r.len() == 1 && !g.outputs.iter().any(|o| o.value == v)).then(|| r[0].0)
+    };
+    let cast = one(n.outputs[0])?;
+    if !matches!(g.nodes[cast].op, Op::Cast { to: DType::F32 }) {
+        return None;
+    }
+    let fm = one(g.nodes[cast].outputs[0])?;
+    let f = &g.nodes[fm];
+    if !matches!(f.op, Op::Binary(BinaryOp::Mul)) || f.outputs.len() != 1 {
+        return None;
+    }
+    let other = f.inputs.iter().flatten().copied().find(|&v| v != g.nodes[cast].outputs[0])?;
+    let sn = *producers.get(&other)?;
+    let s = &g.nodes[sn];
+    if !matches!(s.op, Op::Binary(BinaryOp::Mul)) {
+        return None;
+    }
+    let ins: Vec<ValueId> = s.inputs.iter().flatten().copied().collect();
+    if ins.len() != 2 || !ins.contains(&xscale) {
+        return None;
+    }
+    let w_scale = *ins.iter().find(|&&v| v != xscale)?;
+    constant(m, Some(w_scale))?;
+    Some(Dynamic { x, w: b, w_zp: bzp, w_scale, final_mul: fm, y: f.outputs[0] })
+}
+
+/// The f32 `[K, N]` weight `q · scale` of an int8 constant with a per-tensor or per-column scale
+/// and zero points of 0, and its q8 encoding (GEMM panels); or why not.
+fn weight_from(
+    m: &Imported,
+    q: Option<ValueId>,
+    scale: Option<ValueId>,
+    zp: Option<ValueId>,
+    axis: i64,
+) -> std::result::Result<(Tensor, TensorEncoding, Vec<u8>), String> {
+    let qt = constant(m, q).ok_or("the weight is not a constant")?;
+    let st = constant(m, scale).ok_or("the scale is not a constant")?;
+    let s = qt.shape();
+    if qt.dtype() != DType::I8 || s.len() != 2 {
+        return Err(format!("weight is {} of rank {} (2-D int8 lifts)", qt.dtype(), s.len()));
+    }
+    let (k, n) = (s[0], s[1]);
+    if k % 32 != 0 || k * n < crate::quantize::MIN_VALUES {
+        return Err(format!("[{k}, {n}]: K not a multiple of 32, or too small"));
+    }
+    let sc = st.as_f32().ok_or("the scale is not f32")?;
+    let per_col = match sc.len() {
+        1 => vec![sc[0]; n],
+        l if l == n && (axis == 1 || axis == -1) => sc.to_vec(),
+        l => return Err(format!("{l} scales for [{k}, {n}] along axis {axis}")),
+    };
+    if let Some(z) = constant(m, zp) {
+        if z.bytes().iter().any(|&b| b != 0) {
+            return Err("non-zero zero points (asymmetric weights)".into());
+        }
+    } else if zp.is_some() {
+        return Err("the zero point is not a constant".into());
+    }
+    let codes: &[i8] = bytemuck::cast_slice(qt.bytes());
+    let w: Vec<f32> = codes.iter().enumerate().map(|(i, &c)| c as f32 * per_col[i % n]).collect();
+    // By columns: n rows of k codes.
+    let mut rows = vec![0i8; n * k];
+    for (i, &c) in codes.iter().enumerate() {
+        rows[(i % n) * k + i / n] = c;
+    }
+    let (pq, ps) = acorn::kernels::quant::pack_q8_panels(&rows, &per_col, n, k, crate::quantize::Q8_PANEL);
+    let mut bytes: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
+    bytes.resize(bytes.len().next_multiple_of(acorn::format::ALIGN), 0);
+    bytes.extend_from_slice(bytemuck::cast_slice(&ps));
+    Ok((Tensor::from_f32(vec![k, n], w), TensorEncoding::Q8Panels { nr: crate::quantize::Q8_PANEL as u32 }, bytes))
+}
