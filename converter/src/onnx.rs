@@ -364,7 +364,8 @@ impl Importer {
         let zp = if input(3).is_some() { Some(get(3, "zero_points")?) } else { None };
         let blocks = k.div_ceil(block);
         let blob = block * bits / 8;
-        if qb.dtype() != DType::U8 || qb.bytes().len() != nn * blocks * blob {
+        let need = nn.checked_mul(blocks).and_then(|v| v.checked_mul(blob)).filter(|_| block * bits % 8 == 0);
+        if qb.dtype() != DType::U8 || Some(qb.bytes().len()) != need || k.checked_mul(nn).is_none() {
             bail!(bad(format!("B is {} {:?}, expected u8 [{nn}, {blocks}, {blob}]", qb.dtype(), qb.shape())));
         }
         let to_f32 = |t: &Tensor, what: &str| -> Result<Vec<f32>> {

@@ -105,6 +105,26 @@ impl OnnxBuilder {
         self
     }
 
+    /// A u8 initializer (raw bytes).
+    pub fn init_u8(&mut self, name: &str, dims: &[i64], data: Vec<u8>) -> &mut Self {
+        self.graph.initializer.push(pb::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: 2,
+            raw_data: data,
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Sets the domain of the last node added (e.g. `com.microsoft`).
+    pub fn in_domain(&mut self, domain: &str) -> &mut Self {
+        if let Some(n) = self.graph.node.last_mut() {
+            n.domain = domain.into();
+        }
+        self
+    }
+
     /// A node with attributes.
     pub fn node(
         &mut self,

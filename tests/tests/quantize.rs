@@ -480,3 +480,56 @@ fn int8_models_import_as_q8() {
         assert!(a >= b - slack, "{kind}: imported model {a} is further from fp32 than ONNX Runtime's run of it ({b})");
     }
 }
+
+/// A malformed MatMulNBits node is a clear conversion error naming it, never a panic: a block
+/// size that is not a power of two, codes shorter than K·N need (15-byte blocks), act-order `g_idx`, scales of the
+/// wrong count.
+#[test]
+fn malformed_matmul_nbits_are_errors() {
+    use acorn_converter::onnx_build::OnnxBuilder as B;
+    let dir = tempfile::tempdir().unwrap();
+    let (k, n) = (64i64, 8i64);
+    let build = |block: i64, codes: usize, scales: usize, g_idx: bool| {
+        let mut b = B::new(17);
+        b.input_f32("x", &["1", "64"]).output_f32("y");
+        let blob = codes as i64 / (n * k / 32);
+        b.init_u8("w", &[n, k / 32, blob], vec![0x88; codes]).init_f32("s", &[scales as i64], vec![0.1; scales]);
+        let mut inputs = vec!["x", "w", "s"];
+        if g_idx {
+            b.init_i64("g", &[k], vec![0; k as usize]);
+            inputs.extend(["", "g"]);
+        }
+        b.node(
+            "MatMulNBits",
+            "nb",
+            &inputs,
+            &["y"],
+            vec![B::attr_i("K", k), B::attr_i("N", n), B::attr_i("bits", 4), B::attr_i("block_size", block)],
+        )
+        .in_domain("com.microsoft");
+        b.to_bytes()
+    };
+    let good = (n * k / 2) as usize;
+    for (bytes, what) in [
+        (build(24, good, 16, false), "valid layout"),
+        (build(32, good - (n * k / 32) as usize, 16, false), "expected u8"),
+        (build(32, good, 16, true), "g_idx"),
+        (build(32, good, 15, false), "scales"),
+    ] {
+        let path = dir.path().join("nb.onnx");
+        std::fs::write(&path, bytes).unwrap();
+        let e = convert(&path, &dir.path().join("nb.acorn"), &ConvertOptions::default()).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("MatMulNBits node 'nb'") && msg.contains(what), "{what}: {msg}");
+    }
+    // The valid form converts and computes x · dequantized(W): codes 8 everywhere (low and high
+    // nibble), no zero points → (8 − 8)·0.1 = 0.
+    let path = dir.path().join("ok.onnx");
+    std::fs::write(&path, build(32, good, 16, false)).unwrap();
+    let out = dir.path().join("ok.acorn");
+    convert(&path, &out, &ConvertOptions::default()).unwrap();
+    let m = Model::open(&out).unwrap();
+    let x = acorn::Tensor::from_f32(vec![1, 64], vec![1.0; 64]);
+    let y = m.session().commit().unwrap().run(&[("x", &x)]).unwrap().swap_remove(0);
+    assert_eq!(y.as_f32().unwrap(), &[0.0; 8]);
+}
