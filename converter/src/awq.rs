@@ -111,6 +111,8 @@ pub fn apply(m: &mut Imported, opts: &QuantOptions, grams: &mut HashMap<ValueId,
                 Ok(if p.by_rows { quantize::transpose(&w, s[0], s[1]) } else { w })
             })
             .collect::<Result<_>>()?;
+        // The Gram matrix as the f32 GEMM reads it, once per activation (not per α and product).
+        let hf: Vec<f32> = gram.h.iter().map(|&v| v as f32).collect();
         let mut best: Option<(f64, usize, Vec<f32>)> = None;
         let mut base = 0.0;
         for step in 0..=STEPS {
@@ -121,7 +123,7 @@ pub fn apply(m: &mut Imported, opts: &QuantOptions, grams: &mut HashMap<ValueId,
                 let sw = scale_columns(wt, k, &s, false);
                 let approx = quantize::rounded(opts.format, p.by_rows, &sw, p.rows, k);
                 let back = scale_columns(&approx, k, &s, true);
-                err += quantize::output_error_abs(wt, &back, p.rows, k, &gram.h);
+                err += quantize::output_error_abs(wt, &back, p.rows, k, &hf);
             }
             if step == 0 {
                 base = err;

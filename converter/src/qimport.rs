@@ -31,10 +31,10 @@ pub fn lift_int8_products(m: &mut Imported) -> Result<PassRecord> {
         let n = &m.graph.nodes[i];
         if matches!(n.op, Op::DequantizeLinear { block: 0, .. }) && n.outputs.len() == 1 {
             let out = n.outputs[0];
-            let only_b =
-                readers(m, out).iter().all(|&(j, slot)| slot == 1 && matches!(m.graph.nodes[j].op, Op::MatMul))
-                    && !readers(m, out).is_empty()
-                    && !m.graph.outputs.iter().any(|o| o.value == out);
+            let r = readers(m, out);
+            let only_b = !r.is_empty()
+                && r.iter().all(|&(j, slot)| slot == 1 && matches!(m.graph.nodes[j].op, Op::MatMul))
+                && !m.graph.outputs.iter().any(|o| o.value == out);
             let axis = match n.op {
                 Op::DequantizeLinear { axis, .. } => axis,
                 _ => 1,
@@ -216,9 +216,6 @@ fn weight_from(
     for (i, &c) in codes.iter().enumerate() {
         rows[(i % n) * k + i / n] = c;
     }
-    let (pq, ps) = acorn::kernels::quant::pack_q8_panels(&rows, &per_col, n, k, crate::quantize::Q8_PANEL);
-    let mut bytes: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
-    bytes.resize(bytes.len().next_multiple_of(acorn::format::ALIGN), 0);
-    bytes.extend_from_slice(bytemuck::cast_slice(&ps));
+    let bytes = crate::quantize::q8_panel_bytes(&rows, &per_col, n, k);
     Ok((Tensor::from_f32(vec![k, n], w), TensorEncoding::Q8Panels { nr: crate::quantize::Q8_PANEL as u32 }, bytes))
 }

@@ -395,9 +395,15 @@ fn to_panels(bytes: &[u8], rows: usize, k: usize) -> Vec<u8> {
     let q: &[i8] = bytemuck::cast_slice(&bytes[..rows * k]);
     let scales: Vec<f32> =
         bytes[s0..s0 + rows * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    let (pq, ps) = quant::pack_q8_panels(q, &scales, rows, k, Q8_PANEL);
+    q8_panel_bytes(q, &scales, rows, k)
+}
+
+/// The bytes of `TensorEncoding::Q8Panels` (panels of [`Q8_PANEL`]) for `rows` rows of `k` int8
+/// codes and their scales: packed values padded to the alignment, then the padded scales.
+pub(crate) fn q8_panel_bytes(q: &[i8], scales: &[f32], rows: usize, k: usize) -> Vec<u8> {
+    let (pq, ps) = quant::pack_q8_panels(q, scales, rows, k, Q8_PANEL);
     let mut out: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
-    out.resize(out.len().next_multiple_of(align), 0);
+    out.resize(out.len().next_multiple_of(acorn::format::ALIGN), 0);
     out.extend_from_slice(bytemuck::cast_slice(&ps));
     out
 }
@@ -406,7 +412,8 @@ fn to_panels(bytes: &[u8], rows: usize, k: usize) -> Vec<u8> {
 /// calibration activations whose Gram matrix is `h`: `Σ_r e_r·H·e_rᵀ / Σ_r w_r·H·w_rᵀ` with
 /// `e = w − q`.
 fn output_error(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> f64 {
-    let (num, den) = output_error_parts(w, q, rows, k, h, true);
+    let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+    let (num, den) = output_error_parts(w, q, rows, k, &hf, true);
     if den > 0.0 {
         num / den
     } else {
@@ -414,16 +421,15 @@ fn output_error(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> f64 {
     }
 }
 
-/// `Σ_r e_r·H·e_rᵀ` alone (see [`output_error`]).
-pub(crate) fn output_error_abs(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> f64 {
-    output_error_parts(w, q, rows, k, h, false).0
+/// `Σ_r e_r·H·e_rᵀ` alone (see [`output_error`]), with `H` already in f32 (`hf`).
+pub(crate) fn output_error_abs(w: &[f32], q: &[f32], rows: usize, k: usize, hf: &[f32]) -> f64 {
+    output_error_parts(w, q, rows, k, hf, false).0
 }
 
 /// `(Σ_r e_r·H·e_rᵀ, Σ_r w_r·H·w_rᵀ)` (the second only `with_den`); the `·H` products run on the
 /// f32 GEMM, 1024 rows at a time.
-fn output_error_parts(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64], with_den: bool) -> (f64, f64) {
+fn output_error_parts(w: &[f32], q: &[f32], rows: usize, k: usize, hf: &[f32], with_den: bool) -> (f64, f64) {
     use acorn::kernels::{sgemm, BMat, MatRef};
-    let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     const CHUNK: usize = 1024;
     let (mut num, mut den) = (0.0f64, 0.0f64);
@@ -435,7 +441,7 @@ fn output_error_parts(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64], wi
         let parts: &mut [(&[f32], &mut f64)] =
             if with_den { &mut [(&e[..n * k], &mut num), (wc, &mut den)] } else { &mut [(&e[..n * k], &mut num)] };
         for (x, acc) in parts.iter_mut() {
-            let hm = BMat::Strided(MatRef { data: &hf, rs: k, cs: 1 });
+            let hm = BMat::Strided(MatRef { data: hf, rs: k, cs: 1 });
             sgemm(n, k, k, MatRef { data: x, rs: k, cs: 1 }, hm, &mut prod[..n * k], k, false, threads);
             **acc += x.iter().zip(&prod[..n * k]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
         }

@@ -541,17 +541,24 @@ fn drive<F: Fn(usize, usize) -> f32 + Sync>(m: usize, n: usize, out: &mut [f32],
     });
 }
 
+/// The checks every product shares: the activations are quantized for `k` (values, block
+/// scales and sums of all `x.m` rows; `k` a multiple of the block) and `out` holds `x.m × n`.
+fn check_io(x: &QActs, k: usize, n: usize, out: &[f32]) -> Result<(), QuantError> {
+    let m = x.m;
+    check(x.k == k, || format!("activations have k = {}, weights {k}", x.k))?;
+    check(k.is_multiple_of(QK), || format!("k = {k} is not a multiple of {QK}"))?;
+    check(x.q.len() >= m * k && x.scales.len() >= m * k / QK && x.sums.len() >= m * k / QK, || {
+        "activations are not quantized for this shape".into()
+    })?;
+    check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))
+}
+
 /// `out[m × n] = X · Wᵀ` for q8 weights, with the kernels of `isa` (a set this CPU cannot run
 /// falls back to the best supported one).
 pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads: usize) -> Result<(), QuantError> {
     let (m, n, k) = (x.m, w.n, w.k);
-    check(x.k == k, || format!("activations have k = {}, weights {k}", x.k))?;
-    check(k % QK == 0, || format!("k = {k} is not a multiple of {QK}"))?;
+    check_io(x, k, n, out)?;
     check(w.q.len() >= n * k && w.scales.len() >= n, || format!("q8 weights do not hold {n}×{k}"))?;
-    check(x.q.len() >= m * k && x.scales.len() >= m * k / QK, || {
-        "activations are not quantized for this shape".into()
-    })?;
-    check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -666,17 +673,12 @@ pub fn gemm_q8_panels(
     threads: usize,
 ) -> Result<(), QuantError> {
     let (m, n, k, nr) = (x.m, w.n, w.k, w.nr);
-    check(x.k == k, || format!("activations have k = {}, weights {k}", x.k))?;
-    check(k % QK == 0, || format!("k = {k} is not a multiple of {QK}"))?;
+    check_io(x, k, n, out)?;
     check(nr > 0 && nr % 4 == 0 && nr <= MAX_Q8_PANEL, || format!("q8 panel width {nr} is not 4…64 in steps of 4"))?;
     let panels = n.div_ceil(nr);
     check(w.q.len() >= panels * nr * k && w.scales.len() >= panels * nr, || {
         format!("q8 panels do not hold {n}×{k} in panels of {nr}")
     })?;
-    check(x.q.len() >= m * k && x.scales.len() >= m * k / QK && x.sums.len() >= m * k / QK, || {
-        "activations are not quantized for this shape".into()
-    })?;
-    check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -754,7 +756,7 @@ pub fn gemm_q8_panels(
 /// `out[m × n] = X · Wᵀ` for q4 weights.
 pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads: usize) -> Result<(), QuantError> {
     let (m, n, k) = (x.m, w.n, w.k);
-    check(x.k == k, || format!("activations have k = {}, weights {k}", x.k))?;
+    check_io(x, k, n, out)?;
     check(matches!(w.block, 32 | 64 | 128) && k % w.block == 0, || {
         format!("q4 block {} does not divide k = {k}", w.block)
     })?;
@@ -762,10 +764,6 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
     check(w.nibbles.len() >= n * k / 2 && w.scales.len() >= wb && w.mins.is_none_or(|m| m.len() >= wb), || {
         format!("q4 weights do not hold {n}×{k} in blocks of {}", w.block)
     })?;
-    check(x.q.len() >= m * k && x.scales.len() >= m * k / QK && x.sums.len() >= m * k / QK, || {
-        "activations are not quantized for this shape".into()
-    })?;
-    check(out.len() >= m * n, || format!("output holds {} values, needs {m}×{n}", out.len()))?;
     if m == 0 || n == 0 {
         return Ok(());
     }
