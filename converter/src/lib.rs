@@ -143,6 +143,7 @@ pub fn lower(
         records.push(llm::fuse_rms_norm(&mut m)?);
         records.push(llm::fuse_rotary(&mut m)?);
         records.push(llm::fuse_attention(&mut m)?);
+        records.push(llm::fuse_matmul_bias(&mut m)?);
         records.push(llm::merge_parallel_matmuls(&mut m)?);
     }
     records.push(passes::eliminate_dead(&mut m)?);

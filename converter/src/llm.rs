@@ -1,6 +1,6 @@
-//! Passes for decoder language models: recognise what exporters write for a Llama-style block
-//! (RMSNorm, rotary embeddings, grouped-query attention over a KV cache, an LM head tied to the
-//! embedding table) and lower each to one fused op. Each pass matches a pattern exactly — every
+//! Passes for transformers: recognise what exporters write for a Llama-style block (RMSNorm,
+//! rotary embeddings, grouped-query attention over a KV cache, an LM head tied to the embedding
+//! table) and for a BERT-style encoder's attention, and lower each to one fused op. Each pass matches a pattern exactly — every
 //! constant checked, every intermediate read only inside the pattern — and leaves anything else
 //! alone. Run `eliminate_dead` afterwards to drop the replaced nodes.
 
@@ -20,6 +20,8 @@ struct Index<'a> {
     producer: HashMap<ValueId, usize>,
     /// Readers anywhere (branches included); a graph output counts as a reader.
     readers: HashMap<ValueId, usize>,
+    /// Of those, the `Shape` nodes.
+    shape_readers: HashMap<ValueId, usize>,
     const_of: HashMap<ValueId, usize>,
 }
 
@@ -27,9 +29,13 @@ impl<'a> Index<'a> {
     fn new(m: &'a Imported) -> Self {
         let g = &m.graph;
         let mut readers: HashMap<ValueId, usize> = HashMap::new();
+        let mut shape_readers: HashMap<ValueId, usize> = HashMap::new();
         for n in g.all_nodes() {
             for v in n.inputs.iter().flatten() {
                 *readers.entry(*v).or_default() += 1;
+                if matches!(n.op, Op::Shape { .. }) {
+                    *shape_readers.entry(*v).or_default() += 1;
+                }
             }
         }
         for o in &g.outputs {
@@ -40,6 +46,7 @@ impl<'a> Index<'a> {
             tensors: &m.tensors,
             producer: g.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect(),
             readers,
+            shape_readers,
             const_of: g.constants.iter().map(|c| (c.value, c.tensor as usize)).collect(),
         }
     }
@@ -53,6 +60,85 @@ impl<'a> Index<'a> {
 
     fn only_reader(&self, v: ValueId) -> bool {
         self.readers.get(&v) == Some(&1)
+    }
+
+    /// One reader besides `Shape` nodes (exporters compute reshape targets from the shapes of
+    /// the very values they reshape; a fused op leaves those chains dead or, if something else
+    /// uses the shape, computing from nodes that still exist).
+    fn one_reader_besides_shapes(&self, v: ValueId) -> bool {
+        let all = self.readers.get(&v).copied().unwrap_or(0);
+        all == 1 + self.shape_readers.get(&v).copied().unwrap_or(0)
+    }
+
+    /// Whether `piece` is dimension `d` of `x` as exporters write it for a shape:
+    /// `Unsqueeze(Gather(Shape(x), d), [0])`.
+    fn is_dim_of(&self, piece: Option<ValueId>, x: ValueId, d: i64) -> bool {
+        let dim = || -> Option<bool> {
+            let (_, un) = self.prod(piece, |op| matches!(op, Op::Unsqueeze { .. }))?;
+            let Op::Unsqueeze { axes } = &un.op else { return None };
+            let axes = axes.clone().or_else(|| self.ints(un.inputs.get(1).copied().flatten()))?;
+            let (_, gn) = self.prod(un.inputs[0], |op| *op == Op::Gather { axis: 0 })?;
+            let (_, sn) = self.prod(gn.inputs[0], |op| *op == Op::Shape { start: 0, end: None })?;
+            Some(axes == [0] && self.ints(gn.inputs[1])? == [d] && sn.inputs[0] == Some(x))
+        };
+        dim().unwrap_or(false)
+    }
+
+    /// The width of a [.., N] value computed as `x·W (+ b)` with a constant 2-D `W` (and a
+    /// constant `[N]` bias, either operand order): N.
+    fn product_width(&self, v: ValueId) -> Option<usize> {
+        let weight_cols = |v: Option<ValueId>| -> Option<usize> {
+            let (_, mn) = self.prod(v, |op| *op == Op::MatMul)?;
+            match self.tensor(mn.inputs[1])?.shape() {
+                [_, n] => Some(*n),
+                _ => None,
+            }
+        };
+        if let Some(n) = weight_cols(Some(v)) {
+            return Some(n);
+        }
+        let (_, an) = self.prod(Some(v), |op| *op == Op::Binary(BinaryOp::Add))?;
+        let (a, b) = (an.inputs[0], an.inputs[1]);
+        let (bias, prod) = if self.tensor(a).is_some() { (a, b) } else { (b, a) };
+        let n = weight_cols(prod)?;
+        (self.tensor(bias)?.shape() == [n]).then_some(n)
+    }
+
+    /// `Reshape(x, [B, S, H, D])` splitting the last axis of a [B, S, H·D] value `x` into heads
+    /// (the target a constant `[0, 0 | −1, H, D]`, or B and S taken from `x`'s own shape, with H·D
+    /// checked against `x`'s width): (x, H, D).
+    fn split_heads(&self, v: Option<ValueId>) -> Option<(ValueId, i64, i64)> {
+        let (_, rn) = self.prod(v, |op| *op == Op::Reshape { allowzero: false })?;
+        let x = rn.inputs[0]?;
+        let (h, d) = match self.ints(rn.inputs[1]) {
+            Some(t) => (t.len() == 4 && t[0] == 0 && matches!(t[1], 0 | -1)).then_some((t[2], t[3]))?,
+            None => {
+                let (_, cn) = self.prod(rn.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
+                let [b, s, h, d] = cn.inputs[..] else { return None };
+                let one = |v| self.ints(v).and_then(|t| (t.len() == 1).then(|| t[0]));
+                (self.is_dim_of(b, x, 0) && self.is_dim_of(s, x, 1)).then_some((one(h)?, one(d)?))?
+            }
+        };
+        (h > 0 && d > 0 && self.product_width(x)? as i64 == h * d).then_some((x, h, d))
+    }
+
+    /// `Reshape(y, [B, S, W])` merging the heads of a [B, S, heads, width] value `y` back into rows
+    /// of `W` = heads·width (target a constant `[0, 0, W | −1]` or B and S from `y`'s shape):
+    /// whether it does, for `W`.
+    fn merges_heads(&self, rn: &Node, y: ValueId, w: i64) -> bool {
+        let ok = || -> Option<bool> {
+            if rn.op != (Op::Reshape { allowzero: false }) || rn.inputs[0] != Some(y) {
+                return Some(false);
+            }
+            if let Some(t) = self.ints(rn.inputs[1]) {
+                return Some(t.len() == 3 && t[0] == 0 && t[1] == 0 && (t[2] == w || t[2] == -1));
+            }
+            let (_, cn) = self.prod(rn.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
+            let [b, s, last] = cn.inputs[..] else { return Some(false) };
+            let last = self.ints(last)?;
+            Some(self.is_dim_of(b, y, 0) && self.is_dim_of(s, y, 1) && (last == [w] || last == [-1]))
+        };
+        ok().unwrap_or(false)
     }
 
     fn tensor(&self, v: Option<ValueId>) -> Option<&'a Tensor> {
@@ -343,6 +429,64 @@ fn half_table(m: &mut Imported, v: ValueId) -> Option<ValueId> {
     Some(value)
 }
 
+/// One fused attention: the node replaced (`last`), its new inputs and outputs, nodes removed
+/// outright, the score scale, and the head count when Q/K/V stay [B, S, heads·width] rows.
+struct Rw {
+    last: usize,
+    inputs: Vec<Option<ValueId>>,
+    outputs: Vec<ValueId>,
+    remove: Vec<usize>,
+    scale: f32,
+    heads: Option<i64>,
+}
+
+/// The non-Shape node reading `v` (the caller has checked there is one).
+fn sole_reader(g: &Graph, v: ValueId) -> Option<(usize, &Node)> {
+    g.nodes.iter().enumerate().find(|(_, n)| !matches!(n.op, Op::Shape { .. }) && n.inputs.contains(&Some(v)))
+}
+
+/// BERT-style attention around the scores `mq` = Q·Kᵀ and the product `mv` = P·V: Q, K and V
+/// split into heads from [B, S, H·D] rows (`Transpose(Reshape(x, [B, S, H, D]), [0, 2, 1, 3])`;
+/// K transposed `[0, 2, 3, 1]`, or `[0, 1, 3, 2]` after the split) and the output merged back
+/// (`Reshape(Transpose(y, [0, 2, 1, 3]), [B, S, H·Dv])`) → a 3-D Attention on the rows
+/// themselves, which moves no head anywhere.
+fn encoder_attention(ix: &Index<'_>, mq: &Node, mv: &Node, mask: Option<ValueId>, scale: f32) -> Option<Rw> {
+    let heads = |v: Option<ValueId>, perm: &[i64]| -> Option<(ValueId, i64, i64)> {
+        let (_, tn) = ix.prod(v, |op| matches!(op, Op::Transpose { perm: Some(p) } if p == perm))?;
+        let ok = ix.one_reader_besides_shapes(v?) && ix.one_reader_besides_shapes(tn.inputs[0]?);
+        ok.then(|| ix.split_heads(tn.inputs[0])).flatten()
+    };
+    let (q3, h, d) = heads(mq.inputs[0], &[0, 2, 1, 3])?;
+    let (k3, hk, dk) = heads(mq.inputs[1], &[0, 2, 3, 1]).or_else(|| {
+        let (_, tn) =
+            ix.prod(mq.inputs[1], |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))?;
+        ix.one_reader_besides_shapes(mq.inputs[1]?).then(|| heads(tn.inputs[0], &[0, 2, 1, 3])).flatten()
+    })?;
+    let (v3, hv, dv) = heads(mv.inputs[1], &[0, 2, 1, 3])?;
+    if hk != h || hv != h || dk != d {
+        return None;
+    }
+    let y = mv.outputs[0];
+    if !ix.one_reader_besides_shapes(y) {
+        return None;
+    }
+    let (_, tn) = sole_reader(ix.g, y)?;
+    if !matches!(&tn.op, Op::Transpose { perm: Some(p) } if p == &[0, 2, 1, 3])
+        || !ix.one_reader_besides_shapes(tn.outputs[0])
+    {
+        return None;
+    }
+    let (ri, rn) = sole_reader(ix.g, tn.outputs[0])?;
+    ix.merges_heads(rn, tn.outputs[0], h * dv).then(|| Rw {
+        last: ri,
+        inputs: [Some(q3), Some(k3), Some(v3)].into_iter().chain(mask.map(Some)).collect(),
+        outputs: vec![rn.outputs[0]],
+        remove: Vec::new(),
+        scale,
+        heads: Some(h),
+    })
+}
+
 /// Scaled dot-product attention as exporters write it for a decoder with grouped-query heads and
 /// a KV cache:
 ///
@@ -355,16 +499,10 @@ fn half_table(m: &mut Imported, v: ValueId) -> Option<ValueId> {
 ///
 /// → one `Attention` (ONNX opset-23 semantics: 4-D, grouped heads, additive mask, past/present),
 /// whose kernel never materialises the score matrix and which the runtime can bind to its own
-/// KV cache when generating.
+/// KV cache when generating. The same scores in an encoder (BERT, MiniLM) between heads split
+/// from and merged back into [B, S, H·D] rows become a 3-D `Attention` ([`encoder_attention`]).
 pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
     let ix = Index::new(m);
-    struct Rw {
-        last: usize,
-        inputs: Vec<Option<ValueId>>,
-        outputs: Vec<ValueId>,
-        remove: Vec<usize>,
-        scale: f32,
-    }
     let mut rewrites: Vec<Rw> = Vec::new();
     // Repeated heads: (source, r), or (v, 1) when not repeated.
     let repeat = |v: Option<ValueId>| -> Option<(ValueId, i64)> {
@@ -434,6 +572,18 @@ pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
             continue;
         }
         let Some((_, mq)) = ix.prod(qk, |op| *op == Op::MatMul) else { continue };
+        // y = MatMul(p, v_rep): the Softmax's only reader.
+        let Some((li, mv)) = m.graph.nodes.iter().enumerate().find(|(_, n)| n.inputs.first() == Some(&Some(smo)))
+        else {
+            continue;
+        };
+        if mv.op != Op::MatMul || mv.inputs.len() != 2 {
+            continue;
+        }
+        if let Some(rw) = encoder_attention(&ix, mq, mv, mask, scale) {
+            rewrites.push(rw);
+            continue;
+        }
         let q = mq.inputs[0];
         let Some((_, tk)) =
             ix.prod(mq.inputs[1], |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))
@@ -443,19 +593,12 @@ pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
         if !ix.only_reader(mq.inputs[1].expect("input")) {
             continue;
         }
-        // y = MatMul(p, v_rep): the Softmax's only reader.
-        let Some((li, mv)) = m.graph.nodes.iter().enumerate().find(|(_, n)| n.inputs.first() == Some(&Some(smo)))
-        else {
-            continue;
-        };
-        if mv.op != Op::MatMul || mv.inputs.len() != 2 {
-            continue;
-        }
         let (Some((k_all, rk)), Some((v_all, rv))) = (repeat(tk.inputs[0]), repeat(mv.inputs[1])) else { continue };
         if rk != rv {
             continue;
         }
-        let mut rw = Rw { last: li, inputs: Vec::new(), outputs: vec![mv.outputs[0]], remove: Vec::new(), scale };
+        let mut rw =
+            Rw { last: li, inputs: Vec::new(), outputs: vec![mv.outputs[0]], remove: Vec::new(), scale, heads: None };
         match (cache(k_all), cache(v_all)) {
             (Some((pk, k, ck)), Some((pv, v, cv))) => {
                 // The present values may be read only by this pattern and as graph outputs.
@@ -486,8 +629,8 @@ pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
         let n = &mut m.graph.nodes[rw.last];
         n.op = Op::Attention(AttentionAttrs {
             is_causal: false,
-            q_num_heads: None,
-            kv_num_heads: None,
+            q_num_heads: rw.heads,
+            kv_num_heads: rw.heads,
             qk_mode: 0,
             scale: Some(rw.scale),
             softcap: 0.0,
@@ -506,6 +649,50 @@ pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
     Ok(record("fuse_attention", vec![("fused", fused as f64)]))
 }
 
+/// `Add(MatMul(x, W), b)` (operands in either order) with `W` a 2-D f32 constant `[K, N]` and
+/// `b` an f32 constant `[N]` → `MatMul(x, W, b)`: the product adds its bias itself (the f32 GEMM
+/// starts from it, the q8 one adds it to each panel's columns while they are in cache) instead of
+/// one more pass over the output. Run before `merge_parallel_matmuls`, which merges the biases too.
+pub fn fuse_matmul_bias(m: &mut Imported) -> Result<PassRecord> {
+    let ix = Index::new(m);
+    // (MatMul node, Add node, bias value)
+    let mut rewrites: Vec<(usize, usize, ValueId)> = Vec::new();
+    for (ai, an) in m.graph.nodes.iter().enumerate() {
+        let Some((a, b)) = Index::bin(an, BinaryOp::Add) else { continue };
+        for (p, c) in [(a, b), (b, a)] {
+            let (Some(pv), Some(cv)) = (p, c) else { continue };
+            let Some((mi, mn)) = ix.prod(p, |op| *op == Op::MatMul) else { continue };
+            let (Some(w), Some(bt)) = (ix.tensor(mn.inputs[1]), ix.tensor(c)) else { continue };
+            let fits = mn.inputs.len() == 2
+                && ix.only_reader(pv)
+                && w.dtype() == DType::F32
+                && bt.dtype() == DType::F32
+                && w.shape().len() == 2
+                && bt.shape() == [w.shape()[1]];
+            if fits {
+                rewrites.push((mi, ai, cv));
+                break;
+            }
+        }
+    }
+    drop(ix);
+    let fused = rewrites.len();
+    let mut remove = vec![false; m.graph.nodes.len()];
+    for (mi, ai, bias) in rewrites {
+        let out = m.graph.nodes[ai].outputs.clone();
+        let mm = &mut m.graph.nodes[mi];
+        mm.inputs.push(Some(bias));
+        mm.outputs = out;
+        remove[ai] = true;
+    }
+    let mut i = 0;
+    m.graph.nodes.retain(|_| {
+        i += 1;
+        !remove[i - 1]
+    });
+    Ok(record("fuse_matmul_bias", vec![("fused", fused as f64)]))
+}
+
 /// MatMuls that read the same activation against different 2-D constant weights of the same
 /// depth (a block's Q/K/V projections, an MLP's gate and up) → one MatMul against the weights
 /// side by side, then a `Split` of its columns. One pass over the activation, one thread
@@ -513,15 +700,25 @@ pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
 /// step's K/V projections alone are too small). Each weight must be read by its MatMul only.
 pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
     let ix = Index::new(m);
-    // (activation, depth) → MatMul node indices, in graph order.
-    let mut groups: Vec<((ValueId, usize), Vec<usize>)> = Vec::new();
+    // (activation, depth, with a bias) → MatMul node indices, in graph order.
+    let mut groups: Vec<((ValueId, usize, bool), Vec<usize>)> = Vec::new();
     for (i, n) in m.graph.nodes.iter().enumerate() {
-        let (Op::MatMul, [Some(a), Some(w)]) = (&n.op, n.inputs.as_slice()) else { continue };
+        let (Op::MatMul, [Some(a), Some(w), rest @ ..]) = (&n.op, n.inputs.as_slice()) else { continue };
         let Some(t) = ix.tensor(Some(*w)) else { continue };
+        let biased = match rest {
+            [] => false,
+            [b] => {
+                if ix.tensor(*b).is_none() {
+                    continue;
+                }
+                true
+            }
+            _ => continue,
+        };
         if t.dtype() != DType::F32 || t.shape().len() != 2 || !ix.only_reader(*w) {
             continue;
         }
-        let key = (*a, t.shape()[0]);
+        let key = (*a, t.shape()[0], biased);
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, v)) => v.push(i),
             None => groups.push((key, vec![i])),
@@ -533,7 +730,7 @@ pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
     let mut remove = vec![false; m.graph.nodes.len()];
     // New nodes to insert before node index `at` (the group's first MatMul).
     let mut inserts: Vec<(usize, Node, Node)> = Vec::new();
-    for ((a, k), members) in groups {
+    for ((a, k, biased), members) in groups {
         let weights: Vec<&Tensor> = members
             .iter()
             .map(|&i| {
@@ -572,7 +769,22 @@ pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
         m.tensors.push((format!("{name}.weight"), Tensor::from_f32(vec![k, n], data)));
         let yv = m.graph.values.len() as ValueId;
         m.graph.values.push(ValueInfo { name: format!("{name}.out") });
-        let matmul = Node { name: name.clone(), op: Op::MatMul, inputs: vec![Some(a), Some(wv)], outputs: vec![yv] };
+        let mut inputs = vec![Some(a), Some(wv)];
+        if biased {
+            // The members' biases side by side, like their weights.
+            let mut bias = Vec::with_capacity(n);
+            for &i in &members {
+                let b = m.graph.nodes[i].inputs[2].expect("matched");
+                let t = m.graph.constants.iter().find(|c| c.value == b).expect("constant").tensor;
+                bias.extend_from_slice(m.tensors[t as usize].1.view().f32().map_err(|e| anyhow::anyhow!(e.0))?);
+            }
+            let bv = m.graph.values.len() as ValueId;
+            m.graph.values.push(ValueInfo { name: format!("{name}.bias") });
+            m.graph.constants.push(ConstBinding { value: bv, tensor: m.tensors.len() as u32 });
+            m.tensors.push((format!("{name}.bias"), Tensor::from_f32(vec![n], bias)));
+            inputs.push(Some(bv));
+        }
+        let matmul = Node { name: name.clone(), op: Op::MatMul, inputs, outputs: vec![yv] };
         let outputs: Vec<ValueId> = members.iter().map(|&i| m.graph.nodes[i].outputs[0]).collect();
         let split = Node {
             name: format!("{name}.split"),

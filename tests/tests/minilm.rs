@@ -9,6 +9,17 @@ fn minilm_l3_embeddings_match_onnx_runtime() {
     let onnx = asset(MINILM_L3);
     let (_dir, path) = convert_temp(&onnx).expect("convert MiniLM-L3");
     let model = Model::open(&path).unwrap();
+    // What runs below is the fused graph: each layer's attention one 3-D Attention on the
+    // projections' rows (no head transposes, scale, mask add or softmax ops), every projection's
+    // bias added by its MatMul.
+    let fused = |pass: &str| {
+        let p = model.metadata().provenance.passes.iter().find(|p| p.name == pass).cloned();
+        p.and_then(|p| p.report.first().map(|r| r.1)).unwrap_or(0.0)
+    };
+    assert_eq!(fused("fuse_attention"), 3.0, "BERT-style attention not fused");
+    assert_eq!(fused("fuse_matmul_bias"), 18.0, "projection biases not fused");
+    let ops: Vec<String> = model.metadata().graph.nodes.iter().map(|n| n.op.name()).collect();
+    assert!(!ops.iter().any(|o| o == "Softmax" || o == "Transpose"), "left unfused: {ops:?}");
     let out_idx = model.outputs().iter().position(|o| o.name == MINILM_EMBEDDING).expect("output 461");
     let mut ours = model.session().commit().unwrap();
     let mut ours2 = model.session().with_threads(2).commit().unwrap();

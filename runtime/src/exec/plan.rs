@@ -309,7 +309,9 @@ impl<'m> Builder<'m> {
                             .is_some_and(|l| l.shape.len() == 3 && l.shape[1] > 1) =>
                 {
                     let a = self.last_position(node.inputs[0].expect("checked"))?;
-                    rewritten = Node { inputs: vec![Some(a), node.inputs[1]], ..node.clone() };
+                    let mut inputs = node.inputs.clone();
+                    inputs[0] = Some(a);
+                    rewritten = Node { inputs, ..node.clone() };
                     &rewritten
                 }
                 _ => node,

@@ -242,7 +242,9 @@ pub enum Op {
         keepdims: bool,
         select_last_index: bool,
     },
-    /// Batched matmul with NumPy broadcasting of the batch dims.
+    /// Batched matmul with NumPy broadcasting of the batch dims. inputs: A, B, and (Acorn's
+    /// extension, from the converter's `fuse_matmul_bias`) an optional f32 bias `[N]` added to
+    /// every output row when B is a 2-D `[K, N]`.
     MatMul,
     /// inputs: A, B, C (optional)
     Gemm {
@@ -653,7 +655,8 @@ impl Op {
             Op::Shape { .. } | Op::Flatten { .. } | Op::Transpose { .. } => (1, 1, 1, 1),
             Op::ArgExtreme { .. } | Op::ConstantOfShape { .. } | Op::Softmax { .. } => (1, 1, 1, 1),
             Op::Clip => (1, 3, 1, 1),
-            Op::Binary(_) | Op::MatMul | Op::MatMulTransB | Op::Expand | Op::Tile => (2, 2, 1, 1),
+            Op::Binary(_) | Op::MatMulTransB | Op::Expand | Op::Tile => (2, 2, 1, 1),
+            Op::MatMul => (2, 3, 1, 1),
             Op::Reshape { .. } | Op::Gather { .. } => (2, 2, 1, 1),
             Op::Where | Op::Range => (3, 3, 1, 1),
             Op::Reduce { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => (1, 2, 1, 1),

@@ -672,8 +672,24 @@ pub fn gemm_q8_panels(
     out: &mut [f32],
     threads: usize,
 ) -> Result<(), QuantError> {
+    gemm_q8_panels_bias(isa, x, w, None, out, threads)
+}
+
+/// [`gemm_q8_panels`] plus a bias of `n` values added to every output row (by each thread to its
+/// own panels' columns while they are still in cache).
+pub fn gemm_q8_panels_bias(
+    isa: Isa,
+    x: &QActs,
+    w: &Q8Panels<'_>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), QuantError> {
     let (m, n, k, nr) = (x.m, w.n, w.k, w.nr);
     check_io(x, k, n, out)?;
+    check(bias.is_none_or(|b| b.len() == n), || {
+        format!("a bias for {n} outputs has {} values", bias.map_or(0, |b| b.len()))
+    })?;
     check(nr > 0 && nr % 4 == 0 && nr <= MAX_Q8_PANEL, || format!("q8 panel width {nr} is not 4…64 in steps of 4"))?;
     let panels = n.div_ceil(nr);
     check(w.q.len() >= panels * nr * k && w.scales.len() >= panels * nr, || {
@@ -744,6 +760,15 @@ pub fn gemm_q8_panels(
                                 let o = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(i * n + p * nr), cols) };
                                 o.copy_from_slice(&buf[..cols]);
                             }
+                        }
+                    }
+                    if let Some(b) = bias {
+                        let b = &b[p * nr..p * nr + cols];
+                        for i in 0..m {
+                            // SAFETY: as above: row i's columns of panel p, inside `out`, this
+                            // part's alone (the kernel has finished writing them).
+                            let o = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(i * n + p * nr), cols) };
+                            o.iter_mut().zip(b).for_each(|(o, b)| *o += b);
                         }
                     }
                 }

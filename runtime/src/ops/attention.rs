@@ -8,6 +8,8 @@
 use super::{broadcast_strides, req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::AttentionAttrs;
+use std::sync::Mutex;
+
 use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
@@ -104,14 +106,27 @@ pub(super) fn infer(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out: usiz
     Ok(outs)
 }
 
-/// Whether the grouped kernel ([`attend_group`]) computes this node: 4-D, no softcap, no QK
-/// output, no `nonpad_kv_seqlen`, an f32 or bool mask (or none).
+/// Whether the unit kernel ([`attend_units`]) computes this node: no softcap, no QK output, no
+/// `nonpad_kv_seqlen`, an f32 or bool mask (or none); 4-D with or without present outputs, 3-D
+/// (heads side by side in each row, as BERT-style encoders keep them) without.
 fn fast_path(a: &AttentionAttrs, q_rank: usize, mask: Option<DType>, nonpad: bool, n_out: usize) -> bool {
     let mask_ok = mask.is_none_or(|d| matches!(d, DType::F32 | DType::Bool));
-    q_rank == 4 && a.softcap == 0.0 && n_out <= 3 && !nonpad && mask_ok
+    let outs_ok = if q_rank == 3 { n_out <= 1 } else { q_rank == 4 && n_out <= 3 };
+    outs_ok && a.softcap == 0.0 && !nonpad && mask_ok
 }
 
-/// Scratch floats for the grouped kernel: scores and probabilities of one group of query heads.
+/// Query rows of one unit: a group of query heads sharing a K/V head (4-D: their rows are
+/// contiguous) or one query head (3-D).
+fn unit_rows(g: &Geo) -> usize {
+    if g.three_d {
+        g.sq
+    } else {
+        (g.qh / g.kvh.max(1)) * g.sq
+    }
+}
+
+/// Scratch floats for one unit: its scores and probabilities (a parallel run grows the scratch
+/// to one such block, plus its outputs, per thread).
 pub(super) fn scratch_len(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out: usize) -> usize {
     let (Some(q), Some(k), Some(v)) = (inputs[0], inputs.get(1).copied().flatten(), inputs.get(2).copied().flatten())
     else {
@@ -128,111 +143,220 @@ pub(super) fn scratch_len(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out
                 n_out,
             ) =>
         {
-            2 * (g.qh / g.kvh.max(1)) * g.sq * (g.past + g.skv)
+            2 * unit_rows(&g) * (g.past + g.skv)
         }
         _ => 0,
     }
 }
 
-/// Up to two contiguous pieces of one K/V head's rows (the past, then the new rows), `width`
-/// floats per row.
+/// Rows of one K/V head in one buffer: row `j` is `data[j·stride ..][.. width]`.
+#[derive(Clone, Copy)]
+struct Piece<'a> {
+    data: &'a [f32],
+    rows: usize,
+    stride: usize,
+}
+
+impl<'a> Piece<'a> {
+    const EMPTY: Piece<'static> = Piece { data: &[], rows: 0, stride: 0 };
+
+    /// Head `h`'s `rows` rows of `width` in a buffer of [rows, heads, width] (`heads_side_by_side`)
+    /// or [heads, rows, width], starting at row `r0` of the batch.
+    fn of(data: &'a [f32], r0: usize, rows: usize, heads: usize, h: usize, width: usize, side_by_side: bool) -> Self {
+        if rows == 0 {
+            return Piece { data: &[], rows: 0, stride: width };
+        }
+        if side_by_side {
+            Piece { data: &data[(r0 * heads + h) * width..], rows, stride: heads * width }
+        } else {
+            Piece { data: &data[(r0 * heads + h * rows) * width..], rows, stride: width }
+        }
+    }
+}
+
+/// Up to two pieces of one K/V head's rows (the past, then the new rows), `width` floats per row.
+#[derive(Clone, Copy)]
 struct Rows<'a> {
-    pieces: [&'a [f32]; 2],
+    pieces: [Piece<'a>; 2],
     width: usize,
 }
 
 impl Rows<'_> {
     fn total(&self) -> usize {
-        (self.pieces[0].len() + self.pieces[1].len()) / self.width.max(1)
+        self.pieces[0].rows + self.pieces[1].rows
     }
+}
+
+/// One unit of work: `rows` query rows (`q`, row stride `q.rs`) of the query heads `h0…` in
+/// batch `b`, the K/V rows they attend to, and where their outputs start in Y.
+#[derive(Clone, Copy)]
+struct Unit<'a> {
+    b: usize,
+    h0: usize,
+    q: MatRef<'a>,
+    k: Rows<'a>,
+    v: Rows<'a>,
+    y: usize,
 }
 
 /// How the mask reaches one group: the mask view, its width, broadcast strides over
 /// [B, heads, S, width].
 type MaskRef<'a> = Option<(View<'a>, usize, [isize; crate::graph::MAX_RANK])>;
 
-/// Attention for the `reps` query heads `h0..h0 + reps` that share one K/V head, as two small
-/// GEMMs (Q·Kᵀ, then P·V) over the group's `reps·S` query rows: `q` and `y` are the group's
-/// contiguous rows ([reps, S, hd] and [reps, S, hv]), `scratch` holds 2·reps·S·T floats.
-#[allow(clippy::too_many_arguments)]
-fn attend_group(
-    q: &[f32],
-    k: &Rows<'_>,
-    v: &Rows<'_>,
-    (b, h0, reps, sq): (usize, usize, usize, usize),
+/// What every unit shares: query rows per head, the scale, the mask (with its values when f32),
+/// the causal offset (the past length) if causal.
+struct Scoring<'a> {
+    sq: usize,
     scale: f32,
-    mask: &MaskRef<'_>,
+    mask: MaskRef<'a>,
+    mask_f32: Option<&'a [f32]>,
     causal_past: Option<usize>,
-    y: &mut [f32],
-    scratch: &mut Vec<f32>,
-    threads: usize,
-) -> OpResult<()> {
-    let (hd, hv, total) = (k.width, v.width, k.total());
-    let rows = reps * sq;
-    if total == 0 {
-        y.fill(0.0);
-        return Ok(());
-    }
-    if scratch.len() < 2 * rows * total {
-        // Planned sessions reserve this up front; other callers (plan-time evaluation of
-        // converted f16 inputs) grow it here.
-        scratch.resize(2 * rows * total, 0.0);
-    }
-    let (scores, probs) = scratch[..2 * rows * total].split_at_mut(rows * total);
-    let mut col = 0;
-    for piece in k.pieces {
-        let n = piece.len() / hd.max(1);
-        if n > 0 {
-            let am = MatRef { data: q, rs: hd, cs: 1 };
-            let bm = MatRef { data: piece, rs: 1, cs: hd };
-            kernels::sgemm(rows, n, hd, am, BMat::Strided(bm), &mut scores[col..], total, false, threads);
-        }
-        col += n;
-    }
-    let mask_f32 = match mask {
-        Some((m, _, _)) if m.dtype == DType::F32 => Some(m.f32()?),
-        _ => None,
-    };
-    for (r, row) in scores.chunks_exact_mut(total).enumerate() {
-        let (h, i) = (h0 + r / sq, r % sq);
-        match mask {
-            None => row.iter_mut().for_each(|s| *s *= scale),
+}
+
+impl Scoring<'_> {
+    /// Scales score row `r` of a unit starting at query head `h0` and adds its mask and causal
+    /// biases.
+    fn bias(&self, b: usize, h0: usize, r: usize, row: &mut [f32]) {
+        let (h, i) = (h0 + r / self.sq, r % self.sq);
+        match &self.mask {
+            None => row.iter_mut().for_each(|s| *s *= self.scale),
             Some((m, mw, st)) => {
                 let base = b as isize * st[0] + h as isize * st[1] + i as isize * st[2];
                 let (mw, sj) = (*mw, st[3]);
-                for (j, s) in row.iter_mut().enumerate() {
-                    let bias = if j >= mw {
-                        f32::NEG_INFINITY
-                    } else {
-                        let off = (base + j as isize * sj) as usize;
-                        match mask_f32 {
-                            Some(mf) => mf[off],
-                            None if m.bytes[off] != 0 => 0.0,
-                            None => f32::NEG_INFINITY,
-                        }
-                    };
-                    *s = *s * scale + bias;
+                if let (Some(mf), 1, true) = (self.mask_f32, sj, mw >= row.len()) {
+                    // The common case (an f32 mask row as wide as the keys): one vector loop.
+                    let mrow = &mf[base as usize..][..row.len()];
+                    row.iter_mut().zip(mrow).for_each(|(s, &m)| *s = *s * self.scale + m);
+                } else {
+                    self.bias_any(m, (mw, sj, base), row);
                 }
             }
         }
         // Causal: query i (at position past + i) sees keys up to its own position.
-        if let Some(past) = causal_past {
+        if let Some(past) = self.causal_past {
             row.iter_mut().skip(past + i + 1).for_each(|s| *s = f32::NEG_INFINITY);
         }
     }
+
+    /// [`Scoring::bias`] for any mask: boolean, strided, or narrower than the keys.
+    fn bias_any(&self, m: &View<'_>, (mw, sj, base): (usize, isize, isize), row: &mut [f32]) {
+        for (j, s) in row.iter_mut().enumerate() {
+            let bias = if j >= mw {
+                f32::NEG_INFINITY
+            } else {
+                let off = (base + j as isize * sj) as usize;
+                match self.mask_f32 {
+                    Some(mf) => mf[off],
+                    None if m.bytes[off] != 0 => 0.0,
+                    None => f32::NEG_INFINITY,
+                }
+            };
+            *s = *s * self.scale + bias;
+        }
+    }
+}
+
+/// Attention for one unit as two small GEMMs (Q·Kᵀ, then P·V) over its `rows` query rows:
+/// outputs into `y` (row stride `ldy`); `scratch` holds 2·rows·T floats.
+fn attend_unit(
+    u: &Unit<'_>,
+    rows: usize,
+    sc: &Scoring<'_>,
+    (y, ldy): (&mut [f32], usize),
+    scratch: &mut [f32],
+    threads: usize,
+) {
+    let (hd, hv, total) = (u.k.width, u.v.width, u.k.total());
+    if total == 0 {
+        for r in 0..rows {
+            y[r * ldy..r * ldy + hv].fill(0.0);
+        }
+        return;
+    }
+    let (scores, probs) = scratch[..2 * rows * total].split_at_mut(rows * total);
+    let mut col = 0;
+    for piece in u.k.pieces {
+        if piece.rows > 0 {
+            let bm = MatRef { data: piece.data, rs: 1, cs: piece.stride };
+            kernels::sgemm(rows, piece.rows, hd, u.q, BMat::Strided(bm), &mut scores[col..], total, false, threads);
+        }
+        col += piece.rows;
+    }
+    for (r, row) in scores.chunks_exact_mut(total).enumerate() {
+        sc.bias(u.b, u.h0, r, row);
+    }
     kernels::math::softmax_rows(scores, probs, total, false);
     let mut row0 = 0;
-    for (p, piece) in v.pieces.iter().enumerate() {
-        let n = piece.len() / hv.max(1);
-        if n > 0 {
+    for piece in u.v.pieces {
+        if piece.rows > 0 {
             let am = MatRef { data: &probs[row0..], rs: total, cs: 1 };
-            let bm = MatRef { data: piece, rs: hv, cs: 1 };
-            let acc = p > 0 && row0 > 0;
-            kernels::sgemm(rows, hv, n, am, BMat::Strided(bm), y, hv, acc, threads);
+            let bm = MatRef { data: piece.data, rs: piece.stride, cs: 1 };
+            kernels::sgemm(rows, hv, piece.rows, am, BMat::Strided(bm), y, ldy, row0 > 0, threads);
         }
-        row0 += n;
+        row0 += piece.rows;
     }
-    Ok(())
+}
+
+/// Most parts a parallel run splits into (blocks of the scratch handed out without allocating).
+const MAX_PARTS: usize = 16;
+
+/// Runs units `0..n` (`unit(i)` describes one). With several threads and enough units, whole
+/// units go to threads (each with its own block of the scratch, outputs copied into Y
+/// afterwards); otherwise units run in turn, each product split across the threads.
+fn attend_units<'a>(
+    n: usize,
+    unit: &(dyn Fn(usize) -> Unit<'a> + Sync),
+    (rows, ldy): (usize, usize),
+    sc: &Scoring<'_>,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+    threads: usize,
+) {
+    if n == 0 {
+        return;
+    }
+    let first = unit(0);
+    let (total, hv) = (first.k.total(), first.v.width);
+    let per_unit = 2 * rows * total;
+    let parts = threads.min(n).min(MAX_PARTS);
+    if parts < 2 || (!n.is_multiple_of(parts) && n < 4 * parts) {
+        if scratch.len() < per_unit {
+            // Planned sessions reserve this up front; other callers (plan-time evaluation of
+            // converted f16 inputs) grow it here.
+            scratch.resize(per_unit, 0.0);
+        }
+        for i in 0..n {
+            let u = unit(i);
+            attend_unit(&u, rows, sc, (&mut y[u.y..], ldy), scratch, threads);
+        }
+        return;
+    }
+    // Part p runs units p, p + parts, …; its block holds the scores and its units' outputs.
+    let per_part = n.div_ceil(parts);
+    let block = per_unit + per_part * rows * hv;
+    if scratch.len() < parts * block {
+        // Once per session and thread count (the plan reserves one unit's scratch).
+        scratch.resize(parts * block, 0.0);
+    }
+    let mut chunks = scratch.chunks_mut(block);
+    let blocks: [Mutex<&mut [f32]>; MAX_PARTS] = std::array::from_fn(|_| Mutex::new(chunks.next().unwrap_or(&mut [])));
+    kernels::pool::for_each(parts, parts, &|p| {
+        let mut guard = blocks[p].lock().unwrap_or_else(|e| e.into_inner());
+        let (work, outs) = guard.split_at_mut(per_unit);
+        for (slot, i) in (p..n).step_by(parts).enumerate() {
+            attend_unit(&unit(i), rows, sc, (&mut outs[slot * rows * hv..], hv), work, 1);
+        }
+    });
+    for (p, block) in blocks.iter().enumerate().take(parts) {
+        let block = block.lock().unwrap_or_else(|e| e.into_inner());
+        let outs = &block[per_unit..];
+        for (slot, i) in (p..n).step_by(parts).enumerate() {
+            let at = unit(i).y;
+            for r in 0..rows {
+                y[at + r * ldy..][..hv].copy_from_slice(&outs[(slot * rows + r) * hv..][..hv]);
+            }
+        }
+    }
 }
 
 fn mask_ref<'a>(mask: Option<View<'a>>, g: &Geo) -> MaskRef<'a> {
@@ -386,35 +510,55 @@ pub(super) fn run_cached(
     let g = Geo { past: p, ..g };
     let heads = &cache.layers[layer];
     attend_heads(a, &g, q.f32()?, outputs[0].f32()?, mask, (&mut *ctx.scratch, ctx.threads), |_, h| {
-        (Rows { pieces: [&heads[h].0, &[]], width: g.hd }, Rows { pieces: [&heads[h].1, &[]], width: g.hv })
+        let (kc, vc) = (&heads[h].0[..], &heads[h].1[..]);
+        (
+            Rows { pieces: [Piece { data: kc, rows: total, stride: g.hd }, Piece::EMPTY], width: g.hd },
+            Rows { pieces: [Piece { data: vc, rows: total, stride: g.hv }, Piece::EMPTY], width: g.hv },
+        )
     })
 }
 
-/// [`attend_group`] for every batch and K/V head: `rows(b, h)` gives that head's K and V rows;
-/// Q and Y are 4-D [B, heads, S, ·], so a group's query heads are contiguous.
+/// Attention over every unit of a node: `kv(b, h)` gives K/V head `h`'s rows in batch `b`. Q
+/// and Y are 4-D [B, heads, S, ·] (a group's query heads contiguous: one unit per K/V head) or
+/// 3-D [B, S, heads·width] (one unit per query head, rows `heads·width` apart).
 fn attend_heads<'r>(
     a: &AttentionAttrs,
     g: &Geo,
-    qd: &[f32],
+    qd: &'r [f32],
     y: &mut [f32],
-    mask: Option<View<'_>>,
+    mask: Option<View<'r>>,
     (scratch, threads): (&mut Vec<f32>, usize),
-    rows: impl Fn(usize, usize) -> (Rows<'r>, Rows<'r>),
+    kv: impl Fn(usize, usize) -> (Rows<'r>, Rows<'r>) + Sync,
 ) -> OpResult<()> {
-    let mref = mask_ref(mask, g);
-    let reps = g.qh / g.kvh;
+    let rows = unit_rows(g);
+    if rows == 0 || g.hv == 0 {
+        return Ok(());
+    }
+    let mask = mask_ref(mask, g);
+    let mask_f32 = match &mask {
+        Some((m, _, _)) if m.dtype == DType::F32 => Some(m.f32()?),
+        _ => None,
+    };
     let scale = a.scale.unwrap_or(1.0 / (g.hd as f32).sqrt());
-    let grp = reps * g.sq;
-    let causal = a.is_causal.then_some(g.past);
-    for b in 0..g.b {
-        for h in 0..g.kvh {
-            let bh = b * g.kvh + h;
-            let (kr, vr) = rows(b, h);
-            let qrows = &qd[bh * grp * g.hd..(bh + 1) * grp * g.hd];
-            let yrows = &mut y[bh * grp * g.hv..(bh + 1) * grp * g.hv];
-            let at = (b, h * reps, reps, g.sq);
-            attend_group(qrows, &kr, &vr, at, scale, &mref, causal, yrows, scratch, threads)?;
-        }
+    let sc = Scoring { sq: g.sq, scale, mask, mask_f32, causal_past: a.is_causal.then_some(g.past) };
+    let reps = g.qh / g.kvh;
+    if g.three_d {
+        let (ldq, ldy) = (g.qh * g.hd, g.qh * g.hv);
+        let unit = |i: usize| {
+            let (b, h) = (i / g.qh, i % g.qh);
+            let (k, v) = kv(b, h / reps);
+            let q = MatRef { data: &qd[b * g.sq * ldq + h * g.hd..], rs: ldq, cs: 1 };
+            Unit { b, h0: h, q, k, v, y: b * g.sq * ldy + h * g.hv }
+        };
+        attend_units(g.b * g.qh, &unit, (rows, ldy), &sc, y, scratch, threads);
+    } else {
+        let unit = |bh: usize| {
+            let (b, h) = (bh / g.kvh, bh % g.kvh);
+            let (k, v) = kv(b, h);
+            let q = MatRef { data: &qd[bh * rows * g.hd..], rs: g.hd, cs: 1 };
+            Unit { b, h0: h * reps, q, k, v, y: bh * rows * g.hv }
+        };
+        attend_units(g.b * g.kvh, &unit, (rows, g.hv), &sc, y, scratch, threads);
     }
     Ok(())
 }
@@ -627,11 +771,13 @@ fn run_grouped<'a>(
     }
     let mask = inputs.get(3).copied().flatten();
     attend_heads(a, g, qd, head[0].f32()?, mask, (&mut *ctx.scratch, ctx.threads), |b, h| {
-        let bh = b * g.kvh + h;
-        let piece = |past: &'a [f32], new: &'a [f32], w: usize| Rows {
-            pieces: [&past[bh * g.past * w..(bh + 1) * g.past * w], &new[bh * g.skv * w..(bh + 1) * g.skv * w]],
+        let rows = |past: &'a [f32], new: &'a [f32], w: usize| Rows {
+            pieces: [
+                Piece::of(past, b * g.past, g.past, g.kvh, h, w, false),
+                Piece::of(new, b * g.skv, g.skv, g.kvh, h, w, g.three_d),
+            ],
             width: w,
         };
-        (piece(pk, kd, g.hd), piece(pv, vd, g.hv))
+        (rows(pk, kd, g.hd), rows(pv, vd, g.hv))
     })
 }

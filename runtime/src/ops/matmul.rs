@@ -47,7 +47,20 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
         op_bail!("{} needs f32 operands, got {} and {}", op.name(), a.dtype, b.dtype);
     }
     match op {
-        Op::MatMul => Ok(vec![(DType::F32, matmul_out_shape(a.shape, b.shape)?)]),
+        Op::MatMul => {
+            if let Some(Some(c)) = inputs.get(2) {
+                let n = b.shape.last().copied().unwrap_or(0);
+                if b.shape.len() != 2 || c.dtype != DType::F32 || c.shape != [n] {
+                    op_bail!(
+                        "MatMul's bias must be f32 [N] beside a 2-D B [K, N], got {} {:?} with B {:?}",
+                        c.dtype,
+                        c.shape,
+                        b.shape
+                    );
+                }
+            }
+            Ok(vec![(DType::F32, matmul_out_shape(a.shape, b.shape)?)])
+        }
         Op::MatMulTransB => {
             if a.shape.is_empty() || b.shape.len() != 2 || a.shape[a.shape.len() - 1] != b.shape[1] {
                 op_bail!("MatMulTransB needs A [..., K] and B [N, K], got {:?} and {:?}", a.shape, b.shape);
@@ -80,6 +93,30 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
     }
 }
 
+/// MatMul's optional third input (Acorn's, written by the converter's `fuse_matmul_bias`): `n`
+/// values added to every output row.
+pub(super) fn bias<'a>(inputs: &[Option<View<'a>>], n: usize) -> OpResult<Option<&'a [f32]>> {
+    match inputs.get(2).copied().flatten() {
+        None => Ok(None),
+        Some(c) => {
+            let d = c.f32()?;
+            if d.len() != n {
+                op_bail!("MatMul's bias holds {} values for {n} outputs", d.len());
+            }
+            Ok(Some(d))
+        }
+    }
+}
+
+/// Adds `bias` (if any) to each of the `m` rows of `out`.
+pub(super) fn add_bias(out: &mut [f32], m: usize, bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in out.chunks_exact_mut(b.len()).take(m) {
+            row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+        }
+    }
+}
+
 pub(super) fn run(
     op: &Op,
     inputs: &[Option<View<'_>>],
@@ -107,6 +144,12 @@ pub(super) fn run(
             let batch = &out.shape[..batch_rank];
             let o = out.f32()?;
             let nb = numel(batch);
+            // A bias is the GEMM's starting C (inference checked B is 2-D).
+            let bias = bias(inputs, n)?;
+            if let Some(bv) = bias {
+                o.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bv));
+            }
+            let acc = bias.is_some();
             let abatch = &a.shape[..ar.saturating_sub(2)];
             let bbatch = &b.shape[..br.saturating_sub(2)];
             let sa = broadcast_strides(abatch, batch);
@@ -132,7 +175,7 @@ pub(super) fn run(
                 // One weight matrix for every batch, and A's batches are contiguous rows: a
                 // single product with nb·m rows (better tiles and thread splits than nb calls).
                 let am = MatRef { data: ad, rs: k, cs: 1 };
-                kernels::sgemm(nb * m, n, k, am, bmat_at(bd), &mut o[..nb * m * n], n, false, ctx.threads);
+                kernels::sgemm(nb * m, n, k, am, bmat_at(bd), &mut o[..nb * m * n], n, acc, ctx.threads);
                 return Ok(());
             }
             let mut idx = [0usize; crate::graph::MAX_RANK];
@@ -144,7 +187,7 @@ pub(super) fn run(
                 }
                 let am = MatRef { data: &ad[ia as usize * m * k..], rs: k, cs: 1 };
                 let bm = bmat_at(&bd[ib as usize * bmat..]);
-                kernels::sgemm(m, n, k, am, bm, &mut o[bi * m * n..(bi + 1) * m * n], n, false, ctx.threads);
+                kernels::sgemm(m, n, k, am, bm, &mut o[bi * m * n..(bi + 1) * m * n], n, acc, ctx.threads);
                 for j in (0..batch_rank).rev() {
                     idx[j] += 1;
                     if idx[j] < batch[j] {

@@ -141,9 +141,15 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
     if o.len() < m * n {
         op_bail!("{}: output holds {} values, needs {m}×{n}", op.name(), o.len());
     }
+    let bias = super::matmul::bias(inputs, n)?;
+    let o = &mut o[..m * n];
     let isa = crate::kernels::selected();
     match w {
-        QMat::F16(w) => half::gemm_f16(isa, x, m, &w, o, ctx.threads).map_err(OpError),
+        QMat::F16(w) => {
+            half::gemm_f16(isa, x, m, &w, o, ctx.threads).map_err(OpError)?;
+            super::matmul::add_bias(o, m, bias);
+            Ok(())
+        }
         QMat::Q8(_) | QMat::Q8Panels(_) | QMat::Q4(_) => ACTS.with(|cell| {
             let qa = &mut *cell.borrow_mut();
             match w {
@@ -153,11 +159,15 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
             .map_err(|e| OpError(e.0))?;
             match w {
                 QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, ctx.threads),
-                QMat::Q8Panels(w) => quant::gemm_q8_panels(isa, qa, &w, o, ctx.threads),
+                QMat::Q8Panels(w) => {
+                    return quant::gemm_q8_panels_bias(isa, qa, &w, bias, o, ctx.threads).map_err(|e| OpError(e.0))
+                }
                 QMat::Q4(w) => quant::gemm_q4(isa, qa, &w, o, ctx.threads),
                 QMat::F16(_) => unreachable!("handled above"),
             }
-            .map_err(|e| OpError(e.0))
+            .map_err(|e| OpError(e.0))?;
+            super::matmul::add_bias(o, m, bias);
+            Ok(())
         }),
     }
 }

@@ -280,3 +280,129 @@ fn matmul_batches_against_one_weight_matrix() {
         }
     }
 }
+
+/// Attention by definition (f64): `q` [B, qh, S, hd], `k`/`v` [B, kvh, T, ·] (past rows first),
+/// `bias(b, h, i, j)` the mask; returns [B, qh, S, hv].
+#[allow(clippy::too_many_arguments)]
+fn attention_by_definition(
+    (b, qh, kvh, s, t, hd, hv): (usize, usize, usize, usize, usize, usize, usize),
+    q: &dyn Fn(usize, usize, usize, usize) -> f32,
+    k: &dyn Fn(usize, usize, usize, usize) -> f32,
+    v: &dyn Fn(usize, usize, usize, usize) -> f32,
+    bias: &dyn Fn(usize, usize, usize, usize) -> f64,
+    scale: f64,
+) -> Vec<f64> {
+    let mut y = vec![0.0; b * qh * s * hv];
+    for bi in 0..b {
+        for h in 0..qh {
+            let kh = h / (qh / kvh);
+            for i in 0..s {
+                let sc: Vec<f64> = (0..t)
+                    .map(|j| {
+                        let dot: f64 = (0..hd).map(|d| q(bi, h, i, d) as f64 * k(bi, kh, j, d) as f64).sum();
+                        dot * scale + bias(bi, h, i, j)
+                    })
+                    .collect();
+                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hv {
+                    y[((bi * qh + h) * s + i) * hv + d] = (0..t).map(|j| e[j] / z * v(bi, kh, j, d) as f64).sum();
+                }
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn attention_units_match_the_definition_in_both_layouts_on_any_thread_count() {
+    use crate::graph::AttentionAttrs;
+    use crate::kernels::pseudo_random;
+    // B, query heads, K/V heads, S, past, head width, value width.
+    for &(b, qh, kvh, s, past, hd, hv) in
+        &[(2, 4, 2, 5, 0, 8, 6), (2, 6, 6, 7, 3, 5, 9), (1, 12, 12, 17, 0, 32, 32), (3, 3, 1, 1, 4, 16, 16)]
+    {
+        let t = past + s;
+        for three_d in [false, true] {
+            for (masked, causal) in [(false, false), (true, false), (false, true)] {
+                let qv = pseudo_random(b * qh * s * hd, 1);
+                let kv = pseudo_random(b * kvh * s * hd, 2);
+                let vv = pseudo_random(b * kvh * s * hv, 3);
+                let pk = pseudo_random(b * kvh * past * hd, 4);
+                let pv = pseudo_random(b * kvh * past * hv, 5);
+                // An additive [B, 1, 1, T] mask hiding one key per batch.
+                let mv: Vec<f32> = (0..b * t).map(|x| if x % t == (x / t + 1) % t { -1e4 } else { 0.1 }).collect();
+                // Element (batch, head, row, d) of a tensor in the layout under test.
+                let at = |data: &[f32], heads: usize, rows: usize, w: usize, bi, h, r, d| {
+                    if three_d {
+                        data[((bi * rows + r) * heads + h) * w + d]
+                    } else {
+                        data[((bi * heads + h) * rows + r) * w + d]
+                    }
+                };
+                let q = |bi, h, i, d| at(&qv, qh, s, hd, bi, h, i, d);
+                let kf = |bi, h, j, d| {
+                    if j < past {
+                        pk[((bi * kvh + h) * past + j) * hd + d]
+                    } else {
+                        at(&kv, kvh, s, hd, bi, h, j - past, d)
+                    }
+                };
+                let vf = |bi, h, j, d| {
+                    if j < past {
+                        pv[((bi * kvh + h) * past + j) * hv + d]
+                    } else {
+                        at(&vv, kvh, s, hv, bi, h, j - past, d)
+                    }
+                };
+                let bias = |bi: usize, _h, i: usize, j: usize| {
+                    let m = if masked { mv[bi * t + j] as f64 } else { 0.0 };
+                    if causal && j > past + i {
+                        f64::NEG_INFINITY
+                    } else {
+                        m
+                    }
+                };
+                let scale = 0.3;
+                let want = attention_by_definition((b, qh, kvh, s, t, hd, hv), &q, &kf, &vf, &bias, scale);
+                let dims = |heads: usize, w: usize| if three_d { vec![b, s, heads * w] } else { vec![b, heads, s, w] };
+                let (qt, kt, vt) = (f32t(&dims(qh, hd), &qv), f32t(&dims(kvh, hd), &kv), f32t(&dims(kvh, hv), &vv));
+                let (pkt, pvt) = (f32t(&[b, kvh, past, hd], &pk), f32t(&[b, kvh, past, hv], &pv));
+                let mt = f32t(&[b, 1, 1, t], &mv);
+                let op = Op::Attention(AttentionAttrs {
+                    is_causal: causal,
+                    q_num_heads: three_d.then_some(qh as i64),
+                    kv_num_heads: three_d.then_some(kvh as i64),
+                    qk_mode: 0,
+                    scale: Some(scale as f32),
+                    softcap: 0.0,
+                });
+                let mut ins = vec![Some(&qt), Some(&kt), Some(&vt), masked.then_some(&mt)];
+                if past > 0 {
+                    ins.extend([Some(&pkt), Some(&pvt)]);
+                }
+                let views: Vec<_> = ins.iter().map(|t| t.map(|t| t.view())).collect();
+                for threads in [1, 2, 3] {
+                    let got = eval(&op, &views, 1, threads).unwrap_or_else(|e| panic!("{}", e.0)).swap_remove(0);
+                    let got = got.as_f32().unwrap();
+                    for bi in 0..b {
+                        for h in 0..qh {
+                            for i in 0..s {
+                                for d in 0..hv {
+                                    let g = at(got, qh, s, hv, bi, h, i, d) as f64;
+                                    let w = want[((bi * qh + h) * s + i) * hv + d];
+                                    assert!(
+                                        (g - w).abs() < 1e-4,
+                                        "{:?} 3-D={three_d} mask={masked} causal={causal} threads={threads}: y[{bi},{h},{i},{d}] = {g}, want {w}",
+                                        (b, qh, kvh, s, past, hd, hv)
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
