@@ -175,6 +175,36 @@ pub fn for_each(threads: usize, parts: usize, task: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// Runs `f(start, chunk)` over `out` cut into contiguous chunks of whole `unit`s (rows), one per
+/// thread, when it holds at least `min_per_part` floats per thread; otherwise once over the whole
+/// of it. `start` is the chunk's offset in `out`. For elementwise loops too short to split by
+/// anything but their output.
+pub fn for_chunks(
+    threads: usize,
+    out: &mut [f32],
+    unit: usize,
+    min_per_part: usize,
+    f: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let units = out.len().checked_div(unit).unwrap_or(0);
+    let parts = threads.min(out.len() / min_per_part.max(1)).min(units);
+    if parts < 2 {
+        f(0, out);
+        return;
+    }
+    let per = units.div_ceil(parts) * unit;
+    let len = out.len();
+    let shared = SharedOut::new(out);
+    for_each(threads, len.div_ceil(per), &|p| {
+        let start = p * per;
+        let end = (start + per).min(len);
+        // SAFETY: parts cover disjoint ranges `start..end` of `out`, which outlives this call
+        // (`for_each` returns when every part has finished) and is not otherwise used meanwhile.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(shared.ptr().add(start), end - start) };
+        f(start, chunk);
+    });
+}
+
 /// An output buffer shared by the parts of one kernel call: each part writes only its own
 /// disjoint region (rows or columns), which the caller's split guarantees.
 #[derive(Clone, Copy)]
@@ -219,6 +249,22 @@ mod tests {
                     });
                     assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "threads={threads} parts={parts}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_output_once_in_whole_units() {
+        for threads in [1, 2, 3] {
+            for (len, unit, min) in [(0, 4, 1), (7, 1, 1), (12, 4, 1), (100, 10, 30), (1000, 3, 64), (64, 1, 100)] {
+                let mut out = vec![0.0f32; len];
+                for_chunks(threads, &mut out, unit, min, &|start, chunk| {
+                    assert!(start % unit.max(1) == 0 && chunk.len() % unit.max(1) == 0 || start + chunk.len() == len);
+                    for (i, o) in chunk.iter_mut().enumerate() {
+                        *o += (start + i) as f32 + 1.0;
+                    }
+                });
+                assert!(out.iter().enumerate().all(|(i, &o)| o == i as f32 + 1.0), "threads={threads} len={len}");
             }
         }
     }

@@ -261,19 +261,25 @@ pub fn dequantize_q8_row(w: &Q8Weights<'_>, j: usize, out: &mut [f32]) {
 /// Quantizes activations `x` (`m × k`) to int8 per block of 32 (symmetric, round to nearest
 /// even; [`super::math::quantize_blocks_i8`]), with each block's sum, and the 4-bit kernels' arrangement ([`QActs::q4x`]).
 pub fn quantize_acts(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(), QuantError> {
-    quantize_blocks(x, m, k, out)?;
+    quantize_blocks(x, m, k, out, 1)?;
     arrange_q4(out, m, k);
     Ok(())
 }
 
-/// [`quantize_acts`] without the 4-bit arrangement (what the q8 kernels read).
-pub fn quantize_acts_q8(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(), QuantError> {
-    quantize_blocks(x, m, k, out)?;
+/// [`quantize_acts`] without the 4-bit arrangement (what the q8 kernels read); long inputs are
+/// split across `threads`.
+pub fn quantize_acts_q8(x: &[f32], m: usize, k: usize, out: &mut QActs, threads: usize) -> Result<(), QuantError> {
+    quantize_blocks(x, m, k, out, threads)?;
     out.q4x.clear();
     Ok(())
 }
 
-fn quantize_blocks(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(), QuantError> {
+/// Blocks of 32 per thread from which activation quantization splits across threads.
+const QUANT_PAR_BLOCKS: usize = 512;
+/// Most parts it splits into.
+const QUANT_MAX_PARTS: usize = 16;
+
+fn quantize_blocks(x: &[f32], m: usize, k: usize, out: &mut QActs, threads: usize) -> Result<(), QuantError> {
     check(k.is_multiple_of(QK), || format!("k = {k} is not a multiple of {QK}"))?;
     check(x.len() >= m * k, || format!("activations hold {} values, need {m}×{k}", x.len()))?;
     let nb = m * k / QK;
@@ -282,15 +288,41 @@ fn quantize_blocks(x: &[f32], m: usize, k: usize, out: &mut QActs) -> Result<(),
     out.q.resize(m * k, 0);
     out.scales.resize(nb, 0.0);
     out.sums.resize(nb, 0);
-    #[cfg(target_arch = "x86_64")]
-    if matches!(super::selected(), Isa::Avx512 | Isa::Avx512Vnni) {
-        // SAFETY: the selected set's CPU features include AVX-512 F/BW/VL; the buffers were sized
-        // just above for m·k values.
-        unsafe { super::x86q::quantize_blocks_avx512(&x[..m * k], &mut out.q, &mut out.scales, &mut out.sums) };
+    let parts = threads.min(nb / QUANT_PAR_BLOCKS).min(QUANT_MAX_PARTS);
+    if parts < 2 {
+        quantize_some_blocks(&x[..m * k], &mut out.q, &mut out.scales, &mut out.sums);
         return Ok(());
     }
-    super::math::quantize_blocks_i8(&x[..m * k], &mut out.q, &mut out.scales, &mut out.sums);
+    // Each part its own run of blocks: values, scales and sums cut at the same block.
+    let per = nb.div_ceil(parts);
+    let (mut qs, mut ss, mut us) = (out.q.chunks_mut(per * QK), out.scales.chunks_mut(per), out.sums.chunks_mut(per));
+    type Slot<'a> = std::sync::Mutex<(&'a mut [i8], &'a mut [f32], &'a mut [i32])>;
+    let slots: [Slot<'_>; QUANT_MAX_PARTS] = std::array::from_fn(|_| {
+        std::sync::Mutex::new((
+            qs.next().unwrap_or(&mut []),
+            ss.next().unwrap_or(&mut []),
+            us.next().unwrap_or(&mut []),
+        ))
+    });
+    pool::for_each(threads, nb.div_ceil(per), &|p| {
+        let mut slot = slots[p].lock().unwrap_or_else(|e| e.into_inner());
+        let (q, s, u) = &mut *slot;
+        quantize_some_blocks(&x[p * per * QK..][..q.len()], q, s, u);
+    });
     Ok(())
+}
+
+/// [`quantize_blocks`] on one thread: `x.len()` a multiple of 32, `q` as long, `scales` and `sums`
+/// one per block.
+fn quantize_some_blocks(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(super::selected(), Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: the selected set's CPU features include AVX-512 F/BW/VL; the caller passes
+        // buffers sized for x.len() values.
+        unsafe { super::x86q::quantize_blocks_avx512(x, q, scales, sums) };
+        return;
+    }
+    super::math::quantize_blocks_i8(x, q, scales, sums);
 }
 
 /// Fills [`QActs::q4x`] from the quantized values.
@@ -948,7 +980,7 @@ mod tests {
             let x = data(m * k, (m * 5 + k) as u64);
             let qw = quantize_q8(&w, n, k);
             let mut qa = QActs::default();
-            quantize_acts_q8(&x, m, k, &mut qa).unwrap();
+            quantize_acts_q8(&x, m, k, &mut qa, 1).unwrap();
             let mut want = vec![0.0; m * n];
             gemm_q8(Isa::Reference, &qa, &qw.view(), &mut want, 1).unwrap();
             for nr in [32, 16, 4] {
@@ -974,6 +1006,14 @@ mod tests {
                                 c % n
                             );
                         }
+                        // With a bias: the same plus the bias in every row, exactly.
+                        let bias = data(n, 7);
+                        let mut biased = vec![f32::NAN; m * n];
+                        gemm_q8_panels_bias(isa, &qa, &pw, Some(&bias), &mut biased, threads).unwrap();
+                        for (c, (b, g)) in biased.iter().zip(&got).enumerate() {
+                            assert_eq!(*b, g + bias[c % n], "{name} bias m={m} n={n} threads={threads} at {c}");
+                        }
+                        assert!(gemm_q8_panels_bias(isa, &qa, &pw, Some(&bias[1..]), &mut biased, threads).is_err());
                     }
                 }
             }
@@ -981,10 +1021,25 @@ mod tests {
         let (pq, ps) = pack_q8_panels(&[1; 64], &[1.0; 2], 2, 32, 32);
         let short = Q8Panels { n: 2, k: 32, nr: 32, q: &pq[..100], scales: &ps };
         let mut qa = QActs::default();
-        quantize_acts_q8(&[0.5; 32], 1, 32, &mut qa).unwrap();
+        quantize_acts_q8(&[0.5; 32], 1, 32, &mut qa, 1).unwrap();
         assert!(gemm_q8_panels(Isa::Reference, &qa, &short, &mut [0.0; 2], 1).is_err());
         let odd = Q8Panels { nr: 6, ..short };
         assert!(gemm_q8_panels(Isa::Reference, &qa, &odd, &mut [0.0; 2], 1).is_err());
+    }
+
+    #[test]
+    fn activation_quantization_split_across_threads_matches_one_thread() {
+        // 64 × 512 = 1024 blocks: split in 2 or 3 parts (one part shorter).
+        for (m, k) in [(64, 512), (33, 992), (2, 64)] {
+            let x = data(m * k, 11);
+            let mut one = QActs::default();
+            quantize_acts_q8(&x, m, k, &mut one, 1).unwrap();
+            for threads in [2, 3] {
+                let mut par = QActs::default();
+                quantize_acts_q8(&x, m, k, &mut par, threads).unwrap();
+                assert!(one.q == par.q && one.scales == par.scales && one.sums == par.sums, "{m}×{k} on {threads}");
+            }
+        }
     }
 
     #[test]

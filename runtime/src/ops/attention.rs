@@ -297,6 +297,10 @@ fn attend_unit(
     }
 }
 
+/// Multiply-adds per unit below which units are not handed to threads (the hand-off would cost
+/// more than it saves: a 16-token MiniLM head is 16K).
+const PAR_UNIT_WORK: usize = 1 << 16;
+
 /// Most parts a parallel run splits into (blocks of the scratch handed out without allocating).
 const MAX_PARTS: usize = 16;
 
@@ -319,7 +323,8 @@ fn attend_units<'a>(
     let (total, hv) = (first.k.total(), first.v.width);
     let per_unit = 2 * rows * total;
     let parts = threads.min(n).min(MAX_PARTS);
-    if parts < 2 || (!n.is_multiple_of(parts) && n < 4 * parts) {
+    let small = rows * total * (first.k.width + hv) < PAR_UNIT_WORK;
+    if parts < 2 || small || (!n.is_multiple_of(parts) && n < 4 * parts) {
         if scratch.len() < per_unit {
             // Planned sessions reserve this up front; other callers (plan-time evaluation of
             // converted f16 inputs) grow it here.

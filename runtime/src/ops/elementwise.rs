@@ -108,7 +108,31 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
     }])
 }
 
-pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+/// Floats per thread from which an f32 map or same-shape arithmetic splits across threads (below
+/// it, the hand-off costs more than the loop).
+const PAR_MIN: usize = 1 << 15;
+
+/// `out[i] = f(x[i])`, split across `threads` for long inputs.
+fn par_map(threads: usize, x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Copy) {
+    crate::kernels::pool::for_chunks(threads, out, 1, PAR_MIN, &|s, o| {
+        math::map(&x[s.min(x.len())..(s + o.len()).min(x.len())], o, f)
+    });
+}
+
+/// `out[i] = f(a[i], b[i])` (equal lengths) in contiguous chunks across `threads`; true (done).
+fn par_zip(threads: usize, a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync + Copy) -> bool {
+    crate::kernels::pool::for_chunks(threads, out, 1, PAR_MIN, &|s, oc| {
+        let (ac, bc) = (&a[s..s + oc.len()], &b[s..s + oc.len()]);
+        math::with_width(|| {
+            for ((o, &a), &b) in oc.iter_mut().zip(ac).zip(bc) {
+                *o = f(a, b);
+            }
+        })
+    });
+    true
+}
+
+pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], threads: usize) -> OpResult<()> {
     let x = *req(inputs, 0, "X")?;
     let out = &mut outputs[0];
     match op {
@@ -128,16 +152,16 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 let (xs, os) = (x.f32()?, out.f32()?);
                 // The hot functions get their own vectorised loop; the rest go through a pointer.
                 match u {
-                    UnaryOp::Relu => math::map(xs, os, |v| v.max(0.0)),
-                    UnaryOp::Exp => math::map(xs, os, math::exp),
-                    UnaryOp::Erf => math::map(xs, os, math::erf),
-                    UnaryOp::Sigmoid => math::map(xs, os, math::sigmoid),
-                    UnaryOp::Tanh => math::map(xs, os, math::tanh),
-                    UnaryOp::Silu => math::map(xs, os, |v| v * math::sigmoid(v)),
-                    UnaryOp::Sqrt => math::map(xs, os, f32::sqrt),
-                    UnaryOp::Neg => math::map(xs, os, |v| -v),
-                    UnaryOp::Abs => math::map(xs, os, f32::abs),
-                    UnaryOp::Reciprocal => math::map(xs, os, |v| 1.0 / v),
+                    UnaryOp::Relu => par_map(threads, xs, os, |v| v.max(0.0)),
+                    UnaryOp::Exp => par_map(threads, xs, os, math::exp),
+                    UnaryOp::Erf => par_map(threads, xs, os, math::erf),
+                    UnaryOp::Sigmoid => par_map(threads, xs, os, math::sigmoid),
+                    UnaryOp::Tanh => par_map(threads, xs, os, math::tanh),
+                    UnaryOp::Silu => par_map(threads, xs, os, |v| v * math::sigmoid(v)),
+                    UnaryOp::Sqrt => par_map(threads, xs, os, f32::sqrt),
+                    UnaryOp::Neg => par_map(threads, xs, os, |v| -v),
+                    UnaryOp::Abs => par_map(threads, xs, os, f32::abs),
+                    UnaryOp::Reciprocal => par_map(threads, xs, os, |v| 1.0 / v),
                     _ => {
                         let f = unary_fn(*u);
                         for (o, &v) in os.iter_mut().zip(xs) {
@@ -157,9 +181,9 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         Op::Activation(a) => {
             let (xs, os) = (x.f32()?, out.f32()?);
             match *a {
-                Activation::Gelu { tanh: false } => math::map(xs, os, math::gelu),
-                Activation::Gelu { tanh: true } => math::map(xs, os, gelu_tanh),
-                Activation::Swish { alpha } => math::map(xs, os, |v| v * math::sigmoid(alpha * v)),
+                Activation::Gelu { tanh: false } => par_map(threads, xs, os, math::gelu),
+                Activation::Gelu { tanh: true } => par_map(threads, xs, os, gelu_tanh),
+                Activation::Swish { alpha } => par_map(threads, xs, os, |v| v * math::sigmoid(alpha * v)),
                 a => {
                     for (o, &v) in os.iter_mut().zip(xs) {
                         *o = activation(a, v);
@@ -170,7 +194,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         Op::Clip => clip(x, inputs, out)?,
         Op::Binary(b) => {
             let y = *req(inputs, 1, "B")?;
-            binary(*b, x, y, out)?;
+            binary(*b, x, y, out, threads)?;
         }
         Op::Where => {
             let a = *req(inputs, 1, "X")?;
@@ -647,7 +671,7 @@ fn mixed_pow(x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
     Ok(())
 }
 
-fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {
+fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>, threads: usize) -> OpResult<()> {
     let osh = out.shape;
     use BinaryOp::*;
     if x.dtype != y.dtype {
@@ -664,6 +688,19 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>) -> OpRe
                 // Arithmetic: one vectorised instantiation each, at the CPU's vector width; Pow
                 // by a scalar 2 or 0.5 (squares and roots in feature extractors) as such.
                 let scalar = (b.len() == 1 && xs == osh).then(|| b[0]);
+                if xs == osh && ys == osh && threads > 1 && o.len() >= 2 * PAR_MIN {
+                    // Same shapes (a residual add), long: contiguous chunks across threads.
+                    let done = match op {
+                        Add => par_zip(threads, a, b, o, |a, b| a + b),
+                        Sub => par_zip(threads, a, b, o, |a, b| a - b),
+                        Mul => par_zip(threads, a, b, o, |a, b| a * b),
+                        Div => par_zip(threads, a, b, o, |a, b| a / b),
+                        _ => false,
+                    };
+                    if done {
+                        return Ok(());
+                    }
+                }
                 match op {
                     Add => math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a + b)),
                     Sub => math::with_width(|| bcast2(a, xs, b, ys, o, osh, |a, b| a - b)),

@@ -220,7 +220,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
     match op {
         Op::CastLike => {
             let to = outputs[0].dtype;
-            super::elementwise::run(&Op::Cast { to }, &inputs[..1], outputs)
+            super::elementwise::run(&Op::Cast { to }, &inputs[..1], outputs, 1)
         }
         Op::GatherElements { axis } => {
             let a = norm_axis(*axis, rank)?;

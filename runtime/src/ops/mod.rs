@@ -274,7 +274,7 @@ fn to_f32(v: &View<'_>) -> OpResult<crate::tensor::Tensor> {
     let mut t = crate::tensor::Tensor::zeros(DType::F32, v.shape.to_vec()).map_err(|e| OpError(e.to_string()))?;
     let vt = ViewMut { dtype: DType::F32, shape: v.shape, bytes: t.bytes_mut() };
     let mut outs = [vt];
-    elementwise::run(&Op::Cast { to: DType::F32 }, &[Some(*v)], &mut outs)?;
+    elementwise::run(&Op::Cast { to: DType::F32 }, &[Some(*v)], &mut outs, 1)?;
     Ok(t)
 }
 
@@ -351,7 +351,7 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
     for (o, t) in outputs.iter_mut().zip(&tmp) {
         if let Some(t) = t {
             let to = o.dtype;
-            elementwise::run(&Op::Cast { to }, &[Some(t.view())], std::slice::from_mut(o))?;
+            elementwise::run(&Op::Cast { to }, &[Some(t.view())], std::slice::from_mut(o), 1)?;
         }
     }
     Ok(())
@@ -360,11 +360,11 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
 fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ctx: &mut Ctx<'_>) -> OpResult<()> {
     match op {
         Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => {
-            elementwise::run(op, inputs, outputs)
+            elementwise::run(op, inputs, outputs, ctx.threads)
         }
         Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => reduce::run(op, inputs, outputs),
         Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => matmul::run(op, inputs, outputs, ctx),
-        Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::run(op, inputs, outputs),
+        Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::run(op, inputs, outputs, ctx.threads),
         Op::Conv(a) => conv::run(a, inputs, outputs, ctx),
         Op::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
         Op::If { .. } | Op::Loop { .. } => op_bail!("{} is resolved by the planner", op.name()),

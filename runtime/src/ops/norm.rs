@@ -57,7 +57,10 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
     }
 }
 
-pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+/// Floats per thread from which LayerNorm splits its rows across threads.
+const PAR_MIN: usize = 1 << 14;
+
+pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], threads: usize) -> OpResult<()> {
     let x = *req(inputs, 0, "X")?;
     let xd = x.f32()?;
     match op {
@@ -85,33 +88,44 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let pick = |p: Option<&[f32]>, j: usize, dflt: f32| {
                 p.map(|s| if s.len() == 1 { s[0] } else { s[j] }).unwrap_or(dflt)
             };
-            crate::kernels::math::with_width(|| {
-                for r in 0..rows {
-                    let xr = &xd[r * n..(r + 1) * n];
-                    let yr = &mut y[r * n..(r + 1) * n];
-                    let mean = crate::kernels::math::lane_sum(xr, |v| v) / n as f32;
-                    let var = crate::kernels::math::lane_sum(xr, |v| (v - mean) * (v - mean)) / n as f32;
-                    let inv = 1.0 / (var + epsilon).sqrt();
-                    match (scale, bias) {
-                        (Some(s), Some(b)) if s.len() == n && b.len() == n => {
-                            for j in 0..n {
-                                yr[j] = (xr[j] - mean) * inv * s[j] + b[j];
+            // Rows `r0..` into `yc` (whole rows); the statistics only on one thread.
+            let rows_into = |r0: usize, yc: &mut [f32], mut stats: Option<&mut [&mut [f32]]>| {
+                crate::kernels::math::with_width(|| {
+                    for (dr, yr) in yc.chunks_exact_mut(n).enumerate() {
+                        let r = r0 + dr;
+                        let xr = &xd[r * n..(r + 1) * n];
+                        let mean = crate::kernels::math::lane_sum(xr, |v| v) / n as f32;
+                        let var = crate::kernels::math::lane_sum(xr, |v| (v - mean) * (v - mean)) / n as f32;
+                        let inv = 1.0 / (var + epsilon).sqrt();
+                        match (scale, bias) {
+                            (Some(s), Some(b)) if s.len() == n && b.len() == n => {
+                                for j in 0..n {
+                                    yr[j] = (xr[j] - mean) * inv * s[j] + b[j];
+                                }
+                            }
+                            _ => {
+                                for j in 0..n {
+                                    yr[j] = (xr[j] - mean) * inv * pick(scale, j, 1.0) + pick(bias, j, 0.0);
+                                }
                             }
                         }
-                        _ => {
-                            for j in 0..n {
-                                yr[j] = (xr[j] - mean) * inv * pick(scale, j, 1.0) + pick(bias, j, 0.0);
+                        if let Some(st) = stats.as_deref_mut() {
+                            if let Some(m) = st.get_mut(0) {
+                                m[r] = mean;
+                            }
+                            if let Some(s) = st.get_mut(1) {
+                                s[r] = inv;
                             }
                         }
                     }
-                    if let Some(m) = stats.get_mut(0) {
-                        m[r] = mean;
-                    }
-                    if let Some(s) = stats.get_mut(1) {
-                        s[r] = inv;
-                    }
-                }
-            });
+                })
+            };
+            let y = &mut y[..rows * n];
+            if stats.is_empty() {
+                crate::kernels::pool::for_chunks(threads, y, n, PAR_MIN, &|s, yc| rows_into(s / n, yc, None));
+            } else {
+                rows_into(0, y, Some(&mut stats));
+            }
             Ok(())
         }
         Op::BatchNorm { epsilon } => {

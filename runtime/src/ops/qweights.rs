@@ -154,7 +154,7 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
             let qa = &mut *cell.borrow_mut();
             match w {
                 QMat::Q4(_) => quant::quantize_acts(x, m, k, qa),
-                _ => quant::quantize_acts_q8(x, m, k, qa),
+                _ => quant::quantize_acts_q8(x, m, k, qa, ctx.threads),
             }
             .map_err(|e| OpError(e.0))?;
             match w {

@@ -320,9 +320,13 @@ fn attention_units_match_the_definition_in_both_layouts_on_any_thread_count() {
     use crate::graph::AttentionAttrs;
     use crate::kernels::pseudo_random;
     // B, query heads, K/V heads, S, past, head width, value width.
-    for &(b, qh, kvh, s, past, hd, hv) in
-        &[(2, 4, 2, 5, 0, 8, 6), (2, 6, 6, 7, 3, 5, 9), (1, 12, 12, 17, 0, 32, 32), (3, 3, 1, 1, 4, 16, 16)]
-    {
+    for &(b, qh, kvh, s, past, hd, hv) in &[
+        (2, 4, 2, 5, 0, 8, 6),
+        (2, 6, 6, 7, 3, 5, 9),
+        (1, 12, 12, 40, 8, 32, 32),
+        (2, 4, 2, 33, 0, 40, 24),
+        (3, 3, 1, 1, 4, 16, 16),
+    ] {
         let t = past + s;
         for three_d in [false, true] {
             for (masked, causal) in [(false, false), (true, false), (false, true)] {
@@ -403,6 +407,32 @@ fn attention_units_match_the_definition_in_both_layouts_on_any_thread_count() {
                     }
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn long_elementwise_ops_and_layer_norm_split_across_threads_exactly() {
+    use crate::graph::{Activation, BinaryOp};
+    use crate::kernels::pseudo_random;
+    // 70 rows of 1000: above every split threshold, not a multiple of the thread counts.
+    let (rows, n) = (70, 1000);
+    let x = f32t(&[rows, n], &pseudo_random(rows * n, 1));
+    let y = f32t(&[rows, n], &pseudo_random(rows * n, 2));
+    let (scale, bias) = (f32t(&[n], &pseudo_random(n, 3)), f32t(&[n], &pseudo_random(n, 4)));
+    let cases: Vec<(Op, Vec<Option<&Tensor>>)> = vec![
+        (Op::Activation(Activation::Gelu { tanh: false }), vec![Some(&x)]),
+        (Op::Unary(crate::graph::UnaryOp::Exp), vec![Some(&x)]),
+        (Op::Binary(BinaryOp::Add), vec![Some(&x), Some(&y)]),
+        (Op::Binary(BinaryOp::Div), vec![Some(&x), Some(&y)]),
+        (Op::LayerNorm { axis: -1, epsilon: 1e-5 }, vec![Some(&x), Some(&scale), Some(&bias)]),
+    ];
+    for (op, ins) in cases {
+        let views: Vec<_> = ins.iter().map(|t| t.map(|t| t.view())).collect();
+        let one = eval(&op, &views, 1, 1).unwrap().swap_remove(0);
+        for threads in [2, 3] {
+            let par = eval(&op, &views, 1, threads).unwrap().swap_remove(0);
+            assert_eq!(one.as_f32().unwrap(), par.as_f32().unwrap(), "{op:?} on {threads} threads");
         }
     }
 }
