@@ -431,6 +431,77 @@ pub struct QRows {
     pub q4_sym32: Option<Q4Sym32Row>,
     /// The set's kernel for q8 weights in GEMM panels ([`Q8Panels`]), where it has one.
     pub q8_panel: Option<Q8PanelKernel>,
+    /// A kernel for q4 weights unpacked per call into panels of 32 rows (products with at least
+    /// [`Q8_GEMM_MIN_ROWS`] activation rows), where the set has one.
+    pub q4_panel: Option<(&'static str, Q4PanelFn)>,
+}
+
+/// `(m, x, ldx, xs, sums, ldxs, codes, d, c, nb, out, ldo, cols)`: `m` activation rows × one
+/// panel of 32 q4 weight rows unpacked by [`unpack_q4_panel`] (codes, per-block scales and
+/// offsets), writing `m × cols` floats at `out` (stride `ldo`). See `x86q::q4_panel_vnni`.
+pub type Q4PanelFn = unsafe fn(
+    usize,
+    *const i8,
+    usize,
+    *const f32,
+    *const i32,
+    usize,
+    *const u8,
+    *const f32,
+    *const f32,
+    usize,
+    *mut f32,
+    usize,
+    usize,
+);
+
+/// Weight rows per unpacked q4 panel.
+const Q4_PANEL: usize = 32;
+
+/// Unpacks rows `p·32 … p·32 + 31` of q4 weights (rows past `n` as zeros) into the q8 panel
+/// layout the panel kernels read — per group of four values along k, each row's four codes
+/// (0…15) in turn — plus each row's scale `d` and offset `c` per block of 32 values (`c = −8·d`
+/// when symmetric, else the block minimum), `[block][row]`.
+pub fn unpack_q4_panel(w: &Q4Weights<'_>, p: usize, codes: &mut [u8], d: &mut [f32], c: &mut [f32]) {
+    let (k, nb) = (w.k, w.k / QK);
+    let per_w = k / w.block;
+    for col in 0..Q4_PANEL {
+        let j = p * Q4_PANEL + col;
+        if j >= w.n {
+            for b in 0..nb {
+                (d[b * Q4_PANEL + col], c[b * Q4_PANEL + col]) = (0.0, 0.0);
+                for g in 0..QK / 4 {
+                    codes[(b * QK / 4 + g) * 128 + col * 4..][..4].fill(0);
+                }
+            }
+            continue;
+        }
+        let row = &w.nibbles[j * k / 2..(j + 1) * k / 2];
+        for b in 0..nb {
+            // 16 bytes: value t in the low nibble of byte t, value 16 + t in its high nibble.
+            let bytes = &row[b * QK / 2..(b + 1) * QK / 2];
+            let (v0, v1) = (
+                u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+                u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes")),
+            );
+            const LOW: u64 = 0x0f0f_0f0f_0f0f_0f0f;
+            let words = [v0 & LOW, v1 & LOW, (v0 >> 4) & LOW, (v1 >> 4) & LOW];
+            for (h, word) in words.iter().enumerate() {
+                for half in 0..2 {
+                    let g = b * QK / 4 + h * 2 + half;
+                    let four = (word >> (32 * half)) as u32;
+                    codes[g * 128 + col * 4..][..4].copy_from_slice(&four.to_le_bytes());
+                }
+            }
+            let wb = j * per_w + b * QK / w.block;
+            let scale = f16_to_f32(w.scales[wb]);
+            d[b * Q4_PANEL + col] = scale;
+            c[b * Q4_PANEL + col] = match w.mins {
+                Some(m) => f16_to_f32(m[wb]),
+                None => -8.0 * scale,
+            };
+        }
+    }
 }
 
 /// A native kernel for [`Q8Panels`]: one panel of `nr` weight rows × all activation rows.
@@ -494,6 +565,7 @@ impl Isa {
                 q8_2x2: None,
                 q4_sym32: None,
                 q8_panel: None,
+                q4_panel: None,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => QRows {
@@ -510,6 +582,7 @@ impl Isa {
                     unsigned_acts: true,
                     packs_rows: true,
                 }),
+                q4_panel: Some(("gemm_q4i8_6x32_avx512vnni", super::x86q::q4_panel_vnni)),
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => QRows {
@@ -520,6 +593,7 @@ impl Isa {
                 q8_2x2: None,
                 q4_sym32: None,
                 q8_panel: None,
+                q4_panel: None,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::NeonDot | Isa::NeonI8mm => QRows {
@@ -537,6 +611,7 @@ impl Isa {
                     unsigned_acts: false,
                     packs_rows: false,
                 }),
+                q4_panel: None,
             },
             _ => QRows {
                 q8_name: "gemv_q8i8_ref",
@@ -546,6 +621,7 @@ impl Isa {
                 q8_2x2: None,
                 q4_sym32: None,
                 q8_panel: None,
+                q4_panel: None,
             },
         }
     }
@@ -659,7 +735,54 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
     Ok(())
 }
 
+/// The q4 product on a panel kernel: threads split the panels of 32 weight rows; each part
+/// unpacks a panel ([`unpack_q4_panel`], into its thread's buffers) and runs every activation
+/// row over it. Shapes were checked by [`gemm_q4`].
+fn gemm_q4_panels(panel: Q4PanelFn, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads: usize) {
+    let (m, n, k) = (x.m, w.n, w.k);
+    let (nb, panels) = (k / QK, n.div_ceil(Q4_PANEL));
+    let per = panels.div_ceil(threads.clamp(1, panels));
+    let op = SharedOut::new(out);
+    pool::for_each(threads, panels.div_ceil(per), &|t| {
+        Q4_UNPACKED.with(|cell| {
+            let (codes, d, c) = &mut *cell.borrow_mut();
+            codes.resize(nb * QK * Q4_PANEL, 0);
+            d.resize(nb * Q4_PANEL, 0.0);
+            c.resize(nb * Q4_PANEL, 0.0);
+            for p in t * per..((t + 1) * per).min(panels) {
+                unpack_q4_panel(w, p, codes, d, c);
+                let cols = Q4_PANEL.min(n - p * Q4_PANEL);
+                // SAFETY: m activation rows of k bytes (nb scales and sums each), the unpacked
+                // panel (nb·32·32 codes, nb·32 scales and offsets, sized just above) are in
+                // bounds; the kernel writes m rows of `cols` floats at out[i·n + p·32..], inside
+                // `out` (m·n values, checked by the caller) and in columns that belong to this
+                // part alone; the kernel belongs to a set this CPU supports.
+                unsafe {
+                    panel(
+                        m,
+                        x.q.as_ptr(),
+                        k,
+                        x.scales.as_ptr(),
+                        x.sums.as_ptr(),
+                        nb,
+                        codes.as_ptr(),
+                        d.as_ptr(),
+                        c.as_ptr(),
+                        nb,
+                        op.ptr().add(p * Q4_PANEL),
+                        n,
+                        cols,
+                    )
+                };
+            }
+        })
+    });
+}
+
 thread_local! {
+    /// One q4 panel unpacked by [`gemm_q4_panels`]: codes, scales, offsets.
+    static Q4_UNPACKED: std::cell::RefCell<(Vec<u8>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// Weights stored by rows, packed into panels per call by [`gemm_q8_packing`]: values and
     /// scales, grown once per thread and reused.
     static Q8_PACK: std::cell::RefCell<(Vec<i8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
@@ -825,6 +948,10 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
+    if let (Some((_, panel)), true) = (isa.q_rows().q4_panel, m >= Q8_GEMM_MIN_ROWS) {
+        gemm_q4_panels(panel, x, w, out, threads);
+        return Ok(());
+    }
     let f = isa.q_rows().q4;
     let (nb, sub) = (k / QK, w.block / QK);
     if let (Some(sym), 32) = (isa.q_rows().q4_sym32, w.block) {
@@ -1055,6 +1182,10 @@ mod tests {
             (1, 130, 256, 32),
             (4, 65, 512, 64),
             (1, 17, 2048, 128),
+            // Panel kernel shapes: rows ≥ 4 in tiles of 6 plus a remainder, a partial last panel.
+            (7, 45, 192, 64),
+            (13, 70, 384, 128),
+            (6, 32, 64, 32),
         ] {
             for with_min in [false, true] {
                 let w = data(n * k, (n * 3 + k) as u64);
