@@ -161,6 +161,12 @@ impl<'a> Index<'a> {
     }
 }
 
+/// Drops the nodes marked in `remove` (one flag per node, in order).
+fn drop_marked(nodes: &mut Vec<Node>, remove: &[bool]) {
+    let mut marks = remove.iter();
+    nodes.retain(|_| !marks.next().copied().unwrap_or(false));
+}
+
 fn record(name: &str, report: Vec<(&str, f64)>) -> PassRecord {
     PassRecord {
         name: name.into(),
@@ -641,11 +647,7 @@ pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
             remove[r] = true;
         }
     }
-    let mut i = 0;
-    m.graph.nodes.retain(|_| {
-        i += 1;
-        !remove[i - 1]
-    });
+    drop_marked(&mut m.graph.nodes, &remove);
     Ok(record("fuse_attention", vec![("fused", fused as f64)]))
 }
 
@@ -685,11 +687,7 @@ pub fn fuse_matmul_bias(m: &mut Imported) -> Result<PassRecord> {
         mm.outputs = out;
         remove[ai] = true;
     }
-    let mut i = 0;
-    m.graph.nodes.retain(|_| {
-        i += 1;
-        !remove[i - 1]
-    });
+    drop_marked(&mut m.graph.nodes, &remove);
     Ok(record("fuse_matmul_bias", vec![("fused", fused as f64)]))
 }
 

@@ -735,6 +735,19 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
     Ok(())
 }
 
+/// The panel kernel [`gemm_q4`] runs for `m` activation rows, if any.
+fn q4_panel_kernel(isa: Isa, m: usize) -> Option<Q4PanelFn> {
+    isa.q_rows().q4_panel.filter(|_| m >= Q8_GEMM_MIN_ROWS).map(|(_, f)| f)
+}
+
+/// Whether [`gemm_q4`] reads the activations' 4-bit arrangement ([`QActs::q4x`], made by
+/// [`quantize_acts`]) for `m` rows of a product with blocks of `block`; otherwise
+/// [`quantize_acts_q8`] is all it needs.
+pub fn q4_reads_arranged(isa: Isa, m: usize, block: usize) -> bool {
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    q4_panel_kernel(isa, m).is_none() && isa.q_rows().q4_sym32.is_some() && block == 32
+}
+
 /// The q4 product on a panel kernel: threads split the panels of 32 weight rows; each part
 /// unpacks a panel ([`unpack_q4_panel`], into its thread's buffers) and runs every activation
 /// row over it. Shapes were checked by [`gemm_q4`].
@@ -948,13 +961,13 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    if let (Some((_, panel)), true) = (isa.q_rows().q4_panel, m >= Q8_GEMM_MIN_ROWS) {
+    if let Some(panel) = q4_panel_kernel(isa, m) {
         gemm_q4_panels(panel, x, w, out, threads);
         return Ok(());
     }
     let f = isa.q_rows().q4;
     let (nb, sub) = (k / QK, w.block / QK);
-    if let (Some(sym), 32) = (isa.q_rows().q4_sym32, w.block) {
+    if let (Some(sym), true) = (isa.q_rows().q4_sym32, q4_reads_arranged(isa, m, w.block)) {
         let kp = k.next_multiple_of(4 * QK);
         check(x.q4x.len() >= m * kp, || "activations lack the 4-bit arrangement".into())?;
         let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
@@ -1220,6 +1233,15 @@ mod tests {
                                 c / n,
                                 c % n
                             );
+                        }
+                        // Where the kernels do not read the 4-bit arrangement, activations
+                        // without it (what the runtime then makes) give the same outputs.
+                        if !q4_reads_arranged(isa, m, block) {
+                            let mut plain = QActs::default();
+                            quantize_acts_q8(&x, m, k, &mut plain, threads).unwrap();
+                            let mut again = vec![f32::NAN; m * n];
+                            gemm_q4(isa, &plain, &qw.view(), &mut again, threads).unwrap();
+                            assert_eq!(again, got, "q4 without the arrangement, m={m} block={block}");
                         }
                     }
                 }

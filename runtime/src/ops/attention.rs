@@ -8,8 +8,6 @@
 use super::{broadcast_strides, req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::AttentionAttrs;
-use std::sync::Mutex;
-
 use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
@@ -301,9 +299,6 @@ fn attend_unit(
 /// more than it saves: a 16-token MiniLM head is 16K).
 const PAR_UNIT_WORK: usize = 1 << 16;
 
-/// Most parts a parallel run splits into (blocks of the scratch handed out without allocating).
-const MAX_PARTS: usize = 16;
-
 /// Runs units `0..n` (`unit(i)` describes one). With several threads and enough units, whole
 /// units go to threads (each with its own block of the scratch, outputs copied into Y
 /// afterwards); otherwise units run in turn, each product split across the threads.
@@ -322,7 +317,7 @@ fn attend_units<'a>(
     let first = unit(0);
     let (total, hv) = (first.k.total(), first.v.width);
     let per_unit = 2 * rows * total;
-    let parts = threads.min(n).min(MAX_PARTS);
+    let parts = threads.min(n);
     let small = rows * total * (first.k.width + hv) < PAR_UNIT_WORK;
     if parts < 2 || small || (!n.is_multiple_of(parts) && n < 4 * parts) {
         if scratch.len() < per_unit {
@@ -336,25 +331,23 @@ fn attend_units<'a>(
         }
         return;
     }
-    // Part p runs units p, p + parts, …; its block holds the scores and its units' outputs.
+    // Part p runs units p, p + parts, …; its block of the scratch holds the scores and its
+    // units' outputs.
     let per_part = n.div_ceil(parts);
     let block = per_unit + per_part * rows * hv;
     if scratch.len() < parts * block {
         // Once per session and thread count (the plan reserves one unit's scratch).
         scratch.resize(parts * block, 0.0);
     }
-    let mut chunks = scratch.chunks_mut(block);
-    let blocks: [Mutex<&mut [f32]>; MAX_PARTS] = std::array::from_fn(|_| Mutex::new(chunks.next().unwrap_or(&mut [])));
-    kernels::pool::for_each(parts, parts, &|p| {
-        let mut guard = blocks[p].lock().unwrap_or_else(|e| e.into_inner());
-        let (work, outs) = guard.split_at_mut(per_unit);
-        for (slot, i) in (p..n).step_by(parts).enumerate() {
+    let blocks = &mut scratch[..parts * block];
+    kernels::pool::for_chunks(parts, blocks, block, block, &|start, mine| {
+        let (work, outs) = mine.split_at_mut(per_unit);
+        for (slot, i) in (start / block..n).step_by(parts).enumerate() {
             attend_unit(&unit(i), rows, sc, (&mut outs[slot * rows * hv..], hv), work, 1);
         }
     });
-    for (p, block) in blocks.iter().enumerate().take(parts) {
-        let block = block.lock().unwrap_or_else(|e| e.into_inner());
-        let outs = &block[per_unit..];
+    for (p, mine) in blocks.chunks_exact(block).enumerate() {
+        let outs = &mine[per_unit..];
         for (slot, i) in (p..n).step_by(parts).enumerate() {
             let at = unit(i).y;
             for r in 0..rows {

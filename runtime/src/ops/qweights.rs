@@ -153,7 +153,7 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
         QMat::Q8(_) | QMat::Q8Panels(_) | QMat::Q4(_) => ACTS.with(|cell| {
             let qa = &mut *cell.borrow_mut();
             match w {
-                QMat::Q4(_) => quant::quantize_acts(x, m, k, qa),
+                QMat::Q4(w) if quant::q4_reads_arranged(isa, m, w.block) => quant::quantize_acts(x, m, k, qa),
                 _ => quant::quantize_acts_q8(x, m, k, qa, ctx.threads),
             }
             .map_err(|e| OpError(e.0))?;
