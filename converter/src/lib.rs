@@ -45,6 +45,12 @@ pub struct ConvertOptions {
     pub tokenizer: Option<std::path::PathBuf>,
     /// Store weight matrices in fewer bits (`--quantize`).
     pub quantize: Option<quantize::QuantOptions>,
+    /// A pass asked for that would change nothing is an error, not a warning (`--strict`).
+    pub strict: bool,
+    /// Run graphs another tool already quantized (QDQ, `DynamicQuantizeLinear → MatMulInteger`,
+    /// `MatMulNBits`) exactly as written instead of lifting their weights into Acorn's q8 / q4
+    /// (`--quantized-import as-written`; see `docs/ARCHITECTURE.md`).
+    pub as_written: bool,
 }
 
 /// The CPU family a file is converted for (`acorn convert --target`): decides the layout of
@@ -112,6 +118,8 @@ pub struct ConvertReport {
     pub tensors: usize,
     pub weight_bytes: u64,
     pub passes: Vec<PassRecord>,
+    /// What the user should know: a pass asked for that changed nothing, and why.
+    pub warnings: Vec<String>,
 }
 
 /// Imports ONNX bytes and runs the graph passes: everything [`convert`] does except writing.
@@ -135,8 +143,21 @@ pub fn lower(
             ("tract_shape_analysis".into(), if analysed { 1.0 } else { 0.0 }),
         ],
     }];
+    records.push(PassRecord {
+        name: "quantized_import".into(),
+        params: vec![("mode".into(), if opts.as_written { "as-written" } else { "lift" }.into())],
+        report: vec![],
+    });
+    if opts.as_written {
+        // MatMulNBits weights stay the f32 values their codes define (ONNX Runtime's
+        // accuracy_level 0: f32 products), not Acorn's q4 with int8 activations.
+        m.prequantized.clear();
+        m.dequantized.clear();
+    }
     if !opts.no_fold {
-        records.push(qimport::lift_int8_products(&mut m)?);
+        if !opts.as_written {
+            records.push(qimport::lift_int8_products(&mut m)?);
+        }
         records.push(llm::fuse_tied_weights(&mut m)?);
         records.push(passes::fold_constants(&mut m)?);
         records.push(passes::fuse_gelu(&mut m)?);
@@ -162,6 +183,11 @@ pub fn import_bytes(bytes: &[u8]) -> Result<onnx::Imported> {
 
 /// Converts `input` (ONNX) to `output` (.acorn). On error nothing is written.
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            anyhow::bail!("the output {} is the input model itself; choose another path", output.display());
+        }
+    }
     // Read once: the same bytes are hashed for provenance and decoded.
     // The tokenizer first: a bad one fails before minutes of conversion.
     let extensions: Vec<Extension> = match &opts.tokenizer {
@@ -175,6 +201,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let sha = hex(&Sha256::digest(&bytes));
     let base = input.parent().unwrap_or(Path::new("."));
     let (mut m, mut records) = lower(&bytes, input, base, opts)?;
+    let mut warnings = Vec::new();
     drop(bytes);
     // Calibration samples: 7/8 fit the calibration-aware method, the last 1/8 are held out to
     // measure what quantizing cost (both, when there is a single sample).
@@ -210,6 +237,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
                 records.push(awq::apply(&mut m, q, g)?);
             }
             let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref())?;
+            if let Some(w) = quantize::nothing_quantized(&rec) {
+                if opts.strict {
+                    anyhow::bail!("{w} (--strict)");
+                }
+                log::warn!("{w}");
+                warnings.push(w);
+            }
             records.push(rec);
             qs
         }
@@ -263,7 +297,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
             .with_context(|| format!("writing {}", output.display()))?;
     }
-    Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records })
+    Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records, warnings })
 }
 
 /// Weights that arrived quantized (`MatMulNBits`) keep their codes when they are still read only

@@ -8,18 +8,39 @@ use npyz::WriterBuilder;
 
 /// Reads a `.npy` file into a tensor (f32, f64, f16, i64, i32, i16, i8, u64, u32, u16, u8, bool).
 pub fn read_npy(path: &Path) -> Result<Tensor> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| anyhow!("{}: not a valid .npy file: {e}", path.display()))?;
     if npy.order() == npyz::Order::Fortran {
         bail!("{}: Fortran-ordered arrays are not supported; save with np.ascontiguousarray", path.display());
     }
-    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| usize::try_from(d).unwrap_or(usize::MAX)).collect();
     let descr = npy.dtype().descr().trim_matches(|c| c == '\'' || c == '"').to_string();
+    // The header's shape must fit in the data the file holds before anything is allocated
+    // for it: a 100-byte file declaring 4 GiB is an error, not an allocation.
+    let item = descr.get(2..).and_then(|n| n.parse::<usize>().ok()).unwrap_or(1);
+    let need = shape.iter().try_fold(item, |a, &d| a.checked_mul(d));
+    if need.is_none_or(|n| n > bytes.len()) {
+        bail!(
+            "{}: the header declares shape {shape:?} of '{descr}' but the file holds {} bytes",
+            path.display(),
+            bytes.len()
+        );
+    }
     let err = |e: std::io::Error| anyhow!("{}: {e}", path.display());
     let data = match descr.as_str() {
         "<f4" => TensorData::F32(npy.into_vec::<f32>().map_err(err)?),
         "<f8" => TensorData::F64(npy.into_vec::<f64>().map_err(err)?),
-        "<f2" => TensorData::F16(npy.into_vec::<u16>().map_err(err)?),
+        // npyz has no f16 element type: the data is the file's last n·2 bytes (C order, no
+        // padding after the header), read as the IEEE half bits.
+        "<f2" => {
+            let n = need.unwrap_or(0);
+            let raw = &bytes[bytes.len() - n..];
+            TensorData::F16(raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+        }
         "<i2" => TensorData::I16(npy.into_vec::<i16>().map_err(err)?),
         "<u2" => TensorData::U16(npy.into_vec::<u16>().map_err(err)?),
         "<u4" => TensorData::U32(npy.into_vec::<u32>().map_err(err)?),
@@ -62,15 +83,20 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
             TensorData::U16(v) => put!(u16, v.iter().copied()),
             TensorData::U32(v) => put!(u32, v.iter().copied()),
             TensorData::U64(v) => put!(u64, v.iter().copied()),
-            // npyz has no f16 element type: write the bits with the '<f2' descriptor.
+            // npyz has no f16 element type: a v1 header by hand, then the bits.
             TensorData::F16(v) => {
-                let mut w = npyz::WriteOptions::<u16>::new()
-                    .dtype(npyz::DType::Plain("<f2".parse().map_err(|e| anyhow!("{e}"))?))
-                    .shape(&shape)
-                    .writer(&mut buf)
-                    .begin_nd()?;
-                w.extend(v.iter().copied())?;
-                w.finish()?;
+                let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+                let tuple = if dims.len() == 1 { format!("{},", dims[0]) } else { dims.join(", ") };
+                let mut h = format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({tuple}), }}");
+                while !(10 + h.len() + 1).is_multiple_of(64) {
+                    h.push(' ');
+                }
+                h.push('\n');
+                let hlen = u16::try_from(h.len()).map_err(|_| anyhow!("shape {shape:?}: .npy header too long"))?;
+                buf.extend_from_slice(b"\x93NUMPY\x01\x00");
+                buf.extend_from_slice(&hlen.to_le_bytes());
+                buf.extend_from_slice(h.as_bytes());
+                buf.extend(v.iter().flat_map(|x| x.to_le_bytes()));
             }
         }
     }

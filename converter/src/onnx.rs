@@ -51,6 +51,7 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
         scopes: vec![HashMap::new()],
         opset,
         unsupported: Vec::new(),
+        refused: Vec::new(),
         base_dir: base_dir.to_path_buf(),
         extra_nodes: Vec::new(),
         prequantized: HashMap::new(),
@@ -68,7 +69,7 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
     }
     let nodes = im.import_body(g)?;
     im.graph.nodes = nodes;
-    if !im.unsupported.is_empty() {
+    if !im.unsupported.is_empty() || !im.refused.is_empty() {
         let mut by_op: Vec<(String, Vec<String>)> = Vec::new();
         for (op, node) in &im.unsupported {
             match by_op.iter_mut().find(|(o, _)| o == op) {
@@ -77,7 +78,14 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
             }
         }
         let list: Vec<String> = by_op.iter().map(|(op, nodes)| format!("{op} (nodes: {})", nodes.join(", "))).collect();
-        bail!("unsupported ONNX ops: {}", list.join("; "));
+        let mut parts = Vec::new();
+        if !list.is_empty() {
+            parts.push(format!("unsupported ONNX ops: {}", list.join("; ")));
+        }
+        if !im.refused.is_empty() {
+            parts.push(format!("unsupported attributes or inputs: {}", im.refused.join("; ")));
+        }
+        bail!("{}", parts.join("; "));
     }
     for vi in &g.output {
         let v = im.lookup(&vi.name).ok_or_else(|| anyhow!("graph output '{}' is never computed", vi.name))?;
@@ -126,7 +134,11 @@ fn value_type(vi: &pb::ValueInfoProto) -> Result<(DType, Option<Vec<Dim>>)> {
             .enumerate()
             .map(|(i, d)| match &d.value {
                 Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if *n >= 0 => Dim::Fixed(*n as u64),
-                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => Dim::Sym(p.clone()),
+                // `?` (paddle2onnx's spelling of "unknown") is as unnamed as an empty name:
+                // each such dim is its own symbol, never bound to another.
+                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() && p != "?" => {
+                    Dim::Sym(p.clone())
+                }
                 _ => Dim::Sym(format!("{}:{i}", vi.name)),
             })
             .collect()
@@ -159,7 +171,7 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
                 t.name
             );
         }
-        let path = base_dir.join(rel);
+        let path = contained_file(base_dir, rel).with_context(|| format!("tensor '{}': external data", t.name))?;
         let len = n.checked_mul(dtype.size()).ok_or_else(|| anyhow!("tensor '{}' too large", t.name))?;
         if let Some(l) = get("length").map(|s| s.parse::<u64>()).transpose()? {
             if l != len as u64 {
@@ -206,12 +218,38 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
     Tensor::new(shape, data).map_err(|e| anyhow!("tensor '{}': {e}", t.name))
 }
 
+/// `base/rel` resolved through every symlink, refused unless it is a regular file inside
+/// `base` resolved the same way: a link to `/etc/passwd`, or a linked folder, must not let a model
+/// read (and `acorn run` print) files outside its own folder, and a FIFO or device must not block
+/// or feed the reader.
+fn contained_file(base: &Path, rel: &Path) -> Result<PathBuf> {
+    let joined = base.join(rel);
+    let root = base.canonicalize().with_context(|| format!("resolving the model's folder {}", base.display()))?;
+    let real = joined.canonicalize().with_context(|| format!("opening {}", joined.display()))?;
+    if !real.starts_with(&root) {
+        bail!(
+            "'{}' resolves to {}, outside the model's folder {} (through a symbolic link)",
+            rel.display(),
+            real.display(),
+            root.display()
+        );
+    }
+    let meta = std::fs::metadata(&real).with_context(|| format!("opening {}", real.display()))?;
+    if !meta.is_file() {
+        bail!("'{}' is not a regular file", rel.display());
+    }
+    Ok(real)
+}
+
 struct Importer {
     graph: Graph,
     tensors: Vec<(String, Tensor)>,
     scopes: Vec<HashMap<String, ValueId>>,
     opset: i64,
     unsupported: Vec<(String, String)>,
+    /// Nodes of supported ops that carry an attribute value or input the runtime does not
+    /// implement, one line each naming node, op, attribute and value.
+    refused: Vec<String>,
     base_dir: PathBuf,
     /// Nodes a lowering emitted that must run before the node being lowered.
     extra_nodes: Vec<Node>,
@@ -219,23 +257,37 @@ struct Importer {
     dequantized: Vec<String>,
 }
 
-/// Attribute access for one node.
-struct Attrs<'a>(&'a [pb::AttributeProto]);
+/// Attribute access for one node. Every name a lowering asks for is recorded, so an attribute
+/// the node carries but no lowering read — one the runtime does not implement — is refused
+/// instead of silently ignored ([`Attrs::unread`]).
+struct Attrs<'a> {
+    list: &'a [pb::AttributeProto],
+    read: std::cell::RefCell<Vec<&'static str>>,
+}
 
 impl<'a> Attrs<'a> {
-    fn get(&self, n: &str) -> Option<&'a pb::AttributeProto> {
-        self.0.iter().find(|a| a.name == n)
+    fn new(list: &'a [pb::AttributeProto]) -> Self {
+        Attrs { list, read: std::cell::RefCell::new(Vec::new()) }
     }
-    fn i(&self, n: &str, d: i64) -> i64 {
+    fn get(&self, n: &'static str) -> Option<&'a pb::AttributeProto> {
+        self.read.borrow_mut().push(n);
+        self.list.iter().find(|a| a.name == n)
+    }
+    /// The node's attributes that no lowering read.
+    fn unread(&self) -> Vec<&'a pb::AttributeProto> {
+        let read = self.read.borrow();
+        self.list.iter().filter(|a| !read.contains(&a.name.as_str())).collect()
+    }
+    fn i(&self, n: &'static str, d: i64) -> i64 {
         self.get(n).map(|a| a.i).unwrap_or(d)
     }
-    fn f(&self, n: &str, d: f32) -> f32 {
+    fn f(&self, n: &'static str, d: f32) -> f32 {
         self.get(n).map(|a| a.f).unwrap_or(d)
     }
-    fn ints(&self, n: &str) -> Option<Vec<i64>> {
+    fn ints(&self, n: &'static str) -> Option<Vec<i64>> {
         self.get(n).map(|a| a.ints.clone())
     }
-    fn s(&self, n: &str) -> Option<String> {
+    fn s(&self, n: &'static str) -> Option<String> {
         self.get(n).map(|a| String::from_utf8_lossy(&a.s).into_owned())
     }
 }
@@ -292,9 +344,11 @@ impl Importer {
         } else {
             n.name.clone()
         };
-        let a = Attrs(&n.attribute);
+        let a = Attrs::new(&n.attribute);
         if n.domain == "com.microsoft" && n.op_type == "MatMulNBits" {
-            return self.matmul_nbits(n, &a, name);
+            let r = self.matmul_nbits(n, &a, name.clone());
+            self.refuse_unread(&n.op_type, &name, &a);
+            return r;
         }
         if !(n.domain.is_empty() || n.domain == "ai.onnx") {
             self.unsupported.push((format!("{}:{}", n.domain, n.op_type), name));
@@ -325,8 +379,24 @@ impl Importer {
                 return Ok(None);
             }
         };
+        self.refuse_unread(&n.op_type, &name, &a);
         let outputs: Vec<ValueId> = n.output.iter().map(|o| self.define(o)).collect();
         Ok(Some(Node { name, op, inputs, outputs }))
+    }
+
+    /// Records a refusal when the node carries attributes its lowering did not read.
+    fn refuse_unread(&mut self, op_type: &str, name: &str, a: &Attrs<'_>) {
+        let unread = a.unread();
+        if !unread.is_empty() {
+            let list: Vec<String> = unread.iter().map(|x| format!("'{}' = {}", x.name, attr_value(x))).collect();
+            let (noun, verb) = if list.len() > 1 { ("attributes", "are") } else { ("attribute", "is") };
+            self.refused.push(format!("node '{name}' ({op_type}): {noun} {} {verb} not implemented", list.join(", ")));
+        }
+    }
+
+    /// Records a refusal naming an attribute value (or input) the runtime does not implement.
+    fn refuse(&mut self, op_type: &str, name: &str, what: String) {
+        self.refused.push(format!("node '{name}' ({op_type}): {what} is not implemented"));
     }
 
     /// The tensor bound to `name` when it is a constant.
@@ -345,6 +415,9 @@ impl Importer {
     fn matmul_nbits(&mut self, n: &pb::NodeProto, a: &Attrs<'_>, name: String) -> Result<Option<Node>> {
         let input = |i: usize| n.input.get(i).filter(|s| !s.is_empty()).cloned();
         let (k, nn, bits, block) = (a.i("K", 0), a.i("N", 0), a.i("bits", 4), a.i("block_size", 0));
+        // The precision ONNX Runtime computes in (0/1 f32, 4 int8 activations): the weight is
+        // lifted to Acorn's q4 whatever it says (see `docs/ARCHITECTURE.md`, quantized imports).
+        let _ = a.i("accuracy_level", 0);
         let bad = |why: String| anyhow!("MatMulNBits node '{name}': {why}");
         if k <= 0 || nn <= 0 || block < 16 || block & (block - 1) != 0 || !(2..=8).contains(&bits) {
             bail!(bad(format!("K = {k}, N = {nn}, bits = {bits}, block_size = {block} are not a valid layout")));
@@ -513,6 +586,9 @@ impl Importer {
             // Inference-mode Dropout is the identity; training mode is random, and the mask output
             // would need a second node.
             "Dropout" if n.output.len() == 1 && inputs.get(2).copied().flatten().is_none() => {
+                // Inference: the ratio (an attribute before opset 12) and the seed of the
+                // random mask have no effect.
+                let _ = (a.get("ratio"), a.get("seed"));
                 inputs.truncate(1);
                 Some(Op::Identity)
             }
@@ -602,7 +678,10 @@ impl Importer {
             "BitShift" => bin(if a.s("direction").as_deref() == Some("LEFT") { B::ShiftLeft } else { B::ShiftRight }),
             "Shrink" => Some(Op::Activation(Activation::Shrink { lambd: a.f("lambd", 0.5), bias: a.f("bias", 0.0) })),
             "Swish" => Some(Op::Activation(Activation::Swish { alpha: a.f("alpha", 1.0) })),
-            "CastLike" => Some(Op::CastLike),
+            "CastLike" => {
+                let _ = (a.get("saturate"), a.get("round_mode")); // float8 / float4 targets only
+                Some(Op::CastLike)
+            }
             "GatherElements" => Some(Op::GatherElements { axis: a.i("axis", 0) }),
             "ScatterElements" | "Scatter" => Some(Op::ScatterElements {
                 axis: a.i("axis", 0),
@@ -630,7 +709,14 @@ impl Importer {
                 block: a.i("blocksize", 0),
                 dcr: a.s("mode").as_deref().unwrap_or("DCR") == "DCR",
             }),
-            "SpaceToDepth" => Some(Op::SpaceToDepth { block: a.i("blocksize", 0) }),
+            "SpaceToDepth" => {
+                let block = a.i("blocksize", 0);
+                match a.s("mode").as_deref().unwrap_or("DCR") {
+                    "DCR" => Some(Op::SpaceToDepth { block }),
+                    "CRD" => Some(Op::SpaceToDepthCrd { block }),
+                    m => bail!("node '{name}': unknown SpaceToDepth mode '{m}'"),
+                }
+            }
             "MaxPool" | "AveragePool" | "LpPool" | "GlobalMaxPool" | "GlobalAveragePool" | "GlobalLpPool" => {
                 let kind = match n.op_type.trim_start_matches("Global") {
                     "MaxPool" => PoolKind::Max,
@@ -756,14 +842,37 @@ impl Importer {
                 };
                 Some(if n.op_type == "GRU" { Op::Gru(attrs) } else { Op::Rnn(attrs) })
             }
-            "Attention" => Some(Op::Attention(AttentionAttrs {
-                is_causal: a.i("is_causal", 0) != 0,
-                q_num_heads: a.get("q_num_heads").map(|x| x.i),
-                kv_num_heads: a.get("kv_num_heads").map(|x| x.i),
-                qk_mode: a.i("qk_matmul_output_mode", 0),
-                scale: a.get("scale").map(|x| x.f),
-                softcap: a.f("softcap", 0.0),
-            })),
+            "Attention" => {
+                // Sliding windows (opset 25): -1 (unbounded) is all Acorn runs so far.
+                for w in ["left_window_size", "right_window_size"] {
+                    let v = a.i(w, -1);
+                    if v != -1 {
+                        self.refuse(&n.op_type, name, format!("attribute '{w}' = {v} (a sliding window)"));
+                    }
+                }
+                // The softmax runs in f32: exact for f32 (1); f64 (11) asks for more than the
+                // f32 inputs carry. A narrower type (f16 10, bf16 16) would round differently.
+                let p = a.i("softmax_precision", 1);
+                if !matches!(p, 1 | 11) {
+                    self.refuse(
+                        &n.op_type,
+                        name,
+                        format!("attribute 'softmax_precision' = {p} ({})", dtype_name(p as i32)),
+                    );
+                }
+                let qk_mode = a.i("qk_matmul_output_mode", 0);
+                if !(0..=3).contains(&qk_mode) {
+                    bail!("node '{name}': qk_matmul_output_mode = {qk_mode} (0–3 are defined)");
+                }
+                Some(Op::Attention(AttentionAttrs {
+                    is_causal: a.i("is_causal", 0) != 0,
+                    q_num_heads: a.get("q_num_heads").map(|x| x.i),
+                    kv_num_heads: a.get("kv_num_heads").map(|x| x.i),
+                    qk_mode,
+                    scale: a.get("scale").map(|x| x.f),
+                    softcap: a.f("softcap", 0.0),
+                }))
+            }
             "RotaryEmbedding" => Some(Op::RotaryEmbedding {
                 interleaved: a.i("interleaved", 0) != 0,
                 rotary_dim: a.i("rotary_embedding_dim", 0),
@@ -817,7 +926,12 @@ impl Importer {
             "Xor" => bin(B::Xor),
             "PRelu" => bin(B::PRelu),
             "Where" => Some(Op::Where),
-            "Cast" => Some(Op::Cast { to: onnx_dtype(a.i("to", 1) as i32)? }),
+            "Cast" => {
+                // `saturate` and `round_mode` only apply to float8 / float4 targets, which
+                // `onnx_dtype` refuses: for every type Acorn casts to they change nothing.
+                let _ = (a.get("saturate"), a.get("round_mode"));
+                Some(Op::Cast { to: onnx_dtype(a.i("to", 1) as i32)? })
+            }
             "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
             | "ReduceSumSquare" | "ReduceLogSum" | "ReduceLogSumExp" => {
                 let op = match n.op_type.as_str() {
@@ -892,6 +1006,13 @@ impl Importer {
             "Concat" => Some(Op::Concat { axis: a.i("axis", 0) }),
             "Split" => {
                 let split = if opset < 13 { a.ints("split") } else { None };
+                // opset 18: equal parts (the last smaller), as many as there are outputs — what
+                // the runtime does without `split`; any other count is refused.
+                if let Some(k) = a.get("num_outputs").map(|x| x.i) {
+                    if k != n.output.len() as i64 {
+                        bail!("node '{name}': num_outputs = {k} but {} outputs", n.output.len());
+                    }
+                }
                 Some(Op::Split { axis: a.i("axis", 0), split })
             }
             "Slice" => {
@@ -997,7 +1118,7 @@ impl Importer {
                 Some(Op::Loop { body: (self.graph.subgraphs.len() - 1) as u32, body_inputs })
             }
             "If" => {
-                let mut branch = |key: &str| -> Result<u32> {
+                let mut branch = |key: &'static str| -> Result<u32> {
                     let g = a.get(key).and_then(|x| x.g.as_ref()).ok_or_else(|| anyhow!("If '{name}' lacks {key}"))?;
                     self.scopes.push(HashMap::new());
                     let nodes = self.import_body(g);
@@ -1021,6 +1142,27 @@ impl Importer {
             _ => None,
         };
         Ok(op)
+    }
+}
+
+/// An attribute's value as the error messages show it.
+fn attr_value(a: &pb::AttributeProto) -> String {
+    use pb::attribute_proto::AttributeType as T;
+    const MAX: usize = 8;
+    fn list<V: std::fmt::Debug>(v: &[V]) -> String {
+        let shown: Vec<String> = v.iter().take(MAX).map(|x| format!("{x:?}")).collect();
+        format!("[{}{}]", shown.join(", "), if v.len() > MAX { ", …" } else { "" })
+    }
+    match T::try_from(a.r#type).unwrap_or(T::Undefined) {
+        T::Int => a.i.to_string(),
+        T::Float => a.f.to_string(),
+        T::String => format!("{:?}", String::from_utf8_lossy(&a.s)),
+        T::Ints => list(&a.ints),
+        T::Floats => list(&a.floats),
+        T::Strings => list(&a.strings.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect::<Vec<_>>()),
+        T::Tensor => "a tensor".into(),
+        T::Graph => "a graph".into(),
+        other => format!("a {}", other.as_str_name().to_lowercase()),
     }
 }
 

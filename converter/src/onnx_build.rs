@@ -160,6 +160,26 @@ impl OnnxBuilder {
         pb::AttributeProto { name: name.into(), r#type: 1, f: v, ..Default::default() }
     }
 
+    /// A string attribute.
+    pub fn attr_s(name: &str, v: &str) -> pb::AttributeProto {
+        pb::AttributeProto { name: name.into(), r#type: 3, s: v.as_bytes().to_vec(), ..Default::default() }
+    }
+
+    /// An f32 initializer whose data is in an external file (`location`, relative to the
+    /// model's folder, read from `offset`).
+    pub fn init_external_f32(&mut self, name: &str, dims: &[i64], location: &str, offset: u64) -> &mut Self {
+        let kv = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+        self.graph.initializer.push(pb::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: 1,
+            data_location: Some(1),
+            external_data: vec![kv("location", location.into()), kv("offset", offset.to_string())],
+            ..Default::default()
+        });
+        self
+    }
+
     /// The serialized model.
     pub fn to_bytes(&self) -> Vec<u8> {
         let m = pb::ModelProto {

@@ -202,14 +202,24 @@ pub fn quantize_weights(
     }
     let mut out: Vec<Option<Quantized>> = (0..m.tensors.len()).map(|_| None).collect();
     let mut kept: Vec<String> = Vec::new();
+    // Large float weights that are not matrices (convolution kernels, …): named too, so a
+    // `--quantize` that changes nothing says why.
+    let mut others: Vec<String> = Vec::new();
     let mut done: Vec<Done> = Vec::new();
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
         let shape = tensor.shape();
+        let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
+        let all: Vec<Use> = values.iter().flat_map(|v| uses.get(v).cloned().unwrap_or_default()).collect();
+        if tensor.dtype() == DType::F32 && shape.len() != 2 && tensor.len() >= MIN_VALUES {
+            let by = match all.iter().find_map(|u| if let Use::Other(w) = u { Some(w.as_str()) } else { None }) {
+                Some(w) => format!(" read by {w}"),
+                None => String::new(),
+            };
+            others.push(format!("{name}: a rank-{} weight{by} (only 2-D weights are quantized)", shape.len()));
+        }
         if tensor.dtype() != DType::F32 || shape.len() != 2 || shape.contains(&0) {
             continue;
         }
-        let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
-        let all: Vec<Use> = values.iter().flat_map(|v| uses.get(v).cloned().unwrap_or_default()).collect();
         let reason = if shape[0] * shape[1] < MIN_VALUES {
             Some(format!("small ({} values)", shape[0] * shape[1]))
         } else if let Some(p) = keep.iter().find(|r| r.is_match(name)) {
@@ -324,7 +334,7 @@ pub fn quantize_weights(
     for p in &opts.keep_float {
         record.params.push(("keep_float".into(), p.clone()));
     }
-    for k in kept {
+    for k in kept.into_iter().chain(others) {
         record.params.push(("float".into(), k));
     }
     Ok((out, record))
@@ -760,4 +770,30 @@ fn assemble(
             (enc, bytes, approx)
         }
     }
+}
+
+/// When the quantize pass stored nothing in fewer bits: one line saying so with the reasons,
+/// grouped by kind (`3 × small (…)`, `52 × a rank-4 weight read by Conv …`), from its record.
+pub fn nothing_quantized(record: &PassRecord) -> Option<String> {
+    let count = record.report.iter().find(|(k, _)| k == "tensors").map_or(0.0, |r| r.1);
+    if count > 0.0 {
+        return None;
+    }
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for (_, v) in record.params.iter().filter(|(k, _)| k == "float") {
+        let why = v.split_once(": ").map_or(v.as_str(), |(_, w)| w);
+        // Group "small (12 values)" with "small (40 values)".
+        let kind = why.split(" (").next().unwrap_or(why).to_string();
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((kind, 1)),
+        }
+    }
+    let format = record.params.iter().find(|(k, _)| k == "format").map_or("?", |p| p.1.as_str());
+    let why = if kinds.is_empty() {
+        "the model has no float weights large enough".to_string()
+    } else {
+        kinds.iter().map(|(k, n)| format!("{n} × {k}")).collect::<Vec<_>>().join("; ")
+    };
+    Some(format!("--quantize {format} changed nothing: no weight is eligible ({why}); `acorn inspect` lists each"))
 }

@@ -21,6 +21,8 @@ pub const SILERO_HALF: &str = "silero-vad/silero_vad/data/silero_vad_half.onnx";
 pub const SILERO_SEQUENCE: &str = "silero-vad/silero_vad/data/silero_vad_16k_sequence.onnx";
 /// The ONNX backend node test suite from the onnx==1.22.0 wheel.
 pub const ONNX_NODE_TESTS: &str = "onnx/onnx/backend/test/data/node";
+/// The node tests of onnx 1.23.2, generated from its test-case code by the assets script.
+pub const ONNX_NODE_TESTS_1_23: &str = "onnx-node-1.23/node";
 pub const ORT_LIB: &str = "onnxruntime/onnxruntime/capi/libonnxruntime.so.1.32.0";
 /// The embedding output of paraphrase-MiniLM-L3-v2 (mean-pooled, [B, 384]).
 pub const MINILM_EMBEDDING: &str = "461";

@@ -4,7 +4,7 @@
 //! `acorn conformance <suite> --passing tests/data/conformance_passing.txt --markdown docs/CONFORMANCE.md`.
 
 use acorn_converter::conformance::{self, Outcome};
-use acorn_tests::{asset, repo_root, ONNX_NODE_TESTS};
+use acorn_tests::{asset, repo_root, ONNX_NODE_TESTS, ONNX_NODE_TESTS_1_23};
 
 #[test]
 fn node_suite_keeps_its_baseline() {
@@ -31,4 +31,22 @@ fn node_suite_keeps_its_baseline() {
     // No test may crash the converter or runtime: panics are bugs even in unsupported corners.
     let panics: Vec<&str> = results.iter().filter(|r| r.reason.starts_with("PANIC")).map(|r| r.name.as_str()).collect();
     assert!(panics.is_empty(), "panics in: {panics:?}");
+}
+
+/// The node tests of the newest onnx release (1.23.2: new attributes such as SpaceToDepth's
+/// `mode`, Attention's windows, BitShift on signed integers): no wrong answers. Each test either
+/// passes or is refused with the reason (an unsupported op, attribute value, input or type);
+/// none may convert and run to a different result.
+#[test]
+fn newest_node_suite_has_no_wrong_answers() {
+    let suite = asset(ONNX_NODE_TESTS_1_23);
+    let scratch = tempfile::tempdir().unwrap();
+    let tests = conformance::list_tests(&suite).unwrap();
+    assert_eq!(tests.len(), 1884, "the onnx 1.23.2 node suite has 1884 tests");
+    let results: Vec<_> = tests.iter().map(|t| conformance::run_case(t, scratch.path())).collect();
+    let (passed, failed, unsupported) = conformance::totals(&results);
+    println!("onnx 1.23.2 node tests: {passed} passed, {failed} failed, {unsupported} refused of {}", results.len());
+    let wrong: Vec<String> =
+        results.iter().filter(|r| r.outcome == Outcome::Failed).map(|r| format!("{}: {}", r.name, r.reason)).collect();
+    assert!(wrong.is_empty(), "{} tests gave a wrong answer or failed unclearly:\n{}", wrong.len(), wrong.join("\n"));
 }

@@ -412,11 +412,9 @@ fn matmul_nbits_models_import_as_q4() {
 /// (the int8 codes and scales kept exactly, the merged Q/K/V too): `quantize_dynamic`
 /// (DynamicQuantizeLinear → MatMulInteger → Cast → Mul) and `quantize_static` in QDQ format
 /// (DequantizeLinear on per-channel int8 weights; its activation Q/DQ pairs stay in the graph).
-/// On real text the sentence embeddings stay within 2% (cosine) of ONNX Runtime's own run of the
-/// same model and as close to the fp32 model's as that run — closer for the dynamic model
-/// (Acorn quantizes activations per block of 32, ONNX Runtime per tensor); within 0.002 for QDQ,
-/// whose activation Q/DQ pairs Acorn runs as written before quantizing again per block (measured:
-/// 0.9784 vs ONNX Runtime's 0.9789; the two runs agree to 0.989).
+/// On real text the sentence embeddings stay within 2.5% (cosine) of the fp32 model's (Acorn
+/// quantizes activations per block of 32, ONNX Runtime per tensor; for QDQ, Acorn runs the
+/// activation Q/DQ pairs as written before quantizing again per block).
 #[test]
 fn int8_models_import_as_q8() {
     use acorn::format::TensorEncoding;
@@ -475,9 +473,15 @@ fn int8_models_import_as_q8() {
         println!(
             "{kind} int8 MiniLM-L3 imported as q8: vs fp32 {a:.5} (ONNX Runtime on it: {b:.5}), vs ONNX Runtime on it {c:.5}"
         );
-        assert!(c >= 0.98, "{kind}: imported model vs ONNX Runtime's run of it: {c}");
-        let slack = if kind == "dynamic" { 1e-4 } else { 2e-3 };
-        assert!(a >= b - slack, "{kind}: imported model {a} is further from fp32 than ONNX Runtime's run of it ({b})");
+        // Against the fp32 original, not against ONNX Runtime's int8 run: that run depends on
+        // the CPU (its AVX2 u8·s8 products saturate in 16 bits; on one AVX2-only machine it
+        // measured 0.972 from fp32, on AVX-512 VNNI 0.9765), so it is no reference a test can
+        // hold on every machine. Acorn's int8 products are exact in i32 and its activation
+        // blocks the same on every CPU: measured 0.978–0.980 on AVX2 and AVX-512.
+        assert!(
+            a >= 0.975,
+            "{kind}: imported model vs fp32 cosine {a} (ONNX Runtime's int8 run here: {b}, between: {c})"
+        );
     }
 }
 

@@ -14,8 +14,20 @@ fn run_stream(model_rel: &str) {
 }
 
 /// Streams the clip through the model at sample rate `rate` (chunk and context as silero uses
-/// them at that rate) and compares every chunk's probability and state with ONNX Runtime.
+/// them at that rate) and compares every chunk with ONNX Runtime, two ways:
+///
+/// - one step at a time (both runtimes given the same state, ONNX Runtime's, every chunk): the
+///   probability and the new state must agree within `bound` (the state relative to its largest
+///   magnitude, as f32 rounding is). Both compute in f32 with different
+///   summation orders (and each with the kernels its CPU has), so a step differs by rounding only;
+///   carrying each runtime's own state would let those differences compound over hundreds of
+///   chunks through the LSTM, and the compounded drift depends on the CPU (AVX2 and AVX-512 sum
+///   differently), so it is not what a bound can hold on every machine.
+/// - streamed for real (Acorn carries its own state): every speech/silence decision (p > 0.5)
+///   agrees with ONNX Runtime's except where ONNX Runtime itself is within `DECISION_MARGIN` of
+///   the threshold, and the drift is printed.
 fn run_stream_at(model_rel: &str, rate: i64, chunk_len: usize, context_len: usize, bound: f32) {
+    const DECISION_MARGIN: f32 = 0.02;
     let onnx = asset(model_rel);
     let (_dir, path) = convert_temp(&onnx).expect("convert silero VAD");
     let model = Model::open(&path).unwrap();
@@ -24,47 +36,59 @@ fn run_stream_at(model_rel: &str, rate: i64, chunk_len: usize, context_len: usiz
     let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
     let sr = Tensor::from_i64(vec![], vec![rate]);
     let has_sr = model.inputs().iter().any(|i| i.name == "sr");
-    let mut state_ours = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
-    let mut state_ref = state_ours.clone();
+    let mut state_free = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
+    let mut state_ref = state_free.clone();
     let mut context = vec![0.0f32; context_len];
-    let (mut worst, mut worst_state, mut speech_chunks, mut chunks) = (0.0f32, 0.0f32, 0, 0);
+    let (mut worst, mut worst_state, mut drift, mut speech_chunks, mut chunks) = (0.0f32, 0.0f32, 0.0f32, 0, 0);
+    let mut disagreements = Vec::new();
+    // The state's largest magnitude: f32 rounding is relative, so its bound scales with it.
+    let mut scale = 1.0f32;
     for chunk in audio.chunks_exact(chunk_len) {
         let mut frame = context.clone();
         frame.extend_from_slice(chunk);
         context.copy_from_slice(&chunk[chunk_len - context_len..]);
         let x = Tensor::from_f32(vec![1, context_len + chunk_len], frame);
-        let mut ins_ours: Vec<(&str, &Tensor)> = vec![("input", &x), ("state", &state_ours)];
-        let mut ins_ref: Vec<(&str, &Tensor)> = vec![("input", &x), ("state", &state_ref)];
-        if has_sr {
-            ins_ours.push(("sr", &sr));
-            ins_ref.push(("sr", &sr));
+        let inputs = |state| {
+            let mut v: Vec<(&str, &Tensor)> = vec![("input", &x), ("state", state)];
+            if has_sr {
+                v.push(("sr", &sr));
+            }
+            v
+        };
+        let step = ours.run(&inputs(&state_ref)).unwrap();
+        let free = ours.run(&inputs(&state_free)).unwrap();
+        let mut want = reference.run(&inputs(&state_ref), &["output", "stateN"]).unwrap();
+        worst = worst.max(max_abs_diff(&step[0], &want[0]));
+        worst_state = worst_state.max(max_abs_diff(&step[1], &want[1]));
+        scale = want[1].as_f32().unwrap().iter().fold(scale, |m, v| m.max(v.abs()));
+        drift = drift.max(max_abs_diff(&free[0], &want[0]));
+        let (p_want, p_free) = (want[0].as_f32().unwrap()[0], free[0].as_f32().unwrap()[0]);
+        if (p_want > 0.5) != (p_free > 0.5) && (p_want - 0.5).abs() > DECISION_MARGIN {
+            disagreements.push((chunks, p_free, p_want));
         }
-        let mut got = ours.run(&ins_ours).unwrap();
-        let mut want = reference.run(&ins_ref, &["output", "stateN"]).unwrap();
-        worst = worst.max(max_abs_diff(&got[0], &want[0]));
-        worst_state = worst_state.max(max_abs_diff(&got[1], &want[1]));
-        if want[0].as_f32().unwrap()[0] > 0.5 {
+        if p_want > 0.5 {
             speech_chunks += 1;
         }
         chunks += 1;
-        state_ours = got.swap_remove(1);
+        state_free = free.into_iter().nth(1).unwrap();
         state_ref = want.swap_remove(1);
     }
     println!(
-        "{model_rel} at {rate} Hz: {chunks} chunks, {speech_chunks} with speech; max |Δ| prob {worst:.2e}, state {worst_state:.2e}"
+        "{model_rel} at {rate} Hz ({}): {chunks} chunks, {speech_chunks} with speech; per step max |Δ| prob {worst:.2e}, state {worst_state:.2e} (largest |state| {scale:.1}); streamed prob drift {drift:.2e}",
+        acorn::kernels::selected().name()
     );
     assert!(chunks > 200, "clip too short");
     assert!(speech_chunks > 20 && speech_chunks < chunks, "the clip should have speech and silence");
-    assert!(worst <= bound, "speech probability max |Δ| {worst} > {bound}");
-    assert!(worst_state <= bound, "state max |Δ| {worst_state} > {bound}");
+    assert!(worst <= bound, "speech probability max |Δ| {worst} > {bound} in one step");
+    assert!(worst_state <= bound * scale, "state max |Δ| {worst_state} > {bound} × {scale} in one step");
+    assert!(disagreements.is_empty(), "streamed decisions differ (chunk, ours, ONNX Runtime): {disagreements:?}");
 }
 
 #[test]
 fn silero_vad_with_data_dependent_if_streams_at_16k_and_8k() {
     // silero_vad.onnx picks its 16 kHz or 8 kHz sub-network with If nodes on the `sr` input.
     run_stream_at(SILERO_IF, 16000, 512, 64, 1e-4);
-    // Twice the chunks at 8 kHz: the carried LSTM state accumulates ~1e-4 of f32 rounding.
-    run_stream_at(SILERO_IF, 8000, 256, 32, 2e-4);
+    run_stream_at(SILERO_IF, 8000, 256, 32, 1e-4);
 }
 
 #[test]

@@ -604,8 +604,24 @@ impl Plan {
                     Error::Input(format!("input '{}' must be {}, got {}", spec.name, spec.dtype, t.dtype())).into()
                 );
             }
+            // The shape the graph sees: the input's own, except that one element given as
+            // `[1]` where a scalar is declared (or the reverse) takes the declared rank, as
+            // ONNX Runtime accepts it (the browser VAD package sends `sr` as `[1]`).
+            let mut shape = t.shape().to_vec();
             if let Some(dims) = &spec.dims {
-                if dims.len() != t.shape().len() {
+                let one = |d: &Dim| matches!(d, Dim::Sym(_) | Dim::Fixed(1));
+                if dims.len() != shape.len()
+                    && t.len() == 1
+                    && dims.len() <= 1
+                    && shape.len() <= 1
+                    && dims.iter().all(one)
+                {
+                    log::debug!("input '{}': shape {shape:?} taken as {}", spec.name, dims_str(&spec.dims));
+                    shape = vec![1; dims.len()];
+                }
+            }
+            if let Some(dims) = &spec.dims {
+                if dims.len() != shape.len() {
                     return Err(Error::Input(format!(
                         "input '{}' must have rank {} {}, got shape {:?}",
                         spec.name,
@@ -615,7 +631,7 @@ impl Plan {
                     ))
                     .into());
                 }
-                for (k, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
+                for (k, (d, &n)) in dims.iter().zip(&shape).enumerate() {
                     match d {
                         Dim::Fixed(f) if *f as usize != n => {
                             return Err(Error::Input(format!(
@@ -626,6 +642,8 @@ impl Plan {
                             ))
                             .into())
                         }
+                        // Unnamed dims (`?`, as paddle2onnx writes them, or empty) bind nothing.
+                        Dim::Sym(s) if s.is_empty() || s == "?" => {}
                         Dim::Sym(s) => match syms.get(s.as_str()) {
                             Some(&(prev, who)) if prev != n => {
                                 return Err(Error::Input(format!(
@@ -642,7 +660,7 @@ impl Plan {
                     }
                 }
             }
-            locs[spec.value as usize] = Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Input(i) });
+            locs[spec.value as usize] = Some(Loc { dtype: t.dtype(), shape, slot: Slot::Input(i) });
         }
         for c in &graph.constants {
             let e = &meta.tensors[c.tensor as usize];

@@ -114,9 +114,14 @@ pub fn atomic_write(
         _ => std::path::PathBuf::from("."),
     };
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mode = check_destination(path)?;
+    remove_stale_temporaries(&dir, &file_name);
     let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;
+        if let Some(perm) = mode {
+            file.set_permissions(perm)?;
+        }
         {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
             f(&mut w)?;
@@ -130,4 +135,57 @@ pub fn atomic_write(
         return Err(io(e));
     }
     Ok(())
+}
+
+/// Refuses a destination that renaming over would damage: anything but a regular file (a
+/// device such as `/dev/null`, a FIFO, a folder), a symbolic link (replacing it would leave its
+/// target stale and surprise whoever made it), or a file with other hard links (they would keep
+/// the old contents). Returns the permissions the new file keeps (an existing file's), if any.
+fn check_destination(path: &Path) -> Result<Option<std::fs::Permissions>> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::Io { path: path.display().to_string(), source: e }),
+    };
+    let refuse = |what: &str| {
+        Err(Error::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the destination is {what}; not replacing it (write to a new path, or remove it first)"),
+            ),
+        })
+    };
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        return refuse("a symbolic link");
+    }
+    if !ft.is_file() {
+        return refuse("not a regular file");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if meta.nlink() > 1 {
+            return refuse(&format!("a file with {} hard links", meta.nlink()));
+        }
+    }
+    Ok(Some(meta.permissions()))
+}
+
+/// Removes `.NAME.tmpPID` files beside the destination that a killed writer left (their process
+/// is gone): a `kill -9` mid-write must not leave hundreds of megabytes behind for good.
+fn remove_stale_temporaries(dir: &Path, file_name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return; // no way to tell a live writer from a dead one
+    }
+    let prefix = format!(".{file_name}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        if pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }

@@ -491,6 +491,11 @@ pub enum Op {
     /// inputs: A [..., K], B [N, K] (2-D); Y = A·Bᵀ [..., N]. A product against a transposed
     /// weight stored once (an LM head tied to its embedding table); made by the converter.
     MatMulTransB,
+    /// SpaceToDepth in CRD order (opset 28's `mode = "CRD"`): output channel
+    /// `c·b² + bh·b + bw`, where [`Op::SpaceToDepth`] (DCR) has `(bh·b + bw)·C + c`.
+    SpaceToDepthCrd {
+        block: i64,
+    },
 }
 
 /// ONNX Attention attributes.
@@ -644,6 +649,7 @@ impl Op {
             Op::Softmax { log: true, .. } => "LogSoftmax".into(),
             Op::LayerNorm { .. } => "LayerNormalization".into(),
             Op::BatchNorm { .. } | Op::BatchNormTraining { .. } => "BatchNormalization".into(),
+            Op::SpaceToDepthCrd { .. } => "SpaceToDepth".into(),
             other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
         }
     }
@@ -675,6 +681,7 @@ impl Op {
             Op::ScatterElements { .. } | Op::ScatterNd { .. } | Op::OneHot { .. } => (3, 3, 1, 1),
             Op::Trilu { .. } => (1, 2, 1, 1),
             Op::EyeLike { .. } | Op::NonZero | Op::DepthToSpace { .. } | Op::SpaceToDepth { .. } => (1, 1, 1, 1),
+            Op::SpaceToDepthCrd { .. } => (1, 1, 1, 1),
             Op::TopK { .. } => (2, 2, 2, 2),
             Op::CumSum { .. } | Op::CumProd { .. } => (2, 2, 1, 1),
             Op::NllLoss { .. } => (2, 3, 1, 1),
@@ -717,7 +724,9 @@ impl Op {
                     || c.group < 1
             }
             Op::Lstm(l) => l.hidden_size < 1 || l.hidden_size > (1 << 20) || !(0..=1).contains(&l.layout),
-            Op::DepthToSpace { block, .. } | Op::SpaceToDepth { block } => !(1..=1 << 16).contains(block),
+            Op::DepthToSpace { block, .. } | Op::SpaceToDepth { block } | Op::SpaceToDepthCrd { block } => {
+                !(1..=1 << 16).contains(block)
+            }
             Op::GatherNd { batch_dims } => !(0..MAX_RANK as i64).contains(batch_dims),
             Op::Pool(p) => {
                 p.kernel_shape.len() > MAX_RANK

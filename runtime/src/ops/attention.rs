@@ -284,6 +284,13 @@ fn attend_unit(
         sc.bias(u.b, u.h0, r, row);
     }
     kernels::math::softmax_rows(scores, probs, total, false);
+    // A row with no attendable key (every score −∞ after the masks) attends to nothing: zeros,
+    // as ONNX Attention defines it, not the NaN of a softmax over −∞ alone.
+    for (srow, prow) in scores.chunks_exact(total).zip(probs.chunks_exact_mut(total)) {
+        if prow[0].is_nan() && srow.iter().all(|&s| s == f32::NEG_INFINITY) {
+            prow.fill(0.0);
+        }
+    }
     let mut row0 = 0;
     for piece in u.v.pieces {
         if piece.rows > 0 {
@@ -659,6 +666,9 @@ pub(super) fn run(
             for i in 0..g.sq {
                 let qo = q_at(b, h, i);
                 let qrow = &qd[qo..qo + g.hd];
+                // Whether any key's bias leaves it attendable (decided on the bias, as ONNX
+                // does, so a row the masks close entirely gives zeros whatever the logits).
+                let mut open = false;
                 for j in 0..total {
                     let krow = k_row(b, kh, j);
                     let mut s = 0.0f32;
@@ -687,7 +697,14 @@ pub(super) fn run(
                             };
                         }
                     }
-                    if a.is_causal && j >= g.past && j - g.past > i {
+                    // Causal frontier, bottom-right aligned: after the past, or — with
+                    // `nonpad_kv_seqlen` and no past (an external cache) — after the
+                    // nonpad_kv_seqlen[b] − S_q keys that precede this query block.
+                    let offset = match np {
+                        Some(n) if g.past == 0 => n - g.sq as i64,
+                        _ => g.past as i64,
+                    };
+                    if a.is_causal && j as i64 > i as i64 + offset {
                         bias = f32::NEG_INFINITY;
                     }
                     if let Some(n) = np {
@@ -696,6 +713,7 @@ pub(super) fn run(
                         }
                     }
                     scores[j] = s + bias;
+                    open |= bias != f32::NEG_INFINITY;
                 }
                 let qk_row = qk_out.as_deref_mut().map(|o| {
                     let at = ((b * g.qh + h) * g.sq + i) * total;
@@ -715,7 +733,7 @@ pub(super) fn run(
                     sum += *s;
                 }
                 for s in scores.iter_mut() {
-                    *s /= sum;
+                    *s = if open { *s / sum } else { 0.0 };
                 }
                 if a.qk_mode == 3 {
                     if let Some(o) = qk_out.as_deref_mut() {

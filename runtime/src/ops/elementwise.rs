@@ -295,8 +295,12 @@ macro_rules! impl_int {
             fn shl(self, o: Self) -> Self {
                 u32::try_from(o).ok().and_then(|s| self.checked_shl(s)).unwrap_or(0)
             }
+            /// Arithmetic for signed types; a shift that is negative or at least the width
+            /// fills the result with the sign (0, or −1 for a negative signed value), as
+            /// ONNX (opset 28) and NumPy define it — not masked as in C or by the hardware.
             fn shr(self, o: Self) -> Self {
-                u32::try_from(o).ok().and_then(|s| self.checked_shr(s)).unwrap_or(0)
+                let fill = if self.is_neg() { !0 } else { 0 };
+                u32::try_from(o).ok().and_then(|s| self.checked_shr(s)).unwrap_or(fill)
             }
             #[allow(unused_comparisons)]
             fn is_neg(self) -> bool {

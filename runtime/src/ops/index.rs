@@ -194,7 +194,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             }
             vec![(x.dtype, vec![x.shape[0], x.shape[1] / (b * b), x.shape[2] * b, x.shape[3] * b])]
         }
-        Op::SpaceToDepth { block } => {
+        Op::SpaceToDepth { block } | Op::SpaceToDepthCrd { block } => {
             let b = *block as usize;
             if rank != 4 || b == 0 || x.shape[2] % b != 0 || x.shape[3] % b != 0 {
                 op_bail!("SpaceToDepth needs [N, C, H, W] with H and W divisible by blocksize");
@@ -505,7 +505,8 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             }
             Ok(())
         }
-        Op::SpaceToDepth { block } => {
+        Op::SpaceToDepth { block } | Op::SpaceToDepthCrd { block } => {
+            let crd = matches!(op, Op::SpaceToDepthCrd { .. });
             let b = *block as usize;
             let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
             let (oh, ow) = (h / b, w / b);
@@ -515,7 +516,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                     for y in 0..h {
                         for xx in 0..w {
                             let (bh, bw) = (y % b, xx % b);
-                            let dc = (bh * b + bw) * c + ci;
+                            let dc = if crd { (ci * b + bh) * b + bw } else { (bh * b + bw) * c + ci };
                             let d = ((ni * c * b * b + dc) * oh + y / b) * ow + xx / b;
                             let s = ((ni * c + ci) * h + y) * w + xx;
                             out[d * es..(d + 1) * es].copy_from_slice(&x.bytes[s * es..(s + 1) * es]);

@@ -108,6 +108,7 @@ fn is_index_op(op: &Op) -> bool {
             | Op::Compress { .. }
             | Op::DepthToSpace { .. }
             | Op::SpaceToDepth { .. }
+            | Op::SpaceToDepthCrd { .. }
     )
 }
 
@@ -212,6 +213,7 @@ fn dtype_generic(op: &Op) -> bool {
             | Op::Compress { .. }
             | Op::DepthToSpace { .. }
             | Op::SpaceToDepth { .. }
+            | Op::SpaceToDepthCrd { .. }
             | Op::ConstantOfShape { .. }
             | Op::EyeLike { .. }
             | Op::OneHot { .. }

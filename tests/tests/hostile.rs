@@ -1,0 +1,262 @@
+//! The findings of issue 15, one regression test each: models and inputs that used to convert or
+//! run to a wrong answer, escape the model's folder, damage files, or allocate without bound.
+//! Each must now give the right answer or a clear error, and leave everything else intact.
+
+use std::path::Path;
+
+use acorn::{Model, Tensor};
+use acorn_converter::onnx_build::OnnxBuilder as B;
+use acorn_converter::quantize::{QuantFormat, QuantOptions};
+use acorn_converter::{convert, ConvertOptions};
+use acorn_tests::{asset, SILERO_IF};
+
+fn write(dir: &Path, name: &str, b: &B) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, b.to_bytes()).unwrap();
+    p
+}
+
+fn err(r: anyhow::Result<acorn_converter::ConvertReport>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// y = w · x with w [2, 4] from external data `location`.
+fn external_model(location: &str) -> B {
+    let mut b = B::new(17);
+    b.input_f32("x", &["4", "1"]).output_f32("y");
+    b.init_external_f32("w", &[2, 4], location, 0);
+    b.node("MatMul", "mm", &["w", "x"], &["y"], vec![]);
+    b
+}
+
+#[test]
+fn external_data_through_a_symlink_out_of_the_folder_is_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.bin");
+    std::fs::write(&secret, [7u8; 32]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A linked file, and a file inside a linked folder.
+    std::os::unix::fs::symlink(&secret, dir.path().join("weights.bin")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), dir.path().join("data")).unwrap();
+    for loc in ["weights.bin", "data/secret.bin"] {
+        let m = write(dir.path(), "m.onnx", &external_model(loc));
+        let out = dir.path().join("m.acorn");
+        let e = err(convert(&m, &out, &ConvertOptions::default()));
+        assert!(e.contains("outside the model's folder"), "{loc}: {e}");
+        assert!(!out.exists(), "{loc}: nothing written");
+    }
+    // The same bytes inside the folder convert.
+    std::fs::write(dir.path().join("inside.bin"), bytemuck::cast_slice(&[0.5f32; 8])).unwrap();
+    let m = write(dir.path(), "ok.onnx", &external_model("inside.bin"));
+    convert(&m, &dir.path().join("ok.acorn"), &ConvertOptions::default()).unwrap();
+    // A FIFO as external data is refused, not read forever.
+    let fifo = dir.path().join("fifo.bin");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let m = write(dir.path(), "fifo.onnx", &external_model("fifo.bin"));
+    let e = err(convert(&m, &dir.path().join("fifo.acorn"), &ConvertOptions::default()));
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
+fn small_model(dir: &Path) -> std::path::PathBuf {
+    let mut b = B::new(17);
+    b.input_f32("x", &["n"]).output_f32("y");
+    b.node("Relu", "r", &["x"], &["y"], vec![]);
+    write(dir, "small.onnx", &b)
+}
+
+#[test]
+fn output_onto_the_input_a_fifo_a_symlink_or_a_hard_link_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = small_model(dir.path());
+    let original = std::fs::read(&src).unwrap();
+    let opts = ConvertOptions::default();
+    // The input itself (also through another spelling of its path).
+    let again = dir.path().join(".").join("small.onnx");
+    assert!(err(convert(&src, &again, &opts)).contains("is the input model itself"));
+    assert_eq!(std::fs::read(&src).unwrap(), original, "the input is intact");
+    // A FIFO (as a device would be): not a regular file.
+    let fifo = dir.path().join("fifo.acorn");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(err(convert(&src, &fifo, &opts)).contains("not a regular file"));
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo_like());
+    // A symbolic link: neither replaced nor followed.
+    let target = dir.path().join("target.acorn");
+    std::fs::write(&target, b"keep").unwrap();
+    let link = dir.path().join("link.acorn");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert!(err(convert(&src, &link, &opts)).contains("symbolic link"));
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    // A hard link: replacing one name would split it from the other.
+    let hard = dir.path().join("hard.acorn");
+    std::fs::hard_link(&target, &hard).unwrap();
+    assert!(err(convert(&src, &hard, &opts)).contains("hard links"));
+    // A regular 0600 file is replaced and stays 0600.
+    let private = dir.path().join("private.acorn");
+    std::fs::write(&private, b"old").unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    convert(&src, &private, &opts).unwrap();
+    assert_eq!(std::fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o600);
+    Model::open(&private).unwrap();
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+
+impl FifoLike for std::fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_fifo(self)
+    }
+}
+
+#[test]
+fn temporaries_left_by_a_killed_writer_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = small_model(dir.path());
+    // A writer killed with -9 leaves `.NAME.tmpPID`; no process has this PID (above pid_max).
+    let stale = dir.path().join(".out.acorn.tmp4294967");
+    std::fs::write(&stale, vec![0u8; 4096]).unwrap();
+    convert(&src, &dir.path().join("out.acorn"), &ConvertOptions::default()).unwrap();
+    assert!(!stale.exists(), "the stale temporary is gone");
+}
+
+#[test]
+fn npy_headers_are_checked_before_allocating_and_f16_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    // A v1 header declaring 2³² f32 values over a few bytes of data.
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1073741824, 4), }";
+    let mut h = header.to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(h.as_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    let p = dir.path().join("huge.npy");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = acorn_converter::npy::read_npy(&p).unwrap_err().to_string();
+    assert!(e.contains("declares shape"), "{e}");
+    // f16 arrays (documented as accepted) round-trip.
+    let t = Tensor::new(vec![3], acorn::tensor::TensorData::F16(vec![0x3c00, 0xc000, 0x3555])).unwrap();
+    let p = dir.path().join("half.npy");
+    acorn_converter::npy::write_npy(&p, &t).unwrap();
+    assert_eq!(acorn_converter::npy::read_npy(&p).unwrap(), t);
+}
+
+#[test]
+fn question_mark_dims_are_independent() {
+    // paddle2onnx writes `?` for every unknown dim: [-1, 3, ?, ?] must take any H and W.
+    let mut b = B::new(17);
+    b.input_f32("x", &["-1", "3", "?", "?"]).output_f32("y");
+    let w = vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.25];
+    b.init_f32("w", &[2, 3, 1, 1], w.clone());
+    b.node("Conv", "conv", &["x", "w"], &["y"], vec![]);
+    let dir = tempfile::tempdir().unwrap();
+    let src = write(dir.path(), "cnn.onnx", &b);
+    let out = dir.path().join("cnn.acorn");
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    let model = Model::open(&out).unwrap();
+    let mut s = model.session().commit().unwrap();
+    for (h, wd) in [(48usize, 192usize), (32, 32), (7, 5)] {
+        let n = 3 * h * wd;
+        let x: Vec<f32> = (0..n).map(|i| (i % 17) as f32 - 8.0).collect();
+        let y = s.run(&[("x", &Tensor::from_f32(vec![1, 3, h, wd], x.clone()))]).unwrap();
+        assert_eq!(y[0].shape(), &[1, 2, h, wd]);
+        let got = y[0].as_f32().unwrap();
+        for o in 0..2 {
+            for p in 0..h * wd {
+                let want: f32 = (0..3).map(|c| w[o * 3 + c] * x[c * h * wd + p]).sum();
+                assert!((got[o * h * wd + p] - want).abs() < 1e-5, "{h}×{wd}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_one_element_rank_1_tensor_is_taken_for_a_declared_scalar() {
+    // The browser VAD package sends silero's scalar `sr` as [1].
+    let onnx = asset(SILERO_IF);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vad.acorn");
+    convert(&onnx, &out, &ConvertOptions::default()).unwrap();
+    let model = Model::open(&out).unwrap();
+    let mut s = model.session().commit().unwrap();
+    let x = Tensor::from_f32(vec![1, 576], (0..576).map(|i| ((i as f32) * 0.05).sin() * 0.3).collect());
+    let state = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
+    let run = |s: &mut acorn::Session, sr: &Tensor| {
+        s.run(&[("input", &x), ("state", &state), ("sr", sr)]).unwrap().swap_remove(0)
+    };
+    let scalar = run(&mut s, &Tensor::from_i64(vec![], vec![16000]));
+    let rank1 = run(&mut s, &Tensor::from_i64(vec![1], vec![16000]));
+    assert_eq!(scalar, rank1);
+    // Two elements are still a shape error.
+    let e = s.run(&[("input", &x), ("state", &state), ("sr", &Tensor::from_i64(vec![2], vec![16000, 16000]))]);
+    assert!(e.is_err());
+}
+
+#[test]
+fn space_to_depth_crd_is_computed_and_unknown_modes_refused() {
+    let run = |mode: &str| -> anyhow::Result<Vec<f32>> {
+        let mut b = B::new(28);
+        b.input_f32("x", &["1", "2", "4", "6"]).output_f32("y");
+        b.node("SpaceToDepth", "s2d", &["x"], &["y"], vec![B::attr_i("blocksize", 2), B::attr_s("mode", mode)]);
+        let dir = tempfile::tempdir().unwrap();
+        let src = write(dir.path(), "s2d.onnx", &b);
+        let out = dir.path().join("s2d.acorn");
+        convert(&src, &out, &ConvertOptions::default())?;
+        let m = Model::open(&out)?;
+        let x = Tensor::from_f32(vec![1, 2, 4, 6], (0..48).map(|v| v as f32).collect());
+        Ok(m.session().commit()?.run(&[("x", &x)])?[0].as_f32().unwrap().to_vec())
+    };
+    // The issue's example, as ONNX Runtime computes it.
+    assert_eq!(&run("CRD").unwrap()[..9], &[0., 2., 4., 12., 14., 16., 1., 3., 5.]);
+    assert_eq!(&run("DCR").unwrap()[..9], &[0., 2., 4., 12., 14., 16., 24., 26., 28.]);
+    let e = format!("{:#}", run("XYZ").unwrap_err());
+    assert!(e.contains("s2d") && e.contains("XYZ"), "{e}");
+}
+
+#[test]
+fn attributes_the_runtime_does_not_implement_are_refused_by_name() {
+    // A sliding-window Attention, and an attribute no lowering reads (as a newer opset adds
+    // them): each named with its node, op and value, all listed together.
+    let mut b = B::new(25);
+    b.input_f32("q", &["1", "2", "4", "8"]).input_f32("k", &["1", "2", "4", "8"]).input_f32("v", &["1", "2", "4", "8"]);
+    b.output_f32("y").output_f32("z");
+    b.node("Attention", "att", &["q", "k", "v"], &["y"], vec![B::attr_i("left_window_size", 2)]);
+    b.node("Relu", "relu", &["y"], &["z"], vec![B::attr_f("new_attribute", 0.5)]);
+    let dir = tempfile::tempdir().unwrap();
+    let src = write(dir.path(), "a.onnx", &b);
+    let out = dir.path().join("a.acorn");
+    let e = err(convert(&src, &out, &ConvertOptions::default()));
+    assert!(e.contains("node 'att' (Attention): attribute 'left_window_size' = 2"), "{e}");
+    assert!(e.contains("node 'relu' (Relu): attribute 'new_attribute' = 0.5 is not implemented"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn quantize_with_nothing_eligible_warns_and_strict_refuses() {
+    // A CNN: its only large weight is a convolution kernel, which --quantize does not store.
+    let mut b = B::new(17);
+    b.input_f32("x", &["1", "32", "8", "8"]).output_f32("y");
+    b.init_f32("w", &[64, 32, 3, 3], vec![0.01; 64 * 32 * 9]);
+    b.node("Conv", "conv", &["x", "w"], &["y"], vec![]);
+    let dir = tempfile::tempdir().unwrap();
+    let src = write(dir.path(), "cnn.onnx", &b);
+    let out = dir.path().join("cnn.acorn");
+    let q = QuantOptions { format: QuantFormat::Q8, ..Default::default() };
+    let opts = ConvertOptions { quantize: Some(q), ..Default::default() };
+    let r = convert(&src, &out, &opts).unwrap();
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(r.warnings[0].contains("changed nothing") && r.warnings[0].contains("rank-4 weight read by Conv"));
+    std::fs::remove_file(&out).unwrap();
+    let e = err(convert(&src, &out, &ConvertOptions { strict: true, ..opts }));
+    assert!(e.contains("changed nothing") && e.contains("--strict"), "{e}");
+    assert!(!out.exists());
+}
