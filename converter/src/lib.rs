@@ -197,6 +197,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             .collect(),
         None => Vec::new(),
     };
+    let meta = std::fs::metadata(input).with_context(|| format!("reading {}", input.display()))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a folder" } else { "not a regular file" };
+        anyhow::bail!("{} is {what}, not an ONNX model file", input.display());
+    }
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
     let base = input.parent().unwrap_or(Path::new("."));

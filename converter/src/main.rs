@@ -359,7 +359,7 @@ fn cmd_convert(input: &Path, output: &Path, opts: ConvertOptions, target: &str) 
 }
 
 fn open(model: &Path, verify: bool) -> Result<Model> {
-    Model::open_with(model, &OpenOptions { verify_checksums: verify })
+    Model::open_with(model, &OpenOptions { verify_checksums: verify, ..Default::default() })
         .with_context(|| format!("opening {}", model.display()))
 }
 
@@ -391,8 +391,16 @@ fn cmd_run(model: &Path, inputs: &[String], out_dir: &Path, common: &Common) -> 
     let outs = s.run(&refs)?;
     let dt = t0.elapsed();
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    for (spec, t) in m.outputs().iter().zip(&outs) {
-        let path = out_dir.join(format!("{}.npy", file_name_for(&spec.name)));
+    let names: Vec<String> = m.outputs().iter().map(|o| file_name_for(&o.name)).collect();
+    for (i, (spec, t)) in m.outputs().iter().zip(&outs).enumerate() {
+        // Two outputs whose names map to one file (`a/b` and `a_b`) each get their position
+        // appended, so neither overwrites the other.
+        let name = if names.iter().filter(|n| **n == names[i]).count() > 1 {
+            format!("{}.{i}", names[i])
+        } else {
+            names[i].clone()
+        };
+        let path = out_dir.join(format!("{name}.npy"));
         npy::write_npy(&path, t)?;
         out!("{} {} {:?} -> {}", spec.name, t.dtype(), t.shape(), path.display());
     }

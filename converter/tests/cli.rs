@@ -231,3 +231,24 @@ fn generate_and_perplexity_refuse_what_they_cannot_run() {
     let o = acorn(&["inspect", out.to_str().unwrap()]);
     assert!(text(&o).0.contains("extension: tokenizer.json"), "{}", text(&o).0);
 }
+
+#[test]
+fn outputs_whose_file_names_collide_are_both_written() {
+    // `a/b` and `a_b` both map to the file name `a_b`: each gets its position appended.
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = OnnxBuilder::new(17);
+    b.input_f32("x", &["3"]);
+    b.node("Relu", "r", &["x"], &["a/b"], vec![]);
+    b.node("Neg", "n", &["x"], &["a_b"], vec![]);
+    b.output_f32("a/b").output_f32("a_b");
+    let onnx = dir.path().join("two.onnx");
+    std::fs::write(&onnx, b.to_bytes()).unwrap();
+    let model = dir.path().join("two.acorn");
+    assert!(acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap()]).status.success());
+    let x = x_input(dir.path(), &Tensor::from_f32(vec![3], vec![-1.0, 0.0, 2.0]));
+    let out = dir.path().join("out");
+    let o = acorn(&["run", model.to_str().unwrap(), "--input", &x, "--output-dir", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(read_npy(&out.join("a_b.0.npy")).unwrap().as_f32().unwrap(), &[0.0, 0.0, 2.0]);
+    assert_eq!(read_npy(&out.join("a_b.1.npy")).unwrap().as_f32().unwrap(), &[1.0, -0.0, -2.0]);
+}

@@ -15,7 +15,7 @@ fn open(b: &[u8]) -> Result<Model, Error> {
 }
 
 fn open_verified(b: &[u8]) -> Result<Model, Error> {
-    Model::from_bytes(b, &OpenOptions { verify_checksums: true })
+    Model::from_bytes(b, &OpenOptions { verify_checksums: true, ..Default::default() })
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {

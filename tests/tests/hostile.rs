@@ -260,3 +260,38 @@ fn quantize_with_nothing_eligible_warns_and_strict_refuses() {
     assert!(e.contains("changed nothing") && e.contains("--strict"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn folders_and_fifos_are_not_models_and_trailing_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for p in [dir.path().to_path_buf(), fifo.clone()] {
+        // Neither blocks nor says "No such device": a clear error for each.
+        let e = Model::open(&p).unwrap_err().to_string();
+        assert!(e.contains("not a model file"), "{e}");
+        let e = err(convert(&p, &dir.path().join("x.acorn"), &ConvertOptions::default()));
+        assert!(e.contains("not an ONNX model file"), "{e}");
+    }
+    // A valid file with bytes appended (and the header's length and checksum updated to match)
+    // has data no section covers: refused, not "checksums: ok".
+    let src = small_model(dir.path());
+    let out = dir.path().join("m.acorn");
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    let mut b = std::fs::read(&out).unwrap();
+    b.extend_from_slice(&[0u8; 4096]);
+    let len = b.len() as u64;
+    b[32..40].copy_from_slice(&len.to_le_bytes());
+    let c = crc32fast::hash(&b[0..60]);
+    b[60..64].copy_from_slice(&c.to_le_bytes());
+    std::fs::write(&out, &b).unwrap();
+    let e = Model::open(&out).unwrap_err().to_string();
+    assert!(e.contains("4096 bytes after the last section"), "{e}");
+    // An in-memory open reads the same file the same way (no map: immune to rewrites in place).
+    let e = Model::open_with(&out, &acorn::OpenOptions { in_memory: true, ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("after the last section"));
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    let m = Model::open_with(&out, &acorn::OpenOptions { in_memory: true, ..Default::default() }).unwrap();
+    let x = Tensor::from_f32(vec![3], vec![-1.0, 0.0, 2.0]);
+    assert_eq!(m.session().commit().unwrap().run(&[("x", &x)]).unwrap()[0].as_f32().unwrap(), &[0.0, 0.0, 2.0]);
+}

@@ -36,7 +36,7 @@ fn reseal(data: &[u8]) -> Option<Vec<u8>> {
 
 /// Opens `bytes` as a model and, when it opens, plans and runs it on zero inputs.
 fn exercise(bytes: &[u8]) {
-    let Ok(model) = Model::from_bytes(bytes, &OpenOptions { verify_checksums: true }) else { return };
+    let Ok(model) = Model::from_bytes(bytes, &OpenOptions { verify_checksums: true, ..Default::default() }) else { return };
     let inputs: Option<Vec<(String, Tensor)>> = model
         .inputs()
         .iter()

@@ -20,6 +20,13 @@ pub struct OpenOptions {
     /// Verify every tensor's checksum at open (reads all weights). Header and metadata
     /// checksums are always verified.
     pub verify_checksums: bool,
+    /// Read the file into memory owned by the model instead of mapping it. A mapped file that
+    /// another program rewrites in place (`cp new.acorn model.acorn`, a truncating editor or
+    /// downloader) makes the next read of a changed page fault with `SIGBUS`, which no runtime
+    /// can turn into an error; apps whose model files others may write should set this (it
+    /// costs the file's size in RAM and a read at open). Acorn's own writers never rewrite in
+    /// place: they write a new file and rename it over the old one, which is safe with a map.
+    pub in_memory: bool,
 }
 
 /// A loaded model. Cheap to clone (shared); `Send + Sync`, so one model can serve many threads,
@@ -31,13 +38,22 @@ pub struct Model {
 
 impl Model {
     /// Memory-maps and validates a `.acorn` file.
+    ///
+    /// The map is only as stable as the file: replacing it by renaming (as every Acorn writer
+    /// does) is safe, but rewriting it in place while it is open can end the process with
+    /// `SIGBUS`. Use [`OpenOptions::in_memory`] when other programs may write the file.
     pub fn open(path: impl AsRef<Path>) -> Result<Model> {
         Self::open_with(path, &OpenOptions::default())
     }
 
     /// [`Model::open`] with options (e.g. full checksum verification).
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Model> {
-        Ok(Model { file: Arc::new(ModelFile::open(path, opts.verify_checksums)?) })
+        let file = if opts.in_memory {
+            ModelFile::read(path, opts.verify_checksums)?
+        } else {
+            ModelFile::open(path, opts.verify_checksums)?
+        };
+        Ok(Model { file: Arc::new(file) })
     }
 
     /// Validates a model held in memory.

@@ -52,6 +52,18 @@ impl std::fmt::Debug for ModelFile {
     }
 }
 
+/// Opens `path` for reading if it is a regular file. Checked before opening: opening a FIFO
+/// blocks until a writer appears, and a folder or device is never a model.
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let io = |e| Error::Io { path: path.display().to_string(), source: e };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a folder" } else { "not a regular file" };
+        return Err(io(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what}, not a model file"))));
+    }
+    std::fs::File::open(path).map_err(io)
+}
+
 fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
@@ -68,7 +80,7 @@ impl ModelFile {
     pub fn open(path: impl AsRef<Path>, verify_data: bool) -> Result<ModelFile> {
         let path = path.as_ref();
         let io = |e| Error::Io { path: path.display().to_string(), source: e };
-        let file = std::fs::File::open(path).map_err(io)?;
+        let file = open_regular(path)?;
         let len = file.metadata().map_err(io)?.len();
         if len < HEADER_SIZE as u64 {
             return Err(Error::format(0, format!("file is {len} bytes, shorter than the {HEADER_SIZE}-byte header")));
@@ -79,6 +91,24 @@ impl ModelFile {
         // (it renames a new file over the old one), so files produced by Acorn are safe.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         Self::from_storage(Storage::Mmap(map), verify_data)
+    }
+
+    /// Reads the file at `path` into owned memory and validates it: no map, so another program
+    /// rewriting the file afterwards cannot affect the model ([`crate::OpenOptions::in_memory`]).
+    pub fn read(path: impl AsRef<Path>, verify_data: bool) -> Result<ModelFile> {
+        use std::io::Read;
+        let path = path.as_ref();
+        let io = |e| Error::Io { path: path.display().to_string(), source: e };
+        let mut file = open_regular(path)?;
+        let len = usize::try_from(file.metadata().map_err(io)?.len())
+            .map_err(|_| Error::Limit(format!("{} is too large for this address space", path.display())))?;
+        let mut words: Vec<u64> = Vec::new();
+        words
+            .try_reserve_exact(len.div_ceil(8))
+            .map_err(|_| Error::Limit(format!("cannot allocate {len} bytes to read {}", path.display())))?;
+        words.resize(len.div_ceil(8), 0);
+        file.read_exact(&mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len]).map_err(io)?;
+        Self::from_storage(Storage::Owned { words, len }, verify_data)
     }
 
     /// Validates a model held in memory (copied once into an aligned buffer).
@@ -135,6 +165,8 @@ impl ModelFile {
 
         let mut meta_range = None;
         let mut data_range = None;
+        // Where the last section (or the table) ends: the file must end there too.
+        let mut furthest = table_end;
         for i in 0..n_sections {
             let e = &table[i * SECTION_ENTRY_SIZE..(i + 1) * SECTION_ENTRY_SIZE];
             let at = table_off + (i * SECTION_ENTRY_SIZE) as u64;
@@ -143,6 +175,7 @@ impl ModelFile {
             let end = off.checked_add(size).filter(|&x| x <= flen).ok_or_else(|| {
                 Error::format(at + 8, format!("section {i} (kind {kind}) at {off}+{size} lies outside the file"))
             })?;
+            furthest = furthest.max(end);
             let range = (off as usize, end as usize, crc, at);
             match kind {
                 SECTION_METADATA if meta_range.is_none() => meta_range = Some(range),
@@ -165,6 +198,12 @@ impl ModelFile {
                 }
                 _ => log::debug!("skipping unknown optional section kind {kind}"),
             }
+        }
+        if furthest != flen {
+            return Err(Error::format(
+                furthest,
+                format!("{} bytes after the last section (no section covers them)", flen - furthest),
+            ));
         }
         let (m0, m1, mcrc, mat) = meta_range.ok_or_else(|| Error::format(table_off, "no metadata section"))?;
         let (d0, d1, dcrc, dat) = data_range.ok_or_else(|| Error::format(table_off, "no tensor data section"))?;
