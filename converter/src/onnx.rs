@@ -17,6 +17,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use tract_onnx::pb;
 use tract_onnx::prelude::Framework;
 
+/// The newest ONNX opset whose op definitions the importer follows (onnx 1.23).
+pub const NEWEST_OPSET: i64 = 28;
+
 /// A graph being built: the runtime IR plus the constant tensors it refers to.
 pub struct Imported {
     pub graph: Graph,
@@ -45,6 +48,12 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map(|o| o.version)
         .unwrap_or(1);
+    if !(1..=NEWEST_OPSET).contains(&opset) {
+        bail!(
+            "the model imports ONNX opset {opset}; this converter knows opsets 1 to {NEWEST_OPSET} (a newer opset \
+             may change what an op means, so it is refused rather than guessed)"
+        );
+    }
     let mut im = Importer {
         graph: Graph::default(),
         tensors: Vec::new(),
@@ -52,6 +61,7 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
         opset,
         unsupported: Vec::new(),
         refused: Vec::new(),
+        duplicates: Vec::new(),
         base_dir: base_dir.to_path_buf(),
         extra_nodes: Vec::new(),
         prequantized: HashMap::new(),
@@ -69,6 +79,13 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
     }
     let nodes = im.import_body(g)?;
     im.graph.nodes = nodes;
+    if !im.duplicates.is_empty() {
+        im.duplicates.dedup();
+        bail!(
+            "values defined more than once (as two graph inputs, or written by two nodes): {}",
+            im.duplicates.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(", ")
+        );
+    }
     if !im.unsupported.is_empty() || !im.refused.is_empty() {
         let mut by_op: Vec<(String, Vec<String>)> = Vec::new();
         for (op, node) in &im.unsupported {
@@ -149,6 +166,9 @@ fn value_type(vi: &pb::ValueInfoProto) -> Result<(DType, Option<Vec<Dim>>)> {
 /// Decodes a TensorProto into an owned tensor (raw, typed or external data).
 pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor> {
     let dtype = onnx_dtype(t.data_type).with_context(|| format!("tensor '{}'", t.name))?;
+    if t.dims.len() > acorn::graph::MAX_RANK {
+        bail!("tensor '{}' has rank {}, above the runtime's {}", t.name, t.dims.len(), acorn::graph::MAX_RANK);
+    }
     if t.dims.iter().any(|&d| d < 0) {
         bail!("tensor '{}' has a negative dim {:?}", t.name, t.dims);
     }
@@ -250,6 +270,9 @@ struct Importer {
     /// Nodes of supported ops that carry an attribute value or input the runtime does not
     /// implement, one line each naming node, op, attribute and value.
     refused: Vec<String>,
+    /// Names defined twice in one scope (two graph inputs, or two writers of one value): ONNX
+    /// graphs are single-assignment, and which definition a reader meant is unknowable.
+    duplicates: Vec<String>,
     base_dir: PathBuf,
     /// Nodes a lowering emitted that must run before the node being lowered.
     extra_nodes: Vec<Node>,
@@ -296,8 +319,8 @@ impl Importer {
     fn define(&mut self, name: &str) -> ValueId {
         let v = self.graph.values.len() as ValueId;
         self.graph.values.push(ValueInfo { name: name.to_string() });
-        if !name.is_empty() {
-            self.scopes.last_mut().expect("scope").insert(name.to_string(), v);
+        if !name.is_empty() && self.scopes.last_mut().expect("scope").insert(name.to_string(), v).is_some() {
+            self.duplicates.push(name.to_string());
         }
         v
     }

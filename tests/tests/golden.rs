@@ -29,7 +29,11 @@ fn writer_reproduces_golden_file() {
 
 #[test]
 fn golden_file_runs_and_validates() {
-    let m = Model::open_with(data("golden/tiny.acorn"), &acorn::OpenOptions { verify_checksums: true, ..Default::default() }).unwrap();
+    let m = Model::open_with(
+        data("golden/tiny.acorn"),
+        &acorn::OpenOptions { verify_checksums: true, ..Default::default() },
+    )
+    .unwrap();
     assert_eq!(m.inputs().len(), 2);
     let x = Tensor::from_f32(vec![2, 3], vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.25]);
     let s = Tensor::from_f32(vec![2, 1], vec![2.0, -1.0]);

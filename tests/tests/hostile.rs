@@ -295,3 +295,40 @@ fn folders_and_fifos_are_not_models_and_trailing_data_is_refused() {
     let x = Tensor::from_f32(vec![3], vec![-1.0, 0.0, 2.0]);
     assert_eq!(m.session().commit().unwrap().run(&[("x", &x)]).unwrap()[0].as_f32().unwrap(), &[0.0, 0.0, 2.0]);
 }
+
+#[test]
+fn malformed_graphs_are_refused_at_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let try_convert = |b: &B| {
+        let src = write(dir.path(), "m.onnx", b);
+        let out = dir.path().join("m.acorn");
+        let r = convert(&src, &out, &ConvertOptions::default());
+        assert!(!out.exists() || r.is_ok());
+        r
+    };
+    // Opsets that do not exist yet, or never did.
+    for opset in [99, 0, -5] {
+        let mut b = B::new(opset);
+        b.input_f32("x", &["3"]).output_f32("y");
+        b.node("Relu", "r", &["x"], &["y"], vec![]);
+        let e = err(try_convert(&b));
+        assert!(e.contains(&format!("opset {opset}")), "{e}");
+    }
+    // Two graph inputs of one name; two nodes writing one value.
+    let mut b = B::new(17);
+    b.input_f32("x", &["3"]).input_f32("x", &["4"]).output_f32("y");
+    b.node("Relu", "r", &["x"], &["y"], vec![]);
+    assert!(err(try_convert(&b)).contains("defined more than once"));
+    let mut b = B::new(17);
+    b.input_f32("x", &["3"]).output_f32("y");
+    b.node("Relu", "r", &["x"], &["y"], vec![]);
+    b.node("Neg", "n", &["x"], &["y"], vec![]);
+    let e = err(try_convert(&b));
+    assert!(e.contains("defined more than once") && e.contains("'y'"), "{e}");
+    // An initializer of rank 40 (the runtime's limit is 16).
+    let mut b = B::new(17);
+    b.input_f32("x", &["1"]).output_f32("y");
+    b.init_f32("w", &[1; 40], vec![1.0]);
+    b.node("Add", "a", &["x", "w"], &["y"], vec![]);
+    assert!(err(try_convert(&b)).contains("rank 40"));
+}
