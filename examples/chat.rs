@@ -42,7 +42,7 @@ fn main() -> Result<()> {
     let tok = text::load_tokenizer(&model, None)?;
     let cfg = GenerationConfig::of(&model)?;
     let template = cfg.chat_template.clone().ok_or_else(|| anyhow!("the model has no chat template"))?;
-    let mut gen = Generator::new(&model, &GeneratorOptions { threads: 2, max_context: 2048 })?;
+    let mut gen = Generator::new(&model, &GeneratorOptions { threads: 2, max_context: 2048, ..Default::default() })?;
     let mut history: Vec<(String, String)> = Vec::new();
     // The tokens the KV cache holds, in order.
     let mut cached: Vec<u32> = Vec::new();

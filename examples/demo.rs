@@ -200,7 +200,7 @@ fn llm() -> Result<()> {
     println!("open       {open_ms:.2} ms (weights memory-mapped, not read)");
     let prompt_text = "The capital of France is";
     let prompt = text::encode(&tok, prompt_text)?;
-    let mut gen = Generator::new(&model, &GeneratorOptions { threads: 1, max_context: 512 })?;
+    let mut gen = Generator::new(&model, &GeneratorOptions { threads: 1, max_context: 512, ..Default::default() })?;
     let mut tokens = gen.generate(&prompt, 32, &Sampling::greedy(), &[])?;
     let mut det = text::Detokenizer::new(&tok);
     let mut ours = Vec::new();
@@ -241,7 +241,7 @@ fn llm() -> Result<()> {
     let qopts = acorn_converter::ConvertOptions { quantize: Some(q8_options()), ..opts.clone() };
     let qrep = acorn_converter::convert(&onnx, &q8, &qopts)?;
     let qmodel = Model::open(&q8)?;
-    let mut qgen = Generator::new(&qmodel, &GeneratorOptions { threads: 1, max_context: 512 })?;
+    let mut qgen = Generator::new(&qmodel, &GeneratorOptions { threads: 1, max_context: 512, ..Default::default() })?;
     let mut qtokens = qgen.generate(&prompt, 32, &Sampling::greedy(), &[])?;
     let qout: Vec<u32> = (&mut qtokens).collect::<acorn::Result<_>>()?;
     let qstats = qtokens.stats().clone();

@@ -85,7 +85,7 @@ fn child_acorn(path: &Path, threads: usize, decode: usize) -> Result<Value> {
     let t0 = Instant::now();
     let model = Model::open(path)?;
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mut gen = Generator::new(&model, &GeneratorOptions { threads, max_context: 512 })?;
+    let mut gen = Generator::new(&model, &GeneratorOptions { threads, max_context: 512, ..Default::default() })?;
     let first = gen.feed(&ids[..32])?;
     let ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
     let _ = argmax(&first);

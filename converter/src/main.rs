@@ -207,6 +207,26 @@ struct Common {
     /// Verify every tensor checksum when opening the model.
     #[arg(long)]
     verify: bool,
+    /// Most memory the model's activations, planning-time values and KV cache may take, e.g.
+    /// 512M or 2G (default: the memory the machine or its cgroup has left). Past it a run is an
+    /// `error:` line, not a kill.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    memory_limit: Option<usize>,
+}
+
+/// `123`, `64K`, `512M`, `2G` (powers of 1024).
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let (num, mult) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 1usize << 10),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 1 << 20),
+        t if t.ends_with('G') => (t[..t.len() - 1].to_string(), 1 << 30),
+        t => (t, 1),
+    };
+    num.trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("'{s}' is not a size (e.g. 512M, 2G)"))
 }
 
 /// `println!` for the CLI's output: a reader that goes away (`acorn inspect m.acorn | head`) ends
@@ -382,11 +402,20 @@ fn file_name_for(output: &str) -> String {
     }
 }
 
+/// A session builder with the common flags (threads, memory limit) applied.
+fn session_for(m: &Model, common: &Common) -> acorn::SessionBuilder {
+    let b = m.session().with_threads(common.threads);
+    match common.memory_limit {
+        Some(l) => b.with_memory_limit(l),
+        None => b,
+    }
+}
+
 fn cmd_run(model: &Path, inputs: &[String], out_dir: &Path, common: &Common) -> Result<ExitCode> {
     let m = open(model, common.verify)?;
     let ins = parse_inputs(inputs)?;
     let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut s = m.session().with_threads(common.threads).commit()?;
+    let mut s = session_for(&m, common).commit()?;
     let t0 = Instant::now();
     let outs = s.run(&refs)?;
     let dt = t0.elapsed();
@@ -604,7 +633,7 @@ fn cmd_bench(
     let m = open(model, common.verify)?;
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
     let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut s = m.session().with_threads(common.threads).with_profiling(profile).commit()?;
+    let mut s = session_for(&m, common).with_profiling(profile).commit()?;
     for _ in 0..warmup.max(1) {
         s.run(&refs)?;
     }
@@ -740,7 +769,8 @@ fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<
     if ids.is_empty() {
         bail!("the prompt is empty: it has no tokens");
     }
-    let opts = GeneratorOptions { threads: common.threads, max_context: a.max_context };
+    let opts =
+        GeneratorOptions { threads: common.threads, max_context: a.max_context, memory_limit: common.memory_limit };
     let mut gen = Generator::new(&model, &opts)?;
     let mut det = text::Detokenizer::new(&tok);
     let mut generated = Vec::new();
@@ -800,7 +830,8 @@ fn cmd_perplexity(
     let tok = text::load_tokenizer(&model, tokenizer)?;
     let body = std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
     let ids = text::encode(&tok, &body)?;
-    let opts = GeneratorOptions { threads: common.threads, max_context: window.max(1) };
+    let opts =
+        GeneratorOptions { threads: common.threads, max_context: window.max(1), memory_limit: common.memory_limit };
     let mut gen = Generator::new(&model, &opts)?;
     let n = windows.min(ids.len() / window.max(1));
     let pb = if json { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };

@@ -56,6 +56,16 @@ impl OnnxBuilder {
         self
     }
 
+    /// A graph input of ONNX element type `elem` (1 f32, 7 i64, 9 bool, …).
+    pub fn input_typed(&mut self, name: &str, elem: i32, dims: &[&str]) -> &mut Self {
+        self.input(name, elem, dims)
+    }
+
+    /// A graph attribute (the body of a Loop, a branch of an If) holding `body`'s graph.
+    pub fn attr_graph(name: &str, body: &OnnxBuilder) -> pb::AttributeProto {
+        pb::AttributeProto { name: name.into(), r#type: 5, g: Some(body.graph.clone()), ..Default::default() }
+    }
+
     /// An f32 graph input; dims are numbers or symbol names.
     pub fn input_f32(&mut self, name: &str, dims: &[&str]) -> &mut Self {
         self.input(name, 1, dims)

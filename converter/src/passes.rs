@@ -30,7 +30,8 @@ pub fn fold_constants(m: &mut Imported) -> Result<PassRecord> {
         if foldable {
             let views: Vec<Option<View<'_>>> =
                 node.inputs.iter().map(|i| i.map(|v| m.tensors[const_of[&v]].1.view())).collect();
-            if let Ok(outs) = acorn::ops::eval(&node.op, &views, node.outputs.len(), 1) {
+            // Outputs above the cap are refused after shape inference, before any allocation.
+            if let Ok(outs) = acorn::ops::eval_limited(&node.op, &views, node.outputs.len(), 1, FOLD_MAX_ELEMENTS) {
                 if outs.iter().all(|t| t.len() <= FOLD_MAX_ELEMENTS) {
                     for (&o, t) in node.outputs.iter().zip(outs) {
                         let name = m.graph.values[o as usize].name.clone();

@@ -252,3 +252,37 @@ fn outputs_whose_file_names_collide_are_both_written() {
     assert_eq!(read_npy(&out.join("a_b.0.npy")).unwrap().as_f32().unwrap(), &[0.0, 0.0, 2.0]);
     assert_eq!(read_npy(&out.join("a_b.1.npy")).unwrap().as_f32().unwrap(), &[1.0, -0.0, -2.0]);
 }
+
+#[test]
+fn memory_limit_flag_turns_an_oversized_run_into_an_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert_small(dir.path());
+    let x = x_input(dir.path(), &Tensor::from_f32(vec![4096, 4], vec![0.5; 4 * 4096]));
+    let m = model.to_str().unwrap();
+    let o = acorn(&[
+        "run",
+        m,
+        "--input",
+        &x,
+        "--output-dir",
+        dir.path().join("o").to_str().unwrap(),
+        "--memory-limit",
+        "64K",
+    ]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(err.starts_with("error:") && err.contains("above the session's limit"), "{err}");
+    let o = acorn(&["bench", m, "--input", &x, "--memory-limit", "nonsense"]);
+    assert!(!o.status.success() && text(&o).1.contains("not a size"));
+    let o = acorn(&[
+        "run",
+        m,
+        "--input",
+        &x,
+        "--output-dir",
+        dir.path().join("o").to_str().unwrap(),
+        "--memory-limit",
+        "64M",
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+}

@@ -186,11 +186,15 @@ pub struct GeneratorOptions {
     pub threads: usize,
     /// Most positions (prompt + generated) the KV cache holds.
     pub max_context: usize,
+    /// Most bytes the session's activations, values computed while planning and the KV cache
+    /// may take (see [`crate::SessionBuilder::with_memory_limit`]); `None`: the memory the
+    /// device has left ([`crate::exec::available_memory`]).
+    pub memory_limit: Option<usize>,
 }
 
 impl Default for GeneratorOptions {
     fn default() -> Self {
-        GeneratorOptions { threads: 1, max_context: 2048 }
+        GeneratorOptions { threads: 1, max_context: 2048, memory_limit: None }
     }
 }
 
@@ -260,7 +264,25 @@ impl Generator {
         if opts.max_context == 0 {
             return Err(Error::Input("max_context must be at least 1".into()));
         }
-        let session = model.session().with_threads(opts.threads).commit()?;
+        let mut builder = model.session().with_threads(opts.threads);
+        if let Some(l) = opts.memory_limit {
+            builder = builder.with_memory_limit(l);
+        }
+        let session = builder.commit()?;
+        // The cache is reserved up front but touched as it fills: check its full size now, so a
+        // context too long for the device is an error here and not a kill at token N.
+        let per_position = sig.layers() * sig.kv_heads * (sig.head_dim + sig.value_dim) * 4;
+        let cache_bytes = per_position.saturating_mul(opts.max_context);
+        let (room, whose) = match opts.memory_limit {
+            Some(l) => (Some(l), "the memory limit"),
+            None => (crate::exec::available_memory(), "the memory available"),
+        };
+        if let Some(room) = room.filter(|&r| cache_bytes > r) {
+            return Err(Error::Limit(format!(
+                "a KV cache of {} positions needs {cache_bytes} bytes, above {whose} ({room} bytes); lower max_context",
+                opts.max_context
+            )));
+        }
         let names: Vec<String> = model.inputs().iter().map(|s| s.name.clone()).collect();
         let mut roles = vec![Role::Ids; names.len()];
         for (j, i) in sig.past.iter().flat_map(|&(k, v)| [k, v]).enumerate() {

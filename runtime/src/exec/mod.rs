@@ -14,6 +14,48 @@ mod session;
 
 pub use session::{OpTime, Session, SessionBuilder};
 
+/// Bytes of memory this process can still take: the smaller of its cgroup's room (v2
+/// `memory.max − memory.current`, or v1 `memory.limit_in_bytes − memory.usage_in_bytes`) and the
+/// system's `MemAvailable`; `None` where none of them can be read (non-Linux). A session without
+/// its own memory limit plans against this, so an input too large for the device is an
+/// [`crate::Error::Limit`] instead of the kernel's out-of-memory kill.
+pub fn available_memory() -> Option<usize> {
+    fn read_u64(p: &str) -> Option<u64> {
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb.saturating_mul(1024))
+    });
+    // The process's own cgroup (v2: the line "0::/path"), then the namespace root.
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
+        .unwrap_or_default();
+    let mut cgroup = None;
+    for dir in [format!("/sys/fs/cgroup{own}"), "/sys/fs/cgroup".to_string()] {
+        if let (Some(max), Some(cur)) =
+            (read_u64(&format!("{dir}/memory.max")), read_u64(&format!("{dir}/memory.current")))
+        {
+            cgroup = Some(max.saturating_sub(cur));
+            break;
+        }
+    }
+    if cgroup.is_none() {
+        let v1 = "/sys/fs/cgroup/memory";
+        if let (Some(max), Some(cur)) =
+            (read_u64(&format!("{v1}/memory.limit_in_bytes")), read_u64(&format!("{v1}/memory.usage_in_bytes")))
+        {
+            cgroup = Some(max.saturating_sub(cur));
+        }
+    }
+    let room = match (meminfo, cgroup) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    Some(usize::try_from(room).unwrap_or(usize::MAX))
+}
+
 /// Options for opening a model.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {

@@ -186,8 +186,11 @@ struct Builder<'m> {
     virtual_bytes: Vec<usize>,
     scratch_len: usize,
     threads: usize,
-    /// The session's memory limit, enforced on plan-time results as they are computed.
-    limit: Option<usize>,
+    /// The memory limit (bytes, and whose it is: the session's or the memory available),
+    /// enforced on plan-time results before each is computed.
+    limit: Option<(usize, &'static str)>,
+    /// Loop iterations run so far in this plan, all loops together (nested loops multiply).
+    loop_iterations: usize,
     folded_bytes: usize,
     mode: &'m PlanMode,
 }
@@ -417,6 +420,7 @@ impl<'m> Builder<'m> {
             let small = self.dep.dynamic || outs.iter().all(|(_, s)| crate::tensor::numel(s) <= FOLD_LIMIT);
             let alias = ops::is_alias(&node.op);
             // Fold now what constants and shapes determine (Shape/Size read only the shape).
+            let mut folded_total = self.folded_bytes;
             let folded = if !alias && (shape_only || (all_known && small)) {
                 let ins: Vec<Option<View<'_>>> = facts
                     .iter()
@@ -431,6 +435,11 @@ impl<'m> Builder<'m> {
                         })
                     })
                     .collect();
+                let bytes = outs
+                    .iter()
+                    .fold(0usize, |a, (d, s)| a.saturating_add(s.iter().fold(d.size(), |n, &x| n.saturating_mul(x))));
+                folded_total = self.folded_bytes.saturating_add(bytes);
+                over_limit(self.limit, folded_total, &node.name)?;
                 Some(
                     ops::eval_into(&node.op, &ins, &facts, &outs, self.threads)
                         .map_err(|e| Self::node_err(node, e.0))?,
@@ -440,13 +449,7 @@ impl<'m> Builder<'m> {
             };
             drop(facts);
             if let Some(tensors) = folded {
-                self.folded_bytes = tensors.iter().fold(self.folded_bytes, |a, t| a.saturating_add(t.bytes().len()));
-                if let Some(limit) = self.limit.filter(|&l| self.folded_bytes > l) {
-                    return Err(PlanFail::Error(Error::Limit(format!(
-                        "values computed while planning reach {} bytes at node '{}', above the session's limit of {limit}",
-                        self.folded_bytes, node.name
-                    ))));
-                }
+                self.folded_bytes = folded_total;
                 for (&o, t) in node.outputs.iter().zip(tensors) {
                     let idx = self.folded.len();
                     self.locs[o as usize] =
@@ -480,11 +483,28 @@ impl<'m> Builder<'m> {
     }
 }
 
+/// An error when `total` bytes of values computed while planning pass the limit.
+fn over_limit(limit: Option<(usize, &'static str)>, total: usize, at: &str) -> Result<(), PlanFail> {
+    match limit {
+        Some((limit, whose)) if total > limit => Err(PlanFail::Error(Error::Limit(format!(
+            "values computed while planning reach {total} bytes at '{at}', above {whose} ({limit} bytes)"
+        )))),
+        _ => Ok(()),
+    }
+}
+
 /// Most iterations a `Loop` may run (a loop without a trip count whose condition never turns
 /// false must end in an error, not hang the caller).
 const MAX_LOOP_ITERATIONS: usize = 1 << 20;
 
 impl<'m> Builder<'m> {
+    /// Counts `bytes` more of values computed while planning against the memory limit,
+    /// before they are allocated.
+    fn count_folded(&mut self, bytes: usize, at: &str) -> Result<(), PlanFail> {
+        self.folded_bytes = self.folded_bytes.saturating_add(bytes);
+        over_limit(self.limit, self.folded_bytes, at)
+    }
+
     fn fold_value(&mut self, v: ValueId, t: Tensor) {
         let idx = self.folded.len();
         self.locs[v as usize] = Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Folded(idx) });
@@ -533,9 +553,11 @@ impl<'m> Builder<'m> {
         let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan];
         let mut i = 0usize;
         while i < trip && cond {
-            if i >= MAX_LOOP_ITERATIONS {
+            // One budget for every loop of the plan: nested loops multiply their trip counts.
+            self.loop_iterations += 1;
+            if self.loop_iterations > MAX_LOOP_ITERATIONS {
                 return Err(PlanFail::Error(Error::Limit(format!(
-                    "Loop '{}' ran {MAX_LOOP_ITERATIONS} iterations without stopping",
+                    "Loop '{}': the model's loops ran {MAX_LOOP_ITERATIONS} iterations in all without stopping",
                     node.name
                 ))));
             }
@@ -549,10 +571,15 @@ impl<'m> Builder<'m> {
             let c = self.owned(sub.outputs[0], node)?;
             cond = c.bytes().first().copied().unwrap_or(0) != 0;
             for k in 0..n_carried {
-                carried.push(self.owned(sub.outputs[1 + k], node)?);
+                let t = self.owned(sub.outputs[1 + k], node)?;
+                self.count_folded(t.bytes().len(), &node.name)?;
+                carried.push(t);
             }
-            for (k, s) in scans.iter_mut().enumerate() {
-                s.push(self.owned(sub.outputs[1 + n_carried + k], node)?);
+            for k in 0..n_scan {
+                let t = self.owned(sub.outputs[1 + n_carried + k], node)?;
+                // Scan outputs are kept (and concatenated once more at the end).
+                self.count_folded(t.bytes().len().saturating_mul(2), &node.name)?;
+                scans[k].push(t);
             }
             i += 1;
         }
@@ -590,7 +617,7 @@ impl Plan {
         inputs: &[&Tensor],
         threads: usize,
         dep: &Dependence,
-        limit: Option<usize>,
+        limit: Option<(usize, &'static str)>,
         mode: &PlanMode,
     ) -> Result<Plan, PlanFail> {
         let file: &ModelFile = &model.file;
@@ -679,6 +706,7 @@ impl Plan {
             scratch_len: 0,
             threads,
             limit,
+            loop_iterations: 0,
             folded_bytes: 0,
             mode,
         };

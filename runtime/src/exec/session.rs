@@ -157,8 +157,13 @@ impl Session {
                 return Ok(i);
             }
         }
+        // Without a limit of its own, the session plans against the memory the device has left.
+        let (limit, whose) = match self.memory_limit {
+            Some(l) => (Some(l), "the session's limit"),
+            None => (super::available_memory(), "the memory available"),
+        };
         let plan = loop {
-            match Plan::build(&self.model, ordered, self.threads, &self.dep, self.memory_limit, &self.mode) {
+            match Plan::build(&self.model, ordered, self.threads, &self.dep, limit.map(|l| (l, whose)), &self.mode) {
                 Ok(p) => break p,
                 Err(fail) => self.dep.widen(&self.model.metadata().graph, ordered, fail)?,
             }
@@ -168,10 +173,10 @@ impl Session {
         }
         let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
         let bytes = plan.arena_bytes();
-        if let Some(limit) = self.memory_limit {
+        if let Some(limit) = limit {
             if bytes > limit {
                 return Err(Error::Limit(format!(
-                    "activations for input shapes {key:?} need {bytes} bytes, above the session's limit of {limit}"
+                    "activations for input shapes {key:?} need {bytes} bytes, above {whose} ({limit} bytes)"
                 )));
             }
         }

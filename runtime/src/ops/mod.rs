@@ -415,6 +415,36 @@ pub fn eval(
     eval_into(op, inputs, &facts, &outs, threads)
 }
 
+/// [`eval`] refused (before anything is allocated) when an output would hold more than
+/// `max_elements` elements: what constant folding uses, so a `ConstantOfShape([2³¹])` in a
+/// small file is left to the runtime's memory limit instead of being computed at conversion.
+pub fn eval_limited(
+    op: &Op,
+    inputs: &[Option<View<'_>>],
+    n_out: usize,
+    threads: usize,
+    max_elements: usize,
+) -> OpResult<Vec<crate::tensor::Tensor>> {
+    let facts: Vec<Option<Fact<'_>>> = inputs
+        .iter()
+        .map(|v| {
+            v.map(|v| Fact {
+                dtype: v.dtype,
+                shape: v.shape,
+                value: if v.bytes.is_empty() && !v.is_empty() { None } else { Some(v) },
+            })
+        })
+        .collect();
+    let outs = infer(op, &facts, n_out)?;
+    for (_, s) in &outs {
+        let n = s.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n.is_none_or(|n| n > max_elements) {
+            op_bail!("an output of shape {s:?} is above the {max_elements}-element limit");
+        }
+    }
+    eval_into(op, inputs, &facts, &outs, threads)
+}
+
 /// Runs `op` into new tensors of the already inferred `outs` (the planner infers first).
 pub fn eval_into(
     op: &Op,
