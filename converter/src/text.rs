@@ -84,10 +84,17 @@ pub fn tokenizer_extensions(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(vec![(TOKENIZER_EXTENSION.to_string(), bytes), (GENERATION_EXTENSION.to_string(), cfg.to_bytes())])
 }
 
+/// Most template instructions one chat prompt may take to render.
+pub const CHAT_TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// Renders a chat template (Jinja, as in Hugging Face tokenizer configs) for one user message,
 /// ending with the assistant's turn opened.
 pub fn chat_prompt(template: &str, messages: &[(&str, &str)]) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    // A template is data from the model file: bound the work it may do (a nested
+    // `range(100000)` would otherwise render for hours). Real chat templates use a few thousand
+    // instructions per conversation.
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
     env.add_template("chat", template).map_err(|e| anyhow!("the chat template does not parse: {e}"))?;
     let msgs: Vec<Value> =
         messages.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();

@@ -389,3 +389,50 @@ fn memory_bombs_in_small_files_end_in_errors() {
     assert!(e.contains("above the session's limit") || e.contains("iterations in all"), "{e}");
     assert!(t0.elapsed().as_secs() < 60);
 }
+
+#[test]
+fn a_chat_template_bomb_stops_with_an_error() {
+    use acorn_converter::text::chat_prompt;
+    let t0 = std::time::Instant::now();
+    let bomb = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+    let e = chat_prompt(bomb, &[("user", "hi")]).unwrap_err().to_string();
+    assert!(e.contains("chat template failed"), "{e}");
+    assert!(t0.elapsed().as_secs() < 20, "stopped by its budget, not by finishing");
+    // An ordinary template renders.
+    let ok = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+    assert_eq!(chat_prompt(ok, &[("user", "hi")]).unwrap(), "<|user|>hi<|assistant|>");
+}
+
+#[test]
+fn an_out_of_range_axis_is_refused_before_shape_analysis() {
+    // 150 bytes that made tract's shape analysis allocate until killed.
+    let mut b = B::new(17);
+    b.input_f32("x", &["2", "3"]).output_f32("y");
+    b.init_f32("s", &[3], vec![1.0; 3]);
+    b.node("LayerNormalization", "ln", &["x", "s"], &["y"], vec![B::attr_i("axis", -(1 << 31))]);
+    let dir = tempfile::tempdir().unwrap();
+    let src = write(dir.path(), "ln.onnx", &b);
+    let e = err(convert(&src, &dir.path().join("ln.acorn"), &ConvertOptions::default()));
+    assert!(e.contains("'axis' = -2147483648 is outside any rank"), "{e}");
+}
+
+#[test]
+fn a_100_000_node_chain_converts_in_seconds() {
+    let n = 100_000;
+    let mut b = B::new(17);
+    b.input_f32("v0", &["n"]).output_f32(&format!("v{n}"));
+    for i in 0..n {
+        b.node("Relu", &format!("n{i}"), &[&format!("v{i}")], &[&format!("v{}", i + 1)], vec![]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = write(dir.path(), "chain.onnx", &b);
+    let out = dir.path().join("chain.acorn");
+    let t0 = std::time::Instant::now();
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    let dt = t0.elapsed();
+    println!("100 000-node chain converted in {:.2} s", dt.as_secs_f64());
+    assert!(dt.as_secs() < 60, "quadratic conversion is back: {dt:?}");
+    let m = Model::open(&out).unwrap();
+    let x = Tensor::from_f32(vec![3], vec![-1.0, 0.5, 2.0]);
+    assert_eq!(m.session().commit().unwrap().run(&[("v0", &x)]).unwrap()[0].as_f32().unwrap(), &[0.0, 0.5, 2.0]);
+}
