@@ -174,8 +174,18 @@ pub fn lower(
 /// [`lower`] for bytes with no file behind them (external tensor data is not found), without
 /// tract's shape analysis (third-party code): what the ONNX-import fuzz target drives.
 pub fn import_bytes(bytes: &[u8]) -> Result<onnx::Imported> {
+    import_bytes_with(bytes, false)
+}
+
+/// [`import_bytes`] with tract's output-shape analysis as `acorn convert` runs it: what the
+/// `onnx_import_analysed` fuzz target drives, under libFuzzer's time and memory budget per input.
+pub fn import_bytes_analysed(bytes: &[u8]) -> Result<onnx::Imported> {
+    import_bytes_with(bytes, true)
+}
+
+fn import_bytes_with(bytes: &[u8], analysis: bool) -> Result<onnx::Imported> {
     let nowhere = Path::new("/nonexistent-acorn-external-data");
-    let opts = ConvertOptions { no_shape_analysis: true, ..ConvertOptions::default() };
+    let opts = ConvertOptions { no_shape_analysis: !analysis, ..ConvertOptions::default() };
     let (m, _) = lower(bytes, Path::new("<memory>"), nowhere, &opts)?;
     m.graph.validate(m.tensors.len())?;
     Ok(m)

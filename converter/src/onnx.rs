@@ -867,12 +867,10 @@ impl Importer {
                 Some(if n.op_type == "GRU" { Op::Gru(attrs) } else { Op::Rnn(attrs) })
             }
             "Attention" => {
-                // Sliding windows (opset 25): -1 (unbounded) is all Acorn runs so far.
-                for w in ["left_window_size", "right_window_size"] {
-                    let v = a.i(w, -1);
-                    if v != -1 {
-                        self.refuse(&n.op_type, name, format!("attribute '{w}' = {v} (a sliding window)"));
-                    }
+                // Sliding windows (opset 25): -1 leaves a side unbounded.
+                let (left, right) = (a.i("left_window_size", -1), a.i("right_window_size", -1));
+                if left < -1 || right < -1 {
+                    bail!("node '{name}': window sizes {left}, {right} (-1 or ≥ 0 are defined)");
                 }
                 // The softmax runs in f32: exact for f32 (1); f64 (11) asks for more than the
                 // f32 inputs carry. A narrower type (f16 10, bf16 16) would round differently.
@@ -888,14 +886,19 @@ impl Importer {
                 if !(0..=3).contains(&qk_mode) {
                     bail!("node '{name}': qk_matmul_output_mode = {qk_mode} (0–3 are defined)");
                 }
-                Some(Op::Attention(AttentionAttrs {
+                let attrs = AttentionAttrs {
                     is_causal: a.i("is_causal", 0) != 0,
                     q_num_heads: a.get("q_num_heads").map(|x| x.i),
                     kv_num_heads: a.get("kv_num_heads").map(|x| x.i),
                     qk_mode,
                     scale: a.get("scale").map(|x| x.f),
                     softcap: a.f("softcap", 0.0),
-                }))
+                };
+                Some(if (left, right) == (-1, -1) {
+                    Op::Attention(attrs)
+                } else {
+                    Op::AttentionWindow { attrs, left, right }
+                })
             }
             "RotaryEmbedding" => Some(Op::RotaryEmbedding {
                 interleaved: a.i("interleaved", 0) != 0,

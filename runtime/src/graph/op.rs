@@ -496,6 +496,14 @@ pub enum Op {
     SpaceToDepthCrd {
         block: i64,
     },
+    /// ONNX `Attention` (opset 25) with a sliding window: query i (at position p = offset + i,
+    /// the offset as for the causal frontier) sees keys p − left ≤ j ≤ p + right; −1 leaves a
+    /// side unbounded. Inputs and outputs as [`Op::Attention`].
+    AttentionWindow {
+        attrs: AttentionAttrs,
+        left: i64,
+        right: i64,
+    },
 }
 
 /// ONNX Attention attributes.
@@ -650,6 +658,7 @@ impl Op {
             Op::LayerNorm { .. } => "LayerNormalization".into(),
             Op::BatchNorm { .. } | Op::BatchNormTraining { .. } => "BatchNormalization".into(),
             Op::SpaceToDepthCrd { .. } => "SpaceToDepth".into(),
+            Op::AttentionWindow { .. } => "Attention".into(),
             other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
         }
     }
@@ -698,7 +707,7 @@ impl Op {
             Op::ConvTranspose(_) => (2, 3, 1, 1),
             Op::Gru(_) | Op::Rnn(_) => (3, 6, 0, 2),
             Op::Einsum { .. } => (1, usize::MAX, 1, 1),
-            Op::Attention(_) => (3, 7, 1, 4),
+            Op::Attention(_) | Op::AttentionWindow { .. } => (3, 7, 1, 4),
             Op::CachedAttention { .. } => (3, 4, 1, 1),
             Op::BatchNormTraining { .. } => (5, 5, 1, 3),
             Op::RotaryEmbedding { .. } => (3, 4, 1, 1),

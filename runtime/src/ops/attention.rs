@@ -1,7 +1,8 @@
 //! ONNX `Attention` (opsets 23/24): scaled dot-product attention over 4-D [B, heads, S, H] or
 //! 3-D [B, S, heads·H] inputs, grouped-query heads, boolean or additive masks (padded to the
 //! total length), causal masking aligned after the past, KV cache concatenation (present =
-//! past ‖ new), softcap, `nonpad_kv_seqlen`, and the optional QK output in its four modes.
+//! past ‖ new), softcap, `nonpad_kv_seqlen`, sliding windows (opset 25), and the optional QK
+//! output in its four modes.
 //! Scores are computed one query row at a time: no [heads, S, S] tensor is materialised
 //! unless the QK output is asked for.
 
@@ -84,7 +85,7 @@ pub(super) fn infer(a: &AttentionAttrs, inputs: &[Option<Fact<'_>>], n_out: usiz
     let total = g.past + g.skv;
     if let Some(Some(m)) = inputs.get(3) {
         let mw = *m.shape.last().unwrap_or(&0);
-        if m.shape.len() < 2 || m.shape.len() > 4 || mw > total || !matches!(m.dtype, DType::Bool | DType::F32) {
+        if m.shape.is_empty() || m.shape.len() > 4 || mw > total || !matches!(m.dtype, DType::Bool | DType::F32) {
             op_bail!("attn_mask {} {:?} does not fit [.., {}, {total}]", m.dtype, m.shape, g.sq);
         }
         let full = [g.b, g.qh, g.sq, mw];
@@ -570,6 +571,7 @@ fn attend_heads<'r>(
 
 pub(super) fn run(
     a: &AttentionAttrs,
+    window: Option<(i64, i64)>,
     inputs: &[Option<View<'_>>],
     outputs: &mut [ViewMut<'_>],
     ctx: &mut Ctx<'_>,
@@ -579,7 +581,7 @@ pub(super) fn run(
     let (past_k, past_v) = (inputs.get(4).copied().flatten(), inputs.get(5).copied().flatten());
     let nonpad = inputs.get(6).copied().flatten();
     let g = geometry(a, q.shape, k.shape, v.shape, past_k.map(|p| p.shape))?;
-    if fast_path(a, q.shape.len(), mask.map(|m| m.dtype), nonpad.is_some(), outputs.len()) {
+    if window.is_none() && fast_path(a, q.shape.len(), mask.map(|m| m.dtype), nonpad.is_some(), outputs.len()) {
         return run_grouped(a, &g, inputs, outputs, ctx);
     }
     let (qd, kd, vd) = (q.f32()?, k.f32()?, v.f32()?);
@@ -706,6 +708,13 @@ pub(super) fn run(
                     };
                     if a.is_causal && j as i64 > i as i64 + offset {
                         bias = f32::NEG_INFINITY;
+                    }
+                    // Sliding window around the query's position, whether causal or not.
+                    if let Some((left, right)) = window {
+                        let diff = i as i64 + offset - j as i64;
+                        if (left >= 0 && diff > left) || (right >= 0 && -diff > right) {
+                            bias = f32::NEG_INFINITY;
+                        }
                     }
                     if let Some(n) = np {
                         if j as i64 >= n {

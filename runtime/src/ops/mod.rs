@@ -301,7 +301,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         Op::Resize(_) => resize::infer(op, inputs)?,
         Op::ConvTranspose(a) => convt::infer(a, inputs)?,
         Op::Einsum { equation } => einsum::infer(equation, inputs)?,
-        Op::Attention(a) => attention::infer(a, inputs, n_out)?,
+        Op::Attention(a) | Op::AttentionWindow { attrs: a, .. } => attention::infer(a, inputs, n_out)?,
         Op::CachedAttention { attrs, .. } => attention::infer_cached(attrs, inputs)?,
         Op::RotaryEmbedding { .. } => rotary::infer(op, inputs)?,
         Op::Gru(a) => recurrent::infer_gru(a, true, inputs, n_out)?,
@@ -376,7 +376,10 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         Op::Resize(_) => resize::run(op, inputs, outputs),
         Op::ConvTranspose(a) => convt::run(a, inputs, outputs),
         Op::Einsum { equation } => einsum::run(equation, inputs, outputs),
-        Op::Attention(a) => attention::run(a, inputs, outputs, ctx),
+        Op::Attention(a) => attention::run(a, None, inputs, outputs, ctx),
+        Op::AttentionWindow { attrs, left, right } => {
+            attention::run(attrs, Some((*left, *right)), inputs, outputs, ctx)
+        }
         Op::CachedAttention { attrs, layer } => attention::run_cached(attrs, *layer as usize, inputs, outputs, ctx),
         Op::RotaryEmbedding { .. } => rotary::run(op, inputs, outputs),
         Op::Gru(a) => recurrent::run_gru(a, true, inputs, outputs),
