@@ -152,7 +152,8 @@ fn run_case_inner(dir: &Path, scratch: &Path) -> Result<()> {
     Ok(())
 }
 
-fn read_pbs(set: &Path, prefix: &str) -> Result<Vec<Tensor>> {
+/// Reads `<prefix>N.pb` tensors of a test data set folder, in N order.
+pub fn read_pbs(set: &Path, prefix: &str) -> Result<Vec<Tensor>> {
     use prost::Message;
     let mut files: Vec<(usize, PathBuf)> = std::fs::read_dir(set)?
         .filter_map(|e| e.ok().map(|e| e.path()))

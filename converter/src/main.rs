@@ -245,7 +245,12 @@ macro_rules! out {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // tract's own warnings (e.g. "tested against operator set 9 to 18") are about its analysis,
+    // which Acorn uses only for output shapes: shown with RUST_LOG, not by default.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,tract_onnx=error,tract_hir=error"),
+    )
+    .init();
     let cli = Cli::parse();
     match dispatch(cli.cmd) {
         Ok(code) => code,

@@ -286,11 +286,13 @@ struct Importer {
 struct Attrs<'a> {
     list: &'a [pb::AttributeProto],
     read: std::cell::RefCell<Vec<&'static str>>,
+    /// Values read that no ONNX version defines (e.g. a boolean of 2).
+    invalid: std::cell::RefCell<Vec<String>>,
 }
 
 impl<'a> Attrs<'a> {
     fn new(list: &'a [pb::AttributeProto]) -> Self {
-        Attrs { list, read: std::cell::RefCell::new(Vec::new()) }
+        Attrs { list, read: std::cell::RefCell::new(Vec::new()), invalid: std::cell::RefCell::new(Vec::new()) }
     }
     fn get(&self, n: &'static str) -> Option<&'a pb::AttributeProto> {
         self.read.borrow_mut().push(n);
@@ -300,6 +302,15 @@ impl<'a> Attrs<'a> {
     fn unread(&self) -> Vec<&'a pb::AttributeProto> {
         let read = self.read.borrow();
         self.list.iter().filter(|a| !read.contains(&a.name.as_str())).collect()
+    }
+    /// A boolean attribute (ONNX stores them as ints): a value other than 0 or 1 is recorded
+    /// as invalid ([`Attrs::invalid`]) — runtimes disagree on what 2 means.
+    fn flag(&self, n: &'static str, d: i64) -> bool {
+        let v = self.i(n, d);
+        if v != 0 && v != 1 {
+            self.invalid.borrow_mut().push(format!("attribute '{n}' = {v} (0 or 1 expected)"));
+        }
+        v != 0
     }
     fn i(&self, n: &'static str, d: i64) -> i64 {
         self.get(n).map(|a| a.i).unwrap_or(d)
@@ -404,6 +415,9 @@ impl Importer {
         };
         self.refuse_unread(&n.op_type, &name, &a);
         check_axes(&n.attribute, &name, &n.op_type)?;
+        if let Some(bad) = a.invalid.borrow().first() {
+            bail!("node '{name}' ({}): {bad}", n.op_type);
+        }
         let outputs: Vec<ValueId> = n.output.iter().map(|o| self.define(o)).collect();
         Ok(Some(Node { name, op, inputs, outputs }))
     }
@@ -648,7 +662,13 @@ impl Importer {
             }
             "Celu" => Some(Op::Activation(Activation::Celu { alpha: a.f("alpha", 1.0) })),
             "ThresholdedRelu" => Some(Op::Activation(Activation::ThresholdedRelu { alpha: a.f("alpha", 1.0) })),
-            "Gelu" => Some(Op::Activation(Activation::Gelu { tanh: a.s("approximate").as_deref() == Some("tanh") })),
+            "Gelu" => Some(Op::Activation(Activation::Gelu {
+                tanh: match a.s("approximate").as_deref().unwrap_or("none") {
+                    "none" => false,
+                    "tanh" => true,
+                    m => bail!("node '{name}': unknown Gelu approximate '{m}'"),
+                },
+            })),
             "Clip" => {
                 if opset < 11 {
                     let lo =
@@ -689,7 +709,7 @@ impl Importer {
             "Acosh" => un(U::Acosh),
             "Atanh" => un(U::Atanh),
             "IsNaN" => un(U::IsNaN),
-            "IsInf" => un(match (a.i("detect_positive", 1) != 0, a.i("detect_negative", 1) != 0) {
+            "IsInf" => un(match (a.flag("detect_positive", 1), a.flag("detect_negative", 1)) {
                 (true, true) => U::IsInf,
                 (true, false) => U::IsPosInf,
                 (false, true) => U::IsNegInf,
@@ -714,7 +734,7 @@ impl Importer {
             "GatherND" => Some(Op::GatherNd { batch_dims: a.i("batch_dims", 0) }),
             "ScatterND" => Some(Op::ScatterNd { reduction: scatter_reduction(a.s("reduction").as_deref())? }),
             "OneHot" => Some(Op::OneHot { axis: a.i("axis", -1) }),
-            "Trilu" => Some(Op::Trilu { upper: a.i("upper", 1) != 0 }),
+            "Trilu" => Some(Op::Trilu { upper: a.flag("upper", 1) }),
             "EyeLike" => {
                 Some(Op::EyeLike { dtype: a.get("dtype").map(|d| onnx_dtype(d.i as i32)).transpose()?, k: a.i("k", 0) })
             }
@@ -723,15 +743,19 @@ impl Importer {
                     let k = self.const_i64(&format!("{name}/k"), vec![a.i("k", 0)]);
                     inputs.push(Some(k));
                 }
-                Some(Op::TopK { axis: a.i("axis", -1), largest: a.i("largest", 1) != 0, sorted: a.i("sorted", 1) != 0 })
+                Some(Op::TopK { axis: a.i("axis", -1), largest: a.flag("largest", 1), sorted: a.flag("sorted", 1) })
             }
-            "CumSum" => Some(Op::CumSum { exclusive: a.i("exclusive", 0) != 0, reverse: a.i("reverse", 0) != 0 }),
-            "CumProd" => Some(Op::CumProd { exclusive: a.i("exclusive", 0) != 0, reverse: a.i("reverse", 0) != 0 }),
+            "CumSum" => Some(Op::CumSum { exclusive: a.flag("exclusive", 0), reverse: a.flag("reverse", 0) }),
+            "CumProd" => Some(Op::CumProd { exclusive: a.flag("exclusive", 0), reverse: a.flag("reverse", 0) }),
             "NonZero" => Some(Op::NonZero),
             "Compress" => Some(Op::Compress { axis: a.get("axis").map(|x| x.i) }),
             "DepthToSpace" => Some(Op::DepthToSpace {
                 block: a.i("blocksize", 0),
-                dcr: a.s("mode").as_deref().unwrap_or("DCR") == "DCR",
+                dcr: match a.s("mode").as_deref().unwrap_or("DCR") {
+                    "DCR" => true,
+                    "CRD" => false,
+                    m => bail!("node '{name}': unknown DepthToSpace mode '{m}'"),
+                },
             }),
             "SpaceToDepth" => {
                 let block = a.i("blocksize", 0);
@@ -755,9 +779,12 @@ impl Importer {
                     pads: a.ints("pads").unwrap_or_default(),
                     dilations: a.ints("dilations").unwrap_or_default(),
                     auto_pad: auto_pad(a, name)?,
-                    ceil_mode: a.i("ceil_mode", 0) != 0,
-                    count_include_pad: a.i("count_include_pad", 0) != 0,
-                    storage_order: a.i("storage_order", 0),
+                    ceil_mode: a.flag("ceil_mode", 0),
+                    count_include_pad: a.flag("count_include_pad", 0),
+                    storage_order: match a.i("storage_order", 0) {
+                        o @ (0 | 1) => o,
+                        o => bail!("node '{name}': storage_order = {o} (0 or 1 expected)"),
+                    },
                 }))
             }
             "QuantizeLinear" => Some(Op::QuantizeLinear {
@@ -824,9 +851,9 @@ impl Importer {
                     coord,
                     nearest,
                     cubic_coeff_a: a.f("cubic_coeff_a", -0.75),
-                    exclude_outside: a.i("exclude_outside", 0) != 0,
+                    exclude_outside: a.flag("exclude_outside", 0),
                     extrapolation_value: a.f("extrapolation_value", 0.0),
-                    antialias: a.i("antialias", 0) != 0,
+                    antialias: a.flag("antialias", 0),
                     axes: a.ints("axes").unwrap_or_default(),
                     aspect,
                 }))
@@ -862,7 +889,7 @@ impl Importer {
                     direction,
                     layout: a.i("layout", 0),
                     clip: a.get("clip").map(|c| c.f),
-                    linear_before_reset: a.i("linear_before_reset", 0) != 0,
+                    linear_before_reset: a.flag("linear_before_reset", 0),
                 };
                 Some(if n.op_type == "GRU" { Op::Gru(attrs) } else { Op::Rnn(attrs) })
             }
@@ -887,7 +914,7 @@ impl Importer {
                     bail!("node '{name}': qk_matmul_output_mode = {qk_mode} (0–3 are defined)");
                 }
                 let attrs = AttentionAttrs {
-                    is_causal: a.i("is_causal", 0) != 0,
+                    is_causal: a.flag("is_causal", 0),
                     q_num_heads: a.get("q_num_heads").map(|x| x.i),
                     kv_num_heads: a.get("kv_num_heads").map(|x| x.i),
                     qk_mode,
@@ -901,7 +928,7 @@ impl Importer {
                 })
             }
             "RotaryEmbedding" => Some(Op::RotaryEmbedding {
-                interleaved: a.i("interleaved", 0) != 0,
+                interleaved: a.flag("interleaved", 0),
                 rotary_dim: a.i("rotary_embedding_dim", 0),
                 num_heads: a.i("num_heads", 0),
             }),
@@ -942,7 +969,7 @@ impl Importer {
             "Pow" => bin(B::Pow),
             "Max" if inputs.len() == 2 => bin(B::Max),
             "Min" if inputs.len() == 2 => bin(B::Min),
-            "Mod" => bin(if a.i("fmod", 0) == 1 { B::Fmod } else { B::Mod }),
+            "Mod" => bin(if a.flag("fmod", 0) { B::Fmod } else { B::Mod }),
             "Equal" => bin(B::Equal),
             "Less" => bin(B::Less),
             "LessOrEqual" => bin(B::LessOrEqual),
@@ -978,22 +1005,22 @@ impl Importer {
                 Some(Op::Reduce {
                     op,
                     axes,
-                    keepdims: a.i("keepdims", 1) != 0,
-                    noop_with_empty_axes: a.i("noop_with_empty_axes", 0) != 0,
+                    keepdims: a.flag("keepdims", 1),
+                    noop_with_empty_axes: a.flag("noop_with_empty_axes", 0),
                 })
             }
             "ArgMax" | "ArgMin" => Some(Op::ArgExtreme {
                 max: n.op_type == "ArgMax",
                 axis: a.i("axis", 0),
-                keepdims: a.i("keepdims", 1) != 0,
-                select_last_index: a.i("select_last_index", 0) != 0,
+                keepdims: a.flag("keepdims", 1),
+                select_last_index: a.flag("select_last_index", 0),
             }),
             "MatMul" => Some(Op::MatMul),
             "Gemm" => Some(Op::Gemm {
                 alpha: a.f("alpha", 1.0),
                 beta: a.f("beta", 1.0),
-                trans_a: a.i("transA", 0) != 0,
-                trans_b: a.i("transB", 0) != 0,
+                trans_a: a.flag("transA", 0),
+                trans_b: a.flag("transB", 0),
             }),
             "LayerNormalization" => {
                 if a.i("stash_type", 1) != 1 {
@@ -1002,7 +1029,7 @@ impl Importer {
                 Some(Op::LayerNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) })
             }
             "BatchNormalization" => {
-                let training = a.i("training_mode", 0) != 0 || (opset < 14 && n.output.len() > 1);
+                let training = a.flag("training_mode", 0) || (opset < 14 && n.output.len() > 1);
                 if training {
                     if n.output.len() > 3 {
                         return Ok(None); // opset < 14 saved_mean / saved_var outputs
@@ -1022,13 +1049,23 @@ impl Importer {
             }
             "Shape" => Some(Op::Shape { start: a.i("start", 0), end: a.get("end").map(|x| x.i) }),
             "Size" => Some(Op::Size),
-            "Reshape" => Some(Op::Reshape { allowzero: a.i("allowzero", 0) != 0 }),
+            "Reshape" => Some(Op::Reshape { allowzero: a.flag("allowzero", 0) }),
             "Squeeze" => Some(Op::Squeeze { axes: if opset < 13 { a.ints("axes") } else { None } }),
             "Unsqueeze" => {
                 Some(Op::Unsqueeze { axes: if opset < 13 { Some(a.ints("axes").unwrap_or_default()) } else { None } })
             }
             "Flatten" => Some(Op::Flatten { axis: a.i("axis", 1) }),
-            "Transpose" => Some(Op::Transpose { perm: a.ints("perm") }),
+            "Transpose" => {
+                let perm = a.ints("perm");
+                if let Some(p) = &perm {
+                    let mut seen = p.clone();
+                    seen.sort_unstable();
+                    if seen.iter().enumerate().any(|(i, &v)| v != i as i64) {
+                        bail!("node '{name}': perm {p:?} is not a permutation of 0..{}", p.len());
+                    }
+                }
+                Some(Op::Transpose { perm })
+            }
             "Expand" => Some(Op::Expand),
             "Concat" => Some(Op::Concat { axis: a.i("axis", 0) }),
             "Split" => {
@@ -1121,7 +1158,7 @@ impl Importer {
                     direction,
                     layout: a.i("layout", 0),
                     clip: a.get("clip").map(|c| c.f),
-                    input_forget: a.i("input_forget", 0) != 0,
+                    input_forget: a.flag("input_forget", 0),
                 }))
             }
             "Loop" => {
@@ -1181,13 +1218,18 @@ fn check_axes(attrs: &[pb::AttributeProto], name: &str, op: &str) -> Result<()> 
         let bad = match a.name.as_str() {
             "axis" | "batch_dims" => !(-max..=max).contains(&a.i),
             "axes" | "perm" => {
-                a.ints.len() > acorn::graph::MAX_RANK || a.ints.iter().any(|v| !(-max..=max).contains(v))
+                let mut distinct = a.ints.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                a.ints.len() > acorn::graph::MAX_RANK
+                    || a.ints.iter().any(|v| !(-max..=max).contains(v))
+                    || distinct.len() != a.ints.len()
             }
             _ => false,
         };
         if bad {
             bail!(
-                "node '{name}' ({op}): attribute '{}' = {} is outside any rank Acorn runs (at most {max})",
+                "node '{name}' ({op}): attribute '{}' = {} repeats an axis or is outside any rank Acorn runs (at most {max})",
                 a.name,
                 attr_value(a)
             );

@@ -22,6 +22,17 @@ fn geometry(a: &ConvTransposeAttrs, x: &[usize], w: &[usize]) -> OpResult<Geo> {
         op_bail!("ConvTranspose needs X [N, C, …] and W [C, M/group, k…] of the same rank; got {x:?}, {w:?}");
     }
     let sp = x.len() - 2;
+    super::check_spatial_lists(
+        "ConvTranspose",
+        sp,
+        &[
+            ("kernel_shape", &a.kernel_shape, 1),
+            ("strides", &a.strides, 1),
+            ("dilations", &a.dilations, 1),
+            ("pads", &a.pads, 2),
+            ("output_padding", &a.output_padding, 1),
+        ],
+    )?;
     let g = a.group as usize;
     if g == 0 || x[1] != w[0] || !x[1].is_multiple_of(g) {
         op_bail!("ConvTranspose channels do not match: X {x:?}, W {w:?}, group {g}");
@@ -47,7 +58,11 @@ fn geometry(a: &ConvTransposeAttrs, x: &[usize], w: &[usize]) -> OpResult<Geo> {
         let full = super::mul_add(geo.s[i], x[2 + i].max(1) - 1, op).and_then(|f| super::mul_add(1, f, eff))?;
         let target = if let Some(os) = a.output_shape.as_ref().filter(|o| !o.is_empty()) {
             // output_shape may list all dims or only the spatial ones
-            let v = if os.len() == sp { os[i] } else { *os.get(2 + i).unwrap_or(&0) };
+            let v = match os.len() {
+                n if n == sp => os[i],
+                n if n == sp + 2 => os[2 + i],
+                n => op_bail!("ConvTranspose output_shape {os:?} has {n} entries for {sp} spatial axes"),
+            };
             Some(v.max(0) as usize)
         } else if matches!(a.auto_pad, AutoPad::SameUpper | AutoPad::SameLower) {
             Some(super::mul_add(x[2 + i], geo.s[i], 0)?)
@@ -57,7 +72,9 @@ fn geometry(a: &ConvTransposeAttrs, x: &[usize], w: &[usize]) -> OpResult<Geo> {
         match target {
             Some(t) => {
                 let total = full.saturating_sub(t);
-                geo.pb[i] = if a.auto_pad == AutoPad::SameLower { total - total / 2 } else { total / 2 };
+                // The ONNX rule: SAME_UPPER puts the smaller half first; NOTSET (an explicit
+                // output_shape) and SAME_LOWER put the larger half first.
+                geo.pb[i] = if a.auto_pad == AutoPad::SameUpper { total / 2 } else { total - total / 2 };
                 geo.out[i] = t;
             }
             None => {

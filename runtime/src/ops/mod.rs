@@ -469,6 +469,18 @@ pub fn eval_into(
     Ok(tensors)
 }
 
+/// Checks the per-axis attribute lists of a convolution or pooling over `sp` spatial axes: each
+/// either absent (empty) or exactly one entry per axis (`pads`: two), as ONNX requires. A longer
+/// or shorter list is an error, not silently cut or padded with defaults.
+pub(crate) fn check_spatial_lists(op: &str, sp: usize, lists: &[(&str, &[i64], usize)]) -> OpResult<()> {
+    for &(name, v, per_axis) in lists {
+        if !v.is_empty() && v.len() != sp * per_axis {
+            op_bail!("{op} {name} {v:?} should have {} entries for {sp} spatial axes", sp * per_axis);
+        }
+    }
+    Ok(())
+}
+
 /// NumPy broadcasting of two shapes.
 pub(crate) fn broadcast_shapes(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
     let r = a.len().max(b.len());

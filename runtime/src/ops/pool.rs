@@ -24,6 +24,18 @@ fn geometry(a: &PoolAttrs, x: &[usize]) -> OpResult<Geo> {
         op_bail!("pooling needs [N, C, spatial…], got {x:?}");
     }
     let sp = x.len() - 2;
+    if !a.global {
+        super::check_spatial_lists(
+            "pooling",
+            sp,
+            &[
+                ("kernel_shape", &a.kernel_shape, 1),
+                ("strides", &a.strides, 1),
+                ("dilations", &a.dilations, 1),
+                ("pads", &a.pads, 2),
+            ],
+        )?;
+    }
     let mut g = Geo {
         sp,
         ins: [1; MAX_RANK],
@@ -59,6 +71,11 @@ fn geometry(a: &PoolAttrs, x: &[usize]) -> OpResult<Geo> {
             AutoPad::NotSet => {
                 g.pb[i] = pos(&a.pads, i, 0, "pad")?;
                 g.pe[i] = pos(&a.pads, i + sp, 0, "pad")?;
+                // A pad as wide as the window makes windows of padding alone (an average over
+                // nothing); ONNX Runtime refuses it too.
+                if g.pb[i] >= eff || g.pe[i] >= eff {
+                    op_bail!("pool pads {:?} are not smaller than the window ({eff}) on axis {i}", a.pads);
+                }
             }
             AutoPad::Valid => {}
             AutoPad::SameUpper | AutoPad::SameLower => {
