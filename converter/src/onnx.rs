@@ -205,11 +205,22 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
         if offset.checked_add(len as u64).is_none_or(|end| end > size) {
             bail!("tensor '{}': external data out of range ({} bytes at {offset}, file is {size})", t.name, len);
         }
+        // Refused before reserving when the machine (or its cgroup) has not that much memory
+        // left: an 8 GiB tensor must be an error, not an out-of-memory kill part-way.
+        if let Some(room) = acorn::exec::available_memory().filter(|&r| len > r) {
+            bail!("tensor '{}': {len} bytes of external data, more than the {room} bytes of memory available", t.name);
+        }
         f.seek(SeekFrom::Start(offset))?;
         let mut buf = Vec::new();
         buf.try_reserve_exact(len).map_err(|_| anyhow!("tensor '{}': cannot allocate {len} bytes", t.name))?;
-        buf.resize(len, 0);
-        f.read_exact(&mut buf).with_context(|| format!("reading external data {}", path.display()))?;
+        // Read straight into the reserved space (no zero-fill pass over it first).
+        let got = f
+            .take(len as u64)
+            .read_to_end(&mut buf)
+            .with_context(|| format!("reading external data {}", path.display()))?;
+        if got != len {
+            bail!("tensor '{}': external data {} ended after {got} of {len} bytes", t.name, path.display());
+        }
         Some(buf)
     } else if !t.raw_data.is_empty() {
         Some(t.raw_data.clone())

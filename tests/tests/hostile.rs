@@ -436,3 +436,20 @@ fn a_100_000_node_chain_converts_in_seconds() {
     let x = Tensor::from_f32(vec![3], vec![-1.0, 0.5, 2.0]);
     assert_eq!(m.session().commit().unwrap().run(&[("v0", &x)]).unwrap()[0].as_f32().unwrap(), &[0.0, 0.5, 2.0]);
 }
+
+#[test]
+fn external_data_larger_than_memory_is_refused_before_reading() {
+    // A sparse 64 GiB data file and a tensor that claims 32 GiB of it (more than the machine has).
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(dir.path().join("big.bin")).unwrap();
+    f.set_len(64 << 30).unwrap();
+    let mut b = B::new(17);
+    b.input_f32("x", &["1"]).output_f32("y");
+    b.init_external_f32("w", &[8 << 30], "big.bin", 0);
+    b.node("Add", "a", &["x", "w"], &["y"], vec![]);
+    let src = write(dir.path(), "big.onnx", &b);
+    let room = acorn::exec::available_memory().expect("Linux reports available memory");
+    assert!(room < 32 << 30, "this test assumes less than 32 GiB free ({room})");
+    let e = err(convert(&src, &dir.path().join("big.acorn"), &ConvertOptions::default()));
+    assert!(e.contains("more than the") && e.contains("memory available"), "{e}");
+}
