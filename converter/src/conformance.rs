@@ -295,6 +295,35 @@ precision; results are compared with the ONNX tolerance, rtol 1e-3 / atol 1e-5).
 condition is computed from the *values* of small inputs (axes, a sample rate), those inputs' values
 join the plan key; when it depends on large data (NonZero, Compress on activations) the model is
 evaluated dynamically, planning each run with every value known.
+
+## Attributes: what is implemented, and what is refused
+
+Every attribute a node carries must be read by its op's lowering (`converter/src/onnx.rs`);
+one that is not — an attribute the runtime does not implement, or one a newer opset added — is a
+conversion error naming node, op, attribute and value, listed with the unsupported ops. No
+attribute is ignored. Beyond that, these values are checked (invalid in every ONNX version, or
+valid but not implemented):
+
+| op | implemented | refused |
+|---|---|---|
+| every op | booleans 0 / 1; `axis`, `axes`, `perm`, `batch_dims` within rank 16, axes distinct, `perm` a permutation; opsets 1–28 | a boolean of any other value; anything else |
+| Attention | `is_causal`, `scale`, `softcap`, `q_num_heads`/`kv_num_heads`, `qk_matmul_output_mode` 0–3, `left_window_size`/`right_window_size` (−1 or ≥ 0), `softmax_precision` f32 or f64, `nonpad_kv_seqlen`, fully-masked rows = 0 | `softmax_precision` f16 / bf16 |
+| SpaceToDepth / DepthToSpace | `mode` DCR and CRD | other modes |
+| BitShift | `direction` LEFT / RIGHT; right shifts of signed values arithmetic; shifts < 0 or ≥ the width give 0 or −1 | |
+| Gelu | `approximate` none / tanh | other strings |
+| LSTM / GRU / RNN | the default activations (sigmoid, tanh[, tanh]), `clip`, `layout` 0/1, `direction`, `input_forget`, `linear_before_reset` | other `activations` |
+| LayerNormalization | `stash_type` 1 | other stash types |
+| BatchNormalization | inference; training mode with running statistics | opset < 14 training with saved_mean / saved_var outputs |
+| MaxPool / AveragePool / LpPool / Conv / ConvTranspose | per-axis lists with one entry per spatial axis (`pads`: two), `storage_order` 0/1, pads smaller than the window, `output_shape` of the spatial or all dims | lists of other lengths |
+| ConstantOfShape | `value` f32, i64, i32, bool | other value types |
+| IsInf | `detect_positive` / `detect_negative` any but both 0 | both 0 |
+| Split | `num_outputs` equal to the number of outputs | other counts |
+| Cast / CastLike | `saturate`, `round_mode` (they only act on float8 / float4 targets, which are refused as types) | |
+| Dropout | inference (`ratio`, `seed` have no effect) | training mode, the mask output |
+| MatMulNBits (com.microsoft) | 2–8 bits, power-of-two blocks ≥ 16, zero points, bias, `accuracy_level` (lifted to q4 or, with `--quantized-import as-written`, f32) | `g_idx` (act-order) |
+
+`tests/tests/differential.rs` mutates every attribute of the passing node tests and of
+MiniLM-L3 and requires an error or ONNX Runtime's answer on each mutated model.
 ";
 
 /// Totals of a run.

@@ -419,7 +419,10 @@ impl Importer {
         let op = match self.lower(n, &a, &name, &mut inputs)? {
             Some(op) => op,
             None => {
-                self.unsupported.push((n.op_type.clone(), name));
+                // A lowering that refused an attribute value already said so, by name.
+                if !self.refused.last().is_some_and(|r| r.starts_with(&format!("node '{name}' "))) {
+                    self.unsupported.push((n.op_type.clone(), name));
+                }
                 self.define_outputs_placeholder(n);
                 return Ok(None);
             }
@@ -724,7 +727,10 @@ impl Importer {
                 (true, true) => U::IsInf,
                 (true, false) => U::IsPosInf,
                 (false, true) => U::IsNegInf,
-                (false, false) => return Ok(None),
+                (false, false) => {
+                    self.refuse(&n.op_type, name, "detect_positive = 0 with detect_negative = 0".into());
+                    return Ok(None);
+                }
             }),
             "BitwiseNot" => un(U::BitNot),
             "BitwiseAnd" => bin(B::BitAnd),
@@ -893,6 +899,8 @@ impl Importer {
                     names.chunks(want.len()).all(|c| c == want)
                 });
                 if !default_acts {
+                    let acts = a.get("activations").map(attr_value).unwrap_or_default();
+                    self.refuse(&n.op_type, name, format!("attribute 'activations' = {acts}"));
                     return Ok(None);
                 }
                 let attrs = RnnAttrs {
@@ -1034,7 +1042,9 @@ impl Importer {
                 trans_b: a.flag("transB", 0),
             }),
             "LayerNormalization" => {
-                if a.i("stash_type", 1) != 1 {
+                let stash = a.i("stash_type", 1);
+                if stash != 1 {
+                    self.refuse(&n.op_type, name, format!("attribute 'stash_type' = {stash} (statistics in f32 only)"));
                     return Ok(None);
                 }
                 Some(Op::LayerNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) })
@@ -1043,7 +1053,9 @@ impl Importer {
                 let training = a.flag("training_mode", 0) || (opset < 14 && n.output.len() > 1);
                 if training {
                     if n.output.len() > 3 {
-                        return Ok(None); // opset < 14 saved_mean / saved_var outputs
+                        // opset < 14 training: saved_mean / saved_var outputs
+                        self.refuse(&n.op_type, name, "training mode with saved_mean / saved_var outputs".into());
+                        return Ok(None);
                     }
                     Some(Op::BatchNormTraining { epsilon: a.f("epsilon", 1e-5), momentum: a.f("momentum", 0.9) })
                 } else {
@@ -1130,7 +1142,11 @@ impl Importer {
                             TensorData::I64(v) => Scalar::I64(*v.first().unwrap_or(&0)),
                             TensorData::I32(v) => Scalar::I32(*v.first().unwrap_or(&0)),
                             TensorData::Bool(v) => Scalar::Bool(v.first().is_some_and(|&b| b != 0)),
-                            _ => return Ok(None),
+                            _ => {
+                                let what = format!("attribute 'value' of type {}", t.dtype());
+                                self.refuse(&n.op_type, name, what);
+                                return Ok(None);
+                            }
                         }
                     }
                 };
@@ -1162,6 +1178,8 @@ impl Importer {
                     names.chunks(3).all(|c| c == ["sigmoid", "tanh", "tanh"])
                 });
                 if !default_acts {
+                    let acts = a.get("activations").map(attr_value).unwrap_or_default();
+                    self.refuse(&n.op_type, name, format!("attribute 'activations' = {acts}"));
                     return Ok(None);
                 }
                 Some(Op::Lstm(LstmAttrs {
