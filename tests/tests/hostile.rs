@@ -143,6 +143,11 @@ fn npy_headers_are_checked_before_allocating_and_f16_reads() {
     std::fs::write(&p, &bytes).unwrap();
     let e = acorn_converter::npy::read_npy(&p).unwrap_err().to_string();
     assert!(e.contains("declares shape"), "{e}");
+    // A FIFO as an input file is refused, not read forever.
+    let fifo = dir.path().join("fifo.npy");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let e = acorn_converter::npy::read_npy(&fifo).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
     // f16 arrays (documented as accepted) round-trip.
     let t = Tensor::new(vec![3], acorn::tensor::TensorData::F16(vec![0x3c00, 0xc000, 0x3555])).unwrap();
     let p = dir.path().join("half.npy");
@@ -224,18 +229,18 @@ fn space_to_depth_crd_is_computed_and_unknown_modes_refused() {
 
 #[test]
 fn attributes_the_runtime_does_not_implement_are_refused_by_name() {
-    // A sliding-window Attention, and an attribute no lowering reads (as a newer opset adds
-    // them): each named with its node, op and value, all listed together.
+    // An Attention whose softmax should run in f16, and an attribute no lowering reads (as a
+    // newer opset adds them): each named with its node, op and value, all listed together.
     let mut b = B::new(25);
     b.input_f32("q", &["1", "2", "4", "8"]).input_f32("k", &["1", "2", "4", "8"]).input_f32("v", &["1", "2", "4", "8"]);
     b.output_f32("y").output_f32("z");
-    b.node("Attention", "att", &["q", "k", "v"], &["y"], vec![B::attr_i("left_window_size", 2)]);
+    b.node("Attention", "att", &["q", "k", "v"], &["y"], vec![B::attr_i("softmax_precision", 10)]);
     b.node("Relu", "relu", &["y"], &["z"], vec![B::attr_f("new_attribute", 0.5)]);
     let dir = tempfile::tempdir().unwrap();
     let src = write(dir.path(), "a.onnx", &b);
     let out = dir.path().join("a.acorn");
     let e = err(convert(&src, &out, &ConvertOptions::default()));
-    assert!(e.contains("node 'att' (Attention): attribute 'left_window_size' = 2"), "{e}");
+    assert!(e.contains("node 'att' (Attention): attribute 'softmax_precision' = 10"), "{e}");
     assert!(e.contains("node 'relu' (Relu): attribute 'new_attribute' = 0.5 is not implemented"), "{e}");
     assert!(!out.exists());
 }

@@ -20,6 +20,21 @@ pub use session::{OpTime, Session, SessionBuilder};
 /// its own memory limit plans against this, so an input too large for the device is an
 /// [`crate::Error::Limit`] instead of the kernel's out-of-memory kill.
 pub fn available_memory() -> Option<usize> {
+    // Read at most every 100 ms: a model planned on every run (data-dependent shapes) must not
+    // pay three file reads per run.
+    static LAST: std::sync::Mutex<Option<(std::time::Instant, Option<usize>)>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, v)) = *last {
+        if at.elapsed() < std::time::Duration::from_millis(100) {
+            return v;
+        }
+    }
+    let v = read_available_memory();
+    *last = Some((std::time::Instant::now(), v));
+    v
+}
+
+fn read_available_memory() -> Option<usize> {
     fn read_u64(p: &str) -> Option<u64> {
         std::fs::read_to_string(p).ok()?.trim().parse().ok()
     }
