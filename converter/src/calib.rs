@@ -150,12 +150,27 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// A session on every core, with the conversion's memory limit (`--memory-limit`) if any.
+fn session(model: &Model, memory_limit: Option<usize>) -> Result<acorn::Session> {
+    let b = model.session().with_threads(threads());
+    Ok(match memory_limit {
+        Some(l) => b.with_memory_limit(l),
+        None => b,
+    }
+    .commit()?)
+}
+
 /// Runs the [`Reference`] model on `samples` and accumulates each extra value's [`Gram`] (its
 /// last axis is `k`, every other axis counts rows). `progress` is told after every sample.
-pub fn grams(reference: &Reference, samples: &Samples, mut progress: impl FnMut()) -> Result<HashMap<ValueId, Gram>> {
+pub fn grams(
+    reference: &Reference,
+    samples: &Samples,
+    memory_limit: Option<usize>,
+    mut progress: impl FnMut(),
+) -> Result<HashMap<ValueId, Gram>> {
     let (values, first_extra) = (&reference.values, reference.first_extra);
     let model = Model::open(&reference.path)?;
-    let mut session = model.session().with_threads(threads()).commit()?;
+    let mut session = session(&model, memory_limit)?;
     let mut out: HashMap<ValueId, Gram> = HashMap::new();
     for sample in samples {
         let named: Vec<(&str, &Tensor)> = sample.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -200,15 +215,19 @@ pub struct Agreement {
 
 /// Runs the [`Reference`] and `candidate` on `samples` and measures their [`Agreement`] (on the
 /// candidate's first f32 output, the same output of the reference).
-pub fn agreement(reference: &Reference, candidate: &Path, samples: &[Vec<(String, Tensor)>]) -> Result<Agreement> {
+pub fn agreement(
+    reference: &Reference,
+    candidate: &Path,
+    samples: &[Vec<(String, Tensor)>],
+    memory_limit: Option<usize>,
+) -> Result<Agreement> {
     let (a, b) = (Model::open(&reference.path)?, Model::open(candidate)?);
     let idx = b
         .outputs()
         .iter()
         .position(|o| o.dtype == DType::F32)
         .ok_or_else(|| anyhow!("the model has no f32 output to compare"))?;
-    let (mut sa, mut sb) =
-        (a.session().with_threads(threads()).commit()?, b.session().with_threads(threads()).commit()?);
+    let (mut sa, mut sb) = (session(&a, memory_limit)?, session(&b, memory_limit)?);
     let (mut cos, mut same, mut rows) = (0.0f64, 0usize, 0usize);
     for s in samples {
         let named: Vec<(&str, &Tensor)> = s.iter().map(|(n, t)| (n.as_str(), t)).collect();

@@ -51,6 +51,9 @@ pub struct ConvertOptions {
     /// `MatMulNBits`) exactly as written instead of lifting their weights into Acorn's q8 / q4
     /// (`--quantized-import as-written`; see `docs/ARCHITECTURE.md`).
     pub as_written: bool,
+    /// Most memory the calibration runs of the model may take (`--memory-limit`; default: what
+    /// the machine has left).
+    pub memory_limit: Option<usize>,
 }
 
 /// The CPU family a file is converted for (`acorn convert --target`): decides the layout of
@@ -242,7 +245,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             let mut grams = match (q.calib.is_some(), q.method) {
                 (false, quantize::Method::Rtn) => None,
                 _ => {
-                    let (g, r) = calibrate(&m, q, &fit, &mut records)?;
+                    let (g, r) = calibrate(&m, q, &fit, opts.memory_limit, &mut records)?;
                     reference = Some(r);
                     Some(g)
                 }
@@ -299,7 +302,8 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         // What quantizing cost, on the held-out samples: the fp32 graph the calibration ran
         // against the file just written; the numbers go into the quantize pass record, and the
         // file is written again.
-        let a = calib::agreement(fp32, output, &held).context("measuring the quantized model on held-out samples")?;
+        let a = calib::agreement(fp32, output, &held, opts.memory_limit)
+            .context("measuring the quantized model on held-out samples")?;
         let mut provenance = provenance;
         for rec in provenance.passes.iter_mut().chain(records.iter_mut()).filter(|r| r.name == "quantize") {
             rec.params.push(("heldout_output".into(), a.output.clone()));
@@ -367,6 +371,7 @@ fn calibrate(
     m: &onnx::Imported,
     q: &quantize::QuantOptions,
     samples: &calib::Samples,
+    memory_limit: Option<usize>,
     records: &mut Vec<PassRecord>,
 ) -> Result<(std::collections::HashMap<acorn::graph::ValueId, calib::Gram>, calib::Reference)> {
     let path = q.calib.as_deref().ok_or_else(|| {
@@ -379,7 +384,7 @@ fn calibrate(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let reference = calib::reference(m, &values)?;
-    let grams = calib::grams(&reference, samples, || bar.inc(1))?;
+    let grams = calib::grams(&reference, samples, memory_limit, || bar.inc(1))?;
     bar.finish_and_clear();
     let rows = grams.values().map(|g| g.rows).max().unwrap_or(0);
     records.push(PassRecord {

@@ -78,6 +78,10 @@ enum Cmd {
         /// the ONNX spec defines them.
         #[arg(long, value_name = "MODE", default_value = "lift")]
         quantized_import: String,
+        /// Most memory the model's runs during conversion (--calib) may take, e.g. 2G (default:
+        /// the memory the machine or its cgroup has left).
+        #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+        memory_limit: Option<usize>,
     },
     /// Generate text with a decoder model (greedy unless a temperature is given), streaming
     /// tokens as they come; prints prefill and decode tokens/s at the end.
@@ -279,6 +283,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             strict,
             no_shape_analysis,
             quantized_import,
+            memory_limit,
         } => {
             let as_written = match quantized_import.as_str() {
                 "lift" => false,
@@ -308,6 +313,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     strict,
                     no_shape_analysis,
                     as_written,
+                    memory_limit,
                     ..ConvertOptions::default()
                 },
                 &target,

@@ -286,3 +286,29 @@ fn memory_limit_flag_turns_an_oversized_run_into_an_error_line() {
     ]);
     assert!(o.status.success(), "{:?}", text(&o));
 }
+
+#[test]
+fn convert_memory_limit_applies_to_the_calibration_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = write_model(dir.path());
+    let calib = dir.path().join("calib");
+    std::fs::create_dir(&calib).unwrap();
+    write_npy(&calib.join("x.npy"), &Tensor::from_f32(vec![4096, 4], vec![0.25; 4 * 4096])).unwrap();
+    let out = dir.path().join("q.acorn");
+    let args = |limit: &'static str| {
+        let mut v: Vec<String> = ["convert", onnx.to_str().unwrap(), "-o", out.to_str().unwrap(), "--quantize", "q8"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--method", "gptq", "--calib", calib.to_str().unwrap(), "--memory-limit", limit].map(String::from));
+        v
+    };
+    let run = |limit| {
+        let a = args(limit);
+        acorn(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run("16K");
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("above the session's limit"), "{err}");
+    assert!(!out.exists());
+}
