@@ -1347,17 +1347,24 @@ pub fn annotate_output_shapes(proto: &pb::ModelProto, m: &mut Imported) -> bool 
     }
     // tract is third-party code: a panic in its analysis of an odd graph costs only the annotation
     // (logged, not printed over the user's terminal by the default hook).
+    // The hook is process-wide: it stays quiet only for panics on this thread while tract runs
+    // (wherever they are raised: inside tract, or in a crate it calls), and hands every other
+    // panic to the hook that was there before (the default, or a test's or fuzzer's).
+    thread_local! {
+        static IN_TRACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
     static QUIET_TRACT: std::sync::Once = std::sync::Once::new();
     QUIET_TRACT.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if info.location().is_some_and(|l| l.file().contains("/tract-")) {
+            if IN_TRACT.with(|f| f.get()) {
                 log::info!("tract's shape analysis panicked: {info}");
             } else {
                 previous(info);
             }
         }));
     });
+    IN_TRACT.with(|f| f.set(true));
     let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
         || -> tract_onnx::prelude::TractResult<Vec<Vec<Dim>>> {
             use tract_onnx::prelude::InferenceModelExt;
@@ -1379,6 +1386,7 @@ pub fn annotate_output_shapes(proto: &pb::ModelProto, m: &mut Imported) -> bool 
             Ok(shapes)
         },
     ));
+    IN_TRACT.with(|f| f.set(false));
     match analysed {
         Err(_) => {
             log::info!("tract panicked analysing the graph; keeping declared output shapes");
