@@ -43,6 +43,21 @@ fn is_f32_or_i64(t: &Tensor) -> bool {
     matches!(t.data(), TensorData::F32(_) | TensorData::I64(_))
 }
 
+/// Writes `model` with attribute `ai` of node `ni` replaced by `m` to `scratch/m.onnx`.
+fn write_mutated(
+    model: &pb::ModelProto,
+    ni: usize,
+    ai: usize,
+    m: &pb::AttributeProto,
+    scratch: &Path,
+) -> std::path::PathBuf {
+    let mut mutated = model.clone();
+    mutated.graph.as_mut().expect("a graph").node[ni].attribute[ai] = m.clone();
+    let path = scratch.join("m.onnx");
+    std::fs::write(&path, mutated.encode_to_vec()).expect("scratch folder writable");
+    path
+}
+
 /// Acorn's outputs for the mutated model, or `None` where conversion or the run refused it.
 fn acorn_run(onnx: &Path, scratch: &Path, inputs: &[(&str, &Tensor)]) -> Option<Vec<Tensor>> {
     let out = scratch.join("m.acorn");
@@ -82,10 +97,7 @@ fn mutated_attributes_give_an_error_or_the_right_answer() {
         for (ni, node) in graph.node.iter().enumerate() {
             for (ai, attr) in node.attribute.iter().enumerate() {
                 for m in mutations(attr) {
-                    let mut mutated = model.clone();
-                    mutated.graph.as_mut().unwrap().node[ni].attribute[ai] = m.clone();
-                    let path = scratch.path().join("m.onnx");
-                    std::fs::write(&path, mutated.encode_to_vec()).unwrap();
+                    let path = write_mutated(&model, ni, ai, &m, scratch.path());
                     cases += 1;
                     if std::env::var_os("ACORN_DIFF_TRACE").is_some() {
                         eprintln!("case {name} node {ni} attr {} -> {:?} {} {:?}", attr.name, m.i, m.f, m.ints);
@@ -153,10 +165,7 @@ fn mutated_attributes_of_a_real_model_give_an_error_or_the_right_answer() {
                 continue;
             }
             for m in mutations(attr) {
-                let mut mutated = model.clone();
-                mutated.graph.as_mut().unwrap().node[ni].attribute[ai] = m.clone();
-                let path = scratch.path().join("m.onnx");
-                std::fs::write(&path, mutated.encode_to_vec()).unwrap();
+                let path = write_mutated(&model, ni, ai, &m, scratch.path());
                 cases += 1;
                 let Some(ours) = acorn_run(&path, scratch.path(), &inputs) else {
                     refused += 1;

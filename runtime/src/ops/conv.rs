@@ -33,16 +33,7 @@ fn geometry(a: &ConvAttrs, x: &[usize], wt: &[usize]) -> OpResult<Geo> {
     if !(1..=2).contains(&sp) || wt.len() != x.len() {
         op_bail!("Conv supports 1-D and 2-D inputs (N, C, [H,] W); got X {x:?}, W {wt:?}");
     }
-    super::check_spatial_lists(
-        "Conv",
-        sp,
-        &[
-            ("kernel_shape", &a.kernel_shape, 1),
-            ("strides", &a.strides, 1),
-            ("dilations", &a.dilations, 1),
-            ("pads", &a.pads, 2),
-        ],
-    )?;
+    super::check_window_lists("Conv", sp, [&a.kernel_shape, &a.strides, &a.dilations, &a.pads])?;
     let g = a.group as usize;
     let (n, c, m) = (x[0], x[1], wt[0]);
     if g == 0 || c % g != 0 || m % g != 0 || wt[1] * g != c {

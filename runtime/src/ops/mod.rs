@@ -404,18 +404,7 @@ pub fn eval(
     n_out: usize,
     threads: usize,
 ) -> OpResult<Vec<crate::tensor::Tensor>> {
-    let facts: Vec<Option<Fact<'_>>> = inputs
-        .iter()
-        .map(|v| {
-            v.map(|v| Fact {
-                dtype: v.dtype,
-                shape: v.shape,
-                value: if v.bytes.is_empty() && !v.is_empty() { None } else { Some(v) },
-            })
-        })
-        .collect();
-    let outs = infer(op, &facts, n_out)?;
-    eval_into(op, inputs, &facts, &outs, threads)
+    eval_limited(op, inputs, n_out, threads, usize::MAX)
 }
 
 /// [`eval`] refused (before anything is allocated) when an output would hold more than
@@ -479,6 +468,12 @@ pub(crate) fn check_spatial_lists(op: &str, sp: usize, lists: &[(&str, &[i64], u
         }
     }
     Ok(())
+}
+
+/// [`check_spatial_lists`] for the four lists every sliding-window op has: kernel_shape,
+/// strides, dilations, pads.
+pub(crate) fn check_window_lists(op: &str, sp: usize, [k, s, d, p]: [&[i64]; 4]) -> OpResult<()> {
+    check_spatial_lists(op, sp, &[("kernel_shape", k, 1), ("strides", s, 1), ("dilations", d, 1), ("pads", p, 2)])
 }
 
 /// NumPy broadcasting of two shapes.

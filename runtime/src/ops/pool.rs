@@ -25,16 +25,7 @@ fn geometry(a: &PoolAttrs, x: &[usize]) -> OpResult<Geo> {
     }
     let sp = x.len() - 2;
     if !a.global {
-        super::check_spatial_lists(
-            "pooling",
-            sp,
-            &[
-                ("kernel_shape", &a.kernel_shape, 1),
-                ("strides", &a.strides, 1),
-                ("dilations", &a.dilations, 1),
-                ("pads", &a.pads, 2),
-            ],
-        )?;
+        super::check_window_lists("pooling", sp, [&a.kernel_shape, &a.strides, &a.dilations, &a.pads])?;
     }
     let mut g = Geo {
         sp,
