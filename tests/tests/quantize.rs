@@ -406,6 +406,22 @@ fn matmul_nbits_models_import_as_q4() {
         let worst = cos.iter().copied().fold(1.0, f64::min);
         println!("MatMulNBits (symmetric: {symmetric}) imported as q4: vs ONNX Runtime mean cosine {mean:.5}, worst {worst:.5}, file {} B", std::fs::metadata(&out).unwrap().len());
         assert!(mean >= 0.999, "mean cosine {mean} against ONNX Runtime");
+
+        // --quantized-import as-written: the weights stay the f32 values their codes define
+        // (ONNX Runtime's accuracy_level 0), so the products are f32 GEMMs on exactly those.
+        let out = dir.path().join(format!("nbits-{symmetric}-as-written.acorn"));
+        convert(&onnx, &out, &ConvertOptions { as_written: true, ..Default::default() }).unwrap();
+        let m = Model::open(&out).unwrap();
+        assert!(m.metadata().tensors.iter().all(|t| !matches!(t.encoding, TensorEncoding::Q4 { .. })));
+        let mut s = m.session().commit().unwrap();
+        let (ids, mask) = tokenize(&lines.iter().take(16).map(String::as_str).collect::<Vec<_>>(), 48).unwrap();
+        let inputs = [("input_ids", &ids), ("attention_mask", &mask)];
+        let want = ort.run(&inputs, &[MINILM_EMBEDDING]).unwrap().swap_remove(0);
+        let got = s.run(&inputs).unwrap().swap_remove(idx);
+        let rows = |t: &acorn::Tensor| t.as_f32().unwrap().chunks_exact(384).map(<[f32]>::to_vec).collect::<Vec<_>>();
+        let worst = rows(&got).iter().zip(rows(&want)).map(|(a, b)| cosine(a, &b)).fold(1.0, f64::min);
+        println!("MatMulNBits (symmetric: {symmetric}) as written: vs ONNX Runtime worst cosine {worst:.6}");
+        assert!(worst >= 0.9999, "as written vs ONNX Runtime: worst cosine {worst}");
     }
 }
 
