@@ -1336,8 +1336,9 @@ pub const TRACT_MAX_NODES: usize = 10_000;
 /// exporter's placeholder names. Returns false (and leaves the declared shapes) when tract
 /// cannot analyse the graph, e.g. for data-dependent `If`.
 pub fn annotate_output_shapes(proto: &pb::ModelProto, m: &mut Imported) -> bool {
-    // tract's analysis grows faster than linearly with the node count (5 000 nodes: 0.9 s,
-    // 20 000: 4.8 s, 100 000: over 300 s); past this many the declared shapes stay.
+    // tract's analysis grows quadratically with the node count (a Relu chain on the 2-core build
+    // VM, 2026-12-02: 5 000 nodes 0.09 s, 10 000 0.36 s; issue 15 reported over 300 s at
+    // 100 000); past this many the declared shapes stay.
     let nodes = m.graph.all_nodes().count();
     if nodes > TRACT_MAX_NODES {
         log::info!(

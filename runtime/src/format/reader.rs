@@ -64,6 +64,16 @@ fn open_regular(path: &Path) -> Result<std::fs::File> {
     std::fs::File::open(path).map_err(io)
 }
 
+/// A zeroed 8-byte-aligned buffer for `len` bytes of model, allocated fallibly.
+fn aligned_words(len: usize) -> Result<Vec<u64>> {
+    let mut words: Vec<u64> = Vec::new();
+    words
+        .try_reserve_exact(len.div_ceil(8))
+        .map_err(|_| Error::Limit(format!("cannot allocate {len} bytes for a model")))?;
+    words.resize(len.div_ceil(8), 0);
+    Ok(words)
+}
+
 fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
@@ -102,18 +112,14 @@ impl ModelFile {
         let mut file = open_regular(path)?;
         let len = usize::try_from(file.metadata().map_err(io)?.len())
             .map_err(|_| Error::Limit(format!("{} is too large for this address space", path.display())))?;
-        let mut words: Vec<u64> = Vec::new();
-        words
-            .try_reserve_exact(len.div_ceil(8))
-            .map_err(|_| Error::Limit(format!("cannot allocate {len} bytes to read {}", path.display())))?;
-        words.resize(len.div_ceil(8), 0);
+        let mut words = aligned_words(len)?;
         file.read_exact(&mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len]).map_err(io)?;
         Self::from_storage(Storage::Owned { words, len }, verify_data)
     }
 
     /// Validates a model held in memory (copied once into an aligned buffer).
     pub fn from_bytes(bytes: &[u8], verify_data: bool) -> Result<ModelFile> {
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        let mut words = aligned_words(bytes.len())?;
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
         Self::from_storage(Storage::Owned { words, len: bytes.len() }, verify_data)
     }

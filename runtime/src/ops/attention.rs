@@ -286,9 +286,11 @@ fn attend_unit(
     }
     kernels::math::softmax_rows(scores, probs, total, false);
     // A row with no attendable key (every score −∞ after the masks) attends to nothing: zeros,
-    // as ONNX Attention defines it, not the NaN of a softmax over −∞ alone.
+    // as ONNX Attention defines it. Decided on the scores, not on what the softmax kernel made of
+    // them (NaN in the portable code; a SIMD exp that clamps its argument could give a finite
+    // uniform row). Almost every row stops at its first score.
     for (srow, prow) in scores.chunks_exact(total).zip(probs.chunks_exact_mut(total)) {
-        if prow[0].is_nan() && srow.iter().all(|&s| s == f32::NEG_INFINITY) {
+        if srow.iter().all(|&s| s == f32::NEG_INFINITY) {
             prow.fill(0.0);
         }
     }

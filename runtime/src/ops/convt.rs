@@ -22,17 +22,8 @@ fn geometry(a: &ConvTransposeAttrs, x: &[usize], w: &[usize]) -> OpResult<Geo> {
         op_bail!("ConvTranspose needs X [N, C, …] and W [C, M/group, k…] of the same rank; got {x:?}, {w:?}");
     }
     let sp = x.len() - 2;
-    super::check_spatial_lists(
-        "ConvTranspose",
-        sp,
-        &[
-            ("kernel_shape", &a.kernel_shape, 1),
-            ("strides", &a.strides, 1),
-            ("dilations", &a.dilations, 1),
-            ("pads", &a.pads, 2),
-            ("output_padding", &a.output_padding, 1),
-        ],
-    )?;
+    super::check_window_lists("ConvTranspose", sp, [&a.kernel_shape, &a.strides, &a.dilations, &a.pads])?;
+    super::check_spatial_lists("ConvTranspose", sp, &[("output_padding", &a.output_padding, 1)])?;
     let g = a.group as usize;
     if g == 0 || x[1] != w[0] || !x[1].is_multiple_of(g) {
         op_bail!("ConvTranspose channels do not match: X {x:?}, W {w:?}, group {g}");

@@ -436,3 +436,39 @@ fn long_elementwise_ops_and_layer_norm_split_across_threads_exactly() {
         }
     }
 }
+
+#[test]
+fn attention_rows_with_no_attendable_key_are_zero_on_both_paths() {
+    use crate::graph::AttentionAttrs;
+    use crate::kernels::pseudo_random;
+    // [1, 2 heads, 3 queries, 4 keys, head 8]; a boolean mask closes every key of query 1.
+    let (q, k, v) = (
+        f32t(&[1, 2, 3, 8], &pseudo_random(48, 1)),
+        f32t(&[1, 2, 4, 8], &pseudo_random(64, 2)),
+        f32t(&[1, 2, 4, 8], &pseudo_random(64, 3)),
+    );
+    let mut mask = Tensor::zeros(crate::tensor::DType::Bool, vec![1, 1, 3, 4]).unwrap();
+    for (i, b) in mask.bytes_mut().iter_mut().enumerate() {
+        *b = u8::from(i / 4 != 1);
+    }
+    let attrs = AttentionAttrs {
+        is_causal: false,
+        q_num_heads: None,
+        kv_num_heads: None,
+        qk_mode: 0,
+        scale: None,
+        softcap: 0.0,
+    };
+    // Attention takes the unit kernel (the softmax of this CPU's kernel set); the window
+    // (unbounded on both sides, so the same answer) takes the general path.
+    for op in [Op::Attention(attrs.clone()), Op::AttentionWindow { attrs, left: 100, right: 100 }] {
+        let y = run(op.clone(), &[Some(&q), Some(&k), Some(&v), Some(&mask)]).swap_remove(0);
+        let y = y.as_f32().unwrap();
+        for h in 0..2 {
+            let row = &y[(h * 3 + 1) * 8..(h * 3 + 2) * 8];
+            assert!(row.iter().all(|&x| x == 0.0), "{op:?} head {h}: {row:?}");
+            let open = &y[(h * 3) * 8..(h * 3 + 1) * 8];
+            assert!(open.iter().all(|x| x.is_finite() && *x != 0.0), "{op:?} head {h}: {open:?}");
+        }
+    }
+}
