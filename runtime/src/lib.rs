@@ -21,6 +21,8 @@
 
 // Numeric code indexes several arrays with one loop variable; iterator chains would hide that.
 #![allow(clippy::needless_range_loop)]
+// Every `unsafe` block and unsafe fn says why it is sound (kernels, the mmap reader, FFI only).
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod error;
 pub mod exec;

@@ -152,9 +152,9 @@ pub fn for_each(threads: usize, parts: usize, task: &(dyn Fn(usize) + Sync)) {
     };
     {
         let mut st = lock(&pool.state);
-        // SAFETY (lifetime erasure): the pointer is unpublished below, after which no part can be
-        // claimed, and this function returns only when every claimed part has finished.
         let task: *const (dyn Fn(usize) + Sync + '_) = task;
+        // SAFETY: (lifetime erasure) the pointer is unpublished below, after which no part can be
+        // claimed, and this function returns only when every claimed part has finished.
         let task: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(task) };
         st.job = Some(Job { task, parts, next: 0 });
         pool.generation.fetch_add(1, Ordering::Release);
@@ -216,6 +216,7 @@ pub(crate) struct SharedOut {
 // SAFETY: parts write disjoint regions of a buffer that outlives the call (`for_each` returns
 // only when every part is done).
 unsafe impl Send for SharedOut {}
+// SAFETY: as for `Send`: no two parts touch the same element.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {

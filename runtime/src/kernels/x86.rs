@@ -360,10 +360,10 @@ pub unsafe fn softmax_rows_avx512(x: &[f32], out: &mut [f32], n: usize, log: boo
         return;
     }
     for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        // SAFETY (all loads/stores below): lanes i..i + 16 masked to the row's n values.
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
         for i in (0..n).step_by(16) {
             let k = lanes16(n - i);
+            // SAFETY: lanes i..i + 16 masked to the row's n values.
             let v = unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), k, xr.as_ptr().add(i)) };
             mx = _mm512_max_ps(mx, v);
         }
@@ -372,8 +372,10 @@ pub unsafe fn softmax_rows_avx512(x: &[f32], out: &mut [f32], n: usize, log: boo
         let mut acc = _mm512_setzero_ps();
         for i in (0..n).step_by(16) {
             let k = lanes16(n - i);
+            // SAFETY: lanes i..i + 16 masked to the row's n values.
             let v = unsafe { _mm512_maskz_loadu_ps(k, xr.as_ptr().add(i)) };
             let e = exp16(_mm512_sub_ps(v, mv));
+            // SAFETY: lanes i..i + 16 masked to the row's n values.
             unsafe { _mm512_mask_storeu_ps(or.as_mut_ptr().add(i), k, e) };
             acc = _mm512_mask_add_ps(acc, k, acc, e);
         }
@@ -382,15 +384,19 @@ pub unsafe fn softmax_rows_avx512(x: &[f32], out: &mut [f32], n: usize, log: boo
             let ls = _mm512_set1_ps(s.ln());
             for i in (0..n).step_by(16) {
                 let k = lanes16(n - i);
+                // SAFETY: lanes i..i + 16 masked to the row's n values.
                 let v = unsafe { _mm512_maskz_loadu_ps(k, xr.as_ptr().add(i)) };
                 let y = _mm512_sub_ps(_mm512_sub_ps(v, mv), ls);
+                // SAFETY: lanes i..i + 16 masked to the row's n values.
                 unsafe { _mm512_mask_storeu_ps(or.as_mut_ptr().add(i), k, y) };
             }
         } else {
             let inv = _mm512_set1_ps(1.0 / s);
             for i in (0..n).step_by(16) {
                 let k = lanes16(n - i);
+                // SAFETY: lanes i..i + 16 masked to the row's n values.
                 let v = unsafe { _mm512_maskz_loadu_ps(k, or.as_ptr().add(i)) };
+                // SAFETY: lanes i..i + 16 masked to the row's n values.
                 unsafe { _mm512_mask_storeu_ps(or.as_mut_ptr().add(i), k, _mm512_mul_ps(v, inv)) };
             }
         }
