@@ -82,7 +82,7 @@ fn gemv(c: &mut Criterion) {
         quant::quantize_acts(&x, 1, k, &mut qa).unwrap();
         let mut out = vec![0.0f32; n];
 
-        let f16: Vec<u16> = w.iter().map(|&v| acorn::tensor::f32_to_f16(v)).collect();
+        let f16: Vec<u16> = w.iter().map(|&v| acorn::dtype::f32_to_f16(v)).collect();
         let bytes = 2 * n * k;
         let f16s = copies(&f16, bytes);
         gemv_group(c, "f16", isa.f16_kernel_name(), (n, k), bytes, |threads, turn| {
@@ -92,14 +92,14 @@ fn gemv(c: &mut Criterion) {
         drop(f16s);
 
         let bytes = n * k + 4 * n;
-        let q8s = copies(&quant::quantize_q8(&w, n, k), bytes);
+        let q8s = copies(&acorn::weights::q8::encode(&w, n, k), bytes);
         gemv_group(c, "q8", isa.q_rows().q8_name, (n, k), bytes, |threads, turn| {
             quant::gemm_q8(isa, &qa, &q8s[turn % q8s.len()].view(), &mut out, threads).unwrap()
         });
         drop(q8s);
 
         let bytes = n * k / 2 + 2 * n * k / 32;
-        let q4s = copies(&quant::quantize_q4(&w, n, k, 32, false), bytes);
+        let q4s = copies(&acorn::weights::q4::encode(&w, n, k, 32, false), bytes);
         gemv_group(c, "q4", isa.q_rows().q4_name, (n, k), bytes, |threads, turn| {
             quant::gemm_q4(isa, &qa, &q4s[turn % q4s.len()].view(), &mut out, threads).unwrap()
         });

@@ -101,7 +101,7 @@ fn main() {
                     )
                 }
                 "f16" => {
-                    let f16: Vec<u16> = w.iter().map(|&v| acorn::tensor::f32_to_f16(v)).collect();
+                    let f16: Vec<u16> = w.iter().map(|&v| acorn::dtype::f32_to_f16(v)).collect();
                     let all: Vec<Vec<u16>> = vec![f16; copies];
                     let x = &x;
                     (
@@ -113,7 +113,7 @@ fn main() {
                     )
                 }
                 "q8" => {
-                    let all = vec![quant::quantize_q8(&w, n, k); copies];
+                    let all = vec![acorn::weights::q8::encode(&w, n, k); copies];
                     let qa = &qa;
                     (
                         isa.q_rows().q8_name,
@@ -123,7 +123,7 @@ fn main() {
                     )
                 }
                 _ => {
-                    let all = vec![quant::quantize_q4(&w, n, k, 32, false); copies];
+                    let all = vec![acorn::weights::q4::encode(&w, n, k, 32, false); copies];
                     let qa = &qa;
                     (
                         isa.q_rows().q4_name,

@@ -204,7 +204,7 @@ pub fn compare(got: &Tensor, want: &Tensor) -> Result<()> {
             a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| check(i, g, w))
         }
         (TensorData::F16(a), TensorData::F16(b)) => a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| {
-            check(i, acorn::tensor::f16_to_f32(g) as f64, acorn::tensor::f16_to_f32(w) as f64)
+            check(i, acorn::dtype::f16_to_f32(g) as f64, acorn::dtype::f16_to_f32(w) as f64)
         }),
         _ if got.bytes() == want.bytes() => Ok(()),
         (TensorData::U64(a), TensorData::U64(b)) => match a.iter().zip(b).position(|(x, y)| x != y) {

@@ -12,7 +12,7 @@ use acorn::graph::{
     ReduceOp, ResizeAttrs, ResizeMode, RnnAttrs, RnnDirection, Scalar, ScatterReduction, SubGraph, UnaryOp, ValueId,
     ValueInfo,
 };
-use acorn::tensor::{f16_to_f32, f32_to_f16, DType, Tensor, TensorData};
+use acorn::tensor::{f16_to_f32, DType, Tensor, TensorData};
 use anyhow::{anyhow, bail, Context, Result};
 use tract_onnx::pb;
 use tract_onnx::prelude::Framework;
@@ -550,23 +550,11 @@ impl Importer {
         }
         let wname = format!("{name}.weight");
         if bits == 4 && matches!(block, 32 | 64 | 128) && k % block == 0 {
-            let mut bytes = vec![0u8; nn * k / 2];
-            for r in 0..nn {
-                for c in 0..k / 32 {
-                    for i in 0..16 {
-                        let (lo, hi) = (code(r, c * 32 + i), code(r, c * 32 + i + 16));
-                        bytes[(r * k + c * 32) / 2 + i] = (lo | (hi << 4)) as u8;
-                    }
-                }
-            }
-            let pad = |b: &mut Vec<u8>| b.resize(b.len().next_multiple_of(acorn::format::ALIGN), 0);
-            pad(&mut bytes);
-            bytes.extend(sc.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()));
-            if let Some(z) = &zps {
-                pad(&mut bytes);
-                bytes.extend(sc.iter().zip(z).flat_map(|(&d, &z)| f32_to_f16(-z * d).to_le_bytes()));
-            }
-            let enc = acorn::format::TensorEncoding::Q4 { transposed: true, block: block as u32, mins: zps.is_some() };
+            let codes: Vec<u8> =
+                (0..nn).flat_map(|r| (0..k).map(move |j| (r, j))).map(|(r, j)| code(r, j) as u8).collect();
+            let mins: Option<Vec<f32>> = zps.as_ref().map(|z| sc.iter().zip(z).map(|(&d, &z)| -z * d).collect());
+            let bytes = acorn::weights::Q4Owned::from_codes(nn, k, block, &codes, &sc, mins.as_deref()).to_bytes();
+            let enc = acorn::weights::TensorEncoding::Q4 { transposed: true, block: block as u32, mins: zps.is_some() };
             self.prequantized.insert(wname.clone(), (enc, bytes));
         } else {
             self.dequantized.push(format!(

@@ -15,8 +15,8 @@ use std::collections::HashMap;
 
 use acorn::format::{PassRecord, TensorEncoding};
 use acorn::graph::{Op, ValueId};
-use acorn::kernels::quant;
 use acorn::tensor::{f32_to_f16, DType};
+use acorn::weights::{f16, q4, q8, Weights, QK};
 use anyhow::{bail, Context, Result};
 
 use crate::onnx::Imported;
@@ -362,7 +362,7 @@ struct One {
 
 pub(crate) fn fits(format: QuantFormat, k: usize) -> bool {
     match format {
-        QuantFormat::Q8 => k.is_multiple_of(quant::QK),
+        QuantFormat::Q8 => k.is_multiple_of(QK),
         QuantFormat::Q4 { group, .. } => k.is_multiple_of(group),
         QuantFormat::F16 => true,
     }
@@ -400,22 +400,17 @@ pub(crate) const Q8_PANEL: usize = 32;
 /// q8 bytes by columns (`rows·k` values padded to 64, then `rows` scales) repacked as
 /// `TensorEncoding::Q8Panels` with panels of [`Q8_PANEL`], so the GEMM reads them as stored.
 fn to_panels(bytes: &[u8], rows: usize, k: usize) -> Vec<u8> {
-    let align = acorn::format::ALIGN;
-    let s0 = (rows * k).next_multiple_of(align);
-    let q: &[i8] = bytemuck::cast_slice(&bytes[..rows * k]);
-    let scales: Vec<f32> =
-        bytes[s0..s0 + rows * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    q8_panel_bytes(q, &scales, rows, k)
+    let enc = TensorEncoding::Q8 { transposed: false };
+    match Weights::parse(enc, DType::F32, &[rows, k], bytes) {
+        Ok(Weights::Q8(w)) => q8_panel_bytes(w.q, w.scales, rows, k),
+        _ => unreachable!("the bytes were encoded as q8 just before"),
+    }
 }
 
 /// The bytes of `TensorEncoding::Q8Panels` (panels of [`Q8_PANEL`]) for `rows` rows of `k` int8
-/// codes and their scales: packed values padded to the alignment, then the padded scales.
+/// codes and their scales.
 pub(crate) fn q8_panel_bytes(q: &[i8], scales: &[f32], rows: usize, k: usize) -> Vec<u8> {
-    let (pq, ps) = quant::pack_q8_panels(q, scales, rows, k, Q8_PANEL);
-    let mut out: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
-    out.resize(out.len().next_multiple_of(acorn::format::ALIGN), 0);
-    out.extend_from_slice(bytemuck::cast_slice(&ps));
-    out
+    q8::Q8Owned { n: rows, k, q: q[..rows * k].to_vec(), scales: scales[..rows].to_vec() }.to_panel_bytes(Q8_PANEL)
 }
 
 /// The relative output error of a product when its weights `w` are replaced by `q`, over the
@@ -462,43 +457,10 @@ fn output_error_parts(w: &[f32], q: &[f32], rows: usize, k: usize, hf: &[f32], w
 /// The `[k, n]` f32 values (row-major, MatMul's B) of a matrix stored by columns in a q4 / q8
 /// encoding (`None` for any other encoding or a length that does not match).
 pub fn decode_columns(enc: TensorEncoding, bytes: &[u8], k: usize, n: usize) -> Option<Vec<f32>> {
-    let l = enc.quant_layout(DType::F32, &[k as u64, n as u64])?;
-    if !enc.transposed() || bytes.len() < l.values.1.max(l.scales.1).max(l.mins.1) {
+    if !enc.transposed() || matches!(enc, TensorEncoding::F16 { .. }) {
         return None;
     }
-    let part = |r: (usize, usize)| &bytes[r.0..r.1];
-    let halves = |b: &[u8]| -> Vec<u16> { b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect() };
-    let rows: Vec<f32> = match enc {
-        TensorEncoding::Q4 { block, mins, .. } => {
-            let (scales, m) = (halves(part(l.scales)), mins.then(|| halves(part(l.mins))));
-            let w = quant::Q4Weights {
-                n,
-                k,
-                block: block as usize,
-                nibbles: part(l.values),
-                scales: &scales,
-                mins: m.as_deref(),
-            };
-            quant::dequantize_q4(&w)
-        }
-        TensorEncoding::Q8 { .. } | TensorEncoding::Q8Panels { .. } => {
-            let q: &[i8] = bytemuck::cast_slice(part(l.values));
-            let s: Vec<f32> =
-                part(l.scales).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            match enc {
-                TensorEncoding::Q8Panels { nr } => {
-                    let w = quant::Q8Panels { n, k, nr: nr as usize, q, scales: &s };
-                    let mut rows = vec![0.0f32; n * k];
-                    for (j, row) in rows.chunks_exact_mut(k).enumerate() {
-                        quant::dequantize_q8_panel_row(&w, j, row);
-                    }
-                    rows
-                }
-                _ => (0..n * k).map(|i| q[i] as f32 * s[i / k]).collect(),
-            }
-        }
-        _ => return None,
-    };
+    let rows = Weights::parse(enc, DType::F32, &[k, n], bytes).ok()?.decode();
     Some(transpose(&rows, n, k))
 }
 
@@ -543,35 +505,19 @@ fn encode(
     k: usize,
 ) -> (TensorEncoding, Vec<u8>, Vec<f32>) {
     let enc = format.encoding(transposed);
-    let pad = |b: &mut Vec<u8>| b.resize(b.len().next_multiple_of(acorn::format::ALIGN), 0);
     match format {
         QuantFormat::Q8 => {
-            let q = quant::quantize_q8(w, rows, k);
-            let mut bytes: Vec<u8> = bytemuck::cast_slice(&q.q).to_vec();
-            pad(&mut bytes);
-            bytes.extend_from_slice(bytemuck::cast_slice(&q.scales));
-            let mut approx = vec![0.0f32; rows * k];
-            for (j, row) in approx.chunks_exact_mut(k).enumerate() {
-                quant::dequantize_q8_row(&q.view(), j, row);
-            }
-            (enc, bytes, approx)
+            let q = q8::encode(w, rows, k);
+            (enc, q.to_bytes(), Weights::Q8(q.view()).decode())
         }
         QuantFormat::Q4 { group, min } => {
-            let q = quant::quantize_q4(w, rows, k, group, min);
-            let mut bytes = q.nibbles.clone();
-            pad(&mut bytes);
-            bytes.extend_from_slice(bytemuck::cast_slice(&q.scales));
-            if let Some(m) = &q.mins {
-                pad(&mut bytes);
-                bytes.extend_from_slice(bytemuck::cast_slice(m));
-            }
-            let approx = quant::dequantize_q4(&q.view());
-            (enc, bytes, approx)
+            let q = q4::encode(w, rows, k, group, min);
+            (enc, q.to_bytes(), q.view().decode())
         }
         QuantFormat::F16 => {
-            let h: Vec<u16> = w.iter().map(|&v| f32_to_f16(v)).collect();
-            let approx = h.iter().map(|&v| acorn::tensor::f16_to_f32(v)).collect();
-            (enc, bytemuck::cast_slice(&h).to_vec(), approx)
+            let h = f16::encode(w);
+            let approx = h.iter().map(|&v| acorn::dtype::f16_to_f32(v)).collect();
+            (enc, f16::to_bytes(&h), approx)
         }
     }
 }
@@ -715,7 +661,7 @@ fn gptq_row(
 }
 
 fn f16_round(v: f32) -> f32 {
-    acorn::tensor::f16_to_f32(f32_to_f16(v))
+    acorn::dtype::f16_to_f32(f32_to_f16(v))
 }
 
 /// The encoding and bytes of quantized codes (q8: i8 as u8; q4: 0..15) with their scales and
@@ -731,43 +677,20 @@ fn assemble(
     mins: &[f32],
 ) -> (TensorEncoding, Vec<u8>, Vec<f32>) {
     let enc = format.encoding(transposed);
-    let pad = |b: &mut Vec<u8>| b.resize(b.len().next_multiple_of(acorn::format::ALIGN), 0);
     match format {
         QuantFormat::Q4 { group, min } => {
-            let groups = k / group;
-            let mut bytes = vec![0u8; rows * k / 2];
-            let mut approx = vec![0.0f32; rows * k];
-            for r in 0..rows {
-                for s in 0..k / quant::QK {
-                    let v = &codes[r * k + s * quant::QK..][..quant::QK];
-                    let dst = &mut bytes[(r * k + s * quant::QK) / 2..][..quant::QK / 2];
-                    for i in 0..quant::QK / 2 {
-                        dst[i] = v[i] | (v[i + quant::QK / 2] << 4);
-                    }
-                }
-                for i in 0..k {
-                    let (d, m) = (scales[r * groups + i / group], mins[r * groups + i / group]);
-                    let q = codes[r * k + i] as f32;
-                    approx[r * k + i] = if min { q * d + m } else { (q - 8.0) * d };
-                }
-            }
-            pad(&mut bytes);
-            let sh: Vec<u16> = scales.iter().map(|&v| f32_to_f16(v)).collect();
-            bytes.extend_from_slice(bytemuck::cast_slice(&sh));
-            if min {
-                pad(&mut bytes);
-                let mh: Vec<u16> = mins.iter().map(|&v| f32_to_f16(v)).collect();
-                bytes.extend_from_slice(bytemuck::cast_slice(&mh));
-            }
-            (enc, bytes, approx)
+            let q = q4::Q4Owned::from_codes(rows, k, group, codes, scales, min.then_some(mins));
+            (enc, q.to_bytes(), q.view().decode())
         }
         _ => {
-            let mut bytes = codes.to_vec();
-            pad(&mut bytes);
-            let s: Vec<f32> = (0..rows).map(|r| scales[r * (scales.len() / rows.max(1))]).collect();
-            bytes.extend_from_slice(bytemuck::cast_slice(&s));
-            let approx = (0..rows * k).map(|i| codes[i] as i8 as f32 * s[i / k]).collect();
-            (enc, bytes, approx)
+            let per_row = scales.len() / rows.max(1);
+            let q = q8::Q8Owned {
+                n: rows,
+                k,
+                q: codes[..rows * k].iter().map(|&c| c as i8).collect(),
+                scales: (0..rows).map(|r| scales[r * per_row]).collect(),
+            };
+            (enc, q.to_bytes(), Weights::Q8(q.view()).decode())
         }
     }
 }

@@ -24,6 +24,7 @@
 // Every `unsafe` block and unsafe fn says why it is sound (kernels, the mmap reader, FFI only).
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod format;
@@ -32,6 +33,7 @@ pub mod kernels;
 pub mod llm;
 pub mod ops;
 pub mod tensor;
+pub mod weights;
 
 pub use error::{Error, Result};
 pub use exec::{Model, OpTime, OpenOptions, Session, SessionBuilder};

@@ -250,7 +250,7 @@ fn rand_name() -> String {
     format!("m{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
-fn q8_bytes(w: &acorn::kernels::quant::Q8Owned) -> Vec<u8> {
+fn q8_bytes(w: &acorn::weights::Q8Owned) -> Vec<u8> {
     let mut b: Vec<u8> = bytemuck::cast_slice(&w.q).to_vec();
     b.resize(b.len().next_multiple_of(64), 0);
     b.extend_from_slice(bytemuck::cast_slice(&w.scales));
@@ -262,13 +262,14 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     use acorn::format::TensorEncoding;
     use acorn::graph::{BinaryOp, Op};
     use acorn::kernels::{pseudo_random, quant};
+    use acorn::weights::{q4, q8};
     let dir = tempfile::tempdir().unwrap();
     let (k, n) = (96, 40);
     let w = pseudo_random(k * n, 5); // [k, n] as MatMul's B
     let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect(); // [n, k]
     let x = pseudo_random(2 * k, 6);
     // MatMul with B stored by columns, MatMulTransB with B stored by rows: the same product.
-    let q = quant::quantize_q8(&wt, n, k);
+    let q = q8::encode(&wt, n, k);
     let deq: Vec<f32> = (0..n * k).map(|i| q.q[i] as f32 * q.scales[i / k]).collect();
     // The activations as the kernels see them: int8 per block of 32 with a scale each.
     let mut qa = quant::QActs::default();
@@ -278,7 +279,7 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
         (0..2 * n).map(|c| (0..k).map(|p| xq[(c / n) * k + p] * deq[(c % n) * k + p]).sum()).collect();
     let xt = acorn::Tensor::from_f32(vec![2, k], x.clone());
     // And MatMul's B in GEMM panels (n = 40: a full panel of 32 and a padded one of 8).
-    let (pq, ps) = quant::pack_q8_panels(&q.q, &q.scales, n, k, 32);
+    let (pq, ps) = q8::pack_panels(&q.q, &q.scales, n, k, 32);
     let mut panels: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
     panels.resize(panels.len().next_multiple_of(64), 0);
     panels.extend_from_slice(bytemuck::cast_slice(&ps));
@@ -297,9 +298,9 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
         }
     }
     // Gather rows of a q4 table (with minimums): the dequantized rows exactly.
-    let q4 = quant::quantize_q4(&wt, n, k, 32, true);
-    let mut b4 = q4.nibbles.clone();
-    for part in [&q4.scales, q4.mins.as_ref().unwrap()] {
+    let q4w = q4::encode(&wt, n, k, 32, true);
+    let mut b4 = q4w.nibbles.clone();
+    for part in [&q4w.scales, q4w.mins.as_ref().unwrap()] {
         b4.resize(b4.len().next_multiple_of(64), 0);
         b4.extend_from_slice(bytemuck::cast_slice(part));
     }
@@ -308,7 +309,7 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     let model = Model::open(&path).unwrap();
     let idx = acorn::Tensor::from_i64(vec![3], vec![39, 0, -1]);
     let y = model.session().commit().unwrap().run(&[("x", &idx)]).unwrap().swap_remove(0);
-    let table = quant::dequantize_q4(&q4.view());
+    let table = q4w.view().decode();
     let want: Vec<f32> = [39, 0, 39].iter().flat_map(|&r| table[r * k..(r + 1) * k].to_vec()).collect();
     assert_eq!(y.as_f32().unwrap(), &want[..]);
     let bad = acorn::Tensor::from_i64(vec![3], vec![0, 40, 1]);
@@ -316,7 +317,7 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     assert!(e.to_string().contains("out of range"), "{e}");
     // A quantized weight read by an op without a kernel for it: refused when planning.
     let path = one_op_model(dir.path(), Op::Binary(BinaryOp::Add), [2, k], TensorEncoding::Q8 { transposed: false }, {
-        q8_bytes(&quant::quantize_q8(&x, 2, k))
+        q8_bytes(&q8::encode(&x, 2, k))
     });
     let e = Model::open(&path).unwrap().session().commit().unwrap().run(&[("x", &xt)]).unwrap_err();
     assert!(e.to_string().contains("does not read"), "{e}");

@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::format::{Metadata, ModelFile};
 use crate::graph::IoSpec;
 
+mod layout;
 pub(crate) mod plan;
 mod session;
 
@@ -110,12 +111,18 @@ impl Model {
         } else {
             ModelFile::open(path, opts.verify_checksums)?
         };
+        Self::from_file(file)
+    }
+
+    /// Adapts a validated file's weight layouts to the selected kernels.
+    fn from_file(mut file: ModelFile) -> Result<Model> {
+        layout::adapt_layouts(&mut file, crate::kernels::selected())?;
         Ok(Model { file: Arc::new(file) })
     }
 
     /// Validates a model held in memory.
     pub fn from_bytes(bytes: &[u8], opts: &OpenOptions) -> Result<Model> {
-        Ok(Model { file: Arc::new(ModelFile::from_bytes(bytes, opts.verify_checksums)?) })
+        Self::from_file(ModelFile::from_bytes(bytes, opts.verify_checksums)?)
     }
 
     /// The model's inputs, with types and (symbolic) shapes.

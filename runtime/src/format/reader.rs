@@ -237,11 +237,10 @@ impl ModelFile {
             Error::Graph(reason) => Error::format(m0 as u64, format!("metadata section: invalid graph: {reason}")),
             other => other,
         })?;
-        let mut file = ModelFile { storage, meta, data_offset: d0, data_len, data_crc32: dcrc, repacked: Vec::new() };
+        let file = ModelFile { storage, meta, data_offset: d0, data_len, data_crc32: dcrc, repacked: Vec::new() };
         if verify_data {
             file.verify_data()?;
         }
-        file.adapt_layouts(crate::kernels::selected())?;
         Ok(file)
     }
 
@@ -291,56 +290,14 @@ impl ModelFile {
         }
     }
 
-    /// Repacks panel-encoded weights whose width is not the one `isa`'s GEMM reads (a file
-    /// converted with `--target` for another CPU), once, logging it. `reference` reads any width.
-    fn adapt_layouts(&mut self, isa: crate::kernels::Isa) -> Result<()> {
-        let Some(want) = isa.f32_panel() else { return Ok(()) };
-        let mut done = (0usize, 0usize, 0u32);
-        for i in 0..self.meta.tensors.len() {
-            let t = &self.meta.tensors[i];
-            let TensorEncoding::PanelF32 { nr } = t.encoding else { continue };
-            if nr as usize == want {
-                continue;
-            }
-            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-            let (k, n) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-            let batch: usize = shape[..shape.len() - 2].iter().product();
-            let src: &[f32] = match bytemuck::try_cast_slice(self.stored_bytes(i)) {
-                Ok(s) => s,
-                Err(_) => continue, // offsets are 64-aligned: unreachable for a validated file
-            };
-            let per = crate::kernels::Panels::len(k, n, nr as usize);
-            // Narrow panels repacked wider grow by their padding (up to 64× for width 1): the
-            // allocation is fallible, so a hostile file is an error, not an abort.
-            let need = crate::kernels::Panels::len(k, n, want).checked_mul(batch);
-            let mut out: Vec<f32> = Vec::new();
-            if need.is_none_or(|need| out.try_reserve_exact(need).is_err()) {
-                return Err(Error::Limit(format!(
-                    "tensor '{}': cannot allocate {need:?} floats to repack its panels from width {nr} to {want}",
-                    t.name
-                )));
-            }
-            for b in 0..batch {
-                let p = crate::kernels::Panels { data: &src[b * per..(b + 1) * per], k, n, nr: nr as usize };
-                crate::kernels::pack_panels_append(&mut out, crate::kernels::BMat::Panels(p), k, n, want);
-            }
-            done = (done.0 + 1, done.1 + out.len() * 4, nr);
-            if self.repacked.is_empty() {
-                self.repacked.resize_with(self.meta.tensors.len(), || None);
-            }
-            self.repacked[i] = Some((want as u32, out));
+    /// Replaces what [`ModelFile::tensor_bytes`] returns for panel-encoded tensor `i` with the same
+    /// matrices in panels of `nr` (the execution layer repacks a file converted for another CPU
+    /// at open; the stored bytes and their checksums are unchanged).
+    pub(crate) fn substitute_panels(&mut self, i: usize, nr: u32, data: Vec<f32>) {
+        if self.repacked.is_empty() {
+            self.repacked.resize_with(self.meta.tensors.len(), || None);
         }
-        if done.0 > 0 {
-            log::warn!(
-                "repacked {} weight tensor(s) ({:.1} MB) from panel width {} to {} for the {} kernels: the file was converted for another CPU (convert with --target host to open without repacking)",
-                done.0,
-                done.1 as f64 / 1e6,
-                done.2,
-                want,
-                isa.name()
-            );
-        }
-        Ok(())
+        self.repacked[i] = Some((nr, data));
     }
 
     /// Checks every tensor's CRC-32; returns one entry per tensor.

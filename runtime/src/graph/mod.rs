@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
 
 pub mod op;
 pub use op::*;

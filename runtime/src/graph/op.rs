@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::MAX_RANK;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
 
 /// Unary elementwise functions without parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

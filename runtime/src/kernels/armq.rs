@@ -7,7 +7,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::quant::QK;
-use crate::tensor::f16_to_f32;
+use crate::dtype::f16_to_f32;
 
 /// Products of 16 signed byte pairs, summed into 4 i32 lanes (plain NEON).
 #[inline]

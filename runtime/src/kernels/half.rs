@@ -13,15 +13,9 @@
 
 use super::pool::{self, SharedOut};
 use super::{BMat, Isa, MatRef, Panels};
-use crate::tensor::f16_to_f32;
+use crate::dtype::f16_to_f32;
 
-/// f16 weights: `n` rows of `k` values (`u16` bit patterns).
-#[derive(Clone, Copy, Debug)]
-pub struct F16Weights<'a> {
-    pub n: usize,
-    pub k: usize,
-    pub data: &'a [u16],
-}
+pub use crate::weights::F16Weights;
 
 thread_local! {
     /// Activations rounded to f16 for the half-precision row kernel, grown once per thread.
@@ -150,7 +144,7 @@ mod arm {
         let mut t = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
         for p in k16..k {
             // SAFETY: p < k.
-            unsafe { t += crate::tensor::f16_to_f32(*w.add(p)) * crate::tensor::f16_to_f32(*xh.add(p)) };
+            unsafe { t += crate::dtype::f16_to_f32(*w.add(p)) * crate::dtype::f16_to_f32(*xh.add(p)) };
         }
         t
     }
@@ -173,7 +167,7 @@ mod arm {
         let mut t = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
         for p in k16..k {
             // SAFETY: p < k.
-            unsafe { t += crate::tensor::f16_to_f32(*w.add(p)) * *x.add(p) };
+            unsafe { t += crate::dtype::f16_to_f32(*w.add(p)) * *x.add(p) };
         }
         t
     }
@@ -286,7 +280,7 @@ pub fn gemm_f16(
         Some(_) => XH.with(|cell| {
             let mut xh = cell.borrow_mut();
             xh.clear();
-            xh.extend(x[..m * k].iter().map(|&v| crate::tensor::f32_to_f16(v)));
+            xh.extend(x[..m * k].iter().map(|&v| crate::dtype::f32_to_f16(v)));
             run(&xh)
         }),
         None => run(&[]),
@@ -297,9 +291,9 @@ pub fn gemm_f16(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::f32_to_f16;
     use crate::kernels::tests::data;
     use crate::kernels::ALL_ISAS;
-    use crate::tensor::f32_to_f16;
 
     #[test]
     fn f16_weights_every_set_matches_reference() {

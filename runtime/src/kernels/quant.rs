@@ -3,12 +3,8 @@
 //! (and the block's sum, for formats with an offset), integer dot products per block, f32
 //! accumulation across blocks.
 //!
-//! Formats (one weight row = `k` values, `k` a multiple of 32 and of the block):
-//! - **q8**: int8 values in [-127, 127], one f32 scale per row: `w = q · s`.
-//! - **q4**: 4-bit values in blocks of 32, 64 or 128 with an f16 scale `d` per block and
-//!   optionally an f16 minimum `m`: `w = (q − 8) · d` (symmetric) or `w = q · d + m`.
-//!   Each 32 values take 16 bytes; byte `i` holds value `i` in its low nibble and value `i + 16`
-//!   in its high nibble (so one 16-byte load unpacks to 32 values in order with two masks).
+//! The weight formats themselves (layouts, encoders, reference decoders, error bounds) are in
+//! [`crate::weights`]; this file holds the activation side and the products.
 //!
 //! Per ISA the inner loop is a function computing one row's dot product over all blocks; the
 //! driver here (safe) checks every length once, then splits output rows across threads.
@@ -17,31 +13,11 @@
 
 use super::pool::{self, SharedOut};
 use super::Isa;
-use crate::tensor::{f16_to_f32, f32_to_f16};
-
-/// Activation block: values per int8 scale.
-pub const QK: usize = 32;
-
-/// q8 weights: `n` rows of `k` int8 values and one scale per row.
-#[derive(Clone, Copy, Debug)]
-pub struct Q8Weights<'a> {
-    pub n: usize,
-    pub k: usize,
-    pub q: &'a [i8],
-    pub scales: &'a [f32],
-}
-
-/// q4 weights: `n` rows of `k` 4-bit values (`k / 2` bytes per row), an f16 scale (and
-/// optionally an f16 minimum) per block of `block` values.
-#[derive(Clone, Copy, Debug)]
-pub struct Q4Weights<'a> {
-    pub n: usize,
-    pub k: usize,
-    pub block: usize,
-    pub nibbles: &'a [u8],
-    pub scales: &'a [u16],
-    pub mins: Option<&'a [u16]>,
-}
+use crate::dtype::f16_to_f32;
+use crate::weights::q8::pack_panels_into as pack_q8_panels_into;
+use crate::weights::q8::MAX_Q8_PANEL;
+pub use crate::weights::QK;
+use crate::weights::{Q4Weights, Q8Panels, Q8Weights};
 
 /// Activations quantized per block of 32: values, scales, and per-block sums of the values.
 #[derive(Clone, Debug, Default)]
@@ -55,90 +31,6 @@ pub struct QActs {
     /// block's first 16 values, then each block's last 16 — the order of a q4 block's low and
     /// high nibbles. Rows are `k` rounded up to 128, zero padded.
     pub q4x: Vec<i8>,
-}
-
-/// Owned q8 weights (what [`quantize_q8`] returns).
-#[derive(Clone, Debug)]
-pub struct Q8Owned {
-    pub n: usize,
-    pub k: usize,
-    pub q: Vec<i8>,
-    pub scales: Vec<f32>,
-}
-
-impl Q8Owned {
-    pub fn view(&self) -> Q8Weights<'_> {
-        Q8Weights { n: self.n, k: self.k, q: &self.q, scales: &self.scales }
-    }
-}
-
-/// Owned q4 weights (what [`quantize_q4`] returns).
-#[derive(Clone, Debug)]
-pub struct Q4Owned {
-    pub n: usize,
-    pub k: usize,
-    pub block: usize,
-    pub nibbles: Vec<u8>,
-    pub scales: Vec<u16>,
-    pub mins: Option<Vec<u16>>,
-}
-
-impl Q4Owned {
-    pub fn view(&self) -> Q4Weights<'_> {
-        Q4Weights {
-            n: self.n,
-            k: self.k,
-            block: self.block,
-            nibbles: &self.nibbles,
-            scales: &self.scales,
-            mins: self.mins.as_deref(),
-        }
-    }
-}
-
-/// q8 weights packed for the GEMM (`TensorEncoding::Q8Panels`): `n` rows of `k` values in
-/// panels of `nr` rows; inside a panel, per group of four values along `k`, the four values of
-/// each of its rows in turn. Rows past `n` (and their scales) are zero.
-#[derive(Clone, Copy, Debug)]
-pub struct Q8Panels<'a> {
-    pub n: usize,
-    pub k: usize,
-    pub nr: usize,
-    pub q: &'a [i8],
-    pub scales: &'a [f32],
-}
-
-/// Largest panel width of [`Q8Panels`].
-pub const MAX_Q8_PANEL: usize = 64;
-
-/// Packs `n` rows of `k` q8 values (and their scales) into panels of `nr` rows: the bytes and
-/// scales of [`Q8Panels`] (`nr` a multiple of 4, at most [`MAX_Q8_PANEL`]).
-pub fn pack_q8_panels(q: &[i8], scales: &[f32], n: usize, k: usize, nr: usize) -> (Vec<i8>, Vec<f32>) {
-    let padded = n.div_ceil(nr) * nr;
-    let mut out = vec![0i8; padded * k];
-    pack_q8_panels_into(q, n, k, nr, &mut out);
-    let mut s = scales[..n].to_vec();
-    s.resize(padded, 0.0);
-    (out, s)
-}
-
-/// [`pack_q8_panels`]' values into `out` (`ceil(n / nr)·nr·k` bytes, zero-filled first).
-fn pack_q8_panels_into(q: &[i8], n: usize, k: usize, nr: usize, out: &mut [i8]) {
-    out.fill(0);
-    for (r, row) in q[..n * k].chunks_exact(k).enumerate() {
-        let panel = &mut out[(r / nr) * nr * k..][..nr * k];
-        for (g, four) in row.chunks_exact(4).enumerate() {
-            panel[g * 4 * nr + (r % nr) * 4..][..4].copy_from_slice(four);
-        }
-    }
-}
-
-/// Writes row `j` of panel-packed q8 weights as f32 into `out[..k]`.
-pub fn dequantize_q8_panel_row(w: &Q8Panels<'_>, j: usize, out: &mut [f32]) {
-    let (panel, c, s) = (&w.q[(j / w.nr) * w.nr * w.k..], j % w.nr, w.scales[j]);
-    for (i, o) in out[..w.k].iter_mut().enumerate() {
-        *o = panel[(i / 4) * 4 * w.nr + c * 4 + i % 4] as f32 * s;
-    }
 }
 
 /// Why a quantized product cannot run.
@@ -156,105 +48,6 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), QuantError> {
         Ok(())
     } else {
         Err(QuantError(what()))
-    }
-}
-
-/// Quantizes `w` (`n × k`, row-major) to q8, symmetric per row (round to nearest).
-pub fn quantize_q8(w: &[f32], n: usize, k: usize) -> Q8Owned {
-    let mut q = vec![0i8; n * k];
-    let mut scales = vec![0.0f32; n];
-    for j in 0..n {
-        let row = &w[j * k..(j + 1) * k];
-        let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-        let s = amax / 127.0;
-        scales[j] = s;
-        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        for (o, &v) in q[j * k..(j + 1) * k].iter_mut().zip(row) {
-            *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
-        }
-    }
-    Q8Owned { n, k, q, scales }
-}
-
-/// Quantizes `w` (`n × k`) to q4 with round-to-nearest per block: symmetric (`d = amax / 8`
-/// with the sign of the extreme value, as ggml's q4_0) or with a minimum (`d = (max − min) / 15`).
-pub fn quantize_q4(w: &[f32], n: usize, k: usize, block: usize, with_min: bool) -> Q4Owned {
-    let nb = k / block;
-    let mut nibbles = vec![0u8; n * k / 2];
-    let mut scales = vec![0u16; n * nb];
-    let mut mins = with_min.then(|| vec![0u16; n * nb]);
-    let mut vals = vec![0u8; block];
-    for j in 0..n {
-        for b in 0..nb {
-            let x = &w[j * k + b * block..j * k + (b + 1) * block];
-            let (d, m) = if with_min {
-                let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
-                let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                ((hi - lo) / 15.0, lo)
-            } else {
-                let ext = x.iter().copied().fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
-                (ext / -8.0, 0.0)
-            };
-            // Quantize against the stored (f16-rounded) scale so rounding sees the real grid.
-            let (dh, mh) = (f32_to_f16(d), f32_to_f16(m));
-            let (d, m) = (f16_to_f32(dh), f16_to_f32(mh));
-            let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-            for (o, &v) in vals.iter_mut().zip(x) {
-                let q = if with_min { ((v - m) * inv).round() } else { (v * inv).round() + 8.0 };
-                *o = q.clamp(0.0, 15.0) as u8;
-            }
-            scales[j * nb + b] = dh;
-            if let Some(mins) = mins.as_mut() {
-                mins[j * nb + b] = mh;
-            }
-            for s in 0..block / QK {
-                let dst = &mut nibbles[(j * k + b * block + s * QK) / 2..][..QK / 2];
-                let v = &vals[s * QK..(s + 1) * QK];
-                for i in 0..QK / 2 {
-                    dst[i] = v[i] | (v[i + QK / 2] << 4);
-                }
-            }
-        }
-    }
-    Q4Owned { n, k, block, nibbles, scales, mins }
-}
-
-/// Dequantizes q4 weights (tests, and the float fallback of later passes).
-pub fn dequantize_q4(w: &Q4Weights<'_>) -> Vec<f32> {
-    let mut out = vec![0.0f32; w.n * w.k];
-    for (j, row) in out.chunks_exact_mut(w.k.max(1)).enumerate().take(w.n) {
-        dequantize_q4_row(w, j, row);
-    }
-    out
-}
-
-/// Dequantizes row `j` of q4 weights into `out` (`k` values): a gathered embedding row.
-///
-/// # Panics
-/// If `j ≥ n`, `out` is shorter than `k` or the weights do not hold `n` rows (callers check).
-pub fn dequantize_q4_row(w: &Q4Weights<'_>, j: usize, out: &mut [f32]) {
-    let nb = w.k / w.block;
-    let nib = &w.nibbles[j * w.k / 2..(j + 1) * w.k / 2];
-    for (p, o) in out[..w.k].iter_mut().enumerate() {
-        let byte = nib[(p - p % QK) / 2 + (p % QK) % (QK / 2)];
-        let q = if p % QK < QK / 2 { byte & 15 } else { byte >> 4 } as f32;
-        let b = j * nb + p / w.block;
-        let d = f16_to_f32(w.scales[b]);
-        *o = match w.mins {
-            Some(m) => q * d + f16_to_f32(m[b]),
-            None => (q - 8.0) * d,
-        };
-    }
-}
-
-/// Dequantizes row `j` of q8 weights into `out` (`k` values).
-///
-/// # Panics
-/// If `j ≥ n`, `out` is shorter than `k` or the weights do not hold `n` rows (callers check).
-pub fn dequantize_q8_row(w: &Q8Weights<'_>, j: usize, out: &mut [f32]) {
-    let s = w.scales[j];
-    for (o, &q) in out[..w.k].iter_mut().zip(&w.q[j * w.k..(j + 1) * w.k]) {
-        *o = q as f32 * s;
     }
 }
 
@@ -1025,6 +818,8 @@ mod tests {
     use super::*;
     use crate::kernels::tests::data;
     use crate::kernels::ALL_ISAS;
+    use crate::weights::q4::encode as quantize_q4;
+    use crate::weights::q8::{encode as quantize_q8, pack_panels as pack_q8_panels};
 
     fn sets() -> Vec<Isa> {
         ALL_ISAS.into_iter().filter(|i| i.supported()).collect()
@@ -1128,9 +923,9 @@ mod tests {
                 let pw = Q8Panels { n, k, nr, q: &pq, scales: &ps };
                 let mut row = vec![0.0; k];
                 for j in [0, n / 2, n - 1] {
-                    dequantize_q8_panel_row(&pw, j, &mut row);
+                    pw.decode_row(j, &mut row);
                     let mut r0 = vec![0.0; k];
-                    dequantize_q8_row(&qw.view(), j, &mut r0);
+                    qw.view().decode_row(j, &mut r0);
                     assert_eq!(row, r0, "panel row {j} of {n}×{k} in panels of {nr}");
                 }
                 for isa in sets() {
@@ -1204,7 +999,7 @@ mod tests {
                 let w = data(n * k, (n * 3 + k) as u64);
                 let x = data(m * k, (m + k * 5) as u64);
                 let qw = quantize_q4(&w, n, k, block, with_min);
-                let deq = dequantize_q4(&qw.view());
+                let deq = qw.view().decode();
                 // Dequantized weights are within half a step of the originals (with a minimum),
                 // or one step (symmetric: the grid is [-8d, 7d], so the far extreme clips).
                 let steps = if with_min { 0.52 } else { 1.01 };

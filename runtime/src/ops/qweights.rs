@@ -8,100 +8,22 @@ use std::cell::RefCell;
 
 use super::{numel, req, Ctx};
 use crate::error::{OpError, OpResult};
-use crate::format::TensorEncoding;
 use crate::graph::Op;
-use crate::kernels::half::{self, F16Weights};
-use crate::kernels::quant::{self, Q4Weights, Q8Panels, Q8Weights, QActs};
+use crate::kernels::half;
+use crate::kernels::quant::{self, QActs};
 use crate::op_bail;
-use crate::tensor::{f16_to_f32, View, ViewMut};
+use crate::tensor::{View, ViewMut};
+use crate::weights::TensorEncoding;
+use crate::weights::Weights as QMat;
 
 thread_local! {
     /// Activations quantized for the int8 kernels, grown once per thread and reused.
     static ACTS: RefCell<QActs> = RefCell::new(QActs::default());
 }
 
-/// A quantized weight matrix: `rows` rows of `k` values in one of the formats.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum QMat<'a> {
-    Q8(Q8Weights<'a>),
-    Q8Panels(Q8Panels<'a>),
-    Q4(Q4Weights<'a>),
-    F16(F16Weights<'a>),
-}
-
-impl QMat<'_> {
-    /// Rows and row length.
-    pub(crate) fn dims(&self) -> (usize, usize) {
-        match self {
-            QMat::Q8(w) => (w.n, w.k),
-            QMat::Q8Panels(w) => (w.n, w.k),
-            QMat::Q4(w) => (w.n, w.k),
-            QMat::F16(w) => (w.n, w.k),
-        }
-    }
-
-    /// Writes row `j` as f32 into `out[..k]` (`j < rows`, checked by the caller).
-    pub(crate) fn row(&self, j: usize, out: &mut [f32]) {
-        match self {
-            QMat::Q8(w) => quant::dequantize_q8_row(w, j, out),
-            QMat::Q8Panels(w) => quant::dequantize_q8_panel_row(w, j, out),
-            QMat::Q4(w) => quant::dequantize_q4_row(w, j, out),
-            QMat::F16(w) => {
-                for (o, &h) in out[..w.k].iter_mut().zip(&w.data[j * w.k..(j + 1) * w.k]) {
-                    *o = f16_to_f32(h);
-                }
-            }
-        }
-    }
-}
-
-fn cast<'a, T: bytemuck::Pod>(b: &'a [u8], what: &str) -> OpResult<&'a [T]> {
-    bytemuck::try_cast_slice(b).map_err(|e| OpError(format!("quantized weight {what} are misaligned: {e}")))
-}
-
 /// The typed view of a quantized 2-D weight.
 pub(crate) fn qmat<'a>(v: &View<'a>) -> OpResult<QMat<'a>> {
-    let shape: Vec<u64> = v.shape.iter().map(|&d| d as u64).collect();
-    let Some(l) = v.encoding.quant_layout(v.dtype, &shape) else {
-        op_bail!(
-            "a {:?} weight of shape {:?} and type {} is not a valid quantized matrix",
-            v.encoding,
-            v.shape,
-            v.dtype
-        );
-    };
-    let need = l.values.1.max(l.scales.1).max(l.mins.1);
-    if v.bytes.len() < need {
-        op_bail!("quantized weight {:?} holds {} bytes, its layout needs {need}", v.shape, v.bytes.len());
-    }
-    let part = |r: (usize, usize)| &v.bytes[r.0..r.1];
-    Ok(match v.encoding {
-        TensorEncoding::Q8 { .. } => QMat::Q8(Q8Weights {
-            n: l.rows,
-            k: l.k,
-            q: bytemuck::cast_slice(part(l.values)),
-            scales: cast(part(l.scales), "scales")?,
-        }),
-        TensorEncoding::Q8Panels { nr } => QMat::Q8Panels(Q8Panels {
-            n: l.rows,
-            k: l.k,
-            nr: nr as usize,
-            q: bytemuck::cast_slice(part(l.values)),
-            scales: cast(part(l.scales), "scales")?,
-        }),
-        TensorEncoding::Q4 { block, mins, .. } => QMat::Q4(Q4Weights {
-            n: l.rows,
-            k: l.k,
-            block: block as usize,
-            nibbles: part(l.values),
-            scales: cast(part(l.scales), "scales")?,
-            mins: if mins { Some(cast(part(l.mins), "minimums")?) } else { None },
-        }),
-        TensorEncoding::F16 { .. } => {
-            QMat::F16(F16Weights { n: l.rows, k: l.k, data: cast(part(l.values), "values")? })
-        }
-        e => op_bail!("{e} is not a quantized encoding"),
-    })
+    QMat::parse(v.encoding, v.dtype, v.shape, v.bytes).map_err(OpError)
 }
 
 /// Whether input `i` of `op` reads a weight stored in `enc` (the planner refuses any other
@@ -191,7 +113,7 @@ pub(super) fn gather_rows(data: &View<'_>, indices: &View<'_>, out: &mut ViewMut
         if i < 0 || i >= rows as i64 {
             op_bail!("Gather index {i0} out of range for axis of size {rows}");
         }
-        w.row(i as usize, &mut o[j * k..(j + 1) * k]);
+        w.decode_row(i as usize, &mut o[j * k..(j + 1) * k]);
     }
     Ok(())
 }
