@@ -774,7 +774,7 @@ pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
             for &i in &members {
                 let b = m.graph.nodes[i].inputs[2].expect("matched");
                 let t = m.graph.constants.iter().find(|c| c.value == b).expect("constant").tensor;
-                bias.extend_from_slice(m.tensors[t as usize].1.view().f32().map_err(|e| anyhow::anyhow!(e.0))?);
+                bias.extend_from_slice(m.tensors[t as usize].1.view().f32().map_err(|e| anyhow::anyhow!(e.message()))?);
             }
             let bv = m.graph.values.len() as ValueId;
             m.graph.values.push(ValueInfo { name: format!("{name}.bias") });

@@ -163,7 +163,7 @@ pub fn perplexity(
         gen.reset();
         let logits = gen.feed_all(chunk)?;
         let vocab = logits.shape()[2];
-        let d = logits.view().f32().map_err(|e| anyhow!("{}", e.0))?;
+        let d = logits.view().f32().map_err(|e| anyhow!("{}", e.message()))?;
         if let Some(&bad) = chunk.iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }

@@ -75,13 +75,35 @@ impl Error {
     }
 }
 
-/// Shorthand for a node-level error without node context; the executor adds the node name.
+/// A node-level error without node context; the executor adds the node name.
 #[derive(Debug)]
-pub struct OpError(pub String);
+pub enum OpError {
+    /// The op cannot run on these inputs: why.
+    Failed(String),
+    /// Output shapes depend on the *value* of this input, which is not known while planning.
+    /// The planner reacts by making the plan depend on the input data behind it (see
+    /// `exec::plan`); anywhere else it is an error like any other.
+    NeedsValue {
+        /// The op's name for the input.
+        input: String,
+    },
+}
+
+impl OpError {
+    /// The message shown to users.
+    pub fn message(&self) -> String {
+        match self {
+            OpError::Failed(reason) => reason.clone(),
+            OpError::NeedsValue { input } => {
+                format!("input '{input}' must be known when planning (its value decides output shapes)")
+            }
+        }
+    }
+}
 
 impl<T: fmt::Display> From<T> for OpError {
     fn from(t: T) -> Self {
-        OpError(t.to_string())
+        OpError::Failed(t.to_string())
     }
 }
 
@@ -91,5 +113,5 @@ pub type OpResult<T> = std::result::Result<T, OpError>;
 /// Early-return with an [`OpError`] built from a format string.
 #[macro_export]
 macro_rules! op_bail {
-    ($($t:tt)*) => { return Err($crate::error::OpError(format!($($t)*))) };
+    ($($t:tt)*) => { return Err($crate::error::OpError::Failed(format!($($t)*))) };
 }

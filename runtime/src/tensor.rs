@@ -228,16 +228,16 @@ pub struct ViewMut<'a> {
 
 fn cast<T: bytemuck::Pod>(b: &[u8], want: DType, have: DType) -> OpResult<&[T]> {
     if want != have {
-        return Err(OpError(format!("expected a {want} tensor, got {have}")));
+        return Err(OpError::Failed(format!("expected a {want} tensor, got {have}")));
     }
-    bytemuck::try_cast_slice(b).map_err(|e| OpError(format!("misaligned {want} data: {e}")))
+    bytemuck::try_cast_slice(b).map_err(|e| OpError::Failed(format!("misaligned {want} data: {e}")))
 }
 
 fn cast_mut<T: bytemuck::Pod>(b: &mut [u8], want: DType, have: DType) -> OpResult<&mut [T]> {
     if want != have {
-        return Err(OpError(format!("expected a {want} output, got {have}")));
+        return Err(OpError::Failed(format!("expected a {want} output, got {have}")));
     }
-    bytemuck::try_cast_slice_mut(b).map_err(|e| OpError(format!("misaligned {want} data: {e}")))
+    bytemuck::try_cast_slice_mut(b).map_err(|e| OpError::Failed(format!("misaligned {want} data: {e}")))
 }
 
 impl<'a> View<'a> {
@@ -252,7 +252,7 @@ impl<'a> View<'a> {
     }
     pub fn f32(&self) -> OpResult<&'a [f32]> {
         if self.encoding != TensorEncoding::Dense {
-            return Err(OpError(format!(
+            return Err(OpError::Failed(format!(
                 "this f32 tensor is stored as {}, which this op does not read",
                 self.encoding
             )));
@@ -286,7 +286,7 @@ impl<'a> View<'a> {
         match self.dtype {
             DType::I64 => Ok(self.i64()?.to_vec()),
             DType::I32 => Ok(self.i32()?.iter().map(|&x| x as i64).collect()),
-            d => Err(OpError(format!("expected an integer tensor, got {d}"))),
+            d => Err(OpError::Failed(format!("expected an integer tensor, got {d}"))),
         }
     }
     /// Like [`View::to_i64_vec`] but inline for up to 16 values (no heap allocation for the
@@ -295,7 +295,7 @@ impl<'a> View<'a> {
         match self.dtype {
             DType::I64 => Ok(self.i64()?.iter().copied().collect()),
             DType::I32 => Ok(self.i32()?.iter().map(|&x| x as i64).collect()),
-            d => Err(OpError(format!("expected an integer tensor, got {d}"))),
+            d => Err(OpError::Failed(format!("expected an integer tensor, got {d}"))),
         }
     }
     /// Copies into an owned tensor.

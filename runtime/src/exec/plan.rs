@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, OpError, Result};
 use crate::format::{ModelFile, TensorEncoding};
 use crate::graph::{Dim, Node, Op, ValueId};
 use crate::ops::{self, Fact};
@@ -256,7 +256,7 @@ impl<'m> Builder<'m> {
                 })
             })
             .collect();
-        let outs = ops::infer(&op, &facts, 1).map_err(|e| Self::node_err(node, e.0))?;
+        let outs = ops::infer(&op, &facts, 1).map_err(|e| Self::node_err(node, e.message()))?;
         let scratch = crate::ops::cached_attention_scratch(attrs, &facts, cb.capacity);
         drop(facts);
         self.scratch_len = self.scratch_len.max(scratch);
@@ -366,7 +366,7 @@ impl<'m> Builder<'m> {
                 };
                 let cond = match self.view(c) {
                     Some(v) if self.is_known(c) => {
-                        let b = v.bool().map_err(|e| Self::node_err(node, e.0))?;
+                        let b = v.bool().map_err(|e| Self::node_err(node, e.message()))?;
                         *b.first().ok_or_else(|| Self::node_err(node, "empty condition"))? != 0
                     }
                     _ => {
@@ -400,12 +400,12 @@ impl<'m> Builder<'m> {
                 .collect();
             let outs = match ops::infer(&node.op, &facts, node.outputs.len()) {
                 Ok(o) => o,
-                Err(e) if e.is_needs_value() => {
+                Err(e @ OpError::NeedsValue { .. }) => {
                     let unknown: Vec<ValueId> =
                         node.inputs.iter().flatten().copied().filter(|&v| !self.is_known(v)).collect();
-                    return Err(PlanFail::NeedsData(unknown, Self::node_err(node, e.0)));
+                    return Err(PlanFail::NeedsData(unknown, Self::node_err(node, e.message())));
                 }
-                Err(e) => return Err(Self::node_err(node, e.0).into()),
+                Err(e) => return Err(Self::node_err(node, e.message()).into()),
             };
             if outs.len() != node.outputs.len() {
                 return Err(Self::node_err(
@@ -442,7 +442,7 @@ impl<'m> Builder<'m> {
                 over_limit(self.limit, folded_total, &node.name)?;
                 Some(
                     ops::eval_into(&node.op, &ins, &facts, &outs, self.threads)
-                        .map_err(|e| Self::node_err(node, e.0))?,
+                        .map_err(|e| Self::node_err(node, e.message()))?,
                 )
             } else {
                 None
@@ -534,7 +534,7 @@ impl<'m> Builder<'m> {
         let trip = match node.inputs[0] {
             Some(m) => {
                 let t = self.owned(m, node)?;
-                let n = *t.view().to_i64_small().map_err(|e| Self::node_err(node, e.0))?.first().unwrap_or(&0);
+                let n = *t.view().to_i64_small().map_err(|e| Self::node_err(node, e.message()))?.first().unwrap_or(&0);
                 usize::try_from(n.max(0)).unwrap_or(usize::MAX)
             }
             None => usize::MAX,

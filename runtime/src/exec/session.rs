@@ -294,7 +294,7 @@ impl Session {
             for (b, buf) in taken {
                 buffers[b] = buf;
             }
-            res.map_err(|e| Error::Node { node: step.name.clone(), op: step.op.name(), reason: e.0 })?;
+            res.map_err(|e| Error::Node { node: step.name.clone(), op: step.op.name(), reason: e.message() })?;
         }
         let mut outs = Vec::with_capacity(plan.outputs().len());
         for &o in plan.outputs() {

@@ -24,7 +24,7 @@ macro_rules! int_dispatch {
             DType::U32 => $f::<u32>($($arg),*),
             DType::U16 => $f::<u16>($($arg),*),
             DType::U8 => $f::<u8>($($arg),*),
-            d => Err(crate::error::OpError(format!("not an integer type: {d}"))),
+            d => Err(crate::error::OpError::Failed(format!("not an integer type: {d}"))),
         }
     };
 }
@@ -319,11 +319,11 @@ impl_int!(u16, false);
 impl_int!(u8, false);
 
 fn int_slice<'a, T: Int>(v: &View<'a>) -> OpResult<&'a [T]> {
-    bytemuck::try_cast_slice(v.bytes).map_err(|e| crate::error::OpError(e.to_string()))
+    bytemuck::try_cast_slice(v.bytes).map_err(|e| crate::error::OpError::Failed(e.to_string()))
 }
 
 fn int_slice_mut<'b, T: Int>(v: &'b mut ViewMut<'_>) -> OpResult<&'b mut [T]> {
-    bytemuck::try_cast_slice_mut(v.bytes).map_err(|e| crate::error::OpError(e.to_string()))
+    bytemuck::try_cast_slice_mut(v.bytes).map_err(|e| crate::error::OpError::Failed(e.to_string()))
 }
 
 fn int_unary<T: Int>(u: UnaryOp, x: View<'_>, out: &mut ViewMut<'_>) -> OpResult<()> {

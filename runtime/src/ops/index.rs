@@ -49,7 +49,7 @@ fn element_offset(
 }
 
 fn scalar_known(f: &Fact<'_>, what: &str) -> OpResult<i64> {
-    f.known_ints(what)?.first().copied().ok_or_else(|| OpError(format!("{what} is empty")))
+    f.known_ints(what)?.first().copied().ok_or_else(|| OpError::Failed(format!("{what} is empty")))
 }
 
 pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
@@ -81,7 +81,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             let ind = req(inputs, 1, "indices")?;
             let b = *batch_dims as usize;
             let q = ind.shape.len();
-            let k = *ind.shape.last().ok_or_else(|| OpError("indices must have rank ≥ 1".into()))?;
+            let k = *ind.shape.last().ok_or_else(|| OpError::Failed("indices must have rank ≥ 1".into()))?;
             if q < 1 || b >= q || b + k > rank || x.shape[..b] != ind.shape[..b] {
                 op_bail!("GatherND: indices {:?} do not fit data {:?} with batch_dims {b}", ind.shape, x.shape);
             }
@@ -93,7 +93,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             let ind = req(inputs, 1, "indices")?;
             let upd = req(inputs, 2, "updates")?;
             let q = ind.shape.len();
-            let k = *ind.shape.last().ok_or_else(|| OpError("indices must have rank ≥ 1".into()))?;
+            let k = *ind.shape.last().ok_or_else(|| OpError::Failed("indices must have rank ≥ 1".into()))?;
             let mut want = ind.shape[..q - 1].to_vec();
             if k > rank {
                 op_bail!("ScatterND: index depth {k} exceeds data rank {rank}");

@@ -5,7 +5,7 @@
 //! Resize, Attention, GRU, …) and the f16/f64 conversions use small per-run vectors.
 
 use crate::error::{OpError, OpResult};
-use crate::graph::{Op, MAX_RANK};
+use crate::graph::{AttentionAttrs, ConvAttrs, ConvTransposeAttrs, LstmAttrs, Op, RnnAttrs, MAX_RANK};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -41,21 +41,9 @@ pub struct Fact<'a> {
     pub value: Option<View<'a>>,
 }
 
-/// Marker in the message of an op error raised because an input's *value* (not just its shape)
-/// is needed to infer output shapes. The planner reacts by making the plan depend on the input
-/// data behind it (see `exec::plan`); other code must not rely on the wording.
-pub(crate) const NEEDS_VALUE: &str = "must be known when planning";
-
 /// The error an op returns when it needs the value of input `what` to infer shapes.
 pub(crate) fn needs_value(what: &str) -> OpError {
-    OpError(format!("input '{what}' {NEEDS_VALUE} (its value decides output shapes)"))
-}
-
-impl OpError {
-    /// True when the op failed only because an input value was not known at plan time.
-    pub(crate) fn is_needs_value(&self) -> bool {
-        self.0.contains(NEEDS_VALUE)
-    }
+    OpError::NeedsValue { input: what.to_string() }
 }
 
 impl<'a> Fact<'a> {
@@ -87,60 +75,113 @@ pub type OutFact = (DType, Vec<usize>);
 
 /// True for ops whose output is the input's bytes with another shape (run as a no-op).
 pub fn is_alias(op: &Op) -> bool {
-    matches!(op, Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. })
+    matches!(family(op), Family::Alias)
 }
 
-fn is_index_op(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::CastLike
-            | Op::GatherElements { .. }
-            | Op::ScatterElements { .. }
-            | Op::GatherNd { .. }
-            | Op::ScatterNd { .. }
-            | Op::OneHot { .. }
-            | Op::Trilu { .. }
-            | Op::EyeLike { .. }
-            | Op::TopK { .. }
-            | Op::CumSum { .. }
-            | Op::CumProd { .. }
-            | Op::NonZero
-            | Op::Compress { .. }
-            | Op::DepthToSpace { .. }
-            | Op::SpaceToDepth { .. }
-            | Op::SpaceToDepthCrd { .. }
-    )
+/// The op families: each has a file in this folder with its `infer` and `run` (the attributes
+/// a family needs travel with it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Family<'a> {
+    /// Output = input bytes with another shape (`is_alias`): no kernel runs.
+    Alias,
+    Elementwise,
+    Reduce,
+    MatMul,
+    Norm,
+    MoreNorm,
+    Conv(&'a ConvAttrs),
+    ConvTranspose(&'a ConvTransposeAttrs),
+    Lstm(&'a LstmAttrs),
+    /// GRU (`true`) or plain RNN (`false`).
+    Gru(&'a RnnAttrs, bool),
+    Index,
+    Loss,
+    Pool,
+    Resize,
+    Einsum(&'a str),
+    /// Attention, with a sliding window `(left, right)` for `AttentionWindow`.
+    Attention(&'a AttentionAttrs, Option<(i64, i64)>),
+    /// Attention over the session's KV cache (execution-side only; never in a file).
+    CachedAttention(&'a AttentionAttrs, u32),
+    Rotary,
+    Quant,
+    Shape,
+    /// Resolved by the planner (`If` branches inlined, `Loop` evaluated), never run as a step.
+    Planner,
 }
 
-fn is_norm_op(op: &Op) -> bool {
-    matches!(
-        op,
+/// The op registry: every op's family, one line per op. The match is exhaustive, so a new
+/// [`Op`] variant does not compile until it is given a family here.
+pub(crate) fn family(op: &Op) -> Family<'_> {
+    use Family as F;
+    match op {
+        Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => F::Alias,
+        Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => F::Elementwise,
+        Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => F::Reduce,
+        Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => F::MatMul,
+        Op::LayerNorm { .. } | Op::BatchNorm { .. } => F::Norm,
         Op::RmsNorm { .. }
-            | Op::InstanceNorm { .. }
-            | Op::GroupNorm { .. }
-            | Op::LpNorm { .. }
-            | Op::Hardmax { .. }
-            | Op::Lrn { .. }
-            | Op::MeanVarianceNorm { .. }
-            | Op::BatchNormTraining { .. }
-    )
-}
-
-fn is_quant_op(op: &Op) -> bool {
-    matches!(
-        op,
+        | Op::InstanceNorm { .. }
+        | Op::GroupNorm { .. }
+        | Op::LpNorm { .. }
+        | Op::Hardmax { .. }
+        | Op::Lrn { .. }
+        | Op::MeanVarianceNorm { .. }
+        | Op::BatchNormTraining { .. } => F::MoreNorm,
+        Op::Conv(a) => F::Conv(a),
+        Op::ConvTranspose(a) => F::ConvTranspose(a),
+        Op::Lstm(a) => F::Lstm(a),
+        Op::Gru(a) => F::Gru(a, true),
+        Op::Rnn(a) => F::Gru(a, false),
+        Op::CastLike
+        | Op::GatherElements { .. }
+        | Op::ScatterElements { .. }
+        | Op::GatherNd { .. }
+        | Op::ScatterNd { .. }
+        | Op::OneHot { .. }
+        | Op::Trilu { .. }
+        | Op::EyeLike { .. }
+        | Op::TopK { .. }
+        | Op::CumSum { .. }
+        | Op::CumProd { .. }
+        | Op::NonZero
+        | Op::Compress { .. }
+        | Op::DepthToSpace { .. }
+        | Op::SpaceToDepth { .. }
+        | Op::SpaceToDepthCrd { .. } => F::Index,
+        Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => F::Loss,
+        Op::Pool(_) => F::Pool,
+        Op::Resize(_) => F::Resize,
+        Op::Einsum { equation } => F::Einsum(equation),
+        Op::Attention(a) => F::Attention(a, None),
+        Op::AttentionWindow { attrs, left, right } => F::Attention(attrs, Some((*left, *right))),
+        Op::CachedAttention { attrs, layer } => F::CachedAttention(attrs, *layer),
+        Op::RotaryEmbedding { .. } => F::Rotary,
         Op::QuantizeLinear { .. }
-            | Op::DequantizeLinear { .. }
-            | Op::DynamicQuantizeLinear
-            | Op::MatMulInteger
-            | Op::QLinearMatMul
-    )
+        | Op::DequantizeLinear { .. }
+        | Op::DynamicQuantizeLinear
+        | Op::MatMulInteger
+        | Op::QLinearMatMul => F::Quant,
+        Op::Shape { .. }
+        | Op::Size
+        | Op::Transpose { .. }
+        | Op::Expand
+        | Op::Concat { .. }
+        | Op::Split { .. }
+        | Op::Slice
+        | Op::Gather { .. }
+        | Op::Pad { .. }
+        | Op::ConstantOfShape { .. }
+        | Op::Range
+        | Op::Tile => F::Shape,
+        Op::If { .. } | Op::Loop { .. } => F::Planner,
+    }
 }
 
 fn req<'x, T>(inputs: &'x [Option<T>], i: usize, what: &str) -> OpResult<&'x T> {
     match inputs.get(i) {
         Some(Some(x)) => Ok(x),
-        _ => Err(OpError(format!("missing required input {i} ({what})"))),
+        _ => Err(OpError::Failed(format!("missing required input {i} ({what})"))),
     }
 }
 
@@ -273,7 +314,8 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
 
 /// An f16/f64 view converted to an owned f32 tensor.
 fn to_f32(v: &View<'_>) -> OpResult<crate::tensor::Tensor> {
-    let mut t = crate::tensor::Tensor::zeros(DType::F32, v.shape.to_vec()).map_err(|e| OpError(e.to_string()))?;
+    let mut t =
+        crate::tensor::Tensor::zeros(DType::F32, v.shape.to_vec()).map_err(|e| OpError::Failed(e.to_string()))?;
     let vt = ViewMut { dtype: DType::F32, shape: v.shape, bytes: t.bytes_mut() };
     let mut outs = [vt];
     elementwise::run(&Op::Cast { to: DType::F32 }, &[Some(*v)], &mut outs, 1)?;
@@ -281,34 +323,32 @@ fn to_f32(v: &View<'_>) -> OpResult<crate::tensor::Tensor> {
 }
 
 fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
-    let outs = match op {
-        Op::Identity => {
+    use Family as F;
+    let outs = match family(op) {
+        F::Alias if matches!(op, Op::Identity) => {
             let x = req(inputs, 0, "input")?;
             vec![(x.dtype, x.shape.to_vec())]
         }
-        Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => {
-            elementwise::infer(op, inputs)?
-        }
-        Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => reduce::infer(op, inputs)?,
-        Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => matmul::infer(op, inputs)?,
-        Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::infer(op, inputs, n_out)?,
-        Op::Conv(a) => conv::infer(a, inputs)?,
-        Op::Lstm(a) => recurrent::infer(a, inputs, n_out)?,
-        Op::If { .. } | Op::Loop { .. } => op_bail!("{} is resolved by the planner", op.name()),
-        op if is_index_op(op) => index::infer(op, inputs, n_out)?,
-        Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::infer(op, inputs, n_out)?,
-        Op::Pool(_) => pool::infer(op, inputs, n_out)?,
-        Op::Resize(_) => resize::infer(op, inputs)?,
-        Op::ConvTranspose(a) => convt::infer(a, inputs)?,
-        Op::Einsum { equation } => einsum::infer(equation, inputs)?,
-        Op::Attention(a) | Op::AttentionWindow { attrs: a, .. } => attention::infer(a, inputs, n_out)?,
-        Op::CachedAttention { attrs, .. } => attention::infer_cached(attrs, inputs)?,
-        Op::RotaryEmbedding { .. } => rotary::infer(op, inputs)?,
-        Op::Gru(a) => recurrent::infer_gru(a, true, inputs, n_out)?,
-        Op::Rnn(a) => recurrent::infer_gru(a, false, inputs, n_out)?,
-        op if is_quant_op(op) => quant::infer(op, inputs)?,
-        op if is_norm_op(op) => norm::infer_more(op, inputs)?,
-        _ => shape::infer(op, inputs, n_out)?,
+        F::Alias | F::Shape => shape::infer(op, inputs, n_out)?,
+        F::Elementwise => elementwise::infer(op, inputs)?,
+        F::Reduce => reduce::infer(op, inputs)?,
+        F::MatMul => matmul::infer(op, inputs)?,
+        F::Norm => norm::infer(op, inputs, n_out)?,
+        F::MoreNorm => norm::infer_more(op, inputs)?,
+        F::Conv(a) => conv::infer(a, inputs)?,
+        F::ConvTranspose(a) => convt::infer(a, inputs)?,
+        F::Lstm(a) => recurrent::infer(a, inputs, n_out)?,
+        F::Gru(a, gated) => recurrent::infer_gru(a, gated, inputs, n_out)?,
+        F::Index => index::infer(op, inputs, n_out)?,
+        F::Loss => loss::infer(op, inputs, n_out)?,
+        F::Pool => pool::infer(op, inputs, n_out)?,
+        F::Resize => resize::infer(op, inputs)?,
+        F::Einsum(equation) => einsum::infer(equation, inputs)?,
+        F::Attention(a, _) => attention::infer(a, inputs, n_out)?,
+        F::CachedAttention(a, _) => attention::infer_cached(a, inputs)?,
+        F::Rotary => rotary::infer(op, inputs)?,
+        F::Quant => quant::infer(op, inputs)?,
+        F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     };
     for (_, s) in &outs {
         check_rank(s)?;
@@ -334,7 +374,10 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
     let mut tmp: Vec<Option<crate::tensor::Tensor>> = Vec::with_capacity(outputs.len());
     for o in outputs.iter() {
         tmp.push(if matches!(o.dtype, DType::F16 | DType::F64) {
-            Some(crate::tensor::Tensor::zeros(DType::F32, o.shape.to_vec()).map_err(|e| OpError(e.to_string()))?)
+            Some(
+                crate::tensor::Tensor::zeros(DType::F32, o.shape.to_vec())
+                    .map_err(|e| OpError::Failed(e.to_string()))?,
+            )
         } else {
             None
         });
@@ -360,39 +403,34 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
 }
 
 fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ctx: &mut Ctx<'_>) -> OpResult<()> {
-    match op {
-        Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => {
-            elementwise::run(op, inputs, outputs, ctx.threads)
-        }
-        Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => reduce::run(op, inputs, outputs),
-        Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => matmul::run(op, inputs, outputs, ctx),
-        Op::LayerNorm { .. } | Op::BatchNorm { .. } => norm::run(op, inputs, outputs, ctx.threads),
-        Op::Conv(a) => conv::run(a, inputs, outputs, ctx),
-        Op::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
-        Op::If { .. } | Op::Loop { .. } => op_bail!("{} is resolved by the planner", op.name()),
-        op if is_index_op(op) => index::run(op, inputs, outputs),
-        Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => loss::run(op, inputs, outputs),
-        Op::Pool(_) => pool::run(op, inputs, outputs),
-        Op::Resize(_) => resize::run(op, inputs, outputs),
-        Op::ConvTranspose(a) => convt::run(a, inputs, outputs),
-        Op::Einsum { equation } => einsum::run(equation, inputs, outputs),
-        Op::Attention(a) => attention::run(a, None, inputs, outputs, ctx),
-        Op::AttentionWindow { attrs, left, right } => {
-            attention::run(attrs, Some((*left, *right)), inputs, outputs, ctx)
-        }
-        Op::CachedAttention { attrs, layer } => attention::run_cached(attrs, *layer as usize, inputs, outputs, ctx),
-        Op::RotaryEmbedding { .. } => rotary::run(op, inputs, outputs),
-        Op::Gru(a) => recurrent::run_gru(a, true, inputs, outputs),
-        Op::Rnn(a) => recurrent::run_gru(a, false, inputs, outputs),
-        op if is_quant_op(op) => quant::run(op, inputs, outputs),
-        op if is_norm_op(op) => norm::run_more(op, inputs, outputs),
-        Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => {
+    use Family as F;
+    match family(op) {
+        F::Alias => {
             // Aliases: the executor shares the input's storage; copy only if asked to run.
             let x = req(inputs, 0, "input")?;
             outputs[0].bytes.copy_from_slice(x.bytes);
             Ok(())
         }
-        _ => shape::run(op, inputs, outputs),
+        F::Shape => shape::run(op, inputs, outputs),
+        F::Elementwise => elementwise::run(op, inputs, outputs, ctx.threads),
+        F::Reduce => reduce::run(op, inputs, outputs),
+        F::MatMul => matmul::run(op, inputs, outputs, ctx),
+        F::Norm => norm::run(op, inputs, outputs, ctx.threads),
+        F::MoreNorm => norm::run_more(op, inputs, outputs),
+        F::Conv(a) => conv::run(a, inputs, outputs, ctx),
+        F::ConvTranspose(a) => convt::run(a, inputs, outputs),
+        F::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
+        F::Gru(a, gated) => recurrent::run_gru(a, gated, inputs, outputs),
+        F::Index => index::run(op, inputs, outputs),
+        F::Loss => loss::run(op, inputs, outputs),
+        F::Pool => pool::run(op, inputs, outputs),
+        F::Resize => resize::run(op, inputs, outputs),
+        F::Einsum(equation) => einsum::run(equation, inputs, outputs),
+        F::Attention(a, window) => attention::run(a, window, inputs, outputs, ctx),
+        F::CachedAttention(a, layer) => attention::run_cached(a, layer as usize, inputs, outputs, ctx),
+        F::Rotary => rotary::run(op, inputs, outputs),
+        F::Quant => quant::run(op, inputs, outputs),
+        F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     }
 }
 
@@ -447,7 +485,7 @@ pub fn eval_into(
 ) -> OpResult<Vec<crate::tensor::Tensor>> {
     let mut tensors = Vec::with_capacity(outs.len());
     for (d, s) in outs {
-        tensors.push(crate::tensor::Tensor::zeros(*d, s.clone()).map_err(|e| OpError(e.to_string()))?);
+        tensors.push(crate::tensor::Tensor::zeros(*d, s.clone()).map_err(|e| OpError::Failed(e.to_string()))?);
     }
     let mut outv: Vec<ViewMut<'_>> =
         tensors.iter_mut().zip(outs).map(|(t, (d, s))| ViewMut { dtype: *d, shape: s, bytes: t.bytes_mut() }).collect();
@@ -551,7 +589,7 @@ pub(crate) fn for_each_row<const N: usize>(
 
 /// Checked `a · b + c` for window geometry (sizes from files may be huge): an error, not a wrap.
 pub(crate) fn mul_add(a: usize, b: usize, c: usize) -> OpResult<usize> {
-    a.checked_mul(b).and_then(|x| x.checked_add(c)).ok_or_else(|| OpError("window geometry overflows".into()))
+    a.checked_mul(b).and_then(|x| x.checked_add(c)).ok_or_else(|| OpError::Failed("window geometry overflows".into()))
 }
 
 /// ONNX SAME_UPPER / SAME_LOWER padding of one spatial axis: (begin, end) so that the output

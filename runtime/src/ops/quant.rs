@@ -248,6 +248,6 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             }
             Ok(())
         }
-        _ => Err(OpError("not a quantization op".into())),
+        _ => Err(OpError::Failed("not a quantization op".into())),
     }
 }

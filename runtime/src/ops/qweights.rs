@@ -23,7 +23,7 @@ thread_local! {
 
 /// The typed view of a quantized 2-D weight.
 pub(crate) fn qmat<'a>(v: &View<'a>) -> OpResult<QMat<'a>> {
-    QMat::parse(v.encoding, v.dtype, v.shape, v.bytes).map_err(OpError)
+    QMat::parse(v.encoding, v.dtype, v.shape, v.bytes).map_err(OpError::Failed)
 }
 
 /// Whether input `i` of `op` reads a weight stored in `enc` (the planner refuses any other
@@ -68,7 +68,7 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
     let isa = crate::kernels::selected();
     match w {
         QMat::F16(w) => {
-            half::gemm_f16(isa, x, m, &w, o, ctx.threads).map_err(OpError)?;
+            half::gemm_f16(isa, x, m, &w, o, ctx.threads).map_err(OpError::Failed)?;
             super::matmul::add_bias(o, m, bias);
             Ok(())
         }
@@ -78,16 +78,17 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
                 QMat::Q4(w) if quant::q4_reads_arranged(isa, m, w.block) => quant::quantize_acts(x, m, k, qa),
                 _ => quant::quantize_acts_q8(x, m, k, qa, ctx.threads),
             }
-            .map_err(|e| OpError(e.0))?;
+            .map_err(|e| OpError::Failed(e.0))?;
             match w {
                 QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, ctx.threads),
                 QMat::Q8Panels(w) => {
-                    return quant::gemm_q8_panels_bias(isa, qa, &w, bias, o, ctx.threads).map_err(|e| OpError(e.0))
+                    return quant::gemm_q8_panels_bias(isa, qa, &w, bias, o, ctx.threads)
+                        .map_err(|e| OpError::Failed(e.0))
                 }
                 QMat::Q4(w) => quant::gemm_q4(isa, qa, &w, o, ctx.threads),
                 QMat::F16(_) => unreachable!("handled above"),
             }
-            .map_err(|e| OpError(e.0))?;
+            .map_err(|e| OpError::Failed(e.0))?;
             super::matmul::add_bias(o, m, bias);
             Ok(())
         }),

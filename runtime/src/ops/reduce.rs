@@ -153,8 +153,9 @@ fn reduce_int<T: super::elementwise::Int>(
     ost: &[isize; MAX_RANK],
     out: &mut ViewMut<'_>,
 ) -> OpResult<()> {
-    let xs: &[T] = bytemuck::try_cast_slice(x.bytes).map_err(|e| crate::error::OpError(e.to_string()))?;
-    let o: &mut [T] = bytemuck::try_cast_slice_mut(out.bytes).map_err(|e| crate::error::OpError(e.to_string()))?;
+    let xs: &[T] = bytemuck::try_cast_slice(x.bytes).map_err(|e| crate::error::OpError::Failed(e.to_string()))?;
+    let o: &mut [T] =
+        bytemuck::try_cast_slice_mut(out.bytes).map_err(|e| crate::error::OpError::Failed(e.to_string()))?;
     let (init, f): (T, fn(T, T) -> T) = match r {
         ReduceOp::Sum => (T::ZERO, T::add),
         ReduceOp::Prod => (T::ONE, T::mul),

@@ -319,7 +319,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             DType::F32 => out.f32()?[flat] = value,
             DType::U8 => out.bytes[flat] = value.round().clamp(0.0, 255.0) as u8,
             DType::I8 => out.bytes[flat] = (value.round().clamp(-128.0, 127.0) as i8) as u8,
-            d => return Err(OpError(format!("Resize into {d}"))),
+            d => return Err(OpError::Failed(format!("Resize into {d}"))),
         }
     }
     Ok(())

@@ -22,16 +22,16 @@ fn opt_ints(inputs: &[Option<Fact<'_>>], i: usize, what: &str) -> OpResult<Optio
 }
 
 fn to_dims(v: &[i64], what: &str) -> OpResult<Vec<usize>> {
-    let dims: Vec<usize> =
-        v.iter()
-            .map(|&d| {
-                if d < 0 {
-                    Err(crate::error::OpError(format!("{what} has negative dim {d}")))
-                } else {
-                    Ok(d as usize)
-                }
-            })
-            .collect::<OpResult<_>>()?;
+    let dims: Vec<usize> = v
+        .iter()
+        .map(|&d| {
+            if d < 0 {
+                Err(crate::error::OpError::Failed(format!("{what} has negative dim {d}")))
+            } else {
+                Ok(d as usize)
+            }
+        })
+        .collect::<OpResult<_>>()?;
     if dims.len() > MAX_RANK {
         op_bail!("{what} has rank {} above {MAX_RANK}", dims.len());
     }
@@ -58,7 +58,9 @@ fn slice_params(
     let mut seen = [false; MAX_RANK];
     for i in 0..starts.len() {
         let axis = match axes {
-            Some(a) => norm_axis(*a.get(i).ok_or_else(|| crate::error::OpError("Slice axes too short".into()))?, r)?,
+            Some(a) => {
+                norm_axis(*a.get(i).ok_or_else(|| crate::error::OpError::Failed("Slice axes too short".into()))?, r)?
+            }
             None => {
                 if i >= r {
                     op_bail!("Slice has more starts than dims");
@@ -135,11 +137,9 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
                         infer_at = Some(i);
                         out.push(1);
                     }
-                    0 if !allowzero => {
-                        out.push(*x.shape.get(i).ok_or_else(|| {
-                            crate::error::OpError(format!("Reshape copies dim {i} of a rank-{r} input"))
-                        })?)
-                    }
+                    0 if !allowzero => out.push(*x.shape.get(i).ok_or_else(|| {
+                        crate::error::OpError::Failed(format!("Reshape copies dim {i} of a rank-{r} input"))
+                    })?),
                     d if d >= 0 => out.push(d as usize),
                     _ => op_bail!("Reshape target {spec:?} is invalid"),
                 }
@@ -218,7 +218,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             let mut out = x.shape.to_vec();
             out[a] = 0;
             for f in inputs.iter() {
-                let f = f.as_ref().ok_or_else(|| crate::error::OpError("Concat input missing".into()))?;
+                let f = f.as_ref().ok_or_else(|| crate::error::OpError::Failed("Concat input missing".into()))?;
                 if f.dtype != x.dtype || f.shape.len() != r {
                     op_bail!("Concat inputs differ in type or rank: {:?} vs {:?}", x.shape, f.shape);
                 }
@@ -288,7 +288,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
                             .f32()?
                             .first()
                             .copied()
-                            .ok_or_else(|| crate::error::OpError("empty Range input".into()))
+                            .ok_or_else(|| crate::error::OpError::Failed("empty Range input".into()))
                     };
                     let (s, l, d) = (g(s)?, g(l)?, g(d)?);
                     if d == 0.0 {
@@ -301,7 +301,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
                         f.known_ints(w)?
                             .first()
                             .copied()
-                            .ok_or_else(|| crate::error::OpError("empty Range input".into()))
+                            .ok_or_else(|| crate::error::OpError::Failed("empty Range input".into()))
                     };
                     let (s, l, d) = (g(s, "start")?, g(l, "limit")?, g(d, "delta")?);
                     if d == 0 {
