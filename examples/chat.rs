@@ -3,7 +3,7 @@
 //! streamed as they are generated.
 //!
 //! ```text
-//! cargo run --release -p acorn-examples --example chat                 # converts the fetched model once
+//! cargo run --release -p acorn-examples --example chat                 # the model the main job converted
 //! cargo run --release -p acorn-examples --example chat -- model.acorn  # any .acorn decoder with a tokenizer
 //! echo "What is the capital of France?" | cargo run --release -p acorn-examples --example chat
 //! ```
@@ -15,24 +15,24 @@ use std::path::PathBuf;
 
 use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampling};
 use acorn::Model;
-use acorn_converter::text::{self, Detokenizer};
 use acorn_tests::*;
+use acorn_text::{self as text, Detokenizer};
 use anyhow::{anyhow, Result};
 
 fn model_path() -> Result<PathBuf> {
     if let Some(p) = std::env::args().nth(1) {
         return Ok(PathBuf::from(p));
     }
+    // What the main job (`--example demo`) writes; the app itself never carries the converter.
     let out = repo_root().join(".cache/acorn-demo/smollm2.acorn");
     if !out.exists() {
-        let onnx = assets_dir().join(SMOLLM2_ONNX);
-        if !onnx.exists() {
-            return Err(anyhow!("missing {}: run `{FETCH}` first", onnx.display()));
-        }
-        std::fs::create_dir_all(out.parent().expect("has a parent"))?;
-        eprintln!("converting {} (once) …", onnx.display());
-        let opts = acorn_converter::ConvertOptions { tokenizer: Some(asset(SMOLLM2_TOKENIZER)), ..Default::default() };
-        acorn_converter::convert(&onnx, &out, &opts)?;
+        return Err(anyhow!(
+            "missing {}: convert the model first, e.g.\n  cargo run --release -p acorn-converter -- convert {} -o {} --tokenizer {}",
+            out.display(),
+            assets_dir().join(SMOLLM2_ONNX).display(),
+            out.display(),
+            assets_dir().join(SMOLLM2_TOKENIZER).display()
+        ));
     }
     Ok(out)
 }

@@ -171,7 +171,7 @@ fn main() -> Result<()> {
 /// ONNX Runtime (greedy tokens, perplexity).
 fn llm() -> Result<()> {
     use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampling};
-    use acorn_converter::text;
+    use acorn_text as text;
     println!("\n== SmolLM2-135M-Instruct (Llama decoder, fp32) exported from its GGUF; KV cache in the runtime ==");
     let onnx = asset(SMOLLM2_ONNX);
     let dir = repo_root().join(".cache/acorn-demo");

@@ -765,25 +765,24 @@ struct GenerateArgs {
 
 fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<ExitCode> {
     use acorn::llm::{GenerationConfig, Generator, GeneratorOptions};
-    use acorn_converter::text;
     a.sampling.validate()?;
     let model = open(model_path, common.verify)?;
-    let tok = text::load_tokenizer(&model, a.tokenizer.as_deref())?;
+    let tok = acorn_text::load_tokenizer(&model, a.tokenizer.as_deref())?;
     let cfg = GenerationConfig::of(&model)?;
     let prompt = if a.chat {
         let tpl = cfg.chat_template.as_deref().ok_or_else(|| anyhow!("--chat: the model has no chat template"))?;
-        text::chat_prompt(tpl, &[("user", &a.prompt)])?
+        acorn_text::chat_prompt(tpl, &[("user", &a.prompt)])?
     } else {
         a.prompt.clone()
     };
-    let ids = text::encode(&tok, &prompt)?;
+    let ids = acorn_text::encode(&tok, &prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty: it has no tokens");
     }
     let opts =
         GeneratorOptions { threads: common.threads, max_context: a.max_context, memory_limit: common.memory_limit };
     let mut gen = Generator::new(&model, &opts)?;
-    let mut det = text::Detokenizer::new(&tok);
+    let mut det = acorn_text::Detokenizer::new(&tok);
     let mut generated = Vec::new();
     let mut tokens = gen.generate(&ids, a.max_tokens, &a.sampling, &cfg.eos_token_ids)?;
     let mut stdout = std::io::stdout();
@@ -833,14 +832,13 @@ fn cmd_perplexity(
     common: &Common,
 ) -> Result<ExitCode> {
     use acorn::llm::{Generator, GeneratorOptions};
-    use acorn_converter::text;
     if windows == 0 {
         bail!("--windows must be at least 1");
     }
     let model = open(model_path, common.verify)?;
-    let tok = text::load_tokenizer(&model, tokenizer)?;
+    let tok = acorn_text::load_tokenizer(&model, tokenizer)?;
     let body = std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
-    let ids = text::encode(&tok, &body)?;
+    let ids = acorn_text::encode(&tok, &body)?;
     let opts =
         GeneratorOptions { threads: common.threads, max_context: window.max(1), memory_limit: common.memory_limit };
     let mut gen = Generator::new(&model, &opts)?;
@@ -848,7 +846,7 @@ fn cmd_perplexity(
     let pb = if json { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
     pb.set_style(ProgressStyle::with_template("scoring {bar:30} {pos}/{len} windows {elapsed}").expect("static"));
     let t0 = Instant::now();
-    let (ppl, count) = text::perplexity(&mut gen, &ids, window, windows, |w| pb.set_position(w as u64))?;
+    let (ppl, count) = acorn_text::perplexity(&mut gen, &ids, window, windows, |w| pb.set_position(w as u64))?;
     pb.finish_and_clear();
     if json {
         out!("{}", serde_json::json!({ "perplexity": ppl, "tokens": count }));

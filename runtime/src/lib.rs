@@ -36,6 +36,6 @@ pub mod tensor;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use exec::{Model, OpTime, OpenOptions, Session, SessionBuilder};
+pub use exec::{Model, OpTime, OpenOptions, RunEnd, Session, SessionBuilder, StepDone};
 pub use graph::{Dim, Graph, IoSpec};
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Tensor, View};

@@ -241,6 +241,22 @@ fn cast_mut<T: bytemuck::Pod>(b: &mut [u8], want: DType, have: DType) -> OpResul
 }
 
 impl<'a> View<'a> {
+    /// A dense row-major view of caller memory (what [`crate::Session::run_views`] reads in
+    /// place). `bytes` must hold exactly the shape's elements; elements are read as they lie,
+    /// so a buffer not aligned to the element size is refused by the ops that read it.
+    pub fn dense(dtype: DType, shape: &'a [usize], bytes: &'a [u8]) -> crate::Result<View<'a>> {
+        let want = shape.iter().try_fold(dtype.size(), |a, &d| a.checked_mul(d));
+        if want != Some(bytes.len()) {
+            return Err(crate::Error::Input(format!(
+                "a {dtype} view of shape {shape:?} needs {} bytes, got {}",
+                want.map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string()),
+                bytes.len()
+            )));
+        }
+        Ok(View { dtype, shape, bytes, encoding: TensorEncoding::Dense })
+    }
+
+    /// Element count.
     pub fn len(&self) -> usize {
         numel(self.shape)
     }

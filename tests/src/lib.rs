@@ -438,4 +438,4 @@ impl OrtDecoder {
 }
 
 pub use acorn::llm::argmax;
-pub use acorn_converter::text::nll;
+pub use acorn_text::nll;

@@ -397,7 +397,7 @@ fn memory_bombs_in_small_files_end_in_errors() {
 
 #[test]
 fn a_chat_template_bomb_stops_with_an_error() {
-    use acorn_converter::text::chat_prompt;
+    use acorn_text::chat_prompt;
     let t0 = std::time::Instant::now();
     let bomb = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
     let e = chat_prompt(bomb, &[("user", "hi")]).unwrap_err().to_string();

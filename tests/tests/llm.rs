@@ -7,8 +7,9 @@ use std::sync::OnceLock;
 
 use acorn::llm::{Generator, GeneratorOptions, Sampling};
 use acorn::Model;
-use acorn_converter::{convert, text, ConvertOptions};
+use acorn_converter::{convert, ConvertOptions};
 use acorn_tests::*;
+use acorn_text as text;
 
 const LAYERS: usize = 30;
 const KV_HEADS: usize = 3;

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use acorn::llm::{Generator, GeneratorOptions};
 use acorn::Model;
 use acorn_converter::quantize::{Method, QuantFormat, QuantOptions};
-use acorn_converter::{convert, text, ConvertOptions};
+use acorn_converter::{convert, ConvertOptions};
 use acorn_tests::*;
+use acorn_text as text;
 
 fn convert_to(onnx: &Path, dir: &Path, name: &str, quantize: Option<QuantOptions>) -> (PathBuf, u64) {
     let out = dir.join(name);

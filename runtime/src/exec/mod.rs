@@ -13,7 +13,7 @@ mod layout;
 pub(crate) mod plan;
 mod session;
 
-pub use session::{OpTime, Session, SessionBuilder};
+pub use session::{OpTime, RunEnd, Session, SessionBuilder, StepDone};
 
 /// Bytes of memory this process can still take: the smaller of its cgroup's room (v2
 /// `memory.max − memory.current`, or v1 `memory.limit_in_bytes − memory.usage_in_bytes`) and the

@@ -3,7 +3,9 @@
 
 use smallvec::SmallVec;
 
-use super::plan::{Dependence, Plan, PlanMode, Slot};
+use std::ops::ControlFlow;
+
+use super::plan::{Dependence, Plan, PlanMode, Slot, StepOp};
 use super::Model;
 use crate::error::{Error, Result};
 use crate::ops::{self, Ctx, KvCache};
@@ -100,10 +102,38 @@ struct PlanKey {
 }
 
 impl PlanKey {
-    fn matches(&self, inputs: &[&Tensor]) -> bool {
-        self.shapes.iter().zip(inputs).all(|(s, t)| s.as_slice() == t.shape())
-            && self.values.iter().zip(inputs).all(|(v, t)| v.is_empty() || v.as_slice() == t.bytes())
+    fn matches(&self, inputs: &[View<'_>]) -> bool {
+        self.shapes.iter().zip(inputs).all(|(s, t)| s.as_slice() == t.shape)
+            && self.values.iter().zip(inputs).all(|(v, t)| v.is_empty() || v.as_slice() == t.bytes)
     }
+}
+
+/// The hook [`Session::run_until`] calls after each step.
+pub type StepHook<'h> = &'h mut dyn FnMut(&StepDone<'_>) -> ControlFlow<()>;
+
+/// How [`Session::run_until`] ended.
+#[derive(Debug)]
+pub enum RunEnd {
+    /// Every step ran: the outputs, in the model's output order.
+    Finished(Vec<Tensor>),
+    /// The hook stopped the run after this step (0-based); later steps did not run.
+    Stopped {
+        /// The last step that ran.
+        after_step: usize,
+    },
+}
+
+/// What a run's step hook sees after each step ([`Session::run_until`]).
+#[derive(Debug)]
+pub struct StepDone<'a> {
+    /// The step's position in the plan (0-based).
+    pub index: usize,
+    /// Steps in the plan.
+    pub steps: usize,
+    /// The graph node the step runs.
+    pub node: &'a str,
+    /// The values it wrote, in the node's output order.
+    pub outputs: &'a [View<'a>],
 }
 
 /// Most plans a session keeps; callers cycling through more shapes re-plan the oldest.
@@ -118,12 +148,13 @@ impl Session {
     /// Builds (or reuses) the plan for these input shapes without running; returns the bytes of
     /// activation memory the plan uses.
     pub fn prepare(&mut self, inputs: &[(&str, &Tensor)]) -> Result<usize> {
-        let ordered = self.order_inputs(inputs)?;
+        let views: SmallVec<[(&str, View<'_>); 8]> = inputs.iter().map(|(n, t)| (*n, t.view())).collect();
+        let ordered = self.order_inputs(&views)?;
         let i = self.plan_index(&ordered)?;
         Ok(self.plans[i].1.plan.arena_bytes())
     }
 
-    fn order_inputs<'t>(&self, inputs: &[(&str, &'t Tensor)]) -> Result<SmallVec<[&'t Tensor; 8]>> {
+    fn order_inputs<'t>(&self, inputs: &[(&str, View<'t>)]) -> Result<SmallVec<[View<'t>; 8]>> {
         let specs = self.model.inputs();
         for (name, _) in inputs {
             if !specs.iter().any(|s| s.name == *name) {
@@ -145,13 +176,17 @@ impl Session {
             if found.next().is_some() {
                 return Err(Error::Input(format!("input '{}' given twice", s.name)));
             }
+            // Checked on every run, not only when planning: a cached plan is keyed on shapes.
+            if t.dtype != s.dtype {
+                return Err(Error::Input(format!("input '{}' must be {}, got {}", s.name, s.dtype, t.dtype)));
+            }
             out.push(*t);
         }
         Ok(out)
     }
 
     /// Index of the plan for these inputs, building it on first use (every run for a dynamic model).
-    fn plan_index(&mut self, ordered: &[&Tensor]) -> Result<usize> {
+    fn plan_index(&mut self, ordered: &[View<'_>]) -> Result<usize> {
         if !self.dep.dynamic {
             if let Some(i) = self.plans.iter().position(|(key, _)| key.matches(ordered)) {
                 return Ok(i);
@@ -171,7 +206,7 @@ impl Session {
         if self.dep.dynamic {
             self.plans.clear();
         }
-        let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+        let key: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape.to_vec()).collect();
         let bytes = plan.arena_bytes();
         if let Some(limit) = limit {
             if bytes > limit {
@@ -200,7 +235,7 @@ impl Session {
         let values = ordered
             .iter()
             .enumerate()
-            .map(|(i, t)| if self.dep.keyed.get(i).copied().unwrap_or(false) { t.bytes().to_vec() } else { Vec::new() })
+            .map(|(i, t)| if self.dep.keyed.get(i).copied().unwrap_or(false) { t.bytes.to_vec() } else { Vec::new() })
             .collect();
         self.plans.push((PlanKey { shapes: key, values }, PlanState { plan, buffers, scratch }));
         Ok(self.plans.len() - 1)
@@ -223,10 +258,33 @@ impl Session {
 
     /// Runs the model on named inputs; returns the outputs in the model's output order.
     pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+        let views: SmallVec<[(&str, View<'_>); 8]> = inputs.iter().map(|(n, t)| (*n, t.view())).collect();
+        self.run_views(&views)
+    }
+
+    /// [`Session::run`] on borrowed inputs: the caller's memory is read in place, nothing is
+    /// copied (what bindings pass; see [`View::dense`]).
+    pub fn run_views(&mut self, inputs: &[(&str, View<'_>)]) -> Result<Vec<Tensor>> {
+        self.check_not_generating()?;
+        match self.run_inner(inputs, None, None)? {
+            RunEnd::Finished(outs) => Ok(outs),
+            RunEnd::Stopped { .. } => unreachable!("no hook, no stop"),
+        }
+    }
+
+    /// Runs, calling `hook` after every step with the values it wrote; the run ends early when
+    /// the hook returns [`ControlFlow::Break`] (the later steps do not run, no outputs are
+    /// returned). Where an early-exit head decides that the rest of the network is not needed.
+    pub fn run_until(&mut self, inputs: &[(&str, View<'_>)], hook: StepHook<'_>) -> Result<RunEnd> {
+        self.check_not_generating()?;
+        self.run_inner(inputs, None, Some(hook))
+    }
+
+    fn check_not_generating(&self) -> Result<()> {
         if self.mode.cache.is_some() {
             return Err(Error::Input("this session generates with a KV cache: run it through its generator".into()));
         }
-        self.run_inner(inputs, None)
+        Ok(())
     }
 
     /// Switches how plans are made (drops the plans made so far).
@@ -241,17 +299,27 @@ impl Session {
     /// Runs with `kv` bound to the cache-mode plans' attention steps; returns the outputs that
     /// are not held by the cache, in the model's order.
     pub(crate) fn run_kv(&mut self, inputs: &[(&str, &Tensor)], kv: &mut KvCache) -> Result<Vec<Tensor>> {
-        self.run_inner(inputs, Some(kv))
+        let views: SmallVec<[(&str, View<'_>); 8]> = inputs.iter().map(|(n, t)| (*n, t.view())).collect();
+        match self.run_inner(&views, Some(kv), None)? {
+            RunEnd::Finished(outs) => Ok(outs),
+            RunEnd::Stopped { .. } => unreachable!("no hook, no stop"),
+        }
     }
 
-    fn run_inner(&mut self, inputs: &[(&str, &Tensor)], mut kv: Option<&mut KvCache>) -> Result<Vec<Tensor>> {
+    fn run_inner(
+        &mut self,
+        inputs: &[(&str, View<'_>)],
+        mut kv: Option<&mut KvCache>,
+        mut hook: Option<StepHook<'_>>,
+    ) -> Result<RunEnd> {
         let ordered = self.order_inputs(inputs)?;
         let i = self.plan_index(&ordered)?;
         let Session { model, threads, plans, profile, .. } = self;
         let threads = *threads;
         let PlanState { plan, buffers, scratch } = &mut plans[i].1;
         let file = &model.file;
-        for step in plan.steps() {
+        let n_steps = plan.steps().len();
+        for (index, step) in plan.steps().iter().enumerate() {
             // Take the output buffers out of the pool (no allocation: Vec moves).
             let mut taken: SmallVec<[(usize, Vec<u64>); 4]> = SmallVec::new();
             for &o in &step.outputs {
@@ -277,7 +345,12 @@ impl Session {
             }
             let mut ctx = Ctx { threads, scratch, kv: kv.as_deref_mut() };
             let t0 = profile.is_some().then(std::time::Instant::now);
-            let res = ops::run(&step.op, &in_views, &mut out_views, &mut ctx);
+            let res = match &step.op {
+                StepOp::Node(op) => ops::run(op, &in_views, &mut out_views, &mut ctx),
+                StepOp::CachedAttention { attrs, layer } => {
+                    ops::run_cached_attention(attrs, *layer, &in_views, &mut out_views, &mut ctx)
+                }
+            };
             if let (Some(prof), Some(t0)) = (profile.as_mut(), t0) {
                 let dt = t0.elapsed().as_secs_f64();
                 let name = step.op.name();
@@ -295,11 +368,21 @@ impl Session {
                 buffers[b] = buf;
             }
             res.map_err(|e| Error::Node { node: step.name.clone(), op: step.op.name(), reason: e.message() })?;
+            if let Some(hook) = hook.as_mut() {
+                let mut outputs: SmallVec<[View<'_>; 4]> = SmallVec::new();
+                for &o in &step.outputs {
+                    outputs.push(plan.view(o, file, &ordered, buffers)?);
+                }
+                let done = StepDone { index, steps: n_steps, node: &step.name, outputs: &outputs };
+                if hook(&done).is_break() {
+                    return Ok(RunEnd::Stopped { after_step: index });
+                }
+            }
         }
         let mut outs = Vec::with_capacity(plan.outputs().len());
         for &o in plan.outputs() {
             outs.push(plan.view(o, file, &ordered, buffers)?.to_tensor()?);
         }
-        Ok(outs)
+        Ok(RunEnd::Finished(outs))
     }
 }

@@ -166,11 +166,8 @@ impl Graph {
                 }
             }
             node.op.validate(&node.name, node.inputs.len(), node.outputs.len())?;
-            if matches!(node.op, Op::CachedAttention { .. }) {
-                return Err(Error::Graph(format!(
-                    "node '{}': CachedAttention is made by a generating session, not stored in a model",
-                    node.name
-                )));
+            if matches!(node.op, Op::ReservedCachedAttention) {
+                return Err(Error::Graph(format!("node '{}': op tag 72 is reserved (no file holds it)", node.name)));
             }
             if let Op::Loop { body, body_inputs } = &node.op {
                 if depth + 1 > MAX_SUBGRAPH_DEPTH {

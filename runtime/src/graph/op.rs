@@ -481,13 +481,10 @@ pub enum Op {
         body_inputs: Vec<u32>,
     },
     // New variants go last: a variant's position is its tag in the file format.
-    /// Attention against the session's KV cache (made by the planner when a session generates;
-    /// never stored in a file). inputs: Q, K, V, attn_mask (optional); output: Y. `layer` picks
-    /// the cache.
-    CachedAttention {
-        attrs: AttentionAttrs,
-        layer: u32,
-    },
+    /// Reserved tag: an execution-only op (attention over a session's KV cache, now a plan
+    /// step of its own) once had it. Files never hold it; a graph that does is refused.
+    #[doc(hidden)]
+    ReservedCachedAttention,
     /// inputs: A [..., K], B [N, K] (2-D); Y = A·Bᵀ [..., N]. A product against a transposed
     /// weight stored once (an LM head tied to its embedding table); made by the converter.
     MatMulTransB,
@@ -708,7 +705,7 @@ impl Op {
             Op::Gru(_) | Op::Rnn(_) => (3, 6, 0, 2),
             Op::Einsum { .. } => (1, usize::MAX, 1, 1),
             Op::Attention(_) | Op::AttentionWindow { .. } => (3, 7, 1, 4),
-            Op::CachedAttention { .. } => (3, 4, 1, 1),
+            Op::ReservedCachedAttention => (0, 0, 0, 0),
             Op::BatchNormTraining { .. } => (5, 5, 1, 3),
             Op::RotaryEmbedding { .. } => (3, 4, 1, 1),
         };

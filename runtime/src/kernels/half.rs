@@ -26,7 +26,7 @@ thread_local! {
 pub const ROW_KERNEL_MAX_M: usize = 4;
 
 /// One weight row (f16) dotted with one activation row (f32), `k` values.
-type F16Row = unsafe fn(w: *const u16, x: *const f32, k: usize) -> f32;
+pub type F16Row = unsafe fn(w: *const u16, x: *const f32, k: usize) -> f32;
 
 /// # Safety
 /// `w` and `x` hold `k` values.
@@ -175,7 +175,7 @@ mod arm {
 
 /// One weight row (f16) dotted with one activation row rounded to f16, `k` values, accumulated
 /// in f32.
-type F16RowH = unsafe fn(w: *const u16, xh: *const u16, k: usize) -> f32;
+pub type F16RowH = unsafe fn(w: *const u16, xh: *const u16, k: usize) -> f32;
 
 impl Isa {
     /// The half-precision-arithmetic row kernel of this set, where the CPU has one: aarch64 with

@@ -133,11 +133,11 @@ fn arrange_q4(out: &mut QActs, m: usize, k: usize) {
 }
 
 /// One row's q8 dot product over `nb` blocks of 32: `Σ_b xs[b] · Σ_i w[i] · x[i]`.
-type Q8Row = unsafe fn(w: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32;
+pub type Q8Row = unsafe fn(w: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32;
 
 /// One row's q4 dot product: `Σ_b xs[b] · (d_b · Σ_i q_i · x_i + c_b · sum_b)`, where `c_b` is
 /// `−8·d_b` (symmetric) or the block minimum, per 32-value block (`sub` blocks share one scale).
-type Q4Row = unsafe fn(
+pub type Q4Row = unsafe fn(
     nib: *const u8,
     d: *const u16,
     mins: *const u16,

@@ -101,8 +101,6 @@ pub(crate) enum Family<'a> {
     Einsum(&'a str),
     /// Attention, with a sliding window `(left, right)` for `AttentionWindow`.
     Attention(&'a AttentionAttrs, Option<(i64, i64)>),
-    /// Attention over the session's KV cache (execution-side only; never in a file).
-    CachedAttention(&'a AttentionAttrs, u32),
     Rotary,
     Quant,
     Shape,
@@ -155,7 +153,7 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         Op::Einsum { equation } => F::Einsum(equation),
         Op::Attention(a) => F::Attention(a, None),
         Op::AttentionWindow { attrs, left, right } => F::Attention(attrs, Some((*left, *right))),
-        Op::CachedAttention { attrs, layer } => F::CachedAttention(attrs, *layer),
+        Op::ReservedCachedAttention => F::Planner,
         Op::RotaryEmbedding { .. } => F::Rotary,
         Op::QuantizeLinear { .. }
         | Op::DequantizeLinear { .. }
@@ -214,6 +212,26 @@ pub fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) ->
         Op::Attention(a) => attention::scratch_len(a, inputs, outputs.len()),
         _ => 0,
     }
+}
+
+/// Output type and shape of attention over the session's KV cache (the planner's
+/// `CachedAttention` step).
+pub(crate) fn infer_cached_attention(
+    a: &crate::graph::AttentionAttrs,
+    inputs: &[Option<Fact<'_>>],
+) -> OpResult<Vec<OutFact>> {
+    attention::infer_cached(a, inputs)
+}
+
+/// Runs attention over the KV cache of `layer` (the planner's `CachedAttention` step).
+pub(crate) fn run_cached_attention(
+    a: &crate::graph::AttentionAttrs,
+    layer: u32,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    attention::run_cached(a, layer as usize, inputs, outputs, ctx)
 }
 
 /// Scratch floats a `CachedAttention` needs with a cache of `capacity` positions.
@@ -345,7 +363,6 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::Resize => resize::infer(op, inputs)?,
         F::Einsum(equation) => einsum::infer(equation, inputs)?,
         F::Attention(a, _) => attention::infer(a, inputs, n_out)?,
-        F::CachedAttention(a, _) => attention::infer_cached(a, inputs)?,
         F::Rotary => rotary::infer(op, inputs)?,
         F::Quant => quant::infer(op, inputs)?,
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
@@ -427,7 +444,6 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::Resize => resize::run(op, inputs, outputs),
         F::Einsum(equation) => einsum::run(equation, inputs, outputs),
         F::Attention(a, window) => attention::run(a, window, inputs, outputs, ctx),
-        F::CachedAttention(a, layer) => attention::run_cached(a, layer as usize, inputs, outputs, ctx),
         F::Rotary => rotary::run(op, inputs, outputs),
         F::Quant => quant::run(op, inputs, outputs),
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),

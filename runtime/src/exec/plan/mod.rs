@@ -6,9 +6,10 @@ use std::collections::HashMap;
 
 use crate::error::{Error, OpError, Result};
 use crate::format::{ModelFile, TensorEncoding};
-use crate::graph::{Dim, Node, Op, ValueId};
+use crate::graph::{AttentionAttrs, Dim, Node, Op, ValueId};
 use crate::ops::{self, Fact};
 use crate::tensor::{DType, Tensor, View};
+use llm::Specialised;
 
 use super::Model;
 
@@ -31,23 +32,8 @@ pub(crate) enum Slot {
     Cache,
 }
 
-/// How a plan is specialised beyond input shapes.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct PlanMode {
-    /// Generating with the runtime's KV cache: per model input, the layer whose cache it binds.
-    pub cache: Option<CacheBinding>,
-    /// Compute only the last sequence position of this output (a rank-3 MatMul result, e.g.
-    /// the logits when only the next token is wanted).
-    pub last_row: Option<ValueId>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct CacheBinding {
-    /// Per model input: `Some(layer)` for a past key/value input held by the cache.
-    pub inputs: Vec<Option<u32>>,
-    /// Positions the cache holds (sizes the attention scratch).
-    pub capacity: usize,
-}
+mod llm;
+pub(crate) use llm::{CacheBinding, PlanMode};
 
 #[derive(Clone, Debug)]
 struct Loc {
@@ -56,11 +42,33 @@ struct Loc {
     slot: Slot,
 }
 
+/// What a step runs: a graph op, or one an execution-side specialisation made (never stored
+/// in a file).
+#[derive(Debug)]
+pub(crate) enum StepOp {
+    Node(Op),
+    /// Attention over the session's KV cache for `layer` (see `llm`).
+    CachedAttention {
+        attrs: AttentionAttrs,
+        layer: u32,
+    },
+}
+
+impl StepOp {
+    /// The op type's name (errors, profiles).
+    pub(crate) fn name(&self) -> String {
+        match self {
+            StepOp::Node(op) => op.name(),
+            StepOp::CachedAttention { .. } => "CachedAttention".into(),
+        }
+    }
+}
+
 /// One scheduled op.
 #[derive(Debug)]
 pub(crate) struct Step {
     pub name: String,
-    pub op: Op,
+    pub op: StepOp,
     pub inputs: Vec<Option<ValueId>>,
     pub outputs: Vec<ValueId>,
 }
@@ -115,7 +123,7 @@ impl From<Error> for PlanFail {
 impl Dependence {
     /// Widens the dependence after `fail`: keys the small inputs behind the needed values, or
     /// goes dynamic. Returns the error to report when there is nothing left to widen.
-    pub(crate) fn widen(&mut self, graph: &crate::graph::Graph, inputs: &[&Tensor], fail: PlanFail) -> Result<()> {
+    pub(crate) fn widen(&mut self, graph: &crate::graph::Graph, inputs: &[View<'_>], fail: PlanFail) -> Result<()> {
         let (values, err) = match fail {
             PlanFail::Error(e) => return Err(e),
             PlanFail::NeedsData(v, e) => (v, e),
@@ -177,7 +185,7 @@ fn input_dependencies(graph: &crate::graph::Graph, values: &[ValueId]) -> Vec<us
 
 struct Builder<'m> {
     file: &'m ModelFile,
-    inputs: &'m [&'m Tensor],
+    inputs: &'m [View<'m>],
     dep: &'m Dependence,
     locs: Vec<Option<Loc>>,
     folded: Vec<Tensor>,
@@ -199,7 +207,7 @@ impl<'m> Builder<'m> {
     fn view(&self, v: ValueId) -> Option<View<'_>> {
         let loc = self.locs[v as usize].as_ref()?;
         let (bytes, encoding) = match loc.slot {
-            Slot::Input(i) => (self.inputs[i].bytes(), TensorEncoding::Dense),
+            Slot::Input(i) => (self.inputs[i].bytes, TensorEncoding::Dense),
             Slot::Const(t) => (self.file.tensor_bytes(t as usize), self.file.encoding(t as usize)),
             Slot::Folded(i) => (self.folded[i].bytes(), TensorEncoding::Dense),
             Slot::Buf(_) | Slot::Cache => return None,
@@ -219,118 +227,17 @@ impl<'m> Builder<'m> {
         Error::Node { node: node.name.clone(), op: node.op.name(), reason: reason.to_string() }
     }
 
-    /// Whether `v` is held by the KV cache (a cache-bound input or a present output).
-    fn in_cache(&self, v: ValueId) -> bool {
-        match self.locs[v as usize].as_ref().map(|l| l.slot) {
-            Some(Slot::Cache) => true,
-            Some(Slot::Input(i)) => {
-                self.mode.cache.as_ref().is_some_and(|c| c.inputs.get(i).copied().flatten().is_some())
-            }
-            _ => false,
-        }
-    }
-
-    /// In cache mode, an `Attention` whose past inputs are cache-bound becomes a
-    /// `CachedAttention` step; its present outputs stay in the cache. Returns whether it did.
-    fn plan_cached_attention(&mut self, node: &Node) -> Result<bool, PlanFail> {
-        let (Some(cb), Op::Attention(attrs)) = (self.mode.cache.as_ref(), &node.op) else { return Ok(false) };
-        let layer_of =
-            |v: Option<&Option<ValueId>>| match v.copied().flatten().and_then(|v| self.locs[v as usize].as_ref()) {
-                Some(Loc { slot: Slot::Input(i), .. }) => cb.inputs.get(*i).copied().flatten(),
-                _ => None,
-            };
-        let (Some(lk), Some(lv)) = (layer_of(node.inputs.get(4)), layer_of(node.inputs.get(5))) else {
-            return Ok(false);
-        };
-        if lk != lv || node.inputs.len() > 6 {
-            return Err(Self::node_err(node, "past key and value of different layers, or a nonpad input").into());
-        }
-        let op = Op::CachedAttention { attrs: attrs.clone(), layer: lk };
-        let inputs: Vec<Option<ValueId>> = node.inputs[..4.min(node.inputs.len())].to_vec();
-        let facts: Vec<Option<Fact<'_>>> = inputs
-            .iter()
-            .map(|i| {
-                i.map(|v| {
-                    let l = self.locs[v as usize].as_ref().expect("checked");
-                    Fact { dtype: l.dtype, shape: &l.shape, value: None }
-                })
-            })
-            .collect();
-        let outs = ops::infer(&op, &facts, 1).map_err(|e| Self::node_err(node, e.message()))?;
-        let scratch = crate::ops::cached_attention_scratch(attrs, &facts, cb.capacity);
-        drop(facts);
-        self.scratch_len = self.scratch_len.max(scratch);
-        let (dtype, shape) = outs.into_iter().next().expect("one output");
-        let bytes = crate::tensor::numel(&shape).saturating_mul(dtype.size());
-        self.virtual_bytes.push(bytes);
-        self.locs[node.outputs[0] as usize] = Some(Loc { dtype, shape, slot: Slot::Buf(self.n_virtual) });
-        self.n_virtual += 1;
-        for &o in &node.outputs[1..] {
-            self.locs[o as usize] = Some(Loc { dtype: DType::F32, shape: vec![], slot: Slot::Cache });
-        }
-        self.steps.push(Step { name: node.name.clone(), op, inputs, outputs: vec![node.outputs[0]] });
-        Ok(true)
-    }
-
-    /// For [`PlanMode::last_row`]: a Slice step taking the last position of a [B, S, K] value;
-    /// returns the new value.
-    fn last_position(&mut self, v: ValueId) -> Result<ValueId, PlanFail> {
-        let l = self.locs[v as usize].clone().expect("planned");
-        let s = l.shape[1];
-        let fold = |t: Tensor, locs: &mut Vec<Option<Loc>>, folded: &mut Vec<Tensor>| {
-            locs.push(Some(Loc { dtype: t.dtype(), shape: t.shape().to_vec(), slot: Slot::Folded(folded.len()) }));
-            folded.push(t);
-            (locs.len() - 1) as ValueId
-        };
-        let starts = fold(Tensor::from_i64(vec![1], vec![s as i64 - 1]), &mut self.locs, &mut self.folded);
-        let ends = fold(Tensor::from_i64(vec![1], vec![s as i64]), &mut self.locs, &mut self.folded);
-        let axes = fold(Tensor::from_i64(vec![1], vec![1]), &mut self.locs, &mut self.folded);
-        let shape = vec![l.shape[0], 1, l.shape[2]];
-        let bytes = crate::tensor::numel(&shape) * l.dtype.size();
-        self.virtual_bytes.push(bytes);
-        self.locs.push(Some(Loc { dtype: l.dtype, shape, slot: Slot::Buf(self.n_virtual) }));
-        self.n_virtual += 1;
-        let out = (self.locs.len() - 1) as ValueId;
-        self.steps.push(Step {
-            name: "last_position".into(),
-            op: Op::Slice,
-            inputs: vec![Some(v), Some(starts), Some(ends), Some(axes)],
-            outputs: vec![out],
-        });
-        Ok(out)
-    }
-
     fn plan_nodes(&mut self, graph: &crate::graph::Graph, nodes: &[Node]) -> Result<(), PlanFail> {
         for node in nodes {
             let rewritten: Node;
-            let node = match self.mode.last_row {
-                Some(want)
-                    if node.outputs.first() == Some(&want)
-                        && matches!(node.op, Op::MatMul | Op::MatMulTransB)
-                        && node.inputs[0]
-                            .and_then(|a| self.locs[a as usize].as_ref())
-                            .is_some_and(|l| l.shape.len() == 3 && l.shape[1] > 1) =>
-                {
-                    let a = self.last_position(node.inputs[0].expect("checked"))?;
-                    let mut inputs = node.inputs.clone();
-                    inputs[0] = Some(a);
-                    rewritten = Node { inputs, ..node.clone() };
+            let node = match self.specialise(graph, node)? {
+                Specialised::Planned => continue,
+                Specialised::Rewritten(n) => {
+                    rewritten = *n;
                     &rewritten
                 }
-                _ => node,
+                Specialised::AsIs => node,
             };
-            if self.mode.cache.is_some() {
-                if self.plan_cached_attention(node)? {
-                    continue;
-                }
-                if let Some(v) = node.inputs.iter().flatten().find(|&&v| self.in_cache(v)) {
-                    return Err(Self::node_err(
-                        node,
-                        format!("reads '{}', which the KV cache holds, outside attention", graph.value_name(*v)),
-                    )
-                    .into());
-                }
-            }
             // Every input must have been planned (validated graphs guarantee it for the main
             // graph; branch bodies may reach outer values defined later).
             for inp in node.inputs.iter().flatten() {
@@ -473,7 +380,7 @@ impl<'m> Builder<'m> {
                 }
                 self.steps.push(Step {
                     name: node.name.clone(),
-                    op: node.op.clone(),
+                    op: StepOp::Node(node.op.clone()),
                     inputs: node.inputs.clone(),
                     outputs: node.outputs.clone(),
                 });
@@ -614,7 +521,7 @@ impl Plan {
     /// `dep` says the plan may depend on.
     pub(crate) fn build(
         model: &Model,
-        inputs: &[&Tensor],
+        inputs: &[View<'_>],
         threads: usize,
         dep: &Dependence,
         limit: Option<(usize, &'static str)>,
@@ -626,15 +533,15 @@ impl Plan {
         let mut locs: Vec<Option<Loc>> = vec![None; graph.values.len()];
         let mut syms: HashMap<&str, (usize, &str)> = HashMap::new();
         for (i, (spec, t)) in graph.inputs.iter().zip(inputs).enumerate() {
-            if t.dtype() != spec.dtype {
+            if t.dtype != spec.dtype {
                 return Err(
-                    Error::Input(format!("input '{}' must be {}, got {}", spec.name, spec.dtype, t.dtype())).into()
+                    Error::Input(format!("input '{}' must be {}, got {}", spec.name, spec.dtype, t.dtype)).into()
                 );
             }
             // The shape the graph sees: the input's own, except that one element given as
             // `[1]` where a scalar is declared (or the reverse) takes the declared rank, as
             // ONNX Runtime accepts it (the browser VAD package sends `sr` as `[1]`).
-            let mut shape = t.shape().to_vec();
+            let mut shape = t.shape.to_vec();
             if let Some(dims) = &spec.dims {
                 let one = |d: &Dim| matches!(d, Dim::Sym(_) | Dim::Fixed(1));
                 if dims.len() != shape.len()
@@ -654,7 +561,7 @@ impl Plan {
                         spec.name,
                         dims.len(),
                         dims_str(&spec.dims),
-                        t.shape()
+                        t.shape
                     ))
                     .into());
                 }
@@ -665,7 +572,7 @@ impl Plan {
                                 "input '{}' dim {k} must be {f} {}, got shape {:?}",
                                 spec.name,
                                 dims_str(&spec.dims),
-                                t.shape()
+                                t.shape
                             ))
                             .into())
                         }
@@ -687,7 +594,7 @@ impl Plan {
                     }
                 }
             }
-            locs[spec.value as usize] = Some(Loc { dtype: t.dtype(), shape, slot: Slot::Input(i) });
+            locs[spec.value as usize] = Some(Loc { dtype: t.dtype, shape, slot: Slot::Input(i) });
         }
         for c in &graph.constants {
             let e = &meta.tensors[c.tensor as usize];
@@ -835,14 +742,14 @@ impl Plan {
         &'a self,
         v: ValueId,
         file: &'a ModelFile,
-        inputs: &[&'a Tensor],
+        inputs: &[View<'a>],
         buffers: &'a [Vec<u64>],
     ) -> Result<View<'a>> {
         let l = self.locs[v as usize].as_ref().ok_or_else(|| Error::Graph(format!("value {v} was not planned")))?;
         let n = crate::tensor::numel(&l.shape).saturating_mul(l.dtype.size());
         let dense = TensorEncoding::Dense;
         let (bytes, encoding): (&[u8], _) = match l.slot {
-            Slot::Input(i) => (inputs[i].bytes(), dense),
+            Slot::Input(i) => (inputs[i].bytes, dense),
             // A panel-encoded or quantized weight keeps its whole storage.
             Slot::Const(t) => match file.encoding(t as usize) {
                 TensorEncoding::Dense => (file.tensor_bytes(t as usize), dense),

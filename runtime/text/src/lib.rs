@@ -1,0 +1,188 @@
+//! Device-side text for Acorn's decoder models: the tokenizer (embedded in the `.acorn` file by
+//! `acorn convert --tokenizer`, or given at run time), chat templates, streaming
+//! detokenization, token sampling ([`Sampling`], from the runtime) and perplexity. An app that
+//! bundles the runtime uses this crate for text and never the converter; a build that runs no
+//! language model leaves it out. Chat templates (minijinja) are the `chat-templates` feature (on
+//! by default).
+//!
+//! ```no_run
+//! use acorn::llm::{Generator, GeneratorOptions};
+//! # fn main() -> Result<(), acorn_text::Error> {
+//! let model = acorn::Model::open("smollm2.acorn")?;
+//! let tok = acorn_text::load_tokenizer(&model, None)?;
+//! let mut gen = Generator::new(&model, &GeneratorOptions::default())?;
+//! let prompt = acorn_text::encode(&tok, "The capital of France is")?;
+//! let mut text = acorn_text::Detokenizer::new(&tok);
+//! for id in gen.generate(&prompt, 16, &acorn_text::Sampling::greedy(), &[])? {
+//!     let id = id?;
+//!     print!("{}", text.push(id)?);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::path::Path;
+
+use acorn::llm::Generator;
+pub use acorn::llm::{Sampler, Sampling};
+use acorn::Model;
+use tokenizers::Tokenizer;
+
+/// What can go wrong with text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The tokenizer could not be read, or failed on the text or tokens given.
+    #[error("{0}")]
+    Tokenizer(String),
+    /// The chat template does not parse, or failed while rendering.
+    #[error("{0}")]
+    Template(String),
+    /// An argument outside what the function accepts.
+    #[error("{0}")]
+    Input(String),
+    /// The model (opening or running it).
+    #[error(transparent)]
+    Model(#[from] acorn::Error),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Parses tokenizer.json bytes.
+pub fn tokenizer_from_bytes(bytes: &[u8]) -> Result<Tokenizer> {
+    Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(format!("not a readable tokenizer.json: {e}")))
+}
+
+/// The tokenizer to use with `model`: `path` when given (overrides), else the one embedded in
+/// the model.
+pub fn load_tokenizer(model: &Model, path: Option<&Path>) -> Result<Tokenizer> {
+    match path {
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .map_err(|e| Error::Model(acorn::Error::Io { path: p.display().to_string(), source: e }))?;
+            tokenizer_from_bytes(&bytes).map_err(|e| Error::Tokenizer(format!("{}: {e}", p.display())))
+        }
+        None => match acorn::llm::embedded_tokenizer(model) {
+            Some(b) => {
+                tokenizer_from_bytes(b).map_err(|e| Error::Tokenizer(format!("the model's embedded tokenizer: {e}")))
+            }
+            None => Err(Error::Input(
+                "the model has no tokenizer: convert it with `acorn convert … --tokenizer tokenizer.json` or pass \
+                 --tokenizer"
+                    .into(),
+            )),
+        },
+    }
+}
+
+/// Most template instructions one chat prompt may take to render.
+pub const CHAT_TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Renders a chat template (Jinja, as in Hugging Face tokenizer configs) for one user message,
+/// ending with the assistant's turn opened.
+#[cfg(feature = "chat-templates")]
+pub fn chat_prompt(template: &str, messages: &[(&str, &str)]) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    // A template is data from the model file: bound the work it may do (a nested
+    // `range(100000)` would otherwise render for hours). Real chat templates use a few thousand
+    // instructions per conversation.
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
+    env.add_template("chat", template)
+        .map_err(|e| Error::Template(format!("the chat template does not parse: {e}")))?;
+    let msgs: Vec<serde_json::Value> =
+        messages.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+    env.get_template("chat")
+        .and_then(|t| t.render(minijinja::context! { messages => msgs, add_generation_prompt => true }))
+        .map_err(|e| Error::Template(format!("the chat template failed: {e}")))
+}
+
+/// Without the `chat-templates` feature: an error saying so.
+#[cfg(not(feature = "chat-templates"))]
+pub fn chat_prompt(_template: &str, _messages: &[(&str, &str)]) -> Result<String> {
+    Err(Error::Template("this build has no chat templates (the `chat-templates` feature of acorn-text)".into()))
+}
+
+/// Turns a growing list of token ids into text pieces as they become printable (a token may end
+/// inside a UTF-8 character; the piece waits for the rest).
+pub struct Detokenizer<'t> {
+    tok: &'t Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl<'t> Detokenizer<'t> {
+    /// A detokenizer with no tokens yet.
+    pub fn new(tok: &'t Tokenizer) -> Self {
+        Detokenizer { tok, ids: Vec::new(), printed: 0 }
+    }
+
+    /// Adds a token; returns the new text it completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids, true).map_err(|e| Error::Tokenizer(format!("decoding tokens: {e}")))?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+            return Ok(String::new());
+        }
+        let piece = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(piece)
+    }
+
+    /// All text so far.
+    pub fn text(&self) -> Result<String> {
+        self.tok.decode(&self.ids, true).map_err(|e| Error::Tokenizer(format!("decoding tokens: {e}")))
+    }
+}
+
+/// Token ids of `text` (no special tokens added).
+pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tok.encode(text, false).map_err(|e| Error::Tokenizer(format!("tokenizing: {e}")))?.get_ids().to_vec())
+}
+
+/// Perplexity over the first `windows` non-overlapping windows of `window` tokens of `ids`:
+/// each window scored from an empty cache, predicting its tokens 2..N. Returns (perplexity,
+/// scored tokens).
+pub fn perplexity(
+    gen: &mut Generator,
+    ids: &[u32],
+    window: usize,
+    windows: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<(f64, usize)> {
+    if window < 2 {
+        return Err(Error::Input("the window must be at least 2 tokens".into()));
+    }
+    let available = ids.len() / window;
+    if available == 0 {
+        return Err(Error::Input(format!("the text has {} tokens, fewer than one window of {window}", ids.len())));
+    }
+    let n = windows.min(available);
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for w in 0..n {
+        let chunk = &ids[w * window..(w + 1) * window];
+        gen.reset();
+        let logits = gen.feed_all(chunk)?;
+        let vocab = logits.shape()[2];
+        let d = logits.as_f32().ok_or_else(|| Error::Input("the model's logits are not f32".into()))?;
+        if let Some(&bad) = chunk.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Input(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
+        }
+        total += nll(&d[..(window - 1) * vocab], vocab, &chunk[1..]);
+        count += window - 1;
+        progress(w + 1);
+    }
+    gen.reset();
+    Ok(((total / count as f64).exp(), count))
+}
+
+/// Σ over rows of −log softmax(row)[target] (in f64), for `logits` [rows, vocab] predicting
+/// `targets` (one per row; each < vocab).
+pub fn nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
+    let mut s = 0.0;
+    for (row, &t) in logits.chunks_exact(vocab).zip(targets) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        s += lse - row[t as usize] as f64;
+    }
+    s
+}
