@@ -2,10 +2,11 @@
 //!
 //! - `bandwidth`: memory read bandwidth of this machine (sum of a 256 MiB buffer, 1 and 2
 //!   threads) — the physical limit for GEMV.
-//! - `gemv_f16` / `gemv_q8` / `gemv_q4`: f16-weight and quantized GEMV on weight matrices larger than L2; throughput is the
-//!   weight bytes streamed (compare with `bandwidth` at the same thread count).
-//! - `sgemm`: f32 GEMM at 512³ and MiniLM's shapes: Acorn's native kernel and the portable
-//!   (`generic`) kernel called directly, and Acorn vs ONNX Runtime each running the same
+//! - `gemv_f16` / `gemv_q8` / `gemv_q4`: f16-weight and quantized GEMV on weight matrices larger than L2, every kernel
+//!   this CPU supports (one per kernel set that has its own); throughput is the weight bytes streamed (compare with
+//!   `bandwidth` at the same thread count).
+//! - `sgemm`: f32 GEMM at 512³ and MiniLM's shapes: every tile this CPU supports (from the
+//!   kernel lists, the portable one included) called directly, and Acorn vs ONNX Runtime each running the same
 //!   one-MatMul ONNX model (weights as an initializer); throughput in FLOP (2·m·n·k).
 //! - `pool`: the cost of splitting a call over 2 threads (worker already awake, or asleep).
 //!
@@ -73,8 +74,20 @@ fn gemv_group(
     g.finish();
 }
 
+/// The kernel sets this CPU runs, one per distinct kernel name `name(isa)` gives (the benches
+/// run every kernel of every supported level, not just the selected one).
+fn supported_sets(name: impl Fn(Isa) -> &'static str) -> Vec<(Isa, &'static str)> {
+    let mut out: Vec<(Isa, &'static str)> = Vec::new();
+    for isa in kernels::ALL_ISAS.into_iter().filter(|i| i.supported()) {
+        let n = name(isa);
+        if !out.iter().any(|(_, m)| *m == n) {
+            out.push((isa, n));
+        }
+    }
+    out
+}
+
 fn gemv(c: &mut Criterion) {
-    let isa = kernels::selected();
     for (n, k) in GEMV_SHAPES {
         let w = pseudo_random(n * k, (n + k) as u64);
         let x = pseudo_random(k, 7);
@@ -85,24 +98,34 @@ fn gemv(c: &mut Criterion) {
         let f16: Vec<u16> = w.iter().map(|&v| acorn::dtype::f32_to_f16(v)).collect();
         let bytes = 2 * n * k;
         let f16s = copies(&f16, bytes);
-        gemv_group(c, "f16", isa.f16_kernel_name(), (n, k), bytes, |threads, turn| {
-            let w = F16Weights { n, k, data: &f16s[turn % f16s.len()] };
-            half::gemm_f16(isa, &x, 1, &w, &mut out, threads).unwrap()
-        });
+        for (isa, name) in supported_sets(|i| i.f16_kernel_name()) {
+            gemv_group(c, "f16", name, (n, k), bytes, |threads, turn| {
+                let w = F16Weights { n, k, data: &f16s[turn % f16s.len()] };
+                half::gemm_f16(isa, &x, 1, &w, &mut out, threads).unwrap()
+            });
+        }
         drop(f16s);
 
         let bytes = n * k + 4 * n;
         let q8s = copies(&acorn::weights::q8::encode(&w, n, k), bytes);
-        gemv_group(c, "q8", isa.q_rows().q8_name, (n, k), bytes, |threads, turn| {
-            quant::gemm_q8(isa, &qa, &q8s[turn % q8s.len()].view(), &mut out, threads).unwrap()
-        });
+        for (isa, name) in supported_sets(|i| i.q_rows().q8_name) {
+            gemv_group(c, "q8", name, (n, k), bytes, |threads, turn| {
+                quant::gemm_q8(isa, &qa, &q8s[turn % q8s.len()].view(), &mut out, threads).unwrap()
+            });
+        }
         drop(q8s);
 
         let bytes = n * k / 2 + 2 * n * k / 32;
         let q4s = copies(&acorn::weights::q4::encode(&w, n, k, 32, false), bytes);
-        gemv_group(c, "q4", isa.q_rows().q4_name, (n, k), bytes, |threads, turn| {
-            quant::gemm_q4(isa, &qa, &q4s[turn % q4s.len()].view(), &mut out, threads).unwrap()
-        });
+        let q4_name = |i: Isa| match kernels::lists::pick(quant::q4_sym32_rows(), i) {
+            Some(band) => band.name,
+            None => i.q_rows().q4_name,
+        };
+        for (isa, name) in supported_sets(q4_name) {
+            gemv_group(c, "q4", name, (n, k), bytes, |threads, turn| {
+                quant::gemm_q4(isa, &qa, &q4s[turn % q4s.len()].view(), &mut out, threads).unwrap()
+            });
+        }
     }
 }
 
@@ -122,7 +145,7 @@ const GEMM_SHAPES: [(usize, usize, usize); 9] = [
 
 fn sgemm(c: &mut Criterion) {
     let onnx_dir = tempfile::tempdir().unwrap();
-    let native = kernels::selected();
+    let sets = supported_sets(|i| i.f32_tile().map_or("reference", |t| t.name));
     for (m, k, n) in GEMM_SHAPES {
         let a = pseudo_random(m * k, 3);
         let b = pseudo_random(k * n, 4);
@@ -132,7 +155,7 @@ fn sgemm(c: &mut Criterion) {
             .sample_size(30)
             .measurement_time(Duration::from_secs(2));
         let am = MatRef { data: &a, rs: k, cs: 1 };
-        for isa in [native, Isa::Generic] {
+        for &(isa, _) in &sets {
             let Some(nr) = isa.f32_panel() else { continue };
             let packed = kernels::pack_panels(BMat::Strided(MatRef { data: &b, rs: n, cs: 1 }), k, n, nr);
             let bp = BMat::Panels(Panels { data: &packed, k, n, nr });

@@ -11,6 +11,7 @@
 //! - More rows (prefill, batches): the weights are converted into the f32 GEMM's panels once
 //!   per call and the f32 kernels run (conversion is `1/m` of the work).
 
+use super::lists::{pick, Reads};
 use super::pool::{self, SharedOut};
 use super::{BMat, Isa, MatRef, Panels};
 use crate::dtype::f16_to_f32;
@@ -177,20 +178,37 @@ mod arm {
 /// in f32.
 pub type F16RowH = unsafe fn(w: *const u16, xh: *const u16, k: usize) -> f32;
 
-impl Isa {
-    /// The half-precision-arithmetic row kernel of this set, where the CPU has one: aarch64 with
+crate::kernel_list! {
+    /// f16-weight row kernels computing in f32 (a GEMV's inner loop), best first.
+    pub fn f16_rows(add) -> F16Row {
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_f16f32_avx512", Isa::Avx512, Reads::F32, x86::f16_row_avx512 as F16Row);
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_f16f32_avx2", Isa::Avx2, Reads::F32, x86::f16_row_avx2);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_f16f32_neon", Isa::Neon, Reads::F32, arm::f16_row_neon);
+        add("gemv_f16f32_ref", Isa::Reference, Reads::F32, f16_row_ref);
+    }
+}
+
+crate::kernel_list! {
+    /// f16-weight row kernels with half-precision arithmetic, where the CPU has it: aarch64 with
     /// FEAT_FHM (FP16 multiply, f32 accumulate; optional from ARMv8.2, standard from 8.4) at the
     /// `neondot`/`i8mm` levels. Activations are rounded to f16 once per call, so results differ
     /// from the f32-compute kernels by at most 2⁻¹¹·Σ|w·x| (the tested bound); `neon` keeps the
     /// f32-compute kernel.
-    pub fn f16_row_half(self) -> Option<(&'static str, F16RowH)> {
-        match self {
-            #[cfg(target_arch = "aarch64")]
-            Isa::NeonDot | Isa::NeonI8mm if std::arch::is_aarch64_feature_detected!("fhm") => {
-                Some(("gemv_f16f16_neonfhm", arm::f16_row_fhm))
-            }
-            _ => None,
+    pub fn f16_half_rows(add) -> F16RowH {
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("fhm") {
+            add("gemv_f16f16_neondotfhm", Isa::NeonDot, Reads::F16, arm::f16_row_fhm as F16RowH);
         }
+    }
+}
+
+impl Isa {
+    /// The half-precision-arithmetic row kernel of this set, where the CPU has one.
+    pub fn f16_row_half(self) -> Option<(&'static str, F16RowH)> {
+        pick(f16_half_rows(), self).map(|e| (e.name, e.kernel))
     }
 
     /// Name of the f16-weight GEMV kernel this set runs.
@@ -200,15 +218,8 @@ impl Isa {
 
     /// The f16-weight row kernel of this set and its name.
     pub fn f16_row(self) -> (&'static str, F16Row) {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => ("gemv_f16f32_avx2", x86::f16_row_avx2),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Vnni => ("gemv_f16f32_avx512", x86::f16_row_avx512),
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => ("gemv_f16f32_neon", arm::f16_row_neon),
-            _ => ("gemv_f16f32_ref", f16_row_ref),
-        }
+        let e = pick(f16_rows(), self).expect("the reference kernel is in every list");
+        (e.name, e.kernel)
     }
 }
 

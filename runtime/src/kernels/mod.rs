@@ -44,6 +44,7 @@ mod armq;
 mod gemm;
 pub mod generic;
 pub mod half;
+pub mod lists;
 pub mod math;
 pub mod pool;
 pub mod quant;
@@ -137,44 +138,7 @@ impl Isa {
 
     /// The f32 GEMM micro-kernel of this set (`None` for `reference`, which has no tiles).
     pub fn f32_tile(self) -> Option<F32Tile> {
-        match self {
-            Isa::Reference => None,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Some(F32Tile {
-                name: "sgemm_6x16_avx2",
-                mr: x86::AVX2_MR,
-                nr: x86::AVX2_NR,
-                run: x86::sgemm_6x16_avx2,
-                run_in_place: Some(x86::sgemm_6x16_avx2_rm),
-                dots: math::DotKernel::Avx2,
-            }),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Vnni => Some(F32Tile {
-                name: "sgemm_12x32_avx512",
-                mr: x86::AVX512_MR,
-                nr: x86::AVX512_NR,
-                run: x86::sgemm_12x32_avx512,
-                run_in_place: Some(x86::sgemm_12x32_avx512_rm),
-                dots: math::DotKernel::Avx512,
-            }),
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Some(F32Tile {
-                name: "sgemm_8x12_neon",
-                mr: arm::NEON_MR,
-                nr: arm::NEON_NR,
-                run: arm::sgemm_8x12_neon,
-                run_in_place: Some(arm::sgemm_8x12_neon_rm),
-                dots: math::DotKernel::Portable,
-            }),
-            _ => Some(F32Tile {
-                name: "sgemm_6x8_generic",
-                mr: generic::MR,
-                nr: generic::NR,
-                run: generic::sgemm_6x8_generic,
-                run_in_place: None,
-                dots: math::DotKernel::Portable,
-            }),
-        }
+        lists::pick(f32_tiles(), self).map(|e| e.kernel)
     }
 
     /// Panel width (columns) of this set's f32 GEMM: the weight layout it reads without
@@ -188,6 +152,68 @@ impl Isa {
             Isa::Avx512 | Isa::Avx512Vnni => Some(32),
             Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Some(12),
         }
+    }
+}
+
+crate::kernel_list! {
+    /// f32 GEMM register tiles, best first (the reference has none: it is plain loops).
+    pub fn f32_tiles(add) -> F32Tile {
+        use lists::Reads::F32;
+        #[cfg(target_arch = "x86_64")]
+        add(
+            "sgemm_12x32_avx512",
+            Isa::Avx512,
+            F32,
+            F32Tile {
+                name: "sgemm_12x32_avx512",
+                mr: x86::AVX512_MR,
+                nr: x86::AVX512_NR,
+                run: x86::sgemm_12x32_avx512,
+                run_in_place: Some(x86::sgemm_12x32_avx512_rm),
+                dots: math::DotKernel::Avx512,
+            },
+        );
+        #[cfg(target_arch = "x86_64")]
+        add(
+            "sgemm_6x16_avx2",
+            Isa::Avx2,
+            F32,
+            F32Tile {
+                name: "sgemm_6x16_avx2",
+                mr: x86::AVX2_MR,
+                nr: x86::AVX2_NR,
+                run: x86::sgemm_6x16_avx2,
+                run_in_place: Some(x86::sgemm_6x16_avx2_rm),
+                dots: math::DotKernel::Avx2,
+            },
+        );
+        #[cfg(target_arch = "aarch64")]
+        add(
+            "sgemm_8x12_neon",
+            Isa::Neon,
+            F32,
+            F32Tile {
+                name: "sgemm_8x12_neon",
+                mr: arm::NEON_MR,
+                nr: arm::NEON_NR,
+                run: arm::sgemm_8x12_neon,
+                run_in_place: Some(arm::sgemm_8x12_neon_rm),
+                dots: math::DotKernel::Portable,
+            },
+        );
+        add(
+            "sgemm_6x8_generic",
+            Isa::Generic,
+            F32,
+            F32Tile {
+                name: "sgemm_6x8_generic",
+                mr: generic::MR,
+                nr: generic::NR,
+                run: generic::sgemm_6x8_generic,
+                run_in_place: None,
+                dots: math::DotKernel::Portable,
+            },
+        );
     }
 }
 

@@ -11,6 +11,7 @@
 //! `reference` is plain integer arithmetic in Rust; native kernels compute the same integer
 //! dot products, so they differ from it only by f32 summation order.
 
+use super::lists::{pick, Reads};
 use super::pool::{self, SharedOut};
 use super::Isa;
 use crate::dtype::f16_to_f32;
@@ -223,7 +224,7 @@ pub struct QRows {
     /// in their 4-bit arrangement ([`QActs::q4x`]), where the set has one.
     pub q4_sym32: Option<Q4Sym32Row>,
     /// The set's kernel for q8 weights in GEMM panels ([`Q8Panels`]), where it has one.
-    pub q8_panel: Option<Q8PanelKernel>,
+    pub q8_panel: Option<(&'static str, Q8PanelKernel)>,
     /// A kernel for q4 weights unpacked per call into panels of 32 rows (products with at least
     /// [`Q8_GEMM_MIN_ROWS`] activation rows), where the set has one.
     pub q4_panel: Option<(&'static str, Q4PanelFn)>,
@@ -300,7 +301,6 @@ pub fn unpack_q4_panel(w: &Q4Weights<'_>, p: usize, codes: &mut [u8], d: &mut [f
 /// A native kernel for [`Q8Panels`]: one panel of `nr` weight rows × all activation rows.
 #[derive(Clone, Copy)]
 pub struct Q8PanelKernel {
-    pub name: &'static str,
     pub panel: Q8PanelFn,
     pub nr: usize,
     /// Reads the activations offset to unsigned (`x ^ 0x80`) from [`Q8_GEMM_MIN_ROWS`] rows, as
@@ -345,77 +345,95 @@ pub type Q4Sym32Row =
 /// `[x0·w0, x0·w1, x1·w0, x1·w1]` over `nb` blocks: `(w0, w1, x0, x1, xs0, xs1, nb)`.
 pub type Q8Tile2x2 = unsafe fn(*const i8, *const i8, *const i8, *const i8, *const f32, *const f32, usize) -> [f32; 4];
 
+crate::kernel_list! {
+    /// q8 row kernels: one weight row against one activation row, all blocks.
+    pub fn q8_rows(add) -> Q8Row {
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q8i8_avx512vnni", Isa::Avx512Vnni, Reads::Int8Blocks, super::x86q::q8_row_vnni as Q8Row);
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q8i8_avx2", Isa::Avx2, Reads::Int8Blocks, super::x86q::q8_row_avx2);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q8i8_neondot", Isa::NeonDot, Reads::Int8Blocks, super::armq::q8_row_dot);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q8i8_neon", Isa::Neon, Reads::Int8Blocks, super::armq::q8_row_neon);
+        add("gemv_q8i8_ref", Isa::Reference, Reads::Int8Blocks, q8_row_ref);
+    }
+}
+
+crate::kernel_list! {
+    /// q4 row kernels (any block size, symmetric or with minimums).
+    pub fn q4_rows(add) -> Q4Row {
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q4i8_avx512vnni", Isa::Avx512Vnni, Reads::Int8Blocks, super::x86q::q4_row_vnni as Q4Row);
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q4i8_avx2", Isa::Avx2, Reads::Int8Blocks, super::x86q::q4_row_avx2);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q4i8_neondot", Isa::NeonDot, Reads::Int8Blocks, super::armq::q4_row_dot);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q4i8_neon", Isa::Neon, Reads::Int8Blocks, super::armq::q4_row_neon);
+        add("gemv_q4i8_ref", Isa::Reference, Reads::Int8Blocks, q4_row_ref);
+    }
+}
+
+crate::kernel_list! {
+    /// q4 band kernels for blocks of 32 reading the activations' 4-bit arrangement.
+    pub fn q4_sym32_rows(add) -> Q4Sym32Row {
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q4i8_band_avx512vnni", Isa::Avx512Vnni, Reads::Int8BlocksQ4Halves, super::x86q::q4_sym32_vnni512 as Q4Sym32Row);
+    }
+}
+
+crate::kernel_list! {
+    /// Two activation rows × two q8 weight rows at once (products with m ≥ 2).
+    pub fn q8_tiles_2x2(add) -> Q8Tile2x2 {
+        #[cfg(target_arch = "aarch64")]
+        add("gemm_q8i8_2x2_i8mm", Isa::NeonI8mm, Reads::Int8Blocks, super::armq::q8_2x2_i8mm as Q8Tile2x2);
+    }
+}
+
+crate::kernel_list! {
+    /// Kernels for q8 weights in GEMM panels ([`Q8Panels`]).
+    pub fn q8_panels(add) -> Q8PanelKernel {
+        #[cfg(target_arch = "x86_64")]
+        add(
+            "gemm_q8i8_6x32_avx512vnni",
+            Isa::Avx512Vnni,
+            Reads::Int8Blocks,
+            Q8PanelKernel { panel: super::x86q::q8_panel_vnni, nr: 32, unsigned_acts: true, packs_rows: true },
+        );
+        #[cfg(target_arch = "aarch64")]
+        add(
+            "gemm_q8i8_1x32_neondot",
+            Isa::NeonDot,
+            Reads::Int8Blocks,
+            Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false },
+        );
+    }
+}
+
+crate::kernel_list! {
+    /// Kernels for q4 weights unpacked per call into panels of 32 rows (products with at least
+    /// [`Q8_GEMM_MIN_ROWS`] activation rows).
+    pub fn q4_panels(add) -> Q4PanelFn {
+        #[cfg(target_arch = "x86_64")]
+        add("gemm_q4i8_6x32_avx512vnni", Isa::Avx512Vnni, Reads::Int8Blocks, super::x86q::q4_panel_vnni as Q4PanelFn);
+    }
+}
+
 impl Isa {
-    /// The quantized row kernels of this set (a set without native ones uses the portable code).
+    /// The quantized kernels this set runs, picked from the lists.
     pub fn q_rows(self) -> QRows {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => QRows {
-                q8_name: "gemv_q8i8_avx2",
-                q8: super::x86q::q8_row_avx2,
-                q4_name: "gemv_q4i8_avx2",
-                q4: super::x86q::q4_row_avx2,
-                q8_2x2: None,
-                q4_sym32: None,
-                q8_panel: None,
-                q4_panel: None,
-            },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => QRows {
-                q8_name: "gemv_q8i8_avx512vnni",
-                q8: super::x86q::q8_row_vnni,
-                q4_name: "gemv_q4i8_avx512vnni",
-                q4: super::x86q::q4_row_vnni,
-                q8_2x2: None,
-                q4_sym32: Some(super::x86q::q4_sym32_vnni512),
-                q8_panel: Some(Q8PanelKernel {
-                    name: "gemm_q8i8_6x32_avx512vnni",
-                    panel: super::x86q::q8_panel_vnni,
-                    nr: 32,
-                    unsigned_acts: true,
-                    packs_rows: true,
-                }),
-                q4_panel: Some(("gemm_q4i8_6x32_avx512vnni", super::x86q::q4_panel_vnni)),
-            },
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => QRows {
-                q8_name: "gemv_q8i8_neon",
-                q8: super::armq::q8_row_neon,
-                q4_name: "gemv_q4i8_neon",
-                q4: super::armq::q4_row_neon,
-                q8_2x2: None,
-                q4_sym32: None,
-                q8_panel: None,
-                q4_panel: None,
-            },
-            #[cfg(target_arch = "aarch64")]
-            Isa::NeonDot | Isa::NeonI8mm => QRows {
-                q8_name: "gemv_q8i8_neondot",
-                q8: super::armq::q8_row_dot,
-                q4_name: "gemv_q4i8_neondot",
-                q4: super::armq::q4_row_dot,
-                q8_2x2: (self == Isa::NeonI8mm)
-                    .then_some(("gemm_q8i8_2x2_i8mm", super::armq::q8_2x2_i8mm as Q8Tile2x2)),
-                q4_sym32: None,
-                q8_panel: Some(Q8PanelKernel {
-                    name: "gemm_q8i8_1x32_neondot",
-                    panel: super::armq::q8_panel_dot,
-                    nr: 32,
-                    unsigned_acts: false,
-                    packs_rows: false,
-                }),
-                q4_panel: None,
-            },
-            _ => QRows {
-                q8_name: "gemv_q8i8_ref",
-                q8: q8_row_ref,
-                q4_name: "gemv_q4i8_ref",
-                q4: q4_row_ref,
-                q8_2x2: None,
-                q4_sym32: None,
-                q8_panel: None,
-                q4_panel: None,
-            },
+        let q8 = pick(q8_rows(), self).expect("the reference kernel is in every list");
+        let q4 = pick(q4_rows(), self).expect("the reference kernel is in every list");
+        QRows {
+            q8_name: q8.name,
+            q8: q8.kernel,
+            q4_name: q4.name,
+            q4: q4.kernel,
+            q8_2x2: pick(q8_tiles_2x2(), self).map(|e| (e.name, e.kernel)),
+            q4_sym32: pick(q4_sym32_rows(), self).map(|e| e.kernel),
+            q8_panel: pick(q8_panels(), self).map(|e| (e.name, e.kernel)),
+            q4_panel: pick(q4_panels(), self).map(|e| (e.name, e.kernel)),
         }
     }
 }
@@ -464,7 +482,7 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    if let (Some(kp), true) = (isa.q_rows().q8_panel, m >= Q8_GEMM_MIN_ROWS) {
+    if let (Some((_, kp)), true) = (isa.q_rows().q8_panel, m >= Q8_GEMM_MIN_ROWS) {
         if kp.packs_rows {
             return gemm_q8_packing(isa, kp.nr, x, w, out, threads);
         }
@@ -533,12 +551,20 @@ fn q4_panel_kernel(isa: Isa, m: usize) -> Option<Q4PanelFn> {
     isa.q_rows().q4_panel.filter(|_| m >= Q8_GEMM_MIN_ROWS).map(|(_, f)| f)
 }
 
-/// Whether [`gemm_q4`] reads the activations' 4-bit arrangement ([`QActs::q4x`], made by
-/// [`quantize_acts`]) for `m` rows of a product with blocks of `block`; otherwise
-/// [`quantize_acts_q8`] is all it needs.
-pub fn q4_reads_arranged(isa: Isa, m: usize, block: usize) -> bool {
+/// The activations [`gemm_q4`] reads for `m` rows of a product with blocks of `block`: what the
+/// kernel it runs declares in its list entry.
+pub fn q4_reads(isa: Isa, m: usize, block: usize) -> Reads {
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    q4_panel_kernel(isa, m).is_none() && isa.q_rows().q4_sym32.is_some() && block == 32
+    let panel = pick(q4_panels(), isa).filter(|_| m >= Q8_GEMM_MIN_ROWS);
+    let band = pick(q4_sym32_rows(), isa).filter(|_| block == 32);
+    let row = pick(q4_rows(), isa).expect("the reference kernel is in every list");
+    panel.map(|e| e.reads).or(band.map(|e| e.reads)).unwrap_or(row.reads)
+}
+
+/// Whether [`gemm_q4`] reads the activations' 4-bit arrangement ([`QActs::q4x`], made by
+/// [`quantize_acts`]); otherwise [`quantize_acts_q8`] is all it needs.
+pub fn q4_reads_arranged(isa: Isa, m: usize, block: usize) -> bool {
+    q4_reads(isa, m, block) == Reads::Int8BlocksQ4Halves
 }
 
 /// The q4 product on a panel kernel: threads split the panels of 32 weight rows; each part
@@ -660,7 +686,7 @@ pub fn gemm_q8_panels_bias(
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    let native = isa.q_rows().q8_panel.filter(|kp| kp.nr == nr);
+    let native = isa.q_rows().q8_panel.map(|(_, kp)| kp).filter(|kp| kp.nr == nr);
     let nb = k / QK;
     let per = panels.div_ceil(threads.clamp(1, panels));
     Q8_UNSIGNED.with(|cell| {
@@ -879,7 +905,7 @@ mod tests {
                     gemm_q8(isa, &qa, &qw.view(), &mut got, threads).unwrap();
                     let rows = isa.q_rows();
                     let name = match (rows.q8_panel, rows.q8_2x2) {
-                        (Some(g), _) if m >= Q8_GEMM_MIN_ROWS && g.packs_rows => g.name,
+                        (Some((name, g)), _) if m >= Q8_GEMM_MIN_ROWS && g.packs_rows => name,
                         (_, Some(t)) if m >= 2 => t.0,
                         _ => rows.q8_name,
                     };
@@ -929,7 +955,8 @@ mod tests {
                     assert_eq!(row, r0, "panel row {j} of {n}×{k} in panels of {nr}");
                 }
                 for isa in sets() {
-                    let name = isa.q_rows().q8_panel.filter(|kp| kp.nr == nr).map_or("q8_panel_row", |kp| kp.name);
+                    let name =
+                        isa.q_rows().q8_panel.filter(|(_, kp)| kp.nr == nr).map_or("q8_panel_row", |(name, _)| name);
                     for threads in [1, 3] {
                         let mut got = vec![f32::NAN; m * n];
                         gemm_q8_panels(isa, &qa, &pw, &mut got, threads).unwrap();

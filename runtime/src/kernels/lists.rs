@@ -1,0 +1,149 @@
+//! The kernel lists: one per family, best first. Each entry is a kernel named by the grammar
+//! `<op>_<weights><activations>_<tile>_<isa>` (`docs/ARCHITECTURE.md`), the least instruction-set
+//! level that runs it, and the activations it reads. Dispatch takes the first entry the selected
+//! level includes ([`pick`]); the tests compare every entry this CPU can run with the reference
+//! and check that every entry is reachable; the benches run every entry this CPU supports.
+//! Adding a kernel is one entry in its family's list.
+
+use super::Isa;
+
+/// What a kernel reads besides its weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// f32 activations as they are.
+    F32,
+    /// f32 activations rounded to f16 once per call.
+    F16,
+    /// int8 activations per block of 32 with scales and sums (`quant::QActs`).
+    Int8Blocks,
+    /// The same plus the 4-bit arrangement (`QActs::q4x`: each block's halves in the order of a
+    /// q4 block's low and high nibbles).
+    Int8BlocksQ4Halves,
+}
+
+/// One kernel of a family.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry<K> {
+    /// Its name in the grammar (what `acorn inspect`, the benches and the tests print).
+    pub name: &'static str,
+    /// The least kernel set that runs it.
+    pub needs: Isa,
+    /// The activations it reads.
+    pub reads: Reads,
+    /// The kernel.
+    pub kernel: K,
+}
+
+impl Isa {
+    /// Whether a CPU running this set can also run `other`'s kernels: the set itself, the
+    /// lower levels of its architecture, the portable code and the reference.
+    pub fn includes(self, other: Isa) -> bool {
+        use Isa::*;
+        let chain: &[Isa] = match self {
+            Reference => &[Reference],
+            Generic => &[Generic, Reference],
+            Avx2 => &[Avx2, Generic, Reference],
+            Avx512 => &[Avx512, Avx2, Generic, Reference],
+            Avx512Vnni => &[Avx512Vnni, Avx512, Avx2, Generic, Reference],
+            Neon => &[Neon, Generic, Reference],
+            NeonDot => &[NeonDot, Neon, Generic, Reference],
+            NeonI8mm => &[NeonI8mm, NeonDot, Neon, Generic, Reference],
+        };
+        chain.contains(&other)
+    }
+}
+
+/// The kernel of `list` that `isa` runs: the first entry it includes.
+pub fn pick<K>(list: &[Entry<K>], isa: Isa) -> Option<&Entry<K>> {
+    list.iter().find(|e| isa.includes(e.needs))
+}
+
+/// Defines a family's list as a function returning it, built once by calling the named adder
+/// `(name, needs, reads, kernel)` per entry, best first (an entry may be `#[cfg]`-ed to its
+/// architecture or added only when a CPU feature beyond its set is present).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! kernel_list {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($add:ident) -> $t:ty { $($body:tt)* }) => {
+        $(#[$doc])*
+        $vis fn $name() -> &'static [$crate::kernels::lists::Entry<$t>] {
+            static LIST: std::sync::OnceLock<Vec<$crate::kernels::lists::Entry<$t>>> = std::sync::OnceLock::new();
+            LIST.get_or_init(|| {
+                #[allow(unused_mut)]
+                let mut list: Vec<$crate::kernels::lists::Entry<$t>> = Vec::new();
+                // An architecture may have no entry in a family: then nothing is added.
+                #[allow(unused_mut, unused_variables)]
+                let mut $add = |name, needs, reads, kernel| list.push($crate::kernels::lists::Entry { name, needs, reads, kernel });
+                $($body)*
+                list
+            })
+        }
+    };
+}
+
+/// Every family's kernels as `(family, name, needs, reads)`: what `acorn inspect` lists, the
+/// benches walk and the tests check.
+pub fn all() -> Vec<(&'static str, &'static str, Isa, Reads)> {
+    fn rows<K>(
+        family: &'static str,
+        list: &'static [Entry<K>],
+    ) -> impl Iterator<Item = (&'static str, &'static str, Isa, Reads)> {
+        list.iter().map(move |e| (family, e.name, e.needs, e.reads))
+    }
+    let mut out = Vec::new();
+    out.extend(rows("f32 GEMM tile", super::f32_tiles()));
+    out.extend(rows("f16 row", super::half::f16_rows()));
+    out.extend(rows("f16 row (f16 arithmetic)", super::half::f16_half_rows()));
+    out.extend(rows("q8 row", super::quant::q8_rows()));
+    out.extend(rows("q8 2×2 tile", super::quant::q8_tiles_2x2()));
+    out.extend(rows("q8 panel", super::quant::q8_panels()));
+    out.extend(rows("q4 row", super::quant::q4_rows()));
+    out.extend(rows("q4 row, blocks of 32", super::quant::q4_sym32_rows()));
+    out.extend(rows("q4 panel", super::quant::q4_panels()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::ALL_ISAS;
+
+    /// `<op>_<weights><activations>_<tile>_<isa>`, the set suffix naming the entry's level.
+    #[test]
+    fn every_kernel_is_named_by_the_grammar_and_reachable() {
+        let entries = all();
+        assert!(entries.len() >= 9, "{entries:?}");
+        for (family, name, needs, _) in &entries {
+            let parts: Vec<&str> = name.split('_').collect();
+            assert!(parts.len() >= 3, "{family}: '{name}' is not <op>_<types>_…_<isa>");
+            assert!(["sgemm", "gemv", "gemm"].contains(&parts[0]), "{family}: '{name}' starts with an unknown op");
+            let isa = parts[parts.len() - 1];
+            let want = match needs {
+                Isa::Reference => "ref",
+                other => other.name(),
+            };
+            // A kernel whose set needs a CPU feature beyond it says so (`neondotfhm`).
+            assert!(isa.starts_with(want), "{family}: '{name}' does not end with its set's name {want}");
+            // Reachable: some set picks it (an entry shadowed by earlier ones is dead code).
+            let earlier: Vec<Isa> = entries
+                .iter()
+                .take_while(|(f, n, ..)| !(f == family && n == name))
+                .filter(|(f, ..)| f == family)
+                .map(|e| e.2)
+                .collect();
+            assert!(
+                ALL_ISAS.iter().any(|&i| i.includes(*needs) && !earlier.iter().any(|&e| i.includes(e))),
+                "{family}: '{name}' is never picked"
+            );
+        }
+    }
+
+    #[test]
+    fn levels_include_their_architecture_s_lower_levels_only() {
+        assert!(Isa::Avx512Vnni.includes(Isa::Avx2) && !Isa::Avx2.includes(Isa::Avx512));
+        assert!(Isa::NeonI8mm.includes(Isa::Neon) && !Isa::Neon.includes(Isa::NeonDot));
+        assert!(!Isa::Avx2.includes(Isa::Neon) && !Isa::Neon.includes(Isa::Avx2));
+        assert!(ALL_ISAS.iter().all(|i| i.includes(Isa::Reference) && i.includes(*i)));
+        assert!(!Isa::Reference.includes(Isa::Generic));
+    }
+}
