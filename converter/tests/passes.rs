@@ -7,7 +7,7 @@ use acorn_converter::{convert, ConvertOptions};
 
 fn run(path: &std::path::Path, x: &Tensor) -> Vec<Tensor> {
     let model = Model::open(path).unwrap();
-    model.session().commit().unwrap().run(&[("x", x)]).unwrap()
+    model.session().commit().unwrap().run(&[("x", x)]).unwrap().into_vec()
 }
 
 fn pass_report(r: &acorn_converter::ConvertReport, name: &str) -> f64 {

@@ -8,17 +8,29 @@ use serde::{Deserialize, Serialize};
 /// The discriminants are part of the `.acorn` format (see FORMAT.md): append, never reorder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {
+    /// IEEE single precision.
     F32,
+    /// IEEE half precision (arithmetic runs in f32).
     F16,
+    /// 8-bit signed integer.
     I8,
+    /// 8-bit unsigned integer.
     U8,
+    /// 32-bit signed integer.
     I32,
+    /// 64-bit signed integer.
     I64,
+    /// Boolean, one byte (0 or 1).
     Bool,
+    /// IEEE double precision (arithmetic runs in f32).
     F64,
+    /// 16-bit signed integer.
     I16,
+    /// 16-bit unsigned integer.
     U16,
+    /// 32-bit unsigned integer.
     U32,
+    /// 64-bit unsigned integer.
     U64,
 }
 

@@ -8,17 +8,35 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong when opening or running a model.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The file is not a well-formed `.acorn` file. `offset` is the byte offset of the field that
     /// failed validation.
     #[error("malformed .acorn file at byte offset {offset}: {reason}")]
-    Format { offset: u64, reason: String },
+    Format {
+        /// Byte offset of the field that failed validation.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A checksum did not match: the file is damaged. `what` names the section or tensor.
     #[error("checksum mismatch in {what}: stored {stored:#010x}, computed {computed:#010x} (file is damaged)")]
-    Checksum { what: String, stored: u32, computed: u32 },
+    Checksum {
+        /// The section or tensor.
+        what: String,
+        /// The CRC-32 the file stores.
+        stored: u32,
+        /// The CRC-32 of the bytes read.
+        computed: u32,
+    },
     /// The file was written for a newer (or unknown) format version.
     #[error("unsupported .acorn format version {found}: this runtime reads version {supported}; use a newer runtime")]
-    Version { found: u32, supported: u32 },
+    Version {
+        /// The file's version.
+        found: u32,
+        /// The version this runtime reads.
+        supported: u32,
+    },
     /// The graph inside the file is inconsistent (dangling value, bad attribute...).
     #[error("invalid model graph: {0}")]
     Graph(String),
@@ -27,7 +45,14 @@ pub enum Error {
     Input(String),
     /// Shape inference or execution failed at a node.
     #[error("node '{node}' ({op}): {reason}")]
-    Node { node: String, op: String, reason: String },
+    Node {
+        /// The node's name in the graph.
+        node: String,
+        /// Its op type.
+        op: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Something valid that this runtime does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -35,22 +60,38 @@ pub enum Error {
     #[error("resource limit exceeded: {0}")]
     Limit(String),
     /// An operating-system I/O error.
-    #[error("I/O error on '{path}': {source}")]
-    Io { path: String, source: std::io::Error },
+    /// The message includes the OS error, which is therefore not also returned as
+    /// `source()` (error reporters print the chain: it would appear twice).
+    #[error("I/O error on '{path}': {error}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The operating system's error.
+        error: std::io::Error,
+    },
 }
 
 /// A stable numeric code for each error kind (used by the C ABI as its status codes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i32)]
 pub enum ErrorCode {
+    /// [`Error::Format`].
     Format = 1,
+    /// [`Error::Checksum`].
     Checksum = 2,
+    /// [`Error::Version`].
     Version = 3,
+    /// [`Error::Graph`].
     Graph = 4,
+    /// [`Error::Input`].
     Input = 5,
+    /// [`Error::Node`].
     Node = 6,
+    /// [`Error::Unsupported`].
     Unsupported = 7,
+    /// [`Error::Limit`].
     Limit = 8,
+    /// [`Error::Io`].
     Io = 9,
 }
 

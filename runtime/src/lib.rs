@@ -23,19 +23,30 @@
 #![allow(clippy::needless_range_loop)]
 // Every `unsafe` block and unsafe fn says why it is sound (kernels, the mmap reader, FFI only).
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+#![warn(missing_docs)]
 
+// The public surface: the items re-exported below, `llm` (generation) and `format` (what a file
+// holds, for tools that inspect it). The other modules are public for Acorn's own converter,
+// tests and benchmarks only: hidden from the documentation, no stability promise.
+#[doc(hidden)]
 pub mod dtype;
-pub mod error;
+mod error;
+#[doc(hidden)]
 pub mod exec;
 pub mod format;
+#[doc(hidden)]
 pub mod graph;
+#[doc(hidden)]
 pub mod kernels;
 pub mod llm;
+#[doc(hidden)]
 pub mod ops;
+#[doc(hidden)]
 pub mod tensor;
+#[doc(hidden)]
 pub mod weights;
 
-pub use error::{Error, Result};
-pub use exec::{Model, OpTime, OpenOptions, RunEnd, Session, SessionBuilder, StepDone};
-pub use graph::{Dim, Graph, IoSpec};
-pub use tensor::{DType, Tensor, View};
+pub use error::{Error, ErrorCode, OpError, OpResult, Result};
+pub use exec::{Model, OpTime, OpenOptions, Outputs, RunEnd, Session, SessionBuilder, StepDone, StepHook};
+pub use graph::{Dim, IoSpec};
+pub use tensor::{DType, Tensor, TensorData, View};

@@ -50,8 +50,11 @@ pub fn embedded_tokenizer(model: &Model) -> Option<&[u8]> {
 /// tokenizer's folder): end-of-sequence ids and the chat template.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GenerationConfig {
+    /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
+    /// The token a sequence starts with, if the model uses one.
     pub bos_token_id: Option<u32>,
+    /// The Jinja chat template (Hugging Face's `chat_template`).
     pub chat_template: Option<String>,
 }
 
@@ -75,16 +78,23 @@ impl GenerationConfig {
 /// Where a decoder's inputs and outputs are (indices into the model's inputs/outputs).
 #[derive(Clone, Debug)]
 pub struct DecoderSignature {
+    /// The `input_ids` input.
     pub input_ids: usize,
+    /// The `attention_mask` input, if any.
     pub attention_mask: Option<usize>,
+    /// The `position_ids` input, if any.
     pub position_ids: Option<usize>,
     /// Per layer: (past key input, past value input).
     pub past: Vec<(usize, usize)>,
+    /// The `logits` output.
     pub logits: usize,
     /// Per layer: (present key output, present value output).
     pub present: Vec<(usize, usize)>,
+    /// K/V heads per layer.
     pub kv_heads: usize,
+    /// Size of one key head.
     pub head_dim: usize,
+    /// Size of one value head.
     pub value_dim: usize,
 }
 
@@ -183,6 +193,7 @@ const DECODE_BUCKET: usize = 32;
 /// Options for a [`Generator`].
 #[derive(Clone, Debug)]
 pub struct GeneratorOptions {
+    /// Threads for the model's products (default 1).
     pub threads: usize,
     /// Most positions (prompt + generated) the KV cache holds.
     pub max_context: usize,
@@ -534,6 +545,7 @@ pub struct Sampling {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1 = all).
     pub top_p: f32,
+    /// Seed of the sampler's random numbers (the same seed gives the same tokens).
     pub seed: u64,
 }
 
@@ -570,6 +582,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler with these parameters.
     pub fn new(p: Sampling) -> Self {
         let state = p.seed ^ 0x9E37_79B9_7F4A_7C15;
         Sampler { p, state, order: Vec::new(), probs: Vec::new() }
@@ -642,18 +655,23 @@ pub fn argmax(x: &[f32]) -> usize {
 /// Timing of one generation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Stats {
+    /// Prompt tokens run in one pass.
     pub prefill_tokens: usize,
+    /// Time the prompt pass took.
     pub prefill_seconds: f64,
     /// Tokens run through the model one at a time (every generated token but the last).
     pub decode_tokens: usize,
+    /// Time those steps took.
     pub decode_seconds: f64,
 }
 
 impl Stats {
+    /// Prompt tokens per second.
     pub fn prefill_tokens_per_s(&self) -> f64 {
         self.prefill_tokens as f64 / self.prefill_seconds.max(1e-12)
     }
 
+    /// Generated tokens per second after the first.
     pub fn decode_tokens_per_s(&self) -> f64 {
         if self.decode_tokens == 0 {
             return 0.0;

@@ -8,19 +8,29 @@ use crate::weights::TensorEncoding;
 /// Typed storage of an owned tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TensorData {
+    /// 32-bit floats.
     F32(Vec<f32>),
+    /// 64-bit signed integers.
     I64(Vec<i64>),
+    /// 32-bit signed integers.
     I32(Vec<i32>),
+    /// 8-bit signed integers.
     I8(Vec<i8>),
+    /// 8-bit unsigned integers.
     U8(Vec<u8>),
     /// Booleans as bytes (0 or 1), the ONNX and NumPy layout.
     Bool(Vec<u8>),
     /// IEEE half-precision bits.
     F16(Vec<u16>),
+    /// 64-bit floats.
     F64(Vec<f64>),
+    /// 16-bit signed integers.
     I16(Vec<i16>),
+    /// 16-bit unsigned integers.
     U16(Vec<u16>),
+    /// 32-bit unsigned integers.
     U32(Vec<u32>),
+    /// 64-bit unsigned integers.
     U64(Vec<u64>),
 }
 
@@ -104,10 +114,12 @@ impl Tensor {
         Ok(t)
     }
 
+    /// Dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The typed elements.
     pub fn data(&self) -> &TensorData {
         &self.data
     }
@@ -117,6 +129,7 @@ impl Tensor {
         self.data
     }
 
+    /// Element type.
     pub fn dtype(&self) -> DType {
         match self.data {
             TensorData::F32(_) => DType::F32,
@@ -150,6 +163,7 @@ impl Tensor {
         }
     }
 
+    /// True when the tensor has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -210,8 +224,11 @@ impl Tensor {
 /// A borrowed, typed, dense tensor: what kernels read.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
+    /// Element type.
     pub dtype: DType,
+    /// Dimensions, outermost first.
     pub shape: &'a [usize],
+    /// The elements' bytes (little-endian), as `encoding` lays them out.
     pub bytes: &'a [u8],
     /// How `bytes` hold the values: dense row-major, or (weights only) GEMM panels read by
     /// MatMul, or a quantized matrix read by the ops that have kernels for it.
@@ -221,8 +238,11 @@ pub struct View<'a> {
 /// A mutable view: what kernels write.
 #[derive(Debug)]
 pub struct ViewMut<'a> {
+    /// Element type.
     pub dtype: DType,
+    /// Dimensions, outermost first.
     pub shape: &'a [usize],
+    /// The elements' bytes (little-endian, dense).
     pub bytes: &'a mut [u8],
 }
 
@@ -260,12 +280,18 @@ impl<'a> View<'a> {
     pub fn len(&self) -> usize {
         numel(self.shape)
     }
+
+    /// True when the view has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Number of dimensions.
     pub fn rank(&self) -> usize {
         self.shape.len()
     }
+
+    /// The elements as f32 (dense views of f32 only).
     pub fn f32(&self) -> OpResult<&'a [f32]> {
         if self.encoding != TensorEncoding::Dense {
             return Err(OpError::Failed(format!(
@@ -288,12 +314,15 @@ impl<'a> View<'a> {
             _ => None,
         }
     }
+    /// The elements as i64 (i64 views only).
     pub fn i64(&self) -> OpResult<&'a [i64]> {
         cast(self.bytes, DType::I64, self.dtype)
     }
+    /// The elements as i32 (i32 views only).
     pub fn i32(&self) -> OpResult<&'a [i32]> {
         cast(self.bytes, DType::I32, self.dtype)
     }
+    /// The elements as bytes 0/1 (bool views only).
     pub fn bool(&self) -> OpResult<&'a [u8]> {
         cast(self.bytes, DType::Bool, self.dtype)
     }
@@ -324,21 +353,32 @@ impl<'a> View<'a> {
 }
 
 impl<'a> ViewMut<'a> {
+    /// Element count.
     pub fn len(&self) -> usize {
         numel(self.shape)
     }
+
+    /// True when the view has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The elements as f32 (f32 views only).
     pub fn f32(&mut self) -> OpResult<&mut [f32]> {
         cast_mut(self.bytes, DType::F32, self.dtype)
     }
+
+    /// The elements as i64 (i64 views only).
     pub fn i64(&mut self) -> OpResult<&mut [i64]> {
         cast_mut(self.bytes, DType::I64, self.dtype)
     }
+
+    /// The elements as i32 (i32 views only).
     pub fn i32(&mut self) -> OpResult<&mut [i32]> {
         cast_mut(self.bytes, DType::I32, self.dtype)
     }
+
+    /// The elements as bytes 0/1 (bool views only).
     pub fn bool(&mut self) -> OpResult<&mut [u8]> {
         cast_mut(self.bytes, DType::Bool, self.dtype)
     }

@@ -237,7 +237,7 @@ fn wrong_inputs_are_named() {
 }
 
 fn s_run(m: &Model, inputs: &[(&str, &Tensor)]) -> acorn::Result<Vec<Tensor>> {
-    m.session().commit()?.run(inputs)
+    m.session().commit()?.run(inputs).map(Vec::from)
 }
 
 #[test]

@@ -18,7 +18,7 @@ fn eight_threads_share_one_model() {
         vec![("input_ids", ids.clone()), ("attention_mask", mask.clone())]
     };
     let inputs: Vec<Vec<(&str, Tensor)>> = inputs.iter().map(feed_of).collect();
-    let reference: Vec<Vec<Tensor>> = inputs
+    let reference: Vec<acorn::Outputs> = inputs
         .iter()
         .map(|ins| {
             let feed: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (*n, t)).collect();

@@ -64,7 +64,7 @@ fn acorn_run(onnx: &Path, scratch: &Path, inputs: &[(&str, &Tensor)]) -> Option<
     convert(onnx, &out, &ConvertOptions::default()).ok()?;
     let m = Model::open(&out).ok()?;
     let mut s = m.session().with_memory_limit(1 << 30).commit().ok()?;
-    s.run(inputs).ok()
+    s.run(inputs).ok().map(Vec::from)
 }
 
 #[test]

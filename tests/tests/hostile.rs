@@ -342,7 +342,7 @@ fn malformed_graphs_are_refused_at_conversion() {
 fn run_limited(path: &Path, inputs: &[(&str, &Tensor)]) -> acorn::Result<Vec<Tensor>> {
     let m = Model::open(path)?;
     let mut s = m.session().with_memory_limit(2 << 30).commit()?;
-    s.run(inputs)
+    s.run(inputs).map(Vec::from)
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{Metadata, ModelFile};
 use crate::graph::IoSpec;
 
@@ -13,7 +13,7 @@ mod layout;
 pub(crate) mod plan;
 mod session;
 
-pub use session::{OpTime, RunEnd, Session, SessionBuilder, StepDone};
+pub use session::{OpTime, Outputs, RunEnd, Session, SessionBuilder, StepDone, StepHook};
 
 /// Bytes of memory this process can still take: the smaller of its cgroup's room (v2
 /// `memory.max − memory.current`, or v1 `memory.limit_in_bytes − memory.usage_in_bytes`) and the
@@ -120,7 +120,38 @@ impl Model {
         Ok(Model { file: Arc::new(file) })
     }
 
-    /// Validates a model held in memory.
+    /// Validates a model the caller holds in memory and hands over, read in place (no copy)
+    /// when its first byte is 8-byte aligned — a `Vec<u8>` or `Box<[u8]>` always is:
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), acorn::Error> {
+    /// let bytes: Vec<u8> = std::fs::read("model.acorn").map_err(|e| acorn::Error::Io { path: "model.acorn".into(), error: e })?;
+    /// let model = acorn::Model::from_memory(bytes, &acorn::OpenOptions::default())?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_memory(bytes: impl AsRef<[u8]> + Send + Sync + 'static, opts: &OpenOptions) -> Result<Model> {
+        Self::from_file(ModelFile::from_shared(Box::new(bytes), opts.verify_checksums)?)
+    }
+
+    /// Maps and validates `len` bytes of an open file from byte `offset`, the way a model packed
+    /// inside another file is opened (an Android APK asset stored uncompressed: the descriptor,
+    /// offset and length `AAsset_openFileDescriptor` returns). Read in place when `offset` is a
+    /// multiple of 8, else copied once.
+    pub fn open_region(file: &std::fs::File, offset: u64, len: u64, opts: &OpenOptions) -> Result<Model> {
+        Self::from_file(ModelFile::open_region(file, offset, len, opts.verify_checksums)?)
+    }
+
+    /// [`Model::open_region`] on a file descriptor the caller keeps owning (duplicated for the
+    /// mapping; the caller may close its own afterwards): what the Android and JNI bindings call.
+    #[cfg(unix)]
+    pub fn open_fd(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64, opts: &OpenOptions) -> Result<Model> {
+        let owned =
+            fd.try_clone_to_owned().map_err(|e| Error::Io { path: format!("<descriptor {fd:?}>"), error: e })?;
+        Self::open_region(&std::fs::File::from(owned), offset, len, opts)
+    }
+
+    /// Validates a model held in memory the caller keeps (copied once into an aligned buffer;
+    /// [`Model::from_memory`] reads it in place).
     pub fn from_bytes(bytes: &[u8], opts: &OpenOptions) -> Result<Model> {
         Self::from_file(ModelFile::from_bytes(bytes, opts.verify_checksums)?)
     }

@@ -53,6 +53,7 @@ impl SessionBuilder {
 
     /// Creates the session.
     pub fn commit(self) -> Result<Session> {
+        let output_names = self.model.outputs().iter().map(|o| o.name.clone()).collect();
         Ok(Session {
             model: self.model,
             threads: self.threads,
@@ -61,6 +62,7 @@ impl SessionBuilder {
             plans: Vec::new(),
             profile: self.profile.then(Vec::new),
             mode: PlanMode::default(),
+            output_names,
         })
     }
 }
@@ -84,13 +86,18 @@ pub struct Session {
     profile: Option<Vec<OpTime>>,
     /// How plans are specialised (KV-cache binding, last position only).
     mode: PlanMode,
+    /// The model's output names, shared by every run's [`Outputs`].
+    output_names: std::sync::Arc<[String]>,
 }
 
 /// Time spent in one op type ([`Session::profile`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct OpTime {
+    /// The op type.
     pub op: String,
+    /// Steps of that type run.
     pub calls: u64,
+    /// Time they took in total.
     pub seconds: f64,
 }
 
@@ -105,6 +112,92 @@ impl PlanKey {
     fn matches(&self, inputs: &[View<'_>]) -> bool {
         self.shapes.iter().zip(inputs).all(|(s, t)| s.as_slice() == t.shape)
             && self.values.iter().zip(inputs).all(|(v, t)| v.is_empty() || v.as_slice() == t.bytes)
+    }
+}
+
+/// A run's outputs in the model's output order, also addressable by name
+/// (`outputs["logits"]`, [`Outputs::get`]). Derefs to the `Vec` of tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outputs {
+    /// Shared with the session (no allocation per run).
+    names: std::sync::Arc<[String]>,
+    tensors: Vec<Tensor>,
+}
+
+impl Outputs {
+    /// The output called `name`, if the model has one.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.names.iter().position(|n| n == name).map(|i| &self.tensors[i])
+    }
+
+    /// The outputs' names, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The tensors, in the model's output order.
+    pub fn into_vec(self) -> Vec<Tensor> {
+        self.tensors
+    }
+}
+
+impl std::ops::Deref for Outputs {
+    type Target = Vec<Tensor>;
+    fn deref(&self) -> &Vec<Tensor> {
+        &self.tensors
+    }
+}
+
+impl std::ops::DerefMut for Outputs {
+    fn deref_mut(&mut self) -> &mut Vec<Tensor> {
+        &mut self.tensors
+    }
+}
+
+impl std::ops::Index<&str> for Outputs {
+    type Output = Tensor;
+    /// # Panics
+    /// If the model has no output called `name` (use [`Outputs::get`] to ask).
+    fn index(&self, name: &str) -> &Tensor {
+        match self.get(name) {
+            Some(t) => t,
+            None => panic!("the model has no output '{name}'; its outputs are {:?}", self.names),
+        }
+    }
+}
+
+impl std::ops::Index<usize> for Outputs {
+    type Output = Tensor;
+    fn index(&self, i: usize) -> &Tensor {
+        &self.tensors[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Outputs {
+    fn index_mut(&mut self, i: usize) -> &mut Tensor {
+        &mut self.tensors[i]
+    }
+}
+
+impl<'a> IntoIterator for &'a Outputs {
+    type Item = &'a Tensor;
+    type IntoIter = std::slice::Iter<'a, Tensor>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.tensors.iter()
+    }
+}
+
+impl IntoIterator for Outputs {
+    type Item = Tensor;
+    type IntoIter = std::vec::IntoIter<Tensor>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.tensors.into_iter()
+    }
+}
+
+impl From<Outputs> for Vec<Tensor> {
+    fn from(o: Outputs) -> Vec<Tensor> {
+        o.tensors
     }
 }
 
@@ -256,18 +349,19 @@ impl Session {
         }
     }
 
-    /// Runs the model on named inputs; returns the outputs in the model's output order.
-    pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+    /// Runs the model on named inputs; returns the outputs in the model's output order (also
+    /// addressable by name).
+    pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs> {
         let views: SmallVec<[(&str, View<'_>); 8]> = inputs.iter().map(|(n, t)| (*n, t.view())).collect();
         self.run_views(&views)
     }
 
     /// [`Session::run`] on borrowed inputs: the caller's memory is read in place, nothing is
     /// copied (what bindings pass; see [`View::dense`]).
-    pub fn run_views(&mut self, inputs: &[(&str, View<'_>)]) -> Result<Vec<Tensor>> {
+    pub fn run_views(&mut self, inputs: &[(&str, View<'_>)]) -> Result<Outputs> {
         self.check_not_generating()?;
         match self.run_inner(inputs, None, None)? {
-            RunEnd::Finished(outs) => Ok(outs),
+            RunEnd::Finished(tensors) => Ok(Outputs { names: self.output_names.clone(), tensors }),
             RunEnd::Stopped { .. } => unreachable!("no hook, no stop"),
         }
     }

@@ -27,8 +27,10 @@ pub const ALIGN: usize = 64;
 /// Most sections a file may have.
 pub const MAX_SECTIONS: usize = 64;
 
-/// Section kinds. Unknown kinds are skipped unless flagged [`SECTION_REQUIRED`].
+/// Section kind of the metadata (graph, tensor table, provenance, extensions). Unknown kinds are
+/// skipped unless flagged [`SECTION_REQUIRED`].
 pub const SECTION_METADATA: u32 = 1;
+/// Section kind of the tensor data.
 pub const SECTION_TENSOR_DATA: u32 = 2;
 /// Section flag: a reader that does not know this section kind must refuse the file.
 pub const SECTION_REQUIRED: u32 = 1;
@@ -36,9 +38,13 @@ pub const SECTION_REQUIRED: u32 = 1;
 /// One entry of the tensor table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TensorEntry {
+    /// The tensor's name (the source model's initializer name, or one a pass made).
     pub name: String,
+    /// Element type of the values it holds.
     pub dtype: DType,
+    /// Logical shape.
     pub shape: Vec<u64>,
+    /// How the bytes hold the values.
     pub encoding: TensorEncoding,
     /// Offset from the start of the tensor-data section; a multiple of [`ALIGN`].
     pub offset: u64,
@@ -51,6 +57,7 @@ pub struct TensorEntry {
 /// A record of one converter pass: what it did and what it cost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PassRecord {
+    /// The pass (`fold_constants`, `quantize`, …).
     pub name: String,
     /// Parameters as given (key, value).
     pub params: Vec<(String, String)>,
@@ -75,17 +82,24 @@ pub struct Provenance {
 /// know a `required` extension refuses the file; unknown optional ones are ignored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Extension {
+    /// Its name (`acorn.tokenizer`, …).
     pub name: String,
+    /// A reader that does not know it must refuse the file.
     pub required: bool,
+    /// Its bytes, as the extension defines them.
     pub data: Vec<u8>,
 }
 
 /// Everything in the metadata section.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metadata {
+    /// The model's graph.
     pub graph: Graph,
+    /// Every stored tensor, in file order.
     pub tensors: Vec<TensorEntry>,
+    /// Where the model came from and what the converter did to it.
     pub provenance: Provenance,
+    /// Optional or required additions (tokenizer, generation settings, …).
     pub extensions: Vec<Extension>,
 }
 

@@ -7,10 +7,12 @@ use super::*;
 use crate::error::{Error, Result};
 use crate::graph::MAX_RANK;
 
-/// The bytes of a model: a read-only memory map, or an owned 8-byte-aligned copy.
+/// The bytes of a model: a read-only memory map, an owned 8-byte-aligned copy, or memory the
+/// caller owns (8-byte aligned: every element type can be viewed in place).
 enum Storage {
     Mmap(memmap2::Mmap),
     Owned { words: Vec<u64>, len: usize },
+    Shared(Box<dyn AsRef<[u8]> + Send + Sync>),
 }
 
 impl Storage {
@@ -18,16 +20,25 @@ impl Storage {
         match self {
             Storage::Mmap(m) => m,
             Storage::Owned { words, len } => &bytemuck::cast_slice(words)[..*len],
+            Storage::Shared(b) => (**b).as_ref(),
         }
     }
 }
 
+/// Alignment a model's first byte needs to be read in place: tensors lie at multiples of
+/// [`ALIGN`] from it, so every element type is then aligned.
+const IN_PLACE_ALIGN: usize = 8;
+
 /// Outcome of checking one tensor's checksum.
 #[derive(Clone, Debug)]
 pub struct TensorCheck {
+    /// The tensor.
     pub name: String,
+    /// Whether the checksums agree.
     pub ok: bool,
+    /// The CRC-32 the file stores.
     pub stored: u32,
+    /// The CRC-32 of its bytes.
     pub computed: u32,
 }
 
@@ -55,7 +66,7 @@ impl std::fmt::Debug for ModelFile {
 /// Opens `path` for reading if it is a regular file. Checked before opening: opening a FIFO
 /// blocks until a writer appears, and a folder or device is never a model.
 fn open_regular(path: &Path) -> Result<std::fs::File> {
-    let io = |e| Error::Io { path: path.display().to_string(), source: e };
+    let io = |e| Error::Io { path: path.display().to_string(), error: e };
     let meta = std::fs::metadata(path).map_err(io)?;
     if !meta.is_file() {
         let what = if meta.is_dir() { "a folder" } else { "not a regular file" };
@@ -89,7 +100,7 @@ impl ModelFile {
     /// checksum (reads all weights; otherwise open touches only header and metadata).
     pub fn open(path: impl AsRef<Path>, verify_data: bool) -> Result<ModelFile> {
         let path = path.as_ref();
-        let io = |e| Error::Io { path: path.display().to_string(), source: e };
+        let io = |e| Error::Io { path: path.display().to_string(), error: e };
         let file = open_regular(path)?;
         let len = file.metadata().map_err(io)?.len();
         if len < HEADER_SIZE as u64 {
@@ -108,13 +119,54 @@ impl ModelFile {
     pub fn read(path: impl AsRef<Path>, verify_data: bool) -> Result<ModelFile> {
         use std::io::Read;
         let path = path.as_ref();
-        let io = |e| Error::Io { path: path.display().to_string(), source: e };
+        let io = |e| Error::Io { path: path.display().to_string(), error: e };
         let mut file = open_regular(path)?;
         let len = usize::try_from(file.metadata().map_err(io)?.len())
             .map_err(|_| Error::Limit(format!("{} is too large for this address space", path.display())))?;
         let mut words = aligned_words(len)?;
         file.read_exact(&mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len]).map_err(io)?;
         Self::from_storage(Storage::Owned { words, len }, verify_data)
+    }
+
+    /// Validates a model in memory the caller hands over (a `Vec<u8>`, `Box<[u8]>`,
+    /// `&'static [u8]`, `Arc<[u8]>`, …): read in place when its first byte is 8-byte aligned,
+    /// else copied once into an aligned buffer.
+    pub fn from_shared(bytes: Box<dyn AsRef<[u8]> + Send + Sync>, verify_data: bool) -> Result<ModelFile> {
+        let b = (*bytes).as_ref();
+        if (b.as_ptr() as usize).is_multiple_of(IN_PLACE_ALIGN) {
+            Self::from_storage(Storage::Shared(bytes), verify_data)
+        } else {
+            log::debug!("model bytes at an address not aligned to {IN_PLACE_ALIGN}: copied once");
+            Self::from_bytes(b, verify_data)
+        }
+    }
+
+    /// Maps `len` bytes of the open file `file` from byte `offset` (a model stored inside
+    /// another file, such as an uncompressed asset of an Android APK: `AAsset_openFileDescriptor`
+    /// gives the descriptor, offset and length) and validates them. Read in place when `offset`
+    /// is a multiple of 8, else copied once. `file` may be closed afterwards.
+    pub fn open_region(file: &std::fs::File, offset: u64, len: u64, verify_data: bool) -> Result<ModelFile> {
+        let io = |e| Error::Io { path: format!("<descriptor at offset {offset}>"), error: e };
+        let size = file.metadata().map_err(io)?.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::Input(format!(
+                "the region at offset {offset} of {len} bytes does not fit in the file's {size} bytes"
+            )));
+        }
+        if len < HEADER_SIZE as u64 {
+            return Err(Error::format(0, format!("model is {len} bytes, shorter than the {HEADER_SIZE}-byte header")));
+        }
+        let len =
+            usize::try_from(len).map_err(|_| Error::Limit(format!("{len} bytes do not fit this address space")))?;
+        // SAFETY: as in `open`: a read-only private mapping; rewriting the file underneath while
+        // it is mapped is outside what the runtime defends against.
+        let map = unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(file) }.map_err(io)?;
+        if (map.as_ptr() as usize).is_multiple_of(IN_PLACE_ALIGN) {
+            Self::from_storage(Storage::Mmap(map), verify_data)
+        } else {
+            log::debug!("model at offset {offset} (not a multiple of {IN_PLACE_ALIGN}): copied once");
+            Self::from_bytes(&map, verify_data)
+        }
     }
 
     /// Validates a model held in memory (copied once into an aligned buffer).

@@ -10,10 +10,15 @@ use crate::error::{Error, Result};
 
 /// A tensor to store: its table entry fields and its bytes.
 pub struct TensorPayload<'a> {
+    /// The tensor's name.
     pub name: String,
+    /// Element type.
     pub dtype: DType,
+    /// Logical shape.
     pub shape: Vec<u64>,
+    /// How `bytes` hold the values.
     pub encoding: TensorEncoding,
+    /// The bytes as stored.
     pub bytes: Cow<'a, [u8]>,
 }
 
@@ -108,7 +113,7 @@ pub fn atomic_write(
     path: &Path,
     f: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let io = |e| Error::Io { path: path.display().to_string(), source: e };
+    let io = |e| Error::Io { path: path.display().to_string(), error: e };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -145,12 +150,12 @@ fn check_destination(path: &Path) -> Result<Option<std::fs::Permissions>> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::Io { path: path.display().to_string(), source: e }),
+        Err(e) => return Err(Error::Io { path: path.display().to_string(), error: e }),
     };
     let refuse = |what: &str| {
         Err(Error::Io {
             path: path.display().to_string(),
-            source: std::io::Error::new(
+            error: std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("the destination is {what}; not replacing it (write to a new path, or remove it first)"),
             ),

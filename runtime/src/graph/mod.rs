@@ -26,7 +26,9 @@ pub const MAX_SUBGRAPH_DEPTH: usize = 16;
 /// (e.g. `batch_size`, `sequence_length`). The same symbol must have the same value everywhere.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Dim {
+    /// A fixed size.
     Fixed(u64),
+    /// A named size (empty or `?`: unnamed, binds nothing).
     Sym(String),
 }
 
@@ -42,8 +44,11 @@ impl std::fmt::Display for Dim {
 /// A named model input or output.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IoSpec {
+    /// The name inputs are given by and outputs are looked up by.
     pub name: String,
+    /// The graph value it binds.
     pub value: ValueId,
+    /// Element type.
     pub dtype: DType,
     /// `None` when the source model did not declare a shape.
     pub dims: Option<Vec<Dim>>,

@@ -381,7 +381,7 @@ pub enum Op {
     SpaceToDepth {
         block: i64,
     },
-    /// inputs: log-probabilities [N, C, d…], target [N, d…], weight [C] (optional)
+    /// inputs: log-probabilities `[N, C, d…]`, target `[N, d…]`, weight `[C]` (optional)
     NllLoss {
         reduction: LossReduction,
         ignore_index: Option<i64>,
@@ -398,11 +398,11 @@ pub enum Op {
         axis: i64,
         epsilon: f32,
     },
-    /// inputs: X, scale [C], B [C]
+    /// inputs: X, scale `[C]`, B `[C]`
     InstanceNorm {
         epsilon: f32,
     },
-    /// inputs: X, scale [C], bias [C]
+    /// inputs: X, scale `[C]`, bias `[C]`
     GroupNorm {
         groups: i64,
         epsilon: f32,

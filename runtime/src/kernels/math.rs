@@ -1,7 +1,7 @@
 //! Vectorisable f32 math (exp, erf, sigmoid, GELU) and multiversioned elementwise loops.
 //!
 //! The functions are branch-free polynomial evaluations with no library calls, so a loop over
-//! them compiles to SIMD code. The loop drivers ([`map`], [`zip`]) are instantiated once per
+//! them compiles to SIMD code. The loop drivers (`map`, `zip`) are instantiated once per
 //! closure and compiled three times — for AVX-512, AVX2+FMA and the baseline target — and the
 //! variant matching [`super::selected`] runs, so elementwise ops get the CPU's full vector width
 //! without hand-written intrinsics. On aarch64 NEON is the baseline: one variant.

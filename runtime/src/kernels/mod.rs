@@ -20,10 +20,10 @@ macro_rules! tile_entries {
         tile_entries!(@one $tile, $in_place, true, [$($r),*], $mr, "`rows` rows read in place at stride `lda`");
     };
     (@one $tile:ident, $name:ident, $rm:literal, [$($r:literal),*], $mr:literal, $a:literal) => {
-        #[doc = concat!("Row-count dispatch of [`", stringify!($tile), "`], A a ", $a, ".")]
+        #[doc = concat!("Row-count dispatch of `", stringify!($tile), "`, A a ", $a, ".")]
         ///
         /// # Safety
-        #[doc = concat!("As [`", stringify!($tile), "`] with `R = rows` (`1 ≤ rows ≤ ", stringify!($mr), "`) and `RM = ", stringify!($rm), "`.")]
+        #[doc = concat!("As `", stringify!($tile), "` with `R = rows` (`1 ≤ rows ≤ ", stringify!($mr), "`) and `RM = ", stringify!($rm), "`.")]
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn $name(rows: usize, kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
             // SAFETY: forwarded caller contract; each arm's R equals `rows`.

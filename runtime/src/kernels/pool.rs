@@ -3,9 +3,9 @@
 //! itself while the workers claim the rest.
 //!
 //! Hand-off speed decides whether splitting a 40 µs kernel pays at all, so a worker that has just
-//! finished a part keeps polling for the next job for [`SPIN`] before it sleeps on a condition
+//! finished a part keeps polling for the next job for `SPIN` before it sleeps on a condition
 //! variable: inside a model run (ops microseconds apart) the workers stay awake and a job reaches
-//! them in well under a microsecond; an idle process costs no CPU after [`SPIN`].
+//! them in well under a microsecond; an idle process costs no CPU after `SPIN`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -346,7 +346,7 @@ fn lanes16(rem: usize) -> __mmask16 {
 }
 
 /// Softmax (or log-softmax) over each contiguous row of `n` values with AVX-512: the row's
-/// maximum, `e^(x − max)` by [`exp16`] with its sum, then the scaling — the portable
+/// maximum, `e^(x − max)` by `exp16` with its sum, then the scaling — the portable
 /// `math::softmax_rows` with the exponential written for the vector unit (the portable one has
 /// separate multiplies and adds, exponent-bit arithmetic and blends; it was 10–12% of a q8
 /// MiniLM-L3 128-token run at 1 thread under perf, and this kernel took that run from 6.7 to

@@ -11,7 +11,7 @@
 //! | `Q8 { transposed }` | [`q8`] | int8 per row, f32 scale per row | [`Activations::Int8Blocks`] |
 //! | `Q8Panels { nr }` | [`q8`] | the same, rows packed in panels of `nr` for the GEMM | [`Activations::Int8Blocks`] |
 //! | `Q4 { transposed, block, mins }` | [`q4`] | 4-bit in blocks of 32/64/128, f16 scale (+ f16 minimum) | [`Activations::Int8Blocks`] (with block sums) |
-//! | `F16 { transposed }` | [`f16`] | IEEE half | [`Activations::F32`] |
+//! | `F16 { transposed }` | [`f16`](mod@f16) | IEEE half | [`Activations::F32`] |
 //! | `PanelF32 { nr }` | (the f32 GEMM's panels, `kernels::Panels`) | f32 | [`Activations::F32`] |
 
 use serde::{Deserialize, Serialize};

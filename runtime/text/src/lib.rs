@@ -59,7 +59,7 @@ pub fn load_tokenizer(model: &Model, path: Option<&Path>) -> Result<Tokenizer> {
     match path {
         Some(p) => {
             let bytes = std::fs::read(p)
-                .map_err(|e| Error::Model(acorn::Error::Io { path: p.display().to_string(), source: e }))?;
+                .map_err(|e| Error::Model(acorn::Error::Io { path: p.display().to_string(), error: e }))?;
             tokenizer_from_bytes(&bytes).map_err(|e| Error::Tokenizer(format!("{}: {e}", p.display())))
         }
         None => match acorn::llm::embedded_tokenizer(model) {
@@ -175,7 +175,7 @@ pub fn perplexity(
     Ok(((total / count as f64).exp(), count))
 }
 
-/// Σ over rows of −log softmax(row)[target] (in f64), for `logits` [rows, vocab] predicting
+/// Σ over rows of `−log softmax(row)[target]` (in f64), for `logits` `[rows, vocab]` predicting
 /// `targets` (one per row; each < vocab).
 pub fn nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
     let mut s = 0.0;
