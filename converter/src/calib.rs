@@ -147,7 +147,42 @@ pub fn reference(m: &Imported, values: &[ValueId]) -> Result<Reference> {
 }
 
 fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    crate::threads()
+}
+
+/// Elements from which a weight is parked while calibration runs.
+const PARK_MIN: usize = 1 << 16;
+
+/// Frees the data of `m`'s large f32 weights (the [`Reference`] file holds the same values) so
+/// the model is not in memory twice while calibration runs it; [`unpark`] reads them back.
+/// Returns the parked tensors' indices.
+pub fn park(m: &mut Imported) -> Vec<usize> {
+    let mut parked = Vec::new();
+    for (i, (_, t)) in m.tensors.iter_mut().enumerate() {
+        if t.dtype() == DType::F32 && t.len() >= PARK_MIN {
+            *t = Tensor::from_f32(vec![0], Vec::new());
+            parked.push(i);
+        }
+    }
+    parked
+}
+
+/// Reads the [`park`]ed weights back from the reference file with plain reads (not through a
+/// mapping, so the file's pages do not count against this process as well).
+pub fn unpark(m: &mut Imported, reference: &Reference, parked: &[usize]) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let file = acorn::format::ModelFile::open(&reference.path, false)?;
+    let mut f = std::fs::File::open(&reference.path)?;
+    for &i in parked {
+        let entry = &file.metadata().tensors[i];
+        let (offset, len) = file.tensor_range(i);
+        let shape: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
+        let mut bytes = vec![0u8; len as usize];
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(&mut bytes)?;
+        m.tensors[i].1 = Tensor::from_bytes(DType::F32, shape, &bytes)?;
+    }
+    Ok(())
 }
 
 /// A session on every core, with the conversion's memory limit (`--memory-limit`) if any.
@@ -217,19 +252,21 @@ pub struct Agreement {
 /// candidate's first f32 output, the same output of the reference).
 pub fn agreement(
     reference: &Reference,
-    candidate: &Path,
+    b: &Model,
     samples: &[Vec<(String, Tensor)>],
     memory_limit: Option<usize>,
+    progress: &crate::Progress,
 ) -> Result<Agreement> {
-    let (a, b) = (Model::open(&reference.path)?, Model::open(candidate)?);
+    let a = Model::open(&reference.path)?;
     let idx = b
         .outputs()
         .iter()
         .position(|o| o.dtype == DType::F32)
         .ok_or_else(|| anyhow!("the model has no f32 output to compare"))?;
-    let (mut sa, mut sb) = (session(&a, memory_limit)?, session(&b, memory_limit)?);
+    let (mut sa, mut sb) = (session(&a, memory_limit)?, session(b, memory_limit)?);
     let (mut cos, mut same, mut rows) = (0.0f64, 0usize, 0usize);
-    for s in samples {
+    for (i, s) in samples.iter().enumerate() {
+        progress.report("measuring", i as u64, samples.len() as u64);
         let named: Vec<(&str, &Tensor)> = s.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let (ra, rb) = (sa.run(&named)?, sb.run(&named)?);
         let (x, y) = (ra[idx].as_f32().unwrap_or_default(), rb[idx].as_f32().unwrap_or_default());

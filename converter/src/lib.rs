@@ -54,6 +54,51 @@ pub struct ConvertOptions {
     /// Most memory the calibration runs of the model may take (`--memory-limit`; default: what
     /// the machine has left).
     pub memory_limit: Option<usize>,
+    /// Threads for calibration runs, GPTQ and the error measurements (`--threads`; 0: every
+    /// core).
+    pub threads: usize,
+    /// Told each phase as it runs, with its progress (the CLI draws one progress line).
+    pub progress: Progress,
+}
+
+/// Reports a conversion's phases: `(phase, done, total)`, `total` 0 when the phase has no count.
+/// Phases: `importing`, `calibrating` (samples), `scaling` (AWQ), `quantizing` (weights),
+/// `measuring` (held-out samples), `writing`.
+#[derive(Clone, Default)]
+pub struct Progress(Option<std::sync::Arc<ProgressFn>>);
+
+/// What [`Progress`] calls: `(phase, done, total)`.
+pub type ProgressFn = dyn Fn(&str, u64, u64) + Send + Sync;
+
+impl Progress {
+    /// Calls `f` for every step of every phase.
+    pub fn new(f: impl Fn(&str, u64, u64) + Send + Sync + 'static) -> Self {
+        Progress(Some(std::sync::Arc::new(f)))
+    }
+
+    /// Reports `done` of `total` in `phase`.
+    pub fn report(&self, phase: &str, done: u64, total: u64) {
+        if let Some(f) = &self.0 {
+            f(phase, done, total);
+        }
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Progress(callback)" } else { "Progress(none)" })
+    }
+}
+
+/// Threads the current conversion may use (set by [`convert`] from [`ConvertOptions::threads`]).
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Worker threads for the converter's own parallel work: `--threads`, or every core.
+pub(crate) fn threads() -> usize {
+    match THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }
 
 /// The CPU family a file is converted for (`acorn convert --target`): decides the layout of
@@ -134,9 +179,18 @@ pub fn lower(
     base_dir: &Path,
     opts: &ConvertOptions,
 ) -> Result<(onnx::Imported, Vec<PassRecord>)> {
-    let proto = onnx::parse_model(bytes, name)?;
+    lower_proto(onnx::parse_model(bytes, name)?, name, base_dir, opts)
+}
+
+/// [`lower`] from a parsed model (consumed: its weights' data is freed as soon as it is imported).
+fn lower_proto(
+    mut proto: tract_onnx::pb::ModelProto,
+    name: &Path,
+    base_dir: &Path,
+    opts: &ConvertOptions,
+) -> Result<(onnx::Imported, Vec<PassRecord>)> {
     let mut m = onnx::import(&proto, base_dir).with_context(|| format!("importing {}", name.display()))?;
-    let analysed = !opts.no_shape_analysis && onnx::annotate_output_shapes(&proto, &mut m);
+    let analysed = !opts.no_shape_analysis && onnx::annotate_output_shapes(&mut proto, &mut m);
     drop(proto);
     let mut records = vec![PassRecord {
         name: "import_onnx".into(),
@@ -196,6 +250,7 @@ fn import_bytes_with(bytes: &[u8], analysis: bool) -> Result<onnx::Imported> {
 
 /// Converts `input` (ONNX) to `output` (.acorn). On error nothing is written.
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    THREADS.store(opts.threads, std::sync::atomic::Ordering::Relaxed);
     if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
         if a == b {
             anyhow::bail!("the output {} is the input model itself; choose another path", output.display());
@@ -218,9 +273,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
     let base = input.parent().unwrap_or(Path::new("."));
-    let (mut m, mut records) = lower(&bytes, input, base, opts)?;
-    let mut warnings = Vec::new();
+    opts.progress.report("importing", 0, 0);
+    // The file's bytes go as soon as they are parsed, the parsed weights as soon as they are
+    // imported: a model is held about twice at the peak of import, not four times.
+    let proto = onnx::parse_model(&bytes, input)?;
     drop(bytes);
+    let (mut m, mut records) = lower_proto(proto, input, base, opts)?;
+    let mut warnings = Vec::new();
     // Calibration samples: 7/8 fit the calibration-aware method, the last 1/8 are held out to
     // measure what quantizing cost (both, when there is a single sample).
     let (fit, held) = match opts.quantize.as_ref().and_then(|q| q.calib.as_deref()) {
@@ -245,21 +304,21 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             let mut grams = match (q.calib.is_some(), q.method) {
                 (false, quantize::Method::Rtn) => None,
                 _ => {
-                    let (g, r) = calibrate(&m, q, &fit, opts.memory_limit, &mut records)?;
+                    let (g, r) = calibrate(&mut m, q, &fit, opts, &mut records)?;
                     reference = Some(r);
                     Some(g)
                 }
             };
             // AWQ rescales weights (and the activations they read) in the graph before rounding.
             if let (quantize::Method::Awq, Some(g)) = (q.method, grams.as_mut()) {
+                opts.progress.report("scaling", 0, 0);
                 records.push(awq::apply(&mut m, q, g)?);
             }
-            let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref())?;
+            let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref(), &opts.progress)?;
             if let Some(w) = quantize::nothing_quantized(&rec) {
                 if opts.strict {
                     anyhow::bail!("{w} (--strict)");
                 }
-                log::warn!("{w}");
                 warnings.push(w);
             }
             records.push(rec);
@@ -296,15 +355,15 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let weight_bytes = payloads.iter().map(|p| p.bytes.len() as u64).sum();
     let nodes = m.graph.all_nodes().count();
     let tensors = payloads.len();
-    let mut file_bytes = write_model(output, m.graph.clone(), provenance.clone(), extensions.clone(), &payloads)
-        .with_context(|| format!("writing {}", output.display()))?;
+    let mut provenance = provenance;
     if let (false, Some(fp32)) = (held.is_empty(), &reference) {
         // What quantizing cost, on the held-out samples: the fp32 graph the calibration ran
-        // against the file just written; the numbers go into the quantize pass record, and the
-        // file is written again.
-        let a = calib::agreement(fp32, output, &held, opts.memory_limit)
+        // against the quantized model (built in memory, read in place); the numbers go into the
+        // quantize pass record of the one file written below.
+        let bytes = acorn::format::model_bytes(m.graph.clone(), provenance.clone(), extensions.clone(), &payloads)?;
+        let candidate = acorn::Model::from_memory(bytes, &acorn::OpenOptions::default())?;
+        let a = calib::agreement(fp32, &candidate, &held, opts.memory_limit, &opts.progress)
             .context("measuring the quantized model on held-out samples")?;
-        let mut provenance = provenance;
         for rec in provenance.passes.iter_mut().chain(records.iter_mut()).filter(|r| r.name == "quantize") {
             rec.params.push(("heldout_output".into(), a.output.clone()));
             rec.report.push(("heldout_samples".into(), a.samples as f64));
@@ -313,9 +372,10 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
                 rec.report.push(("heldout_top1".into(), t));
             }
         }
-        file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
-            .with_context(|| format!("writing {}", output.display()))?;
     }
+    opts.progress.report("writing", 0, 0);
+    let file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
+        .with_context(|| format!("writing {}", output.display()))?;
     Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records, warnings })
 }
 
@@ -365,27 +425,31 @@ fn keep_prequantized(m: &onnx::Imported, quantized: &mut [Option<quantize::Quant
     }
 }
 
-/// Runs `--calib` through the fp32 model (a progress bar on a terminal) and returns the Gram
+/// Runs `--calib` through the fp32 model (reporting progress) and returns the Gram
 /// matrices of every quantizable product's activations; records what it used.
 fn calibrate(
-    m: &onnx::Imported,
+    m: &mut onnx::Imported,
     q: &quantize::QuantOptions,
     samples: &calib::Samples,
-    memory_limit: Option<usize>,
+    opts: &ConvertOptions,
     records: &mut Vec<PassRecord>,
 ) -> Result<(std::collections::HashMap<acorn::graph::ValueId, calib::Gram>, calib::Reference)> {
     let path = q.calib.as_deref().ok_or_else(|| {
         anyhow::anyhow!("--method {} needs --calib FILE (text lines or a folder of .npy inputs)", q.method.name())
     })?;
     let values = quantize::calibration_values(m);
-    let bar = indicatif::ProgressBar::new(samples.len() as u64).with_message("calibrating");
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} samples {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let total = samples.len() as u64;
+    opts.progress.report("calibrating", 0, total);
     let reference = calib::reference(m, &values)?;
-    let grams = calib::grams(&reference, samples, memory_limit, || bar.inc(1))?;
-    bar.finish_and_clear();
+    // The weights live in the reference file while it runs: not twice in memory.
+    let parked = calib::park(m);
+    let mut done = 0u64;
+    let grams = calib::grams(&reference, samples, opts.memory_limit, || {
+        done += 1;
+        opts.progress.report("calibrating", done, total);
+    });
+    calib::unpark(m, &reference, &parked)?;
+    let grams = grams?;
     let rows = grams.values().map(|g| g.rows).max().unwrap_or(0);
     records.push(PassRecord {
         name: "calibrate".into(),

@@ -29,30 +29,36 @@ enum Cmd {
         /// Do not fold constant subgraphs.
         #[arg(long)]
         no_fold: bool,
-        /// CPU family whose weight layout to store: host, x86_64-avx512, x86_64-avx2, aarch64,
-        /// generic, none (the file runs everywhere; elsewhere its weights are repacked at open).
-        #[arg(long, default_value = "host")]
+        /// CPU family whose weight layout to store (the file runs everywhere; on another family
+        /// its weights are repacked at open; `none`: plain row-major weights).
+        #[arg(long, default_value = "host", value_parser = acorn_converter::Target::NAMES)]
         target: String,
         /// Embed this tokenizer.json (and the generation settings beside it: end-of-sequence
         /// ids, chat template) so `generate` and `perplexity` need nothing else.
         #[arg(long, value_name = "FILE")]
         tokenizer: Option<PathBuf>,
-        /// Store weight matrices as q8 (int8 per output row), q4 (4-bit blocks of --group) or
-        /// f16: MatMul weights, embedding tables and tied LM heads.
-        #[arg(long, value_name = "FORMAT")]
+        /// Store weight matrices as q8 (int8 per output row), q4 (4-bit blocks of --group, with
+        /// minimums unless --symmetric) or f16: MatMul weights, embedding tables and tied LM heads.
+        #[arg(long, value_name = "FORMAT", value_parser = ["q8", "q4", "f16"])]
         quantize: Option<String>,
         /// q4 block size along each row: 32, 64 or 128.
         #[arg(long, default_value_t = 32)]
         group: usize,
-        /// q4 blocks store an f16 minimum beside the scale (asymmetric, like ggml's q4_1).
-        #[arg(long)]
+        /// q4 blocks store an f16 minimum beside the scale (asymmetric, like ggml's q4_1): the
+        /// default, kept for older command lines.
+        #[arg(long, conflicts_with = "symmetric")]
         min: bool,
-        /// Keep weights whose name matches this regular expression in f32 (repeatable).
-        #[arg(long, value_name = "PATTERN", num_args = 1..)]
+        /// q4 blocks without minimums (`w = (q − 8)·d`, like ggml's q4_0): smaller, less accurate
+        /// (SmolLM2 with GPTQ: +64 % perplexity against +1.4 % with minimums; docs/BENCHMARKS.md).
+        #[arg(long)]
+        symmetric: bool,
+        /// Keep weights whose name matches this regular expression in f32 (repeat the flag for
+        /// several).
+        #[arg(long, value_name = "PATTERN", action = clap::ArgAction::Append)]
         keep_float: Vec<String>,
         /// How weights are rounded: rtn (to nearest), awq (activation-aware channel scaling,
         /// then to nearest; needs --calib) or gptq (error-compensating; needs --calib).
-        #[arg(long, default_value = "rtn")]
+        #[arg(long, default_value = "rtn", value_parser = ["rtn", "awq", "gptq"])]
         method: String,
         /// Calibration data: a text file (one sample per line, through --tokenizer) or a folder
         /// of .npy inputs (NAME.npy per input; subfolders: one sample each).
@@ -76,12 +82,18 @@ enum Cmd {
         /// runs Acorn's int8 kernels (activations quantized per block of 32: faster, usually
         /// closer to fp32, not bit-equal to the graph); `as-written` runs the graph's own ops as
         /// the ONNX spec defines them.
-        #[arg(long, value_name = "MODE", default_value = "lift")]
+        #[arg(long, value_name = "MODE", default_value = "lift", value_parser = ["lift", "as-written"])]
         quantized_import: String,
         /// Most memory the model's runs during conversion (--calib) may take, e.g. 2G (default:
         /// the memory the machine or its cgroup has left).
         #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
         memory_limit: Option<usize>,
+        /// Threads for calibration, GPTQ and the error measurements (default: every core).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        threads: usize,
+        /// Print one JSON object (the file written, every pass record, warnings) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Generate text with a decoder model (greedy unless a temperature is given), streaming
     /// tokens as they come; prints prefill and decode tokens/s at the end.
@@ -108,7 +120,8 @@ enum Cmd {
         /// Wrap the prompt in the model's chat template (as a user message).
         #[arg(long)]
         chat: bool,
-        /// Print one JSON object at the end instead of streaming text.
+        /// Print one JSON object at the end instead of streaming text (the text, token ids, the
+        /// stop reason, speeds).
         #[arg(long)]
         json: bool,
         /// Use this tokenizer.json instead of the embedded one.
@@ -150,6 +163,9 @@ enum Cmd {
         /// Directory for the outputs (created if missing).
         #[arg(long, value_name = "DIR")]
         output_dir: PathBuf,
+        /// Print one JSON object (each output's file, type and shape; the run time).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -172,7 +188,8 @@ enum Cmd {
         /// Untimed warm-up runs.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
-        /// Print one JSON object: {"open_ms", "median_ms", "p90_ms", "peak_rss_mb"}.
+        /// Print one JSON object: {"open_ms", "median_ms", "p90_ms", "peak_rss_mb"} (and with
+        /// --profile, "profile": the time per op type).
         #[arg(long)]
         json: bool,
         /// Also print the time spent per op type over the timed runs.
@@ -200,6 +217,9 @@ enum Cmd {
         /// A paragraph added under the report's header (e.g. a peer's count on the same suite).
         #[arg(long, value_name = "TEXT")]
         note: Option<String>,
+        /// Print one JSON object (totals and every test's outcome) instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -284,6 +304,9 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             no_shape_analysis,
             quantized_import,
             memory_limit,
+            threads,
+            json,
+            symmetric,
         } => {
             let as_written = match quantized_import.as_str() {
                 "lift" => false,
@@ -292,14 +315,27 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             };
             let quantize = match quantize {
                 Some(f) => Some(acorn_converter::quantize::QuantOptions {
-                    format: acorn_converter::quantize::QuantFormat::parse(&f, group, min)?,
+                    // q4 stores minimums unless --symmetric (`--min` is the default's old spelling).
+                    format: {
+                        if symmetric && f != "q4" {
+                            bail!("--symmetric applies to --quantize q4 only (q8 is symmetric already)");
+                        }
+                        let with_min = min || (f == "q4" && !symmetric);
+                        acorn_converter::quantize::QuantFormat::parse(&f, group, with_min)?
+                    },
                     keep_float,
                     method: acorn_converter::quantize::Method::parse(&method)?,
                     calib,
                     keep_sensitive,
                 }),
-                None if !keep_float.is_empty() || min || calib.is_some() || method != "rtn" || keep_sensitive > 0 => {
-                    bail!("--keep-float, --min, --method, --calib and --keep-sensitive need --quantize")
+                None if !keep_float.is_empty()
+                    || min
+                    || symmetric
+                    || calib.is_some()
+                    || method != "rtn"
+                    || keep_sensitive > 0 =>
+                {
+                    bail!("--keep-float, --min, --symmetric, --method, --calib and --keep-sensitive need --quantize")
                 }
                 None => None,
             };
@@ -314,9 +350,11 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     no_shape_analysis,
                     as_written,
                     memory_limit,
+                    threads,
                     ..ConvertOptions::default()
                 },
                 &target,
+                json,
             )
         }
         Cmd::Generate {
@@ -340,36 +378,85 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Perplexity { model, text, window, windows, json, tokenizer, common } => {
             cmd_perplexity(&model, &text, window, windows, json, tokenizer.as_deref(), &common)
         }
-        Cmd::Run { model, inputs, output_dir, common } => cmd_run(&model, &inputs, &output_dir, &common),
+        Cmd::Run { model, inputs, output_dir, json, common } => cmd_run(&model, &inputs, &output_dir, json, &common),
         Cmd::Inspect { model, json } => cmd_inspect(&model, json),
         Cmd::Bench { model, inputs, runs, warmup, json, profile, common } => {
             cmd_bench(&model, &inputs, runs, warmup, json, profile, &common)
         }
-        Cmd::Conformance { dir, filter, markdown, passing, verbose, note } => {
-            cmd_conformance(&dir, filter.as_deref(), markdown.as_deref(), passing.as_deref(), verbose, note.as_deref())
+        Cmd::Conformance { dir, filter, markdown, passing, verbose, note, json } => {
+            let files =
+                ConformanceFiles { markdown: markdown.as_deref(), passing: passing.as_deref(), note: note.as_deref() };
+            cmd_conformance(&dir, filter.as_deref(), &files, verbose, json)
         }
     }
-}
-
-fn spinner(msg: &str) -> ProgressBar {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"));
-    pb.set_message(msg.to_string());
-    pb.enable_steady_tick(Duration::from_millis(100));
-    pb
 }
 
 fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
 
-fn cmd_convert(input: &Path, output: &Path, opts: ConvertOptions, target: &str) -> Result<ExitCode> {
+/// Report entries shown per pass after `convert` (the full record is in `acorn inspect`).
+const SUMMARY_ENTRIES: usize = 6;
+
+/// One progress line for a conversion: the phase, its bar when it has a count (with ETA),
+/// the time so far. Hidden off a terminal and with --json.
+fn conversion_progress(hidden: bool) -> (ProgressBar, acorn_converter::Progress) {
+    let pb = if hidden { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    pb.enable_steady_tick(Duration::from_millis(120));
+    let counted = ProgressStyle::with_template("{spinner} {msg:<12} [{bar:30}] {pos}/{len} {elapsed} (eta {eta})")
+        .expect("static template");
+    let plain = ProgressStyle::with_template("{spinner} {msg:<12} {elapsed}").expect("static template");
+    let bar = pb.clone();
+    let progress = acorn_converter::Progress::new(move |phase, done, total| {
+        if bar.message() != phase {
+            bar.set_message(phase.to_string());
+            bar.set_style(if total > 0 { counted.clone() } else { plain.clone() });
+            bar.reset_eta();
+        }
+        if total > 0 {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    });
+    (pb, progress)
+}
+
+fn cmd_convert(input: &Path, output: &Path, opts: ConvertOptions, target: &str, json: bool) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
     let t0 = Instant::now();
     let target = acorn_converter::Target::parse(target)?;
-    let pb = spinner(&format!("converting {}", input.display()));
-    let res = convert(input, output, &ConvertOptions { target, ..opts });
+    let (pb, progress) = conversion_progress(json || !std::io::stderr().is_terminal());
+    let res = convert(input, output, &ConvertOptions { target, progress, ..opts });
     pb.finish_and_clear();
     let r = res?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if json {
+        let passes: Vec<serde_json::Value> = r
+            .passes
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "params": p.params.iter().map(|(k, v)| serde_json::json!([k, v])).collect::<Vec<_>>(),
+                    "report": p.report.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                })
+            })
+            .collect();
+        out!(
+            "{}",
+            serde_json::json!({
+                "output": output.display().to_string(),
+                "file_bytes": r.file_bytes,
+                "nodes": r.nodes,
+                "tensors": r.tensors,
+                "weight_bytes": r.weight_bytes,
+                "seconds": seconds,
+                "passes": passes,
+                "warnings": r.warnings,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     out!(
         "wrote {} ({:.2} MB): {} nodes, {} tensors, {:.2} MB of weights, in {:.2} s",
         output.display(),
@@ -377,10 +464,13 @@ fn cmd_convert(input: &Path, output: &Path, opts: ConvertOptions, target: &str) 
         r.nodes,
         r.tensors,
         mb(r.weight_bytes),
-        t0.elapsed().as_secs_f64()
+        seconds
     );
     for p in &r.passes {
-        let rep: Vec<String> = p.report.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut rep: Vec<String> = p.report.iter().take(SUMMARY_ENTRIES).map(|(k, v)| format!("{k}={v}")).collect();
+        if p.report.len() > SUMMARY_ENTRIES {
+            rep.push(format!("… {} more (acorn inspect)", p.report.len() - SUMMARY_ENTRIES));
+        }
         out!("  pass {:<16} {}", p.name, rep.join(" "));
     }
     for w in &r.warnings {
@@ -422,7 +512,7 @@ fn session_for(m: &Model, common: &Common) -> acorn::SessionBuilder {
     }
 }
 
-fn cmd_run(model: &Path, inputs: &[String], out_dir: &Path, common: &Common) -> Result<ExitCode> {
+fn cmd_run(model: &Path, inputs: &[String], out_dir: &Path, json: bool, common: &Common) -> Result<ExitCode> {
     let m = open(model, common.verify)?;
     let ins = parse_inputs(inputs)?;
     let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -432,6 +522,7 @@ fn cmd_run(model: &Path, inputs: &[String], out_dir: &Path, common: &Common) -> 
     let dt = t0.elapsed();
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let names: Vec<String> = m.outputs().iter().map(|o| file_name_for(&o.name)).collect();
+    let mut written = Vec::new();
     for (i, (spec, t)) in m.outputs().iter().zip(&outs).enumerate() {
         // Two outputs whose names map to one file (`a/b` and `a_b`) each get their position
         // appended, so neither overwrites the other.
@@ -442,9 +533,19 @@ fn cmd_run(model: &Path, inputs: &[String], out_dir: &Path, common: &Common) -> 
         };
         let path = out_dir.join(format!("{name}.npy"));
         npy::write_npy(&path, t)?;
-        out!("{} {} {:?} -> {}", spec.name, t.dtype(), t.shape(), path.display());
+        if json {
+            written.push(serde_json::json!({
+                "name": spec.name, "dtype": t.dtype().name(), "shape": t.shape(), "file": path.display().to_string(),
+            }));
+        } else {
+            out!("{} {} {:?} -> {}", spec.name, t.dtype(), t.shape(), path.display());
+        }
     }
-    out!("ran in {:.3} ms", dt.as_secs_f64() * 1e3);
+    if json {
+        out!("{}", serde_json::json!({ "outputs": written, "run_ms": dt.as_secs_f64() * 1e3 }));
+    } else {
+        out!("ran in {:.3} ms", dt.as_secs_f64() * 1e3);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -516,7 +617,7 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
                 })).collect::<Vec<_>>(),
             },
         });
-        out!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{v}");
     } else {
         out!(
             "{}: .acorn v{}, {:.2} MB, opened in {:.2} ms",
@@ -659,8 +760,25 @@ fn cmd_bench(
     let median = percentile(&times, 0.5);
     let p90 = percentile(&times, 0.9);
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    let total: f64 = s.profile().iter().map(|p| p.seconds).sum();
     if json {
-        out!("{}", serde_json::json!({"open_ms": open_ms, "median_ms": median, "p90_ms": p90, "peak_rss_mb": rss}));
+        let mut o = serde_json::json!({"open_ms": open_ms, "median_ms": median, "p90_ms": p90, "peak_rss_mb": rss});
+        if profile {
+            o["profile"] = s
+                .profile()
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "op": p.op,
+                        "calls_per_run": p.calls / runs as u64,
+                        "ms_per_run": p.seconds * 1e3 / runs as f64,
+                        "share": p.seconds / total.max(f64::MIN_POSITIVE),
+                    })
+                })
+                .collect();
+        }
+        out!("{o}");
+        return Ok(ExitCode::SUCCESS);
     } else {
         out!(
             "{}: open {:.2} ms, median {:.3} ms, p90 {:.3} ms over {runs} runs ({} thread(s), kernels: {}), peak RSS {:.1} MB",
@@ -674,7 +792,6 @@ fn cmd_bench(
         );
     }
     if profile {
-        let total: f64 = s.profile().iter().map(|p| p.seconds).sum();
         out!("| op | calls/run | ms/run | share |");
         out!("|---|---:|---:|---:|");
         for p in s.profile() {
@@ -690,14 +807,21 @@ fn cmd_bench(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Files `acorn conformance` may write.
+struct ConformanceFiles<'a> {
+    markdown: Option<&'a Path>,
+    passing: Option<&'a Path>,
+    note: Option<&'a str>,
+}
+
 fn cmd_conformance(
     dir: &Path,
     filter: Option<&str>,
-    markdown: Option<&Path>,
-    passing: Option<&Path>,
+    files: &ConformanceFiles<'_>,
     verbose: bool,
-    note: Option<&str>,
+    json: bool,
 ) -> Result<ExitCode> {
+    let ConformanceFiles { markdown, passing, note } = *files;
     use acorn_converter::conformance as conf;
     use std::io::Write as _;
     let mut tests = conf::list_tests(dir)?;
@@ -708,7 +832,7 @@ fn cmd_conformance(
         bail!("no test folders (with a model.onnx) under {}", dir.display());
     }
     let scratch = tempfile::tempdir()?;
-    let pb = ProgressBar::new(tests.len() as u64);
+    let pb = if json { ProgressBar::hidden() } else { ProgressBar::new(tests.len() as u64) };
     pb.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("static template"));
     // Panics are caught and reported per test; keep the default hook from printing each one.
     let hook = std::panic::take_hook();
@@ -718,7 +842,7 @@ fn cmd_conformance(
         let r = conf::run_case(t, scratch.path());
         pb.set_message(r.name.clone());
         pb.inc(1);
-        if verbose {
+        if verbose && !json {
             pb.suspend(|| out!("{:<11} {} {}", r.outcome.name(), r.name, r.reason));
         }
         results.push(r);
@@ -726,7 +850,9 @@ fn cmd_conformance(
     std::panic::set_hook(hook);
     pb.finish_and_clear();
     let (p, f, u) = conf::totals(&results);
-    out!("{p} passed, {f} failed, {u} unsupported, of {}", results.len());
+    if !json {
+        out!("{p} passed, {f} failed, {u} unsupported, of {}", results.len());
+    }
     if let Some(md) = markdown {
         let mut header = format!(
             "Generated by `acorn conformance` on `{}` ({} tests), acorn-converter {}.",
@@ -740,7 +866,9 @@ fn cmd_conformance(
         }
         let text = conf::markdown(&results, &header);
         acorn::format::atomic_write(md, |w| w.write_all(text.as_bytes()))?;
-        out!("wrote {}", md.display());
+        if !json {
+            out!("wrote {}", md.display());
+        }
     }
     if let Some(path) = passing {
         let mut names: Vec<&str> =
@@ -748,7 +876,19 @@ fn cmd_conformance(
         names.sort();
         let text = names.join("\n") + "\n";
         acorn::format::atomic_write(path, |w| w.write_all(text.as_bytes()))?;
-        out!("wrote {}", path.display());
+        if !json {
+            out!("wrote {}", path.display());
+        }
+    }
+    if json {
+        let tests: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| serde_json::json!({"name": r.name, "outcome": r.outcome.name(), "reason": r.reason}))
+            .collect();
+        out!(
+            "{}",
+            serde_json::json!({"passed": p, "failed": f, "unsupported": u, "total": results.len(), "tests": tests})
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -798,18 +938,27 @@ fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<
         }
     }
     let stats = tokens.stats().clone();
+    let stop = tokens.stop_reason();
     let text = det.text()?;
     if a.json {
         let o = serde_json::json!({
             "token_ids": generated,
             "text": text,
             "prompt_tokens": ids.len(),
+            "new_tokens": generated.len(),
+            "stop_reason": stop.map(|s| s.name()),
             "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
             "decode_tokens_per_s": stats.decode_tokens_per_s(),
         });
         out!("{o}");
     } else {
         out!("");
+        if stop == Some(acorn::llm::StopReason::ContextFull) {
+            eprintln!(
+                "[stopped: the context of {} positions is full; raise --max-context for longer replies]",
+                a.max_context
+            );
+        }
         eprintln!(
             "[{} prompt tokens, prefill {:.1} tokens/s; {} new tokens, decode {:.1} tokens/s; KV cache {}]",
             ids.len(),

@@ -1323,7 +1323,49 @@ pub const TRACT_MAX_NODES: usize = 10_000;
 /// output's shape in terms of the input symbols, e.g. `[batch_size, 384]` instead of the
 /// exporter's placeholder names. Returns false (and leaves the declared shapes) when tract
 /// cannot analyse the graph, e.g. for data-dependent `If`.
-pub fn annotate_output_shapes(proto: &pb::ModelProto, m: &mut Imported) -> bool {
+/// Elements above which an initializer is given to tract's analysis as a typed graph input
+/// rather than as data (weights never decide shapes; their bytes would be copied once more).
+const TRACT_WEIGHT_AS_INPUT: i64 = 1 << 12;
+
+/// Turns the main graph's large initializers into typed graph inputs and frees their data: what
+/// tract's shape analysis needs of them is their type and shape (the model is imported already).
+fn weights_as_inputs(proto: &mut pb::ModelProto) {
+    let Some(g) = proto.graph.as_mut() else { return };
+    let declared: std::collections::HashSet<String> = g.input.iter().map(|i| i.name.clone()).collect();
+    let (big, small): (Vec<pb::TensorProto>, Vec<pb::TensorProto>) =
+        std::mem::take(&mut g.initializer).into_iter().partition(|t| {
+            t.dims.iter().try_fold(1i64, |a, &d| a.checked_mul(d.max(0))).is_none_or(|n| n > TRACT_WEIGHT_AS_INPUT)
+        });
+    g.initializer = small;
+    for t in big {
+        if declared.contains(&t.name) {
+            continue;
+        }
+        let dim = t
+            .dims
+            .iter()
+            .map(|&d| pb::tensor_shape_proto::Dimension {
+                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                ..Default::default()
+            })
+            .collect();
+        g.input.push(pb::ValueInfoProto {
+            name: t.name,
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: t.data_type,
+                    shape: Some(pb::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+}
+
+/// Output shapes from tract's symbolic analysis, where it can make them; `proto` (imported
+/// already) loses its large initializers' data to it.
+pub fn annotate_output_shapes(proto: &mut pb::ModelProto, m: &mut Imported) -> bool {
     // tract's analysis grows quadratically with the node count (a Relu chain on the 2-core build
     // VM, 2026-12-02: 5 000 nodes 0.09 s, 10 000 0.36 s; issue 15 reported over 300 s at
     // 100 000); past this many the declared shapes stay.
@@ -1353,6 +1395,8 @@ pub fn annotate_output_shapes(proto: &pb::ModelProto, m: &mut Imported) -> bool 
             }
         }));
     });
+    weights_as_inputs(proto);
+    let proto = &*proto;
     IN_TRACT.with(|f| f.set(true));
     let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
         || -> tract_onnx::prelude::TractResult<Vec<Vec<Dim>>> {

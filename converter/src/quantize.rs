@@ -167,6 +167,7 @@ pub fn quantize_weights(
     m: &Imported,
     opts: &QuantOptions,
     grams: Option<&HashMap<ValueId, crate::calib::Gram>>,
+    progress: &crate::Progress,
 ) -> Result<(Vec<Option<Quantized>>, PassRecord)> {
     let keep: Vec<regex::Regex> = opts
         .keep_float
@@ -206,7 +207,26 @@ pub fn quantize_weights(
     // `--quantize` that changes nothing says why.
     let mut others: Vec<String> = Vec::new();
     let mut done: Vec<Done> = Vec::new();
+    // Σxᵀx of every product weight `t` takes part in (`k` inputs), where calibration saw them
+    // all: borrowed from the calibration statistics when there is one product (most weights),
+    // summed otherwise. Never kept per weight (k×k f64 each: 19 MB for k = 1536).
+    let hessian_of = |t: usize, k: usize| -> Option<std::borrow::Cow<'_, [f64]>> {
+        let gr = grams?;
+        let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
+        let a: Vec<ValueId> = values.iter().flat_map(|v| acts.get(v).cloned().unwrap_or_default()).collect();
+        let parts: Option<Vec<&crate::calib::Gram>> = a.iter().map(|v| gr.get(v)).collect();
+        let parts = parts.filter(|p| !p.is_empty() && p.iter().all(|g| g.k == k))?;
+        if let [one] = parts.as_slice() {
+            return Some(std::borrow::Cow::Borrowed(&one.h));
+        }
+        let mut h = vec![0.0f64; k * k];
+        for p in parts {
+            h.iter_mut().zip(&p.h).for_each(|(a, b)| *a += b);
+        }
+        Some(std::borrow::Cow::Owned(h))
+    };
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
+        progress.report("quantizing", t as u64, m.tensors.len() as u64);
         let shape = tensor.shape();
         let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
         let all: Vec<Use> = values.iter().flat_map(|v| uses.get(v).cloned().unwrap_or_default()).collect();
@@ -245,33 +265,14 @@ pub fn quantize_weights(
         }
         let w: Vec<f32> = tensor.as_f32().context("reading a weight")?.to_vec();
         let wt = if transposed { transpose(&w, shape[0], shape[1]) } else { w };
-        // Σxᵀx of every product this weight takes part in, where calibration saw them all.
-        let hessian = grams.and_then(|gr| {
-            let a: Vec<ValueId> = values.iter().flat_map(|v| acts.get(v).cloned().unwrap_or_default()).collect();
-            let parts: Option<Vec<&crate::calib::Gram>> = a.iter().map(|v| gr.get(v)).collect();
-            let parts = parts.filter(|p| !p.is_empty() && p.iter().all(|g| g.k == k))?;
-            let mut h = vec![0.0f64; k * k];
-            for p in parts {
-                h.iter_mut().zip(&p.h).for_each(|(a, b)| *a += b);
-            }
-            Some(h)
-        });
+        let hessian = hessian_of(t, k);
         let q = quantize_one(opts.format, opts.method, transposed, &wt, rows, k, hessian.as_deref());
         let sensitivity = hessian.as_deref().map(|h| output_error(&wt, &q.approx, rows, k, h));
         let enc_len = q.encoding.byte_len(DType::F32, &[shape[0] as u64, shape[1] as u64]);
         if enc_len != Some(q.bytes.len() as u64) {
             bail!("internal: {name} encoded to {} bytes, its layout says {enc_len:?}", q.bytes.len());
         }
-        done.push(Done {
-            t,
-            rows,
-            k,
-            transposed,
-            rel_rmse: rel_rmse(&wt, &q.approx),
-            sensitivity,
-            gptq: q.gptq,
-            hessian,
-        });
+        done.push(Done { t, rows, k, transposed, rel_rmse: rel_rmse(&wt, &q.approx), sensitivity, gptq: q.gptq });
         out[t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes });
     }
     // Mixed precision: the `keep_sensitive` weights whose rounding changes their product's output
@@ -290,8 +291,15 @@ pub fn quantize_weights(
                 let w: Vec<f32> = m.tensors[d.t].1.as_f32().context("reading a weight")?.to_vec();
                 let s = m.tensors[d.t].1.shape();
                 let wt = if d.transposed { transpose(&w, s[0], s[1]) } else { w };
-                let q =
-                    quantize_one(QuantFormat::Q8, opts.method, d.transposed, &wt, d.rows, d.k, d.hessian.as_deref());
+                let q = quantize_one(
+                    QuantFormat::Q8,
+                    opts.method,
+                    d.transposed,
+                    &wt,
+                    d.rows,
+                    d.k,
+                    hessian_of(d.t, d.k).as_deref(),
+                );
                 out[d.t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes });
                 upgraded.push((d.t, format!("{name}: q8 (sensitivity {:.2e})", d.sensitivity.unwrap_or(0.0))));
             }
@@ -349,7 +357,6 @@ struct Done {
     rel_rmse: f64,
     sensitivity: Option<f64>,
     gptq: bool,
-    hessian: Option<Vec<f64>>,
 }
 
 /// One weight in one format.
@@ -435,7 +442,7 @@ pub(crate) fn output_error_abs(w: &[f32], q: &[f32], rows: usize, k: usize, hf: 
 /// f32 GEMM, 1024 rows at a time.
 fn output_error_parts(w: &[f32], q: &[f32], rows: usize, k: usize, hf: &[f32], with_den: bool) -> (f64, f64) {
     use acorn::kernels::{sgemm, BMat, MatRef};
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = crate::threads();
     const CHUNK: usize = 1024;
     let (mut num, mut den) = (0.0f64, 0.0f64);
     let (mut e, mut prod) = (vec![0.0f32; CHUNK.min(rows) * k], vec![0.0f32; CHUNK.min(rows) * k]);
@@ -580,7 +587,7 @@ pub fn gptq(
     let mut codes = vec![0u8; rows * k];
     let mut scales = vec![0.0f32; rows * groups];
     let mut mins = vec![0.0f32; rows * groups];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = crate::threads();
     let per = rows.div_ceil(threads).max(1);
     std::thread::scope(|s| {
         for (((wc, cc), sc), mc) in w

@@ -312,3 +312,75 @@ fn convert_memory_limit_applies_to_the_calibration_runs() {
     assert!(!o.status.success() && err.contains("above the session's limit"), "{err}");
     assert!(!out.exists());
 }
+
+/// Parses the one JSON object a `--json` command prints on stdout (nothing else there).
+fn one_json(o: &Output) -> serde_json::Value {
+    let (out, err) = text(o);
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(out.trim().lines().count(), 1, "one line of JSON, got:\n{out}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn every_command_that_reports_has_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = write_model(dir.path());
+    let model = dir.path().join("small.acorn");
+    let (o, m) = (onnx.to_str().unwrap(), model.to_str().unwrap());
+    let c = one_json(&acorn(&["convert", o, "-o", m, "--json"]));
+    assert_eq!(c["output"], m);
+    assert!(c["passes"].as_array().is_some_and(|p| p.iter().any(|p| p["name"] == "fold_constants")), "{c}");
+    let x = x_input(dir.path(), &Tensor::from_f32(vec![2, 4], vec![0.5; 8]));
+    let out_dir = dir.path().join("out");
+    let r = one_json(&acorn(&["run", m, "-i", &x, "--output-dir", out_dir.to_str().unwrap(), "--json"]));
+    assert_eq!(r["outputs"][0]["name"], "y");
+    assert_eq!(r["outputs"][0]["shape"], serde_json::json!([2, 3]));
+    let i = one_json(&acorn(&["inspect", m, "--json"]));
+    assert!(i.is_object(), "{i}");
+    let b = one_json(&acorn(&["bench", m, "-i", &x, "--runs", "3", "--json", "--profile"]));
+    assert!(b["median_ms"].is_number() && b["profile"].as_array().is_some_and(|p| !p.is_empty()), "{b}");
+    // Conformance on a one-test suite folder made here: the model above and its data.
+    let suite = dir.path().join("node");
+    let case = suite.join("test_small");
+    std::fs::create_dir_all(case.join("test_data_set_0")).unwrap();
+    std::fs::copy(&onnx, case.join("model.onnx")).unwrap();
+    let k = one_json(&acorn(&["conformance", suite.to_str().unwrap(), "--json"]));
+    assert_eq!(k["total"], 1, "{k}");
+    assert!(k["tests"][0]["outcome"].is_string(), "{k}");
+}
+
+#[test]
+fn convert_flags_list_their_values_and_keep_float_takes_one_pattern() {
+    let o = acorn(&["convert", "--help"]);
+    let (help, _) = text(&o);
+    for values in
+        ["[possible values: q8, q4, f16]", "[possible values: rtn, awq, gptq]", "[possible values: lift, as-written]"]
+    {
+        assert!(help.contains(values), "convert --help lacks {values}:\n{help}");
+    }
+    assert!(help.contains("x86_64-avx2"), "{help}");
+    // `--keep-float PATTERN model.onnx -o …`: the model stays the positional input.
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = write_model(dir.path());
+    let model = dir.path().join("k.acorn");
+    let o = acorn(&[
+        "convert",
+        "--quantize",
+        "q8",
+        "--keep-float",
+        "W",
+        onnx.to_str().unwrap(),
+        "-o",
+        model.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    // A wrong value names the possible ones.
+    let o = acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap(), "--quantize", "q3"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("q8") && err.contains("q4"), "{err}");
+    let o =
+        acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap(), "--quantize", "q8", "--symmetric"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("--symmetric applies to --quantize q4 only"), "{err}");
+}

@@ -532,6 +532,7 @@ impl Generator {
             remaining: max_tokens,
             stop: stop.to_vec(),
             stats,
+            stopped: None,
         })
     }
 }
@@ -680,6 +681,32 @@ impl Stats {
     }
 }
 
+/// Why a generation ended ([`Tokens::stop_reason`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The model produced this stop token (not yielded).
+    StopToken(u32),
+    /// `max_tokens` new tokens were generated.
+    MaxTokens,
+    /// The KV cache holds `max_context` positions: no room for another token.
+    ContextFull,
+    /// Running the model failed (the error was yielded).
+    Error,
+}
+
+impl StopReason {
+    /// A short name (`stop_token`, `max_tokens`, `context_full`, `error`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::StopToken(_) => "stop_token",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::ContextFull => "context_full",
+            StopReason::Error => "error",
+        }
+    }
+}
+
 /// The tokens of one generation, as they come ([`Generator::generate`]).
 pub struct Tokens<'g> {
     generator: &'g mut Generator,
@@ -690,12 +717,18 @@ pub struct Tokens<'g> {
     remaining: usize,
     stop: Vec<u32>,
     stats: Stats,
+    stopped: Option<StopReason>,
 }
 
 impl Tokens<'_> {
     /// Timing so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Why the generation ended (`None` while it may go on).
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stopped
     }
 }
 
@@ -704,11 +737,13 @@ impl Iterator for Tokens<'_> {
 
     fn next(&mut self) -> Option<Result<u32>> {
         if self.remaining == 0 {
+            self.stopped.get_or_insert(StopReason::MaxTokens);
             return None;
         }
         if let Some(t) = self.pending.take() {
             if self.generator.context_len() >= self.generator.max_context() {
                 self.remaining = 0;
+                self.stopped = Some(StopReason::ContextFull);
                 return None;
             }
             let t0 = Instant::now();
@@ -716,6 +751,7 @@ impl Iterator for Tokens<'_> {
                 Ok(l) => self.logits = l,
                 Err(e) => {
                     self.remaining = 0;
+                    self.stopped = Some(StopReason::Error);
                     return Some(Err(e));
                 }
             }
@@ -725,6 +761,7 @@ impl Iterator for Tokens<'_> {
         let t = self.sampler.sample(&self.logits);
         if self.stop.contains(&t) {
             self.remaining = 0;
+            self.stopped = Some(StopReason::StopToken(t));
             return None;
         }
         self.remaining -= 1;

@@ -109,9 +109,21 @@ fn greedy_generation_matches_onnx_runtime() {
     println!("ONNX Runtime: {:?}", tok.decode(&want, true).unwrap());
     for threads in [1, 2] {
         let mut gen = generator(&model, threads, 256);
-        let got: Vec<u32> = gen.generate(&prompt, 32, &Sampling::greedy(), &[]).unwrap().map(|t| t.unwrap()).collect();
+        let mut it = gen.generate(&prompt, 32, &Sampling::greedy(), &[]).unwrap();
+        let got: Vec<u32> = it.by_ref().map(|t| t.unwrap()).collect();
         assert_eq!(got, want, "greedy tokens at {threads} threads");
+        assert_eq!(it.stop_reason(), Some(acorn::llm::StopReason::MaxTokens));
     }
+    // A context that fills before max_tokens says so; a stop token ends it and says which.
+    let mut gen = generator(&model, 1, prompt.len() + 4);
+    let mut it = gen.generate(&prompt, 32, &Sampling::greedy(), &[]).unwrap();
+    assert_eq!(it.by_ref().count(), 5, "4 free positions: 4 tokens fed back, and the last one sampled");
+    assert_eq!(it.stop_reason(), Some(acorn::llm::StopReason::ContextFull));
+    let mut gen = generator(&model, 1, 256);
+    let mut it = gen.generate(&prompt, 32, &Sampling::greedy(), &[want[3]]).unwrap();
+    let first = want.iter().position(|&t| t == want[3]).unwrap();
+    assert_eq!(it.by_ref().count(), first, "the tokens before the stop token's first appearance");
+    assert_eq!(it.stop_reason(), Some(acorn::llm::StopReason::StopToken(want[3])));
     // The embedded tokenizer is the one given at conversion.
     let embedded = text::load_tokenizer(&model, None).unwrap();
     assert_eq!(text::encode(&embedded, "The capital of France is").unwrap(), prompt);

@@ -315,6 +315,13 @@ impl ModelFile {
         }
     }
 
+    /// Where tensor `i`'s stored bytes lie in the file: `(offset from the file's start, length)`
+    /// (for reading them without the mapping, e.g. into owned memory piece by piece).
+    pub fn tensor_range(&self, i: usize) -> (u64, u64) {
+        let t = &self.meta.tensors[i];
+        (self.data_offset as u64 + t.offset, t.len)
+    }
+
     /// The bytes of tensor `i` as stored in the file (what the checksums cover).
     pub fn stored_bytes(&self, i: usize) -> &[u8] {
         let t = &self.meta.tensors[i];

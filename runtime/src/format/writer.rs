@@ -33,6 +33,31 @@ pub fn write_model(
     extensions: Vec<Extension>,
     tensors: &[TensorPayload<'_>],
 ) -> Result<u64> {
+    write_model_with(graph, provenance, extensions, tensors, |emit| atomic_write(path, |w| emit(w)))
+}
+
+/// The bytes [`write_model`] would write, in memory (a model the converter runs before writing
+/// the file once, e.g. to measure it; open them with `Model::from_memory`).
+pub fn model_bytes(
+    graph: Graph,
+    provenance: Provenance,
+    extensions: Vec<Extension>,
+    tensors: &[TensorPayload<'_>],
+) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    write_model_with(graph, provenance, extensions, tensors, |emit| {
+        emit(&mut out).map_err(|e| Error::Io { path: "<memory>".into(), error: e })
+    })?;
+    Ok(out)
+}
+
+fn write_model_with(
+    graph: Graph,
+    provenance: Provenance,
+    extensions: Vec<Extension>,
+    tensors: &[TensorPayload<'_>],
+    sink: impl FnOnce(&mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>) -> Result<()>,
+) -> Result<u64> {
     graph.validate(tensors.len())?;
     // Tensor table and data-section checksum, computed before anything is written.
     let mut entries = Vec::with_capacity(tensors.len());
@@ -91,7 +116,7 @@ pub fn write_model(
     let hcrc = crc32fast::hash(&header[0..60]);
     header[60..64].copy_from_slice(&hcrc.to_le_bytes());
 
-    atomic_write(path, |w| {
+    sink(&mut |w: &mut dyn Write| {
         w.write_all(&header)?;
         w.write_all(&table)?;
         w.write_all(&meta_bytes)?;
