@@ -208,7 +208,8 @@ crate::kernel_list! {
 impl Isa {
     /// The half-precision-arithmetic row kernel of this set, where the CPU has one.
     pub fn f16_row_half(self) -> Option<(&'static str, F16RowH)> {
-        pick(f16_half_rows(), self).map(|e| (e.name, e.kernel))
+        static PICKED: super::lists::PerIsa<Option<(&'static str, F16RowH)>> = super::lists::PerIsa::new();
+        PICKED.get(self, || pick(f16_half_rows(), self).map(|e| (e.name, e.kernel)))
     }
 
     /// Name of the f16-weight GEMV kernel this set runs.
@@ -218,8 +219,11 @@ impl Isa {
 
     /// The f16-weight row kernel of this set and its name.
     pub fn f16_row(self) -> (&'static str, F16Row) {
-        let e = pick(f16_rows(), self).expect("the reference kernel is in every list");
-        (e.name, e.kernel)
+        static PICKED: super::lists::PerIsa<(&'static str, F16Row)> = super::lists::PerIsa::new();
+        PICKED.get(self, || {
+            let e = pick(f16_rows(), self).expect("the reference kernel is in every list");
+            (e.name, e.kernel)
+        })
     }
 }
 

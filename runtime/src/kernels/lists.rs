@@ -58,6 +58,22 @@ pub fn pick<K>(list: &[Entry<K>], isa: Isa) -> Option<&Entry<K>> {
     list.iter().find(|e| isa.includes(e.needs))
 }
 
+/// One pick per kernel set, made once: what the hot paths call (a product or a GEMM asks for its
+/// kernel on every call; scanning a list each time cost a few percent on small models).
+pub(crate) struct PerIsa<T>([std::sync::OnceLock<T>; super::ALL_ISAS.len()]);
+
+impl<T: Copy> PerIsa<T> {
+    /// An empty cache.
+    pub(crate) const fn new() -> Self {
+        PerIsa([const { std::sync::OnceLock::new() }; super::ALL_ISAS.len()])
+    }
+
+    /// The value for `isa`, computed by `f` the first time.
+    pub(crate) fn get(&self, isa: Isa, f: impl FnOnce() -> T) -> T {
+        *self.0[isa as usize].get_or_init(f)
+    }
+}
+
 /// Defines a family's list as a function returning it, built once by calling the named adder
 /// `(name, needs, reads, kernel)` per entry, best first (an entry may be `#[cfg]`-ed to its
 /// architecture or added only when a CPU feature beyond its set is present).

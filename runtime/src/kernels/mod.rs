@@ -138,7 +138,8 @@ impl Isa {
 
     /// The f32 GEMM micro-kernel of this set (`None` for `reference`, which has no tiles).
     pub fn f32_tile(self) -> Option<F32Tile> {
-        lists::pick(f32_tiles(), self).map(|e| e.kernel)
+        static PICKED: lists::PerIsa<Option<F32Tile>> = lists::PerIsa::new();
+        PICKED.get(self, || lists::pick(f32_tiles(), self).map(|e| e.kernel))
     }
 
     /// Panel width (columns) of this set's f32 GEMM: the weight layout it reads without

@@ -421,8 +421,14 @@ crate::kernel_list! {
 }
 
 impl Isa {
-    /// The quantized kernels this set runs, picked from the lists.
+    /// The quantized kernels this set runs, picked from the lists (once per set: products call
+    /// this on every run).
     pub fn q_rows(self) -> QRows {
+        static PICKED: super::lists::PerIsa<QRows> = super::lists::PerIsa::new();
+        PICKED.get(self, || self.pick_q_rows())
+    }
+
+    fn pick_q_rows(self) -> QRows {
         let q8 = pick(q8_rows(), self).expect("the reference kernel is in every list");
         let q4 = pick(q4_rows(), self).expect("the reference kernel is in every list");
         QRows {
@@ -554,11 +560,16 @@ fn q4_panel_kernel(isa: Isa, m: usize) -> Option<Q4PanelFn> {
 /// The activations [`gemm_q4`] reads for `m` rows of a product with blocks of `block`: what the
 /// kernel it runs declares in its list entry.
 pub fn q4_reads(isa: Isa, m: usize, block: usize) -> Reads {
+    // Per set, for (many rows?, blocks of 32?): picked once.
+    static PICKED: super::lists::PerIsa<[Reads; 4]> = super::lists::PerIsa::new();
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    let panel = pick(q4_panels(), isa).filter(|_| m >= Q8_GEMM_MIN_ROWS);
-    let band = pick(q4_sym32_rows(), isa).filter(|_| block == 32);
-    let row = pick(q4_rows(), isa).expect("the reference kernel is in every list");
-    panel.map(|e| e.reads).or(band.map(|e| e.reads)).unwrap_or(row.reads)
+    let table = PICKED.get(isa, || {
+        let row = pick(q4_rows(), isa).expect("the reference kernel is in every list").reads;
+        let panel = pick(q4_panels(), isa).map(|e| e.reads);
+        let band = pick(q4_sym32_rows(), isa).map(|e| e.reads);
+        [row, band.unwrap_or(row), panel.unwrap_or(row), panel.or(band).unwrap_or(row)]
+    });
+    table[usize::from(block == 32) + 2 * usize::from(m >= Q8_GEMM_MIN_ROWS)]
 }
 
 /// Whether [`gemm_q4`] reads the activations' 4-bit arrangement ([`QActs::q4x`], made by
