@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 
 use acorn::format::PassRecord;
-use acorn::graph::{BinaryOp, ConstBinding, Node, Op, ValueId, ValueInfo};
+use acorn::graph::{BinaryOp, ConstBinding, Node, Op, Uses, ValueId, ValueInfo};
 use acorn::tensor::{DType, Tensor};
 use anyhow::{Context, Result};
 
@@ -45,19 +45,17 @@ pub fn apply(m: &mut Imported, opts: &QuantOptions, grams: &mut HashMap<ValueId,
     let keep: Vec<regex::Regex> = opts.keep_float.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
     let consts: HashMap<ValueId, usize> = m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
     // How many times each value and each tensor is read (graph outputs count).
-    let mut reads: HashMap<ValueId, usize> = HashMap::new();
-    for n in m.graph.all_nodes() {
-        for v in n.inputs.iter().flatten() {
-            *reads.entry(*v).or_default() += 1;
+    let (reads, tensor_reads) = {
+        let uses = Uses::new(&m.graph);
+        let values =
+            m.graph.all_nodes().flat_map(|n| n.inputs.iter().flatten()).chain(m.graph.outputs.iter().map(|o| &o.value));
+        let reads: HashMap<ValueId, usize> = values.map(|&v| (v, uses.reads(v))).collect();
+        let mut tensor_reads: HashMap<usize, usize> = HashMap::new();
+        for (v, t) in &consts {
+            *tensor_reads.entry(*t).or_default() += uses.reads(*v);
         }
-    }
-    for o in &m.graph.outputs {
-        *reads.entry(o.value).or_default() += 1;
-    }
-    let mut tensor_reads: HashMap<usize, usize> = HashMap::new();
-    for (v, t) in &consts {
-        *tensor_reads.entry(*t).or_default() += reads.get(v).copied().unwrap_or(0);
-    }
+        (reads, tensor_reads)
+    };
     // Products by activation: top-level MatMul / MatMulTransB nodes whose B is a 2-D f32 weight
     // read by nothing else and that the quantize pass will round.
     let mut groups: HashMap<ValueId, Vec<Product>> = HashMap::new();

@@ -389,15 +389,13 @@ fn keep_prequantized(m: &onnx::Imported, quantized: &mut [Option<quantize::Quant
     let mut kept = 0usize;
     let mut worst = 0.0f64;
     let mut params: Vec<(String, String)> = m.dequantized.iter().map(|d| ("float".to_string(), d.clone())).collect();
+    let uses = acorn::graph::Uses::new(&m.graph);
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
         let Some((enc, bytes)) = m.prequantized.get(name) else { continue };
         let values: Vec<_> = m.graph.constants.iter().filter(|c| c.tensor as usize == t).map(|c| c.value).collect();
-        let only_matmul_b = m.graph.all_nodes().all(|n| {
-            n.inputs
-                .iter()
-                .enumerate()
-                .all(|(i, v)| v.is_none_or(|v| !values.contains(&v) || (i == 1 && matches!(n.op, Op::MatMul))))
-        }) && !m.graph.outputs.iter().any(|o| values.contains(&o.value));
+        let only_matmul_b = values.iter().all(|&v| {
+            !uses.is_output(v) && uses.readers_anywhere(v).iter().all(|(n, i)| *i == 1 && matches!(n.op, Op::MatMul))
+        });
         let s = tensor.shape();
         let decoded =
             (only_matmul_b && s.len() == 2).then(|| quantize::decode_columns(*enc, bytes, s[0], s[1])).flatten();

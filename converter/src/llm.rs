@@ -7,67 +7,42 @@
 use std::collections::HashMap;
 
 use acorn::format::{PassRecord, TensorEncoding};
-use acorn::graph::{AttentionAttrs, BinaryOp, ConstBinding, Graph, Node, Op, ReduceOp, UnaryOp, ValueId, ValueInfo};
+use acorn::graph::{
+    AttentionAttrs, BinaryOp, ConstBinding, Graph, Node, Op, ReduceOp, UnaryOp, Uses, ValueId, ValueInfo,
+};
 use acorn::tensor::{DType, Tensor};
 use anyhow::Result;
 
 use crate::onnx::Imported;
 
-/// Who produces and who reads each value of the main graph.
+/// The graph's uses/defs index ([`Uses`]) with the pattern helpers the fusions share.
 struct Index<'a> {
     g: &'a Graph,
     tensors: &'a [(String, Tensor)],
-    producer: HashMap<ValueId, usize>,
-    /// Readers anywhere (branches included); a graph output counts as a reader.
-    readers: HashMap<ValueId, usize>,
-    /// Of those, the `Shape` nodes.
-    shape_readers: HashMap<ValueId, usize>,
-    const_of: HashMap<ValueId, usize>,
+    uses: Uses<'a>,
 }
 
 impl<'a> Index<'a> {
     fn new(m: &'a Imported) -> Self {
-        let g = &m.graph;
-        let mut readers: HashMap<ValueId, usize> = HashMap::new();
-        let mut shape_readers: HashMap<ValueId, usize> = HashMap::new();
-        for n in g.all_nodes() {
-            for v in n.inputs.iter().flatten() {
-                *readers.entry(*v).or_default() += 1;
-                if matches!(n.op, Op::Shape { .. }) {
-                    *shape_readers.entry(*v).or_default() += 1;
-                }
-            }
-        }
-        for o in &g.outputs {
-            *readers.entry(o.value).or_default() += 1;
-        }
-        Index {
-            g,
-            tensors: &m.tensors,
-            producer: g.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect(),
-            readers,
-            shape_readers,
-            const_of: g.constants.iter().map(|c| (c.value, c.tensor as usize)).collect(),
-        }
+        Index { g: &m.graph, tensors: &m.tensors, uses: Uses::new(&m.graph) }
     }
 
     /// The node producing `v`, when its op satisfies `want`.
     fn prod(&self, v: Option<ValueId>, want: impl Fn(&Op) -> bool) -> Option<(usize, &'a Node)> {
-        let i = *self.producer.get(&v?)?;
+        let i = self.uses.producer(v?)?;
         let n = &self.g.nodes[i];
         want(&n.op).then_some((i, n))
     }
 
     fn only_reader(&self, v: ValueId) -> bool {
-        self.readers.get(&v) == Some(&1)
+        self.uses.reads(v) == 1
     }
 
     /// One reader besides `Shape` nodes (exporters compute reshape targets from the shapes of
     /// the very values they reshape; a fused op leaves those chains dead or, if something else
     /// uses the shape, computing from nodes that still exist).
     fn one_reader_besides_shapes(&self, v: ValueId) -> bool {
-        let all = self.readers.get(&v).copied().unwrap_or(0);
-        all == 1 + self.shape_readers.get(&v).copied().unwrap_or(0)
+        self.uses.reads(v) == 1 + self.uses.shape_reads(v)
     }
 
     /// Whether `piece` is dimension `d` of `x` as exporters write it for a shape:
@@ -142,7 +117,7 @@ impl<'a> Index<'a> {
     }
 
     fn tensor(&self, v: Option<ValueId>) -> Option<&'a Tensor> {
-        self.const_of.get(&v?).map(|&t| &self.tensors[t].1)
+        self.uses.constant(v?).map(|t| &self.tensors[t as usize].1)
     }
 
     fn scalar(&self, v: Option<ValueId>) -> Option<f32> {
@@ -191,11 +166,7 @@ pub fn fuse_tied_weights(m: &mut Imported) -> Result<PassRecord> {
         let Some(wt) = ix.tensor(w) else { continue };
         let swap = perm.as_deref().is_none_or(|p| p == [1, 0]);
         // Shared: read by the Transpose and by at least one other node.
-        if wt.shape().len() == 2
-            && wt.dtype() == DType::F32
-            && swap
-            && w.and_then(|w| ix.readers.get(&w)).is_some_and(|&r| r > 1)
-        {
+        if wt.shape().len() == 2 && wt.dtype() == DType::F32 && swap && w.is_some_and(|w| ix.uses.reads(w) > 1) {
             rewrites.push((i, w));
         }
     }

@@ -49,7 +49,8 @@ enum Cmd {
         #[arg(long, conflicts_with = "symmetric")]
         min: bool,
         /// q4 blocks without minimums (`w = (q − 8)·d`, like ggml's q4_0): smaller, less accurate
-        /// (SmolLM2 with GPTQ: +64 % perplexity against +1.4 % with minimums; docs/BENCHMARKS.md).
+        /// (SmolLM2, GPTQ on 24 calibration lines: Hamlet perplexity +43 % against +5.7 % with
+        /// minimums; docs/BENCHMARKS.md).
         #[arg(long)]
         symmetric: bool,
         /// Keep weights whose name matches this regular expression in f32 (repeat the flag for

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 
 use acorn::format::{PassRecord, TensorEncoding};
-use acorn::graph::{ConstBinding, Graph, Node, Op, ValueId};
+use acorn::graph::{ConstBinding, Graph, Node, Op, Uses, ValueId};
 use acorn::tensor::{DType, Tensor, View};
 use anyhow::Result;
 
@@ -144,20 +144,11 @@ pub fn plan_panel_weights(
     }
     // A candidate must be read only as MatMul's B (anywhere, branches included), never be an
     // output, and its tensor must back no other value.
+    let idx = Uses::new(g);
     let mut ok: HashMap<ValueId, bool> = by_value.keys().map(|&v| (v, true)).collect();
-    for node in g.all_nodes() {
-        for (i, inp) in node.inputs.iter().enumerate() {
-            if let Some(v) = inp {
-                if let Some(flag) = ok.get_mut(v) {
-                    *flag &= matches!(node.op, Op::MatMul) && i == 1;
-                }
-            }
-        }
-    }
-    for o in &g.outputs {
-        if let Some(flag) = ok.get_mut(&o.value) {
-            *flag = false;
-        }
+    for (v, flag) in ok.iter_mut() {
+        *flag =
+            !idx.is_output(*v) && idx.readers_anywhere(*v).iter().all(|(n, i)| matches!(n.op, Op::MatMul) && *i == 1);
     }
     let mut uses: HashMap<usize, usize> = HashMap::new();
     for c in &g.constants {
@@ -217,31 +208,13 @@ pub fn fuse_gelu(m: &mut Imported) -> Result<PassRecord> {
     let near = |v: Option<ValueId>, want: f32| {
         v.and_then(|v| scalar.get(&v)).is_some_and(|&s| (s - want).abs() <= 1e-3 * want.abs())
     };
-    // Readers of each value anywhere (branches included; graph outputs count as readers).
-    let mut readers: HashMap<ValueId, usize> = HashMap::new();
-    for n in g.all_nodes() {
-        for v in n.inputs.iter().flatten() {
-            *readers.entry(*v).or_default() += 1;
-        }
-    }
-    for o in &g.outputs {
-        *readers.entry(o.value).or_default() += 1;
-    }
-    let producer: HashMap<ValueId, usize> =
-        g.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect();
-    // First main-graph node reading each value.
-    let mut first_reader: HashMap<ValueId, usize> = HashMap::new();
-    for (i, n) in g.nodes.iter().enumerate() {
-        for v in n.inputs.iter().flatten() {
-            first_reader.entry(*v).or_insert(i);
-        }
-    }
+    let uses = Uses::new(g);
     // The node reading `v`, when it is `v`'s only reader (and in the main graph).
     let consumer = |v: ValueId| -> Option<usize> {
-        if readers.get(&v) != Some(&1) {
+        if uses.reads(v) != 1 {
             return None;
         }
-        first_reader.get(&v).copied()
+        uses.readers(v).first().map(|&(i, _)| i)
     };
     let bin = |i: usize, op: BinaryOp| -> Option<(Option<ValueId>, Option<ValueId>)> {
         let n = &g.nodes[i];
@@ -252,8 +225,8 @@ pub fn fuse_gelu(m: &mut Imported) -> Result<PassRecord> {
     let mut rewrites: Vec<(usize, ValueId)> = Vec::new();
     for erf in &g.nodes {
         let (Op::Unary(UnaryOp::Erf), [Some(t)]) = (&erf.op, erf.inputs.as_slice()) else { continue };
-        let Some(&si) = producer.get(t) else { continue };
-        if readers.get(t) != Some(&1) {
+        let Some(si) = uses.producer(*t) else { continue };
+        if uses.reads(*t) != 1 {
             continue;
         }
         // t = x / √2 or x · (1/√2)
@@ -284,8 +257,8 @@ pub fn fuse_gelu(m: &mut Imported) -> Result<PassRecord> {
             }
         } else {
             // (x · ½) · u
-            match w.and_then(|w| producer.get(&w).map(|&p| (w, p))) {
-                Some((w, p)) if readers.get(&w) == Some(&1) => match bin(p, BinaryOp::Mul) {
+            match w.and_then(|w| uses.producer(w).map(|p| (w, p))) {
+                Some((w, p)) if uses.reads(w) == 1 => match bin(p, BinaryOp::Mul) {
                     Some(h)
                         if other(h, x) != Some(x) && (h.0 == Some(x) || h.1 == Some(x)) && near(other(h, x), 0.5) =>
                     {

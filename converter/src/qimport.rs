@@ -13,10 +13,9 @@
 //! are. Anything else is left to run on the integer ops as imported.
 
 use acorn::format::{PassRecord, TensorEncoding};
-use acorn::graph::{BinaryOp, ConstBinding, Node, Op, ValueId, ValueInfo};
+use acorn::graph::{BinaryOp, ConstBinding, Node, Op, Uses, ValueId, ValueInfo};
 use acorn::tensor::{DType, Tensor};
 use anyhow::Result;
-use std::collections::HashMap;
 
 use crate::onnx::Imported;
 
@@ -31,7 +30,7 @@ pub fn lift_int8_products(m: &mut Imported) -> Result<PassRecord> {
         let n = &m.graph.nodes[i];
         if matches!(n.op, Op::DequantizeLinear { block: 0, .. }) && n.outputs.len() == 1 {
             let out = n.outputs[0];
-            let r = readers(m, out);
+            let r = Uses::new(&m.graph).readers(out).to_vec();
             let only_b = !r.is_empty()
                 && r.iter().all(|&(j, slot)| slot == 1 && matches!(m.graph.nodes[j].op, Op::MatMul))
                 && !m.graph.outputs.iter().any(|o| o.value == out);
@@ -66,11 +65,10 @@ pub fn lift_int8_products(m: &mut Imported) -> Result<PassRecord> {
         i += 1;
     }
     // Dynamic quantization: match from each MatMulInteger, then rewrite.
-    let producers: HashMap<ValueId, usize> =
-        m.graph.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect();
+    let uses = Uses::new(&m.graph);
     let plans: Vec<(String, Dynamic)> = (0..m.graph.nodes.len())
         .filter(|&i| matches!(m.graph.nodes[i].op, Op::MatMulInteger))
-        .filter_map(|i| match_dynamic(m, &producers, i).map(|d| (m.graph.nodes[i].name.clone(), d)))
+        .filter_map(|i| match_dynamic(m, &uses, i).map(|d| (m.graph.nodes[i].name.clone(), d)))
         .collect();
     for (name, d) in plans {
         match weight_from(m, Some(d.w), Some(d.w_scale), d.w_zp, 1) {
@@ -103,19 +101,6 @@ pub fn lift_int8_products(m: &mut Imported) -> Result<PassRecord> {
     })
 }
 
-/// The nodes (and input slots) that read `v`.
-fn readers(m: &Imported, v: ValueId) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    for (j, n) in m.graph.nodes.iter().enumerate() {
-        for (s, inp) in n.inputs.iter().enumerate() {
-            if *inp == Some(v) {
-                out.push((j, s));
-            }
-        }
-    }
-    out
-}
-
 fn constant(m: &Imported, v: Option<ValueId>) -> Option<&Tensor> {
     let v = v?;
     let c = m.graph.constants.iter().find(|c| c.value == v)?;
@@ -135,12 +120,12 @@ struct Dynamic {
 }
 
 /// `MatMulInteger` node `i` in the dynamic-quantization pattern.
-fn match_dynamic(m: &Imported, producers: &HashMap<ValueId, usize>, i: usize) -> Option<Dynamic> {
+fn match_dynamic(m: &Imported, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
     let g = &m.graph;
     let n = &g.nodes[i];
     let (xq, b, xzp) = (n.inputs.first().copied()??, n.inputs.get(1).copied()??, n.inputs.get(2).copied()??);
     let bzp = n.inputs.get(3).copied().flatten();
-    let dql = &g.nodes[*producers.get(&xq)?];
+    let dql = &g.nodes[uses.producer(xq)?];
     if !matches!(dql.op, Op::DynamicQuantizeLinear)
         || dql.outputs.len() != 3
         || dql.outputs[0] != xq
@@ -150,7 +135,7 @@ fn match_dynamic(m: &Imported, producers: &HashMap<ValueId, usize>, i: usize) ->
     }
     let (x, xscale) = (dql.inputs.first().copied()??, dql.outputs[1]);
     let one = |v: ValueId| -> Option<usize> {
-        let r = readers(m, v);
+        let r = uses.readers(v);
         (r.len() == 1 && !g.outputs.iter().any(|o| o.value == v)).then(|| r[0].0)
     };
     let cast = one(n.outputs[0])?;
@@ -163,7 +148,7 @@ fn match_dynamic(m: &Imported, producers: &HashMap<ValueId, usize>, i: usize) ->
         return None;
     }
     let other = f.inputs.iter().flatten().copied().find(|&v| v != g.nodes[cast].outputs[0])?;
-    let sn = *producers.get(&other)?;
+    let sn = uses.producer(other)?;
     let s = &g.nodes[sn];
     if !matches!(s.op, Op::Binary(BinaryOp::Mul)) {
         return None;

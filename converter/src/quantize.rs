@@ -179,28 +179,32 @@ pub fn quantize_weights(
     for c in &g.constants {
         tensor_values.entry(c.tensor as usize).or_default().push(c.value);
     }
-    let mut uses: HashMap<ValueId, Vec<Use>> = HashMap::new();
-    // The activations each weight value is multiplied with (for the calibration-aware method).
-    let mut acts: HashMap<ValueId, Vec<ValueId>> = HashMap::new();
-    for node in g.all_nodes() {
-        if let (Op::MatMul | Op::MatMulTransB, Some(Some(a)), Some(Some(b))) =
-            (&node.op, node.inputs.first(), node.inputs.get(1))
-        {
-            acts.entry(*b).or_default().push(*a);
-        }
-        for (i, inp) in node.inputs.iter().enumerate() {
-            let Some(v) = inp else { continue };
-            let u = match (&node.op, i) {
+    let index = acorn::graph::Uses::new(g);
+    // How each value is read, from the graph's uses/defs index.
+    let uses_of = |v: ValueId| -> Vec<Use> {
+        let mut out: Vec<Use> = index
+            .readers_anywhere(v)
+            .iter()
+            .map(|(node, i)| match (&node.op, *i) {
                 (Op::MatMul, 1) => Use::Columns,
                 (Op::MatMulTransB, 1) | (Op::Gather { axis: 0 }, 0) => Use::Rows,
                 (op, _) => Use::Other(op.name()),
-            };
-            uses.entry(*v).or_default().push(u);
+            })
+            .collect();
+        if index.is_output(v) {
+            out.push(Use::Other("a model output".into()));
         }
-    }
-    for o in &g.outputs {
-        uses.entry(o.value).or_default().push(Use::Other("a model output".into()));
-    }
+        out
+    };
+    // The activations a weight value is multiplied with (for the calibration-aware method).
+    let acts_of = |b: ValueId| -> Vec<ValueId> {
+        index
+            .readers_anywhere(b)
+            .iter()
+            .filter(|(n, i)| *i == 1 && matches!(n.op, Op::MatMul | Op::MatMulTransB))
+            .filter_map(|(n, _)| n.inputs.first().copied().flatten())
+            .collect()
+    };
     let mut out: Vec<Option<Quantized>> = (0..m.tensors.len()).map(|_| None).collect();
     let mut kept: Vec<String> = Vec::new();
     // Large float weights that are not matrices (convolution kernels, …): named too, so a
@@ -213,7 +217,7 @@ pub fn quantize_weights(
     let hessian_of = |t: usize, k: usize| -> Option<std::borrow::Cow<'_, [f64]>> {
         let gr = grams?;
         let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
-        let a: Vec<ValueId> = values.iter().flat_map(|v| acts.get(v).cloned().unwrap_or_default()).collect();
+        let a: Vec<ValueId> = values.iter().flat_map(|&v| acts_of(v)).collect();
         let parts: Option<Vec<&crate::calib::Gram>> = a.iter().map(|v| gr.get(v)).collect();
         let parts = parts.filter(|p| !p.is_empty() && p.iter().all(|g| g.k == k))?;
         if let [one] = parts.as_slice() {
@@ -229,7 +233,7 @@ pub fn quantize_weights(
         progress.report("quantizing", t as u64, m.tensors.len() as u64);
         let shape = tensor.shape();
         let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
-        let all: Vec<Use> = values.iter().flat_map(|v| uses.get(v).cloned().unwrap_or_default()).collect();
+        let all: Vec<Use> = values.iter().flat_map(|&v| uses_of(v)).collect();
         if tensor.dtype() == DType::F32 && shape.len() != 2 && tensor.len() >= MIN_VALUES {
             let by = match all.iter().find_map(|u| if let Use::Other(w) = u { Some(w.as_str()) } else { None }) {
                 Some(w) => format!(" read by {w}"),

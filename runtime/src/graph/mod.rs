@@ -11,7 +11,9 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 pub mod op;
+mod uses;
 pub use op::*;
+pub use uses::Uses;
 
 /// Index into [`Graph::values`].
 pub type ValueId = u32;

@@ -150,12 +150,7 @@ impl Dependence {
 
 /// The model inputs (by index) that `values` are computed from, through every node and branch.
 fn input_dependencies(graph: &crate::graph::Graph, values: &[ValueId]) -> Vec<usize> {
-    let mut producer: HashMap<ValueId, &Node> = HashMap::new();
-    for n in graph.all_nodes() {
-        for &o in &n.outputs {
-            producer.insert(o, n);
-        }
-    }
+    let uses = crate::graph::Uses::new(graph);
     let mut seen = vec![false; graph.values.len()];
     let mut stack: Vec<ValueId> = values.to_vec();
     let mut out = Vec::new();
@@ -167,7 +162,7 @@ fn input_dependencies(graph: &crate::graph::Graph, values: &[ValueId]) -> Vec<us
             out.push(i);
             continue;
         }
-        let Some(n) = producer.get(&v) else { continue };
+        let Some(n) = uses.producer_anywhere(v) else { continue };
         stack.extend(n.inputs.iter().flatten());
         if let Op::If { then_branch, else_branch } = &n.op {
             for b in [then_branch, else_branch] {
