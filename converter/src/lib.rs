@@ -28,6 +28,7 @@ pub mod npy;
 pub mod onnx;
 pub mod onnx_build;
 pub mod passes;
+pub mod pipeline;
 pub mod qimport;
 pub mod quantize;
 pub mod text;
@@ -211,20 +212,9 @@ fn lower_proto(
         m.prequantized.clear();
         m.dequantized.clear();
     }
-    if !opts.no_fold {
-        if !opts.as_written {
-            records.push(qimport::lift_int8_products(&mut m)?);
-        }
-        records.push(llm::fuse_tied_weights(&mut m)?);
-        records.push(passes::fold_constants(&mut m)?);
-        records.push(passes::fuse_gelu(&mut m)?);
-        records.push(llm::fuse_rms_norm(&mut m)?);
-        records.push(llm::fuse_rotary(&mut m)?);
-        records.push(llm::fuse_attention(&mut m)?);
-        records.push(llm::fuse_matmul_bias(&mut m)?);
-        records.push(llm::merge_parallel_matmuls(&mut m)?);
+    for pass in pipeline::graph_passes(opts) {
+        records.push((pass.run)(&mut m)?);
     }
-    records.push(passes::eliminate_dead(&mut m)?);
     Ok((m, records))
 }
 
@@ -280,41 +270,21 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     drop(bytes);
     let (mut m, mut records) = lower_proto(proto, input, base, opts)?;
     let mut warnings = Vec::new();
-    // Calibration samples: 7/8 fit the calibration-aware method, the last 1/8 are held out to
-    // measure what quantizing cost (both, when there is a single sample).
-    let (fit, held) = match opts.quantize.as_ref().and_then(|q| q.calib.as_deref()) {
-        Some(path) => {
-            let tok = opts
-                .tokenizer
-                .as_deref()
-                .map(|p| tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
-                .transpose()?;
-            let mut all = calib::samples(&m.graph.inputs, path, tok.as_ref(), quantize::MAX_CALIB_SAMPLES)?;
-            let held = if all.len() >= 2 { all.split_off(all.len() - (all.len() / 8).max(1)) } else { all.clone() };
-            (all, held)
-        }
-        None => (Vec::new(), Vec::new()),
-    };
-    // The fp32 model the calibration ran, kept for measuring the result on the held-out samples.
-    let mut reference: Option<calib::Reference> = None;
+    // Calibration is a stage: nothing runs until a pass asks for its statistics.
+    let mut calibration = pipeline::Calibration::new(&m, opts)?;
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
         Some(q) => {
             // Calibration statistics whenever there is calibration data: GPTQ needs them, and
             // every method reports each weight's sensitivity from them.
-            let mut grams = match (q.calib.is_some(), q.method) {
-                (false, quantize::Method::Rtn) => None,
-                _ => {
-                    let (g, r) = calibrate(&mut m, q, &fit, opts, &mut records)?;
-                    reference = Some(r);
-                    Some(g)
-                }
-            };
+            let wants_stats = q.calib.is_some() || q.method != quantize::Method::Rtn;
             // AWQ rescales weights (and the activations they read) in the graph before rounding.
-            if let (quantize::Method::Awq, Some(g)) = (q.method, grams.as_mut()) {
+            if q.method == quantize::Method::Awq {
+                let g = calibration.grams(&mut m, &mut records)?;
                 opts.progress.report("scaling", 0, 0);
                 records.push(awq::apply(&mut m, q, g)?);
             }
-            let (qs, rec) = quantize::quantize_weights(&m, q, grams.as_ref(), &opts.progress)?;
+            let grams = if wants_stats { Some(&*calibration.grams(&mut m, &mut records)?) } else { None };
+            let (qs, rec) = quantize::quantize_weights(&m, q, grams, &opts.progress)?;
             if let Some(w) = quantize::nothing_quantized(&rec) {
                 if opts.strict {
                     anyhow::bail!("{w} (--strict)");
@@ -356,13 +326,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let nodes = m.graph.all_nodes().count();
     let tensors = payloads.len();
     let mut provenance = provenance;
-    if let (false, Some(fp32)) = (held.is_empty(), &reference) {
+    if let Some((fp32, held)) = calibration.held_out() {
         // What quantizing cost, on the held-out samples: the fp32 graph the calibration ran
         // against the quantized model (built in memory, read in place); the numbers go into the
         // quantize pass record of the one file written below.
         let bytes = acorn::format::model_bytes(m.graph.clone(), provenance.clone(), extensions.clone(), &payloads)?;
         let candidate = acorn::Model::from_memory(bytes, &acorn::OpenOptions::default())?;
-        let a = calib::agreement(fp32, &candidate, &held, opts.memory_limit, &opts.progress)
+        let a = calib::agreement(fp32, &candidate, held, opts.memory_limit, &opts.progress)
             .context("measuring the quantized model on held-out samples")?;
         for rec in provenance.passes.iter_mut().chain(records.iter_mut()).filter(|r| r.name == "quantize") {
             rec.params.push(("heldout_output".into(), a.output.clone()));
@@ -421,44 +391,6 @@ fn keep_prequantized(m: &onnx::Imported, quantized: &mut [Option<quantize::Quant
         params,
         report: vec![("tensors".into(), kept as f64), ("max_relative_difference".into(), worst)],
     }
-}
-
-/// Runs `--calib` through the fp32 model (reporting progress) and returns the Gram
-/// matrices of every quantizable product's activations; records what it used.
-fn calibrate(
-    m: &mut onnx::Imported,
-    q: &quantize::QuantOptions,
-    samples: &calib::Samples,
-    opts: &ConvertOptions,
-    records: &mut Vec<PassRecord>,
-) -> Result<(std::collections::HashMap<acorn::graph::ValueId, calib::Gram>, calib::Reference)> {
-    let path = q.calib.as_deref().ok_or_else(|| {
-        anyhow::anyhow!("--method {} needs --calib FILE (text lines or a folder of .npy inputs)", q.method.name())
-    })?;
-    let values = quantize::calibration_values(m);
-    let total = samples.len() as u64;
-    opts.progress.report("calibrating", 0, total);
-    let reference = calib::reference(m, &values)?;
-    // The weights live in the reference file while it runs: not twice in memory.
-    let parked = calib::park(m);
-    let mut done = 0u64;
-    let grams = calib::grams(&reference, samples, opts.memory_limit, || {
-        done += 1;
-        opts.progress.report("calibrating", done, total);
-    });
-    calib::unpark(m, &reference, &parked)?;
-    let grams = grams?;
-    let rows = grams.values().map(|g| g.rows).max().unwrap_or(0);
-    records.push(PassRecord {
-        name: "calibrate".into(),
-        params: vec![("calib".into(), path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())],
-        report: vec![
-            ("samples".into(), samples.len() as f64),
-            ("rows".into(), rows as f64),
-            ("products".into(), grams.len() as f64),
-        ],
-    });
-    Ok((grams, reference))
 }
 
 /// Writes `graph` with `tensors` stored dense and no provenance: a model the converter itself
