@@ -24,7 +24,7 @@ use acorn::tensor::{DType, Tensor};
 use anyhow::{Context, Result};
 
 use crate::calib::Gram;
-use crate::onnx::Imported;
+use crate::ir::Module;
 use crate::quantize::{self, QuantOptions};
 
 /// The α grid.
@@ -41,7 +41,7 @@ struct Product {
 
 /// Scales the weights of every quantizable product that calibration saw, in `m`, and updates
 /// `grams`; returns the pass record.
-pub fn apply(m: &mut Imported, opts: &QuantOptions, grams: &mut HashMap<ValueId, Gram>) -> Result<PassRecord> {
+pub fn apply(m: &mut Module, opts: &QuantOptions, grams: &mut HashMap<ValueId, Gram>) -> Result<PassRecord> {
     let keep: Vec<regex::Regex> = opts.keep_float.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
     let consts: HashMap<ValueId, usize> = m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
     // How many times each value and each tensor is read (graph outputs count).
@@ -231,7 +231,7 @@ fn rescale_gram(g: &mut Gram, d: &[f32]) {
 /// Multiplies the scale (and bias) of the last-axis LayerNorm / RmsNorm producing `x` by `inv`,
 /// when those are `[k]` f32 constants read by that node alone. Returns whether it did.
 fn fold_into_norm(
-    m: &mut Imported,
+    m: &mut Module,
     x: ValueId,
     inv: &[f32],
     consts: &HashMap<ValueId, usize>,

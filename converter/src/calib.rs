@@ -11,7 +11,7 @@ use acorn::tensor::TensorData;
 use acorn::{DType, Model, Tensor};
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::onnx::Imported;
+use crate::ir::Module;
 
 /// Calibration samples: each a list of named inputs.
 pub type Samples = Vec<Vec<(String, Tensor)>>;
@@ -134,7 +134,7 @@ pub struct Reference {
 }
 
 /// Writes the fp32 model `m` with `values` added as outputs.
-pub fn reference(m: &Imported, values: &[ValueId]) -> Result<Reference> {
+pub fn reference(m: &Module, values: &[ValueId]) -> Result<Reference> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("calibration.acorn");
     let mut graph = m.graph.clone();
@@ -156,7 +156,7 @@ const PARK_MIN: usize = 1 << 16;
 /// Frees the data of `m`'s large f32 weights (the [`Reference`] file holds the same values) so
 /// the model is not in memory twice while calibration runs it; [`unpark`] reads them back.
 /// Returns the parked tensors' indices.
-pub fn park(m: &mut Imported) -> Vec<usize> {
+pub fn park(m: &mut Module) -> Vec<usize> {
     let mut parked = Vec::new();
     for (i, (_, t)) in m.tensors.iter_mut().enumerate() {
         if t.dtype() == DType::F32 && t.len() >= PARK_MIN {
@@ -169,7 +169,7 @@ pub fn park(m: &mut Imported) -> Vec<usize> {
 
 /// Reads the [`park`]ed weights back from the reference file with plain reads (not through a
 /// mapping, so the file's pages do not count against this process as well).
-pub fn unpark(m: &mut Imported, reference: &Reference, parked: &[usize]) -> Result<()> {
+pub fn unpark(m: &mut Module, reference: &Reference, parked: &[usize]) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom};
     let file = acorn::format::ModelFile::open(&reference.path, false)?;
     let mut f = std::fs::File::open(&reference.path)?;

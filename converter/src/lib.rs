@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 pub mod awq;
 pub mod calib;
 pub mod conformance;
+pub mod ir;
 pub mod llm;
 pub mod npy;
 pub mod onnx;
@@ -179,7 +180,7 @@ pub fn lower(
     name: &Path,
     base_dir: &Path,
     opts: &ConvertOptions,
-) -> Result<(onnx::Imported, Vec<PassRecord>)> {
+) -> Result<(ir::Module, Vec<PassRecord>)> {
     lower_proto(onnx::parse_model(bytes, name)?, name, base_dir, opts)
 }
 
@@ -189,7 +190,7 @@ fn lower_proto(
     name: &Path,
     base_dir: &Path,
     opts: &ConvertOptions,
-) -> Result<(onnx::Imported, Vec<PassRecord>)> {
+) -> Result<(ir::Module, Vec<PassRecord>)> {
     let mut m = onnx::import(&proto, base_dir).with_context(|| format!("importing {}", name.display()))?;
     let analysed = !opts.no_shape_analysis && onnx::annotate_output_shapes(&mut proto, &mut m);
     drop(proto);
@@ -220,17 +221,17 @@ fn lower_proto(
 
 /// [`lower`] for bytes with no file behind them (external tensor data is not found), without
 /// tract's shape analysis (third-party code): what the ONNX-import fuzz target drives.
-pub fn import_bytes(bytes: &[u8]) -> Result<onnx::Imported> {
+pub fn import_bytes(bytes: &[u8]) -> Result<ir::Module> {
     import_bytes_with(bytes, false)
 }
 
 /// [`import_bytes`] with tract's output-shape analysis as `acorn convert` runs it: what the
 /// `onnx_import_analysed` fuzz target drives, under libFuzzer's time and memory budget per input.
-pub fn import_bytes_analysed(bytes: &[u8]) -> Result<onnx::Imported> {
+pub fn import_bytes_analysed(bytes: &[u8]) -> Result<ir::Module> {
     import_bytes_with(bytes, true)
 }
 
-fn import_bytes_with(bytes: &[u8], analysis: bool) -> Result<onnx::Imported> {
+fn import_bytes_with(bytes: &[u8], analysis: bool) -> Result<ir::Module> {
     let nowhere = Path::new("/nonexistent-acorn-external-data");
     let opts = ConvertOptions { no_shape_analysis: !analysis, ..ConvertOptions::default() };
     let (m, _) = lower(bytes, Path::new("<memory>"), nowhere, &opts)?;
@@ -354,7 +355,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 /// encoding replaces whatever `--quantize` chose. Records how many, the largest difference
 /// between the imported values and what the file stores (the f16 rounding of the scales), and
 /// every quantized import that had to stay f32, with the reason.
-fn keep_prequantized(m: &onnx::Imported, quantized: &mut [Option<quantize::Quantized>]) -> PassRecord {
+fn keep_prequantized(m: &ir::Module, quantized: &mut [Option<quantize::Quantized>]) -> PassRecord {
     use acorn::graph::Op;
     let mut kept = 0usize;
     let mut worst = 0.0f64;

@@ -13,7 +13,7 @@ use acorn::graph::{
 use acorn::tensor::{DType, Tensor};
 use anyhow::Result;
 
-use crate::onnx::Imported;
+use crate::ir::Module;
 
 /// The graph's uses/defs index ([`Uses`]) with the pattern helpers the fusions share.
 struct Index<'a> {
@@ -23,7 +23,7 @@ struct Index<'a> {
 }
 
 impl<'a> Index<'a> {
-    fn new(m: &'a Imported) -> Self {
+    fn new(m: &'a Module) -> Self {
         Index { g: &m.graph, tensors: &m.tensors, uses: Uses::new(&m.graph) }
     }
 
@@ -153,7 +153,7 @@ fn record(name: &str, report: Vec<(&str, f64)>) -> PassRecord {
 /// `MatMul(A, Transpose(W))` with `W` a 2-D constant that something else also reads (an LM head
 /// tied to the embedding table) → `MatMulTransB(A, W)`: the weight stays stored once instead of
 /// a transposed copy being folded into the file. Run before `fold_constants`.
-pub fn fuse_tied_weights(m: &mut Imported) -> Result<PassRecord> {
+pub fn fuse_tied_weights(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
     let mut rewrites = Vec::new();
     for (i, n) in m.graph.nodes.iter().enumerate() {
@@ -182,7 +182,7 @@ pub fn fuse_tied_weights(m: &mut Imported) -> Result<PassRecord> {
 /// RMSNorm as exporters write it — `w · (x · 1/√(mean(x²) + ε))` with `x²` as `Pow(x, 2)` or
 /// `x·x`, the reciprocal as `Reciprocal`, `Div(1, ·)` or a `Div` of x, operands in either order,
 /// the mean over the last axis — → one `RmsNorm` (ONNX RMSNormalization semantics).
-pub fn fuse_rms_norm(m: &mut Imported) -> Result<PassRecord> {
+pub fn fuse_rms_norm(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
     let mut rewrites: Vec<(usize, ValueId, ValueId, f32)> = Vec::new();
     for (i, n) in m.graph.nodes.iter().enumerate() {
@@ -283,7 +283,7 @@ fn match_normalised(ix: &Index<'_>, y: Option<ValueId>) -> Option<(ValueId, f32)
 /// [positions, D] tables by `position_ids` then unsqueezed at axis 1 — on 4-D [B, heads, S, D]
 /// values → one `RotaryEmbedding` (half-split pairing) reading half-width tables. The tables'
 /// two halves must be equal (as rotate-half tables are); the halves are added as new constants.
-pub fn fuse_rotary(m: &mut Imported) -> Result<PassRecord> {
+pub fn fuse_rotary(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
     struct Rw {
         node: usize,
@@ -372,7 +372,7 @@ pub fn fuse_rotary(m: &mut Imported) -> Result<PassRecord> {
     let mut fused = 0usize;
     for rw in rewrites {
         let mut half_of =
-            |v: ValueId, m: &mut Imported| -> Option<ValueId> { *halves.entry(v).or_insert_with(|| half_table(m, v)) };
+            |v: ValueId, m: &mut Module| -> Option<ValueId> { *halves.entry(v).or_insert_with(|| half_table(m, v)) };
         let (Some(c), Some(s)) = (half_of(rw.cos, m), half_of(rw.sin, m)) else { continue };
         let n = &mut m.graph.nodes[rw.node];
         n.op = Op::RotaryEmbedding { interleaved: false, rotary_dim: 0, num_heads: 0 };
@@ -384,7 +384,7 @@ pub fn fuse_rotary(m: &mut Imported) -> Result<PassRecord> {
 
 /// A new constant holding the first half of the columns of table `v` [P, D], if both halves are
 /// equal.
-fn half_table(m: &mut Imported, v: ValueId) -> Option<ValueId> {
+fn half_table(m: &mut Module, v: ValueId) -> Option<ValueId> {
     let t = m.graph.constants.iter().find(|c| c.value == v).map(|c| c.tensor as usize)?;
     let (name, tab) = &m.tensors[t];
     let (p, d) = (tab.shape()[0], tab.shape()[1]);
@@ -478,7 +478,7 @@ fn encoder_attention(ix: &Index<'_>, mq: &Node, mv: &Node, mask: Option<ValueId>
 /// whose kernel never materialises the score matrix and which the runtime can bind to its own
 /// KV cache when generating. The same scores in an encoder (BERT, MiniLM) between heads split
 /// from and merged back into [B, S, H·D] rows become a 3-D `Attention` ([`encoder_attention`]).
-pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
+pub fn fuse_attention(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
     let mut rewrites: Vec<Rw> = Vec::new();
     // Repeated heads: (source, r), or (v, 1) when not repeated.
@@ -626,7 +626,7 @@ pub fn fuse_attention(m: &mut Imported) -> Result<PassRecord> {
 /// `b` an f32 constant `[N]` → `MatMul(x, W, b)`: the product adds its bias itself (the f32 GEMM
 /// starts from it, the q8 one adds it to each panel's columns while they are in cache) instead of
 /// one more pass over the output. Run before `merge_parallel_matmuls`, which merges the biases too.
-pub fn fuse_matmul_bias(m: &mut Imported) -> Result<PassRecord> {
+pub fn fuse_matmul_bias(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
     // (MatMul node, Add node, bias value)
     let mut rewrites: Vec<(usize, usize, ValueId)> = Vec::new();
@@ -667,7 +667,7 @@ pub fn fuse_matmul_bias(m: &mut Imported) -> Result<PassRecord> {
 /// side by side, then a `Split` of its columns. One pass over the activation, one thread
 /// hand-off instead of several, and products large enough to split across threads (a decode
 /// step's K/V projections alone are too small). Each weight must be read by its MatMul only.
-pub fn merge_parallel_matmuls(m: &mut Imported) -> Result<PassRecord> {
+pub fn merge_parallel_matmuls(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
     // (activation, depth, with a bias) → MatMul node indices, in graph order.
     let mut groups: Vec<((ValueId, usize, bool), Vec<usize>)> = Vec::new();

@@ -20,18 +20,7 @@ use tract_onnx::prelude::Framework;
 /// The newest ONNX opset whose op definitions the importer follows (onnx 1.23).
 pub const NEWEST_OPSET: i64 = 28;
 
-/// A graph being built: the runtime IR plus the constant tensors it refers to.
-pub struct Imported {
-    pub graph: Graph,
-    pub tensors: Vec<(String, Tensor)>,
-    pub opset: i64,
-    /// Weights that arrived quantized (`com.microsoft:MatMulNBits`), by tensor name: the f32
-    /// tensor holds their values, this the same values in Acorn's own encoding (written as is
-    /// when the weight is still read as MatMul's B at the end of conversion).
-    pub prequantized: HashMap<String, (acorn::format::TensorEncoding, Vec<u8>)>,
-    /// Quantized imports that could not keep their encoding, with the reason.
-    pub dequantized: Vec<String>,
-}
+use crate::ir::Module;
 
 /// Decodes ONNX bytes into tract-onnx's protobuf types (`path` names the file in errors).
 pub fn parse_model(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {
@@ -40,7 +29,7 @@ pub fn parse_model(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {
 }
 
 /// Imports an ONNX model into the runtime IR.
-pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
+pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Module> {
     let g = model.graph.as_ref().ok_or_else(|| anyhow!("the ONNX file has no graph"))?;
     let opset = model
         .opset_import
@@ -109,7 +98,7 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Imported> {
         let (dtype, dims) = value_type(vi).unwrap_or((DType::F32, None));
         im.graph.outputs.push(IoSpec { name: vi.name.clone(), value: v, dtype, dims });
     }
-    Ok(Imported {
+    Ok(Module {
         graph: im.graph,
         tensors: im.tensors,
         opset,
@@ -1365,7 +1354,7 @@ fn weights_as_inputs(proto: &mut pb::ModelProto) {
 
 /// Output shapes from tract's symbolic analysis, where it can make them; `proto` (imported
 /// already) loses its large initializers' data to it.
-pub fn annotate_output_shapes(proto: &mut pb::ModelProto, m: &mut Imported) -> bool {
+pub fn annotate_output_shapes(proto: &mut pb::ModelProto, m: &mut Module) -> bool {
     // tract's analysis grows quadratically with the node count (a Relu chain on the 2-core build
     // VM, 2026-12-02: 5 000 nodes 0.09 s, 10 000 0.36 s; issue 15 reported over 300 s at
     // 100 000); past this many the declared shapes stay.

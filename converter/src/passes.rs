@@ -12,12 +12,12 @@ use acorn::graph::{ConstBinding, Graph, Node, Op, Uses, ValueId};
 use acorn::tensor::{DType, Tensor, View};
 use anyhow::Result;
 
-use crate::onnx::Imported;
+use crate::ir::Module;
 
 /// Results larger than this (elements) stay as runtime nodes rather than being stored.
 const FOLD_MAX_ELEMENTS: usize = 1 << 26;
 
-pub fn fold_constants(m: &mut Imported) -> Result<PassRecord> {
+pub fn fold_constants(m: &mut Module) -> Result<PassRecord> {
     let mut const_of: HashMap<ValueId, usize> =
         m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
     let before = m.graph.nodes.len();
@@ -73,7 +73,7 @@ fn mark_inputs(graph: &Graph, node: &Node, live: &mut HashSet<ValueId>) {
     }
 }
 
-pub fn eliminate_dead(m: &mut Imported) -> Result<PassRecord> {
+pub fn eliminate_dead(m: &mut Module) -> Result<PassRecord> {
     let g = &mut m.graph;
     let mut live: HashSet<ValueId> = g.outputs.iter().map(|o| o.value).collect();
     let before_nodes = g.nodes.len();
@@ -119,7 +119,7 @@ pub fn eliminate_dead(m: &mut Imported) -> Result<PassRecord> {
 /// tensor indices to pack and the pass record. Tensors for which `taken` is true (quantized)
 /// are left alone.
 pub fn plan_panel_weights(
-    m: &Imported,
+    m: &Module,
     target: &str,
     nr: Option<usize>,
     taken: &dyn Fn(usize) -> bool,
@@ -193,7 +193,7 @@ pub fn panel_bytes(t: &acorn::Tensor, nr: usize) -> Vec<u8> {
 /// the ½ applied first or last, operands in either order) — by one `Gelu` activation: one pass
 /// over the data instead of five. Intermediate values must have no other reader. Run
 /// `eliminate_dead` after it to drop the replaced nodes.
-pub fn fuse_gelu(m: &mut Imported) -> Result<PassRecord> {
+pub fn fuse_gelu(m: &mut Module) -> Result<PassRecord> {
     use acorn::graph::{Activation, BinaryOp, UnaryOp};
     let g = &m.graph;
     let scalar: HashMap<ValueId, f32> = g

@@ -10,7 +10,7 @@ use acorn::graph::ValueId;
 use anyhow::Result;
 
 use crate::calib::{self, Gram};
-use crate::onnx::Imported;
+use crate::ir::Module;
 use crate::quantize::{self, QuantOptions};
 use crate::{llm, passes, qimport, ConvertOptions};
 
@@ -19,7 +19,7 @@ pub struct Pass {
     /// The name its record carries.
     pub name: &'static str,
     /// The pass.
-    pub run: fn(&mut Imported) -> Result<PassRecord>,
+    pub run: fn(&mut Module) -> Result<PassRecord>,
 }
 
 /// The graph passes a conversion runs after import, in order, for `opts`.
@@ -60,7 +60,7 @@ pub struct Calibration<'o> {
 
 impl<'o> Calibration<'o> {
     /// Loads the samples (nothing runs yet).
-    pub fn new(m: &Imported, opts: &'o ConvertOptions) -> Result<Self> {
+    pub fn new(m: &Module, opts: &'o ConvertOptions) -> Result<Self> {
         let (fit, held) = match opts.quantize.as_ref().and_then(|q| q.calib.as_deref()) {
             Some(path) => {
                 let tok = opts
@@ -79,7 +79,7 @@ impl<'o> Calibration<'o> {
 
     /// The statistics of every quantizable product's activations, calibrating now if no pass
     /// asked before (its record goes to `records`).
-    pub fn grams(&mut self, m: &mut Imported, records: &mut Vec<PassRecord>) -> Result<&mut Grams> {
+    pub fn grams(&mut self, m: &mut Module, records: &mut Vec<PassRecord>) -> Result<&mut Grams> {
         if self.stats.is_none() {
             let q =
                 self.opts.quantize.as_ref().ok_or_else(|| anyhow::anyhow!("calibration needs --quantize options"))?;
@@ -98,7 +98,7 @@ impl<'o> Calibration<'o> {
 /// Runs `--calib` through the fp32 model (reporting progress) and returns the Gram
 /// matrices of every quantizable product's activations; records what it used.
 fn calibrate(
-    m: &mut Imported,
+    m: &mut Module,
     q: &QuantOptions,
     samples: &calib::Samples,
     opts: &ConvertOptions,

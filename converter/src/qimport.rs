@@ -9,7 +9,7 @@
 //!   Mul(·, x_scale · w_scale)` becomes `MatMul(x, W)`.
 //!
 //! The weight's f32 values `q · scale` go into the graph (so every later pass sees an ordinary
-//! MatMul) and its codes into [`Imported::prequantized`]; the quantize step writes them as they
+//! MatMul) and its codes into [`Module::prequantized`]; the quantize step writes them as they
 //! are. Anything else is left to run on the integer ops as imported.
 
 use acorn::format::{PassRecord, TensorEncoding};
@@ -17,10 +17,10 @@ use acorn::graph::{BinaryOp, ConstBinding, Node, Op, Uses, ValueId, ValueInfo};
 use acorn::tensor::{DType, Tensor};
 use anyhow::Result;
 
-use crate::onnx::Imported;
+use crate::ir::Module;
 
 /// Lifts the int8 products of `m` (see the module docs); returns the pass record.
-pub fn lift_int8_products(m: &mut Imported) -> Result<PassRecord> {
+pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
     let mut qdq = 0usize;
     let mut dynamic = 0usize;
     let mut skipped: Vec<(String, String)> = Vec::new();
@@ -101,7 +101,7 @@ pub fn lift_int8_products(m: &mut Imported) -> Result<PassRecord> {
     })
 }
 
-fn constant(m: &Imported, v: Option<ValueId>) -> Option<&Tensor> {
+fn constant(m: &Module, v: Option<ValueId>) -> Option<&Tensor> {
     let v = v?;
     let c = m.graph.constants.iter().find(|c| c.value == v)?;
     m.tensors.get(c.tensor as usize).map(|(_, t)| t)
@@ -120,7 +120,7 @@ struct Dynamic {
 }
 
 /// `MatMulInteger` node `i` in the dynamic-quantization pattern.
-fn match_dynamic(m: &Imported, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
+fn match_dynamic(m: &Module, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
     let g = &m.graph;
     let n = &g.nodes[i];
     let (xq, b, xzp) = (n.inputs.first().copied()??, n.inputs.get(1).copied()??, n.inputs.get(2).copied()??);
@@ -165,7 +165,7 @@ fn match_dynamic(m: &Imported, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
 /// The f32 `[K, N]` weight `q · scale` of an int8 constant with a per-tensor or per-column scale
 /// and zero points of 0, and its q8 encoding (GEMM panels); or why not.
 fn weight_from(
-    m: &Imported,
+    m: &Module,
     q: Option<ValueId>,
     scale: Option<ValueId>,
     zp: Option<ValueId>,

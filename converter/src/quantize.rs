@@ -19,7 +19,7 @@ use acorn::tensor::{f32_to_f16, DType};
 use acorn::weights::{f16, q4, q8, Weights, QK};
 use anyhow::{bail, Context, Result};
 
-use crate::onnx::Imported;
+use crate::ir::Module;
 
 /// Matrices with fewer values stay f32: they save at most 12 KiB each, and the small tables
 /// models have are read by every input — BERT's token-type embedding (2 × 384) is added to
@@ -149,7 +149,7 @@ enum Use {
 /// every 2-D weight left float with the reason.
 /// The values whose `Σ xᵀx` the calibration-aware method needs: the activations of every
 /// MatMul / MatMulTransB that reads a 2-D f32 constant.
-pub fn calibration_values(m: &Imported) -> Vec<ValueId> {
+pub fn calibration_values(m: &Module) -> Vec<ValueId> {
     let consts: std::collections::HashSet<ValueId> = m.graph.constants.iter().map(|c| c.value).collect();
     let mut out: Vec<ValueId> = m
         .graph
@@ -164,7 +164,7 @@ pub fn calibration_values(m: &Imported) -> Vec<ValueId> {
 }
 
 pub fn quantize_weights(
-    m: &Imported,
+    m: &Module,
     opts: &QuantOptions,
     grams: Option<&HashMap<ValueId, crate::calib::Gram>>,
     progress: &crate::Progress,
