@@ -95,7 +95,7 @@ pub fn apply(m: &mut Module, opts: &QuantOptions, grams: &mut HashMap<ValueId, G
         let group = &groups[&x];
         let gram = &grams[&x];
         let k = gram.k;
-        let rms: Vec<f64> = (0..k).map(|j| (gram.h[j * k + j] / gram.rows as f64).max(0.0).sqrt()).collect();
+        let rms: Vec<f64> = (0..k).map(|j| (gram.at(j, j) / gram.rows as f64).max(0.0).sqrt()).collect();
         let top = rms.iter().copied().fold(0.0f64, f64::max);
         if top <= 0.0 {
             continue;
@@ -110,7 +110,7 @@ pub fn apply(m: &mut Module, opts: &QuantOptions, grams: &mut HashMap<ValueId, G
             })
             .collect::<Result<_>>()?;
         // The Gram matrix as the f32 GEMM reads it, once per activation (not per α and product).
-        let hf: Vec<f32> = gram.h.iter().map(|&v| v as f32).collect();
+        let hf: Vec<f32> = gram.full().iter().map(|&v| v as f32).collect();
         let mut best: Option<(f64, usize, Vec<f32>)> = None;
         let mut base = 0.0;
         for step in 0..=STEPS {
@@ -151,7 +151,7 @@ pub fn apply(m: &mut Module, opts: &QuantOptions, grams: &mut HashMap<ValueId, G
         if exclusive && fold_into_norm(m, x, &inv, &consts, &tensor_reads) {
             folded += 1;
             let g = grams.get_mut(&x).expect("checked above");
-            rescale_gram(g, &inv);
+            g.rescale(&inv);
         } else {
             let first = group.iter().map(|p| p.node).min().expect("non-empty group");
             let name = format!("{}.awq", m.graph.values[x as usize].name);
@@ -167,8 +167,8 @@ pub fn apply(m: &mut Module, opts: &QuantOptions, grams: &mut HashMap<ValueId, G
             let node = Node { name, op: Op::Binary(BinaryOp::Mul), inputs: vec![Some(x), Some(cv)], outputs: vec![xv] };
             inserts.push((first, node));
             inserted += 1;
-            let mut g = Gram { k, h: gram.h.clone(), rows: gram.rows };
-            rescale_gram(&mut g, &inv);
+            let mut g = gram.clone();
+            g.rescale(&inv);
             grams.insert(xv, g);
         }
     }
@@ -216,16 +216,6 @@ fn scale_columns(w: &[f32], k: usize, s: &[f32], divide: bool) -> Vec<f32> {
         }
     }
     out
-}
-
-/// `H ← diag(d)·H·diag(d)`: the Gram matrix of `x·diag(d)`.
-fn rescale_gram(g: &mut Gram, d: &[f32]) {
-    let k = g.k;
-    for i in 0..k {
-        for j in 0..k {
-            g.h[i * k + j] *= d[i] as f64 * d[j] as f64;
-        }
-    }
 }
 
 /// Multiplies the scale (and bias) of the last-axis LayerNorm / RmsNorm producing `x` by `inv`,

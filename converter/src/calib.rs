@@ -116,11 +116,67 @@ fn npy_samples(inputs: &[IoSpec], dir: &Path, max_samples: usize) -> Result<Samp
     subdirs.iter().take(max_samples).map(|d| read_sample(d)).collect()
 }
 
-/// `Σ xᵀx` (k × k, f64) over every row of the values a product reads, and the row count.
+/// `Σ xᵀx` (k × k, f64) over every row of the values a product reads, and the row count. The
+/// matrix is symmetric: only its upper triangle is stored (row `i` holds columns `i..k`), half
+/// the memory of every product's statistics (0.4 GB instead of 0.8 for SmolLM2-135M).
+#[derive(Clone)]
 pub struct Gram {
     pub k: usize,
-    pub h: Vec<f64>,
+    upper: Vec<f64>,
     pub rows: usize,
+}
+
+impl Gram {
+    /// An empty `k × k` sum.
+    pub fn zeros(k: usize) -> Gram {
+        Gram { k, upper: vec![0.0; k * (k + 1) / 2], rows: 0 }
+    }
+
+    /// Entry `(i, j)`.
+    pub fn at(&self, i: usize, j: usize) -> f64 {
+        let (i, j) = if i <= j { (i, j) } else { (j, i) };
+        self.upper[row_start(self.k, i) + (j - i)]
+    }
+
+    /// Adds a `k × k` product (row-major; its upper triangle is read).
+    pub fn add(&mut self, part: &[f32]) {
+        let k = self.k;
+        for i in 0..k {
+            let row = &mut self.upper[row_start(k, i)..row_start(k, i) + (k - i)];
+            for (h, p) in row.iter_mut().zip(&part[i * k + i..(i + 1) * k]) {
+                *h += *p as f64;
+            }
+        }
+    }
+
+    /// The whole matrix, row-major (a temporary for the solvers that read it so).
+    pub fn full(&self) -> Vec<f64> {
+        let k = self.k;
+        let mut h = vec![0.0f64; k * k];
+        for i in 0..k {
+            for j in i..k {
+                let v = self.upper[row_start(k, i) + (j - i)];
+                h[i * k + j] = v;
+                h[j * k + i] = v;
+            }
+        }
+        h
+    }
+
+    /// `H ← D·H·D` for the diagonal `d`.
+    pub fn rescale(&mut self, d: &[f32]) {
+        let k = self.k;
+        for i in 0..k {
+            for j in i..k {
+                self.upper[row_start(k, i) + (j - i)] *= d[i] as f64 * d[j] as f64;
+            }
+        }
+    }
+}
+
+/// Start of row `i` of a packed upper triangle of a `k × k` matrix: `Σ_{r<i} (k − r)`.
+fn row_start(k: usize, i: usize) -> usize {
+    i * k - i * i.saturating_sub(1) / 2
 }
 
 /// The fp32 model written once for the converter's own runs: its graph's outputs, then the
@@ -164,6 +220,7 @@ pub fn park(m: &mut Module) -> Vec<usize> {
             parked.push(i);
         }
     }
+    crate::release_freed_memory();
     parked
 }
 
@@ -218,7 +275,7 @@ pub fn grams(
                 continue;
             }
             let rows = x.len() / k;
-            let g = out.entry(v).or_insert_with(|| Gram { k, h: vec![0.0; k * k], rows: 0 });
+            let g = out.entry(v).or_insert_with(|| Gram::zeros(k));
             if g.k != k {
                 bail!("calibration value {v} changed width ({} → {k})", g.k);
             }
@@ -228,9 +285,7 @@ pub fn grams(
             let xt = acorn::kernels::MatRef { data: x, rs: 1, cs: k };
             let xm = acorn::kernels::MatRef { data: x, rs: k, cs: 1 };
             acorn::kernels::sgemm(k, k, rows, xt, acorn::kernels::BMat::Strided(xm), &mut part, k, false, threads());
-            for (h, p) in g.h.iter_mut().zip(&part) {
-                *h += *p as f64;
-            }
+            g.add(&part);
             g.rows += rows;
         }
         progress();

@@ -88,6 +88,15 @@ impl<'o> Calibration<'o> {
         Ok(&mut self.stats.as_mut().expect("just set").0)
     }
 
+    /// Drops the statistics (the passes that needed them have run); the fp32 reference stays for
+    /// the held-out measurement.
+    pub fn release_statistics(&mut self) {
+        if let Some((grams, _)) = self.stats.as_mut() {
+            *grams = Grams::new();
+            crate::release_freed_memory();
+        }
+    }
+
     /// The fp32 reference and the held-out samples, when calibration ran and there are any.
     pub fn held_out(&self) -> Option<(&calib::Reference, &calib::Samples)> {
         let (_, reference) = self.stats.as_ref()?;

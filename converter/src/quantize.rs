@@ -212,22 +212,19 @@ pub fn quantize_weights(
     let mut others: Vec<String> = Vec::new();
     let mut done: Vec<Done> = Vec::new();
     // Σxᵀx of every product weight `t` takes part in (`k` inputs), where calibration saw them
-    // all: borrowed from the calibration statistics when there is one product (most weights),
-    // summed otherwise. Never kept per weight (k×k f64 each: 19 MB for k = 1536).
-    let hessian_of = |t: usize, k: usize| -> Option<std::borrow::Cow<'_, [f64]>> {
+    // all, as a whole k×k matrix made for this weight (the statistics keep half of it) and
+    // never kept per weight (19 MB for k = 1536).
+    let hessian_of = |t: usize, k: usize| -> Option<Vec<f64>> {
         let gr = grams?;
         let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
         let a: Vec<ValueId> = values.iter().flat_map(|&v| acts_of(v)).collect();
         let parts: Option<Vec<&crate::calib::Gram>> = a.iter().map(|v| gr.get(v)).collect();
         let parts = parts.filter(|p| !p.is_empty() && p.iter().all(|g| g.k == k))?;
-        if let [one] = parts.as_slice() {
-            return Some(std::borrow::Cow::Borrowed(&one.h));
+        let mut h = parts[0].full();
+        for p in &parts[1..] {
+            h.iter_mut().zip(p.full()).for_each(|(a, b)| *a += b);
         }
-        let mut h = vec![0.0f64; k * k];
-        for p in parts {
-            h.iter_mut().zip(&p.h).for_each(|(a, b)| *a += b);
-        }
-        Some(std::borrow::Cow::Owned(h))
+        Some(h)
     };
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
         progress.report("quantizing", t as u64, m.tensors.len() as u64);
