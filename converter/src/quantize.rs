@@ -418,7 +418,7 @@ fn to_panels(bytes: &[u8], rows: usize, k: usize) -> Vec<u8> {
 /// The bytes of `TensorEncoding::Q8Panels` (panels of [`Q8_PANEL`]) for `rows` rows of `k` int8
 /// codes and their scales.
 pub(crate) fn q8_panel_bytes(q: &[i8], scales: &[f32], rows: usize, k: usize) -> Vec<u8> {
-    q8::Q8Owned { n: rows, k, q: q[..rows * k].to_vec(), scales: scales[..rows].to_vec() }.to_panel_bytes(Q8_PANEL)
+    q8::panel_bytes(q, scales, rows, k, Q8_PANEL)
 }
 
 /// The relative output error of a product when its weights `w` are replaced by `q`, over the
@@ -520,7 +520,7 @@ fn encode(
         }
         QuantFormat::Q4 { group, min } => {
             let q = q4::encode(w, rows, k, group, min);
-            (enc, q.to_bytes(), q.view().decode())
+            (enc, q.to_bytes(), Weights::Q4(q.view()).decode())
         }
         QuantFormat::F16 => {
             let h = f16::encode(w);
@@ -688,7 +688,7 @@ fn assemble(
     match format {
         QuantFormat::Q4 { group, min } => {
             let q = q4::Q4Owned::from_codes(rows, k, group, codes, scales, min.then_some(mins));
-            (enc, q.to_bytes(), q.view().decode())
+            (enc, q.to_bytes(), Weights::Q4(q.view()).decode())
         }
         _ => {
             let per_row = scales.len() / rows.max(1);

@@ -310,7 +310,7 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     let model = Model::open(&path).unwrap();
     let idx = acorn::Tensor::from_i64(vec![3], vec![39, 0, -1]);
     let y = model.session().commit().unwrap().run(&[("x", &idx)]).unwrap().swap_remove(0);
-    let table = q4w.view().decode();
+    let table = acorn::weights::Weights::Q4(q4w.view()).decode();
     let want: Vec<f32> = [39, 0, 39].iter().flat_map(|&r| table[r * k..(r + 1) * k].to_vec()).collect();
     assert_eq!(y.as_f32().unwrap(), &want[..]);
     let bad = acorn::Tensor::from_i64(vec![3], vec![0, 40, 1]);

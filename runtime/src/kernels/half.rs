@@ -11,10 +11,11 @@
 //! - More rows (prefill, batches): the weights are converted into the f32 GEMM's panels once
 //!   per call and the f32 kernels run (conversion is `1/m` of the work).
 
-use super::lists::{pick, Reads};
+use super::lists::pick;
 use super::pool::{self, SharedOut};
 use super::{BMat, Isa, MatRef, Panels};
 use crate::dtype::f16_to_f32;
+use crate::weights::Activations;
 
 pub use crate::weights::F16Weights;
 
@@ -182,12 +183,12 @@ crate::kernel_list! {
     /// f16-weight row kernels computing in f32 (a GEMV's inner loop), best first.
     pub fn f16_rows(add) -> F16Row {
         #[cfg(target_arch = "x86_64")]
-        add("gemv_f16f32_avx512", Isa::Avx512, Reads::F32, x86::f16_row_avx512 as F16Row);
+        add("gemv_f16f32_avx512", Isa::Avx512, Activations::F32, x86::f16_row_avx512 as F16Row);
         #[cfg(target_arch = "x86_64")]
-        add("gemv_f16f32_avx2", Isa::Avx2, Reads::F32, x86::f16_row_avx2);
+        add("gemv_f16f32_avx2", Isa::Avx2, Activations::F32, x86::f16_row_avx2);
         #[cfg(target_arch = "aarch64")]
-        add("gemv_f16f32_neon", Isa::Neon, Reads::F32, arm::f16_row_neon);
-        add("gemv_f16f32_ref", Isa::Reference, Reads::F32, f16_row_ref);
+        add("gemv_f16f32_neon", Isa::Neon, Activations::F32, arm::f16_row_neon);
+        add("gemv_f16f32_ref", Isa::Reference, Activations::F32, f16_row_ref);
     }
 }
 
@@ -200,7 +201,7 @@ crate::kernel_list! {
     pub fn f16_half_rows(add) -> F16RowH {
         #[cfg(target_arch = "aarch64")]
         if std::arch::is_aarch64_feature_detected!("fhm") {
-            add("gemv_f16f16_neondotfhm", Isa::NeonDot, Reads::F16, arm::f16_row_fhm as F16RowH);
+            add("gemv_f16f16_neondotfhm", Isa::NeonDot, Activations::F16, arm::f16_row_fhm as F16RowH);
         }
     }
 }

@@ -7,19 +7,7 @@
 
 use super::Isa;
 
-/// What a kernel reads besides its weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reads {
-    /// f32 activations as they are.
-    F32,
-    /// f32 activations rounded to f16 once per call.
-    F16,
-    /// int8 activations per block of 32 with scales and sums (`quant::QActs`).
-    Int8Blocks,
-    /// The same plus the 4-bit arrangement (`QActs::q4x`: each block's halves in the order of a
-    /// q4 block's low and high nibbles).
-    Int8BlocksQ4Halves,
-}
+use crate::weights::Activations;
 
 /// One kernel of a family.
 #[derive(Clone, Copy, Debug)]
@@ -29,7 +17,7 @@ pub struct Entry<K> {
     /// The least kernel set that runs it.
     pub needs: Isa,
     /// The activations it reads.
-    pub reads: Reads,
+    pub reads: Activations,
     /// The kernel.
     pub kernel: K,
 }
@@ -58,8 +46,8 @@ pub fn pick<K>(list: &[Entry<K>], isa: Isa) -> Option<&Entry<K>> {
     list.iter().find(|e| isa.includes(e.needs))
 }
 
-/// One pick per kernel set, made once: what the hot paths call (a product or a GEMM asks for its
-/// kernel on every call; scanning a list each time cost a few percent on small models).
+/// One pick per kernel set, made once: the hot paths (every product, every GEMM) ask for their
+/// kernel on every call, and a pick is a list scan.
 pub(crate) struct PerIsa<T>([std::sync::OnceLock<T>; super::ALL_ISAS.len()]);
 
 impl<T: Copy> PerIsa<T> {
@@ -97,13 +85,13 @@ macro_rules! kernel_list {
     };
 }
 
-/// Every family's kernels as `(family, name, needs, reads)`: what `acorn inspect` lists, the
-/// benches walk and the tests check.
-pub fn all() -> Vec<(&'static str, &'static str, Isa, Reads)> {
+/// Every family's kernels as `(family, name, needs, reads)`: what the naming and reachability
+/// test checks.
+pub fn all() -> Vec<(&'static str, &'static str, Isa, Activations)> {
     fn rows<K>(
         family: &'static str,
         list: &'static [Entry<K>],
-    ) -> impl Iterator<Item = (&'static str, &'static str, Isa, Reads)> {
+    ) -> impl Iterator<Item = (&'static str, &'static str, Isa, Activations)> {
         list.iter().map(move |e| (family, e.name, e.needs, e.reads))
     }
     let mut out = Vec::new();

@@ -159,7 +159,7 @@ impl Isa {
 crate::kernel_list! {
     /// f32 GEMM register tiles, best first (the reference has none: it is plain loops).
     pub fn f32_tiles(add) -> F32Tile {
-        use lists::Reads::F32;
+        use crate::weights::Activations::F32;
         #[cfg(target_arch = "x86_64")]
         add(
             "sgemm_12x32_avx512",

@@ -11,12 +11,13 @@
 //! `reference` is plain integer arithmetic in Rust; native kernels compute the same integer
 //! dot products, so they differ from it only by f32 summation order.
 
-use super::lists::{pick, Reads};
+use super::lists::pick;
 use super::pool::{self, SharedOut};
 use super::Isa;
 use crate::dtype::f16_to_f32;
 use crate::weights::q8::pack_panels_into as pack_q8_panels_into;
 use crate::weights::q8::MAX_Q8_PANEL;
+use crate::weights::Activations;
 pub use crate::weights::QK;
 use crate::weights::{Q4Weights, Q8Panels, Q8Weights};
 
@@ -303,7 +304,7 @@ pub fn unpack_q4_panel(w: &Q4Weights<'_>, p: usize, codes: &mut [u8], d: &mut [f
 pub struct Q8PanelKernel {
     pub panel: Q8PanelFn,
     pub nr: usize,
-    /// Reads the activations offset to unsigned (`x ^ 0x80`) from [`Q8_GEMM_MIN_ROWS`] rows, as
+    /// Activations the activations offset to unsigned (`x ^ 0x80`) from [`Q8_GEMM_MIN_ROWS`] rows, as
     /// x86's `vpdpbusd` multiplies unsigned by signed bytes (signed below).
     pub unsigned_acts: bool,
     /// Worth packing weights stored by rows into panels per call (from [`Q8_GEMM_MIN_ROWS`]
@@ -349,14 +350,14 @@ crate::kernel_list! {
     /// q8 row kernels: one weight row against one activation row, all blocks.
     pub fn q8_rows(add) -> Q8Row {
         #[cfg(target_arch = "x86_64")]
-        add("gemv_q8i8_avx512vnni", Isa::Avx512Vnni, Reads::Int8Blocks, super::x86q::q8_row_vnni as Q8Row);
+        add("gemv_q8i8_avx512vnni", Isa::Avx512Vnni, Activations::Int8Blocks, super::x86q::q8_row_vnni as Q8Row);
         #[cfg(target_arch = "x86_64")]
-        add("gemv_q8i8_avx2", Isa::Avx2, Reads::Int8Blocks, super::x86q::q8_row_avx2);
+        add("gemv_q8i8_avx2", Isa::Avx2, Activations::Int8Blocks, super::x86q::q8_row_avx2);
         #[cfg(target_arch = "aarch64")]
-        add("gemv_q8i8_neondot", Isa::NeonDot, Reads::Int8Blocks, super::armq::q8_row_dot);
+        add("gemv_q8i8_neondot", Isa::NeonDot, Activations::Int8Blocks, super::armq::q8_row_dot);
         #[cfg(target_arch = "aarch64")]
-        add("gemv_q8i8_neon", Isa::Neon, Reads::Int8Blocks, super::armq::q8_row_neon);
-        add("gemv_q8i8_ref", Isa::Reference, Reads::Int8Blocks, q8_row_ref);
+        add("gemv_q8i8_neon", Isa::Neon, Activations::Int8Blocks, super::armq::q8_row_neon);
+        add("gemv_q8i8_ref", Isa::Reference, Activations::Int8Blocks, q8_row_ref);
     }
 }
 
@@ -364,14 +365,14 @@ crate::kernel_list! {
     /// q4 row kernels (any block size, symmetric or with minimums).
     pub fn q4_rows(add) -> Q4Row {
         #[cfg(target_arch = "x86_64")]
-        add("gemv_q4i8_avx512vnni", Isa::Avx512Vnni, Reads::Int8Blocks, super::x86q::q4_row_vnni as Q4Row);
+        add("gemv_q4i8_avx512vnni", Isa::Avx512Vnni, Activations::Int8Blocks, super::x86q::q4_row_vnni as Q4Row);
         #[cfg(target_arch = "x86_64")]
-        add("gemv_q4i8_avx2", Isa::Avx2, Reads::Int8Blocks, super::x86q::q4_row_avx2);
+        add("gemv_q4i8_avx2", Isa::Avx2, Activations::Int8Blocks, super::x86q::q4_row_avx2);
         #[cfg(target_arch = "aarch64")]
-        add("gemv_q4i8_neondot", Isa::NeonDot, Reads::Int8Blocks, super::armq::q4_row_dot);
+        add("gemv_q4i8_neondot", Isa::NeonDot, Activations::Int8Blocks, super::armq::q4_row_dot);
         #[cfg(target_arch = "aarch64")]
-        add("gemv_q4i8_neon", Isa::Neon, Reads::Int8Blocks, super::armq::q4_row_neon);
-        add("gemv_q4i8_ref", Isa::Reference, Reads::Int8Blocks, q4_row_ref);
+        add("gemv_q4i8_neon", Isa::Neon, Activations::Int8Blocks, super::armq::q4_row_neon);
+        add("gemv_q4i8_ref", Isa::Reference, Activations::Int8Blocks, q4_row_ref);
     }
 }
 
@@ -379,7 +380,7 @@ crate::kernel_list! {
     /// q4 band kernels for blocks of 32 reading the activations' 4-bit arrangement.
     pub fn q4_sym32_rows(add) -> Q4Sym32Row {
         #[cfg(target_arch = "x86_64")]
-        add("gemv_q4i8_band_avx512vnni", Isa::Avx512Vnni, Reads::Int8BlocksQ4Halves, super::x86q::q4_sym32_vnni512 as Q4Sym32Row);
+        add("gemv_q4i8_band_avx512vnni", Isa::Avx512Vnni, Activations::Int8BlocksQ4Halves, super::x86q::q4_sym32_vnni512 as Q4Sym32Row);
     }
 }
 
@@ -387,7 +388,7 @@ crate::kernel_list! {
     /// Two activation rows × two q8 weight rows at once (products with m ≥ 2).
     pub fn q8_tiles_2x2(add) -> Q8Tile2x2 {
         #[cfg(target_arch = "aarch64")]
-        add("gemm_q8i8_2x2_i8mm", Isa::NeonI8mm, Reads::Int8Blocks, super::armq::q8_2x2_i8mm as Q8Tile2x2);
+        add("gemm_q8i8_2x2_i8mm", Isa::NeonI8mm, Activations::Int8Blocks, super::armq::q8_2x2_i8mm as Q8Tile2x2);
     }
 }
 
@@ -398,14 +399,14 @@ crate::kernel_list! {
         add(
             "gemm_q8i8_6x32_avx512vnni",
             Isa::Avx512Vnni,
-            Reads::Int8Blocks,
+            Activations::Int8Blocks,
             Q8PanelKernel { panel: super::x86q::q8_panel_vnni, nr: 32, unsigned_acts: true, packs_rows: true },
         );
         #[cfg(target_arch = "aarch64")]
         add(
             "gemm_q8i8_1x32_neondot",
             Isa::NeonDot,
-            Reads::Int8Blocks,
+            Activations::Int8Blocks,
             Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false },
         );
     }
@@ -416,7 +417,7 @@ crate::kernel_list! {
     /// [`Q8_GEMM_MIN_ROWS`] activation rows).
     pub fn q4_panels(add) -> Q4PanelFn {
         #[cfg(target_arch = "x86_64")]
-        add("gemm_q4i8_6x32_avx512vnni", Isa::Avx512Vnni, Reads::Int8Blocks, super::x86q::q4_panel_vnni as Q4PanelFn);
+        add("gemm_q4i8_6x32_avx512vnni", Isa::Avx512Vnni, Activations::Int8Blocks, super::x86q::q4_panel_vnni as Q4PanelFn);
     }
 }
 
@@ -559,9 +560,9 @@ fn q4_panel_kernel(isa: Isa, m: usize) -> Option<Q4PanelFn> {
 
 /// The activations [`gemm_q4`] reads for `m` rows of a product with blocks of `block`: what the
 /// kernel it runs declares in its list entry.
-pub fn q4_reads(isa: Isa, m: usize, block: usize) -> Reads {
+pub fn q4_reads(isa: Isa, m: usize, block: usize) -> Activations {
     // Per set, for (many rows?, blocks of 32?): picked once.
-    static PICKED: super::lists::PerIsa<[Reads; 4]> = super::lists::PerIsa::new();
+    static PICKED: super::lists::PerIsa<[Activations; 4]> = super::lists::PerIsa::new();
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let table = PICKED.get(isa, || {
         let row = pick(q4_rows(), isa).expect("the reference kernel is in every list").reads;
@@ -575,7 +576,7 @@ pub fn q4_reads(isa: Isa, m: usize, block: usize) -> Reads {
 /// Whether [`gemm_q4`] reads the activations' 4-bit arrangement ([`QActs::q4x`], made by
 /// [`quantize_acts`]); otherwise [`quantize_acts_q8`] is all it needs.
 pub fn q4_reads_arranged(isa: Isa, m: usize, block: usize) -> bool {
-    q4_reads(isa, m, block) == Reads::Int8BlocksQ4Halves
+    q4_reads(isa, m, block) == Activations::Int8BlocksQ4Halves
 }
 
 /// The q4 product on a panel kernel: threads split the panels of 32 weight rows; each part
@@ -1037,7 +1038,7 @@ mod tests {
                 let w = data(n * k, (n * 3 + k) as u64);
                 let x = data(m * k, (m + k * 5) as u64);
                 let qw = quantize_q4(&w, n, k, block, with_min);
-                let deq = qw.view().decode();
+                let deq = crate::weights::Weights::Q4(qw.view()).decode();
                 // Dequantized weights are within half a step of the originals (with a minimum),
                 // or one step (symmetric: the grid is [-8d, 7d], so the far extreme clips).
                 let steps = if with_min { 0.52 } else { 1.01 };

@@ -39,15 +39,20 @@ pub fn pad_part(bytes: &mut Vec<u8>) {
     bytes.resize(bytes.len().next_multiple_of(PART_ALIGN), 0);
 }
 
-/// The activations a weight format's products read. Declared with the format, so the op that
-/// runs a product prepares them without asking the kernel.
+/// The activations a product reads beside its weights: the format pairs with one (the table
+/// above), and each kernel's list entry (`kernels::lists`) declares the exact layout it reads,
+/// which the op prepares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activations {
     /// f32 rows as they are.
     F32,
+    /// f32 rows rounded to f16 once per call (the f16-arithmetic kernels).
+    F16,
     /// int8 per block of [`QK`] values with an f32 scale and the block's sum (`kernels::quant::QActs`).
-    /// A kernel that reads the 4-bit arrangement as well says so in its kernel-list entry.
     Int8Blocks,
+    /// The same plus the 4-bit arrangement (`QActs::q4x`: each block's halves in the order of a
+    /// q4 block's low and high nibbles).
+    Int8BlocksQ4Halves,
 }
 
 /// How a tensor's bytes encode its values. Tags are part of the format: new encodings are
@@ -222,12 +227,11 @@ impl<'a> Weights<'a> {
     /// The typed view of a quantized matrix's bytes (every part's length checked against the
     /// shape; misaligned parts refused).
     pub fn parse(encoding: TensorEncoding, dtype: DType, shape: &[usize], bytes: &'a [u8]) -> Result<Self, String> {
-        let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        let Some(l) = encoding.quant_layout(dtype, &shape64) else {
-            return Err(format!(
-                "a {encoding:?} weight of shape {shape:?} and type {dtype} is not a valid quantized matrix"
-            ));
-        };
+        // No allocation: every quantized product parses its weight on every run.
+        let invalid =
+            || format!("a {encoding:?} weight of shape {shape:?} and type {dtype} is not a valid quantized matrix");
+        let [a, b] = *shape else { return Err(invalid()) };
+        let Some(l) = encoding.quant_layout(dtype, &[a as u64, b as u64]) else { return Err(invalid()) };
         let need = l.values.1.max(l.scales.1).max(l.mins.1);
         if bytes.len() < need {
             return Err(format!("quantized weight {shape:?} holds {} bytes, its layout needs {need}", bytes.len()));
@@ -272,14 +276,6 @@ impl<'a> Weights<'a> {
             Weights::Q8Panels(w) => (w.n, w.k),
             Weights::Q4(w) => (w.n, w.k),
             Weights::F16(w) => (w.n, w.k),
-        }
-    }
-
-    /// The activations this format's products read.
-    pub fn activations(&self) -> Activations {
-        match self {
-            Weights::F16(_) => Activations::F32,
-            _ => Activations::Int8Blocks,
         }
     }
 

@@ -144,15 +144,6 @@ impl Q4Weights<'_> {
         }
     }
 
-    /// Every row decoded (`n × k`, row-major).
-    pub fn decode(&self) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.n * self.k];
-        for (j, row) in out.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
-            self.decode_row(j, row);
-        }
-        out
-    }
-
     /// The largest rounding error [`encode`] leaves in block `b` of row `j`: a step (symmetric)
     /// or half a step (minimums), plus the f16 rounding of the scale and minimum.
     pub fn max_error(&self, j: usize, b: usize) -> f32 {
@@ -185,7 +176,7 @@ mod tests {
         for (block, min) in [(32, false), (32, true), (64, false), (128, true)] {
             let q = encode(&w, n, k, block, min);
             let v = q.view();
-            let out = v.decode();
+            let out = Weights::Q4(v).decode();
             for j in 0..n {
                 for p in 0..k {
                     let e = (w[j * k + p] - out[j * k + p]).abs();

@@ -39,12 +39,18 @@ impl Q8Owned {
 
     /// The bytes of `TensorEncoding::Q8Panels { nr }` for the same rows.
     pub fn to_panel_bytes(&self, nr: usize) -> Vec<u8> {
-        let (pq, ps) = pack_panels(&self.q, &self.scales, self.n, self.k, nr);
-        let mut out: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
-        pad_part(&mut out);
-        out.extend_from_slice(bytemuck::cast_slice(&ps));
-        out
+        panel_bytes(&self.q, &self.scales, self.n, self.k, nr)
     }
+}
+
+/// The bytes of `TensorEncoding::Q8Panels { nr }` for `n` rows of `k` codes and their scales:
+/// the packed values, padded, then the padded scales.
+pub fn panel_bytes(q: &[i8], scales: &[f32], n: usize, k: usize, nr: usize) -> Vec<u8> {
+    let (pq, ps) = pack_panels(q, scales, n, k, nr);
+    let mut out: Vec<u8> = bytemuck::cast_slice(&pq).to_vec();
+    pad_part(&mut out);
+    out.extend_from_slice(bytemuck::cast_slice(&ps));
+    out
 }
 
 /// Quantizes `w` (`n × k`, row-major) to q8, symmetric per row (round to nearest).
