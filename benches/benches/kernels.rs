@@ -8,6 +8,9 @@
 //! - `sgemm`: f32 GEMM at 512³ and MiniLM's shapes: every tile this CPU supports (from the
 //!   kernel lists, the portable one included) called directly, and Acorn vs ONNX Runtime each running the same
 //!   one-MatMul ONNX model (weights as an initializer); throughput in FLOP (2·m·n·k).
+//! - `qgemm`: the quantized GEMMs (q8 panels, q4) against the f32 GEMM at MiniLM's and SmolLM2's
+//!   prefill shapes, at every kernel level this CPU supports, named by the kernel that runs
+//!   (activation quantization included, as a model pays it).
 //! - `pool`: the cost of splitting a call over 2 threads (worker already awake, or asleep).
 //!
 //! ```text
@@ -224,5 +227,58 @@ fn pool_overhead(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bandwidth, gemv, sgemm, pool_overhead);
+/// (m, k, n) of the quantized GEMM group: MiniLM-L3 at 128 tokens, SmolLM2's prefill of 128.
+const QGEMM_SHAPES: [(usize, usize, usize); 4] =
+    [(128, 384, 1536), (128, 1536, 384), (128, 576, 1536), (128, 1536, 576)];
+
+fn qgemm(c: &mut Criterion) {
+    for (m, k, n) in QGEMM_SHAPES {
+        let a = pseudo_random(m * k, 3);
+        let w = pseudo_random(n * k, 4);
+        let mut out = vec![0.0f32; m * n];
+        let mut g = c.benchmark_group(format!("qgemm/{m}x{k}x{n}"));
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64))
+            .sample_size(20)
+            .measurement_time(Duration::from_secs(2));
+        let q8 = acorn::weights::q8::encode(&w, n, k);
+        let (pq, ps) = acorn::weights::q8::pack_panels(&q8.q, &q8.scales, n, k, 32);
+        let q8p = acorn::weights::Q8Panels { n, k, nr: 32, q: &pq, scales: &ps };
+        let q4 = acorn::weights::q4::encode(&w, n, k, 32, true);
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+        let mut qa = QActs::default();
+        for isa in kernels::ALL_ISAS.into_iter().filter(|i| *i != Isa::Reference && i.supported()) {
+            let level = isa.name();
+            if let Some(nr) = isa.f32_panel() {
+                let packed = kernels::pack_panels(BMat::Strided(MatRef { data: &wt, rs: n, cs: 1 }), k, n, nr);
+                let bp = BMat::Panels(Panels { data: &packed, k, n, nr });
+                let am = MatRef { data: &a, rs: k, cs: 1 };
+                let tile = isa.f32_tile().map_or("?", |t| t.name);
+                g.bench_function(format!("{level}/f32-{tile}/1t"), |bch| {
+                    bch.iter(|| kernels::sgemm_with(isa, m, n, k, am, bp, &mut out, n, false, 1))
+                });
+            }
+            let q8_name = isa.q_rows().q8_panel.map_or("q8_panel_row_generic", |(name, _)| name);
+            g.bench_function(format!("{level}/q8-{q8_name}/1t"), |bch| {
+                bch.iter(|| {
+                    quant::quantize_acts_q8(&a, m, k, &mut qa, 1).unwrap();
+                    quant::gemm_q8_panels(isa, &qa, &q8p, &mut out, 1).unwrap()
+                })
+            });
+            let q4_name = isa.q_rows().q4_panel.map_or(isa.q_rows().q4_name, |(name, _)| name);
+            g.bench_function(format!("{level}/q4-{q4_name}/1t"), |bch| {
+                bch.iter(|| {
+                    if quant::q4_reads_arranged(isa, m, 32) {
+                        quant::quantize_acts(&a, m, k, &mut qa).unwrap();
+                    } else {
+                        quant::quantize_acts_q8(&a, m, k, &mut qa, 1).unwrap();
+                    }
+                    quant::gemm_q4(isa, &qa, &q4.view(), &mut out, 1).unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bandwidth, gemv, sgemm, qgemm, pool_overhead);
 criterion_main!(benches);

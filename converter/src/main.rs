@@ -392,6 +392,13 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     }
 }
 
+/// The kernels this CPU runs for products on a weight stored as `enc` (one activation row,
+/// many rows); `None` for plain f32 tensors, which need not be product weights.
+fn product_kernels(enc: acorn::format::TensorEncoding) -> Option<(&'static str, &'static str)> {
+    (enc != acorn::format::TensorEncoding::Dense)
+        .then(|| acorn::kernels::product_kernels(acorn::kernels::selected(), enc))
+}
+
 fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
@@ -572,6 +579,7 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
     // (tensors stored as GEMM panels, of which repacked at open for this CPU's kernels)
     let panels = meta.tensors.iter().enumerate().fold((0usize, 0usize), |(n, r), (i, t)| match t.encoding {
         acorn::format::TensorEncoding::PanelF32 { nr } => (n + 1, r + usize::from(m.file().panel_width(i) != Some(nr))),
+        acorn::format::TensorEncoding::Q8Panels { .. } => (n + 1, r),
         _ => (n, r),
     });
     let io = |v: &[acorn::IoSpec]| -> Vec<serde_json::Value> {
@@ -602,7 +610,8 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
             "outputs": io(&meta.graph.outputs),
             "weight_bytes": weight_bytes,
             "tensors": meta.tensors.iter().map(|t| serde_json::json!({
-                "name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "format": t.encoding.to_string(), "bytes": t.len
+                "name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "format": t.encoding.to_string(), "bytes": t.len,
+                "kernels": product_kernels(t.encoding).map(|(one, many)| serde_json::json!({"one_row": one, "many_rows": many})),
             })).collect::<Vec<_>>(),
             "extensions": meta.extensions.iter().map(|e| serde_json::json!({
                 "name": e.name, "required": e.required, "bytes": e.data.len()
@@ -679,8 +688,15 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
         let show = if order.len() > 25 { 20 } else { order.len() };
         for &i in &order[..show] {
             let t = &meta.tensors[i];
+            let runs = product_kernels(t.encoding).map_or(String::new(), |(one, many)| {
+                if one == many {
+                    format!("  products: {one}")
+                } else {
+                    format!("  products: {one} (1 row) / {many} (many rows)")
+                }
+            });
             out!(
-                "  {:<48} {:<4} {:<18} {:<6} {:>10} B",
+                "  {:<48} {:<4} {:<18} {:<6} {:>10} B{runs}",
                 t.name,
                 t.dtype.name(),
                 format!("{:?}", t.shape),

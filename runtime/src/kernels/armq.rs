@@ -263,3 +263,194 @@ pub unsafe fn q8_panel_dot(
         }
     }
 }
+
+/// `m` activation rows × one panel of 32 q8 weight rows with plain NEON (no dot product): per
+/// pair of k-groups, a 16-byte load holds four rows × four values of each group; `smull` /
+/// `smlal` multiply the low eight bytes (two rows) of both groups by the activations' four
+/// bytes repeated and add them per lane (two products per i16 lane, at most `2·128·127`:
+/// exact), the `…2` forms the high eight (the other two rows), and `sadalp` folds each into i32
+/// lanes that hold half of one row's sum; one pairwise add per block gives four rows' sums.
+/// One activation row at a time (16 i32 and 8 f32 accumulators). The signature is the x86
+/// kernels' (`sums` and `scratch` unused: both operands are signed).
+///
+/// # Safety
+/// The CPU has NEON; operands as [`q8_panel_dot`].
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_panel_neon(
+    rows: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    _sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    _scratch: *mut i32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    for r in 0..rows {
+        // SAFETY: row r's blocks, block b's 32·32 packed bytes, the 32 scales and row r of `out`
+        // are in bounds (caller contract).
+        unsafe {
+            let mut f = [vdupq_n_f32(0.0); 8];
+            for b in 0..nb {
+                let xr = x.add(r * ldx + b * QK);
+                let wb = w.add(b * QK / 4 * 128);
+                let (mut lo, mut hi) = ([vdupq_n_s32(0); 8], [vdupq_n_s32(0); 8]);
+                for pair in 0..QK / 8 {
+                    let (g0, g1) = (2 * pair, 2 * pair + 1);
+                    let x0 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g0 * 4) as *const i32).read_unaligned()));
+                    let x1 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g1 * 4) as *const i32).read_unaligned()));
+                    for q in 0..8 {
+                        let v0 = vld1q_s8(wb.add(g0 * 128 + q * 16));
+                        let v1 = vld1q_s8(wb.add(g1 * 128 + q * 16));
+                        let pl = vmlal_s8(vmull_s8(vget_low_s8(v0), vget_low_s8(x0)), vget_low_s8(v1), vget_low_s8(x1));
+                        let ph = vmlal_high_s8(vmull_high_s8(v0, x0), v1, x1);
+                        lo[q] = vpadalq_s16(lo[q], pl);
+                        hi[q] = vpadalq_s16(hi[q], ph);
+                    }
+                }
+                let sc = *xs.add(r * ldxs + b);
+                for (q, fq) in f.iter_mut().enumerate() {
+                    // Lanes (row 4q, 4q+1) from `lo`, (4q+2, 4q+3) from `hi`, each two halves.
+                    *fq = vfmaq_n_f32(*fq, vcvtq_f32_s32(vpaddq_s32(lo[q], hi[q])), sc);
+                }
+            }
+            let mut row = [0.0f32; 32];
+            for (q, fq) in f.iter().enumerate() {
+                vst1q_f32(row.as_mut_ptr().add(q * 4), vmulq_f32(*fq, vld1q_f32(ws.add(q * 4))));
+            }
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
+        }
+    }
+}
+
+/// `m` activation rows × one panel of 32 q4 weight rows unpacked into the q8 panel layout
+/// ([`super::quant::unpack_q4_panel`]: codes 0…15, per-block scales `d` and offsets `c`) with
+/// `sdot` by element, as [`q8_panel_dot`]: the codes fit a signed byte, so the same `sdot`
+/// multiplies them by the signed activations; per block the i32 sums `S` become
+/// `xs_b · (d_b ⊙ S + c_b · Σx_b)`.
+///
+/// # Safety
+/// The CPU has the dot-product extension; `x` holds `m` rows of `nb·32` bytes at stride `ldx`;
+/// `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` code bytes; `d` and
+/// `c` `nb·32` floats; `out` is valid for `m` rows of `cols` (≤ 32) floats at stride `ldo`.
+#[target_feature(enable = "neon,dotprod")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_panel_dot(
+    rows: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const u8,
+    d: *const f32,
+    c: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    for r in 0..rows {
+        // SAFETY: row r's blocks, block b's codes, scales and offsets and row r of `out` are in
+        // bounds (caller contract); `sdot` is enabled on this function.
+        unsafe {
+            let mut f = [vdupq_n_f32(0.0); 8];
+            for b in 0..nb {
+                let xr = x.add(r * ldx + b * QK);
+                let (x0, x1) = (vld1q_s8(xr), vld1q_s8(xr.add(16)));
+                let wb = w.add(b * QK / 4 * 128) as *const i8;
+                let mut a = [vdupq_n_s32(0); 8];
+                macro_rules! group {
+                    ($g:expr, $xv:expr, $l:literal) => {
+                        for (q, aq) in a.iter_mut().enumerate() {
+                            *aq = sdot_lane::<$l>(*aq, vld1q_s8(wb.add($g * 128 + q * 16)), $xv);
+                        }
+                    };
+                }
+                group!(0, x0, 0);
+                group!(1, x0, 1);
+                group!(2, x0, 2);
+                group!(3, x0, 3);
+                group!(4, x1, 0);
+                group!(5, x1, 1);
+                group!(6, x1, 2);
+                group!(7, x1, 3);
+                let (sc, sum) = (*xs.add(r * ldxs + b), *sums.add(r * ldxs + b) as f32);
+                for (q, (fq, aq)) in f.iter_mut().zip(&a).enumerate() {
+                    let (dq, cq) = (vld1q_f32(d.add(b * 32 + q * 4)), vld1q_f32(c.add(b * 32 + q * 4)));
+                    let t = vfmaq_f32(vmulq_n_f32(cq, sum), vcvtq_f32_s32(*aq), dq);
+                    *fq = vfmaq_n_f32(*fq, t, sc);
+                }
+            }
+            let mut row = [0.0f32; 32];
+            for (q, fq) in f.iter().enumerate() {
+                vst1q_f32(row.as_mut_ptr().add(q * 4), *fq);
+            }
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
+        }
+    }
+}
+
+/// The same q4 panel with plain NEON, as [`q8_panel_neon`] on the unpacked codes.
+///
+/// # Safety
+/// The CPU has NEON; operands as [`q4_panel_dot`].
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_panel_neon(
+    rows: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const u8,
+    d: *const f32,
+    c: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    for r in 0..rows {
+        // SAFETY: as in `q4_panel_dot`.
+        unsafe {
+            let mut f = [vdupq_n_f32(0.0); 8];
+            for b in 0..nb {
+                let xr = x.add(r * ldx + b * QK);
+                let wb = w.add(b * QK / 4 * 128) as *const i8;
+                let (mut lo, mut hi) = ([vdupq_n_s32(0); 8], [vdupq_n_s32(0); 8]);
+                for pair in 0..QK / 8 {
+                    let (g0, g1) = (2 * pair, 2 * pair + 1);
+                    let x0 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g0 * 4) as *const i32).read_unaligned()));
+                    let x1 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g1 * 4) as *const i32).read_unaligned()));
+                    for q in 0..8 {
+                        let v0 = vld1q_s8(wb.add(g0 * 128 + q * 16));
+                        let v1 = vld1q_s8(wb.add(g1 * 128 + q * 16));
+                        let pl = vmlal_s8(vmull_s8(vget_low_s8(v0), vget_low_s8(x0)), vget_low_s8(v1), vget_low_s8(x1));
+                        let ph = vmlal_high_s8(vmull_high_s8(v0, x0), v1, x1);
+                        lo[q] = vpadalq_s16(lo[q], pl);
+                        hi[q] = vpadalq_s16(hi[q], ph);
+                    }
+                }
+                let (sc, sum) = (*xs.add(r * ldxs + b), *sums.add(r * ldxs + b) as f32);
+                for (q, fq) in f.iter_mut().enumerate() {
+                    let (dq, cq) = (vld1q_f32(d.add(b * 32 + q * 4)), vld1q_f32(c.add(b * 32 + q * 4)));
+                    let s = vcvtq_f32_s32(vpaddq_s32(lo[q], hi[q]));
+                    *fq = vfmaq_n_f32(*fq, vfmaq_f32(vmulq_n_f32(cq, sum), s, dq), sc);
+                }
+            }
+            let mut row = [0.0f32; 32];
+            for (q, fq) in f.iter().enumerate() {
+                vst1q_f32(row.as_mut_ptr().add(q * 4), *fq);
+            }
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
+        }
+    }
+}

@@ -240,15 +240,56 @@ pub fn selected() -> Isa {
     })
 }
 
-/// Names of the kernels the selected set runs, for `acorn inspect` / `bench`.
+/// Names of the kernels the selected set runs for each weight format's products, for
+/// `acorn inspect` / `bench`: the kernel that does the work, for one activation row (decode)
+/// and for many (prefill, encoders).
 pub fn describe() -> String {
+    use crate::weights::TensorEncoding as E;
     let isa = selected();
-    let q = isa.q_rows();
-    match isa.f32_tile() {
-        Some(t) => {
-            format!("{} (f32 GEMM {}, {}, {}, {})", isa.name(), t.name, isa.f16_kernel_name(), q.q8_name, q.q4_name)
+    let Some(t) = isa.f32_tile() else {
+        return format!("{} (scalar loops)", isa.name());
+    };
+    let pair = |enc: E| {
+        let (one, many) = product_kernels(isa, enc);
+        if one == many {
+            one.to_string()
+        } else {
+            format!("{one} / {many}")
         }
-        None => format!("{} (scalar loops)", isa.name()),
+    };
+    format!(
+        "{} (f32 GEMM {}; f16 {}; q8 {}, by rows {}; q4 {})",
+        isa.name(),
+        t.name,
+        pair(E::F16 { transposed: true }),
+        pair(E::Q8Panels { nr: 32 }),
+        pair(E::Q8 { transposed: false }),
+        pair(E::Q4 { transposed: true, block: 32, mins: true }),
+    )
+}
+
+/// The kernels a product on weights stored as `enc` runs on `isa`: with one activation row
+/// (a decode step) and with many (a prompt, an encoder's sequence). The same decisions the
+/// products take (`quant::q8_kernel_name`, `quant::q4_kernel_name`).
+pub fn product_kernels(isa: Isa, enc: crate::weights::TensorEncoding) -> (&'static str, &'static str) {
+    use crate::weights::TensorEncoding as E;
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    let many = 64;
+    let f32_name = isa.f32_tile().map_or("sgemm_reference", |t| t.name);
+    match enc {
+        E::Dense | E::PanelF32 { .. } => (f32_name, f32_name),
+        E::F16 { .. } => {
+            (isa.f16_kernel_name(), if isa.f32_panel().is_some() { f32_name } else { isa.f16_kernel_name() })
+        }
+        E::Q8 { .. } => (quant::q8_kernel_name(isa, 1, None), quant::q8_kernel_name(isa, many, None)),
+        E::Q8Panels { nr } => {
+            let nr = nr as usize;
+            (quant::q8_kernel_name(isa, 1, Some(nr)), quant::q8_kernel_name(isa, many, Some(nr)))
+        }
+        E::Q4 { block, .. } => {
+            let block = block as usize;
+            (quant::q4_kernel_name(isa, 1, block), quant::q4_kernel_name(isa, many, block))
+        }
     }
 }
 

@@ -381,6 +381,8 @@ crate::kernel_list! {
     pub fn q4_sym32_rows(add) -> Q4Sym32Row {
         #[cfg(target_arch = "x86_64")]
         add("gemv_q4i8_band_avx512vnni", Isa::Avx512Vnni, Activations::Int8BlocksQ4Halves, super::x86q::q4_sym32_vnni512 as Q4Sym32Row);
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q4i8_band_avx2", Isa::Avx2, Activations::Int8BlocksQ4Halves, super::x86q::q4_sym32_avx2);
     }
 }
 
@@ -402,12 +404,33 @@ crate::kernel_list! {
             Activations::Int8Blocks,
             Q8PanelKernel { panel: super::x86q::q8_panel_vnni, nr: 32, unsigned_acts: true, packs_rows: true },
         );
+        #[cfg(target_arch = "x86_64")]
+        add(
+            "gemm_q8i8_6x32_avx512",
+            Isa::Avx512,
+            Activations::Int8Blocks,
+            Q8PanelKernel { panel: super::x86q::q8_panel_avx512, nr: 32, unsigned_acts: false, packs_rows: true },
+        );
+        #[cfg(target_arch = "x86_64")]
+        add(
+            "gemm_q8i8_4x16_avx2",
+            Isa::Avx2,
+            Activations::Int8Blocks,
+            Q8PanelKernel { panel: super::x86q::q8_panel_avx2, nr: 32, unsigned_acts: false, packs_rows: true },
+        );
         #[cfg(target_arch = "aarch64")]
         add(
             "gemm_q8i8_1x32_neondot",
             Isa::NeonDot,
             Activations::Int8Blocks,
             Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false },
+        );
+        #[cfg(target_arch = "aarch64")]
+        add(
+            "gemm_q8i8_1x32_neon",
+            Isa::Neon,
+            Activations::Int8Blocks,
+            Q8PanelKernel { panel: super::armq::q8_panel_neon, nr: 32, unsigned_acts: false, packs_rows: false },
         );
     }
 }
@@ -418,6 +441,14 @@ crate::kernel_list! {
     pub fn q4_panels(add) -> Q4PanelFn {
         #[cfg(target_arch = "x86_64")]
         add("gemm_q4i8_6x32_avx512vnni", Isa::Avx512Vnni, Activations::Int8Blocks, super::x86q::q4_panel_vnni as Q4PanelFn);
+        #[cfg(target_arch = "x86_64")]
+        add("gemm_q4i8_6x32_avx512", Isa::Avx512, Activations::Int8Blocks, super::x86q::q4_panel_avx512);
+        #[cfg(target_arch = "x86_64")]
+        add("gemm_q4i8_4x16_avx2", Isa::Avx2, Activations::Int8Blocks, super::x86q::q4_panel_avx2);
+        #[cfg(target_arch = "aarch64")]
+        add("gemm_q4i8_1x32_neondot", Isa::NeonDot, Activations::Int8Blocks, super::armq::q4_panel_dot as Q4PanelFn);
+        #[cfg(target_arch = "aarch64")]
+        add("gemm_q4i8_1x32_neon", Isa::Neon, Activations::Int8Blocks, super::armq::q4_panel_neon);
     }
 }
 
@@ -489,14 +520,13 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    if let (Some((_, kp)), true) = (isa.q_rows().q8_panel, m >= Q8_GEMM_MIN_ROWS) {
-        if kp.packs_rows {
-            return gemm_q8_packing(isa, kp.nr, x, w, out, threads);
-        }
+    let path = q8_rows_path(isa, m);
+    if let Q8RowsPath::Packing(kp) = path {
+        return gemm_q8_packing(isa, kp.nr, x, w, out, threads);
     }
     let f = isa.q_rows().q8;
     let nb = k / QK;
-    if let (Some((_, tile)), true) = (isa.q_rows().q8_2x2, m >= 2) {
+    if let (Some((_, tile)), Q8RowsPath::Tile2x2) = (isa.q_rows().q8_2x2, path) {
         // Pairs of weight rows × pairs of activation rows; an odd row or column by the row kernel.
         let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
         let per = n.div_ceil(parts.max(1)).next_multiple_of(2);
@@ -551,6 +581,61 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
         d * w.scales[j]
     });
     Ok(())
+}
+
+/// How [`gemm_q8`] runs a product with `m` activation rows on weights stored by rows.
+#[derive(Clone, Copy)]
+enum Q8RowsPath {
+    /// Packed into the set's panels for this call, then its panel kernel.
+    Packing(Q8PanelKernel),
+    /// Two activation rows × two weight rows at once.
+    Tile2x2,
+    /// The row kernel, one weight row against one activation row.
+    Rows,
+}
+
+fn q8_rows_path(isa: Isa, m: usize) -> Q8RowsPath {
+    let rows = isa.q_rows();
+    match (rows.q8_panel, rows.q8_2x2) {
+        (Some((_, kp)), _) if kp.packs_rows && m >= Q8_GEMM_MIN_ROWS => Q8RowsPath::Packing(kp),
+        (_, Some(_)) if m >= 2 => Q8RowsPath::Tile2x2,
+        _ => Q8RowsPath::Rows,
+    }
+}
+
+/// The name of the kernel that runs a q8 product with `m` activation rows: on weights stored
+/// by rows (`panel_width` `None`) or in panels of that width. What `acorn inspect` and `bench`
+/// print and the tests name — the same decisions [`gemm_q8`] and [`gemm_q8_panels`] take.
+pub fn q8_kernel_name(isa: Isa, m: usize, panel_width: Option<usize>) -> &'static str {
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    let rows = isa.q_rows();
+    let panels = |nr: usize| match rows.q8_panel {
+        Some((name, kp)) if kp.nr == nr => name,
+        _ => "gemm_q8i8_1xnr_generic",
+    };
+    match panel_width {
+        Some(nr) => panels(nr),
+        None => match q8_rows_path(isa, m) {
+            Q8RowsPath::Packing(kp) => panels(kp.nr),
+            Q8RowsPath::Tile2x2 => rows.q8_2x2.map_or(rows.q8_name, |(name, _)| name),
+            Q8RowsPath::Rows => rows.q8_name,
+        },
+    }
+}
+
+/// The name of the kernel that runs a q4 product with `m` activation rows and blocks of
+/// `block` (the decisions [`gemm_q4`] takes).
+pub fn q4_kernel_name(isa: Isa, m: usize, block: usize) -> &'static str {
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    if q4_panel_kernel(isa, m).is_some() {
+        return isa.q_rows().q4_panel.map_or("?", |(name, _)| name);
+    }
+    if isa.q_rows().q4_sym32.is_some() && q4_reads_arranged(isa, m, block) {
+        if let Some(e) = pick(q4_sym32_rows(), isa) {
+            return e.name;
+        }
+    }
+    isa.q_rows().q4_name
 }
 
 /// The panel kernel [`gemm_q4`] runs for `m` activation rows, if any.
@@ -915,12 +1000,7 @@ mod tests {
                 for threads in [1, 3] {
                     let mut got = vec![f32::NAN; m * n];
                     gemm_q8(isa, &qa, &qw.view(), &mut got, threads).unwrap();
-                    let rows = isa.q_rows();
-                    let name = match (rows.q8_panel, rows.q8_2x2) {
-                        (Some((name, g)), _) if m >= Q8_GEMM_MIN_ROWS && g.packs_rows => name,
-                        (_, Some(t)) if m >= 2 => t.0,
-                        _ => rows.q8_name,
-                    };
+                    let name = q8_kernel_name(isa, m, None);
                     for (c, (g, r)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - r).abs() <= sum_tol(*r, k),
@@ -967,8 +1047,7 @@ mod tests {
                     assert_eq!(row, r0, "panel row {j} of {n}×{k} in panels of {nr}");
                 }
                 for isa in sets() {
-                    let name =
-                        isa.q_rows().q8_panel.filter(|(_, kp)| kp.nr == nr).map_or("q8_panel_row", |(name, _)| name);
+                    let name = q8_kernel_name(isa, m, Some(nr));
                     for threads in [1, 3] {
                         let mut got = vec![f32::NAN; m * n];
                         gemm_q8_panels(isa, &qa, &pw, &mut got, threads).unwrap();
@@ -999,6 +1078,93 @@ mod tests {
         assert!(gemm_q8_panels(Isa::Reference, &qa, &short, &mut [0.0; 2], 1).is_err());
         let odd = Q8Panels { nr: 6, ..short };
         assert!(gemm_q8_panels(Isa::Reference, &qa, &odd, &mut [0.0; 2], 1).is_err());
+    }
+
+    /// Weights lifted from int8 ONNX models may hold −128 (the encoder never writes it): every
+    /// set gives the integer reference's result with every int8 code against activations at
+    /// ±127, stored by rows and in panels.
+    #[test]
+    fn q8_kernels_take_every_int8_code() {
+        for &(m, n, k) in &[(1, 37, 256), (2, 40, 96), (5, 33, 512), (7, 64, 64)] {
+            let codes: Vec<i8> = (0..n * k).map(|i| (i * 97 % 256) as u8 as i8).collect();
+            assert!(codes.contains(&i8::MIN) && codes.contains(&i8::MAX));
+            let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+            // Activations whose blocks hold ±127 after quantization (the block maximum, both signs).
+            let mut x = data(m * k, 5);
+            for (i, v) in x.iter_mut().enumerate() {
+                if i % 7 == 0 {
+                    *v = if i % 14 == 0 { 1.0 } else { -1.0 };
+                }
+            }
+            let mut qa = QActs::default();
+            quantize_acts_q8(&x, m, k, &mut qa, 1).unwrap();
+            assert!(qa.q.contains(&127) && qa.q.contains(&-127));
+            let nb = k / QK;
+            let want: Vec<f32> = (0..m * n)
+                .map(|c| {
+                    let (i, j) = (c / n, c % n);
+                    let mut acc = 0.0f64;
+                    for b in 0..nb {
+                        let d: i64 =
+                            (0..QK).map(|t| codes[j * k + b * QK + t] as i64 * qa.q[i * k + b * QK + t] as i64).sum();
+                        acc += qa.scales[i * nb + b] as f64 * d as f64;
+                    }
+                    (acc * scales[j] as f64) as f32
+                })
+                .collect();
+            let rows = Q8Weights { n, k, q: &codes, scales: &scales };
+            let (pq, ps) = pack_q8_panels(&codes, &scales, n, k, 32);
+            let panels = Q8Panels { n, k, nr: 32, q: &pq, scales: &ps };
+            for isa in sets() {
+                for threads in [1, 2] {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_q8(isa, &qa, &rows, &mut got, threads).unwrap();
+                    let mut got_p = vec![f32::NAN; m * n];
+                    gemm_q8_panels(isa, &qa, &panels, &mut got_p, threads).unwrap();
+                    for (c, r) in want.iter().enumerate() {
+                        let tol = 2.0 * sum_tol(*r, k) + 1e-4 * r.abs();
+                        let (a, b) = (got[c], got_p[c]);
+                        assert!(
+                            (a - r).abs() <= tol,
+                            "{} m={m} n={n} k={k}: [{c}] = {a}, want {r}",
+                            q8_kernel_name(isa, m, None)
+                        );
+                        assert!(
+                            (b - r).abs() <= tol,
+                            "{} m={m} n={n} k={k}: [{c}] = {b}, want {r}",
+                            q8_kernel_name(isa, m, Some(32))
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every native level runs its own kernels for the quantized products, one row and many:
+    /// never the portable panel loop or the reference (what `acorn inspect` names).
+    #[test]
+    fn native_levels_run_native_quantized_kernels() {
+        let listed: Vec<&str> = crate::kernels::lists::all().iter().map(|e| e.1).collect();
+        for isa in sets().into_iter().filter(|i| !matches!(i, Isa::Reference | Isa::Generic)) {
+            for m in [1, 2, 4, 64] {
+                for name in [
+                    q8_kernel_name(isa, m, Some(32)),
+                    q8_kernel_name(isa, m, None),
+                    q4_kernel_name(isa, m, 32),
+                    q4_kernel_name(isa, m, 128),
+                ] {
+                    assert!(listed.contains(&name), "{}: '{name}' is not in a kernel list", isa.name());
+                    let level = name.rsplit('_').next().unwrap_or_default();
+                    let native =
+                        Isa::from_name(level).or(if level == "neondotfhm" { Some(Isa::NeonDot) } else { None });
+                    assert!(
+                        native.is_some_and(|l| l != Isa::Generic && l != Isa::Reference && isa.includes(l)),
+                        "{} at m = {m} runs '{name}'",
+                        isa.name()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -1063,7 +1229,7 @@ mod tests {
                             assert!(
                                 (g - r).abs() <= sum_tol(*r, k),
                                 "{} q4 m={m} n={n} k={k} block={block} min={with_min} threads={threads}: out[{}][{}] = {g}, reference {r}",
-                                isa.q_rows().q4_name,
+                                q4_kernel_name(isa, m, block),
                                 c / n,
                                 c % n
                             );

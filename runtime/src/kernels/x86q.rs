@@ -619,3 +619,594 @@ pub unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], scales: &mut [f32]
         }
     }
 }
+
+/// One tile of the q8 GEMM without VNNI, AVX2: `R` activation rows × 16 of a panel's 32 weight
+/// rows (`half` 0 or 1: columns `16·half …`; per group of four values along k the half is 64 of
+/// the group's 128 bytes, one cache line when the panel is aligned). `vpmaddubsw` multiplies
+/// unsigned by signed bytes and adds pairs into saturating i16, so both operands stay signed and
+/// the weight's sign moves onto the activation (`|w| · (x·sign w) = w·x`; `|−128|` reads as the
+/// unsigned 128, and `2·128·127` fits in i16: exact for every int8 weight and activations in
+/// ±127); `vpmaddwd` by ones widens the pairs into i32 sums of four. Per block the i32 sums
+/// are scaled by the activation block's scale into f32; the weights' row scales multiply at
+/// the end.
+///
+/// # Safety
+/// The CPU has AVX2/FMA; `x` holds `R` rows of `nb·32` signed bytes (within ±127) at stride
+/// `ldx`; `xs` `R` rows of `nb` scales at stride `ldxs`; `w` `nb·32·32` packed bytes; `ws` 32
+/// f32; `out` is valid for `R` rows of `cols` floats at stride `ldo`, `cols` ≤ 16.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_panel_tile_avx2<const R: usize>(
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    half: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut f = [[_mm256_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // SAFETY: block b's packed weights, activations and scales are in bounds (caller
+        // contract); the 4-byte activation reads are unaligned loads.
+        unsafe {
+            let mut a = [[_mm256_setzero_si256(); 2]; R];
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128 + half * 64);
+                let w0 = _mm256_loadu_si256(wp as *const __m256i);
+                let w1 = _mm256_loadu_si256(wp.add(32) as *const __m256i);
+                let (u0, u1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let xv = _mm256_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xv, w0)), ones);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xv, w1)), ones);
+                    ar[0] = _mm256_add_epi32(ar[0], p0);
+                    ar[1] = _mm256_add_epi32(ar[1], p1);
+                }
+            }
+            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+                let sc = _mm256_set1_ps(*xs.add(r * ldxs + b));
+                fr[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[0]), sc, fr[0]);
+                fr[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[1]), sc, fr[1]);
+            }
+        }
+    }
+    // SAFETY: the half's 16 column scales; R rows of `cols` floats at `out` (caller contract):
+    // full rows store directly, a partial half through a stack row.
+    unsafe {
+        let (s0, s1) = (_mm256_loadu_ps(ws.add(half * 16)), _mm256_loadu_ps(ws.add(half * 16 + 8)));
+        for (r, fr) in f.iter().enumerate() {
+            let (v0, v1) = (_mm256_mul_ps(fr[0], s0), _mm256_mul_ps(fr[1], s1));
+            let o = out.add(r * ldo);
+            if cols == 16 {
+                _mm256_storeu_ps(o, v0);
+                _mm256_storeu_ps(o.add(8), v1);
+            } else {
+                let mut row = [0.0f32; 16];
+                _mm256_storeu_ps(row.as_mut_ptr(), v0);
+                _mm256_storeu_ps(row.as_mut_ptr().add(8), v1);
+                std::ptr::copy_nonoverlapping(row.as_ptr(), o, cols);
+            }
+        }
+    }
+}
+
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX2 (no VNNI): per half of the
+/// panel (16 columns), tiles of 4 rows ([`q8_panel_tile_avx2`]). The activations come signed;
+/// `sums` and `scratch` are unused (no offset to correct).
+///
+/// # Safety
+/// The CPU has AVX2/FMA; `x` holds `m` rows of `nb·32` signed bytes (within ±127) at stride
+/// `ldx`; `xs` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` packed bytes; `ws` 32
+/// f32; `out` is valid for `m` rows of `cols` (≤ 32) floats at stride `ldo`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_panel_avx2(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    _sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    _scratch: *mut i32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    for half in 0..cols.div_ceil(16) {
+        let hc = (cols - half * 16).min(16);
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(4);
+            // SAFETY: rows i0..i0+rows are inside the caller's `m` rows, columns 16·half.. +hc
+            // inside its `cols`; the rest is forwarded.
+            unsafe {
+                let (u, s, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), out.add(i0 * ldo + half * 16));
+                match rows {
+                    1 => q8_panel_tile_avx2::<1>(u, ldx, s, ldxs, w, ws, nb, half, o, ldo, hc),
+                    2 => q8_panel_tile_avx2::<2>(u, ldx, s, ldxs, w, ws, nb, half, o, ldo, hc),
+                    3 => q8_panel_tile_avx2::<3>(u, ldx, s, ldxs, w, ws, nb, half, o, ldo, hc),
+                    _ => q8_panel_tile_avx2::<4>(u, ldx, s, ldxs, w, ws, nb, half, o, ldo, hc),
+                }
+            }
+            i0 += rows;
+        }
+    }
+}
+
+/// One tile of the q8 GEMM with AVX-512 F/BW but no VNNI: `R` activation rows × one panel of 32
+/// weight rows, as [`q8_panel_tile_avx2`] on 512-bit registers (16 columns × four bytes each).
+/// AVX-512 has no `vpsignb`: the activation is negated under the mask of the weight's sign bits
+/// (`vpmovb2m`, once per weight vector) before `vpmaddubsw` with `|w|`; where `w = 0` the product
+/// is zero whatever the sign.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; operands as [`q8_panel_tile_avx2`] for a whole panel
+/// (`cols` ≤ 32).
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_panel_tile_avx512<const R: usize>(
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let ones = _mm512_set1_epi16(1);
+    let zero = _mm512_setzero_si512();
+    let mut f = [[_mm512_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // SAFETY: block b's packed weights, activations and scales are in bounds (caller
+        // contract); the 4-byte activation reads are unaligned loads.
+        unsafe {
+            let mut a = [[_mm512_setzero_si512(); 2]; R];
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128);
+                let w0 = _mm512_loadu_si512(wp as *const __m512i);
+                let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
+                let (u0, u1) = (_mm512_abs_epi8(w0), _mm512_abs_epi8(w1));
+                let (n0, n1) = (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                    let (x0, x1) = (_mm512_mask_sub_epi8(xv, n0, zero, xv), _mm512_mask_sub_epi8(xv, n1, zero, xv));
+                    ar[0] = _mm512_add_epi32(ar[0], _mm512_madd_epi16(_mm512_maddubs_epi16(u0, x0), ones));
+                    ar[1] = _mm512_add_epi32(ar[1], _mm512_madd_epi16(_mm512_maddubs_epi16(u1, x1), ones));
+                }
+            }
+            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+                let sc = _mm512_set1_ps(*xs.add(r * ldxs + b));
+                fr[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[0]), sc, fr[0]);
+                fr[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[1]), sc, fr[1]);
+            }
+        }
+    }
+    let (m0, m1) = column_masks(cols);
+    // SAFETY: 32 column scales; R rows of `cols` floats at `out` (caller contract): the masked
+    // stores touch only those.
+    unsafe {
+        let (s0, s1) = (_mm512_loadu_ps(ws), _mm512_loadu_ps(ws.add(16)));
+        for (r, fr) in f.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(r * ldo), m0, _mm512_mul_ps(fr[0], s0));
+            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, _mm512_mul_ps(fr[1], s1));
+        }
+    }
+}
+
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in tiles
+/// of 6 rows ([`q8_panel_tile_avx512`]). The activations come signed; `sums` and `scratch` are
+/// unused.
+///
+/// # Safety
+/// As [`q8_panel_avx2`], with AVX-512 F/BW/VL.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_panel_avx512(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    _sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    _scratch: *mut i32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = (m - i0).min(6);
+        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
+        unsafe {
+            let (u, s, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), out.add(i0 * ldo));
+            match rows {
+                1 => q8_panel_tile_avx512::<1>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
+                2 => q8_panel_tile_avx512::<2>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
+                3 => q8_panel_tile_avx512::<3>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
+                4 => q8_panel_tile_avx512::<4>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
+                5 => q8_panel_tile_avx512::<5>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
+                _ => q8_panel_tile_avx512::<6>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
+            }
+        }
+        i0 += rows;
+    }
+}
+
+/// One tile of the q4 GEMM without VNNI, AVX2: `R` activation rows × 16 of a panel's 32 weight
+/// rows (`half` 0 or 1) whose codes were unpacked into the q8 panel layout
+/// ([`super::quant::unpack_q4_panel`]). The codes (0…15) are unsigned and the activations signed,
+/// what `vpmaddubsw` multiplies; a pair of products is at most `2·15·127`, so a block's eight
+/// steps add up in i16 (`vpaddw`, at most 30 480) and one `vpmaddwd` per block widens them.
+/// Per block the i32 sums `S` become `xs_b · (d_b ⊙ S + c_b · Σx_b)` as in [`q4_panel_tile_vnni`].
+///
+/// # Safety
+/// The CPU has AVX2/FMA; `x` holds `R` rows of `nb·32` signed bytes (within ±127) at stride
+/// `ldx`; `xs` and `sums` `R` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` code bytes
+/// (each ≤ 15); `d` and `c` `nb·32` floats; `out` is valid for `R` rows of `cols` (≤ 16) floats
+/// at stride `ldo`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_panel_tile_avx2<const R: usize>(
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const u8,
+    d: *const f32,
+    c: *const f32,
+    nb: usize,
+    half: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut f = [[_mm256_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // SAFETY: block b's codes, scales, offsets, activations, sums and scales are in bounds
+        // (caller contract); the 4-byte activation reads are unaligned loads.
+        unsafe {
+            let mut a = [[_mm256_setzero_si256(); 2]; R];
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128 + half * 64);
+                let w0 = _mm256_loadu_si256(wp as *const __m256i);
+                let w1 = _mm256_loadu_si256(wp.add(32) as *const __m256i);
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let xv = _mm256_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                    ar[0] = _mm256_add_epi16(ar[0], _mm256_maddubs_epi16(w0, xv));
+                    ar[1] = _mm256_add_epi16(ar[1], _mm256_maddubs_epi16(w1, xv));
+                }
+            }
+            let o = b * 32 + half * 16;
+            let (d0, d1) = (_mm256_loadu_ps(d.add(o)), _mm256_loadu_ps(d.add(o + 8)));
+            let (c0, c1) = (_mm256_loadu_ps(c.add(o)), _mm256_loadu_ps(c.add(o + 8)));
+            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+                let sum = _mm256_set1_ps(*sums.add(r * ldxs + b) as f32);
+                let sc = _mm256_set1_ps(*xs.add(r * ldxs + b));
+                let s0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(ar[0], ones));
+                let s1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(ar[1], ones));
+                let t0 = _mm256_fmadd_ps(s0, d0, _mm256_mul_ps(c0, sum));
+                let t1 = _mm256_fmadd_ps(s1, d1, _mm256_mul_ps(c1, sum));
+                fr[0] = _mm256_fmadd_ps(t0, sc, fr[0]);
+                fr[1] = _mm256_fmadd_ps(t1, sc, fr[1]);
+            }
+        }
+    }
+    // SAFETY: R rows of `cols` floats at `out` (caller contract): full rows store directly, a
+    // partial half through a stack row.
+    unsafe {
+        for (r, fr) in f.iter().enumerate() {
+            let o = out.add(r * ldo);
+            if cols == 16 {
+                _mm256_storeu_ps(o, fr[0]);
+                _mm256_storeu_ps(o.add(8), fr[1]);
+            } else {
+                let mut row = [0.0f32; 16];
+                _mm256_storeu_ps(row.as_mut_ptr(), fr[0]);
+                _mm256_storeu_ps(row.as_mut_ptr().add(8), fr[1]);
+                std::ptr::copy_nonoverlapping(row.as_ptr(), o, cols);
+            }
+        }
+    }
+}
+
+/// One unpacked q4 panel of 32 weight rows × `m` activation rows with AVX2: per half of the
+/// panel, tiles of 4 rows ([`q4_panel_tile_avx2`]).
+///
+/// # Safety
+/// As [`q4_panel_tile_avx2`], for `m` rows and `cols` ≤ 32.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_panel_avx2(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const u8,
+    d: *const f32,
+    c: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    for half in 0..cols.div_ceil(16) {
+        let hc = (cols - half * 16).min(16);
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(4);
+            // SAFETY: rows i0..i0+rows are inside the caller's `m` rows, columns 16·half.. +hc
+            // inside its `cols`; the rest is forwarded.
+            unsafe {
+                let (u, s, su, o) =
+                    (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo + half * 16));
+                match rows {
+                    1 => q4_panel_tile_avx2::<1>(u, ldx, s, su, ldxs, w, d, c, nb, half, o, ldo, hc),
+                    2 => q4_panel_tile_avx2::<2>(u, ldx, s, su, ldxs, w, d, c, nb, half, o, ldo, hc),
+                    3 => q4_panel_tile_avx2::<3>(u, ldx, s, su, ldxs, w, d, c, nb, half, o, ldo, hc),
+                    _ => q4_panel_tile_avx2::<4>(u, ldx, s, su, ldxs, w, d, c, nb, half, o, ldo, hc),
+                }
+            }
+            i0 += rows;
+        }
+    }
+}
+
+/// One tile of the q4 GEMM with AVX-512 F/BW but no VNNI: `R` activation rows × one unpacked
+/// panel of 32 weight rows, as [`q4_panel_tile_avx2`] on 512-bit registers.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; operands as [`q4_panel_tile_vnni`].
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_panel_tile_avx512<const R: usize>(
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const u8,
+    d: *const f32,
+    c: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let ones = _mm512_set1_epi16(1);
+    let mut f = [[_mm512_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // SAFETY: as in `q4_panel_tile_vnni`.
+        unsafe {
+            let mut a = [[_mm512_setzero_si512(); 2]; R];
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128);
+                let (w0, w1) =
+                    (_mm512_loadu_si512(wp as *const __m512i), _mm512_loadu_si512(wp.add(64) as *const __m512i));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                    ar[0] = _mm512_add_epi16(ar[0], _mm512_maddubs_epi16(w0, xv));
+                    ar[1] = _mm512_add_epi16(ar[1], _mm512_maddubs_epi16(w1, xv));
+                }
+            }
+            let (d0, d1) = (_mm512_loadu_ps(d.add(b * 32)), _mm512_loadu_ps(d.add(b * 32 + 16)));
+            let (c0, c1) = (_mm512_loadu_ps(c.add(b * 32)), _mm512_loadu_ps(c.add(b * 32 + 16)));
+            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+                let sum = _mm512_set1_ps(*sums.add(r * ldxs + b) as f32);
+                let sc = _mm512_set1_ps(*xs.add(r * ldxs + b));
+                let s0 = _mm512_cvtepi32_ps(_mm512_madd_epi16(ar[0], ones));
+                let s1 = _mm512_cvtepi32_ps(_mm512_madd_epi16(ar[1], ones));
+                let t0 = _mm512_fmadd_ps(s0, d0, _mm512_mul_ps(c0, sum));
+                let t1 = _mm512_fmadd_ps(s1, d1, _mm512_mul_ps(c1, sum));
+                fr[0] = _mm512_fmadd_ps(t0, sc, fr[0]);
+                fr[1] = _mm512_fmadd_ps(t1, sc, fr[1]);
+            }
+        }
+    }
+    let (m0, m1) = column_masks(cols);
+    // SAFETY: R rows of `cols` floats at `out` (caller contract): the masked stores touch only those.
+    unsafe {
+        for (r, fr) in f.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(r * ldo), m0, fr[0]);
+            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, fr[1]);
+        }
+    }
+}
+
+/// One unpacked q4 panel of 32 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in
+/// tiles of 6 rows ([`q4_panel_tile_avx512`]).
+///
+/// # Safety
+/// As [`q4_panel_tile_vnni`], for `m` rows, with AVX-512 F/BW/VL.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_panel_avx512(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const u8,
+    d: *const f32,
+    c: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = (m - i0).min(6);
+        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
+        unsafe {
+            let (u, xs, su, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo));
+            match rows {
+                1 => q4_panel_tile_avx512::<1>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                2 => q4_panel_tile_avx512::<2>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                3 => q4_panel_tile_avx512::<3>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                4 => q4_panel_tile_avx512::<4>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                5 => q4_panel_tile_avx512::<5>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                _ => q4_panel_tile_avx512::<6>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+            }
+        }
+        i0 += rows;
+    }
+}
+
+/// q4 with AVX2 (no VNNI), for blocks of 32 (symmetric, or with f16 minimums when `mins` is not
+/// null), over a band of `rows` consecutive weight rows, as [`q4_sym32_vnni512`] on 256-bit
+/// registers: two blocks per step — 32 nibble bytes split into low and high halves meet the
+/// activations' 4-bit arrangement ([`super::quant::QActs::q4x`]); `vpmaddubsw` multiplies the
+/// unsigned codes by the signed activations (a pair at most `2·15·127`, so the low and high
+/// halves add in i16) and `vpmaddwd` by ones gives four i32 lanes per block; the block scales
+/// `d·s` (eight at a time) are spread with `vpermps`; the offset is `−8·Σ d·(s·Σx)` or
+/// `Σ m·(s·Σx)` with `s` and `s·Σx` computed once per call. Rows are reduced four at a time.
+/// A last odd block loads 16 bytes (the other lanes zero).
+///
+/// # Safety
+/// The CPU has AVX2/FMA/F16C; operands as [`q4_sym32_vnni512`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q4_sym32_avx2(
+    nib: *const u8,
+    d: *const u16,
+    mins: *const u16,
+    xa: *const i8,
+    xs: *const f32,
+    sums: *const i32,
+    nb: usize,
+    rows: usize,
+    out: *mut f32,
+) {
+    let low4 = _mm256_set1_epi8(15);
+    let ones = _mm256_set1_epi16(1);
+    // i32 lane l of step q (blocks 2q, 2q+1 of an eight-block group) takes scale lane 2q + l/4.
+    let idx = [
+        _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0),
+        _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2),
+        _mm256_set_epi32(5, 5, 5, 5, 4, 4, 4, 4),
+        _mm256_set_epi32(7, 7, 7, 7, 6, 6, 6, 6),
+    ];
+    // Per group of 8 blocks: the activation scales s and s·Σx (lanes past nb are 0), computed
+    // once for the band (rows up to 128 groups = 32768 values; longer rows recompute them).
+    const MAX_GROUPS: usize = 128;
+    let groups = nb.div_ceil(8);
+    let act = |g: usize| -> (__m256, __m256) {
+        let n = (nb - 8 * g).min(8);
+        let (mut s, mut u) = ([0.0f32; 8], [0.0f32; 8]);
+        for i in 0..n {
+            // SAFETY: block 8g + i < nb.
+            unsafe {
+                s[i] = *xs.add(8 * g + i);
+                u[i] = s[i] * *sums.add(8 * g + i) as f32;
+            }
+        }
+        // SAFETY: two local arrays of eight floats.
+        unsafe { (_mm256_loadu_ps(s.as_ptr()), _mm256_loadu_ps(u.as_ptr())) }
+    };
+    let mut pre = [(_mm256_setzero_ps(), _mm256_setzero_ps()); MAX_GROUPS];
+    let cached = groups <= MAX_GROUPS;
+    if cached {
+        for (g, p) in pre.iter_mut().enumerate().take(groups) {
+            *p = act(g);
+        }
+    }
+    // Eight f16 values of a row from block b (fewer at the row's end: the rest zero).
+    let halves = |p: *const u16, b: usize| -> __m256 {
+        let n = (nb - b).min(8);
+        if n == 8 {
+            // SAFETY: blocks b..b+8 < nb of this row.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(b) as *const __m128i)) }
+        } else {
+            let mut h = [0u16; 8];
+            // SAFETY: blocks b..b+n of this row.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p.add(b), h.as_mut_ptr(), n);
+                _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
+            }
+        }
+    };
+    let eight = _mm256_set1_ps(8.0);
+    let mut pending = [_mm256_setzero_ps(); 4];
+    for r in 0..rows {
+        let (nr, dr, mr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb), mins.wrapping_add(r * nb));
+        let (mut acc0, mut acc1, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        for g in 0..groups {
+            let (s, ssx) = if cached { pre[g] } else { act(g) };
+            let b0 = 8 * g;
+            let dv = halves(dr, b0);
+            let ov = if mins.is_null() { dv } else { halves(mr, b0) };
+            off = _mm256_fmadd_ps(ov, ssx, off);
+            let c = _mm256_mul_ps(dv, s);
+            let cnt = (nb - b0).min(8);
+            _mm_prefetch::<_MM_HINT_T0>(dr.wrapping_add(b0 + PREFETCH_BYTES / 8) as *const i8);
+            for (q, &ix) in idx.iter().enumerate().take(cnt.div_ceil(2)) {
+                let b = b0 + 2 * q;
+                _mm_prefetch::<_MM_HINT_T1>(nr.wrapping_add(b * QK / 2 + PREFETCH_BYTES) as *const i8);
+                // Activations of blocks b, b+1: first halves at group·128 + (b%4)·16, second
+                // halves 64 further (the arrangement is zero past the row's end).
+                let xo = (b / 4) * 128 + (b % 4) * 16;
+                // SAFETY: the nibbles of blocks b (and b+1 when it is < nb) of row r; the
+                // arranged activations hold whole groups of four blocks.
+                let (raw, xl, xh) = unsafe {
+                    let raw = if b + 1 < nb {
+                        _mm256_loadu_si256(nr.add(b * QK / 2) as *const __m256i)
+                    } else {
+                        _mm256_zextsi128_si256(_mm_loadu_si128(nr.add(b * QK / 2) as *const __m128i))
+                    };
+                    (
+                        raw,
+                        _mm256_loadu_si256(xa.add(xo) as *const __m256i),
+                        _mm256_loadu_si256(xa.add(xo + 64) as *const __m256i),
+                    )
+                };
+                let lo = _mm256_and_si256(raw, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
+                let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                let di = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                let sc = _mm256_permutevar8x32_ps(c, ix);
+                if q % 2 == 0 {
+                    acc0 = _mm256_fmadd_ps(sc, di, acc0);
+                } else {
+                    acc1 = _mm256_fmadd_ps(sc, di, acc1);
+                }
+            }
+        }
+        let v = if mins.is_null() {
+            _mm256_fnmadd_ps(eight, off, _mm256_add_ps(acc0, acc1))
+        } else {
+            _mm256_add_ps(off, _mm256_add_ps(acc0, acc1))
+        };
+        pending[r % 4] = v;
+        if r % 4 == 3 || r + 1 == rows {
+            let sums4 = super::x86::hsum4_256(pending[0], pending[1], pending[2], pending[3]);
+            let mut four_out = [0.0f32; 4];
+            // SAFETY: a local array of four floats.
+            unsafe { _mm_storeu_ps(four_out.as_mut_ptr(), sums4) };
+            let base = r - r % 4;
+            for (q, &v) in four_out.iter().enumerate().take(r % 4 + 1) {
+                // SAFETY: base + q ≤ r < rows: inside `out`.
+                unsafe { *out.add(base + q) = v };
+            }
+        }
+    }
+}
