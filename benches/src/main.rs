@@ -3,8 +3,13 @@
 //! ```text
 //! python3 tests/assets/fetch.py
 //! cargo run --release -p acorn-benches --bin model-bench -- [--runs 50] [--procs 3] [--threads 1] [--cases minilm-l3-16,…]
-//!     [--quantized]
+//!     [--quantized] [--levels all|avx2,avx512,…] [--check-quantized] [--acorn-only]
 //! ```
+//!
+//! `--levels`: Acorn's rows once per kernel level this CPU runs (forced with `ACORN_KERNELS`),
+//! side by side with the peers (which pick their own kernels). `--check-quantized` (with
+//! `--quantized`): exit with an error when a quantized case is slower than the fp32 case of the
+//! same model at the same level — the CI smoke check.
 //!
 //! `--quantized` adds, for the MiniLM cases, Acorn's `--quantize q8` conversion (`acorn-q8`) and
 //! ONNX Runtime on its own `quantize_dynamic` int8 model (`onnxruntime-int8`).
@@ -288,22 +293,71 @@ fn main() -> Result<()> {
         }
         None => CASES.to_vec(),
     };
+    // `--levels all|NAME,NAME`: Acorn's rows once per kernel level (forced with `ACORN_KERNELS`),
+    // side by side; the peers run once (they pick their own kernels).
+    let levels: Vec<Option<acorn::kernels::Isa>> = match args.iter().position(|a| a == "--levels") {
+        None => vec![None],
+        Some(i) => {
+            let spec = args.get(i + 1).context("--levels all|NAME,NAME")?;
+            let supported: Vec<_> = acorn::kernels::ALL_ISAS
+                .into_iter()
+                .filter(|l| {
+                    l.supported() && !matches!(l, acorn::kernels::Isa::Reference | acorn::kernels::Isa::Generic)
+                })
+                .rev()
+                .collect();
+            if spec == "all" {
+                supported.into_iter().map(Some).collect()
+            } else {
+                spec.split(',')
+                    .map(|n| match acorn::kernels::Isa::from_name(n) {
+                        Some(l) if l.supported() => Ok(Some(l)),
+                        _ => Err(anyhow!("--levels: '{n}' is not a level this CPU runs")),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        }
+    };
+    // `--check-quantized`: fail when a quantized case is slower than the fp32 one at a level.
+    let check = args.iter().any(|a| a == "--check-quantized");
+    // `--acorn-only`: skip the peers (the CI smoke check).
+    let acorn_only = args.iter().any(|a| a == "--acorn-only");
+    let mut inversions = Vec::new();
     for &case in &cases {
         let mut acorn_median = None;
         let extra: &[&str] = if quantized && case.is_minilm() { &["acorn-q8", "onnxruntime-int8"] } else { &[] };
+        let mut rows: Vec<(&str, Option<acorn::kernels::Isa>)> = Vec::new();
         for &rt in RUNTIMES.iter().chain(extra) {
+            if acorn_only && !rt.starts_with("acorn") {
+                continue;
+            }
+            if rt.starts_with("acorn") {
+                rows.extend(levels.iter().map(|&l| (rt, l)));
+            } else {
+                rows.push((rt, None));
+            }
+        }
+        let mut fp32_at: Vec<(Option<acorn::kernels::Isa>, f64)> = Vec::new();
+        for (rt, level) in rows {
             if rt == "tract" && threads != 1 {
                 continue;
             }
+            let label = match level {
+                Some(l) => format!("{rt} [{}]", l.name()),
+                None => rt.to_string(),
+            };
             // Several processes per (runtime, case): where a process's memory lands moves a
             // cache-sized model's latency by up to 40% here, so report the median process.
             let mut got: Vec<serde_json::Value> = Vec::new();
             let mut failure = None;
             for _ in 0..procs {
-                let out = Command::new(&exe)
-                    .args(["--child", rt, case.name(), "--runs", &runs.to_string(), "--threads", &threads.to_string()])
-                    .env("RUST_BACKTRACE", "0")
-                    .output()?;
+                let mut cmd = Command::new(&exe);
+                cmd.args(["--child", rt, case.name(), "--runs", &runs.to_string(), "--threads", &threads.to_string()])
+                    .env("RUST_BACKTRACE", "0");
+                if let Some(l) = level {
+                    cmd.env("ACORN_KERNELS", l.name()).env("ACORN_EXPECT_KERNELS", l.name());
+                }
+                let out = cmd.output()?;
                 if !out.status.success() {
                     let err = String::from_utf8_lossy(&out.stderr);
                     let line = err.lines().find(|l| l.starts_with("Error")).unwrap_or("failed").trim().to_string();
@@ -313,7 +367,7 @@ fn main() -> Result<()> {
                 got.push(serde_json::from_slice(&out.stdout).context("child output")?);
             }
             if let Some(short) = failure {
-                println!("| {} | {rt} | – | – | – | – | fails: {short} |", case.name());
+                println!("| {} | {label} | – | – | – | – | fails: {short} |", case.name());
                 continue;
             }
             got.sort_by(|a, b| {
@@ -322,11 +376,23 @@ fn main() -> Result<()> {
             let v = &got[got.len() / 2];
             let med = v["median_ms"].as_f64().unwrap_or(f64::NAN);
             if rt == "acorn" {
-                acorn_median = Some(med);
+                acorn_median = acorn_median.or(Some(med));
+                fp32_at.push((level, med));
+            }
+            if rt == "acorn-q8" {
+                if let Some(&(_, f)) = fp32_at.iter().find(|(l, _)| *l == level) {
+                    if med > f {
+                        inversions.push(format!(
+                            "{} at {}: q8 {med:.3} ms > fp32 {f:.3} ms",
+                            case.name(),
+                            level.map_or("the default level", |l| l.name())
+                        ));
+                    }
+                }
             }
             let ratio = acorn_median.map(|a| format!("{:.2}×", med / a)).unwrap_or_default();
             println!(
-                "| {} | {rt} | {:.2} | {:.3} | {:.3} | {:.0} | {ratio} |",
+                "| {} | {label} | {:.2} | {:.3} | {:.3} | {:.0} | {ratio} |",
                 case.name(),
                 v["open_ms"].as_f64().unwrap_or(f64::NAN),
                 med,
@@ -338,6 +404,19 @@ fn main() -> Result<()> {
     println!();
     for case in cases {
         println!("- `{}`: {}", case.name(), case.describe());
+    }
+    if quantized {
+        println!();
+        if inversions.is_empty() {
+            println!("quantized vs fp32: no quantized case slower than its fp32 case at any level run");
+        } else {
+            for i in &inversions {
+                println!("quantized slower than fp32: {i}");
+            }
+            if check {
+                bail!("{} quantized case(s) slower than fp32 (--check-quantized)", inversions.len());
+            }
+        }
     }
     Ok(())
 }

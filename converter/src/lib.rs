@@ -132,13 +132,15 @@ pub enum Target {
 
 impl Target {
     /// Names accepted by `--target`.
-    pub const NAMES: [&'static str; 6] = ["host", "x86_64-avx512", "x86_64-avx2", "aarch64", "generic", "none"];
+    pub const NAMES: [&'static str; 7] =
+        ["host", "x86_64-avx512", "x86_64-avxvnni", "x86_64-avx2", "aarch64", "generic", "none"];
 
     pub fn parse(s: &str) -> Result<Target> {
         use acorn::kernels::Isa;
         Ok(match s {
             "host" => Target::Host,
             "x86_64-avx512" => Target::Isa(Isa::Avx512),
+            "x86_64-avxvnni" => Target::Isa(Isa::AvxVnni),
             "x86_64-avx2" => Target::Isa(Isa::Avx2),
             "aarch64" => Target::Isa(Isa::Neon),
             "generic" => Target::Isa(Isa::Generic),

@@ -31,6 +31,7 @@ impl Isa {
             Reference => &[Reference],
             Generic => &[Generic, Reference],
             Avx2 => &[Avx2, Generic, Reference],
+            AvxVnni => &[AvxVnni, Avx2, Generic, Reference],
             Avx512 => &[Avx512, Avx2, Generic, Reference],
             Avx512Vnni => &[Avx512Vnni, Avx512, Avx2, Generic, Reference],
             Neon => &[Neon, Generic, Reference],
@@ -147,6 +148,9 @@ mod tests {
         assert!(Isa::Avx512Vnni.includes(Isa::Avx2) && !Isa::Avx2.includes(Isa::Avx512));
         assert!(Isa::NeonI8mm.includes(Isa::Neon) && !Isa::Neon.includes(Isa::NeonDot));
         assert!(!Isa::Avx2.includes(Isa::Neon) && !Isa::Neon.includes(Isa::Avx2));
+        // AVX-VNNI (VEX) is not implied by AVX-512 VNNI (Ice Lake and Zen 4 have one, not the other).
+        assert!(Isa::AvxVnni.includes(Isa::Avx2) && !Isa::Avx512Vnni.includes(Isa::AvxVnni));
+        assert!(!Isa::Avx2.includes(Isa::AvxVnni) && !Isa::AvxVnni.includes(Isa::Avx512));
         assert!(ALL_ISAS.iter().all(|i| i.includes(Isa::Reference) && i.includes(*i)));
         assert!(!Isa::Reference.includes(Isa::Generic));
     }

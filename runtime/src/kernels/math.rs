@@ -110,7 +110,7 @@ fn width() -> Width {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => Width::Avx512,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Width::Avx2,
+        Isa::Avx2 | Isa::AvxVnni => Width::Avx2,
         _ => Width::Base,
     }
 }

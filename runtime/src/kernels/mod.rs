@@ -65,6 +65,9 @@ pub enum Isa {
     Generic,
     /// x86_64 AVX2 + FMA (+F16C).
     Avx2,
+    /// AVX2 with AVX-VNNI: the 256-bit, VEX-encoded `vpdpbusd` for int8 dot products (Intel
+    /// since Alder Lake, AMD since Zen 5; most x86 laptops and desktops without AVX-512).
+    AvxVnni,
     /// x86_64 AVX-512 F/BW/VL.
     Avx512,
     /// AVX-512 with VNNI (`vpdpbusd`) for int8 dot products.
@@ -78,8 +81,17 @@ pub enum Isa {
 }
 
 /// Every kernel set, in the order `ACORN_KERNELS` documents them.
-pub const ALL_ISAS: [Isa; 8] =
-    [Isa::Reference, Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDot, Isa::NeonI8mm];
+pub const ALL_ISAS: [Isa; 9] = [
+    Isa::Reference,
+    Isa::Generic,
+    Isa::Avx2,
+    Isa::AvxVnni,
+    Isa::Avx512,
+    Isa::Avx512Vnni,
+    Isa::Neon,
+    Isa::NeonDot,
+    Isa::NeonI8mm,
+];
 
 impl Isa {
     pub fn name(self) -> &'static str {
@@ -87,6 +99,7 @@ impl Isa {
             Isa::Reference => "reference",
             Isa::Generic => "generic",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avxvnni",
             Isa::Avx512 => "avx512",
             Isa::Avx512Vnni => "avx512vnni",
             Isa::Neon => "neon",
@@ -109,6 +122,8 @@ impl Isa {
                 is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
+            Isa::AvxVnni => Isa::Avx2.supported() && is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 Isa::Avx2.supported()
                     && is_x86_feature_detected!("avx512f")
@@ -130,7 +145,7 @@ impl Isa {
 
     /// The best set this CPU supports.
     pub fn detect() -> Isa {
-        [Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2, Isa::NeonI8mm, Isa::NeonDot, Isa::Neon]
+        [Isa::Avx512Vnni, Isa::Avx512, Isa::AvxVnni, Isa::Avx2, Isa::NeonI8mm, Isa::NeonDot, Isa::Neon]
             .into_iter()
             .find(|i| i.supported())
             .unwrap_or(Isa::Generic)
@@ -149,7 +164,7 @@ impl Isa {
         match self {
             Isa::Reference => None,
             Isa::Generic => Some(8),
-            Isa::Avx2 => Some(16),
+            Isa::Avx2 | Isa::AvxVnni => Some(16),
             Isa::Avx512 | Isa::Avx512Vnni => Some(32),
             Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Some(12),
         }

@@ -352,6 +352,9 @@ crate::kernel_list! {
         #[cfg(target_arch = "x86_64")]
         add("gemv_q8i8_avx512vnni", Isa::Avx512Vnni, Activations::Int8Blocks, super::x86q::q8_row_vnni as Q8Row);
         #[cfg(target_arch = "x86_64")]
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q8i8_avxvnni", Isa::AvxVnni, Activations::Int8Blocks, super::x86q::q8_row_avxvnni);
+        #[cfg(target_arch = "x86_64")]
         add("gemv_q8i8_avx2", Isa::Avx2, Activations::Int8Blocks, super::x86q::q8_row_avx2);
         #[cfg(target_arch = "aarch64")]
         add("gemv_q8i8_neondot", Isa::NeonDot, Activations::Int8Blocks, super::armq::q8_row_dot);
@@ -367,6 +370,9 @@ crate::kernel_list! {
         #[cfg(target_arch = "x86_64")]
         add("gemv_q4i8_avx512vnni", Isa::Avx512Vnni, Activations::Int8Blocks, super::x86q::q4_row_vnni as Q4Row);
         #[cfg(target_arch = "x86_64")]
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q4i8_avxvnni", Isa::AvxVnni, Activations::Int8Blocks, super::x86q::q4_row_avxvnni);
+        #[cfg(target_arch = "x86_64")]
         add("gemv_q4i8_avx2", Isa::Avx2, Activations::Int8Blocks, super::x86q::q4_row_avx2);
         #[cfg(target_arch = "aarch64")]
         add("gemv_q4i8_neondot", Isa::NeonDot, Activations::Int8Blocks, super::armq::q4_row_dot);
@@ -381,6 +387,8 @@ crate::kernel_list! {
     pub fn q4_sym32_rows(add) -> Q4Sym32Row {
         #[cfg(target_arch = "x86_64")]
         add("gemv_q4i8_band_avx512vnni", Isa::Avx512Vnni, Activations::Int8BlocksQ4Halves, super::x86q::q4_sym32_vnni512 as Q4Sym32Row);
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q4i8_band_avxvnni", Isa::AvxVnni, Activations::Int8BlocksQ4Halves, super::x86q::q4_sym32_avxvnni);
         #[cfg(target_arch = "x86_64")]
         add("gemv_q4i8_band_avx2", Isa::Avx2, Activations::Int8BlocksQ4Halves, super::x86q::q4_sym32_avx2);
     }
@@ -410,6 +418,13 @@ crate::kernel_list! {
             Isa::Avx512,
             Activations::Int8Blocks,
             Q8PanelKernel { panel: super::x86q::q8_panel_avx512, nr: 32, unsigned_acts: false, packs_rows: true },
+        );
+        #[cfg(target_arch = "x86_64")]
+        add(
+            "gemm_q8i8_4x16_avxvnni",
+            Isa::AvxVnni,
+            Activations::Int8Blocks,
+            Q8PanelKernel { panel: super::x86q::q8_panel_avxvnni, nr: 32, unsigned_acts: false, packs_rows: true },
         );
         #[cfg(target_arch = "x86_64")]
         add(
@@ -1161,6 +1176,89 @@ mod tests {
                         native.is_some_and(|l| l != Isa::Generic && l != Isa::Reference && isa.includes(l)),
                         "{} at m = {m} runs '{name}'",
                         isa.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The AVX-VNNI kernels (VEX `vpdpbusd`) cannot run on a CPU without AVX-VNNI, and no
+    /// emulator here has it; their code is shared with twins in the EVEX encoding of the same
+    /// instruction (macros `q8_panel_256`, `q4_band_256`, `q8_row`, `q4_row`), which AVX-512
+    /// VNNI CPUs run here against the reference.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx_vnni_kernels_twins_match_reference() {
+        if !Isa::Avx512Vnni.supported() {
+            eprintln!("no AVX-512 VNNI: the AVX-VNNI twins are not run on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[(1, 1, 32), (1, 45, 96), (3, 33, 256), (4, 64, 64), (7, 70, 384), (13, 31, 128)] {
+            let w = data(n * k, (n + 2 * k) as u64);
+            let x = data(m * k, (3 * m + k) as u64);
+            let nb = k / QK;
+            // q8 panels.
+            let qw = quantize_q8(&w, n, k);
+            let mut qa = QActs::default();
+            quantize_acts(&x, m, k, &mut qa).unwrap();
+            let mut want = vec![0.0; m * n];
+            gemm_q8(Isa::Reference, &qa, &qw.view(), &mut want, 1).unwrap();
+            let (pq, ps) = pack_q8_panels(&qw.q, &qw.scales, n, k, 32);
+            let mut got = vec![f32::NAN; m * n];
+            let mut scratch = vec![0i32; nb * 32];
+            for p in 0..n.div_ceil(32) {
+                // SAFETY: AVX-512 VNNI was detected; every operand holds the sizes the kernel
+                // reads (m rows of k, the panel p's 32·k bytes and 32 scales, m × n outputs).
+                unsafe {
+                    super::super::x86q::q8_panel_vnni256(
+                        m,
+                        qa.q.as_ptr(),
+                        k,
+                        qa.scales.as_ptr(),
+                        qa.sums.as_ptr(),
+                        nb,
+                        pq.as_ptr().add(p * 32 * k),
+                        ps.as_ptr().add(p * 32),
+                        nb,
+                        scratch.as_mut_ptr(),
+                        got.as_mut_ptr().add(p * 32),
+                        n,
+                        32.min(n - p * 32),
+                    )
+                };
+            }
+            for (c, (g, r)) in got.iter().zip(&want).enumerate() {
+                assert!((g - r).abs() <= sum_tol(*r, k), "q8 panel twin m={m} n={n} k={k}: [{c}] = {g}, want {r}");
+            }
+            // q4 band, symmetric and with minimums.
+            for with_min in [false, true] {
+                let q4 = quantize_q4(&w, n, k, 32, with_min);
+                let mut want = vec![0.0; m * n];
+                gemm_q4(Isa::Reference, &qa, &q4.view(), &mut want, 1).unwrap();
+                let kp = k.next_multiple_of(4 * QK);
+                let mut got = vec![f32::NAN; m * n];
+                let v = q4.view();
+                let mins = v.mins.map_or(std::ptr::null(), |m| m.as_ptr());
+                for i in 0..m {
+                    // SAFETY: as above, for n rows of q4 weights and row i's arranged activations.
+                    unsafe {
+                        super::super::x86q::q4_sym32_vnni256(
+                            v.nibbles.as_ptr(),
+                            v.scales.as_ptr(),
+                            mins,
+                            qa.q4x.as_ptr().add(i * kp),
+                            qa.scales.as_ptr().add(i * nb),
+                            qa.sums.as_ptr().add(i * nb),
+                            nb,
+                            n,
+                            got.as_mut_ptr().add(i * n),
+                        )
+                    };
+                }
+                for (c, (g, r)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - r).abs() <= sum_tol(*r, k),
+                        "q4 band twin m={m} n={n} k={k} min={with_min}: [{c}] = {g}, want {r}"
                     );
                 }
             }

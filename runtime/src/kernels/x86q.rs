@@ -152,6 +152,18 @@ fn dot_us_vnni(u: __m256i, s: __m256i) -> __m256i {
 q8_row!(q8_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 q4_row!(q4_row_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_us_vnni);
 
+/// As [`dot_us_avx2`] in one VEX-encoded `vpdpbusd` (AVX-VNNI). The same operation as
+/// [`dot_us_vnni`]'s EVEX form, so the kernels built on it share their code (and its tests) with
+/// the AVX-512 VNNI ones this CPU can run.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+fn dot_us_avxvnni(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+}
+
+q8_row!(q8_row_avxvnni, "avx2,fma,f16c,avxvnni", dot_us_avxvnni);
+q4_row!(q4_row_avxvnni, "avx2,fma,f16c,avxvnni", dot_us_avxvnni);
+
 /// How far ahead of the current nibbles the q4 kernel prefetches, into L2 (scales: an eighth of
 /// it, their share of the stream, into L1). Chosen by alternating `gemv-bandwidth` runs on the
 /// bench VM (docs/BENCHMARKS.md): 8 KiB into L2 streamed 4096 × 4096 at 1 thread at 102–118% of
@@ -1072,141 +1084,348 @@ pub unsafe fn q4_panel_avx512(
     }
 }
 
-/// q4 with AVX2 (no VNNI), for blocks of 32 (symmetric, or with f16 minimums when `mins` is not
-/// null), over a band of `rows` consecutive weight rows, as [`q4_sym32_vnni512`] on 256-bit
-/// registers: two blocks per step — 32 nibble bytes split into low and high halves meet the
-/// activations' 4-bit arrangement ([`super::quant::QActs::q4x`]); `vpmaddubsw` multiplies the
-/// unsigned codes by the signed activations (a pair at most `2·15·127`, so the low and high
-/// halves add in i16) and `vpmaddwd` by ones gives four i32 lanes per block; the block scales
-/// `d·s` (eight at a time) are spread with `vpermps`; the offset is `−8·Σ d·(s·Σx)` or
-/// `Σ m·(s·Σx)` with `s` and `s·Σx` computed once per call. Rows are reduced four at a time.
-/// A last odd block loads 16 bytes (the other lanes zero).
-///
-/// # Safety
-/// The CPU has AVX2/FMA/F16C; operands as [`q4_sym32_vnni512`].
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_sym32_avx2(
-    nib: *const u8,
-    d: *const u16,
-    mins: *const u16,
-    xa: *const i8,
-    xs: *const f32,
-    sums: *const i32,
-    nb: usize,
-    rows: usize,
-    out: *mut f32,
-) {
-    let low4 = _mm256_set1_epi8(15);
-    let ones = _mm256_set1_epi16(1);
-    // i32 lane l of step q (blocks 2q, 2q+1 of an eight-block group) takes scale lane 2q + l/4.
-    let idx = [
-        _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0),
-        _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2),
-        _mm256_set_epi32(5, 5, 5, 5, 4, 4, 4, 4),
-        _mm256_set_epi32(7, 7, 7, 7, 6, 6, 6, 6),
-    ];
-    // Per group of 8 blocks: the activation scales s and s·Σx (lanes past nb are 0), computed
-    // once for the band (rows up to 128 groups = 32768 values; longer rows recompute them).
-    const MAX_GROUPS: usize = 128;
-    let groups = nb.div_ceil(8);
-    let act = |g: usize| -> (__m256, __m256) {
-        let n = (nb - 8 * g).min(8);
-        let (mut s, mut u) = ([0.0f32; 8], [0.0f32; 8]);
-        for i in 0..n {
-            // SAFETY: block 8g + i < nb.
-            unsafe {
-                s[i] = *xs.add(8 * g + i);
-                u[i] = s[i] * *sums.add(8 * g + i) as f32;
+macro_rules! q4_band_256 {
+    ($(#[$doc:meta])* $name:ident, $feat:literal, $pair:ident) => {
+        $(#[$doc])*
+        ///
+        /// q4 on 256-bit registers, for blocks of 32 (symmetric, or with f16 minimums when `mins` is not
+        /// null), over a band of `rows` consecutive weight rows, as [`q4_sym32_vnni512`] on 256-bit
+        /// registers: two blocks per step — 32 nibble bytes split into low and high halves meet the
+        /// activations' 4-bit arrangement ([`super::quant::QActs::q4x`]); `vpmaddubsw` multiplies the
+        /// unsigned codes by the signed activations and `$pair` sums each block's products into four
+        /// i32 lanes (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd`); the block scales
+        /// `d·s` (eight at a time) are spread with `vpermps`; the offset is `−8·Σ d·(s·Σx)` or
+        /// `Σ m·(s·Σx)` with `s` and `s·Σx` computed once per call. Rows are reduced four at a time.
+        /// A last odd block loads 16 bytes (the other lanes zero).
+        ///
+        /// # Safety
+        /// The CPU has the listed features; operands as [`q4_sym32_vnni512`].
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(
+            nib: *const u8,
+            d: *const u16,
+            mins: *const u16,
+            xa: *const i8,
+            xs: *const f32,
+            sums: *const i32,
+            nb: usize,
+            rows: usize,
+            out: *mut f32,
+        ) {
+            let low4 = _mm256_set1_epi8(15);
+            // i32 lane l of step q (blocks 2q, 2q+1 of an eight-block group) takes scale lane 2q + l/4.
+            let idx = [
+                _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0),
+                _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2),
+                _mm256_set_epi32(5, 5, 5, 5, 4, 4, 4, 4),
+                _mm256_set_epi32(7, 7, 7, 7, 6, 6, 6, 6),
+            ];
+            // Per group of 8 blocks: the activation scales s and s·Σx (lanes past nb are 0), computed
+            // once for the band (rows up to 128 groups = 32768 values; longer rows recompute them).
+            const MAX_GROUPS: usize = 128;
+            let groups = nb.div_ceil(8);
+            let act = |g: usize| -> (__m256, __m256) {
+                let n = (nb - 8 * g).min(8);
+                let (mut s, mut u) = ([0.0f32; 8], [0.0f32; 8]);
+                for i in 0..n {
+                    // SAFETY: block 8g + i < nb.
+                    unsafe {
+                        s[i] = *xs.add(8 * g + i);
+                        u[i] = s[i] * *sums.add(8 * g + i) as f32;
+                    }
+                }
+                // SAFETY: two local arrays of eight floats.
+                unsafe { (_mm256_loadu_ps(s.as_ptr()), _mm256_loadu_ps(u.as_ptr())) }
+            };
+            let mut pre = [(_mm256_setzero_ps(), _mm256_setzero_ps()); MAX_GROUPS];
+            let cached = groups <= MAX_GROUPS;
+            if cached {
+                for (g, p) in pre.iter_mut().enumerate().take(groups) {
+                    *p = act(g);
+                }
             }
-        }
-        // SAFETY: two local arrays of eight floats.
-        unsafe { (_mm256_loadu_ps(s.as_ptr()), _mm256_loadu_ps(u.as_ptr())) }
-    };
-    let mut pre = [(_mm256_setzero_ps(), _mm256_setzero_ps()); MAX_GROUPS];
-    let cached = groups <= MAX_GROUPS;
-    if cached {
-        for (g, p) in pre.iter_mut().enumerate().take(groups) {
-            *p = act(g);
-        }
-    }
-    // Eight f16 values of a row from block b (fewer at the row's end: the rest zero).
-    let halves = |p: *const u16, b: usize| -> __m256 {
-        let n = (nb - b).min(8);
-        if n == 8 {
-            // SAFETY: blocks b..b+8 < nb of this row.
-            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(b) as *const __m128i)) }
-        } else {
-            let mut h = [0u16; 8];
-            // SAFETY: blocks b..b+n of this row.
-            unsafe {
-                std::ptr::copy_nonoverlapping(p.add(b), h.as_mut_ptr(), n);
-                _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
-            }
-        }
-    };
-    let eight = _mm256_set1_ps(8.0);
-    let mut pending = [_mm256_setzero_ps(); 4];
-    for r in 0..rows {
-        let (nr, dr, mr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb), mins.wrapping_add(r * nb));
-        let (mut acc0, mut acc1, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-        for g in 0..groups {
-            let (s, ssx) = if cached { pre[g] } else { act(g) };
-            let b0 = 8 * g;
-            let dv = halves(dr, b0);
-            let ov = if mins.is_null() { dv } else { halves(mr, b0) };
-            off = _mm256_fmadd_ps(ov, ssx, off);
-            let c = _mm256_mul_ps(dv, s);
-            let cnt = (nb - b0).min(8);
-            _mm_prefetch::<_MM_HINT_T0>(dr.wrapping_add(b0 + PREFETCH_BYTES / 8) as *const i8);
-            for (q, &ix) in idx.iter().enumerate().take(cnt.div_ceil(2)) {
-                let b = b0 + 2 * q;
-                _mm_prefetch::<_MM_HINT_T1>(nr.wrapping_add(b * QK / 2 + PREFETCH_BYTES) as *const i8);
-                // Activations of blocks b, b+1: first halves at group·128 + (b%4)·16, second
-                // halves 64 further (the arrangement is zero past the row's end).
-                let xo = (b / 4) * 128 + (b % 4) * 16;
-                // SAFETY: the nibbles of blocks b (and b+1 when it is < nb) of row r; the
-                // arranged activations hold whole groups of four blocks.
-                let (raw, xl, xh) = unsafe {
-                    let raw = if b + 1 < nb {
-                        _mm256_loadu_si256(nr.add(b * QK / 2) as *const __m256i)
-                    } else {
-                        _mm256_zextsi128_si256(_mm_loadu_si128(nr.add(b * QK / 2) as *const __m128i))
-                    };
-                    (
-                        raw,
-                        _mm256_loadu_si256(xa.add(xo) as *const __m256i),
-                        _mm256_loadu_si256(xa.add(xo + 64) as *const __m256i),
-                    )
-                };
-                let lo = _mm256_and_si256(raw, low4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
-                let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-                let di = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                let sc = _mm256_permutevar8x32_ps(c, ix);
-                if q % 2 == 0 {
-                    acc0 = _mm256_fmadd_ps(sc, di, acc0);
+            // Eight f16 values of a row from block b (fewer at the row's end: the rest zero).
+            let halves = |p: *const u16, b: usize| -> __m256 {
+                let n = (nb - b).min(8);
+                if n == 8 {
+                    // SAFETY: blocks b..b+8 < nb of this row.
+                    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(b) as *const __m128i)) }
                 } else {
-                    acc1 = _mm256_fmadd_ps(sc, di, acc1);
+                    let mut h = [0u16; 8];
+                    // SAFETY: blocks b..b+n of this row.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(p.add(b), h.as_mut_ptr(), n);
+                        _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
+                    }
+                }
+            };
+            let eight = _mm256_set1_ps(8.0);
+            let mut pending = [_mm256_setzero_ps(); 4];
+            for r in 0..rows {
+                let (nr, dr, mr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb), mins.wrapping_add(r * nb));
+                let (mut acc0, mut acc1, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+                for g in 0..groups {
+                    let (s, ssx) = if cached { pre[g] } else { act(g) };
+                    let b0 = 8 * g;
+                    let dv = halves(dr, b0);
+                    let ov = if mins.is_null() { dv } else { halves(mr, b0) };
+                    off = _mm256_fmadd_ps(ov, ssx, off);
+                    let c = _mm256_mul_ps(dv, s);
+                    let cnt = (nb - b0).min(8);
+                    _mm_prefetch::<_MM_HINT_T0>(dr.wrapping_add(b0 + PREFETCH_BYTES / 8) as *const i8);
+                    for (q, &ix) in idx.iter().enumerate().take(cnt.div_ceil(2)) {
+                        let b = b0 + 2 * q;
+                        _mm_prefetch::<_MM_HINT_T1>(nr.wrapping_add(b * QK / 2 + PREFETCH_BYTES) as *const i8);
+                        // Activations of blocks b, b+1: first halves at group·128 + (b%4)·16, second
+                        // halves 64 further (the arrangement is zero past the row's end).
+                        let xo = (b / 4) * 128 + (b % 4) * 16;
+                        // SAFETY: the nibbles of blocks b (and b+1 when it is < nb) of row r; the
+                        // arranged activations hold whole groups of four blocks.
+                        let (raw, xl, xh) = unsafe {
+                            let raw = if b + 1 < nb {
+                                _mm256_loadu_si256(nr.add(b * QK / 2) as *const __m256i)
+                            } else {
+                                _mm256_zextsi128_si256(_mm_loadu_si128(nr.add(b * QK / 2) as *const __m128i))
+                            };
+                            (
+                                raw,
+                                _mm256_loadu_si256(xa.add(xo) as *const __m256i),
+                                _mm256_loadu_si256(xa.add(xo + 64) as *const __m256i),
+                            )
+                        };
+                        let lo = _mm256_and_si256(raw, low4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
+                        let di = _mm256_cvtepi32_ps($pair(lo, xl, hi, xh));
+                        let sc = _mm256_permutevar8x32_ps(c, ix);
+                        if q % 2 == 0 {
+                            acc0 = _mm256_fmadd_ps(sc, di, acc0);
+                        } else {
+                            acc1 = _mm256_fmadd_ps(sc, di, acc1);
+                        }
+                    }
+                }
+                let v = if mins.is_null() {
+                    _mm256_fnmadd_ps(eight, off, _mm256_add_ps(acc0, acc1))
+                } else {
+                    _mm256_add_ps(off, _mm256_add_ps(acc0, acc1))
+                };
+                pending[r % 4] = v;
+                if r % 4 == 3 || r + 1 == rows {
+                    let sums4 = super::x86::hsum4_256(pending[0], pending[1], pending[2], pending[3]);
+                    let mut four_out = [0.0f32; 4];
+                    // SAFETY: a local array of four floats.
+                    unsafe { _mm_storeu_ps(four_out.as_mut_ptr(), sums4) };
+                    let base = r - r % 4;
+                    for (q, &v) in four_out.iter().enumerate().take(r % 4 + 1) {
+                        // SAFETY: base + q ≤ r < rows: inside `out`.
+                        unsafe { *out.add(base + q) = v };
+                    }
                 }
             }
         }
-        let v = if mins.is_null() {
-            _mm256_fnmadd_ps(eight, off, _mm256_add_ps(acc0, acc1))
-        } else {
-            _mm256_add_ps(off, _mm256_add_ps(acc0, acc1))
-        };
-        pending[r % 4] = v;
-        if r % 4 == 3 || r + 1 == rows {
-            let sums4 = super::x86::hsum4_256(pending[0], pending[1], pending[2], pending[3]);
-            let mut four_out = [0.0f32; 4];
-            // SAFETY: a local array of four floats.
-            unsafe { _mm_storeu_ps(four_out.as_mut_ptr(), sums4) };
-            let base = r - r % 4;
-            for (q, &v) in four_out.iter().enumerate().take(r % 4 + 1) {
-                // SAFETY: base + q ≤ r < rows: inside `out`.
-                unsafe { *out.add(base + q) = v };
+    };
+}
+
+/// Σ over a block's 32 products per i32 lane group: `vpmaddubsw` of the low and high code
+/// halves with their activations (a pair at most `2·15·127`, so the two add in i16), widened by
+/// `vpmaddwd` with ones.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pair_avx2(lo: __m256i, xl: __m256i, hi: __m256i, xh: __m256i) -> __m256i {
+    let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+}
+
+/// As [`pair_avx2`] in two VEX `vpdpbusd` (AVX-VNNI).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+fn pair_avxvnni(lo: __m256i, xl: __m256i, hi: __m256i, xh: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xl), hi, xh)
+}
+
+/// As [`pair_avxvnni`] in the EVEX encoding: the AVX-VNNI kernels' twin that AVX-512 VNNI CPUs
+/// run in the tests (the two encodings compute the same).
+#[cfg(test)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+fn pair_vnni256(lo: __m256i, xl: __m256i, hi: __m256i, xh: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh)
+}
+
+q4_band_256!(
+    /// The AVX2 form, without VNNI.
+    q4_sym32_avx2,
+    "avx2,fma,f16c",
+    pair_avx2
+);
+q4_band_256!(
+    /// The AVX-VNNI form of [`q4_sym32_avx2`]: each block's products in two `vpdpbusd`.
+    q4_sym32_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    pair_avxvnni
+);
+#[cfg(test)]
+q4_band_256!(
+    /// [`q4_sym32_avxvnni`]'s EVEX twin, for the tests.
+    q4_sym32_vnni256,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    pair_vnni256
+);
+
+/// `acc + ` Σ of four products per i32 lane, unsigned bytes `u` by signed `s` (VEX `vpdpbusd`).
+#[inline]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+fn dpbusd_avx(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(acc, u, s)
+}
+
+/// [`dpbusd_avx`] in the EVEX encoding (the tests' twin on AVX-512 VNNI CPUs).
+#[cfg(test)]
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+fn dpbusd_evex256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, u, s)
+}
+
+macro_rules! q8_panel_256 {
+    ($(#[$doc:meta])* $tile:ident, $name:ident, $feat:literal, $dp:ident) => {
+        /// One tile: `R` activation rows × 16 of a panel's 32 weight rows (`half` 0 or 1), with
+        /// a 256-bit `vpdpbusd` per row and eight columns: the weights are made unsigned as they
+        /// are loaded (`w ^ 0x80` = `w + 128`, one `vpxor` per vector for all rows) and each
+        /// block's i32 sums start at `−128·Σx` (the activation block's sum), which cancels the
+        /// offset exactly; then scaled into f32 per block, the weights' row scales at the end.
+        ///
+        /// # Safety
+        /// The CPU has the listed features; operands as [`q8_panel_tile_avx2`] (`sums` as the
+        /// scales).
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $tile<const R: usize>(
+            x: *const i8,
+            ldx: usize,
+            xs: *const f32,
+            sums: *const i32,
+            ldxs: usize,
+            w: *const i8,
+            ws: *const f32,
+            nb: usize,
+            half: usize,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
+            let flip = _mm256_set1_epi8(-128);
+            let mut f = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..nb {
+                // SAFETY: block b's packed weights, activations, sums and scales are in bounds
+                // (caller contract); the 4-byte activation reads are unaligned loads.
+                unsafe {
+                    let mut a = [[_mm256_setzero_si256(); 2]; R];
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        let c = _mm256_set1_epi32(-128 * *sums.add(r * ldxs + b));
+                        *ar = [c, c];
+                    }
+                    for s in 0..QK / 4 {
+                        let wp = w.add((b * QK / 4 + s) * 128 + half * 64);
+                        let w0 = _mm256_xor_si256(_mm256_loadu_si256(wp as *const __m256i), flip);
+                        let w1 = _mm256_xor_si256(_mm256_loadu_si256(wp.add(32) as *const __m256i), flip);
+                        for (r, ar) in a.iter_mut().enumerate() {
+                            let xv = _mm256_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                            ar[0] = $dp(ar[0], w0, xv);
+                            ar[1] = $dp(ar[1], w1, xv);
+                        }
+                    }
+                    for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+                        let sc = _mm256_set1_ps(*xs.add(r * ldxs + b));
+                        fr[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[0]), sc, fr[0]);
+                        fr[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[1]), sc, fr[1]);
+                    }
+                }
+            }
+            // SAFETY: the half's 16 column scales; R rows of `cols` floats at `out` (caller
+            // contract): full rows store directly, a partial half through a stack row.
+            unsafe {
+                let (s0, s1) = (_mm256_loadu_ps(ws.add(half * 16)), _mm256_loadu_ps(ws.add(half * 16 + 8)));
+                for (r, fr) in f.iter().enumerate() {
+                    let (v0, v1) = (_mm256_mul_ps(fr[0], s0), _mm256_mul_ps(fr[1], s1));
+                    let o = out.add(r * ldo);
+                    if cols == 16 {
+                        _mm256_storeu_ps(o, v0);
+                        _mm256_storeu_ps(o.add(8), v1);
+                    } else {
+                        let mut row = [0.0f32; 16];
+                        _mm256_storeu_ps(row.as_mut_ptr(), v0);
+                        _mm256_storeu_ps(row.as_mut_ptr().add(8), v1);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), o, cols);
+                    }
+                }
             }
         }
-    }
+
+        $(#[$doc])*
+        ///
+        /// One panel of 32 q8 weight rows × `m` activation rows on 256-bit `vpdpbusd`: per half of
+        /// the panel, tiles of 4 rows. The activations come signed; `scratch` is unused.
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `x` holds `m` rows of `nb·32` signed bytes at stride
+        /// `ldx`; `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32`
+        /// packed bytes; `ws` 32 f32; `out` is valid for `m` rows of `cols` (≤ 32) floats at
+        /// stride `ldo`.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(
+            m: usize,
+            x: *const i8,
+            ldx: usize,
+            xs: *const f32,
+            sums: *const i32,
+            ldxs: usize,
+            w: *const i8,
+            ws: *const f32,
+            nb: usize,
+            _scratch: *mut i32,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
+            for half in 0..cols.div_ceil(16) {
+                let hc = (cols - half * 16).min(16);
+                let mut i0 = 0;
+                while i0 < m {
+                    let rows = (m - i0).min(4);
+                    // SAFETY: rows i0..i0+rows are inside the caller's `m` rows, columns
+                    // 16·half.. +hc inside its `cols`; the rest is forwarded.
+                    unsafe {
+                        let (u, s, su, o) =
+                            (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo + half * 16));
+                        match rows {
+                            1 => $tile::<1>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                            2 => $tile::<2>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                            3 => $tile::<3>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                            _ => $tile::<4>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                        }
+                    }
+                    i0 += rows;
+                }
+            }
+        }
+    };
 }
+
+q8_panel_256!(
+    /// AVX-VNNI.
+    q8_panel_tile_avxvnni,
+    q8_panel_avxvnni,
+    "avx2,fma,avxvnni",
+    dpbusd_avx
+);
+#[cfg(test)]
+q8_panel_256!(
+    /// [`q8_panel_avxvnni`]'s EVEX twin, for the tests.
+    q8_panel_tile_vnni256,
+    q8_panel_vnni256,
+    "avx2,fma,avx512f,avx512vl,avx512vnni",
+    dpbusd_evex256
+);
