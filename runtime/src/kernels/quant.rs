@@ -117,6 +117,13 @@ fn quantize_some_blocks(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut 
         unsafe { super::x86q::quantize_blocks_avx512(x, q, scales, sums) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(super::selected(), Isa::Avx2 | Isa::AvxVnni) {
+        // SAFETY: the selected set's CPU features include AVX2/FMA; the caller passes buffers
+        // sized for x.len() values.
+        unsafe { super::x86q::quantize_blocks_avx2(x, q, scales, sums) };
+        return;
+    }
     super::math::quantize_blocks_i8(x, q, scales, sums);
 }
 
@@ -1397,7 +1404,14 @@ mod tests {
             let (mut q2, mut s2, mut u2) = (vec![0i8; x.len()], vec![0.0f32; nb], vec![0i32; nb]);
             // SAFETY: the features were just detected; the buffers hold nb blocks.
             unsafe { crate::kernels::x86q::quantize_blocks_avx512(&x, &mut q2, &mut s2, &mut u2) };
-            assert_eq!((q, s, u), (q2, s2, u2));
+            assert_eq!((&q, &s, &u), (&q2, &s2, &u2));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx2.supported() {
+            let (mut q2, mut s2, mut u2) = (vec![0i8; x.len()], vec![0.0f32; nb], vec![0i32; nb]);
+            // SAFETY: the features were just detected; the buffers hold nb blocks.
+            unsafe { crate::kernels::x86q::quantize_blocks_avx2(&x, &mut q2, &mut s2, &mut u2) };
+            assert_eq!((&q, &s, &u), (&q2, &s2, &u2));
         }
     }
 

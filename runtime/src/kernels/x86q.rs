@@ -662,7 +662,11 @@ unsafe fn q8_panel_tile_avx2<const R: usize>(
     cols: usize,
 ) {
     let ones = _mm256_set1_epi16(1);
-    let mut f = [[_mm256_setzero_ps(); 2]; R];
+    // The f32 sums live in memory (a stack row per activation row), touched once per block: in
+    // registers beside the 2·R i32 accumulators and the four weight vectors they would spill
+    // inside the k loop.
+    let mut fm = [[_mm256_setzero_ps(); 2]; R];
+    let fp = fm.as_mut_ptr() as *mut __m256;
     for b in 0..nb {
         // SAFETY: block b's packed weights, activations and scales are in bounds (caller
         // contract); the 4-byte activation reads are unaligned loads.
@@ -681,10 +685,12 @@ unsafe fn q8_panel_tile_avx2<const R: usize>(
                     ar[1] = _mm256_add_epi32(ar[1], p1);
                 }
             }
-            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+            for (r, ar) in a.iter().enumerate() {
                 let sc = _mm256_set1_ps(*xs.add(r * ldxs + b));
-                fr[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[0]), sc, fr[0]);
-                fr[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[1]), sc, fr[1]);
+                // Volatile: keeps them in memory (aligned `__m256` slots of `fm`).
+                let (f0, f1) = (fp.add(r * 2), fp.add(r * 2 + 1));
+                f0.write_volatile(_mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[0]), sc, f0.read_volatile()));
+                f1.write_volatile(_mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[1]), sc, f1.read_volatile()));
             }
         }
     }
@@ -692,8 +698,11 @@ unsafe fn q8_panel_tile_avx2<const R: usize>(
     // full rows store directly, a partial half through a stack row.
     unsafe {
         let (s0, s1) = (_mm256_loadu_ps(ws.add(half * 16)), _mm256_loadu_ps(ws.add(half * 16 + 8)));
-        for (r, fr) in f.iter().enumerate() {
-            let (v0, v1) = (_mm256_mul_ps(fr[0], s0), _mm256_mul_ps(fr[1], s1));
+        for r in 0..R {
+            let (v0, v1) = (
+                _mm256_mul_ps(fp.add(r * 2).read_volatile(), s0),
+                _mm256_mul_ps(fp.add(r * 2 + 1).read_volatile(), s1),
+            );
             let o = out.add(r * ldo);
             if cols == 16 {
                 _mm256_storeu_ps(o, v0);
@@ -1429,3 +1438,57 @@ q8_panel_256!(
     "avx2,fma,avx512f,avx512vl,avx512vnni",
     dpbusd_evex256
 );
+
+/// [`super::math::quantize_blocks_i8`] with AVX2, as [`quantize_blocks_avx512`] on 256-bit
+/// registers: the block's absolute maximum by a vector reduction, `vcvtps2dq` (round to nearest
+/// even), saturating packs to bytes (their lane interleaving undone by one `vpermd`) and the
+/// block sum from the i32 values. Same results as the portable loop for finite inputs.
+///
+/// # Safety
+/// The CPU has AVX2/FMA; `x.len()` is a multiple of 32, `q` as long, `scales` and `sums` hold
+/// one entry per block (callers check).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    let nb = x.len() / QK;
+    assert!(q.len() >= nb * QK && scales.len() >= nb && sums.len() >= nb, "quantize_blocks: short outputs");
+    let (lim_hi, lim_lo) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..nb {
+        // SAFETY: block b's 32 floats and 32 bytes are in bounds (asserted above).
+        unsafe {
+            let p = x.as_ptr().add(b * QK);
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let a = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+            );
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            // The scaled value first: `min`/`max` return their second operand for NaN, so a NaN
+            // input becomes 127, never the out-of-range value a NaN would convert to.
+            let clamp = |v: __m256| _mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(v, inv), lim_hi), lim_lo);
+            let i = [
+                _mm256_cvtps_epi32(clamp(v[0])),
+                _mm256_cvtps_epi32(clamp(v[1])),
+                _mm256_cvtps_epi32(clamp(v[2])),
+                _mm256_cvtps_epi32(clamp(v[3])),
+            ];
+            let bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3])),
+                order,
+            );
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+            let s8 = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256::<1>(s8));
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2));
+            *scales.get_unchecked_mut(b) = scale;
+            *sums.get_unchecked_mut(b) = _mm_cvtsi128_si32(s1);
+        }
+    }
+}
