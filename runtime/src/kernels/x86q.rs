@@ -717,9 +717,60 @@ unsafe fn q8_panel_tile_avx2<const R: usize>(
     }
 }
 
-/// One panel of 32 q8 weight rows × `m` activation rows with AVX2 (no VNNI): per half of the
-/// panel (16 columns), tiles of 4 rows ([`q8_panel_tile_avx2`]). The activations come signed;
-/// `sums` and `scratch` are unused (no offset to correct).
+/// One activation row × a whole panel of 32 q8 weight rows with AVX2, as
+/// [`q8_panel_tile_avx2`] over all 32 columns at once (four i32 accumulators): a decode step
+/// streams each panel once, front to back, rather than in two half passes.
+///
+/// # Safety
+/// As [`q8_panel_tile_avx2`] for one row and `cols` ≤ 32.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_panel_row_avx2(
+    x: *const i8,
+    xs: *const f32,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    out: *mut f32,
+    cols: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut f = [_mm256_setzero_ps(); 4];
+    for b in 0..nb {
+        // SAFETY: block b's packed weights, activations and scale are in bounds (caller
+        // contract); the 4-byte activation reads are unaligned loads.
+        unsafe {
+            let mut a = [_mm256_setzero_si256(); 4];
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128);
+                let xv = _mm256_set1_epi32((x.add(b * QK + s * 4) as *const i32).read_unaligned());
+                for (c, ac) in a.iter_mut().enumerate() {
+                    let wv = _mm256_loadu_si256(wp.add(32 * c) as *const __m256i);
+                    let p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+                    *ac = _mm256_add_epi32(*ac, _mm256_madd_epi16(p, ones));
+                }
+            }
+            let sc = _mm256_set1_ps(*xs.add(b));
+            for (fc, ac) in f.iter_mut().zip(&a) {
+                *fc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*ac), sc, *fc);
+            }
+        }
+    }
+    let mut row = [0.0f32; 32];
+    // SAFETY: 32 column scales; a local row; `cols` floats at `out` (caller contract).
+    unsafe {
+        for (c, fc) in f.iter().enumerate() {
+            _mm256_storeu_ps(row.as_mut_ptr().add(8 * c), _mm256_mul_ps(*fc, _mm256_loadu_ps(ws.add(8 * c))));
+        }
+        std::ptr::copy_nonoverlapping(row.as_ptr(), out, cols);
+    }
+}
+
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX2 (no VNNI): below
+/// [`super::quant::Q8_GEMM_MIN_ROWS`] rows, each row over the whole panel
+/// ([`q8_panel_row_avx2`]); else per half of the panel (16 columns), tiles of 4 rows
+/// ([`q8_panel_tile_avx2`]). The activations come signed; `sums` and `scratch` are unused (no
+/// offset to correct).
 ///
 /// # Safety
 /// The CPU has AVX2/FMA; `x` holds `m` rows of `nb·32` signed bytes (within ±127) at stride
@@ -742,6 +793,13 @@ pub unsafe fn q8_panel_avx2(
     ldo: usize,
     cols: usize,
 ) {
+    if m < super::quant::Q8_GEMM_MIN_ROWS {
+        for r in 0..m {
+            // SAFETY: row r of the caller's m rows; the rest is forwarded.
+            unsafe { q8_panel_row_avx2(x.add(r * ldx), xs.add(r * ldxs), w, ws, nb, out.add(r * ldo), cols) };
+        }
+        return;
+    }
     for half in 0..cols.div_ceil(16) {
         let hc = (cols - half * 16).min(16);
         let mut i0 = 0;
