@@ -1356,7 +1356,46 @@ fn dpbusd_evex256(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
 }
 
 macro_rules! q8_panel_256 {
-    ($(#[$doc:meta])* $tile:ident, $name:ident, $feat:literal, $dp:ident) => {
+    ($(#[$doc:meta])* $tile:ident, $row:ident, $name:ident, $feat:literal, $dp:ident) => {
+        /// One activation row × a whole panel of 32 weight rows (four i32 accumulators), as
+        /// the tile below: a decode step streams each panel once, front to back.
+        ///
+        /// # Safety
+        /// As the tile, for one row and `cols` ≤ 32.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $row(x: *const i8, xs: *const f32, sums: *const i32, w: *const i8, ws: *const f32, nb: usize, out: *mut f32, cols: usize) {
+            let flip = _mm256_set1_epi8(-128);
+            let mut f = [_mm256_setzero_ps(); 4];
+            for b in 0..nb {
+                // SAFETY: block b's packed weights, activations, sum and scale are in bounds
+                // (caller contract); the 4-byte activation reads are unaligned loads.
+                unsafe {
+                    let mut a = [_mm256_set1_epi32(-128 * *sums.add(b)); 4];
+                    for s in 0..QK / 4 {
+                        let wp = w.add((b * QK / 4 + s) * 128);
+                        let xv = _mm256_set1_epi32((x.add(b * QK + s * 4) as *const i32).read_unaligned());
+                        for (c, ac) in a.iter_mut().enumerate() {
+                            let wv = _mm256_xor_si256(_mm256_loadu_si256(wp.add(32 * c) as *const __m256i), flip);
+                            *ac = $dp(*ac, wv, xv);
+                        }
+                    }
+                    let sc = _mm256_set1_ps(*xs.add(b));
+                    for (fc, ac) in f.iter_mut().zip(&a) {
+                        *fc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*ac), sc, *fc);
+                    }
+                }
+            }
+            let mut row = [0.0f32; 32];
+            // SAFETY: 32 column scales; a local row; `cols` floats at `out` (caller contract).
+            unsafe {
+                for (c, fc) in f.iter().enumerate() {
+                    _mm256_storeu_ps(row.as_mut_ptr().add(8 * c), _mm256_mul_ps(*fc, _mm256_loadu_ps(ws.add(8 * c))));
+                }
+                std::ptr::copy_nonoverlapping(row.as_ptr(), out, cols);
+            }
+        }
+
         /// One tile: `R` activation rows × 16 of a panel's 32 weight rows (`half` 0 or 1), with
         /// a 256-bit `vpdpbusd` per row and eight columns: the weights are made unsigned as they
         /// are loaded (`w ^ 0x80` = `w + 128`, one `vpxor` per vector for all rows) and each
@@ -1432,8 +1471,9 @@ macro_rules! q8_panel_256 {
 
         $(#[$doc])*
         ///
-        /// One panel of 32 q8 weight rows × `m` activation rows on 256-bit `vpdpbusd`: per half of
-        /// the panel, tiles of 4 rows. The activations come signed; `scratch` is unused.
+        /// One panel of 32 q8 weight rows × `m` activation rows on 256-bit `vpdpbusd`: one row
+        /// over the whole panel below 4 rows, else per half of the panel, tiles of 4 rows. The
+        /// activations come signed; `scratch` is unused.
         ///
         /// # Safety
         /// The CPU has the listed features; `x` holds `m` rows of `nb·32` signed bytes at stride
@@ -1457,6 +1497,13 @@ macro_rules! q8_panel_256 {
             ldo: usize,
             cols: usize,
         ) {
+            if m < super::quant::Q8_GEMM_MIN_ROWS {
+                for r in 0..m {
+                    // SAFETY: row r of the caller's m rows; the rest is forwarded.
+                    unsafe { $row(x.add(r * ldx), xs.add(r * ldxs), sums.add(r * ldxs), w, ws, nb, out.add(r * ldo), cols) };
+                }
+                return;
+            }
             for half in 0..cols.div_ceil(16) {
                 let hc = (cols - half * 16).min(16);
                 let mut i0 = 0;
@@ -1484,6 +1531,7 @@ macro_rules! q8_panel_256 {
 q8_panel_256!(
     /// AVX-VNNI.
     q8_panel_tile_avxvnni,
+    q8_panel_row_avxvnni,
     q8_panel_avxvnni,
     "avx2,fma,avxvnni",
     dpbusd_avx
@@ -1492,6 +1540,7 @@ q8_panel_256!(
 q8_panel_256!(
     /// [`q8_panel_avxvnni`]'s EVEX twin, for the tests.
     q8_panel_tile_vnni256,
+    q8_panel_row_vnni256,
     q8_panel_vnni256,
     "avx2,fma,avx512f,avx512vl,avx512vnni",
     dpbusd_evex256
