@@ -556,24 +556,37 @@ macro_rules! q4_band {
             for r in 0..rows {
                 let (nr, dr, mr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb), mins.wrapping_add(r * nb));
                 let (mut acc, mut off) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+                // Block b's four i32 lanes.
+                let one = |b: usize| -> int32x4_t {
+                    // SAFETY: block b < nb of row r's nibbles and of the activations (callers).
+                    unsafe {
+                        let bytes = vld1q_u8(nr.add(b * QK / 2));
+                        let lo = vreinterpretq_s8_u8(vandq_u8(bytes, low4));
+                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bytes));
+                        let (x0, x1) = (vld1q_s8(x.add(b * QK)), vld1q_s8(x.add(b * QK + 16)));
+                        $block(lo, x0, hi, x1)
+                    }
+                };
                 for g in 0..groups {
                     let (s, ssx) = if cached { pre[g] } else { act(g) };
                     let b0 = 4 * g;
-                    let dv = halves(dr, b0);
-                    let ov = if mins.is_null() { dv } else { halves(mr, b0) };
-                    off = vfmaq_f32(off, ov, ssx);
-                    let mut blk = [vdupq_n_s32(0); 4];
-                    for (q, bq) in blk.iter_mut().enumerate().take((nb - b0).min(4)) {
-                        let b = b0 + q;
-                        // SAFETY: block b < nb of row r's nibbles and of the activations.
-                        unsafe {
-                            let bytes = vld1q_u8(nr.add(b * QK / 2));
-                            let lo = vreinterpretq_s8_u8(vandq_u8(bytes, low4));
-                            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(bytes));
-                            let (x0, x1) = (vld1q_s8(x.add(b * QK)), vld1q_s8(x.add(b * QK + 16)));
-                            *bq = $block(lo, x0, hi, x1);
+                    let full = nb - b0 >= 4;
+                    let (dv, ov, blk) = if full {
+                        // SAFETY: blocks b0..b0+4 < nb of this row's scales (and minimums).
+                        let (dv, ov) = unsafe {
+                            let dv = f16x4(vld1_u16(dr.add(b0)));
+                            (dv, if mins.is_null() { dv } else { f16x4(vld1_u16(mr.add(b0))) })
+                        };
+                        (dv, ov, [one(b0), one(b0 + 1), one(b0 + 2), one(b0 + 3)])
+                    } else {
+                        let dv = halves(dr, b0);
+                        let mut blk = [vdupq_n_s32(0); 4];
+                        for (q, bq) in blk.iter_mut().enumerate().take(nb - b0) {
+                            *bq = one(b0 + q);
                         }
-                    }
+                        (dv, if mins.is_null() { dv } else { halves(mr, b0) }, blk)
+                    };
+                    off = vfmaq_f32(off, ov, ssx);
                     let four = vpaddq_s32(vpaddq_s32(blk[0], blk[1]), vpaddq_s32(blk[2], blk[3]));
                     acc = vfmaq_f32(acc, vcvtq_f32_s32(four), vmulq_f32(dv, s));
                 }

@@ -1219,12 +1219,14 @@ macro_rules! q4_band_256 {
                     // SAFETY: blocks b..b+8 < nb of this row.
                     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(b) as *const __m128i)) }
                 } else {
-                    let mut h = [0u16; 8];
-                    // SAFETY: blocks b..b+n of this row.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(p.add(b), h.as_mut_ptr(), n);
-                        _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
+                    // Converted one by one (a copy of n halves would be a `memcpy` call).
+                    let mut f = [0.0f32; 8];
+                    for (i, v) in f.iter_mut().enumerate().take(n) {
+                        // SAFETY: block b + i < nb of this row.
+                        *v = h2f(unsafe { *p.add(b + i) });
                     }
+                    // SAFETY: a local array of eight floats.
+                    unsafe { _mm256_loadu_ps(f.as_ptr()) }
                 }
             };
             let eight = _mm256_set1_ps(8.0);
@@ -1232,7 +1234,46 @@ macro_rules! q4_band_256 {
             for r in 0..rows {
                 let (nr, dr, mr) = (nib.wrapping_add(r * nb * QK / 2), d.wrapping_add(r * nb), mins.wrapping_add(r * nb));
                 let (mut acc0, mut acc1, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-                for g in 0..groups {
+                // Whole groups of eight blocks: four steps unrolled, no bounds tests.
+                let whole = nb / 8;
+                for g in 0..whole {
+                    let (s, ssx) = if cached { pre[g] } else { act(g) };
+                    let b0 = 8 * g;
+                    // SAFETY: blocks b0..b0+8 ≤ nb of this row's scales (and minimums).
+                    let (dv, ov) = unsafe {
+                        let dv = _mm256_cvtph_ps(_mm_loadu_si128(dr.add(b0) as *const __m128i));
+                        (dv, if mins.is_null() { dv } else { _mm256_cvtph_ps(_mm_loadu_si128(mr.add(b0) as *const __m128i)) })
+                    };
+                    off = _mm256_fmadd_ps(ov, ssx, off);
+                    let c = _mm256_mul_ps(dv, s);
+                    _mm_prefetch::<_MM_HINT_T1>(nr.wrapping_add(b0 * QK / 2 + PREFETCH_BYTES) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(nr.wrapping_add(b0 * QK / 2 + PREFETCH_BYTES + 64) as *const i8);
+                    macro_rules! whole_step {
+                        ($q:literal, $acc:ident) => {{
+                            let b = b0 + 2 * $q;
+                            let xo = (b / 4) * 128 + (b % 4) * 16;
+                            // SAFETY: blocks b, b+1 < nb of row r; the arranged activations
+                            // hold whole groups of four blocks.
+                            let (raw, xl, xh) = unsafe {
+                                (
+                                    _mm256_loadu_si256(nr.add(b * QK / 2) as *const __m256i),
+                                    _mm256_loadu_si256(xa.add(xo) as *const __m256i),
+                                    _mm256_loadu_si256(xa.add(xo + 64) as *const __m256i),
+                                )
+                            };
+                            let lo = _mm256_and_si256(raw, low4);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low4);
+                            let di = _mm256_cvtepi32_ps($pair(lo, xl, hi, xh));
+                            $acc = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(c, idx[$q]), di, $acc);
+                        }};
+                    }
+                    whole_step!(0, acc0);
+                    whole_step!(1, acc1);
+                    whole_step!(2, acc0);
+                    whole_step!(3, acc1);
+                }
+                // The last, partial group.
+                for g in whole..groups {
                     let (s, ssx) = if cached { pre[g] } else { act(g) };
                     let b0 = 8 * g;
                     let dv = halves(dr, b0);
@@ -1280,14 +1321,11 @@ macro_rules! q4_band_256 {
                 pending[r % 4] = v;
                 if r % 4 == 3 || r + 1 == rows {
                     let sums4 = super::x86::hsum4_256(pending[0], pending[1], pending[2], pending[3]);
-                    let mut four_out = [0.0f32; 4];
-                    // SAFETY: a local array of four floats.
-                    unsafe { _mm_storeu_ps(four_out.as_mut_ptr(), sums4) };
                     let base = r - r % 4;
-                    for (q, &v) in four_out.iter().enumerate().take(r % 4 + 1) {
-                        // SAFETY: base + q ≤ r < rows: inside `out`.
-                        unsafe { *out.add(base + q) = v };
-                    }
+                    // Lanes 0..=r%4 (a masked store: a copy loop would become a `memcpy` call).
+                    let live = _mm_cmplt_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32((r % 4 + 1) as i32));
+                    // SAFETY: out[base..=r] lies inside `out` (r < rows); the mask stores only those.
+                    unsafe { _mm_maskstore_ps(out.add(base), live, sums4) };
                 }
             }
         }
