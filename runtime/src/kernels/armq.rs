@@ -197,6 +197,71 @@ unsafe fn sdot_lane<const L: i32>(acc: int32x4_t, a: int8x16_t, b: int8x16_t) ->
     r
 }
 
+/// One block (32 values) of an activation row against a panel of 32 weight rows packed as
+/// `TensorEncoding::Q8Panels` (q8 values, or q4 codes unpacked into that layout), with `sdot` by
+/// element: a 16-byte load holds four rows' groups of four, one `sdot` adds their products with
+/// one group of the activations. Returns the 32 rows' i32 sums, four per vector.
+///
+/// # Safety
+/// The CPU has the dot-product extension; `xr` holds 32 bytes, `wb` 32·32.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn panel_block_dot(xr: *const i8, wb: *const i8) -> [int32x4_t; 8] {
+    let mut a = [vdupq_n_s32(0); 8];
+    // SAFETY: the block's bytes (caller contract); `sdot` is enabled on this function.
+    unsafe {
+        let (x0, x1) = (vld1q_s8(xr), vld1q_s8(xr.add(16)));
+        macro_rules! group {
+            ($g:expr, $xv:expr, $l:literal) => {
+                for (c, ac) in a.iter_mut().enumerate() {
+                    *ac = sdot_lane::<$l>(*ac, vld1q_s8(wb.add($g * 128 + c * 16)), $xv);
+                }
+            };
+        }
+        group!(0, x0, 0);
+        group!(1, x0, 1);
+        group!(2, x0, 2);
+        group!(3, x0, 3);
+        group!(4, x1, 0);
+        group!(5, x1, 1);
+        group!(6, x1, 2);
+        group!(7, x1, 3);
+    }
+    a
+}
+
+/// [`panel_block_dot`] with plain NEON: per pair of k-groups, `smull` / `smlal` multiply the low
+/// eight bytes of a 16-byte load (two rows × four values) of both groups by the activations'
+/// four bytes repeated and add them per lane (two products per i16 lane, at most `2·128·127`:
+/// exact), the `…2` forms the high eight (the other two rows), and `sadalp` folds each into i32
+/// lanes holding half of one row's sum; a pairwise add gives four rows' sums per vector.
+///
+/// # Safety
+/// `xr` holds 32 bytes, `wb` 32·32.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn panel_block_neon(xr: *const i8, wb: *const i8) -> [int32x4_t; 8] {
+    let (mut lo, mut hi) = ([vdupq_n_s32(0); 8], [vdupq_n_s32(0); 8]);
+    for pair in 0..QK / 8 {
+        let (g0, g1) = (2 * pair, 2 * pair + 1);
+        // SAFETY: the block's bytes (caller contract).
+        unsafe {
+            let x0 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g0 * 4) as *const i32).read_unaligned()));
+            let x1 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g1 * 4) as *const i32).read_unaligned()));
+            for q in 0..8 {
+                let v0 = vld1q_s8(wb.add(g0 * 128 + q * 16));
+                let v1 = vld1q_s8(wb.add(g1 * 128 + q * 16));
+                let pl = vmlal_s8(vmull_s8(vget_low_s8(v0), vget_low_s8(x0)), vget_low_s8(v1), vget_low_s8(x1));
+                let ph = vmlal_high_s8(vmull_high_s8(v0, x0), v1, x1);
+                lo[q] = vpadalq_s16(lo[q], pl);
+                hi[q] = vpadalq_s16(hi[q], ph);
+            }
+        }
+    }
+    // Lanes (row 4q, 4q+1) from `lo`, (4q+2, 4q+3) from `hi`, each in two halves.
+    std::array::from_fn(|q| vpaddq_s32(lo[q], hi[q]))
+}
+
 /// `m` activation rows × one panel of 32 q8 weight rows (`TensorEncoding::Q8Panels`, 128
 /// bytes per group of four values: each row's four bytes in turn) with `sdot` by element: a
 /// 16-byte load holds four rows' groups, and one `sdot` adds their products with one group of
@@ -231,25 +296,7 @@ pub unsafe fn q8_panel_dot(
         unsafe {
             let mut f = [vdupq_n_f32(0.0); 8];
             for b in 0..nb {
-                let xr = x.add(r * ldx + b * QK);
-                let (x0, x1) = (vld1q_s8(xr), vld1q_s8(xr.add(16)));
-                let wb = w.add(b * QK / 4 * 128);
-                let mut a = [vdupq_n_s32(0); 8];
-                macro_rules! group {
-                    ($g:expr, $xv:expr, $l:literal) => {
-                        for (c, ac) in a.iter_mut().enumerate() {
-                            *ac = sdot_lane::<$l>(*ac, vld1q_s8(wb.add($g * 128 + c * 16)), $xv);
-                        }
-                    };
-                }
-                group!(0, x0, 0);
-                group!(1, x0, 1);
-                group!(2, x0, 2);
-                group!(3, x0, 3);
-                group!(4, x1, 0);
-                group!(5, x1, 1);
-                group!(6, x1, 2);
-                group!(7, x1, 3);
+                let a = panel_block_dot(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128));
                 let sc = *xs.add(r * ldxs + b);
                 for (fc, ac) in f.iter_mut().zip(&a) {
                     *fc = vfmaq_n_f32(*fc, vcvtq_f32_s32(*ac), sc);
@@ -264,14 +311,9 @@ pub unsafe fn q8_panel_dot(
     }
 }
 
-/// `m` activation rows × one panel of 32 q8 weight rows with plain NEON (no dot product): per
-/// pair of k-groups, a 16-byte load holds four rows × four values of each group; `smull` /
-/// `smlal` multiply the low eight bytes (two rows) of both groups by the activations' four
-/// bytes repeated and add them per lane (two products per i16 lane, at most `2·128·127`:
-/// exact), the `…2` forms the high eight (the other two rows), and `sadalp` folds each into i32
-/// lanes that hold half of one row's sum; one pairwise add per block gives four rows' sums.
-/// One activation row at a time (16 i32 and 8 f32 accumulators). The signature is the x86
-/// kernels' (`sums` and `scratch` unused: both operands are signed).
+/// `m` activation rows × one panel of 32 q8 weight rows with plain NEON (no dot product), one
+/// activation row at a time, per block [`panel_block_neon`] (16 i32 and 8 f32 accumulators). The
+/// signature is the x86 kernels' (`sums` and `scratch` unused: both operands are signed).
 ///
 /// # Safety
 /// The CPU has NEON; operands as [`q8_panel_dot`].
@@ -298,26 +340,10 @@ pub unsafe fn q8_panel_neon(
         unsafe {
             let mut f = [vdupq_n_f32(0.0); 8];
             for b in 0..nb {
-                let xr = x.add(r * ldx + b * QK);
-                let wb = w.add(b * QK / 4 * 128);
-                let (mut lo, mut hi) = ([vdupq_n_s32(0); 8], [vdupq_n_s32(0); 8]);
-                for pair in 0..QK / 8 {
-                    let (g0, g1) = (2 * pair, 2 * pair + 1);
-                    let x0 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g0 * 4) as *const i32).read_unaligned()));
-                    let x1 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g1 * 4) as *const i32).read_unaligned()));
-                    for q in 0..8 {
-                        let v0 = vld1q_s8(wb.add(g0 * 128 + q * 16));
-                        let v1 = vld1q_s8(wb.add(g1 * 128 + q * 16));
-                        let pl = vmlal_s8(vmull_s8(vget_low_s8(v0), vget_low_s8(x0)), vget_low_s8(v1), vget_low_s8(x1));
-                        let ph = vmlal_high_s8(vmull_high_s8(v0, x0), v1, x1);
-                        lo[q] = vpadalq_s16(lo[q], pl);
-                        hi[q] = vpadalq_s16(hi[q], ph);
-                    }
-                }
+                let a = panel_block_neon(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128));
                 let sc = *xs.add(r * ldxs + b);
-                for (q, fq) in f.iter_mut().enumerate() {
-                    // Lanes (row 4q, 4q+1) from `lo`, (4q+2, 4q+3) from `hi`, each two halves.
-                    *fq = vfmaq_n_f32(*fq, vcvtq_f32_s32(vpaddq_s32(lo[q], hi[q])), sc);
+                for (fq, aq) in f.iter_mut().zip(&a) {
+                    *fq = vfmaq_n_f32(*fq, vcvtq_f32_s32(*aq), sc);
                 }
             }
             let mut row = [0.0f32; 32];
@@ -362,25 +388,7 @@ pub unsafe fn q4_panel_dot(
         unsafe {
             let mut f = [vdupq_n_f32(0.0); 8];
             for b in 0..nb {
-                let xr = x.add(r * ldx + b * QK);
-                let (x0, x1) = (vld1q_s8(xr), vld1q_s8(xr.add(16)));
-                let wb = w.add(b * QK / 4 * 128) as *const i8;
-                let mut a = [vdupq_n_s32(0); 8];
-                macro_rules! group {
-                    ($g:expr, $xv:expr, $l:literal) => {
-                        for (q, aq) in a.iter_mut().enumerate() {
-                            *aq = sdot_lane::<$l>(*aq, vld1q_s8(wb.add($g * 128 + q * 16)), $xv);
-                        }
-                    };
-                }
-                group!(0, x0, 0);
-                group!(1, x0, 1);
-                group!(2, x0, 2);
-                group!(3, x0, 3);
-                group!(4, x1, 0);
-                group!(5, x1, 1);
-                group!(6, x1, 2);
-                group!(7, x1, 3);
+                let a = panel_block_dot(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128) as *const i8);
                 let (sc, sum) = (*xs.add(r * ldxs + b), *sums.add(r * ldxs + b) as f32);
                 for (q, (fq, aq)) in f.iter_mut().zip(&a).enumerate() {
                     let (dq, cq) = (vld1q_f32(d.add(b * 32 + q * 4)), vld1q_f32(c.add(b * 32 + q * 4)));
@@ -423,27 +431,11 @@ pub unsafe fn q4_panel_neon(
         unsafe {
             let mut f = [vdupq_n_f32(0.0); 8];
             for b in 0..nb {
-                let xr = x.add(r * ldx + b * QK);
-                let wb = w.add(b * QK / 4 * 128) as *const i8;
-                let (mut lo, mut hi) = ([vdupq_n_s32(0); 8], [vdupq_n_s32(0); 8]);
-                for pair in 0..QK / 8 {
-                    let (g0, g1) = (2 * pair, 2 * pair + 1);
-                    let x0 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g0 * 4) as *const i32).read_unaligned()));
-                    let x1 = vreinterpretq_s8_s32(vdupq_n_s32((xr.add(g1 * 4) as *const i32).read_unaligned()));
-                    for q in 0..8 {
-                        let v0 = vld1q_s8(wb.add(g0 * 128 + q * 16));
-                        let v1 = vld1q_s8(wb.add(g1 * 128 + q * 16));
-                        let pl = vmlal_s8(vmull_s8(vget_low_s8(v0), vget_low_s8(x0)), vget_low_s8(v1), vget_low_s8(x1));
-                        let ph = vmlal_high_s8(vmull_high_s8(v0, x0), v1, x1);
-                        lo[q] = vpadalq_s16(lo[q], pl);
-                        hi[q] = vpadalq_s16(hi[q], ph);
-                    }
-                }
+                let a = panel_block_neon(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128) as *const i8);
                 let (sc, sum) = (*xs.add(r * ldxs + b), *sums.add(r * ldxs + b) as f32);
-                for (q, fq) in f.iter_mut().enumerate() {
+                for (q, (fq, aq)) in f.iter_mut().zip(&a).enumerate() {
                     let (dq, cq) = (vld1q_f32(d.add(b * 32 + q * 4)), vld1q_f32(c.add(b * 32 + q * 4)));
-                    let s = vcvtq_f32_s32(vpaddq_s32(lo[q], hi[q]));
-                    *fq = vfmaq_n_f32(*fq, vfmaq_f32(vmulq_n_f32(cq, sum), s, dq), sc);
+                    *fq = vfmaq_n_f32(*fq, vfmaq_f32(vmulq_n_f32(cq, sum), vcvtq_f32_s32(*aq), dq), sc);
                 }
             }
             let mut row = [0.0f32; 32];
@@ -458,7 +450,7 @@ pub unsafe fn q4_panel_neon(
 /// Four f16 bit patterns to f32 (`fcvtl`, base AdvSIMD).
 #[inline]
 #[target_feature(enable = "neon")]
-fn f16x4(h: uint16x4_t) -> float32x4_t {
+pub(super) fn f16x4(h: uint16x4_t) -> float32x4_t {
     let out: float32x4_t;
     // SAFETY: register-only conversion present on every aarch64 CPU.
     unsafe {

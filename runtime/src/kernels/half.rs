@@ -98,17 +98,7 @@ mod arm {
     use std::arch::aarch64::*;
     use std::arch::asm;
 
-    /// Four f16 bit patterns to f32 (`fcvtl`, base AdvSIMD).
-    #[inline]
-    #[target_feature(enable = "neon")]
-    fn cvt4(h: uint16x4_t) -> float32x4_t {
-        let out: float32x4_t;
-        // SAFETY: register-only conversion present on every aarch64 CPU.
-        unsafe {
-            asm!("fcvtl {o:v}.4s, {i:v}.4h", o = lateout(vreg) out, i = in(vreg) h, options(pure, nomem, nostack, preserves_flags))
-        };
-        out
-    }
+    use super::super::armq::f16x4 as cvt4;
 
     /// f16 weights × f16 activations with f32 accumulation: `fmlal`/`fmlal2` (FEAT_FHM) multiply
     /// half-precision pairs and add the exact products to f32 lanes — 8 multiply-adds per two
