@@ -1637,3 +1637,59 @@ pub unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], scales: &mut [f32], 
         }
     }
 }
+
+/// The codes of [`super::quant::unpack_q4_panel`] with AVX2 for eight whole weight rows
+/// (`rows[0..8]`, each `nb·16` nibble bytes) at columns `col0..col0+8` of a panel: per block, each
+/// row's 16 bytes become its 32 codes in value order (low nibbles, then high), eight u32 words of
+/// four codes; an 8 × 8 transpose of those words puts group `g`'s words of the eight rows side
+/// by side, stored at `codes[(b·8 + g)·128 + col0·4 ..]` (32 bytes).
+///
+/// # Safety
+/// The CPU has AVX2; each `rows[i]` holds `nb·16` bytes; `codes` holds `nb·8·128` bytes and
+/// `col0 + 8 ≤ 32`.
+#[target_feature(enable = "avx2")]
+pub unsafe fn unpack_q4_codes8_avx2(rows: [*const u8; 8], nb: usize, codes: *mut u8, col0: usize) {
+    let low4 = _mm_set1_epi8(15);
+    for b in 0..nb {
+        // SAFETY: block b of each row and the block's 8 · 128 code bytes (caller contract).
+        unsafe {
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (i, vi) in v.iter_mut().enumerate() {
+                let raw = _mm_loadu_si128(rows[i].add(b * QK / 2) as *const __m128i);
+                let lo = _mm_and_si128(raw, low4);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), low4);
+                *vi = _mm256_set_m128i(hi, lo);
+            }
+            // 8 × 8 transpose of u32 words: row i's word g → out[g] lane i.
+            let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+            let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+            let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+            let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+            let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
+            let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+            let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
+            let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+            let u0 = _mm256_unpacklo_epi64(t0, t2);
+            let u1 = _mm256_unpackhi_epi64(t0, t2);
+            let u2 = _mm256_unpacklo_epi64(t1, t3);
+            let u3 = _mm256_unpackhi_epi64(t1, t3);
+            let u4 = _mm256_unpacklo_epi64(t4, t6);
+            let u5 = _mm256_unpackhi_epi64(t4, t6);
+            let u6 = _mm256_unpacklo_epi64(t5, t7);
+            let u7 = _mm256_unpackhi_epi64(t5, t7);
+            let out = [
+                _mm256_permute2x128_si256::<0x20>(u0, u4),
+                _mm256_permute2x128_si256::<0x20>(u1, u5),
+                _mm256_permute2x128_si256::<0x20>(u2, u6),
+                _mm256_permute2x128_si256::<0x20>(u3, u7),
+                _mm256_permute2x128_si256::<0x31>(u0, u4),
+                _mm256_permute2x128_si256::<0x31>(u1, u5),
+                _mm256_permute2x128_si256::<0x31>(u2, u6),
+                _mm256_permute2x128_si256::<0x31>(u3, u7),
+            ];
+            for (g, o) in out.iter().enumerate() {
+                _mm256_storeu_si256(codes.add((b * QK / 4 + g) * 128 + col0 * 4) as *mut __m256i, *o);
+            }
+        }
+    }
+}
