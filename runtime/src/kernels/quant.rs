@@ -274,21 +274,8 @@ fn unpack_q4_panel_with(isa: Isa, w: &Q4Weights<'_>, p: usize, codes: &mut [u8],
     let (k, nb) = (w.k, w.k / QK);
     let per_w = k / w.block;
     assert!(codes.len() >= nb * QK * Q4_PANEL && w.nibbles.len() >= w.n * k / 2, "unpack_q4_panel: short buffers");
-    let mut col = 0;
-    #[cfg(target_arch = "x86_64")]
-    if isa.includes(Isa::Avx2) && Isa::Avx2.supported() {
-        while col + 8 <= Q4_PANEL && p * Q4_PANEL + col + 8 <= w.n {
-            let j0 = p * Q4_PANEL + col;
-            let rows: [*const u8; 8] = std::array::from_fn(|i| w.nibbles[(j0 + i) * k / 2..].as_ptr());
-            // SAFETY: AVX2 was detected; rows j0..j0+8 < n each hold k/2 = nb·16 bytes (the
-            // nibbles hold n·k/2, asserted); `codes` holds nb·8·128 bytes (asserted) and
-            // col + 8 ≤ 32.
-            unsafe { super::x86q::unpack_q4_codes8_avx2(rows, nb, codes.as_mut_ptr(), col) };
-            col += 8;
-        }
-    }
-    let _ = isa;
-    for col in col..Q4_PANEL {
+    let native = unpack_q4_codes_native(isa, w, p, codes);
+    for col in native..Q4_PANEL {
         let j = p * Q4_PANEL + col;
         if j >= w.n {
             for b in 0..nb {
@@ -333,6 +320,32 @@ fn unpack_q4_panel_with(isa: Isa, w: &Q4Weights<'_>, p: usize, codes: &mut [u8],
             }
         }
     }
+}
+
+/// The codes of panel `p`'s first columns, eight rows at a time with AVX2 (while whole groups of
+/// eight rows exist): how many columns it unpacked. Buffer sizes were checked by the caller.
+#[cfg(target_arch = "x86_64")]
+fn unpack_q4_codes_native(isa: Isa, w: &Q4Weights<'_>, p: usize, codes: &mut [u8]) -> usize {
+    let (k, nb) = (w.k, w.k / QK);
+    let mut col = 0;
+    if isa.includes(Isa::Avx2) && Isa::Avx2.supported() {
+        while col + 8 <= Q4_PANEL && p * Q4_PANEL + col + 8 <= w.n {
+            let j0 = p * Q4_PANEL + col;
+            let rows: [*const u8; 8] = std::array::from_fn(|i| w.nibbles[(j0 + i) * k / 2..].as_ptr());
+            // SAFETY: AVX2 was detected; rows j0..j0+8 < n each hold k/2 = nb·16 bytes (the
+            // nibbles hold n·k/2, checked by the caller); `codes` holds nb·8·128 bytes (checked
+            // by the caller) and col + 8 ≤ 32.
+            unsafe { super::x86q::unpack_q4_codes8_avx2(rows, nb, codes.as_mut_ptr(), col) };
+            col += 8;
+        }
+    }
+    col
+}
+
+/// No native code unpacking on this architecture: the portable loop does every column.
+#[cfg(not(target_arch = "x86_64"))]
+fn unpack_q4_codes_native(_: Isa, _: &Q4Weights<'_>, _: usize, _: &mut [u8]) -> usize {
+    0
 }
 
 /// A native kernel for [`Q8Panels`]: one panel of `nr` weight rows × all activation rows.
