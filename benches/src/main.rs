@@ -304,6 +304,9 @@ fn main() -> Result<()> {
     };
     // `--check-quantized`: fail when a quantized case is slower than the fp32 one at a level.
     let check = args.iter().any(|a| a == "--check-quantized");
+    if check && !quantized {
+        bail!("--check-quantized compares the quantized cases with fp32: it needs --quantized");
+    }
     // `--acorn-only`: skip the peers (the CI smoke check).
     let acorn_only = args.iter().any(|a| a == "--acorn-only");
     let mut inversions = Vec::new();

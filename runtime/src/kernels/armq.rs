@@ -262,190 +262,126 @@ unsafe fn panel_block_neon(xr: *const i8, wb: *const i8) -> [int32x4_t; 8] {
     std::array::from_fn(|q| vpaddq_s32(lo[q], hi[q]))
 }
 
-/// `m` activation rows × one panel of 32 q8 weight rows (`TensorEncoding::Q8Panels`, 128
-/// bytes per group of four values: each row's four bytes in turn) with `sdot` by element: a
-/// 16-byte load holds four rows' groups, and one `sdot` adds their products with one group of
-/// four activations into four outputs. One activation row at a time (8 i32 and 8 f32
-/// accumulators); the signature is the x86 kernel's (`sums` and `scratch` unused: both operands
-/// are signed here).
-///
-/// # Safety
-/// The CPU has the dot-product extension; `x` holds `m` rows of `nb·32` bytes at stride `ldx`;
-/// `xs` `m` rows of `nb` scales at stride `ldxs`; `w` `nb·32·32` packed bytes; `ws` 32 f32;
-/// `out` is valid for `m` rows of `cols` (≤ 32) floats at stride `ldo`.
-#[target_feature(enable = "neon,dotprod")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_panel_dot(
-    rows: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    _sums: *const i32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    _scratch: *mut i32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    for r in 0..rows {
-        // SAFETY: row r's blocks, block b's 32·32 packed bytes, the 32 scales and row r of `out`
-        // are in bounds (caller contract); `sdot` is enabled on this function.
-        unsafe {
-            let mut f = [vdupq_n_f32(0.0); 8];
-            for b in 0..nb {
-                let a = panel_block_dot(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128));
-                let sc = *xs.add(r * ldxs + b);
-                for (fc, ac) in f.iter_mut().zip(&a) {
-                    *fc = vfmaq_n_f32(*fc, vcvtq_f32_s32(*ac), sc);
+macro_rules! panel_kernels {
+    ($(#[$doc:meta])* $q8:ident, $q4:ident, $feat:literal, $block:ident) => {
+        $(#[$doc])*
+        ///
+        /// `m` activation rows × one panel of 32 q8 weight rows (`TensorEncoding::Q8Panels`),
+        /// one activation row at a time: per block, `$block` gives the 32 rows' i32 sums (8 i32
+        /// and 8 f32 accumulators), scaled by the activation block's scale; the weights' row
+        /// scales at the end. The signature is the x86 kernels' (`sums` and `scratch` unused:
+        /// both operands are signed).
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `x` holds `m` rows of `nb·32` bytes at stride `ldx`;
+        /// `xs` `m` rows of `nb` scales at stride `ldxs`; `w` `nb·32·32` packed bytes; `ws` 32
+        /// f32; `out` is valid for `m` rows of `cols` (≤ 32) floats at stride `ldo`.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $q8(
+            rows: usize,
+            x: *const i8,
+            ldx: usize,
+            xs: *const f32,
+            _sums: *const i32,
+            ldxs: usize,
+            w: *const i8,
+            ws: *const f32,
+            nb: usize,
+            _scratch: *mut i32,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
+            for r in 0..rows {
+                // SAFETY: row r's blocks, block b's 32·32 packed bytes, the 32 scales and row r
+                // of `out` are in bounds (caller contract).
+                unsafe {
+                    let mut f = [vdupq_n_f32(0.0); 8];
+                    for b in 0..nb {
+                        let a = $block(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128));
+                        let sc = *xs.add(r * ldxs + b);
+                        for (fq, aq) in f.iter_mut().zip(&a) {
+                            *fq = vfmaq_n_f32(*fq, vcvtq_f32_s32(*aq), sc);
+                        }
+                    }
+                    let mut row = [0.0f32; 32];
+                    for (q, fq) in f.iter().enumerate() {
+                        vst1q_f32(row.as_mut_ptr().add(q * 4), vmulq_f32(*fq, vld1q_f32(ws.add(q * 4))));
+                    }
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
                 }
             }
-            let mut row = [0.0f32; 32];
-            for (c, fc) in f.iter().enumerate() {
-                vst1q_f32(row.as_mut_ptr().add(c * 4), vmulq_f32(*fc, vld1q_f32(ws.add(c * 4))));
-            }
-            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
         }
-    }
+
+        $(#[$doc])*
+        ///
+        /// `m` activation rows × one panel of 32 q4 weight rows unpacked into the q8 panel layout
+        /// ([`super::quant::unpack_q4_panel`]: codes 0…15, per-block scales `d` and offsets `c`):
+        /// the codes fit a signed byte, so `$block` multiplies them by the signed activations as
+        /// it does q8 values; per block the i32 sums `S` become `xs_b · (d_b ⊙ S + c_b · Σx_b)`.
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `x` holds `m` rows of `nb·32` bytes at stride `ldx`;
+        /// `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` code bytes;
+        /// `d` and `c` `nb·32` floats; `out` is valid for `m` rows of `cols` (≤ 32) floats at
+        /// stride `ldo`.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $q4(
+            rows: usize,
+            x: *const i8,
+            ldx: usize,
+            xs: *const f32,
+            sums: *const i32,
+            ldxs: usize,
+            w: *const u8,
+            d: *const f32,
+            c: *const f32,
+            nb: usize,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
+            for r in 0..rows {
+                // SAFETY: row r's blocks, block b's codes, scales and offsets and row r of `out`
+                // are in bounds (caller contract).
+                unsafe {
+                    let mut f = [vdupq_n_f32(0.0); 8];
+                    for b in 0..nb {
+                        let a = $block(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128) as *const i8);
+                        let (sc, sum) = (*xs.add(r * ldxs + b), *sums.add(r * ldxs + b) as f32);
+                        for (q, (fq, aq)) in f.iter_mut().zip(&a).enumerate() {
+                            let (dq, cq) = (vld1q_f32(d.add(b * 32 + q * 4)), vld1q_f32(c.add(b * 32 + q * 4)));
+                            let t = vfmaq_f32(vmulq_n_f32(cq, sum), vcvtq_f32_s32(*aq), dq);
+                            *fq = vfmaq_n_f32(*fq, t, sc);
+                        }
+                    }
+                    let mut row = [0.0f32; 32];
+                    for (q, fq) in f.iter().enumerate() {
+                        vst1q_f32(row.as_mut_ptr().add(q * 4), *fq);
+                    }
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
+                }
+            }
+        }
+    };
 }
 
-/// `m` activation rows × one panel of 32 q8 weight rows with plain NEON (no dot product), one
-/// activation row at a time, per block [`panel_block_neon`] (16 i32 and 8 f32 accumulators). The
-/// signature is the x86 kernels' (`sums` and `scratch` unused: both operands are signed).
-///
-/// # Safety
-/// The CPU has NEON; operands as [`q8_panel_dot`].
-#[target_feature(enable = "neon")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_panel_neon(
-    rows: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    _sums: *const i32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    _scratch: *mut i32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    for r in 0..rows {
-        // SAFETY: row r's blocks, block b's 32·32 packed bytes, the 32 scales and row r of `out`
-        // are in bounds (caller contract).
-        unsafe {
-            let mut f = [vdupq_n_f32(0.0); 8];
-            for b in 0..nb {
-                let a = panel_block_neon(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128));
-                let sc = *xs.add(r * ldxs + b);
-                for (fq, aq) in f.iter_mut().zip(&a) {
-                    *fq = vfmaq_n_f32(*fq, vcvtq_f32_s32(*aq), sc);
-                }
-            }
-            let mut row = [0.0f32; 32];
-            for (q, fq) in f.iter().enumerate() {
-                vst1q_f32(row.as_mut_ptr().add(q * 4), vmulq_f32(*fq, vld1q_f32(ws.add(q * 4))));
-            }
-            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
-        }
-    }
-}
-
-/// `m` activation rows × one panel of 32 q4 weight rows unpacked into the q8 panel layout
-/// ([`super::quant::unpack_q4_panel`]: codes 0…15, per-block scales `d` and offsets `c`) with
-/// `sdot` by element, as [`q8_panel_dot`]: the codes fit a signed byte, so the same `sdot`
-/// multiplies them by the signed activations; per block the i32 sums `S` become
-/// `xs_b · (d_b ⊙ S + c_b · Σx_b)`.
-///
-/// # Safety
-/// The CPU has the dot-product extension; `x` holds `m` rows of `nb·32` bytes at stride `ldx`;
-/// `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` code bytes; `d` and
-/// `c` `nb·32` floats; `out` is valid for `m` rows of `cols` (≤ 32) floats at stride `ldo`.
-#[target_feature(enable = "neon,dotprod")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_panel_dot(
-    rows: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const u8,
-    d: *const f32,
-    c: *const f32,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    for r in 0..rows {
-        // SAFETY: row r's blocks, block b's codes, scales and offsets and row r of `out` are in
-        // bounds (caller contract); `sdot` is enabled on this function.
-        unsafe {
-            let mut f = [vdupq_n_f32(0.0); 8];
-            for b in 0..nb {
-                let a = panel_block_dot(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128) as *const i8);
-                let (sc, sum) = (*xs.add(r * ldxs + b), *sums.add(r * ldxs + b) as f32);
-                for (q, (fq, aq)) in f.iter_mut().zip(&a).enumerate() {
-                    let (dq, cq) = (vld1q_f32(d.add(b * 32 + q * 4)), vld1q_f32(c.add(b * 32 + q * 4)));
-                    let t = vfmaq_f32(vmulq_n_f32(cq, sum), vcvtq_f32_s32(*aq), dq);
-                    *fq = vfmaq_n_f32(*fq, t, sc);
-                }
-            }
-            let mut row = [0.0f32; 32];
-            for (q, fq) in f.iter().enumerate() {
-                vst1q_f32(row.as_mut_ptr().add(q * 4), *fq);
-            }
-            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
-        }
-    }
-}
-
-/// The same q4 panel with plain NEON, as [`q8_panel_neon`] on the unpacked codes.
-///
-/// # Safety
-/// The CPU has NEON; operands as [`q4_panel_dot`].
-#[target_feature(enable = "neon")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_panel_neon(
-    rows: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const u8,
-    d: *const f32,
-    c: *const f32,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    for r in 0..rows {
-        // SAFETY: as in `q4_panel_dot`.
-        unsafe {
-            let mut f = [vdupq_n_f32(0.0); 8];
-            for b in 0..nb {
-                let a = panel_block_neon(x.add(r * ldx + b * QK), w.add(b * QK / 4 * 128) as *const i8);
-                let (sc, sum) = (*xs.add(r * ldxs + b), *sums.add(r * ldxs + b) as f32);
-                for (q, (fq, aq)) in f.iter_mut().zip(&a).enumerate() {
-                    let (dq, cq) = (vld1q_f32(d.add(b * 32 + q * 4)), vld1q_f32(c.add(b * 32 + q * 4)));
-                    *fq = vfmaq_n_f32(*fq, vfmaq_f32(vmulq_n_f32(cq, sum), vcvtq_f32_s32(*aq), dq), sc);
-                }
-            }
-            let mut row = [0.0f32; 32];
-            for (q, fq) in f.iter().enumerate() {
-                vst1q_f32(row.as_mut_ptr().add(q * 4), *fq);
-            }
-            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * ldo), cols.min(32));
-        }
-    }
-}
+panel_kernels!(
+    /// With the dot-product extension ([`panel_block_dot`]).
+    q8_panel_dot,
+    q4_panel_dot,
+    "neon,dotprod",
+    panel_block_dot
+);
+panel_kernels!(
+    /// Plain NEON ([`panel_block_neon`]).
+    q8_panel_neon,
+    q4_panel_neon,
+    "neon",
+    panel_block_neon
+);
 
 /// Four f16 bit patterns to f32 (`fcvtl`, base AdvSIMD).
 #[inline]

@@ -228,9 +228,6 @@ pub struct QRows {
     pub q4: Q4Row,
     /// Two activation rows × two q8 weight rows at once, for products with m ≥ 2 (i8mm).
     pub q8_2x2: Option<(&'static str, Q8Tile2x2)>,
-    /// A row kernel for q4 blocks of 32 (symmetric or with minimums) reading the activations
-    /// in their 4-bit arrangement ([`QActs::q4x`]), where the set has one.
-    pub q4_sym32: Option<Q4Sym32Row>,
     /// The set's kernel for q8 weights in GEMM panels ([`Q8Panels`]), where it has one.
     pub q8_panel: Option<(&'static str, Q8PanelKernel)>,
     /// A kernel for q4 weights unpacked per call into panels of 32 rows (products with at least
@@ -538,7 +535,6 @@ impl Isa {
             q4_name: q4.name,
             q4: q4.kernel,
             q8_2x2: pick(q8_tiles_2x2(), self).map(|e| (e.name, e.kernel)),
-            q4_sym32: pick(q4_sym32_rows(), self).map(|e| e.kernel),
             q8_panel: pick(q8_panels(), self).map(|e| (e.name, e.kernel)),
             q4_panel: pick(q4_panels(), self).map(|e| (e.name, e.kernel)),
         }

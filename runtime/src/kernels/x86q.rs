@@ -492,112 +492,166 @@ pub unsafe fn q8_panel_vnni(
     }
 }
 
-/// One tile of the q4 GEMM with AVX-512 VNNI: `R` activation rows × one panel of 32 weight rows
-/// whose 4-bit codes were unpacked (by [`super::quant::unpack_q4_panel`]) into the q8 panel
-/// layout — per group of four values along k, the four code bytes (0…15) of each of the 32 rows in
-/// turn. The codes are unsigned and the activations signed, exactly what `vpdpbusd` multiplies:
-/// no offset to correct. Per block of 32 the i32 sums `S` become
-/// `xs_b · (d_b ⊙ S + c_b · Σx_b)` in f32, where `d_b` and `c_b` are the panel's per-column
-/// block scale and offset (`c = −8·d`, or the block minimum), 32 floats each per block.
-///
-/// # Safety
-/// The CPU has AVX-512 F/BW/VL/VNNI; `x` holds `R` rows of `nb·32` signed bytes at stride
-/// `ldx`; `xs` and `sums` `R` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` unpacked code
-/// bytes; `d` and `c` `nb·32` floats; `out` is valid for `R` rows of `cols` floats at stride `ldo`.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q4_panel_tile_vnni<const R: usize>(
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const u8,
-    d: *const f32,
-    c: *const f32,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    let mut f = [[_mm512_setzero_ps(); 2]; R];
-    for b in 0..nb {
-        // SAFETY: block b's codes, scales, offsets, activations, sums and scales are in bounds
-        // (caller contract); the 4-byte activation reads are unaligned loads.
-        unsafe {
-            let mut a = [[_mm512_setzero_si512(); 2]; R];
-            for s in 0..QK / 4 {
-                let wp = w.add((b * QK / 4 + s) * 128);
-                let (w0, w1) =
-                    (_mm512_loadu_si512(wp as *const __m512i), _mm512_loadu_si512(wp.add(64) as *const __m512i));
-                for (r, ar) in a.iter_mut().enumerate() {
-                    let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
-                    ar[0] = _mm512_dpbusd_epi32(ar[0], w0, xv);
-                    ar[1] = _mm512_dpbusd_epi32(ar[1], w1, xv);
+macro_rules! q4_panel_512 {
+    ($(#[$doc:meta])* $tile:ident, $name:ident, $feat:literal, $acc:ident, $finish:ident) => {
+        /// One tile of the q4 GEMM: `R` activation rows × one panel of 32 weight rows whose 4-bit
+        /// codes were unpacked (by [`super::quant::unpack_q4_panel`]) into the q8 panel layout —
+        /// per group of four values along k, the four code bytes (0…15) of each of the 32 rows in
+        /// turn. The codes are unsigned and the activations signed, what `vpdpbusd` and
+        /// `vpmaddubsw` multiply: no offset to correct. `$acc` adds a group's products into the
+        /// block's accumulators and `$finish` turns them into i32 sums `S`; per block of 32 they
+        /// become `xs_b · (d_b ⊙ S + c_b · Σx_b)` in f32, where `d_b` and `c_b` are the panel's
+        /// per-column block scale and offset (`c = −8·d`, or the block minimum).
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `x` holds `R` rows of `nb·32` signed bytes at stride
+        /// `ldx`; `xs` and `sums` `R` rows of `nb` values at stride `ldxs`; `w` `nb·32·32`
+        /// unpacked code bytes (each ≤ 15); `d` and `c` `nb·32` floats; `out` is valid for `R`
+        /// rows of `cols` (≤ 32) floats at stride `ldo`.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $tile<const R: usize>(
+            x: *const i8,
+            ldx: usize,
+            xs: *const f32,
+            sums: *const i32,
+            ldxs: usize,
+            w: *const u8,
+            d: *const f32,
+            c: *const f32,
+            nb: usize,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
+            let mut f = [[_mm512_setzero_ps(); 2]; R];
+            for b in 0..nb {
+                // SAFETY: block b's codes, scales, offsets, activations, sums and scales are in
+                // bounds (caller contract); the 4-byte activation reads are unaligned loads.
+                unsafe {
+                    let mut a = [[_mm512_setzero_si512(); 2]; R];
+                    for s in 0..QK / 4 {
+                        let wp = w.add((b * QK / 4 + s) * 128);
+                        let (w0, w1) =
+                            (_mm512_loadu_si512(wp as *const __m512i), _mm512_loadu_si512(wp.add(64) as *const __m512i));
+                        for (r, ar) in a.iter_mut().enumerate() {
+                            let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                            ar[0] = $acc(ar[0], w0, xv);
+                            ar[1] = $acc(ar[1], w1, xv);
+                        }
+                    }
+                    let (d0, d1) = (_mm512_loadu_ps(d.add(b * 32)), _mm512_loadu_ps(d.add(b * 32 + 16)));
+                    let (c0, c1) = (_mm512_loadu_ps(c.add(b * 32)), _mm512_loadu_ps(c.add(b * 32 + 16)));
+                    for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+                        let sum = _mm512_set1_ps(*sums.add(r * ldxs + b) as f32);
+                        let sc = _mm512_set1_ps(*xs.add(r * ldxs + b));
+                        let t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps($finish(ar[0])), d0, _mm512_mul_ps(c0, sum));
+                        let t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps($finish(ar[1])), d1, _mm512_mul_ps(c1, sum));
+                        fr[0] = _mm512_fmadd_ps(t0, sc, fr[0]);
+                        fr[1] = _mm512_fmadd_ps(t1, sc, fr[1]);
+                    }
                 }
             }
-            let (d0, d1) = (_mm512_loadu_ps(d.add(b * 32)), _mm512_loadu_ps(d.add(b * 32 + 16)));
-            let (c0, c1) = (_mm512_loadu_ps(c.add(b * 32)), _mm512_loadu_ps(c.add(b * 32 + 16)));
-            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
-                let sum = _mm512_set1_ps(*sums.add(r * ldxs + b) as f32);
-                let sc = _mm512_set1_ps(*xs.add(r * ldxs + b));
-                let t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[0]), d0, _mm512_mul_ps(c0, sum));
-                let t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[1]), d1, _mm512_mul_ps(c1, sum));
-                fr[0] = _mm512_fmadd_ps(t0, sc, fr[0]);
-                fr[1] = _mm512_fmadd_ps(t1, sc, fr[1]);
+            let (m0, m1) = column_masks(cols);
+            // SAFETY: R rows of `cols` floats at `out` (caller contract): the masked stores touch
+            // only those.
+            unsafe {
+                for (r, fr) in f.iter().enumerate() {
+                    _mm512_mask_storeu_ps(out.add(r * ldo), m0, fr[0]);
+                    _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, fr[1]);
+                }
             }
         }
-    }
-    let (m0, m1) = column_masks(cols);
-    // SAFETY: R rows of `cols` floats at `out` (caller contract): the masked stores touch only those.
-    unsafe {
-        for (r, fr) in f.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(r * ldo), m0, fr[0]);
-            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, fr[1]);
+
+        $(#[$doc])*
+        ///
+        /// One unpacked q4 panel of 32 weight rows × `m` activation rows, in tiles of 6 rows.
+        ///
+        /// # Safety
+        /// As the tile, for `m` rows.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(
+            m: usize,
+            x: *const i8,
+            ldx: usize,
+            xs: *const f32,
+            sums: *const i32,
+            ldxs: usize,
+            w: *const u8,
+            d: *const f32,
+            c: *const f32,
+            nb: usize,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
+            let mut i0 = 0;
+            while i0 < m {
+                let rows = (m - i0).min(6);
+                // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
+                unsafe {
+                    let (u, xs, su, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo));
+                    match rows {
+                        1 => $tile::<1>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                        2 => $tile::<2>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                        3 => $tile::<3>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                        4 => $tile::<4>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                        5 => $tile::<5>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                        _ => $tile::<6>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
+                    }
+                }
+                i0 += rows;
+            }
         }
-    }
+    };
 }
 
-/// One unpacked q4 panel of 32 weight rows × `m` activation rows with AVX-512 VNNI, in tiles of
-/// 6 rows ([`q4_panel_tile_vnni`]).
-///
-/// # Safety
-/// As [`q4_panel_tile_vnni`], for `m` rows.
+/// `acc +` four code × activation products per i32 lane (`vpdpbusd`).
+#[inline]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_panel_vnni(
-    m: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const u8,
-    d: *const f32,
-    c: *const f32,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    let mut i0 = 0;
-    while i0 < m {
-        let rows = (m - i0).min(6);
-        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
-        unsafe {
-            let (u, xs, su, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo));
-            match rows {
-                1 => q4_panel_tile_vnni::<1>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                2 => q4_panel_tile_vnni::<2>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                3 => q4_panel_tile_vnni::<3>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                4 => q4_panel_tile_vnni::<4>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                5 => q4_panel_tile_vnni::<5>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                _ => q4_panel_tile_vnni::<6>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-            }
-        }
-        i0 += rows;
-    }
+fn codes_dpbusd(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
+    _mm512_dpbusd_epi32(acc, w, x)
 }
+
+/// The i32 sums `codes_dpbusd` accumulated (nothing left to do).
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn sums_i32(acc: __m512i) -> __m512i {
+    acc
+}
+
+/// `acc +` pairs of code × activation products per i16 lane (`vpmaddubsw`; a pair is at most
+/// `2·15·127`, so a block's eight steps add up in i16, at most 30 480).
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+fn codes_maddubs(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
+    _mm512_add_epi16(acc, _mm512_maddubs_epi16(w, x))
+}
+
+/// The i16 pair sums `codes_maddubs` accumulated, widened into i32 sums of four (`vpmaddwd`).
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+fn sums_i16(acc: __m512i) -> __m512i {
+    _mm512_madd_epi16(acc, _mm512_set1_epi16(1))
+}
+
+q4_panel_512!(
+    /// AVX-512 VNNI: one `vpdpbusd` per group of four values.
+    q4_panel_tile_vnni,
+    q4_panel_vnni,
+    "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni",
+    codes_dpbusd,
+    sums_i32
+);
+q4_panel_512!(
+    /// AVX-512 F/BW without VNNI: `vpmaddubsw` into i16, widened once per block.
+    q4_panel_tile_avx512,
+    q4_panel_avx512,
+    "avx2,fma,avx512f,avx512bw,avx512vl",
+    codes_maddubs,
+    sums_i16
+);
 
 /// [`super::math::quantize_blocks_i8`] with AVX-512: per block of 32, the absolute maximum by
 /// a vector reduction, `vcvtps2dq` (round to nearest even under the default rounding mode) and
@@ -1046,108 +1100,6 @@ pub unsafe fn q4_panel_avx2(
             }
             i0 += rows;
         }
-    }
-}
-
-/// One tile of the q4 GEMM with AVX-512 F/BW but no VNNI: `R` activation rows × one unpacked
-/// panel of 32 weight rows, as [`q4_panel_tile_avx2`] on 512-bit registers.
-///
-/// # Safety
-/// The CPU has AVX-512 F/BW/VL; operands as [`q4_panel_tile_vnni`].
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q4_panel_tile_avx512<const R: usize>(
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const u8,
-    d: *const f32,
-    c: *const f32,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    let ones = _mm512_set1_epi16(1);
-    let mut f = [[_mm512_setzero_ps(); 2]; R];
-    for b in 0..nb {
-        // SAFETY: as in `q4_panel_tile_vnni`.
-        unsafe {
-            let mut a = [[_mm512_setzero_si512(); 2]; R];
-            for s in 0..QK / 4 {
-                let wp = w.add((b * QK / 4 + s) * 128);
-                let (w0, w1) =
-                    (_mm512_loadu_si512(wp as *const __m512i), _mm512_loadu_si512(wp.add(64) as *const __m512i));
-                for (r, ar) in a.iter_mut().enumerate() {
-                    let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
-                    ar[0] = _mm512_add_epi16(ar[0], _mm512_maddubs_epi16(w0, xv));
-                    ar[1] = _mm512_add_epi16(ar[1], _mm512_maddubs_epi16(w1, xv));
-                }
-            }
-            let (d0, d1) = (_mm512_loadu_ps(d.add(b * 32)), _mm512_loadu_ps(d.add(b * 32 + 16)));
-            let (c0, c1) = (_mm512_loadu_ps(c.add(b * 32)), _mm512_loadu_ps(c.add(b * 32 + 16)));
-            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
-                let sum = _mm512_set1_ps(*sums.add(r * ldxs + b) as f32);
-                let sc = _mm512_set1_ps(*xs.add(r * ldxs + b));
-                let s0 = _mm512_cvtepi32_ps(_mm512_madd_epi16(ar[0], ones));
-                let s1 = _mm512_cvtepi32_ps(_mm512_madd_epi16(ar[1], ones));
-                let t0 = _mm512_fmadd_ps(s0, d0, _mm512_mul_ps(c0, sum));
-                let t1 = _mm512_fmadd_ps(s1, d1, _mm512_mul_ps(c1, sum));
-                fr[0] = _mm512_fmadd_ps(t0, sc, fr[0]);
-                fr[1] = _mm512_fmadd_ps(t1, sc, fr[1]);
-            }
-        }
-    }
-    let (m0, m1) = column_masks(cols);
-    // SAFETY: R rows of `cols` floats at `out` (caller contract): the masked stores touch only those.
-    unsafe {
-        for (r, fr) in f.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(r * ldo), m0, fr[0]);
-            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, fr[1]);
-        }
-    }
-}
-
-/// One unpacked q4 panel of 32 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in
-/// tiles of 6 rows ([`q4_panel_tile_avx512`]).
-///
-/// # Safety
-/// As [`q4_panel_tile_vnni`], for `m` rows, with AVX-512 F/BW/VL.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q4_panel_avx512(
-    m: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const u8,
-    d: *const f32,
-    c: *const f32,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    let mut i0 = 0;
-    while i0 < m {
-        let rows = (m - i0).min(6);
-        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
-        unsafe {
-            let (u, xs, su, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo));
-            match rows {
-                1 => q4_panel_tile_avx512::<1>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                2 => q4_panel_tile_avx512::<2>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                3 => q4_panel_tile_avx512::<3>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                4 => q4_panel_tile_avx512::<4>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                5 => q4_panel_tile_avx512::<5>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-                _ => q4_panel_tile_avx512::<6>(u, ldx, xs, su, ldxs, w, d, c, nb, o, ldo, cols),
-            }
-        }
-        i0 += rows;
     }
 }
 
