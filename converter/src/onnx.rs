@@ -1036,6 +1036,9 @@ impl Importer {
                     }
                     Some(Op::BatchNormTraining { epsilon: a.f("epsilon", 1e-5), momentum: a.f("momentum", 0.9) })
                 } else {
+                    // momentum only updates running statistics in training mode: inference reads
+                    // the stored mean and variance, so any value is run exactly
+                    let _ = a.f("momentum", 0.9);
                     Some(Op::BatchNorm { epsilon: a.f("epsilon", 1e-5) })
                 }
             }

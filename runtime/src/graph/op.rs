@@ -501,6 +501,52 @@ pub enum Op {
         left: i64,
         right: i64,
     },
+    /// A convolution whose output goes through `post` inside the kernel (made by the
+    /// converter's `fuse_conv`: the activation and scalar affine that followed it in the source
+    /// graph). inputs: X, W, B (optional), as [`Op::Conv`].
+    ConvFused {
+        conv: ConvAttrs,
+        post: Epilogue,
+    },
+}
+
+/// An activation applied to a convolution's output as the kernel writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FusedAct {
+    Identity,
+    Relu,
+    /// `min(max(x, min), max)` (ReLU6 is `0..6`).
+    Clip {
+        min: f32,
+        max: f32,
+    },
+    LeakyRelu {
+        alpha: f32,
+    },
+    /// `clip(alpha·x + beta, 0, 1)`.
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    /// `x · clip(x + 3, 0, 6) / 6`.
+    HardSwish,
+    Sigmoid,
+    /// `x · sigmoid(x)` (SiLU).
+    Swish,
+}
+
+/// What a fused kernel does to each output value `v` (already including the bias):
+/// `act(v) · scale + shift`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Epilogue {
+    pub act: FusedAct,
+    pub scale: f32,
+    pub shift: f32,
+}
+
+impl Epilogue {
+    /// No activation, no affine: the plain convolution.
+    pub const NONE: Epilogue = Epilogue { act: FusedAct::Identity, scale: 1.0, shift: 0.0 };
 }
 
 /// ONNX Attention attributes.
@@ -639,6 +685,10 @@ impl Op {
             Op::ArgExtreme { max: true, .. } => "ArgMax".into(),
             Op::ArgExtreme { max: false, .. } => "ArgMin".into(),
             Op::Conv(_) => "Conv".into(),
+            Op::ConvFused { post, .. } => match post.act {
+                FusedAct::Identity => "Conv".into(),
+                act => format!("Conv+{}", format!("{act:?}").split([' ', '{']).next().unwrap_or("?")),
+            },
             Op::ConvTranspose(_) => "ConvTranspose".into(),
             Op::Pool(p) => match (p.kind, p.global) {
                 (PoolKind::Max, false) => "MaxPool".into(),
@@ -679,7 +729,7 @@ impl Op {
             Op::Split { .. } => (1, 2, 1, usize::MAX),
             Op::Slice => (3, 5, 1, 1),
             Op::Pad { .. } => (2, 4, 1, 1),
-            Op::Conv(_) => (2, 3, 1, 1),
+            Op::Conv(_) | Op::ConvFused { .. } => (2, 3, 1, 1),
             Op::Lstm(_) => (3, 8, 0, 3),
             Op::If { .. } => (1, 1, 1, usize::MAX),
             Op::Loop { .. } => (2, usize::MAX, 0, usize::MAX),
@@ -722,7 +772,7 @@ impl Op {
             Op::Reduce { axes, .. } | Op::Squeeze { axes } | Op::Unsqueeze { axes } => too_long(axes),
             Op::Transpose { perm } => too_long(perm),
             Op::Split { split, .. } => split.as_ref().is_some_and(|s| s.len() != n_out),
-            Op::Conv(c) => {
+            Op::Conv(c) | Op::ConvFused { conv: c, .. } => {
                 c.kernel_shape.len() > MAX_RANK
                     || c.strides.len() > MAX_RANK
                     || c.pads.len() > 2 * MAX_RANK

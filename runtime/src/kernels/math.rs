@@ -97,7 +97,7 @@ pub fn gelu(x: f32) -> f32 {
 
 /// Which compiled variant of a loop to run.
 #[derive(Clone, Copy)]
-enum Width {
+pub(crate) enum Width {
     Base,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -105,7 +105,7 @@ enum Width {
     Avx512,
 }
 
-fn width() -> Width {
+pub(crate) fn width() -> Width {
     match super::selected() {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => Width::Avx512,
@@ -146,6 +146,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 multiversion! {
     /// `out[i] = f(x[i])` over the common length.

@@ -41,6 +41,7 @@ macro_rules! tile_entries {
 pub mod arm;
 #[cfg(target_arch = "aarch64")]
 mod armq;
+pub mod conv;
 mod gemm;
 pub mod generic;
 pub mod half;
@@ -253,6 +254,12 @@ pub fn selected() -> Isa {
             }
         },
     })
+}
+
+/// Column panel width of the selected set's f32 GEMM tile (`None` for `reference`): the layout
+/// a B operand built for it (an `im2col`) is read in without packing.
+pub fn f32_panel_width() -> Option<usize> {
+    selected().f32_tile().map(|t| t.nr)
 }
 
 /// Names of the kernels the selected set runs for each weight format's products, for

@@ -1,10 +1,12 @@
-//! Convolution (1-D and 2-D, NCHW, groups, strides, dilations, pads, auto_pad) by im2col and
-//! the matmul kernel. 1-D is run as 2-D with a unit height.
+//! Convolution (1-D and 2-D, NCHW, groups, strides, dilations, pads, auto_pad): depthwise
+//! channels by their own stencil kernel, everything else by `im2col` and the f32 GEMM (a 1×1
+//! stride-1 convolution reads its input in place), with the bias and any fused activation
+//! applied to each output channel as one pass. 1-D is run as 2-D with a unit height.
 
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
-use crate::graph::{AutoPad, ConvAttrs};
-use crate::kernels::{self, BMat, MatRef};
+use crate::graph::{AutoPad, ConvAttrs, Epilogue};
+use crate::kernels::{self, conv};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -122,17 +124,38 @@ pub(super) fn infer(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<
     Ok(vec![(DType::F32, s)])
 }
 
-/// im2col buffer for one group: (C/g · kernel volume) × output spatial volume.
-pub(super) fn scratch_len(inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) -> usize {
-    let (Some(Some(w)), Some((_, o))) = (inputs.get(1), outputs.first()) else { return 0 };
-    if w.shape.len() < 3 || o.len() < 3 {
-        return 0;
+/// The blocked GEMM's buffers for one thread (more threads grow it at their first run).
+pub(super) fn scratch_len(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> usize {
+    let (Some(Some(x)), Some(Some(w))) = (inputs.first(), inputs.get(1)) else { return 0 };
+    let Ok(g) = geometry(a, x.shape, w.shape) else { return 0 };
+    let cg = g.c / g.group;
+    if cg == 1 || g.oh * g.ow == 0 {
+        return 0; // depthwise: no buffer
     }
-    super::numel(&w.shape[1..]).saturating_mul(super::numel(&o[2..]))
+    conv::gemm_scratch(&kernel_geo(&g), cg, g.m / g.group)
+}
+
+/// The kernels' view of one group's 2-D geometry.
+fn kernel_geo(g: &Geo) -> conv::Geo {
+    conv::Geo {
+        h: g.h,
+        w: g.w,
+        kh: g.kh,
+        kw: g.kw,
+        sh: g.sh,
+        sw: g.sw,
+        dh: g.dh,
+        dw: g.dw,
+        ph: g.ph,
+        pw: g.pw,
+        oh: g.oh,
+        ow: g.ow,
+    }
 }
 
 pub(super) fn run(
     a: &ConvAttrs,
+    post: Epilogue,
     inputs: &[Option<View<'_>>],
     outputs: &mut [ViewMut<'_>],
     ctx: &mut Ctx<'_>,
@@ -150,49 +173,31 @@ pub(super) fn run(
     let mg = g.m / g.group;
     let kvol = cg * g.kh * g.kw;
     let ospat = g.oh * g.ow;
-    let direct =
-        g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && g.oh == g.h && g.ow == g.w;
-    if !direct && ctx.scratch.len() < kvol * ospat {
-        ctx.scratch.resize(kvol * ospat, 0.0);
+    let plane = g.h * g.w;
+    let kg = kernel_geo(&g);
+    let bias_of = |mi: usize| bias.map_or(0.0, |b| b[mi]);
+    if cg == 1 {
+        // Depthwise (one input channel per group): each output channel is its own small
+        // stencil, no GEMM; channels split across threads.
+        let taps = g.kh * g.kw;
+        kernels::pool::for_chunks(ctx.threads, out, ospat, 4096, &|start, chunk| {
+            for (i, o) in chunk.chunks_exact_mut(ospat).enumerate() {
+                let oc = start / ospat + i;
+                let (b, mi) = (oc / g.m, oc % g.m);
+                let ci = mi / mg;
+                conv::depthwise(&kg, &xd[(b * g.c + ci) * plane..][..plane], &wd[mi * taps..][..taps], 0.0, o);
+                conv::epilogue(o, bias_of(mi), post);
+            }
+        });
+        return Ok(());
     }
     for b in 0..g.n {
         for gi in 0..g.group {
-            let xin = &xd[(b * g.c + gi * cg) * g.h * g.w..(b * g.c + (gi + 1) * cg) * g.h * g.w];
-            let cols: &[f32] = if direct {
-                xin
-            } else {
-                let cols = &mut ctx.scratch[..kvol * ospat];
-                for ci in 0..cg {
-                    for ky in 0..g.kh {
-                        for kx in 0..g.kw {
-                            let row = &mut cols[((ci * g.kh + ky) * g.kw + kx) * ospat..][..ospat];
-                            for oy in 0..g.oh {
-                                let iy = (oy * g.sh + ky * g.dh) as isize - g.ph as isize;
-                                for ox in 0..g.ow {
-                                    let ix = (ox * g.sw + kx * g.dw) as isize - g.pw as isize;
-                                    row[oy * g.ow + ox] =
-                                        if iy >= 0 && (iy as usize) < g.h && ix >= 0 && (ix as usize) < g.w {
-                                            xin[(ci * g.h + iy as usize) * g.w + ix as usize]
-                                        } else {
-                                            0.0
-                                        };
-                                }
-                            }
-                        }
-                    }
-                }
-                &ctx.scratch[..kvol * ospat]
-            };
+            let xin = &xd[(b * g.c + gi * cg) * plane..(b * g.c + (gi + 1) * cg) * plane];
             let o = &mut out[(b * g.m + gi * mg) * ospat..(b * g.m + (gi + 1) * mg) * ospat];
-            let wm = MatRef { data: &wd[gi * mg * kvol..(gi + 1) * mg * kvol], rs: kvol, cs: 1 };
-            let cm = MatRef { data: cols, rs: ospat, cs: 1 };
-            kernels::sgemm(mg, ospat, kvol, wm, BMat::Strided(cm), o, ospat, false, ctx.threads);
-            if let Some(bv) = bias {
-                for (mi, row) in o.chunks_exact_mut(ospat).enumerate() {
-                    let bb = bv[gi * mg + mi];
-                    row.iter_mut().for_each(|v| *v += bb);
-                }
-            }
+            let wg = &wd[gi * mg * kvol..(gi + 1) * mg * kvol];
+            let bg = bias.map(|bv| &bv[gi * mg..(gi + 1) * mg]);
+            conv::conv_gemm(&kg, cg, mg, xin, wg, bg, post, o, ctx.threads, ctx.scratch);
         }
     }
     Ok(())

@@ -103,12 +103,29 @@ pub(super) fn infer(a: &ConvTransposeAttrs, inputs: &[Option<Fact<'_>>]) -> OpRe
     Ok(vec![(DType::F32, s)])
 }
 
-pub(super) fn run(a: &ConvTransposeAttrs, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+/// Scratch of the GEMM path: every tap's contribution of one group's input positions.
+pub(super) fn scratch_len(inputs: &[Option<Fact<'_>>]) -> usize {
+    let (Some(Some(x)), Some(Some(w))) = (inputs.first(), inputs.get(1)) else { return 0 };
+    if x.shape.len() < 3 || x.shape.len() > 4 || w.shape.len() != x.shape.len() {
+        return 0;
+    }
+    numel(&w.shape[1..]).saturating_mul(numel(&x.shape[2..]))
+}
+
+pub(super) fn run(
+    a: &ConvTransposeAttrs,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+    ctx: &mut super::Ctx<'_>,
+) -> OpResult<()> {
     let x = *req(inputs, 0, "X")?;
     let w = *req(inputs, 1, "W")?;
     let geo = geometry(a, x.shape, w.shape)?;
     let (xd, wd) = (x.f32()?, w.f32()?);
     let y = outputs[0].f32()?;
+    if geo.sp <= 2 {
+        return run_gemm(a, &geo, x.shape, w.shape, xd, wd, inputs, y, ctx);
+    }
     let sp = geo.sp;
     let (n, c) = (x.shape[0], x.shape[1]);
     let g = a.group as usize;
@@ -159,6 +176,76 @@ pub(super) fn run(a: &ConvTransposeAttrs, inputs: &[Option<View<'_>>], outputs: 
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// 1-D and 2-D ConvTranspose as a GEMM and an accumulation, no scatter per element: per group,
+/// `cols = Wᵀ · X` (`mg·kh·kw` rows × the input's positions) by the f32 GEMM, then each tap's
+/// row added into the output at its stride (`col2im`), the bias first.
+#[allow(clippy::too_many_arguments)]
+fn run_gemm(
+    a: &ConvTransposeAttrs,
+    geo: &Geo,
+    xs: &[usize],
+    ws: &[usize],
+    xd: &[f32],
+    wd: &[f32],
+    inputs: &[Option<View<'_>>],
+    y: &mut [f32],
+    ctx: &mut super::Ctx<'_>,
+) -> OpResult<()> {
+    use crate::kernels::{self, conv, BMat, MatRef};
+    let sp = geo.sp;
+    let (n, c) = (xs[0], xs[1]);
+    let g = a.group as usize;
+    let (cg, mg) = (c / g, ws[1]);
+    let m = mg * g;
+    // 1-D as 2-D with a unit height.
+    let j = 2 - sp;
+    let at = |v: &[usize], i: usize| if i < j { 1 } else { v[i - j] };
+    let at0 = |v: &[usize], i: usize| if i < j { 0 } else { v[i - j] };
+    let kg = conv::Geo {
+        h: at(&xs[2..], 0),
+        w: at(&xs[2..], 1),
+        kh: at(&geo.k, 0),
+        kw: at(&geo.k, 1),
+        sh: at(&geo.s, 0),
+        sw: at(&geo.s, 1),
+        dh: at(&geo.d, 0),
+        dw: at(&geo.d, 1),
+        ph: at0(&geo.pb, 0),
+        pw: at0(&geo.pb, 1),
+        oh: at(&geo.out, 0),
+        ow: at(&geo.out, 1),
+    };
+    let (in_plane, out_plane, kn) = (kg.h * kg.w, kg.oh * kg.ow, kg.kh * kg.kw);
+    let bias = match inputs.get(2).copied().flatten() {
+        Some(b) => Some(b.f32()?),
+        None => None,
+    };
+    let rows = mg * kn;
+    if ctx.scratch.len() < rows * in_plane {
+        ctx.scratch.resize(rows * in_plane, 0.0);
+    }
+    for ni in 0..n {
+        for gi in 0..g {
+            let xg = &xd[(ni * c + gi * cg) * in_plane..][..cg * in_plane];
+            // W for this group is [cg, mg·kn] row-major; A = its transpose.
+            let wm = MatRef { data: &wd[gi * cg * rows..][..cg * rows], rs: 1, cs: rows };
+            let cols = &mut ctx.scratch[..rows * in_plane];
+            let xm = MatRef { data: xg, rs: in_plane, cs: 1 };
+            kernels::sgemm(rows, in_plane, cg, wm, BMat::Strided(xm), cols, in_plane, false, ctx.threads);
+            let cols = &ctx.scratch[..rows * in_plane];
+            let yg = &mut y[(ni * m + gi * mg) * out_plane..][..mg * out_plane];
+            kernels::pool::for_chunks(ctx.threads, yg, out_plane, 1 << 14, &|start, chunk| {
+                for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
+                    let mi = start / out_plane + i;
+                    o.fill(bias.map_or(0.0, |b| b[gi * mg + mi]));
+                    conv::col2im(&kg, &cols[mi * kn * in_plane..][..kn * in_plane], o);
+                }
+            });
         }
     }
     Ok(())

@@ -185,6 +185,10 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 Activation::Gelu { tanh: false } => par_map(threads, xs, os, math::gelu),
                 Activation::Gelu { tanh: true } => par_map(threads, xs, os, gelu_tanh),
                 Activation::Swish { alpha } => par_map(threads, xs, os, |v| v * math::sigmoid(alpha * v)),
+                Activation::LeakyRelu { alpha } => par_map(threads, xs, os, |v| if v >= 0.0 { v } else { alpha * v }),
+                Activation::HardSigmoid { alpha, beta } => {
+                    par_map(threads, xs, os, |v| (alpha * v + beta).clamp(0.0, 1.0))
+                }
                 a => {
                     for (o, &v) in os.iter_mut().zip(xs) {
                         *o = activation(a, v);

@@ -5,7 +5,7 @@
 //! Resize, Attention, GRU, …) and the f16/f64 conversions use small per-run vectors.
 
 use crate::error::{OpError, OpResult};
-use crate::graph::{AttentionAttrs, ConvAttrs, ConvTransposeAttrs, LstmAttrs, Op, RnnAttrs, MAX_RANK};
+use crate::graph::{AttentionAttrs, ConvAttrs, ConvTransposeAttrs, Epilogue, LstmAttrs, Op, RnnAttrs, MAX_RANK};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -89,7 +89,7 @@ pub(crate) enum Family<'a> {
     MatMul,
     Norm,
     MoreNorm,
-    Conv(&'a ConvAttrs),
+    Conv(&'a ConvAttrs, Epilogue),
     ConvTranspose(&'a ConvTransposeAttrs),
     Lstm(&'a LstmAttrs),
     /// GRU (`true`) or plain RNN (`false`).
@@ -126,7 +126,8 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::Lrn { .. }
         | Op::MeanVarianceNorm { .. }
         | Op::BatchNormTraining { .. } => F::MoreNorm,
-        Op::Conv(a) => F::Conv(a),
+        Op::Conv(a) => F::Conv(a, Epilogue::NONE),
+        Op::ConvFused { conv, post } => F::Conv(conv, *post),
         Op::ConvTranspose(a) => F::ConvTranspose(a),
         Op::Lstm(a) => F::Lstm(a),
         Op::Gru(a) => F::Gru(a, true),
@@ -207,7 +208,8 @@ pub(crate) fn check_rank(shape: &[usize]) -> OpResult<()> {
 /// Extra f32 scratch an op needs at run time (the planner reserves the maximum).
 pub fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) -> usize {
     match op {
-        Op::Conv(_) => conv::scratch_len(inputs, outputs),
+        Op::Conv(a) | Op::ConvFused { conv: a, .. } => conv::scratch_len(a, inputs),
+        Op::ConvTranspose(_) => convt::scratch_len(inputs),
         Op::Lstm(_) => recurrent::scratch_len(op, inputs),
         Op::Attention(a) => attention::scratch_len(a, inputs, outputs.len()),
         _ => 0,
@@ -353,7 +355,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::MatMul => matmul::infer(op, inputs)?,
         F::Norm => norm::infer(op, inputs, n_out)?,
         F::MoreNorm => norm::infer_more(op, inputs)?,
-        F::Conv(a) => conv::infer(a, inputs)?,
+        F::Conv(a, _) => conv::infer(a, inputs)?,
         F::ConvTranspose(a) => convt::infer(a, inputs)?,
         F::Lstm(a) => recurrent::infer(a, inputs, n_out)?,
         F::Gru(a, gated) => recurrent::infer_gru(a, gated, inputs, n_out)?,
@@ -434,8 +436,8 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::MatMul => matmul::run(op, inputs, outputs, ctx),
         F::Norm => norm::run(op, inputs, outputs, ctx.threads),
         F::MoreNorm => norm::run_more(op, inputs, outputs),
-        F::Conv(a) => conv::run(a, inputs, outputs, ctx),
-        F::ConvTranspose(a) => convt::run(a, inputs, outputs),
+        F::Conv(a, post) => conv::run(a, post, inputs, outputs, ctx),
+        F::ConvTranspose(a) => convt::run(a, inputs, outputs, ctx),
         F::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
         F::Gru(a, gated) => recurrent::run_gru(a, gated, inputs, outputs),
         F::Index => index::run(op, inputs, outputs),

@@ -4,6 +4,7 @@
 use super::{numel, req, unravel, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{AutoPad, Op, PoolAttrs, PoolKind, MAX_RANK};
+use crate::kernels;
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -124,6 +125,49 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
     }
     for i in 1..sp {
         cs[i] = cs[i - 1] * g.ins[i - 1];
+    }
+    if x.dtype == DType::F32 && outputs.len() == 1 && in_plane > 0 && matches!(a.kind, PoolKind::Max | PoolKind::Avg) {
+        let max = a.kind == PoolKind::Max;
+        let (xf, out) = (x.f32()?, outputs[0].f32()?);
+        if a.global {
+            // One reduction per plane, in vector lanes.
+            kernels::math::with_width(|| {
+                for (o, plane) in out.iter_mut().zip(xf.chunks_exact(in_plane)) {
+                    *o = if max {
+                        plane.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m || v.is_nan() { v } else { m })
+                    } else {
+                        kernels::math::lane_sum(plane, |v| v) / in_plane as f32
+                    };
+                }
+            });
+            return Ok(());
+        }
+        if sp <= 2 {
+            // 1-D runs as 2-D with a unit height.
+            let j = 2 - sp;
+            let at = |v: &[usize; MAX_RANK], i: usize| if i < j { 1 } else { v[i - j] };
+            let zero = |v: &[usize; MAX_RANK], i: usize| if i < j { 0 } else { v[i - j] };
+            let kg = kernels::conv::Geo {
+                h: at(&g.ins, 0),
+                w: at(&g.ins, 1),
+                kh: at(&g.k, 0),
+                kw: at(&g.k, 1),
+                sh: at(&g.s, 0),
+                sw: at(&g.s, 1),
+                dh: at(&g.d, 0),
+                dw: at(&g.d, 1),
+                ph: zero(&g.pb, 0),
+                pw: zero(&g.pb, 1),
+                oh: at(&g.out, 0),
+                ow: at(&g.out, 1),
+            };
+            let count_pad = (a.count_include_pad, zero(&g.pe, 0), zero(&g.pe, 1));
+            let mut tmp = vec![0.0f32; kg.h * kg.ow];
+            for (plane, o) in xf.chunks_exact(in_plane).zip(out.chunks_exact_mut(out_plane)) {
+                kernels::conv::pool2d(&kg, max, count_pad, plane, &mut tmp, o);
+            }
+            return Ok(());
+        }
     }
     let (first, rest) = outputs.split_at_mut(1);
     let mut indices = match rest.first_mut() {

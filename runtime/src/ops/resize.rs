@@ -281,6 +281,10 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         axis_taps.push(v);
     }
+    if x.dtype == DType::F32 && r >= 2 && separable_2d(&axis_taps, x.shape, &oshape) {
+        resize_2d(x.f32()?, x.shape, &oshape, &axis_taps, outputs[0].f32()?);
+        return Ok(());
+    }
     let xs = super::contiguous_strides(x.shape);
     let out = &mut outputs[0];
     let n = numel(&oshape);
@@ -323,4 +327,70 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
     }
     Ok(())
+}
+
+/// Whether only the last two axes change and no output coordinate extrapolates: the common
+/// image up/down-sampling, run by [`resize_2d`].
+fn separable_2d(axis_taps: &[Vec<Option<Taps>>], x: &[usize], out: &[usize]) -> bool {
+    let r = x.len();
+    let identity = |d: usize| {
+        x[d] == out[d] && axis_taps[d].iter().enumerate().all(|(o, t)| t.as_deref() == Some(&[(o, 1.0)][..]))
+    };
+    (0..r - 2).all(identity) && axis_taps[r - 2..].iter().all(|v| v.iter().all(Option::is_some))
+}
+
+/// Resize over the last two axes, separably: each input row needed is resampled along the
+/// width once (its taps gathered), then output rows mix those rows (vector multiply-adds).
+fn resize_2d(x: &[f32], xs: &[usize], os: &[usize], axis_taps: &[Vec<Option<Taps>>], out: &mut [f32]) {
+    let r = xs.len();
+    let (h, w, oh, ow) = (xs[r - 2], xs[r - 1], os[r - 2], os[r - 1]);
+    if oh == 0 || ow == 0 || h == 0 || w == 0 {
+        return;
+    }
+    let flat = |v: &Vec<Option<Taps>>| -> Vec<Taps> { v.iter().map(|t| t.clone().unwrap_or_default()).collect() };
+    let (ty, tx) = (flat(&axis_taps[r - 2]), flat(&axis_taps[r - 1]));
+    // Width taps as a dense (index, weight) table of the widest list, padded with weight 0.
+    let nt = tx.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let mut xi = vec![0usize; ow * nt];
+    let mut xw = vec![0.0f32; ow * nt];
+    for (ox, t) in tx.iter().enumerate() {
+        for (k, &(i, wt)) in t.iter().enumerate() {
+            xi[ox * nt + k] = i.min(w - 1);
+            xw[ox * nt + k] = wt;
+        }
+    }
+    // Which input rows any output row reads.
+    let mut needed = vec![false; h];
+    ty.iter().flatten().for_each(|&(i, _)| needed[i.min(h - 1)] = true);
+    let mut rows = vec![0.0f32; h * ow];
+    crate::kernels::math::with_width(|| {
+        for (plane, oplane) in x.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
+            for (iy, row) in rows.chunks_exact_mut(ow).enumerate() {
+                if !needed[iy] {
+                    continue;
+                }
+                let xrow = &plane[iy * w..][..w];
+                if nt == 1 {
+                    row.iter_mut().zip(&xi).zip(&xw).for_each(|((o, &i), &wt)| *o = wt * xrow[i]);
+                } else {
+                    for (ox, o) in row.iter_mut().enumerate() {
+                        let (ii, ww) = (&xi[ox * nt..][..nt], &xw[ox * nt..][..nt]);
+                        *o = ii.iter().zip(ww).map(|(&i, &wt)| wt * xrow[i]).sum();
+                    }
+                }
+            }
+            for (oy, orow) in oplane.chunks_exact_mut(ow).enumerate() {
+                match ty[oy].as_slice() {
+                    [(i, wt)] if *wt == 1.0 => orow.copy_from_slice(&rows[i.min(&(h - 1)) * ow..][..ow]),
+                    taps => {
+                        orow.fill(0.0);
+                        for &(i, wt) in taps {
+                            let src = &rows[i.min(h - 1) * ow..][..ow];
+                            orow.iter_mut().zip(src).for_each(|(o, &v)| *o += wt * v);
+                        }
+                    }
+                }
+            }
+        }
+    });
 }

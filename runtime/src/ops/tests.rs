@@ -1,7 +1,7 @@
 //! Op semantics on small cases with known answers, and Conv against a direct loop.
 
 use super::eval;
-use crate::graph::{AutoPad, BinaryOp, ConvAttrs, Op, PadMode};
+use crate::graph::{AutoPad, BinaryOp, ConvAttrs, Epilogue, FusedAct, Op, PadMode};
 use crate::tensor::Tensor;
 
 fn f32t(shape: &[usize], v: &[f32]) -> Tensor {
@@ -157,6 +157,17 @@ fn conv_matches_direct_loop() {
         (1, 4, 5, 11, 4, 1, 3, [1, 3], [0, 0, 0, 0], [1, 1], 4),
         (1, 2, 1, 40, 3, 1, 5, [1, 2], [0, 2, 0, 2], [1, 3], 1),
         (1, 8, 6, 6, 8, 1, 1, [1, 1], [0, 0, 0, 0], [1, 1], 1),
+        // depthwise (3×3, 5×5 stride 2, a channel multiplier of 2, dilated)
+        (2, 5, 9, 13, 5, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 5),
+        (1, 4, 11, 10, 4, 5, 5, [2, 2], [2, 2, 1, 2], [1, 1], 4),
+        (1, 3, 7, 8, 6, 3, 3, [1, 2], [1, 0, 0, 1], [2, 1], 3),
+        // stride-2 phases, a 1×1 stride 2, dilation with stride, and a map wide enough for
+        // several column blocks of the blocked GEMM (and for two threads to share them)
+        (1, 6, 15, 17, 20, 3, 3, [2, 2], [1, 1, 1, 1], [1, 1], 1),
+        (1, 6, 9, 9, 7, 1, 1, [2, 2], [0, 0, 0, 0], [1, 1], 1),
+        (1, 3, 12, 14, 5, 3, 2, [3, 2], [2, 1, 0, 3], [2, 3], 1),
+        (1, 4, 70, 75, 9, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 1),
+        (1, 40, 50, 60, 70, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 1),
     ];
     for (i, &(n, c, h, w, m, kh, kw, st, pd, dl, g)) in cases.iter().enumerate() {
         let x = gen(n * c * h * w, i);
@@ -174,10 +185,38 @@ fn conv_matches_direct_loop() {
         let xt = f32t(&[n, c, h, w], &x);
         let wt_t = f32t(&[m, c / g, kh, kw], &wt);
         let bt = f32t(&[m], &b);
-        let got = run(Op::Conv(attrs), &[Some(&xt), Some(&wt_t), Some(&bt)]).swap_remove(0);
-        assert_eq!(got.shape(), &oshape, "case {i}");
-        for (j, (a, e)) in got.as_f32().unwrap().iter().zip(&want).enumerate() {
-            assert!((a - e).abs() < 1e-4, "case {i} cell {j}: {a} vs {e}");
+        let tol = 1e-4 * (c / g * kh * kw) as f32;
+        for threads in [1, 2] {
+            let ins = [Some(xt.view()), Some(wt_t.view()), Some(bt.view())];
+            let got = eval(&Op::Conv(attrs.clone()), &ins, 1, threads).unwrap().swap_remove(0);
+            assert_eq!(got.shape(), &oshape, "case {i}");
+            for (j, (a, e)) in got.as_f32().unwrap().iter().zip(&want).enumerate() {
+                assert!((a - e).abs() < tol, "case {i}, {threads} threads, cell {j}: {a} vs {e}");
+            }
+        }
+        // Every fused epilogue equals the activation and affine applied afterwards.
+        let acts = [
+            FusedAct::Identity,
+            FusedAct::Relu,
+            FusedAct::Clip { min: -0.5, max: 0.75 },
+            FusedAct::LeakyRelu { alpha: 0.1 },
+            FusedAct::HardSigmoid { alpha: 0.2, beta: 0.5 },
+            FusedAct::HardSwish,
+            FusedAct::Sigmoid,
+            FusedAct::Swish,
+        ];
+        for (k, &act) in acts.iter().enumerate() {
+            let post = Epilogue {
+                act,
+                scale: if k % 2 == 0 { 1.0 } else { 0.5 },
+                shift: if k % 3 == 0 { 0.0 } else { -0.25 },
+            };
+            let op = Op::ConvFused { conv: attrs.clone(), post };
+            let got = run(op, &[Some(&xt), Some(&wt_t), Some(&bt)]).swap_remove(0);
+            for (j, (a, e)) in got.as_f32().unwrap().iter().zip(&want).enumerate() {
+                let e = crate::kernels::conv::act_scalar(act, *e) * post.scale + post.shift;
+                assert!((a - e).abs() < tol, "case {i}, {act:?}, cell {j}: {a} vs {e}");
+            }
         }
     }
 }
@@ -470,6 +509,75 @@ fn attention_rows_with_no_attendable_key_are_zero_on_both_paths() {
             assert!(row.iter().all(|&x| x == 0.0), "{op:?} head {h}: {row:?}");
             let open = &y[(h * 3) * 8..(h * 3 + 1) * 8];
             assert!(open.iter().all(|x| x.is_finite() && *x != 0.0), "{op:?} head {h}: {open:?}");
+        }
+    }
+}
+
+#[test]
+fn conv_transpose_matches_scatter_loop() {
+    use crate::graph::ConvTransposeAttrs;
+    let gen = |n: usize, seed: usize| {
+        (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0) - 1.0).collect::<Vec<f32>>()
+    };
+    // (N, C, H, W, M/group, kh, kw, stride, pads [t, l, b, r], dilation, output_padding, group)
+    let cases = [
+        (1, 4, 5, 6, 3, 2, 2, [2, 2], [0, 0, 0, 0], [1, 1], [0, 0], 1),
+        (2, 4, 4, 7, 2, 3, 3, [2, 1], [1, 0, 1, 2], [1, 2], [1, 0], 2),
+        (1, 3, 1, 9, 2, 1, 4, [1, 3], [0, 1, 0, 1], [1, 1], [0, 2], 1),
+        (1, 6, 3, 3, 1, 3, 3, [3, 3], [1, 1, 0, 0], [2, 1], [2, 1], 6),
+    ];
+    for (i, &(n, c, h, w, mg, kh, kw, st, pd, dl, op, g)) in cases.iter().enumerate() {
+        let x = gen(n * c * h * w, i);
+        let wt = gen(c * mg * kh * kw, i + 10);
+        let m = mg * g;
+        let b = gen(m, i + 20);
+        let full = |inp: usize, s: usize, k: usize, d: usize, o: usize| (inp - 1) * s + (k - 1) * d + 1 + o;
+        let oh = full(h, st[0], kh, dl[0], op[0]) - pd[0] - pd[2];
+        let ow = full(w, st[1], kw, dl[1], op[1]) - pd[1] - pd[3];
+        let mut want = vec![0.0f32; n * m * oh * ow];
+        for bn in 0..n {
+            for oc in 0..m {
+                want[(bn * m + oc) * oh * ow..][..oh * ow].fill(b[oc]);
+            }
+            for ci in 0..c {
+                let gi = ci / (c / g);
+                for iy in 0..h {
+                    for ix in 0..w {
+                        for mi in 0..mg {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let oy = (iy * st[0] + ky * dl[0]) as isize - pd[0] as isize;
+                                    let ox = (ix * st[1] + kx * dl[1]) as isize - pd[1] as isize;
+                                    if oy < 0 || ox < 0 || oy >= oh as isize || ox >= ow as isize {
+                                        continue;
+                                    }
+                                    want[((bn * m + gi * mg + mi) * oh + oy as usize) * ow + ox as usize] +=
+                                        x[((bn * c + ci) * h + iy) * w + ix] * wt[((ci * mg + mi) * kh + ky) * kw + kx];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let attrs = ConvTransposeAttrs {
+            kernel_shape: vec![kh as i64, kw as i64],
+            strides: st.iter().map(|&v| v as i64).collect(),
+            pads: pd.iter().map(|&v| v as i64).collect(),
+            dilations: dl.iter().map(|&v| v as i64).collect(),
+            output_padding: op.iter().map(|&v| v as i64).collect(),
+            output_shape: None,
+            group: g as i64,
+            auto_pad: AutoPad::NotSet,
+        };
+        let (xt, wt_t, bt) = (f32t(&[n, c, h, w], &x), f32t(&[c, mg, kh, kw], &wt), f32t(&[m], &b));
+        for threads in [1, 2] {
+            let ins = [Some(xt.view()), Some(wt_t.view()), Some(bt.view())];
+            let got = eval(&Op::ConvTranspose(attrs.clone()), &ins, 1, threads).unwrap().swap_remove(0);
+            assert_eq!(got.shape(), &[n, m, oh, ow], "case {i}");
+            for (j, (a, e)) in got.as_f32().unwrap().iter().zip(&want).enumerate() {
+                assert!((a - e).abs() < 1e-4, "case {i}, {threads} threads, cell {j}: {a} vs {e}");
+            }
         }
     }
 }

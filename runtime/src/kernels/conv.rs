@@ -1,0 +1,423 @@
+//! The loops around the convolution GEMM: `im2col` by rows (contiguous copies, padding as fills),
+//! depthwise convolution (one input channel per output channel: no GEMM at all), the
+//! ConvTranspose `col2im` accumulation, and the fused epilogue (bias, activation, scalar affine)
+//! applied to each output channel as it is finished. Every loop runs at the selected set's
+//! vector width ([`super::math::with_width`]): AVX-512 or AVX2 on x86_64, NEON on aarch64.
+
+use super::math::{multiversion, sigmoid, width, Width};
+use crate::graph::{Epilogue, FusedAct};
+
+/// A 2-D convolution's geometry (1-D runs with `h = kh = oh = 1`), per group.
+#[derive(Clone, Copy, Debug)]
+pub struct Geo {
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Geo {
+    /// Output columns `lo..hi` whose input column `ox·sw + kx·dw − pw` is inside the row for
+    /// every `kx`: the part of a row the loops run without bounds checks.
+    fn interior(&self) -> (usize, usize) {
+        let lo = self.pw.div_ceil(self.sw).min(self.ow);
+        let reach = (self.kw - 1) * self.dw;
+        let hi = if self.w + self.pw > reach { ((self.w - 1 + self.pw - reach) / self.sw + 1).min(self.ow) } else { 0 };
+        (lo, hi.max(lo))
+    }
+
+    /// Input row (or column) of output index `o` at kernel tap `k`, if inside.
+    #[inline(always)]
+    fn src(o: usize, s: usize, k: usize, d: usize, p: usize, n: usize) -> Option<usize> {
+        (o * s + k * d).checked_sub(p).filter(|&i| i < n)
+    }
+}
+
+/// `dst[ox] = f(row[ox·sw + off])` for `ox` in `lo..hi`, where every index is inside `row`.
+#[inline(always)]
+fn strided_run(dst: &mut [f32], row: &[f32], start: usize, sw: usize, f: impl Fn(&mut f32, f32)) {
+    let n = dst.len();
+    match sw {
+        1 => {
+            // In blocks of 8 (inline vector moves: a run is at most a panel wide, too short to
+            // pay for a `memcpy` call), then the tail.
+            let src = &row[start..start + n];
+            let (mut dc, mut sc) = (dst.chunks_exact_mut(8), src.chunks_exact(8));
+            for (d8, s8) in (&mut dc).zip(&mut sc) {
+                for (d, &s) in d8.iter_mut().zip(s8) {
+                    f(d, s);
+                }
+            }
+            dc.into_remainder().iter_mut().zip(sc.remainder()).for_each(|(d, &s)| f(d, s));
+        }
+        2 => dst.iter_mut().zip(row[start..].chunks(2)).for_each(|(d, s)| f(d, s[0])),
+        _ => dst.iter_mut().enumerate().for_each(|(i, d)| f(d, row[start + i * sw])),
+    }
+}
+
+/// How [`conv_gemm`] lays out a group's input so that every kernel tap reads one contiguous run.
+///
+/// The input is zero-padded and split into `sh·sw` phase planes of `hq × wq` (plane `(ry, rx)`
+/// holds padded rows `ry + sh·a`, columns `rx + sw·b`). Outputs are computed on a grid of
+/// `oh × wq` (columns `ow..wq` of each row are computed and dropped), so output `j = oy·wq + ox`
+/// of tap `(ky, kx)` reads phase plane `((ky·dh) mod sh, (kx·dw) mod sw)` at
+/// `j + (ky·dh / sh)·wq + kx·dw / sw`: the tap's `im2col` row is a plain copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Phases {
+    hq: usize,
+    wq: usize,
+    /// Floats per channel (all its phase planes).
+    per_channel: usize,
+    /// Whether the input is read as it is (1×1, stride 1, no padding: one phase, no copy).
+    in_place: bool,
+}
+
+impl Phases {
+    fn new(g: &Geo) -> Phases {
+        let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+        let wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+        let (hq, wq) = (hp.div_ceil(g.sh), wp.div_ceil(g.sw));
+        let in_place = g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && hq == g.h && wq == g.w;
+        Phases { hq, wq, per_channel: g.sh * g.sw * hq * wq, in_place }
+    }
+
+    /// Floats of the laid-out input of `cg` channels, with the slack the last taps' dropped
+    /// columns read past the end.
+    fn len(&self, cg: usize) -> usize {
+        if self.in_place {
+            0
+        } else {
+            cg * self.per_channel + self.wq
+        }
+    }
+
+    /// Start of tap `(ci, ky, kx)`'s run.
+    fn tap(&self, g: &Geo, ci: usize, ky: usize, kx: usize) -> usize {
+        let (y, x) = (ky * g.dh, kx * g.dw);
+        ci * self.per_channel + ((y % g.sh) * g.sw + x % g.sw) * self.hq * self.wq + (y / g.sh) * self.wq + x / g.sw
+    }
+}
+
+multiversion! {
+/// Lays out `cg` input planes as [`Phases`] describes (padding as zeros).
+fn lay_out(g: &Geo, ph: &Phases, cg: usize, x: &[f32], buf: &mut [f32]) {
+    buf.fill(0.0);
+    for ci in 0..cg {
+        let plane = &x[ci * g.h * g.w..][..g.h * g.w];
+        for ry in 0..g.sh {
+            for rx in 0..g.sw {
+                let dst = &mut buf[ci * ph.per_channel + (ry * g.sw + rx) * ph.hq * ph.wq..][..ph.hq * ph.wq];
+                for (a, drow) in dst.chunks_exact_mut(ph.wq).enumerate() {
+                    let Some(iy) = (ry + g.sh * a).checked_sub(g.ph).filter(|&i| i < g.h) else { continue };
+                    let xrow = &plane[iy * g.w..][..g.w];
+                    // columns b with 0 ≤ rx + sw·b − pw < w
+                    let b0 = g.pw.saturating_sub(rx).div_ceil(g.sw);
+                    let b1 = (g.w + g.pw).saturating_sub(rx).div_ceil(g.sw).min(ph.wq);
+                    if b1 > b0 {
+                        strided_run(&mut drow[b0..b1], xrow, rx + g.sw * b0 - g.pw, g.sw, |d, s| *d = s);
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+multiversion! {
+/// `im2col` of grid columns `j0..j0 + len`: each tap's run copied into the GEMM's B panels of
+/// `nr` columns ([`super::Panels`], `k = cg·kh·kw` rows, the last panel zero-padded), which
+/// the GEMM reads without packing.
+fn panels(g: &Geo, ph: &Phases, cg: usize, src: &[f32], j0: usize, len: usize, nr: usize, cols: &mut [f32]) {
+    let k = cg * g.kh * g.kw;
+    let full = len / nr;
+    for ci in 0..cg {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let p = (ci * g.kh + ky) * g.kw + kx;
+                let run = &src[ph.tap(g, ci, ky, kx) + j0..][..len];
+                for (q, s) in run.chunks_exact(nr).enumerate() {
+                    cols[(q * k + p) * nr..][..nr].copy_from_slice(s);
+                }
+                if !len.is_multiple_of(nr) {
+                    let d = &mut cols[(full * k + p) * nr..][..nr];
+                    d[..len % nr].copy_from_slice(&run[full * nr..]);
+                    d[len % nr..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+}
+
+/// Floats of cache one block of the blocked convolution may fill (its `im2col` panels and its
+/// output block): half a typical 1 MiB L2.
+const BLOCK_FLOATS: usize = 1 << 17;
+
+/// Grid columns per block of [`conv_gemm`]: a multiple of the GEMM's panel width.
+fn gemm_block(k: usize, mg: usize, n: usize) -> usize {
+    let step = super::f32_panel_width().unwrap_or(8);
+    (((BLOCK_FLOATS / (k + mg).max(1)) / step).max(1) * step).min(n.div_ceil(step) * step)
+}
+
+/// Scratch floats [`conv_gemm`] needs for one group with one thread (each further thread adds
+/// its own block buffers at its first run).
+pub fn gemm_scratch(g: &Geo, cg: usize, mg: usize) -> usize {
+    let ph = Phases::new(g);
+    let k = cg * g.kh * g.kw;
+    let block = gemm_block(k, mg, g.oh * ph.wq);
+    ph.len(cg).saturating_add((k + mg).saturating_mul(block))
+}
+
+/// One group of a convolution, `out` (`mg` × `oh·ow`) = `post(W · im2col(x) + bias)`. The input
+/// is laid out once ([`Phases`]: padded, split by stride phase), then the output is made in
+/// blocks of columns small enough that a block's `im2col` panels (plain copies), its GEMM (no
+/// packing) and its epilogue all stay in cache. Blocks are spread over `threads`; `scratch` is
+/// grown to what they need.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_gemm(
+    g: &Geo,
+    cg: usize,
+    mg: usize,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    post: Epilogue,
+    out: &mut [f32],
+    threads: usize,
+    scratch: &mut Vec<f32>,
+) {
+    use super::pool::{for_each, SharedOut};
+    use super::{BMat, MatRef, Panels};
+    let ph = Phases::new(g);
+    let k = cg * g.kh * g.kw;
+    let (n, grid) = (g.oh * g.ow, g.oh * ph.wq);
+    if n == 0 || mg == 0 {
+        return;
+    }
+    let nr = super::f32_panel_width().unwrap_or(8);
+    let block = gemm_block(k, mg, grid);
+    let blocks = grid.div_ceil(block);
+    let parts = threads.max(1).min(blocks);
+    let per = (k + mg) * block;
+    let lay = ph.len(cg);
+    if scratch.len() < lay + parts * per {
+        scratch.resize(lay + parts * per, 0.0);
+    }
+    let (laid, rest) = scratch.split_at_mut(lay);
+    let src: &[f32] = if ph.in_place {
+        x
+    } else {
+        lay_out(g, &ph, cg, x, laid);
+        laid
+    };
+    let (sc, oc) = (SharedOut::new(&mut rest[..parts * per]), SharedOut::new(out));
+    let wm = MatRef { data: w, rs: k, cs: 1 };
+    for_each(parts, parts, &|p| {
+        // SAFETY: part p alone uses scratch floats p·per .. (p+1)·per, inside the buffer sized
+        // above, which outlives `for_each`.
+        let mine = unsafe { std::slice::from_raw_parts_mut(sc.ptr().add(p * per), per) };
+        let (cols, acc) = mine.split_at_mut(k * block);
+        for bi in (p..blocks).step_by(parts) {
+            let j0 = bi * block;
+            let len = block.min(grid - j0);
+            let plen = Panels::len(k, len, nr);
+            panels(g, &ph, cg, src, j0, len, nr, &mut cols[..plen]);
+            let bm = Panels { data: &cols[..plen], k, n: len, nr };
+            super::sgemm(mg, len, k, wm, BMat::Panels(bm), &mut acc[..mg * len], len, false, 1);
+            for (mi, row) in acc[..mg * len].chunks_exact_mut(len).enumerate() {
+                epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
+                // Grid columns j0..j0+len, by grid row; columns ow..wq are dropped.
+                let mut j = j0;
+                while j < j0 + len {
+                    let (oy, ox) = (j / ph.wq, j % ph.wq);
+                    let seg = (ph.wq - ox).min(j0 + len - j);
+                    let keep = g.ow.saturating_sub(ox).min(seg);
+                    if keep > 0 {
+                        let at = mi * n + oy * g.ow + ox;
+                        debug_assert!(at + keep <= oc.len());
+                        // SAFETY: output row mi, columns of grid row oy below ow: inside `out`
+                        // (mi < mg rows of n) and written by this block only (blocks are
+                        // disjoint column ranges, each handled by one part).
+                        let dst = unsafe { std::slice::from_raw_parts_mut(oc.ptr().add(at), keep) };
+                        dst.copy_from_slice(&row[j - j0..][..keep]);
+                    }
+                    j += seg;
+                }
+            }
+        }
+    });
+}
+
+multiversion! {
+/// Depthwise convolution of one channel: `out` (`oh·ow`) from the input plane `x` (`h·w`) and
+/// its `kh·kw` taps, each output row accumulated tap by tap while it stays in L1.
+fn depthwise(g: &Geo, x: &[f32], taps: &[f32], bias: f32, out: &mut [f32]) {
+    let (lo, hi) = g.interior();
+    {
+        for (oy, orow) in out.chunks_exact_mut(g.ow).enumerate().take(g.oh) {
+            orow.fill(bias);
+            for ky in 0..g.kh {
+                let Some(iy) = Geo::src(oy, g.sh, ky, g.dh, g.ph, g.h) else { continue };
+                let xrow = &x[iy * g.w..][..g.w];
+                for kx in 0..g.kw {
+                    let wv = taps[ky * g.kw + kx];
+                    for ox in (0..lo).chain(hi..g.ow) {
+                        if let Some(ix) = Geo::src(ox, g.sw, kx, g.dw, g.pw, g.w) {
+                            orow[ox] += wv * xrow[ix];
+                        }
+                    }
+                    if hi > lo {
+                        strided_run(&mut orow[lo..hi], xrow, lo * g.sw + kx * g.dw - g.pw, g.sw, |d, s| *d += wv * s);
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+multiversion! {
+/// ConvTranspose's `col2im` for one output channel: adds `cols` (`kh·kw` rows of the input's
+/// `h·w` positions: that tap's contribution of every input position) into `out` (`oh·ow`).
+/// Here `g` describes the transposed geometry: `h, w` the input, `oh, ow` the output, pads
+/// the begin pads taken off the full output.
+fn col2im(g: &Geo, cols: &[f32], out: &mut [f32]) {
+    {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let tap = &cols[(ky * g.kw + kx) * g.h * g.w..][..g.h * g.w];
+                for (iy, row) in tap.chunks_exact(g.w).enumerate() {
+                    let Some(oy) = (iy * g.sh + ky * g.dh).checked_sub(g.ph).filter(|&o| o < g.oh) else { continue };
+                    let orow = &mut out[oy * g.ow..][..g.ow];
+                    for (ix, &v) in row.iter().enumerate() {
+                        if let Some(ox) = (ix * g.sw + kx * g.dw).checked_sub(g.pw).filter(|&o| o < g.ow) {
+                            orow[ox] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+/// `v ↦ act(v + bias)·scale + shift` over one output channel.
+pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
+    multiversion! {
+        fn run<F: Fn(f32) -> f32>(out: &mut [f32], bias: f32, scale: f32, shift: f32, affine: bool, f: F) {
+            if affine {
+                out.iter_mut().for_each(|v| *v = f(*v + bias) * scale + shift);
+            } else {
+                out.iter_mut().for_each(|v| *v = f(*v + bias));
+            }
+        }
+    }
+    let Epilogue { act, scale, shift } = post;
+    let affine = scale != 1.0 || shift != 0.0;
+    match act {
+        FusedAct::Identity if !affine && bias == 0.0 => {}
+        FusedAct::Identity => run(out, bias, scale, shift, affine, |v| v),
+        FusedAct::Relu => run(out, bias, scale, shift, affine, |v| v.max(0.0)),
+        FusedAct::Clip { min, max } => run(out, bias, scale, shift, affine, |v| v.max(min).min(max)),
+        FusedAct::LeakyRelu { alpha } => run(out, bias, scale, shift, affine, |v| if v >= 0.0 { v } else { v * alpha }),
+        FusedAct::HardSigmoid { alpha, beta } => {
+            run(out, bias, scale, shift, affine, |v| (v * alpha + beta).clamp(0.0, 1.0))
+        }
+        FusedAct::HardSwish => run(out, bias, scale, shift, affine, |v| v * ((v + 3.0).clamp(0.0, 6.0) / 6.0)),
+        FusedAct::Sigmoid => run(out, bias, scale, shift, affine, sigmoid),
+        FusedAct::Swish => run(out, bias, scale, shift, affine, |v| v * sigmoid(v)),
+    }
+}
+
+/// The activation alone, on one value (the reference the tests and the unfused graph agree on).
+pub fn act_scalar(act: FusedAct, v: f32) -> f32 {
+    match act {
+        FusedAct::Identity => v,
+        FusedAct::Relu => v.max(0.0),
+        FusedAct::Clip { min, max } => v.max(min).min(max),
+        FusedAct::LeakyRelu { alpha } => {
+            if v >= 0.0 {
+                v
+            } else {
+                v * alpha
+            }
+        }
+        FusedAct::HardSigmoid { alpha, beta } => (v * alpha + beta).clamp(0.0, 1.0),
+        FusedAct::HardSwish => v * ((v + 3.0).clamp(0.0, 6.0) / 6.0),
+        FusedAct::Sigmoid => sigmoid(v),
+        FusedAct::Swish => v * sigmoid(v),
+    }
+}
+
+multiversion! {
+/// Max or average pooling of one 2-D plane, separably: each input row is reduced along `w` into
+/// `tmp` (`h · ow`), then rows of `tmp` along `h` into `out` (`oh · ow`). A `k×k` window costs
+/// `2k` operations per output instead of `k²`. Taps outside the input are skipped; `Avg`
+/// divides by the taps inside (`count_pad`: also those in the declared padding, the ONNX
+/// `count_include_pad`). Max propagates NaN.
+fn pool2d(g: &Geo, max: bool, count_pad: (bool, usize, usize), x: &[f32], tmp: &mut [f32], out: &mut [f32]) {
+    let (lo, hi) = g.interior();
+    let init = if max { f32::NEG_INFINITY } else { 0.0 };
+    #[inline(always)]
+    fn join(max: bool, a: f32, v: f32) -> f32 {
+        if max {
+            if v > a || v.is_nan() {
+                v
+            } else {
+                a
+            }
+        } else {
+            a + v
+        }
+    }
+    {
+        for (xrow, trow) in x.chunks_exact(g.w).zip(tmp.chunks_exact_mut(g.ow)).take(g.h) {
+            trow.fill(init);
+            for kx in 0..g.kw {
+                for ox in (0..lo).chain(hi..g.ow) {
+                    if let Some(ix) = Geo::src(ox, g.sw, kx, g.dw, g.pw, g.w) {
+                        trow[ox] = join(max, trow[ox], xrow[ix]);
+                    }
+                }
+                if hi > lo {
+                    strided_run(&mut trow[lo..hi], xrow, lo * g.sw + kx * g.dw - g.pw, g.sw, |d, s| *d = join(max, *d, s));
+                }
+            }
+        }
+        for (oy, orow) in out.chunks_exact_mut(g.ow).enumerate().take(g.oh) {
+            orow.fill(init);
+            let mut rows = 0usize;
+            for ky in 0..g.kh {
+                let Some(iy) = Geo::src(oy, g.sh, ky, g.dh, g.ph, g.h) else { continue };
+                rows += 1;
+                let trow = &tmp[iy * g.ow..][..g.ow];
+                orow.iter_mut().zip(trow).for_each(|(o, &t)| *o = join(max, *o, t));
+            }
+            if !max {
+                // Taps per axis: inside the input, or (count_pad) inside input + end padding.
+                let (include, pe_h, pe_w) = count_pad;
+                let span = |o: usize, s: usize, k: usize, d: usize, p: usize, n: usize| {
+                    (0..k).filter(|&t| (o * s + t * d).checked_sub(p).is_some_and(|i| i < n)).count()
+                };
+                let ny = if include { span(oy, g.sh, g.kh, g.dh, 0, g.h + g.ph + pe_h) } else { rows };
+                for (ox, o) in orow.iter_mut().enumerate() {
+                    let nx = if include {
+                        span(ox, g.sw, g.kw, g.dw, 0, g.w + g.pw + pe_w)
+                    } else {
+                        span(ox, g.sw, g.kw, g.dw, g.pw, g.w)
+                    };
+                    *o /= (ny * nx).max(1) as f32;
+                }
+            }
+        }
+    }
+}
+}
