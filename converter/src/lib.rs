@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 pub mod awq;
 pub mod calib;
+pub mod cnn;
 pub mod conformance;
 pub mod ir;
 pub mod llm;

@@ -12,7 +12,7 @@ use anyhow::Result;
 use crate::calib::{self, Gram};
 use crate::ir::Module;
 use crate::quantize::{self, QuantOptions};
-use crate::{llm, passes, qimport, ConvertOptions};
+use crate::{cnn, llm, passes, qimport, ConvertOptions};
 
 /// A graph pass: rewrites the model in place and says what it did.
 pub struct Pass {
@@ -33,6 +33,7 @@ pub fn graph_passes(opts: &ConvertOptions) -> Vec<Pass> {
             Pass { name: "fuse_tied_weights", run: llm::fuse_tied_weights },
             Pass { name: "fold_constants", run: passes::fold_constants },
             Pass { name: "fuse_gelu", run: passes::fuse_gelu },
+            Pass { name: "fuse_conv", run: cnn::fuse_conv },
             Pass { name: "fuse_rms_norm", run: llm::fuse_rms_norm },
             Pass { name: "fuse_rotary", run: llm::fuse_rotary },
             Pass { name: "fuse_attention", run: llm::fuse_attention },

@@ -138,19 +138,41 @@ multiversion! {
 fn panels(g: &Geo, ph: &Phases, cg: usize, src: &[f32], j0: usize, len: usize, nr: usize, cols: &mut [f32]) {
     let k = cg * g.kh * g.kw;
     let full = len / nr;
+    let plane = ph.hq * ph.wq;
     for ci in 0..cg {
+        // Tap offsets kept as (quotient, remainder) by the stride, stepped without dividing
+        // (this loop runs once per block for each of the k rows).
+        let (mut yq, mut yr) = (0usize, 0usize);
         for ky in 0..g.kh {
+            let (mut xq, mut xr) = (0usize, 0usize);
             for kx in 0..g.kw {
                 let p = (ci * g.kh + ky) * g.kw + kx;
-                let run = &src[ph.tap(g, ci, ky, kx) + j0..][..len];
+                let at = ci * ph.per_channel + (yr * g.sw + xr) * plane + yq * ph.wq + xq;
+                debug_assert_eq!(at, ph.tap(g, ci, ky, kx));
+                xr += g.dw;
+                while xr >= g.sw {
+                    (xr, xq) = (xr - g.sw, xq + 1);
+                }
+                let run = &src[at + j0..][..len];
                 for (q, s) in run.chunks_exact(nr).enumerate() {
-                    cols[(q * k + p) * nr..][..nr].copy_from_slice(s);
+                    // in blocks of 8: inline vector moves, not a `memcpy` call per panel row
+                    let d = &mut cols[(q * k + p) * nr..][..nr];
+                    for (d8, s8) in d.chunks_exact_mut(8).zip(s.chunks_exact(8)) {
+                        let v: [f32; 8] = s8.try_into().unwrap_or_default();
+                        d8.copy_from_slice(&v);
+                    }
+                    let t = nr / 8 * 8;
+                    d[t..].copy_from_slice(&s[t..]);
                 }
                 if !len.is_multiple_of(nr) {
                     let d = &mut cols[(full * k + p) * nr..][..nr];
                     d[..len % nr].copy_from_slice(&run[full * nr..]);
                     d[len % nr..].fill(0.0);
                 }
+            }
+            yr += g.dh;
+            while yr >= g.sh {
+                (yr, yq) = (yr - g.sh, yq + 1);
             }
         }
     }
@@ -256,32 +278,185 @@ pub fn conv_gemm(
     });
 }
 
+/// The zero-padded plane a depthwise channel is computed from: exactly the rows and columns the
+/// outputs' taps reach, so no output needs a bounds check.
+fn padded(g: &Geo) -> Geo {
+    let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    let wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    Geo { h: hp, w: wp, ph: 0, pw: 0, ..*g }
+}
+
+/// Scratch floats [`depthwise`] needs per thread.
+pub fn depthwise_scratch(g: &Geo) -> usize {
+    if g.oh == 0 || g.ow == 0 {
+        return 0;
+    }
+    let p = padded(g);
+    p.h * p.w
+}
+
+/// Depthwise convolution (one input channel per group, any channel multiplier): output channel
+/// `o` of `out` (`channels` planes of `oh·ow`, batch-major) reads input channel
+/// `(o / mult)` of its batch item in `x` (planes of `h·w`, `channels / mult` per item) through
+/// taps `w[o]` (`kh·kw`), then `post`. Each channel is zero-padded once into `scratch`, then
+/// computed in register blocks with no bounds checks. Channels are spread over `threads`.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise(
+    g: &Geo,
+    channels: usize,
+    mult: usize,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    post: Epilogue,
+    out: &mut [f32],
+    threads: usize,
+    scratch: &mut Vec<f32>,
+) {
+    use super::pool::{for_each, SharedOut};
+    let (ospat, plane, taps) = (g.oh * g.ow, g.h * g.w, g.kh * g.kw);
+    let total = out.len() / ospat.max(1);
+    if ospat == 0 || total == 0 {
+        return;
+    }
+    let per = depthwise_scratch(g);
+    // Parts of whole channels, at least ~16K outputs each.
+    let parts = threads.max(1).min(total).min((total * ospat).div_ceil(1 << 14)).max(1);
+    if scratch.len() < parts * per {
+        scratch.resize(parts * per, 0.0);
+    }
+    let (sc, oc) = (SharedOut::new(&mut scratch[..parts * per]), SharedOut::new(out));
+    let chunk = total.div_ceil(parts);
+    let pg = padded(g);
+    for_each(parts, parts, &|p| {
+        // SAFETY: part p alone uses scratch floats p·per .. (p+1)·per, inside the buffer sized
+        // above, which outlives `for_each`.
+        let pad = unsafe { std::slice::from_raw_parts_mut(sc.ptr().add(p * per), per) };
+        for o in p * chunk..((p + 1) * chunk).min(total) {
+            let (item, mo) = (o / channels, o % channels);
+            let ci = item * (channels / mult) + mo / mult;
+            pad_plane(g, &pg, &x[ci * plane..][..plane], pad);
+            // SAFETY: output channel o's plane, inside `out` (o < total) and this part's alone
+            // (parts take disjoint channel ranges).
+            let dst = unsafe { std::slice::from_raw_parts_mut(oc.ptr().add(o * ospat), ospat) };
+            depthwise_plane(&pg, pad, &w[mo * taps..][..taps], bias.map_or(0.0, |b| b[mo]), dst);
+            epilogue(dst, 0.0, post);
+        }
+    });
+}
+
 multiversion! {
-/// Depthwise convolution of one channel: `out` (`oh·ow`) from the input plane `x` (`h·w`) and
-/// its `kh·kw` taps, each output row accumulated tap by tap while it stays in L1.
-fn depthwise(g: &Geo, x: &[f32], taps: &[f32], bias: f32, out: &mut [f32]) {
-    let (lo, hi) = g.interior();
-    {
-        for (oy, orow) in out.chunks_exact_mut(g.ow).enumerate().take(g.oh) {
+/// Copies plane `x` (geometry `g`) into the zero-padded `pad` (geometry `pg`).
+fn pad_plane(g: &Geo, pg: &Geo, x: &[f32], pad: &mut [f32]) {
+    for (r, prow) in pad.chunks_exact_mut(pg.w).enumerate().take(pg.h) {
+        match r.checked_sub(g.ph).filter(|&iy| iy < g.h) {
+            None => prow.fill(0.0),
+            Some(iy) => {
+                let xrow = &x[iy * g.w..][..g.w];
+                let left = g.pw.min(pg.w);
+                let n = g.w.min(pg.w - left);
+                prow[..left].fill(0.0);
+                prow[left..left + n].copy_from_slice(&xrow[..n]);
+                prow[left + n..].fill(0.0);
+            }
+        }
+    }
+}
+}
+
+multiversion! {
+/// Depthwise convolution of one zero-padded plane (`g` has no padding and every tap of every
+/// output inside): the output row in blocks of 64 or 16 accumulated in registers over every
+/// tap (the last block overlapping the one before: the outputs it recomputes come out the
+/// same), narrow rows by plain loops.
+fn depthwise_plane(g: &Geo, x: &[f32], taps: &[f32], bias: f32, out: &mut [f32]) {
+    for (oy, orow) in out.chunks_exact_mut(g.ow).enumerate().take(g.oh) {
+        let rows = (0, g.kh, oy * g.sh);
+        if g.ow >= 64 {
+            dw_blocks::<64>(g, x, taps, bias, rows, (0, g.ow), orow);
+        } else if g.ow >= 16 {
+            dw_blocks::<16>(g, x, taps, bias, rows, (0, g.ow), orow);
+        } else {
             orow.fill(bias);
             for ky in 0..g.kh {
-                let Some(iy) = Geo::src(oy, g.sh, ky, g.dh, g.ph, g.h) else { continue };
-                let xrow = &x[iy * g.w..][..g.w];
+                let xrow = &x[(oy * g.sh + ky * g.dh) * g.w..][..g.w];
                 for kx in 0..g.kw {
                     let wv = taps[ky * g.kw + kx];
-                    for ox in (0..lo).chain(hi..g.ow) {
-                        if let Some(ix) = Geo::src(ox, g.sw, kx, g.dw, g.pw, g.w) {
-                            orow[ox] += wv * xrow[ix];
-                        }
-                    }
-                    if hi > lo {
-                        strided_run(&mut orow[lo..hi], xrow, lo * g.sw + kx * g.dw - g.pw, g.sw, |d, s| *d += wv * s);
-                    }
+                    strided_run(orow, xrow, kx * g.dw, g.sw, |d, s| *d += wv * s);
                 }
             }
         }
     }
 }
+}
+
+/// `B` depthwise outputs from `ox0` at column stride `S`, every tap accumulated in registers.
+#[inline(always)]
+fn dw_block<const B: usize, const S: usize>(
+    g: &Geo,
+    x: &[f32],
+    taps: &[f32],
+    bias: f32,
+    (ky0, ky1, row0): (usize, usize, usize),
+    ox0: usize,
+) -> [f32; B] {
+    let mut acc = [bias; B];
+    for ky in ky0..ky1 {
+        let xrow = &x[(row0 + (ky - ky0) * g.dh) * g.w..][..g.w];
+        let wrow = &taps[ky * g.kw..][..g.kw];
+        for (kx, &wv) in wrow.iter().enumerate() {
+            let base = ox0 * S + kx * g.dw - g.pw;
+            let xs = &xrow[base..base + (B - 1) * S + 1];
+            for i in 0..B {
+                acc[i] += wv * xs[i * S];
+            }
+        }
+    }
+    acc
+}
+
+/// Interior outputs `lo..hi` (`hi − lo ≥ B`) of one depthwise output row, `B` at a time with
+/// every tap accumulated in registers (`B / lanes` independent chains), the last block
+/// ending at `hi`. Rows `ky0..ky1` of the kernel are inside the input, the first at input row
+/// `row0`.
+#[inline(always)]
+fn dw_blocks<const B: usize>(
+    g: &Geo,
+    x: &[f32],
+    taps: &[f32],
+    bias: f32,
+    (ky0, ky1, row0): (usize, usize, usize),
+    (lo, hi): (usize, usize),
+    orow: &mut [f32],
+) {
+    let mut ox0 = lo;
+    loop {
+        // Stride 1 and any other stride as separate loops: one branch in the tap loop keeps
+        // the accumulators out of registers.
+        let acc = if g.sw == 1 {
+            dw_block::<B, 1>(g, x, taps, bias, (ky0, ky1, row0), ox0)
+        } else if g.sw == 2 {
+            dw_block::<B, 2>(g, x, taps, bias, (ky0, ky1, row0), ox0)
+        } else {
+            let mut acc = [bias; B];
+            for ky in ky0..ky1 {
+                let xrow = &x[(row0 + (ky - ky0) * g.dh) * g.w..][..g.w];
+                for kx in 0..g.kw {
+                    let wv = taps[ky * g.kw + kx];
+                    let base = ox0 * g.sw + kx * g.dw - g.pw;
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a += wv * xrow[base + i * g.sw];
+                    }
+                }
+            }
+            acc
+        };
+        orow[ox0..ox0 + B].copy_from_slice(&acc);
+        if ox0 + B == hi {
+            break;
+        }
+        ox0 = (ox0 + B).min(hi - B);
+    }
 }
 
 multiversion! {

@@ -6,7 +6,7 @@
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{AutoPad, ConvAttrs, Epilogue};
-use crate::kernels::{self, conv};
+use crate::kernels::conv;
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -129,8 +129,11 @@ pub(super) fn scratch_len(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> usize {
     let (Some(Some(x)), Some(Some(w))) = (inputs.first(), inputs.get(1)) else { return 0 };
     let Ok(g) = geometry(a, x.shape, w.shape) else { return 0 };
     let cg = g.c / g.group;
-    if cg == 1 || g.oh * g.ow == 0 {
-        return 0; // depthwise: no buffer
+    if g.oh * g.ow == 0 {
+        return 0;
+    }
+    if cg == 1 {
+        return conv::depthwise_scratch(&kernel_geo(&g));
     }
     conv::gemm_scratch(&kernel_geo(&g), cg, g.m / g.group)
 }
@@ -175,20 +178,10 @@ pub(super) fn run(
     let ospat = g.oh * g.ow;
     let plane = g.h * g.w;
     let kg = kernel_geo(&g);
-    let bias_of = |mi: usize| bias.map_or(0.0, |b| b[mi]);
     if cg == 1 {
         // Depthwise (one input channel per group): each output channel is its own small
         // stencil, no GEMM; channels split across threads.
-        let taps = g.kh * g.kw;
-        kernels::pool::for_chunks(ctx.threads, out, ospat, 4096, &|start, chunk| {
-            for (i, o) in chunk.chunks_exact_mut(ospat).enumerate() {
-                let oc = start / ospat + i;
-                let (b, mi) = (oc / g.m, oc % g.m);
-                let ci = mi / mg;
-                conv::depthwise(&kg, &xd[(b * g.c + ci) * plane..][..plane], &wd[mi * taps..][..taps], 0.0, o);
-                conv::epilogue(o, bias_of(mi), post);
-            }
-        });
+        conv::depthwise(&kg, g.m, mg, xd, wd, bias, post, out, ctx.threads, ctx.scratch);
         return Ok(());
     }
     for b in 0..g.n {

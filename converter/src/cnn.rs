@@ -1,0 +1,307 @@
+//! Convolution fusion: what follows a `Conv` in the source graph goes into it.
+//!
+//! - Linear steps fold into the weights and bias: inference `BatchNormalization`, and
+//!   `Mul` / `Add` / `Sub` / `Div` by a constant per output channel (or a scalar) — PaddleOCR's
+//!   "learnable affine" blocks, for instance.
+//! - One activation becomes the kernel's epilogue ([`FusedAct`]): Relu, Clip with constant
+//!   bounds, LeakyRelu, HardSigmoid, HardSwish (the op, `x·HardSigmoid(x)`, and the decomposed
+//!   `x · Clip(x + 3, 0, 6) / 6` exporters write), Sigmoid, and SiLU `x · Sigmoid(x)`.
+//! - A scalar `Mul` / `Add` after the activation becomes the epilogue's affine.
+//!
+//! Each of those was a pass over the whole feature map; fused, the values are written once, by
+//! the convolution. Intermediate values must have no other reader and must not be graph
+//! outputs. Run `eliminate_dead` after it to drop the replaced weights.
+
+use std::collections::HashMap;
+
+use acorn::format::PassRecord;
+use acorn::graph::{Activation, BinaryOp, ConstBinding, Epilogue, FusedAct, Op, UnaryOp, ValueId, ValueInfo};
+use acorn::{DType, Tensor};
+use anyhow::Result;
+
+use crate::ir::Module;
+
+/// One conv's rewrite: new weights and bias, epilogue, the value it now produces, the nodes it
+/// absorbed.
+struct Plan {
+    conv: usize,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    post: Epilogue,
+    output: ValueId,
+    absorbed: Vec<usize>,
+}
+
+/// See the module documentation.
+pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
+    let plans = {
+        let g = &m.graph;
+        let uses = acorn::graph::Uses::new(g);
+        let tensor = |v: Option<ValueId>| -> Option<&Tensor> {
+            let t = &m.tensors[uses.constant(v?)? as usize].1;
+            (t.dtype() == DType::F32).then_some(t)
+        };
+        let scalar = |v: Option<ValueId>| tensor(v).filter(|t| t.len() == 1).and_then(|t| t.as_f32()).map(|s| s[0]);
+        let near =
+            |v: Option<ValueId>, want: f32| scalar(v).is_some_and(|s| (s - want).abs() <= 1e-5 * want.abs().max(1.0));
+        // The only reader of `v` (in the main graph), unless `v` is a graph output.
+        let only = |v: ValueId| -> Option<usize> {
+            (uses.reads(v) == 1 && !uses.is_output(v)).then(|| uses.readers(v).first().map(|&(i, _)| i)).flatten()
+        };
+        let bin = |i: usize, op: BinaryOp| {
+            let n = &g.nodes[i];
+            (n.op == Op::Binary(op) && n.inputs.len() == 2).then(|| (n.inputs[0], n.inputs[1]))
+        };
+        let other = |(a, b): (Option<ValueId>, Option<ValueId>), v: ValueId| if a == Some(v) { b } else { a };
+        let mut plans = Vec::new();
+        for (ci, n) in g.nodes.iter().enumerate() {
+            let Op::Conv(_) = &n.op else { continue };
+            let Some(wt) = tensor(n.inputs.get(1).copied().flatten()) else { continue };
+            let rank = wt.shape().len();
+            let mch = wt.shape()[0];
+            let Some(wd) = wt.as_f32() else { continue };
+            let bias = match n.inputs.get(2).copied().flatten() {
+                Some(b) => match tensor(Some(b)).and_then(|t| t.as_f32()).filter(|b| b.len() == mch) {
+                    Some(b) => b.to_vec(),
+                    None => continue,
+                },
+                None => vec![0.0; mch],
+            };
+            // A constant that broadcasts along the output channels only: one value per channel.
+            let per_channel = |v: Option<ValueId>| -> Option<Vec<f32>> {
+                let t = tensor(v)?;
+                let d = t.as_f32()?;
+                if d.len() == 1 {
+                    return Some(vec![d[0]; mch]);
+                }
+                // right-aligned to the output [N, M, spatial…]: the channel axis holds M, the
+                // rest are 1
+                let s = t.shape();
+                let ca = s.len() as isize + 1 - rank as isize;
+                let ok = ca >= 0
+                    && s.len() <= rank
+                    && s.iter().enumerate().all(|(i, &e)| if i as isize == ca { e == mch } else { e == 1 });
+                ok.then(|| d.to_vec())
+            };
+            let mut w = wd.to_vec();
+            let mut b = bias;
+            let per_out = w.len() / mch.max(1);
+            let mut cur = n.outputs[0];
+            let mut absorbed = Vec::new();
+            // Linear steps into the weights and bias.
+            while let Some(r) = only(cur) {
+                let rn = &g.nodes[r];
+                let (scale, shift): (Vec<f32>, Vec<f32>) = match &rn.op {
+                    Op::BatchNorm { epsilon } if rn.inputs.first() == Some(&Some(cur)) => {
+                        let get = |i: usize| {
+                            tensor(rn.inputs.get(i).copied().flatten())
+                                .and_then(|t| t.as_f32())
+                                .filter(|v| v.len() == mch)
+                        };
+                        let (Some(s), Some(bb), Some(mean), Some(var)) = (get(1), get(2), get(3), get(4)) else {
+                            break;
+                        };
+                        let k: Vec<f32> = s.iter().zip(var).map(|(&s, &v)| s / (v + epsilon).sqrt()).collect();
+                        let sh = bb.iter().zip(mean).zip(&k).map(|((&bb, &mu), &k)| bb - mu * k).collect();
+                        (k, sh)
+                    }
+                    Op::Binary(BinaryOp::Mul) => match per_channel(other(bin(r, BinaryOp::Mul).unwrap(), cur)) {
+                        Some(s) => (s, vec![0.0; mch]),
+                        None => break,
+                    },
+                    Op::Binary(BinaryOp::Div) if rn.inputs[0] == Some(cur) => match per_channel(rn.inputs[1]) {
+                        Some(s) if s.iter().all(|&v| v != 0.0) => (s.iter().map(|v| 1.0 / v).collect(), vec![0.0; mch]),
+                        _ => break,
+                    },
+                    Op::Binary(BinaryOp::Add) => match per_channel(other(bin(r, BinaryOp::Add).unwrap(), cur)) {
+                        Some(s) => (vec![1.0; mch], s),
+                        None => break,
+                    },
+                    Op::Binary(BinaryOp::Sub) if rn.inputs[0] == Some(cur) => match per_channel(rn.inputs[1]) {
+                        Some(s) => (vec![1.0; mch], s.iter().map(|v| -v).collect()),
+                        None => break,
+                    },
+                    _ => break,
+                };
+                for (o, (&k, &sh)) in scale.iter().zip(&shift).enumerate() {
+                    w[o * per_out..][..per_out].iter_mut().for_each(|v| *v *= k);
+                    b[o] = b[o] * k + sh;
+                }
+                absorbed.push(r);
+                cur = rn.outputs[0];
+            }
+            // One activation.
+            let mut act = FusedAct::Identity;
+            let readers: Vec<usize> = uses.readers(cur).iter().map(|&(i, _)| i).collect();
+            if !uses.is_output(cur) && readers.len() == 1 && uses.reads(cur) == 1 {
+                let r = readers[0];
+                let rn = &g.nodes[r];
+                let found = match &rn.op {
+                    Op::Unary(UnaryOp::Relu) => Some(FusedAct::Relu),
+                    Op::Unary(UnaryOp::Sigmoid) => Some(FusedAct::Sigmoid),
+                    Op::Unary(UnaryOp::HardSwish) => Some(FusedAct::HardSwish),
+                    Op::Activation(Activation::LeakyRelu { alpha }) => Some(FusedAct::LeakyRelu { alpha: *alpha }),
+                    Op::Activation(Activation::HardSigmoid { alpha, beta }) => {
+                        Some(FusedAct::HardSigmoid { alpha: *alpha, beta: *beta })
+                    }
+                    Op::Activation(Activation::Swish { alpha }) if *alpha == 1.0 => Some(FusedAct::Swish),
+                    Op::Clip if rn.inputs.first() == Some(&Some(cur)) => {
+                        let bound = |i: usize, d: f32| match rn.inputs.get(i).copied().flatten() {
+                            None => Some(d),
+                            v => scalar(v),
+                        };
+                        match (bound(1, f32::NEG_INFINITY), bound(2, f32::INFINITY)) {
+                            (Some(min), Some(max)) => Some(FusedAct::Clip { min, max }),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                if let Some(a) = found {
+                    act = a;
+                    absorbed.push(r);
+                    cur = rn.outputs[0];
+                }
+            } else if !uses.is_output(cur) && readers.len() == 2 && uses.reads(cur) == 2 {
+                // x · f(x): f one node (Sigmoid, HardSigmoid(1/6, 1/2)) or Clip(x + 3, 0, 6) then ÷ 6.
+                let is_mul = |r: usize| bin(r, BinaryOp::Mul).is_some_and(|p| other(p, cur) != Some(cur));
+                let (mul, f) = if is_mul(readers[0]) {
+                    (readers[0], readers[1])
+                } else if is_mul(readers[1]) {
+                    (readers[1], readers[0])
+                } else {
+                    (usize::MAX, usize::MAX)
+                };
+                if mul != usize::MAX {
+                    let mn = &g.nodes[mul];
+                    let fv = other(bin(mul, BinaryOp::Mul).unwrap(), cur);
+                    let fnode = &g.nodes[f];
+                    let f_out = fnode.outputs.first().copied();
+                    match &fnode.op {
+                        Op::Unary(UnaryOp::Sigmoid) if fv == f_out && only(f_out.unwrap_or(u32::MAX)) == Some(mul) => {
+                            act = FusedAct::Swish;
+                            absorbed.extend([f, mul]);
+                            cur = mn.outputs[0];
+                        }
+                        Op::Activation(Activation::HardSigmoid { alpha, beta })
+                            if fv == f_out
+                                && only(f_out.unwrap_or(u32::MAX)) == Some(mul)
+                                && (alpha - 1.0 / 6.0).abs() < 1e-4
+                                && (beta - 0.5).abs() < 1e-6 =>
+                        {
+                            act = FusedAct::HardSwish;
+                            absorbed.extend([f, mul]);
+                            cur = mn.outputs[0];
+                        }
+                        Op::Binary(BinaryOp::Add) if near(other(bin(f, BinaryOp::Add).unwrap(), cur), 3.0) => {
+                            // Clip(x + 3, 0, 6) read by the Mul, the product ÷ 6 (or · 1/6)
+                            let a_out = fnode.outputs[0];
+                            let clip = only(a_out).filter(|&c| {
+                                let cn = &g.nodes[c];
+                                cn.op == Op::Clip
+                                    && cn.inputs.first() == Some(&Some(a_out))
+                                    && near(cn.inputs.get(1).copied().flatten(), 0.0)
+                                    && near(cn.inputs.get(2).copied().flatten(), 6.0)
+                                    && fv == Some(cn.outputs[0])
+                                    && only(cn.outputs[0]) == Some(mul)
+                            });
+                            let last = only(mn.outputs[0]).filter(|&d| {
+                                let dn = &g.nodes[d];
+                                (dn.op == Op::Binary(BinaryOp::Div)
+                                    && dn.inputs[0] == Some(mn.outputs[0])
+                                    && near(dn.inputs[1], 6.0))
+                                    || bin(d, BinaryOp::Mul).is_some_and(|p| near(other(p, mn.outputs[0]), 1.0 / 6.0))
+                            });
+                            if let (Some(c), Some(d)) = (clip, last) {
+                                act = FusedAct::HardSwish;
+                                absorbed.extend([f, c, mul, d]);
+                                cur = g.nodes[d].outputs[0];
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            // A scalar affine after the activation.
+            let (mut scale, mut shift) = (1.0f32, 0.0f32);
+            if act != FusedAct::Identity {
+                while let Some(r) = only(cur) {
+                    let rn = &g.nodes[r];
+                    let c = |op: BinaryOp| bin(r, op).and_then(|p| scalar(other(p, cur)));
+                    match &rn.op {
+                        Op::Binary(BinaryOp::Mul) => match c(BinaryOp::Mul) {
+                            Some(s) => (scale, shift) = (scale * s, shift * s),
+                            None => break,
+                        },
+                        Op::Binary(BinaryOp::Add) => match c(BinaryOp::Add) {
+                            Some(s) => shift += s,
+                            None => break,
+                        },
+                        Op::Binary(BinaryOp::Sub) if rn.inputs[0] == Some(cur) => match scalar(rn.inputs[1]) {
+                            Some(s) => shift -= s,
+                            None => break,
+                        },
+                        Op::Binary(BinaryOp::Div) if rn.inputs[0] == Some(cur) => match scalar(rn.inputs[1]) {
+                            Some(s) if s != 0.0 => (scale, shift) = (scale / s, shift / s),
+                            _ => break,
+                        },
+                        _ => break,
+                    }
+                    absorbed.push(r);
+                    cur = rn.outputs[0];
+                }
+            }
+            if absorbed.is_empty() {
+                continue;
+            }
+            plans.push(Plan {
+                conv: ci,
+                weights: w,
+                bias: b,
+                post: Epilogue { act, scale, shift },
+                output: cur,
+                absorbed,
+            });
+        }
+        plans
+    };
+    let mut counts: HashMap<String, f64> = HashMap::new();
+    let mut remove = vec![false; m.graph.nodes.len()];
+    for p in plans {
+        let node = &m.graph.nodes[p.conv];
+        let (Op::Conv(attrs), Some(wv)) = (node.op.clone(), node.inputs[1]) else { continue };
+        let wshape = m.tensors[m.graph.constants.iter().find(|c| c.value == wv).map_or(0, |c| c.tensor) as usize]
+            .1
+            .shape()
+            .to_vec();
+        let mch = wshape[0];
+        let base = node.name.clone();
+        let add = |m: &mut Module, name: String, t: Tensor| -> ValueId {
+            let value = m.graph.values.len() as ValueId;
+            m.graph.values.push(ValueInfo { name: name.clone() });
+            m.graph.constants.push(ConstBinding { value, tensor: m.tensors.len() as u32 });
+            m.tensors.push((name, t));
+            value
+        };
+        let w = add(m, format!("{base}.fused_weight"), Tensor::from_f32(wshape, p.weights));
+        let b = add(m, format!("{base}.fused_bias"), Tensor::from_f32(vec![mch], p.bias));
+        let node = &mut m.graph.nodes[p.conv];
+        node.inputs = vec![node.inputs[0], Some(w), Some(b)];
+        node.outputs = vec![p.output];
+        node.op = if p.post == Epilogue::NONE { Op::Conv(attrs) } else { Op::ConvFused { conv: attrs, post: p.post } };
+        *counts.entry("convs".into()).or_default() += 1.0;
+        *counts.entry("nodes_absorbed".into()).or_default() += p.absorbed.len() as f64;
+        if p.post.act != FusedAct::Identity {
+            let name = format!("{:?}", p.post.act).split([' ', '{']).next().unwrap_or("act").to_lowercase();
+            *counts.entry(format!("act_{name}")).or_default() += 1.0;
+        }
+        for i in p.absorbed {
+            remove[i] = true;
+        }
+    }
+    let mut marks = remove.iter();
+    m.graph.nodes.retain(|_| !marks.next().copied().unwrap_or(false));
+    let mut report: Vec<(String, f64)> = counts.into_iter().collect();
+    report.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(PassRecord { name: "fuse_conv".into(), params: vec![], report })
+}
