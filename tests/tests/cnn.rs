@@ -1,0 +1,222 @@
+//! Convolutional networks end to end: a MobileNet-style graph built with the ONNX builder (every
+//! fusion `fuse_conv` makes, against the same graph unfused and against ONNX Runtime), and the
+//! real OCR models on a photographed page (the text they read, not only the numbers).
+
+use std::path::{Path, PathBuf};
+
+use acorn::graph::Op;
+use acorn::{Model, Tensor};
+use acorn_converter::onnx_build::OnnxBuilder;
+use acorn_converter::{convert, ConvertOptions};
+use acorn_tests::ocr::{self, LINES};
+use acorn_tests::*;
+
+fn run(path: &Path, input: &str, x: &Tensor) -> Tensor {
+    let m = Model::open(path).unwrap();
+    let mut s = m.session().commit().unwrap();
+    s.run(&[(input, x)]).unwrap().into_iter().next().unwrap()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn convert_to(src: &Path, dir: &Path, name: &str, opts: &ConvertOptions) -> PathBuf {
+    let out = dir.join(name);
+    convert(src, &out, opts).unwrap();
+    out
+}
+
+/// A MobileNetV3 / YOLO-style stack: stem conv + BatchNorm + HardSwish (decomposed), a
+/// depthwise 3×3 + BatchNorm + ReLU, a squeeze-excite block, a pointwise conv with a
+/// per-channel affine and HardSigmoid-spelled HardSwish, a stride-2 SiLU conv, a 5×5 max pool,
+/// an upsample, a ConvTranspose, a concat and a 1×1 head with a sigmoid.
+fn mobilenet_style() -> Vec<u8> {
+    let mut b = OnnxBuilder::new(13);
+    let w = |n: usize, seed: u64| pseudo_random(n, seed).iter().map(|v| v * 0.3).collect::<Vec<f32>>();
+    b.input_f32("x", &["1", "3", "32", "48"]);
+    let ints = OnnxBuilder::attr_ints;
+    let conv =
+        |b: &mut OnnxBuilder, name: &str, x: &str, y: &str, cin: usize, cout: usize, k: usize, s: i64, g: usize| {
+            let p = (k / 2) as i64;
+            b.init_f32(
+                &format!("{name}.w"),
+                &[cout as i64, (cin / g) as i64, k as i64, k as i64],
+                w(cout * cin / g * k * k, cout as u64 + k as u64),
+            );
+            b.init_f32(&format!("{name}.b"), &[cout as i64], w(cout, 7));
+            b.node(
+                "Conv",
+                name,
+                &[x, &format!("{name}.w"), &format!("{name}.b")],
+                &[y],
+                vec![
+                    ints("kernel_shape", &[k as i64, k as i64]),
+                    ints("strides", &[s, s]),
+                    ints("pads", &[p, p, p, p]),
+                    OnnxBuilder::attr_i("group", g as i64),
+                ],
+            );
+        };
+    let bn = |b: &mut OnnxBuilder, name: &str, x: &str, y: &str, c: usize| {
+        b.init_f32(&format!("{name}.s"), &[c as i64], w(c, 11).iter().map(|v| 1.0 + v).collect());
+        b.init_f32(&format!("{name}.b"), &[c as i64], w(c, 12));
+        b.init_f32(&format!("{name}.m"), &[c as i64], w(c, 13));
+        b.init_f32(&format!("{name}.v"), &[c as i64], w(c, 14).iter().map(|v| 0.5 + v.abs()).collect());
+        let ins = [x.to_string(), format!("{name}.s"), format!("{name}.b"), format!("{name}.m"), format!("{name}.v")];
+        let ins: Vec<&str> = ins.iter().map(String::as_str).collect();
+        b.node("BatchNormalization", name, &ins, &[y], vec![OnnxBuilder::attr_f("momentum", 0.9)]);
+    };
+    b.init_f32("three", &[], vec![3.0]).init_f32("zero", &[], vec![0.0]).init_f32("six", &[], vec![6.0]);
+    // stem: conv → BN → x·clip(x+3, 0, 6)/6
+    conv(&mut b, "stem", "x", "s0", 3, 16, 3, 2, 1);
+    bn(&mut b, "stem_bn", "s0", "s1", 16);
+    b.node("Add", "hs_a", &["s1", "three"], &["hs1"], vec![]);
+    b.node("Clip", "hs_c", &["hs1", "zero", "six"], &["hs2"], vec![]);
+    b.node("Mul", "hs_m", &["s1", "hs2"], &["hs3"], vec![]);
+    b.node("Div", "hs_d", &["hs3", "six"], &["s2"], vec![]);
+    // depthwise → BN → ReLU
+    conv(&mut b, "dw", "s2", "d0", 16, 16, 3, 1, 16);
+    bn(&mut b, "dw_bn", "d0", "d1", 16);
+    b.node("Relu", "dw_relu", &["d1"], &["d2"], vec![]);
+    // squeeze-excite: GAP → 1×1 → ReLU → 1×1 → HardSigmoid → scale
+    b.node("GlobalAveragePool", "se_pool", &["d2"], &["e0"], vec![]);
+    conv(&mut b, "se1", "e0", "e1", 16, 8, 1, 1, 1);
+    b.node("Relu", "se_relu", &["e1"], &["e2"], vec![]);
+    conv(&mut b, "se2", "e2", "e3", 8, 16, 1, 1, 1);
+    b.node(
+        "HardSigmoid",
+        "se_hs",
+        &["e3"],
+        &["e4"],
+        vec![OnnxBuilder::attr_f("alpha", 0.2), OnnxBuilder::attr_f("beta", 0.5)],
+    );
+    b.node("Mul", "se_mul", &["d2", "e4"], &["d3"], vec![]);
+    // pointwise → ·γ + β (per channel) → x·HardSigmoid(x; 1/6, 1/2) → ·a + b (scalars)
+    conv(&mut b, "pw", "d3", "p0", 16, 24, 1, 1, 1);
+    b.init_f32("gamma", &[1, 24, 1, 1], w(24, 21).iter().map(|v| 1.0 + v).collect());
+    b.init_f32("beta", &[24, 1, 1], w(24, 22));
+    b.node("Mul", "pw_g", &["gamma", "p0"], &["p1"], vec![]);
+    b.node("Add", "pw_b", &["p1", "beta"], &["p2"], vec![]);
+    b.node(
+        "HardSigmoid",
+        "pw_hsig",
+        &["p2"],
+        &["p3"],
+        vec![OnnxBuilder::attr_f("alpha", 1.0 / 6.0), OnnxBuilder::attr_f("beta", 0.5)],
+    );
+    b.node("Mul", "pw_hsw", &["p2", "p3"], &["p4"], vec![]);
+    b.init_f32("a", &[1], vec![0.75]).init_f32("c", &[], vec![0.1]);
+    b.node("Mul", "pw_a", &["a", "p4"], &["p5"], vec![]);
+    b.node("Add", "pw_c", &["p5", "c"], &["p6"], vec![]);
+    // stride-2 SiLU conv, 5×5 max pool (SPP), nearest upsample back
+    conv(&mut b, "down", "p6", "q0", 24, 32, 3, 2, 1);
+    b.node("Sigmoid", "down_sig", &["q0"], &["q1"], vec![]);
+    b.node("Mul", "down_silu", &["q0", "q1"], &["q2"], vec![]);
+    b.node("MaxPool", "spp", &["q2"], &["q3"], vec![ints("kernel_shape", &[5, 5]), ints("pads", &[2, 2, 2, 2])]);
+    b.init_f32("scales", &[4], vec![1.0, 1.0, 2.0, 2.0]);
+    b.node("Resize", "up", &["q3", "", "scales"], &["u0"], vec![OnnxBuilder::attr_s("mode", "nearest")]);
+    // a ConvTranspose path from the same map, LeakyReLU, concat, 1×1 head, sigmoid
+    b.init_f32("ct.w", &[32, 8, 2, 2], w(32 * 8 * 4, 31));
+    b.node(
+        "ConvTranspose",
+        "ct",
+        &["q3", "ct.w"],
+        &["t0"],
+        vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+    );
+    b.node("LeakyRelu", "ct_lr", &["t0"], &["t1"], vec![OnnxBuilder::attr_f("alpha", 0.1)]);
+    b.node("Concat", "cat", &["u0", "t1", "p6"], &["k0"], vec![OnnxBuilder::attr_i("axis", 1)]);
+    conv(&mut b, "head", "k0", "h0", 64, 2, 1, 1, 1);
+    b.node("Sigmoid", "head_sig", &["h0"], &["y"], vec![]);
+    b.output_f32("y");
+    b.to_bytes()
+}
+
+#[test]
+fn mobilenet_style_graph_fuses_and_matches_the_unfused_graph_and_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("mnet.onnx");
+    std::fs::write(&src, mobilenet_style()).unwrap();
+    let fused = convert_to(&src, dir.path(), "fused.acorn", &ConvertOptions::default());
+    let plain = convert_to(&src, dir.path(), "plain.acorn", &ConvertOptions { no_fold: true, ..Default::default() });
+    let m = Model::open(&fused).unwrap();
+    let rec = m.metadata().provenance.passes.iter().find(|p| p.name == "fuse_conv").expect("fuse_conv ran");
+    let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map_or(0.0, |(_, v)| *v);
+    // stem+BN+HardSwish, dw+BN+ReLU, se1+ReLU, se2+HardSigmoid, pw+affine+HardSwish+affine,
+    // down+SiLU, head+Sigmoid
+    assert_eq!(get("convs"), 7.0, "{:?}", rec.report);
+    assert_eq!(get("act_hardswish"), 2.0, "{:?}", rec.report);
+    assert_eq!(get("act_swish"), 1.0, "{:?}", rec.report);
+    let ops: Vec<&Op> = m.metadata().graph.nodes.iter().map(|n| &n.op).collect();
+    assert!(!ops.iter().any(|o| matches!(o, Op::BatchNorm { .. } | Op::Clip)), "left unfused: {ops:?}");
+    let x = Tensor::from_f32(vec![1, 3, 32, 48], pseudo_random(3 * 32 * 48, 5));
+    let (a, b) = (run(&fused, "x", &x), run(&plain, "x", &x));
+    let mut ort = OrtModel::load(&src, 1).unwrap();
+    let r = ort.run(&[("x", &x)], &["y"]).unwrap().remove(0);
+    assert_eq!(a.shape(), r.shape());
+    for (name, got) in [("fused", &a), ("unfused", &b)] {
+        let worst =
+            got.as_f32().unwrap().iter().zip(r.as_f32().unwrap()).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-4, "{name}: max |Acorn − ONNX Runtime| = {worst}");
+    }
+}
+
+#[test]
+fn ocr_models_read_the_page_as_onnx_runtime_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = ocr::page().unwrap();
+    // Detector: the text mask of the whole page.
+    let det = convert_to(&asset(OCR_DET), dir.path(), "det.acorn", &ConvertOptions::default());
+    let x = ocr::det_input(&page);
+    let got = run(&det, "x", &x);
+    let want = OrtModel::load(&asset(OCR_DET), 1).unwrap().run(&[("x", &x)], &["sigmoid_0.tmp_0"]).unwrap().remove(0);
+    let (gm, wm) = (ocr::text_mask(&got), ocr::text_mask(&want));
+    let differ = gm.iter().zip(&wm).filter(|(a, b)| a != b).count();
+    let text = wm.iter().filter(|&&t| t).count();
+    assert!(text > gm.len() / 20, "the page has text: {text} of {} pixels", gm.len());
+    assert!(differ * 10_000 <= gm.len(), "{differ} of {} mask pixels differ from ONNX Runtime", gm.len());
+    assert!(cosine(got.as_f32().unwrap(), want.as_f32().unwrap()) > 0.99999);
+    // Recogniser: each line's text.
+    let rec = convert_to(&asset(OCR_REC), dir.path(), "rec.acorn", &ConvertOptions::default());
+    let chars = ocr::characters(&asset(OCR_REC)).unwrap();
+    let mut ort_rec = OrtModel::load(&asset(OCR_REC), 1).unwrap();
+    for &(rows, line) in LINES {
+        let x = ocr::line_input(&page, rows);
+        let got = ocr::text(&ocr::ctc_classes(&run(&rec, "x", &x)).unwrap(), &chars);
+        let want = ocr::text(
+            &ocr::ctc_classes(&ort_rec.run(&[("x", &x)], &["softmax_11.tmp_0"]).unwrap()[0]).unwrap(),
+            &chars,
+        );
+        assert_eq!(got, want, "rows {rows:?}");
+        assert_eq!(got, line, "rows {rows:?}");
+    }
+    // Angle classifier: every line upright, with ONNX Runtime's scores.
+    let cls = convert_to(&asset(OCR_CLS), dir.path(), "cls.acorn", &ConvertOptions::default());
+    let mut ort_cls = OrtModel::load(&asset(OCR_CLS), 1).unwrap();
+    for &(rows, _) in LINES {
+        let x = ocr::input(&page, rows, 48, 192);
+        let got = run(&cls, "x", &x);
+        let want = ort_cls.run(&[("x", &x)], &["save_infer_model/scale_0.tmp_1"]).unwrap().remove(0);
+        let (g, w) = (got.as_f32().unwrap(), want.as_f32().unwrap());
+        assert!(g[0] > g[1], "rows {rows:?} read as upside down: {g:?}");
+        assert!((g[0] - w[0]).abs() < 1e-4, "rows {rows:?}: {g:?} vs ONNX Runtime {w:?}");
+    }
+}
+
+#[test]
+fn yolo_style_detector_matches_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert_to(&asset(YOLO_DET), dir.path(), "det.acorn", &ConvertOptions::default());
+    let page = ocr::page().unwrap();
+    let x = ocr::input(&page, (0, page.h), 416, 416);
+    let got = run(&model, "images", &x);
+    let want = OrtModel::load(&asset(YOLO_DET), 1).unwrap().run(&[("images", &x)], &["output"]).unwrap().remove(0);
+    assert_eq!(got.shape(), want.shape());
+    let worst =
+        got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-3, "max |Acorn − ONNX Runtime| = {worst}");
+}
