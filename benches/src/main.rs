@@ -35,9 +35,13 @@ enum Case {
     MiniLm16B8,
     MiniLm128B8,
     VadOp15B8,
+    OcrDet,
+    OcrRec,
+    OcrCls,
+    YoloDet,
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 11] = [
     Case::MiniLm16,
     Case::MiniLm128,
     Case::VadOp15,
@@ -45,6 +49,10 @@ const CASES: [Case; 7] = [
     Case::MiniLm16B8,
     Case::MiniLm128B8,
     Case::VadOp15B8,
+    Case::OcrDet,
+    Case::OcrRec,
+    Case::OcrCls,
+    Case::YoloDet,
 ];
 const RUNTIMES: [&str; 3] = ["acorn", "onnxruntime", "tract"];
 
@@ -58,6 +66,10 @@ impl Case {
             Case::MiniLm16B8 => "minilm-l3-16-b8",
             Case::MiniLm128B8 => "minilm-l3-128-b8",
             Case::VadOp15B8 => "silero-vad-op15-b8",
+            Case::OcrDet => "ocr-det",
+            Case::OcrRec => "ocr-rec",
+            Case::OcrCls => "ocr-cls",
+            Case::YoloDet => "yolo-det",
         }
     }
     fn describe(self) -> &'static str {
@@ -69,6 +81,10 @@ impl Case {
             Case::MiniLm16B8 => "paraphrase-MiniLM-L3-v2, batch 8, 16 tokens",
             Case::MiniLm128B8 => "paraphrase-MiniLM-L3-v2, batch 8, 128 tokens",
             Case::VadOp15B8 => "silero_vad_16k_op15, 8 streams × one 32 ms chunk",
+            Case::OcrDet => "PP-OCRv4 text detector, the page photo at 768×384",
+            Case::OcrRec => "PP-OCRv4 text recogniser, one line of the page at 48×658",
+            Case::OcrCls => "PP-OCR text-line angle classifier, one line at 48×192",
+            Case::YoloDet => "ddddocr's YOLO-style detector (SiLU convs), the page at 416×416",
         }
     }
     fn from_name(s: &str) -> Result<Case> {
@@ -79,6 +95,10 @@ impl Case {
             Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => MINILM_L3,
             Case::VadOp15 | Case::VadOp15B8 => SILERO_OP15,
             Case::VadOpenvino => SILERO_OPENVINO,
+            Case::OcrDet => OCR_DET,
+            Case::OcrRec => OCR_REC,
+            Case::OcrCls => OCR_CLS,
+            Case::YoloDet => YOLO_DET,
         })
     }
     /// ONNX Runtime's `quantize_dynamic` int8 model of a MiniLM case (made by `main`).
@@ -100,12 +120,24 @@ impl Case {
             Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => "minilm-l3",
             Case::VadOp15 | Case::VadOp15B8 => "vad-op15",
             Case::VadOpenvino => "vad-openvino",
+            Case::OcrDet => "ocr-det",
+            Case::OcrRec => "ocr-rec",
+            Case::OcrCls => "ocr-cls",
+            Case::YoloDet => "yolo-det",
         };
         repo_root().join(".cache/acorn-bench").join(format!("{stem}.acorn"))
     }
     /// Named inputs (the same tensors for every runtime).
     fn inputs(self) -> Result<Vec<(String, Tensor)>> {
+        use acorn_tests::ocr;
         Ok(match self {
+            Case::OcrDet => vec![("x".into(), ocr::det_input(&ocr::page()?))],
+            Case::OcrRec => vec![("x".into(), ocr::line_input(&ocr::page()?, ocr::LINES[0].0))],
+            Case::OcrCls => vec![("x".into(), ocr::input(&ocr::page()?, ocr::LINES[0].0, 48, 192))],
+            Case::YoloDet => {
+                let page = ocr::page()?;
+                vec![("images".into(), ocr::input(&page, (0, page.h), 416, 416))]
+            }
             Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => {
                 let len = if matches!(self, Case::MiniLm16 | Case::MiniLm16B8) { 16 } else { 128 };
                 let batch: &[&str] = if matches!(self, Case::MiniLm16B8 | Case::MiniLm128B8) {
@@ -141,6 +173,10 @@ impl Case {
         match self {
             Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => &[MINILM_EMBEDDING],
             Case::VadOp15 | Case::VadOpenvino | Case::VadOp15B8 => &["output", "stateN"],
+            Case::OcrDet => &["sigmoid_0.tmp_0"],
+            Case::OcrRec => &["softmax_11.tmp_0"],
+            Case::OcrCls => &["save_infer_model/scale_0.tmp_1"],
+            Case::YoloDet => &["output"],
         }
     }
 }
@@ -248,7 +284,9 @@ fn main() -> Result<()> {
         return child(rt, case, runs, threads);
     }
     std::fs::create_dir_all(repo_root().join(".cache/acorn-bench"))?;
-    for case in [Case::MiniLm16, Case::VadOp15, Case::VadOpenvino] {
+    for case in
+        [Case::MiniLm16, Case::VadOp15, Case::VadOpenvino, Case::OcrDet, Case::OcrRec, Case::OcrCls, Case::YoloDet]
+    {
         acorn_converter::convert(&case.onnx(), &case.acorn_path(), &Default::default())?;
     }
     // `--quantized`: MiniLM cases also run Acorn's q8 conversion and ONNX Runtime's own

@@ -305,3 +305,71 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
     report.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(PassRecord { name: "fuse_conv".into(), params: vec![], report })
 }
+
+/// For `--quantize q8`: every ungrouped convolution's weight `[M, C, k…]` becomes the
+/// `[M, K]` matrix the int8 kernels read (`K = C·Πk` zero-padded to a multiple of 32, the
+/// window in `kernel_shape`), so the quantize pass stores it q8 by rows, one scale per output
+/// channel. Depthwise and grouped convolutions stay f32 and the record says so: a depthwise
+/// stencil reads each weight once per output row, int8 would save nothing there.
+pub fn flatten_conv_weights(m: &mut Module) -> Result<PassRecord> {
+    use acorn::weights::QK;
+    let mut plans: Vec<(usize, Vec<usize>, Tensor)> = Vec::new();
+    let mut kept: Vec<String> = Vec::new();
+    {
+        let g = &m.graph;
+        let uses = acorn::graph::Uses::new(g);
+        for (i, n) in g.nodes.iter().enumerate() {
+            let attrs = match &n.op {
+                Op::Conv(a) | Op::ConvFused { conv: a, .. } => a,
+                _ => continue,
+            };
+            let Some(wv) = n.inputs.get(1).copied().flatten() else { continue };
+            let Some(t) = uses.constant(wv).map(|t| &m.tensors[t as usize].1) else { continue };
+            let shape = t.shape();
+            if t.dtype() != DType::F32 || shape.len() < 3 {
+                continue;
+            }
+            if attrs.group != 1 {
+                kept.push(format!(
+                    "{}: {} Conv (group {}) stays f32",
+                    n.name,
+                    if shape[1] == 1 { "depthwise" } else { "grouped" },
+                    attrs.group
+                ));
+                continue;
+            }
+            if uses.reads(wv) != 1 || uses.is_output(wv) {
+                kept.push(format!("{}: its weight is also read elsewhere", n.name));
+                continue;
+            }
+            let (mch, k) = (shape[0], shape[1..].iter().product::<usize>());
+            let kp = k.div_ceil(QK) * QK;
+            let Some(w) = t.as_f32() else { continue };
+            let mut flat = vec![0.0f32; mch * kp];
+            for (dst, src) in flat.chunks_exact_mut(kp).zip(w.chunks_exact(k)) {
+                dst[..k].copy_from_slice(src);
+            }
+            plans.push((i, shape[2..].to_vec(), Tensor::from_f32(vec![mch, kp], flat)));
+        }
+    }
+    let count = plans.len();
+    for (i, window, t) in plans {
+        let name = format!("{}.weight_rows", m.graph.nodes[i].name);
+        let value = m.graph.values.len() as ValueId;
+        m.graph.values.push(ValueInfo { name: name.clone() });
+        m.graph.constants.push(ConstBinding { value, tensor: m.tensors.len() as u32 });
+        m.tensors.push((name, t));
+        let n = &mut m.graph.nodes[i];
+        n.inputs[1] = Some(value);
+        if let Op::Conv(a) | Op::ConvFused { conv: a, .. } = &mut n.op {
+            a.kernel_shape = window.iter().map(|&k| k as i64).collect();
+        }
+    }
+    let mut rec = PassRecord {
+        name: "flatten_conv_weights".into(),
+        params: vec![],
+        report: vec![("convs".into(), count as f64), ("convs_kept_float".into(), kept.len() as f64)],
+    };
+    rec.params.extend(kept.into_iter().map(|k| ("float".to_string(), k)));
+    Ok(rec)
+}

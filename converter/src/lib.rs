@@ -295,6 +295,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             // Calibration statistics whenever there is calibration data: GPTQ needs them, and
             // every method reports each weight's sensitivity from them.
             let wants_stats = q.calib.is_some() || q.method != quantize::Method::Rtn;
+            // Convolution weights as the [M, K] rows the int8 kernels read.
+            if q.format == quantize::QuantFormat::Q8 {
+                records.push(cnn::flatten_conv_weights(&mut m)?);
+                passes::eliminate_dead(&mut m)?;
+            }
             // AWQ rescales weights (and the activations they read) in the graph before rounding.
             if q.method == quantize::Method::Awq {
                 let g = calibration.grams(&mut m, &mut records)?;

@@ -188,6 +188,8 @@ pub fn quantize_weights(
             .map(|(node, i)| match (&node.op, *i) {
                 (Op::MatMul, 1) => Use::Columns,
                 (Op::MatMulTransB, 1) | (Op::Gather { axis: 0 }, 0) => Use::Rows,
+                // a convolution's weight flattened to [M, K] (`cnn::flatten_conv_weights`)
+                (Op::Conv(_) | Op::ConvFused { .. }, 1) if opts.format == QuantFormat::Q8 => Use::Rows,
                 (op, _) => Use::Other(op.name()),
             })
             .collect();

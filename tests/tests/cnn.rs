@@ -165,6 +165,32 @@ fn mobilenet_style_graph_fuses_and_matches_the_unfused_graph_and_onnx_runtime() 
     }
 }
 
+fn q8() -> ConvertOptions {
+    let q = acorn_converter::quantize::QuantOptions {
+        format: acorn_converter::quantize::QuantFormat::Q8,
+        ..Default::default()
+    };
+    ConvertOptions { quantize: Some(q), ..Default::default() }
+}
+
+#[test]
+fn q8_convolutions_stay_close_to_fp32_on_the_builder_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("mnet.onnx");
+    std::fs::write(&src, mobilenet_style()).unwrap();
+    let fp32 = convert_to(&src, dir.path(), "fp32.acorn", &ConvertOptions::default());
+    let q = convert_to(&src, dir.path(), "q8.acorn", &q8());
+    let m = Model::open(&q).unwrap();
+    let rec = m.metadata().provenance.passes.iter().find(|p| p.name == "flatten_conv_weights").expect("flattened");
+    // every ungrouped conv flattened; the depthwise one named as kept float
+    assert_eq!(rec.report[0], ("convs".to_string(), 6.0), "{:?}", rec.report);
+    assert!(rec.params.iter().any(|(_, v)| v.contains("depthwise")), "{:?}", rec.params);
+    let x = Tensor::from_f32(vec![1, 3, 32, 48], pseudo_random(3 * 32 * 48, 5));
+    let (a, b) = (run(&fp32, "x", &x), run(&q, "x", &x));
+    let c = cosine(a.as_f32().unwrap(), b.as_f32().unwrap());
+    assert!(c > 0.999, "q8 vs fp32 cosine {c}");
+}
+
 #[test]
 fn ocr_models_read_the_page_as_onnx_runtime_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -219,4 +245,33 @@ fn yolo_style_detector_matches_onnx_runtime() {
     let worst =
         got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     assert!(worst < 1e-3, "max |Acorn − ONNX Runtime| = {worst}");
+}
+
+#[test]
+fn q8_ocr_reads_the_same_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = ocr::page().unwrap();
+    let chars = ocr::characters(&asset(OCR_REC)).unwrap();
+    let rec = convert_to(&asset(OCR_REC), dir.path(), "rec.acorn", &q8());
+    for &(rows, line) in LINES {
+        let x = ocr::line_input(&page, rows);
+        let got = ocr::text(&ocr::ctc_classes(&run(&rec, "x", &x)).unwrap(), &chars);
+        assert_eq!(got, line, "rows {rows:?}");
+    }
+    let (det, det_q) = (
+        convert_to(&asset(OCR_DET), dir.path(), "det.acorn", &ConvertOptions::default()),
+        convert_to(&asset(OCR_DET), dir.path(), "det-q8.acorn", &q8()),
+    );
+    let x = ocr::det_input(&page);
+    let (a, b) = (ocr::text_mask(&run(&det, "x", &x)), ocr::text_mask(&run(&det_q, "x", &x)));
+    let differ = a.iter().zip(&b).filter(|(p, q)| p != q).count();
+    let text = a.iter().filter(|&&t| t).count();
+    println!("q8 detector: {differ} mask pixels differ from fp32 ({text} text pixels of {})", a.len());
+    assert!(differ * 50 <= text, "q8 text mask: {differ} pixels differ from fp32's (of {text} text pixels)");
+    let cls = convert_to(&asset(OCR_CLS), dir.path(), "cls-q8.acorn", &q8());
+    for &(rows, _) in LINES {
+        let s = run(&cls, "x", &ocr::input(&page, rows, 48, 192));
+        let s = s.as_f32().unwrap();
+        assert!(s[0] > s[1], "rows {rows:?} read as upside down: {s:?}");
+    }
 }

@@ -43,7 +43,7 @@ impl Geo {
 
 /// `dst[ox] = f(row[ox·sw + off])` for `ox` in `lo..hi`, where every index is inside `row`.
 #[inline(always)]
-fn strided_run(dst: &mut [f32], row: &[f32], start: usize, sw: usize, f: impl Fn(&mut f32, f32)) {
+fn strided_run<T>(dst: &mut [T], row: &[f32], start: usize, sw: usize, f: impl Fn(&mut T, f32)) {
     let n = dst.len();
     match sw {
         1 => {
@@ -106,10 +106,16 @@ impl Phases {
     }
 }
 
+/// An element of a laid-out input: f32, or int8 codes for the int8 kernels.
+pub trait Lane: Copy + Default {}
+impl Lane for f32 {}
+impl Lane for i8 {}
+
 multiversion! {
-/// Lays out `cg` input planes as [`Phases`] describes (padding as zeros).
-fn lay_out(g: &Geo, ph: &Phases, cg: usize, x: &[f32], buf: &mut [f32]) {
-    buf.fill(0.0);
+/// Lays out `cg` input planes as [`Phases`] describes (padding as zeros), each value through
+/// `f` (the identity, or the int8 quantizer).
+fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32], buf: &mut [T], f: F) {
+    buf.fill(T::default());
     for ci in 0..cg {
         let plane = &x[ci * g.h * g.w..][..g.h * g.w];
         for ry in 0..g.sh {
@@ -122,7 +128,7 @@ fn lay_out(g: &Geo, ph: &Phases, cg: usize, x: &[f32], buf: &mut [f32]) {
                     let b0 = g.pw.saturating_sub(rx).div_ceil(g.sw);
                     let b1 = (g.w + g.pw).saturating_sub(rx).div_ceil(g.sw).min(ph.wq);
                     if b1 > b0 {
-                        strided_run(&mut drow[b0..b1], xrow, rx + g.sw * b0 - g.pw, g.sw, |d, s| *d = s);
+                        strided_run(&mut drow[b0..b1], xrow, rx + g.sw * b0 - g.pw, g.sw, |d, s| *d = f(s));
                     }
                 }
             }
@@ -198,7 +204,8 @@ pub fn gemm_scratch(g: &Geo, cg: usize, mg: usize) -> usize {
     ph.len(cg).saturating_add((k + mg).saturating_mul(block))
 }
 
-/// One group of a convolution, `out` (`mg` × `oh·ow`) = `post(W · im2col(x) + bias)`. The input
+/// One group of a convolution, `out` (`mg` × `oh·ow`) = `post(W · im2col(x) + bias)` (`W` rows
+/// at stride `ldw ≥ cg·kh·kw`). The input
 /// is laid out once ([`Phases`]: padded, split by stride phase), then the output is made in
 /// blocks of columns small enough that a block's `im2col` panels (plain copies), its GEMM (no
 /// packing) and its epilogue all stay in cache. Blocks are spread over `threads`; `scratch` is
@@ -210,6 +217,7 @@ pub fn conv_gemm(
     mg: usize,
     x: &[f32],
     w: &[f32],
+    ldw: usize,
     bias: Option<&[f32]>,
     post: Epilogue,
     out: &mut [f32],
@@ -225,7 +233,11 @@ pub fn conv_gemm(
         return;
     }
     let nr = super::f32_panel_width().unwrap_or(8);
-    let block = gemm_block(k, mg, grid);
+    // With threads, at least two blocks each where the map allows (whole panels).
+    let block = match threads {
+        0 | 1 => gemm_block(k, mg, grid),
+        t => gemm_block(k, mg, grid).min(grid.div_ceil(2 * t).div_ceil(nr).max(1) * nr),
+    };
     let blocks = grid.div_ceil(block);
     let parts = threads.max(1).min(blocks);
     let per = (k + mg) * block;
@@ -237,11 +249,11 @@ pub fn conv_gemm(
     let src: &[f32] = if ph.in_place {
         x
     } else {
-        lay_out(g, &ph, cg, x, laid);
+        lay_out(g, &ph, cg, x, laid, |v| v);
         laid
     };
     let (sc, oc) = (SharedOut::new(&mut rest[..parts * per]), SharedOut::new(out));
-    let wm = MatRef { data: w, rs: k, cs: 1 };
+    let wm = MatRef { data: w, rs: ldw, cs: 1 };
     for_each(parts, parts, &|p| {
         // SAFETY: part p alone uses scratch floats p·per .. (p+1)·per, inside the buffer sized
         // above, which outlives `for_each`.
@@ -595,4 +607,235 @@ fn pool2d(g: &Geo, max: bool, count_pad: (bool, usize, usize), x: &[f32], tmp: &
         }
     }
 }
+}
+
+thread_local! {
+    /// The int8 convolution's buffers: the quantized laid-out input (caller's thread), and per
+    /// part its pixel panels (bytes) with their scales.
+    static Q8_INPUT: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static Q8_PART: std::cell::RefCell<(Vec<i8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The int8 form of [`conv_gemm`]: `w` holds the q8 weights as activation rows (`mg` rows of
+/// `kp` codes, `kp` ≥ `cg·kh·kw` a multiple of 32, zero past the window, with per-block scales
+/// and sums: what the int8 GEMM reads as its "rows" side), and the input is quantized once per
+/// call with one scale (`max|x| / 127`). Each block of output pixels becomes the GEMM's
+/// q8 panels (four taps interleaved per pixel, as the panel kernels read them), so the product
+/// comes out as output channels × pixels — NCHW, no transpose — and the epilogue writes it.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_q8(
+    isa: super::Isa,
+    g: &Geo,
+    cg: usize,
+    w: &super::quant::QActs,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    post: Epilogue,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), super::quant::QuantError> {
+    use super::pool::{for_each, SharedOut};
+    use super::quant::{gemm_q8_panels_bias, QuantError};
+    use crate::weights::{Q8Panels, QK};
+    let (mg, kp) = (w.m, w.k);
+    let ph = Phases::new(g);
+    let k = cg * g.kh * g.kw;
+    let (n, grid) = (g.oh * g.ow, g.oh * ph.wq);
+    if k > kp || !kp.is_multiple_of(QK) {
+        return Err(QuantError(format!("q8 convolution weights of {kp} per output do not hold {k}")));
+    }
+    if n == 0 || mg == 0 {
+        return Ok(());
+    }
+    let isa = if isa.supported() { isa } else { super::Isa::detect() };
+    let nr = isa.q_rows().q8_panel.map_or(32, |(_, kp)| kp.nr);
+    // One scale for the input; laid out (padding, stride phases) as int8 codes.
+    let amax = super::math::max_abs(&x[..cg * g.h * g.w]);
+    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    let inv = 1.0 / scale;
+    // Tap offsets, as `panels` steps them.
+    let taps: Vec<usize> = (0..cg)
+        .flat_map(|ci| (0..g.kh).flat_map(move |ky| (0..g.kw).map(move |kx| (ci, ky, kx))))
+        .map(|(ci, ky, kx)| ph.tap(g, ci, ky, kx))
+        .collect();
+    let block = {
+        let b = (BLOCK_FLOATS * 2 / (kp + 4 * mg).max(1)).max(nr) / nr * nr;
+        match threads {
+            0 | 1 => b,
+            t => b.min(grid.div_ceil(2 * t).div_ceil(nr).max(1) * nr),
+        }
+        .min(grid.div_ceil(nr) * nr)
+    };
+    let blocks = grid.div_ceil(block);
+    let parts = threads.max(1).min(blocks);
+    Q8_INPUT.with(|cell| {
+        let q = &mut *cell.borrow_mut();
+        if ph.in_place {
+            q.resize(cg * g.h * g.w, 0);
+            super::math::quantize_i8(&x[..cg * g.h * g.w], inv, q);
+        } else {
+            q.resize(ph.len(cg), 0);
+            // the quantizer's rounding (ties to even by the 1.5·2²³ trick, as `quantize_i8`)
+            lay_out(g, &ph, cg, x, q, |v| (((v * inv).clamp(-127.0, 127.0) + 12_582_912.0) - 12_582_912.0) as i8);
+        }
+        let q = &q[..];
+        let oc = SharedOut::new(out);
+        let failed = std::sync::Mutex::new(None);
+        for_each(parts, parts, &|p| {
+            Q8_PART.with(|cell| {
+                let (panels, accs) = &mut *cell.borrow_mut();
+                let panel_bytes = kp * nr;
+                panels.resize(block.div_ceil(nr) * panel_bytes, 0);
+                accs.resize(block.div_ceil(nr) * nr + mg * block, 0.0);
+                let (scales, acc) = accs.split_at_mut(block.div_ceil(nr) * nr);
+                scales.fill(scale);
+                for bi in (p..blocks).step_by(parts) {
+                    let j0 = bi * block;
+                    let len = block.min(grid - j0);
+                    let np = len.div_ceil(nr);
+                    for (pi, panel) in panels[..np * panel_bytes].chunks_exact_mut(panel_bytes).enumerate() {
+                        let c0 = j0 + pi * nr;
+                        let cols = nr.min(j0 + len - c0);
+                        pixel_panel(q, &taps, kp, c0, cols, nr, panel);
+                    }
+                    let wp = Q8Panels { n: len, k: kp, nr, q: &panels[..np * panel_bytes], scales: &scales[..np * nr] };
+                    if let Err(e) = gemm_q8_panels_bias(isa, w, &wp, None, &mut acc[..mg * len], 1) {
+                        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        return;
+                    }
+                    for (mi, row) in acc[..mg * len].chunks_exact_mut(len).enumerate() {
+                        epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
+                        let mut j = j0;
+                        while j < j0 + len {
+                            let (oy, ox) = (j / ph.wq, j % ph.wq);
+                            let seg = (ph.wq - ox).min(j0 + len - j);
+                            let keep = g.ow.saturating_sub(ox).min(seg);
+                            if keep > 0 {
+                                let at = mi * n + oy * g.ow + ox;
+                                debug_assert!(at + keep <= oc.len());
+                                // SAFETY: output row mi, columns of grid row oy below ow: inside
+                                // `out` (mi < mg rows of n) and written by this block only
+                                // (blocks are disjoint column ranges, each handled by one part).
+                                let dst = unsafe { std::slice::from_raw_parts_mut(oc.ptr().add(at), keep) };
+                                dst.copy_from_slice(&row[j - j0..][..keep]);
+                            }
+                            j += seg;
+                        }
+                    }
+                }
+            })
+        });
+        match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })
+}
+
+multiversion! {
+/// One q8 panel of pixels `c0..c0 + cols` (zero columns up to `nr`): for each group of four
+/// taps, each pixel's four codes side by side (the layout of [`crate::weights::Q8Panels`]);
+/// taps past the window (`taps.len()..kp`) are zero.
+fn pixel_panel(q: &[i8], taps: &[usize], kp: usize, c0: usize, cols: usize, nr: usize, panel: &mut [i8]) {
+    for (gi, dst) in panel.chunks_exact_mut(4 * nr).enumerate().take(kp / 4) {
+        let tap = |i: usize| taps.get(gi * 4 + i).map(|&at| &q[at + c0..][..cols]);
+        match (tap(0), tap(1), tap(2), tap(3)) {
+            (Some(r0), Some(r1), Some(r2), Some(r3)) => {
+                for (c, d) in dst.chunks_exact_mut(4).take(cols).enumerate() {
+                    d.copy_from_slice(&[r0[c], r1[c], r2[c], r3[c]]);
+                }
+            }
+            (r0, r1, r2, r3) => {
+                let rows = [r0, r1, r2, r3];
+                for (c, d) in dst.chunks_exact_mut(4).take(cols).enumerate() {
+                    for (i, r) in rows.iter().enumerate() {
+                        d[i] = r.map_or(0, |r| r[c]);
+                    }
+                }
+            }
+        }
+        dst[4 * cols..].fill(0);
+    }
+}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quant::QActs;
+
+    /// The int8 convolution equals the sum of its integer products: codes of the weights (per
+    /// row scale) and of the input (one scale, round half to even), on awkward shapes, padding,
+    /// strides and dilations, with one and two threads, at the selected kernel level.
+    #[test]
+    fn int8_convolution_matches_its_integer_definition() {
+        // (C, H, W, M, kh, kw, stride, pads, dilation)
+        let cases = [
+            (3, 7, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1)),
+            (8, 12, 13, 40, 3, 3, (2, 2), (1, 1), (1, 1)),
+            (5, 9, 30, 17, 1, 5, (1, 2), (0, 2), (1, 1)),
+            (16, 6, 6, 33, 1, 1, (1, 1), (0, 0), (1, 1)),
+            (4, 11, 10, 8, 3, 2, (1, 3), (2, 1), (2, 2)),
+            (32, 20, 24, 64, 3, 3, (1, 1), (1, 1), (1, 1)),
+        ];
+        for (i, &(c, h, w, m, kh, kw, (sh, sw), (ph, pw), (dh, dw))) in cases.iter().enumerate() {
+            let oh = (h + 2 * ph - (kh - 1) * dh - 1) / sh + 1;
+            let ow = (w + 2 * pw - (kw - 1) * dw - 1) / sw + 1;
+            let g = Geo { h, w, kh, kw, sh, sw, dh, dw, ph, pw, oh, ow };
+            let k = c * kh * kw;
+            let kp = k.div_ceil(32) * 32;
+            let x = crate::kernels::pseudo_random(c * h * w, i as u64 + 1);
+            let wf = crate::kernels::pseudo_random(m * k, i as u64 + 50);
+            // q8 rows: one scale per output channel, codes zero past the window
+            let mut rows = QActs { m, k: kp, q: vec![0; m * kp], ..Default::default() };
+            let mut wscale = vec![0.0f32; m];
+            for r in 0..m {
+                let row = &wf[r * k..(r + 1) * k];
+                wscale[r] = row.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+                for (j, &v) in row.iter().enumerate() {
+                    rows.q[r * kp + j] = (v / wscale[r]).round() as i8;
+                }
+            }
+            rows.scales = (0..m * kp / 32).map(|b| wscale[b / (kp / 32)]).collect();
+            rows.sums = rows.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+            let bias = crate::kernels::pseudo_random(m, 99);
+            let xs = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+            let xq = |v: f32| (v / xs).round_ties_even().clamp(-127.0, 127.0) as i32;
+            let mut want = vec![0.0f32; m * oh * ow];
+            for r in 0..m {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = 0i64;
+                        for ci in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let (iy, ix) = (
+                                        (oy * sh + ky * dh) as isize - ph as isize,
+                                        (ox * sw + kx * dw) as isize - pw as isize,
+                                    );
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let wq = rows.q[r * kp + (ci * kh + ky) * kw + kx] as i64;
+                                    acc += wq * xq(x[(ci * h + iy as usize) * w + ix as usize]) as i64;
+                                }
+                            }
+                        }
+                        want[(r * oh + oy) * ow + ox] = acc as f32 * wscale[r] * xs + bias[r];
+                    }
+                }
+            }
+            for threads in [1, 2] {
+                let mut got = vec![f32::NAN; m * oh * ow];
+                conv_q8(super::super::selected(), &g, c, &rows, &x, Some(&bias), Epilogue::NONE, &mut got, threads)
+                    .unwrap();
+                for (j, (a, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "case {i}, {threads} threads, output {j}: {a} vs {e}"
+                    );
+                }
+            }
+        }
+    }
 }

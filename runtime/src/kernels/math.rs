@@ -193,6 +193,38 @@ multiversion! {
     }
 }
 
+/// The largest |x| (0 for an empty slice; NaN is skipped).
+pub fn max_abs(x: &[f32]) -> f32 {
+    let mut m = 0.0;
+    max_abs_into(x, &mut m);
+    m
+}
+
+multiversion! {
+    /// [`max_abs`] into `out`.
+    fn max_abs_into(x: &[f32], out: &mut f32) {
+        let mut lanes = [0.0f32; 16];
+        let mut it = x.chunks_exact(16);
+        for c in &mut it {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l = l.max(v.abs());
+            }
+        }
+        *out = it.remainder().iter().fold(lanes.iter().fold(0.0f32, |a, &v| a.max(v)), |a, &v| a.max(v.abs()));
+    }
+}
+
+multiversion! {
+    /// `q[i] = round(x[i] · inv)` clamped to ±127, ties to even (the quantizer's rounding, by
+    /// adding and subtracting 1.5·2²³: no libm call, so the loop vectorises).
+    fn quantize_i8(x: &[f32], inv: f32, q: &mut [i8]) {
+        const MAGIC: f32 = 12_582_912.0;
+        for (o, &v) in q.iter_mut().zip(x) {
+            *o = (((v * inv).clamp(-127.0, 127.0) + MAGIC) - MAGIC) as i8;
+        }
+    }
+}
+
 multiversion! {
     /// One activation row (`nb` blocks of 32 int8 values, `xs` their scales) × one panel of `nr`
     /// q8 weight rows packed as `TensorEncoding::Q8Panels` (`nr ≤ 64`, a multiple of 4),

@@ -33,6 +33,7 @@ pub fn reads_encoded(op: &Op, i: usize, enc: TensorEncoding) -> bool {
         TensorEncoding::Dense => true,
         TensorEncoding::PanelF32 { .. } => matches!(op, Op::MatMul) && i == 1,
         e if e.transposed() => matches!(op, Op::MatMul) && i == 1,
+        TensorEncoding::Q8 { transposed: false } if matches!(op, Op::Conv(_) | Op::ConvFused { .. }) => i == 1,
         _ => (matches!(op, Op::MatMulTransB) && i == 1) || (matches!(op, Op::Gather { axis: 0 }) && i == 0),
     }
 }
