@@ -11,8 +11,8 @@
 //! `--quantized`): exit with an error when a quantized case is slower than the fp32 case of the
 //! same model at the same level — the CI smoke check.
 //!
-//! `--quantized` adds, for the MiniLM cases, Acorn's `--quantize q8` conversion (`acorn-q8`) and
-//! ONNX Runtime on its own `quantize_dynamic` int8 model (`onnxruntime-int8`).
+//! `--quantized` adds, for the MiniLM and CNN cases, Acorn's `--quantize q8` conversion
+//! (`acorn-q8`) and ONNX Runtime on its own `quantize_dynamic` int8 model (`onnxruntime-int8`).
 //!
 //! Each (runtime, case) runs in its own child process so peak RSS is that runtime's alone.
 //! Prints a Markdown table (medians; the machine is shared and noisy, so compare ratios). Each
@@ -101,22 +101,32 @@ impl Case {
             Case::YoloDet => YOLO_DET,
         })
     }
-    /// ONNX Runtime's `quantize_dynamic` int8 model of a MiniLM case (made by `main`).
+    /// ONNX Runtime's `quantize_dynamic` int8 model of a case (made by `main`).
     fn ort_int8(self) -> PathBuf {
-        repo_root().join(".cache/acorn-bench/minilm-l3-ort-int8.onnx")
+        repo_root().join(format!(".cache/acorn-bench/{}-ort-int8.onnx", self.stem()))
     }
 
-    /// Acorn's `--quantize q8` conversion of a MiniLM case (made by `main`).
+    /// Acorn's `--quantize q8` conversion of a case (made by `main`).
     fn acorn_q8(self) -> PathBuf {
-        repo_root().join(".cache/acorn-bench/minilm-l3-q8.acorn")
+        repo_root().join(format!(".cache/acorn-bench/{}-q8.acorn", self.stem()))
     }
 
     fn is_minilm(self) -> bool {
         matches!(self, Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8)
     }
 
+    /// The cases with quantized rows under `--quantized`: MiniLM and the CNNs.
+    fn quantizable(self) -> bool {
+        self.is_minilm() || matches!(self, Case::OcrDet | Case::OcrRec | Case::OcrCls | Case::YoloDet)
+    }
+
     fn acorn_path(self) -> PathBuf {
-        let stem = match self {
+        repo_root().join(".cache/acorn-bench").join(format!("{}.acorn", self.stem()))
+    }
+
+    /// The model's file stem in the bench cache (one per model, shared by its cases).
+    fn stem(self) -> &'static str {
+        match self {
             Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => "minilm-l3",
             Case::VadOp15 | Case::VadOp15B8 => "vad-op15",
             Case::VadOpenvino => "vad-openvino",
@@ -124,8 +134,7 @@ impl Case {
             Case::OcrRec => "ocr-rec",
             Case::OcrCls => "ocr-cls",
             Case::YoloDet => "yolo-det",
-        };
-        repo_root().join(".cache/acorn-bench").join(format!("{stem}.acorn"))
+        }
     }
     /// Named inputs (the same tensors for every runtime).
     fn inputs(self) -> Result<Vec<(String, Tensor)>> {
@@ -292,20 +301,37 @@ fn main() -> Result<()> {
     // `--quantized`: MiniLM cases also run Acorn's q8 conversion and ONNX Runtime's own
     // `quantize_dynamic` int8 model (made with the pinned onnxruntime the assets script installs).
     let quantized = args.iter().any(|a| a == "--quantized");
+    let cases: Vec<Case> = match args.iter().position(|a| a == "--cases") {
+        Some(i) => {
+            args.get(i + 1).context("--cases NAME,NAME")?.split(',').map(Case::from_name).collect::<Result<_>>()?
+        }
+        None => CASES.to_vec(),
+    };
     if quantized {
         let q = acorn_converter::quantize::QuantOptions {
             format: acorn_converter::quantize::QuantFormat::Q8,
             ..Default::default()
         };
         let opts = acorn_converter::ConvertOptions { quantize: Some(q), ..Default::default() };
-        acorn_converter::convert(&Case::MiniLm16.onnx(), &Case::MiniLm16.acorn_q8(), &opts)?;
-        let st = Command::new("python3")
-            .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
-            .args([&Case::MiniLm16.onnx(), &Case::MiniLm16.ort_int8()])
-            .env("PYTHONPATH", assets_dir().join("pydeps"))
-            .output()?;
-        if !st.status.success() {
-            bail!("ONNX Runtime quantize_dynamic failed: {}", String::from_utf8_lossy(&st.stderr));
+        let acorn_only = args.iter().any(|a| a == "--acorn-only");
+        let mut done = Vec::new();
+        for &case in cases.iter().filter(|c| c.quantizable()) {
+            if done.contains(&case.stem()) {
+                continue;
+            }
+            done.push(case.stem());
+            acorn_converter::convert(&case.onnx(), &case.acorn_q8(), &opts)?;
+            if acorn_only || case.ort_int8().exists() {
+                continue;
+            }
+            let st = Command::new("python3")
+                .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
+                .args([&case.onnx(), &case.ort_int8()])
+                .env("PYTHONPATH", assets_dir().join("pydeps"))
+                .output()?;
+            if !st.status.success() {
+                bail!("ONNX Runtime quantize_dynamic failed: {}", String::from_utf8_lossy(&st.stderr));
+            }
         }
     }
     let exe = std::env::current_exe()?;
@@ -325,12 +351,6 @@ fn main() -> Result<()> {
     println!();
     println!("| case | runtime | open ms | median ms | p90 ms | peak RSS MB | median vs Acorn |");
     println!("|---|---|---:|---:|---:|---:|---:|");
-    let cases: Vec<Case> = match args.iter().position(|a| a == "--cases") {
-        Some(i) => {
-            args.get(i + 1).context("--cases NAME,NAME")?.split(',').map(Case::from_name).collect::<Result<_>>()?
-        }
-        None => CASES.to_vec(),
-    };
     // `--levels all|NAME,NAME`: Acorn's rows once per kernel level (forced with `ACORN_KERNELS`),
     // side by side; the peers run once (they pick their own kernels).
     let levels: Vec<Option<acorn::kernels::Isa>> = match args.iter().position(|a| a == "--levels") {
@@ -350,7 +370,7 @@ fn main() -> Result<()> {
     let mut inversions = Vec::new();
     for &case in &cases {
         let mut acorn_median = None;
-        let extra: &[&str] = if quantized && case.is_minilm() { &["acorn-q8", "onnxruntime-int8"] } else { &[] };
+        let extra: &[&str] = if quantized && case.quantizable() { &["acorn-q8", "onnxruntime-int8"] } else { &[] };
         let mut rows: Vec<(&str, Option<acorn::kernels::Isa>)> = Vec::new();
         for &rt in RUNTIMES.iter().chain(extra) {
             if acorn_only && !rt.starts_with("acorn") {

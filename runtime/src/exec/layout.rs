@@ -54,3 +54,56 @@ pub(crate) fn adapt_layouts(file: &mut ModelFile, isa: Isa) -> Result<()> {
     }
     Ok(())
 }
+
+/// q8 convolution weights the int8 kernels would not run faster than f32 (every one on a CPU
+/// without an int8 dot product — AVX2, AVX-512 without VNNI, NEON without dotprod —, and the
+/// small ones everywhere: see `ops::q8_conv_runs_f32`) are decoded to f32 once at open;
+/// decoding them on every run would make the q8 file slower than the fp32 one. The file stays
+/// 4× smaller on disk; in memory these weights take their f32 size.
+pub(crate) fn decode_conv_weights(file: &mut ModelFile, isa: Isa) -> Result<()> {
+    use crate::graph::Op;
+    use crate::weights::Weights;
+    let g = &file.metadata().graph;
+    let mut targets: Vec<usize> = g
+        .all_nodes()
+        .filter(|n| matches!(n.op, Op::Conv(_) | Op::ConvFused { .. }))
+        .filter_map(|n| n.inputs.get(1).copied().flatten())
+        .filter_map(|v| g.constants.iter().find(|c| c.value == v).map(|c| c.tensor as usize))
+        .collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for i in targets {
+        let t = &file.metadata().tensors[i];
+        if t.encoding != (TensorEncoding::Q8 { transposed: false }) {
+            continue;
+        }
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let Ok(Weights::Q8(w)) = Weights::parse(t.encoding, t.dtype, &shape, file.stored_bytes(i)) else { continue };
+        if !crate::ops::q8_conv_runs_f32(isa, w.n, w.k) {
+            continue;
+        }
+        let mut out: Vec<f32> = Vec::new();
+        if out.try_reserve_exact(w.n * w.k).is_err() {
+            return Err(Error::Limit(format!(
+                "tensor '{}': cannot allocate {} floats to decode it",
+                t.name,
+                w.n * w.k
+            )));
+        }
+        for (row, &sc) in w.q.chunks_exact(w.k).zip(w.scales).take(w.n) {
+            out.extend(row.iter().map(|&v| v as f32 * sc));
+        }
+        count += 1;
+        bytes += out.len() * 4;
+        file.substitute_dense(i, out);
+    }
+    if count > 0 {
+        log::info!(
+            "decoded {count} q8 convolution weight(s) ({:.1} MB) to f32 for the {} kernels (no int8 dot product)",
+            bytes as f64 / 1e6,
+            isa.name()
+        );
+    }
+    Ok(())
+}

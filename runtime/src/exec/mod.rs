@@ -117,6 +117,7 @@ impl Model {
     /// Adapts a validated file's weight layouts to the selected kernels.
     fn from_file(mut file: ModelFile) -> Result<Model> {
         layout::adapt_layouts(&mut file, crate::kernels::selected())?;
+        layout::decode_conv_weights(&mut file, crate::kernels::selected())?;
         Ok(Model { file: Arc::new(file) })
     }
 

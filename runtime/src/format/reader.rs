@@ -49,9 +49,10 @@ pub struct ModelFile {
     data_offset: usize,
     data_len: usize,
     data_crc32: u32,
-    /// Panel-encoded weights repacked at open for this CPU's GEMM (by tensor index), when the
-    /// file was converted for another panel width. Empty when nothing needed repacking.
-    repacked: Vec<Option<(u32, Vec<f32>)>>,
+    /// Weights given another layout at open for this CPU's kernels (by tensor index): panels
+    /// repacked to another width (a file converted for another CPU), or q8 convolution weights
+    /// decoded to f32 (a CPU without an int8 dot product). Empty when nothing changed.
+    repacked: Vec<Option<(TensorEncoding, Vec<f32>)>>,
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -331,10 +332,7 @@ impl ModelFile {
 
     /// The panel width of tensor `i` as [`ModelFile::tensor_bytes`] returns it (`None`: dense).
     pub fn panel_width(&self, i: usize) -> Option<u32> {
-        if let Some(Some((nr, _))) = self.repacked.get(i) {
-            return Some(*nr);
-        }
-        match self.meta.tensors[i].encoding {
+        match self.encoding(i) {
             TensorEncoding::PanelF32 { nr } => Some(nr),
             _ => None,
         }
@@ -344,7 +342,7 @@ impl ModelFile {
     /// weight has the width it was repacked to).
     pub fn encoding(&self, i: usize) -> TensorEncoding {
         match self.repacked.get(i) {
-            Some(Some((nr, _))) => TensorEncoding::PanelF32 { nr: *nr },
+            Some(Some((enc, _))) => *enc,
             _ => self.meta.tensors[i].encoding,
         }
     }
@@ -353,10 +351,20 @@ impl ModelFile {
     /// matrices in panels of `nr` (the execution layer repacks a file converted for another CPU
     /// at open; the stored bytes and their checksums are unchanged).
     pub(crate) fn substitute_panels(&mut self, i: usize, nr: u32, data: Vec<f32>) {
+        self.substitute(i, TensorEncoding::PanelF32 { nr }, data);
+    }
+
+    /// Replaces what [`ModelFile::tensor_bytes`] returns for tensor `i` with its values decoded
+    /// to dense f32 (same shape).
+    pub(crate) fn substitute_dense(&mut self, i: usize, data: Vec<f32>) {
+        self.substitute(i, TensorEncoding::Dense, data);
+    }
+
+    fn substitute(&mut self, i: usize, enc: TensorEncoding, data: Vec<f32>) {
         if self.repacked.is_empty() {
             self.repacked.resize_with(self.meta.tensors.len(), || None);
         }
-        self.repacked[i] = Some((nr, data));
+        self.repacked[i] = Some((enc, data));
     }
 
     /// Checks every tensor's CRC-32; returns one entry per tensor.

@@ -223,6 +223,23 @@ pub(super) fn run(
 /// without).
 const Q8_CONV_MIN_CHANNELS: usize = 16;
 
+/// Whether a q8 convolution of `m` output channels and `k` weights each runs the f32 kernels
+/// on `isa` (its weights decoded once at open). Without an int8 dot-product instruction (AVX2,
+/// AVX-512 without VNNI, NEON without dotprod) an int8 multiply-add takes as many instructions
+/// as an f32 one and quantizing the input and building the pixel panels is extra: measured on
+/// AVX2, the OCR recogniser ran 1.05–1.12× slower in int8 than in f32. With one, convolutions
+/// of fewer than [`Q8_CONV_MIN_CHANNELS`] outputs or [`Q8_CONV_MIN_WEIGHTS`] weights.
+pub(crate) fn q8_conv_runs_f32(isa: crate::kernels::Isa, m: usize, k: usize) -> bool {
+    use crate::kernels::Isa;
+    let dot = matches!(isa, Isa::Avx512Vnni | Isa::AvxVnni | Isa::NeonDot | Isa::NeonI8mm);
+    !dot || m < Q8_CONV_MIN_CHANNELS || m * k < Q8_CONV_MIN_WEIGHTS
+}
+
+/// Weights from which a q8 convolution runs the int8 kernels (with a dot product): the angle
+/// classifier's convolutions (6 400 weights, ≤ 1 M multiply-adds each) ran 0.93× of f32 in
+/// int8.
+const Q8_CONV_MIN_WEIGHTS: usize = 1 << 14;
+
 /// Multiply-adds from which a q8 convolution runs the int8 kernels: the angle classifier's
 /// convolutions (≤ 1 M each) ran 0.93× of f32 in int8.
 const Q8_CONV_MIN_MACS: usize = 1 << 22;
@@ -249,7 +266,9 @@ fn run_q8(
     let kg = kernel_geo(g);
     let (plane, ospat) = (g.h * g.w, g.oh * g.ow);
     let k = g.c * g.kh * g.kw;
-    if g.m < Q8_CONV_MIN_CHANNELS || g.m * k * ospat < Q8_CONV_MIN_MACS {
+    let isa = crate::kernels::selected();
+    let min_channels = if q8_conv_runs_f32(isa, q8.n, q8.k) { usize::MAX } else { Q8_CONV_MIN_CHANNELS };
+    if g.m < min_channels || g.m * k * ospat < Q8_CONV_MIN_MACS {
         // Few output channels, or a small product: quantizing the input and building the int8
         // panels cost what the int8 products save, so the f32 kernels run on the decoded
         // weights.
@@ -281,7 +300,6 @@ fn run_q8(
     let mut rows = QActs { m: q8.n, k: q8.k, q: q8.q[..q8.n * q8.k].to_vec(), ..Default::default() };
     rows.scales = (0..q8.n * nb).map(|i| q8.scales[i / nb]).collect();
     rows.sums = rows.q.chunks_exact(QK).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
-    let isa = crate::kernels::selected();
     for b in 0..g.n {
         let xin = &xd[b * g.c * plane..][..g.c * plane];
         let o = &mut out[b * g.m * ospat..][..g.m * ospat];

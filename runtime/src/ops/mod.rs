@@ -73,6 +73,8 @@ pub struct Ctx<'a> {
 /// Output type and shape of one op output.
 pub type OutFact = (DType, Vec<usize>);
 
+pub(crate) use conv::q8_conv_runs_f32;
+
 /// True for ops whose output is the input's bytes with another shape (run as a no-op).
 pub fn is_alias(op: &Op) -> bool {
     matches!(family(op), Family::Alias)
