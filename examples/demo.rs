@@ -18,7 +18,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn ensure_assets() -> Result<()> {
-    let needed = [MINILM_L3, MINILM_TOKENIZER, ORT_LIB, SILERO_IF, SMOLLM2_ONNX, SHAKESPEARE_DIR];
+    let needed =
+        [MINILM_L3, MINILM_TOKENIZER, ORT_LIB, SILERO_IF, SMOLLM2_ONNX, SHAKESPEARE_DIR, OCR_DET, OCR_REC, PAGE_PNG];
     if needed.iter().all(|a| assets_dir().join(a).exists()) {
         return Ok(());
     }
@@ -164,7 +165,78 @@ fn main() -> Result<()> {
     println!("outputs    speech per 32 ms chunk: {speech}");
     println!("latency    {:.3} ms per chunk (median, 1 thread)", median(times));
     println!("agreement  vs ONNX Runtime: max |Δ| speech probability = {worst:.2e}");
-    llm()
+    llm()?;
+    ocr()
+}
+
+/// Median latency of `runs` runs of `model` on one input (after a warm-up run).
+fn latency(model: &Path, input: &str, x: &Tensor, runs: usize) -> Result<(f64, Tensor)> {
+    let m = Model::open(model)?;
+    let mut s = m.session().commit()?;
+    let out = s.run(&[(input, x)])?.swap_remove(0);
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        s.run(&[(input, x)])?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((median(times), out))
+}
+
+/// PaddleOCR PP-OCRv4 (detector + recogniser, convolutional networks): read a photographed page
+/// in fp32 and q8, against ONNX Runtime.
+fn ocr() -> Result<()> {
+    use acorn_tests::ocr;
+    println!("\n== PP-OCRv4 text detector + recogniser (CNNs) on a photographed page, fp32 and q8 ==");
+    let page = ocr::page()?;
+    let chars = ocr::characters(&asset(OCR_REC))?;
+    let q8 = acorn_converter::ConvertOptions { quantize: Some(q8_options()), ..Default::default() };
+    let dir = repo_root().join(".cache/acorn-demo");
+    let mut files = Vec::new();
+    for (src, name) in [(OCR_DET, "ocr-det"), (OCR_REC, "ocr-rec")] {
+        let (fp32, _, _) = convert(&asset(src), &format!("{name}.acorn"))?;
+        let quant = dir.join(format!("{name}-q8.acorn"));
+        acorn_converter::convert(&asset(src), &quant, &q8)?;
+        println!(
+            "converted  {name}: {:.1} MB ONNX → {:.1} MB fp32, {:.1} MB q8",
+            mb(std::fs::metadata(asset(src))?.len()),
+            mb(std::fs::metadata(&fp32)?.len()),
+            mb(std::fs::metadata(&quant)?.len())
+        );
+        files.push((fp32, quant));
+    }
+    let x = ocr::det_input(&page);
+    let want = OrtModel::load(&asset(OCR_DET), 1)?.run(&[("x", &x)], &["sigmoid_0.tmp_0"])?.remove(0);
+    let want_mask = ocr::text_mask(&want);
+    for (label, path) in [("fp32", &files[0].0), ("q8", &files[0].1)] {
+        let (ms, got) = latency(path, "x", &x, 10)?;
+        let differ = ocr::text_mask(&got).iter().zip(&want_mask).filter(|(a, b)| a != b).count();
+        println!(
+            "detector   {label:4} {ms:7.1} ms for the page at 768×384 (1 thread); text mask: {differ} of {} pixels differ from ONNX Runtime's",
+            want_mask.len()
+        );
+    }
+    let mut ort_rec = OrtModel::load(&asset(OCR_REC), 1)?;
+    for (label, path) in [("fp32", &files[1].0), ("q8", &files[1].1)] {
+        let (mut total, mut same) = (0.0, 0);
+        for &(rows, _) in ocr::LINES {
+            let x = ocr::line_input(&page, rows);
+            let (ms, got) = latency(path, "x", &x, 5)?;
+            total += ms;
+            let text = ocr::text(&ocr::ctc_classes(&got)?, &chars);
+            let want = ocr::ctc_classes(&ort_rec.run(&[("x", &x)], &["softmax_11.tmp_0"])?[0])?;
+            same += usize::from(text == ocr::text(&want, &chars));
+            if label == "q8" {
+                println!("text       {text}");
+            }
+        }
+        println!(
+            "recogniser {label:4} {total:7.1} ms for {} lines (1 thread); {same} of {} read as ONNX Runtime reads them",
+            ocr::LINES.len(),
+            ocr::LINES.len()
+        );
+    }
+    Ok(())
 }
 
 /// SmolLM2-135M-Instruct: convert with its tokenizer, generate with the KV cache, compare with

@@ -330,7 +330,13 @@ fn main() -> Result<()> {
                 .env("PYTHONPATH", assets_dir().join("pydeps"))
                 .output()?;
             if !st.status.success() {
-                bail!("ONNX Runtime quantize_dynamic failed: {}", String::from_utf8_lossy(&st.stderr));
+                let err = String::from_utf8_lossy(&st.stderr);
+                let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                if case.is_minilm() {
+                    bail!("ONNX Runtime quantize_dynamic failed: {err}");
+                }
+                // Its row then says the model is missing.
+                println!("ONNX Runtime's quantize_dynamic cannot quantize {}: {last}", case.name());
             }
         }
     }
