@@ -247,7 +247,7 @@ fn attributes_the_runtime_does_not_implement_are_refused_by_name() {
 
 #[test]
 fn quantize_with_nothing_eligible_warns_and_strict_refuses() {
-    // A CNN: its only large weight is a convolution kernel, which --quantize does not store.
+    // A CNN: its only large weight is a convolution kernel, which q4 does not store (q8 does).
     let mut b = B::new(17);
     b.input_f32("x", &["1", "32", "8", "8"]).output_f32("y");
     b.init_f32("w", &[64, 32, 3, 3], vec![0.01; 64 * 32 * 9]);
@@ -255,7 +255,11 @@ fn quantize_with_nothing_eligible_warns_and_strict_refuses() {
     let dir = tempfile::tempdir().unwrap();
     let src = write(dir.path(), "cnn.onnx", &b);
     let out = dir.path().join("cnn.acorn");
-    let q = QuantOptions { format: QuantFormat::Q8, ..Default::default() };
+    let q8 = QuantOptions { format: QuantFormat::Q8, ..Default::default() };
+    let r = convert(&src, &out, &ConvertOptions { quantize: Some(q8), ..Default::default() }).unwrap();
+    assert!(r.warnings.is_empty(), "q8 stores the convolution's weight: {:?}", r.warnings);
+    std::fs::remove_file(&out).unwrap();
+    let q = QuantOptions { format: QuantFormat::parse("q4", 32, true).unwrap(), ..Default::default() };
     let opts = ConvertOptions { quantize: Some(q), ..Default::default() };
     let r = convert(&src, &out, &opts).unwrap();
     assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);

@@ -43,20 +43,25 @@ fn geometry(a: &ConvAttrs, x: &[usize], wt: &[usize]) -> OpResult<Geo> {
     super::check_window_lists("Conv", sp, [&a.kernel_shape, &a.strides, &a.dilations, &a.pads])?;
     let g = a.group as usize;
     let (n, c, m) = (x[0], x[1], wt[0]);
-    let window: Vec<usize> = if flat {
+    // The window (no allocation: geometry runs on every call).
+    let mut window = [1usize; 2];
+    if flat {
         if a.kernel_shape.len() != sp || a.kernel_shape.iter().any(|&k| k < 1) {
             op_bail!("Conv with a flattened W {wt:?} needs kernel_shape for {sp} axes, got {:?}", a.kernel_shape);
         }
-        a.kernel_shape.iter().map(|&k| k as usize).collect()
+        for (w, &k) in window.iter_mut().zip(&a.kernel_shape) {
+            *w = k as usize;
+        }
     } else {
-        wt[2..].to_vec()
-    };
+        window[..sp].copy_from_slice(&wt[2..]);
+    }
+    let window = &window[..sp];
     let per_out = window.iter().try_fold(c / g.max(1), |a, &k| a.checked_mul(k)).unwrap_or(usize::MAX);
     let fits = if flat { g == 1 && per_out <= wt[1] } else { wt[1] * g == c };
     if g == 0 || c % g != 0 || m % g != 0 || !fits {
         op_bail!("Conv channels do not match: X {x:?}, W {wt:?}, group {g}");
     }
-    let ks = &window[..];
+    let ks = window;
     if !a.kernel_shape.is_empty()
         && (a.kernel_shape.len() != ks.len() || a.kernel_shape.iter().zip(ks).any(|(&k, &w)| k != w as i64))
     {
