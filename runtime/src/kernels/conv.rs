@@ -185,6 +185,45 @@ fn panels(g: &Geo, ph: &Phases, cg: usize, src: &[f32], j0: usize, len: usize, n
 }
 }
 
+/// The epilogue of one block of grid columns `j0..j0 + len` (`acc`: output channels × `len`),
+/// written to the NCHW output behind `out` (channels × `oh·ow`); grid columns `ow..wq` of each
+/// row are dropped.
+///
+/// # Safety
+/// `out` is a live buffer of `acc.len() / len` rows of `oh·ow` floats, and no other thread
+/// reads or writes the output columns of grid columns `j0..j0 + len` during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_block(
+    g: &Geo,
+    wq: usize,
+    acc: &mut [f32],
+    j0: usize,
+    len: usize,
+    bias: Option<&[f32]>,
+    post: Epilogue,
+    out: super::pool::SharedOut,
+) {
+    let n = g.oh * g.ow;
+    for (mi, row) in acc.chunks_exact_mut(len).enumerate() {
+        epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
+        let mut j = j0;
+        while j < j0 + len {
+            let (oy, ox) = (j / wq, j % wq);
+            let seg = (wq - ox).min(j0 + len - j);
+            let keep = g.ow.saturating_sub(ox).min(seg);
+            if keep > 0 {
+                let at = mi * n + oy * g.ow + ox;
+                debug_assert!(at + keep <= out.len());
+                // SAFETY: output row mi, columns of grid row oy below ow: inside `out` and this
+                // caller's alone (the function's contract).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(at), keep) };
+                dst.copy_from_slice(&row[j - j0..][..keep]);
+            }
+            j += seg;
+        }
+    }
+}
+
 /// Floats of cache one block of the blocked convolution may fill (its `im2col` panels and its
 /// output block): half a typical 1 MiB L2.
 const BLOCK_FLOATS: usize = 1 << 17;
@@ -266,26 +305,9 @@ pub fn conv_gemm(
             panels(g, &ph, cg, src, j0, len, nr, &mut cols[..plen]);
             let bm = Panels { data: &cols[..plen], k, n: len, nr };
             super::sgemm(mg, len, k, wm, BMat::Panels(bm), &mut acc[..mg * len], len, false, 1);
-            for (mi, row) in acc[..mg * len].chunks_exact_mut(len).enumerate() {
-                epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
-                // Grid columns j0..j0+len, by grid row; columns ow..wq are dropped.
-                let mut j = j0;
-                while j < j0 + len {
-                    let (oy, ox) = (j / ph.wq, j % ph.wq);
-                    let seg = (ph.wq - ox).min(j0 + len - j);
-                    let keep = g.ow.saturating_sub(ox).min(seg);
-                    if keep > 0 {
-                        let at = mi * n + oy * g.ow + ox;
-                        debug_assert!(at + keep <= oc.len());
-                        // SAFETY: output row mi, columns of grid row oy below ow: inside `out`
-                        // (mi < mg rows of n) and written by this block only (blocks are
-                        // disjoint column ranges, each handled by one part).
-                        let dst = unsafe { std::slice::from_raw_parts_mut(oc.ptr().add(at), keep) };
-                        dst.copy_from_slice(&row[j - j0..][..keep]);
-                    }
-                    j += seg;
-                }
-            }
+            // SAFETY: columns j0..j0+len of the grid are this block's alone (blocks are
+            // disjoint column ranges, each handled by one part); `oc` is `out`, mg rows of n.
+            unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, oc) };
         }
     });
 }
@@ -703,25 +725,8 @@ pub fn conv_q8(
                         *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                         return;
                     }
-                    for (mi, row) in acc[..mg * len].chunks_exact_mut(len).enumerate() {
-                        epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
-                        let mut j = j0;
-                        while j < j0 + len {
-                            let (oy, ox) = (j / ph.wq, j % ph.wq);
-                            let seg = (ph.wq - ox).min(j0 + len - j);
-                            let keep = g.ow.saturating_sub(ox).min(seg);
-                            if keep > 0 {
-                                let at = mi * n + oy * g.ow + ox;
-                                debug_assert!(at + keep <= oc.len());
-                                // SAFETY: output row mi, columns of grid row oy below ow: inside
-                                // `out` (mi < mg rows of n) and written by this block only
-                                // (blocks are disjoint column ranges, each handled by one part).
-                                let dst = unsafe { std::slice::from_raw_parts_mut(oc.ptr().add(at), keep) };
-                                dst.copy_from_slice(&row[j - j0..][..keep]);
-                            }
-                            j += seg;
-                        }
-                    }
+                    // SAFETY: as in `conv_gemm`: this block's columns are its own.
+                    unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, oc) };
                 }
             })
         });
