@@ -686,15 +686,31 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
         let mut order: Vec<usize> = (0..meta.tensors.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(meta.tensors[i].len));
         let show = if order.len() > 25 { 20 } else { order.len() };
+        // Tensors convolutions read as their weights (their kernels differ from a MatMul's).
+        let conv_weights: Vec<u32> = meta
+            .graph
+            .all_nodes()
+            .filter(|n| matches!(n.op, acorn::graph::Op::Conv(_) | acorn::graph::Op::ConvFused { .. }))
+            .filter_map(|n| n.inputs.get(1).copied().flatten())
+            .filter_map(|v| meta.graph.constants.iter().find(|c| c.value == v).map(|c| c.tensor))
+            .collect();
         for &i in &order[..show] {
             let t = &meta.tensors[i];
-            let runs = product_kernels(t.encoding).map_or(String::new(), |(one, many)| {
-                if one == many {
-                    format!("  products: {one}")
-                } else {
-                    format!("  products: {one} (1 row) / {many} (many rows)")
-                }
-            });
+            let conv_q8 = conv_weights.contains(&(i as u32))
+                && t.encoding == (acorn::format::TensorEncoding::Q8 { transposed: false })
+                && t.shape.len() == 2;
+            let runs = if conv_q8 {
+                let (m, k) = (t.shape[0] as usize, t.shape[1] as usize);
+                format!("  convolution: {}", acorn::kernels::conv_q8_kernel(acorn::kernels::selected(), m, k))
+            } else {
+                product_kernels(t.encoding).map_or(String::new(), |(one, many)| {
+                    if one == many {
+                        format!("  products: {one}")
+                    } else {
+                        format!("  products: {one} (1 row) / {many} (many rows)")
+                    }
+                })
+            };
             out!(
                 "  {:<48} {:<4} {:<18} {:<6} {:>10} B{runs}",
                 t.name,
