@@ -108,7 +108,7 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
     Ok(outs)
 }
 
-pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], threads: usize) -> OpResult<()> {
     let Op::Pool(a) = op else { op_bail!("not a pool") };
     let x = *req(inputs, 0, "X")?;
     let g = geometry(a, x.shape)?;
@@ -162,10 +162,15 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 ow: at(&g.out, 1),
             };
             let count_pad = (a.count_include_pad, zero(&g.pe, 0), zero(&g.pe, 1));
-            let mut tmp = vec![0.0f32; kg.h * kg.ow];
-            for (plane, o) in xf.chunks_exact(in_plane).zip(out.chunks_exact_mut(out_plane)) {
-                kernels::conv::pool2d(&kg, max, count_pad, plane, &mut tmp, o);
-            }
+            // Planes split across threads, each part with its own row buffer.
+            kernels::pool::for_chunks(threads, out, out_plane, 1 << 14, &|start, chunk| {
+                let mut tmp = vec![0.0f32; kg.h * kg.ow];
+                let first = start / out_plane;
+                for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
+                    let plane = &xf[(first + i) * in_plane..][..in_plane];
+                    kernels::conv::pool2d(&kg, max, count_pad, plane, &mut tmp, o);
+                }
+            });
             return Ok(());
         }
     }
