@@ -12,8 +12,12 @@ use acorn_tests::ocr::{self, LINES};
 use acorn_tests::*;
 
 fn run(path: &Path, input: &str, x: &Tensor) -> Tensor {
+    run_threads(path, input, x, 1)
+}
+
+fn run_threads(path: &Path, input: &str, x: &Tensor, threads: usize) -> Tensor {
     let m = Model::open(path).unwrap();
-    let mut s = m.session().commit().unwrap();
+    let mut s = m.session().with_threads(threads).commit().unwrap();
     s.run(&[(input, x)]).unwrap().into_iter().next().unwrap()
 }
 
