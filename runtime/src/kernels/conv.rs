@@ -288,7 +288,20 @@ pub fn conv_gemm(
     let src: &[f32] = if ph.in_place {
         x
     } else {
-        lay_out(g, &ph, cg, x, laid, |v| v);
+        // Channels laid out in parallel (each part its own channels' planes), the slack after.
+        let lparts = threads.max(1).min(cg).min((cg * g.h * g.w).div_ceil(1 << 15)).max(1);
+        let (chans, slack) = laid.split_at_mut(cg * ph.per_channel);
+        slack.fill(0.0);
+        let lc = SharedOut::new(chans);
+        for_each(lparts, lparts, &|p| {
+            let (c0, c1) = (p * cg / lparts, (p + 1) * cg / lparts);
+            // SAFETY: channels c0..c1's planes, inside `chans` and this part's alone (the parts'
+            // channel ranges are disjoint); `chans` outlives `for_each`.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(lc.ptr().add(c0 * ph.per_channel), (c1 - c0) * ph.per_channel)
+            };
+            lay_out(g, &ph, c1 - c0, &x[c0 * g.h * g.w..c1 * g.h * g.w], dst, |v| v);
+        });
         laid
     };
     let (sc, oc) = (SharedOut::new(&mut rest[..parts * per]), SharedOut::new(out));
