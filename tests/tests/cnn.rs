@@ -196,6 +196,39 @@ fn q8_convolutions_stay_close_to_fp32_on_the_builder_graph() {
 }
 
 #[test]
+fn single_channel_convolutions_keep_their_results_when_flattened() {
+    // One input channel (a grayscale stem): its flattened weight rows are padded, and a small
+    // one stays f32 — either way it must not be taken for a depthwise convolution.
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = OnnxBuilder::new(13);
+    b.input_f32("x", &["1", "1", "20", "24"]);
+    b.init_f32("w1", &[8, 1, 3, 3], pseudo_random(72, 3));
+    b.init_f32("w2", &[64, 1, 5, 5], pseudo_random(1600, 4));
+    let ints = OnnxBuilder::attr_ints;
+    b.node("Conv", "small", &["x", "w1"], &["a"], vec![ints("pads", &[1, 1, 1, 1])]);
+    b.node("Conv", "large", &["x", "w2"], &["c"], vec![ints("pads", &[2, 2, 2, 2]), ints("strides", &[2, 2])]);
+    b.output_f32("a").output_f32("c");
+    let src = dir.path().join("gray.onnx");
+    std::fs::write(&src, b.to_bytes()).unwrap();
+    let fp32 = convert_to(&src, dir.path(), "fp32.acorn", &ConvertOptions::default());
+    let q = convert_to(&src, dir.path(), "q8.acorn", &q8());
+    let x = Tensor::from_f32(vec![1, 1, 20, 24], pseudo_random(480, 9));
+    let outs = |p: &Path| {
+        let m = Model::open(p).unwrap();
+        let mut s = m.session().commit().unwrap();
+        s.run(&[("x", &x)]).unwrap()
+    };
+    let (a, b) = (outs(&fp32), outs(&q));
+    // the small conv stays f32 (flattened: the GEMM instead of the depthwise stencil, so equal
+    // up to the order of the sums); the large one is q8: close
+    let worst =
+        a[0].as_f32().unwrap().iter().zip(b[0].as_f32().unwrap()).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-5, "flattened f32 single-channel conv differs by {worst}");
+    let c = cosine(a[1].as_f32().unwrap(), b[1].as_f32().unwrap());
+    assert!(c > 0.999, "q8 single-channel conv cosine {c}");
+}
+
+#[test]
 fn ocr_models_read_the_page_as_onnx_runtime_does() {
     let dir = tempfile::tempdir().unwrap();
     let page = ocr::page().unwrap();

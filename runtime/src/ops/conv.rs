@@ -152,7 +152,7 @@ pub(super) fn scratch_len(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> usize {
     if g.oh * g.ow == 0 {
         return 0;
     }
-    if cg == 1 {
+    if cg == 1 && w.shape.len() > 2 {
         return conv::depthwise_scratch(&kernel_geo(&g));
     }
     conv::gemm_scratch(&kernel_geo(&g), cg, g.m / g.group)
@@ -204,9 +204,10 @@ pub(super) fn run(
     let ospat = g.oh * g.ow;
     let plane = g.h * g.w;
     let kg = kernel_geo(&g);
-    if cg == 1 {
+    if cg == 1 && w.shape.len() > 2 {
         // Depthwise (one input channel per group): each output channel is its own small
-        // stencil, no GEMM; channels split across threads.
+        // stencil, no GEMM; channels split across threads. (A flattened W — one input channel,
+        // rows padded — runs as the GEMM below.)
         conv::depthwise(&kg, g.m, mg, xd, wd, bias, post, out, ctx.threads, ctx.scratch);
         return Ok(());
     }
