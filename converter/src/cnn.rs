@@ -276,15 +276,8 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
             .to_vec();
         let mch = wshape[0];
         let base = node.name.clone();
-        let add = |m: &mut Module, name: String, t: Tensor| -> ValueId {
-            let value = m.graph.values.len() as ValueId;
-            m.graph.values.push(ValueInfo { name: name.clone() });
-            m.graph.constants.push(ConstBinding { value, tensor: m.tensors.len() as u32 });
-            m.tensors.push((name, t));
-            value
-        };
-        let w = add(m, format!("{base}.fused_weight"), Tensor::from_f32(wshape, p.weights));
-        let b = add(m, format!("{base}.fused_bias"), Tensor::from_f32(vec![mch], p.bias));
+        let w = replace_constant(m, p.conv, 1, Tensor::from_f32(wshape, p.weights), &format!("{base}.weight"));
+        let b = replace_constant(m, p.conv, 2, Tensor::from_f32(vec![mch], p.bias), &format!("{base}.bias"));
         let node = &mut m.graph.nodes[p.conv];
         node.inputs = vec![node.inputs[0], Some(w), Some(b)];
         node.outputs = vec![p.output];
@@ -338,7 +331,8 @@ pub fn flatten_conv_weights(m: &mut Module) -> Result<PassRecord> {
                 ));
                 continue;
             }
-            if uses.reads(wv) != 1 || uses.is_output(wv) {
+            let bindings = uses.constant(wv).map_or(0, |t| g.constants.iter().filter(|c| c.tensor == t).count());
+            if uses.reads(wv) != 1 || uses.is_output(wv) || bindings != 1 {
                 kept.push(format!("{}: its weight is also read elsewhere", n.name));
                 continue;
             }
@@ -354,11 +348,8 @@ pub fn flatten_conv_weights(m: &mut Module) -> Result<PassRecord> {
     }
     let count = plans.len();
     for (i, window, t) in plans {
-        let name = format!("{}.weight_rows", m.graph.nodes[i].name);
-        let value = m.graph.values.len() as ValueId;
-        m.graph.values.push(ValueInfo { name: name.clone() });
-        m.graph.constants.push(ConstBinding { value, tensor: m.tensors.len() as u32 });
-        m.tensors.push((name, t));
+        let fallback = format!("{}.weight", m.graph.nodes[i].name);
+        let value = replace_constant(m, i, 1, t, &fallback);
         let n = &mut m.graph.nodes[i];
         n.inputs[1] = Some(value);
         if let Op::Conv(a) | Op::ConvFused { conv: a, .. } = &mut n.op {
@@ -372,4 +363,28 @@ pub fn flatten_conv_weights(m: &mut Module) -> Result<PassRecord> {
     };
     rec.params.extend(kept.into_iter().map(|k| ("float".to_string(), k)));
     Ok(rec)
+}
+
+/// The value to bind as input `slot` of node `i` holding `t`, keeping the source's tensor name
+/// (what `--keep-float` patterns and the records name): the tensor is replaced in place when
+/// that node is its only reader and it is bound to one value; otherwise a new tensor is added,
+/// named `{original}.fused` (or `fallback` when the input was missing).
+fn replace_constant(m: &mut Module, i: usize, slot: usize, t: Tensor, fallback: &str) -> ValueId {
+    let old = m.graph.nodes[i].inputs.get(slot).copied().flatten();
+    let bound = old.and_then(|v| m.graph.constants.iter().find(|c| c.value == v).map(|c| c.tensor as usize));
+    if let (Some(v), Some(ti)) = (old, bound) {
+        let bindings = m.graph.constants.iter().filter(|c| c.tensor as usize == ti).count();
+        let reads = m.graph.all_nodes().flat_map(|n| n.inputs.iter()).filter(|&&x| x == Some(v)).count()
+            + m.graph.outputs.iter().filter(|o| o.value == v).count();
+        if bindings == 1 && reads == 1 {
+            m.tensors[ti].1 = t;
+            return v;
+        }
+    }
+    let name = bound.map_or_else(|| fallback.to_string(), |ti| format!("{}.fused", m.tensors[ti].0));
+    let value = m.graph.values.len() as ValueId;
+    m.graph.values.push(ValueInfo { name: name.clone() });
+    m.graph.constants.push(ConstBinding { value, tensor: m.tensors.len() as u32 });
+    m.tensors.push((name, t));
+    value
 }

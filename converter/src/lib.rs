@@ -298,7 +298,6 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             // Convolution weights as the [M, K] rows the int8 kernels read.
             if q.format == quantize::QuantFormat::Q8 {
                 records.push(cnn::flatten_conv_weights(&mut m)?);
-                passes::eliminate_dead(&mut m)?;
             }
             // AWQ rescales weights (and the activations they read) in the graph before rounding.
             if q.method == quantize::Method::Awq {

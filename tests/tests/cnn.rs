@@ -21,13 +21,6 @@ fn run_threads(path: &Path, input: &str, x: &Tensor, threads: usize) -> Tensor {
     s.run(&[(input, x)]).unwrap().into_iter().next().unwrap()
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
 fn convert_to(src: &Path, dir: &Path, name: &str, opts: &ConvertOptions) -> PathBuf {
     let out = dir.join(name);
     convert(src, &out, opts).unwrap();
@@ -163,8 +156,7 @@ fn mobilenet_style_graph_fuses_and_matches_the_unfused_graph_and_onnx_runtime() 
     let r = ort.run(&[("x", &x)], &["y"]).unwrap().remove(0);
     assert_eq!(a.shape(), r.shape());
     for (name, got) in [("fused", &a), ("unfused", &b)] {
-        let worst =
-            got.as_f32().unwrap().iter().zip(r.as_f32().unwrap()).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+        let worst = max_abs_diff(got, &r);
         assert!(worst < 1e-4, "{name}: max |Acorn − ONNX Runtime| = {worst}");
     }
 }
@@ -193,6 +185,17 @@ fn q8_convolutions_stay_close_to_fp32_on_the_builder_graph() {
     let (a, b) = (run(&fp32, "x", &x), run(&q, "x", &x));
     let c = cosine(a.as_f32().unwrap(), b.as_f32().unwrap());
     assert!(c > 0.999, "q8 vs fp32 cosine {c}");
+    // Fused and flattened weights keep their source names: --keep-float finds them.
+    let enc = |m: &Model, name: &str| m.metadata().tensors.iter().find(|t| t.name == name).map(|t| t.encoding);
+    let dense = acorn::format::TensorEncoding::Dense;
+    let q8_rows = acorn::format::TensorEncoding::Q8 { transposed: false };
+    assert_eq!(enc(&m, "down.w"), Some(q8_rows));
+    let mut keep = q8();
+    if let Some(q) = keep.quantize.as_mut() {
+        q.keep_float = vec!["^down\\.w$".into()];
+    }
+    let kept = Model::open(convert_to(&src, dir.path(), "q8-keep.acorn", &keep)).unwrap();
+    assert_eq!(enc(&kept, "down.w"), Some(dense));
 }
 
 #[test]
@@ -221,8 +224,7 @@ fn single_channel_convolutions_keep_their_results_when_flattened() {
     let (a, b) = (outs(&fp32), outs(&q));
     // the small conv stays f32 (flattened: the GEMM instead of the depthwise stencil, so equal
     // up to the order of the sums); the large one is q8: close
-    let worst =
-        a[0].as_f32().unwrap().iter().zip(b[0].as_f32().unwrap()).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+    let worst = max_abs_diff(&a[0], &b[0]);
     assert!(worst < 1e-5, "flattened f32 single-channel conv differs by {worst}");
     let c = cosine(a[1].as_f32().unwrap(), b[1].as_f32().unwrap());
     assert!(c > 0.999, "q8 single-channel conv cosine {c}");
@@ -279,8 +281,7 @@ fn yolo_style_detector_matches_onnx_runtime() {
     let got = run(&model, "images", &x);
     let want = OrtModel::load(&asset(YOLO_DET), 1).unwrap().run(&[("images", &x)], &["output"]).unwrap().remove(0);
     assert_eq!(got.shape(), want.shape());
-    let worst =
-        got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let worst = max_abs_diff(&got, &want);
     assert!(worst < 1e-3, "max |Acorn − ONNX Runtime| = {worst}");
 }
 

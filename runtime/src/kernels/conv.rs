@@ -544,22 +544,30 @@ pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
     }
     let Epilogue { act, scale, shift } = post;
     let affine = scale != 1.0 || shift != 0.0;
+    // One arm per activation, each a loop with that activation's formula (`act_scalar` with a
+    // constant variant folds to it), so every loop vectorises on its own.
     match act {
         FusedAct::Identity if !affine && bias == 0.0 => {}
         FusedAct::Identity => run(out, bias, scale, shift, affine, |v| v),
-        FusedAct::Relu => run(out, bias, scale, shift, affine, |v| v.max(0.0)),
-        FusedAct::Clip { min, max } => run(out, bias, scale, shift, affine, |v| v.max(min).min(max)),
-        FusedAct::LeakyRelu { alpha } => run(out, bias, scale, shift, affine, |v| if v >= 0.0 { v } else { v * alpha }),
-        FusedAct::HardSigmoid { alpha, beta } => {
-            run(out, bias, scale, shift, affine, |v| (v * alpha + beta).clamp(0.0, 1.0))
+        FusedAct::Relu => run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::Relu, v)),
+        FusedAct::Clip { min, max } => {
+            run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::Clip { min, max }, v))
         }
-        FusedAct::HardSwish => run(out, bias, scale, shift, affine, |v| v * ((v + 3.0).clamp(0.0, 6.0) / 6.0)),
-        FusedAct::Sigmoid => run(out, bias, scale, shift, affine, sigmoid),
-        FusedAct::Swish => run(out, bias, scale, shift, affine, |v| v * sigmoid(v)),
+        FusedAct::LeakyRelu { alpha } => {
+            run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::LeakyRelu { alpha }, v))
+        }
+        FusedAct::HardSigmoid { alpha, beta } => {
+            run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::HardSigmoid { alpha, beta }, v))
+        }
+        FusedAct::HardSwish => run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::HardSwish, v)),
+        FusedAct::Sigmoid => run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::Sigmoid, v)),
+        FusedAct::Swish => run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::Swish, v)),
     }
 }
 
-/// The activation alone, on one value (the reference the tests and the unfused graph agree on).
+/// The activation alone, on one value: the one definition of each formula (the epilogue's
+/// loops and the elementwise LeakyReLU / HardSigmoid call it with a constant variant).
+#[inline(always)]
 pub fn act_scalar(act: FusedAct, v: f32) -> f32 {
     match act {
         FusedAct::Identity => v,
@@ -710,8 +718,7 @@ pub fn conv_q8(
             super::math::quantize_i8(&x[..cg * g.h * g.w], inv, q);
         } else {
             q.resize(ph.len(cg), 0);
-            // the quantizer's rounding (ties to even by the 1.5·2²³ trick, as `quantize_i8`)
-            lay_out(g, &ph, cg, x, q, |v| (((v * inv).clamp(-127.0, 127.0) + 12_582_912.0) - 12_582_912.0) as i8);
+            lay_out(g, &ph, cg, x, q, |v| super::math::round_to_i8_range(v * inv) as i8);
         }
         let q = &q[..];
         let oc = SharedOut::new(out);

@@ -165,14 +165,20 @@ multiversion! {
     }
 }
 
+/// `round(v)` clamped to ±127, ties to even, as f32: by adding and subtracting 1.5·2²³ (exact
+/// for |v| ≤ 127), no libm call, so the loops using it vectorise. The int8 quantizers' rounding.
+#[inline(always)]
+pub fn round_to_i8_range(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v.clamp(-127.0, 127.0) + MAGIC) - MAGIC
+}
+
 multiversion! {
     /// Symmetric int8 quantization per block of 32 (the activations of the int8 products):
-    /// `scale = max|x| / 127`, `q = round(x / scale)` to nearest even (by adding and subtracting
-    /// 1.5·2²³, exact for |x / scale| ≤ 127: no libm call, so the loop vectorises), and each
-    /// block's sum of `q`. `x.len()` is a multiple of 32; `q` as long, `scales` and `sums` one per
+    /// `scale = max|x| / 127`, `q = round(x / scale)` to nearest even ([`round_to_i8_range`]),
+    /// and each block's sum of `q`. `x.len()` is a multiple of 32; `q` as long, `scales` and `sums` one per
     /// block.
     fn quantize_blocks_i8(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
-        const MAGIC: f32 = 12_582_912.0;
         for ((xb, qb), (s, sum)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(scales.iter_mut().zip(sums.iter_mut())) {
             let mut lanes = [0.0f32; 16];
             for (i, &v) in xb.iter().enumerate() {
@@ -183,7 +189,7 @@ multiversion! {
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut acc = 0i32;
             for (o, &v) in qb.iter_mut().zip(xb) {
-                let r = ((v * inv).clamp(-127.0, 127.0) + MAGIC) - MAGIC;
+                let r = round_to_i8_range(v * inv);
                 *o = r as i8;
                 acc += r as i32;
             }
@@ -215,12 +221,10 @@ multiversion! {
 }
 
 multiversion! {
-    /// `q[i] = round(x[i] · inv)` clamped to ±127, ties to even (the quantizer's rounding, by
-    /// adding and subtracting 1.5·2²³: no libm call, so the loop vectorises).
+    /// `q[i] = round(x[i] · inv)` clamped to ±127, ties to even ([`round_to_i8_range`]).
     fn quantize_i8(x: &[f32], inv: f32, q: &mut [i8]) {
-        const MAGIC: f32 = 12_582_912.0;
         for (o, &v) in q.iter_mut().zip(x) {
-            *o = (((v * inv).clamp(-127.0, 127.0) + MAGIC) - MAGIC) as i8;
+            *o = round_to_i8_range(v * inv) as i8;
         }
     }
 }

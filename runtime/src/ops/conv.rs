@@ -246,10 +246,6 @@ pub(crate) fn q8_conv_runs_f32(isa: crate::kernels::Isa, m: usize, k: usize) -> 
 /// int8.
 const Q8_CONV_MIN_WEIGHTS: usize = 1 << 14;
 
-/// Multiply-adds from which a q8 convolution runs the int8 kernels: the angle classifier's
-/// convolutions (≤ 1 M each) ran 0.93× of f32 in int8.
-const Q8_CONV_MIN_MACS: usize = 1 << 22;
-
 /// A convolution whose weights are stored q8 by rows (flattened to `[M, K]`, written by
 /// `acorn convert --quantize q8`): the int8 kernels, one group.
 fn run_q8(
@@ -271,36 +267,9 @@ fn run_q8(
     }
     let kg = kernel_geo(g);
     let (plane, ospat) = (g.h * g.w, g.oh * g.ow);
-    let k = g.c * g.kh * g.kw;
+    // (Weights the int8 kernels would not speed up were decoded to f32 at open:
+    // `q8_conv_runs_f32`, `exec::layout::decode_conv_weights`.)
     let isa = crate::kernels::selected();
-    let min_channels = if q8_conv_runs_f32(isa, q8.n, q8.k) { usize::MAX } else { Q8_CONV_MIN_CHANNELS };
-    if g.m < min_channels || g.m * k * ospat < Q8_CONV_MIN_MACS {
-        // Few output channels, or a small product: quantizing the input and building the int8
-        // panels cost what the int8 products save, so the f32 kernels run on the decoded
-        // weights.
-        let mut w = vec![0.0f32; q8.n * q8.k];
-        for ((dst, src), &sc) in w.chunks_exact_mut(q8.k).zip(q8.q.chunks_exact(q8.k)).zip(q8.scales) {
-            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v as f32 * sc);
-        }
-        for b in 0..g.n {
-            let xin = &xd[b * g.c * plane..][..g.c * plane];
-            let o = &mut out[b * g.m * ospat..][..g.m * ospat];
-            conv::conv_gemm(
-                &kg,
-                g.c,
-                g.m,
-                xin,
-                &w[..(g.m - 1) * q8.k + k],
-                q8.k,
-                bias,
-                post,
-                o,
-                ctx.threads,
-                ctx.scratch,
-            );
-        }
-        return Ok(());
-    }
     // The weights as the GEMM's row operand: codes, each block's scale and sum.
     let nb = q8.k / QK;
     let mut rows = QActs { m: q8.n, k: q8.k, q: q8.q[..q8.n * q8.k].to_vec(), ..Default::default() };

@@ -3,7 +3,9 @@
 
 use super::{broadcast_shapes, broadcast_strides, for_each_row, numel, req, Fact, OutFact};
 use crate::error::OpResult;
+use crate::graph::FusedAct;
 use crate::graph::{Activation, BinaryOp, Op, UnaryOp, MAX_RANK};
+use crate::kernels::conv::act_scalar;
 use crate::kernels::math;
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
@@ -185,9 +187,12 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 Activation::Gelu { tanh: false } => par_map(threads, xs, os, math::gelu),
                 Activation::Gelu { tanh: true } => par_map(threads, xs, os, gelu_tanh),
                 Activation::Swish { alpha } => par_map(threads, xs, os, |v| v * math::sigmoid(alpha * v)),
-                Activation::LeakyRelu { alpha } => par_map(threads, xs, os, |v| if v >= 0.0 { v } else { alpha * v }),
+                // the convolution epilogue's formulas (one definition)
+                Activation::LeakyRelu { alpha } => {
+                    par_map(threads, xs, os, |v| act_scalar(FusedAct::LeakyRelu { alpha }, v))
+                }
                 Activation::HardSigmoid { alpha, beta } => {
-                    par_map(threads, xs, os, |v| (alpha * v + beta).clamp(0.0, 1.0))
+                    par_map(threads, xs, os, |v| act_scalar(FusedAct::HardSigmoid { alpha, beta }, v))
                 }
                 a => {
                     for (o, &v) in os.iter_mut().zip(xs) {
