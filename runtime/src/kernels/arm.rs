@@ -11,18 +11,21 @@ pub const NEON_MR: usize = 8;
 pub const NEON_NR: usize = 12;
 
 /// `RM = false`: A is a packed panel (`kc` groups of 8); `RM = true`: A is `R` row-major rows of
-/// `kc` values at stride `lda`, read in place.
+/// `kc` values at stride `lda`, read in place. `IND = false`: B is a panel of `kc` rows of 12;
+/// `IND = true`: B row `p` is the 12 floats at `b + offs[p]`.
 ///
 /// # Safety
-/// `a` holds the A operand as described, `b` holds `kc * NEON_NR` floats, and `c` is valid for reads
-/// and writes of rows `0..R` × columns `0..NEON_NR` at row stride `ldc`. `R ≤ NEON_MR`.
+/// `a` holds the A operand as described, `b` holds `kc * NEON_NR` floats (or, with `IND`, `offs`
+/// holds `kc` offsets and `b + offs[p]` holds `NEON_NR` floats for each), and `c` is valid for
+/// reads and writes of rows `0..R` × columns `0..NEON_NR` at row stride `ldc`. `R ≤ NEON_MR`.
 #[target_feature(enable = "neon")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_neon<const R: usize, const RM: bool>(
+unsafe fn tile_neon<const R: usize, const RM: bool, const IND: bool>(
     kc: usize,
     a: *const f32,
     lda: usize,
     b: *const f32,
+    offs: *const usize,
     c: *mut f32,
     ldc: usize,
     acc: bool,
@@ -32,9 +35,15 @@ unsafe fn tile_neon<const R: usize, const RM: bool>(
     let mut c1 = [z; R];
     let mut c2 = [z; R];
     for p in 0..kc {
-        // SAFETY: p < kc: the B row and the A group are inside the panels (caller contract).
+        // SAFETY: p < kc: the B row (at its offset, with IND) and the A group are inside the
+        // operands (caller contract).
         let (b0, b1, b2) = unsafe {
-            let bp = b.add(p * NEON_NR);
+            let bp = if IND { b.add(*offs.add(p)) } else { b.add(p * NEON_NR) };
+            if IND {
+                // The tap's run 256 bytes ahead: the next column tiles' lines (a convolution's
+                // input arrives in as many streams as it has channels). `prfm` never faults.
+                std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) bp.wrapping_add(64), options(nostack, readonly, preserves_flags));
+            }
             (vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)))
         };
         // Packed A: the 8 values of this k step in two registers (unused when RM).
@@ -81,4 +90,4 @@ unsafe fn tile_neon<const R: usize, const RM: bool>(
     }
 }
 
-tile_entries!(tile_neon, sgemm_8x12_neon, sgemm_8x12_neon_rm, [1, 2, 3, 4, 5, 6, 7], 8);
+tile_entries!(tile_neon, sgemm_8x12_neon, sgemm_8x12_neon_rm, sgemm_8x12_neon_ind, [1, 2, 3, 4, 5, 6, 7], 8);

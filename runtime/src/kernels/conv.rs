@@ -227,11 +227,39 @@ unsafe fn write_block(
 /// Floats of cache one block of the blocked convolution may fill (its `im2col` panels and its
 /// output block): half a typical 1 MiB L2.
 const BLOCK_FLOATS: usize = 1 << 17;
+/// Output floats per block of the indirect convolution (no panels: only the output block,
+/// which its epilogue reads back while it is still in L2).
+const INDIRECT_BLOCK_FLOATS: usize = 1 << 15;
+/// Depth step of the indirect convolution's tiles (as the GEMM's `KC`).
+const INDIRECT_KC: usize = 128;
+/// Output channels per row block of the indirect convolution (a multiple of every tile's rows):
+/// the block's `MC × KC` weights (24 KiB) stay in L1 across its column tiles (measured on
+/// 480 → 480 pointwise convolutions: 96 rows ran 1.1–1.3× slower on AVX2).
+const INDIRECT_MC: usize = 48;
 
 /// Grid columns per block of [`conv_gemm`]: a multiple of the GEMM's panel width.
-fn gemm_block(k: usize, mg: usize, n: usize) -> usize {
+fn gemm_block(k: usize, mg: usize, n: usize, indirect: bool) -> usize {
     let step = super::f32_panel_width().unwrap_or(8);
-    (((BLOCK_FLOATS / (k + mg).max(1)) / step).max(1) * step).min(n.div_ceil(step) * step)
+    let fit = if indirect { INDIRECT_BLOCK_FLOATS / mg.max(1) } else { BLOCK_FLOATS / (k + mg).max(1) };
+    ((fit / step).max(1) * step).min(n.div_ceil(step) * step)
+}
+
+/// Whether the selected kernels run the convolution GEMM with an indirect B (reading each tap
+/// where it lies in the laid-out input) instead of copying `im2col` panels.
+fn indirect_tile() -> Option<(super::F32Tile, super::IndirectTileFn)> {
+    let t = super::selected().f32_tile()?;
+    t.run_in_place?; // the partial column tile
+    Some((t, t.run_indirect?))
+}
+
+/// Floats of scratch one part of [`conv_gemm`] uses for a block of `block` grid columns.
+fn part_floats(k: usize, mg: usize, block: usize, nr: usize, indirect: bool, direct: bool) -> usize {
+    match (indirect, direct) {
+        // the tail's panel, and the output block unless the output is written in place
+        (true, true) => k * nr,
+        (true, false) => k * nr + mg * block,
+        (false, _) => (k + mg) * block,
+    }
 }
 
 /// Scratch floats [`conv_gemm`] needs for one group with one thread (each further thread adds
@@ -239,16 +267,26 @@ fn gemm_block(k: usize, mg: usize, n: usize) -> usize {
 pub fn gemm_scratch(g: &Geo, cg: usize, mg: usize) -> usize {
     let ph = Phases::new(g);
     let k = cg * g.kh * g.kw;
-    let block = gemm_block(k, mg, g.oh * ph.wq);
-    ph.len(cg).saturating_add((k + mg).saturating_mul(block))
+    let indirect = indirect_tile().is_some();
+    let block = gemm_block(k, mg, g.oh * ph.wq, indirect);
+    let nr = super::f32_panel_width().unwrap_or(8);
+    ph.len(cg).saturating_add(part_floats(k, mg, block, nr, indirect, ph.wq == g.ow))
+}
+
+thread_local! {
+    /// The indirect convolution's tap offsets (one per GEMM row), grown once per thread.
+    static TAPS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One group of a convolution, `out` (`mg` × `oh·ow`) = `post(W · im2col(x) + bias)` (`W` rows
-/// at stride `ldw ≥ cg·kh·kw`). The input
-/// is laid out once ([`Phases`]: padded, split by stride phase), then the output is made in
-/// blocks of columns small enough that a block's `im2col` panels (plain copies), its GEMM (no
-/// packing) and its epilogue all stay in cache. Blocks are spread over `threads`; `scratch` is
-/// grown to what they need.
+/// at stride `ldw ≥ cg·kh·kw`). The input is laid out once ([`Phases`]: padded, split by stride
+/// phase; a 1×1 stride-1 convolution reads it in place), so that every tap's `im2col` row is a
+/// contiguous run of it. Where the kernels have an indirect tile, the GEMM reads those runs
+/// where they lie (B row `p` at tap `p`'s offset: no `im2col` copy at all); otherwise each
+/// block's runs are copied into the GEMM's panels. The output is made in blocks of columns
+/// small enough that a block's GEMM and its epilogue stay in cache, written straight into `out`
+/// when the grid has no dropped columns. Blocks are spread over `threads`; `scratch` is grown
+/// to what they need.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_gemm(
     g: &Geo,
@@ -264,7 +302,6 @@ pub fn conv_gemm(
     scratch: &mut Vec<f32>,
 ) {
     use super::pool::{for_each, SharedOut};
-    use super::{BMat, MatRef, Panels};
     let ph = Phases::new(g);
     let k = cg * g.kh * g.kw;
     let (n, grid) = (g.oh * g.ow, g.oh * ph.wq);
@@ -272,14 +309,17 @@ pub fn conv_gemm(
         return;
     }
     let nr = super::f32_panel_width().unwrap_or(8);
+    let indirect = indirect_tile();
+    // Grid columns are output columns (1×1 convolutions): the tiles write `out` in place.
+    let direct = indirect.is_some() && ph.wq == g.ow;
     // With threads, at least two blocks each where the map allows (whole panels).
     let block = match threads {
-        0 | 1 => gemm_block(k, mg, grid),
-        t => gemm_block(k, mg, grid).min(grid.div_ceil(2 * t).div_ceil(nr).max(1) * nr),
+        0 | 1 => gemm_block(k, mg, grid, indirect.is_some()),
+        t => gemm_block(k, mg, grid, indirect.is_some()).min(grid.div_ceil(2 * t).div_ceil(nr).max(1) * nr),
     };
     let blocks = grid.div_ceil(block);
     let parts = threads.max(1).min(blocks);
-    let per = (k + mg) * block;
+    let per = part_floats(k, mg, block, nr, indirect.is_some(), direct);
     let lay = ph.len(cg);
     if scratch.len() < lay + parts * per {
         scratch.resize(lay + parts * per, 0.0);
@@ -305,25 +345,195 @@ pub fn conv_gemm(
         laid
     };
     let (sc, oc) = (SharedOut::new(&mut rest[..parts * per]), SharedOut::new(out));
-    let wm = MatRef { data: w, rs: ldw, cs: 1 };
-    for_each(parts, parts, &|p| {
-        // SAFETY: part p alone uses scratch floats p·per .. (p+1)·per, inside the buffer sized
-        // above, which outlives `for_each`.
-        let mine = unsafe { std::slice::from_raw_parts_mut(sc.ptr().add(p * per), per) };
-        let (cols, acc) = mine.split_at_mut(k * block);
-        for bi in (p..blocks).step_by(parts) {
-            let j0 = bi * block;
-            let len = block.min(grid - j0);
-            let plen = Panels::len(k, len, nr);
-            panels(g, &ph, cg, src, j0, len, nr, &mut cols[..plen]);
-            let bm = Panels { data: &cols[..plen], k, n: len, nr };
-            super::sgemm(mg, len, k, wm, BMat::Panels(bm), &mut acc[..mg * len], len, false, 1);
-            // SAFETY: columns j0..j0+len of the grid are this block's alone (blocks are
-            // disjoint column ranges, each handled by one part); `oc` is `out`, mg rows of n.
-            unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, oc) };
-        }
-    });
+    let run = |offs: &[usize]| {
+        for_each(parts, parts, &|p| {
+            // SAFETY: part p alone uses scratch floats p·per .. (p+1)·per, inside the buffer
+            // sized above, which outlives `for_each`.
+            let mine = unsafe { std::slice::from_raw_parts_mut(sc.ptr().add(p * per), per) };
+            for bi in (p..blocks).step_by(parts) {
+                let j0 = bi * block;
+                let len = block.min(grid - j0);
+                let b = Block { g, ph: &ph, cg, mg, k, nr, j0, len };
+                // SAFETY: columns j0..j0+len of the grid are this block's alone (blocks are
+                // disjoint column ranges, each handled by one part); `oc` is `out`, mg rows of n.
+                unsafe {
+                    match indirect {
+                        Some((t, ind)) => b.indirect(&t, ind, offs, src, w, ldw, direct, mine, bias, post, oc),
+                        None => b.packed(src, w, ldw, mine, bias, post, oc),
+                    }
+                }
+            }
+        })
+    };
+    if indirect.is_some() {
+        TAPS.with(|cell| {
+            let mut offs = cell.borrow_mut();
+            offs.clear();
+            for ci in 0..cg {
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        offs.push(ph.tap(g, ci, ky, kx));
+                    }
+                }
+            }
+            run(&offs)
+        })
+    } else {
+        run(&[])
+    }
 }
+
+/// One block of [`conv_gemm`]'s output: grid columns `j0..j0 + len`.
+struct Block<'a> {
+    g: &'a Geo,
+    ph: &'a Phases,
+    cg: usize,
+    mg: usize,
+    k: usize,
+    nr: usize,
+    j0: usize,
+    len: usize,
+}
+
+impl Block<'_> {
+    /// The block by `im2col` panels (plain copies of each tap's run) and the GEMM.
+    ///
+    /// # Safety
+    /// As [`write_block`]: the block's output columns are the caller's alone.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn packed(
+        &self,
+        src: &[f32],
+        w: &[f32],
+        ldw: usize,
+        mine: &mut [f32],
+        bias: Option<&[f32]>,
+        post: Epilogue,
+        out: super::pool::SharedOut,
+    ) {
+        use super::{BMat, MatRef, Panels};
+        let Block { g, ph, cg, mg, k, nr, j0, len } = *self;
+        let (cols, acc) = mine.split_at_mut(k * len.div_ceil(nr) * nr);
+        let plen = Panels::len(k, len, nr);
+        panels(g, ph, cg, src, j0, len, nr, &mut cols[..plen]);
+        let bm = Panels { data: &cols[..plen], k, n: len, nr };
+        let wm = MatRef { data: w, rs: ldw, cs: 1 };
+        super::sgemm(mg, len, k, wm, BMat::Panels(bm), &mut acc[..mg * len], len, false, 1);
+        // SAFETY: forwarded (the caller's block of columns).
+        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, out) };
+    }
+
+    /// The block by the indirect tile: B row `p` of column tile `j` read at `src[offs[p] + j..]`.
+    /// The output goes straight into `out` when `direct` (grid columns are output columns),
+    /// else into an output block in `mine` and through [`write_block`]. A last partial column
+    /// tile is copied into a zero-padded panel (reading past the input is not allowed).
+    ///
+    /// # Safety
+    /// As [`write_block`]: the block's output columns are the caller's alone.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn indirect(
+        &self,
+        t: &super::F32Tile,
+        ind: super::IndirectTileFn,
+        offs: &[usize],
+        src: &[f32],
+        w: &[f32],
+        ldw: usize,
+        direct: bool,
+        mine: &mut [f32],
+        bias: Option<&[f32]>,
+        post: Epilogue,
+        out: super::pool::SharedOut,
+    ) {
+        let Block { g, ph, cg, mg, k, nr, j0, len } = *self;
+        let (mr, n, grid) = (t.mr, g.oh * g.ow, g.oh * ph.wq);
+        let (tail, acc) = mine.split_at_mut(k * nr);
+        // Every full tile's reads are inside `src` (the last tap's run of the whole grid is),
+        // the A rows inside `w`, the output tiles inside `out` or the output block.
+        assert!(offs.len() == k && offs.iter().max().map_or(0, |&m| m) + grid <= src.len());
+        assert!((mg - 1) * ldw + k <= w.len() && j0 + len <= grid && mr * nr <= TILE_MAX);
+        assert!(if direct { grid == n && mg * n <= out.len() } else { acc.len() >= mg * len });
+        let (dst, ldc): (*mut f32, usize) = if direct { (out.ptr(), n) } else { (acc.as_mut_ptr(), len) };
+        let col0 = if direct { j0 } else { 0 };
+        let full = len / nr * nr;
+        // Depth steps outermost, then row blocks: a row block's `MC × KC` slice of the weights
+        // stays in cache across the block's column tiles, and each tap's run is walked along
+        // its columns (the prefetched direction).
+        for pc in (0..k).step_by(INDIRECT_KC) {
+            let kc = INDIRECT_KC.min(k - pc);
+            for r0 in (0..mg).step_by(INDIRECT_MC) {
+                let r1 = (r0 + INDIRECT_MC).min(mg);
+                for c in (0..full).step_by(nr) {
+                    for row in (r0..r1).step_by(mr) {
+                        let rows = mr.min(r1 - row);
+                        // SAFETY: the bounds asserted above: A rows row..row+rows at depth
+                        // pc..pc+kc, B rows at offs[pc..pc+kc] + j0 + c (+ nr ≤ grid), C rows
+                        // row..row+rows at columns col0 + c..+nr of this block; the kernel suits
+                        // this CPU.
+                        unsafe {
+                            ind(
+                                rows,
+                                kc,
+                                w.as_ptr().add(row * ldw + pc),
+                                ldw,
+                                src.as_ptr().add(j0 + c),
+                                offs.as_ptr().add(pc),
+                                dst.add(row * ldc + col0 + c),
+                                ldc,
+                                pc > 0,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        if full < len {
+            let cols = len - full;
+            panels(g, ph, cg, src, j0 + full, cols, nr, tail);
+            let Some(rm) = t.run_in_place else { unreachable!("indirect_tile() requires the in-place tile") };
+            let mut tile = [0.0f32; TILE_MAX];
+            for row in (0..mg).step_by(mr) {
+                let rows = mr.min(mg - row);
+                for pc in (0..k).step_by(INDIRECT_KC) {
+                    let kc = INDIRECT_KC.min(k - pc);
+                    // SAFETY: A rows in bounds (asserted), the panel holds k·nr floats, the
+                    // local tile rows·nr ≤ TILE_MAX at stride nr.
+                    unsafe {
+                        rm(
+                            rows,
+                            kc,
+                            w.as_ptr().add(row * ldw + pc),
+                            ldw,
+                            tail[pc * nr..].as_ptr(),
+                            tile.as_mut_ptr(),
+                            nr,
+                            pc > 0,
+                        )
+                    };
+                }
+                for r in 0..rows {
+                    // SAFETY: row row + r, columns col0 + full.. + cols: inside `out` or the
+                    // output block (asserted), this block's alone.
+                    let d = unsafe { std::slice::from_raw_parts_mut(dst.add((row + r) * ldc + col0 + full), cols) };
+                    d.copy_from_slice(&tile[r * nr..][..cols]);
+                }
+            }
+        }
+        if direct {
+            for mi in 0..mg {
+                // SAFETY: output row mi, columns j0..j0+len: inside `out`, this block's alone.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(mi * n + j0), len) };
+                epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
+            }
+        } else {
+            // SAFETY: forwarded (the caller's block of columns).
+            unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, out) };
+        }
+    }
+}
+
+/// Largest f32 register tile of any kernel (floats), for the partial column tile.
+const TILE_MAX: usize = 16 * 32;
 
 /// The zero-padded plane a depthwise channel is computed from: exactly the rows and columns the
 /// outputs' taps reach, so no output needs a bounds check.

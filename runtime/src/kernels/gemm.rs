@@ -19,6 +19,15 @@ use super::{BMat, MatRef};
 /// is valid for `rows` rows of `nr` floats at stride `ldc`, and no other thread touches them.
 pub type TileFn = unsafe fn(usize, usize, *const f32, usize, *const f32, *mut f32, usize, bool);
 
+/// A register tile reading B indirectly: `(rows, kc, a, lda, b, offs, c, ldc, accumulate)` is
+/// [`TileFn`] with A read in place (`rows` rows of `kc` floats at stride `lda`) and B row `p`
+/// the `nr` floats at `b + offs[p]` instead of a packed panel's row: a convolution's taps read
+/// where they lie in its laid-out input (no `im2col` copy).
+///
+/// # Safety
+/// As [`TileFn`]; `offs` holds `kc` offsets and `b + offs[p]` holds `nr` floats for each.
+pub type IndirectTileFn = unsafe fn(usize, usize, *const f32, usize, *const f32, *const usize, *mut f32, usize, bool);
+
 /// An f32 micro-kernel and its tile size.
 #[derive(Clone, Copy)]
 pub struct F32Tile {
@@ -29,6 +38,8 @@ pub struct F32Tile {
     pub run: TileFn,
     /// The same tile reading row-major A in place (no packing of A), if the kernel has one.
     pub run_in_place: Option<TileFn>,
+    /// The in-place tile with an indirect B ([`IndirectTileFn`]), if the kernel has one.
+    pub run_indirect: Option<IndirectTileFn>,
     /// The kernel for products too thin to tile (dot products over contiguous rows).
     pub dots: super::math::DotKernel,
 }

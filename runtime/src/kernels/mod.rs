@@ -9,15 +9,30 @@
 
 use std::sync::OnceLock;
 
-/// Defines a native f32 tile's two entry points, both of type [`gemm::TileFn`]: `$packed` (A is a
-/// packed panel; `lda` unused) and `$in_place` (A's rows read in place at stride `lda`). Each maps
-/// the run-time row count to the const-generic instantiation `$tile::<R, RM>`, one per
-/// partial-tile height `1..=MR`.
+/// Defines a native f32 tile's three entry points: `$packed` (A is a packed panel; `lda` unused)
+/// and `$in_place` (A's rows read in place at stride `lda`), both [`gemm::TileFn`], and
+/// `$indirect` ([`gemm::IndirectTileFn`]: A in place, B row `p` wherever `offs[p]` says — the
+/// convolution reads its taps where they lie). Each maps the run-time row count to the
+/// const-generic instantiation `$tile::<R, RM, IND>`, one per partial-tile height `1..=MR`.
 #[allow(unused_macros)]
 macro_rules! tile_entries {
-    ($tile:ident, $packed:ident, $in_place:ident, [$($r:literal),*], $mr:literal) => {
+    ($tile:ident, $packed:ident, $in_place:ident, $indirect:ident, [$($r:literal),*], $mr:literal) => {
         tile_entries!(@one $tile, $packed, false, [$($r),*], $mr, "packed panel (`lda` unused)");
         tile_entries!(@one $tile, $in_place, true, [$($r),*], $mr, "`rows` rows read in place at stride `lda`");
+        #[doc = concat!("Row-count dispatch of `", stringify!($tile), "`, A read in place at stride `lda`, B row `p` at `b + offs[p]` (an indirect B: [`gemm::IndirectTileFn`]).")]
+        ///
+        /// # Safety
+        #[doc = concat!("As `", stringify!($tile), "` with `R = rows` (`1 ≤ rows ≤ ", stringify!($mr), "`), `RM = true`, `IND = true`: `offs` holds `kc` offsets and `b + offs[p]` holds `NR` floats for every `p < kc`.")]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $indirect(rows: usize, kc: usize, a: *const f32, lda: usize, b: *const f32, offs: *const usize, c: *mut f32, ldc: usize, acc: bool) {
+            // SAFETY: forwarded caller contract; each arm's R equals `rows`.
+            unsafe {
+                match rows {
+                    $($r => $tile::<$r, true, true>(kc, a, lda, b, offs, c, ldc, acc),)*
+                    _ => $tile::<$mr, true, true>(kc, a, lda, b, offs, c, ldc, acc),
+                }
+            }
+        }
     };
     (@one $tile:ident, $name:ident, $rm:literal, [$($r:literal),*], $mr:literal, $a:literal) => {
         #[doc = concat!("Row-count dispatch of `", stringify!($tile), "`, A a ", $a, ".")]
@@ -26,11 +41,12 @@ macro_rules! tile_entries {
         #[doc = concat!("As `", stringify!($tile), "` with `R = rows` (`1 ≤ rows ≤ ", stringify!($mr), "`) and `RM = ", stringify!($rm), "`.")]
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn $name(rows: usize, kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
-            // SAFETY: forwarded caller contract; each arm's R equals `rows`.
+            // SAFETY: forwarded caller contract; each arm's R equals `rows` (B is a panel: no
+            // offsets read).
             unsafe {
                 match rows {
-                    $($r => $tile::<$r, $rm>(kc, a, lda, b, c, ldc, acc),)*
-                    _ => $tile::<$mr, $rm>(kc, a, lda, b, c, ldc, acc),
+                    $($r => $tile::<$r, $rm, false>(kc, a, lda, b, std::ptr::null(), c, ldc, acc),)*
+                    _ => $tile::<$mr, $rm, false>(kc, a, lda, b, std::ptr::null(), c, ldc, acc),
                 }
             }
         }
@@ -55,7 +71,7 @@ pub mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86q;
 
-pub use gemm::{F32Tile, TileFn};
+pub use gemm::{F32Tile, IndirectTileFn, TileFn};
 
 /// A kernel family implementation (instruction-set level).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +203,7 @@ crate::kernel_list! {
                 nr: x86::AVX512_NR,
                 run: x86::sgemm_12x32_avx512,
                 run_in_place: Some(x86::sgemm_12x32_avx512_rm),
+                run_indirect: Some(x86::sgemm_12x32_avx512_ind),
                 dots: math::DotKernel::Avx512,
             },
         );
@@ -201,6 +218,7 @@ crate::kernel_list! {
                 nr: x86::AVX2_NR,
                 run: x86::sgemm_6x16_avx2,
                 run_in_place: Some(x86::sgemm_6x16_avx2_rm),
+                run_indirect: Some(x86::sgemm_6x16_avx2_ind),
                 dots: math::DotKernel::Avx2,
             },
         );
@@ -215,6 +233,7 @@ crate::kernel_list! {
                 nr: arm::NEON_NR,
                 run: arm::sgemm_8x12_neon,
                 run_in_place: Some(arm::sgemm_8x12_neon_rm),
+                run_indirect: Some(arm::sgemm_8x12_neon_ind),
                 dots: math::DotKernel::Portable,
             },
         );
@@ -228,6 +247,7 @@ crate::kernel_list! {
                 nr: generic::NR,
                 run: generic::sgemm_6x8_generic,
                 run_in_place: None,
+                run_indirect: None,
                 dots: math::DotKernel::Portable,
             },
         );
