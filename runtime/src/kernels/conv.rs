@@ -274,8 +274,20 @@ pub fn gemm_scratch(g: &Geo, cg: usize, mg: usize) -> usize {
 }
 
 thread_local! {
-    /// The indirect convolution's tap offsets (one per GEMM row), grown once per thread.
+    /// The convolutions' tap offsets (one per GEMM row), grown once per thread.
     static TAPS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where each GEMM row's tap `(ci, ky, kx)` starts in the laid-out input ([`Phases::tap`]).
+fn tap_offsets(g: &Geo, ph: &Phases, cg: usize, offs: &mut Vec<usize>) {
+    offs.clear();
+    for ci in 0..cg {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                offs.push(ph.tap(g, ci, ky, kx));
+            }
+        }
+    }
 }
 
 /// One group of a convolution, `out` (`mg` × `oh·ow`) = `post(W · im2col(x) + bias)` (`W` rows
@@ -368,14 +380,7 @@ pub fn conv_gemm(
     if indirect.is_some() {
         TAPS.with(|cell| {
             let mut offs = cell.borrow_mut();
-            offs.clear();
-            for ci in 0..cg {
-                for ky in 0..g.kh {
-                    for kx in 0..g.kw {
-                        offs.push(ph.tap(g, ci, ky, kx));
-                    }
-                }
-            }
+            tap_offsets(g, &ph, cg, &mut offs);
             run(&offs)
         })
     } else {
@@ -722,18 +727,54 @@ multiversion! {
 /// Here `g` describes the transposed geometry: `h, w` the input, `oh, ow` the output, pads
 /// the begin pads taken off the full output.
 fn col2im(g: &Geo, cols: &[f32], out: &mut [f32]) {
-    {
+    if g.sw == g.kw && g.dw == 1 && g.pw == 0 && g.ow == g.w * g.sw {
+        // Taps tile each output row exactly (an upsampling ConvTranspose, kernel = stride):
+        // one interleaving pass per output row instead of one strided pass per tap.
         for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let tap = &cols[(ky * g.kw + kx) * g.h * g.w..][..g.h * g.w];
-                for (iy, row) in tap.chunks_exact(g.w).enumerate() {
-                    let Some(oy) = (iy * g.sh + ky * g.dh).checked_sub(g.ph).filter(|&o| o < g.oh) else { continue };
-                    let orow = &mut out[oy * g.ow..][..g.ow];
-                    for (ix, &v) in row.iter().enumerate() {
-                        if let Some(ox) = (ix * g.sw + kx * g.dw).checked_sub(g.pw).filter(|&o| o < g.ow) {
-                            orow[ox] += v;
+            let taps = &cols[ky * g.kw * g.h * g.w..][..g.kw * g.h * g.w];
+            for iy in 0..g.h {
+                let Some(oy) = (iy * g.sh + ky * g.dh).checked_sub(g.ph).filter(|&o| o < g.oh) else { continue };
+                let orow = &mut out[oy * g.ow..][..g.ow];
+                match g.kw {
+                    2 => {
+                        let (t0, t1) = (&taps[iy * g.w..][..g.w], &taps[(g.h + iy) * g.w..][..g.w]);
+                        for ((o, a), b) in orow.chunks_exact_mut(2).zip(t0).zip(t1) {
+                            o[0] += a;
+                            o[1] += b;
                         }
                     }
+                    kw => {
+                        for (ix, o) in orow.chunks_exact_mut(kw).enumerate() {
+                            for (kx, v) in o.iter_mut().enumerate() {
+                                *v += taps[(kx * g.h + iy) * g.w + ix];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
+    for kx in 0..g.kw {
+        // Input columns ix whose output column ix·sw + kx·dw − pw is inside: ix0..ix1.
+        let off = kx * g.dw;
+        let ix0 = g.pw.saturating_sub(off).div_ceil(g.sw);
+        let ix1 = if g.ow + g.pw > off { ((g.ow - 1 + g.pw - off) / g.sw + 1).min(g.w) } else { 0 };
+        if ix1 <= ix0 {
+            continue;
+        }
+        let start = ix0 * g.sw + off - g.pw;
+        for ky in 0..g.kh {
+            let tap = &cols[(ky * g.kw + kx) * g.h * g.w..][..g.h * g.w];
+            for (iy, row) in tap.chunks_exact(g.w).enumerate() {
+                let Some(oy) = (iy * g.sh + ky * g.dh).checked_sub(g.ph).filter(|&o| o < g.oh) else { continue };
+                let orow = &mut out[oy * g.ow..][..g.ow];
+                let src = &row[ix0..ix1];
+                // Branch-free runs: contiguous at stride 1, every other column at stride 2.
+                match g.sw {
+                    1 => orow[start..start + src.len()].iter_mut().zip(src).for_each(|(o, v)| *o += v),
+                    2 => orow[start..].chunks_mut(2).zip(src).for_each(|(o, v)| o[0] += v),
+                    s => orow[start..].iter_mut().step_by(s).zip(src).for_each(|(o, v)| *o += v),
                 }
             }
         }
@@ -906,11 +947,6 @@ pub fn conv_q8(
     let amax = super::math::max_abs(&x[..cg * g.h * g.w]);
     let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
     let inv = 1.0 / scale;
-    // Tap offsets, as `panels` steps them.
-    let taps: Vec<usize> = (0..cg)
-        .flat_map(|ci| (0..g.kh).flat_map(move |ky| (0..g.kw).map(move |kx| (ci, ky, kx))))
-        .map(|(ci, ky, kx)| ph.tap(g, ci, ky, kx))
-        .collect();
     let block = {
         let b = (BLOCK_FLOATS * 2 / (kp + 4 * mg).max(1)).max(nr) / nr * nr;
         match threads {
@@ -921,49 +957,56 @@ pub fn conv_q8(
     };
     let blocks = grid.div_ceil(block);
     let parts = threads.max(1).min(blocks);
-    Q8_INPUT.with(|cell| {
-        let q = &mut *cell.borrow_mut();
-        if ph.in_place {
-            q.resize(cg * g.h * g.w, 0);
-            super::math::quantize_i8(&x[..cg * g.h * g.w], inv, q);
-        } else {
-            q.resize(ph.len(cg), 0);
-            lay_out(g, &ph, cg, x, q, |v| super::math::round_to_i8_range(v * inv) as i8);
-        }
-        let q = &q[..];
-        let oc = SharedOut::new(out);
-        let failed = std::sync::Mutex::new(None);
-        for_each(parts, parts, &|p| {
-            Q8_PART.with(|cell| {
-                let (panels, accs) = &mut *cell.borrow_mut();
-                let panel_bytes = kp * nr;
-                panels.resize(block.div_ceil(nr) * panel_bytes, 0);
-                accs.resize(block.div_ceil(nr) * nr + mg * block, 0.0);
-                let (scales, acc) = accs.split_at_mut(block.div_ceil(nr) * nr);
-                scales.fill(scale);
-                for bi in (p..blocks).step_by(parts) {
-                    let j0 = bi * block;
-                    let len = block.min(grid - j0);
-                    let np = len.div_ceil(nr);
-                    for (pi, panel) in panels[..np * panel_bytes].chunks_exact_mut(panel_bytes).enumerate() {
-                        let c0 = j0 + pi * nr;
-                        let cols = nr.min(j0 + len - c0);
-                        pixel_panel(q, &taps, kp, c0, cols, nr, panel);
+    TAPS.with(|taps| {
+        Q8_INPUT.with(|cell| {
+            // Tap offsets (this thread's buffer: no allocation per call).
+            let taps = &mut *taps.borrow_mut();
+            tap_offsets(g, &ph, cg, taps);
+            let taps = &taps[..];
+            let q = &mut *cell.borrow_mut();
+            if ph.in_place {
+                q.resize(cg * g.h * g.w, 0);
+                super::math::quantize_i8(&x[..cg * g.h * g.w], inv, q);
+            } else {
+                q.resize(ph.len(cg), 0);
+                lay_out(g, &ph, cg, x, q, |v| super::math::round_to_i8_range(v * inv) as i8);
+            }
+            let q = &q[..];
+            let oc = SharedOut::new(out);
+            let failed = std::sync::Mutex::new(None);
+            for_each(parts, parts, &|p| {
+                Q8_PART.with(|cell| {
+                    let (panels, accs) = &mut *cell.borrow_mut();
+                    let panel_bytes = kp * nr;
+                    panels.resize(block.div_ceil(nr) * panel_bytes, 0);
+                    accs.resize(block.div_ceil(nr) * nr + mg * block, 0.0);
+                    let (scales, acc) = accs.split_at_mut(block.div_ceil(nr) * nr);
+                    scales.fill(scale);
+                    for bi in (p..blocks).step_by(parts) {
+                        let j0 = bi * block;
+                        let len = block.min(grid - j0);
+                        let np = len.div_ceil(nr);
+                        for (pi, panel) in panels[..np * panel_bytes].chunks_exact_mut(panel_bytes).enumerate() {
+                            let c0 = j0 + pi * nr;
+                            let cols = nr.min(j0 + len - c0);
+                            pixel_panel(q, taps, kp, c0, cols, nr, panel);
+                        }
+                        let wp =
+                            Q8Panels { n: len, k: kp, nr, q: &panels[..np * panel_bytes], scales: &scales[..np * nr] };
+                        if let Err(e) = gemm_q8_panels_bias(isa, w, &wp, None, &mut acc[..mg * len], 1) {
+                            *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                            return;
+                        }
+                        // SAFETY: as in `conv_gemm`: this block's columns are its own.
+                        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, oc) };
                     }
-                    let wp = Q8Panels { n: len, k: kp, nr, q: &panels[..np * panel_bytes], scales: &scales[..np * nr] };
-                    if let Err(e) = gemm_q8_panels_bias(isa, w, &wp, None, &mut acc[..mg * len], 1) {
-                        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                        return;
-                    }
-                    // SAFETY: as in `conv_gemm`: this block's columns are its own.
-                    unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, oc) };
-                }
-            })
-        });
-        match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+                })
+            });
+            match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        })
     })
 }
 
@@ -976,8 +1019,14 @@ fn pixel_panel(q: &[i8], taps: &[usize], kp: usize, c0: usize, cols: usize, nr: 
         let tap = |i: usize| taps.get(gi * 4 + i).map(|&at| &q[at + c0..][..cols]);
         match (tap(0), tap(1), tap(2), tap(3)) {
             (Some(r0), Some(r1), Some(r2), Some(r3)) => {
+                // Each pixel's four codes as one little-endian word: zero-extend, shift, or (a
+                // form the compiler vectorises; byte-by-byte stores did not).
                 for (c, d) in dst.chunks_exact_mut(4).take(cols).enumerate() {
-                    d.copy_from_slice(&[r0[c], r1[c], r2[c], r3[c]]);
+                    let word = (r0[c] as u8 as u32)
+                        | (r1[c] as u8 as u32) << 8
+                        | (r2[c] as u8 as u32) << 16
+                        | (r3[c] as u8 as u32) << 24;
+                    d.copy_from_slice(&word.to_le_bytes().map(|b| b as i8));
                 }
             }
             (r0, r1, r2, r3) => {

@@ -103,13 +103,22 @@ pub(super) fn infer(a: &ConvTransposeAttrs, inputs: &[Option<Fact<'_>>]) -> OpRe
     Ok(vec![(DType::F32, s)])
 }
 
-/// Scratch of the GEMM path: every tap's contribution of one group's input positions.
+/// Floats of the GEMM path's chunk of taps (`run_gemm`): about a quarter of a 1 MiB L2.
+const CHUNK_FLOATS: usize = 1 << 16;
+
+/// Scratch of the GEMM path: every tap's contribution of one chunk of a group's input rows.
 pub(super) fn scratch_len(inputs: &[Option<Fact<'_>>]) -> usize {
     let (Some(Some(x)), Some(Some(w))) = (inputs.first(), inputs.get(1)) else { return 0 };
     if x.shape.len() < 3 || x.shape.len() > 4 || w.shape.len() != x.shape.len() {
         return 0;
     }
-    numel(&w.shape[1..]).saturating_mul(numel(&x.shape[2..]))
+    let rows = numel(&w.shape[1..]);
+    let (h, w) = match x.shape.len() {
+        3 => (1, x.shape[2]),
+        _ => (x.shape[2], x.shape[3]),
+    };
+    let chunk_rows = (CHUNK_FLOATS / rows.saturating_mul(w).max(1)).clamp(1, h.max(1));
+    rows.saturating_mul(chunk_rows * w)
 }
 
 pub(super) fn run(
@@ -182,8 +191,8 @@ pub(super) fn run(
 }
 
 /// 1-D and 2-D ConvTranspose as a GEMM and an accumulation, no scatter per element: per group,
-/// `cols = Wᵀ · X` (`mg·kh·kw` rows × the input's positions) by the f32 GEMM, then each tap's
-/// row added into the output at its stride (`col2im`), the bias first.
+/// the bias first, then by chunks of input rows `cols = Wᵀ · X` (`mg·kh·kw` rows × the chunk's
+/// positions) by the f32 GEMM, each tap's row added into the output at its stride (`col2im`).
 #[allow(clippy::too_many_arguments)]
 fn run_gemm(
     a: &ConvTransposeAttrs,
@@ -226,26 +235,50 @@ fn run_gemm(
         None => None,
     };
     let rows = mg * kn;
-    if ctx.scratch.len() < rows * in_plane {
-        ctx.scratch.resize(rows * in_plane, 0.0);
+    // Whole input rows per chunk, as many as keep the chunk's taps (`rows` × its positions) in
+    // L2: the GEMM writes them and `col2im` reads them back while they are still there.
+    let chunk_rows = (CHUNK_FLOATS / (rows * kg.w).max(1)).clamp(1, kg.h.max(1));
+    let chunk = chunk_rows * kg.w;
+    if ctx.scratch.len() < rows * chunk {
+        ctx.scratch.resize(rows * chunk, 0.0);
     }
     for ni in 0..n {
         for gi in 0..g {
             let xg = &xd[(ni * c + gi * cg) * in_plane..][..cg * in_plane];
             // W for this group is [cg, mg·kn] row-major; A = its transpose.
             let wm = MatRef { data: &wd[gi * cg * rows..][..cg * rows], rs: 1, cs: rows };
-            let cols = &mut ctx.scratch[..rows * in_plane];
-            let xm = MatRef { data: xg, rs: in_plane, cs: 1 };
-            kernels::sgemm(rows, in_plane, cg, wm, BMat::Strided(xm), cols, in_plane, false, ctx.threads);
-            let cols = &ctx.scratch[..rows * in_plane];
             let yg = &mut y[(ni * m + gi * mg) * out_plane..][..mg * out_plane];
             kernels::pool::for_chunks(ctx.threads, yg, out_plane, 1 << 14, &|start, chunk| {
                 for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
-                    let mi = start / out_plane + i;
-                    o.fill(bias.map_or(0.0, |b| b[gi * mg + mi]));
-                    conv::col2im(&kg, &cols[mi * kn * in_plane..][..kn * in_plane], o);
+                    o.fill(bias.map_or(0.0, |b| b[gi * mg + start / out_plane + i]));
                 }
             });
+            for iy0 in (0..kg.h).step_by(chunk_rows) {
+                let nrows = chunk_rows.min(kg.h - iy0);
+                let len = nrows * kg.w;
+                let cols = &mut ctx.scratch[..rows * len];
+                let xm = MatRef { data: &xg[iy0 * kg.w..], rs: in_plane, cs: 1 };
+                kernels::sgemm(rows, len, cg, wm, BMat::Strided(xm), cols, len, false, ctx.threads);
+                let cols = &ctx.scratch[..rows * len];
+                // This chunk's geometry: its first input row lands on output row
+                // iy0·sh − ph (a begin pad while that is negative).
+                let shift = iy0 * kg.sh;
+                let (first, sub) = if shift >= kg.ph {
+                    let first = shift - kg.ph;
+                    if first >= kg.oh {
+                        continue;
+                    }
+                    (first, conv::Geo { h: nrows, ph: 0, oh: kg.oh - first, ..kg })
+                } else {
+                    (0, conv::Geo { h: nrows, ph: kg.ph - shift, ..kg })
+                };
+                kernels::pool::for_chunks(ctx.threads, yg, out_plane, 1 << 14, &|start, chunk| {
+                    for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
+                        let mi = start / out_plane + i;
+                        conv::col2im(&sub, &cols[mi * kn * len..][..kn * len], &mut o[first * kg.ow..]);
+                    }
+                });
+            }
         }
     }
     Ok(())

@@ -528,6 +528,13 @@ fn conv_transpose_matches_scatter_loop() {
         (2, 4, 4, 7, 2, 3, 3, [2, 1], [1, 0, 1, 2], [1, 2], [1, 0], 2),
         (1, 3, 1, 9, 2, 1, 4, [1, 3], [0, 1, 0, 1], [1, 1], [0, 2], 1),
         (1, 6, 3, 3, 1, 3, 3, [3, 3], [1, 1, 0, 0], [2, 1], [2, 1], 6),
+        // several chunks of input rows: overlapping taps across chunk edges, and a begin pad
+        // larger than the first chunk's reach
+        (1, 5, 23, 60, 20, 3, 3, [2, 2], [1, 1, 2, 1], [1, 1], [1, 0], 1),
+        (1, 3, 30, 70, 16, 5, 4, [1, 2], [7, 0, 1, 2], [2, 1], [0, 1], 1),
+        // kernel = stride along rows (taps tile each output row: one interleaving pass)
+        (1, 2, 4, 5, 3, 3, 3, [3, 3], [1, 0, 0, 0], [1, 1], [0, 0], 1),
+        (1, 3, 33, 40, 24, 2, 2, [2, 2], [0, 0, 0, 0], [1, 1], [0, 0], 1),
     ];
     for (i, &(n, c, h, w, mg, kh, kw, st, pd, dl, op, g)) in cases.iter().enumerate() {
         let x = gen(n * c * h * w, i);
