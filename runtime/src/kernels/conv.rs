@@ -255,9 +255,10 @@ fn indirect_tile() -> Option<(super::F32Tile, super::IndirectTileFn)> {
 /// Floats of scratch one part of [`conv_gemm`] uses for a block of `block` grid columns.
 fn part_floats(k: usize, mg: usize, block: usize, nr: usize, indirect: bool, direct: bool) -> usize {
     match (indirect, direct) {
-        // the tail's panel, and the output block unless the output is written in place
-        (true, true) => k * nr,
-        (true, false) => k * nr + mg * block,
+        // the tail's panel and output, and the output block unless the output is written in
+        // place
+        (true, true) => (k + mg) * nr,
+        (true, false) => (k + mg) * nr + mg * block,
         (false, _) => (k + mg) * block,
     }
 }
@@ -452,7 +453,8 @@ impl Block<'_> {
     ) {
         let Block { g, ph, cg, mg, k, nr, j0, len } = *self;
         let (mr, n, grid) = (t.mr, g.oh * g.ow, g.oh * ph.wq);
-        let (tail, acc) = mine.split_at_mut(k * nr);
+        let (tail, rest) = mine.split_at_mut(k * nr);
+        let (tail_out, acc) = rest.split_at_mut(mg * nr);
         // Every full tile's reads are inside `src` (the last tap's run of the whole grid is),
         // the A rows inside `w`, the output tiles inside `out` or the output block.
         assert!(offs.len() == k && offs.iter().max().map_or(0, |&m| m) + grid <= src.len());
@@ -493,35 +495,20 @@ impl Block<'_> {
             }
         }
         if full < len {
+            // The partial column tile (or a whole map narrower than one: a GEMV-like product
+            // the GEMM driver runs as dot products) through the GEMM driver.
             let cols = len - full;
-            panels(g, ph, cg, src, j0 + full, cols, nr, tail);
-            let Some(rm) = t.run_in_place else { unreachable!("indirect_tile() requires the in-place tile") };
-            let mut tile = [0.0f32; TILE_MAX];
-            for row in (0..mg).step_by(mr) {
-                let rows = mr.min(mg - row);
-                for pc in (0..k).step_by(INDIRECT_KC) {
-                    let kc = INDIRECT_KC.min(k - pc);
-                    // SAFETY: A rows in bounds (asserted), the panel holds k·nr floats, the
-                    // local tile rows·nr ≤ TILE_MAX at stride nr.
-                    unsafe {
-                        rm(
-                            rows,
-                            kc,
-                            w.as_ptr().add(row * ldw + pc),
-                            ldw,
-                            tail[pc * nr..].as_ptr(),
-                            tile.as_mut_ptr(),
-                            nr,
-                            pc > 0,
-                        )
-                    };
-                }
-                for r in 0..rows {
-                    // SAFETY: row row + r, columns col0 + full.. + cols: inside `out` or the
-                    // output block (asserted), this block's alone.
-                    let d = unsafe { std::slice::from_raw_parts_mut(dst.add((row + r) * ldc + col0 + full), cols) };
-                    d.copy_from_slice(&tile[r * nr..][..cols]);
-                }
+            // (a panel exactly `cols` wide: a plain k × cols matrix)
+            panels(g, ph, cg, src, j0 + full, cols, cols, &mut tail[..k * cols]);
+            let bm = super::MatRef { data: &tail[..k * cols], rs: cols, cs: 1 };
+            let wm = super::MatRef { data: w, rs: ldw, cs: 1 };
+            let part = &mut tail_out[..mg * cols];
+            super::sgemm(mg, cols, k, wm, super::BMat::Strided(bm), part, cols, false, 1);
+            for (r, src_row) in part.chunks_exact(cols).enumerate() {
+                // SAFETY: row r, columns col0 + full.. + cols: inside `out` or the output block
+                // (asserted), this block's alone.
+                let d = unsafe { std::slice::from_raw_parts_mut(dst.add(r * ldc + col0 + full), cols) };
+                d.copy_from_slice(src_row);
             }
         }
         if direct {
