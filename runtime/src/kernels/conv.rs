@@ -956,7 +956,7 @@ pub fn conv_q8(
                 super::math::quantize_i8(&x[..cg * g.h * g.w], inv, q);
             } else {
                 q.resize(ph.len(cg), 0);
-                lay_out(g, &ph, cg, x, q, |v| super::math::round_to_i8_range(v * inv) as i8);
+                lay_out(g, &ph, cg, x, q, |v| super::math::round_to_i8(v * inv));
             }
             let q = &q[..];
             let oc = SharedOut::new(out);

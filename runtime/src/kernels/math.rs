@@ -165,32 +165,37 @@ multiversion! {
     }
 }
 
-/// `round(v)` clamped to ±127, ties to even, as f32: by adding and subtracting 1.5·2²³ (exact
-/// for |v| ≤ 127), no libm call, so the loops using it vectorise. The int8 quantizers' rounding.
+/// `round(v)` clamped to ±127, ties to even (NaN → 0): the int8 quantizers' rounding. Adding
+/// 1.5·2²³ rounds |v| ≤ 127 exactly to an integer held in the sum's low mantissa bits, whose
+/// low byte is that integer in two's complement — plain float and bit operations that
+/// vectorise (an `f32 as i8` cast saturates element by element and kept these loops scalar).
 #[inline(always)]
-pub fn round_to_i8_range(v: f32) -> f32 {
+pub fn round_to_i8(v: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0;
-    (v.clamp(-127.0, 127.0) + MAGIC) - MAGIC
+    (v.clamp(-127.0, 127.0) + MAGIC).to_bits() as u8 as i8
 }
 
 multiversion! {
     /// Symmetric int8 quantization per block of 32 (the activations of the int8 products):
-    /// `scale = max|x| / 127`, `q = round(x / scale)` to nearest even ([`round_to_i8_range`]),
+    /// `scale = max|x| / 127`, `q = round(x / scale)` to nearest even ([`round_to_i8`]),
     /// and each block's sum of `q`. `x.len()` is a multiple of 32; `q` as long, `scales` and `sums` one per
     /// block.
     fn quantize_blocks_i8(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
         for ((xb, qb), (s, sum)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(scales.iter_mut().zip(sums.iter_mut())) {
             let mut lanes = [0.0f32; 16];
-            for (i, &v) in xb.iter().enumerate() {
-                lanes[i % 16] = lanes[i % 16].max(v.abs());
+            for c in xb.chunks_exact(16) {
+                for (l, &v) in lanes.iter_mut().zip(c) {
+                    // a compare and select (vectorises; NaN is skipped, as by `f32::max`)
+                    *l = if v.abs() > *l { v.abs() } else { *l };
+                }
             }
             let amax = lanes.iter().fold(0.0f32, |a, &v| a.max(v));
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut acc = 0i32;
             for (o, &v) in qb.iter_mut().zip(xb) {
-                let r = round_to_i8_range(v * inv);
-                *o = r as i8;
+                let r = round_to_i8(v * inv);
+                *o = r;
                 acc += r as i32;
             }
             *s = scale;
@@ -221,10 +226,10 @@ multiversion! {
 }
 
 multiversion! {
-    /// `q[i] = round(x[i] · inv)` clamped to ±127, ties to even ([`round_to_i8_range`]).
+    /// `q[i] = round(x[i] · inv)` clamped to ±127, ties to even ([`round_to_i8`]).
     fn quantize_i8(x: &[f32], inv: f32, q: &mut [i8]) {
         for (o, &v) in q.iter_mut().zip(x) {
-            *o = round_to_i8_range(v * inv) as i8;
+            *o = round_to_i8(v * inv);
         }
     }
 }
