@@ -929,6 +929,11 @@ pub fn conv_q8(
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { super::Isa::detect() };
+    #[cfg(target_arch = "x86_64")]
+    if isa == super::Isa::Avx512Vnni {
+        conv_q8_vnni(g, cg, w, x, bias, post, out, threads);
+        return Ok(());
+    }
     let nr = isa.q_rows().q8_panel.map_or(32, |(_, kp)| kp.nr);
     // One scale for the input; laid out (padding, stride phases) as int8 codes.
     let amax = super::math::max_abs(&x[..cg * g.h * g.w]);
@@ -995,6 +1000,187 @@ pub fn conv_q8(
             }
         })
     })
+}
+
+thread_local! {
+    /// [`conv_q8_vnni`]'s weights regrouped by four channels, with each row's offset
+    /// correction and output scale.
+    static C4_ROWS: std::cell::RefCell<(Vec<i8>, Vec<i32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// [`conv_q8_vnni`]'s input: its int8 layout, then the four-channel interleave.
+    static C4_INPUT: std::cell::RefCell<(Vec<i8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// [`conv_q8`] with AVX-512 VNNI, no `im2col` at all: the input's int8 codes are laid out
+/// ([`Phases`]) and interleaved by four channels (each position's four codes side by side,
+/// offset to unsigned), so group `(c/4, ky, kx)` of 32 output pixels is 128 contiguous bytes
+/// the tile reads where they lie; the weights are regrouped to the same order (channels past
+/// `cg` zero). Sums stay i32 over the whole depth: the weights have one scale per output
+/// channel (`w.scales` equal along a row, as `acorn convert` writes convolution weights).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn conv_q8_vnni(
+    g: &Geo,
+    cg: usize,
+    w: &super::quant::QActs,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    post: Epilogue,
+    out: &mut [f32],
+    threads: usize,
+) {
+    use super::pool::{for_each, SharedOut};
+    use super::quant::QK;
+    use super::x86q::{conv_rows_vnni, CONV_VNNI_MR};
+    const NR: usize = 32;
+    let (mg, kp) = (w.m, w.k);
+    let ph = Phases::new(g);
+    let taps = g.kh * g.kw;
+    let cg4 = cg.div_ceil(4);
+    let groups = cg4 * taps;
+    let grid = g.oh * ph.wq;
+    let amax = super::math::max_abs(&x[..cg * g.h * g.w]);
+    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    let inv = 1.0 / scale;
+    let block = {
+        let b = ((INDIRECT_BLOCK_FLOATS / mg.max(1)) / NR).max(1) * NR;
+        match threads {
+            0 | 1 => b,
+            t => b.min(grid.div_ceil(2 * t).div_ceil(NR).max(1) * NR),
+        }
+        .min(grid.div_ceil(NR) * NR)
+    };
+    let blocks = grid.div_ceil(block);
+    let parts = threads.max(1).min(blocks);
+    let ldw = 4 * groups;
+    TAPS.with(|taps_cell| {
+        C4_ROWS.with(|rows_cell| {
+            C4_INPUT.with(|input_cell| {
+                // The weights in the input's order: row r, group (c/4, ky, kx), channel c % 4 — the
+                // stored order already when there is one tap (pointwise: rows read in place).
+                let (wq, corr, scales) = &mut *rows_cell.borrow_mut();
+                corr.clear();
+                scales.clear();
+                let nb = kp / QK;
+                for r in 0..mg {
+                    corr.push(-128 * w.sums[r * nb..][..nb].iter().sum::<i32>());
+                    scales.push(w.scales[r * nb] * scale);
+                }
+                let (wrows, ldw) = if taps == 1 {
+                    (&w.q[..], kp)
+                } else {
+                    wq.clear();
+                    wq.resize(mg * ldw, 0);
+                    for (row, dst) in w.q.chunks_exact(kp).zip(wq.chunks_exact_mut(ldw)) {
+                        for (c4, dg) in dst.chunks_exact_mut(4 * taps).enumerate() {
+                            for i in 0..(cg - 4 * c4).min(4) {
+                                let src = &row[(4 * c4 + i) * taps..][..taps];
+                                for (t, &v) in src.iter().enumerate() {
+                                    dg[t * 4 + i] = v;
+                                }
+                            }
+                        }
+                    }
+                    (&wq[..], ldw)
+                };
+                // The input: int8 codes laid out, then interleaved by four channels (+128).
+                let (planar, c4) = &mut *input_cell.borrow_mut();
+                let per = if ph.in_place { g.h * g.w } else { ph.per_channel };
+                if ph.in_place {
+                    planar.resize(cg * per, 0);
+                    super::math::quantize_i8(&x[..cg * per], inv, planar);
+                } else {
+                    planar.resize(ph.len(cg), 0);
+                    lay_out(g, &ph, cg, x, planar, |v| super::math::round_to_i8(v * inv));
+                }
+                c4.resize((cg4 * per + ph.wq + NR) * 4, 0x80);
+                interleave4(planar, cg, per, &mut c4[..cg4 * per * 4]);
+                let goffs = &mut *taps_cell.borrow_mut();
+                goffs.clear();
+                for c in 0..cg4 {
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            goffs.push((c * per + ph.tap(g, 0, ky, kx)) * 4);
+                        }
+                    }
+                }
+                let (corr, scales, c4, goffs) = (&corr[..], &scales[..], &c4[..], &goffs[..]);
+                // Every tile's reads are inside the interleaved input (the last group's run of the
+                // whole grid, rounded up to a tile), and the weights' rows inside `wq`.
+                assert!(
+                    goffs.len() == groups
+                        && goffs.iter().max().map_or(0, |&m| m) + grid.div_ceil(NR) * NR * 4 <= c4.len()
+                );
+                assert!((mg - 1) * ldw + 4 * groups <= wrows.len() && corr.len() == mg && scales.len() == mg);
+                let oc = SharedOut::new(out);
+                for_each(parts, parts, &|p| {
+                    Q8_PART.with(|cell| {
+                        let (_, accs) = &mut *cell.borrow_mut();
+                        accs.resize(mg * block, 0.0);
+                        for bi in (p..blocks).step_by(parts) {
+                            let j0 = bi * block;
+                            let len = block.min(grid - j0);
+                            let acc = &mut accs[..mg * len];
+                            for c in (0..len).step_by(NR) {
+                                let cols = NR.min(len - c);
+                                for row in (0..mg).step_by(CONV_VNNI_MR) {
+                                    let rows = CONV_VNNI_MR.min(mg - row);
+                                    // SAFETY: the CPU has AVX-512 VNNI (the selected set); weight rows
+                                    // row..row+rows of ldw codes, `groups` offsets whose 128-byte runs
+                                    // from column j0 + c are inside `c4` (asserted), the rows' corrections
+                                    // and scales, and `cols` outputs of rows row.. in `acc` at stride len.
+                                    unsafe {
+                                        conv_rows_vnni(
+                                            rows,
+                                            wrows.as_ptr().add(row * ldw),
+                                            ldw,
+                                            groups,
+                                            c4.as_ptr().add((j0 + c) * 4),
+                                            goffs.as_ptr(),
+                                            corr.as_ptr().add(row),
+                                            scales.as_ptr().add(row),
+                                            acc.as_mut_ptr().add(row * len + c),
+                                            len,
+                                            cols,
+                                        )
+                                    };
+                                }
+                            }
+                            // SAFETY: as in `conv_gemm`: this block's columns are its own.
+                            unsafe { write_block(g, ph.wq, acc, j0, len, bias, post, oc) };
+                        }
+                    })
+                });
+            })
+        })
+    });
+}
+
+multiversion! {
+/// Four-channel interleave of int8 planes (`cg` planes of `per` codes): word `(c/4, pos)` of
+/// `dst` holds channels `4·(c/4)…+3` at `pos`, each offset to unsigned (`+128`; channels past
+/// `cg` are code 0).
+fn interleave4(planar: &[i8], cg: usize, per: usize, dst: &mut [u8]) {
+    for (c4, d) in dst.chunks_exact_mut(4 * per).enumerate() {
+        let plane = |i: usize| (4 * c4 + i < cg).then(|| &planar[(4 * c4 + i) * per..][..per]);
+        let (p0, p1, p2, p3) = (plane(0), plane(1), plane(2), plane(3));
+        let at = |p: Option<&[i8]>, j: usize| p.map_or(0u32, |p| p[j] as u8 as u32);
+        match (p0, p1, p2, p3) {
+            (Some(a), Some(b), Some(c), Some(e)) => {
+                for (j, o) in d.chunks_exact_mut(4).enumerate() {
+                    let word = (a[j] as u8 as u32) | (b[j] as u8 as u32) << 8 | (c[j] as u8 as u32) << 16 | (e[j] as u8 as u32) << 24;
+                    o.copy_from_slice(&(word ^ 0x8080_8080).to_le_bytes());
+                }
+            }
+            _ => {
+                for (j, o) in d.chunks_exact_mut(4).enumerate() {
+                    let word = at(p0, j) | at(p1, j) << 8 | at(p2, j) << 16 | at(p3, j) << 24;
+                    o.copy_from_slice(&(word ^ 0x8080_8080).to_le_bytes());
+                }
+            }
+        }
+    }
+}
 }
 
 multiversion! {

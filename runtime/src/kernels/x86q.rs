@@ -1645,3 +1645,94 @@ pub unsafe fn unpack_q4_codes8_avx2(rows: [*const u8; 8], nb: usize, codes: *mut
         }
     }
 }
+
+/// The int8 convolution's register tile with AVX-512 VNNI: `R` output channels × 32 pixels
+/// over `groups` groups of four taps, reading the input where it lies (`conv::conv_q8`'s
+/// four-channel-interleaved layout: group `g` of the 32 pixels is the 128 bytes at
+/// `src + goffs[g]`, each pixel's four codes side by side, offset to unsigned `x + 128`). Each
+/// `vpdpbusd` multiplies a broadcast group of four signed weight codes with 16 pixels' four
+/// unsigned codes; the offset comes back out through `corr[r] = −128·Σ w[r]`. The sums stay
+/// i32 over the whole depth (one scale per output channel and one for the input), then
+/// `out[r][c] = (Σ + corr[r]) · scale[r]` for `c < cols`.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VNNI; `w` holds `R` rows of `4·groups` codes at stride `ldw`;
+/// `goffs` holds `groups` offsets and `src + goffs[g]` 128 readable bytes for each; `corr` and
+/// `scale` hold `R` values; `out` is valid for `R` rows of `cols` (≤ 32) floats at stride `ldo`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_tile_vnni<const R: usize>(
+    w: *const i8,
+    ldw: usize,
+    groups: usize,
+    src: *const u8,
+    goffs: *const usize,
+    corr: *const i32,
+    scale: *const f32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let mut acc = [[_mm512_setzero_si512(); 2]; R];
+    for g in 0..groups {
+        // SAFETY: g < groups: the group's 128 bytes, the rows' four codes (caller contract).
+        unsafe {
+            let p = src.add(*goffs.add(g));
+            // The run 256 bytes ahead: the next column tiles' lines (a prefetch never faults).
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(256) as *const i8);
+            let (x0, x1) = (_mm512_loadu_si512(p as *const __m512i), _mm512_loadu_si512(p.add(64) as *const __m512i));
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_epi32((w.add(r * ldw + g * 4) as *const i32).read_unaligned());
+                ar[0] = _mm512_dpbusd_epi32(ar[0], x0, wv);
+                ar[1] = _mm512_dpbusd_epi32(ar[1], x1, wv);
+            }
+        }
+    }
+    let (m0, m1) = column_masks(cols);
+    for (r, ar) in acc.iter().enumerate() {
+        // SAFETY: row r's correction and scale, and its `cols` outputs (masked stores).
+        unsafe {
+            let c = _mm512_set1_epi32(*corr.add(r));
+            let s = _mm512_set1_ps(*scale.add(r));
+            let v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ar[0], c)), s);
+            let v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ar[1], c)), s);
+            _mm512_mask_storeu_ps(out.add(r * ldo), m0, v0);
+            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, v1);
+        }
+    }
+}
+
+/// Rows of output channels per [`conv_tile_vnni`].
+pub const CONV_VNNI_MR: usize = 12;
+
+/// [`conv_tile_vnni`] for `rows` (1…12) output channels.
+///
+/// # Safety
+/// As [`conv_tile_vnni`] with `R = rows`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn conv_rows_vnni(
+    rows: usize,
+    w: *const i8,
+    ldw: usize,
+    groups: usize,
+    src: *const u8,
+    goffs: *const usize,
+    corr: *const i32,
+    scale: *const f32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    macro_rules! go {
+        ($($r:literal),*) => {
+            // SAFETY: forwarded caller contract, R = rows.
+            unsafe {
+                match rows {
+                    $($r => conv_tile_vnni::<$r>(w, ldw, groups, src, goffs, corr, scale, out, ldo, cols),)*
+                    _ => conv_tile_vnni::<12>(w, ldw, groups, src, goffs, corr, scale, out, ldo, cols),
+                }
+            }
+        };
+    }
+    go!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+}
