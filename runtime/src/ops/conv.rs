@@ -235,28 +235,34 @@ pub(super) fn run(
     Ok(())
 }
 
-/// Output channels from which a q8 convolution runs the int8 kernels: below, building each
-/// pixel's int8 panel costs about what the int8 products save (the OCR detector's 24-channel
-/// 3×3 convolutions still gain: 1.22× over f32 for the whole model with them in int8, 1.07×
-/// without).
-const Q8_CONV_MIN_CHANNELS: usize = 16;
+/// Output channels and weights (`m`, `m·k`) from which a q8 convolution runs the int8 kernels,
+/// by how those kernels read the input. With AVX-512 VNNI the int8 tile reads the interleaved
+/// input where it lies (`conv::conv_q8`, no `im2col`): from 8 channels and 2 048 weights
+/// (measured on the PP-OCR recogniser and classifier: 1.07× and 1.08× over the thresholds
+/// below). The other int8 kernels build pixel panels first, which costs about what the int8
+/// products save on small convolutions: from 16 channels (the OCR detector's 24-channel 3×3
+/// convolutions still gain: 1.22× over f32 for the whole model with them in int8, 1.07×
+/// without) and 16 384 weights (the angle classifier's convolutions, 6 400 weights and ≤ 1 M
+/// multiply-adds each, ran 0.93× of f32 in int8).
+fn q8_conv_min(isa: crate::kernels::Isa) -> (usize, usize) {
+    match isa {
+        crate::kernels::Isa::Avx512Vnni => (8, 1 << 11),
+        _ => (16, 1 << 14),
+    }
+}
 
 /// Whether a q8 convolution of `m` output channels and `k` weights each runs the f32 kernels
 /// on `isa` (its weights decoded once at open). Without an int8 dot-product instruction (AVX2,
 /// AVX-512 without VNNI, NEON without dotprod) an int8 multiply-add takes as many instructions
 /// as an f32 one and quantizing the input and building the pixel panels is extra: measured on
 /// AVX2, the OCR recogniser ran 1.05–1.12× slower in int8 than in f32. With one, convolutions
-/// of fewer than [`Q8_CONV_MIN_CHANNELS`] outputs or [`Q8_CONV_MIN_WEIGHTS`] weights.
+/// smaller than [`q8_conv_min`].
 pub(crate) fn q8_conv_runs_f32(isa: crate::kernels::Isa, m: usize, k: usize) -> bool {
     use crate::kernels::Isa;
     let dot = matches!(isa, Isa::Avx512Vnni | Isa::AvxVnni | Isa::NeonDot | Isa::NeonI8mm);
-    !dot || m < Q8_CONV_MIN_CHANNELS || m * k < Q8_CONV_MIN_WEIGHTS
+    let (min_m, min_weights) = q8_conv_min(isa);
+    !dot || m < min_m || m * k < min_weights
 }
-
-/// Weights from which a q8 convolution runs the int8 kernels (with a dot product): the angle
-/// classifier's convolutions (6 400 weights, ≤ 1 M multiply-adds each) ran 0.93× of f32 in
-/// int8.
-const Q8_CONV_MIN_WEIGHTS: usize = 1 << 14;
 
 /// A convolution whose weights are stored q8 by rows (flattened to `[M, K]`, written by
 /// `acorn convert --quantize q8`): the int8 kernels, one group.
