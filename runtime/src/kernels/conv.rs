@@ -432,7 +432,8 @@ impl Block<'_> {
     /// The block by the indirect tile: B row `p` of column tile `j` read at `src[offs[p] + j..]`.
     /// The output goes straight into `out` when `direct` (grid columns are output columns),
     /// else into an output block in `mine` and through [`write_block`]. A last partial column
-    /// tile is copied into a zero-padded panel (reading past the input is not allowed).
+    /// tile (reading past the input is not allowed) is copied into a panel exactly as wide and
+    /// run by the GEMM driver.
     ///
     /// # Safety
     /// As [`write_block`]: the block's output columns are the caller's alone.
