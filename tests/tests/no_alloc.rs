@@ -66,4 +66,22 @@ fn planned_runs_allocate_only_outputs() {
     let st = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
     let sr = Tensor::from_i64(vec![], vec![16000]);
     check(&v, &[("input", &x), ("state", &st), ("sr", &sr)], "silero VAD chunk");
+
+    // A CNN in fp32 and q8 (its convolutions on the int8 kernels where the CPU has them): the
+    // PP-OCR recogniser on one line of the page.
+    let page = ocr::page().unwrap();
+    let line = ocr::line_input(&page, ocr::LINES[0].0);
+    let (_d3, rec) = convert_temp(&asset(OCR_REC)).unwrap();
+    check(&Model::open(&rec).unwrap(), &[("x", &line)], "PP-OCR recogniser fp32");
+    let q8 = acorn_converter::ConvertOptions {
+        quantize: Some(acorn_converter::quantize::QuantOptions {
+            format: acorn_converter::quantize::QuantFormat::Q8,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rec_q8 = dir.path().join("rec-q8.acorn");
+    acorn_converter::convert(&asset(OCR_REC), &rec_q8, &q8).unwrap();
+    check(&Model::open(&rec_q8).unwrap(), &[("x", &line)], "PP-OCR recogniser q8");
 }

@@ -289,16 +289,31 @@ fn run_q8(
     // (Weights the int8 kernels would not speed up were decoded to f32 at open:
     // `q8_conv_runs_f32`, `exec::layout::decode_conv_weights`.)
     let isa = crate::kernels::selected();
-    // The weights as the GEMM's row operand: codes, each block's scale and sum.
+    // The weights as the GEMM's row operand: codes, each block's scale and sum (in this
+    // thread's buffers: no allocation per run once they have grown).
     let nb = q8.k / QK;
-    let mut rows = QActs { m: q8.n, k: q8.k, q: q8.q[..q8.n * q8.k].to_vec(), ..Default::default() };
-    rows.scales = (0..q8.n * nb).map(|i| q8.scales[i / nb]).collect();
-    rows.sums = rows.q.chunks_exact(QK).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
-    for b in 0..g.n {
-        let xin = &xd[b * g.c * plane..][..g.c * plane];
-        let o = &mut out[b * g.m * ospat..][..g.m * ospat];
-        conv::conv_q8(isa, &kg, g.c, &rows, xin, bias, post, o, ctx.threads)
-            .map_err(|e| crate::error::OpError::Failed(e.0))?;
-    }
-    Ok(())
+    Q8_ROWS.with(|cell| {
+        let rows: &mut QActs = &mut cell.borrow_mut();
+        (rows.m, rows.k) = (q8.n, q8.k);
+        rows.q.clear();
+        rows.q.extend_from_slice(&q8.q[..q8.n * q8.k]);
+        rows.scales.clear();
+        rows.scales.extend((0..q8.n * nb).map(|i| q8.scales[i / nb]));
+        rows.sums.clear();
+        rows.sums.extend(rows.q.chunks_exact(QK).map(|b| b.iter().map(|&v| v as i32).sum::<i32>()));
+        rows.q4x.clear();
+        for b in 0..g.n {
+            let xin = &xd[b * g.c * plane..][..g.c * plane];
+            let o = &mut out[b * g.m * ospat..][..g.m * ospat];
+            conv::conv_q8(isa, &kg, g.c, rows, xin, bias, post, o, ctx.threads)
+                .map_err(|e| crate::error::OpError::Failed(e.0))?;
+        }
+        Ok(())
+    })
+}
+
+thread_local! {
+    /// [`run_q8`]'s weights as the int8 GEMM's row operand, grown once per thread.
+    static Q8_ROWS: std::cell::RefCell<crate::kernels::quant::QActs> =
+        std::cell::RefCell::new(crate::kernels::quant::QActs::default());
 }

@@ -277,12 +277,16 @@ pub(super) fn run_more(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [View
             let a = norm_axis(*axis, rank)?;
             let sv = req(inputs, 1, "scale")?;
             let s = sv.f32()?;
-            let si = param_index(sv.shape, &x.shape[a..])?;
             let n = numel(&x.shape[a..]);
             if n == 0 {
                 return Ok(());
             }
-            let dense = si.iter().enumerate().all(|(j, &i)| i == j) && s.len() >= n;
+            // One scale per element (the usual case) needs no index map (none is built: no
+            // allocation per run).
+            let trim = |d: &[usize]| d.iter().position(|&v| v != 1).map_or(0, |i| d.len() - i);
+            let (ps, block) = (sv.shape, &x.shape[a..]);
+            let dense = ps[ps.len() - trim(ps)..] == block[block.len() - trim(block)..] && s.len() >= n;
+            let si = if dense { Vec::new() } else { param_index(sv.shape, &x.shape[a..])? };
             crate::kernels::math::with_width(|| {
                 for (xr, yr) in xd.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
                     let ms = crate::kernels::math::lane_sum(xr, |v| v * v) / n as f32;

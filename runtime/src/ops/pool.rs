@@ -164,12 +164,15 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let count_pad = (a.count_include_pad, zero(&g.pe, 0), zero(&g.pe, 1));
             // Planes split across threads, each part with its own row buffer.
             kernels::pool::for_chunks(threads, out, out_plane, 1 << 14, &|start, chunk| {
-                let mut tmp = vec![0.0f32; kg.h * kg.ow];
-                let first = start / out_plane;
-                for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
-                    let plane = &xf[(first + i) * in_plane..][..in_plane];
-                    kernels::conv::pool2d(&kg, max, count_pad, plane, &mut tmp, o);
-                }
+                POOL_ROWS.with(|cell| {
+                    let tmp = &mut *cell.borrow_mut();
+                    tmp.resize(kg.h * kg.ow, 0.0);
+                    let first = start / out_plane;
+                    for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
+                        let plane = &xf[(first + i) * in_plane..][..in_plane];
+                        kernels::conv::pool2d(&kg, max, count_pad, plane, tmp, o);
+                    }
+                })
             });
             return Ok(());
         }
@@ -264,4 +267,9 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
     }
     Ok(())
+}
+
+thread_local! {
+    /// The separable 2-D pooling's row-pass buffer, grown once per thread.
+    static POOL_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
