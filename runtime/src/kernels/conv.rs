@@ -459,7 +459,7 @@ impl Block<'_> {
         // Every full tile's reads are inside `src` (the last tap's run of the whole grid is),
         // the A rows inside `w`, the output tiles inside `out` or the output block.
         assert!(offs.len() == k && offs.iter().max().map_or(0, |&m| m) + grid <= src.len());
-        assert!((mg - 1) * ldw + k <= w.len() && j0 + len <= grid && mr * nr <= TILE_MAX);
+        assert!((mg - 1) * ldw + k <= w.len() && j0 + len <= grid);
         assert!(if direct { grid == n && mg * n <= out.len() } else { acc.len() >= mg * len });
         let (dst, ldc): (*mut f32, usize) = if direct { (out.ptr(), n) } else { (acc.as_mut_ptr(), len) };
         let col0 = if direct { j0 } else { 0 };
@@ -524,9 +524,6 @@ impl Block<'_> {
         }
     }
 }
-
-/// Largest f32 register tile of any kernel (floats), for the partial column tile.
-const TILE_MAX: usize = 16 * 32;
 
 /// The zero-padded plane a depthwise channel is computed from: exactly the rows and columns the
 /// outputs' taps reach, so no output needs a bounds check.
@@ -930,8 +927,10 @@ pub fn conv_q8(
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { super::Isa::detect() };
+    // The VNNI tile sums i32 over the whole depth: it needs one scale per output channel (what
+    // `acorn convert` writes for convolutions); rows with varying block scales take the panels.
     #[cfg(target_arch = "x86_64")]
-    if isa == super::Isa::Avx512Vnni {
+    if isa == super::Isa::Avx512Vnni && w.scales.chunks(kp / QK).all(|r| r.iter().all(|&s| s == r[0])) {
         conv_q8_vnni(g, cg, w, x, bias, post, out, threads);
         return Ok(());
     }
@@ -1157,6 +1156,13 @@ fn conv_q8_vnni(
     });
 }
 
+/// Four int8 codes as one little-endian word: zero-extend, shift, or — a form the compiler
+/// vectorises (byte-by-byte stores of the interleaves did not).
+#[inline(always)]
+fn word4(a: i8, b: i8, c: i8, d: i8) -> u32 {
+    (a as u8 as u32) | (b as u8 as u32) << 8 | (c as u8 as u32) << 16 | (d as u8 as u32) << 24
+}
+
 multiversion! {
 /// Four-channel interleave of int8 planes (`cg` planes of `per` codes): word `(c/4, pos)` of
 /// `dst` holds channels `4·(c/4)…+3` at `pos`, each offset to unsigned (`+128`; channels past
@@ -1165,17 +1171,16 @@ fn interleave4(planar: &[i8], cg: usize, per: usize, dst: &mut [u8]) {
     for (c4, d) in dst.chunks_exact_mut(4 * per).enumerate() {
         let plane = |i: usize| (4 * c4 + i < cg).then(|| &planar[(4 * c4 + i) * per..][..per]);
         let (p0, p1, p2, p3) = (plane(0), plane(1), plane(2), plane(3));
-        let at = |p: Option<&[i8]>, j: usize| p.map_or(0u32, |p| p[j] as u8 as u32);
+        let at = |p: Option<&[i8]>, j: usize| p.map_or(0, |p| p[j]);
         match (p0, p1, p2, p3) {
             (Some(a), Some(b), Some(c), Some(e)) => {
                 for (j, o) in d.chunks_exact_mut(4).enumerate() {
-                    let word = (a[j] as u8 as u32) | (b[j] as u8 as u32) << 8 | (c[j] as u8 as u32) << 16 | (e[j] as u8 as u32) << 24;
-                    o.copy_from_slice(&(word ^ 0x8080_8080).to_le_bytes());
+                    o.copy_from_slice(&(word4(a[j], b[j], c[j], e[j]) ^ 0x8080_8080).to_le_bytes());
                 }
             }
             _ => {
                 for (j, o) in d.chunks_exact_mut(4).enumerate() {
-                    let word = at(p0, j) | at(p1, j) << 8 | at(p2, j) << 16 | at(p3, j) << 24;
+                    let word = word4(at(p0, j), at(p1, j), at(p2, j), at(p3, j));
                     o.copy_from_slice(&(word ^ 0x8080_8080).to_le_bytes());
                 }
             }
@@ -1193,14 +1198,8 @@ fn pixel_panel(q: &[i8], taps: &[usize], kp: usize, c0: usize, cols: usize, nr: 
         let tap = |i: usize| taps.get(gi * 4 + i).map(|&at| &q[at + c0..][..cols]);
         match (tap(0), tap(1), tap(2), tap(3)) {
             (Some(r0), Some(r1), Some(r2), Some(r3)) => {
-                // Each pixel's four codes as one little-endian word: zero-extend, shift, or (a
-                // form the compiler vectorises; byte-by-byte stores did not).
                 for (c, d) in dst.chunks_exact_mut(4).take(cols).enumerate() {
-                    let word = (r0[c] as u8 as u32)
-                        | (r1[c] as u8 as u32) << 8
-                        | (r2[c] as u8 as u32) << 16
-                        | (r3[c] as u8 as u32) << 24;
-                    d.copy_from_slice(&word.to_le_bytes().map(|b| b as i8));
+                    d.copy_from_slice(&word4(r0[c], r1[c], r2[c], r3[c]).to_le_bytes().map(|b| b as i8));
                 }
             }
             (r0, r1, r2, r3) => {
