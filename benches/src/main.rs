@@ -16,7 +16,8 @@
 //!
 //! Each (runtime, case) runs in its own child process so peak RSS is that runtime's alone.
 //! Prints a Markdown table (medians; the machine is shared and noisy, so compare ratios). Each
-//! row is the median of `--procs` processes (open time and RSS from that process).
+//! row is the median of `--procs` processes (open time and RSS from that process); the rows of a
+//! case run their processes in turns, so they share the machine's moments of load.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -388,20 +389,15 @@ fn main() -> Result<()> {
                 rows.push((rt, None));
             }
         }
-        let mut fp32_at: Vec<(Option<acorn::kernels::Isa>, f64)> = Vec::new();
-        for (rt, level) in rows {
-            if rt == "tract" && threads != 1 {
-                continue;
-            }
-            let label = match level {
-                Some(l) => format!("{rt} [{}]", l.name()),
-                None => rt.to_string(),
-            };
-            // Several processes per (runtime, case): where a process's memory lands moves a
-            // cache-sized model's latency by up to 40% here, so report the median process.
-            let mut got: Vec<serde_json::Value> = Vec::new();
-            let mut failure = None;
-            for _ in 0..procs {
+        rows.retain(|&(rt, _)| rt != "tract" || threads == 1);
+        // Several processes per (runtime, case): where a process's memory lands moves a
+        // cache-sized model's latency by up to 40% here, so report the median process. The
+        // processes of a case's rows take turns (row 1, row 2, …, row 1, …), so every row sees
+        // the same moments of a shared machine's load and their ratios hold.
+        let mut results: Vec<Result<Vec<serde_json::Value>, String>> = vec![Ok(Vec::new()); rows.len()];
+        for _ in 0..procs {
+            for (&(rt, level), res) in rows.iter().zip(results.iter_mut()) {
+                let Ok(got) = res else { continue };
                 let mut cmd = Command::new(&exe);
                 cmd.args(["--child", rt, case.name(), "--runs", &runs.to_string(), "--threads", &threads.to_string()])
                     .env("RUST_BACKTRACE", "0");
@@ -412,15 +408,25 @@ fn main() -> Result<()> {
                 if !out.status.success() {
                     let err = String::from_utf8_lossy(&out.stderr);
                     let line = err.lines().find(|l| l.starts_with("Error")).unwrap_or("failed").trim().to_string();
-                    failure = Some(line.chars().take(110).collect::<String>());
-                    break;
+                    *res = Err(line.chars().take(110).collect::<String>());
+                    continue;
                 }
                 got.push(serde_json::from_slice(&out.stdout).context("child output")?);
             }
-            if let Some(short) = failure {
-                println!("| {} | {label} | – | – | – | – | fails: {short} |", case.name());
-                continue;
-            }
+        }
+        let mut fp32_at: Vec<(Option<acorn::kernels::Isa>, f64)> = Vec::new();
+        for ((rt, level), res) in rows.into_iter().zip(results) {
+            let label = match level {
+                Some(l) => format!("{rt} [{}]", l.name()),
+                None => rt.to_string(),
+            };
+            let mut got = match res {
+                Ok(got) => got,
+                Err(short) => {
+                    println!("| {} | {label} | – | – | – | – | fails: {short} |", case.name());
+                    continue;
+                }
+            };
             got.sort_by(|a, b| {
                 a["median_ms"].as_f64().partial_cmp(&b["median_ms"].as_f64()).unwrap_or(std::cmp::Ordering::Equal)
             });

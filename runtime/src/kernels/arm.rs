@@ -90,4 +90,102 @@ unsafe fn tile_neon<const R: usize, const RM: bool, const IND: bool>(
     }
 }
 
+/// Depthwise tile: 16 columns (four q registers) by up to 4 rows: 16 independent FMA chains.
+pub const DW_NEON_ROWS: usize = 4;
+
+/// # Safety
+/// [`super::DwTileFn`]'s contract with `rows = R`.
+#[target_feature(enable = "neon")]
+unsafe fn dw_neon<const R: usize>(a: &super::DwTileArgs, x: *const f32, out: *mut f32) {
+    let b = vdupq_n_f32(a.bias);
+    let mut acc = [[b; 4]; R];
+    for ky in 0..a.kh {
+        for kx in 0..a.kw {
+            // SAFETY: ky < kh, kx < kw: inside `taps` and `coff`; the run read for every r < R
+            // is inside the input (caller contract).
+            unsafe {
+                let wv = *a.taps.add(ky * a.kw + kx);
+                let p = x.add(ky * a.ky_step + *a.coff.add(kx));
+                for (r, c) in acc.iter_mut().enumerate() {
+                    let q = p.add(r * a.r_step);
+                    for (i, v) in c.iter_mut().enumerate() {
+                        *v = vfmaq_n_f32(*v, vld1q_f32(q.add(4 * i)), wv);
+                    }
+                }
+            }
+        }
+    }
+    for (r, c) in acc.iter().enumerate() {
+        for (i, v) in c.iter().enumerate() {
+            // SAFETY: row r < R of the output tile (caller contract).
+            unsafe { vst1q_f32(out.add(r * a.ldo + 4 * i), *v) };
+        }
+    }
+}
+
+/// Row-count dispatch of `dw_neon` ([`super::DwTileFn`]); full tiles of 3×3 and 5×5 kernels
+/// with stride 1 or 2 and no row dilation take `dw_reuse_neon`.
+///
+/// # Safety
+/// As `dw_neon` with `R = rows`, `1 ≤ rows ≤ DW_NEON_ROWS`.
+pub unsafe fn dw_16_neon(rows: usize, a: &super::DwTileArgs, x: *const f32, out: *mut f32) {
+    const R: usize = DW_NEON_ROWS;
+    // SAFETY: forwarded caller contract; each arm's R equals `rows`, and the reuse arms' row
+    // steps are what they assume (`r_step = SH·ky_step`, `kh = KH`).
+    unsafe {
+        match (rows, a.kh, a.r_step / a.ky_step.max(1), a.r_step % a.ky_step.max(1)) {
+            (R, 3, 1, 0) => dw_reuse_neon::<R, 3, 1>(a, x, out),
+            (R, 3, 2, 0) => dw_reuse_neon::<R, 3, 2>(a, x, out),
+            (R, 5, 1, 0) => dw_reuse_neon::<R, 5, 1>(a, x, out),
+            (R, 5, 2, 0) => dw_reuse_neon::<R, 5, 2>(a, x, out),
+            (1, ..) => dw_neon::<1>(a, x, out),
+            (2, ..) => dw_neon::<2>(a, x, out),
+            (3, ..) => dw_neon::<3>(a, x, out),
+            _ => dw_neon::<4>(a, x, out),
+        }
+    }
+}
+
+/// `dw_neon` for `KH` kernel rows at output-row stride `SH` input rows (`ky_step` is one input
+/// row): each input row's run is loaded once per kernel column and used by every output row it
+/// reaches.
+///
+/// # Safety
+/// As `dw_neon` with `kh = KH` and `r_step = SH·ky_step`.
+#[target_feature(enable = "neon")]
+unsafe fn dw_reuse_neon<const R: usize, const KH: usize, const SH: usize>(
+    a: &super::DwTileArgs,
+    x: *const f32,
+    out: *mut f32,
+) {
+    let b = vdupq_n_f32(a.bias);
+    let mut acc = [[b; 4]; R];
+    for kx in 0..a.kw {
+        // SAFETY: kx < kw, ky < KH = kh: inside `taps` and `coff`; input row i < (R−1)·SH + KH
+        // is row r·SH + ky of some output row r < R and kernel row ky, whose run the caller
+        // guarantees readable.
+        unsafe {
+            let w: [f32; KH] = std::array::from_fn(|ky| *a.taps.add(ky * a.kw + kx));
+            let p = x.add(*a.coff.add(kx));
+            for i in 0..(R - 1) * SH + KH {
+                let q = p.add(i * a.ky_step);
+                let v = [vld1q_f32(q), vld1q_f32(q.add(4)), vld1q_f32(q.add(8)), vld1q_f32(q.add(12))];
+                for (r, c) in acc.iter_mut().enumerate() {
+                    if i >= r * SH && i - r * SH < KH {
+                        for (c, &v) in c.iter_mut().zip(&v) {
+                            *c = vfmaq_n_f32(*c, v, w[i - r * SH]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (r, c) in acc.iter().enumerate() {
+        for (i, v) in c.iter().enumerate() {
+            // SAFETY: row r < R of the output tile (caller contract).
+            unsafe { vst1q_f32(out.add(r * a.ldo + 4 * i), *v) };
+        }
+    }
+}
+
 tile_entries!(tile_neon, sgemm_8x12_neon, sgemm_8x12_neon_rm, sgemm_8x12_neon_ind, [1, 2, 3, 4, 5, 6, 7], 8);

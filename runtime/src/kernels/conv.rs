@@ -186,8 +186,8 @@ fn panels(g: &Geo, ph: &Phases, cg: usize, src: &[f32], j0: usize, len: usize, n
 }
 
 /// The epilogue of one block of grid columns `j0..j0 + len` (`acc`: output channels × `len`),
-/// written to the NCHW output behind `out` (channels × `oh·ow`); grid columns `ow..wq` of each
-/// row are dropped.
+/// applied as the block is copied to the NCHW output behind `out` (channels × `oh·ow`); grid
+/// columns `ow..wq` of each row are dropped.
 ///
 /// # Safety
 /// `out` is a live buffer of `acc.len() / len` rows of `oh·ow` floats, and no other thread
@@ -196,7 +196,7 @@ fn panels(g: &Geo, ph: &Phases, cg: usize, src: &[f32], j0: usize, len: usize, n
 unsafe fn write_block(
     g: &Geo,
     wq: usize,
-    acc: &mut [f32],
+    acc: &[f32],
     j0: usize,
     len: usize,
     bias: Option<&[f32]>,
@@ -204,8 +204,8 @@ unsafe fn write_block(
     out: super::pool::SharedOut,
 ) {
     let n = g.oh * g.ow;
-    for (mi, row) in acc.chunks_exact_mut(len).enumerate() {
-        epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
+    for (mi, row) in acc.chunks_exact(len).enumerate() {
+        let b = bias.map_or(0.0, |b| b[mi]);
         let mut j = j0;
         while j < j0 + len {
             let (oy, ox) = (j / wq, j % wq);
@@ -217,7 +217,7 @@ unsafe fn write_block(
                 // SAFETY: output row mi, columns of grid row oy below ow: inside `out` and this
                 // caller's alone (the function's contract).
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(at), keep) };
-                dst.copy_from_slice(&row[j - j0..][..keep]);
+                epilogue_into(&row[j - j0..][..keep], dst, b, post);
             }
             j += seg;
         }
@@ -426,7 +426,7 @@ impl Block<'_> {
         let wm = MatRef { data: w, rs: ldw, cs: 1 };
         super::sgemm(mg, len, k, wm, BMat::Panels(bm), &mut acc[..mg * len], len, false, 1);
         // SAFETY: forwarded (the caller's block of columns).
-        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, out) };
+        unsafe { write_block(g, ph.wq, &acc[..mg * len], j0, len, bias, post, out) };
     }
 
     /// The block by the indirect tile: B row `p` of column tile `j` read at `src[offs[p] + j..]`.
@@ -520,17 +520,37 @@ impl Block<'_> {
             }
         } else {
             // SAFETY: forwarded (the caller's block of columns).
-            unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, out) };
+            unsafe { write_block(g, ph.wq, &acc[..mg * len], j0, len, bias, post, out) };
         }
     }
 }
 
-/// The zero-padded plane a depthwise channel is computed from: exactly the rows and columns the
-/// outputs' taps reach, so no output needs a bounds check.
-fn padded(g: &Geo) -> Geo {
-    let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-    let wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    Geo { h: hp, w: wp, ph: 0, pw: 0, ..*g }
+/// How a depthwise channel is laid out before its taps run: zero-padded to exactly the rows
+/// and columns the outputs' taps reach (no output needs a bounds check), and each padded row
+/// split into `sw` column phases of `wq` (padded column `c` at `(c mod sw)·wq + c / sw`), so
+/// every tap of a strided convolution reads consecutive outputs from consecutive floats.
+#[derive(Clone, Copy, Debug)]
+pub struct DwPlane {
+    /// Padded rows and columns.
+    hp: usize,
+    wp: usize,
+    /// Floats per phase of a row, and per row (`sw·wq`).
+    wq: usize,
+    rs: usize,
+}
+
+impl DwPlane {
+    fn new(g: &Geo) -> DwPlane {
+        let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+        let wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+        let wq = wp.div_ceil(g.sw);
+        DwPlane { hp, wp, wq, rs: wq * g.sw }
+    }
+
+    /// Floats of the laid-out plane, plus one padded row of staging for the phase split.
+    fn len(&self) -> usize {
+        self.hp * self.rs + self.wp
+    }
 }
 
 /// Scratch floats [`depthwise`] needs per thread.
@@ -538,15 +558,15 @@ pub fn depthwise_scratch(g: &Geo) -> usize {
     if g.oh == 0 || g.ow == 0 {
         return 0;
     }
-    let p = padded(g);
-    p.h * p.w
+    DwPlane::new(g).len()
 }
 
 /// Depthwise convolution (one input channel per group, any channel multiplier): output channel
 /// `o` of `out` (`channels` planes of `oh·ow`, batch-major) reads input channel
 /// `(o / mult)` of its batch item in `x` (planes of `h·w`, `channels / mult` per item) through
-/// taps `w[o]` (`kh·kw`), then `post`. Each channel is zero-padded once into `scratch`, then
-/// computed in register blocks with no bounds checks. Channels are spread over `threads`.
+/// taps `w[o]` (`kh·kw`), then `post`. Each channel is laid out once ([`DwPlane`]), then
+/// computed in register tiles ([`super::DwTileFn`]) with no bounds checks. Channels are spread
+/// over `threads`.
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise(
     g: &Geo,
@@ -574,136 +594,197 @@ pub fn depthwise(
     }
     let (sc, oc) = (SharedOut::new(&mut scratch[..parts * per]), SharedOut::new(out));
     let chunk = total.div_ceil(parts);
-    let pg = padded(g);
+    let dp = DwPlane::new(g);
     for_each(parts, parts, &|p| {
         // SAFETY: part p alone uses scratch floats p·per .. (p+1)·per, inside the buffer sized
         // above, which outlives `for_each`.
         let pad = unsafe { std::slice::from_raw_parts_mut(sc.ptr().add(p * per), per) };
+        // Zero once: the channels below write only where their input goes.
+        pad.fill(0.0);
         for o in p * chunk..((p + 1) * chunk).min(total) {
             let (item, mo) = (o / channels, o % channels);
             let ci = item * (channels / mult) + mo / mult;
-            pad_plane(g, &pg, &x[ci * plane..][..plane], pad);
+            pad_plane(g, &dp, &x[ci * plane..][..plane], pad);
             // SAFETY: output channel o's plane, inside `out` (o < total) and this part's alone
             // (parts take disjoint channel ranges).
             let dst = unsafe { std::slice::from_raw_parts_mut(oc.ptr().add(o * ospat), ospat) };
-            depthwise_plane(&pg, pad, &w[mo * taps..][..taps], bias.map_or(0.0, |b| b[mo]), dst);
-            epilogue(dst, 0.0, post);
+            depthwise_plane(g, &dp, pad, &w[mo * taps..][..taps], bias.map_or(0.0, |b| b[mo]), post, dst);
         }
     });
 }
 
 multiversion! {
-/// Copies plane `x` (geometry `g`) into the zero-padded `pad` (geometry `pg`).
-fn pad_plane(g: &Geo, pg: &Geo, x: &[f32], pad: &mut [f32]) {
-    for (r, prow) in pad.chunks_exact_mut(pg.w).enumerate().take(pg.h) {
-        match r.checked_sub(g.ph).filter(|&iy| iy < g.h) {
-            None => prow.fill(0.0),
-            Some(iy) => {
-                let xrow = &x[iy * g.w..][..g.w];
-                let left = g.pw.min(pg.w);
-                let n = g.w.min(pg.w - left);
-                prow[..left].fill(0.0);
-                prow[left..left + n].copy_from_slice(&xrow[..n]);
-                prow[left + n..].fill(0.0);
-            }
-        }
-    }
-}
-}
-
-multiversion! {
-/// Depthwise convolution of one zero-padded plane (`g` has no padding and every tap of every
-/// output inside): the output row in blocks of 64 or 16 accumulated in registers over every
-/// tap (the last block overlapping the one before: the outputs it recomputes come out the
-/// same), narrow rows by plain loops.
-fn depthwise_plane(g: &Geo, x: &[f32], taps: &[f32], bias: f32, out: &mut [f32]) {
-    for (oy, orow) in out.chunks_exact_mut(g.ow).enumerate().take(g.oh) {
-        let rows = (0, g.kh, oy * g.sh);
-        if g.ow >= 64 {
-            dw_blocks::<64>(g, x, taps, bias, rows, (0, g.ow), orow);
-        } else if g.ow >= 16 {
-            dw_blocks::<16>(g, x, taps, bias, rows, (0, g.ow), orow);
-        } else {
-            orow.fill(bias);
-            for ky in 0..g.kh {
-                let xrow = &x[(oy * g.sh + ky * g.dh) * g.w..][..g.w];
-                for kx in 0..g.kw {
-                    let wv = taps[ky * g.kw + kx];
-                    strided_run(orow, xrow, kx * g.dw, g.sw, |d, s| *d += wv * s);
-                }
-            }
-        }
-    }
-}
-}
-
-/// `B` depthwise outputs from `ox0` at column stride `S`, every tap accumulated in registers.
-#[inline(always)]
-fn dw_block<const B: usize, const S: usize>(
-    g: &Geo,
-    x: &[f32],
-    taps: &[f32],
-    bias: f32,
-    (ky0, ky1, row0): (usize, usize, usize),
-    ox0: usize,
-) -> [f32; B] {
-    let mut acc = [bias; B];
-    for ky in ky0..ky1 {
-        let xrow = &x[(row0 + (ky - ky0) * g.dh) * g.w..][..g.w];
-        let wrow = &taps[ky * g.kw..][..g.kw];
-        for (kx, &wv) in wrow.iter().enumerate() {
-            let base = ox0 * S + kx * g.dw - g.pw;
-            let xs = &xrow[base..base + (B - 1) * S + 1];
-            for i in 0..B {
-                acc[i] += wv * xs[i * S];
-            }
-        }
-    }
-    acc
-}
-
-/// Interior outputs `lo..hi` (`hi − lo ≥ B`) of one depthwise output row, `B` at a time with
-/// every tap accumulated in registers (`B / lanes` independent chains), the last block
-/// ending at `hi`. Rows `ky0..ky1` of the kernel are inside the input, the first at input row
-/// `row0`.
-#[inline(always)]
-fn dw_blocks<const B: usize>(
-    g: &Geo,
-    x: &[f32],
-    taps: &[f32],
-    bias: f32,
-    (ky0, ky1, row0): (usize, usize, usize),
-    (lo, hi): (usize, usize),
-    orow: &mut [f32],
-) {
-    let mut ox0 = lo;
-    loop {
-        // Stride 1 and any other stride as separate loops: one branch in the tap loop keeps
-        // the accumulators out of registers.
-        let acc = if g.sw == 1 {
-            dw_block::<B, 1>(g, x, taps, bias, (ky0, ky1, row0), ox0)
-        } else if g.sw == 2 {
-            dw_block::<B, 2>(g, x, taps, bias, (ky0, ky1, row0), ox0)
-        } else {
-            let mut acc = [bias; B];
-            for ky in ky0..ky1 {
-                let xrow = &x[(row0 + (ky - ky0) * g.dh) * g.w..][..g.w];
-                for kx in 0..g.kw {
-                    let wv = taps[ky * g.kw + kx];
-                    let base = ox0 * g.sw + kx * g.dw - g.pw;
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        *a += wv * xrow[base + i * g.sw];
+/// Copies plane `x` (geometry `g`) into `pad` as [`DwPlane`] `dp` lays it out (the staging row
+/// after the plane holds a strided row before its phase split). Only the floats that hold
+/// input are written: `pad` comes zeroed, and every channel of the same geometry leaves the
+/// padding as it found it.
+fn pad_plane(g: &Geo, dp: &DwPlane, x: &[f32], pad: &mut [f32]) {
+    let (plane, stage) = pad.split_at_mut(dp.hp * dp.rs);
+    let stage = &mut stage[..dp.wp];
+    let left = g.pw.min(dp.wp);
+    let n = g.w.min(dp.wp - left);
+    let rows = g.h.min(dp.hp.saturating_sub(g.ph));
+    for (iy, prow) in plane.chunks_exact_mut(dp.rs).skip(g.ph).take(rows).enumerate() {
+        let xrow = &x[iy * g.w..][..n];
+        match g.sw {
+            1 => prow[left..left + n].copy_from_slice(xrow),
+            2 => {
+                // Input column j is padded column left + j: phase (left + j) mod 2.
+                let (even, odd) = prow.split_at_mut(dp.wq);
+                let h = left / 2;
+                let pairs = xrow.chunks_exact(2);
+                let last = pairs.remainder().first().copied();
+                if left.is_multiple_of(2) {
+                    for ((e, o), s) in even[h..].iter_mut().zip(odd[h..].iter_mut()).zip(pairs) {
+                        *e = s[0];
+                        *o = s[1];
+                    }
+                    if let Some(v) = last {
+                        even[h + n / 2] = v;
+                    }
+                } else {
+                    for ((o, e), s) in odd[h..].iter_mut().zip(even[h + 1..].iter_mut()).zip(pairs) {
+                        *o = s[0];
+                        *e = s[1];
+                    }
+                    if let Some(v) = last {
+                        odd[h + n / 2] = v;
                     }
                 }
             }
-            acc
-        };
-        orow[ox0..ox0 + B].copy_from_slice(&acc);
-        if ox0 + B == hi {
-            break;
+            sw => {
+                stage[left..left + n].copy_from_slice(xrow);
+                for (c, &v) in stage.iter().enumerate() {
+                    prow[(c % sw) * dp.wq + c / sw] = v;
+                }
+            }
         }
-        ox0 = (ox0 + B).min(hi - B);
     }
+}
+}
+
+/// Columns of a depthwise register tile ([`super::DwTileFn`]).
+const DW_COLS: usize = 16;
+/// Columns [`depthwise_plane`] computes top to bottom at a time.
+const DW_BLOCK_COLS: usize = 64;
+/// Widest kernel whose column offsets [`depthwise_plane`] keeps on the stack (wider ones take
+/// the plain loop).
+const DW_MAX_KW: usize = 32;
+
+/// `a·b + c`, fused where every CPU of the architecture has it (a plain `mul_add` would be a
+/// library call on x86_64 without FMA).
+#[inline(always)]
+fn madd(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_arch = "aarch64") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Depthwise convolution of one plane laid out as [`DwPlane`] `dp` describes: register tiles of
+/// the selected set's depthwise kernel (up to its row count × 16 columns, the last column
+/// tile overlapping the one before: the outputs it recomputes come out the same), or plain
+/// row loops (rows narrower than a tile, kernels wider than [`DW_MAX_KW`], sets without a
+/// tile).
+fn depthwise_plane(g: &Geo, dp: &DwPlane, x: &[f32], taps: &[f32], bias: f32, post: Epilogue, out: &mut [f32]) {
+    let tile = super::selected().f32_tile().and_then(|t| t.depthwise);
+    match tile {
+        Some(t) if g.ow >= DW_COLS && g.kw <= DW_MAX_KW => dw_tiles(g, dp, x, taps, bias, post, out, t),
+        _ => {
+            dw_row_loops(g, dp, x, taps, bias, out);
+            epilogue(&mut out[..g.oh * g.ow], 0.0, post);
+        }
+    }
+}
+
+/// [`depthwise_plane`] through the register tile `t`, the epilogue applied to each band of
+/// rows while it is in L1.
+#[allow(clippy::too_many_arguments)]
+fn dw_tiles(
+    g: &Geo,
+    dp: &DwPlane,
+    x: &[f32],
+    taps: &[f32],
+    bias: f32,
+    post: Epilogue,
+    out: &mut [f32],
+    t: super::DwTile,
+) {
+    // Where tap column kx starts in a laid-out row.
+    let mut coff = [0usize; DW_MAX_KW];
+    for (kx, c) in coff.iter_mut().enumerate().take(g.kw) {
+        let s = kx * g.dw;
+        *c = (s % g.sw) * dp.wq + s / g.sw;
+    }
+    let args = super::DwTileArgs {
+        kh: g.kh,
+        kw: g.kw,
+        taps: taps.as_ptr(),
+        ky_step: g.dh * dp.rs,
+        r_step: g.sh * dp.rs,
+        coff: coff.as_ptr(),
+        bias,
+        ldo: g.ow,
+    };
+    // The farthest float any tile reads (the last row's last tap at the last tile's column),
+    // and the outputs written.
+    let reach = (g.oh - 1) * g.sh * dp.rs + (g.kh - 1) * g.dh * dp.rs + coff[g.kw - 1] + g.ow;
+    assert!(taps.len() >= g.kh * g.kw && reach <= x.len() && g.oh * g.ow <= out.len() && g.ow >= DW_COLS);
+    // Blocks of columns top to bottom, so the rows a band of tiles reads stay in L1 however
+    // wide the plane (across a 384-wide plane, 8 output rows read 10 input rows: 15 KB).
+    // One block: the epilogue runs on each band of rows while it is in L1; several: on the
+    // whole plane at the end (in L2), as the last tile of a block may rewrite the one before.
+    let narrow = g.ow <= DW_BLOCK_COLS;
+    for b0 in (0..g.ow).step_by(DW_BLOCK_COLS) {
+        let b1 = (b0 + DW_BLOCK_COLS).min(g.ow);
+        let mut oy = 0;
+        while oy < g.oh {
+            let rows = t.rows.min(g.oh - oy);
+            for ox0 in (b0..b1).step_by(DW_COLS) {
+                // The last tile ends at ow, overlapping the one before (the outputs it
+                // recomputes come out the same).
+                let ox0 = ox0.min(g.ow - DW_COLS);
+                // SAFETY: rows oy..oy + rows ≤ oh and columns ox0..ox0 + 16 ≤ ow: every input
+                // float the tile reads is at most `reach` ≤ x.len() and every output inside
+                // `out` (asserted above); `taps` and `coff` hold kh·kw and kw values.
+                unsafe {
+                    (t.run)(
+                        rows,
+                        &args,
+                        x.as_ptr().add(oy * g.sh * dp.rs + ox0),
+                        out.as_mut_ptr().add(oy * g.ow + ox0),
+                    );
+                }
+            }
+            if narrow {
+                epilogue(&mut out[oy * g.ow..(oy + rows) * g.ow], 0.0, post);
+            }
+            oy += rows;
+        }
+    }
+    if !narrow {
+        epilogue(&mut out[..g.oh * g.ow], 0.0, post);
+    }
+}
+
+multiversion! {
+/// [`depthwise_plane`] by plain loops: each output row accumulated tap by tap.
+fn dw_row_loops(g: &Geo, dp: &DwPlane, x: &[f32], taps: &[f32], bias: f32, out: &mut [f32]) {
+    for (oy, orow) in out.chunks_exact_mut(g.ow).enumerate().take(g.oh) {
+        orow.fill(bias);
+        for ky in 0..g.kh {
+            let xrow = &x[(oy * g.sh + ky * g.dh) * dp.rs..][..dp.rs];
+            for kx in 0..g.kw {
+                let (wv, s) = (taps[ky * g.kw + kx], kx * g.dw);
+                let run = &xrow[(s % g.sw) * dp.wq + s / g.sw..][..g.ow];
+                for (o, &v) in orow.iter_mut().zip(run) {
+                    *o = madd(wv, v, *o);
+                }
+            }
+        }
+    }
+}
 }
 
 multiversion! {
@@ -767,6 +848,26 @@ fn col2im(g: &Geo, cols: &[f32], out: &mut [f32]) {
 }
 }
 
+/// Calls `$run` with the closure of `$act`'s formula: one arm per activation, each with that
+/// activation's formula (`act_scalar` with a constant variant folds to it), so every loop
+/// vectorises on its own.
+macro_rules! with_act {
+    ($act:expr, $run:ident($($arg:expr),*)) => {
+        match $act {
+            FusedAct::Identity => $run($($arg,)* |v| v),
+            FusedAct::Relu => $run($($arg,)* |v| act_scalar(FusedAct::Relu, v)),
+            FusedAct::Clip { min, max } => $run($($arg,)* |v| act_scalar(FusedAct::Clip { min, max }, v)),
+            FusedAct::LeakyRelu { alpha } => $run($($arg,)* |v| act_scalar(FusedAct::LeakyRelu { alpha }, v)),
+            FusedAct::HardSigmoid { alpha, beta } => {
+                $run($($arg,)* |v| act_scalar(FusedAct::HardSigmoid { alpha, beta }, v))
+            }
+            FusedAct::HardSwish => $run($($arg,)* |v| act_scalar(FusedAct::HardSwish, v)),
+            FusedAct::Sigmoid => $run($($arg,)* |v| act_scalar(FusedAct::Sigmoid, v)),
+            FusedAct::Swish => $run($($arg,)* |v| act_scalar(FusedAct::Swish, v)),
+        }
+    };
+}
+
 /// `v ↦ act(v + bias)·scale + shift` over one output channel.
 pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
     multiversion! {
@@ -780,25 +881,32 @@ pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
     }
     let Epilogue { act, scale, shift } = post;
     let affine = scale != 1.0 || shift != 0.0;
-    // One arm per activation, each a loop with that activation's formula (`act_scalar` with a
-    // constant variant folds to it), so every loop vectorises on its own.
-    match act {
-        FusedAct::Identity if !affine && bias == 0.0 => {}
-        FusedAct::Identity => run(out, bias, scale, shift, affine, |v| v),
-        FusedAct::Relu => run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::Relu, v)),
-        FusedAct::Clip { min, max } => {
-            run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::Clip { min, max }, v))
-        }
-        FusedAct::LeakyRelu { alpha } => {
-            run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::LeakyRelu { alpha }, v))
-        }
-        FusedAct::HardSigmoid { alpha, beta } => {
-            run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::HardSigmoid { alpha, beta }, v))
-        }
-        FusedAct::HardSwish => run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::HardSwish, v)),
-        FusedAct::Sigmoid => run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::Sigmoid, v)),
-        FusedAct::Swish => run(out, bias, scale, shift, affine, |v| act_scalar(FusedAct::Swish, v)),
+    if matches!(act, FusedAct::Identity) && !affine && bias == 0.0 {
+        return;
     }
+    with_act!(act, run(out, bias, scale, shift, affine));
+}
+
+/// [`epilogue`] reading `src` and writing `dst` (the common length): the copy out of a
+/// block's accumulators and the epilogue in one pass.
+pub fn epilogue_into(src: &[f32], dst: &mut [f32], bias: f32, post: Epilogue) {
+    multiversion! {
+        fn run<F: Fn(f32) -> f32>(src: &[f32], dst: &mut [f32], bias: f32, scale: f32, shift: f32, affine: bool, f: F) {
+            if affine {
+                dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v + bias) * scale + shift);
+            } else {
+                dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v + bias));
+            }
+        }
+    }
+    let Epilogue { act, scale, shift } = post;
+    let affine = scale != 1.0 || shift != 0.0;
+    if matches!(act, FusedAct::Identity) && !affine && bias == 0.0 {
+        let n = src.len().min(dst.len());
+        dst[..n].copy_from_slice(&src[..n]);
+        return;
+    }
+    with_act!(act, run(src, dst, bias, scale, shift, affine));
 }
 
 /// The activation alone, on one value: the one definition of each formula (the epilogue's
@@ -990,7 +1098,7 @@ pub fn conv_q8(
                             return;
                         }
                         // SAFETY: as in `conv_gemm`: this block's columns are its own.
-                        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, oc) };
+                        unsafe { write_block(g, ph.wq, &acc[..mg * len], j0, len, bias, post, oc) };
                     }
                 })
             });

@@ -28,6 +28,42 @@ pub type TileFn = unsafe fn(usize, usize, *const f32, usize, *const f32, *mut f3
 /// As [`TileFn`]; `offs` holds `kc` offsets and `b + offs[p]` holds `nr` floats for each.
 pub type IndirectTileFn = unsafe fn(usize, usize, *const f32, usize, *const f32, *const usize, *mut f32, usize, bool);
 
+/// One depthwise register tile's operands (see [`DwTileFn`]): output row `r` of the tile is
+/// `bias + Σ taps[ky·kw + kx] · x[ky·ky_step + r·r_step + coff[kx] + j]` for columns
+/// `j < DW_COLS` (16), stored at `out + r·ldo`.
+pub struct DwTileArgs {
+    pub kh: usize,
+    pub kw: usize,
+    /// `kh·kw` taps.
+    pub taps: *const f32,
+    /// Floats from one kernel row's input row to the next, and from one output row's to the
+    /// next.
+    pub ky_step: usize,
+    pub r_step: usize,
+    /// `kw` column offsets (where tap `kx` starts in an input row).
+    pub coff: *const usize,
+    pub bias: f32,
+    /// Output row stride.
+    pub ldo: usize,
+}
+
+/// A depthwise-convolution register tile: `(rows, args, x, out)` computes `rows` output rows ×
+/// 16 columns at `out` from the input at `x` (the tile's first row and column), every tap
+/// accumulated in registers.
+///
+/// # Safety
+/// `1 ≤ rows ≤` the tile's row count; every float the sum above names for `r < rows` is
+/// readable, `taps` holds `kh·kw` floats and `coff` holds `kw` offsets, and `out` is writable
+/// for rows `0..rows` × 16 columns at stride `ldo`.
+pub type DwTileFn = unsafe fn(usize, &DwTileArgs, *const f32, *mut f32);
+
+/// A depthwise tile kernel and its most rows.
+#[derive(Clone, Copy)]
+pub struct DwTile {
+    pub rows: usize,
+    pub run: DwTileFn,
+}
+
 /// An f32 micro-kernel and its tile size.
 #[derive(Clone, Copy)]
 pub struct F32Tile {
@@ -42,6 +78,8 @@ pub struct F32Tile {
     pub run_indirect: Option<IndirectTileFn>,
     /// The kernel for products too thin to tile (dot products over contiguous rows).
     pub dots: super::math::DotKernel,
+    /// The depthwise-convolution tile of the same set, if it has one.
+    pub depthwise: Option<DwTile>,
 }
 
 const KC: usize = 128;

@@ -71,7 +71,7 @@ pub mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86q;
 
-pub use gemm::{F32Tile, IndirectTileFn, TileFn};
+pub use gemm::{DwTile, DwTileArgs, DwTileFn, F32Tile, IndirectTileFn, TileFn};
 
 /// A kernel family implementation (instruction-set level).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +205,7 @@ crate::kernel_list! {
                 run_in_place: Some(x86::sgemm_12x32_avx512_rm),
                 run_indirect: Some(x86::sgemm_12x32_avx512_ind),
                 dots: math::DotKernel::Avx512,
+                depthwise: Some(DwTile { rows: x86::DW_AVX512_ROWS, run: x86::dw_16_avx512 }),
             },
         );
         #[cfg(target_arch = "x86_64")]
@@ -220,6 +221,7 @@ crate::kernel_list! {
                 run_in_place: Some(x86::sgemm_6x16_avx2_rm),
                 run_indirect: Some(x86::sgemm_6x16_avx2_ind),
                 dots: math::DotKernel::Avx2,
+                depthwise: Some(DwTile { rows: x86::DW_AVX2_ROWS, run: x86::dw_16_avx2 }),
             },
         );
         #[cfg(target_arch = "aarch64")]
@@ -235,6 +237,7 @@ crate::kernel_list! {
                 run_in_place: Some(arm::sgemm_8x12_neon_rm),
                 run_indirect: Some(arm::sgemm_8x12_neon_ind),
                 dots: math::DotKernel::Portable,
+                depthwise: Some(DwTile { rows: arm::DW_NEON_ROWS, run: arm::dw_16_neon }),
             },
         );
         add(
@@ -249,6 +252,7 @@ crate::kernel_list! {
                 run_in_place: None,
                 run_indirect: None,
                 dots: math::DotKernel::Portable,
+                depthwise: None,
             },
         );
     }

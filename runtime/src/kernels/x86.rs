@@ -145,6 +145,188 @@ tile_entries!(
     12
 );
 
+/// Depthwise tiles: 16 columns by up to 8 rows on AVX-512 (one zmm accumulator per row),
+/// 4 rows on AVX2 (two ymm per row): eight independent FMA chains either way.
+pub const DW_AVX512_ROWS: usize = 8;
+pub const DW_AVX2_ROWS: usize = 4;
+
+/// # Safety
+/// [`super::DwTileFn`]'s contract with `rows = R`; the CPU supports AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_avx512<const R: usize>(a: &super::DwTileArgs, x: *const f32, out: *mut f32) {
+    let mut acc = [_mm512_set1_ps(a.bias); R];
+    for ky in 0..a.kh {
+        for kx in 0..a.kw {
+            // SAFETY: ky < kh, kx < kw: inside `taps` and `coff`; the run read for every r < R
+            // is inside the input (caller contract).
+            unsafe {
+                let wv = _mm512_set1_ps(*a.taps.add(ky * a.kw + kx));
+                let p = x.add(ky * a.ky_step + *a.coff.add(kx));
+                for (r, c) in acc.iter_mut().enumerate() {
+                    *c = _mm512_fmadd_ps(wv, _mm512_loadu_ps(p.add(r * a.r_step)), *c);
+                }
+            }
+        }
+    }
+    for (r, c) in acc.iter().enumerate() {
+        // SAFETY: row r < R of the output tile (caller contract).
+        unsafe { _mm512_storeu_ps(out.add(r * a.ldo), *c) };
+    }
+}
+
+/// # Safety
+/// [`super::DwTileFn`]'s contract with `rows = R`; the CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_avx2<const R: usize>(a: &super::DwTileArgs, x: *const f32, out: *mut f32) {
+    let mut c0 = [_mm256_set1_ps(a.bias); R];
+    let mut c1 = c0;
+    for ky in 0..a.kh {
+        for kx in 0..a.kw {
+            // SAFETY: as in `dw_avx512`.
+            unsafe {
+                let wv = _mm256_set1_ps(*a.taps.add(ky * a.kw + kx));
+                let p = x.add(ky * a.ky_step + *a.coff.add(kx));
+                for r in 0..R {
+                    let q = p.add(r * a.r_step);
+                    c0[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(q), c0[r]);
+                    c1[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(q.add(8)), c1[r]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: row r < R of the output tile (caller contract).
+        unsafe {
+            _mm256_storeu_ps(out.add(r * a.ldo), c0[r]);
+            _mm256_storeu_ps(out.add(r * a.ldo + 8), c1[r]);
+        }
+    }
+}
+
+/// Row-count dispatch of `dw_avx512` ([`super::DwTileFn`]); full tiles of 3×3 and 5×5 kernels
+/// with stride 1 or 2 and no row dilation take `dw_reuse_avx512`.
+///
+/// # Safety
+/// As `dw_avx512` with `R = rows`, `1 ≤ rows ≤ DW_AVX512_ROWS`.
+pub unsafe fn dw_16_avx512(rows: usize, a: &super::DwTileArgs, x: *const f32, out: *mut f32) {
+    const R: usize = DW_AVX512_ROWS;
+    // SAFETY: forwarded caller contract; each arm's R equals `rows`, and the reuse arms' row
+    // steps are what they assume (`r_step = SH·ky_step`, `kh = KH`).
+    unsafe {
+        match (rows, a.kh, a.r_step / a.ky_step.max(1), a.r_step % a.ky_step.max(1)) {
+            (R, 3, 1, 0) => dw_reuse_avx512::<R, 3, 1>(a, x, out),
+            (R, 3, 2, 0) => dw_reuse_avx512::<R, 3, 2>(a, x, out),
+            (R, 5, 1, 0) => dw_reuse_avx512::<R, 5, 1>(a, x, out),
+            (R, 5, 2, 0) => dw_reuse_avx512::<R, 5, 2>(a, x, out),
+            (1, ..) => dw_avx512::<1>(a, x, out),
+            (2, ..) => dw_avx512::<2>(a, x, out),
+            (3, ..) => dw_avx512::<3>(a, x, out),
+            (4, ..) => dw_avx512::<4>(a, x, out),
+            (5, ..) => dw_avx512::<5>(a, x, out),
+            (6, ..) => dw_avx512::<6>(a, x, out),
+            (7, ..) => dw_avx512::<7>(a, x, out),
+            _ => dw_avx512::<8>(a, x, out),
+        }
+    }
+}
+
+/// `dw_avx512` for `KH` kernel rows at output-row stride `SH` input rows (`ky_step` is one
+/// input row): each input row's run is loaded once per kernel column and used by every output
+/// row it reaches, instead of once per (output row, kernel row) — 12 loads instead of 40 per
+/// column of a 5×5 kernel over 8 rows.
+///
+/// # Safety
+/// As `dw_avx512` with `kh = KH` and `r_step = SH·ky_step`.
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_reuse_avx512<const R: usize, const KH: usize, const SH: usize>(
+    a: &super::DwTileArgs,
+    x: *const f32,
+    out: *mut f32,
+) {
+    let mut acc = [_mm512_set1_ps(a.bias); R];
+    for kx in 0..a.kw {
+        // SAFETY: kx < kw, ky < KH = kh: inside `taps` and `coff`; input row i < (R−1)·SH + KH
+        // is row r·SH + ky of some output row r < R and kernel row ky, whose run the caller
+        // guarantees readable.
+        unsafe {
+            let w: [__m512; KH] = std::array::from_fn(|ky| _mm512_set1_ps(*a.taps.add(ky * a.kw + kx)));
+            let p = x.add(*a.coff.add(kx));
+            for i in 0..(R - 1) * SH + KH {
+                let v = _mm512_loadu_ps(p.add(i * a.ky_step));
+                for (r, c) in acc.iter_mut().enumerate() {
+                    if i >= r * SH && i - r * SH < KH {
+                        *c = _mm512_fmadd_ps(w[i - r * SH], v, *c);
+                    }
+                }
+            }
+        }
+    }
+    for (r, c) in acc.iter().enumerate() {
+        // SAFETY: row r < R of the output tile (caller contract).
+        unsafe { _mm512_storeu_ps(out.add(r * a.ldo), *c) };
+    }
+}
+
+/// Row-count dispatch of `dw_avx2` ([`super::DwTileFn`]); full tiles of 3×3 and 5×5 kernels
+/// with stride 1 or 2 and no row dilation take `dw_reuse_avx2`.
+///
+/// # Safety
+/// As `dw_avx2` with `R = rows`, `1 ≤ rows ≤ DW_AVX2_ROWS`.
+pub unsafe fn dw_16_avx2(rows: usize, a: &super::DwTileArgs, x: *const f32, out: *mut f32) {
+    const R: usize = DW_AVX2_ROWS;
+    // SAFETY: as in `dw_16_avx512`.
+    unsafe {
+        match (rows, a.kh, a.r_step / a.ky_step.max(1), a.r_step % a.ky_step.max(1)) {
+            (R, 3, 1, 0) => dw_reuse_avx2::<R, 3, 1>(a, x, out),
+            (R, 3, 2, 0) => dw_reuse_avx2::<R, 3, 2>(a, x, out),
+            (R, 5, 1, 0) => dw_reuse_avx2::<R, 5, 1>(a, x, out),
+            (R, 5, 2, 0) => dw_reuse_avx2::<R, 5, 2>(a, x, out),
+            (1, ..) => dw_avx2::<1>(a, x, out),
+            (2, ..) => dw_avx2::<2>(a, x, out),
+            (3, ..) => dw_avx2::<3>(a, x, out),
+            _ => dw_avx2::<4>(a, x, out),
+        }
+    }
+}
+
+/// `dw_avx2` with each input row's run loaded once per kernel column (see `dw_reuse_avx512`).
+///
+/// # Safety
+/// As `dw_avx2` with `kh = KH` and `r_step = SH·ky_step`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_reuse_avx2<const R: usize, const KH: usize, const SH: usize>(
+    a: &super::DwTileArgs,
+    x: *const f32,
+    out: *mut f32,
+) {
+    let mut c0 = [_mm256_set1_ps(a.bias); R];
+    let mut c1 = c0;
+    for kx in 0..a.kw {
+        // SAFETY: as in `dw_reuse_avx512`.
+        unsafe {
+            let p = x.add(*a.coff.add(kx));
+            for i in 0..(R - 1) * SH + KH {
+                let q = p.add(i * a.ky_step);
+                let (v0, v1) = (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8)));
+                for r in 0..R {
+                    if i >= r * SH && i - r * SH < KH {
+                        let w = _mm256_broadcast_ss(&*a.taps.add((i - r * SH) * a.kw + kx));
+                        c0[r] = _mm256_fmadd_ps(w, v0, c0[r]);
+                        c1[r] = _mm256_fmadd_ps(w, v1, c1[r]);
+                    }
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: row r < R of the output tile (caller contract).
+        unsafe {
+            _mm256_storeu_ps(out.add(r * a.ldo), c0[r]);
+            _mm256_storeu_ps(out.add(r * a.ldo + 8), c1[r]);
+        }
+    }
+}
+
 /// Sums of four vectors' lanes, `[Σa, Σb, Σc, Σd]`: halves, then pairwise horizontal adds
 /// (13 instructions for four sums instead of four separate reductions).
 #[inline(always)]

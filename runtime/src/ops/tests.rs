@@ -161,6 +161,19 @@ fn conv_matches_direct_loop() {
         (2, 5, 9, 13, 5, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 5),
         (1, 4, 11, 10, 4, 5, 5, [2, 2], [2, 2, 1, 2], [1, 1], 4),
         (1, 3, 7, 8, 6, 3, 3, [1, 2], [1, 0, 0, 1], [2, 1], 3),
+        // depthwise maps wide enough for the register tiles: two column blocks with an
+        // overlapping last tile and leftover rows; stride 2 with odd and even left pads (the
+        // row-reuse tiles); 5×5; dilation with a multiplier, 7×7 and stride 3 (the general
+        // tile); a kernel wider than the tiles take (row loops)
+        (1, 4, 21, 70, 4, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 4),
+        (1, 3, 19, 40, 3, 3, 3, [2, 2], [1, 1, 1, 1], [1, 1], 3),
+        (1, 3, 18, 37, 3, 3, 3, [2, 2], [0, 0, 1, 1], [1, 1], 3),
+        (1, 3, 23, 41, 3, 5, 5, [1, 1], [2, 2, 2, 2], [1, 1], 3),
+        (1, 2, 21, 44, 2, 5, 5, [2, 2], [2, 2, 2, 2], [1, 1], 2),
+        (1, 2, 12, 50, 4, 3, 3, [1, 1], [2, 2, 2, 2], [2, 2], 2),
+        (1, 2, 10, 33, 2, 7, 7, [1, 1], [3, 3, 3, 3], [1, 1], 2),
+        (1, 2, 9, 60, 2, 3, 3, [3, 3], [1, 1, 1, 1], [1, 1], 2),
+        (1, 2, 5, 50, 2, 1, 33, [1, 1], [0, 16, 0, 16], [1, 1], 2),
         // stride-2 phases, a 1×1 stride 2, dilation with stride, and a map wide enough for
         // several column blocks of the blocked GEMM (and for two threads to share them)
         (1, 6, 15, 17, 20, 3, 3, [2, 2], [1, 1, 1, 1], [1, 1], 1),
