@@ -1,4 +1,5 @@
-//! Convolution fusion: what follows a `Conv` in the source graph goes into it.
+//! Convolution fusion: what follows a `Conv` or `ConvTranspose` in the source graph goes into
+//! it.
 //!
 //! - Linear steps fold into the weights and bias: inference `BatchNormalization`, and
 //!   `Mul` / `Add` / `Sub` / `Div` by a constant per output channel (or a scalar) — PaddleOCR's
@@ -55,10 +56,18 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
         let other = |(a, b): (Option<ValueId>, Option<ValueId>), v: ValueId| if a == Some(v) { b } else { a };
         let mut plans = Vec::new();
         for (ci, n) in g.nodes.iter().enumerate() {
-            let Op::Conv(_) = &n.op else { continue };
+            // Conv weights are [M, C/g, k…]; ConvTranspose weights [C, M/g, k…].
+            let group = match &n.op {
+                Op::Conv(_) => None,
+                Op::ConvTranspose(a) => Some(a.group.max(1) as usize),
+                _ => continue,
+            };
             let Some(wt) = tensor(n.inputs.get(1).copied().flatten()) else { continue };
             let rank = wt.shape().len();
-            let mch = wt.shape()[0];
+            let mch = match group {
+                None => wt.shape()[0],
+                Some(g) => wt.shape()[1] * g,
+            };
             let Some(wd) = wt.as_f32() else { continue };
             let bias = match n.inputs.get(2).copied().flatten() {
                 Some(b) => match tensor(Some(b)).and_then(|t| t.as_f32()).filter(|b| b.len() == mch) {
@@ -124,7 +133,17 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
                     _ => break,
                 };
                 for (o, (&k, &sh)) in scale.iter().zip(&shift).enumerate() {
-                    w[o * per_out..][..per_out].iter_mut().for_each(|v| *v *= k);
+                    match group {
+                        None => w[o * per_out..][..per_out].iter_mut().for_each(|v| *v *= k),
+                        Some(g) => {
+                            // output channel o = (group of c)·(M/g) + column of c's row
+                            let (mg, taps) = (mch / g, wt.shape()[2..].iter().product::<usize>());
+                            let cg = wt.shape()[0] / g;
+                            for c in (o / mg) * cg..(o / mg + 1) * cg {
+                                w[(c * mg + o % mg) * taps..][..taps].iter_mut().for_each(|v| *v *= k);
+                            }
+                        }
+                    }
                     b[o] = b[o] * k + sh;
                 }
                 absorbed.push(r);
@@ -269,20 +288,33 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
     let mut remove = vec![false; m.graph.nodes.len()];
     for p in plans {
         let node = &m.graph.nodes[p.conv];
-        let (Op::Conv(attrs), Some(wv)) = (node.op.clone(), node.inputs[1]) else { continue };
+        let Some(wv) = node.inputs[1] else { continue };
         let wshape = m.tensors[m.graph.constants.iter().find(|c| c.value == wv).map_or(0, |c| c.tensor) as usize]
             .1
             .shape()
             .to_vec();
-        let mch = wshape[0];
+        let (op, mch) = match node.op.clone() {
+            Op::Conv(attrs) if p.post == Epilogue::NONE => (Op::Conv(attrs), wshape[0]),
+            Op::Conv(attrs) => (Op::ConvFused { conv: attrs, post: p.post }, wshape[0]),
+            Op::ConvTranspose(a) => {
+                let mch = wshape[1] * a.group.max(1) as usize;
+                if p.post == Epilogue::NONE {
+                    (Op::ConvTranspose(a), mch)
+                } else {
+                    (Op::ConvTransposeFused { convt: a, post: p.post }, mch)
+                }
+            }
+            _ => continue,
+        };
         let base = node.name.clone();
         let w = replace_constant(m, p.conv, 1, Tensor::from_f32(wshape, p.weights), &format!("{base}.weight"));
         let b = replace_constant(m, p.conv, 2, Tensor::from_f32(vec![mch], p.bias), &format!("{base}.bias"));
         let node = &mut m.graph.nodes[p.conv];
         node.inputs = vec![node.inputs[0], Some(w), Some(b)];
         node.outputs = vec![p.output];
-        node.op = if p.post == Epilogue::NONE { Op::Conv(attrs) } else { Op::ConvFused { conv: attrs, post: p.post } };
-        *counts.entry("convs".into()).or_default() += 1.0;
+        let transposed = matches!(op, Op::ConvTranspose(_) | Op::ConvTransposeFused { .. });
+        node.op = op;
+        *counts.entry(if transposed { "conv_transposes" } else { "convs" }.into()).or_default() += 1.0;
         *counts.entry("nodes_absorbed".into()).or_default() += p.absorbed.len() as f64;
         if p.post.act != FusedAct::Identity {
             let name = format!("{:?}", p.post.act).split([' ', '{']).next().unwrap_or("act").to_lowercase();

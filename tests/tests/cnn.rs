@@ -116,16 +116,20 @@ fn mobilenet_style() -> Vec<u8> {
     b.node("MaxPool", "spp", &["q2"], &["q3"], vec![ints("kernel_shape", &[5, 5]), ints("pads", &[2, 2, 2, 2])]);
     b.init_f32("scales", &[4], vec![1.0, 1.0, 2.0, 2.0]);
     b.node("Resize", "up", &["q3", "", "scales"], &["u0"], vec![OnnxBuilder::attr_s("mode", "nearest")]);
-    // a ConvTranspose path from the same map, LeakyReLU, concat, 1×1 head, sigmoid
-    b.init_f32("ct.w", &[32, 8, 2, 2], w(32 * 8 * 4, 31));
+    // a grouped ConvTranspose path from the same map → + per-channel constant → BN →
+    // LeakyReLU, concat, 1×1 head, sigmoid
+    b.init_f32("ct.w", &[32, 4, 2, 2], w(32 * 4 * 4, 31));
     b.node(
         "ConvTranspose",
         "ct",
         &["q3", "ct.w"],
         &["t0"],
-        vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+        vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2]), OnnxBuilder::attr_i("group", 2)],
     );
-    b.node("LeakyRelu", "ct_lr", &["t0"], &["t1"], vec![OnnxBuilder::attr_f("alpha", 0.1)]);
+    b.init_f32("ct.add", &[1, 8, 1, 1], w(8, 32));
+    b.node("Add", "ct_add", &["t0", "ct.add"], &["ta"], vec![]);
+    bn(&mut b, "ct_bn", "ta", "tb", 8);
+    b.node("LeakyRelu", "ct_lr", &["tb"], &["t1"], vec![OnnxBuilder::attr_f("alpha", 0.1)]);
     b.node("Concat", "cat", &["u0", "t1", "p6"], &["k0"], vec![OnnxBuilder::attr_i("axis", 1)]);
     conv(&mut b, "head", "k0", "h0", 64, 2, 1, 1, 1);
     b.node("Sigmoid", "head_sig", &["h0"], &["y"], vec![]);
@@ -146,6 +150,9 @@ fn mobilenet_style_graph_fuses_and_matches_the_unfused_graph_and_onnx_runtime() 
     // stem+BN+HardSwish, dw+BN+ReLU, se1+ReLU, se2+HardSigmoid, pw+affine+HardSwish+affine,
     // down+SiLU, head+Sigmoid
     assert_eq!(get("convs"), 7.0, "{:?}", rec.report);
+    // ct+add+BN+LeakyReLU
+    assert_eq!(get("conv_transposes"), 1.0, "{:?}", rec.report);
+    assert_eq!(get("act_leakyrelu"), 1.0, "{:?}", rec.report);
     assert_eq!(get("act_hardswish"), 2.0, "{:?}", rec.report);
     assert_eq!(get("act_swish"), 1.0, "{:?}", rec.report);
     let ops: Vec<&Op> = m.metadata().graph.nodes.iter().map(|n| &n.op).collect();

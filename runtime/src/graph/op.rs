@@ -508,6 +508,13 @@ pub enum Op {
         conv: ConvAttrs,
         post: Epilogue,
     },
+    /// A transposed convolution whose output goes through `post` as it is finished (made by
+    /// `fuse_conv`, like [`Op::ConvFused`]). inputs: X, W, B (optional), as
+    /// [`Op::ConvTranspose`].
+    ConvTransposeFused {
+        convt: ConvTransposeAttrs,
+        post: Epilogue,
+    },
 }
 
 /// An activation applied to a convolution's output as the kernel writes it.
@@ -690,6 +697,10 @@ impl Op {
                 act => format!("Conv+{}", format!("{act:?}").split([' ', '{']).next().unwrap_or("?")),
             },
             Op::ConvTranspose(_) => "ConvTranspose".into(),
+            Op::ConvTransposeFused { post, .. } => match post.act {
+                FusedAct::Identity => "ConvTranspose".into(),
+                act => format!("ConvTranspose+{}", format!("{act:?}").split([' ', '{']).next().unwrap_or("?")),
+            },
             Op::Pool(p) => match (p.kind, p.global) {
                 (PoolKind::Max, false) => "MaxPool".into(),
                 (PoolKind::Avg, false) => "AveragePool".into(),
@@ -751,7 +762,7 @@ impl Op {
             Op::MatMulInteger => (2, 4, 1, 1),
             Op::QLinearMatMul => (8, 8, 1, 1),
             Op::Resize(_) => (1, 4, 1, 1),
-            Op::ConvTranspose(_) => (2, 3, 1, 1),
+            Op::ConvTranspose(_) | Op::ConvTransposeFused { .. } => (2, 3, 1, 1),
             Op::Gru(_) | Op::Rnn(_) => (3, 6, 0, 2),
             Op::Einsum { .. } => (1, usize::MAX, 1, 1),
             Op::Attention(_) | Op::AttentionWindow { .. } => (3, 7, 1, 4),
@@ -795,7 +806,7 @@ impl Op {
             Op::Einsum { equation } => equation.len() > 256,
             Op::Loop { body_inputs, .. } => body_inputs.len() != n_in || n_out + 2 < n_in,
             Op::Gru(r) | Op::Rnn(r) => r.hidden_size < 1 || r.hidden_size > (1 << 20) || !(0..=1).contains(&r.layout),
-            Op::ConvTranspose(c) => {
+            Op::ConvTranspose(c) | Op::ConvTransposeFused { convt: c, .. } => {
                 c.kernel_shape.len() > MAX_RANK
                     || c.strides.len() > MAX_RANK
                     || c.pads.len() > 2 * MAX_RANK

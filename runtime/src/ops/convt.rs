@@ -4,7 +4,7 @@
 
 use super::{numel, req, unravel, Fact, OutFact};
 use crate::error::OpResult;
-use crate::graph::{AutoPad, ConvTransposeAttrs, MAX_RANK};
+use crate::graph::{AutoPad, ConvTransposeAttrs, Epilogue, MAX_RANK};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
@@ -123,6 +123,7 @@ pub(super) fn scratch_len(inputs: &[Option<Fact<'_>>]) -> usize {
 
 pub(super) fn run(
     a: &ConvTransposeAttrs,
+    post: Epilogue,
     inputs: &[Option<View<'_>>],
     outputs: &mut [ViewMut<'_>],
     ctx: &mut super::Ctx<'_>,
@@ -133,7 +134,7 @@ pub(super) fn run(
     let (xd, wd) = (x.f32()?, w.f32()?);
     let y = outputs[0].f32()?;
     if geo.sp <= 2 {
-        return run_gemm(a, &geo, x.shape, w.shape, xd, wd, inputs, y, ctx);
+        return run_gemm(a, post, &geo, x.shape, w.shape, xd, wd, inputs, y, ctx);
     }
     let sp = geo.sp;
     let (n, c) = (x.shape[0], x.shape[1]);
@@ -187,6 +188,9 @@ pub(super) fn run(
             }
         }
     }
+    for plane in y.chunks_exact_mut(out_plane.max(1)) {
+        crate::kernels::conv::epilogue(plane, 0.0, post);
+    }
     Ok(())
 }
 
@@ -196,6 +200,7 @@ pub(super) fn run(
 #[allow(clippy::too_many_arguments)]
 fn run_gemm(
     a: &ConvTransposeAttrs,
+    post: Epilogue,
     geo: &Geo,
     xs: &[usize],
     ws: &[usize],
@@ -235,6 +240,9 @@ fn run_gemm(
         None => None,
     };
     let rows = mg * kn;
+    // Whether an output row takes taps from the input rows of two chunks (a kernel taller than
+    // its stride): then the epilogue waits for the last chunk.
+    let overlap = (kg.kh - 1) * kg.dh + 1 > kg.sh && post != Epilogue::NONE;
     // Whole input rows per chunk, as many as keep the chunk's taps (`rows` × its positions) in
     // L2: the GEMM writes them and `col2im` reads them back while they are still there.
     let chunk_rows = (CHUNK_FLOATS / (rows * kg.w).max(1)).clamp(1, kg.h.max(1));
@@ -253,6 +261,8 @@ fn run_gemm(
                     o.fill(bias.map_or(0.0, |b| b[gi * mg + start / out_plane + i]));
                 }
             });
+            // Output rows the epilogue has finished.
+            let mut done_to = 0;
             for iy0 in (0..kg.h).step_by(chunk_rows) {
                 let nrows = chunk_rows.min(kg.h - iy0);
                 let len = nrows * kg.w;
@@ -272,11 +282,32 @@ fn run_gemm(
                 } else {
                     (0, conv::Geo { h: nrows, ph: kg.ph - shift, ..kg })
                 };
+                // Without overlap between the rows of successive chunks, this chunk's output
+                // rows are final: the epilogue runs on them while they are in cache.
+                // (The last chunk also finishes the rows no tap reaches: output padding.)
+                let done = (!overlap).then(|| {
+                    let end = if iy0 + nrows == kg.h {
+                        kg.oh
+                    } else {
+                        ((iy0 + nrows) * kg.sh).saturating_sub(kg.ph).min(kg.oh)
+                    };
+                    let r = done_to.max(first) * kg.ow..end.max(done_to) * kg.ow;
+                    done_to = end.max(done_to);
+                    r
+                });
                 kernels::pool::for_chunks(ctx.threads, yg, out_plane, 1 << 14, &|start, chunk| {
                     for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
                         let mi = start / out_plane + i;
                         conv::col2im(&sub, &cols[mi * kn * len..][..kn * len], &mut o[first * kg.ow..]);
+                        if let Some(r) = done.clone() {
+                            conv::epilogue(&mut o[r], 0.0, post);
+                        }
                     }
+                });
+            }
+            if overlap {
+                kernels::pool::for_chunks(ctx.threads, yg, out_plane, 1 << 14, &|_, chunk| {
+                    chunk.chunks_exact_mut(out_plane).for_each(|o| conv::epilogue(o, 0.0, post));
                 });
             }
         }

@@ -548,6 +548,10 @@ fn conv_transpose_matches_scatter_loop() {
         // kernel = stride along rows (taps tile each output row: one interleaving pass)
         (1, 2, 4, 5, 3, 3, 3, [3, 3], [1, 0, 0, 0], [1, 1], [0, 0], 1),
         (1, 3, 33, 40, 24, 2, 2, [2, 2], [0, 0, 0, 0], [1, 1], [0, 0], 1),
+        // chunks whose rows do not overlap (the fused epilogue runs per chunk): output
+        // padding rows no tap reaches, a kernel shorter than its stride with a begin pad
+        (1, 2, 40, 30, 40, 2, 2, [2, 2], [0, 0, 0, 0], [1, 1], [1, 1], 1),
+        (1, 2, 45, 30, 40, 2, 3, [3, 2], [1, 0, 0, 0], [1, 1], [2, 0], 1),
     ];
     for (i, &(n, c, h, w, mg, kh, kw, st, pd, dl, op, g)) in cases.iter().enumerate() {
         let x = gen(n * c * h * w, i);
@@ -600,6 +604,14 @@ fn conv_transpose_matches_scatter_loop() {
             assert_eq!(got.shape(), &[n, m, oh, ow], "case {i}");
             for (j, (a, e)) in got.as_f32().unwrap().iter().zip(&want).enumerate() {
                 assert!((a - e).abs() < 1e-4, "case {i}, {threads} threads, cell {j}: {a} vs {e}");
+            }
+            // The fused epilogue equals the activation and affine applied afterwards.
+            let post = Epilogue { act: FusedAct::LeakyRelu { alpha: 0.1 }, scale: 0.5, shift: -0.25 };
+            let op = Op::ConvTransposeFused { convt: attrs.clone(), post };
+            let got = eval(&op, &ins, 1, threads).unwrap().swap_remove(0);
+            for (j, (a, e)) in got.as_f32().unwrap().iter().zip(&want).enumerate() {
+                let e = crate::kernels::conv::act_scalar(post.act, *e) * post.scale + post.shift;
+                assert!((a - e).abs() < 1e-4, "case {i} fused, {threads} threads, cell {j}: {a} vs {e}");
             }
         }
     }
