@@ -26,6 +26,12 @@ use crate::ir::Module;
 /// every token, so its int8 rounding error is a bias on all of them (MiniLM-L3: mean sentence
 /// cosine 0.9989 with it in q8, 0.9998 with it f32).
 pub const MIN_VALUES: usize = 4096;
+/// Convolution weights with fewer values stay f32. Unlike a table, a convolution's kernel is
+/// applied at every pixel: PP-OCRv4's detector runs 16→32, 12→96 and 48→48 pointwise kernels
+/// (512–2304 values) over 18–74 K pixels, and in int8 with VNNI they ran 1.2–1.6× faster than
+/// f32 (Zen 4, 2026-12-03); the runtime decides per CPU which ones run int8
+/// (`q8_conv_runs_f32`).
+pub const CONV_MIN_VALUES: usize = 512;
 
 /// The number format of `--quantize`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -243,7 +249,14 @@ pub fn quantize_weights(
         if tensor.dtype() != DType::F32 || shape.len() != 2 || shape.contains(&0) {
             continue;
         }
-        let reason = if shape[0] * shape[1] < MIN_VALUES {
+        // Convolution weights from CONV_MIN_VALUES: a small kernel still runs at every pixel.
+        let conv_only = !values.is_empty()
+            && values.iter().all(|&v| {
+                let r = index.readers_anywhere(v);
+                !r.is_empty() && r.iter().all(|(n, i)| *i == 1 && matches!(n.op, Op::Conv(_) | Op::ConvFused { .. }))
+            });
+        let min_values = if conv_only { CONV_MIN_VALUES } else { MIN_VALUES };
+        let reason = if shape[0] * shape[1] < min_values {
             Some(format!("small ({} values)", shape[0] * shape[1]))
         } else if let Some(p) = keep.iter().find(|r| r.is_match(name)) {
             Some(format!("kept float (--keep-float '{}')", p.as_str()))

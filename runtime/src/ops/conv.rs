@@ -237,17 +237,20 @@ pub(super) fn run(
 
 /// Output channels and weights (`m`, `m·k`) from which a q8 convolution runs the int8 kernels,
 /// by how those kernels read the input. With AVX-512 VNNI the int8 tile reads the interleaved
-/// input where it lies (`conv::conv_q8`, no `im2col`): from 8 channels and 8 192 weights (the
-/// recogniser gained 1.07× over the thresholds below; with 2 048 the classifier's 6 400-weight
-/// convolutions ran int8 too, 1.08× faster at 1 thread but 1.06× slower than f32 at 2, whose
-/// per-call quantizing and regrouping run on one thread). The other int8 kernels build pixel panels first, which costs about what the int8
-/// products save on small convolutions: from 16 channels (the OCR detector's 24-channel 3×3
-/// convolutions still gain: 1.22× over f32 for the whole model with them in int8, 1.07×
-/// without) and 16 384 weights (the angle classifier's convolutions, 6 400 weights and ≤ 1 M
-/// multiply-adds each, ran 0.93× of f32 in int8).
+/// input where it lies (`conv::conv_q8`, no `im2col`): from 16 channels and 512 weights. Single
+/// convolutions from PP-OCRv4's detector, f32 against int8 alternating (Zen 4, 2026-12-03):
+/// 16→32 pointwise over 192×384 1.22×, 12→96 1.26×, 48→48 1.55×, 32→48 1.47×, 48→96 1.59×,
+/// the 3→16 stem 1.04–1.24×, but 48→12 (12 channels) 1.0×. Whole models: the detector 1.58 →
+/// 1.61–1.67× over fp32, the recogniser 1.96 → 2.0×, the angle classifier unchanged at 1 and 2
+/// threads (all its convolutions now int8; in an earlier session it ran 1.06× slower than f32 at
+/// 2 threads, before the quantizers were vectorised). The other int8 kernels build pixel panels
+/// first, which costs about what the int8 products save on small convolutions: from 16 channels
+/// (the OCR detector's 24-channel 3×3 convolutions still gain: 1.22× over f32 for the whole
+/// model with them in int8, 1.07× without) and 16 384 weights (the angle classifier's
+/// convolutions, 6 400 weights and ≤ 1 M multiply-adds each, ran 0.93× of f32 in int8).
 fn q8_conv_min(isa: crate::kernels::Isa) -> (usize, usize) {
     match isa {
-        crate::kernels::Isa::Avx512Vnni => (8, 1 << 13),
+        crate::kernels::Isa::Avx512Vnni => (16, 512),
         _ => (16, 1 << 14),
     }
 }
