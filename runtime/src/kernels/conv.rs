@@ -1003,6 +1003,49 @@ thread_local! {
     static Q8_PART: std::cell::RefCell<(Vec<i8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Elements from which the per-call passes over a q8 convolution's input (its largest
+/// magnitude, its codes, their interleave) are split across threads.
+const PREP_MIN: usize = 1 << 16;
+
+/// The largest magnitude in `x`, over `threads`.
+fn max_abs_par(x: &[f32], threads: usize) -> f32 {
+    let m = std::sync::Mutex::new(0.0f32);
+    super::pool::for_ranges(threads, x.len(), PREP_MIN, &|r| {
+        let v = super::math::max_abs(&x[r]);
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        *g = super::math::max_abs(&[*g, v]);
+    });
+    m.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The int8 codes (`round(v·inv)`) of `cg` input channels into `q`: laid out as `ph` says, or
+/// as they are when it reads the input in place; channels split over `threads`.
+#[allow(clippy::too_many_arguments)]
+fn quantize_input(g: &Geo, ph: &Phases, cg: usize, x: &[f32], inv: f32, q: &mut Vec<i8>, threads: usize) {
+    use super::pool::{for_ranges, SharedOut};
+    let plane = g.h * g.w;
+    if ph.in_place {
+        q.resize(cg * plane, 0);
+        let qs = SharedOut::new(&mut q[..]);
+        for_ranges(threads, cg * plane, PREP_MIN, &|r| {
+            // SAFETY: the ranges of `for_ranges` are disjoint, inside `q` (sized above), which
+            // outlives the call.
+            let dst = unsafe { qs.range(r.clone()) };
+            super::math::quantize_i8(&x[r], inv, dst);
+        });
+    } else {
+        let per = ph.per_channel;
+        q.resize(ph.len(cg), 0);
+        q[cg * per..].fill(0);
+        let qs = SharedOut::new(&mut q[..]);
+        for_ranges(threads, cg, PREP_MIN.div_ceil(plane.max(1)), &|r| {
+            // SAFETY: channel ranges are disjoint, so their laid-out planes are; inside `q`.
+            let dst = unsafe { qs.range(r.start * per..r.end * per) };
+            lay_out(g, ph, r.len(), &x[r.start * plane..], dst, |v| super::math::round_to_i8(v * inv));
+        });
+    }
+}
+
 /// The int8 form of [`conv_gemm`]: `w` holds the q8 weights as activation rows (`mg` rows of
 /// `kp` codes, `kp` ≥ `cg·kh·kw` a multiple of 32, zero past the window, with per-block scales
 /// and sums: what the int8 GEMM reads as its "rows" side), and the input is quantized once per
@@ -1044,7 +1087,7 @@ pub fn conv_q8(
     }
     let nr = isa.q_rows().q8_panel.map_or(32, |(_, kp)| kp.nr);
     // One scale for the input; laid out (padding, stride phases) as int8 codes.
-    let amax = super::math::max_abs(&x[..cg * g.h * g.w]);
+    let amax = max_abs_par(&x[..cg * g.h * g.w], threads);
     let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
     let inv = 1.0 / scale;
     let block = {
@@ -1064,13 +1107,7 @@ pub fn conv_q8(
             tap_offsets(g, &ph, cg, taps);
             let taps = &taps[..];
             let q = &mut *cell.borrow_mut();
-            if ph.in_place {
-                q.resize(cg * g.h * g.w, 0);
-                super::math::quantize_i8(&x[..cg * g.h * g.w], inv, q);
-            } else {
-                q.resize(ph.len(cg), 0);
-                lay_out(g, &ph, cg, x, q, |v| super::math::round_to_i8(v * inv));
-            }
+            quantize_input(g, &ph, cg, x, inv, q, threads);
             let q = &q[..];
             let oc = SharedOut::new(out);
             let failed = std::sync::Mutex::new(None);
@@ -1147,7 +1184,7 @@ fn conv_q8_vnni(
     let cg4 = cg.div_ceil(4);
     let groups = cg4 * taps;
     let grid = g.oh * ph.wq;
-    let amax = super::math::max_abs(&x[..cg * g.h * g.w]);
+    let amax = max_abs_par(&x[..cg * g.h * g.w], threads);
     let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
     let inv = 1.0 / scale;
     let block = {
@@ -1194,15 +1231,18 @@ fn conv_q8_vnni(
                 // The input: int8 codes laid out, then interleaved by four channels (+128).
                 let (planar, c4) = &mut *input_cell.borrow_mut();
                 let per = if ph.in_place { g.h * g.w } else { ph.per_channel };
-                if ph.in_place {
-                    planar.resize(cg * per, 0);
-                    super::math::quantize_i8(&x[..cg * per], inv, planar);
-                } else {
-                    planar.resize(ph.len(cg), 0);
-                    lay_out(g, &ph, cg, x, planar, |v| super::math::round_to_i8(v * inv));
-                }
+                quantize_input(g, &ph, cg, x, inv, planar, threads);
                 c4.resize((cg4 * per + ph.wq + NR) * 4, 0x80);
-                interleave4(planar, cg, per, &mut c4[..cg4 * per * 4]);
+                {
+                    // Groups of four channels split over threads.
+                    let (planar, cs) = (&planar[..], SharedOut::new(&mut c4[..cg4 * per * 4]));
+                    super::pool::for_ranges(threads, cg4, PREP_MIN.div_ceil(4 * per), &|r| {
+                        // SAFETY: the groups' ranges are disjoint, inside the interleaved buffer
+                        // (cg4 groups of 4·per bytes), which outlives the call.
+                        let dst = unsafe { cs.range(r.start * 4 * per..r.end * 4 * per) };
+                        interleave4(&planar[r.start * 4 * per..], cg - 4 * r.start, per, dst);
+                    });
+                }
                 let goffs = &mut *taps_cell.borrow_mut();
                 goffs.clear();
                 for c in 0..cg4 {
@@ -1342,6 +1382,10 @@ mod tests {
             (16, 6, 6, 33, 1, 1, (1, 1), (0, 0), (1, 1)),
             (4, 11, 10, 8, 3, 2, (1, 3), (2, 1), (2, 2)),
             (32, 20, 24, 64, 3, 3, (1, 1), (1, 1), (1, 1)),
+            // inputs large enough that quantizing, laying out and interleaving them is split
+            // across two threads (laid out, and read in place)
+            (72, 40, 40, 16, 3, 3, (1, 1), (1, 1), (1, 1)),
+            (66, 40, 40, 16, 1, 1, (1, 1), (0, 0), (1, 1)),
         ];
         for (i, &(c, h, w, m, kh, kw, (sh, sw), (ph, pw), (dh, dw))) in cases.iter().enumerate() {
             let oh = (h + 2 * ph - (kh - 1) * dh - 1) / sh + 1;

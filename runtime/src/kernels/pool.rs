@@ -207,32 +207,62 @@ pub fn for_chunks(
 
 /// An output buffer shared by the parts of one kernel call: each part writes only its own
 /// disjoint region (rows or columns), which the caller's split guarantees.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut {
-    ptr: *mut f32,
+pub(crate) struct SharedOut<T = f32> {
+    ptr: *mut T,
     len: usize,
 }
 
 // SAFETY: parts write disjoint regions of a buffer that outlives the call (`for_each` returns
 // only when every part is done).
-unsafe impl Send for SharedOut {}
+unsafe impl<T: Send> Send for SharedOut<T> {}
 // SAFETY: as for `Send`: no two parts touch the same element.
-unsafe impl Sync for SharedOut {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
 
-impl SharedOut {
-    pub(crate) fn new(out: &mut [f32]) -> Self {
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    pub(crate) fn new(out: &mut [T]) -> Self {
         SharedOut { ptr: out.as_mut_ptr(), len: out.len() }
     }
 
     /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
-    pub(crate) fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut T {
         self.ptr
     }
 
-    /// Floats in the buffer.
+    /// Elements in the buffer.
     pub(crate) fn len(self) -> usize {
         self.len
     }
+
+    /// Elements `r` of the buffer.
+    ///
+    /// # Safety
+    /// No other part reads or writes `r` while the slice lives, and the buffer outlives it.
+    pub(crate) unsafe fn range<'a>(self, r: std::ops::Range<usize>) -> &'a mut [T] {
+        assert!(r.start <= r.end && r.end <= self.len);
+        // SAFETY: inside the buffer (asserted); exclusive and live by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start) }
+    }
+}
+
+/// Runs `f` on contiguous ranges of `0..n` of at least `min` items each (the last may be
+/// shorter), one per thread: the per-call passes over a whole tensor (quantizing an input, its
+/// layout) that would otherwise run on one thread while the products after them run on all.
+pub(crate) fn for_ranges(threads: usize, n: usize, min: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    let parts = threads.max(1).min(n.div_ceil(min.max(1))).max(1);
+    let chunk = n.div_ceil(parts);
+    for_each(parts, parts, &|p| {
+        let r = (p * chunk).min(n)..((p + 1) * chunk).min(n);
+        if !r.is_empty() {
+            f(r);
+        }
+    });
 }
 
 #[cfg(test)]
