@@ -7,6 +7,26 @@
 use super::math::{multiversion, sigmoid, width, Width};
 use crate::graph::{Epilogue, FusedAct};
 
+/// Calls `$run` with the closure of `$act`'s formula: one arm per activation, each with that
+/// activation's formula (`act_scalar` with a constant variant folds to it), so every loop
+/// vectorises on its own.
+macro_rules! with_act {
+    ($act:expr, $run:ident($($arg:expr),*)) => {
+        match $act {
+            FusedAct::Identity => $run($($arg,)* |v| v),
+            FusedAct::Relu => $run($($arg,)* |v| act_scalar(FusedAct::Relu, v)),
+            FusedAct::Clip { min, max } => $run($($arg,)* |v| act_scalar(FusedAct::Clip { min, max }, v)),
+            FusedAct::LeakyRelu { alpha } => $run($($arg,)* |v| act_scalar(FusedAct::LeakyRelu { alpha }, v)),
+            FusedAct::HardSigmoid { alpha, beta } => {
+                $run($($arg,)* |v| act_scalar(FusedAct::HardSigmoid { alpha, beta }, v))
+            }
+            FusedAct::HardSwish => $run($($arg,)* |v| act_scalar(FusedAct::HardSwish, v)),
+            FusedAct::Sigmoid => $run($($arg,)* |v| act_scalar(FusedAct::Sigmoid, v)),
+            FusedAct::Swish => $run($($arg,)* |v| act_scalar(FusedAct::Swish, v)),
+        }
+    };
+}
+
 /// A 2-D convolution's geometry (1-D runs with `h = kh = oh = 1`), per group.
 #[derive(Clone, Copy, Debug)]
 pub struct Geo {
@@ -203,6 +223,29 @@ unsafe fn write_block(
     post: Epilogue,
     out: super::pool::SharedOut,
 ) {
+    let Epilogue { act, scale, shift } = post;
+    let affine = scale != 1.0 || shift != 0.0;
+    // One call per block (the activation's loop compiled in): a block's grid rows are short
+    // segments, too short to pay a dispatch each.
+    with_act!(act, write_rows(g, wq, acc, j0, len, bias, scale, shift, affine, out));
+}
+
+multiversion! {
+/// [`write_block`]'s loop with the activation `f`.
+#[allow(private_interfaces)]
+fn write_rows<F: Fn(f32) -> f32>(
+    g: &Geo,
+    wq: usize,
+    acc: &[f32],
+    j0: usize,
+    len: usize,
+    bias: Option<&[f32]>,
+    scale: f32,
+    shift: f32,
+    affine: bool,
+    out: super::pool::SharedOut,
+    f: F
+) {
     let n = g.oh * g.ow;
     for (mi, row) in acc.chunks_exact(len).enumerate() {
         let b = bias.map_or(0.0, |b| b[mi]);
@@ -213,15 +256,20 @@ unsafe fn write_block(
             let keep = g.ow.saturating_sub(ox).min(seg);
             if keep > 0 {
                 let at = mi * n + oy * g.ow + ox;
-                debug_assert!(at + keep <= out.len());
                 // SAFETY: output row mi, columns of grid row oy below ow: inside `out` and this
-                // caller's alone (the function's contract).
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(at), keep) };
-                epilogue_into(&row[j - j0..][..keep], dst, b, post);
+                // caller's alone (`write_block`'s contract).
+                let dst = unsafe { out.range(at..at + keep) };
+                let src = &row[j - j0..][..keep];
+                if affine {
+                    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v + b) * scale + shift);
+                } else {
+                    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v + b));
+                }
             }
             j += seg;
         }
     }
+}
 }
 
 /// Floats of cache one block of the blocked convolution may fill (its `im2col` panels and its
@@ -848,26 +896,6 @@ fn col2im(g: &Geo, cols: &[f32], out: &mut [f32]) {
 }
 }
 
-/// Calls `$run` with the closure of `$act`'s formula: one arm per activation, each with that
-/// activation's formula (`act_scalar` with a constant variant folds to it), so every loop
-/// vectorises on its own.
-macro_rules! with_act {
-    ($act:expr, $run:ident($($arg:expr),*)) => {
-        match $act {
-            FusedAct::Identity => $run($($arg,)* |v| v),
-            FusedAct::Relu => $run($($arg,)* |v| act_scalar(FusedAct::Relu, v)),
-            FusedAct::Clip { min, max } => $run($($arg,)* |v| act_scalar(FusedAct::Clip { min, max }, v)),
-            FusedAct::LeakyRelu { alpha } => $run($($arg,)* |v| act_scalar(FusedAct::LeakyRelu { alpha }, v)),
-            FusedAct::HardSigmoid { alpha, beta } => {
-                $run($($arg,)* |v| act_scalar(FusedAct::HardSigmoid { alpha, beta }, v))
-            }
-            FusedAct::HardSwish => $run($($arg,)* |v| act_scalar(FusedAct::HardSwish, v)),
-            FusedAct::Sigmoid => $run($($arg,)* |v| act_scalar(FusedAct::Sigmoid, v)),
-            FusedAct::Swish => $run($($arg,)* |v| act_scalar(FusedAct::Swish, v)),
-        }
-    };
-}
-
 /// `v ↦ act(v + bias)·scale + shift` over one output channel.
 pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
     multiversion! {
@@ -885,28 +913,6 @@ pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
         return;
     }
     with_act!(act, run(out, bias, scale, shift, affine));
-}
-
-/// [`epilogue`] reading `src` and writing `dst` (the common length): the copy out of a
-/// block's accumulators and the epilogue in one pass.
-pub fn epilogue_into(src: &[f32], dst: &mut [f32], bias: f32, post: Epilogue) {
-    multiversion! {
-        fn run<F: Fn(f32) -> f32>(src: &[f32], dst: &mut [f32], bias: f32, scale: f32, shift: f32, affine: bool, f: F) {
-            if affine {
-                dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v + bias) * scale + shift);
-            } else {
-                dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v + bias));
-            }
-        }
-    }
-    let Epilogue { act, scale, shift } = post;
-    let affine = scale != 1.0 || shift != 0.0;
-    if matches!(act, FusedAct::Identity) && !affine && bias == 0.0 {
-        let n = src.len().min(dst.len());
-        dst[..n].copy_from_slice(&src[..n]);
-        return;
-    }
-    with_act!(act, run(src, dst, bias, scale, shift, affine));
 }
 
 /// The activation alone, on one value: the one definition of each formula (the epilogue's
