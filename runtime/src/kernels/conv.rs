@@ -713,8 +713,8 @@ fn pad_plane(g: &Geo, dp: &DwPlane, x: &[f32], pad: &mut [f32]) {
 
 /// Columns of a depthwise register tile ([`super::DwTileFn`]).
 const DW_COLS: usize = 16;
-/// Columns [`depthwise_plane`] computes top to bottom at a time.
-const DW_BLOCK_COLS: usize = 64;
+/// Bytes of input and output rows one band of depthwise tiles may touch: half of a 32 KB L1.
+const DW_BAND_BYTES: usize = 16 << 10;
 /// Widest kernel whose column offsets [`depthwise_plane`] keeps on the stack (wider ones take
 /// the plain loop).
 const DW_MAX_KW: usize = 32;
@@ -779,13 +779,19 @@ fn dw_tiles(
     // and the outputs written.
     let reach = (g.oh - 1) * g.sh * dp.rs + (g.kh - 1) * g.dh * dp.rs + coff[g.kw - 1] + g.ow;
     assert!(taps.len() >= g.kh * g.kw && reach <= x.len() && g.oh * g.ow <= out.len() && g.ow >= DW_COLS);
-    // Blocks of columns top to bottom, so the rows a band of tiles reads stay in L1 however
-    // wide the plane (across a 384-wide plane, 8 output rows read 10 input rows: 15 KB).
+    // Blocks of columns top to bottom, as wide as keeps the rows a band of tiles reads and
+    // writes within DW_BAND_BYTES (a 384-wide plane: whole rows with AVX2's 4-row tiles, two
+    // blocks with AVX-512's 8-row ones, whose band reads 10 input rows and writes 8). Walking
+    // narrower strips than needed costs the prefetchers their sequential rows (measured: 0.8×
+    // on AVX2 with 64-column strips of a 192×384 plane).
+    let in_rows = (t.rows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    let per_col = 4 * (in_rows * g.sw + t.rows);
+    let bw = (DW_BAND_BYTES / per_col / DW_COLS).max(1) * DW_COLS;
     // One block: the epilogue runs on each band of rows while it is in L1; several: on the
     // whole plane at the end (in L2), as the last tile of a block may rewrite the one before.
-    let narrow = g.ow <= DW_BLOCK_COLS;
-    for b0 in (0..g.ow).step_by(DW_BLOCK_COLS) {
-        let b1 = (b0 + DW_BLOCK_COLS).min(g.ow);
+    let narrow = g.ow <= bw;
+    for b0 in (0..g.ow).step_by(bw) {
+        let b1 = (b0 + bw).min(g.ow);
         let mut oy = 0;
         while oy < g.oh {
             let rows = t.rows.min(g.oh - oy);
