@@ -45,6 +45,11 @@ pub struct Geo {
 }
 
 impl Geo {
+    /// Rows and columns of the zero-padded input the outputs' taps reach.
+    fn padded_extent(&self) -> (usize, usize) {
+        ((self.oh - 1) * self.sh + (self.kh - 1) * self.dh + 1, (self.ow - 1) * self.sw + (self.kw - 1) * self.dw + 1)
+    }
+
     /// Output columns `lo..hi` whose input column `ox·sw + kx·dw − pw` is inside the row for
     /// every `kx`: the part of a row the loops run without bounds checks.
     fn interior(&self) -> (usize, usize) {
@@ -102,8 +107,7 @@ pub struct Phases {
 
 impl Phases {
     fn new(g: &Geo) -> Phases {
-        let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-        let wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+        let (hp, wp) = g.padded_extent();
         let (hq, wq) = (hp.div_ceil(g.sh), wp.div_ceil(g.sw));
         let in_place = g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && hq == g.h && wq == g.w;
         Phases { hq, wq, per_channel: g.sh * g.sw * hq * wq, in_place }
@@ -589,8 +593,7 @@ pub struct DwPlane {
 
 impl DwPlane {
     fn new(g: &Geo) -> DwPlane {
-        let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-        let wp = (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+        let (hp, wp) = g.padded_extent();
         let wq = wp.div_ceil(g.sw);
         DwPlane { hp, wp, wq, rs: wq * g.sw }
     }
