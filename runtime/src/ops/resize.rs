@@ -235,7 +235,7 @@ fn taps(a: &ResizeAttrs, x: f32, len_in: usize, scale: f32, out: &mut Vec<(usize
     Some(())
 }
 
-pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
+pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], threads: usize) -> OpResult<()> {
     let Op::Resize(a) = op else { op_bail!("not Resize") };
     let x = *req(inputs, 0, "X")?;
     let r = x.shape.len();
@@ -282,7 +282,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         axis_taps.push(v);
     }
     if x.dtype == DType::F32 && r >= 2 && separable_2d(&axis_taps, x.shape, &oshape) {
-        resize_2d(x.f32()?, x.shape, &oshape, &axis_taps, outputs[0].f32()?);
+        resize_2d(x.f32()?, x.shape, &oshape, &axis_taps, outputs[0].f32()?, threads);
         return Ok(());
     }
     let xs = super::contiguous_strides(x.shape);
@@ -341,7 +341,9 @@ fn separable_2d(axis_taps: &[Vec<Option<Taps>>], x: &[usize], out: &[usize]) -> 
 
 /// Resize over the last two axes, separably: each input row needed is resampled along the
 /// width once (its taps gathered), then output rows mix those rows (vector multiply-adds).
-fn resize_2d(x: &[f32], xs: &[usize], os: &[usize], axis_taps: &[Vec<Option<Taps>>], out: &mut [f32]) {
+/// Planes are split across `threads` (a feature pyramid's upsampling of a 96×96×192 map is a
+/// 7 MB pass).
+fn resize_2d(x: &[f32], xs: &[usize], os: &[usize], axis_taps: &[Vec<Option<Taps>>], out: &mut [f32], threads: usize) {
     let r = xs.len();
     let (h, w, oh, ow) = (xs[r - 2], xs[r - 1], os[r - 2], os[r - 1]);
     if oh == 0 || ow == 0 || h == 0 || w == 0 {
@@ -362,35 +364,39 @@ fn resize_2d(x: &[f32], xs: &[usize], os: &[usize], axis_taps: &[Vec<Option<Taps
     // Which input rows any output row reads.
     let mut needed = vec![false; h];
     ty.iter().flatten().for_each(|&(i, _)| needed[i.min(h - 1)] = true);
-    let mut rows = vec![0.0f32; h * ow];
-    crate::kernels::math::with_width(|| {
-        for (plane, oplane) in x.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
-            for (iy, row) in rows.chunks_exact_mut(ow).enumerate() {
-                if !needed[iy] {
-                    continue;
-                }
-                let xrow = &plane[iy * w..][..w];
-                if nt == 1 {
-                    row.iter_mut().zip(&xi).zip(&xw).for_each(|((o, &i), &wt)| *o = wt * xrow[i]);
-                } else {
-                    for (ox, o) in row.iter_mut().enumerate() {
-                        let (ii, ww) = (&xi[ox * nt..][..nt], &xw[ox * nt..][..nt]);
-                        *o = ii.iter().zip(ww).map(|(&i, &wt)| wt * xrow[i]).sum();
+    let (xi, xw, needed, ty) = (&xi[..], &xw[..], &needed[..], &ty[..]);
+    crate::kernels::pool::for_chunks(threads, out, oh * ow, 1 << 16, &|start, out| {
+        let x = &x[start / (oh * ow) * h * w..];
+        let mut rows = vec![0.0f32; h * ow];
+        crate::kernels::math::with_width(|| {
+            for (plane, oplane) in x.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
+                for (iy, row) in rows.chunks_exact_mut(ow).enumerate() {
+                    if !needed[iy] {
+                        continue;
+                    }
+                    let xrow = &plane[iy * w..][..w];
+                    if nt == 1 {
+                        row.iter_mut().zip(xi).zip(xw).for_each(|((o, &i), &wt)| *o = wt * xrow[i]);
+                    } else {
+                        for (ox, o) in row.iter_mut().enumerate() {
+                            let (ii, ww) = (&xi[ox * nt..][..nt], &xw[ox * nt..][..nt]);
+                            *o = ii.iter().zip(ww).map(|(&i, &wt)| wt * xrow[i]).sum();
+                        }
                     }
                 }
-            }
-            for (oy, orow) in oplane.chunks_exact_mut(ow).enumerate() {
-                match ty[oy].as_slice() {
-                    [(i, wt)] if *wt == 1.0 => orow.copy_from_slice(&rows[i.min(&(h - 1)) * ow..][..ow]),
-                    taps => {
-                        orow.fill(0.0);
-                        for &(i, wt) in taps {
-                            let src = &rows[i.min(h - 1) * ow..][..ow];
-                            orow.iter_mut().zip(src).for_each(|(o, &v)| *o += wt * v);
+                for (oy, orow) in oplane.chunks_exact_mut(ow).enumerate() {
+                    match ty[oy].as_slice() {
+                        [(i, wt)] if *wt == 1.0 => orow.copy_from_slice(&rows[i.min(&(h - 1)) * ow..][..ow]),
+                        taps => {
+                            orow.fill(0.0);
+                            for &(i, wt) in taps {
+                                let src = &rows[i.min(h - 1) * ow..][..ow];
+                                orow.iter_mut().zip(src).for_each(|(o, &v)| *o += wt * v);
+                            }
                         }
                     }
                 }
             }
-        }
+        });
     });
 }

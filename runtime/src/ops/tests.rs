@@ -616,3 +616,30 @@ fn conv_transpose_matches_scatter_loop() {
         }
     }
 }
+
+#[test]
+fn resize_split_across_threads_equals_one_thread() {
+    use crate::graph::{AspectPolicy, CoordMode, NearestMode, ResizeAttrs, ResizeMode};
+    // 13 planes upsampled 2× (linear and nearest): large enough to split across two threads.
+    let x: Vec<f32> = (0..13 * 40 * 70).map(|i| ((i * 7919 % 1000) as f32) / 500.0 - 1.0).collect();
+    let xt = f32t(&[1, 13, 40, 70], &x);
+    let scales = f32t(&[4], &[1.0, 1.0, 2.0, 2.0]);
+    for mode in [ResizeMode::Linear, ResizeMode::Nearest] {
+        let attrs = ResizeAttrs {
+            mode,
+            coord: CoordMode::HalfPixel,
+            nearest: NearestMode::RoundPreferFloor,
+            cubic_coeff_a: -0.75,
+            exclude_outside: false,
+            extrapolation_value: 0.0,
+            antialias: false,
+            axes: vec![],
+            aspect: AspectPolicy::Stretch,
+        };
+        let ins = [Some(xt.view()), None, Some(scales.view())];
+        let one = eval(&Op::Resize(attrs.clone()), &ins, 1, 1).unwrap().swap_remove(0);
+        let two = eval(&Op::Resize(attrs), &ins, 1, 2).unwrap().swap_remove(0);
+        assert_eq!(one.shape(), &[1, 13, 80, 140]);
+        assert_eq!(one.as_f32().unwrap(), two.as_f32().unwrap(), "{mode:?}");
+    }
+}
