@@ -646,6 +646,7 @@ pub fn depthwise(
     let (sc, oc) = (SharedOut::new(&mut scratch[..parts * per]), SharedOut::new(out));
     let chunk = total.div_ceil(parts);
     let dp = DwPlane::new(g);
+    let tile = super::selected().f32_tile().and_then(|t| t.depthwise);
     for_each(parts, parts, &|p| {
         // SAFETY: part p alone uses scratch floats p·per .. (p+1)·per, inside the buffer sized
         // above, which outlives `for_each`.
@@ -659,7 +660,7 @@ pub fn depthwise(
             // SAFETY: output channel o's plane, inside `out` (o < total) and this part's alone
             // (parts take disjoint channel ranges).
             let dst = unsafe { std::slice::from_raw_parts_mut(oc.ptr().add(o * ospat), ospat) };
-            depthwise_plane(g, &dp, pad, &w[mo * taps..][..taps], bias.map_or(0.0, |b| b[mo]), post, dst);
+            depthwise_plane(g, &dp, tile, pad, &w[mo * taps..][..taps], bias.map_or(0.0, |b| b[mo]), post, dst);
         }
     });
 }
@@ -738,8 +739,17 @@ fn madd(a: f32, b: f32, c: f32) -> f32 {
 /// tile overlapping the one before: the outputs it recomputes come out the same), or plain
 /// row loops (rows narrower than a tile, kernels wider than [`DW_MAX_KW`], sets without a
 /// tile).
-fn depthwise_plane(g: &Geo, dp: &DwPlane, x: &[f32], taps: &[f32], bias: f32, post: Epilogue, out: &mut [f32]) {
-    let tile = super::selected().f32_tile().and_then(|t| t.depthwise);
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane(
+    g: &Geo,
+    dp: &DwPlane,
+    tile: Option<super::DwTile>,
+    x: &[f32],
+    taps: &[f32],
+    bias: f32,
+    post: Epilogue,
+    out: &mut [f32],
+) {
     match tile {
         Some(t) if g.ow >= DW_COLS && g.kw <= DW_MAX_KW => dw_tiles(g, dp, x, taps, bias, post, out, t),
         _ => {

@@ -241,8 +241,9 @@ fn run_gemm(
     };
     let rows = mg * kn;
     // Whether an output row takes taps from the input rows of two chunks (a kernel taller than
-    // its stride): then the epilogue waits for the last chunk.
-    let overlap = (kg.kh - 1) * kg.dh + 1 > kg.sh && post != Epilogue::NONE;
+    // its stride): then a fused epilogue waits for the last chunk.
+    let fused = post != Epilogue::NONE;
+    let overlap = (kg.kh - 1) * kg.dh + 1 > kg.sh;
     // Whole input rows per chunk, as many as keep the chunk's taps (`rows` × its positions) in
     // L2: the GEMM writes them and `col2im` reads them back while they are still there.
     let chunk_rows = (CHUNK_FLOATS / (rows * kg.w).max(1)).clamp(1, kg.h.max(1));
@@ -285,7 +286,7 @@ fn run_gemm(
                 // Without overlap between the rows of successive chunks, this chunk's output
                 // rows are final: the epilogue runs on them while they are in cache.
                 // (The last chunk also finishes the rows no tap reaches: output padding.)
-                let done = (!overlap).then(|| {
+                let done = (fused && !overlap).then(|| {
                     let end = if iy0 + nrows == kg.h {
                         kg.oh
                     } else {
@@ -305,7 +306,7 @@ fn run_gemm(
                     }
                 });
             }
-            if overlap {
+            if fused && overlap {
                 kernels::pool::for_chunks(ctx.threads, yg, out_plane, 1 << 14, &|_, chunk| {
                     chunk.chunks_exact_mut(out_plane).for_each(|o| conv::epilogue(o, 0.0, post));
                 });

@@ -273,19 +273,11 @@ fn arg_max_and_min_with_ties() {
     assert_eq!(m[0].as_i64().unwrap(), &[1]);
 }
 
-#[test]
-fn malformed_shapes_are_errors_not_panics() {
-    use crate::graph::{AspectPolicy, CoordMode, NearestMode, ResizeAttrs, ResizeMode};
-    use crate::tensor::{DType, TensorData};
-    // Integer matmul whose batch dims only broadcast to a larger batch than either side has.
-    let a = Tensor::new(vec![2, 1, 1, 1], TensorData::U8(vec![1; 2])).unwrap();
-    let b = Tensor::new(vec![1, 2, 1, 1], TensorData::U8(vec![1; 2])).unwrap();
-    assert!(eval(&Op::MatMulInteger, &[Some(a.view()), Some(b.view())], 1, 1).is_err());
-    // Resize asked to produce elements from an empty input.
-    let x = Tensor::zeros(DType::F32, vec![1, 0]).unwrap();
-    let sizes = i64t(&[2], &[1, 5]);
-    let attrs = ResizeAttrs {
-        mode: ResizeMode::Linear,
+/// Resize attributes with ONNX's defaults and `mode`.
+fn resize_attrs(mode: crate::graph::ResizeMode) -> crate::graph::ResizeAttrs {
+    use crate::graph::{AspectPolicy, CoordMode, NearestMode, ResizeAttrs};
+    ResizeAttrs {
+        mode,
         coord: CoordMode::HalfPixel,
         nearest: NearestMode::RoundPreferFloor,
         cubic_coeff_a: -0.75,
@@ -294,7 +286,21 @@ fn malformed_shapes_are_errors_not_panics() {
         antialias: false,
         axes: vec![],
         aspect: AspectPolicy::Stretch,
-    };
+    }
+}
+
+#[test]
+fn malformed_shapes_are_errors_not_panics() {
+    use crate::graph::ResizeMode;
+    use crate::tensor::{DType, TensorData};
+    // Integer matmul whose batch dims only broadcast to a larger batch than either side has.
+    let a = Tensor::new(vec![2, 1, 1, 1], TensorData::U8(vec![1; 2])).unwrap();
+    let b = Tensor::new(vec![1, 2, 1, 1], TensorData::U8(vec![1; 2])).unwrap();
+    assert!(eval(&Op::MatMulInteger, &[Some(a.view()), Some(b.view())], 1, 1).is_err());
+    // Resize asked to produce elements from an empty input.
+    let x = Tensor::zeros(DType::F32, vec![1, 0]).unwrap();
+    let sizes = i64t(&[2], &[1, 5]);
+    let attrs = resize_attrs(ResizeMode::Linear);
     assert!(eval(&Op::Resize(attrs), &[Some(x.view()), None, None, Some(sizes.view())], 1, 1).is_err());
     // A pool window with an absurd dilation overflows usize: an error.
     let x = f32t(&[1, 1, 4], &[1.0; 4]);
@@ -619,23 +625,13 @@ fn conv_transpose_matches_scatter_loop() {
 
 #[test]
 fn resize_split_across_threads_equals_one_thread() {
-    use crate::graph::{AspectPolicy, CoordMode, NearestMode, ResizeAttrs, ResizeMode};
+    use crate::graph::ResizeMode;
     // 13 planes upsampled 2× (linear and nearest): large enough to split across two threads.
     let x: Vec<f32> = (0..13 * 40 * 70).map(|i| ((i * 7919 % 1000) as f32) / 500.0 - 1.0).collect();
     let xt = f32t(&[1, 13, 40, 70], &x);
     let scales = f32t(&[4], &[1.0, 1.0, 2.0, 2.0]);
     for mode in [ResizeMode::Linear, ResizeMode::Nearest] {
-        let attrs = ResizeAttrs {
-            mode,
-            coord: CoordMode::HalfPixel,
-            nearest: NearestMode::RoundPreferFloor,
-            cubic_coeff_a: -0.75,
-            exclude_outside: false,
-            extrapolation_value: 0.0,
-            antialias: false,
-            axes: vec![],
-            aspect: AspectPolicy::Stretch,
-        };
+        let attrs = resize_attrs(mode);
         let ins = [Some(xt.view()), None, Some(scales.view())];
         let one = eval(&Op::Resize(attrs.clone()), &ins, 1, 1).unwrap().swap_remove(0);
         let two = eval(&Op::Resize(attrs), &ins, 1, 2).unwrap().swap_remove(0);
