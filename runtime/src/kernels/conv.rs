@@ -4,7 +4,7 @@
 //! applied to each output channel as it is finished. Every loop runs at the selected set's
 //! vector width ([`super::math::with_width`]): AVX-512 or AVX2 on x86_64, NEON on aarch64.
 
-use super::math::{multiversion, sigmoid, width, Width};
+use super::math::{madd, multiversion, sigmoid, width, Width};
 use crate::graph::{Epilogue, FusedAct};
 
 /// Calls `$run` with the closure of `$act`'s formula: one arm per activation, each with that
@@ -137,28 +137,77 @@ impl Lane for i8 {}
 
 multiversion! {
 /// Lays out `cg` input planes as [`Phases`] describes (padding as zeros), each value through
-/// `f` (the identity, or the int8 quantizer).
+/// `f` (the identity, or the int8 quantizer). Each input row is read once (at stride 2 split
+/// into its two column phases in one pass), and only the padding is zeroed.
 fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32], buf: &mut [T], f: F) {
-    buf.fill(T::default());
+    let (hq, wq) = (ph.hq, ph.wq);
+    let (_, wp) = g.padded_extent();
+    // Padded columns left..left + n hold input columns 0..n; the rest is padding.
+    let left = g.pw.min(wp);
+    let n = g.w.min(wp - left);
     for ci in 0..cg {
         let plane = &x[ci * g.h * g.w..][..g.h * g.w];
+        let chan = &mut buf[ci * ph.per_channel..][..ph.per_channel];
         for ry in 0..g.sh {
-            for rx in 0..g.sw {
-                let dst = &mut buf[ci * ph.per_channel + (ry * g.sw + rx) * ph.hq * ph.wq..][..ph.hq * ph.wq];
-                for (a, drow) in dst.chunks_exact_mut(ph.wq).enumerate() {
-                    let Some(iy) = (ry + g.sh * a).checked_sub(g.ph).filter(|&i| i < g.h) else { continue };
-                    let xrow = &plane[iy * g.w..][..g.w];
-                    // columns b with 0 ≤ rx + sw·b − pw < w
-                    let b0 = g.pw.saturating_sub(rx).div_ceil(g.sw);
-                    let b1 = (g.w + g.pw).saturating_sub(rx).div_ceil(g.sw).min(ph.wq);
-                    if b1 > b0 {
-                        strided_run(&mut drow[b0..b1], xrow, rx + g.sw * b0 - g.pw, g.sw, |d, s| *d = f(s));
+            for a in 0..hq {
+                let iy = (ry + g.sh * a).checked_sub(g.ph).filter(|&i| i < g.h);
+                // Phase rx's row `a` of phase-row ry: padded columns rx + sw·b.
+                let row = |rx: usize| ((ry * g.sw + rx) * hq + a) * wq;
+                let Some(iy) = iy else {
+                    for rx in 0..g.sw {
+                        chan[row(rx)..][..wq].fill(T::default());
                     }
+                    continue;
+                };
+                let xrow = &plane[iy * g.w..][..n];
+                for rx in 0..g.sw {
+                    // columns b with left ≤ rx + sw·b < left + n
+                    let b0 = left.saturating_sub(rx).div_ceil(g.sw).min(wq);
+                    let b1 = (left + n).saturating_sub(rx).div_ceil(g.sw).clamp(b0, wq);
+                    let drow = &mut chan[row(rx)..][..wq];
+                    drow[..b0].fill(T::default());
+                    drow[b1..].fill(T::default());
+                    if g.sw != 2 && b1 > b0 {
+                        strided_run(&mut drow[b0..b1], xrow, rx + g.sw * b0 - left, g.sw, |d, s| *d = f(s));
+                    }
+                }
+                if g.sw == 2 {
+                    let (r0, r1) = (row(0), row(1));
+                    let (p0, p1) = chan.split_at_mut(r1);
+                    split_pairs(xrow, left, &mut p0[r0..][..wq], &mut p1[..wq], &f);
                 }
             }
         }
     }
 }
+}
+
+/// Input row `xrow` at padded columns `left..left + xrow.len()` split by column parity: padded
+/// column `c` to `even[c / 2]` or `odd[c / 2]`, through `f` (both phases in one pass, which
+/// compiles to vector shuffles). The phases hold every column: `2·min(len) ≥ left + xrow.len()`.
+#[inline(always)]
+fn split_pairs<T>(xrow: &[f32], left: usize, even: &mut [T], odd: &mut [T], f: &impl Fn(f32) -> T) {
+    let h = left / 2;
+    let pairs = xrow.chunks_exact(2);
+    let last = pairs.remainder().first().copied();
+    let tail = h + xrow.len() / 2;
+    if left.is_multiple_of(2) {
+        for ((e, o), s) in even[h..].iter_mut().zip(odd[h..].iter_mut()).zip(pairs) {
+            *e = f(s[0]);
+            *o = f(s[1]);
+        }
+        if let Some(v) = last {
+            even[tail] = f(v);
+        }
+    } else {
+        for ((o, e), s) in odd[h..].iter_mut().zip(even[h + 1..].iter_mut()).zip(pairs) {
+            *o = f(s[0]);
+            *e = f(s[1]);
+        }
+        if let Some(v) = last {
+            odd[tail] = f(v);
+        }
+    }
 }
 
 multiversion! {
@@ -209,29 +258,53 @@ fn panels(g: &Geo, ph: &Phases, cg: usize, src: &[f32], j0: usize, len: usize, n
 }
 }
 
-/// The epilogue of one block of grid columns `j0..j0 + len` (`acc`: output channels × `len`),
-/// applied as the block is copied to the NCHW output behind `out` (channels × `oh·ow`); grid
-/// columns `ow..wq` of each row are dropped.
+/// Where a block of the convolution GEMM's output lies: output channels `r0..r0 + rows`, grid
+/// columns `j0..j0 + len`, row `r` of it at `acc[r·ld..][..len]`.
+#[derive(Clone, Copy)]
+struct Rect {
+    r0: usize,
+    ld: usize,
+    j0: usize,
+    len: usize,
+}
+
+impl Rect {
+    /// A whole block: every output channel, rows of `len`.
+    fn block(j0: usize, len: usize) -> Rect {
+        Rect { r0: 0, ld: len, j0, len }
+    }
+}
+
+/// The epilogue of one block of the GEMM's output (`acc`, as `at` says), applied as the block
+/// is copied to the NCHW output behind `out` (channels × `oh·ow`); grid columns `ow..wq` of
+/// each output row are dropped. A sigmoid or swish runs first, in place over each row's `len`
+/// values, by the vector kernel (whole rows: no output-row boundaries to stop at).
 ///
 /// # Safety
-/// `out` is a live buffer of `acc.len() / len` rows of `oh·ow` floats, and no other thread
-/// reads or writes the output columns of grid columns `j0..j0 + len` during the call.
-#[allow(clippy::too_many_arguments)]
+/// `out` is a live buffer of at least `at.r0 + acc.len().div_ceil(at.ld)` rows of `oh·ow`
+/// floats, and no other thread reads or writes the block's output cells during the call.
 unsafe fn write_block(
     g: &Geo,
     wq: usize,
-    acc: &[f32],
-    j0: usize,
-    len: usize,
+    acc: &mut [f32],
+    at: Rect,
     bias: Option<&[f32]>,
     post: Epilogue,
     out: super::pool::SharedOut,
 ) {
     let Epilogue { act, scale, shift } = post;
     let affine = scale != 1.0 || shift != 0.0;
-    // One call per block (the activation's loop compiled in): a block's grid rows are short
-    // segments, too short to pay a dispatch each.
-    with_act!(act, write_rows(g, wq, acc, j0, len, bias, scale, shift, affine, out));
+    if let FusedAct::Sigmoid | FusedAct::Swish = act {
+        for (r, row) in acc.chunks_mut(at.ld).enumerate() {
+            let b = bias.map_or(0.0, |b| b[at.r0 + r]);
+            super::math::sigmoid_in_place(&mut row[..at.len], b, 1.0, act == FusedAct::Swish);
+        }
+        write_rows(g, wq, acc, at, None, scale, shift, affine, out, |v| v);
+    } else {
+        // One call per block (the activation's loop compiled in): a block's grid rows are
+        // short segments, too short to pay a dispatch each.
+        with_act!(act, write_rows(g, wq, acc, at, bias, scale, shift, affine, out));
+    }
 }
 
 multiversion! {
@@ -241,8 +314,7 @@ fn write_rows<F: Fn(f32) -> f32>(
     g: &Geo,
     wq: usize,
     acc: &[f32],
-    j0: usize,
-    len: usize,
+    at: Rect,
     bias: Option<&[f32]>,
     scale: f32,
     shift: f32,
@@ -251,17 +323,25 @@ fn write_rows<F: Fn(f32) -> f32>(
     f: F
 ) {
     let n = g.oh * g.ow;
-    for (mi, row) in acc.chunks_exact(len).enumerate() {
+    let Rect { r0, ld, j0, len } = at;
+    for (r, row) in acc.chunks(ld).enumerate() {
+        let mi = r0 + r;
         let b = bias.map_or(0.0, |b| b[mi]);
         let mut j = j0;
         while j < j0 + len {
             let (oy, ox) = (j / wq, j % wq);
-            let seg = (wq - ox).min(j0 + len - j);
-            let keep = g.ow.saturating_sub(ox).min(seg);
+            // Grid columns are output columns when nothing is dropped: one run.
+            let (seg, keep) = if wq == g.ow {
+                (j0 + len - j, j0 + len - j)
+            } else {
+                let seg = (wq - ox).min(j0 + len - j);
+                (seg, g.ow.saturating_sub(ox).min(seg))
+            };
             if keep > 0 {
                 let at = mi * n + oy * g.ow + ox;
-                // SAFETY: output row mi, columns of grid row oy below ow: inside `out` and this
-                // caller's alone (`write_block`'s contract).
+                // SAFETY: output row mi, columns of grid row oy below ow (or the whole run when
+                // grid columns are output columns): inside `out` and this caller's alone
+                // (`write_block`'s contract).
                 let dst = unsafe { out.range(at..at + keep) };
                 let src = &row[j - j0..][..keep];
                 if affine {
@@ -478,7 +558,7 @@ impl Block<'_> {
         let wm = MatRef { data: w, rs: ldw, cs: 1 };
         super::sgemm(mg, len, k, wm, BMat::Panels(bm), &mut acc[..mg * len], len, false, 1);
         // SAFETY: forwarded (the caller's block of columns).
-        unsafe { write_block(g, ph.wq, &acc[..mg * len], j0, len, bias, post, out) };
+        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], Rect::block(j0, len), bias, post, out) };
     }
 
     /// The block by the indirect tile: B row `p` of column tile `j` read at `src[offs[p] + j..]`.
@@ -572,7 +652,7 @@ impl Block<'_> {
             }
         } else {
             // SAFETY: forwarded (the caller's block of columns).
-            unsafe { write_block(g, ph.wq, &acc[..mg * len], j0, len, bias, post, out) };
+            unsafe { write_block(g, ph.wq, &mut acc[..mg * len], Rect::block(j0, len), bias, post, out) };
         }
     }
 }
@@ -681,28 +761,8 @@ fn pad_plane(g: &Geo, dp: &DwPlane, x: &[f32], pad: &mut [f32]) {
         match g.sw {
             1 => prow[left..left + n].copy_from_slice(xrow),
             2 => {
-                // Input column j is padded column left + j: phase (left + j) mod 2.
                 let (even, odd) = prow.split_at_mut(dp.wq);
-                let h = left / 2;
-                let pairs = xrow.chunks_exact(2);
-                let last = pairs.remainder().first().copied();
-                if left.is_multiple_of(2) {
-                    for ((e, o), s) in even[h..].iter_mut().zip(odd[h..].iter_mut()).zip(pairs) {
-                        *e = s[0];
-                        *o = s[1];
-                    }
-                    if let Some(v) = last {
-                        even[h + n / 2] = v;
-                    }
-                } else {
-                    for ((o, e), s) in odd[h..].iter_mut().zip(even[h + 1..].iter_mut()).zip(pairs) {
-                        *o = s[0];
-                        *e = s[1];
-                    }
-                    if let Some(v) = last {
-                        odd[h + n / 2] = v;
-                    }
-                }
+                split_pairs(xrow, left, even, odd, &|v| v);
             }
             sw => {
                 stage[left..left + n].copy_from_slice(xrow);
@@ -722,17 +782,6 @@ const DW_BAND_BYTES: usize = 16 << 10;
 /// Widest kernel whose column offsets [`depthwise_plane`] keeps on the stack (wider ones take
 /// the plain loop).
 const DW_MAX_KW: usize = 32;
-
-/// `a·b + c`, fused where every CPU of the architecture has it (a plain `mul_add` would be a
-/// library call on x86_64 without FMA).
-#[inline(always)]
-fn madd(a: f32, b: f32, c: f32) -> f32 {
-    if cfg!(target_arch = "aarch64") {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
 
 /// Depthwise convolution of one plane laid out as [`DwPlane`] `dp` describes: register tiles of
 /// the selected set's depthwise kernel (up to its row count × 16 columns, the last column
@@ -928,6 +977,14 @@ pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
     }
     let Epilogue { act, scale, shift } = post;
     let affine = scale != 1.0 || shift != 0.0;
+    if let FusedAct::Sigmoid | FusedAct::Swish = act {
+        // The exponential's vector kernel, then any affine.
+        super::math::sigmoid_in_place(out, bias, 1.0, act == FusedAct::Swish);
+        if affine {
+            run(out, 0.0, scale, shift, true, |v| v);
+        }
+        return;
+    }
     if matches!(act, FusedAct::Identity) && !affine && bias == 0.0 {
         return;
     }
@@ -978,14 +1035,25 @@ fn pool2d(g: &Geo, max: bool, count_pad: (bool, usize, usize), x: &[f32], tmp: &
         }
     }
     {
+        // The taps kx0..kx1 of output column ox that fall inside the row (a contiguous range).
+        let span = |ox: usize| {
+            let start = ox * g.sw;
+            let kx0 = g.pw.saturating_sub(start).div_ceil(g.dw).min(g.kw);
+            let kx1 = if g.w + g.pw > start { ((g.w + g.pw - 1 - start) / g.dw + 1).min(g.kw) } else { 0 };
+            (kx0, kx1.max(kx0))
+        };
         for (xrow, trow) in x.chunks_exact(g.w).zip(tmp.chunks_exact_mut(g.ow)).take(g.h) {
-            trow.fill(init);
-            for kx in 0..g.kw {
-                for ox in (0..lo).chain(hi..g.ow) {
-                    if let Some(ix) = Geo::src(ox, g.sw, kx, g.dw, g.pw, g.w) {
-                        trow[ox] = join(max, trow[ox], xrow[ix]);
-                    }
+            // The edges (some taps outside the row), one output at a time over its taps.
+            for ox in (0..lo).chain(hi..g.ow) {
+                let (kx0, kx1) = span(ox);
+                let mut a = init;
+                for kx in kx0..kx1 {
+                    a = join(max, a, xrow[ox * g.sw + kx * g.dw - g.pw]);
                 }
+                trow[ox] = a;
+            }
+            trow[lo..hi].fill(init);
+            for kx in 0..g.kw {
                 if hi > lo {
                     strided_run(&mut trow[lo..hi], xrow, lo * g.sw + kx * g.dw - g.pw, g.sw, |d, s| *d = join(max, *d, s));
                 }
@@ -1160,7 +1228,7 @@ pub fn conv_q8(
                             return;
                         }
                         // SAFETY: as in `conv_gemm`: this block's columns are its own.
-                        unsafe { write_block(g, ph.wq, &acc[..mg * len], j0, len, bias, post, oc) };
+                        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], Rect::block(j0, len), bias, post, oc) };
                     }
                 })
             });
@@ -1320,7 +1388,7 @@ fn conv_q8_vnni(
                                 }
                             }
                             // SAFETY: as in `conv_gemm`: this block's columns are its own.
-                            unsafe { write_block(g, ph.wq, acc, j0, len, bias, post, oc) };
+                            unsafe { write_block(g, ph.wq, acc, Rect::block(j0, len), bias, post, oc) };
                         }
                     })
                 });

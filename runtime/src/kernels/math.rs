@@ -14,6 +14,18 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
+/// `a·b + c`: one fused instruction on aarch64 (every CPU has it), a multiply and an add
+/// elsewhere (a plain `mul_add` would be a library call on x86_64 builds without FMA; the
+/// x86 sets with FMA have their own vector kernels where it matters).
+#[inline(always)]
+pub(crate) fn madd(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_arch = "aarch64") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `e^x`, relative error below 2.5e-7 on [-87.3, 88.7] (tested against f64); `+inf` above, 0
 /// below (no subnormal results), NaN for NaN.
 #[inline(always)]
@@ -27,12 +39,12 @@ pub fn exp(x: f32) -> f32 {
     let r = xc - n * LN2_HI - n * LN2_LO;
     // Cephes expf polynomial for e^r on |r| ≤ ln2/2.
     let mut p = 1.987_569_2e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
+    p = madd(p, r, 1.398_199_9e-3);
+    p = madd(p, r, 8.333_452e-3);
+    p = madd(p, r, 4.166_579_6e-2);
+    p = madd(p, r, 1.666_666_5e-1);
+    p = madd(p, r, 0.5);
+    let e = madd(p, r * r, r + 1.0);
     // 2^n from the exponent bits; n = 128 (x near the top of the range) as 2^127 · 2.
     let tc = t.min(MAGIC + 127.0);
     let scale = f32::from_bits(tc.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
@@ -315,6 +327,58 @@ fn exp_shifted(x: &[f32], out: &mut [f32], m: f32) -> f32 {
     s + acc.iter().sum::<f32>()
 }
 
+/// `out[i] = y·σ(α·y)` (`swish`) or `σ(α·y)` with `y = x[i] + bias`, over the common length:
+/// the vector kernels of the selected set (FMA, masked tails), else [`sigmoid`] per value.
+pub fn sigmoid_into(x: &[f32], out: &mut [f32], bias: f32, alpha: f32, swish: bool) {
+    let n = x.len().min(out.len());
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = sigmoid_kernel() {
+        // SAFETY: x and out hold n floats each and do not overlap (one is borrowed mutably);
+        // the kernel suits this CPU.
+        unsafe { k(x.as_ptr(), out.as_mut_ptr(), n, bias, alpha, swish) };
+        return;
+    }
+    for (o, &v) in out[..n].iter_mut().zip(x) {
+        *o = sigmoid_one(v, bias, alpha, swish);
+    }
+}
+
+/// [`sigmoid_into`] in place.
+pub fn sigmoid_in_place(x: &mut [f32], bias: f32, alpha: f32, swish: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = sigmoid_kernel() {
+        let p = x.as_mut_ptr();
+        // SAFETY: the same x.len() floats read and written (each lane read before it is
+        // written); the kernel suits this CPU.
+        unsafe { k(p, p, x.len(), bias, alpha, swish) };
+        return;
+    }
+    x.iter_mut().for_each(|v| *v = sigmoid_one(*v, bias, alpha, swish));
+}
+
+#[inline(always)]
+fn sigmoid_one(v: f32, bias: f32, alpha: f32, swish: bool) -> f32 {
+    let y = v + bias;
+    let s = sigmoid(alpha * y);
+    if swish {
+        y * s
+    } else {
+        s
+    }
+}
+
+/// The selected set's vector sigmoid, if it has one.
+#[cfg(target_arch = "x86_64")]
+type SigmoidFn = unsafe fn(*const f32, *mut f32, usize, f32, f32, bool);
+#[cfg(target_arch = "x86_64")]
+fn sigmoid_kernel() -> Option<SigmoidFn> {
+    match width() {
+        Width::Avx512 => Some(super::x86::sigmoid_avx512),
+        Width::Avx2 => Some(super::x86::sigmoid_avx2),
+        Width::Base => None,
+    }
+}
+
 /// Softmax (or log-softmax) over each contiguous row of `n` values.
 pub fn softmax_rows(x: &[f32], out: &mut [f32], n: usize, log: bool) {
     #[cfg(target_arch = "x86_64")]
@@ -524,6 +588,57 @@ mod tests {
         // SAFETY: as above.
         unsafe { crate::kernels::x86::softmax_rows_avx512(&x, &mut out, 20, false) };
         assert!(out.iter().all(|v| v.is_nan()));
+    }
+
+    /// The x86 vector sigmoid/swish kernels (each this CPU supports) against the scalar
+    /// formula: every length around the vector widths (masked tails), a bias and a slope,
+    /// in place and out of place, the ends of the range, ±inf and NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_sigmoid_matches_scalar() {
+        let mut kernels: Vec<(&str, SigmoidFn)> = Vec::new();
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            kernels.push(("avx2", crate::kernels::x86::sigmoid_avx2));
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            kernels.push(("avx512", crate::kernels::x86::sigmoid_avx512));
+        }
+        let edges = [f32::INFINITY, f32::NEG_INFINITY, 88.0, -88.0, 100.0, -100.0, 87.5, -87.5, 0.0, -0.0];
+        for (name, k) in kernels {
+            for n in (0..40).chain([127, 1000]) {
+                let x: Vec<f32> = (0..n)
+                    .map(|i| if i % 7 == 3 { edges[i % edges.len()] } else { (i as f32 * 0.731).sin() * 12.0 })
+                    .collect();
+                for (bias, alpha, swish) in
+                    [(0.0, 1.0, false), (0.0, 1.0, true), (0.3, 1.702, true), (-0.5, 2.0, false)]
+                {
+                    let mut got = vec![7.0f32; n + 1];
+                    // SAFETY: the CPU has the kernel's features (checked above); x and got hold
+                    // n floats.
+                    unsafe { k(x.as_ptr(), got.as_mut_ptr(), n, bias, alpha, swish) };
+                    let mut inplace = x.clone();
+                    let p = inplace.as_mut_ptr();
+                    // SAFETY: as above, in place.
+                    unsafe { k(p, p, n, bias, alpha, swish) };
+                    assert_eq!(got[n], 7.0, "{name}: wrote past n = {n}");
+                    for i in 0..n {
+                        let want = sigmoid_one(x[i], bias, alpha, swish);
+                        let (g, h) = (got[i], inplace[i]);
+                        let ok = |g: f32| {
+                            (g.is_nan() && want.is_nan())
+                                || g == want
+                                || (g - want).abs() <= 1e-6 * want.abs().max(1e-3)
+                        };
+                        assert!(ok(g) && ok(h), "{name} n={n} {bias} {alpha} {swish} x={}: {g} / {h} vs {want}", x[i]);
+                    }
+                }
+            }
+            let nan = [f32::NAN; 3];
+            let mut o = [0.0f32; 3];
+            // SAFETY: as above.
+            unsafe { k(nan.as_ptr(), o.as_mut_ptr(), 3, 0.0, 1.0, true) };
+            assert!(o.iter().all(|v| v.is_nan()), "{name}: NaN in, NaN out");
+        }
     }
 
     #[test]

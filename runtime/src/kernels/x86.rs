@@ -553,6 +553,75 @@ fn exp16(x: __m512) -> __m512 {
     _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, hi), y, _mm512_set1_ps(f32::INFINITY))
 }
 
+/// `e^x` on 8 lanes with AVX2+FMA: [`exp16`]'s reduction and polynomial, `2^n` from the
+/// exponent bits (`n = 128` as `2^127 · 2`). Below −87.34 → 0, above 88.72 → +inf, NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let (lo, hi) = (_mm256_set1_ps(-87.336_55), _mm256_set1_ps(88.722_83));
+    // `max`/`min` return their second operand when one is NaN: NaN passes through.
+    let xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        xc,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), xc);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_2e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let e = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    // n ∈ [−126, 128]: 2^min(n, 127) from the exponent bits, doubled where n = 128.
+    let ni = _mm256_cvtps_epi32(_mm256_min_ps(n, _mm256_set1_ps(127.0)));
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127))));
+    let y = _mm256_mul_ps(e, scale);
+    let y = _mm256_blendv_ps(y, _mm256_add_ps(y, y), _mm256_cmp_ps::<_CMP_GT_OQ>(n, _mm256_set1_ps(127.0)));
+    let y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
+    _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi))
+}
+
+/// `y·σ(α·y)` (`swish`) or `σ(α·y)` of `y = src[i] + bias`, into `dst[i]`, for `i < n`, with
+/// AVX-512 (`σ(t) = 1 / (1 + e^−t)`, the exponential by [`exp16`], the tail by lane masks).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; `src` and `dst` hold `n` floats (they may be the same floats:
+/// each lane is read before it is written, and no other lane is).
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+pub unsafe fn sigmoid_avx512(src: *const f32, dst: *mut f32, n: usize, bias: f32, alpha: f32, swish: bool) {
+    let (b, na, one) = (_mm512_set1_ps(bias), _mm512_set1_ps(-alpha), _mm512_set1_ps(1.0));
+    for i in (0..n).step_by(16) {
+        let k = lanes16(n - i);
+        // SAFETY: lanes i..i + 16 masked to the n floats (caller contract).
+        let y = _mm512_add_ps(unsafe { _mm512_maskz_loadu_ps(k, src.add(i)) }, b);
+        let s = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_mul_ps(y, na))));
+        let r = if swish { _mm512_mul_ps(y, s) } else { s };
+        // SAFETY: as above.
+        unsafe { _mm512_mask_storeu_ps(dst.add(i), k, r) };
+    }
+}
+
+/// [`sigmoid_avx512`] with AVX2+FMA (the exponential by [`exp8`], the tail by masked moves).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `src` and `dst` as in [`sigmoid_avx512`].
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn sigmoid_avx2(src: *const f32, dst: *mut f32, n: usize, bias: f32, alpha: f32, swish: bool) {
+    let (b, na, one) = (_mm256_set1_ps(bias), _mm256_set1_ps(-alpha), _mm256_set1_ps(1.0));
+    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for i in (0..n).step_by(8) {
+        let rem = (n - i).min(8) as i32;
+        let k = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), idx);
+        // SAFETY: lanes i..i + 8 masked to the n floats (caller contract); masked-off lanes
+        // are neither read nor written.
+        let y = _mm256_add_ps(unsafe { _mm256_maskload_ps(src.add(i), k) }, b);
+        let s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_mul_ps(y, na))));
+        let r = if swish { _mm256_mul_ps(y, s) } else { s };
+        // SAFETY: as above.
+        unsafe { _mm256_maskstore_ps(dst.add(i), k, r) };
+    }
+}
+
 /// Lanes `0..rem` (at most 16) set.
 #[inline]
 fn lanes16(rem: usize) -> __mmask16 {

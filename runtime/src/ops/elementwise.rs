@@ -122,6 +122,14 @@ fn par_map(threads: usize, x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + 
     });
 }
 
+/// `out[i] = σ(α·x[i])`, times `x[i]` when `swish`, in contiguous chunks across `threads`
+/// ([`math::sigmoid_into`]: the vector kernels).
+fn par_sigmoid(threads: usize, x: &[f32], out: &mut [f32], alpha: f32, swish: bool) {
+    crate::kernels::pool::for_chunks(threads, out, 1, PAR_MIN, &|s, o| {
+        math::sigmoid_into(&x[s.min(x.len())..(s + o.len()).min(x.len())], o, 0.0, alpha, swish)
+    });
+}
+
 /// `out[i] = f(a[i], b[i])` (equal lengths) in contiguous chunks across `threads`; true (done).
 fn par_zip(threads: usize, a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync + Copy) -> bool {
     crate::kernels::pool::for_chunks(threads, out, 1, PAR_MIN, &|s, oc| {
@@ -158,9 +166,9 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                     UnaryOp::Relu => par_map(threads, xs, os, |v| v.max(0.0)),
                     UnaryOp::Exp => par_map(threads, xs, os, math::exp),
                     UnaryOp::Erf => par_map(threads, xs, os, math::erf),
-                    UnaryOp::Sigmoid => par_map(threads, xs, os, math::sigmoid),
+                    UnaryOp::Sigmoid => par_sigmoid(threads, xs, os, 1.0, false),
                     UnaryOp::Tanh => par_map(threads, xs, os, math::tanh),
-                    UnaryOp::Silu => par_map(threads, xs, os, |v| v * math::sigmoid(v)),
+                    UnaryOp::Silu => par_sigmoid(threads, xs, os, 1.0, true),
                     UnaryOp::Sqrt => par_map(threads, xs, os, f32::sqrt),
                     UnaryOp::Neg => par_map(threads, xs, os, |v| -v),
                     UnaryOp::Abs => par_map(threads, xs, os, f32::abs),
@@ -186,7 +194,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             match *a {
                 Activation::Gelu { tanh: false } => par_map(threads, xs, os, math::gelu),
                 Activation::Gelu { tanh: true } => par_map(threads, xs, os, gelu_tanh),
-                Activation::Swish { alpha } => par_map(threads, xs, os, |v| v * math::sigmoid(alpha * v)),
+                Activation::Swish { alpha } => par_sigmoid(threads, xs, os, alpha, true),
                 // the convolution epilogue's formulas (one definition)
                 Activation::LeakyRelu { alpha } => {
                     par_map(threads, xs, os, |v| act_scalar(FusedAct::LeakyRelu { alpha }, v))

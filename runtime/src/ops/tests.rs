@@ -320,6 +320,90 @@ fn malformed_shapes_are_errors_not_panics() {
 }
 
 #[test]
+fn pooling_matches_direct_loop() {
+    // Windows wider than the map (an SPP block's 13×13 on 13×13: no interior), strides and
+    // dilations with uneven pads, average with and without the padding counted.
+    // (map, kernel, strides, dilations, pads [t, l, b, r])
+    type Case = ([usize; 2], [usize; 2], [usize; 2], [usize; 2], [usize; 4]);
+    let cases: [Case; 5] = [
+        ([13, 13], [13, 13], [1, 1], [1, 1], [6, 6, 6, 6]),
+        ([7, 11], [5, 3], [1, 2], [1, 1], [2, 1, 2, 1]),
+        ([9, 10], [3, 3], [2, 3], [2, 2], [1, 2, 0, 3]),
+        ([6, 5], [9, 7], [1, 1], [1, 1], [4, 3, 4, 3]),
+        ([8, 20], [1, 4], [1, 4], [1, 1], [0, 0, 0, 0]),
+    ];
+    for (i, &(hw, k, st, dl, pd)) in cases.iter().enumerate() {
+        let (h, w) = (hw[0], hw[1]);
+        let c = 3;
+        let x: Vec<f32> = (0..c * h * w).map(|j| ((j * 7919 + i * 31) % 1000) as f32 / 100.0 - 5.0).collect();
+        let xt = f32t(&[1, c, h, w], &x);
+        let (oh, ow) = (
+            (h + pd[0] + pd[2] - dl[0] * (k[0] - 1) - 1) / st[0] + 1,
+            (w + pd[1] + pd[3] - dl[1] * (k[1] - 1) - 1) / st[1] + 1,
+        );
+        for (kind, include) in [
+            (crate::graph::PoolKind::Max, false),
+            (crate::graph::PoolKind::Avg, false),
+            (crate::graph::PoolKind::Avg, true),
+        ] {
+            let max = kind == crate::graph::PoolKind::Max;
+            if !max && dl != [1, 1] {
+                continue;
+            }
+            let attrs = crate::graph::PoolAttrs {
+                kind,
+                global: false,
+                kernel_shape: k.iter().map(|&v| v as i64).collect(),
+                strides: st.iter().map(|&v| v as i64).collect(),
+                pads: pd.iter().map(|&v| v as i64).collect(),
+                dilations: dl.iter().map(|&v| v as i64).collect(),
+                auto_pad: AutoPad::NotSet,
+                ceil_mode: false,
+                count_include_pad: include,
+                storage_order: 0,
+            };
+            let got = run(Op::Pool(attrs), &[Some(&xt)]).swap_remove(0);
+            assert_eq!(got.shape(), &[1, c, oh, ow], "case {i}");
+            let got = got.as_f32().unwrap();
+            for ch in 0..c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let (mut m, mut s, mut n) = (f32::NEG_INFINITY, 0.0f32, 0usize);
+                        for ky in 0..k[0] {
+                            for kx in 0..k[1] {
+                                let (iy, ix) = (
+                                    (oy * st[0] + ky * dl[0]) as isize - pd[0] as isize,
+                                    (ox * st[1] + kx * dl[1]) as isize - pd[1] as isize,
+                                );
+                                if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                                    let v = x[ch * h * w + iy as usize * w + ix as usize];
+                                    (m, s, n) = (m.max(v), s + v, n + 1);
+                                }
+                            }
+                        }
+                        let want = match (max, include) {
+                            (true, _) => m,
+                            (false, false) => s / n.max(1) as f32,
+                            (false, true) => {
+                                // taps inside input + padding, per axis
+                                let ny = (0..k[0]).filter(|&t| oy * st[0] + t < h + pd[0] + pd[2]).count();
+                                let nx = (0..k[1]).filter(|&t| ox * st[1] + t < w + pd[1] + pd[3]).count();
+                                s / (ny * nx) as f32
+                            }
+                        };
+                        let g = got[(ch * oh + oy) * ow + ox];
+                        assert!(
+                            (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                            "case {i} {kind:?} {include}: [{ch},{oy},{ox}] {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn matmul_batches_against_one_weight_matrix() {
     // A [2, 3, 5, 4] · B [4, 7]: every batch shares B (one product of 30 rows), and B [2, 1, 4, 7]
     // broadcast over the middle dimension (one product per batch) — both against a direct loop.
