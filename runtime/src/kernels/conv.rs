@@ -1013,10 +1013,17 @@ pub fn act_scalar(act: FusedAct, v: f32) -> f32 {
     }
 }
 
+/// Floats of scratch [`pool2d`] needs per plane (its row-reduced plane and a padded row).
+pub fn pool_scratch(g: &Geo) -> usize {
+    let (hp, wp) = g.padded_extent();
+    (g.h * g.ow + wp).max((2 * hp + g.oh) * wp)
+}
+
 multiversion! {
 /// Max or average pooling of one 2-D plane, separably: each input row is reduced along `w` into
 /// `tmp` (`h · ow`), then rows of `tmp` along `h` into `out` (`oh · ow`). A `k×k` window costs
-/// `2k` operations per output instead of `k²`. Taps outside the input are skipped; `Avg`
+/// `2k` operations per output instead of `k²`. Taps outside the input count as −inf (max) or
+/// 0 (sum), read from a padded copy of the row where a window reaches past an end; `Avg`
 /// divides by the taps inside (`count_pad`: also those in the declared padding, the ONNX
 /// `count_include_pad`). Max propagates NaN.
 fn pool2d(g: &Geo, max: bool, count_pad: (bool, usize, usize), x: &[f32], tmp: &mut [f32], out: &mut [f32]) {
@@ -1034,29 +1041,63 @@ fn pool2d(g: &Geo, max: bool, count_pad: (bool, usize, usize), x: &[f32], tmp: &
             a + v
         }
     }
-    {
-        // The taps kx0..kx1 of output column ox that fall inside the row (a contiguous range).
-        let span = |ox: usize| {
-            let start = ox * g.sw;
-            let kx0 = g.pw.saturating_sub(start).div_ceil(g.dw).min(g.kw);
-            let kx1 = if g.w + g.pw > start { ((g.w + g.pw - 1 - start) / g.dw + 1).min(g.kw) } else { 0 };
-            (kx0, kx1.max(kx0))
-        };
-        for (xrow, trow) in x.chunks_exact(g.w).zip(tmp.chunks_exact_mut(g.ow)).take(g.h) {
-            // The edges (some taps outside the row), one output at a time over its taps.
-            for ox in (0..lo).chain(hi..g.ow) {
-                let (kx0, kx1) = span(ox);
-                let mut a = init;
-                for kx in kx0..kx1 {
-                    a = join(max, a, xrow[ox * g.sw + kx * g.dw - g.pw]);
-                }
-                trow[ox] = a;
+    if max && g.sh == 1 && g.sw == 1 {
+        // Stride 1 (an SPP block's 5/9/13 windows): the padded plane reduced along w and then
+        // h as whole-plane runs (one shift of the flat plane per tap: long vector loops even
+        // on 13×13 maps), then the output columns picked out of the padded width.
+        let (hp, wp) = g.padded_extent();
+        let (p, rest) = tmp.split_at_mut(hp * wp);
+        let (t, rest) = rest.split_at_mut(hp * wp);
+        let o = &mut rest[..g.oh * wp];
+        p.fill(init);
+        let left = g.pw.min(wp);
+        let n = g.w.min(wp - left);
+        for (iy, xrow) in x.chunks_exact(g.w).enumerate().take(g.h) {
+            let r = iy + g.ph;
+            if r < hp {
+                p[r * wp + left..][..n].copy_from_slice(&xrow[..n]);
             }
-            trow[lo..hi].fill(init);
+        }
+        // t[j] = max over kx of p[j + kx·dw]: valid for every kept column (c < ow).
+        let tl = hp * wp - (g.kw - 1) * g.dw;
+        t.fill(init);
+        for kx in 0..g.kw {
+            let src = &p[kx * g.dw..][..tl];
+            t[..tl].iter_mut().zip(src).for_each(|(d, &v)| *d = join(true, *d, v));
+        }
+        o.fill(init);
+        for ky in 0..g.kh {
+            let src = &t[ky * g.dh * wp..][..g.oh * wp];
+            o.iter_mut().zip(src).for_each(|(d, &v)| *d = join(true, *d, v));
+        }
+        for (orow, grow) in out.chunks_exact_mut(g.ow).zip(o.chunks_exact(wp)).take(g.oh) {
+            orow.copy_from_slice(&grow[..g.ow]);
+        }
+        return;
+    }
+    {
+        let (tmp, prow) = tmp.split_at_mut(g.h * g.ow);
+        // Rows whose windows reach past an end are read from a copy padded with `init` (max
+        // ignores −inf, a sum adds 0; the divisor is counted below), so every output runs
+        // the same vector loop.
+        let (_, wp) = g.padded_extent();
+        let edges = lo > 0 || hi < g.ow;
+        let prow = &mut prow[..if edges { wp } else { 0 }];
+        prow.fill(init);
+        let left = g.pw.min(wp);
+        let n = g.w.min(wp - left);
+        for (xrow, trow) in x.chunks_exact(g.w).zip(tmp.chunks_exact_mut(g.ow)).take(g.h) {
+            trow.fill(init);
+            // Without edges there is no padding: the row as it is.
+            let row = if edges {
+                prow[left..left + n].copy_from_slice(&xrow[..n]);
+                &*prow
+            } else {
+                xrow
+            };
             for kx in 0..g.kw {
-                if hi > lo {
-                    strided_run(&mut trow[lo..hi], xrow, lo * g.sw + kx * g.dw - g.pw, g.sw, |d, s| *d = join(max, *d, s));
-                }
+                // every output's tap inside `row`: padded column ox·sw + kx·dw
+                strided_run(trow, row, kx * g.dw, g.sw, |d, s| *d = join(max, *d, s));
             }
         }
         for (oy, orow) in out.chunks_exact_mut(g.ow).enumerate().take(g.oh) {

@@ -166,7 +166,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             kernels::pool::for_chunks(threads, out, out_plane, 1 << 14, &|start, chunk| {
                 POOL_ROWS.with(|cell| {
                     let tmp = &mut *cell.borrow_mut();
-                    tmp.resize(kg.h * kg.ow, 0.0);
+                    tmp.resize(kernels::conv::pool_scratch(&kg), 0.0);
                     let first = start / out_plane;
                     for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
                         let plane = &xf[(first + i) * in_plane..][..in_plane];

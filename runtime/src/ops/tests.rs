@@ -322,15 +322,17 @@ fn malformed_shapes_are_errors_not_panics() {
 #[test]
 fn pooling_matches_direct_loop() {
     // Windows wider than the map (an SPP block's 13×13 on 13×13: no interior), strides and
-    // dilations with uneven pads, average with and without the padding counted.
+    // dilations with uneven pads (stride 1 max runs whole-plane shifts), average with and
+    // without the padding counted.
     // (map, kernel, strides, dilations, pads [t, l, b, r])
     type Case = ([usize; 2], [usize; 2], [usize; 2], [usize; 2], [usize; 4]);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         ([13, 13], [13, 13], [1, 1], [1, 1], [6, 6, 6, 6]),
         ([7, 11], [5, 3], [1, 2], [1, 1], [2, 1, 2, 1]),
         ([9, 10], [3, 3], [2, 3], [2, 2], [1, 2, 0, 3]),
         ([6, 5], [9, 7], [1, 1], [1, 1], [4, 3, 4, 3]),
         ([8, 20], [1, 4], [1, 4], [1, 1], [0, 0, 0, 0]),
+        ([9, 10], [3, 3], [1, 1], [2, 2], [2, 1, 2, 3]),
     ];
     for (i, &(hw, k, st, dl, pd)) in cases.iter().enumerate() {
         let (h, w) = (hw[0], hw[1]);
