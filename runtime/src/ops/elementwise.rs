@@ -498,6 +498,56 @@ fn clip_int<T: Int>(x: View<'_>, lo: Option<View<'_>>, hi: Option<View<'_>>, out
     Ok(())
 }
 
+/// [`bcast2`] across `threads`: the output split after its leading axes `..=d` (the fewest
+/// that give every thread two blocks), each block one `bcast2` over the trailing axes from the
+/// inputs' offsets for that leading index. False (nothing done) when the output has fewer
+/// than two axes or no such split.
+#[allow(clippy::too_many_arguments)]
+fn par_bcast(
+    threads: usize,
+    a: &[f32],
+    ash: &[usize],
+    b: &[f32],
+    bsh: &[usize],
+    out: &mut [f32],
+    osh: &[usize],
+    f: impl Fn(f32, f32) -> f32 + Sync + Copy,
+) -> bool {
+    let r = osh.len();
+    if r < 2 || ash.len() > r || bsh.len() > r {
+        return false;
+    }
+    // The inputs' shapes at the output's rank (leading 1s).
+    let pad = |sh: &[usize]| {
+        let mut p = [1usize; MAX_RANK];
+        p[r - sh.len()..r].copy_from_slice(sh);
+        p
+    };
+    let (ap, bp) = (pad(ash), pad(bsh));
+    let Some(d) = (0..r - 1).find(|&d| osh[..=d].iter().product::<usize>() >= 2 * threads) else {
+        return false;
+    };
+    let rest: usize = osh[d + 1..].iter().product();
+    let (sa, sb) = (broadcast_strides(ash, osh), broadcast_strides(bsh, osh));
+    crate::kernels::pool::for_chunks(threads, out, rest, PAR_MIN, &|start, chunk| {
+        for (i, o) in chunk.chunks_exact_mut(rest).enumerate() {
+            // The leading index of this block, unravelled, and each input's offset for it.
+            let mut q = start / rest + i;
+            let (mut a0, mut b0) = (0usize, 0usize);
+            for ax in (0..=d).rev() {
+                let at = q % osh[ax];
+                q /= osh[ax];
+                a0 += at * sa[ax] as usize;
+                b0 += at * sb[ax] as usize;
+            }
+            let (asub, bsub) = (&ap[d + 1..r], &bp[d + 1..r]);
+            let (an, bn) = (asub.iter().product::<usize>(), bsub.iter().product::<usize>());
+            math::with_width(|| bcast2(&a[a0..a0 + an], asub, &b[b0..b0 + bn], bsub, o, &osh[d + 1..], f));
+        }
+    });
+    true
+}
+
 /// Broadcasting driver: `out[i] = f(a[ia], b[ib])` with per-row inner-loop specialisation.
 // Inlined so that a caller compiled for a wider vector set (`math::with_width`) vectorises it.
 #[inline(always)]
@@ -717,6 +767,20 @@ fn binary(op: BinaryOp, x: View<'_>, y: View<'_>, out: &mut ViewMut<'_>, threads
                         Sub => par_zip(threads, a, b, o, |a, b| a - b),
                         Mul => par_zip(threads, a, b, o, |a, b| a * b),
                         Div => par_zip(threads, a, b, o, |a, b| a / b),
+                        _ => false,
+                    };
+                    if done {
+                        return Ok(());
+                    }
+                }
+                if threads > 1 && o.len() >= 2 * PAR_MIN && (xs != osh || ys != osh) {
+                    // Broadcasting (a squeeze-excitation scale, a per-channel shift), long:
+                    // blocks of the leading output axes across threads.
+                    let done = match op {
+                        Add => par_bcast(threads, a, xs, b, ys, o, osh, |a, b| a + b),
+                        Sub => par_bcast(threads, a, xs, b, ys, o, osh, |a, b| a - b),
+                        Mul => par_bcast(threads, a, xs, b, ys, o, osh, |a, b| a * b),
+                        Div => par_bcast(threads, a, xs, b, ys, o, osh, |a, b| a / b),
                         _ => false,
                     };
                     if done {

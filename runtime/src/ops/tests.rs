@@ -238,6 +238,61 @@ fn conv_matches_direct_loop() {
 }
 
 #[test]
+fn broadcast_arithmetic_split_across_threads_equals_one_thread() {
+    // A per-channel scale (squeeze-excitation), a broadcast over the leading axis, a row
+    // vector against a batch, the broadcast side first (each long enough to split): 2 threads
+    // equal 1 and the definition.
+    let cases: [(&[usize], &[usize]); 4] = [
+        (&[1, 6, 100, 120], &[1, 6, 1, 1]),
+        (&[1, 1, 90, 64], &[3, 5, 90, 64]),
+        (&[2, 3, 120, 100], &[3, 1, 100]),
+        (&[7, 1], &[7, 11000]),
+    ];
+    for (i, (xs, ys)) in cases.iter().enumerate() {
+        let osh: Vec<usize> = {
+            let r = xs.len().max(ys.len());
+            let pad = |s: &[usize]| [vec![1; r - s.len()], s.to_vec()].concat();
+            let (px, py) = (pad(xs), pad(ys));
+            px.iter().zip(&py).map(|(&a, &b)| a.max(b)).collect()
+        };
+        let gen =
+            |n: usize, k: usize| (0..n).map(|j| ((j * 31 + k * 7) % 97) as f32 / 13.0 + 0.5).collect::<Vec<f32>>();
+        let (xv, yv) = (gen(xs.iter().product(), 1), gen(ys.iter().product(), 2));
+        let (xt, yt) = (f32t(xs, &xv), f32t(ys, &yv));
+        for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+            let ins = [Some(xt.view()), Some(yt.view())];
+            let one = eval(&Op::Binary(op), &ins, 1, 1).unwrap().swap_remove(0);
+            let two = eval(&Op::Binary(op), &ins, 1, 2).unwrap().swap_remove(0);
+            assert_eq!(one.shape(), &osh[..], "case {i}");
+            assert_eq!(one.as_f32().unwrap(), two.as_f32().unwrap(), "case {i} {op:?}");
+            // the definition, at a few cells
+            let r = osh.len();
+            let at = |sh: &[usize], idx: &[usize]| {
+                let off = r - sh.len();
+                sh.iter().enumerate().fold(0, |acc, (k, &d)| acc * d + if d == 1 { 0 } else { idx[off + k] })
+            };
+            let n: usize = osh.iter().product();
+            for cell in (0..n).step_by(997) {
+                let mut idx = vec![0; r];
+                let mut c = cell;
+                for k in (0..r).rev() {
+                    idx[k] = c % osh[k];
+                    c /= osh[k];
+                }
+                let (a, b) = (xv[at(xs, &idx)], yv[at(ys, &idx)]);
+                let want = match op {
+                    BinaryOp::Add => a + b,
+                    BinaryOp::Sub => a - b,
+                    BinaryOp::Mul => a * b,
+                    _ => a / b,
+                };
+                assert_eq!(two.as_f32().unwrap()[cell], want, "case {i} {op:?} cell {cell}");
+            }
+        }
+    }
+}
+
+#[test]
 fn integer_arithmetic_follows_onnx() {
     let a = i64t(&[4], &[7, -7, 7, -7]);
     let b = i64t(&[4], &[3, 3, -3, -3]);
