@@ -622,6 +622,79 @@ pub fn fuse_attention(m: &mut Module) -> Result<PassRecord> {
     Ok(record("fuse_attention", vec![("fused", fused as f64)]))
 }
 
+/// `Gemm(A, B, C)` with `transA = 0`, `B` a 2-D f32 constant and `C` absent or an f32 constant
+/// `[N]` / `[1, N]`, each read only by this node → `MatMul(A, B′, c)`: `B′ = alpha·B` stored
+/// `[K, N]` (transposed here when `transB`), `c = beta·C` as `[N]`, the bias the product adds
+/// itself. A classifier or CTC head exported as `Gemm` then runs as every other product does:
+/// weights in the target's GEMM panels (a `[N, K]` B read through strides was packed on every
+/// call), quantized by `--quantize`. Anything else stays a `Gemm`.
+pub fn gemm_as_matmul(m: &mut Module) -> Result<PassRecord> {
+    let uses = Uses::new(&m.graph);
+    // (node, B tensor, C tensor, alpha, beta, transB)
+    let mut edits: Vec<(usize, u32, Option<u32>, f32, f32, bool)> = Vec::new();
+    for (i, n) in m.graph.nodes.iter().enumerate() {
+        let Op::Gemm { alpha, beta, trans_a: false, trans_b } = n.op else { continue };
+        let Some(bv) = n.inputs.get(1).copied().flatten() else { continue };
+        let Some(bt) = uses.constant(bv) else { continue };
+        let b = &m.tensors[bt as usize].1;
+        if b.dtype() != DType::F32 || b.shape().len() != 2 || uses.reads(bv) != 1 {
+            continue;
+        }
+        let cols = if trans_b { b.shape()[0] } else { b.shape()[1] };
+        let c = match n.inputs.get(2).copied().flatten() {
+            None => None,
+            Some(cv) => {
+                let Some(ct) = uses.constant(cv) else { continue };
+                let c = &m.tensors[ct as usize].1;
+                if c.dtype() != DType::F32 || uses.reads(cv) != 1 || !(c.shape() == [cols] || c.shape() == [1, cols]) {
+                    continue;
+                }
+                Some(ct)
+            }
+        };
+        edits.push((i, bt, c, alpha, beta, trans_b));
+    }
+    drop(uses);
+    let (mut transposed, mut scaled) = (0usize, 0usize);
+    for &(i, bt, ct, alpha, beta, trans_b) in &edits {
+        let b = &m.tensors[bt as usize].1;
+        let (r, c) = (b.shape()[0], b.shape()[1]);
+        let v = b.as_f32().ok_or_else(|| anyhow::anyhow!("Gemm weight is not f32"))?;
+        let (k, n, mut w) = if trans_b {
+            let mut t = vec![0.0f32; r * c];
+            for (i, row) in v.chunks_exact(c).enumerate() {
+                for (j, &x) in row.iter().enumerate() {
+                    t[j * r + i] = x;
+                }
+            }
+            transposed += 1;
+            (c, r, t)
+        } else {
+            (r, c, v.to_vec())
+        };
+        if alpha != 1.0 {
+            w.iter_mut().for_each(|x| *x *= alpha);
+            scaled += 1;
+        }
+        m.tensors[bt as usize].1 = Tensor::new(vec![k, n], acorn::tensor::TensorData::F32(w))?;
+        if let Some(ct) = ct {
+            let mut bias =
+                m.tensors[ct as usize].1.as_f32().ok_or_else(|| anyhow::anyhow!("Gemm bias is not f32"))?.to_vec();
+            if beta != 1.0 {
+                bias.iter_mut().for_each(|x| *x *= beta);
+            }
+            m.tensors[ct as usize].1 = Tensor::new(vec![n], acorn::tensor::TensorData::F32(bias))?;
+        }
+        let node = &mut m.graph.nodes[i];
+        node.op = Op::MatMul;
+        node.inputs.truncate(if ct.is_some() { 3 } else { 2 });
+    }
+    Ok(record(
+        "gemm_as_matmul",
+        vec![("rewritten", edits.len() as f64), ("transposed", transposed as f64), ("alpha_folded", scaled as f64)],
+    ))
+}
+
 /// `Add(MatMul(x, W), b)` (operands in either order) with `W` a 2-D f32 constant `[K, N]` and
 /// `b` an f32 constant `[N]` → `MatMul(x, W, b)`: the product adds its bias itself (the f32 GEMM
 /// starts from it, the q8 one adds it to each panel's columns while they are in cache) instead of

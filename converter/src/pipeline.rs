@@ -37,6 +37,7 @@ pub fn graph_passes(opts: &ConvertOptions) -> Vec<Pass> {
             Pass { name: "fuse_rms_norm", run: llm::fuse_rms_norm },
             Pass { name: "fuse_rotary", run: llm::fuse_rotary },
             Pass { name: "fuse_attention", run: llm::fuse_attention },
+            Pass { name: "gemm_as_matmul", run: llm::gemm_as_matmul },
             Pass { name: "fuse_matmul_bias", run: llm::fuse_matmul_bias },
             Pass { name: "merge_parallel_matmuls", run: llm::merge_parallel_matmuls },
         ]);

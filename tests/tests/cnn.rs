@@ -168,6 +168,55 @@ fn mobilenet_style_graph_fuses_and_matches_the_unfused_graph_and_onnx_runtime() 
     }
 }
 
+/// A CTC or classifier head exported as `Gemm`: `transB` with alpha and beta and a `[N]` bias,
+/// `transB = 0` with a `[1, N]` bias, and one whose `C` is a full `[M, N]` matrix (left a Gemm).
+fn gemm_heads() -> Vec<u8> {
+    let mut b = OnnxBuilder::new(13);
+    b.input_f32("x", &["6", "40"]);
+    b.init_f32("w1", &[24, 40], pseudo_random(24 * 40, 3));
+    b.init_f32("c1", &[24], pseudo_random(24, 4));
+    b.node(
+        "Gemm",
+        "g1",
+        &["x", "w1", "c1"],
+        &["h"],
+        vec![OnnxBuilder::attr_i("transB", 1), OnnxBuilder::attr_f("alpha", 0.5), OnnxBuilder::attr_f("beta", 2.0)],
+    );
+    b.init_f32("w2", &[24, 17], pseudo_random(24 * 17, 5));
+    b.init_f32("c2", &[1, 17], pseudo_random(17, 6));
+    b.node("Gemm", "g2", &["h", "w2", "c2"], &["y"], vec![]);
+    b.init_f32("w3", &[17, 9], pseudo_random(17 * 9, 7));
+    b.init_f32("c3", &[6, 9], pseudo_random(6 * 9, 8));
+    b.node("Gemm", "g3", &["y", "w3", "c3"], &["z"], vec![OnnxBuilder::attr_f("beta", 0.25)]);
+    b.output_f32("y");
+    b.output_f32("z");
+    b.to_bytes()
+}
+
+#[test]
+fn gemm_heads_run_as_matmul_and_match_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("gemm.onnx");
+    std::fs::write(&src, gemm_heads()).unwrap();
+    let out = convert_to(&src, dir.path(), "gemm.acorn", &ConvertOptions::default());
+    let m = Model::open(&out).unwrap();
+    let rec = m.metadata().provenance.passes.iter().find(|p| p.name == "gemm_as_matmul").expect("the pass ran");
+    let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map_or(-1.0, |(_, v)| *v);
+    assert_eq!((get("rewritten"), get("transposed"), get("alpha_folded")), (2.0, 1.0, 1.0), "{:?}", rec.report);
+    let ops: Vec<&Op> = m.metadata().graph.nodes.iter().map(|n| &n.op).collect();
+    assert_eq!(ops.iter().filter(|o| matches!(o, Op::Gemm { .. })).count(), 1, "{ops:?}");
+    assert_eq!(ops.iter().filter(|o| matches!(o, Op::MatMul)).count(), 2, "{ops:?}");
+    let x = Tensor::from_f32(vec![6, 40], pseudo_random(6 * 40, 9));
+    let mut s = m.session().commit().unwrap();
+    let got = s.run(&[("x", &x)]).unwrap();
+    let want = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &["y", "z"]).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.shape(), w.shape());
+        let worst = max_abs_diff(g, w);
+        assert!(worst < 1e-4, "max |Acorn − ONNX Runtime| = {worst}");
+    }
+}
+
 fn q8() -> ConvertOptions {
     let q = acorn_converter::quantize::QuantOptions {
         format: acorn_converter::quantize::QuantFormat::Q8,
