@@ -40,9 +40,10 @@ enum Case {
     OcrRec,
     OcrCls,
     YoloDet,
+    CrnnOcr,
 }
 
-const CASES: [Case; 11] = [
+const CASES: [Case; 12] = [
     Case::MiniLm16,
     Case::MiniLm128,
     Case::VadOp15,
@@ -54,6 +55,7 @@ const CASES: [Case; 11] = [
     Case::OcrRec,
     Case::OcrCls,
     Case::YoloDet,
+    Case::CrnnOcr,
 ];
 const RUNTIMES: [&str; 3] = ["acorn", "onnxruntime", "tract"];
 
@@ -71,6 +73,7 @@ impl Case {
             Case::OcrRec => "ocr-rec",
             Case::OcrCls => "ocr-cls",
             Case::YoloDet => "yolo-det",
+            Case::CrnnOcr => "crnn-ocr",
         }
     }
     fn describe(self) -> &'static str {
@@ -86,6 +89,7 @@ impl Case {
             Case::OcrRec => "PP-OCRv4 text recogniser, one line of the page at 48×658",
             Case::OcrCls => "PP-OCR text-line angle classifier, one line at 48×192",
             Case::YoloDet => "ddddocr's YOLO-style detector (SiLU convs), the page at 416×416",
+            Case::CrnnOcr => "ddddocr's CRNN recogniser (SiLU convs, BiLSTM, 8210-class head), one line at 64×878",
         }
     }
     fn from_name(s: &str) -> Result<Case> {
@@ -100,6 +104,7 @@ impl Case {
             Case::OcrRec => OCR_REC,
             Case::OcrCls => OCR_CLS,
             Case::YoloDet => YOLO_DET,
+            Case::CrnnOcr => CRNN_OCR,
         })
     }
     /// ONNX Runtime's `quantize_dynamic` int8 model of a case (made by `main`).
@@ -118,7 +123,7 @@ impl Case {
 
     /// The cases with quantized rows under `--quantized`: MiniLM and the CNNs.
     fn quantizable(self) -> bool {
-        self.is_minilm() || matches!(self, Case::OcrDet | Case::OcrRec | Case::OcrCls | Case::YoloDet)
+        self.is_minilm() || matches!(self, Case::OcrDet | Case::OcrRec | Case::OcrCls | Case::YoloDet | Case::CrnnOcr)
     }
 
     fn acorn_path(self) -> PathBuf {
@@ -135,6 +140,7 @@ impl Case {
             Case::OcrRec => "ocr-rec",
             Case::OcrCls => "ocr-cls",
             Case::YoloDet => "yolo-det",
+            Case::CrnnOcr => "crnn-ocr",
         }
     }
     /// Named inputs (the same tensors for every runtime).
@@ -148,6 +154,7 @@ impl Case {
                 let page = ocr::page()?;
                 vec![("images".into(), ocr::input(&page, (0, page.h), 416, 416))]
             }
+            Case::CrnnOcr => vec![("input1".into(), ocr::gray_line_input(&ocr::page()?, ocr::LINES[0].0, 64))],
             Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => {
                 let len = if matches!(self, Case::MiniLm16 | Case::MiniLm16B8) { 16 } else { 128 };
                 let batch: &[&str] = if matches!(self, Case::MiniLm16B8 | Case::MiniLm128B8) {
@@ -187,6 +194,7 @@ impl Case {
             Case::OcrRec => &["softmax_11.tmp_0"],
             Case::OcrCls => &["save_infer_model/scale_0.tmp_1"],
             Case::YoloDet => &["output"],
+            Case::CrnnOcr => &["387"],
         }
     }
 }
@@ -294,9 +302,16 @@ fn main() -> Result<()> {
         return child(rt, case, runs, threads);
     }
     std::fs::create_dir_all(repo_root().join(".cache/acorn-bench"))?;
-    for case in
-        [Case::MiniLm16, Case::VadOp15, Case::VadOpenvino, Case::OcrDet, Case::OcrRec, Case::OcrCls, Case::YoloDet]
-    {
+    for case in [
+        Case::MiniLm16,
+        Case::VadOp15,
+        Case::VadOpenvino,
+        Case::OcrDet,
+        Case::OcrRec,
+        Case::OcrCls,
+        Case::YoloDet,
+        Case::CrnnOcr,
+    ] {
         acorn_converter::convert(&case.onnx(), &case.acorn_path(), &Default::default())?;
     }
     // `--quantized`: MiniLM cases also run Acorn's q8 conversion and ONNX Runtime's own

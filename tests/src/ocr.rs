@@ -53,6 +53,16 @@ pub fn input(img: &Gray, (y0, y1): (usize, usize), h: usize, w: usize) -> Tensor
     Tensor::from_f32(vec![1, 3, h, w], data)
 }
 
+/// ddddocr's recogniser input for one line: grayscale scaled to `[0, 1]` (`v/255`), height `h`,
+/// the width keeping the aspect ratio, as a 1×1×h×w tensor.
+pub fn gray_line_input(img: &Gray, rows: (usize, usize), h: usize) -> Tensor {
+    let w = ((img.w * h) as f32 / (rows.1 - rows.0) as f32).round() as usize;
+    let t = input(img, rows, h, w);
+    // `input`'s first plane is (v/255 − 0.5)/0.5: back to v/255.
+    let plane: Vec<f32> = t.as_f32().unwrap_or_default()[..h * w].iter().map(|v| (v + 1.0) / 2.0).collect();
+    Tensor::from_f32(vec![1, 1, h, w], plane)
+}
+
 /// The detector's input: the whole page at twice its size, rounded to multiples of 32
 /// (768×384), as PaddleOCR's `limit_side_len` resizing does.
 pub fn det_input(img: &Gray) -> Tensor {
