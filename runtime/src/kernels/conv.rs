@@ -964,6 +964,73 @@ fn col2im(g: &Geo, cols: &[f32], out: &mut [f32]) {
 }
 }
 
+thread_local! {
+    /// Each part's taps of one chunk in [`conv_transpose_rows`], grown once per thread.
+    static CT_COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One group of a ConvTranspose whose taps never reach the output rows of the next chunk of
+/// input rows (a kernel no taller than its stride: the 2×2 stride-2 upsampling of a feature
+/// pyramid): chunks of `chunk_rows` input rows spread over `threads`, each its own product
+/// `cols = Wᵀ · X_chunk` (`w`: `rows = mg·kh·kw` × `cg`, the GEMM's A; `x`: `cg` planes of
+/// `h·w`), its own [`col2im`] into the output rows it alone reaches, and the epilogue `post`
+/// on them (with the rows between chunks no tap reaches: output padding). `y` holds `mg`
+/// output planes, the bias already in them; `g` is the transposed geometry (see [`col2im`]).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_transpose_rows(
+    g: &Geo,
+    mg: usize,
+    cg: usize,
+    x: &[f32],
+    w: super::MatRef<'_>,
+    chunk_rows: usize,
+    post: Epilogue,
+    y: &mut [f32],
+    threads: usize,
+) {
+    let (kn, out_plane) = (g.kh * g.kw, g.oh * g.ow);
+    let rows = mg * kn;
+    let chunk_rows = chunk_rows.max(1);
+    let chunks = g.h.div_ceil(chunk_rows);
+    assert!((g.kh - 1) * g.dh < g.sh && y.len() >= mg * out_plane && x.len() >= cg * g.h * g.w);
+    let out = super::pool::SharedOut::new(y);
+    // The output rows chunk `i` owns: from where the previous one's end to its own.
+    let end = |iy: usize| if iy >= g.h { g.oh } else { (iy * g.sh).saturating_sub(g.ph).min(g.oh) };
+    let parts = threads.max(1).min(chunks);
+    super::pool::for_each(parts, parts, &|p| {
+        CT_COLS.with(|cell| {
+            let mut cols = cell.borrow_mut();
+            for ci in (p..chunks).step_by(parts) {
+                let iy0 = ci * chunk_rows;
+                let nrows = chunk_rows.min(g.h - iy0);
+                let len = nrows * g.w;
+                let (lo, hi) = (end(iy0), end(iy0 + nrows));
+                if hi <= lo {
+                    continue;
+                }
+                if cols.len() < rows * len {
+                    cols.resize(rows * len, 0.0);
+                }
+                let xm = super::MatRef { data: &x[iy0 * g.w..], rs: g.h * g.w, cs: 1 };
+                super::sgemm(rows, len, cg, w, super::BMat::Strided(xm), &mut cols[..rows * len], len, false, 1);
+                // This chunk's first input row lands on output row iy0·sh − ph (a begin pad
+                // while that is negative): rows lo.. of the output are rows 0.. of `sub`.
+                let shift = iy0 * g.sh;
+                let sub = Geo { h: nrows, ph: g.ph.saturating_sub(shift), oh: hi - lo, ..*g };
+                for mi in 0..mg {
+                    let at = mi * out_plane;
+                    // SAFETY: output rows lo..hi of plane mi: inside `y` (lo ≤ hi ≤ oh), and this
+                    // chunk's alone (the chunks' row ranges are disjoint: each ends where the
+                    // next begins); `y` outlives `for_each`.
+                    let o = unsafe { out.range(at + lo * g.ow..at + hi * g.ow) };
+                    col2im(&sub, &cols[mi * kn * len..][..kn * len], o);
+                    epilogue(o, 0.0, post);
+                }
+            }
+        })
+    });
+}
+
 /// `v ↦ act(v + bias)·scale + shift` over one output channel.
 pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
     multiversion! {

@@ -262,8 +262,12 @@ fn run_gemm(
                     o.fill(bias.map_or(0.0, |b| b[gi * mg + start / out_plane + i]));
                 }
             });
-            // Output rows the epilogue has finished.
-            let mut done_to = 0;
+            if !overlap {
+                // Chunks own disjoint output rows: spread over the threads, each with its own
+                // product, accumulation and epilogue.
+                conv::conv_transpose_rows(&kg, mg, cg, xg, wm, chunk_rows, post, yg, ctx.threads);
+                continue;
+            }
             for iy0 in (0..kg.h).step_by(chunk_rows) {
                 let nrows = chunk_rows.min(kg.h - iy0);
                 let len = nrows * kg.w;
@@ -283,30 +287,15 @@ fn run_gemm(
                 } else {
                     (0, conv::Geo { h: nrows, ph: kg.ph - shift, ..kg })
                 };
-                // Without overlap between the rows of successive chunks, this chunk's output
-                // rows are final: the epilogue runs on them while they are in cache.
-                // (The last chunk also finishes the rows no tap reaches: output padding.)
-                let done = (fused && !overlap).then(|| {
-                    let end = if iy0 + nrows == kg.h {
-                        kg.oh
-                    } else {
-                        ((iy0 + nrows) * kg.sh).saturating_sub(kg.ph).min(kg.oh)
-                    };
-                    let r = done_to.max(first) * kg.ow..end.max(done_to) * kg.ow;
-                    done_to = end.max(done_to);
-                    r
-                });
                 kernels::pool::for_chunks(ctx.threads, yg, out_plane, 1 << 14, &|start, chunk| {
                     for (i, o) in chunk.chunks_exact_mut(out_plane).enumerate() {
                         let mi = start / out_plane + i;
                         conv::col2im(&sub, &cols[mi * kn * len..][..kn * len], &mut o[first * kg.ow..]);
-                        if let Some(r) = done.clone() {
-                            conv::epilogue(&mut o[r], 0.0, post);
-                        }
                     }
                 });
             }
-            if fused && overlap {
+            if fused {
+                // Rows take taps from two chunks: the epilogue once all are in.
                 kernels::pool::for_chunks(ctx.threads, yg, out_plane, 1 << 14, &|_, chunk| {
                     chunk.chunks_exact_mut(out_plane).for_each(|o| conv::epilogue(o, 0.0, post));
                 });

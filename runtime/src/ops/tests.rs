@@ -695,10 +695,14 @@ fn conv_transpose_matches_scatter_loop() {
         // kernel = stride along rows (taps tile each output row: one interleaving pass)
         (1, 2, 4, 5, 3, 3, 3, [3, 3], [1, 0, 0, 0], [1, 1], [0, 0], 1),
         (1, 3, 33, 40, 24, 2, 2, [2, 2], [0, 0, 0, 0], [1, 1], [0, 0], 1),
-        // chunks whose rows do not overlap (the fused epilogue runs per chunk): output
+        // chunks whose rows do not overlap (each its own product, accumulation and epilogue,
+        // chunks spread over the threads): output
         // padding rows no tap reaches, a kernel shorter than its stride with a begin pad
         (1, 2, 40, 30, 40, 2, 2, [2, 2], [0, 0, 0, 0], [1, 1], [1, 1], 1),
         (1, 2, 45, 30, 40, 2, 3, [3, 2], [1, 0, 0, 0], [1, 1], [2, 0], 1),
+        // (split across threads by chunks) a begin pad that crops a whole chunk's taps and
+        // part of the next one's
+        (1, 2, 45, 30, 40, 2, 2, [2, 2], [30, 0, 3, 0], [1, 1], [0, 0], 1),
     ];
     for (i, &(n, c, h, w, mg, kh, kw, st, pd, dl, op, g)) in cases.iter().enumerate() {
         let x = gen(n * c * h * w, i);
