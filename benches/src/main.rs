@@ -302,18 +302,6 @@ fn main() -> Result<()> {
         return child(rt, case, runs, threads);
     }
     std::fs::create_dir_all(repo_root().join(".cache/acorn-bench"))?;
-    for case in [
-        Case::MiniLm16,
-        Case::VadOp15,
-        Case::VadOpenvino,
-        Case::OcrDet,
-        Case::OcrRec,
-        Case::OcrCls,
-        Case::YoloDet,
-        Case::CrnnOcr,
-    ] {
-        acorn_converter::convert(&case.onnx(), &case.acorn_path(), &Default::default())?;
-    }
     // `--quantized`: MiniLM cases also run Acorn's q8 conversion and ONNX Runtime's own
     // `quantize_dynamic` int8 model (made with the pinned onnxruntime the assets script installs).
     let quantized = args.iter().any(|a| a == "--quantized");
@@ -323,6 +311,14 @@ fn main() -> Result<()> {
         }
         None => CASES.to_vec(),
     };
+    // Each model the cases run, converted once (cases of one model share its file).
+    let mut stems: Vec<&str> = Vec::new();
+    for &case in &cases {
+        if !stems.contains(&case.stem()) {
+            stems.push(case.stem());
+            acorn_converter::convert(&case.onnx(), &case.acorn_path(), &Default::default())?;
+        }
+    }
     if quantized {
         let q = acorn_converter::quantize::QuantOptions {
             format: acorn_converter::quantize::QuantFormat::Q8,
