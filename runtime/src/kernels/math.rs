@@ -11,8 +11,15 @@ use super::Isa;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split in two (Cody–Waite): `LN2_HI` has trailing zero bits, so `n·LN2_HI` is exact.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// The range of [`exp`] (and of the vector kernels' exponentials): 0 below, +inf above.
+pub(crate) const EXP_LO: f32 = -87.336_55;
+pub(crate) const EXP_HI: f32 = 88.722_83;
+/// Cephes expf polynomial for `e^r` on `|r| ≤ ln2/2`, highest power first: `e^r ≈ 1 + r +
+/// r²·p(r)`, `p` evaluated by Horner from these.
+pub(crate) const EXP_POLY: [f32; 6] =
+    [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 
 /// `a·b + c`: one fused instruction on aarch64 (every CPU has it), a multiply and an add
 /// elsewhere (a plain `mul_add` would be a library call on x86_64 builds without FMA; the
@@ -30,29 +37,26 @@ pub(crate) fn madd(a: f32, b: f32, c: f32) -> f32 {
 /// below (no subnormal results), NaN for NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let xc = x.clamp(-87.336_55, 88.722_83);
+    let xc = x.clamp(EXP_LO, EXP_HI);
     // n = round(x / ln 2) by the 1.5·2²³ trick: t's low mantissa bits hold n as an integer, so
     // neither a rounding call nor a float→int conversion (which would not vectorise) is needed.
     const MAGIC: f32 = 12_582_912.0;
     let t = (xc * LOG2E + MAGIC).clamp(MAGIC - 126.0, MAGIC + 128.0);
     let n = t - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    // Cephes expf polynomial for e^r on |r| ≤ ln2/2.
-    let mut p = 1.987_569_2e-4f32;
-    p = madd(p, r, 1.398_199_9e-3);
-    p = madd(p, r, 8.333_452e-3);
-    p = madd(p, r, 4.166_579_6e-2);
-    p = madd(p, r, 1.666_666_5e-1);
-    p = madd(p, r, 0.5);
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = madd(p, r, c);
+    }
     let e = madd(p, r * r, r + 1.0);
     // 2^n from the exponent bits; n = 128 (x near the top of the range) as 2^127 · 2.
     let tc = t.min(MAGIC + 127.0);
     let scale = f32::from_bits(tc.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     let y = e * scale;
     let y = if t > MAGIC + 127.0 { y * 2.0 } else { y };
-    if x > 88.722_83 {
+    if x > EXP_HI {
         f32::INFINITY
-    } else if x < -87.336_55 {
+    } else if x < EXP_LO {
         0.0
     } else {
         // NaN passes through the clamp and the arithmetic unchanged.
