@@ -258,36 +258,22 @@ fn panels(g: &Geo, ph: &Phases, cg: usize, src: &[f32], j0: usize, len: usize, n
 }
 }
 
-/// Where a block of the convolution GEMM's output lies: output channels `r0..r0 + rows`, grid
-/// columns `j0..j0 + len`, row `r` of it at `acc[r·ld..][..len]`.
-#[derive(Clone, Copy)]
-struct Rect {
-    r0: usize,
-    ld: usize,
-    j0: usize,
-    len: usize,
-}
-
-impl Rect {
-    /// A whole block: every output channel, rows of `len`.
-    fn block(j0: usize, len: usize) -> Rect {
-        Rect { r0: 0, ld: len, j0, len }
-    }
-}
-
-/// The epilogue of one block of the GEMM's output (`acc`, as `at` says), applied as the block
-/// is copied to the NCHW output behind `out` (channels × `oh·ow`); grid columns `ow..wq` of
-/// each output row are dropped. A sigmoid or swish runs first, in place over each row's `len`
-/// values, by the vector kernel (whole rows: no output-row boundaries to stop at).
+/// The epilogue of one block of grid columns `j0..j0 + len` (`acc`: output channels × `len`),
+/// applied as the block is copied to the NCHW output behind `out` (channels × `oh·ow`); grid
+/// columns `ow..wq` of each output row are dropped. A sigmoid or swish runs first, in place
+/// over each channel's `len` values, by the vector kernel (whole rows: no output-row
+/// boundaries to stop at).
 ///
 /// # Safety
-/// `out` is a live buffer of at least `at.r0 + acc.len().div_ceil(at.ld)` rows of `oh·ow`
-/// floats, and no other thread reads or writes the block's output cells during the call.
+/// `out` is a live buffer of `acc.len() / len` rows of `oh·ow` floats, and no other thread
+/// reads or writes the output columns of grid columns `j0..j0 + len` during the call.
+#[allow(clippy::too_many_arguments)]
 unsafe fn write_block(
     g: &Geo,
     wq: usize,
     acc: &mut [f32],
-    at: Rect,
+    j0: usize,
+    len: usize,
     bias: Option<&[f32]>,
     post: Epilogue,
     out: super::pool::SharedOut,
@@ -295,15 +281,15 @@ unsafe fn write_block(
     let Epilogue { act, scale, shift } = post;
     let affine = scale != 1.0 || shift != 0.0;
     if let FusedAct::Sigmoid | FusedAct::Swish = act {
-        for (r, row) in acc.chunks_mut(at.ld).enumerate() {
-            let b = bias.map_or(0.0, |b| b[at.r0 + r]);
-            super::math::sigmoid_in_place(&mut row[..at.len], b, 1.0, act == FusedAct::Swish);
+        for (mi, row) in acc.chunks_exact_mut(len).enumerate() {
+            let b = bias.map_or(0.0, |b| b[mi]);
+            super::math::sigmoid_in_place(row, b, 1.0, act == FusedAct::Swish);
         }
-        write_rows(g, wq, acc, at, None, scale, shift, affine, out, |v| v);
+        write_rows(g, wq, acc, j0, len, None, scale, shift, affine, out, |v| v);
     } else {
         // One call per block (the activation's loop compiled in): a block's grid rows are
         // short segments, too short to pay a dispatch each.
-        with_act!(act, write_rows(g, wq, acc, at, bias, scale, shift, affine, out));
+        with_act!(act, write_rows(g, wq, acc, j0, len, bias, scale, shift, affine, out));
     }
 }
 
@@ -314,7 +300,8 @@ fn write_rows<F: Fn(f32) -> f32>(
     g: &Geo,
     wq: usize,
     acc: &[f32],
-    at: Rect,
+    j0: usize,
+    len: usize,
     bias: Option<&[f32]>,
     scale: f32,
     shift: f32,
@@ -323,9 +310,7 @@ fn write_rows<F: Fn(f32) -> f32>(
     f: F
 ) {
     let n = g.oh * g.ow;
-    let Rect { r0, ld, j0, len } = at;
-    for (r, row) in acc.chunks(ld).enumerate() {
-        let mi = r0 + r;
+    for (mi, row) in acc.chunks_exact(len).enumerate() {
         let b = bias.map_or(0.0, |b| b[mi]);
         let mut j = j0;
         while j < j0 + len {
@@ -558,7 +543,7 @@ impl Block<'_> {
         let wm = MatRef { data: w, rs: ldw, cs: 1 };
         super::sgemm(mg, len, k, wm, BMat::Panels(bm), &mut acc[..mg * len], len, false, 1);
         // SAFETY: forwarded (the caller's block of columns).
-        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], Rect::block(j0, len), bias, post, out) };
+        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, out) };
     }
 
     /// The block by the indirect tile: B row `p` of column tile `j` read at `src[offs[p] + j..]`.
@@ -652,7 +637,7 @@ impl Block<'_> {
             }
         } else {
             // SAFETY: forwarded (the caller's block of columns).
-            unsafe { write_block(g, ph.wq, &mut acc[..mg * len], Rect::block(j0, len), bias, post, out) };
+            unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, out) };
         }
     }
 }
@@ -1336,7 +1321,7 @@ pub fn conv_q8(
                             return;
                         }
                         // SAFETY: as in `conv_gemm`: this block's columns are its own.
-                        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], Rect::block(j0, len), bias, post, oc) };
+                        unsafe { write_block(g, ph.wq, &mut acc[..mg * len], j0, len, bias, post, oc) };
                     }
                 })
             });
@@ -1496,7 +1481,7 @@ fn conv_q8_vnni(
                                 }
                             }
                             // SAFETY: as in `conv_gemm`: this block's columns are its own.
-                            unsafe { write_block(g, ph.wq, acc, Rect::block(j0, len), bias, post, oc) };
+                            unsafe { write_block(g, ph.wq, acc, j0, len, bias, post, oc) };
                         }
                     })
                 });
