@@ -371,9 +371,11 @@ fn sigmoid_one(v: f32, bias: f32, alpha: f32, swish: bool) -> f32 {
     }
 }
 
-/// The selected set's vector sigmoid, if it has one.
+/// A vector sigmoid kernel: `(src, dst, n, bias, alpha, swish)`, as `x86::sigmoid_avx512`.
 #[cfg(target_arch = "x86_64")]
 type SigmoidFn = unsafe fn(*const f32, *mut f32, usize, f32, f32, bool);
+
+/// The selected set's vector sigmoid, if it has one.
 #[cfg(target_arch = "x86_64")]
 fn sigmoid_kernel() -> Option<SigmoidFn> {
     match width() {
