@@ -623,13 +623,16 @@ pub fn fuse_attention(m: &mut Module) -> Result<PassRecord> {
 }
 
 /// `Gemm(A, B, C)` with `transA = 0`, `B` a 2-D f32 constant and `C` absent or an f32 constant
-/// `[N]` / `[1, N]`, each read only by this node → `MatMul(A, B′, c)`: `B′ = alpha·B` stored
-/// `[K, N]` (transposed here when `transB`), `c = beta·C` as `[N]`, the bias the product adds
-/// itself. A classifier or CTC head exported as `Gemm` then runs as every other product does:
-/// weights in the target's GEMM panels (a `[N, K]` B read through strides was packed on every
-/// call), quantized by `--quantize`. Anything else stays a `Gemm`.
+/// `[N]` / `[1, N]`, each read only by this node (and its tensor bound to no other value) →
+/// `MatMul(A, B′, c)`: `B′ = alpha·B` stored `[K, N]` (transposed here when `transB`),
+/// `c = beta·C` as `[N]`, the bias the product adds itself. A classifier or CTC head exported
+/// as `Gemm` then runs as every other product does: weights in the target's GEMM panels (a
+/// `[N, K]` B read through strides was packed on every call), quantized by `--quantize`.
+/// Anything else stays a `Gemm`.
 pub fn gemm_as_matmul(m: &mut Module) -> Result<PassRecord> {
     let uses = Uses::new(&m.graph);
+    // Tensors are rewritten in place: only those no other constant value is bound to.
+    let bound_once = |t: u32| m.graph.constants.iter().filter(|c| c.tensor == t).count() == 1;
     // (node, B tensor, C tensor, alpha, beta, transB)
     let mut edits: Vec<(usize, u32, Option<u32>, f32, f32, bool)> = Vec::new();
     for (i, n) in m.graph.nodes.iter().enumerate() {
@@ -637,7 +640,7 @@ pub fn gemm_as_matmul(m: &mut Module) -> Result<PassRecord> {
         let Some(bv) = n.inputs.get(1).copied().flatten() else { continue };
         let Some(bt) = uses.constant(bv) else { continue };
         let b = &m.tensors[bt as usize].1;
-        if b.dtype() != DType::F32 || b.shape().len() != 2 || uses.reads(bv) != 1 {
+        if b.dtype() != DType::F32 || b.shape().len() != 2 || uses.reads(bv) != 1 || !bound_once(bt) {
             continue;
         }
         let cols = if trans_b { b.shape()[0] } else { b.shape()[1] };
@@ -646,7 +649,8 @@ pub fn gemm_as_matmul(m: &mut Module) -> Result<PassRecord> {
             Some(cv) => {
                 let Some(ct) = uses.constant(cv) else { continue };
                 let c = &m.tensors[ct as usize].1;
-                if c.dtype() != DType::F32 || uses.reads(cv) != 1 || !(c.shape() == [cols] || c.shape() == [1, cols]) {
+                let fits = c.shape() == [cols] || c.shape() == [1, cols];
+                if c.dtype() != DType::F32 || uses.reads(cv) != 1 || !bound_once(ct) || !fits {
                     continue;
                 }
                 Some(ct)

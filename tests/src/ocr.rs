@@ -28,9 +28,9 @@ pub fn page() -> Result<Gray> {
     Ok(Gray { w: info.width as usize, h: info.height as usize, px: buf })
 }
 
-/// Rows `y0..y1` of `img` resized (bilinear, pixel centres aligned) to `h × w`, as a normalised
-/// 1×3×h×w tensor (the gray value in each of R, G, B).
-pub fn input(img: &Gray, (y0, y1): (usize, usize), h: usize, w: usize) -> Tensor {
+/// Rows `y0..y1` of `img` resized (bilinear, pixel centres aligned) to `h × w`, as gray values
+/// scaled to `[0, 1]` (`v/255`), row-major.
+fn resized(img: &Gray, (y0, y1): (usize, usize), h: usize, w: usize) -> Vec<f32> {
     let (sh, sw) = (y1 - y0, img.w);
     let at = |y: usize, x: usize| img.px[(y0 + y) * img.w + x] as f32;
     let mut plane = vec![0.0f32; h * w];
@@ -44,9 +44,16 @@ pub fn input(img: &Gray, (y0, y1): (usize, usize), h: usize, w: usize) -> Tensor
             let x2 = (x + 1).min(sw - 1);
             let v =
                 (at(y, x) * (1.0 - tx) + at(y, x2) * tx) * (1.0 - ty) + (at(y2, x) * (1.0 - tx) + at(y2, x2) * tx) * ty;
-            plane[oy * w + ox] = (v / 255.0 - 0.5) / 0.5;
+            plane[oy * w + ox] = v / 255.0;
         }
     }
+    plane
+}
+
+/// Rows `y0..y1` of `img` resized to `h × w` ([`resized`]) as a normalised 1×3×h×w tensor
+/// (`(v/255 − 0.5)/0.5`, the gray value in each of R, G, B).
+pub fn input(img: &Gray, rows: (usize, usize), h: usize, w: usize) -> Tensor {
+    let plane: Vec<f32> = resized(img, rows, h, w).into_iter().map(|p| (p - 0.5) / 0.5).collect();
     let mut data = plane.clone();
     data.extend_from_slice(&plane);
     data.extend_from_slice(&plane);
@@ -57,10 +64,7 @@ pub fn input(img: &Gray, (y0, y1): (usize, usize), h: usize, w: usize) -> Tensor
 /// the width keeping the aspect ratio, as a 1×1×h×w tensor.
 pub fn gray_line_input(img: &Gray, rows: (usize, usize), h: usize) -> Tensor {
     let w = ((img.w * h) as f32 / (rows.1 - rows.0) as f32).round() as usize;
-    let t = input(img, rows, h, w);
-    // `input`'s first plane is (v/255 − 0.5)/0.5: back to v/255.
-    let plane: Vec<f32> = t.as_f32().unwrap_or_default()[..h * w].iter().map(|v| (v + 1.0) / 2.0).collect();
-    Tensor::from_f32(vec![1, 1, h, w], plane)
+    Tensor::from_f32(vec![1, 1, h, w], resized(img, rows, h, w))
 }
 
 /// The detector's input: the whole page at twice its size, rounded to multiples of 32

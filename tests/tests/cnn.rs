@@ -27,6 +27,16 @@ fn convert_to(src: &Path, dir: &Path, name: &str, opts: &ConvertOptions) -> Path
     out
 }
 
+/// The record pass `name` left in `m`'s provenance.
+fn pass_record<'m>(m: &'m Model, name: &str) -> &'m acorn::format::PassRecord {
+    m.metadata().provenance.passes.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("{name} did not run"))
+}
+
+/// Figure `key` of a pass record's report, if it has one.
+fn figure(rec: &acorn::format::PassRecord, key: &str) -> Option<f64> {
+    rec.report.iter().find(|(n, _)| n == key).map(|(_, v)| *v)
+}
+
 /// A MobileNetV3 / YOLO-style stack: stem conv + BatchNorm + HardSwish (decomposed), a
 /// depthwise 3×3 + BatchNorm + ReLU, a squeeze-excite block, a pointwise conv with a
 /// per-channel affine and HardSigmoid-spelled HardSwish, a stride-2 SiLU conv, a 5×5 max pool,
@@ -145,8 +155,8 @@ fn mobilenet_style_graph_fuses_and_matches_the_unfused_graph_and_onnx_runtime() 
     let fused = convert_to(&src, dir.path(), "fused.acorn", &ConvertOptions::default());
     let plain = convert_to(&src, dir.path(), "plain.acorn", &ConvertOptions { no_fold: true, ..Default::default() });
     let m = Model::open(&fused).unwrap();
-    let rec = m.metadata().provenance.passes.iter().find(|p| p.name == "fuse_conv").expect("fuse_conv ran");
-    let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map_or(0.0, |(_, v)| *v);
+    let rec = pass_record(&m, "fuse_conv");
+    let get = |k: &str| figure(rec, k).unwrap_or(0.0);
     // stem+BN+HardSwish, dw+BN+ReLU, se1+ReLU, se2+HardSigmoid, pw+affine+HardSwish+affine,
     // down+SiLU, head+Sigmoid
     assert_eq!(get("convs"), 7.0, "{:?}", rec.report);
@@ -200,9 +210,14 @@ fn gemm_heads_run_as_matmul_and_match_onnx_runtime() {
     std::fs::write(&src, gemm_heads()).unwrap();
     let out = convert_to(&src, dir.path(), "gemm.acorn", &ConvertOptions::default());
     let m = Model::open(&out).unwrap();
-    let rec = m.metadata().provenance.passes.iter().find(|p| p.name == "gemm_as_matmul").expect("the pass ran");
-    let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map_or(-1.0, |(_, v)| *v);
-    assert_eq!((get("rewritten"), get("transposed"), get("alpha_folded")), (2.0, 1.0, 1.0), "{:?}", rec.report);
+    let rec = pass_record(&m, "gemm_as_matmul");
+    let get = |k: &str| figure(rec, k);
+    assert_eq!(
+        (get("rewritten"), get("transposed"), get("alpha_folded")),
+        (Some(2.0), Some(1.0), Some(1.0)),
+        "{:?}",
+        rec.report
+    );
     let ops: Vec<&Op> = m.metadata().graph.nodes.iter().map(|n| &n.op).collect();
     assert_eq!(ops.iter().filter(|o| matches!(o, Op::Gemm { .. })).count(), 1, "{ops:?}");
     assert_eq!(ops.iter().filter(|o| matches!(o, Op::MatMul)).count(), 2, "{ops:?}");
@@ -233,7 +248,7 @@ fn q8_convolutions_stay_close_to_fp32_on_the_builder_graph() {
     let fp32 = convert_to(&src, dir.path(), "fp32.acorn", &ConvertOptions::default());
     let q = convert_to(&src, dir.path(), "q8.acorn", &q8());
     let m = Model::open(&q).unwrap();
-    let rec = m.metadata().provenance.passes.iter().find(|p| p.name == "flatten_conv_weights").expect("flattened");
+    let rec = pass_record(&m, "flatten_conv_weights");
     // every ungrouped conv flattened; the depthwise one named as kept float
     assert_eq!(rec.report[0], ("convs".to_string(), 6.0), "{:?}", rec.report);
     assert!(rec.params.iter().any(|(_, v)| v.contains("depthwise")), "{:?}", rec.params);

@@ -332,7 +332,8 @@ fn exp_shifted(x: &[f32], out: &mut [f32], m: f32) -> f32 {
 }
 
 /// `out[i] = y·σ(α·y)` (`swish`) or `σ(α·y)` with `y = x[i] + bias`, over the common length:
-/// the vector kernels of the selected set (FMA, masked tails), else [`sigmoid`] per value.
+/// the vector kernels of the selected set (FMA; the tail by lane masks on AVX-512, a stack
+/// copy on AVX2), else [`sigmoid`] per value.
 pub fn sigmoid_into(x: &[f32], out: &mut [f32], bias: f32, alpha: f32, swish: bool) {
     let n = x.len().min(out.len());
     #[cfg(target_arch = "x86_64")]
@@ -597,7 +598,7 @@ mod tests {
     }
 
     /// The x86 vector sigmoid/swish kernels (each this CPU supports) against the scalar
-    /// formula: every length around the vector widths (masked tails), a bias and a slope,
+    /// formula: every length around the vector widths (the tails), a bias and a slope,
     /// in place and out of place, the ends of the range, ±inf and NaN.
     #[cfg(target_arch = "x86_64")]
     #[test]

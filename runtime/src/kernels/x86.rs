@@ -603,24 +603,39 @@ pub unsafe fn sigmoid_avx512(src: *const f32, dst: *mut f32, n: usize, bias: f32
     }
 }
 
-/// [`sigmoid_avx512`] with AVX2+FMA (the exponential by [`exp8`], the tail by masked moves).
+/// [`sigmoid_avx512`] with AVX2+FMA (the exponential by [`exp8`]). Whole vectors by plain
+/// loads and stores, the tail through a stack copy: `vmaskmovps` stores are microcoded on AMD
+/// cores (on Zen 4 a `Sigmoid`·`Mul` over 1 M values ran 1.7× slower with every load and store
+/// masked than the auto-vectorised loop before it).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `src` and `dst` as in [`sigmoid_avx512`].
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn sigmoid_avx2(src: *const f32, dst: *mut f32, n: usize, bias: f32, alpha: f32, swish: bool) {
     let (b, na, one) = (_mm256_set1_ps(bias), _mm256_set1_ps(-alpha), _mm256_set1_ps(1.0));
-    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for i in (0..n).step_by(8) {
-        let rem = (n - i).min(8) as i32;
-        let k = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), idx);
-        // SAFETY: lanes i..i + 8 masked to the n floats (caller contract); masked-off lanes
-        // are neither read nor written.
-        let y = _mm256_add_ps(unsafe { _mm256_maskload_ps(src.add(i), k) }, b);
+    let f = |x: __m256| {
+        let y = _mm256_add_ps(x, b);
         let s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_mul_ps(y, na))));
-        let r = if swish { _mm256_mul_ps(y, s) } else { s };
-        // SAFETY: as above.
-        unsafe { _mm256_maskstore_ps(dst.add(i), k, r) };
+        if swish {
+            _mm256_mul_ps(y, s)
+        } else {
+            s
+        }
+    };
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        // SAFETY: floats i..i + 8 < n of both buffers (caller contract); each lane read before
+        // it is written.
+        unsafe { _mm256_storeu_ps(dst.add(i), f(_mm256_loadu_ps(src.add(i)))) };
+    }
+    if full < n {
+        let mut t = [0.0f32; 8];
+        // SAFETY: floats full..n of both buffers (caller contract), and `t` holds 8.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.add(full), t.as_mut_ptr(), n - full);
+            _mm256_storeu_ps(t.as_mut_ptr(), f(_mm256_loadu_ps(t.as_ptr())));
+            std::ptr::copy_nonoverlapping(t.as_ptr(), dst.add(full), n - full);
+        }
     }
 }
 

@@ -461,6 +461,38 @@ fn pooling_matches_direct_loop() {
 }
 
 #[test]
+fn max_pooling_propagates_nan() {
+    // One NaN at (2, 3) of a 5×7 plane: every window holding it gives NaN, no other does, at
+    // stride 1 (whole-plane shifts) and stride 2 (row then column passes).
+    let mut x = vec![0.5f32; 35];
+    x[2 * 7 + 3] = f32::NAN;
+    let xt = f32t(&[1, 1, 5, 7], &x);
+    for s in [1usize, 2] {
+        let attrs = crate::graph::PoolAttrs {
+            kind: crate::graph::PoolKind::Max,
+            global: false,
+            kernel_shape: vec![3, 3],
+            strides: vec![s as i64, s as i64],
+            pads: vec![1, 1, 1, 1],
+            dilations: vec![],
+            auto_pad: AutoPad::NotSet,
+            ceil_mode: false,
+            count_include_pad: false,
+            storage_order: 0,
+        };
+        let got = run(Op::Pool(attrs), &[Some(&xt)]).swap_remove(0);
+        let (oh, ow) = (got.shape()[2], got.shape()[3]);
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let hit = (oy * s).abs_diff(2) <= 1 && (ox * s).abs_diff(3) <= 1;
+                let v = got.as_f32().unwrap()[oy * ow + ox];
+                assert_eq!(v.is_nan(), hit, "stride {s} [{oy},{ox}]: {v}");
+            }
+        }
+    }
+}
+
+#[test]
 fn matmul_batches_against_one_weight_matrix() {
     // A [2, 3, 5, 4] · B [4, 7]: every batch shares B (one product of 30 rows), and B [2, 1, 4, 7]
     // broadcast over the middle dimension (one product per batch) — both against a direct loop.
