@@ -337,10 +337,14 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         .iter()
         .zip(&pack)
         .zip(quantized)
-        .map(|(((name, t), &packed), q)| match (q, nr.filter(|_| packed)) {
+        .map(|(((name, t), &plan), q)| match (q, nr.filter(|_| plan != passes::PanelPlan::Keep)) {
             (Some(q), _) => payload(name, t, q.encoding, Cow::Owned(q.bytes)),
             (None, Some(nr)) => {
-                payload(name, t, TensorEncoding::PanelF32 { nr: nr as u32 }, Cow::Owned(passes::panel_bytes(t, nr)))
+                let (bytes, shape) = passes::panel_bytes(t, nr, plan == passes::PanelPlan::Transposed);
+                TensorPayload {
+                    shape,
+                    ..payload(name, t, TensorEncoding::PanelF32 { nr: nr as u32 }, Cow::Owned(bytes))
+                }
             }
             (None, None) => payload(name, t, TensorEncoding::Dense, Cow::Borrowed(t.bytes())),
         })

@@ -3,7 +3,8 @@
 //! - `fold_constants`: evaluates every node whose inputs are all constants (with the runtime's
 //!   own ops, so folding and execution agree bit for bit) and replaces it by its result.
 //! - `eliminate_dead`: drops nodes and constants that no output depends on.
-//! - `pack_weights`: stores MatMul weights in the target CPU's GEMM panel layout.
+//! - `pack_weights`: stores MatMul weights (and LSTM `W`/`R`, transposed) in the target CPU's
+//!   GEMM panel layout.
 
 use std::collections::{HashMap, HashSet};
 
@@ -114,17 +115,38 @@ pub fn eliminate_dead(m: &mut Module) -> Result<PassRecord> {
     })
 }
 
-/// Stores f32 weights that only feed `MatMul` as its B input in the GEMM panel layout of width
-/// `nr` (`TensorEncoding::PanelF32`), so the runtime reads them without packing. Returns the
-/// tensor indices to pack and the pass record. Tensors for which `taken` is true (quantized)
-/// are left alone.
+/// How `pack_weights` stores one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanelPlan {
+    /// As it is (dense, or whatever quantization chose).
+    Keep,
+    /// A `[…, k, n]` MatMul B in GEMM panels.
+    Panels,
+    /// An LSTM `W`/`R` (`[dirs, 4H, k]`), transposed to `[dirs, k, 4H]` and stored in panels:
+    /// the runtime's LSTM then packs nothing per call.
+    Transposed,
+}
+
+/// How a reader would take a weight in panels: MatMul's B as it is, LSTM's W and R transposed.
+fn panel_use(op: &Op, input: usize) -> Option<PanelPlan> {
+    match op {
+        Op::MatMul if input == 1 => Some(PanelPlan::Panels),
+        Op::Lstm(_) if matches!(input, 1 | 2) => Some(PanelPlan::Transposed),
+        _ => None,
+    }
+}
+
+/// Stores f32 weights that only feed `MatMul` as its B input (or an LSTM as its W or R) in the
+/// GEMM panel layout of width `nr` (`TensorEncoding::PanelF32`), so the runtime reads them
+/// without packing. Returns each tensor's plan and the pass record. Tensors for which `taken`
+/// is true (quantized) are left alone.
 pub fn plan_panel_weights(
     m: &Module,
     target: &str,
     nr: Option<usize>,
     taken: &dyn Fn(usize) -> bool,
-) -> (Vec<bool>, PassRecord) {
-    let mut pack = vec![false; m.tensors.len()];
+) -> (Vec<PanelPlan>, PassRecord) {
+    let mut pack = vec![PanelPlan::Keep; m.tensors.len()];
     let mut record = PassRecord {
         name: "pack_weights".into(),
         params: vec![("target".into(), target.into()), ("panel".into(), nr.map_or("none".into(), |n| n.to_string()))],
@@ -142,50 +164,70 @@ pub fn plan_panel_weights(
             by_value.insert(c.value, c.tensor as usize);
         }
     }
-    // A candidate must be read only as MatMul's B (anywhere, branches included), never be an
-    // output, and its tensor must back no other value.
+    // A candidate must be read only as MatMul's B or LSTM's W/R (anywhere, branches included),
+    // the same way by every reader, never be an output, and its tensor must back no other value.
     let idx = Uses::new(g);
-    let mut ok: HashMap<ValueId, bool> = by_value.keys().map(|&v| (v, true)).collect();
-    for (v, flag) in ok.iter_mut() {
-        *flag =
-            !idx.is_output(*v) && idx.readers_anywhere(*v).iter().all(|(n, i)| matches!(n.op, Op::MatMul) && *i == 1);
-    }
+    let plan_of = |v: ValueId| -> Option<PanelPlan> {
+        if idx.is_output(v) {
+            return None;
+        }
+        let mut kinds = idx.readers_anywhere(v).iter().map(|(n, i)| panel_use(&n.op, *i));
+        let first = kinds.next()??;
+        kinds.all(|k| k == Some(first)).then_some(first)
+    };
     let mut uses: HashMap<usize, usize> = HashMap::new();
     for c in &g.constants {
         *uses.entry(c.tensor as usize).or_default() += 1;
     }
     let (mut count, mut dense, mut packed) = (0usize, 0u64, 0u64);
     for (v, t) in by_value {
-        if ok.get(&v) == Some(&true) && uses.get(&t) == Some(&1) && !taken(t) {
-            let shape: Vec<u64> = m.tensors[t].1.shape().iter().map(|&d| d as u64).collect();
-            let d = m.tensors[t].1.bytes().len() as u64;
-            let p = TensorEncoding::PanelF32 { nr: nr as u32 }.byte_len(DType::F32, &shape).unwrap_or(u64::MAX);
-            // Narrow matrices would grow by their padding; packing them per call is cheap anyway.
-            if p > d + d / 8 {
-                continue;
-            }
-            pack[t] = true;
-            count += 1;
-            dense += d;
-            packed += p;
+        let Some(plan) = plan_of(v) else { continue };
+        if uses.get(&t) != Some(&1) || taken(t) {
+            continue;
         }
+        let mut shape: Vec<u64> = m.tensors[t].1.shape().iter().map(|&d| d as u64).collect();
+        if plan == PanelPlan::Transposed {
+            let r = shape.len();
+            shape.swap(r - 2, r - 1);
+        }
+        let d = m.tensors[t].1.bytes().len() as u64;
+        let p = TensorEncoding::PanelF32 { nr: nr as u32 }.byte_len(DType::F32, &shape).unwrap_or(u64::MAX);
+        // Narrow matrices would grow by their padding; packing them per call is cheap anyway.
+        if p > d + d / 8 {
+            continue;
+        }
+        pack[t] = plan;
+        count += 1;
+        dense += d;
+        packed += p;
     }
     record.report.push(("tensors".into(), count as f64));
     record.report.push(("padding_bytes".into(), packed.saturating_sub(dense) as f64));
     (pack, record)
 }
 
-/// The panel-encoded bytes of a `[…, k, n]` f32 tensor.
-pub fn panel_bytes(t: &acorn::Tensor, nr: usize) -> Vec<u8> {
-    let shape = t.shape();
-    let (k, n) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+/// The panel-encoded bytes of a `[…, k, n]` f32 tensor, or (`transposed`) of the transpose of
+/// each `[…, n, k]` matrix; and the shape stored (`[…, k, n]`).
+pub fn panel_bytes(t: &acorn::Tensor, nr: usize, transposed: bool) -> (Vec<u8>, Vec<u64>) {
+    let mut shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
+    let r = shape.len();
+    if transposed {
+        shape.swap(r - 2, r - 1);
+    }
+    let (k, n) = (shape[r - 2] as usize, shape[r - 1] as usize);
     let data: Vec<f32> = bytemuck::pod_collect_to_vec(t.bytes());
     let mut out: Vec<f32> = Vec::new();
     for mat in data.chunks_exact(k * n) {
-        let b = acorn::kernels::BMat::Strided(acorn::kernels::MatRef { data: mat, rs: n, cs: 1 });
+        use acorn::kernels::{BMat, MatRef};
+        // Stored [n, k] when transposed: B[p][j] = mat[j·k + p].
+        let b = if transposed {
+            BMat::Strided(MatRef { data: mat, rs: 1, cs: k })
+        } else {
+            BMat::Strided(MatRef { data: mat, rs: n, cs: 1 })
+        };
         acorn::kernels::pack_panels_append(&mut out, b, k, n, nr);
     }
-    bytemuck::cast_slice(&out).to_vec()
+    (bytemuck::cast_slice(&out).to_vec(), shape)
 }
 
 /// Replaces the exact-GELU subgraph exporters emit —

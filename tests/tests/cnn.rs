@@ -384,3 +384,85 @@ fn q8_ocr_reads_the_same_text() {
         assert!(s[0] > s[1], "rows {rows:?} read as upside down: {s:?}");
     }
 }
+
+/// Two LSTMs as exporters write them, weights as initializers: a bidirectional one over a batch
+/// of 2 with biases and initial states (every output read), and a forward one with peepholes,
+/// `clip` (ONNX Runtime runs no batch-major layout: the conformance tests cover that one).
+fn lstms() -> Vec<u8> {
+    let (h, i) = (24, 20);
+    let mut b = OnnxBuilder::new(14);
+    b.input_f32("x", &["7", "2", &i.to_string()]);
+    b.init_f32("w", &[2, 4 * h, i], pseudo_random(2 * 4 * h as usize * i as usize, 11));
+    b.init_f32("r", &[2, 4 * h, h], pseudo_random(2 * 4 * h as usize * h as usize, 12));
+    b.init_f32("b", &[2, 8 * h], pseudo_random(2 * 8 * h as usize, 13));
+    b.init_f32("h0", &[2, 2, h], pseudo_random(2 * 2 * h as usize, 14));
+    b.init_f32("c0", &[2, 2, h], pseudo_random(2 * 2 * h as usize, 15));
+    let hidden = OnnxBuilder::attr_i("hidden_size", h);
+    b.node(
+        "LSTM",
+        "bi",
+        &["x", "w", "r", "b", "", "h0", "c0"],
+        &["y", "yh", "yc"],
+        vec![hidden.clone(), OnnxBuilder::attr_s("direction", "bidirectional")],
+    );
+    b.init_f32("w1", &[1, 4 * h, i], pseudo_random(4 * h as usize * i as usize, 16));
+    b.init_f32("r1", &[1, 4 * h, h], pseudo_random(4 * h as usize * h as usize, 17));
+    b.init_f32("p1", &[1, 3 * h], pseudo_random(3 * h as usize, 18));
+    b.node(
+        "LSTM",
+        "peep",
+        &["x", "w1", "r1", "", "", "", "", "p1"],
+        &["y1"],
+        vec![hidden, OnnxBuilder::attr_f("clip", 0.75)],
+    );
+    for o in ["y", "yh", "yc", "y1"] {
+        b.output_f32(o);
+    }
+    b.to_bytes()
+}
+
+#[test]
+fn lstm_weights_in_panels_match_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("lstm.onnx");
+    std::fs::write(&src, lstms()).unwrap();
+    let out = convert_to(&src, dir.path(), "lstm.acorn", &ConvertOptions::default());
+    let m = Model::open(&out).unwrap();
+    // W and R of both LSTMs, stored transposed in the GEMM's panels.
+    assert_eq!(figure(pass_record(&m, "pack_weights"), "tensors"), Some(4.0));
+    let x = Tensor::from_f32(vec![7, 2, 20], pseudo_random(7 * 2 * 20, 19));
+    let names = ["y", "yh", "yc", "y1"];
+    let want = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &names).unwrap();
+    for threads in [1, 2] {
+        let mut s = m.session().with_threads(threads).commit().unwrap();
+        let got = s.run(&[("x", &x)]).unwrap();
+        for ((g, w), name) in got.iter().zip(&want).zip(names) {
+            assert_eq!(g.shape(), w.shape(), "{name}");
+            let worst = max_abs_diff(g, w);
+            assert!(worst < 1e-5, "{name}, {threads} thread(s): max |Acorn − ONNX Runtime| = {worst}");
+        }
+    }
+}
+
+#[test]
+fn crnn_reads_each_line_as_onnx_runtime_in_fp32_and_q8() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = ocr::page().unwrap();
+    let fp32 = convert_to(&asset(CRNN_OCR), dir.path(), "crnn.acorn", &ConvertOptions::default());
+    let q8 = convert_to(&asset(CRNN_OCR), dir.path(), "crnn-q8.acorn", &q8());
+    // The BiLSTM's weights are read from panels (and the Gemm head's).
+    let m = Model::open(&fp32).unwrap();
+    assert_eq!(figure(pass_record(&m, "pack_weights"), "tensors"), Some(3.0));
+    let mut ort = OrtModel::load(&asset(CRNN_OCR), 1).unwrap();
+    for &(rows, _) in LINES {
+        let x = ocr::gray_line_input(&page, rows, 64);
+        let want = ort.run(&[("input1", &x)], &["387"]).unwrap().remove(0);
+        let classes = ocr::ctc_classes(&want).unwrap();
+        assert!(classes.len() >= 10, "rows {rows:?}: ONNX Runtime reads {} classes", classes.len());
+        let got = run(&fp32, "input1", &x);
+        let worst = max_abs_diff(&got, &want);
+        assert!(worst < 1e-2, "rows {rows:?}: max |Acorn − ONNX Runtime| = {worst}");
+        assert_eq!(ocr::ctc_classes(&got).unwrap(), classes, "rows {rows:?}, fp32");
+        assert_eq!(ocr::ctc_classes(&run(&q8, "input1", &x)).unwrap(), classes, "rows {rows:?}, q8");
+    }
+}

@@ -416,6 +416,25 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// One LSTM step without peepholes or a coupled gate, over the units of one batch row:
+    /// `g` holds the pre-activations `[i, o, f, c̃]` (h each, clipped to `±lim`), `c` the cell
+    /// state (updated), `out` the new hidden state. One pass of branch-free polynomials that
+    /// compiles to the selected set's vectors.
+    fn lstm_cell(g: &[f32], c: &mut [f32], out: &mut [f32], lim: f32) {
+        let h = c.len();
+        let (gi, rest) = g[..4 * h].split_at(h);
+        let (go, rest) = rest.split_at(h);
+        let (gf, gc) = rest.split_at(h);
+        let gates = gi.iter().zip(go).zip(gf.iter().zip(gc));
+        for ((cs, o), ((&i, &og), (&f, &cc))) in c.iter_mut().zip(out.iter_mut()).zip(gates) {
+            let cn = sigmoid(f.clamp(-lim, lim)) * *cs + sigmoid(i.clamp(-lim, lim)) * tanh(cc.clamp(-lim, lim));
+            *cs = cn;
+            *o = sigmoid(og.clamp(-lim, lim)) * tanh(cn);
+        }
+    }
+}
+
 /// Dot product with 32 independent lanes (fixed summation order per length).
 #[inline(always)]
 fn dot(x: &[f32], y: &[f32]) -> f32 {

@@ -31,7 +31,9 @@ pub(crate) fn qmat<'a>(v: &View<'a>) -> OpResult<QMat<'a>> {
 pub fn reads_encoded(op: &Op, i: usize, enc: TensorEncoding) -> bool {
     match enc {
         TensorEncoding::Dense => true,
-        TensorEncoding::PanelF32 { .. } => matches!(op, Op::MatMul) && i == 1,
+        TensorEncoding::PanelF32 { .. } => {
+            (matches!(op, Op::MatMul) && i == 1) || (matches!(op, Op::Lstm(_)) && matches!(i, 1 | 2))
+        }
         e if e.transposed() => matches!(op, Op::MatMul) && i == 1,
         TensorEncoding::Q8 { transposed: false } if matches!(op, Op::Conv(_) | Op::ConvFused { .. }) => i == 1,
         _ => (matches!(op, Op::MatMulTransB) && i == 1) || (matches!(op, Op::Gather { axis: 0 }) && i == 0),

@@ -1,6 +1,10 @@
 //! Recurrent family: LSTM (ONNX semantics; forward, reverse, bidirectional; layouts 0 and 1;
 //! optional peepholes, clip and coupled input-forget). The input projection for all time steps
 //! is one matmul; each step adds `H_{t-1}·Rᵀ` with the same kernel.
+//!
+//! `W` and `R` come as ONNX stores them (`[dirs, 4H, K]`, dense) or as the converter's
+//! `pack_weights` stores them: transposed to `[dirs, K, 4H]` in GEMM panels, so neither product
+//! packs a weight per call and each step streams `R` front to back.
 
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
@@ -18,14 +22,16 @@ struct Dims {
     dirs: usize,
 }
 
-fn dims(a: &LstmAttrs, x: &[usize], w: &[usize], r: &[usize]) -> OpResult<Dims> {
+/// `packed`: W and R are panel-encoded, hence stored transposed (`[dirs, K, 4H]`).
+fn dims(a: &LstmAttrs, x: &[usize], w: &[usize], r: &[usize], packed: (bool, bool)) -> OpResult<Dims> {
     if x.len() != 3 {
         op_bail!("LSTM X must be rank 3, got {x:?}");
     }
     let (seq, batch) = if a.layout == 0 { (x[0], x[1]) } else { (x[1], x[0]) };
     let hidden = a.hidden_size as usize;
     let dirs = if a.direction == RnnDirection::Bidirectional { 2 } else { 1 };
-    if w != [dirs, 4 * hidden, x[2]] || r != [dirs, 4 * hidden, hidden] {
+    let want = |k: usize, t: bool| if t { [dirs, k, 4 * hidden] } else { [dirs, 4 * hidden, k] };
+    if w != want(x[2], packed.0) || r != want(hidden, packed.1) {
         op_bail!("LSTM weights W {w:?} / R {r:?} do not match X {x:?}, hidden {hidden}, {dirs} direction(s)");
     }
     Ok(Dims { seq, batch, input: x[2], hidden, dirs })
@@ -40,7 +46,8 @@ pub(super) fn infer(a: &LstmAttrs, inputs: &[Option<Fact<'_>>], n_out: usize) ->
             op_bail!("LSTM tensors must be f32");
         }
     }
-    let d = dims(a, x.shape, w.shape, r.shape)?;
+    let packed = |f: &Fact<'_>| f.value.is_some_and(|v| v.panels().is_some());
+    let d = dims(a, x.shape, w.shape, r.shape, (packed(w), packed(r)))?;
     let (h, b, s, nd) = (d.hidden, d.batch, d.seq, d.dirs);
     let check = |i: usize, want: &[usize], what: &str| -> OpResult<()> {
         if let Some(Some(f)) = inputs.get(i) {
@@ -76,7 +83,8 @@ pub(super) fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>]) -> usize {
     let (Some(Some(x)), Some(Some(w)), Some(Some(r))) = (inputs.first(), inputs.get(1), inputs.get(2)) else {
         return 0;
     };
-    match dims(a, x.shape, w.shape, r.shape) {
+    let packed = |f: &Fact<'_>| f.value.is_some_and(|v| v.panels().is_some());
+    match dims(a, x.shape, w.shape, r.shape, (packed(w), packed(r))) {
         Ok(d) => super::numel(&[d.seq + 2, d.batch, 4, d.hidden]),
         Err(_) => 0,
     }
@@ -91,7 +99,7 @@ pub(super) fn run(
     let x = *req(inputs, 0, "X")?;
     let w = *req(inputs, 1, "W")?;
     let r = *req(inputs, 2, "R")?;
-    let d = dims(a, x.shape, w.shape, r.shape)?;
+    let d = dims(a, x.shape, w.shape, r.shape, (w.panels().is_some(), r.panels().is_some()))?;
     if let Some(Some(sl)) = inputs.get(4) {
         if sl.to_i64_small()?.iter().any(|&l| l != d.seq as i64) {
             op_bail!("LSTM with per-batch sequence lengths shorter than the input is not supported");
@@ -104,9 +112,10 @@ pub(super) fn run(
         }
     };
     let (bias, h0, c0, peep) = (opt(3)?, opt(5)?, opt(6)?, opt(7)?);
-    let (xd, wd, rd) = (x.f32()?, w.f32()?, r.f32()?);
+    let xd = x.f32()?;
     let (s, b, ni, h, nd) = (d.seq, d.batch, d.input, d.hidden, d.dirs);
     let g4 = 4 * h;
+    let (wm, rm) = (weights(&w, nd, ni, g4)?, weights(&r, nd, h, g4)?);
     let need = s * b * g4 + b * g4 + 2 * b * h;
     if ctx.scratch.len() < need {
         ctx.scratch.resize(need, 0.0);
@@ -127,18 +136,7 @@ pub(super) fn run(
     for dir in 0..nd {
         let reverse = a.direction == RnnDirection::Reverse || dir == 1;
         // XW[rows of X in memory order] = X · W_dirᵀ (+ Wb + Rb)
-        let wdir = &wd[dir * g4 * ni..(dir + 1) * g4 * ni];
-        kernels::sgemm(
-            s * b,
-            g4,
-            ni,
-            MatRef { data: xd, rs: ni, cs: 1 },
-            BMat::Strided(MatRef { data: wdir, rs: 1, cs: ni }),
-            xw,
-            g4,
-            false,
-            ctx.threads,
-        );
+        kernels::sgemm(s * b, g4, ni, MatRef { data: xd, rs: ni, cs: 1 }, wm(dir), xw, g4, false, ctx.threads);
         if let Some(bv) = bias {
             let bb = &bv[dir * 8 * h..(dir + 1) * 8 * h];
             for row in xw.chunks_exact_mut(g4) {
@@ -160,32 +158,23 @@ pub(super) fn run(
                 None => crow.fill(0.0),
             }
         }
-        let rdir = &rd[dir * g4 * h..(dir + 1) * g4 * h];
         let p = peep.map(|p| &p[dir * 3 * h..(dir + 1) * 3 * h]);
         for step in 0..s {
             let t = if reverse { s - 1 - step } else { step };
             for i in 0..b {
                 gates[i * g4..(i + 1) * g4].copy_from_slice(&xw[xrow(t, i) * g4..(xrow(t, i) + 1) * g4]);
             }
-            kernels::sgemm(
-                b,
-                g4,
-                h,
-                MatRef { data: hs, rs: h, cs: 1 },
-                BMat::Strided(MatRef { data: rdir, rs: 1, cs: h }),
-                gates,
-                g4,
-                true,
-                ctx.threads,
-            );
+            kernels::sgemm(b, g4, h, MatRef { data: hs, rs: h, cs: 1 }, rm(dir), gates, g4, true, ctx.threads);
             for i in 0..b {
                 let gr = &mut gates[i * g4..(i + 1) * g4];
                 let hr = &mut hs[i * h..(i + 1) * h];
                 let cr = &mut cs[i * h..(i + 1) * h];
-                // Vectorised gate math (branch-free polynomials; the options are loop-invariant).
                 let lim = a.clip.unwrap_or(f32::INFINITY);
-                let clip = |v: f32| v.clamp(-lim, lim);
-                kernels::math::with_width(|| {
+                if p.is_none() && !a.input_forget {
+                    kernels::math::lstm_cell(gr, cr, hr, lim);
+                } else {
+                    // Peepholes or a coupled input-forget gate: the general form, per unit.
+                    let clip = |v: f32| v.clamp(-lim, lim);
                     for j in 0..h {
                         let (pi, po, pf) = p.map(|p| (p[j], p[h + j], p[2 * h + j])).unwrap_or((0.0, 0.0, 0.0));
                         let ig = sigmoid(clip(gr[j] + pi * cr[j]));
@@ -196,7 +185,7 @@ pub(super) fn run(
                         cr[j] = c;
                         hr[j] = og * tanh(c);
                     }
-                });
+                }
                 if let Some(Some(y)) = outs.first_mut() {
                     let yo = yrow(t, dir, i) * h;
                     y[yo..yo + h].copy_from_slice(hr);
@@ -218,6 +207,29 @@ pub(super) fn run(
         }
     }
     Ok(())
+}
+
+/// Direction `dir`'s `Wᵀ` or `Rᵀ` (`k × 4H`) as the GEMM's B operand: panels as stored, or
+/// the transpose of the dense `[4H, k]` matrix.
+fn weights<'a>(v: &View<'a>, nd: usize, k: usize, g4: usize) -> OpResult<impl Fn(usize) -> BMat<'a>> {
+    let nr = v.panels().map(|nr| nr as usize);
+    // Dense f32 or f32 panels; any other encoding is refused by `f32()`.
+    let data = if nr.is_some() { v.f32_any_layout()? } else { v.f32()? };
+    let per = match nr {
+        Some(nr) => kernels::Panels::len(k, g4, nr),
+        None => k * g4,
+    };
+    // A malformed file's panels are an error here, not a bad read in the kernel.
+    if nr == Some(0) || data.len() < nd * per {
+        op_bail!("LSTM weight {:?} holds {} floats, {} expected", v.shape, data.len(), nd * per);
+    }
+    Ok(move |dir: usize| {
+        let m = &data[dir * per..(dir + 1) * per];
+        match nr {
+            Some(nr) => BMat::Panels(kernels::Panels { data: m, k, n: g4, nr }),
+            None => BMat::Strided(MatRef { data: m, rs: 1, cs: k }),
+        }
+    })
 }
 
 /// Gates per step: GRU has 3 (z, r, h), a simple RNN 1.
