@@ -7,6 +7,10 @@
 //! - One activation becomes the kernel's epilogue ([`FusedAct`]): Relu, Clip with constant
 //!   bounds, LeakyRelu, HardSigmoid, HardSwish (the op, `x·HardSigmoid(x)`, and the decomposed
 //!   `x · Clip(x + 3, 0, 6) / 6` exporters write), Sigmoid, and SiLU `x · Sigmoid(x)`.
+//! - Constant bounds after it — `Max` / `Min` with a scalar, or a `Clip` — join the activation
+//!   where the composition is exact: after nothing, Relu or Clip they make one Clip; after
+//!   LeakyRelu, a `LeakyReluClip` (TensorFlow's `LeakyRelu` then `maximum(x, -0.4)`, as in
+//!   openWakeWord's embedding network).
 //! - A scalar `Mul` / `Add` after the activation becomes the epilogue's affine.
 //!
 //! Each of those was a pass over the whole feature map; fused, the values are written once, by
@@ -240,6 +244,56 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
                         _ => {}
                     }
                 }
+            }
+            // Constant bounds after the activation: y ↦ min(max(y, lo), hi), composed exactly.
+            let (leaky, mut lo, mut hi) = match act {
+                FusedAct::Identity => (None, f32::NEG_INFINITY, f32::INFINITY),
+                FusedAct::Relu => (None, 0.0, f32::INFINITY),
+                FusedAct::Clip { min, max } => (None, min, max),
+                FusedAct::LeakyRelu { alpha } => (Some(alpha), f32::NEG_INFINITY, f32::INFINITY),
+                _ => (None, f32::NAN, f32::NAN),
+            };
+            let mut bounded = false;
+            // A scalar operand that does not broadcast the output to a higher rank.
+            let bound = |v: Option<ValueId>| {
+                tensor(v).filter(|t| t.shape().len() <= rank).and_then(|_| scalar(v)).filter(|s| !s.is_nan())
+            };
+            while let (false, Some(r)) = (lo.is_nan(), only(cur)) {
+                let rn = &g.nodes[r];
+                // max(min(max(y, lo), hi), l) is a clip only while hi is unbounded.
+                match &rn.op {
+                    Op::Binary(BinaryOp::Min) => match bin(r, BinaryOp::Min).and_then(|p| bound(other(p, cur))) {
+                        Some(h) => hi = hi.min(h),
+                        None => break,
+                    },
+                    Op::Binary(BinaryOp::Max) if hi == f32::INFINITY => {
+                        match bin(r, BinaryOp::Max).and_then(|p| bound(other(p, cur))) {
+                            Some(l) => lo = lo.max(l),
+                            None => break,
+                        }
+                    }
+                    Op::Clip if hi == f32::INFINITY && rn.inputs.first() == Some(&Some(cur)) => {
+                        let at = |i: usize, d: f32| match rn.inputs.get(i).copied().flatten() {
+                            None => Some(d),
+                            v => bound(v),
+                        };
+                        match (at(1, f32::NEG_INFINITY), at(2, f32::INFINITY)) {
+                            (Some(l), Some(h)) if l <= h => (lo, hi) = (lo.max(l), h),
+                            _ => break,
+                        }
+                    }
+                    _ => break,
+                }
+                bounded = true;
+                absorbed.push(r);
+                cur = rn.outputs[0];
+            }
+            if bounded {
+                act = match leaky {
+                    Some(alpha) => FusedAct::LeakyReluClip { alpha, min: lo, max: hi },
+                    None if lo == 0.0 && hi == f32::INFINITY => FusedAct::Relu,
+                    None => FusedAct::Clip { min: lo, max: hi },
+                };
             }
             // A scalar affine after the activation.
             let (mut scale, mut shift) = (1.0f32, 0.0f32);

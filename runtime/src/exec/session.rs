@@ -63,6 +63,7 @@ impl SessionBuilder {
             profile: self.profile.then(Vec::new),
             mode: PlanMode::default(),
             output_names,
+            prepared: ops::Prepared::default(),
         })
     }
 }
@@ -88,6 +89,9 @@ pub struct Session {
     mode: PlanMode,
     /// The model's output names, shared by every run's [`Outputs`].
     output_names: std::sync::Arc<[String]>,
+    /// Weights rearranged for the selected kernels on their first run (q8 convolutions for
+    /// the VNNI tile): the model's weights outlive the session, so their addresses are keys.
+    prepared: ops::Prepared,
 }
 
 /// Time spent in one op type ([`Session::profile`]).
@@ -408,7 +412,7 @@ impl Session {
     ) -> Result<RunEnd> {
         let ordered = self.order_inputs(inputs)?;
         let i = self.plan_index(&ordered)?;
-        let Session { model, threads, plans, profile, .. } = self;
+        let Session { model, threads, plans, profile, prepared, .. } = self;
         let threads = *threads;
         let PlanState { plan, buffers, scratch } = &mut plans[i].1;
         let file = &model.file;
@@ -437,7 +441,7 @@ impl Session {
                     bytes: &mut bytemuck::cast_slice_mut::<u64, u8>(buf)[..nbytes],
                 });
             }
-            let mut ctx = Ctx { threads, scratch, kv: kv.as_deref_mut() };
+            let mut ctx = Ctx { threads, scratch, kv: kv.as_deref_mut(), prepared: Some(&mut *prepared) };
             let t0 = profile.is_some().then(std::time::Instant::now);
             let res = match &step.op {
                 StepOp::Node(op) => ops::run(op, &in_views, &mut out_views, &mut ctx),

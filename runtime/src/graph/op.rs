@@ -540,6 +540,13 @@ pub enum FusedAct {
     Sigmoid,
     /// `x · sigmoid(x)` (SiLU).
     Swish,
+    /// LeakyReLU, then `min(max(y, min), max)`: TensorFlow exports' `LeakyRelu` followed by
+    /// `Maximum`/`Minimum` with a constant (openWakeWord's embedding network).
+    LeakyReluClip {
+        alpha: f32,
+        min: f32,
+        max: f32,
+    },
 }
 
 /// What a fused kernel does to each output value `v` (already including the bias):

@@ -23,6 +23,9 @@ macro_rules! with_act {
             FusedAct::HardSwish => $run($($arg,)* |v| act_scalar(FusedAct::HardSwish, v)),
             FusedAct::Sigmoid => $run($($arg,)* |v| act_scalar(FusedAct::Sigmoid, v)),
             FusedAct::Swish => $run($($arg,)* |v| act_scalar(FusedAct::Swish, v)),
+            FusedAct::LeakyReluClip { alpha, min, max } => {
+                $run($($arg,)* |v| act_scalar(FusedAct::LeakyReluClip { alpha, min, max }, v))
+            }
         }
     };
 }
@@ -1062,6 +1065,10 @@ pub fn act_scalar(act: FusedAct, v: f32) -> f32 {
         FusedAct::HardSwish => v * ((v + 3.0).clamp(0.0, 6.0) / 6.0),
         FusedAct::Sigmoid => sigmoid(v),
         FusedAct::Swish => v * sigmoid(v),
+        FusedAct::LeakyReluClip { alpha, min, max } => {
+            let y = if v >= 0.0 { v } else { v * alpha };
+            y.max(min).min(max)
+        }
     }
 }
 
@@ -1096,6 +1103,32 @@ fn pool2d(g: &Geo, max: bool, count_pad: (bool, usize, usize), x: &[f32], tmp: &
         } else {
             a + v
         }
+    }
+    // Windows of 2 columns at stride 2 over 1 row (stride 1) or 2 rows (stride 2), no padding:
+    // the most common poolings.
+    let pairs = (g.kw, g.sw, g.dw, g.pw, g.ph) == (2, 2, 1, 0, 0) && matches!((g.kh, g.sh, g.dh), (1, 1, _) | (2, 2, 1));
+    if max && pairs && g.kh * g.oh <= g.h && 2 * g.ow <= g.w {
+        // The rows of each window joined into a plane of 2·ow columns per output row (or the
+        // input itself, when it is that plane), then adjacent pairs of that plane: contiguous
+        // loops over the whole plane instead of strided runs per row.
+        let (oh, ow) = (g.oh, g.ow);
+        let t: &[f32] = if g.kh == 1 && g.w == 2 * ow {
+            &x[..oh * 2 * ow]
+        } else {
+            let t = &mut tmp[..oh * 2 * ow];
+            for (oy, trow) in t.chunks_exact_mut(2 * ow).enumerate() {
+                let r0 = &x[g.kh * oy * g.w..][..2 * ow];
+                if g.kh == 1 {
+                    trow.copy_from_slice(r0);
+                } else {
+                    let r1 = &x[(2 * oy + 1) * g.w..][..2 * ow];
+                    trow.iter_mut().zip(r0.iter().zip(r1)).for_each(|(d, (&a, &b))| *d = join(true, a, b));
+                }
+            }
+            t
+        };
+        out[..oh * ow].iter_mut().zip(t.chunks_exact(2)).for_each(|(o, p)| *o = join(true, p[0], p[1]));
+        return;
     }
     if max && g.sh == 1 && g.sw == 1 {
         // Stride 1 (an SPP block's 5/9/13 windows): the padded plane reduced along w and then
@@ -1272,7 +1305,9 @@ pub fn conv_q8(
     // `acorn convert` writes for convolutions); rows with varying block scales take the panels.
     #[cfg(target_arch = "x86_64")]
     if isa == super::Isa::Avx512Vnni && w.scales.chunks(kp / QK).all(|r| r.iter().all(|&s| s == r[0])) {
-        conv_q8_vnni(g, cg, w, x, bias, post, out, threads);
+        let scales: Vec<f32> = w.scales.iter().step_by(kp / QK).copied().collect();
+        let rows = ConvRows::new(&w.q, &scales, mg, kp, cg, g.kh * g.kw);
+        conv_q8_vnni(g, cg, &rows, x, bias, post, out, threads);
         return Ok(());
     }
     let nr = isa.q_rows().q8_panel.map_or(32, |(_, kp)| kp.nr);
@@ -1337,11 +1372,55 @@ pub fn conv_q8(
     })
 }
 
+/// A q8 convolution's weights as [`conv_q8_vnni`] reads them: regrouped to the interleaved
+/// input's order (row `r`, group `(c/4, ky, kx)`, channel `c % 4`; channels past `cg` zero —
+/// the stored order already with one tap), each row's offset correction (`−128 · Σ codes`, for
+/// the input's +128) and scale. Built once per session and weight (`ops::Prepared`): building
+/// it on every call cost a third of a wake-word network's q8 time.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug)]
+pub struct ConvRows {
+    m: usize,
+    ldw: usize,
+    groups: usize,
+    wq: Vec<i8>,
+    corr: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ConvRows {
+    /// From `m` rows of `kp` codes in the stored order `(c, ky, kx)` (`cg` channels, `taps`
+    /// taps, zero past `cg · taps`; `kp` a multiple of 32, as the q8 format stores rows) and
+    /// one scale per row. Panics on operands that do not hold that (callers check the file's).
+    pub fn new(q: &[i8], scales: &[f32], m: usize, kp: usize, cg: usize, taps: usize) -> Self {
+        let groups = cg.div_ceil(4) * taps;
+        assert!(q.len() >= m * kp && scales.len() >= m && cg * taps <= kp && kp.is_multiple_of(32));
+        let corr = q.chunks_exact(kp).take(m).map(|r| -128 * r.iter().map(|&v| v as i32).sum::<i32>()).collect();
+        let (wq, ldw) = if taps == 1 {
+            (q[..m * kp].to_vec(), kp)
+        } else {
+            let ldw = 4 * groups;
+            let mut wq = vec![0i8; m * ldw];
+            for (row, dst) in q.chunks_exact(kp).zip(wq.chunks_exact_mut(ldw)) {
+                for (c4, dg) in dst.chunks_exact_mut(4 * taps).enumerate() {
+                    for i in 0..(cg - 4 * c4).min(4) {
+                        let src = &row[(4 * c4 + i) * taps..][..taps];
+                        for (t, &v) in src.iter().enumerate() {
+                            dg[t * 4 + i] = v;
+                        }
+                    }
+                }
+            }
+            (wq, ldw)
+        };
+        ConvRows { m, ldw, groups, wq, corr, scales: scales[..m].to_vec() }
+    }
+}
+
 thread_local! {
-    /// [`conv_q8_vnni`]'s weights regrouped by four channels, with each row's offset
-    /// correction and output scale.
-    static C4_ROWS: std::cell::RefCell<(Vec<i8>, Vec<i32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// [`conv_q8_vnni`]'s output scales (each row's times the input's), grown once per thread.
+    static C4_SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// [`conv_q8_vnni`]'s input: its int8 layout, then the four-channel interleave.
     static C4_INPUT: std::cell::RefCell<(Vec<i8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -1354,10 +1433,10 @@ thread_local! {
 /// channel (`w.scales` equal along a row, as `acorn convert` writes convolution weights).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn conv_q8_vnni(
+pub fn conv_q8_vnni(
     g: &Geo,
     cg: usize,
-    w: &super::quant::QActs,
+    w: &ConvRows,
     x: &[f32],
     bias: Option<&[f32]>,
     post: Epilogue,
@@ -1365,14 +1444,14 @@ fn conv_q8_vnni(
     threads: usize,
 ) {
     use super::pool::{for_each, SharedOut};
-    use super::quant::QK;
     use super::x86q::{conv_rows_vnni, CONV_VNNI_MR};
     const NR: usize = 32;
-    let (mg, kp) = (w.m, w.k);
+    let mg = w.m;
     let ph = Phases::new(g);
     let taps = g.kh * g.kw;
     let cg4 = cg.div_ceil(4);
     let groups = cg4 * taps;
+    assert_eq!(groups, w.groups, "conv_q8_vnni: weights regrouped for another geometry");
     let grid = g.oh * ph.wq;
     let amax = max_abs_par(&x[..cg * g.h * g.w], threads);
     let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
@@ -1387,37 +1466,13 @@ fn conv_q8_vnni(
     };
     let blocks = grid.div_ceil(block);
     let parts = threads.max(1).min(blocks);
-    let ldw = 4 * groups;
     TAPS.with(|taps_cell| {
-        C4_ROWS.with(|rows_cell| {
+        C4_SCALES.with(|scales_cell| {
             C4_INPUT.with(|input_cell| {
-                // The weights in the input's order: row r, group (c/4, ky, kx), channel c % 4 — the
-                // stored order already when there is one tap (pointwise: rows read in place).
-                let (wq, corr, scales) = &mut *rows_cell.borrow_mut();
-                corr.clear();
+                let scales = &mut *scales_cell.borrow_mut();
                 scales.clear();
-                let nb = kp / QK;
-                for r in 0..mg {
-                    corr.push(-128 * w.sums[r * nb..][..nb].iter().sum::<i32>());
-                    scales.push(w.scales[r * nb] * scale);
-                }
-                let (wrows, ldw) = if taps == 1 {
-                    (&w.q[..], kp)
-                } else {
-                    wq.clear();
-                    wq.resize(mg * ldw, 0);
-                    for (row, dst) in w.q.chunks_exact(kp).zip(wq.chunks_exact_mut(ldw)) {
-                        for (c4, dg) in dst.chunks_exact_mut(4 * taps).enumerate() {
-                            for i in 0..(cg - 4 * c4).min(4) {
-                                let src = &row[(4 * c4 + i) * taps..][..taps];
-                                for (t, &v) in src.iter().enumerate() {
-                                    dg[t * 4 + i] = v;
-                                }
-                            }
-                        }
-                    }
-                    (&wq[..], ldw)
-                };
+                scales.extend(w.scales.iter().map(|&s| s * scale));
+                let (wrows, ldw, corr) = (&w.wq[..], w.ldw, &w.corr[..]);
                 // The input: int8 codes laid out, then interleaved by four channels (+128).
                 let (planar, c4) = &mut *input_cell.borrow_mut();
                 let per = if ph.in_place { g.h * g.w } else { ph.per_channel };
@@ -1442,7 +1497,7 @@ fn conv_q8_vnni(
                         }
                     }
                 }
-                let (corr, scales, c4, goffs) = (&corr[..], &scales[..], &c4[..], &goffs[..]);
+                let (scales, c4, goffs) = (&scales[..], &c4[..], &goffs[..]);
                 // Every tile's reads are inside the interleaved input (the last group's run of the
                 // whole grid, rounded up to a tile), and the weights' rows inside `wq`.
                 assert!(

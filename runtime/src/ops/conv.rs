@@ -292,6 +292,27 @@ fn run_q8(
     // (Weights the int8 kernels would not speed up were decoded to f32 at open:
     // `q8_conv_runs_f32`, `exec::layout::decode_conv_weights`.)
     let isa = crate::kernels::selected();
+    #[cfg(target_arch = "x86_64")]
+    if isa == crate::kernels::Isa::Avx512Vnni {
+        // The rows regrouped for the VNNI tile once per session (`Prepared`).
+        let taps = kg.kh * kg.kw;
+        if g.c * taps > q8.k || !q8.k.is_multiple_of(QK) {
+            op_bail!("Conv: q8 weights of {} per output do not hold {} channels × {taps} taps", q8.k, g.c);
+        }
+        let build = || conv::ConvRows::new(q8.q, q8.scales, q8.n, q8.k, g.c, taps);
+        let threads = ctx.threads;
+        let mut local = None;
+        let rows = match ctx.prepared.as_deref_mut() {
+            Some(p) => p.conv_rows.entry((q8.q.as_ptr() as usize, g.c, taps)).or_insert_with(build),
+            None => local.insert(build()),
+        };
+        for b in 0..g.n {
+            let xin = &xd[b * g.c * plane..][..g.c * plane];
+            let o = &mut out[b * g.m * ospat..][..g.m * ospat];
+            conv::conv_q8_vnni(&kg, g.c, rows, xin, bias, post, o, threads);
+        }
+        return Ok(());
+    }
     // The weights as the GEMM's row operand: codes, each block's scale and sum (in this
     // thread's buffers: no allocation per run once they have grown).
     let nb = q8.k / QK;

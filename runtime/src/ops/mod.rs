@@ -68,6 +68,19 @@ pub struct Ctx<'a> {
     pub scratch: &'a mut Vec<f32>,
     /// The KV cache of a generating session (read by `CachedAttention`).
     pub kv: Option<&'a mut attention::KvCache>,
+    /// The session's weights rearranged for the selected kernels (none outside a session:
+    /// then each call rearranges its own).
+    pub prepared: Option<&'a mut Prepared>,
+}
+
+/// Weights rearranged for the selected kernels on their first use and kept for the session's
+/// life, keyed by the weight's address (a session's weights live as long as it does, so an
+/// address names one weight) and the geometry it was rearranged for.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// q8 convolution rows for AVX-512 VNNI, by (address, channels per group, taps).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) conv_rows: std::collections::HashMap<(usize, usize, usize), crate::kernels::conv::ConvRows>,
 }
 
 /// Output type and shape of one op output.
@@ -511,7 +524,7 @@ pub fn eval_into(
     let mut outv: Vec<ViewMut<'_>> =
         tensors.iter_mut().zip(outs).map(|(t, (d, s))| ViewMut { dtype: *d, shape: s, bytes: t.bytes_mut() }).collect();
     let mut scratch = vec![0.0f32; scratch_len(op, facts, outs)];
-    let mut ctx = Ctx { threads, scratch: &mut scratch, kv: None };
+    let mut ctx = Ctx { threads, scratch: &mut scratch, kv: None, prepared: None };
     run(op, inputs, &mut outv, &mut ctx)?;
     drop(outv);
     Ok(tensors)

@@ -220,6 +220,7 @@ fn conv_matches_direct_loop() {
             FusedAct::HardSwish,
             FusedAct::Sigmoid,
             FusedAct::Swish,
+            FusedAct::LeakyReluClip { alpha: 0.2, min: -0.4, max: 0.6 },
         ];
         for (k, &act) in acts.iter().enumerate() {
             let post = Epilogue {
@@ -381,7 +382,12 @@ fn pooling_matches_direct_loop() {
     // without the padding counted.
     // (map, kernel, strides, dilations, pads [t, l, b, r])
     type Case = ([usize; 2], [usize; 2], [usize; 2], [usize; 2], [usize; 4]);
-    let cases: [Case; 6] = [
+    let cases: [Case; 10] = [
+        // 2-column pairs (over 2 rows or 1): odd sizes, an end pad the windows never reach
+        ([7, 9], [2, 2], [2, 2], [1, 1], [0, 0, 0, 0]),
+        ([8, 10], [2, 2], [2, 2], [1, 1], [0, 0, 1, 1]),
+        ([6, 8], [1, 2], [1, 2], [1, 1], [0, 0, 0, 0]),
+        ([5, 9], [1, 2], [1, 2], [1, 1], [0, 0, 0, 0]),
         ([13, 13], [13, 13], [1, 1], [1, 1], [6, 6, 6, 6]),
         ([7, 11], [5, 3], [1, 2], [1, 1], [2, 1, 2, 1]),
         ([9, 10], [3, 3], [2, 3], [2, 2], [1, 2, 0, 3]),
@@ -463,17 +469,18 @@ fn pooling_matches_direct_loop() {
 #[test]
 fn max_pooling_propagates_nan() {
     // One NaN at (2, 3) of a 5×7 plane: every window holding it gives NaN, no other does, at
-    // stride 1 (whole-plane shifts) and stride 2 (row then column passes).
+    // stride 1 (whole-plane shifts), stride 2 (row then column passes) and in 2-column pairs.
     let mut x = vec![0.5f32; 35];
     x[2 * 7 + 3] = f32::NAN;
     let xt = f32t(&[1, 1, 5, 7], &x);
-    for s in [1usize, 2] {
+    // (kernel, strides, leading pad)
+    for (k, st, p) in [([3, 3], [1, 1], 1), ([3, 3], [2, 2], 1), ([2, 2], [2, 2], 0), ([1, 2], [1, 2], 0)] {
         let attrs = crate::graph::PoolAttrs {
             kind: crate::graph::PoolKind::Max,
             global: false,
-            kernel_shape: vec![3, 3],
-            strides: vec![s as i64, s as i64],
-            pads: vec![1, 1, 1, 1],
+            kernel_shape: k.iter().map(|&v| v as i64).collect(),
+            strides: st.iter().map(|&v| v as i64).collect(),
+            pads: vec![p as i64; 4],
             dilations: vec![],
             auto_pad: AutoPad::NotSet,
             ceil_mode: false,
@@ -484,9 +491,10 @@ fn max_pooling_propagates_nan() {
         let (oh, ow) = (got.shape()[2], got.shape()[3]);
         for oy in 0..oh {
             for ox in 0..ow {
-                let hit = (oy * s).abs_diff(2) <= 1 && (ox * s).abs_diff(3) <= 1;
+                let inside = |o: usize, s: usize, k: usize, at: usize| (o * s..o * s + k).contains(&(at + p));
+                let hit = inside(oy, st[0], k[0], 2) && inside(ox, st[1], k[1], 3);
                 let v = got.as_f32().unwrap()[oy * ow + ox];
-                assert_eq!(v.is_nan(), hit, "stride {s} [{oy},{ox}]: {v}");
+                assert_eq!(v.is_nan(), hit, "kernel {k:?}, stride {st:?} [{oy},{ox}]: {v}");
             }
         }
     }
