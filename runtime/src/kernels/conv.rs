@@ -148,6 +148,26 @@ fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32],
     // Padded columns left..left + n hold input columns 0..n; the rest is padding.
     let left = g.pw.min(wp);
     let n = g.w.min(wp - left);
+    if g.sh == 1 && g.sw == 1 {
+        // One phase: each padded row is its zeros, the input row, its zeros (the bounds worked
+        // out once: per row they cost more than the copy of a narrow map's row).
+        let b0 = left.min(wq);
+        let b1 = (left + n).clamp(b0, wq);
+        for ci in 0..cg {
+            let plane = &x[ci * g.h * g.w..][..g.h * g.w];
+            let chan = &mut buf[ci * ph.per_channel..][..ph.per_channel];
+            for (a, drow) in chan.chunks_exact_mut(wq).take(hq).enumerate() {
+                let Some(iy) = a.checked_sub(g.ph).filter(|&i| i < g.h) else {
+                    drow.fill(T::default());
+                    continue;
+                };
+                fill_short(&mut drow[..b0]);
+                strided_run(&mut drow[b0..b1], &plane[iy * g.w..], 0, 1, |d, s| *d = f(s));
+                fill_short(&mut drow[b1..]);
+            }
+        }
+        return;
+    }
     for ci in 0..cg {
         let plane = &x[ci * g.h * g.w..][..g.h * g.w];
         let chan = &mut buf[ci * ph.per_channel..][..ph.per_channel];
@@ -168,8 +188,8 @@ fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32],
                     let b0 = left.saturating_sub(rx).div_ceil(g.sw).min(wq);
                     let b1 = (left + n).saturating_sub(rx).div_ceil(g.sw).clamp(b0, wq);
                     let drow = &mut chan[row(rx)..][..wq];
-                    drow[..b0].fill(T::default());
-                    drow[b1..].fill(T::default());
+                    fill_short(&mut drow[..b0]);
+                    fill_short(&mut drow[b1..]);
                     if g.sw != 2 && b1 > b0 {
                         strided_run(&mut drow[b0..b1], xrow, rx + g.sw * b0 - left, g.sw, |d, s| *d = f(s));
                     }
@@ -183,6 +203,20 @@ fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32],
         }
     }
 }
+}
+
+/// Zeroes a run of a few values (a row's padding) with inline stores: `fill` calls `memset`,
+/// whose call costs more than the run (two per row of a 1×3 convolution's input).
+#[inline(always)]
+fn fill_short<T: Lane>(dst: &mut [T]) {
+    let mut chunks = dst.chunks_exact_mut(4);
+    for c in &mut chunks {
+        c.copy_from_slice(&[T::default(); 4]);
+    }
+    for (i, d) in chunks.into_remainder().iter_mut().enumerate() {
+        // An index-dependent select (never taken) keeps the loop from becoming a `memset` call.
+        *d = if i < 4 { T::default() } else { *d };
+    }
 }
 
 /// Input row `xrow` at padded columns `left..left + xrow.len()` split by column parity: padded
