@@ -139,10 +139,11 @@ impl Lane for f32 {}
 impl Lane for i8 {}
 
 multiversion! {
-/// Lays out `cg` input planes as [`Phases`] describes (padding as zeros), each value through
-/// `f` (the identity, or the int8 quantizer). Each input row is read once (at stride 2 split
-/// into its two column phases in one pass), and only the padding is zeroed.
-fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32], buf: &mut [T], f: F) {
+/// Lays out `cg` input planes as [`Phases`] describes (padding as `pad`: zero, or the code of
+/// zero), each value through `f` (the identity, or the int8 quantizer). Each input row is read
+/// once (at stride 2 split into its two column phases in one pass), and only the padding is
+/// written.
+fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32], buf: &mut [T], pad: T, f: F) {
     let (hq, wq) = (ph.hq, ph.wq);
     let (_, wp) = g.padded_extent();
     // Padded columns left..left + n hold input columns 0..n; the rest is padding.
@@ -158,12 +159,12 @@ fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32],
             let chan = &mut buf[ci * ph.per_channel..][..ph.per_channel];
             for (a, drow) in chan.chunks_exact_mut(wq).take(hq).enumerate() {
                 let Some(iy) = a.checked_sub(g.ph).filter(|&i| i < g.h) else {
-                    drow.fill(T::default());
+                    drow.fill(pad);
                     continue;
                 };
-                fill_short(&mut drow[..b0]);
+                fill_short(&mut drow[..b0], pad);
                 strided_run(&mut drow[b0..b1], &plane[iy * g.w..], 0, 1, |d, s| *d = f(s));
-                fill_short(&mut drow[b1..]);
+                fill_short(&mut drow[b1..], pad);
             }
         }
         return;
@@ -178,7 +179,7 @@ fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32],
                 let row = |rx: usize| ((ry * g.sw + rx) * hq + a) * wq;
                 let Some(iy) = iy else {
                     for rx in 0..g.sw {
-                        chan[row(rx)..][..wq].fill(T::default());
+                        chan[row(rx)..][..wq].fill(pad);
                     }
                     continue;
                 };
@@ -188,8 +189,8 @@ fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32],
                     let b0 = left.saturating_sub(rx).div_ceil(g.sw).min(wq);
                     let b1 = (left + n).saturating_sub(rx).div_ceil(g.sw).clamp(b0, wq);
                     let drow = &mut chan[row(rx)..][..wq];
-                    fill_short(&mut drow[..b0]);
-                    fill_short(&mut drow[b1..]);
+                    fill_short(&mut drow[..b0], pad);
+                    fill_short(&mut drow[b1..], pad);
                     if g.sw != 2 && b1 > b0 {
                         strided_run(&mut drow[b0..b1], xrow, rx + g.sw * b0 - left, g.sw, |d, s| *d = f(s));
                     }
@@ -205,17 +206,17 @@ fn lay_out<T: Lane, F: Fn(f32) -> T>(g: &Geo, ph: &Phases, cg: usize, x: &[f32],
 }
 }
 
-/// Zeroes a run of a few values (a row's padding) with inline stores: `fill` calls `memset`,
+/// Fills a run of a few values (a row's padding) with inline stores: `fill` calls `memset`,
 /// whose call costs more than the run (two per row of a 1×3 convolution's input).
 #[inline(always)]
-fn fill_short<T: Lane>(dst: &mut [T]) {
+fn fill_short<T: Lane>(dst: &mut [T], v: T) {
     let mut chunks = dst.chunks_exact_mut(4);
     for c in &mut chunks {
-        c.copy_from_slice(&[T::default(); 4]);
+        c.copy_from_slice(&[v; 4]);
     }
     for (i, d) in chunks.into_remainder().iter_mut().enumerate() {
         // An index-dependent select (never taken) keeps the loop from becoming a `memset` call.
-        *d = if i < 4 { T::default() } else { *d };
+        *d = if i < 4 { v } else { *d };
     }
 }
 
@@ -507,7 +508,7 @@ pub fn conv_gemm(
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(lc.ptr().add(c0 * ph.per_channel), (c1 - c0) * ph.per_channel)
             };
-            lay_out(g, &ph, c1 - c0, &x[c0 * g.h * g.w..c1 * g.h * g.w], dst, |v| v);
+            lay_out(g, &ph, c1 - c0, &x[c0 * g.h * g.w..c1 * g.h * g.w], dst, 0.0, |v| v);
         });
         laid
     };
@@ -1275,6 +1276,61 @@ fn max_abs_par(x: &[f32], threads: usize) -> f32 {
     m.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The smallest and largest of `x`, over threads.
+#[cfg(target_arch = "x86_64")]
+fn min_max_par(x: &[f32], threads: usize) -> (f32, f32) {
+    let m = std::sync::Mutex::new((f32::INFINITY, f32::NEG_INFINITY));
+    super::pool::for_ranges(threads, x.len(), PREP_MIN, &|r| {
+        let mut v = (0.0, 0.0);
+        super::math::min_max_into(&x[r], &mut v);
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        *g = (g.0.min(v.0), g.1.max(v.1));
+    });
+    m.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`quantize_input`] with unsigned codes `u = round(v·inv) + zp` (0..=255) stored as `u − 128`,
+/// the padding as the code of zero: the VNNI tile's input, whose range is the input's own
+/// (`[min, max]` with zero inside) rather than `±max|x|` — twice the resolution for inputs on
+/// one side of zero (after ReLU, or LeakyReLU clipped below).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn quantize_input_offset(
+    g: &Geo,
+    ph: &Phases,
+    cg: usize,
+    x: &[f32],
+    inv: f32,
+    zp: i32,
+    q: &mut Vec<i8>,
+    threads: usize,
+) {
+    use super::pool::{for_ranges, SharedOut};
+    let plane = g.h * g.w;
+    let off = (zp - 128) as f32;
+    let pad = (zp - 128) as i8;
+    if ph.in_place {
+        q.resize(cg * plane, 0);
+        let qs = SharedOut::new(&mut q[..]);
+        for_ranges(threads, cg * plane, PREP_MIN, &|r| {
+            // SAFETY: the ranges of `for_ranges` are disjoint, inside `q` (sized above), which
+            // outlives the call.
+            let dst = unsafe { qs.range(r.clone()) };
+            super::math::quantize_i8_offset(&x[r], inv, off, dst);
+        });
+    } else {
+        let per = ph.per_channel;
+        q.resize(ph.len(cg), 0);
+        q[cg * per..].fill(pad);
+        let qs = SharedOut::new(&mut q[..]);
+        for_ranges(threads, cg, PREP_MIN.div_ceil(plane.max(1)), &|r| {
+            // SAFETY: channel ranges are disjoint, so their laid-out planes are; inside `q`.
+            let dst = unsafe { qs.range(r.start * per..r.end * per) };
+            lay_out(g, ph, r.len(), &x[r.start * plane..], dst, pad, |v| super::math::round_to_i8_full(v * inv + off));
+        });
+    }
+}
+
 /// The int8 codes (`round(v·inv)`) of `cg` input channels into `q`: laid out as `ph` says, or
 /// as they are when it reads the input in place; channels split over `threads`.
 #[allow(clippy::too_many_arguments)]
@@ -1298,7 +1354,7 @@ fn quantize_input(g: &Geo, ph: &Phases, cg: usize, x: &[f32], inv: f32, q: &mut 
         for_ranges(threads, cg, PREP_MIN.div_ceil(plane.max(1)), &|r| {
             // SAFETY: channel ranges are disjoint, so their laid-out planes are; inside `q`.
             let dst = unsafe { qs.range(r.start * per..r.end * per) };
-            lay_out(g, ph, r.len(), &x[r.start * plane..], dst, |v| super::math::round_to_i8(v * inv));
+            lay_out(g, ph, r.len(), &x[r.start * plane..], dst, 0, |v| super::math::round_to_i8(v * inv));
         });
     }
 }
@@ -1408,8 +1464,8 @@ pub fn conv_q8(
 
 /// A q8 convolution's weights as [`conv_q8_vnni`] reads them: regrouped to the interleaved
 /// input's order (row `r`, group `(c/4, ky, kx)`, channel `c % 4`; channels past `cg` zero —
-/// the stored order already with one tap), each row's offset correction (`−128 · Σ codes`, for
-/// the input's +128) and scale. Built once per session and weight (`ops::Prepared`): building
+/// the stored order already with one tap), each row's sum of codes (the input's zero point
+/// times it is the row's offset correction) and scale. Built once per session and weight (`ops::Prepared`): building
 /// it on every call cost a third of a wake-word network's q8 time.
 #[cfg(target_arch = "x86_64")]
 #[derive(Debug)]
@@ -1418,7 +1474,7 @@ pub struct ConvRows {
     ldw: usize,
     groups: usize,
     wq: Vec<i8>,
-    corr: Vec<i32>,
+    sums: Vec<i32>,
     scales: Vec<f32>,
 }
 
@@ -1430,7 +1486,7 @@ impl ConvRows {
     pub fn new(q: &[i8], scales: &[f32], m: usize, kp: usize, cg: usize, taps: usize) -> Self {
         let groups = cg.div_ceil(4) * taps;
         assert!(q.len() >= m * kp && scales.len() >= m && cg * taps <= kp && kp.is_multiple_of(32));
-        let corr = q.chunks_exact(kp).take(m).map(|r| -128 * r.iter().map(|&v| v as i32).sum::<i32>()).collect();
+        let sums = q.chunks_exact(kp).take(m).map(|r| r.iter().map(|&v| v as i32).sum::<i32>()).collect();
         let (wq, ldw) = if taps == 1 {
             (q[..m * kp].to_vec(), kp)
         } else {
@@ -1448,13 +1504,14 @@ impl ConvRows {
             }
             (wq, ldw)
         };
-        ConvRows { m, ldw, groups, wq, corr, scales: scales[..m].to_vec() }
+        ConvRows { m, ldw, groups, wq, sums, scales: scales[..m].to_vec() }
     }
 }
 
 thread_local! {
-    /// [`conv_q8_vnni`]'s output scales (each row's times the input's), grown once per thread.
-    static C4_SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`conv_q8_vnni`]'s output scales (each row's times the input's) and offset corrections
+    /// (the input's zero point times each row's sum), grown once per thread.
+    static C4_SCALES: std::cell::RefCell<(Vec<f32>, Vec<i32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     /// [`conv_q8_vnni`]'s input: its int8 layout, then the four-channel interleave.
     static C4_INPUT: std::cell::RefCell<(Vec<i8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -1487,9 +1544,12 @@ pub fn conv_q8_vnni(
     let groups = cg4 * taps;
     assert_eq!(groups, w.groups, "conv_q8_vnni: weights regrouped for another geometry");
     let grid = g.oh * ph.wq;
-    let amax = max_abs_par(&x[..cg * g.h * g.w], threads);
-    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    // Unsigned codes over the input's own range, zero exactly representable (the code `zp`).
+    let (lo, hi) = min_max_par(&x[..cg * g.h * g.w], threads);
+    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+    let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
     let inv = 1.0 / scale;
+    let zp = ((-lo * inv).round() as i32).clamp(0, 255);
     let block = {
         let b = ((INDIRECT_BLOCK_FLOATS / mg.max(1)) / NR).max(1) * NR;
         match threads {
@@ -1503,14 +1563,16 @@ pub fn conv_q8_vnni(
     TAPS.with(|taps_cell| {
         C4_SCALES.with(|scales_cell| {
             C4_INPUT.with(|input_cell| {
-                let scales = &mut *scales_cell.borrow_mut();
+                let (scales, corr) = &mut *scales_cell.borrow_mut();
                 scales.clear();
                 scales.extend(w.scales.iter().map(|&s| s * scale));
-                let (wrows, ldw, corr) = (&w.wq[..], w.ldw, &w.corr[..]);
+                corr.clear();
+                corr.extend(w.sums.iter().map(|&s| -zp * s));
+                let (wrows, ldw, corr) = (&w.wq[..], w.ldw, &corr[..]);
                 // The input: int8 codes laid out, then interleaved by four channels (+128).
                 let (planar, c4) = &mut *input_cell.borrow_mut();
                 let per = if ph.in_place { g.h * g.w } else { ph.per_channel };
-                quantize_input(g, &ph, cg, x, inv, planar, threads);
+                quantize_input_offset(g, &ph, cg, x, inv, zp, planar, threads);
                 c4.resize((cg4 * per + ph.wq + NR) * 4, 0x80);
                 {
                     // Groups of four channels split over threads.
@@ -1687,8 +1749,19 @@ mod tests {
             rows.scales = (0..m * kp / 32).map(|b| wscale[b / (kp / 32)]).collect();
             rows.sums = rows.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
             let bias = crate::kernels::pseudo_random(m, 99);
-            let xs = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
-            let xq = |v: f32| (v / xs).round_ties_even().clamp(-127.0, 127.0) as i32;
+            // The input's codes: symmetric (±max|x|) in the panel kernels, unsigned over
+            // [min, max] with zero at code `zp` in the VNNI tile's (`quantize_input_offset`).
+            let vnni = cfg!(target_arch = "x86_64") && super::super::selected() == super::super::Isa::Avx512Vnni;
+            let (lo, hi) = x.iter().fold((0.0f32, 0.0f32), |(l, h), &v| (l.min(v), h.max(v)));
+            let xs = if vnni { (hi - lo) / 255.0 } else { x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0 };
+            let zp = ((-lo * (1.0 / xs)).round() as i32).clamp(0, 255);
+            let xq = |v: f32| {
+                if vnni {
+                    (v * (1.0 / xs) + (zp - 128) as f32).round_ties_even().clamp(-128.0, 127.0) as i32 + 128 - zp
+                } else {
+                    (v * (1.0 / xs)).round_ties_even().clamp(-127.0, 127.0) as i32
+                }
+            };
             let mut want = vec![0.0f32; m * oh * ow];
             for r in 0..m {
                 for oy in 0..oh {

@@ -242,6 +242,42 @@ multiversion! {
 }
 
 multiversion! {
+    /// The smallest and largest value (`(+inf, −inf)` when empty; NaN ignored).
+    fn min_max_into(x: &[f32], out: &mut (f32, f32)) {
+        let (mut lo, mut hi) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16]);
+        let mut it = x.chunks_exact(16);
+        for c in &mut it {
+            for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(c) {
+                *l = l.min(v);
+                *h = h.max(v);
+            }
+        }
+        let (mut a, mut b) = (lo.iter().fold(f32::INFINITY, |a, &v| a.min(v)), hi.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)));
+        for &v in it.remainder() {
+            (a, b) = (a.min(v), b.max(v));
+        }
+        *out = (a, b);
+    }
+}
+
+/// `round(v)` clamped to `[-128, 127]`, ties to even (NaN → 0): [`round_to_i8`] with the full
+/// signed range, for codes that are an unsigned code minus 128.
+#[inline(always)]
+pub fn round_to_i8_full(v: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v.clamp(-128.0, 127.0) + MAGIC).to_bits() as u8 as i8
+}
+
+multiversion! {
+    /// `q[i] = round(x[i] · inv + off)` clamped to `[-128, 127]` ([`round_to_i8_full`]).
+    fn quantize_i8_offset(x: &[f32], inv: f32, off: f32, q: &mut [i8]) {
+        for (o, &v) in q.iter_mut().zip(x) {
+            *o = round_to_i8_full(v * inv + off);
+        }
+    }
+}
+
+multiversion! {
     /// `q[i] = round(x[i] · inv)` clamped to ±127, ties to even ([`round_to_i8`]).
     fn quantize_i8(x: &[f32], inv: f32, q: &mut [i8]) {
         for (o, &v) in q.iter_mut().zip(x) {
