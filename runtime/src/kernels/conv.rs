@@ -1276,13 +1276,13 @@ fn max_abs_par(x: &[f32], threads: usize) -> f32 {
     m.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The smallest and largest of `x`, over threads.
+/// The smallest and largest of `x`, over threads (the CPU has AVX-512 F).
 #[cfg(target_arch = "x86_64")]
 fn min_max_par(x: &[f32], threads: usize) -> (f32, f32) {
     let m = std::sync::Mutex::new((f32::INFINITY, f32::NEG_INFINITY));
     super::pool::for_ranges(threads, x.len(), PREP_MIN, &|r| {
-        let mut v = (0.0, 0.0);
-        super::math::min_max_into(&x[r], &mut v);
+        // SAFETY: called by the VNNI path only, whose CPU has AVX-512 F.
+        let v = unsafe { super::x86::min_max_avx512(&x[r]) };
         let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
         *g = (g.0.min(v.0), g.1.max(v.1));
     });

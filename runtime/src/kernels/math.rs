@@ -241,25 +241,6 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// The smallest and largest value (`(+inf, −inf)` when empty; NaN ignored).
-    fn min_max_into(x: &[f32], out: &mut (f32, f32)) {
-        let (mut lo, mut hi) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16]);
-        let mut it = x.chunks_exact(16);
-        for c in &mut it {
-            for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(c) {
-                *l = l.min(v);
-                *h = h.max(v);
-            }
-        }
-        let (mut a, mut b) = (lo.iter().fold(f32::INFINITY, |a, &v| a.min(v)), hi.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)));
-        for &v in it.remainder() {
-            (a, b) = (a.min(v), b.max(v));
-        }
-        *out = (a, b);
-    }
-}
-
 /// `round(v)` clamped to `[-128, 127]`, ties to even (NaN → 0): [`round_to_i8`] with the full
 /// signed range, for codes that are an unsigned code minus 128.
 #[inline(always)]
@@ -650,6 +631,33 @@ mod tests {
         // SAFETY: as above.
         unsafe { crate::kernels::x86::softmax_rows_avx512(&x, &mut out, 20, false) };
         assert!(out.iter().all(|v| v.is_nan()));
+    }
+
+    /// `x86::min_max_avx512` against a scalar fold: lengths around its 64-float blocks, the
+    /// extremes in the blocks and in the tail, ±inf, NaN ignored.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_min_max_matches_scalar() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for n in (0..70).chain([127, 128, 129, 1000]) {
+            for case in 0..4 {
+                let mut x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731).sin() * 5.0 - 1.0).collect();
+                if n > 0 {
+                    match case {
+                        1 => x[n - 1] = 40.0,
+                        2 => x[n / 2] = f32::NEG_INFINITY,
+                        3 => x[(n * 3) / 4] = f32::NAN,
+                        _ => {}
+                    }
+                }
+                let want = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+                // SAFETY: the CPU has AVX-512 F (checked above).
+                let got = unsafe { crate::kernels::x86::min_max_avx512(&x) };
+                assert_eq!(got, want, "n {n}, case {case}");
+            }
+        }
     }
 
     /// The x86 vector sigmoid/swish kernels (each this CPU supports) against the scalar

@@ -583,6 +583,34 @@ fn exp8(x: __m256) -> __m256 {
     _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi))
 }
 
+/// The smallest and largest value of `x` (`(+inf, −inf)` when empty; NaN ignored: the
+/// running value is `vminps`' / `vmaxps`' second operand, which they return when either is
+/// NaN), with AVX-512, four accumulators each.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32) {
+    let mut lo = [_mm512_set1_ps(f32::INFINITY); 4];
+    let mut hi = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut blocks = x.chunks_exact(64);
+    for b in &mut blocks {
+        for j in 0..4 {
+            // SAFETY: the block holds 64 floats; j·16 + 16 ≤ 64.
+            let v = unsafe { _mm512_loadu_ps(b.as_ptr().add(j * 16)) };
+            lo[j] = _mm512_min_ps(v, lo[j]);
+            hi[j] = _mm512_max_ps(v, hi[j]);
+        }
+    }
+    let l = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+    let h = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+    let (mut a, mut z) = (_mm512_reduce_min_ps(l), _mm512_reduce_max_ps(h));
+    for &v in blocks.remainder() {
+        (a, z) = (a.min(v), z.max(v));
+    }
+    (a, z)
+}
+
 /// `y·σ(α·y)` (`swish`) or `σ(α·y)` of `y = src[i] + bias`, into `dst[i]`, for `i < n`, with
 /// AVX-512 (`σ(t) = 1 / (1 + e^−t)`, the exponential by [`exp16`], the tail by lane masks).
 ///
