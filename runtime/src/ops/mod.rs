@@ -78,6 +78,9 @@ pub struct Ctx<'a> {
 /// address names one weight) and the geometry it was rearranged for.
 #[derive(Debug, Default)]
 pub struct Prepared {
+    /// f32 weights transposed into the GEMM's panels, by (address, rows, columns): the
+    /// single-channel windowed convolutions' (`conv::run_windows`).
+    pub(crate) f32_panels: std::collections::HashMap<(usize, usize, usize), Vec<f32>>,
     /// q8 convolution rows for AVX-512 VNNI, by (address, channels per group, taps).
     #[cfg(target_arch = "x86_64")]
     pub(crate) conv_rows: std::collections::HashMap<(usize, usize, usize), crate::kernels::conv::ConvRows>,

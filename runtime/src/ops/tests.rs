@@ -184,6 +184,10 @@ fn conv_matches_direct_loop() {
         // a pointwise convolution deeper than one depth step, its output written in place
         // (grid columns are output columns) with a partial last column tile
         (1, 150, 21, 29, 30, 1, 1, [1, 1], [0, 0, 0, 0], [1, 1], 1),
+        // one channel read by windows along a row (an STFT front end: the transposed
+        // product), a batch of two; with an end pad its windows never reach
+        (2, 1, 1, 640, 40, 1, 64, [1, 32], [0, 0, 0, 0], [1, 1], 1),
+        (1, 1, 1, 100, 33, 1, 10, [1, 10], [0, 0, 0, 5], [1, 1], 1),
     ];
     for (i, &(n, c, h, w, m, kh, kw, st, pd, dl, g)) in cases.iter().enumerate() {
         let x = gen(n * c * h * w, i);
