@@ -37,6 +37,26 @@ fn figure(rec: &acorn::format::PassRecord, key: &str) -> Option<f64> {
     rec.report.iter().find(|(n, _)| n == key).map(|(_, v)| *v)
 }
 
+/// A builder graph written to `dir/name.onnx` and converted with the default options: the
+/// ONNX path and the opened model.
+fn builder_model(dir: &Path, name: &str, onnx: Vec<u8>) -> (PathBuf, Model) {
+    let src = dir.join(format!("{name}.onnx"));
+    std::fs::write(&src, onnx).unwrap();
+    let out = convert_to(&src, dir, &format!("{name}.acorn"), &ConvertOptions::default());
+    (src, Model::open(&out).unwrap())
+}
+
+/// Outputs `names` of `m` on input `x` (with `threads`) within `tol` of ONNX Runtime's on `src`.
+fn assert_matches_onnx_runtime(m: &Model, src: &Path, x: &Tensor, names: &[&str], tol: f32, threads: usize) {
+    let want = OrtModel::load(src, 1).unwrap().run(&[("x", x)], names).unwrap();
+    let got = m.session().with_threads(threads).commit().unwrap().run(&[("x", x)]).unwrap();
+    for ((g, w), name) in got.iter().zip(&want).zip(names) {
+        assert_eq!(g.shape(), w.shape(), "{name}");
+        let worst = max_abs_diff(g, w);
+        assert!(worst < tol, "{name}, {threads} thread(s): max |Acorn − ONNX Runtime| = {worst}");
+    }
+}
+
 /// A MobileNetV3 / YOLO-style stack: stem conv + BatchNorm + HardSwish (decomposed), a
 /// depthwise 3×3 + BatchNorm + ReLU, a squeeze-excite block, a pointwise conv with a
 /// per-channel affine and HardSigmoid-spelled HardSwish, a stride-2 SiLU conv, a 5×5 max pool,
@@ -206,10 +226,7 @@ fn gemm_heads() -> Vec<u8> {
 #[test]
 fn gemm_heads_run_as_matmul_and_match_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("gemm.onnx");
-    std::fs::write(&src, gemm_heads()).unwrap();
-    let out = convert_to(&src, dir.path(), "gemm.acorn", &ConvertOptions::default());
-    let m = Model::open(&out).unwrap();
+    let (src, m) = builder_model(dir.path(), "gemm", gemm_heads());
     let rec = pass_record(&m, "gemm_as_matmul");
     let get = |k: &str| figure(rec, k);
     assert_eq!(
@@ -222,14 +239,7 @@ fn gemm_heads_run_as_matmul_and_match_onnx_runtime() {
     assert_eq!(ops.iter().filter(|o| matches!(o, Op::Gemm { .. })).count(), 1, "{ops:?}");
     assert_eq!(ops.iter().filter(|o| matches!(o, Op::MatMul)).count(), 2, "{ops:?}");
     let x = Tensor::from_f32(vec![6, 40], pseudo_random(6 * 40, 9));
-    let mut s = m.session().commit().unwrap();
-    let got = s.run(&[("x", &x)]).unwrap();
-    let want = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &["y", "z"]).unwrap();
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g.shape(), w.shape());
-        let worst = max_abs_diff(g, w);
-        assert!(worst < 1e-4, "max |Acorn − ONNX Runtime| = {worst}");
-    }
+    assert_matches_onnx_runtime(&m, &src, &x, &["y", "z"], 1e-4, 1);
 }
 
 fn q8() -> ConvertOptions {
@@ -426,23 +436,12 @@ fn lstms() -> Vec<u8> {
 #[test]
 fn lstm_weights_in_panels_match_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("lstm.onnx");
-    std::fs::write(&src, lstms()).unwrap();
-    let out = convert_to(&src, dir.path(), "lstm.acorn", &ConvertOptions::default());
-    let m = Model::open(&out).unwrap();
+    let (src, m) = builder_model(dir.path(), "lstm", lstms());
     // W and R of both LSTMs, stored transposed in the GEMM's panels.
     assert_eq!(figure(pass_record(&m, "pack_weights"), "tensors"), Some(4.0));
     let x = Tensor::from_f32(vec![7, 2, 20], pseudo_random(7 * 2 * 20, 19));
-    let names = ["y", "yh", "yc", "y1"];
-    let want = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &names).unwrap();
     for threads in [1, 2] {
-        let mut s = m.session().with_threads(threads).commit().unwrap();
-        let got = s.run(&[("x", &x)]).unwrap();
-        for ((g, w), name) in got.iter().zip(&want).zip(names) {
-            assert_eq!(g.shape(), w.shape(), "{name}");
-            let worst = max_abs_diff(g, w);
-            assert!(worst < 1e-5, "{name}, {threads} thread(s): max |Acorn − ONNX Runtime| = {worst}");
-        }
+        assert_matches_onnx_runtime(&m, &src, &x, &["y", "yh", "yc", "y1"], 1e-5, threads);
     }
 }
 
@@ -517,10 +516,7 @@ fn bounded_convs() -> Vec<u8> {
 #[test]
 fn constant_bounds_after_convolutions_fuse_and_match_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("bounds.onnx");
-    std::fs::write(&src, bounded_convs()).unwrap();
-    let out = convert_to(&src, dir.path(), "bounds.acorn", &ConvertOptions::default());
-    let m = Model::open(&out).unwrap();
+    let (src, m) = builder_model(dir.path(), "bounds", bounded_convs());
     let rec = pass_record(&m, "fuse_conv");
     let get = |k: &str| figure(rec, k);
     assert_eq!(
@@ -533,13 +529,7 @@ fn constant_bounds_after_convolutions_fuse_and_match_onnx_runtime() {
     let maxes = m.metadata().graph.nodes.iter().filter(|n| n.op == Op::Binary(acorn::graph::BinaryOp::Max)).count();
     assert_eq!(maxes, 1);
     let x = Tensor::from_f32(vec![1, 8, 10, 12], pseudo_random(8 * 10 * 12, 50).iter().map(|v| v * 3.0).collect());
-    let names = ["ya", "yb", "yc", "yd", "ye"];
-    let want = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &names).unwrap();
-    let got = m.session().commit().unwrap().run(&[("x", &x)]).unwrap();
-    for ((g, w), name) in got.iter().zip(&want).zip(names) {
-        let worst = max_abs_diff(g, w);
-        assert!(worst < 1e-4, "{name}: max |Acorn − ONNX Runtime| = {worst}");
-    }
+    assert_matches_onnx_runtime(&m, &src, &x, &["ya", "yb", "yc", "yd", "ye"], 1e-4, 1);
 }
 
 #[test]

@@ -89,8 +89,9 @@ pub struct Session {
     mode: PlanMode,
     /// The model's output names, shared by every run's [`Outputs`].
     output_names: std::sync::Arc<[String]>,
-    /// Weights rearranged for the selected kernels on their first run (q8 convolutions for
-    /// the VNNI tile): the model's weights outlive the session, so their addresses are keys.
+    /// Weights rearranged for the selected kernels on their first run (q8 convolution rows for
+    /// the VNNI tile, a windowed convolution's transposed f32 panels): the model's weights
+    /// outlive the session, so their addresses are keys.
     prepared: ops::Prepared,
 }
 

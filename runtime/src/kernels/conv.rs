@@ -1289,26 +1289,24 @@ fn min_max_par(x: &[f32], threads: usize) -> (f32, f32) {
     m.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
-/// [`quantize_input`] with unsigned codes `u = round(v·inv) + zp` (0..=255) stored as `u − 128`,
-/// the padding as the code of zero: the VNNI tile's input, whose range is the input's own
-/// (`[min, max]` with zero inside) rather than `±max|x|` — twice the resolution for inputs on
-/// one side of zero (after ReLU, or LeakyReLU clipped below).
-#[cfg(target_arch = "x86_64")]
+/// The int8 codes of `cg` input channels into `q`: `round(v·inv + off)` clamped to
+/// `[lo, 127]`, laid out as `ph` says (the padding as the code of zero, `off`), or as they are
+/// when it reads the input in place; channels split over `threads`. Symmetric codes for the
+/// panel kernels: `off = 0`, `lo = −127`; the VNNI tile's unsigned codes `u = round(v·inv) + zp`
+/// stored as `u − 128`: `off = zp − 128`, `lo = −128`.
 #[allow(clippy::too_many_arguments)]
-fn quantize_input_offset(
+fn quantize_input(
     g: &Geo,
     ph: &Phases,
     cg: usize,
     x: &[f32],
-    inv: f32,
-    zp: i32,
+    (inv, off, lo): (f32, f32, f32),
     q: &mut Vec<i8>,
     threads: usize,
 ) {
     use super::pool::{for_ranges, SharedOut};
     let plane = g.h * g.w;
-    let off = (zp - 128) as f32;
-    let pad = (zp - 128) as i8;
+    let pad = super::math::round_to_i8_from(off, lo);
     if ph.in_place {
         q.resize(cg * plane, 0);
         let qs = SharedOut::new(&mut q[..]);
@@ -1316,7 +1314,7 @@ fn quantize_input_offset(
             // SAFETY: the ranges of `for_ranges` are disjoint, inside `q` (sized above), which
             // outlives the call.
             let dst = unsafe { qs.range(r.clone()) };
-            super::math::quantize_i8_offset(&x[r], inv, off, dst);
+            super::math::quantize_i8_offset(&x[r], inv, off, lo, dst);
         });
     } else {
         let per = ph.per_channel;
@@ -1326,35 +1324,9 @@ fn quantize_input_offset(
         for_ranges(threads, cg, PREP_MIN.div_ceil(plane.max(1)), &|r| {
             // SAFETY: channel ranges are disjoint, so their laid-out planes are; inside `q`.
             let dst = unsafe { qs.range(r.start * per..r.end * per) };
-            lay_out(g, ph, r.len(), &x[r.start * plane..], dst, pad, |v| super::math::round_to_i8_full(v * inv + off));
-        });
-    }
-}
-
-/// The int8 codes (`round(v·inv)`) of `cg` input channels into `q`: laid out as `ph` says, or
-/// as they are when it reads the input in place; channels split over `threads`.
-#[allow(clippy::too_many_arguments)]
-fn quantize_input(g: &Geo, ph: &Phases, cg: usize, x: &[f32], inv: f32, q: &mut Vec<i8>, threads: usize) {
-    use super::pool::{for_ranges, SharedOut};
-    let plane = g.h * g.w;
-    if ph.in_place {
-        q.resize(cg * plane, 0);
-        let qs = SharedOut::new(&mut q[..]);
-        for_ranges(threads, cg * plane, PREP_MIN, &|r| {
-            // SAFETY: the ranges of `for_ranges` are disjoint, inside `q` (sized above), which
-            // outlives the call.
-            let dst = unsafe { qs.range(r.clone()) };
-            super::math::quantize_i8(&x[r], inv, dst);
-        });
-    } else {
-        let per = ph.per_channel;
-        q.resize(ph.len(cg), 0);
-        q[cg * per..].fill(0);
-        let qs = SharedOut::new(&mut q[..]);
-        for_ranges(threads, cg, PREP_MIN.div_ceil(plane.max(1)), &|r| {
-            // SAFETY: channel ranges are disjoint, so their laid-out planes are; inside `q`.
-            let dst = unsafe { qs.range(r.start * per..r.end * per) };
-            lay_out(g, ph, r.len(), &x[r.start * plane..], dst, 0, |v| super::math::round_to_i8(v * inv));
+            lay_out(g, ph, r.len(), &x[r.start * plane..], dst, pad, |v| {
+                super::math::round_to_i8_from(v * inv + off, lo)
+            });
         });
     }
 }
@@ -1422,7 +1394,7 @@ pub fn conv_q8(
             tap_offsets(g, &ph, cg, taps);
             let taps = &taps[..];
             let q = &mut *cell.borrow_mut();
-            quantize_input(g, &ph, cg, x, inv, q, threads);
+            quantize_input(g, &ph, cg, x, (inv, 0.0, -127.0), q, threads);
             let q = &q[..];
             let oc = SharedOut::new(out);
             let failed = std::sync::Mutex::new(None);
@@ -1572,7 +1544,7 @@ pub fn conv_q8_vnni(
                 // The input: int8 codes laid out, then interleaved by four channels (+128).
                 let (planar, c4) = &mut *input_cell.borrow_mut();
                 let per = if ph.in_place { g.h * g.w } else { ph.per_channel };
-                quantize_input_offset(g, &ph, cg, x, inv, zp, planar, threads);
+                quantize_input(g, &ph, cg, x, (inv, (zp - 128) as f32, -128.0), planar, threads);
                 c4.resize((cg4 * per + ph.wq + NR) * 4, 0x80);
                 {
                     // Groups of four channels split over threads.
@@ -1750,7 +1722,7 @@ mod tests {
             rows.sums = rows.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
             let bias = crate::kernels::pseudo_random(m, 99);
             // The input's codes: symmetric (±max|x|) in the panel kernels, unsigned over
-            // [min, max] with zero at code `zp` in the VNNI tile's (`quantize_input_offset`).
+            // [min, max] with zero at code `zp` in the VNNI tile's (`quantize_input`).
             let vnni = cfg!(target_arch = "x86_64") && super::super::selected() == super::super::Isa::Avx512Vnni;
             let (lo, hi) = x.iter().fold((0.0f32, 0.0f32), |(l, h), &v| (l.min(v), h.max(v)));
             let xs = if vnni { (hi - lo) / 255.0 } else { x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0 };

@@ -187,8 +187,15 @@ multiversion! {
 /// vectorise (an `f32 as i8` cast saturates element by element and kept these loops scalar).
 #[inline(always)]
 pub fn round_to_i8(v: f32) -> i8 {
+    round_to_i8_from(v, -127.0)
+}
+
+/// [`round_to_i8`] clamped to `[lo, 127]` (`lo` −127, or −128 for codes that are an unsigned
+/// code minus 128).
+#[inline(always)]
+pub fn round_to_i8_from(v: f32, lo: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0;
-    (v.clamp(-127.0, 127.0) + MAGIC).to_bits() as u8 as i8
+    (v.clamp(lo, 127.0) + MAGIC).to_bits() as u8 as i8
 }
 
 multiversion! {
@@ -241,28 +248,11 @@ multiversion! {
     }
 }
 
-/// `round(v)` clamped to `[-128, 127]`, ties to even (NaN → 0): [`round_to_i8`] with the full
-/// signed range, for codes that are an unsigned code minus 128.
-#[inline(always)]
-pub fn round_to_i8_full(v: f32) -> i8 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v.clamp(-128.0, 127.0) + MAGIC).to_bits() as u8 as i8
-}
-
 multiversion! {
-    /// `q[i] = round(x[i] · inv + off)` clamped to `[-128, 127]` ([`round_to_i8_full`]).
-    fn quantize_i8_offset(x: &[f32], inv: f32, off: f32, q: &mut [i8]) {
+    /// `q[i] = round(x[i] · inv + off)` clamped to `[lo, 127]` ([`round_to_i8_from`]).
+    fn quantize_i8_offset(x: &[f32], inv: f32, off: f32, lo: f32, q: &mut [i8]) {
         for (o, &v) in q.iter_mut().zip(x) {
-            *o = round_to_i8_full(v * inv + off);
-        }
-    }
-}
-
-multiversion! {
-    /// `q[i] = round(x[i] · inv)` clamped to ±127, ties to even ([`round_to_i8`]).
-    fn quantize_i8(x: &[f32], inv: f32, q: &mut [i8]) {
-        for (o, &v) in q.iter_mut().zip(x) {
-            *o = round_to_i8(v * inv);
+            *o = round_to_i8_from(v * inv + off, lo);
         }
     }
 }
