@@ -242,7 +242,11 @@ fn qgemm(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(2));
         let q8 = acorn::weights::q8::encode(&w, n, k);
         let (pq, ps) = acorn::weights::q8::pack_panels(&q8.q, &q8.scales, n, k, 32);
-        let q8p = acorn::weights::Q8Panels { n, k, nr: 32, q: &pq, scales: &ps };
+        let q8p = acorn::weights::Q8Panels { n, k, nr: 32, q: &pq, scales: &ps, narrow: false };
+        // The narrow codes `--target x86_64-avx2` / `x86_64-avx512` store.
+        let q7 = acorn::weights::q8::encode_within(&w, n, k, acorn::weights::q8::NARROW_MAX);
+        let (pq7, ps7) = acorn::weights::q8::pack_panels(&q7.q, &q7.scales, n, k, 32);
+        let q7p = acorn::weights::Q8Panels { n, k, nr: 32, q: &pq7, scales: &ps7, narrow: true };
         let q4 = acorn::weights::q4::encode(&w, n, k, 32, true);
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
         let mut qa = QActs::default();
@@ -264,6 +268,15 @@ fn qgemm(c: &mut Criterion) {
                     quant::gemm_q8_panels(isa, &qa, &q8p, &mut out, 1).unwrap()
                 })
             });
+            if isa.narrow_q8() {
+                let q7_name = quant::q8_kernel_name(isa, m, Some((32, true)));
+                g.bench_function(format!("{level}/q8-{q7_name}/1t"), |bch| {
+                    bch.iter(|| {
+                        quant::quantize_acts_q8(&a, m, k, &mut qa, 1).unwrap();
+                        quant::gemm_q8_panels(isa, &qa, &q7p, &mut out, 1).unwrap()
+                    })
+                });
+            }
             let q4_name = isa.q_rows().q4_panel.map_or(isa.q_rows().q4_name, |(name, _)| name);
             g.bench_function(format!("{level}/q4-{q4_name}/1t"), |bch| {
                 bch.iter(|| {

@@ -40,8 +40,14 @@ struct Product {
 }
 
 /// Scales the weights of every quantizable product that calibration saw, in `m`, and updates
-/// `grams`; returns the pass record.
-pub fn apply(m: &mut Module, opts: &QuantOptions, grams: &mut HashMap<ValueId, Gram>) -> Result<PassRecord> {
+/// `grams`; returns the pass record. `narrow`: q8 MatMul weights will be rounded to codes
+/// within ±64 (as [`quantize::quantize_weights`] is told), and the scales are chosen for those.
+pub fn apply(
+    m: &mut Module,
+    opts: &QuantOptions,
+    narrow: bool,
+    grams: &mut HashMap<ValueId, Gram>,
+) -> Result<PassRecord> {
     let keep: Vec<regex::Regex> = opts.keep_float.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
     let consts: HashMap<ValueId, usize> = m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
     // How many times each value and each tensor is read (graph outputs count).
@@ -119,7 +125,7 @@ pub fn apply(m: &mut Module, opts: &QuantOptions, grams: &mut HashMap<ValueId, G
             let mut err = 0.0;
             for (p, wt) in group.iter().zip(&weights) {
                 let sw = scale_columns(wt, k, &s, false);
-                let approx = quantize::rounded(opts.format, p.by_rows, &sw, p.rows, k);
+                let approx = quantize::rounded(opts.format, p.by_rows, narrow, &sw, p.rows, k);
                 let back = scale_columns(&approx, k, &s, true);
                 err += quantize::output_error_abs(wt, &back, p.rows, k, &hf);
             }

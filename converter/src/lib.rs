@@ -125,7 +125,7 @@ pub enum Target {
     /// The CPU doing the conversion.
     #[default]
     Host,
-    /// A named kernel set (`x86_64-avx512`, `x86_64-avx2`, `aarch64`, `generic`).
+    /// A named kernel set (`x86_64-avx512vnni`, `x86_64-avx512`, `x86_64-avx2`, `aarch64`, …).
     Isa(acorn::kernels::Isa),
     /// Plain row-major weights, packed at run time (`none`).
     Dense,
@@ -133,13 +133,14 @@ pub enum Target {
 
 impl Target {
     /// Names accepted by `--target`.
-    pub const NAMES: [&'static str; 7] =
-        ["host", "x86_64-avx512", "x86_64-avxvnni", "x86_64-avx2", "aarch64", "generic", "none"];
+    pub const NAMES: [&'static str; 8] =
+        ["host", "x86_64-avx512vnni", "x86_64-avx512", "x86_64-avxvnni", "x86_64-avx2", "aarch64", "generic", "none"];
 
     pub fn parse(s: &str) -> Result<Target> {
         use acorn::kernels::Isa;
         Ok(match s {
             "host" => Target::Host,
+            "x86_64-avx512vnni" => Target::Isa(Isa::Avx512Vnni),
             "x86_64-avx512" => Target::Isa(Isa::Avx512),
             "x86_64-avxvnni" => Target::Isa(Isa::AvxVnni),
             "x86_64-avx2" => Target::Isa(Isa::Avx2),
@@ -163,6 +164,17 @@ impl Target {
         match acorn::kernels::selected() {
             acorn::kernels::Isa::Reference => acorn::kernels::Isa::detect(),
             i => i,
+        }
+    }
+
+    /// Whether q8 MatMul weights get codes within ±64 (`TensorEncoding::Q8PanelsNarrow`): for
+    /// the x86 sets without VNNI, whose int8 kernels multiply those without moving signs
+    /// (`Isa::narrow_q8`). Costs a bit of weight precision, measured in `docs/BENCHMARKS.md`.
+    pub fn narrow_q8(self) -> bool {
+        match self {
+            Target::Host => Self::host_isa().narrow_q8(),
+            Target::Isa(i) => i.narrow_q8(),
+            Target::Dense => false,
         }
     }
 
@@ -303,10 +315,10 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             if q.method == quantize::Method::Awq {
                 let g = calibration.grams(&mut m, &mut records)?;
                 opts.progress.report("scaling", 0, 0);
-                records.push(awq::apply(&mut m, q, g)?);
+                records.push(awq::apply(&mut m, q, opts.target.narrow_q8(), g)?);
             }
             let grams = if wants_stats { Some(&*calibration.grams(&mut m, &mut records)?) } else { None };
-            let (qs, rec) = quantize::quantize_weights(&m, q, grams, &opts.progress)?;
+            let (qs, rec) = quantize::quantize_weights(&m, q, opts.target.narrow_q8(), grams, &opts.progress)?;
             if let Some(w) = quantize::nothing_quantized(&rec) {
                 if opts.strict {
                     anyhow::bail!("{w} (--strict)");

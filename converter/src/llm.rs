@@ -871,7 +871,9 @@ fn merge_prequantized(
     // (Panels concatenate only when no member has a padded last panel.)
     let ok = match enc {
         TensorEncoding::Q4 { transposed: true, .. } => true,
-        TensorEncoding::Q8Panels { nr } => widths.iter().all(|w| w % nr as usize == 0),
+        TensorEncoding::Q8Panels { nr } | TensorEncoding::Q8PanelsNarrow { nr } => {
+            widths.iter().all(|w| w % nr as usize == 0)
+        }
         _ => false,
     };
     if !ok || members.iter().any(|(e, _)| *e != enc) {

@@ -30,7 +30,9 @@ enum Cmd {
         #[arg(long)]
         no_fold: bool,
         /// CPU family whose weight layout to store (the file runs everywhere; on another family
-        /// its weights are repacked at open; `none`: plain row-major weights).
+        /// its weights are repacked at open; `none`: plain row-major weights). With `--quantize
+        /// q8`, `x86_64-avx2` and `x86_64-avx512` (no VNNI) store MatMul weights as 7-bit codes,
+        /// which their int8 kernels multiply 1.3-1.6x faster (docs/BENCHMARKS.md).
         #[arg(long, default_value = "host", value_parser = acorn_converter::Target::NAMES)]
         target: String,
         /// Embed this tokenizer.json (and the generation settings beside it: end-of-sequence
@@ -565,7 +567,11 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
     let checks = m.file().check_tensors();
     let damaged: Vec<&acorn::format::TensorCheck> = checks.iter().filter(|c| !c.ok).collect();
     // Each tensor is hashed once; the section CRC covers the padding between them.
-    let section_err = if damaged.is_empty() { m.file().check_data_section().err() } else { None };
+    let section_err = if damaged.is_empty() {
+        m.file().check_data_section().and_then(|()| m.file().check_codes()).err()
+    } else {
+        None
+    };
     let section_ok = damaged.is_empty() && section_err.is_none();
     let mut hist: Vec<(String, usize)> = Vec::new();
     for n in meta.graph.all_nodes() {
@@ -579,7 +585,9 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
     // (tensors stored as GEMM panels, of which repacked at open for this CPU's kernels)
     let panels = meta.tensors.iter().enumerate().fold((0usize, 0usize), |(n, r), (i, t)| match t.encoding {
         acorn::format::TensorEncoding::PanelF32 { nr } => (n + 1, r + usize::from(m.file().panel_width(i) != Some(nr))),
-        acorn::format::TensorEncoding::Q8Panels { .. } => (n + 1, r),
+        acorn::format::TensorEncoding::Q8Panels { .. } | acorn::format::TensorEncoding::Q8PanelsNarrow { .. } => {
+            (n + 1, r)
+        }
         _ => (n, r),
     });
     let io = |v: &[acorn::IoSpec]| -> Vec<serde_json::Value> {
@@ -737,8 +745,8 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
         if let Some(e) = &section_err {
             eprintln!("error: {e}");
         }
-        if damaged.is_empty() {
-            bail!("{} is damaged: the tensor data section checksum failed", model.display());
+        if let (true, Some(e)) = (damaged.is_empty(), &section_err) {
+            bail!("{} is damaged: {e}", model.display());
         }
         bail!("{} is damaged: {} tensor checksum(s) failed", model.display(), damaged.len());
     }

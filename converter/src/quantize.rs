@@ -150,9 +150,6 @@ enum Use {
     Other(String),
 }
 
-/// Chooses and quantizes the weights. Returns one entry per tensor (`None`: stays as it is)
-/// and the pass record: counts, bytes before and after, the weights' relative RMS error, and
-/// every 2-D weight left float with the reason.
 /// The values whose `Σ xᵀx` the calibration-aware method needs: the activations of every
 /// MatMul / MatMulTransB that reads a 2-D f32 constant.
 pub fn calibration_values(m: &Module) -> Vec<ValueId> {
@@ -169,9 +166,15 @@ pub fn calibration_values(m: &Module) -> Vec<ValueId> {
     out
 }
 
+/// Chooses and quantizes the weights. Returns one entry per tensor (`None`: stays as it is)
+/// and the pass record: counts, bytes before and after, the weights' relative RMS error, and
+/// every 2-D weight left float with the reason. `narrow`: q8 MatMul weights get codes within
+/// ±64 (`TensorEncoding::Q8PanelsNarrow`, for a target whose int8 kernels multiply those
+/// faster; recorded as the `q8_codes` parameter).
 pub fn quantize_weights(
     m: &Module,
     opts: &QuantOptions,
+    narrow: bool,
     grams: Option<&HashMap<ValueId, crate::calib::Gram>>,
     progress: &crate::Progress,
 ) -> Result<(Vec<Option<Quantized>>, PassRecord)> {
@@ -282,7 +285,7 @@ pub fn quantize_weights(
         let w: Vec<f32> = tensor.as_f32().context("reading a weight")?.to_vec();
         let wt = if transposed { transpose(&w, shape[0], shape[1]) } else { w };
         let hessian = hessian_of(t, k);
-        let q = quantize_one(opts.format, opts.method, transposed, &wt, rows, k, hessian.as_deref());
+        let q = quantize_one(opts.format, opts.method, transposed, narrow, &wt, rows, k, hessian.as_deref());
         let sensitivity = hessian.as_deref().map(|h| output_error(&wt, &q.approx, rows, k, h));
         let enc_len = q.encoding.byte_len(DType::F32, &[shape[0] as u64, shape[1] as u64]);
         if enc_len != Some(q.bytes.len() as u64) {
@@ -311,6 +314,7 @@ pub fn quantize_weights(
                     QuantFormat::Q8,
                     opts.method,
                     d.transposed,
+                    narrow,
                     &wt,
                     d.rows,
                     d.k,
@@ -355,6 +359,9 @@ pub fn quantize_weights(
     for (_, u) in upgraded {
         record.params.push(("higher_precision".into(), u));
     }
+    if narrow && opts.format == QuantFormat::Q8 {
+        record.params.push(("q8_codes".into(), "MatMul weights within ±64 (7-bit, for the target's kernels)".into()));
+    }
     for p in &opts.keep_float {
         record.params.push(("keep_float".into(), p.clone()));
     }
@@ -393,10 +400,12 @@ pub(crate) fn fits(format: QuantFormat, k: usize) -> bool {
 
 /// Quantizes `rows × k` weights (stored orientation) in `format`: GPTQ when asked and a Hessian
 /// is known (and it factors), else round to nearest.
+#[allow(clippy::too_many_arguments)]
 fn quantize_one(
     format: QuantFormat,
     method: Method,
     transposed: bool,
+    narrow: bool,
     wt: &[f32],
     rows: usize,
     k: usize,
@@ -404,12 +413,14 @@ fn quantize_one(
 ) -> One {
     let g = h
         .filter(|_| method == Method::Gptq && format != QuantFormat::F16)
-        .and_then(|h| gptq(format, transposed, wt, rows, k, h));
+        .and_then(|h| gptq(format, transposed, narrow, wt, rows, k, h));
     let gptq = g.is_some();
-    let (encoding, bytes, approx) = g.unwrap_or_else(|| encode(format, transposed, wt, rows, k));
+    let (encoding, bytes, approx) = g.unwrap_or_else(|| encode(format, transposed, narrow, wt, rows, k));
     let (encoding, bytes) = match encoding {
         TensorEncoding::Q8 { transposed: true } => {
-            (TensorEncoding::Q8Panels { nr: Q8_PANEL as u32 }, to_panels(&bytes, rows, k))
+            let nr = Q8_PANEL as u32;
+            let enc = if narrow { TensorEncoding::Q8PanelsNarrow { nr } } else { TensorEncoding::Q8Panels { nr } };
+            (enc, to_panels(&bytes, rows, k))
         }
         e => (e, bytes),
     };
@@ -489,8 +500,15 @@ pub fn decode_columns(enc: TensorEncoding, bytes: &[u8], k: usize, n: usize) -> 
 
 /// `rows × k` weights (stored orientation) rounded to nearest in `format`, as the runtime will
 /// see them.
-pub(crate) fn rounded(format: QuantFormat, transposed: bool, wt: &[f32], rows: usize, k: usize) -> Vec<f32> {
-    encode(format, transposed, wt, rows, k).2
+pub(crate) fn rounded(
+    format: QuantFormat,
+    transposed: bool,
+    narrow: bool,
+    wt: &[f32],
+    rows: usize,
+    k: usize,
+) -> Vec<f32> {
+    encode(format, transposed, narrow, wt, rows, k).2
 }
 
 /// `[a, b]` row-major → `[b, a]`.
@@ -518,11 +536,23 @@ fn rel_rmse(w: &[f32], approx: &[f32]) -> f64 {
     }
 }
 
+/// The largest q8 code of a weight: [`q8::NARROW_MAX`] for MatMul weights (by columns) of a
+/// file whose target multiplies narrow codes faster (`narrow`), else 127.
+fn q8_max(narrow: bool, transposed: bool) -> i8 {
+    if narrow && transposed {
+        q8::NARROW_MAX
+    } else {
+        127
+    }
+}
+
 /// Quantizes `rows × k` values (row-major, already in stored orientation): the encoding, its
-/// bytes and the values as the runtime will see them.
+/// bytes and the values as the runtime will see them. `narrow`: q8 MatMul weights with codes
+/// within ±64 ([`q8_max`]).
 fn encode(
     format: QuantFormat,
     transposed: bool,
+    narrow: bool,
     w: &[f32],
     rows: usize,
     k: usize,
@@ -530,7 +560,7 @@ fn encode(
     let enc = format.encoding(transposed);
     match format {
         QuantFormat::Q8 => {
-            let q = q8::encode(w, rows, k);
+            let q = q8::encode_within(w, rows, k, q8_max(narrow, transposed));
             (enc, q.to_bytes(), Weights::Q8(q.view()).decode())
         }
         QuantFormat::Q4 { group, min } => {
@@ -555,6 +585,7 @@ fn encode(
 pub fn gptq(
     format: QuantFormat,
     transposed: bool,
+    narrow: bool,
     w: &[f32],
     rows: usize,
     k: usize,
@@ -617,7 +648,7 @@ pub fn gptq(
                 for (((wr, cr), sr), mr) in
                     wc.chunks_mut(k).zip(cc.chunks_mut(k)).zip(sc.chunks_mut(groups)).zip(mc.chunks_mut(groups))
                 {
-                    gptq_row(format, wr, cr, sr, mr, u, k, group);
+                    gptq_row(format, q8_max(narrow, transposed), wr, cr, sr, mr, u, k, group);
                 }
             });
         }
@@ -629,6 +660,7 @@ pub fn gptq(
 #[allow(clippy::too_many_arguments)]
 fn gptq_row(
     format: QuantFormat,
+    q8_max: i8,
     w: &mut [f32],
     codes: &mut [u8],
     scales: &mut [f32],
@@ -637,7 +669,8 @@ fn gptq_row(
     k: usize,
     group: usize,
 ) {
-    let q8_scale = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) / 127.0;
+    let q8_lim = f32::from(q8_max);
+    let q8_scale = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) / q8_lim;
     let (mut d, mut m) = (0.0f32, 0.0f32);
     for i in 0..k {
         if i % group == 0 {
@@ -669,7 +702,7 @@ fn gptq_row(
                 (q as u8, q * d + m)
             }
             _ => {
-                let q = (x * inv).round().clamp(-127.0, 127.0);
+                let q = (x * inv).round().clamp(-q8_lim, q8_lim);
                 (q as i8 as u8, q * d)
             }
         };

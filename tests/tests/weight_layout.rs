@@ -60,6 +60,45 @@ fn every_target_layout_runs_here_with_the_same_results() {
     }
 }
 
+/// `--quantize q8` for every target: MatMul weights in q8 panels, with narrow codes (within
+/// ±64) exactly for the targets whose kernels want them; every file runs here (whatever this
+/// CPU is) within the codes' rounding of the exact product.
+#[test]
+fn every_target_q8_layout_runs_here() {
+    let (k, n) = (96, 72);
+    let (onnx, w) = matmul_model(k, n);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("mm.onnx");
+    std::fs::write(&src, onnx).unwrap();
+    let x = Tensor::from_f32(vec![1, 5, k], pseudo_random(5 * k, 3));
+    let xs = x.as_f32().unwrap();
+    let want: Vec<f32> = (0..5 * n)
+        .map(|c| (0..k).map(|p| xs[(c / n) * k + p] as f64 * w[p * n + c % n] as f64).sum::<f64>() as f32)
+        .collect();
+    let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    for name in Target::NAMES {
+        let target = Target::parse(name).unwrap();
+        let out = dir.path().join(format!("mm-q8-{name}.acorn"));
+        let quantize = Some(acorn_converter::quantize::QuantOptions::default());
+        convert(&src, &out, &ConvertOptions { target, quantize, ..Default::default() }).unwrap();
+        let m = Model::open_with(&out, &acorn::OpenOptions { verify_checksums: true, ..Default::default() }).unwrap();
+        let t = &m.metadata().tensors[0];
+        let narrow = target.narrow_q8();
+        let enc = if narrow { TensorEncoding::Q8PanelsNarrow { nr: 32 } } else { TensorEncoding::Q8Panels { nr: 32 } };
+        assert_eq!(t.encoding, enc, "--target {name}");
+        assert_eq!(
+            narrow,
+            matches!(name, "x86_64-avx2" | "x86_64-avx512") || (name == "host" && Target::Host.narrow_q8())
+        );
+        let got = m.session().commit().unwrap().run(&[("x", &x)]).unwrap();
+        // 7-bit codes round twice as coarsely as 8-bit ones; the activations round per block.
+        let tol = if narrow { 0.02 } else { 0.01 } * scale;
+        for (i, (g, r)) in got[0].as_f32().unwrap().iter().zip(&want).enumerate() {
+            assert!((g - r).abs() <= tol, "--target {name}: y[{i}] = {g}, exact {r}");
+        }
+    }
+}
+
 /// A one-node model whose weight is stored as panels; `op` reads it.
 fn panel_model(path: &std::path::Path, op: Op, len_floats: usize) {
     let graph = Graph {

@@ -75,8 +75,8 @@ fn read_available_memory() -> Option<usize> {
 /// Options for opening a model.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
-    /// Verify every tensor's checksum at open (reads all weights). Header and metadata
-    /// checksums are always verified.
+    /// Verify every tensor's checksum at open (reads all weights), and that narrow q8 codes are
+    /// within ±64. Header and metadata checksums are always verified.
     pub verify_checksums: bool,
     /// Read the file into memory owned by the model instead of mapping it. A mapped file that
     /// another program rewrites in place (`cp new.acorn model.acorn`, a truncating editor or

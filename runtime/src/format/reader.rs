@@ -391,7 +391,31 @@ impl ModelFile {
                 });
             }
         }
-        self.check_data_section()
+        self.check_data_section()?;
+        self.check_codes()
+    }
+
+    /// Checks the promises an encoding makes about its values beyond the bytes' length: every
+    /// code of a `Q8PanelsNarrow` tensor is within ±64 (the x86 kernels without VNNI rely on it;
+    /// a larger one would saturate their 16-bit pair sums). Run with the checksums.
+    pub fn check_codes(&self) -> Result<()> {
+        for (i, t) in self.meta.tensors.iter().enumerate() {
+            if !matches!(t.encoding, TensorEncoding::Q8PanelsNarrow { .. }) {
+                continue;
+            }
+            let shape: Vec<u64> = t.shape.clone();
+            let Some(l) = t.encoding.quant_layout(t.dtype, &shape) else { continue };
+            let codes = &self.stored_bytes(i)[l.values.0..l.values.1];
+            if let Some(p) = codes.iter().position(|&c| (c as i8).unsigned_abs() > crate::weights::q8::NARROW_MAX as u8)
+            {
+                let at = self.data_offset as u64 + t.offset + p as u64;
+                return Err(Error::format(
+                    at,
+                    format!("tensor '{}': narrow q8 code {} is outside ±64", t.name, codes[p] as i8),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the CRC of the whole tensor-data section (tensors and the padding between them).

@@ -1415,8 +1415,14 @@ pub fn conv_q8(
                             let cols = nr.min(j0 + len - c0);
                             pixel_panel(q, taps, kp, c0, cols, nr, panel);
                         }
-                        let wp =
-                            Q8Panels { n: len, k: kp, nr, q: &panels[..np * panel_bytes], scales: &scales[..np * nr] };
+                        let wp = Q8Panels {
+                            n: len,
+                            k: kp,
+                            nr,
+                            q: &panels[..np * panel_bytes],
+                            scales: &scales[..np * nr],
+                            narrow: false,
+                        };
                         if let Err(e) = gemm_q8_panels_bias(isa, w, &wp, None, &mut acc[..mg * len], 1) {
                             *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                             return;

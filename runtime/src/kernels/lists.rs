@@ -102,6 +102,12 @@ pub fn all() -> Vec<(&'static str, &'static str, Isa, Activations)> {
     out.extend(rows("q8 row", super::quant::q8_rows()));
     out.extend(rows("q8 2×2 tile", super::quant::q8_tiles_2x2()));
     out.extend(rows("q8 panel", super::quant::q8_panels()));
+    // A set's kernel for narrow codes stands beside its q8 panel kernel (same level, same reads).
+    out.extend(
+        super::quant::q8_panels()
+            .iter()
+            .filter_map(|e| e.kernel.narrow.map(|(name, _)| ("q8 panel, codes within ±64", name, e.needs, e.reads))),
+    );
     out.extend(rows("q4 row", super::quant::q4_rows()));
     out.extend(rows("q4 row, blocks of 32", super::quant::q4_sym32_rows()));
     out.extend(rows("q4 panel", super::quant::q4_panels()));

@@ -186,6 +186,14 @@ impl Isa {
             Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Some(12),
         }
     }
+
+    /// Whether this set's q8 panel kernels want narrow codes (within ±64,
+    /// `TensorEncoding::Q8PanelsNarrow`): the x86 sets without VNNI, whose `vpmaddubsw` needs
+    /// one unsigned operand and saturates on pairs of full-range products. Known on every
+    /// architecture, like [`Isa::f32_panel`]; the kernel lists agree (`quant::Q8PanelKernel::narrow`).
+    pub const fn narrow_q8(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512)
+    }
 }
 
 crate::kernel_list! {
@@ -328,9 +336,9 @@ pub fn product_kernels(isa: Isa, enc: crate::weights::TensorEncoding) -> (&'stat
             (isa.f16_kernel_name(), if isa.f32_panel().is_some() { f32_name } else { isa.f16_kernel_name() })
         }
         E::Q8 { .. } => (quant::q8_kernel_name(isa, 1, None), quant::q8_kernel_name(isa, many, None)),
-        E::Q8Panels { nr } => {
-            let nr = nr as usize;
-            (quant::q8_kernel_name(isa, 1, Some(nr)), quant::q8_kernel_name(isa, many, Some(nr)))
+        E::Q8Panels { nr } | E::Q8PanelsNarrow { nr } => {
+            let p = Some((nr as usize, matches!(enc, E::Q8PanelsNarrow { .. })));
+            (quant::q8_kernel_name(isa, 1, p), quant::q8_kernel_name(isa, many, p))
         }
         E::Q4 { block, .. } => {
             let block = block as usize;

@@ -356,6 +356,11 @@ pub struct Q8PanelKernel {
     /// Worth packing weights stored by rows into panels per call (from [`Q8_GEMM_MIN_ROWS`]
     /// activation rows): a multi-row register tile.
     pub packs_rows: bool,
+    /// A faster kernel for panels whose codes are all within ±64 ([`Q8Panels::narrow`], what
+    /// `acorn convert --target` writes for the sets that have one), reading signed activations:
+    /// where the full-range kernel must move each weight's sign onto the activation before
+    /// `vpmaddubsw`, the narrow one offsets the codes to unsigned once per weight vector.
+    pub narrow: Option<(&'static str, Q8PanelFn)>,
 }
 
 /// `(m, x, ldx, xs, sums, ldxs, panel, panel scales, nb, scratch, out, ldo, cols)`: `m`
@@ -461,42 +466,66 @@ crate::kernel_list! {
             "gemm_q8i8_6x32_avx512vnni",
             Isa::Avx512Vnni,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::x86q::q8_panel_vnni, nr: 32, unsigned_acts: true, packs_rows: true },
+            Q8PanelKernel {
+                panel: super::x86q::q8_panel_vnni,
+                nr: 32,
+                unsigned_acts: true,
+                packs_rows: true,
+                narrow: None,
+            },
         );
         #[cfg(target_arch = "x86_64")]
         add(
             "gemm_q8i8_6x32_avx512",
             Isa::Avx512,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::x86q::q8_panel_avx512, nr: 32, unsigned_acts: false, packs_rows: true },
+            Q8PanelKernel {
+                panel: super::x86q::q8_panel_avx512,
+                nr: 32,
+                unsigned_acts: false,
+                packs_rows: true,
+                narrow: Some(("gemm_q7i8_6x32_avx512", super::x86q::q8n_panel_avx512)),
+            },
         );
         #[cfg(target_arch = "x86_64")]
         add(
             "gemm_q8i8_4x16_avxvnni",
             Isa::AvxVnni,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::x86q::q8_panel_avxvnni, nr: 32, unsigned_acts: false, packs_rows: true },
+            Q8PanelKernel {
+                panel: super::x86q::q8_panel_avxvnni,
+                nr: 32,
+                unsigned_acts: false,
+                packs_rows: true,
+                narrow: None,
+            },
         );
         #[cfg(target_arch = "x86_64")]
         add(
             "gemm_q8i8_4x16_avx2",
             Isa::Avx2,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::x86q::q8_panel_avx2, nr: 32, unsigned_acts: false, packs_rows: true },
+            Q8PanelKernel {
+                panel: super::x86q::q8_panel_avx2,
+                nr: 32,
+                unsigned_acts: false,
+                packs_rows: true,
+                narrow: Some(("gemm_q7i8_4x16_avx2", super::x86q::q8n_panel_avx2)),
+            },
         );
         #[cfg(target_arch = "aarch64")]
         add(
             "gemm_q8i8_1x32_neondot",
             Isa::NeonDot,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false },
+            Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None },
         );
         #[cfg(target_arch = "aarch64")]
         add(
             "gemm_q8i8_1x32_neon",
             Isa::Neon,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::armq::q8_panel_neon, nr: 32, unsigned_acts: false, packs_rows: false },
+            Q8PanelKernel { panel: super::armq::q8_panel_neon, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None },
         );
     }
 }
@@ -668,20 +697,28 @@ fn q8_rows_path(isa: Isa, m: usize) -> Q8RowsPath {
     }
 }
 
+/// The native kernel `isa` runs on q8 panels of width `nr` (`narrow`: every code within ±64):
+/// its name, the kernel and whether it reads the activations offset to unsigned (from
+/// [`Q8_GEMM_MIN_ROWS`] rows). `None`: the portable panel loop.
+fn q8_panel_kernel(isa: Isa, nr: usize, narrow: bool) -> Option<(&'static str, Q8PanelFn, bool)> {
+    let (name, kp) = isa.q_rows().q8_panel.filter(|(_, kp)| kp.nr == nr)?;
+    Some(match kp.narrow {
+        Some((n7, f7)) if narrow => (n7, f7, false),
+        _ => (name, kp.panel, kp.unsigned_acts),
+    })
+}
+
 /// The name of the kernel that runs a q8 product with `m` activation rows: on weights stored
 /// by rows (`panel_width` `None`) or in panels of that width. What `acorn inspect` and `bench`
 /// print and the tests name — the same decisions [`gemm_q8`] and [`gemm_q8_panels`] take.
-pub fn q8_kernel_name(isa: Isa, m: usize, panel_width: Option<usize>) -> &'static str {
+pub fn q8_kernel_name(isa: Isa, m: usize, panels: Option<(usize, bool)>) -> &'static str {
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let rows = isa.q_rows();
-    let panels = |nr: usize| match rows.q8_panel {
-        Some((name, kp)) if kp.nr == nr => name,
-        _ => "gemm_q8i8_1xnr_generic",
-    };
-    match panel_width {
-        Some(nr) => panels(nr),
+    let panel = |nr: usize, narrow: bool| q8_panel_kernel(isa, nr, narrow).map_or("gemm_q8i8_1xnr_generic", |k| k.0);
+    match panels {
+        Some((nr, narrow)) => panel(nr, narrow),
         None => match q8_rows_path(isa, m) {
-            Q8RowsPath::Packing(kp) => panels(kp.nr),
+            Q8RowsPath::Packing(kp) => panel(kp.nr, false),
             Q8RowsPath::Tile2x2 => rows.q8_2x2.map_or(rows.q8_name, |(name, _)| name),
             Q8RowsPath::Rows => rows.q8_name,
         },
@@ -815,7 +852,7 @@ fn gemm_q8_packing(
         ps.clear();
         ps.extend_from_slice(&w.scales[..n]);
         ps.resize(padded, 0.0);
-        gemm_q8_panels(isa, x, &Q8Panels { n, k, nr, q: pq, scales: ps }, out, threads)
+        gemm_q8_panels(isa, x, &Q8Panels { n, k, nr, q: pq, scales: ps, narrow: false }, out, threads)
     })
 }
 
@@ -856,13 +893,13 @@ pub fn gemm_q8_panels_bias(
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    let native = isa.q_rows().q8_panel.map(|(_, kp)| kp).filter(|kp| kp.nr == nr);
+    let native = q8_panel_kernel(isa, nr, w.narrow).map(|(_, f, unsigned)| (f, unsigned));
     let nb = k / QK;
     let per = panels.div_ceil(threads.clamp(1, panels));
     Q8_UNSIGNED.with(|cell| {
         let ub = &mut *cell.borrow_mut();
         let acts: &[i8] = match native {
-            Some(kp) if kp.unsigned_acts && m >= Q8_GEMM_MIN_ROWS => {
+            Some((_, true)) if m >= Q8_GEMM_MIN_ROWS => {
                 ub.clear();
                 ub.extend(x.q[..m * k].iter().map(|&v| v ^ i8::MIN));
                 ub
@@ -885,8 +922,8 @@ pub fn gemm_q8_panels_bias(
                         // floats at out[i·n + p·nr..], inside `out` (m·n values) and in columns
                         // that belong to this part alone; the kernel belongs to a set this CPU
                         // supports.
-                        Some(kp) => unsafe {
-                            (kp.panel)(
+                        Some((panel, _)) => unsafe {
+                            panel(
                                 m,
                                 acts.as_ptr(),
                                 k,
@@ -1120,7 +1157,7 @@ mod tests {
             gemm_q8(Isa::Reference, &qa, &qw.view(), &mut want, 1).unwrap();
             for nr in [32, 16, 4] {
                 let (pq, ps) = pack_q8_panels(&qw.q, &qw.scales, n, k, nr);
-                let pw = Q8Panels { n, k, nr, q: &pq, scales: &ps };
+                let pw = Q8Panels { n, k, nr, q: &pq, scales: &ps, narrow: false };
                 let mut row = vec![0.0; k];
                 for j in [0, n / 2, n - 1] {
                     pw.decode_row(j, &mut row);
@@ -1129,7 +1166,7 @@ mod tests {
                     assert_eq!(row, r0, "panel row {j} of {n}×{k} in panels of {nr}");
                 }
                 for isa in sets() {
-                    let name = q8_kernel_name(isa, m, Some(nr));
+                    let name = q8_kernel_name(isa, m, Some((nr, false)));
                     for threads in [1, 3] {
                         let mut got = vec![f32::NAN; m * n];
                         gemm_q8_panels(isa, &qa, &pw, &mut got, threads).unwrap();
@@ -1154,7 +1191,7 @@ mod tests {
             }
         }
         let (pq, ps) = pack_q8_panels(&[1; 64], &[1.0; 2], 2, 32, 32);
-        let short = Q8Panels { n: 2, k: 32, nr: 32, q: &pq[..100], scales: &ps };
+        let short = Q8Panels { n: 2, k: 32, nr: 32, q: &pq[..100], scales: &ps, narrow: false };
         let mut qa = QActs::default();
         quantize_acts_q8(&[0.5; 32], 1, 32, &mut qa, 1).unwrap();
         assert!(gemm_q8_panels(Isa::Reference, &qa, &short, &mut [0.0; 2], 1).is_err());
@@ -1196,7 +1233,7 @@ mod tests {
                 .collect();
             let rows = Q8Weights { n, k, q: &codes, scales: &scales };
             let (pq, ps) = pack_q8_panels(&codes, &scales, n, k, 32);
-            let panels = Q8Panels { n, k, nr: 32, q: &pq, scales: &ps };
+            let panels = Q8Panels { n, k, nr: 32, q: &pq, scales: &ps, narrow: false };
             for isa in sets() {
                 for threads in [1, 2] {
                     let mut got = vec![f32::NAN; m * n];
@@ -1214,7 +1251,60 @@ mod tests {
                         assert!(
                             (b - r).abs() <= tol,
                             "{} m={m} n={n} k={k}: [{c}] = {b}, want {r}",
-                            q8_kernel_name(isa, m, Some(32))
+                            q8_kernel_name(isa, m, Some((32, false)))
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Narrow panels (every code within ±64, `Q8PanelsNarrow`) give the integer reference's
+    /// result on every set — with the narrow kernels of the x86 sets without VNNI, every code
+    /// from −64 to 64 against activations at ±127 (where a full-range pair would saturate
+    /// `vpmaddubsw`) — for awkward shapes: n past a panel, m past a tile, one row, one block.
+    #[test]
+    fn q8_narrow_panels_match_reference_on_every_code() {
+        for &(m, n, k) in
+            &[(1, 1, 32), (1, 45, 96), (2, 33, 64), (3, 40, 256), (4, 64, 32), (7, 70, 384), (13, 31, 128)]
+        {
+            // Both extremes in every row's first block, the rest spread over −64…64.
+            let codes: Vec<i8> = (0..n * k)
+                .map(|i| match i % k {
+                    0 => -64,
+                    1 => 64,
+                    _ => (((i * 37 + i / 7) % 129) as i32 - 64) as i8,
+                })
+                .collect();
+            let scales: Vec<f32> = (0..n).map(|j| 0.02 - j as f32 * 1e-4).collect();
+            let mut x = data(m * k, 11);
+            for (i, v) in x.iter_mut().enumerate() {
+                if i % 5 == 0 {
+                    *v = if i % 10 == 0 { 2.0 } else { -2.0 };
+                }
+            }
+            let mut qa = QActs::default();
+            quantize_acts_q8(&x, m, k, &mut qa, 1).unwrap();
+            assert!(qa.q.contains(&127) && qa.q.contains(&-127));
+            let rows = Q8Weights { n, k, q: &codes, scales: &scales };
+            let mut want = vec![0.0; m * n];
+            gemm_q8(Isa::Reference, &qa, &rows, &mut want, 1).unwrap();
+            let (pq, ps) = pack_q8_panels(&codes, &scales, n, k, 32);
+            let panels = Q8Panels { n, k, nr: 32, q: &pq, scales: &ps, narrow: true };
+            for isa in sets() {
+                let name = q8_kernel_name(isa, m, Some((32, true)));
+                if isa.narrow_q8() {
+                    assert!(name.starts_with("gemm_q7i8_"), "{} runs {name} on narrow panels", isa.name());
+                }
+                for threads in [1, 2] {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_q8_panels(isa, &qa, &panels, &mut got, threads).unwrap();
+                    for (c, (g, r)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - r).abs() <= sum_tol(*r, k),
+                            "{name} m={m} n={n} k={k} threads={threads}: out[{}][{}] = {g}, reference {r}",
+                            c / n,
+                            c % n
                         );
                     }
                 }
@@ -1230,7 +1320,8 @@ mod tests {
         for isa in sets().into_iter().filter(|i| !matches!(i, Isa::Reference | Isa::Generic)) {
             for m in [1, 2, 4, 64] {
                 for name in [
-                    q8_kernel_name(isa, m, Some(32)),
+                    q8_kernel_name(isa, m, Some((32, false))),
+                    q8_kernel_name(isa, m, Some((32, true))),
                     q8_kernel_name(isa, m, None),
                     q4_kernel_name(isa, m, 32),
                     q4_kernel_name(isa, m, 128),

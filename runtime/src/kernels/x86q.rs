@@ -313,6 +313,26 @@ fn column_masks(cols: usize) -> (u16, u16) {
     (low(cols), low(cols.saturating_sub(16)))
 }
 
+/// The end of an AVX-512 panel tile: rows of 32 f32 sums times the panel's 32 column scales,
+/// into `f.len()` rows of `cols` floats at `out` (masked stores touch only those).
+///
+/// # Safety
+/// The CPU has AVX-512 F; `ws` holds 32 f32; `out` is valid for `f.len()` rows of `cols` (≤ 32)
+/// floats at stride `ldo`.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+unsafe fn store_panel_avx512(f: &[[__m512; 2]], ws: *const f32, out: *mut f32, ldo: usize, cols: usize) {
+    let (m0, m1) = column_masks(cols);
+    // SAFETY: 32 column scales; the rows of `cols` floats at `out` (caller contract).
+    unsafe {
+        let (s0, s1) = (_mm512_loadu_ps(ws), _mm512_loadu_ps(ws.add(16)));
+        for (r, fr) in f.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(r * ldo), m0, _mm512_mul_ps(fr[0], s0));
+            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, _mm512_mul_ps(fr[1], s1));
+        }
+    }
+}
+
 /// One tile of the q8 GEMM with AVX-512 VNNI: `R` activation rows × one panel of 32 weight
 /// rows (`TensorEncoding::Q8Panels`: per group of four values along k, the four bytes of each
 /// of the 32 rows in turn, 128 bytes), over `nb` blocks of 32 values, so one `vpdpbusd` with a
@@ -394,16 +414,8 @@ unsafe fn q8_panel_tile_vnni<const R: usize, const SIGNED: bool>(
             }
         }
     }
-    let (m0, m1) = column_masks(cols);
-    // SAFETY: 32 column scales; R rows of `cols` floats at `out` (caller contract): the masked
-    // stores touch only those.
-    unsafe {
-        let (s0, s1) = (_mm512_loadu_ps(ws), _mm512_loadu_ps(ws.add(16)));
-        for (r, fr) in f.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(r * ldo), m0, _mm512_mul_ps(fr[0], s0));
-            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, _mm512_mul_ps(fr[1], s1));
-        }
-    }
+    // SAFETY: the caller's contract.
+    unsafe { store_panel_avx512(&f, ws, out, ldo, cols) };
 }
 
 /// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 VNNI. From
@@ -748,15 +760,34 @@ unsafe fn q8_panel_tile_avx2<const R: usize>(
             }
         }
     }
-    // SAFETY: the half's 16 column scales; R rows of `cols` floats at `out` (caller contract):
-    // full rows store directly, a partial half through a stack row.
+    // SAFETY: `fm`'s 2·R vectors; the rest is the caller's contract.
+    unsafe { store_half_avx2::<R>(fp, ws, half, out, ldo, cols) };
+}
+
+/// The end of an AVX2 half-panel tile: `R` rows of 16 f32 sums at `f` (two vectors per row)
+/// times the half's 16 column scales, into `R` rows of `cols` floats at `out` — full rows
+/// directly, a partial half through a stack row.
+///
+/// # Safety
+/// The CPU has AVX2; `f` holds `2·R` vectors; `ws` 32 f32; `out` is valid for `R` rows of `cols`
+/// (≤ 16) floats at stride `ldo`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_half_avx2<const R: usize>(
+    f: *const __m256,
+    ws: *const f32,
+    half: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    // SAFETY: the half's 16 column scales, the 2·R sums and R rows of `cols` floats at `out`
+    // (caller contract).
     unsafe {
         let (s0, s1) = (_mm256_loadu_ps(ws.add(half * 16)), _mm256_loadu_ps(ws.add(half * 16 + 8)));
         for r in 0..R {
-            let (v0, v1) = (
-                _mm256_mul_ps(fp.add(r * 2).read_volatile(), s0),
-                _mm256_mul_ps(fp.add(r * 2 + 1).read_volatile(), s1),
-            );
+            let (v0, v1) =
+                (_mm256_mul_ps(f.add(r * 2).read_volatile(), s0), _mm256_mul_ps(f.add(r * 2 + 1).read_volatile(), s1));
             let o = out.add(r * ldo);
             if cols == 16 {
                 _mm256_storeu_ps(o, v0);
@@ -926,16 +957,8 @@ unsafe fn q8_panel_tile_avx512<const R: usize>(
             }
         }
     }
-    let (m0, m1) = column_masks(cols);
-    // SAFETY: 32 column scales; R rows of `cols` floats at `out` (caller contract): the masked
-    // stores touch only those.
-    unsafe {
-        let (s0, s1) = (_mm512_loadu_ps(ws), _mm512_loadu_ps(ws.add(16)));
-        for (r, fr) in f.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(r * ldo), m0, _mm512_mul_ps(fr[0], s0));
-            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, _mm512_mul_ps(fr[1], s1));
-        }
-    }
+    // SAFETY: the caller's contract.
+    unsafe { store_panel_avx512(&f, ws, out, ldo, cols) };
 }
 
 /// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in tiles
@@ -974,6 +997,277 @@ pub unsafe fn q8_panel_avx512(
                 4 => q8_panel_tile_avx512::<4>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
                 5 => q8_panel_tile_avx512::<5>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
                 _ => q8_panel_tile_avx512::<6>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
+            }
+        }
+        i0 += rows;
+    }
+}
+
+/// One tile of the q8 GEMM on narrow codes (every weight code within ±64, what
+/// `acorn convert --target x86_64-avx2` / `x86_64-avx512` writes), AVX2: `R` activation rows ×
+/// 16 of a panel's 32 weight rows (`half` 0 or 1), as [`q8_panel_tile_avx2`] without moving
+/// signs. The codes offset by 64 are unsigned (0…128), the operand `vpmaddubsw` wants first,
+/// and a pair of products is at most `2·128·127 = 32 512`: no saturation, so each 32 products
+/// cost one `vpmaddubsw` and one `vpmaddwd` (the full-range kernel also needs a `vpsignb` per
+/// row, on the same ports). The offset adds `64·Σx` per block, which the block's i32 sums start
+/// from (negated; `Σx` comes with the activations).
+///
+/// # Safety
+/// As [`q8_panel_tile_avx2`], with every code of `w` within ±64 and `sums` `R` rows of `nb`
+/// block sums at stride `ldxs`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8n_panel_tile_avx2<const R: usize>(
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    half: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let (ones, off) = (_mm256_set1_epi16(1), _mm256_set1_epi8(64));
+    let mut fm = [[_mm256_setzero_ps(); 2]; R];
+    let fp = fm.as_mut_ptr() as *mut __m256;
+    for b in 0..nb {
+        // SAFETY: block b's packed weights, activations, scales and sums are in bounds (caller
+        // contract); the 4-byte activation reads are unaligned loads.
+        unsafe {
+            let mut a = [[_mm256_setzero_si256(); 2]; R];
+            for (r, ar) in a.iter_mut().enumerate() {
+                let c = _mm256_set1_epi32(-64 * *sums.add(r * ldxs + b));
+                *ar = [c, c];
+            }
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128 + half * 64);
+                let u0 = _mm256_add_epi8(_mm256_loadu_si256(wp as *const __m256i), off);
+                let u1 = _mm256_add_epi8(_mm256_loadu_si256(wp.add(32) as *const __m256i), off);
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let xv = _mm256_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                    ar[0] = _mm256_add_epi32(ar[0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, xv), ones));
+                    ar[1] = _mm256_add_epi32(ar[1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, xv), ones));
+                }
+            }
+            for (r, ar) in a.iter().enumerate() {
+                let sc = _mm256_set1_ps(*xs.add(r * ldxs + b));
+                let (f0, f1) = (fp.add(r * 2), fp.add(r * 2 + 1));
+                f0.write_volatile(_mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[0]), sc, f0.read_volatile()));
+                f1.write_volatile(_mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[1]), sc, f1.read_volatile()));
+            }
+        }
+    }
+    // SAFETY: as in `q8_panel_tile_avx2`.
+    unsafe { store_half_avx2::<R>(fp, ws, half, out, ldo, cols) };
+}
+
+/// One activation row × a whole panel of 32 narrow-code q8 weight rows with AVX2, as
+/// [`q8n_panel_tile_avx2`] over all 32 columns at once ([`q8_panel_row_avx2`]'s order).
+///
+/// # Safety
+/// As [`q8n_panel_tile_avx2`] for one row and `cols` ≤ 32.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8n_panel_row_avx2(
+    x: *const i8,
+    xs: *const f32,
+    sums: *const i32,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    out: *mut f32,
+    cols: usize,
+) {
+    let (ones, off) = (_mm256_set1_epi16(1), _mm256_set1_epi8(64));
+    let mut f = [_mm256_setzero_ps(); 4];
+    for b in 0..nb {
+        // SAFETY: block b's packed weights, activations, scale and sum are in bounds (caller
+        // contract); the 4-byte activation reads are unaligned loads.
+        unsafe {
+            let mut a = [_mm256_set1_epi32(-64 * *sums.add(b)); 4];
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128);
+                let xv = _mm256_set1_epi32((x.add(b * QK + s * 4) as *const i32).read_unaligned());
+                for (c, ac) in a.iter_mut().enumerate() {
+                    let u = _mm256_add_epi8(_mm256_loadu_si256(wp.add(32 * c) as *const __m256i), off);
+                    *ac = _mm256_add_epi32(*ac, _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones));
+                }
+            }
+            let sc = _mm256_set1_ps(*xs.add(b));
+            for (fc, ac) in f.iter_mut().zip(&a) {
+                *fc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*ac), sc, *fc);
+            }
+        }
+    }
+    let mut row = [0.0f32; 32];
+    // SAFETY: 32 column scales; a local row; `cols` floats at `out` (caller contract).
+    unsafe {
+        for (c, fc) in f.iter().enumerate() {
+            _mm256_storeu_ps(row.as_mut_ptr().add(8 * c), _mm256_mul_ps(*fc, _mm256_loadu_ps(ws.add(8 * c))));
+        }
+        std::ptr::copy_nonoverlapping(row.as_ptr(), out, cols);
+    }
+}
+
+/// One panel of 32 narrow-code q8 weight rows (every code within ±64) × `m` activation rows
+/// with AVX2, as [`q8_panel_avx2`]: below [`super::quant::Q8_GEMM_MIN_ROWS`] rows each row over
+/// the whole panel ([`q8n_panel_row_avx2`]), else per half panel in tiles of 4 rows
+/// ([`q8n_panel_tile_avx2`]). The activations come signed with their block sums; `scratch` is
+/// unused.
+///
+/// # Safety
+/// As [`q8_panel_avx2`], with every code of `w` within ±64 and `sums` `m` rows of `nb` block
+/// sums at stride `ldxs`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8n_panel_avx2(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    _scratch: *mut i32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    if m < super::quant::Q8_GEMM_MIN_ROWS {
+        for r in 0..m {
+            // SAFETY: row r of the caller's m rows; the rest is forwarded.
+            unsafe {
+                q8n_panel_row_avx2(
+                    x.add(r * ldx),
+                    xs.add(r * ldxs),
+                    sums.add(r * ldxs),
+                    w,
+                    ws,
+                    nb,
+                    out.add(r * ldo),
+                    cols,
+                )
+            };
+        }
+        return;
+    }
+    for half in 0..cols.div_ceil(16) {
+        let hc = (cols - half * 16).min(16);
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(4);
+            // SAFETY: rows i0..i0+rows are inside the caller's `m` rows, columns 16·half.. +hc
+            // inside its `cols`; the rest is forwarded.
+            unsafe {
+                let (u, s, su, o) =
+                    (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo + half * 16));
+                match rows {
+                    1 => q8n_panel_tile_avx2::<1>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    2 => q8n_panel_tile_avx2::<2>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    3 => q8n_panel_tile_avx2::<3>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    _ => q8n_panel_tile_avx2::<4>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                }
+            }
+            i0 += rows;
+        }
+    }
+}
+
+/// One tile of the q8 GEMM on narrow codes with AVX-512 F/BW: `R` activation rows × one panel
+/// of 32 weight rows, as [`q8n_panel_tile_avx2`] on 512-bit registers (no masked negation:
+/// the offset codes are unsigned already).
+///
+/// # Safety
+/// As [`q8_panel_tile_avx512`], with every code of `w` within ±64 and `sums` `R` rows of `nb`
+/// block sums at stride `ldxs`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8n_panel_tile_avx512<const R: usize>(
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let (ones, off) = (_mm512_set1_epi16(1), _mm512_set1_epi8(64));
+    let mut f = [[_mm512_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // SAFETY: block b's packed weights, activations, scales and sums are in bounds (caller
+        // contract); the 4-byte activation reads are unaligned loads.
+        unsafe {
+            let mut a = [[_mm512_setzero_si512(); 2]; R];
+            for (r, ar) in a.iter_mut().enumerate() {
+                let c = _mm512_set1_epi32(-64 * *sums.add(r * ldxs + b));
+                *ar = [c, c];
+            }
+            for s in 0..QK / 4 {
+                let wp = w.add((b * QK / 4 + s) * 128);
+                let u0 = _mm512_add_epi8(_mm512_loadu_si512(wp as *const __m512i), off);
+                let u1 = _mm512_add_epi8(_mm512_loadu_si512(wp.add(64) as *const __m512i), off);
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
+                    ar[0] = _mm512_add_epi32(ar[0], _mm512_madd_epi16(_mm512_maddubs_epi16(u0, xv), ones));
+                    ar[1] = _mm512_add_epi32(ar[1], _mm512_madd_epi16(_mm512_maddubs_epi16(u1, xv), ones));
+                }
+            }
+            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
+                let sc = _mm512_set1_ps(*xs.add(r * ldxs + b));
+                fr[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[0]), sc, fr[0]);
+                fr[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[1]), sc, fr[1]);
+            }
+        }
+    }
+    // SAFETY: R rows of 32 sums; the rest is the caller's contract.
+    unsafe { store_panel_avx512(&f, ws, out, ldo, cols) };
+}
+
+/// One panel of 32 narrow-code q8 weight rows × `m` activation rows with AVX-512 F/BW, in
+/// tiles of 6 rows ([`q8n_panel_tile_avx512`]). `scratch` is unused.
+///
+/// # Safety
+/// As [`q8n_panel_avx2`], with AVX-512 F/BW/VL.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8n_panel_avx512(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    _scratch: *mut i32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = (m - i0).min(6);
+        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
+        unsafe {
+            let (u, s, su, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo));
+            match rows {
+                1 => q8n_panel_tile_avx512::<1>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                2 => q8n_panel_tile_avx512::<2>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                3 => q8n_panel_tile_avx512::<3>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                4 => q8n_panel_tile_avx512::<4>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                5 => q8n_panel_tile_avx512::<5>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                _ => q8n_panel_tile_avx512::<6>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
             }
         }
         i0 += rows;

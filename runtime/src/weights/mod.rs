@@ -88,6 +88,11 @@ pub enum TensorEncoding {
     /// zero. Bytes: `panels · nr · k` values, padded to a multiple of 64, then `panels · nr` f32
     /// scales (zero past `n`). `k` is a multiple of 32.
     Q8Panels { nr: u32 },
+    /// As [`TensorEncoding::Q8Panels`], every code within ±64 (7-bit weights, `w = q · s` with
+    /// `s = max|w| / 64`): what `acorn convert --target x86_64-avx2` / `x86_64-avx512` writes.
+    /// The x86 sets without VNNI multiply these at full speed (unsigned `q + 64` times a signed
+    /// activation byte cannot saturate `vpmaddubsw`); every other kernel reads them as q8.
+    Q8PanelsNarrow { nr: u32 },
 }
 
 impl std::fmt::Display for TensorEncoding {
@@ -102,6 +107,9 @@ impl std::fmt::Display for TensorEncoding {
             }
             TensorEncoding::F16 { transposed } => write!(f, "f16 {}", by(transposed)),
             TensorEncoding::Q8Panels { nr } => write!(f, "q8 by columns in GEMM panels of {nr}"),
+            TensorEncoding::Q8PanelsNarrow { nr } => {
+                write!(f, "q8 by columns in GEMM panels of {nr}, codes within ±64 (7-bit)")
+            }
         }
     }
 }
@@ -151,6 +159,7 @@ impl TensorEncoding {
                 | TensorEncoding::Q4 { .. }
                 | TensorEncoding::F16 { .. }
                 | TensorEncoding::Q8Panels { .. }
+                | TensorEncoding::Q8PanelsNarrow { .. }
         )
     }
 
@@ -160,7 +169,7 @@ impl TensorEncoding {
             TensorEncoding::Q8 { transposed }
             | TensorEncoding::Q4 { transposed, .. }
             | TensorEncoding::F16 { transposed } => transposed,
-            TensorEncoding::Q8Panels { .. } => true,
+            TensorEncoding::Q8Panels { .. } | TensorEncoding::Q8PanelsNarrow { .. } => true,
             _ => false,
         }
     }
@@ -198,7 +207,7 @@ impl TensorEncoding {
             TensorEncoding::F16 { .. } => {
                 QuantLayout { rows, k, values: (0, n.checked_mul(2)?), scales: (0, 0), mins: (0, 0) }
             }
-            TensorEncoding::Q8Panels { nr } => {
+            TensorEncoding::Q8Panels { nr } | TensorEncoding::Q8PanelsNarrow { nr } => {
                 if k % 32 != 0 || nr == 0 || nr % 4 != 0 || nr > MAX_PANEL {
                     return None;
                 }
@@ -247,12 +256,13 @@ impl<'a> Weights<'a> {
                 q: bytemuck::cast_slice(part(l.values)),
                 scales: cast(part(l.scales), "scales")?,
             }),
-            TensorEncoding::Q8Panels { nr } => Weights::Q8Panels(Q8Panels {
+            TensorEncoding::Q8Panels { nr } | TensorEncoding::Q8PanelsNarrow { nr } => Weights::Q8Panels(Q8Panels {
                 n: l.rows,
                 k: l.k,
                 nr: nr as usize,
                 q: bytemuck::cast_slice(part(l.values)),
                 scales: cast(part(l.scales), "scales")?,
+                narrow: matches!(encoding, TensorEncoding::Q8PanelsNarrow { .. }),
             }),
             TensorEncoding::Q4 { block, mins, .. } => Weights::Q4(Q4Weights {
                 n: l.rows,

@@ -55,16 +55,26 @@ pub fn panel_bytes(q: &[i8], scales: &[f32], n: usize, k: usize, nr: usize) -> V
 
 /// Quantizes `w` (`n × k`, row-major) to q8, symmetric per row (round to nearest).
 pub fn encode(w: &[f32], n: usize, k: usize) -> Q8Owned {
+    encode_within(w, n, k, 127)
+}
+
+/// The largest code of narrow q8 (`TensorEncoding::Q8PanelsNarrow`).
+pub const NARROW_MAX: i8 = 64;
+
+/// [`encode`] with codes within `±max` (`max` in 1…127; [`NARROW_MAX`] for narrow q8): the
+/// scale of a row is its largest magnitude over `max`.
+pub fn encode_within(w: &[f32], n: usize, k: usize, max: i8) -> Q8Owned {
+    let lim = f32::from(max.clamp(1, 127));
     let mut q = vec![0i8; n * k];
     let mut scales = vec![0.0f32; n];
     for j in 0..n {
         let row = &w[j * k..(j + 1) * k];
         let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-        let s = amax / 127.0;
+        let s = amax / lim;
         scales[j] = s;
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         for (o, &v) in q[j * k..(j + 1) * k].iter_mut().zip(row) {
-            *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            *o = (v * inv).round().clamp(-lim, lim) as i8;
         }
     }
     Q8Owned { n, k, q, scales }
@@ -98,6 +108,9 @@ pub struct Q8Panels<'a> {
     pub nr: usize,
     pub q: &'a [i8],
     pub scales: &'a [f32],
+    /// Every code is within ±64 (`TensorEncoding::Q8PanelsNarrow`): the kernels of the x86
+    /// sets without VNNI multiply them at full speed (see `kernels::quant::Q8PanelKernel`).
+    pub narrow: bool,
 }
 
 /// Largest panel width of [`Q8Panels`].
