@@ -401,6 +401,12 @@ pub fn softmax_rows(x: &[f32], out: &mut [f32], n: usize, log: bool) {
         unsafe { super::x86::softmax_rows_avx512(x, out, n, log) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(width(), Width::Avx2) {
+        // SAFETY: `width()` reports AVX2 only when `selected()` chose a set that requires AVX2+FMA.
+        unsafe { super::x86::softmax_rows_avx2(x, out, n, log) };
+        return;
+    }
     softmax_rows_portable(x, out, n, log)
 }
 
@@ -570,57 +576,75 @@ mod tests {
         (-200_000..=200_000).map(|i| i as f32 * 5e-4)
     }
 
-    /// The AVX-512 softmax (its own exponential) against the portable one and f64, on row
-    /// lengths around the vector width, wide score ranges, −inf (masked) entries and an
-    /// all-masked row (NaN, as in the portable code).
+    /// The x86 softmax kernels (their own exponential: AVX-512 with masked tails, AVX2 with a
+    /// padded stack copy) against the portable one and f64, on row lengths around the vector
+    /// widths, wide score ranges, −inf (masked) entries and an all-masked row (NaN, as in the
+    /// portable code).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_softmax_matches_portable() {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
-            return; // the kernel cannot run here; `sets()` coverage is the portable path
-        }
-        for n in [1, 2, 15, 16, 17, 33, 128, 131] {
-            for (spread, masked) in [(1.0f32, false), (40.0, false), (200.0, true)] {
-                let rows = 3;
-                let x: Vec<f32> = (0..rows * n)
-                    .map(|i| {
-                        let v = ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0 * spread - spread / 2.0;
-                        if masked && i % 5 == 1 {
-                            f32::NEG_INFINITY
-                        } else {
-                            v
-                        }
-                    })
-                    .collect();
-                for log in [false, true] {
-                    let (mut a, mut b) = (vec![0.0; rows * n], vec![0.0; rows * n]);
-                    // SAFETY: AVX-512 F/BW detected above.
-                    unsafe { crate::kernels::x86::softmax_rows_avx512(&x, &mut a, n, log) };
-                    softmax_rows_portable(&x, &mut b, n, log);
-                    for (r, xr) in x.chunks_exact(n).enumerate() {
-                        let m = xr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-                        let s: f64 = xr.iter().map(|&v| (v as f64 - m).exp()).sum();
-                        for j in 0..n {
-                            let want = if log { xr[j] as f64 - m - s.ln() } else { (xr[j] as f64 - m).exp() / s };
-                            let (g, p) = (a[r * n + j] as f64, b[r * n + j] as f64);
-                            let ok = |v: f64| {
-                                v == want
-                                    || (v - want).abs() <= 2e-6 * (1.0 + want.abs())
-                                    || (v.is_nan() && want.is_nan())
-                            };
-                            assert!(
-                                ok(g) && ok(p),
-                                "n={n} spread={spread} log={log} [{r}][{j}]: avx512 {g}, portable {p}, f64 {want}"
-                            );
+    fn x86_softmax_matches_portable() {
+        type Kernel = unsafe fn(&[f32], &mut [f32], usize, bool);
+        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let kernels: [(&str, bool, Kernel); 2] = [
+            ("avx512", avx512, crate::kernels::x86::softmax_rows_avx512),
+            ("avx2", avx2, crate::kernels::x86::softmax_rows_avx2),
+        ];
+        // (A kernel this CPU cannot run is skipped; `sets()` coverage is the portable path.)
+        for (name, _, kernel) in kernels.into_iter().filter(|k| k.1) {
+            for n in [1, 2, 7, 8, 9, 15, 16, 17, 33, 128, 131] {
+                for (spread, masked) in [(1.0f32, false), (40.0, false), (200.0, true)] {
+                    let rows = 3;
+                    let x: Vec<f32> = (0..rows * n)
+                        .map(|i| {
+                            let v = ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0 * spread - spread / 2.0;
+                            if masked && i % 5 == 1 {
+                                f32::NEG_INFINITY
+                            } else {
+                                v
+                            }
+                        })
+                        .collect();
+                    for log in [false, true] {
+                        let (mut a, mut b) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+                        // SAFETY: the kernel's CPU features were detected above.
+                        unsafe { kernel(&x, &mut a, n, log) };
+                        softmax_rows_portable(&x, &mut b, n, log);
+                        for (r, xr) in x.chunks_exact(n).enumerate() {
+                            let m = xr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                            let s: f64 = xr.iter().map(|&v| (v as f64 - m).exp()).sum();
+                            for j in 0..n {
+                                let want = if log { xr[j] as f64 - m - s.ln() } else { (xr[j] as f64 - m).exp() / s };
+                                let (g, p) = (a[r * n + j] as f64, b[r * n + j] as f64);
+                                let ok = |v: f64| {
+                                    v == want
+                                        || (v - want).abs() <= 2e-6 * (1.0 + want.abs())
+                                        || (v.is_nan() && want.is_nan())
+                                };
+                                assert!(
+                                    ok(g) && ok(p),
+                                    "n={n} spread={spread} log={log} [{r}][{j}]: {name} {g}, portable {p}, f64 {want}"
+                                );
+                            }
                         }
                     }
                 }
             }
+            for n in [20, 5] {
+                let (x, mut out) = (vec![f32::NEG_INFINITY; n], vec![0.0f32; n]);
+                // SAFETY: as above.
+                unsafe { kernel(&x, &mut out, n, false) };
+                assert!(out.iter().all(|v| v.is_nan()), "{name}: an all-masked row of {n}");
+            }
+            // A NaN in a row makes the whole row NaN, as in the portable code.
+            let mut x = vec![0.5f32; 19];
+            x[17] = f32::NAN;
+            let (mut a, mut b) = (vec![0.0; 19], vec![0.0; 19]);
+            // SAFETY: as above.
+            unsafe { kernel(&x, &mut a, 19, false) };
+            softmax_rows_portable(&x, &mut b, 19, false);
+            assert!(a.iter().all(|v| v.is_nan()) && b.iter().all(|v| v.is_nan()), "{name}: {a:?} / {b:?}");
         }
-        let (x, mut out) = ([f32::NEG_INFINITY; 20], [0.0f32; 20]);
-        // SAFETY: as above.
-        unsafe { crate::kernels::x86::softmax_rows_avx512(&x, &mut out, 20, false) };
-        assert!(out.iter().all(|v| v.is_nan()));
     }
 
     /// `x86::min_max_avx512` against a scalar fold: lengths around its 64-float blocks, the

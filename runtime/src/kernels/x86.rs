@@ -734,3 +734,88 @@ pub unsafe fn softmax_rows_avx512(x: &[f32], out: &mut [f32], n: usize, log: boo
         }
     }
 }
+
+/// [`softmax_rows_avx512`] with AVX2+FMA (the exponential by [`exp8`]): whole vectors by plain
+/// loads and stores, each row's tail through a stack copy padded with −∞ (so it adds 0 to the
+/// sum), as [`sigmoid_avx2`]. On Zen 4 at the AVX2 level the portable loop was 5.7% of a q8
+/// MiniLM-L3 128-token run (rows of 128).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn softmax_rows_avx2(x: &[f32], out: &mut [f32], n: usize, log: bool) {
+    if n == 0 {
+        return;
+    }
+    let full = n / 8 * 8;
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let mut tail = [f32::NEG_INFINITY; 8];
+        tail[..n - full].copy_from_slice(&xr[full..]);
+        // SAFETY: the 8-float stack row.
+        let tv = unsafe { _mm256_loadu_ps(tail.as_ptr()) };
+        // Lanes i..i + 8 of the row (bounds-checked; the loops below stay under `full`).
+        let load = |i: usize| {
+            let v = &xr[i..i + 8];
+            // SAFETY: `v` holds 8 floats.
+            unsafe { _mm256_loadu_ps(v.as_ptr()) }
+        };
+        // The running maximum second: `vmaxps` returns it when the value is NaN (skipped, as
+        // by the portable loop).
+        let mut mx = _mm256_max_ps(tv, _mm256_set1_ps(f32::NEG_INFINITY));
+        for i in (0..full).step_by(8) {
+            mx = _mm256_max_ps(load(i), mx);
+        }
+        let m = hmax8(mx);
+        let mv = _mm256_set1_ps(m);
+        let mut acc = exp8(_mm256_sub_ps(tv, mv));
+        let mut te = [0.0f32; 8];
+        // SAFETY: the 8-float stack row.
+        unsafe { _mm256_storeu_ps(te.as_mut_ptr(), acc) };
+        for i in (0..full).step_by(8) {
+            let e = exp8(_mm256_sub_ps(load(i), mv));
+            // SAFETY: as the loads.
+            unsafe { _mm256_storeu_ps(or.as_mut_ptr().add(i), e) };
+            acc = _mm256_add_ps(acc, e);
+        }
+        or[full..].copy_from_slice(&te[..n - full]);
+        let s = hsum8(acc);
+        if log {
+            let ls = s.ln();
+            let lv = _mm256_set1_ps(ls);
+            for i in (0..full).step_by(8) {
+                // SAFETY: as the loads.
+                unsafe { _mm256_storeu_ps(or.as_mut_ptr().add(i), _mm256_sub_ps(_mm256_sub_ps(load(i), mv), lv)) };
+            }
+            or[full..].iter_mut().zip(&xr[full..]).for_each(|(o, &v)| *o = v - m - ls);
+        } else {
+            let inv = _mm256_set1_ps(1.0 / s);
+            for i in (0..full).step_by(8) {
+                // SAFETY: as the loads.
+                unsafe {
+                    let p = or.as_mut_ptr().add(i);
+                    _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), inv));
+                }
+            }
+            let inv = 1.0 / s;
+            or[full..].iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+}
+
+/// The largest of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hmax8(v: __m256) -> f32 {
+    let h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps::<1>(h, h)))
+}
+
+/// The sum of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum8(v: __m256) -> f32 {
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+}
