@@ -9,7 +9,7 @@
 //! ```
 //!
 //! `--levels`: Acorn once per kernel level this CPU runs (forced with `ACORN_KERNELS`), side by
-//! side. `--llama-python` may be repeated, one per llama.cpp build (`avx2=/path/python`).
+//! side, each on the file converted with that level's `--target`. `--llama-python` may be repeated, one per llama.cpp build (`avx2=/path/python`).
 //!
 //! `--quantize`: Acorn runs its q8 / q4 (group 32; `q4m`: with minimums) conversion, rounded to
 //! nearest (speed does not depend on the rounding method), and llama.cpp the GGUF requantized
@@ -243,7 +243,18 @@ fn main() -> Result<()> {
             .transpose()?,
         ..Default::default()
     };
-    acorn_converter::convert(&onnx, &acorn_path, &opts)?;
+    // One file per level, converted with that level's `--target` (as a user of that CPU
+    // would have: narrow q8 codes for the x86 levels without VNNI); the host's otherwise.
+    let mut files: Vec<PathBuf> = Vec::new();
+    for &l in &levels {
+        let path = match l {
+            Some(l) => dir.path().join(format!("smollm2@{}.acorn", l.name())),
+            None => acorn_path.clone(),
+        };
+        let target = l.map_or(acorn_converter::Target::Host, acorn_converter::Target::Isa);
+        acorn_converter::convert(&onnx, &path, &acorn_converter::ConvertOptions { target, ..opts.clone() })?;
+        files.push(path);
+    }
     let exe = std::env::current_exe()?;
     println!("SmolLM2-135M-Instruct, Acorn {label}, prompts from Hamlet; median process of {procs}; decode: {decode} steps after 128\n");
     println!("| runtime | threads | open ms | first token ms (open + prefill 32) | prefill 32 tok/s | prefill 128 tok/s | decode tok/s | peak RSS MB |");
@@ -252,7 +263,7 @@ fn main() -> Result<()> {
     for &t in &threads {
         let mut rows: Vec<(String, Value)> = Vec::new();
         let mut jobs: Vec<(&str, &PathBuf, Option<acorn::kernels::Isa>)> =
-            levels.iter().map(|&l| ("acorn", &acorn_path, l)).collect();
+            levels.iter().zip(&files).map(|(&l, f)| ("acorn", f, l)).collect();
         if !skip_ort {
             jobs.push(("onnxruntime", &onnx, None));
         }

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! `--levels`: Acorn's rows once per kernel level this CPU runs (forced with `ACORN_KERNELS`),
-//! side by side with the peers (which pick their own kernels). `--check-quantized` (with
+//! each on the files converted with that level's `--target` (as a user of that CPU would have:
+//! narrow q8 codes for the x86 levels without VNNI), side by side with the peers (which pick
+//! their own kernels). `--check-quantized` (with
 //! `--quantized`): exit with an error when a quantized case is slower than the fp32 case of the
 //! same model at the same level — the CI smoke check.
 //!
@@ -119,9 +121,11 @@ impl Case {
         repo_root().join(format!(".cache/acorn-bench/{}-ort-int8.onnx", self.stem()))
     }
 
-    /// Acorn's `--quantize q8` conversion of a case (made by `main`).
-    fn acorn_q8(self) -> PathBuf {
-        repo_root().join(format!(".cache/acorn-bench/{}-q8.acorn", self.stem()))
+    /// Acorn's `--quantize q8` conversion of a case (made by `main`): for the host, or with
+    /// `--target` the forced level (its weight layout: narrow q8 codes for the x86 levels
+    /// without VNNI).
+    fn acorn_q8(self, level: Option<acorn::kernels::Isa>) -> PathBuf {
+        repo_root().join(format!(".cache/acorn-bench/{}-q8{}.acorn", self.stem(), level_suffix(level)))
     }
 
     fn is_minilm(self) -> bool {
@@ -137,8 +141,8 @@ impl Case {
             )
     }
 
-    fn acorn_path(self) -> PathBuf {
-        repo_root().join(".cache/acorn-bench").join(format!("{}.acorn", self.stem()))
+    fn acorn_path(self, level: Option<acorn::kernels::Isa>) -> PathBuf {
+        repo_root().join(".cache/acorn-bench").join(format!("{}{}.acorn", self.stem(), level_suffix(level)))
     }
 
     /// The model's file stem in the bench cache (one per model, shared by its cases).
@@ -280,11 +284,21 @@ fn run_tract(case: Case, runs: usize) -> Result<Measured> {
     Ok(Measured { open_ms, median_ms, p90_ms, peak_rss_mb: peak_rss_mb() })
 }
 
-fn child(runtime: &str, case: Case, runs: usize, threads: usize) -> Result<()> {
+/// The file-name suffix of a conversion for a forced level (none for the host's).
+fn level_suffix(level: Option<acorn::kernels::Isa>) -> String {
+    level.map_or(String::new(), |l| format!("@{}", l.name()))
+}
+
+/// The converter's `--target` for a forced level (`None`: the host).
+fn level_target(level: Option<acorn::kernels::Isa>) -> acorn_converter::Target {
+    level.map_or(acorn_converter::Target::Host, acorn_converter::Target::Isa)
+}
+
+fn child(runtime: &str, case: Case, level: Option<acorn::kernels::Isa>, runs: usize, threads: usize) -> Result<()> {
     let m = match runtime {
-        "acorn" => run_acorn(case, case.acorn_path(), runs, threads)?,
+        "acorn" => run_acorn(case, case.acorn_path(level), runs, threads)?,
         "onnxruntime" => run_ort(case, case.onnx(), runs, threads)?,
-        "acorn-q8" => run_acorn(case, case.acorn_q8(), runs, threads)?,
+        "acorn-q8" => run_acorn(case, case.acorn_q8(level), runs, threads)?,
         "onnxruntime-int8" => run_ort(case, case.ort_int8(), runs, threads)?,
         "tract" => {
             if threads != 1 {
@@ -316,7 +330,13 @@ fn main() -> Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let rt = args.get(i + 1).context("--child RUNTIME CASE")?;
         let case = Case::from_name(args.get(i + 2).context("--child RUNTIME CASE")?)?;
-        return child(rt, case, runs, threads);
+        let level = match args.iter().position(|a| a == "--level") {
+            Some(j) => Some(
+                acorn::kernels::Isa::from_name(args.get(j + 1).context("--level NAME")?).context("unknown --level")?,
+            ),
+            None => None,
+        };
+        return child(rt, case, level, runs, threads);
     }
     std::fs::create_dir_all(repo_root().join(".cache/acorn-bench"))?;
     // `--quantized`: MiniLM cases also run Acorn's q8 conversion and ONNX Runtime's own
@@ -328,12 +348,25 @@ fn main() -> Result<()> {
         }
         None => CASES.to_vec(),
     };
-    // Each model the cases run, converted once (cases of one model share its file).
+    // `--levels all|NAME,NAME`: Acorn's rows once per kernel level (forced with `ACORN_KERNELS`),
+    // side by side; the peers run once (they pick their own kernels).
+    let levels: Vec<Option<acorn::kernels::Isa>> = match args.iter().position(|a| a == "--levels") {
+        None => vec![None],
+        Some(i) => acorn_tests::kernel_levels(args.get(i + 1).context("--levels all|NAME,NAME")?)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+    };
+    // Each model the cases run, converted once per level (cases of one model share its file):
+    // a forced level runs the file `--target` writes for it, as a user of that CPU would.
     let mut stems: Vec<&str> = Vec::new();
     for &case in &cases {
         if !stems.contains(&case.stem()) {
             stems.push(case.stem());
-            acorn_converter::convert(&case.onnx(), &case.acorn_path(), &Default::default())?;
+            for &l in &levels {
+                let opts = acorn_converter::ConvertOptions { target: level_target(l), ..Default::default() };
+                acorn_converter::convert(&case.onnx(), &case.acorn_path(l), &opts)?;
+            }
         }
     }
     if quantized {
@@ -341,7 +374,6 @@ fn main() -> Result<()> {
             format: acorn_converter::quantize::QuantFormat::Q8,
             ..Default::default()
         };
-        let opts = acorn_converter::ConvertOptions { quantize: Some(q), ..Default::default() };
         let acorn_only = args.iter().any(|a| a == "--acorn-only");
         let mut done = Vec::new();
         for &case in cases.iter().filter(|c| c.quantizable()) {
@@ -349,7 +381,14 @@ fn main() -> Result<()> {
                 continue;
             }
             done.push(case.stem());
-            acorn_converter::convert(&case.onnx(), &case.acorn_q8(), &opts)?;
+            for &l in &levels {
+                let opts = acorn_converter::ConvertOptions {
+                    quantize: Some(q.clone()),
+                    target: level_target(l),
+                    ..Default::default()
+                };
+                acorn_converter::convert(&case.onnx(), &case.acorn_q8(l), &opts)?;
+            }
             if acorn_only || case.ort_int8().exists() {
                 continue;
             }
@@ -386,15 +425,6 @@ fn main() -> Result<()> {
     println!();
     println!("| case | runtime | open ms | median ms | p90 ms | peak RSS MB | median vs Acorn |");
     println!("|---|---|---:|---:|---:|---:|---:|");
-    // `--levels all|NAME,NAME`: Acorn's rows once per kernel level (forced with `ACORN_KERNELS`),
-    // side by side; the peers run once (they pick their own kernels).
-    let levels: Vec<Option<acorn::kernels::Isa>> = match args.iter().position(|a| a == "--levels") {
-        None => vec![None],
-        Some(i) => acorn_tests::kernel_levels(args.get(i + 1).context("--levels all|NAME,NAME")?)?
-            .into_iter()
-            .map(Some)
-            .collect(),
-    };
     // `--check-quantized`: fail when a quantized case is slower than the fp32 one at a level.
     let check = args.iter().any(|a| a == "--check-quantized");
     if check && !quantized {
@@ -431,6 +461,7 @@ fn main() -> Result<()> {
                     .env("RUST_BACKTRACE", "0");
                 if let Some(l) = level {
                     cmd.env("ACORN_KERNELS", l.name()).env("ACORN_EXPECT_KERNELS", l.name());
+                    cmd.args(["--level", l.name()]);
                 }
                 let out = cmd.output()?;
                 if !out.status.success() {

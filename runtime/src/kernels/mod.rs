@@ -311,8 +311,11 @@ pub fn describe() -> String {
             format!("{one} / {many}")
         }
     };
+    // The kernel of the narrow codes `--target` writes for this set, where it has its own.
+    let narrow =
+        if isa.narrow_q8() { format!(", 7-bit codes {}", pair(E::Q8PanelsNarrow { nr: 32 })) } else { String::new() };
     format!(
-        "{} (f32 GEMM {}; f16 {}; q8 {}, by rows {}; q4 {})",
+        "{} (f32 GEMM {}; f16 {}; q8 {}{narrow}, by rows {}; q4 {})",
         isa.name(),
         t.name,
         pair(E::F16 { transposed: true }),
