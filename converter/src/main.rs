@@ -32,7 +32,7 @@ enum Cmd {
         /// CPU family whose weight layout to store (the file runs everywhere; on another family
         /// its weights are repacked at open; `none`: plain row-major weights). With `--quantize
         /// q8`, `x86_64-avx2` and `x86_64-avx512` (no VNNI) store MatMul weights as 7-bit codes,
-        /// which their int8 kernels multiply 1.3-1.6x faster (docs/BENCHMARKS.md).
+        /// which their int8 kernels multiply 1.2-1.7x faster (docs/BENCHMARKS.md).
         #[arg(long, default_value = "host", value_parser = acorn_converter::Target::NAMES)]
         target: String,
         /// Embed this tokenizer.json (and the generation settings beside it: end-of-sequence

@@ -701,23 +701,30 @@ pub unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], scales: &mut [f32]
 /// One tile of the q8 GEMM without VNNI, AVX2: `R` activation rows × 16 of a panel's 32 weight
 /// rows (`half` 0 or 1: columns `16·half …`; per group of four values along k the half is 64 of
 /// the group's 128 bytes, one cache line when the panel is aligned). `vpmaddubsw` multiplies
-/// unsigned by signed bytes and adds pairs into saturating i16, so both operands stay signed and
-/// the weight's sign moves onto the activation (`|w| · (x·sign w) = w·x`; `|−128|` reads as the
-/// unsigned 128, and `2·128·127` fits in i16: exact for every int8 weight and activations in
-/// ±127); `vpmaddwd` by ones widens the pairs into i32 sums of four. Per block the i32 sums
-/// are scaled by the activation block's scale into f32; the weights' row scales multiply at
-/// the end.
+/// unsigned by signed bytes and adds pairs into saturating i16:
+/// - full-range codes (`NARROW = false`): both operands stay signed and the weight's sign moves
+///   onto the activation (`|w| · (x·sign w) = w·x`; `|−128|` reads as the unsigned 128, and
+///   `2·128·127` fits in i16: exact for every int8 weight and activations in ±127) — a
+///   `vpsignb` per row and weight vector, on the multiply pipes;
+/// - narrow codes (`NARROW`, every code within ±64, `TensorEncoding::Q8PanelsNarrow`): `w + 64`
+///   (0…128) is unsigned as it stands (`2·128·127` fits), offset once per weight vector; the
+///   offset adds `64·Σx` per block, which the block's i32 sums start from (negated).
+///
+/// `vpmaddwd` by ones widens the pairs into i32 sums of four. Per block the i32 sums are scaled
+/// by the activation block's scale into f32; the weights' row scales multiply at the end.
 ///
 /// # Safety
 /// The CPU has AVX2/FMA; `x` holds `R` rows of `nb·32` signed bytes (within ±127) at stride
-/// `ldx`; `xs` `R` rows of `nb` scales at stride `ldxs`; `w` `nb·32·32` packed bytes; `ws` 32
-/// f32; `out` is valid for `R` rows of `cols` floats at stride `ldo`, `cols` ≤ 16.
+/// `ldx`; `xs` (and, when `NARROW`, `sums`) `R` rows of `nb` values at stride `ldxs`; `w`
+/// `nb·32·32` packed bytes (within ±64 when `NARROW`); `ws` 32 f32; `out` is valid for `R` rows
+/// of `cols` floats at stride `ldo`, `cols` ≤ 16.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_tile_avx2<const R: usize>(
+unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool>(
     x: *const i8,
     ldx: usize,
     xs: *const f32,
+    sums: *const i32,
     ldxs: usize,
     w: *const i8,
     ws: *const f32,
@@ -727,28 +734,37 @@ unsafe fn q8_panel_tile_avx2<const R: usize>(
     ldo: usize,
     cols: usize,
 ) {
-    let ones = _mm256_set1_epi16(1);
+    let (ones, off) = (_mm256_set1_epi16(1), _mm256_set1_epi8(64));
     // The f32 sums live in memory (a stack row per activation row), touched once per block: in
     // registers beside the 2·R i32 accumulators and the four weight vectors they would spill
     // inside the k loop.
     let mut fm = [[_mm256_setzero_ps(); 2]; R];
     let fp = fm.as_mut_ptr() as *mut __m256;
     for b in 0..nb {
-        // SAFETY: block b's packed weights, activations and scales are in bounds (caller
-        // contract); the 4-byte activation reads are unaligned loads.
+        // SAFETY: block b's packed weights, activations, scales (and sums) are in bounds
+        // (caller contract); the 4-byte activation reads are unaligned loads.
         unsafe {
             let mut a = [[_mm256_setzero_si256(); 2]; R];
+            if NARROW {
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let c = _mm256_set1_epi32(-64 * *sums.add(r * ldxs + b));
+                    *ar = [c, c];
+                }
+            }
             for s in 0..QK / 4 {
                 let wp = w.add((b * QK / 4 + s) * 128 + half * 64);
                 let w0 = _mm256_loadu_si256(wp as *const __m256i);
                 let w1 = _mm256_loadu_si256(wp.add(32) as *const __m256i);
-                let (u0, u1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
+                let (u0, u1) = if NARROW {
+                    (_mm256_add_epi8(w0, off), _mm256_add_epi8(w1, off))
+                } else {
+                    (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1))
+                };
                 for (r, ar) in a.iter_mut().enumerate() {
                     let xv = _mm256_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xv, w0)), ones);
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xv, w1)), ones);
-                    ar[0] = _mm256_add_epi32(ar[0], p0);
-                    ar[1] = _mm256_add_epi32(ar[1], p1);
+                    let (x0, x1) = if NARROW { (xv, xv) } else { (_mm256_sign_epi8(xv, w0), _mm256_sign_epi8(xv, w1)) };
+                    ar[0] = _mm256_add_epi32(ar[0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, x0), ones));
+                    ar[1] = _mm256_add_epi32(ar[1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, x1), ones));
                 }
             }
             for (r, ar) in a.iter().enumerate() {
@@ -760,34 +776,15 @@ unsafe fn q8_panel_tile_avx2<const R: usize>(
             }
         }
     }
-    // SAFETY: `fm`'s 2·R vectors; the rest is the caller's contract.
-    unsafe { store_half_avx2::<R>(fp, ws, half, out, ldo, cols) };
-}
-
-/// The end of an AVX2 half-panel tile: `R` rows of 16 f32 sums at `f` (two vectors per row)
-/// times the half's 16 column scales, into `R` rows of `cols` floats at `out` — full rows
-/// directly, a partial half through a stack row.
-///
-/// # Safety
-/// The CPU has AVX2; `f` holds `2·R` vectors; `ws` 32 f32; `out` is valid for `R` rows of `cols`
-/// (≤ 16) floats at stride `ldo`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn store_half_avx2<const R: usize>(
-    f: *const __m256,
-    ws: *const f32,
-    half: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    // SAFETY: the half's 16 column scales, the 2·R sums and R rows of `cols` floats at `out`
-    // (caller contract).
+    // SAFETY: the half's 16 column scales; R rows of `cols` floats at `out` (caller contract):
+    // full rows store directly, a partial half through a stack row.
     unsafe {
         let (s0, s1) = (_mm256_loadu_ps(ws.add(half * 16)), _mm256_loadu_ps(ws.add(half * 16 + 8)));
         for r in 0..R {
-            let (v0, v1) =
-                (_mm256_mul_ps(f.add(r * 2).read_volatile(), s0), _mm256_mul_ps(f.add(r * 2 + 1).read_volatile(), s1));
+            let (v0, v1) = (
+                _mm256_mul_ps(fp.add(r * 2).read_volatile(), s0),
+                _mm256_mul_ps(fp.add(r * 2 + 1).read_volatile(), s1),
+            );
             let o = out.add(r * ldo);
             if cols == 16 {
                 _mm256_storeu_ps(o, v0);
@@ -803,35 +800,42 @@ unsafe fn store_half_avx2<const R: usize>(
 }
 
 /// One activation row × a whole panel of 32 q8 weight rows with AVX2, as
-/// [`q8_panel_tile_avx2`] over all 32 columns at once (four i32 accumulators): a decode step
-/// streams each panel once, front to back, rather than in two half passes.
+/// [`q8_panel_tile_avx2`] (full or narrow codes) over all 32 columns at once (four i32
+/// accumulators): a decode step streams each panel once, front to back, rather than in two half
+/// passes.
 ///
 /// # Safety
 /// As [`q8_panel_tile_avx2`] for one row and `cols` ≤ 32.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_row_avx2(
+unsafe fn q8_panel_row_avx2<const NARROW: bool>(
     x: *const i8,
     xs: *const f32,
+    sums: *const i32,
     w: *const i8,
     ws: *const f32,
     nb: usize,
     out: *mut f32,
     cols: usize,
 ) {
-    let ones = _mm256_set1_epi16(1);
+    let (ones, off) = (_mm256_set1_epi16(1), _mm256_set1_epi8(64));
     let mut f = [_mm256_setzero_ps(); 4];
     for b in 0..nb {
-        // SAFETY: block b's packed weights, activations and scale are in bounds (caller
+        // SAFETY: block b's packed weights, activations, scale (and sum) are in bounds (caller
         // contract); the 4-byte activation reads are unaligned loads.
         unsafe {
-            let mut a = [_mm256_setzero_si256(); 4];
+            let start = if NARROW { _mm256_set1_epi32(-64 * *sums.add(b)) } else { _mm256_setzero_si256() };
+            let mut a = [start; 4];
             for s in 0..QK / 4 {
                 let wp = w.add((b * QK / 4 + s) * 128);
                 let xv = _mm256_set1_epi32((x.add(b * QK + s * 4) as *const i32).read_unaligned());
                 for (c, ac) in a.iter_mut().enumerate() {
                     let wv = _mm256_loadu_si256(wp.add(32 * c) as *const __m256i);
-                    let p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+                    let p = if NARROW {
+                        _mm256_maddubs_epi16(_mm256_add_epi8(wv, off), xv)
+                    } else {
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv))
+                    };
                     *ac = _mm256_add_epi32(*ac, _mm256_madd_epi16(p, ones));
                 }
             }
@@ -851,10 +855,66 @@ unsafe fn q8_panel_row_avx2(
     }
 }
 
-/// One panel of 32 q8 weight rows × `m` activation rows with AVX2 (no VNNI): below
-/// [`super::quant::Q8_GEMM_MIN_ROWS`] rows, each row over the whole panel
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX2: below
+/// [`super::quant::Q8_GEMM_MIN_ROWS`] rows each row over the whole panel
 /// ([`q8_panel_row_avx2`]); else per half of the panel (16 columns), tiles of 4 rows
-/// ([`q8_panel_tile_avx2`]). The activations come signed; `sums` and `scratch` are unused (no
+/// ([`q8_panel_tile_avx2`]).
+///
+/// # Safety
+/// As [`q8_panel_tile_avx2`] for `m` rows and `cols` ≤ 32.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_panel_avx2_with<const NARROW: bool>(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    if m < super::quant::Q8_GEMM_MIN_ROWS {
+        for r in 0..m {
+            let (u, s, su, o) = (
+                x.wrapping_add(r * ldx),
+                xs.wrapping_add(r * ldxs),
+                sums.wrapping_add(r * ldxs),
+                out.wrapping_add(r * ldo),
+            );
+            // SAFETY: row r of the caller's m rows; the rest is forwarded.
+            unsafe { q8_panel_row_avx2::<NARROW>(u, s, su, w, ws, nb, o, cols) };
+        }
+        return;
+    }
+    for half in 0..cols.div_ceil(16) {
+        let hc = (cols - half * 16).min(16);
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(4);
+            let (u, s, su) = (x.wrapping_add(i0 * ldx), xs.wrapping_add(i0 * ldxs), sums.wrapping_add(i0 * ldxs));
+            let o = out.wrapping_add(i0 * ldo + half * 16);
+            // SAFETY: rows i0..i0+rows are inside the caller's `m` rows, columns 16·half.. +hc
+            // inside its `cols`; the rest is forwarded.
+            unsafe {
+                match rows {
+                    1 => q8_panel_tile_avx2::<1, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    2 => q8_panel_tile_avx2::<2, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    3 => q8_panel_tile_avx2::<3, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    _ => q8_panel_tile_avx2::<4, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                }
+            }
+            i0 += rows;
+        }
+    }
+}
+
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX2 (no VNNI), full-range codes
+/// ([`q8_panel_avx2_with`]). The activations come signed; `sums` and `scratch` are unused (no
 /// offset to correct).
 ///
 /// # Safety
@@ -868,7 +928,7 @@ pub unsafe fn q8_panel_avx2(
     x: *const i8,
     ldx: usize,
     xs: *const f32,
-    _sums: *const i32,
+    sums: *const i32,
     ldxs: usize,
     w: *const i8,
     ws: *const f32,
@@ -878,246 +938,14 @@ pub unsafe fn q8_panel_avx2(
     ldo: usize,
     cols: usize,
 ) {
-    if m < super::quant::Q8_GEMM_MIN_ROWS {
-        for r in 0..m {
-            // SAFETY: row r of the caller's m rows; the rest is forwarded.
-            unsafe { q8_panel_row_avx2(x.add(r * ldx), xs.add(r * ldxs), w, ws, nb, out.add(r * ldo), cols) };
-        }
-        return;
-    }
-    for half in 0..cols.div_ceil(16) {
-        let hc = (cols - half * 16).min(16);
-        let mut i0 = 0;
-        while i0 < m {
-            let rows = (m - i0).min(4);
-            // SAFETY: rows i0..i0+rows are inside the caller's `m` rows, columns 16·half.. +hc
-            // inside its `cols`; the rest is forwarded.
-            unsafe {
-                let (u, s, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), out.add(i0 * ldo + half * 16));
-                match rows {
-                    1 => q8_panel_tile_avx2::<1>(u, ldx, s, ldxs, w, ws, nb, half, o, ldo, hc),
-                    2 => q8_panel_tile_avx2::<2>(u, ldx, s, ldxs, w, ws, nb, half, o, ldo, hc),
-                    3 => q8_panel_tile_avx2::<3>(u, ldx, s, ldxs, w, ws, nb, half, o, ldo, hc),
-                    _ => q8_panel_tile_avx2::<4>(u, ldx, s, ldxs, w, ws, nb, half, o, ldo, hc),
-                }
-            }
-            i0 += rows;
-        }
-    }
+    // SAFETY: the caller's contract (`sums` is not read for full-range codes).
+    unsafe { q8_panel_avx2_with::<false>(m, x, ldx, xs, sums, ldxs, w, ws, nb, out, ldo, cols) }
 }
 
-/// One tile of the q8 GEMM with AVX-512 F/BW but no VNNI: `R` activation rows × one panel of 32
-/// weight rows, as [`q8_panel_tile_avx2`] on 512-bit registers (16 columns × four bytes each).
-/// AVX-512 has no `vpsignb`: the activation is negated under the mask of the weight's sign bits
-/// (`vpmovb2m`, once per weight vector) before `vpmaddubsw` with `|w|`; where `w = 0` the product
-/// is zero whatever the sign.
-///
-/// # Safety
-/// The CPU has AVX-512 F/BW/VL; operands as [`q8_panel_tile_avx2`] for a whole panel
-/// (`cols` ≤ 32).
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_tile_avx512<const R: usize>(
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    let ones = _mm512_set1_epi16(1);
-    let zero = _mm512_setzero_si512();
-    let mut f = [[_mm512_setzero_ps(); 2]; R];
-    for b in 0..nb {
-        // SAFETY: block b's packed weights, activations and scales are in bounds (caller
-        // contract); the 4-byte activation reads are unaligned loads.
-        unsafe {
-            let mut a = [[_mm512_setzero_si512(); 2]; R];
-            for s in 0..QK / 4 {
-                let wp = w.add((b * QK / 4 + s) * 128);
-                let w0 = _mm512_loadu_si512(wp as *const __m512i);
-                let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
-                let (u0, u1) = (_mm512_abs_epi8(w0), _mm512_abs_epi8(w1));
-                let (n0, n1) = (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1));
-                for (r, ar) in a.iter_mut().enumerate() {
-                    let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
-                    let (x0, x1) = (_mm512_mask_sub_epi8(xv, n0, zero, xv), _mm512_mask_sub_epi8(xv, n1, zero, xv));
-                    ar[0] = _mm512_add_epi32(ar[0], _mm512_madd_epi16(_mm512_maddubs_epi16(u0, x0), ones));
-                    ar[1] = _mm512_add_epi32(ar[1], _mm512_madd_epi16(_mm512_maddubs_epi16(u1, x1), ones));
-                }
-            }
-            for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
-                let sc = _mm512_set1_ps(*xs.add(r * ldxs + b));
-                fr[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[0]), sc, fr[0]);
-                fr[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ar[1]), sc, fr[1]);
-            }
-        }
-    }
-    // SAFETY: the caller's contract.
-    unsafe { store_panel_avx512(&f, ws, out, ldo, cols) };
-}
-
-/// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in tiles
-/// of 6 rows ([`q8_panel_tile_avx512`]). The activations come signed; `sums` and `scratch` are
-/// unused.
-///
-/// # Safety
-/// As [`q8_panel_avx2`], with AVX-512 F/BW/VL.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_panel_avx512(
-    m: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    _sums: *const i32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    _scratch: *mut i32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    let mut i0 = 0;
-    while i0 < m {
-        let rows = (m - i0).min(6);
-        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
-        unsafe {
-            let (u, s, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), out.add(i0 * ldo));
-            match rows {
-                1 => q8_panel_tile_avx512::<1>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
-                2 => q8_panel_tile_avx512::<2>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
-                3 => q8_panel_tile_avx512::<3>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
-                4 => q8_panel_tile_avx512::<4>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
-                5 => q8_panel_tile_avx512::<5>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
-                _ => q8_panel_tile_avx512::<6>(u, ldx, s, ldxs, w, ws, nb, o, ldo, cols),
-            }
-        }
-        i0 += rows;
-    }
-}
-
-/// One tile of the q8 GEMM on narrow codes (every weight code within ±64, what
-/// `acorn convert --target x86_64-avx2` / `x86_64-avx512` writes), AVX2: `R` activation rows ×
-/// 16 of a panel's 32 weight rows (`half` 0 or 1), as [`q8_panel_tile_avx2`] without moving
-/// signs. The codes offset by 64 are unsigned (0…128), the operand `vpmaddubsw` wants first,
-/// and a pair of products is at most `2·128·127 = 32 512`: no saturation, so each 32 products
-/// cost one `vpmaddubsw` and one `vpmaddwd` (the full-range kernel also needs a `vpsignb` per
-/// row, on the same ports). The offset adds `64·Σx` per block, which the block's i32 sums start
-/// from (negated; `Σx` comes with the activations).
-///
-/// # Safety
-/// As [`q8_panel_tile_avx2`], with every code of `w` within ±64 and `sums` `R` rows of `nb`
-/// block sums at stride `ldxs`.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q8n_panel_tile_avx2<const R: usize>(
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    half: usize,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    let (ones, off) = (_mm256_set1_epi16(1), _mm256_set1_epi8(64));
-    let mut fm = [[_mm256_setzero_ps(); 2]; R];
-    let fp = fm.as_mut_ptr() as *mut __m256;
-    for b in 0..nb {
-        // SAFETY: block b's packed weights, activations, scales and sums are in bounds (caller
-        // contract); the 4-byte activation reads are unaligned loads.
-        unsafe {
-            let mut a = [[_mm256_setzero_si256(); 2]; R];
-            for (r, ar) in a.iter_mut().enumerate() {
-                let c = _mm256_set1_epi32(-64 * *sums.add(r * ldxs + b));
-                *ar = [c, c];
-            }
-            for s in 0..QK / 4 {
-                let wp = w.add((b * QK / 4 + s) * 128 + half * 64);
-                let u0 = _mm256_add_epi8(_mm256_loadu_si256(wp as *const __m256i), off);
-                let u1 = _mm256_add_epi8(_mm256_loadu_si256(wp.add(32) as *const __m256i), off);
-                for (r, ar) in a.iter_mut().enumerate() {
-                    let xv = _mm256_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
-                    ar[0] = _mm256_add_epi32(ar[0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, xv), ones));
-                    ar[1] = _mm256_add_epi32(ar[1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, xv), ones));
-                }
-            }
-            for (r, ar) in a.iter().enumerate() {
-                let sc = _mm256_set1_ps(*xs.add(r * ldxs + b));
-                let (f0, f1) = (fp.add(r * 2), fp.add(r * 2 + 1));
-                f0.write_volatile(_mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[0]), sc, f0.read_volatile()));
-                f1.write_volatile(_mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[1]), sc, f1.read_volatile()));
-            }
-        }
-    }
-    // SAFETY: as in `q8_panel_tile_avx2`.
-    unsafe { store_half_avx2::<R>(fp, ws, half, out, ldo, cols) };
-}
-
-/// One activation row × a whole panel of 32 narrow-code q8 weight rows with AVX2, as
-/// [`q8n_panel_tile_avx2`] over all 32 columns at once ([`q8_panel_row_avx2`]'s order).
-///
-/// # Safety
-/// As [`q8n_panel_tile_avx2`] for one row and `cols` ≤ 32.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q8n_panel_row_avx2(
-    x: *const i8,
-    xs: *const f32,
-    sums: *const i32,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    out: *mut f32,
-    cols: usize,
-) {
-    let (ones, off) = (_mm256_set1_epi16(1), _mm256_set1_epi8(64));
-    let mut f = [_mm256_setzero_ps(); 4];
-    for b in 0..nb {
-        // SAFETY: block b's packed weights, activations, scale and sum are in bounds (caller
-        // contract); the 4-byte activation reads are unaligned loads.
-        unsafe {
-            let mut a = [_mm256_set1_epi32(-64 * *sums.add(b)); 4];
-            for s in 0..QK / 4 {
-                let wp = w.add((b * QK / 4 + s) * 128);
-                let xv = _mm256_set1_epi32((x.add(b * QK + s * 4) as *const i32).read_unaligned());
-                for (c, ac) in a.iter_mut().enumerate() {
-                    let u = _mm256_add_epi8(_mm256_loadu_si256(wp.add(32 * c) as *const __m256i), off);
-                    *ac = _mm256_add_epi32(*ac, _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones));
-                }
-            }
-            let sc = _mm256_set1_ps(*xs.add(b));
-            for (fc, ac) in f.iter_mut().zip(&a) {
-                *fc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*ac), sc, *fc);
-            }
-        }
-    }
-    let mut row = [0.0f32; 32];
-    // SAFETY: 32 column scales; a local row; `cols` floats at `out` (caller contract).
-    unsafe {
-        for (c, fc) in f.iter().enumerate() {
-            _mm256_storeu_ps(row.as_mut_ptr().add(8 * c), _mm256_mul_ps(*fc, _mm256_loadu_ps(ws.add(8 * c))));
-        }
-        std::ptr::copy_nonoverlapping(row.as_ptr(), out, cols);
-    }
-}
-
-/// One panel of 32 narrow-code q8 weight rows (every code within ±64) × `m` activation rows
-/// with AVX2, as [`q8_panel_avx2`]: below [`super::quant::Q8_GEMM_MIN_ROWS`] rows each row over
-/// the whole panel ([`q8n_panel_row_avx2`]), else per half panel in tiles of 4 rows
-/// ([`q8n_panel_tile_avx2`]). The activations come signed with their block sums; `scratch` is
-/// unused.
+/// One panel of 32 narrow-code q8 weight rows (every code within ±64, what
+/// `acorn convert --target x86_64-avx2` writes) × `m` activation rows with AVX2
+/// ([`q8_panel_avx2_with`]): no `vpsignb`. The activations come signed with their block sums;
+/// `scratch` is unused.
 ///
 /// # Safety
 /// As [`q8_panel_avx2`], with every code of `w` within ±64 and `sums` `m` rows of `nb` block
@@ -1139,56 +967,23 @@ pub unsafe fn q8n_panel_avx2(
     ldo: usize,
     cols: usize,
 ) {
-    if m < super::quant::Q8_GEMM_MIN_ROWS {
-        for r in 0..m {
-            // SAFETY: row r of the caller's m rows; the rest is forwarded.
-            unsafe {
-                q8n_panel_row_avx2(
-                    x.add(r * ldx),
-                    xs.add(r * ldxs),
-                    sums.add(r * ldxs),
-                    w,
-                    ws,
-                    nb,
-                    out.add(r * ldo),
-                    cols,
-                )
-            };
-        }
-        return;
-    }
-    for half in 0..cols.div_ceil(16) {
-        let hc = (cols - half * 16).min(16);
-        let mut i0 = 0;
-        while i0 < m {
-            let rows = (m - i0).min(4);
-            // SAFETY: rows i0..i0+rows are inside the caller's `m` rows, columns 16·half.. +hc
-            // inside its `cols`; the rest is forwarded.
-            unsafe {
-                let (u, s, su, o) =
-                    (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo + half * 16));
-                match rows {
-                    1 => q8n_panel_tile_avx2::<1>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    2 => q8n_panel_tile_avx2::<2>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    3 => q8n_panel_tile_avx2::<3>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    _ => q8n_panel_tile_avx2::<4>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                }
-            }
-            i0 += rows;
-        }
-    }
+    // SAFETY: the caller's contract.
+    unsafe { q8_panel_avx2_with::<true>(m, x, ldx, xs, sums, ldxs, w, ws, nb, out, ldo, cols) }
 }
 
-/// One tile of the q8 GEMM on narrow codes with AVX-512 F/BW: `R` activation rows × one panel
-/// of 32 weight rows, as [`q8n_panel_tile_avx2`] on 512-bit registers (no masked negation:
-/// the offset codes are unsigned already).
+/// One tile of the q8 GEMM with AVX-512 F/BW but no VNNI: `R` activation rows × one panel of 32
+/// weight rows, as [`q8_panel_tile_avx2`] on 512-bit registers (16 columns × four bytes each).
+/// AVX-512 has no `vpsignb`: for full-range codes the activation is negated under the mask of
+/// the weight's sign bits (`vpmovb2m`, once per weight vector) before `vpmaddubsw` with `|w|`
+/// (where `w = 0` the product is zero whatever the sign); narrow codes are offset to unsigned
+/// as on AVX2.
 ///
 /// # Safety
-/// As [`q8_panel_tile_avx512`], with every code of `w` within ±64 and `sums` `R` rows of `nb`
-/// block sums at stride `ldxs`.
+/// The CPU has AVX-512 F/BW/VL; operands as [`q8_panel_tile_avx2`] for a whole panel
+/// (`cols` ≤ 32).
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8n_panel_tile_avx512<const R: usize>(
+unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool>(
     x: *const i8,
     ldx: usize,
     xs: *const f32,
@@ -1201,25 +996,38 @@ unsafe fn q8n_panel_tile_avx512<const R: usize>(
     ldo: usize,
     cols: usize,
 ) {
-    let (ones, off) = (_mm512_set1_epi16(1), _mm512_set1_epi8(64));
+    let (ones, off, zero) = (_mm512_set1_epi16(1), _mm512_set1_epi8(64), _mm512_setzero_si512());
     let mut f = [[_mm512_setzero_ps(); 2]; R];
     for b in 0..nb {
-        // SAFETY: block b's packed weights, activations, scales and sums are in bounds (caller
-        // contract); the 4-byte activation reads are unaligned loads.
+        // SAFETY: block b's packed weights, activations, scales (and sums) are in bounds
+        // (caller contract); the 4-byte activation reads are unaligned loads.
         unsafe {
             let mut a = [[_mm512_setzero_si512(); 2]; R];
-            for (r, ar) in a.iter_mut().enumerate() {
-                let c = _mm512_set1_epi32(-64 * *sums.add(r * ldxs + b));
-                *ar = [c, c];
+            if NARROW {
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let c = _mm512_set1_epi32(-64 * *sums.add(r * ldxs + b));
+                    *ar = [c, c];
+                }
             }
             for s in 0..QK / 4 {
                 let wp = w.add((b * QK / 4 + s) * 128);
-                let u0 = _mm512_add_epi8(_mm512_loadu_si512(wp as *const __m512i), off);
-                let u1 = _mm512_add_epi8(_mm512_loadu_si512(wp.add(64) as *const __m512i), off);
+                let w0 = _mm512_loadu_si512(wp as *const __m512i);
+                let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
+                let (u0, u1) = if NARROW {
+                    (_mm512_add_epi8(w0, off), _mm512_add_epi8(w1, off))
+                } else {
+                    (_mm512_abs_epi8(w0), _mm512_abs_epi8(w1))
+                };
+                let (n0, n1) = if NARROW { (0, 0) } else { (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1)) };
                 for (r, ar) in a.iter_mut().enumerate() {
                     let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
-                    ar[0] = _mm512_add_epi32(ar[0], _mm512_madd_epi16(_mm512_maddubs_epi16(u0, xv), ones));
-                    ar[1] = _mm512_add_epi32(ar[1], _mm512_madd_epi16(_mm512_maddubs_epi16(u1, xv), ones));
+                    let (x0, x1) = if NARROW {
+                        (xv, xv)
+                    } else {
+                        (_mm512_mask_sub_epi8(xv, n0, zero, xv), _mm512_mask_sub_epi8(xv, n1, zero, xv))
+                    };
+                    ar[0] = _mm512_add_epi32(ar[0], _mm512_madd_epi16(_mm512_maddubs_epi16(u0, x0), ones));
+                    ar[1] = _mm512_add_epi32(ar[1], _mm512_madd_epi16(_mm512_maddubs_epi16(u1, x1), ones));
                 }
             }
             for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
@@ -1229,12 +1037,80 @@ unsafe fn q8n_panel_tile_avx512<const R: usize>(
             }
         }
     }
-    // SAFETY: R rows of 32 sums; the rest is the caller's contract.
+    // SAFETY: the caller's contract.
     unsafe { store_panel_avx512(&f, ws, out, ldo, cols) };
 }
 
-/// One panel of 32 narrow-code q8 weight rows × `m` activation rows with AVX-512 F/BW, in
-/// tiles of 6 rows ([`q8n_panel_tile_avx512`]). `scratch` is unused.
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in tiles
+/// of 6 rows ([`q8_panel_tile_avx512`]).
+///
+/// # Safety
+/// As [`q8_panel_tile_avx512`] for `m` rows.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_panel_avx512_with<const NARROW: bool>(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = (m - i0).min(6);
+        let (u, s, su) = (x.wrapping_add(i0 * ldx), xs.wrapping_add(i0 * ldxs), sums.wrapping_add(i0 * ldxs));
+        let o = out.wrapping_add(i0 * ldo);
+        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
+        unsafe {
+            match rows {
+                1 => q8_panel_tile_avx512::<1, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                2 => q8_panel_tile_avx512::<2, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                3 => q8_panel_tile_avx512::<3, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                4 => q8_panel_tile_avx512::<4, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                5 => q8_panel_tile_avx512::<5, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                _ => q8_panel_tile_avx512::<6, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+            }
+        }
+        i0 += rows;
+    }
+}
+
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI),
+/// full-range codes ([`q8_panel_avx512_with`]). The activations come signed; `sums` and
+/// `scratch` are unused.
+///
+/// # Safety
+/// As [`q8_panel_avx2`], with AVX-512 F/BW/VL.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q8_panel_avx512(
+    m: usize,
+    x: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    sums: *const i32,
+    ldxs: usize,
+    w: *const i8,
+    ws: *const f32,
+    nb: usize,
+    _scratch: *mut i32,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    // SAFETY: the caller's contract (`sums` is not read for full-range codes).
+    unsafe { q8_panel_avx512_with::<false>(m, x, ldx, xs, sums, ldxs, w, ws, nb, out, ldo, cols) }
+}
+
+/// One panel of 32 narrow-code q8 weight rows × `m` activation rows with AVX-512 F/BW
+/// ([`q8_panel_avx512_with`]). `scratch` is unused.
 ///
 /// # Safety
 /// As [`q8n_panel_avx2`], with AVX-512 F/BW/VL.
@@ -1255,23 +1131,8 @@ pub unsafe fn q8n_panel_avx512(
     ldo: usize,
     cols: usize,
 ) {
-    let mut i0 = 0;
-    while i0 < m {
-        let rows = (m - i0).min(6);
-        // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
-        unsafe {
-            let (u, s, su, o) = (x.add(i0 * ldx), xs.add(i0 * ldxs), sums.add(i0 * ldxs), out.add(i0 * ldo));
-            match rows {
-                1 => q8n_panel_tile_avx512::<1>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                2 => q8n_panel_tile_avx512::<2>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                3 => q8n_panel_tile_avx512::<3>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                4 => q8n_panel_tile_avx512::<4>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                5 => q8n_panel_tile_avx512::<5>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                _ => q8n_panel_tile_avx512::<6>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-            }
-        }
-        i0 += rows;
-    }
+    // SAFETY: the caller's contract.
+    unsafe { q8_panel_avx512_with::<true>(m, x, ldx, xs, sums, ldxs, w, ws, nb, out, ldo, cols) }
 }
 
 /// One tile of the q4 GEMM without VNNI, AVX2: `R` activation rows × 16 of a panel's 32 weight
