@@ -582,6 +582,7 @@ fn encode(
 /// weights — stays close. q4 group scales are chosen when their group starts, from the
 /// weights as updated by then. Returns the encoding's bytes and the dequantized weights, or
 /// `None` when the Hessian cannot be factored even with extra damping (the caller rounds).
+/// `narrow`: q8 MatMul weights rounded to codes within ±64 (`q8::NARROW_MAX`).
 pub fn gptq(
     format: QuantFormat,
     transposed: bool,

@@ -709,8 +709,9 @@ fn q8_panel_kernel(isa: Isa, nr: usize, narrow: bool) -> Option<(&'static str, Q
 }
 
 /// The name of the kernel that runs a q8 product with `m` activation rows: on weights stored
-/// by rows (`panel_width` `None`) or in panels of that width. What `acorn inspect` and `bench`
-/// print and the tests name — the same decisions [`gemm_q8`] and [`gemm_q8_panels`] take.
+/// by rows (`panels` `None`) or in panels (`Some((width, narrow))`, narrow: codes within ±64).
+/// What `acorn inspect` and `bench` print and the tests name — the same decisions [`gemm_q8`]
+/// and [`gemm_q8_panels`] take.
 pub fn q8_kernel_name(isa: Isa, m: usize, panels: Option<(usize, bool)>) -> &'static str {
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let rows = isa.q_rows();
