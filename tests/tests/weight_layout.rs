@@ -4,6 +4,7 @@
 //! subgraph becomes one activation without changing the outputs.
 
 use std::borrow::Cow;
+use std::path::PathBuf;
 
 use acorn::format::{write_model, Provenance, TensorEncoding, TensorPayload};
 use acorn::graph::{ConstBinding, Graph, IoSpec, Node, Op, ValueInfo};
@@ -12,30 +13,31 @@ use acorn_converter::onnx_build::OnnxBuilder;
 use acorn_converter::{convert, ConvertOptions, Target};
 use acorn_tests::pseudo_random;
 
-/// y = x · W with W [k, n] an initializer, x [batch, m, k].
-fn matmul_model(k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
+/// y = x · W with W [k, n] an initializer, x [batch, m, k], written as `mm.onnx` in `dir`; with an
+/// input x of `batch × m` rows and the exact product (f64 sums).
+fn matmul_case(dir: &std::path::Path, k: usize, n: usize, batch: usize, m: usize) -> (PathBuf, Tensor, Vec<f32>) {
     let w = pseudo_random(k * n, 7);
     let mut b = OnnxBuilder::new(17);
     b.input_f32("x", &["batch", "m", &k.to_string()]);
     b.init_f32("w", &[k as i64, n as i64], w.clone());
     b.node("MatMul", "mm", &["x", "w"], &["y"], vec![]);
     b.output_f32("y");
-    (b.to_bytes(), w)
+    let src = dir.join("mm.onnx");
+    std::fs::write(&src, b.to_bytes()).unwrap();
+    let x = Tensor::from_f32(vec![batch, m, k], pseudo_random(batch * m * k, 3));
+    let xs = x.as_f32().unwrap();
+    let want: Vec<f32> = (0..batch * m * n)
+        .map(|c| (0..k).map(|p| xs[(c / n) * k + p] as f64 * w[p * n + c % n] as f64).sum::<f64>() as f32)
+        .collect();
+    (src, x, want)
 }
 
 #[test]
 fn every_target_layout_runs_here_with_the_same_results() {
     // n = 96 is a whole number of panels for every width (narrower padding is not packed).
     let (k, n) = (70, 96);
-    let (onnx, w) = matmul_model(k, n);
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("mm.onnx");
-    std::fs::write(&src, onnx).unwrap();
-    let x = Tensor::from_f32(vec![2, 13, k], pseudo_random(2 * 13 * k, 3));
-    let xs = x.as_f32().unwrap();
-    let want: Vec<f32> = (0..2 * 13 * n)
-        .map(|c| (0..k).map(|p| xs[(c / n) * k + p] as f64 * w[p * n + c % n] as f64).sum::<f64>() as f32)
-        .collect();
+    let (src, x, want) = matmul_case(dir.path(), k, n, 2, 13);
     for name in Target::NAMES {
         let target = Target::parse(name).unwrap();
         let out = dir.path().join(format!("mm-{name}.acorn"));
@@ -66,15 +68,8 @@ fn every_target_layout_runs_here_with_the_same_results() {
 #[test]
 fn every_target_q8_layout_runs_here() {
     let (k, n) = (96, 72);
-    let (onnx, w) = matmul_model(k, n);
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("mm.onnx");
-    std::fs::write(&src, onnx).unwrap();
-    let x = Tensor::from_f32(vec![1, 5, k], pseudo_random(5 * k, 3));
-    let xs = x.as_f32().unwrap();
-    let want: Vec<f32> = (0..5 * n)
-        .map(|c| (0..k).map(|p| xs[(c / n) * k + p] as f64 * w[p * n + c % n] as f64).sum::<f64>() as f32)
-        .collect();
+    let (src, x, want) = matmul_case(dir.path(), k, n, 1, 5);
     let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     for name in Target::NAMES {
         let target = Target::parse(name).unwrap();

@@ -403,8 +403,7 @@ impl ModelFile {
             if !matches!(t.encoding, TensorEncoding::Q8PanelsNarrow { .. }) {
                 continue;
             }
-            let shape: Vec<u64> = t.shape.clone();
-            let Some(l) = t.encoding.quant_layout(t.dtype, &shape) else { continue };
+            let Some(l) = t.encoding.quant_layout(t.dtype, &t.shape) else { continue };
             let codes = &self.stored_bytes(i)[l.values.0..l.values.1];
             if let Some(p) = codes.iter().position(|&c| (c as i8).unsigned_abs() > crate::weights::q8::NARROW_MAX as u8)
             {

@@ -480,11 +480,11 @@ crate::kernel_list! {
             Isa::Avx512,
             Activations::Int8Blocks,
             Q8PanelKernel {
-                panel: super::x86q::q8_panel_avx512,
+                panel: super::x86q::q8_panel_avx512::<false>,
                 nr: 32,
                 unsigned_acts: false,
                 packs_rows: true,
-                narrow: Some(("gemm_q7i8_6x32_avx512", super::x86q::q8n_panel_avx512)),
+                narrow: Some(("gemm_q7i8_6x32_avx512", super::x86q::q8_panel_avx512::<true>)),
             },
         );
         #[cfg(target_arch = "x86_64")]
@@ -506,11 +506,11 @@ crate::kernel_list! {
             Isa::Avx2,
             Activations::Int8Blocks,
             Q8PanelKernel {
-                panel: super::x86q::q8_panel_avx2,
+                panel: super::x86q::q8_panel_avx2::<false>,
                 nr: 32,
                 unsigned_acts: false,
                 packs_rows: true,
-                narrow: Some(("gemm_q7i8_4x16_avx2", super::x86q::q8n_panel_avx2)),
+                narrow: Some(("gemm_q7i8_4x16_avx2", super::x86q::q8_panel_avx2::<true>)),
             },
         );
         #[cfg(target_arch = "aarch64")]
@@ -1200,6 +1200,22 @@ mod tests {
         assert!(gemm_q8_panels(Isa::Reference, &qa, &odd, &mut [0.0; 2], 1).is_err());
     }
 
+    /// `m × k` activations quantized to q8 whose blocks reach ±127 (every `every`-th value set to
+    /// ±(the largest magnitude), both signs): where the products of full-range codes would
+    /// saturate `vpmaddubsw`'s pair sums if a kernel let them.
+    fn extreme_acts(m: usize, k: usize, seed: u64, every: usize) -> QActs {
+        let mut x = data(m * k, seed);
+        for (i, v) in x.iter_mut().enumerate() {
+            if i % every == 0 {
+                *v = if i % (2 * every) == 0 { 2.0 } else { -2.0 };
+            }
+        }
+        let mut qa = QActs::default();
+        quantize_acts_q8(&x, m, k, &mut qa, 1).unwrap();
+        assert!(qa.q.contains(&127) && qa.q.contains(&-127));
+        qa
+    }
+
     /// Weights lifted from int8 ONNX models may hold −128 (the encoder never writes it): every
     /// set gives the integer reference's result with every int8 code against activations at
     /// ±127, stored by rows and in panels.
@@ -1209,16 +1225,7 @@ mod tests {
             let codes: Vec<i8> = (0..n * k).map(|i| (i * 97 % 256) as u8 as i8).collect();
             assert!(codes.contains(&i8::MIN) && codes.contains(&i8::MAX));
             let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
-            // Activations whose blocks hold ±127 after quantization (the block maximum, both signs).
-            let mut x = data(m * k, 5);
-            for (i, v) in x.iter_mut().enumerate() {
-                if i % 7 == 0 {
-                    *v = if i % 14 == 0 { 1.0 } else { -1.0 };
-                }
-            }
-            let mut qa = QActs::default();
-            quantize_acts_q8(&x, m, k, &mut qa, 1).unwrap();
-            assert!(qa.q.contains(&127) && qa.q.contains(&-127));
+            let qa = extreme_acts(m, k, 5, 7);
             let nb = k / QK;
             let want: Vec<f32> = (0..m * n)
                 .map(|c| {
@@ -1278,15 +1285,7 @@ mod tests {
                 })
                 .collect();
             let scales: Vec<f32> = (0..n).map(|j| 0.02 - j as f32 * 1e-4).collect();
-            let mut x = data(m * k, 11);
-            for (i, v) in x.iter_mut().enumerate() {
-                if i % 5 == 0 {
-                    *v = if i % 10 == 0 { 2.0 } else { -2.0 };
-                }
-            }
-            let mut qa = QActs::default();
-            quantize_acts_q8(&x, m, k, &mut qa, 1).unwrap();
-            assert!(qa.q.contains(&127) && qa.q.contains(&-127));
+            let qa = extreme_acts(m, k, 11, 5);
             let rows = Q8Weights { n, k, q: &codes, scales: &scales };
             let mut want = vec![0.0; m * n];
             gemm_q8(Isa::Reference, &qa, &rows, &mut want, 1).unwrap();

@@ -6,22 +6,13 @@
 use std::arch::x86_64::*;
 
 use super::quant::QK;
+use super::x86::hsum8 as hsum;
 
 /// f16 bits to f32 with F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn h2f(h: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-}
-
-/// Horizontal sum of 8 lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-    _mm_cvtss_f32(s)
 }
 
 /// Sum of the products of 32 unsigned bytes `u` and 32 signed bytes `s`, as 8 i32 lanes.
@@ -855,16 +846,21 @@ unsafe fn q8_panel_row_avx2<const NARROW: bool>(
     }
 }
 
-/// One panel of 32 q8 weight rows × `m` activation rows with AVX2: below
+/// One panel of 32 q8 weight rows × `m` activation rows with AVX2 (no VNNI): below
 /// [`super::quant::Q8_GEMM_MIN_ROWS`] rows each row over the whole panel
 /// ([`q8_panel_row_avx2`]); else per half of the panel (16 columns), tiles of 4 rows
-/// ([`q8_panel_tile_avx2`]).
+/// ([`q8_panel_tile_avx2`]). Full-range codes (`gemm_q8i8_4x16_avx2`) or narrow ones
+/// (`NARROW`, `gemm_q7i8_4x16_avx2`). The activations come signed; `sums` is read for narrow
+/// codes only, `scratch` never.
 ///
 /// # Safety
-/// As [`q8_panel_tile_avx2`] for `m` rows and `cols` ≤ 32.
+/// The CPU has AVX2/FMA; `x` holds `m` rows of `nb·32` signed bytes (within ±127) at stride
+/// `ldx`; `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` packed bytes
+/// (within ±64 when `NARROW`); `ws` 32 f32; `out` is valid for `m` rows of `cols` (≤ 32) floats
+/// at stride `ldo`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_avx2_with<const NARROW: bool>(
+pub unsafe fn q8_panel_avx2<const NARROW: bool>(
     m: usize,
     x: *const i8,
     ldx: usize,
@@ -874,6 +870,7 @@ unsafe fn q8_panel_avx2_with<const NARROW: bool>(
     w: *const i8,
     ws: *const f32,
     nb: usize,
+    _scratch: *mut i32,
     out: *mut f32,
     ldo: usize,
     cols: usize,
@@ -911,64 +908,6 @@ unsafe fn q8_panel_avx2_with<const NARROW: bool>(
             i0 += rows;
         }
     }
-}
-
-/// One panel of 32 q8 weight rows × `m` activation rows with AVX2 (no VNNI), full-range codes
-/// ([`q8_panel_avx2_with`]). The activations come signed; `sums` and `scratch` are unused (no
-/// offset to correct).
-///
-/// # Safety
-/// The CPU has AVX2/FMA; `x` holds `m` rows of `nb·32` signed bytes (within ±127) at stride
-/// `ldx`; `xs` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` packed bytes; `ws` 32
-/// f32; `out` is valid for `m` rows of `cols` (≤ 32) floats at stride `ldo`.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_panel_avx2(
-    m: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    _scratch: *mut i32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    // SAFETY: the caller's contract (`sums` is not read for full-range codes).
-    unsafe { q8_panel_avx2_with::<false>(m, x, ldx, xs, sums, ldxs, w, ws, nb, out, ldo, cols) }
-}
-
-/// One panel of 32 narrow-code q8 weight rows (every code within ±64, what
-/// `acorn convert --target x86_64-avx2` writes) × `m` activation rows with AVX2
-/// ([`q8_panel_avx2_with`]): no `vpsignb`. The activations come signed with their block sums;
-/// `scratch` is unused.
-///
-/// # Safety
-/// As [`q8_panel_avx2`], with every code of `w` within ±64 and `sums` `m` rows of `nb` block
-/// sums at stride `ldxs`.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q8n_panel_avx2(
-    m: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    _scratch: *mut i32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { q8_panel_avx2_with::<true>(m, x, ldx, xs, sums, ldxs, w, ws, nb, out, ldo, cols) }
 }
 
 /// One tile of the q8 GEMM with AVX-512 F/BW but no VNNI: `R` activation rows × one panel of 32
@@ -1042,13 +981,14 @@ unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool>(
 }
 
 /// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in tiles
-/// of 6 rows ([`q8_panel_tile_avx512`]).
+/// of 6 rows ([`q8_panel_tile_avx512`]): full-range codes (`gemm_q8i8_6x32_avx512`) or narrow
+/// ones (`NARROW`, `gemm_q7i8_6x32_avx512`).
 ///
 /// # Safety
-/// As [`q8_panel_tile_avx512`] for `m` rows.
+/// As [`q8_panel_avx2`], with AVX-512 F/BW/VL.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_avx512_with<const NARROW: bool>(
+pub unsafe fn q8_panel_avx512<const NARROW: bool>(
     m: usize,
     x: *const i8,
     ldx: usize,
@@ -1058,6 +998,7 @@ unsafe fn q8_panel_avx512_with<const NARROW: bool>(
     w: *const i8,
     ws: *const f32,
     nb: usize,
+    _scratch: *mut i32,
     out: *mut f32,
     ldo: usize,
     cols: usize,
@@ -1080,59 +1021,6 @@ unsafe fn q8_panel_avx512_with<const NARROW: bool>(
         }
         i0 += rows;
     }
-}
-
-/// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI),
-/// full-range codes ([`q8_panel_avx512_with`]). The activations come signed; `sums` and
-/// `scratch` are unused.
-///
-/// # Safety
-/// As [`q8_panel_avx2`], with AVX-512 F/BW/VL.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_panel_avx512(
-    m: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    _scratch: *mut i32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    // SAFETY: the caller's contract (`sums` is not read for full-range codes).
-    unsafe { q8_panel_avx512_with::<false>(m, x, ldx, xs, sums, ldxs, w, ws, nb, out, ldo, cols) }
-}
-
-/// One panel of 32 narrow-code q8 weight rows × `m` activation rows with AVX-512 F/BW
-/// ([`q8_panel_avx512_with`]). `scratch` is unused.
-///
-/// # Safety
-/// As [`q8n_panel_avx2`], with AVX-512 F/BW/VL.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn q8n_panel_avx512(
-    m: usize,
-    x: *const i8,
-    ldx: usize,
-    xs: *const f32,
-    sums: *const i32,
-    ldxs: usize,
-    w: *const i8,
-    ws: *const f32,
-    nb: usize,
-    _scratch: *mut i32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { q8_panel_avx512_with::<true>(m, x, ldx, xs, sums, ldxs, w, ws, nb, out, ldo, cols) }
 }
 
 /// One tile of the q4 GEMM without VNNI, AVX2: `R` activation rows × 16 of a panel's 32 weight
