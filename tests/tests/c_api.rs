@@ -1,0 +1,199 @@
+//! The C API from C: `tests/c/c_api.c`, compiled with the system C compiler against the static
+//! library (and again under AddressSanitizer), runs MiniLM, a VAD stream and a greedy
+//! generation, and every bad-input case; what it writes must equal the Rust API's results bit for
+//! bit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use acorn::llm::{Generator, GeneratorOptions, Sampling};
+use acorn::{Model, Tensor};
+use acorn_converter::{convert, ConvertOptions};
+use acorn_tests::*;
+
+/// The static library cargo built for this test (`libacorn_ffi.a`, the newest of the build).
+fn static_lib() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let mut found: Vec<PathBuf> = [deps, deps.parent().unwrap()]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("libacorn_ffi") && n.ends_with(".a")
+        })
+        .collect();
+    found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    found.pop().expect("libacorn_ffi.a was not built: cargo test builds it as a dependency of acorn-tests")
+}
+
+/// The C program built once per flavour: plain, and under AddressSanitizer.
+fn program(asan: bool) -> &'static Path {
+    static PLAIN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    static ASAN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let cell = if asan { &ASAN } else { &PLAIN };
+    &cell
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let exe = dir.path().join("c_api");
+            let root = repo_root();
+            let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+            cc.args(["-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-DACORN_PANIC_TEST", "-I"])
+                .arg(root.join("runtime/ffi/include"))
+                .arg(root.join("tests/c/c_api.c"))
+                .arg(static_lib())
+                .args(["-lpthread", "-ldl", "-lm", "-o"])
+                .arg(&exe);
+            if asan {
+                cc.args(["-fsanitize=address", "-fno-omit-frame-pointer"]);
+            }
+            let out = cc.output().expect("run the system C compiler (cc)");
+            assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            (dir, exe)
+        })
+        .1
+}
+
+/// Runs the C program; its stdout on success.
+fn run_c(asan: bool, args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
+    let mut cmd = Command::new(program(asan));
+    cmd.args(args.iter().map(|a| a.as_ref()));
+    if asan {
+        cmd.env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:halt_on_error=1");
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "c_api {:?} failed ({}):\n{stdout}\n{}",
+        args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn converted(onnx: &str, tokenizer: Option<&str>) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model.acorn");
+    let opts = ConvertOptions { tokenizer: tokenizer.map(asset), ..ConvertOptions::default() };
+    convert(&asset(onnx), &out, &opts).unwrap_or_else(|e| panic!("convert {onnx}: {e:#} (assets: {FETCH})"));
+    (dir, out)
+}
+
+fn f32s(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn minilm_from_c(asan: bool) {
+    let (dir, model) = converted(MINILM_L3, None);
+    let sents: Vec<&str> = SENTENCES.iter().take(3).copied().collect();
+    let (ids, mask) = tokenize(&sents, 16).unwrap();
+    let (idp, maskp, outp) = (dir.path().join("ids"), dir.path().join("mask"), dir.path().join("out"));
+    std::fs::write(&idp, ids.bytes()).unwrap();
+    std::fs::write(&maskp, mask.bytes()).unwrap();
+    run_c(asan, &[&"minilm", &model, &idp, &maskp, &"3", &"16", &outp]);
+    let m = Model::open(&model).unwrap();
+    let mut s = m.session().commit().unwrap();
+    let want = s.run(&[("input_ids", &ids), ("attention_mask", &mask)]).unwrap();
+    let want = want.get(MINILM_EMBEDDING).unwrap();
+    let got = std::fs::read(&outp).unwrap();
+    assert_eq!(got.len(), 3 * 384 * 4);
+    assert_eq!(f32s(&got), f32s(want.bytes()), "C embeddings differ from the Rust API's");
+}
+
+fn vad_from_c(asan: bool) {
+    let (dir, model) = converted(SILERO_OP15, None);
+    let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
+    let audio = &audio[..audio.len().min(512 * 120)];
+    let (ap, outp) = (dir.path().join("audio"), dir.path().join("probs"));
+    std::fs::write(&ap, bytemuck_f32(audio)).unwrap();
+    let stdout = run_c(asan, &[&"vad", &model, &ap, &outp]);
+    assert!(stdout.contains("120 chunks"), "{stdout}");
+    // The same stream through the Rust API.
+    let m = Model::open(&model).unwrap();
+    let mut s = m.session().commit().unwrap();
+    let sr = Tensor::from_i64(vec![], vec![16000]);
+    let mut state = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
+    let mut frame = vec![0.0f32; 576];
+    let mut want = Vec::new();
+    for chunk in audio.chunks_exact(512) {
+        frame.copy_within(512.., 0);
+        frame[64..].copy_from_slice(chunk);
+        let x = Tensor::from_f32(vec![1, 576], frame.clone());
+        let mut out = s.run(&[("input", &x), ("state", &state), ("sr", &sr)]).unwrap().into_vec();
+        want.push(out[0].as_f32().unwrap()[0].to_bits());
+        state = out.swap_remove(1);
+    }
+    let got = f32s(&std::fs::read(&outp).unwrap());
+    assert_eq!(got, want, "C VAD probabilities differ from the Rust API's");
+    assert!(got.iter().any(|&p| f32::from_bits(p) > 0.5), "speech found in the clip");
+}
+
+fn bytemuck_f32(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// SmolLM2 with its tokenizer, converted once per test process.
+fn smollm2() -> &'static PathBuf {
+    static CONVERTED: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &CONVERTED.get_or_init(|| converted(SMOLLM2_ONNX, Some(SMOLLM2_TOKENIZER))).1
+}
+
+fn generation_from_c(asan: bool) {
+    let model = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let outp = dir.path().join("tokens");
+    let prompt = "The capital of France is";
+    let stdout = run_c(asan, &[&"generate", model, &prompt, &"12", &outp]);
+    let got: Vec<u32> = std::fs::read_to_string(&outp).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    let m = Model::open(model).unwrap();
+    let tok = acorn_text::load_tokenizer(&m, None).unwrap();
+    let ids = acorn_text::encode(&tok, prompt).unwrap();
+    let mut gen = Generator::new(&m, &GeneratorOptions { threads: 1, max_context: 256, ..Default::default() }).unwrap();
+    let stop = acorn::llm::GenerationConfig::of(&m).unwrap().eos_token_ids;
+    let want: Vec<u32> = gen.generate(&ids, 12, &Sampling::greedy(), &stop).unwrap().map(|t| t.unwrap()).collect();
+    assert_eq!(got, want, "C tokens differ from the Rust API's");
+    assert!(stdout.contains("Paris"), "streamed text: {stdout}");
+}
+
+fn errors_from_c(asan: bool) {
+    let (dir, model) = converted(MINILM_L3, None);
+    // A damaged copy: the file cut in half.
+    let bytes = std::fs::read(&model).unwrap();
+    let damaged = dir.path().join("damaged.acorn");
+    std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
+    let stdout = run_c(asan, &[&"errors", &model, &damaged]);
+    assert!(stdout.contains("all bad input refused"), "{stdout}");
+    assert!(stdout.contains("refused as expected: acorn_debug_panic()"), "the injected panic is a status: {stdout}");
+}
+
+#[test]
+fn minilm_embeddings_from_c_equal_rust() {
+    minilm_from_c(false);
+}
+
+#[test]
+fn vad_stream_from_c_equals_rust() {
+    vad_from_c(false);
+}
+
+#[test]
+fn greedy_generation_from_c_equals_rust() {
+    generation_from_c(false);
+}
+
+#[test]
+fn bad_input_from_c_is_refused() {
+    errors_from_c(false);
+}
+
+/// Everything above again with AddressSanitizer watching the C side and the library.
+#[test]
+fn c_api_under_address_sanitizer() {
+    minilm_from_c(true);
+    vad_from_c(true);
+    errors_from_c(true);
+    generation_from_c(true);
+}
