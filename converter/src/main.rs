@@ -316,32 +316,17 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 "as-written" => true,
                 other => bail!("--quantized-import '{other}': one of lift, as-written"),
             };
-            let quantize = match quantize {
-                Some(f) => Some(acorn_converter::quantize::QuantOptions {
-                    // q4 stores minimums unless --symmetric (`--min` is the default's old spelling).
-                    format: {
-                        if symmetric && f != "q4" {
-                            bail!("--symmetric applies to --quantize q4 only (q8 is symmetric already)");
-                        }
-                        let with_min = min || (f == "q4" && !symmetric);
-                        acorn_converter::quantize::QuantFormat::parse(&f, group, with_min)?
-                    },
-                    keep_float,
-                    method: acorn_converter::quantize::Method::parse(&method)?,
+            let quantize =
+                acorn_converter::quantize::QuantOptions::from_flags(&acorn_converter::quantize::QuantFlags {
+                    format: quantize.as_deref(),
+                    group,
+                    min,
+                    symmetric,
+                    method: &method,
                     calib,
+                    keep_float,
                     keep_sensitive,
-                }),
-                None if !keep_float.is_empty()
-                    || min
-                    || symmetric
-                    || calib.is_some()
-                    || method != "rtn"
-                    || keep_sensitive > 0 =>
-                {
-                    bail!("--keep-float, --min, --symmetric, --method, --calib and --keep-sensitive need --quantize")
-                }
-                None => None,
-            };
+                })?;
             cmd_convert(
                 &input,
                 &output,

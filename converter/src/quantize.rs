@@ -133,6 +133,76 @@ pub struct QuantOptions {
     pub keep_sensitive: usize,
 }
 
+/// The quantization settings as `acorn convert` spells them (also what the Python package's
+/// `acorn.convert(…, quantize=…)` takes).
+#[derive(Clone, Debug)]
+pub struct QuantFlags<'a> {
+    /// `q8`, `q4` or `f16`; `None`: no quantization (then every other setting must be its
+    /// default).
+    pub format: Option<&'a str>,
+    /// q4 block size (32, 64, 128).
+    pub group: usize,
+    /// q4 with minimums (the default for q4 unless `symmetric`).
+    pub min: bool,
+    /// q4 without minimums.
+    pub symmetric: bool,
+    /// `rtn`, `awq` or `gptq`.
+    pub method: &'a str,
+    /// Calibration data.
+    pub calib: Option<std::path::PathBuf>,
+    /// Weight-name patterns kept in f32.
+    pub keep_float: Vec<String>,
+    /// How many of the most rounding-sensitive weights go one step up in precision.
+    pub keep_sensitive: usize,
+}
+
+impl Default for QuantFlags<'_> {
+    fn default() -> Self {
+        QuantFlags {
+            format: None,
+            group: 32,
+            min: false,
+            symmetric: false,
+            method: "rtn",
+            calib: None,
+            keep_float: Vec::new(),
+            keep_sensitive: 0,
+        }
+    }
+}
+
+impl QuantOptions {
+    /// The options `flags` ask for, or why they do not fit together.
+    pub fn from_flags(flags: &QuantFlags<'_>) -> Result<Option<QuantOptions>> {
+        let Some(f) = flags.format else {
+            if !flags.keep_float.is_empty()
+                || flags.min
+                || flags.symmetric
+                || flags.calib.is_some()
+                || flags.method != "rtn"
+                || flags.keep_sensitive > 0
+            {
+                bail!("--keep-float, --min, --symmetric, --method, --calib and --keep-sensitive need --quantize");
+            }
+            return Ok(None);
+        };
+        if flags.symmetric && f != "q4" {
+            bail!("--symmetric applies to --quantize q4 only (q8 is symmetric already)");
+        }
+        if flags.min && flags.symmetric {
+            bail!("--min and --symmetric exclude each other");
+        }
+        let with_min = flags.min || (f == "q4" && !flags.symmetric);
+        Ok(Some(QuantOptions {
+            format: QuantFormat::parse(f, flags.group, with_min)?,
+            keep_float: flags.keep_float.clone(),
+            method: Method::parse(flags.method)?,
+            calib: flags.calib.clone(),
+            keep_sensitive: flags.keep_sensitive,
+        }))
+    }
+}
+
 /// One tensor's quantized form.
 pub struct Quantized {
     pub encoding: TensorEncoding,

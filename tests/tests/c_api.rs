@@ -197,3 +197,28 @@ fn c_api_under_address_sanitizer() {
     errors_from_c(true);
     generation_from_c(true);
 }
+
+/// The README's C example (`examples/c/embed.c`) builds with the command it gives and runs.
+#[test]
+fn readme_c_example_runs() {
+    let (dir, model) = converted(MINILM_L3, None);
+    let exe = dir.path().join("embed");
+    let root = repo_root();
+    let out = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-Wall", "-Werror", "-I"])
+        .arg(root.join("runtime/ffi/include"))
+        .arg(root.join("examples/c/embed.c"))
+        .arg(static_lib())
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+    let run = Command::new(&exe).arg(&model).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && stdout.contains("461: dtype 1, shape [1, 384]"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}

@@ -119,19 +119,26 @@ impl<'t> Detokenizer<'t> {
     /// Adds a token; returns the new text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids, true).map_err(|e| Error::Tokenizer(format!("decoding tokens: {e}")))?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
-            return Ok(String::new());
-        }
-        let piece = text[self.printed..].to_string();
-        self.printed = text.len();
-        Ok(piece)
+        next_piece(self.tok, &self.ids, &mut self.printed)
     }
 
     /// All text so far.
     pub fn text(&self) -> Result<String> {
         self.tok.decode(&self.ids, true).map_err(|e| Error::Tokenizer(format!("decoding tokens: {e}")))
     }
+}
+
+/// What [`Detokenizer::push`] does, for callers that own the tokenizer and the ids (a binding's
+/// iterator object): the text of `ids` past the `printed` bytes already handed out, once it ends
+/// on a whole character (else empty); advances `printed`.
+pub fn next_piece(tok: &Tokenizer, ids: &[u32], printed: &mut usize) -> Result<String> {
+    let text = tok.decode(ids, true).map_err(|e| Error::Tokenizer(format!("decoding tokens: {e}")))?;
+    if text.ends_with('\u{FFFD}') || text.len() < *printed || !text.is_char_boundary(*printed) {
+        return Ok(String::new());
+    }
+    let piece = text[*printed..].to_string();
+    *printed = text.len();
+    Ok(piece)
 }
 
 /// Token ids of `text` (no special tokens added).

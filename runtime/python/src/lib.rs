@@ -1,0 +1,371 @@
+//! `import acorn`: the runtime (and the converter) for Python.
+//!
+//! ```python
+//! import acorn, numpy as np
+//! acorn.convert("model.onnx", "model.acorn", quantize="q8")
+//! m = acorn.Model("model.acorn", threads=1)
+//! out = m.run({"input_ids": ids, "attention_mask": mask})   # dict[str, np.ndarray]
+//! for piece in acorn.Model("smollm2.acorn").generate("The capital of France is", max_tokens=16):
+//!     print(piece, end="")
+//! ```
+//!
+//! Errors are `acorn.AcornError` (a `RuntimeError`) carrying the runtime's message; inputs are
+//! read in place when they are C-contiguous arrays of a supported dtype (else copied once).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampler, Sampling};
+use acorn::{DType, Model as RtModel, Session, Tensor, View};
+use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+create_exception!(acorn, AcornError, PyRuntimeError, "An error from the Acorn runtime or converter.");
+
+fn err(e: impl std::fmt::Display) -> PyErr {
+    AcornError::new_err(e.to_string())
+}
+
+/// A loaded `.acorn` model with one session (`threads` workers) that `run` uses.
+#[pyclass(module = "acorn", frozen)]
+struct Model {
+    model: RtModel,
+    session: Mutex<Option<Session>>,
+    threads: usize,
+}
+
+/// One input held for the length of a run: borrowed from a NumPy array or copied.
+enum Held<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F64(PyReadonlyArrayDyn<'py, f64>),
+    I64(PyReadonlyArrayDyn<'py, i64>),
+    I32(PyReadonlyArrayDyn<'py, i32>),
+    I8(PyReadonlyArrayDyn<'py, i8>),
+    U8(PyReadonlyArrayDyn<'py, u8>),
+    Bool(PyReadonlyArrayDyn<'py, bool>),
+}
+
+fn bytes_of<'a, T: Element + bytemuck::NoUninit>(a: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [u8]> {
+    let s = a.as_slice().map_err(|e| PyTypeError::new_err(format!("array is not contiguous: {e}")))?;
+    Ok(bytemuck::cast_slice(s))
+}
+
+impl Held<'_> {
+    fn view_parts(&self) -> PyResult<(DType, Vec<usize>, &[u8])> {
+        Ok(match self {
+            Held::F32(a) => (DType::F32, a.shape().to_vec(), bytes_of(a)?),
+            Held::F64(a) => (DType::F64, a.shape().to_vec(), bytes_of(a)?),
+            Held::I64(a) => (DType::I64, a.shape().to_vec(), bytes_of(a)?),
+            Held::I32(a) => (DType::I32, a.shape().to_vec(), bytes_of(a)?),
+            Held::I8(a) => (DType::I8, a.shape().to_vec(), bytes_of(a)?),
+            Held::U8(a) => (DType::U8, a.shape().to_vec(), bytes_of(a)?),
+            Held::Bool(a) => (DType::Bool, a.shape().to_vec(), bytes_of(a)?),
+        })
+    }
+}
+
+/// `x` as a C-contiguous array of a dtype the runtime reads (`numpy.ascontiguousarray` first,
+/// which copies only when it must).
+fn hold<'py>(py: Python<'py>, name: &str, x: &Bound<'py, PyAny>) -> PyResult<Held<'py>> {
+    let np = py.import("numpy")?;
+    let arr = np.call_method1("ascontiguousarray", (x,))?;
+    macro_rules! try_as {
+        ($t:ty, $v:ident) => {
+            if let Ok(a) = arr.downcast::<PyArrayDyn<$t>>() {
+                return Ok(Held::$v(a.readonly()));
+            }
+        };
+    }
+    try_as!(f32, F32);
+    try_as!(f64, F64);
+    try_as!(i64, I64);
+    try_as!(i32, I32);
+    try_as!(i8, I8);
+    try_as!(u8, U8);
+    try_as!(bool, Bool);
+    let dtype = arr.getattr("dtype")?.str()?.to_string();
+    Err(PyTypeError::new_err(format!(
+        "input '{name}': dtype {dtype} is not one the runtime reads (float32, float64, int64, int32, int8, uint8, bool)"
+    )))
+}
+
+fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
+    fn make<'py, T: Element + bytemuck::Pod>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
+        let v: Vec<T> = bytemuck::pod_collect_to_vec(t.bytes());
+        Ok(numpy::PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?.into_any())
+    }
+    match t.dtype() {
+        DType::F32 => make::<f32>(py, t),
+        DType::F64 => make::<f64>(py, t),
+        DType::I64 => make::<i64>(py, t),
+        DType::I32 => make::<i32>(py, t),
+        DType::I16 => make::<i16>(py, t),
+        DType::I8 => make::<i8>(py, t),
+        DType::U8 => make::<u8>(py, t),
+        DType::U16 => make::<u16>(py, t),
+        DType::U32 => make::<u32>(py, t),
+        DType::U64 => make::<u64>(py, t),
+        DType::F16 => {
+            let a = make::<u16>(py, t)?;
+            a.call_method1("view", ("float16",))
+        }
+        DType::Bool => {
+            let a = make::<u8>(py, t)?;
+            a.call_method1("astype", ("bool",))
+        }
+    }
+}
+
+#[pymethods]
+impl Model {
+    /// Opens (memory-maps and validates) a `.acorn` file; `run` uses `threads` workers.
+    #[new]
+    #[pyo3(signature = (path, threads = 1))]
+    fn new(path: PathBuf, threads: usize) -> PyResult<Self> {
+        let model = RtModel::open(&path).map_err(err)?;
+        Ok(Model { model, session: Mutex::new(None), threads: threads.max(1) })
+    }
+
+    /// The inputs: a list of (name, dtype, shape) with None for sizes chosen at run time.
+    #[getter]
+    fn inputs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        io_list(py, self.model.inputs())
+    }
+
+    /// The outputs, as `inputs`.
+    #[getter]
+    fn outputs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        io_list(py, self.model.outputs())
+    }
+
+    /// Runs the model: `inputs` maps each input name to an array; returns every output by name.
+    fn run<'py>(&self, py: Python<'py>, inputs: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyDict>> {
+        let mut held = Vec::with_capacity(inputs.len());
+        for (k, v) in inputs.iter() {
+            let name: String = k.extract()?;
+            let h = hold(py, &name, &v)?;
+            held.push((name, h));
+        }
+        let parts = held.iter().map(|(n, h)| Ok((n.as_str(), h.view_parts()?))).collect::<PyResult<Vec<_>>>()?;
+        let views = parts
+            .iter()
+            .map(|(n, (d, s, b))| View::dense(*d, s, b).map(|v| (*n, v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        let mut guard =
+            self.session.lock().map_err(|_| err("the model's session was left unusable by an earlier error"))?;
+        if guard.is_none() {
+            *guard = Some(self.model.session().with_threads(self.threads).commit().map_err(err)?);
+        }
+        let session = guard.as_mut().expect("made above");
+        let outputs = py.allow_threads(|| session.run_views(&views)).map_err(err)?;
+        let dict = PyDict::new(py);
+        for (name, t) in outputs.names().to_vec().iter().zip(outputs.into_vec()) {
+            dict.set_item(name, to_numpy(py, &t)?)?;
+        }
+        Ok(dict)
+    }
+
+    /// Generates text after `prompt` with the model's embedded tokenizer: an iterator of text
+    /// pieces. `temperature` 0 is greedy.
+    #[pyo3(signature = (prompt, max_tokens = 64, temperature = 0.0, top_k = 0, top_p = 1.0, seed = 0, max_context = 2048))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: &str,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        seed: u64,
+        max_context: usize,
+    ) -> PyResult<Generation> {
+        let tokenizer = acorn_text::load_tokenizer(&self.model, None).map_err(err)?;
+        let stop = GenerationConfig::of(&self.model).map_err(err)?.eos_token_ids;
+        let sampling = Sampling { temperature, top_k, top_p, seed };
+        sampling.validate().map_err(err)?;
+        let ids = acorn_text::encode(&tokenizer, prompt).map_err(err)?;
+        let opts = GeneratorOptions { threads: self.threads, max_context, ..Default::default() };
+        let mut generator = Generator::new(&self.model, &opts).map_err(err)?;
+        if ids.is_empty() || ids.len() > generator.max_context() {
+            return Err(err(format!(
+                "the prompt has {} tokens: it needs at least one and at most max_context ({})",
+                ids.len(),
+                generator.max_context()
+            )));
+        }
+        let logits = py.allow_threads(|| generator.feed(&ids)).map_err(err)?;
+        Ok(Generation {
+            inner: Mutex::new(GenState {
+                generator,
+                tokenizer,
+                sampler: Sampler::new(sampling),
+                logits,
+                pending: None,
+                remaining: max_tokens,
+                stop,
+                ids: Vec::new(),
+                printed: 0,
+            }),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        let names: Vec<_> = self.model.inputs().iter().map(|i| i.name.clone()).collect();
+        format!("acorn.Model(inputs={names:?}, threads={})", self.threads)
+    }
+}
+
+fn io_list<'py>(py: Python<'py>, specs: &[acorn::IoSpec]) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for s in specs {
+        let shape: Option<Vec<Option<u64>>> = s.dims.as_ref().map(|d| {
+            d.iter()
+                .map(|d| match d {
+                    acorn::Dim::Fixed(n) => Some(*n),
+                    acorn::Dim::Sym(_) => None,
+                })
+                .collect()
+        });
+        list.append((s.name.clone(), s.dtype.name(), shape))?;
+    }
+    Ok(list)
+}
+
+struct GenState {
+    generator: Generator,
+    tokenizer: tokenizers::Tokenizer,
+    sampler: Sampler,
+    logits: Vec<f32>,
+    /// The last token yielded, run through the model when the next one is asked for.
+    pending: Option<u32>,
+    remaining: usize,
+    stop: Vec<u32>,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+/// The text pieces of one generation (`Model.generate`), computed as they are asked for.
+#[pyclass(module = "acorn", frozen)]
+struct Generation {
+    inner: Mutex<GenState>,
+}
+
+#[pymethods]
+impl Generation {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<String> {
+        let mut st = self.inner.lock().map_err(|_| err("this generation was left unusable by an earlier error"))?;
+        loop {
+            if st.remaining == 0 {
+                return Err(PyStopIteration::new_err(()));
+            }
+            if let Some(t) = st.pending.take() {
+                if st.generator.context_len() >= st.generator.max_context() {
+                    st.remaining = 0;
+                    return Err(PyStopIteration::new_err(()));
+                }
+                let g = &mut st.generator;
+                let logits = py.allow_threads(|| g.feed(&[t]));
+                match logits {
+                    Ok(l) => st.logits = l,
+                    Err(e) => {
+                        st.remaining = 0;
+                        return Err(err(e));
+                    }
+                }
+            }
+            let st = &mut *st;
+            let t = st.sampler.sample(&st.logits);
+            if st.stop.contains(&t) {
+                st.remaining = 0;
+                return Err(PyStopIteration::new_err(()));
+            }
+            st.remaining -= 1;
+            st.pending = Some(t);
+            st.ids.push(t);
+            let piece = acorn_text::next_piece(&st.tokenizer, &st.ids, &mut st.printed).map_err(err)?;
+            // A token that ends inside a character yields nothing yet: go on to the next.
+            if !piece.is_empty() || st.remaining == 0 {
+                return Ok(piece);
+            }
+        }
+    }
+
+    /// The token ids generated so far.
+    #[getter]
+    fn tokens(&self) -> PyResult<Vec<u32>> {
+        Ok(self.inner.lock().map_err(|_| err("this generation was left unusable by an earlier error"))?.ids.clone())
+    }
+}
+
+/// Converts an ONNX model into a `.acorn` file (what `acorn convert` does). Options as the CLI's
+/// flags: `quantize` ("q8", "q4", "f16"), `group`, `symmetric`, `method` ("rtn", "awq",
+/// "gptq"), `calib`, `keep_float` (list of patterns), `keep_sensitive`, `target`, `tokenizer`,
+/// `strict`, `threads`. Returns a summary dict (`file_bytes`, `nodes`, `passes`, `warnings`).
+#[pyfunction]
+#[pyo3(signature = (src, dst, *, quantize = None, group = 32, symmetric = false, method = "rtn", calib = None, keep_float = None, keep_sensitive = 0, target = "host", tokenizer = None, strict = false, threads = 0))]
+#[allow(clippy::too_many_arguments)]
+fn convert<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dst: PathBuf,
+    quantize: Option<&str>,
+    group: usize,
+    symmetric: bool,
+    method: &str,
+    calib: Option<PathBuf>,
+    keep_float: Option<Vec<String>>,
+    keep_sensitive: usize,
+    target: &str,
+    tokenizer: Option<PathBuf>,
+    strict: bool,
+    threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    use acorn_converter::quantize::{QuantFlags, QuantOptions};
+    let quantize = QuantOptions::from_flags(&QuantFlags {
+        format: quantize,
+        group,
+        symmetric,
+        method,
+        calib,
+        keep_float: keep_float.unwrap_or_default(),
+        keep_sensitive,
+        ..QuantFlags::default()
+    })
+    .map_err(|e| err(format!("{e:#}")))?;
+    let opts = acorn_converter::ConvertOptions {
+        target: acorn_converter::Target::parse(target).map_err(|e| err(format!("{e:#}")))?,
+        tokenizer,
+        quantize,
+        strict,
+        threads,
+        ..Default::default()
+    };
+    let report = py.allow_threads(|| acorn_converter::convert(&src, &dst, &opts)).map_err(|e| err(format!("{e:#}")))?;
+    let d = PyDict::new(py);
+    d.set_item("file_bytes", report.file_bytes)?;
+    d.set_item("nodes", report.nodes)?;
+    d.set_item("weight_bytes", report.weight_bytes)?;
+    d.set_item("passes", report.passes.iter().map(|p| p.name.clone()).collect::<Vec<_>>())?;
+    d.set_item("warnings", report.warnings)?;
+    Ok(d)
+}
+
+#[pymodule]
+#[pyo3(name = "acorn")]
+fn acorn_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("AcornError", m.py().get_type::<AcornError>())?;
+    m.add_class::<Model>()?;
+    m.add_class::<Generation>()?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    Ok(())
+}

