@@ -26,7 +26,8 @@ pub mod cnn;
 pub mod conformance;
 pub mod ir;
 pub mod llm;
-pub mod npy;
+/// `.npy` reading and writing (the device CLI's, shared).
+pub use acorn_cli::npy;
 pub mod onnx;
 pub mod onnx_build;
 pub mod passes;
@@ -131,19 +132,90 @@ pub enum Target {
     Dense,
 }
 
+/// A device profile (`targets/NAME.toml`, built into the converter): what `acorn convert
+/// --target NAME` lays the weights out for, and what the device is (for the docs and tools).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceProfile {
+    /// The `--target` name (the file's stem).
+    pub name: String,
+    /// One line for people.
+    pub description: String,
+    /// The cores.
+    pub cpu: String,
+    /// The Rust target triple the runtime is built for there.
+    pub rust_target: String,
+    /// CPU features the profile assumes.
+    pub features: Vec<String>,
+    /// The kernel set whose weight layout the file stores (`neon`, `neondot`, `avx2`, …; the
+    /// runtime still picks the best set the device has when it runs).
+    pub kernels: String,
+    /// Cores, and the worker threads worth using for one model there.
+    pub cores: u32,
+    pub threads: u32,
+    /// Cache sizes per core (L3 shared; 0: none).
+    pub l1d_kib: u32,
+    pub l2_kib: u32,
+    pub l3_kib: u32,
+    /// Memory page size (16 KB on recent Android and on iOS: shared libraries align to it).
+    pub page_kib: u32,
+}
+
+/// The device profiles of `targets/`, by name.
+pub const PROFILES: [(&str, &str); 9] = [
+    ("raspberry-pi-4", include_str!("../../targets/raspberry-pi-4.toml")),
+    ("raspberry-pi-5", include_str!("../../targets/raspberry-pi-5.toml")),
+    ("android-arm64", include_str!("../../targets/android-arm64.toml")),
+    ("ios-arm64", include_str!("../../targets/ios-arm64.toml")),
+    ("armv7", include_str!("../../targets/armv7.toml")),
+    ("x86_64-avx512vnni", include_str!("../../targets/x86_64-avx512vnni.toml")),
+    ("x86_64-avx512", include_str!("../../targets/x86_64-avx512.toml")),
+    ("x86_64-avxvnni", include_str!("../../targets/x86_64-avxvnni.toml")),
+    ("x86_64-avx2", include_str!("../../targets/x86_64-avx2.toml")),
+];
+
+impl DeviceProfile {
+    /// The profile called `name`, if `targets/` has one.
+    pub fn get(name: &str) -> Option<Result<DeviceProfile>> {
+        PROFILES.iter().find(|(n, _)| *n == name).map(|(n, text)| {
+            let p: DeviceProfile = toml::from_str(text).with_context(|| format!("targets/{n}.toml"))?;
+            anyhow::ensure!(p.name == *n, "targets/{n}.toml names itself '{}'", p.name);
+            Ok(p)
+        })
+    }
+
+    /// The kernel set the weights are laid out for.
+    pub fn isa(&self) -> Result<acorn::kernels::Isa> {
+        acorn::kernels::Isa::from_name(&self.kernels)
+            .ok_or_else(|| anyhow::anyhow!("targets/{}.toml: unknown kernel set '{}'", self.name, self.kernels))
+    }
+}
+
 impl Target {
-    /// Names accepted by `--target`.
-    pub const NAMES: [&'static str; 8] =
-        ["host", "x86_64-avx512vnni", "x86_64-avx512", "x86_64-avxvnni", "x86_64-avx2", "aarch64", "generic", "none"];
+    /// Names accepted by `--target`: the device profiles of `targets/` and the bare layouts.
+    pub const NAMES: [&'static str; 13] = [
+        "host",
+        "raspberry-pi-4",
+        "raspberry-pi-5",
+        "android-arm64",
+        "ios-arm64",
+        "armv7",
+        "x86_64-avx512vnni",
+        "x86_64-avx512",
+        "x86_64-avxvnni",
+        "x86_64-avx2",
+        "aarch64",
+        "generic",
+        "none",
+    ];
 
     pub fn parse(s: &str) -> Result<Target> {
         use acorn::kernels::Isa;
+        if let Some(profile) = DeviceProfile::get(s) {
+            return Ok(Target::Isa(profile?.isa()?));
+        }
         Ok(match s {
             "host" => Target::Host,
-            "x86_64-avx512vnni" => Target::Isa(Isa::Avx512Vnni),
-            "x86_64-avx512" => Target::Isa(Isa::Avx512),
-            "x86_64-avxvnni" => Target::Isa(Isa::AvxVnni),
-            "x86_64-avx2" => Target::Isa(Isa::Avx2),
             "aarch64" => Target::Isa(Isa::Neon),
             "generic" => Target::Isa(Isa::Generic),
             "none" => Target::Dense,
@@ -454,4 +526,31 @@ fn payload<'a>(name: &str, t: &acorn::Tensor, encoding: TensorEncoding, bytes: C
 /// Lower-case hex of bytes.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::*;
+
+    /// Every file in `targets/` is a profile `--target` accepts, parses, and names a kernel set.
+    #[test]
+    fn every_device_profile_parses_and_is_a_target() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".toml").map(str::to_string))
+            .collect();
+        files.sort();
+        let mut listed: Vec<String> = PROFILES.iter().map(|(n, _)| n.to_string()).collect();
+        listed.sort();
+        assert_eq!(files, listed, "targets/*.toml and PROFILES differ");
+        for (name, _) in PROFILES {
+            let p = DeviceProfile::get(name).unwrap().unwrap();
+            assert!(Target::NAMES.contains(&name), "{name} missing from Target::NAMES");
+            assert_eq!(Target::parse(name).unwrap(), Target::Isa(p.isa().unwrap()));
+            assert!(p.threads >= 1 && p.threads <= p.cores && p.page_kib >= 4, "{name}");
+        }
+        assert!(Target::parse("raspberry-pi-3000").unwrap_err().to_string().contains("raspberry-pi-4"));
+    }
 }

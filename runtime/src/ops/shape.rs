@@ -12,7 +12,7 @@ use crate::tensor::{DType, View, ViewMut};
 
 /// Upper bound on elements of a tensor created from a plan-time value (ConstantOfShape, Range,
 /// Expand, Tile): stops a hostile shape from asking for terabytes.
-const MAX_ELEMENTS: usize = 1 << 32;
+const MAX_ELEMENTS: u64 = 1 << 32;
 
 fn opt_ints(inputs: &[Option<Fact<'_>>], i: usize, what: &str) -> OpResult<Option<Vec<i64>>> {
     match inputs.get(i) {
@@ -36,7 +36,7 @@ fn to_dims(v: &[i64], what: &str) -> OpResult<Vec<usize>> {
         op_bail!("{what} has rank {} above {MAX_RANK}", dims.len());
     }
     let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if n.is_none_or(|n| n > MAX_ELEMENTS) {
+    if n.is_none_or(|n| n as u64 > MAX_ELEMENTS) {
         op_bail!("{what} {dims:?} is too large");
     }
     Ok(dims)
