@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use acorn_cli::{mb, parse_bytes};
+use acorn_cli::{mb, out, parse_bytes};
 use acorn_converter::{convert, ConvertOptions};
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -123,21 +123,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// `println!` for the CLI's output: a reader that goes away (`acorn inspect m.acorn | head`) ends
-/// the program quietly instead of panicking on the broken pipe.
-macro_rules! out {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-            eprintln!("error: writing output: {e}");
-            std::process::exit(1);
-        }
-    }};
 }
 
 fn main() -> ExitCode {

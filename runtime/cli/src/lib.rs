@@ -15,7 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub mod npy;
 
 /// `println!` for the CLI's output: a reader that goes away (`acorn inspect m.acorn | head`) ends
-/// the program quietly instead of panicking on the broken pipe.
+/// the program quietly instead of panicking on the broken pipe. Shared with the converter's CLI.
+#[macro_export]
 macro_rules! out {
     ($($t:tt)*) => {{
         use std::io::Write as _;
