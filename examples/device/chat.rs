@@ -3,9 +3,9 @@
 //! streamed as they are generated.
 //!
 //! ```text
-//! cargo run --release -p acorn-examples --example chat                 # the model the main job converted
-//! cargo run --release -p acorn-examples --example chat -- model.acorn  # any .acorn decoder with a tokenizer
-//! echo "What is the capital of France?" | cargo run --release -p acorn-examples --example chat
+//! cargo run --release -p acorn-device-examples --example chat                 # the model the main job converted
+//! cargo run --release -p acorn-device-examples --example chat -- model.acorn  # any .acorn decoder with a tokenizer
+//! echo "What is the capital of France?" | cargo run --release -p acorn-device-examples --example chat
 //! ```
 //!
 //! Type a message and press Enter; an empty line or end of input quits.
@@ -15,9 +15,13 @@ use std::path::PathBuf;
 
 use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampling};
 use acorn::Model;
-use acorn_tests::*;
 use acorn_text::{self as text, Detokenizer};
 use anyhow::{anyhow, Result};
+
+/// The repository root (this example's folder is `examples/device`), where the main job's files are.
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
 
 fn model_path() -> Result<PathBuf> {
     if let Some(p) = std::env::args().nth(1) {
@@ -26,12 +30,14 @@ fn model_path() -> Result<PathBuf> {
     // What the main job (`--example demo`) writes; the app itself never carries the converter.
     let out = repo_root().join(".cache/acorn-demo/smollm2.acorn");
     if !out.exists() {
+        let assets = repo_root().join(".cache/acorn-assets/smollm2-onnx");
         return Err(anyhow!(
-            "missing {}: convert the model first, e.g.\n  cargo run --release -p acorn-converter -- convert {} -o {} --tokenizer {}",
+            "missing {}: run the main job (cargo run --release -p acorn-examples --example demo), or convert the model:\n  \
+             cargo run --release -p acorn-converter -- convert {} -o {} --tokenizer {}",
             out.display(),
-            assets_dir().join(SMOLLM2_ONNX).display(),
+            assets.join("model.onnx").display(),
             out.display(),
-            assets_dir().join(SMOLLM2_TOKENIZER).display()
+            assets.join("tokenizer.json").display()
         ));
     }
     Ok(out)

