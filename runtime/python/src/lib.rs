@@ -155,13 +155,18 @@ impl Model {
             .map(|(n, (d, s, b))| View::dense(*d, s, b).map(|v| (*n, v)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
-        let mut guard =
-            self.session.lock().map_err(|_| err("the model's session was left unusable by an earlier error"))?;
-        if guard.is_none() {
-            *guard = Some(self.model.session().with_threads(self.threads).commit().map_err(err)?);
-        }
-        let session = guard.as_mut().expect("made above");
-        let outputs = py.allow_threads(|| session.run_views(&views)).map_err(err)?;
+        // The session is locked and run with the GIL released: a second Python thread running
+        // this model waits for the lock without holding the GIL the first one needs to finish.
+        let outputs = py
+            .allow_threads(|| -> Result<acorn::Outputs, String> {
+                let mut guard =
+                    self.session.lock().map_err(|_| "the model's session was left unusable by an earlier error")?;
+                if guard.is_none() {
+                    *guard = Some(self.model.session().with_threads(self.threads).commit().map_err(|e| e.to_string())?);
+                }
+                guard.as_mut().expect("made above").run_views(&views).map_err(|e| e.to_string())
+            })
+            .map_err(err)?;
         let dict = PyDict::new(py);
         for (name, t) in outputs.names().to_vec().iter().zip(outputs.into_vec()) {
             dict.set_item(name, to_numpy(py, &t)?)?;
@@ -262,7 +267,17 @@ impl Generation {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<String> {
-        let mut st = self.inner.lock().map_err(|_| err("this generation was left unusable by an earlier error"))?;
+        // Never wait for the lock while holding the GIL (its holder releases the GIL to compute
+        // and needs it back): a second thread gets an error instead.
+        let mut st = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(err("this generation is being advanced by another thread"))
+            }
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                return Err(err("this generation was left unusable by an earlier error"))
+            }
+        };
         loop {
             if st.remaining == 0 {
                 return Err(PyStopIteration::new_err(()));

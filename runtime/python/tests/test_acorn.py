@@ -80,6 +80,33 @@ def test_minilm_embeddings_match_onnx_runtime(converted):
     assert np.array_equal(again, got)
 
 
+def test_one_model_from_many_threads(converted):
+    """Threads sharing a model take turns on its session (the GIL is released while it runs):
+    every thread gets the single-thread result, and nothing deadlocks."""
+    import threading
+
+    m = acorn.Model(str(converted("minilm", MINILM)))
+    ids, mask = minilm_inputs()
+    want = m.run({"input_ids": ids, "attention_mask": mask})["461"]
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                results.append(m.run({"input_ids": ids, "attention_mask": mask})["461"])
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
+    assert not errors, errors
+    assert len(results) == 20 and all(np.array_equal(r, want) for r in results)
+
+
 def read_wav(path):
     with wave.open(str(path)) as w:
         assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
