@@ -26,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::borrow::BorrowMut;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -508,32 +509,20 @@ impl Generator {
         max_tokens: usize,
         sampling: &Sampling,
         stop: &[u32],
-    ) -> Result<Tokens<'g>> {
-        sampling.validate()?;
-        if prompt.is_empty() {
-            return Err(Error::Input("the prompt is empty: give at least one token".into()));
-        }
-        if self.context_len() + prompt.len() > self.max_context() {
-            return Err(Error::Input(format!(
-                "the prompt ({} tokens) is longer than the context of {} positions",
-                self.context_len() + prompt.len(),
-                self.max_context()
-            )));
-        }
-        let t0 = Instant::now();
-        let logits = self.feed(prompt)?;
-        let stats =
-            Stats { prefill_tokens: prompt.len(), prefill_seconds: t0.elapsed().as_secs_f64(), ..Stats::default() };
-        Ok(Tokens {
-            generator: self,
-            sampler: Sampler::new(sampling.clone()),
-            logits,
-            pending: None,
-            remaining: max_tokens,
-            stop: stop.to_vec(),
-            stats,
-            stopped: None,
-        })
+    ) -> Result<Tokens<&'g mut Generator>> {
+        Tokens::start(self, prompt, max_tokens, sampling, stop)
+    }
+
+    /// As [`Generator::generate`], the iterator owning the generator (for a binding's object
+    /// that outlives the call; [`Tokens::into_generator`] gives it back).
+    pub fn into_tokens(
+        self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: &Sampling,
+        stop: &[u32],
+    ) -> Result<Tokens<Generator>> {
+        Tokens::start(self, prompt, max_tokens, sampling, stop)
     }
 }
 
@@ -707,9 +696,10 @@ impl StopReason {
     }
 }
 
-/// The tokens of one generation, as they come ([`Generator::generate`]).
-pub struct Tokens<'g> {
-    generator: &'g mut Generator,
+/// The tokens of one generation, as they come ([`Generator::generate`], borrowing the
+/// generator, or [`Generator::into_tokens`], owning it).
+pub struct Tokens<G> {
+    generator: G,
     sampler: Sampler,
     logits: Vec<f32>,
     /// The last token yielded, run through the model when the next one is asked for.
@@ -720,7 +710,42 @@ pub struct Tokens<'g> {
     stopped: Option<StopReason>,
 }
 
-impl Tokens<'_> {
+impl<G: BorrowMut<Generator>> Tokens<G> {
+    /// Runs `prompt` from the generator's current context and sets up the sampling.
+    fn start(mut generator: G, prompt: &[u32], max_tokens: usize, sampling: &Sampling, stop: &[u32]) -> Result<Self> {
+        sampling.validate()?;
+        let g = generator.borrow_mut();
+        if prompt.is_empty() {
+            return Err(Error::Input("the prompt is empty: give at least one token".into()));
+        }
+        if g.context_len() + prompt.len() > g.max_context() {
+            return Err(Error::Input(format!(
+                "the prompt ({} tokens) is longer than the context of {} positions",
+                g.context_len() + prompt.len(),
+                g.max_context()
+            )));
+        }
+        let t0 = Instant::now();
+        let logits = g.feed(prompt)?;
+        let stats =
+            Stats { prefill_tokens: prompt.len(), prefill_seconds: t0.elapsed().as_secs_f64(), ..Stats::default() };
+        Ok(Tokens {
+            generator,
+            sampler: Sampler::new(sampling.clone()),
+            logits,
+            pending: None,
+            remaining: max_tokens,
+            stop: stop.to_vec(),
+            stats,
+            stopped: None,
+        })
+    }
+
+    /// The generator (its context holds the prompt and every token yielded but the last).
+    pub fn into_generator(self) -> G {
+        self.generator
+    }
+
     /// Timing so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -732,7 +757,7 @@ impl Tokens<'_> {
     }
 }
 
-impl Iterator for Tokens<'_> {
+impl<G: BorrowMut<Generator>> Iterator for Tokens<G> {
     type Item = Result<u32>;
 
     fn next(&mut self) -> Option<Result<u32>> {
@@ -741,13 +766,14 @@ impl Iterator for Tokens<'_> {
             return None;
         }
         if let Some(t) = self.pending.take() {
-            if self.generator.context_len() >= self.generator.max_context() {
+            let g = self.generator.borrow_mut();
+            if g.context_len() >= g.max_context() {
                 self.remaining = 0;
                 self.stopped = Some(StopReason::ContextFull);
                 return None;
             }
             let t0 = Instant::now();
-            match self.generator.feed(&[t]) {
+            match g.feed(&[t]) {
                 Ok(l) => self.logits = l,
                 Err(e) => {
                     self.remaining = 0;

@@ -191,7 +191,7 @@ fn generation_errors_are_clear() {
     let model = Model::open(smollm2()).unwrap();
     let prompt = smollm2_encode("The capital of France is").unwrap();
     let mut gen = generator(&model, 1, 4);
-    let msg = |r: acorn::Result<acorn::llm::Tokens<'_>>| match r {
+    let msg = |r: acorn::Result<acorn::llm::Tokens<&mut Generator>>| match r {
         Ok(_) => panic!("expected an error"),
         Err(e) => e.to_string(),
     };

@@ -199,6 +199,16 @@ impl Failure {
     }
 }
 
+// The statuses 1–9 are the runtime's `ErrorCode`s, number for number.
+const _: () = {
+    use acorn::ErrorCode as C;
+    assert!(AcornStatus::Format as i32 == C::Format as i32 && AcornStatus::Checksum as i32 == C::Checksum as i32);
+    assert!(AcornStatus::Version as i32 == C::Version as i32 && AcornStatus::Graph as i32 == C::Graph as i32);
+    assert!(AcornStatus::Input as i32 == C::Input as i32 && AcornStatus::Node as i32 == C::Node as i32);
+    assert!(AcornStatus::Unsupported as i32 == C::Unsupported as i32 && AcornStatus::Limit as i32 == C::Limit as i32);
+    assert!(AcornStatus::Io as i32 == C::Io as i32);
+};
+
 impl From<acorn::Error> for Failure {
     fn from(e: acorn::Error) -> Self {
         use acorn::ErrorCode as C;

@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampler, Sampling};
+use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampling, Tokens};
 use acorn::{DType, Model as RtModel, Session, Tensor, View};
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -192,31 +192,12 @@ impl Model {
         let tokenizer = acorn_text::load_tokenizer(&self.model, None).map_err(err)?;
         let stop = GenerationConfig::of(&self.model).map_err(err)?.eos_token_ids;
         let sampling = Sampling { temperature, top_k, top_p, seed };
-        sampling.validate().map_err(err)?;
         let ids = acorn_text::encode(&tokenizer, prompt).map_err(err)?;
         let opts = GeneratorOptions { threads: self.threads, max_context, ..Default::default() };
-        let mut generator = Generator::new(&self.model, &opts).map_err(err)?;
-        if ids.is_empty() || ids.len() > generator.max_context() {
-            return Err(err(format!(
-                "the prompt has {} tokens: it needs at least one and at most max_context ({})",
-                ids.len(),
-                generator.max_context()
-            )));
-        }
-        let logits = py.allow_threads(|| generator.feed(&ids)).map_err(err)?;
-        Ok(Generation {
-            inner: Mutex::new(GenState {
-                generator,
-                tokenizer,
-                sampler: Sampler::new(sampling),
-                logits,
-                pending: None,
-                remaining: max_tokens,
-                stop,
-                ids: Vec::new(),
-                printed: 0,
-            }),
-        })
+        let generator = Generator::new(&self.model, &opts).map_err(err)?;
+        // The prompt runs now (prefill), with the GIL released.
+        let tokens = py.allow_threads(|| generator.into_tokens(&ids, max_tokens, &sampling, &stop)).map_err(err)?;
+        Ok(Generation { inner: Mutex::new(GenState { tokens, tokenizer, ids: Vec::new(), printed: 0 }) })
     }
 
     fn __repr__(&self) -> String {
@@ -242,14 +223,9 @@ fn io_list<'py>(py: Python<'py>, specs: &[acorn::IoSpec]) -> PyResult<Bound<'py,
 }
 
 struct GenState {
-    generator: Generator,
+    tokens: Tokens<Generator>,
     tokenizer: tokenizers::Tokenizer,
-    sampler: Sampler,
-    logits: Vec<f32>,
-    /// The last token yielded, run through the model when the next one is asked for.
-    pending: Option<u32>,
-    remaining: usize,
-    stop: Vec<u32>,
+    /// The tokens yielded so far, and how many bytes of their text were handed out.
     ids: Vec<u32>,
     printed: usize,
 }
@@ -267,48 +243,17 @@ impl Generation {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<String> {
-        // Never wait for the lock while holding the GIL (its holder releases the GIL to compute
-        // and needs it back): a second thread gets an error instead.
-        let mut st = match self.inner.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::WouldBlock) => {
-                return Err(err("this generation is being advanced by another thread"))
-            }
-            Err(std::sync::TryLockError::Poisoned(_)) => {
-                return Err(err("this generation was left unusable by an earlier error"))
-            }
-        };
+        let mut st = self.state()?;
+        let st = &mut *st;
         loop {
-            if st.remaining == 0 {
+            let tokens = &mut st.tokens;
+            let Some(t) = py.allow_threads(|| tokens.next()) else {
                 return Err(PyStopIteration::new_err(()));
-            }
-            if let Some(t) = st.pending.take() {
-                if st.generator.context_len() >= st.generator.max_context() {
-                    st.remaining = 0;
-                    return Err(PyStopIteration::new_err(()));
-                }
-                let g = &mut st.generator;
-                let logits = py.allow_threads(|| g.feed(&[t]));
-                match logits {
-                    Ok(l) => st.logits = l,
-                    Err(e) => {
-                        st.remaining = 0;
-                        return Err(err(e));
-                    }
-                }
-            }
-            let st = &mut *st;
-            let t = st.sampler.sample(&st.logits);
-            if st.stop.contains(&t) {
-                st.remaining = 0;
-                return Err(PyStopIteration::new_err(()));
-            }
-            st.remaining -= 1;
-            st.pending = Some(t);
-            st.ids.push(t);
+            };
+            st.ids.push(t.map_err(err)?);
             let piece = acorn_text::next_piece(&st.tokenizer, &st.ids, &mut st.printed).map_err(err)?;
             // A token that ends inside a character yields nothing yet: go on to the next.
-            if !piece.is_empty() || st.remaining == 0 {
+            if !piece.is_empty() {
                 return Ok(piece);
             }
         }
@@ -317,7 +262,18 @@ impl Generation {
     /// The token ids generated so far.
     #[getter]
     fn tokens(&self) -> PyResult<Vec<u32>> {
-        Ok(self.inner.lock().map_err(|_| err("this generation was left unusable by an earlier error"))?.ids.clone())
+        Ok(self.state()?.ids.clone())
+    }
+}
+
+impl Generation {
+    /// The state, for one call. Never waits for the lock while holding the GIL (its holder
+    /// releases the GIL to compute and needs it back): a second thread gets an error instead.
+    fn state(&self) -> PyResult<std::sync::MutexGuard<'_, GenState>> {
+        self.inner.try_lock().map_err(|e| match e {
+            std::sync::TryLockError::WouldBlock => err("this generation is being advanced by another thread"),
+            std::sync::TryLockError::Poisoned(_) => err("this generation was left unusable by an earlier error"),
+        })
     }
 }
 
