@@ -108,7 +108,7 @@ fn vad_from_c(asan: bool) {
     let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
     let audio = &audio[..audio.len().min(512 * 120)];
     let (ap, outp) = (dir.path().join("audio"), dir.path().join("probs"));
-    std::fs::write(&ap, bytemuck_f32(audio)).unwrap();
+    std::fs::write(&ap, bytemuck::cast_slice::<f32, u8>(audio)).unwrap();
     let stdout = run_c(asan, &[&"vad", &model, &ap, &outp]);
     assert!(stdout.contains("120 chunks"), "{stdout}");
     // The same stream through the Rust API.
@@ -129,10 +129,6 @@ fn vad_from_c(asan: bool) {
     let got = f32s(&std::fs::read(&outp).unwrap());
     assert_eq!(got, want, "C VAD probabilities differ from the Rust API's");
     assert!(got.iter().any(|&p| f32::from_bits(p) > 0.5), "speech found in the clip");
-}
-
-fn bytemuck_f32(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 /// SmolLM2 with its tokenizer, converted once per test process.
