@@ -24,15 +24,12 @@ fn acorn_rt() -> Command {
     let bin = match std::env::var_os("ACORN_RT") {
         // Relative to the repository (cargo runs tests in their crate's folder).
         Some(p) => repo_root().join(p),
-        None => {
-            let exe = std::env::current_exe().unwrap();
-            let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-            dir.join("acorn-rt")
-        }
+        // Cargo builds this package's binary for its integration tests.
+        None => PathBuf::from(env!("CARGO_BIN_EXE_acorn-rt")),
     };
     assert!(
         bin.exists(),
-        "{} is missing: build it with `cargo build --release -p acorn-cli` (or the --target build ACORN_RT names)",
+        "{} is missing: build it with `cargo build --release -p acorn-cli --target <the target ACORN_RT names>`",
         bin.display()
     );
     match std::env::var("ACORN_RT_RUNNER").ok().filter(|r| !r.trim().is_empty()) {
