@@ -1,0 +1,60 @@
+package dev.acorn
+
+/**
+ * The JNI functions of `libacorn_jni` (android/jni): one per C ABI call, with handles as Longs.
+ * The library is loaded from the `acorn.library` system property when set (a path, as the JVM
+ * tests do), else by name (`System.loadLibrary("acorn_jni")`, as an Android app does from its
+ * `jniLibs/<abi>/libacorn_jni.so`).
+ */
+internal object Native {
+    init {
+        val path = System.getProperty("acorn.library")
+        if (path != null) System.load(path) else System.loadLibrary("acorn_jni")
+    }
+
+    @JvmStatic external fun version(): String
+
+    @JvmStatic external fun modelOpen(path: String): Long
+    @JvmStatic external fun modelOpenBytes(bytes: ByteArray): Long
+    @JvmStatic external fun modelFree(model: Long)
+    @JvmStatic external fun ioCount(model: Long, outputs: Boolean): Int
+    @JvmStatic external fun ioName(model: Long, outputs: Boolean, index: Int): String
+    @JvmStatic external fun ioDtype(model: Long, outputs: Boolean, index: Int): Int
+    @JvmStatic external fun ioShape(model: Long, outputs: Boolean, index: Int): LongArray?
+
+    @JvmStatic external fun sessionNew(model: Long, threads: Int): Long
+    @JvmStatic external fun sessionFree(session: Long)
+    @JvmStatic external fun sessionRun(
+        session: Long,
+        names: Array<String>,
+        dtypes: IntArray,
+        shapes: Array<LongArray>,
+        data: Array<Any>
+    )
+    @JvmStatic external fun outputCount(session: Long): Int
+    @JvmStatic external fun outputName(session: Long, index: Int): String
+    @JvmStatic external fun outputDtype(session: Long, index: Int): Int
+    @JvmStatic external fun outputShape(session: Long, index: Int): LongArray
+    @JvmStatic external fun outputData(session: Long, index: Int): Any
+
+    @JvmStatic external fun generatorNew(model: Long, threads: Int, maxContext: Int): Long
+    @JvmStatic external fun generatorFree(generator: Long)
+    @JvmStatic external fun generatorReset(generator: Long)
+    @JvmStatic external fun generatorCancel(generator: Long)
+    @JvmStatic external fun generate(
+        generator: Long,
+        prompt: String?,
+        tokens: IntArray?,
+        maxTokens: Int,
+        temperature: Float,
+        topK: Int,
+        topP: Float,
+        seed: Long,
+        listener: TokenListener?
+    ): DoubleArray
+
+    /** Panics inside the C library; only in a library built with the `panic-test` feature. */
+    @JvmStatic external fun debugPanic()
+    /** Panics inside the JNI layer; only in a library built with the `panic-test` feature. */
+    @JvmStatic external fun debugJniPanic()
+}

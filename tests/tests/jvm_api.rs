@@ -1,0 +1,171 @@
+//! The Kotlin/Java API (`android/`) on this machine's JVM: writes the fixtures (MiniLM, a silero
+//! VAD stream and SmolLM2 converted here, their inputs, and the Rust API's results on them), then
+//! runs the JUnit tests (`mvn test`) against the host build of `libacorn_jni`, which must equal
+//! the Rust API bit for bit and refuse every bad input with an exception.
+//!
+//! Not part of `cargo test --workspace` (it needs a JDK, Maven and the Kotlin compiler): `.ci/run`
+//! installs those (Debian's `maven kotlin junit5 libmaven-*-plugin-java libsurefire-java`) and
+//! runs `cargo test --release -p acorn-tests --test jvm_api`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use acorn::llm::{Generator, GeneratorOptions, Sampling};
+use acorn::{Model, Tensor};
+use acorn_converter::{convert, ConvertOptions};
+use acorn_tests::*;
+
+/// Debian's Maven repository, used instead of Maven Central when its Kotlin plugin is there.
+const DEBIAN_REPO: &str = "/usr/share/maven-repo/org/jetbrains/kotlin/kotlin-maven-plugin/1.3.31";
+const INSTALL: &str = "apt-get install maven kotlin junit5 libmaven-compiler-plugin-java \
+                       libmaven-resources-plugin-java libmaven-jar-plugin-java libsurefire-java";
+/// The JUnit tests android/src/test holds; the run must report exactly this many.
+const JUNIT_TESTS: usize = 15;
+/// The README's Kotlin example, which the JUnit tests compile and run.
+const README_EXAMPLE: &str = "android/src/test/kotlin/example/ReadmeExample.kt";
+
+/// The JNI library cargo built for this test (`libacorn_jni.so`, a dev-dependency).
+fn jni_lib() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let lib = deps.join(format!("{}acorn_jni{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
+    assert!(lib.exists(), "{} was not built: cargo builds it as a dependency of acorn-tests", lib.display());
+    lib
+}
+
+fn convert_to(dir: &Path, name: &str, onnx: &str, tokenizer: Option<&str>) -> PathBuf {
+    let out = dir.join(name);
+    let opts = ConvertOptions { tokenizer: tokenizer.map(asset), ..ConvertOptions::default() };
+    convert(&asset(onnx), &out, &opts).unwrap_or_else(|e| panic!("convert {onnx}: {e:#} (assets: {FETCH})"));
+    out
+}
+
+/// Writes the models, inputs and the Rust API's results; returns fixtures.properties' text.
+fn write_fixtures(dir: &Path) -> String {
+    let mut props = String::new();
+    let root = repo_root();
+    writeln!(props, "header={}", root.join("runtime/ffi/include/acorn.h").display()).unwrap();
+
+    // MiniLM: three sentences of 16 tokens.
+    let minilm = convert_to(dir, "minilm.acorn", MINILM_L3, None);
+    let sents: Vec<&str> = SENTENCES.iter().take(3).copied().collect();
+    let (ids, mask) = tokenize(&sents, 16).unwrap();
+    std::fs::write(dir.join("minilm_ids.bin"), ids.bytes()).unwrap();
+    std::fs::write(dir.join("minilm_mask.bin"), mask.bytes()).unwrap();
+    let m = Model::open(&minilm).unwrap();
+    let mut s = m.session().commit().unwrap();
+    let out = s.run(&[("input_ids", &ids), ("attention_mask", &mask)]).unwrap();
+    std::fs::write(dir.join("minilm_expected.bin"), out.get(MINILM_EMBEDDING).unwrap().bytes()).unwrap();
+    let bytes = std::fs::read(&minilm).unwrap();
+    std::fs::write(dir.join("damaged.acorn"), &bytes[..bytes.len() / 2]).unwrap();
+    writeln!(
+        props,
+        "minilm.model=minilm.acorn\nminilm.ids=minilm_ids.bin\nminilm.mask=minilm_mask.bin\nminilm.batch=3\n\
+         minilm.seq=16\nminilm.output={MINILM_EMBEDDING}\nminilm.expected=minilm_expected.bin\ndamaged=damaged.acorn"
+    )
+    .unwrap();
+
+    // The VAD: 120 chunks of speech streamed with the state carried.
+    let vad = convert_to(dir, "vad.acorn", SILERO_OP15, None);
+    let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
+    let audio = &audio[..audio.len().min(512 * 120)];
+    std::fs::write(dir.join("vad_audio.bin"), bytemuck::cast_slice::<f32, u8>(audio)).unwrap();
+    let m = Model::open(&vad).unwrap();
+    let mut s = m.session().commit().unwrap();
+    let sr = Tensor::from_i64(vec![], vec![16000]);
+    let mut state = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
+    let mut frame = vec![0.0f32; 576];
+    let mut probs = Vec::new();
+    for chunk in audio.chunks_exact(512) {
+        frame.copy_within(512.., 0);
+        frame[64..].copy_from_slice(chunk);
+        let x = Tensor::from_f32(vec![1, 576], frame.clone());
+        let mut out = s.run(&[("input", &x), ("state", &state), ("sr", &sr)]).unwrap().into_vec();
+        probs.push(out[0].as_f32().unwrap()[0]);
+        state = out.swap_remove(1);
+    }
+    std::fs::write(dir.join("vad_expected.bin"), bytemuck::cast_slice::<f32, u8>(&probs)).unwrap();
+    writeln!(props, "vad.model=vad.acorn\nvad.audio=vad_audio.bin\nvad.expected=vad_expected.bin").unwrap();
+
+    // SmolLM2: 12 greedy tokens.
+    let smol = convert_to(dir, "smollm2.acorn", SMOLLM2_ONNX, Some(SMOLLM2_TOKENIZER));
+    let prompt = "The capital of France is";
+    let m = Model::open(&smol).unwrap();
+    let tok = acorn_text::load_tokenizer(&m, None).unwrap();
+    let prompt_ids = acorn_text::encode(&tok, prompt).unwrap();
+    let mut gen = Generator::new(&m, &GeneratorOptions { threads: 1, max_context: 256, ..Default::default() }).unwrap();
+    let stop = acorn::llm::GenerationConfig::of(&m).unwrap().eos_token_ids;
+    let want: Vec<u32> =
+        gen.generate(&prompt_ids, 12, &Sampling::greedy(), &stop).unwrap().map(|t| t.unwrap()).collect();
+    let list = |v: &[u32]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
+    writeln!(
+        props,
+        "smollm2.model=smollm2.acorn\nsmollm2.prompt={prompt}\nsmollm2.prompt_ids={}\nsmollm2.expected={}",
+        list(&prompt_ids),
+        list(&want)
+    )
+    .unwrap();
+    props
+}
+
+#[test]
+fn kotlin_api_on_the_jvm_equals_rust() {
+    let mvn = which("mvn").unwrap_or_else(|| panic!("Maven (mvn) is missing: {INSTALL}"));
+    let lib = jni_lib();
+    let fixtures = tempfile::tempdir().unwrap();
+    let props = write_fixtures(fixtures.path());
+    std::fs::write(fixtures.path().join("fixtures.properties"), props).unwrap();
+
+    let root = repo_root();
+    // Classes of an earlier build (a test since renamed, say) would run too.
+    let build = root.join("android/target");
+    if build.exists() {
+        std::fs::remove_dir_all(&build).unwrap();
+    }
+    let mut cmd = Command::new(mvn);
+    cmd.current_dir(&root).args(["-B", "-f", "android/pom.xml"]);
+    if Path::new(DEBIAN_REPO).exists() {
+        cmd.args(["-s", "android/debian-settings.xml"]);
+    }
+    // A repository of its own under target/ (nothing written to ~/.m2).
+    cmd.arg(format!("-Dmaven.repo.local={}", root.join("target/m2").display()))
+        .arg(format!("-Dacorn.library={}", lib.display()))
+        .arg(format!("-Dacorn.fixtures={}", fixtures.path().display()))
+        .arg("test");
+    let out = cmd.output().expect("run mvn");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mvn test failed ({}); if plugins or the Kotlin compiler are missing: {INSTALL}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Surefire's total: every JUnit test ran and passed.
+    let total = stdout
+        .lines()
+        .filter(|l| l.starts_with("[INFO] Tests run:") && !l.contains(" - in "))
+        .next_back()
+        .unwrap_or_else(|| panic!("no JUnit summary in the Maven output:\n{stdout}"));
+    println!("{total}");
+    assert_eq!(
+        total.trim_start_matches("[INFO] "),
+        format!("Tests run: {JUNIT_TESTS}, Failures: 0, Errors: 0, Skipped: 0"),
+        "\n{stdout}"
+    );
+}
+
+/// The README shows the Kotlin example as the tests run it.
+#[test]
+fn readme_kotlin_example_is_the_tested_code() {
+    let root = repo_root();
+    let src = std::fs::read_to_string(root.join(README_EXAMPLE)).unwrap();
+    let (_, rest) = src.split_once("// README:begin\n").expect("README:begin marker");
+    let (example, _) = rest.split_once("// README:end").expect("README:end marker");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains(example), "README.md does not show {README_EXAMPLE} as it is:\n{example}");
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
