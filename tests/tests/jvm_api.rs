@@ -113,9 +113,15 @@ fn write_fixtures(dir: &Path) -> String {
 fn kotlin_api_on_the_jvm_equals_rust() {
     let mvn = which("mvn").unwrap_or_else(|| panic!("Maven (mvn) is missing: {INSTALL}"));
     let lib = jni_lib();
-    let fixtures = tempfile::tempdir().unwrap();
-    let props = write_fixtures(fixtures.path());
-    std::fs::write(fixtures.path().join("fixtures.properties"), props).unwrap();
+    // ACORN_KEEP_FIXTURES=DIR keeps them (the Swift tests read the same folder on a Mac).
+    let temp = tempfile::tempdir().unwrap();
+    let fixtures = match std::env::var_os("ACORN_KEEP_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => temp.path().to_path_buf(),
+    };
+    std::fs::create_dir_all(&fixtures).unwrap();
+    let props = write_fixtures(&fixtures);
+    std::fs::write(fixtures.join("fixtures.properties"), props).unwrap();
 
     let root = repo_root();
     // Classes of an earlier build (a test since renamed, say) would run too.
@@ -131,7 +137,7 @@ fn kotlin_api_on_the_jvm_equals_rust() {
     // A repository of its own under target/ (nothing written to ~/.m2).
     cmd.arg(format!("-Dmaven.repo.local={}", root.join("target/m2").display()))
         .arg(format!("-Dacorn.library={}", lib.display()))
-        .arg(format!("-Dacorn.fixtures={}", fixtures.path().display()))
+        .arg(format!("-Dacorn.fixtures={}", fixtures.display()))
         .arg("test");
     let out = cmd.output().expect("run mvn");
     let stdout = String::from_utf8_lossy(&out.stdout);
