@@ -5,10 +5,11 @@
 #
 # Needs macOS with Xcode (xcodebuild, lipo) and the rustup targets:
 #   rustup target add aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios aarch64-apple-darwin x86_64-apple-darwin
-# FEATURES="" builds without text generation (tensors only, a smaller library).
+# FEATURES="full" builds without text generation (tensors only, a smaller library); the runtime's
+# op-family and kernel-set features (runtime/ffi/Cargo.toml) leave out more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FEATURES=${FEATURES-text}
+FEATURES=${FEATURES-text full}
 OUT=ios/CAcorn.xcframework
 build() {
   cargo rustc --profile device -p acorn-ffi --target "$1" --no-default-features ${FEATURES:+--features "$FEATURES"} \

@@ -38,6 +38,7 @@ pub mod format;
 pub mod graph;
 #[doc(hidden)]
 pub mod kernels;
+#[cfg(feature = "llm")]
 pub mod llm;
 #[doc(hidden)]
 pub mod ops;

@@ -116,7 +116,8 @@ fn kotlin_api_on_the_jvm_equals_rust() {
     // ACORN_KEEP_FIXTURES=DIR keeps them (the Swift tests read the same folder on a Mac).
     let temp = tempfile::tempdir().unwrap();
     let fixtures = match std::env::var_os("ACORN_KEEP_FIXTURES") {
-        Some(d) => PathBuf::from(d),
+        // Relative to the repository (cargo runs tests in their crate's folder).
+        Some(d) => repo_root().join(d),
         None => temp.path().to_path_buf(),
     };
     std::fs::create_dir_all(&fixtures).unwrap();

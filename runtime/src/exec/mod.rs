@@ -116,6 +116,10 @@ impl Model {
 
     /// Adapts a validated file's weight layouts to the selected kernels.
     fn from_file(mut file: ModelFile) -> Result<Model> {
+        // Ops whose family this build leaves out (Cargo features), all named at once.
+        if let Some(message) = crate::ops::left_out(file.metadata().graph.all_nodes().map(|n| &n.op)) {
+            return Err(Error::Unsupported(message));
+        }
         layout::adapt_layouts(&mut file, crate::kernels::selected())?;
         layout::decode_conv_weights(&mut file, crate::kernels::selected())?;
         Ok(Model { file: Arc::new(file) })

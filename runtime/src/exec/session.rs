@@ -387,6 +387,7 @@ impl Session {
     }
 
     /// Switches how plans are made (drops the plans made so far).
+    #[cfg(feature = "llm")]
     pub(crate) fn set_mode(&mut self, mode: PlanMode) {
         if self.mode != mode {
             self.mode = mode;
@@ -397,6 +398,7 @@ impl Session {
 
     /// Runs with `kv` bound to the cache-mode plans' attention steps; returns the outputs that
     /// are not held by the cache, in the model's order.
+    #[cfg(feature = "llm")]
     pub(crate) fn run_kv(&mut self, inputs: &[(&str, &Tensor)], kv: &mut KvCache) -> Result<Vec<Tensor>> {
         let views: SmallVec<[(&str, View<'_>); 8]> = inputs.iter().map(|(n, t)| (*n, t.view())).collect();
         match self.run_inner(&views, Some(kv), None)? {

@@ -78,7 +78,13 @@ macro_rules! kernel_list {
                 let mut list: Vec<$crate::kernels::lists::Entry<$t>> = Vec::new();
                 // An architecture may have no entry in a family: then nothing is added.
                 #[allow(unused_mut, unused_variables)]
-                let mut $add = |name, needs, reads, kernel| list.push($crate::kernels::lists::Entry { name, needs, reads, kernel });
+                let mut $add = |name, needs: $crate::kernels::Isa, reads, kernel| {
+                    // A set this build leaves out adds nothing (a constant per call site, so
+                    // its kernels are not linked).
+                    if needs.compiled_in() {
+                        list.push($crate::kernels::lists::Entry { name, needs, reads, kernel })
+                    }
+                };
                 $($body)*
                 list
             })

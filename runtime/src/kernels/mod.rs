@@ -130,8 +130,27 @@ impl Isa {
         ALL_ISAS.into_iter().find(|i| i.name() == s)
     }
 
-    /// Whether this CPU can run the set (checked at run time, never assumed from build flags).
+    /// Whether this build carries the set's kernels: the AVX-512, VNNI, dotprod and i8mm sets
+    /// each have a Cargo feature (`isa-x86-avx512`, `isa-x86-vnni`, `isa-arm-dotprod`,
+    /// `isa-arm-i8mm`, all on by default) that an app bundling one library per CPU family may
+    /// leave out; a set left out is never selected, and its kernels are not linked.
+    pub const fn compiled_in(self) -> bool {
+        match self {
+            Isa::Avx512 => cfg!(feature = "isa-x86-avx512"),
+            Isa::AvxVnni => cfg!(feature = "isa-x86-vnni"),
+            Isa::Avx512Vnni => cfg!(feature = "isa-x86-avx512") && cfg!(feature = "isa-x86-vnni"),
+            Isa::NeonDot => cfg!(feature = "isa-arm-dotprod"),
+            Isa::NeonI8mm => cfg!(feature = "isa-arm-dotprod") && cfg!(feature = "isa-arm-i8mm"),
+            _ => true,
+        }
+    }
+
+    /// Whether this CPU can run the set (checked at run time, never assumed from build flags)
+    /// and this build carries it.
     pub fn supported(self) -> bool {
+        if !self.compiled_in() {
+            return false;
+        }
         match self {
             Isa::Reference | Isa::Generic => true,
             #[cfg(target_arch = "x86_64")]

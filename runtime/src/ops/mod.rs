@@ -361,6 +361,78 @@ fn to_f32(v: &View<'_>) -> OpResult<crate::tensor::Tensor> {
     Ok(t)
 }
 
+/// Runs `$e` when the op family's Cargo feature is built in; otherwise the op is refused. A
+/// constant condition, so a build without the feature carries none of the family's code.
+macro_rules! gate {
+    ($op:expr, $feature:literal, $e:expr) => {
+        if cfg!(feature = $feature) {
+            $e
+        } else {
+            Err(OpError::Failed(format!(
+                "{} is left out of this build of the runtime (Cargo feature `{}`)",
+                $op.name(),
+                $feature
+            )))
+        }
+    };
+}
+
+/// The Cargo feature an op needs beyond the base runtime, if its family has one: `ops-vision`
+/// (pooling, resize, transposed convolution), `ops-recurrent` (LSTM, GRU, RNN), `llm` (rotary
+/// embeddings), `ops-onnx-quant` (ONNX's quantized ops), `ops-extra` (Einsum, losses).
+pub fn feature_of(op: &Op) -> Option<&'static str> {
+    use Family as F;
+    match family(op) {
+        F::Pool | F::Resize | F::ConvTranspose(..) => Some("ops-vision"),
+        F::Lstm(_) | F::Gru(..) => Some("ops-recurrent"),
+        F::Rotary => Some("llm"),
+        F::Quant => Some("ops-onnx-quant"),
+        F::Einsum(_) | F::Loss => Some("ops-extra"),
+        _ => None,
+    }
+}
+
+/// The op-family features and whether this build has each.
+const FAMILY_FEATURES: [(&str, bool); 5] = [
+    ("ops-vision", cfg!(feature = "ops-vision")),
+    ("ops-recurrent", cfg!(feature = "ops-recurrent")),
+    ("llm", cfg!(feature = "llm")),
+    ("ops-onnx-quant", cfg!(feature = "ops-onnx-quant")),
+    ("ops-extra", cfg!(feature = "ops-extra")),
+];
+
+/// Whether this build runs `op` (its family's feature, if any, is built in).
+pub fn built_in(op: &Op) -> bool {
+    feature_of(op).is_none_or(|f| FAMILY_FEATURES.iter().any(|&(name, on)| name == f && on))
+}
+
+/// Every op of `ops` this build leaves out, as one message naming them all with the features
+/// that bring them back (`None` when all are built in).
+pub fn left_out<'a>(ops: impl IntoIterator<Item = &'a Op>) -> Option<String> {
+    let mut missing: Vec<(String, &'static str)> = Vec::new();
+    for op in ops {
+        if !built_in(op) {
+            let entry = (op.name(), feature_of(op).unwrap_or("?"));
+            if !missing.contains(&entry) {
+                missing.push(entry);
+            }
+        }
+    }
+    if missing.is_empty() {
+        return None;
+    }
+    let mut features: Vec<&str> = missing.iter().map(|m| m.1).collect();
+    features.sort_unstable();
+    features.dedup();
+    let ops: Vec<&str> = missing.iter().map(|m| m.0.as_str()).collect();
+    Some(format!(
+        "the model uses ops this build of the runtime leaves out: {} (build with the Cargo feature{} {})",
+        ops.join(", "),
+        if features.len() > 1 { "s" } else { "" },
+        features.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+    ))
+}
+
 fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
     use Family as F;
     let outs = match family(op) {
@@ -375,17 +447,17 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::Norm => norm::infer(op, inputs, n_out)?,
         F::MoreNorm => norm::infer_more(op, inputs)?,
         F::Conv(a, _) => conv::infer(a, inputs)?,
-        F::ConvTranspose(a, _) => convt::infer(a, inputs)?,
-        F::Lstm(a) => recurrent::infer(a, inputs, n_out)?,
-        F::Gru(a, gated) => recurrent::infer_gru(a, gated, inputs, n_out)?,
+        F::ConvTranspose(a, _) => gate!(op, "ops-vision", convt::infer(a, inputs))?,
+        F::Lstm(a) => gate!(op, "ops-recurrent", recurrent::infer(a, inputs, n_out))?,
+        F::Gru(a, gated) => gate!(op, "ops-recurrent", recurrent::infer_gru(a, gated, inputs, n_out))?,
         F::Index => index::infer(op, inputs, n_out)?,
-        F::Loss => loss::infer(op, inputs, n_out)?,
-        F::Pool => pool::infer(op, inputs, n_out)?,
-        F::Resize => resize::infer(op, inputs)?,
-        F::Einsum(equation) => einsum::infer(equation, inputs)?,
+        F::Loss => gate!(op, "ops-extra", loss::infer(op, inputs, n_out))?,
+        F::Pool => gate!(op, "ops-vision", pool::infer(op, inputs, n_out))?,
+        F::Resize => gate!(op, "ops-vision", resize::infer(op, inputs))?,
+        F::Einsum(equation) => gate!(op, "ops-extra", einsum::infer(equation, inputs))?,
         F::Attention(a, _) => attention::infer(a, inputs, n_out)?,
-        F::Rotary => rotary::infer(op, inputs)?,
-        F::Quant => quant::infer(op, inputs)?,
+        F::Rotary => gate!(op, "llm", rotary::infer(op, inputs))?,
+        F::Quant => gate!(op, "ops-onnx-quant", quant::infer(op, inputs))?,
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     };
     for (_, s) in &outs {
@@ -456,17 +528,17 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::Norm => norm::run(op, inputs, outputs, ctx.threads),
         F::MoreNorm => norm::run_more(op, inputs, outputs),
         F::Conv(a, post) => conv::run(a, post, inputs, outputs, ctx),
-        F::ConvTranspose(a, post) => convt::run(a, post, inputs, outputs, ctx),
-        F::Lstm(a) => recurrent::run(a, inputs, outputs, ctx),
-        F::Gru(a, gated) => recurrent::run_gru(a, gated, inputs, outputs),
+        F::ConvTranspose(a, post) => gate!(op, "ops-vision", convt::run(a, post, inputs, outputs, ctx)),
+        F::Lstm(a) => gate!(op, "ops-recurrent", recurrent::run(a, inputs, outputs, ctx)),
+        F::Gru(a, gated) => gate!(op, "ops-recurrent", recurrent::run_gru(a, gated, inputs, outputs)),
         F::Index => index::run(op, inputs, outputs),
-        F::Loss => loss::run(op, inputs, outputs),
-        F::Pool => pool::run(op, inputs, outputs, ctx.threads),
-        F::Resize => resize::run(op, inputs, outputs, ctx.threads),
-        F::Einsum(equation) => einsum::run(equation, inputs, outputs),
+        F::Loss => gate!(op, "ops-extra", loss::run(op, inputs, outputs)),
+        F::Pool => gate!(op, "ops-vision", pool::run(op, inputs, outputs, ctx.threads)),
+        F::Resize => gate!(op, "ops-vision", resize::run(op, inputs, outputs, ctx.threads)),
+        F::Einsum(equation) => gate!(op, "ops-extra", einsum::run(equation, inputs, outputs)),
         F::Attention(a, window) => attention::run(a, window, inputs, outputs, ctx),
-        F::Rotary => rotary::run(op, inputs, outputs),
-        F::Quant => quant::run(op, inputs, outputs),
+        F::Rotary => gate!(op, "llm", rotary::run(op, inputs, outputs)),
+        F::Quant => gate!(op, "ops-onnx-quant", quant::run(op, inputs, outputs)),
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     }
 }

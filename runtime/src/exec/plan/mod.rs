@@ -33,7 +33,9 @@ pub(crate) enum Slot {
 }
 
 mod llm;
-pub(crate) use llm::{CacheBinding, PlanMode};
+#[cfg(feature = "llm")]
+pub(crate) use llm::CacheBinding;
+pub(crate) use llm::PlanMode;
 
 #[derive(Clone, Debug)]
 struct Loc {
