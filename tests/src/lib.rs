@@ -319,6 +319,27 @@ pub fn tiny_model_expected(x: &[f32], scale: &[f32]) -> Vec<f32> {
     y
 }
 
+/// The silero VAD streamed over `audio` (16 kHz) through the Rust API, as an app runs it: 512-sample
+/// chunks after 64 samples of context, the state carried from run to run. One speech
+/// probability per chunk: what the binding tests compare with.
+pub fn vad_stream(model: &Path, audio: &[f32]) -> Result<Vec<f32>> {
+    let m = acorn::Model::open(model)?;
+    let mut s = m.session().commit()?;
+    let sr = Tensor::from_i64(vec![], vec![16000]);
+    let mut state = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
+    let mut frame = vec![0.0f32; 576];
+    let mut probs = Vec::new();
+    for chunk in audio.chunks_exact(512) {
+        frame.copy_within(512.., 0);
+        frame[64..].copy_from_slice(chunk);
+        let x = Tensor::from_f32(vec![1, 576], frame.clone());
+        let mut out = s.run(&[("input", &x), ("state", &state), ("sr", &sr)])?.into_vec();
+        probs.push(out[0].as_f32().ok_or_else(|| anyhow!("the VAD output is not f32"))?[0]);
+        state = out.swap_remove(1);
+    }
+    Ok(probs)
+}
+
 /// Median and p90 in milliseconds of `runs` timed calls of `f`, after `warmup` untimed ones.
 pub fn time_ms(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     for _ in 0..warmup {

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use acorn::llm::{Generator, GeneratorOptions, Sampling};
-use acorn::{Model, Tensor};
+use acorn::Model;
 use acorn_converter::{convert, ConvertOptions};
 use acorn_tests::*;
 
@@ -112,20 +112,7 @@ fn vad_from_c(asan: bool) {
     let stdout = run_c(asan, &[&"vad", &model, &ap, &outp]);
     assert!(stdout.contains("120 chunks"), "{stdout}");
     // The same stream through the Rust API.
-    let m = Model::open(&model).unwrap();
-    let mut s = m.session().commit().unwrap();
-    let sr = Tensor::from_i64(vec![], vec![16000]);
-    let mut state = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
-    let mut frame = vec![0.0f32; 576];
-    let mut want = Vec::new();
-    for chunk in audio.chunks_exact(512) {
-        frame.copy_within(512.., 0);
-        frame[64..].copy_from_slice(chunk);
-        let x = Tensor::from_f32(vec![1, 576], frame.clone());
-        let mut out = s.run(&[("input", &x), ("state", &state), ("sr", &sr)]).unwrap().into_vec();
-        want.push(out[0].as_f32().unwrap()[0].to_bits());
-        state = out.swap_remove(1);
-    }
+    let want: Vec<u32> = vad_stream(&model, audio).unwrap().iter().map(|p| p.to_bits()).collect();
     let got = f32s(&std::fs::read(&outp).unwrap());
     assert_eq!(got, want, "C VAD probabilities differ from the Rust API's");
     assert!(got.iter().any(|&p| f32::from_bits(p) > 0.5), "speech found in the clip");

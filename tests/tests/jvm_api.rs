@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use acorn::llm::{Generator, GeneratorOptions, Sampling};
-use acorn::{Model, Tensor};
+use acorn::Model;
 use acorn_converter::{convert, ConvertOptions};
 use acorn_tests::*;
 
@@ -71,20 +71,7 @@ fn write_fixtures(dir: &Path) -> String {
     let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
     let audio = &audio[..audio.len().min(512 * 120)];
     std::fs::write(dir.join("vad_audio.bin"), bytemuck::cast_slice::<f32, u8>(audio)).unwrap();
-    let m = Model::open(&vad).unwrap();
-    let mut s = m.session().commit().unwrap();
-    let sr = Tensor::from_i64(vec![], vec![16000]);
-    let mut state = Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]);
-    let mut frame = vec![0.0f32; 576];
-    let mut probs = Vec::new();
-    for chunk in audio.chunks_exact(512) {
-        frame.copy_within(512.., 0);
-        frame[64..].copy_from_slice(chunk);
-        let x = Tensor::from_f32(vec![1, 576], frame.clone());
-        let mut out = s.run(&[("input", &x), ("state", &state), ("sr", &sr)]).unwrap().into_vec();
-        probs.push(out[0].as_f32().unwrap()[0]);
-        state = out.swap_remove(1);
-    }
+    let probs = vad_stream(&vad, audio).unwrap();
     std::fs::write(dir.join("vad_expected.bin"), bytemuck::cast_slice::<f32, u8>(&probs)).unwrap();
     writeln!(props, "vad.model=vad.acorn\nvad.audio=vad_audio.bin\nvad.expected=vad_expected.bin").unwrap();
 
@@ -151,8 +138,7 @@ fn kotlin_api_on_the_jvm_equals_rust() {
     // Surefire's total: every JUnit test ran and passed.
     let total = stdout
         .lines()
-        .filter(|l| l.starts_with("[INFO] Tests run:") && !l.contains(" - in "))
-        .next_back()
+        .rfind(|l| l.starts_with("[INFO] Tests run:") && !l.contains(" - in "))
         .unwrap_or_else(|| panic!("no JUnit summary in the Maven output:\n{stdout}"));
     println!("{total}");
     assert_eq!(

@@ -124,6 +124,19 @@ fn handle(h: jlong) -> u64 {
     h as u64
 }
 
+/// `n` elements at `p` (none when `n` is 0, whatever `p` is: the C ABI may pass NULL then).
+///
+/// # Safety
+/// When `n > 0`, `p` is valid for reads of `n` elements for `'a`.
+unsafe fn slice<'a, T>(p: *const T, n: usize) -> &'a [T] {
+    if n == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts(p, n) }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Library
 
@@ -270,12 +283,8 @@ pub extern "system" fn Java_dev_acorn_Native_ioShape<'l>(
         if info.rank < 0 {
             return Ok(std::ptr::null_mut());
         }
-        let dims: &[i64] = if info.rank == 0 {
-            &[]
-        } else {
-            // SAFETY: `rank` dimensions, valid while the model lives (it does, in this call).
-            unsafe { std::slice::from_raw_parts(info.shape, info.rank as usize) }
-        };
+        // SAFETY: `rank` dimensions, valid while the model lives (it does, in this call).
+        let dims = unsafe { slice(info.shape, info.rank as usize) };
         long_array(env, dims)
     })
 }
@@ -496,12 +505,8 @@ pub extern "system" fn Java_dev_acorn_Native_outputShape<'l>(
 ) -> jlongArray {
     guard(&mut env, std::ptr::null_mut(), |env| {
         let t = output(session, i)?;
-        let dims: &[i64] = if t.rank == 0 {
-            &[]
-        } else {
-            // SAFETY: `rank` dimensions owned by the session (see outputName).
-            unsafe { std::slice::from_raw_parts(t.shape, t.rank) }
-        };
+        // SAFETY: `rank` dimensions owned by the session (see outputName).
+        let dims = unsafe { slice(t.shape, t.rank) };
         long_array(env, dims)
     })
 }
@@ -518,12 +523,8 @@ pub extern "system" fn Java_dev_acorn_Native_outputData<'l>(
 ) -> jobject {
     guard(&mut env, std::ptr::null_mut(), |env| {
         let t = output(session, i)?;
-        let bytes: &[u8] = if t.byte_len == 0 {
-            &[]
-        } else {
-            // SAFETY: `byte_len` bytes owned by the session (see outputName).
-            unsafe { std::slice::from_raw_parts(t.data as *const u8, t.byte_len) }
-        };
+        // SAFETY: `byte_len` bytes owned by the session (see outputName).
+        let bytes = unsafe { slice(t.data as *const u8, t.byte_len) };
         macro_rules! array {
             ($t:ty, $new:ident, $set:ident) => {{
                 let v: Vec<$t> = bytemuck::pod_collect_to_vec(bytes);
@@ -620,7 +621,7 @@ unsafe extern "C" fn on_token(user: *mut c_void, piece: *const c_char, len: usiz
     // SAFETY: the caller's contract (acorn_generate passes back the pointer generate gave it).
     let l = unsafe { &mut *(user as *mut Listener) };
     // SAFETY: `len` bytes (the C ABI's contract).
-    let bytes = if len == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(piece as *const u8, len) } };
+    let bytes = unsafe { slice(piece as *const u8, len) };
     match catch_unwind(AssertUnwindSafe(|| l.call(bytes, token))) {
         Ok(Ok(true)) => 0,
         Ok(Ok(false)) => 1,
