@@ -3,14 +3,17 @@
  * API's results bit for bit.
  *
  *   c_api minilm MODEL IDS.i64 MASK.i64 BATCH LEN OUT.f32   embeddings of a tokenized batch
+ *     (MODEL as FILE@OFFSET:LEN: the model stored inside a larger file, opened by descriptor)
  *   c_api vad MODEL AUDIO.f32 OUT.f32                      speech probability per 32 ms chunk
  *   c_api generate MODEL PROMPT MAX_TOKENS OUT.txt         greedy token ids, one per line
  *   c_api errors MINILM_MODEL DAMAGED_MODEL                bad input of every kind
  */
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "acorn.h"
 
@@ -88,7 +91,20 @@ static int minilm(int argc, char **argv) {
   int64_t *mask = read_file(argv[4], &mask_len);
   int64_t shape[2] = {atoll(argv[5]), atoll(argv[6])};
   AcornModel model;
-  OK(acorn_model_open(argv[2], &model));
+  char *at = strchr(argv[2], '@');
+  if (at) {
+    /* A region of a file, as an APK's uncompressed asset is: open the file, hand the library
+     * the descriptor, close it again at once (the library keeps a duplicate). */
+    *at = 0;
+    unsigned long long offset = 0, len = 0;
+    CHECK(sscanf(at + 1, "%llu:%llu", &offset, &len) == 2, "region %s", at + 1);
+    int fd = open(argv[2], O_RDONLY);
+    CHECK(fd >= 0, "open %s", argv[2]);
+    OK(acorn_model_open_fd(fd, offset, len, &model));
+    close(fd);
+  } else {
+    OK(acorn_model_open(argv[2], &model));
+  }
   size_t n_in;
   OK(acorn_model_input_count(model, &n_in));
   for (size_t i = 0; i < n_in; i++) {
@@ -229,6 +245,15 @@ static int errors(int argc, char **argv) {
   FAILS(acorn_model_open(NULL, &model), ACORN_STATUS_NULL_ARGUMENT);
   FAILS(acorn_model_open(argv[2], NULL), ACORN_STATUS_NULL_ARGUMENT);
   FAILS(acorn_model_open("/nonexistent/model.acorn", &model), ACORN_STATUS_IO);
+  FAILS(acorn_model_open_fd(-1, 0, 16, &model), ACORN_STATUS_INVALID_ARGUMENT);
+  FAILS(acorn_model_open_fd(987654, 0, 16, &model), ACORN_STATUS_IO);
+  FAILS(acorn_model_open_fd(0, 0, 16, NULL), ACORN_STATUS_NULL_ARGUMENT);
+  {
+    /* A region past the end of the file. */
+    int fd = open(argv[2], O_RDONLY);
+    FAILS(acorn_model_open_fd(fd, 1ull << 40, 4096, &model), ACORN_STATUS_INPUT);
+    close(fd);
+  }
   AcornStatus damaged = acorn_model_open(argv[3], &model);
   CHECK(damaged == ACORN_STATUS_FORMAT || damaged == ACORN_STATUS_CHECKSUM, "damaged file -> %d (%s)",
         (int)damaged, acorn_last_error());

@@ -103,6 +103,32 @@ fn minilm_from_c(asan: bool) {
     assert_eq!(f32s(&got), f32s(want.bytes()), "C embeddings differ from the Rust API's");
 }
 
+/// MiniLM stored inside a larger file at an 8-byte-aligned offset (mapped in place) and at an
+/// odd one (copied once), opened through a file descriptor the C program closes right away.
+fn minilm_from_an_fd_region(asan: bool) {
+    let (dir, model) = converted(MINILM_L3, None);
+    let bytes = std::fs::read(&model).unwrap();
+    let (ids, mask) = tokenize(&SENTENCES[..2], 16).unwrap();
+    let (idp, maskp) = (dir.path().join("ids"), dir.path().join("mask"));
+    std::fs::write(&idp, ids.bytes()).unwrap();
+    std::fs::write(&maskp, mask.bytes()).unwrap();
+    let m = Model::open(&model).unwrap();
+    let mut s = m.session().commit().unwrap();
+    let want = s.run(&[("input_ids", &ids), ("attention_mask", &mask)]).unwrap();
+    let want = f32s(want.get(MINILM_EMBEDDING).unwrap().bytes());
+    for offset in [4096usize, 4099] {
+        let packed = dir.path().join(format!("packed{offset}"));
+        let mut all = vec![0x5au8; offset];
+        all.extend_from_slice(&bytes);
+        all.extend_from_slice(&[0xa5; 100]);
+        std::fs::write(&packed, all).unwrap();
+        let region = format!("{}@{offset}:{}", packed.display(), bytes.len());
+        let outp = dir.path().join(format!("out{offset}"));
+        run_c(asan, &[&"minilm", &region, &idp, &maskp, &"2", &"16", &outp]);
+        assert_eq!(f32s(&std::fs::read(&outp).unwrap()), want, "offset {offset}");
+    }
+}
+
 fn vad_from_c(asan: bool) {
     let (dir, model) = converted(SILERO_OP15, None);
     let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
@@ -158,6 +184,11 @@ fn minilm_embeddings_from_c_equal_rust() {
 }
 
 #[test]
+fn minilm_from_a_file_descriptor_region_equals_rust() {
+    minilm_from_an_fd_region(false);
+}
+
+#[test]
 fn vad_stream_from_c_equals_rust() {
     vad_from_c(false);
 }
@@ -176,6 +207,7 @@ fn bad_input_from_c_is_refused() {
 #[test]
 fn c_api_under_address_sanitizer() {
     minilm_from_c(true);
+    minilm_from_an_fd_region(true);
     vad_from_c(true);
     errors_from_c(true);
     generation_from_c(true);

@@ -18,10 +18,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use acorn_ffi::{
     acorn_generate, acorn_generate_tokens, acorn_generator_cancel, acorn_generator_free, acorn_generator_new,
     acorn_generator_reset, acorn_last_error, acorn_model_free, acorn_model_input, acorn_model_input_count,
-    acorn_model_open, acorn_model_open_bytes, acorn_model_output, acorn_model_output_count, acorn_session_free,
-    acorn_session_new, acorn_session_output, acorn_session_output_count, acorn_session_run, acorn_version, AcornDtype,
-    AcornGenerateOptions, AcornGenerateStats, AcornGenerator, AcornIoInfo, AcornModel, AcornSession, AcornStatus,
-    AcornTensor,
+    acorn_model_open, acorn_model_open_bytes, acorn_model_open_fd, acorn_model_output, acorn_model_output_count,
+    acorn_session_free, acorn_session_new, acorn_session_output, acorn_session_output_count, acorn_session_run,
+    acorn_version, AcornDtype, AcornGenerateOptions, AcornGenerateStats, AcornGenerator, AcornIoInfo, AcornModel,
+    AcornSession, AcornStatus, AcornTensor,
 };
 use jni::objects::{
     JByteArray, JByteBuffer, JClass, JDoubleArray, JFloatArray, JIntArray, JLongArray, JObject, JObjectArray,
@@ -196,6 +196,25 @@ pub extern "system" fn Java_dev_acorn_Native_modelOpenBytes<'l>(
         let mut m = AcornModel::default();
         // SAFETY: `data` is readable for its length; the library copies what it keeps.
         check(unsafe { acorn_model_open_bytes(data.as_ptr(), data.len(), &mut m) })?;
+        Ok(m.id as jlong)
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_modelOpenFd<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    fd: jint,
+    offset: jlong,
+    length: jlong,
+) -> jlong {
+    guard(&mut env, 0, |_| {
+        let offset = u64::try_from(offset).map_err(|_| invalid(format!("offset {offset} is negative")))?;
+        let length = u64::try_from(length).map_err(|_| invalid(format!("length {length} is negative")))?;
+        let mut m = AcornModel::default();
+        // SAFETY: the descriptor is the caller's, open for the call (the library duplicates it);
+        // `m` is writable.
+        check(unsafe { acorn_model_open_fd(fd, offset, length, &mut m) })?;
         Ok(m.id as jlong)
     })
 }

@@ -235,6 +235,17 @@ AcornStatus acorn_model_open(const char *path, AcornModel *out);
 // `data` is NULL or readable for `len` bytes; `out` is NULL or writable.
 AcornStatus acorn_model_open_bytes(const uint8_t *data, size_t len, AcornModel *out);
 
+// Opens the model stored in `len` bytes of an open file from byte `offset`: how an Android app
+// maps a model it ships uncompressed inside its APK (`AssetFileDescriptor`'s descriptor, start
+// offset and length), without copying it. The descriptor is duplicated for the mapping: the
+// caller may close its own right after the call. Read in place when `offset` is a multiple of
+// 8, else copied once. Unix only (elsewhere `ACORN_STATUS_UNSUPPORTED`).
+//
+// # Safety
+// `fd` is an open file descriptor for the duration of the call (or negative, refused); `out`
+// is NULL or writable.
+AcornStatus acorn_model_open_fd(int32_t fd, uint64_t offset, uint64_t len, AcornModel *out);
+
 // Frees a model. Sessions and generators made from it stay usable (they share it).
 AcornStatus acorn_model_free(AcornModel model);
 

@@ -520,6 +520,38 @@ pub unsafe extern "C" fn acorn_model_open_bytes(data: *const u8, len: usize, out
     })
 }
 
+/// Opens the model stored in `len` bytes of an open file from byte `offset`: how an Android app
+/// maps a model it ships uncompressed inside its APK (`AssetFileDescriptor`'s descriptor, start
+/// offset and length), without copying it. The descriptor is duplicated for the mapping: the
+/// caller may close its own right after the call. Read in place when `offset` is a multiple of
+/// 8, else copied once. Unix only (elsewhere `ACORN_STATUS_UNSUPPORTED`).
+///
+/// # Safety
+/// `fd` is an open file descriptor for the duration of the call (or negative, refused); `out`
+/// is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_model_open_fd(fd: i32, offset: u64, len: u64, out: *mut AcornModel) -> AcornStatus {
+    guard(|| {
+        non_null(out, "out")?;
+        if fd < 0 {
+            return Err(Failure::new(AcornStatus::InvalidArgument, format!("file descriptor {fd} is negative")));
+        }
+        #[cfg(unix)]
+        {
+            // SAFETY: non-negative, and open for the call (caller contract); only duplicated.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let model = Model::open_fd(borrowed, offset, len, &acorn::OpenOptions::default())?;
+            // SAFETY: checked non-NULL; writable (caller contract).
+            unsafe { put(out, register_model(model), "out") }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (offset, len);
+            Err(Failure::new(AcornStatus::Unsupported, "opening from a file descriptor needs a Unix system"))
+        }
+    })
+}
+
 /// Frees a model. Sessions and generators made from it stay usable (they share it).
 #[no_mangle]
 pub extern "C" fn acorn_model_free(model: AcornModel) -> AcornStatus {

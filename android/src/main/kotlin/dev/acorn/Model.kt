@@ -65,6 +65,16 @@ class Model private constructor(handle: Long) : AutoCloseable {
         @JvmStatic
         fun open(path: String): Model = Model(Native.modelOpen(path))
 
+        /**
+         * Maps the model stored in [length] bytes of an open file from byte [offset], without a
+         * copy: an uncompressed asset in the app's APK, say
+         * (`assets.openFd("model.acorn").use { Model.openFd(it.parcelFileDescriptor.fd,
+         * it.startOffset, it.length) }`). The runtime duplicates the descriptor, so the caller
+         * may close its own right away. Read in place when [offset] is a multiple of 8.
+         */
+        @JvmStatic
+        fun openFd(fd: Int, offset: Long, length: Long): Model = Model(Native.modelOpenFd(fd, offset, length))
+
         /** Opens a model from bytes in memory (an Android asset read whole, say). */
         @JvmStatic
         fun fromBytes(bytes: ByteArray): Model = Model(Native.modelOpenBytes(bytes))

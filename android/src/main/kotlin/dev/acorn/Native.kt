@@ -16,6 +16,7 @@ internal object Native {
 
     @JvmStatic external fun modelOpen(path: String): Long
     @JvmStatic external fun modelOpenBytes(bytes: ByteArray): Long
+    @JvmStatic external fun modelOpenFd(fd: Int, offset: Long, length: Long): Long
     @JvmStatic external fun modelFree(model: Long)
     @JvmStatic external fun ioCount(model: Long, outputs: Boolean): Int
     @JvmStatic external fun ioName(model: Long, outputs: Boolean, index: Int): String

@@ -26,6 +26,9 @@ class ErrorsTest {
     fun badFilesAreRefused() {
         refused(setOf(Status.IO)) { Model.open("/nonexistent/model.acorn") }
         refused(setOf(Status.FORMAT, Status.CHECKSUM)) { Model.open(Fixtures.path("damaged")) }
+        refused(setOf(Status.INVALID_ARGUMENT)) { Model.openFd(-1, 0, 16) }
+        refused(setOf(Status.IO)) { Model.openFd(987654, 0, 16) }
+        refused(setOf(Status.INVALID_ARGUMENT)) { Model.openFd(0, -1, 16) }
         refused(setOf(Status.FORMAT)) { Model.fromBytes(ByteArray(0)) }
         refused(setOf(Status.FORMAT)) { Model.fromBytes("not a model at all".toByteArray()) }
         val dir = createTempDir()

@@ -63,6 +63,30 @@ class ModelsTest {
     }
 
     @Test
+    fun aModelInsideALargerFileOpensByDescriptor() {
+        // An APK's uncompressed asset: the model at an offset of a larger file, mapped through a
+        // descriptor (obtained here by reflection, as the JVM has no public getter; Android's
+        // ParcelFileDescriptor.getFd() gives it directly).
+        val bytes = java.io.File(Fixtures.path("minilm.model")).readBytes()
+        val packed = java.io.File.createTempFile("packed", ".apk")
+        try {
+            packed.writeBytes(ByteArray(4096) { 0x5a } + bytes + ByteArray(100))
+            java.io.FileInputStream(packed).use { stream ->
+                val field = java.io.FileDescriptor::class.java.getDeclaredField("fd")
+                field.isAccessible = true
+                val fd = field.getInt(stream.fd)
+                Model.openFd(fd, 4096, bytes.size.toLong())
+            }.use { model ->
+                // The stream is closed: the model holds its own duplicate.
+                val e = model.run(minilmInputs()).getValue(embedding)
+                assertArrayEquals(Fixtures.floats("minilm.expected").bits(), e.floats().bits())
+            }
+        } finally {
+            packed.delete()
+        }
+    }
+
+    @Test
     fun vadStreamEqualsRust() {
         val audio = Fixtures.floats("vad.audio")
         val want = Fixtures.floats("vad.expected")
