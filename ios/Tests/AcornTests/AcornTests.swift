@@ -59,7 +59,8 @@ final class AcornTests: XCTestCase {
         var frame = [Float](repeating: 0, count: 576)
         var got: [Float] = []
         for c in 0..<(audio.count / 512) {
-            frame.replaceSubrange(0..<64, with: frame[512..<576])
+            let context = Array(frame[512..<576])
+            frame.replaceSubrange(0..<64, with: context)
             frame.replaceSubrange(64..<576, with: audio[(c * 512)..<((c + 1) * 512)])
             let out = try session.run(["input": Tensor(frame, shape: [1, 576]), "state": state, "sr": sr])
             got.append(try out["output"]!.floats()[0])
