@@ -116,8 +116,14 @@ fn cstring(s: String, what: &str) -> Res<CString> {
     CString::new(s).map_err(|_| invalid(format!("{what} holds a NUL character")))
 }
 
+/// A Java int or long that must not be negative (Java has no unsigned types), as `T`.
+fn unsigned<T: TryFrom<i64>>(v: impl Into<i64>, what: &str) -> Res<T> {
+    let v = v.into();
+    T::try_from(v).map_err(|_| invalid(format!("{what} {v} is negative or too large")))
+}
+
 fn index(i: jint) -> Res<usize> {
-    usize::try_from(i).map_err(|_| invalid(format!("index {i} is negative")))
+    unsigned(i, "index")
 }
 
 fn handle(h: jlong) -> u64 {
@@ -209,8 +215,8 @@ pub extern "system" fn Java_dev_acorn_Native_modelOpenFd<'l>(
     length: jlong,
 ) -> jlong {
     guard(&mut env, 0, |_| {
-        let offset = u64::try_from(offset).map_err(|_| invalid(format!("offset {offset} is negative")))?;
-        let length = u64::try_from(length).map_err(|_| invalid(format!("length {length} is negative")))?;
+        let offset = unsigned(offset, "offset")?;
+        let length = unsigned(length, "length")?;
         let mut m = AcornModel::default();
         // SAFETY: the descriptor is the caller's, open for the call (the library duplicates it);
         // `m` is writable.
@@ -325,7 +331,7 @@ pub extern "system" fn Java_dev_acorn_Native_sessionNew<'l>(
     threads: jint,
 ) -> jlong {
     guard(&mut env, 0, |_| {
-        let threads = u32::try_from(threads).map_err(|_| invalid(format!("threads {threads} is negative")))?;
+        let threads: u32 = unsigned(threads, "threads")?;
         let mut s = AcornSession::default();
         // SAFETY: `s` is writable.
         check(unsafe { acorn_session_new(AcornModel { id: handle(model) }, threads, &mut s) })?;
@@ -582,8 +588,8 @@ pub extern "system" fn Java_dev_acorn_Native_generatorNew<'l>(
     max_context: jint,
 ) -> jlong {
     guard(&mut env, 0, |_| {
-        let threads = u32::try_from(threads).map_err(|_| invalid(format!("threads {threads} is negative")))?;
-        let ctx = u32::try_from(max_context).map_err(|_| invalid(format!("maxContext {max_context} is negative")))?;
+        let threads: u32 = unsigned(threads, "threads")?;
+        let ctx: u32 = unsigned(max_context, "maxContext")?;
         let mut g = AcornGenerator::default();
         // SAFETY: `g` is writable.
         check(unsafe { acorn_generator_new(AcornModel { id: handle(model) }, threads, ctx, &mut g) })?;
@@ -678,10 +684,9 @@ pub extern "system" fn Java_dev_acorn_Native_generate<'l>(
 ) -> jdoubleArray {
     guard(&mut env, std::ptr::null_mut(), |env| {
         let opts = AcornGenerateOptions {
-            max_tokens: u32::try_from(max_tokens)
-                .map_err(|_| invalid(format!("maxTokens {max_tokens} is negative")))?,
+            max_tokens: unsigned(max_tokens, "maxTokens")?,
             temperature,
-            top_k: u32::try_from(top_k).map_err(|_| invalid(format!("topK {top_k} is negative")))?,
+            top_k: unsigned(top_k, "topK")?,
             top_p,
             seed: seed as u64,
         };

@@ -1,6 +1,7 @@
 package dev.acorn
 
 import java.nio.ByteBuffer
+import java.nio.ByteOrder
 
 /** Element types, as the C API's `AcornDtype` codes. */
 enum class DType(val code: Int, val byteSize: Int) {
@@ -24,7 +25,7 @@ class TensorInfo(val name: String, val dtype: DType, val shape: LongArray?) {
  * A dense row-major tensor: a dtype, a shape and its elements, held as a primitive array of the
  * element size (FloatArray for F32, LongArray for I64 and U64, IntArray for I32 and U32,
  * DoubleArray for F64, ShortArray for F16/I16/U16, ByteArray for I8/U8/BOOL) or, for inputs, a
- * direct [ByteBuffer] that the runtime reads in place without a copy.
+ * direct [ByteBuffer] in native byte order that the runtime reads in place without a copy.
  */
 class Tensor private constructor(val dtype: DType, shape: LongArray, internal val data: Any) {
     private val dims: LongArray = shape.copyOf()
@@ -75,6 +76,11 @@ class Tensor private constructor(val dtype: DType, shape: LongArray, internal va
         @JvmStatic
         fun of(buffer: ByteBuffer, dtype: DType, vararg shape: Long): Tensor {
             require(buffer.isDirect) { "the ByteBuffer is not direct (use ByteBuffer.allocateDirect)" }
+            // A direct buffer starts big-endian: values written through it in that order would be
+            // read as other numbers, so only the platform's own order is taken.
+            require(buffer.order() == ByteOrder.nativeOrder()) {
+                "the ByteBuffer is ${buffer.order()}: set .order(ByteOrder.nativeOrder()) before writing it"
+            }
             require(buffer.remaining() % dtype.byteSize == 0) {
                 "${buffer.remaining()} bytes are not a whole number of $dtype elements"
             }

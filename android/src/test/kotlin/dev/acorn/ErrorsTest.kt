@@ -68,7 +68,13 @@ class ErrorsTest {
         assertThrows(IllegalArgumentException::class.java) { Tensor.of(FloatArray(5), 2, 3) }
         assertThrows(IllegalArgumentException::class.java) { Tensor.of(FloatArray(0), -1) }
         assertThrows(IllegalArgumentException::class.java) { Tensor.of(ByteBuffer.allocate(16), DType.F32, 4) }
-        assertThrows(IllegalArgumentException::class.java) { Tensor.of(ByteBuffer.allocateDirect(6), DType.F32, 1) }
+        assertThrows(IllegalArgumentException::class.java) {
+            Tensor.of(ByteBuffer.allocateDirect(6).order(java.nio.ByteOrder.nativeOrder()), DType.F32, 1)
+        }
+        // A direct buffer left in its default big-endian order would be read as other numbers.
+        assertThrows(IllegalArgumentException::class.java) {
+            Tensor.of(ByteBuffer.allocateDirect(16).order(java.nio.ByteOrder.BIG_ENDIAN), DType.F32, 4)
+        }
         assertThrows(IllegalArgumentException::class.java) { Tensor.ofBytes(ByteArray(4), longArrayOf(4), DType.F32) }
         assertThrows(IllegalStateException::class.java) { Tensor.of(FloatArray(1), 1).longs() }
     }
