@@ -31,6 +31,14 @@ func check(_ status: Int32) throws {
     }
 }
 
+/// A count the C API takes as uint32: a negative or oversized one is an error, not clamped.
+func count(_ v: Int, _ what: String) throws -> UInt32 {
+    guard let n = UInt32(exactly: v) else {
+        throw AcornError(code: 102, message: "\(what) \(v) is negative or too large")
+    }
+    return n
+}
+
 /// Element types (the C API's `AcornDtype` codes).
 public enum DType: Int32 {
     case f32 = 1, f16, i8, u8, i32, i64, bool, f64, i16, u16, u32, u64
@@ -150,7 +158,7 @@ public final class Session {
 
     init(model: Model, threads: Int) throws {
         var s = AcornSession()
-        try check(acorn_session_new(model.handle, UInt32(clamping: threads), &s))
+        try check(acorn_session_new(model.handle, count(threads, "threads"), &s))
         handle = s
     }
 
@@ -240,7 +248,7 @@ public final class Generator {
 
     init(model: Model, threads: Int, maxContext: Int) throws {
         var g = AcornGenerator()
-        try check(acorn_generator_new(model.handle, UInt32(clamping: threads), UInt32(clamping: maxContext), &g))
+        try check(acorn_generator_new(model.handle, count(threads, "threads"), count(maxContext, "maxContext"), &g))
         handle = g
     }
 
@@ -253,9 +261,9 @@ public final class Generator {
         _ prompt: String, options: GenerateOptions = GenerateOptions(),
         onToken: @escaping (String, UInt32) -> Bool = { _, _ in true }
     ) throws -> GenerationStats {
-        var opts = AcornGenerateOptions(
-            max_tokens: UInt32(clamping: options.maxTokens), temperature: options.temperature,
-            top_k: UInt32(clamping: options.topK), top_p: options.topP, seed: options.seed)
+        var opts = try AcornGenerateOptions(
+            max_tokens: count(options.maxTokens, "maxTokens"), temperature: options.temperature,
+            top_k: count(options.topK, "topK"), top_p: options.topP, seed: options.seed)
         var stats = AcornGenerateStats()
         let sink = TokenSink(onToken)
         let user = Unmanaged.passUnretained(sink).toOpaque()
