@@ -18,8 +18,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn ensure_assets() -> Result<()> {
-    let needed =
-        [MINILM_L3, MINILM_TOKENIZER, ORT_LIB, SILERO_IF, SMOLLM2_ONNX, SHAKESPEARE_DIR, OCR_DET, OCR_REC, PAGE_PNG];
+    let needed = [
+        MINILM_L3,
+        MINILM_L6,
+        MINILM_TOKENIZER,
+        ORT_LIB,
+        SILERO_IF,
+        SMOLLM2_ONNX,
+        SHAKESPEARE_DIR,
+        OCR_DET,
+        OCR_REC,
+        PAGE_PNG,
+    ];
     if needed.iter().all(|a| assets_dir().join(a).exists()) {
         return Ok(());
     }
@@ -133,6 +143,37 @@ fn main() -> Result<()> {
         mb(qrep.file_bytes),
         qrep.file_bytes as f64 / rep.file_bytes as f64
     );
+    // Pruning: a third of every FFN's channels removed, ranked and the down projections refitted
+    // on calibration text (128 paragraphs of Othello; the sample sentences are held out).
+    let calib = path.with_file_name("calib.txt");
+    std::fs::write(&calib, othello_paragraphs(1024)?)?;
+    let pruned = path.with_file_name("minilm-l3-ffn.acorn");
+    let popts = acorn_converter::ConvertOptions {
+        tokenizer: Some(asset(MINILM_TOKENIZER)),
+        prune: Some(acorn_converter::prune::PruneOptions {
+            unstructured: None,
+            ffn: Some(0.33),
+            refit: true,
+            include: Vec::new(),
+            calib: Some(calib),
+        }),
+        ..Default::default()
+    };
+    let prep = acorn_converter::convert(&onnx, &pruned, &popts)?;
+    let pmodel = Model::open(&pruned)?;
+    let mut ps = pmodel.session().commit()?;
+    let pe = ps.run(&ins)?.swap_remove(out_idx);
+    let pe = pe.as_f32().context("f32")?;
+    let worst = (0..sentences.len()).map(|i| cosine(row(i), &pe[i * 384..(i + 1) * 384])).fold(1.0f64, f64::min);
+    let (ids, mask) = tokenize(&[SENTENCES[7]], 128)?;
+    let ins128 = [("input_ids", &ids), ("attention_mask", &mask)];
+    let (p128, _) = time_ms(1, 20, || ps.run(&ins128).map(|_| ()).map_err(Into::into))?;
+    let (f128, _) = time_ms(1, 20, || session.run(&ins128).map(|_| ()).map_err(Into::into))?;
+    println!(
+        "pruned     --prune-ffn 0.33 (refit on Othello): {:.1} MB, min cosine vs fp32 {worst:.4}, 128 tokens {p128:.2} ms vs fp32 {f128:.2} ms ({:.2}×)",
+        mb(prep.file_bytes),
+        f128 / p128
+    );
 
     println!(
         "\n== silero VAD 6.2.3 (silero_vad.onnx: 16/8 kHz chosen by If on `sr`) on a speech clip, 32 ms chunks =="
@@ -165,8 +206,81 @@ fn main() -> Result<()> {
     println!("outputs    speech per 32 ms chunk: {speech}");
     println!("latency    {:.3} ms per chunk (median, 1 thread)", median(times));
     println!("agreement  vs ONNX Runtime: max |Δ| speech probability = {worst:.2e}");
+    intents()?;
     llm()?;
     ocr()
+}
+
+/// Transfer learning, fine-tuning and early exits: the voice assistant's intent classifier.
+fn intents() -> Result<()> {
+    println!(
+        "\n== intent classifier: all-MiniLM-L6-v2 + a head trained on tests/data/intents (--train, \
+         --fine-tune-layers 2, --exits all) =="
+    );
+    let dir = repo_root().join(".cache/acorn-demo");
+    let out = dir.join("intent-l6.acorn");
+    let t = Instant::now();
+    let opts = acorn_converter::ConvertOptions {
+        tokenizer: Some(asset(MINILM_TOKENIZER)),
+        train: Some(acorn_tests::data("intents/train.tsv")),
+        train_options: acorn_converter::heads::TrainOptions {
+            exits: Some("all".into()),
+            fine_tune_layers: Some(2),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let r = acorn_converter::convert(&asset(MINILM_L6), &out, &opts)?;
+    let rec = r.passes.iter().find(|p| p.name == "train_head").context("train_head record")?;
+    let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map_or(f64::NAN, |(_, v)| *v);
+    println!(
+        "converted  in {:.1} s → {} ({:.1} MB); validation accuracy: frozen head {:.3}, fine-tuned {:.3}; \
+         exits agree with the full model on {:.1} % of held-out training lines, {:.2} of 6 layers on average",
+        t.elapsed().as_secs_f64(),
+        out.display(),
+        mb(r.file_bytes),
+        get("fine_tune_validation_accuracy_before"),
+        get("fine_tune_validation_accuracy_after"),
+        100.0 * get("heldout_exit_agreement"),
+        get("heldout_mean_layers"),
+    );
+    let model = Model::open(&out)?;
+    let mut clf = acorn_text::TextClassifier::new(&model, 1)?;
+    let utterances = [
+        "set a timer for twenty minutes",
+        "um could you wake me up at six thirty tomorrow",
+        "it's way too loud in here",
+        "text sam that i'm running late",
+        "what's the capital of peru",
+        "put oat milk on the shopping list",
+    ];
+    for u in utterances {
+        let mut ms = [0.0; 2];
+        let mut preds = Vec::new();
+        for (k, exits) in [(0, true), (1, false)] {
+            clf.classifier().set_exits(exits);
+            let mut times = Vec::new();
+            for _ in 0..9 {
+                let t = Instant::now();
+                preds.push(clf.classify(&[u])?.remove(0));
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            ms[k] = median(times);
+        }
+        let (p, full) = (&preds[0], &preds[preds.len() - 1]);
+        println!(
+            "{:<48} → {:<13} {:.2}  exit at layer {}/{}  {:.2} ms (full model: {:<13} {:.2} ms)",
+            format!("\"{u}\""),
+            clf.labels()[p.label],
+            p.score,
+            p.exit_layer,
+            p.layers,
+            ms[0],
+            clf.labels()[full.label],
+            ms[1]
+        );
+    }
+    Ok(())
 }
 
 /// Median latency of `runs` runs of `model` on one input (after a warm-up run).

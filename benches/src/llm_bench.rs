@@ -196,6 +196,23 @@ fn median_process(mut v: Vec<Value>) -> Value {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    acorn_tests::check_flags(
+        &args,
+        "llm-bench [--threads 1,2] [--procs 3] [--decode 32] [--llama-python [NAME=]/path/to/python]… \
+         [--quantize q8|q4|q4m] [--levels all|avx2,…] [--no-onnxruntime] [--model FILE.onnx] [--text FILE]",
+        &[
+            "--child",
+            "--decode",
+            "--levels",
+            "--llama-python",
+            "--model",
+            "--no-onnxruntime",
+            "--procs",
+            "--quantize",
+            "--text",
+            "--threads",
+        ],
+    )?;
     let get = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
     let decode: usize = get("--decode").map(|s| s.parse()).transpose()?.unwrap_or(32);
     if let Some(rt) = get("--child") {

@@ -324,6 +324,23 @@ fn arg(args: &[String], name: &str, default: usize) -> Result<usize> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    acorn_tests::check_flags(
+        &args[1..],
+        "model-bench [--runs 50] [--procs 3] [--threads 1] [--cases minilm-l3-16,…] [--quantized] \
+         [--levels all|avx2,avx512,…] [--check-quantized] [--acorn-only]",
+        &[
+            "--runs",
+            "--threads",
+            "--procs",
+            "--child",
+            "--level",
+            "--quantized",
+            "--cases",
+            "--levels",
+            "--acorn-only",
+            "--check-quantized",
+        ],
+    )?;
     let runs = arg(&args, "--runs", 50)?;
     let threads = arg(&args, "--threads", 1)?;
     let procs = arg(&args, "--procs", 3)?.max(1);

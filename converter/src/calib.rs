@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use acorn::format::PassRecord;
 use acorn::graph::{Dim, IoSpec, ValueId};
 use acorn::tensor::TensorData;
 use acorn::{DType, Model, Tensor};
@@ -164,6 +165,19 @@ impl Gram {
         h
     }
 
+    /// The sums of the inputs `keep` only (sorted indices): the statistics of a product whose
+    /// other inputs were removed.
+    pub fn select(&self, keep: &[usize]) -> Gram {
+        let mut g = Gram::zeros(keep.len());
+        g.rows = self.rows;
+        for (a, &i) in keep.iter().enumerate() {
+            for (b, &j) in keep.iter().enumerate().skip(a) {
+                g.upper[row_start(keep.len(), a) + (b - a)] = self.at(i, j);
+            }
+        }
+        g
+    }
+
     /// `H ← D·H·D` for the diagonal `d`.
     pub fn rescale(&mut self, d: &[f32]) {
         let k = self.k;
@@ -173,6 +187,19 @@ impl Gram {
             }
         }
     }
+}
+
+/// `Σ xᵀx` of every activation in `acts` summed, as a whole `k × k` matrix (row-major), for a
+/// weight multiplied with all of them: what GPTQ, SparseGPT and Wanda read (`None`: one of them
+/// was not calibrated, or its width is not `k`).
+pub fn summed(grams: &HashMap<ValueId, Gram>, acts: &[ValueId], k: usize) -> Option<Vec<f64>> {
+    let parts: Option<Vec<&Gram>> = acts.iter().map(|v| grams.get(v)).collect();
+    let parts = parts.filter(|p| !p.is_empty() && p.iter().all(|g| g.k == k))?;
+    let mut h = parts[0].full();
+    for p in &parts[1..] {
+        h.iter_mut().zip(p.full()).for_each(|(a, b)| *a += b);
+    }
+    Some(h)
 }
 
 /// Start of row `i` of a packed upper triangle of a `k × k` matrix: `Σ_{r<i} (k − r)`.
@@ -302,6 +329,18 @@ pub struct Agreement {
     pub samples: usize,
     pub cosine: f64,
     pub top1: Option<f64>,
+}
+
+impl Agreement {
+    /// Adds the figures to a pass record (`heldout_*`).
+    pub fn record_into(&self, rec: &mut PassRecord) {
+        rec.params.push(("heldout_output".into(), self.output.clone()));
+        rec.report.push(("heldout_samples".into(), self.samples as f64));
+        rec.report.push(("heldout_cosine".into(), self.cosine));
+        if let Some(t) = self.top1 {
+            rec.report.push(("heldout_top1".into(), t));
+        }
+    }
 }
 
 /// Runs the [`Reference`] and `candidate` on `samples` and measures their [`Agreement`] (on the

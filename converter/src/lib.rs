@@ -28,12 +28,16 @@ pub mod ir;
 pub mod llm;
 /// `.npy` reading and writing (the device CLI's, shared).
 pub use acorn_cli::npy;
+pub mod finetune;
+pub mod heads;
 pub mod onnx;
 pub mod onnx_build;
 pub mod passes;
 pub mod pipeline;
+pub mod prune;
 pub mod qimport;
 pub mod quantize;
+pub mod structured;
 pub mod text;
 
 /// Conversion settings.
@@ -63,6 +67,20 @@ pub struct ConvertOptions {
     pub threads: usize,
     /// Told each phase as it runs, with its progress (the CLI draws one progress line).
     pub progress: Progress,
+    /// Fit a classification head on the encoder's sentence embeddings from this
+    /// `label<TAB>utterance` file (`--train`; needs `tokenizer`).
+    pub train: Option<std::path::PathBuf>,
+    /// `--labels`, `--exits`, `--exit-agreement` (with `train`).
+    pub train_options: heads::TrainOptions,
+    /// Remove weights (`--prune`, `--sparsity` / `--pattern`).
+    pub prune: Option<prune::PruneOptions>,
+}
+
+impl ConvertOptions {
+    /// The calibration data any pass asked for (`--calib`).
+    pub fn calib(&self) -> Option<&Path> {
+        self.quantize.as_ref().and_then(|q| q.calib.as_deref()).or(self.prune.as_ref().and_then(|p| p.calib.as_deref()))
+    }
 }
 
 /// Reports a conversion's phases: `(phase, done, total)`, `total` 0 when the phase has no count.
@@ -349,7 +367,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     }
     // Read once: the same bytes are hashed for provenance and decoded.
     // The tokenizer first: a bad one fails before minutes of conversion.
-    let extensions: Vec<Extension> = match &opts.tokenizer {
+    let mut extensions: Vec<Extension> = match &opts.tokenizer {
         Some(p) => text::tokenizer_extensions(p)?
             .into_iter()
             .map(|(name, data)| Extension { name, required: false, data })
@@ -371,9 +389,68 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     drop(bytes);
     let (mut m, mut records) = lower_proto(proto, input, base, opts)?;
     release_freed_memory();
+    // Transfer learning: the head is fitted on the fp32 encoder's embeddings, before any
+    // quantization (the same head serves every precision of the encoder).
+    if let Some(train) = &opts.train {
+        let Some(tok) = &opts.tokenizer else {
+            anyhow::bail!("--train needs --tokenizer tokenizer.json (the utterances are tokenized with it)");
+        };
+        let (ext, rec) = heads::train_head(&mut m, tok, train, &opts.train_options, &opts.progress)?;
+        extensions.push(ext);
+        records.push(rec);
+    } else if opts.train_options != heads::TrainOptions::default() {
+        anyhow::bail!("--labels, --exits and --exit-agreement go with --train, which is not given");
+    }
     let mut warnings = Vec::new();
     // Calibration is a stage: nothing runs until a pass asks for its statistics.
     let mut calibration = pipeline::Calibration::new(&m, opts)?;
+    // Pruning before rounding: magnitude and Wanda zero weights in f32, SparseGPT alone does the
+    // same or, with --quantize q8|q4, leaves its mask to the quantize pass's sweep (joint).
+    let mut masks = std::collections::HashMap::new();
+    if let Some(p) = &opts.prune {
+        if let Some(fraction) = p.ffn {
+            let grams = calibration.grams(&mut m, &mut records)?;
+            opts.progress.report("pruning FFNs", 0, 0);
+            let mut rec = structured::prune_ffn(&mut m, fraction, p.refit, grams, &opts.progress)?;
+            if let Some(a) = measure_dense(&m, &calibration, opts)? {
+                a.record_into(&mut rec);
+            }
+            records.push(rec);
+        }
+        if let Some(u) = &p.unstructured {
+            let joint = u.method == prune::PruneMethod::SparseGpt
+                && opts.quantize.as_ref().is_some_and(|q| q.format != quantize::QuantFormat::F16);
+            let grams =
+                if u.method.needs_calibration() { Some(&*calibration.grams(&mut m, &mut records)?) } else { None };
+            opts.progress.report("pruning", 0, 0);
+            let mut pruned = prune::prune_weights(&mut m, u, &p.include, grams, joint, &opts.progress)?;
+            // What pruning alone cost on the held-out samples (joint SparseGPT: measured with
+            // the rounding, in the quantize record).
+            if !joint {
+                if let Some(a) = measure_dense(&m, &calibration, opts)? {
+                    a.record_into(&mut pruned.record);
+                }
+            }
+            // q4 with minimums has no exact zero (`w = q·d + m`, `d` and `m` in f16) and there
+            // is no sparse q4 encoding yet: the pruned weights get the code nearest zero. Said,
+            // not silently passed off as pruned.
+            if let Some(quantize::QuantFormat::Q4 { min: true, .. }) = opts.quantize.as_ref().map(|q| q.format) {
+                let w =
+                    "--prune with --quantize q4 (with minimums): q4 with minimums has no exact zero, so the pruned \
+                         weights are stored as the code nearest zero (within half a step); --symmetric keeps them zero";
+                pruned
+                    .record
+                    .params
+                    .push(("q4_zeros".into(), "nearest code (q4 with minimums has no exact zero)".into()));
+                if opts.strict {
+                    anyhow::bail!("{w} (--strict)");
+                }
+                warnings.push(w.to_string());
+            }
+            masks = pruned.masks;
+            records.push(pruned.record);
+        }
+    }
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
         Some(q) => {
             // Calibration statistics whenever there is calibration data: GPTQ needs them, and
@@ -390,7 +467,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
                 records.push(awq::apply(&mut m, q, opts.target.narrow_q8(), g)?);
             }
             let grams = if wants_stats { Some(&*calibration.grams(&mut m, &mut records)?) } else { None };
-            let (qs, rec) = quantize::quantize_weights(&m, q, opts.target.narrow_q8(), grams, &opts.progress)?;
+            let (qs, rec) = quantize::quantize_weights(&m, q, opts.target.narrow_q8(), grams, &masks, &opts.progress)?;
             if let Some(w) = quantize::nothing_quantized(&rec) {
                 if opts.strict {
                     anyhow::bail!("{w} (--strict)");
@@ -437,20 +514,14 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let nodes = m.graph.all_nodes().count();
     let tensors = payloads.len();
     let mut provenance = provenance;
-    if let Some((fp32, held)) = calibration.held_out() {
-        // What quantizing cost, on the held-out samples: the fp32 graph the calibration ran
-        // against the quantized model (built in memory, read in place); the numbers go into the
-        // quantize pass record of the one file written below.
-        let bytes = acorn::format::model_bytes(m.graph.clone(), provenance.clone(), extensions.clone(), &payloads)?;
-        let candidate = acorn::Model::from_memory(bytes, &acorn::OpenOptions::default())?;
-        let a = calib::agreement(fp32, &candidate, held, opts.memory_limit, &opts.progress)
-            .context("measuring the quantized model on held-out samples")?;
-        for rec in provenance.passes.iter_mut().chain(records.iter_mut()).filter(|r| r.name == "quantize") {
-            rec.params.push(("heldout_output".into(), a.output.clone()));
-            rec.report.push(("heldout_samples".into(), a.samples as f64));
-            rec.report.push(("heldout_cosine".into(), a.cosine));
-            if let Some(t) = a.top1 {
-                rec.report.push(("heldout_top1".into(), t));
+    // What quantizing cost, on the held-out samples: the fp32 graph the calibration ran against
+    // the quantized model (built in memory, read in place); the numbers go into the quantize
+    // pass record of the one file written below. (Without a quantize pass nothing would take
+    // them: each prune pass measured itself.)
+    if opts.quantize.is_some() {
+        if let Some(a) = held_out_agreement(&m.graph, &payloads, &calibration, opts, "quantized")? {
+            for rec in provenance.passes.iter_mut().chain(records.iter_mut()).filter(|r| r.name == "quantize") {
+                a.record_into(rec);
             }
         }
     }
@@ -458,6 +529,35 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
         .with_context(|| format!("writing {}", output.display()))?;
     Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records, warnings })
+}
+
+/// The held-out agreement of `m` with every weight stored dense f32 against the fp32 model
+/// calibration ran (`None`: no calibration ran, or nothing is held out).
+fn measure_dense(
+    m: &ir::Module,
+    calibration: &pipeline::Calibration<'_>,
+    opts: &ConvertOptions,
+) -> Result<Option<calib::Agreement>> {
+    let payloads: Vec<TensorPayload<'_>> =
+        m.tensors.iter().map(|(name, t)| payload(name, t, TensorEncoding::Dense, Cow::Borrowed(t.bytes()))).collect();
+    held_out_agreement(&m.graph, &payloads, calibration, opts, "pruned")
+}
+
+/// The held-out agreement of `graph` with `payloads` (a model built in memory, read in place)
+/// against the fp32 model calibration ran (`None`: no calibration ran, or nothing is held out).
+fn held_out_agreement(
+    graph: &acorn::graph::Graph,
+    payloads: &[TensorPayload<'_>],
+    calibration: &pipeline::Calibration<'_>,
+    opts: &ConvertOptions,
+    what: &str,
+) -> Result<Option<calib::Agreement>> {
+    let Some((fp32, held)) = calibration.held_out() else { return Ok(None) };
+    let bytes = acorn::format::model_bytes(graph.clone(), Provenance::default(), Vec::new(), payloads)?;
+    let candidate = acorn::Model::from_memory(bytes, &acorn::OpenOptions::default())?;
+    let a = calib::agreement(fp32, &candidate, held, opts.memory_limit, &opts.progress)
+        .with_context(|| format!("measuring the {what} model on held-out samples"))?;
+    Ok(Some(a))
 }
 
 /// Weights that arrived quantized (`MatMulNBits`) keep their codes when they are still read only

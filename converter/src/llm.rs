@@ -98,7 +98,7 @@ impl<'a> Index<'a> {
     }
 
     /// `Reshape(y, [B, S, W])` merging the heads of a [B, S, heads, width] value `y` back into rows
-    /// of `W` = heads·width (target a constant `[0, 0, W | −1]` or B and S from `y`'s shape):
+    /// of `W` = heads·width (target a constant `[0, 0, W | −1]`, `[0, −1, W]`, or B and S from `y`'s shape):
     /// whether it does, for `W`.
     fn merges_heads(&self, rn: &Node, y: ValueId, w: i64) -> bool {
         let ok = || -> Option<bool> {
@@ -106,7 +106,12 @@ impl<'a> Index<'a> {
                 return Some(false);
             }
             if let Some(t) = self.ints(rn.inputs[1]) {
-                return Some(t.len() == 3 && t[0] == 0 && t[1] == 0 && (t[2] == w || t[2] == -1));
+                // [0, 0, W], [0, 0, −1] or [0, −1, W]: B kept, S kept or inferred.
+                return Some(
+                    t.len() == 3
+                        && t[0] == 0
+                        && ((t[1] == 0 && (t[2] == w || t[2] == -1)) || (t[1] == -1 && t[2] == w)),
+                );
             }
             let (_, cn) = self.prod(rn.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
             let [b, s, last] = cn.inputs[..] else { return Some(false) };

@@ -17,6 +17,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Convert an ONNX model to a .acorn file.
@@ -94,6 +96,50 @@ enum Cmd {
         /// Threads for calibration, GPTQ and the error measurements (default: every core).
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         threads: usize,
+        /// Transfer learning: fit a classification head on the encoder's sentence embeddings from
+        /// this file of `label<TAB>utterance` lines (needs --tokenizer); `acorn classify` runs it.
+        #[arg(long, value_name = "FILE")]
+        train: Option<PathBuf>,
+        /// The labels --train may use, comma-separated, in the head's output order (default: as
+        /// they first appear in the file).
+        #[arg(long, value_name = "A,B,…", value_delimiter = ',')]
+        labels: Option<Vec<String>>,
+        /// Early exits (with --train): heads after these encoder layers (`all`, or e.g. 2,3,4,5),
+        /// each with a confidence threshold calibrated on held-out training examples.
+        #[arg(long, value_name = "all|LIST")]
+        exits: Option<String>,
+        /// The share of held-out training examples on which the exits must give the full model's
+        /// label (default 0.99).
+        #[arg(long, value_name = "SHARE")]
+        exit_agreement: Option<f64>,
+        /// Fine-tuning (with --train): also train the top K encoder layers with the head (AdamW,
+        /// early stopping on a validation split), before the head and exits are fitted.
+        #[arg(long, value_name = "K")]
+        fine_tune_layers: Option<usize>,
+        /// Unstructured pruning before any rounding: magnitude (smallest |w|), wanda (smallest
+        /// |w|·‖x‖ over --calib activations) or sparsegpt (error-compensating; with --quantize
+        /// q8|q4 it prunes and rounds in one sweep). Per output row; embedding tables and LM
+        /// heads stay dense unless --prune-include names them.
+        #[arg(long, value_name = "METHOD", value_parser = ["magnitude", "wanda", "sparsegpt"])]
+        prune: Option<String>,
+        /// With --prune: the share of each row's weights removed (e.g. 0.5).
+        #[arg(long, value_name = "SHARE")]
+        sparsity: Option<f64>,
+        /// With --prune: N:M sparsity, N of every M consecutive inputs kept (e.g. 2:4).
+        #[arg(long, value_name = "N:M")]
+        pattern: Option<String>,
+        /// Prune weights matching this regular expression even when they are an embedding table
+        /// or an LM head (repeat the flag for several).
+        #[arg(long, value_name = "PATTERN", action = clap::ArgAction::Append)]
+        prune_include: Vec<String>,
+        /// Structured pruning: remove this share of every FFN's channels (e.g. 0.25), ranked by
+        /// what they carry on the --calib activations; the down projection is refitted on the
+        /// kept channels (ridge least squares). The graph gets smaller: faster on every CPU.
+        #[arg(long, value_name = "FRACTION")]
+        prune_ffn: Option<f64>,
+        /// With a structured removal: no refit (to measure what the refit brings).
+        #[arg(long)]
+        no_refit: bool,
         /// Print one JSON object (the file written, every pass record, warnings) instead of text.
         #[arg(long)]
         json: bool,
@@ -164,12 +210,34 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             threads,
             json,
             symmetric,
+            train,
+            labels,
+            exits,
+            exit_agreement,
+            fine_tune_layers,
+            prune,
+            sparsity,
+            pattern,
+            prune_include,
+            prune_ffn,
+            no_refit,
         } => {
             let as_written = match quantized_import.as_str() {
                 "lift" => false,
                 "as-written" => true,
                 other => bail!("--quantized-import '{other}': one of lift, as-written"),
             };
+            let prune = acorn_converter::prune::PruneOptions::from_flags(&acorn_converter::prune::PruneFlags {
+                method: prune.as_deref(),
+                sparsity,
+                pattern: pattern.as_deref(),
+                include: prune_include,
+                calib: calib.clone(),
+                ffn: prune_ffn,
+                no_refit,
+            })?;
+            // --calib serves pruning alone too; quantization takes it only with --quantize.
+            let calib = if quantize.is_none() && prune.is_some() { None } else { calib };
             let quantize =
                 acorn_converter::quantize::QuantOptions::from_flags(&acorn_converter::quantize::QuantFlags {
                     format: quantize.as_deref(),
@@ -193,6 +261,14 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     as_written,
                     memory_limit,
                     threads,
+                    train,
+                    train_options: acorn_converter::heads::TrainOptions {
+                        labels,
+                        exits,
+                        exit_agreement,
+                        fine_tune_layers,
+                    },
+                    prune,
                     ..ConvertOptions::default()
                 },
                 &target,

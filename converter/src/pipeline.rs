@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use crate::calib::{self, Gram};
 use crate::ir::Module;
-use crate::quantize::{self, QuantOptions};
+use crate::quantize;
 use crate::{cnn, llm, passes, qimport, ConvertOptions};
 
 /// A graph pass: rewrites the model in place and says what it did.
@@ -63,7 +63,7 @@ pub struct Calibration<'o> {
 impl<'o> Calibration<'o> {
     /// Loads the samples (nothing runs yet).
     pub fn new(m: &Module, opts: &'o ConvertOptions) -> Result<Self> {
-        let (fit, held) = match opts.quantize.as_ref().and_then(|q| q.calib.as_deref()) {
+        let (fit, held) = match opts.calib() {
             Some(path) => {
                 let tok = opts
                     .tokenizer
@@ -83,9 +83,7 @@ impl<'o> Calibration<'o> {
     /// asked before (its record goes to `records`).
     pub fn grams(&mut self, m: &mut Module, records: &mut Vec<PassRecord>) -> Result<&mut Grams> {
         if self.stats.is_none() {
-            let q =
-                self.opts.quantize.as_ref().ok_or_else(|| anyhow::anyhow!("calibration needs --quantize options"))?;
-            self.stats = Some(calibrate(m, q, &self.fit, self.opts, records)?);
+            self.stats = Some(calibrate(m, &self.fit, self.opts, records)?);
         }
         Ok(&mut self.stats.as_mut().expect("just set").0)
     }
@@ -110,13 +108,13 @@ impl<'o> Calibration<'o> {
 /// matrices of every quantizable product's activations; records what it used.
 fn calibrate(
     m: &mut Module,
-    q: &QuantOptions,
     samples: &calib::Samples,
     opts: &ConvertOptions,
     records: &mut Vec<PassRecord>,
 ) -> Result<(Grams, calib::Reference)> {
-    let path = q.calib.as_deref().ok_or_else(|| {
-        anyhow::anyhow!("--method {} needs --calib FILE (text lines or a folder of .npy inputs)", q.method.name())
+    let path = opts.calib().ok_or_else(|| {
+        let method = opts.quantize.as_ref().map_or("", |q| q.method.name());
+        anyhow::anyhow!("--method {method} needs --calib FILE (text lines or a folder of .npy inputs)")
     })?;
     let values = quantize::calibration_values(m);
     let total = samples.len() as u64;

@@ -241,11 +241,13 @@ pub fn calibration_values(m: &Module) -> Vec<ValueId> {
 /// every 2-D weight left float with the reason. `narrow`: q8 MatMul weights get codes within
 /// ±64 (`TensorEncoding::Q8PanelsNarrow`, for a target whose int8 kernels multiply those
 /// faster; recorded as the `q8_codes` parameter).
+/// `masks`: per tensor index, what the sweep prunes (see [`MaskRule`]; from `--prune`).
 pub fn quantize_weights(
     m: &Module,
     opts: &QuantOptions,
     narrow: bool,
     grams: Option<&HashMap<ValueId, crate::calib::Gram>>,
+    masks: &HashMap<usize, MaskRule>,
     progress: &crate::Progress,
 ) -> Result<(Vec<Option<Quantized>>, PassRecord)> {
     let keep: Vec<regex::Regex> = opts
@@ -299,13 +301,7 @@ pub fn quantize_weights(
         let gr = grams?;
         let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
         let a: Vec<ValueId> = values.iter().flat_map(|&v| acts_of(v)).collect();
-        let parts: Option<Vec<&crate::calib::Gram>> = a.iter().map(|v| gr.get(v)).collect();
-        let parts = parts.filter(|p| !p.is_empty() && p.iter().all(|g| g.k == k))?;
-        let mut h = parts[0].full();
-        for p in &parts[1..] {
-            h.iter_mut().zip(p.full()).for_each(|(a, b)| *a += b);
-        }
-        Some(h)
+        crate::calib::summed(gr, &a, k)
     };
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
         progress.report("quantizing", t as u64, m.tensors.len() as u64);
@@ -355,7 +351,11 @@ pub fn quantize_weights(
         let w: Vec<f32> = tensor.as_f32().context("reading a weight")?.to_vec();
         let wt = if transposed { transpose(&w, shape[0], shape[1]) } else { w };
         let hessian = hessian_of(t, k);
-        let q = quantize_one(opts.format, opts.method, transposed, narrow, &wt, rows, k, hessian.as_deref());
+        let mask = masks.get(&t).copied();
+        let q = quantize_one(opts.format, opts.method, transposed, narrow, &wt, rows, k, hessian.as_deref(), mask);
+        if matches!(mask, Some(MaskRule::Fraction(_) | MaskRule::NofM { .. })) && !q.gptq {
+            bail!("{name}: SparseGPT could not factor its calibration Hessian (prune it with --prune wanda instead)");
+        }
         let sensitivity = hessian.as_deref().map(|h| output_error(&wt, &q.approx, rows, k, h));
         let enc_len = q.encoding.byte_len(DType::F32, &[shape[0] as u64, shape[1] as u64]);
         if enc_len != Some(q.bytes.len() as u64) {
@@ -367,7 +367,14 @@ pub fn quantize_weights(
     // Mixed precision: the `keep_sensitive` weights whose rounding changes their product's output
     // most (relative output error on the calibration activations) go one step up: q4 → q8,
     // q8 / f16 → f32.
-    let mut ranked: Vec<&Done> = done.iter().filter(|d| d.sensitivity.is_some()).collect();
+    // (A weight SparseGPT prunes in this pass's sweep is not sent back to f32: that would undo
+    // its pruning.)
+    let chooses = |t: usize| matches!(masks.get(&t), Some(MaskRule::Fraction(_) | MaskRule::NofM { .. }));
+    let mut ranked: Vec<&Done> = done
+        .iter()
+        .filter(|d| d.sensitivity.is_some())
+        .filter(|d| matches!(opts.format, QuantFormat::Q4 { .. }) || !chooses(d.t))
+        .collect();
     ranked.sort_by(|a, b| b.sensitivity.partial_cmp(&a.sensitivity).unwrap_or(std::cmp::Ordering::Equal));
     if opts.keep_sensitive > 0 && ranked.is_empty() {
         bail!("--keep-sensitive needs --calib (sensitivity is measured on calibration activations)");
@@ -389,6 +396,7 @@ pub fn quantize_weights(
                     d.rows,
                     d.k,
                     hessian_of(d.t, d.k).as_deref(),
+                    masks.get(&d.t).copied(),
                 );
                 out[d.t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes });
                 upgraded.push((d.t, format!("{name}: q8 (sensitivity {:.2e})", d.sensitivity.unwrap_or(0.0))));
@@ -420,6 +428,10 @@ pub fn quantize_weights(
             ("weight_rel_rmse_mean".into(), err_mean),
             ("matrices_kept_float".into(), kept.len() as f64),
             ("upgraded_sensitive".into(), upgraded.len() as f64),
+            (
+                "tensors_sparse".into(),
+                out.iter().flatten().filter(|q| matches!(q.encoding, TensorEncoding::Q8Sparse { .. })).count() as f64,
+            ),
         ],
     };
     // The sensitivity report: every measured weight, most sensitive first.
@@ -469,7 +481,9 @@ pub(crate) fn fits(format: QuantFormat, k: usize) -> bool {
 }
 
 /// Quantizes `rows × k` weights (stored orientation) in `format`: GPTQ when asked and a Hessian
-/// is known (and it factors), else round to nearest.
+/// is known (and it factors), else round to nearest. A `mask` that chooses (SparseGPT's joint
+/// pruning) always runs the sweep; [`MaskRule::Keep`] keeps an earlier pass's zeros through GPTQ
+/// (rounding to nearest keeps them by itself: zero is on every symmetric grid).
 #[allow(clippy::too_many_arguments)]
 fn quantize_one(
     format: QuantFormat,
@@ -480,12 +494,20 @@ fn quantize_one(
     rows: usize,
     k: usize,
     h: Option<&[f64]>,
+    mask: Option<MaskRule>,
 ) -> One {
+    let chooses = matches!(mask, Some(MaskRule::Fraction(_) | MaskRule::NofM { .. }));
     let g = h
-        .filter(|_| method == Method::Gptq && format != QuantFormat::F16)
-        .and_then(|h| gptq(format, transposed, narrow, wt, rows, k, h));
+        .filter(|_| (method == Method::Gptq || chooses) && format != QuantFormat::F16)
+        .and_then(|h| gptq(format, transposed, narrow, wt, rows, k, h, mask));
     let gptq = g.is_some();
     let (encoding, bytes, approx) = g.unwrap_or_else(|| encode(format, transposed, narrow, wt, rows, k));
+    // A pruned q8 matrix goes sparse where that is smaller (only its nonzero codes, with masks).
+    if mask.is_some() {
+        if let Some(sparse) = sparse_q8(encoding, &bytes, rows, k) {
+            return One { encoding: sparse.0, bytes: sparse.1, approx, gptq };
+        }
+    }
     let (encoding, bytes) = match encoding {
         TensorEncoding::Q8 { transposed: true } => {
             let nr = Q8_PANEL as u32;
@@ -495,6 +517,18 @@ fn quantize_one(
         e => (e, bytes),
     };
     One { encoding, bytes, approx, gptq }
+}
+
+/// `TensorEncoding::Q8Sparse` for q8 bytes (by rows or by columns) when it takes fewer bytes
+/// than them (`None`: not q8, or not smaller).
+fn sparse_q8(enc: TensorEncoding, bytes: &[u8], rows: usize, k: usize) -> Option<(TensorEncoding, Vec<u8>)> {
+    let TensorEncoding::Q8 { transposed } = enc else { return None };
+    let shape = if transposed { [k, rows] } else { [rows, k] };
+    let Ok(Weights::Q8(w)) = Weights::parse(enc, DType::F32, &shape, bytes) else { return None };
+    let owned = q8::Q8Owned { n: rows, k, q: w.q[..rows * k].to_vec(), scales: w.scales[..rows].to_vec() };
+    let sparse = acorn::weights::Q8SparseOwned::from_q8(&owned);
+    let out = sparse.to_bytes();
+    (out.len() < bytes.len()).then_some((TensorEncoding::Q8Sparse { transposed, nnz: sparse.nnz() as u64 }, out))
 }
 
 /// Panel width of the q8 MatMul weights the converter writes: the AVX-512 VNNI tile's and the
@@ -521,13 +555,18 @@ pub(crate) fn q8_panel_bytes(q: &[i8], scales: &[f32], rows: usize, k: usize) ->
 /// calibration activations whose Gram matrix is `h`: `Σ_r e_r·H·e_rᵀ / Σ_r w_r·H·w_rᵀ` with
 /// `e = w − q`.
 fn output_error(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> f64 {
-    let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
-    let (num, den) = output_error_parts(w, q, rows, k, &hf, true);
+    let (num, den) = output_error_sums(w, q, rows, k, h);
     if den > 0.0 {
         num / den
     } else {
         0.0
     }
+}
+
+/// `(Σ_r e_r·H·e_rᵀ, Σ_r w_r·H·w_rᵀ)` of [`output_error`], to sum over several weights.
+pub(crate) fn output_error_sums(w: &[f32], q: &[f32], rows: usize, k: usize, h: &[f64]) -> (f64, f64) {
+    let hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+    output_error_parts(w, q, rows, k, &hf, true)
 }
 
 /// `Σ_r e_r·H·e_rᵀ` alone (see [`output_error`]), with `H` already in f32 (`hf`).
@@ -650,9 +689,11 @@ fn encode(
 /// quantized in order and each one's rounding error, scaled by the inverse Hessian's Cholesky
 /// factor, is pushed onto the columns not yet quantized, so the product `x·wᵀ` — not the
 /// weights — stays close. q4 group scales are chosen when their group starts, from the
-/// weights as updated by then. Returns the encoding's bytes and the dequantized weights, or
+/// weights as updated by then. With `mask`, the same sweep also prunes (SparseGPT, jointly with
+/// the rounding; see [`MaskRule`]). Returns the encoding's bytes and the dequantized weights, or
 /// `None` when the Hessian cannot be factored even with extra damping (the caller rounds).
 /// `narrow`: q8 MatMul weights rounded to codes within ±64 (`q8::NARROW_MAX`).
+#[allow(clippy::too_many_arguments)]
 pub fn gptq(
     format: QuantFormat,
     transposed: bool,
@@ -661,7 +702,50 @@ pub fn gptq(
     rows: usize,
     k: usize,
     h: &[f64],
+    mask: Option<MaskRule>,
 ) -> Option<(TensorEncoding, Vec<u8>, Vec<f32>)> {
+    let s = obs_sweep(Some(format), q8_max(narrow, transposed), w, rows, k, h, mask)?;
+    Some(assemble(format, transposed, rows, k, &s.codes, &s.scales, &s.mins))
+}
+
+/// Which weights an optimal-brain-surgeon sweep ([`obs_sweep`]) sets to zero, each removal's
+/// error pushed onto the inputs not yet visited (SparseGPT: Frantar & Alistarh, 2023). The cost
+/// of removing weight `j` is `w_j² / U_jj²` (`U`: the Cholesky factor of `H⁻¹`), with `w` as
+/// updated when its block starts. Masks are chosen per output row, so every row keeps the same
+/// share (what the sparse kernels want).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MaskRule {
+    /// The zeros the weights already have (pruned by an earlier pass) stay zero.
+    Keep,
+    /// In every block of [`OBS_BLOCK`] inputs, this share of each row's weights, cheapest first.
+    Fraction(f64),
+    /// In every group of `m` consecutive inputs, all but the `n` dearest (`n:m` sparsity).
+    NofM { n: usize, m: usize },
+}
+
+/// Inputs per block in which [`MaskRule::Fraction`] chooses its mask (SparseGPT's block size).
+pub const OBS_BLOCK: usize = 128;
+
+/// The outcome of [`obs_sweep`]: per row the codes and the group scales and minimums (empty
+/// without a format) and the weights as they end (dequantized, pruned ones zero).
+pub(crate) struct Sweep {
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub mins: Vec<f32>,
+    pub values: Vec<f32>,
+}
+
+/// The sweep of [`gptq`] with an optional rounding (`None`: the weights stay f32, only the
+/// mask's removals are compensated) and an optional mask. `None` when `h` cannot be factored.
+pub(crate) fn obs_sweep(
+    format: Option<QuantFormat>,
+    q8_max: i8,
+    w: &[f32],
+    rows: usize,
+    k: usize,
+    h: &[f64],
+    mask: Option<MaskRule>,
+) -> Option<Sweep> {
     use faer::linalg::solvers::DenseSolveCore;
     let mut w = w.to_vec();
     // Inputs that never varied carry no information: their weights are zeroed (as GPTQ does).
@@ -697,7 +781,7 @@ pub fn gptq(
     }
     let u = upper?;
     let group = match format {
-        QuantFormat::Q4 { group, .. } => group,
+        Some(QuantFormat::Q4 { group, .. }) => group,
         _ => k,
     };
     let groups = k / group;
@@ -716,73 +800,107 @@ pub fn gptq(
         {
             let u = &u;
             s.spawn(move || {
+                let mut pruned = vec![false; k];
                 for (((wr, cr), sr), mr) in
                     wc.chunks_mut(k).zip(cc.chunks_mut(k)).zip(sc.chunks_mut(groups)).zip(mc.chunks_mut(groups))
                 {
-                    gptq_row(format, q8_max(narrow, transposed), wr, cr, sr, mr, u, k, group);
+                    let row = ObsRow { format, q8_max, u, k, group, mask };
+                    row.run(wr, cr, sr, mr, &mut pruned);
                 }
             });
         }
     });
-    Some(assemble(format, transposed, rows, k, &codes, &scales, &mins))
+    if format.is_none() {
+        (codes, scales, mins) = (Vec::new(), Vec::new(), Vec::new());
+    }
+    Some(Sweep { codes, scales, mins, values: w })
 }
 
-/// One row of [`gptq`]: `w` is updated in place to the dequantized values.
-#[allow(clippy::too_many_arguments)]
-fn gptq_row(
-    format: QuantFormat,
+/// One row of [`obs_sweep`]: its settings.
+struct ObsRow<'a> {
+    format: Option<QuantFormat>,
     q8_max: i8,
-    w: &mut [f32],
-    codes: &mut [u8],
-    scales: &mut [f32],
-    mins: &mut [f32],
-    u: &[f32],
+    u: &'a [f32],
     k: usize,
     group: usize,
-) {
-    let q8_lim = f32::from(q8_max);
-    let q8_scale = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) / q8_lim;
-    let (mut d, mut m) = (0.0f32, 0.0f32);
-    for i in 0..k {
-        if i % group == 0 {
-            let g = &w[i..i + group];
-            (d, m) = match format {
-                QuantFormat::Q4 { min: false, .. } => {
-                    let ext = g.iter().copied().fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
-                    (f16_round(ext / -8.0), 0.0)
-                }
-                QuantFormat::Q4 { min: true, .. } => {
-                    let lo = g.iter().copied().fold(f32::INFINITY, f32::min);
-                    let hi = g.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    (f16_round((hi - lo) / 15.0), f16_round(lo))
-                }
-                _ => (q8_scale, 0.0),
-            };
-            scales[i / group] = d;
-            mins[i / group] = m;
+    mask: Option<MaskRule>,
+}
+
+impl ObsRow<'_> {
+    /// `w` is updated in place to the values it ends with; `pruned` (k flags) is scratch.
+    fn run(&self, w: &mut [f32], codes: &mut [u8], scales: &mut [f32], mins: &mut [f32], pruned: &mut [bool]) {
+        let (k, group, u) = (self.k, self.group, self.u);
+        let q8_lim = f32::from(self.q8_max);
+        let q8_scale = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) / q8_lim;
+        pruned.fill(false);
+        if self.mask == Some(MaskRule::Keep) {
+            pruned.iter_mut().zip(w.iter()).for_each(|(p, &v)| *p = v == 0.0);
         }
-        let x = w[i];
-        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let (code, dq) = match format {
-            QuantFormat::Q4 { min: false, .. } => {
-                let q = ((x * inv).round() + 8.0).clamp(0.0, 15.0);
-                (q as u8, (q - 8.0) * d)
+        let (mut d, mut m) = (0.0f32, 0.0f32);
+        for i in 0..k {
+            // The mask of the block (or n:m group) starting here, from the weights as they are now.
+            let choose = match self.mask {
+                Some(MaskRule::Fraction(f)) if i % OBS_BLOCK == 0 => {
+                    let end = (i + OBS_BLOCK).min(k);
+                    Some((end, ((end - i) as f64 * f).round() as usize))
+                }
+                Some(MaskRule::NofM { n, m }) if i % m == 0 => Some(((i + m).min(k), m.saturating_sub(n))),
+                _ => None,
+            };
+            if let Some((end, remove)) = choose {
+                let mut order: Vec<usize> = (i..end).collect();
+                let cost = |j: usize| w[j] * w[j] / (u[j * k + j] * u[j * k + j]);
+                order.sort_by(|&a, &b| cost(a).total_cmp(&cost(b)));
+                for &j in order.iter().take(remove) {
+                    pruned[j] = true;
+                }
             }
-            QuantFormat::Q4 { min: true, .. } => {
-                let q = ((x - m) * inv).round().clamp(0.0, 15.0);
-                (q as u8, q * d + m)
+            if i % group == 0 {
+                if let Some(format) = self.format {
+                    let g = &w[i..i + group];
+                    (d, m) = match format {
+                        QuantFormat::Q4 { min: false, .. } => {
+                            let ext = g.iter().copied().fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+                            (f16_round(ext / -8.0), 0.0)
+                        }
+                        QuantFormat::Q4 { min: true, .. } => {
+                            let lo = g.iter().copied().fold(f32::INFINITY, f32::min);
+                            let hi = g.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            (f16_round((hi - lo) / 15.0), f16_round(lo))
+                        }
+                        _ => (q8_scale, 0.0),
+                    };
+                    scales[i / group] = d;
+                    mins[i / group] = m;
+                }
             }
-            _ => {
-                let q = (x * inv).round().clamp(-q8_lim, q8_lim);
-                (q as i8 as u8, q * d)
+            let x = w[i];
+            // A pruned weight's target is zero; with minimums zero may not be on the grid, then
+            // it takes the nearest code (the sparse encodings store the mask instead).
+            let target = if pruned[i] { 0.0 } else { x };
+            let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (code, dq) = match self.format {
+                None => (0, target),
+                Some(QuantFormat::Q4 { min: false, .. }) => {
+                    let q = ((target * inv).round() + 8.0).clamp(0.0, 15.0);
+                    (q as u8, (q - 8.0) * d)
+                }
+                Some(QuantFormat::Q4 { min: true, .. }) => {
+                    let q = ((target - m) * inv).round().clamp(0.0, 15.0);
+                    (q as u8, q * d + m)
+                }
+                Some(_) => {
+                    let q = (target * inv).round().clamp(-q8_lim, q8_lim);
+                    (q as i8 as u8, q * d)
+                }
+            };
+            codes[i] = code;
+            let err = (x - dq) / u[i * k + i];
+            w[i] = dq;
+            let ui = &u[i * k + i + 1..(i + 1) * k];
+            for (wj, &uj) in w[i + 1..].iter_mut().zip(ui) {
+                *wj -= err * uj;
             }
-        };
-        codes[i] = code;
-        let err = (x - dq) / u[i * k + i];
-        w[i] = dq;
-        let ui = &u[i * k + i + 1..(i + 1) * k];
-        for (wj, &uj) in w[i + 1..].iter_mut().zip(ui) {
-            *wj -= err * uj;
         }
     }
 }

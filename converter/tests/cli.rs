@@ -64,6 +64,7 @@ fn every_command_has_help() {
         vec!["run", "--help"],
         vec!["inspect", "--help"],
         vec!["bench", "--help"],
+        vec!["classify", "--help"],
     ] {
         let o = acorn(&cmd);
         assert!(o.status.success(), "{cmd:?}");
@@ -383,4 +384,28 @@ fn convert_flags_list_their_values_and_keep_float_takes_one_pattern() {
         acorn(&["convert", onnx.to_str().unwrap(), "-o", model.to_str().unwrap(), "--quantize", "q8", "--symmetric"]);
     let (_, err) = text(&o);
     assert!(!o.status.success() && err.contains("--symmetric applies to --quantize q4 only"), "{err}");
+}
+
+/// The transfer-learning flags refuse what they cannot do, naming it (the whole path runs on real
+/// encoders in tests/tests/intents.rs and runtime/cli/tests/device_cli.rs).
+#[test]
+fn train_flags_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = write_model(dir.path());
+    let out = dir.path().join("x.acorn");
+    let tsv = dir.path().join("t.tsv");
+    std::fs::write(&tsv, "a\tone\na\ttwo\nb\tthree\nb\tfour\n").unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["convert", onnx.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = acorn(&args);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        assert!(!out.exists(), "a failed conversion wrote {}", out.display());
+        text(&o).1
+    };
+    assert!(run(&["--exits", "all"]).contains("go with --train"));
+    assert!(run(&["--labels", "a,b"]).contains("go with --train"));
+    assert!(run(&["--train", tsv.to_str().unwrap()]).contains("--train needs --tokenizer"));
+    let o = acorn(&["classify", out.to_str().unwrap()]);
+    assert!(text(&o).1.contains("nothing to classify"), "{:?}", text(&o));
 }

@@ -28,6 +28,7 @@
 // The public surface: the items re-exported below, `llm` (generation) and `format` (what a file
 // holds, for tools that inspect it). The other modules are public for Acorn's own converter,
 // tests and benchmarks only: hidden from the documentation, no stability promise.
+pub mod classify;
 #[doc(hidden)]
 pub mod dtype;
 mod error;
@@ -36,6 +37,7 @@ pub mod exec;
 pub mod format;
 #[doc(hidden)]
 pub mod graph;
+pub mod head;
 #[doc(hidden)]
 pub mod kernels;
 #[cfg(feature = "llm")]
@@ -48,6 +50,6 @@ pub mod tensor;
 pub mod weights;
 
 pub use error::{Error, ErrorCode, OpError, OpResult, Result};
-pub use exec::{Model, OpTime, OpenOptions, Outputs, RunEnd, Session, SessionBuilder, StepDone, StepHook};
+pub use exec::{Model, OpTime, OpenOptions, Outputs, Resume, RunEnd, Session, SessionBuilder, StepDone, StepHook};
 pub use graph::{Dim, IoSpec};
 pub use tensor::{DType, Tensor, TensorData, View};

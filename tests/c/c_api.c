@@ -7,6 +7,9 @@
  *   c_api vad MODEL AUDIO.f32 OUT.f32                      speech probability per 32 ms chunk
  *   c_api generate MODEL PROMPT MAX_TOKENS OUT.txt         greedy token ids, one per line
  *   c_api errors MINILM_MODEL DAMAGED_MODEL                bad input of every kind
+ *   c_api intent CLASSIFIER OTHER_ENCODER HEAD_PATH OUT.txt  classify a fixed list of utterances
+ *     (with and without exits), learn a new intent on the device, save and reload its head
+ *     (OTHER_ENCODER: an encoder with other weights and no head)
  */
 #include <fcntl.h>
 #include <stdint.h>
@@ -344,12 +347,127 @@ static int errors(int argc, char **argv) {
   return failures ? 1 : 0;
 }
 
+static const char *UTTERANCES[] = {
+    "set a timer for twenty minutes", "what's the weather like in rome tomorrow",
+    "turn off the kitchen lights", "text sam that i'm running late", "what's the capital of peru",
+};
+
+/* Classification and on-device learning. OUT gets, per utterance, "label exit_layer layers"
+ * with exits and then without. */
+static int intent(int argc, char **argv) {
+  if (argc != 6) return 2;
+  AcornModel model, other;
+  OK(acorn_model_open(argv[2], &model));
+  OK(acorn_model_open(argv[3], &other));
+  AcornClassifier clf;
+  OK(acorn_classifier_new(model, 1, &clf));
+  size_t labels;
+  OK(acorn_classifier_label_count(clf, &labels));
+  CHECK(labels == 16, "%zu labels", labels);
+  const size_t n = sizeof UTTERANCES / sizeof *UTTERANCES;
+  AcornPrediction p[5];
+  FILE *out = fopen(argv[5], "w");
+  for (int pass = 0; pass < 2; pass++) {
+    OK(acorn_classifier_set_exits(clf, pass == 0));
+    OK(acorn_classify(clf, UTTERANCES, n, p));
+    for (size_t i = 0; i < n; i++) {
+      const char *label;
+      OK(acorn_classifier_label(clf, p[i].label, &label));
+      fprintf(out, "%s %u %u\n", label, p[i].exit_layer, p[i].layers);
+      printf("%-45s %-13s %.3f layer %u/%u\n", UTTERANCES[i], label, p[i].score, p[i].exit_layer, p[i].layers);
+    }
+  }
+  fclose(out);
+  /* Thresholds: one per exit, each in (0, 1]. */
+  float bad[1] = {0.5f}, zero[5] = {0, 0, 0, 0, 0};
+  FAILS(acorn_classifier_set_thresholds(clf, bad, 1), ACORN_STATUS_INPUT);
+  FAILS(acorn_classifier_set_thresholds(clf, zero, 5), ACORN_STATUS_INPUT);
+  FAILS(acorn_classifier_set_thresholds(clf, NULL, 5), ACORN_STATUS_NULL_ARGUMENT);
+  const char *label;
+  FAILS(acorn_classifier_label(clf, 99, &label), ACORN_STATUS_INVALID_ARGUMENT);
+  FAILS(acorn_classify(clf, NULL, 1, p), ACORN_STATUS_NULL_ARGUMENT);
+  const char *bad_utf8[1] = {"\xff\xfe"};
+  FAILS(acorn_classify(clf, bad_utf8, 1, p), ACORN_STATUS_INVALID_ARGUMENT);
+  AcornClassifier none_clf;
+  FAILS(acorn_classifier_new(other, 1, &none_clf), ACORN_STATUS_INPUT); /* a plain encoder: no head */
+
+  /* On-device learning: a new intent from five utterances, with two known ones. */
+  static const char *LEARN[][2] = {
+      {"tv_on", "turn on the tv"},        {"tv_on", "switch the television on"},
+      {"tv_on", "put the telly on"},      {"tv_on", "can you turn the tv on"},
+      {"tv_on", "power on the tv"},       {"weather", "is it going to rain today"},
+      {"weather", "what's the forecast"}, {"timer", "set a timer for ten minutes"},
+      {"timer", "start a five minute countdown"},
+  };
+  AcornEmbedder emb;
+  OK(acorn_embedder_new(model, 1, &emb));
+  size_t dim;
+  OK(acorn_embed(emb, "hello", NULL, 0, &dim));
+  CHECK(dim == 384, "embedding width %zu", dim);
+  float *x = malloc(dim * sizeof *x), small[4];
+  FAILS(acorn_embed(emb, "hello", small, 4, &dim), ACORN_STATUS_INVALID_ARGUMENT);
+  AcornTrainer trainer;
+  OK(acorn_trainer_new(&trainer));
+  for (size_t i = 0; i < sizeof LEARN / sizeof *LEARN; i++) {
+    OK(acorn_embed(emb, LEARN[i][1], x, dim, &dim));
+    OK(acorn_trainer_add(trainer, LEARN[i][0], x, dim));
+  }
+  FAILS(acorn_trainer_add(trainer, "", x, dim), ACORN_STATUS_INPUT);
+  FAILS(acorn_trainer_add(trainer, "short", x, 10), ACORN_STATUS_INPUT);
+  AcornHead head;
+  FAILS(acorn_trainer_fit(trainer, 7, &head), ACORN_STATUS_INVALID_ARGUMENT);
+  OK(acorn_trainer_fit(trainer, ACORN_HEAD_KIND_PROTOTYPE, &head));
+  int32_t l;
+  float score;
+  OK(acorn_embed(emb, "switch on the tv please", x, dim, &dim));
+  OK(acorn_head_predict(head, x, dim, 0.3f, &l, &score));
+  const int32_t l_saved = l;
+  const float score_saved = score;
+  CHECK(l >= 0, "unknown (%.3f)", score);
+  if (l >= 0) {
+    OK(acorn_head_label(head, (size_t)l, &label));
+    CHECK(strcmp(label, "tv_on") == 0, "predicted %s", label);
+    printf("learned on the device: 'switch on the tv please' -> %s %.3f\n", label, score);
+  }
+  /* Past any probability the head gives this utterance: unknown. */
+  OK(acorn_head_predict(head, x, dim, 1.0f, &l, &score));
+  CHECK(l == -1 || score >= 1.0f, "threshold 1.0 gave label %d at %.6f", l, score);
+  FAILS(acorn_head_predict(head, x, dim, 0.0f, &l, &score), ACORN_STATUS_INPUT);
+  FAILS(acorn_head_predict(head, x, dim, 1.5f, &l, &score), ACORN_STATUS_INPUT);
+  /* Saved with its encoder; another encoder refuses it. */
+  OK(acorn_head_save(head, model, argv[4]));
+  AcornHead loaded;
+  OK(acorn_head_load(model, argv[4], &loaded));
+  int32_t l2;
+  float score2;
+  OK(acorn_head_predict(loaded, x, dim, 0.3f, &l2, &score2));
+  CHECK(l2 == l_saved && score2 == score_saved, "reloaded head answers %d %.6f, saved one %d %.6f", l2, score2,
+        l_saved, score_saved);
+  FAILS(acorn_head_load(other, argv[4], &loaded), ACORN_STATUS_INPUT);
+  /* Handles of the wrong kind and after free. */
+  AcornHead not_a_head = {trainer.id};
+  FAILS(acorn_head_predict(not_a_head, x, dim, 0.5f, &l, &score), ACORN_STATUS_INVALID_HANDLE);
+  OK(acorn_head_free(head));
+  FAILS(acorn_head_free(head), ACORN_STATUS_INVALID_HANDLE);
+  OK(acorn_head_free(loaded));
+  OK(acorn_trainer_free(trainer));
+  OK(acorn_embedder_free(emb));
+  OK(acorn_classifier_free(clf));
+  FAILS(acorn_classify(clf, UTTERANCES, n, p), ACORN_STATUS_INVALID_HANDLE);
+  OK(acorn_model_free(model));
+  OK(acorn_model_free(other));
+  free(x);
+  printf("intent: %s\n", failures ? "FAILED" : "ok");
+  return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
   int rc = 2;
   if (argc >= 2 && strcmp(argv[1], "minilm") == 0) rc = minilm(argc, argv);
   if (argc >= 2 && strcmp(argv[1], "vad") == 0) rc = vad(argc, argv);
   if (argc >= 2 && strcmp(argv[1], "generate") == 0) rc = generate(argc, argv);
   if (argc >= 2 && strcmp(argv[1], "errors") == 0) rc = errors(argc, argv);
+  if (argc >= 2 && strcmp(argv[1], "intent") == 0) rc = intent(argc, argv);
   if (rc == 2) fprintf(stderr, "usage: see the top of c_api.c\n");
   return rc;
 }

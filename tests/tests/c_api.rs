@@ -30,29 +30,27 @@ fn static_lib() -> PathBuf {
 
 /// The C program built once per flavour: plain, and under AddressSanitizer.
 fn program(asan: bool) -> &'static Path {
-    static PLAIN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    static ASAN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    // Fixed paths under the target directory: a TempDir in a static is never dropped.
+    static PLAIN: OnceLock<PathBuf> = OnceLock::new();
+    static ASAN: OnceLock<PathBuf> = OnceLock::new();
     let cell = if asan { &ASAN } else { &PLAIN };
-    &cell
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let exe = dir.path().join("c_api");
-            let root = repo_root();
-            let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
-            cc.args(["-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-DACORN_PANIC_TEST", "-I"])
-                .arg(root.join("runtime/ffi/include"))
-                .arg(root.join("tests/c/c_api.c"))
-                .arg(static_lib())
-                .args(["-lpthread", "-ldl", "-lm", "-o"])
-                .arg(&exe);
-            if asan {
-                cc.args(["-fsanitize=address", "-fno-omit-frame-pointer"]);
-            }
-            let out = cc.output().expect("run the system C compiler (cc)");
-            assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
-            (dir, exe)
-        })
-        .1
+    cell.get_or_init(|| {
+        let exe = scratch().join(if asan { "c_api-asan" } else { "c_api" });
+        let root = repo_root();
+        let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+        cc.args(["-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-DACORN_PANIC_TEST", "-I"])
+            .arg(root.join("runtime/ffi/include"))
+            .arg(root.join("tests/c/c_api.c"))
+            .arg(static_lib())
+            .args(["-lpthread", "-ldl", "-lm", "-o"])
+            .arg(&exe);
+        if asan {
+            cc.args(["-fsanitize=address", "-fno-omit-frame-pointer"]);
+        }
+        let out = cc.output().expect("run the system C compiler (cc)");
+        assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        exe
+    })
 }
 
 /// Runs the C program; its stdout on success.
@@ -77,9 +75,20 @@ fn run_c(asan: bool, args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
 fn converted(onnx: &str, tokenizer: Option<&str>) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("model.acorn");
-    let opts = ConvertOptions { tokenizer: tokenizer.map(asset), ..ConvertOptions::default() };
-    convert(&asset(onnx), &out, &opts).unwrap_or_else(|e| panic!("convert {onnx}: {e:#} (assets: {FETCH})"));
+    convert_to(onnx, tokenizer, &out);
     (dir, out)
+}
+
+fn convert_to(onnx: &str, tokenizer: Option<&str>, out: &Path) {
+    let opts = ConvertOptions { tokenizer: tokenizer.map(asset), ..ConvertOptions::default() };
+    convert(&asset(onnx), out, &opts).unwrap_or_else(|e| panic!("convert {onnx}: {e:#} (assets: {FETCH})"));
+}
+
+/// This test binary's scratch directory under the target directory (kept between runs, bounded).
+fn scratch() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 fn f32s(bytes: &[u8]) -> Vec<u32> {
@@ -146,8 +155,13 @@ fn vad_from_c(asan: bool) {
 
 /// SmolLM2 with its tokenizer, converted once per test process.
 fn smollm2() -> &'static PathBuf {
-    static CONVERTED: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &CONVERTED.get_or_init(|| converted(SMOLLM2_ONNX, Some(SMOLLM2_TOKENIZER))).1
+    // A fixed path, replaced atomically each run (a TempDir in a static is never dropped).
+    static CONVERTED: OnceLock<PathBuf> = OnceLock::new();
+    CONVERTED.get_or_init(|| {
+        let out = scratch().join("c_api-smollm2.acorn");
+        convert_to(SMOLLM2_ONNX, Some(SMOLLM2_TOKENIZER), &out);
+        out
+    })
 }
 
 fn generation_from_c(asan: bool) {
@@ -176,6 +190,55 @@ fn errors_from_c(asan: bool) {
     let stdout = run_c(asan, &[&"errors", &model, &damaged]);
     assert!(stdout.contains("all bad input refused"), "{stdout}");
     assert!(stdout.contains("refused as expected: acorn_debug_panic()"), "the injected panic is a status: {stdout}");
+}
+
+/// The five utterances `c_api intent` classifies.
+const C_UTTERANCES: [&str; 5] = [
+    "set a timer for twenty minutes",
+    "what's the weather like in rome tomorrow",
+    "turn off the kitchen lights",
+    "text sam that i'm running late",
+    "what's the capital of peru",
+];
+
+fn intent_from_c(asan: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let clf = dir.path().join("intent.acorn");
+    let opts = ConvertOptions {
+        tokenizer: Some(asset(MINILM_TOKENIZER)),
+        train: Some(data("intents/train.tsv")),
+        train_options: acorn_converter::heads::TrainOptions { exits: Some("all".into()), ..Default::default() },
+        ..ConvertOptions::default()
+    };
+    convert(&asset(MINILM_L3), &clf, &opts).unwrap();
+    // Another encoder: the same network quantized (other weights, so other embeddings).
+    let other = dir.path().join("other.acorn");
+    let q8 = acorn_converter::quantize::QuantOptions {
+        format: acorn_converter::quantize::QuantFormat::Q8,
+        ..Default::default()
+    };
+    let opts =
+        ConvertOptions { tokenizer: Some(asset(MINILM_TOKENIZER)), quantize: Some(q8), ..ConvertOptions::default() };
+    convert(&asset(MINILM_L3), &other, &opts).unwrap();
+    let (head, outp) = (dir.path().join("mine.acornhead"), dir.path().join("out.txt"));
+    let stdout = run_c(asan, &[&"intent", &clf, &other, &head, &outp]);
+    assert!(stdout.contains("intent: ok"), "{stdout}");
+    // The same labels and exit layers as the Rust API, with exits and without.
+    let m = Model::open(&clf).unwrap();
+    let mut rust = acorn_text::TextClassifier::new(&m, 1).unwrap();
+    let mut want = String::new();
+    for exits in [true, false] {
+        rust.classifier().set_exits(exits);
+        for p in rust.classify(&C_UTTERANCES).unwrap() {
+            want += &format!("{} {} {}\n", rust.labels()[p.label], p.exit_layer, p.layers);
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&outp).unwrap(), want);
+}
+
+#[test]
+fn classification_and_on_device_learning_from_c() {
+    intent_from_c(false);
 }
 
 #[test]
@@ -211,6 +274,7 @@ fn c_api_under_address_sanitizer() {
     vad_from_c(true);
     errors_from_c(true);
     generation_from_c(true);
+    intent_from_c(true);
 }
 
 /// The README's C example (`examples/c/embed.c`) builds with the command it gives and runs.

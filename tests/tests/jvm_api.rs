@@ -21,7 +21,7 @@ const DEBIAN_REPO: &str = "/usr/share/maven-repo/org/jetbrains/kotlin/kotlin-mav
 const INSTALL: &str = "apt-get install maven kotlin junit5 libmaven-compiler-plugin-java \
                        libmaven-resources-plugin-java libmaven-jar-plugin-java libsurefire-java";
 /// The JUnit tests android/src/test holds; the run must report exactly this many.
-const JUNIT_TESTS: usize = 16;
+const JUNIT_TESTS: usize = 18;
 /// The README's Kotlin example, which the JUnit tests compile and run.
 const README_EXAMPLE: &str = "android/src/test/kotlin/example/ReadmeExample.kt";
 
@@ -91,6 +91,42 @@ fn write_fixtures(dir: &Path) -> String {
         "smollm2.model=smollm2.acorn\nsmollm2.prompt={prompt}\nsmollm2.prompt_ids={}\nsmollm2.expected={}",
         list(&prompt_ids),
         list(&want)
+    )
+    .unwrap();
+
+    // The intent classifier (MiniLM-L3 + head + exits) and what the Rust API answers.
+    let intent = dir.join("intent.acorn");
+    let opts = ConvertOptions {
+        tokenizer: Some(asset(MINILM_TOKENIZER)),
+        train: Some(data("intents/train.tsv")),
+        train_options: acorn_converter::heads::TrainOptions { exits: Some("all".into()), ..Default::default() },
+        ..ConvertOptions::default()
+    };
+    convert(&asset(MINILM_L3), &intent, &opts).unwrap();
+    let utterances = ["set a timer for twenty minutes", "turn off the kitchen lights", "what's the capital of peru"];
+    let m = Model::open(&intent).unwrap();
+    let mut clf = acorn_text::TextClassifier::new(&m, 1).unwrap();
+    let mut want = Vec::new();
+    for exits in [true, false] {
+        clf.classifier().set_exits(exits);
+        for p in clf.classify(&utterances).unwrap() {
+            want.push(format!("{}:{}:{}", clf.labels()[p.label], p.exit_layer, p.layers));
+        }
+    }
+    // Another encoder (the same network in q8: other weights) for the head-file refusal.
+    let q8 = acorn_converter::quantize::QuantOptions {
+        format: acorn_converter::quantize::QuantFormat::Q8,
+        ..Default::default()
+    };
+    let other = dir.join("other.acorn");
+    let opts =
+        ConvertOptions { tokenizer: Some(asset(MINILM_TOKENIZER)), quantize: Some(q8), ..ConvertOptions::default() };
+    convert(&asset(MINILM_L3), &other, &opts).unwrap();
+    writeln!(
+        props,
+        "intent.model=intent.acorn\nintent.other=other.acorn\nintent.utterances={}\nintent.expected={}",
+        utterances.join("|"),
+        want.join(",")
     )
     .unwrap();
     props

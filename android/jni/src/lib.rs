@@ -16,12 +16,16 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use acorn_ffi::{
-    acorn_generate, acorn_generate_tokens, acorn_generator_cancel, acorn_generator_free, acorn_generator_new,
-    acorn_generator_reset, acorn_last_error, acorn_model_free, acorn_model_input, acorn_model_input_count,
-    acorn_model_open, acorn_model_open_bytes, acorn_model_open_fd, acorn_model_output, acorn_model_output_count,
-    acorn_session_free, acorn_session_new, acorn_session_output, acorn_session_output_count, acorn_session_run,
-    acorn_version, AcornDtype, AcornGenerateOptions, AcornGenerateStats, AcornGenerator, AcornIoInfo, AcornModel,
-    AcornSession, AcornStatus, AcornTensor,
+    acorn_classifier_free, acorn_classifier_label, acorn_classifier_label_count, acorn_classifier_new,
+    acorn_classifier_set_exits, acorn_classifier_set_thresholds, acorn_classify, acorn_embed, acorn_embedder_free,
+    acorn_embedder_new, acorn_generate, acorn_generate_tokens, acorn_generator_cancel, acorn_generator_free,
+    acorn_generator_new, acorn_generator_reset, acorn_head_free, acorn_head_label, acorn_head_label_count,
+    acorn_head_load, acorn_head_predict, acorn_head_save, acorn_last_error, acorn_model_free, acorn_model_input,
+    acorn_model_input_count, acorn_model_open, acorn_model_open_bytes, acorn_model_open_fd, acorn_model_output,
+    acorn_model_output_count, acorn_session_free, acorn_session_new, acorn_session_output, acorn_session_output_count,
+    acorn_session_run, acorn_trainer_add, acorn_trainer_fit, acorn_trainer_free, acorn_trainer_new, acorn_version,
+    AcornClassifier, AcornDtype, AcornEmbedder, AcornGenerateOptions, AcornGenerateStats, AcornGenerator, AcornHead,
+    AcornIoInfo, AcornModel, AcornPrediction, AcornSession, AcornStatus, AcornTensor, AcornTrainer,
 };
 use jni::objects::{
     JByteArray, JByteBuffer, JClass, JDoubleArray, JFloatArray, JIntArray, JLongArray, JObject, JObjectArray,
@@ -735,5 +739,296 @@ pub extern "system" fn Java_dev_acorn_Native_generate<'l>(
         let a = env.new_double_array(s.len() as i32)?;
         env.set_double_array_region(&a, 0, &s)?;
         Ok(a.into_raw())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Classification and on-device learning
+
+/// A `String[]` of `n` labels read through `get(i)` (NUL-terminated C strings).
+fn label_array<'l>(env: &mut JNIEnv<'l>, n: usize, get: impl Fn(usize) -> Res<*const c_char>) -> Res<jobject> {
+    let arr = env.new_object_array(n as i32, "java/lang/String", JObject::null())?;
+    for i in 0..n {
+        // SAFETY: the C ABI returned a NUL-terminated string that lives as long as its object.
+        let s = unsafe { CStr::from_ptr(get(i)?) }.to_string_lossy().into_owned();
+        let js = env.new_string(s)?;
+        env.set_object_array_element(&arr, i as i32, js)?;
+    }
+    Ok(arr.into_raw())
+}
+
+fn floats_in(env: &mut JNIEnv, a: &JFloatArray, what: &str) -> Res<Vec<f32>> {
+    if a.is_null() {
+        return Err(Fail::Status(AcornStatus::NullArgument as i32, format!("{what} is null")));
+    }
+    let n = env.get_array_length(a)? as usize;
+    let mut v = vec![0f32; n];
+    env.get_float_array_region(a, 0, &mut v)?;
+    Ok(v)
+}
+
+fn floats_out(env: &mut JNIEnv, v: &[f32]) -> Res<jobject> {
+    let arr = env.new_float_array(v.len() as i32)?;
+    env.set_float_array_region(&arr, 0, v)?;
+    Ok(arr.into_raw())
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_classifierNew<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    model: jlong,
+    threads: jint,
+) -> jlong {
+    guard(&mut env, 0, |_| {
+        let mut c = AcornClassifier::default();
+        // SAFETY: `c` is writable.
+        check(unsafe {
+            acorn_classifier_new(AcornModel { id: handle(model) }, unsigned(threads, "threads")?, &mut c)
+        })?;
+        Ok(c.id as jlong)
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_classifierFree<'l>(mut env: JNIEnv<'l>, _: JClass<'l>, c: jlong) {
+    guard(&mut env, (), |_| check(acorn_classifier_free(AcornClassifier { id: handle(c) })))
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_classifierLabels<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    c: jlong,
+) -> jobject {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        let c = AcornClassifier { id: handle(c) };
+        let mut n = 0usize;
+        // SAFETY: `n` is writable.
+        check(unsafe { acorn_classifier_label_count(c, &mut n) })?;
+        label_array(env, n, |i| {
+            let mut p = std::ptr::null();
+            // SAFETY: `p` is writable.
+            check(unsafe { acorn_classifier_label(c, i, &mut p) })?;
+            Ok(p)
+        })
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_classifierSetExits<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    c: jlong,
+    on: jboolean,
+) {
+    guard(&mut env, (), |_| check(acorn_classifier_set_exits(AcornClassifier { id: handle(c) }, on as i32)))
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_classifierSetThresholds<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    c: jlong,
+    thresholds: JFloatArray<'l>,
+) {
+    guard(&mut env, (), |env| {
+        let t = floats_in(env, &thresholds, "thresholds")?;
+        // SAFETY: `t` is readable for its length.
+        check(unsafe { acorn_classifier_set_thresholds(AcornClassifier { id: handle(c) }, t.as_ptr(), t.len()) })
+    })
+}
+
+/// Four floats per utterance: label index, score, exit layer, layers.
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_classify<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    c: jlong,
+    texts: JObjectArray<'l>,
+) -> jobject {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        if texts.is_null() {
+            return Err(Fail::Status(AcornStatus::NullArgument as i32, "texts is null".into()));
+        }
+        let n = env.get_array_length(&texts)? as usize;
+        let mut owned = Vec::with_capacity(n);
+        for i in 0..n {
+            let o = env.get_object_array_element(&texts, i as i32)?;
+            let s = string(env, &JString::from(o), &format!("texts[{i}]"))?;
+            owned.push(cstring(s, &format!("texts[{i}]"))?);
+        }
+        let ptrs: Vec<*const c_char> = owned.iter().map(|s| s.as_ptr()).collect();
+        let mut out = vec![AcornPrediction::default(); n];
+        // SAFETY: `ptrs` holds `n` NUL-terminated strings alive for the call; `out` has `n` entries.
+        check(unsafe { acorn_classify(AcornClassifier { id: handle(c) }, ptrs.as_ptr(), n, out.as_mut_ptr()) })?;
+        let flat: Vec<f32> =
+            out.iter().flat_map(|p| [p.label as f32, p.score, p.exit_layer as f32, p.layers as f32]).collect();
+        floats_out(env, &flat)
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_embedderNew<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    model: jlong,
+    threads: jint,
+) -> jlong {
+    guard(&mut env, 0, |_| {
+        let mut e = AcornEmbedder::default();
+        // SAFETY: `e` is writable.
+        check(unsafe { acorn_embedder_new(AcornModel { id: handle(model) }, unsigned(threads, "threads")?, &mut e) })?;
+        Ok(e.id as jlong)
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_embedderFree<'l>(mut env: JNIEnv<'l>, _: JClass<'l>, e: jlong) {
+    guard(&mut env, (), |_| check(acorn_embedder_free(AcornEmbedder { id: handle(e) })))
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_embed<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    e: jlong,
+    text: JString<'l>,
+) -> jobject {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        let text = cstring(string(env, &text, "text")?, "text")?;
+        let e = AcornEmbedder { id: handle(e) };
+        let mut dim = 0usize;
+        // SAFETY: NUL-terminated text, NULL output (size query), writable `dim`.
+        check(unsafe { acorn_embed(e, text.as_ptr(), std::ptr::null_mut(), 0, &mut dim) })?;
+        let mut v = vec![0f32; dim];
+        // SAFETY: `v` has room for `dim` floats.
+        check(unsafe { acorn_embed(e, text.as_ptr(), v.as_mut_ptr(), v.len(), &mut dim) })?;
+        floats_out(env, &v)
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_trainerNew<'l>(mut env: JNIEnv<'l>, _: JClass<'l>) -> jlong {
+    guard(&mut env, 0, |_| {
+        let mut t = AcornTrainer::default();
+        // SAFETY: `t` is writable.
+        check(unsafe { acorn_trainer_new(&mut t) })?;
+        Ok(t.id as jlong)
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_trainerFree<'l>(mut env: JNIEnv<'l>, _: JClass<'l>, t: jlong) {
+    guard(&mut env, (), |_| check(acorn_trainer_free(AcornTrainer { id: handle(t) })))
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_trainerAdd<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    t: jlong,
+    label: JString<'l>,
+    embedding: JFloatArray<'l>,
+) {
+    guard(&mut env, (), |env| {
+        let label = cstring(string(env, &label, "label")?, "label")?;
+        let x = floats_in(env, &embedding, "embedding")?;
+        // SAFETY: NUL-terminated label; `x` readable for its length.
+        check(unsafe { acorn_trainer_add(AcornTrainer { id: handle(t) }, label.as_ptr(), x.as_ptr(), x.len()) })
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_trainerFit<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    t: jlong,
+    kind: jint,
+) -> jlong {
+    guard(&mut env, 0, |_| {
+        let mut h = AcornHead::default();
+        // SAFETY: `h` is writable.
+        check(unsafe { acorn_trainer_fit(AcornTrainer { id: handle(t) }, kind, &mut h) })?;
+        Ok(h.id as jlong)
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_headFree<'l>(mut env: JNIEnv<'l>, _: JClass<'l>, h: jlong) {
+    guard(&mut env, (), |_| check(acorn_head_free(AcornHead { id: handle(h) })))
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_headLabels<'l>(mut env: JNIEnv<'l>, _: JClass<'l>, h: jlong) -> jobject {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        let h = AcornHead { id: handle(h) };
+        let mut n = 0usize;
+        // SAFETY: `n` is writable.
+        check(unsafe { acorn_head_label_count(h, &mut n) })?;
+        label_array(env, n, |i| {
+            let mut p = std::ptr::null();
+            // SAFETY: `p` is writable.
+            check(unsafe { acorn_head_label(h, i, &mut p) })?;
+            Ok(p)
+        })
+    })
+}
+
+/// `[label index or −1, score]`.
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_headPredict<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    h: jlong,
+    embedding: JFloatArray<'l>,
+    unknown_threshold: jfloat,
+) -> jobject {
+    guard(&mut env, std::ptr::null_mut(), |env| {
+        let x = floats_in(env, &embedding, "embedding")?;
+        let (mut label, mut score) = (0i32, 0f32);
+        // SAFETY: `x` readable for its length; `label` and `score` writable.
+        check(unsafe {
+            acorn_head_predict(
+                AcornHead { id: handle(h) },
+                x.as_ptr(),
+                x.len(),
+                unknown_threshold,
+                &mut label,
+                &mut score,
+            )
+        })?;
+        floats_out(env, &[label as f32, score])
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_headSave<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    h: jlong,
+    model: jlong,
+    path: JString<'l>,
+) {
+    guard(&mut env, (), |env| {
+        let path = cstring(string(env, &path, "path")?, "path")?;
+        // SAFETY: a NUL-terminated path.
+        check(unsafe { acorn_head_save(AcornHead { id: handle(h) }, AcornModel { id: handle(model) }, path.as_ptr()) })
+    })
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_acorn_Native_headLoad<'l>(
+    mut env: JNIEnv<'l>,
+    _: JClass<'l>,
+    model: jlong,
+    path: JString<'l>,
+) -> jlong {
+    guard(&mut env, 0, |env| {
+        let path = cstring(string(env, &path, "path")?, "path")?;
+        let mut h = AcornHead::default();
+        // SAFETY: a NUL-terminated path; `h` writable.
+        check(unsafe { acorn_head_load(AcornModel { id: handle(model) }, path.as_ptr(), &mut h) })?;
+        Ok(h.id as jlong)
     })
 }

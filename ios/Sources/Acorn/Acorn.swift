@@ -310,3 +310,144 @@ public final class Generator {
     /// Empties the context: the next prompt starts a new conversation.
     public func reset() throws { try check(acorn_generator_reset(handle)) }
 }
+
+// MARK: - Classification and on-device learning
+
+/// One utterance's class: its label, the label's probability, and the 1-based encoder layer whose
+/// head answered (`layers` when the whole encoder ran).
+public struct Prediction: Equatable {
+    public let label: String
+    public let score: Float
+    public let exitLayer: Int
+    public let layers: Int
+}
+
+/// An intent classifier: a model `acorn convert --train` wrote (encoder, head, exits, tokenizer).
+public final class Classifier {
+    let handle: AcornClassifier
+    private let lock = NSLock()
+    /// The labels, in the head's order.
+    public let labels: [String]
+
+    public init(model: Model, threads: Int = 1) throws {
+        var c = AcornClassifier()
+        try check(acorn_classifier_new(model.handle, count(threads, "threads"), &c))
+        handle = c
+        var n = 0
+        try check(acorn_classifier_label_count(c, &n))
+        labels = try (0..<n).map { i in
+            var p: UnsafePointer<CChar>? = nil
+            try check(acorn_classifier_label(c, i, &p))
+            return String(cString: p!)
+        }
+    }
+
+    deinit { _ = acorn_classifier_free(handle) }
+
+    /// Whether runs may stop at an exit head (true by default).
+    public func setExits(_ on: Bool) throws { try check(acorn_classifier_set_exits(handle, on ? 1 : 0)) }
+
+    /// Replaces the exits' confidence thresholds (one per exit, each in (0, 1]).
+    public func setThresholds(_ t: [Float]) throws {
+        try t.withUnsafeBufferPointer { try check(acorn_classifier_set_thresholds(handle, $0.baseAddress, t.count)) }
+    }
+
+    /// Classifies utterances as one batch.
+    public func classify(_ texts: [String]) throws -> [Prediction] {
+        lock.lock()
+        defer { lock.unlock() }
+        let cStrings = texts.map { strdup($0) }
+        defer { cStrings.forEach { free($0) } }
+        var out = [AcornPrediction](repeating: AcornPrediction(), count: texts.count)
+        let ptrs: [UnsafePointer<CChar>?] = cStrings.map { UnsafePointer($0) }
+        try check(acorn_classify(handle, ptrs, texts.count, &out))
+        return out.map {
+            Prediction(label: labels[Int($0.label)], score: $0.score, exitLayer: Int($0.exit_layer), layers: Int($0.layers))
+        }
+    }
+}
+
+/// Sentence embeddings of text from an encoder with its tokenizer.
+public final class Embedder {
+    let handle: AcornEmbedder
+
+    public init(model: Model, threads: Int = 1) throws {
+        var e = AcornEmbedder()
+        try check(acorn_embedder_new(model.handle, count(threads, "threads"), &e))
+        handle = e
+    }
+
+    deinit { _ = acorn_embedder_free(handle) }
+
+    public func embed(_ text: String) throws -> [Float] {
+        var dim = 0
+        try check(acorn_embed(handle, text, nil, 0, &dim))
+        var v = [Float](repeating: 0, count: dim)
+        try check(acorn_embed(handle, text, &v, dim, &dim))
+        return v
+    }
+}
+
+/// How `HeadTrainer.fit` fits a head.
+public enum HeadKind: Int32 {
+    case prototype = 1, softmax = 2
+}
+
+/// Labelled embeddings collected on the device: teaches an encoder new intents, no converter.
+public final class HeadTrainer {
+    let handle: AcornTrainer
+
+    public init() throws {
+        var t = AcornTrainer()
+        try check(acorn_trainer_new(&t))
+        handle = t
+    }
+
+    deinit { _ = acorn_trainer_free(handle) }
+
+    public func add(_ label: String, _ embedding: [Float]) throws {
+        try check(acorn_trainer_add(handle, label, embedding, embedding.count))
+    }
+
+    public func fit(_ kind: HeadKind = .prototype) throws -> Head {
+        var h = AcornHead()
+        try check(acorn_trainer_fit(handle, kind.rawValue, &h))
+        return try Head(handle: h)
+    }
+}
+
+/// A classification head over an encoder's embeddings.
+public final class Head {
+    let handle: AcornHead
+    public let labels: [String]
+
+    init(handle: AcornHead) throws {
+        self.handle = handle
+        var n = 0
+        try check(acorn_head_label_count(handle, &n))
+        labels = try (0..<n).map { i in
+            var p: UnsafePointer<CChar>? = nil
+            try check(acorn_head_label(handle, i, &p))
+            return String(cString: p!)
+        }
+    }
+
+    deinit { _ = acorn_head_free(handle) }
+
+    /// The label of `embedding` (nil below `unknownThreshold`, in (0, 1]) and its probability.
+    public func predict(_ embedding: [Float], unknownThreshold: Float = 1e-9) throws -> (label: String?, score: Float) {
+        var l: Int32 = 0
+        var score: Float = 0
+        try check(acorn_head_predict(handle, embedding, embedding.count, unknownThreshold, &l, &score))
+        return (l < 0 ? nil : labels[Int(l)], score)
+    }
+
+    /// Saves the head for `model`'s encoder; `load` refuses it for any other encoder.
+    public func save(path: String, model: Model) throws { try check(acorn_head_save(handle, model.handle, path)) }
+
+    public static func load(path: String, model: Model) throws -> Head {
+        var h = AcornHead()
+        try check(acorn_head_load(model.handle, path, &h))
+        return try Head(handle: h)
+    }
+}

@@ -1,4 +1,4 @@
-//! The device-side command line: `run`, `inspect`, `bench`, `generate` and `perplexity` on
+//! The device-side command line: `run`, `inspect`, `bench`, `classify`, `generate` and `perplexity` on
 //! `.acorn` files, with the runtime and `acorn-text` only (no converter, no tract, no ONNX
 //! Runtime), so it cross-builds for phones and boards. The binary is `acorn-rt`; the converter's
 //! `acorn` CLI embeds the same commands beside `convert`.
@@ -89,6 +89,29 @@ pub enum Command {
         /// Use this tokenizer.json instead of the embedded one.
         #[arg(long, value_name = "FILE")]
         tokenizer: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Classify utterances with a model that has a head (`acorn convert --train`): one line per
+    /// utterance, or with --json one object per line: {"text", "label", "score", "exit_layer",
+    /// "layers", "ms"}.
+    Classify {
+        model: PathBuf,
+        /// An utterance (repeat for several).
+        #[arg(long, value_name = "TEXT", action = clap::ArgAction::Append)]
+        text: Vec<String>,
+        /// A file of utterances, one per line (blank lines skipped).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Always run the whole encoder (no early exit).
+        #[arg(long)]
+        no_exit: bool,
+        /// Utterances per run (padded to the longest of them).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// One JSON object per utterance instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -194,6 +217,9 @@ pub fn dispatch(cmd: Command) -> Result<ExitCode> {
         }
         Command::Run { model, inputs, output_dir, json, common } => {
             cmd_run(&model, &inputs, &output_dir, json, &common)
+        }
+        Command::Classify { model, text, file, no_exit, batch, json, common } => {
+            cmd_classify(&model, text, file.as_deref(), no_exit, batch, json, &common)
         }
         Command::Inspect { model, json } => cmd_inspect(&model, json),
         Command::Bench { model, inputs, runs, warmup, json, profile, common } => {
@@ -646,6 +672,51 @@ fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<
             stats.decode_tokens_per_s(),
             if gen.cache_is_bound() { "in the runtime" } else { "through the graph" }
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_classify(
+    model_path: &Path,
+    mut texts: Vec<String>,
+    file: Option<&Path>,
+    no_exit: bool,
+    batch: usize,
+    json: bool,
+    common: &Common,
+) -> Result<ExitCode> {
+    if let Some(f) = file {
+        let body = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        texts.extend(body.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+    }
+    if texts.is_empty() {
+        bail!("nothing to classify: give --text TEXT or --file LINES.txt");
+    }
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let model = open(model_path, common.verify)?;
+    let mut clf = acorn_text::TextClassifier::new(&model, common.threads)?;
+    clf.classifier().set_exits(!no_exit);
+    for chunk in texts.chunks(batch) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let t0 = Instant::now();
+        let preds = clf.classify(&refs)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+        for (t, p) in chunk.iter().zip(preds) {
+            let label = &clf.labels()[p.label];
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({
+                        "text": t, "label": label, "score": p.score, "exit_layer": p.exit_layer,
+                        "layers": p.layers, "ms": ms,
+                    })
+                );
+            } else {
+                out!("{label:<14} {:.3}  layer {}/{}  {ms:6.2} ms  {t}", p.score, p.exit_layer, p.layers);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -136,19 +136,28 @@ fn vad_stream_on_the_device_matches_onnx_runtime() {
 
 /// SmolLM2 at q4, converted once per process.
 fn smollm2_q4() -> &'static PathBuf {
-    static CONVERTED: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &CONVERTED
-        .get_or_init(|| {
-            let quantize = QuantOptions::from_flags(&QuantFlags { format: Some("q4"), ..Default::default() }).unwrap();
-            let opts = ConvertOptions {
-                target: device_target(),
-                tokenizer: Some(asset(SMOLLM2_TOKENIZER)),
-                quantize,
-                ..Default::default()
-            };
-            converted(SMOLLM2_ONNX, opts)
-        })
-        .1
+    // A fixed path under the target directory, replaced atomically each run (a TempDir held in a
+    // static is never dropped). Named by target: the Arm and host runs convert differently.
+    static CONVERTED: OnceLock<PathBuf> = OnceLock::new();
+    CONVERTED.get_or_init(|| {
+        let quantize = QuantOptions::from_flags(&QuantFlags { format: Some("q4"), ..Default::default() }).unwrap();
+        let opts = ConvertOptions {
+            target: device_target(),
+            tokenizer: Some(asset(SMOLLM2_TOKENIZER)),
+            quantize,
+            ..Default::default()
+        };
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(dir).unwrap();
+        let target = match opts.target {
+            Target::Host => "host",
+            Target::Dense => "dense",
+            Target::Isa(_) => "arm",
+        };
+        let out = dir.join(format!("device-smollm2-q4-{target}.acorn"));
+        convert(&asset(SMOLLM2_ONNX), &out, &opts).unwrap_or_else(|e| panic!("convert: {e:#} (assets: {FETCH})"));
+        out
+    })
 }
 
 #[test]
@@ -166,4 +175,49 @@ fn smollm2_q4_generates_on_the_device() {
     let want: Vec<u32> = gen.generate(&ids, 8, &Sampling::greedy(), &[]).unwrap().map(|t| t.unwrap()).collect();
     assert_eq!(got, want, "device tokens {:?}", v["text"]);
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{}", v["text"]);
+}
+
+/// The intent classifier (MiniLM-L3 + head + exits) through `acorn-rt classify` on the first 48
+/// test utterances: the whole encoder gives the host Rust API's labels, the exits agree with it
+/// and stop early, and a bad threshold or a model without a head is an `error:` line.
+#[test]
+fn intent_classifier_on_the_device() {
+    let opts = ConvertOptions {
+        target: device_target(),
+        tokenizer: Some(asset(MINILM_TOKENIZER)),
+        train: Some(data("intents/train.tsv")),
+        train_options: acorn_converter::heads::TrainOptions { exits: Some("all".into()), ..Default::default() },
+        ..Default::default()
+    };
+    let (dir, model) = converted(MINILM_L3, opts);
+    let (_, texts) = read_labelled(&data("intents/test.tsv")).unwrap();
+    let texts = &texts[..48];
+    let lines = dir.path().join("lines.txt");
+    std::fs::write(&lines, texts.join("\n")).unwrap();
+    let parse = |out: &str| -> Vec<serde_json::Value> {
+        out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    };
+    let full = parse(&run_rt(&[&"classify", &model, &"--file", &lines, &"--json", &"--no-exit", &"--batch", &"8"]));
+    let fast = parse(&run_rt(&[&"classify", &model, &"--file", &lines, &"--json"]));
+    assert_eq!((full.len(), fast.len()), (48, 48));
+    let m = Model::open(&model).unwrap();
+    let mut host = acorn_text::TextClassifier::new(&m, 1).unwrap();
+    host.classifier().set_exits(false);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let want = host.classify(&refs).unwrap();
+    let label = |v: &serde_json::Value| v["label"].as_str().unwrap().to_string();
+    let same = full.iter().zip(&want).filter(|(a, b)| label(a) == host.labels()[b.label]).count();
+    assert!(same >= 47, "the device's full model gave the host's label on {same} of 48");
+    let agree = fast.iter().zip(&full).filter(|(a, b)| label(a) == label(b)).count();
+    assert!(agree >= 46, "exits agree with the full model on {agree} of 48");
+    let layers: u64 = fast.iter().map(|v| v["exit_layer"].as_u64().unwrap()).sum();
+    assert!(layers < 3 * 48, "no utterance stopped early ({layers} layers in all)");
+    assert!(fast.iter().all(|v| v["layers"] == 3 && v["text"].is_string() && v["score"].as_f64().unwrap() > 0.0));
+    // A plain encoder has no head: an error line, not a crash.
+    let (_d2, plain) = converted(MINILM_L3, ConvertOptions { target: device_target(), ..Default::default() });
+    let out =
+        acorn_rt().args(["classify".as_ref(), plain.as_os_str(), "--text".as_ref(), "hi".as_ref()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no classification head"), "{err}");
 }

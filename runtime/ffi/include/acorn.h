@@ -120,6 +120,25 @@ typedef int32_t AcornStopReason;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// How `acorn_trainer_fit` fits a head.
+enum AcornHeadKind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // Nearest prototype: instant, works from one example per label.
+  ACORN_HEAD_KIND_PROTOTYPE = 1,
+  // Softmax regression: a few milliseconds, more accurate with several examples per label.
+  ACORN_HEAD_KIND_SOFTMAX = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum AcornHeadKind AcornHeadKind;
+#else
+typedef int32_t AcornHeadKind;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // A loaded model (`acorn_model_open`). 0 is never a valid handle.
 typedef struct {
   // Opaque.
@@ -204,6 +223,44 @@ typedef struct {
   // An `AcornStopReason`.
   int32_t stop_reason;
 } AcornGenerateStats;
+
+// An intent classifier: a model `acorn convert --train` wrote, with its tokenizer
+// (`acorn_classifier_new`). 0 is never a valid handle.
+typedef struct {
+  // Opaque.
+  uint64_t id;
+} AcornClassifier;
+
+// One utterance's class (`acorn_classify`).
+typedef struct {
+  // Index of the label (`acorn_classifier_label`).
+  uint32_t label;
+  // Its probability.
+  float score;
+  // The 1-based encoder layer whose head answered (`layers` when the whole encoder ran).
+  uint32_t exit_layer;
+  // The encoder's layer count.
+  uint32_t layers;
+} AcornPrediction;
+
+// Sentence embeddings of text from an encoder with its tokenizer (`acorn_embedder_new`).
+typedef struct {
+  // Opaque.
+  uint64_t id;
+} AcornEmbedder;
+
+// Labelled embeddings collected on the device (`acorn_trainer_new`).
+typedef struct {
+  // Opaque.
+  uint64_t id;
+} AcornTrainer;
+
+// A classification head fitted on the device or loaded from a file (`acorn_trainer_fit`,
+// `acorn_head_load`).
+typedef struct {
+  // Opaque.
+  uint64_t id;
+} AcornHead;
 
 #ifdef __cplusplus
 extern "C" {
@@ -359,6 +416,139 @@ AcornStatus acorn_generate_tokens(AcornGenerator generator,
                                   AcornTokenCallback callback,
                                   void *user_data,
                                   AcornGenerateStats *stats);
+
+// A classifier over `model` (a file `acorn convert --train` wrote: encoder, head, exits and
+// tokenizer), `threads` workers (0 = 1).
+//
+// # Safety
+// `out` is NULL or writable.
+AcornStatus acorn_classifier_new(AcornModel model, uint32_t threads, AcornClassifier *out);
+
+// Frees a classifier.
+AcornStatus acorn_classifier_free(AcornClassifier classifier);
+
+// The number of labels (`*count`).
+//
+// # Safety
+// `count` is NULL or writable.
+AcornStatus acorn_classifier_label_count(AcornClassifier classifier, size_t *count);
+
+// Label `index` (`*label`: NUL-terminated UTF-8, valid until the classifier is freed).
+//
+// # Safety
+// `label` is NULL or writable.
+AcornStatus acorn_classifier_label(AcornClassifier classifier, size_t index, const char **label);
+
+// Whether runs may stop at an exit head (`on` nonzero, the default) or always run the whole
+// encoder (0).
+AcornStatus acorn_classifier_set_exits(AcornClassifier classifier, int32_t on);
+
+// Replaces the exits' confidence thresholds: `n` values in (0, 1], one per exit, in layer order.
+//
+// # Safety
+// `thresholds` is NULL or readable for `n` floats.
+AcornStatus acorn_classifier_set_thresholds(AcornClassifier classifier,
+                                            const float *thresholds,
+                                            size_t n);
+
+// Classifies `n` utterances (UTF-8 strings) as one batch; `out` receives `n` predictions.
+//
+// # Safety
+// `texts` is NULL or readable for `n` NUL-terminated strings; `out` NULL or writable for `n`
+// entries.
+AcornStatus acorn_classify(AcornClassifier classifier,
+                           const char *const *texts,
+                           size_t n,
+                           AcornPrediction *out);
+
+// An embedder over a sentence encoder `model` with its tokenizer (any `.acorn` encoder
+// converted with `--tokenizer`, or a classifier file), `threads` workers (0 = 1).
+//
+// # Safety
+// `out` is NULL or writable.
+AcornStatus acorn_embedder_new(AcornModel model, uint32_t threads, AcornEmbedder *out);
+
+// Frees an embedder.
+AcornStatus acorn_embedder_free(AcornEmbedder embedder);
+
+// The sentence embedding of `text` into `out` (room for `capacity` floats); `*dim` is its
+// width. With `out` NULL or too small, only `*dim` is written and the status is
+// `ACORN_STATUS_INVALID_ARGUMENT` for too small, OK for NULL (ask the size first).
+//
+// # Safety
+// `text` NULL or NUL-terminated; `out` NULL or writable for `capacity` floats; `dim` NULL or
+// writable.
+AcornStatus acorn_embed(AcornEmbedder embedder,
+                        const char *text,
+                        float *out,
+                        size_t capacity,
+                        size_t *dim);
+
+// An empty trainer.
+//
+// # Safety
+// `out` is NULL or writable.
+AcornStatus acorn_trainer_new(AcornTrainer *out);
+
+// Frees a trainer (heads fitted from it stay).
+AcornStatus acorn_trainer_free(AcornTrainer trainer);
+
+// Adds one example: `label` (UTF-8, not empty) and an embedding of `dim` floats (every example
+// the same width).
+//
+// # Safety
+// `label` NULL or NUL-terminated; `embedding` NULL or readable for `dim` floats.
+AcornStatus acorn_trainer_add(AcornTrainer trainer,
+                              const char *label,
+                              const float *embedding,
+                              size_t dim);
+
+// Fits a head on every example added (`kind`: an `AcornHeadKind`); `*out` is the new head.
+//
+// # Safety
+// `out` is NULL or writable.
+AcornStatus acorn_trainer_fit(AcornTrainer trainer, int32_t kind, AcornHead *out);
+
+// Frees a head.
+AcornStatus acorn_head_free(AcornHead head);
+
+// The number of labels (`*count`).
+//
+// # Safety
+// `count` is NULL or writable.
+AcornStatus acorn_head_label_count(AcornHead head, size_t *count);
+
+// Label `index` (`*label`: NUL-terminated UTF-8, valid until the head is freed).
+//
+// # Safety
+// `label` is NULL or writable.
+AcornStatus acorn_head_label(AcornHead head, size_t index, const char **label);
+
+// The head's answer for an embedding of `dim` floats: `*label` the label index, or -1 when its
+// probability `*score` is below `unknown_threshold` (in (0, 1]; pass a tiny value such as
+// 1e-9 to always get a label).
+//
+// # Safety
+// `embedding` NULL or readable for `dim` floats; `label` and `score` NULL or writable.
+AcornStatus acorn_head_predict(AcornHead head,
+                               const float *embedding,
+                               size_t dim,
+                               float unknown_threshold,
+                               int32_t *label,
+                               float *score);
+
+// Saves a head for `model`'s encoder to `path` (atomically); loading it checks the encoder.
+//
+// # Safety
+// `path` NULL or NUL-terminated.
+AcornStatus acorn_head_save(AcornHead head, AcornModel model, const char *path);
+
+// Loads a head saved for `model`'s encoder (refused, `ACORN_STATUS_INPUT`, when it was fitted on
+// another encoder); `*out` is the head.
+//
+// # Safety
+// `path` NULL or NUL-terminated; `out` NULL or writable.
+AcornStatus acorn_head_load(AcornModel model, const char *path, AcornHead *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -140,6 +140,64 @@ pub struct AcornSession {
     pub id: u64,
 }
 
+/// An intent classifier: a model `acorn convert --train` wrote, with its tokenizer
+/// (`acorn_classifier_new`). 0 is never a valid handle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AcornClassifier {
+    /// Opaque.
+    pub id: u64,
+}
+
+/// Sentence embeddings of text from an encoder with its tokenizer (`acorn_embedder_new`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AcornEmbedder {
+    /// Opaque.
+    pub id: u64,
+}
+
+/// Labelled embeddings collected on the device (`acorn_trainer_new`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AcornTrainer {
+    /// Opaque.
+    pub id: u64,
+}
+
+/// A classification head fitted on the device or loaded from a file (`acorn_trainer_fit`,
+/// `acorn_head_load`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AcornHead {
+    /// Opaque.
+    pub id: u64,
+}
+
+/// One utterance's class (`acorn_classify`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AcornPrediction {
+    /// Index of the label (`acorn_classifier_label`).
+    pub label: u32,
+    /// Its probability.
+    pub score: f32,
+    /// The 1-based encoder layer whose head answered (`layers` when the whole encoder ran).
+    pub exit_layer: u32,
+    /// The encoder's layer count.
+    pub layers: u32,
+}
+
+/// How `acorn_trainer_fit` fits a head.
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcornHeadKind {
+    /// Nearest prototype: instant, works from one example per label.
+    Prototype = 1,
+    /// Softmax regression: a few milliseconds, more accurate with several examples per label.
+    Softmax = 2,
+}
+
 /// A text generator over a decoder model with its KV cache (`acorn_generator_new`). 0 is never
 /// a valid handle.
 #[repr(C)]
@@ -369,6 +427,27 @@ enum Object {
     Session(Arc<Mutex<SessionState>>),
     #[cfg(feature = "text")]
     Generator(Arc<GenEntry>),
+    #[cfg(feature = "text")]
+    Classifier(Arc<Mutex<ClassifierState>>),
+    #[cfg(feature = "text")]
+    Embedder(Arc<Mutex<acorn_text::TextEmbedder>>),
+    Trainer(Arc<Mutex<acorn::head::Trainer>>),
+    Head(Arc<HeadEntry>),
+}
+
+#[cfg(feature = "text")]
+struct ClassifierState {
+    classifier: acorn_text::TextClassifier,
+    labels: Vec<CString>,
+}
+
+struct HeadEntry {
+    head: acorn::head::Head,
+    labels: Vec<CString>,
+}
+
+fn c_strings(list: &[String]) -> Vec<CString> {
+    list.iter().map(|l| CString::new(l.replace('\0', "")).unwrap_or_default()).collect()
 }
 
 struct Registry {
@@ -1084,5 +1163,495 @@ pub unsafe extern "C" fn acorn_generate_tokens(
             let _ = (generator, ids, opts, callback, user_data, stats);
             Err(Failure::new(AcornStatus::NoText, "this build of the library has no text generation (feature `text`)"))
         }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Classification and on-device learning
+
+#[cfg(feature = "text")]
+fn classifier_entry(c: AcornClassifier) -> Result<Arc<Mutex<ClassifierState>>, Failure> {
+    match lookup(c.id, "classifier")? {
+        Object::Classifier(e) => Ok(e),
+        _ => Err(Failure::new(AcornStatus::InvalidHandle, format!("handle {} is not a classifier", c.id))),
+    }
+}
+
+#[cfg(feature = "text")]
+fn embedder_entry(e: AcornEmbedder) -> Result<Arc<Mutex<acorn_text::TextEmbedder>>, Failure> {
+    match lookup(e.id, "embedder")? {
+        Object::Embedder(x) => Ok(x),
+        _ => Err(Failure::new(AcornStatus::InvalidHandle, format!("handle {} is not an embedder", e.id))),
+    }
+}
+
+fn trainer_entry(t: AcornTrainer) -> Result<Arc<Mutex<acorn::head::Trainer>>, Failure> {
+    match lookup(t.id, "trainer")? {
+        Object::Trainer(x) => Ok(x),
+        _ => Err(Failure::new(AcornStatus::InvalidHandle, format!("handle {} is not a trainer", t.id))),
+    }
+}
+
+fn head_entry(h: AcornHead) -> Result<Arc<HeadEntry>, Failure> {
+    match lookup(h.id, "head")? {
+        Object::Head(x) => Ok(x),
+        _ => Err(Failure::new(AcornStatus::InvalidHandle, format!("handle {} is not a head", h.id))),
+    }
+}
+
+#[cfg(not(feature = "text"))]
+fn no_text<T>() -> Result<T, Failure> {
+    Err(Failure::new(AcornStatus::NoText, "this build of the library has no text (feature `text`)"))
+}
+
+/// A classifier over `model` (a file `acorn convert --train` wrote: encoder, head, exits and
+/// tokenizer), `threads` workers (0 = 1).
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_classifier_new(
+    model: AcornModel,
+    threads: u32,
+    out: *mut AcornClassifier,
+) -> AcornStatus {
+    guard(|| {
+        non_null(out, "out")?;
+        let e = model_entry(model)?;
+        #[cfg(feature = "text")]
+        {
+            let classifier = acorn_text::TextClassifier::new(&e.model, threads.max(1) as usize)?;
+            let labels = c_strings(classifier.labels());
+            let id = insert(Object::Classifier(Arc::new(Mutex::new(ClassifierState { classifier, labels }))));
+            // SAFETY: checked non-NULL; writable (caller contract).
+            unsafe { put(out, AcornClassifier { id }, "out") }
+        }
+        #[cfg(not(feature = "text"))]
+        {
+            let _ = (e, threads);
+            no_text()
+        }
+    })
+}
+
+/// Frees a classifier.
+#[no_mangle]
+pub extern "C" fn acorn_classifier_free(classifier: AcornClassifier) -> AcornStatus {
+    guard(|| {
+        #[cfg(feature = "text")]
+        return remove(classifier.id, "classifier", |o| matches!(o, Object::Classifier(_)));
+        #[cfg(not(feature = "text"))]
+        Err(Failure::new(AcornStatus::InvalidHandle, format!("classifier handle {} is not live", classifier.id)))
+    })
+}
+
+/// The number of labels (`*count`).
+///
+/// # Safety
+/// `count` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_classifier_label_count(classifier: AcornClassifier, count: *mut usize) -> AcornStatus {
+    guard(|| {
+        #[cfg(feature = "text")]
+        {
+            let e = classifier_entry(classifier)?;
+            let n = try_lock(&e, "classifier")?.labels.len();
+            // SAFETY: the caller's contract.
+            unsafe { put(count, n, "count") }
+        }
+        #[cfg(not(feature = "text"))]
+        {
+            let _ = (classifier, count);
+            no_text()
+        }
+    })
+}
+
+/// Label `index` (`*label`: NUL-terminated UTF-8, valid until the classifier is freed).
+///
+/// # Safety
+/// `label` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_classifier_label(
+    classifier: AcornClassifier,
+    index: usize,
+    label: *mut *const c_char,
+) -> AcornStatus {
+    guard(|| {
+        #[cfg(feature = "text")]
+        {
+            let e = classifier_entry(classifier)?;
+            let st = try_lock(&e, "classifier")?;
+            let p = label_at(&st.labels, index)?;
+            // SAFETY: the caller's contract.
+            unsafe { put(label, p, "label") }
+        }
+        #[cfg(not(feature = "text"))]
+        {
+            let _ = (classifier, index, label);
+            no_text()
+        }
+    })
+}
+
+fn label_at(labels: &[CString], index: usize) -> Result<*const c_char, Failure> {
+    labels.get(index).map(|l| l.as_ptr()).ok_or_else(|| {
+        Failure::new(AcornStatus::InvalidArgument, format!("label index {index} is past the {} labels", labels.len()))
+    })
+}
+
+/// Whether runs may stop at an exit head (`on` nonzero, the default) or always run the whole
+/// encoder (0).
+#[no_mangle]
+pub extern "C" fn acorn_classifier_set_exits(classifier: AcornClassifier, on: i32) -> AcornStatus {
+    guard(|| {
+        #[cfg(feature = "text")]
+        {
+            let e = classifier_entry(classifier)?;
+            try_lock(&e, "classifier")?.classifier.classifier().set_exits(on != 0);
+            Ok(())
+        }
+        #[cfg(not(feature = "text"))]
+        {
+            let _ = (classifier, on);
+            no_text()
+        }
+    })
+}
+
+/// Replaces the exits' confidence thresholds: `n` values in (0, 1], one per exit, in layer order.
+///
+/// # Safety
+/// `thresholds` is NULL or readable for `n` floats.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_classifier_set_thresholds(
+    classifier: AcornClassifier,
+    thresholds: *const f32,
+    n: usize,
+) -> AcornStatus {
+    guard(|| {
+        if n > 0 {
+            non_null(thresholds, "thresholds")?;
+        }
+        #[cfg(feature = "text")]
+        {
+            let t: &[f32] = if n == 0 {
+                &[]
+            } else {
+                // SAFETY: readable for `n` floats (caller contract).
+                unsafe { std::slice::from_raw_parts(thresholds, n) }
+            };
+            let e = classifier_entry(classifier)?;
+            try_lock(&e, "classifier")?.classifier.classifier().set_thresholds(t)?;
+            Ok(())
+        }
+        #[cfg(not(feature = "text"))]
+        {
+            let _ = (classifier, thresholds);
+            no_text()
+        }
+    })
+}
+
+/// Classifies `n` utterances (UTF-8 strings) as one batch; `out` receives `n` predictions.
+///
+/// # Safety
+/// `texts` is NULL or readable for `n` NUL-terminated strings; `out` NULL or writable for `n`
+/// entries.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_classify(
+    classifier: AcornClassifier,
+    texts: *const *const c_char,
+    n: usize,
+    out: *mut AcornPrediction,
+) -> AcornStatus {
+    guard(|| {
+        non_null(texts, "texts")?;
+        non_null(out, "out")?;
+        #[cfg(feature = "text")]
+        {
+            // SAFETY: readable for `n` pointers (caller contract).
+            let ptrs = unsafe { std::slice::from_raw_parts(texts, n) };
+            let list: Vec<&str> = ptrs
+                .iter()
+                .enumerate()
+                // SAFETY: each a NUL-terminated string (caller contract).
+                .map(|(i, &p)| unsafe { utf8(p, &format!("texts[{i}]")) })
+                .collect::<Result<_, _>>()?;
+            let e = classifier_entry(classifier)?;
+            let preds = try_lock(&e, "classifier")?.classifier.classify(&list)?;
+            for (i, p) in preds.iter().enumerate() {
+                let v = AcornPrediction {
+                    label: p.label as u32,
+                    score: p.score,
+                    exit_layer: p.exit_layer,
+                    layers: p.layers,
+                };
+                // SAFETY: writable for `n` entries (caller contract), i < n.
+                unsafe { out.add(i).write(v) };
+            }
+            Ok(())
+        }
+        #[cfg(not(feature = "text"))]
+        {
+            let _ = (classifier, n);
+            no_text()
+        }
+    })
+}
+
+/// An embedder over a sentence encoder `model` with its tokenizer (any `.acorn` encoder
+/// converted with `--tokenizer`, or a classifier file), `threads` workers (0 = 1).
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_embedder_new(model: AcornModel, threads: u32, out: *mut AcornEmbedder) -> AcornStatus {
+    guard(|| {
+        non_null(out, "out")?;
+        let e = model_entry(model)?;
+        #[cfg(feature = "text")]
+        {
+            let emb = acorn_text::TextEmbedder::new(&e.model, threads.max(1) as usize)?;
+            let id = insert(Object::Embedder(Arc::new(Mutex::new(emb))));
+            // SAFETY: checked non-NULL; writable (caller contract).
+            unsafe { put(out, AcornEmbedder { id }, "out") }
+        }
+        #[cfg(not(feature = "text"))]
+        {
+            let _ = (e, threads);
+            no_text()
+        }
+    })
+}
+
+/// Frees an embedder.
+#[no_mangle]
+pub extern "C" fn acorn_embedder_free(embedder: AcornEmbedder) -> AcornStatus {
+    guard(|| {
+        #[cfg(feature = "text")]
+        return remove(embedder.id, "embedder", |o| matches!(o, Object::Embedder(_)));
+        #[cfg(not(feature = "text"))]
+        Err(Failure::new(AcornStatus::InvalidHandle, format!("embedder handle {} is not live", embedder.id)))
+    })
+}
+
+/// The sentence embedding of `text` into `out` (room for `capacity` floats); `*dim` is its
+/// width. With `out` NULL or too small, only `*dim` is written and the status is
+/// `ACORN_STATUS_INVALID_ARGUMENT` for too small, OK for NULL (ask the size first).
+///
+/// # Safety
+/// `text` NULL or NUL-terminated; `out` NULL or writable for `capacity` floats; `dim` NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_embed(
+    embedder: AcornEmbedder,
+    text: *const c_char,
+    out: *mut f32,
+    capacity: usize,
+    dim: *mut usize,
+) -> AcornStatus {
+    guard(|| {
+        non_null(dim, "dim")?;
+        // SAFETY: the caller's contract.
+        let text = unsafe { utf8(text, "text") }?;
+        #[cfg(feature = "text")]
+        {
+            let e = embedder_entry(embedder)?;
+            let v = try_lock(&e, "embedder")?.embed(&[text])?.remove(0);
+            // SAFETY: checked non-NULL; writable (caller contract).
+            unsafe { put(dim, v.len(), "dim") }?;
+            if out.is_null() {
+                return Ok(());
+            }
+            if capacity < v.len() {
+                return Err(Failure::new(
+                    AcornStatus::InvalidArgument,
+                    format!("the embedding has {} values, the buffer room for {capacity}", v.len()),
+                ));
+            }
+            // SAFETY: writable for `capacity` ≥ len floats (caller contract).
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out, v.len()) };
+            Ok(())
+        }
+        #[cfg(not(feature = "text"))]
+        {
+            let _ = (embedder, text, out, capacity);
+            no_text()
+        }
+    })
+}
+
+/// An empty trainer.
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_trainer_new(out: *mut AcornTrainer) -> AcornStatus {
+    guard(|| {
+        non_null(out, "out")?;
+        let id = insert(Object::Trainer(Arc::new(Mutex::new(acorn::head::Trainer::new()))));
+        // SAFETY: checked non-NULL; writable (caller contract).
+        unsafe { put(out, AcornTrainer { id }, "out") }
+    })
+}
+
+/// Frees a trainer (heads fitted from it stay).
+#[no_mangle]
+pub extern "C" fn acorn_trainer_free(trainer: AcornTrainer) -> AcornStatus {
+    guard(|| remove(trainer.id, "trainer", |o| matches!(o, Object::Trainer(_))))
+}
+
+/// Adds one example: `label` (UTF-8, not empty) and an embedding of `dim` floats (every example
+/// the same width).
+///
+/// # Safety
+/// `label` NULL or NUL-terminated; `embedding` NULL or readable for `dim` floats.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_trainer_add(
+    trainer: AcornTrainer,
+    label: *const c_char,
+    embedding: *const f32,
+    dim: usize,
+) -> AcornStatus {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let label = unsafe { utf8(label, "label") }?;
+        non_null(embedding, "embedding")?;
+        // SAFETY: readable for `dim` floats (caller contract).
+        let x = unsafe { std::slice::from_raw_parts(embedding, dim) };
+        let e = trainer_entry(trainer)?;
+        try_lock(&e, "trainer")?.add(label, x)?;
+        Ok(())
+    })
+}
+
+fn register_head(head: acorn::head::Head) -> AcornHead {
+    let labels = c_strings(&head.labels);
+    AcornHead { id: insert(Object::Head(Arc::new(HeadEntry { head, labels }))) }
+}
+
+/// Fits a head on every example added (`kind`: an `AcornHeadKind`); `*out` is the new head.
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_trainer_fit(trainer: AcornTrainer, kind: i32, out: *mut AcornHead) -> AcornStatus {
+    guard(|| {
+        non_null(out, "out")?;
+        let kind = match kind {
+            1 => acorn::head::HeadKind::Prototype,
+            2 => acorn::head::HeadKind::Softmax,
+            k => {
+                return Err(Failure::new(
+                    AcornStatus::InvalidArgument,
+                    format!("unknown head kind {k} (see AcornHeadKind)"),
+                ))
+            }
+        };
+        let e = trainer_entry(trainer)?;
+        let head = try_lock(&e, "trainer")?.fit(kind)?;
+        // SAFETY: checked non-NULL; writable (caller contract).
+        unsafe { put(out, register_head(head), "out") }
+    })
+}
+
+/// Frees a head.
+#[no_mangle]
+pub extern "C" fn acorn_head_free(head: AcornHead) -> AcornStatus {
+    guard(|| remove(head.id, "head", |o| matches!(o, Object::Head(_))))
+}
+
+/// The number of labels (`*count`).
+///
+/// # Safety
+/// `count` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_head_label_count(head: AcornHead, count: *mut usize) -> AcornStatus {
+    guard(|| {
+        let e = head_entry(head)?;
+        // SAFETY: the caller's contract.
+        unsafe { put(count, e.labels.len(), "count") }
+    })
+}
+
+/// Label `index` (`*label`: NUL-terminated UTF-8, valid until the head is freed).
+///
+/// # Safety
+/// `label` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_head_label(head: AcornHead, index: usize, label: *mut *const c_char) -> AcornStatus {
+    guard(|| {
+        let e = head_entry(head)?;
+        let p = label_at(&e.labels, index)?;
+        // SAFETY: the caller's contract.
+        unsafe { put(label, p, "label") }
+    })
+}
+
+/// The head's answer for an embedding of `dim` floats: `*label` the label index, or -1 when its
+/// probability `*score` is below `unknown_threshold` (in (0, 1]; pass a tiny value such as
+/// 1e-9 to always get a label).
+///
+/// # Safety
+/// `embedding` NULL or readable for `dim` floats; `label` and `score` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_head_predict(
+    head: AcornHead,
+    embedding: *const f32,
+    dim: usize,
+    unknown_threshold: f32,
+    label: *mut i32,
+    score: *mut f32,
+) -> AcornStatus {
+    guard(|| {
+        non_null(embedding, "embedding")?;
+        non_null(label, "label")?;
+        non_null(score, "score")?;
+        // SAFETY: readable for `dim` floats (caller contract).
+        let x = unsafe { std::slice::from_raw_parts(embedding, dim) };
+        let e = head_entry(head)?;
+        let (l, p) = match e.head.predict_or_unknown(x, unknown_threshold)? {
+            acorn::head::Answer::Label(c, p) => (c as i32, p),
+            acorn::head::Answer::Unknown(_, p) => (-1, p),
+        };
+        // SAFETY: checked non-NULL; writable (caller contract).
+        unsafe {
+            put(label, l, "label")?;
+            put(score, p, "score")
+        }
+    })
+}
+
+/// Saves a head for `model`'s encoder to `path` (atomically); loading it checks the encoder.
+///
+/// # Safety
+/// `path` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_head_save(head: AcornHead, model: AcornModel, path: *const c_char) -> AcornStatus {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let path = unsafe { utf8(path, "path") }?;
+        let (h, m) = (head_entry(head)?, model_entry(model)?);
+        acorn::head::SavedHead::save(&h.head, &m.model, path)?;
+        Ok(())
+    })
+}
+
+/// Loads a head saved for `model`'s encoder (refused, `ACORN_STATUS_INPUT`, when it was fitted on
+/// another encoder); `*out` is the head.
+///
+/// # Safety
+/// `path` NULL or NUL-terminated; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn acorn_head_load(model: AcornModel, path: *const c_char, out: *mut AcornHead) -> AcornStatus {
+    guard(|| {
+        non_null(out, "out")?;
+        // SAFETY: the caller's contract.
+        let path = unsafe { utf8(path, "path") }?;
+        let m = model_entry(model)?;
+        let head = acorn::head::SavedHead::load(path, &m.model)?;
+        // SAFETY: checked non-NULL; writable (caller contract).
+        unsafe { put(out, register_head(head), "out") }
     })
 }

@@ -277,12 +277,182 @@ impl Generation {
     }
 }
 
+/// An intent classifier: a file `acorn.convert(..., train=...)` wrote (encoder, head, exits and
+/// tokenizer in one).
+#[pyclass(module = "acorn", frozen)]
+struct Classifier {
+    inner: Mutex<acorn_text::TextClassifier>,
+    labels: Vec<String>,
+}
+
+fn lock<'a, T>(m: &'a Mutex<T>, what: &str) -> PyResult<std::sync::MutexGuard<'a, T>> {
+    m.lock().map_err(|_| err(format!("the {what} was left unusable by an earlier error")))
+}
+
+#[pymethods]
+impl Classifier {
+    #[new]
+    #[pyo3(signature = (path, threads = 1))]
+    fn new(path: PathBuf, threads: usize) -> PyResult<Self> {
+        let model = RtModel::open(&path).map_err(err)?;
+        let inner = acorn_text::TextClassifier::new(&model, threads.max(1)).map_err(err)?;
+        let labels = inner.labels().to_vec();
+        Ok(Classifier { inner: Mutex::new(inner), labels })
+    }
+
+    /// The labels, in the head's order.
+    #[getter]
+    fn labels(&self) -> Vec<String> {
+        self.labels.clone()
+    }
+
+    /// The exits' confidence thresholds, in layer order.
+    #[getter]
+    fn thresholds(&self) -> PyResult<Vec<f32>> {
+        Ok(lock(&self.inner, "classifier")?.classifier().thresholds().to_vec())
+    }
+
+    /// Replaces the exits' thresholds (one per exit, each in (0, 1]).
+    fn set_thresholds(&self, thresholds: Vec<f32>) -> PyResult<()> {
+        lock(&self.inner, "classifier")?.classifier().set_thresholds(&thresholds).map_err(err)
+    }
+
+    /// Classifies utterances as one batch: a list of dicts {"label", "score", "exit_layer",
+    /// "layers"}. `exits=False` runs the whole encoder.
+    #[pyo3(signature = (texts, exits = true))]
+    fn classify<'py>(&self, py: Python<'py>, texts: Vec<String>, exits: bool) -> PyResult<Bound<'py, PyList>> {
+        let preds = py
+            .allow_threads(|| -> Result<_, String> {
+                let mut c = self.inner.lock().map_err(|_| "the classifier was left unusable by an earlier error")?;
+                c.classifier().set_exits(exits);
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                c.classify(&refs).map_err(|e| e.to_string())
+            })
+            .map_err(err)?;
+        let list = PyList::empty(py);
+        for p in preds {
+            let d = PyDict::new(py);
+            d.set_item("label", &self.labels[p.label])?;
+            d.set_item("score", p.score)?;
+            d.set_item("exit_layer", p.exit_layer)?;
+            d.set_item("layers", p.layers)?;
+            list.append(d)?;
+        }
+        Ok(list)
+    }
+}
+
+/// Sentence embeddings of text from an encoder with its tokenizer (for on-device learning).
+#[pyclass(module = "acorn", frozen)]
+struct Embedder {
+    inner: Mutex<acorn_text::TextEmbedder>,
+    model: RtModel,
+}
+
+#[pymethods]
+impl Embedder {
+    #[new]
+    #[pyo3(signature = (path, threads = 1))]
+    fn new(path: PathBuf, threads: usize) -> PyResult<Self> {
+        let model = RtModel::open(&path).map_err(err)?;
+        let inner = acorn_text::TextEmbedder::new(&model, threads.max(1)).map_err(err)?;
+        Ok(Embedder { inner: Mutex::new(inner), model })
+    }
+
+    /// One embedding per text: a float32 array [len(texts), dim].
+    fn embed<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Bound<'py, PyAny>> {
+        let rows = py
+            .allow_threads(|| -> Result<_, String> {
+                let mut e = self.inner.lock().map_err(|_| "the embedder was left unusable by an earlier error")?;
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                e.embed(&refs).map_err(|e| e.to_string())
+            })
+            .map_err(err)?;
+        let d = rows.first().map_or(0, Vec::len);
+        to_numpy(py, &Tensor::from_f32(vec![rows.len(), d], rows.concat()))
+    }
+}
+
+/// Labelled embeddings collected on the device; `fit` makes a `Head`.
+#[pyclass(module = "acorn", frozen)]
+struct HeadTrainer {
+    inner: Mutex<acorn::head::Trainer>,
+}
+
+#[pymethods]
+impl HeadTrainer {
+    #[new]
+    fn new() -> Self {
+        HeadTrainer { inner: Mutex::new(acorn::head::Trainer::new()) }
+    }
+
+    /// Adds one example: a label and an embedding (1-d float array or list).
+    fn add(&self, label: &str, embedding: Vec<f32>) -> PyResult<()> {
+        lock(&self.inner, "trainer")?.add(label, &embedding).map_err(err)
+    }
+
+    /// Fits a head on every example: `kind` "prototype" (instant) or "softmax".
+    #[pyo3(signature = (kind = "prototype"))]
+    fn fit(&self, kind: &str) -> PyResult<Head> {
+        let kind = match kind {
+            "prototype" => acorn::head::HeadKind::Prototype,
+            "softmax" => acorn::head::HeadKind::Softmax,
+            other => return Err(err(format!("kind '{other}': 'prototype' or 'softmax'"))),
+        };
+        Ok(Head { head: lock(&self.inner, "trainer")?.fit(kind).map_err(err)? })
+    }
+}
+
+/// A classification head over an encoder's embeddings.
+#[pyclass(module = "acorn", frozen)]
+struct Head {
+    head: acorn::head::Head,
+}
+
+#[pymethods]
+impl Head {
+    /// The labels, in order.
+    #[getter]
+    fn labels(&self) -> Vec<String> {
+        self.head.labels.clone()
+    }
+
+    /// (label, probability) for one embedding; with `unknown_threshold` (in (0, 1]) the label is
+    /// None when the probability is below it.
+    #[pyo3(signature = (embedding, unknown_threshold = None))]
+    fn predict(&self, embedding: Vec<f32>, unknown_threshold: Option<f32>) -> PyResult<(Option<String>, f32)> {
+        use acorn::head::Answer;
+        let (c, p, known) = match self
+            .head
+            .predict_or_unknown(&embedding, unknown_threshold.unwrap_or(f32::MIN_POSITIVE))
+            .map_err(err)?
+        {
+            Answer::Label(c, p) => (c, p, true),
+            Answer::Unknown(c, p) => (c, p, false),
+        };
+        Ok((known.then(|| self.head.labels[c].clone()), p))
+    }
+
+    /// Saves the head for the encoder in `embedder` (loading checks it is the same encoder).
+    fn save(&self, path: PathBuf, embedder: &Embedder) -> PyResult<()> {
+        acorn::head::SavedHead::save(&self.head, &embedder.model, path).map_err(err)
+    }
+
+    /// Loads a head saved for the encoder in `embedder`.
+    #[staticmethod]
+    fn load(path: PathBuf, embedder: &Embedder) -> PyResult<Head> {
+        Ok(Head { head: acorn::head::SavedHead::load(path, &embedder.model).map_err(err)? })
+    }
+}
+
 /// Converts an ONNX model into a `.acorn` file (what `acorn convert` does). Options as the CLI's
 /// flags: `quantize` ("q8", "q4", "f16"), `group`, `symmetric`, `method` ("rtn", "awq",
 /// "gptq"), `calib`, `keep_float` (list of patterns), `keep_sensitive`, `target`, `tokenizer`,
-/// `strict`, `threads`. Returns a summary dict (`file_bytes`, `nodes`, `passes`, `warnings`).
+/// `strict`, `threads`; transfer learning: `train` (a `label<TAB>utterance` file), `labels`,
+/// `fine_tune_layers`, `exits` ("all" or "2,3"), `exit_agreement`. Returns a summary dict
+/// (`file_bytes`, `nodes`, `passes`, `warnings`, and with `train` the head's `train_report`).
 #[pyfunction]
-#[pyo3(signature = (src, dst, *, quantize = None, group = 32, symmetric = false, method = "rtn", calib = None, keep_float = None, keep_sensitive = 0, target = "host", tokenizer = None, strict = false, threads = 0))]
+#[pyo3(signature = (src, dst, *, quantize = None, group = 32, symmetric = false, method = "rtn", calib = None, keep_float = None, keep_sensitive = 0, target = "host", tokenizer = None, strict = false, threads = 0, train = None, labels = None, fine_tune_layers = None, exits = None, exit_agreement = None))]
 #[allow(clippy::too_many_arguments)]
 fn convert<'py>(
     py: Python<'py>,
@@ -299,6 +469,11 @@ fn convert<'py>(
     tokenizer: Option<PathBuf>,
     strict: bool,
     threads: usize,
+    train: Option<PathBuf>,
+    labels: Option<Vec<String>>,
+    fine_tune_layers: Option<usize>,
+    exits: Option<String>,
+    exit_agreement: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     use acorn_converter::quantize::{QuantFlags, QuantOptions};
     let quantize = QuantOptions::from_flags(&QuantFlags {
@@ -318,6 +493,8 @@ fn convert<'py>(
         quantize,
         strict,
         threads,
+        train,
+        train_options: acorn_converter::heads::TrainOptions { labels, exits, exit_agreement, fine_tune_layers },
         ..Default::default()
     };
     let report = py.allow_threads(|| acorn_converter::convert(&src, &dst, &opts)).map_err(|e| err(format!("{e:#}")))?;
@@ -327,6 +504,13 @@ fn convert<'py>(
     d.set_item("weight_bytes", report.weight_bytes)?;
     d.set_item("passes", report.passes.iter().map(|p| p.name.clone()).collect::<Vec<_>>())?;
     d.set_item("warnings", report.warnings)?;
+    if let Some(rec) = report.passes.iter().find(|p| p.name == "train_head") {
+        let r = PyDict::new(py);
+        for (k, v) in &rec.report {
+            r.set_item(k, v)?;
+        }
+        d.set_item("train_report", r)?;
+    }
     Ok(d)
 }
 
@@ -337,6 +521,10 @@ fn acorn_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AcornError", m.py().get_type::<AcornError>())?;
     m.add_class::<Model>()?;
     m.add_class::<Generation>()?;
+    m.add_class::<Classifier>()?;
+    m.add_class::<Embedder>()?;
+    m.add_class::<HeadTrainer>()?;
+    m.add_class::<Head>()?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     Ok(())
 }

@@ -188,3 +188,68 @@ def test_errors_are_acorn_errors(converted, tmp_path):
         acorn.convert(str(MINILM), str(tmp_path / "x.acorn"), method="gptq")
     # The session still runs after every refusal.
     assert m.run({"input_ids": ids, "attention_mask": mask})["461"].shape == (2, 384)
+
+
+INTENTS = ROOT / "tests/data/intents"
+
+
+def labelled(path):
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def test_intent_classifier_with_exits(converted):
+    """Transfer learning with exits through the package, on the test split."""
+    path = converted("intent", MINILM, tokenizer=str(asset(MINILM_TOKENIZER)),
+                     train=str(INTENTS / "train.tsv"), exits="all")
+    clf = acorn.Classifier(str(path))
+    assert len(clf.labels) == 16 and clf.labels[0] == "set_timer"
+    assert len(clf.thresholds) == 2
+    gold, texts = labelled(INTENTS / "test.tsv")
+    fast = [p for i in range(0, len(texts), 16) for p in clf.classify(texts[i:i + 16])]
+    full = [p for i in range(0, len(texts), 16) for p in clf.classify(texts[i:i + 16], exits=False)]
+    assert all(p["exit_layer"] == p["layers"] == 3 for p in full)
+    accuracy = sum(p["label"] == g for p, g in zip(full, gold)) / len(gold)
+    agreement = sum(a["label"] == b["label"] for a, b in zip(fast, full)) / len(gold)
+    assert accuracy >= 0.90, accuracy
+    assert agreement >= 0.99, agreement
+    assert sum(p["exit_layer"] for p in fast) < 3 * len(fast)
+    with pytest.raises(acorn.AcornError, match=r"\(0, 1\]"):
+        clf.set_thresholds([0.0, 0.5])
+    with pytest.raises(acorn.AcornError, match="no classification head"):
+        acorn.Classifier(str(converted("minilm-tok", MINILM, tokenizer=str(asset(MINILM_TOKENIZER)))))
+
+
+def test_on_device_learning(converted, tmp_path):
+    """A new intent from five utterances with the runtime API only; its head saved and reloaded."""
+    emb = acorn.Embedder(str(converted("minilm-tok", MINILM, tokenizer=str(asset(MINILM_TOKENIZER)))))
+    trainer = acorn.HeadTrainer()
+    examples = {
+        "tv_on": ["turn on the tv", "switch the television on", "put the telly on", "can you turn the tv on",
+                  "power on the tv"],
+        "weather": ["is it going to rain today", "what's the forecast", "how cold is it outside"],
+        "timer": ["set a timer for ten minutes", "start a five minute countdown", "timer for an hour"],
+    }
+    for label, texts in examples.items():
+        for e in emb.embed(texts):
+            trainer.add(label, e)
+    head = trainer.fit("prototype")
+    x = emb.embed(["switch on the tv please"])[0]
+    label, score = head.predict(x)
+    assert label == "tv_on", (label, score)
+    assert head.predict(x, unknown_threshold=1.0)[0] is None
+    with pytest.raises(acorn.AcornError, match=r"\(0, 1\]"):
+        head.predict(x, unknown_threshold=1.5)
+    soft = trainer.fit("softmax")
+    assert soft.predict(x)[0] == "tv_on"
+    saved = tmp_path / "mine.acornhead"
+    head.save(str(saved), emb)
+    again = acorn.Head.load(str(saved), emb)
+    assert again.predict(x) == head.predict(x)
+    # The same network quantized: other weights, other embeddings.
+    other = acorn.Embedder(str(converted("minilm-q8-tok", MINILM, tokenizer=str(asset(MINILM_TOKENIZER)),
+                                         quantize="q8")))
+    with pytest.raises(acorn.AcornError, match="another encoder"):
+        acorn.Head.load(str(saved), other)
+    with pytest.raises(acorn.AcornError, match="empty"):
+        trainer.add("", x)

@@ -13,7 +13,7 @@ mod layout;
 pub(crate) mod plan;
 mod session;
 
-pub use session::{OpTime, Outputs, RunEnd, Session, SessionBuilder, StepDone, StepHook};
+pub use session::{OpTime, Outputs, Resume, RunEnd, Session, SessionBuilder, StepDone, StepHook};
 
 /// Bytes of memory this process can still take: the smaller of its cgroup's room (v2
 /// `memory.max − memory.current`, or v1 `memory.limit_in_bytes − memory.usage_in_bytes`) and the

@@ -221,6 +221,22 @@ pub enum RunEnd {
     },
 }
 
+/// Where [`Session::run_resumed`] starts: a value given instead of computed, and the steps
+/// (by node name) that do not run because only that value needed them.
+#[derive(Clone, Debug)]
+pub struct Resume<'a> {
+    /// The graph value supplied.
+    pub value: crate::graph::ValueId,
+    /// Its element type.
+    pub dtype: crate::tensor::DType,
+    /// Its shape (must be the one the plan infers for these inputs).
+    pub shape: &'a [usize],
+    /// Its bytes.
+    pub data: &'a [u8],
+    /// Names of the nodes not run.
+    pub skip: &'a [String],
+}
+
 /// What a run's step hook sees after each step ([`Session::run_until`]).
 #[derive(Debug)]
 pub struct StepDone<'a> {
@@ -365,7 +381,7 @@ impl Session {
     /// copied (what bindings pass; see [`View::dense`]).
     pub fn run_views(&mut self, inputs: &[(&str, View<'_>)]) -> Result<Outputs> {
         self.check_not_generating()?;
-        match self.run_inner(inputs, None, None)? {
+        match self.run_with(inputs, None, None, None)? {
             RunEnd::Finished(tensors) => Ok(Outputs { names: self.output_names.clone(), tensors }),
             RunEnd::Stopped { .. } => unreachable!("no hook, no stop"),
         }
@@ -376,7 +392,21 @@ impl Session {
     /// returned). Where an early-exit head decides that the rest of the network is not needed.
     pub fn run_until(&mut self, inputs: &[(&str, View<'_>)], hook: StepHook<'_>) -> Result<RunEnd> {
         self.check_not_generating()?;
-        self.run_inner(inputs, None, Some(hook))
+        self.run_with(inputs, None, Some(hook), None)
+    }
+
+    /// [`Session::run_until`] from the middle of the graph: the steps named in `resume.skip` do not
+    /// run, and `resume.value` gets `resume.data` where its producer would have written it. What
+    /// an early-exit classifier runs for the rows still undecided at an exit: their hidden state
+    /// at that layer goes in, the layers before it are not run again.
+    pub fn run_resumed(
+        &mut self,
+        inputs: &[(&str, View<'_>)],
+        resume: &Resume<'_>,
+        hook: StepHook<'_>,
+    ) -> Result<RunEnd> {
+        self.check_not_generating()?;
+        self.run_with(inputs, None, Some(hook), Some(resume))
     }
 
     fn check_not_generating(&self) -> Result<()> {
@@ -401,17 +431,18 @@ impl Session {
     #[cfg(feature = "llm")]
     pub(crate) fn run_kv(&mut self, inputs: &[(&str, &Tensor)], kv: &mut KvCache) -> Result<Vec<Tensor>> {
         let views: SmallVec<[(&str, View<'_>); 8]> = inputs.iter().map(|(n, t)| (*n, t.view())).collect();
-        match self.run_inner(&views, Some(kv), None)? {
+        match self.run_with(&views, Some(kv), None, None)? {
             RunEnd::Finished(outs) => Ok(outs),
             RunEnd::Stopped { .. } => unreachable!("no hook, no stop"),
         }
     }
 
-    fn run_inner(
+    fn run_with(
         &mut self,
         inputs: &[(&str, View<'_>)],
         mut kv: Option<&mut KvCache>,
         mut hook: Option<StepHook<'_>>,
+        resume: Option<&Resume<'_>>,
     ) -> Result<RunEnd> {
         let ordered = self.order_inputs(inputs)?;
         let i = self.plan_index(&ordered)?;
@@ -420,7 +451,31 @@ impl Session {
         let PlanState { plan, buffers, scratch } = &mut plans[i].1;
         let file = &model.file;
         let n_steps = plan.steps().len();
+        let mut injected = resume.is_none();
         for (index, step) in plan.steps().iter().enumerate() {
+            if let Some(r) = resume {
+                if step.outputs.contains(&r.value) {
+                    // The resumed value arrives where its producer ran; the producer's other
+                    // outputs must not be read later (the caller's skip set says so).
+                    let (dtype, shape) = plan.fact(r.value);
+                    let nbytes = dtype.size() * shape.iter().product::<usize>();
+                    if dtype != r.dtype || shape != r.shape || r.data.len() != nbytes {
+                        return Err(Error::Input(format!(
+                            "resumed value is {} {:?}, the plan has {dtype} {shape:?}",
+                            r.dtype, r.shape
+                        )));
+                    }
+                    let Slot::Buf(b) = plan.slot(r.value) else {
+                        return Err(Error::Input("the resumed value is not computed by the plan".into()));
+                    };
+                    bytemuck::cast_slice_mut::<u64, u8>(&mut buffers[b])[..nbytes].copy_from_slice(r.data);
+                    injected = true;
+                    continue;
+                }
+                if r.skip.iter().any(|n| n == &step.name) {
+                    continue;
+                }
+            }
             // Take the output buffers out of the pool (no allocation: Vec moves).
             let mut taken: SmallVec<[(usize, Vec<u64>); 4]> = SmallVec::new();
             for &o in &step.outputs {
@@ -479,6 +534,9 @@ impl Session {
                     return Ok(RunEnd::Stopped { after_step: index });
                 }
             }
+        }
+        if !injected {
+            return Err(Error::Input("the resumed value was never reached".into()));
         }
         let mut outs = Vec::with_capacity(plan.outputs().len());
         for &o in plan.outputs() {

@@ -103,8 +103,8 @@ pub struct Metadata {
     pub extensions: Vec<Extension>,
 }
 
-/// Extensions this runtime understands (none are required in version 1).
-pub const KNOWN_EXTENSIONS: &[&str] = &[];
+/// Extensions this runtime understands (files may mark these required).
+pub const KNOWN_EXTENSIONS: &[&str] = &[crate::classify::EXTENSION];
 
 pub(crate) fn align_up(x: u64) -> Option<u64> {
     let a = ALIGN as u64;

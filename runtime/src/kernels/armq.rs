@@ -538,3 +538,78 @@ q4_band!(
     "neon,dotprod",
     block_dot
 );
+
+/// Block `m`'s 32 weights of a sparse q8 row, expanded in two registers with NEON: per 16
+/// values, one 16-byte load from where the codes continue and a `tbl` whose control comes from
+/// a table indexed by the mask byte ([`super::quant::EXPAND_LUT`]; indices ≥ 16 give zero);
+/// `*p` moves past the codes read.
+///
+/// # Safety
+/// `*p` holds the block's codes and 16 readable bytes past them.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn expand_block_neon(m: u32, p: &mut *const i8) -> (int8x16_t, int8x16_t) {
+    let lut = &super::quant::EXPAND_LUT;
+    let mut halves = [vdupq_n_s8(0); 2];
+    for (h, out) in halves.iter_mut().enumerate() {
+        let bits = (m >> (16 * h)) as usize;
+        let (lo, hi) = (bits & 0xff, (bits >> 8) & 0xff);
+        let pc = (lo as u32).count_ones() as u64;
+        let ctl = vcombine_u8(vcreate_u8(lut[lo]), vcreate_u8(lut[hi] + pc * 0x0101_0101_0101_0101));
+        // SAFETY: 16 readable bytes at *p; advancing past this half's codes stays within the
+        // row plus its tail (caller contract).
+        unsafe {
+            *out = vqtbl1q_s8(vld1q_s8(*p), ctl);
+            *p = (*p).add((bits & 0xffff).count_ones() as usize);
+        }
+    }
+    (halves[0], halves[1])
+}
+
+/// Expands a sparse q8 row (`weights::q8sparse`) into `nb` dense blocks of 32 (products with
+/// several activation rows expand each weight row once).
+///
+/// # Safety
+/// `masks` holds `nb` masks; `codes` holds their popcount and 16 readable bytes past it (the
+/// values' zero tail); `out` holds `nb·32` bytes.
+#[target_feature(enable = "neon")]
+pub unsafe fn q8_expand_neon(masks: *const u32, codes: *const i8, nb: usize, out: *mut i8) {
+    let mut p = codes;
+    for b in 0..nb {
+        // SAFETY: block b's mask, codes and output are in bounds (caller contract).
+        unsafe {
+            let (w0, w1) = expand_block_neon(*masks.add(b), &mut p);
+            vst1q_s8(out.add(b * QK), w0);
+            vst1q_s8(out.add(b * QK + 16), w1);
+        }
+    }
+}
+
+macro_rules! q8s_row {
+    ($name:ident, $feat:literal, $dot:ident) => {
+        /// One sparse q8 row's dot product with one activation row: each block's codes expanded
+        /// in registers ([`expand_block_neon`]), multiplied as in the dense row kernel.
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `masks` holds `nb` masks, `codes` their popcount
+        /// and 16 readable bytes past it, `x` `nb·32` values, `xs` `nb` scales.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(masks: *const u32, codes: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32 {
+            let mut acc = vdupq_n_f32(0.0);
+            let mut p = codes;
+            for b in 0..nb {
+                // SAFETY: block b's mask, codes, activations and scale are in bounds (caller
+                // contract).
+                unsafe {
+                    let (w0, w1) = expand_block_neon(*masks.add(b), &mut p);
+                    let (x0, x1) = (vld1q_s8(x.add(b * QK)), vld1q_s8(x.add(b * QK + 16)));
+                    acc = vfmaq_n_f32(acc, vcvtq_f32_s32($dot(w0, x0, w1, x1)), *xs.add(b));
+                }
+            }
+            vaddvq_f32(acc)
+        }
+    };
+}
+
+q8s_row!(q8s_row_neon, "neon", dot32_neon);
+q8s_row!(q8s_row_dot, "neon,dotprod", dot32_sdot);

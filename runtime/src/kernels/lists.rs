@@ -117,6 +117,8 @@ pub fn all() -> Vec<(&'static str, &'static str, Isa, Activations)> {
     out.extend(rows("q4 row", super::quant::q4_rows()));
     out.extend(rows("q4 row, blocks of 32", super::quant::q4_sym32_rows()));
     out.extend(rows("q4 panel", super::quant::q4_panels()));
+    out.extend(rows("sparse q8 expansion", super::quant::q8_expands()));
+    out.extend(rows("sparse q8 row", super::quant::q8_sparse_rows()));
     out
 }
 

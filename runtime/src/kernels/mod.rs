@@ -366,6 +366,11 @@ pub fn product_kernels(isa: Isa, enc: crate::weights::TensorEncoding) -> (&'stat
             let block = block as usize;
             (quant::q4_kernel_name(isa, 1, block), quant::q4_kernel_name(isa, many, block))
         }
+        // One row: expanded in registers (four rows at a time where the set has that kernel);
+        // many: each weight row expanded once, then the q8 row kernel.
+        E::Q8Sparse { .. } => {
+            (quant::q8_sparse_rows4(isa).map_or(quant::q8_sparse_row(isa).0, |r| r.0), quant::q8_expand(isa).0)
+        }
     }
 }
 

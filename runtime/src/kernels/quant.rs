@@ -19,7 +19,7 @@ use crate::weights::q8::pack_panels_into as pack_q8_panels_into;
 use crate::weights::q8::MAX_Q8_PANEL;
 use crate::weights::Activations;
 pub use crate::weights::QK;
-use crate::weights::{Q4Weights, Q8Panels, Q8Weights};
+use crate::weights::{Q4Weights, Q8Panels, Q8SparseWeights, Q8Weights};
 
 /// Activations quantized per block of 32: values, scales, and per-block sums of the values.
 #[derive(Clone, Debug, Default)]
@@ -544,6 +544,255 @@ crate::kernel_list! {
         add("gemm_q4i8_1x32_neondot", Isa::NeonDot, Activations::Int8Blocks, super::armq::q4_panel_dot as Q4PanelFn);
         #[cfg(target_arch = "aarch64")]
         add("gemm_q4i8_1x32_neon", Isa::Neon, Activations::Int8Blocks, super::armq::q4_panel_neon);
+    }
+}
+
+/// Expands a sparse q8 row's codes into `nb` dense blocks of 32: `(masks, codes, nb, out)`.
+pub type Q8Expand = unsafe fn(masks: *const u32, codes: *const i8, nb: usize, out: *mut i8);
+
+/// Per mask byte, the `pshufb` / `tbl` control that expands the byte's codes: for each set bit
+/// its rank among the set bits below it, `0x80` (a zero) for each clear bit.
+pub static EXPAND_LUT: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (mut v, mut rank, mut i) = (0u64, 0u64, 0);
+        while i < 8 {
+            let byte = if (b >> i) & 1 == 1 {
+                rank += 1;
+                rank - 1
+            } else {
+                0x80
+            };
+            v |= byte << (8 * i);
+            i += 1;
+        }
+        t[b] = v;
+        b += 1;
+    }
+    t
+};
+
+/// # Safety
+/// `masks` holds `nb` masks, `codes` their popcount, `out` `nb·32` bytes.
+unsafe fn q8_expand_ref(masks: *const u32, codes: *const i8, nb: usize, out: *mut i8) {
+    // SAFETY: lengths are the caller's contract.
+    let masks = unsafe { std::slice::from_raw_parts(masks, nb) };
+    let count: usize = masks.iter().map(|m| m.count_ones() as usize).sum();
+    // SAFETY: as above.
+    let (codes, out) =
+        unsafe { (std::slice::from_raw_parts(codes, count), std::slice::from_raw_parts_mut(out, nb * QK)) };
+    crate::weights::q8sparse::expand_ref(masks, codes, out);
+}
+
+crate::kernel_list! {
+    /// Sparse q8 row expansion (the dot product is then the set's q8 row kernel). With AVX-512
+    /// VBMI2 (not implied by a level; detected), `gemv_q8si8_expand_avx512vbmi2` replaces the AVX2 entry.
+    pub fn q8_expands(add) -> Q8Expand {
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q8si8_expand_avx2", Isa::Avx2, Activations::Int8Blocks, super::x86q::q8_expand_avx2 as Q8Expand);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q8si8_expand_neon", Isa::Neon, Activations::Int8Blocks, super::armq::q8_expand_neon as Q8Expand);
+        add("gemv_q8si8_expand_ref", Isa::Reference, Activations::Int8Blocks, q8_expand_ref);
+    }
+}
+
+/// One sparse q8 row against one activation row: `(masks, codes, x, xs, nb)` (see
+/// `weights::q8sparse`; `codes` followed by 32 readable bytes).
+pub type Q8SparseRow = unsafe fn(masks: *const u32, codes: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32;
+
+/// # Safety
+/// `masks` holds `nb` masks, `codes` their popcount, `x` `nb·32` values, `xs` `nb` scales.
+unsafe fn q8s_row_ref(masks: *const u32, codes: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32 {
+    let mut w = vec![0i8; nb * QK];
+    // SAFETY: the caller's contract is the expansion's and the row kernel's.
+    unsafe {
+        q8_expand_ref(masks, codes, nb, w.as_mut_ptr());
+        q8_row_ref(w.as_ptr(), x, xs, nb)
+    }
+}
+
+crate::kernel_list! {
+    /// Sparse q8 row kernels (a decode step: the row expanded in registers and multiplied at
+    /// once). With AVX-512 VBMI2 (detected), `gemv_q8si8_avx512vbmi2` replaces the AVX2 entry.
+    pub fn q8_sparse_rows(add) -> Q8SparseRow {
+        #[cfg(target_arch = "x86_64")]
+        add("gemv_q8si8_avx2", Isa::Avx2, Activations::Int8Blocks, super::x86q::q8s_row_avx2 as Q8SparseRow);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q8si8_neondot", Isa::NeonDot, Activations::Int8Blocks, super::armq::q8s_row_dot as Q8SparseRow);
+        #[cfg(target_arch = "aarch64")]
+        add("gemv_q8si8_neon", Isa::Neon, Activations::Int8Blocks, super::armq::q8s_row_neon);
+        add("gemv_q8si8_ref", Isa::Reference, Activations::Int8Blocks, q8s_row_ref);
+    }
+}
+
+/// Four sparse q8 rows against one activation row (x86): `(masks, codes, x, xs, nb)`.
+/// The code pointers advance to where each row's codes end.
+pub type Q8SparseRows4 = unsafe fn([*const u32; 4], &mut [*const i8; 4], *const i8, *const f32, usize) -> [f32; 4];
+
+/// The four-row sparse kernel (a decode step's) of `isa` on this CPU, with its name, where it has
+/// one (elsewhere the one-row kernel of [`q8_sparse_row`] runs).
+pub fn q8_sparse_rows4(isa: Isa) -> Option<(&'static str, Q8SparseRows4)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let isa = if isa.supported() { isa } else { Isa::detect() };
+        if isa.includes(Isa::Avx512Vnni)
+            && std::is_x86_feature_detected!("avx512vbmi2")
+            && std::is_x86_feature_detected!("avx512dq")
+        {
+            return Some(("gemv_q8si8_4x64_avx512vbmi2", super::x86q::q8s_rows4_vbmi2_512));
+        }
+        if isa.includes(Isa::Avx2) {
+            return Some(("gemv_q8si8_4x32_avx2", super::x86q::q8s_rows4_avx2));
+        }
+    }
+    // Elsewhere the one-row kernels: no four-row kernel yet.
+    let _ = isa;
+    None
+}
+
+/// The sparse q8 row kernel `isa` runs on this CPU, with its name.
+pub fn q8_sparse_row(isa: Isa) -> (&'static str, Q8SparseRow) {
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    #[cfg(target_arch = "x86_64")]
+    if isa.includes(Isa::Avx512Vnni) && std::is_x86_feature_detected!("avx512vbmi2") {
+        return ("gemv_q8si8_avx512vbmi2", super::x86q::q8s_row_vbmi2);
+    }
+    let e = pick(q8_sparse_rows(), isa).expect("the reference kernel is in every list");
+    (e.name, e.kernel)
+}
+
+/// The expansion `isa` runs on this CPU, with its name.
+pub fn q8_expand(isa: Isa) -> (&'static str, Q8Expand) {
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    #[cfg(target_arch = "x86_64")]
+    if isa.includes(Isa::Avx512) && std::is_x86_feature_detected!("avx512vbmi2") {
+        return ("gemv_q8si8_expand_avx512vbmi2", super::x86q::q8_expand_vbmi2);
+    }
+    let e = pick(q8_expands(), isa).expect("the reference kernel is in every list");
+    (e.name, e.kernel)
+}
+
+/// The number of set bits in `masks` (the codes a sparse row stores), with the CPU's population
+/// count instruction where the build does not assume it.
+pub fn mask_count(masks: &[u32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the CPU has POPCNT (checked just above).
+        return unsafe { super::x86q::mask_count_popcnt(masks) };
+    }
+    masks.iter().map(|m| m.count_ones() as usize).sum()
+}
+
+thread_local! {
+    /// One expanded sparse row per worker thread, grown once.
+    static EXPANDED: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `out[m × n] = X · Wᵀ` for sparse q8 weights: each weight row is expanded once (into a
+/// per-thread row), then dotted with every activation row by the set's q8 row kernel. A row
+/// whose offsets and masks disagree (a damaged file) is an error, never a read out of bounds.
+pub fn gemm_q8_sparse(
+    isa: Isa,
+    x: &QActs,
+    w: &Q8SparseWeights<'_>,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), QuantError> {
+    let (m, n, k) = (x.m, w.n, w.k);
+    check_io(x, k, n, out)?;
+    let nb = k / QK;
+    check(w.masks.len() >= n * nb && w.offsets.len() > n && w.scales.len() >= n, || {
+        format!("sparse q8 weights do not hold {n}×{k}")
+    })?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    let (_, expand) = q8_expand(isa);
+    let dot = isa.q_rows().q8;
+    let (_, fused) = q8_sparse_row(isa);
+    let rows4 = q8_sparse_rows4(isa).map(|r| r.1);
+    let parts = if threads > 1 { n.div_ceil(ROWS_PER_TASK).min(threads) } else { 1 };
+    let per = n.div_ceil(parts.max(1));
+    let op = SharedOut::new(out);
+    let damaged = std::sync::atomic::AtomicUsize::new(usize::MAX);
+    pool::for_each(threads, parts, &|t| {
+        EXPANDED.with(|cell| {
+            let row = &mut *cell.borrow_mut();
+            if row.len() < k {
+                row.resize(k, 0);
+            }
+            let (j0, j1) = (t * per, ((t + 1) * per).min(n));
+            let mut j = j0;
+            // A decode step: four rows at a time where the set has that kernel.
+            if let (1, Some(four)) = (m, rows4) {
+                while j + 4 <= j1 {
+                    // Checked before: each row's start, and room for a whole row plus the tail
+                    // past it whatever its masks say (no read out of bounds); after: that the
+                    // kernel's pointers end where the offsets do (masks and offsets agree).
+                    let (starts, ends) = (
+                        [0, 1, 2, 3].map(|r| w.offsets[j + r] as usize),
+                        [1, 2, 3, 4].map(|r| w.offsets[j + r] as usize),
+                    );
+                    let room = w.values.len().saturating_sub(k + 2 * QK);
+                    if starts.iter().zip(&ends).any(|(a, b)| a > b || *a > room) {
+                        // Near the end of the values (or damaged): the checked one-row path.
+                        break;
+                    }
+                    let masks = [0, 1, 2, 3].map(|r| w.masks[(j + r) * nb..].as_ptr());
+                    let mut codes = starts.map(|a| w.values[a..].as_ptr());
+                    // SAFETY: each row's nb masks are in bounds (checked above); each row's codes
+                    // start inside the values with at least k + 64 readable bytes after them, more
+                    // than its masks can make the kernel read; row 0 of X is in bounds; `out`
+                    // holds n values and this band alone writes columns j..j+4.
+                    unsafe {
+                        let d = four(masks, &mut codes, x.q.as_ptr(), x.scales.as_ptr(), nb);
+                        if codes.iter().zip(&ends).any(|(c, &e)| *c != w.values.as_ptr().add(e)) {
+                            damaged.store(j, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                        for (r, v) in d.iter().enumerate() {
+                            *op.ptr().add(j + r) = v * w.scales[j + r];
+                        }
+                    }
+                    j += 4;
+                }
+            }
+            for j in j..j1 {
+                let Some(codes) = w.row_codes_counted(j, mask_count) else {
+                    damaged.store(j, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                };
+                let masks = w.masks[j * nb..].as_ptr();
+                if m == 1 {
+                    // One activation row (a decode step): expanded in registers as it is read.
+                    // SAFETY: the row's nb masks are in bounds (checked above), its codes match
+                    // their popcount and have the values' zero tail after them (`row_codes`);
+                    // row 0 of X is in bounds; `out` holds n values and this band alone writes
+                    // column j; the kernel belongs to a set this CPU supports.
+                    unsafe {
+                        let d = fused(masks, codes.as_ptr(), x.q.as_ptr(), x.scales.as_ptr(), nb);
+                        *op.ptr().add(j) = d * w.scales[j];
+                    }
+                    continue;
+                }
+                // SAFETY: as above, and `row` holds k bytes.
+                unsafe { expand(masks, codes.as_ptr(), nb, row.as_mut_ptr()) };
+                for i in 0..m {
+                    // SAFETY: row i of X (k values, nb scales) is in bounds (check_io); `out`
+                    // holds m·n values and this band alone writes column j.
+                    unsafe {
+                        let d = dot(row.as_ptr(), x.q.as_ptr().add(i * k), x.scales.as_ptr().add(i * nb), nb);
+                        *op.ptr().add(i * n + j) = d * w.scales[j];
+                    }
+                }
+            }
+        })
+    });
+    match damaged.load(std::sync::atomic::Ordering::Relaxed) {
+        usize::MAX => Ok(()),
+        j => Err(QuantError(format!("sparse q8 row {j}: its offsets and masks disagree (a damaged file)"))),
     }
 }
 
@@ -1129,6 +1378,94 @@ mod tests {
                             c % n
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Sparse q8 (pruned rows: no zero code stored) gives the dense q8 product's results on
+    /// every set, for awkward shapes and masks: empty and full blocks, one code, rows of one
+    /// block, every share of zeros; each expansion kernel writes exactly the reference's bytes.
+    #[test]
+    fn q8_sparse_matches_dense_q8_on_every_set() {
+        use crate::weights::Q8SparseOwned;
+        for &(m, n, k, keep) in &[
+            (1, 1, 32, 1u64),
+            (1, 7, 64, 2),
+            (2, 3, 32, 5),
+            (3, 33, 96, 3),
+            (1, 130, 256, 2),
+            (5, 65, 1024, 4),
+            (13, 1, 32, 7),
+            (6, 64, 384, 1),
+        ] {
+            // Roughly one value in `keep + 1` zeroed, by a hash: every mask pattern shows up.
+            let mut w = data(n * k, (n * 3 + k) as u64);
+            for (i, v) in w.iter_mut().enumerate() {
+                let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59;
+                if h.is_multiple_of(keep + 1) || (i / 32) % 5 == 3 {
+                    *v = 0.0;
+                }
+            }
+            // One row wholly zero, one block wholly full.
+            w[..k].iter_mut().for_each(|v| *v = 0.0);
+            let qw = quantize_q8(&w, n, k);
+            let sparse = Q8SparseOwned::from_q8(&qw);
+            let bytes = sparse.to_bytes();
+            let view = Q8SparseWeights::from_bytes(&bytes, n, k, sparse.nnz()).unwrap();
+            let x = data(m * k, (m * 5 + k) as u64);
+            let mut qa = QActs::default();
+            quantize_acts(&x, m, k, &mut qa).unwrap();
+            let mut want = vec![0.0; m * n];
+            gemm_q8(Isa::Reference, &qa, &qw.view(), &mut want, 1).unwrap();
+            let nb = k / QK;
+            for isa in sets() {
+                let (name, expand) = q8_expand(isa);
+                for r in 0..n {
+                    let (mut got, mut reference) = (vec![1i8; k], vec![2i8; k]);
+                    let codes = view.row_codes(r).unwrap();
+                    // SAFETY: the row's masks, codes (with the zero tail) and k output bytes.
+                    unsafe { expand(view.masks.as_ptr().add(r * nb), codes.as_ptr(), nb, got.as_mut_ptr()) };
+                    crate::weights::q8sparse::expand_ref(view.row_masks(r), codes, &mut reference);
+                    assert_eq!(got, reference, "{name}: row {r} of {n}×{k}");
+                    assert_eq!(&reference[..], &qw.q[r * k..(r + 1) * k], "row {r}: the dense codes");
+                }
+                let (row_name, row) = q8_sparse_row(isa);
+                for r in 0..n {
+                    let codes = view.row_codes(r).unwrap();
+                    for i in 0..m {
+                        // SAFETY: row r's masks and codes (with the zero tail), row i of X.
+                        let got = unsafe {
+                            row(
+                                view.masks.as_ptr().add(r * nb),
+                                codes.as_ptr(),
+                                qa.q.as_ptr().add(i * k),
+                                qa.scales.as_ptr().add(i * nb),
+                                nb,
+                            )
+                        } * view.scales[r];
+                        let want = want[i * n + r];
+                        assert!((got - want).abs() <= sum_tol(want, k), "{row_name}: row {r} × {i}: {got} vs {want}");
+                    }
+                }
+                for threads in [1, 3] {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_q8_sparse(isa, &qa, &view, &mut got, threads).unwrap();
+                    for (c, (g, r)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - r).abs() <= sum_tol(*r, k), "{name} m={m} n={n} k={k}: out[{c}] = {g}, dense {r}");
+                    }
+                }
+            }
+            // Offsets that disagree with the masks are an error, not a read past the codes.
+            if n > 1 {
+                let mut bad = sparse.clone();
+                bad.offsets[1] = bad.offsets[1].saturating_sub(1).max(1);
+                bad.offsets[0] = 0;
+                if bad.offsets[1] != sparse.offsets[1] {
+                    let b = bad.to_bytes();
+                    let v = Q8SparseWeights::from_bytes(&b, n, k, bad.nnz()).unwrap();
+                    let mut out = vec![0.0; m * n];
+                    assert!(gemm_q8_sparse(Isa::detect(), &qa, &v, &mut out, 1).is_err());
                 }
             }
         }

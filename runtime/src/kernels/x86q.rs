@@ -36,37 +36,53 @@ unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
     _mm256_and_si256(shifted, _mm256_set1_epi8(15))
 }
 
+/// `Σ_b xs[b] · (w_b · x_b)` over `nb` blocks of 32, two blocks per step into two
+/// accumulators, `$wblock` giving block `b`'s 32 weights as signed bytes (loaded, or expanded
+/// from a sparse row). Expanded inside a `#[target_feature]` kernel; its unsafe operations are
+/// the kernel's caller contract.
+macro_rules! q8_blocks {
+    ($dot:ident, $x:expr, $xs:expr, $nb:expr, $wblock:expr) => {{
+        let (x, xs, nb): (*const i8, *const f32, usize) = ($x, $xs, $nb);
+        // `mut`: a sparse row's weights advance a pointer; a dense row's do not.
+        #[allow(unused_mut)]
+        let mut wblock = $wblock;
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        // One block: (activation scale, integer dot products as f32).
+        #[allow(unused_mut)]
+        let mut block = |b: usize| -> (__m256, __m256) {
+            // SAFETY: block b of the weights, x and xs is in bounds (the kernel's contract).
+            unsafe {
+                let wv: __m256i = wblock(b);
+                let xv = _mm256_loadu_si256(x.add(b * QK) as *const __m256i);
+                // |w| · (x · sign(w)) = w · x, with the unsigned operand first.
+                let d: __m256i = $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                (_mm256_set1_ps(*xs.add(b)), _mm256_cvtepi32_ps(d))
+            }
+        };
+        let mut b = 0;
+        while b + 1 < nb {
+            let (s0, d0) = block(b);
+            let (s1, d1) = block(b + 1);
+            acc0 = _mm256_fmadd_ps(s0, d0, acc0);
+            acc1 = _mm256_fmadd_ps(s1, d1, acc1);
+            b += 2;
+        }
+        if b < nb {
+            let (s0, d0) = block(b);
+            acc0 = _mm256_fmadd_ps(s0, d0, acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }};
+}
+
 macro_rules! q8_row {
     ($name:ident, $feat:literal, $dot:ident) => {
         /// # Safety
         /// The CPU has the listed features; `w` and `x` hold `nb·32` values, `xs` `nb` scales.
         #[target_feature(enable = $feat)]
         pub unsafe fn $name(w: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32 {
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            // One block: (activation scale, integer dot products as f32).
-            let block = |b: usize| -> (__m256, __m256) {
-                // SAFETY: block b of w, x and xs is in bounds (caller contract).
-                unsafe {
-                    let wv = _mm256_loadu_si256(w.add(b * QK) as *const __m256i);
-                    let xv = _mm256_loadu_si256(x.add(b * QK) as *const __m256i);
-                    // |w| · (x · sign(w)) = w · x, with the unsigned operand first.
-                    let d: __m256i = $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                    (_mm256_set1_ps(*xs.add(b)), _mm256_cvtepi32_ps(d))
-                }
-            };
-            let mut b = 0;
-            while b + 1 < nb {
-                let (s0, d0) = block(b);
-                let (s1, d1) = block(b + 1);
-                acc0 = _mm256_fmadd_ps(s0, d0, acc0);
-                acc1 = _mm256_fmadd_ps(s1, d1, acc1);
-                b += 2;
-            }
-            if b < nb {
-                let (s0, d0) = block(b);
-                acc0 = _mm256_fmadd_ps(s0, d0, acc0);
-            }
-            hsum(_mm256_add_ps(acc0, acc1))
+            // SAFETY: block b of w is in bounds (caller contract).
+            q8_blocks!($dot, x, xs, nb, |b: usize| unsafe { _mm256_loadu_si256(w.add(b * QK) as *const __m256i) })
         }
     };
 }
@@ -1778,4 +1794,239 @@ pub unsafe fn conv_rows_vnni(
         };
     }
     go!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+}
+
+/// Block `b`'s 32 weights of a sparse q8 row, expanded in a register with AVX2: per 16
+/// values, one 16-byte load from where the codes continue and a `pshufb` whose control comes
+/// from a table indexed by the mask byte ([`super::quant::EXPAND_LUT`]); `*p` moves past the
+/// codes read.
+///
+/// # Safety
+/// The CPU has AVX2; `*p` holds the block's codes and 16 readable bytes past them.
+#[inline]
+#[target_feature(enable = "avx2,popcnt")]
+unsafe fn expand_block_avx2(m: u32, p: &mut *const i8) -> __m256i {
+    let lut = &super::quant::EXPAND_LUT;
+    let half = |bits: usize, at: *const i8| -> __m128i {
+        let (lo, hi) = (bits & 0xff, (bits >> 8) & 0xff);
+        let pc = (lo as u32).count_ones() as u64;
+        let ctl = _mm_set_epi64x((lut[hi] + pc * 0x0101_0101_0101_0101) as i64, lut[lo] as i64);
+        // SAFETY: 16 readable bytes at `at` (caller contract).
+        _mm_shuffle_epi8(unsafe { _mm_loadu_si128(at as *const __m128i) }, ctl)
+    };
+    let lo_bits = (m & 0xffff) as usize;
+    let a = half(lo_bits, *p);
+    // SAFETY: the second half's codes follow the first's within the row (caller contract).
+    let second = unsafe { (*p).add(lo_bits.count_ones() as usize) };
+    let b = half((m >> 16) as usize, second);
+    // SAFETY: advancing past this block's codes stays within the row plus its tail.
+    *p = unsafe { (*p).add(m.count_ones() as usize) };
+    _mm256_set_m128i(b, a)
+}
+
+macro_rules! q8_expand {
+    ($name:ident, $feat:literal, $expand:ident) => {
+        /// Expands a sparse q8 row (`weights::q8sparse`) into `nb` dense blocks of 32 (products
+        /// with several activation rows expand each weight row once).
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `masks` holds `nb` masks; `codes` holds their
+        /// popcount and 32 readable bytes past it (the values' zero tail); `out` holds `nb·32`
+        /// bytes.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(masks: *const u32, codes: *const i8, nb: usize, out: *mut i8) {
+            let mut p = codes;
+            for b in 0..nb {
+                // SAFETY: block b's mask, codes and output are in bounds (caller contract).
+                unsafe { _mm256_storeu_si256(out.add(b * QK) as *mut __m256i, $expand(*masks.add(b), &mut p)) };
+            }
+        }
+    };
+}
+
+q8_expand!(q8_expand_avx2, "avx2,popcnt", expand_block_avx2);
+q8_expand!(q8_expand_vbmi2, "avx2,popcnt,avx512f,avx512bw,avx512vl,avx512vbmi2", expand_block_vbmi2);
+
+macro_rules! q8s_row {
+    ($name:ident, $feat:literal, $dot:ident, $expand:ident) => {
+        /// One sparse q8 row's dot product with one activation row: each block expanded in a
+        /// register, multiplied as in the dense row kernel.
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `masks` holds `nb` masks, `codes` their popcount
+        /// and 32 readable bytes past it, `x` `nb·32` values, `xs` `nb` scales.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(masks: *const u32, codes: *const i8, x: *const i8, xs: *const f32, nb: usize) -> f32 {
+            let mut p = codes;
+            // SAFETY: block b's mask and codes are in bounds, blocks are visited in order
+            // (caller contract).
+            q8_blocks!($dot, x, xs, nb, |b: usize| unsafe { $expand(*masks.add(b), &mut p) })
+        }
+    };
+}
+
+/// Block `m`'s weights by AVX-512 VBMI2's byte expand.
+///
+/// # Safety
+/// The CPU has AVX-512 VBMI2 and VL; `*p` holds the block's codes and 32 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,popcnt,avx512f,avx512bw,avx512vl,avx512vbmi2")]
+unsafe fn expand_block_vbmi2(m: u32, p: &mut *const i8) -> __m256i {
+    // A plain load and the register form of the expand: the memory form is several times
+    // slower on Intel cores.
+    // SAFETY: 32 readable bytes at *p: the block's codes and the values' zero tail (caller
+    // contract).
+    let v = _mm256_maskz_expand_epi8(m, unsafe { _mm256_loadu_si256(*p as *const __m256i) });
+    // SAFETY: advancing past this block's codes stays within the row.
+    *p = unsafe { (*p).add(m.count_ones() as usize) };
+    v
+}
+
+q8s_row!(q8s_row_avx2, "avx2,fma,f16c,popcnt", dot_us_avx2, expand_block_avx2);
+q8s_row!(
+    q8s_row_vbmi2,
+    "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2",
+    dot_us_vnni,
+    expand_block_vbmi2
+);
+
+/// How far ahead of each row's current codes the four-row sparse kernel prefetches.
+const SPARSE_PREFETCH: usize = 1024;
+
+macro_rules! q8s_rows4 {
+    ($name:ident, $feat:literal, $dot:ident, $expand:ident) => {
+        /// Four sparse q8 rows against one activation row at once: four independent chains of
+        /// code pointers (each block's start depends on the previous block's count), one load
+        /// of each activation block. Written out per row so the pointers and sums stay in
+        /// registers.
+        ///
+        /// `codes` end where each row's codes end (the caller checks them against the offsets).
+        ///
+        /// # Safety
+        /// As the one-row kernel, for each of the four rows (`masks[r]`, `codes[r]`).
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(
+            masks: [*const u32; 4],
+            codes: &mut [*const i8; 4],
+            x: *const i8,
+            xs: *const f32,
+            nb: usize,
+        ) -> [f32; 4] {
+            let (mut a0, mut a1, mut a2, mut a3) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let [mut p0, mut p1, mut p2, mut p3] = *codes;
+            let [m0, m1, m2, m3] = masks;
+            for b in 0..nb {
+                // SAFETY: block b's masks, codes, activations and scale are in bounds for every
+                // row (caller contract).
+                unsafe {
+                    let xv = _mm256_loadu_si256(x.add(b * QK) as *const __m256i);
+                    let s = _mm256_set1_ps(*xs.add(b));
+                    if b % 2 == 0 {
+                        // Each row's codes are their own stream whose addresses wait on the
+                        // previous block's count: ask for them well ahead.
+                        for q in [p0, p1, p2, p3] {
+                            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(SPARSE_PREFETCH));
+                        }
+                    }
+                    let w0 = $expand(*m0.add(b), &mut p0);
+                    let w1 = $expand(*m1.add(b), &mut p1);
+                    let w2 = $expand(*m2.add(b), &mut p2);
+                    let w3 = $expand(*m3.add(b), &mut p3);
+                    let d0: __m256i = $dot(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(xv, w0));
+                    let d1: __m256i = $dot(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(xv, w1));
+                    let d2: __m256i = $dot(_mm256_sign_epi8(w2, w2), _mm256_sign_epi8(xv, w2));
+                    let d3: __m256i = $dot(_mm256_sign_epi8(w3, w3), _mm256_sign_epi8(xv, w3));
+                    a0 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d0), a0);
+                    a1 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d1), a1);
+                    a2 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d2), a2);
+                    a3 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d3), a3);
+                }
+            }
+            *codes = [p0, p1, p2, p3];
+            [hsum(a0), hsum(a1), hsum(a2), hsum(a3)]
+        }
+    };
+}
+
+q8s_rows4!(q8s_rows4_avx2, "avx2,fma,f16c,popcnt", dot_us_avx2, expand_block_avx2);
+q8s_rows4!(
+    q8s_rows4_vbmi2,
+    "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2",
+    dot_us_vnni,
+    expand_block_vbmi2
+);
+
+/// The number of set bits in `masks` with the `popcnt` instruction.
+///
+/// # Safety
+/// The CPU has POPCNT.
+#[target_feature(enable = "popcnt")]
+pub unsafe fn mask_count_popcnt(masks: &[u32]) -> usize {
+    masks.iter().map(|m| m.count_ones() as usize).sum()
+}
+
+/// [`q8s_rows4_vbmi2`] on 512-bit vectors: two blocks of each row per step (one 64-bit mask,
+/// one byte expand, one `vpdpbusd`), the two blocks' activation scales side by side; an odd last
+/// block by the 256-bit step. AVX-512 has no `vpsignb`: `|w|` and `x` negated where `w < 0` by
+/// a mask.
+///
+/// # Safety
+/// As [`q8s_rows4_vbmi2`], with 64 readable bytes at every row's current codes (the values'
+/// zero tail).
+#[target_feature(enable = "avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi2")]
+pub unsafe fn q8s_rows4_vbmi2_512(
+    masks: [*const u32; 4],
+    codes: &mut [*const i8; 4],
+    x: *const i8,
+    xs: *const f32,
+    nb: usize,
+) -> [f32; 4] {
+    let (mut a0, mut a1, mut a2, mut a3) =
+        (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+    let [mut p0, mut p1, mut p2, mut p3] = *codes;
+    let pairs = nb / 2;
+    for bp in 0..pairs {
+        // SAFETY: blocks 2·bp and 2·bp + 1 of every row's masks, codes (64 readable bytes at
+        // the current position), the activations and their scales are in bounds (caller
+        // contract).
+        unsafe {
+            let b = 2 * bp;
+            let xv = _mm512_loadu_si512(x.add(b * QK) as *const __m512i);
+            let s = _mm512_insertf32x8::<1>(_mm512_set1_ps(*xs.add(b)), _mm256_set1_ps(*xs.add(b + 1)));
+            if bp % 2 == 0 {
+                for q in [p0, p1, p2, p3] {
+                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(SPARSE_PREFETCH));
+                }
+            }
+            macro_rules! row {
+                ($m:expr, $p:ident, $a:ident) => {{
+                    let m = (*$m.add(b) as u64) | ((*$m.add(b + 1) as u64) << 32);
+                    let w = _mm512_maskz_expand_epi8(m, _mm512_loadu_si512($p as *const __m512i));
+                    $p = $p.add(m.count_ones() as usize);
+                    let neg = _mm512_movepi8_mask(w);
+                    let sx = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+                    let d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx);
+                    $a = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), $a);
+                }};
+            }
+            row!(masks[0], p0, a0);
+            row!(masks[1], p1, a1);
+            row!(masks[2], p2, a2);
+            row!(masks[3], p3, a3);
+        }
+    }
+    *codes = [p0, p1, p2, p3];
+    let mut out = [a0, a1, a2, a3].map(|a| _mm512_reduce_add_ps(a));
+    if nb % 2 == 1 {
+        let b = nb - 1;
+        // SAFETY: the last block of every row, as above.
+        unsafe {
+            let tail = q8s_rows4_vbmi2([0, 1, 2, 3].map(|r| masks[r].add(b)), codes, x.add(b * QK), xs.add(b), 1);
+            for (o, t) in out.iter_mut().zip(tail) {
+                *o += t;
+            }
+        }
+    }
+    out
 }

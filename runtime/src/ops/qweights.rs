@@ -1,4 +1,4 @@
-//! Weights stored in fewer bits (`TensorEncoding::Q8`, `Q8Panels`, `Q4`, `F16`, written by
+//! Weights stored in fewer bits (`TensorEncoding::Q8`, `Q8Panels`, `Q4`, `F16`, `Q8Sparse`, written by
 //! `acorn convert --quantize`): the products that read them (MatMul's B stored by columns,
 //! MatMulTransB's B and embedding tables stored by rows) and the rows Gather takes from them.
 //! The kernels are in `kernels::quant` and `kernels::half`; this file only turns a tensor's
@@ -75,7 +75,7 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
             super::matmul::add_bias(o, m, bias);
             Ok(())
         }
-        QMat::Q8(_) | QMat::Q8Panels(_) | QMat::Q4(_) => ACTS.with(|cell| {
+        QMat::Q8(_) | QMat::Q8Panels(_) | QMat::Q4(_) | QMat::Q8Sparse(_) => ACTS.with(|cell| {
             let qa = &mut *cell.borrow_mut();
             match w {
                 QMat::Q4(w) if quant::q4_reads_arranged(isa, m, w.block) => quant::quantize_acts(x, m, k, qa),
@@ -89,6 +89,7 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
                         .map_err(|e| OpError::Failed(e.0))
                 }
                 QMat::Q4(w) => quant::gemm_q4(isa, qa, &w, o, ctx.threads),
+                QMat::Q8Sparse(w) => quant::gemm_q8_sparse(isa, qa, &w, o, ctx.threads),
                 QMat::F16(_) => unreachable!("handled above"),
             }
             .map_err(|e| OpError::Failed(e.0))?;

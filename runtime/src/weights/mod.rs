@@ -12,6 +12,7 @@
 //! | `Q8Panels { nr }` | [`q8`] | the same, rows packed in panels of `nr` for the GEMM | [`Activations::Int8Blocks`] |
 //! | `Q4 { transposed, block, mins }` | [`q4`] | 4-bit in blocks of 32/64/128, f16 scale (+ f16 minimum) | [`Activations::Int8Blocks`] (with block sums) |
 //! | `F16 { transposed }` | [`f16`](mod@f16) | IEEE half | [`Activations::F32`] |
+//! | `Q8Sparse { transposed, nnz }` | [`q8sparse`] | the nonzero int8 codes per row, a bitmask per block of 32, f32 scale per row | [`Activations::Int8Blocks`] |
 //! | `PanelF32 { nr }` | (the f32 GEMM's panels, `kernels::Panels`) | f32 | [`Activations::F32`] |
 
 use serde::{Deserialize, Serialize};
@@ -21,10 +22,12 @@ use crate::dtype::DType;
 pub mod f16;
 pub mod q4;
 pub mod q8;
+pub mod q8sparse;
 
 pub use f16::F16Weights;
 pub use q4::{Q4Owned, Q4Weights};
 pub use q8::{Q8Owned, Q8Panels, Q8Weights};
+pub use q8sparse::{Q8SparseOwned, Q8SparseWeights};
 
 /// Values per activation block (one int8 scale each) and per q4 nibble group: every quantized
 /// row length is a multiple of it.
@@ -93,6 +96,12 @@ pub enum TensorEncoding {
     /// The x86 sets without VNNI multiply these at full speed (unsigned `q + 64` times a signed
     /// activation byte cannot saturate `vpmaddubsw`); every other kernel reads them as q8.
     Q8PanelsNarrow { nr: u32 },
+    /// A pruned q8 matrix (see [`q8sparse`]): rows as [`TensorEncoding::Q8`] says
+    /// (`transposed`), each row's nonzero codes only, `nnz` in all. Bytes: `rows · k/32` u32
+    /// masks (bit `i` of block `b`: value `32·b + i` is stored), padded to 64; `rows + 1` u32
+    /// offsets of each row's first code, padded; `rows` f32 scales, padded; the `nnz` codes and
+    /// 64 zero bytes. `k` is a multiple of 32.
+    Q8Sparse { transposed: bool, nnz: u64 },
 }
 
 impl std::fmt::Display for TensorEncoding {
@@ -109,6 +118,9 @@ impl std::fmt::Display for TensorEncoding {
             TensorEncoding::Q8Panels { nr } => write!(f, "q8 by columns in GEMM panels of {nr}"),
             TensorEncoding::Q8PanelsNarrow { nr } => {
                 write!(f, "q8 by columns in GEMM panels of {nr}, codes within ±64 (7-bit)")
+            }
+            TensorEncoding::Q8Sparse { transposed, nnz } => {
+                write!(f, "sparse q8 {} ({nnz} codes stored)", by(transposed))
             }
         }
     }
@@ -144,6 +156,7 @@ impl TensorEncoding {
                 let per = n.div_ceil(nr as u64).checked_mul(k)?.checked_mul(nr as u64)?;
                 batch.checked_mul(per)?.checked_mul(4)
             }
+            TensorEncoding::Q8Sparse { .. } => Some(self.sparse_layout(dtype, shape)?.2.values.1 as u64),
             _ => {
                 let l = self.quant_layout(dtype, shape)?;
                 Some(l.mins.1.max(l.scales.1).max(l.values.1) as u64)
@@ -160,6 +173,7 @@ impl TensorEncoding {
                 | TensorEncoding::F16 { .. }
                 | TensorEncoding::Q8Panels { .. }
                 | TensorEncoding::Q8PanelsNarrow { .. }
+                | TensorEncoding::Q8Sparse { .. }
         )
     }
 
@@ -168,10 +182,23 @@ impl TensorEncoding {
         match *self {
             TensorEncoding::Q8 { transposed }
             | TensorEncoding::Q4 { transposed, .. }
-            | TensorEncoding::F16 { transposed } => transposed,
+            | TensorEncoding::F16 { transposed }
+            | TensorEncoding::Q8Sparse { transposed, .. } => transposed,
             TensorEncoding::Q8Panels { .. } | TensorEncoding::Q8PanelsNarrow { .. } => true,
             _ => false,
         }
+    }
+
+    /// Rows, row length and the layout of a sparse q8 matrix of `shape` (`None`: not
+    /// `Q8Sparse`, or not valid for the shape).
+    pub fn sparse_layout(&self, dtype: DType, shape: &[u64]) -> Option<(usize, usize, q8sparse::SparseLayout)> {
+        let TensorEncoding::Q8Sparse { transposed, nnz } = *self else { return None };
+        if dtype != DType::F32 || shape.len() != 2 {
+            return None;
+        }
+        let (a, b) = (usize::try_from(shape[0]).ok()?, usize::try_from(shape[1]).ok()?);
+        let (rows, k) = if transposed { (b, a) } else { (a, b) };
+        Some((rows, k, q8sparse::layout(rows, k, usize::try_from(nnz).ok()?)?))
     }
 
     /// The layout of a quantized 2-D f32 matrix of `shape` (`None`: not a quantized encoding,
@@ -230,6 +257,7 @@ pub enum Weights<'a> {
     Q8Panels(Q8Panels<'a>),
     Q4(Q4Weights<'a>),
     F16(F16Weights<'a>),
+    Q8Sparse(Q8SparseWeights<'a>),
 }
 
 impl<'a> Weights<'a> {
@@ -240,6 +268,19 @@ impl<'a> Weights<'a> {
         let invalid =
             || format!("a {encoding:?} weight of shape {shape:?} and type {dtype} is not a valid quantized matrix");
         let [a, b] = *shape else { return Err(invalid()) };
+        if let Some((rows, k, l)) = encoding.sparse_layout(dtype, &[a as u64, b as u64]) {
+            if bytes.len() < l.values.1 {
+                return Err(format!(
+                    "sparse q8 weight {shape:?} holds {} bytes, its layout needs {}",
+                    bytes.len(),
+                    l.values.1
+                ));
+            }
+            let nnz = l.values.1 - l.values.0 - q8sparse::VALUES_TAIL;
+            return Q8SparseWeights::from_bytes(bytes, rows, k, nnz)
+                .map(Weights::Q8Sparse)
+                .ok_or_else(|| format!("sparse q8 weight {shape:?}: its parts are misaligned"));
+        }
         let Some(l) = encoding.quant_layout(dtype, &[a as u64, b as u64]) else { return Err(invalid()) };
         let need = l.values.1.max(l.scales.1).max(l.mins.1);
         if bytes.len() < need {
@@ -286,6 +327,7 @@ impl<'a> Weights<'a> {
             Weights::Q8Panels(w) => (w.n, w.k),
             Weights::Q4(w) => (w.n, w.k),
             Weights::F16(w) => (w.n, w.k),
+            Weights::Q8Sparse(w) => (w.n, w.k),
         }
     }
 
@@ -297,6 +339,7 @@ impl<'a> Weights<'a> {
             Weights::Q8Panels(w) => w.decode_row(j, out),
             Weights::Q4(w) => w.decode_row(j, out),
             Weights::F16(w) => w.decode_row(j, out),
+            Weights::Q8Sparse(w) => w.decode_row(j, out),
         }
     }
 

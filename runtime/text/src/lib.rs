@@ -193,3 +193,109 @@ pub fn nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
     }
     s
 }
+
+/// An intent classifier over text: the model's embedded tokenizer (with its special tokens,
+/// without its padding) in front of [`acorn::classify::Classifier`].
+///
+/// ```no_run
+/// # fn main() -> Result<(), acorn_text::Error> {
+/// let model = acorn::Model::open("intent.acorn")?;
+/// let mut clf = acorn_text::TextClassifier::new(&model, 1)?;
+/// for p in clf.classify(&["set a timer for five minutes"])? {
+///     println!("{} {:.2}", clf.labels()[p.label], p.score);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct TextClassifier {
+    tok: Tokenizer,
+    inner: acorn::classify::Classifier,
+}
+
+/// Most tokens one utterance may have (BERT's position table).
+pub const MAX_UTTERANCE_TOKENS: usize = 512;
+
+impl TextClassifier {
+    /// The classifier stored in `model` (`acorn convert --train`) with its embedded tokenizer.
+    pub fn new(model: &Model, threads: usize) -> Result<TextClassifier> {
+        let inner = acorn::classify::Classifier::new(model, threads)?;
+        let mut tok = load_tokenizer(model, None)?;
+        tok.with_padding(None);
+        Ok(TextClassifier { tok, inner })
+    }
+
+    /// The labels, in output order.
+    pub fn labels(&self) -> &[String] {
+        self.inner.labels()
+    }
+
+    /// The runtime classifier (token ids in, for callers with their own tokenizer).
+    pub fn classifier(&mut self) -> &mut acorn::classify::Classifier {
+        &mut self.inner
+    }
+
+    /// Token ids of one utterance, with the tokenizer's special tokens.
+    pub fn tokens(&self, text: &str) -> Result<Vec<i64>> {
+        utterance_ids(&self.tok, text)
+    }
+
+    /// Classifies a batch of utterances (padded to the longest; each row pooled over its own
+    /// tokens).
+    pub fn classify(&mut self, texts: &[&str]) -> Result<Vec<acorn::classify::Prediction>> {
+        let ids = texts.iter().map(|t| self.tokens(t)).collect::<Result<Vec<_>>>()?;
+        let rows: Vec<&[i64]> = ids.iter().map(|r| r.as_slice()).collect();
+        Ok(self.inner.classify_ids(&rows)?)
+    }
+}
+
+/// Sentence embeddings of text: the model's embedded tokenizer (special tokens, no padding) in
+/// front of [`acorn::classify::Embedder`]. What on-device learning feeds
+/// [`acorn::head::Trainer`] with.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use acorn::head::{HeadKind, SavedHead, Trainer};
+/// let model = acorn::Model::open("minilm.acorn")?;
+/// let mut emb = acorn_text::TextEmbedder::new(&model, 1)?;
+/// let mut t = Trainer::new();
+/// for (label, text) in [("tv_on", "turn on the tv"), ("tv_on", "switch the telly on"), ("tv_off", "tv off")] {
+///     t.add(label, &emb.embed(&[text])?[0])?;
+/// }
+/// let head = t.fit(HeadKind::Prototype)?;
+/// SavedHead::save(&head, &model, "my_intents.acornhead")?;
+/// # Ok(()) }
+/// ```
+pub struct TextEmbedder {
+    tok: Tokenizer,
+    inner: acorn::classify::Embedder,
+}
+
+impl TextEmbedder {
+    /// An embedder over `model` (a sentence encoder with its tokenizer embedded).
+    pub fn new(model: &Model, threads: usize) -> Result<TextEmbedder> {
+        let inner = acorn::classify::Embedder::new(model, threads)?;
+        let mut tok = load_tokenizer(model, None)?;
+        tok.with_padding(None);
+        Ok(TextEmbedder { tok, inner })
+    }
+
+    /// One embedding per text.
+    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let ids = texts.iter().map(|t| utterance_ids(&self.tok, t)).collect::<Result<Vec<_>>>()?;
+        let rows: Vec<&[i64]> = ids.iter().map(|r| r.as_slice()).collect();
+        Ok(self.inner.embed_ids(&rows)?)
+    }
+}
+
+/// Token ids of one utterance with the tokenizer's special tokens, at most
+/// [`MAX_UTTERANCE_TOKENS`].
+fn utterance_ids(tok: &Tokenizer, text: &str) -> Result<Vec<i64>> {
+    let enc = tok.encode(text, true).map_err(|e| Error::Tokenizer(format!("tokenizing: {e}")))?;
+    let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
+    if ids.len() > MAX_UTTERANCE_TOKENS {
+        return Err(Error::Input(format!(
+            "an utterance of {} tokens is past the {MAX_UTTERANCE_TOKENS} an encoder reads",
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}

@@ -48,7 +48,15 @@ class Model private constructor(handle: Long) : AutoCloseable {
     fun newGenerator(threads: Int = 1, maxContext: Int = 0): Generator =
         Generator(Native.generatorNew(live(), threads, maxContext))
 
-    private fun live(): Long = handle.also { check(it != 0L) { "the model is closed" } }
+    /** The intent classifier stored in this model (`acorn convert --train`). */
+    @JvmOverloads
+    fun newClassifier(threads: Int = 1): Classifier = Classifier(Native.classifierNew(live(), threads))
+
+    /** Sentence embeddings of text from this encoder (converted with its tokenizer). */
+    @JvmOverloads
+    fun newEmbedder(threads: Int = 1): Embedder = Embedder(Native.embedderNew(live(), threads))
+
+    internal fun live(): Long = handle.also { check(it != 0L) { "the model is closed" } }
 
     /** Frees the model (idempotent). */
     @Synchronized

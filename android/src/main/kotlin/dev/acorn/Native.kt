@@ -54,6 +54,29 @@ internal object Native {
         listener: TokenListener?
     ): DoubleArray
 
+    @JvmStatic external fun classifierNew(model: Long, threads: Int): Long
+    @JvmStatic external fun classifierFree(classifier: Long)
+    @JvmStatic external fun classifierLabels(classifier: Long): Array<String>
+    @JvmStatic external fun classifierSetExits(classifier: Long, on: Boolean)
+    @JvmStatic external fun classifierSetThresholds(classifier: Long, thresholds: FloatArray?)
+    /** Four floats per utterance: label index, score, exit layer, layers. */
+    @JvmStatic external fun classify(classifier: Long, texts: Array<String>?): FloatArray
+
+    @JvmStatic external fun embedderNew(model: Long, threads: Int): Long
+    @JvmStatic external fun embedderFree(embedder: Long)
+    @JvmStatic external fun embed(embedder: Long, text: String?): FloatArray
+
+    @JvmStatic external fun trainerNew(): Long
+    @JvmStatic external fun trainerFree(trainer: Long)
+    @JvmStatic external fun trainerAdd(trainer: Long, label: String?, embedding: FloatArray?)
+    @JvmStatic external fun trainerFit(trainer: Long, kind: Int): Long
+    @JvmStatic external fun headFree(head: Long)
+    @JvmStatic external fun headLabels(head: Long): Array<String>
+    /** `[label index or -1, score]`. */
+    @JvmStatic external fun headPredict(head: Long, embedding: FloatArray?, unknownThreshold: Float): FloatArray
+    @JvmStatic external fun headSave(head: Long, model: Long, path: String?)
+    @JvmStatic external fun headLoad(model: Long, path: String?): Long
+
     /** Panics inside the C library; only in a library built with the `panic-test` feature. */
     @JvmStatic external fun debugPanic()
     /** Panics inside the JNI layer; only in a library built with the `panic-test` feature. */
