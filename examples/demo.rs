@@ -153,6 +153,7 @@ fn main() -> Result<()> {
         prune: Some(acorn_converter::prune::PruneOptions {
             unstructured: None,
             ffn: Some(0.33),
+            layers: None,
             refit: true,
             include: Vec::new(),
             calib: Some(calib),

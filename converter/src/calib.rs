@@ -151,6 +151,16 @@ impl Gram {
         }
     }
 
+    /// The sums of a whole `k × k` matrix (row-major; its upper triangle is read) over `rows` rows.
+    pub fn from_full(k: usize, full: &[f64], rows: usize) -> Gram {
+        let mut g = Gram::zeros(k);
+        for i in 0..k {
+            g.upper[row_start(k, i)..row_start(k, i) + (k - i)].copy_from_slice(&full[i * k + i..(i + 1) * k]);
+        }
+        g.rows = rows;
+        g
+    }
+
     /// The whole matrix, row-major (a temporary for the solvers that read it so).
     pub fn full(&self) -> Vec<f64> {
         let k = self.k;
@@ -280,23 +290,49 @@ fn session(model: &Model, memory_limit: Option<usize>) -> Result<acorn::Session>
     .commit()?)
 }
 
+/// Runs the [`Reference`] model on every sample and hands `each` the extra values' results, in
+/// the order they were given to [`reference`]; `progress` is told after every sample.
+pub fn for_each_run(
+    reference: &Reference,
+    samples: &Samples,
+    memory_limit: Option<usize>,
+    mut each: impl FnMut(&[Tensor]) -> Result<()>,
+    mut progress: impl FnMut(),
+) -> Result<()> {
+    let model = Model::open(&reference.path)?;
+    let mut session = session(&model, memory_limit)?;
+    for sample in samples {
+        let named: Vec<(&str, &Tensor)> = sample.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let res = session.run(&named).context("running a calibration sample")?;
+        each(&res.as_slice()[reference.first_extra..])?;
+        progress();
+    }
+    Ok(())
+}
+
+/// `Aᵀ·B` (`ka × kb`, row-major) of row-major `a` (`rows × ka`) and `b` (`rows × kb`), with the
+/// f32 GEMM on every core.
+pub fn cross(a: &[f32], ka: usize, b: &[f32], kb: usize) -> Vec<f32> {
+    let rows = a.len() / ka.max(1);
+    let mut out = vec![0.0f32; ka * kb];
+    let at = acorn::kernels::MatRef { data: a, rs: 1, cs: ka };
+    let bm = acorn::kernels::MatRef { data: b, rs: kb, cs: 1 };
+    acorn::kernels::sgemm(ka, kb, rows, at, acorn::kernels::BMat::Strided(bm), &mut out, kb, false, threads());
+    out
+}
+
 /// Runs the [`Reference`] model on `samples` and accumulates each extra value's [`Gram`] (its
 /// last axis is `k`, every other axis counts rows). `progress` is told after every sample.
 pub fn grams(
     reference: &Reference,
     samples: &Samples,
     memory_limit: Option<usize>,
-    mut progress: impl FnMut(),
+    progress: impl FnMut(),
 ) -> Result<HashMap<ValueId, Gram>> {
-    let (values, first_extra) = (&reference.values, reference.first_extra);
-    let model = Model::open(&reference.path)?;
-    let mut session = session(&model, memory_limit)?;
+    let values = &reference.values;
     let mut out: HashMap<ValueId, Gram> = HashMap::new();
-    for sample in samples {
-        let named: Vec<(&str, &Tensor)> = sample.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let res = session.run(&named).context("running a calibration sample")?;
-        for (i, &v) in values.iter().enumerate() {
-            let t = &res[first_extra + i];
+    let each = |res: &[Tensor]| -> Result<()> {
+        for (t, &v) in res.iter().zip(values) {
             let x = t.as_f32().ok_or_else(|| anyhow!("calibration value {v} is not f32"))?;
             let k = *t.shape().last().unwrap_or(&1);
             if k == 0 {
@@ -309,15 +345,12 @@ pub fn grams(
             }
             // xᵀx with the f32 GEMM (rows of x are the products' activation rows), then summed
             // in f64.
-            let mut part = vec![0.0f32; k * k];
-            let xt = acorn::kernels::MatRef { data: x, rs: 1, cs: k };
-            let xm = acorn::kernels::MatRef { data: x, rs: k, cs: 1 };
-            acorn::kernels::sgemm(k, k, rows, xt, acorn::kernels::BMat::Strided(xm), &mut part, k, false, threads());
-            g.add(&part);
+            g.add(&cross(x, k, x, k));
             g.rows += rows;
         }
-        progress();
-    }
+        Ok(())
+    };
+    for_each_run(reference, samples, memory_limit, each, progress)?;
     Ok(out)
 }
 
@@ -363,7 +396,10 @@ pub fn agreement(
     for (i, s) in samples.iter().enumerate() {
         progress.report("measuring", i as u64, samples.len() as u64);
         let named: Vec<(&str, &Tensor)> = s.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let (ra, rb) = (sa.run(&named)?, sb.run(&named)?);
+        // A pass may have removed inputs (a dropped layer's KV cache): the candidate gets its own.
+        let own: Vec<(&str, &Tensor)> =
+            named.iter().copied().filter(|(n, _)| b.inputs().iter().any(|i| i.name == *n)).collect();
+        let (ra, rb) = (sa.run(&named)?, sb.run(&own)?);
         let (x, y) = (ra[idx].as_f32().unwrap_or_default(), rb[idx].as_f32().unwrap_or_default());
         let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
         let (nx, ny) =

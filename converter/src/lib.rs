@@ -25,6 +25,7 @@ pub mod calib;
 pub mod cnn;
 pub mod conformance;
 pub mod ir;
+pub mod layers;
 pub mod llm;
 /// `.npy` reading and writing (the device CLI's, shared).
 pub use acorn_cli::npy;
@@ -408,6 +409,22 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     // same or, with --quantize q8|q4, leaves its mask to the quantize pass's sweep (joint).
     let mut masks = std::collections::HashMap::new();
     if let Some(p) = &opts.prune {
+        if let Some(which) = &p.layers {
+            if opts.train.is_some() {
+                anyhow::bail!("--drop-layers with --train: a head is trained on the encoder as it is; drop the layers first (convert twice)");
+            }
+            // The fp32 model's statistics and held-out reference first (the later passes read them).
+            calibration.grams(&mut m, &mut records)?;
+            opts.progress.report("dropping layers", 0, 0);
+            let samples = calibration.fit_samples().clone();
+            let grams = calibration.grams(&mut m, &mut records)?;
+            let mut rec =
+                layers::drop_layers(&mut m, which, p.refit, &samples, grams, opts.memory_limit, &opts.progress)?;
+            if let Some(a) = measure_dense(&m, &calibration, opts)? {
+                a.record_into(&mut rec);
+            }
+            records.push(rec);
+        }
         if let Some(fraction) = p.ffn {
             let grams = calibration.grams(&mut m, &mut records)?;
             opts.progress.report("pruning FFNs", 0, 0);

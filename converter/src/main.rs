@@ -137,6 +137,12 @@ enum Cmd {
         /// kept channels (ridge least squares). The graph gets smaller: faster on every CPU.
         #[arg(long, value_name = "FRACTION")]
         prune_ffn: Option<f64>,
+        /// Structured pruning: remove whole layers, a count (e.g. 2: those whose removal costs
+        /// least on --calib) or 1-based layers (e.g. 20,21 or 20-23). Each removed run is
+        /// replaced by a linear map fitted on the calibration activations; a decoder loses
+        /// those layers' KV cache too.
+        #[arg(long, value_name = "LIST|COUNT")]
+        drop_layers: Option<String>,
         /// With a structured removal: no refit (to measure what the refit brings).
         #[arg(long)]
         no_refit: bool,
@@ -220,6 +226,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             pattern,
             prune_include,
             prune_ffn,
+            drop_layers,
             no_refit,
         } => {
             let as_written = match quantized_import.as_str() {
@@ -234,6 +241,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 include: prune_include,
                 calib: calib.clone(),
                 ffn: prune_ffn,
+                drop_layers: drop_layers.as_deref(),
                 no_refit,
             })?;
             // --calib serves pruning alone too; quantization takes it only with --quantize.

@@ -97,6 +97,11 @@ impl<'o> Calibration<'o> {
         }
     }
 
+    /// The samples statistics are computed from (7/8 of `--calib`).
+    pub fn fit_samples(&self) -> &calib::Samples {
+        &self.fit
+    }
+
     /// The fp32 reference and the held-out samples, when calibration ran and there are any.
     pub fn held_out(&self) -> Option<(&calib::Reference, &calib::Samples)> {
         let (_, reference) = self.stats.as_ref()?;

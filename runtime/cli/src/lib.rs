@@ -417,9 +417,25 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
         }
         out!("converter: {}", meta.provenance.converter);
         for p in &meta.provenance.passes {
-            let rep: Vec<String> = p.report.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            // Whole-pass figures on the pass's line; `kind:name` entries (per matrix, per layer)
+            // one row per name below it, their kinds side by side.
+            let (whole, per): (Vec<_>, Vec<_>) = p.report.iter().partition(|(k, _)| !k.contains(':'));
+            let rep: Vec<String> = whole.iter().map(|(k, v)| format!("{k}={}", figure(*v))).collect();
             let par: Vec<String> = p.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
             out!("  pass {:<16} {} {}", p.name, par.join(" "), rep.join(" "));
+            let mut rows: Vec<(&str, Vec<String>)> = Vec::new();
+            for (k, v) in per {
+                let (kind, name) = k.split_once(':').expect("partitioned");
+                let cell = format!("{kind}={}", figure(*v));
+                match rows.iter_mut().find(|r| r.0 == name) {
+                    Some(r) => r.1.push(cell),
+                    None => rows.push((name, vec![cell])),
+                }
+            }
+            let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+            for (name, cells) in rows {
+                out!("      {name:<width$}  {}", cells.join("  "));
+            }
         }
         for (label, specs) in [("input ", &meta.graph.inputs), ("output", &meta.graph.outputs)] {
             for s in specs.iter() {
@@ -757,4 +773,28 @@ fn cmd_perplexity(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A pass figure as a person reads it: whole numbers as such, others to four significant digits.
+fn figure(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e6) {
+        format!("{v:.3e}")
+    } else {
+        let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 6) as usize;
+        format!("{v:.digits$}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn figures_read_as_people_write_them() {
+        assert_eq!(super::figure(30.0), "30");
+        assert_eq!(super::figure(0.976721988774772), "0.9767");
+        assert_eq!(super::figure(36.676469), "36.68");
+        assert_eq!(super::figure(0.00017464122598554046), "1.746e-4");
+        assert_eq!(super::figure(-0.25), "-0.2500");
+    }
 }
