@@ -154,6 +154,7 @@ fn main() -> Result<()> {
             unstructured: None,
             ffn: Some(0.33),
             layers: None,
+            heads: None,
             refit: true,
             include: Vec::new(),
             calib: Some(calib),

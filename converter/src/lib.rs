@@ -425,6 +425,15 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             }
             records.push(rec);
         }
+        if let Some(n) = p.heads {
+            let grams = calibration.grams(&mut m, &mut records)?;
+            opts.progress.report("pruning heads", 0, 0);
+            let mut rec = structured::prune_heads(&mut m, n, p.refit, grams, &opts.progress)?;
+            if let Some(a) = measure_dense(&m, &calibration, opts)? {
+                a.record_into(&mut rec);
+            }
+            records.push(rec);
+        }
         if let Some(fraction) = p.ffn {
             let grams = calibration.grams(&mut m, &mut records)?;
             opts.progress.report("pruning FFNs", 0, 0);

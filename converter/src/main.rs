@@ -143,6 +143,11 @@ enum Cmd {
         /// those layers' KV cache too.
         #[arg(long, value_name = "LIST|COUNT")]
         drop_layers: Option<String>,
+        /// Structured pruning: remove N attention heads from every encoder attention block,
+        /// ranked by what they carry into the output projection on --calib; the output
+        /// projection is refitted on the kept heads.
+        #[arg(long, value_name = "N")]
+        prune_heads: Option<usize>,
         /// With a structured removal: no refit (to measure what the refit brings).
         #[arg(long)]
         no_refit: bool,
@@ -227,6 +232,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             prune_include,
             prune_ffn,
             drop_layers,
+            prune_heads,
             no_refit,
         } => {
             let as_written = match quantized_import.as_str() {
@@ -242,6 +248,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 calib: calib.clone(),
                 ffn: prune_ffn,
                 drop_layers: drop_layers.as_deref(),
+                heads: prune_heads,
                 no_refit,
             })?;
             // --calib serves pruning alone too; quantization takes it only with --quantize.

@@ -109,6 +109,8 @@ pub struct PruneOptions {
     pub ffn: Option<f64>,
     /// `--drop-layers LIST|COUNT`: whole layers removed (`crate::layers`).
     pub layers: Option<crate::layers::DropLayers>,
+    /// `--prune-heads N`: attention heads removed from every encoder attention block.
+    pub heads: Option<usize>,
     /// Refit what follows a structured removal on the calibration data (`--no-refit`: not).
     pub refit: bool,
     /// Regular expressions naming embedding tables / LM heads to prune as well.
@@ -120,7 +122,10 @@ pub struct PruneOptions {
 impl PruneOptions {
     /// Whether any pass needs the calibration statistics.
     pub fn needs_calibration(&self) -> bool {
-        self.ffn.is_some() || self.layers.is_some() || self.unstructured.is_some_and(|u| u.method.needs_calibration())
+        self.ffn.is_some()
+            || self.layers.is_some()
+            || self.heads.is_some()
+            || self.unstructured.is_some_and(|u| u.method.needs_calibration())
     }
 }
 
@@ -139,6 +144,8 @@ pub struct PruneFlags<'a> {
     pub ffn: Option<f64>,
     /// `--drop-layers LIST|COUNT`.
     pub drop_layers: Option<&'a str>,
+    /// `--prune-heads N`.
+    pub heads: Option<usize>,
     /// `--no-refit`.
     pub no_refit: bool,
 }
@@ -158,11 +165,19 @@ impl PruneOptions {
         if layers.is_some() && flags.calib.is_none() {
             bail!("--drop-layers needs --calib FILE (layers are scored and their replacements fitted on calibration activations)");
         }
-        if flags.no_refit && flags.ffn.is_none() && layers.is_none() {
-            bail!("--no-refit goes with a structured removal (--prune-ffn, --drop-layers)");
+        match flags.heads {
+            Some(0) => bail!("--prune-heads 0 removes nothing"),
+            Some(_) if flags.calib.is_none() => {
+                bail!("--prune-heads needs --calib FILE (heads are ranked and the output projection refitted on calibration activations)")
+            }
+            _ => {}
+        }
+        let structured = flags.ffn.is_some() || layers.is_some() || flags.heads.is_some();
+        if flags.no_refit && !structured {
+            bail!("--no-refit goes with a structured removal (--prune-ffn, --prune-heads, --drop-layers)");
         }
         let unstructured = Self::unstructured_from(flags)?;
-        if unstructured.is_none() && flags.ffn.is_none() && layers.is_none() {
+        if unstructured.is_none() && !structured {
             return Ok(None);
         }
         for p in &flags.include {
@@ -172,6 +187,7 @@ impl PruneOptions {
             unstructured,
             ffn: flags.ffn,
             layers,
+            heads: flags.heads,
             refit: !flags.no_refit,
             include: flags.include.clone(),
             calib: flags.calib.clone(),

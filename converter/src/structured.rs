@@ -27,7 +27,7 @@ use crate::ir::Module;
 
 /// A product whose columns `offset..offset + channels` are an FFN's channels.
 #[derive(Clone, Debug)]
-struct Source {
+pub(crate) struct Source {
     node: usize,
     offset: usize,
 }
@@ -46,7 +46,7 @@ pub struct Ffn {
 /// Traces `v` back to the products whose columns it is made of, channel by channel; `nodes`
 /// collects every node passed (they must be read only inside the FFN). `offset`: where `v`'s
 /// channels start in the traced value's last axis.
-fn trace(
+pub(crate) fn trace(
     m: &Module,
     ix: &acorn::graph::Uses<'_>,
     v: ValueId,
@@ -150,7 +150,7 @@ pub fn find_ffns(m: &Module) -> Vec<Ffn> {
 }
 
 /// Columns `drop` removed from a `[r, c]` matrix (or a `[c]` vector when `r` is 0).
-fn drop_columns(t: &Tensor, drop: &HashSet<usize>) -> Result<Tensor> {
+pub(crate) fn drop_columns(t: &Tensor, drop: &HashSet<usize>) -> Result<Tensor> {
     let shape = t.shape().to_vec();
     let v = t.as_f32().context("an FFN weight is not f32")?;
     let c = *shape.last().unwrap_or(&0);
@@ -161,7 +161,7 @@ fn drop_columns(t: &Tensor, drop: &HashSet<usize>) -> Result<Tensor> {
 }
 
 /// Ridge least squares for the refit: `(G_KK + λI)⁻¹ · (G_K,all · W)`, `W` `[c, d]` row-major.
-fn refit(g: &Gram, keep: &[usize], w: &[f32], d: usize) -> Option<Vec<f32>> {
+pub(crate) fn refit(g: &Gram, keep: &[usize], w: &[f32], d: usize) -> Option<Vec<f32>> {
     use faer::linalg::solvers::Solve;
     let (c, nk) = (g.k, keep.len());
     let gkk = faer::Mat::<f64>::from_fn(nk, nk, |i, j| g.at(keep[i], keep[j]));
@@ -281,6 +281,211 @@ pub fn prune_ffn(
             ("bytes_saved".into(), before.saturating_sub(after) as f64),
         ],
     };
+    if err_den > 0.0 {
+        record.report.push(("output_error_mean".into(), err_num / err_den));
+    }
+    record.report.extend(report);
+    Ok(record)
+}
+
+/// Removes `n` attention heads from every encoder attention block (a fused 3-D `Attention` with
+/// its head count, its Q, K and V columns traced to their products, its output read by one
+/// product: the output projection), ranked per block by what each head carries into that
+/// projection's output on the calibration data, `Σ_{i,j ∈ head} G_ij·⟨W_o[i], W_o[j]⟩`. The
+/// output projection is refitted on the kept heads (ridge least squares, as for FFNs) unless
+/// `refit` is false. Updates `grams` for the shrunk outputs. Returns the record.
+pub fn prune_heads(
+    m: &mut Module,
+    n: usize,
+    refit_out: bool,
+    grams: &mut HashMap<ValueId, Gram>,
+    progress: &crate::Progress,
+) -> Result<PassRecord> {
+    let ix = acorn::graph::Uses::new(&m.graph);
+    let consts: HashMap<ValueId, u32> = m.graph.constants.iter().map(|c| (c.value, c.tensor)).collect();
+    struct Block {
+        node: usize,
+        heads: usize,
+        /// Q, K, V: their source products.
+        sources: [Vec<Source>; 3],
+        splits: Vec<usize>,
+        out: usize,
+        act: ValueId,
+    }
+    let mut blocks = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, node) in m.graph.nodes.iter().enumerate() {
+        let Op::Attention(a) = &node.op else { continue };
+        let Some(h) = a.q_num_heads else {
+            skipped
+                .push(format!("{}: 4-D attention (a decoder's, heads from shapes) is not pruned by head", node.name));
+            continue;
+        };
+        let why = (|| -> std::result::Result<Block, String> {
+            if a.kv_num_heads.is_some_and(|k| k != h) {
+                return Err("grouped KV heads".into());
+            }
+            let mut sources: [Vec<Source>; 3] = Default::default();
+            let mut nodes = Vec::new();
+            for (k, s) in sources.iter_mut().enumerate() {
+                let v = node.inputs.get(k).copied().flatten().ok_or("an input left out")?;
+                if !trace(m, &ix, v, 0, &consts, s, &mut nodes)
+                    || s.len() != 1
+                    || !matches!(m.graph.nodes[s[0].node].op, Op::MatMul)
+                {
+                    return Err(format!("input {k} is not one product's columns"));
+                }
+            }
+            let y = node.outputs[0];
+            let readers = ix.readers(y);
+            let [(o, 0)] = readers else { return Err("its output is not read by one product alone".into()) };
+            let on = &m.graph.nodes[*o];
+            let w = on.inputs.get(1).copied().flatten().filter(|w| consts.contains_key(w));
+            if !matches!(on.op, Op::MatMul) || w.is_none() || ix.is_output(y) {
+                return Err("its output is not read by one product alone".into());
+            }
+            let mut splits: Vec<usize> =
+                nodes.iter().copied().filter(|&p| matches!(m.graph.nodes[p].op, Op::Split { .. })).collect();
+            splits.sort_unstable();
+            splits.dedup();
+            // Every value between is read only on the way to this attention (a merged QKV's
+            // split has no other part), every weight and bias only by its product.
+            let qkv = &node.inputs[..3];
+            let inside: HashSet<usize> = nodes.iter().copied().chain([i]).collect();
+            let private =
+                nodes.iter().all(|&p| {
+                    m.graph.nodes[p].outputs.iter().all(|&o| {
+                        !ix.is_output(o) && ix.readers(o).iter().all(|(r, _)| inside.contains(r)) && ix.reads(o) > 0
+                    })
+                }) && splits.iter().all(|&p| m.graph.nodes[p].outputs.iter().all(|o| qkv.contains(&Some(*o))));
+            let weights_private = sources
+                .iter()
+                .flatten()
+                .all(|s| m.graph.nodes[s.node].inputs[1..].iter().flatten().all(|&v| ix.reads(v) == 1));
+            if !(private && weights_private) {
+                return Err("its Q, K or V products are read elsewhere too".into());
+            }
+            Ok(Block { node: i, heads: h as usize, sources, splits, out: *o, act: y })
+        })();
+        match why {
+            Ok(b) => blocks.push(b),
+            Err(e) => skipped.push(format!("{}: {e}", node.name)),
+        }
+    }
+    drop(ix);
+    if blocks.is_empty() {
+        bail!(
+            "--prune-heads found no encoder attention whose heads can be removed (a fused 3-D Attention with Q, K \
+             and V from products and one output projection){}",
+            if skipped.is_empty() { String::new() } else { format!(": {}", skipped.join("; ")) }
+        );
+    }
+    let mut report = Vec::new();
+    let (mut before, mut after) = (0usize, 0usize);
+    let (mut err_num, mut err_den) = (0.0f64, 0.0f64);
+    for (bi, b) in blocks.iter().enumerate() {
+        progress.report("pruning heads", bi as u64, blocks.len() as u64);
+        if n >= b.heads {
+            bail!(
+                "--prune-heads {n}: attention '{}' has {} heads; at least one must stay",
+                m.graph.nodes[b.node].name,
+                b.heads
+            );
+        }
+        let g = grams.get(&b.act).with_context(|| {
+            format!("--prune-heads: no calibration statistics for attention {}'s output (needs --calib)", bi + 1)
+        })?;
+        let wv = m.graph.nodes[b.out].inputs[1].expect("checked");
+        let wt = consts[&wv] as usize;
+        let shape = m.tensors[wt].1.shape().to_vec();
+        let (c, d) = (shape[0], shape[1]);
+        if c % b.heads != 0 || g.k != c {
+            bail!(
+                "--prune-heads: attention {}'s output width {c} is not its {} heads' (or no statistics)",
+                bi + 1,
+                b.heads
+            );
+        }
+        let hd = c / b.heads;
+        let w = m.tensors[wt].1.as_f32().context("the output projection is not f32")?.to_vec();
+        let mut score: Vec<(f64, usize)> = (0..b.heads)
+            .map(|h| {
+                let mut s = 0.0f64;
+                for i in h * hd..(h + 1) * hd {
+                    for j in h * hd..(h + 1) * hd {
+                        let dot: f64 = w[i * d..(i + 1) * d]
+                            .iter()
+                            .zip(&w[j * d..(j + 1) * d])
+                            .map(|(a, b)| (*a as f64) * (*b as f64))
+                            .sum();
+                        s += g.at(i, j) * dot;
+                    }
+                }
+                (s, h)
+            })
+            .collect();
+        score.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut kept_heads: Vec<usize> = score[..b.heads - n].iter().map(|s| s.1).collect();
+        kept_heads.sort_unstable();
+        let keep: Vec<usize> = kept_heads.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect();
+        let drop: HashSet<usize> = (0..c).filter(|j| keep.binary_search(j).is_err()).collect();
+        let kept_rows: Vec<f32> = keep.iter().flat_map(|&j| w[j * d..(j + 1) * d].iter().copied()).collect();
+        let new_w = if refit_out { refit(g, &keep, &w, d).unwrap_or(kept_rows) } else { kept_rows };
+        let mut full = vec![0.0f32; c * d];
+        for (r, &j) in keep.iter().enumerate() {
+            full[j * d..(j + 1) * d].copy_from_slice(&new_w[r * d..(r + 1) * d]);
+        }
+        let (wt_t, full_t) = (crate::quantize::transpose(&w, c, d), crate::quantize::transpose(&full, c, d));
+        let (num, den) = crate::quantize::output_error_sums(&wt_t, &full_t, d, c, &g.full());
+        err_num += num;
+        err_den += den;
+        let name = m.graph.nodes[b.node].name.clone();
+        report.push((format!("heads_kept:{name}"), kept_heads.len() as f64));
+        report.push((format!("output_error:{name}"), num / den.max(1e-300)));
+        before += c * d * 4;
+        after += keep.len() * d * 4;
+        m.tensors[wt].1 = Tensor::from_f32(vec![keep.len(), d], new_w);
+        let mut per_tensor: BTreeMap<usize, HashSet<usize>> = BTreeMap::new();
+        for s in b.sources.iter().flatten() {
+            for inp in m.graph.nodes[s.node].inputs[1..].iter().flatten() {
+                per_tensor.entry(consts[inp] as usize).or_default().extend(drop.iter().map(|&j| s.offset + j));
+            }
+        }
+        for (t, cols) in per_tensor {
+            before += m.tensors[t].1.len() * 4;
+            m.tensors[t].1 = drop_columns(&m.tensors[t].1, &cols)?;
+            after += m.tensors[t].1.len() * 4;
+        }
+        for &s in &b.splits {
+            if let Op::Split { split: Some(sizes), .. } = &mut m.graph.nodes[s].op {
+                sizes.iter_mut().for_each(|x| *x -= drop.len() as i64);
+            }
+        }
+        if let Op::Attention(a) = &mut m.graph.nodes[b.node].op {
+            a.q_num_heads = Some(kept_heads.len() as i64);
+            if a.kv_num_heads.is_some() {
+                a.kv_num_heads = Some(kept_heads.len() as i64);
+            }
+        }
+        let sub = g.select(&keep);
+        grams.insert(b.act, sub);
+    }
+    let mut record = PassRecord {
+        name: "prune_heads".into(),
+        params: vec![
+            ("heads_removed_per_block".into(), n.to_string()),
+            ("refit".into(), if refit_out { "ridge least squares of the output projection" } else { "none" }.into()),
+        ],
+        report: vec![
+            ("blocks".into(), blocks.len() as f64),
+            ("bytes_before".into(), before as f64),
+            ("bytes_after".into(), after as f64),
+            ("bytes_saved".into(), before.saturating_sub(after) as f64),
+        ],
+    };
+    for s in skipped {
+        record.params.push(("kept_whole".into(), s));
+    }
     if err_den > 0.0 {
         record.report.push(("output_error_mean".into(), err_num / err_den));
     }

