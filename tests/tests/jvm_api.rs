@@ -19,7 +19,7 @@ use acorn_tests::*;
 /// Debian's Maven repository, used instead of Maven Central when its Kotlin plugin is there.
 const DEBIAN_REPO: &str = "/usr/share/maven-repo/org/jetbrains/kotlin/kotlin-maven-plugin/1.3.31";
 const INSTALL: &str = "apt-get install maven kotlin junit5 libmaven-compiler-plugin-java \
-                       libmaven-resources-plugin-java libmaven-jar-plugin-java libsurefire-java";
+                       libmaven-resources-plugin-java libmaven-jar-plugin-java libsurefire-java libkotlinx-coroutines-java";
 /// The JUnit tests android/src/test holds; the run must report exactly this many.
 const JUNIT_TESTS: usize = 18;
 /// The README's Kotlin example, which the JUnit tests compile and run.
