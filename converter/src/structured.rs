@@ -184,6 +184,62 @@ pub(crate) fn refit(g: &Gram, keep: &[usize], w: &[f32], d: usize) -> Option<Vec
     out.iter().all(|v| v.is_finite()).then_some(out)
 }
 
+/// What removing rows of a product's `[c, d]` weight `wt` (input channels; `keep` sorted)
+/// costs and leaves: the kept rows (refitted on `g` when `refit_rows`) are written back, and the
+/// output error `(‖A·W − A_K·W'‖², ‖A·W‖²)` on the calibration activations is returned with the
+/// removed channels.
+fn remove_rows(
+    m: &mut Module,
+    wt: usize,
+    g: &Gram,
+    keep: &[usize],
+    refit_rows: bool,
+) -> Result<(HashSet<usize>, f64, f64)> {
+    let shape = m.tensors[wt].1.shape().to_vec();
+    let (c, d) = (shape[0], shape[1]);
+    let w = m.tensors[wt].1.as_f32().context("a refitted projection is not f32")?.to_vec();
+    let drop: HashSet<usize> = (0..c).filter(|j| keep.binary_search(j).is_err()).collect();
+    let kept_rows: Vec<f32> = keep.iter().flat_map(|&j| w[j * d..(j + 1) * d].iter().copied()).collect();
+    let new_w = if refit_rows { refit(g, keep, &w, d).unwrap_or(kept_rows) } else { kept_rows };
+    let mut full = vec![0.0f32; c * d];
+    for (r, &j) in keep.iter().enumerate() {
+        full[j * d..(j + 1) * d].copy_from_slice(&new_w[r * d..(r + 1) * d]);
+    }
+    let (wt_t, full_t) = (crate::quantize::transpose(&w, c, d), crate::quantize::transpose(&full, c, d));
+    let (num, den) = crate::quantize::output_error_sums(&wt_t, &full_t, d, c, &g.full());
+    m.tensors[wt].1 = Tensor::from_f32(vec![keep.len(), d], new_w);
+    Ok((drop, num, den))
+}
+
+/// Removes the columns `drop` (offset per source) from every source product's weight and bias,
+/// and as many from each part of the `splits` between. Returns the bytes before and after.
+fn remove_columns<'s>(
+    m: &mut Module,
+    sources: impl Iterator<Item = &'s Source>,
+    splits: &[usize],
+    drop: &HashSet<usize>,
+    consts: &HashMap<ValueId, u32>,
+) -> Result<(usize, usize)> {
+    let mut per_tensor: BTreeMap<usize, HashSet<usize>> = BTreeMap::new();
+    for s in sources {
+        for inp in m.graph.nodes[s.node].inputs[1..].iter().flatten() {
+            per_tensor.entry(consts[inp] as usize).or_default().extend(drop.iter().map(|&j| s.offset + j));
+        }
+    }
+    let (mut before, mut after) = (0, 0);
+    for (t, cols) in per_tensor {
+        before += m.tensors[t].1.len() * 4;
+        m.tensors[t].1 = drop_columns(&m.tensors[t].1, &cols)?;
+        after += m.tensors[t].1.len() * 4;
+    }
+    for &s in splits {
+        if let Op::Split { split: Some(sizes), .. } = &mut m.graph.nodes[s].op {
+            sizes.iter_mut().for_each(|x| *x -= drop.len() as i64);
+        }
+    }
+    Ok((before, after))
+}
+
 /// Removes `fraction` of every FFN's channels (kept counts rounded to a multiple of 32 so the
 /// quantized kernels still take the rows), ranked on `grams`; refits each down projection
 /// unless `refit` is false. Updates `grams` for the shrunk activations. Returns the record.
@@ -228,43 +284,18 @@ pub fn prune_ffn(
         score.sort_by(|a, b| b.0.total_cmp(&a.0));
         let mut keep: Vec<usize> = score[..keep_n].iter().map(|s| s.1).collect();
         keep.sort_unstable();
-        let drop: HashSet<usize> = (0..c).filter(|j| keep.binary_search(j).is_err()).collect();
-        let kept_rows: Vec<f32> = keep.iter().flat_map(|&j| w[j * d..(j + 1) * d].iter().copied()).collect();
-        let new_w = if refit_down { refit(g, &keep, &w, d).unwrap_or(kept_rows) } else { kept_rows };
         // What the removal costs the down projection's output on the calibration activations:
         // ‖A·W − A_K·W'‖² / ‖A·W‖², from the Gram matrix.
-        let mut full = vec![0.0f32; c * d];
-        for (r, &j) in keep.iter().enumerate() {
-            full[j * d..(j + 1) * d].copy_from_slice(&new_w[r * d..(r + 1) * d]);
-        }
-        let (wt_t, full_t) = (crate::quantize::transpose(&w, c, d), crate::quantize::transpose(&full, c, d));
-        let (num, den) = crate::quantize::output_error_sums(&wt_t, &full_t, d, c, &g.full());
+        let (drop, num, den) = remove_rows(m, wt, g, &keep, refit_down)?;
         err_num += num;
         err_den += den;
         let name = m.tensors[wt].0.clone();
         report.push((format!("channels_kept:{name}"), keep_n as f64));
         report.push((format!("output_error:{name}"), num / den.max(1e-300)));
-        m.tensors[wt].1 = Tensor::from_f32(vec![keep_n, d], new_w);
         // The sources: their columns at each offset (one weight may hold several: gate and up).
-        let mut per_tensor: BTreeMap<usize, HashSet<usize>> = BTreeMap::new();
-        for s in &f.sources {
-            let n = &m.graph.nodes[s.node];
-            for inp in n.inputs[1..].iter().flatten() {
-                per_tensor.entry(consts[inp] as usize).or_default().extend(drop.iter().map(|&j| s.offset + j));
-            }
-        }
-        for (t, cols) in per_tensor {
-            before += m.tensors[t].1.len() * 4;
-            m.tensors[t].1 = drop_columns(&m.tensors[t].1, &cols)?;
-            after += m.tensors[t].1.len() * 4;
-        }
-        before += c * d * 4;
-        after += keep_n * d * 4;
-        for &s in &f.splits {
-            if let Op::Split { split: Some(sizes), .. } = &mut m.graph.nodes[s].op {
-                sizes.iter_mut().for_each(|x| *x -= drop.len() as i64);
-            }
-        }
+        let (b, a) = remove_columns(m, f.sources.iter(), &f.splits, &drop, &consts)?;
+        before += b + c * d * 4;
+        after += a + keep_n * d * 4;
         let sub = g.select(&keep);
         grams.insert(f.act, sub);
     }
@@ -428,39 +459,15 @@ pub fn prune_heads(
         let mut kept_heads: Vec<usize> = score[..b.heads - n].iter().map(|s| s.1).collect();
         kept_heads.sort_unstable();
         let keep: Vec<usize> = kept_heads.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect();
-        let drop: HashSet<usize> = (0..c).filter(|j| keep.binary_search(j).is_err()).collect();
-        let kept_rows: Vec<f32> = keep.iter().flat_map(|&j| w[j * d..(j + 1) * d].iter().copied()).collect();
-        let new_w = if refit_out { refit(g, &keep, &w, d).unwrap_or(kept_rows) } else { kept_rows };
-        let mut full = vec![0.0f32; c * d];
-        for (r, &j) in keep.iter().enumerate() {
-            full[j * d..(j + 1) * d].copy_from_slice(&new_w[r * d..(r + 1) * d]);
-        }
-        let (wt_t, full_t) = (crate::quantize::transpose(&w, c, d), crate::quantize::transpose(&full, c, d));
-        let (num, den) = crate::quantize::output_error_sums(&wt_t, &full_t, d, c, &g.full());
+        let (drop, num, den) = remove_rows(m, wt, g, &keep, refit_out)?;
         err_num += num;
         err_den += den;
         let name = m.graph.nodes[b.node].name.clone();
         report.push((format!("heads_kept:{name}"), kept_heads.len() as f64));
         report.push((format!("output_error:{name}"), num / den.max(1e-300)));
-        before += c * d * 4;
-        after += keep.len() * d * 4;
-        m.tensors[wt].1 = Tensor::from_f32(vec![keep.len(), d], new_w);
-        let mut per_tensor: BTreeMap<usize, HashSet<usize>> = BTreeMap::new();
-        for s in b.sources.iter().flatten() {
-            for inp in m.graph.nodes[s.node].inputs[1..].iter().flatten() {
-                per_tensor.entry(consts[inp] as usize).or_default().extend(drop.iter().map(|&j| s.offset + j));
-            }
-        }
-        for (t, cols) in per_tensor {
-            before += m.tensors[t].1.len() * 4;
-            m.tensors[t].1 = drop_columns(&m.tensors[t].1, &cols)?;
-            after += m.tensors[t].1.len() * 4;
-        }
-        for &s in &b.splits {
-            if let Op::Split { split: Some(sizes), .. } = &mut m.graph.nodes[s].op {
-                sizes.iter_mut().for_each(|x| *x -= drop.len() as i64);
-            }
-        }
+        let (bb, aa) = remove_columns(m, b.sources.iter().flatten(), &b.splits, &drop, &consts)?;
+        before += bb + c * d * 4;
+        after += aa + keep.len() * d * 4;
         if let Op::Attention(a) = &mut m.graph.nodes[b.node].op {
             a.q_num_heads = Some(kept_heads.len() as i64);
             if a.kv_num_heads.is_some() {
