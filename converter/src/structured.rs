@@ -1,5 +1,6 @@
-//! Structured pruning (`acorn convert --prune-ffn FRACTION [--no-refit]`): whole FFN channels
-//! removed, so the graph gets smaller and faster on every CPU.
+//! Structured pruning (`acorn convert --prune-ffn FRACTION | --prune-heads N [--no-refit]`):
+//! whole FFN channels or attention heads removed, so the graph gets smaller and faster on every
+//! CPU. (Whole layers: `crate::layers`.)
 //!
 //! An FFN is found by meaning, not by one exporter's spelling: a product `y = a·W_d (+ b)` whose
 //! input `a` is computed channel by channel from the columns of other products — through
@@ -14,6 +15,10 @@
 //! the calibration activations — ridge least squares from the same Gram matrix:
 //! `W_d' = (G_KK + λI)⁻¹·G_K·W_d` — so what the removed channels carried is moved onto the kept
 //! ones where they correlate.
+//!
+//! A head of an encoder attention block is its `D` columns of Q, K and V and its `D` rows of the
+//! output projection, which is ranked and refitted the same way on the attention output's Gram
+//! matrix.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
