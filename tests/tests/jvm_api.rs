@@ -156,7 +156,9 @@ fn kotlin_api_on_the_jvm_equals_rust() {
     let mut cmd = Command::new(mvn);
     cmd.current_dir(&root).args(["-B", "-f", "android/pom.xml"]);
     if Path::new(DEBIAN_REPO).exists() {
-        cmd.args(["-s", "android/debian-settings.xml"]);
+        // -U: a plugin dependency found missing by an earlier run (and cached as missing in the
+        // local repository below) is looked up again once its Debian package is installed.
+        cmd.args(["-s", "android/debian-settings.xml", "-U"]);
     }
     // A repository of its own under target/ (nothing written to ~/.m2).
     cmd.arg(format!("-Dmaven.repo.local={}", root.join("target/m2").display()))
