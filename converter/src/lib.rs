@@ -413,35 +413,19 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             if opts.train.is_some() {
                 anyhow::bail!("--drop-layers with --train: a head is trained on the encoder as it is; drop the layers first (convert twice)");
             }
-            // The fp32 model's statistics and held-out reference first (the later passes read them).
-            calibration.grams(&mut m, &mut records)?;
-            opts.progress.report("dropping layers", 0, 0);
-            let samples = calibration.fit_samples().clone();
-            let grams = calibration.grams(&mut m, &mut records)?;
-            let mut rec =
-                layers::drop_layers(&mut m, which, p.refit, &samples, grams, opts.memory_limit, &opts.progress)?;
-            if let Some(a) = measure_dense(&m, &calibration, opts)? {
-                a.record_into(&mut rec);
-            }
-            records.push(rec);
+            structured_pass(&mut m, &mut calibration, &mut records, opts, "dropping layers", |m, grams, samples| {
+                layers::drop_layers(m, which, p.refit, samples, grams, opts.memory_limit, &opts.progress)
+            })?;
         }
         if let Some(n) = p.heads {
-            let grams = calibration.grams(&mut m, &mut records)?;
-            opts.progress.report("pruning heads", 0, 0);
-            let mut rec = structured::prune_heads(&mut m, n, p.refit, grams, &opts.progress)?;
-            if let Some(a) = measure_dense(&m, &calibration, opts)? {
-                a.record_into(&mut rec);
-            }
-            records.push(rec);
+            structured_pass(&mut m, &mut calibration, &mut records, opts, "pruning heads", |m, grams, _| {
+                structured::prune_heads(m, n, p.refit, grams, &opts.progress)
+            })?;
         }
         if let Some(fraction) = p.ffn {
-            let grams = calibration.grams(&mut m, &mut records)?;
-            opts.progress.report("pruning FFNs", 0, 0);
-            let mut rec = structured::prune_ffn(&mut m, fraction, p.refit, grams, &opts.progress)?;
-            if let Some(a) = measure_dense(&m, &calibration, opts)? {
-                a.record_into(&mut rec);
-            }
-            records.push(rec);
+            structured_pass(&mut m, &mut calibration, &mut records, opts, "pruning FFNs", |m, grams, _| {
+                structured::prune_ffn(m, fraction, p.refit, grams, &opts.progress)
+            })?;
         }
         if let Some(u) = &p.unstructured {
             let joint = u.method == prune::PruneMethod::SparseGpt
@@ -555,6 +539,27 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
         .with_context(|| format!("writing {}", output.display()))?;
     Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records, warnings })
+}
+
+/// Runs a structured-pruning pass (`phase` for the progress bar) on the calibration statistics
+/// of the fp32 model (computed first if no pass asked before: later passes and the held-out
+/// reference read the same ones) and records it with its held-out cost.
+fn structured_pass(
+    m: &mut ir::Module,
+    calibration: &mut pipeline::Calibration<'_>,
+    records: &mut Vec<PassRecord>,
+    opts: &ConvertOptions,
+    phase: &str,
+    pass: impl FnOnce(&mut ir::Module, &mut pipeline::Grams, &calib::Samples) -> Result<PassRecord>,
+) -> Result<()> {
+    let (grams, samples) = calibration.grams_and_samples(m, records)?;
+    opts.progress.report(phase, 0, 0);
+    let mut rec = pass(m, grams, samples)?;
+    if let Some(a) = measure_dense(m, calibration, opts)? {
+        a.record_into(&mut rec);
+    }
+    records.push(rec);
+    Ok(())
 }
 
 /// The held-out agreement of `m` with every weight stored dense f32 against the fp32 model

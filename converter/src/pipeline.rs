@@ -82,10 +82,20 @@ impl<'o> Calibration<'o> {
     /// The statistics of every quantizable product's activations, calibrating now if no pass
     /// asked before (its record goes to `records`).
     pub fn grams(&mut self, m: &mut Module, records: &mut Vec<PassRecord>) -> Result<&mut Grams> {
+        Ok(self.grams_and_samples(m, records)?.0)
+    }
+
+    /// [`Self::grams`] with the samples they were computed from (7/8 of `--calib`), for a pass
+    /// that runs the model on them again.
+    pub fn grams_and_samples(
+        &mut self,
+        m: &mut Module,
+        records: &mut Vec<PassRecord>,
+    ) -> Result<(&mut Grams, &calib::Samples)> {
         if self.stats.is_none() {
             self.stats = Some(calibrate(m, &self.fit, self.opts, records)?);
         }
-        Ok(&mut self.stats.as_mut().expect("just set").0)
+        Ok((&mut self.stats.as_mut().expect("just set").0, &self.fit))
     }
 
     /// Drops the statistics (the passes that needed them have run); the fp32 reference stays for
@@ -95,11 +105,6 @@ impl<'o> Calibration<'o> {
             *grams = Grams::new();
             crate::release_freed_memory();
         }
-    }
-
-    /// The samples statistics are computed from (7/8 of `--calib`).
-    pub fn fit_samples(&self) -> &calib::Samples {
-        &self.fit
     }
 
     /// The fp32 reference and the held-out samples, when calibration ran and there are any.
