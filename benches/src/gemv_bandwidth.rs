@@ -11,6 +11,11 @@
 //! of weights were read (so they come from DRAM, not the 32 MiB L3), at 1 and 2 threads. Formats:
 //! f32 in the panels `acorn convert` stores, f32 row-major `[n, k]` (a tied LM head, read by
 //! `MatMulTransB` as dot products), f16, q8 and q4.
+//!
+//! `--sparse`: instead, sparse q8 (`weights::q8sparse`, half of every row's codes zero, as
+//! `acorn convert --prune … --quantize q8` writes it) against dense q8 of the same matrix, one
+//! activation row (a decode step), alternated round by round: the median of the per-round
+//! ratios of the time per GEMV (dense / sparse: above 1, the sparse one is faster).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -54,6 +59,10 @@ fn main() {
     let rounds: usize =
         args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(15);
     let isa = kernels::selected();
+    if args.iter().any(|a| a == "--sparse") {
+        sparse_vs_dense(isa, rounds);
+        return;
+    }
     let buf = pseudo_random(STREAM / 4, 1);
     println!("gemv-bandwidth: {rounds} rounds, kernels: {}", kernels::describe());
     println!();
@@ -150,5 +159,80 @@ fn main() {
                 );
             }
         }
+    }
+}
+
+/// Seconds per GEMV over rotating copies totalling ≥ [`STREAM`] bytes of `bytes` each.
+fn per_call(bytes: usize, mut run: impl FnMut(usize)) -> f64 {
+    let calls = STREAM.div_ceil(bytes);
+    run(0);
+    let t = Instant::now();
+    for turn in 1..=calls {
+        run(turn);
+    }
+    t.elapsed().as_secs_f64() / calls as f64
+}
+
+/// `--sparse`: sparse q8 at 50 % against dense q8, one activation row, 1 thread.
+fn sparse_vs_dense(isa: kernels::Isa, rounds: usize) {
+    use acorn::weights::q8sparse::{Q8SparseOwned, Q8SparseWeights};
+    println!("gemv-bandwidth --sparse: {rounds} rounds, kernels: {}", kernels::describe());
+    println!("sparse kernel: {}", quant::q8_sparse_rows4(isa).map_or(quant::q8_sparse_row(isa).0, |r| r.0));
+    println!();
+    println!("| n × k | dense q8 µs | sparse q8 µs | bytes sparse / dense | dense / sparse time (median of per-round ratios) |");
+    println!("|---|---:|---:|---:|---:|");
+    for (n, k) in SHAPES {
+        let w = pseudo_random(n * k, (n + k) as u64);
+        let x = pseudo_random(k, 7);
+        let mut qa = QActs::default();
+        quant::quantize_acts(&x, 1, k, &mut qa).expect("k is a multiple of 32");
+        let mut out = vec![0.0f32; n];
+        let mut q = acorn::weights::q8::encode(&w, n, k);
+        // Half of every row zero: the smaller half by magnitude (what pruning leaves).
+        for row in q.q.chunks_exact_mut(k) {
+            let mut mags: Vec<u8> = row.iter().map(|c| c.unsigned_abs()).collect();
+            mags.sort_unstable();
+            let cut = mags[k / 2];
+            let mut left = k / 2;
+            for c in row.iter_mut() {
+                if c.unsigned_abs() < cut
+                    || (c.unsigned_abs() == cut && left > 0 && {
+                        left -= 1;
+                        true
+                    })
+                {
+                    *c = 0;
+                }
+            }
+        }
+        let sp = Q8SparseOwned::from_q8(&q);
+        let (bytes, nnz) = (sp.to_bytes(), sp.nnz());
+        let (dense_b, sparse_b) = (n * k + 4 * n, bytes.len());
+        let dense_all = vec![q.clone(); (STREAM / dense_b).max(2)];
+        // Copies in u32 words, so the masks within are aligned.
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+        let sparse_all = vec![words; (STREAM / sparse_b).max(2)];
+        let (mut d, mut s, mut r) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let td = per_call(dense_b, |t| {
+                quant::gemm_q8(isa, &qa, &dense_all[t % dense_all.len()].view(), &mut out, 1).expect("shapes match")
+            });
+            let ts = per_call(sparse_b, |t| {
+                let b: &[u8] = bytemuck::cast_slice(&sparse_all[t % sparse_all.len()]);
+                let v = Q8SparseWeights::from_bytes(&b[..sparse_b], n, k, nnz).expect("its own layout");
+                quant::gemm_q8_sparse(isa, &qa, &v, &mut out, 1).expect("shapes match")
+            });
+            d.push(td * 1e6);
+            s.push(ts * 1e6);
+            r.push(td / ts);
+        }
+        println!(
+            "| {n} × {k} | {:.1} | {:.1} | {:.3} | {:.2}× |",
+            median(d),
+            median(s),
+            sparse_b as f64 / dense_b as f64,
+            median(r)
+        );
     }
 }

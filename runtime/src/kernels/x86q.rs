@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::quant::QK;
+use super::quant::{Ahead, QK};
 use super::x86::hsum8 as hsum;
 
 /// f16 bits to f32 with F16C.
@@ -1890,8 +1890,17 @@ q8s_row!(
     expand_block_vbmi2
 );
 
-/// How far ahead of each row's current codes the four-row sparse kernel prefetches.
-const SPARSE_PREFETCH: usize = 1024;
+/// Prefetches the lines of blocks `b..b + blocks`' share of `ahead` (see [`Ahead`]).
+#[inline(always)]
+fn fetch_ahead(ahead: Ahead, b: usize, blocks: usize) {
+    let (start, end) = (b * ahead.step, (b + blocks) * ahead.step);
+    let mut at = start & !63;
+    while at < end {
+        // SAFETY: a prefetch never faults, whatever the address (wrapping arithmetic only).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.from.wrapping_add(at)) };
+        at += 64;
+    }
+}
 
 macro_rules! q8s_rows4 {
     ($name:ident, $feat:literal, $dot:ident, $expand:ident) => {
@@ -1911,6 +1920,7 @@ macro_rules! q8s_rows4 {
             x: *const i8,
             xs: *const f32,
             nb: usize,
+            ahead: Ahead,
         ) -> [f32; 4] {
             let (mut a0, mut a1, mut a2, mut a3) =
                 (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
@@ -1922,21 +1932,17 @@ macro_rules! q8s_rows4 {
                 unsafe {
                     let xv = _mm256_loadu_si256(x.add(b * QK) as *const __m256i);
                     let s = _mm256_set1_ps(*xs.add(b));
-                    if b % 2 == 0 {
-                        // Each row's codes are their own stream whose addresses wait on the
-                        // previous block's count: ask for them well ahead.
-                        for q in [p0, p1, p2, p3] {
-                            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(SPARSE_PREFETCH));
-                        }
-                    }
+                    fetch_ahead(ahead, b, 1);
+                    // |x| · (w · sign(x)) = w · x with the unsigned operand shared by the rows.
+                    let ax = _mm256_abs_epi8(xv);
                     let w0 = $expand(*m0.add(b), &mut p0);
                     let w1 = $expand(*m1.add(b), &mut p1);
                     let w2 = $expand(*m2.add(b), &mut p2);
                     let w3 = $expand(*m3.add(b), &mut p3);
-                    let d0: __m256i = $dot(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(xv, w0));
-                    let d1: __m256i = $dot(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(xv, w1));
-                    let d2: __m256i = $dot(_mm256_sign_epi8(w2, w2), _mm256_sign_epi8(xv, w2));
-                    let d3: __m256i = $dot(_mm256_sign_epi8(w3, w3), _mm256_sign_epi8(xv, w3));
+                    let d0: __m256i = $dot(ax, _mm256_sign_epi8(w0, xv));
+                    let d1: __m256i = $dot(ax, _mm256_sign_epi8(w1, xv));
+                    let d2: __m256i = $dot(ax, _mm256_sign_epi8(w2, xv));
+                    let d3: __m256i = $dot(ax, _mm256_sign_epi8(w3, xv));
                     a0 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d0), a0);
                     a1 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d1), a1);
                     a2 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(d2), a2);
@@ -1968,8 +1974,8 @@ pub unsafe fn mask_count_popcnt(masks: &[u32]) -> usize {
 
 /// [`q8s_rows4_vbmi2`] on 512-bit vectors: two blocks of each row per step (one 64-bit mask,
 /// one byte expand, one `vpdpbusd`), the two blocks' activation scales side by side; an odd last
-/// block by the 256-bit step. AVX-512 has no `vpsignb`: `|w|` and `x` negated where `w < 0` by
-/// a mask.
+/// block by the 256-bit step. AVX-512 has no `vpsignb`: `|x|` (once per step, for the four
+/// rows) times `w` negated where `x < 0` by a mask.
 ///
 /// # Safety
 /// As [`q8s_rows4_vbmi2`], with 64 readable bytes at every row's current codes (the values'
@@ -1981,6 +1987,7 @@ pub unsafe fn q8s_rows4_vbmi2_512(
     x: *const i8,
     xs: *const f32,
     nb: usize,
+    ahead: Ahead,
 ) -> [f32; 4] {
     let (mut a0, mut a1, mut a2, mut a3) =
         (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
@@ -1994,19 +2001,16 @@ pub unsafe fn q8s_rows4_vbmi2_512(
             let b = 2 * bp;
             let xv = _mm512_loadu_si512(x.add(b * QK) as *const __m512i);
             let s = _mm512_insertf32x8::<1>(_mm512_set1_ps(*xs.add(b)), _mm256_set1_ps(*xs.add(b + 1)));
-            if bp % 2 == 0 {
-                for q in [p0, p1, p2, p3] {
-                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(SPARSE_PREFETCH));
-                }
-            }
+            // |x| and where x < 0, shared by the four rows: each row's w is negated there.
+            let (ax, xneg) = (_mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
+            fetch_ahead(ahead, b, 2);
             macro_rules! row {
                 ($m:expr, $p:ident, $a:ident) => {{
                     let m = (*$m.add(b) as u64) | ((*$m.add(b + 1) as u64) << 32);
                     let w = _mm512_maskz_expand_epi8(m, _mm512_loadu_si512($p as *const __m512i));
                     $p = $p.add(m.count_ones() as usize);
-                    let neg = _mm512_movepi8_mask(w);
-                    let sx = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-                    let d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx);
+                    let sw = _mm512_mask_sub_epi8(w, xneg, _mm512_setzero_si512(), w);
+                    let d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sw);
                     $a = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), $a);
                 }};
             }
@@ -2022,7 +2026,8 @@ pub unsafe fn q8s_rows4_vbmi2_512(
         let b = nb - 1;
         // SAFETY: the last block of every row, as above.
         unsafe {
-            let tail = q8s_rows4_vbmi2([0, 1, 2, 3].map(|r| masks[r].add(b)), codes, x.add(b * QK), xs.add(b), 1);
+            let tail =
+                q8s_rows4_vbmi2([0, 1, 2, 3].map(|r| masks[r].add(b)), codes, x.add(b * QK), xs.add(b), 1, Ahead::NONE);
             for (o, t) in out.iter_mut().zip(tail) {
                 *o += t;
             }
