@@ -649,6 +649,7 @@ impl Ahead {
 }
 
 /// The four-row sparse kernel (a decode step's) of `isa` on this CPU, with its name, where it has
+/// one (elsewhere the one-row kernel of [`q8_sparse_row`] runs).
 pub fn q8_sparse_rows4(isa: Isa) -> Option<(&'static str, Q8SparseRows4)> {
     #[cfg(target_arch = "x86_64")]
     {
