@@ -49,6 +49,15 @@ fn stream(bytes: usize, mut run: impl FnMut(usize)) -> f64 {
     (calls * bytes) as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64
 }
 
+/// One shape's weights `[n, k]`, activation row and its q8 blocks.
+fn case(n: usize, k: usize) -> (Vec<f32>, Vec<f32>, QActs) {
+    let w = pseudo_random(n * k, (n + k) as u64);
+    let x = pseudo_random(k, 7);
+    let mut qa = QActs::default();
+    quant::quantize_acts(&x, 1, k, &mut qa).expect("k is a multiple of 32");
+    (w, x, qa)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -69,10 +78,7 @@ fn main() {
     println!("| n × k | format (kernel) | threads | GiB/s (median) | bandwidth GiB/s (median) | median of per-round ratios |");
     println!("|---|---|---:|---:|---:|---:|");
     for (n, k) in SHAPES {
-        let w = pseudo_random(n * k, (n + k) as u64);
-        let x = pseudo_random(k, 7);
-        let mut qa = QActs::default();
-        quant::quantize_acts(&x, 1, k, &mut qa).expect("k is a multiple of 32");
+        let (w, x, qa) = case(n, k);
         let mut out = vec![0.0f32; n];
         let q4b = n * k / 2 + 2 * n * k / 32;
         let formats =
@@ -182,10 +188,7 @@ fn sparse_vs_dense(isa: kernels::Isa, rounds: usize) {
     println!("| n × k | dense q8 µs | sparse q8 µs | bytes sparse / dense | dense / sparse time (median of per-round ratios) |");
     println!("|---|---:|---:|---:|---:|");
     for (n, k) in SHAPES {
-        let w = pseudo_random(n * k, (n + k) as u64);
-        let x = pseudo_random(k, 7);
-        let mut qa = QActs::default();
-        quant::quantize_acts(&x, 1, k, &mut qa).expect("k is a multiple of 32");
+        let (w, _, qa) = case(n, k);
         let mut out = vec![0.0f32; n];
         let mut q = acorn::weights::q8::encode(&w, n, k);
         // Half of every row zero: the smaller half by magnitude (what pruning leaves).
