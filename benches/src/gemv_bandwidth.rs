@@ -38,15 +38,22 @@ fn bandwidth(buf: &[f32], threads: usize) -> f64 {
     (buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64
 }
 
-/// GiB/s of `calls` GEMV calls of `bytes` weight bytes each (`run(turn)` uses copy `turn`).
-fn stream(bytes: usize, mut run: impl FnMut(usize)) -> f64 {
+/// GiB/s of GEMV calls of `bytes` weight bytes each (see [`per_call`]).
+fn stream(bytes: usize, run: impl FnMut(usize)) -> f64 {
+    bytes as f64 / per_call(bytes, run) / (1u64 << 30) as f64
+}
+
+/// Seconds per GEMV call over rotating copies: `run(turn)` uses copy `turn`, called until
+/// ≥ [`STREAM`] bytes of `bytes` each were read (so they come from DRAM, not the L3); `run(0)`
+/// first warms the code path (copy 0 is read again only after every other copy).
+fn per_call(bytes: usize, mut run: impl FnMut(usize)) -> f64 {
     let calls = STREAM.div_ceil(bytes);
-    run(0); // warm the code path; copy 0 is read again only after every other copy
+    run(0);
     let t = Instant::now();
     for turn in 1..=calls {
         run(turn);
     }
-    (calls * bytes) as f64 / t.elapsed().as_secs_f64() / (1u64 << 30) as f64
+    t.elapsed().as_secs_f64() / calls as f64
 }
 
 /// One shape's weights `[n, k]`, activation row and its q8 blocks.
@@ -168,17 +175,6 @@ fn main() {
     }
 }
 
-/// Seconds per GEMV over rotating copies totalling ≥ [`STREAM`] bytes of `bytes` each.
-fn per_call(bytes: usize, mut run: impl FnMut(usize)) -> f64 {
-    let calls = STREAM.div_ceil(bytes);
-    run(0);
-    let t = Instant::now();
-    for turn in 1..=calls {
-        run(turn);
-    }
-    t.elapsed().as_secs_f64() / calls as f64
-}
-
 /// `--sparse`: sparse q8 at 50 % against dense q8, one activation row, 1 thread.
 fn sparse_vs_dense(isa: kernels::Isa, rounds: usize) {
     use acorn::weights::q8sparse::{Q8SparseOwned, Q8SparseWeights};
@@ -192,21 +188,12 @@ fn sparse_vs_dense(isa: kernels::Isa, rounds: usize) {
         let mut out = vec![0.0f32; n];
         let mut q = acorn::weights::q8::encode(&w, n, k);
         // Half of every row zero: the smaller half by magnitude (what pruning leaves).
+        let mut order: Vec<usize> = Vec::with_capacity(k);
         for row in q.q.chunks_exact_mut(k) {
-            let mut mags: Vec<u8> = row.iter().map(|c| c.unsigned_abs()).collect();
-            mags.sort_unstable();
-            let cut = mags[k / 2];
-            let mut left = k / 2;
-            for c in row.iter_mut() {
-                if c.unsigned_abs() < cut
-                    || (c.unsigned_abs() == cut && left > 0 && {
-                        left -= 1;
-                        true
-                    })
-                {
-                    *c = 0;
-                }
-            }
+            order.clear();
+            order.extend(0..k);
+            order.sort_by_key(|&i| row[i].unsigned_abs());
+            order[..k / 2].iter().for_each(|&i| row[i] = 0);
         }
         let sp = Q8SparseOwned::from_q8(&q);
         let (bytes, nnz) = (sp.to_bytes(), sp.nnz());
