@@ -155,6 +155,7 @@ fn main() -> Result<()> {
             ffn: Some(0.33),
             layers: None,
             heads: None,
+            head_groups: Default::default(),
             refit: true,
             include: Vec::new(),
             calib: Some(calib),

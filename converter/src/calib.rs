@@ -376,6 +376,26 @@ impl Agreement {
     }
 }
 
+/// An empty input `t` (no elements: a cache with no past positions) with `model`'s declared
+/// fixed sizes where they differ from `t`'s, or `None` when it is not empty or already fits.
+fn empty_as_declared(model: &Model, name: &str, t: &Tensor) -> Result<Option<Tensor>> {
+    let Some(dims) = model.inputs().iter().find(|i| i.name == name).and_then(|i| i.dims.as_ref()) else {
+        return Ok(None);
+    };
+    if !t.is_empty() || dims.len() != t.shape().len() {
+        return Ok(None);
+    }
+    let shape: Vec<usize> = dims
+        .iter()
+        .zip(t.shape())
+        .map(|(d, &s)| match d {
+            Dim::Fixed(f) => *f as usize,
+            Dim::Sym(_) => s,
+        })
+        .collect();
+    Ok((shape != t.shape()).then(|| Tensor::zeros(t.dtype(), shape)).transpose()?)
+}
+
 /// Runs the [`Reference`] and `candidate` on `samples` and measures their [`Agreement`] (on the
 /// candidate's first f32 output, the same output of the reference).
 pub fn agreement(
@@ -396,9 +416,16 @@ pub fn agreement(
     for (i, s) in samples.iter().enumerate() {
         progress.report("measuring", i as u64, samples.len() as u64);
         let named: Vec<(&str, &Tensor)> = s.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        // A pass may have removed inputs (a dropped layer's KV cache): the candidate gets its own.
-        let own: Vec<(&str, &Tensor)> =
-            named.iter().copied().filter(|(n, _)| b.inputs().iter().any(|i| i.name == *n)).collect();
+        // A pass may have removed inputs (a dropped layer's KV cache) or K/V heads from an empty
+        // cache (whole head groups): the candidate gets its own.
+        let resized: Vec<Option<Tensor>> =
+            named.iter().map(|(n, t)| empty_as_declared(b, n, t)).collect::<Result<_>>()?;
+        let own: Vec<(&str, &Tensor)> = named
+            .iter()
+            .zip(&resized)
+            .filter(|((n, _), _)| b.inputs().iter().any(|i| i.name == *n))
+            .map(|((n, t), r)| (*n, r.as_ref().unwrap_or(t)))
+            .collect();
         let (ra, rb) = (sa.run(&named)?, sb.run(&own)?);
         let (x, y) = (ra[idx].as_f32().unwrap_or_default(), rb[idx].as_f32().unwrap_or_default());
         let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();

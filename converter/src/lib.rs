@@ -419,7 +419,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         }
         if let Some(n) = p.heads {
             structured_pass(&mut m, &mut calibration, &mut records, opts, "pruning heads", |m, grams, _| {
-                structured::prune_heads(m, n, p.refit, grams, &opts.progress)
+                structured::prune_heads(m, n, p.head_groups, p.refit, grams, &opts.progress)
             })?;
         }
         if let Some(fraction) = p.ffn {

@@ -143,11 +143,16 @@ enum Cmd {
         /// those layers' KV cache too.
         #[arg(long, value_name = "LIST|COUNT")]
         drop_layers: Option<String>,
-        /// Structured pruning: remove N attention heads from every encoder attention block,
-        /// ranked by what they carry into the output projection on --calib; the output
-        /// projection is refitted on the kept heads.
+        /// Structured pruning: remove N (query) heads from every attention block, ranked by
+        /// what they carry into the output projection on --calib; Q, K and V lose their
+        /// columns and the output projection is refitted on the kept heads.
         #[arg(long, value_name = "N")]
         prune_heads: Option<usize>,
+        /// With --prune-heads on a decoder whose query heads share K/V heads: take them evenly
+        /// from within every group (`within`), as whole groups with their K/V heads, which
+        /// shrinks the KV cache too (`whole`), or whichever loses least on --calib (`auto`).
+        #[arg(long, value_name = "auto|within|whole", requires = "prune_heads")]
+        head_groups: Option<String>,
         /// With a structured removal: no refit (to measure what the refit brings).
         #[arg(long)]
         no_refit: bool,
@@ -233,6 +238,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             prune_ffn,
             drop_layers,
             prune_heads,
+            head_groups,
             no_refit,
         } => {
             let as_written = match quantized_import.as_str() {
@@ -249,6 +255,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 ffn: prune_ffn,
                 drop_layers: drop_layers.as_deref(),
                 heads: prune_heads,
+                head_groups: head_groups.as_deref(),
                 no_refit,
             })?;
             // --calib serves pruning alone too; quantization takes it only with --quantize.

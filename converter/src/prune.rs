@@ -109,8 +109,10 @@ pub struct PruneOptions {
     pub ffn: Option<f64>,
     /// `--drop-layers LIST|COUNT`: whole layers removed (`crate::layers`).
     pub layers: Option<crate::layers::DropLayers>,
-    /// `--prune-heads N`: attention heads removed from every encoder attention block.
+    /// `--prune-heads N`: query heads removed from every attention block.
     pub heads: Option<usize>,
+    /// `--head-groups`: how a decoder's grouped query heads go.
+    pub head_groups: crate::structured::HeadGroups,
     /// Refit what follows a structured removal on the calibration data (`--no-refit`: not).
     pub refit: bool,
     /// Regular expressions naming embedding tables / LM heads to prune as well.
@@ -146,6 +148,8 @@ pub struct PruneFlags<'a> {
     pub drop_layers: Option<&'a str>,
     /// `--prune-heads N`.
     pub heads: Option<usize>,
+    /// `--head-groups auto|within|whole`.
+    pub head_groups: Option<&'a str>,
     /// `--no-refit`.
     pub no_refit: bool,
 }
@@ -172,6 +176,11 @@ impl PruneOptions {
             }
             _ => {}
         }
+        let head_groups = match (flags.head_groups, flags.heads) {
+            (None, _) => crate::structured::HeadGroups::Auto,
+            (Some(_), None) => bail!("--head-groups goes with --prune-heads N"),
+            (Some(g), Some(_)) => crate::structured::HeadGroups::parse(g)?,
+        };
         let structured = flags.ffn.is_some() || layers.is_some() || flags.heads.is_some();
         if flags.no_refit && !structured {
             bail!("--no-refit goes with a structured removal (--prune-ffn, --prune-heads, --drop-layers)");
@@ -188,6 +197,7 @@ impl PruneOptions {
             ffn: flags.ffn,
             layers,
             heads: flags.heads,
+            head_groups,
             refit: !flags.no_refit,
             include: flags.include.clone(),
             calib: flags.calib.clone(),
@@ -497,5 +507,18 @@ mod tests {
         let o = ffn(Some(0.25), true, true).unwrap().unwrap();
         assert!(o.unstructured.is_none() && !o.refit && o.ffn == Some(0.25));
         assert!(f(Some("lottery"), Some(0.5), None, true).is_err());
+        let heads = |heads: Option<usize>, groups: Option<&'static str>| {
+            PruneOptions::from_flags(&PruneFlags {
+                heads,
+                head_groups: groups,
+                calib: Some("x.txt".into()),
+                ..Default::default()
+            })
+        };
+        assert!(heads(None, Some("whole")).unwrap_err().to_string().contains("--prune-heads"));
+        assert!(heads(Some(3), Some("some")).unwrap_err().to_string().contains("auto, within, whole"));
+        let o = heads(Some(3), Some("whole")).unwrap().unwrap();
+        assert_eq!((o.heads, o.head_groups), (Some(3), crate::structured::HeadGroups::Whole));
+        assert_eq!(heads(Some(3), None).unwrap().unwrap().head_groups, crate::structured::HeadGroups::Auto);
     }
 }

