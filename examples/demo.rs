@@ -157,6 +157,7 @@ fn main() -> Result<()> {
             heads: None,
             head_groups: Default::default(),
             refit: true,
+            heal: None,
             include: Vec::new(),
             calib: Some(calib),
         }),

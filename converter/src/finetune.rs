@@ -112,21 +112,21 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// The encoder's blocks, bottom up; an error naming the first layer that is not a post-LN BERT
-/// block as Acorn's passes fuse it.
-pub fn encoder_blocks(m: &Module) -> Result<Vec<Block>> {
+/// The encoder's blocks, bottom up; an error (about `flag`) naming the first layer that is not a
+/// post-LN BERT block as Acorn's passes fuse it.
+pub fn encoder_blocks(m: &Module, flag: &str) -> Result<Vec<Block>> {
     let consts = m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
     let w = Walk { g: &m.graph, consts };
     let atts: Vec<&Node> = m.graph.nodes.iter().filter(|n| matches!(n.op, Op::Attention(_))).collect();
     if atts.is_empty() {
-        bail!("--fine-tune-layers needs a transformer encoder; this graph has no attention block");
+        bail!("{flag} needs a transformer encoder; this graph has no attention block");
     }
     atts.iter()
         .enumerate()
         .map(|(i, a)| {
             w.block(a).with_context(|| {
                 format!(
-                    "--fine-tune-layers: encoder layer {} (attention node '{}') is not a post-LayerNorm BERT block \
+                    "{flag}: encoder layer {} (attention node '{}') is not a post-LayerNorm BERT block \
                      (fused QKV MatMul with bias → Split → Attention → MatMul → Add → LayerNorm → MatMul → GELU → \
                      MatMul → Add → LayerNorm)",
                     i + 1,
@@ -162,29 +162,48 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_matmul(w)?.broadcast_add(b)
 }
 
+/// `blocks` on `x` [B, S, D] with the weights `vars` (each block's 12 tensors in
+/// [`Block::tensors`] order): the last block's hidden state [B, S, D]. The attention width is
+/// the QKV product's third (heads removed by pruning leave it below `D`).
+pub(crate) fn blocks_forward(vars: &[[Var; 12]], blocks: &[Block], x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut x = x.clone();
+    let (b, s, _) = x.dims3()?;
+    for (v, blk) in vars.iter().zip(blocks) {
+        let t = |i: usize| v[i].as_tensor();
+        let h = blk.heads;
+        let w = t(0).dim(1)? / 3;
+        let dh = w / h;
+        let qkv = linear(&x, t(0), t(1))?;
+        let split = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, i * w, w)?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()
+        };
+        let (q, k, vv) = (split(0)?, split(1)?, split(2)?);
+        let scale = blk.scale.unwrap_or(1.0 / (dh as f32).sqrt()) as f64;
+        let p = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?;
+        let ctx = p.matmul(&vv)?.transpose(1, 2)?.contiguous()?.reshape((b, s, w))?;
+        let a = linear(&ctx, t(2), t(3))?;
+        let hh = layer_norm(&(a + &x)?, t(4), t(5), blk.eps[0])?;
+        let f = linear(&linear(&hh, t(6), t(7))?.gelu_erf()?, t(8), t(9))?;
+        x = layer_norm(&(f + &hh)?, t(10), t(11), blk.eps[1])?;
+    }
+    Ok(x)
+}
+
+/// Trainable copies of `blocks`' weights in `m`.
+pub(crate) fn block_vars(m: &Module, blocks: &[Block], dev: &Device) -> Result<Vec<[Var; 12]>> {
+    blocks
+        .iter()
+        .map(|b| -> Result<[Var; 12]> {
+            let v: Vec<Var> = b.tensors.iter().map(|&t| var_of(m, t, dev)).collect::<Result<_>>()?;
+            v.try_into().map_err(|_| anyhow::anyhow!("12 tensors"))
+        })
+        .collect()
+}
+
 impl Trainable {
     /// The blocks on `x` [B, S, D], then mean pooling and L2 normalisation: [B, D].
     fn embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
-        let (b, s, d) = x.dims3()?;
-        for (v, blk) in self.vars.iter().zip(&self.blocks) {
-            let t = |i: usize| v[i].as_tensor();
-            let h = blk.heads;
-            let dh = d / h;
-            let qkv = linear(&x, t(0), t(1))?;
-            let split = |i: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(2, i * d, d)?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()
-            };
-            let (q, k, vv) = (split(0)?, split(1)?, split(2)?);
-            let scale = blk.scale.unwrap_or(1.0 / (dh as f32).sqrt()) as f64;
-            let p = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?;
-            let ctx = p.matmul(&vv)?.transpose(1, 2)?.contiguous()?.reshape((b, s, d))?;
-            let a = linear(&ctx, t(2), t(3))?;
-            let hh = layer_norm(&(a + &x)?, t(4), t(5), blk.eps[0])?;
-            let f = linear(&linear(&hh, t(6), t(7))?.gelu_erf()?, t(8), t(9))?;
-            x = layer_norm(&(f + &hh)?, t(10), t(11), blk.eps[1])?;
-        }
-        let pooled = x.mean(1)?;
+        let pooled = blocks_forward(&self.vars, &self.blocks, x)?.mean(1)?;
         let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
         pooled.broadcast_div(&norm)
     }
@@ -219,7 +238,7 @@ impl Default for FineTuneOptions {
 }
 
 /// Deterministic shuffling (xorshift).
-fn shuffle<T>(v: &mut [T], seed: &mut u64) {
+pub(crate) fn shuffle<T>(v: &mut [T], seed: &mut u64) {
     for i in (1..v.len()).rev() {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;
@@ -241,7 +260,7 @@ pub fn fine_tune(
     progress: &crate::Progress,
 ) -> Result<FineTuned> {
     let t0 = Instant::now();
-    let blocks = encoder_blocks(m)?;
+    let blocks = encoder_blocks(m, "--fine-tune-layers")?;
     let k = opts.layers;
     if k == 0 || k > blocks.len() {
         bail!("--fine-tune-layers {k}: the encoder has {} layers", blocks.len());
@@ -271,13 +290,7 @@ pub fn fine_tune(
     };
     let labels_of =
         |batch: &[usize]| Tensor::from_vec(batch.iter().map(|&i| y[i]).collect::<Vec<u32>>(), batch.len(), &dev);
-    let vars = top
-        .iter()
-        .map(|b| -> Result<[Var; 12]> {
-            let v: Vec<Var> = b.tensors.iter().map(|&t| var_of(m, t, &dev)).collect::<Result<_>>()?;
-            v.try_into().map_err(|_| anyhow::anyhow!("12 tensors"))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let vars = block_vars(m, &top, &dev)?;
     let c = data.labels.len();
     let mut net = Trainable {
         vars,

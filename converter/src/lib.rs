@@ -31,6 +31,7 @@ pub mod llm;
 pub use acorn_cli::npy;
 pub mod finetune;
 pub mod heads;
+pub mod heal;
 pub mod onnx;
 pub mod onnx_build;
 pub mod passes;
@@ -409,6 +410,16 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     // same or, with --quantize q8|q4, leaves its mask to the quantize pass's sweep (joint).
     let mut masks = std::collections::HashMap::new();
     if let Some(p) = &opts.prune {
+        // The teacher for --heal: the model before any pruning pass, on the fitting texts.
+        let teacher = match &p.heal {
+            Some(h) => {
+                let own = h.data.as_deref().map(|d| heal::read_texts(&m, d, opts.tokenizer.as_deref())).transpose()?;
+                let (_, fit) = calibration.grams_and_samples(&mut m, &mut records)?;
+                opts.progress.report("recording the teacher", 0, 0);
+                Some(heal::capture(&m, own.as_ref().unwrap_or(fit), &opts.progress)?)
+            }
+            None => None,
+        };
         if let Some(which) = &p.layers {
             if opts.train.is_some() {
                 anyhow::bail!("--drop-layers with --train: a head is trained on the encoder as it is; drop the layers first (convert twice)");
@@ -428,7 +439,9 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             })?;
         }
         if let Some(u) = &p.unstructured {
+            // With --heal the pruned weights are trained before rounding: pruned first, apart.
             let joint = u.method == prune::PruneMethod::SparseGpt
+                && p.heal.is_none()
                 && opts.quantize.as_ref().is_some_and(|q| q.format != quantize::QuantFormat::F16);
             let grams =
                 if u.method.needs_calibration() { Some(&*calibration.grams(&mut m, &mut records)?) } else { None };
@@ -459,6 +472,26 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             }
             masks = pruned.masks;
             records.push(pruned.record);
+        }
+        if let (Some(h), Some(teacher)) = (&p.heal, &teacher) {
+            opts.progress.report("healing", 0, 0);
+            let mut rec = PassRecord {
+                name: "heal".into(),
+                params: vec![
+                    ("teacher".into(), "the unpruned model's last hidden state".into()),
+                    (
+                        "texts".into(),
+                        h.data.as_ref().map_or("--calib".to_string(), |d| format!("--heal-data {}", d.display())),
+                    ),
+                    ("max_epochs".into(), h.max_epochs.to_string()),
+                    ("learning_rate".into(), h.learning_rate.to_string()),
+                ],
+                report: heal::heal(&mut m, teacher, h, &opts.progress)?,
+            };
+            if let Some(a) = measure_dense(&m, &calibration, opts)? {
+                a.record_into(&mut rec);
+            }
+            records.push(rec);
         }
     }
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {

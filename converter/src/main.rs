@@ -156,6 +156,23 @@ enum Cmd {
         /// With a structured removal: no refit (to measure what the refit brings).
         #[arg(long)]
         no_refit: bool,
+        /// After pruning, train the pruned encoder's layers to reproduce the unpruned model's
+        /// last hidden state on the --calib texts (knowledge distillation, AdamW; pruned
+        /// weights stay zero; an eighth of the texts validates and picks the best epoch).
+        /// Post-LayerNorm BERT encoders (MiniLM, BERT).
+        #[arg(long)]
+        heal: bool,
+        /// Most epochs --heal trains (default 12; it stops earlier when the validation loss
+        /// stops falling).
+        #[arg(long, value_name = "N", requires = "heal")]
+        heal_epochs: Option<usize>,
+        /// The texts --heal trains on, one per line (default: the --calib texts). More text
+        /// than calibration needs generalises better; keep the text you evaluate on out.
+        #[arg(long, value_name = "FILE", requires = "heal")]
+        heal_data: Option<PathBuf>,
+        /// The AdamW step size --heal trains with (default 1e-5).
+        #[arg(long, value_name = "RATE", requires = "heal")]
+        heal_lr: Option<f64>,
         /// Print one JSON object (the file written, every pass record, warnings) instead of text.
         #[arg(long)]
         json: bool,
@@ -240,6 +257,10 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             prune_heads,
             head_groups,
             no_refit,
+            heal,
+            heal_epochs,
+            heal_data,
+            heal_lr,
         } => {
             let as_written = match quantized_import.as_str() {
                 "lift" => false,
@@ -257,6 +278,10 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 heads: prune_heads,
                 head_groups: head_groups.as_deref(),
                 no_refit,
+                heal,
+                heal_epochs,
+                heal_data,
+                heal_lr,
             })?;
             // --calib serves pruning alone too; quantization takes it only with --quantize.
             let calib = if quantize.is_none() && prune.is_some() { None } else { calib };

@@ -115,6 +115,8 @@ pub struct PruneOptions {
     pub head_groups: crate::structured::HeadGroups,
     /// Refit what follows a structured removal on the calibration data (`--no-refit`: not).
     pub refit: bool,
+    /// `--heal`: train the pruned encoder against the unpruned one afterwards (`crate::heal`).
+    pub heal: Option<crate::heal::HealOptions>,
     /// Regular expressions naming embedding tables / LM heads to prune as well.
     pub include: Vec<String>,
     /// `--calib` (wanda, sparsegpt and the structured passes).
@@ -125,6 +127,7 @@ impl PruneOptions {
     /// Whether any pass needs the calibration statistics.
     pub fn needs_calibration(&self) -> bool {
         self.ffn.is_some()
+            || self.heal.is_some()
             || self.layers.is_some()
             || self.heads.is_some()
             || self.unstructured.is_some_and(|u| u.method.needs_calibration())
@@ -152,6 +155,14 @@ pub struct PruneFlags<'a> {
     pub head_groups: Option<&'a str>,
     /// `--no-refit`.
     pub no_refit: bool,
+    /// `--heal`.
+    pub heal: bool,
+    /// `--heal-epochs N`.
+    pub heal_epochs: Option<usize>,
+    /// `--heal-data FILE`.
+    pub heal_data: Option<std::path::PathBuf>,
+    /// `--heal-lr RATE`.
+    pub heal_lr: Option<f64>,
 }
 
 impl PruneOptions {
@@ -186,6 +197,31 @@ impl PruneOptions {
             bail!("--no-refit goes with a structured removal (--prune-ffn, --prune-heads, --drop-layers)");
         }
         let unstructured = Self::unstructured_from(flags)?;
+        if (flags.heal_epochs.is_some() || flags.heal_data.is_some() || flags.heal_lr.is_some()) && !flags.heal {
+            bail!("--heal-epochs, --heal-data and --heal-lr go with --heal");
+        }
+        if let Some(lr) = flags.heal_lr {
+            if !(lr > 0.0 && lr < 1.0) {
+                bail!("--heal-lr {lr}: an AdamW step size above 0 and below 1 (e.g. 1e-5)");
+            }
+        }
+        let heal = match (flags.heal, flags.heal_epochs) {
+            (false, _) => None,
+            (true, _) if unstructured.is_none() && !structured => {
+                bail!("--heal trains a pruned encoder against the original: it goes with a pruning pass")
+            }
+            (true, _) if flags.calib.is_none() => bail!("--heal needs --calib FILE (the texts it trains on)"),
+            (true, Some(0)) => bail!("--heal-epochs 0 trains nothing"),
+            (true, e) => {
+                let d = crate::heal::HealOptions::default();
+                Some(crate::heal::HealOptions {
+                    max_epochs: e.unwrap_or(d.max_epochs),
+                    data: flags.heal_data.clone(),
+                    learning_rate: flags.heal_lr.unwrap_or(d.learning_rate),
+                    ..d
+                })
+            }
+        };
         if unstructured.is_none() && !structured {
             return Ok(None);
         }
@@ -199,6 +235,7 @@ impl PruneOptions {
             heads: flags.heads,
             head_groups,
             refit: !flags.no_refit,
+            heal,
             include: flags.include.clone(),
             calib: flags.calib.clone(),
         }))
@@ -520,5 +557,30 @@ mod tests {
         let o = heads(Some(3), Some("whole")).unwrap().unwrap();
         assert_eq!((o.heads, o.head_groups), (Some(3), crate::structured::HeadGroups::Whole));
         assert_eq!(heads(Some(3), None).unwrap().unwrap().head_groups, crate::structured::HeadGroups::Auto);
+        let heal = |ffn: Option<f64>, heal: bool, epochs: Option<usize>, calib: bool| {
+            PruneOptions::from_flags(&PruneFlags {
+                ffn,
+                heal,
+                heal_epochs: epochs,
+                calib: calib.then(|| "x.txt".into()),
+                ..Default::default()
+            })
+        };
+        assert!(heal(None, true, None, true).unwrap_err().to_string().contains("pruning pass"));
+        assert!(heal(Some(0.25), false, Some(3), true).unwrap_err().to_string().contains("go with --heal"));
+        let lr = |v: f64| {
+            PruneOptions::from_flags(&PruneFlags {
+                ffn: Some(0.25),
+                heal: true,
+                heal_lr: Some(v),
+                calib: Some("x.txt".into()),
+                ..Default::default()
+            })
+        };
+        assert!(lr(0.0).is_err() && lr(f64::NAN).is_err());
+        assert_eq!(lr(2e-5).unwrap().unwrap().heal.map(|h| h.learning_rate), Some(2e-5));
+        assert!(heal(Some(0.25), true, Some(0), true).is_err());
+        let o = heal(Some(0.25), true, Some(3), true).unwrap().unwrap();
+        assert_eq!(o.heal.map(|h| h.max_epochs), Some(3));
     }
 }

@@ -268,6 +268,7 @@ fn two_layers_dropped_then_whole_head_groups_then_swiglu_ffn_channels() {
         heads: Some(3),
         head_groups: acorn_converter::structured::HeadGroups::Whole,
         refit: true,
+        heal: None,
         include: Vec::new(),
         calib: Some(calib),
     };

