@@ -363,13 +363,17 @@ pub fn prune_heads(
     let mut blocks = Vec::new();
     let mut decoders = Vec::new();
     let mut skipped = Vec::new();
+    let mut skipped_decoders = Vec::new();
     for (i, node) in m.graph.nodes.iter().enumerate() {
         let Op::Attention(a) = &node.op else { continue };
         let Some(h) = a.q_num_heads else {
             // 4-D: a decoder's (heads from the shapes Q, K and V are split into).
             match decoder_attention(m, &ix, &consts, i) {
                 Ok(d) => decoders.push(d),
-                Err(e) => skipped.push(format!("{}: {e}", node.name)),
+                Err(e) => {
+                    skipped_decoders.push(format!("{}: {e}", node.name));
+                    skipped.push(format!("{}: {e}", node.name));
+                }
             }
             continue;
         };
@@ -432,6 +436,16 @@ pub fn prune_heads(
             if skipped.is_empty() { String::new() } else { format!(": {}", skipped.join("; ")) }
         );
     }
+    // Whole groups change the KV cache's shape: every decoder layer's or none.
+    let groups = match (groups, skipped_decoders.is_empty()) {
+        (HeadGroups::Whole, false) if !decoders.is_empty() => bail!(
+            "--prune-heads {n} --head-groups whole: these decoder attention blocks keep their heads, so their KV \
+             cache would differ from the others': {}",
+            skipped_decoders.join("; ")
+        ),
+        (HeadGroups::Auto, false) => HeadGroups::Within,
+        (g, _) => g,
+    };
     let t = if decoders.is_empty() {
         Totals::default()
     } else {
