@@ -983,6 +983,9 @@ fn set_shape(
     let v = m.graph.nodes[node].inputs[1].context("a reshape without its shape")?;
     let old = consts.get(&v).map(|&t| m.tensors[t as usize].1.view().to_i64_small().map(|s| s.to_vec()));
     let Some(Ok(mut shape)) = old else { bail!("a reshape's shape is not a constant") };
+    if shape[at] == value {
+        return Ok(());
+    }
     shape[at] = value;
     let nv = match made.get(&shape) {
         Some(&nv) => nv,
