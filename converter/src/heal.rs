@@ -62,12 +62,16 @@ fn sample_ids(samples: &Samples) -> Result<Vec<Vec<i64>>> {
         .collect()
 }
 
-/// The value of `m` named by `v`, added as an output: a model the converter runs.
-fn with_output(m: &Module, v: ValueId) -> Result<(acorn::Model, String)> {
+/// `m` with the values `vs` added as outputs (a model the converter runs), and their names.
+fn with_outputs(m: &Module, vs: &[ValueId]) -> Result<(acorn::Model, Vec<String>)> {
     let mut graph = m.graph.clone();
-    let name = m.graph.values[v as usize].name.clone();
-    graph.outputs.push(acorn::IoSpec { name: name.clone(), value: v, dtype: acorn::DType::F32, dims: None });
-    Ok((crate::heads::runnable_graph(m, graph)?, name))
+    let mut names = Vec::new();
+    for &v in vs {
+        let name = m.graph.values[v as usize].name.clone();
+        graph.outputs.push(acorn::IoSpec { name: name.clone(), value: v, dtype: acorn::DType::F32, dims: None });
+        names.push(name);
+    }
+    Ok((crate::heads::runnable_graph(m, graph)?, names))
 }
 
 /// Most `--heal-data` texts read.
@@ -90,9 +94,9 @@ pub fn capture(m: &Module, samples: &Samples, progress: &crate::Progress) -> Res
     if ids.len() < 8 {
         bail!("--heal needs at least 8 texts (it keeps an eighth for validation); it was given {}", ids.len());
     }
-    let (model, name) = with_output(m, value)?;
+    let (model, names) = with_outputs(m, &[value])?;
     let mask = if m.graph.inputs.iter().any(|i| i.name == "attention_mask") { "attention_mask" } else { "" };
-    let states = crate::heads::hidden_states(&model, &ids, &name, mask, progress)?;
+    let states = crate::heads::hidden_states(&model, &ids, &names[0], mask, progress)?;
     Ok(Teacher { value, ids, states, mask: mask.to_string() })
 }
 
@@ -110,8 +114,10 @@ pub fn heal(
         bail!("--heal: the pruned encoder's last block no longer writes the teacher's last hidden state");
     }
     let ids = &teacher.ids;
-    let (model, name) = with_output(m, blocks[0].input)?;
-    let inputs = crate::heads::hidden_states(&model, ids, &name, &teacher.mask, progress)?;
+    let last = blocks.last().expect("an encoder has blocks").output;
+    let (model, names) = with_outputs(m, &[blocks[0].input, last])?;
+    let inputs = crate::heads::hidden_states(&model, ids, &names[0], &teacher.mask, progress)?;
+    let pruned = crate::heads::hidden_states(&model, ids, &names[1], &teacher.mask, progress)?;
     drop(model);
     let d = inputs[0].len() / ids[0].len().max(1);
     let dev = Device::Cpu;
@@ -162,6 +168,22 @@ pub fn heal(
     let all: Vec<Var> = vars.iter().flatten().cloned().collect();
     let mut opt =
         AdamW::new(all.clone(), ParamsAdamW { lr: opts.learning_rate, weight_decay: 0.0, ..ParamsAdamW::default() })?;
+    // The trainable copy must compute what the pruned graph computes (a block read wrong, or
+    // something between blocks such as --drop-layers' fitted maps, would train another network).
+    let (mut err, mut norm) = (0.0f64, 0.0f64);
+    for b in &valid {
+        let (copy, graph) = (blocks_forward(&vars, &blocks, &stack(b, &inputs)?)?, stack(b, &pruned)?);
+        err += (copy - &graph)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        norm += graph.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    if err.is_nan() || err > 1e-5 * norm {
+        bail!(
+            "--heal: the trainable copy of the encoder's blocks does not reproduce the pruned graph (relative \
+             error {:.2e}): its blocks are not chained post-LayerNorm BERT blocks (e.g. --drop-layers left a \
+             fitted map between two)",
+            err / norm.max(1e-30)
+        );
+    }
     let before = validation(&vars)?;
     let mut best = (before, 0usize, snapshot(&vars)?);
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
