@@ -75,7 +75,11 @@ fn with_outputs(m: &Module, vs: &[ValueId]) -> Result<(acorn::Model, Vec<String>
 }
 
 /// Most `--heal-data` texts read.
-pub const MAX_TEXTS: usize = 100_000;
+pub const MAX_TEXTS: usize = 20_000;
+
+/// Most tokens healing trains on: the teacher's and the student's hidden states are held in
+/// memory (three f32 values per token and width: 1.2 GB at MiniLM's 384).
+pub const MAX_TOKENS: usize = 1 << 18;
 
 /// The `--heal-data` texts as samples for `m` (one per non-empty line, tokenized with
 /// `tokenizer`).
@@ -93,6 +97,14 @@ pub fn capture(m: &Module, samples: &Samples, progress: &crate::Progress) -> Res
     let ids = sample_ids(samples)?;
     if ids.len() < 8 {
         bail!("--heal needs at least 8 texts (it keeps an eighth for validation); it was given {}", ids.len());
+    }
+    let tokens: usize = ids.iter().map(Vec::len).sum();
+    if tokens > MAX_TOKENS {
+        bail!(
+            "--heal: {} texts of {tokens} tokens; at most {MAX_TOKENS} tokens (the teacher's and the student's hidden \
+             states are held in memory): give fewer or shorter texts",
+            ids.len()
+        );
     }
     let (model, names) = with_outputs(m, &[value])?;
     let mask = if m.graph.inputs.iter().any(|i| i.name == "attention_mask") { "attention_mask" } else { "" };
