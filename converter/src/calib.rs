@@ -37,6 +37,10 @@ pub fn samples(
     let tok = tokenizer.ok_or_else(|| {
         anyhow!("--calib with a text file needs the model's tokenizer (--tokenizer tokenizer.json), or give a folder of .npy inputs")
     })?;
+    // A tokenizer.json may pad every text to a fixed length (MiniLM's: 128); a sample is the
+    // text's own tokens, every one attended.
+    let mut tok = tok.clone();
+    tok.with_padding(None);
     let mut out = Vec::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()).take(max_samples) {
         let enc = tok.encode(line, true).map_err(|e| anyhow!("tokenizing a calibration line: {e}"))?;
