@@ -436,6 +436,12 @@ pub fn prune_heads(
             if skipped.is_empty() { String::new() } else { format!(": {}", skipped.join("; ")) }
         );
     }
+    if decoders.is_empty() && groups != HeadGroups::Auto {
+        bail!(
+            "--head-groups is about a decoder's grouped query heads; this model's attention blocks pruned here are \
+             an encoder's (every head has its own K and V)"
+        );
+    }
     // Whole groups change the KV cache's shape: every decoder layer's or none.
     let groups = match (groups, skipped_decoders.is_empty()) {
         (HeadGroups::Whole, false) if !decoders.is_empty() => bail!(
@@ -931,13 +937,11 @@ fn prune_decoder_heads(
             }
         }
         // A split of a product's columns: each part loses the columns removed within it.
+        // (A split reads one of the source products: the match checked it.)
         for &s in &b.splits {
-            let Some(p) =
-                m.graph.nodes[s].inputs[0].and_then(|v| m.graph.nodes.iter().position(|x| x.outputs.contains(&v)))
-            else {
-                continue;
-            };
-            let Some(cols) = per_node.get(&p) else { continue };
+            let input = m.graph.nodes[s].inputs[0];
+            let source = b.sources.iter().find(|src| m.graph.nodes[src.node].outputs.first().copied() == input);
+            let Some(cols) = source.and_then(|src| per_node.get(&src.node)) else { continue };
             if let Op::Split { split: Some(sizes), .. } = &mut m.graph.nodes[s].op {
                 let mut start = 0usize;
                 for size in sizes.iter_mut() {
