@@ -366,6 +366,9 @@ pub struct Agreement {
     pub samples: usize,
     pub cosine: f64,
     pub top1: Option<f64>,
+    /// For one vector per sample (a sentence embedding): the share of samples whose nearest
+    /// other sample (by cosine) is the same under both models.
+    pub nearest_neighbour: Option<f64>,
 }
 
 impl Agreement {
@@ -376,6 +379,9 @@ impl Agreement {
         rec.report.push(("heldout_cosine".into(), self.cosine));
         if let Some(t) = self.top1 {
             rec.report.push(("heldout_top1".into(), t));
+        }
+        if let Some(t) = self.nearest_neighbour {
+            rec.report.push(("heldout_nn_agreement".into(), t));
         }
     }
 }
@@ -401,7 +407,8 @@ fn empty_as_declared(model: &Model, name: &str, t: &Tensor) -> Result<Option<Ten
 }
 
 /// Runs the [`Reference`] and `candidate` on `samples` and measures their [`Agreement`] (on the
-/// candidate's first f32 output, the same output of the reference).
+/// candidate's first f32 output, and the reference's output of the same name, or at the same
+/// position).
 pub fn agreement(
     reference: &Reference,
     b: &Model,
@@ -415,8 +422,53 @@ pub fn agreement(
         .iter()
         .position(|o| o.dtype == DType::F32)
         .ok_or_else(|| anyhow!("the model has no f32 output to compare"))?;
-    let (mut sa, mut sb) = (session(&a, memory_limit)?, session(b, memory_limit)?);
+    let name = &b.outputs()[idx].name;
+    let ia = a.outputs().iter().position(|o| o.name == *name).unwrap_or(idx);
+    agreement_of(&a, b, (ia, idx), samples, memory_limit, progress)
+}
+
+/// The outputs of `teacher` and `student` to compare: the first f32 output of the student the
+/// teacher has by name; else the teacher's first f32 output and the student's first of the
+/// same rank and last size (e.g. both `[batch, 384]` sentence embeddings).
+pub fn output_pair(teacher: &Model, student: &Model) -> Result<(usize, usize)> {
+    let (t, s) = (teacher.outputs(), student.outputs());
+    for (is, o) in s.iter().enumerate().filter(|(_, o)| o.dtype == DType::F32) {
+        if let Some(it) = t.iter().position(|x| x.name == o.name && x.dtype == DType::F32) {
+            return Ok((it, is));
+        }
+    }
+    let describe = |outs: &[acorn::IoSpec]| -> String {
+        outs.iter().map(|o| format!("{} {:?} {:?}", o.name, o.dtype, o.dims)).collect::<Vec<_>>().join("; ")
+    };
+    let shape = |o: &acorn::IoSpec| o.dims.as_ref().map(|d| (d.len(), d.last().cloned()));
+    if let Some(it) = t.iter().position(|o| o.dtype == DType::F32) {
+        if let Some(is) =
+            s.iter().position(|o| o.dtype == DType::F32 && shape(o).is_some() && shape(o) == shape(&t[it]))
+        {
+            return Ok((it, is));
+        }
+    }
+    bail!(
+        "no output of the model matches one of the teacher's (by name, or an f32 output of the same rank and last          size as the teacher's first): teacher [{}], model [{}]",
+        describe(t),
+        describe(s)
+    )
+}
+
+/// [`agreement`] on the reference's output `ia` and the candidate's `idx`.
+pub fn agreement_of(
+    a: &Model,
+    b: &Model,
+    (ia, idx): (usize, usize),
+    samples: &[Vec<(String, Tensor)>],
+    memory_limit: Option<usize>,
+    progress: &crate::Progress,
+) -> Result<Agreement> {
+    let name = &b.outputs()[idx].name;
+    let (mut sa, mut sb) = (session(a, memory_limit)?, session(b, memory_limit)?);
     let (mut cos, mut same, mut rows) = (0.0f64, 0usize, 0usize);
+    // One vector per sample: (reference, candidate) rows for the nearest-neighbour agreement.
+    let (mut va, mut vb, mut width) = (Vec::new(), Vec::new(), None::<usize>);
     for (i, s) in samples.iter().enumerate() {
         progress.report("measuring", i as u64, samples.len() as u64);
         let named: Vec<(&str, &Tensor)> = s.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -431,12 +483,23 @@ pub fn agreement(
             .map(|((n, t), r)| (*n, r.as_ref().unwrap_or(t)))
             .collect();
         let (ra, rb) = (sa.run(&named)?, sb.run(&own)?);
-        let (x, y) = (ra[idx].as_f32().unwrap_or_default(), rb[idx].as_f32().unwrap_or_default());
+        let (x, y) = (ra[ia].as_f32().unwrap_or_default(), rb[idx].as_f32().unwrap_or_default());
+        if x.len() != y.len() {
+            bail!("output '{name}': {} values against the reference's {}", y.len(), x.len());
+        }
+        let last = rb[idx].shape().last().copied().unwrap_or(0);
+        if last == x.len() && last > 0 && width.is_none_or(|w| w == last) {
+            width = Some(last);
+            va.extend_from_slice(x);
+            vb.extend_from_slice(y);
+        } else {
+            width = Some(0);
+        }
         let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
         let (nx, ny) =
             (x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>(), y.iter().map(|v| (*v as f64).powi(2)).sum::<f64>());
         cos += dot / (nx * ny).sqrt().max(1e-30);
-        let shape = ra[idx].shape();
+        let shape = ra[ia].shape();
         let last = *shape.last().unwrap_or(&1);
         if shape.len() >= 2 && last > 1 {
             for (rx, ry) in x.chunks_exact(last).zip(y.chunks_exact(last)) {
@@ -450,5 +513,8 @@ pub fn agreement(
         samples: samples.len(),
         cosine: cos / samples.len().max(1) as f64,
         top1: (rows > 0).then(|| same as f64 / rows as f64),
+        nearest_neighbour: width
+            .filter(|&w| w > 0 && samples.len() >= 3)
+            .map(|w| crate::heal::nearest_neighbour_agreement(&va, &vb, w)),
     })
 }

@@ -166,6 +166,17 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// [`Block::tensors`] order): the last block's hidden state [B, S, D]. The attention width is
 /// the QKV product's third (heads removed by pruning leave it below `D`).
 pub(crate) fn blocks_forward(vars: &[[Var; 12]], blocks: &[Block], x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut each = blocks_forward_each(vars, blocks, x)?;
+    Ok(each.pop().unwrap_or_else(|| x.clone()))
+}
+
+/// [`blocks_forward`] with every block's output, bottom up.
+pub(crate) fn blocks_forward_each(
+    vars: &[[Var; 12]],
+    blocks: &[Block],
+    x: &Tensor,
+) -> candle_core::Result<Vec<Tensor>> {
+    let mut outs = Vec::with_capacity(blocks.len());
     let mut x = x.clone();
     let (b, s, _) = x.dims3()?;
     for (v, blk) in vars.iter().zip(blocks) {
@@ -185,8 +196,9 @@ pub(crate) fn blocks_forward(vars: &[[Var; 12]], blocks: &[Block], x: &Tensor) -
         let hh = layer_norm(&(a + &x)?, t(4), t(5), blk.eps[0])?;
         let f = linear(&linear(&hh, t(6), t(7))?.gelu_erf()?, t(8), t(9))?;
         x = layer_norm(&(f + &hh)?, t(10), t(11), blk.eps[1])?;
+        outs.push(x.clone());
     }
-    Ok(x)
+    Ok(outs)
 }
 
 /// Trainable copies of `blocks`' weights in `m`.

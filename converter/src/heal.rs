@@ -1,11 +1,14 @@
-//! Healing a pruned encoder (`acorn convert --prune… --heal`): knowledge distillation with the
-//! unpruned model as the teacher. Before any pruning pass, the teacher's last hidden state is
-//! recorded on the `--calib` texts; after them, every encoder block of the pruned model is
-//! trained (AdamW, candle, in the converter only) to reproduce it from the same embeddings —
-//! `‖h_student − h_teacher‖² / ‖h_teacher‖²` per token — with the last eighth of the fitting
-//! texts as a validation split (the held-out eighth the pass records measure stays unseen) and
-//! the best epoch's weights kept. Weights pruned to zero stay zero (their mask is applied after
-//! every step), so a sparse matrix stays as sparse.
+//! Training an encoder's blocks to imitate a teacher (knowledge distillation), shared by
+//! healing a pruned encoder (`acorn convert --prune… --heal`) and by students built from a
+//! teacher (`acorn distill`, [`crate::distill`]).
+//!
+//! The teacher's last hidden state is recorded on the texts first ([`capture`]; for `--heal`
+//! before any pruning pass). Then every encoder block of the student is trained (AdamW, candle,
+//! in the converter only) to reproduce it from the same embeddings: per text,
+//! `‖h_s − h_t‖² / ‖h_t‖²` over its tokens, plus `pooled_weight · (1 − cos(mean h_s, mean h_t))`
+//! (the sentence embedding a mean-pooling encoder outputs), with the last eighth of the texts as
+//! a validation split and the best epoch's weights kept. Weights pruned to zero stay zero (their
+//! mask is applied after every step), so a sparse matrix stays as sparse.
 //!
 //! The blocks are the post-LayerNorm BERT blocks fine-tuning trains ([`crate::finetune`]).
 
@@ -17,10 +20,10 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::calib::Samples;
-use crate::finetune::{block_vars, blocks_forward, encoder_blocks, shuffle};
+use crate::finetune::{block_vars, blocks_forward, blocks_forward_each, encoder_blocks, shuffle, Block};
 use crate::ir::Module;
 
-/// Settings of [`heal`].
+/// Settings of [`heal`] and of the training [`crate::distill`] runs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HealOptions {
     /// Most passes over the fitting texts.
@@ -31,32 +34,86 @@ pub struct HealOptions {
     pub learning_rate: f64,
     /// `--heal-data FILE`: the texts to train on (one per line), instead of the `--calib` ones.
     pub data: Option<std::path::PathBuf>,
+    /// Weight of the pooled-embedding term `1 − cos` in the loss (0: hidden states only).
+    pub pooled_weight: f64,
+    /// Most texts (of one token count) per step.
+    pub batch: usize,
+    /// Most optimizer steps in all (`None`: the epochs decide).
+    pub max_steps: Option<usize>,
+    /// Weight of the intermediate targets (the mean relative error of every student block
+    /// whose teacher layer was recorded with [`Teacher::record_layers`]).
+    pub layer_weight: f64,
 }
 
 impl Default for HealOptions {
     fn default() -> Self {
-        HealOptions { max_epochs: 12, patience: 2, learning_rate: 1e-5, data: None }
+        HealOptions {
+            max_epochs: 12,
+            patience: 2,
+            learning_rate: 1e-5,
+            data: None,
+            pooled_weight: 0.0,
+            batch: 8,
+            max_steps: None,
+            layer_weight: 0.0,
+        }
     }
 }
 
-/// The teacher's last hidden state on the calibration texts.
+/// The teacher's last hidden state on the training texts.
 pub struct Teacher {
-    /// The value the last encoder block writes (the pruned model's must be the same).
-    value: ValueId,
     /// Token ids per text.
     ids: Vec<Vec<i64>>,
     /// [tokens × width] per text.
     states: Vec<Vec<f32>>,
+    /// The first block's input per text, when recorded (a student with the teacher's embeddings
+    /// reads the same).
+    inputs: Option<Vec<Vec<f32>>>,
+    width: usize,
     mask: String,
+    /// Intermediate targets: for each student block but the last, the teacher layer output it
+    /// is trained towards ([tokens × width] per text), if any.
+    layers: Vec<Option<Vec<Vec<f32>>>>,
+}
+
+impl Teacher {
+    /// Records the teacher `m`'s outputs of its blocks `targets[i]` as the targets of the
+    /// student's block `i` (the student's last block always has the last hidden state).
+    pub fn record_layers(
+        &mut self,
+        m: &Module,
+        targets: &[usize],
+        what: &str,
+        progress: &crate::Progress,
+    ) -> Result<()> {
+        let blocks = encoder_blocks(m, what)?;
+        let values: Vec<ValueId> = targets.iter().map(|&t| blocks[t].output).collect();
+        let (model, names) = with_outputs(m, &values)?;
+        self.layers = names
+            .iter()
+            .map(|n| Ok(Some(crate::heads::hidden_states(&model, &self.ids, n, &self.mask, progress)?)))
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    /// Texts recorded.
+    pub fn texts(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Tokens recorded.
+    pub fn tokens(&self) -> usize {
+        self.ids.iter().map(Vec::len).sum()
+    }
 }
 
 /// Token ids of each sample's `input_ids`.
-fn sample_ids(samples: &Samples) -> Result<Vec<Vec<i64>>> {
+fn sample_ids(samples: &Samples, what: &str) -> Result<Vec<Vec<i64>>> {
     samples
         .iter()
         .map(|s| {
             let t = s.iter().find(|(n, _)| n == "input_ids").map(|(_, t)| t);
-            let t = t.context("--heal needs text calibration (token ids in 'input_ids')")?;
+            let t = t.with_context(|| format!("{what} needs text (token ids in 'input_ids')"))?;
             t.view().to_i64_vec().map_err(|e| anyhow::anyhow!("'input_ids': {e:?}"))
         })
         .collect()
@@ -81,73 +138,221 @@ pub const MAX_TEXTS: usize = 20_000;
 /// memory (three f32 values per token and width: 1.2 GB at MiniLM's 384).
 pub const MAX_TOKENS: usize = 1 << 18;
 
-/// The `--heal-data` texts as samples for `m` (one per non-empty line, tokenized with
-/// `tokenizer`).
-pub fn read_texts(m: &Module, path: &std::path::Path, tokenizer: Option<&std::path::Path>) -> Result<Samples> {
-    let Some(tok) = tokenizer else { bail!("--heal-data needs --tokenizer tokenizer.json") };
+/// The texts of `path` as samples for `m` (one per non-empty line, at most `max` lines,
+/// tokenized with `tokenizer`; `what` names the flag in errors).
+pub fn read_texts(
+    m: &Module,
+    path: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    max: usize,
+    what: &str,
+) -> Result<Samples> {
+    let Some(tok) = tokenizer else { bail!("{what} needs --tokenizer tokenizer.json") };
     let tok = tokenizers::Tokenizer::from_file(tok).map_err(|e| anyhow::anyhow!("{}: {e}", tok.display()))?;
-    crate::calib::samples(&m.graph.inputs, path, Some(&tok), MAX_TEXTS)
-        .with_context(|| format!("--heal-data {}", path.display()))
+    crate::calib::samples(&m.graph.inputs, path, Some(&tok), max).with_context(|| format!("{what} {}", path.display()))
 }
 
-/// Records the teacher (`m` before pruning) on `samples`.
-pub fn capture(m: &Module, samples: &Samples, progress: &crate::Progress) -> Result<Teacher> {
-    let blocks = encoder_blocks(m, "--heal")?;
-    let value = blocks.last().expect("an encoder has blocks").output;
-    let ids = sample_ids(samples)?;
+/// Records the teacher `m` on `samples` (`what` names the command in errors); with
+/// `with_inputs`, its first block's input too.
+pub fn capture(
+    m: &Module,
+    samples: &Samples,
+    with_inputs: bool,
+    what: &str,
+    progress: &crate::Progress,
+) -> Result<Teacher> {
+    let blocks = encoder_blocks(m, what)?;
+    let ids = sample_ids(samples, what)?;
     if ids.len() < 8 {
-        bail!("--heal needs at least 8 texts (it keeps an eighth for validation); it was given {}", ids.len());
+        bail!("{what} needs at least 8 texts (it keeps an eighth for validation); it was given {}", ids.len());
     }
     let tokens: usize = ids.iter().map(Vec::len).sum();
     if tokens > MAX_TOKENS {
         bail!(
-            "--heal: {} texts of {tokens} tokens; at most {MAX_TOKENS} tokens (the teacher's and the student's hidden \
+            "{what}: {} texts of {tokens} tokens; at most {MAX_TOKENS} tokens (the teacher's and the student's hidden \
              states are held in memory): give fewer or shorter texts",
             ids.len()
         );
     }
-    let (model, names) = with_outputs(m, &[value])?;
+    let last = blocks.last().expect("an encoder has blocks").output;
+    let (model, names) = with_outputs(m, &[last, blocks[0].input])?;
     let mask = if m.graph.inputs.iter().any(|i| i.name == "attention_mask") { "attention_mask" } else { "" };
     let states = crate::heads::hidden_states(&model, &ids, &names[0], mask, progress)?;
-    Ok(Teacher { value, ids, states, mask: mask.to_string() })
+    let inputs =
+        if with_inputs { Some(crate::heads::hidden_states(&model, &ids, &names[1], mask, progress)?) } else { None };
+    let width = states[0].len() / ids[0].len().max(1);
+    Ok(Teacher { ids, states, inputs, width, mask: mask.to_string(), layers: Vec::new() })
 }
 
-/// Trains every encoder block of the pruned `m` to reproduce `teacher` (see the module docs);
-/// writes the best epoch's weights back. Returns the record's report.
+/// Texts grouped by token count (no padding) into batches of at most `batch`.
+fn batches(ids: &[Vec<i64>], range: std::ops::Range<usize>, batch: usize) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = range.collect();
+    idx.sort_by_key(|&i| ids[i].len());
+    idx.chunk_by(|&a, &b| ids[a].len() == ids[b].len())
+        .flat_map(|g| g.chunks(batch.max(1)).map(|c| c.to_vec()))
+        .collect()
+}
+
+/// The student's inputs and the teacher's targets, batched.
+pub(crate) struct Data<'t> {
+    teacher: &'t Teacher,
+    inputs: &'t [Vec<f32>],
+    pooled_weight: f64,
+    layer_weight: f64,
+    dev: Device,
+}
+
+impl Data<'_> {
+    fn stack(&self, batch: &[usize], from: &[Vec<f32>]) -> candle_core::Result<Tensor> {
+        let s = self.teacher.ids[batch[0]].len();
+        let data: Vec<f32> = batch.iter().flat_map(|&i| from[i].iter().copied()).collect();
+        Tensor::from_vec(data, (batch.len(), s, self.teacher.width), &self.dev)
+    }
+
+    /// The student's last hidden state on `batch`.
+    fn forward(&self, vars: &[[Var; 12]], blocks: &[Block], batch: &[usize]) -> candle_core::Result<Tensor> {
+        blocks_forward(vars, blocks, &self.stack(batch, self.inputs)?)
+    }
+
+    /// The loss on `batch` (a scalar) and the pooled cosine per text.
+    fn loss(&self, vars: &[[Var; 12]], blocks: &[Block], batch: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+        let rel = |out: &Tensor, target: &Tensor| -> candle_core::Result<Tensor> {
+            (out - target)?.sqr()?.sum_all()? / target.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
+        };
+        let target = self.stack(batch, &self.teacher.states)?;
+        let mut each = blocks_forward_each(vars, blocks, &self.stack(batch, self.inputs)?)?;
+        let out = each.pop().expect("a student has blocks");
+        let mut hidden = rel(&out, &target)?;
+        let supervised: Vec<(&Tensor, &Vec<Vec<f32>>)> =
+            each.iter().zip(&self.teacher.layers).filter_map(|(o, t)| Some((o, t.as_ref()?))).collect();
+        if self.layer_weight > 0.0 && !supervised.is_empty() {
+            let n = supervised.len() as f64;
+            for (o, t) in supervised {
+                hidden = (hidden + (rel(o, &self.stack(batch, t)?)? * (self.layer_weight / n))?)?;
+            }
+        }
+        let (ps, pt) = (out.mean(1)?, target.mean(1)?);
+        let norm = |p: &Tensor| -> candle_core::Result<Tensor> { p.sqr()?.sum(1)?.sqrt()?.clamp(1e-12, f64::MAX) };
+        let cos = ((&ps * &pt)?.sum(1)? / (norm(&ps)? * norm(&pt)?)?)?;
+        let loss = if self.pooled_weight > 0.0 {
+            (hidden + ((1.0 - &cos)?.mean_all()? * self.pooled_weight)?)?
+        } else {
+            hidden
+        };
+        Ok((loss, cos))
+    }
+
+    /// Mean loss and mean pooled cosine over `valid`.
+    pub(crate) fn validate(&self, vars: &[[Var; 12]], blocks: &[Block], valid: &[Vec<usize>]) -> Result<(f64, f64)> {
+        let (mut loss, mut cos, mut n) = (0.0f64, 0.0f64, 0usize);
+        for b in valid {
+            let (l, c) = self.loss(vars, blocks, b)?;
+            loss += l.to_scalar::<f32>()? as f64 * b.len() as f64;
+            cos += c.sum_all()?.to_scalar::<f32>()? as f64;
+            n += b.len();
+        }
+        Ok((loss / n.max(1) as f64, cos / n.max(1) as f64))
+    }
+
+    /// Pooled (mean) last hidden states of the student on `texts`, and of the teacher, one row
+    /// each.
+    fn pooled(&self, vars: &[[Var; 12]], blocks: &[Block], texts: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut s, mut t) = (Vec::new(), Vec::new());
+        for &i in texts {
+            s.extend(self.forward(vars, blocks, &[i])?.mean(1)?.flatten_all()?.to_vec1::<f32>()?);
+            t.extend(self.stack(&[i], &self.teacher.states)?.mean(1)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok((s, t))
+    }
+}
+
+/// Most validation texts the nearest-neighbour agreement compares (quadratic in them).
+const NN_TEXTS: usize = 1000;
+
+/// The share of rows of `a` whose nearest other row (by cosine) is the same one in `b`.
+pub fn nearest_neighbour_agreement(a: &[f32], b: &[f32], d: usize) -> f64 {
+    let unit = |x: &[f32]| -> Vec<f32> {
+        x.chunks_exact(d)
+            .flat_map(|r| {
+                let n = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                r.iter().map(move |v| v / n)
+            })
+            .collect()
+    };
+    let (a, b) = (unit(a), unit(b));
+    let n = a.len() / d.max(1);
+    let nearest = |x: &[f32], i: usize| -> usize {
+        let xi = &x[i * d..(i + 1) * d];
+        (0..n)
+            .filter(|&j| j != i)
+            .map(|j| (x[j * d..(j + 1) * d].iter().zip(xi).map(|(p, q)| p * q).sum::<f32>(), j))
+            .max_by(|p, q| p.0.total_cmp(&q.0))
+            .map_or(i, |p| p.1)
+    };
+    if n < 2 {
+        return 1.0;
+    }
+    (0..n).filter(|&i| nearest(&a, i) == nearest(&b, i)).count() as f64 / n as f64
+}
+
+/// The texts split for training (`Data`, training batches, validation batches).
+pub(crate) fn split<'t>(
+    teacher: &'t Teacher,
+    inputs: &'t [Vec<f32>],
+    opts: &HealOptions,
+) -> (Data<'t>, Vec<Vec<usize>>, Vec<Vec<usize>>) {
+    let ids = &teacher.ids;
+    let n_val = (ids.len() / 8).max(1);
+    let data =
+        Data { teacher, inputs, pooled_weight: opts.pooled_weight, layer_weight: opts.layer_weight, dev: Device::Cpu };
+    (data, batches(ids, 0..ids.len() - n_val, opts.batch), batches(ids, ids.len() - n_val..ids.len(), opts.batch))
+}
+
+/// The teacher's recorded first-block inputs (error if [`capture`] did not record them).
+pub(crate) fn teacher_inputs(teacher: &Teacher) -> Result<&[Vec<f32>]> {
+    teacher.inputs.as_deref().context("the teacher's first-block inputs were not recorded")
+}
+
+/// Trainable copies of the teacher's blocks in `m` (the teacher itself).
+pub(crate) fn teacher_vars(m: &Module, what: &str) -> Result<(Vec<[Var; 12]>, Vec<Block>)> {
+    let blocks = encoder_blocks(m, what)?;
+    Ok((block_vars(m, &blocks, &Device::Cpu)?, blocks))
+}
+
+/// Trains every encoder block of the student `m` to reproduce `teacher` (see the module docs);
+/// writes the best epoch's weights back. `what` names the pass (`heal`, `distill`): the report's
+/// keys start with it. Returns the record's report.
 pub fn heal(
     m: &mut Module,
     teacher: &Teacher,
     opts: &HealOptions,
+    what: &str,
     progress: &crate::Progress,
 ) -> Result<Vec<(String, f64)>> {
     let t0 = Instant::now();
-    let blocks = encoder_blocks(m, "--heal")?;
-    if blocks.last().expect("an encoder has blocks").output != teacher.value {
-        bail!("--heal: the pruned encoder's last block no longer writes the teacher's last hidden state");
-    }
+    let flag = if what == "heal" { "--heal" } else { "acorn distill" };
+    let blocks = encoder_blocks(m, flag)?;
     let ids = &teacher.ids;
     let last = blocks.last().expect("an encoder has blocks").output;
     let (model, names) = with_outputs(m, &[blocks[0].input, last])?;
-    let inputs = crate::heads::hidden_states(&model, ids, &names[0], &teacher.mask, progress)?;
-    let pruned = crate::heads::hidden_states(&model, ids, &names[1], &teacher.mask, progress)?;
+    let own_inputs;
+    let inputs: &[Vec<f32>] = match &teacher.inputs {
+        Some(i) => i,
+        None => {
+            own_inputs = crate::heads::hidden_states(&model, ids, &names[0], &teacher.mask, progress)?;
+            &own_inputs
+        }
+    };
+    let (data, mut train, valid) = split(teacher, inputs, opts);
+    let n_val: usize = valid.iter().map(Vec::len).sum();
+    let val_texts: Vec<usize> = valid.iter().flatten().copied().collect();
+    let val_ids: Vec<Vec<i64>> = val_texts.iter().map(|&i| ids[i].clone()).collect();
+    let student = crate::heads::hidden_states(&model, &val_ids, &names[1], &teacher.mask, progress)?;
     drop(model);
-    let d = inputs[0].len() / ids[0].len().max(1);
-    let dev = Device::Cpu;
-    // Texts grouped by token count (no padding), in batches of at most 8; the last eighth of the
-    // texts validates.
-    let n_val = (ids.len() / 8).max(1);
-    let batches = |range: std::ops::Range<usize>| -> Vec<Vec<usize>> {
-        let mut idx: Vec<usize> = range.collect();
-        idx.sort_by_key(|&i| ids[i].len());
-        idx.chunk_by(|&a, &b| ids[a].len() == ids[b].len()).flat_map(|g| g.chunks(8).map(|c| c.to_vec())).collect()
-    };
-    let (mut train, valid) = (batches(0..ids.len() - n_val), batches(ids.len() - n_val..ids.len()));
-    let stack = |batch: &[usize], from: &[Vec<f32>]| -> candle_core::Result<Tensor> {
-        let s = ids[batch[0]].len();
-        let data: Vec<f32> = batch.iter().flat_map(|&i| from[i].iter().copied()).collect();
-        Tensor::from_vec(data, (batch.len(), s, d), &dev)
-    };
-    let vars = block_vars(m, &blocks, &dev)?;
+    if student[0].len() != teacher.states[val_texts[0]].len() {
+        bail!("{flag}: the student's last hidden state is not as wide as the teacher's");
+    }
+    let vars = block_vars(m, &blocks, &data.dev)?;
     // Zeros a pruning pass left in a matrix stay zero: its mask, applied after every step.
     let masks: Vec<Option<Tensor>> = vars
         .iter()
@@ -162,86 +367,109 @@ pub fn heal(
             Ok((zeros > 0.0).then_some(nonzero))
         })
         .collect::<Result<_>>()?;
-    let loss_of = |vars: &[[Var; 12]], b: &[usize]| -> candle_core::Result<Tensor> {
-        let target = stack(b, &teacher.states)?;
-        let out = blocks_forward(vars, &blocks, &stack(b, &inputs)?)?;
-        (out - &target)?.sqr()?.sum_all()? / target.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
-    };
-    let validation = |vars: &[[Var; 12]]| -> Result<f64> {
-        let mut total = 0.0f64;
-        for b in &valid {
-            total += loss_of(vars, b)?.to_scalar::<f32>()? as f64 * b.len() as f64;
-        }
-        Ok(total / n_val as f64)
-    };
     let snapshot = |vars: &[[Var; 12]]| -> Result<Vec<Vec<f32>>> {
         vars.iter().flatten().map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)).collect()
     };
     let all: Vec<Var> = vars.iter().flatten().cloned().collect();
     let mut opt =
         AdamW::new(all.clone(), ParamsAdamW { lr: opts.learning_rate, weight_decay: 0.0, ..ParamsAdamW::default() })?;
-    // The trainable copy must compute what the pruned graph computes (a block read wrong, or
+    // The trainable copy must compute what the student's graph computes (a block read wrong, or
     // something between blocks such as --drop-layers' fitted maps, would train another network).
     let (mut err, mut norm) = (0.0f64, 0.0f64);
-    for b in &valid {
-        let (copy, graph) = (blocks_forward(&vars, &blocks, &stack(b, &inputs)?)?, stack(b, &pruned)?);
-        err += (copy - &graph)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        norm += graph.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    for (k, &i) in val_texts.iter().enumerate() {
+        let copy = data.forward(&vars, &blocks, &[i])?.flatten_all()?.to_vec1::<f32>()?;
+        err += copy.iter().zip(&student[k]).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        norm += student[k].iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
     }
     if err.is_nan() || err > 1e-5 * norm {
         bail!(
-            "--heal: the trainable copy of the encoder's blocks does not reproduce the pruned graph (relative \
+            "{flag}: the trainable copy of the encoder's blocks does not reproduce the student's graph (relative \
              error {:.2e}): its blocks are not chained post-LayerNorm BERT blocks (e.g. --drop-layers left a \
              fitted map between two)",
             err / norm.max(1e-30)
         );
     }
-    let before = validation(&vars)?;
-    let mut best = (before, 0usize, snapshot(&vars)?);
+    let nn_texts = &val_texts[..val_texts.len().min(NN_TEXTS)];
+    let nn = |vars: &[[Var; 12]]| -> Result<f64> {
+        let (s, t) = data.pooled(vars, &blocks, nn_texts)?;
+        Ok(nearest_neighbour_agreement(&s, &t, teacher.width))
+    };
+    let (before, cos_before) = data.validate(&vars, &blocks, &valid)?;
+    let nn_before = nn(&vars)?;
+    let mut best = (before, cos_before, 0usize, snapshot(&vars)?);
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
-    let (mut epochs, mut last_train) = (0, 0.0);
-    for epoch in 1..=opts.max_epochs {
+    let (mut epochs, mut last_train, mut steps) = (0, 0.0, 0usize);
+    let mut per_epoch: Vec<(String, f64)> = Vec::new();
+    'epochs: for epoch in 1..=opts.max_epochs {
         shuffle(&mut train, &mut seed);
         let mut total = 0.0f64;
         let mut seen = 0usize;
         for (bi, b) in train.iter().enumerate() {
-            let loss = loss_of(&vars, b)?;
+            if opts.max_steps.is_some_and(|s| steps >= s) {
+                break 'epochs;
+            }
+            let (loss, _) = data.loss(&vars, &blocks, b)?;
             total += loss.to_scalar::<f32>()? as f64 * b.len() as f64;
             seen += b.len();
             opt.step(&loss.backward()?)?;
+            steps += 1;
             for (v, mask) in all.iter().zip(&masks) {
                 if let Some(mask) = mask {
                     v.set(&v.as_tensor().mul(mask)?)?;
                 }
             }
             progress.report(
-                &format!("healing epoch {epoch} (loss {:.4})", total / seen as f64),
+                &format!("{what} epoch {epoch} (loss {:.4})", total / seen as f64),
                 bi as u64 + 1,
                 train.len() as u64,
             );
         }
         last_train = total / seen.max(1) as f64;
         epochs = epoch;
-        let v = validation(&vars)?;
+        let (v, c) = data.validate(&vars, &blocks, &valid)?;
+        per_epoch.push((format!("{what}_epoch_{epoch}_validation_cosine"), c));
+        per_epoch.push((format!("{what}_epoch_{epoch}_seconds"), t0.elapsed().as_secs_f64()));
         if v < best.0 {
-            best = (v, epoch, snapshot(&vars)?);
-        } else if epoch - best.1 >= opts.patience {
+            best = (v, c, epoch, snapshot(&vars)?);
+        } else if epoch - best.2 >= opts.patience {
             break;
         }
     }
-    let (best_loss, best_epoch, weights) = best;
+    // Steps cut an epoch short: its weights are measured too.
+    if opts.max_steps.is_some_and(|s| steps >= s) {
+        let (v, c) = data.validate(&vars, &blocks, &valid)?;
+        if v < best.0 {
+            best = (v, c, epochs + 1, snapshot(&vars)?);
+        }
+    }
+    let (best_loss, best_cos, best_epoch, weights) = best;
+    for (v, w) in all.iter().zip(&weights) {
+        v.set(&Tensor::from_slice(w, v.as_tensor().shape(), &data.dev)?)?;
+    }
+    let nn_after = nn(&vars)?;
     for (t, w) in blocks.iter().flat_map(|b| b.tensors.iter()).zip(weights) {
         let shape = m.tensors[*t].1.shape().to_vec();
         m.tensors[*t].1 = acorn::Tensor::from_f32(shape, w);
     }
-    Ok(vec![
-        ("heal_texts".into(), (ids.len() - n_val) as f64),
-        ("heal_validation_texts".into(), n_val as f64),
-        ("heal_validation_loss_before".into(), before),
-        ("heal_validation_loss_after".into(), best_loss),
-        ("heal_epochs".into(), epochs as f64),
-        ("heal_best_epoch".into(), best_epoch as f64),
-        ("heal_last_train_loss".into(), last_train),
-        ("heal_seconds".into(), t0.elapsed().as_secs_f64()),
-    ])
+    let key = |k: &str| format!("{what}_{k}");
+    Ok([
+        vec![
+            (key("texts"), (ids.len() - n_val) as f64),
+            (key("tokens"), teacher.tokens() as f64),
+            (key("validation_texts"), n_val as f64),
+            (key("validation_loss_before"), before),
+            (key("validation_loss_after"), best_loss),
+            (key("validation_cosine_before"), cos_before),
+            (key("validation_cosine_after"), best_cos),
+            (key("validation_nn_agreement_before"), nn_before),
+            (key("validation_nn_agreement_after"), nn_after),
+            (key("epochs"), epochs as f64),
+            (key("steps"), steps as f64),
+            (key("best_epoch"), best_epoch as f64),
+            (key("last_train_loss"), last_train),
+            (key("seconds"), t0.elapsed().as_secs_f64()),
+        ],
+        per_epoch,
+    ]
+    .concat())
 }

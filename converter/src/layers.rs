@@ -47,34 +47,41 @@ impl DropLayers {
             }
             return Ok(DropLayers::Count(n));
         }
-        let mut out = Vec::new();
-        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let num = |s: &str| -> Result<usize> {
-                match s.trim().parse::<usize>() {
-                    Ok(n) if n >= 1 => Ok(n - 1),
-                    _ => bail!("--drop-layers '{spec}': '{s}' is not a layer number (layers count from 1)"),
-                }
-            };
-            let (a, b) = match part.split_once('-') {
-                Some((a, b)) => (num(a)?, num(b)?),
-                None => (num(part)?, num(part)?),
-            };
-            if a > b {
-                bail!("--drop-layers '{spec}': the range '{part}' runs backwards");
-            }
-            for l in a..=b {
-                if out.contains(&l) {
-                    bail!("--drop-layers '{spec}' names layer {} twice", l + 1);
-                }
-                out.push(l);
-            }
-        }
-        if out.is_empty() {
-            bail!("--drop-layers '{spec}' names no layer");
-        }
-        out.sort_unstable();
-        Ok(DropLayers::List(out))
+        Ok(DropLayers::List(parse_layer_list(spec, "--drop-layers")?))
     }
+}
+
+/// A list of 1-based layer numbers and ranges, comma-separated (`12,13`, `20-23`), as sorted
+/// distinct 0-based layers; `flag` names the option in errors.
+pub fn parse_layer_list(spec: &str, flag: &str) -> Result<Vec<usize>> {
+    let spec = spec.trim();
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |s: &str| -> Result<usize> {
+            match s.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(n - 1),
+                _ => bail!("{flag} '{spec}': '{s}' is not a layer number (layers count from 1)"),
+            }
+        };
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if a > b {
+            bail!("{flag} '{spec}': the range '{part}' runs backwards");
+        }
+        for l in a..=b {
+            if out.contains(&l) {
+                bail!("{flag} '{spec}' names layer {} twice", l + 1);
+            }
+            out.push(l);
+        }
+    }
+    if out.is_empty() {
+        bail!("{flag} '{spec}' names no layer");
+    }
+    out.sort_unstable();
+    Ok(out)
 }
 
 /// The residual stream: `boundaries[l]` is layer `l`'s input (`boundaries[layers]` the last

@@ -24,6 +24,7 @@ pub mod awq;
 pub mod calib;
 pub mod cnn;
 pub mod conformance;
+pub mod distill;
 pub mod ir;
 pub mod layers;
 pub mod llm;
@@ -76,6 +77,21 @@ pub struct ConvertOptions {
     pub train_options: heads::TrainOptions,
     /// Remove weights (`--prune`, `--sparsity` / `--pattern`).
     pub prune: Option<prune::PruneOptions>,
+    /// Build a student from the model and train it to imitate it (`acorn distill`), before any
+    /// other pass.
+    pub distill: Option<distill::DistillOptions>,
+    /// Compare the converted model with the model it was distilled from (`--teacher`).
+    pub teacher: Option<TeacherCheck>,
+}
+
+/// `acorn convert STUDENT.onnx --teacher TEACHER.onnx --calib FILE`: the converted student is
+/// run beside its fp32 teacher on the calibration samples and the agreement is recorded.
+#[derive(Clone, Debug)]
+pub struct TeacherCheck {
+    /// The teacher's ONNX file.
+    pub teacher: std::path::PathBuf,
+    /// The samples both run (text lines through the student's tokenizer, or .npy inputs).
+    pub calib: std::path::PathBuf,
 }
 
 impl ConvertOptions {
@@ -391,6 +407,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     drop(bytes);
     let (mut m, mut records) = lower_proto(proto, input, base, opts)?;
     release_freed_memory();
+    // Distillation: the model becomes its student; every later pass works on the student.
+    if let Some(d) = &opts.distill {
+        records.extend(distill::distill(&mut m, d, opts.tokenizer.as_deref(), opts.memory_limit, &opts.progress)?);
+        release_freed_memory();
+    }
     // Transfer learning: the head is fitted on the fp32 encoder's embeddings, before any
     // quantization (the same head serves every precision of the encoder).
     if let Some(train) = &opts.train {
@@ -413,10 +434,14 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         // The teacher for --heal: the model before any pruning pass, on the fitting texts.
         let teacher = match &p.heal {
             Some(h) => {
-                let own = h.data.as_deref().map(|d| heal::read_texts(&m, d, opts.tokenizer.as_deref())).transpose()?;
+                let own = h
+                    .data
+                    .as_deref()
+                    .map(|d| heal::read_texts(&m, d, opts.tokenizer.as_deref(), heal::MAX_TEXTS, "--heal-data"))
+                    .transpose()?;
                 let (_, fit) = calibration.grams_and_samples(&mut m, &mut records)?;
                 opts.progress.report("recording the teacher", 0, 0);
-                Some(heal::capture(&m, own.as_ref().unwrap_or(fit), &opts.progress)?)
+                Some(heal::capture(&m, own.as_ref().unwrap_or(fit), false, "--heal", &opts.progress)?)
             }
             None => None,
         };
@@ -486,7 +511,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
                     ("max_epochs".into(), h.max_epochs.to_string()),
                     ("learning_rate".into(), h.learning_rate.to_string()),
                 ],
-                report: heal::heal(&mut m, teacher, h, &opts.progress)?,
+                report: heal::heal(&mut m, teacher, h, "heal", &opts.progress)?,
             };
             if let Some(a) = measure_dense(&m, &calibration, opts)? {
                 a.record_into(&mut rec);
@@ -568,6 +593,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             }
         }
     }
+    if let Some(check) = &opts.teacher {
+        let rec = teacher_agreement(&m.graph, &payloads, check, opts)?;
+        provenance.passes.push(rec.clone());
+        records.push(rec);
+    }
     opts.progress.report("writing", 0, 0);
     let file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
         .with_context(|| format!("writing {}", output.display()))?;
@@ -622,6 +652,60 @@ fn held_out_agreement(
     let a = calib::agreement(fp32, &candidate, held, opts.memory_limit, &opts.progress)
         .with_context(|| format!("measuring the {what} model on held-out samples"))?;
     Ok(Some(a))
+}
+
+/// The `teacher` pass record: the converted model (`graph` with `payloads`, built in memory)
+/// against its fp32 teacher on the check's samples.
+fn teacher_agreement(
+    graph: &acorn::graph::Graph,
+    payloads: &[TensorPayload<'_>],
+    check: &TeacherCheck,
+    opts: &ConvertOptions,
+) -> Result<PassRecord> {
+    let what = || format!("--teacher {}", check.teacher.display());
+    opts.progress.report("importing the teacher", 0, 0);
+    let bytes = std::fs::read(&check.teacher).with_context(what)?;
+    let sha = hex(&Sha256::digest(&bytes));
+    let base = check.teacher.parent().unwrap_or(Path::new("."));
+    let teacher_opts = ConvertOptions { no_shape_analysis: opts.no_shape_analysis, ..ConvertOptions::default() };
+    let (tm, _) = lower(&bytes, &check.teacher, base, &teacher_opts).with_context(what)?;
+    drop(bytes);
+    let tok = opts
+        .tokenizer
+        .as_deref()
+        .map(|p| tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+        .transpose()?;
+    let samples = calib::samples(&tm.graph.inputs, &check.calib, tok.as_ref(), quantize::MAX_CALIB_SAMPLES)?;
+    let reference = calib::reference(&tm, &[])?;
+    drop(tm);
+    let model_bytes = acorn::format::model_bytes(graph.clone(), Provenance::default(), Vec::new(), payloads)?;
+    let student = acorn::Model::from_memory(model_bytes, &acorn::OpenOptions::default())?;
+    let teacher = acorn::Model::open(&reference.path)?;
+    let pair = calib::output_pair(&teacher, &student).with_context(what)?;
+    let a = calib::agreement_of(&teacher, &student, pair, &samples, opts.memory_limit, &opts.progress)
+        .with_context(|| format!("comparing the model with {}", what()))?;
+    let mut rec = PassRecord {
+        name: "teacher".into(),
+        params: vec![
+            ("teacher".into(), check.teacher.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
+            ("teacher_sha256".into(), sha),
+            (
+                "samples_from".into(),
+                check.calib.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            ),
+        ],
+        report: vec![],
+    };
+    a.record_into(&mut rec);
+    rec.params.push(("teacher_output".into(), teacher.outputs()[pair.0].name.clone()));
+    // The figures are against the teacher, not a held-out split of this conversion.
+    for (k, _) in rec.report.iter_mut() {
+        *k = k.replacen("heldout_", "teacher_", 1);
+    }
+    for (k, _) in rec.params.iter_mut() {
+        *k = k.replacen("heldout_", "", 1);
+    }
+    Ok(rec)
 }
 
 /// Weights that arrived quantized (`MatMulNBits`) keep their codes when they are still read only

@@ -173,7 +173,75 @@ enum Cmd {
         /// The AdamW step size --heal trains with (default 1e-5).
         #[arg(long, value_name = "RATE", requires = "heal")]
         heal_lr: Option<f64>,
+        /// The model this one was distilled from (ONNX): the converted model is compared with it
+        /// on the --calib samples (cosine of the first output, top-1 agreement of logits,
+        /// nearest-neighbour agreement of embeddings) and the figures go into the file's
+        /// provenance — for students trained elsewhere (PyTorch, …).
+        #[arg(long, value_name = "TEACHER.onnx", requires = "calib")]
+        teacher: Option<PathBuf>,
         /// Print one JSON object (the file written, every pass record, warnings) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a smaller student from a teacher encoder (its kept layers, optionally narrower FFNs)
+    /// and train it to reproduce the teacher's hidden states and sentence embeddings on
+    /// unlabelled text (knowledge distillation); writes the student as a .acorn file.
+    Distill {
+        /// The teacher: an ONNX encoder (post-LayerNorm BERT blocks: MiniLM, BERT).
+        teacher: PathBuf,
+        /// Where to write the student (atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Keep this many of the teacher's layers, chosen among evenly spread sets by what the
+        /// untrained student loses on the validation texts.
+        #[arg(long, value_name = "N", conflicts_with = "keep_layers", required_unless_present_any = ["keep_layers", "width"])]
+        layers: Option<usize>,
+        /// Keep these 1-based layers (e.g. 2,4,6 or 1-3).
+        #[arg(long, value_name = "LIST")]
+        keep_layers: Option<String>,
+        /// The student's FFN width (channels; a multiple of 32 below the teacher's): the
+        /// channels that carry least on the data go, the down projections are refitted.
+        #[arg(long, value_name = "W")]
+        width: Option<usize>,
+        /// Unlabelled training texts, one per line (the last eighth validates).
+        #[arg(long, value_name = "FILE")]
+        data: PathBuf,
+        /// The teacher's tokenizer.json (embedded in the student too).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: PathBuf,
+        /// Most passes over the texts (training stops earlier when the validation loss stops
+        /// falling).
+        #[arg(long, value_name = "N")]
+        epochs: Option<usize>,
+        /// Most optimizer steps in all.
+        #[arg(long, value_name = "S")]
+        steps: Option<usize>,
+        /// AdamW step size (default 1e-4).
+        #[arg(long, value_name = "RATE")]
+        lr: Option<f64>,
+        /// Most texts of one token count per step (default 16).
+        #[arg(long, value_name = "N")]
+        batch: Option<usize>,
+        /// Weight of the sentence-embedding term (1 − cosine of the mean-pooled hidden states)
+        /// beside the hidden states' relative error in the loss (default 1; 0: hidden states
+        /// only).
+        #[arg(long, value_name = "W")]
+        embedding_weight: Option<f64>,
+        /// Weight of the intermediate targets: each student block but the last also learns
+        /// the output of the teacher layer it was copied from (default 1; 0: none).
+        #[arg(long, value_name = "W")]
+        layer_weight: Option<f64>,
+        /// Transfer learning on the student: fit a classification head from this file of
+        /// `label<TAB>utterance` lines (as `acorn convert --train`).
+        #[arg(long, value_name = "FILE")]
+        train: Option<PathBuf>,
+        /// The labels --train may use, comma-separated, in the head's output order.
+        #[arg(long, value_name = "A,B,…", value_delimiter = ',', requires = "train")]
+        labels: Option<Vec<String>>,
+        /// Threads for the teacher's runs and training (default: every core).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        threads: usize,
+        /// Print one JSON object (the file written, every pass record) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -261,6 +329,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             heal_epochs,
             heal_data,
             heal_lr,
+            teacher,
         } => {
             let as_written = match quantized_import.as_str() {
                 "lift" => false,
@@ -283,8 +352,13 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 heal_data,
                 heal_lr,
             })?;
-            // --calib serves pruning alone too; quantization takes it only with --quantize.
-            let calib = if quantize.is_none() && prune.is_some() { None } else { calib };
+            let teacher = teacher.map(|teacher| acorn_converter::TeacherCheck {
+                teacher,
+                calib: calib.clone().expect("clap: --teacher requires --calib"),
+            });
+            // --calib serves pruning and the teacher check alone too; quantization takes it only
+            // with --quantize.
+            let calib = if quantize.is_none() && (prune.is_some() || teacher.is_some()) { None } else { calib };
             let quantize =
                 acorn_converter::quantize::QuantOptions::from_flags(&acorn_converter::quantize::QuantFlags {
                     format: quantize.as_deref(),
@@ -316,9 +390,77 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                         fine_tune_layers,
                     },
                     prune,
+                    teacher,
                     ..ConvertOptions::default()
                 },
                 &target,
+                json,
+            )
+        }
+        Cmd::Distill {
+            teacher,
+            output,
+            layers,
+            keep_layers,
+            width,
+            data,
+            tokenizer,
+            epochs,
+            steps,
+            lr,
+            batch,
+            embedding_weight,
+            layer_weight,
+            train,
+            labels,
+            threads,
+            json,
+        } => {
+            use acorn_converter::distill::{DistillOptions, Layers};
+            let layers = match (layers, keep_layers) {
+                (Some(n), _) => Layers::Count(n),
+                (None, Some(list)) => Layers::List(acorn_converter::layers::parse_layer_list(&list, "--keep-layers")?),
+                // --width alone: every layer, narrower.
+                (None, None) => Layers::All,
+            };
+            let d = DistillOptions::default_training();
+            if epochs == Some(0) || steps == Some(0) || batch == Some(0) {
+                bail!("--epochs, --steps and --batch are counts above 0");
+            }
+            for (flag, w) in [("--embedding-weight", embedding_weight), ("--layer-weight", layer_weight)] {
+                if let Some(w) = w.filter(|&w| !(w >= 0.0 && w.is_finite())) {
+                    bail!("{flag} {w}: a weight of 0 or more");
+                }
+            }
+            if let Some(lr) = lr.filter(|&r| !(r > 0.0 && r < 1.0)) {
+                bail!("--lr {lr}: an AdamW step size above 0 and below 1 (e.g. 1e-4)");
+            }
+            let train_options = acorn_converter::distill::DistillOptions {
+                layers,
+                width,
+                data,
+                train: acorn_converter::heal::HealOptions {
+                    max_epochs: epochs.unwrap_or(d.max_epochs),
+                    max_steps: steps,
+                    learning_rate: lr.unwrap_or(d.learning_rate),
+                    batch: batch.unwrap_or(d.batch),
+                    pooled_weight: embedding_weight.unwrap_or(d.pooled_weight),
+                    layer_weight: layer_weight.unwrap_or(d.layer_weight),
+                    ..d
+                },
+            };
+            cmd_convert(
+                &teacher,
+                &output,
+                ConvertOptions {
+                    tokenizer: Some(tokenizer),
+                    threads,
+                    distill: Some(train_options),
+                    train,
+                    train_options: acorn_converter::heads::TrainOptions { labels, ..Default::default() },
+                    ..ConvertOptions::default()
+                },
+                "host",
                 json,
             )
         }

@@ -45,7 +45,8 @@ pub(crate) struct Source {
 #[derive(Clone, Debug)]
 pub struct Ffn {
     down: usize,
-    channels: usize,
+    /// Its channels (the FFN's width).
+    pub channels: usize,
     sources: Vec<Source>,
     splits: Vec<usize>,
     /// The value the down product reads (its Gram matrix ranks and refits).

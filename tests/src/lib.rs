@@ -554,3 +554,66 @@ impl OrtDecoder {
 
 pub use acorn::llm::argmax;
 pub use acorn_text::nll;
+
+/// The lines of a Shakespeare text of the assets (`SHAKESPEARE_DIR/<file>`) that are speech:
+/// three words or more, no stage directions (`[Enter …]`) or all-capital headings.
+pub fn play_lines(file: &str) -> Result<Vec<String>> {
+    let path = asset(&format!("{SHAKESPEARE_DIR}/{file}"));
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(String::from_utf8_lossy(&bytes)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.split_whitespace().count() >= 3 && !l.starts_with('[') && l.to_uppercase() != *l)
+        .map(str::to_string)
+        .collect())
+}
+
+/// Unlabelled texts for distillation: the speech of every play and poem of the assets (the
+/// `_gut.txt` editions) except those whose file name starts with `exclude` (the held-out play),
+/// one to three consecutive lines per text, shuffled with a fixed seed, until `max_tokens`
+/// MiniLM tokens (with `[CLS]`/`[SEP]`); texts over 128 tokens are left out.
+pub fn distillation_texts(exclude: &str, max_tokens: usize) -> Result<Vec<String>> {
+    let dir = asset(SHAKESPEARE_DIR);
+    let mut files: Vec<String> = std::fs::read_dir(&dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|f| f.ends_with("_gut.txt") && !f.starts_with(exclude))
+        .collect();
+    files.sort();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut pool = Vec::new();
+    for f in &files {
+        let lines = play_lines(f)?;
+        let mut i = 0;
+        while i < lines.len() {
+            let k = [1, 1, 1, 2, 3][(next() % 5) as usize];
+            pool.push(lines[i..(i + k).min(lines.len())].join(" "));
+            i += k;
+        }
+    }
+    for i in (1..pool.len()).rev() {
+        pool.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    let mut tok = tokenizers::Tokenizer::from_file(asset(MINILM_TOKENIZER)).map_err(|e| anyhow!("tokenizer: {e}"))?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| anyhow!("tokenizer: {e}"))?;
+    let (mut out, mut tokens) = (Vec::new(), 0usize);
+    for text in pool {
+        let n = tok.encode(text.as_str(), true).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().len();
+        if n > 128 {
+            continue;
+        }
+        if tokens + n > max_tokens {
+            break;
+        }
+        tokens += n;
+        out.push(text);
+    }
+    Ok(out)
+}
