@@ -56,6 +56,7 @@ impl DistillOptions {
             learning_rate: 1e-4,
             pooled_weight: 1.0,
             layer_weight: 1.0,
+            decay: true,
             batch: 16,
             ..Default::default()
         }
@@ -63,7 +64,11 @@ impl DistillOptions {
 }
 
 /// Most `--data` texts read.
-pub const MAX_TEXTS: usize = 40_000;
+pub const MAX_TEXTS: usize = 60_000;
+
+/// Most `--data` tokens: the teacher's last hidden state, its kept layers' outputs and the
+/// embeddings are held in memory (four f32 values per token and width: 3.2 GB at MiniLM's 384).
+pub const MAX_TOKENS: usize = 1 << 19;
 
 /// Texts the layer choice and the width's statistics run on.
 const PROBE_TEXTS: usize = 256;
@@ -138,7 +143,7 @@ pub fn distill(
     progress.report("reading --data", 0, 0);
     let samples = heal::read_texts(m, &opts.data, tokenizer, MAX_TEXTS, "--data")?;
     progress.report("recording the teacher", 0, 0);
-    let teacher = heal::capture(m, &samples, true, WHAT, progress)?;
+    let teacher = heal::capture(m, &samples, (true, MAX_TOKENS), WHAT, progress)?;
     let mut records = Vec::new();
     let mut report: Vec<(String, f64)> = vec![("teacher_layers".into(), l as f64)];
     // The layers: named, or the candidate whose untrained student loses least.
@@ -215,6 +220,7 @@ pub fn distill(
             ("batch".into(), opts.train.batch.to_string()),
             ("pooled_weight".into(), opts.train.pooled_weight.to_string()),
             ("layer_weight".into(), opts.train.layer_weight.to_string()),
+            ("schedule".into(), if opts.train.decay { "5 % warm-up, linear decay to 0" } else { "constant" }.into()),
         ],
         report,
     });

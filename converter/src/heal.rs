@@ -40,6 +40,9 @@ pub struct HealOptions {
     pub batch: usize,
     /// Most optimizer steps in all (`None`: the epochs decide).
     pub max_steps: Option<usize>,
+    /// The step size falls linearly to zero over the planned steps (all epochs, or `max_steps`)
+    /// after a warm-up of 5 % of them.
+    pub decay: bool,
     /// Weight of the intermediate targets (the mean relative error of every student block
     /// whose teacher layer was recorded with [`Teacher::record_layers`]).
     pub layer_weight: f64,
@@ -56,6 +59,7 @@ impl Default for HealOptions {
             batch: 8,
             max_steps: None,
             layer_weight: 0.0,
+            decay: false,
         }
     }
 }
@@ -152,12 +156,12 @@ pub fn read_texts(
     crate::calib::samples(&m.graph.inputs, path, Some(&tok), max).with_context(|| format!("{what} {}", path.display()))
 }
 
-/// Records the teacher `m` on `samples` (`what` names the command in errors); with
-/// `with_inputs`, its first block's input too.
+/// Records the teacher `m` on `samples` (at most `max_tokens` tokens; `what` names the command
+/// in errors); with `with_inputs`, its first block's input too.
 pub fn capture(
     m: &Module,
     samples: &Samples,
-    with_inputs: bool,
+    (with_inputs, max_tokens): (bool, usize),
     what: &str,
     progress: &crate::Progress,
 ) -> Result<Teacher> {
@@ -167,9 +171,9 @@ pub fn capture(
         bail!("{what} needs at least 8 texts (it keeps an eighth for validation); it was given {}", ids.len());
     }
     let tokens: usize = ids.iter().map(Vec::len).sum();
-    if tokens > MAX_TOKENS {
+    if tokens > max_tokens {
         bail!(
-            "{what}: {} texts of {tokens} tokens; at most {MAX_TOKENS} tokens (the teacher's and the student's hidden \
+            "{what}: {} texts of {tokens} tokens; at most {max_tokens} tokens (the teacher's and the student's hidden \
              states are held in memory): give fewer or shorter texts",
             ids.len()
         );
@@ -400,6 +404,7 @@ pub fn heal(
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     let (mut epochs, mut last_train, mut steps) = (0, 0.0, 0usize);
     let mut per_epoch: Vec<(String, f64)> = Vec::new();
+    let planned = opts.max_steps.unwrap_or(usize::MAX).min(opts.max_epochs * train.len()).max(1);
     'epochs: for epoch in 1..=opts.max_epochs {
         shuffle(&mut train, &mut seed);
         let mut total = 0.0f64;
@@ -407,6 +412,10 @@ pub fn heal(
         for (bi, b) in train.iter().enumerate() {
             if opts.max_steps.is_some_and(|s| steps >= s) {
                 break 'epochs;
+            }
+            if opts.decay {
+                let t = steps as f64 / planned as f64;
+                opt.set_learning_rate(opts.learning_rate * (t / 0.05).min(1.0) * (1.0 - t).max(0.0));
             }
             let (loss, _) = data.loss(&vars, &blocks, b)?;
             total += loss.to_scalar::<f32>()? as f64 * b.len() as f64;

@@ -441,7 +441,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
                     .transpose()?;
                 let (_, fit) = calibration.grams_and_samples(&mut m, &mut records)?;
                 opts.progress.report("recording the teacher", 0, 0);
-                Some(heal::capture(&m, own.as_ref().unwrap_or(fit), false, "--heal", &opts.progress)?)
+                Some(heal::capture(
+                    &m,
+                    own.as_ref().unwrap_or(fit),
+                    (false, heal::MAX_TOKENS),
+                    "--heal",
+                    &opts.progress,
+                )?)
             }
             None => None,
         };

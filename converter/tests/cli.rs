@@ -61,6 +61,7 @@ fn every_command_has_help() {
     for cmd in [
         vec!["--help"],
         vec!["convert", "--help"],
+        vec!["distill", "--help"],
         vec!["run", "--help"],
         vec!["inspect", "--help"],
         vec!["bench", "--help"],
@@ -408,4 +409,39 @@ fn train_flags_are_checked() {
     assert!(run(&["--train", tsv.to_str().unwrap()]).contains("--train needs --tokenizer"));
     let o = acorn(&["classify", out.to_str().unwrap()]);
     assert!(text(&o).1.contains("nothing to classify"), "{:?}", text(&o));
+}
+
+#[test]
+fn distill_and_teacher_flags_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = write_model(dir.path());
+    let out = dir.path().join("x.acorn");
+    let texts = dir.path().join("t.txt");
+    std::fs::write(&texts, "one\ntwo\n").unwrap();
+    let tok = dir.path().join("no-tokenizer.json");
+    let fails = |args: &[&str]| {
+        let o = acorn(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(!out.exists(), "a failed run wrote {}", out.display());
+        text(&o).1
+    };
+    let tok = tok.to_str().unwrap().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["distill", onnx.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend_from_slice(&["--data", texts.to_str().unwrap(), "--tokenizer", &tok]);
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    // Neither --layers, --keep-layers nor --width: clap names what is missing.
+    assert!(run(&[]).contains("--layers"));
+    assert!(run(&["--layers", "1", "--keep-layers", "1"]).contains("cannot be used with"));
+    assert!(run(&["--layers", "1", "--epochs", "0"]).contains("counts above 0"));
+    assert!(run(&["--layers", "1", "--lr", "2"]).contains("--lr 2"));
+    assert!(run(&["--keep-layers", "0"]).contains("layers count from 1"));
+    // A missing tokenizer is named before anything is imported.
+    assert!(run(&["--layers", "1"]).contains("no-tokenizer.json"));
+    // --teacher needs samples to compare on.
+    let err =
+        fails(&["convert", onnx.to_str().unwrap(), "-o", out.to_str().unwrap(), "--teacher", onnx.to_str().unwrap()]);
+    assert!(err.contains("--calib"), "{err}");
 }
