@@ -192,12 +192,25 @@ pub fn hidden_states(
     mask: &str,
     progress: &crate::Progress,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut out = vec![Vec::new(); ids.len()];
+    Ok(hidden_states_of(model, ids, &[name], mask, progress)?.swap_remove(0))
+}
+
+/// [`hidden_states`] of several outputs from one run per batch: per name, per utterance.
+pub fn hidden_states_of(
+    model: &acorn::Model,
+    ids: &[Vec<i64>],
+    names: &[&str],
+    mask: &str,
+    progress: &crate::Progress,
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    let mut out = vec![vec![Vec::new(); ids.len()]; names.len()];
     run_grouped(model, ids, mask, ("encoding", progress), |batch, outs| {
-        let (e, _) = f32_output(outs, name)?;
-        let per = e.len() / batch.len();
-        for (k, &i) in batch.iter().enumerate() {
-            out[i] = e[k * per..(k + 1) * per].to_vec();
+        for (o, name) in out.iter_mut().zip(names) {
+            let (e, _) = f32_output(outs, name)?;
+            let per = e.len() / batch.len();
+            for (k, &i) in batch.iter().enumerate() {
+                o[i] = e[k * per..(k + 1) * per].to_vec();
+            }
         }
         Ok(())
     })?;

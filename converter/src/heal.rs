@@ -93,10 +93,9 @@ impl Teacher {
         let blocks = encoder_blocks(m, what)?;
         let values: Vec<ValueId> = targets.iter().map(|&t| blocks[t].output).collect();
         let (model, names) = with_outputs(m, &values)?;
-        self.layers = names
-            .iter()
-            .map(|n| Ok(Some(crate::heads::hidden_states(&model, &self.ids, n, &self.mask, progress)?)))
-            .collect::<Result<_>>()?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let states = crate::heads::hidden_states_of(&model, &self.ids, &names, &self.mask, progress)?;
+        self.layers = states.into_iter().map(Some).collect();
         Ok(())
     }
 
@@ -179,11 +178,13 @@ pub fn capture(
         );
     }
     let last = blocks.last().expect("an encoder has blocks").output;
-    let (model, names) = with_outputs(m, &[last, blocks[0].input])?;
+    let values = if with_inputs { vec![last, blocks[0].input] } else { vec![last] };
+    let (model, names) = with_outputs(m, &values)?;
     let mask = if m.graph.inputs.iter().any(|i| i.name == "attention_mask") { "attention_mask" } else { "" };
-    let states = crate::heads::hidden_states(&model, &ids, &names[0], mask, progress)?;
-    let inputs =
-        if with_inputs { Some(crate::heads::hidden_states(&model, &ids, &names[1], mask, progress)?) } else { None };
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut recorded = crate::heads::hidden_states_of(&model, &ids, &names, mask, progress)?.into_iter();
+    let states = recorded.next().expect("one per name");
+    let inputs = recorded.next();
     let width = states[0].len() / ids[0].len().max(1);
     Ok(Teacher { ids, states, inputs, width, mask: mask.to_string(), layers: Vec::new() })
 }
