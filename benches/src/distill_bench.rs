@@ -9,7 +9,7 @@
 //!   student, medians; ONNX Runtime on the teacher's ONNX for the peer), file sizes.
 //!
 //! ```text
-//! distill-bench [--layers 3 | --keep-layers LIST] [--width W] [--epochs N] [--tokens 250000]
+//! distill-bench [--layers 3 | --keep-layers LIST] [--width W] [--maps] [--epochs N] [--tokens 250000]
 //!               [--lr RATE] [--rounds 7] [--threads 1] [--held-out 1000] [--save DIR]
 //! ```
 
@@ -31,6 +31,7 @@ fn main() -> Result<()> {
     let mut train = DistillOptions::default_training();
     let (mut width, mut tokens, mut rounds, mut threads, mut held) = (None, 250_000usize, 7usize, 1usize, 1000usize);
     let mut save: Option<PathBuf> = None;
+    let mut maps = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
@@ -40,6 +41,7 @@ fn main() -> Result<()> {
                 layers = Layers::List(acorn_converter::layers::parse_layer_list(&val()?, "--keep-layers")?)
             }
             "--width" => width = Some(val()?.parse()?),
+            "--maps" => maps = true,
             "--epochs" => train.max_epochs = val()?.parse()?,
             "--lr" => train.learning_rate = val()?.parse()?,
             "--tokens" => tokens = val()?.parse()?,
@@ -69,7 +71,7 @@ fn main() -> Result<()> {
     let rt = convert(&src, &teacher_file, &base)?;
     println!("teacher: converted with --train in {:.1} s, {} bytes", t0.elapsed().as_secs_f64(), rt.file_bytes);
     let t0 = Instant::now();
-    let distill = DistillOptions { layers, width, data: data_file, train };
+    let distill = DistillOptions { layers, width, data: data_file, maps, train };
     let rs = convert(&src, &student_file, &ConvertOptions { distill: Some(distill), ..base.clone() })?;
     let wall = t0.elapsed().as_secs_f64();
     println!(

@@ -42,6 +42,10 @@ pub struct DistillOptions {
     pub width: Option<usize>,
     /// Unlabelled texts, one per line.
     pub data: PathBuf,
+    /// Each removed run of layers is replaced by a map fitted on the data (`x + x·M + b`, ridge
+    /// least squares, as `--drop-layers` fits it) and trained with the blocks, instead of being
+    /// skipped. The teacher's last layer must then be kept.
+    pub maps: bool,
     /// The training loop's settings.
     pub train: HealOptions,
 }
@@ -128,6 +132,11 @@ pub fn distill(
         Layers::Count(n) => vec![usize::MAX; *n],
         Layers::All => (0..l).collect(),
     };
+    if opts.maps && !keep.contains(&usize::MAX) && !keep.contains(&(l - 1)) {
+        bail!(
+            "--maps: the student must keep the teacher's last layer ({l}): a map after its last block is not trained"
+        );
+    }
     if keep.len() == l && opts.width.is_none() {
         bail!("{WHAT}: the student keeps all {l} layers at full width: it would be the teacher (give --layers below {l} or --width)");
     }
@@ -151,7 +160,10 @@ pub fn distill(
         let (data, _, valid) = heal::split(&teacher, heal::teacher_inputs(&teacher)?, &opts.train);
         let probe: Vec<Vec<usize>> = valid.iter().take(PROBE_TEXTS).cloned().collect();
         let mut best: Option<(f64, Vec<usize>)> = None;
-        let cands = candidates(l, keep.len());
+        let mut cands = candidates(l, keep.len());
+        if opts.maps {
+            cands.retain(|c| c.contains(&(l - 1)));
+        }
         for (i, set) in cands.iter().enumerate() {
             progress.report("choosing layers", i as u64, cands.len() as u64);
             let vars: Vec<_> = set.iter().map(|&k| tvars[k].clone()).collect();
@@ -188,7 +200,7 @@ pub fn distill(
         records.push(layers::drop_layers(
             m,
             &DropLayers::List(removed.clone()),
-            false,
+            opts.maps,
             &probe,
             &mut grams,
             memory_limit,
@@ -214,6 +226,7 @@ pub fn distill(
             ("teacher".into(), "the source model's last hidden state and pooled embedding".into()),
             ("kept_layers".into(), one_based(&keep)),
             ("width".into(), opts.width.map_or("the teacher's".into(), |w| w.to_string())),
+            ("removed_layers".into(), if opts.maps { "fitted maps, trained" } else { "skipped" }.into()),
             ("data".into(), opts.data.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
             ("max_epochs".into(), opts.train.max_epochs.to_string()),
             ("learning_rate".into(), opts.train.learning_rate.to_string()),

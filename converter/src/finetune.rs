@@ -33,6 +33,16 @@ pub struct Block {
     /// Attention heads and score scale.
     pub heads: usize,
     pub scale: Option<f32>,
+    /// A fitted map `x + x·M + b` between the previous block's output and this block
+    /// (`--drop-layers`' replacement of removed layers): `[M, b]`.
+    pub map: Option<[usize; 2]>,
+}
+
+impl Block {
+    /// Every tensor the block trains: its 12, then its map's 2.
+    pub fn all_tensors(&self) -> Vec<usize> {
+        self.tensors.iter().chain(self.map.iter().flatten()).copied().collect()
+    }
 }
 
 struct Walk<'a> {
@@ -108,7 +118,20 @@ impl<'a> Walk<'a> {
             eps: [e1, e2],
             heads,
             scale: attrs.scale,
+            map: None,
         })
+    }
+
+    /// `v = Add(a, MatMul(a, M, b))` with `M`, `b` constants: `[M, b]`.
+    fn map_between(&self, a: ValueId, v: ValueId) -> Option<[usize; 2]> {
+        let add = self.producer(v)?;
+        (add.op == Op::Binary(acorn::graph::BinaryOp::Add) && add.inputs.len() == 2).then_some(())?;
+        let t = add.inputs.iter().flatten().copied().find(|&x| x != a)?;
+        add.inputs.contains(&Some(a)).then_some(())?;
+        let mm = self.producer(t)?;
+        (mm.inputs.first().copied().flatten() == Some(a)).then_some(())?;
+        let (w, b) = self.linear(mm)?;
+        Some([w, b])
     }
 }
 
@@ -121,7 +144,8 @@ pub fn encoder_blocks(m: &Module, flag: &str) -> Result<Vec<Block>> {
     if atts.is_empty() {
         bail!("{flag} needs a transformer encoder; this graph has no attention block");
     }
-    atts.iter()
+    let mut blocks: Vec<Block> = atts
+        .iter()
         .enumerate()
         .map(|(i, a)| {
             w.block(a).with_context(|| {
@@ -134,12 +158,34 @@ pub fn encoder_blocks(m: &Module, flag: &str) -> Result<Vec<Block>> {
                 )
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    // Blocks follow one another directly or through a fitted map; nothing else is trained.
+    for i in 1..blocks.len() {
+        let prev = blocks[i - 1].output;
+        if blocks[i].input != prev {
+            let map = w.map_between(prev, blocks[i].input).with_context(|| {
+                format!(
+                    "{flag}: encoder layer {} does not read layer {i}'s output, directly or through a fitted map \
+                     x + x·M + b",
+                    i + 1
+                )
+            })?;
+            blocks[i].map = Some(map);
+        }
+    }
+    let last = blocks.last().expect("an encoder with attention has blocks").output;
+    if w.readers(last).iter().any(|n| w.map_between(last, n.outputs[0]).is_some()) {
+        bail!(
+            "{flag}: a fitted map follows the encoder's last block (its last layer was removed); it would not be \
+             trained with the blocks — keep the last layer"
+        );
+    }
+    Ok(blocks)
 }
 
 /// Trainable copies of the blocks' weights.
 struct Trainable {
-    vars: Vec<[Var; 12]>,
+    vars: Vec<Vec<Var>>,
     blocks: Vec<Block>,
     head_w: Var,
     head_b: Var,
@@ -165,22 +211,21 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// `blocks` on `x` [B, S, D] with the weights `vars` (each block's 12 tensors in
 /// [`Block::tensors`] order): the last block's hidden state [B, S, D]. The attention width is
 /// the QKV product's third (heads removed by pruning leave it below `D`).
-pub(crate) fn blocks_forward(vars: &[[Var; 12]], blocks: &[Block], x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn blocks_forward(vars: &[Vec<Var>], blocks: &[Block], x: &Tensor) -> candle_core::Result<Tensor> {
     let mut each = blocks_forward_each(vars, blocks, x)?;
     Ok(each.pop().unwrap_or_else(|| x.clone()))
 }
 
 /// [`blocks_forward`] with every block's output, bottom up.
-pub(crate) fn blocks_forward_each(
-    vars: &[[Var; 12]],
-    blocks: &[Block],
-    x: &Tensor,
-) -> candle_core::Result<Vec<Tensor>> {
+pub(crate) fn blocks_forward_each(vars: &[Vec<Var>], blocks: &[Block], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
     let mut outs = Vec::with_capacity(blocks.len());
     let mut x = x.clone();
     let (b, s, _) = x.dims3()?;
     for (v, blk) in vars.iter().zip(blocks) {
         let t = |i: usize| v[i].as_tensor();
+        if blk.map.is_some() {
+            x = (linear(&x, t(12), t(13))? + &x)?;
+        }
         let h = blk.heads;
         let w = t(0).dim(1)? / 3;
         let dh = w / h;
@@ -202,13 +247,10 @@ pub(crate) fn blocks_forward_each(
 }
 
 /// Trainable copies of `blocks`' weights in `m`.
-pub(crate) fn block_vars(m: &Module, blocks: &[Block], dev: &Device) -> Result<Vec<[Var; 12]>> {
+pub(crate) fn block_vars(m: &Module, blocks: &[Block], dev: &Device) -> Result<Vec<Vec<Var>>> {
     blocks
         .iter()
-        .map(|b| -> Result<[Var; 12]> {
-            let v: Vec<Var> = b.tensors.iter().map(|&t| var_of(m, t, dev)).collect::<Result<_>>()?;
-            v.try_into().map_err(|_| anyhow::anyhow!("12 tensors"))
-        })
+        .map(|b| -> Result<Vec<Var>> { b.all_tensors().into_iter().map(|t| var_of(m, t, dev)).collect() })
         .collect()
 }
 
@@ -393,9 +435,9 @@ pub fn fine_tune(
     }
     // The best epoch's weights back into the graph's tensors.
     let (best_acc, _, best_epoch, weights) = best;
-    for (blk, w) in top.iter().flat_map(|b| b.tensors.iter()).zip(weights) {
-        let shape = m.tensors[*blk].1.shape().to_vec();
-        m.tensors[*blk].1 = acorn::Tensor::from_f32(shape, w);
+    for (blk, w) in top.iter().flat_map(|b| b.all_tensors()).zip(weights) {
+        let shape = m.tensors[blk].1.shape().to_vec();
+        m.tensors[blk].1 = acorn::Tensor::from_f32(shape, w);
     }
     Ok(FineTuned {
         report: vec![

@@ -215,12 +215,12 @@ impl Data<'_> {
     }
 
     /// The student's last hidden state on `batch`.
-    fn forward(&self, vars: &[[Var; 12]], blocks: &[Block], batch: &[usize]) -> candle_core::Result<Tensor> {
+    fn forward(&self, vars: &[Vec<Var>], blocks: &[Block], batch: &[usize]) -> candle_core::Result<Tensor> {
         blocks_forward(vars, blocks, &self.stack(batch, self.inputs)?)
     }
 
     /// The loss on `batch` (a scalar) and the pooled cosine per text.
-    fn loss(&self, vars: &[[Var; 12]], blocks: &[Block], batch: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+    fn loss(&self, vars: &[Vec<Var>], blocks: &[Block], batch: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
         let rel = |out: &Tensor, target: &Tensor| -> candle_core::Result<Tensor> {
             (out - target)?.sqr()?.sum_all()? / target.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
         };
@@ -248,7 +248,7 @@ impl Data<'_> {
     }
 
     /// Mean loss and mean pooled cosine over `valid`.
-    pub(crate) fn validate(&self, vars: &[[Var; 12]], blocks: &[Block], valid: &[Vec<usize>]) -> Result<(f64, f64)> {
+    pub(crate) fn validate(&self, vars: &[Vec<Var>], blocks: &[Block], valid: &[Vec<usize>]) -> Result<(f64, f64)> {
         let (mut loss, mut cos, mut n) = (0.0f64, 0.0f64, 0usize);
         for b in valid {
             let (l, c) = self.loss(vars, blocks, b)?;
@@ -261,7 +261,7 @@ impl Data<'_> {
 
     /// Pooled (mean) last hidden states of the student on `texts`, and of the teacher, one row
     /// each.
-    fn pooled(&self, vars: &[[Var; 12]], blocks: &[Block], texts: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn pooled(&self, vars: &[Vec<Var>], blocks: &[Block], texts: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut s, mut t) = (Vec::new(), Vec::new());
         for &i in texts {
             s.extend(self.forward(vars, blocks, &[i])?.mean(1)?.flatten_all()?.to_vec1::<f32>()?);
@@ -319,7 +319,7 @@ pub(crate) fn teacher_inputs(teacher: &Teacher) -> Result<&[Vec<f32>]> {
 }
 
 /// Trainable copies of the teacher's blocks in `m` (the teacher itself).
-pub(crate) fn teacher_vars(m: &Module, what: &str) -> Result<(Vec<[Var; 12]>, Vec<Block>)> {
+pub(crate) fn teacher_vars(m: &Module, what: &str) -> Result<(Vec<Vec<Var>>, Vec<Block>)> {
     let blocks = encoder_blocks(m, what)?;
     Ok((block_vars(m, &blocks, &Device::Cpu)?, blocks))
 }
@@ -372,7 +372,7 @@ pub fn heal(
             Ok((zeros > 0.0).then_some(nonzero))
         })
         .collect::<Result<_>>()?;
-    let snapshot = |vars: &[[Var; 12]]| -> Result<Vec<Vec<f32>>> {
+    let snapshot = |vars: &[Vec<Var>]| -> Result<Vec<Vec<f32>>> {
         vars.iter().flatten().map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)).collect()
     };
     let all: Vec<Var> = vars.iter().flatten().cloned().collect();
@@ -389,13 +389,12 @@ pub fn heal(
     if err.is_nan() || err > 1e-5 * norm {
         bail!(
             "{flag}: the trainable copy of the encoder's blocks does not reproduce the student's graph (relative \
-             error {:.2e}): its blocks are not chained post-LayerNorm BERT blocks (e.g. --drop-layers left a \
-             fitted map between two)",
+             error {:.2e}): its blocks are not chained post-LayerNorm BERT blocks",
             err / norm.max(1e-30)
         );
     }
     let nn_texts = &val_texts[..val_texts.len().min(NN_TEXTS)];
-    let nn = |vars: &[[Var; 12]]| -> Result<f64> {
+    let nn = |vars: &[Vec<Var>]| -> Result<f64> {
         let (s, t) = data.pooled(vars, &blocks, nn_texts)?;
         Ok(nearest_neighbour_agreement(&s, &t, teacher.width))
     };
@@ -457,9 +456,9 @@ pub fn heal(
         v.set(&Tensor::from_slice(w, v.as_tensor().shape(), &data.dev)?)?;
     }
     let nn_after = nn(&vars)?;
-    for (t, w) in blocks.iter().flat_map(|b| b.tensors.iter()).zip(weights) {
-        let shape = m.tensors[*t].1.shape().to_vec();
-        m.tensors[*t].1 = acorn::Tensor::from_f32(shape, w);
+    for (t, w) in blocks.iter().flat_map(|b| b.all_tensors()).zip(weights) {
+        let shape = m.tensors[t].1.shape().to_vec();
+        m.tensors[t].1 = acorn::Tensor::from_f32(shape, w);
     }
     let key = |k: &str| format!("{what}_{k}");
     Ok([

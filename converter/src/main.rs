@@ -158,7 +158,8 @@ enum Cmd {
         no_refit: bool,
         /// After pruning, train the pruned encoder's layers to reproduce the unpruned model's
         /// last hidden state on the --calib texts (knowledge distillation, AdamW; pruned
-        /// weights stay zero; an eighth of the texts validates and picks the best epoch).
+        /// weights stay zero; an eighth of the texts validates and picks the best epoch; the
+        /// fitted maps --drop-layers leaves between layers are trained too).
         /// Post-LayerNorm BERT encoders (MiniLM, BERT).
         #[arg(long)]
         heal: bool,
@@ -206,6 +207,11 @@ enum Cmd {
         /// Unlabelled training texts, one per line (the last eighth validates).
         #[arg(long, value_name = "FILE")]
         data: PathBuf,
+        /// Replace each removed run of layers with a map fitted on the data (x + x·M + b, as
+        /// --drop-layers fits it), trained with the blocks, instead of skipping it (the last
+        /// layer is then kept).
+        #[arg(long)]
+        maps: bool,
         /// The teacher's tokenizer.json (embedded in the student too).
         #[arg(long, value_name = "FILE")]
         tokenizer: PathBuf,
@@ -404,6 +410,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             keep_layers,
             width,
             data,
+            maps,
             tokenizer,
             epochs,
             steps,
@@ -439,6 +446,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 layers,
                 width,
                 data,
+                maps,
                 train: acorn_converter::heal::HealOptions {
                     max_epochs: epochs.unwrap_or(d.max_epochs),
                     max_steps: steps,

@@ -25,6 +25,18 @@ fn mean_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 /// cosine to the teacher's).
 #[test]
 fn a_three_layer_student_learns_from_the_teacher_and_is_what_the_file_runs() {
+    three_layer_student(false);
+}
+
+/// The same with the removed layers replaced by fitted maps trained with the blocks: the maps
+/// are in the file, trained (the runtime agrees with the training's figure), and the student
+/// starts better than skipping the layers.
+#[test]
+fn a_student_with_fitted_maps_trains_them_too() {
+    three_layer_student(true);
+}
+
+fn three_layer_student(maps: bool) {
     let dir = tempfile::tempdir().unwrap();
     let texts = distillation_texts("macbeth", 24_000).unwrap();
     let data = dir.path().join("texts.txt");
@@ -33,7 +45,7 @@ fn a_three_layer_student_learns_from_the_teacher_and_is_what_the_file_runs() {
         acorn_converter::heal::HealOptions { max_epochs: 1, max_steps: Some(30), ..DistillOptions::default_training() };
     let opts = ConvertOptions {
         tokenizer: Some(asset(MINILM_TOKENIZER)),
-        distill: Some(DistillOptions { layers: Layers::Count(3), width: None, data, train }),
+        distill: Some(DistillOptions { layers: Layers::Count(3), width: None, data, maps, train }),
         ..ConvertOptions::default()
     };
     let student = dir.path().join("student.acorn");
@@ -49,12 +61,32 @@ fn a_three_layer_student_learns_from_the_teacher_and_is_what_the_file_runs() {
     );
     assert_eq!(kept.split(',').count(), 3);
     assert_eq!(report(&r, "drop_layers", "layers_after"), 3.0);
-    assert!(after > before + 0.05, "training did not move the student: {before} → {after}");
+    // The maps start the student close (0.85 against 0.69 skipped): 30 steps move it less.
+    let gain = if maps { 0.002 } else { 0.05 };
+    assert!(after > before + gain, "training did not move the student: {before} → {after}");
     assert!(report(&r, "distill", "distill_steps") <= 30.0);
     let model = acorn::Model::open(&student).unwrap();
     let attention =
         model.metadata().graph.nodes.iter().filter(|n| matches!(n.op, acorn::graph::Op::Attention(_))).count();
     assert_eq!(attention, 3);
+    let products = model.metadata().graph.nodes.iter().filter(|n| n.op == acorn::graph::Op::MatMul).count();
+    let removed = report(&r, "drop_layers", "layers_before") as usize - 3;
+    let runs = r
+        .passes
+        .iter()
+        .find(|p| p.name == "drop_layers")
+        .unwrap()
+        .report
+        .iter()
+        .filter(|(k, _)| k.starts_with("skip_error:"))
+        .count();
+    assert!(removed == 3 && (1..=3).contains(&runs));
+    // 4 products a block (QKV, output, two FFN), one per map.
+    assert_eq!(products, 3 * 4 + if maps { runs } else { 0 });
+    if maps {
+        assert!(kept.ends_with('6'), "with maps the last layer stays: {kept}");
+        assert!(before > 0.75, "the fitted maps start the student at {before}");
+    }
     // The validation texts are the last eighth of the data file.
     let n_val = (texts.len() / 8).max(1);
     let val: Vec<&str> = texts[texts.len() - n_val..].iter().map(String::as_str).collect();
@@ -148,6 +180,7 @@ fn distill_settings_are_checked() {
             distill: Some(DistillOptions {
                 layers,
                 width,
+                maps: false,
                 data: data.clone(),
                 train: DistillOptions::default_training(),
             }),
