@@ -136,20 +136,7 @@ fn main() -> Result<()> {
         tt / ts
     );
     let ids: Vec<Vec<i64>> = tests.iter().map(|t| clf[0].tokens(t)).collect::<Result<_, _>>()?;
-    let mut ort = acorn_tests::OrtModel::load(&src, threads)?;
-    let mut ort_times = Vec::new();
-    for round in 0..rounds + 1 {
-        let t = Instant::now();
-        for r in &ids {
-            let n = r.len();
-            let x = acorn::Tensor::from_i64(vec![1, n], r.clone());
-            let m = acorn::Tensor::from_i64(vec![1, n], vec![1; n]);
-            ort.run(&[("input_ids", &x), ("attention_mask", &m)], &["sentence_embedding"])?;
-        }
-        if round > 0 {
-            ort_times.push(t.elapsed().as_secs_f64() * 1e3 / ids.len() as f64);
-        }
-    }
+    let ort_times = acorn_tests::ort_encoder_ms(&src, &ids, "sentence_embedding", rounds, threads)?;
     let to = median(ort_times);
     println!("ONNX Runtime, the teacher, batch 1: {to:.3} ms per utterance ({:.2}x the student's time)", to / ts);
     println!(

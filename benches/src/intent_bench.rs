@@ -119,21 +119,8 @@ fn ort_baseline(
 ) -> Result<()> {
     let mut clf = acorn_text::TextClassifier::new(model, threads)?;
     let ids: Vec<Vec<i64>> = texts.iter().map(|t| clf.tokens(t)).collect::<Result<_, _>>()?;
-    let mut ort = acorn_tests::OrtModel::load(src, threads)?;
     let out = if src.ends_with("model.onnx") { "sentence_embedding" } else { acorn_tests::MINILM_EMBEDDING };
-    let mut times = Vec::new();
-    for round in 0..rounds + 1 {
-        let t = Instant::now();
-        for r in &ids {
-            let n = r.len();
-            let x = acorn::Tensor::from_i64(vec![1, n], r.clone());
-            let m = acorn::Tensor::from_i64(vec![1, n], vec![1; n]);
-            ort.run(&[("input_ids", &x), ("attention_mask", &m)], &[out])?;
-        }
-        if round > 0 {
-            times.push(t.elapsed().as_secs_f64() * 1e3 / ids.len() as f64);
-        }
-    }
+    let times = acorn_tests::ort_encoder_ms(src, &ids, out, rounds, threads)?;
     let _ = clf.classifier();
     println!(
         "ONNX Runtime, the same encoder, batch 1: {:.3} ms per utterance (median of {rounds}, {threads} thread(s))",

@@ -617,3 +617,24 @@ pub fn distillation_texts(exclude: &str, max_tokens: usize) -> Result<Vec<String
     }
     Ok(out)
 }
+
+/// ONNX Runtime on an encoder's ONNX, one utterance (`ids`, all attended) per run, output `out`:
+/// the milliseconds per utterance of each of `rounds` timed passes over `ids` (after one untimed
+/// warm-up pass), on `threads` threads.
+pub fn ort_encoder_ms(onnx: &Path, ids: &[Vec<i64>], out: &str, rounds: usize, threads: usize) -> Result<Vec<f64>> {
+    let mut ort = OrtModel::load(onnx, threads)?;
+    let mut times = Vec::new();
+    for round in 0..rounds + 1 {
+        let t = std::time::Instant::now();
+        for r in ids {
+            let n = r.len();
+            let x = Tensor::from_i64(vec![1, n], r.clone());
+            let m = Tensor::from_i64(vec![1, n], vec![1; n]);
+            ort.run(&[("input_ids", &x), ("attention_mask", &m)], &[out])?;
+        }
+        if round > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1e3 / ids.len().max(1) as f64);
+        }
+    }
+    Ok(times)
+}
