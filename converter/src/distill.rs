@@ -137,6 +137,9 @@ pub fn distill(
             "--maps: the student must keep the teacher's last layer ({l}): a map after its last block is not trained"
         );
     }
+    if opts.maps && keep.len() == l {
+        bail!("--maps replaces removed layers with fitted maps; this student keeps all {l} layers");
+    }
     if keep.len() == l && opts.width.is_none() {
         bail!("{WHAT}: the student keeps all {l} layers at full width: it would be the teacher (give --layers below {l} or --width)");
     }
@@ -223,7 +226,10 @@ pub fn distill(
     records.push(PassRecord {
         name: "distill".into(),
         params: vec![
-            ("teacher".into(), "the source model's last hidden state and pooled embedding".into()),
+            (
+                "teacher".into(),
+                "the source model's last hidden state, pooled embedding and kept layers' outputs".into(),
+            ),
             ("kept_layers".into(), one_based(&keep)),
             ("width".into(), opts.width.map_or("the teacher's".into(), |w| w.to_string())),
             ("removed_layers".into(), if opts.maps { "fitted maps, trained" } else { "skipped" }.into()),

@@ -191,6 +191,19 @@ fn distill_settings_are_checked() {
     assert!(err(Layers::List(vec![6]), None).contains("outside 1..6"));
     assert!(err(Layers::Count(7), None).contains("the teacher has 6 layers"));
     assert!(err(Layers::All, None).contains("would be the teacher"));
+    let opts = ConvertOptions {
+        tokenizer: Some(asset(MINILM_TOKENIZER)),
+        distill: Some(DistillOptions {
+            layers: Layers::All,
+            width: Some(768),
+            maps: true,
+            data: data.clone(),
+            train: DistillOptions::default_training(),
+        }),
+        ..ConvertOptions::default()
+    };
+    let e = format!("{:#}", convert(&asset(MINILM_L6), &dir.path().join("s.acorn"), &opts).unwrap_err());
+    assert!(e.contains("keeps all 6 layers"), "{e}");
     assert!(err(Layers::Count(3), Some(100)).contains("multiple of 32"));
     assert!(err(Layers::Count(3), Some(1536)).contains("below the teacher's 1536"));
     // One text: too few to keep an eighth for validation.
