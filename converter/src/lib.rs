@@ -35,6 +35,7 @@ pub mod heads;
 pub mod heal;
 pub mod onnx;
 pub mod onnx_build;
+pub mod optimize;
 pub mod passes;
 pub mod pipeline;
 pub mod prune;
@@ -144,7 +145,7 @@ pub(crate) fn release_freed_memory() {
 }
 
 /// Threads the current conversion may use (set by [`convert`] from [`ConvertOptions::threads`]).
-static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub(crate) static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Worker threads for the converter's own parallel work: `--threads`, or every core.
 pub(crate) fn threads() -> usize {
@@ -541,7 +542,14 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
                 records.push(awq::apply(&mut m, q, opts.target.narrow_q8(), g)?);
             }
             let grams = if wants_stats { Some(&*calibration.grams(&mut m, &mut records)?) } else { None };
-            let (qs, rec) = quantize::quantize_weights(&m, q, opts.target.narrow_q8(), grams, &masks, &opts.progress)?;
+            let (qs, rec) = quantize::quantize_weights(
+                &m,
+                q,
+                quantize::Q8Layout::Panels { narrow: opts.target.narrow_q8() },
+                grams,
+                &masks,
+                &opts.progress,
+            )?;
             if let Some(w) = quantize::nothing_quantized(&rec) {
                 if opts.strict {
                     anyhow::bail!("{w} (--strict)");
@@ -558,8 +566,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     if !m.prequantized.is_empty() || !m.dequantized.is_empty() {
         records.push(keep_prequantized(&m, &mut quantized));
     }
-    let nr = opts.target.panel_width();
-    let (pack, rec) = passes::plan_panel_weights(&m, &opts.target.name(), nr, &|t| quantized[t].is_some());
+    let (payloads, rec) = stored_tensors(&m, &quantized, opts.target);
     records.push(rec);
     let provenance = Provenance {
         source_name: input.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -567,23 +574,6 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         converter: format!("acorn-converter {}", env!("CARGO_PKG_VERSION")),
         passes: records.clone(),
     };
-    let payloads: Vec<TensorPayload<'_>> = m
-        .tensors
-        .iter()
-        .zip(&pack)
-        .zip(quantized)
-        .map(|(((name, t), &plan), q)| match (q, nr.filter(|_| plan != passes::PanelPlan::Keep)) {
-            (Some(q), _) => payload(name, t, q.encoding, Cow::Owned(q.bytes)),
-            (None, Some(nr)) => {
-                let (bytes, shape) = passes::panel_bytes(t, nr, plan == passes::PanelPlan::Transposed);
-                TensorPayload {
-                    shape,
-                    ..payload(name, t, TensorEncoding::PanelF32 { nr: nr as u32 }, Cow::Owned(bytes))
-                }
-            }
-            (None, None) => payload(name, t, TensorEncoding::Dense, Cow::Borrowed(t.bytes())),
-        })
-        .collect();
     let weight_bytes = payloads.iter().map(|p| p.bytes.len() as u64).sum();
     let nodes = m.graph.all_nodes().count();
     let tensors = payloads.len();
@@ -605,9 +595,39 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         records.push(rec);
     }
     opts.progress.report("writing", 0, 0);
-    let file_bytes = write_model(output, m.graph, provenance, extensions, &payloads)
+    let file_bytes = write_model(output, m.graph.clone(), provenance, extensions, &payloads)
         .with_context(|| format!("writing {}", output.display()))?;
     Ok(ConvertReport { file_bytes, nodes, tensors, weight_bytes, passes: records, warnings })
+}
+
+/// The tensors of `m` as the file stores them: `quantized[t]` where a pass quantized tensor
+/// `t` (one entry per tensor), MatMul weights in `target`'s GEMM panel layout, the rest dense;
+/// with the layout pass's record.
+pub(crate) fn stored_tensors<'a>(
+    m: &'a ir::Module,
+    quantized: &'a [Option<quantize::Quantized>],
+    target: Target,
+) -> (Vec<TensorPayload<'a>>, PassRecord) {
+    let nr = target.panel_width();
+    let (pack, rec) = passes::plan_panel_weights(m, &target.name(), nr, &|t| quantized[t].is_some());
+    let payloads = m
+        .tensors
+        .iter()
+        .zip(&pack)
+        .zip(quantized)
+        .map(|(((name, t), &plan), q)| match (q, nr.filter(|_| plan != passes::PanelPlan::Keep)) {
+            (Some(q), _) => payload(name, t, q.encoding, Cow::Borrowed(&q.bytes)),
+            (None, Some(nr)) => {
+                let (bytes, shape) = passes::panel_bytes(t, nr, plan == passes::PanelPlan::Transposed);
+                TensorPayload {
+                    shape,
+                    ..payload(name, t, TensorEncoding::PanelF32 { nr: nr as u32 }, Cow::Owned(bytes))
+                }
+            }
+            (None, None) => payload(name, t, TensorEncoding::Dense, Cow::Borrowed(t.bytes())),
+        })
+        .collect();
+    (payloads, rec)
 }
 
 /// Runs a structured-pruning pass (`phase` for the progress bar) on the calibration statistics

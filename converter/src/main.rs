@@ -74,6 +74,12 @@ enum Cmd {
         /// is in the pass record either way.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep_sensitive: usize,
+        /// Store the embedding tables (the weights read by Gather: token and position
+        /// embeddings, a tied LM head with them) as q8, q4 or f16 instead of the --quantize
+        /// format (e.g. `--quantize q8 --quantize-embeddings q4`: an encoder's table is most of
+        /// its bytes and is read one row per token).
+        #[arg(long, value_name = "FORMAT", value_parser = ["q8", "q4", "f16"])]
+        quantize_embeddings: Option<String>,
         /// A pass asked for that would change nothing (e.g. --quantize on a model with no
         /// eligible weight) is an error instead of a warning.
         #[arg(long)]
@@ -251,6 +257,50 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// All seven techniques on one encoder, in order, from a recipe: transfer learning (a head),
+    /// fine-tuning, distillation, pruning, quantization, graph/kernel optimization and early
+    /// exits. Prints one table — per step: file size, open time, latency per utterance at 1
+    /// thread, accuracy on the held-out split — and stores it in the output's provenance.
+    Optimize {
+        /// The encoder (ONNX; post-LayerNorm BERT blocks: MiniLM, BERT).
+        #[arg(required_unless_present = "print_recipe")]
+        input: Option<PathBuf>,
+        /// Where to write the last step's model (atomically).
+        #[arg(short, long, required_unless_present = "print_recipe")]
+        output: Option<PathBuf>,
+        /// The encoder's tokenizer.json (embedded in the file).
+        #[arg(long, value_name = "FILE", required_unless_present = "print_recipe")]
+        tokenizer: Option<PathBuf>,
+        /// Labelled utterances (`label<TAB>utterance` lines) for the head and fine-tuning.
+        #[arg(long, value_name = "FILE", required_unless_present = "print_recipe")]
+        train: Option<PathBuf>,
+        /// The held-out split every step is measured on (default: every eighth utterance of
+        /// each label in --train, not trained on).
+        #[arg(long, value_name = "FILE")]
+        test: Option<PathBuf>,
+        /// Unlabelled texts, one per line, for distillation.
+        #[arg(long, value_name = "FILE")]
+        data: Option<PathBuf>,
+        /// The recipe (TOML: the steps and their settings; default: --print-recipe).
+        #[arg(long, value_name = "FILE")]
+        recipe: Option<PathBuf>,
+        /// Print the default recipe and exit.
+        #[arg(long)]
+        print_recipe: bool,
+        /// Keep every step's file in this folder (NN-step.acorn).
+        #[arg(long, value_name = "DIR")]
+        steps: Option<PathBuf>,
+        /// Timed passes over the held-out utterances per step (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Threads for training and the converter's runs (default: every core; latency is
+        /// measured at 1).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        threads: usize,
+        /// Print one JSON object (the table, every pass record) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     #[command(flatten)]
     Device(acorn_cli::Command),
     /// Run the ONNX backend node tests (a folder of test_* directories) and report per op.
@@ -310,6 +360,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             method,
             calib,
             keep_sensitive,
+            quantize_embeddings,
             strict,
             no_shape_analysis,
             quantized_import,
@@ -375,6 +426,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     calib,
                     keep_float,
                     keep_sensitive,
+                    embeddings: quantize_embeddings.as_deref(),
                 })?;
             cmd_convert(
                 &input,
@@ -472,6 +524,55 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 json,
             )
         }
+        Cmd::Optimize {
+            input,
+            output,
+            tokenizer,
+            train,
+            test,
+            data,
+            recipe,
+            print_recipe,
+            steps,
+            rounds,
+            threads,
+            json,
+        } => {
+            use acorn_converter::optimize;
+            if print_recipe {
+                print!("{}", optimize::DEFAULT_RECIPE);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let (Some(input), Some(output), Some(tokenizer), Some(train)) = (input, output, tokenizer, train) else {
+                bail!("acorn optimize needs ENCODER.onnx, -o OUT, --tokenizer and --train");
+            };
+            let (recipe_text, what) = match &recipe {
+                Some(p) => (
+                    std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading --recipe {}: {e}", p.display()))?,
+                    p.display().to_string(),
+                ),
+                None => (optimize::DEFAULT_RECIPE.to_string(), "(default)".to_string()),
+            };
+            let recipe = optimize::Recipe::parse(&recipe_text, &what)?;
+            cmd_optimize(
+                &input,
+                &output,
+                optimize::OptimizeOptions {
+                    tokenizer,
+                    train,
+                    test,
+                    data,
+                    recipe,
+                    recipe_text,
+                    steps_dir: steps,
+                    threads,
+                    memory_limit: None,
+                    rounds,
+                    progress: acorn_converter::Progress::default(),
+                },
+                json,
+            )
+        }
         Cmd::Device(cmd) => acorn_cli::dispatch(cmd),
         Cmd::Conformance { dir, filter, markdown, passing, verbose, note, json } => {
             let files =
@@ -563,6 +664,50 @@ fn cmd_convert(input: &Path, output: &Path, opts: ConvertOptions, target: &str, 
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_optimize(
+    input: &Path,
+    output: &Path,
+    opts: acorn_converter::optimize::OptimizeOptions,
+    json: bool,
+) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    let t0 = Instant::now();
+    let (pb, progress) = conversion_progress(json || !std::io::stderr().is_terminal());
+    let res = acorn_converter::optimize::optimize(
+        input,
+        output,
+        &acorn_converter::optimize::OptimizeOptions { progress, ..opts },
+    );
+    pb.finish_and_clear();
+    let r = res?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if json {
+        let row = |s: &acorn_converter::optimize::StepRow| {
+            serde_json::json!({
+                "step": s.step, "name": s.name, "what": s.what, "file_bytes": s.file_bytes,
+                "open_ms": s.open_ms, "latency_ms": s.latency_ms, "accuracy": s.accuracy,
+                "mean_layers": s.mean_layers, "seconds": s.seconds,
+            })
+        };
+        out!(
+            "{}",
+            serde_json::json!({
+                "output": output.display().to_string(),
+                "file_bytes": r.file_bytes,
+                "seconds": seconds,
+                "held_out": r.held_out,
+                "steps": r.rows.iter().map(row).collect::<Vec<_>>(),
+                "reference": row(&r.reference),
+                "passes": r.passes.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    out!("{}", acorn_converter::optimize::table(&r.rows, Some(&r.reference), Some(r.held_out)).trim_end());
+    out!("wrote {} ({:.2} MB) in {:.1} min", output.display(), mb(r.file_bytes), seconds / 60.0);
     Ok(ExitCode::SUCCESS)
 }
 

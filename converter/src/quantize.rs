@@ -131,6 +131,10 @@ pub struct QuantOptions {
     /// `--keep-sensitive N`: the N weights whose rounding changes their product's output most
     /// (measured on the calibration activations) one step up in precision (q4 → q8, q8 → f32).
     pub keep_sensitive: usize,
+    /// `--quantize-embeddings`: the tables read by `Gather` (token and position embeddings; a
+    /// tied LM head with them) in this format instead of `format`. An encoder's embedding table
+    /// is most of its bytes and is read one row per token, so it tolerates coarser codes.
+    pub embeddings: Option<QuantFormat>,
 }
 
 /// The quantization settings as `acorn convert` spells them (also what the Python package's
@@ -154,6 +158,9 @@ pub struct QuantFlags<'a> {
     pub keep_float: Vec<String>,
     /// How many of the most rounding-sensitive weights go one step up in precision.
     pub keep_sensitive: usize,
+    /// The format of the embedding tables (`q8`, `q4`, `f16`; q4 in groups of `group` with
+    /// minimums unless `symmetric`), when not `format`.
+    pub embeddings: Option<&'a str>,
 }
 
 impl Default for QuantFlags<'_> {
@@ -167,6 +174,7 @@ impl Default for QuantFlags<'_> {
             calib: None,
             keep_float: Vec::new(),
             keep_sensitive: 0,
+            embeddings: None,
         }
     }
 }
@@ -181,8 +189,12 @@ impl QuantOptions {
                 || flags.calib.is_some()
                 || flags.method != "rtn"
                 || flags.keep_sensitive > 0
+                || flags.embeddings.is_some()
             {
-                bail!("--keep-float, --min, --symmetric, --method, --calib and --keep-sensitive need --quantize");
+                bail!(
+                    "--keep-float, --min, --symmetric, --method, --calib, --keep-sensitive and --quantize-embeddings \
+                     need --quantize"
+                );
             }
             return Ok(None);
         };
@@ -192,9 +204,17 @@ impl QuantOptions {
         if flags.min && flags.symmetric {
             bail!("--min and --symmetric exclude each other");
         }
-        let with_min = flags.min || (f == "q4" && !flags.symmetric);
+        let with_min_for = |f: &str| flags.min || (f == "q4" && !flags.symmetric);
+        let embeddings = flags
+            .embeddings
+            .map(|e| {
+                QuantFormat::parse(e, flags.group, with_min_for(e))
+                    .map_err(|err| anyhow::anyhow!("--quantize-embeddings: {err}"))
+            })
+            .transpose()?;
         Ok(Some(QuantOptions {
-            format: QuantFormat::parse(f, flags.group, with_min)?,
+            embeddings,
+            format: QuantFormat::parse(f, flags.group, with_min_for(f))?,
             keep_float: flags.keep_float.clone(),
             method: Method::parse(flags.method)?,
             calib: flags.calib.clone(),
@@ -236,20 +256,33 @@ pub fn calibration_values(m: &Module) -> Vec<ValueId> {
     out
 }
 
+/// How q8 MatMul weights are stored (see [`quantize_weights`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q8Layout {
+    /// By output rows (`TensorEncoding::Q8 { transposed: true }`): what every kernel reads
+    /// alike, repacked per product at run time.
+    Rows,
+    /// In the int8 GEMM's panels; `narrow`: codes within ±64.
+    Panels { narrow: bool },
+}
+
 /// Chooses and quantizes the weights. Returns one entry per tensor (`None`: stays as it is)
 /// and the pass record: counts, bytes before and after, the weights' relative RMS error, and
-/// every 2-D weight left float with the reason. `narrow`: q8 MatMul weights get codes within
-/// ±64 (`TensorEncoding::Q8PanelsNarrow`, for a target whose int8 kernels multiply those
-/// faster; recorded as the `q8_codes` parameter).
+/// every 2-D weight left float with the reason. `layout`: how q8 MatMul weights are stored —
+/// in the int8 GEMM's panels, with codes within ±64 for a target whose int8 kernels multiply
+/// those faster (`TensorEncoding::Q8PanelsNarrow`, recorded as the `q8_codes` parameter), or
+/// as plain rows (`acorn optimize`'s portable steps).
 /// `masks`: per tensor index, what the sweep prunes (see [`MaskRule`]; from `--prune`).
 pub fn quantize_weights(
     m: &Module,
     opts: &QuantOptions,
-    narrow: bool,
+    layout: Q8Layout,
     grams: Option<&HashMap<ValueId, crate::calib::Gram>>,
     masks: &HashMap<usize, MaskRule>,
     progress: &crate::Progress,
 ) -> Result<(Vec<Option<Quantized>>, PassRecord)> {
+    let narrow = layout == Q8Layout::Panels { narrow: true };
+    let panels = layout != Q8Layout::Rows;
     let keep: Vec<regex::Regex> = opts
         .keep_float
         .iter()
@@ -344,15 +377,23 @@ pub fn quantize_weights(
         }
         let transposed = all[0] == Use::Columns;
         let (rows, k) = if transposed { (shape[1], shape[0]) } else { (shape[0], shape[1]) };
-        if !fits(opts.format, k) {
-            kept.push(format!("{name}: rows of {k} values do not fit {}", opts.format.name()));
+        // An embedding table (read by Gather) in its own format when one is asked.
+        let gathered = values
+            .iter()
+            .any(|&v| index.readers_anywhere(v).iter().any(|(n, i)| *i == 0 && matches!(n.op, Op::Gather { axis: 0 })));
+        let format = match opts.embeddings {
+            Some(f) if gathered => f,
+            _ => opts.format,
+        };
+        if !fits(format, k) {
+            kept.push(format!("{name}: rows of {k} values do not fit {}", format.name()));
             continue;
         }
         let w: Vec<f32> = tensor.as_f32().context("reading a weight")?.to_vec();
         let wt = if transposed { transpose(&w, shape[0], shape[1]) } else { w };
         let hessian = hessian_of(t, k);
         let mask = masks.get(&t).copied();
-        let q = quantize_one(opts.format, opts.method, transposed, narrow, &wt, rows, k, hessian.as_deref(), mask);
+        let q = quantize_one(format, opts.method, (transposed, narrow, panels), &wt, rows, k, hessian.as_deref(), mask);
         if matches!(mask, Some(MaskRule::Fraction(_) | MaskRule::NofM { .. })) && !q.gptq {
             bail!("{name}: SparseGPT could not factor its calibration Hessian (prune it with --prune wanda instead)");
         }
@@ -390,8 +431,7 @@ pub fn quantize_weights(
                 let q = quantize_one(
                     QuantFormat::Q8,
                     opts.method,
-                    d.transposed,
-                    narrow,
+                    (d.transposed, narrow, panels),
                     &wt,
                     d.rows,
                     d.k,
@@ -441,6 +481,9 @@ pub fn quantize_weights(
     for (_, u) in upgraded {
         record.params.push(("higher_precision".into(), u));
     }
+    if let Some(e) = opts.embeddings {
+        record.params.push(("embeddings".into(), e.name()));
+    }
     if narrow && opts.format == QuantFormat::Q8 {
         record.params.push(("q8_codes".into(), "MatMul weights within ±64 (7-bit, for the target's kernels)".into()));
     }
@@ -488,8 +531,7 @@ pub(crate) fn fits(format: QuantFormat, k: usize) -> bool {
 fn quantize_one(
     format: QuantFormat,
     method: Method,
-    transposed: bool,
-    narrow: bool,
+    (transposed, narrow, panels): (bool, bool, bool),
     wt: &[f32],
     rows: usize,
     k: usize,
@@ -509,7 +551,7 @@ fn quantize_one(
         }
     }
     let (encoding, bytes) = match encoding {
-        TensorEncoding::Q8 { transposed: true } => {
+        TensorEncoding::Q8 { transposed: true } if panels => {
             let nr = Q8_PANEL as u32;
             let enc = if narrow { TensorEncoding::Q8PanelsNarrow { nr } } else { TensorEncoding::Q8Panels { nr } };
             (enc, to_panels(&bytes, rows, k))

@@ -62,6 +62,7 @@ fn every_command_has_help() {
         vec!["--help"],
         vec!["convert", "--help"],
         vec!["distill", "--help"],
+        vec!["optimize", "--help"],
         vec!["run", "--help"],
         vec!["inspect", "--help"],
         vec!["bench", "--help"],
@@ -444,4 +445,41 @@ fn distill_and_teacher_flags_are_checked() {
     let err =
         fails(&["convert", onnx.to_str().unwrap(), "-o", out.to_str().unwrap(), "--teacher", onnx.to_str().unwrap()]);
     assert!(err.contains("--calib"), "{err}");
+}
+
+#[test]
+fn optimize_prints_its_recipe_and_checks_its_settings() {
+    // The default recipe, printed, is one a user can edit and hand back.
+    let o = acorn(&["optimize", "--print-recipe"]);
+    let (recipe, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(recipe, acorn_converter::optimize::DEFAULT_RECIPE);
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = write_model(dir.path());
+    let out = dir.path().join("x.acorn");
+    let fails = |args: &[&str]| {
+        let o = acorn(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(!out.exists(), "a failed run wrote {}", out.display());
+        text(&o).1
+    };
+    // What is missing is named.
+    assert!(fails(&["optimize", onnx.to_str().unwrap()]).contains("--output"));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[transfer]\n[prune]\nffn = 2\n").unwrap();
+    let train = dir.path().join("t.tsv");
+    std::fs::write(&train, "a\tone\na\ttwo\nb\tthree\nb\tfour\n").unwrap();
+    let base = [onnx.to_str().unwrap(), "-o", out.to_str().unwrap(), "--tokenizer", "tok.json", "--train"];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["optimize"];
+        args.extend_from_slice(&base);
+        args.push(train.to_str().unwrap());
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    let err = run(&["--recipe", bad.to_str().unwrap()]);
+    assert!(err.contains("ffn = 2") && err.contains("bad.toml"), "{err}");
+    assert!(run(&["--recipe", "missing.toml"]).contains("missing.toml"));
+    // The default recipe distils: without --data it says so before reading anything.
+    assert!(run(&[]).contains("--data"));
 }
