@@ -850,7 +850,7 @@ mod tests {
         assert_eq!(read(&fit).lines().count(), 19);
         assert!(!read(&fit).contains("a 7\n"));
         // Too few to hold any out: said.
-        std::fs::write(&train, "a\tx\na\ty\n").unwrap();
+        std::fs::write(&train, "a\tx\na\ty\nb\tz\nb\tw\n").unwrap();
         assert!(split_held_out(&train, None, dir.path()).unwrap_err().to_string().contains("--test"));
     }
 

@@ -1007,3 +1007,36 @@ pub fn nothing_quantized(record: &PassRecord) -> Option<String> {
     };
     Some(format!("--quantize {format} changed nothing: no weight is eligible ({why}); `acorn inspect` lists each"))
 }
+
+#[cfg(test)]
+mod flag_tests {
+    use super::*;
+
+    /// `--quantize-embeddings` takes its own format (q4 with minimums unless `--symmetric`, in
+    /// `--group` blocks) and needs `--quantize`.
+    #[test]
+    fn embedding_format_flags() {
+        let q =
+            QuantOptions::from_flags(&QuantFlags { format: Some("q8"), embeddings: Some("q4"), ..Default::default() })
+                .unwrap()
+                .unwrap();
+        assert_eq!(q.format, QuantFormat::Q8);
+        assert_eq!(q.embeddings, Some(QuantFormat::Q4 { group: 32, min: true }));
+        let q = QuantOptions::from_flags(&QuantFlags {
+            format: Some("q4"),
+            embeddings: Some("q4"),
+            symmetric: true,
+            group: 64,
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(q.embeddings, Some(QuantFormat::Q4 { group: 64, min: false }));
+        let e = QuantOptions::from_flags(&QuantFlags { embeddings: Some("q4"), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("--quantize-embeddings"), "{e}");
+        let e =
+            QuantOptions::from_flags(&QuantFlags { format: Some("q8"), embeddings: Some("q3"), ..Default::default() })
+                .unwrap_err();
+        assert!(e.to_string().contains("--quantize-embeddings"), "{e}");
+    }
+}
