@@ -318,9 +318,8 @@ fn optimized_intents() -> Result<()> {
         }
         None => {
             println!("training and measuring every step (about 25 minutes on 2 cores) …");
-            let texts = distillation_texts("macbeth", 520_000)?;
             let data_file = dir.join("distill-texts.txt");
-            std::fs::write(&data_file, texts.join("\n") + "\n")?;
+            write_distillation_texts(&data_file, "macbeth", 520_000)?;
             let last = std::sync::Mutex::new(String::new());
             let progress = acorn_converter::Progress::new(move |phase, _, _| {
                 let mut l = last.lock().expect("progress lock");

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use acorn_converter::distill::{DistillOptions, Layers};
 use acorn_converter::{convert, heads::TrainOptions, ConvertOptions};
-use acorn_tests::{asset, data, distillation_texts, play_lines, read_labelled, MINILM_L6, MINILM_TOKENIZER};
+use acorn_tests::{asset, data, play_lines, read_labelled, write_distillation_texts, MINILM_L6, MINILM_TOKENIZER};
 use anyhow::{bail, Result};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -55,10 +55,9 @@ fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out_dir = save.unwrap_or_else(|| dir.path().to_path_buf());
     std::fs::create_dir_all(&out_dir)?;
-    let texts = distillation_texts("macbeth", tokens)?;
     let data_file = dir.path().join("distill.txt");
-    std::fs::write(&data_file, texts.join("\n") + "\n")?;
-    println!("training texts: {} (≤ {tokens} tokens; every play and poem but Macbeth)", texts.len());
+    let n = write_distillation_texts(&data_file, "macbeth", tokens)?;
+    println!("training texts: {n} (≤ {tokens} tokens; every play and poem but Macbeth)");
     let src = asset(MINILM_L6);
     let base = ConvertOptions {
         tokenizer: Some(asset(MINILM_TOKENIZER)),

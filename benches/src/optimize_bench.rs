@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use acorn_converter::optimize::{self, OptimizeOptions, Recipe};
-use acorn_tests::{asset, data, distillation_texts, MINILM_L6, MINILM_TOKENIZER};
+use acorn_tests::{asset, data, write_distillation_texts, MINILM_L6, MINILM_TOKENIZER};
 use anyhow::{bail, Context, Result};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -57,10 +57,9 @@ fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out_dir = save.unwrap_or_else(|| dir.path().to_path_buf());
     std::fs::create_dir_all(&out_dir)?;
-    let texts = distillation_texts("macbeth", tokens)?;
     let data_file = dir.path().join("distill.txt");
-    std::fs::write(&data_file, texts.join("\n") + "\n")?;
-    println!("distillation texts: {} (≤ {tokens} tokens; every play and poem but Macbeth)", texts.len());
+    let n = write_distillation_texts(&data_file, "macbeth", tokens)?;
+    println!("distillation texts: {n} (≤ {tokens} tokens; every play and poem but Macbeth)");
     let recipe_text = match &recipe_file {
         Some(p) => std::fs::read_to_string(p)?,
         None => optimize::DEFAULT_RECIPE.to_string(),

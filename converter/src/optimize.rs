@@ -280,8 +280,10 @@ pub fn optimize(input: &Path, output: &Path, opts: &OptimizeOptions) -> Result<O
     }
     let recipe = &opts.recipe;
     recipe.check()?;
-    if recipe.distill.is_some() && opts.data.is_none() {
-        bail!("the recipe's [distill] step needs --data FILE (unlabelled texts, one per line)");
+    match (&recipe.distill, &opts.data) {
+        (Some(_), None) => bail!("the recipe's [distill] step needs --data FILE (unlabelled texts, one per line)"),
+        (_, Some(d)) if !d.is_file() => bail!("--data {}: not a file of texts", d.display()),
+        _ => {}
     }
     if opts.rounds == 0 {
         bail!("--rounds: at least one timed pass");
@@ -300,6 +302,13 @@ pub fn optimize(input: &Path, output: &Path, opts: &OptimizeOptions) -> Result<O
     // The training utterances, unlabelled: what pruning measures the channels on.
     let utterances = scratch.path().join("utterances.txt");
     let train_rows = heads::read_labelled(&train, labels.as_deref())?;
+    if let Some((l, _)) = held_rows.iter().find(|(l, _)| !train_rows.labels.contains(l)) {
+        bail!(
+            "the held-out label '{l}' ({}) is not among the training labels ({})",
+            test.display(),
+            train_rows.labels.join(", ")
+        );
+    }
     std::fs::write(&utterances, train_rows.rows.iter().map(|(_, u)| format!("{u}\n")).collect::<String>())?;
     let tok = &opts.tokenizer;
     let tokenizer = tokenizers::Tokenizer::from_file(tok).map_err(|e| anyhow::anyhow!("{}: {e}", tok.display()))?;

@@ -618,6 +618,13 @@ pub fn distillation_texts(exclude: &str, max_tokens: usize) -> Result<Vec<String
     Ok(out)
 }
 
+/// [`distillation_texts`] written to `path`, one per line; returns how many.
+pub fn write_distillation_texts(path: &Path, exclude: &str, max_tokens: usize) -> Result<usize> {
+    let texts = distillation_texts(exclude, max_tokens)?;
+    std::fs::write(path, texts.join("\n") + "\n").with_context(|| format!("writing {}", path.display()))?;
+    Ok(texts.len())
+}
+
 /// ONNX Runtime on an encoder's ONNX, one utterance (`ids`, all attended) per run, output `out`:
 /// the milliseconds per utterance of each of `rounds` timed passes over `ids` (after one untimed
 /// warm-up pass), on `threads` threads.

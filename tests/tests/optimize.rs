@@ -2,7 +2,7 @@
 //! step, the table stored in the file.
 
 use acorn_converter::optimize::{self, OptimizeOptions, Recipe, STEP_NAMES};
-use acorn_tests::{asset, data, distillation_texts, MINILM_L3, MINILM_TOKENIZER};
+use acorn_tests::{asset, data, write_distillation_texts, MINILM_L3, MINILM_TOKENIZER};
 
 /// Every step of a short recipe on paraphrase-MiniLM-L3-v2 (3 layers → a 2-layer student):
 /// each step's file is written and measured, the sizes fall where a step removes weights, the
@@ -11,9 +11,8 @@ use acorn_tests::{asset, data, distillation_texts, MINILM_L3, MINILM_TOKENIZER};
 #[test]
 fn a_recipe_runs_every_step_and_the_table_is_what_the_files_measure() {
     let dir = tempfile::tempdir().unwrap();
-    let texts = distillation_texts("macbeth", 20_000).unwrap();
     let texts_file = dir.path().join("texts.txt");
-    std::fs::write(&texts_file, texts.join("\n")).unwrap();
+    write_distillation_texts(&texts_file, "macbeth", 20_000).unwrap();
     let recipe_text = r#"
 [transfer]
 [fine_tune]
@@ -143,5 +142,12 @@ fn recipes_are_checked() {
     let out = dir.path().join("x.acorn");
     let e = optimize::optimize(&asset(MINILM_L3), &out, &opts).unwrap_err().to_string();
     assert!(e.contains("--data"), "{e}");
+    assert!(!out.exists());
+    // A held-out label the head never saw: named before any training.
+    let test = dir.path().join("test.tsv");
+    std::fs::write(&test, "set_timer\tfive minutes please\nteleport\tbeam me up\n").unwrap();
+    let opts = OptimizeOptions { test: Some(test), recipe: Recipe::parse("[transfer]\n", "(test)").unwrap(), ..opts };
+    let e = optimize::optimize(&asset(MINILM_L3), &out, &opts).unwrap_err().to_string();
+    assert!(e.contains("'teleport'"), "{e}");
     assert!(!out.exists());
 }
