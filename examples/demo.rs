@@ -301,11 +301,12 @@ fn optimized_intents() -> Result<()> {
     let dir = repo_root().join(".cache/acorn-demo");
     let out = dir.join("intent-optimized.acorn");
     let converter = format!("acorn-converter {}", env!("CARGO_PKG_VERSION"));
+    let recipe = optimize::Recipe::parse(optimize::DEFAULT_RECIPE, "(default)")?;
     let stored = Model::open(&out).ok().and_then(|m| {
         let p = &m.metadata().provenance;
         let rec = p.passes.iter().find(|r| r.name == "optimize")?;
         let same =
-            p.converter == converter && rec.params.iter().any(|(k, v)| k == "recipe" && v == optimize::DEFAULT_RECIPE);
+            p.converter == converter && rec.params.iter().any(|(k, v)| k == "recipe" && *v == recipe.canonical());
         same.then(|| optimize::table_from_record(rec)).flatten()
     });
     let (rows, reference, held) = match stored {
@@ -333,8 +334,7 @@ fn optimized_intents() -> Result<()> {
                 train: data("intents/train.tsv"),
                 test: Some(data("intents/test.tsv")),
                 data: Some(data_file),
-                recipe: optimize::Recipe::parse(optimize::DEFAULT_RECIPE, "(default)")?,
-                recipe_text: optimize::DEFAULT_RECIPE.into(),
+                recipe: recipe.clone(),
                 steps_dir: None,
                 threads: 0,
                 memory_limit: None,

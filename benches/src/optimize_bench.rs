@@ -70,7 +70,6 @@ fn main() -> Result<()> {
         test: Some(test),
         data: Some(data_file),
         recipe: Recipe::parse(&recipe_text, "(bench)")?,
-        recipe_text,
         steps_dir: Some(out_dir.join("steps")),
         threads: 0,
         memory_limit: None,

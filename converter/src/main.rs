@@ -563,7 +563,6 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     test,
                     data,
                     recipe,
-                    recipe_text,
                     steps_dir: steps,
                     threads,
                     memory_limit: None,

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use acorn::format::{write_model, Extension, PassRecord, Provenance};
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::distill::{DistillOptions, Layers};
@@ -30,7 +30,7 @@ use crate::{calib, ir, structured, text, ConvertOptions, Progress, Target};
 pub const DEFAULT_RECIPE: &str = include_str!("../recipes/default.toml");
 
 /// The steps and their settings (see [`DEFAULT_RECIPE`] for each one's meaning).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     pub transfer: Option<TransferStep>,
@@ -42,19 +42,19 @@ pub struct Recipe {
     pub exits: Option<ExitsStep>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransferStep {
     pub labels: Option<Vec<String>>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FineTuneStep {
     pub layers: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillStep {
     pub layers: Option<usize>,
@@ -69,14 +69,14 @@ pub struct DistillStep {
     pub fine_tune_layers: Option<usize>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PruneStep {
     /// The share of FFN channels removed.
     pub ffn: f64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeStep {
     pub format: String,
@@ -87,13 +87,13 @@ pub struct QuantizeStep {
     pub symmetric: bool,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizeStep {
     pub target: String,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExitsStep {
     pub layers: String,
@@ -161,6 +161,20 @@ impl Recipe {
         Ok(())
     }
 
+    /// The recipe on one line (JSON, settings left out omitted): what the `optimize` record
+    /// stores, the same for every spelling of the same recipe.
+    pub fn canonical(&self) -> String {
+        fn drop_nulls(v: &mut serde_json::Value) {
+            if let serde_json::Value::Object(map) = v {
+                map.retain(|_, x| !x.is_null());
+                map.values_mut().for_each(drop_nulls);
+            }
+        }
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        drop_nulls(&mut v);
+        v.to_string()
+    }
+
     /// The steps this recipe runs, as the table names them.
     pub fn steps(&self) -> Vec<&'static str> {
         let mut s = vec![STEP_NAMES[0]];
@@ -224,8 +238,6 @@ pub struct OptimizeOptions {
     /// Unlabelled texts for distillation (one per line).
     pub data: Option<PathBuf>,
     pub recipe: Recipe,
-    /// The recipe's text, stored in the provenance.
-    pub recipe_text: String,
     /// Keep every step's file here (`NN-step.acorn`); `None`: a temporary folder.
     pub steps_dir: Option<PathBuf>,
     /// Threads for training and the converter's runs (0: every core). Latency is measured at 1.
@@ -346,7 +358,7 @@ pub fn optimize(input: &Path, output: &Path, opts: &OptimizeOptions) -> Result<O
         rows: Vec::new(),
         held: &held_rows,
         rounds: opts.rounds,
-        recipe_text: &opts.recipe_text,
+        recipe: recipe.canonical(),
         progress,
     };
     let fit_head = |m: &mut ir::Module, fine_tune: Option<usize>, exits: Option<&ExitsStep>| {
@@ -503,7 +515,7 @@ pub fn optimize(input: &Path, output: &Path, opts: &OptimizeOptions) -> Result<O
     }
     // The output: the last step's model, with the whole table.
     progress.report("writing", 0, 0);
-    let rec = table_record(&state.rows, Some(&reference), &opts.recipe_text);
+    let rec = table_record(&state.rows, Some(&reference), &state.recipe);
     let file_bytes = state.write(&m, &records, Some(rec.clone()), output)?;
     records.push(rec);
     Ok(OptimizeReport { rows: state.rows, reference, file_bytes, passes: records, held_out: held_rows.len() })
@@ -525,7 +537,8 @@ struct State<'a> {
     rows: Vec<StepRow>,
     held: &'a [(String, String)],
     rounds: usize,
-    recipe_text: &'a str,
+    /// [`Recipe::canonical`].
+    recipe: String,
     progress: &'a Progress,
 }
 
@@ -572,7 +585,7 @@ impl State<'_> {
         let n = self.rows.len() + 1;
         let slug = name.replace(['/', ' '], "-");
         let path = self.dir.join(format!("{n:02}-{slug}.acorn"));
-        let rec = table_record(&self.rows, None, self.recipe_text);
+        let rec = table_record(&self.rows, None, &self.recipe);
         let file_bytes = self.write(m, records, Some(rec), &path)?;
         self.progress.report(&format!("measuring step {n}"), 0, 0);
         let (open_ms, latency_ms, accuracy, mean_layers) = measure(&path, self.held, self.exits, self.rounds)?;

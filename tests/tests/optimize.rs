@@ -42,7 +42,6 @@ layers = "all"
         test: Some(test.clone()),
         data: Some(texts_file),
         recipe,
-        recipe_text: recipe_text.into(),
         steps_dir: Some(steps.clone()),
         threads: 0,
         memory_limit: None,
@@ -106,7 +105,12 @@ layers = "all"
     let (rows, reference) = optimize::table_from_record(rec).unwrap();
     assert_eq!(rows, r.rows);
     assert_eq!(reference.as_ref(), Some(&r.reference));
-    assert!(rec.params.iter().any(|(k, v)| k == "recipe" && v == recipe_text));
+    let stored = &rec.params.iter().find(|(k, _)| k == "recipe").unwrap().1;
+    assert_eq!(stored, &Recipe::parse(recipe_text, "(test)").unwrap().canonical());
+    assert!(
+        stored.contains(r#""distill":{"epochs":1,"fine_tune_layers":1,"layers":2,"maps":false,"steps":20}"#),
+        "{stored}"
+    );
 }
 
 /// Recipes are checked before anything runs: unknown settings, a missing head, values out of
@@ -132,7 +136,6 @@ fn recipes_are_checked() {
         test: None,
         data: None,
         recipe,
-        recipe_text: String::new(),
         steps_dir: None,
         threads: 1,
         memory_limit: None,
