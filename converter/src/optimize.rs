@@ -394,7 +394,7 @@ pub fn optimize(input: &Path, output: &Path, opts: &OptimizeOptions) -> Result<O
         let t = Instant::now();
         let (ext, rec) = fit_head(&mut m, Some(f.layers), None)?;
         let what = format!(
-            "top {} layers with the head (validation {:.3} → {:.3})",
+            "top {} with the head (validation {:.3} → {:.3})",
             f.layers,
             report_of(&rec, "fine_tune_validation_accuracy_before"),
             report_of(&rec, "fine_tune_validation_accuracy_after")
@@ -429,10 +429,11 @@ pub fn optimize(input: &Path, output: &Path, opts: &OptimizeOptions) -> Result<O
         let recs = crate::distill::distill(&mut m, &dopts, Some(tok), opts.memory_limit, progress)?;
         let drec = recs.iter().find(|r| r.name == "distill").context("the distill record")?;
         let what = format!(
-            "{} of {before} layers ({}), validation cosine {:.3}",
+            "{} of {before} layers ({}), validation cosine {:.3}; head refitted{}",
             heads::encoder_layers(&m),
             param_of(drec, "kept_layers"),
-            report_of(drec, "distill_validation_cosine_after")
+            report_of(drec, "distill_validation_cosine_after"),
+            d.fine_tune_layers.map_or(String::new(), |k| format!(", top {k} fine-tuned"))
         );
         records.extend(recs);
         let (ext, rec) = fit_head(&mut m, d.fine_tune_layers, None)?;
