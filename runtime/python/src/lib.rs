@@ -514,6 +514,68 @@ fn convert<'py>(
     Ok(d)
 }
 
+/// All seven techniques on one encoder, in order, from a recipe (what `acorn optimize` does):
+/// `recipe` is TOML text (default: `acorn.DEFAULT_RECIPE`); `train` a `label<TAB>utterance`
+/// file; `test` the held-out split (default: every 8th `train` line per label); `data`
+/// unlabelled texts for the distillation step; `steps` a folder that keeps every step's file.
+/// Returns a dict: `steps` (one dict per step: `step`, `name`, `what`, `file_bytes`,
+/// `open_ms`, `latency_ms` (1 thread, batch 1), `accuracy`, `mean_layers`, `seconds`),
+/// `reference` (step 1 written for the target), `file_bytes`, `held_out`, and `table` (the text
+/// the CLI prints).
+#[pyfunction]
+#[pyo3(signature = (src, dst, *, tokenizer, train, test = None, data = None, recipe = None, steps = None, rounds = 3, threads = 0))]
+#[allow(clippy::too_many_arguments)]
+fn optimize<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dst: PathBuf,
+    tokenizer: PathBuf,
+    train: PathBuf,
+    test: Option<PathBuf>,
+    data: Option<PathBuf>,
+    recipe: Option<&str>,
+    steps: Option<PathBuf>,
+    rounds: usize,
+    threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    use acorn_converter::optimize as o;
+    let what = if recipe.is_some() { "(given)" } else { "(default)" };
+    let recipe = o::Recipe::parse(recipe.unwrap_or(o::DEFAULT_RECIPE), what).map_err(|e| err(format!("{e:#}")))?;
+    let opts = o::OptimizeOptions {
+        tokenizer,
+        train,
+        test,
+        data,
+        recipe,
+        steps_dir: steps,
+        threads,
+        memory_limit: None,
+        rounds,
+        progress: Default::default(),
+    };
+    let r = py.allow_threads(|| o::optimize(&src, &dst, &opts)).map_err(|e| err(format!("{e:#}")))?;
+    let row = |s: &o::StepRow| -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("step", s.step)?;
+        d.set_item("name", &s.name)?;
+        d.set_item("what", &s.what)?;
+        d.set_item("file_bytes", s.file_bytes)?;
+        d.set_item("open_ms", s.open_ms)?;
+        d.set_item("latency_ms", s.latency_ms)?;
+        d.set_item("accuracy", s.accuracy)?;
+        d.set_item("mean_layers", s.mean_layers)?;
+        d.set_item("seconds", s.seconds)?;
+        Ok(d)
+    };
+    let d = PyDict::new(py);
+    d.set_item("steps", r.rows.iter().map(row).collect::<PyResult<Vec<_>>>()?)?;
+    d.set_item("reference", row(&r.reference)?)?;
+    d.set_item("file_bytes", r.file_bytes)?;
+    d.set_item("held_out", r.held_out)?;
+    d.set_item("table", o::table(&r.rows, Some(&r.reference), Some(r.held_out)))?;
+    Ok(d)
+}
+
 #[pymodule]
 #[pyo3(name = "acorn")]
 fn acorn_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -526,5 +588,7 @@ fn acorn_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HeadTrainer>()?;
     m.add_class::<Head>()?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(optimize, m)?)?;
+    m.add("DEFAULT_RECIPE", acorn_converter::optimize::DEFAULT_RECIPE)?;
     Ok(())
 }

@@ -253,3 +253,31 @@ def test_on_device_learning(converted, tmp_path):
         acorn.Head.load(str(saved), other)
     with pytest.raises(acorn.AcornError, match="empty"):
         trainer.add("", x)
+
+
+def test_optimize_runs_a_recipe(tmp_path):
+    """`acorn.optimize`: a recipe without distillation on MiniLM-L3, one row per step; the file
+    written is the last row (its held-out accuracy, recomputed here, is the row's)."""
+    recipe = (
+        "[transfer]\n[prune]\nffn = 0.25\n[quantize]\nformat = \"q8\"\nembeddings = \"q4\"\n"
+        "[optimize]\ntarget = \"host\"\n[exits]\nlayers = \"all\"\n"
+    )
+    dst = tmp_path / "intent.acorn"
+    r = acorn.optimize(str(asset(MINILM)), str(dst), tokenizer=str(asset(MINILM_TOKENIZER)),
+                       train=str(INTENTS / "train.tsv"), test=str(INTENTS / "test.tsv"), recipe=recipe, rounds=1)
+    names = [s["name"] for s in r["steps"]]
+    assert names == ["transfer learning", "pruning", "quantization", "graph/kernel optimization", "early exits"]
+    assert r["file_bytes"] == dst.stat().st_size
+    assert r["steps"][2]["file_bytes"] < 0.3 * r["steps"][0]["file_bytes"]
+    assert r["reference"]["mean_layers"] == 3 and r["steps"][-1]["mean_layers"] < 3
+    assert "early exits" in r["table"]
+    gold, texts = labelled(INTENTS / "test.tsv")
+    clf = acorn.Classifier(str(dst))
+    right = sum(clf.classify([t])[0]["label"] == g for t, g in zip(texts, gold))
+    assert r["held_out"] == len(gold)
+    assert abs(right / len(gold) - r["steps"][-1]["accuracy"]) < 1e-9
+    assert "[distill]" in acorn.DEFAULT_RECIPE
+    with pytest.raises(acorn.AcornError, match="unknown field"):
+        acorn.optimize(str(asset(MINILM)), str(tmp_path / "x.acorn"), tokenizer=str(asset(MINILM_TOKENIZER)),
+                       train=str(INTENTS / "train.tsv"), recipe="[transfer]\n[prune]\nfnn = 0.5\n")
+    assert not (tmp_path / "x.acorn").exists()
