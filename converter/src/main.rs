@@ -540,7 +540,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         } => {
             use acorn_converter::optimize;
             if print_recipe {
-                print!("{}", optimize::DEFAULT_RECIPE);
+                out!("{}", optimize::DEFAULT_RECIPE.trim_end());
                 return Ok(ExitCode::SUCCESS);
             }
             let (Some(input), Some(output), Some(tokenizer), Some(train)) = (input, output, tokenizer, train) else {
