@@ -558,16 +558,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 &input,
                 &output,
                 optimize::OptimizeOptions {
-                    tokenizer,
-                    train,
                     test,
                     data,
-                    recipe,
                     steps_dir: steps,
                     threads,
-                    memory_limit: None,
                     rounds,
-                    progress: acorn_converter::Progress::default(),
+                    ..optimize::OptimizeOptions::new(tokenizer, train, recipe)
                 },
                 json,
             )

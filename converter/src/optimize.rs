@@ -248,6 +248,26 @@ pub struct OptimizeOptions {
     pub progress: Progress,
 }
 
+impl OptimizeOptions {
+    /// The settings `acorn optimize` starts from: the held-out split taken from `train`, no
+    /// distillation texts, the steps' files in a temporary folder, every core for training,
+    /// 3 timed passes per step.
+    pub fn new(tokenizer: PathBuf, train: PathBuf, recipe: Recipe) -> Self {
+        OptimizeOptions {
+            tokenizer,
+            train,
+            test: None,
+            data: None,
+            recipe,
+            steps_dir: None,
+            threads: 0,
+            memory_limit: None,
+            rounds: 3,
+            progress: Progress::default(),
+        }
+    }
+}
+
 /// One row of the table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepRow {

@@ -542,16 +542,12 @@ fn optimize<'py>(
     let what = if recipe.is_some() { "(given)" } else { "(default)" };
     let recipe = o::Recipe::parse(recipe.unwrap_or(o::DEFAULT_RECIPE), what).map_err(|e| err(format!("{e:#}")))?;
     let opts = o::OptimizeOptions {
-        tokenizer,
-        train,
         test,
         data,
-        recipe,
         steps_dir: steps,
         threads,
-        memory_limit: None,
         rounds,
-        progress: Default::default(),
+        ..o::OptimizeOptions::new(tokenizer, train, recipe)
     };
     let r = py.allow_threads(|| o::optimize(&src, &dst, &opts)).map_err(|e| err(format!("{e:#}")))?;
     let row = |s: &o::StepRow| -> PyResult<Bound<'py, PyDict>> {
