@@ -12,7 +12,8 @@
 //! each offset, the first and the last with the rest spread between, the bottom N) by what the
 //! untrained student loses on the validation texts; `--keep-layers` names them.
 //!
-//! Encoders: post-LayerNorm BERT blocks (MiniLM, BERT). Decoders are refused with the reason.
+//! Encoders: post-LayerNorm BERT blocks (MiniLM, BERT). Decoders (a KV cache: SmolLM2, Llama) are
+//! distilled block-wise ([`crate::blocks`]).
 
 use std::path::PathBuf;
 
@@ -46,8 +47,10 @@ pub struct DistillOptions {
     /// least squares, as `--drop-layers` fits it) and trained with the blocks, instead of being
     /// skipped. The teacher's last layer must then be kept.
     pub maps: bool,
-    /// The training loop's settings.
+    /// The training loop's settings (encoders).
     pub train: HealOptions,
+    /// Block-wise distillation's settings (decoders).
+    pub blocks: crate::blocks::BlockOptions,
 }
 
 impl DistillOptions {
@@ -111,10 +114,7 @@ pub fn distill(
 ) -> Result<Vec<PassRecord>> {
     const WHAT: &str = "acorn distill";
     if m.graph.inputs.iter().any(|i| i.name.starts_with("past")) {
-        bail!(
-            "{WHAT} trains encoder students (post-LayerNorm BERT blocks); this model is a decoder with a KV cache, \
-             which it does not distill yet (its layers can be removed with `acorn convert --drop-layers … --calib`)"
-        );
+        return distill_decoder(m, opts, tokenizer, memory_limit, progress);
     }
     let (tvars, tblocks) = heal::teacher_vars(m, WHAT)?;
     let l = tblocks.len();
@@ -244,6 +244,82 @@ pub fn distill(
         report,
     });
     Ok(records)
+}
+
+/// A decoder's student, block-wise ([`crate::blocks`]): training the whole student on its
+/// logits does not fit a 2-core machine, so each run of removed layers is replaced by a map and a
+/// gated FFN trained on the teacher's hidden states at the run's boundary. `--layers N` removes
+/// the layers whose fitted maps lose least, each measured alone.
+fn distill_decoder(
+    m: &mut Module,
+    opts: &DistillOptions,
+    tokenizer: Option<&std::path::Path>,
+    memory_limit: Option<usize>,
+    progress: &crate::Progress,
+) -> Result<Vec<PassRecord>> {
+    if opts.width.is_some() {
+        bail!("--width narrows an encoder student's FFNs; decoders are distilled block-wise (give --layers or --keep-layers)");
+    }
+    let stream = layers::residual_stream(m)?;
+    let l = stream.layers();
+    let tok = tokenizer.context("acorn distill needs the decoder's --tokenizer to read --data")?;
+    let tok = tokenizers::Tokenizer::from_file(tok).map_err(|e| anyhow::anyhow!("{}: {e}", tok.display()))?;
+    progress.report("reading --data", 0, 0);
+    let lines = MAX_TEXTS.min(opts.blocks.max_tokens / 16 + 64);
+    let samples = crate::calib::samples(&m.graph.inputs, &opts.data, Some(&tok), lines)
+        .with_context(|| format!("--data {}", opts.data.display()))?;
+    let removed: Vec<usize> = match &opts.layers {
+        Layers::List(keep) => {
+            if let Some(&x) = keep.iter().find(|&&x| x >= l) {
+                bail!("--keep-layers: layer {} is outside 1..{l} (the teacher has {l} layers)", x + 1);
+            }
+            (0..l).filter(|x| !keep.contains(x)).collect()
+        }
+        Layers::Count(n) if *n == 0 || *n > l => bail!("--layers {n}: the teacher has {l} layers (1..={l})"),
+        Layers::Count(n) => {
+            let probe: crate::calib::Samples = samples.iter().take(PROBE_TEXTS).cloned().collect();
+            progress.report("choosing layers", 0, 0);
+            layers::cheapest_layers(m, &stream, l - n, true, &probe, memory_limit, progress)?.0
+        }
+        Layers::All => bail!("acorn distill on a decoder removes layers: give --layers or --keep-layers"),
+    };
+    if removed.is_empty() {
+        bail!("acorn distill: the student keeps all {l} layers: it would be the teacher");
+    }
+    let t0 = std::time::Instant::now();
+    let (mut drop_rec, mut report) =
+        crate::blocks::distill_removed(m, &stream, &removed, &samples, &opts.blocks, memory_limit, progress)?;
+    report.push(("teacher_layers".into(), l as f64));
+    report.push(("seconds".into(), t0.elapsed().as_secs_f64()));
+    let b = &opts.blocks;
+    let replacement = if b.rank == 0 {
+        "a fitted linear map per removed run (ridge least squares)".to_string()
+    } else {
+        format!("per removed run, the least-squares map plus a gated FFN of {} channels, distilled block-wise", b.rank)
+    };
+    drop_rec.params.push(("refit".into(), replacement));
+    let kept: Vec<usize> = (0..l).filter(|x| !removed.contains(x)).collect();
+    Ok(vec![
+        drop_rec,
+        PassRecord {
+            name: "distill".into(),
+            params: vec![
+                (
+                    "teacher".into(),
+                    "the source model's hidden states at each removed run's boundary (block-wise)".into(),
+                ),
+                ("kept_layers".into(), one_based(&kept)),
+                ("data".into(), opts.data.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
+                ("rank".into(), b.rank.to_string()),
+                ("epochs".into(), b.epochs.to_string()),
+                ("learning_rate".into(), b.learning_rate.to_string()),
+                ("batch_tokens".into(), b.batch.to_string()),
+                ("loss".into(), "mean over tokens of the relative squared error at the run's end".into()),
+                ("schedule".into(), "5 % warm-up, linear decay to 0; the best epoch on the validation tokens".into()),
+            ],
+            report,
+        },
+    ])
 }
 
 #[cfg(test)]

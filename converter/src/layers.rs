@@ -194,8 +194,8 @@ pub fn residual_stream(m: &Module) -> Result<Stream> {
 
 /// What the calibration data says about replacing layers `s..e` by a map: `[B_s, 1]`'s Gram
 /// matrix, its product with `Y = B_e − B_s`, `‖Y‖²` and `‖B_e‖²`.
-struct SpanStats {
-    d: usize,
+pub(crate) struct SpanStats {
+    pub(crate) d: usize,
     /// `(d+1) × (d+1)`, row-major; index `d` is the intercept's constant 1.
     g: Vec<f64>,
     /// `(d+1) × d`.
@@ -206,11 +206,11 @@ struct SpanStats {
 }
 
 impl SpanStats {
-    fn new(d: usize) -> Self {
+    pub(crate) fn new(d: usize) -> Self {
         SpanStats { d, g: vec![0.0; (d + 1) * (d + 1)], c: vec![0.0; (d + 1) * d], yy: 0.0, ee: 0.0, rows: 0 }
     }
 
-    fn add(&mut self, x: &[f32], e: &[f32]) {
+    pub(crate) fn add(&mut self, x: &[f32], e: &[f32]) {
         let d = self.d;
         let y: Vec<f32> = e.iter().zip(x).map(|(a, b)| a - b).collect();
         let rows = x.len() / d;
@@ -238,7 +238,7 @@ impl SpanStats {
     }
 
     /// The ridge fit `[M; b]` (`(d+1) × d`) and its relative error `‖Y − [X,1]·[M;b]‖² / ‖B_e‖²`.
-    fn fit(&self) -> Option<(Vec<f64>, f64)> {
+    pub(crate) fn fit(&self) -> Option<(Vec<f64>, f64)> {
         use faer::linalg::solvers::Solve;
         let (d, d1) = (self.d, self.d + 1);
         let g = faer::Mat::<f64>::from_fn(d1, d1, |i, j| self.g[i * d1 + j]);
@@ -311,6 +311,38 @@ fn span_stats(
     stats.into_iter().map(|s| s.context("no calibration sample reached the layers")).collect()
 }
 
+/// Named figures of a pass (`(name, value)`).
+pub type Scores = Vec<(String, f64)>;
+
+/// The `n` layers of `stream` whose removal costs least, each scored alone on `samples` by the
+/// relative error of its fitted map (`refit`) or of skipping it; and every layer's score.
+pub fn cheapest_layers(
+    m: &Module,
+    stream: &Stream,
+    n: usize,
+    refit: bool,
+    samples: &calib::Samples,
+    memory_limit: Option<usize>,
+    progress: &crate::Progress,
+) -> Result<(Vec<usize>, Scores)> {
+    let layers = stream.layers();
+    if n >= layers {
+        bail!("--drop-layers {n}: the model has {layers} layers; at least one must stay");
+    }
+    let singles: Vec<(usize, usize)> = (0..layers).map(|l| (l, l + 1)).collect();
+    let st = span_stats(m, stream, &singles, samples, memory_limit, progress)?;
+    let mut score: Vec<(f64, usize)> = st
+        .iter()
+        .enumerate()
+        .map(|(l, s)| (if refit { s.fit().map_or(f64::INFINITY, |f| f.1) } else { s.skip_error() }, l))
+        .collect();
+    let report = score.iter().map(|&(e, l)| (format!("error_if_dropped:layer_{}", l + 1), e)).collect();
+    score.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut pick: Vec<usize> = score[..n].iter().map(|s| s.1).collect();
+    pick.sort_unstable();
+    Ok((pick, report))
+}
+
 /// Runs of consecutive layers, as `(first, one past the last)`.
 fn runs(layers: &[usize]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
@@ -346,22 +378,8 @@ pub fn drop_layers(
             list.clone()
         }
         DropLayers::Count(n) => {
-            if *n >= layers {
-                bail!("--drop-layers {n}: the model has {layers} layers; at least one must stay");
-            }
-            let singles: Vec<(usize, usize)> = (0..layers).map(|l| (l, l + 1)).collect();
-            let st = span_stats(m, &stream, &singles, samples, memory_limit, progress)?;
-            let mut score: Vec<(f64, usize)> = st
-                .iter()
-                .enumerate()
-                .map(|(l, s)| (if refit { s.fit().map_or(f64::INFINITY, |f| f.1) } else { s.skip_error() }, l))
-                .collect();
-            for &(e, l) in &score {
-                report.push((format!("error_if_dropped:layer_{}", l + 1), e));
-            }
-            score.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let mut pick: Vec<usize> = score[..*n].iter().map(|s| s.1).collect();
-            pick.sort_unstable();
+            let (pick, scores) = cheapest_layers(m, &stream, *n, refit, samples, memory_limit, progress)?;
+            report.extend(scores);
             pick
         }
     };
@@ -370,6 +388,91 @@ pub fn drop_layers(
     }
     let spans = runs(&chosen);
     let stats = span_stats(m, &stream, &spans, samples, memory_limit, progress)?;
+    let mut replacements = Vec::new();
+    let (mut err_num, mut err_skip) = (0.0f64, 0.0f64);
+    for (&(s, e), st) in spans.iter().zip(&stats) {
+        let skip = st.skip_error();
+        let name = format!("layers_{}_{}", s + 1, e);
+        report.push((format!("skip_error:{name}"), skip));
+        err_skip += skip;
+        if !refit {
+            replacements.push(Replacement::Skip);
+            err_num += skip;
+            continue;
+        }
+        let Some((w, err)) = st.fit() else {
+            bail!("--drop-layers: the map replacing layers {}..{e} could not be fitted", s + 1);
+        };
+        report.push((format!("map_error:{name}"), err));
+        err_num += err;
+        let d = st.d;
+        replacements.push(Replacement::Map {
+            map: w[..d * d].iter().map(|&v| v as f32).collect(),
+            bias: w[d * d..].iter().map(|&v| v as f32).collect(),
+        });
+        // The quantize pass's statistics of the map's input.
+        let d1 = d + 1;
+        let gx: Vec<f64> = (0..d).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| st.g[i * d1 + j]).collect();
+        grams.insert(stream.boundaries[s], Gram::from_full(d, &gx, st.rows));
+    }
+    let mut record = remove_runs(m, &stream, &chosen, replacements)?;
+    record.params.push((
+        "refit".into(),
+        if refit { "a fitted linear map per removed run (ridge least squares)" } else { "none (skipped)" }.into(),
+    ));
+    record.report.push(("output_error_sum".into(), err_num));
+    record.report.push(("skip_error_sum".into(), err_skip));
+    record.report.extend(report);
+    Ok(record)
+}
+
+/// What replaces a removed run of layers `s..e` (its input `B_s`, its output `B_e`).
+#[derive(Clone, Debug)]
+pub enum Replacement {
+    /// Nothing: `B_e := B_s`.
+    Skip,
+    /// `B_s + B_s·M + b` (`map`: `d × d` row-major, `bias`: `d`).
+    Map { map: Vec<f32>, bias: Vec<f32> },
+    /// The map plus a gated FFN on the RMS-normalised input (block-wise distillation,
+    /// [`crate::blocks`]).
+    Adapter(Adapter),
+}
+
+/// `B_s + B_s·M + b + (silu(n·W_g) ⊙ n·W_u)·W_d`, `n = rmsnorm(B_s) ⊙ g`: the map of a removed
+/// run with a SwiGLU branch of `rank` channels (the FFN form of the decoder's own layers), every
+/// matrix row-major `[in, out]`.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub map: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub norm: Vec<f32>,
+    pub epsilon: f32,
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
+    pub rank: usize,
+}
+
+/// The runs of consecutive layers in `layers` (0-based, sorted), as `(first, one past the last)`.
+pub fn layer_runs(layers: &[usize]) -> Vec<(usize, usize)> {
+    runs(layers)
+}
+
+/// Removes the layers `chosen` (0-based, sorted) of `stream` from `m`, each run of them replaced
+/// by its entry of `replacements` (one per run, in order): their nodes, weights and, for a
+/// decoder, their KV inputs and outputs go. Returns the record (`drop_layers`) without the
+/// replacements' errors.
+pub fn remove_runs(
+    m: &mut Module,
+    stream: &Stream,
+    chosen: &[usize],
+    replacements: Vec<Replacement>,
+) -> Result<PassRecord> {
+    let layers = stream.layers();
+    let spans = runs(chosen);
+    if spans.len() != replacements.len() {
+        bail!("{} runs of removed layers, {} replacements", spans.len(), replacements.len());
+    }
     let bytes_before: usize = m.tensors.iter().map(|(_, t)| t.len() * 4).sum();
     let inputs_before: Vec<IoSpec> = m.graph.inputs.clone();
     let ix = acorn::graph::Uses::new(&m.graph);
@@ -377,7 +480,6 @@ pub fn drop_layers(
     let mut replace: HashMap<ValueId, ValueId> = HashMap::new();
     let mut inserts: Vec<(usize, Vec<Node>)> = Vec::new();
     let mut dropped_outputs: HashSet<ValueId> = HashSet::new();
-    let (mut err_num, mut err_skip) = (0.0f64, 0.0f64);
     // Where each run's map goes (before the first reader of its output), found before any change.
     let mut first_readers = Vec::new();
     for &(s, e) in &spans {
@@ -394,60 +496,51 @@ pub fn drop_layers(
         first_readers.push(ix.readers(be).iter().map(|r| r.0).min().unwrap_or(m.graph.nodes.len()));
     }
     drop(ix);
-    for ((&(s, e), st), first_reader) in spans.iter().zip(&stats).zip(first_readers) {
+    let mut adapters = 0usize;
+    for ((&(s, e), rep), first_reader) in spans.iter().zip(replacements).zip(first_readers) {
         let (bs, be) = (stream.boundaries[s], stream.boundaries[e]);
-        let skip = st.skip_error();
         let name = format!("layers_{}_{}", s + 1, e);
-        report.push((format!("skip_error:{name}"), skip));
-        err_skip += skip;
-        let fitted = if refit { st.fit() } else { None };
-        let Some((w, err)) = fitted else {
-            if refit {
-                bail!("--drop-layers: the map replacing layers {}..{e} could not be fitted", s + 1);
+        let (map, bias, branch) = match rep {
+            Replacement::Skip => {
+                replace.insert(be, bs);
+                continue;
             }
-            replace.insert(be, bs);
-            err_num += skip;
-            continue;
+            Replacement::Map { map, bias } => (map, bias, None),
+            Replacement::Adapter(a) => {
+                adapters += 1;
+                let Adapter { map, bias, .. } = a.clone();
+                (map, bias, Some(a))
+            }
         };
-        report.push((format!("map_error:{name}"), err));
-        err_num += err;
-        let d = st.d;
-        let mat: Vec<f32> = w[..d * d].iter().map(|&v| v as f32).collect();
-        let bias: Vec<f32> = w[d * d..].iter().map(|&v| v as f32).collect();
-        let new_value = |m: &mut Module, n: &str| {
-            m.graph.values.push(ValueInfo { name: n.to_string() });
-            (m.graph.values.len() - 1) as ValueId
-        };
-        let wv = new_value(m, &format!("{name}.map.weight"));
-        m.graph.constants.push(ConstBinding { value: wv, tensor: m.tensors.len() as u32 });
-        m.tensors.push((format!("{name}.map.weight"), Tensor::from_f32(vec![d, d], mat)));
-        let bv = new_value(m, &format!("{name}.map.bias"));
-        m.graph.constants.push(ConstBinding { value: bv, tensor: m.tensors.len() as u32 });
-        m.tensors.push((format!("{name}.map.bias"), Tensor::from_f32(vec![d], bias)));
-        let t = new_value(m, &format!("{name}.map.out"));
-        let r = new_value(m, &format!("{name}.out"));
-        inserts.push((
-            first_reader,
-            vec![
-                Node {
-                    name: format!("{name}.map"),
-                    op: Op::MatMul,
-                    inputs: vec![Some(bs), Some(wv), Some(bv)],
-                    outputs: vec![t],
-                },
-                Node {
-                    name: format!("{name}.residual"),
-                    op: Op::Binary(BinaryOp::Add),
-                    inputs: vec![Some(bs), Some(t)],
-                    outputs: vec![r],
-                },
-            ],
-        ));
+        let d = bias.len();
+        if map.len() != d * d {
+            bail!("the map replacing layers {}..{e} is {} values for a width of {d}", s + 1, map.len());
+        }
+        let mut b = Builder { m, nodes: Vec::new(), name: name.clone() };
+        let wv = b.constant("map.weight", Tensor::from_f32(vec![d, d], map));
+        let bv = b.constant("map.bias", Tensor::from_f32(vec![d], bias));
+        let t = b.node("map", Op::MatMul, vec![bs, wv, bv]);
+        let mut r = b.node("residual", Op::Binary(BinaryOp::Add), vec![bs, t]);
+        if let Some(a) = branch {
+            let k = a.rank;
+            if a.norm.len() != d || [a.gate.len(), a.up.len(), a.down.len()] != [d * k; 3] {
+                bail!("the adapter replacing layers {}..{e} does not have the width {d} and rank {k}", s + 1);
+            }
+            let g = b.constant("adapter.norm.weight", Tensor::from_f32(vec![d], a.norm));
+            let wg = b.constant("adapter.gate.weight", Tensor::from_f32(vec![d, k], a.gate));
+            let wu = b.constant("adapter.up.weight", Tensor::from_f32(vec![d, k], a.up));
+            let wd = b.constant("adapter.down.weight", Tensor::from_f32(vec![k, d], a.down));
+            let n = b.node("adapter.norm", Op::RmsNorm { axis: -1, epsilon: a.epsilon }, vec![bs, g]);
+            let gate = b.node("adapter.gate", Op::MatMul, vec![n, wg]);
+            let up = b.node("adapter.up", Op::MatMul, vec![n, wu]);
+            let act = b.node("adapter.act", Op::Unary(acorn::graph::UnaryOp::Silu), vec![gate]);
+            let h = b.node("adapter.mul", Op::Binary(BinaryOp::Mul), vec![act, up]);
+            let f = b.node("adapter.down", Op::MatMul, vec![h, wd]);
+            r = b.node("out", Op::Binary(BinaryOp::Add), vec![r, f]);
+        }
+        let nodes = b.nodes;
+        inserts.push((first_reader, nodes));
         replace.insert(be, r);
-        // The quantize pass's statistics of the map's input.
-        let d1 = d + 1;
-        let gx: Vec<f64> = (0..d).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| st.g[i * d1 + j]).collect();
-        grams.insert(bs, Gram::from_full(d, &gx, st.rows));
     }
     // Rewire every reader of a removed run's output, then insert the maps (later positions
     // first so earlier indices stay put).
@@ -478,30 +571,52 @@ pub fn drop_layers(
     let removed_inputs = inputs_before.len() - m.graph.inputs.len();
     renumber_kv(m);
     let bytes_after: usize = m.tensors.iter().map(|(_, t)| t.len() * 4).sum();
-    let mut record = PassRecord {
+    Ok(PassRecord {
         name: "drop_layers".into(),
-        params: vec![
-            ("layers".into(), chosen.iter().map(|l| (l + 1).to_string()).collect::<Vec<_>>().join(",")),
-            (
-                "refit".into(),
-                if refit { "a fitted linear map per removed run (ridge least squares)" } else { "none (skipped)" }
-                    .into(),
-            ),
-        ],
+        params: vec![("layers".into(), chosen.iter().map(|l| (l + 1).to_string()).collect::<Vec<_>>().join(","))],
         report: vec![
             ("layers_before".into(), layers as f64),
             ("layers_after".into(), (layers - chosen.len()) as f64),
             ("inputs_removed".into(), removed_inputs as f64),
             ("outputs_removed".into(), dropped_outputs.len() as f64),
+            ("adapters".into(), adapters as f64),
             ("bytes_before".into(), bytes_before as f64),
             ("bytes_after".into(), bytes_after as f64),
             ("bytes_saved".into(), bytes_before.saturating_sub(bytes_after) as f64),
-            ("output_error_sum".into(), err_num),
-            ("skip_error_sum".into(), err_skip),
         ],
-    };
-    record.report.extend(report);
-    Ok(record)
+    })
+}
+
+/// Adds the nodes and weights of one replacement, their names prefixed with `name`.
+struct Builder<'a> {
+    m: &'a mut Module,
+    nodes: Vec<Node>,
+    name: String,
+}
+
+impl Builder<'_> {
+    fn value(&mut self, what: &str) -> ValueId {
+        self.m.graph.values.push(ValueInfo { name: format!("{}.{what}", self.name) });
+        (self.m.graph.values.len() - 1) as ValueId
+    }
+
+    fn constant(&mut self, what: &str, t: Tensor) -> ValueId {
+        let v = self.value(what);
+        self.m.graph.constants.push(ConstBinding { value: v, tensor: self.m.tensors.len() as u32 });
+        self.m.tensors.push((format!("{}.{what}", self.name), t));
+        v
+    }
+
+    fn node(&mut self, what: &str, op: Op, inputs: Vec<ValueId>) -> ValueId {
+        let out = self.value(&format!("{what}.out"));
+        self.nodes.push(Node {
+            name: format!("{}.{what}", self.name),
+            op,
+            inputs: inputs.into_iter().map(Some).collect(),
+            outputs: vec![out],
+        });
+        out
+    }
 }
 
 /// The values computed (in part) from `v` in the main graph, `v` included.

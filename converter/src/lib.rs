@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 pub mod awq;
+pub mod blocks;
 pub mod calib;
 pub mod cnn;
 pub mod conformance;

@@ -190,17 +190,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Build a smaller student from a teacher encoder (its kept layers, optionally narrower FFNs)
-    /// and train it to reproduce the teacher's hidden states and sentence embeddings on
-    /// unlabelled text (knowledge distillation); writes the student as a .acorn file.
+    /// Build a smaller student from a teacher (its kept layers, optionally narrower FFNs) and
+    /// train it to imitate the teacher on unlabelled text (knowledge distillation); writes the
+    /// student as a .acorn file. Encoders: every block trained on the teacher's hidden states
+    /// and sentence embeddings. Decoders (block-wise): each run of removed layers replaced by a
+    /// map and a small gated FFN trained on the teacher's states at the run's boundary.
     Distill {
-        /// The teacher: an ONNX encoder (post-LayerNorm BERT blocks: MiniLM, BERT).
+        /// The teacher: an ONNX encoder (post-LayerNorm BERT blocks: MiniLM, BERT) or decoder
+        /// with a KV cache (Llama blocks: SmolLM2).
         teacher: PathBuf,
         /// Where to write the student (atomically).
         #[arg(short, long)]
         output: PathBuf,
-        /// Keep this many of the teacher's layers, chosen among evenly spread sets by what the
-        /// untrained student loses on the validation texts.
+        /// Keep this many of the teacher's layers: for an encoder, chosen among evenly spread
+        /// sets by what the untrained student loses on the validation texts; for a decoder, the
+        /// others are those whose fitted maps lose least, each measured alone.
         #[arg(long, value_name = "N", conflicts_with = "keep_layers", required_unless_present_any = ["keep_layers", "width"])]
         layers: Option<usize>,
         /// Keep these 1-based layers (e.g. 2,4,6 or 1-3).
@@ -231,9 +235,26 @@ enum Cmd {
         /// AdamW step size (default 1e-4).
         #[arg(long, value_name = "RATE")]
         lr: Option<f64>,
-        /// Most texts of one token count per step (default 16).
+        /// Encoders: most texts of one token count per step (default 16). Decoders: tokens per
+        /// step (default 256).
         #[arg(long, value_name = "N")]
         batch: Option<usize>,
+        /// Decoders: channels of the gated FFN that, with a least-squares map, replaces each run
+        /// of removed layers (default 256; 0: the map alone, untrained).
+        #[arg(long, value_name = "R")]
+        rank: Option<usize>,
+        /// Decoders: most --data tokens whose layer-boundary states are recorded to train on
+        /// (default 120000; 4.6 KB each per run of removed layers at SmolLM2's width).
+        #[arg(long, value_name = "T")]
+        tokens: Option<usize>,
+        /// Store the student's weight matrices as q8, q4 or f16 (as `acorn convert --quantize`,
+        /// rounded to nearest).
+        #[arg(long, value_name = "FORMAT", value_parser = ["q8", "q4", "f16"])]
+        quantize: Option<String>,
+        /// The embedding tables' format with --quantize (e.g. q4: a decoder's tied LM head is
+        /// read for every token).
+        #[arg(long, value_name = "FORMAT", value_parser = ["q8", "q4", "f16"], requires = "quantize")]
+        quantize_embeddings: Option<String>,
         /// Weight of the sentence-embedding term (1 − cosine of the mean-pooled hidden states)
         /// beside the hidden states' relative error in the loss (default 1; 0: hidden states
         /// only).
@@ -468,6 +489,10 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             steps,
             lr,
             batch,
+            rank,
+            tokens,
+            quantize,
+            quantize_embeddings,
             embedding_weight,
             layer_weight,
             train,
@@ -483,9 +508,15 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 (None, None) => Layers::All,
             };
             let d = DistillOptions::default_training();
-            if epochs == Some(0) || steps == Some(0) || batch == Some(0) {
-                bail!("--epochs, --steps and --batch are counts above 0");
+            if epochs == Some(0) || steps == Some(0) || batch == Some(0) || tokens == Some(0) {
+                bail!("--epochs, --steps, --batch and --tokens are counts above 0");
             }
+            let quantize =
+                acorn_converter::quantize::QuantOptions::from_flags(&acorn_converter::quantize::QuantFlags {
+                    format: quantize.as_deref(),
+                    embeddings: quantize_embeddings.as_deref(),
+                    ..Default::default()
+                })?;
             for (flag, w) in [("--embedding-weight", embedding_weight), ("--layer-weight", layer_weight)] {
                 if let Some(w) = w.filter(|&w| !(w >= 0.0 && w.is_finite())) {
                     bail!("{flag} {w}: a weight of 0 or more");
@@ -499,6 +530,16 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 width,
                 data,
                 maps,
+                blocks: {
+                    let b = acorn_converter::blocks::BlockOptions::default();
+                    acorn_converter::blocks::BlockOptions {
+                        rank: rank.unwrap_or(b.rank),
+                        epochs: epochs.unwrap_or(b.epochs),
+                        learning_rate: lr.unwrap_or(b.learning_rate),
+                        batch: batch.unwrap_or(b.batch),
+                        max_tokens: tokens.unwrap_or(b.max_tokens),
+                    }
+                },
                 train: acorn_converter::heal::HealOptions {
                     max_epochs: epochs.unwrap_or(d.max_epochs),
                     max_steps: steps,
@@ -516,6 +557,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     tokenizer: Some(tokenizer),
                     threads,
                     distill: Some(train_options),
+                    quantize,
                     train,
                     train_options: acorn_converter::heads::TrainOptions { labels, ..Default::default() },
                     ..ConvertOptions::default()

@@ -437,6 +437,7 @@ pub fn optimize(input: &Path, output: &Path, opts: &OptimizeOptions) -> Result<O
             width: d.width,
             data: opts.data.clone().expect("checked above"),
             maps: d.maps,
+            blocks: Default::default(),
             train: crate::heal::HealOptions {
                 max_epochs: d.epochs.unwrap_or(defaults.max_epochs),
                 max_steps: d.steps,

