@@ -70,7 +70,7 @@ fn main() -> Result<()> {
     let rt = convert(&src, &teacher_file, &base)?;
     println!("teacher: converted with --train in {:.1} s, {} bytes", t0.elapsed().as_secs_f64(), rt.file_bytes);
     let t0 = Instant::now();
-    let distill = DistillOptions { layers, width, data: data_file, maps, train };
+    let distill = DistillOptions { layers, width, data: data_file, maps, train, blocks: Default::default() };
     let rs = convert(&src, &student_file, &ConvertOptions { distill: Some(distill), ..base.clone() })?;
     let wall = t0.elapsed().as_secs_f64();
     println!(

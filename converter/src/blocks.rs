@@ -25,7 +25,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::calib;
 use crate::ir::Module;
-use crate::layers::{self, Adapter, Replacement, Stream};
+use crate::layers::{self, Adapter, Replacement, Scores, Stream};
 
 /// Settings of block-wise distillation.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,11 +40,21 @@ pub struct BlockOptions {
     pub batch: usize,
     /// Most tokens recorded (each costs `4 · width` bytes per boundary).
     pub max_tokens: usize,
+    /// Passes over the texts training each run's replacement together with the kept layer
+    /// after it (its attention sees the other positions; 0: the replacement alone).
+    pub next_layer_epochs: usize,
 }
 
 impl Default for BlockOptions {
     fn default() -> Self {
-        BlockOptions { rank: 256, epochs: 8, learning_rate: 1e-3, batch: 256, max_tokens: 120_000 }
+        BlockOptions {
+            rank: 256,
+            epochs: 8,
+            learning_rate: 1e-3,
+            batch: 256,
+            max_tokens: 120_000,
+            next_layer_epochs: 2,
+        }
     }
 }
 
@@ -53,6 +63,10 @@ impl Default for BlockOptions {
 struct Pairs {
     x: Vec<f32>,
     y: Vec<f32>,
+    /// The teacher's output of the kept layer after the run (`B_{e+1}`), when there is one.
+    z: Vec<f32>,
+    /// Tokens of each text, in order.
+    lens: Vec<usize>,
 }
 
 impl Pairs {
@@ -95,6 +109,7 @@ pub fn distill_removed(
         ("tokens_validating".into(), valid_pairs.first().map_or(0, |p| p.rows(d)) as f64),
     ];
     let mut records = Vec::new();
+    let mut notes: Vec<(String, String)> = Vec::new();
     for (k, &(s, e)) in spans.iter().enumerate() {
         let name = format!("layers_{}_{}", s + 1, e);
         let t0 = Instant::now();
@@ -130,14 +145,43 @@ pub fn distill_removed(
             let (trained, epoch) = train(ls, &tp, &vp, d, opts, &what, progress)?;
             report.push((format!("adapter_error:{name}"), adapter_error(&trained, &vp, d)?));
             report.push((format!("best_epoch:{name}"), epoch as f64));
-            Replacement::Adapter(trained)
+            // Then the replacement and the kept layer after it, together, towards the teacher's
+            // output of that layer.
+            let after = stream.boundaries.get(e + 1).copied().filter(|_| e < stream.layers() && !removed.contains(&e));
+            match after.filter(|_| opts.next_layer_epochs > 0 && !tp.z.is_empty()) {
+                None => Replacement::Adapter(trained),
+                Some(out) => match Layer::new(m, stream.boundaries[e], out, &Device::Cpu) {
+                    Err(why) => {
+                        notes.push((format!("next_layer_untrained:{name}"), format!("layer {}: {why}", e + 1)));
+                        Replacement::Adapter(trained)
+                    }
+                    Ok(layer) => {
+                        let what = format!(
+                            "distilling layers {}..{} with layer {} ({}/{})",
+                            s + 1,
+                            e,
+                            e + 1,
+                            k + 1,
+                            spans.len()
+                        );
+                        let (joint, scores) = train_joint(m, trained, &layer, &tp, &vp, d, opts, &what, progress)?;
+                        for (key, v) in scores {
+                            report.push((format!("{key}:{name}"), v));
+                        }
+                        layer.store(m)?;
+                        Replacement::Adapter(joint)
+                    }
+                },
+            }
         };
         report.push((format!("seconds:{name}"), t0.elapsed().as_secs_f64()));
         drop((tp, vp));
         let run: Vec<usize> = (s..e).collect();
         records.push(layers::remove_runs(m, stream, &run, vec![replacement])?);
     }
-    Ok((merge(records, removed, stream.layers()), report))
+    let mut record = merge(records, removed, stream.layers());
+    record.params.extend(notes);
+    Ok((record, report))
 }
 
 /// One `drop_layers` record of the per-run records [`layers::remove_runs`] wrote.
@@ -196,8 +240,12 @@ fn record(
     memory_limit: Option<usize>,
     progress: &crate::Progress,
 ) -> Result<(Vec<Pairs>, Vec<Pairs>)> {
-    let mut values: Vec<ValueId> =
-        spans.iter().flat_map(|&(s, e)| [stream.boundaries[s], stream.boundaries[e]]).collect();
+    let next = |e: usize| stream.boundaries.get(e + 1).copied().filter(|_| e < stream.layers());
+    let mut values: Vec<ValueId> = spans
+        .iter()
+        .flat_map(|&(s, e)| [Some(stream.boundaries[s]), Some(stream.boundaries[e]), next(e)])
+        .flatten()
+        .collect();
     values.sort_unstable();
     values.dedup();
     let at = |v: ValueId| values.binary_search(&v).expect("listed");
@@ -225,7 +273,7 @@ fn record(
         s.retain(|(n, _)| names.contains(n.as_str()));
     }
     let reference = calib::reference(m, &values)?;
-    let empty = || spans.iter().map(|_| Pairs { x: Vec::new(), y: Vec::new() }).collect::<Vec<_>>();
+    let empty = || spans.iter().map(|_| Pairs::default()).collect::<Vec<_>>();
     let (mut train, mut valid) = (empty(), empty());
     let total = chosen.len() as u64;
     let mut index = 0usize;
@@ -240,6 +288,10 @@ fn record(
             }
             into[k].x.extend_from_slice(xv);
             into[k].y.extend_from_slice(yv);
+            into[k].lens.push(xv.len() / d);
+            if let Some(z) = next(e) {
+                into[k].z.extend_from_slice(res[at(z)].as_f32().context("a layer boundary is not f32")?);
+            }
         }
         Ok(())
     };
@@ -438,4 +490,344 @@ fn train(
         }
     }
     Ok((best.2, best.1))
+}
+
+/// The kept layer after a run (`B_e → B_{e+1}`) as a candle computation over the graph's own
+/// nodes, its products' weights and norms' scales trainable: with it, what the run's
+/// replacement cannot see (other positions) can be learnt by the attention that follows.
+struct Layer {
+    /// The layer's nodes, in graph order.
+    nodes: Vec<usize>,
+    input: ValueId,
+    output: ValueId,
+    /// Trainable constants: value, tensor index, variable.
+    weights: Vec<(ValueId, usize, Var)>,
+}
+
+impl Layer {
+    /// The layer between `input` and `output`, or why it cannot be trained here.
+    fn new(m: &Module, input: ValueId, output: ValueId, dev: &Device) -> std::result::Result<Layer, String> {
+        let ix = acorn::graph::Uses::new(&m.graph);
+        // The nodes computed from the input on the way to the output (what else they read — the
+        // attention mask, positions, the empty cache — is the model's and not trained).
+        let mut from_input = std::collections::HashSet::from([input]);
+        let mut stack = vec![input];
+        while let Some(v) = stack.pop() {
+            for &(r, _) in ix.readers(v) {
+                for &o in &m.graph.nodes[r].outputs {
+                    if from_input.insert(o) {
+                        stack.push(o);
+                    }
+                }
+            }
+        }
+        let mut inside = std::collections::HashSet::new();
+        let mut stack = vec![output];
+        while let Some(v) = stack.pop() {
+            if v == input || !from_input.contains(&v) {
+                continue;
+            }
+            if let Some(p) = ix.producer(v) {
+                if inside.insert(p) {
+                    stack.extend(m.graph.nodes[p].inputs.iter().flatten().copied());
+                }
+            }
+        }
+        let mut nodes: Vec<usize> = inside.into_iter().collect();
+        nodes.sort_unstable();
+        let consts: std::collections::HashMap<ValueId, usize> =
+            m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
+        let mut weights = Vec::new();
+        for &i in &nodes {
+            let n = &m.graph.nodes[i];
+            let ok = matches!(
+                n.op,
+                Op::RmsNorm { axis: -1, .. }
+                    | Op::MatMul
+                    | Op::Split { axis: -1, .. }
+                    | Op::Reshape { allowzero: false }
+                    | Op::Transpose { perm: Some(_) }
+                    | Op::RotaryEmbedding { interleaved: false, rotary_dim: 0, .. }
+                    | Op::Attention(_)
+                    | Op::Binary(acorn::graph::BinaryOp::Add | acorn::graph::BinaryOp::Mul)
+                    | Op::Unary(acorn::graph::UnaryOp::Sigmoid | acorn::graph::UnaryOp::Silu)
+            );
+            if !ok {
+                return Err(format!("its {} node '{}' is not one block-wise training runs", n.op.name(), n.name));
+            }
+            let trainable = matches!(n.op, Op::MatMul | Op::RmsNorm { .. });
+            for &v in n.inputs.iter().skip(1).flatten() {
+                if let (true, Some(&t)) = (trainable, consts.get(&v)) {
+                    let tensor = &m.tensors[t].1;
+                    let (Some(data), true) = (tensor.as_f32(), tensor.shape().len() <= 2) else { continue };
+                    if ix.readers(v).iter().any(|(r, _)| !nodes.contains(r))
+                        || weights.iter().any(|w: &(ValueId, usize, Var)| w.0 == v)
+                    {
+                        continue;
+                    }
+                    let var = Tensor::from_slice(data, tensor.shape(), dev)
+                        .and_then(|t| Var::from_tensor(&t))
+                        .map_err(|e| e.to_string())?;
+                    weights.push((v, t, var));
+                }
+            }
+        }
+        Ok(Layer { nodes, input, output, weights })
+    }
+
+    /// The layer's output `[1, S, d]` for one text's input `x` (`[1, S, d]`).
+    fn forward(&self, m: &Module, x: &Tensor) -> Result<Tensor> {
+        use acorn::graph::{BinaryOp, UnaryOp};
+        let dev = x.device();
+        let s = x.dim(1)?;
+        let mut vals: std::collections::HashMap<ValueId, Tensor> = std::collections::HashMap::new();
+        vals.insert(self.input, x.clone());
+        for (v, _, var) in &self.weights {
+            vals.insert(*v, var.as_tensor().clone());
+        }
+        let consts: std::collections::HashMap<ValueId, usize> =
+            m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
+        let constant_ints = |v: ValueId| -> Result<Vec<i64>> {
+            let t = consts.get(&v).map(|&t| &m.tensors[t].1).context("a shape that is not a constant")?;
+            t.view().to_i64_vec().map_err(|e| anyhow::anyhow!("{e:?}"))
+        };
+        for &i in &self.nodes {
+            let n = &m.graph.nodes[i];
+            let mut get = |k: usize| -> Result<Tensor> {
+                let v = n.inputs.get(k).copied().flatten().context("an input left out")?;
+                if let Some(t) = vals.get(&v) {
+                    return Ok(t.clone());
+                }
+                if let Some(&t) = consts.get(&v) {
+                    let c = &m.tensors[t].1;
+                    let data = c.as_f32().context("a constant in the layer that is not f32")?;
+                    let t = Tensor::from_slice(data, c.shape(), dev)?;
+                    vals.insert(v, t.clone());
+                    return Ok(t);
+                }
+                bail!("'{}' is computed outside the layer", m.graph.values[v as usize].name)
+            };
+            let out: Vec<Tensor> = match &n.op {
+                Op::RmsNorm { epsilon, .. } => {
+                    let x = get(0)?;
+                    let last = x.rank() - 1;
+                    let rms = (x.sqr()?.mean_keepdim(last)? + *epsilon as f64)?.sqrt()?;
+                    vec![x.broadcast_div(&rms)?.broadcast_mul(&get(1)?)?]
+                }
+                Op::MatMul => {
+                    let y = get(0)?.broadcast_matmul(&get(1)?)?;
+                    vec![if n.inputs.get(2).copied().flatten().is_some() { y.broadcast_add(&get(2)?)? } else { y }]
+                }
+                Op::Split { split: Some(sizes), .. } => {
+                    let x = get(0)?;
+                    let last = x.rank() - 1;
+                    let mut at = 0usize;
+                    let mut parts = Vec::new();
+                    for &k in sizes {
+                        parts.push(x.narrow(last, at, k as usize)?);
+                        at += k as usize;
+                    }
+                    parts
+                }
+                Op::Reshape { .. } => {
+                    let x = get(0)?;
+                    let target = constant_ints(n.inputs[1].context("a reshape without shape")?)?;
+                    let known: usize = target
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &d)| {
+                            if d == 0 {
+                                x.dim(k).unwrap_or(1)
+                            } else if d < 0 {
+                                1
+                            } else {
+                                d as usize
+                            }
+                        })
+                        .product();
+                    let dims: Vec<usize> = target
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &d)| match d {
+                            0 => x.dim(k).unwrap_or(1),
+                            d if d < 0 => x.elem_count() / known.max(1),
+                            d => d as usize,
+                        })
+                        .collect();
+                    vec![x.contiguous()?.reshape(dims)?]
+                }
+                Op::Transpose { perm: Some(p) } => {
+                    let p: Vec<usize> = p.iter().map(|&k| k as usize).collect();
+                    vec![get(0)?.permute(p)?.contiguous()?]
+                }
+                Op::RotaryEmbedding { .. } => {
+                    let x = get(0)?;
+                    let (cos, sin) = (get(1)?.narrow(0, 0, s)?, get(2)?.narrow(0, 0, s)?);
+                    let half = x.dim(3)? / 2;
+                    let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+                    let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+                    let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+                    vec![Tensor::cat(&[a, b], 3)?]
+                }
+                Op::Attention(a) => {
+                    let (q, k, v) = (get(0)?, get(1)?, get(2)?);
+                    let (hq, hk, dh) = (q.dim(1)?, k.dim(1)?, q.dim(3)?);
+                    if a.softcap != 0.0 || a.qk_mode != 0 || hk == 0 || hq % hk != 0 {
+                        bail!("an attention form block-wise training does not run");
+                    }
+                    let g = hq / hk;
+                    // Each K/V head serves `g` consecutive query heads.
+                    let rep = |t: &Tensor| -> Result<Tensor> {
+                        let (b, h, s, d) = t.dims4()?;
+                        Ok(t.unsqueeze(2)?.expand((b, h, g, s, d))?.reshape((b, h * g, s, d))?)
+                    };
+                    let (k, v) = (rep(&k)?, rep(&v)?);
+                    let scale = a.scale.map_or(1.0 / (dh as f64).sqrt(), |x| x as f64);
+                    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+                    let mask: Vec<f32> =
+                        (0..s * s).map(|i| if i % s > i / s { f32::NEG_INFINITY } else { 0.0 }).collect();
+                    let scores = scores.broadcast_add(&Tensor::from_vec(mask, (s, s), dev)?)?;
+                    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+                    vec![p.matmul(&v)?]
+                }
+                Op::Binary(BinaryOp::Add) => vec![get(0)?.broadcast_add(&get(1)?)?],
+                Op::Binary(BinaryOp::Mul) => vec![get(0)?.broadcast_mul(&get(1)?)?],
+                Op::Unary(UnaryOp::Sigmoid) => vec![(get(0)?.neg()?.exp()? + 1.0)?.recip()?],
+                Op::Unary(UnaryOp::Silu) => vec![get(0)?.silu()?],
+                other => bail!("{} in the layer after a removed run", other.name()),
+            };
+            for (o, t) in n.outputs.iter().zip(out) {
+                vals.insert(*o, t);
+            }
+        }
+        vals.remove(&self.output).context("the layer's output was not computed")
+    }
+
+    /// Writes the trained weights back into `m`.
+    fn store(&self, m: &mut Module) -> Result<()> {
+        for (_, t, var) in &self.weights {
+            let shape = m.tensors[*t].1.shape().to_vec();
+            let data = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            m.tensors[*t].1 = acorn::Tensor::from_f32(shape, data);
+        }
+        Ok(())
+    }
+}
+
+/// Trains the replacement `start` (already trained alone) and the kept layer after the run
+/// together, text by text, to reproduce the teacher's output of that layer (`p.z`) from the
+/// run's input (`p.x`). The layer is first checked against the teacher (its candle form must
+/// give the teacher's output from the teacher's input). Returns the best epoch's replacement —
+/// the layer's variables hold that epoch's weights — and the figures.
+#[allow(clippy::too_many_arguments)]
+fn train_joint(
+    m: &Module,
+    start: Adapter,
+    layer: &Layer,
+    tp: &Pairs,
+    vp: &Pairs,
+    d: usize,
+    opts: &BlockOptions,
+    what: &str,
+    progress: &crate::Progress,
+) -> Result<(Adapter, Scores)> {
+    let dev = Device::Cpu;
+    let offsets = |p: &Pairs| -> Vec<(usize, usize)> {
+        let mut at = 0;
+        p.lens
+            .iter()
+            .map(|&n| {
+                at += n;
+                (at - n, n)
+            })
+            .collect()
+    };
+    let (train_texts, valid_texts) = (offsets(tp), offsets(vp));
+    let rows = |data: &[f32], (at, n): (usize, usize)| Tensor::from_slice(&data[at * d..(at + n) * d], (n, d), &dev);
+    // The layer's candle form against the teacher: B_e → B_{e+1} on a few validation texts.
+    let mut fidelity = 0.0f64;
+    for &t in valid_texts.iter().take(4) {
+        let y = layer.forward(m, &rows(&vp.y, t)?.unsqueeze(0)?)?.squeeze(0)?;
+        let z = rows(&vp.z, t)?;
+        let num = (y - &z)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        fidelity = fidelity.max(num / z.sqr()?.sum_all()?.to_scalar::<f32>()?.max(1e-30) as f64);
+    }
+    if fidelity > 1e-4 {
+        bail!("{what}: the layer's training form differs from the model (relative error {fidelity:.1e})");
+    }
+    let net = Net::new(&start, d, &dev)?;
+    let loss_of = |p: &Pairs, t: (usize, usize)| -> Result<Tensor> {
+        let x = rows(&p.x, t)?;
+        let y = layer.forward(m, &net.forward(&x)?.unsqueeze(0)?)?.squeeze(0)?;
+        let z = rows(&p.z, t)?;
+        let err = (y - &z)?.sqr()?.sum_keepdim(1)?;
+        Ok(err.div(&z.sqr()?.sum_keepdim(1)?)?.mean_all()?)
+    };
+    let validate = || -> Result<f64> {
+        let (mut total, mut n) = (0.0f64, 0usize);
+        for &t in &valid_texts {
+            total += loss_of(vp, t)?.to_scalar::<f32>()? as f64 * t.1 as f64;
+            n += t.1;
+        }
+        Ok(total / n.max(1) as f64)
+    };
+    let params = |lr: f64| ParamsAdamW { lr, weight_decay: 0.0, ..ParamsAdamW::default() };
+    let lr = opts.learning_rate;
+    let mut opt_ffn =
+        AdamW::new(vec![net.norm.clone(), net.gate.clone(), net.up.clone(), net.down.clone()], params(lr * 0.3))?;
+    let mut opt_map = AdamW::new(vec![net.map.clone(), net.bias.clone()], params(lr * 0.03))?;
+    let mut opt_layer = AdamW::new(layer.weights.iter().map(|w| w.2.clone()).collect(), params(lr * 0.03))?;
+    let snapshot = || -> Result<Vec<Vec<f32>>> {
+        layer.weights.iter().map(|w| Ok(w.2.as_tensor().flatten_all()?.to_vec1::<f32>()?)).collect()
+    };
+    let before = validate()?;
+    let mut best = (before, 0usize, start.clone(), snapshot()?);
+    let mut order: Vec<usize> = (0..train_texts.len()).collect();
+    let mut seed = 0x5851_F42D_4C95_7F2Du64;
+    let planned = (order.len() * opts.next_layer_epochs).max(1);
+    let mut step = 0usize;
+    let t0 = Instant::now();
+    for epoch in 1..=opts.next_layer_epochs {
+        crate::finetune::shuffle(&mut order, &mut seed);
+        let mut total = 0.0f64;
+        for (i, &k) in order.iter().enumerate() {
+            let t = step as f64 / planned as f64;
+            let scale = (t / 0.05).min(1.0) * (1.0 - t).max(0.0);
+            opt_ffn.set_learning_rate(lr * 0.3 * scale);
+            opt_map.set_learning_rate(lr * 0.03 * scale);
+            opt_layer.set_learning_rate(lr * 0.03 * scale);
+            let loss = loss_of(tp, train_texts[k])?;
+            total += loss.to_scalar::<f32>()? as f64;
+            let grads = loss.backward()?;
+            opt_ffn.step(&grads)?;
+            opt_map.step(&grads)?;
+            opt_layer.step(&grads)?;
+            step += 1;
+            if i % 16 == 0 {
+                progress.report(
+                    &format!("{what}, epoch {epoch} (loss {:.4})", total / (i + 1) as f64),
+                    i as u64 + 1,
+                    order.len() as u64,
+                );
+            }
+        }
+        let v = validate()?;
+        if !v.is_finite() {
+            bail!("{what}: the validation error is not finite at epoch {epoch}");
+        }
+        if v < best.0 {
+            best = (v, epoch, net.adapter(&start)?, snapshot()?);
+        }
+    }
+    for ((_, _, var), w) in layer.weights.iter().zip(&best.3) {
+        var.set(&Tensor::from_slice(w, var.as_tensor().shape(), &dev)?)?;
+    }
+    let scores = vec![
+        ("next_layer_fidelity".to_string(), fidelity),
+        ("next_layer_error_before".to_string(), before),
+        ("next_layer_error".to_string(), best.0),
+        ("next_layer_best_epoch".to_string(), best.1 as f64),
+        ("next_layer_seconds".to_string(), t0.elapsed().as_secs_f64()),
+    ];
+    Ok((best.2, scores))
 }

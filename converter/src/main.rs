@@ -243,6 +243,11 @@ enum Cmd {
         /// of removed layers (default 256; 0: the map alone, untrained).
         #[arg(long, value_name = "R")]
         rank: Option<usize>,
+        /// Decoders: passes over the texts training each run's replacement together with the
+        /// kept layer after it, towards the teacher's output of that layer (default 2; 0: the
+        /// replacement alone).
+        #[arg(long, value_name = "N")]
+        next_layer_epochs: Option<usize>,
         /// Decoders: most --data tokens whose layer-boundary states are recorded to train on
         /// (default 120000; 4.6 KB each per run of removed layers at SmolLM2's width).
         #[arg(long, value_name = "T")]
@@ -490,6 +495,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             lr,
             batch,
             rank,
+            next_layer_epochs,
             tokens,
             quantize,
             quantize_embeddings,
@@ -538,6 +544,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                         learning_rate: lr.unwrap_or(b.learning_rate),
                         batch: batch.unwrap_or(b.batch),
                         max_tokens: tokens.unwrap_or(b.max_tokens),
+                        next_layer_epochs: next_layer_epochs.unwrap_or(b.next_layer_epochs),
                     }
                 },
                 train: acorn_converter::heal::HealOptions {
