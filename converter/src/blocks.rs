@@ -53,7 +53,7 @@ impl Default for BlockOptions {
             learning_rate: 1e-3,
             batch: 256,
             max_tokens: 120_000,
-            next_layer_epochs: 2,
+            next_layer_epochs: 4,
         }
     }
 }

@@ -244,7 +244,7 @@ enum Cmd {
         #[arg(long, value_name = "R")]
         rank: Option<usize>,
         /// Decoders: passes over the texts training each run's replacement together with the
-        /// kept layer after it, towards the teacher's output of that layer (default 2; 0: the
+        /// kept layer after it, towards the teacher's output of that layer (default 4; 0: the
         /// replacement alone).
         #[arg(long, value_name = "N")]
         next_layer_epochs: Option<usize>,
