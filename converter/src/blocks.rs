@@ -301,8 +301,11 @@ fn record(
         done += 1;
         progress.report("recording the teacher's layer boundaries", done, total);
     })?;
-    if train.first().is_none_or(|p| p.x.is_empty()) {
-        bail!("block-wise distillation: no training tokens (is --data empty?)");
+    if train.first().is_none_or(|p| p.x.is_empty()) || valid.first().is_none_or(|p| p.x.is_empty()) {
+        bail!(
+            "block-wise distillation: no training or no validation tokens (--data needs more lines, or --tokens \
+             more than {max_tokens})"
+        );
     }
     Ok((train, valid))
 }
