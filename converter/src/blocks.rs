@@ -364,8 +364,7 @@ impl Net {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let t = x.matmul(self.map.as_tensor())?.broadcast_add(self.bias.as_tensor())?;
-        let rms = (x.sqr()?.mean_keepdim(1)? + self.epsilon)?.sqrt()?;
-        let n = x.broadcast_div(&rms)?.broadcast_mul(self.norm.as_tensor())?;
+        let n = rms_norm(x, self.norm.as_tensor(), self.epsilon)?;
         let h = (n.matmul(self.gate.as_tensor())?.silu()? * n.matmul(self.up.as_tensor())?)?;
         Ok(((x + t)? + h.matmul(self.down.as_tensor())?)?)
     }
@@ -388,6 +387,18 @@ impl Net {
             ..template.clone()
         })
     }
+}
+
+/// `x / sqrt(mean(x²) + ε) ⊙ w` over the last axis (the runtime's `RmsNorm`).
+fn rms_norm(x: &Tensor, w: &Tensor, epsilon: f64) -> Result<Tensor> {
+    let rms = (x.sqr()?.mean_keepdim(x.rank() - 1)? + epsilon)?.sqrt()?;
+    Ok(x.broadcast_div(&rms)?.broadcast_mul(w)?)
+}
+
+/// The step-size factor at `step` of `planned`: 5 % linear warm-up, then linear decay to 0.
+fn schedule(step: usize, planned: usize) -> f64 {
+    let t = step as f64 / planned.max(1) as f64;
+    (t / 0.05).min(1.0) * (1.0 - t).max(0.0)
 }
 
 /// Rows `idx` of a `[rows × d]` matrix as a tensor.
@@ -465,8 +476,7 @@ fn train(
         crate::finetune::shuffle(&mut order, &mut seed);
         let mut total = 0.0f64;
         for (bi, idx) in order.chunks(opts.batch.max(1)).enumerate() {
-            let t = step as f64 / planned as f64;
-            let scale = (t / 0.05).min(1.0) * (1.0 - t).max(0.0);
+            let scale = schedule(step, planned);
             opt_ffn.set_learning_rate(opts.learning_rate * scale);
             opt_map.set_learning_rate(opts.learning_rate * 0.1 * scale);
             let (x, y) = (gather(&tp.x, idx, d, &dev)?, gather(&tp.y, idx, d, &dev)?);
@@ -505,6 +515,10 @@ struct Layer {
     output: ValueId,
     /// Trainable constants: value, tensor index, variable.
     weights: Vec<(ValueId, usize, Var)>,
+    /// The other f32 constants the layer reads (rotary tables), made once.
+    fixed: std::collections::HashMap<ValueId, Tensor>,
+    /// The Reshape targets, by value.
+    shapes: std::collections::HashMap<ValueId, Vec<i64>>,
 }
 
 impl Layer {
@@ -541,6 +555,7 @@ impl Layer {
         let consts: std::collections::HashMap<ValueId, usize> =
             m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
         let mut weights = Vec::new();
+        let (mut fixed, mut shapes) = (std::collections::HashMap::new(), std::collections::HashMap::new());
         for &i in &nodes {
             let n = &m.graph.nodes[i];
             let ok = matches!(
@@ -550,15 +565,34 @@ impl Layer {
                     | Op::Split { axis: -1, .. }
                     | Op::Reshape { allowzero: false }
                     | Op::Transpose { perm: Some(_) }
-                    | Op::RotaryEmbedding { interleaved: false, rotary_dim: 0, .. }
-                    | Op::Attention(_)
+                    | Op::RotaryEmbedding { interleaved: false, rotary_dim: 0, num_heads: 0 }
+                    | Op::Attention(acorn::graph::AttentionAttrs { qk_mode: 0, .. })
                     | Op::Binary(acorn::graph::BinaryOp::Add | acorn::graph::BinaryOp::Mul)
                     | Op::Unary(acorn::graph::UnaryOp::Sigmoid | acorn::graph::UnaryOp::Silu)
             );
             if !ok {
                 return Err(format!("its {} node '{}' is not one block-wise training runs", n.op.name(), n.name));
             }
+            if let Op::Attention(a) = &n.op {
+                if a.softcap != 0.0 {
+                    return Err(format!("its attention '{}' caps its scores", n.name));
+                }
+            }
             let trainable = matches!(n.op, Op::MatMul | Op::RmsNorm { .. });
+            for &v in n.inputs.iter().flatten() {
+                let Some(&t) = consts.get(&v) else { continue };
+                let tensor = &m.tensors[t].1;
+                if matches!(n.op, Op::Reshape { .. }) {
+                    let target = tensor.view().to_i64_vec().map_err(|e| format!("a reshape's shape: {e:?}"))?;
+                    shapes.insert(v, target);
+                    continue;
+                }
+                if let Some(data) = tensor.as_f32() {
+                    if let std::collections::hash_map::Entry::Vacant(e) = fixed.entry(v) {
+                        e.insert(Tensor::from_slice(data, tensor.shape(), dev).map_err(|e| e.to_string())?);
+                    }
+                }
+            }
             for &v in n.inputs.iter().skip(1).flatten() {
                 if let (true, Some(&t)) = (trainable, consts.get(&v)) {
                     let tensor = &m.tensors[t].1;
@@ -575,7 +609,10 @@ impl Layer {
                 }
             }
         }
-        Ok(Layer { nodes, input, output, weights })
+        for (v, _, _) in &weights {
+            fixed.remove(v);
+        }
+        Ok(Layer { nodes, input, output, weights, fixed, shapes })
     }
 
     /// The layer's output `[1, S, d]` for one text's input `x` (`[1, S, d]`).
@@ -588,34 +625,18 @@ impl Layer {
         for (v, _, var) in &self.weights {
             vals.insert(*v, var.as_tensor().clone());
         }
-        let consts: std::collections::HashMap<ValueId, usize> =
-            m.graph.constants.iter().map(|c| (c.value, c.tensor as usize)).collect();
-        let constant_ints = |v: ValueId| -> Result<Vec<i64>> {
-            let t = consts.get(&v).map(|&t| &m.tensors[t].1).context("a shape that is not a constant")?;
-            t.view().to_i64_vec().map_err(|e| anyhow::anyhow!("{e:?}"))
-        };
         for &i in &self.nodes {
             let n = &m.graph.nodes[i];
-            let mut get = |k: usize| -> Result<Tensor> {
+            let get = |k: usize| -> Result<Tensor> {
                 let v = n.inputs.get(k).copied().flatten().context("an input left out")?;
-                if let Some(t) = vals.get(&v) {
-                    return Ok(t.clone());
+                match vals.get(&v).or_else(|| self.fixed.get(&v)) {
+                    Some(t) => Ok(t.clone()),
+                    None => bail!("'{}' is computed outside the layer", m.graph.values[v as usize].name),
                 }
-                if let Some(&t) = consts.get(&v) {
-                    let c = &m.tensors[t].1;
-                    let data = c.as_f32().context("a constant in the layer that is not f32")?;
-                    let t = Tensor::from_slice(data, c.shape(), dev)?;
-                    vals.insert(v, t.clone());
-                    return Ok(t);
-                }
-                bail!("'{}' is computed outside the layer", m.graph.values[v as usize].name)
             };
             let out: Vec<Tensor> = match &n.op {
                 Op::RmsNorm { epsilon, .. } => {
-                    let x = get(0)?;
-                    let last = x.rank() - 1;
-                    let rms = (x.sqr()?.mean_keepdim(last)? + *epsilon as f64)?.sqrt()?;
-                    vec![x.broadcast_div(&rms)?.broadcast_mul(&get(1)?)?]
+                    vec![rms_norm(&get(0)?, &get(1)?, *epsilon as f64)?]
                 }
                 Op::MatMul => {
                     let y = get(0)?.broadcast_matmul(&get(1)?)?;
@@ -634,7 +655,8 @@ impl Layer {
                 }
                 Op::Reshape { .. } => {
                     let x = get(0)?;
-                    let target = constant_ints(n.inputs[1].context("a reshape without shape")?)?;
+                    let target =
+                        n.inputs[1].and_then(|v| self.shapes.get(&v)).context("a reshape without a constant shape")?;
                     let known: usize = target
                         .iter()
                         .enumerate()
@@ -794,8 +816,7 @@ fn train_joint(
         crate::finetune::shuffle(&mut order, &mut seed);
         let mut total = 0.0f64;
         for (i, &k) in order.iter().enumerate() {
-            let t = step as f64 / planned as f64;
-            let scale = (t / 0.05).min(1.0) * (1.0 - t).max(0.0);
+            let scale = schedule(step, planned);
             opt_ffn.set_learning_rate(lr * 0.3 * scale);
             opt_map.set_learning_rate(lr * 0.03 * scale);
             opt_layer.set_learning_rate(lr * 0.03 * scale);

@@ -116,6 +116,10 @@ pub fn distill(
     if m.graph.inputs.iter().any(|i| i.name.starts_with("past")) {
         return distill_decoder(m, opts, tokenizer, memory_limit, progress);
     }
+    let (b, blocks) = (&opts.blocks, crate::blocks::BlockOptions::default());
+    if b.rank != blocks.rank || b.next_layer_epochs != blocks.next_layer_epochs || b.max_tokens != blocks.max_tokens {
+        bail!("--rank, --next-layer-epochs and --tokens set a decoder's block-wise distillation; this model is an encoder");
+    }
     let (tvars, tblocks) = heal::teacher_vars(m, WHAT)?;
     let l = tblocks.len();
     let keep = match &opts.layers {
@@ -259,6 +263,16 @@ fn distill_decoder(
 ) -> Result<Vec<PassRecord>> {
     if opts.width.is_some() {
         bail!("--width narrows an encoder student's FFNs; decoders are distilled block-wise (give --layers or --keep-layers)");
+    }
+    let encoder = DistillOptions::default_training();
+    if opts.train.max_steps.is_some()
+        || opts.train.pooled_weight != encoder.pooled_weight
+        || opts.train.layer_weight != encoder.layer_weight
+    {
+        bail!(
+            "--steps, --embedding-weight and --layer-weight set an encoder student's training; a decoder is distilled \
+             block-wise (--epochs, --next-layer-epochs, --rank, --tokens, --lr, --batch)"
+        );
     }
     let stream = layers::residual_stream(m)?;
     let l = stream.layers();

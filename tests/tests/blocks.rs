@@ -122,4 +122,19 @@ fn decoder_distillation_settings_are_checked() {
     assert!(err(Layers::Count(31), None).contains("the teacher has 30 layers"));
     assert!(err(Layers::List((0..30).collect()), None).contains("would be the teacher"));
     assert!(err(Layers::All, Some(1024)).contains("--width narrows an encoder"));
+    // An encoder student's settings are refused, not ignored.
+    let opts = ConvertOptions {
+        tokenizer: Some(asset(SMOLLM2_TOKENIZER)),
+        distill: Some(DistillOptions {
+            layers: Layers::Count(24),
+            width: None,
+            data: data.clone(),
+            maps: false,
+            train: acorn_converter::heal::HealOptions { max_steps: Some(5), ..DistillOptions::default_training() },
+            blocks: BlockOptions::default(),
+        }),
+        ..ConvertOptions::default()
+    };
+    let e = format!("{:#}", convert(&asset(SMOLLM2_ONNX), &dir.path().join("s.acorn"), &opts).unwrap_err());
+    assert!(e.contains("--steps, --embedding-weight and --layer-weight"), "{e}");
 }
