@@ -587,11 +587,12 @@ pub fn remove_runs(
     })
 }
 
-/// Adds the nodes and weights of one replacement, their names prefixed with `name`.
-struct Builder<'a> {
-    m: &'a mut Module,
-    nodes: Vec<Node>,
-    name: String,
+/// Adds the nodes and weights of one replacement (or exit head), their names prefixed with
+/// `name`.
+pub(crate) struct Builder<'a> {
+    pub(crate) m: &'a mut Module,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) name: String,
 }
 
 impl Builder<'_> {
@@ -600,21 +601,21 @@ impl Builder<'_> {
         (self.m.graph.values.len() - 1) as ValueId
     }
 
-    fn constant(&mut self, what: &str, t: Tensor) -> ValueId {
+    pub(crate) fn constant(&mut self, what: &str, t: Tensor) -> ValueId {
         let v = self.value(what);
         self.m.graph.constants.push(ConstBinding { value: v, tensor: self.m.tensors.len() as u32 });
         self.m.tensors.push((format!("{}.{what}", self.name), t));
         v
     }
 
-    fn node(&mut self, what: &str, op: Op, inputs: Vec<ValueId>) -> ValueId {
+    pub(crate) fn node(&mut self, what: &str, op: Op, inputs: Vec<ValueId>) -> ValueId {
+        self.node_with(what, op, inputs.into_iter().map(Some).collect())
+    }
+
+    /// [`Self::node`] with optional inputs (an op's absent ones).
+    pub(crate) fn node_with(&mut self, what: &str, op: Op, inputs: Vec<Option<ValueId>>) -> ValueId {
         let out = self.value(&format!("{what}.out"));
-        self.nodes.push(Node {
-            name: format!("{}.{what}", self.name),
-            op,
-            inputs: inputs.into_iter().map(Some).collect(),
-            outputs: vec![out],
-        });
+        self.nodes.push(Node { name: format!("{}.{what}", self.name), op, inputs, outputs: vec![out] });
         out
     }
 }

@@ -25,6 +25,7 @@ pub mod blocks;
 pub mod calib;
 pub mod cnn;
 pub mod conformance;
+pub mod decoder_exits;
 pub mod distill;
 pub mod ir;
 pub mod layers;
@@ -84,6 +85,9 @@ pub struct ConvertOptions {
     pub distill: Option<distill::DistillOptions>,
     /// Compare the converted model with the model it was distilled from (`--teacher`).
     pub teacher: Option<TeacherCheck>,
+    /// Early-exit heads for a decoder (`--exits LIST --calib FILE` without `--train`), fitted
+    /// after pruning, before quantization.
+    pub decoder_exits: Option<decoder_exits::DecoderExitOptions>,
 }
 
 /// `acorn convert STUDENT.onnx --teacher TEACHER.onnx --calib FILE`: the converted student is
@@ -527,6 +531,16 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
             records.push(rec);
         }
     }
+    if let Some(e) = &opts.decoder_exits {
+        if !decoder_exits::is_decoder(&m) {
+            anyhow::bail!("--exits without --train is for decoders (inputs input_ids and past_key_values.*); an encoder's exits are fitted with --train");
+        }
+        let (ext, rec) =
+            decoder_exits::add_exits(&mut m, e, opts.tokenizer.as_deref(), opts.memory_limit, &opts.progress)?;
+        extensions.push(ext);
+        records.push(rec);
+        release_freed_memory();
+    }
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
         Some(q) => {
             // Calibration statistics whenever there is calibration data: GPTQ needs them, and
@@ -654,6 +668,14 @@ fn structured_pass(
 
 /// The held-out agreement of `m` with every weight stored dense f32 against the fp32 model
 /// calibration ran (`None`: no calibration ran, or nothing is held out).
+/// `m` as an fp32 model in memory (read in place), to run it during conversion.
+pub(crate) fn dense_model(m: &ir::Module) -> Result<acorn::Model> {
+    let payloads: Vec<TensorPayload<'_>> =
+        m.tensors.iter().map(|(name, t)| payload(name, t, TensorEncoding::Dense, Cow::Borrowed(t.bytes()))).collect();
+    let bytes = acorn::format::model_bytes(m.graph.clone(), Provenance::default(), Vec::new(), &payloads)?;
+    Ok(acorn::Model::from_memory(bytes, &acorn::OpenOptions::default())?)
+}
+
 fn measure_dense(
     m: &ir::Module,
     calibration: &pipeline::Calibration<'_>,

@@ -110,8 +110,11 @@ enum Cmd {
         /// they first appear in the file).
         #[arg(long, value_name = "A,B,…", value_delimiter = ',')]
         labels: Option<Vec<String>>,
-        /// Early exits (with --train): heads after these encoder layers (`all`, or e.g. 2,3,4,5),
-        /// each with a confidence threshold calibrated on held-out training examples.
+        /// Early exits. With --train: heads after these encoder layers (`all`, or e.g. 2,3,4,5),
+        /// each with a confidence threshold calibrated on held-out training examples. On a
+        /// decoder (with --calib FILE): exit heads after these layers (e.g. 8,12,16,20), a map
+        /// to the last layer fitted on the text, then the model's final norm and LM head —
+        /// for `generate --speculative` and `--early-exit`.
         #[arg(long, value_name = "all|LIST")]
         exits: Option<String>,
         /// The share of held-out training examples on which the exits must give the full model's
@@ -414,6 +417,16 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             heal_lr,
             teacher,
         } => {
+            // --exits without --train: a decoder's exit heads, fitted on --calib.
+            let (exits, decoder_exits) = match (&train, exits) {
+                (None, Some(spec)) => {
+                    let Some(calib) = calib.clone() else {
+                        bail!("--exits on a decoder needs --calib FILE: the text its exit maps are fitted and measured on");
+                    };
+                    (None, Some(acorn_converter::decoder_exits::DecoderExitOptions { spec, calib }))
+                }
+                (_, e) => (e, None),
+            };
             let as_written = match quantized_import.as_str() {
                 "lift" => false,
                 "as-written" => true,
@@ -441,7 +454,11 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             });
             // --calib serves pruning and the teacher check alone too; quantization takes it only
             // with --quantize.
-            let calib = if quantize.is_none() && (prune.is_some() || teacher.is_some()) { None } else { calib };
+            let calib = if quantize.is_none() && (prune.is_some() || teacher.is_some() || decoder_exits.is_some()) {
+                None
+            } else {
+                calib
+            };
             let quantize =
                 acorn_converter::quantize::QuantOptions::from_flags(&acorn_converter::quantize::QuantFlags {
                     format: quantize.as_deref(),
@@ -475,6 +492,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     },
                     prune,
                     teacher,
+                    decoder_exits,
                     ..ConvertOptions::default()
                 },
                 &target,

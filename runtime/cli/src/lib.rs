@@ -68,6 +68,16 @@ pub enum Command {
         /// Most positions (prompt + generated) the KV cache holds.
         #[arg(long, default_value_t = 2048)]
         max_context: usize,
+        /// Self-speculative decoding (exact: greedy output is plain decoding's): `auto` (the
+        /// setting the exits' agreement predicts fastest, plain where none pays), `LAYER` or
+        /// `LAYER:DRAFT_TOKENS` (the exit that drafts; default 4 drafts). Needs exit heads
+        /// (`acorn convert --exits`).
+        #[arg(long, value_name = "auto|LAYER[:DRAFT]", conflicts_with = "early_exit")]
+        speculative: Option<String>,
+        /// Per-token early exit (lossy): a token stops at the first exit whose top probability
+        /// reaches THRESHOLD (0 < THRESHOLD ≤ 1).
+        #[arg(long, value_name = "THRESHOLD")]
+        early_exit: Option<f32>,
         #[command(flatten)]
         common: Common,
     },
@@ -83,12 +93,22 @@ pub enum Command {
         /// Windows to score, from the start of the text.
         #[arg(long, default_value_t = 4)]
         windows: usize,
-        /// Print {"perplexity", "tokens"} as JSON.
+        /// Print {"perplexity", "tokens", "mean_layers_per_token", "draft_agreement"} as JSON.
         #[arg(long)]
         json: bool,
         /// Use this tokenizer.json instead of the embedded one.
         #[arg(long, value_name = "FILE")]
         tokenizer: Option<PathBuf>,
+        /// Self-speculative decoding (exact: greedy output is plain decoding's): `auto` (the
+        /// setting the exits' agreement predicts fastest, plain where none pays), `LAYER` or
+        /// `LAYER:DRAFT_TOKENS` (the exit that drafts; default 4 drafts). Needs exit heads
+        /// (`acorn convert --exits`).
+        #[arg(long, value_name = "auto|LAYER[:DRAFT]", conflicts_with = "early_exit")]
+        speculative: Option<String>,
+        /// Per-token early exit (lossy): a token stops at the first exit whose top probability
+        /// reaches THRESHOLD (0 < THRESHOLD ≤ 1).
+        #[arg(long, value_name = "THRESHOLD")]
+        early_exit: Option<f32>,
         #[command(flatten)]
         common: Common,
     },
@@ -191,6 +211,22 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("'{s}' is not a size (e.g. 512M, 2G)"))
 }
 
+/// `--speculative` / `--early-exit` as a [`acorn::llm::Decoding`].
+fn decoding(speculative: Option<&str>, early_exit: Option<f32>) -> Result<acorn::llm::Decoding> {
+    use acorn::llm::Decoding;
+    Ok(match (speculative, early_exit) {
+        (Some(s), None) => Decoding::parse_speculative(s)?,
+        (None, Some(threshold)) => {
+            if !(threshold > 0.0 && threshold <= 1.0) {
+                bail!("--early-exit {threshold}: the threshold is a probability in (0, 1]");
+            }
+            Decoding::EarlyExit { threshold }
+        }
+        (None, None) => Decoding::Plain,
+        (Some(_), Some(_)) => bail!("--speculative and --early-exit exclude each other"),
+    })
+}
+
 /// Runs one device command.
 pub fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
@@ -206,14 +242,18 @@ pub fn dispatch(cmd: Command) -> Result<ExitCode> {
             json,
             tokenizer,
             max_context,
+            speculative,
+            early_exit,
             common,
         } => {
             let sampling = acorn::llm::Sampling { temperature, top_k, top_p, seed };
-            let g = GenerateArgs { prompt, max_tokens, sampling, chat, json, tokenizer, max_context };
+            let decoding = decoding(speculative.as_deref(), early_exit)?;
+            let g = GenerateArgs { prompt, max_tokens, sampling, chat, json, tokenizer, max_context, decoding };
             cmd_generate(&model, &g, &common)
         }
-        Command::Perplexity { model, text, window, windows, json, tokenizer, common } => {
-            cmd_perplexity(&model, &text, window, windows, json, tokenizer.as_deref(), &common)
+        Command::Perplexity { model, text, window, windows, json, tokenizer, speculative, early_exit, common } => {
+            let decoding = decoding(speculative.as_deref(), early_exit)?;
+            cmd_perplexity(&model, &text, (window, windows), json, tokenizer.as_deref(), &decoding, &common)
         }
         Command::Run { model, inputs, output_dir, json, common } => {
             cmd_run(&model, &inputs, &output_dir, json, &common)
@@ -622,6 +662,7 @@ struct GenerateArgs {
     json: bool,
     tokenizer: Option<PathBuf>,
     max_context: usize,
+    decoding: acorn::llm::Decoding,
 }
 
 fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<ExitCode> {
@@ -645,7 +686,7 @@ fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<
     let mut gen = Generator::new(&model, &opts)?;
     let mut det = acorn_text::Detokenizer::new(&tok);
     let mut generated = Vec::new();
-    let mut tokens = gen.generate(&ids, a.max_tokens, &a.sampling, &cfg.eos_token_ids)?;
+    let mut tokens = gen.generate_with(&ids, a.max_tokens, &a.sampling, &cfg.eos_token_ids, &a.decoding)?;
     let mut stdout = std::io::stdout();
     for t in &mut tokens {
         let t = t?;
@@ -670,6 +711,11 @@ fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<
             "stop_reason": stop.map(|s| s.name()),
             "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
             "decode_tokens_per_s": stats.decode_tokens_per_s(),
+            "decoding": stats.decoding,
+            "accepted_per_draft": stats.accepted_per_draft(),
+            "acceptance": stats.acceptance(),
+            "cycles": stats.cycles,
+            "mean_layers_per_token": stats.mean_layers_per_token(),
         });
         out!("{o}");
     } else {
@@ -681,12 +727,23 @@ fn cmd_generate(model_path: &Path, a: &GenerateArgs, common: &Common) -> Result<
             );
         }
         eprintln!(
-            "[{} prompt tokens, prefill {:.1} tokens/s; {} new tokens, decode {:.1} tokens/s; KV cache {}]",
+            "[{} prompt tokens, prefill {:.1} tokens/s; {} new tokens, decode {:.1} tokens/s; KV cache {}; {}]",
             ids.len(),
             stats.prefill_tokens_per_s(),
             generated.len(),
             stats.decode_tokens_per_s(),
-            if gen.cache_is_bound() { "in the runtime" } else { "through the graph" }
+            if gen.cache_is_bound() { "in the runtime" } else { "through the graph" },
+            match stats.cycles {
+                0 if stats.decoding.starts_with("early_exit") =>
+                    format!("{} decoding, {:.1} layers per token", stats.decoding, stats.mean_layers_per_token()),
+                0 => format!("{} decoding", stats.decoding),
+                _ => format!(
+                    "{} decoding, {:.2} drafts accepted per cycle ({:.0} %)",
+                    stats.decoding,
+                    stats.accepted_per_draft(),
+                    100.0 * stats.acceptance()
+                ),
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -740,10 +797,10 @@ fn cmd_classify(
 fn cmd_perplexity(
     model_path: &Path,
     text_path: &Path,
-    window: usize,
-    windows: usize,
+    (window, windows): (usize, usize),
     json: bool,
     tokenizer: Option<&Path>,
+    decoding: &acorn::llm::Decoding,
     common: &Common,
 ) -> Result<ExitCode> {
     use acorn::llm::{Generator, GeneratorOptions};
@@ -761,15 +818,24 @@ fn cmd_perplexity(
     let pb = if json { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
     pb.set_style(ProgressStyle::with_template("scoring {bar:30} {pos}/{len} windows {elapsed}").expect("static"));
     let t0 = Instant::now();
-    let (ppl, count) = acorn_text::perplexity(&mut gen, &ids, window, windows, |w| pb.set_position(w as u64))?;
+    let r = acorn_text::perplexity_with(&mut gen, &ids, window, windows, decoding, |w| pb.set_position(w as u64))?;
     pb.finish_and_clear();
+    let (ppl, count) = (r.perplexity, r.tokens);
     if json {
-        out!("{}", serde_json::json!({ "perplexity": ppl, "tokens": count }));
+        out!(
+            "{}",
+            serde_json::json!({
+                "perplexity": ppl, "tokens": count, "mean_layers_per_token": r.mean_layers_per_token,
+                "draft_agreement": r.draft_agreement,
+            })
+        );
     } else {
         out!(
-            "perplexity {ppl:.4} over {count} tokens ({} windows of {window}) in {:.1} s",
+            "perplexity {ppl:.4} over {count} tokens ({} windows of {window}) in {:.1} s; {:.2} layers per token{}",
             count / (window - 1),
-            t0.elapsed().as_secs_f64()
+            t0.elapsed().as_secs_f64(),
+            r.mean_layers_per_token,
+            r.draft_agreement.map_or(String::new(), |a| format!("; the drafting exit agrees on {:.1} %", 100.0 * a))
         );
     }
     Ok(ExitCode::SUCCESS)

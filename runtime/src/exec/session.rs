@@ -381,7 +381,7 @@ impl Session {
     /// copied (what bindings pass; see [`View::dense`]).
     pub fn run_views(&mut self, inputs: &[(&str, View<'_>)]) -> Result<Outputs> {
         self.check_not_generating()?;
-        match self.run_with(inputs, None, None, None)? {
+        match self.run_with(inputs, None, None, None, None)? {
             RunEnd::Finished(tensors) => Ok(Outputs { names: self.output_names.clone(), tensors }),
             RunEnd::Stopped { .. } => unreachable!("no hook, no stop"),
         }
@@ -392,7 +392,7 @@ impl Session {
     /// returned). Where an early-exit head decides that the rest of the network is not needed.
     pub fn run_until(&mut self, inputs: &[(&str, View<'_>)], hook: StepHook<'_>) -> Result<RunEnd> {
         self.check_not_generating()?;
-        self.run_with(inputs, None, Some(hook), None)
+        self.run_with(inputs, None, None, Some(hook), None)
     }
 
     /// [`Session::run_until`] from the middle of the graph: the steps named in `resume.skip` do not
@@ -406,7 +406,7 @@ impl Session {
         hook: StepHook<'_>,
     ) -> Result<RunEnd> {
         self.check_not_generating()?;
-        self.run_with(inputs, None, Some(hook), Some(resume))
+        self.run_with(inputs, None, None, Some(hook), Some(resume))
     }
 
     fn check_not_generating(&self) -> Result<()> {
@@ -429,24 +429,35 @@ impl Session {
     /// Runs with `kv` bound to the cache-mode plans' attention steps; returns the outputs that
     /// are not held by the cache, in the model's order.
     #[cfg(feature = "llm")]
-    pub(crate) fn run_kv(&mut self, inputs: &[(&str, &Tensor)], kv: &mut KvCache) -> Result<Vec<Tensor>> {
+    pub(crate) fn run_kv(
+        &mut self,
+        inputs: &[(&str, &Tensor)],
+        given: Option<View<'_>>,
+        kv: &mut KvCache,
+    ) -> Result<Vec<Tensor>> {
         let views: SmallVec<[(&str, View<'_>); 8]> = inputs.iter().map(|(n, t)| (*n, t.view())).collect();
-        match self.run_with(&views, Some(kv), None, None)? {
+        match self.run_with(&views, given, Some(kv), None, None)? {
             RunEnd::Finished(outs) => Ok(outs),
             RunEnd::Stopped { .. } => unreachable!("no hook, no stop"),
         }
     }
 
+    /// `given`: the value the plan mode names as given (after the model's inputs).
     fn run_with(
         &mut self,
         inputs: &[(&str, View<'_>)],
+        given: Option<View<'_>>,
         mut kv: Option<&mut KvCache>,
         mut hook: Option<StepHook<'_>>,
         resume: Option<&Resume<'_>>,
     ) -> Result<RunEnd> {
-        let ordered = self.order_inputs(inputs)?;
+        let mut ordered = self.order_inputs(inputs)?;
+        if let Some(g) = given {
+            ordered.push(g);
+        }
         let i = self.plan_index(&ordered)?;
-        let Session { model, threads, plans, profile, prepared, .. } = self;
+        let Session { model, threads, plans, profile, prepared, mode, .. } = self;
+        let row_invariant = mode.row_invariant;
         let threads = *threads;
         let PlanState { plan, buffers, scratch } = &mut plans[i].1;
         let file = &model.file;
@@ -499,7 +510,8 @@ impl Session {
                     bytes: &mut bytemuck::cast_slice_mut::<u64, u8>(buf)[..nbytes],
                 });
             }
-            let mut ctx = Ctx { threads, scratch, kv: kv.as_deref_mut(), prepared: Some(&mut *prepared) };
+            let mut ctx =
+                Ctx { threads, scratch, kv: kv.as_deref_mut(), prepared: Some(&mut *prepared), row_invariant };
             let t0 = profile.is_some().then(std::time::Instant::now);
             let res = match &step.op {
                 StepOp::Node(op) => ops::run(op, &in_views, &mut out_views, &mut ctx),

@@ -377,9 +377,10 @@ fn mask_ref<'a>(mask: Option<View<'a>>, g: &Geo) -> MaskRef<'a> {
 
 /// The KV cache a generating session keeps: per layer and K/V head, the K and V rows of every
 /// cached position, one contiguous vector each, reserved for `capacity` positions up front (so
-/// appending never reallocates or copies, and memory is only touched as positions fill). `len`
-/// positions are valid; a step's attention appends its rows after them and reads `0..len + S`;
-/// the caller advances `len` once the whole step has run.
+/// appending never reallocates or copies, and memory is only touched as positions fill). Layer
+/// `l` holds `lens[l]` valid positions; a step's attention appends its rows after them and reads
+/// `0..lens[l] + S`. `len` is the context's length, which the caller sets once a step has run
+/// (layers behind it are those an early exit has not run yet at the last positions).
 #[derive(Debug)]
 pub struct KvCache {
     /// [layer][kv_head] → (K rows, V rows).
@@ -388,7 +389,11 @@ pub struct KvCache {
     pub(crate) head_dim: usize,
     pub(crate) value_dim: usize,
     pub(crate) capacity: usize,
+    /// Positions of the context (what every layer holds once a step has run them all).
     pub(crate) len: usize,
+    /// Per layer: positions it holds (below `len` for layers an early exit or a draft has not
+    /// run yet at the last positions; a step's attention appends at its own layer's length).
+    pub(crate) lens: Vec<usize>,
 }
 
 impl KvCache {
@@ -415,7 +420,7 @@ impl KvCache {
             }
             l.push(heads);
         }
-        Ok(KvCache { layers: l, kv_heads, head_dim, value_dim, capacity, len: 0 })
+        Ok(KvCache { layers: l, kv_heads, head_dim, value_dim, capacity, len: 0, lens: vec![0; layers] })
     }
 
     /// Positions filled.
@@ -433,14 +438,28 @@ impl KvCache {
         self.capacity
     }
 
-    /// Forgets every position (the memory is kept).
-    pub fn clear(&mut self) {
-        self.len = 0;
+    /// Positions layer `layer` holds.
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.lens.get(layer).copied().unwrap_or(0)
     }
 
-    /// Keeps the first `n` positions (e.g. to drop a rejected continuation).
+    /// Forgets every position (the memory is kept).
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Keeps the first `n` positions of every layer (e.g. to drop a rejected continuation).
     pub fn truncate(&mut self, n: usize) {
         self.len = self.len.min(n);
+        for l in &mut self.lens {
+            *l = (*l).min(n);
+        }
+    }
+
+    /// Sets the context's length after a step that ran every layer (each layer's own length
+    /// is what its attention appended).
+    pub(crate) fn set_len(&mut self, n: usize) {
+        self.len = n;
     }
 }
 
@@ -490,7 +509,7 @@ pub(super) fn run_cached(
             cache.head_dim
         );
     }
-    let (p, cap) = (cache.len, cache.capacity);
+    let (p, cap) = (cache.lens[layer], cache.capacity);
     let total = p + g.skv;
     if total > cap {
         op_bail!("the context is full: {p} positions cached + {} new > {cap}", g.skv);
@@ -515,15 +534,94 @@ pub(super) fn run_cached(
         ck.extend_from_slice(&kd[h * skv * hd..(h + 1) * skv * hd]);
         cv.extend_from_slice(&vd[h * skv * hv..(h + 1) * skv * hv]);
     }
+    cache.lens[layer] = total;
     let g = Geo { past: p, ..g };
     let heads = &cache.layers[layer];
-    attend_heads(a, &g, q.f32()?, outputs[0].f32()?, mask, (&mut *ctx.scratch, ctx.threads), |_, h| {
-        let (kc, vc) = (&heads[h].0[..], &heads[h].1[..]);
-        (
-            Rows { pieces: [Piece { data: kc, rows: total, stride: g.hd }, Piece::EMPTY], width: g.hd },
-            Rows { pieces: [Piece { data: vc, rows: total, stride: g.hv }, Piece::EMPTY], width: g.hv },
-        )
-    })
+    let kv = |rows: usize| {
+        move |_: usize, h: usize| {
+            let (kc, vc) = (&heads[h].0[..], &heads[h].1[..]);
+            (
+                Rows { pieces: [Piece { data: kc, rows, stride: g.hd }, Piece::EMPTY], width: g.hd },
+                Rows { pieces: [Piece { data: vc, rows, stride: g.hv }, Piece::EMPTY], width: g.hv },
+            )
+        }
+    };
+    if ctx.row_invariant && g.sq > 1 {
+        return attend_rows_alone(a, &g, q.f32()?, outputs[0].f32()?, mask, (&mut *ctx.scratch, ctx.threads), kv);
+    }
+    attend_heads(a, &g, q.f32()?, outputs[0].f32()?, mask, (&mut *ctx.scratch, ctx.threads), kv(total))
+}
+
+/// Cached attention of `g.sq` new positions computed one query row at a time, each exactly as
+/// a one-token decode step computes it (its keys up to its own position, the same products and
+/// softmax lengths): what a verification pass needs so that its results are, bit for bit, those
+/// of decoding the positions one by one.
+fn attend_rows_alone<'c, F>(
+    a: &AttentionAttrs,
+    g: &Geo,
+    qd: &[f32],
+    y: &mut [f32],
+    mask: Option<View<'_>>,
+    (scratch, threads): (&mut Vec<f32>, usize),
+    kv: impl Fn(usize) -> F,
+) -> OpResult<()>
+where
+    F: Fn(usize, usize) -> (Rows<'c>, Rows<'c>) + Sync,
+{
+    let (qh, sq, hd, hv) = (g.qh, g.sq, g.hd, g.hv);
+    if g.b != 1 {
+        op_bail!("cached attention runs batch 1");
+    }
+    let mut qi = vec![0.0f32; qh * hd];
+    let mut yi = vec![0.0f32; qh * hv];
+    for i in 0..sq {
+        for h in 0..qh {
+            let src = if g.three_d { i * qh * hd + h * hd } else { (h * sq + i) * hd };
+            qi[h * hd..(h + 1) * hd].copy_from_slice(&qd[src..src + hd]);
+        }
+        let row_mask = match mask {
+            Some(m) => mask_row(&m, sq, i)?,
+            None => None,
+        };
+        let m = match &row_mask {
+            Some(t) => Some(t.view()),
+            None => mask,
+        };
+        let gi = Geo { sq: 1, skv: 1, past: g.past + i, ..*g };
+        let rows = kv(g.past + i + 1);
+        attend_heads(a, &gi, &qi, &mut yi, m, (&mut *scratch, threads), |b, h| {
+            let (k, v) = rows(b, h);
+            (k, v)
+        })?;
+        for h in 0..qh {
+            let dst = if g.three_d { i * qh * hv + h * hv } else { (h * sq + i) * hv };
+            y[dst..dst + hv].copy_from_slice(&yi[h * hv..(h + 1) * hv]);
+        }
+    }
+    Ok(())
+}
+
+/// Row `i` of a mask whose query axis (second to last) has `sq` rows; `None` when that axis
+/// broadcasts (the mask serves every row as it is).
+fn mask_row(m: &View<'_>, sq: usize, i: usize) -> OpResult<Option<crate::tensor::Tensor>> {
+    let r = m.shape.len();
+    if r < 2 || m.shape[r - 2] != sq || sq == 1 {
+        return Ok(None);
+    }
+    let w = m.shape[r - 1];
+    let size = m.dtype.size();
+    let outer: usize = m.shape[..r - 2].iter().product();
+    let mut bytes = Vec::with_capacity(outer * w * size);
+    for o in 0..outer {
+        let at = ((o * sq + i) * w) * size;
+        bytes.extend_from_slice(&m.bytes[at..at + w * size]);
+    }
+    let mut shape = m.shape.to_vec();
+    shape[r - 2] = 1;
+    Ok(Some(
+        crate::tensor::Tensor::from_bytes(m.dtype, shape, &bytes)
+            .map_err(|e| crate::error::OpError::Failed(e.to_string()))?,
+    ))
 }
 
 /// Attention over every unit of a node: `kv(b, h)` gives K/V head `h`'s rows in batch `b`. Q

@@ -71,6 +71,10 @@ pub struct Ctx<'a> {
     /// The session's weights rearranged for the selected kernels (none outside a session:
     /// then each call rearranges its own).
     pub prepared: Option<&'a mut Prepared>,
+    /// Each row's results must not depend on how many rows run together (a speculative
+    /// verification pass, which must reproduce one-token decode steps bit for bit): products
+    /// and cached attention take the arithmetic of a few rows at a time.
+    pub row_invariant: bool,
 }
 
 /// Weights rearranged for the selected kernels on their first use and kept for the session's
@@ -599,7 +603,7 @@ pub fn eval_into(
     let mut outv: Vec<ViewMut<'_>> =
         tensors.iter_mut().zip(outs).map(|(t, (d, s))| ViewMut { dtype: *d, shape: s, bytes: t.bytes_mut() }).collect();
     let mut scratch = vec![0.0f32; scratch_len(op, facts, outs)];
-    let mut ctx = Ctx { threads, scratch: &mut scratch, kv: None, prepared: None };
+    let mut ctx = Ctx { threads, scratch: &mut scratch, kv: None, prepared: None, row_invariant: false };
     run(op, inputs, &mut outv, &mut ctx)?;
     drop(outv);
     Ok(tensors)

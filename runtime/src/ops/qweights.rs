@@ -68,10 +68,26 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
     }
     let bias = super::matmul::bias(inputs, n)?;
     let o = &mut o[..m * n];
+    // Row-invariant runs: the kernels pick their arithmetic by the number of rows (weights by
+    // rows and q4 switch at quant::Q8_GEMM_MIN_ROWS), so rows go in groups below that, each
+    // computed as decode steps compute theirs. Panels are the same at any row count.
+    let group = quant::Q8_GEMM_MIN_ROWS - 1;
+    if ctx.row_invariant && m > group && !matches!(w, QMat::Q8Panels(_)) {
+        for (xs, os) in x[..m * k].chunks(group * k).zip(o.chunks_mut(group * n)) {
+            rows_product(w, xs, os, bias, k, ctx.threads)?;
+        }
+        return Ok(());
+    }
+    rows_product(w, &x[..m * k], o, bias, k, ctx.threads)
+}
+
+/// `o = x · Wᵀ (+ bias)` for the `x.len() / k` rows of `x`.
+fn rows_product(w: QMat<'_>, x: &[f32], o: &mut [f32], bias: Option<&[f32]>, k: usize, threads: usize) -> OpResult<()> {
+    let m = x.len() / k;
     let isa = crate::kernels::selected();
     match w {
         QMat::F16(w) => {
-            half::gemm_f16(isa, x, m, &w, o, ctx.threads).map_err(OpError::Failed)?;
+            half::gemm_f16(isa, x, m, &w, o, threads).map_err(OpError::Failed)?;
             super::matmul::add_bias(o, m, bias);
             Ok(())
         }
@@ -79,17 +95,16 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
             let qa = &mut *cell.borrow_mut();
             match w {
                 QMat::Q4(w) if quant::q4_reads_arranged(isa, m, w.block) => quant::quantize_acts(x, m, k, qa),
-                _ => quant::quantize_acts_q8(x, m, k, qa, ctx.threads),
+                _ => quant::quantize_acts_q8(x, m, k, qa, threads),
             }
             .map_err(|e| OpError::Failed(e.0))?;
             match w {
-                QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, ctx.threads),
+                QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, threads),
                 QMat::Q8Panels(w) => {
-                    return quant::gemm_q8_panels_bias(isa, qa, &w, bias, o, ctx.threads)
-                        .map_err(|e| OpError::Failed(e.0))
+                    return quant::gemm_q8_panels_bias(isa, qa, &w, bias, o, threads).map_err(|e| OpError::Failed(e.0))
                 }
-                QMat::Q4(w) => quant::gemm_q4(isa, qa, &w, o, ctx.threads),
-                QMat::Q8Sparse(w) => quant::gemm_q8_sparse(isa, qa, &w, o, ctx.threads),
+                QMat::Q4(w) => quant::gemm_q4(isa, qa, &w, o, threads),
+                QMat::Q8Sparse(w) => quant::gemm_q8_sparse(isa, qa, &w, o, threads),
                 QMat::F16(_) => unreachable!("handled above"),
             }
             .map_err(|e| OpError::Failed(e.0))?;

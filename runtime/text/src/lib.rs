@@ -182,6 +182,96 @@ pub fn perplexity(
     Ok(((total / count as f64).exp(), count))
 }
 
+/// What [`perplexity_with`] measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PerplexityReport {
+    /// exp(mean negative log-likelihood).
+    pub perplexity: f64,
+    /// Tokens predicted.
+    pub tokens: usize,
+    /// Layers run per predicted token (fewer than the model's with an early exit).
+    pub mean_layers_per_token: f64,
+    /// Self-speculative decoding: the share of positions where the drafting exit's top token is
+    /// the full model's (what a greedy draft's acceptance would be on this text).
+    pub draft_agreement: Option<f64>,
+}
+
+/// [`perplexity`] decoding as `decoding` says: plain and self-speculative decoding score
+/// exactly the same (verification is the full model; the drafting exit's agreement is
+/// reported), per-token early exit scores every token from the exit it took, one token at a
+/// time (its cost in perplexity is what this measures).
+pub fn perplexity_with(
+    gen: &mut Generator,
+    ids: &[u32],
+    window: usize,
+    windows: usize,
+    decoding: &acorn::llm::Decoding,
+    mut progress: impl FnMut(usize),
+) -> Result<PerplexityReport> {
+    use acorn::llm::Decoding;
+    let layers = gen.signature().layers() as f64;
+    let draft_layer = match decoding {
+        Decoding::Speculative { layer, .. } => Some(*layer),
+        Decoding::Auto => gen.auto_setting().map(|s| s.0),
+        _ => None,
+    };
+    let Decoding::EarlyExit { threshold } = *decoding else {
+        let (perplexity, tokens) = perplexity(gen, ids, window, windows, &mut progress)?;
+        let draft_agreement = match draft_layer {
+            Some(layer) => {
+                let (mut same, mut rows) = (0usize, 0usize);
+                for w in 0..windows.min(ids.len() / window) {
+                    let chunk = &ids[w * window..(w + 1) * window];
+                    let exit = gen.exit_logits(chunk, layer)?;
+                    let full = gen.feed_all(chunk)?;
+                    gen.reset();
+                    let v = *full.shape().last().unwrap_or(&1);
+                    let top = |t: &acorn::Tensor| -> Result<Vec<usize>> {
+                        let d = t.as_f32().ok_or_else(|| Error::Input("logits are not f32".into()))?;
+                        Ok(d.chunks_exact(v).map(acorn::llm::argmax).collect())
+                    };
+                    let (a, b) = (top(&exit)?, top(&full)?);
+                    same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+                    rows += a.len();
+                }
+                Some(same as f64 / rows.max(1) as f64)
+            }
+            None => None,
+        };
+        return Ok(PerplexityReport { perplexity, tokens, mean_layers_per_token: layers, draft_agreement });
+    };
+    if window < 2 {
+        return Err(Error::Input("the window must be at least 2 tokens".into()));
+    }
+    let n = windows.min(ids.len() / window);
+    if n == 0 {
+        return Err(Error::Input(format!("the text has {} tokens, fewer than one window of {window}", ids.len())));
+    }
+    let exit_layers: Vec<u32> = gen.exits().iter().map(|e| e.layer).collect();
+    let (mut total, mut count, mut layers_run) = (0.0f64, 0usize, 0u64);
+    for w in 0..n {
+        let chunk = &ids[w * window..(w + 1) * window];
+        gen.reset();
+        for i in 0..window - 1 {
+            let (logits, layer) = gen.feed_exiting(chunk[i], &exit_layers, threshold)?;
+            if chunk[i + 1] as usize >= logits.len() {
+                return Err(Error::Input(format!("token id {} is outside the vocabulary", chunk[i + 1])));
+            }
+            total += nll(&logits, logits.len(), &chunk[i + 1..i + 2]);
+            layers_run += layer as u64;
+            count += 1;
+        }
+        progress(w + 1);
+    }
+    gen.reset();
+    Ok(PerplexityReport {
+        perplexity: (total / count as f64).exp(),
+        tokens: count,
+        mean_layers_per_token: layers_run as f64 / count.max(1) as f64,
+        draft_agreement: None,
+    })
+}
+
 /// Σ over rows of `−log softmax(row)[target]` (in f64), for `logits` `[rows, vocab]` predicting
 /// `targets` (one per row; each < vocab).
 pub fn nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {

@@ -17,6 +17,52 @@ pub(crate) struct PlanMode {
     /// Compute only the last sequence position of this output (a rank-3 MatMul result, e.g.
     /// the logits when only the next token is wanted).
     pub last_row: Option<ValueId>,
+    /// Compute only these values — the plan's outputs, in this order; nodes none of them
+    /// needs are not planned (an early-exit segment of a decoder: the layers up to an exit).
+    pub outputs: Option<Vec<ValueId>>,
+    /// This value is given by the caller (the input after the model's own), not computed: the
+    /// nodes only it needed are not planned (a segment resumed from a layer's hidden state).
+    pub given: Option<ValueId>,
+    /// Each row's results independent of the rows run with it (see `ops::Ctx::row_invariant`).
+    pub row_invariant: bool,
+}
+
+/// The main-graph nodes the values `want` need, up to (not through) `given`: a mask over
+/// `graph.nodes`. `None` when every node runs (no restriction asked).
+pub(super) fn needed_nodes(graph: &Graph, mode: &PlanMode) -> Result<Option<Vec<bool>>, crate::Error> {
+    let Some(want) = &mode.outputs else {
+        if mode.given.is_some() {
+            return Err(crate::Error::Graph("a given value needs the plan's outputs named".into()));
+        }
+        return Ok(None);
+    };
+    if graph.nodes.iter().any(|n| matches!(n.op, Op::If { .. } | Op::Loop { .. })) {
+        return Err(crate::Error::Graph("a plan of part of the graph cannot hold If or Loop".into()));
+    }
+    let uses = crate::graph::Uses::new(graph);
+    let mut keep = vec![false; graph.nodes.len()];
+    let mut seen = vec![false; graph.values.len()];
+    let mut stack: Vec<ValueId> = want.clone();
+    while let Some(v) = stack.pop() {
+        if std::mem::replace(&mut seen[v as usize], true) || Some(v) == mode.given {
+            continue;
+        }
+        if let Some(p) = uses.producer(v) {
+            keep[p] = true;
+            stack.extend(graph.nodes[p].inputs.iter().flatten());
+        }
+    }
+    if let Some(g) = mode.given {
+        if let Some(p) = uses.producer(g) {
+            if keep[p] {
+                return Err(crate::Error::Graph(format!(
+                    "the given value '{}' is made by a node the plan still needs",
+                    graph.value_name(g)
+                )));
+            }
+        }
+    }
+    Ok(Some(keep))
 }
 
 #[derive(Clone, Debug, PartialEq)]

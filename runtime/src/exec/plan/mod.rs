@@ -614,9 +614,33 @@ impl Plan {
             folded_bytes: 0,
             mode,
         };
-        b.plan_nodes(graph, &graph.nodes)?;
         let mut outputs: Vec<ValueId> = Vec::with_capacity(graph.outputs.len());
-        for spec in &graph.outputs {
+        match llm::needed_nodes(graph, mode)? {
+            None => b.plan_nodes(graph, &graph.nodes)?,
+            Some(keep) => {
+                if let Some(g) = mode.given {
+                    let Some(t) = inputs.get(graph.inputs.len()) else {
+                        return Err(
+                            Error::Input("the given value is missing (the input after the model's)".into()).into()
+                        );
+                    };
+                    b.locs[g as usize] =
+                        Some(Loc { dtype: t.dtype, shape: t.shape.to_vec(), slot: Slot::Input(graph.inputs.len()) });
+                }
+                let nodes: Vec<Node> =
+                    graph.nodes.iter().zip(&keep).filter(|(_, k)| **k).map(|(n, _)| n.clone()).collect();
+                b.plan_nodes(graph, &nodes)?;
+                for &v in mode.outputs.as_deref().unwrap_or_default() {
+                    match b.locs[v as usize].as_ref().map(|l| l.slot) {
+                        None | Some(Slot::Cache) => {
+                            return Err(Error::Graph(format!("'{}' was not computed", graph.value_name(v))).into())
+                        }
+                        Some(_) => outputs.push(v),
+                    }
+                }
+            }
+        }
+        for spec in graph.outputs.iter().filter(|_| mode.outputs.is_none()) {
             match b.locs[spec.value as usize].as_ref().map(|l| l.slot) {
                 None => return Err(Error::Graph(format!("output '{}' was not computed", spec.name)).into()),
                 // Present outputs stay in the KV cache.

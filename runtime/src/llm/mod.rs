@@ -36,6 +36,9 @@ use crate::graph::Dim;
 use crate::ops::KvCache;
 use crate::tensor::{DType, Tensor};
 
+mod exits;
+pub use exits::{decoder_exits, DecoderExit, Decoding, EXITS_EXTENSION};
+
 /// Name of the file extension holding the tokenizer (Hugging Face `tokenizer.json` bytes).
 pub const TOKENIZER_EXTENSION: &str = "tokenizer.json";
 /// Name of the file extension holding generation settings ([`GenerationConfig`] as JSON-free
@@ -229,10 +232,13 @@ pub struct Generator {
     roles: Vec<Role>,
     /// Empty past tensors standing in for the cache-bound inputs.
     placeholders: Vec<Tensor>,
-    /// Where `logits` is among the outputs a cache-bound run returns (presents stay in the cache).
-    logits_bound: usize,
     all_logits: bool,
     vocab: Option<usize>,
+    /// The early-exit heads the file holds (`acorn convert --exits`).
+    exits: Vec<exits::ExitPoint>,
+    /// The sessions of an early-exit configuration, made on first use.
+    segments: Option<exits::Segments>,
+    options: GeneratorOptions,
 }
 
 /// What a decoder input is: built per step, or the past K/V tensor `j` (layer j / 2).
@@ -310,8 +316,7 @@ impl Generator {
         let placeholder_v = Tensor::zeros(DType::F32, vec![1, sig.kv_heads, 0, sig.value_dim])?;
         let placeholders: Vec<Tensor> =
             sig.past.iter().flat_map(|_| [placeholder.clone(), placeholder_v.clone()]).collect();
-        let presents: Vec<usize> = sig.present.iter().flat_map(|&(k, v)| [k, v]).collect();
-        let logits_bound = (0..sig.logits).filter(|o| !presents.contains(o)).count();
+        let exits = exits::exit_points(model)?;
         let kv = KvCache::new(sig.layers(), sig.kv_heads, sig.head_dim, sig.value_dim, opts.max_context)?;
         let mut g = Generator {
             session,
@@ -320,9 +325,11 @@ impl Generator {
             names,
             roles,
             placeholders,
-            logits_bound,
             all_logits: false,
             vocab: None,
+            exits,
+            segments: None,
+            options: opts.clone(),
         };
         g.apply_mode();
         // Plan one token to see whether the cache binds to the graph's attention.
@@ -352,7 +359,14 @@ impl Generator {
             Cache::Explicit { .. } => None,
         };
         let last_row = (!self.all_logits).then_some(logits_value);
-        self.session.set_mode(PlanMode { cache, last_row });
+        // The logits, then (a cache passed through the graph) the presents: never an exit
+        // head's outputs, which only the early-exit segments compute.
+        let mut outputs = vec![logits_value];
+        if cache.is_none() {
+            let outs = self.session.model().outputs();
+            outputs.extend(self.sig.present.iter().flat_map(|&(k, v)| [outs[k].value, outs[v].value]));
+        }
+        self.session.set_mode(PlanMode { cache, last_row, outputs: Some(outputs), given: None, row_invariant: false });
     }
 
     /// Whether the KV cache lives in the runtime (bound to fused attention) rather than being
@@ -384,6 +398,9 @@ impl Generator {
 
     /// Forgets the context (the cache's memory is kept).
     pub fn reset(&mut self) {
+        if let Some(s) = self.segments.as_mut() {
+            s.forget_from(0);
+        }
         match &mut self.cache {
             Cache::Bound(kv) => kv.clear(),
             Cache::Explicit { past, len, .. } => {
@@ -396,6 +413,9 @@ impl Generator {
     /// Keeps the first `n` positions of the context (e.g. the part of a conversation that is
     /// unchanged), forgetting the rest.
     pub fn truncate(&mut self, n: usize) -> Result<()> {
+        if let Some(s) = self.segments.as_mut() {
+            s.forget_from(n);
+        }
         match &mut self.cache {
             Cache::Bound(kv) => kv.truncate(n),
             Cache::Explicit { past, len, .. } => {
@@ -457,20 +477,22 @@ impl Generator {
             self.all_logits = all;
             self.apply_mode();
         }
+        // Positions an early exit left behind in the deeper layers are run first.
+        self.flush()?;
         let own = self.step_tensors(tokens, past);
-        let take =
-            |outs: &mut Vec<Tensor>, i: usize| std::mem::replace(&mut outs[i], Tensor::from_i64(vec![0], vec![]));
         let logits = match &mut self.cache {
             Cache::Bound(kv) => {
-                let mut outs = self.session.run_kv(&bind(&self.names, &self.roles, &own, &self.placeholders), kv)?;
-                kv.len = past + tokens.len();
-                take(&mut outs, self.logits_bound)
+                let outs = self.session.run_kv(&bind(&self.names, &self.roles, &own, &self.placeholders), None, kv);
+                let mut outs = outs.inspect_err(|_| kv.truncate(past))?;
+                kv.set_len(past + tokens.len());
+                outs.swap_remove(0)
             }
             Cache::Explicit { past: p, len, .. } => {
-                let mut outs = self.session.run(&bind(&self.names, &self.roles, &own, p))?;
-                *p = self.sig.present.iter().flat_map(|&(k, v)| [k, v]).map(|i| take(&mut outs, i)).collect();
+                let mut outs = self.session.run(&bind(&self.names, &self.roles, &own, p))?.into_vec();
+                let logits = outs.remove(0);
+                *p = outs;
                 *len = past + tokens.len();
-                take(&mut outs, self.sig.logits)
+                logits
             }
         };
         let sh = logits.shape();
@@ -510,7 +532,20 @@ impl Generator {
         sampling: &Sampling,
         stop: &[u32],
     ) -> Result<Tokens<&'g mut Generator>> {
-        Tokens::start(self, prompt, max_tokens, sampling, stop)
+        Tokens::start(self, prompt, max_tokens, sampling, stop, &Decoding::Plain)
+    }
+
+    /// As [`Generator::generate`], with the tokens after the first computed as `decoding` says
+    /// (self-speculative or early-exit decoding; see [`Decoding`]).
+    pub fn generate_with<'g>(
+        &'g mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: &Sampling,
+        stop: &[u32],
+        decoding: &Decoding,
+    ) -> Result<Tokens<&'g mut Generator>> {
+        Tokens::start(self, prompt, max_tokens, sampling, stop, decoding)
     }
 
     /// As [`Generator::generate`], the iterator owning the generator (for a binding's object
@@ -522,7 +557,19 @@ impl Generator {
         sampling: &Sampling,
         stop: &[u32],
     ) -> Result<Tokens<Generator>> {
-        Tokens::start(self, prompt, max_tokens, sampling, stop)
+        Tokens::start(self, prompt, max_tokens, sampling, stop, &Decoding::Plain)
+    }
+
+    /// As [`Generator::into_tokens`], decoding as `decoding` says.
+    pub fn into_tokens_with(
+        self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: &Sampling,
+        stop: &[u32],
+        decoding: &Decoding,
+    ) -> Result<Tokens<Generator>> {
+        Tokens::start(self, prompt, max_tokens, sampling, stop, decoding)
     }
 }
 
@@ -593,6 +640,21 @@ impl Sampler {
         if self.p.temperature == 0.0 || logits.len() <= 1 {
             return argmax(logits) as u32;
         }
+        let keep = self.candidates(logits);
+        let total: f32 = self.probs[..keep].iter().sum();
+        let mut r = self.uniform() * total;
+        for i in 0..keep {
+            r -= self.probs[i];
+            if r < 0.0 {
+                return self.order[i];
+            }
+        }
+        self.order[keep - 1]
+    }
+
+    /// The tokens sampling keeps for `logits` (top-k, then top-p), most likely first, in
+    /// `order[..keep]` with their unnormalised probabilities in `probs`; returns `keep`.
+    fn candidates(&mut self, logits: &[f32]) -> usize {
         // Candidates by descending logit (top-k first, then top-p over their softmax).
         self.order.clear();
         self.order.extend(0..logits.len() as u32);
@@ -619,15 +681,7 @@ impl Sampler {
                 }
             }
         }
-        let total: f32 = self.probs[..keep].iter().sum();
-        let mut r = self.uniform() * total;
-        for i in 0..keep {
-            r -= self.probs[i];
-            if r < 0.0 {
-                return self.order[i];
-            }
-        }
-        self.order[keep - 1]
+        keep
     }
 }
 
@@ -649,10 +703,22 @@ pub struct Stats {
     pub prefill_tokens: usize,
     /// Time the prompt pass took.
     pub prefill_seconds: f64,
-    /// Tokens run through the model one at a time (every generated token but the last).
+    /// Tokens decided after the first (run one at a time, or drafted and verified).
     pub decode_tokens: usize,
-    /// Time those steps took.
+    /// Time deciding them took.
     pub decode_seconds: f64,
+    /// Self-speculative decoding: verification cycles run.
+    pub cycles: usize,
+    /// Self-speculative decoding: tokens drafted.
+    pub drafted: usize,
+    /// Self-speculative decoding: drafts the full model accepted.
+    pub accepted: usize,
+    /// Layers run per decided token, summed (every layer for plain decoding; an early exit's
+    /// layer for a token that took it).
+    pub layers_run: u64,
+    /// What decoding ran: `plain`, `speculative:LAYER:DRAFT` or `early_exit:THRESHOLD`
+    /// ([`Decoding::Auto`] says which it settled on).
+    pub decoding: String,
 }
 
 impl Stats {
@@ -667,6 +733,21 @@ impl Stats {
             return 0.0;
         }
         self.decode_tokens as f64 / self.decode_seconds.max(1e-12)
+    }
+
+    /// Self-speculative decoding: drafts accepted per verification cycle (0 otherwise).
+    pub fn accepted_per_draft(&self) -> f64 {
+        self.accepted as f64 / self.cycles.max(1) as f64
+    }
+
+    /// Self-speculative decoding: the share of drafted tokens accepted (0 otherwise).
+    pub fn acceptance(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+
+    /// Mean layers run per decided token.
+    pub fn mean_layers_per_token(&self) -> f64 {
+        self.layers_run as f64 / self.decode_tokens.max(1) as f64
     }
 }
 
@@ -696,6 +777,31 @@ impl StopReason {
     }
 }
 
+/// What [`Decoding::Auto`] is doing: measuring plain decoding, trying its setting, or settled.
+#[derive(Clone, Copy, Debug)]
+enum AutoState {
+    /// Plain steps measured so far (count, seconds), before trying `(layer, draft)`.
+    Plain {
+        steps: usize,
+        seconds: f64,
+        layer: u32,
+        draft: usize,
+    },
+    /// Trying the setting: plain decoding's seconds per token, and the tokens and seconds so far.
+    Trying {
+        plain: f64,
+        tokens: usize,
+        seconds: f64,
+        layer: u32,
+        draft: usize,
+    },
+    Settled,
+}
+
+/// Plain steps [`Decoding::Auto`] times before trying its setting, and tokens it then decodes
+/// speculatively before comparing.
+const AUTO_PROBE: usize = 8;
+
 /// The tokens of one generation, as they come ([`Generator::generate`], borrowing the
 /// generator, or [`Generator::into_tokens`], owning it).
 pub struct Tokens<G> {
@@ -704,15 +810,28 @@ pub struct Tokens<G> {
     logits: Vec<f32>,
     /// The last token yielded, run through the model when the next one is asked for.
     pending: Option<u32>,
+    /// Tokens a speculative cycle decided, not yet yielded (the context holds all but the last).
+    decided: std::collections::VecDeque<u32>,
     remaining: usize,
     stop: Vec<u32>,
     stats: Stats,
     stopped: Option<StopReason>,
+    decoding: Decoding,
+    auto: AutoState,
+    /// Early exit: the exits' layers.
+    exit_layers: Vec<u32>,
 }
 
 impl<G: BorrowMut<Generator>> Tokens<G> {
     /// Runs `prompt` from the generator's current context and sets up the sampling.
-    fn start(mut generator: G, prompt: &[u32], max_tokens: usize, sampling: &Sampling, stop: &[u32]) -> Result<Self> {
+    fn start(
+        mut generator: G,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: &Sampling,
+        stop: &[u32],
+        decoding: &Decoding,
+    ) -> Result<Self> {
         sampling.validate()?;
         let g = generator.borrow_mut();
         if prompt.is_empty() {
@@ -725,19 +844,53 @@ impl<G: BorrowMut<Generator>> Tokens<G> {
                 g.max_context()
             )));
         }
+        // Settings the model cannot run are refused before anything runs.
+        let exit_layers: Vec<u32> = g.exits.iter().map(|p| p.exit.layer).collect();
+        let mut auto = AutoState::Settled;
+        let decoding = match decoding {
+            Decoding::Plain => Decoding::Plain,
+            Decoding::Speculative { layer, draft } => {
+                if *draft == 0 || *draft > exits::MAX_DRAFT {
+                    return Err(Error::Input(format!("draft tokens must be in 1..={}, got {draft}", exits::MAX_DRAFT)));
+                }
+                g.segments_for(&[*layer])?;
+                decoding.clone()
+            }
+            Decoding::EarlyExit { threshold } => {
+                if !(*threshold > 0.0 && *threshold <= 1.0) {
+                    return Err(Error::Input(format!("the early-exit threshold must be in (0, 1], got {threshold}")));
+                }
+                g.segments_for(&exit_layers)?;
+                decoding.clone()
+            }
+            Decoding::Auto => {
+                if let Some((layer, draft, _)) = g.auto_setting().filter(|_| g.cache_is_bound()) {
+                    auto = AutoState::Plain { steps: 0, seconds: 0.0, layer, draft };
+                }
+                Decoding::Plain
+            }
+        };
         let t0 = Instant::now();
         let logits = g.feed(prompt)?;
-        let stats =
-            Stats { prefill_tokens: prompt.len(), prefill_seconds: t0.elapsed().as_secs_f64(), ..Stats::default() };
+        let stats = Stats {
+            prefill_tokens: prompt.len(),
+            prefill_seconds: t0.elapsed().as_secs_f64(),
+            decoding: decoding_name(&decoding),
+            ..Stats::default()
+        };
         Ok(Tokens {
             generator,
             sampler: Sampler::new(sampling.clone()),
             logits,
             pending: None,
+            decided: std::collections::VecDeque::new(),
             remaining: max_tokens,
             stop: stop.to_vec(),
             stats,
             stopped: None,
+            decoding,
+            auto,
+            exit_layers,
         })
     }
 
@@ -755,6 +908,95 @@ impl<G: BorrowMut<Generator>> Tokens<G> {
     pub fn stop_reason(&self) -> Option<StopReason> {
         self.stopped
     }
+
+    /// Ends the generation: tokens a speculative cycle decided past the end leave the context.
+    fn end(&mut self, reason: StopReason) {
+        self.remaining = 0;
+        self.stopped.get_or_insert(reason);
+        if !self.decided.is_empty() {
+            let g = self.generator.borrow_mut();
+            let keep = g.context_len().saturating_sub(self.decided.len());
+            self.decided.clear();
+            // Truncating only forgets positions; it cannot fail for a bound cache.
+            let _ = g.truncate(keep);
+        }
+    }
+
+    /// Decides the tokens after `t` (the last yielded, not yet run): into `logits` (plain, early
+    /// exit) or `decided` (speculative).
+    fn advance(&mut self, t: u32) -> Result<()> {
+        let g = self.generator.borrow_mut();
+        let layers = g.sig.layers() as u64;
+        let t0 = Instant::now();
+        match self.decoding {
+            Decoding::Plain | Decoding::Auto => {
+                self.logits = g.feed(&[t])?;
+                self.stats.layers_run += layers;
+                self.stats.decode_tokens += 1;
+            }
+            Decoding::EarlyExit { threshold } => {
+                let (logits, layer) = g.feed_exiting(t, &self.exit_layers, threshold)?;
+                self.logits = logits;
+                self.stats.layers_run += layer as u64;
+                self.stats.decode_tokens += 1;
+            }
+            Decoding::Speculative { layer, draft } => {
+                if g.context_len() + 2 > g.max_context() {
+                    // No room to draft: the last positions go one at a time.
+                    self.decoding = Decoding::Plain;
+                    return self.advance(t);
+                }
+                let c = g.speculate(t, layer, draft, &mut self.sampler)?;
+                self.stats.cycles += 1;
+                self.stats.drafted += c.drafted;
+                self.stats.accepted += c.accepted;
+                self.stats.decode_tokens += c.tokens.len();
+                // Drafted tokens ran up to the exit, the rest of the layers once per cycle.
+                self.stats.layers_run += layers * c.tokens.len() as u64;
+                self.decided.extend(c.tokens);
+            }
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        self.stats.decode_seconds += dt;
+        self.tune_auto(dt);
+        Ok(())
+    }
+
+    /// [`Decoding::Auto`]: after timing plain steps, tries its setting; keeps it only if it
+    /// decodes faster than the plain steps did.
+    fn tune_auto(&mut self, dt: f64) {
+        let decided = self.decided.len().max(1);
+        self.auto = match self.auto {
+            AutoState::Plain { steps, seconds, layer, draft } if steps + 1 >= AUTO_PROBE => {
+                self.decoding = Decoding::Speculative { layer, draft };
+                AutoState::Trying { plain: (seconds + dt) / (steps + 1) as f64, tokens: 0, seconds: 0.0, layer, draft }
+            }
+            AutoState::Plain { steps, seconds, layer, draft } => {
+                AutoState::Plain { steps: steps + 1, seconds: seconds + dt, layer, draft }
+            }
+            AutoState::Trying { plain, tokens, seconds, layer, draft } => {
+                let (tokens, seconds) = (tokens + decided, seconds + dt);
+                if tokens < AUTO_PROBE {
+                    AutoState::Trying { plain, tokens, seconds, layer, draft }
+                } else {
+                    if seconds / tokens as f64 > plain {
+                        self.decoding = Decoding::Plain;
+                    }
+                    AutoState::Settled
+                }
+            }
+            AutoState::Settled => AutoState::Settled,
+        };
+        self.stats.decoding = decoding_name(&self.decoding);
+    }
+}
+
+fn decoding_name(d: &Decoding) -> String {
+    match d {
+        Decoding::Plain | Decoding::Auto => "plain".into(),
+        Decoding::Speculative { layer, draft } => format!("speculative:{layer}:{draft}"),
+        Decoding::EarlyExit { threshold } => format!("early_exit:{threshold}"),
+    }
 }
 
 impl<G: BorrowMut<Generator>> Iterator for Tokens<G> {
@@ -762,36 +1004,38 @@ impl<G: BorrowMut<Generator>> Iterator for Tokens<G> {
 
     fn next(&mut self) -> Option<Result<u32>> {
         if self.remaining == 0 {
-            self.stopped.get_or_insert(StopReason::MaxTokens);
+            self.end(StopReason::MaxTokens);
             return None;
         }
-        if let Some(t) = self.pending.take() {
-            let g = self.generator.borrow_mut();
-            if g.context_len() >= g.max_context() {
-                self.remaining = 0;
-                self.stopped = Some(StopReason::ContextFull);
-                return None;
-            }
-            let t0 = Instant::now();
-            match g.feed(&[t]) {
-                Ok(l) => self.logits = l,
-                Err(e) => {
-                    self.remaining = 0;
-                    self.stopped = Some(StopReason::Error);
-                    return Some(Err(e));
+        let t = match self.decided.pop_front() {
+            Some(t) => t,
+            None => {
+                if let Some(t) = self.pending.take() {
+                    let g = self.generator.borrow_mut();
+                    if g.context_len() >= g.max_context() {
+                        self.end(StopReason::ContextFull);
+                        return None;
+                    }
+                    if let Err(e) = self.advance(t) {
+                        self.end(StopReason::Error);
+                        return Some(Err(e));
+                    }
+                }
+                match self.decided.pop_front() {
+                    Some(t) => t,
+                    None => self.sampler.sample(&self.logits),
                 }
             }
-            self.stats.decode_tokens += 1;
-            self.stats.decode_seconds += t0.elapsed().as_secs_f64();
-        }
-        let t = self.sampler.sample(&self.logits);
+        };
         if self.stop.contains(&t) {
-            self.remaining = 0;
-            self.stopped = Some(StopReason::StopToken(t));
+            self.end(StopReason::StopToken(t));
             return None;
         }
         self.remaining -= 1;
-        self.pending = Some(t);
+        // A speculative cycle's last token is the next to run; the others are in the context.
+        if self.decided.is_empty() {
+            self.pending = Some(t);
+        }
         Some(Ok(t))
     }
 }
