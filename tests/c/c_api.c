@@ -182,12 +182,14 @@ typedef struct {
   int stop_after; /* 0: never */
   AcornGenerator self;
   AcornStatus reentrant; /* what a call back into the running generator returned */
+  uint32_t ids[64];      /* the first tokens, for comparing two generations */
 } Collect;
 
 static int32_t on_token(void *user, const char *piece, size_t len, uint32_t token) {
   Collect *c = user;
   CHECK(strlen(piece) == len, "piece length");
   if (c->out) fprintf(c->out, "%u\n", token);
+  if (c->count < 64) c->ids[c->count] = token;
   printf("%s", piece);
   fflush(stdout);
   c->count++;
@@ -203,7 +205,7 @@ static int generate(int argc, char **argv) {
   OK(acorn_generator_new(model, 1, 256, &gen));
   AcornGenerateOptions opts = acorn_generate_options_default();
   opts.max_tokens = (uint32_t)atoi(argv[4]);
-  Collect c = {fopen(argv[5], "w"), 0, 0, {0}, ACORN_STATUS_OK};
+  Collect c = {fopen(argv[5], "w"), 0, 0, {0}, ACORN_STATUS_OK, {0}};
   AcornGenerateStats stats;
   OK(acorn_generate(gen, argv[3], &opts, on_token, &c, &stats));
   fclose(c.out);
@@ -211,9 +213,26 @@ static int generate(int argc, char **argv) {
          stats.prompt_tokens, stats.generated_tokens, stats.prefill_ms, stats.decode_ms,
          (int)stats.stop_reason);
   CHECK(stats.generated_tokens == (uint32_t)c.count, "stats count the callback's tokens");
+  /* Self-speculative decoding with the model's exit after layer 16: the same greedy tokens. */
+  OK(acorn_generator_reset(gen));
+  AcornGenerateOptions spec = opts;
+  spec.decoding = ACORN_DECODING_SPECULATIVE;
+  spec.exit_layer = 16;
+  spec.draft_tokens = 3;
+  Collect s = {NULL, 0, 0, {0}, ACORN_STATUS_OK, {0}};
+  OK(acorn_generate(gen, argv[3], &spec, on_token, &s, &stats));
+  printf("\n");
+  CHECK(s.count == c.count && memcmp(s.ids, c.ids, sizeof(uint32_t) * (size_t)(c.count < 64 ? c.count : 64)) == 0,
+        "speculative tokens differ from plain decoding");
+  CHECK(stats.mean_layers_per_token == 30.0, "layers per token %.2f", stats.mean_layers_per_token);
+  spec.exit_layer = 9; /* no exit there */
+  FAILS(acorn_generate(gen, argv[3], &spec, NULL, NULL, NULL), ACORN_STATUS_INPUT);
+  spec.decoding = 7;
+  FAILS(acorn_generate(gen, argv[3], &spec, NULL, NULL, NULL), ACORN_STATUS_INVALID_ARGUMENT);
+  OK(acorn_generator_reset(gen));
   /* The callback stops it after 3 tokens; a call back into the busy generator is refused. */
   OK(acorn_generator_reset(gen));
-  Collect stop = {NULL, 0, 3, gen, ACORN_STATUS_OK};
+  Collect stop = {NULL, 0, 3, gen, ACORN_STATUS_OK, {0}};
   OK(acorn_generate(gen, argv[3], &opts, on_token, &stop, &stats));
   printf("\n");
   CHECK(stop.count == 3 && stats.generated_tokens == 3, "stopped after %d tokens", stop.count);

@@ -158,8 +158,18 @@ fn smollm2() -> &'static PathBuf {
     // A fixed path, replaced atomically each run (a TempDir in a static is never dropped).
     static CONVERTED: OnceLock<PathBuf> = OnceLock::new();
     CONVERTED.get_or_init(|| {
+        // With exit heads after layers 8 and 16 (fitted on 48 paragraphs of the plays but
+        // Hamlet): the C test drafts with them.
         let out = scratch().join("c_api-smollm2.acorn");
-        convert_to(SMOLLM2_ONNX, Some(SMOLLM2_TOKENIZER), &out);
+        let calib = scratch().join("c_api-exits.txt");
+        std::fs::write(&calib, decoder_paragraphs("hamlet", 48).unwrap().join("\n")).unwrap();
+        let opts = ConvertOptions {
+            tokenizer: Some(asset(SMOLLM2_TOKENIZER)),
+            decoder_exits: Some(acorn_converter::decoder_exits::DecoderExitOptions { spec: "8,16".into(), calib }),
+            ..ConvertOptions::default()
+        };
+        convert(&asset(SMOLLM2_ONNX), &out, &opts)
+            .unwrap_or_else(|e| panic!("convert SmolLM2: {e:#} (assets: {FETCH})"));
         out
     })
 }

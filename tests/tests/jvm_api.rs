@@ -75,8 +75,17 @@ fn write_fixtures(dir: &Path) -> String {
     std::fs::write(dir.join("vad_expected.bin"), bytemuck::cast_slice::<f32, u8>(&probs)).unwrap();
     writeln!(props, "vad.model=vad.acorn\nvad.audio=vad_audio.bin\nvad.expected=vad_expected.bin").unwrap();
 
-    // SmolLM2: 12 greedy tokens.
-    let smol = convert_to(dir, "smollm2.acorn", SMOLLM2_ONNX, Some(SMOLLM2_TOKENIZER));
+    // SmolLM2 (with exit heads after layers 8 and 16, for self-speculative decoding): 12 greedy
+    // tokens.
+    let smol = dir.join("smollm2.acorn");
+    let calib = dir.join("exits.txt");
+    std::fs::write(&calib, decoder_paragraphs("hamlet", 48).unwrap().join("\n")).unwrap();
+    let opts = ConvertOptions {
+        tokenizer: Some(asset(SMOLLM2_TOKENIZER)),
+        decoder_exits: Some(acorn_converter::decoder_exits::DecoderExitOptions { spec: "8,16".into(), calib }),
+        ..ConvertOptions::default()
+    };
+    convert(&asset(SMOLLM2_ONNX), &smol, &opts).unwrap_or_else(|e| panic!("convert SmolLM2: {e:#} (assets: {FETCH})"));
     let prompt = "The capital of France is";
     let m = Model::open(&smol).unwrap();
     let tok = acorn_text::load_tokenizer(&m, None).unwrap();

@@ -668,7 +668,8 @@ unsafe extern "C" fn on_token(user: *mut c_void, piece: *const c_char, len: usiz
     }
 }
 
-/// Generates from `prompt` (text) or `tokens` (ids; used when `prompt` is null), calling
+/// Generates from `prompt` (text) or `tokens` (ids; used when `prompt` is null), decoding as
+/// `decoding` (an `AcornDecoding`) says, calling
 /// `listener.onToken` for each token. Returns the stats as `[prompt tokens, generated tokens,
 /// prefill ms, decode ms, stop reason]`.
 #[no_mangle]
@@ -684,6 +685,10 @@ pub extern "system" fn Java_dev_acorn_Native_generate<'l>(
     top_k: jint,
     top_p: jfloat,
     seed: jlong,
+    decoding: jint,
+    exit_layer: jint,
+    draft_tokens: jint,
+    exit_threshold: jfloat,
     listener: JObject<'l>,
 ) -> jdoubleArray {
     guard(&mut env, std::ptr::null_mut(), |env| {
@@ -693,6 +698,10 @@ pub extern "system" fn Java_dev_acorn_Native_generate<'l>(
             top_k: unsigned(top_k, "topK")?,
             top_p,
             seed: seed as u64,
+            decoding,
+            exit_layer: unsigned(exit_layer, "exitLayer")?,
+            draft_tokens: unsigned(draft_tokens, "draftTokens")?,
+            exit_threshold,
         };
         let text = if prompt.is_null() { None } else { Some(cstring(string(env, &prompt, "prompt")?, "prompt")?) };
         let ids: Vec<u32> = if text.is_none() {
@@ -711,6 +720,8 @@ pub extern "system" fn Java_dev_acorn_Native_generate<'l>(
             prefill_ms: 0.0,
             decode_ms: 0.0,
             stop_reason: 0,
+            accepted_per_draft: 0.0,
+            mean_layers_per_token: 0.0,
         };
         let gen = AcornGenerator { id: handle(g) };
         let has_listener = !listener.is_null();
@@ -735,6 +746,8 @@ pub extern "system" fn Java_dev_acorn_Native_generate<'l>(
             stats.prefill_ms,
             stats.decode_ms,
             stats.stop_reason as f64,
+            stats.accepted_per_draft,
+            stats.mean_layers_per_token,
         ];
         let a = env.new_double_array(s.len() as i32)?;
         env.set_double_array_region(&a, 0, &s)?;

@@ -209,20 +209,38 @@ public final class Session {
     }
 }
 
-/// How to pick tokens: greedy when `temperature` is 0.
+/// How the tokens after the first are computed (exit heads come from `acorn convert --exits`).
+public enum Decoding {
+    /// Every token through every layer.
+    case plain
+    /// Self-speculative: `draftTokens` drafted by the exit after `exitLayer`, verified by the
+    /// full model; greedy output is plain decoding's.
+    case speculative(exitLayer: Int, draftTokens: Int = 4)
+    /// Self-speculative at the setting predicted fastest; plain decoding where none pays.
+    case auto
+    /// Per-token early exit (lossy) at this top probability.
+    case earlyExit(threshold: Float)
+}
+
+/// How to pick tokens: greedy when `temperature` is 0, decoded as `decoding` says.
 public struct GenerateOptions {
     public var maxTokens: Int = 64
     public var temperature: Float = 0
     public var topK: Int = 0
     public var topP: Float = 1
     public var seed: UInt64 = 0
+    public var decoding: Decoding = .plain
 
-    public init(maxTokens: Int = 64, temperature: Float = 0, topK: Int = 0, topP: Float = 1, seed: UInt64 = 0) {
+    public init(
+        maxTokens: Int = 64, temperature: Float = 0, topK: Int = 0, topP: Float = 1, seed: UInt64 = 0,
+        decoding: Decoding = .plain
+    ) {
         self.maxTokens = maxTokens
         self.temperature = temperature
         self.topK = topK
         self.topP = topP
         self.seed = seed
+        self.decoding = decoding
     }
 }
 
@@ -234,6 +252,10 @@ public struct GenerationStats {
     public let decodeMs: Double
     /// 0 max tokens, 1 a stop token, 2 the context is full, 3 cancelled.
     public let stopReason: Int32
+    /// Self-speculative decoding: drafts accepted per verification (else 0).
+    public let acceptedPerDraft: Double
+    /// Layers run per token after the first.
+    public let meanLayersPerToken: Double
 }
 
 private final class TokenSink {
@@ -261,9 +283,18 @@ public final class Generator {
         _ prompt: String, options: GenerateOptions = GenerateOptions(),
         onToken: @escaping (String, UInt32) -> Bool = { _, _ in true }
     ) throws -> GenerationStats {
+        var (code, layer, drafts, threshold): (Int32, Int, Int, Float) = (0, 0, 0, 0)
+        switch options.decoding {
+        case .plain: break
+        case .speculative(let l, let d): (code, layer, drafts) = (1, l, d)
+        case .auto: code = 2
+        case .earlyExit(let t): (code, threshold) = (3, t)
+        }
         var opts = try AcornGenerateOptions(
             max_tokens: count(options.maxTokens, "maxTokens"), temperature: options.temperature,
-            top_k: count(options.topK, "topK"), top_p: options.topP, seed: options.seed)
+            top_k: count(options.topK, "topK"), top_p: options.topP, seed: options.seed,
+            decoding: code, exit_layer: count(layer, "exitLayer"), draft_tokens: count(drafts, "draftTokens"),
+            exit_threshold: threshold)
         var stats = AcornGenerateStats()
         let sink = TokenSink(onToken)
         let user = Unmanaged.passUnretained(sink).toOpaque()
@@ -281,7 +312,8 @@ public final class Generator {
         try check(status)
         return GenerationStats(
             promptTokens: Int(stats.prompt_tokens), generatedTokens: Int(stats.generated_tokens),
-            prefillMs: stats.prefill_ms, decodeMs: stats.decode_ms, stopReason: stats.stop_reason)
+            prefillMs: stats.prefill_ms, decodeMs: stats.decode_ms, stopReason: stats.stop_reason,
+            acceptedPerDraft: stats.accepted_per_draft, meanLayersPerToken: stats.mean_layers_per_token)
     }
 
     /// The generated text piece by piece, produced on a thread of its own; ending the

@@ -139,6 +139,31 @@ typedef int32_t AcornHeadKind;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// How a generation computes the tokens after the first (the model's exit heads come from
+// `acorn convert --exits`).
+enum AcornDecoding
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // Every token through every layer.
+  ACORN_DECODING_PLAIN = 0,
+  // Self-speculative: drafted by the exit after `exit_layer`, verified by the full model
+  // (greedy output identical to plain decoding).
+  ACORN_DECODING_SPECULATIVE = 1,
+  // Self-speculative at the setting predicted fastest, plain decoding where none pays.
+  ACORN_DECODING_AUTO = 2,
+  // Per-token early exit at `exit_threshold` (lossy).
+  ACORN_DECODING_EARLY_EXIT = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum AcornDecoding AcornDecoding;
+#else
+typedef int32_t AcornDecoding;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // A loaded model (`acorn_model_open`). 0 is never a valid handle.
 typedef struct {
   // Opaque.
@@ -196,6 +221,14 @@ typedef struct {
   float top_p;
   // The sampler's seed (the same seed gives the same tokens).
   uint64_t seed;
+  // How tokens after the first are computed: an `AcornDecoding`.
+  int32_t decoding;
+  // `ACORN_DECODING_SPECULATIVE`: the exit (1-based layer) that drafts.
+  uint32_t exit_layer;
+  // `ACORN_DECODING_SPECULATIVE`: tokens drafted per verification (0: 4).
+  uint32_t draft_tokens;
+  // `ACORN_DECODING_EARLY_EXIT`: the top probability an exit needs (0 < t ≤ 1).
+  float exit_threshold;
 } AcornGenerateOptions;
 
 // A text generator over a decoder model with its KV cache (`acorn_generator_new`). 0 is never
@@ -222,6 +255,10 @@ typedef struct {
   double decode_ms;
   // An `AcornStopReason`.
   int32_t stop_reason;
+  // Self-speculative decoding: drafts the full model accepted per verification (else 0).
+  double accepted_per_draft;
+  // Layers run per token after the first (fewer than the model's with early exits).
+  double mean_layers_per_token;
 } AcornGenerateStats;
 
 // An intent classifier: a model `acorn convert --train` wrote, with its tokenizer

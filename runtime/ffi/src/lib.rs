@@ -894,6 +894,30 @@ pub struct AcornGenerateOptions {
     pub top_p: f32,
     /// The sampler's seed (the same seed gives the same tokens).
     pub seed: u64,
+    /// How tokens after the first are computed: an `AcornDecoding`.
+    pub decoding: i32,
+    /// `ACORN_DECODING_SPECULATIVE`: the exit (1-based layer) that drafts.
+    pub exit_layer: u32,
+    /// `ACORN_DECODING_SPECULATIVE`: tokens drafted per verification (0: 4).
+    pub draft_tokens: u32,
+    /// `ACORN_DECODING_EARLY_EXIT`: the top probability an exit needs (0 < t ≤ 1).
+    pub exit_threshold: f32,
+}
+
+/// How a generation computes the tokens after the first (the model's exit heads come from
+/// `acorn convert --exits`).
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcornDecoding {
+    /// Every token through every layer.
+    Plain = 0,
+    /// Self-speculative: drafted by the exit after `exit_layer`, verified by the full model
+    /// (greedy output identical to plain decoding).
+    Speculative = 1,
+    /// Self-speculative at the setting predicted fastest, plain decoding where none pays.
+    Auto = 2,
+    /// Per-token early exit at `exit_threshold` (lossy).
+    EarlyExit = 3,
 }
 
 /// Why a generation ended.
@@ -924,6 +948,10 @@ pub struct AcornGenerateStats {
     pub decode_ms: f64,
     /// An `AcornStopReason`.
     pub stop_reason: i32,
+    /// Self-speculative decoding: drafts the full model accepted per verification (else 0).
+    pub accepted_per_draft: f64,
+    /// Layers run per token after the first (fewer than the model's with early exits).
+    pub mean_layers_per_token: f64,
 }
 
 /// Receives each generated token: `piece` is the text it completes (`len` bytes of UTF-8,
@@ -935,7 +963,33 @@ pub type AcornTokenCallback =
 /// Greedy decoding of up to 64 tokens.
 #[no_mangle]
 pub extern "C" fn acorn_generate_options_default() -> AcornGenerateOptions {
-    AcornGenerateOptions { max_tokens: 64, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    AcornGenerateOptions {
+        max_tokens: 64,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        decoding: AcornDecoding::Plain as i32,
+        exit_layer: 0,
+        draft_tokens: 0,
+        exit_threshold: 0.0,
+    }
+}
+
+/// The decoding `opts` names, or why it names none.
+#[cfg(feature = "text")]
+fn decoding_of(opts: &AcornGenerateOptions) -> Result<acorn::llm::Decoding, Failure> {
+    use acorn::llm::Decoding;
+    Ok(match opts.decoding {
+        0 => Decoding::Plain,
+        1 => Decoding::Speculative {
+            layer: opts.exit_layer,
+            draft: if opts.draft_tokens == 0 { acorn::llm::DEFAULT_DRAFT } else { opts.draft_tokens as usize },
+        },
+        2 => Decoding::Auto,
+        3 => Decoding::EarlyExit { threshold: opts.exit_threshold },
+        d => return Err(Failure::new(AcornStatus::InvalidArgument, format!("decoding {d} is not an AcornDecoding"))),
+    })
 }
 
 #[cfg(feature = "text")]
@@ -1061,7 +1115,8 @@ unsafe fn generate(
         Prompt::Tokens(t) => t.to_vec(),
     };
     let mut text = acorn_text::Detokenizer::new(tokenizer);
-    let mut tokens = generator.generate(&ids, opts.max_tokens as usize, &sampling, stop)?;
+    let decoding = decoding_of(&opts)?;
+    let mut tokens = generator.generate_with(&ids, opts.max_tokens as usize, &sampling, stop, &decoding)?;
     let mut cancelled = false;
     let mut generated = 0u32;
     let mut piece = Vec::new();
@@ -1099,6 +1154,8 @@ unsafe fn generate(
             prefill_ms: s.prefill_seconds * 1e3,
             decode_ms: s.decode_seconds * 1e3,
             stop_reason: reason as i32,
+            accepted_per_draft: s.accepted_per_draft(),
+            mean_layers_per_token: s.mean_layers_per_token(),
         };
         // SAFETY: non-NULL and writable (caller contract).
         unsafe { stats.write(out) };

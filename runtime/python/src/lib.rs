@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use acorn::llm::{GenerationConfig, Generator, GeneratorOptions, Sampling, Tokens};
+use acorn::llm::{Decoding, GenerationConfig, Generator, GeneratorOptions, Sampling, Tokens};
 use acorn::{DType, Model as RtModel, Session, Tensor, View};
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -175,8 +175,11 @@ impl Model {
     }
 
     /// Generates text after `prompt` with the model's embedded tokenizer: an iterator of text
-    /// pieces. `temperature` 0 is greedy.
-    #[pyo3(signature = (prompt, max_tokens = 64, temperature = 0.0, top_k = 0, top_p = 1.0, seed = 0, max_context = 2048))]
+    /// pieces. `temperature` 0 is greedy. `speculative` (`"auto"`, `"LAYER"` or
+    /// `"LAYER:DRAFTS"`) decodes self-speculatively with the model's exit heads (greedy output
+    /// identical to plain decoding); `early_exit` (a probability) stops each token at the first
+    /// confident exit (lossy).
+    #[pyo3(signature = (prompt, max_tokens = 64, temperature = 0.0, top_k = 0, top_p = 1.0, seed = 0, max_context = 2048, speculative = None, early_exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -188,7 +191,17 @@ impl Model {
         top_p: f32,
         seed: u64,
         max_context: usize,
+        speculative: Option<&str>,
+        early_exit: Option<f32>,
     ) -> PyResult<Generation> {
+        let decoding = match (speculative, early_exit) {
+            (Some(s), None) => Decoding::parse_speculative(s).map_err(err)?,
+            (None, Some(threshold)) => Decoding::EarlyExit { threshold },
+            (None, None) => Decoding::Plain,
+            (Some(_), Some(_)) => {
+                return Err(pyo3::exceptions::PyValueError::new_err("speculative and early_exit exclude each other"))
+            }
+        };
         let tokenizer = acorn_text::load_tokenizer(&self.model, None).map_err(err)?;
         let stop = GenerationConfig::of(&self.model).map_err(err)?.eos_token_ids;
         let sampling = Sampling { temperature, top_k, top_p, seed };
@@ -196,7 +209,9 @@ impl Model {
         let opts = GeneratorOptions { threads: self.threads, max_context, ..Default::default() };
         let generator = Generator::new(&self.model, &opts).map_err(err)?;
         // The prompt runs now (prefill), with the GIL released.
-        let tokens = py.allow_threads(|| generator.into_tokens(&ids, max_tokens, &sampling, &stop)).map_err(err)?;
+        let tokens = py
+            .allow_threads(|| generator.into_tokens_with(&ids, max_tokens, &sampling, &stop, &decoding))
+            .map_err(err)?;
         Ok(Generation { inner: Mutex::new(GenState { tokens, tokenizer, ids: Vec::new(), printed: 0 }) })
     }
 
@@ -449,7 +464,8 @@ impl Head {
 /// flags: `quantize` ("q8", "q4", "f16"), `group`, `symmetric`, `method` ("rtn", "awq",
 /// "gptq"), `calib`, `keep_float` (list of patterns), `keep_sensitive`, `target`, `tokenizer`,
 /// `strict`, `threads`; transfer learning: `train` (a `label<TAB>utterance` file), `labels`,
-/// `fine_tune_layers`, `exits` ("all" or "2,3"), `exit_agreement`. Returns a summary dict
+/// `fine_tune_layers`, `exits` ("all" or "2,3"), `exit_agreement`; a decoder's exit heads:
+/// `exits` ("8,16") with `calib` and no `train`. Returns a summary dict
 /// (`file_bytes`, `nodes`, `passes`, `warnings`, and with `train` the head's `train_report`).
 #[pyfunction]
 #[pyo3(signature = (src, dst, *, quantize = None, group = 32, symmetric = false, method = "rtn", calib = None, keep_float = None, keep_sensitive = 0, target = "host", tokenizer = None, strict = false, threads = 0, train = None, labels = None, fine_tune_layers = None, exits = None, exit_agreement = None))]
@@ -476,6 +492,17 @@ fn convert<'py>(
     exit_agreement: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     use acorn_converter::quantize::{QuantFlags, QuantOptions};
+    // `exits` without `train`: a decoder's exit heads, fitted on `calib` (as the CLI does).
+    let (exits, decoder_exits) = match (&train, exits) {
+        (None, Some(spec)) => {
+            let Some(calib) = calib.clone() else {
+                return Err(err("exits on a decoder need calib: the text the exit maps are fitted and measured on"));
+            };
+            (None, Some(acorn_converter::decoder_exits::DecoderExitOptions { spec, calib }))
+        }
+        (_, e) => (e, None),
+    };
+    let calib = if quantize.is_none() && decoder_exits.is_some() { None } else { calib };
     let quantize = QuantOptions::from_flags(&QuantFlags {
         format: quantize,
         group,
@@ -495,6 +522,7 @@ fn convert<'py>(
         threads,
         train,
         train_options: acorn_converter::heads::TrainOptions { labels, exits, exit_agreement, fine_tune_layers },
+        decoder_exits,
         ..Default::default()
     };
     let report = py.allow_threads(|| acorn_converter::convert(&src, &dst, &opts)).map_err(|e| err(format!("{e:#}")))?;

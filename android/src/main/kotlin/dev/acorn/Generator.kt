@@ -6,13 +6,27 @@ interface TokenListener {
     fun onToken(piece: String, token: Int): Boolean
 }
 
-/** How to pick tokens: greedy when [temperature] is 0 (the default). */
+/** How the tokens after the first are computed (exit heads come from `acorn convert --exits`). */
+sealed class Decoding {
+    /** Every token through every layer. */
+    object Plain : Decoding()
+    /** Self-speculative: [draftTokens] drafted by the exit after [exitLayer], verified by the
+     * full model; greedy output is plain decoding's. */
+    data class Speculative @JvmOverloads constructor(val exitLayer: Int, val draftTokens: Int = 4) : Decoding()
+    /** Self-speculative at the setting predicted fastest; plain decoding where none pays. */
+    object Auto : Decoding()
+    /** Per-token early exit (lossy): stop at the first exit whose top probability reaches [threshold]. */
+    data class EarlyExit(val threshold: Float) : Decoding()
+}
+
+/** How to pick tokens: greedy when [temperature] is 0 (the default), decoded as [decoding] says. */
 data class GenerateOptions @JvmOverloads constructor(
     val maxTokens: Int = 64,
     val temperature: Float = 0f,
     val topK: Int = 0,
     val topP: Float = 1f,
-    val seed: Long = 0
+    val seed: Long = 0,
+    val decoding: Decoding = Decoding.Plain
 )
 
 /** Why a generation stopped. */
@@ -28,7 +42,11 @@ class Generation(
     val promptTokens: Int,
     val prefillMs: Double,
     val decodeMs: Double,
-    val stopReason: StopReason
+    val stopReason: StopReason,
+    /** Self-speculative decoding: drafts accepted per verification (else 0). */
+    val acceptedPerDraft: Double = 0.0,
+    /** Layers run per token after the first. */
+    val meanLayersPerToken: Double = 0.0
 )
 
 /**
@@ -68,14 +86,25 @@ class Generator internal constructor(handle: Long) : AutoCloseable {
                 return user?.onToken(piece, token) ?: true
             }
         }
-        val s = Native.generate(h, prompt, ids, o.maxTokens, o.temperature, o.topK, o.topP, o.seed, collect)
+        val d = o.decoding
+        val (code, layer, drafts, threshold) = when (d) {
+            is Decoding.Plain -> Quad(0, 0, 0, 0f)
+            is Decoding.Speculative -> Quad(1, d.exitLayer, d.draftTokens, 0f)
+            is Decoding.Auto -> Quad(2, 0, 0, 0f)
+            is Decoding.EarlyExit -> Quad(3, 0, 0, d.threshold)
+        }
+        val s = Native.generate(
+            h, prompt, ids, o.maxTokens, o.temperature, o.topK, o.topP, o.seed, code, layer, drafts, threshold, collect
+        )
         return Generation(
             text.toString(),
             tokens.toIntArray(),
             s[0].toInt(),
             s[2],
             s[3],
-            StopReason.values()[s[4].toInt()]
+            StopReason.values()[s[4].toInt()],
+            s[5],
+            s[6]
         )
     }
 
@@ -100,3 +129,5 @@ class Generator internal constructor(handle: Long) : AutoCloseable {
         if (h != 0L) Native.generatorFree(h)
     }
 }
+
+private data class Quad(val code: Int, val layer: Int, val drafts: Int, val threshold: Float)

@@ -51,6 +51,10 @@ internal object Native {
         topK: Int,
         topP: Float,
         seed: Long,
+        decoding: Int,
+        exitLayer: Int,
+        draftTokens: Int,
+        exitThreshold: Float,
         listener: TokenListener?
     ): DoubleArray
 

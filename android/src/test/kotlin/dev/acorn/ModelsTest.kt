@@ -142,6 +142,21 @@ class ModelsTest {
                 gen.reset()
                 val byIds = gen.generate(Fixtures.ints("smollm2.prompt_ids"), GenerateOptions(maxTokens = want.size))
                 assertArrayEquals(want, byIds.tokens)
+
+                // Self-speculative decoding with the exit after layer 16: the same greedy tokens.
+                gen.reset()
+                val spec = gen.generate(
+                    Fixtures.string("smollm2.prompt"),
+                    GenerateOptions(maxTokens = want.size, decoding = Decoding.Speculative(exitLayer = 16, draftTokens = 3))
+                )
+                assertArrayEquals(want, spec.tokens, "speculative tokens differ from plain decoding")
+                assertEquals(30.0, spec.meanLayersPerToken)
+                gen.reset()
+                val early = gen.generate(
+                    Fixtures.string("smollm2.prompt"),
+                    GenerateOptions(maxTokens = want.size, decoding = Decoding.EarlyExit(threshold = 0.5f))
+                )
+                assertTrue(early.meanLayersPerToken in 8.0..30.0, "${early.meanLayersPerToken}")
             }
         }
     }
