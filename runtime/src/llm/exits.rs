@@ -164,8 +164,11 @@ pub(super) struct Segments {
     heads: Vec<Session>,
     /// Segment 0 without the head: outputs `[hidden]` (the last drafted position).
     bare: Session,
-    /// The rest of the model after the last exit: outputs `[logits]`.
+    /// The rest of the model after the last exit: outputs `[logits]` of every position (a
+    /// verification pass)…
     last: Session,
+    /// … or of the last position only (early exits, catching up).
+    last_one: Session,
     /// `queues[j]`: positions whose segment `j` has not run (index 0 unused), with their
     /// hidden state at the end of segment `j − 1`.
     queues: Vec<Queue>,
@@ -196,6 +199,7 @@ enum Seg {
     Head(usize),
     Bare,
     Last,
+    LastOne,
 }
 
 /// What a speculative cycle did.
@@ -248,7 +252,7 @@ impl Generator {
         let binding = crate::exec::plan::CacheBinding { inputs: cache_inputs, capacity };
         let model = self.session.model().clone();
         let logits = model.outputs()[self.sig.logits].value;
-        let make = |outputs: Vec<ValueId>, given: Option<ValueId>| -> Result<Session> {
+        let make = |outputs: Vec<ValueId>, given: Option<ValueId>, last_row: Option<ValueId>| -> Result<Session> {
             let mut b = model.session().with_threads(self.options.threads);
             if let Some(l) = self.options.memory_limit {
                 b = b.with_memory_limit(l);
@@ -259,7 +263,7 @@ impl Generator {
             let row_invariant = given.is_some();
             s.set_mode(PlanMode {
                 cache: Some(binding.clone()),
-                last_row: None,
+                last_row,
                 outputs: Some(outputs),
                 given,
                 row_invariant,
@@ -270,13 +274,17 @@ impl Generator {
         for (j, &p) in points.iter().enumerate() {
             let e = &self.exits[p];
             let given = j.checked_sub(1).map(|i| self.exits[points[i]].hidden);
-            heads.push(make(vec![e.hidden, e.logits], given)?);
+            // A deeper segment runs the positions early exits left behind with the current
+            // token: only the current token's exit logits are wanted.
+            heads.push(make(vec![e.hidden, e.logits], given, given.map(|_| e.logits))?);
         }
         let first = &self.exits[points[0]];
-        let bare = make(vec![first.hidden], None)?;
-        let last = make(vec![logits], Some(self.exits[*points.last().expect("at least one")].hidden))?;
+        let bare = make(vec![first.hidden], None, None)?;
+        let deepest = Some(self.exits[*points.last().expect("at least one")].hidden);
+        let last = make(vec![logits], deepest, None)?;
+        let last_one = make(vec![logits], deepest, Some(logits))?;
         let queues = (0..=points.len()).map(|_| Queue::default()).collect();
-        self.segments = Some(Segments { points, heads, bare, last, queues, width: 0 });
+        self.segments = Some(Segments { points, heads, bare, last, last_one, queues, width: 0 });
         Ok(())
     }
 
@@ -299,6 +307,7 @@ impl Generator {
             Seg::Head(j) => &mut sg.heads[j],
             Seg::Bare => &mut sg.bare,
             Seg::Last => &mut sg.last,
+            Seg::LastOne => &mut sg.last_one,
         };
         session.run_kv(&bind(names, roles, &own, placeholders), given_t.as_ref().map(|t| t.view()), kv)
     }
@@ -322,7 +331,7 @@ impl Generator {
                 continue;
             }
             let s = rows.len() / d;
-            let seg = if j == n { Seg::Last } else { Seg::Head(j) };
+            let seg = if j == n { Seg::LastOne } else { Seg::Head(j) };
             let outs = self.run_segment(seg, start, &vec![0; s], Some(&rows))?;
             if j < n {
                 carry = f32_rows(&outs[0])?.to_vec();
@@ -455,7 +464,7 @@ impl Generator {
             let (start, mut rows) = if q.rows.is_empty() { (carry_start, Vec::new()) } else { (q.start, q.rows) };
             rows.extend_from_slice(&carry);
             let s = rows.len() / d;
-            let seg = if j + 1 == segs { Seg::Last } else { Seg::Head(j + 1) };
+            let seg = if j + 1 == segs { Seg::LastOne } else { Seg::Head(j + 1) };
             let outs = self.run_segment(seg, start, &vec![0; s], Some(&rows))?;
             if j + 1 == segs {
                 logits = last_row(&outs[0])?;
