@@ -421,7 +421,10 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             let (exits, decoder_exits) = match (&train, exits) {
                 (None, Some(spec)) => {
                     let Some(calib) = calib.clone() else {
-                        bail!("--exits on a decoder needs --calib FILE: the text its exit maps are fitted and measured on");
+                        bail!(
+                            "--exits without --train makes a decoder's exit heads, which need --calib FILE (the text \
+                             they are fitted and measured on); an encoder's exits go with --train"
+                        );
                     };
                     (None, Some(acorn_converter::decoder_exits::DecoderExitOptions { spec, calib }))
                 }
