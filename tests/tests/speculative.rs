@@ -195,6 +195,7 @@ fn sampling_auto_and_errors() {
     let d = it.stats().decoding.clone();
     assert!(d == "plain" || d.starts_with("speculative:"), "{d}");
     drop(it);
+    assert!(g.feed_exiting(p[0], &[16, 8], 0.9).unwrap_err().to_string().contains("rising"));
     for (bad, want) in [
         (Decoding::Speculative { layer: 9, draft: 4 }, "no exit after layer 9"),
         (Decoding::Speculative { layer: 8, draft: 0 }, "draft tokens"),
@@ -211,6 +212,9 @@ fn sampling_auto_and_errors() {
     let e = g.generate_with(&p, 4, &Sampling::greedy(), &[], &Decoding::Speculative { layer: 8, draft: 2 });
     let e = e.err().expect("refused").to_string();
     assert!(e.contains("--exits"), "{e}");
+    let e = g.generate_with(&p, 4, &Sampling::greedy(), &[], &Decoding::EarlyExit { threshold: 0.9 });
+    assert!(e.err().expect("refused").to_string().contains("--exits"));
+    assert!(g.feed_exiting(p[0], &[], 0.9).is_err());
     assert!(Decoding::parse_speculative("8:0").is_err() && Decoding::parse_speculative("x").is_err());
     assert_eq!(Decoding::parse_speculative("16").unwrap(), Decoding::Speculative { layer: 16, draft: 4 });
 }

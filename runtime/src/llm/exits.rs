@@ -221,16 +221,20 @@ impl Generator {
 
     /// Makes (or keeps) the segment sessions for the exits after `layers` (1-based, rising).
     pub(super) fn segments_for(&mut self, layers: &[u32]) -> Result<()> {
+        if self.exits.is_empty() {
+            return Err(Error::Input(
+                "the model has no early-exit heads (convert it with --exits LAYERS --calib FILE)".into(),
+            ));
+        }
+        if layers.is_empty() || layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::Input(format!("exit layers must be given rising, at least one: got {layers:?}")));
+        }
         let points: Vec<usize> = layers
             .iter()
             .map(|&l| {
                 self.exits.iter().position(|p| p.exit.layer == l).ok_or_else(|| {
                     let have: Vec<u32> = self.exits.iter().map(|p| p.exit.layer).collect();
-                    Error::Input(if have.is_empty() {
-                        "the model has no early-exit heads (convert it with --exits LAYERS --calib FILE)".to_string()
-                    } else {
-                        format!("the model has no exit after layer {l}; its exits are after layers {have:?}")
-                    })
+                    Error::Input(format!("the model has no exit after layer {l}; its exits are after layers {have:?}"))
                 })
             })
             .collect::<Result<_>>()?;
