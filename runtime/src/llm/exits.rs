@@ -624,3 +624,45 @@ impl Sampler {
         Some(self.draw(&norm))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Sampler, Sampling};
+
+    /// Speculative sampling keeps plain sampling's distribution: a draft drawn from `q` and
+    /// tested against `p` (accepted with `min(1, p/q)`, else replaced from `max(0, p − q)`) is a
+    /// draw from `p`, whatever `q` is — here one that favours other tokens and misses one.
+    #[test]
+    fn speculative_sampling_draws_from_the_target() {
+        let p = [(0u32, 0.5f32), (1, 0.2), (2, 0.2), (3, 0.1)];
+        let q = [(0u32, 0.1f32), (1, 0.6), (2, 0.3)];
+        let mut s = Sampler::new(Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 });
+        let n = 200_000;
+        let mut count = [0usize; 4];
+        for _ in 0..n {
+            let x = s.draw(&q);
+            let t = s.verify(&p, &q, x).unwrap_or(x);
+            count[t as usize] += 1;
+        }
+        for (t, want) in p {
+            let got = count[t as usize] as f32 / n as f32;
+            assert!((got - want).abs() < 0.006, "token {t}: {got} drawn, {want} wanted");
+        }
+        // Greedy: one-hot distributions; the draft is kept exactly when it is the target's token.
+        let mut g = Sampler::new(Sampling::greedy());
+        let (p1, q1) = (g.distribution(&[0.0, 3.0, 1.0]), g.distribution(&[5.0, 1.0, 0.0]));
+        assert_eq!((p1.as_slice(), q1.as_slice()), (&[(1, 1.0)][..], &[(0, 1.0)][..]));
+        assert_eq!(g.verify(&p1, &q1, 0), Some(1));
+        assert_eq!(g.verify(&p1, &p1, 1), None);
+    }
+
+    /// The top probability of a softmax, computed stably.
+    #[test]
+    fn top_probability_is_the_softmax_maximum() {
+        let l = [1.0f32, 2.0, 3.0];
+        let e: Vec<f32> = l.iter().map(|x| x.exp()).collect();
+        let want = e[2] / e.iter().sum::<f32>();
+        assert!((super::top_probability(&l) - want).abs() < 1e-6);
+        assert!((super::top_probability(&[1000.0, 0.0]) - 1.0).abs() < 1e-6);
+    }
+}
