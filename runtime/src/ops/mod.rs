@@ -73,7 +73,8 @@ pub struct Ctx<'a> {
     pub prepared: Option<&'a mut Prepared>,
     /// Each row's results must not depend on how many rows run together (a speculative
     /// verification pass, which must reproduce one-token decode steps bit for bit): products
-    /// and cached attention take the arithmetic of a few rows at a time.
+    /// whose kernels change arithmetic with the row count, and cached attention, take one row at
+    /// a time.
     pub row_invariant: bool,
 }
 

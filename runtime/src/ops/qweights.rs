@@ -68,12 +68,13 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
     }
     let bias = super::matmul::bias(inputs, n)?;
     let o = &mut o[..m * n];
-    // Row-invariant runs: the kernels pick their arithmetic by the number of rows (weights by
-    // rows and q4 switch at quant::Q8_GEMM_MIN_ROWS), so rows go in groups below that, each
-    // computed as decode steps compute theirs. Panels are the same at any row count.
-    let group = quant::Q8_GEMM_MIN_ROWS - 1;
-    if ctx.row_invariant && m > group && !matches!(w, QMat::Q8Panels(_)) {
-        for (xs, os) in x[..m * k].chunks(group * k).zip(o.chunks_mut(group * n)) {
+    // Row-invariant runs: kernels on weights stored by rows and on q4 pick their arithmetic by
+    // the number of rows (pair tiles, `smmla` 2×2 blocks, panels packed per call from
+    // quant::Q8_GEMM_MIN_ROWS rows), so each row runs alone, as a decode step runs it. q8 panels
+    // compute every row the same way at any row count (test
+    // `a_rows_result_does_not_depend_on_the_rows_beside_it`, every kernel set).
+    if ctx.row_invariant && m > 1 && !matches!(w, QMat::Q8Panels(_)) {
+        for (xs, os) in x[..m * k].chunks(k).zip(o.chunks_mut(n)) {
             rows_product(w, xs, os, bias, k, ctx.threads)?;
         }
         return Ok(());
