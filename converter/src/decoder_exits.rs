@@ -34,22 +34,12 @@ pub struct DecoderExitOptions {
 
 /// Parses `--exits 8,12,16,20` for a decoder of `layers` layers.
 pub fn parse_layers(spec: &str, layers: usize) -> Result<Vec<usize>> {
-    let mut out = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let l: usize = part.parse().map_err(|_| anyhow::anyhow!("--exits '{spec}': '{part}' is not a layer number"))?;
-        if l == 0 || l >= layers {
-            bail!("--exits: layer {l} is outside 1..{} (an exit after the last layer is the model itself)", layers - 1);
-        }
-        if out.contains(&l) {
-            bail!("--exits names layer {l} twice");
-        }
-        out.push(l);
+    // `--drop-layers`' parser (numbers and ranges, 1-based), kept 1-based: exit K reads layer K's output.
+    let list: Vec<usize> = crate::layers::parse_layer_list(spec, "--exits")?.into_iter().map(|l| l + 1).collect();
+    if let Some(&l) = list.iter().find(|&&l| l >= layers) {
+        bail!("--exits: layer {l} is outside 1..{} (an exit after the last layer is the model itself)", layers - 1);
     }
-    if out.is_empty() {
-        bail!("--exits '{spec}' names no layer");
-    }
-    out.sort_unstable();
-    Ok(out)
+    Ok(list)
 }
 
 /// Whether `m` has a decoder's signature (inputs `input_ids` and `past_key_values.*`).

@@ -518,12 +518,16 @@ impl Generator {
             let f = p.exit.layer as f64 / layers;
             for k in 1..=MAX_DRAFT {
                 let tokens = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
-                // A batch of k + 1 positions reads the weights once; each extra row costs
-                // about a tenth of a row's reading time in the GEMM (measured on SmolLM2 q8).
+                // A batch of k + 1 positions reads the panel weights once; each extra row is
+                // taken to cost a tenth of reading them (an estimate, not a measurement: the
+                // online check in `Decoding::Auto` is what decides whether a setting stays).
+                // The verification reads the rest of the layers once for its k + 1 rows, but the
+                // LM head (stored by rows) once per row: row-invariant runs take it row by row.
                 let batch = 1.0 + BATCH_ROW_COST * k as f64;
                 let cost = (k + 1) as f64 * f * layer_bytes
                     + k as f64 * head_bytes
-                    + batch * ((1.0 - f) * layer_bytes + head_bytes);
+                    + batch * (1.0 - f) * layer_bytes
+                    + (k + 1) as f64 * head_bytes;
                 let speed = tokens * full / cost;
                 if best.is_none_or(|b| speed > b.2) {
                     best = Some((p.exit.layer, k, speed));
@@ -561,7 +565,8 @@ impl Generator {
     }
 }
 
-/// Extra cost of each further row of a batched pass, as a share of reading the weights once.
+/// Extra cost of each further row of a batched pass, as a share of reading the weights once
+/// (an estimate for the prediction of [`Generator::auto_setting`]).
 pub const BATCH_ROW_COST: f64 = 0.1;
 /// The predicted speed-up below which [`Decoding::Auto`] decodes plainly.
 pub const AUTO_MIN_GAIN: f64 = 1.05;
