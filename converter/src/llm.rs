@@ -157,12 +157,19 @@ fn record(name: &str, report: Vec<(&str, f64)>) -> PassRecord {
 
 /// `MatMul(A, Transpose(W))` with `W` a 2-D constant that something else also reads (an LM head
 /// tied to the embedding table) → `MatMulTransB(A, W)`: the weight stays stored once instead of
-/// a transposed copy being folded into the file. Run before `fold_constants`.
+/// a transposed copy being folded into the file; `Gemm(A, Transpose(W))` likewise becomes
+/// `Gemm(A, W, transB = 1)` (which `gemm_as_matmul` lowers). Run before `fold_constants`.
 pub fn fuse_tied_weights(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
     let mut rewrites = Vec::new();
     for (i, n) in m.graph.nodes.iter().enumerate() {
-        if n.op != Op::MatMul || n.inputs.len() != 2 {
+        let product = match n.op {
+            Op::MatMul => n.inputs.len() == 2,
+            // Gemm(A, Transpose(W)): `gemm_as_matmul` takes it as Gemm(A, W, transB = 1).
+            Op::Gemm { trans_b: false, .. } => n.inputs.len() >= 2,
+            _ => false,
+        };
+        if !product {
             continue;
         }
         let Some((_, t)) = ix.prod(n.inputs[1], |op| matches!(op, Op::Transpose { .. })) else { continue };
@@ -178,7 +185,10 @@ pub fn fuse_tied_weights(m: &mut Module) -> Result<PassRecord> {
     let fused = rewrites.len();
     for (i, w) in rewrites {
         let n = &mut m.graph.nodes[i];
-        n.op = Op::MatMulTransB;
+        match &mut n.op {
+            Op::Gemm { trans_b, .. } => *trans_b = true,
+            op => *op = Op::MatMulTransB,
+        }
         n.inputs[1] = w;
     }
     Ok(record("fuse_tied_weights", vec![("fused", fused as f64)]))
@@ -627,81 +637,198 @@ pub fn fuse_attention(m: &mut Module) -> Result<PassRecord> {
     Ok(record("fuse_attention", vec![("fused", fused as f64)]))
 }
 
-/// `Gemm(A, B, C)` with `transA = 0`, `B` a 2-D f32 constant and `C` absent or an f32 constant
-/// `[N]` / `[1, N]`, each read only by this node (and its tensor bound to no other value) →
-/// `MatMul(A, B′, c)`: `B′ = alpha·B` stored `[K, N]` (transposed here when `transB`),
-/// `c = beta·C` as `[N]`, the bias the product adds itself. A classifier or CTC head exported
-/// as `Gemm` then runs as every other product does: weights in the target's GEMM panels (a
-/// `[N, K]` B read through strides was packed on every call), quantized by `--quantize`.
-/// Anything else stays a `Gemm`.
+/// `Gemm(A, B, C)` (`alpha·op(A)·op(B) + beta·C`, any `transA`/`transB`) with `B` a 2-D f32
+/// constant → the products every other pass knows (quantization, bias fusion, merging):
+/// - `B` read by this node only: `MatMul(A′, B′, c)` with `B′ = alpha·op(B)` stored `[K, N]`
+///   (transposed here when `transB`) and `c = beta·C` as the bias the product adds itself when
+///   `C` is its own f32 constant `[N]` / `[1, N]`;
+/// - `B` shared (an LM head tied to the embedding table: `Gemm(h, E, transB=1)` beside
+///   `Gather(E, ids)`, or one weight read by several products): `MatMulTransB(A′, B)` when
+///   `transB`, `MatMul(A′, B)` otherwise — the weight stays stored once — then `alpha` as a `Mul`;
+/// - `A′ = Transpose(A)` when `transA`; any other `C` (an activation, a `[M, N]` or scalar
+///   constant, a shared one) is added after the product, scaled by `beta` first.
+///
+/// A classifier, CTC or LM head exported as `Gemm` then runs as every other product does. A
+/// `Gemm` whose `B` is an activation stays a `Gemm` (there is no weight to store).
 pub fn gemm_as_matmul(m: &mut Module) -> Result<PassRecord> {
+    struct Edit {
+        node: usize,
+        bt: u32,
+        own: bool,
+        /// C: its value, and its tensor when it becomes the product's own bias.
+        c: Option<(ValueId, Option<u32>)>,
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+    }
     let uses = Uses::new(&m.graph);
     // Tensors are rewritten in place: only those no other constant value is bound to.
     let bound_once = |t: u32| m.graph.constants.iter().filter(|c| c.tensor == t).count() == 1;
-    // (node, B tensor, C tensor, alpha, beta, transB)
-    let mut edits: Vec<(usize, u32, Option<u32>, f32, f32, bool)> = Vec::new();
+    let mut edits: Vec<Edit> = Vec::new();
     for (i, n) in m.graph.nodes.iter().enumerate() {
-        let Op::Gemm { alpha, beta, trans_a: false, trans_b } = n.op else { continue };
+        let Op::Gemm { alpha, beta, trans_a, trans_b } = n.op else { continue };
         let Some(bv) = n.inputs.get(1).copied().flatten() else { continue };
         let Some(bt) = uses.constant(bv) else { continue };
         let b = &m.tensors[bt as usize].1;
-        if b.dtype() != DType::F32 || b.shape().len() != 2 || uses.reads(bv) != 1 || !bound_once(bt) {
+        if b.dtype() != DType::F32 || b.shape().len() != 2 || !alpha.is_finite() || !beta.is_finite() {
             continue;
         }
+        let own = uses.reads(bv) == 1 && bound_once(bt) && !uses.is_output(bv);
         let cols = if trans_b { b.shape()[0] } else { b.shape()[1] };
-        let c = match n.inputs.get(2).copied().flatten() {
-            None => None,
-            Some(cv) => {
-                let Some(ct) = uses.constant(cv) else { continue };
+        let c = n.inputs.get(2).copied().flatten().map(|cv| {
+            let bias = uses.constant(cv).filter(|&ct| {
                 let c = &m.tensors[ct as usize].1;
                 let fits = c.shape() == [cols] || c.shape() == [1, cols];
-                if c.dtype() != DType::F32 || uses.reads(cv) != 1 || !bound_once(ct) || !fits {
-                    continue;
-                }
-                Some(ct)
-            }
-        };
-        edits.push((i, bt, c, alpha, beta, trans_b));
+                // The product adds its own bias only as MatMul (MatMulTransB takes none).
+                c.dtype() == DType::F32 && fits && uses.reads(cv) == 1 && bound_once(ct) && (own || !trans_b)
+            });
+            (cv, bias)
+        });
+        edits.push(Edit { node: i, bt, own, c, alpha, beta, trans_a, trans_b });
     }
     drop(uses);
-    let (mut transposed, mut scaled) = (0usize, 0usize);
-    for &(i, bt, ct, alpha, beta, trans_b) in &edits {
-        let b = &m.tensors[bt as usize].1;
-        let (r, c) = (b.shape()[0], b.shape()[1]);
-        let v = b.as_f32().ok_or_else(|| anyhow::anyhow!("Gemm weight is not f32"))?;
-        let (k, n, mut w) = if trans_b {
-            let mut t = vec![0.0f32; r * c];
-            for (i, row) in v.chunks_exact(c).enumerate() {
-                for (j, &x) in row.iter().enumerate() {
-                    t[j * r + i] = x;
-                }
-            }
-            transposed += 1;
-            (c, r, t)
-        } else {
-            (r, c, v.to_vec())
+    let (mut transposed, mut scaled, mut shared, mut added) = (0usize, 0usize, 0usize, 0usize);
+    let mut before: HashMap<usize, Vec<Node>> = HashMap::new();
+    let mut after: HashMap<usize, Vec<Node>> = HashMap::new();
+    for e in &edits {
+        let name = m.graph.nodes[e.node].name.clone();
+        let value = |m: &mut Module, what: &str| -> ValueId {
+            let v = m.graph.values.len() as ValueId;
+            m.graph.values.push(ValueInfo { name: format!("{name}.{what}") });
+            v
         };
-        if alpha != 1.0 {
-            w.iter_mut().for_each(|x| *x *= alpha);
-            scaled += 1;
+        if e.own {
+            let b = &m.tensors[e.bt as usize].1;
+            let (r, c) = (b.shape()[0], b.shape()[1]);
+            let v = b.as_f32().ok_or_else(|| anyhow::anyhow!("Gemm weight is not f32"))?;
+            let (k, n, mut w) = if e.trans_b {
+                transposed += 1;
+                (c, r, transpose_2d(v, r, c))
+            } else {
+                (r, c, v.to_vec())
+            };
+            if e.alpha != 1.0 {
+                w.iter_mut().for_each(|x| *x *= e.alpha);
+                scaled += 1;
+            }
+            m.tensors[e.bt as usize].1 = Tensor::new(vec![k, n], acorn::tensor::TensorData::F32(w))?;
+        } else {
+            shared += 1;
         }
-        m.tensors[bt as usize].1 = Tensor::new(vec![k, n], acorn::tensor::TensorData::F32(w))?;
-        if let Some(ct) = ct {
+        if let Some((_, Some(ct))) = e.c {
+            let n = m.tensors[ct as usize].1.len();
             let mut bias =
                 m.tensors[ct as usize].1.as_f32().ok_or_else(|| anyhow::anyhow!("Gemm bias is not f32"))?.to_vec();
-            if beta != 1.0 {
-                bias.iter_mut().for_each(|x| *x *= beta);
+            if e.beta != 1.0 {
+                bias.iter_mut().for_each(|x| *x *= e.beta);
             }
             m.tensors[ct as usize].1 = Tensor::new(vec![n], acorn::tensor::TensorData::F32(bias))?;
         }
-        let node = &mut m.graph.nodes[i];
-        node.op = Op::MatMul;
-        node.inputs.truncate(if ct.is_some() { 3 } else { 2 });
+        let out = m.graph.nodes[e.node].outputs[0];
+        let a = m.graph.nodes[e.node].inputs[0];
+        let a = if e.trans_a {
+            let t = value(m, "a_t");
+            before.entry(e.node).or_default().push(Node {
+                name: format!("{name}.transpose_a"),
+                op: Op::Transpose { perm: Some(vec![1, 0]) },
+                inputs: vec![a],
+                outputs: vec![t],
+            });
+            Some(t)
+        } else {
+            a
+        };
+        // What follows the product: alpha (shared weights), then + beta·C (a C not the bias).
+        let mut tail: Vec<(Op, Option<ValueId>, &str)> = Vec::new();
+        if !e.own && e.alpha != 1.0 {
+            tail.push((
+                Op::Binary(BinaryOp::Mul),
+                Some(scalar_constant(m, &format!("{name}.alpha"), e.alpha)),
+                "scaled",
+            ));
+            scaled += 1;
+        }
+        if let Some((cv, None)) = e.c {
+            let c = if e.beta != 1.0 {
+                let s = scalar_constant(m, &format!("{name}.beta"), e.beta);
+                let cb = value(m, "beta_c");
+                before.entry(e.node).or_default().push(Node {
+                    name: format!("{name}.beta"),
+                    op: Op::Binary(BinaryOp::Mul),
+                    inputs: vec![Some(cv), Some(s)],
+                    outputs: vec![cb],
+                });
+                cb
+            } else {
+                cv
+            };
+            tail.push((Op::Binary(BinaryOp::Add), Some(c), "biased"));
+            added += 1;
+        }
+        let mut prod_out = out;
+        let mut chain: Vec<Node> = Vec::new();
+        for (op, operand, what) in tail.iter().rev() {
+            let input = value(m, &format!("{what}_in"));
+            chain.push(Node {
+                name: format!("{name}.{what}"),
+                op: op.clone(),
+                inputs: vec![Some(input), *operand],
+                outputs: vec![prod_out],
+            });
+            prod_out = input;
+        }
+        chain.reverse();
+        after.insert(e.node, chain);
+        let node = &mut m.graph.nodes[e.node];
+        node.op = if !e.own && e.trans_b { Op::MatMulTransB } else { Op::MatMul };
+        let bias = match e.c {
+            Some((cv, Some(_))) => Some(cv),
+            _ => None,
+        };
+        node.inputs = vec![a, node.inputs[1]];
+        if bias.is_some() {
+            node.inputs.push(bias);
+        }
+        node.outputs = vec![prod_out];
+    }
+    if !before.is_empty() || !after.is_empty() {
+        let nodes = std::mem::take(&mut m.graph.nodes);
+        for (i, n) in nodes.into_iter().enumerate() {
+            m.graph.nodes.extend(before.remove(&i).unwrap_or_default());
+            m.graph.nodes.push(n);
+            m.graph.nodes.extend(after.remove(&i).unwrap_or_default());
+        }
     }
     Ok(record(
         "gemm_as_matmul",
-        vec![("rewritten", edits.len() as f64), ("transposed", transposed as f64), ("alpha_folded", scaled as f64)],
+        vec![
+            ("rewritten", edits.len() as f64),
+            ("transposed", transposed as f64),
+            ("alpha_folded", scaled as f64),
+            ("shared_weights", shared as f64),
+            ("added_c", added as f64),
+        ],
     ))
+}
+
+fn transpose_2d(v: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; r * c];
+    for (i, row) in v.chunks_exact(c).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            t[j * r + i] = x;
+        }
+    }
+    t
+}
+
+/// A new f32 scalar constant value.
+fn scalar_constant(m: &mut Module, name: &str, x: f32) -> ValueId {
+    let value = m.graph.values.len() as ValueId;
+    m.graph.values.push(ValueInfo { name: name.to_string() });
+    m.graph.constants.push(ConstBinding { value, tensor: m.tensors.len() as u32 });
+    m.tensors.push((name.to_string(), Tensor::from_f32(vec![], vec![x])));
+    value
 }
 
 /// `Add(MatMul(x, W), b)` (operands in either order) with `W` a 2-D f32 constant `[K, N]` and

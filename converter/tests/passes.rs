@@ -50,3 +50,159 @@ fn matmuls_sharing_an_input_merge_and_keep_their_outputs() {
         assert!(d <= 1e-6, "output {i}: max |Δ| {d}");
     }
 }
+
+/// `y = alpha·op(A)·op(B) + beta·C` by its definition (row-major; `a` is `[M, K]` or `[K, M]`).
+#[allow(clippy::too_many_arguments)]
+fn gemm_reference(
+    a: &[f32],
+    b: &[f32],
+    c: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) -> Vec<f32> {
+    let mut y = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for p in 0..k {
+                let x = if trans_a { a[p * m + i] } else { a[i * k + p] };
+                let w = if trans_b { b[j * k + p] } else { b[p * n + j] };
+                s += x as f64 * w as f64;
+            }
+            let cv = c.map_or(0.0, |c| if c.len() == n { c[j] } else { c[i * n + j] });
+            y[i * n + j] = alpha * s as f32 + beta * cv;
+        }
+    }
+    y
+}
+
+/// `Gemm` in the forms exporters write (transA / transB, alpha / beta, a bias, a `[M, N]` C, an
+/// LM head tied to the embedding as `Gemm(h, E, transB = 1)` or `Gemm(h, Transpose(E))`): each
+/// becomes a product the other passes know — no `Gemm` is left — gives the definition's
+/// answer, and `--quantize q8` stores every weight in 8 bits (the tied table once).
+#[test]
+fn gemm_in_every_exporters_form_is_a_product_that_quantizes() {
+    use acorn::format::TensorEncoding;
+    use acorn::graph::Op;
+    use acorn_converter::quantize::{QuantFormat, QuantOptions};
+    let (m, k, n, vocab) = (3, 64, 96, 80);
+    let det = |len: usize, seed: usize| {
+        (0..len).map(|i| (((i * 37 + seed * 11) % 101) as f32 / 50.0 - 1.0) * 0.3).collect::<Vec<_>>()
+    };
+    // (transA, transB, alpha, beta, C: 0 none / 1 [N] / 2 [M, N] activation-free constant / 3 [1, N])
+    let forms: [(bool, bool, f32, f32, u8); 6] = [
+        (false, false, 1.0, 1.0, 1),
+        (false, true, 0.5, 2.0, 1),
+        (true, false, 1.5, 1.0, 0),
+        (true, true, 1.0, 0.25, 2),
+        (false, true, 1.0, 1.0, 3),
+        (false, false, -2.0, 0.5, 2),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (f, &(ta, tb, alpha, beta, cform)) in forms.iter().enumerate() {
+        let mut b = OnnxBuilder::new(17);
+        b.input_f32("x", &[if ta { "64" } else { "3" }, if ta { "3" } else { "64" }]);
+        let w = det(k * n, f);
+        b.init_f32("W", if tb { &[96, 64] } else { &[64, 96] }, w.clone());
+        let c = match cform {
+            1 => Some(det(n, 7)),
+            2 => Some(det(m * n, 8)),
+            3 => Some(det(n, 9)),
+            _ => None,
+        };
+        let mut ins = vec!["x", "W"];
+        if let Some(c) = &c {
+            let dims: &[i64] = match cform {
+                1 => &[96],
+                2 => &[3, 96],
+                _ => &[1, 96],
+            };
+            b.init_f32("C", dims, c.clone());
+            ins.push("C");
+        }
+        let attrs = vec![
+            OnnxBuilder::attr_i("transA", ta as i64),
+            OnnxBuilder::attr_i("transB", tb as i64),
+            OnnxBuilder::attr_f("alpha", alpha),
+            OnnxBuilder::attr_f("beta", beta),
+        ];
+        b.node("Gemm", "gemm", &ins, &["y"], attrs);
+        b.output_f32("y");
+        let src = dir.path().join(format!("g{f}.onnx"));
+        std::fs::write(&src, b.to_bytes()).unwrap();
+        let x = det(m * k, 3);
+        let expect = gemm_reference(&x, &w, c.as_deref(), (m, k, n), ta, tb, alpha, beta);
+        let xt = Tensor::from_f32(if ta { vec![k, m] } else { vec![m, k] }, x);
+        for quant in [false, true] {
+            let out = dir.path().join(format!("g{f}{quant}.acorn"));
+            let quantize = quant.then(|| QuantOptions { format: QuantFormat::Q8, ..Default::default() });
+            let r = convert(&src, &out, &ConvertOptions { quantize, ..ConvertOptions::default() }).unwrap();
+            assert_eq!(pass_report(&r, "gemm_as_matmul"), 1.0, "form {f}");
+            let model = Model::open(&out).unwrap();
+            let meta = model.metadata();
+            assert!(!meta.graph.nodes.iter().any(|n| matches!(n.op, Op::Gemm { .. })), "form {f}: a Gemm is left");
+            let wt = meta.tensors.iter().find(|t| t.shape.iter().product::<u64>() == (k * n) as u64).unwrap();
+            assert_eq!(
+                matches!(wt.encoding, TensorEncoding::Dense | TensorEncoding::PanelF32 { .. }),
+                !quant,
+                "form {f}: W is {}",
+                wt.encoding
+            );
+            let y = run(&out, &xt).swap_remove(0);
+            assert_eq!(y.shape(), &[m, n]);
+            let tol = if quant { 2e-2 } else { 1e-5 };
+            let scale = expect.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            for (g, e) in y.as_f32().unwrap().iter().zip(&expect) {
+                assert!((g - e).abs() <= tol * scale.max(1.0), "form {f} quantized {quant}: {g} vs {e}");
+            }
+        }
+    }
+    // A tied LM head: the table read by Gather (embedding) and by the head, as Optimum's
+    // `Gemm(h, E, transB = 1)` and as `Gemm(h, Transpose(E))`.
+    let d = 64;
+    let table = det(vocab * d, 5);
+    for (f, transpose_node) in [false, true].into_iter().enumerate() {
+        let mut b = OnnxBuilder::new(17);
+        b.input_i64("ids", &["3"]);
+        b.init_f32("E", &[80, 64], table.clone());
+        b.node("Gather", "embed", &["E", "ids"], &["h"], vec![]);
+        if transpose_node {
+            b.node("Transpose", "et", &["E"], &["Et"], vec![OnnxBuilder::attr_ints("perm", &[1, 0])]);
+            b.node("Gemm", "head", &["h", "Et"], &["logits"], vec![]);
+        } else {
+            b.node("Gemm", "head", &["h", "E"], &["logits"], vec![OnnxBuilder::attr_i("transB", 1)]);
+        }
+        b.output_f32("logits");
+        let src = dir.path().join(format!("tied{f}.onnx"));
+        std::fs::write(&src, b.to_bytes()).unwrap();
+        let ids = [3i64, 77, 41];
+        let h: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
+        let expect = gemm_reference(&h, &table, None, (3, d, vocab), false, true, 1.0, 1.0);
+        let idt = Tensor::from_i64(vec![3], ids.to_vec());
+        for quant in [false, true] {
+            let out = dir.path().join(format!("tied{f}{quant}.acorn"));
+            let quantize = quant.then(|| QuantOptions { format: QuantFormat::Q8, ..Default::default() });
+            convert(&src, &out, &ConvertOptions { quantize, ..ConvertOptions::default() }).unwrap();
+            let model = Model::open(&out).unwrap();
+            let meta = model.metadata();
+            assert!(meta.graph.nodes.iter().any(|n| n.op == Op::MatMulTransB), "tied form {f}");
+            let big: Vec<_> = meta.tensors.iter().filter(|t| t.shape.iter().product::<u64>() >= 4096).collect();
+            assert_eq!(big.len(), 1, "tied form {f}: the table is stored once");
+            assert_eq!(
+                matches!(big[0].encoding, TensorEncoding::Dense | TensorEncoding::PanelF32 { .. }),
+                !quant,
+                "tied form {f}: {}",
+                big[0].encoding
+            );
+            let y = model.session().commit().unwrap().run(&[("ids", &idt)]).unwrap().swap_remove(0);
+            let scale = expect.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let tol = if quant { 2e-2 } else { 1e-5 };
+            for (g, e) in y.as_f32().unwrap().iter().zip(&expect) {
+                assert!((g - e).abs() <= tol * scale.max(1.0), "tied form {f} quantized {quant}: {g} vs {e}");
+            }
+        }
+    }
+}

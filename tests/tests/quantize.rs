@@ -639,3 +639,87 @@ fn int8_models_run_as_written_on_request() {
     // ONNX Runtime's own run of this model: 0.972–0.977 from fp32 depending on the CPU.
     assert!(mean >= 0.96, "as-written vs fp32 cosine {mean}");
 }
+
+/// SmolLM2 re-spelled the way Optimum writes a tied LM head: `Reshape(h, [-1, 576])` →
+/// `Gemm(·, E, transB = 1)` → `Reshape` back to `[batch, seq, vocab]`, the table also read by
+/// the embedding `Gather` (no `Transpose` node). Written next to `dir` as `gemm-head.onnx`.
+fn smollm2_with_gemm_head(dir: &Path) -> PathBuf {
+    use prost::Message;
+    use tract_onnx::pb;
+    let path = asset(SMOLLM2_ONNX);
+    let bytes = std::fs::read(&path).unwrap();
+    let mut proto = acorn_converter::onnx::parse_model(&bytes, &path).unwrap();
+    drop(bytes);
+    let g = proto.graph.as_mut().unwrap();
+    let t = g.node.iter().position(|n| n.name == "lm_head/Transpose").expect("the export's head Transpose");
+    let table = g.node[t].input[0].clone();
+    g.node.remove(t);
+    let mm = g.node.iter().position(|n| n.name == "lm_head/MatMul").expect("the export's head MatMul");
+    let (h, logits) = (g.node[mm].input[0].clone(), g.node[mm].output[0].clone());
+    let i64s = |name: &str, v: &[i64]| pb::TensorProto {
+        name: name.into(),
+        dims: vec![v.len() as i64],
+        data_type: 7,
+        int64_data: v.to_vec(),
+        ..Default::default()
+    };
+    g.initializer.extend([
+        i64s("head.flat", &[-1, 576]),
+        i64s("head.vocab", &[49152]),
+        i64s("head.zero", &[0]),
+        i64s("head.two", &[2]),
+    ]);
+    let node = |op: &str, name: &str, ins: &[&str], out: &str, attrs: Vec<pb::AttributeProto>| pb::NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        attribute: attrs,
+        ..Default::default()
+    };
+    let trans_b = pb::AttributeProto { name: "transB".into(), i: 1, r#type: 2, ..Default::default() };
+    let concat_axis = pb::AttributeProto { name: "axis".into(), i: 0, r#type: 2, ..Default::default() };
+    let head = vec![
+        node("Reshape", "head/flatten", &[&h, "head.flat"], "head/h2", vec![]),
+        node("Gemm", "head/Gemm", &["head/h2", &table], "head/logits2", vec![trans_b]),
+        node("Shape", "head/shape", &[&h], "head/hs", vec![]),
+        node("Slice", "head/bs", &["head/hs", "head.zero", "head.two"], "head/bs", vec![]),
+        node("Concat", "head/target", &["head/bs", "head.vocab"], "head/target", vec![concat_axis]),
+        node("Reshape", "head/unflatten", &["head/logits2", "head/target"], &logits, vec![]),
+    ];
+    g.node.splice(mm..=mm, head);
+    let out = dir.join("gemm-head.onnx");
+    std::fs::write(&out, proto.encode_to_vec()).unwrap();
+    out
+}
+
+/// Issue 23: the same model exported with its tied head as `Gemm(h, E, transB = 1)` converts to
+/// the same answers and quantizes as small as the `MatMul(h, Transpose(E))` export does (the
+/// 113 MB table stored once, in 8 bits).
+#[test]
+fn smollm2_with_a_gemm_head_quantizes_like_the_matmul_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = smollm2_with_gemm_head(dir.path());
+    let (fp32, fp32_bytes) = convert_to(&asset(SMOLLM2_ONNX), dir.path(), "fp32.acorn", None);
+    let (gemm32, _) = convert_to(&src, dir.path(), "gemm32.acorn", None);
+    let (gemm8, gemm8_bytes) = convert_to(&src, dir.path(), "gemm8.acorn", q(QuantFormat::Q8, &[]));
+    let ratio = gemm8_bytes as f64 / fp32_bytes as f64;
+    println!("SmolLM2 with a Gemm head: q8 file {ratio:.3}× the fp32 file");
+    assert!(ratio <= 0.28, "q8 file is {ratio:.3}× the fp32 file");
+    let m8 = Model::open(&gemm8).unwrap();
+    let table = m8.metadata().tensors.iter().find(|t| t.shape == [49152, 576]).expect("the table");
+    assert!(matches!(table.encoding, acorn::format::TensorEncoding::Q8 { .. }), "table stored as {}", table.encoding);
+    assert_eq!(m8.metadata().tensors.iter().filter(|t| t.shape.iter().product::<u64>() == 49152 * 576).count(), 1);
+    // Same answers as the MatMul export: fp32 logits equal, q8 perplexity as the test above.
+    let ids = smollm2_encode("The capital of France is").unwrap();
+    let logits = |p: &Path| {
+        let model = Model::open(p).unwrap();
+        let mut g = Generator::new(&model, &GeneratorOptions { max_context: 64, ..Default::default() }).unwrap();
+        g.feed(&ids).unwrap()
+    };
+    let (a, b) = (logits(&fp32), logits(&gemm32));
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(d <= 1e-4, "fp32 logits differ by {d}");
+    let (p32, p8) = (hamlet_perplexity(&gemm32), hamlet_perplexity(&gemm8));
+    assert!(p8 <= p32 * 1.02, "q8 perplexity {p8} vs fp32 {p32}");
+}
