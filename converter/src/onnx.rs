@@ -929,6 +929,23 @@ impl Importer {
                 num_heads: a.i("num_heads", 0),
             }),
             "Einsum" => Some(Op::Einsum { equation: a.s("equation").unwrap_or_default() }),
+            "DFT" => Some(Op::Dft {
+                inverse: a.flag("inverse", 0),
+                onesided: a.flag("onesided", 0),
+                // Opset 20 moved the axis to an input (default −2); before, an attribute (default 1).
+                axis: if opset >= 20 { None } else { Some(a.i("axis", 1)) },
+            }),
+            "STFT" => Some(Op::Stft { onesided: a.flag("onesided", 1) }),
+            "HannWindow" | "HammingWindow" | "BlackmanWindow" => Some(Op::Window {
+                kind: match n.op_type.as_str() {
+                    "HannWindow" => acorn::graph::WindowKind::Hann,
+                    "HammingWindow" => acorn::graph::WindowKind::Hamming,
+                    _ => acorn::graph::WindowKind::Blackman,
+                },
+                periodic: a.flag("periodic", 1),
+                dtype: onnx_dtype(a.i("output_datatype", 1) as i32)?,
+            }),
+            "MelWeightMatrix" => Some(Op::MelWeightMatrix { dtype: onnx_dtype(a.i("output_datatype", 1) as i32)? }),
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),
             "GroupNormalization" if opset >= 21 => {

@@ -676,3 +676,52 @@ pub fn ort_encoder_ms(onnx: &Path, ids: &[Vec<i64>], out: &str, rounds: usize, t
     }
     Ok(times)
 }
+
+/// A log-mel front-end as speech exporters write it (Whisper's `log_mel_spectrogram` through
+/// torch.onnx at opset 18, the filterbank as ONNX's `MelWeightMatrix`): input `audio` [1, N] at
+/// 16 kHz → reflect-pad `n_fft/2` (centred frames) → `STFT` (periodic `HannWindow`, hop `hop`,
+/// one-sided) → |X|² (`Pow`, `ReduceSum` over re/im) → the last frame dropped → `MatMul` with
+/// the `[n_fft/2 + 1, n_mels]` filterbank → log10 of `Clip(·, 1e-10)` (as `Log` ÷ ln 10) →
+/// `max(x, max(x) − 8)` → `(x + 4) / 4` → output `mel` [1, n_mels, frames].
+pub fn log_mel_onnx(n_fft: usize, hop: usize, n_mels: usize) -> Vec<u8> {
+    use acorn_converter::onnx_build::OnnxBuilder as B;
+    let mut b = B::new(18);
+    b.input_f32("audio", &["1", "samples"]);
+    let half = (n_fft / 2) as i64;
+    b.init_i64("pads", &[4], vec![0, half, 0, half]);
+    b.node("Pad", "pad", &["audio", "pads"], &["padded"], vec![B::attr_s("mode", "reflect")]);
+    b.init_i64("last_axis", &[1], vec![-1]);
+    b.node("Unsqueeze", "as_signal", &["padded", "last_axis"], &["signal"], vec![]);
+    b.init_i64("n_fft", &[], vec![n_fft as i64]);
+    b.init_i64("hop", &[], vec![hop as i64]);
+    b.node("HannWindow", "window", &["n_fft"], &["window"], vec![B::attr_i("periodic", 1)]);
+    b.node("STFT", "stft", &["signal", "hop", "window", "n_fft"], &["spec"], vec![B::attr_i("onesided", 1)]);
+    b.init_f32("two", &[], vec![2.0]);
+    b.node("Pow", "square", &["spec", "two"], &["sq"], vec![]);
+    b.node("ReduceSum", "power", &["sq", "last_axis"], &["power"], vec![B::attr_i("keepdims", 0)]);
+    b.init_i64("zero", &[1], vec![0]);
+    b.init_i64("minus_one", &[1], vec![-1]);
+    b.init_i64("frame_axis", &[1], vec![1]);
+    b.node("Slice", "drop_last", &["power", "zero", "minus_one", "frame_axis"], &["frames"], vec![]);
+    b.init_i64("n_mels", &[], vec![n_mels as i64]);
+    b.init_i64("rate", &[], vec![16000]);
+    b.init_f32("f_lo", &[], vec![0.0]);
+    b.init_f32("f_hi", &[], vec![8000.0]);
+    b.node("MelWeightMatrix", "filters", &["n_mels", "n_fft", "rate", "f_lo", "f_hi"], &["filters"], vec![]);
+    b.node("MatMul", "mel", &["frames", "filters"], &["mel_power"], vec![]);
+    b.init_f32("floor", &[], vec![1e-10]);
+    b.node("Clip", "clamp", &["mel_power", "floor"], &["clamped"], vec![]);
+    b.node("Log", "ln", &["clamped"], &["ln"], vec![]);
+    b.init_f32("ln10", &[], vec![std::f32::consts::LN_10]);
+    b.node("Div", "log10", &["ln", "ln10"], &["log_spec"], vec![]);
+    b.node("ReduceMax", "peak", &["log_spec"], &["peak"], vec![B::attr_i("keepdims", 1)]);
+    b.init_f32("eight", &[], vec![8.0]);
+    b.node("Sub", "floor_db", &["peak", "eight"], &["floor_db"], vec![]);
+    b.node("Max", "limit", &["log_spec", "floor_db"], &["limited"], vec![]);
+    b.init_f32("four", &[], vec![4.0]);
+    b.node("Add", "shift", &["limited", "four"], &["shifted"], vec![]);
+    b.node("Div", "scale", &["shifted", "four"], &["scaled"], vec![]);
+    b.node("Transpose", "to_channels", &["scaled"], &["mel"], vec![B::attr_ints("perm", &[0, 2, 1])]);
+    b.output_f32("mel");
+    b.to_bytes()
+}

@@ -515,6 +515,37 @@ pub enum Op {
         convt: ConvTransposeAttrs,
         post: Epilogue,
     },
+    /// ONNX `DFT`. inputs: x `[…, 1 or 2]` (real, or complex as (re, im)), dft_length
+    /// (optional), axis (optional; read when `axis` is `None`, opset 20's form: default −2).
+    Dft {
+        inverse: bool,
+        onesided: bool,
+        axis: Option<i64>,
+    },
+    /// ONNX `STFT`. inputs: signal `[B, T, 1 or 2]`, frame_step, window (optional),
+    /// frame_length (optional); output `[B, frames, bins, 2]`.
+    Stft {
+        onesided: bool,
+    },
+    /// `HannWindow` / `HammingWindow` / `BlackmanWindow`. inputs: size (scalar).
+    Window {
+        kind: WindowKind,
+        periodic: bool,
+        dtype: DType,
+    },
+    /// ONNX `MelWeightMatrix`. inputs: num_mel_bins, dft_length, sample_rate,
+    /// lower_edge_hertz, upper_edge_hertz; output `[dft_length/2 + 1, num_mel_bins]`.
+    MelWeightMatrix {
+        dtype: DType,
+    },
+}
+
+/// The window functions of the signal ops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WindowKind {
+    Hann,
+    Hamming,
+    Blackman,
 }
 
 /// An activation applied to a convolution's output as the kernel writes it.
@@ -724,6 +755,7 @@ impl Op {
             Op::BatchNorm { .. } | Op::BatchNormTraining { .. } => "BatchNormalization".into(),
             Op::SpaceToDepthCrd { .. } => "SpaceToDepth".into(),
             Op::AttentionWindow { .. } => "Attention".into(),
+            Op::Window { kind, .. } => format!("{kind:?}Window"),
             other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
         }
     }
@@ -776,6 +808,10 @@ impl Op {
             Op::ReservedCachedAttention => (0, 0, 0, 0),
             Op::BatchNormTraining { .. } => (5, 5, 1, 3),
             Op::RotaryEmbedding { .. } => (3, 4, 1, 1),
+            Op::Dft { .. } => (1, 3, 1, 1),
+            Op::Stft { .. } => (2, 4, 1, 1),
+            Op::Window { .. } => (1, 1, 1, 1),
+            Op::MelWeightMatrix { .. } => (5, 5, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(

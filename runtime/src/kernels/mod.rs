@@ -58,6 +58,7 @@ pub mod arm;
 #[cfg(target_arch = "aarch64")]
 mod armq;
 pub mod conv;
+pub mod fft;
 mod gemm;
 pub mod generic;
 pub mod half;

@@ -27,6 +27,7 @@ mod reduce;
 mod resize;
 mod rotary;
 mod shape;
+mod signal;
 #[cfg(test)]
 mod tests;
 
@@ -125,6 +126,8 @@ pub(crate) enum Family<'a> {
     /// Attention, with a sliding window `(left, right)` for `AttentionWindow`.
     Attention(&'a AttentionAttrs, Option<(i64, i64)>),
     Rotary,
+    /// DFT, STFT, windows, MelWeightMatrix.
+    Signal,
     Quant,
     Shape,
     /// Resolved by the planner (`If` branches inlined, `Loop` evaluated), never run as a step.
@@ -198,6 +201,7 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::Range
         | Op::Tile => F::Shape,
         Op::If { .. } | Op::Loop { .. } => F::Planner,
+        Op::Dft { .. } | Op::Stft { .. } | Op::Window { .. } | Op::MelWeightMatrix { .. } => F::Signal,
     }
 }
 
@@ -384,7 +388,8 @@ macro_rules! gate {
 
 /// The Cargo feature an op needs beyond the base runtime, if its family has one: `ops-vision`
 /// (pooling, resize, transposed convolution), `ops-recurrent` (LSTM, GRU, RNN), `llm` (rotary
-/// embeddings), `ops-onnx-quant` (ONNX's quantized ops), `ops-extra` (Einsum, losses).
+/// embeddings), `ops-onnx-quant` (ONNX's quantized ops), `ops-extra` (Einsum, losses),
+/// `ops-signal` (DFT, STFT, windows, mel matrices).
 pub fn feature_of(op: &Op) -> Option<&'static str> {
     use Family as F;
     match family(op) {
@@ -393,17 +398,19 @@ pub fn feature_of(op: &Op) -> Option<&'static str> {
         F::Rotary => Some("llm"),
         F::Quant => Some("ops-onnx-quant"),
         F::Einsum(_) | F::Loss => Some("ops-extra"),
+        F::Signal => Some("ops-signal"),
         _ => None,
     }
 }
 
 /// The op-family features and whether this build has each.
-const FAMILY_FEATURES: [(&str, bool); 5] = [
+const FAMILY_FEATURES: [(&str, bool); 6] = [
     ("ops-vision", cfg!(feature = "ops-vision")),
     ("ops-recurrent", cfg!(feature = "ops-recurrent")),
     ("llm", cfg!(feature = "llm")),
     ("ops-onnx-quant", cfg!(feature = "ops-onnx-quant")),
     ("ops-extra", cfg!(feature = "ops-extra")),
+    ("ops-signal", cfg!(feature = "ops-signal")),
 ];
 
 /// Whether this build runs `op` (its family's feature, if any, is built in).
@@ -463,6 +470,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::Attention(a, _) => attention::infer(a, inputs, n_out)?,
         F::Rotary => gate!(op, "llm", rotary::infer(op, inputs))?,
         F::Quant => gate!(op, "ops-onnx-quant", quant::infer(op, inputs))?,
+        F::Signal => gate!(op, "ops-signal", signal::infer(op, inputs))?,
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     };
     for (_, s) in &outs {
@@ -544,6 +552,7 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::Attention(a, window) => attention::run(a, window, inputs, outputs, ctx),
         F::Rotary => gate!(op, "llm", rotary::run(op, inputs, outputs)),
         F::Quant => gate!(op, "ops-onnx-quant", quant::run(op, inputs, outputs)),
+        F::Signal => gate!(op, "ops-signal", signal::run(op, inputs, outputs)),
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     }
 }
