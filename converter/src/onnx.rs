@@ -945,6 +945,40 @@ impl Importer {
                 periodic: a.flag("periodic", 1),
                 dtype: onnx_dtype(a.i("output_datatype", 1) as i32)?,
             }),
+            "BitCast" => Some(Op::BitCast { to: onnx_dtype(a.i("to", 0) as i32)? }),
+            "ReverseSequence" => {
+                Some(Op::ReverseSequence { batch_axis: a.i("batch_axis", 1), time_axis: a.i("time_axis", 0) })
+            }
+            "CenterCropPad" => Some(Op::CenterCropPad { axes: a.ints("axes") }),
+            "GridSample" => {
+                use acorn::graph::{GridMode, GridPadding};
+                let mode = match a.s("mode").as_deref() {
+                    None | Some("linear" | "bilinear") => GridMode::Linear,
+                    Some("nearest") => GridMode::Nearest,
+                    Some("cubic" | "bicubic") => GridMode::Cubic,
+                    Some(other) => {
+                        self.refuse(&n.op_type, name, format!("attribute 'mode' = '{other}'"));
+                        return Ok(None);
+                    }
+                };
+                let padding = match a.s("padding_mode").as_deref() {
+                    None | Some("zeros") => GridPadding::Zeros,
+                    Some("border") => GridPadding::Border,
+                    Some("reflection") => GridPadding::Reflection,
+                    Some(other) => {
+                        self.refuse(&n.op_type, name, format!("attribute 'padding_mode' = '{other}'"));
+                        return Ok(None);
+                    }
+                };
+                Some(Op::GridSample { mode, padding, align_corners: a.flag("align_corners", 0) })
+            }
+            "AffineGrid" => Some(Op::AffineGrid { align_corners: a.flag("align_corners", 0) }),
+            "Col2Im" => Some(Op::Col2Im {
+                dilations: a.ints("dilations").unwrap_or_default(),
+                pads: a.ints("pads").unwrap_or_default(),
+                strides: a.ints("strides").unwrap_or_default(),
+            }),
+            "Det" => Some(Op::Det),
             "MelWeightMatrix" => Some(Op::MelWeightMatrix { dtype: onnx_dtype(a.i("output_datatype", 1) as i32)? }),
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),

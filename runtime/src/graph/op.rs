@@ -538,6 +538,54 @@ pub enum Op {
     MelWeightMatrix {
         dtype: DType,
     },
+    /// ONNX `BitCast`: the same bytes read as `to` (an element type of the same width).
+    BitCast {
+        to: DType,
+    },
+    /// ONNX `ReverseSequence`. inputs: data, sequence_lens `[batch]`.
+    ReverseSequence {
+        batch_axis: i64,
+        time_axis: i64,
+    },
+    /// ONNX `CenterCropPad`. inputs: data, shape (the sizes of `axes`, or of every axis).
+    CenterCropPad {
+        axes: Option<Vec<i64>>,
+    },
+    /// ONNX `GridSample`. inputs: X `[N, C, d…]`, grid `[N, o…, k]` (k spatial dims, x first).
+    GridSample {
+        mode: GridMode,
+        padding: GridPadding,
+        align_corners: bool,
+    },
+    /// ONNX `AffineGrid`. inputs: theta `[N, k, k + 1]`, size `[N, C, d…]`.
+    AffineGrid {
+        align_corners: bool,
+    },
+    /// ONNX `Col2Im`. inputs: input `[N, C·Πblock, L]`, image_shape, block_shape. Empty lists:
+    /// the defaults (ones, zeros).
+    Col2Im {
+        dilations: Vec<i64>,
+        pads: Vec<i64>,
+        strides: Vec<i64>,
+    },
+    /// ONNX `Det`: determinants of the trailing square matrices.
+    Det,
+}
+
+/// GridSample's interpolation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GridMode {
+    Nearest,
+    Linear,
+    Cubic,
+}
+
+/// GridSample's rule for samples outside the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GridPadding {
+    Zeros,
+    Border,
+    Reflection,
 }
 
 /// The window functions of the signal ops.
@@ -812,6 +860,11 @@ impl Op {
             Op::Stft { .. } => (2, 4, 1, 1),
             Op::Window { .. } => (1, 1, 1, 1),
             Op::MelWeightMatrix { .. } => (5, 5, 1, 1),
+            Op::BitCast { .. } => (1, 1, 1, 1),
+            Op::ReverseSequence { .. } | Op::CenterCropPad { .. } => (2, 2, 1, 1),
+            Op::GridSample { .. } | Op::AffineGrid { .. } => (2, 2, 1, 1),
+            Op::Col2Im { .. } => (3, 3, 1, 1),
+            Op::Det => (1, 1, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(
@@ -825,6 +878,10 @@ impl Op {
         let bad = match self {
             Op::Reduce { axes, .. } | Op::Squeeze { axes } | Op::Unsqueeze { axes } => too_long(axes),
             Op::Transpose { perm } => too_long(perm),
+            Op::CenterCropPad { axes } => too_long(axes),
+            Op::Col2Im { dilations, pads, strides } => {
+                dilations.len() > MAX_RANK || strides.len() > MAX_RANK || pads.len() > 2 * MAX_RANK
+            }
             Op::Split { split, .. } => split.as_ref().is_some_and(|s| s.len() != n_out),
             Op::Conv(c) | Op::ConvFused { conv: c, .. } => {
                 c.kernel_shape.len() > MAX_RANK

@@ -201,8 +201,49 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             }
             vec![(x.dtype, vec![x.shape[0], x.shape[1] * b * b, x.shape[2] / b, x.shape[3] / b])]
         }
+        Op::BitCast { to } => {
+            if to.size() != x.dtype.size() {
+                op_bail!("BitCast from {} to {to}: the element widths differ", x.dtype);
+            }
+            vec![(*to, x.shape.to_vec())]
+        }
+        Op::ReverseSequence { batch_axis, time_axis } => {
+            let (b, t) = (norm_axis(*batch_axis, rank)?, norm_axis(*time_axis, rank)?);
+            if rank < 2 || b == t || b > 1 || t > 1 {
+                op_bail!("ReverseSequence needs rank ≥ 2 and batch/time axes 0 and 1, got {batch_axis} / {time_axis}");
+            }
+            let lens = req(inputs, 1, "sequence_lens")?;
+            if lens.shape != [x.shape[b]] || !matches!(lens.dtype, DType::I64 | DType::I32) {
+                op_bail!("sequence_lens must be int64 [{}], got {} {:?}", x.shape[b], lens.dtype, lens.shape);
+            }
+            vec![(x.dtype, x.shape.to_vec())]
+        }
+        Op::CenterCropPad { .. } => {
+            vec![(x.dtype, crop_pad_shape(op, x.shape, &req(inputs, 1, "shape")?.known_ints("shape")?)?)]
+        }
         _ => op_bail!("not an indexing op ({n_out} outputs)"),
     })
+}
+
+/// CenterCropPad's output shape: each named axis takes its size from `shape`.
+fn crop_pad_shape(op: &Op, x: &[usize], shape: &[i64]) -> OpResult<Vec<usize>> {
+    let Op::CenterCropPad { axes } = op else { op_bail!("not CenterCropPad") };
+    let rank = x.len();
+    let axes: Vec<usize> = match axes {
+        Some(a) => a.iter().map(|&a| norm_axis(a, rank)).collect::<OpResult<_>>()?,
+        None => (0..rank).collect(),
+    };
+    if axes.len() != shape.len() {
+        op_bail!("CenterCropPad: {} sizes for {} axes", shape.len(), axes.len());
+    }
+    let mut out = x.to_vec();
+    for (&a, &s) in axes.iter().zip(shape) {
+        if !(0..=1 << 40).contains(&s) {
+            op_bail!("CenterCropPad size {s} is out of range");
+        }
+        out[a] = s as usize;
+    }
+    Ok(out)
 }
 
 fn count_nonzero(v: &View<'_>) -> OpResult<usize> {
@@ -523,6 +564,61 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                         }
                     }
                 }
+            }
+            Ok(())
+        }
+        Op::BitCast { .. } => {
+            outputs[0].bytes.copy_from_slice(x.bytes);
+            Ok(())
+        }
+        Op::ReverseSequence { batch_axis, time_axis } => {
+            let (b, t) = (norm_axis(*batch_axis, rank)?, norm_axis(*time_axis, rank)?);
+            let lens = req(inputs, 1, "sequence_lens")?;
+            let inner = numel(&x.shape[2..]) * es;
+            let (nb, nt) = (x.shape[b], x.shape[t]);
+            let out = &mut *outputs[0].bytes;
+            out.copy_from_slice(x.bytes);
+            for bi in 0..nb {
+                let len = index_at(lens, bi)?;
+                if len < 0 || len as usize > nt {
+                    op_bail!("sequence length {len} out of range for {nt} steps");
+                }
+                let len = len as usize;
+                for ti in 0..len {
+                    let at = |tt: usize| if b == 0 { bi * nt + tt } else { tt * nb + bi };
+                    let (d, s) = (at(ti) * inner, at(len - 1 - ti) * inner);
+                    out[d..d + inner].copy_from_slice(&x.bytes[s..s + inner]);
+                }
+            }
+            Ok(())
+        }
+        Op::CenterCropPad { .. } => {
+            let out = &mut outputs[0];
+            let oshape = out.shape.to_vec();
+            out.bytes.fill(0);
+            // Per axis: where the kept run starts in the input and in the output, and its length
+            // (a crop drops ⌊d/2⌋ in front, a pad adds ⌊d/2⌋ in front).
+            let mut runs = Vec::with_capacity(rank);
+            for a in 0..rank {
+                let (i, o) = (x.shape[a], oshape[a]);
+                runs.push(if o <= i { ((i - o) / 2, 0, o) } else { (0, (o - i) / 2, i) });
+            }
+            if runs.iter().any(|r| r.2 == 0) {
+                return Ok(());
+            }
+            let (xs, os) = (contiguous_strides(x.shape), contiguous_strides(&oshape));
+            let count: usize = runs.iter().map(|r| r.2).product();
+            let lens: Vec<usize> = runs.iter().map(|r| r.2).collect();
+            let mut idx = [0usize; MAX_RANK];
+            for k in 0..count {
+                unravel(k, &lens, &mut idx);
+                let (mut s, mut d) = (0isize, 0isize);
+                for a in 0..rank {
+                    s += (idx[a] + runs[a].0) as isize * xs[a];
+                    d += (idx[a] + runs[a].1) as isize * os[a];
+                }
+                let (s, d) = (s as usize * es, d as usize * es);
+                out.bytes[d..d + es].copy_from_slice(&x.bytes[s..s + es]);
             }
             Ok(())
         }

@@ -16,6 +16,7 @@ mod convt;
 mod einsum;
 mod elementwise;
 mod index;
+mod linalg;
 mod loss;
 mod matmul;
 mod norm;
@@ -26,6 +27,7 @@ mod recurrent;
 mod reduce;
 mod resize;
 mod rotary;
+mod sample;
 mod shape;
 mod signal;
 #[cfg(test)]
@@ -128,6 +130,10 @@ pub(crate) enum Family<'a> {
     Rotary,
     /// DFT, STFT, windows, MelWeightMatrix.
     Signal,
+    /// GridSample, AffineGrid, Col2Im.
+    Sample,
+    /// Det.
+    Linalg,
     Quant,
     Shape,
     /// Resolved by the planner (`If` branches inlined, `Loop` evaluated), never run as a step.
@@ -174,7 +180,10 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::Compress { .. }
         | Op::DepthToSpace { .. }
         | Op::SpaceToDepth { .. }
-        | Op::SpaceToDepthCrd { .. } => F::Index,
+        | Op::SpaceToDepthCrd { .. }
+        | Op::BitCast { .. }
+        | Op::ReverseSequence { .. }
+        | Op::CenterCropPad { .. } => F::Index,
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => F::Loss,
         Op::Pool(_) => F::Pool,
         Op::Resize(_) => F::Resize,
@@ -202,6 +211,8 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::Tile => F::Shape,
         Op::If { .. } | Op::Loop { .. } => F::Planner,
         Op::Dft { .. } | Op::Stft { .. } | Op::Window { .. } | Op::MelWeightMatrix { .. } => F::Signal,
+        Op::GridSample { .. } | Op::AffineGrid { .. } | Op::Col2Im { .. } => F::Sample,
+        Op::Det => F::Linalg,
     }
 }
 
@@ -303,6 +314,9 @@ fn dtype_generic(op: &Op) -> bool {
             | Op::DepthToSpace { .. }
             | Op::SpaceToDepth { .. }
             | Op::SpaceToDepthCrd { .. }
+            | Op::BitCast { .. }
+            | Op::ReverseSequence { .. }
+            | Op::CenterCropPad { .. }
             | Op::ConstantOfShape { .. }
             | Op::EyeLike { .. }
             | Op::OneHot { .. }
@@ -393,11 +407,11 @@ macro_rules! gate {
 pub fn feature_of(op: &Op) -> Option<&'static str> {
     use Family as F;
     match family(op) {
-        F::Pool | F::Resize | F::ConvTranspose(..) => Some("ops-vision"),
+        F::Pool | F::Resize | F::ConvTranspose(..) | F::Sample => Some("ops-vision"),
         F::Lstm(_) | F::Gru(..) => Some("ops-recurrent"),
         F::Rotary => Some("llm"),
         F::Quant => Some("ops-onnx-quant"),
-        F::Einsum(_) | F::Loss => Some("ops-extra"),
+        F::Einsum(_) | F::Loss | F::Linalg => Some("ops-extra"),
         F::Signal => Some("ops-signal"),
         _ => None,
     }
@@ -471,6 +485,8 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::Rotary => gate!(op, "llm", rotary::infer(op, inputs))?,
         F::Quant => gate!(op, "ops-onnx-quant", quant::infer(op, inputs))?,
         F::Signal => gate!(op, "ops-signal", signal::infer(op, inputs))?,
+        F::Sample => gate!(op, "ops-vision", sample::infer(op, inputs))?,
+        F::Linalg => gate!(op, "ops-extra", linalg::infer(op, inputs))?,
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     };
     for (_, s) in &outs {
@@ -553,6 +569,8 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::Rotary => gate!(op, "llm", rotary::run(op, inputs, outputs)),
         F::Quant => gate!(op, "ops-onnx-quant", quant::run(op, inputs, outputs)),
         F::Signal => gate!(op, "ops-signal", signal::run(op, inputs, outputs)),
+        F::Sample => gate!(op, "ops-vision", sample::run(op, inputs, outputs)),
+        F::Linalg => gate!(op, "ops-extra", linalg::run(inputs, outputs)),
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     }
 }
