@@ -979,6 +979,13 @@ impl Importer {
                 strides: a.ints("strides").unwrap_or_default(),
             }),
             "Det" => Some(Op::Det),
+            "Unique" => Some(Op::Unique { axis: a.get("axis").map(|_| a.i("axis", 0)), sorted: a.flag("sorted", 1) }),
+            "NonMaxSuppression" => Some(Op::NonMaxSuppression { center_point_box: a.flag("center_point_box", 0) }),
+            "MaxUnpool" => Some(Op::MaxUnpool {
+                kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
+                pads: a.ints("pads").unwrap_or_default(),
+                strides: a.ints("strides").unwrap_or_default(),
+            }),
             "MelWeightMatrix" => Some(Op::MelWeightMatrix { dtype: onnx_dtype(a.i("output_datatype", 1) as i32)? }),
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),

@@ -570,6 +570,23 @@ pub enum Op {
     },
     /// ONNX `Det`: determinants of the trailing square matrices.
     Det,
+    /// ONNX `Unique`. outputs: Y, indices, inverse_indices, counts (all but Y optional).
+    Unique {
+        axis: Option<i64>,
+        sorted: bool,
+    },
+    /// ONNX `NonMaxSuppression`. inputs: boxes `[B, N, 4]`, scores `[B, C, N]`,
+    /// max_output_boxes_per_class, iou_threshold, score_threshold (optional); output
+    /// `[selected, 3]` (batch, class, box).
+    NonMaxSuppression {
+        center_point_box: bool,
+    },
+    /// ONNX `MaxUnpool`. inputs: X, I (MaxPool's flat indices), output_shape (optional).
+    MaxUnpool {
+        kernel_shape: Vec<i64>,
+        pads: Vec<i64>,
+        strides: Vec<i64>,
+    },
 }
 
 /// GridSample's interpolation.
@@ -865,6 +882,9 @@ impl Op {
             Op::GridSample { .. } | Op::AffineGrid { .. } => (2, 2, 1, 1),
             Op::Col2Im { .. } => (3, 3, 1, 1),
             Op::Det => (1, 1, 1, 1),
+            Op::Unique { .. } => (1, 1, 1, 4),
+            Op::NonMaxSuppression { .. } => (2, 5, 1, 1),
+            Op::MaxUnpool { .. } => (2, 3, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(
@@ -879,6 +899,15 @@ impl Op {
             Op::Reduce { axes, .. } | Op::Squeeze { axes } | Op::Unsqueeze { axes } => too_long(axes),
             Op::Transpose { perm } => too_long(perm),
             Op::CenterCropPad { axes } => too_long(axes),
+            Op::MaxUnpool { kernel_shape, pads, strides } => {
+                kernel_shape.is_empty()
+                    || kernel_shape.len() > MAX_RANK
+                    || kernel_shape.iter().any(|&k| !(1..1 << 20).contains(&k))
+                    || !(strides.is_empty() || strides.len() == kernel_shape.len())
+                    || strides.iter().any(|&k| !(1..1 << 20).contains(&k))
+                    || !(pads.is_empty() || pads.len() == 2 * kernel_shape.len())
+                    || pads.iter().any(|&p| !(0..1 << 20).contains(&p))
+            }
             Op::Col2Im { dilations, pads, strides } => {
                 dilations.len() > MAX_RANK || strides.len() > MAX_RANK || pads.len() > 2 * MAX_RANK
             }

@@ -161,6 +161,24 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             }
             vec![(x.dtype, x.shape.to_vec())]
         }
+        Op::Unique { axis, .. } => {
+            let v = x.known("X")?;
+            let ax = axis.map(|a| norm_axis(a, rank)).transpose()?;
+            let (order, _, _) = unique_groups(&v, ax, true);
+            let u = order.len();
+            let y = match ax {
+                Some(a) => {
+                    let mut s = x.shape.to_vec();
+                    s[a] = u;
+                    s
+                }
+                None => vec![u],
+            };
+            let slices = ax.map_or(v.len(), |a| x.shape[a]);
+            let mut outs = vec![(x.dtype, y), (DType::I64, vec![u]), (DType::I64, vec![slices]), (DType::I64, vec![u])];
+            outs.truncate(n_out.max(1));
+            outs
+        }
         Op::NonZero => {
             let v = x.known("X")?;
             let n = count_nonzero(&v)?;
@@ -223,6 +241,64 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
         }
         _ => op_bail!("not an indexing op ({n_out} outputs)"),
     })
+}
+
+/// Unique's groups of equal slices (elements when `axis` is `None`): each group's first slice
+/// in output order (ascending, or by first occurrence), each slice's group, each group's size.
+fn unique_groups(x: &View<'_>, axis: Option<usize>, sorted: bool) -> (Vec<usize>, Vec<i64>, Vec<i64>) {
+    use super::elementwise::{read, Num};
+    let (outer, n, inner) = match axis {
+        Some(a) => (numel(&x.shape[..a]), x.shape[a], numel(&x.shape[a + 1..])),
+        None => (1, x.len(), 1),
+    };
+    let key = |s: usize| -> Vec<Num> {
+        let mut k = Vec::with_capacity(outer * inner);
+        for o in 0..outer {
+            for i in 0..inner {
+                k.push(read(x.dtype, x.bytes, (o * n + s) * inner + i));
+            }
+        }
+        k
+    };
+    let cmp_num = |a: &Num, b: &Num| match (a, b) {
+        (Num::I(p), Num::I(q)) => p.cmp(q),
+        (Num::F(p), Num::F(q)) => p.total_cmp(q),
+        (Num::I(_), Num::F(_)) => std::cmp::Ordering::Less,
+        (Num::F(_), Num::I(_)) => std::cmp::Ordering::Greater,
+    };
+    let cmp = |a: &[Num], b: &[Num]| {
+        a.iter().zip(b).map(|(p, q)| cmp_num(p, q)).find(|o| o.is_ne()).unwrap_or(std::cmp::Ordering::Equal)
+    };
+    let keys: Vec<Vec<Num>> = (0..n).map(key).collect();
+    // Slices sorted by value, ties by position: each group starts at its first occurrence.
+    let mut by_value: Vec<usize> = (0..n).collect();
+    by_value.sort_by(|&a, &b| cmp(&keys[a], &keys[b]).then(a.cmp(&b)));
+    let mut firsts: Vec<usize> = Vec::new();
+    let mut group_of = vec![0usize; n];
+    for (i, &s) in by_value.iter().enumerate() {
+        if i == 0 || cmp(&keys[by_value[i - 1]], &keys[s]).is_ne() {
+            firsts.push(s);
+        }
+        group_of[s] = firsts.len() - 1;
+    }
+    // Output order of the groups.
+    let mut order: Vec<usize> = (0..firsts.len()).collect();
+    if !sorted {
+        order.sort_by_key(|&g| firsts[g]);
+    }
+    let mut rank_of = vec![0usize; firsts.len()];
+    for (r, &g) in order.iter().enumerate() {
+        rank_of[g] = r;
+    }
+    let mut counts = vec![0i64; firsts.len()];
+    let inverse: Vec<i64> = (0..n)
+        .map(|s| {
+            let r = rank_of[group_of[s]];
+            counts[r] += 1;
+            r as i64
+        })
+        .collect();
+    (order.iter().map(|&g| firsts[g]).collect(), inverse, counts)
 }
 
 /// CenterCropPad's output shape: each named axis takes its size from `shape`.
@@ -569,6 +645,28 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         Op::BitCast { .. } => {
             outputs[0].bytes.copy_from_slice(x.bytes);
+            Ok(())
+        }
+        Op::Unique { axis, sorted } => {
+            let ax = axis.map(|a| norm_axis(a, rank)).transpose()?;
+            let (order, inverse, counts) = unique_groups(&x, ax, *sorted);
+            // A slice: `outer` runs of `inner` elements, `n` slices along the axis.
+            let (outer, n, inner) = match ax {
+                Some(a) => (numel(&x.shape[..a]), x.shape[a], numel(&x.shape[a + 1..])),
+                None => (1, x.len(), 1),
+            };
+            let u = order.len();
+            let y = &mut *outputs[0].bytes;
+            for o in 0..outer {
+                for (j, &s) in order.iter().enumerate() {
+                    let (src, dst) = (((o * n + s) * inner) * es, ((o * u + j) * inner) * es);
+                    y[dst..dst + inner * es].copy_from_slice(&x.bytes[src..src + inner * es]);
+                }
+            }
+            let lists = [order.iter().map(|&v| v as i64).collect::<Vec<_>>(), inverse, counts];
+            for (out, list) in outputs.iter_mut().skip(1).zip(lists) {
+                out.i64()?.copy_from_slice(&list);
+            }
             Ok(())
         }
         Op::ReverseSequence { batch_axis, time_axis } => {

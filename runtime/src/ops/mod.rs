@@ -130,7 +130,7 @@ pub(crate) enum Family<'a> {
     Rotary,
     /// DFT, STFT, windows, MelWeightMatrix.
     Signal,
-    /// GridSample, AffineGrid, Col2Im.
+    /// GridSample, AffineGrid, Col2Im, NonMaxSuppression, MaxUnpool.
     Sample,
     /// Det.
     Linalg,
@@ -183,7 +183,8 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::SpaceToDepthCrd { .. }
         | Op::BitCast { .. }
         | Op::ReverseSequence { .. }
-        | Op::CenterCropPad { .. } => F::Index,
+        | Op::CenterCropPad { .. }
+        | Op::Unique { .. } => F::Index,
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => F::Loss,
         Op::Pool(_) => F::Pool,
         Op::Resize(_) => F::Resize,
@@ -211,7 +212,11 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::Tile => F::Shape,
         Op::If { .. } | Op::Loop { .. } => F::Planner,
         Op::Dft { .. } | Op::Stft { .. } | Op::Window { .. } | Op::MelWeightMatrix { .. } => F::Signal,
-        Op::GridSample { .. } | Op::AffineGrid { .. } | Op::Col2Im { .. } => F::Sample,
+        Op::GridSample { .. }
+        | Op::AffineGrid { .. }
+        | Op::Col2Im { .. }
+        | Op::NonMaxSuppression { .. }
+        | Op::MaxUnpool { .. } => F::Sample,
         Op::Det => F::Linalg,
     }
 }

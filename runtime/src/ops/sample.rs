@@ -1,7 +1,8 @@
 //! Sampling family (feature `ops-vision`): `GridSample` (nearest / linear / cubic over 1–3
 //! spatial dimensions, zeros / border / reflection padding), `AffineGrid` (the sampling grid of
 //! an affine transform, what spatial-transformer networks feed GridSample) and `Col2Im` (the
-//! sum of overlapping patches back into an image). f32, ONNX semantics (the reference's
+//! sum of overlapping patches back into an image), `NonMaxSuppression` (greedy per batch and
+//! class, its output as long as the selection) and `MaxUnpool`. f32, ONNX semantics (the reference's
 //! arithmetic: coordinates in f32, nearest rounds half to even, cubic with a = −0.75).
 
 use super::{contiguous_strides, numel, req, unravel, Fact, OutFact};
@@ -70,8 +71,143 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             s.extend_from_slice(&image);
             Ok(vec![(DType::F32, s)])
         }
+        Op::NonMaxSuppression { center_point_box } => {
+            let (b, s) = (req(inputs, 0, "boxes")?, req(inputs, 1, "scores")?);
+            nms_geometry(b.shape, s.shape, b.dtype, s.dtype)?;
+            let known = |i: usize, what: &str| -> OpResult<Option<View<'_>>> {
+                inputs.get(i).copied().flatten().map(|f| f.known(what)).transpose()
+            };
+            let (bv, sv) = (b.known("boxes")?, s.known("scores")?);
+            let settings = nms_settings(
+                known(2, "max_output_boxes_per_class")?,
+                known(3, "iou_threshold")?,
+                known(4, "score_threshold")?,
+            )?;
+            let n = nms(bv.shape, bv.f32()?, sv.shape, sv.f32()?, *center_point_box, settings).len();
+            Ok(vec![(DType::I64, vec![n, 3])])
+        }
+        Op::MaxUnpool { .. } => {
+            let (x, i) = (req(inputs, 0, "X")?, req(inputs, 1, "I")?);
+            let full = unpool_shape(op, x.shape)?;
+            if i.shape != x.shape || i.dtype != DType::I64 {
+                op_bail!("MaxUnpool indices must be int64 of X's shape {:?}, got {:?}", x.shape, i.shape);
+            }
+            let shape = match inputs.get(2).copied().flatten() {
+                Some(f) => {
+                    let s = known_dims(&f, "output_shape")?;
+                    if s.len() != full.len() || s.iter().zip(&full).any(|(a, b)| a < b) {
+                        op_bail!("MaxUnpool output_shape {s:?} is smaller than the unpooled {full:?}");
+                    }
+                    s
+                }
+                None => full,
+            };
+            Ok(vec![(x.dtype, shape)])
+        }
         _ => op_bail!("not a sampling op"),
     }
+}
+
+fn nms_geometry(b: &[usize], s: &[usize], bt: DType, st: DType) -> OpResult<()> {
+    if bt != DType::F32 || st != DType::F32 || b.len() != 3 || b[2] != 4 || s.len() != 3 || s[0] != b[0] || s[2] != b[1]
+    {
+        op_bail!("NonMaxSuppression: boxes {b:?} and scores {s:?} do not fit f32 [B, N, 4] / [B, C, N]");
+    }
+    Ok(())
+}
+
+/// (max boxes per class, IoU threshold, score threshold): ONNX's defaults are 0 boxes, 0, none.
+fn nms_settings(
+    max: Option<View<'_>>,
+    iou: Option<View<'_>>,
+    score: Option<View<'_>>,
+) -> OpResult<(usize, f32, Option<f32>)> {
+    let first_f = |v: Option<View<'_>>| -> OpResult<Option<f32>> {
+        Ok(match v {
+            Some(v) if !v.is_empty() => Some(v.f32()?[0]),
+            _ => None,
+        })
+    };
+    let max = match max {
+        Some(v) if !v.is_empty() => v.to_i64_vec()?[0].clamp(0, 1 << 40) as usize,
+        _ => 0,
+    };
+    Ok((max, first_f(iou)?.unwrap_or(0.0), first_f(score)?))
+}
+
+/// Greedy NMS per batch and class (the reference's order: score descending, ties by index).
+fn nms(
+    bs: &[usize],
+    boxes: &[f32],
+    ss: &[usize],
+    scores: &[f32],
+    center: bool,
+    (max, iou, score): (usize, f32, Option<f32>),
+) -> Vec<[i64; 3]> {
+    let (nb, n, nc) = (bs[0], bs[1], ss[1]);
+    let mut out = Vec::new();
+    // (y1, x1, y2, x2) corners, min/max ordered.
+    let corners = |b: &[f32]| -> [f32; 4] {
+        if center {
+            let (hw, hh) = (b[2] / 2.0, b[3] / 2.0);
+            [b[1] - hh, b[0] - hw, b[1] + hh, b[0] + hw]
+        } else {
+            [b[0].min(b[2]), b[1].min(b[3]), b[0].max(b[2]), b[1].max(b[3])]
+        }
+    };
+    let suppress = |a: [f32; 4], b: [f32; 4]| -> bool {
+        let (ix0, ix1) = (a[1].max(b[1]), a[3].min(b[3]));
+        let (iy0, iy1) = (a[0].max(b[0]), a[2].min(b[2]));
+        if ix1 <= ix0 || iy1 <= iy0 {
+            return false;
+        }
+        let inter = (ix1 - ix0) * (iy1 - iy0);
+        let (a1, a2) = ((a[3] - a[1]) * (a[2] - a[0]), (b[3] - b[1]) * (b[2] - b[0]));
+        let union = a1 + a2 - inter;
+        if inter <= 0.0 || a1 <= 0.0 || a2 <= 0.0 || union <= 0.0 {
+            return false;
+        }
+        inter / union > iou
+    };
+    for bi in 0..nb {
+        let bx: Vec<[f32; 4]> = (0..n).map(|i| corners(&boxes[(bi * n + i) * 4..(bi * n + i + 1) * 4])).collect();
+        for c in 0..nc {
+            let sc = &scores[(bi * nc + c) * n..(bi * nc + c + 1) * n];
+            let mut cand: Vec<usize> = (0..n).filter(|&i| score.is_none_or(|t| sc[i] > t)).collect();
+            cand.sort_by(|&a, &b| sc[b].total_cmp(&sc[a]).then(a.cmp(&b)));
+            let mut kept: Vec<usize> = Vec::new();
+            for i in cand {
+                if kept.len() >= max {
+                    break;
+                }
+                if kept.iter().all(|&k| !suppress(bx[i], bx[k])) {
+                    kept.push(i);
+                    out.push([bi as i64, c as i64, i as i64]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// MaxUnpool's shape before `output_shape`: `(in − 1)·stride − pads + kernel` per spatial dim.
+fn unpool_shape(op: &Op, xs: &[usize]) -> OpResult<Vec<usize>> {
+    let Op::MaxUnpool { kernel_shape, pads, strides } = op else { op_bail!("not MaxUnpool") };
+    let sp = kernel_shape.len();
+    if xs.len() != sp + 2 {
+        op_bail!("MaxUnpool: X {xs:?} does not have {sp} spatial dims");
+    }
+    let mut s = xs[..2].to_vec();
+    for d in 0..sp {
+        let st = strides.get(d).copied().unwrap_or(1);
+        let p = pads.get(d).copied().unwrap_or(0) + pads.get(d + sp).copied().unwrap_or(0);
+        let v = (xs[d + 2] as i64 - 1) * st - p + kernel_shape[d];
+        if !(0..1 << 40).contains(&v) {
+            op_bail!("MaxUnpool: spatial dim {d} unpools to {v}");
+        }
+        s.push(v as usize);
+    }
+    Ok(s)
 }
 
 pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>]) -> OpResult<()> {
@@ -93,6 +229,45 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let block = ints(req(inputs, 2, "block_shape")?)?;
             let g = col2im_geometry(op, x.shape, &image, &block)?;
             col2im(&g, x.shape[0], &image, &block, x.f32()?, outputs[0].f32()?);
+            Ok(())
+        }
+        Op::NonMaxSuppression { center_point_box } => {
+            let (b, s) = (req(inputs, 0, "boxes")?, req(inputs, 1, "scores")?);
+            let opt = |i: usize| inputs.get(i).copied().flatten();
+            let settings = nms_settings(opt(2), opt(3), opt(4))?;
+            let sel = nms(b.shape, b.f32()?, s.shape, s.f32()?, *center_point_box, settings);
+            let out = outputs[0].i64()?;
+            if out.len() != sel.len() * 3 {
+                op_bail!("NonMaxSuppression selected {} boxes, planned for {}", sel.len(), out.len() / 3);
+            }
+            out.iter_mut().zip(sel.iter().flatten()).for_each(|(o, v)| *o = *v);
+            Ok(())
+        }
+        Op::MaxUnpool { .. } => {
+            let (x, i) = (req(inputs, 0, "X")?, req(inputs, 1, "I")?);
+            let full = unpool_shape(op, x.shape)?;
+            let out = &mut outputs[0];
+            let oshape = out.shape.to_vec();
+            let es = x.dtype.size();
+            out.bytes.fill(0);
+            let total = numel(&full);
+            let (fs, os) = (contiguous_strides(&full), contiguous_strides(&oshape));
+            let mut idx = [0usize; MAX_RANK];
+            for (k, &flat) in i.i64()?.iter().enumerate() {
+                if !(0..total as i64).contains(&flat) {
+                    op_bail!("MaxUnpool index {flat} is outside the unpooled tensor of {total}");
+                }
+                // The index is flat in the unpooled shape; place it in the (larger) output.
+                let mut rest = flat as isize;
+                let mut at = 0isize;
+                for d in 0..full.len() {
+                    idx[d] = (rest / fs[d]) as usize;
+                    rest %= fs[d];
+                    at += idx[d] as isize * os[d];
+                }
+                let at = at as usize * es;
+                out.bytes[at..at + es].copy_from_slice(&x.bytes[k * es..(k + 1) * es]);
+            }
             Ok(())
         }
         _ => op_bail!("not a sampling op"),
