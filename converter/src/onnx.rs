@@ -979,6 +979,45 @@ impl Importer {
                 strides: a.ints("strides").unwrap_or_default(),
             }),
             "Det" => Some(Op::Det),
+            "CausalConvWithState" => match a.s("activation").as_deref() {
+                None | Some("none") => Some(Op::CausalConvWithState { silu: false }),
+                Some("silu" | "swish") => Some(Op::CausalConvWithState { silu: true }),
+                Some(other) => {
+                    self.refuse(&n.op_type, name, format!("attribute 'activation' = '{other}'"));
+                    return Ok(None);
+                }
+            },
+            "LinearAttention" => {
+                use acorn::graph::LinearAttentionRule as R;
+                let rule = match a.s("update_rule").as_deref() {
+                    None | Some("gated_delta") => R::GatedDelta,
+                    Some("linear") => R::Linear,
+                    Some("gated") => R::Gated,
+                    Some("delta") => R::Delta,
+                    Some(other) => {
+                        self.refuse(&n.op_type, name, format!("attribute 'update_rule' = '{other}'"));
+                        return Ok(None);
+                    }
+                };
+                // chunk_size is a tuning hint: the result is the step-by-step recurrence's.
+                let _ = a.get("chunk_size");
+                let (q_heads, kv_heads) = (a.i("q_num_heads", 0), a.i("kv_num_heads", 0));
+                if q_heads <= 0 || kv_heads <= 0 || q_heads % kv_heads != 0 || q_heads > 1 << 16 {
+                    bail!("node '{name}' (LinearAttention): q_num_heads {q_heads} must be a positive multiple of kv_num_heads {kv_heads}");
+                }
+                Some(Op::LinearAttention { q_heads, kv_heads, scale: a.f("scale", 0.0), rule })
+            }
+            "TensorScatter" => {
+                let circular = match a.s("mode").as_deref() {
+                    None | Some("linear") => false,
+                    Some("circular") => true,
+                    Some(other) => {
+                        self.refuse(&n.op_type, name, format!("attribute 'mode' = '{other}'"));
+                        return Ok(None);
+                    }
+                };
+                Some(Op::TensorScatter { circular, axis: a.i("axis", -2) })
+            }
             "Unique" => Some(Op::Unique { axis: a.get("axis").map(|_| a.i("axis", 0)), sorted: a.flag("sorted", 1) }),
             "NonMaxSuppression" => Some(Op::NonMaxSuppression { center_point_box: a.flag("center_point_box", 0) }),
             "MaxUnpool" => Some(Op::MaxUnpool {

@@ -587,6 +587,35 @@ pub enum Op {
         pads: Vec<i64>,
         strides: Vec<i64>,
     },
+    /// ONNX `CausalConvWithState` (opset 26). inputs: input `[B, C, T]`, weight `[C, 1, k]`,
+    /// bias, past_state `[B, C, k − 1]` (optional); outputs: output, present_state.
+    CausalConvWithState {
+        silu: bool,
+    },
+    /// ONNX `LinearAttention` (opset 26). inputs: query, key, value `[B, T, heads·D]`,
+    /// past_state `[B, kv_heads, d_k, d_v]`, decay, beta (optional); outputs: output,
+    /// present_state. `scale` 0: 1/√d_k.
+    LinearAttention {
+        q_heads: i64,
+        kv_heads: i64,
+        scale: f32,
+        rule: LinearAttentionRule,
+    },
+    /// ONNX `TensorScatter` (opset 24). inputs: past_cache, update, write_indices `[B]`
+    /// (optional).
+    TensorScatter {
+        circular: bool,
+        axis: i64,
+    },
+}
+
+/// LinearAttention's state update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinearAttentionRule {
+    Linear,
+    Gated,
+    Delta,
+    GatedDelta,
 }
 
 /// GridSample's interpolation.
@@ -885,6 +914,9 @@ impl Op {
             Op::Unique { .. } => (1, 1, 1, 4),
             Op::NonMaxSuppression { .. } => (2, 5, 1, 1),
             Op::MaxUnpool { .. } => (2, 3, 1, 1),
+            Op::CausalConvWithState { .. } => (2, 4, 1, 2),
+            Op::LinearAttention { .. } => (3, 6, 1, 2),
+            Op::TensorScatter { .. } => (2, 3, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(

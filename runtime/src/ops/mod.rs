@@ -30,6 +30,7 @@ mod rotary;
 mod sample;
 mod shape;
 mod signal;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -134,6 +135,8 @@ pub(crate) enum Family<'a> {
     Sample,
     /// Det.
     Linalg,
+    /// CausalConvWithState, LinearAttention, TensorScatter.
+    State,
     Quant,
     Shape,
     /// Resolved by the planner (`If` branches inlined, `Loop` evaluated), never run as a step.
@@ -218,6 +221,7 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::NonMaxSuppression { .. }
         | Op::MaxUnpool { .. } => F::Sample,
         Op::Det => F::Linalg,
+        Op::CausalConvWithState { .. } | Op::LinearAttention { .. } | Op::TensorScatter { .. } => F::State,
     }
 }
 
@@ -492,6 +496,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::Signal => gate!(op, "ops-signal", signal::infer(op, inputs))?,
         F::Sample => gate!(op, "ops-vision", sample::infer(op, inputs))?,
         F::Linalg => gate!(op, "ops-extra", linalg::infer(op, inputs))?,
+        F::State => state::infer(op, inputs, n_out)?,
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     };
     for (_, s) in &outs {
@@ -576,6 +581,7 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::Signal => gate!(op, "ops-signal", signal::run(op, inputs, outputs)),
         F::Sample => gate!(op, "ops-vision", sample::run(op, inputs, outputs)),
         F::Linalg => gate!(op, "ops-extra", linalg::run(inputs, outputs)),
+        F::State => state::run(op, inputs, outputs),
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     }
 }
