@@ -578,6 +578,112 @@ impl Importer {
         }
     }
 
+    /// ONNX `Scan` (opset ≥ 9) as a `Loop`: the trip count is the first scan input's length on
+    /// its axis; each iteration's body first takes slice `i` (or `len − 1 − i` in reverse) of
+    /// every scan input with a `Gather`, then runs Scan's body; the states are the carried
+    /// values and the scan outputs are stacked on axis 0. Other output axes or directions are
+    /// refused by name.
+    fn scan(
+        &mut self,
+        n: &pb::NodeProto,
+        a: &Attrs<'_>,
+        name: &str,
+        inputs: &mut Vec<Option<ValueId>>,
+    ) -> Result<Option<Op>> {
+        let g = a.get("body").and_then(|x| x.g.as_ref()).ok_or_else(|| anyhow!("Scan '{name}' lacks a body"))?;
+        let m = a.i("num_scan_inputs", 0);
+        if m < 1 || m as usize > inputs.len() || g.input.len() != inputs.len() {
+            bail!("Scan '{name}': num_scan_inputs {m} with {} inputs and a body of {}", inputs.len(), g.input.len());
+        }
+        let m = m as usize;
+        let n_states = inputs.len() - m;
+        if g.output.len() < n_states || n.output.len() != g.output.len() {
+            bail!("Scan '{name}': {} outputs, its body {} for {n_states} states", n.output.len(), g.output.len());
+        }
+        let k = g.output.len() - n_states;
+        let list = |key: &'static str, len: usize| -> Result<Vec<i64>> {
+            let v = a.ints(key).unwrap_or_else(|| vec![0; len]);
+            if v.len() != len {
+                bail!("Scan '{name}': {key} has {} entries for {len}", v.len());
+            }
+            Ok(v)
+        };
+        let (in_axes, in_dirs) = (list("scan_input_axes", m)?, list("scan_input_directions", m)?);
+        let (out_axes, out_dirs) = (list("scan_output_axes", k)?, list("scan_output_directions", k)?);
+        if in_dirs.iter().any(|d| !(0..=1).contains(d)) || out_dirs.iter().any(|d| !(0..=1).contains(d)) {
+            bail!("Scan '{name}': scan directions must be 0 or 1");
+        }
+        if out_axes.iter().any(|&x| x != 0) || out_dirs.iter().any(|&d| d != 0) {
+            self.refuse(
+                &n.op_type,
+                name,
+                format!("scan_output_axes {out_axes:?} / scan_output_directions {out_dirs:?} (only 0)"),
+            );
+            return Ok(None);
+        }
+        let scan_ins: Vec<Option<ValueId>> = inputs[n_states..].to_vec();
+        // Each scan input's length on its axis (a scalar), in the outer graph.
+        let mut lens = Vec::with_capacity(m);
+        for (j, x) in scan_ins.iter().enumerate() {
+            let shape = self.emit(&format!("{name}/shape{j}"), Op::Shape { start: 0, end: None }, vec![*x]);
+            let axis = self.add_const(&format!("{name}/axis{j}"), Tensor::from_i64(vec![], vec![in_axes[j]]));
+            lens.push(self.emit(&format!("{name}/len{j}"), Op::Gather { axis: 0 }, vec![Some(shape), Some(axis)]));
+        }
+        let one = self.add_const(&format!("{name}/one"), Tensor::from_i64(vec![], vec![1]));
+        let outer = std::mem::take(&mut self.extra_nodes);
+        self.scopes.push(HashMap::new());
+        let iter = self.define("");
+        let cond = self.define("");
+        let states: Vec<ValueId> = g.input[..n_states].iter().map(|vi| self.define(&vi.name)).collect();
+        let mut nodes = Vec::new();
+        for j in 0..m {
+            let t = if in_dirs[j] == 1 {
+                let last = self.define("");
+                nodes.push(Node {
+                    name: format!("{name}/last{j}"),
+                    op: Op::Binary(BinaryOp::Sub),
+                    inputs: vec![Some(lens[j]), Some(one)],
+                    outputs: vec![last],
+                });
+                let t = self.define("");
+                nodes.push(Node {
+                    name: format!("{name}/reverse{j}"),
+                    op: Op::Binary(BinaryOp::Sub),
+                    inputs: vec![Some(last), Some(iter)],
+                    outputs: vec![t],
+                });
+                t
+            } else {
+                iter
+            };
+            let slice = self.define(&g.input[n_states + j].name);
+            nodes.push(Node {
+                name: format!("{name}/slice{j}"),
+                op: Op::Gather { axis: in_axes[j] },
+                inputs: vec![scan_ins[j], Some(t)],
+                outputs: vec![slice],
+            });
+        }
+        let body = self.import_body(g);
+        let outs: Result<Vec<ValueId>> = g
+            .output
+            .iter()
+            .map(|o| self.lookup(&o.name).ok_or_else(|| anyhow!("Scan '{name}': body output '{}' undefined", o.name)))
+            .collect();
+        self.scopes.pop();
+        self.extra_nodes = outer;
+        nodes.extend(body?);
+        let mut outputs = vec![cond];
+        outputs.extend(outs?);
+        self.graph.subgraphs.push(SubGraph { nodes, outputs });
+        let mut loop_inputs = vec![Some(lens[0]), None];
+        loop_inputs.extend_from_slice(&inputs[..n_states]);
+        *inputs = loop_inputs;
+        let mut body_inputs = vec![iter, cond];
+        body_inputs.extend(states);
+        Ok(Some(Op::Loop { body: (self.graph.subgraphs.len() - 1) as u32, body_inputs }))
+    }
+
     /// Emits `op(inputs)` as an extra node before the current one; returns its output value.
     fn emit(&mut self, name: &str, op: Op, inputs: Vec<Option<ValueId>>) -> ValueId {
         let out = self.define("");
@@ -1286,6 +1392,13 @@ impl Importer {
                 self.scopes.pop();
                 self.graph.subgraphs.push(SubGraph { nodes: nodes?, outputs: outputs? });
                 Some(Op::Loop { body: (self.graph.subgraphs.len() - 1) as u32, body_inputs })
+            }
+            "Scan" => {
+                if opset < 9 {
+                    self.refuse(&n.op_type, name, "opset-8 Scan (a batch axis with sequence_lens)".into());
+                    return Ok(None);
+                }
+                return self.scan(n, a, name, inputs);
             }
             "If" => {
                 let mut branch = |key: &'static str| -> Result<u32> {

@@ -206,3 +206,64 @@ fn gemm_in_every_exporters_form_is_a_product_that_quantizes() {
         }
     }
 }
+
+/// `Scan` imports as a `Loop` over slices: with the scan input taken along axis 1 in reverse
+/// (attributes the node tests leave at their defaults), a running sum as the state and the
+/// partial sums as the scan output — checked against the definition; an output axis the
+/// lowering does not do is refused by name.
+#[test]
+fn scan_runs_reversed_along_any_axis_and_refuses_output_axes() {
+    let body = {
+        let mut g = OnnxBuilder::new(17);
+        g.input_f32("sum_in", &["2"]);
+        g.input_f32("col", &["2"]);
+        g.node("Add", "acc", &["sum_in", "col"], &["sum_out"], vec![]);
+        g.node("Identity", "copy", &["sum_out"], &["partial"], vec![]);
+        g.output_f32("sum_out");
+        g.output_f32("partial");
+        g
+    };
+    let build = |out_axes: &[i64]| {
+        let mut b = OnnxBuilder::new(17);
+        b.input_f32("init", &["2"]);
+        b.input_f32("x", &["2", "4"]);
+        let mut attrs = vec![
+            OnnxBuilder::attr_graph("body", &body),
+            OnnxBuilder::attr_i("num_scan_inputs", 1),
+            OnnxBuilder::attr_ints("scan_input_axes", &[1]),
+            OnnxBuilder::attr_ints("scan_input_directions", &[1]),
+        ];
+        if !out_axes.is_empty() {
+            attrs.push(OnnxBuilder::attr_ints("scan_output_axes", out_axes));
+        }
+        b.node("Scan", "scan", &["init", "x"], &["total", "partials"], attrs);
+        b.output_f32("total");
+        b.output_f32("partials");
+        b.to_bytes()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("scan.onnx");
+    std::fs::write(&src, build(&[])).unwrap();
+    let out = dir.path().join("scan.acorn");
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    let init = Tensor::from_f32(vec![2], vec![0.5, -1.0]);
+    let xv: Vec<f32> = (0..8).map(|i| i as f32 * 1.5 - 2.0).collect();
+    let x = Tensor::from_f32(vec![2, 4], xv.clone());
+    let model = Model::open(&out).unwrap();
+    let y = model.session().commit().unwrap().run(&[("init", &init), ("x", &x)]).unwrap().into_vec();
+    // Columns 3, 2, 1, 0 in turn.
+    let mut sum = [0.5f32, -1.0];
+    let mut partials = Vec::new();
+    for c in (0..4).rev() {
+        for r in 0..2 {
+            sum[r] += xv[r * 4 + c];
+        }
+        partials.extend_from_slice(&sum);
+    }
+    assert_eq!(y[0].as_f32().unwrap(), &sum);
+    assert_eq!(y[1].shape(), &[4, 2]);
+    assert_eq!(y[1].as_f32().unwrap(), partials.as_slice());
+    std::fs::write(&src, build(&[1])).unwrap();
+    let err = format!("{:#}", convert(&src, &out, &ConvertOptions::default()).unwrap_err());
+    assert!(err.contains("scan_output_axes"), "{err}");
+}
