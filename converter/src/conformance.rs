@@ -22,6 +22,8 @@ pub const ATOL: f64 = 1e-5;
 /// rounds each op's output once; a reference that rounds inside (NumPy's f16 sums) differs by
 /// that much on a chain of f16 ops. The ONNX runner allows the same two ULPs for bfloat16.
 pub const RTOL_F16: f64 = 1.0 / 512.0;
+/// Relative tolerance for bfloat16 outputs: two bfloat16 ULPs (computed in f32, rounded once).
+pub const RTOL_BF16: f64 = 1.0 / 64.0;
 
 /// How one test ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -187,7 +189,11 @@ pub fn compare(got: &Tensor, want: &Tensor) -> Result<()> {
     if got.shape() != want.shape() {
         bail!("shape {:?} != expected {:?}", got.shape(), want.shape());
     }
-    let rtol = if got.dtype() == acorn::DType::F16 { RTOL_F16 } else { RTOL };
+    let rtol = match got.dtype() {
+        acorn::DType::F16 => RTOL_F16,
+        acorn::DType::BF16 => RTOL_BF16,
+        _ => RTOL,
+    };
     let close = |g: f64, w: f64| (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= ATOL + rtol * w.abs();
     let check = |i: usize, g: f64, w: f64| -> Result<()> {
         if close(g, w) {
@@ -205,6 +211,9 @@ pub fn compare(got: &Tensor, want: &Tensor) -> Result<()> {
         }
         (TensorData::F16(a), TensorData::F16(b)) => a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| {
             check(i, acorn::dtype::f16_to_f32(g) as f64, acorn::dtype::f16_to_f32(w) as f64)
+        }),
+        (TensorData::BF16(a), TensorData::BF16(b)) => a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| {
+            check(i, acorn::dtype::bf16_to_f32(g) as f64, acorn::dtype::bf16_to_f32(w) as f64)
         }),
         _ if got.bytes() == want.bytes() => Ok(()),
         (TensorData::U64(a), TensorData::U64(b)) => match a.iter().zip(b).position(|(x, y)| x != y) {
@@ -272,12 +281,12 @@ fn snake_case(s: &str) -> String {
 pub const POLICY: &str = "\
 ## What is deliberately not supported, and why
 
-- **Element types without a deployable edge use**: `string`, `bfloat16`, the float8 family
-  (`e4m3fn`, `e4m3fnuz`, `e5m2`, `e5m2fnuz`, `e8m0`), `float4e2m1` and the packed 2-/4-bit integers
-  (`int4`, `uint4`, `int2`, `uint2`) as tensor types. Acorn's own int4/int8 weight formats are
-  produced by the converter's quantization passes, not carried as ONNX tensor types; models already
-  quantized by other tools import through `DequantizeLinear`/`QuantizeLinear` of 8- and 16-bit
-  integers, `MatMulInteger` and `QLinearMatMul`.
+- **Element types not carried yet**: `string`, the float8 family (`e4m3fn`, `e4m3fnuz`, `e5m2`,
+  `e5m2fnuz`, `e8m0`) and `float4e2m1`. `bfloat16` tensors load and move as themselves and compute
+  in f32 (like f16); the 4- and 2-bit integers (`int4`, `uint4`, `int2`, `uint2`) are unpacked to
+  one value per byte at import, so every data-movement op, `Cast` and `QuantizeLinear` /
+  `DequantizeLinear` (the QDQ form of 4-bit weights) run on them. A float cast to a 4- or 2-bit
+  integer wraps out-of-range values (ONNX leaves them undefined; onnx 1.23's suite expects 0).
 - **Sequence, optional and map values** (`SequenceConstruct`, `SplitToSequence`, `Optional*`, tests
   whose inputs are sequences): a runtime value is a dense tensor.
 - **Training-only and random ops**: `Adam`, `Adagrad`, `Momentum`, random `Dropout` (training
@@ -286,7 +295,7 @@ pub const POLICY: &str = "\
 - Ops not yet implemented are listed by name in the table below (the converter names every one
   of them in its error).
 
-**f16 and f64**: tensors of these types load, convert and move as themselves (Cast, Reshape, Gather,
+**f16, bf16 and f64**: tensors of these types load, convert and move as themselves (Cast, Reshape, Gather,
 Concat… run natively); ops that compute on their values run in f32 with conversion at the op's
 boundary, the same precision contract as the rest of the runtime (f64 graphs are computed at f32
 precision; results are compared with the ONNX tolerance, rtol 1e-3 / atol 1e-5).
@@ -321,6 +330,12 @@ valid but not implemented):
 | Cast / CastLike | `saturate`, `round_mode` (they only act on float8 / float4 targets, which are refused as types) | |
 | Dropout | inference (`ratio`, `seed` have no effect) | training mode, the mask output |
 | MatMulNBits (com.microsoft) | 2–8 bits, power-of-two blocks ≥ 16, zero points, bias, `accuracy_level` (lifted to q4 or, with `--quantized-import as-written`, f32) | `g_idx` (act-order) |
+| Dropout | inference, with or without the mask output (all true); training mode with ratio 0 | training mode with a ratio above 0 (random; refused when it runs) |
+| Scan | opset ≥ 9: any `scan_input_axes` / `scan_input_directions` (run as a Loop over slices) | `scan_output_axes` / `scan_output_directions` other than 0; opset 8 (batch axis, sequence_lens) |
+| GridSample | `mode` nearest / linear / cubic (and opset 16's bilinear / bicubic), `padding_mode` zeros / border / reflection, `align_corners`, 1–3 spatial dims | other strings |
+| DFT / STFT | opset 17's `axis` attribute and opset 20's axis input, `inverse`, `onesided` (irfft when both), `dft_length`; STFT `onesided`, window, frame_length | |
+| LinearAttention | `update_rule` linear / gated / delta / gated_delta, GQA, per-head or per-row decay, `scale` (`chunk_size` is a hint: the step-by-step result) | other rules |
+| CausalConvWithState / TensorScatter | `activation` none / silu / swish; `mode` linear / circular, `axis` | other strings |
 
 `tests/tests/differential.rs` mutates every attribute of the passing node tests and of
 MiniLM-L3 and requires an error or ONNX Runtime's answer on each mutated model.
@@ -339,7 +354,7 @@ pub fn markdown(results: &[CaseResult], header: &str) -> String {
     let _ = writeln!(s, "# ONNX conformance\n\n{header}\n");
     let _ = writeln!(
         s,
-        "**{p} of {} node tests pass** ({f} failed, {u} unsupported). Tolerance: rtol {RTOL} (f16 outputs: two f16 ULPs, {RTOL_F16}), atol {ATOL}; \
+        "**{p} of {} node tests pass** ({f} failed, {u} unsupported). Tolerance: rtol {RTOL} (f16 outputs: two f16 ULPs, {RTOL_F16}; bfloat16: two bfloat16 ULPs, {RTOL_BF16}), atol {ATOL}; \
          dtype and shape must match exactly.\n",
         results.len()
     );

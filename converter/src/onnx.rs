@@ -121,8 +121,21 @@ fn onnx_dtype(t: i32) -> Result<DType> {
         4 => DType::U16,
         12 => DType::U32,
         13 => DType::U64,
+        16 => DType::BF16,
+        21 => DType::U4,
+        22 => DType::I4,
+        25 => DType::U2,
+        26 => DType::I2,
         other => bail!("ONNX data type {other} ({}) is not supported", dtype_name(other)),
     })
+}
+
+/// Bytes `n` elements of `dtype` take in an ONNX tensor (sub-byte integers packed).
+fn stored_len(dtype: DType, n: usize) -> Option<usize> {
+    match dtype.sub_byte() {
+        Some((bits, _)) => Some(n.checked_mul(bits as usize)?.div_ceil(8)),
+        None => n.checked_mul(dtype.size()),
+    }
 }
 
 fn dtype_name(t: i32) -> &'static str {
@@ -181,7 +194,7 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
             );
         }
         let path = contained_file(base_dir, rel).with_context(|| format!("tensor '{}': external data", t.name))?;
-        let len = n.checked_mul(dtype.size()).ok_or_else(|| anyhow!("tensor '{}' too large", t.name))?;
+        let len = stored_len(dtype, n).ok_or_else(|| anyhow!("tensor '{}' too large", t.name))?;
         if let Some(l) = get("length").map(|s| s.parse::<u64>()).transpose()? {
             if l != len as u64 {
                 bail!("tensor '{}': external data length {l} but the shape needs {len} bytes", t.name);
@@ -216,8 +229,33 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
     } else {
         None
     };
+    if let Some((bits, signed)) = dtype.sub_byte() {
+        // Packed little end first, `8 / bits` to a byte: in raw_data, or a byte per int32_data.
+        let packed: Vec<u8> = match raw {
+            Some(r) => r,
+            None => t.int32_data.iter().map(|&v| v as u8).collect(),
+        };
+        if Some(packed.len()) != stored_len(dtype, n) {
+            bail!("tensor '{}': {} packed bytes for {n} {}-bit values", t.name, packed.len(), bits);
+        }
+        let per = (8 / bits) as usize;
+        let mask = (1u8 << bits) - 1;
+        let values: Vec<u8> = (0..n)
+            .map(|i| {
+                let v = (packed[i / per] >> ((i % per) as u32 * bits)) & mask;
+                if signed && v >> (bits - 1) == 1 {
+                    (v as i8 - (1i8 << bits)) as u8
+                } else {
+                    v
+                }
+            })
+            .collect();
+        return Tensor::from_bytes(dtype, shape, &values).map_err(|e| anyhow!("tensor '{}': {e}", t.name));
+    }
     let data = match (dtype, raw) {
         (d, Some(r)) => return Tensor::from_bytes(d, shape, &r).map_err(|e| anyhow!("tensor '{}': {e}", t.name)),
+        (DType::BF16, None) => TensorData::BF16(t.int32_data.iter().map(|&v| v as u16).collect()),
+        (DType::I4 | DType::U4 | DType::I2 | DType::U2, None) => unreachable!("unpacked above"),
         (DType::F32, None) => TensorData::F32(if !t.float_data.is_empty() {
             t.float_data.clone()
         } else {
@@ -726,6 +764,12 @@ impl Importer {
                 let _ = (a.get("ratio"), a.get("seed"));
                 inputs.truncate(1);
                 Some(Op::Identity)
+            }
+            "Dropout" if opset >= 12 => {
+                // The mask output, or a training_mode input: the deterministic cases (inference,
+                // or ratio 0) run; a random mask is a run-time error.
+                let _ = a.get("seed");
+                Some(Op::Dropout)
             }
             "Relu" => un(U::Relu),
             "Sigmoid" => un(U::Sigmoid),

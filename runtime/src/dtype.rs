@@ -32,6 +32,16 @@ pub enum DType {
     U32,
     /// 64-bit unsigned integer.
     U64,
+    /// bfloat16: the upper half of an f32 (arithmetic runs in f32).
+    BF16,
+    /// 4-bit signed integer, one per byte in memory (sign-extended), packed two per byte in ONNX.
+    I4,
+    /// 4-bit unsigned integer, one per byte in memory.
+    U4,
+    /// 2-bit signed integer, one per byte in memory (sign-extended).
+    I2,
+    /// 2-bit unsigned integer, one per byte in memory.
+    U2,
 }
 
 impl DType {
@@ -39,8 +49,8 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::I32 | DType::U32 => 4,
-            DType::F16 | DType::I16 | DType::U16 => 2,
-            DType::I8 | DType::U8 | DType::Bool => 1,
+            DType::F16 | DType::I16 | DType::U16 | DType::BF16 => 2,
+            DType::I8 | DType::U8 | DType::Bool | DType::I4 | DType::U4 | DType::I2 | DType::U2 => 1,
             DType::I64 | DType::F64 | DType::U64 => 8,
         }
     }
@@ -60,12 +70,28 @@ impl DType {
             DType::U16 => "u16",
             DType::U32 => "u32",
             DType::U64 => "u64",
+            DType::BF16 => "bf16",
+            DType::I4 => "i4",
+            DType::U4 => "u4",
+            DType::I2 => "i2",
+            DType::U2 => "u2",
         }
     }
 
     /// True for the floating-point types.
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::F64)
+        matches!(self, DType::F32 | DType::F16 | DType::F64 | DType::BF16)
+    }
+
+    /// For the sub-byte integers: (bits, signed). Stored one per byte, packed in ONNX.
+    pub fn sub_byte(self) -> Option<(u32, bool)> {
+        match self {
+            DType::I4 => Some((4, true)),
+            DType::U4 => Some((4, false)),
+            DType::I2 => Some((2, true)),
+            DType::U2 => Some((2, false)),
+            _ => None,
+        }
     }
 }
 
@@ -90,6 +116,21 @@ pub fn f16_to_f32(h: u16) -> f32 {
         (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
     };
     f32::from_bits(bits)
+}
+
+/// bfloat16 (bits) to f32, exact.
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// f32 to bfloat16 (bits), rounding to nearest even; NaN stays a (quiet) NaN.
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x40;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
 }
 
 /// f32 to IEEE half (bits), rounding to nearest even; overflow gives ±inf, NaN stays NaN.
@@ -130,5 +171,34 @@ pub fn f32_to_f16(x: f32) -> u16 {
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bfloat16_rounds_to_nearest_even() {
+        let ulp = 2f32.powi(-7); // at 1.0
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + ulp / 2.0)), 1.0, "a tie goes to the even neighbour");
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.5 * ulp)), 1.0 + 2.0 * ulp, "a tie goes to the even neighbour");
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 0.6 * ulp)), 1.0 + ulp);
+        assert_eq!(bf16_to_f32(f32_to_bf16(0.478_925_47)), 0.478_515_63);
+        assert_eq!(bf16_to_f32(f32_to_bf16(-0.0)).to_bits(), (-0.0f32).to_bits());
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::MAX)), f32::INFINITY, "overflow rounds to infinity");
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert!(
+            bf16_to_f32(f32_to_bf16(f32::from_bits(0x7f80_0001))).is_nan(),
+            "a NaN with low payload bits stays NaN"
+        );
+    }
+
+    #[test]
+    fn sub_byte_integers_know_their_width() {
+        assert_eq!(DType::I4.sub_byte(), Some((4, true)));
+        assert_eq!(DType::U2.sub_byte(), Some((2, false)));
+        assert_eq!(DType::I8.sub_byte(), None);
+        assert_eq!(DType::I4.size(), 1);
     }
 }

@@ -28,6 +28,10 @@ pub enum TensorData {
     I16(Vec<i16>),
     /// 16-bit unsigned integers.
     U16(Vec<u16>),
+    /// bfloat16 bits.
+    BF16(Vec<u16>),
+    /// Sub-byte integers ([`DType::sub_byte`]), one per byte (signed ones sign-extended).
+    Narrow(DType, Vec<u8>),
     /// 32-bit unsigned integers.
     U32(Vec<u32>),
     /// 64-bit unsigned integers.
@@ -96,6 +100,8 @@ impl Tensor {
             DType::U16 => TensorData::U16(zeroed(n)?),
             DType::U32 => TensorData::U32(zeroed(n)?),
             DType::U64 => TensorData::U64(zeroed(n)?),
+            DType::BF16 => TensorData::BF16(zeroed(n)?),
+            DType::I4 | DType::U4 | DType::I2 | DType::U2 => TensorData::Narrow(dtype, zeroed(n)?),
         };
         Ok(Tensor { shape, data })
     }
@@ -144,6 +150,8 @@ impl Tensor {
             TensorData::U16(_) => DType::U16,
             TensorData::U32(_) => DType::U32,
             TensorData::U64(_) => DType::U64,
+            TensorData::BF16(_) => DType::BF16,
+            TensorData::Narrow(d, _) => d,
         }
     }
 
@@ -155,7 +163,8 @@ impl Tensor {
             TensorData::I32(v) => v.len(),
             TensorData::I8(v) => v.len(),
             TensorData::U8(v) | TensorData::Bool(v) => v.len(),
-            TensorData::F16(v) | TensorData::U16(v) => v.len(),
+            TensorData::F16(v) | TensorData::U16(v) | TensorData::BF16(v) => v.len(),
+            TensorData::Narrow(_, v) => v.len(),
             TensorData::F64(v) => v.len(),
             TensorData::I16(v) => v.len(),
             TensorData::U32(v) => v.len(),
@@ -192,7 +201,8 @@ impl Tensor {
             TensorData::I32(v) => bytemuck::cast_slice(v),
             TensorData::I8(v) => bytemuck::cast_slice(v),
             TensorData::U8(v) | TensorData::Bool(v) => v,
-            TensorData::F16(v) | TensorData::U16(v) => bytemuck::cast_slice(v),
+            TensorData::F16(v) | TensorData::U16(v) | TensorData::BF16(v) => bytemuck::cast_slice(v),
+            TensorData::Narrow(_, v) => v,
             TensorData::F64(v) => bytemuck::cast_slice(v),
             TensorData::I16(v) => bytemuck::cast_slice(v),
             TensorData::U32(v) => bytemuck::cast_slice(v),
@@ -207,7 +217,8 @@ impl Tensor {
             TensorData::I32(v) => bytemuck::cast_slice_mut(v),
             TensorData::I8(v) => bytemuck::cast_slice_mut(v),
             TensorData::U8(v) | TensorData::Bool(v) => v,
-            TensorData::F16(v) | TensorData::U16(v) => bytemuck::cast_slice_mut(v),
+            TensorData::F16(v) | TensorData::U16(v) | TensorData::BF16(v) => bytemuck::cast_slice_mut(v),
+            TensorData::Narrow(_, v) => v,
             TensorData::F64(v) => bytemuck::cast_slice_mut(v),
             TensorData::I16(v) => bytemuck::cast_slice_mut(v),
             TensorData::U32(v) => bytemuck::cast_slice_mut(v),

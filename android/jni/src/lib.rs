@@ -541,8 +541,8 @@ pub extern "system" fn Java_dev_acorn_Native_outputShape<'l>(
 }
 
 /// The output's elements copied into a new Java array of its element size: FloatArray (f32),
-/// DoubleArray (f64), LongArray (i64, u64), IntArray (i32, u32), ShortArray (f16, i16, u16),
-/// ByteArray (i8, u8, bool).
+/// DoubleArray (f64), LongArray (i64, u64), IntArray (i32, u32), ShortArray (f16, i16, u16,
+/// bf16), ByteArray (i8, u8, bool, and the sub-byte integers one per byte).
 #[no_mangle]
 pub extern "system" fn Java_dev_acorn_Native_outputData<'l>(
     mut env: JNIEnv<'l>,
@@ -572,7 +572,7 @@ pub extern "system" fn Java_dev_acorn_Native_outputData<'l>(
             array!(i64, new_long_array, set_long_array_region)
         } else if d == D::I32 as i32 || d == D::U32 as i32 {
             array!(i32, new_int_array, set_int_array_region)
-        } else if d == D::F16 as i32 || d == D::I16 as i32 || d == D::U16 as i32 {
+        } else if d == D::F16 as i32 || d == D::I16 as i32 || d == D::U16 as i32 || d == D::Bf16 as i32 {
             array!(i16, new_short_array, set_short_array_region)
         } else {
             array!(i8, new_byte_array, set_byte_array_region)

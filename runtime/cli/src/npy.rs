@@ -83,6 +83,10 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
             TensorData::U16(v) => put!(u16, v.iter().copied()),
             TensorData::U32(v) => put!(u32, v.iter().copied()),
             TensorData::U64(v) => put!(u64, v.iter().copied()),
+            // NumPy has no bfloat16 or sub-byte integers: widened exactly, to f32 and i8 / u8.
+            TensorData::BF16(v) => put!(f32, v.iter().map(|&b| acorn::dtype::bf16_to_f32(b))),
+            TensorData::Narrow(d, v) if d.sub_byte().is_some_and(|s| s.1) => put!(i8, v.iter().map(|&b| b as i8)),
+            TensorData::Narrow(_, v) => put!(u8, v.iter().copied()),
             // npyz has no f16 element type: a v1 header by hand, then the bits.
             TensorData::F16(v) => {
                 let dims: Vec<String> = shape.iter().map(u64::to_string).collect();

@@ -88,6 +88,16 @@ enum AcornDtype
   ACORN_DTYPE_U32 = 11,
   // 64-bit unsigned integer.
   ACORN_DTYPE_U64 = 12,
+  // bfloat16 (the upper half of an f32), 2 bytes.
+  ACORN_DTYPE_BF16 = 13,
+  // 4-bit signed integer, one per byte (sign-extended).
+  ACORN_DTYPE_I4 = 14,
+  // 4-bit unsigned integer, one per byte.
+  ACORN_DTYPE_U4 = 15,
+  // 2-bit signed integer, one per byte (sign-extended).
+  ACORN_DTYPE_I2 = 16,
+  // 2-bit unsigned integer, one per byte.
+  ACORN_DTYPE_U2 = 17,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

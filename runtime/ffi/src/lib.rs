@@ -97,9 +97,19 @@ pub enum AcornDtype {
     U32 = 11,
     /// 64-bit unsigned integer.
     U64 = 12,
+    /// bfloat16 (the upper half of an f32), 2 bytes.
+    Bf16 = 13,
+    /// 4-bit signed integer, one per byte (sign-extended).
+    I4 = 14,
+    /// 4-bit unsigned integer, one per byte.
+    U4 = 15,
+    /// 2-bit signed integer, one per byte (sign-extended).
+    I2 = 16,
+    /// 2-bit unsigned integer, one per byte.
+    U2 = 17,
 }
 
-const DTYPES: [(AcornDtype, DType); 12] = [
+const DTYPES: [(AcornDtype, DType); 17] = [
     (AcornDtype::F32, DType::F32),
     (AcornDtype::F16, DType::F16),
     (AcornDtype::I8, DType::I8),
@@ -112,6 +122,11 @@ const DTYPES: [(AcornDtype, DType); 12] = [
     (AcornDtype::U16, DType::U16),
     (AcornDtype::U32, DType::U32),
     (AcornDtype::U64, DType::U64),
+    (AcornDtype::Bf16, DType::BF16),
+    (AcornDtype::I4, DType::I4),
+    (AcornDtype::U4, DType::U4),
+    (AcornDtype::I2, DType::I2),
+    (AcornDtype::U2, DType::U2),
 ];
 
 fn dtype_from_code(code: i32) -> Result<DType, Failure> {

@@ -116,6 +116,17 @@ fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
             let a = make::<u8>(py, t)?;
             a.call_method1("astype", ("bool",))
         }
+        // NumPy has no bfloat16 or sub-byte integers: widened exactly, to float32 and int8 / uint8.
+        DType::BF16 => {
+            let v: Vec<f32> = t
+                .bytes()
+                .chunks_exact(2)
+                .map(|b| acorn::dtype::bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect();
+            Ok(numpy::PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?.into_any())
+        }
+        DType::I4 | DType::I2 => make::<i8>(py, t),
+        DType::U4 | DType::U2 => make::<u8>(py, t),
     }
 }
 

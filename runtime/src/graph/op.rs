@@ -607,6 +607,10 @@ pub enum Op {
         circular: bool,
         axis: i64,
     },
+    /// ONNX `Dropout` as a deterministic op: inputs data, ratio, training_mode (optional);
+    /// outputs the data and a mask of `true`. Training mode with a ratio above 0 (random) is a
+    /// run-time error.
+    Dropout,
 }
 
 /// LinearAttention's state update.
@@ -917,6 +921,7 @@ impl Op {
             Op::CausalConvWithState { .. } => (2, 4, 1, 2),
             Op::LinearAttention { .. } => (3, 6, 1, 2),
             Op::TensorScatter { .. } => (2, 3, 1, 1),
+            Op::Dropout => (1, 3, 1, 2),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(

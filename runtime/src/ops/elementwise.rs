@@ -685,7 +685,18 @@ pub(crate) fn read(d: DType, bytes: &[u8], i: usize) -> Num {
         DType::I64 => Num::I(u as i64 as i128),
         DType::U8 | DType::U16 | DType::U32 | DType::U64 => Num::I(u as i128),
         DType::Bool => Num::I((u != 0) as i128),
+        DType::BF16 => Num::F(crate::dtype::bf16_to_f32(u as u16) as f64),
+        DType::I4 | DType::I2 => Num::I(u as u8 as i8 as i128),
+        DType::U4 | DType::U2 => Num::I(u as u8 as i128),
     }
+}
+
+/// `v` wrapped to a sub-byte integer of `bits` (two's complement, sign-extended when signed),
+/// as its byte.
+fn wrap_sub_byte(v: i64, bits: u32, signed: bool) -> u64 {
+    let m = v & ((1i64 << bits) - 1);
+    let m = if signed && m >= 1 << (bits - 1) { m - (1 << bits) } else { m };
+    m as i8 as u8 as u64
 }
 
 /// Writes `v` as element `i` of type `d` (C-style conversion: floats truncate toward zero and
@@ -699,6 +710,17 @@ pub(crate) fn write(d: DType, bytes: &mut [u8], i: usize, v: Num) {
         (DType::F64, Num::I(x)) => (x as f64).to_bits(),
         (DType::F16, Num::F(x)) => crate::tensor::f32_to_f16(x as f32) as u64,
         (DType::F16, Num::I(x)) => crate::tensor::f32_to_f16(x as f32) as u64,
+        (DType::BF16, Num::F(x)) => crate::dtype::f32_to_bf16(x as f32) as u64,
+        (DType::BF16, Num::I(x)) => crate::dtype::f32_to_bf16(x as f32) as u64,
+        (DType::I4 | DType::U4 | DType::I2 | DType::U2, v) => {
+            let (bits, signed) = d.sub_byte().expect("a sub-byte type");
+            let i = match v {
+                Num::I(x) => x as i64,
+                Num::F(x) if x.is_nan() => 0,
+                Num::F(x) => x as i64,
+            };
+            wrap_sub_byte(i, bits, signed)
+        }
         (DType::Bool, Num::F(x)) => (x != 0.0) as u64,
         (DType::Bool, Num::I(x)) => (x != 0) as u64,
         (DType::I8 | DType::I16 | DType::I32 | DType::I64, Num::F(x)) => {

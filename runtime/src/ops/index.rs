@@ -161,6 +161,11 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpRes
             }
             vec![(x.dtype, x.shape.to_vec())]
         }
+        Op::Dropout => {
+            let mut outs = vec![(x.dtype, x.shape.to_vec()), (DType::Bool, x.shape.to_vec())];
+            outs.truncate(n_out.max(1));
+            outs
+        }
         Op::Unique { axis, .. } => {
             let v = x.known("X")?;
             let ax = axis.map(|a| norm_axis(a, rank)).transpose()?;
@@ -645,6 +650,27 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         Op::BitCast { .. } => {
             outputs[0].bytes.copy_from_slice(x.bytes);
+            Ok(())
+        }
+        Op::Dropout => {
+            let training = match inputs.get(2).copied().flatten() {
+                Some(t) => t.bytes.first().is_some_and(|&b| b != 0),
+                None => false,
+            };
+            let ratio = match inputs.get(1).copied().flatten() {
+                Some(r) if !r.is_empty() => match super::elementwise::read(r.dtype, r.bytes, 0) {
+                    super::elementwise::Num::F(f) => f,
+                    super::elementwise::Num::I(i) => i as f64,
+                },
+                _ => 0.5,
+            };
+            if training && ratio != 0.0 {
+                op_bail!("Dropout in training mode with ratio {ratio} (a random mask) is not supported; inference and ratio 0 run");
+            }
+            outputs[0].bytes.copy_from_slice(x.bytes);
+            if let Some(mask) = outputs.get_mut(1) {
+                mask.bytes.fill(1);
+            }
             Ok(())
         }
         Op::Unique { axis, sorted } => {

@@ -187,7 +187,8 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::BitCast { .. }
         | Op::ReverseSequence { .. }
         | Op::CenterCropPad { .. }
-        | Op::Unique { .. } => F::Index,
+        | Op::Unique { .. }
+        | Op::Dropout => F::Index,
         Op::NllLoss { .. } | Op::SoftmaxCrossEntropy { .. } => F::Loss,
         Op::Pool(_) => F::Pool,
         Op::Resize(_) => F::Resize,
@@ -326,6 +327,7 @@ fn dtype_generic(op: &Op) -> bool {
             | Op::BitCast { .. }
             | Op::ReverseSequence { .. }
             | Op::CenterCropPad { .. }
+            | Op::Dropout
             | Op::ConstantOfShape { .. }
             | Op::EyeLike { .. }
             | Op::OneHot { .. }
@@ -346,7 +348,7 @@ fn promoted_float(op: &Op, dtypes: impl Iterator<Item = DType>) -> Option<DType>
     }
     let mut found = None;
     for d in dtypes {
-        if matches!(d, DType::F16 | DType::F64) {
+        if matches!(d, DType::F16 | DType::F64 | DType::BF16) {
             found = Some(d);
         }
     }
@@ -362,7 +364,9 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
     let converted: Vec<Option<crate::tensor::Tensor>> = inputs
         .iter()
         .map(|f| match f {
-            Some(f) if matches!(f.dtype, DType::F16 | DType::F64) => f.value.map(|v| to_f32(&v)).transpose(),
+            Some(f) if matches!(f.dtype, DType::F16 | DType::F64 | DType::BF16) => {
+                f.value.map(|v| to_f32(&v)).transpose()
+            }
             _ => Ok(None),
         })
         .collect::<OpResult<_>>()?;
@@ -371,7 +375,7 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
         .zip(&converted)
         .map(|(f, c)| {
             f.map(|f| {
-                if matches!(f.dtype, DType::F16 | DType::F64) {
+                if matches!(f.dtype, DType::F16 | DType::F64 | DType::BF16) {
                     Fact { dtype: DType::F32, shape: f.shape, value: c.as_ref().map(|t| t.view()) }
                 } else {
                     f
@@ -514,7 +518,7 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
     let conv: Vec<Option<crate::tensor::Tensor>> = inputs
         .iter()
         .map(|v| match v {
-            Some(v) if matches!(v.dtype, DType::F16 | DType::F64) => to_f32(v).map(Some),
+            Some(v) if matches!(v.dtype, DType::F16 | DType::F64 | DType::BF16) => to_f32(v).map(Some),
             _ => Ok(None),
         })
         .collect::<OpResult<_>>()?;
@@ -522,7 +526,7 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
         inputs.iter().zip(&conv).map(|(v, c)| c.as_ref().map(|t| t.view()).or(*v)).collect();
     let mut tmp: Vec<Option<crate::tensor::Tensor>> = Vec::with_capacity(outputs.len());
     for o in outputs.iter() {
-        tmp.push(if matches!(o.dtype, DType::F16 | DType::F64) {
+        tmp.push(if matches!(o.dtype, DType::F16 | DType::F64 | DType::BF16) {
             Some(
                 crate::tensor::Tensor::zeros(DType::F32, o.shape.to_vec())
                     .map_err(|e| OpError::Failed(e.to_string()))?,

@@ -66,8 +66,8 @@ fn param_at(m: ParamMap, i: usize, x: &[usize], xs: &[isize; MAX_RANK]) -> usize
 
 fn int_at(v: &View<'_>, i: usize) -> OpResult<i32> {
     Ok(match v.dtype {
-        DType::U8 => v.bytes[i] as i32,
-        DType::I8 => v.bytes[i] as i8 as i32,
+        DType::U8 | DType::U4 | DType::U2 => v.bytes[i] as i32,
+        DType::I8 | DType::I4 | DType::I2 => v.bytes[i] as i8 as i32,
         DType::U16 => u16::from_le_bytes([v.bytes[2 * i], v.bytes[2 * i + 1]]) as i32,
         DType::I16 => i16::from_le_bytes([v.bytes[2 * i], v.bytes[2 * i + 1]]) as i32,
         DType::I32 => v.i32()?[i],
@@ -81,6 +81,10 @@ fn store_sat(out: &mut [u8], i: usize, v: f32, to: DType) {
         DType::U8 => (0.0, 255.0),
         DType::I8 => (-128.0, 127.0),
         DType::U16 => (0.0, 65535.0),
+        DType::U4 => (0.0, 15.0),
+        DType::I4 => (-8.0, 7.0),
+        DType::U2 => (0.0, 3.0),
+        DType::I2 => (-2.0, 1.0),
         _ => (-32768.0, 32767.0),
     };
     let q = v.clamp(lo, hi) as i64;
@@ -101,14 +105,18 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
                 Some(Some(z)) => z.dtype,
                 _ => output_dtype.unwrap_or(DType::U8),
             };
-            if !matches!(to, DType::U8 | DType::I8 | DType::U16 | DType::I16) {
-                op_bail!("QuantizeLinear to {to} is not supported (u8, i8, u16 and i16 are)");
+            if !matches!(to, DType::U8 | DType::I8 | DType::U16 | DType::I16) && to.sub_byte().is_none() {
+                op_bail!(
+                    "QuantizeLinear to {to} is not supported (u8, i8, u16, i16 and the 4- and 2-bit integers are)"
+                );
             }
             vec![(to, x.shape.to_vec())]
         }
         Op::DequantizeLinear { axis, block } => {
             let s = req(inputs, 1, "x_scale")?;
-            if !matches!(x.dtype, DType::U8 | DType::I8 | DType::U16 | DType::I16 | DType::I32) || s.dtype != DType::F32
+            if !(matches!(x.dtype, DType::U8 | DType::I8 | DType::U16 | DType::I16 | DType::I32)
+                || x.dtype.sub_byte().is_some())
+                || s.dtype != DType::F32
             {
                 op_bail!("DequantizeLinear from {} with {} scale is not supported", x.dtype, s.dtype);
             }
