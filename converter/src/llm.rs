@@ -223,6 +223,79 @@ pub fn fuse_rms_norm(m: &mut Module) -> Result<PassRecord> {
     Ok(record("fuse_rms_norm", vec![("fused", fused as f64)]))
 }
 
+/// LayerNorm written out, as tf2onnx and torch exports below opset 17 emit it —
+/// `(d / √(mean(d²) + ε)) · γ + β` with `d = x − mean(x)` over the last axis (the division as
+/// `Div` or a `Mul` by `Reciprocal`/`Div(1, ·)`, `d²` as `Pow` or `Mul`, operands in either order,
+/// β optional) → one `LayerNormalization`. Run before `fuse_rms_norm`, which would otherwise
+/// take the centred half.
+pub fn fuse_layer_norm(m: &mut Module) -> Result<PassRecord> {
+    let ix = Index::new(m);
+    /// (Mul node, Add node if β, x, γ, β, ε)
+    type Rewrite = (usize, Option<usize>, ValueId, ValueId, Option<ValueId>, f32);
+    let mut rewrites: Vec<Rewrite> = Vec::new();
+    let vector = |v: Option<ValueId>| ix.tensor(v).is_some_and(|t| t.dtype() == DType::F32 && t.shape().len() == 1);
+    for (i, n) in m.graph.nodes.iter().enumerate() {
+        let Some((a, b)) = Index::bin(n, BinaryOp::Mul) else { continue };
+        for (w, y) in [(a, b), (b, a)] {
+            if !vector(w) {
+                continue;
+            }
+            let Some((d, eps)) = match_normalised(&ix, y) else { continue };
+            // d = x − mean(x), read by the squaring and the division only (two nodes; the
+            // square as Mul(d, d) reads it twice).
+            let mut readers: Vec<usize> = ix.uses.readers(d).iter().map(|&(r, _)| r).collect();
+            readers.sort_unstable();
+            readers.dedup();
+            let in_branches = ix.uses.readers_anywhere(d).len() != ix.uses.readers(d).len();
+            if readers.len() != 2 || ix.uses.is_output(d) || in_branches {
+                continue;
+            }
+            let Some((_, sn)) = ix.prod(Some(d), |op| *op == Op::Binary(BinaryOp::Sub)) else { continue };
+            let (Some(x), mean) = (sn.inputs[0], sn.inputs[1]) else { continue };
+            let Some(mv) = mean.filter(|&v| ix.only_reader(v)) else { continue };
+            let Some((_, mn)) =
+                ix.prod(Some(mv), |op| matches!(op, Op::Reduce { op: ReduceOp::Mean, keepdims: true, .. }))
+            else {
+                continue;
+            };
+            let Op::Reduce { axes, .. } = &mn.op else { continue };
+            let axes = axes.clone().or_else(|| ix.ints(mn.inputs.get(1).copied().flatten()));
+            if axes.as_deref() != Some(&[-1]) || mn.inputs[0] != Some(x) {
+                continue;
+            }
+            // β: an Add of a constant vector, the Mul's only reader.
+            let out = n.outputs[0];
+            let beta = ix.uses.readers(out).first().map(|&(ai, _)| ai).filter(|_| ix.only_reader(out)).and_then(|ai| {
+                let an = &m.graph.nodes[ai];
+                let (p, q) = Index::bin(an, BinaryOp::Add)?;
+                let c = if p == Some(out) { q } else { p };
+                vector(c).then_some((ai, c.expect("a constant")))
+            });
+            rewrites.push((i, beta.map(|b| b.0), x, w.expect("a constant"), beta.map(|b| b.1), eps));
+            break;
+        }
+    }
+    drop(ix);
+    let fused = rewrites.len();
+    let mut remove = vec![false; m.graph.nodes.len()];
+    for (mi, ai, x, gamma, beta, epsilon) in rewrites {
+        let outputs = match ai {
+            Some(ai) => {
+                remove[mi] = true;
+                m.graph.nodes[ai].outputs.clone()
+            }
+            None => m.graph.nodes[mi].outputs.clone(),
+        };
+        let n = &mut m.graph.nodes[ai.unwrap_or(mi)];
+        n.op = Op::LayerNorm { axis: -1, epsilon };
+        n.inputs = vec![Some(x), Some(gamma)];
+        n.inputs.extend(beta.map(Some));
+        n.outputs = outputs;
+    }
+    drop_marked(&mut m.graph.nodes, &remove);
+    Ok(record("fuse_layer_norm", vec![("fused", fused as f64)]))
+}
+
 /// `y = x / √(mean(x²) + ε)` (in its usual spellings) → (x, ε).
 fn match_normalised(ix: &Index<'_>, y: Option<ValueId>) -> Option<(ValueId, f32)> {
     let yv = y?;

@@ -230,10 +230,11 @@ pub fn panel_bytes(t: &acorn::Tensor, nr: usize, transposed: bool) -> (Vec<u8>, 
     (bytemuck::cast_slice(&out).to_vec(), shape)
 }
 
-/// Replaces the exact-GELU subgraph exporters emit —
-/// `x · ½ · (1 + erf(x / √2))` in any of its usual arrangements (`Div` by √2 or `Mul` by 1/√2,
-/// the ½ applied first or last, operands in either order) — by one `Gelu` activation: one pass
-/// over the data instead of five. Intermediate values must have no other reader. Run
+/// Replaces the GELU subgraphs exporters emit — exact, `x · ½ · (1 + erf(x / √2))` (`Div` by √2
+/// or `Mul` by 1/√2), and the tanh approximation, `x · ½ · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`
+/// (GPT-2-style models, tf2onnx, torch's `approximate='tanh'`; x³ as `Pow` or two `Mul`s), the ½
+/// applied first or last, operands in either order — by one `Gelu` activation: one pass over the
+/// data instead of five to eight. Intermediate values must have no other reader. Run
 /// `eliminate_dead` after it to drop the replaced nodes.
 pub fn fuse_gelu(m: &mut Module) -> Result<PassRecord> {
     use acorn::graph::{Activation, BinaryOp, UnaryOp};
@@ -264,19 +265,79 @@ pub fn fuse_gelu(m: &mut Module) -> Result<PassRecord> {
     };
     // The other operand of a binary node, given one of them.
     let other = |(a, b): (Option<ValueId>, Option<ValueId>), v: ValueId| if a == Some(v) { b } else { a };
-    let mut rewrites: Vec<(usize, ValueId)> = Vec::new();
+    // x³ as Pow(x, 3), x·(x·x) or (x·x)·x: the x it cubes.
+    let cube_of = |v: ValueId| -> Option<ValueId> {
+        if uses.reads(v) != 1 {
+            return None;
+        }
+        let p = uses.producer(v)?;
+        if let Some((b, e)) = bin(p, BinaryOp::Pow) {
+            return near(e, 3.0).then_some(b).flatten();
+        }
+        let (a, b) = bin(p, BinaryOp::Mul)?;
+        for (x, sq) in [(a, b), (b, a)] {
+            let (Some(x), Some(sq)) = (x, sq) else { continue };
+            if uses.reads(sq) != 1 {
+                continue;
+            }
+            if let Some(q) = uses.producer(sq) {
+                if bin(q, BinaryOp::Mul) == Some((Some(x), Some(x))) {
+                    return Some(x);
+                }
+            }
+        }
+        None
+    };
+    // The tanh form's argument `√(2/π)·(x + 0.044715·x³)` (operands in either order): its x.
+    let tanh_arg = |t: ValueId| -> Option<ValueId> {
+        let si = uses.producer(t)?;
+        let (a, b) = bin(si, BinaryOp::Mul)?;
+        let inner = if near(a, 0.797_884_6) {
+            b
+        } else if near(b, 0.797_884_6) {
+            a
+        } else {
+            return None;
+        }?;
+        if uses.reads(inner) != 1 {
+            return None;
+        }
+        let (p, q) = bin(uses.producer(inner)?, BinaryOp::Add)?;
+        for (x, term) in [(p, q), (q, p)] {
+            let (Some(x), Some(term)) = (x, term) else { continue };
+            if uses.reads(term) != 1 {
+                continue;
+            }
+            let Some((c, k)) = uses.producer(term).and_then(|ti| bin(ti, BinaryOp::Mul)) else { continue };
+            for (coef, cube) in [(c, k), (k, c)] {
+                if near(coef, 0.044_715) && cube.and_then(cube_of) == Some(x) {
+                    return Some(x);
+                }
+            }
+        }
+        None
+    };
+    let mut rewrites: Vec<(usize, ValueId, bool)> = Vec::new();
     for erf in &g.nodes {
-        let (Op::Unary(UnaryOp::Erf), [Some(t)]) = (&erf.op, erf.inputs.as_slice()) else { continue };
-        let Some(si) = uses.producer(*t) else { continue };
-        if uses.reads(*t) != 1 {
+        let (tanh, t) = match (&erf.op, erf.inputs.as_slice()) {
+            (Op::Unary(UnaryOp::Erf), [Some(t)]) => (false, *t),
+            (Op::Unary(UnaryOp::Tanh), [Some(t)]) => (true, *t),
+            _ => continue,
+        };
+        let Some(si) = uses.producer(t) else { continue };
+        if uses.reads(t) != 1 {
             continue;
         }
-        // t = x / √2 or x · (1/√2)
-        let x = match (bin(si, BinaryOp::Div), bin(si, BinaryOp::Mul)) {
-            (Some((x, c)), _) if near(c, std::f32::consts::SQRT_2) => x,
-            (_, Some((a, b))) if near(b, std::f32::consts::FRAC_1_SQRT_2) => a,
-            (_, Some((a, b))) if near(a, std::f32::consts::FRAC_1_SQRT_2) => b,
-            _ => continue,
+        let x = if tanh {
+            tanh_arg(t)
+        } else {
+            // t = x / √2 or x · (1/√2)
+            match (bin(si, BinaryOp::Div), bin(si, BinaryOp::Mul)) {
+                (Some((x, c)), _) if near(c, std::f32::consts::SQRT_2) => x,
+                (_, Some((a, b))) if near(b, std::f32::consts::FRAC_1_SQRT_2) => a,
+                (_, Some((a, b))) if near(a, std::f32::consts::FRAC_1_SQRT_2) => b,
+                _ => continue,
+            }
         };
         let Some(x) = x else { continue };
         // u = erf + 1
@@ -311,12 +372,12 @@ pub fn fuse_gelu(m: &mut Module) -> Result<PassRecord> {
                 _ => continue,
             }
         };
-        rewrites.push((last, x));
+        rewrites.push((last, x, tanh));
     }
     let fused = rewrites.len();
-    for (i, x) in rewrites {
+    for (i, x, tanh) in rewrites {
         let n = &mut m.graph.nodes[i];
-        n.op = Op::Activation(Activation::Gelu { tanh: false });
+        n.op = Op::Activation(Activation::Gelu { tanh });
         n.inputs = vec![Some(x)];
     }
     Ok(PassRecord { name: "fuse_gelu".into(), params: vec![], report: vec![("fused".into(), fused as f64)] })

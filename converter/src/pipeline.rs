@@ -34,6 +34,7 @@ pub fn graph_passes(opts: &ConvertOptions) -> Vec<Pass> {
             Pass { name: "fold_constants", run: passes::fold_constants },
             Pass { name: "fuse_gelu", run: passes::fuse_gelu },
             Pass { name: "fuse_conv", run: cnn::fuse_conv },
+            Pass { name: "fuse_layer_norm", run: llm::fuse_layer_norm },
             Pass { name: "fuse_rms_norm", run: llm::fuse_rms_norm },
             Pass { name: "fuse_rotary", run: llm::fuse_rotary },
             Pass { name: "fuse_attention", run: llm::fuse_attention },

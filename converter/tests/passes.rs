@@ -267,3 +267,109 @@ fn scan_runs_reversed_along_any_axis_and_refuses_output_axes() {
     let err = format!("{:#}", convert(&src, &out, &ConvertOptions::default()).unwrap_err());
     assert!(err.contains("scan_output_axes"), "{err}");
 }
+
+/// Converts `onnx` with and without the graph passes; returns (fused file, plain file, report).
+fn fused_and_plain(
+    dir: &std::path::Path,
+    onnx: Vec<u8>,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, acorn_converter::ConvertReport) {
+    let src = dir.join(format!("{name}.onnx"));
+    std::fs::write(&src, onnx).unwrap();
+    let (fused, plain) = (dir.join(format!("{name}-f.acorn")), dir.join(format!("{name}-p.acorn")));
+    let r = convert(&src, &fused, &ConvertOptions::default()).unwrap();
+    convert(&src, &plain, &ConvertOptions { no_fold: true, ..ConvertOptions::default() }).unwrap();
+    (fused, plain, r)
+}
+
+fn max_diff(a: &[Tensor], b: &[Tensor]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(u, v)| u.as_f32().unwrap().iter().zip(v.as_f32().unwrap()).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// GELU's tanh approximation and LayerNorm written out, in the arrangements tf2onnx, GPT-2-style
+/// exports and torch below opset 17 emit: each fuses to the one op and keeps the outputs.
+#[test]
+fn tanh_gelu_and_written_out_layer_norm_fuse_in_every_arrangement() {
+    use acorn::graph::{Activation, Op};
+    let dir = tempfile::tempdir().unwrap();
+    let x = Tensor::from_f32(vec![2, 3, 8], (0..48).map(|i| (i as f32 * 0.41).sin() * 3.0).collect());
+    // GELU (tanh): x³ as Pow or x·(x·x); ½ first or last.
+    for (f, (pow, half_first)) in [(true, false), (false, true), (false, false)].into_iter().enumerate() {
+        let mut b = OnnxBuilder::new(17);
+        b.input_f32("x", &["2", "3", "8"]);
+        for (n, v) in [("three", 3.0), ("c", 0.044715), ("k", 0.797_884_6), ("one", 1.0), ("half", 0.5)] {
+            b.init_f32(n, &[], vec![v]);
+        }
+        if pow {
+            b.node("Pow", "cube", &["x", "three"], &["x3"], vec![]);
+        } else {
+            b.node("Mul", "sq", &["x", "x"], &["x2"], vec![]);
+            b.node("Mul", "cube", &["x", "x2"], &["x3"], vec![]);
+        }
+        b.node("Mul", "cx3", &["c", "x3"], &["cx3"], vec![]);
+        b.node("Add", "inner", &["x", "cx3"], &["inner"], vec![]);
+        b.node("Mul", "scaled", &["inner", "k"], &["s"], vec![]);
+        b.node("Tanh", "tanh", &["s"], &["t"], vec![]);
+        b.node("Add", "u", &["one", "t"], &["u"], vec![]);
+        if half_first {
+            b.node("Mul", "hx", &["x", "half"], &["hx"], vec![]);
+            b.node("Mul", "y", &["hx", "u"], &["y"], vec![]);
+        } else {
+            b.node("Mul", "xu", &["x", "u"], &["xu"], vec![]);
+            b.node("Mul", "y", &["xu", "half"], &["y"], vec![]);
+        }
+        b.output_f32("y");
+        let (fused, plain, r) = fused_and_plain(dir.path(), b.to_bytes(), &format!("gelu{f}"));
+        assert_eq!(pass_report(&r, "fuse_gelu"), 1.0, "GELU form {f}");
+        let nodes = Model::open(&fused).unwrap().metadata().graph.nodes.clone();
+        assert_eq!(nodes.len(), 1, "GELU form {f}: {:?}", nodes.iter().map(|n| n.op.name()).collect::<Vec<_>>());
+        assert_eq!(nodes[0].op, Op::Activation(Activation::Gelu { tanh: true }));
+        let d = max_diff(&run(&fused, &x), &run(&plain, &x));
+        assert!(d <= 1e-5, "GELU form {f}: max |Δ| {d}");
+    }
+    // LayerNorm: d² as Pow or Mul, division as Div or Mul(Reciprocal), with and without β.
+    let gamma: Vec<f32> = (0..8).map(|i| 0.5 + i as f32 * 0.1).collect();
+    let beta: Vec<f32> = (0..8).map(|i| i as f32 * 0.05 - 0.2).collect();
+    for (f, (pow, div, with_beta)) in
+        [(true, true, true), (false, false, true), (true, false, false)].into_iter().enumerate()
+    {
+        let mut b = OnnxBuilder::new(17);
+        b.input_f32("x", &["2", "3", "8"]);
+        b.init_f32("gamma", &[8], gamma.clone());
+        b.init_f32("beta", &[8], beta.clone());
+        b.init_f32("two", &[], vec![2.0]);
+        b.init_f32("eps", &[], vec![1e-5]);
+        let axes = || vec![OnnxBuilder::attr_ints("axes", &[-1]), OnnxBuilder::attr_i("keepdims", 1)];
+        b.node("ReduceMean", "mean", &["x"], &["mu"], axes());
+        b.node("Sub", "centre", &["x", "mu"], &["d"], vec![]);
+        if pow {
+            b.node("Pow", "sq", &["d", "two"], &["d2"], vec![]);
+        } else {
+            b.node("Mul", "sq", &["d", "d"], &["d2"], vec![]);
+        }
+        b.node("ReduceMean", "var", &["d2"], &["var"], axes());
+        b.node("Add", "var_eps", &["var", "eps"], &["ve"], vec![]);
+        b.node("Sqrt", "std", &["ve"], &["sd"], vec![]);
+        if div {
+            b.node("Div", "norm", &["d", "sd"], &["n"], vec![]);
+        } else {
+            b.node("Reciprocal", "inv", &["sd"], &["inv"], vec![]);
+            b.node("Mul", "norm", &["inv", "d"], &["n"], vec![]);
+        }
+        b.node("Mul", "scale", &["gamma", "n"], &[if with_beta { "g" } else { "y" }], vec![]);
+        if with_beta {
+            b.node("Add", "shift", &["g", "beta"], &["y"], vec![]);
+        }
+        b.output_f32("y");
+        let (fused, plain, r) = fused_and_plain(dir.path(), b.to_bytes(), &format!("ln{f}"));
+        assert_eq!(pass_report(&r, "fuse_layer_norm"), 1.0, "LayerNorm form {f}");
+        let nodes = Model::open(&fused).unwrap().metadata().graph.nodes.clone();
+        assert_eq!(nodes.len(), 1, "LayerNorm form {f}: {:?}", nodes.iter().map(|n| n.op.name()).collect::<Vec<_>>());
+        assert!(matches!(nodes[0].op, Op::LayerNorm { .. }));
+        let d = max_diff(&run(&fused, &x), &run(&plain, &x));
+        assert!(d <= 1e-5, "LayerNorm form {f}: max |Δ| {d}");
+    }
+}
