@@ -4,6 +4,10 @@
 //!
 //! - **QDQ weights**: `MatMul(A, DequantizeLinear(W_q, scale, zero_point))` with `W_q` a 2-D
 //!   int8 constant `[K, N]`, a per-tensor or per-column (`axis = 1`) scale and zero points of 0.
+//! - **Static quantization's activation pairs** (`quantize_static`, QDQ format): a
+//!   `QuantizeLinear → DequantizeLinear` pair with the same per-tensor scale and zero point is read
+//!   as its input (the products quantize their activations themselves; see
+//!   `fold_activation_qdq`).
 //! - **Dynamic quantization** (`onnxruntime.quantization.quantize_dynamic`):
 //!   `DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, x_zp, w_zp = 0) → Cast(float) →
 //!   Mul(·, x_scale · w_scale)` becomes `MatMul(x, W)`.
@@ -92,13 +96,72 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
             Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
         }
     }
+    let activations = fold_activation_qdq(m);
     let mut params = skipped;
     params.truncate(64);
     Ok(PassRecord {
         name: "lift_int8_products".into(),
         params,
-        report: vec![("qdq_weights".into(), qdq as f64), ("dynamic_products".into(), dynamic as f64)],
+        report: vec![
+            ("qdq_weights".into(), qdq as f64),
+            ("dynamic_products".into(), dynamic as f64),
+            ("qdq_activations".into(), activations as f64),
+        ],
     })
+}
+
+/// Static quantization's activation pairs — `DequantizeLinear(QuantizeLinear(x, s, z), s, z)`
+/// with the same per-tensor scale and zero point on both (ONNX Runtime's QDQ format puts one
+/// before every quantized op's input) — read as `x`: the int8 rounding they simulate is what
+/// Acorn's products do themselves, with finer scales (int8 activations per block of 32, weights
+/// lifted above), and the elementwise rest runs in f32. Returns how many pairs were folded.
+fn fold_activation_qdq(m: &mut Module) -> usize {
+    let uses = Uses::new(&m.graph);
+    let same = |a: Option<ValueId>, b: Option<ValueId>| -> bool {
+        match (constant(m, a), constant(m, b)) {
+            (Some(p), Some(q)) => p.dtype() == q.dtype() && p.len() == 1 && q.len() == 1 && p.bytes() == q.bytes(),
+            (None, None) => a.is_none() && b.is_none(),
+            _ => false,
+        }
+    };
+    // (DequantizeLinear output, x)
+    let mut folds: Vec<(ValueId, ValueId)> = Vec::new();
+    for dq in &m.graph.nodes {
+        if !matches!(dq.op, Op::DequantizeLinear { block: 0, .. })
+            || dq.outputs.len() != 1
+            || uses.is_output(dq.outputs[0])
+        {
+            continue;
+        }
+        let Some(qv) = dq.inputs.first().copied().flatten() else { continue };
+        let Some(qi) = uses.producer(qv) else { continue };
+        let q = &m.graph.nodes[qi];
+        if !matches!(q.op, Op::QuantizeLinear { block: 0, .. }) || uses.reads(qv) != 1 || uses.is_output(qv) {
+            continue;
+        }
+        let Some(x) = q.inputs.first().copied().flatten() else { continue };
+        let param = |n: &Node, i: usize| n.inputs.get(i).copied().flatten();
+        let zp_typed = constant(m, param(q, 2)).is_some_and(|z| matches!(z.dtype(), DType::I8 | DType::U8));
+        if zp_typed && same(param(q, 1), param(dq, 1)) && same(param(q, 2), param(dq, 2)) {
+            folds.push((dq.outputs[0], x));
+        }
+    }
+    drop(uses);
+    for &(from, to) in &folds {
+        for n in &mut m.graph.nodes {
+            for i in n.inputs.iter_mut().filter(|i| **i == Some(from)) {
+                *i = Some(to);
+            }
+        }
+        for sub in &mut m.graph.subgraphs {
+            for n in &mut sub.nodes {
+                for i in n.inputs.iter_mut().filter(|i| **i == Some(from)) {
+                    *i = Some(to);
+                }
+            }
+        }
+    }
+    folds.len()
 }
 
 fn constant(m: &Module, v: Option<ValueId>) -> Option<&Tensor> {

@@ -75,6 +75,17 @@ fn int_at(v: &View<'_>, i: usize) -> OpResult<i32> {
     })
 }
 
+/// `x` rounded to the nearest integer, ties to even (what `round_ties_even` computes), clamped
+/// to ±2²² first — beyond it every float is an integer and any quantized range saturates —
+/// so that adding and removing 1.5·2²³ rounds in the FPU's default mode: a plain add the
+/// compiler vectorises, where `round_ties_even` is a library call without SSE4.1. NaN stays NaN.
+#[inline]
+fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³
+    let y = x.clamp(-4_194_304.0, 4_194_304.0);
+    (y + MAGIC) - MAGIC
+}
+
 /// Writes `v` (already rounded) saturated to the range of `to` as element `i`.
 fn store_sat(out: &mut [u8], i: usize, v: f32, to: DType) {
     let (lo, hi) = match to {
@@ -162,6 +173,16 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let (sd, xd) = (s.f32()?, x.f32()?);
             let out = &mut outputs[0];
             let to = out.dtype;
+            if let (ParamMap::Scalar, DType::U8 | DType::I8) = (m, to) {
+                // The common case (per-tensor activations): one straight loop.
+                let zp = z.map(|z| int_at(&z, 0)).transpose()?.unwrap_or(0) as f32;
+                let (lo, hi) = if to == DType::U8 { (0.0, 255.0) } else { (-128.0, 127.0) };
+                let s0 = sd[0];
+                for (o, &v) in out.bytes.iter_mut().zip(xd) {
+                    *o = (round_even(v / s0) + zp).clamp(lo, hi) as i32 as u8;
+                }
+                return Ok(());
+            }
             for i in 0..xd.len() {
                 let p = param_at(m, i, x.shape, &xs);
                 let zp = match &z {
@@ -178,6 +199,16 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let m = param_map(x.shape, s.shape, *axis, *block)?;
             let sd = s.f32()?;
             let y = outputs[0].f32()?;
+            if let (ParamMap::Scalar, DType::U8 | DType::I8) = (m, x.dtype) {
+                let zp = z.map(|z| int_at(&z, 0)).transpose()?.unwrap_or(0);
+                let s0 = sd[0];
+                let signed = x.dtype == DType::I8;
+                for (o, &b) in y.iter_mut().zip(x.bytes) {
+                    let q = if signed { b as i8 as i32 } else { b as i32 };
+                    *o = (q - zp) as f32 * s0;
+                }
+                return Ok(());
+            }
             for (i, o) in y.iter_mut().enumerate() {
                 let p = param_at(m, i, x.shape, &xs);
                 let zp = match &z {
@@ -257,5 +288,20 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             Ok(())
         }
         _ => Err(OpError::Failed("not a quantization op".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn magic_rounding_is_round_ties_even() {
+        for i in -4000..4000 {
+            let x = i as f32 * 0.25 + 0.125 * ((i % 3) as f32);
+            assert_eq!(super::round_even(x), x.round_ties_even(), "{x}");
+        }
+        for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, -2.5, 1e9, -1e9, 8_388_607.5] {
+            assert_eq!(super::round_even(x), x.round_ties_even().clamp(-4_194_304.0, 4_194_304.0), "{x}");
+        }
+        assert!(super::round_even(f32::NAN).is_nan());
     }
 }
