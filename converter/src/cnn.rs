@@ -401,6 +401,17 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
 pub const CONV_MIN_DEPTH: usize = 16;
 
 pub fn flatten_conv_weights(m: &mut Module) -> Result<PassRecord> {
+    flatten_convs(m, false)
+}
+
+/// [`flatten_conv_weights`] for the convolutions whose weights arrived quantized only (a QDQ
+/// model converted without `--quantize`: their codes are kept, the other convolutions stay as
+/// they are).
+pub fn flatten_prequantized_conv_weights(m: &mut Module) -> Result<PassRecord> {
+    flatten_convs(m, true)
+}
+
+fn flatten_convs(m: &mut Module, only_prequantized: bool) -> Result<PassRecord> {
     use acorn::weights::QK;
     let mut plans: Vec<(usize, Vec<usize>, Tensor)> = Vec::new();
     let mut kept: Vec<String> = Vec::new();
@@ -413,9 +424,13 @@ pub fn flatten_conv_weights(m: &mut Module) -> Result<PassRecord> {
                 _ => continue,
             };
             let Some(wv) = n.inputs.get(1).copied().flatten() else { continue };
-            let Some(t) = uses.constant(wv).map(|t| &m.tensors[t as usize].1) else { continue };
+            let Some(ti) = uses.constant(wv) else { continue };
+            let t = &m.tensors[ti as usize].1;
             let shape = t.shape();
             if t.dtype() != DType::F32 || shape.len() < 3 {
+                continue;
+            }
+            if only_prequantized && !m.prequantized.contains_key(&m.tensors[ti as usize].0) {
                 continue;
             }
             if attrs.group != 1 {

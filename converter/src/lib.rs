@@ -541,6 +541,12 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         records.push(rec);
         release_freed_memory();
     }
+    // Convolution weights that arrived as int8 (QDQ) keep their codes as the q8 rows the int8
+    // kernels read, `--quantize` or not.
+    let conv_prequantized = m.prequantized.values().any(|(enc, _)| *enc == TensorEncoding::Q8 { transposed: false });
+    if conv_prequantized && opts.quantize.as_ref().is_none_or(|q| q.format != quantize::QuantFormat::Q8) {
+        records.push(cnn::flatten_prequantized_conv_weights(&mut m)?);
+    }
     let mut quantized: Vec<Option<quantize::Quantized>> = match &opts.quantize {
         Some(q) => {
             // Calibration statistics whenever there is calibration data: GPTQ needs them, and
@@ -771,14 +777,28 @@ fn keep_prequantized(m: &ir::Module, quantized: &mut [Option<quantize::Quantized
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
         let Some((enc, bytes)) = m.prequantized.get(name) else { continue };
         let values: Vec<_> = m.graph.constants.iter().filter(|c| c.tensor as usize == t).map(|c| c.value).collect();
-        let only_matmul_b = values.iter().all(|&v| {
-            !uses.is_output(v) && uses.readers_anywhere(v).iter().all(|(n, i)| *i == 1 && matches!(n.op, Op::MatMul))
-        });
+        let only = |want: fn(&Op) -> bool| {
+            values
+                .iter()
+                .all(|&v| !uses.is_output(v) && uses.readers_anywhere(v).iter().all(|(n, i)| *i == 1 && want(&n.op)))
+        };
         let s = tensor.shape();
-        let decoded =
-            (only_matmul_b && s.len() == 2).then(|| quantize::decode_columns(*enc, bytes, s[0], s[1])).flatten();
+        let decoded = if *enc == (TensorEncoding::Q8 { transposed: false }) {
+            // A convolution's flattened [M, K] rows.
+            let conv = only(|op| matches!(op, Op::Conv(_) | Op::ConvFused { .. }));
+            (conv && s.len() == 2)
+                .then(|| {
+                    acorn::weights::Weights::parse(*enc, acorn::DType::F32, &[s[0], s[1]], bytes)
+                        .ok()
+                        .map(|w| w.decode())
+                })
+                .flatten()
+        } else {
+            let only_matmul_b = only(|op| matches!(op, Op::MatMul));
+            (only_matmul_b && s.len() == 2).then(|| quantize::decode_columns(*enc, bytes, s[0], s[1])).flatten()
+        };
         let (Some(d), Some(w)) = (decoded, tensor.as_f32()) else {
-            params.push(("float".into(), format!("{name}: no longer read only as MatMul's B")));
+            params.push(("float".into(), format!("{name}: no longer read only as the product's weight")));
             continue;
         };
         let top = w.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(f32::MIN_POSITIVE) as f64;

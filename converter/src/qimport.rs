@@ -26,6 +26,7 @@ use crate::ir::Module;
 /// Lifts the int8 products of `m` (see the module docs); returns the pass record.
 pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
     let mut qdq = 0usize;
+    let mut qdq_conv = 0usize;
     let mut dynamic = 0usize;
     let mut skipped: Vec<(String, String)> = Vec::new();
     // QDQ: DequantizeLinear nodes on constant int8 weights read only as MatMul's B.
@@ -37,6 +38,11 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
             let r = Uses::new(&m.graph).readers(out).to_vec();
             let only_b = !r.is_empty()
                 && r.iter().all(|&(j, slot)| slot == 1 && matches!(m.graph.nodes[j].op, Op::MatMul))
+                && !m.graph.outputs.iter().any(|o| o.value == out);
+            // A convolution's weight (ungrouped: Acorn's int8 convolutions are).
+            let conv_w = r.len() == 1
+                && r[0].1 == 1
+                && matches!(&m.graph.nodes[r[0].0].op, Op::Conv(a) if a.group == 1)
                 && !m.graph.outputs.iter().any(|o| o.value == out);
             let axis = match n.op {
                 Op::DequantizeLinear { axis, .. } => axis,
@@ -60,6 +66,26 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
                         m.prequantized.insert(tname, (enc, bytes));
                         m.graph.nodes.remove(i);
                         qdq += 1;
+                        continue;
+                    }
+                    Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
+                }
+            } else if conv_w {
+                match conv_weight_from(
+                    m,
+                    inputs.first().copied().flatten(),
+                    inputs.get(1).copied().flatten(),
+                    inputs.get(2).copied().flatten(),
+                    axis,
+                ) {
+                    Ok((w, enc, bytes)) => {
+                        let t = m.tensors.len();
+                        let tname = format!("{name}.weight");
+                        m.tensors.push((tname.clone(), w));
+                        m.graph.constants.push(ConstBinding { value: out, tensor: t as u32 });
+                        m.prequantized.insert(tname, (enc, bytes));
+                        m.graph.nodes.remove(i);
+                        qdq_conv += 1;
                         continue;
                     }
                     Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
@@ -104,6 +130,7 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
         params,
         report: vec![
             ("qdq_weights".into(), qdq as f64),
+            ("qdq_conv_weights".into(), qdq_conv as f64),
             ("dynamic_products".into(), dynamic as f64),
             ("qdq_activations".into(), activations as f64),
         ],
@@ -227,6 +254,58 @@ fn match_dynamic(m: &Module, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
 
 /// The f32 `[K, N]` weight `q · scale` of an int8 constant with a per-tensor or per-column scale
 /// and zero points of 0, and its q8 encoding (GEMM panels); or why not.
+/// A convolution's int8 weight `[M, C, k…]` with one scale per output channel (or one for all)
+/// and zero points of 0: its f32 values for the graph, and its codes as the q8 rows Acorn's int8
+/// convolutions read (`[M, K]`, K = C·Πk padded to a multiple of 32, one f32 scale per row —
+/// the layout `cnn::flatten_conv_weights` gives the f32 weight).
+fn conv_weight_from(
+    m: &Module,
+    q: Option<ValueId>,
+    scale: Option<ValueId>,
+    zp: Option<ValueId>,
+    axis: i64,
+) -> std::result::Result<(Tensor, TensorEncoding, Vec<u8>), String> {
+    use acorn::weights::QK;
+    let qt = constant(m, q).ok_or("the weight is not a constant")?;
+    let st = constant(m, scale).ok_or("the scale is not a constant")?;
+    let s = qt.shape();
+    if qt.dtype() != DType::I8 || s.len() < 3 {
+        return Err(format!("weight is {} of rank {} (int8 of rank ≥ 3 lifts)", qt.dtype(), s.len()));
+    }
+    let (mch, k) = (s[0], s[1..].iter().product::<usize>());
+    if k < crate::cnn::CONV_MIN_DEPTH {
+        return Err(format!("{k} inputs per output: too few for int8 (stays f32)"));
+    }
+    let sc = st.as_f32().ok_or("the scale is not f32")?;
+    let per_row = match sc.len() {
+        1 => vec![sc[0]; mch],
+        l if l == mch && axis == 0 => sc.to_vec(),
+        l => return Err(format!("{l} scales for {mch} output channels along axis {axis}")),
+    };
+    if let Some(z) = constant(m, zp) {
+        if z.bytes().iter().any(|&b| b != 0) {
+            return Err("non-zero zero points (asymmetric weights)".into());
+        }
+    } else if zp.is_some() {
+        return Err("the zero point is not a constant".into());
+    }
+    let codes: &[i8] = bytemuck::cast_slice(qt.bytes());
+    let w: Vec<f32> = codes.iter().enumerate().map(|(i, &c)| c as f32 * per_row[i / k]).collect();
+    let kp = k.div_ceil(QK) * QK;
+    let mut bytes = vec![0u8; (mch * kp).next_multiple_of(64)];
+    for (r, row) in codes.chunks_exact(k).enumerate() {
+        for (j, &c) in row.iter().enumerate() {
+            bytes[r * kp + j] = c as u8;
+        }
+    }
+    bytes.extend(per_row.iter().flat_map(|v| v.to_le_bytes()));
+    Ok((
+        Tensor::new(s.to_vec(), acorn::tensor::TensorData::F32(w)).map_err(|e| e.to_string())?,
+        TensorEncoding::Q8 { transposed: false },
+        bytes,
+    ))
+}
+
 fn weight_from(
     m: &Module,
     q: Option<ValueId>,

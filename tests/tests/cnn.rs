@@ -572,3 +572,66 @@ fn wake_word_embeddings_match_onnx_runtime_in_fp32_and_q8() {
     assert!(worst(&c32) > 0.99999, "fp32 embedding cosine to ONNX Runtime {}", worst(&c32));
     assert!(worst(&c8) > 0.99, "q8 embedding cosine to fp32 {}", worst(&c8));
 }
+
+/// A small CNN statically quantized by ONNX Runtime (`quantize_static`, QDQ, per-channel int8
+/// weights, int8 activations calibrated on seeded noise) runs on Acorn's int8 convolutions with the
+/// tool's own weight codes: every conv weight lifted to q8 rows, every activation Q/DQ pair
+/// folded, no Q/DQ node left, and the output as close to the fp32 network's as ONNX Runtime's
+/// own run of the QDQ model.
+#[test]
+fn static_qdq_convolutions_run_on_int8_kernels_with_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let deps = assets_dir().join("pydeps");
+    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
+    let mut b = OnnxBuilder::new(13);
+    b.input_f32("x", &["1", "3", "32", "32"]);
+    let conv = |b: &mut OnnxBuilder, name: &str, x: &str, y: &str, ci: usize, co: usize, k: usize| {
+        let w: Vec<f32> =
+            pseudo_random(co * ci * k * k, co as u64 + 3).iter().map(|v| v / (ci * k * k) as f32 * 4.0).collect();
+        b.init_f32(&format!("{name}.w"), &[co as i64, ci as i64, k as i64, k as i64], w);
+        b.init_f32(
+            &format!("{name}.b"),
+            &[co as i64],
+            pseudo_random(co, co as u64 + 5).iter().map(|v| v * 0.1).collect(),
+        );
+        let attrs = vec![OnnxBuilder::attr_ints("pads", &[(k / 2) as i64; 4])];
+        b.node("Conv", name, &[x, &format!("{name}.w"), &format!("{name}.b")], &[&format!("{name}.c")], attrs);
+        b.node("Relu", &format!("{name}.relu"), &[&format!("{name}.c")], &[y], vec![]);
+    };
+    conv(&mut b, "stem", "x", "h1", 3, 32, 3);
+    conv(&mut b, "mid", "h1", "h2", 32, 32, 3);
+    conv(&mut b, "head", "h2", "y", 32, 16, 1);
+    b.output_f32("y");
+    let src = dir.path().join("cnn.onnx");
+    std::fs::write(&src, b.to_bytes()).unwrap();
+    let qdq = dir.path().join("cnn-qdq.onnx");
+    let st = std::process::Command::new("python3")
+        .arg(repo_root().join("benches/scripts/ort_quantize_static.py"))
+        .args([src.as_os_str(), qdq.as_os_str(), "-".as_ref(), "16".as_ref()])
+        .env("PYTHONPATH", &deps)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "ort_quantize_static.py: {}", String::from_utf8_lossy(&st.stderr));
+    let out = convert_to(&qdq, dir.path(), "qdq.acorn", &ConvertOptions::default());
+    let m = Model::open(&out).unwrap();
+    let rec = pass_record(&m, "lift_int8_products");
+    assert_eq!(figure(rec, "qdq_conv_weights"), Some(3.0), "{:?} {:?}", rec.report, rec.params);
+    assert!(figure(rec, "qdq_activations").unwrap_or(0.0) >= 3.0, "{:?}", rec.report);
+    assert_eq!(figure(pass_record(&m, "import_quantized"), "tensors"), Some(3.0));
+    let names: Vec<String> = m.metadata().graph.nodes.iter().map(|n| n.op.name()).collect();
+    assert!(!names.iter().any(|n| n.contains("QuantizeLinear")), "Q/DQ nodes left: {names:?}");
+    let rows =
+        m.metadata().tensors.iter().filter(|t| t.encoding == acorn::format::TensorEncoding::Q8 { transposed: false });
+    assert_eq!(rows.count(), 3, "every conv weight stored as q8 rows");
+    // Against the fp32 network: Acorn's run of the QDQ model and ONNX Runtime's.
+    let x = Tensor::from_f32(vec![1, 3, 32, 32], pseudo_random(3 * 32 * 32, 11));
+    let fp32 = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &["y"]).unwrap().remove(0);
+    let theirs = OrtModel::load(&qdq, 1).unwrap().run(&[("x", &x)], &["y"]).unwrap().remove(0);
+    let ours = m.session().commit().unwrap().run(&[("x", &x)]).unwrap().into_vec().remove(0);
+    let (c_ours, c_theirs) = (
+        cosine(ours.as_f32().unwrap(), fp32.as_f32().unwrap()),
+        cosine(theirs.as_f32().unwrap(), fp32.as_f32().unwrap()),
+    );
+    println!("QDQ CNN vs fp32: Acorn cosine {c_ours:.5}, ONNX Runtime's own run {c_theirs:.5}");
+    assert!(c_ours > 0.995, "Acorn's run of the QDQ CNN drifts from fp32: cosine {c_ours}");
+}
