@@ -478,6 +478,15 @@ impl Importer {
         self.refused.push(format!("node '{name}' ({op_type}): {what} is not implemented"));
     }
 
+    /// The rank of value `name` when a constant holds it or a graph input declares it.
+    fn rank_of(&self, name: &str) -> Option<usize> {
+        if let Some(t) = self.const_named(name) {
+            return Some(t.shape().len());
+        }
+        let v = self.lookup(name)?;
+        self.graph.inputs.iter().find(|i| i.value == v)?.dims.as_ref().map(Vec::len)
+    }
+
     /// The tensor bound to `name` when it is a constant.
     fn const_named(&self, name: &str) -> Option<&Tensor> {
         let v = self.lookup(name)?;
@@ -1381,6 +1390,73 @@ impl Importer {
             }
             "Range" => Some(Op::Range),
             "Tile" => Some(Op::Tile),
+            "QLinearConv" | "ConvInteger" => {
+                // As Dequantize → Conv → Quantize (QLinearConv) or → Cast to int32 (ConvInteger):
+                // the int8 weight then lifts to Acorn's int8 convolution rows like a QDQ model's
+                // (`qimport`), and the activations are dequantized once.
+                let auto_pad = auto_pad(a, name)?;
+                let conv = Op::Conv(ConvAttrs {
+                    kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
+                    strides: a.ints("strides").unwrap_or_default(),
+                    pads: a.ints("pads").unwrap_or_default(),
+                    dilations: a.ints("dilations").unwrap_or_default(),
+                    group: a.i("group", 1),
+                    auto_pad,
+                });
+                let at = |i: usize| inputs.get(i).copied().flatten();
+                if n.op_type == "ConvInteger" {
+                    // y = conv(x − x_zp, w − w_zp) in int32: exact in f32 below 2²⁴.
+                    let f = |me: &mut Self, v: Option<ValueId>, what: &str| {
+                        me.emit(&format!("{name}/{what}_f32"), Op::Cast { to: DType::F32 }, vec![v])
+                    };
+                    let (x, w) = (f(self, at(0), "x"), f(self, at(1), "w"));
+                    let x = match at(2) {
+                        Some(z) => {
+                            let z = f(self, Some(z), "x_zp");
+                            self.emit(&format!("{name}/x_centred"), Op::Binary(BinaryOp::Sub), vec![Some(x), Some(z)])
+                        }
+                        None => x,
+                    };
+                    let w = match at(3) {
+                        Some(z) => {
+                            let z = f(self, Some(z), "w_zp");
+                            // Per output channel: [M] → [M, 1, 1, …] by the conv's rank.
+                            // Per output channel: [M] → [M, 1, …] to W's rank (a 2-D conv's
+                            // unless W's rank is known here).
+                            let rank = self.rank_of(n.input.get(1).map(String::as_str).unwrap_or("")).unwrap_or(4);
+                            let mut target = vec![1i64; rank.max(1)];
+                            target[0] = -1;
+                            let shape = self.const_i64(&format!("{name}/w_zp_shape"), target);
+                            let z = self.emit(&format!("{name}/w_zp_col"), Op::Reshape { allowzero: false }, vec![Some(z), Some(shape)]);
+                            self.emit(&format!("{name}/w_centred"), Op::Binary(BinaryOp::Sub), vec![Some(w), Some(z)])
+                        }
+                        None => w,
+                    };
+                    let y = self.emit(&format!("{name}/conv"), conv, vec![Some(x), Some(w)]);
+                    *inputs = vec![Some(y)];
+                    Some(Op::Cast { to: DType::I32 })
+                } else {
+                    if inputs.len() < 8 {
+                        bail!("node '{name}' (QLinearConv) has {} inputs; it needs 8 or 9", inputs.len());
+                    }
+                    let x = self.emit(&format!("{name}/x"), Op::DequantizeLinear { axis: 1, block: 0 }, vec![at(0), at(1), at(2)]);
+                    let w = self.emit(&format!("{name}/w"), Op::DequantizeLinear { axis: 0, block: 0 }, vec![at(3), at(4), at(5)]);
+                    let bias = match at(8) {
+                        // int32 bias in units of x_scale · w_scale.
+                        Some(b) => {
+                            let bf = self.emit(&format!("{name}/b_f32"), Op::Cast { to: DType::F32 }, vec![Some(b)]);
+                            let bx = self.emit(&format!("{name}/b_x"), Op::Binary(BinaryOp::Mul), vec![Some(bf), at(1)]);
+                            Some(self.emit(&format!("{name}/b"), Op::Binary(BinaryOp::Mul), vec![Some(bx), at(4)]))
+                        }
+                        None => None,
+                    };
+                    let mut conv_in = vec![Some(x), Some(w)];
+                    conv_in.extend(bias.map(Some));
+                    let y = self.emit(&format!("{name}/conv"), conv, conv_in);
+                    *inputs = vec![Some(y), at(6), at(7)];
+                    Some(Op::QuantizeLinear { axis: 1, block: 0, output_dtype: None })
+                }
+            }
             "Conv" => {
                 let auto_pad = auto_pad(a, name)?;
                 Some(Op::Conv(ConvAttrs {
