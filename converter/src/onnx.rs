@@ -130,6 +130,76 @@ fn onnx_dtype(t: i32) -> Result<DType> {
     })
 }
 
+/// The nodes of `g` in an order where each comes after the nodes producing what it reads — its
+/// inputs and the outer values its subgraphs read. ONNX requires graphs sorted, but tools write
+/// them unsorted and ONNX Runtime sorts on load (its own `quantize_dynamic` output on silero
+/// VAD puts a reader before its producer). Nodes keep their order where they can; a cycle is
+/// left as written (the import then names the value read before it is defined).
+fn topo_order(g: &pb::GraphProto) -> Vec<usize> {
+    use std::collections::{BTreeSet, HashSet};
+    fn free_names<'a>(g: &'a pb::GraphProto, out: &mut HashSet<&'a str>) {
+        let mut defined: HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+        defined.extend(g.initializer.iter().map(|t| t.name.as_str()));
+        defined.extend(g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)));
+        for n in &g.node {
+            out.extend(n.input.iter().map(String::as_str).filter(|i| !i.is_empty() && !defined.contains(i)));
+            for a in &n.attribute {
+                let mut inner = HashSet::new();
+                for sub in a.g.iter().chain(a.graphs.iter()) {
+                    free_names(sub, &mut inner);
+                }
+                out.extend(inner.into_iter().filter(|i| !defined.contains(i)));
+            }
+        }
+    }
+    let n = g.node.len();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    for (i, node) in g.node.iter().enumerate() {
+        for o in node.output.iter().filter(|o| !o.is_empty()) {
+            producer.entry(o.as_str()).or_insert(i);
+        }
+    }
+    let mut deps: Vec<HashSet<usize>> = Vec::with_capacity(n);
+    let mut sorted = true;
+    for (i, node) in g.node.iter().enumerate() {
+        let mut needs: HashSet<&str> = node.input.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+        for a in &node.attribute {
+            for sub in a.g.iter().chain(a.graphs.iter()) {
+                free_names(sub, &mut needs);
+            }
+        }
+        let d: HashSet<usize> = needs.iter().filter_map(|x| producer.get(x).copied()).filter(|&p| p != i).collect();
+        sorted &= d.iter().all(|&p| p < i);
+        deps.push(d);
+    }
+    if sorted {
+        return (0..n).collect();
+    }
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut waiting: Vec<usize> = deps.iter().map(HashSet::len).collect();
+    for (i, d) in deps.iter().enumerate() {
+        for &p in d {
+            readers[p].push(i);
+        }
+    }
+    let mut ready: BTreeSet<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &r in &readers[i] {
+            waiting[r] -= 1;
+            if waiting[r] == 0 {
+                ready.insert(r);
+            }
+        }
+    }
+    if order.len() < n {
+        let placed: HashSet<usize> = order.iter().copied().collect();
+        order.extend((0..n).filter(|i| !placed.contains(i)));
+    }
+    order
+}
+
 /// Bytes `n` elements of `dtype` take in an ONNX tensor (sub-byte integers packed).
 fn stored_len(dtype: DType, n: usize) -> Option<usize> {
     match dtype.sub_byte() {
@@ -400,7 +470,7 @@ impl Importer {
             self.unsupported.push(("sparse_initializer".into(), g.name.clone()));
         }
         let mut nodes = Vec::with_capacity(g.node.len());
-        for n in &g.node {
+        for n in topo_order(g).into_iter().map(|i| &g.node[i]) {
             let node = self.import_node(n)?;
             nodes.append(&mut self.extra_nodes);
             if let Some(node) = node {
@@ -421,6 +491,16 @@ impl Importer {
             let r = self.matmul_nbits(n, &a, name.clone());
             self.refuse_unread(&n.op_type, &name, &a);
             return r;
+        }
+        if n.domain == "com.microsoft" && n.op_type == "DynamicQuantizeLSTM" {
+            return match self.dequantized_lstm(n, &name) {
+                Ok(lstm) => self.import_node(&lstm),
+                Err(why) => {
+                    self.refused.push(format!("node '{name}' (DynamicQuantizeLSTM): {why} is not implemented"));
+                    self.define_outputs_placeholder(n);
+                    Ok(None)
+                }
+            };
         }
         if !(n.domain.is_empty() || n.domain == "ai.onnx") {
             self.unsupported.push((format!("{}:{}", n.domain, n.op_type), name));
@@ -476,6 +556,62 @@ impl Importer {
     /// Records a refusal naming an attribute value (or input) the runtime does not implement.
     fn refuse(&mut self, op_type: &str, name: &str, what: String) {
         self.refused.push(format!("node '{name}' ({op_type}): {what} is not implemented"));
+    }
+
+    /// `com.microsoft:DynamicQuantizeLSTM` (what ONNX Runtime's `quantize_dynamic` makes of an
+    /// LSTM) as the ONNX `LSTM` it quantized: its int8 W `[D, I, 4H]` and R `[D, H, 4H]` with
+    /// per-direction or per-gate-row scales and zero points, dequantized into the LSTM's f32
+    /// `[D, 4H, I]` / `[D, 4H, H]` weights (which Acorn's LSTM keeps in GEMM panels). Needs the
+    /// weights, scales and zero points as constants.
+    fn dequantized_lstm(&mut self, n: &pb::NodeProto, name: &str) -> std::result::Result<pb::NodeProto, String> {
+        let get = |i: usize| n.input.get(i).filter(|s| !s.is_empty()).map(String::as_str);
+        let tensor = |i: usize, what: &str| -> std::result::Result<Tensor, String> {
+            let nm = get(i).ok_or(format!("a missing {what}"))?;
+            self.const_named(nm).cloned().ok_or(format!("a {what} that is not a constant"))
+        };
+        let mut lstm = n.clone();
+        lstm.domain = String::new();
+        lstm.op_type = "LSTM".into();
+        lstm.input.truncate(8);
+        let mut weights = Vec::new();
+        for (wi, si, zi, what) in [(1usize, 8usize, 9usize, "W"), (2, 10, 11, "R")] {
+            let (w, sc, zp) =
+                (tensor(wi, what)?, tensor(si, "scale")?, get(zi).map(|_| tensor(zi, "zero point")).transpose()?);
+            let &[d, rows, cols] = w.shape() else { return Err(format!("a {what} of shape {:?}", w.shape())) };
+            let codes: Vec<i32> = match w.dtype() {
+                DType::I8 => w.bytes().iter().map(|&b| b as i8 as i32).collect(),
+                DType::U8 => w.bytes().iter().map(|&b| b as i32).collect(),
+                t => return Err(format!("a {what} of type {t}")),
+            };
+            let scales = sc.as_f32().ok_or("a scale that is not f32")?.to_vec();
+            let zps: Vec<i32> = match &zp {
+                Some(z) if z.dtype() == DType::I8 => z.bytes().iter().map(|&b| b as i8 as i32).collect(),
+                Some(z) if z.dtype() == DType::U8 => z.bytes().iter().map(|&b| b as i32).collect(),
+                Some(z) => return Err(format!("a zero point of type {}", z.dtype())),
+                None => vec![0; scales.len()],
+            };
+            // Per direction, or per direction and output column (gate row).
+            let per_col = scales.len() == d * cols;
+            if !(scales.len() == d || per_col) || zps.len() != scales.len() {
+                return Err(format!("{} scales for a {what} of shape [{d}, {rows}, {cols}]", scales.len()));
+            }
+            let mut f = vec![0.0f32; d * rows * cols];
+            for di in 0..d {
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let p = if per_col { di * cols + c } else { di };
+                        // [D, rows, cols] → ONNX LSTM's [D, cols, rows].
+                        f[(di * cols + c) * rows + r] = (codes[(di * rows + r) * cols + c] - zps[p]) as f32 * scales[p];
+                    }
+                }
+            }
+            weights.push((wi, format!("{name}/{what}_dequantized"), Tensor::from_f32(vec![d, cols, rows], f)));
+        }
+        for (wi, cname, t) in weights {
+            self.add_const(&cname, t);
+            lstm.input[wi] = cname;
+        }
+        Ok(lstm)
     }
 
     /// The rank of value `name` when a constant holds it or a graph input declares it.
@@ -1427,7 +1563,11 @@ impl Importer {
                             let mut target = vec![1i64; rank.max(1)];
                             target[0] = -1;
                             let shape = self.const_i64(&format!("{name}/w_zp_shape"), target);
-                            let z = self.emit(&format!("{name}/w_zp_col"), Op::Reshape { allowzero: false }, vec![Some(z), Some(shape)]);
+                            let z = self.emit(
+                                &format!("{name}/w_zp_col"),
+                                Op::Reshape { allowzero: false },
+                                vec![Some(z), Some(shape)],
+                            );
                             self.emit(&format!("{name}/w_centred"), Op::Binary(BinaryOp::Sub), vec![Some(w), Some(z)])
                         }
                         None => w,
@@ -1439,13 +1579,22 @@ impl Importer {
                     if inputs.len() < 8 {
                         bail!("node '{name}' (QLinearConv) has {} inputs; it needs 8 or 9", inputs.len());
                     }
-                    let x = self.emit(&format!("{name}/x"), Op::DequantizeLinear { axis: 1, block: 0 }, vec![at(0), at(1), at(2)]);
-                    let w = self.emit(&format!("{name}/w"), Op::DequantizeLinear { axis: 0, block: 0 }, vec![at(3), at(4), at(5)]);
+                    let x = self.emit(
+                        &format!("{name}/x"),
+                        Op::DequantizeLinear { axis: 1, block: 0 },
+                        vec![at(0), at(1), at(2)],
+                    );
+                    let w = self.emit(
+                        &format!("{name}/w"),
+                        Op::DequantizeLinear { axis: 0, block: 0 },
+                        vec![at(3), at(4), at(5)],
+                    );
                     let bias = match at(8) {
                         // int32 bias in units of x_scale · w_scale.
                         Some(b) => {
                             let bf = self.emit(&format!("{name}/b_f32"), Op::Cast { to: DType::F32 }, vec![Some(b)]);
-                            let bx = self.emit(&format!("{name}/b_x"), Op::Binary(BinaryOp::Mul), vec![Some(bf), at(1)]);
+                            let bx =
+                                self.emit(&format!("{name}/b_x"), Op::Binary(BinaryOp::Mul), vec![Some(bf), at(1)]);
                             Some(self.emit(&format!("{name}/b"), Op::Binary(BinaryOp::Mul), vec![Some(bx), at(4)]))
                         }
                         None => None,
