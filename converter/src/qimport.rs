@@ -50,46 +50,33 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
             };
             let inputs = n.inputs.clone();
             let name = n.name.clone();
-            if only_b {
-                match weight_from(
-                    m,
-                    inputs.first().copied().flatten(),
-                    inputs.get(1).copied().flatten(),
-                    inputs.get(2).copied().flatten(),
-                    axis,
-                ) {
-                    Ok((w, enc, bytes)) => {
-                        let t = m.tensors.len();
-                        let tname = format!("{name}.weight");
-                        m.tensors.push((tname.clone(), w));
-                        m.graph.constants.push(ConstBinding { value: out, tensor: t as u32 });
-                        m.prequantized.insert(tname, (enc, bytes));
-                        m.graph.nodes.remove(i);
-                        qdq += 1;
-                        continue;
-                    }
-                    Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
-                }
+            let args =
+                (inputs.first().copied().flatten(), inputs.get(1).copied().flatten(), inputs.get(2).copied().flatten());
+            let lifted = if only_b {
+                Some(weight_from(m, args.0, args.1, args.2, axis))
             } else if conv_w {
-                match conv_weight_from(
-                    m,
-                    inputs.first().copied().flatten(),
-                    inputs.get(1).copied().flatten(),
-                    inputs.get(2).copied().flatten(),
-                    axis,
-                ) {
-                    Ok((w, enc, bytes)) => {
-                        let t = m.tensors.len();
-                        let tname = format!("{name}.weight");
-                        m.tensors.push((tname.clone(), w));
-                        m.graph.constants.push(ConstBinding { value: out, tensor: t as u32 });
-                        m.prequantized.insert(tname, (enc, bytes));
-                        m.graph.nodes.remove(i);
+                Some(conv_weight_from(m, args.0, args.1, args.2, axis))
+            } else {
+                None
+            };
+            match lifted {
+                Some(Ok((w, enc, bytes))) => {
+                    // The DequantizeLinear's output becomes the constant weight itself.
+                    let t = m.tensors.len();
+                    let tname = format!("{name}.weight");
+                    m.tensors.push((tname.clone(), w));
+                    m.graph.constants.push(ConstBinding { value: out, tensor: t as u32 });
+                    m.prequantized.insert(tname, (enc, bytes));
+                    m.graph.nodes.remove(i);
+                    if only_b {
+                        qdq += 1;
+                    } else {
                         qdq_conv += 1;
-                        continue;
                     }
-                    Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
+                    continue;
                 }
+                Some(Err(why)) => skipped.push(("kept".into(), format!("{name}: {why}"))),
+                None => {}
             }
         }
         i += 1;

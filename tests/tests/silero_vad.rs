@@ -139,6 +139,23 @@ fn silero_vad_half_streaming_matches_onnx_runtime() {
     run_stream_at(SILERO_HALF, 16000, 512, 64, 2e-4);
 }
 
+/// The first `n` chunks of the speech clip as the sequence variant reads them: `[n, 64 + 512]`,
+/// each chunk after the 64 samples before it.
+fn speech_frames(n: usize) -> Tensor {
+    let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
+    let frames: Vec<f32> = audio
+        .chunks_exact(CHUNK)
+        .take(n)
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let mut f = if i == 0 { vec![0.0; CONTEXT] } else { audio[i * CHUNK - CONTEXT..i * CHUNK].to_vec() };
+            f.extend_from_slice(c);
+            f
+        })
+        .collect();
+    Tensor::from_f32(vec![n, CONTEXT + CHUNK], frames)
+}
+
 #[test]
 fn silero_vad_sequence_variant_matches_onnx_runtime() {
     // [frames, 64 + 512] in one call, LSTM (h, c) state in and out.
@@ -147,18 +164,7 @@ fn silero_vad_sequence_variant_matches_onnx_runtime() {
     let model = Model::open(&path).unwrap();
     let mut s = model.session().commit().unwrap();
     let mut reference = OrtModel::load(&onnx, 1).unwrap();
-    let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
-    let frames: Vec<f32> = audio
-        .chunks_exact(CHUNK)
-        .take(100)
-        .enumerate()
-        .flat_map(|(i, c)| {
-            let mut f = if i == 0 { vec![0.0; CONTEXT] } else { audio[i * CHUNK - CONTEXT..i * CHUNK].to_vec() };
-            f.extend_from_slice(c);
-            f
-        })
-        .collect();
-    let x = Tensor::from_f32(vec![100, CONTEXT + CHUNK], frames);
+    let x = speech_frames(100);
     let h = Tensor::from_f32(vec![1, 1, 128], vec![0.0; 128]);
     let c = h.clone();
     let ins: Vec<(&str, &Tensor)> = vec![("input", &x), ("h", &h), ("c", &c)];
@@ -245,18 +251,7 @@ fn silero_vad_with_a_dynamic_quantized_lstm_runs_as_its_lstm() {
     let q = ort_dynamic(dir.path(), SILERO_SEQUENCE);
     let (_d, path) = convert_temp(&q).unwrap();
     let model = Model::open(&path).unwrap();
-    let audio = read_wav(&data("speech_16k.wav"), 16000).unwrap();
-    let frames: Vec<f32> = audio
-        .chunks_exact(CHUNK)
-        .take(100)
-        .enumerate()
-        .flat_map(|(i, c)| {
-            let mut f = if i == 0 { vec![0.0; CONTEXT] } else { audio[i * CHUNK - CONTEXT..i * CHUNK].to_vec() };
-            f.extend_from_slice(c);
-            f
-        })
-        .collect();
-    let x = Tensor::from_f32(vec![100, CONTEXT + CHUNK], frames);
+    let x = speech_frames(100);
     let h = Tensor::from_f32(vec![1, 1, 128], vec![0.0; 128]);
     let c = h.clone();
     let ins: Vec<(&str, &Tensor)> = vec![("input", &x), ("h", &h), ("c", &c)];
