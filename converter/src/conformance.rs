@@ -215,6 +215,17 @@ pub fn compare(got: &Tensor, want: &Tensor) -> Result<()> {
         (TensorData::BF16(a), TensorData::BF16(b)) => a.iter().zip(b).enumerate().try_for_each(|(i, (&g, &w))| {
             check(i, acorn::dtype::bf16_to_f32(g) as f64, acorn::dtype::bf16_to_f32(w) as f64)
         }),
+        // 8-bit floats: the same value (every NaN pattern equal to every other).
+        (TensorData::Narrow(d, a), TensorData::Narrow(_, b)) if d.float8().is_some() => {
+            let f = d.float8().expect("checked");
+            match a.iter().zip(b).position(|(&g, &w)| {
+                let (g, w) = (f.decode(g), f.decode(w));
+                !(g == w || g.is_nan() && w.is_nan())
+            }) {
+                Some(i) => bail!("value {i}: {} != expected {}", f.decode(a[i]), f.decode(b[i])),
+                None => Ok(()),
+            }
+        }
         _ if got.bytes() == want.bytes() => Ok(()),
         (TensorData::U64(a), TensorData::U64(b)) => match a.iter().zip(b).position(|(x, y)| x != y) {
             Some(i) => bail!("value {i}: {} != expected {}", a[i], b[i]),
@@ -281,12 +292,14 @@ fn snake_case(s: &str) -> String {
 pub const POLICY: &str = "\
 ## What is deliberately not supported, and why
 
-- **Element types not carried yet**: `string`, the float8 family (`e4m3fn`, `e4m3fnuz`, `e5m2`,
-  `e5m2fnuz`, `e8m0`) and `float4e2m1`. `bfloat16` tensors load and move as themselves and compute
-  in f32 (like f16); the 4- and 2-bit integers (`int4`, `uint4`, `int2`, `uint2`) are unpacked to
-  one value per byte at import, so every data-movement op, `Cast` and `QuantizeLinear` /
-  `DequantizeLinear` (the QDQ form of 4-bit weights) run on them. A float cast to a 4- or 2-bit
-  integer wraps out-of-range values (ONNX leaves them undefined; onnx 1.23's suite expects 0).
+- **Element types not carried yet**: `string`, `float8e8m0` and `float4e2m1`. `bfloat16` and the
+  8-bit floats (`e4m3fn`, `e4m3fnuz`, `e5m2`, `e5m2fnuz`: rounded to nearest even, `saturate`
+  honoured) load and move as themselves and compute in f32 (like f16), `QuantizeLinear` /
+  `DequantizeLinear` reading and writing them directly; the 4- and 2-bit integers (`int4`, `uint4`,
+  `int2`, `uint2`) are unpacked to one value per byte at import, so every data-movement op, `Cast`
+  and `QuantizeLinear` / `DequantizeLinear` (the QDQ form of 4-bit weights) run on them. A float
+  cast to a 4- or 2-bit integer wraps out-of-range values (ONNX leaves them undefined; onnx 1.23's
+  suite expects 0).
 - **Sequence, optional and map values** (`SequenceConstruct`, `SplitToSequence`, `Optional*`, tests
   whose inputs are sequences): a runtime value is a dense tensor.
 - **Training-only and random ops**: `Adam`, `Adagrad`, `Momentum`, random `Dropout` (training
@@ -295,7 +308,7 @@ pub const POLICY: &str = "\
 - Ops not yet implemented are listed by name in the table below (the converter names every one
   of them in its error).
 
-**f16, bf16 and f64**: tensors of these types load, convert and move as themselves (Cast, Reshape, Gather,
+**f16, bf16, the 8-bit floats and f64**: tensors of these types load, convert and move as themselves (Cast, Reshape, Gather,
 Concat… run natively); ops that compute on their values run in f32 with conversion at the op's
 boundary, the same precision contract as the rest of the runtime (f64 graphs are computed at f32
 precision; results are compared with the ONNX tolerance, rtol 1e-3 / atol 1e-5).
@@ -327,7 +340,7 @@ valid but not implemented):
 | ConstantOfShape | `value` f32, i64, i32, bool | other value types |
 | IsInf | `detect_positive` / `detect_negative` any but both 0 | both 0 |
 | Split | `num_outputs` equal to the number of outputs | other counts |
-| Cast / CastLike | `saturate`, `round_mode` (they only act on float8 / float4 targets, which are refused as types) | |
+| Cast / CastLike | `saturate` (8-bit float targets), `round_mode` (float8e8m0 targets, a type refused) | |
 | Dropout | inference (`ratio`, `seed` have no effect) | training mode, the mask output |
 | MatMulNBits (com.microsoft) | 2–8 bits, power-of-two blocks ≥ 16, zero points, bias, `accuracy_level` (lifted to q4 or, with `--quantized-import as-written`, f32) | `g_idx` (act-order) |
 | Dropout | inference, with or without the mask output (all true); training mode with ratio 0 | training mode with a ratio above 0 (random; refused when it runs) |

@@ -126,6 +126,10 @@ fn onnx_dtype(t: i32) -> Result<DType> {
         22 => DType::I4,
         25 => DType::U2,
         26 => DType::I2,
+        17 => DType::F8E4M3FN,
+        18 => DType::F8E4M3FNUZ,
+        19 => DType::F8E5M2,
+        20 => DType::F8E5M2FNUZ,
         other => bail!("ONNX data type {other} ({}) is not supported", dtype_name(other)),
     })
 }
@@ -325,6 +329,9 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
     let data = match (dtype, raw) {
         (d, Some(r)) => return Tensor::from_bytes(d, shape, &r).map_err(|e| anyhow!("tensor '{}': {e}", t.name)),
         (DType::BF16, None) => TensorData::BF16(t.int32_data.iter().map(|&v| v as u16).collect()),
+        (d @ (DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ), None) => {
+            TensorData::Narrow(d, t.int32_data.iter().map(|&v| v as u8).collect())
+        }
         (DType::I4 | DType::U4 | DType::I2 | DType::U2, None) => unreachable!("unpacked above"),
         (DType::F32, None) => TensorData::F32(if !t.float_data.is_empty() {
             t.float_data.clone()
@@ -1012,8 +1019,12 @@ impl Importer {
             "Shrink" => Some(Op::Activation(Activation::Shrink { lambd: a.f("lambd", 0.5), bias: a.f("bias", 0.0) })),
             "Swish" => Some(Op::Activation(Activation::Swish { alpha: a.f("alpha", 1.0) })),
             "CastLike" => {
-                let _ = (a.get("saturate"), a.get("round_mode")); // float8 / float4 targets only
-                Some(Op::CastLike)
+                let _ = a.get("round_mode"); // float8e8m0 targets only
+                if a.flag("saturate", 1) {
+                    Some(Op::CastLike)
+                } else {
+                    Some(Op::CastNoSaturate { to: None })
+                }
             }
             "GatherElements" => Some(Op::GatherElements { axis: a.i("axis", 0) }),
             "ScatterElements" | "Scatter" => Some(Op::ScatterElements {
@@ -1369,10 +1380,17 @@ impl Importer {
             "PRelu" => bin(B::PRelu),
             "Where" => Some(Op::Where),
             "Cast" => {
-                // `saturate` and `round_mode` only apply to float8 / float4 targets, which
-                // `onnx_dtype` refuses: for every type Acorn casts to they change nothing.
-                let _ = (a.get("saturate"), a.get("round_mode"));
-                Some(Op::Cast { to: onnx_dtype(a.i("to", 1) as i32)? })
+                // `saturate` acts on float8 targets only (out-of-range values: the largest
+                // finite value, or infinity / NaN without it); `round_mode` on float8e8m0 only,
+                // which `onnx_dtype` refuses.
+                let _ = a.get("round_mode");
+                let to = onnx_dtype(a.i("to", 1) as i32)?;
+                let saturate = a.flag("saturate", 1);
+                if to.float8().is_some() && !saturate {
+                    Some(Op::CastNoSaturate { to: Some(to) })
+                } else {
+                    Some(Op::Cast { to })
+                }
             }
             "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
             | "ReduceSumSquare" | "ReduceLogSum" | "ReduceLogSumExp" => {

@@ -42,6 +42,14 @@ pub enum DType {
     I2,
     /// 2-bit unsigned integer, one per byte in memory.
     U2,
+    /// 8-bit float, 4 exponent bits (bias 7) and 3 mantissa bits, no infinities (OCP FP8 E4M3).
+    F8E4M3FN,
+    /// As `F8E4M3FN` with bias 8, no negative zero, NaN = 0x80.
+    F8E4M3FNUZ,
+    /// 8-bit float, 5 exponent bits (bias 15) and 2 mantissa bits, IEEE-like (OCP FP8 E5M2).
+    F8E5M2,
+    /// As `F8E5M2` with bias 16, no infinities, no negative zero, NaN = 0x80.
+    F8E5M2FNUZ,
 }
 
 impl DType {
@@ -51,6 +59,7 @@ impl DType {
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F16 | DType::I16 | DType::U16 | DType::BF16 => 2,
             DType::I8 | DType::U8 | DType::Bool | DType::I4 | DType::U4 | DType::I2 | DType::U2 => 1,
+            DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ => 1,
             DType::I64 | DType::F64 | DType::U64 => 8,
         }
     }
@@ -75,12 +84,27 @@ impl DType {
             DType::U4 => "u4",
             DType::I2 => "i2",
             DType::U2 => "u2",
+            DType::F8E4M3FN => "f8e4m3fn",
+            DType::F8E4M3FNUZ => "f8e4m3fnuz",
+            DType::F8E5M2 => "f8e5m2",
+            DType::F8E5M2FNUZ => "f8e5m2fnuz",
         }
     }
 
     /// True for the floating-point types.
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::F64 | DType::BF16)
+        matches!(self, DType::F32 | DType::F16 | DType::F64 | DType::BF16) || self.float8().is_some()
+    }
+
+    /// For the 8-bit floats: their layout.
+    pub fn float8(self) -> Option<Float8> {
+        Some(match self {
+            DType::F8E4M3FN => Float8 { mbits: 3, bias: 7, fnuz: false, inf: false },
+            DType::F8E4M3FNUZ => Float8 { mbits: 3, bias: 8, fnuz: true, inf: false },
+            DType::F8E5M2 => Float8 { mbits: 2, bias: 15, fnuz: false, inf: true },
+            DType::F8E5M2FNUZ => Float8 { mbits: 2, bias: 16, fnuz: true, inf: false },
+            _ => return None,
+        })
     }
 
     /// For the sub-byte integers: (bits, signed). Stored one per byte, packed in ONNX.
@@ -116,6 +140,115 @@ pub fn f16_to_f32(h: u16) -> f32 {
         (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
     };
     f32::from_bits(bits)
+}
+
+/// An 8-bit float layout: 1 sign bit, `7 − mbits` exponent bits with `bias`, `mbits` mantissa
+/// bits. `fnuz`: no negative zero, and 0x80 is the only NaN; otherwise E4M3 spends its all-ones
+/// pattern on NaN and E5M2 (`inf`) its all-ones exponent on infinities and NaNs, as IEEE does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Float8 {
+    pub mbits: u32,
+    pub bias: i32,
+    pub fnuz: bool,
+    pub inf: bool,
+}
+
+impl Float8 {
+    fn ebits(self) -> u32 {
+        7 - self.mbits
+    }
+
+    /// The NaN pattern conversions produce.
+    pub fn nan(self) -> u8 {
+        if self.fnuz {
+            0x80
+        } else {
+            0x7f
+        }
+    }
+
+    /// The largest finite value.
+    pub fn max(self) -> f32 {
+        let emax_field = (1i32 << self.ebits()) - 1;
+        // E5M2 keeps its top exponent for inf/NaN; E4M3FN keeps the all-ones mantissa for NaN.
+        let (e, m) = if self.inf {
+            (emax_field - 1, (1u32 << self.mbits) - 1)
+        } else if self.fnuz {
+            (emax_field, (1u32 << self.mbits) - 1)
+        } else {
+            (emax_field, (1u32 << self.mbits) - 2)
+        };
+        (1.0 + m as f32 / (1u32 << self.mbits) as f32) * 2f32.powi(e - self.bias)
+    }
+
+    /// The value of `bits`.
+    pub fn decode(self, bits: u8) -> f32 {
+        let sign = if bits & 0x80 != 0 { -1.0f32 } else { 1.0 };
+        if self.fnuz && bits == 0x80 {
+            return f32::NAN;
+        }
+        let e = ((bits >> self.mbits) & ((1 << self.ebits()) - 1)) as i32;
+        let m = (bits & ((1 << self.mbits) - 1)) as u32;
+        let emax_field = (1i32 << self.ebits()) - 1;
+        if self.inf && e == emax_field {
+            return if m == 0 { sign * f32::INFINITY } else { f32::NAN };
+        }
+        if !self.inf && !self.fnuz && e == emax_field && m == (1 << self.mbits) - 1 {
+            return f32::NAN;
+        }
+        let scale = (1u32 << self.mbits) as f32;
+        if e == 0 {
+            sign * (m as f32 / scale) * 2f32.powi(1 - self.bias)
+        } else {
+            sign * (1.0 + m as f32 / scale) * 2f32.powi(e - self.bias)
+        }
+    }
+
+    /// `x` rounded to nearest even. Out of range (infinities included): the largest finite
+    /// value when `saturate`; otherwise infinity where the format has it, else NaN.
+    pub fn encode(self, x: f32, saturate: bool) -> u8 {
+        if x.is_nan() {
+            return self.nan();
+        }
+        let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+        let a = x.abs() as f64;
+        let max = self.max() as f64;
+        let overflow = |sign: u8| -> u8 {
+            if saturate {
+                sign | self.bits_of(max)
+            } else if self.inf {
+                sign | (((1u8 << self.ebits()) - 1) << self.mbits)
+            } else {
+                self.nan()
+            }
+        };
+        if a.is_infinite() {
+            return overflow(sign);
+        }
+        let emin = 1 - self.bias;
+        let e = if a > 0.0 { a.log2().floor() as i32 } else { emin };
+        let quantum = 2f64.powi(e.max(emin) - self.mbits as i32);
+        let r = (a / quantum).round_ties_even() * quantum;
+        if r > max {
+            return overflow(sign);
+        }
+        if r == 0.0 {
+            return if self.fnuz { 0 } else { sign };
+        }
+        sign | self.bits_of(r)
+    }
+
+    /// The bits of a representable magnitude `r > 0`.
+    fn bits_of(self, r: f64) -> u8 {
+        let emin = 1 - self.bias;
+        let e = r.log2().floor() as i32;
+        if e < emin {
+            (r / 2f64.powi(emin - self.mbits as i32)).round() as u8
+        } else {
+            let m = (r / 2f64.powi(e - self.mbits as i32)).round() as u32 - (1 << self.mbits);
+            (((e + self.bias) as u32) << self.mbits | m) as u8
+        }
+    }
 }
 
 /// bfloat16 (bits) to f32, exact.
@@ -192,6 +325,47 @@ mod tests {
             bf16_to_f32(f32_to_bf16(f32::from_bits(0x7f80_0001))).is_nan(),
             "a NaN with low payload bits stays NaN"
         );
+    }
+
+    #[test]
+    fn float8_round_trips_and_rounds_like_its_definition() {
+        for d in [DType::F8E4M3FN, DType::F8E4M3FNUZ, DType::F8E5M2, DType::F8E5M2FNUZ] {
+            let f = d.float8().unwrap();
+            // Every pattern decodes and encodes back to itself (NaNs to the canonical NaN).
+            for b in 0..=255u8 {
+                let v = f.decode(b);
+                if v.is_nan() {
+                    assert!(f.decode(f.encode(v, false)).is_nan());
+                } else if !(f.fnuz && b == 0x80) {
+                    assert_eq!(f.decode(f.encode(v, false)).to_bits(), v.to_bits(), "{d} {b:#04x}");
+                }
+            }
+            // Nearest with ties to even, checked against every pair of neighbours.
+            let mut finite: Vec<f32> = (0..=127u8).map(|b| f.decode(b)).filter(|v| v.is_finite()).collect();
+            finite.sort_by(f32::total_cmp);
+            for w in finite.windows(2) {
+                let mid = (w[0] + w[1]) / 2.0;
+                let got = f.decode(f.encode(mid, true));
+                let even = if f.encode(w[0], true) & 1 == 0 { w[0] } else { w[1] };
+                assert_eq!(got, even, "{d}: the tie between {} and {}", w[0], w[1]);
+                assert_eq!(f.decode(f.encode(w[0] + (w[1] - w[0]) * 0.3, true)), w[0]);
+            }
+            assert_eq!(f.decode(f.encode(1e9, true)), f.max());
+            assert_eq!(f.decode(f.encode(f32::NEG_INFINITY, true)), -f.max());
+        }
+        assert_eq!(DType::F8E4M3FN.float8().unwrap().max(), 448.0);
+        assert_eq!(DType::F8E4M3FNUZ.float8().unwrap().max(), 240.0);
+        assert_eq!(DType::F8E5M2.float8().unwrap().max(), 57344.0);
+        assert_eq!(DType::F8E5M2FNUZ.float8().unwrap().max(), 57344.0);
+        assert_eq!(
+            DType::F8E5M2.float8().unwrap().decode(DType::F8E5M2.float8().unwrap().encode(1e9, false)),
+            f32::INFINITY
+        );
+        assert!(DType::F8E4M3FN
+            .float8()
+            .unwrap()
+            .decode(DType::F8E4M3FN.float8().unwrap().encode(1e9, false))
+            .is_nan());
     }
 
     #[test]

@@ -83,8 +83,13 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
             TensorData::U16(v) => put!(u16, v.iter().copied()),
             TensorData::U32(v) => put!(u32, v.iter().copied()),
             TensorData::U64(v) => put!(u64, v.iter().copied()),
-            // NumPy has no bfloat16 or sub-byte integers: widened exactly, to f32 and i8 / u8.
+            // NumPy has no bfloat16, 8-bit floats or sub-byte integers: widened exactly, to f32 and
+            // i8 / u8.
             TensorData::BF16(v) => put!(f32, v.iter().map(|&b| acorn::dtype::bf16_to_f32(b))),
+            TensorData::Narrow(d, v) if d.float8().is_some() => {
+                let f = d.float8().expect("checked");
+                put!(f32, v.iter().map(|&b| f.decode(b)))
+            }
             TensorData::Narrow(d, v) if d.sub_byte().is_some_and(|s| s.1) => put!(i8, v.iter().map(|&b| b as i8)),
             TensorData::Narrow(_, v) => put!(u8, v.iter().copied()),
             // npyz has no f16 element type: a v1 header by hand, then the bits.

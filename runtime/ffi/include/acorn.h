@@ -98,6 +98,14 @@ enum AcornDtype
   ACORN_DTYPE_I2 = 16,
   // 2-bit unsigned integer, one per byte.
   ACORN_DTYPE_U2 = 17,
+  // 8-bit float E4M3 (bias 7, no infinities), its bits.
+  ACORN_DTYPE_F8E4M3FN = 18,
+  // 8-bit float E4M3 (bias 8, no negative zero), its bits.
+  ACORN_DTYPE_F8E4M3FNUZ = 19,
+  // 8-bit float E5M2 (bias 15, IEEE-like), its bits.
+  ACORN_DTYPE_F8E5M2 = 20,
+  // 8-bit float E5M2 (bias 16, no negative zero), its bits.
+  ACORN_DTYPE_F8E5M2FNUZ = 21,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

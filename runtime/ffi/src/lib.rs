@@ -107,9 +107,17 @@ pub enum AcornDtype {
     I2 = 16,
     /// 2-bit unsigned integer, one per byte.
     U2 = 17,
+    /// 8-bit float E4M3 (bias 7, no infinities), its bits.
+    F8E4m3fn = 18,
+    /// 8-bit float E4M3 (bias 8, no negative zero), its bits.
+    F8E4m3fnuz = 19,
+    /// 8-bit float E5M2 (bias 15, IEEE-like), its bits.
+    F8E5m2 = 20,
+    /// 8-bit float E5M2 (bias 16, no negative zero), its bits.
+    F8E5m2fnuz = 21,
 }
 
-const DTYPES: [(AcornDtype, DType); 17] = [
+const DTYPES: [(AcornDtype, DType); 21] = [
     (AcornDtype::F32, DType::F32),
     (AcornDtype::F16, DType::F16),
     (AcornDtype::I8, DType::I8),
@@ -127,6 +135,10 @@ const DTYPES: [(AcornDtype, DType); 17] = [
     (AcornDtype::U4, DType::U4),
     (AcornDtype::I2, DType::I2),
     (AcornDtype::U2, DType::U2),
+    (AcornDtype::F8E4m3fn, DType::F8E4M3FN),
+    (AcornDtype::F8E4m3fnuz, DType::F8E4M3FNUZ),
+    (AcornDtype::F8E5m2, DType::F8E5M2),
+    (AcornDtype::F8E5m2fnuz, DType::F8E5M2FNUZ),
 ];
 
 fn dtype_from_code(code: i32) -> Result<DType, Failure> {

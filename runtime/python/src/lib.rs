@@ -116,13 +116,19 @@ fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
             let a = make::<u8>(py, t)?;
             a.call_method1("astype", ("bool",))
         }
-        // NumPy has no bfloat16 or sub-byte integers: widened exactly, to float32 and int8 / uint8.
+        // NumPy has no bfloat16, 8-bit floats or sub-byte integers: widened exactly, to float32 and
+        // int8 / uint8.
         DType::BF16 => {
             let v: Vec<f32> = t
                 .bytes()
                 .chunks_exact(2)
                 .map(|b| acorn::dtype::bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
                 .collect();
+            Ok(numpy::PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?.into_any())
+        }
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ => {
+            let f = t.dtype().float8().expect("an 8-bit float");
+            let v: Vec<f32> = t.bytes().iter().map(|&b| f.decode(b)).collect();
             Ok(numpy::PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?.into_any())
         }
         DType::I4 | DType::I2 => make::<i8>(py, t),

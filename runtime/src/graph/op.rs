@@ -611,6 +611,11 @@ pub enum Op {
     /// outputs the data and a mask of `true`. Training mode with a ratio above 0 (random) is a
     /// run-time error.
     Dropout,
+    /// `Cast` (`to`) or `CastLike` (`to` None: input 1's type) to an 8-bit float with
+    /// `saturate = 0`: out-of-range values become infinity where the format has it, else NaN.
+    CastNoSaturate {
+        to: Option<DType>,
+    },
 }
 
 /// LinearAttention's state update.
@@ -852,6 +857,8 @@ impl Op {
             Op::LayerNorm { .. } => "LayerNormalization".into(),
             Op::BatchNorm { .. } | Op::BatchNormTraining { .. } => "BatchNormalization".into(),
             Op::SpaceToDepthCrd { .. } => "SpaceToDepth".into(),
+            Op::CastNoSaturate { to: Some(_) } => "Cast".into(),
+            Op::CastNoSaturate { to: None } => "CastLike".into(),
             Op::AttentionWindow { .. } => "Attention".into(),
             Op::Window { kind, .. } => format!("{kind:?}Window"),
             other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
@@ -922,6 +929,7 @@ impl Op {
             Op::LinearAttention { .. } => (3, 6, 1, 2),
             Op::TensorScatter { .. } => (2, 3, 1, 1),
             Op::Dropout => (1, 3, 1, 2),
+            Op::CastNoSaturate { .. } => (1, 2, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(

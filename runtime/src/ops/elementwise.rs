@@ -106,6 +106,16 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             (a.dtype, s)
         }
         Op::Cast { to } => (*to, x.shape.to_vec()),
+        Op::CastNoSaturate { to } => {
+            let to = match to {
+                Some(t) => *t,
+                None => req(inputs, 1, "target_type")?.dtype,
+            };
+            if to.float8().is_none() {
+                op_bail!("a non-saturating cast to {to} (only 8-bit floats saturate)");
+            }
+            (to, x.shape.to_vec())
+        }
         _ => op_bail!("not an elementwise op"),
     }])
 }
@@ -220,6 +230,16 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             where_(x, a, b, out)?;
         }
         Op::Cast { to } => cast(x, *to, out)?,
+        Op::CastNoSaturate { .. } => {
+            let Some(f) = out.dtype.float8() else { op_bail!("a non-saturating cast to {}", out.dtype) };
+            for i in 0..x.len() {
+                let v = match read(x.dtype, x.bytes, i) {
+                    Num::F(v) => v as f32,
+                    Num::I(v) => v as f32,
+                };
+                out.bytes[i] = f.encode(v, false);
+            }
+        }
         _ => op_bail!("not an elementwise op"),
     }
     Ok(())
@@ -688,6 +708,9 @@ pub(crate) fn read(d: DType, bytes: &[u8], i: usize) -> Num {
         DType::BF16 => Num::F(crate::dtype::bf16_to_f32(u as u16) as f64),
         DType::I4 | DType::I2 => Num::I(u as u8 as i8 as i128),
         DType::U4 | DType::U2 => Num::I(u as u8 as i128),
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ => {
+            Num::F(d.float8().expect("an 8-bit float").decode(u as u8) as f64)
+        }
     }
 }
 
@@ -720,6 +743,13 @@ pub(crate) fn write(d: DType, bytes: &mut [u8], i: usize, v: Num) {
                 Num::F(x) => x as i64,
             };
             wrap_sub_byte(i, bits, signed)
+        }
+        (DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ, v) => {
+            let x = match v {
+                Num::F(x) => x as f32,
+                Num::I(x) => x as f32,
+            };
+            d.float8().expect("an 8-bit float").encode(x, true) as u64
         }
         (DType::Bool, Num::F(x)) => (x != 0.0) as u64,
         (DType::Bool, Num::I(x)) => (x != 0) as u64,

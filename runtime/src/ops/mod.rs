@@ -150,6 +150,7 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
     match op {
         Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => F::Alias,
         Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => F::Elementwise,
+        Op::CastNoSaturate { .. } => F::Elementwise,
         Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => F::Reduce,
         Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => F::MatMul,
         Op::LayerNorm { .. } | Op::BatchNorm { .. } => F::Norm,
@@ -316,6 +317,7 @@ fn dtype_generic(op: &Op) -> bool {
             | Op::Size
             | Op::Where
             | Op::Cast { .. }
+            | Op::CastNoSaturate { .. }
             | Op::CastLike
             | Op::GatherElements { .. }
             | Op::GatherNd { .. }
@@ -348,11 +350,19 @@ fn promoted_float(op: &Op, dtypes: impl Iterator<Item = DType>) -> Option<DType>
     }
     let mut found = None;
     for d in dtypes {
-        if matches!(d, DType::F16 | DType::F64 | DType::BF16) {
+        if promoted(op, d) {
             found = Some(d);
         }
     }
     found
+}
+
+/// Whether `op` computes on values of type `d` in f32, converting at its boundary: f16, bf16,
+/// f64 and the 8-bit floats — except the 8-bit floats of Quantize/DequantizeLinear, which read
+/// and write them themselves (the rounding and saturation are theirs).
+fn promoted(op: &Op, d: DType) -> bool {
+    let native_float8 = matches!(op, Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. });
+    matches!(d, DType::F16 | DType::F64 | DType::BF16) || (d.float8().is_some() && !native_float8)
 }
 
 /// Shape and type inference for one node.
@@ -364,9 +374,7 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
     let converted: Vec<Option<crate::tensor::Tensor>> = inputs
         .iter()
         .map(|f| match f {
-            Some(f) if matches!(f.dtype, DType::F16 | DType::F64 | DType::BF16) => {
-                f.value.map(|v| to_f32(&v)).transpose()
-            }
+            Some(f) if promoted(op, f.dtype) => f.value.map(|v| to_f32(&v)).transpose(),
             _ => Ok(None),
         })
         .collect::<OpResult<_>>()?;
@@ -375,7 +383,7 @@ pub fn infer(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec
         .zip(&converted)
         .map(|(f, c)| {
             f.map(|f| {
-                if matches!(f.dtype, DType::F16 | DType::F64 | DType::BF16) {
+                if promoted(op, f.dtype) {
                     Fact { dtype: DType::F32, shape: f.shape, value: c.as_ref().map(|t| t.view()) }
                 } else {
                     f
@@ -518,7 +526,7 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
     let conv: Vec<Option<crate::tensor::Tensor>> = inputs
         .iter()
         .map(|v| match v {
-            Some(v) if matches!(v.dtype, DType::F16 | DType::F64 | DType::BF16) => to_f32(v).map(Some),
+            Some(v) if promoted(op, v.dtype) => to_f32(v).map(Some),
             _ => Ok(None),
         })
         .collect::<OpResult<_>>()?;
@@ -526,7 +534,7 @@ pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ct
         inputs.iter().zip(&conv).map(|(v, c)| c.as_ref().map(|t| t.view()).or(*v)).collect();
     let mut tmp: Vec<Option<crate::tensor::Tensor>> = Vec::with_capacity(outputs.len());
     for o in outputs.iter() {
-        tmp.push(if matches!(o.dtype, DType::F16 | DType::F64 | DType::BF16) {
+        tmp.push(if promoted(op, o.dtype) {
             Some(
                 crate::tensor::Tensor::zeros(DType::F32, o.shape.to_vec())
                     .map_err(|e| OpError::Failed(e.to_string()))?,

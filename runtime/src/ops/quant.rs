@@ -116,7 +116,10 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
                 Some(Some(z)) => z.dtype,
                 _ => output_dtype.unwrap_or(DType::U8),
             };
-            if !matches!(to, DType::U8 | DType::I8 | DType::U16 | DType::I16) && to.sub_byte().is_none() {
+            if !matches!(to, DType::U8 | DType::I8 | DType::U16 | DType::I16)
+                && to.sub_byte().is_none()
+                && to.float8().is_none()
+            {
                 op_bail!(
                     "QuantizeLinear to {to} is not supported (u8, i8, u16, i16 and the 4- and 2-bit integers are)"
                 );
@@ -126,7 +129,8 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
         Op::DequantizeLinear { axis, block } => {
             let s = req(inputs, 1, "x_scale")?;
             if !(matches!(x.dtype, DType::U8 | DType::I8 | DType::U16 | DType::I16 | DType::I32)
-                || x.dtype.sub_byte().is_some())
+                || x.dtype.sub_byte().is_some()
+                || x.dtype.float8().is_some())
                 || s.dtype != DType::F32
             {
                 op_bail!("DequantizeLinear from {} with {} scale is not supported", x.dtype, s.dtype);
@@ -183,6 +187,15 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 }
                 return Ok(());
             }
+            if let Some(f) = to.float8() {
+                // y = saturate(x / scale + zero_point), rounded to nearest even in the format.
+                for i in 0..xd.len() {
+                    let p = param_at(m, i, x.shape, &xs);
+                    let zp = z.map_or(0.0, |z| f.decode(z.bytes[p]));
+                    out.bytes[i] = f.encode(xd[i] / sd[p] + zp, true);
+                }
+                return Ok(());
+            }
             for i in 0..xd.len() {
                 let p = param_at(m, i, x.shape, &xs);
                 let zp = match &z {
@@ -206,6 +219,14 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 for (o, &b) in y.iter_mut().zip(x.bytes) {
                     let q = if signed { b as i8 as i32 } else { b as i32 };
                     *o = (q - zp) as f32 * s0;
+                }
+                return Ok(());
+            }
+            if let Some(f) = x.dtype.float8() {
+                for (i, o) in y.iter_mut().enumerate() {
+                    let p = param_at(m, i, x.shape, &xs);
+                    let zp = z.map_or(0.0, |z| f.decode(z.bytes[p]));
+                    *o = (f.decode(x.bytes[i]) - zp) * sd[p];
                 }
                 return Ok(());
             }
