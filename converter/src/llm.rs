@@ -606,7 +606,9 @@ pub fn fuse_attention(m: &mut Module) -> Result<PassRecord> {
         (cn.inputs.len() == 2).then(|| Some((cn.inputs[0]?, cn.inputs[1]?, ci))).flatten()
     };
     for sm in &m.graph.nodes {
-        let Op::Softmax { axis: -1 | 3, log: false, legacy: false } = sm.op else { continue };
+        // Opset < 13's (legacy, flattening) Softmax over the last of the scores' four axes is
+        // the same softmax.
+        let Op::Softmax { axis: -1 | 3, log: false, .. } = sm.op else { continue };
         let Some(smo) = sm.outputs.first().copied().filter(|&v| ix.only_reader(v)) else { continue };
         // s = t + mask (either order), or t.
         let (t, mask) = match ix.prod(sm.inputs[0], |op| *op == Op::Binary(BinaryOp::Add)) {
@@ -649,16 +651,40 @@ pub fn fuse_attention(m: &mut Module) -> Result<PassRecord> {
             rewrites.push(rw);
             continue;
         }
-        let q = mq.inputs[0];
-        let Some((_, tk)) =
-            ix.prod(mq.inputs[1], |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))
+        // The scale may also come before the product, on q and/or on k (paddle2onnx scales q;
+        // torch.onnx dynamo's SDPA scales both by √scale): `x · c`, `c · x` or `x / c`.
+        let mut scale = scale;
+        let mut unscaled = |v: Option<ValueId>| -> Option<ValueId> {
+            let vv = v?;
+            if !ix.only_reader(vv) {
+                return v;
+            }
+            let Some((_, n)) = ix.prod(v, |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div))) else {
+                return v;
+            };
+            let (x, c) = match (&n.op, ix.scalar(n.inputs[0]), ix.scalar(n.inputs[1])) {
+                (Op::Binary(BinaryOp::Mul), None, Some(c)) => (n.inputs[0], c),
+                (Op::Binary(BinaryOp::Mul), Some(c), None) => (n.inputs[1], c),
+                (Op::Binary(BinaryOp::Div), None, Some(c)) if c != 0.0 => (n.inputs[0], 1.0 / c),
+                _ => return v,
+            };
+            scale *= c;
+            x
+        };
+        let q = unscaled(mq.inputs[0]);
+        let Some(kt) = unscaled(mq.inputs[1]) else { continue };
+        let Some((_, tk)) = ix.prod(Some(kt), |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))
         else {
             continue;
         };
-        if !ix.only_reader(mq.inputs[1].expect("input")) {
+        if !ix.only_reader(kt) {
             continue;
         }
-        let (Some((k_all, rk)), Some((v_all, rv))) = (repeat(tk.inputs[0]), repeat(mv.inputs[1])) else { continue };
+        let k_in = if ix.only_reader(tk.inputs[0].unwrap_or(u32::MAX)) { unscaled(tk.inputs[0]) } else { tk.inputs[0] };
+        if !scale.is_finite() {
+            continue;
+        }
+        let (Some((k_all, rk)), Some((v_all, rv))) = (repeat(k_in), repeat(mv.inputs[1])) else { continue };
         if rk != rv {
             continue;
         }

@@ -373,3 +373,51 @@ fn tanh_gelu_and_written_out_layer_norm_fuse_in_every_arrangement() {
         assert!(d <= 1e-5, "LayerNorm form {f}: max |Δ| {d}");
     }
 }
+
+/// Attention with its scale before the product — on q and on k, as torch.onnx dynamo's SDPA
+/// writes it (`(q·√s) · (kᵀ·√s)`), or on q alone by division, with opset 12's legacy Softmax over
+/// the last axis, as paddle2onnx writes it — fuses to one `Attention` with the scales multiplied,
+/// and keeps the outputs.
+#[test]
+fn attention_scaled_before_the_product_fuses() {
+    use acorn::graph::Op;
+    let dir = tempfile::tempdir().unwrap();
+    let t = |n: usize, s: f32| {
+        Tensor::from_f32(vec![1, 2, 5, 4], (0..40).map(|i| ((i * 7 + n) as f32 * s).sin()).collect())
+    };
+    let (q, k, v) = (t(1, 0.37), t(3, 0.53), t(5, 0.71));
+    for (f, (opset, both, div)) in [(17, true, false), (12, false, true)].into_iter().enumerate() {
+        let mut b = OnnxBuilder::new(opset);
+        for n in ["q", "k", "v"] {
+            b.input_f32(n, &["1", "2", "5", "4"]);
+        }
+        b.init_f32("c", &[], vec![0.6]);
+        b.init_f32("d", &[], vec![2.0]);
+        if div {
+            b.node("Div", "qs", &["q", "d"], &["qs"], vec![]);
+        } else {
+            b.node("Mul", "qs", &["q", "c"], &["qs"], vec![]);
+        }
+        b.node("Transpose", "kt", &["k"], &["kt"], vec![OnnxBuilder::attr_ints("perm", &[0, 1, 3, 2])]);
+        let kt = if both {
+            b.node("Mul", "kts", &["c", "kt"], &["kts"], vec![]);
+            "kts"
+        } else {
+            "kt"
+        };
+        b.node("MatMul", "scores", &["qs", kt], &["s"], vec![]);
+        b.node("Softmax", "p", &["s"], &["p"], vec![OnnxBuilder::attr_i("axis", if opset < 13 { 3 } else { -1 })]);
+        b.node("MatMul", "y", &["p", "v"], &["y"], vec![]);
+        b.output_f32("y");
+        let (fused, plain, r) = fused_and_plain(dir.path(), b.to_bytes(), &format!("attn{f}"));
+        assert_eq!(pass_report(&r, "fuse_attention"), 1.0, "form {f}");
+        let m = Model::open(&fused).unwrap();
+        assert!(m.metadata().graph.nodes.iter().any(|n| matches!(n.op, Op::Attention(_))), "form {f}");
+        let runs = |p: &std::path::Path| {
+            let m = Model::open(p).unwrap();
+            m.session().commit().unwrap().run(&[("q", &q), ("k", &k), ("v", &v)]).unwrap().into_vec()
+        };
+        let d = max_diff(&runs(&fused), &runs(&plain));
+        assert!(d <= 1e-5, "form {f}: max |Δ| {d}");
+    }
+}
