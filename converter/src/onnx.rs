@@ -621,6 +621,25 @@ impl Importer {
         Ok(lstm)
     }
 
+    /// Whether QuantizeLinear node `n` is known to write integers (`output_dtype`, or its zero
+    /// point's type: a constant's or a graph input's).
+    fn integer_quantization(&self, n: &pb::NodeProto, a: &Attrs<'_>) -> bool {
+        let zp = n.input.get(2).filter(|s| !s.is_empty());
+        let to = match a.get("output_dtype").filter(|d| d.i != 0) {
+            Some(d) => onnx_dtype(d.i as i32).ok(),
+            None => zp.and_then(|z| match self.const_named(z) {
+                Some(t) => Some(t.dtype()),
+                None => {
+                    let v = self.lookup(z)?;
+                    self.graph.inputs.iter().find(|i| i.value == v).map(|i| i.dtype)
+                }
+            }),
+        };
+        // No zero point and no output_dtype: uint8.
+        let to = if zp.is_none() && to.is_none() { Some(DType::U8) } else { to };
+        to.is_some_and(|d| d.float8().is_none())
+    }
+
     /// The rank of value `name` when a constant holds it or a graph input declares it.
     fn rank_of(&self, name: &str) -> Option<usize> {
         if let Some(t) = self.const_named(name) {
@@ -1087,6 +1106,11 @@ impl Importer {
                     },
                 }))
             }
+            "QuantizeLinear" if !a.flag("saturate", 1) && !self.integer_quantization(n, a) => {
+                // `saturate` only acts on 8-bit float outputs, and their kernel saturates.
+                self.refuse(&n.op_type, name, "attribute 'saturate' = 0 for an 8-bit float (or unknown) output".into());
+                return Ok(None);
+            }
             "QuantizeLinear" => Some(Op::QuantizeLinear {
                 axis: a.i("axis", 1),
                 block: a.i("block_size", 0),
@@ -1548,15 +1572,7 @@ impl Importer {
                 // As Dequantize → Conv → Quantize (QLinearConv) or → Cast to int32 (ConvInteger):
                 // the int8 weight then lifts to Acorn's int8 convolution rows like a QDQ model's
                 // (`qimport`), and the activations are dequantized once.
-                let auto_pad = auto_pad(a, name)?;
-                let conv = Op::Conv(ConvAttrs {
-                    kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
-                    strides: a.ints("strides").unwrap_or_default(),
-                    pads: a.ints("pads").unwrap_or_default(),
-                    dilations: a.ints("dilations").unwrap_or_default(),
-                    group: a.i("group", 1),
-                    auto_pad,
-                });
+                let conv = Op::Conv(conv_attrs(a, name)?);
                 let at = |i: usize| inputs.get(i).copied().flatten();
                 if n.op_type == "ConvInteger" {
                     // y = conv(x − x_zp, w − w_zp) in int32: exact in f32 below 2²⁴.
@@ -1624,17 +1640,7 @@ impl Importer {
                     Some(Op::QuantizeLinear { axis: 1, block: 0, output_dtype: None })
                 }
             }
-            "Conv" => {
-                let auto_pad = auto_pad(a, name)?;
-                Some(Op::Conv(ConvAttrs {
-                    kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
-                    strides: a.ints("strides").unwrap_or_default(),
-                    pads: a.ints("pads").unwrap_or_default(),
-                    dilations: a.ints("dilations").unwrap_or_default(),
-                    group: a.i("group", 1),
-                    auto_pad,
-                }))
-            }
+            "Conv" => Some(Op::Conv(conv_attrs(a, name)?)),
             "LSTM" => {
                 let direction = match a.s("direction").as_deref().unwrap_or("forward") {
                     "forward" => RnnDirection::Forward,
@@ -1763,6 +1769,18 @@ fn attr_value(a: &pb::AttributeProto) -> String {
         T::Graph => "a graph".into(),
         other => format!("a {}", other.as_str_name().to_lowercase()),
     }
+}
+
+/// A convolution's attributes (Conv, and the quantized convolutions lowered to one).
+fn conv_attrs(a: &Attrs<'_>, name: &str) -> Result<ConvAttrs> {
+    Ok(ConvAttrs {
+        kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
+        strides: a.ints("strides").unwrap_or_default(),
+        pads: a.ints("pads").unwrap_or_default(),
+        dilations: a.ints("dilations").unwrap_or_default(),
+        group: a.i("group", 1),
+        auto_pad: auto_pad(a, name)?,
+    })
 }
 
 fn auto_pad(a: &Attrs<'_>, name: &str) -> Result<AutoPad> {

@@ -239,8 +239,6 @@ fn match_dynamic(m: &Module, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
     Some(Dynamic { x, w: b, w_zp: bzp, w_scale, final_mul: fm, y: f.outputs[0] })
 }
 
-/// The f32 `[K, N]` weight `q · scale` of an int8 constant with a per-tensor or per-column scale
-/// and zero points of 0, and its q8 encoding (GEMM panels); or why not.
 /// A convolution's int8 weight `[M, C, k…]` with one scale per output channel (or one for all)
 /// and zero points of 0: its f32 values for the graph, and its codes as the q8 rows Acorn's int8
 /// convolutions read (`[M, K]`, K = C·Πk padded to a multiple of 32, one f32 scale per row —
@@ -253,29 +251,20 @@ fn conv_weight_from(
     axis: i64,
 ) -> std::result::Result<(Tensor, TensorEncoding, Vec<u8>), String> {
     use acorn::weights::QK;
-    let qt = constant(m, q).ok_or("the weight is not a constant")?;
-    let st = constant(m, scale).ok_or("the scale is not a constant")?;
+    let (qt, sc) = symmetric_int8(m, q, scale, zp)?;
     let s = qt.shape();
-    if qt.dtype() != DType::I8 || s.len() < 3 {
-        return Err(format!("weight is {} of rank {} (int8 of rank ≥ 3 lifts)", qt.dtype(), s.len()));
+    if s.len() < 3 {
+        return Err(format!("the weight has rank {} (rank ≥ 3 lifts)", s.len()));
     }
     let (mch, k) = (s[0], s[1..].iter().product::<usize>());
     if k < crate::cnn::CONV_MIN_DEPTH {
         return Err(format!("{k} inputs per output: too few for int8 (stays f32)"));
     }
-    let sc = st.as_f32().ok_or("the scale is not f32")?;
     let per_row = match sc.len() {
         1 => vec![sc[0]; mch],
         l if l == mch && axis == 0 => sc.to_vec(),
         l => return Err(format!("{l} scales for {mch} output channels along axis {axis}")),
     };
-    if let Some(z) = constant(m, zp) {
-        if z.bytes().iter().any(|&b| b != 0) {
-            return Err("non-zero zero points (asymmetric weights)".into());
-        }
-    } else if zp.is_some() {
-        return Err("the zero point is not a constant".into());
-    }
     let codes: &[i8] = bytemuck::cast_slice(qt.bytes());
     let w: Vec<f32> = codes.iter().enumerate().map(|(i, &c)| c as f32 * per_row[i / k]).collect();
     let kp = k.div_ceil(QK) * QK;
@@ -293,6 +282,29 @@ fn conv_weight_from(
     ))
 }
 
+/// The int8 codes and f32 scales of a weight behind `DequantizeLinear(q, scale, zp)`: constants,
+/// the codes int8, the zero points absent or 0 (symmetric); or why not.
+fn symmetric_int8<'m>(
+    m: &'m Module,
+    q: Option<ValueId>,
+    scale: Option<ValueId>,
+    zp: Option<ValueId>,
+) -> std::result::Result<(&'m Tensor, &'m [f32]), String> {
+    let qt = constant(m, q).ok_or("the weight is not a constant")?;
+    let st = constant(m, scale).ok_or("the scale is not a constant")?;
+    if qt.dtype() != DType::I8 {
+        return Err(format!("the weight is {} (int8 lifts)", qt.dtype()));
+    }
+    let sc = st.as_f32().ok_or("the scale is not f32")?;
+    match constant(m, zp) {
+        Some(z) if z.bytes().iter().any(|&b| b != 0) => Err("non-zero zero points (asymmetric weights)".into()),
+        None if zp.is_some() => Err("the zero point is not a constant".into()),
+        _ => Ok((qt, sc)),
+    }
+}
+
+/// The f32 `[K, N]` weight `q · scale` of an int8 constant with a per-tensor or per-column scale
+/// and zero points of 0, and its q8 encoding (GEMM panels); or why not.
 fn weight_from(
     m: &Module,
     q: Option<ValueId>,
@@ -300,29 +312,20 @@ fn weight_from(
     zp: Option<ValueId>,
     axis: i64,
 ) -> std::result::Result<(Tensor, TensorEncoding, Vec<u8>), String> {
-    let qt = constant(m, q).ok_or("the weight is not a constant")?;
-    let st = constant(m, scale).ok_or("the scale is not a constant")?;
+    let (qt, sc) = symmetric_int8(m, q, scale, zp)?;
     let s = qt.shape();
-    if qt.dtype() != DType::I8 || s.len() != 2 {
-        return Err(format!("weight is {} of rank {} (2-D int8 lifts)", qt.dtype(), s.len()));
+    if s.len() != 2 {
+        return Err(format!("the weight has rank {} (2-D lifts)", s.len()));
     }
     let (k, n) = (s[0], s[1]);
     if k % 32 != 0 || k * n < crate::quantize::MIN_VALUES {
         return Err(format!("[{k}, {n}]: K not a multiple of 32, or too small"));
     }
-    let sc = st.as_f32().ok_or("the scale is not f32")?;
     let per_col = match sc.len() {
         1 => vec![sc[0]; n],
         l if l == n && (axis == 1 || axis == -1) => sc.to_vec(),
         l => return Err(format!("{l} scales for [{k}, {n}] along axis {axis}")),
     };
-    if let Some(z) = constant(m, zp) {
-        if z.bytes().iter().any(|&b| b != 0) {
-            return Err("non-zero zero points (asymmetric weights)".into());
-        }
-    } else if zp.is_some() {
-        return Err("the zero point is not a constant".into());
-    }
     let codes: &[i8] = bytemuck::cast_slice(qt.bytes());
     let w: Vec<f32> = codes.iter().enumerate().map(|(i, &c)| c as f32 * per_col[i % n]).collect();
     // By columns: n rows of k codes.

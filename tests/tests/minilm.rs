@@ -1,5 +1,6 @@
-//! paraphrase-MiniLM-L3-v2, converted to .acorn, against ONNX Runtime on the original ONNX:
-//! real tokenized sentences, batch 1 and 4, sequence lengths 8 and 128.
+//! paraphrase-MiniLM-L3-v2 (and all-MiniLM-L6-v2 as `tests/assets/export_bert.py` builds it),
+//! converted to .acorn, against ONNX Runtime on the original ONNX: real tokenized sentences,
+//! batch 1 and 4, sequence lengths 8 and 128.
 
 use acorn::Model;
 use acorn_tests::*;
@@ -53,4 +54,24 @@ fn minilm_padding_does_not_change_the_embedding() {
     }
     let c = cosine(emb[0].as_f32().unwrap(), emb[1].as_f32().unwrap());
     assert!(c > 0.99999, "cosine {c}");
+}
+
+#[test]
+fn minilm_l6_embeddings_match_onnx_runtime() {
+    let onnx = asset(MINILM_L6);
+    let (_dir, path) = convert_temp(&onnx).expect("convert MiniLM-L6");
+    let model = Model::open(&path).unwrap();
+    let out_idx = model.outputs().iter().position(|o| o.name == "sentence_embedding").expect("output");
+    let mut ours = model.session().commit().unwrap();
+    let mut reference = OrtModel::load(&onnx, 1).unwrap();
+    for (batch, len, offset) in [(1, 8, 0), (4, 128, 3)] {
+        let sents: Vec<&str> = SENTENCES.iter().cycle().skip(offset).take(batch).copied().collect();
+        let (ids, mask) = tokenize(&sents, len).unwrap();
+        let inputs = [("input_ids", &ids), ("attention_mask", &mask)];
+        let got = ours.run(&inputs).unwrap().swap_remove(out_idx);
+        let want = reference.run(&inputs, &["sentence_embedding"]).unwrap().swap_remove(0);
+        let d = max_abs_diff(&got, &want);
+        println!("MiniLM-L6 batch {batch} len {len}: max |Δ| vs ONNX Runtime = {d:.3e}");
+        assert!(d <= 1e-4, "batch {batch} len {len}: max |Δ| {d} > 1e-4");
+    }
 }

@@ -12,6 +12,20 @@ use crate::kernels::fft::Fft;
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 
+/// The FFT plan for `n` points, made once per process: a plan's twiddles cost O(n) sines and
+/// cosines in f64 — as much as transforming a frame or two — and a streaming front-end runs the
+/// same length on every call. At most 32 lengths are kept.
+fn plan(n: usize) -> std::sync::Arc<Fft> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static PLANS: OnceLock<Mutex<HashMap<usize, Arc<Fft>>>> = OnceLock::new();
+    let mut plans = PLANS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if plans.len() >= 32 && !plans.contains_key(&n) {
+        plans.clear();
+    }
+    plans.entry(n).or_insert_with(|| Arc::new(Fft::new(n))).clone()
+}
+
 /// Longest transform or window the ops plan (2²⁶ points: far past any audio frame).
 const MAX_POINTS: i64 = 1 << 26;
 
@@ -277,7 +291,7 @@ fn dft(x: View<'_>, g: &DftGeo, inverse: bool, onesided: bool, y: &mut [f32]) ->
     let outer = numel(&shape[..g.axis]);
     let inner = numel(&shape[g.axis + 1..shape.len() - 1]);
     let n = g.n;
-    let fft = Fft::new(n);
+    let fft = plan(n);
     let (mut re, mut im) = (vec![0.0f32; n * inner], vec![0.0f32; n * inner]);
     let mut scratch = Vec::new();
     // A one-sided inverse rebuilds the Hermitian spectrum from its first half (n/2 + 1 values).
@@ -327,7 +341,7 @@ fn stft(
     (b, t_len, c, step, f, frames, bins): (usize, usize, usize, usize, usize, usize, usize),
     y: &mut [f32],
 ) {
-    let fft = Fft::new(f);
+    let fft = plan(f);
     let (mut re, mut im) = (vec![0.0f32; f * frames], vec![0.0f32; f * frames]);
     let mut scratch = Vec::new();
     for bi in 0..b {
