@@ -284,12 +284,12 @@ fn conv_weight_from(
 
 /// The int8 codes and f32 scales of a weight behind `DequantizeLinear(q, scale, zp)`: constants,
 /// the codes int8, the zero points absent or 0 (symmetric); or why not.
-fn symmetric_int8<'m>(
-    m: &'m Module,
+fn symmetric_int8(
+    m: &Module,
     q: Option<ValueId>,
     scale: Option<ValueId>,
     zp: Option<ValueId>,
-) -> std::result::Result<(&'m Tensor, &'m [f32]), String> {
+) -> std::result::Result<(&Tensor, &[f32]), String> {
     let qt = constant(m, q).ok_or("the weight is not a constant")?;
     let st = constant(m, scale).ok_or("the scale is not a constant")?;
     if qt.dtype() != DType::I8 {
