@@ -136,6 +136,23 @@ impl std::fmt::Debug for Progress {
     }
 }
 
+/// The warning for a pass record that lists candidates it left as they were (`missed`).
+fn missed_warning(r: &PassRecord) -> Option<String> {
+    let n = r.report.iter().find(|(k, _)| k == "missed").map(|(_, v)| *v as usize).filter(|&n| n > 0)?;
+    let first = r.params.iter().find(|(k, _)| k == "missed").map(|(_, v)| v.as_str()).unwrap_or("");
+    let more = if n > 1 { format!(" (and {} more: `acorn inspect` lists them)", n - 1) } else { String::new() };
+    Some(format!("{}: {n} candidate{} left unfused — {first}{more}", r.name, if n == 1 { "" } else { "s" }))
+}
+
+/// The folder a file named on the command line is in: `.` for a bare file name (`Path::parent`
+/// gives an empty path there, which names no folder).
+pub(crate) fn folder_of(file: &Path) -> &Path {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Hands memory the conversion freed back to the system. glibc keeps freed blocks below its
 /// mmap threshold (which grows to 32 MB as large blocks are freed) inside the process: after a
 /// phase drops hundreds of MB of weights or statistics, the resident size would not go down.
@@ -405,7 +422,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     }
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
-    let base = input.parent().unwrap_or(Path::new("."));
+    let base = folder_of(input);
     opts.progress.report("importing", 0, 0);
     // The file's bytes go as soon as they are parsed, the parsed weights as soon as they are
     // imported: a model is held about twice at the peak of import, not four times.
@@ -430,7 +447,8 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     } else if opts.train_options != heads::TrainOptions::default() {
         anyhow::bail!("--labels, --exits and --exit-agreement go with --train, which is not given");
     }
-    let mut warnings = Vec::new();
+    // A fusion that could not apply at a candidate says why (every candidate: `acorn inspect`).
+    let mut warnings: Vec<String> = records.iter().filter_map(missed_warning).collect();
     // Calibration is a stage: nothing runs until a pass asks for its statistics.
     let mut calibration = pipeline::Calibration::new(&m, opts)?;
     // Pruning before rounding: magnitude and Wanda zero weights in f32, SparseGPT alone does the
@@ -721,7 +739,7 @@ fn teacher_agreement(
     opts.progress.report("importing the teacher", 0, 0);
     let bytes = std::fs::read(&check.teacher).with_context(what)?;
     let sha = hex(&Sha256::digest(&bytes));
-    let base = check.teacher.parent().unwrap_or(Path::new("."));
+    let base = folder_of(&check.teacher);
     let teacher_opts = ConvertOptions { no_shape_analysis: opts.no_shape_analysis, ..ConvertOptions::default() };
     let (tm, _) = lower(&bytes, &check.teacher, base, &teacher_opts).with_context(what)?;
     drop(bytes);

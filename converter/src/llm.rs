@@ -45,18 +45,49 @@ impl<'a> Index<'a> {
         self.uses.reads(v) == 1 + self.uses.shape_reads(v)
     }
 
-    /// Whether `piece` is dimension `d` of `x` as exporters write it for a shape:
-    /// `Unsqueeze(Gather(Shape(x), d), [0])`.
-    fn is_dim_of(&self, piece: Option<ValueId>, x: ValueId, d: i64) -> bool {
-        let dim = || -> Option<bool> {
-            let (_, un) = self.prod(piece, |op| matches!(op, Op::Unsqueeze { .. }))?;
-            let Op::Unsqueeze { axes } = &un.op else { return None };
-            let axes = axes.clone().or_else(|| self.ints(un.inputs.get(1).copied().flatten()))?;
-            let (_, gn) = self.prod(un.inputs[0], |op| *op == Op::Gather { axis: 0 })?;
-            let (_, sn) = self.prod(gn.inputs[0], |op| *op == Op::Shape { start: 0, end: None })?;
-            Some(axes == [0] && self.ints(gn.inputs[1])? == [d] && sn.inputs[0] == Some(x))
+    /// The value whose dimension `d` shape piece `piece` is, as exporters write one:
+    /// `Unsqueeze(Gather(Shape(v), d), [0])` (TorchScript), `Shape(v, start = d, end = d + 1)`
+    /// (dynamo) or `Slice(Shape(v), [d], [d + 1])` (tf2onnx).
+    fn dim_source(&self, piece: Option<ValueId>, d: i64) -> Option<ValueId> {
+        let (_, n) = self.prod(piece, |_| true)?;
+        match &n.op {
+            Op::Unsqueeze { axes } => {
+                let axes = axes.clone().or_else(|| self.ints(n.inputs.get(1).copied().flatten()))?;
+                let (_, gn) = self.prod(n.inputs[0], |op| *op == Op::Gather { axis: 0 })?;
+                let (_, sn) = self.prod(gn.inputs[0], |op| *op == Op::Shape { start: 0, end: None })?;
+                (axes == [0] && self.ints(gn.inputs[1])? == [d]).then_some(sn.inputs[0]).flatten()
+            }
+            Op::Shape { start, end } => (*start == d && *end == Some(d + 1)).then_some(n.inputs[0]).flatten(),
+            Op::Slice => {
+                let (_, sn) = self.prod(n.inputs[0], |op| *op == Op::Shape { start: 0, end: None })?;
+                let one = |i: usize, want: i64| match n.inputs.get(i).copied().flatten() {
+                    None => i >= 3,
+                    Some(v) => self.ints(Some(v)).is_some_and(|t| t == [want]),
+                };
+                (one(1, d) && one(2, d + 1) && one(3, 0) && one(4, 1)).then_some(sn.inputs[0]).flatten()
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `piece` is dimension `d` of one of `rows` (values known to share that dimension).
+    fn is_dim_of(&self, piece: Option<ValueId>, rows: &[ValueId], d: i64) -> bool {
+        self.dim_source(piece, d).is_some_and(|v| rows.contains(&v))
+    }
+
+    /// The activation a product `x = v·W (+ b)` with a constant 2-D `W` reads: `v`, which has
+    /// `x`'s leading dimensions.
+    fn product_input(&self, x: ValueId) -> Option<ValueId> {
+        let of_matmul = |v: Option<ValueId>| -> Option<ValueId> {
+            let (_, mn) = self.prod(v, |op| *op == Op::MatMul)?;
+            (self.tensor(mn.inputs[1])?.shape().len() == 2).then_some(mn.inputs[0]).flatten()
         };
-        dim().unwrap_or(false)
+        if let Some(v) = of_matmul(Some(x)) {
+            return Some(v);
+        }
+        let (_, an) = self.prod(Some(x), |op| *op == Op::Binary(BinaryOp::Add))?;
+        let (a, b) = (an.inputs[0], an.inputs[1]);
+        of_matmul(if self.tensor(a).is_some() { b } else { a })
     }
 
     /// The width of a [.., N] value computed as `x·W (+ b)` with a constant 2-D `W` (and a
@@ -80,35 +111,51 @@ impl<'a> Index<'a> {
     }
 
     /// `Reshape(x, [B, S, H, D])` splitting the last axis of a [B, S, H·D] value `x` into heads
-    /// (the target a constant `[0, 0 | −1, H, D]`, or B and S taken from `x`'s own shape, with H·D
-    /// checked against `x`'s width): (x, H, D).
+    /// (the target a constant `[0, 0 | −1, H, D]`, or B and S taken from the shape of `x` or of
+    /// the product's input, one of H and S possibly −1, with H·D checked against `x`'s width):
+    /// (x, H, D).
     fn split_heads(&self, v: Option<ValueId>) -> Option<(ValueId, i64, i64)> {
-        let (_, rn) = self.prod(v, |op| *op == Op::Reshape { allowzero: false })?;
+        let (_, rn) = self.prod(v, |op| matches!(op, Op::Reshape { .. }))?;
+        let Op::Reshape { allowzero } = rn.op else { return None };
         let x = rn.inputs[0]?;
-        let (h, d) = match self.ints(rn.inputs[1]) {
-            Some(t) => (t.len() == 4 && t[0] == 0 && matches!(t[1], 0 | -1)).then_some((t[2], t[3]))?,
+        let width = self.product_width(x)? as i64;
+        let (s, h, d) = match self.ints(rn.inputs[1]) {
+            // A literal 0 copies the input's dimension only without allowzero.
+            Some(t) => {
+                (!allowzero && t.len() == 4 && t[0] == 0 && matches!(t[1], 0 | -1)).then_some((t[1], t[2], t[3]))?
+            }
             None => {
                 let (_, cn) = self.prod(rn.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
                 let [b, s, h, d] = cn.inputs[..] else { return None };
                 let one = |v| self.ints(v).and_then(|t| (t.len() == 1).then(|| t[0]));
-                (self.is_dim_of(b, x, 0) && self.is_dim_of(s, x, 1)).then_some((one(h)?, one(d)?))?
+                let mut rows = vec![x];
+                rows.extend(self.product_input(x));
+                let s = if self.is_dim_of(s, &rows, 1) { 0 } else { one(s).filter(|&s| s == -1)? };
+                self.is_dim_of(b, &rows, 0).then_some((s, one(h)?, one(d)?))?
             }
         };
-        (h > 0 && d > 0 && self.product_width(x)? as i64 == h * d).then_some((x, h, d))
+        // S inferred (−1) needs H given; H inferred needs S given.
+        let h = match h {
+            -1 if s != -1 && d > 0 && width % d == 0 => width / d,
+            h => h,
+        };
+        (h > 0 && d > 0 && width == h * d).then_some((x, h, d))
     }
 
     /// `Reshape(y, [B, S, W])` merging the heads of a [B, S, heads, width] value `y` back into rows
-    /// of `W` = heads·width (target a constant `[0, 0, W | −1]`, `[0, −1, W]`, or B and S from `y`'s shape):
-    /// whether it does, for `W`.
-    fn merges_heads(&self, rn: &Node, y: ValueId, w: i64) -> bool {
+    /// of `W` = heads·width (target a constant `[0, 0, W | −1]`, `[0, −1, W]`, or B and S from
+    /// the shape of one of `rows`, values with `y`'s B and S): whether it does, for `W`.
+    fn merges_heads(&self, rn: &Node, y: ValueId, w: i64, rows: &[ValueId]) -> bool {
         let ok = || -> Option<bool> {
-            if rn.op != (Op::Reshape { allowzero: false }) || rn.inputs[0] != Some(y) {
+            let Op::Reshape { allowzero } = rn.op else { return Some(false) };
+            if rn.inputs[0] != Some(y) {
                 return Some(false);
             }
             if let Some(t) = self.ints(rn.inputs[1]) {
                 // [0, 0, W], [0, 0, −1] or [0, −1, W]: B kept, S kept or inferred.
                 return Some(
-                    t.len() == 3
+                    !allowzero
+                        && t.len() == 3
                         && t[0] == 0
                         && ((t[1] == 0 && (t[2] == w || t[2] == -1)) || (t[1] == -1 && t[2] == w)),
                 );
@@ -116,9 +163,95 @@ impl<'a> Index<'a> {
             let (_, cn) = self.prod(rn.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
             let [b, s, last] = cn.inputs[..] else { return Some(false) };
             let last = self.ints(last)?;
-            Some(self.is_dim_of(b, y, 0) && self.is_dim_of(s, y, 1) && (last == [w] || last == [-1]))
+            Some(self.is_dim_of(b, rows, 0) && self.is_dim_of(s, rows, 1) && (last == [w] || last == [-1]))
         };
         ok().unwrap_or(false)
+    }
+
+    /// `k` when `kt` is Kᵀ (the last two axes swapped) written as torch.onnx dynamo does:
+    /// `Reshape(Transpose(Reshape(k, [−1, s[−2], s[−1]]), [0, 2, 1]), [s[..−2], s[−1], s[−2]])`
+    /// with every piece a `Slice` of `Shape(k)`.
+    fn swapped_last_two(&self, kt: ValueId) -> Option<ValueId> {
+        let (_, r2) = self.prod(Some(kt), |op| matches!(op, Op::Reshape { .. }))?;
+        let (_, tn) = self.prod(r2.inputs[0], |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 2, 1]))?;
+        let (_, r1) = self.prod(tn.inputs[0], |op| matches!(op, Op::Reshape { .. }))?;
+        let k = r1.inputs[0]?;
+        let (single, inner) = (self.only_reader(r2.inputs[0]?), self.only_reader(tn.inputs[0]?));
+        // A slice [a, b) of Shape(k).
+        let piece = |v: Option<ValueId>| -> Option<(i64, i64)> {
+            let (_, sl) = self.prod(v, |op| *op == Op::Slice)?;
+            let (_, sh) = self.prod(sl.inputs[0], |op| *op == Op::Shape { start: 0, end: None })?;
+            if sh.inputs[0] != Some(k) || sl.inputs.len() > 3 {
+                return None;
+            }
+            let (a, b) = (self.ints(sl.inputs[1])?, self.ints(sl.inputs[2])?);
+            (a.len() == 1 && b.len() == 1).then(|| (a[0], b[0]))
+        };
+        let last = |v| piece(v).is_some_and(|(a, b)| a == -1 && b >= i64::MAX / 2);
+        let second = |v| piece(v) == Some((-2, -1));
+        let lead = |v| piece(v).is_some_and(|(a, b)| a <= i64::MIN / 2 && b == -2);
+        let (_, c1) = self.prod(r1.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
+        let (_, c2) = self.prod(r2.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
+        let first_ok = matches!(c1.inputs[..], [m, s, l] if self.ints(m) == Some(vec![-1]) && second(s) && last(l));
+        let second_ok = matches!(c2.inputs[..], [p, l, s] if lead(p) && last(l) && second(s));
+        (single && inner && first_ok && second_ok).then_some(k)
+    }
+
+    /// Repeated KV heads: `Reshape(Expand(Unsqueeze(x, 2), [1, 1, r, 1, 1]), [0, H, −1, D])`
+    /// → (x, r), or (v, 1) when `v` is not repeated. The `Expand` may name the value's own
+    /// dimensions instead of 1 (dynamo writes `[B, KV, r, S, D]`, S from a `Shape`): only axis 2
+    /// is broadcast either way.
+    fn repeated_heads(&self, v: Option<ValueId>) -> Option<(ValueId, i64)> {
+        let vv = v?;
+        let Some((_, rn)) = self.prod(v, |op| matches!(op, Op::Reshape { .. })) else {
+            return Some((vv, 1));
+        };
+        if !self.one_reader_besides_shapes(vv) {
+            return None;
+        }
+        let Op::Reshape { allowzero } = rn.op else { return None };
+        let target = self.ints(rn.inputs[1])?;
+        let (_, en) = self.prod(rn.inputs[0], |op| *op == Op::Expand)?;
+        // The expanded shape: constants, or a Concat of one-element pieces (None: a runtime dim).
+        let shape: Vec<Option<i64>> = match self.ints(en.inputs[1]) {
+            Some(s) => s.into_iter().map(Some).collect(),
+            None => {
+                let (_, cn) = self.prod(en.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
+                cn.inputs
+                    .iter()
+                    .map(|&p| match self.ints(p) {
+                        Some(t) if t.len() == 1 => Some(Some(t[0])),
+                        Some(_) => None,
+                        None => (0..5).any(|d| self.dim_source(p, d).is_some()).then_some(None),
+                    })
+                    .collect::<Option<_>>()?
+            }
+        };
+        let (_, un) = self.prod(en.inputs[0], |op| matches!(op, Op::Unsqueeze { .. }))?;
+        let Op::Unsqueeze { axes } = &un.op else { return None };
+        let axes = axes.clone().or_else(|| self.ints(un.inputs.get(1).copied().flatten()))?;
+        let r = (*shape.get(2)?)?;
+        if shape.len() != 5 || target.len() != 4 || r < 1 || target[1] <= 0 || target[1] % r != 0 || target[3] <= 0 {
+            return None;
+        }
+        // Batch kept (0 without allowzero) or the same literal on both; the heads merged; D kept.
+        let batch = (target[0] == 0 && !allowzero) || (target[0] > 0 && shape[0] == Some(target[0]));
+        let merges = batch && target[2] == -1;
+        // Every axis but 2 is 1, or the value's own extent: KV heads, a runtime S, D.
+        let own = |i: usize, s: Option<i64>| match (i, s) {
+            (_, Some(1)) | (2, _) => true,
+            (0, Some(b)) => b == target[0],
+            (1, Some(kv)) => kv * r == target[1],
+            (3, None) => true,
+            (4, Some(d)) => d == target[3],
+            _ => false,
+        };
+        let ok = axes == [2]
+            && shape.iter().enumerate().all(|(i, &s)| own(i, s))
+            && merges
+            && self.only_reader(rn.inputs[0]?)
+            && self.only_reader(en.inputs[0]?);
+        ok.then(|| Some((un.inputs[0]?, r))).flatten()
     }
 
     fn tensor(&self, v: Option<ValueId>) -> Option<&'a Tensor> {
@@ -155,6 +288,72 @@ fn record(name: &str, report: Vec<(&str, f64)>) -> PassRecord {
     }
 }
 
+/// Why a fusion did not rewrite a node it looked at.
+pub(crate) enum Miss {
+    /// Not a candidate: the node does not start the pattern (a softmax classifier, an `Erf`
+    /// of something else) — nothing to report.
+    Skip,
+    /// A candidate: the step of the pattern that failed.
+    Why(String),
+}
+
+pub(crate) type Matched<T> = std::result::Result<T, Miss>;
+
+/// `Option`/`bool` → [`Matched`]: the step's reason when it fails.
+pub(crate) trait OrMiss<T> {
+    /// A failed step of a candidate, with the reason a user reads.
+    fn why(self, reason: &str) -> Matched<T>;
+    /// A node that is no candidate after all.
+    fn skip(self) -> Matched<T>;
+}
+
+impl<T> OrMiss<T> for Option<T> {
+    fn why(self, reason: &str) -> Matched<T> {
+        self.ok_or_else(|| Miss::Why(reason.to_string()))
+    }
+    fn skip(self) -> Matched<T> {
+        self.ok_or(Miss::Skip)
+    }
+}
+
+impl OrMiss<()> for bool {
+    fn why(self, reason: &str) -> Matched<()> {
+        self.then_some(()).why(reason)
+    }
+    fn skip(self) -> Matched<()> {
+        self.then_some(()).skip()
+    }
+}
+
+/// The candidates a fusion left as they were, each with its reason: the record's `missed`
+/// count and one `missed` parameter per candidate (the first [`Missed::LISTED`]), which the
+/// conversion turns into a warning.
+#[derive(Default)]
+pub(crate) struct Missed(Vec<String>);
+
+impl Missed {
+    const LISTED: usize = 32;
+
+    /// The outcome at candidate `at`: a rewrite, or a reason noted.
+    pub(crate) fn take<T>(&mut self, at: &Node, r: Matched<T>) -> Option<T> {
+        match r {
+            Ok(t) => Some(t),
+            Err(Miss::Skip) => None,
+            Err(Miss::Why(w)) => {
+                self.0.push(format!("{}: {w}", if at.name.is_empty() { "(unnamed node)" } else { &at.name }));
+                None
+            }
+        }
+    }
+
+    /// `rec` with the misses added.
+    pub(crate) fn into_record(self, mut rec: PassRecord) -> PassRecord {
+        rec.report.push(("missed".into(), self.0.len() as f64));
+        rec.params.extend(self.0.into_iter().take(Self::LISTED).map(|w| ("missed".to_string(), w)));
+        rec
+    }
+}
+
 /// `MatMul(A, Transpose(W))` with `W` a 2-D constant that something else also reads (an LM head
 /// tied to the embedding table) → `MatMulTransB(A, W)`: the weight stays stored once instead of
 /// a transposed copy being folded into the file; `Gemm(A, Transpose(W))` likewise becomes
@@ -182,6 +381,39 @@ pub fn fuse_tied_weights(m: &mut Module) -> Result<PassRecord> {
             rewrites.push((i, w));
         }
     }
+    // An exporter that folded the transpose itself (torch.onnx dynamo with the weights inline)
+    // stores the head as a second, transposed copy of the embedding table: `MatMul(A, Wᵀ)` with
+    // `Wᵀ` equal, value for value, to the transpose of a table some `Gather` reads. The copy goes.
+    let tables: Vec<(ValueId, &Tensor)> = m
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op == Op::Gather { axis: 0 })
+        .filter_map(|n| Some((n.inputs[0]?, ix.tensor(n.inputs[0])?)))
+        .filter(|(_, t)| t.dtype() == DType::F32 && t.shape().len() == 2)
+        .collect();
+    let mut copies = 0usize;
+    for (i, n) in m.graph.nodes.iter().enumerate() {
+        if n.op != Op::MatMul || n.inputs.len() != 2 || rewrites.iter().any(|&(r, _)| r == i) {
+            continue;
+        }
+        let Some(wt) = ix.tensor(n.inputs[1]) else { continue };
+        let [k, cols] = *wt.shape() else { continue };
+        let Some(w) = wt.as_f32() else { continue };
+        let same = tables.iter().find(|(v, e)| {
+            Some(*v) != n.inputs[1]
+                && e.shape() == [cols, k]
+                && e.as_f32().is_some_and(|e| {
+                    (0..k).all(|r| (0..cols).all(|c| w[r * cols + c].to_bits() == e[c * k + r].to_bits()))
+                })
+        });
+        if let Some(&(e, _)) = same {
+            rewrites.push((i, Some(e)));
+            copies += 1;
+        }
+    }
+    drop(tables);
+    drop(ix);
     let fused = rewrites.len();
     for (i, w) in rewrites {
         let n = &mut m.graph.nodes[i];
@@ -191,7 +423,7 @@ pub fn fuse_tied_weights(m: &mut Module) -> Result<PassRecord> {
         }
         n.inputs[1] = w;
     }
-    Ok(record("fuse_tied_weights", vec![("fused", fused as f64)]))
+    Ok(record("fuse_tied_weights", vec![("fused", fused as f64), ("transposed_copies", copies as f64)]))
 }
 
 /// RMSNorm as exporters write it — `w · (x · 1/√(mean(x²) + ε))` with `x²` as `Pow(x, 2)` or
@@ -220,7 +452,7 @@ pub fn fuse_rms_norm(m: &mut Module) -> Result<PassRecord> {
         n.op = Op::RmsNorm { axis: -1, epsilon };
         n.inputs = vec![Some(x), Some(w)];
     }
-    Ok(record("fuse_rms_norm", vec![("fused", fused as f64)]))
+    Ok(unfused_norms(m, false).into_record(record("fuse_rms_norm", vec![("fused", fused as f64)])))
 }
 
 /// LayerNorm written out, as tf2onnx and torch exports below opset 17 emit it —
@@ -293,7 +525,85 @@ pub fn fuse_layer_norm(m: &mut Module) -> Result<PassRecord> {
         n.outputs = outputs;
     }
     drop_marked(&mut m.graph.nodes, &remove);
-    Ok(record("fuse_layer_norm", vec![("fused", fused as f64)]))
+    Ok(unfused_norms(m, true).into_record(record("fuse_layer_norm", vec![("fused", fused as f64)])))
+}
+
+/// The normalisations a norm pass left in `m` after its rewrites: every `ReduceMean` of a
+/// square (`Pow(v, 2)` or `v·v`) still computing something, `centred` choosing LayerNorm's
+/// (v = x − mean(x)) or RMSNorm's (any other v), each with the step that differs from the
+/// pattern.
+fn unfused_norms(m: &Module, centred: bool) -> Missed {
+    let ix = Index::new(m);
+    let mut missed = Missed::default();
+    for mn in &m.graph.nodes {
+        let Op::Reduce { op: ReduceOp::Mean, keepdims, axes, .. } = &mn.op else { continue };
+        let Some((_, qn)) = ix.prod(mn.inputs.first().copied().flatten(), |_| true) else { continue };
+        let v = match (Index::bin(qn, BinaryOp::Pow), Index::bin(qn, BinaryOp::Mul)) {
+            (Some((b, e)), _) if ix.scalar(e) == Some(2.0) => b,
+            (_, Some((a, b))) if a == b => a,
+            _ => continue,
+        };
+        let is_centred = ix.prod(v, |op| *op == Op::Binary(BinaryOp::Sub)).is_some_and(|(_, sn)| {
+            ix.prod(sn.inputs[1], |op| matches!(op, Op::Reduce { op: ReduceOp::Mean, .. })).is_some()
+        });
+        if is_centred != centred {
+            continue;
+        }
+        let axes = axes.clone().or_else(|| ix.ints(mn.inputs.get(1).copied().flatten()));
+        let r: Matched<()> = norm_tail(&ix, mn, v).and_then(|()| {
+            (*keepdims).why("the mean of squares drops its axis (keepdims = 0)")?;
+            (axes.as_deref() == Some(&[-1])).why(&format!(
+                "the mean is over axes {axes:?}, not [-1] (a positive last axis needs the rank, which is not known here)"
+            ))?;
+            Err(Miss::Why("a value inside the pattern has another reader".into()))
+        });
+        missed.take(mn, r);
+    }
+    missed
+}
+
+/// Walks from the mean of squares `mn` of `x` down the normalisation: `+ ε`, `√`, `1/·` and
+/// `·x` (or `x/·`), `·γ` (and `+ β`). `Err(Skip)` where the chain ends in a value nothing reads
+/// (the pass fused it), `Err(Why)` at the first step that differs, `Ok` when every step is
+/// there (the caller says what else failed).
+fn norm_tail(ix: &Index<'_>, mn: &Node, x: Option<ValueId>) -> Matched<()> {
+    // The only reader of `v`, unless nothing reads it any more (fused: Skip).
+    let next = |v: ValueId, what: &str| -> Matched<&Node> {
+        let readers = ix.uses.readers(v);
+        if readers.is_empty() && !ix.uses.is_output(v) {
+            return Err(Miss::Skip);
+        }
+        (readers.len() == 1).why(&format!("{what} has other readers"))?;
+        Ok(&ix.g.nodes[readers[0].0])
+    };
+    let ms = mn.outputs[0];
+    let add = next(ms, "the mean of squares")?;
+    let eps = Index::bin(add, BinaryOp::Add).and_then(|(a, b)| ix.scalar(if a == Some(ms) { b } else { a }));
+    eps.why("no constant scalar ε is added to the mean of squares")?;
+    let sq = next(add.outputs[0], "the variance + ε")?;
+    (sq.op == Op::Unary(UnaryOp::Sqrt)).why("the variance + ε is not square-rooted (Sqrt)")?;
+    let s = sq.outputs[0];
+    let inv = next(s, "the standard deviation")?;
+    let y = match (&inv.op, Index::bin(inv, BinaryOp::Div)) {
+        (_, Some((a, b))) if a == x && b == Some(s) => inv.outputs[0],
+        (Op::Unary(UnaryOp::Reciprocal), _) => {
+            let mul = next(inv.outputs[0], "1/σ")?;
+            (Index::bin(mul, BinaryOp::Mul).is_some_and(|(a, b)| a == x || b == x)).why("1/σ does not multiply x")?;
+            mul.outputs[0]
+        }
+        (_, Some((one, b))) if b == Some(s) && ix.scalar(one) == Some(1.0) => {
+            let mul = next(inv.outputs[0], "1/σ")?;
+            (Index::bin(mul, BinaryOp::Mul).is_some_and(|(a, b)| a == x || b == x)).why("1/σ does not multiply x")?;
+            mul.outputs[0]
+        }
+        _ => return Err(Miss::Why("σ does not divide x (x/σ, x·Reciprocal(σ) or x·(1/σ))".into())),
+    };
+    let scale = next(y, "the normalised value")?;
+    let weight = Index::bin(scale, BinaryOp::Mul).map(|(a, b)| if a == Some(y) { b } else { a });
+    let vector = |v: Option<ValueId>| ix.tensor(v).is_some_and(|t| t.dtype() == DType::F32 && t.shape().len() == 1);
+    vector(weight.flatten())
+        .why("the normalised value is not scaled by a constant f32 weight vector (γ computed, shaped, or absent)")?;
+    Ok(())
 }
 
 /// `y = x / √(mean(x²) + ε)` (in its usual spellings) → (x, ε).
@@ -367,33 +677,67 @@ fn match_normalised(ix: &Index<'_>, y: Option<ValueId>) -> Option<(ValueId, f32)
 }
 
 /// Rotary embeddings as exporters write them — `x·cos + rotate_half(x)·sin` with
-/// `rotate_half(x) = Concat(−x[…, D/2:], x[…, :D/2])` and cos/sin gathered from constant
-/// [positions, D] tables by `position_ids` then unsqueezed at axis 1 — on 4-D [B, heads, S, D]
-/// values → one `RotaryEmbedding` (half-split pairing) reading half-width tables. The tables'
-/// two halves must be equal (as rotate-half tables are); the halves are added as new constants.
+/// `rotate_half(x) = Concat(−x[…, D/2:], x[…, :D/2])` on 4-D [B, heads, S, D] values, the
+/// angles either
+/// - gathered from constant [positions, D] tables by `position_ids` then unsqueezed at axis 1
+///   (older transformers, this project's exports) → `RotaryEmbedding` reading half-width tables
+///   (the tables' two halves must be equal, as rotate-half tables are; the halves are added as
+///   new constants), or
+/// - computed in the graph, `Unsqueeze(Cos(Concat(f, f)), 1)` and the same `Sin` of one
+///   `f` [B | 1, S, D/2] (transformers ≥ 4.38 through TorchScript or dynamo, f from the position
+///   ids and `inv_freq`) → `RotaryEmbedding` reading `Cos(f)` and `Sin(f)` without position ids
+///   (computed once per model, at half width).
+///
+/// Every `x·c + rotate_half(x)·s` that does not fuse is named with the reason (`missed`).
 pub fn fuse_rotary(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
+    /// Where the angles come from.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Angles {
+        /// Constant [P, D] tables, gathered by `pos`.
+        Table { cos: ValueId, sin: ValueId, pos: ValueId },
+        /// `Cos`/`Sin` of `Concat(f, f)` (node `concat`).
+        Computed { f: ValueId, concat: usize },
+    }
     struct Rw {
         node: usize,
         x: ValueId,
-        cos: ValueId,
-        sin: ValueId,
-        pos: ValueId,
+        angles: Angles,
+        half: i64,
     }
-    let mut rewrites: Vec<Rw> = Vec::new();
-    // A gathered table: Unsqueeze(Gather(table, pos, axis 0), [1]) → (table, pos).
-    let table = |v: Option<ValueId>| -> Option<(ValueId, ValueId)> {
+    // Unsqueeze(·, [1]) → its input.
+    let at_axis_1 = |v: Option<ValueId>| -> Option<Option<ValueId>> {
         let (_, un) = ix.prod(v, |op| matches!(op, Op::Unsqueeze { .. }))?;
         let Op::Unsqueeze { axes } = &un.op else { return None };
         let axes = axes.clone().or_else(|| ix.ints(un.inputs.get(1).copied().flatten()))?;
-        if axes != [1] {
-            return None;
-        }
-        let (_, gn) = ix.prod(un.inputs[0], |op| *op == Op::Gather { axis: 0 })?;
+        (axes == [1]).then_some(un.inputs[0])
+    };
+    // A gathered table: Unsqueeze(Gather(table, pos, axis 0), [1]) → (table, pos).
+    let table = |v: Option<ValueId>| -> Option<(ValueId, ValueId)> {
+        let (_, gn) = ix.prod(at_axis_1(v)?, |op| *op == Op::Gather { axis: 0 })?;
         let t = ix.tensor(gn.inputs[0])?;
         (t.dtype() == DType::F32 && t.shape().len() == 2 && t.shape()[1] % 2 == 0)
             .then(|| Some((gn.inputs[0]?, gn.inputs[1]?)))
             .flatten()
+    };
+    // Computed: Unsqueeze(Cos|Sin(Concat(f, f, axis −1)), [1]) → (f, the Concat node).
+    let computed = |v: Option<ValueId>, op: UnaryOp| -> Option<(ValueId, usize)> {
+        let (_, cn) = ix.prod(at_axis_1(v)?, |o| *o == Op::Unary(op))?;
+        let (ci, cat) = ix.prod(cn.inputs[0], |o| matches!(o, Op::Concat { axis: -1 }))?;
+        match cat.inputs[..] {
+            [Some(a), Some(b)] if a == b => Some((a, ci)),
+            _ => None,
+        }
+    };
+    let angles = |c: Option<ValueId>, s: Option<ValueId>| -> Option<(Angles, Option<i64>)> {
+        if let (Some((ct, pos)), Some((st, pos2))) = (table(c), table(s)) {
+            let (cs, ss) = (ix.tensor(Some(ct))?.shape(), ix.tensor(Some(st))?.shape());
+            return (pos == pos2 && cs == ss)
+                .then(|| (Angles::Table { cos: ct, sin: st, pos }, Some(cs[1] as i64 / 2)));
+        }
+        let (f, ci) = computed(c, UnaryOp::Cos)?;
+        let (f2, _) = computed(s, UnaryOp::Sin)?;
+        (f == f2).then_some((Angles::Computed { f, concat: ci }, None))
     };
     // x[…, a:b] on the last axis → (x, a, b).
     let slice = |v: Option<ValueId>| -> Option<(ValueId, i64, i64)> {
@@ -413,61 +757,115 @@ pub fn fuse_rotary(m: &mut Module) -> Result<PassRecord> {
             .then(|| Some((sn.inputs[0]?, starts[0], ends[0])))
             .flatten()
     };
+    // rotate_half(x) = Concat(Neg(x[h:]), x[:h]) on the last axis → (x, h).
+    let rotate_half = |rot: Option<ValueId>| -> Option<(ValueId, i64)> {
+        let (_, cn) = ix.prod(rot, |op| matches!(op, Op::Concat { axis: -1 | 3 }))?;
+        if cn.inputs.len() != 2 || !ix.only_reader(rot?) || !ix.only_reader(cn.inputs[0]?) {
+            return None;
+        }
+        let (_, neg) = ix.prod(cn.inputs[0], |op| *op == Op::Unary(UnaryOp::Neg))?;
+        let (xs, h, end) = slice(neg.inputs[0])?;
+        let (xf, a, b) = slice(cn.inputs[1])?;
+        (xs == xf && a == 0 && b == h && h > 0 && end >= 2 * h).then_some((xs, h))
+    };
+    let mut rewrites: Vec<Rw> = Vec::new();
+    let mut missed = Missed::default();
     for (i, n) in m.graph.nodes.iter().enumerate() {
         let Some((a, b)) = Index::bin(n, BinaryOp::Add) else { continue };
-        'order: for (p, q) in [(a, b), (b, a)] {
-            // p = x·cos, q = rot·sin (each product in either order).
-            let (Some(pv), Some(qv)) = (p, q) else { continue };
-            if !ix.only_reader(pv) || !ix.only_reader(qv) {
-                continue;
-            }
-            let Some((pa, pb)) = ix.prod(p, |_| true).and_then(|(_, n)| Index::bin(n, BinaryOp::Mul)) else { continue };
-            let Some((qa, qb)) = ix.prod(q, |_| true).and_then(|(_, n)| Index::bin(n, BinaryOp::Mul)) else { continue };
-            for (x, c) in [(pa, pb), (pb, pa)] {
-                let Some((cos_t, pos)) = table(c) else { continue };
-                for (rot, s) in [(qa, qb), (qb, qa)] {
-                    let Some((sin_t, pos2)) = table(s) else { continue };
-                    let d = ix.tensor(Some(cos_t)).expect("table").shape()[1] as i64;
-                    let st = ix.tensor(Some(sin_t)).expect("table");
-                    if pos2 != pos || st.shape() != ix.tensor(Some(cos_t)).expect("table").shape() {
-                        continue;
-                    }
-                    // rot = Concat(Neg(x[h:]), x[:h]) on the last axis.
-                    let Some((_, cn)) = ix.prod(rot, |op| matches!(op, Op::Concat { axis: -1 | 3 })) else { continue };
-                    if cn.inputs.len() != 2 || !ix.only_reader(rot.expect("matched")) {
-                        continue;
-                    }
-                    let Some((_, neg)) = ix.prod(cn.inputs[0], |op| *op == Op::Unary(UnaryOp::Neg)) else { continue };
-                    if !ix.only_reader(cn.inputs[0].expect("matched")) {
-                        continue;
-                    }
-                    let h = d / 2;
-                    let second = slice(neg.inputs[0]);
-                    let first = slice(cn.inputs[1]);
-                    let ok_second = second.is_some_and(|(xs, a, b)| Some(xs) == x && a == h && b >= d);
-                    let ok_first = first.is_some_and(|(xs, a, b)| Some(xs) == x && a == 0 && b == h);
-                    if ok_first && ok_second {
-                        rewrites.push(Rw { node: i, x: x.expect("matched"), cos: cos_t, sin: sin_t, pos });
-                        break 'order;
+        let at = || -> Matched<Rw> {
+            // p = x·cos, q = rot·sin (either order, each product in either order).
+            let products = |v: Option<ValueId>| ix.prod(v, |_| true).and_then(|(_, n)| Index::bin(n, BinaryOp::Mul));
+            let (pa, pb) = products(a).skip()?;
+            let (qa, qb) = products(b).skip()?;
+            let mut found = None;
+            for ((x, c), (rot, s)) in [
+                ((pa, pb), (qa, qb)),
+                ((pb, pa), (qa, qb)),
+                ((pa, pb), (qb, qa)),
+                ((pb, pa), (qb, qa)),
+                ((qa, qb), (pa, pb)),
+                ((qb, qa), (pa, pb)),
+                ((qa, qb), (pb, pa)),
+                ((qb, qa), (pb, pa)),
+            ] {
+                if let Some((xr, h)) = rotate_half(rot) {
+                    if Some(xr) == x {
+                        found = Some((xr, h, c, s, rot));
+                        break;
                     }
                 }
             }
+            let (x, h, c, s, _) = found.skip()?;
+            // From here on: x·c + rotate_half(x)·s.
+            let (p, q) = (a.why("input missing")?, b.why("input missing")?);
+            (ix.only_reader(p) && ix.only_reader(q)).why("x·cos or rotate_half(x)·sin has another reader")?;
+            let (angles, half) = angles(c, s).why(
+                "cos/sin are neither gathered from constant tables by position ids nor Cos/Sin of one Concat(f, f)",
+            )?;
+            if let Some(half) = half {
+                (half == h).why(&format!("rotate_half splits at {h}, the tables are {} wide", 2 * half))?;
+            }
+            Ok(Rw { node: i, x, angles, half: h })
+        };
+        if let Some(rw) = missed.take(n, at()) {
+            rewrites.push(rw);
         }
     }
     drop(ix);
-    // Half-width tables, one per source table; a table whose halves differ is not rotate-half.
+    // Half-width angles, one per source: a table whose halves differ is not rotate-half.
     let mut halves: HashMap<ValueId, Option<ValueId>> = HashMap::new();
+    let mut computed_at: HashMap<ValueId, (usize, ValueId, ValueId)> = HashMap::new();
     let mut fused = 0usize;
     for rw in rewrites {
-        let mut half_of =
-            |v: ValueId, m: &mut Module| -> Option<ValueId> { *halves.entry(v).or_insert_with(|| half_table(m, v)) };
-        let (Some(c), Some(s)) = (half_of(rw.cos, m), half_of(rw.sin, m)) else { continue };
+        let (cos, sin, pos, rotary_dim) = match rw.angles {
+            Angles::Table { cos, sin, pos } => {
+                let mut half_of = |v: ValueId, m: &mut Module| -> Option<ValueId> {
+                    *halves.entry(v).or_insert_with(|| half_table(m, v))
+                };
+                let (Some(c), Some(s)) = (half_of(cos, m), half_of(sin, m)) else {
+                    let name = m.graph.nodes[rw.node].name.clone();
+                    missed.0.push(format!("{name}: the cos/sin tables' two halves differ (not rotate-half tables)"));
+                    continue;
+                };
+                (c, s, Some(pos), 0)
+            }
+            Angles::Computed { f, concat } => {
+                let &mut (_, c, s) = computed_at.entry(f).or_insert_with(|| {
+                    let name = m.graph.values[f as usize].name.clone();
+                    let mut value = |what: &str| {
+                        let v = m.graph.values.len() as ValueId;
+                        m.graph.values.push(ValueInfo { name: format!("{name}.{what}") });
+                        v
+                    };
+                    (concat, value("cos"), value("sin"))
+                });
+                // The runtime checks the angles are rotary_dim / 2 wide.
+                (c, s, None, 2 * rw.half)
+            }
+        };
         let n = &mut m.graph.nodes[rw.node];
-        n.op = Op::RotaryEmbedding { interleaved: false, rotary_dim: 0, num_heads: 0 };
-        n.inputs = vec![Some(rw.x), Some(c), Some(s), Some(rw.pos)];
+        n.op = Op::RotaryEmbedding { interleaved: false, rotary_dim, num_heads: 0 };
+        n.inputs = vec![Some(rw.x), Some(cos), Some(sin)];
+        n.inputs.extend(pos.map(Some));
         fused += 1;
     }
-    Ok(record("fuse_rotary", vec![("fused", fused as f64)]))
+    // Cos(f) and Sin(f) right after the Concat(f, f) they replace.
+    let mut after: HashMap<usize, Vec<Node>> = HashMap::new();
+    for (f, (concat, c, s)) in computed_at {
+        let name = m.graph.values[f as usize].name.clone();
+        after.entry(concat).or_default().extend([
+            Node { name: format!("{name}.cos"), op: Op::Unary(UnaryOp::Cos), inputs: vec![Some(f)], outputs: vec![c] },
+            Node { name: format!("{name}.sin"), op: Op::Unary(UnaryOp::Sin), inputs: vec![Some(f)], outputs: vec![s] },
+        ]);
+    }
+    if !after.is_empty() {
+        let nodes = std::mem::take(&mut m.graph.nodes);
+        for (i, n) in nodes.into_iter().enumerate() {
+            m.graph.nodes.push(n);
+            m.graph.nodes.extend(after.remove(&i).unwrap_or_default());
+        }
+    }
+    Ok(missed.into_record(record("fuse_rotary", vec![("fused", fused as f64)])))
 }
 
 /// A new constant holding the first half of the columns of table `v` [P, D], if both halves are
@@ -495,7 +893,8 @@ fn half_table(m: &mut Module, v: ValueId) -> Option<ValueId> {
 }
 
 /// One fused attention: the node replaced (`last`), its new inputs and outputs, nodes removed
-/// outright, the score scale, and the head count when Q/K/V stay [B, S, heads·width] rows.
+/// outright, the score scale, the head count when Q/K/V stay [B, S, heads·width] rows, and a
+/// K transpose `[0, 2, 3, 1]` to turn into `[0, 2, 1, 3]` (K in heads, not yet transposed).
 struct Rw {
     last: usize,
     inputs: Vec<Option<ValueId>>,
@@ -503,6 +902,7 @@ struct Rw {
     remove: Vec<usize>,
     scale: f32,
     heads: Option<i64>,
+    untranspose_k: Option<usize>,
 }
 
 /// The non-Shape node reading `v` (the caller has checked there is one).
@@ -514,41 +914,42 @@ fn sole_reader(g: &Graph, v: ValueId) -> Option<(usize, &Node)> {
 /// split into heads from [B, S, H·D] rows (`Transpose(Reshape(x, [B, S, H, D]), [0, 2, 1, 3])`;
 /// K transposed `[0, 2, 3, 1]`, or `[0, 1, 3, 2]` after the split) and the output merged back
 /// (`Reshape(Transpose(y, [0, 2, 1, 3]), [B, S, H·Dv])`) → a 3-D Attention on the rows
-/// themselves, which moves no head anywhere.
-fn encoder_attention(ix: &Index<'_>, mq: &Node, mv: &Node, mask: Option<ValueId>, scale: f32) -> Option<Rw> {
+/// themselves, which moves no head anywhere. `Err` says why not (the caller then tries the 4-D
+/// form, which takes the heads as they are).
+fn encoder_attention(ix: &Index<'_>, mq: &Node, mv: &Node, mask: Option<ValueId>, scale: f32) -> Matched<Rw> {
     let heads = |v: Option<ValueId>, perm: &[i64]| -> Option<(ValueId, i64, i64)> {
         let (_, tn) = ix.prod(v, |op| matches!(op, Op::Transpose { perm: Some(p) } if p == perm))?;
         let ok = ix.one_reader_besides_shapes(v?) && ix.one_reader_besides_shapes(tn.inputs[0]?);
         ok.then(|| ix.split_heads(tn.inputs[0])).flatten()
     };
-    let (q3, h, d) = heads(mq.inputs[0], &[0, 2, 1, 3])?;
-    let (k3, hk, dk) = heads(mq.inputs[1], &[0, 2, 3, 1]).or_else(|| {
-        let (_, tn) =
-            ix.prod(mq.inputs[1], |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))?;
-        ix.one_reader_besides_shapes(mq.inputs[1]?).then(|| heads(tn.inputs[0], &[0, 2, 1, 3])).flatten()
-    })?;
-    let (v3, hv, dv) = heads(mv.inputs[1], &[0, 2, 1, 3])?;
-    if hk != h || hv != h || dk != d {
-        return None;
-    }
+    let (q3, h, d) = heads(mq.inputs[0], &[0, 2, 1, 3]).skip()?;
+    let (k3, hk, dk) = heads(mq.inputs[1], &[0, 2, 3, 1])
+        .or_else(|| {
+            let (_, tn) =
+                ix.prod(mq.inputs[1], |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))?;
+            ix.one_reader_besides_shapes(mq.inputs[1]?).then(|| heads(tn.inputs[0], &[0, 2, 1, 3])).flatten()
+        })
+        .skip()?;
+    let (v3, hv, dv) = heads(mv.inputs[1], &[0, 2, 1, 3]).skip()?;
+    (hk == h && hv == h && dk == d).skip()?;
     let y = mv.outputs[0];
-    if !ix.one_reader_besides_shapes(y) {
-        return None;
-    }
-    let (_, tn) = sole_reader(ix.g, y)?;
-    if !matches!(&tn.op, Op::Transpose { perm: Some(p) } if p == &[0, 2, 1, 3])
-        || !ix.one_reader_besides_shapes(tn.outputs[0])
-    {
-        return None;
-    }
-    let (ri, rn) = sole_reader(ix.g, tn.outputs[0])?;
-    ix.merges_heads(rn, tn.outputs[0], h * dv).then(|| Rw {
+    ix.one_reader_besides_shapes(y).skip()?;
+    let (_, tn) = sole_reader(ix.g, y).skip()?;
+    let merged_by_transpose = matches!(&tn.op, Op::Transpose { perm: Some(p) } if p == &[0, 2, 1, 3]);
+    (merged_by_transpose && ix.one_reader_besides_shapes(tn.outputs[0])).skip()?;
+    let (ri, rn) = sole_reader(ix.g, tn.outputs[0]).skip()?;
+    // The merge may take B and S from the rows the heads were split from, or from their input.
+    let mut rows = vec![tn.outputs[0], q3];
+    rows.extend(ix.product_input(q3));
+    ix.merges_heads(rn, tn.outputs[0], h * dv, &rows).skip()?;
+    Ok(Rw {
         last: ri,
         inputs: [Some(q3), Some(k3), Some(v3)].into_iter().chain(mask.map(Some)).collect(),
         outputs: vec![rn.outputs[0]],
         remove: Vec::new(),
         scale,
         heads: Some(h),
+        untranspose_k: None,
     })
 }
 
@@ -566,157 +967,35 @@ fn encoder_attention(ix: &Index<'_>, mq: &Node, mv: &Node, mask: Option<ValueId>
 /// whose kernel never materialises the score matrix and which the runtime can bind to its own
 /// KV cache when generating. The same scores in an encoder (BERT, MiniLM) between heads split
 /// from and merged back into [B, S, H·D] rows become a 3-D `Attention` ([`encoder_attention`]).
+///
+/// The spellings of other exporters match too: the scale on q and/or k before the product
+/// (paddle2onnx; torch.onnx dynamo's `√scale` on each), Kᵀ written as `Reshape → Transpose
+/// [0, 2, 1] → Reshape` over `Shape` slices (dynamo), K split into heads and transposed
+/// `[0, 2, 3, 1]` in one go (TorchScript, tf2onnx), the `Expand` of repeated KV heads to the
+/// value's own dimensions (dynamo), a `Where(IsNaN(p), 0, p)` guard after the softmax (dynamo's
+/// SDPA: a row with every key masked, which the fused op already gives zeros), reshape targets
+/// built from `Shape` pieces (`Gather`, `Shape(start, end)`, `Slice`) of the rows or of the
+/// product's input. Every Softmax over a product of two activations that does not fuse is named
+/// with the step that failed (the record's `missed`).
 pub fn fuse_attention(m: &mut Module) -> Result<PassRecord> {
     let ix = Index::new(m);
     let mut rewrites: Vec<Rw> = Vec::new();
-    // Repeated heads: (source, r), or (v, 1) when not repeated.
-    let repeat = |v: Option<ValueId>| -> Option<(ValueId, i64)> {
-        let vv = v?;
-        let Some((_, rn)) = ix.prod(v, |op| matches!(op, Op::Reshape { allowzero: false })) else {
-            return Some((vv, 1));
-        };
-        if !ix.only_reader(vv) {
-            return None;
-        }
-        let target = ix.ints(rn.inputs[1])?;
-        let (_, en) = ix.prod(rn.inputs[0], |op| *op == Op::Expand)?;
-        let shape = ix.ints(en.inputs[1])?;
-        let (_, un) = ix.prod(en.inputs[0], |op| matches!(op, Op::Unsqueeze { .. }))?;
-        let Op::Unsqueeze { axes } = &un.op else { return None };
-        let axes = axes.clone().or_else(|| ix.ints(un.inputs.get(1).copied().flatten()))?;
-        let r = *shape.get(2)?;
-        let merges = target.len() == 4
-            && target[0] == 0
-            && target[1] > 0
-            && target[1] % r == 0
-            && target[2] == -1
-            && target[3] > 0;
-        let ok = axes == [2]
-            && shape.len() == 5
-            && shape.iter().enumerate().all(|(i, &s)| s == 1 || i == 2)
-            && r >= 1
-            && merges
-            && ix.only_reader(rn.inputs[0]?)
-            && ix.only_reader(en.inputs[0]?);
-        ok.then(|| Some((un.inputs[0]?, r))).flatten()
-    };
-    // A cache concatenation: (past, new, the Concat node).
-    let cache = |v: ValueId| -> Option<(ValueId, ValueId, usize)> {
-        let (ci, cn) = ix.prod(Some(v), |op| matches!(op, Op::Concat { axis: 2 | -2 }))?;
-        (cn.inputs.len() == 2).then(|| Some((cn.inputs[0]?, cn.inputs[1]?, ci))).flatten()
-    };
+    let mut missed = Missed::default();
     for sm in &m.graph.nodes {
-        // Opset < 13's (legacy, flattening) Softmax over the last of the scores' four axes is
-        // the same softmax.
-        let Op::Softmax { axis: -1 | 3, log: false, .. } = sm.op else { continue };
-        let Some(smo) = sm.outputs.first().copied().filter(|&v| ix.only_reader(v)) else { continue };
-        // s = t + mask (either order), or t.
-        let (t, mask) = match ix.prod(sm.inputs[0], |op| *op == Op::Binary(BinaryOp::Add)) {
-            Some((_, an)) if ix.only_reader(sm.inputs[0].expect("input")) => {
-                let (a, b) = (an.inputs[0], an.inputs[1]);
-                let from_mul =
-                    |v: Option<ValueId>| ix.prod(v, |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div)));
-                if from_mul(a).is_some() {
-                    (a, b)
-                } else {
-                    (b, a)
-                }
-            }
-            _ => (sm.inputs[0], None),
-        };
-        // t = qk · c, c · qk, qk / c, or qk.
-        let Some(tv) = t.filter(|&v| ix.only_reader(v)) else { continue };
-        let (qk, scale) = match ix.prod(Some(tv), |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div))) {
-            Some((_, n)) => match (&n.op, ix.scalar(n.inputs[0]), ix.scalar(n.inputs[1])) {
-                (Op::Binary(BinaryOp::Mul), None, Some(c)) => (n.inputs[0], c),
-                (Op::Binary(BinaryOp::Mul), Some(c), None) => (n.inputs[1], c),
-                (Op::Binary(BinaryOp::Div), None, Some(c)) if c != 0.0 => (n.inputs[0], 1.0 / c),
-                _ => continue,
-            },
-            None => (Some(tv), 1.0),
-        };
-        if !scale.is_finite() || !qk.is_some_and(|v| ix.only_reader(v)) {
+        if !matches!(sm.op, Op::Softmax { .. }) {
             continue;
         }
-        let Some((_, mq)) = ix.prod(qk, |op| *op == Op::MatMul) else { continue };
-        // y = MatMul(p, v_rep): the Softmax's only reader.
-        let Some((li, mv)) = m.graph.nodes.iter().enumerate().find(|(_, n)| n.inputs.first() == Some(&Some(smo)))
-        else {
-            continue;
-        };
-        if mv.op != Op::MatMul || mv.inputs.len() != 2 {
-            continue;
-        }
-        if let Some(rw) = encoder_attention(&ix, mq, mv, mask, scale) {
+        if let Some(rw) = missed.take(sm, attention_at(&ix, sm)) {
             rewrites.push(rw);
-            continue;
         }
-        // The scale may also come before the product, on q and/or on k (paddle2onnx scales q;
-        // torch.onnx dynamo's SDPA scales both by √scale): `x · c`, `c · x` or `x / c`.
-        let mut scale = scale;
-        let mut unscaled = |v: Option<ValueId>| -> Option<ValueId> {
-            let vv = v?;
-            if !ix.only_reader(vv) {
-                return v;
-            }
-            let Some((_, n)) = ix.prod(v, |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div))) else {
-                return v;
-            };
-            let (x, c) = match (&n.op, ix.scalar(n.inputs[0]), ix.scalar(n.inputs[1])) {
-                (Op::Binary(BinaryOp::Mul), None, Some(c)) => (n.inputs[0], c),
-                (Op::Binary(BinaryOp::Mul), Some(c), None) => (n.inputs[1], c),
-                (Op::Binary(BinaryOp::Div), None, Some(c)) if c != 0.0 => (n.inputs[0], 1.0 / c),
-                _ => return v,
-            };
-            scale *= c;
-            x
-        };
-        let q = unscaled(mq.inputs[0]);
-        let Some(kt) = unscaled(mq.inputs[1]) else { continue };
-        let Some((_, tk)) = ix.prod(Some(kt), |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))
-        else {
-            continue;
-        };
-        if !ix.only_reader(kt) {
-            continue;
-        }
-        let k_in = if ix.only_reader(tk.inputs[0].unwrap_or(u32::MAX)) { unscaled(tk.inputs[0]) } else { tk.inputs[0] };
-        if !scale.is_finite() {
-            continue;
-        }
-        let (Some((k_all, rk)), Some((v_all, rv))) = (repeat(k_in), repeat(mv.inputs[1])) else { continue };
-        if rk != rv {
-            continue;
-        }
-        let mut rw =
-            Rw { last: li, inputs: Vec::new(), outputs: vec![mv.outputs[0]], remove: Vec::new(), scale, heads: None };
-        match (cache(k_all), cache(v_all)) {
-            (Some((pk, k, ck)), Some((pv, v, cv))) => {
-                // The present values may be read only by this pattern and as graph outputs.
-                let outside = |v: ValueId| {
-                    m.graph.all_nodes().filter(|n| n.inputs.contains(&Some(v))).count()
-                        + m.graph.outputs.iter().filter(|o| o.value == v).count()
-                };
-                let chain_reads = |v: ValueId| outside(v) - m.graph.outputs.iter().filter(|o| o.value == v).count();
-                if chain_reads(k_all) != 1 || chain_reads(v_all) != 1 {
-                    continue;
-                }
-                rw.inputs = vec![q, Some(k), Some(v), mask, Some(pk), Some(pv)];
-                rw.outputs.extend([k_all, v_all]);
-                rw.remove = vec![ck, cv];
-            }
-            (None, None) => rw.inputs = vec![q, Some(k_all), Some(v_all), mask],
-            _ => continue,
-        }
-        while rw.inputs.last() == Some(&None) {
-            rw.inputs.pop();
-        }
-        rewrites.push(rw);
     }
     drop(ix);
     let fused = rewrites.len();
     let mut remove = vec![false; m.graph.nodes.len()];
     for rw in rewrites {
+        if let Some(t) = rw.untranspose_k {
+            m.graph.nodes[t].op = Op::Transpose { perm: Some(vec![0, 2, 1, 3]) };
+        }
         let n = &mut m.graph.nodes[rw.last];
         n.op = Op::Attention(AttentionAttrs {
             is_causal: false,
@@ -733,7 +1012,176 @@ pub fn fuse_attention(m: &mut Module) -> Result<PassRecord> {
         }
     }
     drop_marked(&mut m.graph.nodes, &remove);
-    Ok(record("fuse_attention", vec![("fused", fused as f64)]))
+    Ok(missed.into_record(record("fuse_attention", vec![("fused", fused as f64)])))
+}
+
+/// `x · c`, `c · x` or `x / c` with `c` a scalar constant → (x, the factor).
+fn scaled(ix: &Index<'_>, n: &Node) -> Option<(Option<ValueId>, f32)> {
+    match (&n.op, ix.scalar(n.inputs[0]), ix.scalar(n.inputs[1])) {
+        (Op::Binary(BinaryOp::Mul), None, Some(c)) => Some((n.inputs[0], c)),
+        (Op::Binary(BinaryOp::Mul), Some(c), None) => Some((n.inputs[1], c)),
+        (Op::Binary(BinaryOp::Div), None, Some(c)) if c != 0.0 => Some((n.inputs[0], 1.0 / c)),
+        _ => None,
+    }
+}
+
+/// The attention around Softmax node `sm`, or why there is none.
+fn attention_at(ix: &Index<'_>, sm: &Node) -> Matched<Rw> {
+    // s = t + mask (either order), or t.
+    let sv = sm.inputs.first().copied().flatten().skip()?;
+    let is_mul =
+        |v: Option<ValueId>| ix.prod(v, |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div))).is_some();
+    let (t, mask) = match ix.prod(Some(sv), |op| *op == Op::Binary(BinaryOp::Add)) {
+        Some((_, an)) if ix.only_reader(sv) => {
+            let (a, b) = (an.inputs[0], an.inputs[1]);
+            let from_product = |v| is_mul(v) || ix.prod(v, |op| *op == Op::MatMul).is_some();
+            if from_product(a) || !from_product(b) {
+                (a, b)
+            } else {
+                (b, a)
+            }
+        }
+        _ => (Some(sv), None),
+    };
+    // t = qk · c, c · qk, qk / c, or qk.
+    let tv = t.skip()?;
+    let (qk, scale) = match ix.prod(Some(tv), |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div))) {
+        Some((_, n)) => scaled(ix, n).skip()?,
+        None => (Some(tv), 1.0),
+    };
+    let (_, mq) = ix.prod(qk, |op| *op == Op::MatMul).skip()?;
+    // Scores are a product of two activations (a product with a weight is a classifier's).
+    (mq.inputs.len() == 2 && ix.tensor(mq.inputs[0]).is_none() && ix.tensor(mq.inputs[1]).is_none()).skip()?;
+    // From here on this is attention: every failed step is said.
+    // Opset < 13's (legacy, flattening) Softmax over the last of the scores' four axes is the
+    // same softmax.
+    let Op::Softmax { axis, log, .. } = sm.op else { return Err(Miss::Skip) };
+    (!log).why("LogSoftmax over the scores")?;
+    matches!(axis, -1 | 3).why(&format!("the softmax is over axis {axis}, not over the keys (the last axis)"))?;
+    (ix.only_reader(tv) && qk.is_some_and(|v| ix.only_reader(v)))
+        .why("the scores have another reader besides the softmax")?;
+    scale.is_finite().why("the score scale is not finite")?;
+    if mask.is_some() {
+        ix.only_reader(sv).why("the masked scores have another reader besides the softmax")?;
+    }
+    let smo = sm.outputs.first().copied().skip()?;
+    let p = guarded_probabilities(ix, smo)
+        .why("the probabilities have another reader besides the product with V (or a guard not recognised)")?;
+    let (li, mv) = sole_reader(ix.g, p).why("the probabilities are not read")?;
+    (mv.op == Op::MatMul && mv.inputs.len() == 2 && mv.inputs[0] == Some(p))
+        .why("the probabilities are not multiplied by V (P·V) directly")?;
+    match encoder_attention(ix, mq, mv, mask, scale) {
+        Ok(rw) => return Ok(rw),
+        Err(Miss::Why(w)) => return Err(Miss::Why(w)),
+        Err(Miss::Skip) => {}
+    }
+    // The scale may also come before the product, on q and/or on k (paddle2onnx scales q;
+    // torch.onnx dynamo's SDPA scales both by √scale): `x · c`, `c · x` or `x / c`.
+    let mut scale = scale;
+    let mut unscaled = |v: Option<ValueId>| -> Option<ValueId> {
+        let vv = v?;
+        if !ix.only_reader(vv) {
+            return v;
+        }
+        let Some((_, n)) = ix.prod(v, |op| matches!(op, Op::Binary(BinaryOp::Mul | BinaryOp::Div))) else {
+            return v;
+        };
+        let Some((x, c)) = scaled(ix, n) else { return v };
+        scale *= c;
+        x
+    };
+    let q = unscaled(mq.inputs[0]);
+    let kt = unscaled(mq.inputs[1]).why("K is missing")?;
+    ix.one_reader_besides_shapes(kt).why("Kᵀ has another reader besides the scores")?;
+    // K: Transpose(k, [0, 1, 3, 2]); the same written as reshapes around a 3-D transpose; or
+    // K still [B, S, H, D] transposed [0, 2, 3, 1] (taken as [0, 2, 1, 3] into the op).
+    let (k_in, untranspose_k) = if let Some((_, tk)) =
+        ix.prod(Some(kt), |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 1, 3, 2]))
+    {
+        let k = tk.inputs[0].why("K is missing")?;
+        (if ix.only_reader(k) { unscaled(Some(k)) } else { Some(k) }, None)
+    } else if let Some((ti, tk)) =
+        ix.prod(Some(kt), |op| matches!(op, Op::Transpose { perm: Some(p) } if p == &[0, 2, 3, 1]))
+    {
+        (Some(kt), Some((ti, tk.inputs[0])))
+    } else {
+        let k = ix.swapped_last_two(kt).why(
+                "K is not transposed for the scores by a form recognised (Transpose [0, 1, 3, 2] or [0, 2, 3, 1], or dynamo's reshapes around a 3-D transpose)",
+            )?;
+        (if ix.only_reader(k) { unscaled(Some(k)) } else { Some(k) }, None)
+    };
+    scale.is_finite().why("the score scale is not finite")?;
+    let (k_all, rk) = match untranspose_k {
+        // The [0, 2, 3, 1] transpose becomes [0, 2, 1, 3]: its output is K in heads.
+        Some(_) => (k_in.why("K is missing")?, 1),
+        None => ix.repeated_heads(k_in).why("K's heads are repeated in a form not recognised")?,
+    };
+    let (v_all, rv) = ix.repeated_heads(mv.inputs[1]).why("V's heads are repeated in a form not recognised")?;
+    (rk == rv).why(&format!("K's heads are repeated ×{rk}, V's ×{rv}"))?;
+    let mut rw = Rw {
+        last: li,
+        inputs: Vec::new(),
+        outputs: vec![mv.outputs[0]],
+        remove: Vec::new(),
+        scale,
+        heads: None,
+        untranspose_k: untranspose_k.map(|(t, _)| t),
+    };
+    let cache = |v: ValueId| -> Option<(ValueId, ValueId, usize)> {
+        let (ci, cn) = ix.prod(Some(v), |op| matches!(op, Op::Concat { axis: 2 | -2 }))?;
+        (cn.inputs.len() == 2).then(|| Some((cn.inputs[0]?, cn.inputs[1]?, ci))).flatten()
+    };
+    match (untranspose_k.is_none().then(|| cache(k_all)).flatten(), cache(v_all)) {
+        (Some((pk, k, ck)), Some((pv, v, cv))) => {
+            // The present values may be read only by this pattern and as graph outputs.
+            let outside = |v: ValueId| {
+                ix.g.all_nodes().filter(|n| n.inputs.contains(&Some(v))).count()
+                    + ix.g.outputs.iter().filter(|o| o.value == v).count()
+            };
+            let chain_reads = |v: ValueId| outside(v) - ix.g.outputs.iter().filter(|o| o.value == v).count();
+            (chain_reads(k_all) == 1 && chain_reads(v_all) == 1)
+                .why("the concatenated K/V cache has other readers besides this attention and the graph outputs")?;
+            rw.inputs = vec![q, Some(k), Some(v), mask, Some(pk), Some(pv)];
+            rw.outputs.extend([k_all, v_all]);
+            rw.remove = vec![ck, cv];
+        }
+        (None, None) => rw.inputs = vec![q, Some(k_all), Some(v_all), mask],
+        _ => return Err(Miss::Why("K comes from a cache concatenation and V does not (or the reverse)".into())),
+    }
+    while rw.inputs.last() == Some(&None) {
+        rw.inputs.pop();
+    }
+    Ok(rw)
+}
+
+/// The probabilities the product with V reads: the softmax's output `smo`, or
+/// `Where(IsNaN(smo), 0, smo)` (torch.onnx dynamo's SDPA: zeros for a row whose every key is
+/// masked, which the fused op gives already). `None` if anything else reads them.
+fn guarded_probabilities(ix: &Index<'_>, smo: ValueId) -> Option<ValueId> {
+    if ix.only_reader(smo) {
+        return Some(smo);
+    }
+    let readers = ix.uses.readers(smo);
+    if readers.len() != 2 || ix.uses.is_output(smo) {
+        return None;
+    }
+    let (isnan, guard) = {
+        let a = &ix.g.nodes[readers[0].0];
+        let b = &ix.g.nodes[readers[1].0];
+        if a.op == Op::Unary(UnaryOp::IsNaN) {
+            (a, b)
+        } else {
+            (b, a)
+        }
+    };
+    let nan = isnan.outputs.first().copied()?;
+    let ok = isnan.op == Op::Unary(UnaryOp::IsNaN)
+        && ix.only_reader(nan)
+        && guard.op == Op::Where
+        && guard.inputs.as_slice() == [Some(nan), guard.inputs[1], Some(smo)]
+        && ix.scalar(guard.inputs[1]) == Some(0.0);
+    let p = guard.outputs.first().copied()?;
+    (ok && ix.only_reader(p)).then_some(p)
 }
 
 /// `Gemm(A, B, C)` (`alpha·op(A)·op(B) + beta·C`, any `transA`/`transB`) with `B` a 2-D f32

@@ -14,6 +14,7 @@ use acorn::tensor::{DType, Tensor, View};
 use anyhow::Result;
 
 use crate::ir::Module;
+use crate::llm::{Matched, Missed, OrMiss};
 
 /// Results larger than this (elements) stay as runtime nodes rather than being stored.
 const FOLD_MAX_ELEMENTS: usize = 1 << 26;
@@ -317,6 +318,41 @@ pub fn fuse_gelu(m: &mut Module) -> Result<PassRecord> {
         }
         None
     };
+    // After the core `erf(x/√2)` (or the tanh): `+ 1`, then `· x` and `· ½` in any order —
+    // `(x · u) · ½`, `(x · ½) · u` (TorchScript) or `x · (½ · u)` (dynamo) — the last node.
+    let gelu_tail = |erf: &Node, x: ValueId| -> Matched<usize> {
+        let e = erf.outputs[0];
+        let ai = consumer(e).why("the erf/tanh has another reader")?;
+        let add = bin(ai, BinaryOp::Add).why("the erf/tanh is not followed by + 1")?;
+        near(other(add, e), 1.0).why("the erf/tanh is not followed by + 1")?;
+        let u = g.nodes[ai].outputs[0];
+        let mi = consumer(u).why("1 + erf/tanh has another reader")?;
+        let mul = bin(mi, BinaryOp::Mul).why("1 + erf/tanh is not multiplied by x or by ½")?;
+        let w = other(mul, u);
+        let v = g.nodes[mi].outputs[0];
+        if w == Some(x) {
+            // (x · u) · ½
+            let (hi, h) =
+                consumer(v).and_then(|hi| bin(hi, BinaryOp::Mul).map(|h| (hi, h))).why("x·(1 + erf) is not halved")?;
+            return near(other(h, v), 0.5).then_some(hi).why("x·(1 + erf) is not halved");
+        }
+        if near(w, 0.5) {
+            // x · (½ · u)
+            let (xi, xm) = consumer(v)
+                .and_then(|xi| bin(xi, BinaryOp::Mul).map(|h| (xi, h)))
+                .why("½·(1 + erf) is not multiplied by x")?;
+            return (other(xm, v) == Some(x)).then_some(xi).why("½·(1 + erf) is multiplied by something other than x");
+        }
+        // (x · ½) · u
+        let (w, p) =
+            w.and_then(|w| uses.producer(w).map(|p| (w, p))).why("1 + erf/tanh is not multiplied by x or by ½")?;
+        (uses.reads(w) == 1).why("x·½ has another reader")?;
+        let h = bin(p, BinaryOp::Mul).why("1 + erf/tanh is not multiplied by x·½")?;
+        (other(h, x) != Some(x) && (h.0 == Some(x) || h.1 == Some(x)) && near(other(h, x), 0.5))
+            .then_some(mi)
+            .why("1 + erf/tanh is not multiplied by x·½")
+    };
+    let mut missed = Missed::default();
     let mut rewrites: Vec<(usize, ValueId, bool)> = Vec::new();
     for erf in &g.nodes {
         let (tanh, t) = match (&erf.op, erf.inputs.as_slice()) {
@@ -340,39 +376,11 @@ pub fn fuse_gelu(m: &mut Module) -> Result<PassRecord> {
             }
         };
         let Some(x) = x else { continue };
-        // u = erf + 1
-        let e = erf.outputs[0];
-        let Some(ai) = consumer(e) else { continue };
-        let Some(add) = bin(ai, BinaryOp::Add) else { continue };
-        if !near(other(add, e), 1.0) {
-            continue;
+        // A GELU core: from here on every failed step is said.
+        let r = gelu_tail(erf, x);
+        if let Some(last) = missed.take(erf, r) {
+            rewrites.push((last, x, tanh));
         }
-        let u = g.nodes[ai].outputs[0];
-        let Some(mi) = consumer(u) else { continue };
-        let Some(mul) = bin(mi, BinaryOp::Mul) else { continue };
-        let w = other(mul, u);
-        let last = if w == Some(x) {
-            // (x · u) · ½
-            let v = g.nodes[mi].outputs[0];
-            match consumer(v).and_then(|hi| bin(hi, BinaryOp::Mul).map(|h| (hi, h))) {
-                Some((hi, h)) if near(other(h, v), 0.5) => hi,
-                _ => continue,
-            }
-        } else {
-            // (x · ½) · u
-            match w.and_then(|w| uses.producer(w).map(|p| (w, p))) {
-                Some((w, p)) if uses.reads(w) == 1 => match bin(p, BinaryOp::Mul) {
-                    Some(h)
-                        if other(h, x) != Some(x) && (h.0 == Some(x) || h.1 == Some(x)) && near(other(h, x), 0.5) =>
-                    {
-                        mi
-                    }
-                    _ => continue,
-                },
-                _ => continue,
-            }
-        };
-        rewrites.push((last, x, tanh));
     }
     let fused = rewrites.len();
     for (i, x, tanh) in rewrites {
@@ -380,5 +388,9 @@ pub fn fuse_gelu(m: &mut Module) -> Result<PassRecord> {
         n.op = Op::Activation(Activation::Gelu { tanh });
         n.inputs = vec![Some(x)];
     }
-    Ok(PassRecord { name: "fuse_gelu".into(), params: vec![], report: vec![("fused".into(), fused as f64)] })
+    Ok(missed.into_record(PassRecord {
+        name: "fuse_gelu".into(),
+        params: vec![],
+        report: vec![("fused".into(), fused as f64)],
+    }))
 }

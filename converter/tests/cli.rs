@@ -483,3 +483,26 @@ fn optimize_prints_its_recipe_and_checks_its_settings() {
     // The default recipe distils: without --data it says so before reading anything.
     assert!(run(&[]).contains("--data"));
 }
+
+/// `acorn convert model.onnx` run in the model's own folder: the external data beside it is
+/// found (the folder of a bare file name is `.`, not the empty path).
+#[test]
+fn a_model_named_without_its_folder_finds_its_external_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let w: Vec<u8> = (0..12).flat_map(|i| (i as f32 * 0.25).to_le_bytes()).collect();
+    std::fs::write(dir.path().join("m.weights"), w).unwrap();
+    let mut b = OnnxBuilder::new(17);
+    b.input_f32("x", &["1", "4"]);
+    b.init_external_f32("W", &[4, 3], "m.weights", 0);
+    b.node("MatMul", "mm", &["x", "W"], &["y"], vec![]);
+    b.output_f32("y");
+    std::fs::write(dir.path().join("m.onnx"), b.to_bytes()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_acorn"))
+        .current_dir(dir.path())
+        .args(["convert", "m.onnx", "-o", "m.acorn"])
+        .output()
+        .expect("run acorn");
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(dir.path().join("m.acorn").exists());
+}

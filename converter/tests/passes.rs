@@ -421,3 +421,77 @@ fn attention_scaled_before_the_product_fuses() {
         assert!(d <= 1e-5, "form {f}: max |Δ| {d}");
     }
 }
+
+/// A fusion that cannot apply says why: in its record (`missed`, one entry per candidate) and
+/// as a conversion warning. A softmax over a product with a weight (a classifier) is no
+/// attention candidate and is not reported.
+#[test]
+fn fusions_that_cannot_apply_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = OnnxBuilder::new(17);
+    for n in ["q", "k", "v"] {
+        b.input_f32(n, &["1", "2", "5", "4"]);
+    }
+    b.input_f32("x", &["2", "8"]);
+    b.input_f32("g", &["8"]);
+    b.init_f32("two", &[], vec![2.0]);
+    b.init_f32("eps", &[], vec![1e-5]);
+    b.init_f32("c", &[], vec![0.5]);
+    b.init_f32("r2", &[], vec![std::f32::consts::SQRT_2]);
+    b.init_f32("one5", &[], vec![1.5]);
+    b.init_f32("half", &[], vec![0.5]);
+    b.init_f32("W", &[8, 3], (0..24).map(|i| i as f32 * 0.01).collect());
+    b.init_i64("last", &[1], vec![-1]);
+    // Attention whose probabilities are also a graph output.
+    b.node("Transpose", "kt", &["k"], &["kt"], vec![OnnxBuilder::attr_ints("perm", &[0, 1, 3, 2])]);
+    b.node("MatMul", "scores", &["q", "kt"], &["s"], vec![]);
+    b.node("Mul", "scale", &["s", "c"], &["t"], vec![]);
+    b.node("Softmax", "probs", &["t"], &["p"], vec![OnnxBuilder::attr_i("axis", -1)]);
+    b.node("MatMul", "pv", &["p", "v"], &["y"], vec![]);
+    // RMSNorm scaled by a weight the caller gives (an input, not a constant).
+    b.node("Pow", "sq", &["x", "two"], &["x2"], vec![]);
+    b.node("ReduceMean", "ms", &["x2"], &["ms"], vec![OnnxBuilder::attr_ints("axes", &[-1])]);
+    b.node("Add", "var", &["ms", "eps"], &["ve"], vec![]);
+    b.node("Sqrt", "sd", &["ve"], &["sd"], vec![]);
+    b.node("Div", "norm", &["x", "sd"], &["xn"], vec![]);
+    b.node("Mul", "gamma", &["xn", "g"], &["rms"], vec![]);
+    // GELU with 1.5 where the 1 goes.
+    b.node("Div", "gd", &["x", "r2"], &["xd"], vec![]);
+    b.node("Erf", "erf", &["xd"], &["e"], vec![]);
+    b.node("Add", "e1", &["e", "one5"], &["e1"], vec![]);
+    b.node("Mul", "xe", &["x", "e1"], &["xe"], vec![]);
+    b.node("Mul", "gelu", &["xe", "half"], &["gl"], vec![]);
+    // A classifier's softmax: not attention.
+    b.node("MatMul", "head", &["x", "W"], &["logits"], vec![]);
+    b.node("Softmax", "cls", &["logits"], &["cls"], vec![OnnxBuilder::attr_i("axis", -1)]);
+    for o in ["y", "p", "rms", "gl", "cls"] {
+        b.output_f32(o);
+    }
+    let src = dir.path().join("near.onnx");
+    std::fs::write(&src, b.to_bytes()).unwrap();
+    let r = convert(&src, &dir.path().join("near.acorn"), &ConvertOptions::default()).unwrap();
+    let missed = |pass: &str| -> Vec<String> {
+        let p = r.passes.iter().find(|p| p.name == pass).unwrap();
+        let n = p.report.iter().find(|(k, _)| k == "missed").unwrap().1;
+        let listed: Vec<String> = p.params.iter().filter(|(k, _)| k == "missed").map(|(_, v)| v.clone()).collect();
+        assert_eq!(n as usize, listed.len(), "{pass}");
+        listed
+    };
+    let attention = missed("fuse_attention");
+    assert_eq!(attention.len(), 1, "{attention:?}");
+    assert!(attention[0].starts_with("probs: the probabilities have another reader"), "{attention:?}");
+    let rms = missed("fuse_rms_norm");
+    assert_eq!(rms.len(), 1, "{rms:?}");
+    assert!(rms[0].contains("not scaled by a constant f32 weight vector"), "{rms:?}");
+    let gelu = missed("fuse_gelu");
+    assert_eq!(gelu.len(), 1, "{gelu:?}");
+    assert!(gelu[0].starts_with("erf: the erf/tanh is not followed by + 1"), "{gelu:?}");
+    for pass in ["fuse_attention", "fuse_rms_norm", "fuse_gelu"] {
+        assert!(
+            r.warnings.iter().any(|w| w.starts_with(&format!("{pass}: 1 candidate left unfused — "))),
+            "{pass}: {:?}",
+            r.warnings
+        );
+    }
+    assert_eq!(r.warnings.len(), 3, "{:?}", r.warnings);
+}

@@ -43,8 +43,10 @@ fn geometry(op: &Op, x: &[usize], cos: &[usize], pos: Option<&[usize]>) -> OpRes
             }
         }
         None => {
-            if cos != [g.b, g.s, half] {
-                op_bail!("cos_cache {cos:?} should be [B={}, S={}, rot/2={half}] without position_ids", g.b, g.s);
+            // One batch row of angles serves every batch row (what a fused graph's computed
+            // angles are when the position ids were [1, S]).
+            if cos.len() != 3 || (cos[0] != g.b && cos[0] != 1) || cos[1..] != [g.s, half] {
+                op_bail!("cos_cache {cos:?} should be [B={} or 1, S={}, rot/2={half}] without position_ids", g.b, g.s);
             }
         }
     }
@@ -86,6 +88,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                     }
                     id as usize
                 }
+                None if cos_v.shape[0] == 1 => s,
                 None => b * g.s + s,
             };
             let (c, sn) = (&cos[row * half..(row + 1) * half], &sin[row * half..(row + 1) * half]);

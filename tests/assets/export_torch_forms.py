@@ -1,0 +1,98 @@
+"""Writes tests/data/exporters/: tiny random-weight models exported by torch.onnx itself, so the
+fusions are tested on the forms the exporters really emit (not only on graphs Acorn's own builder
+writes).
+
+    python3 tests/assets/export_torch_forms.py      # needs torch and transformers (not in CI)
+
+Each model `NAME.onnx` (weights inline) comes with its inputs `NAME.INPUT.npy` and `NAME.ref.npy`, PyTorch's own
+output for those inputs (the definition the test compares with). Made with torch 2.15.0,
+transformers 5.25.0, onnxscript 0.7.2 (2026-12-05).
+
+- `llama_dynamo`: a 1-layer Llama (GQA 4 query / 2 KV heads, tied head) through
+  `torch.onnx.export(dynamo=True)`, opset 18: RMSNorm with `Reciprocal(Sqrt)`, rotary angles
+  computed in the graph (`Cos/Sin(Concat(f, f))`), SDPA decomposed (√scale on q and kᵀ, kᵀ as
+  reshapes around a 3-D transpose, `Expand` to the value's own dims, `Where(IsNaN(p), 0, p)`).
+- `bert_dynamo`: a 1-layer BERT through dynamo, opset 18: `LayerNormalization`, GELU as
+  `x · (½ · (1 + erf(x/√2)))`, reshape targets from `Shape(mask, start, end)`, `allowzero = 1`.
+- `bert_ts`: the same BERT through TorchScript (`dynamo=False`), opset 14: LayerNorm written out,
+  heads split by `[B, S, −1, D]` with B and S gathered from the shape of the projections' input.
+
+(transformers 5's Llama does not export through TorchScript: `aten::diff` in its mask code.)
+"""
+import os
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+warnings.filterwarnings("ignore")
+OUT = os.path.join(os.path.dirname(__file__), "..", "data", "exporters")
+os.makedirs(OUT, exist_ok=True)
+torch.manual_seed(0)
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids, use_cache=False).logits
+
+
+class Hidden(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def save(name, model, inputs, names, dynamo, opset, dynamic):
+    path = os.path.join(OUT, f"{name}.onnx")
+    kw = dict(input_names=names, output_names=["out"], opset_version=opset, dynamo=dynamo)
+    if dynamo:
+        kw["dynamic_shapes"] = dynamic
+        kw["external_data"] = False
+    else:
+        kw["dynamic_axes"] = dynamic
+    torch.onnx.export(model, inputs, path, **kw)
+    # The exporters' stack traces and names of source lines: not part of the graph, most of the bytes.
+    m = onnx.load(path)
+    for n in m.graph.node:
+        n.doc_string = ""
+        del n.metadata_props[:]
+    for v in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        del v.metadata_props[:]
+    del m.metadata_props[:]
+    onnx.save(m, path)
+    with torch.no_grad():
+        ref = model(*inputs).numpy().astype(np.float32)
+    for n, t in zip(names, inputs):
+        np.save(os.path.join(OUT, f"{name}.{n}.npy"), t.numpy())
+    np.save(os.path.join(OUT, f"{name}.ref.npy"), ref)
+    print(name, os.path.getsize(path), "bytes")
+
+
+llama = LlamaForCausalLM(LlamaConfig(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)).eval()
+ids = torch.randint(0, 96, (1, 7))
+save("llama_dynamo", Logits(llama).eval(), (ids,), ["input_ids"], True, 18,
+     ({1: torch.export.Dim("s", max=48)},))
+
+bert = BertModel(BertConfig(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+    max_position_embeddings=48), add_pooling_layer=False).eval()
+bert.config._attn_implementation = "eager"
+ids = torch.randint(0, 96, (2, 6))
+mask = torch.ones(2, 6, dtype=torch.long)
+mask[1, 4:] = 0
+dims = {0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", max=48)}
+save("bert_dynamo", Hidden(bert).eval(), (ids, mask), ["input_ids", "attention_mask"], True, 18, (dims, dims))
+axes = {0: "b", 1: "s"}
+save("bert_ts", Hidden(bert).eval(), (ids, mask), ["input_ids", "attention_mask"], False, 14,
+     {"input_ids": axes, "attention_mask": axes})
