@@ -88,11 +88,11 @@ enum Cmd {
         /// file declares): for very large or unusual graphs it cannot analyse quickly.
         #[arg(long)]
         no_shape_analysis: bool,
-        /// Graphs another tool quantized (QDQ, DynamicQuantizeLinear → MatMulInteger,
-        /// MatMulNBits): `lift` stores their weights in Acorn's q8 / q4 with the codes kept and
-        /// runs Acorn's int8 kernels (activations quantized per block of 32: faster, usually
-        /// closer to fp32, not bit-equal to the graph); `as-written` runs the graph's own ops as
-        /// the ONNX spec defines them.
+        /// Graphs another tool quantized (QDQ, DynamicQuantizeLinear → MatMulInteger /
+        /// ConvInteger, MatMulNBits): `lift` stores their weights in Acorn's q8 / q4 with the
+        /// codes kept and runs Acorn's int8 kernels (activations quantized by the kernels — per
+        /// block of 32 for products, per tensor for convolutions: faster, not bit-equal to the
+        /// graph); `as-written` runs the graph's own ops as the ONNX spec defines them.
         #[arg(long, value_name = "MODE", default_value = "lift", value_parser = ["lift", "as-written"])]
         quantized_import: String,
         /// Most memory the model's runs during conversion (--calib) may take, e.g. 2G (default:

@@ -10,7 +10,8 @@
 //!   `fold_activation_qdq`).
 //! - **Dynamic quantization** (`onnxruntime.quantization.quantize_dynamic`):
 //!   `DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, x_zp, w_zp = 0) → Cast(float) →
-//!   Mul(·, x_scale · w_scale)` becomes `MatMul(x, W)`.
+//!   Mul(·, x_scale · w_scale)` becomes `MatMul(x, W)`; the same around `ConvInteger` becomes
+//!   `Conv(x, W)` on Acorn's int8 convolution rows.
 //!
 //! The weight's f32 values `q · scale` go into the graph (so every later pass sees an ordinary
 //! MatMul) and its codes into [`Module::prequantized`]; the quantize step writes them as they
@@ -109,6 +110,35 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
             Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
         }
     }
+    // Dynamic quantization of convolutions: `ConvInteger` (lowered by the importer) behind
+    // `DynamicQuantizeLinear`, its int32 result scaled back.
+    let uses = Uses::new(&m.graph);
+    let convs: Vec<(String, DynamicConv)> = (0..m.graph.nodes.len())
+        .filter(|&i| matches!(&m.graph.nodes[i].op, Op::Conv(a) if a.group == 1))
+        .filter_map(|i| match_dynamic_conv(m, &uses, i).map(|d| (m.graph.nodes[i].name.clone(), d)))
+        .collect();
+    drop(uses);
+    let mut dynamic_convs = 0usize;
+    for (name, d) in convs {
+        match conv_weight_from(m, Some(d.w), Some(d.w_scale), d.w_zp, 0) {
+            Ok((w, enc, bytes)) => {
+                let tname = format!("{name}.weight");
+                let wv = m.graph.values.len() as ValueId;
+                m.graph.values.push(ValueInfo { name: tname.clone() });
+                m.graph.constants.push(ConstBinding { value: wv, tensor: m.tensors.len() as u32 });
+                m.tensors.push((tname.clone(), w));
+                m.prequantized.insert(tname, (enc, bytes));
+                m.graph.nodes[d.final_mul] = Node {
+                    name: format!("{name}.lifted"),
+                    op: d.conv,
+                    inputs: vec![Some(d.x), Some(wv)],
+                    outputs: vec![d.y],
+                };
+                dynamic_convs += 1;
+            }
+            Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
+        }
+    }
     let activations = fold_activation_qdq(m);
     let mut params = skipped;
     params.truncate(64);
@@ -119,6 +149,7 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
             ("qdq_weights".into(), qdq as f64),
             ("qdq_conv_weights".into(), qdq_conv as f64),
             ("dynamic_products".into(), dynamic as f64),
+            ("dynamic_convs".into(), dynamic_convs as f64),
             ("qdq_activations".into(), activations as f64),
         ],
     })
@@ -237,6 +268,83 @@ fn match_dynamic(m: &Module, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
     let w_scale = *ins.iter().find(|&&v| v != xscale)?;
     constant(m, Some(w_scale))?;
     Some(Dynamic { x, w: b, w_zp: bzp, w_scale, final_mul: fm, y: f.outputs[0] })
+}
+
+/// A matched dynamic-quantization convolution.
+struct DynamicConv {
+    /// The f32 activation `DynamicQuantizeLinear` read.
+    x: ValueId,
+    /// The int8 weight codes, their zero point and scale (constants).
+    w: ValueId,
+    w_zp: Option<ValueId>,
+    w_scale: ValueId,
+    /// The convolution (its attributes).
+    conv: Op,
+    /// The node computing `int32 result · (x_scale · w_scale)`, and its output.
+    final_mul: usize,
+    y: ValueId,
+}
+
+/// Conv node `i` as the importer lowers `ConvInteger(DynamicQuantizeLinear(x), W_q, x_zp,
+/// w_zp)` — `Conv(Cast(x_q) − Cast(x_zp), Cast(W_q) [− Cast(w_zp)]) → Cast(int32)` — followed by
+/// ONNX Runtime's `Cast(float) → Mul(·, x_scale · w_scale)`.
+fn match_dynamic_conv(m: &Module, uses: &Uses<'_>, i: usize) -> Option<DynamicConv> {
+    let g = &m.graph;
+    let n = &g.nodes[i];
+    if n.inputs.len() != 2 {
+        return None;
+    }
+    let node = |v: Option<ValueId>| v.and_then(|v| uses.producer(v)).map(|p| &g.nodes[p]);
+    let cast_of = |v: Option<ValueId>| -> Option<ValueId> {
+        let c = node(v)?;
+        matches!(c.op, Op::Cast { to: DType::F32 }).then_some(c.inputs.first().copied()?)?
+    };
+    // x − x_zp (or x alone) as f32.
+    let (xq, xzp) = match node(n.inputs[0]) {
+        Some(s) if s.op == Op::Binary(BinaryOp::Sub) => (cast_of(s.inputs[0])?, Some(cast_of(s.inputs[1])?)),
+        _ => (cast_of(n.inputs[0])?, None),
+    };
+    let dql = node(Some(xq))?;
+    if !matches!(dql.op, Op::DynamicQuantizeLinear) || dql.outputs.len() != 3 || dql.outputs[0] != xq {
+        return None;
+    }
+    if xzp.is_some_and(|z| z != dql.outputs[2]) {
+        return None;
+    }
+    let (x, xscale) = (dql.inputs.first().copied()??, dql.outputs[1]);
+    // W − w_zp (the zero point reshaped per channel) or W, as f32.
+    let (w, w_zp) = match node(n.inputs[1]) {
+        Some(s) if s.op == Op::Binary(BinaryOp::Sub) => {
+            let r = node(s.inputs[1]).filter(|r| matches!(r.op, Op::Reshape { .. }))?;
+            (cast_of(s.inputs[0])?, Some(cast_of(r.inputs[0])?))
+        }
+        _ => (cast_of(n.inputs[1])?, None),
+    };
+    constant(m, Some(w))?;
+    let one = |v: ValueId| -> Option<&Node> {
+        let r = uses.readers(v);
+        (r.len() == 1 && !g.outputs.iter().any(|o| o.value == v)).then(|| &g.nodes[r[0].0])
+    };
+    let to_i32 = one(n.outputs[0]).filter(|c| matches!(c.op, Op::Cast { to: DType::I32 }))?;
+    let to_f32 = one(to_i32.outputs[0]).filter(|c| matches!(c.op, Op::Cast { to: DType::F32 }))?;
+    let fm = uses.readers(to_f32.outputs[0]);
+    if fm.len() != 1 || g.outputs.iter().any(|o| o.value == to_f32.outputs[0]) {
+        return None;
+    }
+    let final_mul = fm[0].0;
+    let f = &g.nodes[final_mul];
+    if f.op != Op::Binary(BinaryOp::Mul) || f.outputs.len() != 1 {
+        return None;
+    }
+    let other = f.inputs.iter().flatten().copied().find(|&v| v != to_f32.outputs[0])?;
+    let s = node(Some(other)).filter(|s| s.op == Op::Binary(BinaryOp::Mul))?;
+    let ins: Vec<ValueId> = s.inputs.iter().flatten().copied().collect();
+    if ins.len() != 2 || !ins.contains(&xscale) {
+        return None;
+    }
+    let w_scale = *ins.iter().find(|&&v| v != xscale)?;
+    constant(m, Some(w_scale))?;
+    Some(DynamicConv { x, w, w_zp, w_scale, conv: n.op.clone(), final_mul, y: f.outputs[0] })
 }
 
 /// A convolution's int8 weight `[M, C, k…]` with one scale per output channel (or one for all)
