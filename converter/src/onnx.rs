@@ -55,6 +55,7 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Module> {
         extra_nodes: Vec::new(),
         prequantized: HashMap::new(),
         dequantized: Vec::new(),
+        key_lengths: Default::default(),
     };
     // Initializers first (older exporters also list them as graph inputs: those are not inputs).
     let init_names: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -393,7 +394,13 @@ struct Importer {
     extra_nodes: Vec<Node>,
     prequantized: HashMap<String, (acorn::format::TensorEncoding, Vec<u8>)>,
     dequantized: Vec<String>,
+    /// Values holding key lengths per batch row (`EmbedLayerNormalization`'s `mask_index`),
+    /// which a contrib `Attention` reads as its mask.
+    key_lengths: std::collections::HashSet<String>,
 }
+
+#[path = "onnx_contrib.rs"]
+mod contrib;
 
 /// Attribute access for one node. Every name a lowering asks for is recorded, so an attribute
 /// the node carries but no lowering read — one the runtime does not implement — is refused
@@ -508,6 +515,26 @@ impl Importer {
                     Ok(None)
                 }
             };
+        }
+        if contrib::is_expanded(&n.domain, &n.op_type) {
+            let op =
+                format!("{}{}", if n.domain.is_empty() { String::new() } else { format!("{}:", n.domain) }, n.op_type);
+            let expanded = self.contrib_nodes(n, &a, &name);
+            self.refuse_unread(&op, &name, &a);
+            match expanded {
+                Ok(nodes) => {
+                    for e in &nodes {
+                        if let Some(node) = self.import_node(e)? {
+                            self.extra_nodes.push(node);
+                        }
+                    }
+                }
+                Err(why) => {
+                    self.refuse(&op, &name, why);
+                    self.define_outputs_placeholder(n);
+                }
+            }
+            return Ok(None);
         }
         if !(n.domain.is_empty() || n.domain == "ai.onnx") {
             self.unsupported.push((format!("{}:{}", n.domain, n.op_type), name));

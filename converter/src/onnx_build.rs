@@ -194,7 +194,15 @@ impl OnnxBuilder {
     pub fn to_bytes(&self) -> Vec<u8> {
         let m = pb::ModelProto {
             ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: self.opset }],
+            opset_import: std::iter::once(pb::OperatorSetIdProto { domain: String::new(), version: self.opset })
+                .chain(
+                    self.graph
+                        .node
+                        .iter()
+                        .any(|n| n.domain == "com.microsoft")
+                        .then(|| pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 }),
+                )
+                .collect(),
             producer_name: "acorn-tests".into(),
             graph: Some(self.graph.clone()),
             ..Default::default()

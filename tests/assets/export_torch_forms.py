@@ -17,13 +17,25 @@ transformers 5.25.0, onnxscript 0.7.2 (2026-12-05).
 - `bert_ts`: the same BERT through TorchScript (`dynamo=False`), opset 14: LayerNorm written out,
   heads split by `[B, S, −1, D]` with B and S gathered from the shape of the projections' input.
 
+- `bert_ort` / `bertd_ort`: `bert_ts` / `bert_dynamo` after ONNX Runtime's transformer optimizer
+  (`onnxruntime.transformers.optimizer --model_type bert`, what Optimum's `--optimize` runs):
+  `com.microsoft` `EmbedLayerNormalization`, `Attention` (packed QKV, key lengths as its mask),
+  `SkipLayerNormalization`, `BiasGelu` (bert_ort); `SkipLayerNormalization`, `BiasGelu` and the
+  dynamo attention left as it was (bertd_ort).
+- `llama_ort`: `llama_dynamo` after the same optimizer (`--model_type gpt2`):
+  `SimplifiedLayerNormalization` (default domain) and `com.microsoft:SkipSimplifiedLayerNormalization`.
+  The reference outputs are the source models' (the optimizer changes no weight).
+
 (transformers 5's Llama does not export through TorchScript: `aten::diff` in its mask code.)
 """
 import os
 import warnings
 
+import shutil
+
 import numpy as np
 import onnx
+from onnxruntime.transformers import optimizer
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
@@ -96,3 +108,18 @@ save("bert_dynamo", Hidden(bert).eval(), (ids, mask), ["input_ids", "attention_m
 axes = {0: "b", 1: "s"}
 save("bert_ts", Hidden(bert).eval(), (ids, mask), ["input_ids", "attention_mask"], False, 14,
      {"input_ids": axes, "attention_mask": axes})
+
+
+def optimized(name, source, model_type):
+    """`source` through ONNX Runtime's transformer optimizer, with the source's inputs and outputs."""
+    m = optimizer.optimize_model(os.path.join(OUT, f"{source}.onnx"), model_type=model_type, num_heads=4, hidden_size=64)
+    m.save_model_to_file(os.path.join(OUT, f"{name}.onnx"))
+    for f in os.listdir(OUT):
+        if f.startswith(source + ".") and f.endswith(".npy"):
+            shutil.copy(os.path.join(OUT, f), os.path.join(OUT, name + f[len(source):]))
+    print(name, os.path.getsize(os.path.join(OUT, f"{name}.onnx")), "bytes")
+
+
+optimized("bert_ort", "bert_ts", "bert")
+optimized("bertd_ort", "bert_dynamo", "bert")
+optimized("llama_ort", "llama_dynamo", "gpt2")

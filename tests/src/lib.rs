@@ -263,6 +263,9 @@ impl OrtModel {
                 acorn::tensor::TensorData::I64(d) => {
                     ort::value::Tensor::from_array((shape, d.clone())).map(|t| t.into_dyn())
                 }
+                acorn::tensor::TensorData::I32(d) => {
+                    ort::value::Tensor::from_array((shape, d.clone())).map(|t| t.into_dyn())
+                }
                 other => return Err(anyhow!("unsupported input type {other:?}")),
             }
             .map_err(|e| anyhow!("{e}"))?;

@@ -1,7 +1,9 @@
 //! Models written by torch.onnx itself — dynamo and TorchScript, tiny random-weight Llama and
-//! BERT (`tests/data/exporters`, made by `tests/assets/export_torch_forms.py` with PyTorch's own
-//! outputs): every fusion applies to the forms these exporters really emit, nothing is reported
-//! as missed, the fused model gives PyTorch's output, and `--quantize q8` quantizes every product.
+//! BERT — and the same after ONNX Runtime's transformer optimizer (Optimum's `--optimize`:
+//! contrib ops) (`tests/data/exporters`, made by `tests/assets/export_torch_forms.py` with
+//! PyTorch's own outputs): every fusion applies to the forms these tools really emit, nothing is
+//! reported as missed, the converted model gives PyTorch's output, and `--quantize q8` quantizes
+//! every product.
 
 use acorn::graph::Op;
 use acorn::{Model, Tensor};
@@ -53,6 +55,35 @@ const CASES: &[Case] = &[
         heads: Some(4),
         quantized: 5.0,
         kept: &["m.embeddings.position_embeddings.weight: small", "m.embeddings.token_type_embeddings.weight: small"],
+    },
+    // The same models after ONNX Runtime's transformer optimizer (Optimum's `--optimize`):
+    // its contrib ops expand into standard ones on import.
+    Case {
+        name: "bert_ort",
+        inputs: &["input_ids", "attention_mask"],
+        // EmbedLayerNormalization, Attention (packed QKV, key lengths), SkipLayerNormalization,
+        // BiasGelu: nothing left to fuse.
+        fused: &[("fuse_attention", 0.0)],
+        heads: Some(4),
+        quantized: 5.0,
+        kept: &["m.embeddings.position_embeddings.weight: small", "m.embeddings.token_type_embeddings.weight: small"],
+    },
+    Case {
+        name: "bertd_ort",
+        inputs: &["input_ids", "attention_mask"],
+        fused: &[("fuse_attention", 1.0)],
+        heads: None,
+        quantized: 5.0,
+        kept: &["m.embeddings.position_embeddings.weight: small", "m.embeddings.token_type_embeddings.weight: small"],
+    },
+    Case {
+        name: "llama_ort",
+        inputs: &["input_ids"],
+        // SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization are RMSNorms already.
+        fused: &[("fuse_tied_weights", 1.0), ("fuse_rms_norm", 0.0), ("fuse_rotary", 2.0), ("fuse_attention", 1.0)],
+        heads: None,
+        quantized: 5.0,
+        kept: &[],
     },
 ];
 
@@ -118,5 +149,111 @@ fn torch_exports_fuse_in_their_own_forms_and_give_pytorchs_outputs() {
         }
         let cos = cosine(&outputs(&q8, &inputs), want);
         assert!(cos >= 0.999, "{}: q8 cosine to PyTorch {cos}", c.name);
+    }
+}
+
+/// Every contrib op the importer expands, in the variants the models above do not reach
+/// (FastGelu with a bias, `com.microsoft:Gelu`, QuickGelu, SkipLayerNormalization with
+/// a bias and its sum output, SkipSimplifiedLayerNormalization, a causal `Attention` under a raw
+/// [B, S] mask), gives what ONNX Runtime's own kernels give (BiasAdd, CUDA-only there: its
+/// definition); the features not expanded (a KV cache
+/// in `Attention`, rotary inside it) are refused by name.
+#[test]
+fn onnx_runtime_contrib_ops_match_onnx_runtime() {
+    use acorn_converter::onnx_build::OnnxBuilder as B;
+    let dir = tempfile::tempdir().unwrap();
+    let (b_, s_, h_) = (2usize, 5usize, 8usize);
+    let wave = |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 + 1.0) * k).sin()).collect() };
+    let mut b = B::new(17);
+    b.input_f32("x", &["2", "5", "8"]);
+    b.input_f32("skip", &["2", "5", "8"]);
+    b.input_typed("mask", 6, &["2", "5"]);
+    b.init_f32("bias", &[8], wave(8, 0.7));
+    b.init_f32("gamma", &[8], wave(8, 0.3).iter().map(|v| 1.0 + v).collect());
+    b.init_f32("beta", &[8], wave(8, 0.9));
+    b.init_f32("wqkv", &[8, 24], wave(192, 0.13));
+    b.init_f32("bqkv", &[24], wave(24, 0.5));
+    b.node("FastGelu", "fast", &["x", "bias"], &["fast"], vec![]).in_domain("com.microsoft");
+    b.node("Gelu", "gelu", &["x"], &["gelu"], vec![]).in_domain("com.microsoft");
+    b.node("QuickGelu", "quick", &["x"], &["quick"], vec![B::attr_f("alpha", 1.5)]).in_domain("com.microsoft");
+    b.node(
+        "SkipLayerNormalization",
+        "sln",
+        &["x", "skip", "gamma", "beta", "bias"],
+        &["sln", "", "", "sln_sum"],
+        vec![B::attr_f("epsilon", 1e-5)],
+    )
+    .in_domain("com.microsoft");
+    b.node(
+        "SkipSimplifiedLayerNormalization",
+        "ssln",
+        &["x", "skip", "gamma"],
+        &["ssln"],
+        vec![B::attr_f("epsilon", 1e-6)],
+    )
+    .in_domain("com.microsoft");
+    b.node(
+        "Attention",
+        "attn",
+        &["x", "wqkv", "bqkv", "mask"],
+        &["attn"],
+        vec![B::attr_i("num_heads", 2), B::attr_i("unidirectional", 1)],
+    )
+    .in_domain("com.microsoft");
+    let outs = ["fast", "gelu", "quick", "sln", "sln_sum", "ssln", "attn"];
+    for o in outs {
+        b.output_f32(o);
+    }
+    let src = dir.path().join("contrib.onnx");
+    std::fs::write(&src, b.to_bytes()).unwrap();
+    let x = Tensor::from_f32(vec![b_, s_, h_], wave(b_ * s_ * h_, 0.37).iter().map(|v| v * 2.0).collect());
+    let skip = Tensor::from_f32(vec![b_, s_, h_], wave(b_ * s_ * h_, 0.21));
+    let mask = Tensor::new(vec![2, 5], acorn::tensor::TensorData::I32(vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0])).unwrap();
+    let ins: Vec<(&str, &Tensor)> = vec![("x", &x), ("skip", &skip), ("mask", &mask)];
+    let want = OrtModel::load(&src, 1).unwrap().run(&ins, &outs).unwrap();
+    let out = dir.path().join("contrib.acorn");
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    let got = Model::open(&out).unwrap().session().commit().unwrap().run(&ins).unwrap().into_vec();
+    for ((name, g), w) in outs.iter().zip(&got).zip(&want) {
+        let (g, w) = (g.as_f32().unwrap(), w.as_f32().unwrap());
+        let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(d <= 1e-4, "{name}: max |Δ| {d} from ONNX Runtime");
+    }
+    // BiasAdd (ONNX Runtime implements it for CUDA only): x + bias + skip by definition.
+    let mut b = B::new(17);
+    b.input_f32("x", &["2", "5", "8"]);
+    b.input_f32("skip", &["2", "5", "8"]);
+    b.init_f32("bias", &[8], wave(8, 0.7));
+    b.node("BiasAdd", "biasadd", &["x", "bias", "skip"], &["y"], vec![]).in_domain("com.microsoft");
+    b.output_f32("y");
+    let src = dir.path().join("biasadd.onnx");
+    std::fs::write(&src, b.to_bytes()).unwrap();
+    convert(&src, &out, &ConvertOptions::default()).unwrap();
+    let y = Model::open(&out).unwrap().session().commit().unwrap().run(&ins[..2]).unwrap().into_vec().remove(0);
+    let (xs, ss, bias) = (x.as_f32().unwrap(), skip.as_f32().unwrap(), wave(8, 0.7));
+    for (i, v) in y.as_f32().unwrap().iter().enumerate() {
+        assert!((v - (xs[i] + bias[i % 8] + ss[i])).abs() <= 1e-6, "BiasAdd at {i}");
+    }
+
+    // Refused by name: a KV cache and rotary inside Attention.
+    for (what, extra_in, attrs) in [
+        ("a KV cache", vec!["past"], vec![]),
+        ("rotary embeddings inside Attention", vec![], vec![B::attr_i("do_rotary", 1)]),
+    ] {
+        let mut b = B::new(17);
+        b.input_f32("x", &["1", "5", "8"]);
+        b.input_f32("past", &["2", "1", "2", "3", "4"]);
+        b.init_f32("wqkv", &[8, 24], wave(192, 0.13));
+        let mut ins = vec!["x", "wqkv", "", ""];
+        ins.extend(extra_in);
+        let mut a = vec![B::attr_i("num_heads", 2)];
+        a.extend(attrs);
+        b.node("Attention", "attn", &ins, &["y"], a).in_domain("com.microsoft");
+        b.output_f32("y");
+        let src = dir.path().join("refused.onnx");
+        std::fs::write(&src, b.to_bytes()).unwrap();
+        let e =
+            format!("{:#}", convert(&src, &dir.path().join("refused.acorn"), &ConvertOptions::default()).unwrap_err());
+        assert!(e.contains("node 'attn' (com.microsoft:Attention)") && e.contains(what), "{e}");
     }
 }
