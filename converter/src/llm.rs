@@ -199,8 +199,10 @@ impl<'a> Index<'a> {
 
     /// Repeated KV heads: `Reshape(Expand(Unsqueeze(x, 2), [1, 1, r, 1, 1]), [0, H, −1, D])`
     /// → (x, r), or (v, 1) when `v` is not repeated. The `Expand` may name the value's own
-    /// dimensions instead of 1 (dynamo writes `[B, KV, r, S, D]`, S from a `Shape`): only axis 2
-    /// is broadcast either way.
+    /// dimensions instead of 1 (dynamo writes `[B, KV, r, S, D]`, S computed at run time — from
+    /// a `Shape`, or past + new length with a cache): the constants are checked against the
+    /// heads and D of the target; the run-time length is taken to be the value's own, which is
+    /// how `repeat_kv` builds it (`expand(b, kv, r, slen, d)` with `slen = x.shape[2]`).
     fn repeated_heads(&self, v: Option<ValueId>) -> Option<(ValueId, i64)> {
         let vv = v?;
         let Some((_, rn)) = self.prod(v, |op| matches!(op, Op::Reshape { .. })) else {
@@ -222,7 +224,9 @@ impl<'a> Index<'a> {
                     .map(|&p| match self.ints(p) {
                         Some(t) if t.len() == 1 => Some(Some(t[0])),
                         Some(_) => None,
-                        None => (0..5).any(|d| self.dim_source(p, d).is_some()).then_some(None),
+                        // A length computed at run time (a `Shape` piece, or dynamo's
+                        // past + new): allowed on the sequence axis only, below.
+                        None => Some(None),
                     })
                     .collect::<Option<_>>()?
             }
