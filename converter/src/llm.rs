@@ -125,13 +125,17 @@ impl<'a> Index<'a> {
                 (!allowzero && t.len() == 4 && t[0] == 0 && matches!(t[1], 0 | -1)).then_some((t[1], t[2], t[3]))?
             }
             None => {
-                let (_, cn) = self.prod(rn.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
-                let [b, s, h, d] = cn.inputs[..] else { return None };
-                let one = |v| self.ints(v).and_then(|t| (t.len() == 1).then(|| t[0]));
+                let pieces = self.shape_pieces(rn.inputs[1])?;
+                let [b, s, Piece::Const(h), Piece::Const(d)] = pieces[..] else { return None };
                 let mut rows = vec![x];
                 rows.extend(self.product_input(x));
-                let s = if self.is_dim_of(s, &rows, 1) { 0 } else { one(s).filter(|&s| s == -1)? };
-                self.is_dim_of(b, &rows, 0).then_some((s, one(h)?, one(d)?))?
+                let dim = |p: Piece, axis: i64| matches!(p, Piece::Run(v) if self.is_dim_of(v, &rows, axis));
+                let s = match s {
+                    Piece::Const(-1) => -1,
+                    s if dim(s, 1) => 0,
+                    _ => return None,
+                };
+                dim(b, 0).then_some((s, h, d))?
             }
         };
         // S inferred (−1) needs H given; H inferred needs S given.
@@ -160,12 +164,75 @@ impl<'a> Index<'a> {
                         && ((t[1] == 0 && (t[2] == w || t[2] == -1)) || (t[1] == -1 && t[2] == w)),
                 );
             }
-            let (_, cn) = self.prod(rn.inputs[1], |op| *op == Op::Concat { axis: 0 })?;
-            let [b, s, last] = cn.inputs[..] else { return Some(false) };
-            let last = self.ints(last)?;
-            Some(self.is_dim_of(b, rows, 0) && self.is_dim_of(s, rows, 1) && (last == [w] || last == [-1]))
+            let pieces = self.shape_pieces(rn.inputs[1])?;
+            let [b, s, Piece::Const(last)] = pieces[..] else { return Some(false) };
+            let dim = |p: Piece, axis: i64| matches!(p, Piece::Run(v) if self.is_dim_of(v, rows, axis));
+            // [B, S, W | −1], or [B, −1, W] (tf2onnx).
+            let s_ok = (dim(s, 1) && (last == w || last == -1)) || (s == Piece::Const(-1) && last == w);
+            Some(dim(b, 0) && s_ok)
         };
         ok().unwrap_or(false)
+    }
+
+    /// Whether run-time value `p` is a one-element vector as shapes are built: a `Shape` piece
+    /// of one dimension, or `Reshape(scalar, [−1])` / `Unsqueeze(scalar, [0])` of a scalar
+    /// computed from `Shape` pieces.
+    fn one_value(&self, p: Option<ValueId>) -> bool {
+        if (0..8).any(|d| self.dim_source(p, d).is_some()) {
+            return true;
+        }
+        let Some((_, n)) = self.prod(p, |_| true) else { return false };
+        let from = match &n.op {
+            Op::Reshape { .. } if self.ints(n.inputs.get(1).copied().flatten()).as_deref() == Some(&[-1]) => {
+                n.inputs[0]
+            }
+            Op::Unsqueeze { axes } => {
+                let axes = axes.clone().or_else(|| self.ints(n.inputs.get(1).copied().flatten()));
+                if axes.as_deref() != Some(&[0]) {
+                    return false;
+                }
+                n.inputs[0]
+            }
+            _ => return false,
+        };
+        self.scalar_dims(from, 4)
+    }
+
+    /// Whether `v` is a scalar made from `Shape` pieces by `Squeeze`, `Gather` of one index,
+    /// `Add`/`Sub`/`Mul` (of such scalars or scalar constants), up to `depth` steps.
+    fn scalar_dims(&self, v: Option<ValueId>, depth: usize) -> bool {
+        if depth == 0 {
+            return false;
+        }
+        if self.tensor(v).is_some_and(|t| t.shape().is_empty()) {
+            return true;
+        }
+        let Some((_, n)) = self.prod(v, |_| true) else { return false };
+        match &n.op {
+            Op::Squeeze { .. } => (0..8).any(|d| self.dim_source(n.inputs[0], d).is_some()),
+            Op::Gather { axis: 0 } => {
+                self.prod(n.inputs[0], |op| matches!(op, Op::Shape { .. })).is_some()
+                    && self.tensor(n.inputs[1]).is_some_and(|t| t.shape().is_empty())
+            }
+            Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul) => {
+                n.inputs.iter().all(|&i| self.scalar_dims(i, depth - 1))
+            }
+            _ => false,
+        }
+    }
+
+    /// A shape built by `Concat` on axis 0, one entry per dimension: the constants' values
+    /// (a constant piece may hold several), or the one-element piece computed at run time.
+    fn shape_pieces(&self, v: Option<ValueId>) -> Option<Vec<Piece>> {
+        let (_, cn) = self.prod(v, |op| *op == Op::Concat { axis: 0 })?;
+        let mut out = Vec::new();
+        for &p in &cn.inputs {
+            match self.ints(p) {
+                Some(t) => out.extend(t.into_iter().map(Piece::Const)),
+                None => out.push(Piece::Run(p)),
+            }
+        }
+        Some(out)
     }
 
     /// `k` when `kt` is Kᵀ (the last two axes swapped) written as torch.onnx dynamo does:
@@ -224,9 +291,10 @@ impl<'a> Index<'a> {
                     .map(|&p| match self.ints(p) {
                         Some(t) if t.len() == 1 => Some(Some(t[0])),
                         Some(_) => None,
-                        // A length computed at run time (a `Shape` piece, or dynamo's
-                        // past + new): allowed on the sequence axis only, below.
-                        None => Some(None),
+                        // A length computed at run time — a `Shape` piece, or one value made
+                        // a vector (dynamo's past + new: `Reshape(·, [−1])`): allowed on the
+                        // sequence axis only, below.
+                        None => self.one_value(p).then_some(None),
                     })
                     .collect::<Option<_>>()?
             }
@@ -276,6 +344,14 @@ impl<'a> Index<'a> {
     fn bin(n: &Node, op: BinaryOp) -> Option<(Option<ValueId>, Option<ValueId>)> {
         (n.op == Op::Binary(op) && n.inputs.len() == 2).then(|| (n.inputs[0], n.inputs[1]))
     }
+}
+
+/// One dimension of a shape built by `Concat` ([`Index::shape_pieces`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Piece {
+    Const(i64),
+    /// A one-element value computed at run time (a `Shape` piece, or anything else).
+    Run(Option<ValueId>),
 }
 
 /// Drops the nodes marked in `remove` (one flag per node, in order).

@@ -495,3 +495,77 @@ fn fusions_that_cannot_apply_say_why() {
     }
     assert_eq!(r.warnings.len(), 3, "{:?}", r.warnings);
 }
+
+/// BERT attention as tf2onnx writes it: heads split by `Reshape(x, [B, −1, H, D])` with B as
+/// `Slice(Shape(h), [0], [1])` of the projections' input (`tf.shape(h)[0]`), K transposed
+/// `[0, 2, 3, 1]` in one step (its optimizer merged the two transposes), the scores divided by
+/// √D, merged back by `[B, −1, W]`: one 3-D Attention on the rows, same outputs.
+#[test]
+fn tf2onnx_attention_fuses_on_the_rows() {
+    use acorn::graph::Op;
+    let dir = tempfile::tempdir().unwrap();
+    let (s, w, h, d) = (5usize, 8usize, 2i64, 4i64);
+    let mut b = OnnxBuilder::new(13);
+    b.input_f32("x", &["2", "5", "8"]);
+    b.input_f32("mask", &["2", "1", "1", "5"]);
+    for (n, k) in [("wq", 0.11f32), ("wk", 0.23), ("wv", 0.31)] {
+        b.init_f32(n, &[8, 8], (0..64).map(|i| ((i as f32 + 1.0) * k).sin() * 0.5).collect());
+    }
+    b.init_f32("bq", &[8], (0..8).map(|i| (i as f32 * 0.7).cos() * 0.1).collect());
+    b.init_i64("zero", &[1], vec![0]);
+    b.init_i64("one", &[1], vec![1]);
+    b.init_i64("minus1", &[1], vec![-1]);
+    b.init_i64("hd", &[2], vec![h, d]);
+    b.init_i64("width", &[1], vec![w as i64]);
+    b.init_f32("sqrt_d", &[], vec![(d as f32).sqrt()]);
+    b.node("Shape", "shape", &["x"], &["xs"], vec![]);
+    b.node("Slice", "batch", &["xs", "zero", "one", "zero"], &["bsz"], vec![]);
+    b.node("Concat", "split_to", &["bsz", "minus1", "hd"], &["split"], vec![OnnxBuilder::attr_i("axis", 0)]);
+    b.node("MatMul", "q_mm", &["x", "wq"], &["q0"], vec![]);
+    b.node("Add", "q_b", &["q0", "bq"], &["q1"], vec![]);
+    b.node("MatMul", "k_mm", &["x", "wk"], &["k1"], vec![]);
+    b.node("MatMul", "v_mm", &["x", "wv"], &["v1"], vec![]);
+    for (n, t, perm) in [("q", "q1", [0, 2, 1, 3]), ("k", "k1", [0, 2, 3, 1]), ("v", "v1", [0, 2, 1, 3])] {
+        b.node("Reshape", &format!("{n}_split"), &[t, "split"], &[&format!("{n}4")], vec![]);
+        b.node(
+            "Transpose",
+            &format!("{n}_t"),
+            &[&format!("{n}4")],
+            &[&format!("{n}h")],
+            vec![OnnxBuilder::attr_ints("perm", &perm)],
+        );
+    }
+    b.node("MatMul", "scores", &["qh", "kh"], &["sc"], vec![]);
+    b.node("Div", "scale", &["sc", "sqrt_d"], &["scd"], vec![]);
+    b.node("Add", "masked", &["scd", "mask"], &["scm"], vec![]);
+    b.node("Softmax", "probs", &["scm"], &["p"], vec![OnnxBuilder::attr_i("axis", -1)]);
+    b.node("MatMul", "pv", &["p", "vh"], &["y4"], vec![]);
+    b.node("Transpose", "y_t", &["y4"], &["yt"], vec![OnnxBuilder::attr_ints("perm", &[0, 2, 1, 3])]);
+    b.node("Concat", "merge_to", &["bsz", "minus1", "width"], &["merge"], vec![OnnxBuilder::attr_i("axis", 0)]);
+    b.node("Reshape", "merge", &["yt", "merge"], &["y"], vec![]);
+    b.output_f32("y");
+    let (fused, plain, r) = fused_and_plain(dir.path(), b.to_bytes(), "tf2onnx");
+    assert_eq!(pass_report(&r, "fuse_attention"), 1.0, "{:?}", r.warnings);
+    let m = Model::open(&fused).unwrap();
+    let heads: Vec<_> = m
+        .metadata()
+        .graph
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            Op::Attention(a) => Some(a.q_num_heads),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(heads, vec![Some(h)], "3-D on the rows");
+    let x = Tensor::from_f32(vec![2, s, w], (0..2 * s * w).map(|i| ((i * 5) as f32 * 0.29).sin()).collect());
+    let mut mk = vec![0.0f32; 2 * s];
+    mk[2 * s - 1] = -1e9;
+    let mask = Tensor::from_f32(vec![2, 1, 1, s], mk);
+    let runs = |p: &std::path::Path| {
+        let m = Model::open(p).unwrap();
+        m.session().commit().unwrap().run(&[("x", &x), ("mask", &mask)]).unwrap().into_vec()
+    };
+    let dd = max_diff(&runs(&fused), &runs(&plain));
+    assert!(dd <= 1e-5, "max |Δ| {dd}");
+}
