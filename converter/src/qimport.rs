@@ -82,14 +82,29 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
         }
         i += 1;
     }
-    // Dynamic quantization: match from each MatMulInteger, then rewrite.
+    // Dynamic quantization: match from each MatMulInteger, and from each convolution the
+    // importer lowered from `ConvInteger`; then rewrite.
     let uses = Uses::new(&m.graph);
     let plans: Vec<(String, Dynamic)> = (0..m.graph.nodes.len())
-        .filter(|&i| matches!(m.graph.nodes[i].op, Op::MatMulInteger))
-        .filter_map(|i| match_dynamic(m, &uses, i).map(|d| (m.graph.nodes[i].name.clone(), d)))
+        .filter_map(|i| {
+            let d = match &m.graph.nodes[i].op {
+                Op::MatMulInteger => match_dynamic(m, &uses, i),
+                Op::Conv(a) if a.group == 1 => match_dynamic_conv(m, &uses, i),
+                _ => None,
+            };
+            d.map(|d| (m.graph.nodes[i].name.clone(), d))
+        })
         .collect();
+    drop(uses);
+    let mut dynamic_convs = 0usize;
     for (name, d) in plans {
-        match weight_from(m, Some(d.w), Some(d.w_scale), d.w_zp, 1) {
+        let conv = matches!(d.op, Op::Conv(_));
+        let lifted = if conv {
+            conv_weight_from(m, Some(d.w), Some(d.w_scale), d.w_zp, 0)
+        } else {
+            weight_from(m, Some(d.w), Some(d.w_scale), d.w_zp, 1)
+        };
+        match lifted {
             Ok((w, enc, bytes)) => {
                 let tname = format!("{name}.weight");
                 let wv = m.graph.values.len() as ValueId;
@@ -101,40 +116,15 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
                 // (dead-node elimination removes it).
                 m.graph.nodes[d.final_mul] = Node {
                     name: format!("{name}.lifted"),
-                    op: Op::MatMul,
+                    op: d.op,
                     inputs: vec![Some(d.x), Some(wv)],
                     outputs: vec![d.y],
                 };
-                dynamic += 1;
-            }
-            Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
-        }
-    }
-    // Dynamic quantization of convolutions: `ConvInteger` (lowered by the importer) behind
-    // `DynamicQuantizeLinear`, its int32 result scaled back.
-    let uses = Uses::new(&m.graph);
-    let convs: Vec<(String, DynamicConv)> = (0..m.graph.nodes.len())
-        .filter(|&i| matches!(&m.graph.nodes[i].op, Op::Conv(a) if a.group == 1))
-        .filter_map(|i| match_dynamic_conv(m, &uses, i).map(|d| (m.graph.nodes[i].name.clone(), d)))
-        .collect();
-    drop(uses);
-    let mut dynamic_convs = 0usize;
-    for (name, d) in convs {
-        match conv_weight_from(m, Some(d.w), Some(d.w_scale), d.w_zp, 0) {
-            Ok((w, enc, bytes)) => {
-                let tname = format!("{name}.weight");
-                let wv = m.graph.values.len() as ValueId;
-                m.graph.values.push(ValueInfo { name: tname.clone() });
-                m.graph.constants.push(ConstBinding { value: wv, tensor: m.tensors.len() as u32 });
-                m.tensors.push((tname.clone(), w));
-                m.prequantized.insert(tname, (enc, bytes));
-                m.graph.nodes[d.final_mul] = Node {
-                    name: format!("{name}.lifted"),
-                    op: d.conv,
-                    inputs: vec![Some(d.x), Some(wv)],
-                    outputs: vec![d.y],
-                };
-                dynamic_convs += 1;
+                if conv {
+                    dynamic_convs += 1;
+                } else {
+                    dynamic += 1;
+                }
             }
             Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
         }
@@ -215,16 +205,50 @@ fn constant(m: &Module, v: Option<ValueId>) -> Option<&Tensor> {
     m.tensors.get(c.tensor as usize).map(|(_, t)| t)
 }
 
-/// A matched dynamic-quantization product.
+/// A matched dynamic-quantization product or convolution.
 struct Dynamic {
     /// The f32 activation `DynamicQuantizeLinear` read.
     x: ValueId,
+    /// The int8 weight codes, their zero point and scale (constants).
     w: ValueId,
     w_zp: Option<ValueId>,
     w_scale: ValueId,
-    /// The node computing `int32 product · (x_scale · w_scale)`, and its output.
+    /// What the lifted node is: `MatMul`, or the convolution with its attributes.
+    op: Op,
+    /// The node computing `int32 result · (x_scale · w_scale)`, and its output.
     final_mul: usize,
     y: ValueId,
+}
+
+/// After an integer product `int_out` (read once): `Cast(float) → Mul(·, x_scale · w_scale)`
+/// with `w_scale` a constant → (the Mul node, `w_scale`, its output).
+fn scaled_back(m: &Module, uses: &Uses<'_>, int_out: ValueId, x_scale: ValueId) -> Option<(usize, ValueId, ValueId)> {
+    let g = &m.graph;
+    let one = |v: ValueId| -> Option<usize> {
+        let r = uses.readers(v);
+        (r.len() == 1 && !g.outputs.iter().any(|o| o.value == v)).then(|| r[0].0)
+    };
+    let cast = one(int_out)?;
+    if !matches!(g.nodes[cast].op, Op::Cast { to: DType::F32 }) {
+        return None;
+    }
+    let fm = one(g.nodes[cast].outputs[0])?;
+    let f = &g.nodes[fm];
+    if !matches!(f.op, Op::Binary(BinaryOp::Mul)) || f.outputs.len() != 1 {
+        return None;
+    }
+    let other = f.inputs.iter().flatten().copied().find(|&v| v != g.nodes[cast].outputs[0])?;
+    let s = &g.nodes[uses.producer(other)?];
+    if !matches!(s.op, Op::Binary(BinaryOp::Mul)) {
+        return None;
+    }
+    let ins: Vec<ValueId> = s.inputs.iter().flatten().copied().collect();
+    if ins.len() != 2 || !ins.contains(&x_scale) {
+        return None;
+    }
+    let w_scale = *ins.iter().find(|&&v| v != x_scale)?;
+    constant(m, Some(w_scale))?;
+    Some((fm, w_scale, f.outputs[0]))
 }
 
 /// `MatMulInteger` node `i` in the dynamic-quantization pattern.
@@ -242,53 +266,14 @@ fn match_dynamic(m: &Module, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
         return None;
     }
     let (x, xscale) = (dql.inputs.first().copied()??, dql.outputs[1]);
-    let one = |v: ValueId| -> Option<usize> {
-        let r = uses.readers(v);
-        (r.len() == 1 && !g.outputs.iter().any(|o| o.value == v)).then(|| r[0].0)
-    };
-    let cast = one(n.outputs[0])?;
-    if !matches!(g.nodes[cast].op, Op::Cast { to: DType::F32 }) {
-        return None;
-    }
-    let fm = one(g.nodes[cast].outputs[0])?;
-    let f = &g.nodes[fm];
-    if !matches!(f.op, Op::Binary(BinaryOp::Mul)) || f.outputs.len() != 1 {
-        return None;
-    }
-    let other = f.inputs.iter().flatten().copied().find(|&v| v != g.nodes[cast].outputs[0])?;
-    let sn = uses.producer(other)?;
-    let s = &g.nodes[sn];
-    if !matches!(s.op, Op::Binary(BinaryOp::Mul)) {
-        return None;
-    }
-    let ins: Vec<ValueId> = s.inputs.iter().flatten().copied().collect();
-    if ins.len() != 2 || !ins.contains(&xscale) {
-        return None;
-    }
-    let w_scale = *ins.iter().find(|&&v| v != xscale)?;
-    constant(m, Some(w_scale))?;
-    Some(Dynamic { x, w: b, w_zp: bzp, w_scale, final_mul: fm, y: f.outputs[0] })
-}
-
-/// A matched dynamic-quantization convolution.
-struct DynamicConv {
-    /// The f32 activation `DynamicQuantizeLinear` read.
-    x: ValueId,
-    /// The int8 weight codes, their zero point and scale (constants).
-    w: ValueId,
-    w_zp: Option<ValueId>,
-    w_scale: ValueId,
-    /// The convolution (its attributes).
-    conv: Op,
-    /// The node computing `int32 result · (x_scale · w_scale)`, and its output.
-    final_mul: usize,
-    y: ValueId,
+    let (final_mul, w_scale, y) = scaled_back(m, uses, n.outputs[0], xscale)?;
+    Some(Dynamic { x, w: b, w_zp: bzp, w_scale, op: Op::MatMul, final_mul, y })
 }
 
 /// Conv node `i` as the importer lowers `ConvInteger(DynamicQuantizeLinear(x), W_q, x_zp,
 /// w_zp)` — `Conv(Cast(x_q) − Cast(x_zp), Cast(W_q) [− Cast(w_zp)]) → Cast(int32)` — followed by
 /// ONNX Runtime's `Cast(float) → Mul(·, x_scale · w_scale)`.
-fn match_dynamic_conv(m: &Module, uses: &Uses<'_>, i: usize) -> Option<DynamicConv> {
+fn match_dynamic_conv(m: &Module, uses: &Uses<'_>, i: usize) -> Option<Dynamic> {
     let g = &m.graph;
     let n = &g.nodes[i];
     if n.inputs.len() != 2 {
@@ -321,30 +306,11 @@ fn match_dynamic_conv(m: &Module, uses: &Uses<'_>, i: usize) -> Option<DynamicCo
         _ => (cast_of(n.inputs[1])?, None),
     };
     constant(m, Some(w))?;
-    let one = |v: ValueId| -> Option<&Node> {
-        let r = uses.readers(v);
-        (r.len() == 1 && !g.outputs.iter().any(|o| o.value == v)).then(|| &g.nodes[r[0].0])
-    };
-    let to_i32 = one(n.outputs[0]).filter(|c| matches!(c.op, Op::Cast { to: DType::I32 }))?;
-    let to_f32 = one(to_i32.outputs[0]).filter(|c| matches!(c.op, Op::Cast { to: DType::F32 }))?;
-    let fm = uses.readers(to_f32.outputs[0]);
-    if fm.len() != 1 || g.outputs.iter().any(|o| o.value == to_f32.outputs[0]) {
-        return None;
-    }
-    let final_mul = fm[0].0;
-    let f = &g.nodes[final_mul];
-    if f.op != Op::Binary(BinaryOp::Mul) || f.outputs.len() != 1 {
-        return None;
-    }
-    let other = f.inputs.iter().flatten().copied().find(|&v| v != to_f32.outputs[0])?;
-    let s = node(Some(other)).filter(|s| s.op == Op::Binary(BinaryOp::Mul))?;
-    let ins: Vec<ValueId> = s.inputs.iter().flatten().copied().collect();
-    if ins.len() != 2 || !ins.contains(&xscale) {
-        return None;
-    }
-    let w_scale = *ins.iter().find(|&&v| v != xscale)?;
-    constant(m, Some(w_scale))?;
-    Some(DynamicConv { x, w, w_zp, w_scale, conv: n.op.clone(), final_mul, y: f.outputs[0] })
+    // The importer's Cast to int32, then ONNX Runtime's scaling back.
+    let r = uses.readers(n.outputs[0]);
+    let to_i32 = (r.len() == 1).then(|| &g.nodes[r[0].0]).filter(|c| matches!(c.op, Op::Cast { to: DType::I32 }))?;
+    let (final_mul, w_scale, y) = scaled_back(m, uses, to_i32.outputs[0], xscale)?;
+    Some(Dynamic { x, w, w_zp, w_scale, op: n.op.clone(), final_mul, y })
 }
 
 /// A convolution's int8 weight `[M, C, k…]` with one scale per output channel (or one for all)

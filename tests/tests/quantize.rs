@@ -469,10 +469,10 @@ fn matmul_nbits_models_import_as_q4() {
 /// ONNX Runtime's own int8 models import with every product lifted to a MatMul on Acorn's q8
 /// (the int8 codes and scales kept exactly, the merged Q/K/V too): `quantize_dynamic`
 /// (DynamicQuantizeLinear → MatMulInteger → Cast → Mul) and `quantize_static` in QDQ format
-/// (DequantizeLinear on per-channel int8 weights; its activation Q/DQ pairs stay in the graph).
-/// On real text the sentence embeddings stay within 2.5% (cosine) of the fp32 model's (Acorn
-/// quantizes activations per block of 32, ONNX Runtime per tensor; for QDQ, Acorn runs the
-/// activation Q/DQ pairs as written before quantizing again per block).
+/// (DequantizeLinear on per-channel int8 weights; its activation Q/DQ pairs folded: the
+/// products quantize their activations themselves). On real text the sentence embeddings stay
+/// within 2.5% (cosine) of the fp32 model's (Acorn quantizes activations per block of 32, ONNX
+/// Runtime per tensor).
 #[test]
 fn int8_models_import_as_q8() {
     use acorn::format::TensorEncoding;
