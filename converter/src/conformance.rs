@@ -341,8 +341,8 @@ valid but not implemented):
 | IsInf | `detect_positive` / `detect_negative` any but both 0 | both 0 |
 | Split | `num_outputs` equal to the number of outputs | other counts |
 | Cast / CastLike | `saturate` (8-bit float targets), `round_mode` (float8e8m0 targets, a type refused) | |
-| Dropout | inference (`ratio`, `seed` have no effect) | training mode, the mask output |
 | MatMulNBits (com.microsoft) | 2–8 bits, power-of-two blocks ≥ 16, zero points, bias, `accuracy_level` (lifted to q4 or, with `--quantized-import as-written`, f32) | `g_idx` (act-order) |
+| ONNX Runtime's transformer contrib ops (com.microsoft; `SimplifiedLayerNormalization` also in the default domain) | `EmbedLayerNormalization` (segment and position inputs optional, `mask_index` as key lengths), `Attention` (packed or `qkv_hidden_sizes` Q/K/V, bias, key lengths or a raw [B, S] mask, `unidirectional`, `scale`), `SkipLayerNormalization` / `SkipSimplifiedLayerNormalization` (bias, the sum output), `SimplifiedLayerNormalization`, `BiasGelu`, `FastGelu`, `Gelu`, `QuickGelu`, `BiasAdd` — each expanded into the standard ONNX nodes it computes | `Attention` with a KV cache (`past` / `present`), `do_rotary`, an attention bias or a mask of another layout; the statistics outputs of the simplified norms |
 | Dropout | inference, with or without the mask output (all true); training mode with ratio 0 | training mode with a ratio above 0 (random; refused when it runs) |
 | Scan | opset ≥ 9: any `scan_input_axes` / `scan_input_directions` (run as a Loop over slices) | `scan_output_axes` / `scan_output_directions` other than 0; opset 8 (batch axis, sequence_lens) |
 | GridSample | `mode` nearest / linear / cubic (and opset 16's bilinear / bicubic), `padding_mode` zeros / border / reflection, `align_corners`, 1–3 spatial dims | other strings |

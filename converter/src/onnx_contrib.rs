@@ -108,6 +108,15 @@ impl Out {
         s
     }
 
+    /// The [B, 1, 1, S] scores mask of a [B, S] boolean `keep`: 0 where kept, `filter` where not.
+    fn additive_mask(&mut self, keep: &str, filter: f32) -> String {
+        let (zero, f) = (self.scalar_f32("kept", 0.0), self.scalar_f32("filter", filter));
+        let (m, m4) = (self.tmp("mask2"), self.tmp("mask"));
+        self.node("Where", &[keep, &zero, &f], &[&m], vec![]);
+        self.unsqueeze(&m, &[1, 2], &m4);
+        m4
+    }
+
     /// `0, 1, …, n − 1` (int64) for an int64 scalar `n`.
     fn range(&mut self, n: &str, what: &str) -> String {
         let (z, o) = (self.scalar_i64("r0", 0), self.scalar_i64("r1", 1));
@@ -137,13 +146,14 @@ impl Importer {
                 let eps = a.f("epsilon", 1e-12);
                 let (x, skip, gamma) = (need(0, "input")?, need(1, "skip")?, need(2, "gamma")?);
                 let (beta, bias) = if simplified { (None, input(3)) } else { (input(3), input(4)) };
-                // input + skip (+ bias): output 3 when it is asked for.
+                // (input + bias) + skip: output 3 when it is asked for. The bias first, where a
+                // product before it takes it in (`fuse_matmul_bias`).
                 let sum_name = output(3).map(str::to_string).unwrap_or_else(|| o.tmp("sum"));
                 match bias {
                     Some(b) => {
-                        let t = o.tmp("skip");
-                        o.node("Add", &[x, skip], &[&t], vec![]);
-                        o.node("Add", &[&t, b], &[&sum_name], vec![]);
+                        let t = o.tmp("biased");
+                        o.node("Add", &[x, b], &[&t], vec![]);
+                        o.node("Add", &[&t, skip], &[&sum_name], vec![]);
                     }
                     None => o.node("Add", &[x, skip], &[&sum_name], vec![]),
                 }
@@ -265,9 +275,9 @@ impl Importer {
                 let heads = a.get("num_heads").map(|x| x.i).ok_or("no num_heads")?;
                 let causal = a.flag("unidirectional", 0);
                 let sizes = a.ints("qkv_hidden_sizes");
-                // Masked scores get this added instead of −∞: the same probabilities except for
-                // a row with every key masked (zeros here, a uniform row there).
-                let _ = a.f("mask_filter_value", -10000.0);
+                // Added to a masked key's score, as ONNX Runtime does (not −∞): a row with every
+                // key masked is then what ONNX Runtime gives too.
+                let filter = a.f("mask_filter_value", -10000.0);
                 let scale = a.f("scale", 0.0);
                 let rotary = a.i("do_rotary", 0);
                 let _ = a.i("rotary_embedding_dim", 0);
@@ -292,24 +302,43 @@ impl Importer {
                 if heads <= 0 || hq + hk + hv != width as i64 || hq != hk || hq % heads != 0 || hv % heads != 0 {
                     return Err(format!("{heads} heads over Q/K/V widths {hq}/{hk}/{hv} of {width}"));
                 }
-                let qkv = o.tmp("qkv");
-                match input(2) {
-                    Some(b) => {
-                        let t = o.tmp("qkv_product");
-                        o.node("MatMul", &[x, w], &[&t], vec![]);
-                        o.node("Add", &[&t, b], &[&qkv], vec![]);
-                    }
-                    None => o.node("MatMul", &[x, w], &[&qkv], vec![]),
-                }
-                let last = o.ints("last", vec![-1]);
+                // Q, K and V as three products on column ranges of the packed weight (and bias):
+                // the merge pass makes them one product again, writing each part in place —
+                // no slices of a packed result copied before the attention.
+                let wt = self.const_named(w).cloned().ok_or("weights that are not a constant")?;
+                let bt = input(2)
+                    .map(|b| self.const_named(b).cloned().ok_or("a bias that is not a constant"))
+                    .transpose()?;
+                let columns = |t: &Tensor, rows: usize, from: i64, to: i64| -> Option<Tensor> {
+                    let v = t.as_f32()?;
+                    let cols = t.len() / rows;
+                    let part: Vec<f32> =
+                        v.chunks_exact(cols).flat_map(|r| r[from as usize..to as usize].iter().copied()).collect();
+                    let shape = if rows == 1 && t.shape().len() == 1 {
+                        vec![part.len()]
+                    } else {
+                        vec![rows, part.len() / rows]
+                    };
+                    Tensor::new(shape, acorn::tensor::TensorData::F32(part)).ok()
+                };
+                let in_rows = total[0];
                 let mut parts = Vec::new();
                 for (what, from, to) in [("q", 0, hq), ("k", hq, hq + hk), ("v", hq + hk, hq + hk + hv)] {
-                    let (s, e, out) = (
-                        o.ints(&format!("{what}_from"), vec![from]),
-                        o.ints(&format!("{what}_to"), vec![to]),
-                        o.tmp(what),
-                    );
-                    o.node("Slice", &[&qkv, &s, &e, &last], &[&out], vec![]);
+                    let wpart = columns(&wt, in_rows, from, to).ok_or("weights that are not f32")?;
+                    let wname = o.tmp(&format!("w_{what}"));
+                    o.consts.push((wname.clone(), wpart));
+                    let out = o.tmp(what);
+                    match &bt {
+                        Some(bias) => {
+                            let bpart = columns(bias, 1, from, to).ok_or("a bias that is not f32")?;
+                            let bname = o.tmp(&format!("b_{what}"));
+                            o.consts.push((bname.clone(), bpart));
+                            let t = o.tmp(&format!("{what}_product"));
+                            o.node("MatMul", &[x, &wname], &[&t], vec![]);
+                            o.node("Add", &[&t, &bname], &[&out], vec![]);
+                        }
+                        None => o.node("MatMul", &[x, &wname], &[&out], vec![]),
+                    }
                     parts.push(out);
                 }
                 let mask = match input(3) {
@@ -318,19 +347,17 @@ impl Importer {
                         // Key lengths [B]: position j is attended while j < length.
                         let s = o.dim1(x);
                         let r = o.range(&s, "keys");
-                        let (l, l2, keep, m4) = (o.tmp("len"), o.tmp("len_col"), o.tmp("keep"), o.tmp("mask"));
+                        let (l, l2, keep) = (o.tmp("len"), o.tmp("len_col"), o.tmp("keep"));
                         o.node("Cast", &[m], &[&l], vec![B::attr_i("to", INT64)]);
                         o.unsqueeze(&l, &[1], &l2);
                         o.node("Less", &[&r, &l2], &[&keep], vec![]);
-                        o.unsqueeze(&keep, &[1, 2], &m4);
-                        Some(m4)
+                        Some(o.additive_mask(&keep, filter))
                     }
                     Some(m) if self.rank_of(m) == Some(2) => {
                         // A raw [B, S] mask: 1 attended, 0 not.
-                        let (keep, m4) = (o.tmp("keep"), o.tmp("mask"));
+                        let keep = o.tmp("keep");
                         o.node("Cast", &[m], &[&keep], vec![B::attr_i("to", BOOL)]);
-                        o.unsqueeze(&keep, &[1, 2], &m4);
-                        Some(m4)
+                        Some(o.additive_mask(&keep, filter))
                     }
                     Some(_) => {
                         return Err("a mask_index whose layout is not known here (key lengths from EmbedLayerNormalization and raw [B, S] masks are)".into())
