@@ -573,16 +573,8 @@ fn wake_word_embeddings_match_onnx_runtime_in_fp32_and_q8() {
     assert!(worst(&c8) > 0.99, "q8 embedding cosine to fp32 {}", worst(&c8));
 }
 
-/// A small CNN statically quantized by ONNX Runtime (`quantize_static`, QDQ, per-channel int8
-/// weights, int8 activations calibrated on seeded noise) runs on Acorn's int8 convolutions with the
-/// tool's own weight codes: every conv weight lifted to q8 rows, every activation Q/DQ pair
-/// folded, no Q/DQ node left, and the output as close to the fp32 network's as ONNX Runtime's
-/// own run of the QDQ model.
-#[test]
-fn static_qdq_convolutions_run_on_int8_kernels_with_their_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    let deps = assets_dir().join("pydeps");
-    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
+/// A small CNN (three convolutions with ReLU, 3 → 32 → 32 → 16 channels) in `dir`.
+fn small_cnn(dir: &std::path::Path) -> std::path::PathBuf {
     let mut b = OnnxBuilder::new(13);
     b.input_f32("x", &["1", "3", "32", "32"]);
     let conv = |b: &mut OnnxBuilder, name: &str, x: &str, y: &str, ci: usize, co: usize, k: usize| {
@@ -602,8 +594,22 @@ fn static_qdq_convolutions_run_on_int8_kernels_with_their_codes() {
     conv(&mut b, "mid", "h1", "h2", 32, 32, 3);
     conv(&mut b, "head", "h2", "y", 32, 16, 1);
     b.output_f32("y");
-    let src = dir.path().join("cnn.onnx");
+    let src = dir.join("cnn.onnx");
     std::fs::write(&src, b.to_bytes()).unwrap();
+    src
+}
+
+/// A small CNN statically quantized by ONNX Runtime (`quantize_static`, QDQ, per-channel int8
+/// weights, int8 activations calibrated on seeded noise) runs on Acorn's int8 convolutions with the
+/// tool's own weight codes: every conv weight lifted to q8 rows, every activation Q/DQ pair
+/// folded, no Q/DQ node left, and the output as close to the fp32 network's as ONNX Runtime's
+/// own run of the QDQ model.
+#[test]
+fn static_qdq_convolutions_run_on_int8_kernels_with_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let deps = assets_dir().join("pydeps");
+    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
+    let src = small_cnn(dir.path());
     let qdq = dir.path().join("cnn-qdq.onnx");
     let st = std::process::Command::new("python3")
         .arg(repo_root().join("benches/scripts/ort_quantize_static.py"))
@@ -634,4 +640,51 @@ fn static_qdq_convolutions_run_on_int8_kernels_with_their_codes() {
     );
     println!("QDQ CNN vs fp32: Acorn cosine {c_ours:.5}, ONNX Runtime's own run {c_theirs:.5}");
     assert!(c_ours > 0.995, "Acorn's run of the QDQ CNN drifts from fp32: cosine {c_ours}");
+}
+
+/// The same CNN after ONNX Runtime's `quantize_dynamic` (`DynamicQuantizeLinear → ConvInteger →
+/// Cast → Mul` per convolution): every `ConvInteger` lifted to Acorn's q8 convolution rows with
+/// the tool's weight codes (the int8 kernels on CPUs with an int8 dot product; elsewhere the
+/// codes decoded to f32 at open), and the output as close to the fp32 network's as ONNX Runtime's
+/// own run of the file — on every kernel level. `--quantized-import as-written` gives ONNX
+/// Runtime's run itself.
+#[test]
+fn dynamic_quantized_convolutions_lift_to_int8_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let deps = assets_dir().join("pydeps");
+    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
+    let src = small_cnn(dir.path());
+    let dynq = dir.path().join("cnn-dynamic.onnx");
+    let st = std::process::Command::new("python3")
+        .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
+        .args([src.as_os_str(), dynq.as_os_str()])
+        .env("PYTHONPATH", &deps)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "ort_quantize_dynamic.py: {}", String::from_utf8_lossy(&st.stderr));
+    let x = Tensor::from_f32(vec![1, 3, 32, 32], pseudo_random(3 * 32 * 32, 11));
+    let fp32 = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &["y"]).unwrap().remove(0);
+    let theirs = OrtModel::load(&dynq, 1).unwrap().run(&[("x", &x)], &["y"]).unwrap().remove(0);
+    let c_theirs = cosine(theirs.as_f32().unwrap(), fp32.as_f32().unwrap());
+    let lifted = convert_to(&dynq, dir.path(), "lifted.acorn", &ConvertOptions::default());
+    let m = Model::open(&lifted).unwrap();
+    let rec = pass_record(&m, "lift_int8_products");
+    assert_eq!(figure(rec, "dynamic_convs"), Some(3.0), "{:?} {:?}", rec.report, rec.params);
+    let rows =
+        m.metadata().tensors.iter().filter(|t| t.encoding == acorn::format::TensorEncoding::Q8 { transposed: false });
+    assert_eq!(rows.count(), 3, "every conv weight stored as q8 rows");
+    let ours = m.session().commit().unwrap().run(&[("x", &x)]).unwrap().into_vec().remove(0);
+    let c_ours = cosine(ours.as_f32().unwrap(), fp32.as_f32().unwrap());
+    let opts = ConvertOptions { as_written: true, ..ConvertOptions::default() };
+    let written = convert_to(&dynq, dir.path(), "written.acorn", &opts);
+    let exact =
+        Model::open(&written).unwrap().session().commit().unwrap().run(&[("x", &x)]).unwrap().into_vec().remove(0);
+    let d =
+        exact.as_f32().unwrap().iter().zip(theirs.as_f32().unwrap()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    println!(
+        "quantize_dynamic CNN vs fp32 ({}): Acorn lifted cosine {c_ours:.5}, ONNX Runtime's own run {c_theirs:.5}; as written vs ONNX Runtime max |Δ| {d:.2e}",
+        acorn::kernels::selected().name()
+    );
+    assert!(c_ours > 0.995 && c_ours >= c_theirs - 0.002, "lifted: cosine to fp32 {c_ours} (ONNX Runtime {c_theirs})");
+    assert!(d <= 1e-4, "as written: max |Δ| {d} from ONNX Runtime's run");
 }
