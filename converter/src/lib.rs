@@ -351,6 +351,8 @@ fn lower_proto(
     opts: &ConvertOptions,
 ) -> Result<(ir::Module, Vec<PassRecord>)> {
     let mut m = onnx::import(&proto, base_dir).with_context(|| format!("importing {}", name.display()))?;
+    // The passes read nodes by their ops' arity: a malformed node is an error here, not a panic there.
+    m.graph.validate(m.tensors.len()).with_context(|| format!("importing {}", name.display()))?;
     let analysed = !opts.no_shape_analysis && onnx::annotate_output_shapes(&mut proto, &mut m);
     drop(proto);
     let mut records = vec![PassRecord {
