@@ -144,15 +144,6 @@ fn missed_warning(r: &PassRecord) -> Option<String> {
     Some(format!("{}: {n} candidate{} left unfused — {first}{more}", r.name, if n == 1 { "" } else { "s" }))
 }
 
-/// The folder a file named on the command line is in: `.` for a bare file name (`Path::parent`
-/// gives an empty path there, which names no folder).
-pub(crate) fn folder_of(file: &Path) -> &Path {
-    match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 /// Hands memory the conversion freed back to the system. glibc keeps freed blocks below its
 /// mmap threshold (which grows to 32 MB as large blocks are freed) inside the process: after a
 /// phase drops hundreds of MB of weights or statistics, the resident size would not go down.
@@ -424,7 +415,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     }
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
-    let base = folder_of(input);
+    let base = acorn::format::folder_of(input);
     opts.progress.report("importing", 0, 0);
     // The file's bytes go as soon as they are parsed, the parsed weights as soon as they are
     // imported: a model is held about twice at the peak of import, not four times.
@@ -741,7 +732,7 @@ fn teacher_agreement(
     opts.progress.report("importing the teacher", 0, 0);
     let bytes = std::fs::read(&check.teacher).with_context(what)?;
     let sha = hex(&Sha256::digest(&bytes));
-    let base = folder_of(&check.teacher);
+    let base = acorn::format::folder_of(&check.teacher);
     let teacher_opts = ConvertOptions { no_shape_analysis: opts.no_shape_analysis, ..ConvertOptions::default() };
     let (tm, _) = lower(&bytes, &check.teacher, base, &teacher_opts).with_context(what)?;
     drop(bytes);

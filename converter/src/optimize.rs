@@ -352,7 +352,7 @@ pub fn optimize(input: &Path, output: &Path, opts: &OptimizeOptions) -> Result<O
     progress.report("importing", 0, 0);
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let sha = crate::hex(&Sha256::digest(&bytes));
-    let base = crate::folder_of(input);
+    let base = acorn::format::folder_of(input);
     let copts = ConvertOptions {
         tokenizer: Some(tok.clone()),
         threads: opts.threads,

@@ -18,7 +18,7 @@ fn read_json(path: &Path) -> Option<Value> {
 /// `tokenizer_config.json` (`chat_template`, `eos_token`). The tokenizer's `<|endoftext|>`-style
 /// special tokens are not guessed.
 pub fn generation_config_near(tokenizer_json: &Path, tok: &Tokenizer) -> GenerationConfig {
-    let dir = crate::folder_of(tokenizer_json);
+    let dir = acorn::format::folder_of(tokenizer_json);
     let files: Vec<Value> = ["generation_config.json", "config.json", "tokenizer_config.json"]
         .iter()
         .filter_map(|f| read_json(&dir.join(f)))

@@ -12,7 +12,7 @@ mod reader;
 mod writer;
 
 pub use reader::{ModelFile, TensorCheck};
-pub use writer::{atomic_write, model_bytes, write_model, ChunkWriter, TensorPayload};
+pub use writer::{atomic_write, folder_of, model_bytes, write_model, ChunkWriter, TensorPayload};
 
 /// First 8 bytes of every file. The high-bit first byte and CR LF catch text-mode mangling.
 pub const MAGIC: [u8; 8] = *b"\x89ACORN\r\n";

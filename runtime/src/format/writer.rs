@@ -172,14 +172,20 @@ impl Write for ChunkWriter<'_> {
     }
 }
 
+/// The folder a file is in: `.` for a bare file name (`Path::parent` gives an empty path there,
+/// which names no folder).
+pub fn folder_of(file: &Path) -> &Path {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Writes through `f` into a temporary file beside `path`, then renames it into place.
 /// On any error the temporary file is removed and `path` is untouched.
 pub fn atomic_write(path: &Path, f: impl FnOnce(&mut ChunkWriter<'_>) -> std::io::Result<()>) -> Result<()> {
     let io = |e| Error::Io { path: path.display().to_string(), error: e };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+    let dir = folder_of(path).to_path_buf();
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mode = check_destination(path)?;
     remove_stale_temporaries(&dir, &file_name);
