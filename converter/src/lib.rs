@@ -648,7 +648,10 @@ pub(crate) fn stored_tensors<'a>(
         .zip(&pack)
         .zip(quantized)
         .map(|(((name, t), &plan), q)| match (q, nr.filter(|_| plan != passes::PanelPlan::Keep)) {
-            (Some(q), _) => payload(name, t, q.encoding, Cow::Borrowed(&q.bytes)),
+            (Some(q), _) => TensorPayload {
+                shape: q.shape.clone().unwrap_or_else(|| t.shape().iter().map(|&d| d as u64).collect()),
+                ..payload(name, t, q.encoding, Cow::Borrowed(&q.bytes))
+            },
             (None, Some(nr)) => {
                 let (bytes, shape) = passes::panel_bytes(t, nr, plan == passes::PanelPlan::Transposed);
                 TensorPayload {
@@ -774,8 +777,9 @@ fn teacher_agreement(
     Ok(rec)
 }
 
-/// Weights that arrived quantized (`MatMulNBits`) keep their codes when they are still read only
-/// as MatMul's B and their f32 values still decode from them (no pass rewrote them): their
+/// Weights that arrived quantized (`MatMulNBits`, int8 products, convolutions and LSTMs) keep
+/// their codes when they are still read only as their product's weight and their f32 values
+/// still decode from them (no pass rewrote them): their
 /// encoding replaces whatever `--quantize` chose. Records how many, the largest difference
 /// between the imported values and what the file stores (the f16 rounding of the scales), and
 /// every quantized import that had to stay f32, with the reason.
@@ -788,13 +792,28 @@ fn keep_prequantized(m: &ir::Module, quantized: &mut [Option<quantize::Quantized
     for (t, (name, tensor)) in m.tensors.iter().enumerate() {
         let Some((enc, bytes)) = m.prequantized.get(name) else { continue };
         let values: Vec<_> = m.graph.constants.iter().filter(|c| c.tensor as usize == t).map(|c| c.value).collect();
+        // Read only as the weight of `want`'s ops (input 1; an LSTM's W or R, inputs 1 and 2).
         let only = |want: fn(&Op) -> bool| {
-            values
-                .iter()
-                .all(|&v| !uses.is_output(v) && uses.readers_anywhere(v).iter().all(|(n, i)| *i == 1 && want(&n.op)))
+            values.iter().all(|&v| {
+                !uses.is_output(v)
+                    && uses
+                        .readers_anywhere(v)
+                        .iter()
+                        .all(|(n, i)| (*i == 1 || (*i == 2 && matches!(n.op, Op::Lstm(_)))) && want(&n.op))
+            })
         };
         let s = tensor.shape();
-        let decoded = if *enc == (TensorEncoding::Q8 { transposed: false }) {
+        let mut stored_shape = None;
+        let lstm = only(|op| matches!(op, Op::Lstm(_)));
+        let decoded = if lstm && matches!(enc, TensorEncoding::Q8Panels { .. }) && s.len() == 3 {
+            // An LSTM's [D, 4H, K] weight as q8 panels [K', D·4H] (K' = K rounded up to 32):
+            // its D·4H decoded rows, each cut to K values, are the tensor's own order.
+            let shape = [s[2].next_multiple_of(32), s[0] * s[1]];
+            stored_shape = Some(shape.iter().map(|&d| d as u64).collect());
+            acorn::weights::Weights::parse(*enc, acorn::DType::F32, &shape, bytes)
+                .ok()
+                .map(|w| w.decode().chunks_exact(shape[0]).flat_map(|r| r[..s[2]].to_vec()).collect())
+        } else if *enc == (TensorEncoding::Q8 { transposed: false }) {
             // A convolution's flattened [M, K] rows.
             let conv = only(|op| matches!(op, Op::Conv(_) | Op::ConvFused { .. }));
             (conv && s.len() == 2)
@@ -822,7 +841,7 @@ fn keep_prequantized(m: &ir::Module, quantized: &mut [Option<quantize::Quantized
             continue;
         }
         worst = worst.max(diff);
-        quantized[t] = Some(quantize::Quantized { encoding: *enc, bytes: bytes.clone() });
+        quantized[t] = Some(quantize::Quantized { encoding: *enc, bytes: bytes.clone(), shape: stored_shape });
         kept += 1;
     }
     PassRecord {

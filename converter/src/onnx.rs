@@ -595,8 +595,13 @@ impl Importer {
     /// `com.microsoft:DynamicQuantizeLSTM` (what ONNX Runtime's `quantize_dynamic` makes of an
     /// LSTM) as the ONNX `LSTM` it quantized: its int8 W `[D, I, 4H]` and R `[D, H, 4H]` with
     /// per-direction or per-gate-row scales and zero points, dequantized into the LSTM's f32
-    /// `[D, 4H, I]` / `[D, 4H, H]` weights (which Acorn's LSTM keeps in GEMM panels). Needs the
-    /// weights, scales and zero points as constants.
+    /// `[D, 4H, I]` / `[D, 4H, H]` weights for the graph passes. Symmetric int8 codes (zero
+    /// points 0, ONNX Runtime's default) with 4H a multiple of the panel width also keep their
+    /// codes, as q8 panels `[I', D·4H]` / `[H', D·4H]` (`Module::prequantized`; I' and H' rounded
+    /// up to 32, the padding codes 0):
+    /// Acorn's LSTM then runs both products on the int8 kernels. Any other form runs on the f32
+    /// values, and the conversion record says why. Needs the weights, scales and zero points as
+    /// constants.
     fn dequantized_lstm(&mut self, n: &pb::NodeProto, name: &str) -> std::result::Result<pb::NodeProto, String> {
         let get = |i: usize| n.input.get(i).filter(|s| !s.is_empty()).map(String::as_str);
         let tensor = |i: usize, what: &str| -> std::result::Result<Tensor, String> {
@@ -607,7 +612,7 @@ impl Importer {
         lstm.domain = String::new();
         lstm.op_type = "LSTM".into();
         lstm.input.truncate(8);
-        let mut weights = Vec::new();
+        let (mut weights, mut codes_kept, mut floats) = (Vec::new(), Vec::new(), Vec::new());
         for (wi, si, zi, what) in [(1usize, 8usize, 9usize, "W"), (2, 10, 11, "R")] {
             let (w, sc, zp) =
                 (tensor(wi, what)?, tensor(si, "scale")?, get(zi).map(|_| tensor(zi, "zero point")).transpose()?);
@@ -639,12 +644,37 @@ impl Importer {
                     }
                 }
             }
-            weights.push((wi, format!("{name}/{what}_dequantized"), Tensor::from_f32(vec![d, cols, rows], f)));
+            // The same values as q8 panels: D·4H columns of `rows` codes, one scale per column.
+            let cname = format!("{name}/{what}_dequantized");
+            let symmetric = zps.iter().all(|&z| z == 0) && w.dtype() == DType::I8;
+            let panel = crate::quantize::Q8_PANEL;
+            if symmetric && cols % panel == 0 {
+                // Rows of `rows` codes padded with 0 to a multiple of 32 (the int8 blocks).
+                let kp = rows.next_multiple_of(32);
+                let mut q = vec![0i8; d * kp * cols];
+                for (i, &c) in codes.iter().enumerate() {
+                    let (di, r, col) = (i / (rows * cols), i / cols % rows, i % cols);
+                    q[(di * cols + col) * kp + r] = c as i8;
+                }
+                let col_scales: Vec<f32> =
+                    (0..d * cols).map(|j| if per_col { scales[j] } else { scales[j / cols] }).collect();
+                let bytes = crate::quantize::q8_panel_bytes(&q, &col_scales, d * cols, kp);
+                let enc = acorn::weights::TensorEncoding::Q8Panels { nr: panel as u32 };
+                codes_kept.push((cname.clone(), (enc, bytes)));
+            } else {
+                floats.push(format!(
+                    "{name}: {what} {} (int8 LSTM weights need zero points of 0 and 4·hidden a multiple of {panel})",
+                    if symmetric { format!("with {cols} gate rows") } else { "asymmetric".into() }
+                ));
+            }
+            weights.push((wi, cname, Tensor::from_f32(vec![d, cols, rows], f)));
         }
         for (wi, cname, t) in weights {
             self.add_const(&cname, t);
             lstm.input[wi] = cname;
         }
+        self.prequantized.extend(codes_kept);
+        self.dequantized.extend(floats);
         Ok(lstm)
     }
 

@@ -227,6 +227,9 @@ impl QuantOptions {
 pub struct Quantized {
     pub encoding: TensorEncoding,
     pub bytes: Vec<u8>,
+    /// The shape stored when it is not the tensor's own (an LSTM's `[D, 4H, K]` weight kept as
+    /// q8 panels `[K, D·4H]`).
+    pub shape: Option<Vec<u64>>,
 }
 
 /// How a weight is read, as far as quantization cares.
@@ -403,7 +406,7 @@ pub fn quantize_weights(
             bail!("internal: {name} encoded to {} bytes, its layout says {enc_len:?}", q.bytes.len());
         }
         done.push(Done { t, rows, k, transposed, rel_rmse: rel_rmse(&wt, &q.approx), sensitivity, gptq: q.gptq });
-        out[t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes });
+        out[t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes, shape: None });
     }
     // Mixed precision: the `keep_sensitive` weights whose rounding changes their product's output
     // most (relative output error on the calibration activations) go one step up: q4 → q8,
@@ -438,7 +441,7 @@ pub fn quantize_weights(
                     hessian_of(d.t, d.k).as_deref(),
                     masks.get(&d.t).copied(),
                 );
-                out[d.t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes });
+                out[d.t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes, shape: None });
                 upgraded.push((d.t, format!("{name}: q8 (sensitivity {:.2e})", d.sensitivity.unwrap_or(0.0))));
             }
             _ => {

@@ -688,3 +688,113 @@ fn dynamic_quantized_convolutions_lift_to_int8_rows() {
     assert!(c_ours > 0.995 && c_ours >= c_theirs - 0.002, "lifted: cosine to fp32 {c_ours} (ONNX Runtime {c_theirs})");
     assert!(d <= 1e-4, "as written: max |Δ| {d} from ONNX Runtime's run");
 }
+
+/// Bidirectional and one-way LSTMs after ONNX Runtime's `quantize_dynamic`
+/// (`com.microsoft:DynamicQuantizeLSTM`, int8 W and R with one scale per direction) run on Acorn's
+/// int8 kernels with the tool's codes: W and R stored as q8 panels `[K, D·4H]` (both products —
+/// every step's input projection and each step's `H·Rᵀ` — on the int8 panels, activations
+/// quantized per call), and every output as close to the fp32 LSTMs' as ONNX Runtime's own run
+/// of the file (which quantizes its activations per step too) — on every kernel level.
+/// `--quantized-import as-written` runs the LSTMs on the f32 values the codes define.
+#[test]
+fn dynamic_quantized_lstms_run_on_int8_panels() {
+    let dir = tempfile::tempdir().unwrap();
+    let deps = assets_dir().join("pydeps");
+    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
+    let (s, b, i, h) = (23usize, 3usize, 64usize, 40usize);
+    let mut g = OnnxBuilder::new(14);
+    g.input_f32("x", &[&s.to_string(), &b.to_string(), &i.to_string()]);
+    let scaled = |n: usize, seed: u64, k: usize| -> Vec<f32> {
+        pseudo_random(n, seed).iter().map(|v| v * 2.0 / (k as f32).sqrt()).collect()
+    };
+    let hi = h as i64;
+    for (name, dirs, seed) in [("bi", 2usize, 21u64), ("fwd", 1, 31)] {
+        let (x, k) = if name == "bi" { ("x".to_string(), i) } else { ("bi_seq".to_string(), 2 * h) };
+        g.init_f32(&format!("{name}.w"), &[dirs as i64, 4 * hi, k as i64], scaled(dirs * 4 * h * k, seed, k));
+        g.init_f32(&format!("{name}.r"), &[dirs as i64, 4 * hi, hi], scaled(dirs * 4 * h * h, seed + 1, h));
+        g.init_f32(&format!("{name}.b"), &[dirs as i64, 8 * hi], scaled(dirs * 8 * h, seed + 2, 16));
+        let mut attrs = vec![OnnxBuilder::attr_i("hidden_size", hi)];
+        if dirs == 2 {
+            attrs.push(OnnxBuilder::attr_s("direction", "bidirectional"));
+        }
+        let (y, yh, yc) = (format!("{name}_y"), format!("{name}_yh"), format!("{name}_yc"));
+        g.node(
+            "LSTM",
+            name,
+            &[&x, &format!("{name}.w"), &format!("{name}.r"), &format!("{name}.b")],
+            &[&y, &yh, &yc],
+            attrs,
+        );
+        if name == "bi" {
+            // [S, 2, B, H] → [S, B, 2H]: the next LSTM's input.
+            g.node("Transpose", "bi_t", &[&y], &["bi_t"], vec![OnnxBuilder::attr_ints("perm", &[0, 2, 1, 3])]);
+            g.init_i64("seq_shape", &[3], vec![s as i64, b as i64, 2 * hi]);
+            g.node("Reshape", "bi_seq", &["bi_t", "seq_shape"], &["bi_seq"], vec![]);
+        }
+    }
+    let outs = ["bi_y", "bi_yh", "bi_yc", "fwd_y", "fwd_yh", "fwd_yc"];
+    for o in outs {
+        g.output_f32(o);
+    }
+    let src = dir.path().join("lstm.onnx");
+    std::fs::write(&src, g.to_bytes()).unwrap();
+    let dynq = dir.path().join("lstm-dynamic.onnx");
+    let st = std::process::Command::new("python3")
+        .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
+        .args([src.as_os_str(), dynq.as_os_str()])
+        .env("PYTHONPATH", &deps)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "ort_quantize_dynamic.py: {}", String::from_utf8_lossy(&st.stderr));
+    let x = Tensor::from_f32(vec![s, b, i], pseudo_random(s * b * i, 41));
+    let fp32 = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &outs).unwrap();
+    let theirs = OrtModel::load(&dynq, 1).unwrap().run(&[("x", &x)], &outs).unwrap();
+    let lifted = convert_to(&dynq, dir.path(), "lifted.acorn", &ConvertOptions::default());
+    let m = Model::open(&lifted).unwrap();
+    let q8: Vec<_> = m
+        .metadata()
+        .tensors
+        .iter()
+        .filter(|t| matches!(t.encoding, acorn::format::TensorEncoding::Q8Panels { .. }))
+        .map(|t| t.shape.clone())
+        .collect();
+    // K rounded up to 32 (the int8 blocks; H = 40 and 2H = 80 are padded).
+    let k32 = |k: usize| k.next_multiple_of(32) as u64;
+    let want = vec![
+        vec![k32(i), 8 * h as u64],
+        vec![k32(h), 8 * h as u64],
+        vec![k32(2 * h), 4 * h as u64],
+        vec![k32(h), 4 * h as u64],
+    ];
+    let mut got = q8.clone();
+    got.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got, want_sorted, "every LSTM's W and R stored as q8 panels [K, D·4H]");
+    let ours = m.session().commit().unwrap().run(&[("x", &x)]).unwrap().into_vec();
+    let opts = ConvertOptions { as_written: true, ..ConvertOptions::default() };
+    let written = convert_to(&dynq, dir.path(), "written.acorn", &opts);
+    let w = Model::open(&written).unwrap();
+    assert!(
+        !w.metadata().tensors.iter().any(|t| t.encoding.is_quantized()),
+        "as written, the LSTMs run on the f32 values of the codes"
+    );
+    let exact = w.session().commit().unwrap().run(&[("x", &x)]).unwrap().into_vec();
+    for (k, name) in outs.iter().enumerate() {
+        let f = fp32[k].as_f32().unwrap();
+        let (c_ours, c_theirs, c_written) = (
+            cosine(ours[k].as_f32().unwrap(), f),
+            cosine(theirs[k].as_f32().unwrap(), f),
+            cosine(exact[k].as_f32().unwrap(), f),
+        );
+        println!(
+            "quantize_dynamic LSTM {name} vs fp32 ({}): Acorn int8 cosine {c_ours:.5}, as written {c_written:.5}, ONNX Runtime's own run {c_theirs:.5}",
+            acorn::kernels::selected().name()
+        );
+        assert!(
+            c_ours > 0.999 && c_ours >= c_theirs - 5e-4,
+            "{name}: cosine to fp32 {c_ours} (ONNX Runtime {c_theirs})"
+        );
+        assert!(c_written > 0.999, "{name} as written: cosine to fp32 {c_written}");
+    }
+}

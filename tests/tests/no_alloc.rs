@@ -84,4 +84,30 @@ fn planned_runs_allocate_only_outputs() {
     let rec_q8 = dir.path().join("rec-q8.acorn");
     acorn_converter::convert(&asset(OCR_REC), &rec_q8, &q8).unwrap();
     check(&Model::open(&rec_q8).unwrap(), &[("x", &line)], "PP-OCR recogniser q8");
+
+    // silero's sequence model over 6 chunks: its convolutions fold the batch into one product
+    // (f32, and int8 after `--quantize q8`), and after ONNX Runtime's `quantize_dynamic` its
+    // LSTM runs on int8 panels.
+    let seq = asset(SILERO_SEQUENCE);
+    let x = Tensor::from_f32(vec![6, 576], (0..6 * 576).map(|i| (i as f32 * 0.01).sin() * 0.1).collect());
+    let h = Tensor::from_f32(vec![1, 1, 128], vec![0.0; 128]);
+    let ins: Vec<(&str, &Tensor)> = vec![("input", &x), ("h", &h), ("c", &h)];
+    let (_d4, seq32) = convert_temp(&seq).unwrap();
+    check(&Model::open(&seq32).unwrap(), &ins, "silero sequence fp32");
+    let seq_q8 = dir.path().join("seq-q8.acorn");
+    acorn_converter::convert(&seq, &seq_q8, &q8).unwrap();
+    check(&Model::open(&seq_q8).unwrap(), &ins, "silero sequence q8");
+    let deps = assets_dir().join("pydeps");
+    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
+    let dynq = dir.path().join("seq-dynamic.onnx");
+    let st = std::process::Command::new("python3")
+        .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
+        .args([seq.as_os_str(), dynq.as_os_str()])
+        .env("PYTHONPATH", &deps)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "ort_quantize_dynamic.py: {}", String::from_utf8_lossy(&st.stderr));
+    let lifted = dir.path().join("seq-lifted.acorn");
+    acorn_converter::convert(&dynq, &lifted, &Default::default()).unwrap();
+    check(&Model::open(&lifted).unwrap(), &ins, "silero sequence after quantize_dynamic (int8 LSTM)");
 }

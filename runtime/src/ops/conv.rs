@@ -155,7 +155,102 @@ pub(super) fn scratch_len(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> usize {
     if depthwise(&g, w.shape.len()) {
         return conv::depthwise_scratch(&kernel_geo(&g));
     }
+    if batch_folded(&g) {
+        // A weight stored q8 pads each pixel's values to its rows' length.
+        let kvol = if w.shape.len() == 2 { w.shape[1] } else { cg * g.kh * g.kw };
+        return folded_scratch(&g, kvol);
+    }
     conv::gemm_scratch(&kernel_geo(&g), cg, g.m / g.group)
+}
+
+/// Largest output image (pixels) whose batch is folded into one product (`batch_folded`).
+const FOLD_MAX_PIXELS: usize = 16;
+
+/// Whether a batched convolution with small outputs runs as one product over the whole batch
+/// (pixels of every image as the product's rows) instead of one per image: silero's sequence
+/// model convolves 100 chunks of 4, 2 and 1 frames each, and a product with 1–4 columns per
+/// image wasted most of every tile (its encoder took 3.9 ms of 5.1 at batch 100; ONNX Runtime
+/// ran the whole model in 3.5).
+fn batch_folded(g: &Geo) -> bool {
+    g.n > 1 && g.group == 1 && g.oh * g.ow <= FOLD_MAX_PIXELS && g.oh * g.ow > 0
+}
+
+/// The folded product's buffers: every pixel's `kvol` inputs and its `m` outputs.
+fn folded_scratch(g: &Geo, kvol: usize) -> usize {
+    let rows = g.n * g.oh * g.ow;
+    rows * kvol + rows * g.m
+}
+
+/// `cols` (`rows × ldc`, the first `kvol` of each row written, the rest 0) = every output
+/// pixel's inputs over the whole batch, channel-major then tap (W's order), padding as 0.
+fn fold_pixels(g: &Geo, x: &[f32], kvol: usize, ldc: usize, cols: &mut [f32]) {
+    let (plane, ospat) = (g.h * g.w, g.oh * g.ow);
+    for (r, row) in cols.chunks_exact_mut(ldc).enumerate() {
+        let (b, p) = (r / ospat, r % ospat);
+        let (oy, ox) = (p / g.ow, p % g.ow);
+        let img = &x[b * g.c * plane..(b + 1) * g.c * plane];
+        for ci in 0..g.c {
+            for ky in 0..g.kh {
+                let iy = (oy * g.sh + ky * g.dh) as isize - g.ph as isize;
+                for kx in 0..g.kw {
+                    let ix = (ox * g.sw + kx * g.dw) as isize - g.pw as isize;
+                    let inside = iy >= 0 && (iy as usize) < g.h && ix >= 0 && (ix as usize) < g.w;
+                    row[(ci * g.kh + ky) * g.kw + kx] =
+                        if inside { img[ci * plane + iy as usize * g.w + ix as usize] } else { 0.0 };
+                }
+            }
+        }
+        row[kvol..].fill(0.0);
+    }
+}
+
+/// The folded product `c` (pixels × channels) into NCHW `out`, with the bias and epilogue.
+fn unfold_channels(g: &Geo, c: &[f32], bias: Option<&[f32]>, post: Epilogue, out: &mut [f32]) {
+    let ospat = g.oh * g.ow;
+    for (i, o) in out.chunks_exact_mut(ospat).take(g.n * g.m).enumerate() {
+        let (b, ch) = (i / g.m, i % g.m);
+        for (p, v) in o.iter_mut().enumerate() {
+            *v = c[(b * ospat + p) * g.m + ch];
+        }
+        conv::epilogue(o, bias.map_or(0.0, |bv| bv[ch]), post);
+    }
+}
+
+/// [`batch_folded`]'s convolutions on f32 weights (or q8 ones the int8 kernels would not speed
+/// up, decoded once per session): pixels × inputs times the weights' transpose (packed once per
+/// session), one product for the batch.
+fn run_folded(
+    g: &Geo,
+    x: &[f32],
+    w: WindowWeights<'_>,
+    bias: Option<&[f32]>,
+    post: Epilogue,
+    out: &mut [f32],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    use crate::kernels::{self, BMat, MatRef, Panels};
+    let (rows, kvol) = (g.n * g.oh * g.ow, g.c * g.kh * g.kw);
+    let need = folded_scratch(g, kvol);
+    if ctx.scratch.len() < need {
+        ctx.scratch.resize(need, 0.0);
+    }
+    let (cols, c) = ctx.scratch[..need].split_at_mut(rows * kvol);
+    fold_pixels(g, x, kvol, kvol, cols);
+    let threads = ctx.threads;
+    let mut local = None;
+    let b = match (kernels::selected().f32_panel(), ctx.prepared.as_deref_mut()) {
+        (Some(nr), Some(p)) => {
+            let data = &p.f32_panels.entry((w.key(), kvol, g.m)).or_insert_with(|| w.panels(kvol, g.m, nr))[..];
+            BMat::Panels(Panels { data, k: kvol, n: g.m, nr })
+        }
+        _ => match w {
+            WindowWeights::F32 { data, ldw } => BMat::Strided(MatRef { data, rs: 1, cs: ldw }),
+            WindowWeights::Q8(_) => BMat::Strided(MatRef { data: local.insert(w.rows(kvol, g.m)), rs: 1, cs: kvol }),
+        },
+    };
+    kernels::sgemm(rows, g.m, kvol, MatRef { data: cols, rs: kvol, cs: 1 }, b, c, g.m, false, threads);
+    unfold_channels(g, c, bias, post, out);
+    Ok(())
 }
 
 /// Largest channel multiplier (outputs per group of one input channel) run as depthwise
@@ -223,13 +318,19 @@ pub(super) fn run(
         conv::depthwise(&kg, g.m, mg, xd, wd, bias, post, out, ctx.threads, ctx.scratch);
         return Ok(());
     }
-    if windows_in_place(&g, w.shape.len()) {
+    if windows_in_place(&g) {
         for b in 0..g.n {
             let xin = &xd[b * plane..(b + 1) * plane];
             let o = &mut out[b * g.m * ospat..(b + 1) * g.m * ospat];
-            run_windows(&g, xin, wd, bias, post, o, ctx);
+            run_windows(&g, xin, WindowWeights::F32 { data: wd, ldw }, bias, post, o, ctx)?;
         }
         return Ok(());
+    }
+    if batch_folded(&g) {
+        if ldw < kvol || wd.len() < (g.m - 1) * ldw + kvol {
+            op_bail!("Conv: W holds {} values, not {} rows of {kvol}", wd.len(), g.m);
+        }
+        return run_folded(&g, xd, WindowWeights::F32 { data: wd, ldw }, bias, post, out, ctx);
     }
     for b in 0..g.n {
         for gi in 0..g.group {
@@ -246,11 +347,54 @@ pub(super) fn run(
 /// Whether a convolution is one input channel read by few windows along one row with no
 /// padding or dilation (silero's STFT front end: 1 → 258 channels, 256 taps at stride 128, 4
 /// frames), run by [`run_windows`]. As channels × pixels its product had 4 columns: a tile
-/// of 32 wasted 28, and the thin-product path's dot products ran at 5 GMAC/s.
-fn windows_in_place(g: &Geo, w_rank: usize) -> bool {
+/// of 32 wasted 28, and the thin-product path's dot products ran at 5 GMAC/s. Weights stored
+/// q8 run it too, decoded once per session: one input channel gives the int8 kernels nothing to
+/// sum over but the taps, and their per-image products had the same 4 columns (silero's
+/// sequence model after `quantize_dynamic`, 100 chunks: this convolution took 2.49 ms in int8
+/// on AVX-512 VNNI, 0.52 ms as f32 windows).
+fn windows_in_place(g: &Geo) -> bool {
     let one_row = g.h == 1 && g.kh == 1 && g.oh == 1;
     let inside = (g.ow.max(1) - 1) * g.sw + g.kw <= g.w;
-    g.group == 1 && g.c == 1 && w_rank >= 3 && one_row && g.pw == 0 && g.dw == 1 && inside && g.ow < 32 && g.m >= 32
+    g.group == 1 && g.c == 1 && one_row && g.pw == 0 && g.dw == 1 && inside && g.ow < 32 && g.m >= 32
+}
+
+/// The weights [`run_windows`] reads: f32 rows `ldw` apart (the window's `kw` values first), or
+/// q8 rows (decoded once per session).
+#[derive(Clone, Copy)]
+enum WindowWeights<'a> {
+    F32 { data: &'a [f32], ldw: usize },
+    Q8(crate::weights::Q8Weights<'a>),
+}
+
+impl WindowWeights<'_> {
+    /// The `n × k` matrix's transpose (`k × n`) in GEMM panels of `nr`.
+    fn panels(&self, k: usize, n: usize, nr: usize) -> Vec<f32> {
+        use crate::kernels::{self, BMat, MatRef};
+        let mut v = Vec::new();
+        match *self {
+            WindowWeights::F32 { data, ldw } => {
+                kernels::pack_panels_append(&mut v, BMat::Strided(MatRef { data, rs: 1, cs: ldw }), k, n, nr)
+            }
+            WindowWeights::Q8(_) => {
+                let rows = self.rows(k, n);
+                kernels::pack_panels_append(&mut v, BMat::Strided(MatRef { data: &rows, rs: 1, cs: k }), k, n, nr)
+            }
+        }
+        v
+    }
+
+    /// The first `k` values of each of the first `n` q8 rows, decoded (`n × k`).
+    fn rows(&self, k: usize, n: usize) -> Vec<f32> {
+        let WindowWeights::Q8(w) = *self else { return Vec::new() };
+        (0..n).flat_map(|r| w.q[r * w.k..r * w.k + k].iter().map(move |&c| c as f32 * w.scales[r])).collect()
+    }
+
+    fn key(&self) -> usize {
+        match self {
+            WindowWeights::F32 { data, .. } => data.as_ptr() as usize,
+            WindowWeights::Q8(w) => w.q.as_ptr() as usize,
+        }
+    }
 }
 
 thread_local! {
@@ -266,31 +410,35 @@ thread_local! {
 fn run_windows(
     g: &Geo,
     x: &[f32],
-    wd: &[f32],
+    w: WindowWeights<'_>,
     bias: Option<&[f32]>,
     post: Epilogue,
     out: &mut [f32],
     ctx: &mut Ctx<'_>,
-) {
+) -> OpResult<()> {
     use crate::kernels::{self, BMat, MatRef, Panels};
     let (m, k, n) = (g.ow, g.kw, g.m);
+    let rows_hold = match w {
+        WindowWeights::F32 { data, ldw } => ldw >= k && data.len() >= (n - 1) * ldw + k,
+        WindowWeights::Q8(q) => q.k >= k && q.n >= n,
+    };
+    if !rows_hold {
+        op_bail!("Conv: weights do not hold {n} rows of {k} taps");
+    }
     let a = MatRef { data: x, rs: g.sw, cs: 1 };
     let threads = ctx.threads;
-    let nr = kernels::selected().f32_panel();
-    let packed = match (nr, ctx.prepared.as_deref_mut()) {
-        (Some(nr), Some(p)) => Some((
-            nr,
-            &p.f32_panels.entry((wd.as_ptr() as usize, k, n)).or_insert_with(|| {
-                let mut v = Vec::new();
-                kernels::pack_panels_append(&mut v, BMat::Strided(MatRef { data: wd, rs: 1, cs: k }), k, n, nr);
-                v
-            })[..],
-        )),
-        _ => None,
-    };
-    let b = match packed {
-        Some((nr, data)) => BMat::Panels(Panels { data, k, n, nr }),
-        None => BMat::Strided(MatRef { data: wd, rs: 1, cs: k }),
+    // Packed once per session for the selected tile; without a session (a single evaluation)
+    // or a tile (the reference set), read as rows (q8 decoded first).
+    let mut local = None;
+    let b = match (kernels::selected().f32_panel(), ctx.prepared.as_deref_mut()) {
+        (Some(nr), Some(p)) => {
+            let data = &p.f32_panels.entry((w.key(), k, n)).or_insert_with(|| w.panels(k, n, nr))[..];
+            BMat::Panels(Panels { data, k, n, nr })
+        }
+        _ => match w {
+            WindowWeights::F32 { data, ldw } => BMat::Strided(MatRef { data, rs: 1, cs: ldw }),
+            WindowWeights::Q8(_) => BMat::Strided(MatRef { data: local.insert(w.rows(k, n)), rs: 1, cs: k }),
+        },
     };
     WINDOWS_OUT.with(|cell| {
         let c = &mut *cell.borrow_mut();
@@ -303,6 +451,7 @@ fn run_windows(
             conv::epilogue(row, bias.map_or(0.0, |b| b[ch]), post);
         }
     });
+    Ok(())
 }
 
 /// Output channels and weights (`m`, `m·k`) from which a q8 convolution runs the int8 kernels,
@@ -359,6 +508,17 @@ fn run_q8(
     }
     let kg = kernel_geo(g);
     let (plane, ospat) = (g.h * g.w, g.oh * g.ow);
+    if windows_in_place(g) {
+        for b in 0..g.n {
+            let xin = &xd[b * plane..(b + 1) * plane];
+            let o = &mut out[b * g.m * ospat..(b + 1) * g.m * ospat];
+            run_windows(g, xin, WindowWeights::Q8(q8), bias, post, o, ctx)?;
+        }
+        return Ok(());
+    }
+    if batch_folded(g) {
+        return run_folded_q8(g, q8, xd, bias, post, out, ctx);
+    }
     // (Weights the int8 kernels would not speed up were decoded to f32 at open:
     // `q8_conv_runs_f32`, `exec::layout::decode_conv_weights`.)
     let isa = crate::kernels::selected();
@@ -404,6 +564,44 @@ fn run_q8(
         }
         Ok(())
     })
+}
+
+/// [`batch_folded`]'s convolutions on q8 weights: every pixel's inputs of the batch (padded to
+/// the rows' length) quantized as the int8 product's activation rows, one product for the batch.
+fn run_folded_q8(
+    g: &Geo,
+    q8: crate::weights::Q8Weights<'_>,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    post: Epilogue,
+    out: &mut [f32],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    let (rows, kvol, kp) = (g.n * g.oh * g.ow, g.c * g.kh * g.kw, q8.k);
+    if kvol > kp {
+        op_bail!("Conv: q8 weights of {kp} per output do not hold {kvol} inputs");
+    }
+    let need = folded_scratch(g, kp);
+    if ctx.scratch.len() < need {
+        ctx.scratch.resize(need, 0.0);
+    }
+    let (cols, c) = ctx.scratch[..need].split_at_mut(rows * kp);
+    fold_pixels(g, x, kvol, kp, cols);
+    let isa = crate::kernels::selected();
+    FOLDED_ACTS.with(|cell| {
+        let qa = &mut *cell.borrow_mut();
+        let fail = |e: crate::kernels::quant::QuantError| crate::error::OpError::Failed(e.0);
+        crate::kernels::quant::quantize_acts_q8(cols, rows, kp, qa, ctx.threads).map_err(fail)?;
+        crate::kernels::quant::gemm_q8(isa, qa, &q8, c, ctx.threads).map_err(fail)
+    })?;
+    unfold_channels(g, c, bias, post, out);
+    Ok(())
+}
+
+thread_local! {
+    /// [`run_folded_q8`]'s activation rows, grown once per thread.
+    static FOLDED_ACTS: std::cell::RefCell<crate::kernels::quant::QActs> =
+        std::cell::RefCell::new(crate::kernels::quant::QActs::default());
 }
 
 thread_local! {

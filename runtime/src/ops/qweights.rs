@@ -34,6 +34,8 @@ pub fn reads_encoded(op: &Op, i: usize, enc: TensorEncoding) -> bool {
         TensorEncoding::PanelF32 { .. } => {
             (matches!(op, Op::MatMul) && i == 1) || (matches!(op, Op::Lstm(_)) && matches!(i, 1 | 2))
         }
+        // LSTM: W and R lifted from int8 imports, `[k, dirs·4H]` in q8 panels.
+        TensorEncoding::Q8Panels { .. } if matches!(op, Op::Lstm(_)) => matches!(i, 1 | 2),
         e if e.transposed() => matches!(op, Op::MatMul) && i == 1,
         TensorEncoding::Q8 { transposed: false } if matches!(op, Op::Conv(_) | Op::ConvFused { .. }) => i == 1,
         _ => (matches!(op, Op::MatMulTransB) && i == 1) || (matches!(op, Op::Gather { axis: 0 }) && i == 0),
@@ -83,7 +85,14 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
 }
 
 /// `o = x · Wᵀ (+ bias)` for the `x.len() / k` rows of `x`.
-fn rows_product(w: QMat<'_>, x: &[f32], o: &mut [f32], bias: Option<&[f32]>, k: usize, threads: usize) -> OpResult<()> {
+pub(super) fn rows_product(
+    w: QMat<'_>,
+    x: &[f32],
+    o: &mut [f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    threads: usize,
+) -> OpResult<()> {
     let m = x.len() / k;
     let isa = crate::kernels::selected();
     match w {

@@ -2,17 +2,21 @@
 //! optional peepholes, clip and coupled input-forget). The input projection for all time steps
 //! is one matmul; each step adds `H_{t-1}·Rᵀ` with the same kernel.
 //!
-//! `W` and `R` come as ONNX stores them (`[dirs, 4H, K]`, dense) or as the converter's
-//! `pack_weights` stores them: transposed to `[dirs, K, 4H]` in GEMM panels, so neither product
-//! packs a weight per call and each step streams `R` front to back.
+//! `W` and `R` come as ONNX stores them (`[dirs, 4H, K]`, dense), as the converter's
+//! `pack_weights` stores them (transposed to `[dirs, K, 4H]` in GEMM panels, so neither product
+//! packs a weight per call and each step streams `R` front to back), or in q8 panels
+//! `[K', dirs·4H]` (an int8 LSTM imported from ONNX Runtime's `DynamicQuantizeLSTM`, its codes
+//! kept; K' is K rounded up to 32 with codes of 0): then both products run on the int8 kernels
+//! with the activations quantized per call (rows padded with zeros to K').
 
 use super::{req, Ctx, Fact, OutFact};
-use crate::error::OpResult;
+use crate::error::{OpError, OpResult};
 use crate::graph::{LstmAttrs, Op, RnnAttrs, RnnDirection};
 use crate::kernels::math::{sigmoid, tanh};
 use crate::kernels::{self, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
+use crate::weights::{TensorEncoding, Weights};
 
 struct Dims {
     seq: usize,
@@ -22,19 +26,45 @@ struct Dims {
     dirs: usize,
 }
 
-/// `packed`: W and R are panel-encoded, hence stored transposed (`[dirs, K, 4H]`).
-fn dims(a: &LstmAttrs, x: &[usize], w: &[usize], r: &[usize], packed: (bool, bool)) -> OpResult<Dims> {
+/// How an LSTM weight is stored (its shape follows: see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Dense,
+    Panels,
+    Q8,
+}
+
+fn form(encoding: Option<TensorEncoding>) -> Form {
+    match encoding {
+        Some(TensorEncoding::PanelF32 { .. }) => Form::Panels,
+        Some(TensorEncoding::Q8Panels { .. }) => Form::Q8,
+        _ => Form::Dense,
+    }
+}
+
+fn dims(a: &LstmAttrs, x: &[usize], w: &[usize], r: &[usize], forms: (Form, Form)) -> OpResult<Dims> {
     if x.len() != 3 {
         op_bail!("LSTM X must be rank 3, got {x:?}");
     }
     let (seq, batch) = if a.layout == 0 { (x[0], x[1]) } else { (x[1], x[0]) };
     let hidden = a.hidden_size as usize;
     let dirs = if a.direction == RnnDirection::Bidirectional { 2 } else { 1 };
-    let want = |k: usize, t: bool| if t { [dirs, k, 4 * hidden] } else { [dirs, 4 * hidden, k] };
-    if w != want(x[2], packed.0) || r != want(hidden, packed.1) {
+    let g4 = 4 * hidden;
+    // (No allocation: a planned run checks this every step.)
+    let fits = |s: &[usize], k: usize, f: Form| match f {
+        Form::Dense => s == [dirs, g4, k],
+        Form::Panels => s == [dirs, k, g4],
+        Form::Q8 => s == [k.next_multiple_of(32), dirs * g4],
+    };
+    if !fits(w, x[2], forms.0) || !fits(r, hidden, forms.1) {
         op_bail!("LSTM weights W {w:?} / R {r:?} do not match X {x:?}, hidden {hidden}, {dirs} direction(s)");
     }
     Ok(Dims { seq, batch, input: x[2], hidden, dirs })
+}
+
+/// The storage forms of facts `w` and `r` (a constant's encoding; dense otherwise).
+fn fact_forms(w: &Fact<'_>, r: &Fact<'_>) -> (Form, Form) {
+    (form(w.value.map(|v| v.encoding)), form(r.value.map(|v| v.encoding)))
 }
 
 pub(super) fn infer(a: &LstmAttrs, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<Vec<OutFact>> {
@@ -46,8 +76,7 @@ pub(super) fn infer(a: &LstmAttrs, inputs: &[Option<Fact<'_>>], n_out: usize) ->
             op_bail!("LSTM tensors must be f32");
         }
     }
-    let packed = |f: &Fact<'_>| f.value.is_some_and(|v| v.panels().is_some());
-    let d = dims(a, x.shape, w.shape, r.shape, (packed(w), packed(r)))?;
+    let d = dims(a, x.shape, w.shape, r.shape, fact_forms(w, r))?;
     let (h, b, s, nd) = (d.hidden, d.batch, d.seq, d.dirs);
     let check = |i: usize, want: &[usize], what: &str| -> OpResult<()> {
         if let Some(Some(f)) = inputs.get(i) {
@@ -83,9 +112,9 @@ pub(super) fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>]) -> usize {
     let (Some(Some(x)), Some(Some(w)), Some(Some(r))) = (inputs.first(), inputs.get(1), inputs.get(2)) else {
         return 0;
     };
-    let packed = |f: &Fact<'_>| f.value.is_some_and(|v| v.panels().is_some());
-    match dims(a, x.shape, w.shape, r.shape, (packed(w), packed(r))) {
-        Ok(d) => super::numel(&[d.seq + 2, d.batch, 4, d.hidden]),
+    match dims(a, x.shape, w.shape, r.shape, fact_forms(w, r)) {
+        // X·Wᵀ for every step, one step's gates, its H·Rᵀ (q8) and the two states.
+        Ok(d) => super::numel(&[d.seq + 3, d.batch, 4, d.hidden]),
         Err(_) => 0,
     }
 }
@@ -99,7 +128,7 @@ pub(super) fn run(
     let x = *req(inputs, 0, "X")?;
     let w = *req(inputs, 1, "W")?;
     let r = *req(inputs, 2, "R")?;
-    let d = dims(a, x.shape, w.shape, r.shape, (w.panels().is_some(), r.panels().is_some()))?;
+    let d = dims(a, x.shape, w.shape, r.shape, (form(Some(w.encoding)), form(Some(r.encoding))))?;
     if let Some(Some(sl)) = inputs.get(4) {
         if sl.to_i64_small()?.iter().any(|&l| l != d.seq as i64) {
             op_bail!("LSTM with per-batch sequence lengths shorter than the input is not supported");
@@ -116,12 +145,13 @@ pub(super) fn run(
     let (s, b, ni, h, nd) = (d.seq, d.batch, d.input, d.hidden, d.dirs);
     let g4 = 4 * h;
     let (wm, rm) = (weights(&w, nd, ni, g4)?, weights(&r, nd, h, g4)?);
-    let need = s * b * g4 + b * g4 + 2 * b * h;
+    let need = s * b * g4 + 2 * b * g4 + 2 * b * h;
     if ctx.scratch.len() < need {
         ctx.scratch.resize(need, 0.0);
     }
     let (xw, rest) = ctx.scratch[..need].split_at_mut(s * b * g4);
     let (gates, rest) = rest.split_at_mut(b * g4);
+    let (hr_q8, rest) = rest.split_at_mut(b * g4);
     let (hs, cs) = rest.split_at_mut(b * h);
     let layout1 = a.layout == 1;
     // Offsets of (time t, batch i) in X rows and of state (dir, batch) rows.
@@ -136,7 +166,10 @@ pub(super) fn run(
     for dir in 0..nd {
         let reverse = a.direction == RnnDirection::Reverse || dir == 1;
         // XW[rows of X in memory order] = X · W_dirᵀ (+ Wb + Rb)
-        kernels::sgemm(s * b, g4, ni, MatRef { data: xd, rs: ni, cs: 1 }, wm(dir), xw, g4, false, ctx.threads);
+        let Some(xs) = xd.get(..s * b * ni) else {
+            op_bail!("LSTM X holds {} values, {s}×{b}×{ni} expected", xd.len())
+        };
+        wm(dir)?.product(xs, ni, xw, None, ctx.threads)?;
         if let Some(bv) = bias {
             let bb = &bv[dir * 8 * h..(dir + 1) * 8 * h];
             for row in xw.chunks_exact_mut(g4) {
@@ -164,7 +197,7 @@ pub(super) fn run(
             for i in 0..b {
                 gates[i * g4..(i + 1) * g4].copy_from_slice(&xw[xrow(t, i) * g4..(xrow(t, i) + 1) * g4]);
             }
-            kernels::sgemm(b, g4, h, MatRef { data: hs, rs: h, cs: 1 }, rm(dir), gates, g4, true, ctx.threads);
+            rm(dir)?.product(hs, h, gates, Some(&mut *hr_q8), ctx.threads)?;
             for i in 0..b {
                 let gr = &mut gates[i * g4..(i + 1) * g4];
                 let hr = &mut hs[i * h..(i + 1) * h];
@@ -209,26 +242,99 @@ pub(super) fn run(
     Ok(())
 }
 
-/// Direction `dir`'s `Wᵀ` or `Rᵀ` (`k × 4H`) as the GEMM's B operand: panels as stored, or
-/// the transpose of the dense `[4H, k]` matrix.
-fn weights<'a>(v: &View<'a>, nd: usize, k: usize, g4: usize) -> OpResult<impl Fn(usize) -> BMat<'a>> {
+/// One direction's `Wᵀ` or `Rᵀ` (`k × 4H`) as a product's B operand.
+enum Gates<'a> {
+    F32(BMat<'a>),
+    Q8(crate::weights::Q8Panels<'a>),
+}
+
+impl Gates<'_> {
+    /// `out = x · B` for the `x.len() / k` rows of `x`, or `out += x · B` when `acc` is given
+    /// (the q8 kernels write their product there first).
+    fn product(&self, x: &[f32], k: usize, out: &mut [f32], acc: Option<&mut [f32]>, threads: usize) -> OpResult<()> {
+        let m = x.len() / k;
+        match self {
+            Gates::F32(b) => {
+                let n = out.len() / m.max(1);
+                kernels::sgemm(m, n, k, MatRef { data: x, rs: k, cs: 1 }, *b, out, n, acc.is_some(), threads);
+                Ok(())
+            }
+            Gates::Q8(w) => PADDED.with(|cell| {
+                // Rows of k values padded with zeros to the codes' K' (a multiple of 32).
+                let padded = &mut *cell.borrow_mut();
+                let x = if w.k == k {
+                    x
+                } else {
+                    padded.clear();
+                    padded.resize(m * w.k, 0.0);
+                    for (p, r) in padded.chunks_exact_mut(w.k).zip(x.chunks_exact(k)) {
+                        p[..k].copy_from_slice(r);
+                    }
+                    &padded[..]
+                };
+                let q8 = Weights::Q8Panels(*w);
+                match acc {
+                    None => super::qweights::rows_product(q8, x, out, None, w.k, threads),
+                    Some(tmp) => {
+                        let tmp = &mut tmp[..out.len()];
+                        super::qweights::rows_product(q8, x, tmp, None, w.k, threads)?;
+                        out.iter_mut().zip(tmp.iter()).for_each(|(o, t)| *o += t);
+                        Ok(())
+                    }
+                }
+            }),
+        }
+    }
+}
+
+thread_local! {
+    /// Activation rows padded to a q8 weight's K', grown once per thread and reused.
+    static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Direction `dir`'s `Wᵀ` or `Rᵀ` (`k × 4H`) as the product's B operand: panels as stored, the
+/// transpose of the dense `[4H, k]` matrix, or the direction's columns of the q8 panels.
+fn weights<'a>(v: &View<'a>, nd: usize, k: usize, g4: usize) -> OpResult<impl Fn(usize) -> OpResult<Gates<'a>>> {
+    let q8 = match form(Some(v.encoding)) {
+        Form::Q8 => match super::qweights::qmat(v)? {
+            Weights::Q8Panels(w) if w.k == k.next_multiple_of(32) && w.n == nd * g4 && g4.is_multiple_of(w.nr) => {
+                Some(w)
+            }
+            _ => op_bail!("LSTM weight {:?} in {} is not {nd} direction(s) of {g4} whole panels", v.shape, v.encoding),
+        },
+        _ => None,
+    };
     let nr = v.panels().map(|nr| nr as usize);
     // Dense f32 or f32 panels; any other encoding is refused by `f32()`.
-    let data = if nr.is_some() { v.f32_any_layout()? } else { v.f32()? };
+    let data = match (q8, nr) {
+        (Some(_), _) => &[][..],
+        (None, Some(_)) => v.f32_any_layout()?,
+        (None, None) => v.f32()?,
+    };
     let per = match nr {
         Some(nr) => kernels::Panels::len(k, g4, nr),
         None => k * g4,
     };
     // A malformed file's panels are an error here, not a bad read in the kernel.
-    if nr == Some(0) || data.len() < nd * per {
+    if q8.is_none() && (nr == Some(0) || data.len() < nd * per) {
         op_bail!("LSTM weight {:?} holds {} floats, {} expected", v.shape, data.len(), nd * per);
     }
+    let shape = v.shape;
     Ok(move |dir: usize| {
+        if let Some(w) = q8 {
+            // Direction dir's 4H columns are whole panels: its codes and scales are one range.
+            let kp = w.k;
+            let (q, sc) = (w.q.get(dir * g4 * kp..(dir + 1) * g4 * kp), w.scales.get(dir * g4..(dir + 1) * g4));
+            let (Some(q), Some(scales)) = (q, sc) else {
+                return Err(OpError::Failed(format!("LSTM q8 weight {shape:?} is shorter than its shape")));
+            };
+            return Ok(Gates::Q8(crate::weights::Q8Panels { n: g4, q, scales, ..w }));
+        }
         let m = &data[dir * per..(dir + 1) * per];
-        match nr {
+        Ok(Gates::F32(match nr {
             Some(nr) => BMat::Panels(kernels::Panels { data: m, k, n: g4, nr }),
             None => BMat::Strided(MatRef { data: m, rs: 1, cs: k }),
-        }
+        }))
     })
 }
 

@@ -188,6 +188,12 @@ fn conv_matches_direct_loop() {
         // product), a batch of two; with an end pad its windows never reach
         (2, 1, 1, 640, 40, 1, 64, [1, 32], [0, 0, 0, 0], [1, 1], 1),
         (1, 1, 1, 100, 33, 1, 10, [1, 10], [0, 0, 0, 5], [1, 1], 1),
+        // batches of small outputs, folded into one product (silero's sequence encoder: 4, 2
+        // and 1 frames per chunk), 1-D and 2-D, padded, strided, dilated
+        (7, 9, 1, 4, 12, 1, 3, [1, 1], [0, 1, 0, 1], [1, 1], 1),
+        (5, 6, 1, 4, 5, 1, 3, [1, 2], [0, 1, 0, 1], [1, 1], 1),
+        (3, 4, 5, 6, 9, 3, 3, [2, 2], [1, 1, 0, 1], [1, 2], 1),
+        (2, 3, 4, 4, 40, 2, 2, [1, 1], [0, 0, 0, 0], [1, 1], 1),
     ];
     for (i, &(n, c, h, w, m, kh, kw, st, pd, dl, g)) in cases.iter().enumerate() {
         let x = gen(n * c * h * w, i);
@@ -827,4 +833,139 @@ fn resize_split_across_threads_equals_one_thread() {
         assert_eq!(one.shape(), &[1, 13, 80, 140]);
         assert_eq!(one.as_f32().unwrap(), two.as_f32().unwrap(), "{mode:?}");
     }
+}
+
+/// An LSTM whose W and R are int8 codes in q8 panels `[K', D·4H]` (K' = K rounded up to 32, as
+/// the converter keeps `DynamicQuantizeLSTM`'s codes) gives the outputs of the same LSTM on the
+/// codes' f32 values, within the rounding of its int8 activations: both directions, K and H not
+/// multiples of 32 (padded), several rows per step, every kernel set (`ACORN_KERNELS`, and
+/// aarch64 under qemu). A weight that is not whole panels per direction is an error.
+#[test]
+fn lstm_on_q8_panels_matches_its_f32_values() {
+    use crate::graph::{LstmAttrs, RnnDirection};
+    use crate::weights::{q8, TensorEncoding};
+    let (s, b, k, h, d) = (5usize, 3usize, 20usize, 8usize, 2usize);
+    let g4 = 4 * h;
+    let codes = |n: usize, seed: u64| -> Vec<i8> {
+        crate::kernels::pseudo_random(n, seed).iter().map(|v| (v * 127.0).round() as i8).collect()
+    };
+    // Codes [D, 4H, K] (ONNX's LSTM order) and one scale per direction and gate row.
+    let (wq, rq) = (codes(d * g4 * k, 1), codes(d * g4 * h, 2));
+    let scales: Vec<f32> = (0..d * g4).map(|j| 0.004 + 0.0001 * (j % 7) as f32).collect();
+    let dense = |q: &[i8], kk: usize| -> Tensor {
+        let v = q.iter().enumerate().map(|(i, &c)| c as f32 * scales[i / kk]).collect();
+        Tensor::from_f32(vec![d, g4, kk], v)
+    };
+    // The q8 panels: D·4H columns of K' codes, padded with 0.
+    let panels = |q: &[i8], kk: usize| -> (Vec<u64>, Vec<usize>) {
+        let kp = kk.next_multiple_of(32);
+        let mut rows = vec![0i8; d * g4 * kp];
+        for (r, src) in q.chunks_exact(kk).enumerate() {
+            rows[r * kp..r * kp + kk].copy_from_slice(src);
+        }
+        let bytes = q8::panel_bytes(&rows, &scales, d * g4, kp, 32);
+        // Held in u64s: the scales part is read as f32 in place.
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+        (words, vec![kp, d * g4])
+    };
+    let x = f32t(&[s, b, k], &crate::kernels::pseudo_random(s * b * k, 3));
+    let bias = f32t(&[d, 8 * h], &crate::kernels::pseudo_random(d * 8 * h, 4));
+    let h0 = f32t(&[d, b, h], &crate::kernels::pseudo_random(d * b * h, 5));
+    let op = Op::Lstm(LstmAttrs {
+        hidden_size: h as i64,
+        direction: RnnDirection::Bidirectional,
+        layout: 0,
+        clip: None,
+        input_forget: false,
+    });
+    let (wd, rd) = (dense(&wq, k), dense(&rq, h));
+    let want = run(op.clone(), &[Some(&x), Some(&wd), Some(&rd), Some(&bias), None, Some(&h0)]);
+    let ((wp, ws), (rp, rs)) = (panels(&wq, k), panels(&rq, h));
+    fn q8view<'a>(words: &'a [u64], shape: &'a [usize]) -> crate::tensor::View<'a> {
+        crate::tensor::View {
+            dtype: crate::tensor::DType::F32,
+            shape,
+            bytes: bytemuck::cast_slice(words),
+            encoding: TensorEncoding::Q8Panels { nr: 32 },
+        }
+    }
+    let ins =
+        [Some(x.view()), Some(q8view(&wp, &ws)), Some(q8view(&rp, &rs)), Some(bias.view()), None, Some(h0.view())];
+    let got = eval(&op, &ins, 3, 1).unwrap_or_else(|e| panic!("{}", e.message()));
+    for (g, w) in got.iter().zip(&want) {
+        let (g, w) = (g.as_f32().unwrap(), w.as_f32().unwrap());
+        let worst = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 2e-2, "int8 LSTM differs from its f32 values by {worst}");
+        let close = g.iter().zip(w).filter(|(a, b)| (*a - *b).abs() < 5e-3).count();
+        assert!(close * 10 >= g.len() * 9, "{close} of {} values within 5e-3", g.len());
+    }
+    // Another hidden size than the panels hold: an error, not a read past them.
+    let Op::Lstm(attrs) = &op else { unreachable!() };
+    let bad = Op::Lstm(LstmAttrs { hidden_size: 6, ..attrs.clone() });
+    let r6 = f32t(&[d, 24, 6], &vec![0.0; d * 24 * 6]);
+    assert!(eval(&bad, &[Some(x.view()), Some(q8view(&wp, &ws)), Some(r6.view())], 1, 1).is_err());
+}
+
+/// A batch of convolutions with small outputs on q8 weights (rows `[M, K']`, K' padded to 32)
+/// runs as one int8 product over the batch (`batch_folded`): the same outputs as the direct loop
+/// on the codes' f32 values, within the int8 rounding of the inputs, on every kernel set — and
+/// the batch of one (the per-image path) agrees with it.
+#[test]
+fn batched_q8_convolutions_fold_into_one_product() {
+    use crate::weights::{q8, TensorEncoding};
+    let (n, c, w, m, kw) = (6usize, 9usize, 4usize, 20usize, 3usize);
+    let k = c * kw;
+    let kp = k.next_multiple_of(32);
+    let wt: Vec<f32> = crate::kernels::pseudo_random(m * k, 7).iter().map(|v| v * 0.3).collect();
+    let mut padded = vec![0.0f32; m * kp];
+    for (d, s) in padded.chunks_exact_mut(kp).zip(wt.chunks_exact(k)) {
+        d[..k].copy_from_slice(s);
+    }
+    let enc = q8::encode(&padded, m, kp);
+    let decoded: Vec<f32> = enc
+        .view()
+        .q
+        .chunks_exact(kp)
+        .zip(enc.view().scales)
+        .flat_map(|(r, &sc)| r[..k].iter().map(move |&v| v as f32 * sc))
+        .collect();
+    let bytes = enc.to_bytes();
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+    let shape = [m, kp];
+    let wview = crate::tensor::View {
+        dtype: crate::tensor::DType::F32,
+        shape: &shape,
+        bytes: &bytemuck::cast_slice(&words)[..bytes.len()],
+        encoding: TensorEncoding::Q8 { transposed: false },
+    };
+    let x: Vec<f32> = crate::kernels::pseudo_random(n * c * w, 8);
+    let b: Vec<f32> = crate::kernels::pseudo_random(m, 9);
+    let (want, oshape) = conv_direct(&x, [n, c, 1, w], &decoded, [m, c, 1, kw], &b, [1, 1], [0, 1, 0, 1], [1, 1], 1);
+    let attrs = ConvAttrs {
+        kernel_shape: vec![1, kw as i64],
+        strides: vec![1, 1],
+        pads: vec![0, 1, 0, 1],
+        dilations: vec![1, 1],
+        group: 1,
+        auto_pad: AutoPad::NotSet,
+    };
+    let (xt, bt) = (f32t(&[n, c, 1, w], &x), f32t(&[m], &b));
+    let got = eval(&Op::Conv(attrs.clone()), &[Some(xt.view()), Some(wview), Some(bt.view())], 1, 1)
+        .unwrap_or_else(|e| panic!("{}", e.message()))
+        .swap_remove(0);
+    assert_eq!(got.shape(), &oshape);
+    let got = got.as_f32().unwrap();
+    let worst = got.iter().zip(&want).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 0.05, "folded int8 convolution is {worst} from the direct loop");
+    // Image 2 alone (the per-image path) gives its slice of the batch's outputs.
+    let one = f32t(&[1, c, 1, w], &x[2 * c * w..3 * c * w]);
+    let alone = eval(&Op::Conv(attrs), &[Some(one.view()), Some(wview), Some(bt.view())], 1, 1)
+        .unwrap_or_else(|e| panic!("{}", e.message()))
+        .swap_remove(0);
+    let per = m * oshape[3];
+    let d =
+        alone.as_f32().unwrap().iter().zip(&got[2 * per..3 * per]).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+    assert!(d < 0.05, "one image alone is {d} from its slice of the folded batch");
 }
