@@ -166,13 +166,20 @@ pub(super) fn scratch_len(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> usize {
 /// Largest output image (pixels) whose batch is folded into one product (`batch_folded`).
 const FOLD_MAX_PIXELS: usize = 16;
 
-/// Whether a batched convolution with small outputs runs as one product over the whole batch
-/// (pixels of every image as the product's rows) instead of one per image: silero's sequence
-/// model convolves 100 chunks of 4, 2 and 1 frames each, and a product with 1–4 columns per
-/// image wasted most of every tile (its encoder took 3.9 ms of 5.1 at batch 100; ONNX Runtime
-/// ran the whole model in 3.5).
+/// Pixels (rows of the folded product) from which a folded convolution on q8 weights runs the
+/// int8 product; below, the f32 one on the weights decoded once per session. silero's encoder
+/// (AVX-512 VNNI): one chunk (4, 2, 1, 1 rows) 0.029 ms in f32 against 0.037 in int8; 100
+/// chunks (400, 200, 100, 100 rows) 0.90 ms in int8 against 0.98 in f32.
+const FOLD_INT8_MIN_ROWS: usize = 64;
+
+/// Whether a convolution with small outputs runs as one product over the whole batch (every
+/// image's output pixels as the product's rows, the channels as its columns) instead of one
+/// product per image with the pixels as columns: silero's encoder convolves 4, 2 and 1 frames
+/// per chunk, and products with 1–4 columns wasted most of every tile — one chunk's encoder took
+/// 0.041 ms of 0.060 (ONNX Runtime ran the whole model in 0.057), 100 chunks' 3.9 ms of 5.1
+/// (ONNX Runtime 3.5).
 fn batch_folded(g: &Geo) -> bool {
-    g.n > 1 && g.group == 1 && g.oh * g.ow <= FOLD_MAX_PIXELS && g.oh * g.ow > 0
+    g.n >= 1 && g.group == 1 && g.oh * g.ow <= FOLD_MAX_PIXELS && g.oh * g.ow > 0
 }
 
 /// The folded product's buffers: every pixel's `kvol` inputs and its `m` outputs.
@@ -517,6 +524,10 @@ fn run_q8(
         return Ok(());
     }
     if batch_folded(g) {
+        // Few rows: the int8 product's quantizing and row kernels cost more than they save.
+        if g.n * ospat < FOLD_INT8_MIN_ROWS {
+            return run_folded(g, xd, WindowWeights::Q8(q8), bias, post, out, ctx);
+        }
         return run_folded_q8(g, q8, xd, bias, post, out, ctx);
     }
     // (Weights the int8 kernels would not speed up were decoded to f32 at open:

@@ -908,13 +908,13 @@ fn lstm_on_q8_panels_matches_its_f32_values() {
 }
 
 /// A batch of convolutions with small outputs on q8 weights (rows `[M, K']`, K' padded to 32)
-/// runs as one int8 product over the batch (`batch_folded`): the same outputs as the direct loop
-/// on the codes' f32 values, within the int8 rounding of the inputs, on every kernel set — and
-/// the batch of one (the per-image path) agrees with it.
+/// runs as one int8 product over the batch (`batch_folded`, 80 rows): the same outputs as the
+/// direct loop on the codes' f32 values, within the int8 rounding of the inputs, on every kernel
+/// set — and one image alone (4 rows: the f32 product on the decoded codes) agrees with it.
 #[test]
 fn batched_q8_convolutions_fold_into_one_product() {
     use crate::weights::{q8, TensorEncoding};
-    let (n, c, w, m, kw) = (6usize, 9usize, 4usize, 20usize, 3usize);
+    let (n, c, w, m, kw) = (20usize, 9usize, 4usize, 20usize, 3usize);
     let k = c * kw;
     let kp = k.next_multiple_of(32);
     let wt: Vec<f32> = crate::kernels::pseudo_random(m * k, 7).iter().map(|v| v * 0.3).collect();
