@@ -344,6 +344,51 @@ pub fn quantize_weights(
         let shape = tensor.shape();
         let values = tensor_values.get(&t).map(Vec::as_slice).unwrap_or_default();
         let all: Vec<Use> = values.iter().flat_map(|&v| uses_of(v)).collect();
+        // An LSTM's W or R `[D, 4H, K]`: q8 panels `[K', D·4H]`, both products int8.
+        let lstm = !values.is_empty()
+            && values.iter().all(|&v| {
+                let r = index.readers_anywhere(v);
+                !index.is_output(v)
+                    && !r.is_empty()
+                    && r.iter().all(|(n, i)| matches!(*i, 1 | 2) && matches!(n.op, Op::Lstm(_)))
+            });
+        if lstm && tensor.dtype() == DType::F32 && shape.len() == 3 && tensor.len() >= MIN_VALUES {
+            let (rows, k) = (shape[0] * shape[1], shape[2]);
+            let kp = k.next_multiple_of(32);
+            let reason = if opts.format != QuantFormat::Q8 {
+                Some(format!("an LSTM weight (LSTMs read q8 only, not {})", opts.format.name()))
+            } else if !shape[1].is_multiple_of(Q8_PANEL) {
+                Some(format!("an LSTM weight with {} gate rows (q8 needs a multiple of {Q8_PANEL})", shape[1]))
+            } else {
+                keep.iter().find(|r| r.is_match(name)).map(|p| format!("kept float (--keep-float '{}')", p.as_str()))
+            };
+            if let Some(r) = reason {
+                kept.push(format!("{name}: {r}"));
+                continue;
+            }
+            // Its D·4H gate rows of K values, padded with zeros to K' (the int8 blocks).
+            let w = tensor.as_f32().context("reading a weight")?;
+            let mut wt = vec![0.0f32; rows * kp];
+            for (d, src) in wt.chunks_exact_mut(kp).zip(w.chunks_exact(k)) {
+                d[..k].copy_from_slice(src);
+            }
+            let q = quantize_one(QuantFormat::Q8, Method::Rtn, (true, false, true), &wt, rows, kp, None, None);
+            let stored = vec![kp as u64, rows as u64];
+            if q.encoding.byte_len(DType::F32, &stored) != Some(q.bytes.len() as u64) {
+                bail!("internal: LSTM weight {name} encoded to {} bytes, not its layout's", q.bytes.len());
+            }
+            done.push(Done {
+                t,
+                rows,
+                k,
+                transposed: true,
+                rel_rmse: rel_rmse(&wt, &q.approx),
+                sensitivity: None,
+                gptq: false,
+            });
+            out[t] = Some(Quantized { encoding: q.encoding, bytes: q.bytes, shape: Some(stored) });
+            continue;
+        }
         if tensor.dtype() == DType::F32 && shape.len() != 2 && tensor.len() >= MIN_VALUES {
             let by = match all.iter().find_map(|u| if let Use::Other(w) = u { Some(w.as_str()) } else { None }) {
                 Some(w) => format!(" read by {w}"),

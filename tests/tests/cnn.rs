@@ -455,6 +455,18 @@ fn crnn_reads_each_line_as_onnx_runtime_in_fp32_and_q8() {
     // The BiLSTM's weights are read from panels (and the Gemm head's).
     let m = Model::open(&fp32).unwrap();
     assert_eq!(figure(pass_record(&m, "pack_weights"), "tensors"), Some(3.0));
+    // q8: the BiLSTM's W and R as int8 panels [K, 2·4H] (both its products int8).
+    let lstm_q8: Vec<Vec<u64>> = Model::open(&q8)
+        .unwrap()
+        .metadata()
+        .tensors
+        .iter()
+        .filter(|t| {
+            matches!(t.encoding, acorn::format::TensorEncoding::Q8Panels { .. }) && t.shape.get(1) == Some(&4096)
+        })
+        .map(|t| t.shape.clone())
+        .collect();
+    assert_eq!(lstm_q8, vec![vec![512, 4096]; 2], "the BiLSTM's W and R quantized");
     let mut ort = OrtModel::load(&asset(CRNN_OCR), 1).unwrap();
     for &(rows, _) in LINES {
         let x = ocr::gray_line_input(&page, rows, 64);
