@@ -239,12 +239,13 @@ fn ort_dynamic(dir: &std::path::Path, model_rel: &str) -> std::path::PathBuf {
 /// as written (`--quantized-import as-written`: the integer convolutions computed exactly) it
 /// streams as ONNX Runtime runs the same quantized file (3e-4 per step). Lifted (the default),
 /// every one of the six convolutions becomes Acorn's q8 convolution rows with the file's weight
-/// codes. How close a lifted run stays to ONNX Runtime's is not a property this network can
-/// show: `quantize_dynamic` has already taken it 0.99 from its fp32 outputs, and it amplifies
-/// any rounding — per step 3e-3 (AVX-512 VNNI's tile: unsigned input codes), 3e-2 (no int8 dot
-/// product: the codes decoded to f32), 9e-2 and one speech decision (AVX-VNNI: symmetric input
-/// codes) — so it is printed; the lift's accuracy is checked on a well-conditioned CNN
-/// (`cnn.rs`, `dynamic_quantized_convolutions_lift_to_int8_rows`).
+/// codes; for one chunk every one of them is too small for the int8 products to pay (the STFT's
+/// one-channel windows, the encoder's 4, 2, 1 and 1 frames: folded products of fewer than 64
+/// rows), so all run f32 on the decoded codes, on every kernel level alike: 2.7e-2 per step from
+/// ONNX Runtime's run (which quantizes each convolution's input to uint8 — this network
+/// amplifies that rounding: `quantize_dynamic` has already taken it 0.99 from its fp32 outputs)
+/// and the same speech decisions. The int8 products on these codes are checked where they run
+/// (`cnn.rs`, `dynamic_quantized_convolutions_lift_to_int8_rows`; the sequence model below).
 #[test]
 fn silero_vad_quantized_by_onnx_runtime_streams_like_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -254,23 +255,18 @@ fn silero_vad_quantized_by_onnx_runtime_streams_like_it() {
     // runs the quantized file as ONNX Runtime does.
     let what = "silero_vad_16k_op15 (ONNX Runtime quantize_dynamic)";
     run_stream_file(&q, what, 16000, CHUNK, CONTEXT, 3e-4, 1, true);
+    run_stream_file(&q, &format!("{what}, lifted"), 16000, CHUNK, CONTEXT, 0.05, 1, false);
     let r = acorn_converter::convert(&q, &dir.path().join("lifted.acorn"), &Default::default()).unwrap();
     let lift = r.passes.iter().find(|p| p.name == "lift_int8_products").unwrap();
     let convs = lift.report.iter().find(|(k, _)| k == "dynamic_convs").unwrap().1;
     assert_eq!(convs, 6.0, "every ConvInteger lifted to q8 convolution rows");
-    let (model, mut reference) =
-        (Model::open(dir.path().join("lifted.acorn")).unwrap(), OrtModel::load(&q, 1).unwrap());
-    let x = speech_frames(1);
-    let (state, sr) = (Tensor::from_f32(vec![2, 1, 128], vec![0.0; 256]), Tensor::from_i64(vec![], vec![16000]));
-    let ins: Vec<(&str, &Tensor)> = vec![("input", &x), ("state", &state), ("sr", &sr)];
-    let ours = model.session().commit().unwrap().run(&ins).unwrap().into_vec().remove(0);
-    let theirs = reference.run(&ins, &["output"]).unwrap().remove(0);
-    println!(
-        "{what}, lifted ({}): first chunk's speech probability {:.4}, ONNX Runtime's {:.4}",
-        acorn::kernels::selected().name(),
-        ours.as_f32().unwrap()[0],
-        theirs.as_f32().unwrap()[0]
-    );
+    let model = Model::open(dir.path().join("lifted.acorn")).unwrap();
+    let rows = model
+        .metadata()
+        .tensors
+        .iter()
+        .filter(|t| t.encoding == acorn::format::TensorEncoding::Q8 { transposed: false });
+    assert_eq!(rows.count(), 6, "the six weights stored as their int8 codes");
 }
 
 /// The sequence variant quantized by `quantize_dynamic` holds a `com.microsoft:DynamicQuantizeLSTM`
