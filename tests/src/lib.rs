@@ -102,6 +102,20 @@ pub fn assets_dir() -> PathBuf {
     std::env::var_os("ACORN_ASSETS").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".cache/acorn-assets"))
 }
 
+/// `src` quantized by ONNX Runtime's `quantize_dynamic` (int8 weights:
+/// `benches/scripts/ort_quantize_dynamic.py`, run on the pinned Python packages) into `dst`.
+pub fn ort_quantize_dynamic(src: &Path, dst: &Path) {
+    let deps = assets_dir().join("pydeps");
+    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
+    let st = std::process::Command::new("python3")
+        .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
+        .args([src.as_os_str(), dst.as_os_str()])
+        .env("PYTHONPATH", &deps)
+        .output()
+        .expect("running python3");
+    assert!(st.status.success(), "ort_quantize_dynamic.py: {}", String::from_utf8_lossy(&st.stderr));
+}
+
 /// Path of a fetched asset; panics with the fetch command when it is missing.
 pub fn asset(rel: &str) -> PathBuf {
     let p = assets_dir().join(rel);

@@ -663,17 +663,9 @@ fn static_qdq_convolutions_run_on_int8_kernels_with_their_codes() {
 #[test]
 fn dynamic_quantized_convolutions_lift_to_int8_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let deps = assets_dir().join("pydeps");
-    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
     let src = small_cnn(dir.path());
     let dynq = dir.path().join("cnn-dynamic.onnx");
-    let st = std::process::Command::new("python3")
-        .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
-        .args([src.as_os_str(), dynq.as_os_str()])
-        .env("PYTHONPATH", &deps)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "ort_quantize_dynamic.py: {}", String::from_utf8_lossy(&st.stderr));
+    ort_quantize_dynamic(&src, &dynq);
     let x = Tensor::from_f32(vec![1, 3, 32, 32], pseudo_random(3 * 32 * 32, 11));
     let fp32 = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &["y"]).unwrap().remove(0);
     let theirs = OrtModel::load(&dynq, 1).unwrap().run(&[("x", &x)], &["y"]).unwrap().remove(0);
@@ -711,8 +703,6 @@ fn dynamic_quantized_convolutions_lift_to_int8_rows() {
 #[test]
 fn dynamic_quantized_lstms_run_on_int8_panels() {
     let dir = tempfile::tempdir().unwrap();
-    let deps = assets_dir().join("pydeps");
-    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
     let (s, b, i, h) = (23usize, 3usize, 64usize, 40usize);
     let mut g = OnnxBuilder::new(14);
     g.input_f32("x", &[&s.to_string(), &b.to_string(), &i.to_string()]);
@@ -751,13 +741,7 @@ fn dynamic_quantized_lstms_run_on_int8_panels() {
     let src = dir.path().join("lstm.onnx");
     std::fs::write(&src, g.to_bytes()).unwrap();
     let dynq = dir.path().join("lstm-dynamic.onnx");
-    let st = std::process::Command::new("python3")
-        .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
-        .args([src.as_os_str(), dynq.as_os_str()])
-        .env("PYTHONPATH", &deps)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "ort_quantize_dynamic.py: {}", String::from_utf8_lossy(&st.stderr));
+    ort_quantize_dynamic(&src, &dynq);
     let x = Tensor::from_f32(vec![s, b, i], pseudo_random(s * b * i, 41));
     let fp32 = OrtModel::load(&src, 1).unwrap().run(&[("x", &x)], &outs).unwrap();
     let theirs = OrtModel::load(&dynq, 1).unwrap().run(&[("x", &x)], &outs).unwrap();

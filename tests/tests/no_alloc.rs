@@ -97,16 +97,8 @@ fn planned_runs_allocate_only_outputs() {
     let seq_q8 = dir.path().join("seq-q8.acorn");
     acorn_converter::convert(&seq, &seq_q8, &q8).unwrap();
     check(&Model::open(&seq_q8).unwrap(), &ins, "silero sequence q8");
-    let deps = assets_dir().join("pydeps");
-    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
     let dynq = dir.path().join("seq-dynamic.onnx");
-    let st = std::process::Command::new("python3")
-        .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
-        .args([seq.as_os_str(), dynq.as_os_str()])
-        .env("PYTHONPATH", &deps)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "ort_quantize_dynamic.py: {}", String::from_utf8_lossy(&st.stderr));
+    ort_quantize_dynamic(&seq, &dynq);
     let lifted = dir.path().join("seq-lifted.acorn");
     acorn_converter::convert(&dynq, &lifted, &Default::default()).unwrap();
     check(&Model::open(&lifted).unwrap(), &ins, "silero sequence after quantize_dynamic (int8 LSTM)");

@@ -220,17 +220,8 @@ fn silero_vad_batch_of_two_streams() {
 /// ONNX Runtime's `quantize_dynamic` of a silero VAD (`benches/scripts/ort_quantize_dynamic.py`)
 /// in `dir`.
 fn ort_dynamic(dir: &std::path::Path, model_rel: &str) -> std::path::PathBuf {
-    let deps = assets_dir().join("pydeps");
-    assert!(deps.join("onnxruntime").exists(), "the pinned Python packages are missing: run `{FETCH}`");
     let out = dir.join("dynamic.onnx");
-    let st = std::process::Command::new("python3")
-        .arg(repo_root().join("benches/scripts/ort_quantize_dynamic.py"))
-        .arg(asset(model_rel))
-        .arg(&out)
-        .env("PYTHONPATH", &deps)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "ort_quantize_dynamic.py: {}", String::from_utf8_lossy(&st.stderr));
+    ort_quantize_dynamic(&asset(model_rel), &out);
     out
 }
 

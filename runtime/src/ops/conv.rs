@@ -235,7 +235,7 @@ fn run_folded(
     out: &mut [f32],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
-    use crate::kernels::{self, BMat, MatRef, Panels};
+    use crate::kernels::{self, MatRef};
     let (rows, kvol) = (g.n * g.oh * g.ow, g.c * g.kh * g.kw);
     let need = folded_scratch(g, kvol);
     if ctx.scratch.len() < need {
@@ -245,16 +245,7 @@ fn run_folded(
     fold_pixels(g, x, kvol, kvol, cols);
     let threads = ctx.threads;
     let mut local = None;
-    let b = match (kernels::selected().f32_panel(), ctx.prepared.as_deref_mut()) {
-        (Some(nr), Some(p)) => {
-            let data = &p.f32_panels.entry((w.key(), kvol, g.m)).or_insert_with(|| w.panels(kvol, g.m, nr))[..];
-            BMat::Panels(Panels { data, k: kvol, n: g.m, nr })
-        }
-        _ => match w {
-            WindowWeights::F32 { data, ldw } => BMat::Strided(MatRef { data, rs: 1, cs: ldw }),
-            WindowWeights::Q8(_) => BMat::Strided(MatRef { data: local.insert(w.rows(kvol, g.m)), rs: 1, cs: kvol }),
-        },
-    };
+    let b = w.transposed(kvol, g.m, ctx.prepared.as_deref_mut(), &mut local);
     kernels::sgemm(rows, g.m, kvol, MatRef { data: cols, rs: kvol, cs: 1 }, b, c, g.m, false, threads);
     unfold_channels(g, c, bias, post, out);
     Ok(())
@@ -396,6 +387,32 @@ impl WindowWeights<'_> {
         (0..n).flat_map(|r| w.q[r * w.k..r * w.k + k].iter().map(move |&c| c as f32 * w.scales[r])).collect()
     }
 
+    /// The weights' transpose (`k × n`) as a product's B operand: packed once per session for
+    /// the selected tile (`prepared`); without a session (a single evaluation) or a tile (the
+    /// reference set), read as rows (q8 decoded first, into `local`).
+    fn transposed<'b>(
+        &self,
+        k: usize,
+        n: usize,
+        prepared: Option<&'b mut super::Prepared>,
+        local: &'b mut Option<Vec<f32>>,
+    ) -> crate::kernels::BMat<'b>
+    where
+        Self: 'b,
+    {
+        use crate::kernels::{self, BMat, MatRef, Panels};
+        match (kernels::selected().f32_panel(), prepared) {
+            (Some(nr), Some(p)) => {
+                let data = &p.f32_panels.entry((self.key(), k, n)).or_insert_with(|| self.panels(k, n, nr))[..];
+                BMat::Panels(Panels { data, k, n, nr })
+            }
+            _ => match *self {
+                WindowWeights::F32 { data, ldw } => BMat::Strided(MatRef { data, rs: 1, cs: ldw }),
+                WindowWeights::Q8(_) => BMat::Strided(MatRef { data: local.insert(self.rows(k, n)), rs: 1, cs: k }),
+            },
+        }
+    }
+
     fn key(&self) -> usize {
         match self {
             WindowWeights::F32 { data, .. } => data.as_ptr() as usize,
@@ -423,7 +440,7 @@ fn run_windows(
     out: &mut [f32],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
-    use crate::kernels::{self, BMat, MatRef, Panels};
+    use crate::kernels::{self, MatRef};
     let (m, k, n) = (g.ow, g.kw, g.m);
     let rows_hold = match w {
         WindowWeights::F32 { data, ldw } => ldw >= k && data.len() >= (n - 1) * ldw + k,
@@ -434,19 +451,8 @@ fn run_windows(
     }
     let a = MatRef { data: x, rs: g.sw, cs: 1 };
     let threads = ctx.threads;
-    // Packed once per session for the selected tile; without a session (a single evaluation)
-    // or a tile (the reference set), read as rows (q8 decoded first).
     let mut local = None;
-    let b = match (kernels::selected().f32_panel(), ctx.prepared.as_deref_mut()) {
-        (Some(nr), Some(p)) => {
-            let data = &p.f32_panels.entry((w.key(), k, n)).or_insert_with(|| w.panels(k, n, nr))[..];
-            BMat::Panels(Panels { data, k, n, nr })
-        }
-        _ => match w {
-            WindowWeights::F32 { data, ldw } => BMat::Strided(MatRef { data, rs: 1, cs: ldw }),
-            WindowWeights::Q8(_) => BMat::Strided(MatRef { data: local.insert(w.rows(k, n)), rs: 1, cs: k }),
-        },
-    };
+    let b = w.transposed(k, n, ctx.prepared.as_deref_mut(), &mut local);
     WINDOWS_OUT.with(|cell| {
         let c = &mut *cell.borrow_mut();
         c.resize(m * n, 0.0);
