@@ -179,7 +179,7 @@ const FOLD_INT8_MIN_ROWS: usize = 64;
 /// 0.041 ms of 0.060 (ONNX Runtime ran the whole model in 0.057), 100 chunks' 3.9 ms of 5.1
 /// (ONNX Runtime 3.5).
 fn batch_folded(g: &Geo) -> bool {
-    g.n >= 1 && g.group == 1 && g.oh * g.ow <= FOLD_MAX_PIXELS && g.oh * g.ow > 0
+    g.n >= 1 && g.group == 1 && g.c * g.kh * g.kw > 0 && g.oh * g.ow <= FOLD_MAX_PIXELS && g.oh * g.ow > 0
 }
 
 /// The folded product's buffers: every pixel's `kvol` inputs and its `m` outputs.

@@ -169,7 +169,7 @@ pub(super) fn run(
         let Some(xs) = xd.get(..s * b * ni) else {
             op_bail!("LSTM X holds {} values, {s}×{b}×{ni} expected", xd.len())
         };
-        wm(dir)?.product(xs, ni, xw, None, ctx.threads)?;
+        wm(dir)?.product(xs, (s * b, ni, g4), xw, None, ctx.threads)?;
         if let Some(bv) = bias {
             let bb = &bv[dir * 8 * h..(dir + 1) * 8 * h];
             for row in xw.chunks_exact_mut(g4) {
@@ -197,7 +197,7 @@ pub(super) fn run(
             for i in 0..b {
                 gates[i * g4..(i + 1) * g4].copy_from_slice(&xw[xrow(t, i) * g4..(xrow(t, i) + 1) * g4]);
             }
-            rm(dir)?.product(hs, h, gates, Some(&mut *hr_q8), ctx.threads)?;
+            rm(dir)?.product(hs, (b, h, g4), gates, Some(&mut *hr_q8), ctx.threads)?;
             for i in 0..b {
                 let gr = &mut gates[i * g4..(i + 1) * g4];
                 let hr = &mut hs[i * h..(i + 1) * h];
@@ -249,13 +249,18 @@ enum Gates<'a> {
 }
 
 impl Gates<'_> {
-    /// `out = x · B` for the `x.len() / k` rows of `x`, or `out += x · B` when `acc` is given
-    /// (the q8 kernels write their product there first).
-    fn product(&self, x: &[f32], k: usize, out: &mut [f32], acc: Option<&mut [f32]>, threads: usize) -> OpResult<()> {
-        let m = x.len() / k;
+    /// `out = x · B` for the `m` rows of `x` (`k` values each; `n` outputs), or `out += x · B`
+    /// when `acc` is given (the q8 kernels write their product there first).
+    fn product(
+        &self,
+        x: &[f32],
+        (m, k, n): (usize, usize, usize),
+        out: &mut [f32],
+        acc: Option<&mut [f32]>,
+        threads: usize,
+    ) -> OpResult<()> {
         match self {
             Gates::F32(b) => {
-                let n = out.len() / m.max(1);
                 kernels::sgemm(m, n, k, MatRef { data: x, rs: k, cs: 1 }, *b, out, n, acc.is_some(), threads);
                 Ok(())
             }
@@ -297,7 +302,9 @@ thread_local! {
 fn weights<'a>(v: &View<'a>, nd: usize, k: usize, g4: usize) -> OpResult<impl Fn(usize) -> OpResult<Gates<'a>>> {
     let q8 = match form(Some(v.encoding)) {
         Form::Q8 => match super::qweights::qmat(v)? {
-            Weights::Q8Panels(w) if w.k == k.next_multiple_of(32) && w.n == nd * g4 && g4.is_multiple_of(w.nr) => {
+            Weights::Q8Panels(w)
+                if k > 0 && w.k == k.next_multiple_of(32) && w.n == nd * g4 && g4.is_multiple_of(w.nr) =>
+            {
                 Some(w)
             }
             _ => op_bail!("LSTM weight {:?} in {} is not {nd} direction(s) of {g4} whole panels", v.shape, v.encoding),

@@ -905,6 +905,9 @@ fn lstm_on_q8_panels_matches_its_f32_values() {
     let bad = Op::Lstm(LstmAttrs { hidden_size: 6, ..attrs.clone() });
     let r6 = f32t(&[d, 24, 6], &vec![0.0; d * 24 * 6]);
     assert!(eval(&bad, &[Some(x.view()), Some(q8view(&wp, &ws)), Some(r6.view())], 1, 1).is_err());
+    // No inputs per step (K = 0) with q8 weights: an error, not a division by zero.
+    let (x0, w0, w0s) = (f32t(&[s, b, 0], &[]), vec![0u64; 64], [0usize, d * g4]);
+    assert!(eval(&op, &[Some(x0.view()), Some(q8view(&w0, &w0s)), Some(q8view(&rp, &rs))], 1, 1).is_err());
 }
 
 /// A batch of convolutions with small outputs on q8 weights (rows `[M, K']`, K' padded to 32)
