@@ -412,7 +412,6 @@ pub fn flatten_prequantized_conv_weights(m: &mut Module) -> Result<PassRecord> {
 }
 
 fn flatten_convs(m: &mut Module, only_prequantized: bool) -> Result<PassRecord> {
-    use acorn::weights::QK;
     let mut plans: Vec<(usize, Vec<usize>, Tensor)> = Vec::new();
     let mut kept: Vec<String> = Vec::new();
     {
@@ -455,12 +454,8 @@ fn flatten_convs(m: &mut Module, only_prequantized: bool) -> Result<PassRecord> 
                 ));
                 continue;
             }
-            let kp = k.div_ceil(QK) * QK;
             let Some(w) = t.as_f32() else { continue };
-            let mut flat = vec![0.0f32; mch * kp];
-            for (dst, src) in flat.chunks_exact_mut(kp).zip(w.chunks_exact(k)) {
-                dst[..k].copy_from_slice(src);
-            }
+            let (flat, kp) = crate::quantize::padded_rows(w, k);
             plans.push((i, shape[2..].to_vec(), Tensor::from_f32(vec![mch, kp], flat)));
         }
     }

@@ -812,7 +812,7 @@ fn keep_prequantized(m: &ir::Module, quantized: &mut [Option<quantize::Quantized
             stored_shape = Some(shape.iter().map(|&d| d as u64).collect());
             acorn::weights::Weights::parse(*enc, acorn::DType::F32, &shape, bytes)
                 .ok()
-                .map(|w| w.decode().chunks_exact(shape[0]).flat_map(|r| r[..s[2]].to_vec()).collect())
+                .map(|w| w.decode().chunks_exact(shape[0]).flat_map(|r| r[..s[2]].iter().copied()).collect())
         } else if *enc == (TensorEncoding::Q8 { transposed: false }) {
             // A convolution's flattened [M, K] rows.
             let conv = only(|op| matches!(op, Op::Conv(_) | Op::ConvFused { .. }));

@@ -634,13 +634,17 @@ impl Importer {
             if !(scales.len() == d || per_col) || zps.len() != scales.len() {
                 return Err(format!("{} scales for a {what} of shape [{d}, {rows}, {cols}]", scales.len()));
             }
+            // [D, rows, cols] → ONNX LSTM's [D, cols, rows]: the codes (for the q8 panels below)
+            // and their values.
+            let mut gate_codes = vec![0i32; d * rows * cols];
             let mut f = vec![0.0f32; d * rows * cols];
             for di in 0..d {
                 for r in 0..rows {
                     for c in 0..cols {
                         let p = if per_col { di * cols + c } else { di };
-                        // [D, rows, cols] → ONNX LSTM's [D, cols, rows].
-                        f[(di * cols + c) * rows + r] = (codes[(di * rows + r) * cols + c] - zps[p]) as f32 * scales[p];
+                        let (code, at) = (codes[(di * rows + r) * cols + c], (di * cols + c) * rows + r);
+                        gate_codes[at] = code;
+                        f[at] = (code - zps[p]) as f32 * scales[p];
                     }
                 }
             }
@@ -649,13 +653,10 @@ impl Importer {
             let symmetric = zps.iter().all(|&z| z == 0) && w.dtype() == DType::I8;
             let panel = crate::quantize::Q8_PANEL;
             if symmetric && cols % panel == 0 {
-                // Rows of `rows` codes padded with 0 to a multiple of 32 (the int8 blocks).
-                let kp = rows.next_multiple_of(32);
-                let mut q = vec![0i8; d * kp * cols];
-                for (i, &c) in codes.iter().enumerate() {
-                    let (di, r, col) = (i / (rows * cols), i / cols % rows, i % cols);
-                    q[(di * cols + col) * kp + r] = c as i8;
-                }
+                // D·4H gate rows of `rows` int8 codes, padded with 0 to a multiple of 32 (the
+                // int8 blocks).
+                let gate_rows: Vec<i8> = gate_codes.iter().map(|&c| c as i8).collect();
+                let (q, kp) = crate::quantize::padded_rows(&gate_rows, rows);
                 let col_scales: Vec<f32> =
                     (0..d * cols).map(|j| if per_col { scales[j] } else { scales[j / cols] }).collect();
                 let bytes = crate::quantize::q8_panel_bytes(&q, &col_scales, d * cols, kp);

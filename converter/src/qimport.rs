@@ -324,7 +324,6 @@ fn conv_weight_from(
     zp: Option<ValueId>,
     axis: i64,
 ) -> std::result::Result<(Tensor, TensorEncoding, Vec<u8>), String> {
-    use acorn::weights::QK;
     let (qt, sc) = symmetric_int8(m, q, scale, zp)?;
     let s = qt.shape();
     if s.len() < 3 {
@@ -341,13 +340,9 @@ fn conv_weight_from(
     };
     let codes: &[i8] = bytemuck::cast_slice(qt.bytes());
     let w: Vec<f32> = codes.iter().enumerate().map(|(i, &c)| c as f32 * per_row[i / k]).collect();
-    let kp = k.div_ceil(QK) * QK;
-    let mut bytes = vec![0u8; (mch * kp).next_multiple_of(64)];
-    for (r, row) in codes.chunks_exact(k).enumerate() {
-        for (j, &c) in row.iter().enumerate() {
-            bytes[r * kp + j] = c as u8;
-        }
-    }
+    let (rows, kp) = crate::quantize::padded_rows(codes, k);
+    let mut bytes: Vec<u8> = bytemuck::cast_slice(&rows).to_vec();
+    bytes.resize((mch * kp).next_multiple_of(64), 0);
     bytes.extend(per_row.iter().flat_map(|v| v.to_le_bytes()));
     Ok((
         Tensor::new(s.to_vec(), acorn::tensor::TensorData::F32(w)).map_err(|e| e.to_string())?,

@@ -354,7 +354,6 @@ pub fn quantize_weights(
             });
         if lstm && tensor.dtype() == DType::F32 && shape.len() == 3 && tensor.len() >= MIN_VALUES {
             let (rows, k) = (shape[0] * shape[1], shape[2]);
-            let kp = k.next_multiple_of(32);
             let reason = if opts.format != QuantFormat::Q8 {
                 Some(format!("an LSTM weight (LSTMs read q8 only, not {})", opts.format.name()))
             } else if !shape[1].is_multiple_of(Q8_PANEL) {
@@ -367,12 +366,10 @@ pub fn quantize_weights(
                 continue;
             }
             // Its D·4H gate rows of K values, padded with zeros to K' (the int8 blocks).
-            let w = tensor.as_f32().context("reading a weight")?;
-            let mut wt = vec![0.0f32; rows * kp];
-            for (d, src) in wt.chunks_exact_mut(kp).zip(w.chunks_exact(k)) {
-                d[..k].copy_from_slice(src);
-            }
-            let q = quantize_one(QuantFormat::Q8, Method::Rtn, (true, false, true), &wt, rows, kp, None, None);
+            let (wt, kp) = padded_rows(tensor.as_f32().context("reading a weight")?, k);
+            // No calibration statistics of an LSTM's inputs are gathered: rounded to nearest
+            // whatever the method (the record names it below).
+            let q = quantize_one(QuantFormat::Q8, opts.method, (true, false, true), &wt, rows, kp, None, None);
             let stored = vec![kp as u64, rows as u64];
             if q.encoding.byte_len(DType::F32, &stored) != Some(q.bytes.len() as u64) {
                 bail!("internal: LSTM weight {name} encoded to {} bytes, not its layout's", q.bytes.len());
@@ -541,6 +538,16 @@ pub fn quantize_weights(
     for k in kept.into_iter().chain(others) {
         record.params.push(("float".into(), k));
     }
+    // GPTQ asked, but a weight's inputs had no calibration statistics (convolutions, LSTMs): it
+    // was rounded to nearest, and the record says so.
+    if opts.method == Method::Gptq {
+        for d in done.iter().filter(|d| !d.gptq && out[d.t].is_some()) {
+            let name = &m.tensors[d.t].0;
+            record
+                .params
+                .push(("rounded_to_nearest".into(), format!("{name}: no calibration statistics of its inputs")));
+        }
+    }
     Ok((out, record))
 }
 
@@ -633,6 +640,21 @@ fn to_panels(bytes: &[u8], rows: usize, k: usize) -> Vec<u8> {
         Ok(Weights::Q8(w)) => q8_panel_bytes(w.q, w.scales, rows, k),
         _ => unreachable!("the bytes were encoded as q8 just before"),
     }
+}
+
+/// Rows of `k` values each, every row padded with zeros to `K'` = `k` rounded up to the int8
+/// block (32, `acorn::weights::QK`): how the q8 encodings need their rows (convolution rows,
+/// LSTM gate rows). Returns the rows and `K'`.
+pub(crate) fn padded_rows<T: Copy + Default>(v: &[T], k: usize) -> (Vec<T>, usize) {
+    let kp = k.next_multiple_of(acorn::weights::QK);
+    if k == 0 {
+        return (Vec::new(), 0);
+    }
+    let mut out = vec![T::default(); v.len() / k * kp];
+    for (dst, src) in out.chunks_exact_mut(kp).zip(v.chunks_exact(k)) {
+        dst[..k].copy_from_slice(src);
+    }
+    (out, kp)
 }
 
 /// The bytes of `TensorEncoding::Q8Panels` (panels of [`Q8_PANEL`]) for `rows` rows of `k` int8

@@ -267,8 +267,9 @@ fn silero_vad_quantized_by_onnx_runtime_streams_like_it() {
 /// chunks agrees with ONNX Runtime's. Lifted (the default) the LSTM's W and R are int8 panels
 /// and the convolutions int8 rows, all with the tool's codes; how close that run stays to ONNX
 /// Runtime's is not a property this network can show (`quantize_dynamic` has taken it 0.99 from
-/// its fp32 outputs, and it amplifies any rounding: one decision of 100 flips with the batch's
-/// convolutions in one int8 product), so it is printed; the lifted LSTM's accuracy is bounded on
+/// its fp32 outputs, and it amplifies any rounding: on AVX-512 VNNI one decision of 100 flips
+/// with the batch's convolutions in one int8 product, none on AVX-VNNI or AVX2), so it is
+/// printed; the lifted LSTM's accuracy is bounded on
 /// well-conditioned LSTMs (`cnn.rs`, `dynamic_quantized_lstms_run_on_int8_panels`).
 #[test]
 fn silero_vad_with_a_dynamic_quantized_lstm_runs_as_its_lstm() {

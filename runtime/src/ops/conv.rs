@@ -167,9 +167,10 @@ pub(super) fn scratch_len(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> usize {
 const FOLD_MAX_PIXELS: usize = 16;
 
 /// Pixels (rows of the folded product) from which a folded convolution on q8 weights runs the
-/// int8 product; below, the f32 one on the weights decoded once per session. silero's encoder
-/// (AVX-512 VNNI): one chunk (4, 2, 1, 1 rows) 0.029 ms in f32 against 0.037 in int8; 100
-/// chunks (400, 200, 100, 100 rows) 0.90 ms in int8 against 0.98 in f32.
+/// int8 product; below, the f32 one on the weights decoded once per session. Measured on AVX-512
+/// VNNI: the OpenVINO silero VAD's q8 file per chunk (encoder products of 4, 2, 1, 1 rows) ran
+/// 0.037 ms with them int8, 0.029 ms with them f32; over 100 chunks (400, 200, 100, 100 rows)
+/// the encoder's four convolutions took 0.90 ms int8, against 0.98 ms in the fp32 file.
 const FOLD_INT8_MIN_ROWS: usize = 64;
 
 /// Whether a convolution with small outputs runs as one product over the whole batch (every
@@ -237,6 +238,7 @@ fn run_folded(
 ) -> OpResult<()> {
     use crate::kernels::{self, MatRef};
     let (rows, kvol) = (g.n * g.oh * g.ow, g.c * g.kh * g.kw);
+    w.check(kvol, g.m)?;
     let need = folded_scratch(g, kvol);
     if ctx.scratch.len() < need {
         ctx.scratch.resize(need, 0.0);
@@ -325,9 +327,6 @@ pub(super) fn run(
         return Ok(());
     }
     if batch_folded(&g) {
-        if ldw < kvol || wd.len() < (g.m - 1) * ldw + kvol {
-            op_bail!("Conv: W holds {} values, not {} rows of {kvol}", wd.len(), g.m);
-        }
         return run_folded(&g, xd, WindowWeights::F32 { data: wd, ldw }, bias, post, out, ctx);
     }
     for b in 0..g.n {
@@ -381,10 +380,23 @@ impl WindowWeights<'_> {
         v
     }
 
+    /// An error unless the weights hold `n` rows of at least `k` values.
+    fn check(&self, k: usize, n: usize) -> OpResult<()> {
+        let holds = match *self {
+            WindowWeights::F32 { data, ldw } => ldw >= k && data.len() >= (n.max(1) - 1) * ldw + k,
+            WindowWeights::Q8(q) => q.k >= k && q.n >= n,
+        };
+        if !holds {
+            op_bail!("Conv: weights do not hold {n} rows of {k} values");
+        }
+        Ok(())
+    }
+
     /// The first `k` values of each of the first `n` q8 rows, decoded (`n × k`).
     fn rows(&self, k: usize, n: usize) -> Vec<f32> {
         let WindowWeights::Q8(w) = *self else { return Vec::new() };
-        (0..n).flat_map(|r| w.q[r * w.k..r * w.k + k].iter().map(move |&c| c as f32 * w.scales[r])).collect()
+        let full = crate::weights::Weights::Q8(w).decode();
+        full.chunks_exact(w.k.max(1)).take(n).flat_map(|r| r[..k].iter().copied()).collect()
     }
 
     /// The weights' transpose (`k × n`) as a product's B operand: packed once per session for
@@ -442,13 +454,7 @@ fn run_windows(
 ) -> OpResult<()> {
     use crate::kernels::{self, MatRef};
     let (m, k, n) = (g.ow, g.kw, g.m);
-    let rows_hold = match w {
-        WindowWeights::F32 { data, ldw } => ldw >= k && data.len() >= (n - 1) * ldw + k,
-        WindowWeights::Q8(q) => q.k >= k && q.n >= n,
-    };
-    if !rows_hold {
-        op_bail!("Conv: weights do not hold {n} rows of {k} taps");
-    }
+    w.check(k, n)?;
     let a = MatRef { data: x, rs: g.sw, cs: 1 };
     let threads = ctx.threads;
     let mut local = None;

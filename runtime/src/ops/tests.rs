@@ -835,6 +835,23 @@ fn resize_split_across_threads_equals_one_thread() {
     }
 }
 
+/// Rows of `k` values padded with zeros to a multiple of 32 (the q8 encodings' rows), and K'.
+fn padded_rows<T: Copy + Default>(v: &[T], k: usize) -> (Vec<T>, usize) {
+    let kp = k.next_multiple_of(32);
+    let mut out = vec![T::default(); v.len() / k * kp];
+    for (dst, src) in out.chunks_exact_mut(kp).zip(v.chunks_exact(k)) {
+        dst[..k].copy_from_slice(src);
+    }
+    (out, kp)
+}
+
+/// An encoded weight's bytes held in u64s, so the parts read in place (f32 scales) are aligned.
+fn aligned(bytes: &[u8]) -> Vec<u64> {
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+    words
+}
+
 /// An LSTM whose W and R are int8 codes in q8 panels `[K', D·4H]` (K' = K rounded up to 32, as
 /// the converter keeps `DynamicQuantizeLSTM`'s codes) gives the outputs of the same LSTM on the
 /// codes' f32 values, within the rounding of its int8 activations: both directions, K and H not
@@ -858,16 +875,8 @@ fn lstm_on_q8_panels_matches_its_f32_values() {
     };
     // The q8 panels: D·4H columns of K' codes, padded with 0.
     let panels = |q: &[i8], kk: usize| -> (Vec<u64>, Vec<usize>) {
-        let kp = kk.next_multiple_of(32);
-        let mut rows = vec![0i8; d * g4 * kp];
-        for (r, src) in q.chunks_exact(kk).enumerate() {
-            rows[r * kp..r * kp + kk].copy_from_slice(src);
-        }
-        let bytes = q8::panel_bytes(&rows, &scales, d * g4, kp, 32);
-        // Held in u64s: the scales part is read as f32 in place.
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
-        (words, vec![kp, d * g4])
+        let (rows, kp) = padded_rows(q, kk);
+        (aligned(&q8::panel_bytes(&rows, &scales, d * g4, kp, 32)), vec![kp, d * g4])
     };
     let x = f32t(&[s, b, k], &crate::kernels::pseudo_random(s * b * k, 3));
     let bias = f32t(&[d, 8 * h], &crate::kernels::pseudo_random(d * 8 * h, 4));
@@ -919,12 +928,8 @@ fn batched_q8_convolutions_fold_into_one_product() {
     use crate::weights::{q8, TensorEncoding};
     let (n, c, w, m, kw) = (20usize, 9usize, 4usize, 20usize, 3usize);
     let k = c * kw;
-    let kp = k.next_multiple_of(32);
     let wt: Vec<f32> = crate::kernels::pseudo_random(m * k, 7).iter().map(|v| v * 0.3).collect();
-    let mut padded = vec![0.0f32; m * kp];
-    for (d, s) in padded.chunks_exact_mut(kp).zip(wt.chunks_exact(k)) {
-        d[..k].copy_from_slice(s);
-    }
+    let (padded, kp) = padded_rows(&wt, k);
     let enc = q8::encode(&padded, m, kp);
     let decoded: Vec<f32> = enc
         .view()
@@ -934,8 +939,7 @@ fn batched_q8_convolutions_fold_into_one_product() {
         .flat_map(|(r, &sc)| r[..k].iter().map(move |&v| v as f32 * sc))
         .collect();
     let bytes = enc.to_bytes();
-    let mut words = vec![0u64; bytes.len().div_ceil(8)];
-    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+    let words = aligned(&bytes);
     let shape = [m, kp];
     let wview = crate::tensor::View {
         dtype: crate::tensor::DType::F32,
@@ -964,11 +968,18 @@ fn batched_q8_convolutions_fold_into_one_product() {
     assert!(worst < 0.05, "folded int8 convolution is {worst} from the direct loop");
     // Image 2 alone (the per-image path) gives its slice of the batch's outputs.
     let one = f32t(&[1, c, 1, w], &x[2 * c * w..3 * c * w]);
-    let alone = eval(&Op::Conv(attrs), &[Some(one.view()), Some(wview), Some(bt.view())], 1, 1)
+    let alone = eval(&Op::Conv(attrs.clone()), &[Some(one.view()), Some(wview), Some(bt.view())], 1, 1)
         .unwrap_or_else(|e| panic!("{}", e.message()))
         .swap_remove(0);
     let per = m * oshape[3];
     let d =
         alone.as_f32().unwrap().iter().zip(&got[2 * per..3 * per]).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
     assert!(d < 0.05, "one image alone is {d} from its slice of the folded batch");
+    // Weight rows shorter than a pixel's inputs (12 channels × 3 taps > 32): an error on both
+    // folded paths (the batch's 80 rows in int8, one image's 4 in f32), not a read past a row.
+    let x12 = f32t(&[n, 12, 1, w], &crate::kernels::pseudo_random(n * 12 * w, 10));
+    let one12 = f32t(&[1, 12, 1, w], &crate::kernels::pseudo_random(12 * w, 10));
+    for xt in [&x12, &one12] {
+        assert!(eval(&Op::Conv(attrs.clone()), &[Some(xt.view()), Some(wview), Some(bt.view())], 1, 1).is_err());
+    }
 }
