@@ -849,13 +849,15 @@ impl Importer {
     /// its axis; each iteration's body first takes slice `i` (or `len − 1 − i` in reverse) of
     /// every scan input with a `Gather`, then runs Scan's body; the states are the carried
     /// values and the scan outputs are stacked on axis 0. Other output axes or directions are
-    /// refused by name.
+    /// refused by name. `rows_of_opset8`: the inner Scan of [`Importer::scan8`] (axes 0, the
+    /// directions read from opset 8's `directions`).
     fn scan(
         &mut self,
         n: &pb::NodeProto,
         a: &Attrs<'_>,
         name: &str,
         inputs: &mut Vec<Option<ValueId>>,
+        rows_of_opset8: bool,
     ) -> Result<Option<Op>> {
         let g = a.get("body").and_then(|x| x.g.as_ref()).ok_or_else(|| anyhow!("Scan '{name}' lacks a body"))?;
         let m = a.i("num_scan_inputs", 0);
@@ -875,8 +877,13 @@ impl Importer {
             }
             Ok(v)
         };
-        let (in_axes, in_dirs) = (list("scan_input_axes", m)?, list("scan_input_directions", m)?);
-        let (out_axes, out_dirs) = (list("scan_output_axes", k)?, list("scan_output_directions", k)?);
+        let (in_axes, in_dirs, out_axes, out_dirs) = if rows_of_opset8 {
+            (vec![0; m], list("directions", m)?, vec![0; k], vec![0; k])
+        } else {
+            let (in_axes, in_dirs) = (list("scan_input_axes", m)?, list("scan_input_directions", m)?);
+            let (out_axes, out_dirs) = (list("scan_output_axes", k)?, list("scan_output_directions", k)?);
+            (in_axes, in_dirs, out_axes, out_dirs)
+        };
         if in_dirs.iter().any(|d| !(0..=1).contains(d)) || out_dirs.iter().any(|d| !(0..=1).contains(d)) {
             bail!("Scan '{name}': scan directions must be 0 or 1");
         }
@@ -949,6 +956,57 @@ impl Importer {
         let mut body_inputs = vec![iter, cond];
         body_inputs.extend(states);
         Ok(Some(Op::Loop { body: (self.graph.subgraphs.len() - 1) as u32, body_inputs }))
+    }
+
+    /// ONNX `Scan` of opset 8 (a batch axis 0 on every state and scan input, the scan axis 1):
+    /// a `Loop` over the batch rows whose body takes row `b` of every input with a `Gather` and
+    /// runs the opset-9 form ([`Importer::scan`]) on it; the final states and the scan outputs
+    /// are stacked back on the batch axis. `sequence_lens` (rows of different lengths) is
+    /// refused by name.
+    fn scan8(
+        &mut self,
+        n: &pb::NodeProto,
+        a: &Attrs<'_>,
+        name: &str,
+        inputs: &mut Vec<Option<ValueId>>,
+    ) -> Result<Option<Op>> {
+        if inputs.first().copied().flatten().is_some() {
+            self.refuse(&n.op_type, name, "opset-8 Scan with sequence_lens (batch rows of different lengths)".into());
+            return Ok(None);
+        }
+        let rows: Vec<Option<ValueId>> = inputs.get(1..).unwrap_or_default().to_vec();
+        let Some(&Some(last)) = rows.last() else { bail!("Scan '{name}' has no scan input") };
+        let shape = self.emit(&format!("{name}/batch_shape"), Op::Shape { start: 0, end: Some(1) }, vec![Some(last)]);
+        let zero = self.add_const(&format!("{name}/zero"), Tensor::from_i64(vec![], vec![0]));
+        let batch = self.emit(&format!("{name}/batch"), Op::Gather { axis: 0 }, vec![Some(shape), Some(zero)]);
+        let outer = std::mem::take(&mut self.extra_nodes);
+        self.scopes.push(HashMap::new());
+        let iter = self.define("");
+        let cond = self.define("");
+        let mut nodes = Vec::new();
+        let mut row_inputs = Vec::with_capacity(rows.len());
+        for (j, x) in rows.iter().enumerate() {
+            let row = self.define("");
+            nodes.push(Node {
+                name: format!("{name}/row{j}"),
+                op: Op::Gather { axis: 0 },
+                inputs: vec![*x, Some(iter)],
+                outputs: vec![row],
+            });
+            row_inputs.push(Some(row));
+        }
+        let inner = self.scan(n, a, &format!("{name}/rows"), &mut row_inputs, true);
+        nodes.append(&mut self.extra_nodes);
+        let outs: Vec<ValueId> = n.output.iter().map(|_| self.define("")).collect();
+        self.scopes.pop();
+        self.extra_nodes = outer;
+        let Some(op) = inner? else { return Ok(None) };
+        nodes.push(Node { name: format!("{name}/rows"), op, inputs: row_inputs, outputs: outs.clone() });
+        let mut outputs = vec![cond];
+        outputs.extend(outs);
+        self.graph.subgraphs.push(SubGraph { nodes, outputs });
+        *inputs = vec![Some(batch), None];
+        Ok(Some(Op::Loop { body: (self.graph.subgraphs.len() - 1) as u32, body_inputs: vec![iter, cond] }))
     }
 
     /// Emits `op(inputs)` as an extra node before the current one; returns its output value.
@@ -1413,6 +1471,75 @@ impl Importer {
                 pads: a.ints("pads").unwrap_or_default(),
                 strides: a.ints("strides").unwrap_or_default(),
             }),
+            "RoiAlign" => {
+                let half_pixel = match a.s("coordinate_transformation_mode").as_deref() {
+                    None => opset >= 16,
+                    Some("half_pixel") => true,
+                    Some("output_half_pixel") => false,
+                    Some(other) => {
+                        self.refuse(
+                            &n.op_type,
+                            name,
+                            format!("attribute 'coordinate_transformation_mode' = '{other}'"),
+                        );
+                        return Ok(None);
+                    }
+                };
+                let max = match a.s("mode").as_deref() {
+                    None | Some("avg") => false,
+                    Some("max") => true,
+                    Some(other) => {
+                        self.refuse(&n.op_type, name, format!("attribute 'mode' = '{other}'"));
+                        return Ok(None);
+                    }
+                };
+                Some(Op::RoiAlign {
+                    max,
+                    half_pixel,
+                    output_height: a.i("output_height", 1),
+                    output_width: a.i("output_width", 1),
+                    sampling_ratio: a.i("sampling_ratio", 0),
+                    spatial_scale: a.f("spatial_scale", 1.0),
+                })
+            }
+            "DeformConv" => Some(Op::DeformConv {
+                dilations: a.ints("dilations").unwrap_or_default(),
+                group: a.i("group", 1),
+                kernel_shape: a.ints("kernel_shape").unwrap_or_default(),
+                offset_group: a.i("offset_group", 1),
+                pads: a.ints("pads").unwrap_or_default(),
+                strides: a.ints("strides").unwrap_or_default(),
+            }),
+            "TfIdfVectorizer" => {
+                use acorn::graph::TfIdfMode;
+                if a.get("pool_strings").is_some_and(|p| !p.strings.is_empty()) {
+                    self.refuse(
+                        &n.op_type,
+                        name,
+                        "string n-grams ('pool_strings': string tensors are not carried)".into(),
+                    );
+                    return Ok(None);
+                }
+                let mode = match a.s("mode").as_deref() {
+                    Some("TF") => TfIdfMode::Tf,
+                    Some("IDF") => TfIdfMode::Idf,
+                    Some("TFIDF") => TfIdfMode::TfIdf,
+                    other => {
+                        self.refuse(&n.op_type, name, format!("attribute 'mode' = {other:?} (TF, IDF or TFIDF)"));
+                        return Ok(None);
+                    }
+                };
+                Some(Op::TfIdfVectorizer {
+                    mode,
+                    min_gram: a.i("min_gram_length", 0),
+                    max_gram: a.i("max_gram_length", 0),
+                    max_skip: a.i("max_skip_count", 0),
+                    ngram_counts: a.ints("ngram_counts").unwrap_or_default(),
+                    ngram_indexes: a.ints("ngram_indexes").unwrap_or_default(),
+                    pool: a.ints("pool_int64s").unwrap_or_default(),
+                    weights: a.get("weights").map(|w| w.floats.clone()).unwrap_or_default(),
+                })
+            }
             "MelWeightMatrix" => Some(Op::MelWeightMatrix { dtype: onnx_dtype(a.i("output_datatype", 1) as i32)? }),
             "RMSNormalization" => Some(Op::RmsNorm { axis: a.i("axis", -1), epsilon: a.f("epsilon", 1e-5) }),
             "InstanceNormalization" => Some(Op::InstanceNorm { epsilon: a.f("epsilon", 1e-5) }),
@@ -1746,10 +1873,9 @@ impl Importer {
             }
             "Scan" => {
                 if opset < 9 {
-                    self.refuse(&n.op_type, name, "opset-8 Scan (a batch axis with sequence_lens)".into());
-                    return Ok(None);
+                    return self.scan8(n, a, name, inputs);
                 }
-                return self.scan(n, a, name, inputs);
+                return self.scan(n, a, name, inputs, false);
             }
             "If" => {
                 let mut branch = |key: &'static str| -> Result<u32> {

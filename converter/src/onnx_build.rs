@@ -170,6 +170,11 @@ impl OnnxBuilder {
         pb::AttributeProto { name: name.into(), r#type: 1, f: v, ..Default::default() }
     }
 
+    /// A float-list attribute.
+    pub fn attr_floats(name: &str, v: &[f32]) -> pb::AttributeProto {
+        pb::AttributeProto { name: name.into(), r#type: 6, floats: v.to_vec(), ..Default::default() }
+    }
+
     /// A string attribute.
     pub fn attr_s(name: &str, v: &str) -> pb::AttributeProto {
         pb::AttributeProto { name: name.into(), r#type: 3, s: v.as_bytes().to_vec(), ..Default::default() }

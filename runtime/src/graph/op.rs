@@ -616,6 +616,48 @@ pub enum Op {
     CastNoSaturate {
         to: Option<DType>,
     },
+    /// ONNX `RoiAlign`. inputs: X `[N, C, H, W]`, rois `[R, 4]` (x1, y1, x2, y2), batch_indices
+    /// `[R]`; output `[R, C, output_height, output_width]`. `half_pixel`: the opset-16 default
+    /// coordinate mode (opset 10's, and `output_half_pixel`, do not shift by half a pixel).
+    RoiAlign {
+        max: bool,
+        half_pixel: bool,
+        output_height: i64,
+        output_width: i64,
+        sampling_ratio: i64,
+        spatial_scale: f32,
+    },
+    /// ONNX `DeformConv` (2-D). inputs: X `[N, C, H, W]`, W `[M, C/group, kh, kw]`, offset
+    /// `[N, offset_group·kh·kw·2, oh, ow]`, B `[M]`, mask `[N, offset_group·kh·kw, oh, ow]` (both
+    /// optional). Empty lists: the defaults (W's kernel, ones, zeros).
+    DeformConv {
+        dilations: Vec<i64>,
+        group: i64,
+        kernel_shape: Vec<i64>,
+        offset_group: i64,
+        pads: Vec<i64>,
+        strides: Vec<i64>,
+    },
+    /// ONNX `TfIdfVectorizer` over integer tokens (`pool_int64s`): input `[C]` or `[B, C]`,
+    /// output f32 `[max(ngram_indexes) + 1]` or `[B, …]`.
+    TfIdfVectorizer {
+        mode: TfIdfMode,
+        min_gram: i64,
+        max_gram: i64,
+        max_skip: i64,
+        ngram_counts: Vec<i64>,
+        ngram_indexes: Vec<i64>,
+        pool: Vec<i64>,
+        weights: Vec<f32>,
+    },
+}
+
+/// TfIdfVectorizer's weighting: counts, the weight where present, or weight × count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TfIdfMode {
+    Tf,
+    Idf,
+    TfIdf,
 }
 
 /// LinearAttention's state update.
@@ -930,6 +972,9 @@ impl Op {
             Op::TensorScatter { .. } => (2, 3, 1, 1),
             Op::Dropout => (1, 3, 1, 2),
             Op::CastNoSaturate { .. } => (1, 2, 1, 1),
+            Op::RoiAlign { .. } => (3, 3, 1, 1),
+            Op::DeformConv { .. } => (3, 5, 1, 1),
+            Op::TfIdfVectorizer { .. } => (1, 1, 1, 1),
         };
         if n_in < min_in || n_in > max_in || n_out < min_out || n_out > max_out {
             return Err(Error::Graph(format!(
@@ -991,6 +1036,37 @@ impl Op {
             }
             Op::Lrn { size, .. } => !(1..=1 << 16).contains(size),
             Op::QuantizeLinear { block, .. } | Op::DequantizeLinear { block, .. } => *block < 0,
+            Op::RoiAlign { output_height, output_width, sampling_ratio, spatial_scale, .. } => {
+                !(1..1 << 16).contains(output_height)
+                    || !(1..1 << 16).contains(output_width)
+                    || !(0..1 << 16).contains(sampling_ratio)
+                    || !spatial_scale.is_finite()
+            }
+            Op::DeformConv { dilations, group, kernel_shape, offset_group, pads, strides } => {
+                let two = |v: &Vec<i64>, lo: i64| {
+                    !(v.is_empty() || v.len() == 2) || v.iter().any(|&x| !(lo..1 << 20).contains(&x))
+                };
+                two(dilations, 1)
+                    || two(kernel_shape, 1)
+                    || two(strides, 1)
+                    || !(pads.is_empty() || pads.len() == 4)
+                    || pads.iter().any(|&p| !(0..1 << 20).contains(&p))
+                    || !(1..1 << 20).contains(group)
+                    || !(1..1 << 20).contains(offset_group)
+            }
+            Op::TfIdfVectorizer {
+                min_gram, max_gram, max_skip, ngram_counts, ngram_indexes, pool, weights, ..
+            } => {
+                *min_gram < 1
+                    || max_gram < min_gram
+                    || *max_gram > 1 << 10
+                    || !(0..1 << 16).contains(max_skip)
+                    || ngram_indexes.is_empty()
+                    || ngram_indexes.iter().any(|&i| !(0..1 << 24).contains(&i))
+                    || ngram_counts.iter().any(|&c| !(0..=pool.len() as i64).contains(&c))
+                    || ngram_counts.windows(2).any(|w| w[0] > w[1])
+                    || !(weights.is_empty() || weights.len() == ngram_indexes.len())
+            }
             _ => false,
         };
         if bad {

@@ -13,6 +13,7 @@ mod attention;
 pub use attention::KvCache;
 mod conv;
 mod convt;
+mod detect;
 mod einsum;
 mod elementwise;
 mod index;
@@ -33,6 +34,7 @@ mod signal;
 mod state;
 #[cfg(test)]
 mod tests;
+mod text;
 
 pub use qweights::reads_encoded;
 
@@ -135,6 +137,10 @@ pub(crate) enum Family<'a> {
     Sample,
     /// Det.
     Linalg,
+    /// RoiAlign, DeformConv.
+    Detect,
+    /// TfIdfVectorizer.
+    Text,
     /// CausalConvWithState, LinearAttention, TensorScatter.
     State,
     Quant,
@@ -223,6 +229,8 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::NonMaxSuppression { .. }
         | Op::MaxUnpool { .. } => F::Sample,
         Op::Det => F::Linalg,
+        Op::RoiAlign { .. } | Op::DeformConv { .. } => F::Detect,
+        Op::TfIdfVectorizer { .. } => F::Text,
         Op::CausalConvWithState { .. } | Op::LinearAttention { .. } | Op::TensorScatter { .. } => F::State,
     }
 }
@@ -422,17 +430,17 @@ macro_rules! gate {
 }
 
 /// The Cargo feature an op needs beyond the base runtime, if its family has one: `ops-vision`
-/// (pooling, resize, transposed convolution), `ops-recurrent` (LSTM, GRU, RNN), `llm` (rotary
-/// embeddings), `ops-onnx-quant` (ONNX's quantized ops), `ops-extra` (Einsum, losses),
-/// `ops-signal` (DFT, STFT, windows, mel matrices).
+/// (pooling, resize, transposed convolution, sampling, RoiAlign, DeformConv), `ops-recurrent`
+/// (LSTM, GRU, RNN), `llm` (rotary embeddings), `ops-onnx-quant` (ONNX's quantized ops),
+/// `ops-extra` (Einsum, losses, Det, TfIdfVectorizer), `ops-signal` (DFT, STFT, windows, mel matrices).
 pub fn feature_of(op: &Op) -> Option<&'static str> {
     use Family as F;
     match family(op) {
-        F::Pool | F::Resize | F::ConvTranspose(..) | F::Sample => Some("ops-vision"),
+        F::Pool | F::Resize | F::ConvTranspose(..) | F::Sample | F::Detect => Some("ops-vision"),
         F::Lstm(_) | F::Gru(..) => Some("ops-recurrent"),
         F::Rotary => Some("llm"),
         F::Quant => Some("ops-onnx-quant"),
-        F::Einsum(_) | F::Loss | F::Linalg => Some("ops-extra"),
+        F::Einsum(_) | F::Loss | F::Linalg | F::Text => Some("ops-extra"),
         F::Signal => Some("ops-signal"),
         _ => None,
     }
@@ -508,6 +516,8 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::Signal => gate!(op, "ops-signal", signal::infer(op, inputs))?,
         F::Sample => gate!(op, "ops-vision", sample::infer(op, inputs))?,
         F::Linalg => gate!(op, "ops-extra", linalg::infer(op, inputs))?,
+        F::Detect => gate!(op, "ops-vision", detect::infer(op, inputs))?,
+        F::Text => gate!(op, "ops-extra", text::infer(op, inputs))?,
         F::State => state::infer(op, inputs, n_out)?,
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     };
@@ -593,6 +603,8 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::Signal => gate!(op, "ops-signal", signal::run(op, inputs, outputs)),
         F::Sample => gate!(op, "ops-vision", sample::run(op, inputs, outputs)),
         F::Linalg => gate!(op, "ops-extra", linalg::run(inputs, outputs)),
+        F::Detect => gate!(op, "ops-vision", detect::run(op, inputs, outputs, ctx.threads)),
+        F::Text => gate!(op, "ops-extra", text::run(op, inputs, outputs)),
         F::State => state::run(op, inputs, outputs),
         F::Planner => op_bail!("{} is resolved by the planner", op.name()),
     }
