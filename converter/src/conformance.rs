@@ -292,9 +292,11 @@ fn snake_case(s: &str) -> String {
 pub const POLICY: &str = "\
 ## What is deliberately not supported, and why
 
-- **Element types not carried yet**: `string`, `float8e8m0` and `float4e2m1`. `bfloat16` and the
-  8-bit floats (`e4m3fn`, `e4m3fnuz`, `e5m2`, `e5m2fnuz`: rounded to nearest even, `saturate`
-  honoured) load and move as themselves and compute in f32 (like f16), `QuantizeLinear` /
+- **Element types not carried yet**: `string` and `float8e8m0` (the MX scale type, with its own
+  rounding modes). `bfloat16`, the 8-bit floats (`e4m3fn`, `e4m3fnuz`, `e5m2`, `e5m2fnuz`: rounded
+  to nearest even, `saturate` honoured) and the 4-bit float `float4e2m1` (MX FP4, unpacked to one
+  per byte at import; no infinities or NaN: overflow saturates, NaN becomes −0 as ml_dtypes has
+  it) load and move as themselves and compute in f32 (like f16), `QuantizeLinear` /
   `DequantizeLinear` reading and writing them directly; the 4- and 2-bit integers (`int4`, `uint4`,
   `int2`, `uint2`) are unpacked to one value per byte at import, so every data-movement op, `Cast`
   and `QuantizeLinear` / `DequantizeLinear` (the QDQ form of 4-bit weights) run on them. A float

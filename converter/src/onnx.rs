@@ -131,6 +131,7 @@ fn onnx_dtype(t: i32) -> Result<DType> {
         18 => DType::F8E4M3FNUZ,
         19 => DType::F8E5M2,
         20 => DType::F8E5M2FNUZ,
+        23 => DType::F4E2M1,
         other => bail!("ONNX data type {other} ({}) is not supported", dtype_name(other)),
     })
 }
@@ -205,10 +206,10 @@ fn topo_order(g: &pb::GraphProto) -> Vec<usize> {
     order
 }
 
-/// Bytes `n` elements of `dtype` take in an ONNX tensor (sub-byte integers packed).
+/// Bytes `n` elements of `dtype` take in an ONNX tensor (sub-byte integers and FP4 packed).
 fn stored_len(dtype: DType, n: usize) -> Option<usize> {
-    match dtype.sub_byte() {
-        Some((bits, _)) => Some(n.checked_mul(bits as usize)?.div_ceil(8)),
+    match dtype.packed_bits() {
+        Some(bits) => Some(n.checked_mul(bits as usize)?.div_ceil(8)),
         None => n.checked_mul(dtype.size()),
     }
 }
@@ -304,7 +305,8 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
     } else {
         None
     };
-    if let Some((bits, signed)) = dtype.sub_byte() {
+    if let Some(bits) = dtype.packed_bits() {
+        let signed = dtype.sub_byte().is_some_and(|(_, signed)| signed);
         // Packed little end first, `8 / bits` to a byte: in raw_data, or a byte per int32_data.
         let packed: Vec<u8> = match raw {
             Some(r) => r,
@@ -333,7 +335,7 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
         (d @ (DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ), None) => {
             TensorData::Narrow(d, t.int32_data.iter().map(|&v| v as u8).collect())
         }
-        (DType::I4 | DType::U4 | DType::I2 | DType::U2, None) => unreachable!("unpacked above"),
+        (DType::I4 | DType::U4 | DType::I2 | DType::U2 | DType::F4E2M1, None) => unreachable!("unpacked above"),
         (DType::F32, None) => TensorData::F32(if !t.float_data.is_empty() {
             t.float_data.clone()
         } else {

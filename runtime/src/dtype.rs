@@ -50,6 +50,9 @@ pub enum DType {
     F8E5M2,
     /// As `F8E5M2` with bias 16, no infinities, no negative zero, NaN = 0x80.
     F8E5M2FNUZ,
+    /// 4-bit float (OCP MX FP4 E2M1): 2 exponent bits (bias 1), 1 mantissa bit, no infinities or
+    /// NaN (±6 the largest); one per byte in memory (the low 4 bits), packed two per byte in ONNX.
+    F4E2M1,
 }
 
 impl DType {
@@ -59,7 +62,7 @@ impl DType {
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F16 | DType::I16 | DType::U16 | DType::BF16 => 2,
             DType::I8 | DType::U8 | DType::Bool | DType::I4 | DType::U4 | DType::I2 | DType::U2 => 1,
-            DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ => 1,
+            DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1 => 1,
             DType::I64 | DType::F64 | DType::U64 => 8,
         }
     }
@@ -88,6 +91,7 @@ impl DType {
             DType::F8E4M3FNUZ => "f8e4m3fnuz",
             DType::F8E5M2 => "f8e5m2",
             DType::F8E5M2FNUZ => "f8e5m2fnuz",
+            DType::F4E2M1 => "f4e2m1",
         }
     }
 
@@ -96,15 +100,26 @@ impl DType {
         matches!(self, DType::F32 | DType::F16 | DType::F64 | DType::BF16) || self.float8().is_some()
     }
 
-    /// For the 8-bit floats: their layout.
+    /// For the 8-bit floats and the 4-bit one (a byte each in memory): their layout.
     pub fn float8(self) -> Option<Float8> {
+        let f = |mbits, bias, fnuz, inf| Float8 { bits: 8, mbits, bias, fnuz, inf, finite: false };
         Some(match self {
-            DType::F8E4M3FN => Float8 { mbits: 3, bias: 7, fnuz: false, inf: false },
-            DType::F8E4M3FNUZ => Float8 { mbits: 3, bias: 8, fnuz: true, inf: false },
-            DType::F8E5M2 => Float8 { mbits: 2, bias: 15, fnuz: false, inf: true },
-            DType::F8E5M2FNUZ => Float8 { mbits: 2, bias: 16, fnuz: true, inf: false },
+            DType::F8E4M3FN => f(3, 7, false, false),
+            DType::F8E4M3FNUZ => f(3, 8, true, false),
+            DType::F8E5M2 => f(2, 15, false, true),
+            DType::F8E5M2FNUZ => f(2, 16, true, false),
+            DType::F4E2M1 => Float8 { bits: 4, mbits: 1, bias: 1, fnuz: false, inf: false, finite: true },
             _ => return None,
         })
+    }
+
+    /// Bits per value where ONNX packs values below a byte (the 4- and 2-bit integers, the
+    /// 4-bit float), little end first.
+    pub fn packed_bits(self) -> Option<u32> {
+        match self {
+            DType::F4E2M1 => Some(4),
+            d => d.sub_byte().map(|(bits, _)| bits),
+        }
     }
 
     /// For the sub-byte integers: (bits, signed). Stored one per byte, packed in ONNX.
@@ -142,28 +157,37 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// An 8-bit float layout: 1 sign bit, `7 − mbits` exponent bits with `bias`, `mbits` mantissa
-/// bits. `fnuz`: no negative zero, and 0x80 is the only NaN; otherwise E4M3 spends its all-ones
+/// A small float layout of `bits` (8, or 4 for FP4): 1 sign bit, `bits − 1 − mbits` exponent
+/// bits with `bias`, `mbits` mantissa bits. `fnuz`: no negative zero, and the sign bit alone is
+/// the only NaN; `finite`: no infinities or NaN at all (FP4 E2M1: every pattern a number, NaN
+/// converts to −0 and overflow saturates, as ml_dtypes does); otherwise E4M3 spends its all-ones
 /// pattern on NaN and E5M2 (`inf`) its all-ones exponent on infinities and NaNs, as IEEE does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Float8 {
+    pub bits: u32,
     pub mbits: u32,
     pub bias: i32,
     pub fnuz: bool,
     pub inf: bool,
+    pub finite: bool,
 }
 
 impl Float8 {
     fn ebits(self) -> u32 {
-        7 - self.mbits
+        self.bits - 1 - self.mbits
     }
 
-    /// The NaN pattern conversions produce.
+    /// The sign bit.
+    fn sign_bit(self) -> u8 {
+        1 << (self.bits - 1)
+    }
+
+    /// The NaN pattern conversions produce (FP4, which has none: −0).
     pub fn nan(self) -> u8 {
-        if self.fnuz {
-            0x80
+        if self.fnuz || self.finite {
+            self.sign_bit()
         } else {
-            0x7f
+            self.sign_bit() - 1
         }
     }
 
@@ -173,7 +197,7 @@ impl Float8 {
         // E5M2 keeps its top exponent for inf/NaN; E4M3FN keeps the all-ones mantissa for NaN.
         let (e, m) = if self.inf {
             (emax_field - 1, (1u32 << self.mbits) - 1)
-        } else if self.fnuz {
+        } else if self.fnuz || self.finite {
             (emax_field, (1u32 << self.mbits) - 1)
         } else {
             (emax_field, (1u32 << self.mbits) - 2)
@@ -183,8 +207,8 @@ impl Float8 {
 
     /// The value of `bits`.
     pub fn decode(self, bits: u8) -> f32 {
-        let sign = if bits & 0x80 != 0 { -1.0f32 } else { 1.0 };
-        if self.fnuz && bits == 0x80 {
+        let sign = if bits & self.sign_bit() != 0 { -1.0f32 } else { 1.0 };
+        if self.fnuz && bits == self.sign_bit() {
             return f32::NAN;
         }
         let e = ((bits >> self.mbits) & ((1 << self.ebits()) - 1)) as i32;
@@ -193,7 +217,7 @@ impl Float8 {
         if self.inf && e == emax_field {
             return if m == 0 { sign * f32::INFINITY } else { f32::NAN };
         }
-        if !self.inf && !self.fnuz && e == emax_field && m == (1 << self.mbits) - 1 {
+        if !self.inf && !self.fnuz && !self.finite && e == emax_field && m == (1 << self.mbits) - 1 {
             return f32::NAN;
         }
         let scale = (1u32 << self.mbits) as f32;
@@ -210,11 +234,11 @@ impl Float8 {
         if x.is_nan() {
             return self.nan();
         }
-        let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+        let sign: u8 = if x.is_sign_negative() { self.sign_bit() } else { 0 };
         let a = x.abs() as f64;
         let max = self.max() as f64;
         let overflow = |sign: u8| -> u8 {
-            if saturate {
+            if saturate || self.finite {
                 sign | self.bits_of(max)
             } else if self.inf {
                 sign | (((1u8 << self.ebits()) - 1) << self.mbits)
@@ -329,19 +353,19 @@ mod tests {
 
     #[test]
     fn float8_round_trips_and_rounds_like_its_definition() {
-        for d in [DType::F8E4M3FN, DType::F8E4M3FNUZ, DType::F8E5M2, DType::F8E5M2FNUZ] {
+        for d in [DType::F8E4M3FN, DType::F8E4M3FNUZ, DType::F8E5M2, DType::F8E5M2FNUZ, DType::F4E2M1] {
             let f = d.float8().unwrap();
             // Every pattern decodes and encodes back to itself (NaNs to the canonical NaN).
-            for b in 0..=255u8 {
+            for b in 0..=(f.sign_bit() as u16 * 2 - 1) as u8 {
                 let v = f.decode(b);
                 if v.is_nan() {
                     assert!(f.decode(f.encode(v, false)).is_nan());
-                } else if !(f.fnuz && b == 0x80) {
+                } else if !(f.fnuz && b == f.sign_bit()) {
                     assert_eq!(f.decode(f.encode(v, false)).to_bits(), v.to_bits(), "{d} {b:#04x}");
                 }
             }
             // Nearest with ties to even, checked against every pair of neighbours.
-            let mut finite: Vec<f32> = (0..=127u8).map(|b| f.decode(b)).filter(|v| v.is_finite()).collect();
+            let mut finite: Vec<f32> = (0..f.sign_bit()).map(|b| f.decode(b)).filter(|v| v.is_finite()).collect();
             finite.sort_by(f32::total_cmp);
             for w in finite.windows(2) {
                 let mid = (w[0] + w[1]) / 2.0;
@@ -357,6 +381,15 @@ mod tests {
         assert_eq!(DType::F8E4M3FNUZ.float8().unwrap().max(), 240.0);
         assert_eq!(DType::F8E5M2.float8().unwrap().max(), 57344.0);
         assert_eq!(DType::F8E5M2FNUZ.float8().unwrap().max(), 57344.0);
+        // FP4 E2M1: eight magnitudes, no NaN or infinity (NaN to −0, overflow saturates).
+        let f4 = DType::F4E2M1.float8().unwrap();
+        let magnitudes: Vec<f32> = (0..8).map(|b| f4.decode(b)).collect();
+        assert_eq!(magnitudes, [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]);
+        assert_eq!(f4.decode(0b1111), -6.0);
+        assert_eq!(f4.encode(f32::NAN, true), 0b1000);
+        assert_eq!(f4.encode(f32::INFINITY, false), 0b0111);
+        assert_eq!(f4.encode(-3.5, true), 0b1110, "a tie goes to the even mantissa (4)");
+        assert_eq!(f4.encode(0.25, true), 0, "a tie goes to the even mantissa (0)");
         assert_eq!(
             DType::F8E5M2.float8().unwrap().decode(DType::F8E5M2.float8().unwrap().encode(1e9, false)),
             f32::INFINITY

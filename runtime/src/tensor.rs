@@ -102,7 +102,7 @@ impl Tensor {
             DType::U64 => TensorData::U64(zeroed(n)?),
             DType::BF16 => TensorData::BF16(zeroed(n)?),
             DType::I4 | DType::U4 | DType::I2 | DType::U2 => TensorData::Narrow(dtype, zeroed(n)?),
-            DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ => {
+            DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1 => {
                 TensorData::Narrow(dtype, zeroed(n)?)
             }
         };

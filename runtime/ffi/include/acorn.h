@@ -106,6 +106,8 @@ enum AcornDtype
   ACORN_DTYPE_F8E5M2 = 20,
   // 8-bit float E5M2 (bias 16, no negative zero), its bits.
   ACORN_DTYPE_F8E5M2FNUZ = 21,
+  // 4-bit float E2M1 (MX FP4: ±6 the largest, no infinities or NaN), one per byte.
+  ACORN_DTYPE_F4E2M1 = 22,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

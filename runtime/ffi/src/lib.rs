@@ -115,9 +115,11 @@ pub enum AcornDtype {
     F8E5m2 = 20,
     /// 8-bit float E5M2 (bias 16, no negative zero), its bits.
     F8E5m2fnuz = 21,
+    /// 4-bit float E2M1 (MX FP4: ±6 the largest, no infinities or NaN), one per byte.
+    F4e2m1 = 22,
 }
 
-const DTYPES: [(AcornDtype, DType); 21] = [
+const DTYPES: [(AcornDtype, DType); 22] = [
     (AcornDtype::F32, DType::F32),
     (AcornDtype::F16, DType::F16),
     (AcornDtype::I8, DType::I8),
@@ -139,6 +141,7 @@ const DTYPES: [(AcornDtype, DType); 21] = [
     (AcornDtype::F8E4m3fnuz, DType::F8E4M3FNUZ),
     (AcornDtype::F8E5m2, DType::F8E5M2),
     (AcornDtype::F8E5m2fnuz, DType::F8E5M2FNUZ),
+    (AcornDtype::F4e2m1, DType::F4E2M1),
 ];
 
 fn dtype_from_code(code: i32) -> Result<DType, Failure> {

@@ -116,7 +116,7 @@ fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
             let a = make::<u8>(py, t)?;
             a.call_method1("astype", ("bool",))
         }
-        // NumPy has no bfloat16, 8-bit floats or sub-byte integers: widened exactly, to float32 and
+        // NumPy has no bfloat16, 8- or 4-bit floats or sub-byte integers: widened exactly, to float32 and
         // int8 / uint8.
         DType::BF16 => {
             let v: Vec<f32> = t
@@ -126,7 +126,7 @@ fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
                 .collect();
             Ok(numpy::PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?.into_any())
         }
-        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ => {
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1 => {
             let f = t.dtype().float8().expect("an 8-bit float");
             let v: Vec<f32> = t.bytes().iter().map(|&b| f.decode(b)).collect();
             Ok(numpy::PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?.into_any())

@@ -708,7 +708,7 @@ pub(crate) fn read(d: DType, bytes: &[u8], i: usize) -> Num {
         DType::BF16 => Num::F(crate::dtype::bf16_to_f32(u as u16) as f64),
         DType::I4 | DType::I2 => Num::I(u as u8 as i8 as i128),
         DType::U4 | DType::U2 => Num::I(u as u8 as i128),
-        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ => {
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1 => {
             Num::F(d.float8().expect("an 8-bit float").decode(u as u8) as f64)
         }
     }
@@ -744,7 +744,7 @@ pub(crate) fn write(d: DType, bytes: &mut [u8], i: usize, v: Num) {
             };
             wrap_sub_byte(i, bits, signed)
         }
-        (DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ, v) => {
+        (DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1, v) => {
             let x = match v {
                 Num::F(x) => x as f32,
                 Num::I(x) => x as f32,
