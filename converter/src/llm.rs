@@ -209,7 +209,7 @@ impl<'a> Index<'a> {
         }
         let Some((_, n)) = self.prod(v, |_| true) else { return false };
         match &n.op {
-            Op::Squeeze { .. } => (0..8).any(|d| self.dim_source(n.inputs[0], d).is_some()),
+            Op::Squeeze { .. } => self.vector_dims(n.inputs[0], depth - 1),
             Op::Gather { axis: 0 } => {
                 self.prod(n.inputs[0], |op| matches!(op, Op::Shape { .. })).is_some()
                     && self.tensor(n.inputs[1]).is_some_and(|t| t.shape().is_empty())
@@ -219,6 +219,20 @@ impl<'a> Index<'a> {
             }
             _ => false,
         }
+    }
+
+    /// Whether `v` is a one-element vector made from `Shape` pieces: a piece of one dimension,
+    /// or `Add`/`Sub`/`Mul` of such vectors (`past_length_from_mask`'s mask length − new tokens),
+    /// up to `depth` steps.
+    fn vector_dims(&self, v: Option<ValueId>, depth: usize) -> bool {
+        if (0..8).any(|d| self.dim_source(v, d).is_some()) {
+            return true;
+        }
+        let Some((_, n)) = self.prod(v, |op| matches!(op, Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul)))
+        else {
+            return false;
+        };
+        depth > 0 && n.inputs.iter().all(|&i| self.vector_dims(i, depth - 1))
     }
 
     /// A shape built by `Concat` on axis 0, one entry per dimension: the constants' values
@@ -352,6 +366,63 @@ enum Piece {
     Const(i64),
     /// A one-element value computed at run time (a `Shape` piece, or anything else).
     Run(Option<ValueId>),
+}
+
+/// A decoder exported with its KV cache in the Optimum signature (`input_ids`, `attention_mask`,
+/// `past_key_values.N.key/value`) whose graph reads the past length from a past tensor's shape —
+/// torch.onnx's dynamo export writes `Shape(past_key_values.0.key)[2:3]` for the causal mask's
+/// positions — gets it from the mask instead: `Shape(attention_mask)[1:2] − Shape(input_ids)[1:2]`,
+/// the same number by the signature's contract (the mask covers the past and the new tokens).
+/// Then the past tensors are read only by the attention's concatenations, and the `Generator`
+/// binds its runtime KV cache in their place instead of passing the cache through the graph.
+/// A `Shape` of a past tensor that reads more than its length is left, and named.
+pub fn past_length_from_mask(m: &mut Module) -> Result<PassRecord> {
+    let find = |name: &str| m.graph.inputs.iter().find(|i| i.name == name).map(|i| i.value);
+    let (Some(ids), Some(mask)) = (find("input_ids"), find("attention_mask")) else {
+        return Ok(record("past_length_from_mask", vec![("rewritten", 0.0)]));
+    };
+    let pasts: Vec<(ValueId, usize)> = m
+        .graph
+        .inputs
+        .iter()
+        .filter(|i| i.name.starts_with("past_key_values."))
+        .filter_map(|i| Some((i.value, i.dims.as_ref()?.len())))
+        .collect();
+    let mut missed = Missed::default();
+    let mut at = Vec::new();
+    for (i, n) in m.graph.nodes.iter().enumerate() {
+        let Op::Shape { start, end } = n.op else { continue };
+        let Some(&(_, rank)) = pasts.iter().find(|(v, _)| Some(*v) == n.inputs.first().copied().flatten()) else {
+            continue;
+        };
+        let norm = |d: i64| if d < 0 { d + rank as i64 } else { d }.clamp(0, rank as i64);
+        let (s, e) = (norm(start), end.map_or(rank as i64, norm));
+        let r = (rank == 4 && (s, e) == (2, 3)).why("reads more of the past tensor's shape than its length");
+        if missed.take(n, r).is_some() {
+            at.push(i);
+        }
+    }
+    let rewritten = at.len();
+    // Back to front, so the positions stay valid as the two Shape nodes go in before each.
+    for &i in at.iter().rev() {
+        let name = m.graph.nodes[i].name.clone();
+        let fresh = |g: &mut Graph| {
+            g.values.push(ValueInfo { name: String::new() });
+            (g.values.len() - 1) as ValueId
+        };
+        let (total, new) = (fresh(&mut m.graph), fresh(&mut m.graph));
+        let shape = |v: ValueId, out: ValueId, what: &str| Node {
+            name: format!("{name}/{what}"),
+            op: Op::Shape { start: 1, end: Some(2) },
+            inputs: vec![Some(v)],
+            outputs: vec![out],
+        };
+        let node = &mut m.graph.nodes[i];
+        node.op = Op::Binary(BinaryOp::Sub);
+        node.inputs = vec![Some(total), Some(new)];
+        m.graph.nodes.splice(i..i, [shape(mask, total, "mask_length"), shape(ids, new, "new_tokens")]);
+    }
+    Ok(missed.into_record(record("past_length_from_mask", vec![("rewritten", rewritten as f64)])))
 }
 
 /// Drops the nodes marked in `remove` (one flag per node, in order).

@@ -30,6 +30,7 @@ pub fn graph_passes(opts: &ConvertOptions) -> Vec<Pass> {
             list.push(Pass { name: "lift_int8_products", run: qimport::lift_int8_products });
         }
         list.extend([
+            Pass { name: "past_length_from_mask", run: llm::past_length_from_mask },
             Pass { name: "fuse_tied_weights", run: llm::fuse_tied_weights },
             Pass { name: "fold_constants", run: passes::fold_constants },
             Pass { name: "fuse_gelu", run: passes::fuse_gelu },
