@@ -292,8 +292,9 @@ fn snake_case(s: &str) -> String {
 pub const POLICY: &str = "\
 ## What is deliberately not supported, and why
 
-- **Element types not carried yet**: `string` and `float8e8m0` (the MX scale type, with its own
-  rounding modes). `bfloat16`, the 8-bit floats (`e4m3fn`, `e4m3fnuz`, `e5m2`, `e5m2fnuz`: rounded
+- **Element types not carried yet**: `string`. `float8e8m0` (the MX block scale, 2^(e − 127))
+  converts with `Cast`'s three `round_mode`s and `saturate` as `onnx.numpy_helper` defines them;
+  `bfloat16`, the 8-bit floats (`e4m3fn`, `e4m3fnuz`, `e5m2`, `e5m2fnuz`: rounded
   to nearest even, `saturate` honoured) and the 4-bit float `float4e2m1` (MX FP4, unpacked to one
   per byte at import; no infinities or NaN: overflow saturates, NaN becomes −0 as ml_dtypes has
   it) load and move as themselves and compute in f32 (like f16), `QuantizeLinear` /
@@ -342,7 +343,7 @@ valid but not implemented):
 | ConstantOfShape | `value` f32, i64, i32, bool | other value types |
 | IsInf | `detect_positive` / `detect_negative` any but both 0 | both 0 |
 | Split | `num_outputs` equal to the number of outputs | other counts |
-| Cast / CastLike | `saturate` (8-bit float targets), `round_mode` (float8e8m0 targets, a type refused) | |
+| Cast / CastLike | `saturate` (8-bit float and float8e8m0 targets), `round_mode` up / down / nearest (float8e8m0 targets) | other `round_mode` strings |
 | MatMulNBits (com.microsoft) | 2–8 bits, power-of-two blocks ≥ 16, zero points, bias, `accuracy_level` (lifted to q4 or, with `--quantized-import as-written`, f32) | `g_idx` (act-order) |
 | ONNX Runtime's transformer contrib ops (com.microsoft; `SimplifiedLayerNormalization` also in the default domain) | `EmbedLayerNormalization` (segment and position inputs optional, `mask_index` as key lengths), `Attention` (packed or `qkv_hidden_sizes` Q/K/V, bias, key lengths or a raw [B, S] mask, `unidirectional`, `scale`), `SkipLayerNormalization` / `SkipSimplifiedLayerNormalization` (bias, the sum output), `SimplifiedLayerNormalization`, `BiasGelu`, `FastGelu`, `Gelu`, `QuickGelu`, `BiasAdd` — each expanded into the standard ONNX nodes it computes | `Attention` with a KV cache (`past` / `present`), `do_rotary`, an attention bias or a mask of another layout; the statistics outputs of the simplified norms |
 | Dropout | inference, with or without the mask output (all true); training mode with ratio 0 | training mode with a ratio above 0 (random; refused when it runs) |

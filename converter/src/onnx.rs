@@ -108,6 +108,17 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Module> {
     })
 }
 
+/// `Cast` / `CastLike`'s `round_mode` (default "up"); an unknown string back as the error.
+fn e8m0_round(mode: Option<&str>) -> std::result::Result<acorn::dtype::E8m0Round, String> {
+    use acorn::dtype::E8m0Round as R;
+    match mode {
+        None | Some("up") => Ok(R::Up),
+        Some("down") => Ok(R::Down),
+        Some("nearest") => Ok(R::Nearest),
+        Some(other) => Err(other.to_string()),
+    }
+}
+
 fn onnx_dtype(t: i32) -> Result<DType> {
     Ok(match t {
         1 => DType::F32,
@@ -132,6 +143,7 @@ fn onnx_dtype(t: i32) -> Result<DType> {
         19 => DType::F8E5M2,
         20 => DType::F8E5M2FNUZ,
         23 => DType::F4E2M1,
+        24 => DType::F8E8M0,
         other => bail!("ONNX data type {other} ({}) is not supported", dtype_name(other)),
     })
 }
@@ -332,7 +344,7 @@ pub fn tensor_from_proto(t: &pb::TensorProto, base_dir: &Path) -> Result<Tensor>
     let data = match (dtype, raw) {
         (d, Some(r)) => return Tensor::from_bytes(d, shape, &r).map_err(|e| anyhow!("tensor '{}': {e}", t.name)),
         (DType::BF16, None) => TensorData::BF16(t.int32_data.iter().map(|&v| v as u16).collect()),
-        (d @ (DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ), None) => {
+        (d @ (DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F8E8M0), None) => {
             TensorData::Narrow(d, t.int32_data.iter().map(|&v| v as u8).collect())
         }
         (DType::I4 | DType::U4 | DType::I2 | DType::U2 | DType::F4E2M1, None) => unreachable!("unpacked above"),
@@ -1156,8 +1168,20 @@ impl Importer {
             "Shrink" => Some(Op::Activation(Activation::Shrink { lambd: a.f("lambd", 0.5), bias: a.f("bias", 0.0) })),
             "Swish" => Some(Op::Activation(Activation::Swish { alpha: a.f("alpha", 1.0) })),
             "CastLike" => {
-                let _ = a.get("round_mode"); // float8e8m0 targets only
-                if a.flag("saturate", 1) {
+                // round_mode acts on float8e8m0 targets only, which the target's type decides:
+                // only the default ("up") is implemented.
+                let saturate = a.flag("saturate", 1);
+                match e8m0_round(a.s("round_mode").as_deref()) {
+                    Err(mode) => {
+                        self.refuse(&n.op_type, name, format!("attribute 'round_mode' = '{mode}'"));
+                        return Ok(None);
+                    }
+                    Ok(round) if round != acorn::dtype::E8m0Round::Up => {
+                        return Ok(Some(Op::CastE8m0 { to_like: true, round, saturate }))
+                    }
+                    Ok(_) => {}
+                }
+                if saturate {
                     Some(Op::CastLike)
                 } else {
                     Some(Op::CastNoSaturate { to: None })
@@ -1593,11 +1617,20 @@ impl Importer {
             "Cast" => {
                 // `saturate` acts on float8 targets only (out-of-range values: the largest
                 // finite value, or infinity / NaN without it); `round_mode` on float8e8m0 only,
-                // which `onnx_dtype` refuses.
-                let _ = a.get("round_mode");
+                // of which the default ("up") is implemented.
                 let to = onnx_dtype(a.i("to", 1) as i32)?;
                 let saturate = a.flag("saturate", 1);
-                if to.float8().is_some() && !saturate {
+                match e8m0_round(a.s("round_mode").as_deref()) {
+                    Err(mode) => {
+                        self.refuse(&n.op_type, name, format!("attribute 'round_mode' = '{mode}'"));
+                        return Ok(None);
+                    }
+                    Ok(round) if round != acorn::dtype::E8m0Round::Up && to == DType::F8E8M0 => {
+                        return Ok(Some(Op::CastE8m0 { to_like: false, round, saturate }))
+                    }
+                    Ok(_) => {}
+                }
+                if (to.float8().is_some() || to == DType::F8E8M0) && !saturate {
                     Some(Op::CastNoSaturate { to: Some(to) })
                 } else {
                     Some(Op::Cast { to })

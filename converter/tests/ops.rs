@@ -326,3 +326,34 @@ fn opset8_scan_runs_every_batch_row_in_either_direction() {
     let err = convert(&src, &dir.path().join("s.acorn"), &ConvertOptions::default()).unwrap_err();
     assert!(format!("{err:#}").contains("sequence_lens"), "{err:#}");
 }
+
+#[test]
+fn casts_to_e8m0_round_as_asked() {
+    // Cast(x, to = float8e8m0, round_mode): the exponents of 1.0, 1.1, 1.5, −3.0, 2^127·1.5 — the
+    // bytes onnx.numpy_helper.to_float8e8m0 (ONNX's definition) gives for them.
+    let x = Tensor::from_f32(vec![5], vec![1.0, 1.1, 1.5, -3.0, 2f32.powi(127) * 1.5]);
+    for (mode, saturate, want) in [
+        ("up", 1, [127u8, 128, 128, 129, 254]),
+        ("down", 1, [127, 127, 127, 128, 254]),
+        ("nearest", 1, [127, 127, 128, 129, 254]),
+        ("nearest", 0, [127, 127, 128, 129, 255]),
+    ] {
+        let mut b = OnnxBuilder::new(24);
+        b.input_f32("x", &["5"]);
+        b.node(
+            "Cast",
+            "c",
+            &["x"],
+            &["y"],
+            vec![
+                OnnxBuilder::attr_i("to", 24),
+                OnnxBuilder::attr_s("round_mode", mode),
+                OnnxBuilder::attr_i("saturate", saturate),
+            ],
+        )
+        .output_f32("y");
+        let y = run(&b, &[("x", &x)]).unwrap();
+        assert_eq!(y[0].dtype(), acorn::tensor::DType::F8E8M0);
+        assert_eq!(y[0].bytes(), want, "round_mode {mode}, saturate {saturate}");
+    }
+}

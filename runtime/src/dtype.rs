@@ -53,6 +53,9 @@ pub enum DType {
     /// 4-bit float (OCP MX FP4 E2M1): 2 exponent bits (bias 1), 1 mantissa bit, no infinities or
     /// NaN (±6 the largest); one per byte in memory (the low 4 bits), packed two per byte in ONNX.
     F4E2M1,
+    /// 8-bit exponent (OCP MX E8M0, the MX formats' block scale): 2^(bits − 127), no sign, no
+    /// mantissa, 0xFF = NaN.
+    F8E8M0,
 }
 
 impl DType {
@@ -63,6 +66,7 @@ impl DType {
             DType::F16 | DType::I16 | DType::U16 | DType::BF16 => 2,
             DType::I8 | DType::U8 | DType::Bool | DType::I4 | DType::U4 | DType::I2 | DType::U2 => 1,
             DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1 => 1,
+            DType::F8E8M0 => 1,
             DType::I64 | DType::F64 | DType::U64 => 8,
         }
     }
@@ -92,12 +96,13 @@ impl DType {
             DType::F8E5M2 => "f8e5m2",
             DType::F8E5M2FNUZ => "f8e5m2fnuz",
             DType::F4E2M1 => "f4e2m1",
+            DType::F8E8M0 => "f8e8m0",
         }
     }
 
     /// True for the floating-point types.
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::F64 | DType::BF16) || self.float8().is_some()
+        matches!(self, DType::F32 | DType::F16 | DType::F64 | DType::BF16 | DType::F8E8M0) || self.float8().is_some()
     }
 
     /// For the 8-bit floats and the 4-bit one (a byte each in memory): their layout.
@@ -275,6 +280,49 @@ impl Float8 {
     }
 }
 
+/// How a conversion to [`DType::F8E8M0`] rounds a value between two powers of two (ONNX
+/// `Cast`'s `round_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum E8m0Round {
+    Up,
+    Down,
+    Nearest,
+}
+
+/// E8M0 (bits) to f32: 2^(bits − 127), exact (2^−127 a subnormal); 0xFF is NaN.
+pub fn e8m0_to_f32(b: u8) -> f32 {
+    match b {
+        0xff => f32::NAN,
+        0 => f32::from_bits(1 << 22),
+        e => f32::from_bits((e as u32) << 23),
+    }
+}
+
+/// f32 to E8M0 as ONNX defines it (`onnx.numpy_helper.to_float8e8m0`): the sign dropped, the
+/// f32 exponent kept and rounded by the mantissa (`up`: any mantissa bit; `nearest`: the
+/// reference's guard/round/sticky rule), NaN and infinity 0xFF; `saturate` stops rounding past
+/// the largest value (2^127) into 0xFF.
+pub fn f32_to_e8m0(x: f32, saturate: bool, round: E8m0Round) -> u8 {
+    let bits = x.to_bits();
+    let e = (bits >> 23) & 0xff;
+    if e == 0xff {
+        return 0xff;
+    }
+    let up = match round {
+        E8m0Round::Down => false,
+        E8m0Round::Up => bits & 0x7f_ffff != 0,
+        E8m0Round::Nearest => {
+            let (g, r, s) = (bits & 0x40_0000 != 0, bits & 0x20_0000 != 0, bits & 0x1f_ffff != 0);
+            g && (r || s || e > 0)
+        }
+    };
+    if up && !(saturate && e == 0xfe) {
+        (e + 1) as u8
+    } else {
+        e as u8
+    }
+}
+
 /// bfloat16 (bits) to f32, exact.
 pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
@@ -390,6 +438,28 @@ mod tests {
         assert_eq!(f4.encode(f32::INFINITY, false), 0b0111);
         assert_eq!(f4.encode(-3.5, true), 0b1110, "a tie goes to the even mantissa (4)");
         assert_eq!(f4.encode(0.25, true), 0, "a tie goes to the even mantissa (0)");
+    }
+
+    #[test]
+    fn e8m0_is_a_power_of_two_rounded_as_onnx_defines() {
+        use E8m0Round::*;
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
+        assert_eq!(e8m0_to_f32(254), 2f32.powi(127));
+        assert!(e8m0_to_f32(255).is_nan());
+        for (x, up, down, nearest) in
+            [(1.0, 127, 127, 127), (1.1, 128, 127, 127), (1.5, 128, 127, 128), (-3.0, 129, 128, 129)]
+        {
+            assert_eq!(
+                [f32_to_e8m0(x, true, Up), f32_to_e8m0(x, true, Down), f32_to_e8m0(x, true, Nearest)],
+                [up, down, nearest],
+                "{x}"
+            );
+        }
+        assert_eq!(f32_to_e8m0(f32::MAX, true, Up), 254, "saturated");
+        assert_eq!(f32_to_e8m0(f32::MAX, false, Up), 255, "rounded past the largest: NaN");
+        assert_eq!(f32_to_e8m0(f32::INFINITY, true, Up), 255);
+        assert_eq!(f32_to_e8m0(0.0, true, Up), 0);
         assert_eq!(
             DType::F8E5M2.float8().unwrap().decode(DType::F8E5M2.float8().unwrap().encode(1e9, false)),
             f32::INFINITY

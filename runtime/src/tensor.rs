@@ -105,6 +105,7 @@ impl Tensor {
             DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1 => {
                 TensorData::Narrow(dtype, zeroed(n)?)
             }
+            DType::F8E8M0 => TensorData::Narrow(dtype, zeroed(n)?),
         };
         Ok(Tensor { shape, data })
     }

@@ -43,12 +43,12 @@ func count(_ v: Int, _ what: String) throws -> UInt32 {
 public enum DType: Int32 {
     case f32 = 1, f16, i8, u8, i32, i64, bool, f64, i16, u16, u32, u64
     /// bfloat16 bits; the sub-byte integers one per byte (signed ones sign-extended); the 8-bit
-    /// floats and FP4 (one per byte) as their bits.
-    case bf16, i4, u4, i2, u2, f8e4m3fn, f8e4m3fnuz, f8e5m2, f8e5m2fnuz, f4e2m1
+    /// floats, FP4 (one per byte) and E8M0 as their bits.
+    case bf16, i4, u4, i2, u2, f8e4m3fn, f8e4m3fnuz, f8e5m2, f8e5m2fnuz, f4e2m1, f8e8m0
 
     public var byteSize: Int {
         switch self {
-        case .i8, .u8, .bool, .i4, .u4, .i2, .u2, .f8e4m3fn, .f8e4m3fnuz, .f8e5m2, .f8e5m2fnuz, .f4e2m1: return 1
+        case .i8, .u8, .bool, .i4, .u4, .i2, .u2, .f8e4m3fn, .f8e4m3fnuz, .f8e5m2, .f8e5m2fnuz, .f4e2m1, .f8e8m0: return 1
         case .f16, .i16, .u16, .bf16: return 2
         case .f32, .i32, .u32: return 4
         case .f64, .i64, .u64: return 8

@@ -108,6 +108,8 @@ enum AcornDtype
   ACORN_DTYPE_F8E5M2FNUZ = 21,
   // 4-bit float E2M1 (MX FP4: ±6 the largest, no infinities or NaN), one per byte.
   ACORN_DTYPE_F4E2M1 = 22,
+  // 8-bit power of two E8M0 (the MX block scale: 2^(bits − 127), 0xFF NaN), its bits.
+  ACORN_DTYPE_F8E8M0 = 23,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

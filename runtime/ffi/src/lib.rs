@@ -117,9 +117,11 @@ pub enum AcornDtype {
     F8E5m2fnuz = 21,
     /// 4-bit float E2M1 (MX FP4: ±6 the largest, no infinities or NaN), one per byte.
     F4e2m1 = 22,
+    /// 8-bit power of two E8M0 (the MX block scale: 2^(bits − 127), 0xFF NaN), its bits.
+    F8e8m0 = 23,
 }
 
-const DTYPES: [(AcornDtype, DType); 22] = [
+const DTYPES: [(AcornDtype, DType); 23] = [
     (AcornDtype::F32, DType::F32),
     (AcornDtype::F16, DType::F16),
     (AcornDtype::I8, DType::I8),
@@ -142,6 +144,7 @@ const DTYPES: [(AcornDtype, DType); 22] = [
     (AcornDtype::F8E5m2, DType::F8E5M2),
     (AcornDtype::F8E5m2fnuz, DType::F8E5M2FNUZ),
     (AcornDtype::F4e2m1, DType::F4E2M1),
+    (AcornDtype::F8e8m0, DType::F8E8M0),
 ];
 
 fn dtype_from_code(code: i32) -> Result<DType, Failure> {

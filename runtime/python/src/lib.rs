@@ -131,6 +131,10 @@ fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
             let v: Vec<f32> = t.bytes().iter().map(|&b| f.decode(b)).collect();
             Ok(numpy::PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?.into_any())
         }
+        DType::F8E8M0 => {
+            let v: Vec<f32> = t.bytes().iter().map(|&b| acorn::dtype::e8m0_to_f32(b)).collect();
+            Ok(numpy::PyArray1::from_vec(py, v).reshape(t.shape().to_vec())?.into_any())
+        }
         DType::I4 | DType::I2 => make::<i8>(py, t),
         DType::U4 | DType::U2 => make::<u8>(py, t),
     }

@@ -650,6 +650,14 @@ pub enum Op {
         pool: Vec<i64>,
         weights: Vec<f32>,
     },
+    /// `Cast` to float8e8m0 (`to_like` false), or `CastLike` (true: the target is input 1's type,
+    /// the rounding used only when that is float8e8m0), with a `round_mode` / `saturate` other
+    /// than the defaults (up, saturating).
+    CastE8m0 {
+        to_like: bool,
+        round: crate::dtype::E8m0Round,
+        saturate: bool,
+    },
 }
 
 /// TfIdfVectorizer's weighting: counts, the weight where present, or weight × count.
@@ -901,6 +909,8 @@ impl Op {
             Op::SpaceToDepthCrd { .. } => "SpaceToDepth".into(),
             Op::CastNoSaturate { to: Some(_) } => "Cast".into(),
             Op::CastNoSaturate { to: None } => "CastLike".into(),
+            Op::CastE8m0 { to_like: false, .. } => "Cast".into(),
+            Op::CastE8m0 { to_like: true, .. } => "CastLike".into(),
             Op::AttentionWindow { .. } => "Attention".into(),
             Op::Window { kind, .. } => format!("{kind:?}Window"),
             other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
@@ -971,7 +981,7 @@ impl Op {
             Op::LinearAttention { .. } => (3, 6, 1, 2),
             Op::TensorScatter { .. } => (2, 3, 1, 1),
             Op::Dropout => (1, 3, 1, 2),
-            Op::CastNoSaturate { .. } => (1, 2, 1, 1),
+            Op::CastNoSaturate { .. } | Op::CastE8m0 { .. } => (1, 2, 1, 1),
             Op::RoiAlign { .. } => (3, 3, 1, 1),
             Op::DeformConv { .. } => (3, 5, 1, 1),
             Op::TfIdfVectorizer { .. } => (1, 1, 1, 1),

@@ -106,12 +106,14 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             (a.dtype, s)
         }
         Op::Cast { to } => (*to, x.shape.to_vec()),
+        Op::CastE8m0 { to_like: false, .. } => (DType::F8E8M0, x.shape.to_vec()),
+        Op::CastE8m0 { to_like: true, .. } => (req(inputs, 1, "target_type")?.dtype, x.shape.to_vec()),
         Op::CastNoSaturate { to } => {
             let to = match to {
                 Some(t) => *t,
                 None => req(inputs, 1, "target_type")?.dtype,
             };
-            if to.float8().is_none() {
+            if to.float8().is_none() && to != DType::F8E8M0 {
                 op_bail!("a non-saturating cast to {to} (only 8-bit floats saturate)");
             }
             (to, x.shape.to_vec())
@@ -230,14 +232,33 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             where_(x, a, b, out)?;
         }
         Op::Cast { to } => cast(x, *to, out)?,
-        Op::CastNoSaturate { .. } => {
-            let Some(f) = out.dtype.float8() else { op_bail!("a non-saturating cast to {}", out.dtype) };
+        Op::CastE8m0 { round, saturate, .. } => {
+            if out.dtype != DType::F8E8M0 {
+                // CastLike to another type: round_mode has no effect.
+                return cast(x, out.dtype, out);
+            }
             for i in 0..x.len() {
                 let v = match read(x.dtype, x.bytes, i) {
                     Num::F(v) => v as f32,
                     Num::I(v) => v as f32,
                 };
-                out.bytes[i] = f.encode(v, false);
+                out.bytes[i] = crate::dtype::f32_to_e8m0(v, *saturate, *round);
+            }
+        }
+        Op::CastNoSaturate { .. } => {
+            let f = out.dtype.float8();
+            if f.is_none() && out.dtype != DType::F8E8M0 {
+                op_bail!("a non-saturating cast to {}", out.dtype)
+            }
+            for i in 0..x.len() {
+                let v = match read(x.dtype, x.bytes, i) {
+                    Num::F(v) => v as f32,
+                    Num::I(v) => v as f32,
+                };
+                out.bytes[i] = match f {
+                    Some(f) => f.encode(v, false),
+                    None => crate::dtype::f32_to_e8m0(v, false, crate::dtype::E8m0Round::Up),
+                };
             }
         }
         _ => op_bail!("not an elementwise op"),
@@ -711,6 +732,7 @@ pub(crate) fn read(d: DType, bytes: &[u8], i: usize) -> Num {
         DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1 => {
             Num::F(d.float8().expect("an 8-bit float").decode(u as u8) as f64)
         }
+        DType::F8E8M0 => Num::F(crate::dtype::e8m0_to_f32(u as u8) as f64),
     }
 }
 
@@ -750,6 +772,14 @@ pub(crate) fn write(d: DType, bytes: &mut [u8], i: usize, v: Num) {
                 Num::I(x) => x as f32,
             };
             d.float8().expect("an 8-bit float").encode(x, true) as u64
+        }
+        // Cast's defaults: round up, saturate (`CastNoSaturate` for saturate = 0).
+        (DType::F8E8M0, v) => {
+            let x = match v {
+                Num::F(x) => x as f32,
+                Num::I(x) => x as f32,
+            };
+            crate::dtype::f32_to_e8m0(x, true, crate::dtype::E8m0Round::Up) as u64
         }
         (DType::Bool, Num::F(x)) => (x != 0.0) as u64,
         (DType::Bool, Num::I(x)) => (x != 0) as u64,

@@ -156,7 +156,7 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
     match op {
         Op::Identity | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Flatten { .. } => F::Alias,
         Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => F::Elementwise,
-        Op::CastNoSaturate { .. } => F::Elementwise,
+        Op::CastNoSaturate { .. } | Op::CastE8m0 { .. } => F::Elementwise,
         Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => F::Reduce,
         Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => F::MatMul,
         Op::LayerNorm { .. } | Op::BatchNorm { .. } => F::Norm,
@@ -326,6 +326,7 @@ fn dtype_generic(op: &Op) -> bool {
             | Op::Where
             | Op::Cast { .. }
             | Op::CastNoSaturate { .. }
+            | Op::CastE8m0 { .. }
             | Op::CastLike
             | Op::GatherElements { .. }
             | Op::GatherNd { .. }
@@ -370,7 +371,7 @@ fn promoted_float(op: &Op, dtypes: impl Iterator<Item = DType>) -> Option<DType>
 /// and write them themselves (the rounding and saturation are theirs).
 fn promoted(op: &Op, d: DType) -> bool {
     let native_float8 = matches!(op, Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. });
-    matches!(d, DType::F16 | DType::F64 | DType::BF16) || (d.float8().is_some() && !native_float8)
+    matches!(d, DType::F16 | DType::F64 | DType::BF16 | DType::F8E8M0) || (d.float8().is_some() && !native_float8)
 }
 
 /// Shape and type inference for one node.

@@ -8,9 +8,9 @@ enum class DType(val code: Int, val byteSize: Int) {
     F32(1, 4), F16(2, 2), I8(3, 1), U8(4, 1), I32(5, 4), I64(6, 8), BOOL(7, 1),
     F64(8, 8), I16(9, 2), U16(10, 2), U32(11, 4), U64(12, 8),
     /** bfloat16 bits (ShortArray); the sub-byte integers one per byte (ByteArray), signed ones
-     * sign-extended; the 8-bit floats and FP4 (one per byte) as their bits (ByteArray). */
+     * sign-extended; the 8-bit floats, FP4 (one per byte) and E8M0 as their bits (ByteArray). */
     BF16(13, 2), I4(14, 1), U4(15, 1), I2(16, 1), U2(17, 1),
-    F8E4M3FN(18, 1), F8E4M3FNUZ(19, 1), F8E5M2(20, 1), F8E5M2FNUZ(21, 1), F4E2M1(22, 1);
+    F8E4M3FN(18, 1), F8E4M3FNUZ(19, 1), F8E5M2(20, 1), F8E5M2FNUZ(21, 1), F4E2M1(22, 1), F8E8M0(23, 1);
 
     companion object {
         @JvmStatic
