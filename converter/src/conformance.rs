@@ -307,7 +307,7 @@ pub const POLICY: &str = "\
   whose inputs are sequences): a runtime value is a dense tensor.
 - **Training-only and random ops**: `Adam`, `Adagrad`, `Momentum`, random `Dropout` (training
   mode), `Bernoulli`, `RandomUniformLike`…: not inference, or not reproducible.
-- **`ai.onnx.ml`, `ai.onnx.preview` domains and media decoding** (`ImageDecoder`, string ops).
+- **`ai.onnx.ml` and media decoding** (`ImageDecoder`, string ops; of `ai.onnx.preview`, `FlexAttention` is expanded, the training ops are not inference).
 - Ops not yet implemented are listed by name in the table below (the converter names every one
   of them in its error).
 
@@ -348,6 +348,7 @@ valid but not implemented):
 | ONNX Runtime's transformer contrib ops (com.microsoft; `SimplifiedLayerNormalization` also in the default domain) | `EmbedLayerNormalization` (segment and position inputs optional, `mask_index` as key lengths), `Attention` (packed or `qkv_hidden_sizes` Q/K/V, bias, key lengths or a raw [B, S] mask, `unidirectional`, `scale`), `SkipLayerNormalization` / `SkipSimplifiedLayerNormalization` (bias, the sum output), `SimplifiedLayerNormalization`, `BiasGelu`, `FastGelu`, `Gelu`, `QuickGelu`, `BiasAdd` — each expanded into the standard ONNX nodes it computes | `Attention` with a KV cache (`past` / `present`), `do_rotary`, an attention bias or a mask of another layout; the statistics outputs of the simplified norms |
 | Dropout | inference, with or without the mask output (all true); training mode with ratio 0 | training mode with a ratio above 0 (random; refused when it runs) |
 | Scan | opset ≥ 9: any `scan_input_axes` / `scan_input_directions` (run as a Loop over slices); opset 8: the batch axis and `directions` (a Loop over the batch rows around the opset-9 form) | `scan_output_axes` / `scan_output_directions` other than 0; opset 8's `sequence_lens` (rows of different lengths) |
+| FlexAttention (ai.onnx.preview) | `scale`, `softmax_precision` f32 / f64, GQA; no modification graph: the fused Attention; `score_mod` / `prob_mod` graphs (one input, one output) inlined between the products and the softmax, in f32 | modification graphs with subgraphs of their own; other softmax precisions |
 | RoiAlign | `mode` avg / max (the reference's max of weighted corners), `coordinate_transformation_mode` half_pixel / output_half_pixel (opset 10: output_half_pixel), `sampling_ratio` 0 (adaptive) or fixed, `spatial_scale` | other strings; more than 4096 samples per bin |
 | DeformConv | 2-D: `group`, `offset_group`, `strides`, `dilations`, `pads`, `kernel_shape`, bias, mask | 1-D and 3-D inputs |
 | TfIdfVectorizer | int32 / int64 tokens, `pool_int64s`, `mode` TF / IDF / TFIDF, `weights` per n-gram (the spec and ONNX Runtime), skips | `pool_strings` (string tensors) |

@@ -5,7 +5,10 @@
 //! in the default domain), `BiasGelu`, `FastGelu`, `Gelu`, `QuickGelu` and `BiasAdd` — each
 //! expanded into the standard ONNX nodes it computes, which then import, and fuse, as usual.
 //! A feature of one that is not expanded (a KV cache in `Attention`, rotary inside it, a mask
-//! of unknown layout, statistics outputs) is refused with its name, never guessed.
+//! of unknown layout, statistics outputs) is refused with its name, never guessed. ONNX's own
+//! preview `FlexAttention` is expanded here too: the fused `Attention` when it carries no
+//! modification graphs, else the scores' product, its `score_mod` graph inlined, the softmax,
+//! its `prob_mod` graph inlined, and the values' product.
 
 use acorn::tensor::Tensor;
 
@@ -36,6 +39,8 @@ pub(super) fn is_expanded(domain: &str, op: &str) -> bool {
         ),
         // ONNX Runtime registers these in the default domain though ONNX does not define them.
         "" | "ai.onnx" => op == "SimplifiedLayerNormalization",
+        // ONNX's preview domain: attention with its scores and probabilities rewritten by graphs.
+        "ai.onnx.preview" => op == "FlexAttention",
         _ => false,
     }
 }
@@ -127,6 +132,123 @@ impl Out {
 }
 
 impl Importer {
+    /// `FlexAttention` with its modification graphs, in f32 (the reference's softmax precision
+    /// for f16 / bf16; f64 computed at f32 precision, as everywhere): K and V repeated to Q's
+    /// heads, the scores `(Q·√s)(K·√s)ᵀ` (s = `scale`, default 1/√E), `score_mod` inlined on
+    /// them, the softmax, `prob_mod` inlined on the probabilities, times V, cast back to Q's type.
+    fn flex_attention(
+        &mut self,
+        o: &mut Out,
+        [q, k, v]: [&str; 3],
+        scale: Option<f32>,
+        [score_mod, prob_mod]: [Option<&pb::GraphProto>; 2],
+        out0: &str,
+    ) -> std::result::Result<(), String> {
+        let to_f32 = |o: &mut Out, x: &str, what: &str| {
+            let t = o.tmp(what);
+            o.node("Cast", &[x], &[&t], vec![B::attr_i("to", FLOAT)]);
+            t
+        };
+        let (qf, kf, vf) = (to_f32(o, q, "q32"), to_f32(o, k, "k32"), to_f32(o, v, "v32"));
+        // One dimension of `x`'s shape as a one-element vector.
+        let dim = |o: &mut Out, x: &str, d: i64| {
+            let t = o.tmp(&format!("dim{d}_{}", o.nodes.len()));
+            o.node("Shape", &[x], &[&t], vec![B::attr_i("start", d), B::attr_i("end", d + 1)]);
+            t
+        };
+        let (b, hq, hkv, s) = (dim(o, &qf, 0), dim(o, &qf, 1), dim(o, &kf, 1), dim(o, &kf, 2));
+        let r = o.tmp("repeats");
+        o.node("Div", &[&hq, &hkv], &[&r], vec![]);
+        // x [B, Hkv, S, D] → [B, Hq, S, D]: each KV head repeated Hq / Hkv times, in place.
+        let repeat = |o: &mut Out, x: &str, what: &str| {
+            let d = dim(o, x, 3);
+            let (u, e, wide, heads, out) = (
+                o.tmp(&format!("{what}_u")),
+                o.tmp(&format!("{what}_e")),
+                o.tmp(&format!("{what}_wide")),
+                o.tmp(&format!("{what}_heads")),
+                o.tmp(&format!("{what}_rep")),
+            );
+            o.unsqueeze(x, &[2], &u);
+            o.node("Concat", &[&b, &hkv, &r, &s, &d], &[&wide], vec![B::attr_i("axis", 0)]);
+            o.node("Expand", &[&u, &wide], &[&e], vec![]);
+            o.node("Concat", &[&b, &hq, &s, &d], &[&heads], vec![B::attr_i("axis", 0)]);
+            o.node("Reshape", &[&e, &heads], &[&out], vec![]);
+            out
+        };
+        let (kr, vr) = (repeat(o, &kf, "k"), repeat(o, &vf, "v"));
+        let root = match scale {
+            Some(sc) => o.scalar_f32("sqrt_scale", sc.sqrt()),
+            None => {
+                // 1/√E, then its square root: E^(−1/4).
+                let e = dim(o, &qf, 3);
+                let (ef, se, inv, root) = (o.tmp("e_f"), o.tmp("sqrt_e"), o.tmp("scale"), o.tmp("sqrt_scale"));
+                o.node("Cast", &[&e], &[&ef], vec![B::attr_i("to", FLOAT)]);
+                o.node("Sqrt", &[&ef], &[&se], vec![]);
+                o.node("Reciprocal", &[&se], &[&inv], vec![]);
+                o.node("Sqrt", &[&inv], &[&root], vec![]);
+                root
+            }
+        };
+        let (qs, ks, kt, mut scores) = (o.tmp("q_scaled"), o.tmp("k_scaled"), o.tmp("k_t"), o.tmp("scores"));
+        o.node("Mul", &[&qf, &root], &[&qs], vec![]);
+        o.node("Mul", &[&kr, &root], &[&ks], vec![]);
+        o.node("Transpose", &[&ks], &[&kt], vec![B::attr_ints("perm", &[0, 1, 3, 2])]);
+        o.node("MatMul", &[&qs, &kt], &[&scores], vec![]);
+        if let Some(g) = score_mod {
+            scores = self.inline_graph(o, g, &scores, "score_mod")?;
+        }
+        let mut probs = o.tmp("probs");
+        o.node("Softmax", &[&scores], &[&probs], vec![B::attr_i("axis", -1)]);
+        if let Some(g) = prob_mod {
+            probs = self.inline_graph(o, g, &probs, "prob_mod")?;
+        }
+        let y = o.tmp("y32");
+        o.node("MatMul", &[&probs, &vr], &[&y], vec![]);
+        o.node("CastLike", &[&y, q], &[out0], vec![]);
+        Ok(())
+    }
+
+    /// The nodes of a one-input, one-output graph attribute, inlined with its input bound to `x`:
+    /// every name the graph defines (its input, initializers and node outputs) prefixed, so none
+    /// meets the outer graph's; names it reads from outside are left. Returns its output's name.
+    fn inline_graph(
+        &mut self,
+        o: &mut Out,
+        g: &pb::GraphProto,
+        x: &str,
+        what: &str,
+    ) -> std::result::Result<String, String> {
+        if g.input.len() != 1 || g.output.len() != 1 {
+            return Err(format!(
+                "a {what} graph with {} inputs and {} outputs (1 and 1)",
+                g.input.len(),
+                g.output.len()
+            ));
+        }
+        if g.node.iter().any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty())) {
+            return Err(format!("a {what} graph with subgraphs of its own"));
+        }
+        let mut defined: std::collections::HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+        defined.extend(g.initializer.iter().map(|t| t.name.as_str()));
+        defined.extend(g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)));
+        let prefix = o.tmp(what);
+        let rename = |s: &str| if defined.contains(s) { format!("{prefix}/{s}") } else { s.to_string() };
+        for t in &g.initializer {
+            let tensor = super::tensor_from_proto(t, &self.base_dir).map_err(|e| format!("{what}: {e:#}"))?;
+            o.consts.push((rename(&t.name), tensor));
+        }
+        o.node("Identity", &[x], &[&rename(&g.input[0].name)], vec![]);
+        for n in &g.node {
+            let mut m = n.clone();
+            m.name = format!("{prefix}/{}", n.name);
+            m.input = n.input.iter().map(|i| if i.is_empty() { String::new() } else { rename(i) }).collect();
+            m.output = n.output.iter().map(|s| rename(s)).collect();
+            o.nodes.push(m);
+        }
+        Ok(rename(&g.output[0].name))
+    }
+
     /// The standard nodes contrib node `n` computes (its constants added to the graph), or why
     /// it cannot be expanded. Every attribute it carries is read (the caller refuses the rest).
     pub(super) fn contrib_nodes(
@@ -374,6 +496,27 @@ impl Importer {
                     attrs.push(B::attr_f("scale", scale));
                 }
                 o.node("Attention", &ins, &[out0], attrs);
+            }
+            "FlexAttention" => {
+                let (q, k, v) = (need(0, "Q")?, need(1, "K")?, need(2, "V")?);
+                let scale = a.get("scale").map(|s| s.f);
+                let precision = a.i("softmax_precision", FLOAT);
+                if precision != FLOAT && precision != 11 {
+                    return Err(format!("softmax_precision = {precision} (f32 or f64 only)"));
+                }
+                let (score_mod, prob_mod) = (a.get("score_mod"), a.get("prob_mod"));
+                fn graph(m: Option<&pb::AttributeProto>) -> std::result::Result<Option<&pb::GraphProto>, String> {
+                    m.map(|m| m.g.as_ref().ok_or_else(|| "a modification that is not a graph".to_string())).transpose()
+                }
+                let (score_mod, prob_mod) = (graph(score_mod)?, graph(prob_mod)?);
+                if score_mod.is_none() && prob_mod.is_none() {
+                    // Plain scaled attention over 4-D Q, K, V (GQA by their head counts).
+                    let mut attrs = vec![B::attr_i("softmax_precision", precision)];
+                    attrs.extend(scale.map(|s| B::attr_f("scale", s)));
+                    o.node("Attention", &[q, k, v], &[out0], attrs);
+                } else {
+                    self.flex_attention(&mut o, [q, k, v], scale, [score_mod, prob_mod], out0)?;
+                }
             }
             op => return Err(format!("{op} is not expanded")),
         }

@@ -1,7 +1,8 @@
 //! Ops the ONNX node suite checks on one or two shapes each — `DeformConv`, `RoiAlign`,
-//! `TfIdfVectorizer`, opset-8 `Scan` — checked here against their definitions on the shapes
-//! and settings the suite leaves out (groups, strides, dilations, masks, adaptive sampling,
-//! IDF / TF-IDF weights, several batch rows scanned in reverse), and their bad inputs refused.
+//! `TfIdfVectorizer`, opset-8 `Scan`, `Cast` to float8e8m0, `FlexAttention` — checked here against
+//! their definitions on the shapes and settings the suite leaves out (groups, strides, dilations,
+//! masks, adaptive sampling, IDF / TF-IDF weights, several batch rows scanned in reverse, every
+//! rounding mode, modification graphs reading outer values), and their bad inputs refused.
 
 use acorn::{Model, Tensor};
 use acorn_converter::onnx_build::OnnxBuilder;
@@ -356,4 +357,58 @@ fn casts_to_e8m0_round_as_asked() {
         assert_eq!(y[0].dtype(), acorn::tensor::DType::F8E8M0);
         assert_eq!(y[0].bytes(), want, "round_mode {mode}, saturate {saturate}");
     }
+}
+
+#[test]
+fn flex_attention_inlines_its_graphs_with_gqa_and_outer_values() {
+    // Q [1, 4, 3, 8], K and V [1, 2, 5, 8] (two query heads per KV head); score_mod adds `bias`,
+    // a value of the outer graph its body reads by name, and uses a name (`t`) the outer graph
+    // also defines; prob_mod halves the probabilities.
+    let (hq, hkv, l, s, e) = (4, 2, 3, 5, 8);
+    let mut score_mod = OnnxBuilder::new(26);
+    score_mod.input_f32("scores", &["1", "4", "3", "5"]);
+    score_mod.node("Add", "add", &["scores", "bias"], &["t"], vec![]).output_f32("t");
+    let mut prob_mod = OnnxBuilder::new(26);
+    prob_mod.input_f32("p", &["1", "4", "3", "5"]);
+    prob_mod.init_f32("half", &[], vec![0.5]);
+    prob_mod.node("Mul", "mul", &["p", "half"], &["p_out"], vec![]).output_f32("p_out");
+    let mut b = OnnxBuilder::new(26);
+    b.input_f32("q", &["1", "4", "3", "8"]).input_f32("k", &["1", "2", "5", "8"]).input_f32("v", &["1", "2", "5", "8"]);
+    b.input_f32("bias", &["1", "1", "3", "5"]);
+    b.node("Identity", "t", &["q"], &["t"], vec![]);
+    b.node(
+        "FlexAttention",
+        "flex",
+        &["t", "k", "v"],
+        &["y"],
+        vec![OnnxBuilder::attr_graph("score_mod", &score_mod), OnnxBuilder::attr_graph("prob_mod", &prob_mod)],
+    )
+    .in_domain("ai.onnx.preview");
+    b.output_f32("y");
+    let (q, k, v, bias) = (values(hq * l * e, 11), values(hkv * s * e, 12), values(hkv * s * e, 13), values(l * s, 14));
+    let t = |shape: Vec<usize>, d: &[f32]| Tensor::from_f32(shape, d.to_vec());
+    let (qt, kt, vt, bt) =
+        (t(vec![1, hq, l, e], &q), t(vec![1, hkv, s, e], &k), t(vec![1, hkv, s, e], &v), t(vec![1, 1, l, s], &bias));
+    let y = run(&b, &[("q", &qt), ("k", &kt), ("v", &vt), ("bias", &bt)]).unwrap();
+    assert_eq!(y[0].shape(), [1, hq, l, e]);
+    let mut want = Vec::new();
+    for h in 0..hq {
+        let kv = h / (hq / hkv);
+        for i in 0..l {
+            let scores: Vec<f64> = (0..s)
+                .map(|j| {
+                    let dot: f64 = (0..e).map(|d| q[(h * l + i) * e + d] as f64 * k[(kv * s + j) * e + d] as f64).sum();
+                    dot / (e as f64).sqrt() + bias[i * s + j] as f64
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let sum: f64 = scores.iter().map(|x| (x - max).exp()).sum();
+            for d in 0..e {
+                let o: f64 = (0..s).map(|j| 0.5 * (scores[j] - max).exp() / sum * v[(kv * s + j) * e + d] as f64).sum();
+                want.push(o as f32);
+            }
+        }
+    }
+    let d = max_diff(y[0].as_f32().unwrap(), &want);
+    assert!(d < 1e-5, "max |Δ| {d}");
 }
