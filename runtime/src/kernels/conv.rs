@@ -1688,6 +1688,32 @@ mod tests {
     use super::*;
     use crate::kernels::quant::QActs;
 
+    /// The four-corner gather equals its scalar definition at every length (vector bodies and
+    /// remainders), at the selected kernel level; a position outside the plane panics.
+    #[test]
+    fn gather4_matches_its_definition() {
+        let plane = crate::kernels::pseudo_random(97, 5);
+        for n in [0usize, 1, 7, 8, 15, 16, 17, 33, 100, 257] {
+            let pos: Vec<Vec<u32>> = (0..4u64)
+                .map(|c| {
+                    crate::kernels::pseudo_random(n, 10 + c).iter().map(|v| ((v + 1.0) * 48.4) as u32 % 97).collect()
+                })
+                .collect();
+            let w: Vec<Vec<f32>> = (0..4u64).map(|c| crate::kernels::pseudo_random(n, 20 + c)).collect();
+            let mut out = vec![f32::NAN; n];
+            gather4(&mut out, &plane, [&pos[0], &pos[1], &pos[2], &pos[3]], [&w[0], &w[1], &w[2], &w[3]]);
+            for p in 0..n {
+                let want: f32 = (0..4).map(|c| w[c][p] * plane[pos[c][p] as usize]).sum();
+                assert!((out[p] - want).abs() <= 1e-6, "n {n}, p {p}: {} vs {want}", out[p]);
+            }
+        }
+        let bad = std::panic::catch_unwind(|| {
+            let mut out = [0.0f32; 2];
+            gather4(&mut out, &[1.0; 4], [&[0, 4], &[0, 0], &[0, 0], &[0, 0]], [&[1.0; 2]; 4]);
+        });
+        assert!(bad.is_err(), "a position past the plane is refused");
+    }
+
     /// The int8 convolution equals the sum of its integer products: codes of the weights (per
     /// row scale) and of the input (one scale, round half to even), on awkward shapes, padding,
     /// strides and dilations, with one and two threads, at the selected kernel level.
@@ -1774,6 +1800,29 @@ mod tests {
                         "case {i}, {threads} threads, output {j}: {a} vs {e}"
                     );
                 }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out[p] = Σ_c w[c][p] · plane[pos[c][p]]` over four corners — one bilinear sample per
+    /// output (deformable convolution's taps), at the selected vector width (gathers on
+    /// AVX-512 / AVX2). Every position must lie inside `plane` (checked first; out of range is a
+    /// panic, never a read past it).
+    fn gather4(out: &mut [f32], plane: &[f32], pos: [&[u32]; 4], w: [&[f32]; 4]) {
+        let n = out.len();
+        assert!(pos.iter().all(|p| p.len() >= n) && w.iter().all(|c| c.len() >= n));
+        let inside = pos.iter().all(|p| p[..n].iter().fold(0u32, |m, &i| m.max(i)) < plane.len() as u32 || n == 0);
+        assert!(inside, "gather4: a position outside the plane");
+        for p in 0..n {
+            // SAFETY: p < n ≤ every slice's length (asserted above), and every position is below
+            // plane.len() (asserted above).
+            unsafe {
+                let at = |c: usize| {
+                    *w[c].get_unchecked(p) * *plane.get_unchecked(*pos[c].get_unchecked(p) as usize)
+                };
+                *out.get_unchecked_mut(p) = at(0) + at(1) + at(2) + at(3);
             }
         }
     }

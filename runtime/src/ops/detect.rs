@@ -7,6 +7,7 @@
 use super::{req, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::Op;
+use crate::kernels::conv::gather4;
 use crate::kernels::{sgemm, BMat, MatRef};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
@@ -257,24 +258,24 @@ fn deform_geometry<'a>(op: &Op, inputs: impl Iterator<Item = Option<(DType, &'a 
     })
 }
 
-/// Bilinear sample of an `h × w` plane at (y, x), corners outside the plane read as 0
-/// (GridSample's zeros padding with aligned corners, the reference's definition).
-fn bilinear_zeros(plane: &[f32], h: usize, w: usize, y: f32, x: f32) -> f32 {
+/// The bilinear tap at (y, x) of an `h × w` plane stored with a border of one zero on every side
+/// (`(h + 2) × (w + 2)`): corners outside the plane read that border, so they weigh 0 as in the
+/// reference (GridSample's zeros padding with aligned corners), and a value far outside is the
+/// border's first zero. `scale` (the mask) is folded into the weights. Shared by every channel of
+/// an offset group.
+fn bilinear_tap(h: usize, w: usize, y: f32, x: f32, scale: f32) -> Tap {
     let (fy, fx) = (y.floor(), x.floor());
     if !(fy > -2.0 && fy < h as f32 && fx > -2.0 && fx < w as f32) {
-        return 0.0;
+        return Tap::default();
     }
-    let (y0, x0) = (fy as isize, fx as isize);
+    // In the bordered plane: rows fy + 1 and fy + 2, both within 0 ..= h + 1 (columns likewise).
+    let (r0, c0) = ((fy + 1.0) as usize, (fx + 1.0) as usize);
     let (ly, lx) = (y - fy, x - fx);
-    let at = |yy: isize, xx: isize| {
-        if yy >= 0 && (yy as usize) < h && xx >= 0 && (xx as usize) < w {
-            plane[yy as usize * w + xx as usize]
-        } else {
-            0.0
-        }
-    };
-    (1.0 - ly) * ((1.0 - lx) * at(y0, x0) + lx * at(y0, x0 + 1))
-        + ly * ((1.0 - lx) * at(y0 + 1, x0) + lx * at(y0 + 1, x0 + 1))
+    let wp = w + 2;
+    Tap {
+        pos: [r0 * wp + c0, r0 * wp + c0 + 1, (r0 + 1) * wp + c0, (r0 + 1) * wp + c0 + 1],
+        w: [(1.0 - ly) * (1.0 - lx) * scale, (1.0 - ly) * lx * scale, ly * (1.0 - lx) * scale, ly * lx * scale],
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -295,29 +296,49 @@ fn deform_conv(
     let rows = cg * kk;
     // One group's columns: [C/group · kh · kw, oh · ow], the sampled (and masked) input taps.
     let mut cols = vec![0.0f32; rows * pixels];
+    // Every offset group's taps for one image: where each kernel tap of each output pixel samples,
+    // computed once and read by all of the group's channels.
+    let mut taps = vec![Tap::default(); g.offset_group * kk * pixels];
+    // The same, corner by corner (what the gather kernel reads): positions, then weights.
+    let n_taps = taps.len();
+    let (mut pos, mut wts) = (vec![0u32; 4 * n_taps], vec![0.0f32; 4 * n_taps]);
+    // One channel's plane inside a border of zeros.
+    let wp = g.w + 2;
+    let mut bordered = vec![0.0f32; (g.h + 2) * wp];
     for b in 0..g.n {
+        for (gt, tab) in taps.chunks_exact_mut(pixels.max(1)).enumerate().take(g.offset_group * kk) {
+            let (i, j) = (gt % kk / kw, gt % kw);
+            let off_y = &offset[((b * g.offset_group * kk * 2) + gt * 2) * pixels..][..pixels];
+            let off_x = &offset[((b * g.offset_group * kk * 2) + gt * 2 + 1) * pixels..][..pixels];
+            let scale = mask.map(|mk| &mk[(b * g.offset_group * kk + gt) * pixels..][..pixels]);
+            for (p, t) in tab.iter_mut().enumerate() {
+                let (oy, ox) = (p / g.ow, p % g.ow);
+                let y0 = (oy * g.stride.0) as f32 - g.pad.0 as f32 + (i * g.dil.0) as f32;
+                let x0 = (ox * g.stride.1) as f32 - g.pad.1 as f32 + (j * g.dil.1) as f32;
+                *t = bilinear_tap(g.h, g.w, y0 + off_y[p], x0 + off_x[p], scale.map_or(1.0, |s| s[p]));
+            }
+        }
+        for (t, tap) in taps.iter().enumerate() {
+            for c in 0..4 {
+                pos[c * n_taps + t] = tap.pos[c] as u32;
+                wts[c * n_taps + t] = tap.w[c];
+            }
+        }
         for grp in 0..g.group {
             for ci in 0..cg {
                 let ch = grp * cg + ci;
                 let og = ch / c_per_og;
                 let plane = &x[(b * g.c + ch) * g.h * g.w..][..g.h * g.w];
-                for i in 0..kh {
-                    for j in 0..kw {
-                        let tap = (og * kh + i) * kw + j;
-                        let off_y = &offset[((b * g.offset_group * kk * 2) + tap * 2) * pixels..][..pixels];
-                        let off_x = &offset[((b * g.offset_group * kk * 2) + tap * 2 + 1) * pixels..][..pixels];
-                        let scale = mask.map(|mk| &mk[(b * g.offset_group * kk + tap) * pixels..][..pixels]);
-                        let row = &mut cols[((ci * kh + i) * kw + j) * pixels..][..pixels];
-                        for oy in 0..g.oh {
-                            let y0 = (oy * g.stride.0) as f32 - g.pad.0 as f32 + (i * g.dil.0) as f32;
-                            for ox in 0..g.ow {
-                                let p = oy * g.ow + ox;
-                                let x0 = (ox * g.stride.1) as f32 - g.pad.1 as f32 + (j * g.dil.1) as f32;
-                                let v = bilinear_zeros(plane, g.h, g.w, y0 + off_y[p], x0 + off_x[p]);
-                                row[p] = scale.map_or(v, |s| v * s[p]);
-                            }
-                        }
-                    }
+                for (dst, src) in bordered.chunks_exact_mut(wp).skip(1).zip(plane.chunks_exact(g.w.max(1))) {
+                    dst[1..=g.w].copy_from_slice(src);
+                }
+                let plane = &bordered[..];
+                for tap in 0..kk {
+                    let at = (og * kk + tap) * pixels;
+                    let corner_pos = |c: usize| &pos[c * n_taps + at..][..pixels];
+                    let corner_w = |c: usize| &wts[c * n_taps + at..][..pixels];
+                    let row = &mut cols[(ci * kk + tap) * pixels..][..pixels];
+                    gather4(row, plane, [0, 1, 2, 3].map(corner_pos), [0, 1, 2, 3].map(corner_w));
                 }
             }
             let out = &mut y[(b * g.m + grp * mg) * pixels..][..mg * pixels];
