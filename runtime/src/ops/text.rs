@@ -25,20 +25,20 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
 }
 
 /// The pool's n-grams as a trie: node 0 is the root; `id` is the n-gram's number from 1 (0: a
-/// prefix only).
+/// prefix only). Children by token in a hash map (a vocabulary's unigrams are all the root's).
 struct Trie {
-    nodes: Vec<(usize, Vec<(i64, usize)>)>,
+    nodes: Vec<(usize, std::collections::HashMap<i64, usize>)>,
 }
 
 impl Trie {
     fn child(&self, node: usize, token: i64) -> Option<usize> {
-        self.nodes[node].1.iter().find(|(t, _)| *t == token).map(|&(_, c)| c)
+        self.nodes[node].1.get(&token).copied()
     }
 
     /// The reference's construction: n-grams of each size in `[min, max]` are entered, the
     /// others only numbered.
     fn build(pool: &[i64], counts: &[i64], min: usize, max: usize) -> Trie {
-        let mut trie = Trie { nodes: vec![(0, Vec::new())] };
+        let mut trie = Trie { nodes: vec![(0, Default::default())] };
         let mut id = 1;
         for (i, &start) in counts.iter().enumerate() {
             let size = i + 1;
@@ -54,9 +54,9 @@ impl Trie {
                     node = match trie.child(node, t) {
                         Some(c) => c,
                         None => {
-                            trie.nodes.push((0, Vec::new()));
+                            trie.nodes.push((0, Default::default()));
                             let c = trie.nodes.len() - 1;
-                            trie.nodes[node].1.push((t, c));
+                            trie.nodes[node].1.insert(t, c);
                             c
                         }
                     };
