@@ -228,6 +228,9 @@ fn deform_geometry<'a>(op: &Op, inputs: impl Iterator<Item = Option<(DType, &'a 
     let oh = out(h, pad.0, pad.2, k.0, dil.0, stride.0)?;
     let ow = out(w, pad.1, pad.3, k.1, dil.1, stride.1)?;
     let taps = og * k.0 * k.1;
+    if (h + 2).checked_mul(w + 2).is_none_or(|p| p > u32::MAX as usize) {
+        op_bail!("DeformConv: an input plane of {h} × {w} is too large (tap positions are 32-bit)");
+    }
     if os != [n, taps * 2, oh, ow] {
         op_bail!("DeformConv: offset {os:?} must be [{n}, {}, {oh}, {ow}]", taps * 2);
     }
@@ -298,30 +301,29 @@ fn deform_conv(
     let mut cols = vec![0.0f32; rows * pixels];
     // Every offset group's taps for one image: where each kernel tap of each output pixel samples,
     // computed once and read by all of the group's channels.
-    let mut taps = vec![Tap::default(); g.offset_group * kk * pixels];
-    // The same, corner by corner (what the gather kernel reads): positions, then weights.
-    let n_taps = taps.len();
+    // Every offset group's taps for one image, corner by corner (what the gather kernel reads):
+    // where each kernel tap of each output pixel samples, and with what weight, computed once and
+    // read by all of the group's channels.
+    let n_taps = g.offset_group * kk * pixels;
     let (mut pos, mut wts) = (vec![0u32; 4 * n_taps], vec![0.0f32; 4 * n_taps]);
     // One channel's plane inside a border of zeros.
     let wp = g.w + 2;
     let mut bordered = vec![0.0f32; (g.h + 2) * wp];
     for b in 0..g.n {
-        for (gt, tab) in taps.chunks_exact_mut(pixels.max(1)).enumerate().take(g.offset_group * kk) {
+        for gt in 0..g.offset_group * kk {
             let (i, j) = (gt % kk / kw, gt % kw);
             let off_y = &offset[((b * g.offset_group * kk * 2) + gt * 2) * pixels..][..pixels];
             let off_x = &offset[((b * g.offset_group * kk * 2) + gt * 2 + 1) * pixels..][..pixels];
             let scale = mask.map(|mk| &mk[(b * g.offset_group * kk + gt) * pixels..][..pixels]);
-            for (p, t) in tab.iter_mut().enumerate() {
+            for p in 0..pixels {
                 let (oy, ox) = (p / g.ow, p % g.ow);
                 let y0 = (oy * g.stride.0) as f32 - g.pad.0 as f32 + (i * g.dil.0) as f32;
                 let x0 = (ox * g.stride.1) as f32 - g.pad.1 as f32 + (j * g.dil.1) as f32;
-                *t = bilinear_tap(g.h, g.w, y0 + off_y[p], x0 + off_x[p], scale.map_or(1.0, |s| s[p]));
-            }
-        }
-        for (t, tap) in taps.iter().enumerate() {
-            for c in 0..4 {
-                pos[c * n_taps + t] = tap.pos[c] as u32;
-                wts[c * n_taps + t] = tap.w[c];
+                let t = bilinear_tap(g.h, g.w, y0 + off_y[p], x0 + off_x[p], scale.map_or(1.0, |s| s[p]));
+                for c in 0..4 {
+                    pos[c * n_taps + gt * pixels + p] = t.pos[c] as u32;
+                    wts[c * n_taps + gt * pixels + p] = t.w[c];
+                }
             }
         }
         for grp in 0..g.group {
