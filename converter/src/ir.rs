@@ -22,4 +22,8 @@ pub struct Module {
     pub prequantized: HashMap<String, (acorn::format::TensorEncoding, Vec<u8>)>,
     /// Quantized imports that could not keep their encoding, with the reason.
     pub dequantized: Vec<String>,
+    /// Activations a statically quantized model quantizes before its products (the QDQ pairs
+    /// `qimport` folded): the value → its scale and zero point as an int8 code (a uint8 zero
+    /// point minus 128). The end of conversion runs the products on them at those scales.
+    pub static_acts: HashMap<acorn::graph::ValueId, (f32, i32)>,
 }

@@ -65,6 +65,10 @@ pub struct ConvertOptions {
     /// `MatMulNBits`) exactly as written instead of lifting their weights into Acorn's q8 / q4
     /// (`--quantized-import as-written`; see `docs/ARCHITECTURE.md`).
     pub as_written: bool,
+    /// Run a statically quantized model's products on Acorn's dynamic int8 activations (per
+    /// block of 32: closer to the fp32 model) instead of the model's own calibrated activation
+    /// scales (`--quantized-import lift-dynamic`).
+    pub dynamic_activations: bool,
     /// Most memory the calibration runs of the model may take (`--memory-limit`; default: what
     /// the machine has left).
     pub memory_limit: Option<usize>,
@@ -356,7 +360,15 @@ fn lower_proto(
     }];
     records.push(PassRecord {
         name: "quantized_import".into(),
-        params: vec![("mode".into(), if opts.as_written { "as-written" } else { "lift" }.into())],
+        params: vec![(
+            "mode".into(),
+            match (opts.as_written, opts.dynamic_activations) {
+                (true, _) => "as-written",
+                (false, true) => "lift-dynamic",
+                (false, false) => "lift",
+            }
+            .into(),
+        )],
         report: vec![],
     });
     if opts.as_written {
@@ -597,6 +609,17 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     quantized.resize_with(m.tensors.len(), || None);
     if !m.prequantized.is_empty() || !m.dequantized.is_empty() {
         records.push(keep_prequantized(&m, &mut quantized));
+    }
+    if !m.static_acts.is_empty() && !opts.dynamic_activations {
+        let rec = qimport::static_products(&mut m, &quantized);
+        if let Some((_, why)) = rec.params.first() {
+            warnings.push(format!(
+                "{} product(s) of the model's statically quantized activations run on Acorn's dynamic int8 activations instead (e.g. {why})",
+                rec.params.len()
+            ));
+        }
+        quantized.resize_with(m.tensors.len(), || None);
+        records.push(rec);
     }
     let (payloads, rec) = stored_tensors(&m, &quantized, opts.target);
     records.push(rec);

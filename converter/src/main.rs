@@ -90,10 +90,13 @@ enum Cmd {
         no_shape_analysis: bool,
         /// Graphs another tool quantized (QDQ, DynamicQuantizeLinear → MatMulInteger /
         /// ConvInteger, MatMulNBits): `lift` stores their weights in Acorn's q8 / q4 with the
-        /// codes kept and runs Acorn's int8 kernels (activations quantized by the kernels — per
-        /// block of 32 for products, per tensor for convolutions: faster, not bit-equal to the
-        /// graph); `as-written` runs the graph's own ops as the ONNX spec defines them.
-        #[arg(long, value_name = "MODE", default_value = "lift", value_parser = ["lift", "as-written"])]
+        /// codes kept and runs Acorn's int8 kernels — a statically quantized model's products on
+        /// its own activation scales and zero points (the codes its QuantizeLinear defines),
+        /// other activations quantized by the kernels (per block of 32 for products, per tensor
+        /// for convolutions); `lift-dynamic` quantizes every product's activations per block of
+        /// 32 (closer to the fp32 model than the model's calibration); `as-written` runs the
+        /// graph's own ops as the ONNX spec defines them.
+        #[arg(long, value_name = "MODE", default_value = "lift", value_parser = ["lift", "lift-dynamic", "as-written"])]
         quantized_import: String,
         /// Most memory the model's runs during conversion (--calib) may take, e.g. 2G (default:
         /// the memory the machine or its cgroup has left).
@@ -430,10 +433,11 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 }
                 (_, e) => (e, None),
             };
-            let as_written = match quantized_import.as_str() {
-                "lift" => false,
-                "as-written" => true,
-                other => bail!("--quantized-import '{other}': one of lift, as-written"),
+            let (as_written, dynamic_activations) = match quantized_import.as_str() {
+                "lift" => (false, false),
+                "lift-dynamic" => (false, true),
+                "as-written" => (true, false),
+                other => bail!("--quantized-import '{other}': one of lift, lift-dynamic, as-written"),
             };
             let prune = acorn_converter::prune::PruneOptions::from_flags(&acorn_converter::prune::PruneFlags {
                 method: prune.as_deref(),
@@ -484,6 +488,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                     strict,
                     no_shape_analysis,
                     as_written,
+                    dynamic_activations,
                     memory_limit,
                     threads,
                     train,

@@ -105,6 +105,7 @@ pub fn import(model: &pb::ModelProto, base_dir: &Path) -> Result<Module> {
         opset,
         prequantized: im.prequantized,
         dequantized: im.dequantized,
+        static_acts: HashMap::new(),
     })
 }
 

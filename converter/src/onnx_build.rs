@@ -127,6 +127,18 @@ impl OnnxBuilder {
         self
     }
 
+    /// An i8 initializer (raw bytes).
+    pub fn init_i8(&mut self, name: &str, dims: &[i64], data: &[i8]) -> &mut Self {
+        self.graph.initializer.push(pb::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: 3,
+            raw_data: data.iter().map(|&v| v as u8).collect(),
+            ..Default::default()
+        });
+        self
+    }
+
     /// Sets the domain of the last node added (e.g. `com.microsoft`).
     pub fn in_domain(&mut self, domain: &str) -> &mut Self {
         if let Some(n) = self.graph.node.last_mut() {

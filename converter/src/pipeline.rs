@@ -27,7 +27,12 @@ pub fn graph_passes(opts: &ConvertOptions) -> Vec<Pass> {
     let mut list = Vec::new();
     if !opts.no_fold {
         if !opts.as_written {
-            list.push(Pass { name: "lift_int8_products", run: qimport::lift_int8_products });
+            let run = if opts.dynamic_activations {
+                qimport::lift_int8_products_dynamic
+            } else {
+                qimport::lift_int8_products
+            };
+            list.push(Pass { name: "lift_int8_products", run });
         }
         list.extend([
             Pass { name: "past_length_from_mask", run: llm::past_length_from_mask },

@@ -1,13 +1,15 @@
 //! Models other tools already quantized to int8, lifted into Acorn's q8 where exact: the int8
 //! weight codes and their scales become a q8 weight (stored as the GEMM reads it), the product a
-//! plain MatMul that the runtime runs with its own dynamic int8 activations.
+//! plain MatMul that the runtime runs with its own dynamic int8 activations, or at the model's
+//! own activation scale where the model quantizes them statically.
 //!
 //! - **QDQ weights**: `MatMul(A, DequantizeLinear(W_q, scale, zero_point))` with `W_q` a 2-D
 //!   int8 constant `[K, N]`, a per-tensor or per-column (`axis = 1`) scale and zero points of 0.
 //! - **Static quantization's activation pairs** (`quantize_static`, QDQ format): a
-//!   `QuantizeLinear → DequantizeLinear` pair with the same per-tensor scale and zero point is read
-//!   as its input (the products quantize their activations themselves; see
-//!   `fold_activation_qdq`).
+//!   `QuantizeLinear → DequantizeLinear` pair with the same per-tensor scale and zero point
+//!   before a lifted product becomes that product's own activation quantization — the same codes,
+//!   on the int8 kernels (`MatMulStaticQ8`, [`static_products`]); the model's other pairs stay
+//!   (see `fold_activation_qdq`; `--quantized-import lift-dynamic` folds them all instead).
 //! - **Dynamic quantization** (`onnxruntime.quantization.quantize_dynamic`):
 //!   `DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, x_zp, w_zp = 0) → Cast(float) →
 //!   Mul(·, x_scale · w_scale)` becomes `MatMul(x, W)`; the same around `ConvInteger` becomes
@@ -17,6 +19,8 @@
 //! MatMul) and its codes into [`Module::prequantized`]; the quantize step writes them as they
 //! are. Anything else is left to run on the integer ops as imported.
 
+use std::collections::HashMap;
+
 use acorn::format::{PassRecord, TensorEncoding};
 use acorn::graph::{BinaryOp, ConstBinding, Node, Op, Uses, ValueId, ValueInfo};
 use acorn::tensor::{DType, Tensor};
@@ -24,8 +28,19 @@ use anyhow::Result;
 
 use crate::ir::Module;
 
-/// Lifts the int8 products of `m` (see the module docs); returns the pass record.
+/// Lifts the int8 products of `m` (see the module docs); returns the pass record. A statically
+/// quantized model's products keep its activation scales (see `fold_activation_qdq`).
 pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
+    lift(m, false)
+}
+
+/// [`lift_int8_products`] with every activation pair folded: the products quantize their
+/// activations themselves, per block of 32 (`--quantized-import lift-dynamic`).
+pub fn lift_int8_products_dynamic(m: &mut Module) -> Result<PassRecord> {
+    lift(m, true)
+}
+
+fn lift(m: &mut Module, dynamic_acts: bool) -> Result<PassRecord> {
     let mut qdq = 0usize;
     let mut qdq_conv = 0usize;
     let mut dynamic = 0usize;
@@ -129,7 +144,7 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
             Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
         }
     }
-    let activations = fold_activation_qdq(m);
+    let (activations, static_products, conv_inputs) = fold_activation_qdq(m, dynamic_acts);
     let mut params = skipped;
     params.truncate(64);
     Ok(PassRecord {
@@ -141,16 +156,31 @@ pub fn lift_int8_products(m: &mut Module) -> Result<PassRecord> {
             ("dynamic_products".into(), dynamic as f64),
             ("dynamic_convs".into(), dynamic_convs as f64),
             ("qdq_activations".into(), activations as f64),
+            ("static_activation_products".into(), static_products as f64),
+            ("conv_inputs_unpaired".into(), conv_inputs as f64),
         ],
     })
 }
 
 /// Static quantization's activation pairs — `DequantizeLinear(QuantizeLinear(x, s, z), s, z)`
 /// with the same per-tensor scale and zero point on both (ONNX Runtime's QDQ format puts one
-/// before every quantized op's input) — read as `x`: the int8 rounding they simulate is what
-/// Acorn's products do themselves, with finer scales (int8 activations per block of 32, weights
-/// lifted above), and the elementwise rest runs in f32. Returns how many pairs were folded.
-fn fold_activation_qdq(m: &mut Module) -> usize {
+/// on every quantized op's inputs and outputs).
+///
+/// - `dynamic` false (the default): a product whose weight was lifted (a constant B) reads `x`
+///   itself, and `x` is recorded with the pair's scale and zero point
+///   ([`Module::static_acts`]): the end of conversion ([`static_products`]) runs it on exactly
+///   the codes the pair defines. A convolution on a lifted weight reads `x` too, and quantizes
+///   it itself (per tensor, at its own scale: the convolutions have no static form yet). Every
+///   other reader — an output's requantization, a product of two activations (attention's
+///   scores and values), an elementwise op — keeps the pair, fused into one
+///   [`Op::QuantizeDequantize`]: its rounding is the model's.
+/// - `dynamic` true (`--quantized-import lift-dynamic`): every pair is read as `x`: the products
+///   quantize their activations per block of 32 (finer than the model's calibration) and the
+///   rest runs in f32 — closer to the fp32 model, not to the quantized one.
+///
+/// Returns how many pairs were folded (every reader redirected), how many products read static
+/// activations and how many convolutions read a pair's input.
+fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize) {
     let uses = Uses::new(&m.graph);
     let same = |a: Option<ValueId>, b: Option<ValueId>| -> bool {
         match (constant(m, a), constant(m, b)) {
@@ -159,15 +189,27 @@ fn fold_activation_qdq(m: &mut Module) -> usize {
             _ => false,
         }
     };
-    // (DequantizeLinear output, x)
-    let mut folds: Vec<(ValueId, ValueId)> = Vec::new();
-    for dq in &m.graph.nodes {
-        if !matches!(dq.op, Op::DequantizeLinear { block: 0, .. })
-            || dq.outputs.len() != 1
-            || uses.is_output(dq.outputs[0])
-        {
+    let weight_product = |j: usize, slot: usize| {
+        let n = &m.graph.nodes[j];
+        slot == 0 && is_product(&n.op) && constant(m, n.inputs.get(1).copied().flatten()).is_some()
+    };
+    let weight_conv = |j: usize, slot: usize| {
+        let n = &m.graph.nodes[j];
+        slot == 0 && matches!(n.op, Op::Conv(_)) && constant(m, n.inputs.get(1).copied().flatten()).is_some()
+    };
+    // (DequantizeLinear output, x, the readers to redirect: None = all)
+    let mut folds: Vec<(ValueId, ValueId, Option<Readers>)> = Vec::new();
+    // Pairs that stay for their other readers, as one node: (the DequantizeLinear, x, the op).
+    let mut fused: Vec<(usize, ValueId, Op)> = Vec::new();
+    // x → its scale and zero point as an int8 code, where the pair feeds products (None: two
+    // pairs quantize x differently, or a product reads x unquantized).
+    let mut statics: HashMap<ValueId, Option<(f32, i32)>> = HashMap::new();
+    for (di, dq) in m.graph.nodes.iter().enumerate() {
+        if !matches!(dq.op, Op::DequantizeLinear { block: 0, .. }) || dq.outputs.len() != 1 {
             continue;
         }
+        // A graph output keeps its node (fused in place below; never folded away).
+        let is_output = uses.is_output(dq.outputs[0]);
         let Some(qv) = dq.inputs.first().copied().flatten() else { continue };
         let Some(qi) = uses.producer(qv) else { continue };
         let q = &m.graph.nodes[qi];
@@ -177,26 +219,111 @@ fn fold_activation_qdq(m: &mut Module) -> usize {
         let Some(x) = q.inputs.first().copied().flatten() else { continue };
         let param = |n: &Node, i: usize| n.inputs.get(i).copied().flatten();
         let zp_typed = constant(m, param(q, 2)).is_some_and(|z| matches!(z.dtype(), DType::I8 | DType::U8));
-        if zp_typed && same(param(q, 1), param(dq, 1)) && same(param(q, 2), param(dq, 2)) {
-            folds.push((dq.outputs[0], x));
+        if !(zp_typed && same(param(q, 1), param(dq, 1)) && same(param(q, 2), param(dq, 2))) {
+            continue;
         }
-    }
-    drop(uses);
-    for &(from, to) in &folds {
-        for n in &mut m.graph.nodes {
-            for i in n.inputs.iter_mut().filter(|i| **i == Some(from)) {
-                *i = Some(to);
+        if dynamic {
+            if !is_output {
+                folds.push((dq.outputs[0], x, None));
+            }
+            continue;
+        }
+        let readers = uses.readers(dq.outputs[0]);
+        let products: Vec<(usize, usize)> =
+            readers.iter().copied().filter(|&(j, slot)| weight_product(j, slot)).collect();
+        // Convolutions on lifted weights quantize their input themselves (per tensor; not yet
+        // at the model's scale): they read x, as before.
+        let convs: Vec<(usize, usize)> = readers.iter().copied().filter(|&(j, slot)| weight_conv(j, slot)).collect();
+        if products.len() + convs.len() < readers.len() || is_output {
+            if let Some(op) = pair_op(constant(m, param(q, 1)), constant(m, param(q, 2))) {
+                fused.push((di, x, op));
             }
         }
-        for sub in &mut m.graph.subgraphs {
-            for n in &mut sub.nodes {
-                for i in n.inputs.iter_mut().filter(|i| **i == Some(from)) {
-                    *i = Some(to);
+        if !convs.is_empty() {
+            folds.push((dq.outputs[0], x, Some(convs)));
+        }
+        let at = static_scale(constant(m, param(q, 1)), constant(m, param(q, 2)));
+        let direct = uses.readers(x).iter().any(|&(j, slot)| weight_product(j, slot));
+        let (Some(at), false, false) = (at, products.is_empty(), direct) else { continue };
+        let e = statics.entry(x).or_insert(Some(at));
+        if *e != Some(at) {
+            *e = None;
+        }
+        folds.push((dq.outputs[0], x, Some(products)));
+    }
+    drop(uses);
+    // Two pairs that quantize the same x differently: their products keep reading the pairs
+    // (which stay, fused).
+    folds.retain(|(_, x, only)| match only {
+        Some(readers) if readers.iter().any(|&(j, slot)| weight_product(j, slot)) => {
+            statics.get(x).is_some_and(|s| s.is_some())
+        }
+        _ => true,
+    });
+    let (mut whole, mut products, mut convs) = (0, 0, 0);
+    for (from, to, only) in &folds {
+        match only {
+            None => {
+                whole += 1;
+                for n in m.graph.nodes.iter_mut().chain(m.graph.subgraphs.iter_mut().flat_map(|s| s.nodes.iter_mut())) {
+                    for i in n.inputs.iter_mut().filter(|i| **i == Some(*from)) {
+                        *i = Some(*to);
+                    }
+                }
+            }
+            Some(readers) => {
+                for &(j, slot) in readers {
+                    m.graph.nodes[j].inputs[slot] = Some(*to);
+                    if is_product(&m.graph.nodes[j].op) {
+                        products += 1;
+                    } else {
+                        convs += 1;
+                    }
                 }
             }
         }
     }
-    folds.len()
+    m.static_acts.extend(statics.into_iter().filter_map(|(x, at)| at.map(|a| (x, a))));
+    // The pairs kept for their other readers: one pass each (the QuantizeLinear left unread).
+    for (di, x, op) in fused {
+        let n = &mut m.graph.nodes[di];
+        n.op = op;
+        n.inputs = vec![Some(x)];
+    }
+    (whole, products, convs)
+}
+
+/// Readers of a value: (node, input slot).
+type Readers = Vec<(usize, usize)>;
+
+/// A per-tensor int8 / uint8 pair as one [`Op::QuantizeDequantize`] (its zero point as stored).
+fn pair_op(scale: Option<&Tensor>, zero: Option<&Tensor>) -> Option<Op> {
+    let s = *scale?.as_f32()?.first()?;
+    let z = zero?;
+    let (zero_point, lo, hi) = match z.dtype() {
+        DType::I8 => (*z.bytes().first()? as i8 as i32, -128, 127),
+        DType::U8 => (*z.bytes().first()? as i32, 0, 255),
+        _ => return None,
+    };
+    (s.is_finite() && s > 0.0).then_some(Op::QuantizeDequantize { scale: s, zero_point, lo, hi })
+}
+
+/// The products a static activation pair can feed (its weight lifted to q8).
+fn is_product(op: &Op) -> bool {
+    matches!(op, Op::MatMul | Op::Gemm { .. })
+}
+
+/// A per-tensor activation quantization's scale and zero point as an int8 code (a uint8 zero
+/// point minus 128, the codes shifted alike), when the scale is a positive finite f32.
+fn static_scale(scale: Option<&Tensor>, zero: Option<&Tensor>) -> Option<(f32, i32)> {
+    let s = *scale?.as_f32()?.first()?;
+    let z = zero?;
+    let zc = match z.dtype() {
+        DType::I8 => *z.bytes().first()? as i8 as i32,
+        DType::U8 => *z.bytes().first()? as i32 - 128,
+        _ => return None,
+    };
+    (s.is_finite() && s > 0.0).then_some((s, zc))
 }
 
 fn constant(m: &Module, v: Option<ValueId>) -> Option<&Tensor> {
@@ -404,4 +531,100 @@ fn weight_from(
     }
     let bytes = crate::quantize::q8_panel_bytes(&rows, &per_col, n, k);
     Ok((Tensor::from_f32(vec![k, n], w), TensorEncoding::Q8Panels { nr: crate::quantize::Q8_PANEL as u32 }, bytes))
+}
+
+/// The end of a conversion: the products whose activations the model quantizes statically
+/// ([`Module::static_acts`], from the QDQ pairs folded above) run on those codes at the model's
+/// own scale and zero point. A MatMul reading such an activation whose weight is stored as q8
+/// by columns (`quantized`, what the file will hold) with every code within ±127 becomes
+/// [`Op::MatMulStaticQ8`]; the zero point's share `−scale · zero · Σ_k B[k, n]` is folded into its
+/// bias. Any other product keeps Acorn's dynamic activations, with the reason in the record.
+pub fn static_products(m: &mut Module, quantized: &[Option<crate::quantize::Quantized>]) -> PassRecord {
+    let mut done = 0usize;
+    let mut kept: Vec<(String, String)> = Vec::new();
+    if m.static_acts.is_empty() {
+        return PassRecord {
+            name: "static_activations".into(),
+            params: vec![],
+            report: vec![("products".into(), 0.0)],
+        };
+    }
+    for i in 0..m.graph.nodes.len() {
+        let n = &m.graph.nodes[i];
+        if !matches!(n.op, Op::MatMul) {
+            continue;
+        }
+        let Some(&(scale, zero)) = n.inputs.first().copied().flatten().and_then(|a| m.static_acts.get(&a)) else {
+            continue;
+        };
+        let name = n.name.clone();
+        match static_bias(m, i, quantized, scale, zero) {
+            Ok(bias) => {
+                let node = &mut m.graph.nodes[i];
+                node.op = Op::MatMulStaticQ8 { scale, zero_point: zero };
+                if let Some(b) = bias {
+                    let v = m.graph.values.len() as ValueId;
+                    m.graph.values.push(ValueInfo { name: format!("{name}.static_bias") });
+                    m.graph.constants.push(ConstBinding { value: v, tensor: m.tensors.len() as u32 });
+                    m.tensors.push((format!("{name}.static_bias"), b));
+                    node.inputs.resize(3, None);
+                    node.inputs[2] = Some(v);
+                }
+                done += 1;
+            }
+            Err(why) => kept.push(("dynamic".into(), format!("{name}: {why}"))),
+        }
+    }
+    kept.truncate(64);
+    PassRecord {
+        name: "static_activations".into(),
+        report: vec![("products".into(), done as f64), ("kept_dynamic".into(), kept.len() as f64)],
+        params: kept,
+    }
+}
+
+/// The bias MatMul `i` needs on static activations at `(scale, zero)`: its own plus the zero
+/// point's share (`None`: it has none and needs none); an error says why the product cannot.
+fn static_bias(
+    m: &Module,
+    i: usize,
+    quantized: &[Option<crate::quantize::Quantized>],
+    scale: f32,
+    zero: i32,
+) -> std::result::Result<Option<Tensor>, String> {
+    let n = &m.graph.nodes[i];
+    let b = n.inputs.get(1).copied().flatten().ok_or("no weight")?;
+    let t = m.graph.constants.iter().find(|c| c.value == b).ok_or("its weight is not a constant")?.tensor as usize;
+    let q = quantized.get(t).and_then(|q| q.as_ref()).ok_or("its weight is not stored quantized")?;
+    let shape = m.tensors[t].1.shape();
+    if shape.len() != 2 || !q.encoding.transposed() {
+        return Err(format!("its weight is stored as {} of shape {shape:?}", q.encoding));
+    }
+    let (k, cols) = (shape[0], shape[1]);
+    let w = acorn::weights::Weights::parse(q.encoding, DType::F32, &[k, cols], &q.bytes)?;
+    let codes = match &w {
+        acorn::weights::Weights::Q8(w) => w.q,
+        acorn::weights::Weights::Q8Panels(w) => w.q,
+        _ => return Err(format!("its weight is stored as {}, not q8", q.encoding)),
+    };
+    if codes.contains(&i8::MIN) {
+        return Err("its weight holds the code −128 (the static kernels take ±127)".into());
+    }
+    let own = match n.inputs.get(2).copied().flatten() {
+        None => None,
+        Some(v) => Some(constant(m, Some(v)).and_then(|c| c.as_f32()).ok_or("its bias is not a constant")?),
+    };
+    if zero == 0 {
+        return Ok(own.map(|b| Tensor::from_f32(vec![cols], b.to_vec())));
+    }
+    // Σ_k B[k, n] of the stored (decoded) weight, per output.
+    let rows = w.decode();
+    let shift = -(scale as f64) * zero as f64;
+    let bias: Vec<f32> = (0..cols)
+        .map(|j| {
+            let sum: f64 = rows[j * k..(j + 1) * k].iter().map(|&v| v as f64).sum();
+            (own.map_or(0.0, |b| b[j] as f64) + shift * sum) as f32
+        })
+        .collect();
+    Ok(Some(Tensor::from_f32(vec![cols], bias)))
 }

@@ -507,12 +507,33 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
             .filter_map(|n| n.inputs.get(1).copied().flatten())
             .filter_map(|v| meta.graph.constants.iter().find(|c| c.value == v).map(|c| c.tensor))
             .collect();
+        // Tensors products on a model's static activations read (codes of −128 take their own
+        // kernel on some sets).
+        let static_weights: Vec<u32> = meta
+            .graph
+            .all_nodes()
+            .filter(|n| matches!(n.op, acorn::graph::Op::MatMulStaticQ8 { .. }))
+            .filter_map(|n| n.inputs.get(1).copied().flatten())
+            .filter_map(|v| meta.graph.constants.iter().find(|c| c.value == v).map(|c| c.tensor))
+            .collect();
         for &i in &order[..show] {
             let t = &meta.tensors[i];
+            let static_q8 = match t.encoding {
+                acorn::format::TensorEncoding::Q8Panels { nr }
+                | acorn::format::TensorEncoding::Q8PanelsNarrow { nr }
+                    if static_weights.contains(&(i as u32)) =>
+                {
+                    let narrow = matches!(t.encoding, acorn::format::TensorEncoding::Q8PanelsNarrow { .. });
+                    Some(acorn::kernels::quant::q8_wide_kernel_name(acorn::kernels::selected(), nr as usize, narrow))
+                }
+                _ => None,
+            };
             let conv_q8 = conv_weights.contains(&(i as u32))
                 && t.encoding == (acorn::format::TensorEncoding::Q8 { transposed: false })
                 && t.shape.len() == 2;
-            let runs = if conv_q8 {
+            let runs = if let Some(name) = static_q8 {
+                format!("  products on the model's static activations: {name}")
+            } else if conv_q8 {
                 let (m, k) = (t.shape[0] as usize, t.shape[1] as usize);
                 format!("  convolution: {}", acorn::kernels::conv_q8_kernel(acorn::kernels::selected(), m, k))
             } else {

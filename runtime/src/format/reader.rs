@@ -397,20 +397,31 @@ impl ModelFile {
 
     /// Checks the promises an encoding makes about its values beyond the bytes' length: every
     /// code of a `Q8PanelsNarrow` tensor is within ±64 (the x86 kernels without VNNI rely on it;
-    /// a larger one would saturate their 16-bit pair sums). Run with the checksums.
+    /// a larger one would saturate their 16-bit pair sums), and no code of a q8 weight a
+    /// `MatMulStaticQ8` reads is −128 (its activations may be: their kernels there move the
+    /// activation's sign onto the weight). Run with the checksums.
     pub fn check_codes(&self) -> Result<()> {
+        let g = &self.meta.graph;
+        let static_b: std::collections::HashSet<u32> = g
+            .all_nodes()
+            .filter(|n| matches!(n.op, crate::graph::Op::MatMulStaticQ8 { .. }))
+            .filter_map(|n| n.inputs.get(1).copied().flatten())
+            .filter_map(|v| g.constants.iter().find(|c| c.value == v).map(|c| c.tensor))
+            .collect();
         for (i, t) in self.meta.tensors.iter().enumerate() {
-            if !matches!(t.encoding, TensorEncoding::Q8PanelsNarrow { .. }) {
+            let narrow = matches!(t.encoding, TensorEncoding::Q8PanelsNarrow { .. });
+            if !narrow && !static_b.contains(&(i as u32)) {
                 continue;
             }
             let Some(l) = t.encoding.quant_layout(t.dtype, &t.shape) else { continue };
             let codes = &self.stored_bytes(i)[l.values.0..l.values.1];
-            if let Some(p) = codes.iter().position(|&c| (c as i8).unsigned_abs() > crate::weights::q8::NARROW_MAX as u8)
-            {
+            let (limit, what) =
+                if narrow { (crate::weights::q8::NARROW_MAX as u8, "narrow q8") } else { (127, "MatMulStaticQ8's q8") };
+            if let Some(p) = codes.iter().position(|&c| (c as i8).unsigned_abs() > limit) {
                 let at = self.data_offset as u64 + t.offset + p as u64;
                 return Err(Error::format(
                     at,
-                    format!("tensor '{}': narrow q8 code {} is outside ±64", t.name, codes[p] as i8),
+                    format!("tensor '{}': {what} code {} is outside ±{limit}", t.name, codes[p] as i8),
                 ));
             }
         }

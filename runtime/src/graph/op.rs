@@ -658,6 +658,26 @@ pub enum Op {
         round: crate::dtype::E8m0Round,
         saturate: bool,
     },
+    /// inputs: A [..., K] f32, B [K, N] stored as q8 (panels or by columns, codes within ±127),
+    /// bias [N] (optional). A is quantized to int8 at the model's own fixed scale and zero point
+    /// (static quantization's calibrated `QuantizeLinear`: `q = clamp(round(a / scale) +
+    /// zero_point)`) and the product runs on those codes: `Y = scale · Σ q·B + bias`. The zero
+    /// point's share `−scale · zero_point · ΣB` is in the bias (the converter folds it there);
+    /// made by the converter from a QDQ model's activation pair and lifted weight.
+    MatMulStaticQ8 {
+        scale: f32,
+        zero_point: i32,
+    },
+    /// `DequantizeLinear(QuantizeLinear(x, scale, zero_point), scale, zero_point)` in one pass
+    /// (a statically quantized model's requantization of an f32 value, per tensor): `y = (clamp(
+    /// round(x / scale) + zero_point, lo, hi) − zero_point) · scale`, `[lo, hi]` the integer
+    /// type's range. Made by the converter from such a pair.
+    QuantizeDequantize {
+        scale: f32,
+        zero_point: i32,
+        lo: i32,
+        hi: i32,
+    },
 }
 
 /// TfIdfVectorizer's weighting: counts, the weight where present, or weight × count.
@@ -925,7 +945,7 @@ impl Op {
             Op::ArgExtreme { .. } | Op::ConstantOfShape { .. } | Op::Softmax { .. } => (1, 1, 1, 1),
             Op::Clip => (1, 3, 1, 1),
             Op::Binary(_) | Op::MatMulTransB | Op::Expand | Op::Tile => (2, 2, 1, 1),
-            Op::MatMul => (2, 3, 1, 1),
+            Op::MatMul | Op::MatMulStaticQ8 { .. } => (2, 3, 1, 1),
             Op::Reshape { .. } | Op::Gather { .. } => (2, 2, 1, 1),
             Op::Where | Op::Range => (3, 3, 1, 1),
             Op::Reduce { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => (1, 2, 1, 1),
@@ -982,6 +1002,7 @@ impl Op {
             Op::TensorScatter { .. } => (2, 3, 1, 1),
             Op::Dropout => (1, 3, 1, 2),
             Op::CastNoSaturate { .. } | Op::CastE8m0 { .. } => (1, 2, 1, 1),
+            Op::QuantizeDequantize { .. } => (1, 1, 1, 1),
             Op::RoiAlign { .. } => (3, 3, 1, 1),
             Op::DeformConv { .. } => (3, 5, 1, 1),
             Op::TfIdfVectorizer { .. } => (1, 1, 1, 1),

@@ -198,6 +198,70 @@ pub fn round_to_i8_from(v: f32, lo: f32) -> i8 {
     (v.clamp(lo, 127.0) + MAGIC).to_bits() as u8 as i8
 }
 
+/// ONNX `QuantizeLinear`'s code for `v` at `scale` and the integer zero point `zero`:
+/// `clamp(round_half_even(v / scale) + zero, lo, hi)` (`lo`, `hi` the type's range within
+/// −128…255; NaN reads as −∞), as the code's low byte (two's complement for a negative one).
+/// Rounded before the zero point is added, as the definition: `v / scale` held within ±1024
+/// keeps the 1.5·2²³ rounding exact, and every value past that saturates alike. Plain float and
+/// bit operations that vectorise.
+#[inline(always)]
+pub fn quantize_code(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> u8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let r = ((within_1024(v / scale) + MAGIC) - MAGIC) + zero;
+    (r.clamp(lo, hi) + MAGIC).to_bits() as u8
+}
+
+/// `t` held within ±1024, NaN read as −1024 (`max` / `min` skip a NaN where `clamp` would keep
+/// it).
+#[inline(always)]
+#[allow(clippy::manual_clamp)]
+fn within_1024(t: f32) -> f32 {
+    t.max(-1024.0).min(1024.0)
+}
+
+multiversion! {
+    /// `DequantizeLinear(QuantizeLinear(x))` at one scale and zero point in one pass:
+    /// `(clamp(round_half_even(x / scale) + zero, lo, hi) − zero) · scale` (as
+    /// [`quantize_code`], then as `DequantizeLinear` computes it: the integer difference times
+    /// the scale).
+    fn quantize_dequantize(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
+        const MAGIC: f32 = 12_582_912.0;
+        for (o, &v) in out.iter_mut().zip(x) {
+            let r = ((within_1024(v / scale) + MAGIC) - MAGIC) + zero;
+            *o = (r.clamp(lo, hi) - zero) * scale;
+        }
+    }
+}
+
+multiversion! {
+    /// [`quantize_code`] over `x` into `out` (ONNX `QuantizeLinear` with a per-tensor scale to
+    /// int8 or uint8, whose codes are the bytes).
+    fn quantize_per_tensor(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [u8]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = quantize_code(v, scale, zero, lo, hi);
+        }
+    }
+}
+
+multiversion! {
+    /// Int8 quantization at one fixed scale and zero point (ONNX `QuantizeLinear` per tensor,
+    /// the activations of a statically quantized model's products):
+    /// `q = clamp(round_half_even(x / scale) + zero, −128, 127)` ([`quantize_code`]), and each
+    /// block of 32's sum of `q`. `x.len()` is a multiple of 32; `q` as long, `sums` one per block.
+    fn quantize_static_i8(x: &[f32], scale: f32, zero: i32, q: &mut [i8], sums: &mut [i32]) {
+        let z = zero as f32;
+        for ((xb, qb), sum) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(sums.iter_mut()) {
+            let mut acc = 0i32;
+            for (o, &v) in qb.iter_mut().zip(xb) {
+                let c = quantize_code(v, scale, z, -128.0, 127.0) as i8;
+                *o = c;
+                acc += c as i32;
+            }
+            *sum = acc;
+        }
+    }
+}
+
 multiversion! {
     /// Symmetric int8 quantization per block of 32 (the activations of the int8 products):
     /// `scale = max|x| / 127`, `q = round(x / scale)` to nearest even ([`round_to_i8`]),

@@ -33,6 +33,10 @@ pub struct QActs {
     /// block's first 16 values, then each block's last 16 — the order of a q4 block's low and
     /// high nibbles. Rows are `k` rounded up to 128, zero padded.
     pub q4x: Vec<i8>,
+    /// The codes may hold −128 (static quantization at a model's own scale and zero point,
+    /// [`quantize_acts_static`]): the q8 products then take the kernels that read them exactly
+    /// (weights within ±127). Dynamic quantization's codes are symmetric, within ±127.
+    pub full_range: bool,
 }
 
 /// Why a quantized product cannot run.
@@ -69,6 +73,37 @@ pub fn quantize_acts_q8(x: &[f32], m: usize, k: usize, out: &mut QActs, threads:
     Ok(())
 }
 
+/// Quantizes activations `x` (`m × k`) to int8 at one fixed scale and zero point — a model's
+/// own calibrated activation quantization (ONNX `QuantizeLinear` with a per-tensor scale):
+/// `q = clamp(round_half_even(x / scale) + zero, −128, 127)`, every block's scale `scale`,
+/// each block's sum kept. The products then compute `scale · Σ q·w`; the zero point's share
+/// `−scale · zero · Σw` is the caller's to subtract (the converter folds it into a bias). Codes
+/// may be −128 ([`QActs::full_range`]).
+pub fn quantize_acts_static(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    scale: f32,
+    zero: i32,
+    out: &mut QActs,
+) -> Result<(), QuantError> {
+    check(k.is_multiple_of(QK), || format!("k = {k} is not a multiple of {QK}"))?;
+    check(x.len() >= m * k, || format!("activations hold {} values, need {m}×{k}", x.len()))?;
+    check(scale.is_finite() && scale > 0.0, || format!("activation scale {scale} is not a positive number"))?;
+    check((-128..=127).contains(&zero), || format!("activation zero point {zero} is outside int8"))?;
+    let nb = m * k / QK;
+    out.m = m;
+    out.k = k;
+    out.q.resize(m * k, 0);
+    out.scales.clear();
+    out.scales.resize(nb, scale);
+    out.sums.resize(nb, 0);
+    out.q4x.clear();
+    out.full_range = true;
+    super::math::quantize_static_i8(&x[..m * k], scale, zero, &mut out.q, &mut out.sums);
+    Ok(())
+}
+
 /// Blocks of 32 per thread from which activation quantization splits across threads.
 const QUANT_PAR_BLOCKS: usize = 512;
 /// Most parts it splits into.
@@ -83,6 +118,7 @@ fn quantize_blocks(x: &[f32], m: usize, k: usize, out: &mut QActs, threads: usiz
     out.q.resize(m * k, 0);
     out.scales.resize(nb, 0.0);
     out.sums.resize(nb, 0);
+    out.full_range = false;
     let parts = threads.min(nb / QUANT_PAR_BLOCKS).min(QUANT_MAX_PARTS);
     if parts < 2 {
         quantize_some_blocks(&x[..m * k], &mut out.q, &mut out.scales, &mut out.sums);
@@ -361,6 +397,11 @@ pub struct Q8PanelKernel {
     /// where the full-range kernel must move each weight's sign onto the activation before
     /// `vpmaddubsw`, the narrow one offsets the codes to unsigned once per weight vector.
     pub narrow: Option<(&'static str, Q8PanelFn)>,
+    /// The kernel for activations that may hold −128 ([`QActs::full_range`]) against weights
+    /// within ±127, where `panel` moves the weight's sign onto the activation (which `−128`
+    /// cannot take): it moves the activation's sign onto the weight. `None`: `panel` (and
+    /// `narrow`) read every int8 activation exactly.
+    pub wide: Option<(&'static str, Q8PanelFn)>,
 }
 
 /// `(m, x, ldx, xs, sums, ldxs, panel, panel scales, nb, scratch, out, ldo, cols)`: `m`
@@ -472,6 +513,7 @@ crate::kernel_list! {
                 unsigned_acts: true,
                 packs_rows: true,
                 narrow: None,
+                wide: None,
             },
         );
         #[cfg(target_arch = "x86_64")]
@@ -480,11 +522,12 @@ crate::kernel_list! {
             Isa::Avx512,
             Activations::Int8Blocks,
             Q8PanelKernel {
-                panel: super::x86q::q8_panel_avx512::<false>,
+                panel: super::x86q::q8_panel_avx512::<false, false>,
                 nr: 32,
                 unsigned_acts: false,
                 packs_rows: true,
-                narrow: Some(("gemm_q7i8_6x32_avx512", super::x86q::q8_panel_avx512::<true>)),
+                narrow: Some(("gemm_q7i8_6x32_avx512", super::x86q::q8_panel_avx512::<true, false>)),
+                wide: Some(("gemm_q8i8w_6x32_avx512", super::x86q::q8_panel_avx512::<false, true>)),
             },
         );
         #[cfg(target_arch = "x86_64")]
@@ -498,6 +541,7 @@ crate::kernel_list! {
                 unsigned_acts: false,
                 packs_rows: true,
                 narrow: None,
+                wide: None,
             },
         );
         #[cfg(target_arch = "x86_64")]
@@ -506,11 +550,12 @@ crate::kernel_list! {
             Isa::Avx2,
             Activations::Int8Blocks,
             Q8PanelKernel {
-                panel: super::x86q::q8_panel_avx2::<false>,
+                panel: super::x86q::q8_panel_avx2::<false, false>,
                 nr: 32,
                 unsigned_acts: false,
                 packs_rows: true,
-                narrow: Some(("gemm_q7i8_4x16_avx2", super::x86q::q8_panel_avx2::<true>)),
+                narrow: Some(("gemm_q7i8_4x16_avx2", super::x86q::q8_panel_avx2::<true, false>)),
+                wide: Some(("gemm_q8i8w_4x16_avx2", super::x86q::q8_panel_avx2::<false, true>)),
             },
         );
         #[cfg(target_arch = "aarch64")]
@@ -518,14 +563,14 @@ crate::kernel_list! {
             "gemm_q8i8_1x32_neondot",
             Isa::NeonDot,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None },
+            Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None, wide: None },
         );
         #[cfg(target_arch = "aarch64")]
         add(
             "gemm_q8i8_1x32_neon",
             Isa::Neon,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::armq::q8_panel_neon, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None },
+            Q8PanelKernel { panel: super::armq::q8_panel_neon, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None, wide: None },
         );
     }
 }
@@ -891,6 +936,12 @@ pub fn gemm_q8(isa: Isa, x: &QActs, w: &Q8Weights<'_>, out: &mut [f32], threads:
     if let Q8RowsPath::Packing(kp) = path {
         return gemm_q8_packing(isa, kp.nr, x, w, out, threads);
     }
+    if x.full_range {
+        // Codes of −128: the panel kernels read them exactly (the row kernels of the x86 sets
+        // without VNNI move the weight's sign onto the activation, which −128 cannot take).
+        let nr = isa.q_rows().q8_panel.map_or(32, |(_, kp)| kp.nr);
+        return gemm_q8_packing(isa, nr, x, w, out, threads);
+    }
     let f = isa.q_rows().q8;
     let nb = k / QK;
     if let (Some((_, tile)), Q8RowsPath::Tile2x2) = (isa.q_rows().q8_2x2, path) {
@@ -973,12 +1024,23 @@ fn q8_rows_path(isa: Isa, m: usize) -> Q8RowsPath {
 /// The native kernel `isa` runs on q8 panels of width `nr` (`narrow`: every code within ±64):
 /// its name, the kernel and whether it reads the activations offset to unsigned (from
 /// [`Q8_GEMM_MIN_ROWS`] rows). `None`: the portable panel loop.
-fn q8_panel_kernel(isa: Isa, nr: usize, narrow: bool) -> Option<(&'static str, Q8PanelFn, bool)> {
+///
+/// `wide`: the activations may hold −128 ([`QActs::full_range`]) — the set's wide kernel when
+/// it has one (a narrow kernel reads them exactly as it stands).
+fn q8_panel_kernel(isa: Isa, nr: usize, narrow: bool, wide: bool) -> Option<(&'static str, Q8PanelFn, bool)> {
     let (name, kp) = isa.q_rows().q8_panel.filter(|(_, kp)| kp.nr == nr)?;
-    Some(match kp.narrow {
-        Some((n7, f7)) if narrow => (n7, f7, false),
+    Some(match (kp.narrow, kp.wide) {
+        (Some((n7, f7)), _) if narrow => (n7, f7, false),
+        (_, Some((nw, fw))) if wide => (nw, fw, false),
         _ => (name, kp.panel, kp.unsigned_acts),
     })
+}
+
+/// The name of the kernel that runs a q8 panel product (width `nr`, codes within ±64 when
+/// `narrow`) on activations that may hold −128 — a `MatMulStaticQ8`'s.
+pub fn q8_wide_kernel_name(isa: Isa, nr: usize, narrow: bool) -> &'static str {
+    let isa = if isa.supported() { isa } else { Isa::detect() };
+    q8_panel_kernel(isa, nr, narrow, true).map_or("gemm_q8i8_1xnr_generic", |k| k.0)
 }
 
 /// The name of the kernel that runs a q8 product with `m` activation rows: on weights stored
@@ -988,7 +1050,8 @@ fn q8_panel_kernel(isa: Isa, nr: usize, narrow: bool) -> Option<(&'static str, Q
 pub fn q8_kernel_name(isa: Isa, m: usize, panels: Option<(usize, bool)>) -> &'static str {
     let isa = if isa.supported() { isa } else { Isa::detect() };
     let rows = isa.q_rows();
-    let panel = |nr: usize, narrow: bool| q8_panel_kernel(isa, nr, narrow).map_or("gemm_q8i8_1xnr_generic", |k| k.0);
+    let panel =
+        |nr: usize, narrow: bool| q8_panel_kernel(isa, nr, narrow, false).map_or("gemm_q8i8_1xnr_generic", |k| k.0);
     match panels {
         Some((nr, narrow)) => panel(nr, narrow),
         None => match q8_rows_path(isa, m) {
@@ -1167,7 +1230,7 @@ pub fn gemm_q8_panels_bias(
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    let native = q8_panel_kernel(isa, nr, w.narrow).map(|(_, f, unsigned)| (f, unsigned));
+    let native = q8_panel_kernel(isa, nr, w.narrow, x.full_range).map(|(_, f, unsigned)| (f, unsigned));
     let nb = k / QK;
     let per = panels.div_ceil(threads.clamp(1, panels));
     Q8_UNSIGNED.with(|cell| {
@@ -1622,6 +1685,108 @@ mod tests {
                             "{} m={m} n={n} k={k}: [{c}] = {b}, want {r}",
                             q8_kernel_name(isa, m, Some((32, false)))
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Static quantization's codes follow ONNX `QuantizeLinear`: divide, round half to even,
+    /// add the zero point, saturate to int8 (−128 included); every block's scale is the one
+    /// scale; the block sums are the codes' sums.
+    #[test]
+    fn static_activations_follow_quantize_linear() {
+        let (scale, zero) = (0.5f32, -3);
+        // 0.25 → 0.5 → 0 (even) −3; 0.75 → 1.5 → 2 −3; −0.25 → −0.5 → −0 −3; 1.25 → 2.5 → 2 −3;
+        // far below and above saturate; −62.5 → −125 −3 = −128 exactly.
+        let mut x = vec![0.25, 0.75, -0.25, 1.25, -1000.0, 1000.0, -62.5, 65.0, f32::INFINITY, 0.0];
+        x.resize(64, 0.1);
+        let mut qa = QActs::default();
+        quantize_acts_static(&x, 2, 32, scale, zero, &mut qa).unwrap();
+        assert_eq!(&qa.q[..10], &[-3, -1, -3, -1, -128, 127, -128, 127, 127, -3]);
+        assert!(qa.full_range && qa.scales == [scale; 2]);
+        for (b, s) in qa.sums.iter().enumerate() {
+            assert_eq!(*s, qa.q[b * 32..(b + 1) * 32].iter().map(|&v| v as i32).sum::<i32>());
+        }
+        let want: Vec<i8> = x
+            .iter()
+            .map(|&v| ((v / scale).clamp(-512.0, 512.0).round_ties_even() as i32 + zero).clamp(-128, 127) as i8)
+            .collect();
+        assert_eq!(qa.q, want);
+        assert!(quantize_acts_static(&x, 2, 32, 0.0, 0, &mut qa).is_err());
+        assert!(quantize_acts_static(&x, 2, 32, 1.0, 128, &mut qa).is_err());
+        assert!(quantize_acts_static(&x, 1, 48, 1.0, 0, &mut qa).is_err());
+        // A dynamic quantization after it clears the flag.
+        quantize_acts_q8(&x, 2, 32, &mut qa, 1).unwrap();
+        assert!(!qa.full_range);
+    }
+
+    /// Activations that hold −128 (static quantization's codes) against weights within ±127,
+    /// every code of both present, give the integer reference's result on every set (the wide
+    /// kernels of the x86 sets without VNNI; the others as they stand), in panels, narrow
+    /// panels and stored by rows, for awkward shapes.
+    #[test]
+    fn q8_products_take_activations_of_minus_128() {
+        for &(m, n, k) in &[(1, 37, 256), (2, 40, 96), (3, 33, 64), (5, 65, 512), (7, 64, 64), (13, 31, 128)] {
+            let codes: Vec<i8> = (0..n * k).map(|i| ((i * 97 + i / 5) % 255) as i32 - 127).map(|c| c as i8).collect();
+            assert!(codes.contains(&-127) && codes.contains(&127) && !codes.contains(&i8::MIN));
+            let narrow: Vec<i8> = codes.iter().map(|&c| c / 2).collect();
+            let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+            // Runs of the extremes so pairs of −128 meet pairs of ±127 (what saturates a pair sum).
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| match (i / 2) % 5 {
+                    0 => -100.0,
+                    1 => 100.0,
+                    _ => ((i * 31 % 97) as f32 - 48.0) * 0.7,
+                })
+                .collect();
+            let mut qa = QActs::default();
+            quantize_acts_static(&x, m, k, 0.5, -2, &mut qa).unwrap();
+            assert!(qa.q.contains(&i8::MIN) && qa.q.contains(&127));
+            let nb = k / QK;
+            let want = |w: &[i8]| -> Vec<f32> {
+                (0..m * n)
+                    .map(|c| {
+                        let (i, j) = (c / n, c % n);
+                        let d: i64 = (0..k).map(|t| w[j * k + t] as i64 * qa.q[i * k + t] as i64).sum();
+                        (d as f64 * 0.5 * scales[j] as f64) as f32
+                    })
+                    .collect()
+            };
+            let (want_full, want_narrow) = (want(&codes), want(&narrow));
+            let rows = Q8Weights { n, k, q: &codes, scales: &scales };
+            let (pq, ps) = pack_q8_panels(&codes, &scales, n, k, 32);
+            let panels = Q8Panels { n, k, nr: 32, q: &pq, scales: &ps, narrow: false };
+            let (nq, ns) = pack_q8_panels(&narrow, &scales, n, k, 32);
+            let npanels = Q8Panels { n, k, nr: 32, q: &nq, scales: &ns, narrow: true };
+            for isa in sets() {
+                for threads in [1, 2] {
+                    let name = q8_wide_kernel_name(isa, 32, false);
+                    let runs: [(&str, &[f32], Vec<f32>); 3] = [
+                        (name, &want_full, {
+                            let mut o = vec![f32::NAN; m * n];
+                            gemm_q8_panels(isa, &qa, &panels, &mut o, threads).unwrap();
+                            o
+                        }),
+                        (q8_wide_kernel_name(isa, 32, true), &want_narrow, {
+                            let mut o = vec![f32::NAN; m * n];
+                            gemm_q8_panels(isa, &qa, &npanels, &mut o, threads).unwrap();
+                            o
+                        }),
+                        ("by rows", &want_full, {
+                            let mut o = vec![f32::NAN; m * n];
+                            gemm_q8(isa, &qa, &rows, &mut o, threads).unwrap();
+                            o
+                        }),
+                    ];
+                    for (what, want, got) in &runs {
+                        for (c, (g, r)) in got.iter().zip(want.iter()).enumerate() {
+                            let tol = 2.0 * sum_tol(*r, k) + 1e-5 * r.abs();
+                            assert!(
+                                (g - r).abs() <= tol,
+                                "{isa:?} {what} m={m} n={n} k={k} nb={nb}: [{c}] = {g}, want {r}"
+                            );
+                        }
                     }
                 }
             }

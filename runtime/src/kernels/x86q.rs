@@ -715,19 +715,24 @@ pub unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], scales: &mut [f32]
 ///   `vpsignb` per row and weight vector, on the multiply pipes;
 /// - narrow codes (`NARROW`, every code within ±64, `TensorEncoding::Q8PanelsNarrow`): `w + 64`
 ///   (0…128) is unsigned as it stands (`2·128·127` fits), offset once per weight vector; the
-///   offset adds `64·Σx` per block, which the block's i32 sums start from (negated).
+///   offset adds `64·Σx` per block, which the block's i32 sums start from (negated);
+/// - activations that may hold −128 (`WIDE`: static quantization's codes at a model's own
+///   scale, [`super::quant::quantize_acts_static`]) against full-range weights within ±127:
+///   the activation's sign moves onto the weight instead (`|x| · (w·sign x)`; `|−128|` reads as
+///   the unsigned 128, `−w` fits) — one more `vpabsb` per row. Narrow codes need no such form:
+///   `(w + 64)·x` stays within i16 for `x = −128` too.
 ///
 /// `vpmaddwd` by ones widens the pairs into i32 sums of four. Per block the i32 sums are scaled
 /// by the activation block's scale into f32; the weights' row scales multiply at the end.
 ///
 /// # Safety
-/// The CPU has AVX2/FMA; `x` holds `R` rows of `nb·32` signed bytes (within ±127) at stride
-/// `ldx`; `xs` (and, when `NARROW`, `sums`) `R` rows of `nb` values at stride `ldxs`; `w`
-/// `nb·32·32` packed bytes (within ±64 when `NARROW`); `ws` 32 f32; `out` is valid for `R` rows
+/// The CPU has AVX2/FMA; `x` holds `R` rows of `nb·32` signed bytes (within ±127 unless
+/// `WIDE`) at stride `ldx`; `xs` (and, when `NARROW`, `sums`) `R` rows of `nb` values at stride
+/// `ldxs`; `w` `nb·32·32` packed bytes (within ±64 when `NARROW`, ±127 when `WIDE`); `ws` 32 f32; `out` is valid for `R` rows
 /// of `cols` floats at stride `ldo`, `cols` ≤ 16.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool>(
+unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool, const WIDE: bool>(
     x: *const i8,
     ldx: usize,
     xs: *const f32,
@@ -764,14 +769,29 @@ unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool>(
                 let w1 = _mm256_loadu_si256(wp.add(32) as *const __m256i);
                 let (u0, u1) = if NARROW {
                     (_mm256_add_epi8(w0, off), _mm256_add_epi8(w1, off))
+                } else if WIDE {
+                    (w0, w1)
                 } else {
                     (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1))
                 };
                 for (r, ar) in a.iter_mut().enumerate() {
                     let xv = _mm256_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
-                    let (x0, x1) = if NARROW { (xv, xv) } else { (_mm256_sign_epi8(xv, w0), _mm256_sign_epi8(xv, w1)) };
-                    ar[0] = _mm256_add_epi32(ar[0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, x0), ones));
-                    ar[1] = _mm256_add_epi32(ar[1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, x1), ones));
+                    let (p0, p1) = if NARROW {
+                        (_mm256_maddubs_epi16(u0, xv), _mm256_maddubs_epi16(u1, xv))
+                    } else if WIDE {
+                        let ax = _mm256_abs_epi8(xv);
+                        (
+                            _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)),
+                            _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)),
+                        )
+                    } else {
+                        (
+                            _mm256_maddubs_epi16(u0, _mm256_sign_epi8(xv, w0)),
+                            _mm256_maddubs_epi16(u1, _mm256_sign_epi8(xv, w1)),
+                        )
+                    };
+                    ar[0] = _mm256_add_epi32(ar[0], _mm256_madd_epi16(p0, ones));
+                    ar[1] = _mm256_add_epi32(ar[1], _mm256_madd_epi16(p1, ones));
                 }
             }
             for (r, ar) in a.iter().enumerate() {
@@ -807,7 +827,7 @@ unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool>(
 }
 
 /// One activation row × a whole panel of 32 q8 weight rows with AVX2, as
-/// [`q8_panel_tile_avx2`] (full or narrow codes) over all 32 columns at once (four i32
+/// [`q8_panel_tile_avx2`] (full or narrow codes, or wide activations) over all 32 columns at once (four i32
 /// accumulators): a decode step streams each panel once, front to back, rather than in two half
 /// passes.
 ///
@@ -815,7 +835,7 @@ unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool>(
 /// As [`q8_panel_tile_avx2`] for one row and `cols` ≤ 32.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_row_avx2<const NARROW: bool>(
+unsafe fn q8_panel_row_avx2<const NARROW: bool, const WIDE: bool>(
     x: *const i8,
     xs: *const f32,
     sums: *const i32,
@@ -836,10 +856,13 @@ unsafe fn q8_panel_row_avx2<const NARROW: bool>(
             for s in 0..QK / 4 {
                 let wp = w.add((b * QK / 4 + s) * 128);
                 let xv = _mm256_set1_epi32((x.add(b * QK + s * 4) as *const i32).read_unaligned());
+                let ax = _mm256_abs_epi8(xv);
                 for (c, ac) in a.iter_mut().enumerate() {
                     let wv = _mm256_loadu_si256(wp.add(32 * c) as *const __m256i);
                     let p = if NARROW {
                         _mm256_maddubs_epi16(_mm256_add_epi8(wv, off), xv)
+                    } else if WIDE {
+                        _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv))
                     } else {
                         _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv))
                     };
@@ -865,18 +888,19 @@ unsafe fn q8_panel_row_avx2<const NARROW: bool>(
 /// One panel of 32 q8 weight rows × `m` activation rows with AVX2 (no VNNI): below
 /// [`super::quant::Q8_GEMM_MIN_ROWS`] rows each row over the whole panel
 /// ([`q8_panel_row_avx2`]); else per half of the panel (16 columns), tiles of 4 rows
-/// ([`q8_panel_tile_avx2`]). Full-range codes (`gemm_q8i8_4x16_avx2`) or narrow ones
-/// (`NARROW`, `gemm_q7i8_4x16_avx2`). The activations come signed; `sums` is read for narrow
-/// codes only, `scratch` never.
+/// ([`q8_panel_tile_avx2`]). Full-range codes (`gemm_q8i8_4x16_avx2`), narrow ones
+/// (`NARROW`, `gemm_q7i8_4x16_avx2`), or full-range codes within ±127 against activations that
+/// may hold −128 (`WIDE`, `gemm_q8i8w_4x16_avx2`). The activations come signed; `sums` is read
+/// for narrow codes only, `scratch` never.
 ///
 /// # Safety
-/// The CPU has AVX2/FMA; `x` holds `m` rows of `nb·32` signed bytes (within ±127) at stride
-/// `ldx`; `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32` packed bytes
-/// (within ±64 when `NARROW`); `ws` 32 f32; `out` is valid for `m` rows of `cols` (≤ 32) floats
+/// The CPU has AVX2/FMA; `x` holds `m` rows of `nb·32` signed bytes (within ±127 unless `WIDE`)
+/// at stride `ldx`; `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32`
+/// packed bytes (within ±64 when `NARROW`, ±127 when `WIDE`); `ws` 32 f32; `out` is valid for `m` rows of `cols` (≤ 32) floats
 /// at stride `ldo`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_panel_avx2<const NARROW: bool>(
+pub unsafe fn q8_panel_avx2<const NARROW: bool, const WIDE: bool>(
     m: usize,
     x: *const i8,
     ldx: usize,
@@ -900,7 +924,7 @@ pub unsafe fn q8_panel_avx2<const NARROW: bool>(
                 out.wrapping_add(r * ldo),
             );
             // SAFETY: row r of the caller's m rows; the rest is forwarded.
-            unsafe { q8_panel_row_avx2::<NARROW>(u, s, su, w, ws, nb, o, cols) };
+            unsafe { q8_panel_row_avx2::<NARROW, WIDE>(u, s, su, w, ws, nb, o, cols) };
         }
         return;
     }
@@ -915,10 +939,10 @@ pub unsafe fn q8_panel_avx2<const NARROW: bool>(
             // inside its `cols`; the rest is forwarded.
             unsafe {
                 match rows {
-                    1 => q8_panel_tile_avx2::<1, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    2 => q8_panel_tile_avx2::<2, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    3 => q8_panel_tile_avx2::<3, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    _ => q8_panel_tile_avx2::<4, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    1 => q8_panel_tile_avx2::<1, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    2 => q8_panel_tile_avx2::<2, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    3 => q8_panel_tile_avx2::<3, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    _ => q8_panel_tile_avx2::<4, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
                 }
             }
             i0 += rows;
@@ -931,14 +955,14 @@ pub unsafe fn q8_panel_avx2<const NARROW: bool>(
 /// AVX-512 has no `vpsignb`: for full-range codes the activation is negated under the mask of
 /// the weight's sign bits (`vpmovb2m`, once per weight vector) before `vpmaddubsw` with `|w|`
 /// (where `w = 0` the product is zero whatever the sign); narrow codes are offset to unsigned
-/// as on AVX2.
+/// as on AVX2; wide activations (`WIDE`) move their sign onto the weight, as on AVX2.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL; operands as [`q8_panel_tile_avx2`] for a whole panel
 /// (`cols` ≤ 32).
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool>(
+unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool, const WIDE: bool>(
     x: *const i8,
     ldx: usize,
     xs: *const f32,
@@ -970,19 +994,32 @@ unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool>(
                 let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
                 let (u0, u1) = if NARROW {
                     (_mm512_add_epi8(w0, off), _mm512_add_epi8(w1, off))
+                } else if WIDE {
+                    (w0, w1)
                 } else {
                     (_mm512_abs_epi8(w0), _mm512_abs_epi8(w1))
                 };
-                let (n0, n1) = if NARROW { (0, 0) } else { (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1)) };
+                let (n0, n1) = if NARROW || WIDE { (0, 0) } else { (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1)) };
                 for (r, ar) in a.iter_mut().enumerate() {
                     let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
-                    let (x0, x1) = if NARROW {
-                        (xv, xv)
+                    let (p0, p1) = if NARROW {
+                        (_mm512_maddubs_epi16(u0, xv), _mm512_maddubs_epi16(u1, xv))
+                    } else if WIDE {
+                        // The activation's sign onto the weight: |x| (−128 reads as the
+                        // unsigned 128) times ±w (within ±127, so its negation fits).
+                        let (ax, xn) = (_mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
+                        (
+                            _mm512_maddubs_epi16(ax, _mm512_mask_sub_epi8(u0, xn, zero, u0)),
+                            _mm512_maddubs_epi16(ax, _mm512_mask_sub_epi8(u1, xn, zero, u1)),
+                        )
                     } else {
-                        (_mm512_mask_sub_epi8(xv, n0, zero, xv), _mm512_mask_sub_epi8(xv, n1, zero, xv))
+                        (
+                            _mm512_maddubs_epi16(u0, _mm512_mask_sub_epi8(xv, n0, zero, xv)),
+                            _mm512_maddubs_epi16(u1, _mm512_mask_sub_epi8(xv, n1, zero, xv)),
+                        )
                     };
-                    ar[0] = _mm512_add_epi32(ar[0], _mm512_madd_epi16(_mm512_maddubs_epi16(u0, x0), ones));
-                    ar[1] = _mm512_add_epi32(ar[1], _mm512_madd_epi16(_mm512_maddubs_epi16(u1, x1), ones));
+                    ar[0] = _mm512_add_epi32(ar[0], _mm512_madd_epi16(p0, ones));
+                    ar[1] = _mm512_add_epi32(ar[1], _mm512_madd_epi16(p1, ones));
                 }
             }
             for (r, (fr, ar)) in f.iter_mut().zip(&a).enumerate() {
@@ -997,14 +1034,15 @@ unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool>(
 }
 
 /// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in tiles
-/// of 6 rows ([`q8_panel_tile_avx512`]): full-range codes (`gemm_q8i8_6x32_avx512`) or narrow
-/// ones (`NARROW`, `gemm_q7i8_6x32_avx512`).
+/// of 6 rows ([`q8_panel_tile_avx512`]): full-range codes (`gemm_q8i8_6x32_avx512`), narrow
+/// ones (`NARROW`, `gemm_q7i8_6x32_avx512`) or wide activations (`WIDE`,
+/// `gemm_q8i8w_6x32_avx512`).
 ///
 /// # Safety
 /// As [`q8_panel_avx2`], with AVX-512 F/BW/VL.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_panel_avx512<const NARROW: bool>(
+pub unsafe fn q8_panel_avx512<const NARROW: bool, const WIDE: bool>(
     m: usize,
     x: *const i8,
     ldx: usize,
@@ -1027,12 +1065,12 @@ pub unsafe fn q8_panel_avx512<const NARROW: bool>(
         // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
         unsafe {
             match rows {
-                1 => q8_panel_tile_avx512::<1, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                2 => q8_panel_tile_avx512::<2, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                3 => q8_panel_tile_avx512::<3, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                4 => q8_panel_tile_avx512::<4, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                5 => q8_panel_tile_avx512::<5, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                _ => q8_panel_tile_avx512::<6, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                1 => q8_panel_tile_avx512::<1, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                2 => q8_panel_tile_avx512::<2, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                3 => q8_panel_tile_avx512::<3, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                4 => q8_panel_tile_avx512::<4, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                5 => q8_panel_tile_avx512::<5, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                _ => q8_panel_tile_avx512::<6, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
             }
         }
         i0 += rows;

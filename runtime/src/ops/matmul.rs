@@ -47,7 +47,10 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
         op_bail!("{} needs f32 operands, got {} and {}", op.name(), a.dtype, b.dtype);
     }
     match op {
-        Op::MatMul => {
+        Op::MatMul | Op::MatMulStaticQ8 { .. } => {
+            if matches!(op, Op::MatMulStaticQ8 { .. }) && (b.shape.len() != 2 || a.shape.is_empty()) {
+                op_bail!("MatMulStaticQ8 needs A [..., K] and a 2-D B [K, N], got {:?} and {:?}", a.shape, b.shape);
+            }
             if let Some(Some(c)) = inputs.get(2) {
                 let n = b.shape.last().copied().unwrap_or(0);
                 if b.shape.len() != 2 || c.dtype != DType::F32 || c.shape != [n] {
@@ -126,6 +129,9 @@ pub(super) fn run(
     let a = *req(inputs, 0, "A")?;
     let b = *req(inputs, 1, "B")?;
     let out = &mut outputs[0];
+    if let Op::MatMulStaticQ8 { scale, zero_point } = *op {
+        return super::qweights::static_product(scale, zero_point, inputs, out, ctx);
+    }
     if b.encoding.is_quantized() {
         return super::qweights::product(op, inputs, out, ctx);
     }

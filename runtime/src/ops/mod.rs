@@ -158,7 +158,7 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         Op::Unary(_) | Op::Activation(_) | Op::Clip | Op::Binary(_) | Op::Where | Op::Cast { .. } => F::Elementwise,
         Op::CastNoSaturate { .. } | Op::CastE8m0 { .. } => F::Elementwise,
         Op::Reduce { .. } | Op::ArgExtreme { .. } | Op::Softmax { .. } => F::Reduce,
-        Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } => F::MatMul,
+        Op::MatMul | Op::MatMulTransB | Op::Gemm { .. } | Op::MatMulStaticQ8 { .. } => F::MatMul,
         Op::LayerNorm { .. } | Op::BatchNorm { .. } => F::Norm,
         Op::RmsNorm { .. }
         | Op::InstanceNorm { .. }
@@ -208,7 +208,8 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::DequantizeLinear { .. }
         | Op::DynamicQuantizeLinear
         | Op::MatMulInteger
-        | Op::QLinearMatMul => F::Quant,
+        | Op::QLinearMatMul
+        | Op::QuantizeDequantize { .. } => F::Quant,
         Op::Shape { .. }
         | Op::Size
         | Op::Transpose { .. }

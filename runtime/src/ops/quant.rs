@@ -75,17 +75,6 @@ fn int_at(v: &View<'_>, i: usize) -> OpResult<i32> {
     })
 }
 
-/// `x` rounded to the nearest integer, ties to even (what `round_ties_even` computes), clamped
-/// to ±2²² first — beyond it every float is an integer and any quantized range saturates —
-/// so that adding and removing 1.5·2²³ rounds in the FPU's default mode: a plain add the
-/// compiler vectorises, where `round_ties_even` is a library call without SSE4.1. NaN stays NaN.
-#[inline]
-fn round_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³
-    let y = x.clamp(-4_194_304.0, 4_194_304.0);
-    (y + MAGIC) - MAGIC
-}
-
 /// Writes `v` (already rounded) saturated to the range of `to` as element `i`.
 fn store_sat(out: &mut [u8], i: usize, v: f32, to: DType) {
     let (lo, hi) = match to {
@@ -138,6 +127,16 @@ pub(super) fn infer(op: &Op, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<OutFac
             param_map(x.shape, s.shape, *axis, *block)?;
             vec![(DType::F32, x.shape.to_vec())]
         }
+        Op::QuantizeDequantize { scale, zero_point, lo, hi } => {
+            if x.dtype != DType::F32 {
+                op_bail!("QuantizeDequantize needs an f32 input, got {}", x.dtype);
+            }
+            if !(scale.is_finite() && *scale > 0.0 && -128 <= *lo && lo <= zero_point && zero_point <= hi && *hi <= 255)
+            {
+                op_bail!("QuantizeDequantize: scale {scale}, zero point {zero_point} in [{lo}, {hi}] is not an 8-bit quantization");
+            }
+            vec![(DType::F32, x.shape.to_vec())]
+        }
         Op::DynamicQuantizeLinear => {
             if x.dtype != DType::F32 {
                 op_bail!("DynamicQuantizeLinear needs f32 input");
@@ -170,6 +169,11 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
     let x = *req(inputs, 0, "x")?;
     let xs = contiguous_strides(x.shape);
     match op {
+        Op::QuantizeDequantize { scale, zero_point, lo, hi } => {
+            let y = outputs[0].f32()?;
+            crate::kernels::math::quantize_dequantize(x.f32()?, *scale, *zero_point as f32, *lo as f32, *hi as f32, y);
+            Ok(())
+        }
         Op::QuantizeLinear { axis, block, .. } => {
             let s = *req(inputs, 1, "y_scale")?;
             let z = inputs.get(2).copied().flatten();
@@ -181,10 +185,7 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 // The common case (per-tensor activations): one straight loop.
                 let zp = z.map(|z| int_at(&z, 0)).transpose()?.unwrap_or(0) as f32;
                 let (lo, hi) = if to == DType::U8 { (0.0, 255.0) } else { (-128.0, 127.0) };
-                let s0 = sd[0];
-                for (o, &v) in out.bytes.iter_mut().zip(xd) {
-                    *o = (round_even(v / s0) + zp).clamp(lo, hi) as i32 as u8;
-                }
+                crate::kernels::math::quantize_per_tensor(xd, sd[0], zp, lo, hi, out.bytes);
                 return Ok(());
             }
             if let Some(f) = to.float8() {
@@ -314,15 +315,29 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
 
 #[cfg(test)]
 mod tests {
+    use crate::kernels::math::{quantize_dequantize, quantize_per_tensor};
+
+    /// The per-tensor QuantizeLinear kernel and the fused QuantizeDequantize follow the
+    /// definition — divide, round half to even, add the zero point, saturate; then the integer
+    /// difference times the scale — on ties, saturation at both ends, infinities, for int8 and
+    /// uint8 ranges.
     #[test]
-    fn magic_rounding_is_round_ties_even() {
-        for i in -4000..4000 {
-            let x = i as f32 * 0.25 + 0.125 * ((i % 3) as f32);
-            assert_eq!(super::round_even(x), x.round_ties_even(), "{x}");
+    fn per_tensor_quantization_follows_the_definition() {
+        let mut x: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.25 + 0.125 * ((i % 3) as f32)).collect();
+        x.extend([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 1e9, -1e9, 8_388_607.5, f32::INFINITY, f32::NEG_INFINITY]);
+        for (scale, zero, lo, hi) in
+            [(0.5f32, -3i32, -128i32, 127i32), (2.0, 128, 0, 255), (0.25, 0, 0, 255), (1.0, 0, -128, 127)]
+        {
+            let code = |v: f32| ((v / scale).round_ties_even().clamp(-1e6, 1e6) as i32 + zero).clamp(lo, hi);
+            let mut q = vec![0u8; x.len()];
+            quantize_per_tensor(&x, scale, zero as f32, lo as f32, hi as f32, &mut q);
+            let mut y = vec![0f32; x.len()];
+            quantize_dequantize(&x, scale, zero as f32, lo as f32, hi as f32, &mut y);
+            for (i, &v) in x.iter().enumerate() {
+                let c = code(v);
+                assert_eq!(q[i], c as u8, "quantize {v} at {scale}, {zero}");
+                assert_eq!(y[i], (c - zero) as f32 * scale, "quantize-dequantize {v} at {scale}, {zero}");
+            }
         }
-        for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, -2.5, 1e9, -1e9, 8_388_607.5] {
-            assert_eq!(super::round_even(x), x.round_ties_even().clamp(-4_194_304.0, 4_194_304.0), "{x}");
-        }
-        assert!(super::round_even(f32::NAN).is_nan());
     }
 }

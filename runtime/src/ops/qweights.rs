@@ -36,7 +36,7 @@ pub fn reads_encoded(op: &Op, i: usize, enc: TensorEncoding) -> bool {
         }
         // LSTM: W and R lifted from int8 imports, `[k, dirs·4H]` in q8 panels.
         TensorEncoding::Q8Panels { .. } if matches!(op, Op::Lstm(_)) => matches!(i, 1 | 2),
-        e if e.transposed() => matches!(op, Op::MatMul) && i == 1,
+        e if e.transposed() => matches!(op, Op::MatMul | Op::MatMulStaticQ8 { .. }) && i == 1,
         TensorEncoding::Q8 { transposed: false } if matches!(op, Op::Conv(_) | Op::ConvFused { .. }) => i == 1,
         _ => (matches!(op, Op::MatMulTransB) && i == 1) || (matches!(op, Op::Gather { axis: 0 }) && i == 0),
     }
@@ -82,6 +82,47 @@ pub(super) fn product(op: &Op, inputs: &[Option<View<'_>>], out: &mut ViewMut<'_
         return Ok(());
     }
     rows_product(w, &x[..m * k], o, bias, k, ctx.threads)
+}
+
+/// [`Op::MatMulStaticQ8`]: A quantized at the model's own scale and zero point, the product on
+/// the q8 codes of B (stored by columns: panels or rows), the bias added. Every row's codes
+/// depend on that row alone, so the result does not depend on the rows beside it.
+pub(super) fn static_product(
+    scale: f32,
+    zero_point: i32,
+    inputs: &[Option<View<'_>>],
+    out: &mut ViewMut<'_>,
+    ctx: &Ctx<'_>,
+) -> OpResult<()> {
+    let a = *req(inputs, 0, "A")?;
+    let b = *req(inputs, 1, "B")?;
+    let w = match (b.encoding.transposed(), b.shape.len()) {
+        (true, 2) => qmat(&b)?,
+        _ => op_bail!("MatMulStaticQ8 reads a q8 weight stored by columns, not {} of shape {:?}", b.encoding, b.shape),
+    };
+    let (n, k) = w.dims();
+    let x = a.f32()?;
+    let m = numel(&a.shape[..a.shape.len().saturating_sub(1)]);
+    if a.shape.last() != Some(&k) || x.len() < m * k {
+        op_bail!("MatMulStaticQ8: A {:?} does not match the weight's {k} inputs", a.shape);
+    }
+    let o = out.f32()?;
+    if o.len() < m * n {
+        op_bail!("MatMulStaticQ8: output holds {} values, needs {m}×{n}", o.len());
+    }
+    let bias = super::matmul::bias(inputs, n)?;
+    let o = &mut o[..m * n];
+    let isa = crate::kernels::selected();
+    ACTS.with(|cell| {
+        let qa = &mut *cell.borrow_mut();
+        quant::quantize_acts_static(&x[..m * k], m, k, scale, zero_point, qa).map_err(|e| OpError::Failed(e.0))?;
+        match w {
+            QMat::Q8Panels(w) => quant::gemm_q8_panels_bias(isa, qa, &w, bias, o, ctx.threads),
+            QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, ctx.threads).map(|()| super::matmul::add_bias(o, m, bias)),
+            _ => op_bail!("MatMulStaticQ8 reads q8 weights, not {}", b.encoding),
+        }
+        .map_err(|e| OpError::Failed(e.0))
+    })
 }
 
 /// `o = x · Wᵀ (+ bias)` for the `x.len() / k` rows of `x`.
