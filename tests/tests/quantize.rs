@@ -344,9 +344,8 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     let codes: Vec<i32> =
         x.iter().map(|&v| ((v / xs).round_ties_even().clamp(-1e4, 1e4) as i32 + xz).clamp(-128, 127)).collect();
     assert!(codes.contains(&-128));
-    let expect_static: Vec<f32> = (0..2 * n)
-        .map(|c| (0..k).map(|p| codes[(c / n) * k + p] as f32 * xs * deq[(c % n) * k + p]).sum())
-        .collect();
+    let expect_static: Vec<f32> =
+        (0..2 * n).map(|c| (0..k).map(|p| codes[(c / n) * k + p] as f32 * xs * deq[(c % n) * k + p]).sum()).collect();
     let stat = Op::MatMulStaticQ8 { scale: xs, zero_point: xz };
     let path = one_op_model(dir.path(), stat.clone(), [k, n], TensorEncoding::Q8Panels { nr: 32 }, panels.clone());
     let model = Model::open_with(&path, &acorn::OpenOptions { verify_checksums: true, ..Default::default() }).unwrap();
@@ -354,17 +353,30 @@ fn quantized_weights_run_where_read_and_are_refused_elsewhere() {
     for (g, e) in y.as_f32().unwrap().iter().zip(&expect_static) {
         assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "MatMulStaticQ8: {g} vs {e}");
     }
-    // Its weight holding −128 is refused by the verification (the wide kernels take ±127), and a
-    // dense weight when it runs.
+    // The same product on the weight decoded to f32 (what sets where f32 is faster run: the
+    // codes times their scale, the f32 GEMM): the same values.
+    let deq_kn: Vec<f32> = (0..k * n).map(|c| deq[(c % n) * k + c / n]).collect();
+    let path =
+        one_op_model(dir.path(), stat.clone(), [k, n], TensorEncoding::Dense, bytemuck::cast_slice(&deq_kn).to_vec());
+    let y = Model::open(&path).unwrap().session().commit().unwrap().run(&[("x", &xt)]).unwrap().swap_remove(0);
+    for (g, e) in y.as_f32().unwrap().iter().zip(&expect_static) {
+        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "MatMulStaticQ8 in f32: {g} vs {e}");
+    }
+    // Its weight holding −128 is refused by the verification (the wide kernels take ±127).
     let mut bad = panels.clone();
     bad[7] = 0x80;
     let path = one_op_model(dir.path(), stat.clone(), [k, n], TensorEncoding::Q8Panels { nr: 32 }, bad);
     let e = Model::open_with(&path, &acorn::OpenOptions { verify_checksums: true, ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("MatMulStaticQ8's q8 code -128 is outside ±127"), "{e}");
-    let dense: Vec<u8> = bytemuck::cast_slice(&w).to_vec();
-    let path = one_op_model(dir.path(), stat, [k, n], TensorEncoding::Dense, dense);
+    // A q4 weight it cannot read: an error when it runs, not a wrong product.
+    let q4w = q4::encode(&wt, n, k, 32, false);
+    let mut b4 = q4w.nibbles.clone();
+    b4.resize(b4.len().next_multiple_of(64), 0);
+    b4.extend_from_slice(bytemuck::cast_slice(&q4w.scales));
+    let enc4 = TensorEncoding::Q4 { transposed: true, block: 32, mins: false };
+    let path = one_op_model(dir.path(), stat, [k, n], enc4, b4);
     let e = Model::open(&path).unwrap().session().commit().unwrap().run(&[("x", &xt)]).unwrap_err();
-    assert!(e.to_string().contains("MatMulStaticQ8 reads a q8 weight"), "{e}");
+    assert!(e.to_string().contains("MatMulStaticQ8 reads q8 weights"), "{e}");
     // Gather rows of a q4 table (with minimums): the dequantized rows exactly.
     let q4w = q4::encode(&wt, n, k, 32, true);
     let mut b4 = q4w.nibbles.clone();

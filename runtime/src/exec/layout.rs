@@ -107,3 +107,79 @@ pub(crate) fn decode_conv_weights(file: &mut ModelFile, isa: Isa) -> Result<()> 
     }
     Ok(())
 }
+
+/// Whether a product on a model's static activations (`MatMulStaticQ8`) runs faster in f32 on
+/// `isa` than on its int8 kernels: where there is no int8 dot product and `vpmaddubsw`'s pairs
+/// are no faster than the f32 FMA (AVX-512 without VNNI: 13.5 vs 10.0 ms on the static QDQ
+/// MiniLM-L3, 128 tokens) and on the portable sets. AVX2 keeps int8 (no slower than f32 there,
+/// and 4× less memory); NEON keeps it (`smull`/`smlal` do twice the f32 lanes' work).
+pub(crate) fn static_q8_runs_f32(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx512 | Isa::Generic | Isa::Reference)
+}
+
+/// The q8 weights of `MatMulStaticQ8` products on a set where f32 is faster
+/// ([`static_q8_runs_f32`]), decoded to f32 once at open (in the set's GEMM panels): the product
+/// then multiplies the activations' codes times their scale — the same values — in f32. The file
+/// stays 4× smaller on disk; in memory these weights take their f32 size.
+pub(crate) fn decode_static_weights(file: &mut ModelFile, isa: Isa) -> Result<()> {
+    use crate::graph::Op;
+    use crate::kernels::MatRef;
+    use crate::weights::Weights;
+    if !static_q8_runs_f32(isa) {
+        return Ok(());
+    }
+    let g = &file.metadata().graph;
+    let mut targets: Vec<usize> = g
+        .all_nodes()
+        .filter(|n| matches!(n.op, Op::MatMulStaticQ8 { .. }))
+        .filter_map(|n| n.inputs.get(1).copied().flatten())
+        .filter_map(|v| g.constants.iter().find(|c| c.value == v).map(|c| c.tensor as usize))
+        .collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for i in targets {
+        let t = &file.metadata().tensors[i];
+        if !t.encoding.transposed()
+            || !matches!(t.encoding, TensorEncoding::Q8 { .. } | TensorEncoding::Q8Panels { .. })
+        {
+            continue;
+        }
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let Ok(w) = Weights::parse(t.encoding, t.dtype, &shape, file.stored_bytes(i)) else { continue };
+        let (n, k) = w.dims();
+        let mut rows: Vec<f32> = Vec::new();
+        let mut dense: Vec<f32> = Vec::new();
+        if rows.try_reserve_exact(n * k).is_err() || dense.try_reserve_exact(n * k).is_err() {
+            return Err(Error::Limit(format!("tensor '{}': cannot allocate {} floats to decode it", t.name, n * k)));
+        }
+        rows.resize(n * k, 0.0);
+        for (j, r) in rows.chunks_exact_mut(k).enumerate() {
+            w.decode_row(j, r);
+        }
+        // [k, n], MatMul's B.
+        dense.extend((0..k * n).map(|c| rows[(c % n) * k + c / n]));
+        drop(rows);
+        count += 1;
+        match isa.f32_panel() {
+            Some(nr) => {
+                let mut out = Vec::new();
+                pack_panels_append(&mut out, BMat::Strided(MatRef { data: &dense, rs: n, cs: 1 }), k, n, nr);
+                bytes += out.len() * 4;
+                file.substitute_panels(i, nr as u32, out);
+            }
+            None => {
+                bytes += dense.len() * 4;
+                file.substitute_dense(i, dense);
+            }
+        }
+    }
+    if count > 0 {
+        log::info!(
+            "decoded {count} q8 weight(s) of products on static activations ({:.1} MB) to f32 for the {} kernels (f32 is faster there)",
+            bytes as f64 / 1e6,
+            isa.name()
+        );
+    }
+    Ok(())
+}

@@ -122,6 +122,7 @@ impl Model {
         }
         layout::adapt_layouts(&mut file, crate::kernels::selected())?;
         layout::decode_conv_weights(&mut file, crate::kernels::selected())?;
+        layout::decode_static_weights(&mut file, crate::kernels::selected())?;
         Ok(Model { file: Arc::new(file) })
     }
 

@@ -234,6 +234,19 @@ multiversion! {
 }
 
 multiversion! {
+    /// A static quantization's codes times their scale (zero point not subtracted):
+    /// `clamp(round_half_even(x / scale) + zero, −128, 127) · scale` — what a product on
+    /// static activations multiplies when it runs in f32 (the zero point's share is in its bias).
+    fn quantize_scaled(x: &[f32], scale: f32, zero: f32, out: &mut [f32]) {
+        const MAGIC: f32 = 12_582_912.0;
+        for (o, &v) in out.iter_mut().zip(x) {
+            let r = ((within_1024(v / scale) + MAGIC) - MAGIC) + zero;
+            *o = r.clamp(-128.0, 127.0) * scale;
+        }
+    }
+}
+
+multiversion! {
     /// [`quantize_code`] over `x` into `out` (ONNX `QuantizeLinear` with a per-tensor scale to
     /// int8 or uint8, whose codes are the bytes).
     fn quantize_per_tensor(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [u8]) {

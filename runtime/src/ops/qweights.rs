@@ -32,7 +32,8 @@ pub fn reads_encoded(op: &Op, i: usize, enc: TensorEncoding) -> bool {
     match enc {
         TensorEncoding::Dense => true,
         TensorEncoding::PanelF32 { .. } => {
-            (matches!(op, Op::MatMul) && i == 1) || (matches!(op, Op::Lstm(_)) && matches!(i, 1 | 2))
+            (matches!(op, Op::MatMul | Op::MatMulStaticQ8 { .. }) && i == 1)
+                || (matches!(op, Op::Lstm(_)) && matches!(i, 1 | 2))
         }
         // LSTM: W and R lifted from int8 imports, `[k, dirs·4H]` in q8 panels.
         TensorEncoding::Q8Panels { .. } if matches!(op, Op::Lstm(_)) => matches!(i, 1 | 2),
@@ -96,6 +97,10 @@ pub(super) fn static_product(
 ) -> OpResult<()> {
     let a = *req(inputs, 0, "A")?;
     let b = *req(inputs, 1, "B")?;
+    if matches!(b.encoding, TensorEncoding::Dense | TensorEncoding::PanelF32 { .. }) && b.shape.len() == 2 {
+        // Decoded to f32 at open where f32 is faster (`exec::layout::static_q8_runs_f32`).
+        return static_product_f32(scale, zero_point, &a, &b, inputs, out, ctx);
+    }
     let w = match (b.encoding.transposed(), b.shape.len()) {
         (true, 2) => qmat(&b)?,
         _ => op_bail!("MatMulStaticQ8 reads a q8 weight stored by columns, not {} of shape {:?}", b.encoding, b.shape),
@@ -123,6 +128,58 @@ pub(super) fn static_product(
         }
         .map_err(|e| OpError::Failed(e.0))
     })
+}
+
+/// [`static_product`] on a weight decoded to f32 (dense `[K, N]` or the GEMM's panels): the
+/// activations' codes times their scale, the f32 GEMM, the bias.
+fn static_product_f32(
+    scale: f32,
+    zero_point: i32,
+    a: &View<'_>,
+    b: &View<'_>,
+    inputs: &[Option<View<'_>>],
+    out: &mut ViewMut<'_>,
+    ctx: &Ctx<'_>,
+) -> OpResult<()> {
+    use crate::kernels::{self, BMat, MatRef, Panels};
+    let (k, n) = (b.shape[0], b.shape[1]);
+    let x = a.f32()?;
+    let m = numel(&a.shape[..a.shape.len().saturating_sub(1)]);
+    if a.shape.last() != Some(&k) || x.len() < m * k {
+        op_bail!("MatMulStaticQ8: A {:?} does not match the weight's {k} inputs", a.shape);
+    }
+    if !(scale.is_finite() && scale > 0.0 && (-128..=127).contains(&zero_point)) {
+        op_bail!("MatMulStaticQ8: scale {scale} and zero point {zero_point} are not an int8 quantization");
+    }
+    let bd = b.f32_any_layout()?;
+    let bmat = match b.panels() {
+        Some(nr) if nr > 0 && bd.len() >= Panels::len(k, n, nr as usize) => {
+            BMat::Panels(Panels { data: bd, k, n, nr: nr as usize })
+        }
+        None if bd.len() >= k * n => BMat::Strided(MatRef { data: bd, rs: n, cs: 1 }),
+        _ => op_bail!("MatMulStaticQ8: B {:?} stored as {} holds {} floats", b.shape, b.encoding, bd.len()),
+    };
+    let o = out.f32()?;
+    if o.len() < m * n {
+        op_bail!("MatMulStaticQ8: output holds {} values, needs {m}×{n}", o.len());
+    }
+    let bias = super::matmul::bias(inputs, n)?;
+    let o = &mut o[..m * n];
+    if let Some(bv) = bias {
+        o.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bv));
+    }
+    SCALED.with(|cell| {
+        let xs = &mut *cell.borrow_mut();
+        xs.resize(m * k, 0.0);
+        kernels::math::quantize_scaled(&x[..m * k], scale, zero_point as f32, xs);
+        kernels::sgemm(m, n, k, MatRef { data: xs, rs: k, cs: 1 }, bmat, o, n, bias.is_some(), ctx.threads);
+    });
+    Ok(())
+}
+
+thread_local! {
+    /// [`static_product_f32`]'s activations (codes times scale), grown once per thread.
+    static SCALED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `o = x · Wᵀ (+ bias)` for the `x.len() / k` rows of `x`.
