@@ -500,22 +500,11 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
         order.sort_by_key(|&i| std::cmp::Reverse(meta.tensors[i].len));
         let show = if order.len() > 25 { 20 } else { order.len() };
         // Tensors convolutions read as their weights (their kernels differ from a MatMul's).
-        let conv_weights: Vec<u32> = meta
-            .graph
-            .all_nodes()
-            .filter(|n| matches!(n.op, acorn::graph::Op::Conv(_) | acorn::graph::Op::ConvFused { .. }))
-            .filter_map(|n| n.inputs.get(1).copied().flatten())
-            .filter_map(|v| meta.graph.constants.iter().find(|c| c.value == v).map(|c| c.tensor))
-            .collect();
+        let conv_weights =
+            meta.graph.weights_of(|op| matches!(op, acorn::graph::Op::Conv(_) | acorn::graph::Op::ConvFused { .. }));
         // Tensors products on a model's static activations read (codes of −128 take their own
         // kernel on some sets).
-        let static_weights: Vec<u32> = meta
-            .graph
-            .all_nodes()
-            .filter(|n| matches!(n.op, acorn::graph::Op::MatMulStaticQ8 { .. }))
-            .filter_map(|n| n.inputs.get(1).copied().flatten())
-            .filter_map(|v| meta.graph.constants.iter().find(|c| c.value == v).map(|c| c.tensor))
-            .collect();
+        let static_weights = meta.graph.weights_of(|op| matches!(op, acorn::graph::Op::MatMulStaticQ8 { .. }));
         for &i in &order[..show] {
             let t = &meta.tensors[i];
             let static_q8 = match t.encoding {

@@ -63,17 +63,9 @@ pub(crate) fn adapt_layouts(file: &mut ModelFile, isa: Isa) -> Result<()> {
 pub(crate) fn decode_conv_weights(file: &mut ModelFile, isa: Isa) -> Result<()> {
     use crate::graph::Op;
     use crate::weights::Weights;
-    let g = &file.metadata().graph;
-    let mut targets: Vec<usize> = g
-        .all_nodes()
-        .filter(|n| matches!(n.op, Op::Conv(_) | Op::ConvFused { .. }))
-        .filter_map(|n| n.inputs.get(1).copied().flatten())
-        .filter_map(|v| g.constants.iter().find(|c| c.value == v).map(|c| c.tensor as usize))
-        .collect();
-    targets.sort_unstable();
-    targets.dedup();
+    let targets = file.metadata().graph.weights_of(|op| matches!(op, Op::Conv(_) | Op::ConvFused { .. }));
     let (mut count, mut bytes) = (0usize, 0usize);
-    for i in targets {
+    for i in targets.into_iter().map(|i| i as usize) {
         let t = &file.metadata().tensors[i];
         if t.encoding != (TensorEncoding::Q8 { transposed: false }) {
             continue;
@@ -128,17 +120,9 @@ pub(crate) fn decode_static_weights(file: &mut ModelFile, isa: Isa) -> Result<()
     if !static_q8_runs_f32(isa) {
         return Ok(());
     }
-    let g = &file.metadata().graph;
-    let mut targets: Vec<usize> = g
-        .all_nodes()
-        .filter(|n| matches!(n.op, Op::MatMulStaticQ8 { .. }))
-        .filter_map(|n| n.inputs.get(1).copied().flatten())
-        .filter_map(|v| g.constants.iter().find(|c| c.value == v).map(|c| c.tensor as usize))
-        .collect();
-    targets.sort_unstable();
-    targets.dedup();
+    let targets = file.metadata().graph.weights_of(|op| matches!(op, Op::MatMulStaticQ8 { .. }));
     let (mut count, mut bytes) = (0usize, 0usize);
-    for i in targets {
+    for i in targets.into_iter().map(|i| i as usize) {
         let t = &file.metadata().tensors[i];
         if !t.encoding.transposed()
             || !matches!(t.encoding, TensorEncoding::Q8 { .. } | TensorEncoding::Q8Panels { .. })

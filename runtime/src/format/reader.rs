@@ -401,16 +401,10 @@ impl ModelFile {
     /// `MatMulStaticQ8` reads is −128 (its activations may be: their kernels there move the
     /// activation's sign onto the weight). Run with the checksums.
     pub fn check_codes(&self) -> Result<()> {
-        let g = &self.meta.graph;
-        let static_b: std::collections::HashSet<u32> = g
-            .all_nodes()
-            .filter(|n| matches!(n.op, crate::graph::Op::MatMulStaticQ8 { .. }))
-            .filter_map(|n| n.inputs.get(1).copied().flatten())
-            .filter_map(|v| g.constants.iter().find(|c| c.value == v).map(|c| c.tensor))
-            .collect();
+        let static_b = self.meta.graph.weights_of(|op| matches!(op, crate::graph::Op::MatMulStaticQ8 { .. }));
         for (i, t) in self.meta.tensors.iter().enumerate() {
             let narrow = matches!(t.encoding, TensorEncoding::Q8PanelsNarrow { .. });
-            if !narrow && !static_b.contains(&(i as u32)) {
+            if !narrow && static_b.binary_search(&(i as u32)).is_err() {
                 continue;
             }
             let Some(l) = t.encoding.quant_layout(t.dtype, &t.shape) else { continue };

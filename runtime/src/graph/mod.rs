@@ -274,4 +274,18 @@ impl Graph {
     pub fn all_nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter().chain(self.subgraphs.iter().flat_map(|s| s.nodes.iter()))
     }
+
+    /// The constant tensors (their indices, sorted, each once) that the nodes whose op `reads`
+    /// accepts take as input 1 — their weights.
+    pub fn weights_of(&self, reads: impl Fn(&Op) -> bool) -> Vec<u32> {
+        let mut t: Vec<u32> = self
+            .all_nodes()
+            .filter(|n| reads(&n.op))
+            .filter_map(|n| n.inputs.get(1).copied().flatten())
+            .filter_map(|v| self.constants.iter().find(|c| c.value == v).map(|c| c.tensor))
+            .collect();
+        t.sort_unstable();
+        t.dedup();
+        t
+    }
 }
