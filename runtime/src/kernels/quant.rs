@@ -399,9 +399,12 @@ pub struct Q8PanelKernel {
     pub narrow: Option<(&'static str, Q8PanelFn)>,
     /// The kernel for activations that may hold −128 ([`QActs::full_range`]) against weights
     /// within ±127, where `panel` moves the weight's sign onto the activation (which `−128`
-    /// cannot take): it moves the activation's sign onto the weight. `None`: `panel` (and
+    /// cannot take): it moves the activation's sign onto the weight, and reads the activations'
+    /// `m` rows followed by `m` rows of their magnitudes (`wide_abs`). `None`: `panel` (and
     /// `narrow`) read every int8 activation exactly.
     pub wide: Option<(&'static str, Q8PanelFn)>,
+    /// `wide` reads the magnitudes after the activations.
+    pub wide_abs: bool,
 }
 
 /// `(m, x, ldx, xs, sums, ldxs, panel, panel scales, nb, scratch, out, ldo, cols)`: `m`
@@ -514,6 +517,7 @@ crate::kernel_list! {
                 packs_rows: true,
                 narrow: None,
                 wide: None,
+                wide_abs: false,
             },
         );
         #[cfg(target_arch = "x86_64")]
@@ -528,6 +532,7 @@ crate::kernel_list! {
                 packs_rows: true,
                 narrow: Some(("gemm_q7i8_6x32_avx512", super::x86q::q8_panel_avx512::<true, false>)),
                 wide: Some(("gemm_q8i8w_6x32_avx512", super::x86q::q8_panel_avx512::<false, true>)),
+                wide_abs: false,
             },
         );
         #[cfg(target_arch = "x86_64")]
@@ -542,6 +547,7 @@ crate::kernel_list! {
                 packs_rows: true,
                 narrow: None,
                 wide: None,
+                wide_abs: false,
             },
         );
         #[cfg(target_arch = "x86_64")]
@@ -556,6 +562,7 @@ crate::kernel_list! {
                 packs_rows: true,
                 narrow: Some(("gemm_q7i8_4x16_avx2", super::x86q::q8_panel_avx2::<true, false>)),
                 wide: Some(("gemm_q8i8w_4x16_avx2", super::x86q::q8_panel_avx2::<false, true>)),
+                wide_abs: true,
             },
         );
         #[cfg(target_arch = "aarch64")]
@@ -563,14 +570,14 @@ crate::kernel_list! {
             "gemm_q8i8_1x32_neondot",
             Isa::NeonDot,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None, wide: None },
+            Q8PanelKernel { panel: super::armq::q8_panel_dot, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None, wide: None, wide_abs: false },
         );
         #[cfg(target_arch = "aarch64")]
         add(
             "gemm_q8i8_1x32_neon",
             Isa::Neon,
             Activations::Int8Blocks,
-            Q8PanelKernel { panel: super::armq::q8_panel_neon, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None, wide: None },
+            Q8PanelKernel { panel: super::armq::q8_panel_neon, nr: 32, unsigned_acts: false, packs_rows: false, narrow: None, wide: None, wide_abs: false },
         );
     }
 }
@@ -1027,13 +1034,26 @@ fn q8_rows_path(isa: Isa, m: usize) -> Q8RowsPath {
 ///
 /// `wide`: the activations may hold −128 ([`QActs::full_range`]) — the set's wide kernel when
 /// it has one (a narrow kernel reads them exactly as it stands).
-fn q8_panel_kernel(isa: Isa, nr: usize, narrow: bool, wide: bool) -> Option<(&'static str, Q8PanelFn, bool)> {
+fn q8_panel_kernel(isa: Isa, nr: usize, narrow: bool, wide: bool) -> Option<(&'static str, Q8PanelFn, PanelActs)> {
     let (name, kp) = isa.q_rows().q8_panel.filter(|(_, kp)| kp.nr == nr)?;
     Some(match (kp.narrow, kp.wide) {
-        (Some((n7, f7)), _) if narrow => (n7, f7, false),
-        (_, Some((nw, fw))) if wide => (nw, fw, false),
-        _ => (name, kp.panel, kp.unsigned_acts),
+        (Some((n7, f7)), _) if narrow => (n7, f7, PanelActs::Signed),
+        (_, Some((nw, fw))) if wide => {
+            (nw, fw, if kp.wide_abs { PanelActs::WithMagnitudes } else { PanelActs::Signed })
+        }
+        _ => (name, kp.panel, if kp.unsigned_acts { PanelActs::UnsignedFromMinRows } else { PanelActs::Signed }),
     })
+}
+
+/// How a panel kernel reads the activations.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PanelActs {
+    /// The int8 codes as quantized.
+    Signed,
+    /// From [`Q8_GEMM_MIN_ROWS`] rows offset to unsigned (`x ^ 0x80`), signed below.
+    UnsignedFromMinRows,
+    /// The codes' `m` rows followed by `m` rows of their magnitudes.
+    WithMagnitudes,
 }
 
 /// The name of the kernel that runs a q8 panel product (width `nr`, codes within ±64 when
@@ -1230,15 +1250,21 @@ pub fn gemm_q8_panels_bias(
         return Ok(());
     }
     let isa = if isa.supported() { isa } else { Isa::detect() };
-    let native = q8_panel_kernel(isa, nr, w.narrow, x.full_range).map(|(_, f, unsigned)| (f, unsigned));
+    let native = q8_panel_kernel(isa, nr, w.narrow, x.full_range).map(|(_, f, acts)| (f, acts));
     let nb = k / QK;
     let per = panels.div_ceil(threads.clamp(1, panels));
     Q8_UNSIGNED.with(|cell| {
         let ub = &mut *cell.borrow_mut();
         let acts: &[i8] = match native {
-            Some((_, true)) if m >= Q8_GEMM_MIN_ROWS => {
+            Some((_, PanelActs::UnsignedFromMinRows)) if m >= Q8_GEMM_MIN_ROWS => {
                 ub.clear();
                 ub.extend(x.q[..m * k].iter().map(|&v| v ^ i8::MIN));
+                ub
+            }
+            Some((_, PanelActs::WithMagnitudes)) => {
+                ub.clear();
+                ub.extend_from_slice(&x.q[..m * k]);
+                ub.extend(x.q[..m * k].iter().map(|&v| v.unsigned_abs() as i8));
                 ub
             }
             _ => &x.q[..m * k],
@@ -1253,9 +1279,10 @@ pub fn gemm_q8_panels_bias(
                     let cols = nr.min(n - p * nr);
                     let (wp, sp) = (&w.q[p * nr * k..(p + 1) * nr * k], &w.scales[p * nr..(p + 1) * nr]);
                     match native {
-                        // SAFETY: the m rows of activations (k bytes each), their scales and sums
-                        // (nb each), panel p's nr·k bytes and nr scales and nb·nr scratch values
-                        // are in bounds (checked above); the kernel writes m rows of `cols`
+                        // SAFETY: the m rows of activations (k bytes each; followed by m rows of
+                        // magnitudes for a kernel that reads them, built above), their scales and
+                        // sums (nb each), panel p's nr·k bytes and nr scales and nb·nr scratch
+                        // values are in bounds (checked above); the kernel writes m rows of `cols`
                         // floats at out[i·n + p·nr..], inside `out` (m·n values) and in columns
                         // that belong to this part alone; the kernel belongs to a set this CPU
                         // supports.

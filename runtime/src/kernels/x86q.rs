@@ -719,21 +719,23 @@ pub unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], scales: &mut [f32]
 /// - activations that may hold −128 (`WIDE`: static quantization's codes at a model's own
 ///   scale, [`super::quant::quantize_acts_static`]) against full-range weights within ±127:
 ///   the activation's sign moves onto the weight instead (`|x| · (w·sign x)`; `|−128|` reads as
-///   the unsigned 128, `−w` fits) — one more `vpabsb` per row. Narrow codes need no such form:
-///   `(w + 64)·x` stays within i16 for `x = −128` too.
+///   the unsigned 128, `−w` fits), the magnitudes `|x|` read from `xa` (computed once per call
+///   by the driver) — as many multiply-port µops as the full-range form. Narrow codes need no
+///   such form: `(w + 64)·x` stays within i16 for `x = −128` too.
 ///
 /// `vpmaddwd` by ones widens the pairs into i32 sums of four. Per block the i32 sums are scaled
 /// by the activation block's scale into f32; the weights' row scales multiply at the end.
 ///
 /// # Safety
 /// The CPU has AVX2/FMA; `x` holds `R` rows of `nb·32` signed bytes (within ±127 unless
-/// `WIDE`) at stride `ldx`; `xs` (and, when `NARROW`, `sums`) `R` rows of `nb` values at stride
+/// `WIDE`; then `xa` their magnitudes, as unsigned bytes, at the same stride) at stride `ldx`; `xs` (and, when `NARROW`, `sums`) `R` rows of `nb` values at stride
 /// `ldxs`; `w` `nb·32·32` packed bytes (within ±64 when `NARROW`, ±127 when `WIDE`); `ws` 32 f32; `out` is valid for `R` rows
 /// of `cols` floats at stride `ldo`, `cols` ≤ 16.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool, const WIDE: bool>(
     x: *const i8,
+    xa: *const i8,
     ldx: usize,
     xs: *const f32,
     sums: *const i32,
@@ -779,7 +781,7 @@ unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool, const WIDE: boo
                     let (p0, p1) = if NARROW {
                         (_mm256_maddubs_epi16(u0, xv), _mm256_maddubs_epi16(u1, xv))
                     } else if WIDE {
-                        let ax = _mm256_abs_epi8(xv);
+                        let ax = _mm256_set1_epi32((xa.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
                         (
                             _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)),
                             _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)),
@@ -837,6 +839,7 @@ unsafe fn q8_panel_tile_avx2<const R: usize, const NARROW: bool, const WIDE: boo
 #[allow(clippy::too_many_arguments)]
 unsafe fn q8_panel_row_avx2<const NARROW: bool, const WIDE: bool>(
     x: *const i8,
+    xa: *const i8,
     xs: *const f32,
     sums: *const i32,
     w: *const i8,
@@ -856,7 +859,8 @@ unsafe fn q8_panel_row_avx2<const NARROW: bool, const WIDE: bool>(
             for s in 0..QK / 4 {
                 let wp = w.add((b * QK / 4 + s) * 128);
                 let xv = _mm256_set1_epi32((x.add(b * QK + s * 4) as *const i32).read_unaligned());
-                let ax = _mm256_abs_epi8(xv);
+                let ax =
+                    if WIDE { _mm256_set1_epi32((xa.add(b * QK + s * 4) as *const i32).read_unaligned()) } else { xv };
                 for (c, ac) in a.iter_mut().enumerate() {
                     let wv = _mm256_loadu_si256(wp.add(32 * c) as *const __m256i);
                     let p = if NARROW {
@@ -894,8 +898,8 @@ unsafe fn q8_panel_row_avx2<const NARROW: bool, const WIDE: bool>(
 /// for narrow codes only, `scratch` never.
 ///
 /// # Safety
-/// The CPU has AVX2/FMA; `x` holds `m` rows of `nb·32` signed bytes (within ±127 unless `WIDE`)
-/// at stride `ldx`; `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32`
+/// The CPU has AVX2/FMA; `x` holds `m` rows of `nb·32` signed bytes (within ±127 unless `WIDE`;
+/// then followed by `m` rows of their magnitudes, as unsigned bytes) at stride `ldx`; `xs` and `sums` `m` rows of `nb` values at stride `ldxs`; `w` `nb·32·32`
 /// packed bytes (within ±64 when `NARROW`, ±127 when `WIDE`); `ws` 32 f32; `out` is valid for `m` rows of `cols` (≤ 32) floats
 /// at stride `ldo`.
 #[target_feature(enable = "avx2,fma")]
@@ -915,16 +919,19 @@ pub unsafe fn q8_panel_avx2<const NARROW: bool, const WIDE: bool>(
     ldo: usize,
     cols: usize,
 ) {
+    // With WIDE, the activations' magnitudes follow their m rows.
+    let xa = x.wrapping_add(m * ldx);
     if m < super::quant::Q8_GEMM_MIN_ROWS {
         for r in 0..m {
-            let (u, s, su, o) = (
+            let (u, ua, s, su, o) = (
                 x.wrapping_add(r * ldx),
+                xa.wrapping_add(r * ldx),
                 xs.wrapping_add(r * ldxs),
                 sums.wrapping_add(r * ldxs),
                 out.wrapping_add(r * ldo),
             );
             // SAFETY: row r of the caller's m rows; the rest is forwarded.
-            unsafe { q8_panel_row_avx2::<NARROW, WIDE>(u, s, su, w, ws, nb, o, cols) };
+            unsafe { q8_panel_row_avx2::<NARROW, WIDE>(u, ua, s, su, w, ws, nb, o, cols) };
         }
         return;
     }
@@ -933,16 +940,17 @@ pub unsafe fn q8_panel_avx2<const NARROW: bool, const WIDE: bool>(
         let mut i0 = 0;
         while i0 < m {
             let rows = (m - i0).min(4);
-            let (u, s, su) = (x.wrapping_add(i0 * ldx), xs.wrapping_add(i0 * ldxs), sums.wrapping_add(i0 * ldxs));
+            let (u, ua) = (x.wrapping_add(i0 * ldx), xa.wrapping_add(i0 * ldx));
+            let (s, su) = (xs.wrapping_add(i0 * ldxs), sums.wrapping_add(i0 * ldxs));
             let o = out.wrapping_add(i0 * ldo + half * 16);
             // SAFETY: rows i0..i0+rows are inside the caller's `m` rows, columns 16·half.. +hc
             // inside its `cols`; the rest is forwarded.
             unsafe {
                 match rows {
-                    1 => q8_panel_tile_avx2::<1, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    2 => q8_panel_tile_avx2::<2, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    3 => q8_panel_tile_avx2::<3, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
-                    _ => q8_panel_tile_avx2::<4, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    1 => q8_panel_tile_avx2::<1, NARROW, WIDE>(u, ua, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    2 => q8_panel_tile_avx2::<2, NARROW, WIDE>(u, ua, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    3 => q8_panel_tile_avx2::<3, NARROW, WIDE>(u, ua, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
+                    _ => q8_panel_tile_avx2::<4, NARROW, WIDE>(u, ua, ldx, s, su, ldxs, w, ws, nb, half, o, ldo, hc),
                 }
             }
             i0 += rows;
