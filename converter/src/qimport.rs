@@ -575,6 +575,26 @@ pub fn static_products(m: &mut Module, quantized: &[Option<crate::quantize::Quan
             Err(why) => kept.push(("dynamic".into(), format!("{name}: {why}"))),
         }
     }
+    // An activation whose products a later pass rewrote into another form (a transposed Gemm's
+    // A, say): they run on dynamic activations; say so.
+    let uses = Uses::new(&m.graph);
+    let mut lost: Vec<ValueId> = m
+        .static_acts
+        .keys()
+        .copied()
+        .filter(|&x| {
+            let r = uses.readers(x);
+            let read_static =
+                r.iter().any(|&(j, slot)| slot == 0 && matches!(m.graph.nodes[j].op, Op::MatMulStaticQ8 { .. }));
+            let read_dynamic = r.iter().any(|&(j, _)| matches!(m.graph.nodes[j].op, Op::MatMul | Op::Gemm { .. }));
+            !read_static && !read_dynamic && !r.is_empty()
+        })
+        .collect();
+    lost.sort_unstable();
+    for x in lost {
+        let what = m.graph.value_name(x).to_string();
+        kept.push(("dynamic".into(), format!("{what}: its products were rewritten into another form before the end")));
+    }
     kept.truncate(64);
     PassRecord {
         name: "static_activations".into(),
