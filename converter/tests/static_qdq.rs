@@ -93,6 +93,15 @@ fn static_qdq_products_give_the_graphs_own_codes() {
         let rec = r.passes.iter().find(|p| p.name == "static_activations").unwrap();
         assert_eq!(rec.report[0], ("products".to_string(), 1.0), "{rec:?}");
         let model = Model::open(&out).unwrap();
+        // The zero point's share went into the product's own (fused) bias: no tensor unread.
+        let meta = model.metadata();
+        for t in 0..meta.tensors.len() as u32 {
+            assert!(
+                meta.graph.constants.iter().any(|c| c.tensor == t),
+                "tensor {} unread",
+                meta.tensors[t as usize].name
+            );
+        }
         let ops: Vec<&Op> = model.metadata().graph.nodes.iter().map(|n| &n.op).collect();
         assert!(ops.iter().any(|op| matches!(op, Op::MatMulStaticQ8 { scale, .. } if *scale == xs)), "{ops:?}");
         assert!(ops.iter().any(|op| matches!(op, Op::QuantizeDequantize { .. })), "{ops:?}");
