@@ -356,9 +356,11 @@ fn every_command_that_reports_has_json() {
 fn convert_flags_list_their_values_and_keep_float_takes_one_pattern() {
     let o = acorn(&["convert", "--help"]);
     let (help, _) = text(&o);
-    for values in
-        ["[possible values: q8, q4, f16]", "[possible values: rtn, awq, gptq]", "[possible values: lift, as-written]"]
-    {
+    for values in [
+        "[possible values: q8, q4, f16]",
+        "[possible values: rtn, awq, gptq]",
+        "[possible values: lift, lift-dynamic, as-written]",
+    ] {
         assert!(help.contains(values), "convert --help lacks {values}:\n{help}");
     }
     assert!(help.contains("x86_64-avx2"), "{help}");
