@@ -358,6 +358,11 @@ fn lower_proto(
             ("tract_shape_analysis".into(), if analysed { 1.0 } else { 0.0 }),
         ],
     }];
+    if opts.as_written && opts.dynamic_activations {
+        anyhow::bail!(
+            "--quantized-import takes one mode: as-written runs the graph's own ops, lift-dynamic lifts them"
+        );
+    }
     records.push(PassRecord {
         name: "quantized_import".into(),
         params: vec![(

@@ -296,8 +296,8 @@ fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize) {
 /// Readers of a value: (node, input slot).
 type Readers = Vec<(usize, usize)>;
 
-/// A per-tensor int8 / uint8 pair as one [`Op::QuantizeDequantize`] (its zero point as stored).
-fn pair_op(scale: Option<&Tensor>, zero: Option<&Tensor>) -> Option<Op> {
+/// A per-tensor int8 / uint8 pair's parameters: scale, zero point as stored, the type's range.
+fn pair_params(scale: Option<&Tensor>, zero: Option<&Tensor>) -> Option<(f32, i32, i32, i32)> {
     let s = *scale?.as_f32()?.first()?;
     let z = zero?;
     let (zero_point, lo, hi) = match z.dtype() {
@@ -305,7 +305,13 @@ fn pair_op(scale: Option<&Tensor>, zero: Option<&Tensor>) -> Option<Op> {
         DType::U8 => (*z.bytes().first()? as i32, 0, 255),
         _ => return None,
     };
-    (s.is_finite() && s > 0.0).then_some(Op::QuantizeDequantize { scale: s, zero_point, lo, hi })
+    (s.is_finite() && s > 0.0).then_some((s, zero_point, lo, hi))
+}
+
+/// The pair as one [`Op::QuantizeDequantize`].
+fn pair_op(scale: Option<&Tensor>, zero: Option<&Tensor>) -> Option<Op> {
+    let (scale, zero_point, lo, hi) = pair_params(scale, zero)?;
+    Some(Op::QuantizeDequantize { scale, zero_point, lo, hi })
 }
 
 /// The products a static activation pair can feed (its weight lifted to q8).
@@ -313,17 +319,11 @@ fn is_product(op: &Op) -> bool {
     matches!(op, Op::MatMul | Op::Gemm { .. })
 }
 
-/// A per-tensor activation quantization's scale and zero point as an int8 code (a uint8 zero
-/// point minus 128, the codes shifted alike), when the scale is a positive finite f32.
+/// The pair's scale and zero point as an int8 code (a uint8 zero point minus 128, the codes
+/// shifted alike: every code an int8 one).
 fn static_scale(scale: Option<&Tensor>, zero: Option<&Tensor>) -> Option<(f32, i32)> {
-    let s = *scale?.as_f32()?.first()?;
-    let z = zero?;
-    let zc = match z.dtype() {
-        DType::I8 => *z.bytes().first()? as i8 as i32,
-        DType::U8 => *z.bytes().first()? as i32 - 128,
-        _ => return None,
-    };
-    (s.is_finite() && s > 0.0).then_some((s, zc))
+    let (s, zero_point, lo, _) = pair_params(scale, zero)?;
+    Some((s, zero_point - 128 - lo))
 }
 
 fn constant(m: &Module, v: Option<ValueId>) -> Option<&Tensor> {

@@ -147,4 +147,8 @@ fn a_weight_code_of_minus_128_keeps_dynamic_activations_and_says_why() {
     assert_eq!(rec.report[0], ("products".to_string(), 0.0), "{rec:?}");
     assert!(rec.params.iter().any(|(_, why)| why.contains("−128")), "{rec:?}");
     assert!(r.warnings.iter().any(|w| w.contains("dynamic int8 activations")), "{:?}", r.warnings);
+    // Two quantized-import modes at once are refused, not one silently dropped.
+    let both = ConvertOptions { as_written: true, dynamic_activations: true, ..Default::default() };
+    let e = convert(&src, &dir.path().join("b.acorn"), &both).unwrap_err();
+    assert!(format!("{e:#}").contains("one mode"), "{e:#}");
 }

@@ -132,18 +132,19 @@ pub(crate) fn decode_static_weights(file: &mut ModelFile, isa: Isa) -> Result<()
         let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
         let Ok(w) = Weights::parse(t.encoding, t.dtype, &shape, file.stored_bytes(i)) else { continue };
         let (n, k) = w.dims();
-        let mut rows: Vec<f32> = Vec::new();
         let mut dense: Vec<f32> = Vec::new();
-        if rows.try_reserve_exact(n * k).is_err() || dense.try_reserve_exact(n * k).is_err() {
+        if dense.try_reserve_exact(n * k).is_err() {
             return Err(Error::Limit(format!("tensor '{}': cannot allocate {} floats to decode it", t.name, n * k)));
         }
-        rows.resize(n * k, 0.0);
-        for (j, r) in rows.chunks_exact_mut(k).enumerate() {
-            w.decode_row(j, r);
+        // [k, n], MatMul's B: each stored row (an output column) decoded, then placed.
+        dense.resize(n * k, 0.0);
+        let mut row = vec![0.0f32; k];
+        for j in 0..n {
+            w.decode_row(j, &mut row);
+            for (p, &v) in row.iter().enumerate() {
+                dense[p * n + j] = v;
+            }
         }
-        // [k, n], MatMul's B.
-        dense.extend((0..k * n).map(|c| rows[(c % n) * k + c / n]));
-        drop(rows);
         count += 1;
         match isa.f32_panel() {
             Some(nr) => {

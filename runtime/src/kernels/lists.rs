@@ -114,9 +114,13 @@ pub fn all() -> Vec<(&'static str, &'static str, Isa, Activations)> {
             .iter()
             .filter_map(|e| e.kernel.narrow.map(|(name, _)| ("q8 panel, codes within ±64", name, e.needs, e.reads))),
     );
-    // And its kernel for activations that may hold −128 (a model's static quantization).
+    // And its kernel for activations that may hold −128 (a model's static quantization), listed
+    // once: under the set it belongs to (a higher set may borrow a lower one's).
     out.extend(super::quant::q8_panels().iter().filter_map(|e| {
-        e.kernel.wide.map(|(name, _)| ("q8 panel, static activations (−128)", name, e.needs, e.reads))
+        e.kernel
+            .wide
+            .filter(|(name, _)| name.ends_with(e.needs.name()))
+            .map(|(name, _)| ("q8 panel, static activations (−128)", name, e.needs, e.reads))
     }));
     out.extend(rows("q4 row", super::quant::q4_rows()));
     out.extend(rows("q4 row, blocks of 32", super::quant::q4_sym32_rows()));

@@ -207,8 +207,14 @@ pub fn round_to_i8_from(v: f32, lo: f32) -> i8 {
 #[inline(always)]
 pub fn quantize_code(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> u8 {
     const MAGIC: f32 = 12_582_912.0;
-    let r = ((within_1024(v / scale) + MAGIC) - MAGIC) + zero;
-    (r.clamp(lo, hi) + MAGIC).to_bits() as u8
+    (code_value(v, scale, zero, lo, hi) + MAGIC).to_bits() as u8
+}
+
+/// [`quantize_code`]'s code as the float holding it (an integer in `[lo, hi]`).
+#[inline(always)]
+fn code_value(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (((within_1024(v / scale) + MAGIC) - MAGIC) + zero).clamp(lo, hi)
 }
 
 /// `t` held within ±1024, NaN read as −1024 (`max` / `min` skip a NaN where `clamp` would keep
@@ -225,10 +231,8 @@ multiversion! {
     /// [`quantize_code`], then as `DequantizeLinear` computes it: the integer difference times
     /// the scale).
     fn quantize_dequantize(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
-        const MAGIC: f32 = 12_582_912.0;
         for (o, &v) in out.iter_mut().zip(x) {
-            let r = ((within_1024(v / scale) + MAGIC) - MAGIC) + zero;
-            *o = (r.clamp(lo, hi) - zero) * scale;
+            *o = (code_value(v, scale, zero, lo, hi) - zero) * scale;
         }
     }
 }
@@ -238,10 +242,8 @@ multiversion! {
     /// `clamp(round_half_even(x / scale) + zero, −128, 127) · scale` — what a product on
     /// static activations multiplies when it runs in f32 (the zero point's share is in its bias).
     fn quantize_scaled(x: &[f32], scale: f32, zero: f32, out: &mut [f32]) {
-        const MAGIC: f32 = 12_582_912.0;
         for (o, &v) in out.iter_mut().zip(x) {
-            let r = ((within_1024(v / scale) + MAGIC) - MAGIC) + zero;
-            *o = r.clamp(-128.0, 127.0) * scale;
+            *o = code_value(v, scale, zero, -128.0, 127.0) * scale;
         }
     }
 }

@@ -526,13 +526,15 @@ crate::kernel_list! {
             Isa::Avx512,
             Activations::Int8Blocks,
             Q8PanelKernel {
-                panel: super::x86q::q8_panel_avx512::<false, false>,
+                panel: super::x86q::q8_panel_avx512::<false>,
                 nr: 32,
                 unsigned_acts: false,
                 packs_rows: true,
-                narrow: Some(("gemm_q7i8_6x32_avx512", super::x86q::q8_panel_avx512::<true, false>)),
-                wide: Some(("gemm_q8i8w_6x32_avx512", super::x86q::q8_panel_avx512::<false, true>)),
-                wide_abs: false,
+                narrow: Some(("gemm_q7i8_6x32_avx512", super::x86q::q8_panel_avx512::<true>)),
+                // The AVX2 one: models' products on such activations run in f32 on this set
+                // (`exec::layout::static_q8_runs_f32`); the kernel API still gets exact results.
+                wide: Some(("gemm_q8i8w_4x16_avx2", super::x86q::q8_panel_avx2::<false, true>)),
+                wide_abs: true,
             },
         );
         #[cfg(target_arch = "x86_64")]

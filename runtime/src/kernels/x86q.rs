@@ -963,14 +963,15 @@ pub unsafe fn q8_panel_avx2<const NARROW: bool, const WIDE: bool>(
 /// AVX-512 has no `vpsignb`: for full-range codes the activation is negated under the mask of
 /// the weight's sign bits (`vpmovb2m`, once per weight vector) before `vpmaddubsw` with `|w|`
 /// (where `w = 0` the product is zero whatever the sign); narrow codes are offset to unsigned
-/// as on AVX2; wide activations (`WIDE`) move their sign onto the weight, as on AVX2.
+/// as on AVX2. Activations that may hold −128 take the AVX2 wide kernel (this set runs the
+/// products that have them in f32: see `exec::layout::static_q8_runs_f32`).
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL; operands as [`q8_panel_tile_avx2`] for a whole panel
 /// (`cols` ≤ 32).
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool, const WIDE: bool>(
+unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool>(
     x: *const i8,
     ldx: usize,
     xs: *const f32,
@@ -1002,24 +1003,14 @@ unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool, const WIDE: b
                 let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
                 let (u0, u1) = if NARROW {
                     (_mm512_add_epi8(w0, off), _mm512_add_epi8(w1, off))
-                } else if WIDE {
-                    (w0, w1)
                 } else {
                     (_mm512_abs_epi8(w0), _mm512_abs_epi8(w1))
                 };
-                let (n0, n1) = if NARROW || WIDE { (0, 0) } else { (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1)) };
+                let (n0, n1) = if NARROW { (0, 0) } else { (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1)) };
                 for (r, ar) in a.iter_mut().enumerate() {
                     let xv = _mm512_set1_epi32((x.add(r * ldx + b * QK + s * 4) as *const i32).read_unaligned());
                     let (p0, p1) = if NARROW {
                         (_mm512_maddubs_epi16(u0, xv), _mm512_maddubs_epi16(u1, xv))
-                    } else if WIDE {
-                        // The activation's sign onto the weight: |x| (−128 reads as the
-                        // unsigned 128) times ±w (within ±127, so its negation fits).
-                        let (ax, xn) = (_mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
-                        (
-                            _mm512_maddubs_epi16(ax, _mm512_mask_sub_epi8(u0, xn, zero, u0)),
-                            _mm512_maddubs_epi16(ax, _mm512_mask_sub_epi8(u1, xn, zero, u1)),
-                        )
                     } else {
                         (
                             _mm512_maddubs_epi16(u0, _mm512_mask_sub_epi8(xv, n0, zero, xv)),
@@ -1042,15 +1033,14 @@ unsafe fn q8_panel_tile_avx512<const R: usize, const NARROW: bool, const WIDE: b
 }
 
 /// One panel of 32 q8 weight rows × `m` activation rows with AVX-512 F/BW (no VNNI), in tiles
-/// of 6 rows ([`q8_panel_tile_avx512`]): full-range codes (`gemm_q8i8_6x32_avx512`), narrow
-/// ones (`NARROW`, `gemm_q7i8_6x32_avx512`) or wide activations (`WIDE`,
-/// `gemm_q8i8w_6x32_avx512`).
+/// of 6 rows ([`q8_panel_tile_avx512`]): full-range codes (`gemm_q8i8_6x32_avx512`) or narrow
+/// ones (`NARROW`, `gemm_q7i8_6x32_avx512`).
 ///
 /// # Safety
 /// As [`q8_panel_avx2`], with AVX-512 F/BW/VL.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn q8_panel_avx512<const NARROW: bool, const WIDE: bool>(
+pub unsafe fn q8_panel_avx512<const NARROW: bool>(
     m: usize,
     x: *const i8,
     ldx: usize,
@@ -1073,12 +1063,12 @@ pub unsafe fn q8_panel_avx512<const NARROW: bool, const WIDE: bool>(
         // SAFETY: rows i0..i0+rows are inside the caller's `m` rows; the rest is forwarded.
         unsafe {
             match rows {
-                1 => q8_panel_tile_avx512::<1, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                2 => q8_panel_tile_avx512::<2, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                3 => q8_panel_tile_avx512::<3, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                4 => q8_panel_tile_avx512::<4, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                5 => q8_panel_tile_avx512::<5, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
-                _ => q8_panel_tile_avx512::<6, NARROW, WIDE>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                1 => q8_panel_tile_avx512::<1, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                2 => q8_panel_tile_avx512::<2, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                3 => q8_panel_tile_avx512::<3, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                4 => q8_panel_tile_avx512::<4, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                5 => q8_panel_tile_avx512::<5, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
+                _ => q8_panel_tile_avx512::<6, NARROW>(u, ldx, s, su, ldxs, w, ws, nb, o, ldo, cols),
             }
         }
         i0 += rows;

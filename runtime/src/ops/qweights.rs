@@ -97,19 +97,22 @@ pub(super) fn static_product(
 ) -> OpResult<()> {
     let a = *req(inputs, 0, "A")?;
     let b = *req(inputs, 1, "B")?;
-    if matches!(b.encoding, TensorEncoding::Dense | TensorEncoding::PanelF32 { .. }) && b.shape.len() == 2 {
-        // Decoded to f32 at open where f32 is faster (`exec::layout::static_q8_runs_f32`).
-        return static_product_f32(scale, zero_point, &a, &b, inputs, out, ctx);
-    }
-    let w = match (b.encoding.transposed(), b.shape.len()) {
-        (true, 2) => qmat(&b)?,
+    // Decoded to f32 at open where f32 is faster (`exec::layout::static_q8_runs_f32`), else q8
+    // stored by columns.
+    let decoded = matches!(b.encoding, TensorEncoding::Dense | TensorEncoding::PanelF32 { .. });
+    let w = match (decoded, b.encoding.transposed(), b.shape.len()) {
+        (true, _, 2) => None,
+        (false, true, 2) => Some(qmat(&b)?),
         _ => op_bail!("MatMulStaticQ8 reads a q8 weight stored by columns, not {} of shape {:?}", b.encoding, b.shape),
     };
-    let (n, k) = w.dims();
+    let (k, n) = (b.shape[0], b.shape[1]);
     let x = a.f32()?;
     let m = numel(&a.shape[..a.shape.len().saturating_sub(1)]);
     if a.shape.last() != Some(&k) || x.len() < m * k {
         op_bail!("MatMulStaticQ8: A {:?} does not match the weight's {k} inputs", a.shape);
+    }
+    if !(scale.is_finite() && scale > 0.0 && (-128..=127).contains(&zero_point)) {
+        op_bail!("MatMulStaticQ8: scale {scale} and zero point {zero_point} are not an int8 quantization");
     }
     let o = out.f32()?;
     if o.len() < m * n {
@@ -117,10 +120,12 @@ pub(super) fn static_product(
     }
     let bias = super::matmul::bias(inputs, n)?;
     let o = &mut o[..m * n];
+    let x = &x[..m * k];
+    let Some(w) = w else { return static_product_f32(scale, zero_point, x, &b, bias, o, ctx) };
     let isa = crate::kernels::selected();
     ACTS.with(|cell| {
         let qa = &mut *cell.borrow_mut();
-        quant::quantize_acts_static(&x[..m * k], m, k, scale, zero_point, qa).map_err(|e| OpError::Failed(e.0))?;
+        quant::quantize_acts_static(x, m, k, scale, zero_point, qa).map_err(|e| OpError::Failed(e.0))?;
         match w {
             QMat::Q8Panels(w) => quant::gemm_q8_panels_bias(isa, qa, &w, bias, o, ctx.threads),
             QMat::Q8(w) => quant::gemm_q8(isa, qa, &w, o, ctx.threads).map(|()| super::matmul::add_bias(o, m, bias)),
@@ -131,26 +136,20 @@ pub(super) fn static_product(
 }
 
 /// [`static_product`] on a weight decoded to f32 (dense `[K, N]` or the GEMM's panels): the
-/// activations' codes times their scale, the f32 GEMM, the bias.
+/// activations' codes times their scale, the f32 GEMM, the bias. Shapes were checked by the
+/// caller.
 fn static_product_f32(
     scale: f32,
     zero_point: i32,
-    a: &View<'_>,
+    x: &[f32],
     b: &View<'_>,
-    inputs: &[Option<View<'_>>],
-    out: &mut ViewMut<'_>,
+    bias: Option<&[f32]>,
+    o: &mut [f32],
     ctx: &Ctx<'_>,
 ) -> OpResult<()> {
     use crate::kernels::{self, BMat, MatRef, Panels};
     let (k, n) = (b.shape[0], b.shape[1]);
-    let x = a.f32()?;
-    let m = numel(&a.shape[..a.shape.len().saturating_sub(1)]);
-    if a.shape.last() != Some(&k) || x.len() < m * k {
-        op_bail!("MatMulStaticQ8: A {:?} does not match the weight's {k} inputs", a.shape);
-    }
-    if !(scale.is_finite() && scale > 0.0 && (-128..=127).contains(&zero_point)) {
-        op_bail!("MatMulStaticQ8: scale {scale} and zero point {zero_point} are not an int8 quantization");
-    }
+    let m = x.len() / k.max(1);
     let bd = b.f32_any_layout()?;
     let bmat = match b.panels() {
         Some(nr) if nr > 0 && bd.len() >= Panels::len(k, n, nr as usize) => {
@@ -159,19 +158,13 @@ fn static_product_f32(
         None if bd.len() >= k * n => BMat::Strided(MatRef { data: bd, rs: n, cs: 1 }),
         _ => op_bail!("MatMulStaticQ8: B {:?} stored as {} holds {} floats", b.shape, b.encoding, bd.len()),
     };
-    let o = out.f32()?;
-    if o.len() < m * n {
-        op_bail!("MatMulStaticQ8: output holds {} values, needs {m}×{n}", o.len());
-    }
-    let bias = super::matmul::bias(inputs, n)?;
-    let o = &mut o[..m * n];
     if let Some(bv) = bias {
         o.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bv));
     }
     SCALED.with(|cell| {
         let xs = &mut *cell.borrow_mut();
         xs.resize(m * k, 0.0);
-        kernels::math::quantize_scaled(&x[..m * k], scale, zero_point as f32, xs);
+        kernels::math::quantize_scaled(x, scale, zero_point as f32, xs);
         kernels::sgemm(m, n, k, MatRef { data: xs, rs: k, cs: 1 }, bmat, o, n, bias.is_some(), ctx.threads);
     });
     Ok(())
