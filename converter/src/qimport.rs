@@ -144,7 +144,7 @@ fn lift(m: &mut Module, dynamic_acts: bool) -> Result<PassRecord> {
             Err(why) => skipped.push(("kept".into(), format!("{name}: {why}"))),
         }
     }
-    let (activations, static_products, conv_inputs) = fold_activation_qdq(m, dynamic_acts);
+    let (activations, static_products, static_convs, conv_inputs) = fold_activation_qdq(m, dynamic_acts);
     let mut params = skipped;
     params.truncate(64);
     Ok(PassRecord {
@@ -157,6 +157,7 @@ fn lift(m: &mut Module, dynamic_acts: bool) -> Result<PassRecord> {
             ("dynamic_convs".into(), dynamic_convs as f64),
             ("qdq_activations".into(), activations as f64),
             ("static_activation_products".into(), static_products as f64),
+            ("static_activation_convs".into(), static_convs as f64),
             ("conv_inputs_unpaired".into(), conv_inputs as f64),
         ],
     })
@@ -169,18 +170,18 @@ fn lift(m: &mut Module, dynamic_acts: bool) -> Result<PassRecord> {
 /// - `dynamic` false (the default): a product whose weight was lifted (a constant B) reads `x`
 ///   itself, and `x` is recorded with the pair's scale and zero point
 ///   ([`Module::static_acts`]): the end of conversion ([`static_products`]) runs it on exactly
-///   the codes the pair defines. A convolution on a lifted weight reads `x` too, and quantizes
-///   it itself (per tensor, at its own scale: the convolutions have no static form yet). Every
-///   other reader — an output's requantization, a product of two activations (attention's
+///   the codes the pair defines; a convolution on a constant weight likewise
+///   ([`Op::ConvStaticQ8`]). Every other reader — an output's requantization, a product of two activations (attention's
 ///   scores and values), an elementwise op — keeps the pair, fused into one
 ///   [`Op::QuantizeDequantize`]: its rounding is the model's.
 /// - `dynamic` true (`--quantized-import lift-dynamic`): every pair is read as `x`: the products
 ///   quantize their activations per block of 32 (finer than the model's calibration) and the
 ///   rest runs in f32 — closer to the fp32 model, not to the quantized one.
 ///
-/// Returns how many pairs were folded (every reader redirected), how many products read static
-/// activations and how many convolutions read a pair's input.
-fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize) {
+/// Returns how many pairs were folded (every reader redirected), how many products and how many
+/// convolutions read static activations, and how many convolutions read a pair's input to
+/// quantize it themselves.
+fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize, usize) {
     let uses = Uses::new(&m.graph);
     let same = |a: Option<ValueId>, b: Option<ValueId>| -> bool {
         match (constant(m, a), constant(m, b)) {
@@ -229,38 +230,46 @@ fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize) {
             continue;
         }
         let readers = uses.readers(dq.outputs[0]);
-        let products: Vec<(usize, usize)> =
-            readers.iter().copied().filter(|&(j, slot)| weight_product(j, slot)).collect();
-        // Convolutions on lifted weights quantize their input themselves (per tensor; not yet
-        // at the model's scale): they read x, as before.
-        let convs: Vec<(usize, usize)> = readers.iter().copied().filter(|&(j, slot)| weight_conv(j, slot)).collect();
-        if products.len() + convs.len() < readers.len() || is_output {
+        // Products and convolutions on constant (lifted) weights: they read x, at the pair's
+        // scale and zero point.
+        let weighted: Vec<(usize, usize)> =
+            readers.iter().copied().filter(|&(j, slot)| weight_product(j, slot) || weight_conv(j, slot)).collect();
+        if weighted.len() < readers.len() || is_output {
             if let Some(op) = pair_op(constant(m, param(q, 1)), constant(m, param(q, 2))) {
                 fused.push((di, x, op));
             }
         }
-        if !convs.is_empty() {
-            folds.push((dq.outputs[0], x, Some(convs)));
-        }
         let at = static_scale(constant(m, param(q, 1)), constant(m, param(q, 2)));
-        let direct = uses.readers(x).iter().any(|&(j, slot)| weight_product(j, slot));
-        let (Some(at), false, false) = (at, products.is_empty(), direct) else { continue };
+        let direct = uses.readers(x).iter().any(|&(j, slot)| weight_product(j, slot) || weight_conv(j, slot));
+        let (Some(at), false, false) = (at, weighted.is_empty(), direct) else {
+            // Not a pair Acorn reads statically: its convolutions read x and quantize it
+            // themselves (per tensor), its products keep reading the pair.
+            let convs: Vec<(usize, usize)> =
+                weighted.iter().copied().filter(|&(j, slot)| weight_conv(j, slot)).collect();
+            if !convs.is_empty() {
+                folds.push((dq.outputs[0], x, Some(convs)));
+            }
+            continue;
+        };
         let e = statics.entry(x).or_insert(Some(at));
         if *e != Some(at) {
             *e = None;
         }
-        folds.push((dq.outputs[0], x, Some(products)));
+        folds.push((dq.outputs[0], x, Some(weighted)));
     }
     drop(uses);
-    // Two pairs that quantize the same x differently: their products keep reading the pairs
-    // (which stay, fused).
+    // Two pairs that quantize the same x differently: their products and convolutions keep
+    // reading the pairs (which stay, fused).
     folds.retain(|(_, x, only)| match only {
         Some(readers) if readers.iter().any(|&(j, slot)| weight_product(j, slot)) => {
             statics.get(x).is_some_and(|s| s.is_some())
         }
+        Some(readers) if statics.contains_key(x) && readers.iter().any(|&(j, slot)| weight_conv(j, slot)) => {
+            statics.get(x).is_some_and(|s| s.is_some())
+        }
         _ => true,
     });
-    let (mut whole, mut products, mut convs) = (0, 0, 0);
+    let (mut whole, mut products, mut static_convs, mut convs) = (0, 0, 0, 0);
     for (from, to, only) in &folds {
         match only {
             None => {
@@ -276,6 +285,8 @@ fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize) {
                     m.graph.nodes[j].inputs[slot] = Some(*to);
                     if is_product(&m.graph.nodes[j].op) {
                         products += 1;
+                    } else if statics.get(to).is_some_and(|s| s.is_some()) {
+                        static_convs += 1;
                     } else {
                         convs += 1;
                     }
@@ -290,7 +301,7 @@ fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize) {
         n.op = op;
         n.inputs = vec![Some(x)];
     }
-    (whole, products, convs)
+    (whole, products, static_convs, convs)
 }
 
 /// Readers of a value: (node, input slot).
@@ -538,7 +549,9 @@ fn weight_from(
 /// own scale and zero point. A MatMul reading such an activation whose weight is stored as q8
 /// by columns (`quantized`, what the file will hold) with every code within ±127 becomes
 /// [`Op::MatMulStaticQ8`]; the zero point's share `−scale · zero · Σ_k B[k, n]` is folded into its
-/// bias. Any other product keeps Acorn's dynamic activations, with the reason in the record.
+/// bias. Any other product keeps Acorn's dynamic activations, with the reason in the record. A
+/// convolution reading such an activation becomes [`Op::ConvStaticQ8`] (its kernels take the
+/// zero point themselves: the padding is its code).
 pub fn static_products(m: &mut Module, quantized: &[Option<crate::quantize::Quantized>]) -> PassRecord {
     let mut done = 0usize;
     let mut kept: Vec<(String, String)> = Vec::new();
@@ -546,17 +559,30 @@ pub fn static_products(m: &mut Module, quantized: &[Option<crate::quantize::Quan
         return PassRecord {
             name: "static_activations".into(),
             params: vec![],
-            report: vec![("products".into(), 0.0)],
+            report: vec![("products".into(), 0.0), ("convs".into(), 0.0)],
         };
     }
+    let mut convs = 0usize;
     for i in 0..m.graph.nodes.len() {
         let n = &m.graph.nodes[i];
-        if !matches!(n.op, Op::MatMul) {
+        if !matches!(n.op, Op::MatMul | Op::Conv(_) | Op::ConvFused { .. }) {
             continue;
         }
         let Some(&(scale, zero)) = n.inputs.first().copied().flatten().and_then(|a| m.static_acts.get(&a)) else {
             continue;
         };
+        // A convolution: its kernels take the codes and the zero point themselves (on f32
+        // weights, the input quantized and dequantized first).
+        let conv = match &n.op {
+            Op::Conv(c) => Some((c.clone(), acorn::graph::Epilogue::NONE)),
+            Op::ConvFused { conv, post } => Some((conv.clone(), *post)),
+            _ => None,
+        };
+        if let Some((conv, post)) = conv {
+            m.graph.nodes[i].op = Op::ConvStaticQ8 { conv, post, scale, zero_point: zero };
+            convs += 1;
+            continue;
+        }
         let name = n.name.clone();
         match static_bias(m, i, quantized, scale, zero) {
             Ok(bias) => {
@@ -584,8 +610,9 @@ pub fn static_products(m: &mut Module, quantized: &[Option<crate::quantize::Quan
         .copied()
         .filter(|&x| {
             let r = uses.readers(x);
-            let read_static =
-                r.iter().any(|&(j, slot)| slot == 0 && matches!(m.graph.nodes[j].op, Op::MatMulStaticQ8 { .. }));
+            let read_static = r.iter().any(|&(j, slot)| {
+                slot == 0 && matches!(m.graph.nodes[j].op, Op::MatMulStaticQ8 { .. } | Op::ConvStaticQ8 { .. })
+            });
             let read_dynamic = r.iter().any(|&(j, _)| matches!(m.graph.nodes[j].op, Op::MatMul | Op::Gemm { .. }));
             !read_static && !read_dynamic && !r.is_empty()
         })
@@ -598,7 +625,11 @@ pub fn static_products(m: &mut Module, quantized: &[Option<crate::quantize::Quan
     kept.truncate(64);
     PassRecord {
         name: "static_activations".into(),
-        report: vec![("products".into(), done as f64), ("kept_dynamic".into(), kept.len() as f64)],
+        report: vec![
+            ("products".into(), done as f64),
+            ("convs".into(), convs as f64),
+            ("kept_dynamic".into(), kept.len() as f64),
+        ],
         params: kept,
     }
 }

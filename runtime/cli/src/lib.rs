@@ -500,8 +500,10 @@ fn cmd_inspect(model: &Path, json: bool) -> Result<ExitCode> {
         order.sort_by_key(|&i| std::cmp::Reverse(meta.tensors[i].len));
         let show = if order.len() > 25 { 20 } else { order.len() };
         // Tensors convolutions read as their weights (their kernels differ from a MatMul's).
-        let conv_weights =
-            meta.graph.weights_of(|op| matches!(op, acorn::graph::Op::Conv(_) | acorn::graph::Op::ConvFused { .. }));
+        let conv_weights = meta.graph.weights_of(|op| {
+            use acorn::graph::Op;
+            matches!(op, Op::Conv(_) | Op::ConvFused { .. } | Op::ConvStaticQ8 { .. })
+        });
         // Tensors products on a model's static activations read (codes of −128 take their own
         // kernel on some sets).
         let static_weights = meta.graph.weights_of(|op| matches!(op, acorn::graph::Op::MatMulStaticQ8 { .. }));

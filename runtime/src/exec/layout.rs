@@ -63,7 +63,10 @@ pub(crate) fn adapt_layouts(file: &mut ModelFile, isa: Isa) -> Result<()> {
 pub(crate) fn decode_conv_weights(file: &mut ModelFile, isa: Isa) -> Result<()> {
     use crate::graph::Op;
     use crate::weights::Weights;
-    let targets = file.metadata().graph.weights_of(|op| matches!(op, Op::Conv(_) | Op::ConvFused { .. }));
+    let targets = file
+        .metadata()
+        .graph
+        .weights_of(|op| matches!(op, Op::Conv(_) | Op::ConvFused { .. } | Op::ConvStaticQ8 { .. }));
     let (mut count, mut bytes) = (0usize, 0usize);
     for i in targets.into_iter().map(|i| i as usize) {
         let t = &file.metadata().tensors[i];

@@ -678,6 +678,19 @@ pub enum Op {
         lo: i32,
         hi: i32,
     },
+    /// A convolution on an input a statically quantized model quantizes (its `QuantizeLinear →
+    /// DequantizeLinear` pair, per tensor): `post(Conv(dq(q(X)), W) + B)` with `q(x) = clamp(
+    /// round_half_even(x / scale) + zero_point, −128, 127)` and `dq(q) = (q − zero_point) · scale`
+    /// (a uint8 zero point and its codes shifted by −128). With W stored q8 by rows the int8
+    /// kernels run on exactly those codes (the padding at the code of 0); with W in f32 the input
+    /// is quantized and dequantized, then convolved. inputs: X, W, B (optional), as
+    /// [`Op::Conv`]. Made by the converter from a QDQ model's pair before a lifted convolution.
+    ConvStaticQ8 {
+        conv: ConvAttrs,
+        post: Epilogue,
+        scale: f32,
+        zero_point: i32,
+    },
 }
 
 /// TfIdfVectorizer's weighting: counts, the weight where present, or weight × count.
@@ -907,6 +920,10 @@ impl Op {
                 FusedAct::Identity => "Conv".into(),
                 act => format!("Conv+{}", format!("{act:?}").split([' ', '{']).next().unwrap_or("?")),
             },
+            Op::ConvStaticQ8 { post, .. } => match post.act {
+                FusedAct::Identity => "ConvStaticQ8".into(),
+                act => format!("ConvStaticQ8+{}", format!("{act:?}").split([' ', '{']).next().unwrap_or("?")),
+            },
             Op::ConvTranspose(_) => "ConvTranspose".into(),
             Op::ConvTransposeFused { post, .. } => match post.act {
                 FusedAct::Identity => "ConvTranspose".into(),
@@ -956,7 +973,7 @@ impl Op {
             Op::Split { .. } => (1, 2, 1, usize::MAX),
             Op::Slice => (3, 5, 1, 1),
             Op::Pad { .. } => (2, 4, 1, 1),
-            Op::Conv(_) | Op::ConvFused { .. } => (2, 3, 1, 1),
+            Op::Conv(_) | Op::ConvFused { .. } | Op::ConvStaticQ8 { .. } => (2, 3, 1, 1),
             Op::Lstm(_) => (3, 8, 0, 3),
             Op::If { .. } => (1, 1, 1, usize::MAX),
             Op::Loop { .. } => (2, usize::MAX, 0, usize::MAX),
@@ -1033,7 +1050,7 @@ impl Op {
                 dilations.len() > MAX_RANK || strides.len() > MAX_RANK || pads.len() > 2 * MAX_RANK
             }
             Op::Split { split, .. } => split.as_ref().is_some_and(|s| s.len() != n_out),
-            Op::Conv(c) | Op::ConvFused { conv: c, .. } => {
+            Op::Conv(c) | Op::ConvFused { conv: c, .. } | Op::ConvStaticQ8 { conv: c, .. } => {
                 c.kernel_shape.len() > MAX_RANK
                     || c.strides.len() > MAX_RANK
                     || c.pads.len() > 2 * MAX_RANK

@@ -1289,24 +1289,46 @@ fn min_max_par(x: &[f32], threads: usize) -> (f32, f32) {
     m.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The int8 codes of `cg` input channels into `q`: `round(v·inv + off)` clamped to
-/// `[lo, 127]`, laid out as `ph` says (the padding as the code of zero, `off`), or as they are
-/// when it reads the input in place; channels split over `threads`. Symmetric codes for the
-/// panel kernels: `off = 0`, `lo = −127`; the VNNI tile's unsigned codes `u = round(v·inv) + zp`
-/// stored as `u − 128`: `off = zp − 128`, `lo = −128`.
-#[allow(clippy::too_many_arguments)]
-fn quantize_input(
-    g: &Geo,
-    ph: &Phases,
-    cg: usize,
-    x: &[f32],
-    (inv, off, lo): (f32, f32, f32),
-    q: &mut Vec<i8>,
-    threads: usize,
-) {
+/// How a q8 convolution turns its input into int8 codes.
+#[derive(Clone, Copy, Debug)]
+enum Codes {
+    /// `round(v·inv + off)` clamped to `[lo, 127]`, padding the code `off` (the input's own range,
+    /// measured per call). Symmetric codes for the panel kernels: `off = 0`, `lo = −127`; the VNNI
+    /// tile's unsigned codes `u = round(v·inv) + zp` stored as `u − 128`: `off = zp − 128`,
+    /// `lo = −128`.
+    Scaled { inv: f32, off: f32, lo: f32 },
+    /// A statically quantized model's own codes (its `QuantizeLinear`, per tensor):
+    /// `clamp(round_half_even(v / scale) + zero, −128, 127)` (a uint8 zero point and its codes
+    /// shifted by −128), padding the code of 0 (`zero`).
+    Static { scale: f32, zero: i32 },
+}
+
+impl Codes {
+    fn pad(self) -> i8 {
+        match self {
+            Codes::Scaled { off, lo, .. } => super::math::round_to_i8_from(off, lo),
+            Codes::Static { zero, .. } => zero.clamp(-128, 127) as i8,
+        }
+    }
+
+    /// The codes of `x` into `dst` (as long).
+    fn slice(self, x: &[f32], dst: &mut [i8]) {
+        match self {
+            Codes::Scaled { inv, off, lo } => super::math::quantize_i8_offset(x, inv, off, lo, dst),
+            Codes::Static { scale, zero } => {
+                super::math::quantize_per_tensor(x, scale, zero as f32, -128.0, 127.0, bytemuck::cast_slice_mut(dst))
+            }
+        }
+    }
+}
+
+/// The int8 codes of `cg` input channels into `q` (`codes` says which), laid out as `ph` says
+/// (the padding as the code of zero), or as they are when it reads the input in place; channels
+/// split over `threads`.
+fn quantize_input(g: &Geo, ph: &Phases, cg: usize, x: &[f32], codes: Codes, q: &mut Vec<i8>, threads: usize) {
     use super::pool::{for_ranges, SharedOut};
     let plane = g.h * g.w;
-    let pad = super::math::round_to_i8_from(off, lo);
+    let pad = codes.pad();
     if ph.in_place {
         q.resize(cg * plane, 0);
         let qs = SharedOut::new(&mut q[..]);
@@ -1314,7 +1336,7 @@ fn quantize_input(
             // SAFETY: the ranges of `for_ranges` are disjoint, inside `q` (sized above), which
             // outlives the call.
             let dst = unsafe { qs.range(r.clone()) };
-            super::math::quantize_i8_offset(&x[r], inv, off, lo, dst);
+            codes.slice(&x[r], dst);
         });
     } else {
         let per = ph.per_channel;
@@ -1324,17 +1346,47 @@ fn quantize_input(
         for_ranges(threads, cg, PREP_MIN.div_ceil(plane.max(1)), &|r| {
             // SAFETY: channel ranges are disjoint, so their laid-out planes are; inside `q`.
             let dst = unsafe { qs.range(r.start * per..r.end * per) };
-            lay_out(g, ph, r.len(), &x[r.start * plane..], dst, pad, |v| {
-                super::math::round_to_i8_from(v * inv + off, lo)
-            });
+            let src = &x[r.start * plane..];
+            match codes {
+                Codes::Scaled { inv, off, lo } => {
+                    lay_out(g, ph, r.len(), src, dst, pad, |v| super::math::round_to_i8_from(v * inv + off, lo))
+                }
+                Codes::Static { scale, zero } => lay_out(g, ph, r.len(), src, dst, pad, |v| {
+                    super::math::quantize_code(v, scale, zero as f32, -128.0, 127.0) as i8
+                }),
+            }
         });
+    }
+}
+
+/// A statically quantized model's activation quantization (per tensor): `scale` and the zero
+/// point as an int8 code (a uint8 one minus 128).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StaticInput {
+    pub scale: f32,
+    pub zero: i32,
+}
+
+impl StaticInput {
+    /// An error unless `scale` is a positive number and `zero` an int8 code.
+    pub fn check(self) -> Result<Self, super::quant::QuantError> {
+        if self.scale.is_finite() && self.scale > 0.0 && (-128..=127).contains(&self.zero) {
+            Ok(self)
+        } else {
+            Err(super::quant::QuantError(format!(
+                "static input scale {} and zero point {} are not an int8 quantization",
+                self.scale, self.zero
+            )))
+        }
     }
 }
 
 /// The int8 form of [`conv_gemm`]: `w` holds the q8 weights as activation rows (`mg` rows of
 /// `kp` codes, `kp` ≥ `cg·kh·kw` a multiple of 32, zero past the window, with per-block scales
 /// and sums: what the int8 GEMM reads as its "rows" side), and the input is quantized once per
-/// call with one scale (`max|x| / 127`). Each block of output pixels becomes the GEMM's
+/// call with one scale (`max|x| / 127`), or at a statically quantized model's own scale and zero
+/// point (`input`: the codes its `QuantizeLinear` gives, the padding at the code of 0, the zero
+/// point's share `−scale · zero · Σw` of each output channel added to its bias). Each block of output pixels becomes the GEMM's
 /// q8 panels (four taps interleaved per pixel, as the panel kernels read them), so the product
 /// comes out as output channels × pixels — NCHW, no transpose — and the epilogue writes it.
 #[allow(clippy::too_many_arguments)]
@@ -1344,6 +1396,7 @@ pub fn conv_q8(
     cg: usize,
     w: &super::quant::QActs,
     x: &[f32],
+    input: Option<StaticInput>,
     bias: Option<&[f32]>,
     post: Epilogue,
     out: &mut [f32],
@@ -1362,6 +1415,9 @@ pub fn conv_q8(
     if n == 0 || mg == 0 {
         return Ok(());
     }
+    if let Some(s) = input {
+        s.check()?;
+    }
     let isa = if isa.supported() { isa } else { super::Isa::detect() };
     // The VNNI tile sums i32 over the whole depth: it needs one scale per output channel (what
     // `acorn convert` writes for convolutions); rows with varying block scales take the panels.
@@ -1369,14 +1425,31 @@ pub fn conv_q8(
     if isa == super::Isa::Avx512Vnni && w.scales.chunks(kp / QK).all(|r| r.iter().all(|&s| s == r[0])) {
         let scales: Vec<f32> = w.scales.iter().step_by(kp / QK).copied().collect();
         let rows = ConvRows::new(&w.q, &scales, mg, kp, cg, g.kh * g.kw);
-        conv_q8_vnni(g, cg, &rows, x, bias, post, out, threads);
+        conv_q8_vnni(g, cg, &rows, x, input, bias, post, out, threads);
         return Ok(());
     }
     let nr = isa.q_rows().q8_panel.map_or(32, |(_, kp)| kp.nr);
     // One scale for the input; laid out (padding, stride phases) as int8 codes.
-    let amax = max_abs_par(&x[..cg * g.h * g.w], threads);
-    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-    let inv = 1.0 / scale;
+    let (scale, codes) = match input {
+        Some(s) => (s.scale, Codes::Static { scale: s.scale, zero: s.zero }),
+        None => {
+            let amax = max_abs_par(&x[..cg * g.h * g.w], threads);
+            let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            (scale, Codes::Scaled { inv: 1.0 / scale, off: 0.0, lo: -127.0 })
+        }
+    };
+    // A static input's zero point: `Σ w·(q − zero)` is the codes' product less `zero · Σw` per
+    // output channel (every tap, padding included, reads a code: the padding's is `zero`).
+    let shifted: Option<Vec<f32>> = input.filter(|s| s.zero != 0).map(|s| {
+        let nb = kp / QK;
+        (0..mg)
+            .map(|r| {
+                let sum: f64 = (r * nb..(r + 1) * nb).map(|b| w.scales[b] as f64 * w.sums[b] as f64).sum();
+                (bias.map_or(0.0, |b| b[r] as f64) - s.scale as f64 * s.zero as f64 * sum) as f32
+            })
+            .collect()
+    });
+    let bias = shifted.as_deref().or(bias);
     let block = {
         let b = (BLOCK_FLOATS * 2 / (kp + 4 * mg).max(1)).max(nr) / nr * nr;
         match threads {
@@ -1394,7 +1467,7 @@ pub fn conv_q8(
             tap_offsets(g, &ph, cg, taps);
             let taps = &taps[..];
             let q = &mut *cell.borrow_mut();
-            quantize_input(g, &ph, cg, x, (inv, 0.0, -127.0), q, threads);
+            quantize_input(g, &ph, cg, x, codes, q, threads);
             let q = &q[..];
             let oc = SharedOut::new(out);
             let failed = std::sync::Mutex::new(None);
@@ -1499,7 +1572,9 @@ thread_local! {
 /// offset to unsigned), so group `(c/4, ky, kx)` of 32 output pixels is 128 contiguous bytes
 /// the tile reads where they lie; the weights are regrouped to the same order (channels past
 /// `cg` zero). Sums stay i32 over the whole depth: the weights have one scale per output
-/// channel (`w.scales` equal along a row, as `acorn convert` writes convolution weights).
+/// channel (`w.scales` equal along a row, as `acorn convert` writes convolution weights). The
+/// input's codes span its own range, or are a statically quantized model's (`input`, checked by
+/// the caller: [`StaticInput::check`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub fn conv_q8_vnni(
@@ -1507,6 +1582,7 @@ pub fn conv_q8_vnni(
     cg: usize,
     w: &ConvRows,
     x: &[f32],
+    input: Option<StaticInput>,
     bias: Option<&[f32]>,
     post: Epilogue,
     out: &mut [f32],
@@ -1522,12 +1598,19 @@ pub fn conv_q8_vnni(
     let groups = cg4 * taps;
     assert_eq!(groups, w.groups, "conv_q8_vnni: weights regrouped for another geometry");
     let grid = g.oh * ph.wq;
-    // Unsigned codes over the input's own range, zero exactly representable (the code `zp`).
-    let (lo, hi) = min_max_par(&x[..cg * g.h * g.w], threads);
-    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
-    let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
-    let inv = 1.0 / scale;
-    let zp = ((-lo * inv).round() as i32).clamp(0, 255);
+    // Unsigned codes over the input's own range, zero exactly representable (the code `zp`); or
+    // the model's, a uint8 code `zp` stored minus 128.
+    let (scale, zp, codes) = match input {
+        Some(s) => (s.scale, s.zero + 128, Codes::Static { scale: s.scale, zero: s.zero }),
+        None => {
+            let (lo, hi) = min_max_par(&x[..cg * g.h * g.w], threads);
+            let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+            let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+            let inv = 1.0 / scale;
+            let zp = ((-lo * inv).round() as i32).clamp(0, 255);
+            (scale, zp, Codes::Scaled { inv, off: (zp - 128) as f32, lo: -128.0 })
+        }
+    };
     let block = {
         let b = ((INDIRECT_BLOCK_FLOATS / mg.max(1)) / NR).max(1) * NR;
         match threads {
@@ -1550,7 +1633,7 @@ pub fn conv_q8_vnni(
                 // The input: int8 codes laid out, then interleaved by four channels (+128).
                 let (planar, c4) = &mut *input_cell.borrow_mut();
                 let per = if ph.in_place { g.h * g.w } else { ph.per_channel };
-                quantize_input(g, &ph, cg, x, (inv, (zp - 128) as f32, -128.0), planar, threads);
+                quantize_input(g, &ph, cg, x, codes, planar, threads);
                 c4.resize((cg4 * per + ph.wq + NR) * 4, 0x80);
                 {
                     // Groups of four channels split over threads.
@@ -1714,6 +1797,113 @@ mod tests {
         assert!(bad.is_err(), "a position past the plane is refused");
     }
 
+    /// A static input (a QDQ model's `QuantizeLinear`, per tensor): the int8 convolution equals
+    /// `Σ w_code · (x_code − zero) · w_scale · scale + bias` with `x_code = clamp(round_half_even(
+    /// x / scale) + zero, −128, 127)` — codes −128 and 127 reached, the padding at the code of 0
+    /// — with zero points of either sign and 0, on every kernel set this CPU runs (the VNNI tile
+    /// and the panel kernels), with one and two threads.
+    #[test]
+    fn int8_convolution_on_static_input_matches_quantize_linear() {
+        // (C, H, W, M, kh, kw, stride, pads, dilation)
+        let cases = [
+            (3, 7, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1)),
+            (8, 12, 13, 40, 3, 3, (2, 2), (1, 1), (1, 1)),
+            (5, 9, 30, 17, 1, 5, (1, 2), (0, 2), (1, 1)),
+            (16, 6, 6, 33, 1, 1, (1, 1), (0, 0), (1, 1)),
+            (4, 11, 10, 8, 3, 2, (1, 3), (2, 1), (2, 2)),
+            (72, 40, 40, 16, 3, 3, (1, 1), (1, 1), (1, 1)),
+        ];
+        let isas: Vec<_> = crate::kernels::ALL_ISAS.into_iter().filter(|i| i.supported()).collect();
+        for (i, &(c, h, w, m, kh, kw, (sh, sw), (ph, pw), (dh, dw))) in cases.iter().enumerate() {
+            let oh = (h + 2 * ph - (kh - 1) * dh - 1) / sh + 1;
+            let ow = (w + 2 * pw - (kw - 1) * dw - 1) / sw + 1;
+            let g = Geo { h, w, kh, kw, sh, sw, dh, dw, ph, pw, oh, ow };
+            let k = c * kh * kw;
+            let kp = k.div_ceil(32) * 32;
+            let x = crate::kernels::pseudo_random(c * h * w, i as u64 + 1);
+            let wf = crate::kernels::pseudo_random(m * k, i as u64 + 50);
+            let mut rows = QActs { m, k: kp, q: vec![0; m * kp], ..Default::default() };
+            let mut wscale = vec![0.0f32; m];
+            for r in 0..m {
+                let row = &wf[r * k..(r + 1) * k];
+                wscale[r] = row.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+                for (j, &v) in row.iter().enumerate() {
+                    rows.q[r * kp + j] = (v / wscale[r]).round() as i8;
+                }
+            }
+            rows.scales = (0..m * kp / 32).map(|b| wscale[b / (kp / 32)]).collect();
+            rows.sums = rows.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+            let bias = crate::kernels::pseudo_random(m, 99);
+            // A scale under the input's range: both ends clamp.
+            let scale = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 300.0;
+            for zero in [-3i32, 0, 77, -128] {
+                let code = |v: f32| ((v / scale).round_ties_even() as i32 + zero).clamp(-128, 127);
+                assert!(x.iter().any(|&v| code(v) == -128) && x.iter().any(|&v| code(v) == 127));
+                let mut want = vec![0.0f32; m * oh * ow];
+                let mut size = vec![0.0f32; m * oh * ow];
+                for r in 0..m {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let (mut acc, mut mag) = (0i64, 0i64);
+                            for ci in 0..c {
+                                for ky in 0..kh {
+                                    for kx in 0..kw {
+                                        let (iy, ix) = (
+                                            (oy * sh + ky * dh) as isize - ph as isize,
+                                            (ox * sw + kx * dw) as isize - pw as isize,
+                                        );
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                            continue;
+                                        }
+                                        let wq = rows.q[r * kp + (ci * kh + ky) * kw + kx] as i64;
+                                        let xq = code(x[(ci * h + iy as usize) * w + ix as usize]) as i64;
+                                        acc += wq * (xq - zero as i64);
+                                        mag += (wq * xq).abs() + (wq * zero as i64).abs();
+                                    }
+                                }
+                            }
+                            let at = (r * oh + oy) * ow + ox;
+                            want[at] = (acc as f64 * wscale[r] as f64 * scale as f64) as f32 + bias[r];
+                            size[at] = mag as f32 * wscale[r] * scale;
+                        }
+                    }
+                }
+                for &isa in &isas {
+                    for threads in [1, 2] {
+                        let mut got = vec![f32::NAN; m * oh * ow];
+                        let input = Some(StaticInput { scale, zero });
+                        conv_q8(isa, &g, c, &rows, &x, input, Some(&bias), Epilogue::NONE, &mut got, threads).unwrap();
+                        for (j, (a, e)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (a - e).abs() <= 1e-5 * (1.0 + e.abs() + size[j]),
+                                "case {i}, zero {zero}, {isa:?}, {threads} threads, output {j}: {a} vs {e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // A scale or zero point that is not an int8 quantization is refused.
+        let g = Geo { h: 2, w: 2, kh: 1, kw: 1, sh: 1, sw: 1, dh: 1, dw: 1, ph: 0, pw: 0, oh: 2, ow: 2 };
+        let rows = QActs { m: 1, k: 32, q: vec![1; 32], scales: vec![1.0], sums: vec![32], ..Default::default() };
+        for bad in [StaticInput { scale: 0.0, zero: 0 }, StaticInput { scale: 1.0, zero: 128 }] {
+            let mut out = [0.0f32; 4];
+            let r = conv_q8(
+                crate::kernels::selected(),
+                &g,
+                1,
+                &rows,
+                &[1.0; 4],
+                Some(bad),
+                None,
+                Epilogue::NONE,
+                &mut out,
+                1,
+            );
+            assert!(r.is_err(), "{bad:?} accepted");
+        }
+    }
+
     /// The int8 convolution equals the sum of its integer products: codes of the weights (per
     /// row scale) and of the input (one scale, round half to even), on awkward shapes, padding,
     /// strides and dilations, with one and two threads, at the selected kernel level.
@@ -1792,8 +1982,19 @@ mod tests {
             }
             for threads in [1, 2] {
                 let mut got = vec![f32::NAN; m * oh * ow];
-                conv_q8(super::super::selected(), &g, c, &rows, &x, Some(&bias), Epilogue::NONE, &mut got, threads)
-                    .unwrap();
+                conv_q8(
+                    super::super::selected(),
+                    &g,
+                    c,
+                    &rows,
+                    &x,
+                    None,
+                    Some(&bias),
+                    Epilogue::NONE,
+                    &mut got,
+                    threads,
+                )
+                .unwrap();
                 for (j, (a, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (a - e).abs() <= 1e-4 * (1.0 + e.abs()),

@@ -6,12 +6,13 @@
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{AutoPad, ConvAttrs, Epilogue};
-use crate::kernels::conv;
+use crate::kernels::conv::{self, StaticInput};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 use crate::weights::TensorEncoding;
 
 /// Resolved 2-D geometry of a convolution.
+#[derive(Clone, Copy)]
 struct Geo {
     n: usize,
     c: usize,
@@ -281,9 +282,29 @@ fn kernel_geo(g: &Geo) -> conv::Geo {
     }
 }
 
+thread_local! {
+    /// A static input's quantized-and-dequantized values, for the f32 kernels (grown once per
+    /// thread).
+    static DEQUANTIZED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` on `x` as a statically quantized model reads it — `(clamp(round(x / scale) + zero,
+/// −128, 127) − zero) · scale` — or on `x` itself without `input`.
+fn with_input<R>(x: &[f32], input: Option<StaticInput>, f: impl FnOnce(&[f32]) -> R) -> R {
+    let Some(s) = input else { return f(x) };
+    // Taken out of the cell for the call (a nested convolution on this thread grows its own).
+    let mut buf = DEQUANTIZED.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    buf.resize(x.len(), 0.0);
+    crate::kernels::math::quantize_dequantize(x, s.scale, s.zero as f32, -128.0, 127.0, &mut buf);
+    let r = f(&buf);
+    DEQUANTIZED.with(|c| *c.borrow_mut() = buf);
+    r
+}
+
 pub(super) fn run(
     a: &ConvAttrs,
     post: Epilogue,
+    input: Option<StaticInput>,
     inputs: &[Option<View<'_>>],
     outputs: &mut [ViewMut<'_>],
     ctx: &mut Ctx<'_>,
@@ -296,10 +317,27 @@ pub(super) fn run(
         Some(Some(b)) => Some(b.f32()?),
         _ => None,
     };
+    let input = input
+        .map(|s| s.check().map_err(|e| crate::error::OpError::Failed(format!("ConvStaticQ8: {}", e.0))))
+        .transpose()?;
     let out = outputs[0].f32()?;
     if w.encoding != TensorEncoding::Dense {
-        return run_q8(&g, &w, xd, bias, post, out, ctx);
+        return run_q8(&g, &w, xd, input, bias, post, out, ctx);
     }
+    with_input(xd, input, |xd| run_f32(&g, &w, xd, bias, post, out, ctx))
+}
+
+/// A convolution on f32 weights.
+fn run_f32(
+    g: &Geo,
+    w: &View<'_>,
+    xd: &[f32],
+    bias: Option<&[f32]>,
+    post: Epilogue,
+    out: &mut [f32],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    let g = *g;
     let wd = w.f32()?;
     // Row stride of W: the window's values, or the padded width of a flattened W.
     let ldw = if w.shape.len() == 2 { w.shape[1] } else { g.c / g.group * g.kh * g.kw };
@@ -507,11 +545,14 @@ pub(crate) fn q8_conv_runs_f32(isa: crate::kernels::Isa, m: usize, k: usize) -> 
 }
 
 /// A convolution whose weights are stored q8 by rows (flattened to `[M, K]`, written by
-/// `acorn convert --quantize q8`): the int8 kernels, one group.
+/// `acorn convert --quantize q8`): the int8 kernels, one group; on a static `input`, on the
+/// model's own codes (the paths that run in f32 read its values quantized and dequantized).
+#[allow(clippy::too_many_arguments)]
 fn run_q8(
     g: &Geo,
     w: &View<'_>,
     xd: &[f32],
+    input: Option<StaticInput>,
     bias: Option<&[f32]>,
     post: Epilogue,
     out: &mut [f32],
@@ -528,19 +569,21 @@ fn run_q8(
     let kg = kernel_geo(g);
     let (plane, ospat) = (g.h * g.w, g.oh * g.ow);
     if windows_in_place(g) {
-        for b in 0..g.n {
-            let xin = &xd[b * plane..(b + 1) * plane];
-            let o = &mut out[b * g.m * ospat..(b + 1) * g.m * ospat];
-            run_windows(g, xin, WindowWeights::Q8(q8), bias, post, o, ctx)?;
-        }
-        return Ok(());
+        return with_input(xd, input, |xd| {
+            for b in 0..g.n {
+                let xin = &xd[b * plane..(b + 1) * plane];
+                let o = &mut out[b * g.m * ospat..(b + 1) * g.m * ospat];
+                run_windows(g, xin, WindowWeights::Q8(q8), bias, post, o, ctx)?;
+            }
+            Ok(())
+        });
     }
     if batch_folded(g) {
         // Few rows: the int8 product's quantizing and row kernels cost more than they save.
         if g.n * ospat < FOLD_INT8_MIN_ROWS {
-            return run_folded(g, xd, WindowWeights::Q8(q8), bias, post, out, ctx);
+            return with_input(xd, input, |xd| run_folded(g, xd, WindowWeights::Q8(q8), bias, post, out, ctx));
         }
-        return run_folded_q8(g, q8, xd, bias, post, out, ctx);
+        return run_folded_q8(g, q8, xd, input, bias, post, out, ctx);
     }
     // (Weights the int8 kernels would not speed up were decoded to f32 at open:
     // `q8_conv_runs_f32`, `exec::layout::decode_conv_weights`.)
@@ -562,7 +605,7 @@ fn run_q8(
         for b in 0..g.n {
             let xin = &xd[b * g.c * plane..][..g.c * plane];
             let o = &mut out[b * g.m * ospat..][..g.m * ospat];
-            conv::conv_q8_vnni(&kg, g.c, rows, xin, bias, post, o, threads);
+            conv::conv_q8_vnni(&kg, g.c, rows, xin, input, bias, post, o, threads);
         }
         return Ok(());
     }
@@ -582,7 +625,7 @@ fn run_q8(
         for b in 0..g.n {
             let xin = &xd[b * g.c * plane..][..g.c * plane];
             let o = &mut out[b * g.m * ospat..][..g.m * ospat];
-            conv::conv_q8(isa, &kg, g.c, rows, xin, bias, post, o, ctx.threads)
+            conv::conv_q8(isa, &kg, g.c, rows, xin, input, bias, post, o, ctx.threads)
                 .map_err(|e| crate::error::OpError::Failed(e.0))?;
         }
         Ok(())
@@ -590,11 +633,15 @@ fn run_q8(
 }
 
 /// [`batch_folded`]'s convolutions on q8 weights: every pixel's inputs of the batch (padded to
-/// the rows' length) quantized as the int8 product's activation rows, one product for the batch.
+/// the rows' length) quantized as the int8 product's activation rows, one product for the batch;
+/// on a static `input`, at the model's scale and zero point (the padding is the code of 0, the
+/// zero point's share `−scale · zero · Σw` goes into each output channel's bias).
+#[allow(clippy::too_many_arguments)]
 fn run_folded_q8(
     g: &Geo,
     q8: crate::weights::Q8Weights<'_>,
     x: &[f32],
+    input: Option<StaticInput>,
     bias: Option<&[f32]>,
     post: Epilogue,
     out: &mut [f32],
@@ -614,11 +661,28 @@ fn run_folded_q8(
     FOLDED_ACTS.with(|cell| {
         let qa = &mut *cell.borrow_mut();
         let fail = |e: crate::kernels::quant::QuantError| crate::error::OpError::Failed(e.0);
-        crate::kernels::quant::quantize_acts_q8(cols, rows, kp, qa, ctx.threads).map_err(fail)?;
+        match input {
+            Some(s) => crate::kernels::quant::quantize_acts_static(cols, rows, kp, s.scale, s.zero, qa),
+            None => crate::kernels::quant::quantize_acts_q8(cols, rows, kp, qa, ctx.threads),
+        }
+        .map_err(fail)?;
         crate::kernels::quant::gemm_q8(isa, qa, &q8, c, ctx.threads).map_err(fail)
     })?;
-    unfold_channels(g, c, bias, post, out);
+    let shifted = input.filter(|s| s.zero != 0).map(|s| zero_point_bias(s, q8, bias));
+    unfold_channels(g, c, shifted.as_deref().or(bias), post, out);
     Ok(())
+}
+
+/// `bias` (or zeros) less a static input's zero point's share of each output channel:
+/// `scale · zero · Σ_k w[m, k]` (the q8 rows decoded; codes past the window are 0).
+fn zero_point_bias(s: StaticInput, q8: crate::weights::Q8Weights<'_>, bias: Option<&[f32]>) -> Vec<f32> {
+    let shift = s.scale as f64 * s.zero as f64;
+    (0..q8.n)
+        .map(|r| {
+            let sum: i64 = q8.q[r * q8.k..(r + 1) * q8.k].iter().map(|&v| v as i64).sum();
+            (bias.map_or(0.0, |b| b[r] as f64) - shift * q8.scales[r] as f64 * sum as f64) as f32
+        })
+        .collect()
 }
 
 thread_local! {

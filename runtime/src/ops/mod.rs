@@ -118,7 +118,8 @@ pub(crate) enum Family<'a> {
     MatMul,
     Norm,
     MoreNorm,
-    Conv(&'a ConvAttrs, Epilogue),
+    /// The convolution, its epilogue, and a static input quantization (`ConvStaticQ8`).
+    Conv(&'a ConvAttrs, Epilogue, Option<crate::kernels::conv::StaticInput>),
     ConvTranspose(&'a ConvTransposeAttrs, Epilogue),
     Lstm(&'a LstmAttrs),
     /// GRU (`true`) or plain RNN (`false`).
@@ -168,8 +169,11 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::Lrn { .. }
         | Op::MeanVarianceNorm { .. }
         | Op::BatchNormTraining { .. } => F::MoreNorm,
-        Op::Conv(a) => F::Conv(a, Epilogue::NONE),
-        Op::ConvFused { conv, post } => F::Conv(conv, *post),
+        Op::Conv(a) => F::Conv(a, Epilogue::NONE, None),
+        Op::ConvFused { conv, post } => F::Conv(conv, *post, None),
+        Op::ConvStaticQ8 { conv, post, scale, zero_point } => {
+            F::Conv(conv, *post, Some(crate::kernels::conv::StaticInput { scale: *scale, zero: *zero_point }))
+        }
         Op::ConvTranspose(a) => F::ConvTranspose(a, Epilogue::NONE),
         Op::ConvTransposeFused { convt, post } => F::ConvTranspose(convt, *post),
         Op::Lstm(a) => F::Lstm(a),
@@ -267,7 +271,7 @@ pub(crate) fn check_rank(shape: &[usize]) -> OpResult<()> {
 /// Extra f32 scratch an op needs at run time (the planner reserves the maximum).
 pub fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) -> usize {
     match op {
-        Op::Conv(a) | Op::ConvFused { conv: a, .. } => conv::scratch_len(a, inputs),
+        Op::Conv(a) | Op::ConvFused { conv: a, .. } | Op::ConvStaticQ8 { conv: a, .. } => conv::scratch_len(a, inputs),
         Op::ConvTranspose(_) | Op::ConvTransposeFused { .. } => convt::scratch_len(inputs),
         Op::Lstm(_) => recurrent::scratch_len(op, inputs),
         Op::Attention(a) => attention::scratch_len(a, inputs, outputs.len()),
@@ -503,7 +507,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::MatMul => matmul::infer(op, inputs)?,
         F::Norm => norm::infer(op, inputs, n_out)?,
         F::MoreNorm => norm::infer_more(op, inputs)?,
-        F::Conv(a, _) => conv::infer(a, inputs)?,
+        F::Conv(a, _, _) => conv::infer(a, inputs)?,
         F::ConvTranspose(a, _) => gate!(op, "ops-vision", convt::infer(a, inputs))?,
         F::Lstm(a) => gate!(op, "ops-recurrent", recurrent::infer(a, inputs, n_out))?,
         F::Gru(a, gated) => gate!(op, "ops-recurrent", recurrent::infer_gru(a, gated, inputs, n_out))?,
@@ -590,7 +594,7 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::MatMul => matmul::run(op, inputs, outputs, ctx),
         F::Norm => norm::run(op, inputs, outputs, ctx.threads),
         F::MoreNorm => norm::run_more(op, inputs, outputs),
-        F::Conv(a, post) => conv::run(a, post, inputs, outputs, ctx),
+        F::Conv(a, post, input) => conv::run(a, post, input, inputs, outputs, ctx),
         F::ConvTranspose(a, post) => gate!(op, "ops-vision", convt::run(a, post, inputs, outputs, ctx)),
         F::Lstm(a) => gate!(op, "ops-recurrent", recurrent::run(a, inputs, outputs, ctx)),
         F::Gru(a, gated) => gate!(op, "ops-recurrent", recurrent::run_gru(a, gated, inputs, outputs)),

@@ -38,7 +38,11 @@ pub fn reads_encoded(op: &Op, i: usize, enc: TensorEncoding) -> bool {
         // LSTM: W and R lifted from int8 imports, `[k, dirs·4H]` in q8 panels.
         TensorEncoding::Q8Panels { .. } if matches!(op, Op::Lstm(_)) => matches!(i, 1 | 2),
         e if e.transposed() => matches!(op, Op::MatMul | Op::MatMulStaticQ8 { .. }) && i == 1,
-        TensorEncoding::Q8 { transposed: false } if matches!(op, Op::Conv(_) | Op::ConvFused { .. }) => i == 1,
+        TensorEncoding::Q8 { transposed: false }
+            if matches!(op, Op::Conv(_) | Op::ConvFused { .. } | Op::ConvStaticQ8 { .. }) =>
+        {
+            i == 1
+        }
         _ => (matches!(op, Op::MatMulTransB) && i == 1) || (matches!(op, Op::Gather { axis: 0 }) && i == 0),
     }
 }

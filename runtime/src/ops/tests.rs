@@ -983,3 +983,88 @@ fn batched_q8_convolutions_fold_into_one_product() {
         assert!(eval(&Op::Conv(attrs.clone()), &[Some(xt.view()), Some(wview), Some(bt.view())], 1, 1).is_err());
     }
 }
+
+/// `ConvStaticQ8` computes `post(Conv(dq(q(x)), W) + B)` with the model's `QuantizeLinear`
+/// (`clamp(round_half_even(x / scale) + zero, −128, 127)`) on every path: f32 weights (grouped
+/// and depthwise too), q8 rows on the int8 kernels (one image; a batch folded into one int8
+/// product; few rows folded in f32; one input channel read in place), with a fused ReLU and zero
+/// points of either sign. A scale that is not a quantization is an error.
+#[test]
+fn static_input_convolutions_follow_their_definition() {
+    use crate::weights::{q8, TensorEncoding};
+    // (N, C, H, W, M, kh, kw, stride, pads [t, l, b, r], group)
+    let cases = [
+        (1, 16, 9, 11, 24, 3, 3, [1, 1], [1, 1, 1, 1], 1),
+        (20, 9, 1, 4, 20, 1, 3, [1, 1], [0, 1, 0, 1], 1),
+        (1, 9, 1, 4, 20, 1, 3, [1, 1], [0, 1, 0, 1], 1),
+        (2, 1, 1, 256, 40, 1, 64, [1, 32], [0, 0, 0, 0], 1),
+        (1, 8, 7, 7, 8, 3, 3, [2, 2], [1, 1, 1, 1], 8),
+        (1, 8, 6, 5, 12, 3, 1, [1, 1], [1, 0, 1, 0], 2),
+    ];
+    for (i, &(n, c, h, w, m, kh, kw, stride, pads, group)) in cases.iter().enumerate() {
+        let cg = c / group;
+        let k = cg * kh * kw;
+        let wt: Vec<f32> = crate::kernels::pseudo_random(m * k, 70 + i as u64).iter().map(|v| v * 0.3).collect();
+        let x = crate::kernels::pseudo_random(n * c * h * w, 80 + i as u64);
+        let b = crate::kernels::pseudo_random(m, 90 + i as u64);
+        let attrs = ConvAttrs {
+            kernel_shape: vec![kh as i64, kw as i64],
+            strides: stride.iter().map(|&s| s as i64).collect(),
+            pads: vec![pads[0] as i64, pads[1] as i64, pads[2] as i64, pads[3] as i64],
+            dilations: vec![1, 1],
+            group: group as i64,
+            auto_pad: AutoPad::NotSet,
+        };
+        let post = Epilogue { act: FusedAct::Relu, ..Epilogue::NONE };
+        // q8 rows (ungrouped cases only) and the values they hold.
+        let (padded, kp) = padded_rows(&wt, k);
+        let enc = q8::encode(&padded, m, kp);
+        let decoded: Vec<f32> = enc
+            .view()
+            .q
+            .chunks_exact(kp)
+            .zip(enc.view().scales)
+            .flat_map(|(r, &sc)| r[..k].iter().map(move |&v| v as f32 * sc))
+            .collect();
+        let bytes = enc.to_bytes();
+        let words = aligned(&bytes);
+        let qshape = [m, kp];
+        let qview = crate::tensor::View {
+            dtype: crate::tensor::DType::F32,
+            shape: &qshape,
+            bytes: &bytemuck::cast_slice(&words)[..bytes.len()],
+            encoding: TensorEncoding::Q8 { transposed: false },
+        };
+        let wf = f32t(&[m, cg, kh, kw], &wt);
+        let (xt, bt) = (f32t(&[n, c, h, w], &x), f32t(&[m], &b));
+        let scale = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 200.0;
+        for zero in [-7i32, 0, 100] {
+            let dq: Vec<f32> = x
+                .iter()
+                .map(|&v| (((v / scale).round_ties_even() as i32 + zero).clamp(-128, 127) - zero) as f32 * scale)
+                .collect();
+            let op = Op::ConvStaticQ8 { conv: attrs.clone(), post, scale, zero_point: zero };
+            let weights: Vec<(crate::tensor::View<'_>, &[f32])> =
+                if group == 1 { vec![(wf.view(), &wt), (qview, &decoded)] } else { vec![(wf.view(), &wt)] };
+            for (wv, values) in weights {
+                let (mut want, _) =
+                    conv_direct(&dq, [n, c, h, w], values, [m, cg, kh, kw], &b, stride, pads, [1, 1], group);
+                want.iter_mut().for_each(|v| *v = v.max(0.0));
+                let top = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                for threads in [1, 2] {
+                    let got = eval(&op, &[Some(xt.view()), Some(wv), Some(bt.view())], 1, threads)
+                        .unwrap_or_else(|e| panic!("case {i}: {}", e.message()))
+                        .swap_remove(0);
+                    let worst = got.as_f32().unwrap().iter().zip(&want).map(|(a, e)| (a - e).abs()).fold(0.0, f32::max);
+                    assert!(
+                        worst <= 2e-5 * (1.0 + top),
+                        "case {i}, zero {zero}, {} weights, {threads} threads: {worst} from the definition",
+                        wv.encoding
+                    );
+                }
+            }
+        }
+        let bad = Op::ConvStaticQ8 { conv: attrs.clone(), post, scale: f32::NAN, zero_point: 0 };
+        assert!(eval(&bad, &[Some(xt.view()), Some(wf.view()), Some(bt.view())], 1, 1).is_err());
+    }
+}
