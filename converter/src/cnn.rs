@@ -20,7 +20,9 @@
 use std::collections::HashMap;
 
 use acorn::format::PassRecord;
-use acorn::graph::{Activation, BinaryOp, ConstBinding, Epilogue, FusedAct, Op, UnaryOp, ValueId, ValueInfo};
+use acorn::graph::{
+    Activation, BinaryOp, ConstBinding, Epilogue, FusedAct, Op, OutRequant, UnaryOp, ValueId, ValueInfo,
+};
 use acorn::{DType, Tensor};
 use anyhow::Result;
 
@@ -31,10 +33,20 @@ use crate::ir::Module;
 struct Plan {
     conv: usize,
     weights: Vec<f32>,
+    /// Each output channel's factor folded into the weights (for weights that keep another
+    /// tool's int8 codes: their scales take it, the codes stay).
+    channel_scale: Vec<f32>,
+    /// A convolution on a statically quantized input (its scale and zero point) whose output
+    /// the model requantizes: the requantization and the affine after it (`ConvStaticQ8`).
+    requant: Option<((f32, i32), OutRequant)>,
     bias: Vec<f32>,
     post: Epilogue,
     output: ValueId,
     absorbed: Vec<usize>,
+}
+
+fn op_is_transposed(op: &Op) -> bool {
+    matches!(op, Op::ConvTranspose(_) | Op::ConvTransposeFused { .. })
 }
 
 /// See the module documentation.
@@ -98,9 +110,27 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
             };
             let mut w = wd.to_vec();
             let mut b = bias;
+            let mut channel_scale = vec![1.0f32; mch];
             let per_out = w.len() / mch.max(1);
             let mut cur = n.outputs[0];
             let mut absorbed = Vec::new();
+            // A statically quantized model's convolution whose output goes through the model's
+            // pair (`QuantizeDequantize`): the pair and the steps after it join the convolution
+            // (`ConvStaticQ8 { out }`); the affine steps then apply after the requantization,
+            // not inside the weights.
+            let static_in = match n.op {
+                Op::Conv(_) => n.inputs.first().copied().flatten().and_then(|x| m.static_acts.get(&x).copied()),
+                _ => None,
+            };
+            let mut requant = None;
+            if let (Some(at), Some(r)) = (static_in, only(cur)) {
+                if let Op::QuantizeDequantize { scale, zero_point, lo, hi } = g.nodes[r].op {
+                    let (mul, add) = (vec![1.0; mch], vec![0.0; mch]);
+                    requant = Some((at, OutRequant { scale, zero_point, lo, hi, mul, add }));
+                    absorbed.push(r);
+                    cur = g.nodes[r].outputs[0];
+                }
+            }
             // Linear steps into the weights and bias.
             while let Some(r) = only(cur) {
                 let rn = &g.nodes[r];
@@ -137,6 +167,11 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
                     _ => break,
                 };
                 for (o, (&k, &sh)) in scale.iter().zip(&shift).enumerate() {
+                    if let Some((_, r)) = &mut requant {
+                        r.mul[o] *= k;
+                        r.add[o] = r.add[o] * k + sh;
+                        continue;
+                    }
                     match group {
                         None => w[o * per_out..][..per_out].iter_mut().for_each(|v| *v *= k),
                         Some(g) => {
@@ -149,6 +184,7 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
                         }
                     }
                     b[o] = b[o] * k + sh;
+                    channel_scale[o] *= k;
                 }
                 absorbed.push(r);
                 cur = rn.outputs[0];
@@ -333,6 +369,8 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
             plans.push(Plan {
                 conv: ci,
                 weights: w,
+                channel_scale,
+                requant,
                 bias: b,
                 post: Epilogue { act, scale, shift },
                 output: cur,
@@ -351,6 +389,10 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
             .shape()
             .to_vec();
         let (op, mch) = match node.op.clone() {
+            Op::Conv(attrs) if p.requant.is_some() => {
+                let ((scale, zero_point), out) = p.requant.clone().unwrap_or_else(|| unreachable!());
+                (Op::ConvStaticQ8 { conv: attrs, post: p.post, scale, zero_point, out: Some(out) }, wshape[0])
+            }
             Op::Conv(attrs) if p.post == Epilogue::NONE => (Op::Conv(attrs), wshape[0]),
             Op::Conv(attrs) => (Op::ConvFused { conv: attrs, post: p.post }, wshape[0]),
             Op::ConvTranspose(a) => {
@@ -364,7 +406,24 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
             _ => continue,
         };
         let base = node.name.clone();
+        let name_of = |m: &Module, v: ValueId| {
+            m.graph.constants.iter().find(|c| c.value == v).map(|c| m.tensors[c.tensor as usize].0.clone())
+        };
+        let old_name = name_of(m, wv);
         let w = replace_constant(m, p.conv, 1, Tensor::from_f32(wshape, p.weights), &format!("{base}.weight"));
+        // A weight lifted with another tool's int8 codes (q8 rows, one scale per output channel)
+        // keeps them: the factors folded in go into the scales.
+        let lifted = old_name.as_ref().and_then(|n| m.prequantized.get(n)).cloned();
+        if let (Some((enc, mut bytes)), Some(new_name), false) = (lifted, name_of(m, w), op_is_transposed(&op)) {
+            let at = bytes.len().saturating_sub(4 * mch);
+            if enc == (acorn::format::TensorEncoding::Q8 { transposed: false }) && bytes.len() >= 4 * mch {
+                for (sb, &k) in bytes[at..].chunks_exact_mut(4).zip(&p.channel_scale) {
+                    let v = f32::from_le_bytes([sb[0], sb[1], sb[2], sb[3]]) * k;
+                    sb.copy_from_slice(&v.to_le_bytes());
+                }
+                m.prequantized.insert(new_name, (enc, bytes));
+            }
+        }
         let b = replace_constant(m, p.conv, 2, Tensor::from_f32(vec![mch], p.bias), &format!("{base}.bias"));
         let node = &mut m.graph.nodes[p.conv];
         node.inputs = vec![node.inputs[0], Some(w), Some(b)];
@@ -419,7 +478,7 @@ fn flatten_convs(m: &mut Module, only_prequantized: bool) -> Result<PassRecord> 
         let uses = acorn::graph::Uses::new(g);
         for (i, n) in g.nodes.iter().enumerate() {
             let attrs = match &n.op {
-                Op::Conv(a) | Op::ConvFused { conv: a, .. } => a,
+                Op::Conv(a) | Op::ConvFused { conv: a, .. } | Op::ConvStaticQ8 { conv: a, .. } => a,
                 _ => continue,
             };
             let Some(wv) = n.inputs.get(1).copied().flatten() else { continue };
@@ -465,7 +524,7 @@ fn flatten_convs(m: &mut Module, only_prequantized: bool) -> Result<PassRecord> 
         let value = replace_constant(m, i, 1, t, &fallback);
         let n = &mut m.graph.nodes[i];
         n.inputs[1] = Some(value);
-        if let Op::Conv(a) | Op::ConvFused { conv: a, .. } = &mut n.op {
+        if let Op::Conv(a) | Op::ConvFused { conv: a, .. } | Op::ConvStaticQ8 { conv: a, .. } = &mut n.op {
             a.kernel_shape = window.iter().map(|&k| k as i64).collect();
         }
     }

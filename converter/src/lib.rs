@@ -843,7 +843,7 @@ fn keep_prequantized(m: &ir::Module, quantized: &mut [Option<quantize::Quantized
                 .map(|w| w.decode().chunks_exact(shape[0]).flat_map(|r| r[..s[2]].iter().copied()).collect())
         } else if *enc == (TensorEncoding::Q8 { transposed: false }) {
             // A convolution's flattened [M, K] rows.
-            let conv = only(|op| matches!(op, Op::Conv(_) | Op::ConvFused { .. }));
+            let conv = only(|op| matches!(op, Op::Conv(_) | Op::ConvFused { .. } | Op::ConvStaticQ8 { .. }));
             (conv && s.len() == 2)
                 .then(|| {
                     acorn::weights::Weights::parse(*enc, acorn::DType::F32, &[s[0], s[1]], bytes)

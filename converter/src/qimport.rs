@@ -145,6 +145,10 @@ fn lift(m: &mut Module, dynamic_acts: bool) -> Result<PassRecord> {
         }
     }
     let (activations, static_products, static_convs, conv_inputs) = fold_activation_qdq(m, dynamic_acts);
+    // The integer chains and pairs left unread go now: a dead `QuantizeLinear` still reading a
+    // convolution's output would keep `fuse_conv` from fusing what follows it (PP-OCRv4's
+    // detector after `quantize_static`, `lift-dynamic`: none of its 43 convolutions fused).
+    crate::passes::eliminate_dead(m)?;
     let mut params = skipped;
     params.truncate(64);
     Ok(PassRecord {
@@ -194,9 +198,25 @@ fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize, u
         let n = &m.graph.nodes[j];
         slot == 0 && is_product(&n.op) && constant(m, n.inputs.get(1).copied().flatten()).is_some()
     };
-    let weight_conv = |j: usize, slot: usize| {
+    let lifted_conv = |j: usize, slot: usize| {
         let n = &m.graph.nodes[j];
         slot == 0 && matches!(n.op, Op::Conv(_)) && constant(m, n.inputs.get(1).copied().flatten()).is_some()
+    };
+    // A convolution on a constant weight, lifted or behind a `DequantizeLinear` of constants
+    // (the depthwise and grouped ones, which stay f32).
+    let dequantized: std::collections::HashSet<usize> = (0..m.graph.nodes.len())
+        .filter(|&j| {
+            let w = m.graph.nodes[j].inputs.get(1).copied().flatten();
+            w.and_then(|w| uses.producer(w)).is_some_and(|p| {
+                let d = &m.graph.nodes[p];
+                matches!(d.op, Op::DequantizeLinear { .. })
+                    && d.inputs.iter().all(|i| i.is_none_or(|v| constant(m, Some(v)).is_some()))
+            })
+        })
+        .collect();
+    let weight_conv = |j: usize, slot: usize| {
+        let conv = slot == 0 && matches!(m.graph.nodes[j].op, Op::Conv(_));
+        lifted_conv(j, slot) || (conv && dequantized.contains(&j))
     };
     // (DequantizeLinear output, x, the readers to redirect: None = all)
     let mut folds: Vec<(ValueId, ValueId, Option<Readers>)> = Vec::new();
@@ -245,7 +265,7 @@ fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize, u
             // Not a pair Acorn reads statically: its convolutions read x and quantize it
             // themselves (per tensor), its products keep reading the pair.
             let convs: Vec<(usize, usize)> =
-                weighted.iter().copied().filter(|&(j, slot)| weight_conv(j, slot)).collect();
+                weighted.iter().copied().filter(|&(j, slot)| lifted_conv(j, slot)).collect();
             if !convs.is_empty() {
                 folds.push((dq.outputs[0], x, Some(convs)));
             }
@@ -579,7 +599,7 @@ pub fn static_products(m: &mut Module, quantized: &[Option<crate::quantize::Quan
             _ => None,
         };
         if let Some((conv, post)) = conv {
-            m.graph.nodes[i].op = Op::ConvStaticQ8 { conv, post, scale, zero_point: zero };
+            m.graph.nodes[i].op = Op::ConvStaticQ8 { conv, post, scale, zero_point: zero, out: None };
             convs += 1;
             continue;
         }
@@ -623,6 +643,8 @@ pub fn static_products(m: &mut Module, quantized: &[Option<crate::quantize::Quan
         kept.push(("dynamic".into(), format!("{what}: its products were rewritten into another form before the end")));
     }
     kept.truncate(64);
+    // Convolutions `fuse_conv` already made static (with their output's requantization).
+    convs += m.graph.nodes.iter().filter(|n| matches!(&n.op, Op::ConvStaticQ8 { out: Some(_), .. })).count();
     PassRecord {
         name: "static_activations".into(),
         report: vec![

@@ -306,7 +306,9 @@ pub fn quantize_weights(
                 (Op::MatMul, 1) => Use::Columns,
                 (Op::MatMulTransB, 1) | (Op::Gather { axis: 0 }, 0) => Use::Rows,
                 // a convolution's weight flattened to [M, K] (`cnn::flatten_conv_weights`)
-                (Op::Conv(_) | Op::ConvFused { .. }, 1) if opts.format == QuantFormat::Q8 => Use::Rows,
+                (Op::Conv(_) | Op::ConvFused { .. } | Op::ConvStaticQ8 { .. }, 1) if opts.format == QuantFormat::Q8 => {
+                    Use::Rows
+                }
                 (op, _) => Use::Other(op.name()),
             })
             .collect();
@@ -400,7 +402,10 @@ pub fn quantize_weights(
         let conv_only = !values.is_empty()
             && values.iter().all(|&v| {
                 let r = index.readers_anywhere(v);
-                !r.is_empty() && r.iter().all(|(n, i)| *i == 1 && matches!(n.op, Op::Conv(_) | Op::ConvFused { .. }))
+                !r.is_empty()
+                    && r.iter().all(|(n, i)| {
+                        *i == 1 && matches!(n.op, Op::Conv(_) | Op::ConvFused { .. } | Op::ConvStaticQ8 { .. })
+                    })
             });
         let min_values = if conv_only { CONV_MIN_VALUES } else { MIN_VALUES };
         let reason = if shape[0] * shape[1] < min_values {

@@ -152,3 +152,78 @@ fn a_weight_code_of_minus_128_keeps_dynamic_activations_and_says_why() {
     let e = convert(&src, &dir.path().join("b.acorn"), &both).unwrap_err();
     assert!(format!("{e:#}").contains("one mode"), "{e:#}");
 }
+
+/// A QDQ convolution followed by a per-channel affine (one factor negative) and a ReLU — the
+/// form of PP-LCNet's learnable affine blocks — keeps the tool's int8 weight codes while the
+/// affine folds into it: the factors go into the per-channel scales, the codes stay. With every
+/// pair folded (`lift-dynamic`) the convolution fuses the ReLU (no dead `QuantizeLinear` left
+/// reading its output); by default it runs on the pair's codes (`ConvStaticQ8`, ReLU fused)
+/// and gives the graph as written.
+#[test]
+fn lifted_conv_codes_survive_a_folded_affine() {
+    const C: usize = 8;
+    const MO: usize = 12;
+    const HW: usize = 6;
+    let mut b = OnnxBuilder::new(17);
+    b.input_f32("x", &["1", &C.to_string(), &HW.to_string(), &HW.to_string()]);
+    b.init_f32("xs", &[], vec![0.02]);
+    b.init_i8("xz", &[], &[5]);
+    let w: Vec<i8> = (0..MO * C * 9).map(|i| ((i * 37 + i / 5) % 255) as i32 - 127).map(|v| v as i8).collect();
+    b.init_i8("w", &[MO as i64, C as i64, 3, 3], &w);
+    let ws: Vec<f32> = (0..MO).map(|j| 0.001 + j as f32 * 2e-4).collect();
+    b.init_f32("ws", &[MO as i64], ws.clone());
+    b.init_i8("wz", &[MO as i64], &[0; MO]);
+    b.init_f32("bias", &[MO as i64], (0..MO).map(|j| j as f32 * 0.01 - 0.05).collect());
+    let k: Vec<f32> = (0..MO).map(|j| if j == 3 { -0.75 } else { 0.5 + j as f32 * 0.1 }).collect();
+    b.init_f32("k", &[1, MO as i64, 1, 1], k.clone());
+    b.init_f32("sh", &[1, MO as i64, 1, 1], (0..MO).map(|j| 0.02 * j as f32).collect());
+    b.node("QuantizeLinear", "xq", &["x", "xs", "xz"], &["x_q"], vec![]);
+    b.node("DequantizeLinear", "xdq", &["x_q", "xs", "xz"], &["x_dq"], vec![]);
+    b.node("DequantizeLinear", "wdq", &["w", "ws", "wz"], &["w_dq"], vec![OnnxBuilder::attr_i("axis", 0)]);
+    let pads = vec![OnnxBuilder::attr_ints("pads", &[1, 1, 1, 1])];
+    b.node("Conv", "conv", &["x_dq", "w_dq", "bias"], &["c"], pads);
+    b.node("Mul", "mul", &["c", "k"], &["a"], vec![]);
+    b.node("Add", "add", &["a", "sh"], &["s"], vec![]);
+    b.node("Relu", "relu", &["s"], &["y"], vec![]);
+    b.output_f32("y");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("m.onnx");
+    std::fs::write(&src, b.to_bytes()).unwrap();
+    let x =
+        Tensor::from_f32(vec![1, C, HW, HW], (0..C * HW * HW).map(|i| ((i * 29) % 97) as f32 * 0.03 - 1.4).collect());
+    let run = |opts: &ConvertOptions, name: &str| {
+        let path = dir.path().join(name);
+        convert(&src, &path, opts).unwrap();
+        let m = Model::open(&path).unwrap();
+        let y = m.session().commit().unwrap().run(&[("x", &x)]).unwrap().into_vec().remove(0);
+        (m, y.as_f32().unwrap().to_vec())
+    };
+    let (_, want) = run(&ConvertOptions { as_written: true, ..Default::default() }, "w.acorn");
+    for (opts, name, op) in [
+        (ConvertOptions { dynamic_activations: true, ..Default::default() }, "d.acorn", "Conv+Relu"),
+        (ConvertOptions::default(), "s.acorn", "ConvStaticQ8+Relu"),
+    ] {
+        let (m, got) = run(&opts, name);
+        let names: Vec<String> = m.metadata().graph.nodes.iter().map(|n| n.op.name()).collect();
+        assert_eq!(names, [op], "{name}");
+        // The stored weight: the model's codes, its scales times the folded factors.
+        let file = m.file();
+        let i = file.metadata().tensors.iter().position(|t| t.encoding.to_string().starts_with("q8")).unwrap();
+        let t = &file.metadata().tensors[i];
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let Ok(acorn::weights::Weights::Q8(q)) =
+            acorn::weights::Weights::parse(t.encoding, t.dtype, &shape, file.stored_bytes(i))
+        else {
+            panic!("{name}: weight stored as {}", t.encoding)
+        };
+        for r in 0..MO {
+            assert_eq!(&q.q[r * q.k..r * q.k + C * 9], &w[r * C * 9..(r + 1) * C * 9], "{name}: row {r}'s codes");
+            assert!((q.scales[r] - ws[r] * k[r]).abs() <= 1e-6 * ws[r], "{name}: row {r}'s scale {}", q.scales[r]);
+        }
+        let top = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let worst = got.iter().zip(&want).fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+        // Static: the graph's own codes (float rounding apart); dynamic: Acorn's per-tensor codes.
+        let tol = if name == "s.acorn" { 1e-5 } else { 0.02 } * top;
+        assert!(worst <= tol, "{name}: {worst} from the graph as written (largest output {top})");
+    }
+}

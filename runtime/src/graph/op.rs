@@ -683,14 +683,32 @@ pub enum Op {
     /// round_half_even(x / scale) + zero_point, −128, 127)` and `dq(q) = (q − zero_point) · scale`
     /// (a uint8 zero point and its codes shifted by −128). With W stored q8 by rows the int8
     /// kernels run on exactly those codes (the padding at the code of 0); with W in f32 the input
-    /// is quantized and dequantized, then convolved. inputs: X, W, B (optional), as
-    /// [`Op::Conv`]. Made by the converter from a QDQ model's pair before a lifted convolution.
+    /// is quantized and dequantized, then convolved. With `out`, the output is requantized
+    /// first (the model's pair after the convolution) and then goes through its per-channel
+    /// affine: `post(out.mul[c] · dq(q(Conv(…) + B)) + out.add[c])`. inputs: X, W, B (optional),
+    /// as [`Op::Conv`]. Made by the converter from a QDQ model's pair before a convolution on
+    /// a constant weight.
     ConvStaticQ8 {
         conv: ConvAttrs,
         post: Epilogue,
         scale: f32,
         zero_point: i32,
+        out: Option<OutRequant>,
     },
+}
+
+/// A statically quantized model's requantization of a convolution's output (its
+/// `QuantizeLinear → DequantizeLinear` pair: `scale`, `zero_point` within `[lo, hi]`, the
+/// integer type's range), then a per-channel affine `mul[c] · v + add[c]` (each empty: 1 / 0;
+/// one value: every channel's; else one per output channel).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutRequant {
+    pub scale: f32,
+    pub zero_point: i32,
+    pub lo: i32,
+    pub hi: i32,
+    pub mul: Vec<f32>,
+    pub add: Vec<f32>,
 }
 
 /// TfIdfVectorizer's weighting: counts, the weight where present, or weight × count.

@@ -1054,6 +1054,26 @@ pub fn conv_transpose_rows(
     });
 }
 
+/// One output channel of a statically quantized model's convolution: its requantization
+/// (`q = (scale, zero, lo, hi)`: `dq(q(v))`), the affine after it (`· mul + add`) and the
+/// epilogue, in one pass.
+pub fn requantize_epilogue(out: &mut [f32], q: (f32, f32, f32, f32), mul: f32, add: f32, post: Epilogue) {
+    multiversion! {
+        #[allow(clippy::too_many_arguments)]
+        fn run<F: Fn(f32) -> f32>(out: &mut [f32], q: (f32, f32, f32, f32), mul: f32, add: f32, scale: f32, shift: f32, f: F) {
+            let (s, z, lo, hi) = q;
+            out.iter_mut().for_each(|v| *v = f(super::math::dequantized(*v, s, z, lo, hi) * mul + add) * scale + shift);
+        }
+    }
+    if let FusedAct::Sigmoid | FusedAct::Swish = post.act {
+        super::math::requantize_scaled(out, q.0, q.1, q.2, q.3, mul);
+        epilogue(out, add, post);
+        return;
+    }
+    let Epilogue { act, scale, shift } = post;
+    with_act!(act, run(out, q, mul, add, scale, shift));
+}
+
 /// `v ↦ act(v + bias)·scale + shift` over one output channel.
 pub fn epilogue(out: &mut [f32], bias: f32, post: Epilogue) {
     multiversion! {

@@ -217,6 +217,13 @@ fn code_value(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> f32 {
     (((within_1024(v / scale) + MAGIC) - MAGIC) + zero).clamp(lo, hi)
 }
 
+/// [`quantize_code`]'s code minus the zero point, times the scale: `DequantizeLinear(
+/// QuantizeLinear(v))` of one value.
+#[inline(always)]
+pub fn dequantized(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> f32 {
+    (code_value(v, scale, zero, lo, hi) - zero) * scale
+}
+
 /// `t` held within ±1024, NaN read as −1024 (`max` / `min` skip a NaN where `clamp` would keep
 /// it).
 #[inline(always)]
@@ -233,6 +240,16 @@ multiversion! {
     fn quantize_dequantize(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = (code_value(v, scale, zero, lo, hi) - zero) * scale;
+        }
+    }
+}
+
+multiversion! {
+    /// [`quantize_dequantize`] in place, times `mul`: `v ← (clamp(round_half_even(v / scale) +
+    /// zero, lo, hi) − zero) · scale · mul` (a requantized output and the affine after it).
+    fn requantize_scaled(v: &mut [f32], scale: f32, zero: f32, lo: f32, hi: f32, mul: f32) {
+        for o in v.iter_mut() {
+            *o = (code_value(*o, scale, zero, lo, hi) - zero) * scale * mul;
         }
     }
 }

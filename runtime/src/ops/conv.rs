@@ -327,6 +327,48 @@ pub(super) fn run(
     with_input(xd, input, |xd| run_f32(&g, &w, xd, bias, post, out, ctx))
 }
 
+/// `ConvStaticQ8` with an output requantization: the convolution, then per output channel
+/// `post(mul[c] · dq(q(v)) + add[c])`.
+pub(super) fn run_requantized(
+    a: &ConvAttrs,
+    post: Epilogue,
+    input: Option<StaticInput>,
+    r: &crate::graph::OutRequant,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    let x = *req(inputs, 0, "X")?;
+    let w = *req(inputs, 1, "W")?;
+    let g = geometry(a, x.shape, w.shape)?;
+    let per = |v: &[f32], what: &str| -> OpResult<()> {
+        if v.len() > 1 && v.len() != g.m {
+            op_bail!("ConvStaticQ8: {} output {what} values for {} channels", v.len(), g.m);
+        }
+        Ok(())
+    };
+    per(&r.mul, "scale")?;
+    per(&r.add, "shift")?;
+    let (lo, hi) = (r.lo.max(-128), r.hi.min(255));
+    if !(r.scale.is_finite() && r.scale > 0.0 && lo <= r.zero_point && r.zero_point <= hi) {
+        op_bail!(
+            "ConvStaticQ8: output scale {} and zero point {} in [{lo}, {hi}] are not a quantization",
+            r.scale,
+            r.zero_point
+        );
+    }
+    run(a, Epilogue::NONE, input, inputs, outputs, ctx)?;
+    let out = outputs[0].f32()?;
+    let plane = g.oh * g.ow;
+    let at = |v: &[f32], c: usize, d: f32| v.get(if v.len() == 1 { 0 } else { c }).copied().unwrap_or(d);
+    for (i, o) in out.chunks_exact_mut(plane.max(1)).enumerate().take(g.n * g.m) {
+        let c = i % g.m;
+        let q = (r.scale, r.zero_point as f32, lo as f32, hi as f32);
+        conv::requantize_epilogue(o, q, at(&r.mul, c, 1.0), at(&r.add, c, 0.0), post);
+    }
+    Ok(())
+}
+
 /// A convolution on f32 weights.
 fn run_f32(
     g: &Geo,

@@ -118,8 +118,9 @@ pub(crate) enum Family<'a> {
     MatMul,
     Norm,
     MoreNorm,
-    /// The convolution, its epilogue, and a static input quantization (`ConvStaticQ8`).
-    Conv(&'a ConvAttrs, Epilogue, Option<crate::kernels::conv::StaticInput>),
+    /// The convolution, its epilogue, and a static input quantization and output
+    /// requantization (`ConvStaticQ8`).
+    Conv(&'a ConvAttrs, Epilogue, Option<crate::kernels::conv::StaticInput>, Option<&'a crate::graph::OutRequant>),
     ConvTranspose(&'a ConvTransposeAttrs, Epilogue),
     Lstm(&'a LstmAttrs),
     /// GRU (`true`) or plain RNN (`false`).
@@ -169,11 +170,14 @@ pub(crate) fn family(op: &Op) -> Family<'_> {
         | Op::Lrn { .. }
         | Op::MeanVarianceNorm { .. }
         | Op::BatchNormTraining { .. } => F::MoreNorm,
-        Op::Conv(a) => F::Conv(a, Epilogue::NONE, None),
-        Op::ConvFused { conv, post } => F::Conv(conv, *post, None),
-        Op::ConvStaticQ8 { conv, post, scale, zero_point } => {
-            F::Conv(conv, *post, Some(crate::kernels::conv::StaticInput { scale: *scale, zero: *zero_point }))
-        }
+        Op::Conv(a) => F::Conv(a, Epilogue::NONE, None, None),
+        Op::ConvFused { conv, post } => F::Conv(conv, *post, None, None),
+        Op::ConvStaticQ8 { conv, post, scale, zero_point, out } => F::Conv(
+            conv,
+            *post,
+            Some(crate::kernels::conv::StaticInput { scale: *scale, zero: *zero_point }),
+            out.as_ref(),
+        ),
         Op::ConvTranspose(a) => F::ConvTranspose(a, Epilogue::NONE),
         Op::ConvTransposeFused { convt, post } => F::ConvTranspose(convt, *post),
         Op::Lstm(a) => F::Lstm(a),
@@ -507,7 +511,7 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
         F::MatMul => matmul::infer(op, inputs)?,
         F::Norm => norm::infer(op, inputs, n_out)?,
         F::MoreNorm => norm::infer_more(op, inputs)?,
-        F::Conv(a, _, _) => conv::infer(a, inputs)?,
+        F::Conv(a, _, _, _) => conv::infer(a, inputs)?,
         F::ConvTranspose(a, _) => gate!(op, "ops-vision", convt::infer(a, inputs))?,
         F::Lstm(a) => gate!(op, "ops-recurrent", recurrent::infer(a, inputs, n_out))?,
         F::Gru(a, gated) => gate!(op, "ops-recurrent", recurrent::infer_gru(a, gated, inputs, n_out))?,
@@ -594,7 +598,8 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::MatMul => matmul::run(op, inputs, outputs, ctx),
         F::Norm => norm::run(op, inputs, outputs, ctx.threads),
         F::MoreNorm => norm::run_more(op, inputs, outputs),
-        F::Conv(a, post, input) => conv::run(a, post, input, inputs, outputs, ctx),
+        F::Conv(a, post, input, None) => conv::run(a, post, input, inputs, outputs, ctx),
+        F::Conv(a, post, input, Some(r)) => conv::run_requantized(a, post, input, r, inputs, outputs, ctx),
         F::ConvTranspose(a, post) => gate!(op, "ops-vision", convt::run(a, post, inputs, outputs, ctx)),
         F::Lstm(a) => gate!(op, "ops-recurrent", recurrent::run(a, inputs, outputs, ctx)),
         F::Gru(a, gated) => gate!(op, "ops-recurrent", recurrent::run_gru(a, gated, inputs, outputs)),
