@@ -1824,35 +1824,11 @@ mod tests {
     /// and the panel kernels), with one and two threads.
     #[test]
     fn int8_convolution_on_static_input_matches_quantize_linear() {
-        // (C, H, W, M, kh, kw, stride, pads, dilation)
-        let cases = [
-            (3, 7, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1)),
-            (8, 12, 13, 40, 3, 3, (2, 2), (1, 1), (1, 1)),
-            (5, 9, 30, 17, 1, 5, (1, 2), (0, 2), (1, 1)),
-            (16, 6, 6, 33, 1, 1, (1, 1), (0, 0), (1, 1)),
-            (4, 11, 10, 8, 3, 2, (1, 3), (2, 1), (2, 2)),
-            (72, 40, 40, 16, 3, 3, (1, 1), (1, 1), (1, 1)),
-        ];
         let isas: Vec<_> = crate::kernels::ALL_ISAS.into_iter().filter(|i| i.supported()).collect();
-        for (i, &(c, h, w, m, kh, kw, (sh, sw), (ph, pw), (dh, dw))) in cases.iter().enumerate() {
-            let oh = (h + 2 * ph - (kh - 1) * dh - 1) / sh + 1;
-            let ow = (w + 2 * pw - (kw - 1) * dw - 1) / sw + 1;
-            let g = Geo { h, w, kh, kw, sh, sw, dh, dw, ph, pw, oh, ow };
-            let k = c * kh * kw;
-            let kp = k.div_ceil(32) * 32;
-            let x = crate::kernels::pseudo_random(c * h * w, i as u64 + 1);
-            let wf = crate::kernels::pseudo_random(m * k, i as u64 + 50);
-            let mut rows = QActs { m, k: kp, q: vec![0; m * kp], ..Default::default() };
-            let mut wscale = vec![0.0f32; m];
-            for r in 0..m {
-                let row = &wf[r * k..(r + 1) * k];
-                wscale[r] = row.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
-                for (j, &v) in row.iter().enumerate() {
-                    rows.q[r * kp + j] = (v / wscale[r]).round() as i8;
-                }
-            }
-            rows.scales = (0..m * kp / 32).map(|b| wscale[b / (kp / 32)]).collect();
-            rows.sums = rows.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+        for i in 0..CONV_CASES.len() {
+            let Case { g, c, m, k, kp, x, wf } = case(i);
+            let (oh, ow) = (g.oh, g.ow);
+            let (rows, wscale) = q8_rows(&wf, m, k, kp);
             let bias = crate::kernels::pseudo_random(m, 99);
             // A scale under the input's range: both ends clamp.
             let scale = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 300.0;
@@ -1861,33 +1837,13 @@ mod tests {
                 assert!(x.iter().any(|&v| code(v) == -128) && x.iter().any(|&v| code(v) == 127));
                 let mut want = vec![0.0f32; m * oh * ow];
                 let mut size = vec![0.0f32; m * oh * ow];
-                for r in 0..m {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            let (mut acc, mut mag) = (0i64, 0i64);
-                            for ci in 0..c {
-                                for ky in 0..kh {
-                                    for kx in 0..kw {
-                                        let (iy, ix) = (
-                                            (oy * sh + ky * dh) as isize - ph as isize,
-                                            (ox * sw + kx * dw) as isize - pw as isize,
-                                        );
-                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                            continue;
-                                        }
-                                        let wq = rows.q[r * kp + (ci * kh + ky) * kw + kx] as i64;
-                                        let xq = code(x[(ci * h + iy as usize) * w + ix as usize]) as i64;
-                                        acc += wq * (xq - zero as i64);
-                                        mag += (wq * xq).abs() + (wq * zero as i64).abs();
-                                    }
-                                }
-                            }
-                            let at = (r * oh + oy) * ow + ox;
-                            want[at] = (acc as f64 * wscale[r] as f64 * scale as f64) as f32 + bias[r];
-                            size[at] = mag as f32 * wscale[r] * scale;
-                        }
-                    }
-                }
+                taps(&g, c, m, kp, |r, at, wi, xi| {
+                    let (wq, xq) = (rows.q[wi] as i64, code(x[xi]) as i64);
+                    let (s, z) = (wscale[r] as f64 * scale as f64, zero as i64);
+                    want[at] += ((wq * (xq - z)) as f64 * s) as f32;
+                    size[at] += (((wq * xq).abs() + (wq * z).abs()) as f64 * s) as f32;
+                });
+                want.iter_mut().enumerate().for_each(|(j, v)| *v += bias[j / (oh * ow)]);
                 for &isa in &isas {
                     for threads in [1, 2] {
                         let mut got = vec![f32::NAN; m * oh * ow];
@@ -1924,44 +1880,105 @@ mod tests {
         }
     }
 
+    /// The int8 convolution tests' shapes: (C, H, W, M, kh, kw, stride, pads, dilation) — awkward
+    /// channel counts, strides, pads and dilations, and inputs large enough that quantizing,
+    /// laying out and interleaving them is split across two threads (laid out, and read in place).
+    type ConvCase = (usize, usize, usize, usize, usize, usize, (usize, usize), (usize, usize), (usize, usize));
+    const CONV_CASES: [ConvCase; 8] = [
+        (3, 7, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1)),
+        (8, 12, 13, 40, 3, 3, (2, 2), (1, 1), (1, 1)),
+        (5, 9, 30, 17, 1, 5, (1, 2), (0, 2), (1, 1)),
+        (16, 6, 6, 33, 1, 1, (1, 1), (0, 0), (1, 1)),
+        (4, 11, 10, 8, 3, 2, (1, 3), (2, 1), (2, 2)),
+        (32, 20, 24, 64, 3, 3, (1, 1), (1, 1), (1, 1)),
+        (72, 40, 40, 16, 3, 3, (1, 1), (1, 1), (1, 1)),
+        (66, 40, 40, 16, 1, 1, (1, 1), (0, 0), (1, 1)),
+    ];
+
+    /// Case `i`'s geometry, channels, depth (`k`, and `kp` rounded up to 32), input and weights.
+    struct Case {
+        g: Geo,
+        c: usize,
+        m: usize,
+        k: usize,
+        kp: usize,
+        x: Vec<f32>,
+        wf: Vec<f32>,
+    }
+
+    fn case(i: usize) -> Case {
+        let (c, h, w, m, kh, kw, (sh, sw), (ph, pw), (dh, dw)) = CONV_CASES[i];
+        let oh = (h + 2 * ph - (kh - 1) * dh - 1) / sh + 1;
+        let ow = (w + 2 * pw - (kw - 1) * dw - 1) / sw + 1;
+        let k = c * kh * kw;
+        Case {
+            g: Geo { h, w, kh, kw, sh, sw, dh, dw, ph, pw, oh, ow },
+            c,
+            m,
+            k,
+            kp: k.div_ceil(32) * 32,
+            x: crate::kernels::pseudo_random(c * h * w, i as u64 + 1),
+            wf: crate::kernels::pseudo_random(m * k, i as u64 + 50),
+        }
+    }
+
+    /// `f(row, output, weight, input)` for every tap of every output of `m` channels that reads
+    /// inside the `c × h × w` input (the padding skipped): indices into the `m × oh × ow` output,
+    /// the `m × kp` weight codes and the input.
+    fn taps(g: &Geo, c: usize, m: usize, kp: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+        for r in 0..m {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    for ci in 0..c {
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let iy = (oy * g.sh + ky * g.dh) as isize - g.ph as isize;
+                                let ix = (ox * g.sw + kx * g.dw) as isize - g.pw as isize;
+                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                    continue;
+                                }
+                                let at = (r * g.oh + oy) * g.ow + ox;
+                                f(
+                                    r,
+                                    at,
+                                    r * kp + (ci * g.kh + ky) * g.kw + kx,
+                                    (ci * g.h + iy as usize) * g.w + ix as usize,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `m` rows of `k` weights as the int8 convolution's q8 rows (`kp` codes each, zero past `k`,
+    /// one scale per row: `max|w| / 127`), with each row's scale.
+    fn q8_rows(wf: &[f32], m: usize, k: usize, kp: usize) -> (QActs, Vec<f32>) {
+        let mut rows = QActs { m, k: kp, q: vec![0; m * kp], ..Default::default() };
+        let mut wscale = vec![0.0f32; m];
+        for r in 0..m {
+            let row = &wf[r * k..(r + 1) * k];
+            wscale[r] = row.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+            for (j, &v) in row.iter().enumerate() {
+                rows.q[r * kp + j] = (v / wscale[r]).round() as i8;
+            }
+        }
+        rows.scales = (0..m * kp / 32).map(|b| wscale[b / (kp / 32)]).collect();
+        rows.sums = rows.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+        (rows, wscale)
+    }
+
     /// The int8 convolution equals the sum of its integer products: codes of the weights (per
     /// row scale) and of the input (one scale, round half to even), on awkward shapes, padding,
     /// strides and dilations, with one and two threads, at the selected kernel level.
     #[test]
     fn int8_convolution_matches_its_integer_definition() {
-        // (C, H, W, M, kh, kw, stride, pads, dilation)
-        let cases = [
-            (3, 7, 9, 5, 3, 3, (1, 1), (1, 1), (1, 1)),
-            (8, 12, 13, 40, 3, 3, (2, 2), (1, 1), (1, 1)),
-            (5, 9, 30, 17, 1, 5, (1, 2), (0, 2), (1, 1)),
-            (16, 6, 6, 33, 1, 1, (1, 1), (0, 0), (1, 1)),
-            (4, 11, 10, 8, 3, 2, (1, 3), (2, 1), (2, 2)),
-            (32, 20, 24, 64, 3, 3, (1, 1), (1, 1), (1, 1)),
-            // inputs large enough that quantizing, laying out and interleaving them is split
-            // across two threads (laid out, and read in place)
-            (72, 40, 40, 16, 3, 3, (1, 1), (1, 1), (1, 1)),
-            (66, 40, 40, 16, 1, 1, (1, 1), (0, 0), (1, 1)),
-        ];
-        for (i, &(c, h, w, m, kh, kw, (sh, sw), (ph, pw), (dh, dw))) in cases.iter().enumerate() {
-            let oh = (h + 2 * ph - (kh - 1) * dh - 1) / sh + 1;
-            let ow = (w + 2 * pw - (kw - 1) * dw - 1) / sw + 1;
-            let g = Geo { h, w, kh, kw, sh, sw, dh, dw, ph, pw, oh, ow };
-            let k = c * kh * kw;
-            let kp = k.div_ceil(32) * 32;
-            let x = crate::kernels::pseudo_random(c * h * w, i as u64 + 1);
-            let wf = crate::kernels::pseudo_random(m * k, i as u64 + 50);
+        for i in 0..CONV_CASES.len() {
+            let Case { g, c, m, k, kp, x, wf } = case(i);
+            let (oh, ow) = (g.oh, g.ow);
             // q8 rows: one scale per output channel, codes zero past the window
-            let mut rows = QActs { m, k: kp, q: vec![0; m * kp], ..Default::default() };
-            let mut wscale = vec![0.0f32; m];
-            for r in 0..m {
-                let row = &wf[r * k..(r + 1) * k];
-                wscale[r] = row.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
-                for (j, &v) in row.iter().enumerate() {
-                    rows.q[r * kp + j] = (v / wscale[r]).round() as i8;
-                }
-            }
-            rows.scales = (0..m * kp / 32).map(|b| wscale[b / (kp / 32)]).collect();
-            rows.sums = rows.q.chunks_exact(32).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+            let (rows, wscale) = q8_rows(&wf, m, k, kp);
             let bias = crate::kernels::pseudo_random(m, 99);
             // The input's codes: symmetric (±max|x|) in the panel kernels, unsigned over
             // [min, max] with zero at code `zp` in the VNNI tile's (`quantize_input`).
@@ -1977,29 +1994,10 @@ mod tests {
                 }
             };
             let mut want = vec![0.0f32; m * oh * ow];
-            for r in 0..m {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let mut acc = 0i64;
-                        for ci in 0..c {
-                            for ky in 0..kh {
-                                for kx in 0..kw {
-                                    let (iy, ix) = (
-                                        (oy * sh + ky * dh) as isize - ph as isize,
-                                        (ox * sw + kx * dw) as isize - pw as isize,
-                                    );
-                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                        continue;
-                                    }
-                                    let wq = rows.q[r * kp + (ci * kh + ky) * kw + kx] as i64;
-                                    acc += wq * xq(x[(ci * h + iy as usize) * w + ix as usize]) as i64;
-                                }
-                            }
-                        }
-                        want[(r * oh + oy) * ow + ox] = acc as f32 * wscale[r] * xs + bias[r];
-                    }
-                }
-            }
+            taps(&g, c, m, kp, |r, at, wi, xi| {
+                want[at] += ((rows.q[wi] as i64 * xq(x[xi]) as i64) as f64 * wscale[r] as f64 * xs as f64) as f32
+            });
+            want.iter_mut().enumerate().for_each(|(j, v)| *v += bias[j / (oh * ow)]);
             for threads in [1, 2] {
                 let mut got = vec![f32::NAN; m * oh * ow];
                 conv_q8(

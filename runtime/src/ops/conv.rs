@@ -338,32 +338,27 @@ pub(super) fn run_requantized(
     outputs: &mut [ViewMut<'_>],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
-    let x = *req(inputs, 0, "X")?;
-    let w = *req(inputs, 1, "W")?;
-    let g = geometry(a, x.shape, w.shape)?;
-    let per = |v: &[f32], what: &str| -> OpResult<()> {
-        if v.len() > 1 && v.len() != g.m {
-            op_bail!("ConvStaticQ8: {} output {what} values for {} channels", v.len(), g.m);
-        }
-        Ok(())
-    };
-    per(&r.mul, "scale")?;
-    per(&r.add, "shift")?;
-    let (lo, hi) = (r.lo.max(-128), r.hi.min(255));
-    if !(r.scale.is_finite() && r.scale > 0.0 && lo <= r.zero_point && r.zero_point <= hi) {
+    let (lo, hi) = (r.lo, r.hi);
+    if !(r.scale.is_finite() && r.scale > 0.0 && -128 <= lo && lo <= r.zero_point && r.zero_point <= hi && hi <= 255) {
         op_bail!(
-            "ConvStaticQ8: output scale {} and zero point {} in [{lo}, {hi}] are not a quantization",
+            "ConvStaticQ8: output scale {} and zero point {} in [{lo}, {hi}] are not an 8-bit quantization",
             r.scale,
             r.zero_point
         );
     }
     run(a, Epilogue::NONE, input, inputs, outputs, ctx)?;
-    let out = outputs[0].f32()?;
-    let plane = g.oh * g.ow;
+    // The output [N, M, spatial…]: one pass per image and channel.
+    let shape = outputs[0].shape.to_vec();
+    let (m, plane) = (shape.get(1).copied().unwrap_or(1), shape.iter().skip(2).product::<usize>());
+    for (v, what) in [(&r.mul, "scale"), (&r.add, "shift")] {
+        if v.len() > 1 && v.len() != m {
+            op_bail!("ConvStaticQ8: {} output {what} values for {m} channels", v.len());
+        }
+    }
     let at = |v: &[f32], c: usize, d: f32| v.get(if v.len() == 1 { 0 } else { c }).copied().unwrap_or(d);
-    for (i, o) in out.chunks_exact_mut(plane.max(1)).enumerate().take(g.n * g.m) {
-        let c = i % g.m;
-        let q = (r.scale, r.zero_point as f32, lo as f32, hi as f32);
+    let q = (r.scale, r.zero_point as f32, lo as f32, hi as f32);
+    for (i, o) in outputs[0].f32()?.chunks_exact_mut(plane.max(1)).enumerate() {
+        let c = i % m.max(1);
         conv::requantize_epilogue(o, q, at(&r.mul, c, 1.0), at(&r.add, c, 0.0), post);
     }
     Ok(())

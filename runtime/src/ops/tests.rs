@@ -846,6 +846,40 @@ fn padded_rows<T: Copy + Default>(v: &[T], k: usize) -> (Vec<T>, usize) {
 }
 
 /// An encoded weight's bytes held in u64s, so the parts read in place (f32 scales) are aligned.
+/// `m` rows of `k` f32 weights stored as a convolution's q8 rows (`[M, K']`, K' = k rounded up to
+/// 32), and the values the codes hold (`m × k`).
+struct Q8Rows {
+    words: Vec<u64>,
+    len: usize,
+    shape: [usize; 2],
+    decoded: Vec<f32>,
+}
+
+impl Q8Rows {
+    fn new(wt: &[f32], m: usize, k: usize) -> Self {
+        let (padded, kp) = padded_rows(wt, k);
+        let enc = crate::weights::q8::encode(&padded, m, kp);
+        let decoded = enc
+            .view()
+            .q
+            .chunks_exact(kp)
+            .zip(enc.view().scales)
+            .flat_map(|(r, &sc)| r[..k].iter().map(move |&v| v as f32 * sc))
+            .collect();
+        let bytes = enc.to_bytes();
+        Q8Rows { words: aligned(&bytes), len: bytes.len(), shape: [m, kp], decoded }
+    }
+
+    fn view(&self) -> crate::tensor::View<'_> {
+        crate::tensor::View {
+            dtype: crate::tensor::DType::F32,
+            shape: &self.shape,
+            bytes: &bytemuck::cast_slice(&self.words)[..self.len],
+            encoding: crate::weights::TensorEncoding::Q8 { transposed: false },
+        }
+    }
+}
+
 fn aligned(bytes: &[u8]) -> Vec<u64> {
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
@@ -925,31 +959,14 @@ fn lstm_on_q8_panels_matches_its_f32_values() {
 /// set — and one image alone (4 rows: the f32 product on the decoded codes) agrees with it.
 #[test]
 fn batched_q8_convolutions_fold_into_one_product() {
-    use crate::weights::{q8, TensorEncoding};
     let (n, c, w, m, kw) = (20usize, 9usize, 4usize, 20usize, 3usize);
     let k = c * kw;
     let wt: Vec<f32> = crate::kernels::pseudo_random(m * k, 7).iter().map(|v| v * 0.3).collect();
-    let (padded, kp) = padded_rows(&wt, k);
-    let enc = q8::encode(&padded, m, kp);
-    let decoded: Vec<f32> = enc
-        .view()
-        .q
-        .chunks_exact(kp)
-        .zip(enc.view().scales)
-        .flat_map(|(r, &sc)| r[..k].iter().map(move |&v| v as f32 * sc))
-        .collect();
-    let bytes = enc.to_bytes();
-    let words = aligned(&bytes);
-    let shape = [m, kp];
-    let wview = crate::tensor::View {
-        dtype: crate::tensor::DType::F32,
-        shape: &shape,
-        bytes: &bytemuck::cast_slice(&words)[..bytes.len()],
-        encoding: TensorEncoding::Q8 { transposed: false },
-    };
+    let rows = Q8Rows::new(&wt, m, k);
+    let (wview, decoded) = (rows.view(), &rows.decoded);
     let x: Vec<f32> = crate::kernels::pseudo_random(n * c * w, 8);
     let b: Vec<f32> = crate::kernels::pseudo_random(m, 9);
-    let (want, oshape) = conv_direct(&x, [n, c, 1, w], &decoded, [m, c, 1, kw], &b, [1, 1], [0, 1, 0, 1], [1, 1], 1);
+    let (want, oshape) = conv_direct(&x, [n, c, 1, w], decoded, [m, c, 1, kw], &b, [1, 1], [0, 1, 0, 1], [1, 1], 1);
     let attrs = ConvAttrs {
         kernel_shape: vec![1, kw as i64],
         strides: vec![1, 1],
@@ -991,7 +1008,6 @@ fn batched_q8_convolutions_fold_into_one_product() {
 /// points of either sign. A scale that is not a quantization is an error.
 #[test]
 fn static_input_convolutions_follow_their_definition() {
-    use crate::weights::{q8, TensorEncoding};
     // (N, C, H, W, M, kh, kw, stride, pads [t, l, b, r], group)
     let cases = [
         (1, 16, 9, 11, 24, 3, 3, [1, 1], [1, 1, 1, 1], 1),
@@ -1017,24 +1033,8 @@ fn static_input_convolutions_follow_their_definition() {
         };
         let post = Epilogue { act: FusedAct::Relu, ..Epilogue::NONE };
         // q8 rows (ungrouped cases only) and the values they hold.
-        let (padded, kp) = padded_rows(&wt, k);
-        let enc = q8::encode(&padded, m, kp);
-        let decoded: Vec<f32> = enc
-            .view()
-            .q
-            .chunks_exact(kp)
-            .zip(enc.view().scales)
-            .flat_map(|(r, &sc)| r[..k].iter().map(move |&v| v as f32 * sc))
-            .collect();
-        let bytes = enc.to_bytes();
-        let words = aligned(&bytes);
-        let qshape = [m, kp];
-        let qview = crate::tensor::View {
-            dtype: crate::tensor::DType::F32,
-            shape: &qshape,
-            bytes: &bytemuck::cast_slice(&words)[..bytes.len()],
-            encoding: TensorEncoding::Q8 { transposed: false },
-        };
+        let rows = Q8Rows::new(&wt, m, k);
+        let (qview, decoded) = (rows.view(), &rows.decoded);
         let wf = f32t(&[m, cg, kh, kw], &wt);
         let (xt, bt) = (f32t(&[n, c, h, w], &x), f32t(&[m], &b));
         let scale = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 200.0;
@@ -1044,7 +1044,7 @@ fn static_input_convolutions_follow_their_definition() {
                 .map(|&v| (((v / scale).round_ties_even() as i32 + zero).clamp(-128, 127) - zero) as f32 * scale)
                 .collect();
             let weights: Vec<(crate::tensor::View<'_>, &[f32])> =
-                if group == 1 { vec![(wf.view(), &wt), (qview, &decoded)] } else { vec![(wf.view(), &wt)] };
+                if group == 1 { vec![(wf.view(), &wt), (qview, decoded)] } else { vec![(wf.view(), &wt)] };
             // Without and with the output's requantization (uint8, zero point 9) and a
             // per-channel affine after it.
             let requant = crate::graph::OutRequant {
