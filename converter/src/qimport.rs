@@ -260,7 +260,12 @@ fn fold_activation_qdq(m: &mut Module, dynamic: bool) -> (usize, usize, usize, u
             }
         }
         let at = static_scale(constant(m, param(q, 1)), constant(m, param(q, 2)));
-        let direct = uses.readers(x).iter().any(|&(j, slot)| weight_product(j, slot) || weight_conv(j, slot));
+        // x read unquantized by a product or any convolution: not an activation the model
+        // quantizes for all of them.
+        let direct = uses
+            .readers(x)
+            .iter()
+            .any(|&(j, slot)| weight_product(j, slot) || (slot == 0 && matches!(m.graph.nodes[j].op, Op::Conv(_))));
         let (Some(at), false, false) = (at, weighted.is_empty(), direct) else {
             // Not a pair Acorn reads statically: its convolutions read x and quantize it
             // themselves (per tensor), its products keep reading the pair.
