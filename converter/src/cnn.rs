@@ -388,14 +388,13 @@ pub fn fuse_conv(m: &mut Module) -> Result<PassRecord> {
             .1
             .shape()
             .to_vec();
-        let (op, mch) = match node.op.clone() {
-            Op::Conv(attrs) if p.requant.is_some() => {
-                let ((scale, zero_point), out) = p.requant.clone().unwrap_or_else(|| unreachable!());
+        let (op, mch) = match (node.op.clone(), p.requant.clone()) {
+            (Op::Conv(attrs), Some(((scale, zero_point), out))) => {
                 (Op::ConvStaticQ8 { conv: attrs, post: p.post, scale, zero_point, out: Some(out) }, wshape[0])
             }
-            Op::Conv(attrs) if p.post == Epilogue::NONE => (Op::Conv(attrs), wshape[0]),
-            Op::Conv(attrs) => (Op::ConvFused { conv: attrs, post: p.post }, wshape[0]),
-            Op::ConvTranspose(a) => {
+            (Op::Conv(attrs), None) if p.post == Epilogue::NONE => (Op::Conv(attrs), wshape[0]),
+            (Op::Conv(attrs), None) => (Op::ConvFused { conv: attrs, post: p.post }, wshape[0]),
+            (Op::ConvTranspose(a), _) => {
                 let mch = wshape[1] * a.group.max(1) as usize;
                 if p.post == Epilogue::NONE {
                     (Op::ConvTranspose(a), mch)

@@ -1399,6 +1399,22 @@ impl StaticInput {
             )))
         }
     }
+
+    /// The bias a convolution on these codes adds: `bias` (or zeros) less the zero point's share
+    /// of each of `channels` outputs, `scale · zero · Σw` (`weight_sum(c)`: channel `c`'s
+    /// weights summed, dequantized; every tap reads a code, the padding's is `zero`). `None`
+    /// when the zero point is 0 and `bias` serves as it is.
+    pub fn shifted_bias(
+        self,
+        bias: Option<&[f32]>,
+        channels: usize,
+        weight_sum: impl Fn(usize) -> f64,
+    ) -> Option<Vec<f32>> {
+        let shift = self.scale as f64 * self.zero as f64;
+        (self.zero != 0).then(|| {
+            (0..channels).map(|c| (bias.map_or(0.0, |b| b[c] as f64) - shift * weight_sum(c)) as f32).collect()
+        })
+    }
 }
 
 /// The int8 form of [`conv_gemm`]: `w` holds the q8 weights as activation rows (`mg` rows of
@@ -1459,15 +1475,10 @@ pub fn conv_q8(
         }
     };
     // A static input's zero point: `Σ w·(q − zero)` is the codes' product less `zero · Σw` per
-    // output channel (every tap, padding included, reads a code: the padding's is `zero`).
-    let shifted: Option<Vec<f32>> = input.filter(|s| s.zero != 0).map(|s| {
-        let nb = kp / QK;
-        (0..mg)
-            .map(|r| {
-                let sum: f64 = (r * nb..(r + 1) * nb).map(|b| w.scales[b] as f64 * w.sums[b] as f64).sum();
-                (bias.map_or(0.0, |b| b[r] as f64) - s.scale as f64 * s.zero as f64 * sum) as f32
-            })
-            .collect()
+    // output channel.
+    let nb = kp / QK;
+    let shifted = input.and_then(|s| {
+        s.shifted_bias(bias, mg, |r| (r * nb..(r + 1) * nb).map(|b| w.scales[b] as f64 * w.sums[b] as f64).sum())
     });
     let bias = shifted.as_deref().or(bias);
     let block = {

@@ -705,21 +705,14 @@ fn run_folded_q8(
         .map_err(fail)?;
         crate::kernels::quant::gemm_q8(isa, qa, &q8, c, ctx.threads).map_err(fail)
     })?;
-    let shifted = input.filter(|s| s.zero != 0).map(|s| zero_point_bias(s, q8, bias));
+    // The zero point's share of each output channel, from the q8 rows (codes past the window 0).
+    let shifted = input.and_then(|s| {
+        s.shifted_bias(bias, q8.n, |r| {
+            q8.scales[r] as f64 * q8.q[r * q8.k..(r + 1) * q8.k].iter().map(|&v| v as i64).sum::<i64>() as f64
+        })
+    });
     unfold_channels(g, c, shifted.as_deref().or(bias), post, out);
     Ok(())
-}
-
-/// `bias` (or zeros) less a static input's zero point's share of each output channel:
-/// `scale · zero · Σ_k w[m, k]` (the q8 rows decoded; codes past the window are 0).
-fn zero_point_bias(s: StaticInput, q8: crate::weights::Q8Weights<'_>, bias: Option<&[f32]>) -> Vec<f32> {
-    let shift = s.scale as f64 * s.zero as f64;
-    (0..q8.n)
-        .map(|r| {
-            let sum: i64 = q8.q[r * q8.k..(r + 1) * q8.k].iter().map(|&v| v as i64).sum();
-            (bias.map_or(0.0, |b| b[r] as f64) - shift * q8.scales[r] as f64 * sum as f64) as f32
-        })
-        .collect()
 }
 
 thread_local! {
