@@ -515,6 +515,7 @@ impl Session {
             let t0 = profile.is_some().then(std::time::Instant::now);
             let res = match &step.op {
                 StepOp::Node(op) => ops::run(op, &in_views, &mut out_views, &mut ctx),
+                StepOp::Chained(op, chain) => ops::run_chained(op, *chain, &in_views, &mut out_views, &mut ctx),
                 StepOp::CachedAttention { attrs, layer } => {
                     ops::run_cached_attention(attrs, *layer, &in_views, &mut out_views, &mut ctx)
                 }

@@ -4,7 +4,7 @@
 //! applied to each output channel as it is finished. Every loop runs at the selected set's
 //! vector width ([`super::math::with_width`]): AVX-512 or AVX2 on x86_64, NEON on aarch64.
 
-use super::math::{madd, multiversion, sigmoid, width, Width};
+use super::math::{madd, multiversion, sigmoid, width, Grid, Width};
 use crate::graph::{Epilogue, FusedAct};
 
 /// Calls `$run` with the closure of `$act`'s formula: one arm per activation, each with that
@@ -116,6 +116,12 @@ impl Phases {
         Phases { hq, wq, per_channel: g.sh * g.sw * hq * wq, in_place }
     }
 
+    /// As [`Phases::new`], the input copied even where it could be read in place (its values
+    /// change on the way: a static input's quantization).
+    fn copied(g: &Geo) -> Phases {
+        Phases { in_place: false, ..Phases::new(g) }
+    }
+
     /// Floats of the laid-out input of `cg` channels, with the slack the last taps' dropped
     /// columns read past the end.
     fn len(&self, cg: usize) -> usize {
@@ -137,6 +143,30 @@ impl Phases {
 pub trait Lane: Copy + Default {}
 impl Lane for f32 {}
 impl Lane for i8 {}
+
+/// `$body` with `$f` the map an f32 kernel lays a convolution's input out through: the
+/// identity, or a static input's quantization and dequantization (`Option<StaticInput>`) —
+/// without a division where the CPU fuses multiply-adds ([`Grid::snap_fused`]).
+macro_rules! with_input_map {
+    ($input:expr, |$f:ident| $body:expr) => {
+        match $input {
+            None => {
+                let $f = |v: f32| v;
+                $body
+            }
+            Some(StaticInput { scale, zero }) => {
+                let grid = Grid::new(scale, zero as f32, -128.0, 127.0);
+                if super::math::fused_multiply_add() {
+                    let $f = move |v: f32| grid.snap_fused(v);
+                    $body
+                } else {
+                    let $f = move |v: f32| grid.snap(v);
+                    $body
+                }
+            }
+        }
+    };
+}
 
 multiversion! {
 /// Lays out `cg` input planes as [`Phases`] describes (padding as `pad`: zero, or the code of
@@ -296,11 +326,11 @@ fn panels(g: &Geo, ph: &Phases, cg: usize, src: &[f32], j0: usize, len: usize, n
 }
 }
 
-/// The epilogue of one block of grid columns `j0..j0 + len` (`acc`: output channels × `len`),
+/// The post of one block of grid columns `j0..j0 + len` (`acc`: output channels × `len`),
 /// applied as the block is copied to the NCHW output behind `out` (channels × `oh·ow`); grid
-/// columns `ow..wq` of each output row are dropped. A sigmoid or swish epilogue runs first, in
-/// place over each channel's `len` values, by the vector kernel (whole rows: no output-row
-/// boundaries to stop at).
+/// columns `ow..wq` of each output row are dropped. A requantization or a sigmoid or swish
+/// epilogue runs first, in place over each channel's `len` values, by the vector kernels (whole
+/// rows: no output-row boundaries to stop at).
 ///
 /// # Safety
 /// `out` is a live buffer of `acc.len() / len` rows of `oh·ow` floats, and no other thread
@@ -313,15 +343,15 @@ unsafe fn write_block(
     j0: usize,
     len: usize,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: super::pool::SharedOut,
 ) {
-    let Epilogue { act, scale, shift } = post;
+    let Epilogue { act, scale, shift } = post.ep;
     let affine = scale != 1.0 || shift != 0.0;
-    if let FusedAct::Sigmoid | FusedAct::Swish = act {
-        // The whole epilogue in place ([`epilogue`]: the vector kernel), then a plain copy.
+    if post.requantizes() || matches!(act, FusedAct::Sigmoid | FusedAct::Swish) {
+        // The whole post in place ([`finish`]: the vector kernels), then a plain copy.
         for (mi, row) in acc.chunks_exact_mut(len).enumerate() {
-            epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
+            finish(row, bias.map_or(0.0, |b| b[mi]), post.channel(mi));
         }
         write_rows(g, wq, acc, j0, len, None, 1.0, 0.0, false, out, |v| v);
     } else {
@@ -419,9 +449,9 @@ fn part_floats(k: usize, mg: usize, block: usize, nr: usize, indirect: bool, dir
 }
 
 /// Scratch floats [`conv_gemm`] needs for one group with one thread (each further thread adds
-/// its own block buffers at its first run).
-pub fn gemm_scratch(g: &Geo, cg: usize, mg: usize) -> usize {
-    let ph = Phases::new(g);
+/// its own block buffers at its first run), on a static input (`quantized`) or not.
+pub fn gemm_scratch(g: &Geo, cg: usize, mg: usize, quantized: bool) -> usize {
+    let ph = if quantized { Phases::copied(g) } else { Phases::new(g) };
     let k = cg * g.kh * g.kw;
     let indirect = indirect_tile().is_some();
     let block = gemm_block(k, mg, g.oh * ph.wq, indirect);
@@ -449,7 +479,8 @@ fn tap_offsets(g: &Geo, ph: &Phases, cg: usize, offs: &mut Vec<usize>) {
 /// One group of a convolution, `out` (`mg` × `oh·ow`) = `post(W · im2col(x) + bias)` (`W` rows
 /// at stride `ldw ≥ cg·kh·kw`). The input is laid out once ([`Phases`]: padded, split by stride
 /// phase; a 1×1 stride-1 convolution reads it in place), so that every tap's `im2col` row is a
-/// contiguous run of it. Where the kernels have an indirect tile, the GEMM reads those runs
+/// contiguous run of it; a static `input` is quantized and dequantized on the way (the padding
+/// stays 0, the value of the zero point's code). Where the kernels have an indirect tile, the GEMM reads those runs
 /// where they lie (B row `p` at tap `p`'s offset: no `im2col` copy at all); otherwise each
 /// block's runs are copied into the GEMM's panels. The output is made in blocks of columns
 /// small enough that a block's GEMM and its epilogue stay in cache, written straight into `out`
@@ -461,16 +492,17 @@ pub fn conv_gemm(
     cg: usize,
     mg: usize,
     x: &[f32],
+    input: Option<StaticInput>,
     w: &[f32],
     ldw: usize,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     threads: usize,
     scratch: &mut Vec<f32>,
 ) {
     use super::pool::{for_each, SharedOut};
-    let ph = Phases::new(g);
+    let ph = if input.is_some() { Phases::copied(g) } else { Phases::new(g) };
     let k = cg * g.kh * g.kw;
     let (n, grid) = (g.oh * g.ow, g.oh * ph.wq);
     if n == 0 || mg == 0 {
@@ -508,7 +540,8 @@ pub fn conv_gemm(
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(lc.ptr().add(c0 * ph.per_channel), (c1 - c0) * ph.per_channel)
             };
-            lay_out(g, &ph, c1 - c0, &x[c0 * g.h * g.w..c1 * g.h * g.w], dst, 0.0, |v| v);
+            let xs = &x[c0 * g.h * g.w..c1 * g.h * g.w];
+            with_input_map!(input, |f| lay_out(g, &ph, c1 - c0, xs, dst, 0.0, f));
         });
         laid
     };
@@ -569,7 +602,7 @@ impl Block<'_> {
         ldw: usize,
         mine: &mut [f32],
         bias: Option<&[f32]>,
-        post: Epilogue,
+        post: Post<'_>,
         out: super::pool::SharedOut,
     ) {
         use super::{BMat, MatRef, Panels};
@@ -604,7 +637,7 @@ impl Block<'_> {
         direct: bool,
         mine: &mut [f32],
         bias: Option<&[f32]>,
-        post: Epilogue,
+        post: Post<'_>,
         out: super::pool::SharedOut,
     ) {
         let Block { g, ph, cg, mg, k, nr, j0, len } = *self;
@@ -671,7 +704,7 @@ impl Block<'_> {
             for mi in 0..mg {
                 // SAFETY: output row mi, columns j0..j0+len: inside `out`, this block's alone.
                 let row = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(mi * n + j0), len) };
-                epilogue(row, bias.map_or(0.0, |b| b[mi]), post);
+                finish(row, bias.map_or(0.0, |b| b[mi]), post.channel(mi));
             }
         } else {
             // SAFETY: forwarded (the caller's block of columns).
@@ -718,7 +751,8 @@ pub fn depthwise_scratch(g: &Geo) -> usize {
 /// Depthwise convolution (one input channel per group, any channel multiplier): output channel
 /// `o` of `out` (`channels` planes of `oh·ow`, batch-major) reads input channel
 /// `(o / mult)` of its batch item in `x` (planes of `h·w`, `channels / mult` per item) through
-/// taps `w[o]` (`kh·kw`), then `post`. Each channel is laid out once ([`DwPlane`]), then
+/// taps `w[o]` (`kh·kw`), then `post`; a static `input` is quantized and dequantized as it is
+/// laid out. Each channel is laid out once ([`DwPlane`]), then
 /// computed in register tiles ([`super::DwTileFn`]) with no bounds checks. Channels are spread
 /// over `threads`.
 #[allow(clippy::too_many_arguments)]
@@ -727,9 +761,10 @@ pub fn depthwise(
     channels: usize,
     mult: usize,
     x: &[f32],
+    input: Option<StaticInput>,
     w: &[f32],
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     threads: usize,
     scratch: &mut Vec<f32>,
@@ -759,11 +794,13 @@ pub fn depthwise(
         for o in p * chunk..((p + 1) * chunk).min(total) {
             let (item, mo) = (o / channels, o % channels);
             let ci = item * (channels / mult) + mo / mult;
-            pad_plane(g, &dp, &x[ci * plane..][..plane], pad);
+            let xc = &x[ci * plane..][..plane];
+            with_input_map!(input, |f| pad_plane(g, &dp, xc, pad, f));
             // SAFETY: output channel o's plane, inside `out` (o < total) and this part's alone
             // (parts take disjoint channel ranges).
             let dst = unsafe { std::slice::from_raw_parts_mut(oc.ptr().add(o * ospat), ospat) };
-            depthwise_plane(g, &dp, tile, pad, &w[mo * taps..][..taps], bias.map_or(0.0, |b| b[mo]), post, dst);
+            let (b, p) = (bias.map_or(0.0, |b| b[mo]), post.channel(mo));
+            depthwise_plane(g, &dp, tile, pad, &w[mo * taps..][..taps], b, p, dst);
         }
     });
 }
@@ -771,9 +808,9 @@ pub fn depthwise(
 multiversion! {
 /// Copies plane `x` (geometry `g`) into `pad` as [`DwPlane`] `dp` lays it out (the staging row
 /// after the plane holds a strided row before its phase split). Only the floats that hold
-/// input are written: `pad` comes zeroed, and every channel of the same geometry leaves the
-/// padding as it found it.
-fn pad_plane(g: &Geo, dp: &DwPlane, x: &[f32], pad: &mut [f32]) {
+/// input are written (each through `f`: the identity, or a static input's quantization): `pad`
+/// comes zeroed, and every channel of the same geometry leaves the padding as it found it.
+fn pad_plane<F: Fn(f32) -> f32>(g: &Geo, dp: &DwPlane, x: &[f32], pad: &mut [f32], f: F) {
     let (plane, stage) = pad.split_at_mut(dp.hp * dp.rs);
     let stage = &mut stage[..dp.wp];
     let left = g.pw.min(dp.wp);
@@ -782,13 +819,13 @@ fn pad_plane(g: &Geo, dp: &DwPlane, x: &[f32], pad: &mut [f32]) {
     for (iy, prow) in plane.chunks_exact_mut(dp.rs).skip(g.ph).take(rows).enumerate() {
         let xrow = &x[iy * g.w..][..n];
         match g.sw {
-            1 => prow[left..left + n].copy_from_slice(xrow),
+            1 => prow[left..left + n].iter_mut().zip(xrow).for_each(|(d, &v)| *d = f(v)),
             2 => {
                 let (even, odd) = prow.split_at_mut(dp.wq);
-                split_pairs(xrow, left, even, odd, &|v| v);
+                split_pairs(xrow, left, even, odd, &f);
             }
             sw => {
-                stage[left..left + n].copy_from_slice(xrow);
+                stage[left..left + n].iter_mut().zip(xrow).for_each(|(d, &v)| *d = f(v));
                 for (c, &v) in stage.iter().enumerate() {
                     prow[(c % sw) * dp.wq + c / sw] = v;
                 }
@@ -819,14 +856,14 @@ fn depthwise_plane(
     x: &[f32],
     taps: &[f32],
     bias: f32,
-    post: Epilogue,
+    post: ChannelPost,
     out: &mut [f32],
 ) {
     match tile {
         Some(t) if g.ow >= DW_COLS && g.kw <= DW_MAX_KW => dw_tiles(g, dp, x, taps, bias, post, out, t),
         _ => {
             dw_row_loops(g, dp, x, taps, bias, out);
-            epilogue(&mut out[..g.oh * g.ow], 0.0, post);
+            finish(&mut out[..g.oh * g.ow], 0.0, post);
         }
     }
 }
@@ -840,7 +877,7 @@ fn dw_tiles(
     x: &[f32],
     taps: &[f32],
     bias: f32,
-    post: Epilogue,
+    post: ChannelPost,
     out: &mut [f32],
     t: super::DwTile,
 ) {
@@ -897,13 +934,13 @@ fn dw_tiles(
                 }
             }
             if narrow {
-                epilogue(&mut out[oy * g.ow..(oy + rows) * g.ow], 0.0, post);
+                finish(&mut out[oy * g.ow..(oy + rows) * g.ow], 0.0, post);
             }
             oy += rows;
         }
     }
     if !narrow {
-        epilogue(&mut out[..g.oh * g.ow], 0.0, post);
+        finish(&mut out[..g.oh * g.ow], 0.0, post);
     }
 }
 
@@ -1054,24 +1091,148 @@ pub fn conv_transpose_rows(
     });
 }
 
-/// One output channel of a statically quantized model's convolution: its requantization
-/// (`q = (scale, zero, lo, hi)`: `dq(q(v))`), the affine after it (`· mul + add`) and the
-/// epilogue, in one pass.
-pub fn requantize_epilogue(out: &mut [f32], q: (f32, f32, f32, f32), mul: f32, add: f32, post: Epilogue) {
+/// A statically quantized model's requantization of a convolution's output (its
+/// `QuantizeLinear` → `DequantizeLinear` pair) and the per-channel affine after it.
+#[derive(Clone, Copy, Debug)]
+pub struct Requant<'a> {
+    /// Scale, zero point, lowest and highest code.
+    pub q: (f32, f32, f32, f32),
+    /// The affine after the pair: one value for every channel, or one per channel.
+    pub mul: &'a [f32],
+    pub add: &'a [f32],
+}
+
+/// What a convolution applies to each output channel after its sums and bias: a static
+/// model's requantization (if any), the epilogue, and last the grid every reader of the output
+/// quantizes it to (`snap`: when all of them are static convolutions on one grid, the values
+/// they would quantize and dequantize are made here, so that they read them as they are).
+/// Applied where the kernels apply their epilogue — to a block of outputs while it is in cache —
+/// rather than as a pass of its own.
+#[derive(Clone, Copy, Debug)]
+pub struct Post<'a> {
+    pub requant: Option<Requant<'a>>,
+    pub ep: Epilogue,
+    pub snap: Option<Grid>,
+}
+
+impl From<Epilogue> for Post<'_> {
+    fn from(ep: Epilogue) -> Self {
+        Post { requant: None, ep, snap: None }
+    }
+}
+
+/// [`Post`] of one output channel.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelPost {
+    /// The requantization and the affine's `mul`, `add`.
+    requant: Option<(Grid, f32, f32)>,
+    ep: Epilogue,
+    snap: Option<Grid>,
+}
+
+impl<'a> Post<'a> {
+    /// The post of channels `c0..` (one group's): per-channel values from `c0` on.
+    pub fn from_channel(self, c0: usize) -> Post<'a> {
+        let skip = |v: &'a [f32]| if v.len() > 1 { v.get(c0..).unwrap_or(&[]) } else { v };
+        Post { requant: self.requant.map(|r| Requant { mul: skip(r.mul), add: skip(r.add), ..r }), ..self }
+    }
+
+    /// Output channel `c`'s post.
+    pub fn channel(&self, c: usize) -> ChannelPost {
+        let at = |v: &[f32], d: f32| v.get(if v.len() == 1 { 0 } else { c }).copied().unwrap_or(d);
+        let grid = |(s, z, lo, hi): (f32, f32, f32, f32)| Grid::new(s, z, lo, hi);
+        ChannelPost {
+            requant: self.requant.map(|r| (grid(r.q), at(r.mul, 1.0), at(r.add, 0.0))),
+            ep: self.ep,
+            snap: self.snap,
+        }
+    }
+
+    /// Whether it is more than the epilogue.
+    fn requantizes(&self) -> bool {
+        self.requant.is_some() || self.snap.is_some()
+    }
+}
+
+/// One output channel's bias, then its [`ChannelPost`], in place.
+pub fn finish(out: &mut [f32], bias: f32, p: ChannelPost) {
+    match p.requant {
+        None => {
+            epilogue(out, bias, p.ep);
+            if let Some(s) = p.snap {
+                snap_in_place(out, s);
+            }
+        }
+        Some((g, mul, add)) => requantize_epilogue(out, bias, g, mul, add, p.ep, p.snap),
+    }
+}
+
+/// `v ↦ dq(q(v))` on the grid `s`, in place.
+fn snap_in_place(out: &mut [f32], s: Grid) {
+    multiversion! {
+        fn run(out: &mut [f32], s: Grid, fused: bool) {
+            if fused {
+                out.iter_mut().for_each(|v| *v = s.snap_fused(*v));
+            } else {
+                out.iter_mut().for_each(|v| *v = s.snap(*v));
+            }
+        }
+    }
+    run(out, s, super::math::fused_multiply_add());
+}
+
+/// [`requantize_epilogue`]'s loop, the quotients by `q` (with or without a division).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn requantize_loop<F: Fn(f32) -> f32, Q: Fn(&Grid, f32) -> f32>(
+    out: &mut [f32],
+    bias: f32,
+    g: Grid,
+    snap: Option<Grid>,
+    (mul, add, scale, shift): (f32, f32, f32, f32),
+    f: F,
+    q: Q,
+) {
+    match snap {
+        None => out.iter_mut().for_each(|v| *v = f(q(&g, *v + bias) * mul + add) * scale + shift),
+        Some(s) => out.iter_mut().for_each(|v| *v = q(&s, f(q(&g, *v + bias) * mul + add) * scale + shift)),
+    }
+}
+
+/// One output channel of a statically quantized model's convolution: its bias, its
+/// requantization (`dq(q(v + bias))` on the grid `g`), the affine after it (`· mul + add`),
+/// the epilogue and the readers' grid `snap`, in one pass.
+pub fn requantize_epilogue(
+    out: &mut [f32],
+    bias: f32,
+    g: Grid,
+    mul: f32,
+    add: f32,
+    post: Epilogue,
+    snap: Option<Grid>,
+) {
     multiversion! {
         #[allow(clippy::too_many_arguments)]
-        fn run<F: Fn(f32) -> f32>(out: &mut [f32], q: (f32, f32, f32, f32), mul: f32, add: f32, scale: f32, shift: f32, f: F) {
-            let (s, z, lo, hi) = q;
-            out.iter_mut().for_each(|v| *v = f(super::math::dequantized(*v, s, z, lo, hi) * mul + add) * scale + shift);
+        fn run<F: Fn(f32) -> f32>(out: &mut [f32], bias: f32, g: Grid, snap: Option<Grid>, fused: bool, mul: f32, add: f32, scale: f32, shift: f32, f: F) {
+            let k = (mul, add, scale, shift);
+            if fused {
+                requantize_loop(out, bias, g, snap, k, f, |g, v| g.snap_fused(v));
+            } else {
+                requantize_loop(out, bias, g, snap, k, f, |g, v| g.snap(v));
+            }
         }
     }
     if let FusedAct::Sigmoid | FusedAct::Swish = post.act {
-        super::math::requantize_scaled(out, q.0, q.1, q.2, q.3, mul);
+        out.iter_mut().for_each(|v| *v = g.snap(*v + bias) * mul);
         epilogue(out, add, post);
+        if let Some(s) = snap {
+            snap_in_place(out, s);
+        }
         return;
     }
     let Epilogue { act, scale, shift } = post;
-    with_act!(act, run(out, q, mul, add, scale, shift));
+    let fused = super::math::fused_multiply_add();
+    with_act!(act, run(out, bias, g, snap, fused, mul, add, scale, shift));
 }
 
 /// `v ↦ act(v + bias)·scale + shift` over one output channel.
@@ -1434,7 +1595,7 @@ pub fn conv_q8(
     x: &[f32],
     input: Option<StaticInput>,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     threads: usize,
 ) -> Result<(), super::quant::QuantError> {
@@ -1615,7 +1776,7 @@ pub fn conv_q8_vnni(
     x: &[f32],
     input: Option<StaticInput>,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     threads: usize,
 ) {
@@ -1859,7 +2020,8 @@ mod tests {
                     for threads in [1, 2] {
                         let mut got = vec![f32::NAN; m * oh * ow];
                         let input = Some(StaticInput { scale, zero });
-                        conv_q8(isa, &g, c, &rows, &x, input, Some(&bias), Epilogue::NONE, &mut got, threads).unwrap();
+                        conv_q8(isa, &g, c, &rows, &x, input, Some(&bias), Epilogue::NONE.into(), &mut got, threads)
+                            .unwrap();
                         for (j, (a, e)) in got.iter().zip(&want).enumerate() {
                             assert!(
                                 (a - e).abs() <= 1e-5 * (1.0 + e.abs() + size[j]),
@@ -1883,7 +2045,7 @@ mod tests {
                 &[1.0; 4],
                 Some(bad),
                 None,
-                Epilogue::NONE,
+                Epilogue::NONE.into(),
                 &mut out,
                 1,
             );
@@ -2019,7 +2181,7 @@ mod tests {
                     &x,
                     None,
                     Some(&bias),
-                    Epilogue::NONE,
+                    Epilogue::NONE.into(),
                     &mut got,
                     threads,
                 )

@@ -6,7 +6,7 @@
 use super::{req, Ctx, Fact, OutFact};
 use crate::error::OpResult;
 use crate::graph::{AutoPad, ConvAttrs, Epilogue};
-use crate::kernels::conv::{self, StaticInput};
+use crate::kernels::conv::{self, Post, StaticInput};
 use crate::op_bail;
 use crate::tensor::{DType, View, ViewMut};
 use crate::weights::TensorEncoding;
@@ -146,7 +146,7 @@ pub(super) fn infer(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> OpResult<Vec<
 }
 
 /// The blocked GEMM's buffers for one thread (more threads grow it at their first run).
-pub(super) fn scratch_len(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> usize {
+pub(super) fn scratch_len(a: &ConvAttrs, quantized: bool, inputs: &[Option<Fact<'_>>]) -> usize {
     let (Some(Some(x)), Some(Some(w))) = (inputs.first(), inputs.get(1)) else { return 0 };
     let Ok(g) = geometry(a, x.shape, w.shape) else { return 0 };
     let cg = g.c / g.group;
@@ -161,7 +161,7 @@ pub(super) fn scratch_len(a: &ConvAttrs, inputs: &[Option<Fact<'_>>]) -> usize {
         let kvol = if w.shape.len() == 2 { w.shape[1] } else { cg * g.kh * g.kw };
         return folded_scratch(&g, kvol);
     }
-    conv::gemm_scratch(&kernel_geo(&g), cg, g.m / g.group)
+    conv::gemm_scratch(&kernel_geo(&g), cg, g.m / g.group, quantized)
 }
 
 /// Largest output image (pixels) whose batch is folded into one product (`batch_folded`).
@@ -213,15 +213,15 @@ fn fold_pixels(g: &Geo, x: &[f32], kvol: usize, ldc: usize, cols: &mut [f32]) {
     }
 }
 
-/// The folded product `c` (pixels × channels) into NCHW `out`, with the bias and epilogue.
-fn unfold_channels(g: &Geo, c: &[f32], bias: Option<&[f32]>, post: Epilogue, out: &mut [f32]) {
+/// The folded product `c` (pixels × channels) into NCHW `out`, with the bias and post.
+fn unfold_channels(g: &Geo, c: &[f32], bias: Option<&[f32]>, post: Post<'_>, out: &mut [f32]) {
     let ospat = g.oh * g.ow;
     for (i, o) in out.chunks_exact_mut(ospat).take(g.n * g.m).enumerate() {
         let (b, ch) = (i / g.m, i % g.m);
         for (p, v) in o.iter_mut().enumerate() {
             *v = c[(b * ospat + p) * g.m + ch];
         }
-        conv::epilogue(o, bias.map_or(0.0, |bv| bv[ch]), post);
+        conv::finish(o, bias.map_or(0.0, |bv| bv[ch]), post.channel(ch));
     }
 }
 
@@ -233,7 +233,7 @@ fn run_folded(
     x: &[f32],
     w: WindowWeights<'_>,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
@@ -303,7 +303,7 @@ fn with_input<R>(x: &[f32], input: Option<StaticInput>, f: impl FnOnce(&[f32]) -
 
 pub(super) fn run(
     a: &ConvAttrs,
-    post: Epilogue,
+    post: Post<'_>,
     input: Option<StaticInput>,
     inputs: &[Option<View<'_>>],
     outputs: &mut [ViewMut<'_>],
@@ -324,53 +324,84 @@ pub(super) fn run(
     if w.encoding != TensorEncoding::Dense {
         return run_q8(&g, &w, xd, input, bias, post, out, ctx);
     }
-    with_input(xd, input, |xd| run_f32(&g, &w, xd, bias, post, out, ctx))
+    run_f32(&g, &w, xd, input, bias, post, out, ctx)
 }
 
-/// `ConvStaticQ8` with an output requantization: the convolution, then per output channel
-/// `post(mul[c] · dq(q(v)) + add[c])`.
-pub(super) fn run_requantized(
+/// Where a static convolution sits among others on the same grid, as the planner found it
+/// (never stored): its input already on its grid, written so by its producer (`on_grid`: the
+/// f32 kernels read it as it is), or its output snapped to the grid every reader quantizes it
+/// to (`snap`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Chain {
+    pub on_grid: bool,
+    pub snap: Option<StaticInput>,
+}
+
+/// `ConvStaticQ8`: the convolution on the model's codes of its input, then, with `out`, per
+/// output channel `post(mul[c] · dq(q(v)) + add[c])` — applied by the kernels with their
+/// epilogue, as is `chain`'s snap.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_static(
     a: &ConvAttrs,
     post: Epilogue,
-    input: Option<StaticInput>,
-    r: &crate::graph::OutRequant,
+    input: StaticInput,
+    out: Option<&crate::graph::OutRequant>,
+    chain: Chain,
     inputs: &[Option<View<'_>>],
     outputs: &mut [ViewMut<'_>],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
-    let (lo, hi) = (r.lo, r.hi);
-    if !(r.scale.is_finite() && r.scale > 0.0 && -128 <= lo && lo <= r.zero_point && r.zero_point <= hi && hi <= 255) {
-        op_bail!(
-            "ConvStaticQ8: output scale {} and zero point {} in [{lo}, {hi}] are not an 8-bit quantization",
-            r.scale,
-            r.zero_point
-        );
-    }
-    run(a, Epilogue::NONE, input, inputs, outputs, ctx)?;
-    // The output [N, M, spatial…]: one pass per image and channel.
-    let shape = outputs[0].shape.to_vec();
-    let (m, plane) = (shape.get(1).copied().unwrap_or(1), shape.iter().skip(2).product::<usize>());
-    for (v, what) in [(&r.mul, "scale"), (&r.add, "shift")] {
-        if v.len() > 1 && v.len() != m {
-            op_bail!("ConvStaticQ8: {} output {what} values for {m} channels", v.len());
+    let requant = match out {
+        None => None,
+        Some(r) => {
+            let (lo, hi) = (r.lo, r.hi);
+            if !(r.scale.is_finite()
+                && r.scale > 0.0
+                && -128 <= lo
+                && lo <= r.zero_point
+                && r.zero_point <= hi
+                && hi <= 255)
+            {
+                op_bail!(
+                    "ConvStaticQ8: output scale {} and zero point {} in [{lo}, {hi}] are not an 8-bit quantization",
+                    r.scale,
+                    r.zero_point
+                );
+            }
+            // The output [N, M, spatial…].
+            let m = outputs.first().and_then(|o| o.shape.get(1).copied()).unwrap_or(1);
+            for (v, what) in [(&r.mul, "scale"), (&r.add, "shift")] {
+                if v.len() > 1 && v.len() != m {
+                    op_bail!("ConvStaticQ8: {} output {what} values for {m} channels", v.len());
+                }
+            }
+            let q = (r.scale, r.zero_point as f32, lo as f32, hi as f32);
+            Some(conv::Requant { q, mul: &r.mul, add: &r.add })
         }
-    }
-    let at = |v: &[f32], c: usize, d: f32| v.get(if v.len() == 1 { 0 } else { c }).copied().unwrap_or(d);
-    let q = (r.scale, r.zero_point as f32, lo as f32, hi as f32);
-    for (i, o) in outputs[0].f32()?.chunks_exact_mut(plane.max(1)).enumerate() {
-        let c = i % m.max(1);
-        conv::requantize_epilogue(o, q, at(&r.mul, c, 1.0), at(&r.add, c, 0.0), post);
-    }
-    Ok(())
+    };
+    let fail = |e: crate::kernels::quant::QuantError| crate::error::OpError::Failed(format!("ConvStaticQ8: {}", e.0));
+    let snap = match chain.snap {
+        Some(s) => Some(s.check().map_err(fail)?),
+        None => None,
+    };
+    let snap = snap.map(|s| crate::kernels::math::Grid::new(s.scale, s.zero as f32, -128.0, 127.0));
+    // An input its producer put on this grid: the f32 kernels read it as it is (the int8 ones
+    // still take its codes).
+    let dense = matches!(inputs.get(1), Some(Some(w)) if w.encoding == TensorEncoding::Dense);
+    let input = if chain.on_grid && dense { None } else { Some(input) };
+    run(a, Post { requant, ep: post, snap }, input, inputs, outputs, ctx)
 }
 
-/// A convolution on f32 weights.
+/// A convolution on f32 weights; on a static `input`, its values quantized and dequantized
+/// (by the depthwise and GEMM kernels as they lay the input out).
+#[allow(clippy::too_many_arguments)]
 fn run_f32(
     g: &Geo,
     w: &View<'_>,
     xd: &[f32],
+    input: Option<StaticInput>,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
@@ -390,19 +421,23 @@ fn run_f32(
         // input channel, rows padded — runs as the GEMM below, as does one input channel
         // feeding many outputs: silero's STFT, 1 → 258 channels, ran 9× slower as 258
         // stencils, each re-padding the input.)
-        conv::depthwise(&kg, g.m, mg, xd, wd, bias, post, out, ctx.threads, ctx.scratch);
+        conv::depthwise(&kg, g.m, mg, xd, input, wd, bias, post, out, ctx.threads, ctx.scratch);
         return Ok(());
     }
     if windows_in_place(&g) {
-        for b in 0..g.n {
-            let xin = &xd[b * plane..(b + 1) * plane];
-            let o = &mut out[b * g.m * ospat..(b + 1) * g.m * ospat];
-            run_windows(&g, xin, WindowWeights::F32 { data: wd, ldw }, bias, post, o, ctx)?;
-        }
-        return Ok(());
+        return with_input(xd, input, |xd| {
+            for b in 0..g.n {
+                let xin = &xd[b * plane..(b + 1) * plane];
+                let o = &mut out[b * g.m * ospat..(b + 1) * g.m * ospat];
+                run_windows(&g, xin, WindowWeights::F32 { data: wd, ldw }, bias, post, o, ctx)?;
+            }
+            Ok(())
+        });
     }
     if batch_folded(&g) {
-        return run_folded(&g, xd, WindowWeights::F32 { data: wd, ldw }, bias, post, out, ctx);
+        return with_input(xd, input, |xd| {
+            run_folded(&g, xd, WindowWeights::F32 { data: wd, ldw }, bias, post, out, ctx)
+        });
     }
     for b in 0..g.n {
         for gi in 0..g.group {
@@ -410,7 +445,8 @@ fn run_f32(
             let o = &mut out[(b * g.m + gi * mg) * ospat..(b * g.m + (gi + 1) * mg) * ospat];
             let wg = &wd[gi * mg * ldw..][..(mg - 1) * ldw + kvol];
             let bg = bias.map(|bv| &bv[gi * mg..(gi + 1) * mg]);
-            conv::conv_gemm(&kg, cg, mg, xin, wg, ldw, bg, post, o, ctx.threads, ctx.scratch);
+            let pg = post.from_channel(gi * mg);
+            conv::conv_gemm(&kg, cg, mg, xin, input, wg, ldw, bg, pg, o, ctx.threads, ctx.scratch);
         }
     }
     Ok(())
@@ -523,7 +559,7 @@ fn run_windows(
     x: &[f32],
     w: WindowWeights<'_>,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
@@ -542,7 +578,7 @@ fn run_windows(
             for (j, o) in row.iter_mut().enumerate() {
                 *o = c[j * n + ch];
             }
-            conv::epilogue(row, bias.map_or(0.0, |b| b[ch]), post);
+            conv::finish(row, bias.map_or(0.0, |b| b[ch]), post.channel(ch));
         }
     });
     Ok(())
@@ -591,7 +627,7 @@ fn run_q8(
     xd: &[f32],
     input: Option<StaticInput>,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {
@@ -680,7 +716,7 @@ fn run_folded_q8(
     x: &[f32],
     input: Option<StaticInput>,
     bias: Option<&[f32]>,
-    post: Epilogue,
+    post: Post<'_>,
     out: &mut [f32],
     ctx: &mut Ctx<'_>,
 ) -> OpResult<()> {

@@ -275,7 +275,8 @@ pub(crate) fn check_rank(shape: &[usize]) -> OpResult<()> {
 /// Extra f32 scratch an op needs at run time (the planner reserves the maximum).
 pub fn scratch_len(op: &Op, inputs: &[Option<Fact<'_>>], outputs: &[OutFact]) -> usize {
     match op {
-        Op::Conv(a) | Op::ConvFused { conv: a, .. } | Op::ConvStaticQ8 { conv: a, .. } => conv::scratch_len(a, inputs),
+        Op::Conv(a) | Op::ConvFused { conv: a, .. } => conv::scratch_len(a, false, inputs),
+        Op::ConvStaticQ8 { conv: a, .. } => conv::scratch_len(a, true, inputs),
         Op::ConvTranspose(_) | Op::ConvTransposeFused { .. } => convt::scratch_len(inputs),
         Op::Lstm(_) => recurrent::scratch_len(op, inputs),
         Op::Attention(a) => attention::scratch_len(a, inputs, outputs.len()),
@@ -537,6 +538,26 @@ fn infer_native(op: &Op, inputs: &[Option<Fact<'_>>], n_out: usize) -> OpResult<
     Ok(outs)
 }
 
+pub(crate) use conv::Chain;
+
+/// Executes a `ConvStaticQ8` the planner chained to others on its grid ([`Chain`]); any other
+/// op as [`run`].
+pub(crate) fn run_chained(
+    op: &Op,
+    chain: Chain,
+    inputs: &[Option<View<'_>>],
+    outputs: &mut [ViewMut<'_>],
+    ctx: &mut Ctx<'_>,
+) -> OpResult<()> {
+    match op {
+        Op::ConvStaticQ8 { conv: a, post, scale, zero_point, out } => {
+            let input = crate::kernels::conv::StaticInput { scale: *scale, zero: *zero_point };
+            conv::run_static(a, *post, input, out.as_ref(), chain, inputs, outputs, ctx)
+        }
+        _ => run(op, inputs, outputs, ctx),
+    }
+}
+
 /// Executes one node. `outputs` have the shapes `infer` returned.
 pub fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>], ctx: &mut Ctx<'_>) -> OpResult<()> {
     if promoted_float(op, inputs.iter().flatten().map(|v| v.dtype)).is_none() {
@@ -598,8 +619,10 @@ fn run_native(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'_>],
         F::MatMul => matmul::run(op, inputs, outputs, ctx),
         F::Norm => norm::run(op, inputs, outputs, ctx.threads),
         F::MoreNorm => norm::run_more(op, inputs, outputs),
-        F::Conv(a, post, input, None) => conv::run(a, post, input, inputs, outputs, ctx),
-        F::Conv(a, post, input, Some(r)) => conv::run_requantized(a, post, input, r, inputs, outputs, ctx),
+        F::Conv(a, post, None, _) => conv::run(a, post.into(), None, inputs, outputs, ctx),
+        F::Conv(a, post, Some(input), out) => {
+            conv::run_static(a, post, input, out, conv::Chain::default(), inputs, outputs, ctx)
+        }
         F::ConvTranspose(a, post) => gate!(op, "ops-vision", convt::run(a, post, inputs, outputs, ctx)),
         F::Lstm(a) => gate!(op, "ops-recurrent", recurrent::run(a, inputs, outputs, ctx)),
         F::Gru(a, gated) => gate!(op, "ops-recurrent", recurrent::run_gru(a, gated, inputs, outputs)),

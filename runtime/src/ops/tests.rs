@@ -1002,8 +1002,8 @@ fn batched_q8_convolutions_fold_into_one_product() {
 }
 
 /// `ConvStaticQ8` computes `post(Conv(dq(q(x)), W) + B)` with the model's `QuantizeLinear`
-/// (`clamp(round_half_even(x / scale) + zero, −128, 127)`) on every path: f32 weights (grouped
-/// and depthwise too), q8 rows on the int8 kernels (one image; a batch folded into one int8
+/// (`clamp(round_half_even(x / scale) + zero, −128, 127)`) on every path: f32 weights (grouped,
+/// 1×1 and depthwise too: the input quantized as the kernels lay it out), q8 rows on the int8 kernels (one image; a batch folded into one int8
 /// product; few rows folded in f32; one input channel read in place), with a fused ReLU and zero
 /// points of either sign. A scale that is not a quantization is an error.
 #[test]
@@ -1016,6 +1016,11 @@ fn static_input_convolutions_follow_their_definition() {
         (2, 1, 1, 256, 40, 1, 64, [1, 32], [0, 0, 0, 0], 1),
         (1, 8, 7, 7, 8, 3, 3, [2, 2], [1, 1, 1, 1], 8),
         (1, 8, 6, 5, 12, 3, 1, [1, 1], [1, 0, 1, 0], 2),
+        // 1×1 (its input otherwise read in place), depthwise wide enough for the register
+        // tiles, at stride 1 and 2
+        (2, 16, 5, 9, 24, 1, 1, [1, 1], [0, 0, 0, 0], 1),
+        (1, 6, 5, 37, 6, 3, 3, [1, 1], [1, 1, 1, 1], 6),
+        (1, 4, 7, 70, 4, 3, 3, [2, 2], [1, 1, 1, 1], 4),
     ];
     for (i, &(n, c, h, w, m, kh, kw, stride, pads, group)) in cases.iter().enumerate() {
         let cg = c / group;

@@ -49,6 +49,8 @@ struct Loc {
 #[derive(Debug)]
 pub(crate) enum StepOp {
     Node(Op),
+    /// A `ConvStaticQ8` chained to others on its grid ([`Plan::chain_static_grids`]).
+    Chained(Op, ops::Chain),
     /// Attention over the session's KV cache for `layer` (see `llm`).
     CachedAttention {
         attrs: AttentionAttrs,
@@ -60,7 +62,7 @@ impl StepOp {
     /// The op type's name (errors, profiles).
     pub(crate) fn name(&self) -> String {
         match self {
-            StepOp::Node(op) => op.name(),
+            StepOp::Node(op) | StepOp::Chained(op, _) => op.name(),
             StepOp::CachedAttention { .. } => "CachedAttention".into(),
         }
     }
@@ -651,8 +653,77 @@ impl Plan {
         }
         let Builder { locs, folded, steps, n_virtual, virtual_bytes, scratch_len, .. } = b;
         let mut plan = Plan { steps, locs, folded, buffer_words: Vec::new(), scratch_len, outputs };
+        if graph.subgraphs.is_empty() {
+            plan.chain_static_grids(file);
+        }
         plan.assign_buffers(n_virtual, &virtual_bytes);
         Ok(plan)
+    }
+
+    /// Statically quantized convolutions in a row: where a `ConvStaticQ8` writes a buffer that
+    /// only `ConvStaticQ8`s read, all as their input and on one grid (scale and zero point), and
+    /// at least one of them runs f32 weights (which would quantize and dequantize the input in
+    /// its own pass over it), the writer snaps its output to that grid as its last epilogue step
+    /// and those readers take it as it is. The values every reader computes with are the same;
+    /// one pass over the tensor is saved per reader. The buffer is checked by slot, so a value
+    /// sharing it (a reshape) or a model output keeps the chain off. Plans of graphs with
+    /// subgraphs are left alone (a branch may read a value without naming it as an input).
+    fn chain_static_grids(&mut self, file: &ModelFile) {
+        let buf = |locs: &[Option<Loc>], v: ValueId| match locs[v as usize].as_ref().map(|l| l.slot) {
+            Some(Slot::Buf(b)) => Some(b),
+            _ => None,
+        };
+        let grid = |op: &StepOp| match op {
+            StepOp::Node(Op::ConvStaticQ8 { scale, zero_point, .. }) => {
+                Some(crate::kernels::conv::StaticInput { scale: *scale, zero: *zero_point })
+            }
+            _ => None,
+        };
+        // Whether step `s` runs f32 weights (a q8 weight decoded at open included).
+        let dense = |locs: &[Option<Loc>], s: &Step| match s.inputs.get(1).copied().flatten() {
+            Some(w) => match locs[w as usize].as_ref().map(|l| l.slot) {
+                Some(Slot::Const(t)) => file.encoding(t as usize) == TensorEncoding::Dense,
+                _ => true,
+            },
+            None => false,
+        };
+        // Each buffer's readers: (step, input position).
+        let mut readers: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            for (k, v) in s.inputs.iter().enumerate() {
+                if let Some(b) = v.and_then(|v| buf(&self.locs, v)) {
+                    readers.entry(b).or_default().push((i, k));
+                }
+            }
+        }
+        let kept: Vec<usize> = self.outputs.iter().filter_map(|&v| buf(&self.locs, v)).collect();
+        let mut chains = vec![ops::Chain::default(); self.steps.len()];
+        for (i, s) in self.steps.iter().enumerate() {
+            let (Some(_), [o]) = (grid(&s.op), s.outputs.as_slice()) else { continue };
+            let Some(b) = buf(&self.locs, *o).filter(|b| !kept.contains(b)) else { continue };
+            let Some(rs) = readers.get(&b) else { continue };
+            let first = grid(&self.steps[rs[0].0].op);
+            let same = rs.iter().all(|&(j, k)| k == 0 && first.is_some() && grid(&self.steps[j].op) == first);
+            if !same || !rs.iter().any(|&(j, _)| dense(&self.locs, &self.steps[j])) {
+                continue;
+            }
+            chains[i].snap = first;
+            for &(j, _) in rs {
+                chains[j].on_grid = true;
+            }
+        }
+        let mut count = 0;
+        for (s, chain) in self.steps.iter_mut().zip(chains) {
+            if chain != ops::Chain::default() {
+                if let StepOp::Node(op) = &s.op {
+                    s.op = StepOp::Chained(op.clone(), chain);
+                    count += chain.snap.is_some() as usize;
+                }
+            }
+        }
+        if count > 0 {
+            log::debug!("{count} static convolution(s) write their readers' grid");
+        }
     }
 
     /// Maps virtual buffers (one per step output) onto a pool of physical buffers by lifetime:
@@ -786,5 +857,137 @@ impl Plan {
             .get(..n)
             .ok_or_else(|| Error::Graph(format!("internal: value {v} storage is {} bytes, needs {n}", bytes.len())))?;
         Ok(View { dtype: l.dtype, shape: &l.shape, bytes, encoding })
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::format::{model_bytes, Provenance, TensorPayload};
+    use crate::graph::{AutoPad, ConstBinding, ConvAttrs, Epilogue, FusedAct, Graph, IoSpec, OutRequant, ValueInfo};
+
+    /// x → A (3×3, 4 → 8, requantized, ReLU) → h1 → B (3×3 depthwise, stride 2, requantized)
+    /// → h2 → C (1×1, 8 → 5) → y, every convolution a `ConvStaticQ8` on f32 weights, with
+    /// `kept` of h1, h2 also model outputs.
+    fn chain_model(kept: &[&str]) -> Model {
+        let conv = |k: i64, stride: i64, group: i64| ConvAttrs {
+            kernel_shape: vec![k, k],
+            strides: vec![stride, stride],
+            pads: vec![k / 2; 4],
+            dilations: vec![1, 1],
+            group,
+            auto_pad: AutoPad::NotSet,
+        };
+        let requant = |scale: f32, zero_point: i32, m: usize| {
+            Some(OutRequant {
+                scale,
+                zero_point,
+                lo: -128,
+                hi: 127,
+                mul: (0..m).map(|c| 0.8 + 0.05 * c as f32).collect(),
+                add: (0..m).map(|c| 0.02 * c as f32 - 0.07).collect(),
+            })
+        };
+        let relu = Epilogue { act: FusedAct::Relu, ..Epilogue::NONE };
+        let names = ["x", "wa", "ba", "h1", "wb", "bb", "h2", "wc", "bc", "y"];
+        let node = |name: &str, op: Op, i: [u32; 3], o: u32| Node {
+            name: name.into(),
+            op,
+            inputs: i.iter().map(|&v| Some(v)).collect(),
+            outputs: vec![o],
+        };
+        let a = Op::ConvStaticQ8 {
+            conv: conv(3, 1, 1),
+            post: relu,
+            scale: 0.011,
+            zero_point: -3,
+            out: requant(0.02, 5, 8),
+        };
+        let b = Op::ConvStaticQ8 {
+            conv: conv(3, 2, 8),
+            post: Epilogue::NONE,
+            scale: 0.017,
+            zero_point: 7,
+            out: requant(0.03, -2, 8),
+        };
+        let c =
+            Op::ConvStaticQ8 { conv: conv(1, 1, 1), post: Epilogue::NONE, scale: 0.023, zero_point: -11, out: None };
+        let io = |name: &str| IoSpec {
+            name: name.into(),
+            value: names.iter().position(|n| n == &name).unwrap() as u32,
+            dtype: DType::F32,
+            dims: None,
+        };
+        let graph = Graph {
+            values: names.iter().map(|n| ValueInfo { name: n.to_string() }).collect(),
+            nodes: vec![node("a", a, [0, 1, 2], 3), node("b", b, [3, 4, 5], 6), node("c", c, [6, 7, 8], 9)],
+            subgraphs: vec![],
+            inputs: vec![io("x")],
+            outputs: std::iter::once("y").chain(kept.iter().copied()).map(io).collect(),
+            constants: [1, 2, 4, 5, 7, 8]
+                .iter()
+                .enumerate()
+                .map(|(t, &v)| ConstBinding { value: v, tensor: t as u32 })
+                .collect(),
+        };
+        let shapes: [Vec<u64>; 6] = [vec![8, 4, 3, 3], vec![8], vec![8, 1, 3, 3], vec![8], vec![5, 8, 1, 1], vec![5]];
+        let tensors: Vec<TensorPayload<'_>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let n = s.iter().product::<u64>() as usize;
+                let v: Vec<f32> = crate::kernels::pseudo_random(n, 40 + i as u64).iter().map(|x| x * 0.4).collect();
+                TensorPayload {
+                    name: format!("t{i}"),
+                    dtype: DType::F32,
+                    shape: s.clone(),
+                    encoding: TensorEncoding::Dense,
+                    bytes: Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
+                }
+            })
+            .collect();
+        let bytes = model_bytes(graph, Provenance::default(), vec![], &tensors).unwrap();
+        Model::from_memory(bytes, &Default::default()).unwrap()
+    }
+
+    /// Each step's chain, in order.
+    fn chains(m: &Model, x: &Tensor) -> Vec<ops::Chain> {
+        let plan = Plan::build(m, &[x.view()], 1, &Dependence::default(), None, &PlanMode::default())
+            .unwrap_or_else(|_| panic!("plan"));
+        plan.steps
+            .iter()
+            .map(|s| match &s.op {
+                StepOp::Chained(_, c) => *c,
+                _ => ops::Chain::default(),
+            })
+            .collect()
+    }
+
+    /// Static convolutions in a row write their reader's grid and the reader takes its input as
+    /// it is, only where nothing else reads the value (a model output keeps it off), and the
+    /// output is the same, bit for bit, as every convolution quantizing its own input.
+    #[test]
+    fn static_convolutions_in_a_row_share_their_grid() {
+        let x = Tensor::from_f32(vec![1, 4, 9, 37], crate::kernels::pseudo_random(4 * 9 * 37, 3));
+        let grid = |scale: f32, zero: i32| Some(crate::kernels::conv::StaticInput { scale, zero });
+        let on = |snap| ops::Chain { on_grid: true, snap };
+        let all = chain_model(&[]);
+        let want = vec![ops::Chain { on_grid: false, snap: grid(0.017, 7) }, on(grid(0.023, -11)), on(None)];
+        assert_eq!(chains(&all, &x), want);
+        let kept_h1 = chain_model(&["h1"]);
+        assert_eq!(
+            chains(&kept_h1, &x),
+            [ops::Chain::default(), ops::Chain { on_grid: false, snap: grid(0.023, -11) }, on(None)]
+        );
+        let none = chain_model(&["h1", "h2"]);
+        assert_eq!(chains(&none, &x), [ops::Chain::default(); 3]);
+        let run = |m: &Model| m.session().commit().unwrap().run(&[("x", &x)]).unwrap().into_vec().remove(0);
+        let (y, y1, y0) = (run(&all), run(&kept_h1), run(&none));
+        let bits = |t: &Tensor| t.as_f32().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&y), bits(&y0));
+        assert_eq!(bits(&y1), bits(&y0));
+        assert!(y0.as_f32().unwrap().iter().any(|&v| v != 0.0));
     }
 }
