@@ -1532,9 +1532,14 @@ fn quantize_input(g: &Geo, ph: &Phases, cg: usize, x: &[f32], codes: Codes, q: &
                 Codes::Scaled { inv, off, lo } => {
                     lay_out(g, ph, r.len(), src, dst, pad, |v| super::math::round_to_i8_from(v * inv + off, lo))
                 }
-                Codes::Static { scale, zero } => lay_out(g, ph, r.len(), src, dst, pad, |v| {
-                    super::math::quantize_code(v, scale, zero as f32, -128.0, 127.0) as i8
-                }),
+                Codes::Static { scale, zero } => {
+                    let grid = Grid::new(scale, zero as f32, -128.0, 127.0);
+                    if super::math::fused_multiply_add() {
+                        lay_out(g, ph, r.len(), src, dst, pad, |v| grid.code(v, zero, true))
+                    } else {
+                        lay_out(g, ph, r.len(), src, dst, pad, |v| grid.code(v, zero, false))
+                    }
+                }
             }
         });
     }

@@ -252,6 +252,24 @@ impl Grid {
         ((at_most(at_least(t, self.lo), self.hi) + MAGIC) - MAGIC) * self.scale
     }
 
+    /// [`quantize_code`]'s int8 code of `v` (a grid made with the int8 range and the integer
+    /// `zero`), the quotient as [`Grid::snap_fused`] takes it where `fused`, else by division.
+    #[inline(always)]
+    pub fn code(&self, v: f32, zero: i32, fused: bool) -> i8 {
+        const MAGIC: f32 = 12_582_912.0;
+        let t = if fused { self.quotient_fused(v) } else { v / self.scale };
+        // The rounded shifted code's low byte plus the zero point's: the code, in two's complement.
+        ((at_most(at_least(t, self.lo), self.hi) + MAGIC).to_bits() as u8).wrapping_add(zero as u8) as i8
+    }
+
+    /// `v / scale` by [`Grid::snap_fused`]'s correction step, held where the code range holds it.
+    #[inline(always)]
+    fn quotient_fused(&self, v: f32) -> f32 {
+        let q = at_most(at_least(v * self.inv, self.lo), self.hi);
+        let r = (-q).mul_add(self.scale, v);
+        r.mul_add(self.inv, q)
+    }
+
     /// [`dequantized`] of `v`, the quotient by division.
     #[inline(always)]
     pub fn snap(&self, v: f32) -> f32 {
@@ -267,9 +285,7 @@ impl Grid {
     /// Only where `mul_add` is an instruction (see [`fused_multiply_add`]).
     #[inline(always)]
     pub fn snap_fused(&self, v: f32) -> f32 {
-        let q = at_most(at_least(v * self.inv, self.lo), self.hi);
-        let r = (-q).mul_add(self.scale, v);
-        self.value(r.mul_add(self.inv, q))
+        self.value(self.quotient_fused(v))
     }
 }
 
@@ -744,7 +760,8 @@ multiversion! {
 mod tests {
     use super::*;
 
-    /// [`Grid::snap`] and [`Grid::snap_fused`] give [`dequantized`]'s value bit for bit: on
+    /// [`Grid::snap`] and [`Grid::snap_fused`] give [`dequantized`]'s value bit for bit (and
+    /// [`Grid::code`] [`quantize_code`]'s int8 code): on
     /// values a few ulps around every half step of the grid (where a quotient one ulp off would
     /// round the other way), on random bit patterns (subnormals, huge values, infinities, NaN)
     /// and on the signed zeros, for int8 and uint8 ranges, zero points at both ends and in
@@ -776,6 +793,12 @@ mod tests {
                         want.to_bits(),
                         "{how}: {v:e} at scale {scale:e}, zero {zero}: {got} vs {want}"
                     );
+                }
+                if lo == -128.0 {
+                    let code = quantize_code(v, scale, zero, lo, hi) as i8;
+                    for fused in [false, true] {
+                        assert_eq!(g.code(v, zero as i32, fused), code, "code of {v:e} at {scale:e}, zero {zero}");
+                    }
                 }
             };
             specials.iter().for_each(|&v| check(v));
