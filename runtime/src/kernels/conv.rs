@@ -480,9 +480,9 @@ fn tap_offsets(g: &Geo, ph: &Phases, cg: usize, offs: &mut Vec<usize>) {
 /// at stride `ldw ≥ cg·kh·kw`). The input is laid out once ([`Phases`]: padded, split by stride
 /// phase; a 1×1 stride-1 convolution reads it in place), so that every tap's `im2col` row is a
 /// contiguous run of it; a static `input` is quantized and dequantized on the way (the padding
-/// stays 0, the value of the zero point's code). Where the kernels have an indirect tile, the GEMM reads those runs
-/// where they lie (B row `p` at tap `p`'s offset: no `im2col` copy at all); otherwise each
-/// block's runs are copied into the GEMM's panels. The output is made in blocks of columns
+/// stays 0, the value of the zero point's code). Where the kernels have an indirect tile, the
+/// GEMM reads those runs where they lie (B row `p` at tap `p`'s offset: no `im2col` copy at
+/// all); otherwise each block's runs are copied into the GEMM's panels. The output is made in blocks of columns
 /// small enough that a block's GEMM and its epilogue stay in cache, written straight into `out`
 /// when the grid has no dropped columns. Blocks are spread over `threads`; `scratch` is grown
 /// to what they need.
@@ -752,9 +752,8 @@ pub fn depthwise_scratch(g: &Geo) -> usize {
 /// `o` of `out` (`channels` planes of `oh·ow`, batch-major) reads input channel
 /// `(o / mult)` of its batch item in `x` (planes of `h·w`, `channels / mult` per item) through
 /// taps `w[o]` (`kh·kw`), then `post`; a static `input` is quantized and dequantized as it is
-/// laid out. Each channel is laid out once ([`DwPlane`]), then
-/// computed in register tiles ([`super::DwTileFn`]) with no bounds checks. Channels are spread
-/// over `threads`.
+/// laid out. Each channel is laid out once ([`DwPlane`]), then computed in register tiles
+/// ([`super::DwTileFn`]) with no bounds checks. Channels are spread over `threads`.
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise(
     g: &Geo,
