@@ -348,7 +348,7 @@ unsafe fn write_block(
 ) {
     let Epilogue { act, scale, shift } = post.ep;
     let affine = scale != 1.0 || shift != 0.0;
-    if post.requantizes() || matches!(act, FusedAct::Sigmoid | FusedAct::Swish) {
+    if post.beyond_epilogue() || matches!(act, FusedAct::Sigmoid | FusedAct::Swish) {
         // The whole post in place ([`finish`]: the vector kernels), then a plain copy.
         for (mi, row) in acc.chunks_exact_mut(len).enumerate() {
             finish(row, bias.map_or(0.0, |b| b[mi]), post.channel(mi));
@@ -1147,8 +1147,8 @@ impl<'a> Post<'a> {
         }
     }
 
-    /// Whether it is more than the epilogue.
-    fn requantizes(&self) -> bool {
+    /// Whether it does more than the epilogue (a requantization or a snap).
+    fn beyond_epilogue(&self) -> bool {
         self.requant.is_some() || self.snap.is_some()
     }
 }

@@ -337,16 +337,6 @@ multiversion! {
 }
 
 multiversion! {
-    /// [`quantize_dequantize`] in place, times `mul`: `v ← (clamp(round_half_even(v / scale) +
-    /// zero, lo, hi) − zero) · scale · mul` (a requantized output and the affine after it).
-    fn requantize_scaled(v: &mut [f32], scale: f32, zero: f32, lo: f32, hi: f32, mul: f32) {
-        for o in v.iter_mut() {
-            *o = (code_value(*o, scale, zero, lo, hi) - zero) * scale * mul;
-        }
-    }
-}
-
-multiversion! {
     /// A static quantization's codes times their scale (zero point not subtracted):
     /// `clamp(round_half_even(x / scale) + zero, −128, 127) · scale` — what a product on
     /// static activations multiplies when it runs in f32 (the zero point's share is in its bias).
