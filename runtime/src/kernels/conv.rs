@@ -855,7 +855,7 @@ fn depthwise_plane(
     x: &[f32],
     taps: &[f32],
     bias: f32,
-    post: ChannelPost,
+    post: ChannelPost<'_>,
     out: &mut [f32],
 ) {
     match tile {
@@ -876,7 +876,7 @@ fn dw_tiles(
     x: &[f32],
     taps: &[f32],
     bias: f32,
-    post: ChannelPost,
+    post: ChannelPost<'_>,
     out: &mut [f32],
     t: super::DwTile,
 ) {
@@ -1099,6 +1099,36 @@ pub struct Requant<'a> {
     /// The affine after the pair: one value for every channel, or one per channel.
     pub mul: &'a [f32],
     pub add: &'a [f32],
+    /// Empty, or [`CODES`] values per output channel from [`requant_tables`]: what everything
+    /// after the rounding makes of each code, looked up instead of computed.
+    pub table: &'a [f32],
+}
+
+/// Entries of a channel's table in [`Requant::table`]: one per code of an 8-bit grid.
+pub const CODES: usize = 256;
+
+/// Fills `tables` ([`CODES`] per channel, `channels` of them) with what `post` makes of each
+/// code of its output grid: the code's value through [`requantize_epilogue`] itself (bit for bit
+/// what the direct path gives every input that rounds to that code; the snap of a grid value is
+/// that value). Worth it where a channel has several times [`CODES`] outputs: one 256-entry pass,
+/// then one rounding and one load per output instead of the affine, the activation and the
+/// readers' rounding. False (nothing written) for a post without a requantization or with a grid
+/// of more codes.
+pub fn requant_tables(post: Post<'_>, channels: usize, tables: &mut [f32]) -> bool {
+    let Some(r) = post.requant else { return false };
+    if tables.len() < channels * CODES || Grid::new(r.q.0, r.q.1, r.q.2, r.q.3).codes() > CODES {
+        return false;
+    }
+    for (c, t) in tables.chunks_exact_mut(CODES).take(channels).enumerate() {
+        let Some((g, mul, add)) = post.channel(c).requant else { return false };
+        let n = g.codes();
+        for (i, v) in t[..n].iter_mut().enumerate() {
+            *v = g.code_value(i);
+        }
+        requantize_epilogue(&mut t[..n], 0.0, g, mul, add, post.ep, post.snap);
+        t[n..].fill(0.0);
+    }
+    true
 }
 
 /// What a convolution applies to each output channel after its sums and bias: a static
@@ -1122,9 +1152,11 @@ impl From<Epilogue> for Post<'_> {
 
 /// [`Post`] of one output channel.
 #[derive(Clone, Copy, Debug)]
-pub struct ChannelPost {
+pub struct ChannelPost<'a> {
     /// The requantization and the affine's `mul`, `add`.
     requant: Option<(Grid, f32, f32)>,
+    /// The channel's [`CODES`] values of [`Requant::table`], if it has them.
+    table: Option<&'a [f32; CODES]>,
     ep: Epilogue,
     snap: Option<Grid>,
 }
@@ -1133,15 +1165,20 @@ impl<'a> Post<'a> {
     /// The post of channels `c0..` (one group's): per-channel values from `c0` on.
     pub fn from_channel(self, c0: usize) -> Post<'a> {
         let skip = |v: &'a [f32]| if v.len() > 1 { v.get(c0..).unwrap_or(&[]) } else { v };
-        Post { requant: self.requant.map(|r| Requant { mul: skip(r.mul), add: skip(r.add), ..r }), ..self }
+        let table = |t: &'a [f32]| t.get(c0 * CODES..).unwrap_or(&[]);
+        Post {
+            requant: self.requant.map(|r| Requant { mul: skip(r.mul), add: skip(r.add), table: table(r.table), ..r }),
+            ..self
+        }
     }
 
     /// Output channel `c`'s post.
-    pub fn channel(&self, c: usize) -> ChannelPost {
+    pub fn channel(&self, c: usize) -> ChannelPost<'a> {
         let at = |v: &[f32], d: f32| v.get(if v.len() == 1 { 0 } else { c }).copied().unwrap_or(d);
         let grid = |(s, z, lo, hi): (f32, f32, f32, f32)| Grid::new(s, z, lo, hi);
         ChannelPost {
             requant: self.requant.map(|r| (grid(r.q), at(r.mul, 1.0), at(r.add, 0.0))),
+            table: self.requant.and_then(|r| r.table.get(c * CODES..(c + 1) * CODES)?.try_into().ok()),
             ep: self.ep,
             snap: self.snap,
         }
@@ -1154,15 +1191,40 @@ impl<'a> Post<'a> {
 }
 
 /// One output channel's bias, then its [`ChannelPost`], in place.
-pub fn finish(out: &mut [f32], bias: f32, p: ChannelPost) {
-    match p.requant {
-        None => {
+pub fn finish(out: &mut [f32], bias: f32, p: ChannelPost<'_>) {
+    match (p.requant, p.table) {
+        (Some((g, _, _)), Some(t)) => lookup(out, bias, g, t),
+        (None, _) => {
             epilogue(out, bias, p.ep);
             if let Some(s) = p.snap {
                 snap_in_place(out, s);
             }
         }
-        Some((g, mul, add)) => requantize_epilogue(out, bias, g, mul, add, p.ep, p.snap),
+        (Some((g, mul, add)), None) => requantize_epilogue(out, bias, g, mul, add, p.ep, p.snap),
+    }
+}
+
+/// `v ↦ table[index of the code v + bias rounds to on g]`, in place: [`requantize_epilogue`]'s
+/// result through a channel's [`requant_tables`] entry.
+fn lookup(out: &mut [f32], bias: f32, g: Grid, table: &[f32; CODES]) {
+    multiversion! {
+        fn run(out: &mut [f32], bias: f32, g: Grid, table: &[f32; CODES], fused: bool) {
+            if fused {
+                out.iter_mut().for_each(|v| *v = table[g.index(*v + bias, true)]);
+            } else {
+                out.iter_mut().for_each(|v| *v = table[g.index(*v + bias, false)]);
+            }
+        }
+    }
+    match width() {
+        // SAFETY: `width()` reports a set only when `selected()` chose it, which requires the
+        // CPU to support its features.
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx2 => unsafe { super::x86::lookup_avx2(out, bias, &g, table) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx512 => unsafe { super::x86::lookup_avx512(out, bias, &g, table) },
+        _ => run(out, bias, g, table, super::math::fused_multiply_add()),
     }
 }
 
@@ -1996,6 +2058,117 @@ mod tests {
             gather4(&mut out, &[1.0; 4], [&[0, 4], &[0, 0], &[0, 0], &[0, 0]], [&[1.0; 2]; 4]);
         });
         assert!(bad.is_err(), "a position past the plane is refused");
+    }
+
+    /// A static convolution's requantization looked up in its [`requant_tables`] entry gives
+    /// the direct path's values bit for bit: uint8 and int8 grids with zero points inside and at
+    /// the ends, values past both ends, NaN and infinities, every activation, with and without
+    /// the affine after the activation and the readers' snap, at lengths around the vector
+    /// widths — through [`finish`] at the selected level, and the x86 gathers this CPU runs
+    /// against the scalar index.
+    #[test]
+    fn requantization_tables_equal_the_direct_path() {
+        let acts = [
+            FusedAct::Identity,
+            FusedAct::Relu,
+            FusedAct::Clip { min: -0.5, max: 0.75 },
+            FusedAct::LeakyRelu { alpha: 0.1 },
+            FusedAct::HardSigmoid { alpha: 0.2, beta: 0.5 },
+            FusedAct::HardSwish,
+            FusedAct::Sigmoid,
+            FusedAct::Swish,
+            FusedAct::LeakyReluClip { alpha: 0.2, min: -0.4, max: 0.6 },
+        ];
+        let grids = [
+            (0.05f32, 9.0f32, 0.0f32, 255.0f32),
+            (0.013, 0.0, -128.0, 127.0),
+            (0.2, -128.0, -128.0, 127.0),
+            (0.007, 255.0, 0.0, 255.0),
+        ];
+        let (mul, add) = ([0.5f32, 1.0, -1.3], [0.0f32, 0.25, -0.1]);
+        for (k, &act) in acts.iter().enumerate() {
+            for (gi, &q) in grids.iter().enumerate() {
+                let snap = (gi % 2 == 1).then(|| Grid::new(0.021, -3.0, -128.0, 127.0));
+                let ep = Epilogue {
+                    act,
+                    scale: if k % 2 == 0 { 1.0 } else { 0.75 },
+                    shift: if k % 3 == 0 { 0.0 } else { 0.1 },
+                };
+                let post = Post { requant: Some(Requant { q, mul: &mul, add: &add, table: &[] }), ep, snap };
+                let mut tables = vec![f32::NAN; 3 * CODES];
+                assert!(requant_tables(post, 3, &mut tables));
+                let looked = Post { requant: Some(Requant { table: &tables, ..post.requant.unwrap() }), ..post };
+                for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 33, 100, 259] {
+                    let mut x: Vec<f32> =
+                        crate::kernels::pseudo_random(n, 40 + n as u64).iter().map(|v| v * q.0 * 180.0).collect();
+                    // Every other value within an ulp or two of a half step (after the bias).
+                    for (j, v) in x.iter_mut().enumerate().filter(|(j, _)| j % 2 == 0) {
+                        let half = ((j * 37 % 300) as f32 - 150.0 + 0.5) * q.0 - 0.3;
+                        *v = f32::from_bits((half.to_bits() as i32 + (j as i32 % 5 - 2)) as u32);
+                    }
+                    for (j, s) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0].into_iter().enumerate() {
+                        if let Some(v) = x.get_mut(3 * j + 1) {
+                            *v = s;
+                        }
+                    }
+                    for c in 0..3 {
+                        let (mut direct, mut table) = (x.clone(), x.clone());
+                        finish(&mut direct, 0.3, post.channel(c));
+                        finish(&mut table, 0.3, looked.channel(c));
+                        for (j, (d, t)) in direct.iter().zip(&table).enumerate() {
+                            assert_eq!(
+                                d.to_bits(),
+                                t.to_bits(),
+                                "{act:?}, grid {gi}, n {n}, channel {c}, x[{j}] = {}: {d} vs {t}",
+                                x[j]
+                            );
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            let g = post.channel(c).requant.unwrap().0;
+                            let t: &[f32; CODES] = tables[c * CODES..][..CODES].try_into().unwrap();
+                            let want: Vec<f32> = x.iter().map(|v| t[g.index(v + 0.3, true)]).collect();
+                            type Lookup = unsafe fn(&mut [f32], f32, &Grid, &[f32; CODES]);
+                            let kernels: [(&str, bool, Lookup); 2] = [
+                                (
+                                    "avx2",
+                                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                                    super::super::x86::lookup_avx2,
+                                ),
+                                (
+                                    "avx512",
+                                    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"),
+                                    super::super::x86::lookup_avx512,
+                                ),
+                            ];
+                            for (name, ok, f) in kernels {
+                                if !ok {
+                                    continue;
+                                }
+                                let mut got = x.clone();
+                                // SAFETY: the CPU has the features (checked above).
+                                unsafe { f(&mut got, 0.3, &g, t) };
+                                for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                                    assert_eq!(
+                                        a.to_bits(),
+                                        b.to_bits(),
+                                        "{name}: n {n}, x[{j}] = {}: {a} vs {b}",
+                                        x[j]
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // A grid of more codes than a table holds: no tables.
+        let wide = Post {
+            requant: Some(Requant { q: (0.1, 0.0, -128.0, 255.0), mul: &[1.0], add: &[0.0], table: &[] }),
+            ep: Epilogue::NONE,
+            snap: None,
+        };
+        assert!(!requant_tables(wide, 1, &mut vec![0.0; CODES]));
     }
 
     /// A static input (a QDQ model's `QuantizeLinear`, per tensor): the int8 convolution equals

@@ -270,6 +270,34 @@ impl Grid {
         r.mul_add(self.inv, q)
     }
 
+    /// Scale, its reciprocal, and the lowest and highest code minus the zero point (for the
+    /// vector kernels that restate [`Grid::index`]).
+    pub(crate) fn parts(&self) -> (f32, f32, f32, f32) {
+        (self.scale, self.inv, self.lo, self.hi)
+    }
+
+    /// How many codes the grid has (`hi − lo + 1`).
+    pub fn codes(&self) -> usize {
+        (self.hi - self.lo) as usize + 1
+    }
+
+    /// The value of the grid's `i`-th code from the lowest: what [`Grid::snap`] gives for every
+    /// input that rounds to that code (the same product, bit for bit).
+    pub fn code_value(&self, i: usize) -> f32 {
+        (self.lo + i as f32) * self.scale
+    }
+
+    /// The index from the lowest code of the code `v` rounds to (by [`Grid::snap_fused`]'s
+    /// quotient where `fused`, else by division): `snap(v) == code_value(index(v))`, the rounded
+    /// code read from the low bits of the rounding sum, with no conversion.
+    #[inline(always)]
+    pub fn index(&self, v: f32, fused: bool) -> usize {
+        const MAGIC: f32 = 12_582_912.0;
+        let t = if fused { self.quotient_fused(v) } else { v / self.scale };
+        let low = (self.lo + MAGIC).to_bits();
+        ((at_most(at_least(t, self.lo), self.hi) + MAGIC).to_bits().wrapping_sub(low) & 0xff) as usize
+    }
+
     /// [`dequantized`] of `v`, the quotient by division.
     #[inline(always)]
     pub fn snap(&self, v: f32) -> f32 {
@@ -782,6 +810,16 @@ mod tests {
                         got.to_bits(),
                         want.to_bits(),
                         "{how}: {v:e} at scale {scale:e}, zero {zero}: {got} vs {want}"
+                    );
+                }
+                for fused in [false, true] {
+                    let i = g.index(v, fused);
+                    assert!(i < g.codes(), "index {i} of {v:e} past the grid's {} codes", g.codes());
+                    let got = g.code_value(i);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "index (fused {fused}): {v:e} at {scale:e}: {got} vs {want}"
                     );
                 }
                 if lo == -128.0 {

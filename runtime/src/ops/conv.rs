@@ -376,7 +376,7 @@ pub(super) fn run_static(
                 }
             }
             let q = (r.scale, r.zero_point as f32, lo as f32, hi as f32);
-            Some(conv::Requant { q, mul: &r.mul, add: &r.add })
+            Some(conv::Requant { q, mul: &r.mul, add: &r.add, table: &[] })
         }
     };
     let fail = |e: crate::kernels::quant::QuantError| crate::error::OpError::Failed(format!("ConvStaticQ8: {}", e.0));
@@ -389,7 +389,35 @@ pub(super) fn run_static(
     // still take its codes).
     let dense = matches!(inputs.get(1), Some(Some(w)) if w.encoding == TensorEncoding::Dense);
     let input = if chain.on_grid && dense { None } else { Some(input) };
-    run(a, Post { requant, ep: post, snap }, input, inputs, outputs, ctx)
+    let post = Post { requant, ep: post, snap };
+    // Channels of many outputs: what follows the rounding looked up per code (one table pass
+    // per channel instead of the affine, activation and readers' rounding per output).
+    let shape = outputs.first().map_or(&[][..], |o| o.shape);
+    let m = shape.get(1).copied().unwrap_or(1).max(1);
+    let per_channel = shape.iter().product::<usize>() / m;
+    if requant.is_none() || per_channel < TABLE_FROM {
+        return run(a, post, input, inputs, outputs, ctx);
+    }
+    let mut tables = TABLES.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    tables.resize(m * conv::CODES, 0.0);
+    let r = if conv::requant_tables(post, m, &mut tables) {
+        let requant = requant.map(|r| conv::Requant { table: &tables, ..r });
+        run(a, Post { requant, ..post }, input, inputs, outputs, ctx)
+    } else {
+        run(a, post, input, inputs, outputs, ctx)
+    };
+    TABLES.with(|c| *c.borrow_mut() = tables);
+    r
+}
+
+/// Outputs per channel from which a static convolution's requantization is looked up in
+/// [`conv::requant_tables`] (4× a table's entries: below that, building the table costs a
+/// noticeable share of computing the outputs directly).
+const TABLE_FROM: usize = 4 * conv::CODES;
+
+thread_local! {
+    /// [`run_static`]'s tables, kept between calls (taken out for a call, as `DEQUANTIZED`).
+    static TABLES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A convolution on f32 weights; on a static `input`, its values quantized and dequantized

@@ -1021,6 +1021,11 @@ fn static_input_convolutions_follow_their_definition() {
         (2, 16, 5, 9, 24, 1, 1, [1, 1], [0, 0, 0, 0], 1),
         (1, 6, 5, 37, 6, 3, 3, [1, 1], [1, 1, 1, 1], 6),
         (1, 4, 7, 70, 4, 3, 3, [2, 2], [1, 1, 1, 1], 4),
+        // planes of more than 1024 outputs: the requantization looked up per code (GEMM,
+        // grouped, depthwise)
+        (1, 3, 33, 33, 5, 3, 3, [1, 1], [1, 1, 1, 1], 1),
+        (1, 4, 32, 40, 6, 3, 3, [1, 1], [1, 1, 1, 1], 2),
+        (1, 4, 32, 33, 4, 3, 3, [1, 1], [1, 1, 1, 1], 4),
     ];
     for (i, &(n, c, h, w, m, kh, kw, stride, pads, group)) in cases.iter().enumerate() {
         let cg = c / group;
