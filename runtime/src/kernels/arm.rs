@@ -189,3 +189,45 @@ unsafe fn dw_reuse_neon<const R: usize, const KH: usize, const SH: usize>(
 }
 
 tile_entries!(tile_neon, sgemm_8x12_neon, sgemm_8x12_neon_rm, sgemm_8x12_neon_ind, [1, 2, 3, 4, 5, 6, 7], 8);
+
+/// `out[i] = table[index of out[i] + bias on the grid]`: the conv epilogue's lookup
+/// ([`crate::kernels::conv::requant_tables`]), 4 lanes: the index by
+/// [`crate::kernels::math::Grid::index`]'s operations in its order (compare-and-selects for its
+/// bounds, `fmls` / `fmla` for its two multiply-adds), then one load per lane (NEON has no
+/// gather); the tail by the scalar index.
+///
+/// # Safety
+/// None beyond NEON, which every aarch64 CPU has (`unsafe` for the intrinsics).
+#[target_feature(enable = "neon")]
+pub unsafe fn lookup_neon(out: &mut [f32], bias: f32, g: &crate::kernels::math::Grid, table: &[f32; 256]) {
+    const MAGIC: f32 = 12_582_912.0;
+    let (scale, inv, lo, hi) = g.parts();
+    let (s, r, l, h) = (vdupq_n_f32(scale), vdupq_n_f32(inv), vdupq_n_f32(lo), vdupq_n_f32(hi));
+    let (magic, low, mask) = (vdupq_n_f32(MAGIC), vdupq_n_u32((lo + MAGIC).to_bits()), vdupq_n_u32(0xff));
+    let b = vdupq_n_f32(bias);
+    // at_most(at_least(t, lo), hi): NaN fails both comparisons and reads as `lo`.
+    let held = |t: float32x4_t| {
+        let t = vbslq_f32(vcgtq_f32(t, l), t, l);
+        vbslq_f32(vcltq_f32(t, h), t, h)
+    };
+    let mut chunks = out.chunks_exact_mut(4);
+    for c in &mut chunks {
+        let p = c.as_mut_ptr();
+        // SAFETY: `p` is 4 floats of `out`.
+        let v = vaddq_f32(unsafe { vld1q_f32(p) }, b);
+        let q = held(vmulq_f32(v, r));
+        let t = held(vfmaq_f32(q, vfmsq_f32(v, q, s), r));
+        let i = vandq_u32(vsubq_u32(vreinterpretq_u32_f32(vaddq_f32(t, magic)), low), mask);
+        let y = [
+            table[vgetq_lane_u32::<0>(i) as usize & 0xff],
+            table[vgetq_lane_u32::<1>(i) as usize & 0xff],
+            table[vgetq_lane_u32::<2>(i) as usize & 0xff],
+            table[vgetq_lane_u32::<3>(i) as usize & 0xff],
+        ];
+        // SAFETY: as above.
+        unsafe { vst1q_f32(p, vld1q_f32(y.as_ptr())) };
+    }
+    for v in chunks.into_remainder() {
+        *v = table[g.index(*v + bias, true)];
+    }
+}

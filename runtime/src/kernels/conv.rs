@@ -1208,6 +1208,8 @@ pub fn finish(out: &mut [f32], bias: f32, p: ChannelPost<'_>) {
 /// result through a channel's [`requant_tables`] entry.
 fn lookup(out: &mut [f32], bias: f32, g: Grid, table: &[f32; CODES]) {
     multiversion! {
+        // (aarch64 runs `arm::lookup_neon` instead)
+        #[cfg_attr(target_arch = "aarch64", allow(dead_code))]
         fn run(out: &mut [f32], bias: f32, g: Grid, table: &[f32; CODES], fused: bool) {
             if fused {
                 out.iter_mut().for_each(|v| *v = table[g.index(*v + bias, true)]);
@@ -1224,6 +1226,10 @@ fn lookup(out: &mut [f32], bias: f32, g: Grid, table: &[f32; CODES]) {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Width::Avx512 => unsafe { super::x86::lookup_avx512(out, bias, &g, table) },
+        // SAFETY: NEON is part of every aarch64 CPU.
+        #[cfg(target_arch = "aarch64")]
+        _ => unsafe { super::arm::lookup_neon(out, bias, &g, table) },
+        #[cfg(not(target_arch = "aarch64"))]
         _ => run(out, bias, g, table, super::math::fused_multiply_add()),
     }
 }
