@@ -1107,6 +1107,31 @@ pub struct Requant<'a> {
 /// Entries of a channel's table in [`Requant::table`]: one per code of an 8-bit grid.
 pub const CODES: usize = 256;
 
+/// Whether looking `post` up in [`requant_tables`] beats computing it, for channels of
+/// `per_channel` outputs. The lookup costs its index (the rounding's eight operations) and a
+/// gather (`vpgatherdd`, about as dear at 16 lanes as at 8) or a load per lane (NEON); the table
+/// a pass of the direct path over 256 codes per channel. Measured per output on Sapphire Rapids
+/// (channels of 4608 outputs; direct / looked up, ns): AVX2 — a rounding alone 0.29 / 0.57, with
+/// the readers' rounding 0.66 / 0.57, HardSwish and the readers' rounding 0.95 / 0.60, Sigmoid
+/// or Swish 1.29–1.55 / 0.61–0.64; AVX-512 — 0.26 / 0.61, 0.34 / 0.44, 0.48 / 0.44, 0.69–0.85 /
+/// 0.45–0.47. So: the exponential activations everywhere, a second rounding after a
+/// HardSwish / HardSigmoid everywhere, any second rounding at 8 lanes or fewer — on channels
+/// large enough for the table pass to be a small share.
+pub fn tables_pay(post: &Post<'_>, per_channel: usize) -> bool {
+    let Some(r) = post.requant else { return false };
+    if Grid::new(r.q.0, r.q.1, r.q.2, r.q.3).codes() > CODES || per_channel < 8 * CODES {
+        return false;
+    }
+    // (16 lanes: a direct rounding costs half of 8 lanes', the gather about the same)
+    #[cfg(target_arch = "x86_64")]
+    let sixteen = matches!(width(), Width::Avx512);
+    #[cfg(not(target_arch = "x86_64"))]
+    let sixteen = false;
+    let act = post.ep.act;
+    matches!(act, FusedAct::Sigmoid | FusedAct::Swish)
+        || (post.snap.is_some() && (matches!(act, FusedAct::HardSwish | FusedAct::HardSigmoid { .. }) || !sixteen))
+}
+
 /// Fills `tables` ([`CODES`] per channel, `channels` of them) with what `post` makes of each
 /// code of its output grid: the code's value through [`requantize_epilogue`] itself (bit for bit
 /// what the direct path gives every input that rounds to that code; the snap of a grid value is
@@ -2168,6 +2193,14 @@ mod tests {
                 }
             }
         }
+        // Where the lookup pays: the exponential activations on large channels, not small ones,
+        // not without a requantization.
+        let sig = Epilogue { act: FusedAct::Sigmoid, ..Epilogue::NONE };
+        let rq = Requant { q: grids[0], mul: &mul, add: &add, table: &[] };
+        assert!(tables_pay(&Post { requant: Some(rq), ep: sig, snap: None }, 4096));
+        assert!(!tables_pay(&Post { requant: Some(rq), ep: sig, snap: None }, 300));
+        assert!(!tables_pay(&Post { requant: None, ep: sig, snap: None }, 4096));
+        assert!(!tables_pay(&Post { requant: Some(rq), ep: Epilogue::NONE, snap: None }, 4096));
         // A grid of more codes than a table holds: no tables.
         let wide = Post {
             requant: Some(Requant { q: (0.1, 0.0, -128.0, 255.0), mul: &[1.0], add: &[0.0], table: &[] }),
@@ -2175,6 +2208,7 @@ mod tests {
             snap: None,
         };
         assert!(!requant_tables(wide, 1, &mut vec![0.0; CODES]));
+        assert!(!tables_pay(&Post { ep: sig, ..wide }, 4096));
     }
 
     /// A static input (a QDQ model's `QuantizeLinear`, per tensor): the int8 convolution equals

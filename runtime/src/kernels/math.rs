@@ -272,6 +272,7 @@ impl Grid {
 
     /// Scale, its reciprocal, and the lowest and highest code minus the zero point (for the
     /// vector kernels that restate [`Grid::index`]).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     pub(crate) fn parts(&self) -> (f32, f32, f32, f32) {
         (self.scale, self.inv, self.lo, self.hi)
     }

@@ -390,12 +390,10 @@ pub(super) fn run_static(
     let dense = matches!(inputs.get(1), Some(Some(w)) if w.encoding == TensorEncoding::Dense);
     let input = if chain.on_grid && dense { None } else { Some(input) };
     let post = Post { requant, ep: post, snap };
-    // Channels of many outputs: what follows the rounding looked up per code (one table pass
-    // per channel instead of the affine, activation and readers' rounding per output).
     let shape = outputs.first().map_or(&[][..], |o| o.shape);
     let m = shape.get(1).copied().unwrap_or(1).max(1);
     let per_channel = shape.iter().product::<usize>() / m;
-    if requant.is_none() || per_channel < TABLE_FROM {
+    if !conv::tables_pay(&post, per_channel) {
         return run(a, post, input, inputs, outputs, ctx);
     }
     let mut tables = TABLES.with(|c| std::mem::take(&mut *c.borrow_mut()));
@@ -409,11 +407,6 @@ pub(super) fn run_static(
     TABLES.with(|c| *c.borrow_mut() = tables);
     r
 }
-
-/// Outputs per channel from which a static convolution's requantization is looked up in
-/// [`conv::requant_tables`] (4× a table's entries: below that, building the table costs a
-/// noticeable share of computing the outputs directly).
-const TABLE_FROM: usize = 4 * conv::CODES;
 
 thread_local! {
     /// [`run_static`]'s tables, kept between calls (taken out for a call, as `DEQUANTIZED`).

@@ -1004,8 +1004,9 @@ fn batched_q8_convolutions_fold_into_one_product() {
 /// `ConvStaticQ8` computes `post(Conv(dq(q(x)), W) + B)` with the model's `QuantizeLinear`
 /// (`clamp(round_half_even(x / scale) + zero, −128, 127)`) on every path: f32 weights (grouped,
 /// 1×1 and depthwise too: the input quantized as the kernels lay it out), q8 rows on the int8 kernels (one image; a batch folded into one int8
-/// product; few rows folded in f32; one input channel read in place), with a fused ReLU and zero
-/// points of either sign. A scale that is not a quantization is an error.
+/// product; few rows folded in f32; one input channel read in place), with a fused ReLU (a
+/// Swish on the large planes, whose requantization is looked up per code) and zero points of
+/// either sign. A scale that is not a quantization is an error.
 #[test]
 fn static_input_convolutions_follow_their_definition() {
     // (N, C, H, W, M, kh, kw, stride, pads [t, l, b, r], group)
@@ -1021,11 +1022,11 @@ fn static_input_convolutions_follow_their_definition() {
         (2, 16, 5, 9, 24, 1, 1, [1, 1], [0, 0, 0, 0], 1),
         (1, 6, 5, 37, 6, 3, 3, [1, 1], [1, 1, 1, 1], 6),
         (1, 4, 7, 70, 4, 3, 3, [2, 2], [1, 1, 1, 1], 4),
-        // planes of more than 1024 outputs: the requantization looked up per code (GEMM,
-        // grouped, depthwise)
-        (1, 3, 33, 33, 5, 3, 3, [1, 1], [1, 1, 1, 1], 1),
-        (1, 4, 32, 40, 6, 3, 3, [1, 1], [1, 1, 1, 1], 2),
-        (1, 4, 32, 33, 4, 3, 3, [1, 1], [1, 1, 1, 1], 4),
+        // planes of more than 2048 outputs with a Swish: the requantization looked up per code
+        // (GEMM, grouped, depthwise)
+        (1, 3, 48, 48, 5, 3, 3, [1, 1], [1, 1, 1, 1], 1),
+        (1, 4, 46, 50, 6, 3, 3, [1, 1], [1, 1, 1, 1], 2),
+        (1, 4, 45, 47, 4, 3, 3, [1, 1], [1, 1, 1, 1], 4),
     ];
     for (i, &(n, c, h, w, m, kh, kw, stride, pads, group)) in cases.iter().enumerate() {
         let cg = c / group;
@@ -1041,7 +1042,9 @@ fn static_input_convolutions_follow_their_definition() {
             group: group as i64,
             auto_pad: AutoPad::NotSet,
         };
-        let post = Epilogue { act: FusedAct::Relu, ..Epilogue::NONE };
+        // (Swish on the planes of more than 2048 outputs: a requantization looked up)
+        let act = if h * w > 2048 { FusedAct::Swish } else { FusedAct::Relu };
+        let post = Epilogue { act, ..Epilogue::NONE };
         // q8 rows (ungrouped cases only) and the values they hold.
         let rows = Q8Rows::new(&wt, m, k);
         let (qview, decoded) = (rows.view(), &rows.decoded);
@@ -1077,7 +1080,7 @@ fn static_input_convolutions_follow_their_definition() {
                             let q = ((*v / r.scale).round_ties_even() as i32 + r.zero_point).clamp(r.lo, r.hi);
                             *v = (q - r.zero_point) as f32 * r.scale * r.mul[ch] + r.add[ch];
                         }
-                        *v = v.max(0.0);
+                        *v = crate::kernels::conv::act_scalar(act, *v);
                     }
                     let top = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
                     // A requantized output may land one step away where the sums round a tie
