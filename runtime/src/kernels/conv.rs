@@ -1375,7 +1375,9 @@ pub fn act_scalar(act: FusedAct, v: f32) -> f32 {
             }
         }
         FusedAct::HardSigmoid { alpha, beta } => (v * alpha + beta).clamp(0.0, 1.0),
-        FusedAct::HardSwish => v * ((v + 3.0).clamp(0.0, 6.0) / 6.0),
+        // ONNX's HardSwish, `x · max(0, min(1, x/6 + 1/2))` with its `alpha` 1/6 as the f32 it
+        // is: a multiply, not a division (which takes ~10× a multiply's throughput).
+        FusedAct::HardSwish => v * (v * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
         FusedAct::Sigmoid => sigmoid(v),
         FusedAct::Swish => v * sigmoid(v),
         FusedAct::LeakyReluClip { alpha, min, max } => {

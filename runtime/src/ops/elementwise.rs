@@ -442,7 +442,7 @@ fn unary_fn(u: UnaryOp) -> fn(f32) -> f32 {
                 0.0
             }
         },
-        UnaryOp::HardSwish => |x| x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
+        UnaryOp::HardSwish => |x| crate::kernels::conv::act_scalar(crate::graph::FusedAct::HardSwish, x),
         UnaryOp::Mish => |x| x * softplus(x).tanh(),
         UnaryOp::Silu => |x| x * math::sigmoid(x),
         UnaryOp::Tan => f32::tan,
