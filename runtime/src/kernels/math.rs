@@ -289,7 +289,8 @@ impl Grid {
     }
 
     /// The index from the lowest code of the code `v` rounds to (by [`Grid::snap_fused`]'s
-    /// quotient where `fused`, else by division): `snap(v) == code_value(index(v))`, the rounded
+    /// quotient where `fused`, else by division): `snap(v) == code_value(index(v))` on grids of
+    /// at most 256 codes (the index is masked to 0..256: a lookup table's bounds), the rounded
     /// code read from the low bits of the rounding sum, with no conversion.
     #[inline(always)]
     pub fn index(&self, v: f32, fused: bool) -> usize {
