@@ -2062,6 +2062,20 @@ fn pixel_panel(q: &[i8], taps: &[usize], kp: usize, c0: usize, cols: usize, nr: 
 }
 }
 
+/// One of each activation, with parameters that are none of their defaults (for tests).
+#[cfg(test)]
+pub(crate) const EVERY_ACT: [FusedAct; 9] = [
+    FusedAct::Identity,
+    FusedAct::Relu,
+    FusedAct::Clip { min: -0.5, max: 0.75 },
+    FusedAct::LeakyRelu { alpha: 0.1 },
+    FusedAct::HardSigmoid { alpha: 0.2, beta: 0.5 },
+    FusedAct::HardSwish,
+    FusedAct::Sigmoid,
+    FusedAct::Swish,
+    FusedAct::LeakyReluClip { alpha: 0.2, min: -0.4, max: 0.6 },
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2101,17 +2115,7 @@ mod tests {
     /// against the scalar index.
     #[test]
     fn requantization_tables_equal_the_direct_path() {
-        let acts = [
-            FusedAct::Identity,
-            FusedAct::Relu,
-            FusedAct::Clip { min: -0.5, max: 0.75 },
-            FusedAct::LeakyRelu { alpha: 0.1 },
-            FusedAct::HardSigmoid { alpha: 0.2, beta: 0.5 },
-            FusedAct::HardSwish,
-            FusedAct::Sigmoid,
-            FusedAct::Swish,
-            FusedAct::LeakyReluClip { alpha: 0.2, min: -0.4, max: 0.6 },
-        ];
+        let acts = EVERY_ACT;
         let grids = [
             (0.05f32, 9.0f32, 0.0f32, 255.0f32),
             (0.013, 0.0, -128.0, 127.0),

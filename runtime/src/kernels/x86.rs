@@ -826,124 +826,63 @@ pub(crate) fn hsum8(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
 }
 
-/// One lane set of [`crate::kernels::math::Grid::index`] (the fused quotient) for the AVX2 /
-/// AVX-512 lookups: the same operations in the same order, so every lane's index is the scalar
-/// one's. `$v` holds `v + bias`; the index is masked to a table's 256 entries.
-macro_rules! grid_index {
-    ($v:expr, $k:expr, $mul:ident, $max:ident, $min:ident, $fnmadd:ident, $fmadd:ident, $add:ident, $cast:ident, $sub:ident, $and:ident) => {{
-        let (v, k) = ($v, $k);
-        // at_most(at_least(v·inv, lo), hi): `max` / `min` return their second operand for NaN.
-        let q = $min($max($mul(v, k.inv), k.lo), k.hi);
-        let t = $fmadd($fnmadd(q, k.scale, v), k.inv, q);
-        let t = $min($max(t, k.lo), k.hi);
-        $and($sub($cast($add(t, k.magic)), k.low), k.mask)
-    }};
+/// `out[i] = table[index of out[i] + bias on the grid]`, `$lanes` at a time: the conv epilogue's
+/// lookup ([`crate::kernels::conv::requant_tables`]). The index is
+/// [`crate::kernels::math::Grid::index`]'s operations in its order (so every lane's index is the
+/// scalar one's; `max` / `min` return their second operand for NaN, as its bounds do), masked to
+/// the table's 256 entries; the values by `vpgatherdd`; the tail by the scalar index.
+macro_rules! lookup_kernel {
+    ($(#[$doc:meta])* $name:ident, $feat:literal, $lanes:literal, set1: $set1:ident, set1i: $set1i:ident,
+     load: $load:ident, store: $store:ident, add: $add:ident, mul: $mul:ident, max: $max:ident, min: $min:ident,
+     fnmadd: $fnmadd:ident, fmadd: $fmadd:ident, cast: $cast:ident, sub: $sub:ident, and: $and:ident,
+     gather: |$t:ident, $i:ident| $gather:expr) => {
+        $(#[$doc])*
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(out: &mut [f32], bias: f32, g: &crate::kernels::math::Grid, table: &[f32; 256]) {
+            const MAGIC: f32 = 12_582_912.0;
+            let (scale, inv, lo, hi) = g.parts();
+            let (s, r, l, h, magic, b) = ($set1(scale), $set1(inv), $set1(lo), $set1(hi), $set1(MAGIC), $set1(bias));
+            let (low, mask) = ($set1i((lo + MAGIC).to_bits() as i32), $set1i(0xff));
+            let $t = table.as_ptr();
+            let mut chunks = out.chunks_exact_mut($lanes);
+            for c in &mut chunks {
+                let p = c.as_mut_ptr();
+                // SAFETY: `p` is `$lanes` floats of `out`; every index is masked to 0..256, inside
+                // `table`.
+                unsafe {
+                    let v = $add($load(p), b);
+                    let q = $min($max($mul(v, r), l), h);
+                    let t = $min($max($fmadd($fnmadd(q, s, v), r, q), l), h);
+                    let $i = $and($sub($cast($add(t, magic)), low), mask);
+                    $store(p, $gather);
+                }
+            }
+            for v in chunks.into_remainder() {
+                *v = table[g.index(*v + bias, true)];
+            }
+        }
+    };
 }
 
-/// `out[i] = table[index of out[i] + bias on the grid]`: the conv epilogue's lookup
-/// ([`crate::kernels::conv::requant_tables`]) with `vpgatherdd`, 8 lanes; the tail by the scalar
-/// index.
-///
-/// # Safety
-/// The CPU supports AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn lookup_avx2(out: &mut [f32], bias: f32, g: &crate::kernels::math::Grid, table: &[f32; 256]) {
-    struct K {
-        scale: __m256,
-        inv: __m256,
-        lo: __m256,
-        hi: __m256,
-        magic: __m256,
-        low: __m256i,
-        mask: __m256i,
-    }
-    let (scale, inv, lo, hi) = g.parts();
-    const MAGIC: f32 = 12_582_912.0;
-    let k = K {
-        scale: _mm256_set1_ps(scale),
-        inv: _mm256_set1_ps(inv),
-        lo: _mm256_set1_ps(lo),
-        hi: _mm256_set1_ps(hi),
-        magic: _mm256_set1_ps(MAGIC),
-        low: _mm256_set1_epi32((lo + MAGIC).to_bits() as i32),
-        mask: _mm256_set1_epi32(0xff),
-    };
-    let b = _mm256_set1_ps(bias);
-    let mut chunks = out.chunks_exact_mut(8);
-    for c in &mut chunks {
-        let p = c.as_mut_ptr();
-        // SAFETY: `p` is 8 floats of `out`; every index is masked to 0..256, inside `table`.
-        unsafe {
-            let i = grid_index!(
-                _mm256_add_ps(_mm256_loadu_ps(p), b),
-                &k,
-                _mm256_mul_ps,
-                _mm256_max_ps,
-                _mm256_min_ps,
-                _mm256_fnmadd_ps,
-                _mm256_fmadd_ps,
-                _mm256_add_ps,
-                _mm256_castps_si256,
-                _mm256_sub_epi32,
-                _mm256_and_si256
-            );
-            _mm256_storeu_ps(p, _mm256_i32gather_ps::<4>(table.as_ptr(), i));
-        }
-    }
-    for v in chunks.into_remainder() {
-        *v = table[g.index(*v + bias, true)];
-    }
+lookup_kernel! {
+    /// The requantization lookup, 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA.
+    lookup_avx2, "avx2,fma", 8, set1: _mm256_set1_ps, set1i: _mm256_set1_epi32, load: _mm256_loadu_ps,
+    store: _mm256_storeu_ps, add: _mm256_add_ps, mul: _mm256_mul_ps, max: _mm256_max_ps, min: _mm256_min_ps,
+    fnmadd: _mm256_fnmadd_ps, fmadd: _mm256_fmadd_ps, cast: _mm256_castps_si256, sub: _mm256_sub_epi32,
+    and: _mm256_and_si256, gather: |t, i| _mm256_i32gather_ps::<4>(t, i)
 }
 
-/// [`lookup_avx2`] with 16 lanes.
-///
-/// # Safety
-/// The CPU supports AVX-512F.
-#[target_feature(enable = "avx512f,fma")]
-pub unsafe fn lookup_avx512(out: &mut [f32], bias: f32, g: &crate::kernels::math::Grid, table: &[f32; 256]) {
-    struct K {
-        scale: __m512,
-        inv: __m512,
-        lo: __m512,
-        hi: __m512,
-        magic: __m512,
-        low: __m512i,
-        mask: __m512i,
-    }
-    let (scale, inv, lo, hi) = g.parts();
-    const MAGIC: f32 = 12_582_912.0;
-    let k = K {
-        scale: _mm512_set1_ps(scale),
-        inv: _mm512_set1_ps(inv),
-        lo: _mm512_set1_ps(lo),
-        hi: _mm512_set1_ps(hi),
-        magic: _mm512_set1_ps(MAGIC),
-        low: _mm512_set1_epi32((lo + MAGIC).to_bits() as i32),
-        mask: _mm512_set1_epi32(0xff),
-    };
-    let b = _mm512_set1_ps(bias);
-    let mut chunks = out.chunks_exact_mut(16);
-    for c in &mut chunks {
-        let p = c.as_mut_ptr();
-        // SAFETY: `p` is 16 floats of `out`; every index is masked to 0..256, inside `table`.
-        unsafe {
-            let i = grid_index!(
-                _mm512_add_ps(_mm512_loadu_ps(p), b),
-                &k,
-                _mm512_mul_ps,
-                _mm512_max_ps,
-                _mm512_min_ps,
-                _mm512_fnmadd_ps,
-                _mm512_fmadd_ps,
-                _mm512_add_ps,
-                _mm512_castps_si512,
-                _mm512_sub_epi32,
-                _mm512_and_si512
-            );
-            _mm512_storeu_ps(p, _mm512_i32gather_ps::<4>(i, table.as_ptr()));
-        }
-    }
-    for v in chunks.into_remainder() {
-        *v = table[g.index(*v + bias, true)];
-    }
+lookup_kernel! {
+    /// The requantization lookup, 16 lanes (an AVX-512 lookup by eight `vpermt2ps` and a blend
+    /// tree measured no faster than the gather on Sapphire Rapids: 0.50 vs 0.48 ns per output).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F.
+    lookup_avx512, "avx512f,fma", 16, set1: _mm512_set1_ps, set1i: _mm512_set1_epi32, load: _mm512_loadu_ps,
+    store: _mm512_storeu_ps, add: _mm512_add_ps, mul: _mm512_mul_ps, max: _mm512_max_ps, min: _mm512_min_ps,
+    fnmadd: _mm512_fnmadd_ps, fmadd: _mm512_fmadd_ps, cast: _mm512_castps_si512, sub: _mm512_sub_epi32,
+    and: _mm512_and_si512, gather: |t, i| _mm512_i32gather_ps::<4>(i, t)
 }

@@ -221,17 +221,7 @@ fn conv_matches_direct_loop() {
             }
         }
         // Every fused epilogue equals the activation and affine applied afterwards.
-        let acts = [
-            FusedAct::Identity,
-            FusedAct::Relu,
-            FusedAct::Clip { min: -0.5, max: 0.75 },
-            FusedAct::LeakyRelu { alpha: 0.1 },
-            FusedAct::HardSigmoid { alpha: 0.2, beta: 0.5 },
-            FusedAct::HardSwish,
-            FusedAct::Sigmoid,
-            FusedAct::Swish,
-            FusedAct::LeakyReluClip { alpha: 0.2, min: -0.4, max: 0.6 },
-        ];
+        let acts = crate::kernels::conv::EVERY_ACT;
         for (k, &act) in acts.iter().enumerate() {
             let post = Epilogue {
                 act,
