@@ -55,9 +55,9 @@ pub(crate) fn adapt_layouts(file: &mut ModelFile, isa: Isa) -> Result<()> {
     Ok(())
 }
 
-/// q8 convolution weights the int8 kernels would not run faster than f32 (every one on a CPU
-/// without an int8 dot product — AVX2, AVX-512 without VNNI, NEON without dotprod —, and the
-/// small ones everywhere: see `ops::q8_conv_runs_f32`) are decoded to f32 once at open;
+/// q8 convolution weights the int8 kernels would not run faster than f32 (every one on NEON
+/// without dotprod and the portable sets, and the small ones everywhere: see
+/// `ops::q8_conv_runs_f32`) are decoded to f32 once at open;
 /// decoding them on every run would make the q8 file slower than the fp32 one. The file stays
 /// 4× smaller on disk; in memory these weights take their f32 size.
 pub(crate) fn decode_conv_weights(file: &mut ModelFile, isa: Isa) -> Result<()> {
@@ -95,7 +95,7 @@ pub(crate) fn decode_conv_weights(file: &mut ModelFile, isa: Isa) -> Result<()> 
     }
     if count > 0 {
         log::info!(
-            "decoded {count} q8 convolution weight(s) ({:.1} MB) to f32 for the {} kernels (no int8 dot product)",
+            "decoded {count} q8 convolution weight(s) ({:.1} MB) to f32 for the {} kernels (int8 would not be faster)",
             bytes as f64 / 1e6,
             isa.name()
         );

@@ -1720,14 +1720,17 @@ pub fn conv_q8(
         s.check()?;
     }
     let isa = if isa.supported() { isa } else { super::Isa::detect() };
-    // The VNNI tile sums i32 over the whole depth: it needs one scale per output channel (what
-    // `acorn convert` writes for convolutions); rows with varying block scales take the panels.
+    // The in-place tiles sum i32 over the whole depth: they need one scale per output channel
+    // (what `acorn convert` writes for convolutions); rows with varying block scales take the
+    // panels.
     #[cfg(target_arch = "x86_64")]
-    if isa == super::Isa::Avx512Vnni && w.scales.chunks(kp / QK).all(|r| r.iter().all(|&s| s == r[0])) {
-        let scales: Vec<f32> = w.scales.iter().step_by(kp / QK).copied().collect();
-        let rows = ConvRows::new(&w.q, &scales, mg, kp, cg, g.kh * g.kw);
-        conv_q8_vnni(g, cg, &rows, x, input, bias, post, out, threads);
-        return Ok(());
+    if let Some(tile) = ConvTile::for_isa(isa).filter(|t| t.holds_depth(k)) {
+        if w.scales.chunks(kp / QK).all(|r| r.iter().all(|&s| s == r[0])) {
+            let scales: Vec<f32> = w.scales.iter().step_by(kp / QK).copied().collect();
+            let rows = ConvRows::new(tile, &w.q, &scales, mg, kp, cg, g.kh * g.kw);
+            conv_q8_rows(g, cg, &rows, x, input, bias, post, out, threads);
+            return Ok(());
+        }
     }
     let nr = isa.q_rows().q8_panel.map_or(32, |(_, kp)| kp.nr);
     // One scale for the input; laid out (padding, stride phases) as int8 codes.
@@ -1809,18 +1812,69 @@ pub fn conv_q8(
     })
 }
 
-/// A q8 convolution's weights as [`conv_q8_vnni`] reads them: regrouped to the interleaved
-/// input's order (row `r`, group `(c/4, ky, kx)`, channel `c % 4`; channels past `cg` zero —
-/// the stored order already with one tap), each row's sum of codes (the input's zero point
-/// times it is the row's offset correction) and scale. Built once per session and weight (`ops::Prepared`): building
-/// it on every call cost a third of a wake-word network's q8 time.
+/// The register tile a q8 convolution runs on an x86 set, reading the input in place
+/// ([`conv_q8_rows`]): with VNNI, four channels' unsigned codes per pixel and `vpdpbusd`;
+/// without, two channels' codes as i16 per pixel and `vpmaddwd` (exact for every int8 code).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub struct ConvTile {
+    pub name: &'static str,
+    /// Channels per 4-byte group of a pixel: 4 (unsigned bytes) or 2 (i16).
+    per: usize,
+    /// Output channels × pixels of one register tile.
+    mr: usize,
+    nr: usize,
+    run: super::x86q::ConvTileFn,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ConvTile {
+    /// The tile of `isa`, if it has one. AVX2 and AVX-512 without VNNI have no int8 dot
+    /// product: their tiles multiply i16 pairs, 16 multiply-adds per `vpmaddwd` where AVX2's FMA
+    /// does 8 (`vpaddd` on a third port). At 512 bits `vpmaddwd` and `vpaddd` share the two
+    /// vector ports, as many multiply-adds per cycle as the f32 FMA: there the tile gains only
+    /// what reading half the f32 input's bytes gives. Measured on the statically quantized
+    /// PP-OCR detector against its fp32 file (`pair-bench`, Sapphire Rapids, 2026-12-06): the
+    /// 512-bit tile 1.10–1.13×, the 256-bit one 1.25×, the weights decoded to f32 1.15×.
+    pub fn for_isa(isa: super::Isa) -> Option<ConvTile> {
+        use super::x86q::*;
+        use super::Isa;
+        let tile = match isa {
+            Isa::Avx512Vnni => {
+                ConvTile { name: "conv_q8i8_12x32_avx512vnni", per: 4, mr: 12, nr: 32, run: conv_rows_vnni }
+            }
+            Isa::AvxVnni => ConvTile { name: "conv_q8i8_6x16_avxvnni", per: 4, mr: 6, nr: 16, run: conv_rows_avxvnni },
+            Isa::Avx512 => {
+                ConvTile { name: "conv_q8i16_12x32_avx512", per: 2, mr: 12, nr: 32, run: conv_rows_pairs_512 }
+            }
+            Isa::Avx2 => ConvTile { name: "conv_q8i16_6x16_avx2", per: 2, mr: 6, nr: 16, run: conv_rows_pairs_avx2 },
+            _ => return None,
+        };
+        isa.supported().then_some(tile)
+    }
+
+    /// Input channels and taps deep enough that the i32 sums could overflow: `|code·weight|`
+    /// is at most 255·128 (unsigned codes) or 128·128.
+    pub fn holds_depth(self, k: usize) -> bool {
+        let most: i64 = if self.per == 4 { 255 * 128 } else { 128 * 128 };
+        (k as i64 + 1) * most < i32::MAX as i64
+    }
+}
+
+/// A q8 convolution's weights as [`conv_q8_rows`] reads them: regrouped to the interleaved
+/// input's order (row `r`, group `(c/per, ky, kx)`, channel `c % per`; channels past `cg`
+/// zero), as bytes (four signed codes per group) or i16 (two per group, little-endian); each
+/// row's sum of codes (the input's zero point times it is the row's offset correction) and
+/// scale. Built once per session and weight (`ops::Prepared`): building it on every call cost a
+/// third of a wake-word network's q8 time.
 #[cfg(target_arch = "x86_64")]
 #[derive(Debug)]
 pub struct ConvRows {
+    tile: ConvTile,
     m: usize,
     ldw: usize,
     groups: usize,
-    wq: Vec<i8>,
+    wq: Vec<u8>,
     sums: Vec<i32>,
     scales: Vec<f32>,
 }
@@ -1829,51 +1883,52 @@ pub struct ConvRows {
 impl ConvRows {
     /// From `m` rows of `kp` codes in the stored order `(c, ky, kx)` (`cg` channels, `taps`
     /// taps, zero past `cg · taps`; `kp` a multiple of 32, as the q8 format stores rows) and
-    /// one scale per row. Panics on operands that do not hold that (callers check the file's).
-    pub fn new(q: &[i8], scales: &[f32], m: usize, kp: usize, cg: usize, taps: usize) -> Self {
-        let groups = cg.div_ceil(4) * taps;
+    /// one scale per row, for `tile`. Panics on operands that do not hold that (callers check
+    /// the file's).
+    pub fn new(tile: ConvTile, q: &[i8], scales: &[f32], m: usize, kp: usize, cg: usize, taps: usize) -> Self {
+        let per = tile.per;
+        let groups = cg.div_ceil(per) * taps;
         assert!(q.len() >= m * kp && scales.len() >= m && cg * taps <= kp && kp.is_multiple_of(32));
         let sums = q.chunks_exact(kp).take(m).map(|r| r.iter().map(|&v| v as i32).sum::<i32>()).collect();
-        let (wq, ldw) = if taps == 1 {
-            (q[..m * kp].to_vec(), kp)
-        } else {
-            let ldw = 4 * groups;
-            let mut wq = vec![0i8; m * ldw];
-            for (row, dst) in q.chunks_exact(kp).zip(wq.chunks_exact_mut(ldw)) {
-                for (c4, dg) in dst.chunks_exact_mut(4 * taps).enumerate() {
-                    for i in 0..(cg - 4 * c4).min(4) {
-                        let src = &row[(4 * c4 + i) * taps..][..taps];
-                        for (t, &v) in src.iter().enumerate() {
-                            dg[t * 4 + i] = v;
+        let ldw = 4 * groups;
+        let mut wq = vec![0u8; m * ldw];
+        for (row, dst) in q.chunks_exact(kp).zip(wq.chunks_exact_mut(ldw)) {
+            for (cp, dg) in dst.chunks_exact_mut(4 * taps).enumerate() {
+                for i in 0..(cg - per * cp).min(per) {
+                    let src = &row[(per * cp + i) * taps..][..taps];
+                    for (t, &v) in src.iter().enumerate() {
+                        if per == 4 {
+                            dg[t * 4 + i] = v as u8;
+                        } else {
+                            dg[t * 4 + 2 * i..][..2].copy_from_slice(&(v as i16).to_le_bytes());
                         }
                     }
                 }
             }
-            (wq, ldw)
-        };
-        ConvRows { m, ldw, groups, wq, sums, scales: scales[..m].to_vec() }
+        }
+        ConvRows { tile, m, ldw, groups, wq, sums, scales: scales[..m].to_vec() }
     }
 }
 
 thread_local! {
-    /// [`conv_q8_vnni`]'s output scales (each row's times the input's) and offset corrections
+    /// [`conv_q8_rows`]' output scales (each row's times the input's) and offset corrections
     /// (the input's zero point times each row's sum), grown once per thread.
     static C4_SCALES: std::cell::RefCell<(Vec<f32>, Vec<i32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-    /// [`conv_q8_vnni`]'s input: its int8 layout, then the four-channel interleave.
+    /// [`conv_q8_rows`]' input: its int8 layout, then the interleave.
     static C4_INPUT: std::cell::RefCell<(Vec<i8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// [`conv_q8`] with AVX-512 VNNI, no `im2col` at all: the input's int8 codes are laid out
-/// ([`Phases`]) and interleaved by four channels (each position's four codes side by side,
-/// offset to unsigned), so group `(c/4, ky, kx)` of 32 output pixels is 128 contiguous bytes
-/// the tile reads where they lie; the weights are regrouped to the same order (channels past
-/// `cg` zero). Sums stay i32 over the whole depth: the weights have one scale per output
+/// [`conv_q8`] on x86 with no `im2col` at all: the input's int8 codes are laid out
+/// ([`Phases`]) and interleaved by the tile's channels per group ([`ConvTile`]: four unsigned
+/// bytes, or two i16, per pixel), so group `(c/per, ky, kx)` of a column tile is contiguous
+/// bytes the tile reads where they lie; the weights are regrouped to the same order (channels
+/// past `cg` zero). Sums stay i32 over the whole depth: the weights have one scale per output
 /// channel (`w.scales` equal along a row, as `acorn convert` writes convolution weights). The
 /// input's codes span its own range, or are a statically quantized model's (`input`, checked by
 /// the caller: [`StaticInput::check`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub fn conv_q8_vnni(
+pub fn conv_q8_rows(
     g: &Geo,
     cg: usize,
     w: &ConvRows,
@@ -1885,17 +1940,17 @@ pub fn conv_q8_vnni(
     threads: usize,
 ) {
     use super::pool::{for_each, SharedOut};
-    use super::x86q::{conv_rows_vnni, CONV_VNNI_MR};
-    const NR: usize = 32;
+    let ConvTile { per, mr, nr, run, .. } = w.tile;
     let mg = w.m;
     let ph = Phases::new(g);
     let taps = g.kh * g.kw;
-    let cg4 = cg.div_ceil(4);
-    let groups = cg4 * taps;
-    assert_eq!(groups, w.groups, "conv_q8_vnni: weights regrouped for another geometry");
+    let cgp = cg.div_ceil(per);
+    let groups = cgp * taps;
+    assert_eq!(groups, w.groups, "conv_q8_rows: weights regrouped for another geometry");
     let grid = g.oh * ph.wq;
-    // Unsigned codes over the input's own range, zero exactly representable (the code `zp`); or
-    // the model's, a uint8 code `zp` stored minus 128.
+    // The codes over the input's own range, zero exactly representable (the unsigned code
+    // `zp`); or the model's, a uint8 code `zp` stored minus 128. The quads' tiles read them
+    // unsigned (+128); the pairs' signed, as laid out.
     let (scale, zp, codes) = match input {
         Some(s) => (s.scale, s.zero + 128, Codes::Static { scale: s.scale, zero: s.zero }),
         None => {
@@ -1907,13 +1962,14 @@ pub fn conv_q8_vnni(
             (scale, zp, Codes::Scaled { inv, off: (zp - 128) as f32, lo: -128.0 })
         }
     };
+    let zp = if per == 4 { zp } else { zp - 128 };
     let block = {
-        let b = ((INDIRECT_BLOCK_FLOATS / mg.max(1)) / NR).max(1) * NR;
+        let b = ((INDIRECT_BLOCK_FLOATS / mg.max(1)) / nr).max(1) * nr;
         match threads {
             0 | 1 => b,
-            t => b.min(grid.div_ceil(2 * t).div_ceil(NR).max(1) * NR),
+            t => b.min(grid.div_ceil(2 * t).div_ceil(nr).max(1) * nr),
         }
-        .min(grid.div_ceil(NR) * NR)
+        .min(grid.div_ceil(nr) * nr)
     };
     let blocks = grid.div_ceil(block);
     let parts = threads.max(1).min(blocks);
@@ -1926,27 +1982,32 @@ pub fn conv_q8_vnni(
                 corr.clear();
                 corr.extend(w.sums.iter().map(|&s| -zp * s));
                 let (wrows, ldw, corr) = (&w.wq[..], w.ldw, &corr[..]);
-                // The input: int8 codes laid out, then interleaved by four channels (+128).
+                // The input: int8 codes laid out, then interleaved.
                 let (planar, c4) = &mut *input_cell.borrow_mut();
-                let per = if ph.in_place { g.h * g.w } else { ph.per_channel };
+                let plane_len = if ph.in_place { g.h * g.w } else { ph.per_channel };
                 quantize_input(g, &ph, cg, x, codes, planar, threads);
-                c4.resize((cg4 * per + ph.wq + NR) * 4, 0x80);
+                c4.resize((cgp * plane_len + ph.wq + nr) * 4, if per == 4 { 0x80 } else { 0 });
                 {
-                    // Groups of four channels split over threads.
-                    let (planar, cs) = (&planar[..], SharedOut::new(&mut c4[..cg4 * per * 4]));
-                    super::pool::for_ranges(threads, cg4, PREP_MIN.div_ceil(4 * per), &|r| {
+                    // Groups of channels split over threads.
+                    let (planar, cs) = (&planar[..], SharedOut::new(&mut c4[..cgp * plane_len * 4]));
+                    super::pool::for_ranges(threads, cgp, PREP_MIN.div_ceil(4 * plane_len), &|r| {
                         // SAFETY: the groups' ranges are disjoint, inside the interleaved buffer
-                        // (cg4 groups of 4·per bytes), which outlives the call.
-                        let dst = unsafe { cs.range(r.start * 4 * per..r.end * 4 * per) };
-                        interleave4(&planar[r.start * 4 * per..], cg - 4 * r.start, per, dst);
+                        // (cgp groups of 4·plane_len bytes), which outlives the call.
+                        let dst = unsafe { cs.range(r.start * 4 * plane_len..r.end * 4 * plane_len) };
+                        let rest = cg - per * r.start;
+                        if per == 4 {
+                            interleave4(&planar[r.start * 4 * plane_len..], rest, plane_len, dst);
+                        } else {
+                            interleave2(&planar[r.start * 2 * plane_len..], rest, plane_len, dst);
+                        }
                     });
                 }
                 let goffs = &mut *taps_cell.borrow_mut();
                 goffs.clear();
-                for c in 0..cg4 {
+                for c in 0..cgp {
                     for ky in 0..g.kh {
                         for kx in 0..g.kw {
-                            goffs.push((c * per + ph.tap(g, 0, ky, kx)) * 4);
+                            goffs.push((c * plane_len + ph.tap(g, 0, ky, kx)) * 4);
                         }
                     }
                 }
@@ -1955,7 +2016,7 @@ pub fn conv_q8_vnni(
                 // whole grid, rounded up to a tile), and the weights' rows inside `wq`.
                 assert!(
                     goffs.len() == groups
-                        && goffs.iter().max().map_or(0, |&m| m) + grid.div_ceil(NR) * NR * 4 <= c4.len()
+                        && goffs.iter().max().map_or(0, |&m| m) + grid.div_ceil(nr) * nr * 4 <= c4.len()
                 );
                 assert!((mg - 1) * ldw + 4 * groups <= wrows.len() && corr.len() == mg && scales.len() == mg);
                 let oc = SharedOut::new(out);
@@ -1967,16 +2028,17 @@ pub fn conv_q8_vnni(
                             let j0 = bi * block;
                             let len = block.min(grid - j0);
                             let acc = &mut accs[..mg * len];
-                            for c in (0..len).step_by(NR) {
-                                let cols = NR.min(len - c);
-                                for row in (0..mg).step_by(CONV_VNNI_MR) {
-                                    let rows = CONV_VNNI_MR.min(mg - row);
-                                    // SAFETY: the CPU has AVX-512 VNNI (the selected set); weight rows
-                                    // row..row+rows of ldw codes, `groups` offsets whose 128-byte runs
-                                    // from column j0 + c are inside `c4` (asserted), the rows' corrections
-                                    // and scales, and `cols` outputs of rows row.. in `acc` at stride len.
+                            for c in (0..len).step_by(nr) {
+                                let cols = nr.min(len - c);
+                                for row in (0..mg).step_by(mr) {
+                                    let rows = mr.min(mg - row);
+                                    // SAFETY: the CPU runs the tile (`ConvTile::for_isa` checked
+                                    // it); weight rows row..row+rows of ldw bytes, `groups` offsets
+                                    // whose runs of `nr` pixels from column j0 + c are inside `c4`
+                                    // (asserted), the rows' corrections and scales, and `cols`
+                                    // outputs of rows row.. in `acc` at stride len.
                                     unsafe {
-                                        conv_rows_vnni(
+                                        run(
                                             rows,
                                             wrows.as_ptr().add(row * ldw),
                                             ldw,
@@ -2029,6 +2091,28 @@ fn interleave4(planar: &[i8], cg: usize, per: usize, dst: &mut [u8]) {
                     let word = word4(at(p0, j), at(p1, j), at(p2, j), at(p3, j));
                     o.copy_from_slice(&(word ^ 0x8080_8080).to_le_bytes());
                 }
+            }
+        }
+    }
+}
+}
+
+multiversion! {
+/// Two-channel interleave of int8 planes (`cg` planes of `per` codes) as i16: word
+/// `(c/2, pos)` of `dst` holds channels `2·(c/2)` and `+1` at `pos`, sign-extended, little-endian
+/// (a channel past `cg` is 0).
+fn interleave2(planar: &[i8], cg: usize, per: usize, dst: &mut [u8]) {
+    let word = |a: i8, b: i8| (a as i16 as u16 as u32) | (b as i16 as u16 as u32) << 16;
+    for (c2, d) in dst.chunks_exact_mut(4 * per).enumerate() {
+        let a = &planar[2 * c2 * per..][..per];
+        if 2 * c2 + 1 < cg {
+            let b = &planar[(2 * c2 + 1) * per..][..per];
+            for ((o, &x), &y) in d.chunks_exact_mut(4).zip(a).zip(b) {
+                o.copy_from_slice(&word(x, y).to_le_bytes());
+            }
+        } else {
+            for (o, &x) in d.chunks_exact_mut(4).zip(a) {
+                o.copy_from_slice(&word(x, 0).to_le_bytes());
             }
         }
     }
@@ -2220,8 +2304,8 @@ mod tests {
     /// A static input (a QDQ model's `QuantizeLinear`, per tensor): the int8 convolution equals
     /// `Σ w_code · (x_code − zero) · w_scale · scale + bias` with `x_code = clamp(round_half_even(
     /// x / scale) + zero, −128, 127)` — codes −128 and 127 reached, the padding at the code of 0
-    /// — with zero points of either sign and 0, on every kernel set this CPU runs (the VNNI tile
-    /// and the panel kernels), with one and two threads.
+    /// — with zero points of either sign and 0, on every kernel set this CPU runs (the in-place
+    /// tiles: VNNI quads, AVX2 / AVX-512 i16 pairs; the panel kernels), with one and two threads.
     #[test]
     fn int8_convolution_on_static_input_matches_quantize_linear() {
         let isas: Vec<_> = crate::kernels::ALL_ISAS.into_iter().filter(|i| i.supported()).collect();
@@ -2382,8 +2466,11 @@ mod tests {
             let (rows, wscale) = q8_rows(&wf, m, k, kp);
             let bias = crate::kernels::pseudo_random(m, 99);
             // The input's codes: symmetric (±max|x|) in the panel kernels, unsigned over
-            // [min, max] with zero at code `zp` in the VNNI tile's (`quantize_input`).
-            let vnni = cfg!(target_arch = "x86_64") && super::super::selected() == super::super::Isa::Avx512Vnni;
+            // [min, max] with zero at code `zp` in the in-place tiles' (`quantize_input`).
+            #[cfg(target_arch = "x86_64")]
+            let vnni = ConvTile::for_isa(super::super::selected()).is_some();
+            #[cfg(not(target_arch = "x86_64"))]
+            let vnni = false;
             let (lo, hi) = x.iter().fold((0.0f32, 0.0f32), |(l, h), &v| (l.min(v), h.max(v)));
             let xs = if vnni { (hi - lo) / 255.0 } else { x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0 };
             let zp = ((-lo * (1.0 / xs)).round() as i32).clamp(0, 255);

@@ -375,21 +375,22 @@ pub fn product_kernels(isa: Isa, enc: crate::weights::TensorEncoding) -> (&'stat
     }
 }
 
-/// The kernel a q8 convolution weight of `m` output channels × `k` values runs on `isa`: with
-/// AVX-512 VNNI the tile that reads the interleaved input in place (`conv::conv_q8`; the
-/// weights `acorn convert` writes have one scale per output channel), elsewhere the int8 panel
-/// GEMM (the weights as its rows, the pixels as its panels), or — where int8 does not pay, see
-/// `ops::conv` — the f32 GEMM on the weights decoded at open.
+/// The kernel a q8 convolution weight of `m` output channels × `k` values runs on `isa`: on
+/// x86 the tile that reads the interleaved input in place (`conv::ConvTile`; the weights
+/// `acorn convert` writes have one scale per output channel), elsewhere the int8 panel GEMM (the weights as its rows, the
+/// pixels as its panels), or — where int8 does not pay, see `ops::conv` — the f32 GEMM on the
+/// weights decoded at open.
 pub fn conv_q8_kernel(isa: Isa, m: usize, k: usize) -> String {
     let isa = if isa.supported() { isa } else { Isa::detect() };
     if crate::ops::q8_conv_runs_f32(isa, m, k) {
         let f32_name = isa.f32_tile().map_or("sgemm_reference", |t| t.name);
-        format!("{f32_name} (decoded to f32 at open)")
-    } else if isa == Isa::Avx512Vnni {
-        "conv_q8i8_12x32_avx512vnni (input read in place)".to_string()
-    } else {
-        isa.q_rows().q8_panel.map_or("gemm_q8i8_1xnr_generic", |(name, _)| name).to_string()
+        return format!("{f32_name} (decoded to f32 at open)");
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = conv::ConvTile::for_isa(isa) {
+        return format!("{} (input read in place)", t.name);
+    }
+    isa.q_rows().q8_panel.map_or("gemm_q8i8_1xnr_generic", |(name, _)| name).to_string()
 }
 
 /// A strided f32 matrix operand: element (i, j) is at `data[i * rs + j * cs]`.

@@ -1741,96 +1741,222 @@ pub unsafe fn unpack_q4_codes8_avx2(rows: [*const u8; 8], nb: usize, codes: *mut
     }
 }
 
-/// The int8 convolution's register tile with AVX-512 VNNI: `R` output channels × 32 pixels
-/// over `groups` groups of four taps, reading the input where it lies (`conv::conv_q8`'s
-/// four-channel-interleaved layout: group `g` of the 32 pixels is the 128 bytes at
-/// `src + goffs[g]`, each pixel's four codes side by side, offset to unsigned `x + 128`). Each
-/// `vpdpbusd` multiplies a broadcast group of four signed weight codes with 16 pixels' four
-/// unsigned codes; the offset comes back out through `corr[r] = −128·Σ w[r]`. The sums stay
-/// i32 over the whole depth (one scale per output channel and one for the input), then
-/// `out[r][c] = (Σ + corr[r]) · scale[r]` for `c < cols`.
-///
-/// # Safety
-/// The CPU has AVX-512 F/BW/VL/VNNI; `w` holds `R` rows of `4·groups` codes at stride `ldw`;
-/// `goffs` holds `groups` offsets and `src + goffs[g]` 128 readable bytes for each; `corr` and
-/// `scale` hold `R` values; `out` is valid for `R` rows of `cols` (≤ 32) floats at stride `ldo`.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn conv_tile_vnni<const R: usize>(
-    w: *const i8,
-    ldw: usize,
-    groups: usize,
-    src: *const u8,
-    goffs: *const usize,
-    corr: *const i32,
-    scale: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    let mut acc = [[_mm512_setzero_si512(); 2]; R];
-    for g in 0..groups {
-        // SAFETY: g < groups: the group's 128 bytes, the rows' four codes (caller contract).
-        unsafe {
-            let p = src.add(*goffs.add(g));
-            // The run 256 bytes ahead: the next column tiles' lines (a prefetch never faults).
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(256) as *const i8);
-            let (x0, x1) = (_mm512_loadu_si512(p as *const __m512i), _mm512_loadu_si512(p.add(64) as *const __m512i));
-            for (r, ar) in acc.iter_mut().enumerate() {
-                let wv = _mm512_set1_epi32((w.add(r * ldw + g * 4) as *const i32).read_unaligned());
-                ar[0] = _mm512_dpbusd_epi32(ar[0], x0, wv);
-                ar[1] = _mm512_dpbusd_epi32(ar[1], x1, wv);
+macro_rules! conv_tile_512 {
+    ($name:ident, $feat:literal, $mac:expr, $doc:literal) => {
+        #[doc = $doc]
+        ///
+        /// The sums stay i32 over the whole depth (one scale per output channel and one for the
+        /// input), then `out[r][c] = (Σ + corr[r]) · scale[r]` for `c < cols`.
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `w` holds `R` rows of `groups` 4-byte groups at
+        /// stride `ldw` bytes; `goffs` holds `groups` offsets and `src + goffs[g]` 128 readable
+        /// bytes for each; `corr` and `scale` hold `R` values; `out` is valid for `R` rows of
+        /// `cols` (≤ 32) floats at stride `ldo`.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const R: usize>(
+            w: *const u8,
+            ldw: usize,
+            groups: usize,
+            src: *const u8,
+            goffs: *const usize,
+            corr: *const i32,
+            scale: *const f32,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
+            let mut acc = [[_mm512_setzero_si512(); 2]; R];
+            for g in 0..groups {
+                // SAFETY: g < groups: the group's 128 bytes, the rows' four bytes (caller
+                // contract).
+                unsafe {
+                    let p = src.add(*goffs.add(g));
+                    // The run 256 bytes ahead: the next column tiles' lines (a prefetch never
+                    // faults).
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(256) as *const i8);
+                    let (x0, x1) =
+                        (_mm512_loadu_si512(p as *const __m512i), _mm512_loadu_si512(p.add(64) as *const __m512i));
+                    for (r, ar) in acc.iter_mut().enumerate() {
+                        let wv = _mm512_set1_epi32((w.add(r * ldw + g * 4) as *const i32).read_unaligned());
+                        ar[0] = $mac(ar[0], x0, wv);
+                        ar[1] = $mac(ar[1], x1, wv);
+                    }
+                }
+            }
+            let (m0, m1) = column_masks(cols);
+            for (r, ar) in acc.iter().enumerate() {
+                // SAFETY: row r's correction and scale, and its `cols` outputs (masked stores).
+                unsafe {
+                    let c = _mm512_set1_epi32(*corr.add(r));
+                    let s = _mm512_set1_ps(*scale.add(r));
+                    let v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ar[0], c)), s);
+                    let v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ar[1], c)), s);
+                    _mm512_mask_storeu_ps(out.add(r * ldo), m0, v0);
+                    _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, v1);
+                }
             }
         }
-    }
-    let (m0, m1) = column_masks(cols);
-    for (r, ar) in acc.iter().enumerate() {
-        // SAFETY: row r's correction and scale, and its `cols` outputs (masked stores).
-        unsafe {
-            let c = _mm512_set1_epi32(*corr.add(r));
-            let s = _mm512_set1_ps(*scale.add(r));
-            let v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ar[0], c)), s);
-            let v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ar[1], c)), s);
-            _mm512_mask_storeu_ps(out.add(r * ldo), m0, v0);
-            _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, v1);
-        }
-    }
+    };
 }
 
-/// Rows of output channels per [`conv_tile_vnni`].
-pub const CONV_VNNI_MR: usize = 12;
+conv_tile_512!(
+    conv_tile_vnni,
+    "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni",
+    |a, x, w| _mm512_dpbusd_epi32(a, x, w),
+    "The int8 convolution's register tile with AVX-512 VNNI: `R` output channels × 32 pixels \
+     over `groups` groups of four channels at one tap, reading the input where it lies \
+     (`conv::conv_q8_rows`' four-channel-interleaved layout: group `g` of the 32 pixels is the \
+     128 bytes at `src + goffs[g]`, each pixel's four codes side by side, offset to unsigned \
+     `x + 128`). Each `vpdpbusd` multiplies a broadcast group of four signed weight codes with \
+     16 pixels' four unsigned codes; the offset comes back out through `corr[r] = −128·Σ w[r]`."
+);
 
-/// [`conv_tile_vnni`] for `rows` (1…12) output channels.
-///
-/// # Safety
-/// As [`conv_tile_vnni`] with `R = rows`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn conv_rows_vnni(
-    rows: usize,
-    w: *const i8,
-    ldw: usize,
-    groups: usize,
-    src: *const u8,
-    goffs: *const usize,
-    corr: *const i32,
-    scale: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    cols: usize,
-) {
-    macro_rules! go {
-        ($($r:literal),*) => {
+conv_tile_512!(
+    conv_tile_pairs_512,
+    "avx2,fma,avx512f,avx512bw,avx512vl",
+    |a, x, w| _mm512_add_epi32(a, _mm512_madd_epi16(x, w)),
+    "The int8 convolution's register tile with AVX-512 BW and no VNNI: as [`conv_tile_vnni`] on \
+     the two-channel interleave (`conv::conv_q8_rows`: each pixel's two codes as i16 side by \
+     side, the weights' pairs likewise). `vpmaddwd` multiplies 16 pixels' pairs by a broadcast \
+     pair of weights and adds each pair into i32 — exact for every int8 code (`2·128·128` fits), \
+     16 multiply-adds per instruction where the f32 FMA does 16 at 512 bits too, but on half the \
+     input's bytes."
+);
+
+macro_rules! conv_tile_256 {
+    ($name:ident, $feat:literal, $mac:expr, $doc:literal) => {
+        #[doc = $doc]
+        ///
+        /// The sums stay i32 over the whole depth, then `out[r][c] = (Σ + corr[r]) · scale[r]`
+        /// for `c < cols`.
+        ///
+        /// # Safety
+        /// The CPU has the listed features; `w` holds `R` rows of `groups` 4-byte groups at
+        /// stride `ldw` bytes; `goffs` holds `groups` offsets and `src + goffs[g]` 64 readable
+        /// bytes for each; `corr` and `scale` hold `R` values; `out` is valid for `R` rows of
+        /// `cols` (≤ 16) floats at stride `ldo`.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const R: usize>(
+            w: *const u8,
+            ldw: usize,
+            groups: usize,
+            src: *const u8,
+            goffs: *const usize,
+            corr: *const i32,
+            scale: *const f32,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for g in 0..groups {
+                // SAFETY: g < groups: the group's 64 bytes, the rows' four bytes (caller
+                // contract).
+                unsafe {
+                    let p = src.add(*goffs.add(g));
+                    // Two column tiles ahead (a prefetch never faults).
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128) as *const i8);
+                    let (x0, x1) =
+                        (_mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(32) as *const __m256i));
+                    for (r, ar) in acc.iter_mut().enumerate() {
+                        let wv = _mm256_set1_epi32((w.add(r * ldw + g * 4) as *const i32).read_unaligned());
+                        ar[0] = $mac(ar[0], x0, wv);
+                        ar[1] = $mac(ar[1], x1, wv);
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                // SAFETY: row r's correction and scale, and its `cols` outputs (full rows stored
+                // directly, a partial one through a stack row).
+                unsafe {
+                    let c = _mm256_set1_epi32(*corr.add(r));
+                    let s = _mm256_set1_ps(*scale.add(r));
+                    let v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ar[0], c)), s);
+                    let v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ar[1], c)), s);
+                    let o = out.add(r * ldo);
+                    if cols == 16 {
+                        _mm256_storeu_ps(o, v0);
+                        _mm256_storeu_ps(o.add(8), v1);
+                    } else {
+                        let mut row = [0.0f32; 16];
+                        _mm256_storeu_ps(row.as_mut_ptr(), v0);
+                        _mm256_storeu_ps(row.as_mut_ptr().add(8), v1);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), o, cols);
+                    }
+                }
+            }
+        }
+    };
+}
+
+conv_tile_256!(
+    conv_tile_pairs_avx2,
+    "avx2,fma",
+    |a, x, w| _mm256_add_epi32(a, _mm256_madd_epi16(x, w)),
+    "The int8 convolution's register tile with AVX2: `R` output channels × 16 pixels over \
+     `groups` groups of two channels at one tap, on the two-channel interleave \
+     (`conv::conv_q8_rows`: group `g` of the 16 pixels is the 64 bytes at `src + goffs[g]`, \
+     each pixel's two codes as i16 side by side). `vpmaddwd` multiplies 8 pixels' pairs by a \
+     broadcast pair of weights and adds each pair into i32 — exact for every int8 code \
+     (`2·128·128` fits in i32, no saturation as `vpmaddubsw` has) and 16 multiply-adds per \
+     multiply where an FMA does 8; `vpaddd` runs on a third port."
+);
+
+conv_tile_256!(
+    conv_tile_avxvnni,
+    "avx2,fma,avxvnni",
+    |a, x, w| _mm256_dpbusd_avx_epi32(a, x, w),
+    "[`conv_tile_vnni`] at 256 bits with AVX-VNNI: `R` output channels × 16 pixels on the \
+     four-channel interleave (each pixel's four codes offset to unsigned)."
+);
+
+/// A convolution register tile's entry (`conv::ConvTile`): `rows` output channels (at most
+/// the tile's height) × one column tile, arguments as the tiles above.
+pub type ConvTileFn =
+    unsafe fn(usize, *const u8, usize, usize, *const u8, *const usize, *const i32, *const f32, *mut f32, usize, usize);
+
+macro_rules! conv_rows {
+    ($name:ident, $tile:ident, $doc:literal, $($r:literal),*; $last:literal) => {
+        #[doc = $doc]
+        ///
+        /// # Safety
+        /// As the tile with `R = rows` (`1 ≤ rows ≤` its height).
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name(
+            rows: usize,
+            w: *const u8,
+            ldw: usize,
+            groups: usize,
+            src: *const u8,
+            goffs: *const usize,
+            corr: *const i32,
+            scale: *const f32,
+            out: *mut f32,
+            ldo: usize,
+            cols: usize,
+        ) {
             // SAFETY: forwarded caller contract, R = rows.
             unsafe {
                 match rows {
-                    $($r => conv_tile_vnni::<$r>(w, ldw, groups, src, goffs, corr, scale, out, ldo, cols),)*
-                    _ => conv_tile_vnni::<12>(w, ldw, groups, src, goffs, corr, scale, out, ldo, cols),
+                    $($r => $tile::<$r>(w, ldw, groups, src, goffs, corr, scale, out, ldo, cols),)*
+                    _ => $tile::<$last>(w, ldw, groups, src, goffs, corr, scale, out, ldo, cols),
                 }
             }
-        };
-    }
-    go!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+        }
+    };
 }
+
+conv_rows!(conv_rows_vnni, conv_tile_vnni, "[`conv_tile_vnni`] for `rows` (1…12) output channels.",
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11; 12);
+conv_rows!(conv_rows_pairs_512, conv_tile_pairs_512, "[`conv_tile_pairs_512`] for `rows` (1…12) output channels.",
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11; 12);
+conv_rows!(conv_rows_pairs_avx2, conv_tile_pairs_avx2, "[`conv_tile_pairs_avx2`] for `rows` (1…6) output channels.",
+    1, 2, 3, 4, 5; 6);
+conv_rows!(conv_rows_avxvnni, conv_tile_avxvnni, "[`conv_tile_avxvnni`] for `rows` (1…6) output channels.",
+    1, 2, 3, 4, 5; 6);
 
 /// Block `b`'s 32 weights of a sparse q8 row, expanded in a register with AVX2: per 16
 /// values, one 16-byte load from where the codes continue and a `pshufb` whose control comes

@@ -626,16 +626,21 @@ fn q8_conv_min(isa: crate::kernels::Isa) -> (usize, usize) {
 }
 
 /// Whether a q8 convolution of `m` output channels and `k` weights each runs the f32 kernels
-/// on `isa` (its weights decoded once at open). Without an int8 dot-product instruction (AVX2,
-/// AVX-512 without VNNI, NEON without dotprod) an int8 multiply-add takes as many instructions
-/// as an f32 one and quantizing the input and building the pixel panels is extra: measured on
-/// AVX2, the OCR recogniser ran 1.05–1.12× slower in int8 than in f32. With one, convolutions
-/// smaller than [`q8_conv_min`].
+/// on `isa` (its weights decoded once at open): on NEON without dotprod and the portable sets,
+/// where an int8 multiply-add takes as many instructions as an f32 one and quantizing the input
+/// and building the pixel panels is extra; elsewhere convolutions smaller than
+/// [`q8_conv_min`]. AVX2 and AVX-512 without VNNI have no int8 dot product either, but their
+/// in-place pair tile (`conv::ConvTile`: `vpmaddwd`, 16 exact multiply-adds per instruction
+/// where AVX2's FMA does 8, on half the f32 input's bytes) pays: measured with `pair-bench`
+/// against the fp32 files (`docs/BENCHMARKS.md`, 2026-12-06), PP-OCRv4's recogniser after
+/// `--quantize q8` went from 1.04× / 1.02× of fp32 (weights decoded) to 0.82× / 0.85× on AVX2,
+/// its detector from 1.01× / 1.00× to 0.87× / 0.88×, and the statically quantized detector
+/// from 1.11× to 0.96–0.98×.
 pub(crate) fn q8_conv_runs_f32(isa: crate::kernels::Isa, m: usize, k: usize) -> bool {
     use crate::kernels::Isa;
-    let dot = matches!(isa, Isa::Avx512Vnni | Isa::AvxVnni | Isa::NeonDot | Isa::NeonI8mm);
+    let int8 = matches!(isa, Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx512 | Isa::Avx2 | Isa::NeonDot | Isa::NeonI8mm);
     let (min_m, min_weights) = q8_conv_min(isa);
-    !dot || m < min_m || m * k < min_weights
+    !int8 || m < min_m || m * k < min_weights
 }
 
 /// A convolution whose weights are stored q8 by rows (flattened to `[M, K]`, written by
@@ -673,8 +678,17 @@ fn run_q8(
         });
     }
     if batch_folded(g) {
-        // Few rows: the int8 product's quantizing and row kernels cost more than they save.
-        if g.n * ospat < FOLD_INT8_MIN_ROWS {
+        // Few rows: the int8 product's quantizing and row kernels cost more than they save;
+        // without a dot product (AVX2, AVX-512 without VNNI: the pair tile reads pixels, not
+        // folded rows) they save nothing.
+        let dot = matches!(
+            crate::kernels::selected(),
+            crate::kernels::Isa::Avx512Vnni
+                | crate::kernels::Isa::AvxVnni
+                | crate::kernels::Isa::NeonDot
+                | crate::kernels::Isa::NeonI8mm
+        );
+        if g.n * ospat < FOLD_INT8_MIN_ROWS || !dot {
             return with_input(xd, input, |xd| run_folded(g, xd, WindowWeights::Q8(q8), bias, post, out, ctx));
         }
         return run_folded_q8(g, q8, xd, input, bias, post, out, ctx);
@@ -683,13 +697,13 @@ fn run_q8(
     // `q8_conv_runs_f32`, `exec::layout::decode_conv_weights`.)
     let isa = crate::kernels::selected();
     #[cfg(target_arch = "x86_64")]
-    if isa == crate::kernels::Isa::Avx512Vnni {
-        // The rows regrouped for the VNNI tile once per session (`Prepared`).
+    if let Some(tile) = conv::ConvTile::for_isa(isa).filter(|t| t.holds_depth(g.c * kg.kh * kg.kw)) {
+        // The rows regrouped for the in-place tile once per session (`Prepared`).
         let taps = kg.kh * kg.kw;
         if g.c * taps > q8.k || !q8.k.is_multiple_of(QK) {
             op_bail!("Conv: q8 weights of {} per output do not hold {} channels × {taps} taps", q8.k, g.c);
         }
-        let build = || conv::ConvRows::new(q8.q, q8.scales, q8.n, q8.k, g.c, taps);
+        let build = || conv::ConvRows::new(tile, q8.q, q8.scales, q8.n, q8.k, g.c, taps);
         let threads = ctx.threads;
         let mut local = None;
         let rows = match ctx.prepared.as_deref_mut() {
@@ -699,7 +713,7 @@ fn run_q8(
         for b in 0..g.n {
             let xin = &xd[b * g.c * plane..][..g.c * plane];
             let o = &mut out[b * g.m * ospat..][..g.m * ospat];
-            conv::conv_q8_vnni(&kg, g.c, rows, xin, input, bias, post, o, threads);
+            conv::conv_q8_rows(&kg, g.c, rows, xin, input, bias, post, o, threads);
         }
         return Ok(());
     }
