@@ -863,4 +863,14 @@ fn static_qdq_ocr_detector_runs_fused_at_its_own_precision() {
     assert!(ours_off * 200 <= n, "{ours_off} of {n} mask pixels apart from the graph as written");
     assert!(cosine(ours.as_f32().unwrap(), defined.as_f32().unwrap()) > 0.995);
     assert!(cosine(ours.as_f32().unwrap(), theirs.as_f32().unwrap()) > 0.995);
+    // What a session keeps between runs (the requantization tables, the regrouped weights) is
+    // the same whatever plan made it: the page, a smaller input, the page again in one session,
+    // each bit for bit its own fresh session's run.
+    let small = Tensor::from_f32(vec![1, 3, 128, 192], pseudo_random(3 * 128 * 192, 23));
+    let m = Model::open(&lifted).unwrap();
+    let mut s = m.session().commit().unwrap();
+    for (x, fresh) in [(&x, &ours), (&small, &run(&lifted, "x", &small)), (&x, &ours)] {
+        let got = s.run(&[("x", x)]).unwrap().remove(0);
+        assert!(got.as_f32().unwrap() == fresh.as_f32().unwrap(), "a session's later run differs from a fresh one");
+    }
 }

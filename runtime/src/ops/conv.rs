@@ -396,21 +396,28 @@ pub(super) fn run_static(
     if !conv::tables_pay(&post, per_channel) {
         return run(a, post, input, inputs, outputs, ctx);
     }
-    let mut tables = TABLES.with(|c| std::mem::take(&mut *c.borrow_mut()));
-    tables.resize(m * conv::CODES, 0.0);
-    let r = if conv::requant_tables(post, m, &mut tables) {
+    // The tables depend on the op's constants and the plan's snap only: made once per session
+    // (`Prepared`, by the output requantization's address and the snap grid), taken out of it
+    // for the call.
+    let key = (out.map_or(0, |r| r as *const _ as usize), chain.snap.map(|s| (s.scale.to_bits(), s.zero)));
+    let kept = ctx.prepared.as_deref_mut().and_then(|p| p.requant_tables.remove(&key));
+    let tables = kept.unwrap_or_else(|| {
+        let mut t = vec![0.0; m * conv::CODES];
+        if !conv::requant_tables(post, m, &mut t) {
+            t.clear();
+        }
+        t
+    });
+    let r = if tables.len() == m * conv::CODES {
         let requant = requant.map(|r| conv::Requant { table: &tables, ..r });
         run(a, Post { requant, ..post }, input, inputs, outputs, ctx)
     } else {
         run(a, post, input, inputs, outputs, ctx)
     };
-    TABLES.with(|c| *c.borrow_mut() = tables);
+    if let Some(p) = ctx.prepared.as_deref_mut() {
+        p.requant_tables.insert(key, tables);
+    }
     r
-}
-
-thread_local! {
-    /// [`run_static`]'s tables, kept between calls (taken out for a call, as `DEQUANTIZED`).
-    static TABLES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A convolution on f32 weights; on a static `input`, its values quantized and dequantized

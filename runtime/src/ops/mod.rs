@@ -92,10 +92,18 @@ pub struct Prepared {
     /// f32 weights transposed into the GEMM's panels, by (address, rows, columns): the
     /// single-channel windowed convolutions' (`conv::run_windows`).
     pub(crate) f32_panels: std::collections::HashMap<(usize, usize, usize), Vec<f32>>,
-    /// q8 convolution rows for AVX-512 VNNI, by (address, channels per group, taps).
+    /// q8 convolution rows for the x86 in-place tiles, by (address, channels per group, taps).
     #[cfg(target_arch = "x86_64")]
     pub(crate) conv_rows: std::collections::HashMap<(usize, usize, usize), crate::kernels::conv::ConvRows>,
+    /// A static convolution's requantization tables (`conv::requant_tables`: 256 f32 per output
+    /// channel; empty where they do not apply), by (its `OutRequant`'s address, the plan's snap
+    /// grid as scale bits and zero point).
+    pub(crate) requant_tables: std::collections::HashMap<TablesKey, Vec<f32>>,
 }
+
+/// Which static convolution's tables ([`Prepared::requant_tables`]): its `OutRequant`'s address
+/// and the snap grid (scale bits, zero point) its plan gave it.
+pub(crate) type TablesKey = (usize, Option<(u32, i32)>);
 
 /// Output type and shape of one op output.
 pub type OutFact = (DType, Vec<usize>);
