@@ -67,6 +67,7 @@ pub mod math;
 pub mod pool;
 pub mod quant;
 pub mod reference;
+pub mod winograd;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 #[cfg(target_arch = "x86_64")]

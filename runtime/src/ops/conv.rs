@@ -467,6 +467,24 @@ fn run_f32(
             run_folded(&g, xd, WindowWeights::F32 { data: wd, ldw }, bias, post, out, ctx)
         });
     }
+    if g.group == 1
+        && input.is_none()
+        && crate::kernels::winograd::applies(g.kh, g.kw, (g.sh, g.sw), (g.dh, g.dw), g.c, g.m, ospat)
+    {
+        // The weights transformed once per session (`Prepared`).
+        let build = || crate::kernels::winograd::weights(wd, ldw, g.m, g.c);
+        let mut local = None;
+        let u = match ctx.prepared.as_deref_mut() {
+            Some(p) => &p.winograd.entry((wd.as_ptr() as usize, g.m)).or_insert_with(build)[..],
+            None => &local.insert(build())[..],
+        };
+        for b in 0..g.n {
+            let xin = &xd[b * g.c * plane..(b + 1) * g.c * plane];
+            let o = &mut out[b * g.m * ospat..(b + 1) * g.m * ospat];
+            crate::kernels::winograd::conv3x3(&kg, g.c, g.m, xin, u, bias, post, o, ctx.threads);
+        }
+        return Ok(());
+    }
     for b in 0..g.n {
         for gi in 0..g.group {
             let xin = &xd[(b * g.c + gi * cg) * plane..(b * g.c + (gi + 1) * cg) * plane];

@@ -99,6 +99,9 @@ pub struct Prepared {
     /// channel; empty where they do not apply), by (its `OutRequant`'s address, the plan's snap
     /// grid as scale bits and zero point).
     pub(crate) requant_tables: std::collections::HashMap<TablesKey, Vec<f32>>,
+    /// 3×3 weights transformed for Winograd's F(2×2, 3×3) (`kernels::winograd::weights`), by
+    /// (address, output channels).
+    pub(crate) winograd: std::collections::HashMap<(usize, usize), Vec<f32>>,
 }
 
 /// Which static convolution's tables ([`Prepared::requant_tables`]): its `OutRequant`'s address

@@ -181,6 +181,9 @@ fn conv_matches_direct_loop() {
         (1, 3, 12, 14, 5, 3, 2, [3, 2], [2, 1, 0, 3], [2, 3], 1),
         (1, 4, 70, 75, 9, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 1),
         (1, 40, 50, 60, 70, 3, 3, [1, 1], [1, 1, 1, 1], [1, 1], 1),
+        // 3×3 at stride 1 with channels enough for Winograd's F(2×2, 3×3) on every set (a
+        // batch, odd output sizes, asymmetric pads)
+        (2, 100, 11, 13, 97, 3, 3, [1, 1], [1, 0, 1, 2], [1, 1], 1),
         // a pointwise convolution deeper than one depth step, its output written in place
         // (grid columns are output columns) with a partial last column tile
         (1, 150, 21, 29, 30, 1, 1, [1, 1], [0, 0, 0, 0], [1, 1], 1),
