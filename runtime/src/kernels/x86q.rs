@@ -1741,18 +1741,65 @@ pub unsafe fn unpack_q4_codes8_avx2(rows: [*const u8; 8], nb: usize, codes: *mut
     }
 }
 
-macro_rules! conv_tile_512 {
-    ($name:ident, $feat:literal, $mac:expr, $doc:literal) => {
+/// The end of a 512-bit convolution tile's row: `(Σ + corr) · scale` for its 32 pixels, `cols`
+/// of them stored (masked).
+///
+/// # Safety
+/// The CPU has AVX-512 F; `out` is valid for `cols` (≤ 32) floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+unsafe fn conv_row_end_512(acc: &[__m512i; 2], corr: i32, scale: f32, out: *mut f32, cols: usize) {
+    let (m0, m1) = column_masks(cols);
+    let (c, s) = (_mm512_set1_epi32(corr), _mm512_set1_ps(scale));
+    let v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[0], c)), s);
+    let v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[1], c)), s);
+    // SAFETY: masked stores touch the row's first `cols` floats only (caller contract).
+    unsafe {
+        _mm512_mask_storeu_ps(out, m0, v0);
+        _mm512_mask_storeu_ps(out.add(16), m1, v1);
+    }
+}
+
+/// The end of a 256-bit convolution tile's row: `(Σ + corr) · scale` for its 16 pixels, `cols`
+/// of them stored (a partial row through a stack row).
+///
+/// # Safety
+/// The CPU has AVX2; `out` is valid for `cols` (≤ 16) floats.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn conv_row_end_256(acc: &[__m256i; 2], corr: i32, scale: f32, out: *mut f32, cols: usize) {
+    let (c, s) = (_mm256_set1_epi32(corr), _mm256_set1_ps(scale));
+    let v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc[0], c)), s);
+    let v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc[1], c)), s);
+    // SAFETY: `cols` floats at `out` (caller contract); a full row stored directly.
+    unsafe {
+        if cols == 16 {
+            _mm256_storeu_ps(out, v0);
+            _mm256_storeu_ps(out.add(8), v1);
+        } else {
+            let mut row = [0.0f32; 16];
+            _mm256_storeu_ps(row.as_mut_ptr(), v0);
+            _mm256_storeu_ps(row.as_mut_ptr().add(8), v1);
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out, cols);
+        }
+    }
+}
+
+macro_rules! conv_tile {
+    ($name:ident, $feat:literal, $doc:literal, $v:ty, $zero:ident, $load:ident, $set1:ident, $step:literal,
+     $mac:expr, $end:ident) => {
         #[doc = $doc]
         ///
-        /// The sums stay i32 over the whole depth (one scale per output channel and one for the
-        /// input), then `out[r][c] = (Σ + corr[r]) · scale[r]` for `c < cols`.
+        /// Each group is 4 bytes per pixel (four unsigned codes, or two i16), so a column tile
+        /// of `2 · $step / 4` pixels reads `2 · $step` bytes per group. The sums stay i32 over the
+        /// whole depth (one scale per output channel and one for the input), then
+        /// `out[r][c] = (Σ + corr[r]) · scale[r]` for `c < cols`.
         ///
         /// # Safety
         /// The CPU has the listed features; `w` holds `R` rows of `groups` 4-byte groups at
-        /// stride `ldw` bytes; `goffs` holds `groups` offsets and `src + goffs[g]` 128 readable
-        /// bytes for each; `corr` and `scale` hold `R` values; `out` is valid for `R` rows of
-        /// `cols` (≤ 32) floats at stride `ldo`.
+        /// stride `ldw` bytes; `goffs` holds `groups` offsets and `src + goffs[g]` `2 · $step`
+        /// readable bytes for each; `corr` and `scale` hold `R` values; `out` is valid for `R`
+        /// rows of `cols` (at most the tile's pixels) floats at stride `ldo`.
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $name<const R: usize>(
@@ -1767,150 +1814,96 @@ macro_rules! conv_tile_512 {
             ldo: usize,
             cols: usize,
         ) {
-            let mut acc = [[_mm512_setzero_si512(); 2]; R];
+            let mut acc = [[$zero(); 2]; R];
             for g in 0..groups {
-                // SAFETY: g < groups: the group's 128 bytes, the rows' four bytes (caller
-                // contract).
+                // SAFETY: g < groups: the group's bytes, the rows' four bytes (caller contract).
                 unsafe {
                     let p = src.add(*goffs.add(g));
-                    // The run 256 bytes ahead: the next column tiles' lines (a prefetch never
-                    // faults).
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(256) as *const i8);
-                    let (x0, x1) =
-                        (_mm512_loadu_si512(p as *const __m512i), _mm512_loadu_si512(p.add(64) as *const __m512i));
+                    // Two column tiles ahead (a prefetch never faults).
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * $step) as *const i8);
+                    let (x0, x1) = ($load(p as *const $v), $load(p.add($step) as *const $v));
                     for (r, ar) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_epi32((w.add(r * ldw + g * 4) as *const i32).read_unaligned());
+                        let wv = $set1((w.add(r * ldw + g * 4) as *const i32).read_unaligned());
                         ar[0] = $mac(ar[0], x0, wv);
                         ar[1] = $mac(ar[1], x1, wv);
                     }
                 }
             }
-            let (m0, m1) = column_masks(cols);
             for (r, ar) in acc.iter().enumerate() {
-                // SAFETY: row r's correction and scale, and its `cols` outputs (masked stores).
-                unsafe {
-                    let c = _mm512_set1_epi32(*corr.add(r));
-                    let s = _mm512_set1_ps(*scale.add(r));
-                    let v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ar[0], c)), s);
-                    let v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ar[1], c)), s);
-                    _mm512_mask_storeu_ps(out.add(r * ldo), m0, v0);
-                    _mm512_mask_storeu_ps(out.add(r * ldo + 16), m1, v1);
-                }
+                // SAFETY: row r's correction and scale, and its `cols` outputs (caller contract).
+                unsafe { $end(ar, *corr.add(r), *scale.add(r), out.add(r * ldo), cols) };
             }
         }
     };
 }
 
-conv_tile_512!(
+conv_tile!(
     conv_tile_vnni,
     "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni",
-    |a, x, w| _mm512_dpbusd_epi32(a, x, w),
     "The int8 convolution's register tile with AVX-512 VNNI: `R` output channels × 32 pixels \
      over `groups` groups of four channels at one tap, reading the input where it lies \
      (`conv::conv_q8_rows`' four-channel-interleaved layout: group `g` of the 32 pixels is the \
      128 bytes at `src + goffs[g]`, each pixel's four codes side by side, offset to unsigned \
      `x + 128`). Each `vpdpbusd` multiplies a broadcast group of four signed weight codes with \
-     16 pixels' four unsigned codes; the offset comes back out through `corr[r] = −128·Σ w[r]`."
+     16 pixels' four unsigned codes; the offset comes back out through `corr[r] = −128·Σ w[r]`.",
+    __m512i,
+    _mm512_setzero_si512,
+    _mm512_loadu_si512,
+    _mm512_set1_epi32,
+    64,
+    |a, x, w| _mm512_dpbusd_epi32(a, x, w),
+    conv_row_end_512
 );
 
-conv_tile_512!(
+conv_tile!(
     conv_tile_pairs_512,
     "avx2,fma,avx512f,avx512bw,avx512vl",
-    |a, x, w| _mm512_add_epi32(a, _mm512_madd_epi16(x, w)),
     "The int8 convolution's register tile with AVX-512 BW and no VNNI: as [`conv_tile_vnni`] on \
      the two-channel interleave (`conv::conv_q8_rows`: each pixel's two codes as i16 side by \
      side, the weights' pairs likewise). `vpmaddwd` multiplies 16 pixels' pairs by a broadcast \
      pair of weights and adds each pair into i32 — exact for every int8 code (`2·128·128` fits), \
      16 multiply-adds per instruction where the f32 FMA does 16 at 512 bits too, but on half the \
-     input's bytes."
+     input's bytes.",
+    __m512i,
+    _mm512_setzero_si512,
+    _mm512_loadu_si512,
+    _mm512_set1_epi32,
+    64,
+    |a, x, w| _mm512_add_epi32(a, _mm512_madd_epi16(x, w)),
+    conv_row_end_512
 );
 
-macro_rules! conv_tile_256 {
-    ($name:ident, $feat:literal, $mac:expr, $doc:literal) => {
-        #[doc = $doc]
-        ///
-        /// The sums stay i32 over the whole depth, then `out[r][c] = (Σ + corr[r]) · scale[r]`
-        /// for `c < cols`.
-        ///
-        /// # Safety
-        /// The CPU has the listed features; `w` holds `R` rows of `groups` 4-byte groups at
-        /// stride `ldw` bytes; `goffs` holds `groups` offsets and `src + goffs[g]` 64 readable
-        /// bytes for each; `corr` and `scale` hold `R` values; `out` is valid for `R` rows of
-        /// `cols` (≤ 16) floats at stride `ldo`.
-        #[target_feature(enable = $feat)]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<const R: usize>(
-            w: *const u8,
-            ldw: usize,
-            groups: usize,
-            src: *const u8,
-            goffs: *const usize,
-            corr: *const i32,
-            scale: *const f32,
-            out: *mut f32,
-            ldo: usize,
-            cols: usize,
-        ) {
-            let mut acc = [[_mm256_setzero_si256(); 2]; R];
-            for g in 0..groups {
-                // SAFETY: g < groups: the group's 64 bytes, the rows' four bytes (caller
-                // contract).
-                unsafe {
-                    let p = src.add(*goffs.add(g));
-                    // Two column tiles ahead (a prefetch never faults).
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128) as *const i8);
-                    let (x0, x1) =
-                        (_mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(32) as *const __m256i));
-                    for (r, ar) in acc.iter_mut().enumerate() {
-                        let wv = _mm256_set1_epi32((w.add(r * ldw + g * 4) as *const i32).read_unaligned());
-                        ar[0] = $mac(ar[0], x0, wv);
-                        ar[1] = $mac(ar[1], x1, wv);
-                    }
-                }
-            }
-            for (r, ar) in acc.iter().enumerate() {
-                // SAFETY: row r's correction and scale, and its `cols` outputs (full rows stored
-                // directly, a partial one through a stack row).
-                unsafe {
-                    let c = _mm256_set1_epi32(*corr.add(r));
-                    let s = _mm256_set1_ps(*scale.add(r));
-                    let v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ar[0], c)), s);
-                    let v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ar[1], c)), s);
-                    let o = out.add(r * ldo);
-                    if cols == 16 {
-                        _mm256_storeu_ps(o, v0);
-                        _mm256_storeu_ps(o.add(8), v1);
-                    } else {
-                        let mut row = [0.0f32; 16];
-                        _mm256_storeu_ps(row.as_mut_ptr(), v0);
-                        _mm256_storeu_ps(row.as_mut_ptr().add(8), v1);
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), o, cols);
-                    }
-                }
-            }
-        }
-    };
-}
-
-conv_tile_256!(
+conv_tile!(
     conv_tile_pairs_avx2,
     "avx2,fma",
-    |a, x, w| _mm256_add_epi32(a, _mm256_madd_epi16(x, w)),
     "The int8 convolution's register tile with AVX2: `R` output channels × 16 pixels over \
      `groups` groups of two channels at one tap, on the two-channel interleave \
      (`conv::conv_q8_rows`: group `g` of the 16 pixels is the 64 bytes at `src + goffs[g]`, \
      each pixel's two codes as i16 side by side). `vpmaddwd` multiplies 8 pixels' pairs by a \
      broadcast pair of weights and adds each pair into i32 — exact for every int8 code \
      (`2·128·128` fits in i32, no saturation as `vpmaddubsw` has) and 16 multiply-adds per \
-     multiply where an FMA does 8; `vpaddd` runs on a third port."
+     multiply where an FMA does 8; `vpaddd` runs on a third port.",
+    __m256i,
+    _mm256_setzero_si256,
+    _mm256_loadu_si256,
+    _mm256_set1_epi32,
+    32,
+    |a, x, w| _mm256_add_epi32(a, _mm256_madd_epi16(x, w)),
+    conv_row_end_256
 );
 
-conv_tile_256!(
+conv_tile!(
     conv_tile_avxvnni,
     "avx2,fma,avxvnni",
-    |a, x, w| _mm256_dpbusd_avx_epi32(a, x, w),
     "[`conv_tile_vnni`] at 256 bits with AVX-VNNI: `R` output channels × 16 pixels on the \
-     four-channel interleave (each pixel's four codes offset to unsigned)."
+     four-channel interleave (each pixel's four codes offset to unsigned).",
+    __m256i,
+    _mm256_setzero_si256,
+    _mm256_loadu_si256,
+    _mm256_set1_epi32,
+    32,
+    |a, x, w| _mm256_dpbusd_avx_epi32(a, x, w),
+    conv_row_end_256
 );
 
 /// A convolution register tile's entry (`conv::ConvTile`): `rows` output channels (at most
