@@ -824,8 +824,7 @@ fn dynamic_quantized_lstms_run_on_int8_panels() {
 /// 19 depthwise on f32 weights), the output pairs, affine blocks and activations inside them
 /// (of 116 pairs, at most 8 left as passes), and the held-out page's text mask as close to the
 /// graph run as written as ONNX Runtime's own run of the file is (measured on AVX-512 VNNI and
-/// AVX2, whose int8 tiles sum the codes exactly: 531 and 524 of 294 912 pixels apart;
-/// bit-identical on the sets that run f32 weights).
+/// AVX2, whose int8 tiles sum the codes exactly: 531 and 524 of 294 912 pixels apart).
 #[test]
 fn static_qdq_ocr_detector_runs_fused_at_its_own_precision() {
     let dir = tempfile::tempdir().unwrap();

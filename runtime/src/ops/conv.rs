@@ -467,8 +467,13 @@ fn run_f32(
             run_folded(&g, xd, WindowWeights::F32 { data: wd, ldw }, bias, post, out, ctx)
         });
     }
+    // Winograd's sums round differently from the direct ones, and a static model's rounding of a
+    // convolution's output turns such differences into whole codes: its convolutions (a
+    // requantization or a snap in the epilogue) keep the direct sums.
     if g.group == 1
         && input.is_none()
+        && post.requant.is_none()
+        && post.snap.is_none()
         && crate::kernels::winograd::applies(g.kh, g.kw, (g.sh, g.sw), (g.dh, g.dw), g.c, g.m, ospat)
     {
         // The weights transformed once per session (`Prepared`).
