@@ -662,15 +662,21 @@ fn q8_conv_min(isa: crate::kernels::Isa) -> (usize, usize) {
 /// [`q8_conv_min`]. AVX2 and AVX-512 without VNNI have no int8 dot product either, but their
 /// in-place pair tile (`conv::ConvTile`: `vpmaddwd`, 16 exact multiply-adds per instruction
 /// where AVX2's FMA does 8, on half the f32 input's bytes) pays: measured with `pair-bench`
-/// against the fp32 files (`docs/BENCHMARKS.md`, 2026-12-06), PP-OCRv4's recogniser after
-/// `--quantize q8` went from 1.04× / 1.02× of fp32 (weights decoded) to 0.82× / 0.85× on AVX2,
-/// its detector from 1.01× / 1.00× to 0.87× / 0.88×, and the statically quantized detector
-/// from 1.11× to 0.96–0.98×.
+/// against the fp32 files (`docs/BENCHMARKS.md`, 2026-12-06, tenth session), PP-OCRv4's
+/// recogniser after `--quantize q8` went from 1.02× / 1.03× of fp32 (weights decoded) to
+/// 0.85× / 0.84× on AVX2, its detector from 1.01× / 0.99× to 0.88× / 0.91×, and the statically
+/// quantized detector from 1.14× / 1.13× to 0.95× / 0.99×.
 pub(crate) fn q8_conv_runs_f32(isa: crate::kernels::Isa, m: usize, k: usize) -> bool {
     use crate::kernels::Isa;
-    let int8 = matches!(isa, Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx512 | Isa::Avx2 | Isa::NeonDot | Isa::NeonI8mm);
+    let int8 = int8_dot(isa) || matches!(isa, Isa::Avx512 | Isa::Avx2);
     let (min_m, min_weights) = q8_conv_min(isa);
     !int8 || m < min_m || m * k < min_weights
+}
+
+/// Whether `isa` has an int8 dot-product instruction (VNNI, AVX-VNNI, dotprod, i8mm).
+fn int8_dot(isa: crate::kernels::Isa) -> bool {
+    use crate::kernels::Isa;
+    matches!(isa, Isa::Avx512Vnni | Isa::AvxVnni | Isa::NeonDot | Isa::NeonI8mm)
 }
 
 /// A convolution whose weights are stored q8 by rows (flattened to `[M, K]`, written by
@@ -711,14 +717,7 @@ fn run_q8(
         // Few rows: the int8 product's quantizing and row kernels cost more than they save;
         // without a dot product (AVX2, AVX-512 without VNNI: the pair tile reads pixels, not
         // folded rows) they save nothing.
-        let dot = matches!(
-            crate::kernels::selected(),
-            crate::kernels::Isa::Avx512Vnni
-                | crate::kernels::Isa::AvxVnni
-                | crate::kernels::Isa::NeonDot
-                | crate::kernels::Isa::NeonI8mm
-        );
-        if g.n * ospat < FOLD_INT8_MIN_ROWS || !dot {
+        if g.n * ospat < FOLD_INT8_MIN_ROWS || !int8_dot(crate::kernels::selected()) {
             return with_input(xd, input, |xd| run_folded(g, xd, WindowWeights::Q8(q8), bias, post, out, ctx));
         }
         return run_folded_q8(g, q8, xd, input, bias, post, out, ctx);
