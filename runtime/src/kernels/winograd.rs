@@ -15,7 +15,8 @@ use super::pool::{for_each, SharedOut};
 use super::MatRef;
 
 /// Blocks per band (a band is whole rows of blocks): its transformed input and results,
-/// `16 · (c + m) · blocks` floats, stay in L2 for the channel counts this runs at.
+/// `16 · (c + m) · blocks` floats, stay in L2 for the channel counts this runs at. (96, 160 and
+/// 256 measured within noise of each other on the single convolutions of `applies`; 160 kept.)
 const BAND_BLOCKS: usize = 160;
 
 /// The weights transformed, `[16][m][c]`: `G g Gᵀ` of each output and input channel's 3×3
@@ -43,7 +44,8 @@ pub fn weights(w: &[f32], ldw: usize, m: usize, c: usize) -> Vec<f32> {
 /// Where F(2×2, 3×3) applies on the selected kernels: a 3×3 window at stride 1 without
 /// dilation, one group, an output of at least 64 pixels, and enough channels that the 16
 /// products are real GEMMs. Measured against the direct convolution (single convolutions, `m ← c`
-/// at a map size, direct / Winograd, 2026-12-06, Sapphire Rapids, 1 thread): AVX2 96←96 52²
+/// at a map size, direct / Winograd, 2026-12-06, Sapphire Rapids, 1 thread; the ranges span runs
+/// at band sizes 96–256): AVX2 96←96 52²
 /// 1.44–1.49×, 64←64 104² 1.20–1.36×, 48←48 52² 1.15–1.17×, 24←24 104² 0.79–0.93×; AVX-512
 /// (whose direct tile reads the input in place at 12 × 32) 192←192 13² 1.16–1.18×, 96←96 52²
 /// 1.08–1.15×, 64←64 104² 0.97–1.06×, 48←48 52² 0.83–0.86×. Not on the reference set (the
@@ -116,20 +118,21 @@ pub fn conv3x3(
                     let b = super::BMat::Strided(MatRef { data: &v[s * c * nb..][..c * nb], rs: nb, cs: 1 });
                     super::sgemm(m, nb, c, a, b, &mut mm[s * m * nb..][..m * nb], nb, false, 1);
                 }
+                // The band's output rows of each channel, then its bias and post while they are
+                // in cache.
+                let (y0, y1) = (2 * i0, (2 * i1).min(oh));
                 for o in 0..m {
-                    // SAFETY: band `band` owns output rows 2·i0 .. 2·i1 of every channel (bands
-                    // are disjoint and each is visited by one part); the plane is inside `out`.
-                    let plane = unsafe { oc.range(o * oh * ow..(o + 1) * oh * ow) };
+                    // SAFETY: band `band` owns output rows y0..y1 of every channel (bands are
+                    // disjoint and each is visited by one part); the rows are inside `out`.
+                    let part = unsafe { oc.range((o * oh + y0) * ow..(o * oh + y1) * ow) };
                     for bi in i0..i1 {
-                        transform_output(&mm[o * nb + (bi - i0) * tw..], m * nb, tw, bi, oh, ow, plane, rows);
+                        transform_output(&mm[o * nb + (bi - i0) * tw..], m * nb, tw, bi - i0, y1 - y0, ow, part, rows);
                     }
+                    finish(part, bias.map_or(0.0, |b| b[o]), post.channel(o));
                 }
             }
         })
     });
-    for (o, plane) in out.chunks_exact_mut(oh * ow).take(m).enumerate() {
-        finish(plane, bias.map_or(0.0, |b| b[o]), post.channel(o));
-    }
 }
 
 /// Block row `bi` of one input plane: its four padded rows, `Bᵀ d B` of each of the row's `tw`
@@ -196,7 +199,8 @@ fn transform_input(
 
 /// Block row `bi` of one output channel from its 16 products (position `s` of block `j` at
 /// `mm[s · stride + j]`): `Aᵀ m A` with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`, along the row
-/// (vectorised), the 2×2 outputs that fall inside the `oh × ow` plane. `tmp` holds 4 · `tw`.
+/// (vectorised), the 2×2 outputs that fall inside `plane` (`oh` rows of `ow`: a band's rows,
+/// `bi` counted from its first block row). `tmp` holds 4 · `tw`.
 #[allow(clippy::too_many_arguments)]
 fn transform_output(
     mm: &[f32],
@@ -248,7 +252,7 @@ mod tests {
     use crate::graph::Epilogue;
 
     /// F(2×2, 3×3) gives the convolution's definition (sums in f64) within f32 rounding, on
-    /// odd and even output sizes, paddings 0–2 (asymmetric too), channel counts off the GEMM
+    /// odd and even output sizes, one band and many, paddings 0–2 (asymmetric too), channel counts off the GEMM
     /// tiles, with one and two threads, at the selected kernel level.
     #[test]
     fn winograd_convolution_matches_its_definition() {
@@ -258,6 +262,8 @@ mod tests {
             (20, 16, 9, 30, 0, 0),
             (32, 48, 21, 20, 2, 1),
             (24, 19, 40, 7, 1, 0),
+            // many bands, split over two threads, the last one's rows cut by an odd output
+            (16, 16, 131, 70, 1, 1),
         ];
         for (i, &(c, m, h, w, ph, pw)) in cases.iter().enumerate() {
             let (oh, ow) = (h + 2 * ph - 2, w + 2 * pw - 2);
