@@ -11,7 +11,8 @@
 //! narrow q8 codes for the x86 levels without VNNI), side by side with the peers (which pick
 //! their own kernels). `--check-quantized` (with
 //! `--quantized`): exit with an error when a quantized case is slower than the fp32 case of the
-//! same model at the same level — the CI smoke check.
+//! same model at the same level, or when any of Acorn's rows fails to run (a crash included) —
+//! the CI smoke check.
 //!
 //! `--quantized` adds, for the MiniLM and CNN cases, Acorn's `--quantize q8` conversion
 //! (`acorn-q8`) and ONNX Runtime on its own `quantize_dynamic` int8 model (`onnxruntime-int8`).
@@ -450,6 +451,7 @@ fn main() -> Result<()> {
     // `--acorn-only`: skip the peers (the CI smoke check).
     let acorn_only = args.iter().any(|a| a == "--acorn-only");
     let mut inversions = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     for &case in &cases {
         let mut acorn_median = None;
         let extra: &[&str] = if quantized && case.quantizable() { &["acorn-q8", "onnxruntime-int8"] } else { &[] };
@@ -483,7 +485,11 @@ fn main() -> Result<()> {
                 let out = cmd.output()?;
                 if !out.status.success() {
                     let err = String::from_utf8_lossy(&out.stderr);
-                    let line = err.lines().find(|l| l.starts_with("Error")).unwrap_or("failed").trim().to_string();
+                    let line = match err.lines().find(|l| l.starts_with("Error")) {
+                        Some(l) => l.trim().to_string(),
+                        // No error of its own: a signal (SIGILL, SIGSEGV) or an abort.
+                        None => format!("failed ({})", out.status),
+                    };
                     *res = Err(line.chars().take(110).collect::<String>());
                     continue;
                 }
@@ -500,6 +506,10 @@ fn main() -> Result<()> {
                 Ok(got) => got,
                 Err(short) => {
                     println!("| {} | {label} | – | – | – | – | fails: {short} |", case.name());
+                    // Acorn's own rows must run: a failure is what the check is for too.
+                    if rt.starts_with("acorn") {
+                        failures.push(format!("{} {label}: {short}", case.name()));
+                    }
                     continue;
                 }
             };
@@ -537,6 +547,15 @@ fn main() -> Result<()> {
     println!();
     for case in cases {
         println!("- `{}`: {}", case.name(), case.describe());
+    }
+    if !failures.is_empty() {
+        println!();
+        for f in &failures {
+            println!("Acorn failed: {f}");
+        }
+        if check {
+            bail!("{} Acorn case(s) failed (--check-quantized)", failures.len());
+        }
     }
     if quantized {
         println!();

@@ -1556,13 +1556,13 @@ fn max_abs_par(x: &[f32], threads: usize) -> f32 {
     m.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The smallest and largest of `x`, over threads (the CPU has AVX-512 F).
+/// The smallest and largest of `x`, over threads, on the selected set's instructions (every
+/// x86 tile's driver calls it: an AVX2-only CPU must not meet an AVX-512 instruction here).
 #[cfg(target_arch = "x86_64")]
 fn min_max_par(x: &[f32], threads: usize) -> (f32, f32) {
     let m = std::sync::Mutex::new((f32::INFINITY, f32::NEG_INFINITY));
     super::pool::for_ranges(threads, x.len(), PREP_MIN, &|r| {
-        // SAFETY: called by the VNNI path only, whose CPU has AVX-512 F.
-        let v = unsafe { super::x86::min_max_avx512(&x[r]) };
+        let v = super::math::min_max(&x[r]);
         let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
         *g = (g.0.min(v.0), g.1.max(v.1));
     });

@@ -456,6 +456,36 @@ multiversion! {
     }
 }
 
+/// The smallest and largest value of `x` (`(+inf, −inf)` when empty; NaN ignored), on the
+/// selected kernel set's instructions only (AVX-512's own loop where that set runs).
+pub fn min_max(x: &[f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(width(), Width::Avx512) {
+        // SAFETY: `width()` reports AVX-512 only when `selected()` chose a set that requires it.
+        return unsafe { super::x86::min_max_avx512(x) };
+    }
+    let mut m = (f32::INFINITY, f32::NEG_INFINITY);
+    min_max_into(x, &mut m);
+    m
+}
+
+multiversion! {
+    /// [`min_max`] into `out` (16 lanes each way, which the compiler vectorises).
+    fn min_max_into(x: &[f32], out: &mut (f32, f32)) {
+        let mut lo = [f32::INFINITY; 16];
+        let mut hi = [f32::NEG_INFINITY; 16];
+        let mut it = x.chunks_exact(16);
+        for c in &mut it {
+            for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(c) {
+                *l = l.min(v);
+                *h = h.max(v);
+            }
+        }
+        let start = (lo.iter().fold(f32::INFINITY, |a, &v| a.min(v)), hi.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)));
+        *out = it.remainder().iter().fold(start, |(a, b), &v| (a.min(v), b.max(v)));
+    }
+}
+
 multiversion! {
     /// `q[i] = round(x[i] · inv + off)` clamped to `[lo, 127]` ([`round_to_i8_from`]).
     fn quantize_i8_offset(x: &[f32], inv: f32, off: f32, lo: f32, q: &mut [i8]) {
@@ -918,14 +948,13 @@ mod tests {
         }
     }
 
-    /// `x86::min_max_avx512` against a scalar fold: lengths around its 64-float blocks, the
-    /// extremes in the blocks and in the tail, ±inf, NaN ignored.
-    #[cfg(target_arch = "x86_64")]
+    /// [`min_max`] on the selected set (and `x86::min_max_avx512` where the CPU has AVX-512)
+    /// against a scalar fold: lengths around their 16- and 64-float blocks, the extremes in the
+    /// blocks and in the tail, ±inf, NaN ignored.
     #[test]
     fn vector_min_max_matches_scalar() {
-        if !is_x86_feature_detected!("avx512f") {
-            return;
-        }
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = is_x86_feature_detected!("avx512f");
         for n in (0..70).chain([127, 128, 129, 1000]) {
             for case in 0..4 {
                 let mut x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731).sin() * 5.0 - 1.0).collect();
@@ -938,9 +967,13 @@ mod tests {
                     }
                 }
                 let want = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-                // SAFETY: the CPU has AVX-512 F (checked above).
-                let got = unsafe { crate::kernels::x86::min_max_avx512(&x) };
-                assert_eq!(got, want, "n {n}, case {case}");
+                assert_eq!(min_max(&x), want, "n {n}, case {case}");
+                #[cfg(target_arch = "x86_64")]
+                if avx512 {
+                    // SAFETY: the CPU has AVX-512 F (checked above).
+                    let got = unsafe { crate::kernels::x86::min_max_avx512(&x) };
+                    assert_eq!(got, want, "avx512: n {n}, case {case}");
+                }
             }
         }
     }
