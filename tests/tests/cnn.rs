@@ -672,8 +672,9 @@ fn static_qdq_convolutions_run_on_int8_kernels_with_their_codes() {
     println!(
         "QDQ CNN vs fp32: Acorn cosine {c_ours:.5}, ONNX Runtime's own run {c_theirs:.5}; Acorn vs ONNX Runtime {c_agree:.5}"
     );
+    // ONNX Runtime's own run is printed, not asserted: its int8 kernels, and so its output,
+    // depend on the CPU (the definition and fp32 above do not).
     assert!(c_ours > 0.995, "Acorn's run of the QDQ CNN drifts from fp32: cosine {c_ours}");
-    assert!(c_agree > 0.995, "Acorn's run of the QDQ CNN drifts from ONNX Runtime's: cosine {c_agree}");
 }
 
 /// The same CNN after ONNX Runtime's `quantize_dynamic` (`DynamicQuantizeLinear → ConvInteger →
@@ -822,9 +823,11 @@ fn dynamic_quantized_lstms_run_on_int8_panels() {
 /// weights, calibrated on other photos than the page) runs at the model's own precision and is
 /// fused like the fp32 model: all 62 convolutions `ConvStaticQ8` (43 on the tool's int8 codes,
 /// 19 depthwise on f32 weights), the output pairs, affine blocks and activations inside them
-/// (of 116 pairs, at most 8 left as passes), and the held-out page's text mask as close to the
-/// graph run as written as ONNX Runtime's own run of the file is (measured on AVX-512 VNNI and
-/// AVX2, whose int8 tiles sum the codes exactly: 531 and 524 of 294 912 pixels apart).
+/// (of 116 pairs, at most 8 left as passes), and the held-out page's text mask within 0.5 % of
+/// the graph run as written (531 of 294 912 pixels apart on every x86 set: the int8 tiles sum
+/// the codes exactly). ONNX Runtime's own run of the file is printed beside it, not asserted:
+/// it depends on the CPU (524 pixels apart on AVX-512 VNNI, 978 and cosine 0.9936 on an
+/// AVX2-only Zen 3).
 #[test]
 fn static_qdq_ocr_detector_runs_fused_at_its_own_precision() {
     let dir = tempfile::tempdir().unwrap();
@@ -861,7 +864,6 @@ fn static_qdq_ocr_detector_runs_fused_at_its_own_precision() {
     );
     assert!(ours_off * 200 <= n, "{ours_off} of {n} mask pixels apart from the graph as written");
     assert!(cosine(ours.as_f32().unwrap(), defined.as_f32().unwrap()) > 0.995);
-    assert!(cosine(ours.as_f32().unwrap(), theirs.as_f32().unwrap()) > 0.995);
     // What a session keeps between runs (the requantization tables, the regrouped weights) is
     // the same whatever plan made it: the page, a smaller input, the page again in one session,
     // each bit for bit its own fresh session's run.

@@ -882,9 +882,13 @@ fn static_qdq_models_run_on_q8_kernels() {
     );
     // The model's own precision: the definition's result up to where a rounding lands.
     assert!(static_def.0 >= 0.9999 && static_def.1 >= 0.999, "static vs as written: {static_def:?}");
-    // Closer to ONNX Runtime's run than the per-block activations are.
-    assert!(static_ort.0 > dyn_ort.0, "static {static_ort:?} vs dynamic {dyn_ort:?}, against ONNX Runtime");
-    assert!(static_ort.0 >= 0.999, "static vs ONNX Runtime: {static_ort:?}");
+    // Closer to the definition than the per-block activations are. (ONNX Runtime's run is
+    // printed, not asserted: its int8 kernels, and so its output, depend on the CPU.)
+    let dyn_def = stats(&d, &w);
+    assert!(
+        static_def.0 > dyn_def.0,
+        "static {static_def:?} vs lift-dynamic {dyn_def:?}, against the graph as written"
+    );
     // lift-dynamic stays close to fp32.
     assert!(dyn_fp.0 >= 0.99 && dyn_fp.1 >= 0.97, "lift-dynamic drifts from fp32: {dyn_fp:?}");
 }
