@@ -962,6 +962,11 @@ fn cast(x: View<'_>, to: DType, out: &mut ViewMut<'_>) -> OpResult<()> {
         (DType::I64, DType::F32) => out.f32()?.iter_mut().zip(x.i64()?).for_each(|(o, &v)| *o = v as f32),
         (DType::I32, DType::I64) => out.i64()?.iter_mut().zip(x.i32()?).for_each(|(o, &v)| *o = v as i64),
         (DType::I64, DType::I32) => out.i32()?.iter_mut().zip(x.i64()?).for_each(|(o, &v)| *o = v as i32),
+        // Integer products' sums and 8-bit codes into f32 (ONNX Runtime's quantize_dynamic
+        // writes `Cast(MatMulInteger(…))`): exact, or rounded once to nearest as through f64.
+        (DType::I32, DType::F32) => out.f32()?.iter_mut().zip(x.i32()?).for_each(|(o, &v)| *o = v as f32),
+        (DType::U8, DType::F32) => out.f32()?.iter_mut().zip(x.bytes).for_each(|(o, &v)| *o = f32::from(v)),
+        (DType::I8, DType::F32) => out.f32()?.iter_mut().zip(x.bytes).for_each(|(o, &v)| *o = f32::from(v as i8)),
         _ => {
             for i in 0..x.len() {
                 write(to, out.bytes, i, read(x.dtype, x.bytes, i));

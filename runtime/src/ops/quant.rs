@@ -243,14 +243,13 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
         }
         Op::DynamicQuantizeLinear => {
             let xd = x.f32()?;
-            let lo = xd.iter().copied().fold(0.0f32, f32::min);
-            let hi = xd.iter().copied().fold(0.0f32, f32::max);
+            // The range always holds 0; then QuantizeLinear's per-tensor loop (both vectorised).
+            let (lo, hi) = crate::kernels::math::min_max(xd);
+            let (lo, hi) = (lo.min(0.0), hi.max(0.0));
             let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
             let zp = (-lo / scale).round_ties_even().clamp(0.0, 255.0);
             let (q, rest) = outputs.split_at_mut(1);
-            for (o, &v) in q[0].bytes.iter_mut().zip(xd) {
-                *o = ((v / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8;
-            }
+            crate::kernels::math::quantize_per_tensor(xd, scale, zp, 0.0, 255.0, q[0].bytes);
             rest[0].f32()?[0] = scale;
             rest[1].bytes[0] = zp as u8;
             Ok(())
@@ -269,11 +268,19 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             let batch = numel(&osh[..r - 2]);
             let abatch = if x.rank() > 2 { numel(&x.shape[..x.rank() - 2]) } else { 1 };
             let bbatch = if b.rank() > 2 { numel(&b.shape[..b.rank() - 2]) } else { 1 };
-            let zp_at = |z: &Option<View<'_>>, i: usize| -> OpResult<i32> {
-                match z {
-                    None => Ok(0),
-                    Some(z) => int_at(z, if z.len() == 1 { 0 } else { i }),
-                }
+            if (abatch != 1 && abatch != batch) || (bbatch != 1 && bbatch != batch) {
+                op_bail!("{}: batch dimensions broadcast only from 1 ({abatch} and {bbatch} into {batch})", op.name());
+            }
+            // A zero point is a scalar, one per row of A (per column of B), or that per batch.
+            let zp_at = |z: &Option<View<'_>>, per: usize, batches: usize, bt: usize, i: usize| -> OpResult<i16> {
+                let Some(z) = z else { return Ok(0) };
+                let at = match z.len() {
+                    1 => 0,
+                    l if l == per => i,
+                    l if l == per * batches => bt * per + i,
+                    l => op_bail!("{}: a zero point of {l} values for {per} rows or columns", op.name()),
+                };
+                Ok(int_at(z, at)? as i16)
             };
             let (scale, ys, yz) = if qlinear {
                 let f = |i: usize| -> OpResult<&[f32]> { req(inputs, i, "scale")?.f32() };
@@ -281,30 +288,49 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             } else {
                 (None, None, None)
             };
+            // Codes minus zero points as i16 (A by rows, B transposed to rows of `k`), then the
+            // exact integer product (`kernels::math::gemm_i16_nt`) — per-run vectors, as the
+            // module notes for the rarer ops.
+            let code = |v: &View<'_>| -> fn(u8) -> i16 {
+                if v.dtype == DType::I8 {
+                    |c| i16::from(c as i8)
+                } else {
+                    i16::from
+                }
+            };
+            let (ca, cb) = (code(&x), code(&b));
+            let (mut a16, mut bt16, mut acc) = (vec![0i16; m * k], vec![0i16; n * k], vec![0i32; m * n]);
             for bt in 0..batch {
                 let (ab, bb) = (if abatch == 1 { 0 } else { bt }, if bbatch == 1 { 0 } else { bt });
-                for i in 0..m {
-                    let za = zp_at(&az, i)?;
-                    for j in 0..n {
-                        let zb = zp_at(&bz, j)?;
-                        let mut acc = 0i32;
-                        for t in 0..k {
-                            let a = int_at(&x, (ab * m + i) * k + t)? - za;
-                            let bv = int_at(&b, (bb * k + t) * n + j)? - zb;
-                            acc = acc.wrapping_add(a * bv);
-                        }
-                        let dst = (bt * m + i) * n + j;
-                        match (&scale, &ys, &yz) {
-                            (Some((sa, sb)), Some(ys), Some(yz)) => {
-                                let pick = |s: &[f32], idx: usize| if s.len() == 1 { s[0] } else { s[idx] };
-                                let real = acc as f32 * (pick(sa, i) * pick(sb, j) / pick(ys, j));
+                let za: Vec<i16> = (0..m).map(|i| zp_at(&az, m, abatch, ab, i)).collect::<OpResult<_>>()?;
+                let zb: Vec<i16> = (0..n).map(|j| zp_at(&bz, n, bbatch, bb, j)).collect::<OpResult<_>>()?;
+                let xa = &x.bytes[ab * m * k..(ab + 1) * m * k];
+                for ((row, src), &z) in a16.chunks_exact_mut(k.max(1)).zip(xa.chunks_exact(k.max(1))).zip(&za) {
+                    for (d, &c) in row.iter_mut().zip(src) {
+                        *d = ca(c) - z;
+                    }
+                }
+                let xb = &b.bytes[bb * k * n..(bb + 1) * k * n];
+                for (t, src) in xb.chunks_exact(n.max(1)).enumerate() {
+                    for (j, (&c, &z)) in src.iter().zip(&zb).enumerate() {
+                        bt16[j * k + t] = cb(c) - z;
+                    }
+                }
+                crate::kernels::math::gemm_i16_nt(&a16, &bt16, k, n, &mut acc);
+                let base = bt * m * n;
+                match (&scale, &ys, &yz) {
+                    (Some((sa, sb)), Some(ys), Some(yz)) => {
+                        let pick = |s: &[f32], idx: usize| if s.len() == 1 { s[0] } else { s[idx] };
+                        let to = out.dtype;
+                        for (i, row) in acc.chunks_exact(n.max(1)).enumerate() {
+                            for (j, &v) in row.iter().enumerate() {
+                                let real = v as f32 * (pick(sa, i) * pick(sb, j) / pick(ys, j));
                                 let zy = int_at(yz, if yz.len() == 1 { 0 } else { j })? as f32;
-                                let to = out.dtype;
-                                store_sat(out.bytes, dst, real.round_ties_even() + zy, to);
+                                store_sat(out.bytes, base + i * n + j, real.round_ties_even() + zy, to);
                             }
-                            _ => out.i32()?[dst] = acc,
                         }
                     }
+                    _ => out.i32()?[base..base + m * n].copy_from_slice(&acc),
                 }
             }
             Ok(())
