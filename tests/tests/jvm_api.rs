@@ -5,7 +5,7 @@
 //!
 //! Not part of `cargo test --workspace` (it needs a JDK, Maven and the Kotlin compiler): `.ci/run`
 //! installs those (Debian's `maven kotlin junit5 libmaven-*-plugin-java libsurefire-java`) and
-//! runs `cargo test --release -p acorn-tests --test jvm_api`.
+//! runs `cargo test --release --workspace --test jvm_api`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
