@@ -321,6 +321,12 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 match (&scale, &ys, &yz) {
                     (Some((sa, sb)), Some(ys), Some(yz)) => {
                         let pick = |s: &[f32], idx: usize| if s.len() == 1 { s[0] } else { s[idx] };
+                        if ![(sa.len(), m), (sb.len(), n), (ys.len(), n), (yz.len(), n)]
+                            .iter()
+                            .all(|&(l, w)| l == 1 || l == w)
+                        {
+                            op_bail!("QLinearMatMul: scales or zero point neither one value nor one per row / column");
+                        }
                         let to = out.dtype;
                         for (i, row) in acc.chunks_exact(n.max(1)).enumerate() {
                             for (j, &v) in row.iter().enumerate() {
