@@ -10,6 +10,7 @@ Run with the pinned packages the assets script installs:
     PYTHONPATH=.cache/acorn-assets/pydeps python3 ort_quantize_static.py IN.onnx OUT.onnx TOKENIZER.json CALIB.txt
     PYTHONPATH=.cache/acorn-assets/pydeps python3 ort_quantize_static.py IN.onnx OUT.onnx - 16
 """
+import fcntl
 import os
 import sys
 
@@ -18,6 +19,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from tokenizers import Tokenizer
 
 src, dst, tok_path, calib = sys.argv[1:5]
+# quantize_static writes and deletes a shape-inferred copy beside the input, as quantize_dynamic
+# does (see ort_quantize_dynamic.py): one run per input at a time, held until the script exits.
+lock = open(src + ".quantize.lock", "w")
+fcntl.flock(lock, fcntl.LOCK_EX)
 
 
 class Random(CalibrationDataReader):
