@@ -806,53 +806,6 @@ multiversion! {
     }
 }
 
-/// Columns of [`gemm_i16_nt`] per block: their B rows (`64·k` i16, 48 KB at `k` = 384) stay in
-/// L2 while every row of A passes over them.
-const I16_COLS: usize = 64;
-
-multiversion! {
-    /// The exact integer product of ONNX's `MatMulInteger` and `QLinearMatMul`:
-    /// `c[i·n + j] = Σ_t a[i·k + t] · bt[j·k + t]` in wrapping i32 arithmetic, for `m = c.len() / n`
-    /// rows of A and B given transposed (`bt`: `n` rows of `k`). The operands are 8-bit codes
-    /// minus their zero points (|v| ≤ 255), so each product fits an i32 and the vector loops
-    /// may pair them (`vpmaddwd`, `smlal`); two's-complement addition is associative, so every
-    /// summation order gives the definition's sequential sum bit for bit.
-    fn gemm_i16_nt(a: &[i16], bt: &[i16], k: usize, n: usize, c: &mut [i32]) {
-        if n == 0 {
-            return;
-        }
-        if k == 0 {
-            c.fill(0);
-            return;
-        }
-        for j0 in (0..n).step_by(I16_COLS) {
-            let j1 = (j0 + I16_COLS).min(n);
-            for (ar, cr) in a.chunks_exact(k).zip(c.chunks_exact_mut(n)) {
-                let mut j = j0;
-                // Four B rows per pass over the A row (loaded once for all four).
-                while j + 4 <= j1 {
-                    let b = |q: usize| &bt[(j + q) * k..(j + q + 1) * k];
-                    let (b0, b1, b2, b3) = (b(0), b(1), b(2), b(3));
-                    let mut s = [0i32; 4];
-                    for t in 0..k {
-                        let x = i32::from(ar[t]);
-                        s[0] = s[0].wrapping_add(x * i32::from(b0[t]));
-                        s[1] = s[1].wrapping_add(x * i32::from(b1[t]));
-                        s[2] = s[2].wrapping_add(x * i32::from(b2[t]));
-                        s[3] = s[3].wrapping_add(x * i32::from(b3[t]));
-                    }
-                    cr[j..j + 4].copy_from_slice(&s);
-                    j += 4;
-                }
-                for (jj, o) in cr.iter_mut().enumerate().take(j1).skip(j) {
-                    let br = &bt[jj * k..(jj + 1) * k];
-                    *o = ar.iter().zip(br).fold(0i32, |s, (&x, &y)| s.wrapping_add(i32::from(x) * i32::from(y)));
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -993,52 +946,6 @@ mod tests {
             softmax_rows_portable(&x, &mut b, 19, false);
             assert!(a.iter().all(|v| v.is_nan()) && b.iter().all(|v| v.is_nan()), "{name}: {a:?} / {b:?}");
         }
-    }
-
-    /// The integer product against the definition's sequential loop, at the selected set's
-    /// width: shapes around the four-column pass and the column block (1, 3, 4, 5, 63–65, 130),
-    /// depths around the vector widths, the ±255 extremes, and a depth whose sums wrap past
-    /// i32 (as the definition's wrapping sum does).
-    #[test]
-    fn integer_product_matches_definition() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            ((seed >> 33) % 511) as i16 - 255
-        };
-        let want = |a: &[i16], bt: &[i16], m: usize, k: usize, n: usize| -> Vec<i32> {
-            let mut c = vec![0i32; m * n];
-            for i in 0..m {
-                for j in 0..n {
-                    let mut s = 0i32;
-                    for t in 0..k {
-                        s = s.wrapping_add(i32::from(a[i * k + t]) * i32::from(bt[j * k + t]));
-                    }
-                    c[i * n + j] = s;
-                }
-            }
-            c
-        };
-        for (m, n, k) in
-            [(1, 1, 1), (3, 5, 7), (2, 4, 16), (5, 63, 33), (4, 64, 17), (3, 65, 100), (7, 130, 384), (1, 3, 0)]
-        {
-            let a: Vec<i16> = (0..m * k).map(|_| next()).collect();
-            let bt: Vec<i16> = (0..n * k).map(|_| next()).collect();
-            let mut c = vec![7i32; m * n];
-            gemm_i16_nt(&a, &bt, k, n, &mut c);
-            assert_eq!(c, want(&a, &bt, m, k, n), "m {m}, n {n}, k {k}");
-        }
-        // 255·255·40 000 > 2³¹: the sums wrap, the same way in any order.
-        let k = 40_000;
-        let a: Vec<i16> = (0..2 * k).map(|i| if i % 7 == 0 { 254 } else { 255 }).collect();
-        let bt: Vec<i16> = (0..5 * k).map(|i| if i % 5 == 0 { 253 } else { 255 }).collect();
-        let mut c = vec![0i32; 10];
-        gemm_i16_nt(&a, &bt, k, 5, &mut c);
-        let w = want(&a, &bt, 2, k, 5);
-        assert!(w.iter().all(|&v| v < 0), "the sums wrapped: {w:?}");
-        assert_eq!(c, w);
     }
 
     /// [`min_max`] on the selected set (and `x86::min_max_avx512` where the CPU has AVX-512)

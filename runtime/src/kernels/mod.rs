@@ -584,6 +584,66 @@ pub fn sgemm_with(
     }
 }
 
+/// The exact integer product `C[m×n] = A[m×k] · B[k×n]` in wrapping i32 arithmetic (ONNX's
+/// `MatMulInteger`), on the f32 kernels: A and B hold integers with `|a| ≤ max_abs.0` and
+/// `|b| ≤ max_abs.1` (8-bit codes minus their zero points: at most 255), A and B row-major. A
+/// sum of integers stays exact in f32 while every partial sum is at most 2²⁴ in magnitude, so
+/// the depth is cut into chunks of `2²⁴ / (max_a · max_b)` (≥ 258 for 8-bit codes, usually the
+/// whole depth); within a chunk any summation order the f32 tiles use gives the exact sum, and
+/// the chunks' sums are added as i32 (wrapping, as the definition's sequential sum does).
+/// `scratch` holds one chunk's f32 result.
+#[allow(clippy::too_many_arguments)]
+pub fn exact_int_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    max_abs: (f32, f32),
+    scratch: &mut Vec<f32>,
+    c: &mut [i32],
+    threads: usize,
+) {
+    exact_int_product_with(selected(), m, n, k, a, b, max_abs, scratch, c, threads)
+}
+
+/// [`exact_int_product`] with an explicit kernel set (the tests run every set).
+#[allow(clippy::too_many_arguments)]
+pub fn exact_int_product_with(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    max_abs: (f32, f32),
+    scratch: &mut Vec<f32>,
+    c: &mut [i32],
+    threads: usize,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "exact_int_product: operands too short");
+    assert!(max_abs.0 <= 255.0 && max_abs.1 <= 255.0, "exact_int_product: operands of 8-bit codes only");
+    let c = &mut c[..m * n];
+    c.fill(0);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let bound = max_abs.0 * max_abs.1;
+    let chunk = if bound >= 1.0 { ((1u32 << 24) as f32 / bound) as usize } else { k };
+    let chunk = chunk.clamp(1, k);
+    scratch.clear();
+    scratch.resize(m * n, 0.0);
+    for t0 in (0..k).step_by(chunk) {
+        let kc = chunk.min(k - t0);
+        let am = MatRef { data: &a[t0..], rs: k, cs: 1 };
+        let bm = MatRef { data: &b[t0 * n..], rs: n, cs: 1 };
+        sgemm_with(isa, m, n, kc, am, BMat::Strided(bm), scratch, n, false, threads);
+        for (o, &v) in c.iter_mut().zip(scratch.iter()) {
+            *o = o.wrapping_add(v as i32);
+        }
+    }
+}
+
 /// Deterministic pseudo-random f32s in [-1, 1) (xorshift): the operands of the kernel tests, the
 /// workspace's integration tests and the benchmarks (one generator, so a shape means the same
 /// data everywhere). Not for anything that needs real randomness.
@@ -605,6 +665,77 @@ mod tests {
     use super::*;
 
     pub(crate) use super::pseudo_random as data;
+
+    /// [`exact_int_product`] against the definition's sequential wrapping loop, on every set
+    /// this CPU runs and the reference, 1 and 2 threads: shapes around the tiles (thin products
+    /// included), the ±255 extremes (depth chunks of 258), small maxima (one chunk), and a
+    /// depth whose sums wrap past i32 as the definition's do.
+    #[test]
+    fn exact_int_product_matches_definition() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |range: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 33) % (2 * range + 1)) as i16 - range as i16
+        };
+        let want = |a: &[i16], b: &[i16], m: usize, k: usize, n: usize| -> Vec<i32> {
+            let mut c = vec![0i32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    let mut s = 0i32;
+                    for t in 0..k {
+                        s = s.wrapping_add(i32::from(a[i * k + t]) * i32::from(b[t * n + j]));
+                    }
+                    c[i * n + j] = s;
+                }
+            }
+            c
+        };
+        let max = |v: &[i16]| f32::from(v.iter().map(|x| x.abs()).max().unwrap_or(0));
+        let f = |v: &[i16]| v.iter().map(|&x| f32::from(x)).collect::<Vec<f32>>();
+        let mut sets = native_sets();
+        sets.push(Isa::Reference);
+        let shapes =
+            [(1, 1, 1), (3, 5, 7), (2, 4, 16), (5, 63, 33), (13, 17, 300), (7, 130, 600), (1, 3, 0), (0, 3, 5)];
+        for (m, n, k) in shapes {
+            for range in [255, 127, 3] {
+                let a: Vec<i16> = (0..m * k).map(|_| next(range)).collect();
+                let b: Vec<i16> = (0..k * n).map(|_| next(255)).collect();
+                let w = want(&a, &b, m, k, n);
+                for &isa in &sets {
+                    for threads in [1, 2] {
+                        let mut c = vec![7i32; m * n];
+                        let mut scratch = Vec::new();
+                        exact_int_product_with(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            &f(&a),
+                            &f(&b),
+                            (max(&a), max(&b)),
+                            &mut scratch,
+                            &mut c,
+                            threads,
+                        );
+                        assert_eq!(c, w, "{isa:?}, m {m}, n {n}, k {k}, |a| ≤ {range}, {threads} threads");
+                    }
+                }
+            }
+        }
+        // 255·255·40 000 > 2³¹: the sums wrap, the same way in any order.
+        let k = 40_000;
+        let a: Vec<i16> = (0..2 * k).map(|i| if i % 7 == 0 { -254 } else { -255 }).collect();
+        let b: Vec<i16> = (0..5 * k).map(|i| if i % 5 == 0 { -253 } else { -255 }).collect();
+        let w = want(&a, &b, 2, k, 5);
+        assert!(w.iter().all(|&v| v < 0), "the sums wrapped: {w:?}");
+        for &isa in &sets {
+            let mut c = vec![0i32; 10];
+            exact_int_product_with(isa, 2, 5, k, &f(&a), &f(&b), (255.0, 255.0), &mut Vec::new(), &mut c, 1);
+            assert_eq!(c, w, "{isa:?}");
+        }
+    }
 
     /// The sets this CPU runs besides `reference` (each is compared against it).
     fn native_sets() -> Vec<Isa> {

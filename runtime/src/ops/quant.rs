@@ -288,9 +288,10 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             } else {
                 (None, None, None)
             };
-            // Codes minus zero points as i16 (A by rows, B transposed to rows of `k`), then the
-            // exact integer product (`kernels::math::gemm_i16_nt`) — per-run vectors, as the
-            // module notes for the rarer ops.
+            // Codes minus zero points as f32 (integers of at most 255 in magnitude), then the
+            // exact integer product on the f32 kernels (`kernels::exact_int_product`: depth
+            // chunks whose sums stay below 2²⁴) — per-run vectors, as the module notes for the
+            // rarer ops.
             let code = |v: &View<'_>| -> fn(u8) -> i16 {
                 if v.dtype == DType::I8 {
                     |c| i16::from(c as i8)
@@ -299,45 +300,68 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                 }
             };
             let (ca, cb) = (code(&x), code(&b));
-            let (mut a16, mut bt16, mut acc) = (vec![0i16; m * k], vec![0i16; n * k], vec![0i32; m * n]);
-            for bt in 0..batch {
-                let (ab, bb) = (if abatch == 1 { 0 } else { bt }, if bbatch == 1 { 0 } else { bt });
-                let za: Vec<i16> = (0..m).map(|i| zp_at(&az, m, abatch, ab, i)).collect::<OpResult<_>>()?;
-                let zb: Vec<i16> = (0..n).map(|j| zp_at(&bz, n, bbatch, bb, j)).collect::<OpResult<_>>()?;
-                let xa = &x.bytes[ab * m * k..(ab + 1) * m * k];
-                for ((row, src), &z) in a16.chunks_exact_mut(k.max(1)).zip(xa.chunks_exact(k.max(1))).zip(&za) {
+            // Each operand batch once (a shared B is converted once, not per batch of A).
+            let mut af = vec![0f32; abatch * m * k];
+            let mut max_a = 0i16;
+            for (ab, (dst, src)) in
+                af.chunks_exact_mut((m * k).max(1)).zip(x.bytes.chunks_exact((m * k).max(1))).enumerate()
+            {
+                for (i, (row, src)) in dst.chunks_exact_mut(k.max(1)).zip(src.chunks_exact(k.max(1))).enumerate() {
+                    let z = zp_at(&az, m, abatch, ab, i)?;
                     for (d, &c) in row.iter_mut().zip(src) {
-                        *d = ca(c) - z;
+                        let v = ca(c) - z;
+                        max_a = max_a.max(v.abs());
+                        *d = f32::from(v);
                     }
                 }
-                let xb = &b.bytes[bb * k * n..(bb + 1) * k * n];
-                for (t, src) in xb.chunks_exact(n.max(1)).enumerate() {
-                    for (j, (&c, &z)) in src.iter().zip(&zb).enumerate() {
-                        bt16[j * k + t] = cb(c) - z;
+            }
+            let mut bf = vec![0f32; bbatch * k * n];
+            let mut max_b = 0i16;
+            for (bb, (dst, src)) in
+                bf.chunks_exact_mut((k * n).max(1)).zip(b.bytes.chunks_exact((k * n).max(1))).enumerate()
+            {
+                let zb: Vec<i16> = (0..n).map(|j| zp_at(&bz, n, bbatch, bb, j)).collect::<OpResult<_>>()?;
+                for (row, src) in dst.chunks_exact_mut(n.max(1)).zip(src.chunks_exact(n.max(1))) {
+                    for ((d, &c), &z) in row.iter_mut().zip(src).zip(&zb) {
+                        let v = cb(c) - z;
+                        max_b = max_b.max(v.abs());
+                        *d = f32::from(v);
                     }
                 }
-                crate::kernels::math::gemm_i16_nt(&a16, &bt16, k, n, &mut acc);
-                let base = bt * m * n;
-                match (&scale, &ys, &yz) {
-                    (Some((sa, sb)), Some(ys), Some(yz)) => {
-                        let pick = |s: &[f32], idx: usize| if s.len() == 1 { s[0] } else { s[idx] };
-                        if ![(sa.len(), m), (sb.len(), n), (ys.len(), n), (yz.len(), n)]
-                            .iter()
-                            .all(|&(l, w)| l == 1 || l == w)
-                        {
-                            op_bail!("QLinearMatMul: scales or zero point neither one value nor one per row / column");
+            }
+            let max_abs = (f32::from(max_a), f32::from(max_b));
+            let mut acc = vec![0i32; batch * m * n];
+            let mut scratch = Vec::new();
+            if bbatch == 1 && abatch == batch {
+                // Every batch of A against the one B: one product of `batch · m` rows.
+                crate::kernels::exact_int_product(batch * m, n, k, &af, &bf, max_abs, &mut scratch, &mut acc, 1);
+            } else {
+                for (bt, c) in acc.chunks_exact_mut((m * n).max(1)).enumerate() {
+                    let (ab, bb) = (if abatch == 1 { 0 } else { bt }, if bbatch == 1 { 0 } else { bt });
+                    let (a, b) = (&af[ab * m * k..(ab + 1) * m * k], &bf[bb * k * n..(bb + 1) * k * n]);
+                    crate::kernels::exact_int_product(m, n, k, a, b, max_abs, &mut scratch, c, 1);
+                }
+            }
+            match (&scale, &ys, &yz) {
+                (Some((sa, sb)), Some(ys), Some(yz)) => {
+                    let pick = |s: &[f32], idx: usize| if s.len() == 1 { s[0] } else { s[idx] };
+                    if ![(sa.len(), m), (sb.len(), n), (ys.len(), n), (yz.len(), n)]
+                        .iter()
+                        .all(|&(l, w)| l == 1 || l == w)
+                    {
+                        op_bail!("QLinearMatMul: scales or zero point neither one value nor one per row / column");
+                    }
+                    let to = out.dtype;
+                    for (r, row) in acc.chunks_exact(n.max(1)).enumerate() {
+                        let i = r % m.max(1);
+                        for (j, &v) in row.iter().enumerate() {
+                            let real = v as f32 * (pick(sa, i) * pick(sb, j) / pick(ys, j));
+                            let zy = int_at(yz, if yz.len() == 1 { 0 } else { j })? as f32;
+                            store_sat(out.bytes, r * n + j, real.round_ties_even() + zy, to);
                         }
-                        let to = out.dtype;
-                        for (i, row) in acc.chunks_exact(n.max(1)).enumerate() {
-                            for (j, &v) in row.iter().enumerate() {
-                                let real = v as f32 * (pick(sa, i) * pick(sb, j) / pick(ys, j));
-                                let zy = int_at(yz, if yz.len() == 1 { 0 } else { j })? as f32;
-                                store_sat(out.bytes, base + i * n + j, real.round_ties_even() + zy, to);
-                            }
-                        }
                     }
-                    _ => out.i32()?[base..base + m * n].copy_from_slice(&acc),
                 }
+                _ => out.i32()?[..batch * m * n].copy_from_slice(&acc),
             }
             Ok(())
         }
