@@ -585,31 +585,16 @@ pub fn sgemm_with(
 }
 
 /// The exact integer product `C[m×n] = A[m×k] · B[k×n]` in wrapping i32 arithmetic (ONNX's
-/// `MatMulInteger`), on the f32 kernels: A and B hold integers with `|a| ≤ max_abs.0` and
-/// `|b| ≤ max_abs.1` (8-bit codes minus their zero points: at most 255), A and B row-major. A
-/// sum of integers stays exact in f32 while every partial sum is at most 2²⁴ in magnitude, so
-/// the depth is cut into chunks of `2²⁴ / (max_a · max_b)` (≥ 258 for 8-bit codes, usually the
-/// whole depth); within a chunk any summation order the f32 tiles use gives the exact sum, and
-/// the chunks' sums are added as i32 (wrapping, as the definition's sequential sum does).
-/// `scratch` holds one chunk's f32 result.
+/// `MatMulInteger`), on kernel set `isa`'s f32 tiles: A and B row-major, holding integers with
+/// `|a| ≤ max_abs.0` and `|b| ≤ max_abs.1` (8-bit codes minus their zero points: at most 255,
+/// or 383 with a zero point of the other 8-bit type). A sum of integers stays exact in f32 while
+/// every partial sum is at most 2²⁴ in magnitude, so the depth is cut into chunks of
+/// `2²⁴ / (max_a · max_b)` (≥ 258 for 8-bit codes, usually the whole depth); within a chunk any
+/// summation order the f32 tiles use gives the exact sum, and the chunks' sums are added as
+/// i32 (wrapping, as the definition's sequential sum does). `scratch` holds one chunk's f32
+/// result.
 #[allow(clippy::too_many_arguments)]
 pub fn exact_int_product(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b: &[f32],
-    max_abs: (f32, f32),
-    scratch: &mut Vec<f32>,
-    c: &mut [i32],
-    threads: usize,
-) {
-    exact_int_product_with(selected(), m, n, k, a, b, max_abs, scratch, c, threads)
-}
-
-/// [`exact_int_product`] with an explicit kernel set (the tests run every set).
-#[allow(clippy::too_many_arguments)]
-pub fn exact_int_product_with(
     isa: Isa,
     m: usize,
     n: usize,
@@ -621,15 +606,16 @@ pub fn exact_int_product_with(
     c: &mut [i32],
     threads: usize,
 ) {
+    const EXACT: f32 = (1u32 << 24) as f32;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "exact_int_product: operands too short");
-    assert!(max_abs.0 <= 255.0 && max_abs.1 <= 255.0, "exact_int_product: operands of 8-bit codes only");
+    let bound = max_abs.0 * max_abs.1;
+    assert!(bound <= EXACT, "exact_int_product: |a|·|b| up to {bound}, above 2^24 (not exact in f32)");
     let c = &mut c[..m * n];
     c.fill(0);
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let bound = max_abs.0 * max_abs.1;
-    let chunk = if bound >= 1.0 { ((1u32 << 24) as f32 / bound) as usize } else { k };
+    let chunk = if bound >= 1.0 { (EXACT / bound) as usize } else { k };
     let chunk = chunk.clamp(1, k);
     scratch.clear();
     scratch.resize(m * n, 0.0);
@@ -707,7 +693,7 @@ mod tests {
                     for threads in [1, 2] {
                         let mut c = vec![7i32; m * n];
                         let mut scratch = Vec::new();
-                        exact_int_product_with(
+                        exact_int_product(
                             isa,
                             m,
                             n,
@@ -732,7 +718,7 @@ mod tests {
         assert!(w.iter().all(|&v| v < 0), "the sums wrapped: {w:?}");
         for &isa in &sets {
             let mut c = vec![0i32; 10];
-            exact_int_product_with(isa, 2, 5, k, &f(&a), &f(&b), (255.0, 255.0), &mut Vec::new(), &mut c, 1);
+            exact_int_product(isa, 2, 5, k, &f(&a), &f(&b), (255.0, 255.0), &mut Vec::new(), &mut c, 1);
             assert_eq!(c, w, "{isa:?}");
         }
     }

@@ -331,15 +331,15 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             }
             let max_abs = (f32::from(max_a), f32::from(max_b));
             let mut acc = vec![0i32; batch * m * n];
-            let mut scratch = Vec::new();
+            let (mut scratch, isa) = (Vec::new(), crate::kernels::selected());
             if bbatch == 1 && abatch == batch {
                 // Every batch of A against the one B: one product of `batch · m` rows.
-                crate::kernels::exact_int_product(batch * m, n, k, &af, &bf, max_abs, &mut scratch, &mut acc, 1);
+                crate::kernels::exact_int_product(isa, batch * m, n, k, &af, &bf, max_abs, &mut scratch, &mut acc, 1);
             } else {
                 for (bt, c) in acc.chunks_exact_mut((m * n).max(1)).enumerate() {
                     let (ab, bb) = (if abatch == 1 { 0 } else { bt }, if bbatch == 1 { 0 } else { bt });
                     let (a, b) = (&af[ab * m * k..(ab + 1) * m * k], &bf[bb * k * n..(bb + 1) * k * n]);
-                    crate::kernels::exact_int_product(m, n, k, a, b, max_abs, &mut scratch, c, 1);
+                    crate::kernels::exact_int_product(isa, m, n, k, a, b, max_abs, &mut scratch, c, 1);
                 }
             }
             match (&scale, &ys, &yz) {
