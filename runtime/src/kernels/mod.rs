@@ -611,21 +611,26 @@ pub fn exact_int_product(
     let bound = max_abs.0 * max_abs.1;
     assert!(bound <= EXACT, "exact_int_product: |a|·|b| up to {bound}, above 2^24 (not exact in f32)");
     let c = &mut c[..m * n];
-    c.fill(0);
     if m == 0 || n == 0 || k == 0 {
+        c.fill(0);
         return;
     }
     let chunk = if bound >= 1.0 { (EXACT / bound) as usize } else { k };
     let chunk = chunk.clamp(1, k);
-    scratch.clear();
-    scratch.resize(m * n, 0.0);
+    // Overwritten by every chunk's product (`accumulate = false`): grown, never cleared.
+    if scratch.len() < m * n {
+        scratch.resize(m * n, 0.0);
+    }
+    let scratch = &mut scratch[..m * n];
     for t0 in (0..k).step_by(chunk) {
         let kc = chunk.min(k - t0);
         let am = MatRef { data: &a[t0..], rs: k, cs: 1 };
         let bm = MatRef { data: &b[t0 * n..], rs: n, cs: 1 };
         sgemm_with(isa, m, n, kc, am, BMat::Strided(bm), scratch, n, false, threads);
-        for (o, &v) in c.iter_mut().zip(scratch.iter()) {
-            *o = o.wrapping_add(v as i32);
+        if t0 == 0 {
+            c.iter_mut().zip(scratch.iter()).for_each(|(o, &v)| *o = v as i32);
+        } else {
+            c.iter_mut().zip(scratch.iter()).for_each(|(o, &v)| *o = o.wrapping_add(v as i32));
         }
     }
 }

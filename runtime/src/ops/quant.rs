@@ -292,56 +292,46 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             // exact integer product on the f32 kernels (`kernels::exact_int_product`: depth
             // chunks whose sums stay below 2²⁴) — per-run vectors, as the module notes for the
             // rarer ops.
-            let code = |v: &View<'_>| -> fn(u8) -> i16 {
-                if v.dtype == DType::I8 {
-                    |c| i16::from(c as i8)
-                } else {
-                    i16::from
-                }
-            };
-            let (ca, cb) = (code(&x), code(&b));
+            let (sa, sb) = (x.dtype == DType::I8, b.dtype == DType::I8);
+            // This thread's buffers, put back at the end (an error on the way only loses them).
+            let mut bufs = INT_PRODUCT.with(|c| c.take());
+            let [af, bf, scratch] = &mut bufs;
             // Each operand batch once (a shared B is converted once, not per batch of A).
-            let mut af = vec![0f32; abatch * m * k];
+            af.clear();
+            af.resize(abatch * m * k, 0.0);
             let mut max_a = 0i16;
             for (ab, (dst, src)) in
                 af.chunks_exact_mut((m * k).max(1)).zip(x.bytes.chunks_exact((m * k).max(1))).enumerate()
             {
                 for (i, (row, src)) in dst.chunks_exact_mut(k.max(1)).zip(src.chunks_exact(k.max(1))).enumerate() {
-                    let z = zp_at(&az, m, abatch, ab, i)?;
-                    for (d, &c) in row.iter_mut().zip(src) {
-                        let v = ca(c) - z;
-                        max_a = max_a.max(v.abs());
-                        *d = f32::from(v);
-                    }
+                    max_a = max_a.max(centered(src, sa, &[zp_at(&az, m, abatch, ab, i)?], row));
                 }
             }
-            let mut bf = vec![0f32; bbatch * k * n];
+            bf.clear();
+            bf.resize(bbatch * k * n, 0.0);
             let mut max_b = 0i16;
             for (bb, (dst, src)) in
                 bf.chunks_exact_mut((k * n).max(1)).zip(b.bytes.chunks_exact((k * n).max(1))).enumerate()
             {
                 let zb: Vec<i16> = (0..n).map(|j| zp_at(&bz, n, bbatch, bb, j)).collect::<OpResult<_>>()?;
-                for (row, src) in dst.chunks_exact_mut(n.max(1)).zip(src.chunks_exact(n.max(1))) {
-                    for ((d, &c), &z) in row.iter_mut().zip(src).zip(&zb) {
-                        let v = cb(c) - z;
-                        max_b = max_b.max(v.abs());
-                        *d = f32::from(v);
-                    }
-                }
+                let zb = if zb.iter().all(|&z| Some(&z) == zb.first()) { &zb[..zb.len().min(1)] } else { &zb[..] };
+                max_b = max_b.max(centered(src, sb, zb, dst));
             }
             let max_abs = (f32::from(max_a), f32::from(max_b));
-            let mut acc = vec![0i32; batch * m * n];
-            let (mut scratch, isa) = (Vec::new(), crate::kernels::selected());
-            if bbatch == 1 && abatch == batch {
-                // Every batch of A against the one B: one product of `batch · m` rows.
-                crate::kernels::exact_int_product(isa, batch * m, n, k, &af, &bf, max_abs, &mut scratch, &mut acc, 1);
-            } else {
-                for (bt, c) in acc.chunks_exact_mut((m * n).max(1)).enumerate() {
-                    let (ab, bb) = (if abatch == 1 { 0 } else { bt }, if bbatch == 1 { 0 } else { bt });
-                    let (a, b) = (&af[ab * m * k..(ab + 1) * m * k], &bf[bb * k * n..(bb + 1) * k * n]);
-                    crate::kernels::exact_int_product(isa, m, n, k, a, b, max_abs, &mut scratch, c, 1);
+            let isa = crate::kernels::selected();
+            let (af, bf) = (&af[..], &bf[..]);
+            let mut product = |acc: &mut [i32]| {
+                if bbatch == 1 && abatch == batch {
+                    // Every batch of A against the one B: one product of `batch · m` rows.
+                    crate::kernels::exact_int_product(isa, batch * m, n, k, af, bf, max_abs, scratch, acc, 1);
+                } else {
+                    for (bt, c) in acc.chunks_exact_mut((m * n).max(1)).enumerate() {
+                        let (ab, bb) = (if abatch == 1 { 0 } else { bt }, if bbatch == 1 { 0 } else { bt });
+                        let (a, b) = (&af[ab * m * k..(ab + 1) * m * k], &bf[bb * k * n..(bb + 1) * k * n]);
+                        crate::kernels::exact_int_product(isa, m, n, k, a, b, max_abs, scratch, c, 1);
+                    }
                 }
-            }
+            };
             match (&scale, &ys, &yz) {
                 (Some((sa, sb)), Some(ys), Some(yz)) => {
                     let pick = |s: &[f32], idx: usize| if s.len() == 1 { s[0] } else { s[idx] };
@@ -351,6 +341,8 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                     {
                         op_bail!("QLinearMatMul: scales or zero point neither one value nor one per row / column");
                     }
+                    let mut acc = vec![0i32; batch * m * n];
+                    product(&mut acc);
                     let to = out.dtype;
                     for (r, row) in acc.chunks_exact(n.max(1)).enumerate() {
                         let i = r % m.max(1);
@@ -361,11 +353,55 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
                         }
                     }
                 }
-                _ => out.i32()?[..batch * m * n].copy_from_slice(&acc),
+                // MatMulInteger: the product straight into the output.
+                _ => product(&mut out.i32()?[..batch * m * n]),
             }
+            INT_PRODUCT.with(|c| c.replace(bufs));
             Ok(())
         }
         _ => Err(OpError::Failed("not a quantization op".into())),
+    }
+}
+
+thread_local! {
+    /// `MatMulInteger` / `QLinearMatMul`'s operands as f32 and one depth chunk's product, grown
+    /// once per thread and reused: allocated per call, MiniLM-L3's (up to 9 MB at 32 × 48
+    /// tokens) were page-faulted and zeroed on every call (~8 % of the as-written run, `perf`).
+    static INT_PRODUCT: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// `dst = code − zero` as f32 for 8-bit codes `src` (signed when `signed`), `zeros` one value
+/// for all or one per element of each row of `zeros.len()`; returns the largest magnitude.
+/// The code's sign is decided once per call, not per element.
+fn centered(src: &[u8], signed: bool, zeros: &[i16], dst: &mut [f32]) -> i16 {
+    fn go<const SIGNED: bool>(src: &[u8], zeros: &[i16], dst: &mut [f32]) -> i16 {
+        let code = |c: u8| if SIGNED { i16::from(c as i8) } else { i16::from(c) };
+        let mut max = 0i16;
+        match zeros {
+            [] => {}
+            [z] => {
+                for (d, &c) in dst.iter_mut().zip(src) {
+                    let v = code(c) - z;
+                    max = max.max(v.abs());
+                    *d = f32::from(v);
+                }
+            }
+            _ => {
+                for (row, src) in dst.chunks_exact_mut(zeros.len()).zip(src.chunks_exact(zeros.len())) {
+                    for ((d, &c), &z) in row.iter_mut().zip(src).zip(zeros) {
+                        let v = code(c) - z;
+                        max = max.max(v.abs());
+                        *d = f32::from(v);
+                    }
+                }
+            }
+        }
+        max
+    }
+    if signed {
+        go::<true>(src, zeros, dst)
+    } else {
+        go::<false>(src, zeros, dst)
     }
 }
 
