@@ -288,10 +288,10 @@ pub(super) fn run(op: &Op, inputs: &[Option<View<'_>>], outputs: &mut [ViewMut<'
             } else {
                 (None, None, None)
             };
-            // Codes minus zero points as f32 (integers of at most 255 in magnitude), then the
-            // exact integer product on the f32 kernels (`kernels::exact_int_product`: depth
-            // chunks whose sums stay below 2²⁴) — per-run vectors, as the module notes for the
-            // rarer ops.
+            // Codes minus zero points as f32 (integers of at most 255 in magnitude; 383 with a
+            // zero point of the other 8-bit type), then the exact integer product on the f32
+            // kernels (`kernels::exact_int_product`: depth chunks whose sums stay within 2²⁴),
+            // in this thread's reused buffers (`INT_PRODUCT`).
             let (sa, sb) = (x.dtype == DType::I8, b.dtype == DType::I8);
             // This thread's buffers, put back at the end (an error on the way only loses them).
             let mut bufs = INT_PRODUCT.with(|c| c.take());
